@@ -1,0 +1,1 @@
+"""Expert placement, the RAM expert cache, NVMe streaming and prefetch."""

@@ -1,0 +1,1 @@
+"""GGUF block quantization formats: reference codecs, Numba quantizers and dequant-matmul kernels."""

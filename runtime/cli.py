@@ -1,0 +1,57 @@
+"""`stepstream` command line: one subcommand per user task.
+
+Each subcommand lives in its own module, which provides `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their subcommand runs, so
+`stepstream --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from runtime.errors import StepstreamError
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "mini": ("convert.mini_cli", "write a random-weight miniature Step-3.5 checkpoint (HF layout)"),
+    "convert": ("convert.cli", "convert a Hugging Face Step-3.5 checkpoint to GGUF"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepstream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # Arguments are added lazily (below) so that only the chosen module is imported.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Find the subcommand first, then let its module describe its own arguments.
+    known, _ = parser.parse_known_args(argv[:1]) if argv and argv[0] in SUBCOMMANDS else (None, None)
+    if known is None:
+        parser.parse_args(argv)  # prints help or a usage error and exits
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    sub = argparse.ArgumentParser(prog=f"stepstream {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except StepstreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
