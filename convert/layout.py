@@ -1,0 +1,111 @@
+"""Every tensor of a Step-3.5 checkpoint: its Hugging Face name, GGUF name, shape and role.
+
+This table is the one place that knows both naming schemes. The converter walks it, the
+miniature generator writes it, and the tests' reference model reads it.
+
+Shape legend (HF / numpy order; GGUF's ne[] is the reverse):
+    H  hidden size          V  vocab size          D  head dim
+    Nh query heads (layer)  Nk KV groups (layer)   F  dense FFN width
+    E  routed experts       I  expert FFN width    S  shared-expert width
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from convert.hf_config import HFConfig
+
+# Roles decide conversion: norms get +1 (the model multiplies by 1 + w) and stay f32;
+# the quantization policy picks a format per role.
+NORM = "norm"
+ATTN = "attn"  # q, k, v, o projections
+ATTN_GATE = "attn_gate"  # head-wise gate g_proj [Nh, H]
+DENSE = "dense"  # dense MLP of the leading layers and the MTP blocks
+ROUTER = "router"  # [E, H]
+ROUTER_BIAS = "router_bias"  # [E], selection only
+EXPERTS = "experts"  # fused [E, I, H] / [E, H, I]
+SHARED = "shared"  # shared expert
+EMBED = "embed"
+OUTPUT = "output"  # LM heads (trunk and MTP)
+MTP_PROJ = "mtp_proj"  # eh_proj [H, 2H]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    role: str
+    block: int | None = None
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _block(cfg: HFConfig, i: int) -> list[TensorSpec]:
+    H, D = cfg.hidden_size, cfg.head_dim
+    nh, nk = cfg.n_head[i], cfg.n_head_kv[i]
+    hf, gg = f"model.layers.{i}.", f"blk.{i}."
+    specs = [
+        TensorSpec(hf + "input_layernorm.weight", gg + "attn_norm.weight", (H,), NORM, i),
+        TensorSpec(hf + "self_attn.q_proj.weight", gg + "attn_q.weight", (nh * D, H), ATTN, i),
+        TensorSpec(hf + "self_attn.k_proj.weight", gg + "attn_k.weight", (nk * D, H), ATTN, i),
+        TensorSpec(hf + "self_attn.v_proj.weight", gg + "attn_v.weight", (nk * D, H), ATTN, i),
+        TensorSpec(hf + "self_attn.o_proj.weight", gg + "attn_output.weight", (H, nh * D), ATTN, i),
+        TensorSpec(hf + "self_attn.q_norm.weight", gg + "attn_q_norm.weight", (D,), NORM, i),
+        TensorSpec(hf + "self_attn.k_norm.weight", gg + "attn_k_norm.weight", (D,), NORM, i),
+        TensorSpec(hf + "self_attn.g_proj.weight", gg + "attn_gate.weight", (nh, H), ATTN_GATE, i),
+        TensorSpec(hf + "post_attention_layernorm.weight", gg + "ffn_norm.weight", (H,), NORM, i),
+    ]
+    if cfg.is_moe(i):
+        E, I, S = cfg.n_expert, cfg.expert_ffn, cfg.shared_ffn
+        specs += [
+            TensorSpec(hf + "moe.gate.weight", gg + "ffn_gate_inp.weight", (E, H), ROUTER, i),
+            TensorSpec(hf + "moe.gate_proj.weight", gg + "ffn_gate_exps.weight", (E, I, H), EXPERTS, i),
+            TensorSpec(hf + "moe.up_proj.weight", gg + "ffn_up_exps.weight", (E, I, H), EXPERTS, i),
+            TensorSpec(hf + "moe.down_proj.weight", gg + "ffn_down_exps.weight", (E, H, I), EXPERTS, i),
+            TensorSpec(hf + "share_expert.gate_proj.weight", gg + "ffn_gate_shexp.weight", (S, H), SHARED, i),
+            TensorSpec(hf + "share_expert.up_proj.weight", gg + "ffn_up_shexp.weight", (S, H), SHARED, i),
+            TensorSpec(hf + "share_expert.down_proj.weight", gg + "ffn_down_shexp.weight", (H, S), SHARED, i),
+        ]
+        if cfg.use_router_bias:
+            specs.append(TensorSpec(hf + "moe.router_bias", gg + "exp_probs_b.bias", (E,), ROUTER_BIAS, i))
+    else:
+        F = cfg.intermediate_size
+        specs += [
+            TensorSpec(hf + "mlp.gate_proj.weight", gg + "ffn_gate.weight", (F, H), DENSE, i),
+            TensorSpec(hf + "mlp.up_proj.weight", gg + "ffn_up.weight", (F, H), DENSE, i),
+            TensorSpec(hf + "mlp.down_proj.weight", gg + "ffn_down.weight", (H, F), DENSE, i),
+        ]
+    if i >= cfg.n_layers:  # MTP block: NextN wiring and its own head
+        V = cfg.vocab_size
+        specs += [
+            TensorSpec(hf + "enorm.weight", gg + "nextn.enorm.weight", (H,), NORM, i),
+            TensorSpec(hf + "hnorm.weight", gg + "nextn.hnorm.weight", (H,), NORM, i),
+            TensorSpec(hf + "eh_proj.weight", gg + "nextn.eh_proj.weight", (H, 2 * H), MTP_PROJ, i),
+            TensorSpec(hf + "transformer.shared_head.norm.weight", gg + "nextn.shared_head_norm.weight", (H,), NORM, i),
+            TensorSpec(hf + "transformer.shared_head.output.weight", gg + "nextn.shared_head_head.weight", (V, H), OUTPUT, i),
+        ]
+    return specs
+
+
+def checkpoint_layout(cfg: HFConfig) -> list[TensorSpec]:
+    """All tensors in GGUF write order: embeddings, blocks (trunk then MTP), final norm, head."""
+    H, V = cfg.hidden_size, cfg.vocab_size
+    specs = [TensorSpec("model.embed_tokens.weight", "token_embd.weight", (V, H), EMBED)]
+    for i in range(cfg.n_blocks):
+        specs += _block(cfg, i)
+    specs.append(TensorSpec("model.norm.weight", "output_norm.weight", (H,), NORM))
+    if not cfg.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", "output.weight", (V, H), OUTPUT))
+    return specs
+
+
+# Checkpoint tensors that carry no weights the model needs, with the reason they are skipped.
+SKIPPABLE_SUFFIXES = {
+    ".rotary_emb.inv_freq": "recomputed from rope_theta at run time",
+}

@@ -1,0 +1,230 @@
+"""Lazy safetensors reading and streaming writing, with bf16 handled in plain numpy.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header mapping each
+tensor name to {dtype, shape, data_offsets}, then the raw little-endian data. numpy has
+no bfloat16, so bf16 is read as uint16 and widened to float32 by a 16-bit shift.
+
+Reads map only the byte range they need (np.memmap over that range) and drop the map
+before returning, so reading a 100 GB checkpoint tensor by tensor keeps RSS at the size
+of one tensor, or of one expert slice of a fused [E, ...] tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import StepstreamError
+
+# safetensors dtype -> (numpy storage dtype, bytes per element)
+_STORAGE = {
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),
+}
+SUPPORTED_DTYPES = tuple(_STORAGE)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even, NaN kept quiet: the rounding torch and gguf-py use."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+class SafetensorsFile:
+    """One .safetensors shard, opened lazily: only its header is read up front."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                (hlen,) = struct.unpack("<Q", f.read(8))
+                if hlen <= 0 or 8 + hlen > size:
+                    raise StepstreamError(f"{self.path}: not a safetensors file (header length {hlen}, file size {size})")
+                header = json.loads(f.read(hlen))
+        except FileNotFoundError:
+            raise StepstreamError(f"{self.path}: shard not found") from None
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StepstreamError(f"{self.path}: not a valid safetensors file ({e})") from None
+        base = 8 + hlen
+        self.entries: dict[str, TensorEntry] = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            b, e = meta["data_offsets"]
+            entry = TensorEntry(name, meta["dtype"], tuple(int(d) for d in meta["shape"]), base + b, base + e)
+            if entry.end > size:
+                raise StepstreamError(f"{self.path}: tensor {name!r} ends at byte {entry.end}, past the end of the file ({size} bytes); the shard is truncated")
+            self.entries[name] = entry
+
+    def _storage(self, entry: TensorEntry) -> tuple[np.dtype, int]:
+        if entry.dtype not in _STORAGE:
+            raise StepstreamError(
+                f"{self.path}: tensor {entry.name!r} has dtype {entry.dtype}; supported dtypes are {', '.join(SUPPORTED_DTYPES)}"
+            )
+        storage, width = _STORAGE[entry.dtype]
+        expected = width * int(np.prod(entry.shape, dtype=np.int64))
+        if expected != entry.nbytes:
+            raise StepstreamError(f"{self.path}: tensor {entry.name!r} holds {entry.nbytes} bytes but shape {list(entry.shape)} of {entry.dtype} needs {expected}")
+        return storage, width
+
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """The tensor as float32; with `index`, only slice `index` of its first axis."""
+        entry = self.entries[name]
+        storage, width = self._storage(entry)
+        shape = entry.shape
+        begin = entry.begin
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise IndexError(f"{name}: slice {index} outside first axis of shape {list(shape)}")
+            inner = shape[1:]
+            stride = width * int(np.prod(inner, dtype=np.int64))
+            begin += index * stride
+            shape = inner
+        count = int(np.prod(shape, dtype=np.int64))
+        if count == 0:
+            return np.zeros(shape, dtype=np.float32)
+        raw = np.memmap(self.path, dtype=storage, mode="r", offset=begin, shape=(count,))
+        try:
+            if entry.dtype == "BF16":
+                out = bf16_bits_to_f32(raw)
+            else:
+                out = raw.astype(np.float32)
+        finally:
+            del raw  # unmap now: the pages leave this process's RSS
+        return out.reshape(shape)
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory: the index (or a single file) and its shards."""
+
+    INDEX = "model.safetensors.index.json"
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        index_path = self.dir / self.INDEX
+        if index_path.exists():
+            try:
+                weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise StepstreamError(f"{index_path}: not a valid safetensors index ({e})") from None
+        elif (self.dir / "model.safetensors").exists():
+            weight_map = {n: "model.safetensors" for n in SafetensorsFile(self.dir / "model.safetensors").entries}
+        else:
+            raise StepstreamError(f"{self.dir}: no {self.INDEX} and no model.safetensors")
+        self.shards: dict[str, SafetensorsFile] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = self.dir / shard
+            if not path.exists():
+                named = sorted(n for n, s in weight_map.items() if s == shard)
+                raise StepstreamError(f"{path}: shard named by {index_path.name} is missing (it should hold {len(named)} tensors, e.g. {named[0]!r})")
+            self.shards[shard] = SafetensorsFile(path)
+        self.weight_map = weight_map
+        for name, shard in weight_map.items():
+            if name not in self.shards[shard].entries:
+                raise StepstreamError(f"{self.dir / shard}: tensor {name!r} is named by the index but absent from this shard")
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.shards[self.weight_map[name]].entries[name]
+
+    def file_of(self, name: str) -> Path:
+        return self.shards[self.weight_map[name]].path
+
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        return self.shards[self.weight_map[name]].read(name, index)
+
+
+class SafetensorsWriter:
+    """Writes one shard with a header declared up front and tensors streamed in order.
+
+    Declare every tensor with `add(name, dtype, shape)`, then call `write(name, array)` in
+    the same order. The file is written under a temporary name and renamed on `close()`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._decl: list[tuple[str, str, tuple[int, ...]]] = []
+        self._fh = None
+        self._next = 0
+
+    def add(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        if self._fh is not None:
+            raise RuntimeError("SafetensorsWriter: add() after writing started")
+        if dtype not in _STORAGE:
+            raise ValueError(f"unsupported dtype {dtype}")
+        self._decl.append((name, dtype, tuple(shape)))
+
+    def _open(self) -> None:
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in self._decl:
+            n = _STORAGE[dtype][1] * int(np.prod(shape, dtype=np.int64))
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._tmp = self.path.with_name(self.path.name + ".part")
+        self._fh = open(self._tmp, "wb")
+        self._fh.write(struct.pack("<Q", len(blob)))
+        self._fh.write(blob)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write the next declared tensor whole, or in consecutive chunks along its first axis."""
+        if self._fh is None:
+            self._open()
+            self._rows = 0
+        exp_name, dtype, shape = self._decl[self._next]
+        if name != exp_name or array.ndim != len(shape) or tuple(array.shape[1:]) != shape[1:]:
+            raise RuntimeError(f"SafetensorsWriter: expected {exp_name} {shape}, got {name} {array.shape}")
+        if dtype == "BF16":
+            data = array if array.dtype == np.uint16 else f32_to_bf16_bits(array)
+        else:
+            data = np.ascontiguousarray(array, dtype=_STORAGE[dtype][0])
+        self._fh.write(np.ascontiguousarray(data).tobytes())
+        self._rows += array.shape[0] if shape else 1
+        total = shape[0] if shape else 1
+        if self._rows > total:
+            raise RuntimeError(f"SafetensorsWriter: {exp_name} got {self._rows} rows, declared {total}")
+        if self._rows == total:
+            self._next += 1
+            self._rows = 0
+
+    def close(self) -> None:
+        if self._fh is None:
+            self._open()
+        if self._next != len(self._decl):
+            self._fh.close()
+            os.unlink(self._tmp)
+            raise RuntimeError(f"SafetensorsWriter: {len(self._decl) - self._next} declared tensors never written")
+        self._fh.close()
+        os.replace(self._tmp, self.path)
