@@ -1,0 +1,32 @@
+"""`stepstream convert HF_DIR OUT.gguf [--type TYPE]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from convert import policy
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("out", help="output .gguf path (written atomically: a temporary file, then a rename)")
+    p.add_argument("--type", dest="ftype", default=policy.DEFAULT_TYPE, choices=policy.TYPES,
+                   help="output format (default q4_k_m: routed experts Q4_K, other matrices Q6_K, norms/router F32)")
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="llama.cpp pre-tokenizer name, when the split regex in tokenizer.json is not recognised")
+    p.add_argument("--name", default=None, help="general.name (default: the checkpoint directory's name)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--summary-json", default=None, help="also write the summary as JSON to this path")
+
+
+def run(args: argparse.Namespace) -> int:
+    from convert.converter import convert
+
+    summary = convert(args.hf_dir, args.out, args.ftype, tokenizer_pre=args.tokenizer_pre,
+                      progress=not args.no_progress, name=args.name)
+    print(summary.text())
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2))
+    return 0
