@@ -69,6 +69,8 @@ class GGUFModelFile:
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        if not path.exists():
+            raise StepstreamError(f"{path}: file not found")
         parts = split_parts(path)
         missing = [p for p in parts if not p.exists()]
         if missing:
