@@ -40,6 +40,7 @@ class Model:
         self.cache = KVCache(cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers],
                              cfg.window, self.n_ctx, options.rollback)
         self._tokenizer = None
+        self._tokens: list[int] = []  # the ids the cache holds, position by position
 
     # ------------------------------------------------------------------ state
 
@@ -47,12 +48,23 @@ class Model:
     def n_past(self) -> int:
         return self.cache.n_past
 
+    @property
+    def history(self) -> list[int]:
+        """Token ids held by the cache (read-only view)."""
+        return self._tokens
+
+    @property
+    def name(self) -> str:
+        return self.file.path.name
+
     def reset(self) -> None:
         self.cache.reset()
+        self._tokens = []
 
     def trim(self, n: int) -> None:
         """Forget the last n evaluated positions."""
         self.cache.trim(n)
+        del self._tokens[len(self._tokens) - n :]
 
     def close(self) -> None:
         self.provider.close()
@@ -87,6 +99,7 @@ class Model:
             for s, w, kv in zip(self._specs, self.weights.blocks, self.cache.layers):
                 h = block(s, w, h, pos, kv, self.provider)
             self.cache.advance(chunk.size)
+            self._tokens.extend(chunk.tolist())
             out.append(h)
         return np.concatenate(out) if out else np.zeros((0, self.cfg.hidden), np.float32)
 
@@ -105,6 +118,83 @@ class Model:
         """[T, V] float32 logits of every position, evaluated from an empty cache."""
         self.reset()
         return self.eval(tokens, all_logits=True)
+
+    def eval_reusing_prefix(self, tokens) -> np.ndarray:
+        """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
+        tokens = list(tokens)
+        common = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last token is evaluated again for its logits
+        try:
+            self.trim(self.n_past - common)
+        except StepstreamError:  # the sliding ring cannot roll back that far
+            self.reset()
+            common = 0
+        return self.eval(tokens[common:])
+
+    # ------------------------------------------------------------------ text
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from runtime.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_gguf(self.file)
+        return self._tokenizer
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Like llama-cpp-python: BOS first when the model wants one; `special` parses control tokens."""
+        return self.tokenizer.encode(text, add_bos=add_bos and self.tokenizer.add_bos, special=special)
+
+    def detokenize(self, tokens, special: bool = False) -> bytes:
+        return self.tokenizer.decode_bytes(tokens, special=special)
+
+    def generate(self, tokens, max_tokens: int | None = None, **sampling):
+        """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
+
+        Sampling keywords: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed.
+        """
+        from runtime.generation import generate, sampling_params
+        from runtime.sampling import Sampler
+
+        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**sampling)), max_tokens)
+
+    def create_completion(self, prompt: str, max_tokens: int | None = 16, stop=None, stream: bool = False, **sampling):
+        """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming)."""
+        from runtime.generation import complete, completion_response, sampling_params
+
+        ids = self.tokenize(prompt, add_bos=True, special=True)
+        pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
+        return completion_response(self, ids, pieces, stream)
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stop=None,
+                               stream: bool = False, **sampling):
+        """OpenAI-shaped chat completion, the prompt rendered from the model's chat template."""
+        from runtime.chat_template import render_chat
+        from runtime.generation import chat_response, complete, sampling_params
+
+        tok = self.tokenizer
+        text = render_chat(tok.chat_template, messages,
+                           bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
+                           eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
+        ids = self.tokenize(text, add_bos=False, special=True)
+        pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
+        return chat_response(self, ids, pieces, stream)
+
+    def _check_tokens_only(self, tokens) -> list[int]:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise StepstreamError("tokens must be a 1-D sequence of integer ids")
+        return ids.astype(np.int64).tolist()
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
 
 
 def load(path: str | Path, **options) -> Model:
