@@ -17,6 +17,7 @@ from runtime.errors import StepstreamError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "mini": ("convert.mini_cli", "write a random-weight miniature Step-3.5 checkpoint (HF layout)"),
     "convert": ("convert.cli", "convert a Hugging Face Step-3.5 checkpoint to GGUF"),
+    "train-mini": ("convert.train_cli", "train the miniature Step-3.5 on the Python stdlib (needs torch)"),
 }
 
 
