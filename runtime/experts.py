@@ -1,0 +1,59 @@
+"""How compute gets routed-expert weights: the provider interface, and the in-RAM provider.
+
+Compute never opens files. An MoE block asks its provider for the experts the router
+chose, and the provider hands them back in whatever order they become ready (a
+streaming provider yields cached experts first while it reads the rest). `offload/`
+implements the streaming provider against the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from runtime.tensors import Matrix
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    gate: Matrix  # [I, H]
+    up: Matrix  # [I, H]
+    down: Matrix  # [H, I]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+
+class ExpertProvider(Protocol):
+    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield (expert id, weights) once for each id, in any order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ProviderStats:
+    requests: int = 0  # expert weights handed out
+    bytes: int = 0  # their total size
+
+
+@dataclass
+class InMemoryExperts:
+    """Every routed expert resident: views of the memory-mapped file (or copies of them)."""
+
+    table: dict[int, list[ExpertWeights]]  # layer -> [E] experts
+    stats: ProviderStats = field(default_factory=ProviderStats)
+
+    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        bank = self.table[layer]
+        for e in ids:
+            w = bank[e]
+            self.stats.requests += 1
+            self.stats.bytes += w.nbytes
+            yield e, w
+
+    def close(self) -> None:
+        self.table = {}

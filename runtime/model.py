@@ -1,0 +1,213 @@
+"""A loaded Step-3.5 model: its weights, expert provider, KV cache and position.
+
+    h = embed(tokens)
+    for each trunk block: h = block(h)         (chunked prefill, or one token at a time)
+    logits = output(norm(h))
+
+Tokens are evaluated at the cache's current position; `trim(n)` rolls it back.
+
+Shape legend:  T tokens   H hidden   V vocab
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtime.config import ModelConfig
+from runtime.errors import StepstreamError
+from runtime.experts import ExpertProvider, InMemoryExperts
+from runtime.forward import block, block_spec
+from runtime.gguf_file import GGUFModelFile
+from runtime.kv_cache import KVCache
+from runtime.layers import rms_norm
+from runtime.options import RuntimeOptions
+from runtime.tensors import matmul, rows
+from runtime.weights import ModelWeights, expert_bank, load_weights
+
+
+class Model:
+    def __init__(self, file: GGUFModelFile, cfg: ModelConfig, weights: ModelWeights,
+                 provider: ExpertProvider, options: RuntimeOptions):
+        self.file = file
+        self.cfg = cfg
+        self.weights = weights
+        self.provider = provider
+        self.options = options
+        self.n_ctx = options.n_ctx or min(cfg.context_length, 4096)
+        self._specs = [block_spec(cfg, i, weights.rope_factors) for i in range(cfg.n_layers)]
+        self.cache = KVCache(cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers],
+                             cfg.window, self.n_ctx, options.rollback)
+        self._tokenizer = None
+        self._tokens: list[int] = []  # the ids the cache holds, position by position
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def n_past(self) -> int:
+        return self.cache.n_past
+
+    @property
+    def history(self) -> list[int]:
+        """Token ids held by the cache (read-only view)."""
+        return self._tokens
+
+    @property
+    def name(self) -> str:
+        return self.file.path.name
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self._tokens = []
+
+    def trim(self, n: int) -> None:
+        """Forget the last n evaluated positions."""
+        self.cache.trim(n)
+        del self._tokens[len(self._tokens) - n :]
+
+    def close(self) -> None:
+        self.provider.close()
+
+    # ------------------------------------------------------------------ compute
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1:
+            raise StepstreamError(f"tokens must be a 1-D sequence of ids, got shape {list(ids.shape)}")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise StepstreamError(f"tokens must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
+        bad = ids[(ids < 0) | (ids >= self.cfg.vocab)]
+        if bad.size:
+            raise StepstreamError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.cfg.vocab - 1})")
+        if self.n_past + ids.size > self.n_ctx:
+            raise StepstreamError(
+                f"{ids.size} tokens after {self.n_past} cached positions exceed the context of {self.n_ctx} "
+                f"(load with a larger n_ctx, at most the model's {self.cfg.context_length})"
+            )
+        return ids
+
+    def hidden(self, tokens) -> np.ndarray:
+        """Evaluate tokens at the current position; last trunk hidden state [T, H] (pre-norm)."""
+        ids = self._check_tokens(tokens)
+        out = []
+        for a in range(0, ids.size, self.options.n_batch):
+            chunk = ids[a : a + self.options.n_batch]
+            pos = np.arange(self.n_past, self.n_past + chunk.size, dtype=np.int64)
+            h = rows(self.weights.embed, chunk)  # [T, H]
+            for s, w, kv in zip(self._specs, self.weights.blocks, self.cache.layers):
+                h = block(s, w, h, pos, kv, self.provider)
+            self.cache.advance(chunk.size)
+            self._tokens.extend(chunk.tolist())
+            out.append(h)
+        return np.concatenate(out) if out else np.zeros((0, self.cfg.hidden), np.float32)
+
+    def output(self, h: np.ndarray) -> np.ndarray:
+        """Logits [T, V] float32 of hidden states [T, H]."""
+        return matmul(rms_norm(h, self.weights.out_norm, self.cfg.rms_eps), self.weights.output).astype(np.float32)
+
+    def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""
+        h = self.hidden(tokens)
+        if h.shape[0] == 0:
+            raise StepstreamError("eval needs at least one token")
+        return self.output(h) if all_logits else self.output(h[-1:])[0]
+
+    def logits(self, tokens) -> np.ndarray:
+        """[T, V] float32 logits of every position, evaluated from an empty cache."""
+        self.reset()
+        return self.eval(tokens, all_logits=True)
+
+    def eval_reusing_prefix(self, tokens) -> np.ndarray:
+        """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
+        tokens = list(tokens)
+        common = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last token is evaluated again for its logits
+        try:
+            self.trim(self.n_past - common)
+        except StepstreamError:  # the sliding ring cannot roll back that far
+            self.reset()
+            common = 0
+        return self.eval(tokens[common:])
+
+    # ------------------------------------------------------------------ text
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from runtime.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_gguf(self.file)
+        return self._tokenizer
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Like llama-cpp-python: BOS first when the model wants one; `special` parses control tokens."""
+        return self.tokenizer.encode(text, add_bos=add_bos and self.tokenizer.add_bos, special=special)
+
+    def detokenize(self, tokens, special: bool = False) -> bytes:
+        return self.tokenizer.decode_bytes(tokens, special=special)
+
+    def generate(self, tokens, max_tokens: int | None = None, **sampling):
+        """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
+
+        Sampling keywords: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed.
+        """
+        from runtime.generation import generate, sampling_params
+        from runtime.sampling import Sampler
+
+        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**sampling)), max_tokens)
+
+    def create_completion(self, prompt: str, max_tokens: int | None = 16, stop=None, stream: bool = False, **sampling):
+        """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming)."""
+        from runtime.generation import complete, completion_response, sampling_params
+
+        ids = self.tokenize(prompt, add_bos=True, special=True)
+        pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
+        return completion_response(self, ids, pieces, stream)
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stop=None,
+                               stream: bool = False, **sampling):
+        """OpenAI-shaped chat completion, the prompt rendered from the model's chat template."""
+        from runtime.chat_template import render_chat
+        from runtime.generation import chat_response, complete, sampling_params
+
+        tok = self.tokenizer
+        text = render_chat(tok.chat_template, messages,
+                           bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
+                           eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
+        ids = self.tokenize(text, add_bos=False, special=True)
+        pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
+        return chat_response(self, ids, pieces, stream)
+
+    def _check_tokens_only(self, tokens) -> list[int]:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise StepstreamError("tokens must be a 1-D sequence of integer ids")
+        return ids.astype(np.int64).tolist()
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def load(path: str | Path, **options) -> Model:
+    """Open a Step-3.5 GGUF (any part of a split file) for inference."""
+    opts = RuntimeOptions.from_kwargs(**options)
+    f = GGUFModelFile(path)
+    cfg = ModelConfig.from_gguf(f)
+    if opts.n_ctx is not None and opts.n_ctx > cfg.context_length:
+        raise StepstreamError(f"n_ctx={opts.n_ctx} exceeds the model's context length {cfg.context_length}")
+    if opts.n_threads is not None:
+        from runtime.threads import set_threads
+
+        set_threads(opts.n_threads)
+    weights = load_weights(f, cfg)
+    provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
+    return Model(f, cfg, weights, provider, opts)

@@ -1,0 +1,112 @@
+"""The runtime's forward pass on the f32 GGUF: against llama.cpp, the float64 reference,
+and itself (chunked prefill, one-token decode, trim)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reference_model as R
+from conftest import llama_cpp_logits
+from runtime.model import load
+
+
+@pytest.fixture(scope="module")
+def f32_path(tiny_gguf):
+    return tiny_gguf("f32")
+
+
+@pytest.fixture(scope="module")
+def model(f32_path):
+    return load(f32_path, n_ctx=256)
+
+
+@pytest.fixture(scope="module")
+def prompt(model):
+    """4x the sliding window, ids spread over the whole vocabulary."""
+    n = 4 * model.cfg.window
+    return np.random.default_rng(7).integers(0, model.cfg.vocab, n).tolist()
+
+
+@pytest.fixture(scope="module")
+def full_logits(model, prompt):
+    return model.logits(prompt)
+
+
+def test_config_from_our_gguf(model):
+    cfg = model.cfg
+    assert cfg.n_layers == 4 and cfg.n_mtp == 3
+    assert cfg.sliding[:4] == (False, True, True, True)
+    assert cfg.n_rot[:2] == (cfg.head_dim // 2, cfg.head_dim)
+    assert cfg.moe[:4] == (False, True, True, True) and not any(cfg.moe[4:])
+    assert cfg.rope_base_full != cfg.rope_base_sliding
+    assert any(v > 0 for v in cfg.swiglu_limit) and any(v > 0 for v in cfg.swiglu_limit_shared)
+    assert len(model.weights.nextn) == 3
+
+
+def test_f32_matches_llama_cpp_every_position(f32_path, prompt, full_logits):
+    ref = llama_cpp_logits(f32_path, prompt, n_ctx=256)
+    assert full_logits.dtype == np.float32 and full_logits.shape == ref.shape
+    cos = R.cosine_rows(full_logits, ref)
+    assert cos.min() >= 0.9999, (cos.argmin(), cos.min())
+    assert (full_logits.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_f32_matches_float64_reference(tiny_ckpt, f32_path, prompt, full_logits):
+    ref = R.reference_logits(tiny_ckpt, prompt)
+    cos = R.cosine_rows(full_logits, ref)
+    assert cos.min() >= 0.9999
+    assert (full_logits.argmax(-1) == ref.argmax(-1)).all()
+    # f32 arithmetic on f32 weights: far tighter than the acceptance bound
+    assert np.abs(full_logits - ref).max() < 1e-3
+
+
+def test_chunk_size_does_not_change_logits(f32_path, prompt, full_logits):
+    for n_batch in (1, 5, 16, 1000):
+        np.testing.assert_allclose(load(f32_path, n_ctx=256, n_batch=n_batch).logits(prompt), full_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_decode_equals_full_recompute(model, prompt, full_logits):
+    model.reset()
+    start = 10
+    got = [model.eval(prompt[:start], all_logits=True)]
+    for t in prompt[start:]:
+        got.append(model.eval([t])[None])
+    np.testing.assert_allclose(np.concatenate(got), full_logits, rtol=1e-4, atol=1e-4)
+    assert model.n_past == len(prompt)
+
+
+def test_trim_then_decode_equals_never_decoded(model, prompt):
+    n = 3 * model.cfg.window + 5  # past the ring's wrap-around
+    detour = [(t + 11) % model.cfg.vocab for t in prompt[n : n + 6]]
+    model.reset()
+    model.eval(prompt[:n])
+    model.eval(detour[:3])
+    for t in detour[3:]:
+        model.eval([t])
+    model.trim(len(detour))
+    assert model.n_past == n
+    after_trim = model.eval(prompt[n : n + 4], all_logits=True)
+    model.reset()
+    straight = model.eval(prompt[: n + 4], all_logits=True)[n:]
+    np.testing.assert_allclose(after_trim, straight, rtol=1e-4, atol=1e-4)
+
+
+def test_trim_beyond_the_sliding_ring_is_refused(f32_path, prompt):
+    from runtime.errors import StepstreamError
+
+    m = load(f32_path, n_ctx=256, rollback=2)
+    m.eval(prompt[:40])
+    m.trim(3)  # rollback + 1 still leaves every visible key in the ring
+    with pytest.raises(StepstreamError, match="rollback"):
+        m.trim(5)
+    with pytest.raises(StepstreamError, match="holds"):
+        m.trim(1000)
+    m.reset()
+    assert m.n_past == 0
+
+
+def test_logits_start_from_an_empty_cache(model, prompt, full_logits):
+    model.reset()
+    model.eval(prompt[:7])
+    np.testing.assert_array_equal(model.logits(prompt), full_logits)

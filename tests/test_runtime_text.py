@@ -1,0 +1,111 @@
+"""Tokenizer rebuilt from the GGUF, and the chat template rendered with jinja2."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+import runtime
+from runtime.chat_template import render_chat
+from runtime.errors import StepstreamError
+from runtime.gguf_file import GGUFModelFile
+from runtime.tokenizer import Tokenizer
+
+TEXTS = [
+    "Hello world! def foo(x):\n    return x**2  # café",
+    "日本語のテキスト 🙂 1234567 <|im_start|>user\nhi<|im_end|>",
+    "  leading spaces\n\n\ttabs   and trailing   ",
+    "Ünïcödé àccents, émojis 🙂 Привет, мир! Γειά σου κόσμε. 你好，世界。",
+    "I'm sure they'll say 'it's done' -- 3.14159e+10",
+    (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text()[:4000],
+]
+
+
+@pytest.fixture(scope="module")
+def f32_path(tiny_gguf):
+    return tiny_gguf("f32")
+
+
+@pytest.fixture(scope="module")
+def vocab_only_llama(f32_path):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(f32_path), vocab_only=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module", params=["hf_json", "vocab"])
+def tok(request, f32_path):
+    """The tokenizer from the stored tokenizer.json, and the one rebuilt from tokens + merges + pre name."""
+    return Tokenizer.from_gguf(GGUFModelFile(f32_path), use_hf_json=request.param == "hf_json")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_matches_hf_and_llama_cpp(tok, tiny_ckpt, vocab_only_llama, text):
+    hf = HFTokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
+    assert tok.encode(text, add_bos=False, special=True) == hf.encode(text, add_special_tokens=False).ids
+    for special in (True, False):
+        assert tok.encode(text, add_bos=False, special=special) == vocab_only_llama.tokenize(text.encode(), add_bos=False, special=special)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_round_trip_and_matches_llama_cpp(tok, vocab_only_llama, text):
+    ids = tok.encode(text, add_bos=False, special=True)
+    assert tok.decode(ids, special=True) == text
+    for special in (True, False):
+        assert tok.decode_bytes(ids, special=special) == vocab_only_llama.detokenize(ids, special=special)
+
+
+def test_streaming_bytes_never_split_characters(tok):
+    text = "🙂日本語"
+    ids = tok.encode(text, add_bos=False)
+    assert len(ids) > 2  # multi-byte characters are cut across tokens
+    assert b"".join(tok.token_bytes(i) for i in ids).decode() == text
+
+
+def test_special_ids_and_bos(f32_path):
+    m = runtime.load(f32_path)
+    t = m.tokenizer
+    assert t.tokens[t.bos_id] == "<|begin_of_text|>" and t.tokens[t.eos_id] == "<|im_end|>"
+    assert t.eos_id in t.eog_ids
+    assert m.tokenize("hi")[0] == t.bos_id
+    assert m.tokenize("hi", add_bos=False)[0] != t.bos_id
+    assert m.detokenize(m.tokenize("hi there")) == b"hi there"
+
+
+def test_unsupported_pre_tokenizer(f32_path, tmp_path):
+    from test_runtime_files import rewrite
+
+    bad = tmp_path / "pre.gguf"
+    rewrite(f32_path, bad, drop={"stepstream.tokenizer.hf_json"}, change={"tokenizer.ggml.pre": "made-up"})
+    with pytest.raises(StepstreamError, match="pre-tokenizer 'made-up'"):
+        Tokenizer.from_gguf(GGUFModelFile(bad))
+
+
+def test_chat_template_renders_like_hf(f32_path, tiny_ckpt):
+    import json
+
+    from jinja2 import Template
+
+    m = runtime.load(f32_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo?"}]
+    got = render_chat(m.tokenizer.chat_template, messages, bos_token="<|begin_of_text|>", eos_token="<|im_end|>")
+    assert got == ("<|begin_of_text|><|im_start|>system\nBe brief.<|im_end|>\n"
+                   "<|im_start|>user\nHéllo?<|im_end|>\n<|im_start|>assistant\n")
+    raw = json.loads((tiny_ckpt / "tokenizer_config.json").read_text())["chat_template"]
+    assert m.tokenizer.chat_template == raw
+    assert got == Template(raw, trim_blocks=True, lstrip_blocks=True).render(
+        messages=messages, bos_token="<|begin_of_text|>", add_generation_prompt=True)
+
+
+def test_chat_template_errors():
+    with pytest.raises(StepstreamError, match="no chat template"):
+        render_chat(None, [{"role": "user", "content": "x"}])
+    with pytest.raises(StepstreamError, match="needs a 'role'"):
+        render_chat("{{ messages }}", [{"content": "x"}])
+    with pytest.raises(StepstreamError, match="chat template failed: nope"):
+        render_chat("{{ raise_exception('nope') }}", [{"role": "user", "content": "x"}])
