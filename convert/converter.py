@@ -11,7 +11,6 @@ temporary name and renamed when complete; on any error the temporary file is rem
 from __future__ import annotations
 
 import os
-import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import psutil
-
 import quant
 from convert import layout, policy
 from convert.gguf_meta import ARCH, add_hparams, llama3_rope_factors
@@ -29,6 +26,7 @@ from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint
 from convert.tokenizer_gguf import add_tokenizer, read_tokenizer
 from quant.formats import row_bytes
 from runtime.errors import StepstreamError
+from runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     if ftype not in policy.TYPES:
         raise StepstreamError(f"unknown --type {ftype!r}; choose one of {', '.join(policy.TYPES)}")
     t0 = time.perf_counter()
-    start_rss = psutil.Process().memory_info().rss
+    reset_peak_rss()
+    start_rss = current_rss_bytes()
     hf_dir, out = Path(hf_dir), Path(out_path)
     if not hf_dir.is_dir():
         raise StepstreamError(f"{hf_dir}: not a directory")
@@ -207,7 +206,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         raise
     summary.out_bytes = out.stat().st_size
     summary.seconds = time.perf_counter() - t0
-    summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary.peak_rss_bytes = peak_rss_bytes()
     return summary
 
 

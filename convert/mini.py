@@ -56,16 +56,16 @@ PRESETS: dict[str, Preset] = {
 N_MTP = 3
 
 
-def make_config(p: Preset, vocab_size: int) -> dict:
+def make_config(p: Preset, vocab_size: int, clamps: tuple[float, float] = (0.75, 0.8)) -> dict:
     n_blocks = p.n_layers + N_MTP
     types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n_blocks)]
     # Clamps: active on some layers only, as in the released config.
     limits = [0.0] * n_blocks
     limits_shared = [0.0] * n_blocks
     for i in range(1, p.n_layers, 2):
-        limits[i] = 0.75
+        limits[i] = clamps[0]
     for i in range(0, p.n_layers, 3):
-        limits_shared[i] = 0.8
+        limits_shared[i] = clamps[1]
     return {
         "architectures": ["Step3p5ForCausalLM"],
         "model_type": "step3p5",

@@ -36,11 +36,17 @@ MULTILINGUAL = (
 )
 
 
-def stdlib_corpus(max_bytes: int) -> list[str]:
-    """Python sources of the standard library, sorted by path, up to max_bytes."""
+def stdlib_files(recursive: bool = False) -> list[Path]:
+    """The standard library's Python sources on this machine, sorted by path (no site-packages)."""
     root = Path(sysconfig.get_paths()["stdlib"])
+    files = root.rglob("*.py") if recursive else root.glob("*.py")
+    return sorted(p for p in files if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def stdlib_corpus(max_bytes: int) -> list[str]:
+    """Python sources of the standard library's top folder, sorted by path, up to max_bytes."""
     texts, total = [MULTILINGUAL * 20], 0
-    for path in sorted(root.glob("*.py")):
+    for path in stdlib_files():
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -52,7 +58,7 @@ def stdlib_corpus(max_bytes: int) -> list[str]:
     return texts
 
 
-def train_tokenizer(vocab_size: int, corpus_bytes: int = 2_000_000) -> Tokenizer:
+def train_tokenizer(vocab_size: int, corpus_bytes: int = 2_000_000, texts: list[str] | None = None) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -67,7 +73,7 @@ def train_tokenizer(vocab_size: int, corpus_bytes: int = 2_000_000) -> Tokenizer
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(stdlib_corpus(corpus_bytes), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else stdlib_corpus(corpus_bytes), trainer=trainer)
     return tok
 
 

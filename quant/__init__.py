@@ -1,1 +1,11 @@
-"""GGUF block quantization formats: reference codecs, Numba quantizers and dequant-matmul kernels."""
+"""GGUF block quantization formats: reference codecs, Numba quantizers and dequant-matmul kernels.
+
+    quantize(x float32 [R, C], qtype) -> uint8 [R, row_bytes(qtype, C)]   (GGUF bytes)
+    dequantize(data uint8, qtype, shape) -> float32 shape
+    FORMATS, QuantFormat, row_bytes, check_row                          (quant.formats)
+"""
+
+from .api import dequantize, quantize
+from .formats import FORMATS, QuantFormat, check_row, get_format, row_bytes
+
+__all__ = ["FORMATS", "QuantFormat", "check_row", "dequantize", "get_format", "quantize", "row_bytes"]

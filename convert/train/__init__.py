@@ -1,0 +1,1 @@
+"""Training the miniature Step-3.5 that ships as stepstream's embedded default (needs the [train] extra)."""

@@ -1,0 +1,96 @@
+"""The GGUF tensor formats this project reads and writes: one table, one entry per format.
+
+A row of ``n_cols`` weights is stored as ``n_cols // block_size`` blocks laid end
+to end, each ``block_bytes`` long. Multi-byte fields are little-endian; ``f16``
+is IEEE half, ``e8m0`` a bare power-of-two exponent. The layouts below are the
+on-disk ones (ggml's ``block_*`` structs); ``quant.codecs`` implements them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+QK_K = 256  # weights per K-quant super-block
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    block_size: int   # weights per block
+    block_bytes: int  # bytes per block
+    layout: str       # byte layout of one block, and how a weight is decoded
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.block_bytes / self.block_size
+
+
+FORMATS: dict[T, QuantFormat] = {
+    T.F32: QuantFormat("F32", 1, 4, "f32 w"),
+    T.F16: QuantFormat("F16", 1, 2, "f16 w (IEEE half)"),
+    T.BF16: QuantFormat("BF16", 1, 2, "u16 top half of the f32 bit pattern, round-to-nearest-even"),
+    T.Q8_0: QuantFormat(
+        "Q8_0", 32, 34,
+        "f16 d | i8 q[32];  w[i] = d * q[i]"),
+    T.Q4_0: QuantFormat(
+        "Q4_0", 32, 18,
+        "f16 d | u8 qs[16];  w[i] = d * ((qs[i] & 15) - 8), w[i+16] = d * ((qs[i] >> 4) - 8)"),
+    T.Q4_K: QuantFormat(
+        "Q4_K", 256, 144,
+        "f16 d | f16 dmin | u8 scales[12] | u8 qs[128];  8 sub-blocks j of 32 weights with "
+        "6-bit scale sc[j] and min m[j] packed in scales[12] (j<4: sc=s[j]&63, m=s[j+4]&63; "
+        "j>=4: sc=(s[j+4]&15)|((s[j-4]>>6)<<4), m=(s[j+4]>>4)|((s[j]>>6)<<4)); sub-block 2k "
+        "is the low nibbles of qs[32k:32k+32], 2k+1 the high nibbles; w = d*sc[j]*q - dmin*m[j]"),
+    T.Q5_K: QuantFormat(
+        "Q5_K", 256, 176,
+        "f16 d | f16 dmin | u8 scales[12] | u8 qh[32] | u8 qs[128];  as Q4_K, plus a fifth "
+        "bit: bit j of qh[i] is bit 4 of weight i of sub-block j; w = d*sc[j]*q - dmin*m[j]"),
+    T.Q6_K: QuantFormat(
+        "Q6_K", 256, 210,
+        "u8 ql[128] | u8 qh[64] | i8 scales[16] | f16 d;  two halves of 128 weights; in half h, "
+        "weight 32g+l (g<4) has low 4 bits from ql[64h + 32(g&1) + l] (low nibble for g<2, high "
+        "for g>=2) and high 2 bits (qh[32h + l] >> 2g) & 3; w = d * scales[16-weight group] * (q - 32)"),
+    T.IQ4_XS: QuantFormat(
+        "IQ4_XS", 256, 136,
+        "f16 d | u16 scales_h | u8 scales_l[4] | u8 qs[128];  8 sub-blocks j of 32 with 6-bit "
+        "ls[j] = (scales_l nibble j) | (2 bits j of scales_h) << 4; weight l<16 of sub-block j is "
+        "the low nibble of qs[16j+l], l>=16 the high nibble of qs[16j+l-16]; "
+        "w = d * (ls[j]-32) * IQ4_NL_VALUES[nibble]"),
+    T.MXFP4: QuantFormat(
+        "MXFP4", 32, 17,
+        "u8 e (e8m0) | u8 qs[16];  w[i] = 2^(e-128) * E2M1x2[qs[i] & 15], "
+        "w[i+16] = 2^(e-128) * E2M1x2[qs[i] >> 4]"),
+}
+
+for _qtype, _fmt in FORMATS.items():  # the table must agree with gguf-py's
+    assert GGML_QUANT_SIZES[_qtype] == (_fmt.block_size, _fmt.block_bytes), _fmt.name
+
+# Non-uniform 4-bit code books.
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+MXFP4_VALUES_X2 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 values, doubled
+
+
+def get_format(qtype) -> QuantFormat:
+    """The table entry for ``qtype`` (a GGMLQuantizationType or its integer id)."""
+    try:
+        return FORMATS[T(qtype)]
+    except (ValueError, KeyError):
+        raise ValueError(f"unsupported tensor type {qtype!r}; supported: "
+                         f"{', '.join(f.name for f in FORMATS.values())}") from None
+
+
+def check_row(qtype, n_cols: int) -> None:
+    """Raise ValueError unless a row of ``n_cols`` weights is a whole number of ``qtype`` blocks."""
+    fmt = get_format(qtype)
+    if int(n_cols) != n_cols or n_cols <= 0 or n_cols % fmt.block_size != 0:
+        raise ValueError(f"row length n_cols={n_cols} is not a positive multiple of the "
+                         f"{fmt.name} block size {fmt.block_size}")
+
+
+def row_bytes(qtype, n_cols: int) -> int:
+    """Bytes taken by one row of ``n_cols`` weights stored as ``qtype``."""
+    check_row(qtype, n_cols)
+    fmt = get_format(qtype)
+    return n_cols // fmt.block_size * fmt.block_bytes
