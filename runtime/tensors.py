@@ -1,8 +1,9 @@
 """Weights in their stored format, and the one function that multiplies by them.
 
 A `Matrix` is a view of the mapped file: no bytes are copied at load. `matmul` is the
-single place that turns stored weights into products, so a faster kernel (the `quant`
-package's GEMV/GEMM) replaces one function body, not the model code.
+single place that turns stored weights into products: float32 weights go to numpy's BLAS,
+every other format to the `quant` package's fused dequant GEMV (one token) or GEMM
+(a chunk of tokens), which read the GGUF bytes as they are.
 
 Shape legend:  T rows of activations   N out features   C in features
 """
@@ -15,6 +16,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from quant import kernels
 from runtime.errors import StepstreamError
 from runtime.gguf_file import TensorRef
 
@@ -29,6 +31,7 @@ class Matrix:
     qtype: Q
     shape: tuple[int, int]
     data: np.ndarray
+    packed: kernels.PackedMatrix | None = None  # the kernels' view of the bytes (not for F32)
 
     @property
     def nbytes(self) -> int:
@@ -49,23 +52,36 @@ def dequantize(data: np.ndarray, qtype: Q, shape) -> np.ndarray:
 
 def matmul(x: np.ndarray, w: Matrix) -> np.ndarray:
     """x [T, C] float32 @ W[N, C].T -> [T, N] float32."""
-    if w.qtype == Q.F32:
+    if w.packed is None:
         return x @ w.data.T
-    return x @ w.dense().T
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] == 1:
+        out = np.empty((1, w.shape[0]), np.float32)
+        kernels.matvec(w.packed, x[0], out[0])
+        return out
+    return kernels.matmul(w.packed, x, np.empty((x.shape[0], w.shape[0]), np.float32))
+
+
+def make_matrix(name: str, qtype: Q, shape: tuple[int, int], data: np.ndarray) -> Matrix:
+    packed = None
+    if qtype != Q.F32:
+        raw = np.ascontiguousarray(data).view(np.uint8)  # float16 data comes typed; the kernels take bytes
+        packed = kernels.pack(qtype, raw, int(shape[0]), int(shape[1]))
+    return Matrix(name, qtype, (int(shape[0]), int(shape[1])), data, packed)
 
 
 def matrix(ref: TensorRef, shape: tuple[int, int]) -> Matrix:
     """Check a 2-D tensor against the shape the config implies."""
     if tuple(ref.shape) != tuple(shape):
         raise StepstreamError(f"{ref.path}: tensor {ref.name!r} has shape {list(ref.shape)}, the model config implies {list(shape)}")
-    return Matrix(ref.name, ref.qtype, (int(shape[0]), int(shape[1])), ref.data)
+    return make_matrix(ref.name, ref.qtype, shape, ref.data)
 
 
 def stacked(ref: TensorRef, shape: tuple[int, int, int]) -> list[Matrix]:
     """A 3-D expert tensor [E, N, C] as E matrices, each a contiguous slice of the file."""
     if tuple(ref.shape) != tuple(shape):
         raise StepstreamError(f"{ref.path}: tensor {ref.name!r} has shape {list(ref.shape)}, the model config implies {list(shape)}")
-    return [Matrix(f"{ref.name}[{e}]", ref.qtype, (int(shape[1]), int(shape[2])), ref.data[e]) for e in range(shape[0])]
+    return [make_matrix(f"{ref.name}[{e}]", ref.qtype, shape[1:], ref.data[e]) for e in range(shape[0])]
 
 
 def vector(ref: TensorRef, n: int) -> np.ndarray:
