@@ -58,12 +58,14 @@ def attention(s: BlockSpec, w: BlockWeights, x: np.ndarray, pos: np.ndarray, kv:
     v = matmul(x, w.v).reshape(T, s.n_kv, D)
     q = rope(rms_norm(q, w.q_norm, s.eps), pos, s.inv_freq)
     k = rope(rms_norm(k, w.k_norm, s.eps), pos, s.inv_freq)
-    ck, cv, cpos = kv.view()
-    keys = np.concatenate([ck, k]) if len(ck) else k  # [S, Nk, D]
-    vals = np.concatenate([cv, v]) if len(cv) else v
-    kpos = np.concatenate([cpos, pos]) if len(cpos) else pos
+    if kv.fits_in_place(T):  # decode and small chunks: attend over the cache itself, no copy
+        kv.append(k, v, pos)
+        keys, vals, kpos = kv.view()  # [S, Nk, D]
+    else:  # a long chunk would overwrite ring slots its first queries still see
+        ck, cv, cpos = kv.view()
+        keys, vals, kpos = np.concatenate([ck, k]), np.concatenate([cv, v]), np.concatenate([cpos, pos])
+        kv.append(k, v, pos)
     out = attend(q, keys, vals, visible(pos, kpos, s.window))  # [T, Nh, D]
-    kv.append(k, v, pos)
     out *= sigmoid(matmul(x, w.gate))[:, :, None]  # head-wise gate [T, Nh, 1]
     return matmul(out.reshape(T, s.n_head * D), w.o)
 

@@ -16,8 +16,9 @@ from runtime.errors import StepstreamError
 
 
 class LayerKV:
-    def __init__(self, n_kv: int, head_dim: int, capacity: int, ring: bool):
+    def __init__(self, n_kv: int, head_dim: int, capacity: int, ring: bool, window: int):
         self.ring = ring
+        self.window = window
         self.k = np.zeros((capacity, n_kv, head_dim), np.float32)  # [C, Nk, D]
         self.v = np.zeros((capacity, n_kv, head_dim), np.float32)
         self.pos = np.full(capacity, -1, np.int64)  # [C]
@@ -32,6 +33,11 @@ class LayerKV:
         if self.ring:
             return self.k, self.v, self.pos
         return self.k[: self.n], self.v[: self.n], self.pos[: self.n]
+
+    def fits_in_place(self, n_new: int) -> bool:
+        """Whether n_new positions can be stored before attending without evicting a key one of
+        them still sees: always on a growing cache; on a ring, when n_new <= C - W + 1."""
+        return not self.ring or n_new <= self.capacity - self.window + 1
 
     def append(self, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
         """Store k/v [T, Nk, D] for positions pos [T] = n, n+1, ..."""
@@ -74,7 +80,7 @@ class KVCache:
         self.window = window
         self.rollback = rollback
         self.layers = [
-            LayerKV(nk, head_dim, window + rollback if s else min(n_ctx, 256), ring=s)
+            LayerKV(nk, head_dim, window + rollback if s else min(n_ctx, 256), ring=s, window=window)
             for nk, s in zip(n_kv, sliding)
         ]
         self.n_past = 0
