@@ -119,6 +119,35 @@ class Model:
         self.reset()
         return self.eval(tokens, all_logits=True)
 
+    def mtp_logits(self, tokens) -> list[np.ndarray]:
+        """Teacher-forced drafts of the MTP heads over `tokens`, from an empty cache.
+
+        Entry j is [T-1-j, V]: row t is head j's prediction of token t+2+j, made from the
+        token t+1+j and a hidden state at t (the trunk's for j = 0, head j-1's otherwise).
+        Each head attends over its own stream of positions with a cache of its own.
+        """
+        if not self.weights.nextn:
+            raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
+        self.reset()
+        ids = self._check_tokens(tokens)
+        h = self.hidden(ids)  # [T, H]
+        cfg, out = self.cfg, []
+        for j, nw in enumerate(self.weights.nextn):
+            i, n = cfg.n_layers + j, ids.size - 1 - j
+            if n <= 0:
+                break
+            e = rms_norm(rows(self.weights.embed, ids[1 + j : 1 + j + n]), nw.enorm, cfg.rms_eps)
+            x = matmul(np.concatenate([e, rms_norm(h[:n], nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj)  # [n, H]
+            kv = KVCache((cfg.n_head_kv[i],), cfg.head_dim, (cfg.sliding[i],), cfg.window, n, 0).layers[0]
+            spec = block_spec(cfg, i, self.weights.rope_factors)
+            h = np.concatenate([
+                block(spec, self.weights.blocks[i], x[a : a + self.options.n_batch],
+                      np.arange(a, min(a + self.options.n_batch, n)), kv, self.provider)
+                for a in range(0, n, self.options.n_batch)
+            ])
+            out.append(matmul(rms_norm(h, nw.head_norm, cfg.rms_eps), nw.head).astype(np.float32))
+        return out
+
     def eval_reusing_prefix(self, tokens) -> np.ndarray:
         """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
         tokens = list(tokens)

@@ -110,3 +110,13 @@ def test_logits_start_from_an_empty_cache(model, prompt, full_logits):
     model.reset()
     model.eval(prompt[:7])
     np.testing.assert_array_equal(model.logits(prompt), full_logits)
+
+
+def test_mtp_heads_match_the_reference(tiny_ckpt, model, prompt):
+    ours = model.mtp_logits(prompt[:40])
+    ref = R.reference_mtp_logits(tiny_ckpt, prompt[:40])
+    assert len(ours) == len(ref) == model.cfg.n_mtp
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        assert a.shape == b.shape == (39 - j, model.cfg.vocab)
+        assert R.cosine_rows(a, b).min() >= 0.9999, j
+        assert (a.argmax(-1) == b.argmax(-1)).all()
