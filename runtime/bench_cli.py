@@ -49,6 +49,9 @@ def _prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 
 def bench_ours(model, prompt: list[int], gen: list[int], reps: int) -> dict:
+    model.reset()  # warm-up, as llama-bench does: the first calls load or compile the kernels
+    model.eval(prompt[:8])
+    model.eval(gen[:1] or prompt[:1])
     best_pp = best_tg = float("inf")
     for _ in range(reps):
         model.reset()
@@ -69,6 +72,8 @@ def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, th
     threads = threads or os.cpu_count()
     llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + len(gen) + 8, n_batch=max(len(prompt), 1),
                           n_ubatch=max(len(prompt), 1), n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.eval(prompt[:8])  # warm-up
+    llm.eval(gen[:1] or prompt[:1])
     best_pp = best_tg = float("inf")
     for _ in range(reps):
         llm.reset()
