@@ -120,3 +120,40 @@ def test_mtp_heads_match_the_reference(tiny_ckpt, model, prompt):
         assert a.shape == b.shape == (39 - j, model.cfg.vocab)
         assert R.cosine_rows(a, b).min() >= 0.9999, j
         assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_llama3_rope_scaling_on_full_layers(tmp_path):
+    """A checkpoint with llama3 rope scaling: the converter's rope_freqs tensor divides the
+    full-attention blocks' frequencies; llama.cpp, the reference and the runtime agree."""
+    import json
+
+    from convert.converter import convert
+    from convert.mini import write_mini
+
+    ckpt = write_mini(tmp_path / "ckpt", "tiny", seed=2)
+    cfg_path = ckpt / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 16}
+    cfg_path.write_text(json.dumps(raw))
+    path = tmp_path / "scaled-f32.gguf"
+    convert(ckpt, path, "f32", progress=False)
+    tokens = np.random.default_rng(5).integers(0, 700, 64).tolist()
+    m = load(path, n_ctx=128)
+    assert m.weights.rope_factors is not None and m.weights.rope_factors.max() == 8.0
+    ours = m.logits(tokens)
+    ref = R.reference_logits(ckpt, tokens)
+    assert R.cosine_rows(ours, ref).min() >= 0.9999
+    llama = llama_cpp_logits(path, tokens, n_ctx=128)
+    assert R.cosine_rows(ours, llama).min() >= 0.9999
+    assert (ours.argmax(-1) == llama.argmax(-1)).all()
+    # and the scaling matters: without it the logits move
+    unscaled = R.forward_logits(*_without_rope_factors(ckpt), tokens)
+    assert np.abs(unscaled - ref).max() > 1e-3
+
+
+def _without_rope_factors(ckpt):
+    import dataclasses
+
+    cfg, W = R.hf_weights(ckpt)
+    return dataclasses.replace(cfg, rope_factors=None), W

@@ -12,8 +12,8 @@ import runtime
 from runtime.errors import StepstreamError
 
 
-def rewrite(src, dst, *, drop=(), change=None, arch=None, split_max_tensors=0):
-    """Copy a GGUF, optionally dropping or changing metadata or splitting it in parts."""
+def rewrite(src, dst, *, drop=(), change=None, arch=None, split_max_tensors=0, keep_tensor=lambda name: True):
+    """Copy a GGUF, optionally dropping or changing metadata or tensors, or splitting it in parts."""
     r = gguf.GGUFReader(src)
     arch = arch or r.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(dst, arch, split_max_tensors=split_max_tensors)
@@ -26,6 +26,8 @@ def rewrite(src, dst, *, drop=(), change=None, arch=None, split_max_tensors=0):
         value = change.get(key, field.contents())
         w.add_key_value(key, value, vtype, sub)
     for t in r.tensors:
+        if not keep_tensor(t.name):
+            continue
         w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -57,6 +59,18 @@ def test_split_file_loads_from_any_part(f32_path, prompt, f32_logits, tmp_path):
     parts[1].unlink()
     with pytest.raises(StepstreamError, match="missing"):
         runtime.load(parts[0])
+
+
+def test_trunk_only_file(f32_path, prompt, f32_logits, tmp_path):
+    """llama.cpp can keep the MTP heads in a separate file: the metadata still declares them."""
+    trunk = tmp_path / "trunk.gguf"
+    n_layers = runtime.load(f32_path).cfg.n_layers
+    rewrite(f32_path, trunk, keep_tensor=lambda name: not any(name.startswith(f"blk.{i}.") for i in range(n_layers, n_layers + 3)))
+    m = runtime.load(trunk, n_ctx=128)
+    assert m.cfg.n_mtp == 3 and m.weights.nextn == []
+    np.testing.assert_array_equal(m.logits(prompt), f32_logits)
+    with pytest.raises(StepstreamError, match="no MTP heads"):
+        m.mtp_logits(prompt)
 
 
 def _llama_quantize(src, dst, ftype):
