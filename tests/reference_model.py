@@ -292,9 +292,9 @@ def moe(cfg: RefConfig, W: Mapping, i: int, x: np.ndarray) -> np.ndarray:
     chosen, weights = route(cfg, x @ W[p + "ffn_gate_inp.weight"].T, bias)
     gate, up, down = W[p + "ffn_gate_exps.weight"], W[p + "ffn_up_exps.weight"], W[p + "ffn_down_exps.weight"]
     out = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        for e, w in zip(chosen[t], weights[t]):
-            out[t] += w * swiglu(x[t : t + 1], gate[e], up[e], down[e], cfg.limit[i])[0]
+    for e in np.unique(chosen):
+        t, k = np.nonzero(chosen == e)  # the tokens that chose expert e, and in which slot
+        out[t] += weights[t, k][:, None] * swiglu(x[t], gate[e], up[e], down[e], cfg.limit[i])
     shared = swiglu(x, W[p + "ffn_gate_shexp.weight"], W[p + "ffn_up_shexp.weight"], W[p + "ffn_down_shexp.weight"], cfg.limit_shared[i])
     return out + shared
 

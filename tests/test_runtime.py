@@ -157,3 +157,16 @@ def _without_rope_factors(ckpt):
 
     cfg, W = R.hf_weights(ckpt)
     return dataclasses.replace(cfg, rope_factors=None), W
+
+
+def test_full_attention_cache_grows_past_its_first_allocation(f32_path, tiny_ckpt):
+    m = load(f32_path, n_ctx=512)
+    first = m.cache.layers[0].capacity
+    tokens = np.random.default_rng(9).integers(0, m.cfg.vocab, first + 12).tolist()
+    m.eval(tokens[: first - 6])
+    steps = [m.eval([t]) for t in tokens[first - 6 :]]
+    assert m.cache.layers[0].capacity > first
+    full = m.logits(tokens)
+    np.testing.assert_allclose(np.stack(steps), full[first - 6 :], rtol=1e-4, atol=1e-4)
+    ref = R.reference_logits(tiny_ckpt, tokens)
+    assert R.cosine_rows(full, ref).min() >= 0.9999
