@@ -54,7 +54,7 @@ def _check_against_dequantized_reference(path, prompt, record_property, label):
     assert kl.mean() < 0.05
 
 
-@pytest.mark.parametrize("ftype", ["q8_0", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("ftype", ["f16", "bf16", "q8_0", "q4_0", "q4_k_m"])
 def test_our_quantized_files(tiny_gguf, prompt, record_property, ftype):
     _check_against_dequantized_reference(tiny_gguf(ftype), prompt, record_property, ftype)
 
