@@ -30,6 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
     p.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) on the same file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(batch_size=512)  # llama-bench's micro-batch: the whole prompt in one chunk
 
 
 def peak_rss_bytes() -> int:
@@ -66,12 +67,13 @@ def bench_ours(model, prompt: list[int], gen: list[int], reps: int) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, queue) -> None:
+def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int,
+                     queue) -> None:
     import llama_cpp
 
     threads = threads or os.cpu_count()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + len(gen) + 8, n_batch=max(len(prompt), 1),
-                          n_ubatch=max(len(prompt), 1), n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + len(gen) + 8, n_batch=batch, n_ubatch=batch,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
     llm.eval(prompt[:8])  # warm-up
     llm.eval(gen[:1] or prompt[:1])
     best_pp = best_tg = float("inf")
@@ -89,10 +91,10 @@ def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, th
                "peak_rss_bytes": peak_rss_bytes()})
 
 
-def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None) -> dict:
+def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_llama_cpp_child, args=(path, prompt, gen, reps, threads, queue))
+    proc = ctx.Process(target=_llama_cpp_child, args=(path, prompt, gen, reps, threads, batch, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -104,10 +106,11 @@ def run(args) -> int:
     ids = _prompt(model.cfg.vocab, args.n_prompt + args.n_gen, args.seed)
     prompt, gen = ids[: args.n_prompt], ids[args.n_prompt :]
     report = {"model": str(model.file.path), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-              "threads": args.threads, "repetitions": args.repetitions,
+              "threads": args.threads, "batch_size": args.batch_size, "repetitions": args.repetitions,
               **bench_ours(model, prompt, gen, args.repetitions)}
     if args.llama_cpp:
-        report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads)
+        report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads,
+                                              args.batch_size)
     if args.json:
         print(json.dumps(report))
         return 0
