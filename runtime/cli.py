@@ -17,6 +17,9 @@ from runtime.errors import StepstreamError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "mini": ("convert.mini_cli", "write a random-weight miniature Step-3.5 checkpoint (HF layout)"),
     "convert": ("convert.cli", "convert a Hugging Face Step-3.5 checkpoint to GGUF"),
+    "run": ("runtime.run_cli", "complete a prompt with a GGUF model, streaming the text"),
+    "chat": ("runtime.chat_cli", "chat with a GGUF model using its chat template"),
+    "bench": ("runtime.bench_cli", "measure prefill and decode speed (optionally beside llama.cpp)"),
     "train-mini": ("convert.train_cli", "train the miniature Step-3.5 on the Python stdlib (needs torch)"),
 }
 

@@ -72,6 +72,22 @@ def _bpe_from_vocab(tokens: list[str], types: list[int], merges: list[str], pre:
     return tok.to_str()
 
 
+_BYTE_DECODER = _byte_decoder()
+
+
+def _piece(text: str, kind: int) -> bytes:
+    """What a token prints as, following llama.cpp's token_to_piece for BPE vocabularies."""
+    if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
+        return text.encode("utf-8")
+    if kind == TOKEN_BYTE and len(text) == 6 and text.startswith("<0x"):
+        return bytes([int(text[3:5], 16)])
+    if kind == TOKEN_NORMAL:
+        if all(c in _BYTE_DECODER for c in text):
+            return bytes(_BYTE_DECODER[c] for c in text)
+        return text.encode("utf-8")
+    return b""  # unused (padding rows of the embedding)
+
+
 class Tokenizer:
     def __init__(self, hf_json: str, tokens: list[str], types: list[int], bos: int | None, eos: int | None,
                  eot: int | None, add_bos: bool, chat_template: str | None):
@@ -84,12 +100,8 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.eot_id = bos, eos, eot
         self.add_bos = add_bos
         self.chat_template = chat_template
-        decode = _byte_decoder()
-        self._bytes = [
-            t.encode("utf-8") if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED) or any(c not in decode for c in t)
-            else bytes(decode[c] for c in t)
-            for t, ty in zip(tokens, types)
-        ]
+        self._bytes = [_piece(t, ty) for t, ty in zip(tokens, types)]
+        self._special = [ty in (TOKEN_CONTROL, TOKEN_UNKNOWN) for ty in types]
 
     @classmethod
     def from_gguf(cls, f: GGUFModelFile, use_hf_json: bool = True) -> "Tokenizer":
@@ -120,15 +132,12 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
-    def token_bytes(self, token: int) -> bytes:
-        return self._bytes[token]
-
-    def is_control(self, token: int) -> bool:
-        return self.types[token] == TOKEN_CONTROL
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        return self._bytes[token] if special or not self._special[token] else b""
 
     def decode_bytes(self, ids, special: bool = False) -> bytes:
         """Bytes of the tokens; control tokens (BOS, EOS, ...) print only when `special`."""
-        return b"".join(self._bytes[i] for i in ids if special or self.types[i] != TOKEN_CONTROL)
+        return b"".join(self._bytes[i] for i in ids if special or not self._special[i])
 
     def decode(self, ids, special: bool = False) -> str:
         return self.decode_bytes(ids, special).decode("utf-8", errors="replace")

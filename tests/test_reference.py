@@ -7,23 +7,17 @@ gets a check that it actually changes (or does not change) the output the way it
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import reference_model as R  # noqa: E402
-
-from convert.mini import write_mini  # noqa: E402
+import reference_model as R
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = write_mini(tmp_path_factory.mktemp("ref") / "tiny", preset="tiny", seed=1)
-    cfg, W = R.hf_weights(d)
-    return d, cfg, W
+def tiny(tiny_ckpt):
+    cfg, W = R.hf_weights(tiny_ckpt)
+    return tiny_ckpt, cfg, W
 
 
 def _tokens(cfg, n, seed=0):
@@ -136,6 +130,23 @@ def test_entry_points_match(tiny):
     toks = _tokens(cfg, 6)
     np.testing.assert_array_equal(R.reference_logits(d, toks), R.forward_logits(cfg, W, toks))
     assert len(R.reference_mtp_logits(d, toks)) == cfg.n_mtp
+
+
+def test_hf_and_gguf_loaders_agree_on_f32(tiny, tiny_gguf):
+    d, cfg, W = tiny
+    gcfg, G = R.gguf_weights(tiny_gguf("f32"))
+    # Same config up to the float32 rounding GGUF metadata stores.
+    for f in dataclasses.fields(cfg):
+        a, b = getattr(cfg, f.name), getattr(gcfg, f.name)
+        if isinstance(a, float) or (isinstance(a, tuple) and a and isinstance(a[0], float)):
+            np.testing.assert_allclose(b, a, rtol=1e-6, err_msg=f.name)
+        else:
+            assert a == b, f.name
+    assert sorted(G) == sorted(W)
+    for name in W:  # bf16 checkpoint values are exact in f32; norms carry the same +1
+        np.testing.assert_array_equal(G[name], W[name], err_msg=name)
+    toks = _tokens(cfg, 20)
+    np.testing.assert_allclose(R.forward_logits(gcfg, G, toks), R.forward_logits(cfg, W, toks), rtol=1e-5, atol=1e-5)
 
 
 def _dummy_cfg() -> R.RefConfig:

@@ -60,6 +60,12 @@ def test_decode_round_trip_and_matches_llama_cpp(tok, vocab_only_llama, text):
         assert tok.decode_bytes(ids, special=special) == vocab_only_llama.detokenize(ids, special=special)
 
 
+def test_every_token_prints_as_in_llama_cpp(tok, vocab_only_llama):
+    for i in range(len(tok.tokens)):
+        for special in (True, False):
+            assert tok.decode_bytes([i], special=special) == vocab_only_llama.detokenize([i], special=special), (i, tok.tokens[i])
+
+
 def test_streaming_bytes_never_split_characters(tok):
     text = "🙂日本語"
     ids = tok.encode(text, add_bos=False)

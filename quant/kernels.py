@@ -1,0 +1,125 @@
+"""Dequant-matmul kernels over GGUF weight rows: the API the runtime codes against.
+
+Shape legend
+    R  rows of W (output features)     C  columns of W (input features)     N  tokens
+    w.data  uint8   [R, row_bytes(qtype, C)]   the GGUF bytes, used as they are on disk
+    x       float32 [C]       one token           out  float32 [R]
+    X       float32 [N, C]    N tokens            out  float32 [N, R]
+
+    w = pack(qtype, raw, R, C)      # checks and wraps raw bytes; no copy, so memory speed
+    matvec(w, x, out)               # out = W @ x         (decode: one token)
+    matmul(w, X, out)               # out = X @ W.T       (prefill, MTP verification)
+
+Both return ``out``. Formats: F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K,
+IQ4_XS. Weights are decoded inside the kernels (fused), in float32 with float32
+activations, so results match ``dequantize(...) @ x`` to float32 rounding. No
+repacking is needed: the GGUF layouts already give each sub-block contiguous
+bytes, which is what the vectorized inner loops need (see ``_rowdot``).
+
+``matvec`` decodes each weight once per call and runs its rows in parallel;
+``matmul`` decodes a tile of rows x 512 columns into a float32 scratch tile
+once and multiplies it with every token, so the weights are read once for all
+N tokens. Numba's thread count (``numba.set_num_threads``) sets the parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import _drivers
+from .formats import IQ4_NL_VALUES, MXFP4_VALUES_X2, check_row, get_format, row_bytes
+
+_LUT = np.array([IQ4_NL_VALUES, MXFP4_VALUES_X2], np.float32)
+_LUT.setflags(write=False)
+_EMPTY = np.zeros(0, np.float32)  # stands in for xs where a format needs none
+_NEEDS_XSUM = (T.Q4_0, T.Q4_K, T.Q5_K)
+
+TILE_ROWS = 8      # rows per GEMM tile
+TILE_COLS = 512    # columns per GEMM tile: 8 x 512 float32 = 16 KiB, with the tokens' slices in L1
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """A weight matrix W [rows, cols] in one GGUF format, ready for the kernels."""
+    qtype: T
+    rows: int
+    cols: int
+    data: np.ndarray  # uint8 [rows, row_bytes(qtype, cols)], C-contiguous
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+def pack(qtype, raw: np.ndarray, rows: int, cols: int) -> PackedMatrix:
+    """Wrap the GGUF bytes of a [rows, cols] matrix (any uint8 array holding them, e.g. a slice
+    of a memory map) after checking them. Copies only when raw is not C-contiguous."""
+    fmt = get_format(qtype)
+    qtype = T(qtype)
+    if int(qtype) not in _drivers.SUPPORTED:
+        raise ValueError(f"no kernel for {fmt.name}")
+    check_row(qtype, cols)
+    if rows <= 0:
+        raise ValueError(f"rows={rows} must be positive")
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+        raise TypeError(f"raw must be a uint8 ndarray, got {getattr(raw, 'dtype', type(raw))}")
+    rb = row_bytes(qtype, cols)
+    if raw.size != rows * rb:
+        raise ValueError(f"raw holds {raw.size} bytes; {fmt.name} [{rows}, {cols}] needs "
+                         f"{rows} x {rb} = {rows * rb}")
+    return PackedMatrix(qtype, int(rows), int(cols), np.ascontiguousarray(raw).reshape(rows, rb))
+
+
+def _check(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        raise TypeError(f"{name} must be a float32 ndarray, got {getattr(a, 'dtype', type(a))}")
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (strides {a.strides})")
+
+
+def _check_w(w) -> None:
+    if not isinstance(w, PackedMatrix):
+        raise TypeError(f"w must be a PackedMatrix from quant.kernels.pack, got {type(w).__name__}")
+
+
+def matvec(w: PackedMatrix, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out [R] = W [R, C] @ x [C]."""
+    _check_w(w)
+    _check("x", x, (w.cols,))
+    _check("out", out, (w.rows,))
+    xs = x.reshape(-1, 32).sum(axis=1, dtype=np.float32) if w.qtype in _NEEDS_XSUM else _EMPTY
+    _drivers.gemv(int(w.qtype), w.data, x, xs, _LUT, out)
+    return out
+
+
+def matmul(w: PackedMatrix, X: np.ndarray, out: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """out [N, R] = X [N, C] @ W.T. ``scratch`` (float32 [workers, TILE_ROWS, TILE_COLS]) may be
+    passed to avoid allocating one per call; see ``make_scratch``."""
+    _check_w(w)
+    if not isinstance(X, np.ndarray) or X.ndim != 2:
+        raise ValueError(f"X must be a 2-D [tokens, {w.cols}] array, got {getattr(X, 'shape', type(X))}")
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("X has no tokens (shape[0] == 0)")
+    _check("X", X, (n, w.cols))
+    _check("out", out, (n, w.rows))
+    if scratch is None:
+        scratch = make_scratch()
+    elif scratch.dtype != np.float32 or scratch.ndim != 3 or scratch.shape[1:] != (TILE_ROWS, TILE_COLS) \
+            or not scratch.flags.c_contiguous:
+        raise ValueError(f"scratch must be C-contiguous float32 [workers, {TILE_ROWS}, {TILE_COLS}], "
+                         f"got {scratch.dtype} {scratch.shape}")
+    _drivers.gemm(int(w.qtype), w.data, X, _LUT, scratch, out)
+    return out
+
+
+def make_scratch(workers: int | None = None) -> np.ndarray:
+    """GEMM scratch tiles for ``workers`` parallel workers (default: Numba's thread count)."""
+    workers = numba.get_num_threads() if workers is None else int(workers)
+    return np.empty((workers, TILE_ROWS, TILE_COLS), np.float32)

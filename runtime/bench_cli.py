@@ -1,0 +1,113 @@
+"""`stepstream bench`: prompt-processing and generation speed, optionally beside llama.cpp.
+
+Like llama-bench: `-p N` random prompt tokens are evaluated in one go from an empty cache
+(prefill), then `-n N` further random tokens are fed one at a time after them (decode: a
+token-generation step without the sampling), each timed separately, best of `-r`
+repetitions. Both engines get the very same token ids. With `--llama-cpp`, llama-cpp-python runs the
+same prompt and the same token-by-token decode with the same threads, in a child process
+so that its memory does not count towards ours.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+from runtime.cli_common import add_model_args, load_model
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens to evaluate (default: 128)")
+    p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens to generate (default: 32)")
+    p.add_argument("-r", "--repetitions", type=int, default=1, help="runs of each test; the best is reported (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
+    p.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) on the same file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def peak_rss_bytes() -> int:
+    """High-water resident set of this process image (VmHWM; ru_maxrss would include a spawning parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prompt(vocab: int, n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def bench_ours(model, prompt: list[int], gen: list[int], reps: int) -> dict:
+    best_pp = best_tg = float("inf")
+    for _ in range(reps):
+        model.reset()
+        t0 = time.perf_counter()
+        model.eval(prompt)
+        best_pp = min(best_pp, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for t in gen:
+            model.eval([t])
+        best_tg = min(best_tg, time.perf_counter() - t0)
+    return {"prefill_tok_s": len(prompt) / best_pp, "decode_tok_s": len(gen) / best_tg if gen else None,
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, queue) -> None:
+    import llama_cpp
+
+    threads = threads or os.cpu_count()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + len(gen) + 8, n_batch=max(len(prompt), 1),
+                          n_ubatch=max(len(prompt), 1), n_threads=threads, n_threads_batch=threads, verbose=False)
+    best_pp = best_tg = float("inf")
+    for _ in range(reps):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        best_pp = min(best_pp, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for t in gen:
+            llm.eval([t])
+        best_tg = min(best_tg, time.perf_counter() - t0)
+    llm.close()
+    queue.put({"prefill_tok_s": len(prompt) / best_pp, "decode_tok_s": len(gen) / best_tg if gen else None,
+               "peak_rss_bytes": peak_rss_bytes()})
+
+
+def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_llama_cpp_child, args=(path, prompt, gen, reps, threads, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def run(args) -> int:
+    model = load_model(args)
+    ids = _prompt(model.cfg.vocab, args.n_prompt + args.n_gen, args.seed)
+    prompt, gen = ids[: args.n_prompt], ids[args.n_prompt :]
+    report = {"model": str(model.file.path), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+              "threads": args.threads, "repetitions": args.repetitions,
+              **bench_ours(model, prompt, gen, args.repetitions)}
+    if args.llama_cpp:
+        report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    rows = [("stepstream", report)] + ([("llama.cpp", report["llama_cpp"])] if args.llama_cpp else [])
+    print(f"{'engine':<12} {'pp' + str(args.n_prompt) + ' tok/s':>14} {'tg' + str(args.n_gen) + ' tok/s':>14} {'peak RSS MiB':>13}", file=sys.stdout)
+    for name, r in rows:
+        print(f"{name:<12} {r['prefill_tok_s']:>14.2f} {r['decode_tok_s'] or 0:>14.2f} {r['peak_rss_bytes'] / 2**20:>13.0f}")
+    return 0

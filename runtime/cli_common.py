@@ -1,0 +1,40 @@
+"""Flags shared by the `run`, `chat` and `bench` subcommands, named as llama.cpp names them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="GGUF file (for a split model, any of its parts)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: the libraries' choice)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: model's, at most 4096)")
+    p.add_argument("-b", "--batch-size", type=int, default=64, help="prompt tokens evaluated together (default: 64)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to generate; -1 = until end of text or context (default: -1)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling, 0 = off (default: 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling, 1.0 = off (default: 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling, 0.0 = off (default: 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalize repeated tokens, 1.0 = off (default: 1.0)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default: 64)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="STOP",
+                   help="stop generating at this text (may be given several times)")
+
+
+def load_model(args):
+    from runtime.model import load
+
+    return load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size)
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+
+
+def max_tokens(args) -> int | None:
+    return None if args.n_predict < 0 else args.n_predict

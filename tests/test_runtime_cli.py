@@ -1,0 +1,77 @@
+"""The `run`, `chat` and `bench` subcommand modules, driven through their own argument parsers."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+
+import runtime
+from runtime import bench_cli, chat_cli, run_cli
+from runtime.errors import StepstreamError
+
+
+def parse(module, argv):
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def f32_path(tiny_gguf):
+    return str(tiny_gguf("f32"))
+
+
+def test_run_streams_the_greedy_completion(f32_path, capsys):
+    args = parse(run_cli, ["-m", f32_path, "-p", "def main():", "-n", "12", "--temp", "0", "-t", "2", "-c", "128"])
+    assert run_cli.run(args) == 0
+    out, err = capsys.readouterr()
+    want = runtime.load(f32_path, n_ctx=128).create_completion("def main():", max_tokens=12, temperature=0)
+    assert out == "def main():" + want["choices"][0]["text"] + "\n"
+    assert "[length]" in err and "12 generated" in err
+
+
+def test_run_needs_one_prompt(f32_path):
+    with pytest.raises(StepstreamError, match="exactly one"):
+        run_cli.run(parse(run_cli, ["-m", f32_path]))
+
+
+def test_run_reads_a_prompt_file_and_stops_at_reverse_prompt(f32_path, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("import os\n")
+    full = runtime.load(f32_path, n_ctx=128).create_completion("import os\n", max_tokens=16, temperature=0)["choices"][0]["text"]
+    stop = full[4:6]
+    args = parse(run_cli, ["-m", f32_path, "-f", str(tmp_path / "p.txt"), "-n", "16", "--temp", "0",
+                           "-r", stop, "--no-display-prompt"])
+    run_cli.run(args)
+    out, err = capsys.readouterr()
+    assert out == full[: full.find(stop)] + "\n" and "[stop]" in err
+
+
+def test_chat_keeps_the_conversation(f32_path):
+    args = parse(chat_cli, ["-m", f32_path, "-n", "4", "--seed", "1", "-sys", "Be brief."])
+    out = io.StringIO()
+    assert chat_cli.run(args, stdin=io.StringIO("hello\n\nhow are you\n/exit\nignored\n"), stdout=out) == 0
+    model = runtime.load(f32_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    first = model.create_chat_completion(messages, max_tokens=4, seed=1)["choices"][0]["message"]["content"]
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "how are you"}]
+    second = model.create_chat_completion(messages, max_tokens=4, seed=1)["choices"][0]["message"]["content"]
+    assert out.getvalue() == first + "\n" + second + "\n"  # the blank line is skipped, /exit ends it
+
+
+def test_bench_json(f32_path, capsys):
+    args = parse(bench_cli, ["-m", f32_path, "-p", "16", "-n", "4", "-t", "2", "--json"])
+    assert bench_cli.run(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_prompt"] == 16 and report["n_gen"] == 4 and report["threads"] == 2
+    assert report["prefill_tok_s"] > 0 and report["decode_tok_s"] > 0
+    assert report["peak_rss_bytes"] > 10 * 2**20
+
+
+def test_bench_beside_llama_cpp(f32_path, capsys):
+    args = parse(bench_cli, ["-m", f32_path, "-p", "16", "-n", "4", "-t", "1", "--llama-cpp"])
+    assert bench_cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "stepstream" in out and "llama.cpp" in out
