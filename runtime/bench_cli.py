@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from runtime.cli_common import add_model_args, load_model
+from runtime.cli_common import add_model_args, load_model, print_stats
 
 
 def add_arguments(p) -> None:
@@ -108,6 +108,9 @@ def run(args) -> int:
     report = {"model": str(model.file.path), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
               "threads": args.threads, "batch_size": args.batch_size, "repetitions": args.repetitions,
               **bench_ours(model, prompt, gen, args.repetitions)}
+    if model.placement is not None:
+        report["placement"] = model.placement.as_dict()
+        report["experts"] = model.provider.stats.as_dict()
     if args.llama_cpp:
         report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads,
                                               args.batch_size)
@@ -118,4 +121,5 @@ def run(args) -> int:
     print(f"{'engine':<12} {'pp' + str(args.n_prompt) + ' tok/s':>14} {'tg' + str(args.n_gen) + ' tok/s':>14} {'peak RSS MiB':>13}", file=sys.stdout)
     for name, r in rows:
         print(f"{name:<12} {r['prefill_tok_s']:>14.2f} {r['decode_tok_s'] or 0:>14.2f} {r['peak_rss_bytes'] / 2**20:>13.0f}")
+    print_stats(args, model)
     return 0

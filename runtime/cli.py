@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("runtime.run_cli", "complete a prompt with a GGUF model, streaming the text"),
     "chat": ("runtime.chat_cli", "chat with a GGUF model using its chat template"),
     "bench": ("runtime.bench_cli", "measure prefill and decode speed (optionally beside llama.cpp)"),
+    "perplexity": ("runtime.perplexity_cli", "perplexity of a text file, computed as llama.cpp's llama-perplexity does"),
+    "profile": ("offload.profile_cli", "record per-layer expert activation counts over a prompts file"),
     "train-mini": ("convert.train_cli", "train the miniature Step-3.5 on the Python stdlib (needs torch)"),
 }
 

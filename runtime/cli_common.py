@@ -10,6 +10,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: the libraries' choice)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: model's, at most 4096)")
     p.add_argument("-b", "--batch-size", type=int, default=64, help="prompt tokens evaluated together (default: 64)")
+    g = p.add_argument_group("expert streaming (routed experts read from disk into a RAM cache)")
+    g.add_argument("--ram-budget", default=None, metavar="SIZE",
+                   help="RAM for the routed-expert cache, e.g. 6GiB or 800MiB; turns streaming on "
+                        "(default without --stream: every expert resident)")
+    g.add_argument("--stream", action="store_true",
+                   help="stream routed experts with the default budget: available memory minus a reserve")
+    g.add_argument("--cache-policy", default="lru", choices=("lru", "lfu", "pinned"), help="expert cache policy (default: lru)")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="expert profile from `stepstream profile`: pin the most-used experts into half the cache")
+    g.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
+    g.add_argument("--no-direct-io", action="store_true", help="read experts through the page cache instead of O_DIRECT")
+    g.add_argument("--stats", action="store_true", help="print expert-cache statistics at the end")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +40,24 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def load_model(args):
     from runtime.model import load
 
-    return load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size)
+    model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
+                 experts="stream" if args.stream else "ram", ram_budget=args.ram_budget,
+                 cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
+                 direct_io=not args.no_direct_io)
+    if model.placement is not None:
+        import sys
+
+        print(model.placement.text(), file=sys.stderr)
+    return model
+
+
+def print_stats(args, model) -> None:
+    """The expert-cache statistics, when asked for and when experts stream."""
+    stats = getattr(model.provider, "stats", None)
+    if args.stats and hasattr(stats, "text"):
+        import sys
+
+        print(stats.text(), file=sys.stderr)
 
 
 def sampling_kwargs(args) -> dict:

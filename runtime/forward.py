@@ -79,12 +79,23 @@ def moe_ffn(s: BlockSpec, w: BlockWeights, x: np.ndarray, provider: ExpertProvid
     ids, weights = route(matmul(x, w.router), w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
     groups = group_by_expert(ids)
     out = dense_ffn(w.shared, x, s.limit_shared)
+    # Experts arrive in whatever order the provider has them; sum in expert order so the
+    # result is bit-identical whether they came from RAM, the cache or the disk.
+    ys = {}
     for e, ew in provider.experts(s.index, groups):
         rows, slots = groups[e]
         xe = x[rows]
-        y = matmul(swiglu(matmul(xe, ew.gate), matmul(xe, ew.up), s.limit), ew.down)
-        out[rows] += y * weights[rows, slots][:, None]
+        ys[e] = matmul(swiglu(matmul(xe, ew.gate), matmul(xe, ew.up), s.limit), ew.down) * weights[rows, slots][:, None]
+    for e in sorted(ys):
+        out[groups[e][0]] += ys[e]
     return out
+
+
+def guess_experts(s: BlockSpec, w: BlockWeights, h: np.ndarray) -> np.ndarray:
+    """Block s's likely experts for hidden states h [T, H] of an earlier block: its router on them."""
+    ids, _ = route(matmul(rms_norm(h, w.ffn_norm, s.eps), w.router), w.router_bias, s.n_expert_used,
+                   s.expert_scale, s.expert_norm)
+    return np.unique(ids)
 
 
 def block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: np.ndarray, kv: LayerKV,

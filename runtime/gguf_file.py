@@ -34,6 +34,7 @@ class TensorRef:
     shape: tuple[int, ...]  # numpy order, elements: e.g. [out, in] for a matrix
     data: np.ndarray
     path: Path
+    offset: int = 0  # absolute byte offset of the data in `path`
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -90,7 +91,8 @@ class GGUFModelFile:
                 if t.name in self.tensors:
                     raise StepstreamError(f"{p}: tensor {t.name!r} also appears in {self.tensors[t.name].path.name}")
                 shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                self.tensors[t.name] = TensorRef(t.name, gguf.GGMLQuantizationType(t.tensor_type), shape, t.data, p)
+                self.tensors[t.name] = TensorRef(t.name, gguf.GGMLQuantizationType(t.tensor_type), shape, t.data, p,
+                                                 int(t.data_offset))
         expected = self.get(Key.SPLIT_TENSORS, None)
         if expected is not None and int(expected) != len(self.tensors):
             raise StepstreamError(f"{self.path}: split metadata declares {expected} tensors, the parts hold {len(self.tensors)}")

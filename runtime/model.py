@@ -18,7 +18,7 @@ import numpy as np
 from runtime.config import ModelConfig
 from runtime.errors import StepstreamError
 from runtime.experts import ExpertProvider, InMemoryExperts
-from runtime.forward import block, block_spec
+from runtime.forward import block, block_spec, guess_experts
 from runtime.gguf_file import GGUFModelFile
 from runtime.kv_cache import KVCache
 from runtime.layers import rms_norm
@@ -41,6 +41,9 @@ class Model:
                              cfg.window, self.n_ctx, options.rollback)
         self._tokenizer = None
         self._tokens: list[int] = []  # the ids the cache holds, position by position
+        self.placement = None  # offload.placement.Placement when experts stream from disk
+        # Read ahead: before block i runs, guess block i+1's experts with its router (prefetch).
+        self._prefetch = getattr(provider, "prefetch", None) if options.prefetch else None
 
     # ------------------------------------------------------------------ state
 
@@ -96,7 +99,9 @@ class Model:
             chunk = ids[a : a + self.options.n_batch]
             pos = np.arange(self.n_past, self.n_past + chunk.size, dtype=np.int64)
             h = rows(self.weights.embed, chunk)  # [T, H]
-            for s, w, kv in zip(self._specs, self.weights.blocks, self.cache.layers):
+            for i, (s, w, kv) in enumerate(zip(self._specs, self.weights.blocks, self.cache.layers)):
+                if self._prefetch is not None and i + 1 < len(self._specs) and self.weights.blocks[i + 1].router is not None:
+                    self._prefetch(i + 1, guess_experts(self._specs[i + 1], self.weights.blocks[i + 1], h))
                 h = block(s, w, h, pos, kv, self.provider)
             self.cache.advance(chunk.size)
             self._tokens.extend(chunk.tolist())
@@ -238,5 +243,14 @@ def load(path: str | Path, **options) -> Model:
 
         set_threads(opts.n_threads)
     weights = load_weights(f, cfg)
-    provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
-    return Model(f, cfg, weights, provider, opts)
+    if not opts.streaming:
+        provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
+        return Model(f, cfg, weights, provider, opts)
+    from offload.placement import build_streaming, make_resident
+
+    weights, resident = make_resident(weights)
+    provider, placement = build_streaming(f, cfg, resident, opts.ram_budget, opts.cache_policy, opts.profile,
+                                          direct_io=opts.direct_io)
+    model = Model(f, cfg, weights, provider, opts)
+    model.placement = placement
+    return model

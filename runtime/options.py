@@ -13,7 +13,12 @@ class RuntimeOptions:
     n_batch: int = 64  # prefill chunk: tokens evaluated together
     n_threads: int | None = None  # compute threads; None leaves the libraries' defaults
     rollback: int = 16  # positions trim(n) can undo on sliding blocks (their ring keeps W + this)
-    experts: str = "ram"  # expert provider: "ram" keeps every routed expert resident
+    experts: str = "ram"  # "ram": every routed expert resident; "stream": an expert cache fed from disk
+    ram_budget: int | str | None = None  # expert cache size ("6GiB"); implies experts="stream"; None: auto
+    cache_policy: str = "lru"  # lru, lfu, or pinned (hot set from `profile`, LRU for the rest)
+    profile: str | None = None  # expert profile to pin the most-used experts from
+    prefetch: bool = True  # guess the next layer's experts from the current hidden state and read ahead
+    direct_io: bool = True  # O_DIRECT reads that bypass the page cache
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
@@ -34,5 +39,13 @@ class RuntimeOptions:
             raise StepstreamError(f"n_threads must be positive, got {self.n_threads}")
         if self.rollback < 0:
             raise StepstreamError(f"rollback must be >= 0, got {self.rollback}")
-        if self.experts not in ("ram",):
-            raise StepstreamError(f"experts={self.experts!r}: this build provides only 'ram'")
+        if self.experts not in ("ram", "stream"):
+            raise StepstreamError(f"experts={self.experts!r}: choose 'ram' or 'stream'")
+        if self.cache_policy not in ("lru", "lfu", "pinned"):
+            raise StepstreamError(f"cache_policy={self.cache_policy!r}: choose lru, lfu or pinned")
+        if self.cache_policy == "pinned" and self.profile is None:
+            raise StepstreamError("cache_policy='pinned' needs a profile (record one with `stepstream profile`)")
+
+    @property
+    def streaming(self) -> bool:
+        return self.experts == "stream" or self.ram_budget is not None or self.profile is not None

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.cli_common import add_model_args, add_sampling_args, load_model, max_tokens, sampling_kwargs
+from runtime.cli_common import add_model_args, add_sampling_args, load_model, max_tokens, print_stats, sampling_kwargs
 from runtime.errors import StepstreamError
 from runtime.generation import complete, sampling_params
 
@@ -40,4 +40,5 @@ def run(args) -> int:
     out.write("\n")
     print(f"[{last.finish_reason}] {len(ids)} prompt tokens, {last.n_tokens} generated; first token after "
           f"{first - t0:.2f} s, then {max(last.n_tokens - 1, 0) / max(t1 - first, 1e-9):.2f} tok/s", file=sys.stderr)
+    print_stats(args, model)
     return 0

@@ -159,11 +159,11 @@ class MTPBlock(Block):
         self.shared_head_norm = ZeroCentredRMSNorm(H, cfg.rms_norm_eps)
         self.shared_head_output = nn.Linear(H, cfg.vocab_size, bias=False)
 
-    def step(self, emb, h):
-        """emb: embeddings of the tokens one ahead of h's; returns (hidden, logits)."""
+    def step(self, emb, h, every: int = 1, offset: int = 0):
+        """emb: embeddings of the tokens one ahead of h's; (hidden, logits of positions offset::every)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
         out = self.forward(x)
-        return out, self.shared_head_output(self.shared_head_norm(out))
+        return out, self.shared_head_output(self.shared_head_norm(out[:, offset::every]))
 
 
 class Step35(nn.Module):
@@ -190,8 +190,12 @@ class Step35(nn.Module):
                 if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                     p.mul_(1.0 / math.sqrt(2 * len(self.layers)))
 
-    def forward(self, tokens):
-        """tokens [B, T] -> (trunk logits [B, T, V], MTP logits list, entry j [B, T-1-j, V])."""
+    def forward(self, tokens, mtp_every: int = 1, mtp_offset: int = 0):
+        """tokens [B, T] -> (trunk logits [B, T, V], MTP logits list, entry j [B, T-1-j, V]).
+
+        With mtp_every > 1 the MTP heads score only positions mtp_offset::mtp_every (the
+        blocks still run on every position): a cheaper training signal for the heads.
+        """
         h = self.embed_tokens(tokens)
         for layer in self.layers:
             h = layer(h)
@@ -199,7 +203,7 @@ class Step35(nn.Module):
         drafts = []
         for j, blk in enumerate(self.mtp):
             n = tokens.shape[1] - 1 - j
-            h, lg = blk.step(self.embed_tokens(tokens[:, 1 + j : 1 + j + n]), h[:, :n])
+            h, lg = blk.step(self.embed_tokens(tokens[:, 1 + j : 1 + j + n]), h[:, :n], mtp_every, mtp_offset)
             drafts.append(lg)
         return logits, drafts
 

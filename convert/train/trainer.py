@@ -41,13 +41,14 @@ HELDOUT_EVERY = 20
 
 @dataclass(frozen=True)
 class TrainOptions:
-    steps: int = 900
+    steps: int = 500
     batch: int = 16
     seq: int = 256
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.01
     mtp_weight: float = 0.3
+    mtp_every: int = 4  # MTP heads score every 4th position in training (evaluation scores all)
     bias_rate: float = 1e-3  # router-bias balancing step
     seed: int = 0
     threads: int = 2
@@ -91,15 +92,18 @@ def lr_at(step: int, o: TrainOptions) -> float:
     return o.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def losses(model: Step35, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Trunk next-token loss and one loss per MTP head (head j predicts token t+2+j)."""
+def losses(model: Step35, batch: torch.Tensor, every: int = 1, offset: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Trunk next-token loss and one loss per MTP head (head j at position t predicts token t+2+j)."""
     x, V = batch[:, :-1], model.cfg.vocab_size
-    logits, drafts = model(x)
+    logits, drafts = model(x, every, offset)
     main = F.cross_entropy(logits.reshape(-1, V), batch[:, 1:].reshape(-1))
     extra = []
+    T = x.shape[1]
     for j, lg in enumerate(drafts):
-        target = batch[:, 2 + j : 2 + j + lg.shape[1]]
-        extra.append(F.cross_entropy(lg[:, : target.shape[1]].reshape(-1, V), target.reshape(-1)))
+        pos = torch.arange(offset, T - 1 - j, every)[: lg.shape[1]]  # positions the head scored
+        keep = pos + 2 + j < batch.shape[1]
+        target = batch[:, pos[keep] + 2 + j]
+        extra.append(F.cross_entropy(lg[:, : int(keep.sum())].reshape(-1, V), target.reshape(-1)))
     return main, extra
 
 
@@ -179,7 +183,7 @@ def train(out_dir: str | os.PathLike, opts: TrainOptions = TrainOptions(), prese
         batch = torch.from_numpy(np.stack([train_ids[s : s + opts.seq + 2] for s in starts]))
         for g in optim.param_groups:
             g["lr"] = lr_at(step, opts)
-        main, extra = losses(model, batch)
+        main, extra = losses(model, batch, opts.mtp_every, step % opts.mtp_every)
         loss = main + opts.mtp_weight * sum(extra)
         optim.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,136 @@
+"""Where each part of the model lives when routed experts stream from disk.
+
+Everything that is not a routed expert is copied into RAM once (attention, norms, router,
+shared experts, dense layers, the output head), so it never competes with the experts
+for page cache; embedding rows stay memory-mapped and are read on demand. Routed
+experts live in the expert cache, whose size is the RAM budget. The default budget is
+the memory available now minus a reserve, and never more than all the experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+
+from offload.cache import ExpertCache
+from offload.direct_io import DirectReader
+from offload.expert_table import ExpertTable, build_expert_table
+from offload.profile import ExpertProfile
+from offload.provider import StreamingExperts, slot_bytes_for
+from runtime.config import ModelConfig
+from runtime.errors import StepstreamError
+from runtime.gguf_file import GGUFModelFile
+from runtime.tensors import Matrix
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+RESERVE_FRACTION = 0.10  # of total memory, at least RESERVE_MIN, left for the OS and activations
+RESERVE_MIN = 1 * 2**30
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'6GiB', '512MiB', '1.5G', '800mb' or a plain number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if m is None or m[2].lower() not in _UNITS:
+        raise StepstreamError(f"cannot read {text!r} as a size; write e.g. 6GiB, 512MiB or 1.5GB")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def release_mapped_pages(f: GGUFModelFile) -> None:
+    """Drop the file pages this process touched through the GGUF maps (MADV_DONTNEED).
+
+    After the non-expert weights are copied to RAM, their mapped pages would otherwise stay
+    in our RSS (and in a memory cgroup's charge) for nothing; later embedding-row reads
+    fault in only what they need.
+    """
+    for reader in getattr(f, "_readers", []):
+        mm = getattr(reader.data, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
+def default_budget(expert_bytes: int, resident_bytes: int) -> int:
+    vm = psutil.virtual_memory()
+    reserve = max(RESERVE_MIN, int(vm.total * RESERVE_FRACTION))
+    return max(0, min(expert_bytes, vm.available - reserve - resident_bytes))
+
+
+def make_resident(weights, skip: tuple[str, ...] = ("embed",)):
+    """A copy of the weights tree whose matrices live in RAM instead of the file map; (tree, bytes).
+
+    Top-level fields named in `skip` stay mapped. A matrix shared by several parts (a tied
+    or shared head) is copied once.
+    """
+    copies: dict[int, Matrix] = {}
+    total = 0
+
+    def walk(node):
+        nonlocal total
+        if isinstance(node, Matrix):
+            if id(node) not in copies:
+                data = np.array(node.data)
+                total += data.nbytes
+                copies[id(node)] = dataclasses.replace(node, data=data)
+            return copies[id(node)]
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if dataclasses.is_dataclass(node):
+            return dataclasses.replace(node, **{f.name: walk(getattr(node, f.name)) for f in dataclasses.fields(node)})
+        if isinstance(node, np.ndarray):
+            total += node.nbytes
+        return node
+
+    top = {f.name: (getattr(weights, f.name) if f.name in skip else walk(getattr(weights, f.name)))
+           for f in dataclasses.fields(weights)}
+    return dataclasses.replace(weights, **top), total
+
+
+@dataclass(frozen=True)
+class Placement:
+    resident_bytes: int  # non-expert weights copied to RAM
+    cache_bytes: int  # the expert cache's arena
+    slot_bytes: int
+    cache_slots: int
+    pinned: int
+    n_experts: int
+    expert_bytes: int  # all routed experts in the file
+    policy: str
+
+    def text(self) -> str:
+        return (f"placement: {self.resident_bytes / 2**20:.1f} MiB resident (attention, shared experts, dense, head); "
+                f"expert cache {self.cache_bytes / 2**20:.1f} MiB = {self.cache_slots} of {self.n_experts} experts "
+                f"({self.cache_bytes / self.expert_bytes:.0%} of {self.expert_bytes / 2**20:.1f} MiB), policy {self.policy}"
+                + (f", {self.pinned} pinned from the profile" if self.pinned else ""))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_streaming(f: GGUFModelFile, cfg: ModelConfig, resident_bytes: int, budget: int | str | None,
+                    policy: str = "lru", profile: str | None = None, pin_share: float = 0.5,
+                    direct_io: bool = True, workers: int = 4) -> tuple[StreamingExperts, Placement]:
+    release_mapped_pages(f)
+    table: ExpertTable = build_expert_table(f, cfg)
+    slot = slot_bytes_for(table)
+    budget_bytes = default_budget(table.total_bytes, resident_bytes) if budget is None else parse_bytes(budget)
+    n_experts = sum(l.n_expert for l in table.layers.values())
+    # Keep no more slots than there are experts: a larger budget buys nothing.
+    budget_bytes = min(budget_bytes, slot * n_experts)
+    if profile is not None and policy == "lru":
+        policy = "pinned"
+    cache = ExpertCache(budget_bytes, slot, policy, min_slots=cfg.n_expert_used)
+    provider = StreamingExperts(table, cache, DirectReader(direct_io), workers=workers)
+    pinned = 0
+    if profile is not None:
+        hot = ExpertProfile.load(profile, f.path).hottest(int(cache.n_slots * pin_share), table)
+        pinned = provider.pin(hot)
+    placement = Placement(resident_bytes, cache.capacity_bytes, slot, cache.n_slots, pinned, n_experts,
+                          table.total_bytes, cache.policy)
+    return provider, placement

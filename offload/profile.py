@@ -1,0 +1,84 @@
+"""Per-layer expert activation counts: recorded by `stepstream profile`, used to pin a hot set.
+
+The file is small JSON: the model file's name and size (to catch a profile of another
+model), the tokens seen, and for every MoE layer one count per expert.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import StepstreamError
+
+
+@dataclass
+class ExpertProfile:
+    model: str
+    model_bytes: int
+    counts: dict[int, list[int]] = field(default_factory=dict)  # layer -> [E]
+    tokens: int = 0
+
+    def add(self, layer: int, n_expert: int, ids) -> None:
+        """Count activations; `ids` maps expert -> (token rows, slots) for a chunk, or lists experts once each."""
+        row = self.counts.setdefault(layer, [0] * n_expert)
+        for e in ids:
+            row[e] += len(ids[e][0]) if isinstance(ids, dict) else 1
+
+    def hottest(self, n: int, table=None) -> list[tuple[int, int]]:
+        """The n most-activated (layer, expert) pairs, most used first."""
+        ranked = sorted(((c, l, e) for l, row in self.counts.items() for e, c in enumerate(row) if c > 0),
+                        key=lambda t: (-t[0], t[1], t[2]))
+        if table is not None:
+            ranked = [t for t in ranked if t[1] in table.layers]
+        return [(l, e) for _, l, e in ranked[:n]]
+
+    def skew(self, top_fraction: float = 0.2) -> float:
+        """Share of activations that go to the top `top_fraction` of each layer's experts."""
+        top = total = 0
+        for row in self.counts.values():
+            ordered = sorted(row, reverse=True)
+            k = max(1, int(round(len(row) * top_fraction)))
+            top += sum(ordered[:k])
+            total += sum(row)
+        return top / total if total else 0.0
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(json.dumps({"model": self.model, "model_bytes": self.model_bytes, "tokens": self.tokens,
+                                   "counts": {str(k): v for k, v in sorted(self.counts.items())}}))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model_path: Path | None = None) -> "ExpertProfile":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+            prof = cls(raw["model"], int(raw["model_bytes"]), {int(k): [int(c) for c in v] for k, v in raw["counts"].items()},
+                       int(raw.get("tokens", 0)))
+        except FileNotFoundError:
+            raise StepstreamError(f"{path}: profile not found (make one with `stepstream profile`)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise StepstreamError(f"{path}: not a stepstream expert profile ({e})") from None
+        if model_path is not None and (prof.model != Path(model_path).name or prof.model_bytes != Path(model_path).stat().st_size):
+            raise StepstreamError(f"{path}: profile was recorded on {prof.model} ({prof.model_bytes} bytes), "
+                                  f"not on {Path(model_path).name}")
+        return prof
+
+
+class RecordingProvider:
+    """Wraps an expert provider and counts every expert it hands out."""
+
+    def __init__(self, inner, profile: ExpertProfile, n_expert: int):
+        self.inner, self.profile, self.n_expert = inner, profile, n_expert
+
+    def experts(self, layer: int, ids) -> Iterator:
+        self.profile.add(layer, self.n_expert, ids)
+        return self.inner.experts(layer, ids)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,144 @@
+"""The streaming expert provider: routed experts from the cache, misses read from disk.
+
+It implements runtime.experts.ExpertProvider. For one layer's request it takes a
+reference on every requested expert (so none of them can be evicted while compute uses
+it), starts reads for the misses on a small thread pool, yields the resident experts
+first and the others as their reads finish, and drops the references when the consumer
+is done. `prefetch(layer, ids)` starts background reads for a guess of the next layer's
+experts; the real routing still decides what is computed, so outputs never change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from offload.cache import ExpertCache, Slot
+from offload.direct_io import DirectReader, span, span_bytes
+from offload.expert_table import PARTS, ExpertTable
+from offload.stats import StreamStats
+from runtime.experts import ExpertWeights
+from runtime.tensors import Matrix
+
+_FLOAT = {Q.F32: np.float32, Q.F16: np.float16}
+
+
+def slot_bytes_for(table: ExpertTable) -> int:
+    return max(sum(span_bytes(s) for s in layer.strides) for layer in table.layers.values())
+
+
+def as_matrix_data(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> np.ndarray:
+    """Stored bytes as the runtime's Matrix holds them: float [N, C], or blocks [N, row_bytes]."""
+    if qtype in _FLOAT:
+        return raw.view(_FLOAT[qtype]).reshape(shape)
+    return raw.reshape(shape[0], -1)
+
+
+class StreamingExperts:
+    def __init__(self, table: ExpertTable, cache: ExpertCache, reader: DirectReader | None = None,
+                 workers: int = 4, stats: StreamStats | None = None):
+        self.table = table
+        self.cache = cache
+        self.reader = reader or DirectReader()
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="expert-read")
+        self.stats = stats or StreamStats()
+        self._predicted: dict[int, set[int]] = {}
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self, layer: int, e: int, slot: Slot) -> None:
+        """Read expert (layer, e) into `slot` and mark it READY (or failed)."""
+        try:
+            t0 = time.perf_counter()
+            le = self.table.layers[layer]
+            mats, pos, aligned = [], 0, 0
+            for k, ext in enumerate(le.extents(e)):
+                room = span_bytes(ext.nbytes)
+                raw = self.reader.read(ext.path, ext.offset, ext.nbytes, slot.buffer[pos : pos + room])
+                pos += room
+                aligned += span(ext.offset, ext.nbytes)[1]
+                mats.append(Matrix(f"blk.{layer}.ffn_{PARTS[k]}_exps[{e}]", le.qtypes[k], le.shapes[k],
+                                   as_matrix_data(raw, le.qtypes[k], le.shapes[k])))
+            self.stats.read_done(aligned, time.perf_counter() - t0)
+            self.cache.loaded(slot, ExpertWeights(*mats))
+        except BaseException as err:
+            self.cache.failed(slot, err)
+            raise
+
+    def _load_quietly(self, layer: int, e: int, slot: Slot) -> None:
+        try:
+            self._load(layer, e, slot)
+        except BaseException:
+            pass  # the slot carries the error: the consumer waiting on it raises it
+
+    # ------------------------------------------------------------------ provider interface
+
+    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Resident experts first, then the others as their reads finish.
+
+        At most half the cache is held at once (a chunk of many tokens can ask for more
+        experts than fit); each expert is released as soon as the consumer moves on.
+        """
+        ids = list(ids)
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            self.stats.prefetch_scored(predicted, set(ids))
+        resident = set(e for e in ids if self.cache.is_ready((layer, e)))
+        order = [e for e in ids if e in resident] + [e for e in ids if e not in resident]
+        window = max(1, min(len(order), self.cache.n_slots // 2))
+        expert_bytes = self.table.layers[layer].expert_bytes
+        held: deque = deque()
+        nxt = 0
+        try:
+            while nxt < len(order) or held:
+                while nxt < len(order) and len(held) < window:
+                    e = order[nxt]
+                    nxt += 1
+                    slot, must_load = self.cache.acquire((layer, e))
+                    held.append((e, slot))
+                    if must_load or slot.prefetched:
+                        slot.prefetched = False
+                        self.stats.ideal_bytes += expert_bytes
+                    self.stats.count(layer, hit=not must_load)
+                    if must_load:
+                        self.pool.submit(self._load_quietly, layer, e, slot)
+                e, slot = held[0]
+                payload = slot.payload
+                if payload is None:
+                    t0 = time.perf_counter()
+                    payload = self.cache.wait_ready(slot, (layer, e))
+                    self.stats.stall_seconds += time.perf_counter() - t0
+                yield e, payload
+                held.popleft()
+                self.cache.release(slot, (layer, e))
+        finally:
+            for e, slot in held:
+                self.cache.release(slot, (layer, e))
+
+    def prefetch(self, layer: int, ids: Iterable[int]) -> None:
+        """Start background reads of `ids` of `layer`, as many as a quarter of the cache allows."""
+        ids = [int(e) for e in ids]
+        self._predicted[layer] = set(ids)
+        for e in ids[: max(1, self.cache.n_slots // 4)]:
+            slot = self.cache.try_claim_for_prefetch((layer, e))
+            if slot is not None:
+                self.stats.prefetch_reads += 1
+                self.pool.submit(self._load_quietly, layer, e, slot)
+
+    def pin(self, keys: Iterable[tuple[int, int]]) -> int:
+        """Load `keys` into slots eviction never touches; how many were pinned."""
+        n = 0
+        for layer, e in keys:
+            slot = self.cache.pin((layer, e))
+            self._load(layer, e, slot)
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.reader.close()

@@ -1,0 +1,47 @@
+"""`stepstream perplexity` equals llama.cpp's perplexity algorithm run on llama.cpp's own logits."""
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import llama_cpp_logits
+from runtime.cli import main
+from runtime.errors import StepstreamError
+from runtime.model import load
+from runtime.perplexity import chunk_nll, perplexity
+
+TEXT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+
+
+def test_chunk_nll_matches_a_direct_softmax():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 11)).astype(np.float32) * 4
+    targets = rng.integers(0, 11, 5)
+    p = np.exp(logits.astype(np.float64)) / np.exp(logits.astype(np.float64)).sum(-1, keepdims=True)
+    np.testing.assert_allclose(chunk_nll(logits, targets), -np.log(p[np.arange(5), targets]), rtol=1e-12)
+
+
+def test_ours_matches_llama_cpp_on_the_same_file(tiny_gguf, tiny_ckpt, capsys):
+    """llama.cpp's logits carry ~1e-3 of float32 error (its own match to float64); ours track float64."""
+    from reference_model import reference_logits
+
+    path = tiny_gguf("f32")
+    model = load(path)
+    tokens = model.tokenize(TEXT.read_text(), add_bos=True)
+    bos = model.tokenizer.bos_id
+    ours = perplexity(lambda ids: model.logits(ids), tokens, 64, bos, n_chunks=3)
+    theirs = perplexity(lambda ids: llama_cpp_logits(path, ids), tokens, 64, bos, n_chunks=3)
+    exact = perplexity(lambda ids: reference_logits(tiny_ckpt, ids), tokens, 64, bos, n_chunks=3)
+    assert ours.n_tokens == theirs.n_tokens == 3 * 31
+    assert abs(ours.ppl / exact.ppl - 1) < 1e-4
+    assert abs(ours.ppl / theirs.ppl - 1) < 5e-3
+    assert main(["perplexity", "-m", str(path), "-f", str(TEXT), "-c", "64", "--chunks", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"PPL = {ours.ppl:.4f}" in out
+
+
+def test_too_short_a_text_is_a_clear_error():
+    with pytest.raises(StepstreamError, match="needs at least 128"):
+        perplexity(lambda ids: None, list(range(100)), 64, None)
