@@ -11,8 +11,8 @@ Shape legend
     out      float32 [R] (GEMV) or [N, R] (GEMM)
 Kernels take the output buffer last, allocate nothing and touch no globals.
 
-There is one GEMV and one GEMM driver per format, each a one-line call of a
-generic body with that format's row function. Both bodies are inlined by Numba
+There is one GEMV and one GEMM driver per format (``DRIVERS["gemv_q4_k"]`` ...),
+each a one-line call of a generic body with that format's row function. Both bodies are inlined by Numba
 before typing, so each driver is compiled (and cached) with its row function
 inlined and the loop counters visible: that is what lets LLVM prove indices
 non-negative and vectorize (a runtime format switch, or a row function called
@@ -21,8 +21,13 @@ through an argument, runs 2-5x slower).
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
+
 import numba as nb
 import numpy as np
+
+from . import _bits, _rowdeq, _rowdot
 
 from ._rowdeq import (deq_bf16, deq_f16, deq_f32, deq_iq4_xs, deq_mxfp4, deq_q4_0, deq_q4_k,
                       deq_q5_k, deq_q6_k, deq_q8_0)
@@ -169,101 +174,120 @@ def _gemm(row_deq, w, X, lut, scratch, out):
 
 # ---------------------------------------------------------------- one driver pair per format
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_f32(w, x, xs, lut, out):
-    _gemv(dot_f32, w, x, xs, lut, out)
+def _source_stamp() -> str:
+    """Hash of the kernel sources the drivers inline. Numba's cache only watches the file that
+    defines a function, so an edit of _rowdot.py would otherwise leave stale drivers in the
+    cache; the stamp is a closure variable of every driver, and those are part of its cache key."""
+    h = hashlib.sha256()
+    for mod in (_bits, _rowdot, _rowdeq):
+        h.update(pathlib.Path(mod.__file__).read_bytes())
+    return h.hexdigest()
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_f32(w, X, lut, scratch, out):
-    _gemm(deq_f32, w, X, lut, scratch, out)
+def _build(stamp: str) -> dict:
+    """The drivers, named gemv_<format> and gemm_<format>."""
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_f32(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_f32, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_f32(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_f32, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_f16(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_f16, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_f16(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_f16, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_bf16(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_bf16, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_bf16(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_bf16, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q8_0(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q8_0, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q8_0(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q8_0, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q4_0(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q4_0, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q4_0(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q4_0, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_mxfp4(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_mxfp4, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_mxfp4(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_mxfp4, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q4_k(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q4_k, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q4_k(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q4_k, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q5_k(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q5_k, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q5_k(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q5_k, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q6_k(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q6_k, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q6_k(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q6_k, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_iq4_xs(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_iq4_xs, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_iq4_xs(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_iq4_xs, w, X, lut, scratch, out)
+
+    return {name: fn for name, fn in locals().items() if name.startswith(("gemv_", "gemm_"))}
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_f16(w, x, xs, lut, out):
-    _gemv(dot_f16, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_f16(w, X, lut, scratch, out):
-    _gemm(deq_f16, w, X, lut, scratch, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_bf16(w, x, xs, lut, out):
-    _gemv(dot_bf16, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_bf16(w, X, lut, scratch, out):
-    _gemm(deq_bf16, w, X, lut, scratch, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_q8_0(w, x, xs, lut, out):
-    _gemv(dot_q8_0, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_q8_0(w, X, lut, scratch, out):
-    _gemm(deq_q8_0, w, X, lut, scratch, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_q4_0(w, x, xs, lut, out):
-    _gemv(dot_q4_0, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_q4_0(w, X, lut, scratch, out):
-    _gemm(deq_q4_0, w, X, lut, scratch, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_mxfp4(w, x, xs, lut, out):
-    _gemv(dot_mxfp4, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_mxfp4(w, X, lut, scratch, out):
-    _gemm(deq_mxfp4, w, X, lut, scratch, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_q4_k(w, x, xs, lut, out):
-    _gemv(dot_q4_k, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_q4_k(w, X, lut, scratch, out):
-    _gemm(deq_q4_k, w, X, lut, scratch, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_q5_k(w, x, xs, lut, out):
-    _gemv(dot_q5_k, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_q5_k(w, X, lut, scratch, out):
-    _gemm(deq_q5_k, w, X, lut, scratch, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_q6_k(w, x, xs, lut, out):
-    _gemv(dot_q6_k, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_q6_k(w, X, lut, scratch, out):
-    _gemm(deq_q6_k, w, X, lut, scratch, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_iq4_xs(w, x, xs, lut, out):
-    _gemv(dot_iq4_xs, w, x, xs, lut, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm_iq4_xs(w, X, lut, scratch, out):
-    _gemm(deq_iq4_xs, w, X, lut, scratch, out)
+DRIVERS = _build(_source_stamp())

@@ -25,6 +25,13 @@ from ._bits import bf16_to_f32, e8m0_half, f16_at, f16_to_f32, k4_min, k4_scale
 _JIT = dict(inline="always", fastmath=True, cache=True)
 
 
+@nb.njit(inline="always", cache=True)
+def _span(n, k):
+    """k (which must divide n, n > 0), computed so that LLVM cannot tell it is a constant:
+    with a literal trip count it unrolls inner loops and vectorizes the block loop, with gathers."""
+    return n // (n // k)
+
+
 @nb.njit(**_JIT)
 def deq_f32(w, c0, n, lut, tile, i):
     b0 = c0
@@ -56,38 +63,40 @@ def deq_bf16(w, c0, n, lut, tile, i):
 def deq_q8_0(w, c0, n, lut, tile, i):
     b0 = c0 // 32
     nblk = n // 32
-    v = w.view(np.int8)
+    qk = _span(n, 32)
     for b in range(nblk):
         o = 34 * (b0 + b)
         d = f16_at(w, o)
         t = 32 * b
-        for l in range(32):
-            tile[i, t + l] = d * np.float32(np.int32(v[o + 2 + l]))
+        for l in range(qk):
+            tile[i, t + l] = d * np.float32(np.int8(w[o + 2 + l]))
 
 
 @nb.njit(**_JIT)
 def deq_q4_0(w, c0, n, lut, tile, i):
     b0 = c0 // 32
     nblk = n // 32
+    half = _span(n, 32) // 2
     for b in range(nblk):
         o = 18 * (b0 + b)
         d = f16_at(w, o)
         t = 32 * b
-        for l in range(16):
+        for l in range(half):
             q = np.int32(w[o + 2 + l])
-            tile[i, t + l] = d * np.float32((q & 15) - 8)
-            tile[i, t + 16 + l] = d * np.float32((q >> 4) - 8)
+            tile[i, t + l] = d * np.float32(np.int32((q & 15) - 8))
+            tile[i, t + 16 + l] = d * np.float32(np.int32((q >> 4) - 8))
 
 
 @nb.njit(**_JIT)
 def deq_mxfp4(w, c0, n, lut, tile, i):
     b0 = c0 // 32
     nblk = n // 32
+    half = _span(n, 32) // 2
     for b in range(nblk):
         o = 17 * (b0 + b)
         d = e8m0_half(w[o])
         t = 32 * b
-        for l in range(16):
+        for l in range(half):
             q = w[o + 1 + l]
             tile[i, t + l] = d * lut[1, q & 15]
             tile[i, t + 16 + l] = d * lut[1, q >> 4]
@@ -118,6 +127,7 @@ def deq_q4_k(w, c0, n, lut, tile, i):
 def deq_q5_k(w, c0, n, lut, tile, i):
     b0 = c0 // 256
     nblk = n // 256
+    q32 = _span(n, 256) // 8
     for s in range(nblk):
         o = 176 * (b0 + s)
         d = f16_at(w, o)
@@ -129,18 +139,20 @@ def deq_q5_k(w, c0, n, lut, tile, i):
             m1 = dmin * np.float32(k4_min(w, o + 4, 2 * k + 1))
             qo = o + 48 + 32 * k
             t = 256 * s + 64 * k
-            for l in range(32):
-                q = np.int32(w[qo + l])
-                h = np.int32(w[o + 16 + l]) >> (2 * k)
-                tile[i, t + l] = a0 * np.float32((q & 15) | ((h & 1) << 4)) - m0
-                tile[i, t + 32 + l] = a1 * np.float32((q >> 4) | ((h & 2) << 3)) - m1
+            b1 = np.uint8(1 << (2 * k))
+            b2 = np.uint8(2 << (2 * k))
+            for l in range(q32):
+                q = w[qo + l]
+                h = w[o + 16 + l]
+                tile[i, t + l] = a0 * np.float32(np.int32((q & 15) | (16 if h & b1 else 0))) - m0
+                tile[i, t + 32 + l] = a1 * np.float32(np.int32((q >> 4) | (16 if h & b2 else 0))) - m1
 
 
 @nb.njit(**_JIT)
 def deq_q6_k(w, c0, n, lut, tile, i):
     b0 = c0 // 256
     nblk = n // 256
-    sc = w.view(np.int8)
+    q16 = _span(n, 256) // 16
     for s in range(nblk):
         o = 210 * (b0 + s)
         d = f16_at(w, o + 208)
@@ -150,25 +162,26 @@ def deq_q6_k(w, c0, n, lut, tile, i):
             t = 256 * s + 128 * h
             for half in range(2):
                 g = o + 192 + 8 * h + half
-                a0 = d * np.float32(sc[g])
-                a1 = d * np.float32(sc[g + 2])
-                a2 = d * np.float32(sc[g + 4])
-                a3 = d * np.float32(sc[g + 6])
-                for e in range(16):
+                a0 = d * np.float32(np.int8(w[g]))
+                a1 = d * np.float32(np.int8(w[g + 2]))
+                a2 = d * np.float32(np.int8(w[g + 4]))
+                a3 = d * np.float32(np.int8(w[g + 6]))
+                for e in range(q16):
                     l = 16 * half + e
-                    a = np.int32(w[ql + l])
-                    b = np.int32(w[ql + 32 + l])
-                    hb = np.int32(w[qh + l])
-                    tile[i, t + l] = a0 * np.float32(((a & 15) | ((hb & 3) << 4)) - 32)
-                    tile[i, t + 32 + l] = a1 * np.float32(((b & 15) | ((hb & 12) << 2)) - 32)
-                    tile[i, t + 64 + l] = a2 * np.float32(((a >> 4) | (hb & 48)) - 32)
-                    tile[i, t + 96 + l] = a3 * np.float32(((b >> 4) | ((hb >> 2) & 48)) - 32)
+                    a = w[ql + l]
+                    b = w[ql + 32 + l]
+                    hb = w[qh + l]
+                    tile[i, t + l] = a0 * (np.float32(np.int32((a & 15) | ((hb & 3) << 4))) - np.float32(32))
+                    tile[i, t + 32 + l] = a1 * (np.float32(np.int32((b & 15) | ((hb & 12) << 2))) - np.float32(32))
+                    tile[i, t + 64 + l] = a2 * (np.float32(np.int32((a >> 4) | (hb & 48))) - np.float32(32))
+                    tile[i, t + 96 + l] = a3 * (np.float32(np.int32((b >> 4) | ((hb >> 2) & 48))) - np.float32(32))
 
 
 @nb.njit(**_JIT)
 def deq_iq4_xs(w, c0, n, lut, tile, i):
     b0 = c0 // 256
     nblk = n // 256
+    q16 = _span(n, 256) // 16
     for s in range(nblk):
         o = 136 * (b0 + s)
         d = f16_at(w, o)
@@ -178,7 +191,7 @@ def deq_iq4_xs(w, c0, n, lut, tile, i):
             a = d * np.float32(ls - 32)
             qo = o + 8 + 16 * j
             t = 256 * s + 32 * j
-            for l in range(16):
+            for l in range(q16):
                 q = w[qo + l]
                 tile[i, t + l] = a * lut[0, q & 15]
                 tile[i, t + 16 + l] = a * lut[0, q >> 4]

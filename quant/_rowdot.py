@@ -13,7 +13,10 @@ loops, so scales are decoded once per sub-block outside the inner loop, each
 inner loop is a plain dot over 16 or 32 contiguous bytes, the K-quant mins are
 applied once per sub-block through ``xs``, and every nibble goes through
 ``np.int32`` before the float conversion (Numba would otherwise widen it to
-int64 and LLVM would convert 8 lanes at a time instead of 16).
+int64 and LLVM would convert 8 lanes at a time instead of 16). Inner loops of
+16 or 32 steps take their trip count from ``_span`` rather than a literal: with
+a literal count LLVM unrolls them completely and then vectorizes the block loop
+instead, with gathers, which runs several times slower.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ from ._bits import bf16_to_f32, e8m0_half, f16_at, f16_to_f32, k4_min, k4_scale
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
 F0 = np.float32(0.0)
+
+
+@nb.njit(inline="always", cache=True)
+def _span(n, k):
+    """k (which must divide n, n > 0), computed so that LLVM cannot tell it is a constant."""
+    return n // (n // k)
 
 
 @nb.njit(**_JIT)
@@ -56,13 +65,13 @@ def dot_bf16(w, x, xs, lut):
 
 @nb.njit(**_JIT)
 def dot_q8_0(w, x, xs, lut):
-    v = w.view(np.int8)
     acc = F0
+    qk = _span(x.shape[0], 32)
     for b in range(x.shape[0] // 32):
         o = 34 * b
         s = F0
-        for l in range(32):
-            s += np.float32(np.int32(v[o + 2 + l])) * x[32 * b + l]
+        for l in range(qk):
+            s += np.float32(np.int8(w[o + 2 + l])) * x[32 * b + l]
         acc += f16_at(w, o) * s
     return acc
 
@@ -70,10 +79,11 @@ def dot_q8_0(w, x, xs, lut):
 @nb.njit(**_JIT)
 def dot_q4_0(w, x, xs, lut):
     acc = F0
+    half = _span(x.shape[0], 32) // 2
     for b in range(x.shape[0] // 32):
         o = 18 * b
         s = F0
-        for l in range(16):
+        for l in range(half):
             q = w[o + 2 + l]
             s += np.float32(np.int32(q & 15)) * x[32 * b + l] + np.float32(np.int32(q >> 4)) * x[32 * b + 16 + l]
         acc += f16_at(w, o) * (s - np.float32(8.0) * xs[b])
@@ -83,10 +93,11 @@ def dot_q4_0(w, x, xs, lut):
 @nb.njit(**_JIT)
 def dot_mxfp4(w, x, xs, lut):
     acc = F0
+    half = _span(x.shape[0], 32) // 2
     for b in range(x.shape[0] // 32):
         o = 17 * b
         s = F0
-        for l in range(16):
+        for l in range(half):
             q = w[o + 1 + l]
             s += lut[1, q & 15] * x[32 * b + l] + lut[1, q >> 4] * x[32 * b + 16 + l]
         acc += e8m0_half(w[o]) * s
@@ -121,6 +132,7 @@ def dot_q4_k(w, x, xs, lut):
 @nb.njit(**_JIT)
 def dot_q5_k(w, x, xs, lut):
     acc = F0
+    q32 = _span(x.shape[0], 256) // 8
     for s in range(x.shape[0] // 256):
         o = 176 * s
         d = f16_at(w, o)
@@ -130,13 +142,15 @@ def dot_q5_k(w, x, xs, lut):
         for k in range(4):
             qo = o + 48 + 32 * k
             xo = 256 * s + 64 * k
+            m1 = np.uint8(1 << (2 * k))
+            m2 = np.uint8(2 << (2 * k))
             slo = F0
             shi = F0
-            for l in range(32):
-                q = np.int32(w[qo + l])
-                h = np.int32(w[o + 16 + l]) >> (2 * k)
-                slo += np.float32((q & 15) | ((h & 1) << 4)) * x[xo + l]
-                shi += np.float32((q >> 4) | ((h & 2) << 3)) * x[xo + 32 + l]
+            for l in range(q32):
+                q = w[qo + l]
+                h = w[o + 16 + l]
+                slo += np.float32(np.int32((q & 15) | (16 if h & m1 else 0))) * x[xo + l]
+                shi += np.float32(np.int32((q >> 4) | (16 if h & m2 else 0))) * x[xo + 32 + l]
             sb += np.float32(k4_scale(w, o + 4, 2 * k)) * slo + np.float32(k4_scale(w, o + 4, 2 * k + 1)) * shi
             mb += (np.float32(k4_min(w, o + 4, 2 * k)) * xs[8 * s + 2 * k]
                    + np.float32(k4_min(w, o + 4, 2 * k + 1)) * xs[8 * s + 2 * k + 1])
@@ -146,8 +160,8 @@ def dot_q5_k(w, x, xs, lut):
 
 @nb.njit(**_JIT)
 def dot_q6_k(w, x, xs, lut):
-    sc = w.view(np.int8)
     acc = F0
+    q16 = _span(x.shape[0], 256) // 16
     for s in range(x.shape[0] // 256):
         o = 210 * s
         sb = F0
@@ -160,18 +174,18 @@ def dot_q6_k(w, x, xs, lut):
                 s1 = F0
                 s2 = F0
                 s3 = F0
-                for i in range(16):
-                    l = 16 * half + i
-                    a = np.int32(w[ql + l])
-                    b = np.int32(w[ql + 32 + l])
-                    hb = np.int32(w[qh + l])
-                    s0 += np.float32(((a & 15) | ((hb & 3) << 4)) - 32) * x[xo + l]
-                    s1 += np.float32(((b & 15) | ((hb & 12) << 2)) - 32) * x[xo + 32 + l]
-                    s2 += np.float32(((a >> 4) | (hb & 48)) - 32) * x[xo + 64 + l]
-                    s3 += np.float32(((b >> 4) | ((hb >> 2) & 48)) - 32) * x[xo + 96 + l]
+                for e in range(q16):
+                    l = 16 * half + e
+                    a = w[ql + l]
+                    b = w[ql + 32 + l]
+                    hb = w[qh + l]
+                    s0 += (np.float32(np.int32((a & 15) | ((hb & 3) << 4))) - np.float32(32)) * x[xo + l]
+                    s1 += (np.float32(np.int32((b & 15) | ((hb & 12) << 2))) - np.float32(32)) * x[xo + 32 + l]
+                    s2 += (np.float32(np.int32((a >> 4) | (hb & 48))) - np.float32(32)) * x[xo + 64 + l]
+                    s3 += (np.float32(np.int32((b >> 4) | ((hb >> 2) & 48))) - np.float32(32)) * x[xo + 96 + l]
                 g = o + 192 + 8 * h + half
-                sb += (np.float32(sc[g]) * s0 + np.float32(sc[g + 2]) * s1
-                       + np.float32(sc[g + 4]) * s2 + np.float32(sc[g + 6]) * s3)
+                sb += (np.float32(np.int8(w[g])) * s0 + np.float32(np.int8(w[g + 2])) * s1
+                       + np.float32(np.int8(w[g + 4])) * s2 + np.float32(np.int8(w[g + 6])) * s3)
         acc += f16_at(w, o + 208) * sb
     return acc
 
@@ -179,6 +193,7 @@ def dot_q6_k(w, x, xs, lut):
 @nb.njit(**_JIT)
 def dot_iq4_xs(w, x, xs, lut):
     acc = F0
+    q16 = _span(x.shape[0], 256) // 16
     for s in range(x.shape[0] // 256):
         o = 136 * s
         d = f16_at(w, o)
@@ -189,7 +204,7 @@ def dot_iq4_xs(w, x, xs, lut):
             qo = o + 8 + 16 * j
             xo = 256 * s + 32 * j
             t = F0
-            for l in range(16):
+            for l in range(q16):
                 q = w[qo + l]
                 t += lut[0, q & 15] * x[xo + l] + lut[0, q >> 4] * x[xo + 16 + l]
             sb += np.float32(ls - 32) * t

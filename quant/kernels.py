@@ -38,16 +38,16 @@ _LUT.setflags(write=False)
 _EMPTY = np.zeros(0, np.float32)  # stands in for xs where a format needs none
 _NEEDS_XSUM = (T.Q4_0, T.Q4_K, T.Q5_K)
 _DRIVERS = {  # qtype -> (GEMV driver, GEMM driver)
-    T.F32: (_drivers.gemv_f32, _drivers.gemm_f32),
-    T.F16: (_drivers.gemv_f16, _drivers.gemm_f16),
-    T.BF16: (_drivers.gemv_bf16, _drivers.gemm_bf16),
-    T.Q8_0: (_drivers.gemv_q8_0, _drivers.gemm_q8_0),
-    T.Q4_0: (_drivers.gemv_q4_0, _drivers.gemm_q4_0),
-    T.MXFP4: (_drivers.gemv_mxfp4, _drivers.gemm_mxfp4),
-    T.Q4_K: (_drivers.gemv_q4_k, _drivers.gemm_q4_k),
-    T.Q5_K: (_drivers.gemv_q5_k, _drivers.gemm_q5_k),
-    T.Q6_K: (_drivers.gemv_q6_k, _drivers.gemm_q6_k),
-    T.IQ4_XS: (_drivers.gemv_iq4_xs, _drivers.gemm_iq4_xs),
+    T.F32: (_drivers.DRIVERS["gemv_f32"], _drivers.DRIVERS["gemm_f32"]),
+    T.F16: (_drivers.DRIVERS["gemv_f16"], _drivers.DRIVERS["gemm_f16"]),
+    T.BF16: (_drivers.DRIVERS["gemv_bf16"], _drivers.DRIVERS["gemm_bf16"]),
+    T.Q8_0: (_drivers.DRIVERS["gemv_q8_0"], _drivers.DRIVERS["gemm_q8_0"]),
+    T.Q4_0: (_drivers.DRIVERS["gemv_q4_0"], _drivers.DRIVERS["gemm_q4_0"]),
+    T.MXFP4: (_drivers.DRIVERS["gemv_mxfp4"], _drivers.DRIVERS["gemm_mxfp4"]),
+    T.Q4_K: (_drivers.DRIVERS["gemv_q4_k"], _drivers.DRIVERS["gemm_q4_k"]),
+    T.Q5_K: (_drivers.DRIVERS["gemv_q5_k"], _drivers.DRIVERS["gemm_q5_k"]),
+    T.Q6_K: (_drivers.DRIVERS["gemv_q6_k"], _drivers.DRIVERS["gemm_q6_k"]),
+    T.IQ4_XS: (_drivers.DRIVERS["gemv_iq4_xs"], _drivers.DRIVERS["gemm_iq4_xs"]),
 }
 
 TILE_ROWS, TILE_COLS = _drivers.TILE_ROWS, _drivers.TILE_COLS
