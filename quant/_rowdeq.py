@@ -139,13 +139,12 @@ def deq_q5_k(w, c0, n, lut, tile, i):
             m1 = dmin * np.float32(k4_min(w, o + 4, 2 * k + 1))
             qo = o + 48 + 32 * k
             t = 256 * s + 64 * k
-            b1 = np.uint8(1 << (2 * k))
-            b2 = np.uint8(2 << (2 * k))
+            sh = 2 * k
             for l in range(q32):
                 q = w[qo + l]
-                h = w[o + 16 + l]
-                tile[i, t + l] = a0 * np.float32(np.int32((q & 15) | (16 if h & b1 else 0))) - m0
-                tile[i, t + 32 + l] = a1 * np.float32(np.int32((q >> 4) | (16 if h & b2 else 0))) - m1
+                h = w[o + 16 + l] >> sh
+                tile[i, t + l] = a0 * np.float32(np.int32((q & 15) | ((h & 1) << 4))) - m0
+                tile[i, t + 32 + l] = a1 * np.float32(np.int32((q >> 4) | ((h & 2) << 3))) - m1
 
 
 @nb.njit(**_JIT)
