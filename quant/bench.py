@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 
@@ -96,10 +97,14 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=3, help="attention layers in the attention set")
     ap.add_argument("--reps", type=int, default=9, help="timed passes per kernel (the median is shown)")
     args = ap.parse_args(argv)
+    # OpenMP workers that spin while waiting steal the core their partner needs whenever another
+    # process is running; sleeping workers cost a few microseconds per call on an idle machine
+    # and keep the figures meaningful on a busy one. Read by libgomp at its first use, below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     numba.set_num_threads(args.threads)
     print(f"quant.bench: {platform.processor() or platform.machine()}, numba {numba.__version__}, "
-          f"{args.threads} threads (threading layer {numba.config.THREADING_LAYER}), "
-          f"median of {args.reps} passes", flush=True)
+          f"{args.threads} threads (threading layer {numba.config.THREADING_LAYER}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), median of {args.reps} passes", flush=True)
     bw_before = read_bandwidth()
     print(f"read bandwidth (np.sum over 512 MiB float64): {bw_before / 1e9:.2f} GB/s", flush=True)
     results_bw = [bw_before]
