@@ -2,163 +2,292 @@
 
 Shape legend
     R  rows (output features)      C  columns (input features)     N  tokens
-    w        uint8   [R, row_bytes]   GGUF rows of format ``fmt`` (a GGMLQuantizationType id)
+    w        uint8   [R, row_bytes]   GGUF rows of one format
     x        float32 [C]              one token's activations
     xs       float32 [C // 32]        sums of x per 32 columns (zeros when C % 32 != 0; unused then)
     X        float32 [N, C]           N tokens
     lut      float32 [2, 16]          code books (IQ4_NL, MXFP4)
-    scratch  float32 [P, RT, CT]      P workers' tiles of RT rows x CT columns
+    scratch  float32 [P, TILE_ROWS, TILE_COLS]  one tile per parallel worker
     out      float32 [R] (GEMV) or [N, R] (GEMM)
 Kernels take the output buffer last, allocate nothing and touch no globals.
+
+There is one GEMV and one GEMM driver per format (``DRIVERS["gemv_q4_k"]`` ...),
+each a one-line call of a generic body with that format's row function. Both bodies are inlined by Numba
+before typing, so each driver is compiled (and cached) with its row function
+inlined and the loop counters visible: that is what lets LLVM prove indices
+non-negative and vectorize (a runtime format switch, or a row function called
+through an argument, runs 2-5x slower).
 """
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
+
 import numba as nb
 import numpy as np
+
+from . import _bits, _rowdeq, _rowdot
 
 from ._rowdeq import (deq_bf16, deq_f16, deq_f32, deq_iq4_xs, deq_mxfp4, deq_q4_0, deq_q4_k,
                       deq_q5_k, deq_q6_k, deq_q8_0)
 from ._rowdot import (dot_bf16, dot_f16, dot_f32, dot_iq4_xs, dot_mxfp4, dot_q4_0, dot_q4_k,
                       dot_q5_k, dot_q6_k, dot_q8_0)
 
-# GGMLQuantizationType ids, repeated here as compile-time constants
-F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_XS, BF16, MXFP4 = 0, 1, 2, 8, 12, 13, 14, 23, 30, 39
-SUPPORTED = (F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K, IQ4_XS)
+TILE_ROWS = 8     # GEMM tile: 8 rows x 512 columns of float32 = 16 KiB, which stays in L1
+TILE_COLS = 512   # with the tokens' 512-column slices
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _row_dot(fmt, w, x, xs, lut):
-    if fmt == Q4_K:
-        return dot_q4_k(w, x, xs, lut)
-    if fmt == Q6_K:
-        return dot_q6_k(w, x, xs, lut)
-    if fmt == Q5_K:
-        return dot_q5_k(w, x, xs, lut)
-    if fmt == Q8_0:
-        return dot_q8_0(w, x, xs, lut)
-    if fmt == Q4_0:
-        return dot_q4_0(w, x, xs, lut)
-    if fmt == F32:
-        return dot_f32(w, x, xs, lut)
-    if fmt == F16:
-        return dot_f16(w, x, xs, lut)
-    if fmt == BF16:
-        return dot_bf16(w, x, xs, lut)
-    if fmt == IQ4_XS:
-        return dot_iq4_xs(w, x, xs, lut)
-    return dot_mxfp4(w, x, xs, lut)
-
-
-@nb.njit(inline="always", cache=True)
-def _byte_offset(fmt, c):
-    """Offset of column c (a block boundary) in a row of format fmt."""
-    if fmt == Q4_K:
-        return c // 256 * 144
-    if fmt == Q6_K:
-        return c // 256 * 210
-    if fmt == Q5_K:
-        return c // 256 * 176
-    if fmt == IQ4_XS:
-        return c // 256 * 136
-    if fmt == Q8_0:
-        return c // 32 * 34
-    if fmt == Q4_0:
-        return c // 32 * 18
-    if fmt == MXFP4:
-        return c // 32 * 17
-    if fmt == F32:
-        return 4 * c
-    return 2 * c
-
-
-@nb.njit(inline="always", fastmath=True, cache=True)
-def _row_deq(fmt, w, n, lut, buf):
-    if fmt == Q4_K:
-        deq_q4_k(w, n, lut, buf)
-    elif fmt == Q6_K:
-        deq_q6_k(w, n, lut, buf)
-    elif fmt == Q5_K:
-        deq_q5_k(w, n, lut, buf)
-    elif fmt == Q8_0:
-        deq_q8_0(w, n, lut, buf)
-    elif fmt == Q4_0:
-        deq_q4_0(w, n, lut, buf)
-    elif fmt == F32:
-        deq_f32(w, n, lut, buf)
-    elif fmt == F16:
-        deq_f16(w, n, lut, buf)
-    elif fmt == BF16:
-        deq_bf16(w, n, lut, buf)
-    elif fmt == IQ4_XS:
-        deq_iq4_xs(w, n, lut, buf)
-    else:
-        deq_mxfp4(w, n, lut, buf)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv(fmt, w, x, xs, lut, out):
+def _gemv(row_dot, w, x, xs, lut, out):
     """out[r] = sum_c W[r, c] * x[c]."""
     for r in nb.prange(w.shape[0]):
-        out[r] = _row_dot(fmt, w[r], x, xs, lut)
+        out[r] = row_dot(w[r], x, xs, lut)
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _tile_dot(buf, X, c0, n, t, out, r):
-    """out[t:t+4, r] += X[t:t+4, c0:c0+n] @ buf[:n] when four tokens are left, else
-    out[t, r] += X[t, c0:c0+n] @ buf[:n]; returns the number of tokens done.
-    Four tokens share each load of buf; slices keep every index non-negative."""
-    if t + 4 <= X.shape[0]:
-        x0 = X[t, c0:c0 + n]
-        x1 = X[t + 1, c0:c0 + n]
-        x2 = X[t + 2, c0:c0 + n]
-        x3 = X[t + 3, c0:c0 + n]
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
-        for c in range(n):
-            b = buf[c]
-            s0 += b * x0[c]
-            s1 += b * x1[c]
-            s2 += b * x2[c]
-            s3 += b * x3[c]
-        out[t, r] += s0
-        out[t + 1, r] += s1
-        out[t + 2, r] += s2
-        out[t + 3, r] += s3
-        return 4
+def _dot_2x4(tile, i, X, c0, n, t, out, r):
+    """out[t:t+4, r:r+2] += X[t:t+4, c0:c0+n] @ tile[i:i+2, :n].T: each load feeds two or four
+    multiply-adds, so the loop is bound by the FMA units rather than by loads."""
+    b0 = tile[i]
+    b1 = tile[i + 1]
     x0 = X[t, c0:c0 + n]
-    s = np.float32(0.0)
+    x1 = X[t + 1, c0:c0 + n]
+    x2 = X[t + 2, c0:c0 + n]
+    x3 = X[t + 3, c0:c0 + n]
+    s00 = s01 = s02 = s03 = np.float32(0.0)
+    s10 = s11 = s12 = s13 = np.float32(0.0)
     for c in range(n):
-        s += buf[c] * x0[c]
-    out[t, r] += s
-    return 1
+        u = b0[c]
+        v = b1[c]
+        s00 += u * x0[c]
+        s01 += u * x1[c]
+        s02 += u * x2[c]
+        s03 += u * x3[c]
+        s10 += v * x0[c]
+        s11 += v * x1[c]
+        s12 += v * x2[c]
+        s13 += v * x3[c]
+    out[t, r] += s00
+    out[t + 1, r] += s01
+    out[t + 2, r] += s02
+    out[t + 3, r] += s03
+    out[t, r + 1] += s10
+    out[t + 1, r + 1] += s11
+    out[t + 2, r + 1] += s12
+    out[t + 3, r + 1] += s13
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemm(fmt, w, X, lut, scratch, out):
-    """out[t, r] = sum_c W[r, c] * X[t, c]; every weight is decoded once, into an L1-sized tile."""
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _dot_1x4(tile, i, X, c0, n, t, out, r):
+    b0 = tile[i]
+    x0 = X[t, c0:c0 + n]
+    x1 = X[t + 1, c0:c0 + n]
+    x2 = X[t + 2, c0:c0 + n]
+    x3 = X[t + 3, c0:c0 + n]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for c in range(n):
+        u = b0[c]
+        s0 += u * x0[c]
+        s1 += u * x1[c]
+        s2 += u * x2[c]
+        s3 += u * x3[c]
+    out[t, r] += s0
+    out[t + 1, r] += s1
+    out[t + 2, r] += s2
+    out[t + 3, r] += s3
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _dot_2x1(tile, i, X, c0, n, t, out, r):
+    b0 = tile[i]
+    b1 = tile[i + 1]
+    x0 = X[t, c0:c0 + n]
+    s0 = s1 = np.float32(0.0)
+    for c in range(n):
+        s0 += b0[c] * x0[c]
+        s1 += b1[c] * x0[c]
+    out[t, r] += s0
+    out[t, r + 1] += s1
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _dot_1x1(tile, i, X, c0, n, t, out, r):
+    b0 = tile[i]
+    x0 = X[t, c0:c0 + n]
+    s0 = np.float32(0.0)
+    for c in range(n):
+        s0 += b0[c] * x0[c]
+    out[t, r] += s0
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _tile_dots(tile, nr, X, c0, n, out, r0):
+    """out[:, r0:r0+nr] += X[:, c0:c0+n] @ tile[:nr, :n].T, in blocks of 2 rows x 4 tokens."""
+    n_tok = X.shape[0]
+    for ii in range(nr // 2):
+        i = 2 * ii
+        t = 0
+        while t + 4 <= n_tok:
+            _dot_2x4(tile, i, X, c0, n, t, out, r0 + i)
+            t += 4
+        while t < n_tok:
+            _dot_2x1(tile, i, X, c0, n, t, out, r0 + i)
+            t += 1
+    if nr % 2 == 1:
+        i = nr - 1
+        t = 0
+        while t + 4 <= n_tok:
+            _dot_1x4(tile, i, X, c0, n, t, out, r0 + i)
+            t += 4
+        while t < n_tok:
+            _dot_1x1(tile, i, X, c0, n, t, out, r0 + i)
+            t += 1
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _gemm(row_deq, w, X, lut, scratch, out):
+    """out[t, r] = sum_c W[r, c] * X[t, c]; every weight is decoded once, into an L1-sized tile
+    that all tokens use. scratch is [P, TILE_ROWS, TILE_COLS]; the constant tile sizes keep
+    the column indices provably non-negative (see _rowdeq)."""
     rows = w.shape[0]
     n_tok, cols = X.shape
-    workers, rt, ct = scratch.shape
-    n_tiles = (rows + rt - 1) // rt
+    workers = scratch.shape[0]
+    n_tiles = (rows + TILE_ROWS - 1) // TILE_ROWS
+    # only one-argument ranges below: LLVM proves their counters non-negative, not those of
+    # range(start, stop, step), and a possibly negative index is not vectorized
     for p in nb.prange(workers):
-        for tile in range(p, n_tiles, workers):
-            r0 = tile * rt
-            r1 = min(rows, r0 + rt)
-            for r in range(r0, r1):
+        tile = scratch[p]
+        for kk in range((n_tiles - p + workers - 1) // workers):
+            r0 = (p + kk * workers) * TILE_ROWS
+            nr = min(rows - r0, TILE_ROWS)
+            for i in range(nr):
                 for t in range(n_tok):
-                    out[t, r] = 0.0
-            for c0 in range(0, cols, ct):
-                c1 = min(cols, c0 + ct)
-                b0 = _byte_offset(fmt, c0)
-                b1 = _byte_offset(fmt, c1)
-                for r in range(r0, r1):
-                    _row_deq(fmt, w[r, b0:b1], c1 - c0, lut, scratch[p, r - r0])
-                t = 0
-                while t < n_tok:
-                    done = 0
-                    for r in range(r0, r1):
-                        done = _tile_dot(scratch[p, r - r0], X, c0, c1 - c0, t, out, r)
-                    t += done
+                    out[t, r0 + i] = 0.0
+            for kc in range((cols + TILE_COLS - 1) // TILE_COLS):
+                c0 = kc * TILE_COLS
+                n = min(cols - c0, TILE_COLS)
+                for i in range(nr):
+                    row_deq(w[r0 + i], c0, n, lut, tile, i)
+                _tile_dots(tile, nr, X, c0, n, out, r0)
+
+
+# ---------------------------------------------------------------- one driver pair per format
+
+def _source_stamp() -> str:
+    """Hash of the kernel sources the drivers inline. Numba's cache only watches the file that
+    defines a function, so an edit of _rowdot.py would otherwise leave stale drivers in the
+    cache; the stamp is a closure variable of every driver, and those are part of its cache key."""
+    h = hashlib.sha256()
+    for mod in (_bits, _rowdot, _rowdeq):
+        h.update(pathlib.Path(mod.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _build(stamp: str) -> dict:
+    """The drivers, named gemv_<format> and gemm_<format>."""
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_f32(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_f32, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_f32(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_f32, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_f16(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_f16, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_f16(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_f16, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_bf16(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_bf16, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_bf16(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_bf16, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q8_0(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q8_0, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q8_0(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q8_0, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q4_0(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q4_0, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q4_0(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q4_0, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_mxfp4(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_mxfp4, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_mxfp4(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_mxfp4, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q4_k(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q4_k, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q4_k(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q4_k, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q5_k(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q5_k, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q5_k(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q5_k, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_q6_k(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_q6_k, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_q6_k(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_q6_k, w, X, lut, scratch, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_iq4_xs(w, x, xs, lut, out):
+        stamp  # noqa: B018 (cache key)
+        _gemv(dot_iq4_xs, w, x, xs, lut, out)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_iq4_xs(w, X, lut, scratch, out):
+        stamp  # noqa: B018 (cache key)
+        _gemm(deq_iq4_xs, w, X, lut, scratch, out)
+
+    return {name: fn for name, fn in locals().items() if name.startswith(("gemv_", "gemm_"))}
+
+
+DRIVERS = _build(_source_stamp())

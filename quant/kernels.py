@@ -37,9 +37,20 @@ _LUT = np.array([IQ4_NL_VALUES, MXFP4_VALUES_X2], np.float32)
 _LUT.setflags(write=False)
 _EMPTY = np.zeros(0, np.float32)  # stands in for xs where a format needs none
 _NEEDS_XSUM = (T.Q4_0, T.Q4_K, T.Q5_K)
+_DRIVERS = {  # qtype -> (GEMV driver, GEMM driver)
+    T.F32: (_drivers.DRIVERS["gemv_f32"], _drivers.DRIVERS["gemm_f32"]),
+    T.F16: (_drivers.DRIVERS["gemv_f16"], _drivers.DRIVERS["gemm_f16"]),
+    T.BF16: (_drivers.DRIVERS["gemv_bf16"], _drivers.DRIVERS["gemm_bf16"]),
+    T.Q8_0: (_drivers.DRIVERS["gemv_q8_0"], _drivers.DRIVERS["gemm_q8_0"]),
+    T.Q4_0: (_drivers.DRIVERS["gemv_q4_0"], _drivers.DRIVERS["gemm_q4_0"]),
+    T.MXFP4: (_drivers.DRIVERS["gemv_mxfp4"], _drivers.DRIVERS["gemm_mxfp4"]),
+    T.Q4_K: (_drivers.DRIVERS["gemv_q4_k"], _drivers.DRIVERS["gemm_q4_k"]),
+    T.Q5_K: (_drivers.DRIVERS["gemv_q5_k"], _drivers.DRIVERS["gemm_q5_k"]),
+    T.Q6_K: (_drivers.DRIVERS["gemv_q6_k"], _drivers.DRIVERS["gemm_q6_k"]),
+    T.IQ4_XS: (_drivers.DRIVERS["gemv_iq4_xs"], _drivers.DRIVERS["gemm_iq4_xs"]),
+}
 
-TILE_ROWS = 8      # rows per GEMM tile
-TILE_COLS = 512    # columns per GEMM tile: 8 x 512 float32 = 16 KiB, with the tokens' slices in L1
+TILE_ROWS, TILE_COLS = _drivers.TILE_ROWS, _drivers.TILE_COLS
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ def pack(qtype, raw: np.ndarray, rows: int, cols: int) -> PackedMatrix:
     of a memory map) after checking them. Copies only when raw is not C-contiguous."""
     fmt = get_format(qtype)
     qtype = T(qtype)
-    if int(qtype) not in _drivers.SUPPORTED:
+    if qtype not in _DRIVERS:
         raise ValueError(f"no kernel for {fmt.name}")
     check_row(qtype, cols)
     if rows <= 0:
@@ -94,7 +105,7 @@ def matvec(w: PackedMatrix, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     _check("x", x, (w.cols,))
     _check("out", out, (w.rows,))
     xs = x.reshape(-1, 32).sum(axis=1, dtype=np.float32) if w.qtype in _NEEDS_XSUM else _EMPTY
-    _drivers.gemv(int(w.qtype), w.data, x, xs, _LUT, out)
+    _DRIVERS[w.qtype][0](w.data, x, xs, _LUT, out)
     return out
 
 
@@ -115,7 +126,7 @@ def matmul(w: PackedMatrix, X: np.ndarray, out: np.ndarray, scratch: np.ndarray 
             or not scratch.flags.c_contiguous:
         raise ValueError(f"scratch must be C-contiguous float32 [workers, {TILE_ROWS}, {TILE_COLS}], "
                          f"got {scratch.dtype} {scratch.shape}")
-    _drivers.gemm(int(w.qtype), w.data, X, _LUT, scratch, out)
+    _DRIVERS[w.qtype][1](w.data, X, _LUT, scratch, out)
     return out
 
 

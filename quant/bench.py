@@ -1,0 +1,129 @@
+"""Benchmark of the dequant-matmul kernels against the machine's read bandwidth.
+
+    python -m quant.bench [--formats Q4_K,Q5_K,Q6_K,Q8_0] [--threads N] [--reps 9]
+
+Weight sets (each larger than the caches, so every call streams from DRAM):
+    experts    E routed experts x (gate [1280, 4096], up [1280, 4096], down [4096, 1280])
+    attention  L layers x (q [8192, 4096], k [1024, 4096], v [1024, 4096], o [4096, 8192])
+For each kernel it times one pass over the whole set (median of --reps passes)
+and prints the weight bytes streamed per second, the read bandwidth of a large
+numpy reduction measured in the same run, and their ratio. GEMM rows also give
+their time relative to the one-token GEMV on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import kernels, quantize
+
+EXPERT_SHAPES = [(1280, 4096), (1280, 4096), (4096, 1280)]             # gate, up, down
+ATTENTION_SHAPES = [(8192, 4096), (1024, 4096), (1024, 4096), (4096, 8192)]  # q, k, v, o (full layer)
+MIN_SET_BYTES = 100 * 2**20
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
+    """Bytes per second of np.sum over a float64 buffer far larger than the caches (median)."""
+    buf = np.ones(nbytes // 8, np.float64)
+    buf.sum()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / float(np.median(times))
+
+
+def make_set(qtype, shapes, copies: int, seed: int = 0) -> list[kernels.PackedMatrix]:
+    """copies x shapes distinct matrices. Rows are quantized once per shape (in blocks of at most
+    1024 rows) and copied, which keeps setup fast; speed does not depend on the values."""
+    rng = np.random.default_rng(seed)
+    protos = {}
+    for rows, cols in set(shapes):
+        part = math.gcd(rows, 1024)
+        q = quantize((0.02 * rng.standard_normal((part, cols))).astype(np.float32), qtype)
+        protos[rows, cols] = np.concatenate([q] * (rows // part), axis=0)
+    return [kernels.pack(qtype, protos[s].copy(), *s) for _ in range(copies) for s in shapes]
+
+
+def time_pass(fn, mats, reps: int) -> float:
+    """Median seconds of one pass of fn over every matrix of the set."""
+    fn(mats[0])  # compile or load from cache
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for m in mats:
+            fn(m)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def bench_set(name, mats, reps, bw, tokens=(4, 8)):
+    rng = np.random.default_rng(1)
+    total = sum(m.nbytes for m in mats)
+    cols = {m.cols for m in mats}
+    rows = {m.rows for m in mats}
+    xs = {c: rng.standard_normal(c).astype(np.float32) for c in cols}
+    outs = {r: np.empty(r, np.float32) for r in rows}
+    t1 = time_pass(lambda m: kernels.matvec(m, xs[m.cols], outs[m.rows]), mats, reps)
+    qname = mats[0].qtype.name
+    lines = [(f"{qname:6s} {name:9s} GEMV n=1", total / t1, None)]
+    scratch = kernels.make_scratch()
+    for n in tokens:
+        Xs = {c: rng.standard_normal((n, c)).astype(np.float32) for c in cols}
+        Os = {r: np.empty((n, r), np.float32) for r in rows}
+        tn = time_pass(lambda m: kernels.matmul(m, Xs[m.cols], Os[m.rows], scratch), mats, reps)
+        lines.append((f"{qname:6s} {name:9s} GEMM n={n}", total / tn, tn / t1))
+    for label, rate, rel in lines:
+        extra = f"   {rel:5.2f}x GEMV time" if rel is not None else ""
+        print(f"{label:28s} {total / 2**20:7.0f} MiB  {rate / 1e9:6.2f} GB/s  "
+              f"read {bw / 1e9:6.2f} GB/s  ratio {rate / bw:5.2f}{extra}", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m quant.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default="Q4_K,Q5_K,Q6_K,Q8_0",
+                    help="comma-separated GGUF types (default: those of the official Q4_K_S file)")
+    ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    ap.add_argument("--experts", type=int, default=12, help="experts in the expert set (3 matrices each)")
+    ap.add_argument("--layers", type=int, default=3, help="attention layers in the attention set")
+    ap.add_argument("--reps", type=int, default=9, help="timed passes per kernel (the median is shown)")
+    args = ap.parse_args(argv)
+    # OpenMP workers that spin while waiting steal the core their partner needs whenever another
+    # process is running; sleeping workers cost a few microseconds per call on an idle machine
+    # and keep the figures meaningful on a busy one. Read by libgomp at its first use, below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    numba.set_num_threads(args.threads)
+    print(f"quant.bench: {platform.processor() or platform.machine()}, numba {numba.__version__}, "
+          f"{args.threads} threads (threading layer {numba.config.THREADING_LAYER}, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), median of {args.reps} passes", flush=True)
+    bw_before = read_bandwidth()
+    print(f"read bandwidth (np.sum over 512 MiB float64): {bw_before / 1e9:.2f} GB/s", flush=True)
+    results_bw = [bw_before]
+    for fname in args.formats.split(","):
+        qtype = T[fname.strip().upper()]
+        for name, shapes, copies in (("experts", EXPERT_SHAPES, args.experts),
+                                     ("attention", ATTENTION_SHAPES, args.layers)):
+            mats = make_set(qtype, shapes, copies)
+            size = sum(m.nbytes for m in mats)
+            if size < MIN_SET_BYTES:
+                raise SystemExit(f"{fname} {name} set is {size / 2**20:.0f} MiB; raise --experts/--layers "
+                                 f"to exceed {MIN_SET_BYTES // 2**20} MiB")
+            bw = read_bandwidth()
+            results_bw.append(bw)
+            bench_set(name, mats, args.reps, bw)
+            del mats
+    print(f"read bandwidth over the run: median {np.median(results_bw) / 1e9:.2f} GB/s "
+          f"(min {min(results_bw) / 1e9:.2f}, max {max(results_bw) / 1e9:.2f})")
+
+
+if __name__ == "__main__":
+    main()

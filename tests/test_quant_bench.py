@@ -1,0 +1,31 @@
+"""python -m quant.bench: its parts run and print the figures the issue asks for."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from quant import bench
+
+
+def test_read_bandwidth_is_positive():
+    assert bench.read_bandwidth(nbytes=8 * 2**20, reps=2) > 1e8
+
+
+def test_make_set_builds_distinct_matrices_of_the_asked_shapes():
+    mats = bench.make_set(T.Q8_0, [(64, 256), (256, 64)], copies=2)
+    assert [(m.rows, m.cols) for m in mats] == [(64, 256), (256, 64)] * 2
+    assert not np.shares_memory(mats[0].data, mats[2].data)
+
+
+def test_bench_set_prints_rate_bandwidth_and_ratio(capsys):
+    mats = bench.make_set(T.Q4_K, [(64, 512)], copies=3)
+    bench.bench_set("experts", mats, reps=2, bw=10e9, tokens=(4,))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("Q4_K   experts   GEMV n=1") and "read  10.00 GB/s" in lines[0] and "ratio" in lines[0]
+    assert "GEMM n=4" in lines[1] and "x GEMV time" in lines[1]
+
+
+def test_main_refuses_a_weight_set_that_fits_in_cache():
+    with pytest.raises(SystemExit, match="raise --experts"):
+        bench.main(["--formats", "Q4_K", "--experts", "1", "--reps", "1"])
