@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args):
+    # The quant kernels run as many short OpenMP regions per token; with spinning waits any
+    # other busy process on the cores turns each barrier into a scheduler time slice. libgomp
+    # reads this once, when Numba first starts its thread pool, which is after this point.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from runtime.model import load
 
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
