@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import time
 
 import numpy as np
 
 from runtime.cli_common import add_model_args, load_model, print_stats
+from runtime.memory import peak_rss_bytes
 
 
 def add_arguments(p) -> None:
@@ -31,18 +31,6 @@ def add_arguments(p) -> None:
     p.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) on the same file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(batch_size=512)  # llama-bench's micro-batch: the whole prompt in one chunk
-
-
-def peak_rss_bytes() -> int:
-    """High-water resident set of this process image (VmHWM; ru_maxrss would include a spawning parent's)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prompt(vocab: int, n: int, seed: int) -> list[int]:

@@ -10,7 +10,7 @@ Shape legend:  T rows of activations   N out features   C in features
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
@@ -31,7 +31,16 @@ class Matrix:
     qtype: Q
     shape: tuple[int, int]
     data: np.ndarray
-    packed: kernels.PackedMatrix | None = None  # the kernels' view of the bytes (not for F32)
+    # The kernels' view of the same bytes (None for F32, which BLAS takes as is). Derived, so
+    # a Matrix made or copied anywhere (dataclasses.replace, an expert cache) is always ready.
+    packed: kernels.PackedMatrix | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        packed = None
+        if self.qtype != Q.F32:
+            raw = np.ascontiguousarray(self.data).view(np.uint8)  # float16 data comes typed; kernels take bytes
+            packed = kernels.pack(self.qtype, raw, int(self.shape[0]), int(self.shape[1]))
+        object.__setattr__(self, "packed", packed)
 
     @property
     def nbytes(self) -> int:
@@ -62,12 +71,8 @@ def matmul(x: np.ndarray, w: Matrix) -> np.ndarray:
     return kernels.matmul(w.packed, x, np.empty((x.shape[0], w.shape[0]), np.float32))
 
 
-def make_matrix(name: str, qtype: Q, shape: tuple[int, int], data: np.ndarray) -> Matrix:
-    packed = None
-    if qtype != Q.F32:
-        raw = np.ascontiguousarray(data).view(np.uint8)  # float16 data comes typed; the kernels take bytes
-        packed = kernels.pack(qtype, raw, int(shape[0]), int(shape[1]))
-    return Matrix(name, qtype, (int(shape[0]), int(shape[1])), data, packed)
+def make_matrix(name: str, qtype: Q, shape, data: np.ndarray) -> Matrix:
+    return Matrix(name, qtype, (int(shape[0]), int(shape[1])), data)
 
 
 def matrix(ref: TensorRef, shape: tuple[int, int]) -> Matrix:
