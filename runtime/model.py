@@ -189,11 +189,14 @@ class Model:
     def generate(self, tokens, max_tokens: int | None = None, **sampling):
         """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
 
-        Sampling keywords: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed.
+        Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
+        repeat_penalty, repeat_last_n, seed.
         """
         from runtime.generation import generate, sampling_params
         from runtime.sampling import Sampler
 
+        if "temp" in sampling:
+            sampling["temperature"] = sampling.pop("temp")
         return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**sampling)), max_tokens)
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, stop=None, stream: bool = False, **sampling):
@@ -203,6 +206,10 @@ class Model:
         ids = self.tokenize(prompt, add_bos=True, special=True)
         pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
         return completion_response(self, ids, pieces, stream)
+
+    def __call__(self, prompt: str, **kwargs):
+        """`model(prompt, ...)` is `create_completion`, as in llama-cpp-python."""
+        return self.create_completion(prompt, **kwargs)
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stop=None,
                                stream: bool = False, **sampling):

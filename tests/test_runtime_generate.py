@@ -131,6 +131,14 @@ def test_generate_reuses_the_cached_prefix(f32_path, model):
     assert greedy_tokens(fresh, prompt + first[:2], 3) == again
 
 
+def test_llama_cpp_python_spellings(model):
+    prompt = model.tokenize("x = ")
+    a = list(model.generate(prompt, max_tokens=5, temp=0))
+    assert a == list(model.generate(prompt, max_tokens=5, temperature=0)) == greedy_tokens(model, prompt, 5)
+    assert model("x = ", max_tokens=3, temperature=0)["choices"][0]["text"] == \
+        model.create_completion("x = ", max_tokens=3, temperature=0)["choices"][0]["text"]
+
+
 def test_generate_stops_at_end_of_generation(model):
     eos = model.tokenizer.eos_id
     script = iter([5, 6, eos, 7])
