@@ -47,8 +47,20 @@ def visible(qpos: np.ndarray, kpos: np.ndarray, window: int | None) -> np.ndarra
     return ok
 
 
+SCORES_BYTES = 64 << 20  # attention scores materialized at once; longer chunks go in query blocks
+
+
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Softmax attention: q [T, Nh, D], k/v [S, Nk, D], mask [T, S] -> [T, Nh, D]."""
+    T, Nh, _ = q.shape
+    S = k.shape[0]
+    step = max(1, SCORES_BYTES // (4 * Nh * max(S, 1)))
+    if T <= step:
+        return _attend_block(q, k, v, mask)
+    return np.concatenate([_attend_block(q[a : a + step], k, v, mask[a : a + step]) for a in range(0, T, step)])
+
+
+def _attend_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     T, Nh, D = q.shape
     S, Nk, _ = k.shape
     G = Nh // Nk

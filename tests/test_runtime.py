@@ -170,3 +170,16 @@ def test_full_attention_cache_grows_past_its_first_allocation(f32_path, tiny_ckp
     np.testing.assert_allclose(np.stack(steps), full[first - 6 :], rtol=1e-4, atol=1e-4)
     ref = R.reference_logits(tiny_ckpt, tokens)
     assert R.cosine_rows(full, ref).min() >= 0.9999
+
+
+def test_attention_in_query_blocks_equals_one_block(monkeypatch):
+    from runtime import layers
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((37, 4, 16)).astype(np.float32)
+    k = rng.standard_normal((50, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((50, 2, 16)).astype(np.float32)
+    mask = layers.visible(np.arange(13, 50), np.arange(50), 16)
+    whole = layers.attend(q, k, v, mask)
+    monkeypatch.setattr(layers, "SCORES_BYTES", 4 * 4 * 50 * 5)  # 5 query rows per block
+    np.testing.assert_allclose(layers.attend(q, k, v, mask), whole, rtol=1e-5, atol=1e-6)  # BLAS blocking may differ
