@@ -183,3 +183,22 @@ def test_attention_in_query_blocks_equals_one_block(monkeypatch):
     whole = layers.attend(q, k, v, mask)
     monkeypatch.setattr(layers, "SCORES_BYTES", 4 * 4 * 50 * 5)  # 5 query rows per block
     np.testing.assert_allclose(layers.attend(q, k, v, mask), whole, rtol=1e-5, atol=1e-6)  # BLAS blocking may differ
+
+
+def test_grouped_query_attention_matches_llama_cpp(tmp_path, monkeypatch):
+    """Two KV heads shared by 2 (full) or 4 (sliding) query heads each: query head h reads KV head h // G."""
+    from convert import mini
+    from convert.converter import convert
+
+    monkeypatch.setitem(mini.PRESETS, "gqa", mini.Preset(256, 4, 128, 4, 8, 2, 16, 4, 256, 256, 512, 700, 16, 1, "GQA test"))
+    ckpt = mini.write_mini(tmp_path / "ckpt", "gqa", seed=4)
+    path = tmp_path / "gqa-f32.gguf"
+    convert(ckpt, path, "f32", progress=False)
+    m = load(path, n_ctx=128)
+    assert m.cfg.n_head_kv[:2] == (2, 2) and m.cfg.n_head[:2] == (4, 8)
+    tokens = np.random.default_rng(6).integers(0, m.cfg.vocab, 4 * m.cfg.window).tolist()
+    ours = m.logits(tokens)
+    llama = llama_cpp_logits(path, tokens, n_ctx=128)
+    assert R.cosine_rows(ours, llama).min() >= 0.9999
+    assert (ours.argmax(-1) == llama.argmax(-1)).all()
+    assert R.cosine_rows(ours, R.reference_logits(ckpt, tokens)).min() >= 0.9999
