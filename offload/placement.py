@@ -25,7 +25,7 @@ from offload.provider import StreamingExperts, slot_bytes_for
 from runtime.config import ModelConfig
 from runtime.errors import StepstreamError
 from runtime.gguf_file import GGUFModelFile
-from runtime.tensors import Matrix
+from runtime.tensors import Matrix, make_matrix
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -75,9 +75,9 @@ def make_resident(weights, skip: tuple[str, ...] = ("embed",)):
         nonlocal total
         if isinstance(node, Matrix):
             if id(node) not in copies:
-                data = np.array(node.data)
+                data = np.array(node.data)  # the kernels' packed view is rebuilt over the copy
                 total += data.nbytes
-                copies[id(node)] = dataclasses.replace(node, data=data)
+                copies[id(node)] = make_matrix(node.name, node.qtype, node.shape, data)
             return copies[id(node)]
         if isinstance(node, list):
             return [walk(v) for v in node]

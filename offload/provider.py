@@ -23,7 +23,7 @@ from offload.direct_io import DirectReader, span, span_bytes
 from offload.expert_table import PARTS, ExpertTable
 from offload.stats import StreamStats
 from runtime.experts import ExpertWeights
-from runtime.tensors import Matrix
+from runtime.tensors import make_matrix
 
 _FLOAT = {Q.F32: np.float32, Q.F16: np.float16}
 
@@ -62,8 +62,8 @@ class StreamingExperts:
                 raw = self.reader.read(ext.path, ext.offset, ext.nbytes, slot.buffer[pos : pos + room])
                 pos += room
                 aligned += span(ext.offset, ext.nbytes)[1]
-                mats.append(Matrix(f"blk.{layer}.ffn_{PARTS[k]}_exps[{e}]", le.qtypes[k], le.shapes[k],
-                                   as_matrix_data(raw, le.qtypes[k], le.shapes[k])))
+                mats.append(make_matrix(f"blk.{layer}.ffn_{PARTS[k]}_exps[{e}]", le.qtypes[k], le.shapes[k],
+                                        as_matrix_data(raw, le.qtypes[k], le.shapes[k])))
             self.stats.read_done(aligned, time.perf_counter() - t0)
             self.cache.loaded(slot, ExpertWeights(*mats))
         except BaseException as err:
