@@ -62,11 +62,12 @@ def default_budget(expert_bytes: int, resident_bytes: int) -> int:
     return max(0, min(expert_bytes, vm.available - reserve - resident_bytes))
 
 
-def make_resident(weights, skip: tuple[str, ...] = ("embed",)):
+def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = ("embed", "nextn")):
     """A copy of the weights tree whose matrices live in RAM instead of the file map; (tree, bytes).
 
-    Top-level fields named in `skip` stay mapped. A matrix shared by several parts (a tied
-    or shared head) is copied once.
+    Top-level fields named in `skip` stay mapped, and so do the MTP blocks (blocks past
+    `n_trunk`): plain decoding never touches them. A matrix shared by several parts (a
+    tied or shared head) is copied once.
     """
     copies: dict[int, Matrix] = {}
     total = 0
@@ -88,7 +89,8 @@ def make_resident(weights, skip: tuple[str, ...] = ("embed",)):
         return node
 
     top = {f.name: (getattr(weights, f.name) if f.name in skip else walk(getattr(weights, f.name)))
-           for f in dataclasses.fields(weights)}
+           for f in dataclasses.fields(weights) if f.name != "blocks"}
+    top["blocks"] = [walk(b) for b in weights.blocks[:n_trunk]] + list(weights.blocks[n_trunk:])
     return dataclasses.replace(weights, **top), total
 
 
