@@ -181,6 +181,7 @@ class ExpertCache:
                 return None
             slot = self._claim(key, victim, refs=0)
             slot.prefetched = True
+            self._touch(slot)  # recent: the next demand miss must not evict it before it is used
             return slot
 
     def loaded(self, slot: Slot, payload: object) -> None:

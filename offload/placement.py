@@ -25,7 +25,7 @@ from offload.provider import StreamingExperts, slot_bytes_for
 from runtime.config import ModelConfig
 from runtime.errors import StepstreamError
 from runtime.gguf_file import GGUFModelFile
-from runtime.tensors import Matrix
+from runtime.tensors import Matrix, make_matrix
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -62,11 +62,12 @@ def default_budget(expert_bytes: int, resident_bytes: int) -> int:
     return max(0, min(expert_bytes, vm.available - reserve - resident_bytes))
 
 
-def make_resident(weights, skip: tuple[str, ...] = ("embed",)):
+def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = ("embed", "nextn")):
     """A copy of the weights tree whose matrices live in RAM instead of the file map; (tree, bytes).
 
-    Top-level fields named in `skip` stay mapped. A matrix shared by several parts (a tied
-    or shared head) is copied once.
+    Top-level fields named in `skip` stay mapped, and so do the MTP blocks (blocks past
+    `n_trunk`): plain decoding never touches them. A matrix shared by several parts (a
+    tied or shared head) is copied once.
     """
     copies: dict[int, Matrix] = {}
     total = 0
@@ -75,9 +76,9 @@ def make_resident(weights, skip: tuple[str, ...] = ("embed",)):
         nonlocal total
         if isinstance(node, Matrix):
             if id(node) not in copies:
-                data = np.array(node.data)
+                data = np.array(node.data)  # the kernels' packed view is rebuilt over the copy
                 total += data.nbytes
-                copies[id(node)] = dataclasses.replace(node, data=data)
+                copies[id(node)] = make_matrix(node.name, node.qtype, node.shape, data)
             return copies[id(node)]
         if isinstance(node, list):
             return [walk(v) for v in node]
@@ -88,7 +89,8 @@ def make_resident(weights, skip: tuple[str, ...] = ("embed",)):
         return node
 
     top = {f.name: (getattr(weights, f.name) if f.name in skip else walk(getattr(weights, f.name)))
-           for f in dataclasses.fields(weights)}
+           for f in dataclasses.fields(weights) if f.name != "blocks"}
+    top["blocks"] = [walk(b) for b in weights.blocks[:n_trunk]] + list(weights.blocks[n_trunk:])
     return dataclasses.replace(weights, **top), total
 
 

@@ -23,7 +23,7 @@ from offload.direct_io import DirectReader, span, span_bytes
 from offload.expert_table import PARTS, ExpertTable
 from offload.stats import StreamStats
 from runtime.experts import ExpertWeights
-from runtime.tensors import Matrix
+from runtime.tensors import make_matrix
 
 _FLOAT = {Q.F32: np.float32, Q.F16: np.float16}
 
@@ -53,22 +53,25 @@ class StreamingExperts:
 
     def _load(self, layer: int, e: int, slot: Slot) -> None:
         """Read expert (layer, e) into `slot` and mark it READY (or failed)."""
+        self.stats.read_started()
+        aligned = 0
         try:
-            t0 = time.perf_counter()
             le = self.table.layers[layer]
-            mats, pos, aligned = [], 0, 0
+            mats, pos = [], 0
             for k, ext in enumerate(le.extents(e)):
                 room = span_bytes(ext.nbytes)
                 raw = self.reader.read(ext.path, ext.offset, ext.nbytes, slot.buffer[pos : pos + room])
                 pos += room
                 aligned += span(ext.offset, ext.nbytes)[1]
-                mats.append(Matrix(f"blk.{layer}.ffn_{PARTS[k]}_exps[{e}]", le.qtypes[k], le.shapes[k],
-                                   as_matrix_data(raw, le.qtypes[k], le.shapes[k])))
-            self.stats.read_done(aligned, time.perf_counter() - t0)
-            self.cache.loaded(slot, ExpertWeights(*mats))
+                mats.append(make_matrix(f"blk.{layer}.ffn_{PARTS[k]}_exps[{e}]", le.qtypes[k], le.shapes[k],
+                                        as_matrix_data(raw, le.qtypes[k], le.shapes[k])))
         except BaseException as err:
             self.cache.failed(slot, err)
             raise
+        else:
+            self.cache.loaded(slot, ExpertWeights(*mats))
+        finally:
+            self.stats.read_done(aligned)
 
     def _load_quietly(self, layer: int, e: int, slot: Slot) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from runtime.memory import peak_rss_bytes
@@ -25,7 +26,9 @@ class StreamStats:
     bytes_read: int = 0  # aligned bytes that came from disk
     ideal_bytes: int = 0  # bytes of the experts compute needed that were not resident (read on demand or prefetched)
     reads: int = 0
-    read_seconds: float = 0.0  # summed over reader threads
+    read_seconds: float = 0.0  # wall time with at least one read in flight
+    _inflight: int = 0
+    _busy_since: float = 0.0
     stall_seconds: float = 0.0  # compute waiting for an expert
     prefetch_predicted: int = 0
     prefetch_correct: int = 0
@@ -40,11 +43,20 @@ class StreamStats:
         else:
             c.misses += 1
 
-    def read_done(self, aligned_bytes: int, seconds: float) -> None:
+    def read_started(self) -> None:
+        with self.lock:
+            if self._inflight == 0:
+                self._busy_since = time.perf_counter()
+            self._inflight += 1
+
+    def read_done(self, aligned_bytes: int) -> None:
+        """A read finished (or failed); read GB/s is over the wall time any read was in flight."""
         with self.lock:
             self.bytes_read += aligned_bytes
             self.reads += 1
-            self.read_seconds += seconds
+            self._inflight -= 1
+            if self._inflight == 0:
+                self.read_seconds += time.perf_counter() - self._busy_since
 
     def prefetch_scored(self, predicted: set[int], actual: set[int]) -> None:
         self.prefetch_predicted += len(predicted)

@@ -8,7 +8,9 @@ Weight sets (each larger than the caches, so every call streams from DRAM):
 For each kernel it times one pass over the whole set (median of --reps passes)
 and prints the weight bytes streamed per second, the read bandwidth of a large
 numpy reduction measured in the same run, and their ratio. GEMM rows also give
-their time relative to the one-token GEMV on the same weights.
+their time relative to the one-token GEMV on the same weights. The bracketed
+cpu-time rate divides the bytes by the CPU seconds per thread: on a machine
+other processes share it shows what the kernel does when its threads run.
 """
 
 from __future__ import annotations
@@ -54,16 +56,17 @@ def make_set(qtype, shapes, copies: int, seed: int = 0) -> list[kernels.PackedMa
     return [kernels.pack(qtype, protos[s].copy(), *s) for _ in range(copies) for s in shapes]
 
 
-def time_pass(fn, mats, reps: int) -> float:
-    """Median seconds of one pass of fn over every matrix of the set."""
+def time_pass(fn, mats, reps: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (all threads) of one pass of fn over the set."""
     fn(mats[0])  # compile or load from cache
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for m in mats:
             fn(m)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return float(np.median(wall)), float(np.median(cpu))
 
 
 def bench_set(name, mats, reps, bw, tokens=(4, 8)):
@@ -73,19 +76,24 @@ def bench_set(name, mats, reps, bw, tokens=(4, 8)):
     rows = {m.rows for m in mats}
     xs = {c: rng.standard_normal(c).astype(np.float32) for c in cols}
     outs = {r: np.empty(r, np.float32) for r in rows}
-    t1 = time_pass(lambda m: kernels.matvec(m, xs[m.cols], outs[m.rows]), mats, reps)
+    threads = numba.get_num_threads()
+    t1, c1 = time_pass(lambda m: kernels.matvec(m, xs[m.cols], outs[m.rows]), mats, reps)
     qname = mats[0].qtype.name
-    lines = [(f"{qname:6s} {name:9s} GEMV n=1", total / t1, None)]
+    lines = [(f"{qname:6s} {name:9s} GEMV n=1", t1, c1, None)]
     scratch = kernels.make_scratch()
     for n in tokens:
         Xs = {c: rng.standard_normal((n, c)).astype(np.float32) for c in cols}
         Os = {r: np.empty((n, r), np.float32) for r in rows}
-        tn = time_pass(lambda m: kernels.matmul(m, Xs[m.cols], Os[m.rows], scratch), mats, reps)
-        lines.append((f"{qname:6s} {name:9s} GEMM n={n}", total / tn, tn / t1))
-    for label, rate, rel in lines:
+        tn, cn = time_pass(lambda m: kernels.matmul(m, Xs[m.cols], Os[m.rows], scratch), mats, reps)
+        lines.append((f"{qname:6s} {name:9s} GEMM n={n}", tn, cn, tn / t1))
+    for label, wall, cpu, rel in lines:
+        rate = total / wall
         extra = f"   {rel:5.2f}x GEMV time" if rel is not None else ""
+        # bytes per second of CPU time per thread: the rate the kernel would reach if its
+        # threads had the cores to themselves (differs from the wall rate on a busy machine)
         print(f"{label:28s} {total / 2**20:7.0f} MiB  {rate / 1e9:6.2f} GB/s  "
-              f"read {bw / 1e9:6.2f} GB/s  ratio {rate / bw:5.2f}{extra}", flush=True)
+              f"read {bw / 1e9:6.2f} GB/s  ratio {rate / bw:5.2f}{extra}  "
+              f"[cpu-time rate {total / (cpu / threads) / 1e9:6.2f} GB/s]", flush=True)
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,8 @@ Shape legend
 
     w = pack(qtype, raw, R, C)      # checks and wraps raw bytes; no copy, so memory speed
     matvec(w, x, out)               # out = W @ x         (decode: one token)
-    matmul(w, X, out)               # out = X @ W.T       (prefill, MTP verification)
+    matmul(w, X, out[, scratch])    # out = X @ W.T       (prefill, MTP verification)
+                                    # scratch = make_scratch() once, to skip a small allocation
 
 Both return ``out``. Formats: F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K,
 IQ4_XS. Weights are decoded inside the kernels (fused), in float32 with float32
@@ -20,6 +21,8 @@ bytes, which is what the vectorized inner loops need (see ``_rowdot``).
 ``matmul`` decodes a tile of rows x 512 columns into a float32 scratch tile
 once and multiplies it with every token, so the weights are read once for all
 N tokens. Numba's thread count (``numba.set_num_threads``) sets the parallelism.
+With Numba's OpenMP layer, set OMP_WAIT_POLICY=PASSIVE when other processes may
+compete for the cores: spinning workers otherwise slow each call several-fold.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from runtime.errors import StepstreamError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("runtime.demo_cli", "generate with the embedded trained miniature, experts streaming from disk"),
     "mini": ("convert.mini_cli", "write a random-weight miniature Step-3.5 checkpoint (HF layout)"),
     "convert": ("convert.cli", "convert a Hugging Face Step-3.5 checkpoint to GGUF"),
     "run": ("runtime.run_cli", "complete a prompt with a GGUF model, streaming the text"),

@@ -255,7 +255,7 @@ def load(path: str | Path, **options) -> Model:
         return Model(f, cfg, weights, provider, opts)
     from offload.placement import build_streaming, make_resident
 
-    weights, resident = make_resident(weights)
+    weights, resident = make_resident(weights, cfg.n_layers)
     provider, placement = build_streaming(f, cfg, resident, opts.ram_budget, opts.cache_policy, opts.profile,
                                           direct_io=opts.direct_io)
     model = Model(f, cfg, weights, provider, opts)

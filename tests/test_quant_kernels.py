@@ -125,3 +125,15 @@ def test_errors_name_the_offending_value():
 def test_every_required_format_has_kernels():
     required = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K}
     assert required <= set(KERNEL_FORMATS) <= set(FORMATS)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+def test_float_formats_take_any_row_length(qtype):
+    rng = np.random.default_rng(9)
+    for rows, cols in ((3, 7), (10, 1000)):
+        raw, W = weights(qtype, rows, cols)
+        w = pack(qtype, raw, rows, cols)
+        x = rng.standard_normal(cols).astype(np.float32)
+        assert_close(matvec(w, x, np.empty(rows, np.float32))[None, :], W, x[None, :])
+        X = rng.standard_normal((5, cols)).astype(np.float32)
+        assert_close(matmul(w, X, np.empty((5, rows), np.float32)), W, X)
