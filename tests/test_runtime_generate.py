@@ -181,3 +181,14 @@ def test_chat_completion_and_streaming_agree(model):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == msg["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
+
+
+def test_prefix_reuse_falls_back_to_a_fresh_start(f32_path):
+    """When the sliding ring cannot roll back to the common prefix, the prompt is evaluated anew."""
+    m = runtime.load(f32_path, n_ctx=256, rollback=0)
+    tokens = np.random.default_rng(2).integers(0, 700, 60).tolist()
+    m.eval(tokens)
+    other = tokens[:30] + [7, 8, 9]
+    got = m.eval_reusing_prefix(other)
+    assert m.history == other
+    np.testing.assert_allclose(got, runtime.load(f32_path, n_ctx=256).eval(other), rtol=1e-4, atol=1e-4)
