@@ -9,9 +9,9 @@ order so the same inputs train the same merges.
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
+from convert.corpus import stdlib_corpus
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPLIT_REGEX = (
@@ -27,36 +27,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-MULTILINGUAL = (
-    "The quick brown fox jumps over the lazy dog. "
-    "日本語のテキストも正しく分割されるべきです。東京は日本の首都です。"
-    "Ünïcödé àccents, émojis 🙂 and numbers 1234567890. "
-    "Привет, мир! Γειά σου κόσμε. 你好，世界。\n"
-)
-
-
-def stdlib_files(recursive: bool = False) -> list[Path]:
-    """The standard library's Python sources on this machine, sorted by path (no site-packages)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = root.rglob("*.py") if recursive else root.glob("*.py")
-    return sorted(p for p in files if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-
-
-def stdlib_corpus(max_bytes: int) -> list[str]:
-    """Python sources of the standard library's top folder, sorted by path, up to max_bytes."""
-    texts, total = [MULTILINGUAL * 20], 0
-    for path in stdlib_files():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        texts.append(text)
-        total += len(text)
-        if total >= max_bytes:
-            break
-    return texts
-
 
 def train_tokenizer(vocab_size: int, corpus_bytes: int = 2_000_000, texts: list[str] | None = None) -> Tokenizer:
     tok = Tokenizer(models.BPE())

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from convert import layout
 from convert.hf_config import HFConfig
 from convert.mini import Preset, make_config
-from convert.mini_tokenizer import stdlib_files, train_tokenizer, write_tokenizer_files
+from convert.corpus import split_corpus
+from convert.mini_tokenizer import train_tokenizer, write_tokenizer_files
 from convert.safetensors_io import SafetensorsWriter
 from convert.train.model import Step35
 from runtime.errors import StepstreamError
@@ -36,7 +37,6 @@ TRAINED = Preset(hidden=256, n_layers=5, head_dim=128, n_head_full=2, n_head_sli
                  n_expert=16, n_expert_used=4, expert_ffn=256, shared_ffn=256, dense_ffn=512,
                  vocab=2048, sliding_window=128, n_shards=2, about="trained on the Python stdlib")
 CLAMPS = (6.0, 10.0)  # routed / shared SwiGLU limits on the layers that have one
-HELDOUT_EVERY = 20
 
 
 @dataclass(frozen=True)
@@ -53,22 +53,6 @@ class TrainOptions:
     seed: int = 0
     threads: int = 2
     max_corpus_bytes: int = 40_000_000
-
-
-def split_corpus(max_bytes: int) -> tuple[list[str], list[str]]:
-    train, heldout, total = [], [], 0
-    for k, path in enumerate(stdlib_files(recursive=True)):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        (heldout if k % HELDOUT_EVERY == 0 else train).append(text)
-        total += len(text)
-        if total >= max_bytes:
-            break
-    if not train or not heldout:
-        raise StepstreamError("no Python standard library sources found to train on")
-    return train, heldout
 
 
 def encode(tok, texts: list[str], eos: int) -> np.ndarray:
