@@ -71,13 +71,20 @@ class ExpertProfile:
 
 
 class RecordingProvider:
-    """Wraps an expert provider and counts every expert it hands out."""
+    """Wraps an expert provider and counts every expert it hands out.
 
-    def __init__(self, inner, profile: ExpertProfile, n_expert: int):
+    With keep_calls, it also keeps each request's (layer, set of experts): one request per
+    layer per token in decoding, which is what token-to-token reuse is measured on.
+    """
+
+    def __init__(self, inner, profile: ExpertProfile, n_expert: int, keep_calls: bool = False):
         self.inner, self.profile, self.n_expert = inner, profile, n_expert
+        self.calls: list[tuple[int, set[int]]] | None = [] if keep_calls else None
 
     def experts(self, layer: int, ids) -> Iterator:
         self.profile.add(layer, self.n_expert, ids)
+        if self.calls is not None:
+            self.calls.append((layer, set(int(e) for e in ids)))
         return self.inner.experts(layer, ids)
 
     def close(self) -> None:

@@ -49,41 +49,34 @@ def llama_logits_fn(path: Path, n_ctx: int):
     return logits
 
 
-def routing(model, prompt_ids: list[int], n: int) -> tuple[dict, list[int]]:
-    """Greedy-decode n tokens after the prompt, recording each layer's experts per token."""
-    from offload.profile import ExpertProfile
+def routing(model, prompt_ids: list[int], n: int, follow: list[int] | None = None) -> tuple[dict, list[int]]:
+    """Decode n tokens one at a time after the prompt, recording each layer's experts per token.
 
-    per_token: dict[int, list[set[int]]] = {}
-
-    class Recorder:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def experts(self, layer, ids):
-            per_token.setdefault(layer, []).append(set(int(e) for e in ids))
-            return self.inner.experts(layer, ids)
-
-        def close(self):
-            self.inner.close()
+    The tokens fed are greedy choices, or the tokens of `follow` (teacher forcing on real text).
+    """
+    from offload.profile import ExpertProfile, RecordingProvider
 
     model.reset()
     model.eval(prompt_ids[:-1])
     inner = model.provider
-    model.provider = Recorder(inner)
+    recorder = model.provider = RecordingProvider(inner, ExpertProfile("", 0), model.cfg.n_expert, keep_calls=True)
     tok, out = prompt_ids[-1], []
     try:
-        for _ in range(n):
-            tok = int(np.argmax(model.eval([tok])))
+        for k in range(n):
+            logits = model.eval([tok])
+            tok = int(np.argmax(logits)) if follow is None else follow[k]
             out.append(tok)
     finally:
         model.provider = inner
-    prof = ExpertProfile("", 0)
+    per_layer: dict[int, list[set[int]]] = {}
+    for layer, ids in recorder.calls:
+        per_layer.setdefault(layer, []).append(ids)
     reuse_num = reuse_den = 0
-    for layer, seq in per_token.items():
-        prof.add(layer, model.cfg.n_expert, [e for s in seq for e in s])
+    for seq in per_layer.values():
         for a, b in zip(seq, seq[1:]):
             reuse_num += len(a & b)
             reuse_den += len(b)
+    prof = recorder.profile
     return {"skew_top20": prof.skew(0.2), "reuse": reuse_num / max(reuse_den, 1),
             "per_layer_skew": {l: ExpertProfile("", 0, {l: prof.counts[l]}).skew(0.2) for l in sorted(prof.counts)}}, out
 
@@ -143,14 +136,17 @@ def main(argv=None) -> int:
     report.update(ours_rise=ours_rise, llama_rise=theirs_rise)
 
     m = load(files["q4_k_m"], n_ctx=a.ctx + a.gen + 8)
-    prompt = m.tokenize(text[:2000], add_bos=True)[:a.ctx]
-    rt, gen = routing(m, prompt, a.gen)
-    print(f"routing: top 20% of experts take {rt['skew_top20']:.1%} of activations; "
-          f"{rt['reuse']:.1%} of a token's experts were also the previous token's")
-    acc = mtp_acceptance(m, prompt[-64:] + gen)
-    print("MTP acceptance (greedy): " + ", ".join(f"head {j + 1}: {v:.1%}" for j, v in enumerate(acc)))
-    print("sample: " + m.detokenize(gen[:80]).decode("utf-8", "replace").replace("\n", "\\n"))
-    report.update(routing=rt, mtp_acceptance=acc)
+    held = m.tokenize(text, add_bos=True)
+    prompt, follow = held[: a.ctx // 2], held[a.ctx // 2 : a.ctx // 2 + a.gen]
+    for label, teacher in (("greedy decoding", None), ("held-out text, teacher-forced", follow)):
+        rt, seq = routing(m, prompt, a.gen, teacher)
+        acc = mtp_acceptance(m, prompt[-64:] + seq)
+        print(f"{label}: top 20% of experts take {rt['skew_top20']:.1%} of activations; "
+              f"{rt['reuse']:.1%} of a token's experts were the previous token's too; MTP acceptance "
+              + ", ".join(f"head {j + 1} {v:.1%}" for j, v in enumerate(acc)))
+        report[label] = {"routing": rt, "mtp_acceptance": acc}
+        if teacher is None:
+            print("  greedy sample: " + m.detokenize(seq[:60]).decode("utf-8", "replace").replace("\n", "\\n"))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2, default=str))
     return 0
