@@ -82,12 +82,18 @@ def routing(model, prompt_ids: list[int], n: int, follow: list[int] | None = Non
 
 
 def mtp_acceptance(model, tokens: list[int]) -> list[float]:
-    """Head j's teacher-forced draft of token t+2+j against the greedy sequence itself."""
+    """How often head j's draft of token t+2+j equals the trunk's own greedy choice there.
+
+    That is the acceptance a greedy verifier gives each head when the tokens before its
+    draft are right (teacher forcing); on a greedy sequence the trunk's choice is the
+    sequence's next token.
+    """
+    greedy = model.logits(tokens).argmax(-1)  # row i: the trunk's choice of token i+1
     drafts = model.mtp_logits(tokens)
     acc = []
     for j, d in enumerate(drafts):
-        target = np.asarray(tokens[2 + j : 2 + j + d.shape[0]])
-        acc.append(float((d[: len(target)].argmax(-1) == target).mean()))
+        want = greedy[1 + j : 1 + j + d.shape[0]]
+        acc.append(float((d.argmax(-1)[: len(want)] == want).mean()))
     return acc
 
 
@@ -99,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=40)
     p.add_argument("--gen", type=int, default=200, help="greedy tokens for routing and MTP figures")
     p.add_argument("--json", default=None)
+    p.add_argument("--no-perplexity", action="store_true", help="only the routing and MTP figures")
     a = p.parse_args(argv)
 
     from convert.converter import convert
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
     base = load(files["f32"], n_ctx=a.ctx)
     tokens = base.tokenize(text, add_bos=True)
     bos = base.tokenizer.bos_id if base.tokenizer.add_bos else None
-    for name, path in files.items():
+    for name, path in ({} if a.no_perplexity else files).items():
         m = load(path, n_ctx=a.ctx)
         r = perplexity(lambda ids: m.logits(ids), tokens, a.ctx, bos, a.chunks)
         report["perplexity"][name] = r.ppl
@@ -129,11 +136,12 @@ def main(argv=None) -> int:
             rl = perplexity(llama_logits_fn(path, a.ctx), tokens, a.ctx, bos, a.chunks)
             report["perplexity_llama_cpp"][name] = rl.ppl
             print(f"perplexity  {name:<18} {rl.ppl:8.3f}            (llama.cpp's logits)", flush=True)
-    f32 = report["perplexity"]["f32"]
-    ours_rise = report["perplexity"]["q4_k_m"] / f32 - 1
-    theirs_rise = report["perplexity"]["llama.cpp Q4_K_M"] / f32 - 1
-    print(f"4-bit perplexity rise over f32: ours {ours_rise:+.2%}, llama.cpp Q4_K_M {theirs_rise:+.2%}")
-    report.update(ours_rise=ours_rise, llama_rise=theirs_rise)
+    if not a.no_perplexity:
+        f32 = report["perplexity"]["f32"]
+        ours_rise = report["perplexity"]["q4_k_m"] / f32 - 1
+        theirs_rise = report["perplexity"]["llama.cpp Q4_K_M"] / f32 - 1
+        print(f"4-bit perplexity rise over f32: ours {ours_rise:+.2%}, llama.cpp Q4_K_M {theirs_rise:+.2%}")
+        report.update(ours_rise=ours_rise, llama_rise=theirs_rise)
 
     m = load(files["q4_k_m"], n_ctx=a.ctx + a.gen + 8)
     held = m.tokenize(text, add_bos=True)
