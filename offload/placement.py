@@ -128,7 +128,10 @@ def build_streaming(f: GGUFModelFile, cfg: ModelConfig, resident_bytes: int, bud
     if profile is not None and policy == "lru":
         policy = "pinned"
     cache = ExpertCache(budget_bytes, slot, policy, min_slots=cfg.n_expert_used)
-    provider = StreamingExperts(table, cache, DirectReader(direct_io), workers=workers)
+    # Prefetch the 3/4 most likely of one token's K experts: the last guesses are the ones
+    # most often wrong, and each wrong guess is an expert read for nothing.
+    provider = StreamingExperts(table, cache, DirectReader(direct_io), workers=workers,
+                                prefetch_depth=max(1, cfg.n_expert_used * 3 // 4))
     pinned = 0
     if profile is not None:
         hot = ExpertProfile.load(profile, f.path).hottest(int(cache.n_slots * pin_share), table)

@@ -41,13 +41,15 @@ def as_matrix_data(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> np.ndar
 
 class StreamingExperts:
     def __init__(self, table: ExpertTable, cache: ExpertCache, reader: DirectReader | None = None,
-                 workers: int = 4, stats: StreamStats | None = None):
+                 workers: int = 4, stats: StreamStats | None = None, prefetch_depth: int | None = None):
         self.table = table
         self.cache = cache
         self.reader = reader or DirectReader()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="expert-read")
         self.stats = stats or StreamStats()
         self._predicted: dict[int, set[int]] = {}
+        # Read ahead only the most likely guesses: a wrong guess costs a whole expert's read.
+        self.prefetch_depth = prefetch_depth if prefetch_depth is not None else max(1, cache.n_slots // 4)
 
     # ------------------------------------------------------------------ loading
 
@@ -124,10 +126,10 @@ class StreamingExperts:
                 self.cache.release(slot, (layer, e))
 
     def prefetch(self, layer: int, ids: Iterable[int]) -> None:
-        """Start background reads of `ids` of `layer`, as many as a quarter of the cache allows."""
-        ids = [int(e) for e in ids]
+        """Start background reads of the first `prefetch_depth` of `ids` (most likely first) of `layer`."""
+        ids = [int(e) for e in ids][: min(self.prefetch_depth, max(1, self.cache.n_slots // 4))]
         self._predicted[layer] = set(ids)
-        for e in ids[: max(1, self.cache.n_slots // 4)]:
+        for e in ids:
             slot = self.cache.try_claim_for_prefetch((layer, e))
             if slot is not None:
                 self.stats.prefetch_reads += 1

@@ -92,10 +92,18 @@ def moe_ffn(s: BlockSpec, w: BlockWeights, x: np.ndarray, provider: ExpertProvid
 
 
 def guess_experts(s: BlockSpec, w: BlockWeights, h: np.ndarray) -> np.ndarray:
-    """Block s's likely experts for hidden states h [T, H] of an earlier block: its router on them."""
+    """Block s's likely experts for hidden states h [T, H] of an earlier block, most likely first.
+
+    Its router on those states; experts are ranked by how many tokens pick them, then by
+    the best rank any token gives them.
+    """
     ids, _ = route(matmul(rms_norm(h, w.ffn_norm, s.eps), w.router), w.router_bias, s.n_expert_used,
-                   s.expert_scale, s.expert_norm)
-    return np.unique(ids)
+                   s.expert_scale, s.expert_norm)  # [T, K], each row best first
+    votes: dict[int, tuple[int, int]] = {}
+    for rank, e in zip(np.tile(np.arange(ids.shape[1]), ids.shape[0]).tolist(), ids.ravel().tolist()):
+        n, best = votes.get(e, (0, rank))
+        votes[e] = (n + 1, min(best, rank))
+    return np.asarray(sorted(votes, key=lambda e: (-votes[e][0], votes[e][1])), dtype=np.int64)
 
 
 def block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: np.ndarray, kv: LayerKV,
