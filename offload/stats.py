@@ -11,8 +11,8 @@ from runtime.memory import peak_rss_bytes
 
 @dataclass
 class LayerCounts:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # resident, or already being read by a prefetch, when compute asked
+    misses: int = 0  # read on demand
 
     @property
     def hit_rate(self) -> float:

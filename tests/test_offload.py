@@ -133,9 +133,9 @@ def test_injected_read_error_names_file_and_offset(q4, reference, monkeypatch):
 def test_truncated_file_read_is_a_clear_error(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(bytes(10000))
-    r = DirectReader()
-    buf = np.empty(3 * 4096 + 4096, np.uint8)
     from offload.direct_io import aligned_empty
+
+    r = DirectReader()
     with pytest.raises(StepstreamError, match=r"offset 9000 came back short"):
         r.read(p, 9000, 5000, aligned_empty(3 * 4096))
     r.close()
@@ -206,14 +206,13 @@ def test_eviction_never_drops_an_in_use_expert_under_threads():
                 for _ in range(3):  # hold it while others churn
                     assert np.array_equal(slot.buffer, pattern(key)), "an in-use slot was overwritten"
                 cache.release(slot, key)
-                if rnd.random() < 0.3:
-                    cache.try_claim_for_prefetch((rnd.randrange(3), rnd.randrange(5))) and None
+                if rnd.random() < 0.3:  # a prefetch claim; the completer thread fills it
+                    cache.try_claim_for_prefetch((rnd.randrange(3), rnd.randrange(5)))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
             stop.set()
 
-    # prefetch claims are left LOADING forever here unless completed: complete them from a helper thread
-    def completer():
+    def completer():  # completes prefetch claims, as the provider's reader threads do
         while not stop.is_set():
             with cache.lock:
                 loading = [s for s in cache.slots if s.state is SlotState.LOADING and s.prefetched]
