@@ -56,10 +56,18 @@ def release_mapped_pages(f: GGUFModelFile) -> None:
             mm.madvise(mmap.MADV_DONTNEED)
 
 
-def default_budget(expert_bytes: int, resident_bytes: int) -> int:
+def _usable_memory() -> int:
     vm = psutil.virtual_memory()
-    reserve = max(RESERVE_MIN, int(vm.total * RESERVE_FRACTION))
-    return max(0, min(expert_bytes, vm.available - reserve - resident_bytes))
+    return vm.available - max(RESERVE_MIN, int(vm.total * RESERVE_FRACTION))
+
+
+def fits_in_memory(model_bytes: int) -> bool:
+    """Whether a whole model file fits in the memory available now, the reserve kept."""
+    return model_bytes <= _usable_memory()
+
+
+def default_budget(expert_bytes: int, resident_bytes: int) -> int:
+    return max(0, min(expert_bytes, _usable_memory() - resident_bytes))
 
 
 def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = ("embed", "nextn")):

@@ -14,9 +14,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("expert streaming (routed experts read from disk into a RAM cache)")
     g.add_argument("--ram-budget", default=None, metavar="SIZE",
                    help="RAM for the routed-expert cache, e.g. 6GiB or 800MiB; turns streaming on "
-                        "(default without --stream: every expert resident)")
-    g.add_argument("--stream", action="store_true",
-                   help="stream routed experts with the default budget: available memory minus a reserve")
+                        "(default: stream only when the model does not fit in available memory)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--stream", action="store_true",
+                      help="stream routed experts with the default budget: available memory minus a reserve")
+    mode.add_argument("--no-stream", action="store_true", help="keep every routed expert resident (memory-mapped)")
     g.add_argument("--cache-policy", default="lru", choices=("lru", "lfu", "pinned"), help="expert cache policy (default: lru)")
     g.add_argument("--profile", default=None, metavar="FILE",
                    help="expert profile from `stepstream profile`: pin the most-used experts into half the cache")
@@ -46,7 +48,7 @@ def load_model(args):
     from runtime.model import load
 
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
-                 experts="stream" if args.stream else "ram", ram_budget=args.ram_budget,
+                 experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
                  direct_io=not args.no_direct_io)
     if model.placement is not None:

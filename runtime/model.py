@@ -250,7 +250,7 @@ def load(path: str | Path, **options) -> Model:
 
         set_threads(opts.n_threads)
     weights = load_weights(f, cfg)
-    if not opts.streaming:
+    if not opts.streaming(f.nbytes):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
         return Model(f, cfg, weights, provider, opts)
     from offload.placement import build_streaming, make_resident

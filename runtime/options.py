@@ -13,7 +13,9 @@ class RuntimeOptions:
     n_batch: int = 64  # prefill chunk: tokens evaluated together
     n_threads: int | None = None  # compute threads; None leaves the libraries' defaults
     rollback: int = 16  # positions trim(n) can undo on sliding blocks (their ring keeps W + this)
-    experts: str = "ram"  # "ram": every routed expert resident; "stream": an expert cache fed from disk
+    # "auto": stream when the model does not fit in available memory (minus a reserve), else
+    # keep every routed expert resident; "ram" or "stream" to choose.
+    experts: str = "auto"
     ram_budget: int | str | None = None  # expert cache size ("6GiB"); implies experts="stream"; None: auto
     cache_policy: str = "lru"  # lru, lfu, or pinned (hot set from `profile`, LRU for the rest)
     profile: str | None = None  # expert profile to pin the most-used experts from
@@ -39,13 +41,19 @@ class RuntimeOptions:
             raise StepstreamError(f"n_threads must be positive, got {self.n_threads}")
         if self.rollback < 0:
             raise StepstreamError(f"rollback must be >= 0, got {self.rollback}")
-        if self.experts not in ("ram", "stream"):
-            raise StepstreamError(f"experts={self.experts!r}: choose 'ram' or 'stream'")
+        if self.experts not in ("auto", "ram", "stream"):
+            raise StepstreamError(f"experts={self.experts!r}: choose 'auto', 'ram' or 'stream'")
         if self.cache_policy not in ("lru", "lfu", "pinned"):
             raise StepstreamError(f"cache_policy={self.cache_policy!r}: choose lru, lfu or pinned")
         if self.cache_policy == "pinned" and self.profile is None:
             raise StepstreamError("cache_policy='pinned' needs a profile (record one with `stepstream profile`)")
 
-    @property
-    def streaming(self) -> bool:
-        return self.experts == "stream" or self.ram_budget is not None or self.profile is not None
+    def streaming(self, model_bytes: int) -> bool:
+        """Whether routed experts stream from disk, for a model file of `model_bytes`."""
+        if self.experts == "stream" or self.ram_budget is not None or self.profile is not None:
+            return True
+        if self.experts == "ram":
+            return False
+        from offload.placement import fits_in_memory
+
+        return not fits_in_memory(model_bytes)

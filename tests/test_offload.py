@@ -275,3 +275,20 @@ def test_streaming_runs_under_a_cgroup_cap_smaller_than_the_model(tmp_path):
     print(f"\n{size / 2**20:.0f} MiB model under a {cap / 2**20:.0f} MiB cap: peak {peak / 2**20:.0f} MiB\n{r.stdout}")
     assert peak <= cap
     assert np.array_equal(np.load(tmp_path / "l.npy"), ref)
+
+
+def test_auto_streams_only_when_the_model_does_not_fit(q4, monkeypatch):
+    import offload.placement as placement
+    from runtime.experts import InMemoryExperts
+
+    m = load(q4)
+    assert isinstance(m.provider, InMemoryExperts) and m.placement is None
+    m.close()
+    monkeypatch.setattr(placement, "_usable_memory", lambda: q4.stat().st_size // 2)
+    s = load(q4)
+    try:
+        assert s.placement is not None and s.provider.stats is not None
+        assert s.placement.cache_bytes <= q4.stat().st_size // 2
+    finally:
+        s.close()
+    assert isinstance(load(q4, experts="ram").provider, InMemoryExperts)
