@@ -198,6 +198,11 @@ class ExpertCache:
             slot.move(SlotState.EMPTY)
             self.changed.notify_all()
 
+    def ready_payload(self, slot: Slot, key: Key) -> object | None:
+        """`slot`'s payload if it holds `key` and is READY, else None (still loading, or failed)."""
+        with self.lock:
+            return slot.payload if slot.key == key and slot.state is SlotState.READY else None
+
     def wait_ready(self, slot: Slot, key: Key, timeout: float = 60.0) -> object:
         """Block until `slot` (acquired for `key`) is READY; its payload. Raises the loader's error."""
         with self.lock:

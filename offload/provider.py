@@ -113,7 +113,8 @@ class StreamingExperts:
                     if must_load:
                         self.pool.submit(self._load_quietly, layer, e, slot)
                 e, slot = held[0]
-                payload = slot.payload
+                # Checked under the lock: a slot whose read failed can be reclaimed for another key.
+                payload = self.cache.ready_payload(slot, (layer, e))
                 if payload is None:
                     t0 = time.perf_counter()
                     payload = self.cache.wait_ready(slot, (layer, e))

@@ -292,3 +292,19 @@ def test_auto_streams_only_when_the_model_does_not_fit(q4, monkeypatch):
     finally:
         s.close()
     assert isinstance(load(q4, experts="ram").provider, InMemoryExperts)
+
+
+def test_a_failed_slot_reclaimed_for_another_expert_is_never_served():
+    """After a failed read, its slot may be claimed again; the waiter gets the error, not the new payload."""
+    cache = ExpertCache(2 * 64, 64)
+    slot, must = cache.acquire((1, 1))
+    assert must
+    cache.failed(slot, StepstreamError("disk.gguf: read of 64 bytes at offset 4096 failed (Input/output error)"))
+    other = cache.try_claim_for_prefetch((2, 2))
+    assert other is not None
+    if other is slot:
+        cache.loaded(other, "weights of (2, 2)")
+    assert cache.ready_payload(slot, (1, 1)) is None
+    with pytest.raises(StepstreamError, match="offset 4096"):
+        cache.wait_ready(slot, (1, 1))
+    cache.release(slot, (1, 1))  # a no-op: the slot no longer holds (1, 1)
