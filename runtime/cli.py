@@ -28,26 +28,23 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: it lists the subcommands; each one's arguments come from its module."""
     parser = argparse.ArgumentParser(prog="stepstream", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        # Arguments are added lazily (below) so that only the chosen module is imported.
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    # Find the subcommand first, then let its module describe its own arguments.
-    known, _ = parser.parse_known_args(argv[:1]) if argv and argv[0] in SUBCOMMANDS else (None, None)
-    if known is None:
-        parser.parse_args(argv)  # prints help or a usage error and exits
+    if not argv or argv[0] not in SUBCOMMANDS:
+        build_parser().parse_args(argv)  # prints the help or a usage error, and exits
         return 2
-    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    sub = argparse.ArgumentParser(prog=f"stepstream {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"stepstream {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:
