@@ -1,0 +1,48 @@
+"""Expert streaming from the command line: placement, --stats, bench JSON, profile and --profile."""
+
+import json
+
+from offload.profile import ExpertProfile
+from runtime.cli import main
+
+
+def test_run_prints_placement_and_stats(tiny_gguf, capsys):
+    path = str(tiny_gguf("q4_k_m"))
+    assert main(["run", "-m", path, "-p", "def f(x):", "-n", "6", "--temp", "0", "--ram-budget", "700KiB", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "placement:" in err and "resident" in err and "expert cache" in err and "of 48 experts" in err
+    for what in ("hits", "misses", "hit rate", "GB/s", "stalled", "prefetch recall", "precision", "peak RSS", "per layer"):
+        assert what in err, what
+
+
+def test_bench_json_carries_the_expert_stats(tiny_gguf, capsys):
+    path = str(tiny_gguf("q4_k_m"))
+    assert main(["bench", "-m", path, "-p", "8", "-n", "4", "-t", "2", "--json", "--ram-budget", "1MiB"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes"):
+        assert report[key] > 0
+    ex = report["experts"]
+    for key in ("hits", "misses", "hit_rate_per_layer", "bytes_read", "read_gb_s", "stall_seconds",
+                "prefetch_recall", "prefetch_precision", "peak_rss_bytes"):
+        assert key in ex, key
+    assert ex["bytes_read"] > 0 and report["placement"]["cache_slots"] >= 4
+
+
+def test_profile_then_pin(tiny_gguf, tmp_path, capsys):
+    path = tiny_gguf("q4_k_m")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main():\\n    pass\nimport os\n\nclass A:\n")
+    out = tmp_path / "p.json"
+    assert main(["profile", "-m", str(path), "-f", str(prompts), "-o", str(out), "-n", "4"]) == 0
+    prof = ExpertProfile.load(out, path)
+    assert prof.tokens > 0 and sum(sum(v) for v in prof.counts.values()) == prof.tokens * 4 * 3  # top-4, 3 MoE layers
+    capsys.readouterr()
+    assert main(["run", "-m", str(path), "-p", "x = 1", "-n", "4", "--ram-budget", "1MiB", "--profile", str(out)]) == 0
+    assert "pinned from the profile" in capsys.readouterr().err
+
+
+def test_profile_of_another_model_is_refused(tiny_gguf, tmp_path, capsys):
+    other = tmp_path / "p.json"
+    ExpertProfile("something-else.gguf", 123, {1: [1] * 16}).save(other)
+    assert main(["run", "-m", str(tiny_gguf("q4_k_m")), "-p", "x", "-n", "1", "--profile", str(other)]) == 2
+    assert "was recorded on something-else.gguf" in capsys.readouterr().err
