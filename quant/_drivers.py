@@ -46,6 +46,85 @@ def _gemv(row_dot, w, x, xs, lut, out):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
+def _dot_4x4(tile, i, X, c0, n, t, out, r):
+    """out[t:t+4, r:r+4] += X[t:t+4, c0:c0+n] @ tile[i:i+4, :n].T: 8 loads feed 16 multiply-adds,
+    so the loop is bound by the FMA units rather than by loads (16 accumulators fit the registers)."""
+    b0 = tile[i]
+    b1 = tile[i + 1]
+    b2 = tile[i + 2]
+    b3 = tile[i + 3]
+    x0 = X[t, c0:c0 + n]
+    x1 = X[t + 1, c0:c0 + n]
+    x2 = X[t + 2, c0:c0 + n]
+    x3 = X[t + 3, c0:c0 + n]
+    s00 = s01 = s02 = s03 = np.float32(0.0)
+    s10 = s11 = s12 = s13 = np.float32(0.0)
+    s20 = s21 = s22 = s23 = np.float32(0.0)
+    s30 = s31 = s32 = s33 = np.float32(0.0)
+    for c in range(n):
+        a0 = x0[c]
+        a1 = x1[c]
+        a2 = x2[c]
+        a3 = x3[c]
+        u = b0[c]
+        s00 += u * a0
+        s01 += u * a1
+        s02 += u * a2
+        s03 += u * a3
+        u = b1[c]
+        s10 += u * a0
+        s11 += u * a1
+        s12 += u * a2
+        s13 += u * a3
+        u = b2[c]
+        s20 += u * a0
+        s21 += u * a1
+        s22 += u * a2
+        s23 += u * a3
+        u = b3[c]
+        s30 += u * a0
+        s31 += u * a1
+        s32 += u * a2
+        s33 += u * a3
+    out[t, r] += s00
+    out[t + 1, r] += s01
+    out[t + 2, r] += s02
+    out[t + 3, r] += s03
+    out[t, r + 1] += s10
+    out[t + 1, r + 1] += s11
+    out[t + 2, r + 1] += s12
+    out[t + 3, r + 1] += s13
+    out[t, r + 2] += s20
+    out[t + 1, r + 2] += s21
+    out[t + 2, r + 2] += s22
+    out[t + 3, r + 2] += s23
+    out[t, r + 3] += s30
+    out[t + 1, r + 3] += s31
+    out[t + 2, r + 3] += s32
+    out[t + 3, r + 3] += s33
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _dot_4x1(tile, i, X, c0, n, t, out, r):
+    b0 = tile[i]
+    b1 = tile[i + 1]
+    b2 = tile[i + 2]
+    b3 = tile[i + 3]
+    x0 = X[t, c0:c0 + n]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for c in range(n):
+        a = x0[c]
+        s0 += b0[c] * a
+        s1 += b1[c] * a
+        s2 += b2[c] * a
+        s3 += b3[c] * a
+    out[t, r] += s0
+    out[t, r + 1] += s1
+    out[t, r + 2] += s2
+    out[t, r + 3] += s3
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
 def _dot_2x4(tile, i, X, c0, n, t, out, r):
     """out[t:t+4, r:r+2] += X[t:t+4, c0:c0+n] @ tile[i:i+2, :n].T: each load feeds two or four
     multiply-adds, so the loop is bound by the FMA units rather than by loads."""
@@ -123,10 +202,20 @@ def _dot_1x1(tile, i, X, c0, n, t, out, r):
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _tile_dots(tile, nr, X, c0, n, out, r0):
-    """out[:, r0:r0+nr] += X[:, c0:c0+n] @ tile[:nr, :n].T, in blocks of 2 rows x 4 tokens."""
+    """out[:, r0:r0+nr] += X[:, c0:c0+n] @ tile[:nr, :n].T, in blocks of 4 rows x 4 tokens
+    (then 2 rows, then 1 row, and single tokens for the remainder)."""
     n_tok = X.shape[0]
-    for ii in range(nr // 2):
-        i = 2 * ii
+    for ii in range(nr // 4):
+        i = 4 * ii
+        t = 0
+        while t + 4 <= n_tok:
+            _dot_4x4(tile, i, X, c0, n, t, out, r0 + i)
+            t += 4
+        while t < n_tok:
+            _dot_4x1(tile, i, X, c0, n, t, out, r0 + i)
+            t += 1
+    if nr % 4 >= 2:
+        i = nr - nr % 4
         t = 0
         while t + 4 <= n_tok:
             _dot_2x4(tile, i, X, c0, n, t, out, r0 + i)
