@@ -264,7 +264,8 @@ def _gemm(row_deq, tile_dots, w, X, lut, scratch, out):
     that all tokens use. scratch is [P, TILE_ROWS, TILE_COLS]; the constant tile sizes keep
     the column indices provably non-negative (see _rowdeq). tile_dots is _tile_dots_2x4 or
     _tile_dots_4x4, whichever is faster for the format (the register blocking changes how LLVM
-    compiles the inlined decode: 4x4 is faster for Q4_K and Q8_0, 2x4 for Q6_K)."""
+    compiles the inlined decode: 4x4 is faster for Q4_K, Q8_0, Q4_0, MXFP4, F16 and BF16,
+    2x4 for Q6_K and Q5_K; F32 and IQ4_XS are unmeasured and keep 2x4)."""
     rows = w.shape[0]
     n_tok, cols = X.shape
     workers = scratch.shape[0]
@@ -320,7 +321,7 @@ def _build(stamp: str) -> dict:
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemm_f16(w, X, lut, scratch, out):
         stamp  # noqa: B018 (cache key)
-        _gemm(deq_f16, _tile_dots_2x4, w, X, lut, scratch, out)
+        _gemm(deq_f16, _tile_dots_4x4, w, X, lut, scratch, out)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemv_bf16(w, x, xs, lut, out):
@@ -330,7 +331,7 @@ def _build(stamp: str) -> dict:
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemm_bf16(w, X, lut, scratch, out):
         stamp  # noqa: B018 (cache key)
-        _gemm(deq_bf16, _tile_dots_2x4, w, X, lut, scratch, out)
+        _gemm(deq_bf16, _tile_dots_4x4, w, X, lut, scratch, out)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemv_q8_0(w, x, xs, lut, out):
@@ -350,7 +351,7 @@ def _build(stamp: str) -> dict:
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemm_q4_0(w, X, lut, scratch, out):
         stamp  # noqa: B018 (cache key)
-        _gemm(deq_q4_0, _tile_dots_2x4, w, X, lut, scratch, out)
+        _gemm(deq_q4_0, _tile_dots_4x4, w, X, lut, scratch, out)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemv_mxfp4(w, x, xs, lut, out):
@@ -360,7 +361,7 @@ def _build(stamp: str) -> dict:
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemm_mxfp4(w, X, lut, scratch, out):
         stamp  # noqa: B018 (cache key)
-        _gemm(deq_mxfp4, _tile_dots_2x4, w, X, lut, scratch, out)
+        _gemm(deq_mxfp4, _tile_dots_4x4, w, X, lut, scratch, out)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemv_q4_k(w, x, xs, lut, out):
