@@ -110,17 +110,25 @@ def deq_q4_k(w, c0, n, lut, tile, i):
         o = 144 * (b0 + s)
         d = f16_at(w, o)
         dmin = f16_at(w, o + 2)
-        for k in range(4):
-            a0 = d * np.float32(k4_scale(w, o + 4, 2 * k))
-            a1 = d * np.float32(k4_scale(w, o + 4, 2 * k + 1))
-            m0 = dmin * np.float32(k4_min(w, o + 4, 2 * k))
-            m1 = dmin * np.float32(k4_min(w, o + 4, 2 * k + 1))
-            qo = o + 16 + 32 * k
-            t = 256 * s + 64 * k
-            for l in range(32):
-                q = w[qo + l]
-                tile[i, t + l] = a0 * np.float32(np.int32(q & 15)) - m0
-                tile[i, t + 32 + l] = a1 * np.float32(np.int32(q >> 4)) - m1
+        t = 256 * s
+        # sub-block pairs unrolled by hand: the scale and min fields have constant offsets
+        _q4k_pair(w, o, 0, d, dmin, tile, i, t)
+        _q4k_pair(w, o, 1, d, dmin, tile, i, t + 64)
+        _q4k_pair(w, o, 2, d, dmin, tile, i, t + 128)
+        _q4k_pair(w, o, 3, d, dmin, tile, i, t + 192)
+
+
+@nb.njit(**_JIT)
+def _q4k_pair(w, o, k, d, dmin, tile, i, t):
+    a0 = d * np.float32(k4_scale(w, o + 4, 2 * k))
+    a1 = d * np.float32(k4_scale(w, o + 4, 2 * k + 1))
+    m0 = dmin * np.float32(k4_min(w, o + 4, 2 * k))
+    m1 = dmin * np.float32(k4_min(w, o + 4, 2 * k + 1))
+    qo = o + 16 + 32 * k
+    for l in range(32):
+        q = w[qo + l]
+        tile[i, t + l] = a0 * np.float32(np.int32(q & 15)) - m0
+        tile[i, t + 32 + l] = a1 * np.float32(np.int32(q >> 4)) - m1
 
 
 @nb.njit(**_JIT)
