@@ -43,3 +43,14 @@ def test_training_lowers_loss_and_writes_a_checkpoint(trained):
               "heldout.txt", "train_report.json"):
         assert (out / f).exists()
     assert report["heldout_perplexity"] < report["unigram_perplexity"] * 1.5
+
+
+def test_same_seed_same_checkpoint(tmp_path):
+    """The script and its seed reproduce the weights, byte for byte."""
+    opts = TrainOptions(steps=3, batch=2, seq=32, lr=1e-2, warmup=1, max_corpus_bytes=120_000, threads=1)
+    for name in ("a", "b"):
+        train(tmp_path / name, opts, SMALL, log=lambda *_: None)
+    shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert shards
+    for s in shards + ["tokenizer.json", "config.json"]:
+        assert (tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes(), s
