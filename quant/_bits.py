@@ -82,3 +82,20 @@ def k4_min(w, o, j):
     if j < 4:
         return np.int32(w[o + j + 4] & 63)
     return np.int32((w[o + j + 4] >> 4) | ((w[o + j] >> 6) << 4))
+
+
+@intrinsic
+def _u8_pointer(typingctx, addr):
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.CPointer(types.uint8)(addr), codegen
+
+
+@nb.njit(inline="always", cache=True)
+def u8_at(addr, n):
+    """The n bytes at address addr as a uint8 array. The caller keeps the memory alive."""
+    return nb.carray(_u8_pointer(addr), n)

@@ -1,0 +1,149 @@
+"""Explicit AVX2 inner products for the int8-activation kernels, as Numba intrinsics.
+
+LLVM does not find the best x86 sequence for a 4- or 6-bit weight times an int8
+activation on its own: from plain loops it widens to 16 bits, multiplies the scale in
+separately and chains every multiply-add on one accumulator. These intrinsics emit
+llama.cpp's sequence directly in LLVM IR: ``vpmaddubsw`` (unsigned weight bytes times
+signed activation bytes, adjacent pairs summed to int16), then ``vpmaddwd`` against the
+sub-block scales (pairs summed to int32), with independent accumulators and one
+horizontal sum per 256 weights. About 1.6x the portable kernels' speed per core.
+
+AVAILABLE says whether the host can run them (AVX2 and F16C, and Numba compiling for
+the host CPU); the portable loops in ``_q8dot`` are used otherwise.
+
+    q4k_isum(q, x, p0, p1, p2, p3) -> int32
+        q: address of the 128 nibble bytes of a Q4_K super-block, x: address of its 256
+        int8 activations, p0..p3: its 8 six-bit scales, two per uint32 as int16 halves.
+        Returns sum_j scale_j * sum_{l<32} nibble_j[l] * x[32 j + l].
+    q6k_isum(w, x, xb) -> int32
+        w: address of a Q6_K super-block, x: its 256 int8 activations, xb: address of the
+        16 int32 sums of x per 16 columns. Returns sum_g scale_g * sum_l (q[l] - 32) * x[l].
+    f16_fast(bits) -> float32: IEEE half to float (vcvtph2ps).
+"""
+
+from __future__ import annotations
+
+import numba
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+def _host_has_simd() -> bool:
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False  # compiling for another CPU (NUMBA_CPU_NAME): stay portable
+    try:
+        features = llvm.get_host_cpu_features()
+    except RuntimeError:
+        return False
+    return bool(features.get("avx2") and features.get("f16c"))
+
+
+AVAILABLE = _host_has_simd()
+
+_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_V32I8 = ir.VectorType(_i8, 32)
+_V16I8 = ir.VectorType(_i8, 16)
+_V16I16 = ir.VectorType(_i16, 16)
+_V8I32 = ir.VectorType(_i32, 8)
+_V16I32 = ir.VectorType(_i32, 16)
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _load(builder, addr, offset: int, vtype):
+    ptr = builder.inttoptr(builder.add(addr, ir.Constant(addr.type, offset)), vtype.as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _maddubs(builder, u8, s8):
+    """<32 x u8> * <32 x i8>, adjacent pairs summed: <16 x i16>."""
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]), [u8, s8])
+
+
+def _maddwd(builder, a, b):
+    """<16 x i16> * <16 x i16>, adjacent pairs summed: <8 x i32>."""
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16]), [a, b])
+
+
+def _reduce(builder, v):
+    return builder.call(_fn(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", _i32, [v.type]), [v])
+
+
+def _splat8(v: int):
+    return ir.Constant(_V32I8, [v] * 32)
+
+
+def _shuffle(builder, vec, indices):
+    mask = ir.Constant(ir.VectorType(_i32, len(indices)), list(indices))
+    return builder.shuffle_vector(vec, ir.Constant(vec.type, ir.Undefined), mask)
+
+
+@intrinsic
+def q4k_isum(typingctx, q, x, p0, p1, p2, p3):
+    def codegen(context, builder, signature, args):
+        qa, xa = args[:2]
+        packed = ir.Constant(ir.VectorType(_i32, 4), ir.Undefined)
+        for j, p in enumerate(args[2:]):
+            packed = builder.insert_element(packed, p, ir.Constant(_i32, j))
+        scales = builder.bitcast(packed, ir.VectorType(_i16, 8))
+        parts = []
+        for k in range(4):
+            qv = _load(builder, qa, 32 * k, _V32I8)
+            lo = builder.and_(qv, _splat8(15))
+            hi = builder.lshr(qv, _splat8(4))
+            xl = _load(builder, xa, 64 * k, _V32I8)
+            xh = _load(builder, xa, 64 * k + 32, _V32I8)
+            parts.append(builder.add(
+                _maddwd(builder, _maddubs(builder, lo, xl), _shuffle(builder, scales, [2 * k] * 16)),
+                _maddwd(builder, _maddubs(builder, hi, xh), _shuffle(builder, scales, [2 * k + 1] * 16))))
+        return _reduce(builder, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
+
+    sig = types.int32(types.int64, types.int64, types.uint32, types.uint32, types.uint32, types.uint32)
+    return sig, codegen
+
+
+@intrinsic
+def q6k_isum(typingctx, w, x, xb):
+    def codegen(context, builder, signature, args):
+        wa, xa, xba = args
+        sc8 = _load(builder, wa, 192, _V16I8)
+        sc16 = builder.sext(sc8, ir.VectorType(_i16, 16))
+        parts = []
+        for h in range(2):
+            a = _load(builder, wa, 64 * h, _V32I8)
+            b = _load(builder, wa, 64 * h + 32, _V32I8)
+            hb = _load(builder, wa, 128 + 32 * h, _V32I8)
+            codes = [
+                builder.or_(builder.and_(a, _splat8(15)), builder.shl(builder.and_(hb, _splat8(3)), _splat8(4))),
+                builder.or_(builder.and_(b, _splat8(15)), builder.shl(builder.and_(hb, _splat8(12)), _splat8(2))),
+                builder.or_(builder.lshr(a, _splat8(4)), builder.and_(hb, _splat8(48))),
+                builder.or_(builder.lshr(b, _splat8(4)), builder.and_(builder.lshr(hb, _splat8(2)), _splat8(48))),
+            ]
+            for k, qv in enumerate(codes):
+                xv = _load(builder, xa, 128 * h + 32 * k, _V32I8)
+                g = 8 * h + 2 * k  # scale of lanes 0-7 (l < 16); g + 1 for lanes 8-15
+                parts.append(_maddwd(builder, _maddubs(builder, qv, xv), _shuffle(builder, sc16, [g] * 8 + [g + 1] * 8)))
+        while len(parts) > 1:
+            parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+        offset = builder.mul(builder.sext(sc8, _V16I32), _load(builder, xba, 0, _V16I32))
+        return builder.sub(_reduce(builder, parts[0]), builder.mul(_reduce(builder, offset), ir.Constant(_i32, 32)))
+
+    return types.int32(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def f16_fast(typingctx, bits):
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        v = builder.trunc(v, _i16) if v.type.width > 16 else builder.zext(v, _i16) if v.type.width < 16 else v
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+
+    return types.float32(bits), codegen

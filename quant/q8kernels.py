@@ -1,0 +1,253 @@
+"""Decode kernels on int8 activations: GEMV, grouped GEMV and a fused SwiGLU expert FFN.
+
+Shape legend
+    R  rows of W     C  columns (a multiple of 256)     N  tokens     H  hidden    I  FFN width
+    a = quantize_activations(X [N, C])   Q8Activations: q int8 [N, C], d float32 [N, C // 256],
+                                         b int32 [N, C // 16] (see quant._q8dot)
+    matvec(w, a, out[, token])           out [R] = W @ x_token, x quantized as in a
+    matvec_many(ws, a, out)              out [sum R] = the ws stacked, times token 0, in one call
+    swiglu_experts(experts, x, out)      out [H] += sum_e weight_e * down_e @ swiglu(gate_e @ x, up_e @ x)
+
+Formats: Q4_K, Q5_K, Q6_K and Q8_0 (``supports``). Results equal ``dequantize(W) @
+(d * q)`` up to float32 rounding once per 256 columns, so they differ from the float32
+kernels of ``quant.kernels`` only by the activation rounding (relative error about 1/250
+per block, as in llama.cpp, which quantizes activations the same way).
+
+``matvec_many`` and ``swiglu_experts`` take their matrices by address, so any set of
+them (views of a memory map, slots of an expert cache) goes in one call: one parallel
+launch instead of one per matrix, which is what a decode step spends its overhead on.
+The caller keeps the matrices alive during the call (a PackedMatrix's data does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from . import _bits, _q8dot, _simd
+from ._bits import u8_at
+from ._q8dot import Q4_K, Q5_K, Q6_K, Q8_0, q8dot, quantize_row
+from .kernels import PackedMatrix
+
+FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+
+
+def supports(qtype, cols: int) -> bool:
+    """Whether W [*, cols] of this format runs on int8 activations."""
+    return T(qtype) in FORMATS and cols % 256 == 0 and cols > 0
+
+
+@dataclass(frozen=True)
+class Q8Activations:
+    q: np.ndarray  # int8 [N, C]
+    d: np.ndarray  # float32 [N, C // 256]
+    b: np.ndarray  # int32 [N, C // 16]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+
+def quantize_activations(X: np.ndarray) -> Q8Activations:
+    """X float32 [N, C] (or [C]), C a multiple of 256, to int8 with one scale per 256 columns."""
+    X = np.asarray(X)
+    if X.ndim == 1:
+        X = X[None]
+    if X.dtype != np.float32 or X.ndim != 2:
+        raise TypeError(f"X must be float32 [N, C], got {X.dtype} {X.shape}")
+    n, c = X.shape
+    if c % 256 or c == 0:
+        raise ValueError(f"int8 activations need a multiple of 256 columns, got {c}")
+    a = Q8Activations(np.empty((n, c), np.int8), np.empty((n, c // 256), np.float32),
+                      np.empty((n, c // 16), np.int32))
+    _quantize(np.ascontiguousarray(X), a.q, a.d, a.b)
+    return a
+
+
+def _check_w(w, a: Q8Activations) -> None:
+    if not isinstance(w, PackedMatrix):
+        raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
+    if not supports(w.qtype, w.cols):
+        raise ValueError(f"{w.qtype.name} [{w.rows}, {w.cols}] has no int8-activation kernel")
+    if a.shape[1] != w.cols:
+        raise ValueError(f"activations have {a.shape[1]} columns, W has {w.cols}")
+
+
+def matvec(w: PackedMatrix, a: Q8Activations, out: np.ndarray, token: int = 0) -> np.ndarray:
+    """out [R] = W @ (token `token` of a)."""
+    _check_w(w, a)
+    if out.dtype != np.float32 or out.shape != (w.rows,) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 [{w.rows}], got {out.dtype} {out.shape}")
+    _gemv(int(w.qtype), w.data, a.q[token], a.d[token], a.b[token], out)
+    return out
+
+
+def matvec_many(ws: list[PackedMatrix], a: Q8Activations, out: np.ndarray) -> np.ndarray:
+    """out = concatenate([W @ x for W in ws]) for token 0 of a, in one parallel call."""
+    for w in ws:
+        _check_w(w, a)
+    total = sum(w.rows for w in ws)
+    if out.dtype != np.float32 or out.shape != (total,) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 [{total}], got {out.dtype} {out.shape}")
+    qt = np.array([int(w.qtype) for w in ws], np.int64)
+    addr = np.array([w.data.ctypes.data for w in ws], np.int64)
+    rb = np.array([w.data.shape[1] for w in ws], np.int64)
+    starts = np.zeros(len(ws) + 1, np.int64)
+    np.cumsum([w.rows for w in ws], out=starts[1:])
+    _gemv_many(qt, addr, rb, starts, a.q[0], a.d[0], a.b[0], out)
+    return out
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One SwiGLU FFN of a weighted sum: gate/up [I, H], down [H, I]."""
+    gate: PackedMatrix
+    up: PackedMatrix
+    down: PackedMatrix
+    weight: float
+    limit: float  # clamp: silu(g) <= limit, |u| <= limit; 0 for none
+
+
+def swiglu_experts(experts: list[Expert], x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out [H] += sum_e weight_e * down_e @ (min(silu(g), L) * clip(u, -L, L)), g = gate_e @ x,
+    u = up_e @ x, in one call. x is quantized once; each FFN's hidden vector once. Terms are
+    added to out in list order."""
+    h = out.shape[0]
+    if x.dtype != np.float32 or x.shape != (h,) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"x and out must be float32 [{h}], got {x.dtype} {x.shape} and {out.dtype} {out.shape}")
+    for e in experts:
+        i = e.gate.rows
+        if e.gate.cols != h or e.up.cols != h or e.up.rows != i or e.down.rows != h or e.down.cols != i:
+            raise ValueError(f"expert shapes gate {e.gate.rows}x{e.gate.cols}, up {e.up.rows}x{e.up.cols}, "
+                             f"down {e.down.rows}x{e.down.cols} do not make an FFN on [{h}]")
+        if e.gate.qtype != e.up.qtype or not supports(e.gate.qtype, h) or not supports(e.down.qtype, i):
+            raise ValueError(f"no int8-activation FFN for gate/up {e.gate.qtype.name}, down {e.down.qtype.name} "
+                             f"with H={h}, I={i}")
+    m = len(experts)
+    qt = np.array([[int(e.gate.qtype), int(e.down.qtype)] for e in experts], np.int64).reshape(m, 2)
+    addr = np.array([[e.gate.data.ctypes.data, e.up.data.ctypes.data, e.down.data.ctypes.data]
+                     for e in experts], np.int64).reshape(m, 3)
+    inter = np.array([e.gate.rows for e in experts], np.int64)
+    wl = np.array([[e.weight, e.limit] for e in experts], np.float32).reshape(m, 2)
+    _swiglu_experts(qt, addr, inter, wl, np.ascontiguousarray(x), out)
+    return out
+
+
+# ---------------------------------------------------------------- Numba drivers
+
+@nb.njit(inline="always", cache=True)
+def _bytes_per_256(qtype):
+    if qtype == Q4_K:
+        return 144
+    if qtype == Q5_K:
+        return 176
+    if qtype == Q6_K:
+        return 210
+    return 272
+
+
+@nb.njit(inline="always", cache=True)
+def _find(starts, g):
+    """The m with starts[m] <= g < starts[m + 1] (starts ascending; a handful of entries)."""
+    m = 0
+    while starts[m + 1] <= g:
+        m += 1
+    return m
+
+
+def _source_stamp() -> str:
+    """Hash of the sources the drivers inline, and whether the AVX2 path is in: Numba's cache
+    watches only the file defining a function, and the stamp, a closure variable of each
+    driver, is part of its cache key (as in quant._drivers)."""
+    h = hashlib.sha256(str(_simd.AVAILABLE).encode())
+    for mod in (_bits, _q8dot, _simd):
+        h.update(pathlib.Path(mod.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _build(stamp: str):
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def _quantize(X, q, d, b):
+        stamp  # noqa: B018 (cache key)
+        for t in nb.prange(X.shape[0]):
+            quantize_row(X[t], q[t], d[t], b[t])
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def _gemv(qtype, w, xq, xd, xb, out):
+        stamp  # noqa: B018 (cache key)
+        for r in nb.prange(w.shape[0]):
+            out[r] = q8dot(qtype, w[r], xq, xd, xb)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def _gemv_many(qt, addr, rb, starts, xq, xd, xb, out):
+        stamp  # noqa: B018 (cache key)
+        for g in nb.prange(starts[-1]):
+            m = _find(starts, g)
+            w = u8_at(addr[m] + (g - starts[m]) * rb[m], rb[m])
+            out[g] = q8dot(qt[m], w, xq, xd, xb)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def _swiglu_experts(qt, addr, inter, wl, x, out):
+        stamp  # noqa: B018 (cache key)
+        m_count = inter.shape[0]
+        h = x.shape[0]
+        xq = np.empty(h, np.int8)
+        xd = np.empty(h // 256, np.float32)
+        xb = np.empty(h // 16, np.int32)
+        quantize_row(x, xq, xd, xb)
+        # gate and up rows of every expert, one parallel loop: expert m owns gu[2 * s[m] : 2 * s[m + 1]]
+        s = np.zeros(m_count + 1, np.int64)
+        for m in range(m_count):
+            s[m + 1] = s[m] + inter[m]
+        gu = np.empty(2 * s[m_count], np.float32)
+        for g in nb.prange(2 * s[m_count]):
+            m = _find(s, g // 2)
+            j = g - 2 * s[m]  # 0 .. 2 I - 1: gate rows, then up rows
+            rbm = h // 256 * _bytes_per_256(qt[m, 0])
+            which = j // inter[m]
+            r = j - which * inter[m]
+            w = u8_at(addr[m, which] + r * rbm, rbm)
+            gu[g] = q8dot(qt[m, 0], w, xq, xd, xb)
+        # SwiGLU and the hidden vectors' quantization, per expert
+        hq = np.empty(s[m_count], np.int8)
+        hd = np.empty(s[m_count] // 256, np.float32)
+        hb = np.empty(s[m_count] // 16, np.int32)
+        act = np.empty(s[m_count], np.float32)
+        for m in nb.prange(m_count):
+            lim = wl[m, 1]
+            i = inter[m]
+            g0 = 2 * s[m]
+            for k in range(i):
+                gv = gu[g0 + k]
+                uv = gu[g0 + i + k]
+                a = gv / (np.float32(1.0) + np.exp(-gv))
+                if lim > np.float32(1e-6):
+                    a = min(a, lim)
+                    uv = min(max(uv, -lim), lim)
+                act[s[m] + k] = a * uv
+            quantize_row(act[s[m]:s[m + 1]], hq[s[m]:s[m + 1]], hd[s[m] // 256:s[m + 1] // 256],
+                         hb[s[m] // 16:s[m + 1] // 16])
+        # down rows of every expert, then the weighted sum in entry order
+        y = np.empty((m_count, h), np.float32)
+        for g in nb.prange(m_count * h):
+            m = g // h
+            r = g - m * h
+            i = inter[m]
+            rbm = i // 256 * _bytes_per_256(qt[m, 1])
+            w = u8_at(addr[m, 2] + r * rbm, rbm)
+            y[m, r] = q8dot(qt[m, 1], w, hq[s[m]:s[m + 1]], hd[s[m] // 256:s[m + 1] // 256],
+                            hb[s[m] // 16:s[m + 1] // 16])
+        for m in range(m_count):
+            wt = wl[m, 0]
+            for r in range(h):
+                out[r] += wt * y[m, r]
+
+    return _quantize, _gemv, _gemv_many, _swiglu_experts
+
+
+_quantize, _gemv, _gemv_many, _swiglu_experts = _build(_source_stamp())

@@ -1,0 +1,161 @@
+"""The int8-activation kernels (quant.q8kernels) against float64 references.
+
+References use the dequantized weights (gguf.quants) and the values the int8 activations
+stand for, so the only allowed difference is float32 rounding. Where the host has AVX2 the
+kernels run the explicit-SIMD row dots; the portable ones are checked here directly too.
+"""
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from quant import _q8dot, _simd, dequantize, pack, quantize
+from quant import q8kernels as q8
+
+FORMATS = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
+ROWS = [1, 5, 37]
+COLS = [256, 1280]
+
+
+def weights(qtype, rows, cols, seed=0, scale=0.05):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.standard_t(4, (rows, cols)) * np.exp(rng.standard_normal((rows, 1)))).astype(np.float32)
+    raw = quantize(x, qtype)
+    return pack(qtype, raw, rows, cols), dequantize(raw, qtype, (rows, cols)).astype(np.float64)
+
+
+def activations(n, cols, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_t(3, (n, cols)).astype(np.float32)
+    x[:, 3] = 0.0
+    if n > 1:
+        x[1, :256] = 0.0  # an all-zero block
+    return x
+
+
+def values(a: q8.Q8Activations) -> np.ndarray:
+    n, c = a.shape
+    return (a.q.astype(np.float64).reshape(n, c // 256, 256) * a.d[:, :, None]).reshape(n, c)
+
+
+def assert_close(got, W, xv):
+    want = W @ xv
+    bound = np.abs(W) @ np.abs(xv)
+    err = np.abs(got.astype(np.float64) - want)
+    assert np.all(err <= 2e-6 * bound + 1e-30), float((err / (bound + 1e-30)).max())
+
+
+def test_quantize_activations_matches_numpy():
+    x = activations(3, 1280)
+    a = q8.quantize_activations(x)
+    blocks = x.reshape(3, -1, 256)
+    amax = np.abs(blocks).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv[:, :, None]).astype(np.int8)
+    np.testing.assert_array_equal(a.q, q.reshape(3, -1))
+    np.testing.assert_allclose(a.d, amax / np.float32(127), rtol=1e-7)
+    np.testing.assert_array_equal(a.b, q.reshape(3, -1, 16).astype(np.int32).sum(-1).reshape(3, -1))
+    assert np.all(np.abs(a.q) <= 127)
+    assert np.all(a.d[1, 0] == 0) and np.all(a.q[1, :256] == 0)
+    # rounding error at most half a step
+    assert np.all(np.abs(values(a) - x) <= np.repeat(a.d, 256, 1) * 0.5000001 + 1e-7)
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("cols", COLS)
+def test_matvec(qtype, rows, cols):
+    w, W = weights(qtype, rows, cols)
+    a = q8.quantize_activations(activations(2, cols))
+    for t in range(2):
+        out = q8.matvec(w, a, np.empty(rows, np.float32), token=t)
+        assert_close(out, W, values(a)[t])
+
+
+@numba.njit(cache=False)
+def _portable(qtype, w, xq, xd, xb, out):
+    for r in range(w.shape[0]):
+        if qtype == _q8dot.Q4_K:
+            out[r] = _q8dot.q8dot_q4_k(w[r], xq, xd, xb)
+        elif qtype == _q8dot.Q6_K:
+            out[r] = _q8dot.q8dot_q6_k(w[r], xq, xd, xb)
+        elif qtype == _q8dot.Q5_K:
+            out[r] = _q8dot.q8dot_q5_k(w[r], xq, xd, xb)
+        else:
+            out[r] = _q8dot.q8dot_q8_0(w[r], xq, xd, xb)
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_portable_row_dots(qtype):
+    """The loops used where the host has no AVX2 (and for Q5_K and Q8_0 everywhere)."""
+    w, W = weights(qtype, 37, 1280, seed=3)
+    a = q8.quantize_activations(activations(1, 1280))
+    out = np.empty(37, np.float32)
+    _portable(int(qtype), w.data, a.q[0], a.d[0], a.b[0], out)
+    assert_close(out, W, values(a)[0])
+
+
+@pytest.mark.skipif(not _simd.AVAILABLE, reason="host has no AVX2")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_simd_rows_equal_portable_rows(qtype):
+    """Both compute the same integers; only the float32 sum per super-block may differ."""
+    w, _ = weights(qtype, 64, 2048, seed=4, scale=1.0)
+    a = q8.quantize_activations(activations(1, 2048) * 40)
+    simd = q8.matvec(w, a, np.empty(64, np.float32))
+    port = np.empty(64, np.float32)
+    _portable(int(qtype), w.data, a.q[0], a.d[0], a.b[0], port)
+    np.testing.assert_allclose(simd, port, rtol=1e-5, atol=1e-5 * np.abs(port).max())
+
+
+def test_matvec_many_mixes_formats_and_sizes():
+    mats = [weights(qt, r, 512, seed=i) for i, (qt, r) in enumerate([(T.Q4_K, 7), (T.Q6_K, 1), (T.Q8_0, 33),
+                                                                     (T.Q5_K, 16)])]
+    a = q8.quantize_activations(activations(1, 512))
+    out = q8.matvec_many([w for w, _ in mats], a, np.empty(57, np.float32))
+    assert_close(out, np.concatenate([W for _, W in mats]), values(a)[0])
+
+
+def _ref_ffn(W, xv, limit):
+    gate, up, down = W
+    g, u = gate @ xv, up @ xv
+    act = g / (1 + np.exp(-g))
+    if limit > 1e-6:
+        act, u = np.minimum(act, limit), np.clip(u, -limit, limit)
+    hidden = q8.quantize_activations((act * u).astype(np.float32))
+    return down @ values(hidden)[0]
+
+
+def test_swiglu_experts_against_reference():
+    H = 512
+    specs = [(T.Q4_K, T.Q6_K, 256, 0.7, 0.0), (T.Q6_K, T.Q4_K, 768, 1.3, 0.4), (T.Q8_0, T.Q5_K, 512, -0.2, 7.0)]
+    experts, refs = [], []
+    for i, (gu, dn, inter, weight, limit) in enumerate(specs):
+        (g, Gd), (u, Ud), (d, Dd) = (weights(gu, inter, H, 10 * i), weights(gu, inter, H, 10 * i + 1),
+                                     weights(dn, H, inter, 10 * i + 2))
+        experts.append(q8.Expert(g, u, d, weight, limit))
+        refs.append(((Gd, Ud, Dd), weight, limit))
+    x = 3 * activations(1, H)[0]
+    out = np.full(H, 0.5, np.float32)
+    q8.swiglu_experts(experts, x, out)
+    xv = values(q8.quantize_activations(x))[0]
+    want = 0.5 + sum(wt * _ref_ffn(W, xv, lim) for W, wt, lim in refs)
+    err = np.abs(out - want)
+    assert err.max() <= 1e-5 * np.abs(want).max(), err.max()
+
+
+def test_errors():
+    w, _ = weights(T.Q4_K, 4, 512)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        q8.quantize_activations(np.zeros((1, 100), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        q8.quantize_activations(np.zeros((1, 256), np.float64))
+    a = q8.quantize_activations(np.ones((1, 256), np.float32))
+    with pytest.raises(ValueError, match="256 columns, W has 512"):
+        q8.matvec(w, a, np.empty(4, np.float32))
+    q40 = pack(T.Q4_0, quantize(np.ones((4, 512), np.float32), T.Q4_0), 4, 512)
+    with pytest.raises(ValueError, match="no int8-activation kernel"):
+        q8.matvec(q40, q8.quantize_activations(np.ones((1, 512), np.float32)), np.empty(4, np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        q8.matvec(w, q8.quantize_activations(np.ones((1, 512), np.float32)), np.empty(5, np.float32))
+    assert q8.supports(T.Q6_K, 1280) and not q8.supports(T.Q6_K, 1000) and not q8.supports(T.Q4_0, 256)
