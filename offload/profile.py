@@ -87,5 +87,12 @@ class RecordingProvider:
             self.calls.append((layer, set(int(e) for e in ids)))
         return self.inner.experts(layer, ids)
 
+    def held(self, layer: int, ids):
+        ids = list(ids)
+        self.profile.add(layer, self.n_expert, ids)
+        if self.calls is not None:
+            self.calls.append((layer, set(int(e) for e in ids)))
+        return self.inner.held(layer, ids)
+
     def close(self) -> None:
         self.inner.close()

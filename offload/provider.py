@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
@@ -22,6 +23,7 @@ from offload.cache import ExpertCache, Slot
 from offload.direct_io import DirectReader, span, span_bytes
 from offload.expert_table import PARTS, ExpertTable
 from offload.stats import StreamStats
+from runtime.errors import StepstreamError
 from runtime.experts import ExpertWeights
 from runtime.tensors import make_matrix
 
@@ -90,12 +92,29 @@ class StreamingExperts:
         experts than fit); each expert is released as soon as the consumer moves on.
         """
         ids = list(ids)
+        return self._serve(layer, ids, max(1, min(len(ids), self.cache.n_slots // 2)), None)
+
+    @contextmanager
+    def held(self, layer: int, ids: Iterable[int]) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        """All of `ids` at once (one token's experts: the cache has a slot for each), kept until exit."""
+        ids = list(ids)
+        if len(ids) > self.cache.n_slots:
+            raise StepstreamError(f"{len(ids)} experts cannot be held in {self.cache.n_slots} cache slots")
+        kept: list = []
+        try:
+            yield list(self._serve(layer, ids, max(1, len(ids)), kept))
+        finally:
+            for e, slot in kept:
+                self.cache.release(slot, (layer, e))
+
+    def _serve(self, layer: int, ids: list[int], window: int, kept: list | None):
+        """Yield (id, weights), holding at most `window` slots; each is released when the consumer
+        moves on, or, when `kept` is a list, appended to it for the caller to release."""
         predicted = self._predicted.pop(layer, None)
         if predicted is not None:
             self.stats.prefetch_scored(predicted, set(ids))
         resident = set(e for e in ids if self.cache.is_ready((layer, e)))
         order = [e for e in ids if e in resident] + [e for e in ids if e not in resident]
-        window = max(1, min(len(order), self.cache.n_slots // 2))
         expert_bytes = self.table.layers[layer].expert_bytes
         held: deque = deque()
         nxt = 0
@@ -121,7 +140,10 @@ class StreamingExperts:
                     self.stats.stall_seconds += time.perf_counter() - t0
                 yield e, payload
                 held.popleft()
-                self.cache.release(slot, (layer, e))
+                if kept is None:
+                    self.cache.release(slot, (layer, e))
+                else:
+                    kept.append((e, slot))
         finally:
             for e, slot in held:
                 self.cache.release(slot, (layer, e))

@@ -9,6 +9,7 @@ implements the streaming provider against the same interface.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,9 @@ class ExpertProvider(Protocol):
     def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (expert id, weights) once for each id, in any order."""
         ...
+
+    # Optional: `held(layer, ids)`, a context manager giving [(id, weights)] for all ids at once,
+    # kept valid until it exits (a decode step runs a token's experts in one kernel call).
 
     def close(self) -> None: ...
 
@@ -54,6 +58,10 @@ class InMemoryExperts:
             self.stats.requests += 1
             self.stats.bytes += w.nbytes
             yield e, w
+
+    @contextmanager
+    def held(self, layer: int, ids: Iterable[int]) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        yield list(self.experts(layer, ids))
 
     def close(self) -> None:
         self.table = {}

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.config import ModelConfig
+from runtime.decode_attention import decode_attention
 from runtime.experts import ExpertProvider
 from runtime.kv_cache import LayerKV
 from runtime.layers import attend, group_by_expert, rms_norm, rope, rope_inv_freq, route, sigmoid, swiglu, visible
-from runtime.tensors import matmul
+from quant import q8kernels
+from runtime.tensors import Matrix, matmul, matmul_many
 from runtime.weights import FFN, BlockWeights
 
 
@@ -36,9 +38,10 @@ class BlockSpec:
     n_expert_used: int
     expert_scale: float
     expert_norm: bool
+    q8: bool = False  # int8 activations for quantized weights (RuntimeOptions.activations)
 
 
-def block_spec(cfg: ModelConfig, i: int, rope_factors: np.ndarray | None) -> BlockSpec:
+def block_spec(cfg: ModelConfig, i: int, rope_factors: np.ndarray | None, q8: bool = False) -> BlockSpec:
     sliding = cfg.sliding[i]
     base = cfg.rope_base_sliding if sliding else cfg.rope_base_full
     return BlockSpec(
@@ -46,16 +49,24 @@ def block_spec(cfg: ModelConfig, i: int, rope_factors: np.ndarray | None) -> Blo
         inv_freq=rope_inv_freq(cfg.n_rot[i], base, None if sliding else rope_factors),
         window=cfg.window if sliding else None, eps=cfg.rms_eps,
         limit=cfg.swiglu_limit[i], limit_shared=cfg.swiglu_limit_shared[i],
-        n_expert_used=cfg.n_expert_used, expert_scale=cfg.expert_scale, expert_norm=cfg.expert_norm,
+        n_expert_used=cfg.n_expert_used, expert_scale=cfg.expert_scale, expert_norm=cfg.expert_norm, q8=q8,
     )
 
 
 def attention(s: BlockSpec, w: BlockWeights, x: np.ndarray, pos: np.ndarray, kv: LayerKV) -> np.ndarray:
     """x [T, H] (normed) at positions pos [T] -> [T, H]; appends this chunk's K/V to kv."""
     T, D = x.shape[0], s.head_dim
-    q = matmul(x, w.q).reshape(T, s.n_head, D)
-    k = matmul(x, w.k).reshape(T, s.n_kv, D)
-    v = matmul(x, w.v).reshape(T, s.n_kv, D)
+    q, k, v, g = matmul_many(x, [w.q, w.k, w.v, w.gate], s.q8)
+    if T == 1:  # decode: norms, RoPE, cache write and attention in one kernel call
+        p = int(pos[0])
+        slot = kv.reserve(p)  # first: it may grow (replace) the cache arrays
+        ang = np.float64(p) * s.inv_freq
+        out = np.empty(s.n_head * D, np.float32)
+        decode_attention(q[0], k[0], v[0], g[0], w.q_norm, w.k_norm, np.float32(s.eps),
+                         np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32),
+                         kv.k, kv.v, kv.pos, slot, p, s.window or 0, out)
+        return matmul(out[None], w.o, s.q8)
+    q, k, v = q.reshape(T, s.n_head, D), k.reshape(T, s.n_kv, D), v.reshape(T, s.n_kv, D)
     q = rope(rms_norm(q, w.q_norm, s.eps), pos, s.inv_freq)
     k = rope(rms_norm(k, w.k_norm, s.eps), pos, s.inv_freq)
     if kv.fits_in_place(T):  # decode and small chunks: attend over the cache itself, no copy
@@ -66,26 +77,62 @@ def attention(s: BlockSpec, w: BlockWeights, x: np.ndarray, pos: np.ndarray, kv:
         keys, vals, kpos = np.concatenate([ck, k]), np.concatenate([cv, v]), np.concatenate([cpos, pos])
         kv.append(k, v, pos)
     out = attend(q, keys, vals, visible(pos, kpos, s.window))  # [T, Nh, D]
-    out *= sigmoid(matmul(x, w.gate))[:, :, None]  # head-wise gate [T, Nh, 1]
-    return matmul(out.reshape(T, s.n_head * D), w.o)
+    out *= sigmoid(g)[:, :, None]  # head-wise gate [T, Nh, 1]
+    return matmul(out.reshape(T, s.n_head * D), w.o, s.q8)
 
 
-def dense_ffn(f: FFN, x: np.ndarray, limit: float) -> np.ndarray:
-    return matmul(swiglu(matmul(x, f.gate), matmul(x, f.up), limit), f.down)
+def dense_ffn(f: FFN, x: np.ndarray, limit: float, q8: bool = False) -> np.ndarray:
+    if q8 and x.shape[0] == 1:
+        fused = fused_ffns(x, [(f.gate, f.up, f.down, 1.0, limit)])
+        if fused is not None:
+            return fused
+    gate, up = matmul_many(x, [f.gate, f.up], q8)
+    return matmul(swiglu(gate, up, limit), f.down, q8)
+
+
+def fused_ffns(x: np.ndarray, parts: list[tuple[Matrix, Matrix, Matrix, float, float]]) -> np.ndarray | None:
+    """One token x [1, H] through weighted SwiGLU FFNs (gate, up, down, weight, limit), summed in
+    list order, in one int8-activation kernel call; None when a format has no such kernel."""
+    experts = []
+    for gate, up, down, weight, limit in parts:
+        if gate.packed is None or up.packed is None or down.packed is None or gate.qtype != up.qtype \
+                or not q8kernels.supports(gate.qtype, gate.shape[1]) or not q8kernels.supports(down.qtype, down.shape[1]):
+            return None
+        experts.append(q8kernels.Expert(gate.packed, up.packed, down.packed, float(weight), float(limit)))
+    out = np.zeros((1, x.shape[1]), np.float32)
+    q8kernels.swiglu_experts(experts, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
+    return out
 
 
 def moe_ffn(s: BlockSpec, w: BlockWeights, x: np.ndarray, provider: ExpertProvider) -> np.ndarray:
     """Routed experts (fetched through the provider) plus the shared expert: x [T, H] -> [T, H]."""
-    ids, weights = route(matmul(x, w.router), w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
+    ids, weights = route(matmul(x, w.router, s.q8), w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
     groups = group_by_expert(ids)
-    out = dense_ffn(w.shared, x, s.limit_shared)
+    held = getattr(provider, "held", None)
+    if s.q8 and x.shape[0] == 1 and held is not None:
+        # one token: hold all its experts at once and run them, with the shared one, in one call
+        with held(s.index, sorted(groups)) as got:
+            by_id = dict(got)
+            parts = [(w.shared.gate, w.shared.up, w.shared.down, 1.0, s.limit_shared)]
+            parts += [(by_id[e].gate, by_id[e].up, by_id[e].down, weights[0, groups[e][1][0]], s.limit)
+                      for e in sorted(groups)]
+            fused = fused_ffns(x, parts)
+            return fused if fused is not None else _experts_sum(s, w, x, weights, groups, got)
+    return _experts_sum(s, w, x, weights, groups, provider.experts(s.index, groups))
+
+
+def _experts_sum(s: BlockSpec, w: BlockWeights, x: np.ndarray, weights: np.ndarray,
+                 groups: dict, experts) -> np.ndarray:
+    """The shared expert plus the routed experts, which arrive as (id, weights) in any order."""
+    out = dense_ffn(w.shared, x, s.limit_shared, s.q8)
     # Experts arrive in whatever order the provider has them; sum in expert order so the
     # result is bit-identical whether they came from RAM, the cache or the disk.
     ys = {}
-    for e, ew in provider.experts(s.index, groups):
+    for e, ew in experts:
         rows, slots = groups[e]
         xe = x[rows]
-        ys[e] = matmul(swiglu(matmul(xe, ew.gate), matmul(xe, ew.up), s.limit), ew.down) * weights[rows, slots][:, None]
+        gate, up = matmul_many(xe, [ew.gate, ew.up], s.q8)
+        ys[e] = matmul(swiglu(gate, up, s.limit), ew.down, s.q8) * weights[rows, slots][:, None]
     for e in sorted(ys):
         out[groups[e][0]] += ys[e]
     return out
@@ -111,5 +158,5 @@ def block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: np.ndarray, kv: Lay
     """h [T, H] -> [T, H]."""
     h = h + attention(s, w, rms_norm(h, w.attn_norm, s.eps), pos, kv)
     x = rms_norm(h, w.ffn_norm, s.eps)
-    f = moe_ffn(s, w, x, provider) if w.router is not None else dense_ffn(w.dense, x, s.limit_shared)
+    f = moe_ffn(s, w, x, provider) if w.router is not None else dense_ffn(w.dense, x, s.limit_shared, s.q8)
     return h + f

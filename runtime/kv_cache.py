@@ -52,6 +52,17 @@ class LayerKV:
             self.k[self.n : self.n + T], self.v[self.n : self.n + T], self.pos[self.n : self.n + T] = k, v, pos
         self.n += T
 
+    def reserve(self, pos: int) -> int:
+        """The slot for one new position pos = n, marked as written; the caller fills k/v/pos there."""
+        if self.ring:
+            slot = pos % self.capacity
+        else:
+            if self.n + 1 > self.capacity:
+                self._grow(self.n + 1)
+            slot = self.n
+        self.n += 1
+        return slot
+
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * self.capacity)
         for name in ("k", "v"):

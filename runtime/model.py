@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 from runtime.config import ModelConfig
 from runtime.errors import StepstreamError
@@ -36,7 +37,8 @@ class Model:
         self.provider = provider
         self.options = options
         self.n_ctx = options.n_ctx or min(cfg.context_length, 4096)
-        self._specs = [block_spec(cfg, i, weights.rope_factors) for i in range(cfg.n_layers)]
+        self._q8 = options.activations == "q8"
+        self._specs = [block_spec(cfg, i, weights.rope_factors, self._q8) for i in range(cfg.n_layers)]
         self.cache = KVCache(cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers],
                              cfg.window, self.n_ctx, options.rollback)
         self._tokenizer = None
@@ -110,7 +112,7 @@ class Model:
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, V] float32 of hidden states [T, H]."""
-        return matmul(rms_norm(h, self.weights.out_norm, self.cfg.rms_eps), self.weights.output).astype(np.float32)
+        return matmul(rms_norm(h, self.weights.out_norm, self.cfg.rms_eps), self.weights.output, self._q8).astype(np.float32)
 
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""
@@ -142,15 +144,15 @@ class Model:
             if n <= 0:
                 break
             e = rms_norm(rows(self.weights.embed, ids[1 + j : 1 + j + n]), nw.enorm, cfg.rms_eps)
-            x = matmul(np.concatenate([e, rms_norm(h[:n], nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj)  # [n, H]
+            x = matmul(np.concatenate([e, rms_norm(h[:n], nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj, self._q8)  # [n, H]
             kv = KVCache((cfg.n_head_kv[i],), cfg.head_dim, (cfg.sliding[i],), cfg.window, n, 0).layers[0]
-            spec = block_spec(cfg, i, self.weights.rope_factors)
+            spec = block_spec(cfg, i, self.weights.rope_factors, self._q8)
             h = np.concatenate([
                 block(spec, self.weights.blocks[i], x[a : a + self.options.n_batch],
                       np.arange(a, min(a + self.options.n_batch, n)), kv, self.provider)
                 for a in range(0, n, self.options.n_batch)
             ])
-            out.append(matmul(rms_norm(h, nw.head_norm, cfg.rms_eps), nw.head).astype(np.float32))
+            out.append(matmul(rms_norm(h, nw.head_norm, cfg.rms_eps), nw.head, self._q8).astype(np.float32))
         return out
 
     def eval_reusing_prefix(self, tokens) -> np.ndarray:
@@ -250,6 +252,13 @@ def load(path: str | Path, **options) -> Model:
 
         set_threads(opts.n_threads)
     weights = load_weights(f, cfg)
+    if weights.blocks[0].q.qtype != Q.F32:
+        # Quantized weights: BLAS does only small products (router, prefill attention). Its
+        # pool's threads keep spinning after each call and take the cores from the kernels'
+        # threads: measured here, one BLAS thread doubled prefill (90 -> 207 tok/s).
+        from runtime.threads import set_blas_threads
+
+        set_blas_threads(1)
     if not opts.streaming(f.nbytes):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
         return Model(f, cfg, weights, provider, opts)

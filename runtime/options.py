@@ -21,6 +21,9 @@ class RuntimeOptions:
     profile: str | None = None  # expert profile to pin the most-used experts from
     prefetch: bool = True  # guess the next layer's experts from the current hidden state and read ahead
     direct_io: bool = True  # O_DIRECT reads that bypass the page cache
+    # "q8": activations rounded to int8 per 256 columns before quantized matmuls, as llama.cpp
+    # does; decode then runs on integer dot products. "f32": float32 activations throughout.
+    activations: str = "q8"
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
@@ -43,6 +46,8 @@ class RuntimeOptions:
             raise StepstreamError(f"rollback must be >= 0, got {self.rollback}")
         if self.experts not in ("auto", "ram", "stream"):
             raise StepstreamError(f"experts={self.experts!r}: choose 'auto', 'ram' or 'stream'")
+        if self.activations not in ("q8", "f32"):
+            raise StepstreamError(f"activations={self.activations!r}: choose 'q8' or 'f32'")
         if self.cache_policy not in ("lru", "lfu", "pinned"):
             raise StepstreamError(f"cache_policy={self.cache_policy!r}: choose lru, lfu or pinned")
         if self.cache_policy == "pinned" and self.profile is None:

@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from quant import kernels
+from quant import kernels, q8kernels
 from runtime.errors import StepstreamError
 from runtime.gguf_file import TensorRef
 
@@ -59,16 +59,42 @@ def dequantize(data: np.ndarray, qtype: Q, shape) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(np.asarray(data), qtype), dtype=np.float32).reshape(shape)
 
 
-def matmul(x: np.ndarray, w: Matrix) -> np.ndarray:
-    """x [T, C] float32 @ W[N, C].T -> [T, N] float32."""
+def matmul(x: np.ndarray, w: Matrix, q8: bool = False) -> np.ndarray:
+    """x [T, C] float32 @ W[N, C].T -> [T, N] float32.
+
+    With q8, x is first rounded to int8 per 256 columns (as llama.cpp does) wherever W's
+    format has an int8-activation kernel; one token then runs on integer dot products, a
+    chunk on the float GEMM with the same rounded x, so both give the same numbers.
+    """
     if w.packed is None:
         return x @ w.data.T
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if q8 and q8kernels.supports(w.qtype, w.shape[1]):
+        a = q8kernels.quantize_activations(x)
+        if x.shape[0] == 1:
+            return q8kernels.matvec(w.packed, a, np.empty((1, w.shape[0]), np.float32)[0])[None]
+        x = q8_values(a)
     if x.shape[0] == 1:
         out = np.empty((1, w.shape[0]), np.float32)
         kernels.matvec(w.packed, x[0], out[0])
         return out
     return kernels.matmul(w.packed, x, np.empty((x.shape[0], w.shape[0]), np.float32))
+
+
+def q8_values(a: q8kernels.Q8Activations) -> np.ndarray:
+    """The float32 values [T, C] that int8 activations stand for."""
+    t, c = a.shape
+    return (a.q.reshape(t, c // 256, 256) * a.d[:, :, None]).reshape(t, c)
+
+
+def matmul_many(x: np.ndarray, ws: list[Matrix], q8: bool = False) -> list[np.ndarray]:
+    """[matmul(x, w, q8) for w in ws]; one token with q8 goes in one kernel call when it can."""
+    if q8 and x.shape[0] == 1 and all(w.packed is not None and q8kernels.supports(w.qtype, w.shape[1])
+                                      for w in ws):
+        out = np.empty(sum(w.shape[0] for w in ws), np.float32)
+        q8kernels.matvec_many([w.packed for w in ws], q8kernels.quantize_activations(x), out)
+        return [part[None] for part in np.split(out, np.cumsum([w.shape[0] for w in ws[:-1]]))]
+    return [matmul(x, w, q8) for w in ws]
 
 
 def make_matrix(name: str, qtype: Q, shape, data: np.ndarray) -> Matrix:

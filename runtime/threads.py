@@ -27,11 +27,16 @@ def _openblas():
     return None
 
 
-def set_threads(n: int) -> int:
-    """Ask for n compute threads; returns the number Numba will use."""
+def set_blas_threads(n: int) -> None:
+    """OpenBLAS's thread count alone."""
     blas = _openblas()
     if blas is not None:
         blas[0](ctypes.c_int(n))
+
+
+def set_threads(n: int) -> int:
+    """Ask for n compute threads; returns the number Numba will use."""
+    set_blas_threads(n)
     import numba
 
     used = max(1, min(n, numba.config.NUMBA_NUM_THREADS))

@@ -142,8 +142,31 @@ def _field(reader, key: str, default=_REQUIRED):
     return f.contents()
 
 
-def gguf_weights(path: str | Path) -> tuple[RefConfig, LazyWeights]:
-    """Dequantized weights of a GGUF file; for a split file pass its first part."""
+def round_q8(x: np.ndarray) -> np.ndarray:
+    """x with each run of 256 values along the last axis rounded to int8 steps of max|x| / 127:
+    what the runtime's q8 mode feeds its quantized matrix products."""
+    s = x.reshape(*x.shape[:-1], -1, 256)
+    d = np.abs(s).max(axis=-1, keepdims=True) / 127.0
+    return (np.rint(s / np.where(d > 0, d, 1.0)) * d).reshape(x.shape)
+
+
+class Int8Activations(np.ndarray):
+    """A weight whose products `x @ W.T` round x with `round_q8` first."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        plain = [np.asarray(a) if isinstance(a, Int8Activations) else a for a in inputs]
+        if ufunc is np.matmul and method == "__call__" and len(inputs) == 2 and inputs[1] is self:
+            plain[0] = round_q8(np.asarray(plain[0], dtype=np.float64))
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+
+Q8_ACTIVATION_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
+
+
+def gguf_weights(path: str | Path, q8_activations: bool = False) -> tuple[RefConfig, LazyWeights]:
+    """Dequantized weights of a GGUF file; for a split file pass its first part. With
+    q8_activations, the matrices of the formats the runtime's q8 mode runs on int8 activations
+    (with a multiple of 256 columns) round their left operand as it does."""
     import gguf
 
     path = Path(path)
@@ -193,7 +216,10 @@ def gguf_weights(path: str | Path) -> tuple[RefConfig, LazyWeights]:
     def read(name: str) -> np.ndarray:
         t = tensors[name]
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
-        return w.reshape([int(d) for d in reversed(t.shape)])
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        if q8_activations and t.tensor_type.name in Q8_ACTIVATION_TYPES and int(t.shape[0]) % 256 == 0:
+            w = w.view(Int8Activations)
+        return w
 
     return cfg, LazyWeights(tensors, read)
 

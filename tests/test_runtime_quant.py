@@ -1,6 +1,12 @@
 """Quantized GGUFs: the runtime against a float64 reference built on the very weights the
 file holds (dequantized), and its distance from llama.cpp on the same file, reported.
 
+The weight tests run with float32 activations (``activations="f32"``), which isolates the
+weight decoding. The default q8 mode (activations rounded to int8 per 256 columns, as
+llama.cpp does) is checked against the same reference with that rounding applied, on the
+trained miniature model: the random tiny model is chaotic enough that rounding noise
+alone moves llama.cpp's own logits to a cosine of 0.88 from the reference.
+
 Ours are converted from the tiny checkpoint; llama.cpp's Q4_K_M is made from our f32 file
 by llama.cpp's own quantizer (`llama_model_quantize`), so its metadata and tensor mix
 are llama.cpp's.
@@ -9,6 +15,7 @@ are llama.cpp's.
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +45,7 @@ def llama_q4_k_m(tiny_gguf, tmp_path_factory):
 def _check_against_dequantized_reference(path, prompt, record_property, label):
     cfg, W = R.gguf_weights(path)
     ref = R.forward_logits(cfg, W, prompt)
-    ours = runtime.load(path, n_ctx=128).logits(prompt)
+    ours = runtime.load(path, n_ctx=128, activations="f32").logits(prompt)
     cos = R.cosine_rows(ours, ref)
     assert cos.min() >= 0.9999, (label, cos.min())
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() == 1.0
@@ -65,3 +72,29 @@ def test_llama_cpp_q4_k_m(llama_q4_k_m, prompt, record_property):
     types = {t.tensor_type for t in gguf.GGUFReader(llama_q4_k_m).tensors}
     assert gguf.GGMLQuantizationType.Q4_K in types  # really llama.cpp's mix, not a copy
     _check_against_dequantized_reference(llama_q4_k_m, prompt, record_property, "llama_q4_k_m")
+
+
+def test_q8_activations_against_rounded_reference(record_property):
+    """The default q8 mode on the shipped trained model: equal to the float64 reference with
+    the same activation rounding, and at least as close as llama.cpp to the exact reference."""
+    path = Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf"
+    m = runtime.load(path, n_ctx=256)
+    assert m.options.activations == "q8"
+    prompt = m.tokenize("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)"
+                        " + fibonacci(n - 2)\n\nThe quick brown fox jumps over the lazy dog.")
+    ours = m.logits(prompt)
+    cfg, W = R.gguf_weights(path, q8_activations=True)
+    rounded = R.forward_logits(cfg, W, prompt)
+    cos = R.cosine_rows(ours, rounded)
+    assert cos.min() >= 0.9999, cos.min()
+    assert (ours.argmax(-1) == rounded.argmax(-1)).mean() == 1.0
+
+    cfg, W = R.gguf_weights(path)
+    exact = R.forward_logits(cfg, W, prompt)
+    llama = llama_cpp_logits(path, prompt, n_ctx=256)
+    kl_ours, kl_llama = R.kl_rows(exact, ours).mean(), R.kl_rows(exact, llama).mean()
+    record_property("q8_kl_vs_exact_mean", float(kl_ours))
+    record_property("llama_cpp_kl_vs_exact_mean", float(kl_llama))
+    print(f"q8 activations: cos vs rounded reference min {cos.min():.7f}; KL(exact || ours) {kl_ours:.5f}, "
+          f"KL(exact || llama.cpp) {kl_llama:.5f}")
+    assert kl_ours <= kl_llama

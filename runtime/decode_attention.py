@@ -1,0 +1,87 @@
+"""One decode step of a block's attention in one Numba call: the part between the projections.
+
+For a single new token it does, per query head h (KV head h // G):
+    q, k   <- RMS-norm per head (weights q_norm / k_norm), then NeoX RoPE on the first R dims
+    k, v   -> written into the cache at `slot`
+    out[h] = softmax(q . keys / sqrt(D) over the visible slots) @ values, times sigmoid(gate[h])
+which is what `attention` in runtime.forward does with numpy for a chunk; for one token
+the numpy version spends more time in its ~30 small calls than in arithmetic.
+
+Shape legend:  Nh query heads  Nk KV heads  D head dim  S cache slots  R/2 = cos.shape[0]
+    q [Nh*D]  k, v [Nk*D]  gate [Nh]  (the projections of the token)
+    keys, vals [S, Nk, D]  kpos [S] (the position each slot holds, -1 if empty)
+    cos, sin [R/2] float32 (the token's RoPE angles)     out [Nh*D]
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _norm_rope(x, w, eps, cos, sin):
+    """x [D] in place: RMS-norm with weight w, then NeoX RoPE on the first 2 * len(cos) dims."""
+    d = x.shape[0]
+    ss = np.float32(0.0)
+    for i in range(d):
+        ss += x[i] * x[i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(d) + eps)
+    for i in range(d):
+        x[i] = x[i] * inv * w[i]
+    half = cos.shape[0]
+    for j in range(half):
+        a = x[j]
+        b = x[j + half]
+        x[j] = a * cos[j] - b * sin[j]
+        x[j + half] = b * cos[j] + a * sin[j]
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
+    """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`."""
+    n_kv, d = keys.shape[1], keys.shape[2]
+    n_head = q.shape[0] // d
+    group = n_head // n_kv
+    for j in range(n_kv):
+        kh = k[j * d:(j + 1) * d]
+        _norm_rope(kh, k_norm, eps, cos, sin)
+        for i in range(d):
+            keys[slot, j, i] = kh[i]
+            vals[slot, j, i] = v[j * d + i]
+    kpos[slot] = qpos
+    scale = np.float32(1.0 / np.sqrt(d))
+    n_slots = kpos.shape[0]
+    lo = qpos - window if window > 0 else -1  # visible: lo < kpos <= qpos
+    for h in nb.prange(n_head):
+        qh = q[h * d:(h + 1) * d]  # normed and rotated in place
+        _norm_rope(qh, q_norm, eps, cos, sin)
+        j = h // group
+        scores = np.empty(n_slots, np.float32)
+        best = np.float32(-np.inf)
+        for s in range(n_slots):
+            p = kpos[s]
+            if p >= 0 and p <= qpos and p > lo:
+                t = np.float32(0.0)
+                for i in range(d):
+                    t += qh[i] * keys[s, j, i]
+                t *= scale
+                scores[s] = t
+                best = max(best, t)
+            else:
+                scores[s] = -np.inf
+        total = np.float32(0.0)
+        for s in range(n_slots):
+            e = np.exp(scores[s] - best) if scores[s] > -np.inf else np.float32(0.0)
+            scores[s] = e
+            total += e
+        acc = np.zeros(d, np.float32)
+        for s in range(n_slots):
+            p = scores[s]
+            if p > 0:
+                for i in range(d):
+                    acc[i] += p * vals[s, j, i]
+        g = np.float32(1.0) / (np.float32(1.0) + np.exp(-gate[h]))
+        f = g / total
+        for i in range(d):
+            out[h * d + i] = acc[i] * f
