@@ -2,8 +2,8 @@
 
 Like llama-bench: `-p N` random prompt tokens are evaluated in one go from an empty cache
 (prefill), then `-n N` further random tokens are fed one at a time after them (decode: a
-token-generation step without the sampling), each timed separately, best of `-r`
-repetitions. Both engines get the very same token ids. With `--llama-cpp`, llama-cpp-python runs the
+token-generation step without the sampling), each timed separately; the median of `-r`
+repetitions is reported. Both engines get the very same token ids. With `--llama-cpp`, llama-cpp-python runs the
 same prompt and the same token-by-token decode with the same threads, in a child process
 so that its memory does not count towards ours.
 """
@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens to evaluate (default: 128)")
     p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens to generate (default: 32)")
-    p.add_argument("-r", "--repetitions", type=int, default=1, help="runs of each test; the best is reported (default: 1)")
+    p.add_argument("-r", "--repetitions", type=int, default=1, help="runs of each test; the median is reported (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
     p.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) on the same file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -41,17 +41,22 @@ def bench_ours(model, prompt: list[int], gen: list[int], reps: int) -> dict:
     model.reset()  # warm-up, as llama-bench does: the first calls load or compile the kernels
     model.eval(prompt[:8])
     model.eval(gen[:1] or prompt[:1])
-    best_pp = best_tg = float("inf")
+    pp, tg = [], []
     for _ in range(reps):
         model.reset()
         t0 = time.perf_counter()
         model.eval(prompt)
-        best_pp = min(best_pp, time.perf_counter() - t0)
+        pp.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for t in gen:
             model.eval([t])
-        best_tg = min(best_tg, time.perf_counter() - t0)
-    return {"prefill_tok_s": len(prompt) / best_pp, "decode_tok_s": len(gen) / best_tg if gen else None,
+        tg.append(time.perf_counter() - t0)
+    return _rates(prompt, gen, pp, tg)
+
+
+def _rates(prompt, gen, pp: list[float], tg: list[float]) -> dict:
+    return {"prefill_tok_s": len(prompt) / float(np.median(pp)),
+            "decode_tok_s": len(gen) / float(np.median(tg)) if gen else None,
             "peak_rss_bytes": peak_rss_bytes()}
 
 
@@ -64,19 +69,18 @@ def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, th
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     llm.eval(prompt[:8])  # warm-up
     llm.eval(gen[:1] or prompt[:1])
-    best_pp = best_tg = float("inf")
+    pp, tg = [], []
     for _ in range(reps):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        best_pp = min(best_pp, time.perf_counter() - t0)
+        pp.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for t in gen:
             llm.eval([t])
-        best_tg = min(best_tg, time.perf_counter() - t0)
+        tg.append(time.perf_counter() - t0)
     llm.close()
-    queue.put({"prefill_tok_s": len(prompt) / best_pp, "decode_tok_s": len(gen) / best_tg if gen else None,
-               "peak_rss_bytes": peak_rss_bytes()})
+    queue.put(_rates(prompt, gen, pp, tg))
 
 
 def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int) -> dict:
@@ -95,6 +99,7 @@ def run(args) -> int:
     prompt, gen = ids[: args.n_prompt], ids[args.n_prompt :]
     report = {"model": str(model.file.path), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
               "threads": args.threads, "batch_size": args.batch_size, "repetitions": args.repetitions,
+              "activations": model.options.activations, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
               **bench_ours(model, prompt, gen, args.repetitions)}
     if model.placement is not None:
         report["placement"] = model.placement.as_dict()
@@ -109,5 +114,11 @@ def run(args) -> int:
     print(f"{'engine':<12} {'pp' + str(args.n_prompt) + ' tok/s':>14} {'tg' + str(args.n_gen) + ' tok/s':>14} {'peak RSS MiB':>13}", file=sys.stdout)
     for name, r in rows:
         print(f"{name:<12} {r['prefill_tok_s']:>14.2f} {r['decode_tok_s'] or 0:>14.2f} {r['peak_rss_bytes'] / 2**20:>13.0f}")
+    if args.llama_cpp:
+        ll = report["llama_cpp"]
+        print(f"{'ratio':<12} {report['prefill_tok_s'] / ll['prefill_tok_s']:>13.2f}x "
+              f"{(report['decode_tok_s'] or 0) / (ll['decode_tok_s'] or 1):>13.2f}x")
+    print(f"(medians of {args.repetitions}; activations {report['activations']}, "
+          f"OpenMP waits {report['omp_wait_policy']})")
     print_stats(args, model)
     return 0

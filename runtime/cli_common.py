@@ -11,6 +11,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: the libraries' choice)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: model's, at most 4096)")
     p.add_argument("-b", "--batch-size", type=int, default=64, help="prompt tokens evaluated together (default: 64)")
+    p.add_argument("--activations", default="q8", choices=("q8", "f32"),
+                   help="q8: round activations to int8 for quantized matrices and use integer dot products, "
+                        "as llama.cpp does (fast); f32: float32 activations (exact) (default: q8)")
     g = p.add_argument_group("expert streaming (routed experts read from disk into a RAM cache)")
     g.add_argument("--ram-budget", default=None, metavar="SIZE",
                    help="RAM for the routed-expert cache, e.g. 6GiB or 800MiB; turns streaming on "
@@ -43,18 +46,21 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def choose_wait_policy(threads: int | None) -> None:
     """Pick OpenMP's wait policy unless the user set one.
 
-    The kernels run a few hundred short OpenMP regions per token. When our threads have the
+    The kernels run a few dozen short OpenMP regions per token. When our threads have the
     cores to themselves, libgomp's default (spin briefly, then sleep) is fastest: measured
-    here, 80 tok/s decode against 42 with passive waits. When other processes keep the cores
-    busy, spinning threads steal each other's time slices and decode collapses (2 tok/s
-    against 21 passive), so a busy machine gets passive waits. libgomp reads the variable
-    once, when Numba first starts its thread pool, which is after this point.
+    here, 150 tok/s decode against 80 with passive waits. When other processes keep the
+    cores busy, spinning threads steal each other's time slices and decode collapses (2 tok/s
+    against 21 passive), so a busy machine gets passive waits. "Busy" is measured now, over
+    0.2 s of CPU time, not from the load average, which still counts a run that just ended.
+    libgomp reads the variable once, when Numba first starts its thread pool, after this.
     """
     if "OMP_WAIT_POLICY" in os.environ:
         return
+    import psutil
+
     cpus = os.cpu_count() or 1
-    load_1min = os.getloadavg()[0] if hasattr(os, "getloadavg") else float(cpus)
-    if load_1min + (threads or cpus) > cpus + 0.5:
+    busy = psutil.cpu_percent(interval=0.2) / 100.0 * cpus  # cores other processes are using
+    if busy + (threads or cpus) > cpus + 0.5:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
@@ -65,7 +71,7 @@ def load_model(args):
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
-                 direct_io=not args.no_direct_io)
+                 direct_io=not args.no_direct_io, activations=args.activations)
     if model.placement is not None:
         import sys
 
