@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import _simd
 from ._bits import f16_at, k4_min, k4_scale
-from ._simd import f16_fast, q4k_isum, q6k_isum
+from ._simd import f16_fast, q4k_isum, q4k_isum4, q6k_isum, q6k_isum4
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
 I16 = np.int16
@@ -210,8 +210,17 @@ def _widen_hi(v):
 
 
 @nb.njit(**_JIT)
-def _byte(v, j):
-    return I32((v >> np.uint32(8 * j)) & _LOW)
+def _q4k_fields(w, o):
+    """The 12-byte scales field at w[o + 4:], decoded four at a time (llama.cpp's kmask trick):
+    the 8 scales as int16 pairs in four words, the 8 mins as bytes of two words."""
+    u0 = _u32_at(w, o + 4)
+    u1 = _u32_at(w, o + 8)
+    u2 = _u32_at(w, o + 12)
+    sc_lo = u0 & _M1
+    sc_hi = (u2 & _M2) | (((u0 >> np.uint32(6)) & _M3) << np.uint32(4))
+    mn_lo = u1 & _M1
+    mn_hi = ((u2 >> np.uint32(4)) & _M2) | (((u1 >> np.uint32(6)) & _M3) << np.uint32(4))
+    return _widen_lo(sc_lo), _widen_hi(sc_lo), _widen_lo(sc_hi), _widen_hi(sc_hi), mn_lo, mn_hi
 
 
 @nb.njit(**_JIT)
@@ -219,23 +228,11 @@ def q8dot_q4_k_simd(w, xq, xd, xb):
     acc = F0
     wa = np.int64(w.ctypes.data)
     xa = np.int64(xq.ctypes.data)
+    ba = np.int64(xb.ctypes.data)
     for s in range(xq.shape[0] // 256):
         o = 144 * s
-        # the 12-byte scales field, decoded four at a time (llama.cpp's kmask trick)
-        u0 = _u32_at(w, o + 4)
-        u1 = _u32_at(w, o + 8)
-        u2 = _u32_at(w, o + 12)
-        sc_lo = u0 & _M1
-        sc_hi = (u2 & _M2) | (((u0 >> np.uint32(6)) & _M3) << np.uint32(4))
-        mn_lo = u1 & _M1
-        mn_hi = ((u2 >> np.uint32(4)) & _M2) | (((u1 >> np.uint32(6)) & _M3) << np.uint32(4))
-        isum = q4k_isum(wa + o + 16, xa + 256 * s, _widen_lo(sc_lo), _widen_hi(sc_lo), _widen_lo(sc_hi),
-                        _widen_hi(sc_hi))
-        b = 16 * s
-        msum = I32(0)
-        for j in range(4):
-            msum = I32(msum + _byte(mn_lo, j) * I32(xb[b + 2 * j] + xb[b + 2 * j + 1])
-                       + _byte(mn_hi, j) * I32(xb[b + 8 + 2 * j] + xb[b + 9 + 2 * j]))
+        p0, p1, p2, p3, m_lo, m_hi = _q4k_fields(w, o)
+        isum, msum = q4k_isum(wa + o + 16, p0, p1, p2, p3, m_lo, m_hi, xa + 256 * s, ba + 64 * s)
         acc += xd[s] * (_f16_fast_at(w, o) * np.float32(isum) - _f16_fast_at(w, o + 2) * np.float32(msum))
     return acc
 
@@ -249,6 +246,59 @@ def q8dot_q6_k_simd(w, xq, xd, xb):
     for s in range(xq.shape[0] // 256):
         acc += xd[s] * _f16_fast_at(w, 210 * s + 208) * np.float32(q6k_isum(wa + 210 * s, xa + 256 * s, ba + 64 * s))
     return acc
+
+
+@nb.njit(**_JIT)
+def q8dot4_q4_k_simd(w, XQ, XD, XB, t):
+    """Row w times tokens t .. t+3 of the activations [N, C]: the weights are decoded once per
+    super-block for the four (a GEMM step). Returns four float32."""
+    wa = np.int64(w.ctypes.data)
+    x0 = np.int64(XQ[t].ctypes.data)
+    x1 = np.int64(XQ[t + 1].ctypes.data)
+    x2 = np.int64(XQ[t + 2].ctypes.data)
+    x3 = np.int64(XQ[t + 3].ctypes.data)
+    b0 = np.int64(XB[t].ctypes.data)
+    b1 = np.int64(XB[t + 1].ctypes.data)
+    b2 = np.int64(XB[t + 2].ctypes.data)
+    b3 = np.int64(XB[t + 3].ctypes.data)
+    a0 = a1 = a2 = a3 = F0
+    for s in range(XQ.shape[1] // 256):
+        o = 144 * s
+        p0, p1, p2, p3, m_lo, m_hi = _q4k_fields(w, o)
+        i0, m0, i1, m1, i2, m2, i3, m3 = q4k_isum4(
+            wa + o + 16, p0, p1, p2, p3, m_lo, m_hi, x0 + 256 * s, x1 + 256 * s, x2 + 256 * s, x3 + 256 * s,
+            b0 + 64 * s, b1 + 64 * s, b2 + 64 * s, b3 + 64 * s)
+        d = _f16_fast_at(w, o)
+        dm = _f16_fast_at(w, o + 2)
+        a0 += XD[t, s] * (d * np.float32(i0) - dm * np.float32(m0))
+        a1 += XD[t + 1, s] * (d * np.float32(i1) - dm * np.float32(m1))
+        a2 += XD[t + 2, s] * (d * np.float32(i2) - dm * np.float32(m2))
+        a3 += XD[t + 3, s] * (d * np.float32(i3) - dm * np.float32(m3))
+    return a0, a1, a2, a3
+
+
+@nb.njit(**_JIT)
+def q8dot4_q6_k_simd(w, XQ, XD, XB, t):
+    """As q8dot4_q4_k_simd, for Q6_K."""
+    wa = np.int64(w.ctypes.data)
+    x0 = np.int64(XQ[t].ctypes.data)
+    x1 = np.int64(XQ[t + 1].ctypes.data)
+    x2 = np.int64(XQ[t + 2].ctypes.data)
+    x3 = np.int64(XQ[t + 3].ctypes.data)
+    b0 = np.int64(XB[t].ctypes.data)
+    b1 = np.int64(XB[t + 1].ctypes.data)
+    b2 = np.int64(XB[t + 2].ctypes.data)
+    b3 = np.int64(XB[t + 3].ctypes.data)
+    a0 = a1 = a2 = a3 = F0
+    for s in range(XQ.shape[1] // 256):
+        i0, i1, i2, i3 = q6k_isum4(wa + 210 * s, x0 + 256 * s, x1 + 256 * s, x2 + 256 * s, x3 + 256 * s,
+                                   b0 + 64 * s, b1 + 64 * s, b2 + 64 * s, b3 + 64 * s)
+        d = _f16_fast_at(w, 210 * s + 208)
+        a0 += XD[t, s] * d * np.float32(i0)
+        a1 += XD[t + 1, s] * d * np.float32(i1)
+        a2 += XD[t + 2, s] * d * np.float32(i2)
+        a3 += XD[t + 3, s] * d * np.float32(i3)
+    return a0, a1, a2, a3
 
 
 if _simd.AVAILABLE:
@@ -268,3 +318,14 @@ def q8dot(qtype, w, xq, xd, xb):
     if qtype == Q5_K:
         return q8dot_q5_k(w, xq, xd, xb)
     return q8dot_q8_0(w, xq, xd, xb)
+
+
+GEMM4_FORMATS = (Q4_K, Q6_K) if _simd.AVAILABLE else ()  # formats with a 4-token row step
+
+
+@nb.njit(**_JIT)
+def q8dot4(qtype, w, XQ, XD, XB, t):
+    """Row w times tokens t .. t+3, for the formats in GEMM4_FORMATS."""
+    if qtype == Q4_K:
+        return q8dot4_q4_k_simd(w, XQ, XD, XB, t)
+    return q8dot4_q6_k_simd(w, XQ, XD, XB, t)

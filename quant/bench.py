@@ -8,7 +8,8 @@ Weight sets (each larger than the caches, so every call streams from DRAM):
 For each kernel it times one pass over the whole set (median of --reps passes)
 and prints the weight bytes streamed per second, the read bandwidth of a large
 numpy reduction measured in the same run, and their ratio. GEMM rows also give
-their time relative to the one-token GEMV on the same weights. The bracketed
+their time relative to the one-token GEMV on the same weights: float32 GEMMs
+against the float32 GEMV, int8-activation ("q8") GEMMs against the q8 GEMV. The bracketed
 cpu-time rate divides the bytes by the CPU seconds per thread: on a machine
 other processes share it shows what the kernel does when its threads run.
 """
@@ -25,7 +26,7 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import kernels, quantize
+from . import kernels, q8kernels, quantize
 
 EXPERT_SHAPES = [(1280, 4096), (1280, 4096), (4096, 1280)]             # gate, up, down
 ATTENTION_SHAPES = [(8192, 4096), (1024, 4096), (1024, 4096), (4096, 8192)]  # q, k, v, o (full layer)
@@ -86,6 +87,18 @@ def bench_set(name, mats, reps, bw, tokens=(4, 8)):
         Os = {r: np.empty((n, r), np.float32) for r in rows}
         tn, cn = time_pass(lambda m: kernels.matmul(m, Xs[m.cols], Os[m.rows], scratch), mats, reps)
         lines.append((f"{qname:6s} {name:9s} GEMM n={n}", tn, cn, tn / t1))
+    if all(q8kernels.supports(m.qtype, m.cols) for m in mats):
+        # int8 activations (quantized once per call, as the runtime does), times relative to
+        # the int8 GEMV, the fastest one-token kernel
+        acts = {c: q8kernels.quantize_activations(xs[c]) for c in cols}
+        q1, qc1 = time_pass(lambda m: q8kernels.matvec(m, acts[m.cols], outs[m.rows]), mats, reps)
+        lines.append((f"{qname:6s} {name:9s} GEMV q8 n=1", q1, qc1, None))
+        if mats[0].qtype in q8kernels.GEMM_FORMATS:
+            for n in tokens:
+                As = {c: q8kernels.quantize_activations(rng.standard_normal((n, c)).astype(np.float32)) for c in cols}
+                Os = {r: np.empty((n, r), np.float32) for r in rows}
+                tn, cn = time_pass(lambda m: q8kernels.matmul(m, As[m.cols], Os[m.rows]), mats, reps)
+                lines.append((f"{qname:6s} {name:9s} GEMM q8 n={n}", tn, cn, tn / q1))
     for label, wall, cpu, rel in lines:
         rate = total / wall
         extra = f"   {rel:5.2f}x GEMV time" if rel is not None else ""

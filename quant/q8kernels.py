@@ -5,6 +5,7 @@ Shape legend
     a = quantize_activations(X [N, C])   Q8Activations: q int8 [N, C], d float32 [N, C // 256],
                                          b int32 [N, C // 16] (see quant._q8dot)
     matvec(w, a, out[, token])           out [R] = W @ x_token, x quantized as in a
+    matmul(w, a, out)                    out [N, R] = X @ W.T for every token of a (GEMM_FORMATS)
     matvec_many(ws, a, out)              out [sum R] = the ws stacked, times token 0, in one call
     swiglu_experts(experts, x, out)      out [H] += sum_e weight_e * down_e @ swiglu(gate_e @ x, up_e @ x)
 
@@ -31,10 +32,11 @@ from gguf import GGMLQuantizationType as T
 
 from . import _bits, _q8dot, _simd
 from ._bits import u8_at
-from ._q8dot import Q4_K, Q5_K, Q6_K, Q8_0, q8dot, quantize_row
+from ._q8dot import GEMM4_FORMATS, Q4_K, Q5_K, Q6_K, q8dot, q8dot4, quantize_row
 from .kernels import PackedMatrix
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: Q4_K, Q6_K)
 
 
 def supports(qtype, cols: int) -> bool:
@@ -84,6 +86,20 @@ def matvec(w: PackedMatrix, a: Q8Activations, out: np.ndarray, token: int = 0) -
     if out.dtype != np.float32 or out.shape != (w.rows,) or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous float32 [{w.rows}], got {out.dtype} {out.shape}")
     _gemv(int(w.qtype), w.data, a.q[token], a.d[token], a.b[token], out)
+    return out
+
+
+def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray) -> np.ndarray:
+    """out [N, R] = X @ W.T for the N tokens of a. Rows run in parallel; each row's super-blocks
+    are decoded once per four tokens, so the weights are read from memory once."""
+    _check_w(w, a)
+    if w.qtype not in GEMM_FORMATS:
+        raise ValueError(f"no int8-activation GEMM for {w.qtype.name} on this host (have: "
+                         f"{', '.join(t.name for t in GEMM_FORMATS) or 'none'})")
+    n = a.shape[0]
+    if out.dtype != np.float32 or out.shape != (n, w.rows) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 [{n}, {w.rows}], got {out.dtype} {out.shape}")
+    _gemm(int(w.qtype), w.data, a.q, a.d, a.b, out)
     return out
 
 
@@ -184,6 +200,20 @@ def _build(stamp: str):
             out[r] = q8dot(qtype, w[r], xq, xd, xb)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
+    def _gemm(qtype, w, XQ, XD, XB, out):
+        stamp  # noqa: B018 (cache key)
+        n = XQ.shape[0]
+        for r in nb.prange(w.shape[0]):
+            for g in range(n // 4):
+                a0, a1, a2, a3 = q8dot4(qtype, w[r], XQ, XD, XB, 4 * g)
+                out[4 * g, r] = a0
+                out[4 * g + 1, r] = a1
+                out[4 * g + 2, r] = a2
+                out[4 * g + 3, r] = a3
+            for t in range(n - n % 4, n):
+                out[t, r] = q8dot(qtype, w[r], XQ[t], XD[t], XB[t])
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
     def _gemv_many(qt, addr, rb, starts, xq, xd, xb, out):
         stamp  # noqa: B018 (cache key)
         for g in nb.prange(starts[-1]):
@@ -247,7 +277,7 @@ def _build(stamp: str):
             for r in range(h):
                 out[r] += wt * y[m, r]
 
-    return _quantize, _gemv, _gemv_many, _swiglu_experts
+    return _quantize, _gemv, _gemm, _gemv_many, _swiglu_experts
 
 
-_quantize, _gemv, _gemv_many, _swiglu_experts = _build(_source_stamp())
+_quantize, _gemv, _gemm, _gemv_many, _swiglu_experts = _build(_source_stamp())

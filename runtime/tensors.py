@@ -63,8 +63,9 @@ def matmul(x: np.ndarray, w: Matrix, q8: bool = False) -> np.ndarray:
     """x [T, C] float32 @ W[N, C].T -> [T, N] float32.
 
     With q8, x is first rounded to int8 per 256 columns (as llama.cpp does) wherever W's
-    format has an int8-activation kernel; one token then runs on integer dot products, a
-    chunk on the float GEMM with the same rounded x, so both give the same numbers.
+    format has an int8-activation kernel, and the product runs on integer dot products (a
+    chunk of tokens in a format without an int8 GEMM: the float GEMM on the rounded x), so
+    one token and a chunk give the same numbers up to float32 rounding.
     """
     if w.packed is None:
         return x @ w.data.T
@@ -73,6 +74,8 @@ def matmul(x: np.ndarray, w: Matrix, q8: bool = False) -> np.ndarray:
         a = q8kernels.quantize_activations(x)
         if x.shape[0] == 1:
             return q8kernels.matvec(w.packed, a, np.empty((1, w.shape[0]), np.float32)[0])[None]
+        if w.qtype in q8kernels.GEMM_FORMATS:
+            return q8kernels.matmul(w.packed, a, np.empty((x.shape[0], w.shape[0]), np.float32))
         x = q8_values(a)
     if x.shape[0] == 1:
         out = np.empty((1, w.shape[0]), np.float32)

@@ -159,3 +159,21 @@ def test_errors():
     with pytest.raises(ValueError, match="out must be"):
         q8.matvec(w, q8.quantize_activations(np.ones((1, 512), np.float32)), np.empty(5, np.float32))
     assert q8.supports(T.Q6_K, 1280) and not q8.supports(T.Q6_K, 1000) and not q8.supports(T.Q4_0, 256)
+
+
+@pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [2, 4, 7, 9])  # below, at and across the 4-token step
+def test_matmul(qtype, n):
+    w, W = weights(qtype, 37, 1280, seed=5)
+    a = q8.quantize_activations(activations(n, 1280, seed=n))
+    out = q8.matmul(w, a, np.empty((n, 37), np.float32))
+    xv = values(a)
+    for t in range(n):
+        assert_close(out[t], W, xv[t])
+
+
+def test_matmul_refuses_formats_without_gemm():
+    w, _ = weights(T.Q8_0, 4, 256)
+    with pytest.raises(ValueError, match="no int8-activation GEMM for Q8_0"):
+        q8.matmul(w, q8.quantize_activations(np.ones((2, 256), np.float32)), np.empty((2, 4), np.float32))
