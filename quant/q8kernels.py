@@ -8,6 +8,7 @@ Shape legend
     matmul(w, a, out)                    out [N, R] = X @ W.T for every token of a (GEMM_FORMATS)
     matvec_many(ws, a, out)              out [sum R] = the ws stacked, times token 0, in one call
     swiglu_experts(experts, x, out)      out [H] += sum_e weight_e * down_e @ swiglu(gate_e @ x, up_e @ x)
+    swiglu_ffns(desc, weights, limits, x, out)   the same from ffn_descriptor rows (no checks)
 
 Formats: Q4_K, Q5_K, Q6_K and Q8_0 (``supports``). Results equal ``dequantize(W) @
 (d * q)`` up to float32 rounding once per 256 columns, so they differ from the float32
@@ -39,9 +40,12 @@ FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: Q4_K, Q6_K)
 
 
+_FORMAT_SET = frozenset(FORMATS)
+
+
 def supports(qtype, cols: int) -> bool:
     """Whether W [*, cols] of this format runs on int8 activations."""
-    return T(qtype) in FORMATS and cols % 256 == 0 and cols > 0
+    return qtype in _FORMAT_SET and cols % 256 == 0 and cols > 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,25 @@ class Expert:
     limit: float  # clamp: silu(g) <= limit, |u| <= limit; 0 for none
 
 
+def ffn_descriptor(gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix) -> np.ndarray | None:
+    """An FFN as the fused kernel takes it: int64 [6] = (gate/up format, down format, gate, up
+    and down addresses, width I); None if its formats or shapes have no int8 FFN kernel."""
+    i, h = gate.rows, gate.cols
+    if (up.rows, up.cols, down.rows, down.cols) != (i, h, h, i) or gate.qtype != up.qtype \
+            or not supports(gate.qtype, h) or not supports(down.qtype, i):
+        return None
+    return np.array([int(gate.qtype), int(down.qtype), gate.data.ctypes.data, up.data.ctypes.data,
+                     down.data.ctypes.data, i], np.int64)
+
+
+def swiglu_ffns(desc: np.ndarray, weights: np.ndarray, limits: np.ndarray, x: np.ndarray,
+                out: np.ndarray) -> np.ndarray:
+    """out [H] += sum_e weights[e] * FFN_e(x) for FFNs given by descriptors desc [M, 6] (see
+    ffn_descriptor; the caller keeps their matrices alive), limits [M] their SwiGLU clamps."""
+    _swiglu_experts(desc, weights, limits, x, out)
+    return out
+
+
 def swiglu_experts(experts: list[Expert], x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out [H] += sum_e weight_e * down_e @ (min(silu(g), L) * clip(u, -L, L)), g = gate_e @ x,
     u = up_e @ x, in one call. x is quantized once; each FFN's hidden vector once. Terms are
@@ -136,22 +159,16 @@ def swiglu_experts(experts: list[Expert], x: np.ndarray, out: np.ndarray) -> np.
     h = out.shape[0]
     if x.dtype != np.float32 or x.shape != (h,) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"x and out must be float32 [{h}], got {x.dtype} {x.shape} and {out.dtype} {out.shape}")
+    desc = []
     for e in experts:
-        i = e.gate.rows
-        if e.gate.cols != h or e.up.cols != h or e.up.rows != i or e.down.rows != h or e.down.cols != i:
-            raise ValueError(f"expert shapes gate {e.gate.rows}x{e.gate.cols}, up {e.up.rows}x{e.up.cols}, "
-                             f"down {e.down.rows}x{e.down.cols} do not make an FFN on [{h}]")
-        if e.gate.qtype != e.up.qtype or not supports(e.gate.qtype, h) or not supports(e.down.qtype, i):
-            raise ValueError(f"no int8-activation FFN for gate/up {e.gate.qtype.name}, down {e.down.qtype.name} "
-                             f"with H={h}, I={i}")
-    m = len(experts)
-    qt = np.array([[int(e.gate.qtype), int(e.down.qtype)] for e in experts], np.int64).reshape(m, 2)
-    addr = np.array([[e.gate.data.ctypes.data, e.up.data.ctypes.data, e.down.data.ctypes.data]
-                     for e in experts], np.int64).reshape(m, 3)
-    inter = np.array([e.gate.rows for e in experts], np.int64)
-    wl = np.array([[e.weight, e.limit] for e in experts], np.float32).reshape(m, 2)
-    _swiglu_experts(qt, addr, inter, wl, np.ascontiguousarray(x), out)
-    return out
+        d = ffn_descriptor(e.gate, e.up, e.down)
+        if d is None or e.gate.cols != h:
+            raise ValueError(f"no int8-activation FFN on [{h}] for gate/up {e.gate.qtype.name} "
+                             f"[{e.gate.rows}, {e.gate.cols}], [{e.up.rows}, {e.up.cols}], down "
+                             f"{e.down.qtype.name} [{e.down.rows}, {e.down.cols}]")
+        desc.append(d)
+    return swiglu_ffns(np.stack(desc), np.array([e.weight for e in experts], np.float32),
+                       np.array([e.limit for e in experts], np.float32), np.ascontiguousarray(x), out)
 
 
 # ---------------------------------------------------------------- Numba drivers
@@ -222,9 +239,12 @@ def _build(stamp: str):
             out[g] = q8dot(qt[m], w, xq, xd, xb)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def _swiglu_experts(qt, addr, inter, wl, x, out):
+    def _swiglu_experts(desc, weights, limits, x, out):
         stamp  # noqa: B018 (cache key)
-        m_count = inter.shape[0]
+        m_count = desc.shape[0]
+        qt = desc[:, 0:2]
+        addr = desc[:, 2:5]
+        inter = desc[:, 5]
         h = x.shape[0]
         xq = np.empty(h, np.int8)
         xd = np.empty(h // 256, np.float32)
@@ -249,7 +269,7 @@ def _build(stamp: str):
         hb = np.empty(s[m_count] // 16, np.int32)
         act = np.empty(s[m_count], np.float32)
         for m in nb.prange(m_count):
-            lim = wl[m, 1]
+            lim = limits[m]
             i = inter[m]
             g0 = 2 * s[m]
             for k in range(i):
@@ -273,7 +293,7 @@ def _build(stamp: str):
             y[m, r] = q8dot(qt[m, 1], w, hq[s[m]:s[m + 1]], hd[s[m] // 256:s[m + 1] // 256],
                             hb[s[m] // 16:s[m + 1] // 16])
         for m in range(m_count):
-            wt = wl[m, 0]
+            wt = weights[m]
             for r in range(h):
                 out[r] += wt * y[m, r]
 

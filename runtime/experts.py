@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
-from runtime.tensors import Matrix
+from runtime.tensors import Matrix, ffn_descriptor
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,14 @@ class ExpertWeights:
     up: Matrix  # [I, H]
     down: Matrix  # [H, I]
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    @cached_property
+    def descriptor(self):
+        """For the fused decode kernel (runtime.tensors.ffn_descriptor); computed once."""
+        return ffn_descriptor(self.gate, self.up, self.down)
 
 
 class ExpertProvider(Protocol):

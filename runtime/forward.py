@@ -16,9 +16,10 @@ from runtime.config import ModelConfig
 from runtime.decode_attention import decode_attention
 from runtime.experts import ExpertProvider
 from runtime.kv_cache import LayerKV
-from runtime.layers import attend, group_by_expert, rms_norm, rope, rope_inv_freq, route, sigmoid, swiglu, visible
+from runtime.fastops import rms_norm, route_sorted
+from runtime.layers import attend, group_by_expert, rope, rope_inv_freq, route, sigmoid, swiglu, visible
 from quant import q8kernels
-from runtime.tensors import Matrix, matmul, matmul_many
+from runtime.tensors import matmul, matmul_many
 from runtime.weights import FFN, BlockWeights
 
 
@@ -82,42 +83,37 @@ def attention(s: BlockSpec, w: BlockWeights, x: np.ndarray, pos: np.ndarray, kv:
 
 
 def dense_ffn(f: FFN, x: np.ndarray, limit: float, q8: bool = False) -> np.ndarray:
-    if q8 and x.shape[0] == 1:
-        fused = fused_ffns(x, [(f.gate, f.up, f.down, 1.0, limit)])
-        if fused is not None:
-            return fused
+    if q8 and x.shape[0] == 1 and f.descriptor is not None:
+        return fused_ffns(x, [f.descriptor], [1.0], [limit])
     gate, up = matmul_many(x, [f.gate, f.up], q8)
     return matmul(swiglu(gate, up, limit), f.down, q8)
 
 
-def fused_ffns(x: np.ndarray, parts: list[tuple[Matrix, Matrix, Matrix, float, float]]) -> np.ndarray | None:
-    """One token x [1, H] through weighted SwiGLU FFNs (gate, up, down, weight, limit), summed in
-    list order, in one int8-activation kernel call; None when a format has no such kernel."""
-    experts = []
-    for gate, up, down, weight, limit in parts:
-        if gate.packed is None or up.packed is None or down.packed is None or gate.qtype != up.qtype \
-                or not q8kernels.supports(gate.qtype, gate.shape[1]) or not q8kernels.supports(down.qtype, down.shape[1]):
-            return None
-        experts.append(q8kernels.Expert(gate.packed, up.packed, down.packed, float(weight), float(limit)))
+def fused_ffns(x: np.ndarray, descriptors: list, weights, limits) -> np.ndarray:
+    """One token x [1, H] through SwiGLU FFNs (given by their descriptors), weighted and summed
+    in list order, in one int8-activation kernel call."""
     out = np.zeros((1, x.shape[1]), np.float32)
-    q8kernels.swiglu_experts(experts, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
+    q8kernels.swiglu_ffns(np.stack(descriptors), np.asarray(weights, np.float32), np.asarray(limits, np.float32),
+                          np.ascontiguousarray(x[0], dtype=np.float32), out[0])
     return out
 
 
 def moe_ffn(s: BlockSpec, w: BlockWeights, x: np.ndarray, provider: ExpertProvider) -> np.ndarray:
     """Routed experts (fetched through the provider) plus the shared expert: x [T, H] -> [T, H]."""
-    ids, weights = route(matmul(x, w.router, s.q8), w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
-    groups = group_by_expert(ids)
+    logits = matmul(x, w.router, s.q8)
     held = getattr(provider, "held", None)
-    if s.q8 and x.shape[0] == 1 and held is not None:
+    if s.q8 and x.shape[0] == 1 and held is not None and w.shared.descriptor is not None:
         # one token: hold all its experts at once and run them, with the shared one, in one call
-        with held(s.index, sorted(groups)) as got:
+        ids, weights = route_sorted(logits[0], w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)
+        with held(s.index, ids.tolist()) as got:
             by_id = dict(got)
-            parts = [(w.shared.gate, w.shared.up, w.shared.down, 1.0, s.limit_shared)]
-            parts += [(by_id[e].gate, by_id[e].up, by_id[e].down, weights[0, groups[e][1][0]], s.limit)
-                      for e in sorted(groups)]
-            fused = fused_ffns(x, parts)
-            return fused if fused is not None else _experts_sum(s, w, x, weights, groups, got)
+            descs = [w.shared.descriptor] + [by_id[e].descriptor for e in ids.tolist()]
+            if all(d is not None for d in descs):
+                return fused_ffns(x, descs, [1.0, *weights.tolist()], [s.limit_shared] + [s.limit] * len(ids))
+            groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(ids)}
+            return _experts_sum(s, w, x, weights[None], groups, got)
+    ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
+    groups = group_by_expert(ids)
     return _experts_sum(s, w, x, weights, groups, provider.experts(s.index, groups))
 
 

@@ -22,7 +22,7 @@ from runtime.experts import ExpertProvider, InMemoryExperts
 from runtime.forward import block, block_spec, guess_experts
 from runtime.gguf_file import GGUFModelFile
 from runtime.kv_cache import KVCache
-from runtime.layers import rms_norm
+from runtime.fastops import rms_norm
 from runtime.options import RuntimeOptions
 from runtime.tensors import matmul, rows
 from runtime.weights import ModelWeights, expert_bank, load_weights

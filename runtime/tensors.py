@@ -96,7 +96,11 @@ def matmul_many(x: np.ndarray, ws: list[Matrix], q8: bool = False) -> list[np.nd
                                       for w in ws):
         out = np.empty(sum(w.shape[0] for w in ws), np.float32)
         q8kernels.matvec_many([w.packed for w in ws], q8kernels.quantize_activations(x), out)
-        return [part[None] for part in np.split(out, np.cumsum([w.shape[0] for w in ws[:-1]]))]
+        parts, a = [], 0
+        for w in ws:
+            parts.append(out[None, a : a + w.shape[0]])
+            a += w.shape[0]
+        return parts
     return [matmul(x, w, q8) for w in ws]
 
 
@@ -128,3 +132,11 @@ def vector(ref: TensorRef, n: int) -> np.ndarray:
 def rows(w: Matrix, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of W as float32 [len(ids), C]: an embedding lookup that dequantizes only those rows."""
     return dequantize(np.asarray(w.data)[ids], w.qtype, (len(ids), w.shape[1]))
+
+
+def ffn_descriptor(gate: Matrix, up: Matrix, down: Matrix) -> np.ndarray | None:
+    """The fused int8 FFN kernel's view of a SwiGLU FFN (quant.q8kernels.ffn_descriptor), or
+    None when a matrix is float32 or its format has no such kernel."""
+    if gate.packed is None or up.packed is None or down.packed is None:
+        return None
+    return q8kernels.ffn_descriptor(gate.packed, up.packed, down.packed)

@@ -10,6 +10,7 @@ Shape legend (numpy order):  H hidden  V vocab  D head dim  Nh/Nk heads
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from runtime.config import ModelConfig
 from runtime.errors import StepstreamError
 from runtime.experts import ExpertWeights
 from runtime.gguf_file import GGUFModelFile
-from runtime.tensors import Matrix, matrix, stacked, vector
+from runtime.tensors import Matrix, ffn_descriptor, matrix, stacked, vector
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class FFN:
     gate: Matrix  # [F, H]
     up: Matrix  # [F, H]
     down: Matrix  # [H, F]
+
+    @cached_property
+    def descriptor(self):
+        """For the fused decode kernel (runtime.tensors.ffn_descriptor); computed once."""
+        return ffn_descriptor(self.gate, self.up, self.down)
 
 
 @dataclass(frozen=True)

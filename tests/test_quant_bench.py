@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from quant import bench
+from quant import bench, q8kernels
 
 
 def test_read_bandwidth_is_positive():
@@ -21,9 +21,14 @@ def test_bench_set_prints_rate_bandwidth_and_ratio(capsys):
     mats = bench.make_set(T.Q4_K, [(64, 512)], copies=3)
     bench.bench_set("experts", mats, reps=2, bw=10e9, tokens=(4,))
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2
     assert lines[0].startswith("Q4_K   experts   GEMV n=1") and "read  10.00 GB/s" in lines[0] and "ratio" in lines[0]
     assert "GEMM n=4" in lines[1] and "x GEMV time" in lines[1]
+    # the int8-activation rows: a GEMV, and a GEMM timed against it where the host has one
+    assert lines[2].startswith("Q4_K   experts   GEMV q8 n=1") and "x GEMV time" not in lines[2]
+    if T.Q4_K in q8kernels.GEMM_FORMATS:
+        assert len(lines) == 4 and "GEMM q8 n=4" in lines[3] and "x GEMV time" in lines[3]
+    else:
+        assert len(lines) == 3
 
 
 def test_main_refuses_a_weight_set_that_fits_in_cache():
