@@ -7,6 +7,8 @@ Shape legend
     matvec(w, a, out[, token])           out [R] = W @ x_token, x quantized as in a
     matmul(w, a, out)                    out [N, R] = X @ W.T for every token of a (GEMM_FORMATS)
     matvec_many(ws, a, out)              out [sum R] = the ws stacked, times token 0, in one call
+    matvec_group(group(ws), x, out)      the same with x float32 (quantized in the call) and the
+                                         matrices prepared once
     swiglu_experts(experts, x, out)      out [H] += sum_e weight_e * down_e @ swiglu(gate_e @ x, up_e @ x)
     swiglu_ffns(desc, weights, limits, x, out)   the same from ffn_descriptor rows (no checks)
 
@@ -124,6 +126,50 @@ def matvec_many(ws: list[PackedMatrix], a: Q8Activations, out: np.ndarray) -> np
 
 
 @dataclass(frozen=True)
+class Group:
+    """Matrices that multiply the same input, prepared once for matvec_group: their formats,
+    addresses, row bytes and the start of each one's rows in the output."""
+    mats: tuple[PackedMatrix, ...]  # kept alive with the addresses
+    qt: np.ndarray
+    addr: np.ndarray
+    rb: np.ndarray
+    starts: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def cols(self) -> int:
+        return self.mats[0].cols
+
+
+def group(ws: list[PackedMatrix]) -> Group:
+    """Prepare ws (all [*, C] in formats with int8 kernels) for matvec_group."""
+    if not ws or any(not isinstance(w, PackedMatrix) for w in ws):
+        raise TypeError("group needs one or more PackedMatrix")
+    for w in ws:
+        if not supports(w.qtype, w.cols) or w.cols != ws[0].cols:
+            raise ValueError(f"{w.qtype.name} [{w.rows}, {w.cols}] cannot join an int8 group of {ws[0].cols} columns")
+    starts = np.zeros(len(ws) + 1, np.int64)
+    np.cumsum([w.rows for w in ws], out=starts[1:])
+    return Group(tuple(ws), np.array([int(w.qtype) for w in ws], np.int64),
+                 np.array([w.data.ctypes.data for w in ws], np.int64),
+                 np.array([w.data.shape[1] for w in ws], np.int64), starts)
+
+
+def matvec_group(g: Group, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out [g.rows] = the group's matrices stacked, times x float32 [C], which is quantized
+    inside the call: one kernel call for a decode step's projections of one input."""
+    if x.dtype != np.float32 or x.shape != (g.cols,) or not x.flags.c_contiguous:
+        raise ValueError(f"x must be C-contiguous float32 [{g.cols}], got {x.dtype} {x.shape}")
+    if out.dtype != np.float32 or out.shape != (g.rows,) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 [{g.rows}], got {out.dtype} {out.shape}")
+    _gemv_group(g.qt, g.addr, g.rb, g.starts, x, out)
+    return out
+
+
+@dataclass(frozen=True)
 class Expert:
     """One SwiGLU FFN of a weighted sum: gate/up [I, H], down [H, I]."""
     gate: PackedMatrix
@@ -231,6 +277,19 @@ def _build(stamp: str):
                 out[t, r] = q8dot(qtype, w[r], XQ[t], XD[t], XB[t])
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
+    def _gemv_group(qt, addr, rb, starts, x, out):
+        stamp  # noqa: B018 (cache key)
+        c = x.shape[0]
+        xq = np.empty(c, np.int8)
+        xd = np.empty(c // 256, np.float32)
+        xb = np.empty(c // 16, np.int32)
+        quantize_row(x, xq, xd, xb)
+        for g in nb.prange(starts[-1]):
+            m = _find(starts, g)
+            w = u8_at(addr[m] + (g - starts[m]) * rb[m], rb[m])
+            out[g] = q8dot(qt[m], w, xq, xd, xb)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
     def _gemv_many(qt, addr, rb, starts, xq, xd, xb, out):
         stamp  # noqa: B018 (cache key)
         for g in nb.prange(starts[-1]):
@@ -297,7 +356,7 @@ def _build(stamp: str):
             for r in range(h):
                 out[r] += wt * y[m, r]
 
-    return _quantize, _gemv, _gemm, _gemv_many, _swiglu_experts
+    return _quantize, _gemv, _gemm, _gemv_group, _gemv_many, _swiglu_experts
 
 
-_quantize, _gemv, _gemm, _gemv_many, _swiglu_experts = _build(_source_stamp())
+_quantize, _gemv, _gemm, _gemv_group, _gemv_many, _swiglu_experts = _build(_source_stamp())

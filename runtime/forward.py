@@ -19,7 +19,7 @@ from runtime.kv_cache import LayerKV
 from runtime.fastops import rms_norm, route_sorted
 from runtime.layers import attend, group_by_expert, rope, rope_inv_freq, route, sigmoid, swiglu, visible
 from quant import q8kernels
-from runtime.tensors import matmul, matmul_many
+from runtime.tensors import matmul, matmul_many, matvec_q8
 from runtime.weights import FFN, BlockWeights
 
 
@@ -57,7 +57,12 @@ def block_spec(cfg: ModelConfig, i: int, rope_factors: np.ndarray | None, q8: bo
 def attention(s: BlockSpec, w: BlockWeights, x: np.ndarray, pos: np.ndarray, kv: LayerKV) -> np.ndarray:
     """x [T, H] (normed) at positions pos [T] -> [T, H]; appends this chunk's K/V to kv."""
     T, D = x.shape[0], s.head_dim
-    q, k, v, g = matmul_many(x, [w.q, w.k, w.v, w.gate], s.q8)
+    if T == 1 and s.q8 and w.qkvg_q8 is not None:  # one kernel call for the four projections
+        proj = matvec_q8(w.qkvg_q8, x)
+        nq, nk = s.n_head * D, s.n_kv * D
+        q, k, v, g = (proj[:, :nq], proj[:, nq:nq + nk], proj[:, nq + nk:nq + 2 * nk], proj[:, nq + 2 * nk:])
+    else:
+        q, k, v, g = matmul_many(x, [w.q, w.k, w.v, w.gate], s.q8)
     if T == 1:  # decode: norms, RoPE, cache write and attention in one kernel call
         p = int(pos[0])
         slot = kv.reserve(p)  # first: it may grow (replace) the cache arrays
@@ -66,7 +71,7 @@ def attention(s: BlockSpec, w: BlockWeights, x: np.ndarray, pos: np.ndarray, kv:
         decode_attention(q[0], k[0], v[0], g[0], w.q_norm, w.k_norm, np.float32(s.eps),
                          np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32),
                          kv.k, kv.v, kv.pos, slot, p, s.window or 0, out)
-        return matmul(out[None], w.o, s.q8)
+        return matvec_q8(w.o_q8, out[None]) if s.q8 and w.o_q8 is not None else matmul(out[None], w.o, s.q8)
     q, k, v = q.reshape(T, s.n_head, D), k.reshape(T, s.n_kv, D), v.reshape(T, s.n_kv, D)
     q = rope(rms_norm(q, w.q_norm, s.eps), pos, s.inv_freq)
     k = rope(rms_norm(k, w.k_norm, s.eps), pos, s.inv_freq)

@@ -11,6 +11,7 @@ Shape legend:  T tokens   H hidden   V vocab
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from runtime.gguf_file import GGUFModelFile
 from runtime.kv_cache import KVCache
 from runtime.fastops import rms_norm
 from runtime.options import RuntimeOptions
-from runtime.tensors import matmul, rows
+from runtime.tensors import matmul, matvec_q8, q8_group, rows
 from runtime.weights import ModelWeights, expert_bank, load_weights
 
 
@@ -112,7 +113,14 @@ class Model:
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, V] float32 of hidden states [T, H]."""
-        return matmul(rms_norm(h, self.weights.out_norm, self.cfg.rms_eps), self.weights.output, self._q8).astype(np.float32)
+        x = rms_norm(h, self.weights.out_norm, self.cfg.rms_eps)
+        if self._q8 and x.shape[0] == 1 and self._output_q8 is not None:
+            return matvec_q8(self._output_q8, x)
+        return matmul(x, self.weights.output, self._q8).astype(np.float32)
+
+    @cached_property
+    def _output_q8(self):
+        return q8_group([self.weights.output])
 
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""

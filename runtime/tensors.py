@@ -140,3 +140,19 @@ def ffn_descriptor(gate: Matrix, up: Matrix, down: Matrix) -> np.ndarray | None:
     if gate.packed is None or up.packed is None or down.packed is None:
         return None
     return q8kernels.ffn_descriptor(gate.packed, up.packed, down.packed)
+
+
+def q8_group(ms: list[Matrix]) -> q8kernels.Group | None:
+    """Matrices sharing an input, prepared for one int8 kernel call per token
+    (quant.q8kernels.group), or None when one of them has no int8 kernel."""
+    if any(m.packed is None or not q8kernels.supports(m.qtype, m.shape[1]) or m.shape[1] != ms[0].shape[1]
+           for m in ms):
+        return None
+    return q8kernels.group([m.packed for m in ms])
+
+
+def matvec_q8(g: q8kernels.Group, x: np.ndarray) -> np.ndarray:
+    """One token x [1, C] through a prepared group: [1, g.rows]."""
+    out = np.empty((1, g.rows), np.float32)
+    q8kernels.matvec_group(g, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
+    return out

@@ -19,7 +19,7 @@ from runtime.config import ModelConfig
 from runtime.errors import StepstreamError
 from runtime.experts import ExpertWeights
 from runtime.gguf_file import GGUFModelFile
-from runtime.tensors import Matrix, ffn_descriptor, matrix, stacked, vector
+from runtime.tensors import Matrix, ffn_descriptor, matrix, q8_group, stacked, vector
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,15 @@ class BlockWeights:
     router: Matrix | None  # [E, H], MoE blocks
     router_bias: np.ndarray | None  # [E]
     shared: FFN | None  # [S, H] / [H, S]
+
+    @cached_property
+    def qkvg_q8(self):
+        """q, k, v and the head gate as one int8 kernel group (None if a format has no kernel)."""
+        return q8_group([self.q, self.k, self.v, self.gate])
+
+    @cached_property
+    def o_q8(self):
+        return q8_group([self.o])
 
 
 @dataclass(frozen=True)
