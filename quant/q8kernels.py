@@ -239,6 +239,21 @@ def _find(starts, g):
     return m
 
 
+@nb.njit(inline="always", fastmath=True, cache=True)
+def group_gemv(qt, addr, rb, starts, xq, xd, xb, out):
+    """out = the group's rows (see Group) times the int8 activations, rows in parallel; inlinable
+    into a larger decode kernel. Callers outside quant must include source_stamp() in their
+    cache key, as the drivers below do."""
+    for g in nb.prange(starts[-1]):
+        m = _find(starts, g)
+        w = u8_at(addr[m] + (g - starts[m]) * rb[m], rb[m])
+        out[g] = q8dot(qt[m], w, xq, xd, xb)
+
+
+def source_stamp() -> str:
+    return _source_stamp()
+
+
 def _source_stamp() -> str:
     """Hash of the sources the drivers inline, and whether the AVX2 path is in: Numba's cache
     watches only the file defining a function, and the stamp, a closure variable of each
@@ -284,10 +299,7 @@ def _build(stamp: str):
         xd = np.empty(c // 256, np.float32)
         xb = np.empty(c // 16, np.int32)
         quantize_row(x, xq, xd, xb)
-        for g in nb.prange(starts[-1]):
-            m = _find(starts, g)
-            w = u8_at(addr[m] + (g - starts[m]) * rb[m], rb[m])
-            out[g] = q8dot(qt[m], w, xq, xd, xb)
+        group_gemv(qt, addr, rb, starts, xq, xd, xb, out)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def _gemv_many(qt, addr, rb, starts, xq, xd, xb, out):

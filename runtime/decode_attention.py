@@ -37,9 +37,9 @@ def _norm_rope(x, w, eps, cos, sin):
         x[j + half] = b * cos[j] + a * sin[j]
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
-    """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`."""
+@nb.njit(inline="always", fastmath=True, cache=True)
+def attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
+    """The body of decode_attention, inlinable into a larger decode kernel (its head loop is a prange)."""
     n_kv, d = keys.shape[1], keys.shape[2]
     n_head = q.shape[0] // d
     group = n_head // n_kv
@@ -68,20 +68,27 @@ def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, k
                 t *= scale
                 scores[s] = t
                 best = max(best, t)
-            else:
-                scores[s] = -np.inf
         total = np.float32(0.0)
         for s in range(n_slots):
-            e = np.exp(scores[s] - best) if scores[s] > -np.inf else np.float32(0.0)
+            p = kpos[s]
+            e = np.float32(0.0)
+            if p >= 0 and p <= qpos and p > lo:
+                e = np.exp(scores[s] - best)
             scores[s] = e
             total += e
         acc = np.zeros(d, np.float32)
         for s in range(n_slots):
-            p = scores[s]
-            if p > 0:
+            e = scores[s]
+            if e > 0:
                 for i in range(d):
-                    acc[i] += p * vals[s, j, i]
+                    acc[i] += e * vals[s, j, i]
         g = np.float32(1.0) / (np.float32(1.0) + np.exp(-gate[h]))
         f = g / total
         for i in range(d):
             out[h * d + i] = acc[i] * f
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
+    """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`."""
+    attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out)

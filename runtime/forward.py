@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 from runtime.config import ModelConfig
 from runtime.decode_attention import decode_attention
+from runtime.decode_step import attention_step
 from runtime.experts import ExpertProvider
 from runtime.kv_cache import LayerKV
 from runtime.fastops import rms_norm, route_sorted
@@ -87,25 +89,30 @@ def attention(s: BlockSpec, w: BlockWeights, x: np.ndarray, pos: np.ndarray, kv:
     return matmul(out.reshape(T, s.n_head * D), w.o, s.q8)
 
 
-def dense_ffn(f: FFN, x: np.ndarray, limit: float, q8: bool = False) -> np.ndarray:
+def dense_ffn(f: FFN, x: np.ndarray, limit: float, q8: bool = False, into: np.ndarray | None = None) -> np.ndarray:
+    """SwiGLU FFN of x [T, H]. With `into` [1, H] (one token), the result is added into it."""
     if q8 and x.shape[0] == 1 and f.descriptor is not None:
-        return fused_ffns(x, [f.descriptor], [1.0], [limit])
+        return fused_ffns(x, [f.descriptor], [1.0], [limit], into)
     gate, up = matmul_many(x, [f.gate, f.up], q8)
-    return matmul(swiglu(gate, up, limit), f.down, q8)
+    out = matmul(swiglu(gate, up, limit), f.down, q8)
+    return out if into is None else into + out
 
 
-def fused_ffns(x: np.ndarray, descriptors: list, weights, limits) -> np.ndarray:
+def fused_ffns(x: np.ndarray, descriptors: list, weights, limits, into: np.ndarray | None = None) -> np.ndarray:
     """One token x [1, H] through SwiGLU FFNs (given by their descriptors), weighted and summed
-    in list order, in one int8-activation kernel call."""
-    out = np.zeros((1, x.shape[1]), np.float32)
+    in list order, in one int8-activation kernel call, added into `into` [1, H] if given."""
+    out = np.zeros((1, x.shape[1]), np.float32) if into is None else into
     q8kernels.swiglu_ffns(np.stack(descriptors), np.asarray(weights, np.float32), np.asarray(limits, np.float32),
                           np.ascontiguousarray(x[0], dtype=np.float32), out[0])
     return out
 
 
-def moe_ffn(s: BlockSpec, w: BlockWeights, x: np.ndarray, provider: ExpertProvider) -> np.ndarray:
-    """Routed experts (fetched through the provider) plus the shared expert: x [T, H] -> [T, H]."""
-    logits = matmul(x, w.router, s.q8)
+def moe_ffn(s: BlockSpec, w: BlockWeights, x: np.ndarray, provider: ExpertProvider,
+            logits: np.ndarray | None = None, into: np.ndarray | None = None) -> np.ndarray:
+    """Routed experts (fetched through the provider) plus the shared expert: x [T, H] -> [T, H].
+    `logits` [T, E]: the router's, if already computed; `into` [1, H]: add the result into it."""
+    if logits is None:
+        logits = matmul(x, w.router, s.q8)
     held = getattr(provider, "held", None)
     if s.q8 and x.shape[0] == 1 and held is not None and w.shared.descriptor is not None:
         # one token: hold all its experts at once and run them, with the shared one, in one call
@@ -114,12 +121,14 @@ def moe_ffn(s: BlockSpec, w: BlockWeights, x: np.ndarray, provider: ExpertProvid
             by_id = dict(got)
             descs = [w.shared.descriptor] + [by_id[e].descriptor for e in ids.tolist()]
             if all(d is not None for d in descs):
-                return fused_ffns(x, descs, [1.0, *weights.tolist()], [s.limit_shared] + [s.limit] * len(ids))
+                return fused_ffns(x, descs, [1.0, *weights.tolist()], [s.limit_shared] + [s.limit] * len(ids), into)
             groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(ids)}
-            return _experts_sum(s, w, x, weights[None], groups, got)
+            out = _experts_sum(s, w, x, weights[None], groups, got)
+            return out if into is None else into + out
     ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
     groups = group_by_expert(ids)
-    return _experts_sum(s, w, x, weights, groups, provider.experts(s.index, groups))
+    out = _experts_sum(s, w, x, weights, groups, provider.experts(s.index, groups))
+    return out if into is None else into + out
 
 
 def _experts_sum(s: BlockSpec, w: BlockWeights, x: np.ndarray, weights: np.ndarray,
@@ -157,7 +166,34 @@ def guess_experts(s: BlockSpec, w: BlockWeights, h: np.ndarray) -> np.ndarray:
 def block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: np.ndarray, kv: LayerKV,
           provider: ExpertProvider) -> np.ndarray:
     """h [T, H] -> [T, H]."""
+    if h.shape[0] == 1 and s.q8 and w.qkvg_q8 is not None and w.o_q8 is not None:
+        return decode_block(s, w, h, int(pos[0]), kv, provider)
     h = h + attention(s, w, rms_norm(h, w.attn_norm, s.eps), pos, kv)
     x = rms_norm(h, w.ffn_norm, s.eps)
     f = moe_ffn(s, w, x, provider) if w.router is not None else dense_ffn(w.dense, x, s.limit_shared, s.q8)
     return h + f
+
+
+_NO_ROUTER = np.zeros((0, 1), np.float32)
+
+
+def decode_block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: int, kv: LayerKV,
+                 provider: ExpertProvider) -> np.ndarray:
+    """One token through block s in two kernel calls: the attention half (runtime.decode_step,
+    router logits included), then the FFN half added into the residual."""
+    g, o = w.qkvg_q8, w.o_q8
+    n = h.shape[1]
+    slot = kv.reserve(pos)  # first: it may grow (replace) the cache arrays
+    router = w.router.data if w.router is not None and w.router.qtype == Q.F32 else _NO_ROUTER
+    h_out, x_out = np.empty((1, n), np.float32), np.empty((1, n), np.float32)
+    logits = np.empty((1, router.shape[0]), np.float32)
+    attention_step(np.ascontiguousarray(h[0], dtype=np.float32), w.attn_norm, w.ffn_norm, np.float32(s.eps),
+                   g.qt, g.addr, g.rb, g.starts, o.qt, o.addr, o.rb, o.starts, s.n_head, w.q_norm, w.k_norm,
+                   s.inv_freq, kv.k, kv.v, kv.pos, slot, pos, s.window or 0, router, h_out[0], x_out[0], logits[0])
+    if w.router is None:
+        return dense_ffn(w.dense, x_out, s.limit_shared, s.q8, into=h_out)
+    return moe_ffn(s, w, x_out, provider, logits=logits if router.shape[0] else None, into=h_out)
+
+
+_NO_ROUTER = np.zeros((0, 1), np.float32)
+
