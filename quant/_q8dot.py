@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import _simd
 from ._bits import f16_at, k4_min, k4_scale
-from ._simd import f16_fast, q4k_isum, q4k_isum4, q6k_isum, q6k_isum4
+from ._simd import f16_fast, q4k_isum4, q4k_row_dot, q6k_isum4, q6k_row_dot
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
 I16 = np.int16
@@ -225,27 +225,14 @@ def _q4k_fields(w, o):
 
 @nb.njit(**_JIT)
 def q8dot_q4_k_simd(w, xq, xd, xb):
-    acc = F0
-    wa = np.int64(w.ctypes.data)
-    xa = np.int64(xq.ctypes.data)
-    ba = np.int64(xb.ctypes.data)
-    for s in range(xq.shape[0] // 256):
-        o = 144 * s
-        p0, p1, p2, p3, m_lo, m_hi = _q4k_fields(w, o)
-        isum, msum = q4k_isum(wa + o + 16, p0, p1, p2, p3, m_lo, m_hi, xa + 256 * s, ba + 64 * s)
-        acc += xd[s] * (_f16_fast_at(w, o) * np.float32(isum) - _f16_fast_at(w, o + 2) * np.float32(msum))
-    return acc
+    return q4k_row_dot(np.int64(w.ctypes.data), xq.shape[0] // 256, np.int64(xq.ctypes.data),
+                       np.int64(xb.ctypes.data), np.int64(xd.ctypes.data))
 
 
 @nb.njit(**_JIT)
 def q8dot_q6_k_simd(w, xq, xd, xb):
-    acc = F0
-    wa = np.int64(w.ctypes.data)
-    xa = np.int64(xq.ctypes.data)
-    ba = np.int64(xb.ctypes.data)
-    for s in range(xq.shape[0] // 256):
-        acc += xd[s] * _f16_fast_at(w, 210 * s + 208) * np.float32(q6k_isum(wa + 210 * s, xa + 256 * s, ba + 64 * s))
-    return acc
+    return q6k_row_dot(np.int64(w.ctypes.data), xq.shape[0] // 256, np.int64(xq.ctypes.data),
+                       np.int64(xb.ctypes.data), np.int64(xd.ctypes.data))
 
 
 @nb.njit(**_JIT)

@@ -6,21 +6,25 @@ separately and chains every multiply-add on one accumulator. These intrinsics em
 llama.cpp's sequence directly in LLVM IR: ``vpmaddubsw`` (unsigned weight bytes times
 signed activation bytes, adjacent pairs summed to int16), then ``vpmaddwd`` against the
 sub-block scales (pairs summed to int32), with independent accumulators and one
-horizontal sum per 256 weights. About 1.6x the portable kernels' speed per core.
+horizontal sum per row (GEMV) or per 256 weights (GEMM). About 2.5x the portable kernels'
+speed per core for Q4_K.
 
 AVAILABLE says whether the host can run them (AVX2 and F16C, and Numba compiling for
 the host CPU); the portable loops in ``_q8dot`` are used otherwise.
 
-    q4k_isum(q, p0, p1, p2, p3, m_lo, m_hi, x, xb) -> (int32, int32)
-        q: address of the 128 nibble bytes of a Q4_K super-block, p0..p3: its 8 six-bit
-        scales, two per uint32 as int16 halves, m_lo, m_hi: its 8 mins, one per byte; x:
-        address of its 256 int8 activations, xb: of their 16 int32 sums per 16 columns.
-        Returns (sum_j scale_j * sum_{l<32} nibble_j[l] * x[32 j + l],
-                 sum_j min_j * sum_{l<32} x[32 j + l]).
-    q6k_isum(w, x, xb) -> int32
-        w: address of a Q6_K super-block, x: its 256 int8 activations, xb: address of the
-        16 int32 sums of x per 16 columns. Returns sum_g scale_g * sum_l (q[l] - 32) * x[l].
-    q4k_isum4, q6k_isum4: the same for four tokens at once (weights decoded once).
+    q4k_row_dot(w, nsb, x, xb, xd) -> float32
+        A whole Q4_K row (address w, nsb super-blocks) times one token's int8 activations:
+        x their address, xb that of their int32 sums per 16 columns, xd that of their float32
+        scales per 256. Integer sums per super-block, float32 vector accumulators across
+        super-blocks, one horizontal sum per row.
+    q6k_row_dot(w, nsb, x, xb, xd) -> float32: the same for a Q6_K row.
+    q4k_isum4(q, p0..p3, m_lo, m_hi, x0..x3, b0..b3) -> 8 x int32
+        One Q4_K super-block (q: its 128 nibble bytes; p0..p3: its 8 six-bit scales, two per
+        uint32 as int16 halves; m_lo, m_hi: its 8 mins, one per byte) times four tokens'
+        activations: (sum_j scale_j * sum_l nibble_j[l] x_t[32 j + l], sum_j min_j * sum_l
+        x_t[32 j + l]) for each token t. The weights are decoded once for the four (GEMM).
+    q6k_isum4(w, x0..x3, b0..b3) -> 4 x int32
+        One Q6_K super-block (address w) times four tokens: sum_g scale_g * sum_l (q[l] - 32) x_t[l].
     f16_fast(bits) -> float32: IEEE half to float (vcvtph2ps).
 """
 
@@ -156,19 +160,6 @@ _Q4K_ARGS = [types.int64, types.uint32, types.uint32, types.uint32, types.uint32
 
 
 @intrinsic
-def q4k_isum(typingctx, q, p0, p1, p2, p3, m_lo, m_hi, x, xb):
-    """(sum_j scale_j * sum_l nibble_j[l] x[32 j + l], sum_j min_j * sum_l x[32 j + l]); the
-    scales packed two per uint32 as int16 halves, the mins as the bytes of m_lo, m_hi."""
-    def codegen(context, builder, signature, args):
-        codes, splats = _q4k_weights(builder, args[0], args[1:5])
-        mins = _q4k_mins(builder, args[5], args[6])
-        out = [_isum(builder, codes, splats, args[7]), _msum(builder, mins, args[8])]
-        return context.make_tuple(builder, signature.return_type, out)
-
-    return types.UniTuple(types.int32, 2)(*_Q4K_ARGS, types.int64, types.int64), codegen
-
-
-@intrinsic
 def q4k_isum4(typingctx, q, p0, p1, p2, p3, m_lo, m_hi, x0, x1, x2, x3, b0, b1, b2, b3):
     """q4k_isum for four tokens (activations x0..x3, their 16-column sums b0..b3) at once: the
     weight codes, scales and mins are decoded once for the four (a GEMM's inner step).
@@ -184,13 +175,108 @@ def q4k_isum4(typingctx, q, p0, p1, p2, p3, m_lo, m_hi, x0, x1, x2, x3, b0, b1, 
     return types.UniTuple(types.int32, 8)(*_Q4K_ARGS, *([types.int64] * 8)), codegen
 
 
-@intrinsic
-def q6k_isum(typingctx, w, x, xb):
-    def codegen(context, builder, signature, args):
-        codes, splats, sc8 = _q6k_weights(builder, args[0])
-        return builder.sub(_isum(builder, codes, splats, args[1]), _q6k_offset(builder, sc8, args[2]))
+_F32 = ir.FloatType()
+_V8F32 = ir.VectorType(_F32, 8)
 
-    return types.int32(types.int64, types.int64, types.int64), codegen
+
+def _load_scalar(builder, addr, offset: int, typ):
+    ptr = builder.inttoptr(builder.add(addr, ir.Constant(addr.type, offset)), typ.as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _splat_f32(builder, v):
+    vec = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), v, ir.Constant(_i32, 0))
+    return _shuffle(builder, vec, [0] * 8)
+
+
+def _q4k_scale_words(builder, wa):
+    """The 12-byte scales field at wa: (scales as four int16-pair words, mins as <8 x i32>)."""
+    u0, u1, u2 = (_load_scalar(builder, wa, 4 + 4 * i, _i32) for i in range(3))
+    m1, m2, m3 = (ir.Constant(_i32, c) for c in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
+    c4, c6 = ir.Constant(_i32, 4), ir.Constant(_i32, 6)
+    sc_lo = builder.and_(u0, m1)
+    sc_hi = builder.or_(builder.and_(u2, m2), builder.shl(builder.and_(builder.lshr(u0, c6), m3), c4))
+    mn_lo = builder.and_(u1, m1)
+    mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), m2), builder.shl(builder.and_(builder.lshr(u1, c6), m3), c4))
+    pair = ir.Constant(ir.VectorType(_i32, 2), ir.Undefined)
+    sc = builder.insert_element(builder.insert_element(pair, sc_lo, ir.Constant(_i32, 0)), sc_hi, ir.Constant(_i32, 1))
+    scales16 = builder.zext(builder.bitcast(sc, ir.VectorType(_i8, 8)), ir.VectorType(_i16, 8))
+    mins = _q4k_mins(builder, mn_lo, mn_hi)
+    return scales16, mins
+
+
+@intrinsic
+def q4k_row_dot(typingctx, w, nsb, x, xb, xd):
+    """A whole Q4_K row times one token's int8 activations, as float32: w the row's address,
+    nsb its super-blocks, x / xb / xd the addresses of the activations, their 16-column sums
+    and their per-256 scales (float32). Float vector accumulators across super-blocks, one
+    horizontal sum per row."""
+    def codegen(context, builder, signature, args):
+        wa, n, xa, xba, xda = args
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None))
+        with cgutils.for_range(builder, n) as loop:
+            s = loop.index
+            o = builder.mul(s, ir.Constant(s.type, 144))
+            ws = builder.add(wa, o)
+            scales16, mins = _q4k_scale_words(builder, ws)
+            codes, splats = [], []
+            for k in range(4):
+                qv = _load(builder, ws, 16 + 32 * k, _V32I8)
+                codes += [builder.and_(qv, _splat8(15)), builder.lshr(qv, _splat8(4))]
+                splats += [_shuffle(builder, scales16, [2 * k] * 16), _shuffle(builder, scales16, [2 * k + 1] * 16)]
+            xs = builder.add(xa, builder.mul(s, ir.Constant(s.type, 256)))
+            parts = [_maddwd(builder, _maddubs(builder, c, _load(builder, xs, 32 * i, _V32I8)), sp)
+                     for i, (c, sp) in enumerate(zip(codes, splats))]
+            while len(parts) > 1:
+                parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+            xbv = _load(builder, builder.add(xba, builder.mul(s, ir.Constant(s.type, 64))), 0, _V16I32)
+            pairs = builder.add(_shuffle(builder, xbv, range(0, 16, 2)), _shuffle(builder, xbv, range(1, 16, 2)))
+            msum = builder.mul(mins, pairs)
+            d = builder.fpext(_load_scalar(builder, ws, 0, ir.HalfType()), _F32)
+            dmin = builder.fpext(_load_scalar(builder, ws, 2, ir.HalfType()), _F32)
+            scale = _load_scalar(builder, builder.add(xda, builder.mul(s, ir.Constant(s.type, 4))), 0, _F32)
+            term = builder.fsub(builder.fmul(builder.sitofp(parts[0], _V8F32), _splat_f32(builder, builder.fmul(d, scale))),
+                                builder.fmul(builder.sitofp(msum, _V8F32), _splat_f32(builder, builder.fmul(dmin, scale))))
+            builder.store(builder.fadd(builder.load(acc), term), acc)
+        total = builder.load(acc)
+        lanes = [builder.extract_element(total, ir.Constant(_i32, i)) for i in range(8)]
+        while len(lanes) > 1:
+            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+    return types.float32(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def q6k_row_dot(typingctx, w, nsb, x, xb, xd):
+    """A whole Q6_K row times one token's int8 activations, as float32 (arguments as q4k_row_dot)."""
+    def codegen(context, builder, signature, args):
+        wa, n, xa, xba, xda = args
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None))
+        with cgutils.for_range(builder, n) as loop:
+            s = loop.index
+            ws = builder.add(wa, builder.mul(s, ir.Constant(s.type, 210)))
+            codes, splats, sc8 = _q6k_weights(builder, ws)
+            xs = builder.add(xa, builder.mul(s, ir.Constant(s.type, 256)))
+            parts = [_maddwd(builder, _maddubs(builder, c, _load(builder, xs, 32 * i, _V32I8)), sp)
+                     for i, (c, sp) in enumerate(zip(codes, splats))]
+            while len(parts) > 1:
+                parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+            # the codes' offset of 32: sum_g scale_g * xb_g, folded to 8 lanes
+            off16 = builder.mul(builder.sext(sc8, _V16I32), _load(builder, builder.add(xba, builder.mul(s, ir.Constant(s.type, 64))), 0, _V16I32))
+            off8 = builder.add(_shuffle(builder, off16, range(8)), _shuffle(builder, off16, range(8, 16)))
+            isum = builder.sub(parts[0], builder.shl(off8, ir.Constant(_V8I32, [5] * 8)))
+            d = builder.fpext(_load_scalar(builder, ws, 208, ir.HalfType()), _F32)
+            scale = _load_scalar(builder, builder.add(xda, builder.mul(s, ir.Constant(s.type, 4))), 0, _F32)
+            term = builder.fmul(builder.sitofp(isum, _V8F32), _splat_f32(builder, builder.fmul(d, scale)))
+            builder.store(builder.fadd(builder.load(acc), term), acc)
+        total = builder.load(acc)
+        lanes = [builder.extract_element(total, ir.Constant(_i32, i)) for i in range(8)]
+        while len(lanes) > 1:
+            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+    return types.float32(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
 
 
 @intrinsic
