@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import _simd
 from ._bits import f16_at, k4_min, k4_scale
-from ._simd import f16_fast, q4k_isum4, q4k_row_dot, q6k_isum4, q6k_row_dot
+from ._simd import q4k_row_dot, q4k_row_dot4, q6k_row_dot, q6k_row_dot4
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
 I16 = np.int16
@@ -182,47 +182,6 @@ def q8dot_q6_k(w, xq, xd, xb):
 
 # ---------------------------------------------------------------- AVX2 versions (see _simd)
 
-_M1, _M2, _M3 = np.uint32(0x3F3F3F3F), np.uint32(0x0F0F0F0F), np.uint32(0x03030303)
-_LOW, _HIGH = np.uint32(0xFF), np.uint32(0xFF00)
-
-
-@nb.njit(**_JIT)
-def _u32_at(w, o):
-    return (np.uint32(w[o]) | (np.uint32(w[o + 1]) << np.uint32(8)) | (np.uint32(w[o + 2]) << np.uint32(16))
-            | (np.uint32(w[o + 3]) << np.uint32(24)))
-
-
-@nb.njit(**_JIT)
-def _f16_fast_at(w, o):
-    return f16_fast(np.uint32(w[o]) | (np.uint32(w[o + 1]) << np.uint32(8)))
-
-
-@nb.njit(**_JIT)
-def _widen_lo(v):
-    """Bytes 0 and 1 of v as the two int16 halves of a uint32."""
-    return (v & _LOW) | ((v & _HIGH) << np.uint32(8))
-
-
-@nb.njit(**_JIT)
-def _widen_hi(v):
-    """Bytes 2 and 3 of v as the two int16 halves of a uint32."""
-    return ((v >> np.uint32(16)) & _LOW) | ((v >> np.uint32(8)) & np.uint32(0xFF0000))
-
-
-@nb.njit(**_JIT)
-def _q4k_fields(w, o):
-    """The 12-byte scales field at w[o + 4:], decoded four at a time (llama.cpp's kmask trick):
-    the 8 scales as int16 pairs in four words, the 8 mins as bytes of two words."""
-    u0 = _u32_at(w, o + 4)
-    u1 = _u32_at(w, o + 8)
-    u2 = _u32_at(w, o + 12)
-    sc_lo = u0 & _M1
-    sc_hi = (u2 & _M2) | (((u0 >> np.uint32(6)) & _M3) << np.uint32(4))
-    mn_lo = u1 & _M1
-    mn_hi = ((u2 >> np.uint32(4)) & _M2) | (((u1 >> np.uint32(6)) & _M3) << np.uint32(4))
-    return _widen_lo(sc_lo), _widen_hi(sc_lo), _widen_lo(sc_hi), _widen_hi(sc_hi), mn_lo, mn_hi
-
-
 @nb.njit(**_JIT)
 def q8dot_q4_k_simd(w, xq, xd, xb):
     return q4k_row_dot(np.int64(w.ctypes.data), xq.shape[0] // 256, np.int64(xq.ctypes.data),
@@ -236,56 +195,28 @@ def q8dot_q6_k_simd(w, xq, xd, xb):
 
 
 @nb.njit(**_JIT)
+def _addresses4(A, t):
+    return (np.int64(A[t].ctypes.data), np.int64(A[t + 1].ctypes.data), np.int64(A[t + 2].ctypes.data),
+            np.int64(A[t + 3].ctypes.data))
+
+
+@nb.njit(**_JIT)
 def q8dot4_q4_k_simd(w, XQ, XD, XB, t):
     """Row w times tokens t .. t+3 of the activations [N, C]: the weights are decoded once per
     super-block for the four (a GEMM step). Returns four float32."""
-    wa = np.int64(w.ctypes.data)
-    x0 = np.int64(XQ[t].ctypes.data)
-    x1 = np.int64(XQ[t + 1].ctypes.data)
-    x2 = np.int64(XQ[t + 2].ctypes.data)
-    x3 = np.int64(XQ[t + 3].ctypes.data)
-    b0 = np.int64(XB[t].ctypes.data)
-    b1 = np.int64(XB[t + 1].ctypes.data)
-    b2 = np.int64(XB[t + 2].ctypes.data)
-    b3 = np.int64(XB[t + 3].ctypes.data)
-    a0 = a1 = a2 = a3 = F0
-    for s in range(XQ.shape[1] // 256):
-        o = 144 * s
-        p0, p1, p2, p3, m_lo, m_hi = _q4k_fields(w, o)
-        i0, m0, i1, m1, i2, m2, i3, m3 = q4k_isum4(
-            wa + o + 16, p0, p1, p2, p3, m_lo, m_hi, x0 + 256 * s, x1 + 256 * s, x2 + 256 * s, x3 + 256 * s,
-            b0 + 64 * s, b1 + 64 * s, b2 + 64 * s, b3 + 64 * s)
-        d = _f16_fast_at(w, o)
-        dm = _f16_fast_at(w, o + 2)
-        a0 += XD[t, s] * (d * np.float32(i0) - dm * np.float32(m0))
-        a1 += XD[t + 1, s] * (d * np.float32(i1) - dm * np.float32(m1))
-        a2 += XD[t + 2, s] * (d * np.float32(i2) - dm * np.float32(m2))
-        a3 += XD[t + 3, s] * (d * np.float32(i3) - dm * np.float32(m3))
-    return a0, a1, a2, a3
+    x0, x1, x2, x3 = _addresses4(XQ, t)
+    b0, b1, b2, b3 = _addresses4(XB, t)
+    d0, d1, d2, d3 = _addresses4(XD, t)
+    return q4k_row_dot4(np.int64(w.ctypes.data), XQ.shape[1] // 256, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3)
 
 
 @nb.njit(**_JIT)
 def q8dot4_q6_k_simd(w, XQ, XD, XB, t):
     """As q8dot4_q4_k_simd, for Q6_K."""
-    wa = np.int64(w.ctypes.data)
-    x0 = np.int64(XQ[t].ctypes.data)
-    x1 = np.int64(XQ[t + 1].ctypes.data)
-    x2 = np.int64(XQ[t + 2].ctypes.data)
-    x3 = np.int64(XQ[t + 3].ctypes.data)
-    b0 = np.int64(XB[t].ctypes.data)
-    b1 = np.int64(XB[t + 1].ctypes.data)
-    b2 = np.int64(XB[t + 2].ctypes.data)
-    b3 = np.int64(XB[t + 3].ctypes.data)
-    a0 = a1 = a2 = a3 = F0
-    for s in range(XQ.shape[1] // 256):
-        i0, i1, i2, i3 = q6k_isum4(wa + 210 * s, x0 + 256 * s, x1 + 256 * s, x2 + 256 * s, x3 + 256 * s,
-                                   b0 + 64 * s, b1 + 64 * s, b2 + 64 * s, b3 + 64 * s)
-        d = _f16_fast_at(w, 210 * s + 208)
-        a0 += XD[t, s] * d * np.float32(i0)
-        a1 += XD[t + 1, s] * d * np.float32(i1)
-        a2 += XD[t + 2, s] * d * np.float32(i2)
-        a3 += XD[t + 3, s] * d * np.float32(i3)
-    return a0, a1, a2, a3
+    x0, x1, x2, x3 = _addresses4(XQ, t)
+    b0, b1, b2, b3 = _addresses4(XB, t)
+    d0, d1, d2, d3 = _addresses4(XD, t)
+    return q6k_row_dot4(np.int64(w.ctypes.data), XQ.shape[1] // 256, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3)
 
 
 if _simd.AVAILABLE:

@@ -18,13 +18,9 @@ the host CPU); the portable loops in ``_q8dot`` are used otherwise.
         scales per 256. Integer sums per super-block, float32 vector accumulators across
         super-blocks, one horizontal sum per row.
     q6k_row_dot(w, nsb, x, xb, xd) -> float32: the same for a Q6_K row.
-    q4k_isum4(q, p0..p3, m_lo, m_hi, x0..x3, b0..b3) -> 8 x int32
-        One Q4_K super-block (q: its 128 nibble bytes; p0..p3: its 8 six-bit scales, two per
-        uint32 as int16 halves; m_lo, m_hi: its 8 mins, one per byte) times four tokens'
-        activations: (sum_j scale_j * sum_l nibble_j[l] x_t[32 j + l], sum_j min_j * sum_l
-        x_t[32 j + l]) for each token t. The weights are decoded once for the four (GEMM).
-    q6k_isum4(w, x0..x3, b0..b3) -> 4 x int32
-        One Q6_K super-block (address w) times four tokens: sum_g scale_g * sum_l (q[l] - 32) x_t[l].
+    q4k_row_dot4 / q6k_row_dot4(w, nsb, x0..x3, b0..b3, d0..d3) -> 4 x float32
+        The same for four tokens at once: each super-block's codes and scales are decoded
+        once for the four (the GEMM step).
     f16_fast(bits) -> float32: IEEE half to float (vcvtph2ps).
 """
 
@@ -90,20 +86,6 @@ def _shuffle(builder, vec, indices):
     return builder.shuffle_vector(vec, ir.Constant(vec.type, ir.Undefined), mask)
 
 
-def _q4k_weights(builder, qa, words):
-    """The 8 sub-blocks' codes (<32 x u8> each) and scales (<16 x i16> splats) of a Q4_K super-block."""
-    packed = ir.Constant(ir.VectorType(_i32, 4), ir.Undefined)
-    for j, p in enumerate(words):
-        packed = builder.insert_element(packed, p, ir.Constant(_i32, j))
-    scales = builder.bitcast(packed, ir.VectorType(_i16, 8))
-    codes, splats = [], []
-    for k in range(4):
-        qv = _load(builder, qa, 32 * k, _V32I8)
-        codes += [builder.and_(qv, _splat8(15)), builder.lshr(qv, _splat8(4))]
-        splats += [_shuffle(builder, scales, [2 * k] * 16), _shuffle(builder, scales, [2 * k + 1] * 16)]
-    return codes, splats
-
-
 def _q6k_weights(builder, wa):
     """The 8 runs of 32 six-bit codes (<32 x u8>) of a Q6_K super-block, their scale pairs
     (<16 x i16>: lanes 0-7 the scale of the run's first 16 weights, 8-15 of the next 16), and
@@ -128,51 +110,12 @@ def _q6k_weights(builder, wa):
 
 
 def _isum(builder, codes, splats, xa):
-    """sum over runs i of splats[i] . (codes[i] * x[32 i : 32 i + 32]) as int32 (runs of 32 bytes)."""
+    """sum over runs i of splats[i] * (codes[i] . x[32 i : 32 i + 32]), per 32-bit lane (<8 x i32>)."""
     parts = [_maddwd(builder, _maddubs(builder, c, _load(builder, xa, 32 * i, _V32I8)), sp)
              for i, (c, sp) in enumerate(zip(codes, splats))]
     while len(parts) > 1:
         parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-    return _reduce(builder, parts[0])
-
-
-def _q6k_offset(builder, sc8, xba):
-    """32 * sum_g scale_g * xb[g]: the codes' offset of 32, over the 16 groups of 16."""
-    offset = builder.mul(builder.sext(sc8, _V16I32), _load(builder, xba, 0, _V16I32))
-    return builder.mul(_reduce(builder, offset), ir.Constant(_i32, 32))
-
-
-def _q4k_mins(builder, m_lo, m_hi):
-    """The 8 six-bit mins (bytes of the two words m_lo, m_hi) as <8 x i32>."""
-    pair = builder.insert_element(ir.Constant(ir.VectorType(_i32, 2), ir.Undefined), m_lo, ir.Constant(_i32, 0))
-    pair = builder.insert_element(pair, m_hi, ir.Constant(_i32, 1))
-    return builder.zext(builder.bitcast(pair, ir.VectorType(_i8, 8)), _V8I32)
-
-
-def _msum(builder, mins, xba):
-    """sum_j mins[j] * (xb[2 j] + xb[2 j + 1]): the mins times the activations' 32-column sums."""
-    xb = _load(builder, xba, 0, _V16I32)
-    pairs = builder.add(_shuffle(builder, xb, range(0, 16, 2)), _shuffle(builder, xb, range(1, 16, 2)))
-    return _reduce(builder, builder.mul(mins, pairs))
-
-
-_Q4K_ARGS = [types.int64, types.uint32, types.uint32, types.uint32, types.uint32, types.uint32, types.uint32]
-
-
-@intrinsic
-def q4k_isum4(typingctx, q, p0, p1, p2, p3, m_lo, m_hi, x0, x1, x2, x3, b0, b1, b2, b3):
-    """q4k_isum for four tokens (activations x0..x3, their 16-column sums b0..b3) at once: the
-    weight codes, scales and mins are decoded once for the four (a GEMM's inner step).
-    Returns (isum0, msum0, isum1, msum1, ...)."""
-    def codegen(context, builder, signature, args):
-        codes, splats = _q4k_weights(builder, args[0], args[1:5])
-        mins = _q4k_mins(builder, args[5], args[6])
-        out = []
-        for xa, ba in zip(args[7:11], args[11:15]):
-            out += [_isum(builder, codes, splats, xa), _msum(builder, mins, ba)]
-        return context.make_tuple(builder, signature.return_type, out)
-
-    return types.UniTuple(types.int32, 8)(*_Q4K_ARGS, *([types.int64] * 8)), codegen
+    return parts[0]
 
 
 _F32 = ir.FloatType()
@@ -189,8 +132,13 @@ def _splat_f32(builder, v):
     return _shuffle(builder, vec, [0] * 8)
 
 
-def _q4k_scale_words(builder, wa):
-    """The 12-byte scales field at wa: (scales as four int16-pair words, mins as <8 x i32>)."""
+def _half(builder, wa, offset: int):
+    return builder.fpext(_load_scalar(builder, wa, offset, ir.HalfType()), _F32)
+
+
+def _q4k_block(builder, wa):
+    """A Q4_K super-block at wa: its codes and scale splats per 32 weights, its mins as
+    <8 x i32>, d and dmin. The 12-byte scales field is decoded with 32-bit masks."""
     u0, u1, u2 = (_load_scalar(builder, wa, 4 + 4 * i, _i32) for i in range(3))
     m1, m2, m3 = (ir.Constant(_i32, c) for c in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
     c4, c6 = ir.Constant(_i32, 4), ir.Constant(_i32, 6)
@@ -198,98 +146,104 @@ def _q4k_scale_words(builder, wa):
     sc_hi = builder.or_(builder.and_(u2, m2), builder.shl(builder.and_(builder.lshr(u0, c6), m3), c4))
     mn_lo = builder.and_(u1, m1)
     mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), m2), builder.shl(builder.and_(builder.lshr(u1, c6), m3), c4))
-    pair = ir.Constant(ir.VectorType(_i32, 2), ir.Undefined)
-    sc = builder.insert_element(builder.insert_element(pair, sc_lo, ir.Constant(_i32, 0)), sc_hi, ir.Constant(_i32, 1))
-    scales16 = builder.zext(builder.bitcast(sc, ir.VectorType(_i8, 8)), ir.VectorType(_i16, 8))
-    mins = _q4k_mins(builder, mn_lo, mn_hi)
-    return scales16, mins
+
+    def bytes8(lo, hi):
+        pair = ir.Constant(ir.VectorType(_i32, 2), ir.Undefined)
+        pair = builder.insert_element(builder.insert_element(pair, lo, ir.Constant(_i32, 0)), hi, ir.Constant(_i32, 1))
+        return builder.bitcast(pair, ir.VectorType(_i8, 8))
+
+    scales16 = builder.zext(bytes8(sc_lo, sc_hi), ir.VectorType(_i16, 8))
+    mins = builder.zext(bytes8(mn_lo, mn_hi), _V8I32)
+    codes, splats = [], []
+    for k in range(4):
+        qv = _load(builder, wa, 16 + 32 * k, _V32I8)
+        codes += [builder.and_(qv, _splat8(15)), builder.lshr(qv, _splat8(4))]
+        splats += [_shuffle(builder, scales16, [2 * k] * 16), _shuffle(builder, scales16, [2 * k + 1] * 16)]
+    return codes, splats, mins, _half(builder, wa, 0), _half(builder, wa, 2)
+
+
+def _q4k_term(builder, block, xa, xba, xd):
+    """<8 x float> partial sums of one Q4_K super-block times one token's activations."""
+    codes, splats, mins, d, dmin = block
+    xb = _load(builder, xba, 0, _V16I32)
+    pairs = builder.add(_shuffle(builder, xb, range(0, 16, 2)), _shuffle(builder, xb, range(1, 16, 2)))
+    return builder.fsub(
+        builder.fmul(builder.sitofp(_isum(builder, codes, splats, xa), _V8F32), _splat_f32(builder, builder.fmul(d, xd))),
+        builder.fmul(builder.sitofp(builder.mul(mins, pairs), _V8F32), _splat_f32(builder, builder.fmul(dmin, xd))))
+
+
+def _q6k_block(builder, wa):
+    codes, splats, sc8 = _q6k_weights(builder, wa)
+    return codes, splats, builder.sext(sc8, _V16I32), _half(builder, wa, 208)
+
+
+def _q6k_term(builder, block, xa, xba, xd):
+    """<8 x float> partial sums of one Q6_K super-block times one token's activations; the
+    codes' offset of 32 comes off through the activations' 16-column sums."""
+    codes, splats, sc32, d = block
+    off16 = builder.mul(sc32, _load(builder, xba, 0, _V16I32))
+    off8 = builder.add(_shuffle(builder, off16, range(8)), _shuffle(builder, off16, range(8, 16)))
+    isum = builder.sub(_isum(builder, codes, splats, xa), builder.shl(off8, ir.Constant(_V8I32, [5] * 8)))
+    return builder.fmul(builder.sitofp(isum, _V8F32), _splat_f32(builder, builder.fmul(d, xd)))
+
+
+_FORMATS = {"q4_k": (144, _q4k_block, _q4k_term), "q6_k": (210, _q6k_block, _q6k_term)}
+
+
+def _row_dot(fmt: str, n_tok: int):
+    """Codegen of a whole row (w, nsb super-blocks) times n_tok tokens, given by the addresses of
+    their activations, 16-column sums and per-256 scales. The weights are decoded once per
+    super-block for all tokens; each token keeps 8 float lanes, summed once at the end."""
+    block_bytes, decode, term = _FORMATS[fmt]
+
+    def codegen(context, builder, signature, args):
+        wa, n = args[0], args[1]
+        xs, xbs, xds = args[2:2 + n_tok], args[2 + n_tok:2 + 2 * n_tok], args[2 + 2 * n_tok:]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None)) for _ in range(n_tok)]
+        with cgutils.for_range(builder, n) as loop:
+            s = loop.index
+
+            def at(base, stride):
+                return builder.add(base, builder.mul(s, ir.Constant(s.type, stride)))
+
+            block = decode(builder, at(wa, block_bytes))
+            for acc, xa, xba, xda in zip(accs, xs, xbs, xds):
+                t = term(builder, block, at(xa, 256), at(xba, 64), _load_scalar(builder, at(xda, 4), 0, _F32))
+                builder.store(builder.fadd(builder.load(acc), t), acc)
+        sums = []
+        for acc in accs:
+            total = builder.load(acc)
+            lanes = [builder.extract_element(total, ir.Constant(_i32, i)) for i in range(8)]
+            while len(lanes) > 1:
+                lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+            sums.append(lanes[0])
+        return sums[0] if n_tok == 1 else context.make_tuple(builder, signature.return_type, sums)
+
+    return codegen
+
+
+_ROW1 = types.float32(*([types.int64] * 5))
+_ROW4 = types.UniTuple(types.float32, 4)(*([types.int64] * 14))
 
 
 @intrinsic
 def q4k_row_dot(typingctx, w, nsb, x, xb, xd):
-    """A whole Q4_K row times one token's int8 activations, as float32: w the row's address,
-    nsb its super-blocks, x / xb / xd the addresses of the activations, their 16-column sums
-    and their per-256 scales (float32). Float vector accumulators across super-blocks, one
-    horizontal sum per row."""
-    def codegen(context, builder, signature, args):
-        wa, n, xa, xba, xda = args
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None))
-        with cgutils.for_range(builder, n) as loop:
-            s = loop.index
-            o = builder.mul(s, ir.Constant(s.type, 144))
-            ws = builder.add(wa, o)
-            scales16, mins = _q4k_scale_words(builder, ws)
-            codes, splats = [], []
-            for k in range(4):
-                qv = _load(builder, ws, 16 + 32 * k, _V32I8)
-                codes += [builder.and_(qv, _splat8(15)), builder.lshr(qv, _splat8(4))]
-                splats += [_shuffle(builder, scales16, [2 * k] * 16), _shuffle(builder, scales16, [2 * k + 1] * 16)]
-            xs = builder.add(xa, builder.mul(s, ir.Constant(s.type, 256)))
-            parts = [_maddwd(builder, _maddubs(builder, c, _load(builder, xs, 32 * i, _V32I8)), sp)
-                     for i, (c, sp) in enumerate(zip(codes, splats))]
-            while len(parts) > 1:
-                parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-            xbv = _load(builder, builder.add(xba, builder.mul(s, ir.Constant(s.type, 64))), 0, _V16I32)
-            pairs = builder.add(_shuffle(builder, xbv, range(0, 16, 2)), _shuffle(builder, xbv, range(1, 16, 2)))
-            msum = builder.mul(mins, pairs)
-            d = builder.fpext(_load_scalar(builder, ws, 0, ir.HalfType()), _F32)
-            dmin = builder.fpext(_load_scalar(builder, ws, 2, ir.HalfType()), _F32)
-            scale = _load_scalar(builder, builder.add(xda, builder.mul(s, ir.Constant(s.type, 4))), 0, _F32)
-            term = builder.fsub(builder.fmul(builder.sitofp(parts[0], _V8F32), _splat_f32(builder, builder.fmul(d, scale))),
-                                builder.fmul(builder.sitofp(msum, _V8F32), _splat_f32(builder, builder.fmul(dmin, scale))))
-            builder.store(builder.fadd(builder.load(acc), term), acc)
-        total = builder.load(acc)
-        lanes = [builder.extract_element(total, ir.Constant(_i32, i)) for i in range(8)]
-        while len(lanes) > 1:
-            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
-        return lanes[0]
-
-    return types.float32(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
+    return _ROW1, _row_dot("q4_k", 1)
 
 
 @intrinsic
 def q6k_row_dot(typingctx, w, nsb, x, xb, xd):
-    """A whole Q6_K row times one token's int8 activations, as float32 (arguments as q4k_row_dot)."""
-    def codegen(context, builder, signature, args):
-        wa, n, xa, xba, xda = args
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None))
-        with cgutils.for_range(builder, n) as loop:
-            s = loop.index
-            ws = builder.add(wa, builder.mul(s, ir.Constant(s.type, 210)))
-            codes, splats, sc8 = _q6k_weights(builder, ws)
-            xs = builder.add(xa, builder.mul(s, ir.Constant(s.type, 256)))
-            parts = [_maddwd(builder, _maddubs(builder, c, _load(builder, xs, 32 * i, _V32I8)), sp)
-                     for i, (c, sp) in enumerate(zip(codes, splats))]
-            while len(parts) > 1:
-                parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-            # the codes' offset of 32: sum_g scale_g * xb_g, folded to 8 lanes
-            off16 = builder.mul(builder.sext(sc8, _V16I32), _load(builder, builder.add(xba, builder.mul(s, ir.Constant(s.type, 64))), 0, _V16I32))
-            off8 = builder.add(_shuffle(builder, off16, range(8)), _shuffle(builder, off16, range(8, 16)))
-            isum = builder.sub(parts[0], builder.shl(off8, ir.Constant(_V8I32, [5] * 8)))
-            d = builder.fpext(_load_scalar(builder, ws, 208, ir.HalfType()), _F32)
-            scale = _load_scalar(builder, builder.add(xda, builder.mul(s, ir.Constant(s.type, 4))), 0, _F32)
-            term = builder.fmul(builder.sitofp(isum, _V8F32), _splat_f32(builder, builder.fmul(d, scale)))
-            builder.store(builder.fadd(builder.load(acc), term), acc)
-        total = builder.load(acc)
-        lanes = [builder.extract_element(total, ir.Constant(_i32, i)) for i in range(8)]
-        while len(lanes) > 1:
-            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
-        return lanes[0]
-
-    return types.float32(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
+    return _ROW1, _row_dot("q6_k", 1)
 
 
 @intrinsic
-def q6k_isum4(typingctx, w, x0, x1, x2, x3, b0, b1, b2, b3):
-    """q6k_isum for four tokens (activations x0..x3, their 16-column sums b0..b3) at once."""
-    def codegen(context, builder, signature, args):
-        codes, splats, sc8 = _q6k_weights(builder, args[0])
-        sums = [builder.sub(_isum(builder, codes, splats, xa), _q6k_offset(builder, sc8, ba))
-                for xa, ba in zip(args[1:5], args[5:9])]
-        return context.make_tuple(builder, signature.return_type, sums)
+def q4k_row_dot4(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3):
+    return _ROW4, _row_dot("q4_k", 4)
 
-    sig = types.UniTuple(types.int32, 4)(*([types.int64] * 9))
-    return sig, codegen
+
+@intrinsic
+def q6k_row_dot4(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3):
+    return _ROW4, _row_dot("q6_k", 4)
 
 
 @intrinsic
