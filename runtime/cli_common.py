@@ -72,11 +72,23 @@ def load_model(args):
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
                  direct_io=not args.no_direct_io, activations=args.activations)
-    if model.placement is not None:
-        import sys
+    import sys
 
+    if model.placement is not None:
         print(model.placement.text(), file=sys.stderr)
+    report_warm_up(model)
     return model
+
+
+def report_warm_up(model) -> None:
+    """Load (or, on a first run, compile) the kernels before anything is timed, and say so when
+    it took long enough to notice."""
+    import sys
+
+    print("loading the kernels...", end="", file=sys.stderr, flush=True)
+    seconds = model.warm_up()
+    note = f" compiled in {seconds:.0f} s (first run after an install; cached from now on)" if seconds > 3 else " done"
+    print(note, file=sys.stderr, flush=True)
 
 
 def print_stats(args, model) -> None:

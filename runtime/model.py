@@ -11,6 +11,7 @@ Shape legend:  T tokens   H hidden   V vocab
 
 from __future__ import annotations
 
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -66,6 +67,17 @@ class Model:
     def reset(self) -> None:
         self.cache.reset()
         self._tokens = []
+
+    def warm_up(self) -> float:
+        """Evaluate a two-token chunk and one token alone, then forget them, so that every kernel
+        a run needs is loaded: from Numba's cache in a fraction of a second, or compiled on the
+        first run after an install (tens of seconds). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.reset()
+        self.eval([0, 0])
+        self.eval([0])
+        self.reset()
+        return time.perf_counter() - t0
 
     def trim(self, n: int) -> None:
         """Forget the last n evaluated positions."""
