@@ -69,13 +69,16 @@ class Model:
         self._tokens = []
 
     def warm_up(self) -> float:
-        """Evaluate a two-token chunk and one token alone, then forget them, so that every kernel
-        a run needs is loaded: from Numba's cache in a fraction of a second, or compiled on the
-        first run after an install (tens of seconds). Returns the seconds it took."""
+        """Evaluate a chunk of five tokens and one token alone, then forget them, so that every
+        kernel a run needs is loaded: from Numba's cache in a fraction of a second, or compiled
+        on the first run after an install (tens of seconds). Five different tokens give experts
+        with one token and with several, so both the GEMV and the GEMM paths run. Returns the
+        seconds it took."""
         t0 = time.perf_counter()
         self.reset()
-        self.eval([0, 0])
-        self.eval([0])
+        ids = [i % self.cfg.vocab for i in range(5)]
+        self.eval(ids)
+        self.eval(ids[:1])
         self.reset()
         return time.perf_counter() - t0
 
