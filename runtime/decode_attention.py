@@ -1,11 +1,13 @@
-"""One decode step of a block's attention in one Numba call: the part between the projections.
+"""Attention kernels: one decode step in one Numba call, and a chunk of queries (prefill).
 
 For a single new token it does, per query head h (KV head h // G):
     q, k   <- RMS-norm per head (weights q_norm / k_norm), then NeoX RoPE on the first R dims
     k, v   -> written into the cache at `slot`
     out[h] = softmax(q . keys / sqrt(D) over the visible slots) @ values, times sigmoid(gate[h])
-which is what `attention` in runtime.forward does with numpy for a chunk; for one token
-the numpy version spends more time in its ~30 small calls than in arithmetic.
+For one token, numpy spent more time in its ~30 small calls than in arithmetic.
+`chunk_attention` does the softmax attention of a chunk of queries; unlike a dense numpy
+version it skips the empty slots of a sliding layer's ring (3.5x faster on a 128-token
+prompt with a 528-slot ring).
 
 Shape legend:  Nh query heads  Nk KV heads  D head dim  S cache slots  R/2 = cos.shape[0]
     q [Nh*D]  k, v [Nk*D]  gate [Nh]  (the projections of the token)
@@ -92,3 +94,51 @@ def attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, s
 def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
     """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`."""
     attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def chunk_attention(q, keys, vals, kpos, qpos, window, out):
+    """Softmax attention of a chunk: q [T, Nh, D] (normed and rotated) over keys/vals [S, Nk, D]
+    at positions kpos [S] (-1: empty), for queries at qpos [T] -> out [T, Nh, D]. A query sees
+    the keys with 0 <= kpos <= qpos (and kpos > qpos - window when window > 0). Heads and
+    queries run in parallel; each query's scores live in one row of a per-iteration buffer."""
+    t_count, n_head, d = q.shape
+    n_kv = keys.shape[1]
+    group = n_head // n_kv
+    n_slots = kpos.shape[0]
+    scale = np.float32(1.0 / np.sqrt(d))
+    for it in nb.prange(t_count * n_head):
+        t = it // n_head
+        h = it - t * n_head
+        j = h // group
+        qp = qpos[t]
+        lo = qp - window if window > 0 else -1
+        scores = np.empty(n_slots, np.float32)
+        best = np.float32(-np.inf)
+        for s in range(n_slots):
+            p = kpos[s]
+            if p >= 0 and p <= qp and p > lo:
+                acc = np.float32(0.0)
+                for i in range(d):
+                    acc += q[t, h, i] * keys[s, j, i]
+                acc *= scale
+                scores[s] = acc
+                best = max(best, acc)
+        total = np.float32(0.0)
+        for s in range(n_slots):
+            p = kpos[s]
+            e = np.float32(0.0)
+            if p >= 0 and p <= qp and p > lo:
+                e = np.exp(scores[s] - best)
+            scores[s] = e
+            total += e
+        for i in range(d):
+            out[t, h, i] = 0.0
+        for s in range(n_slots):
+            e = scores[s]
+            if e > 0:
+                for i in range(d):
+                    out[t, h, i] += e * vals[s, j, i]
+        inv = np.float32(1.0) / total
+        for i in range(d):
+            out[t, h, i] *= inv

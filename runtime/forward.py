@@ -14,12 +14,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from runtime.config import ModelConfig
-from runtime.decode_attention import decode_attention
+from runtime.decode_attention import chunk_attention, decode_attention
 from runtime.decode_step import attention_step
 from runtime.experts import ExpertProvider
 from runtime.kv_cache import LayerKV
 from runtime.fastops import rms_norm, route_sorted
-from runtime.layers import attend, group_by_expert, rope, rope_inv_freq, route, sigmoid, swiglu, visible
+from runtime.layers import group_by_expert, rope, rope_inv_freq, route, sigmoid, swiglu
 from quant import q8kernels
 from runtime.tensors import matmul, matmul_many, matvec_q8
 from runtime.weights import FFN, BlockWeights
@@ -84,7 +84,8 @@ def attention(s: BlockSpec, w: BlockWeights, x: np.ndarray, pos: np.ndarray, kv:
         ck, cv, cpos = kv.view()
         keys, vals, kpos = np.concatenate([ck, k]), np.concatenate([cv, v]), np.concatenate([cpos, pos])
         kv.append(k, v, pos)
-    out = attend(q, keys, vals, visible(pos, kpos, s.window))  # [T, Nh, D]
+    out = np.empty_like(q)  # [T, Nh, D]
+    chunk_attention(q, keys, vals, kpos, pos.astype(np.int64), s.window or 0, out)
     out *= sigmoid(g)[:, :, None]  # head-wise gate [T, Nh, 1]
     return matmul(out.reshape(T, s.n_head * D), w.o, s.q8)
 

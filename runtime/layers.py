@@ -39,43 +39,6 @@ def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     return x
 
 
-def visible(qpos: np.ndarray, kpos: np.ndarray, window: int | None) -> np.ndarray:
-    """[T, S] True where query at qpos sees the key at kpos (kpos < 0 marks an empty slot)."""
-    ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= 0)
-    if window is not None:
-        ok &= kpos[None, :] > qpos[:, None] - window
-    return ok
-
-
-SCORES_BYTES = 64 << 20  # attention scores materialized at once; longer chunks go in query blocks
-
-
-def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Softmax attention: q [T, Nh, D], k/v [S, Nk, D], mask [T, S] -> [T, Nh, D]."""
-    T, Nh, _ = q.shape
-    S = k.shape[0]
-    step = max(1, SCORES_BYTES // (4 * Nh * max(S, 1)))
-    if T <= step:
-        return _attend_block(q, k, v, mask)
-    return np.concatenate([_attend_block(q[a : a + step], k, v, mask[a : a + step]) for a in range(0, T, step)])
-
-
-def _attend_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    T, Nh, D = q.shape
-    S, Nk, _ = k.shape
-    G = Nh // Nk
-    qg = q.reshape(T, Nk, G, D).transpose(1, 2, 0, 3).reshape(Nk, G * T, D)  # [Nk, G*T, D]
-    scores = qg @ k.transpose(1, 2, 0)  # [Nk, G*T, S]
-    scores *= np.float32(1.0 / np.sqrt(D))
-    scores = scores.reshape(Nk, G, T, S)
-    scores = np.where(mask[None, None], scores, np.float32(-np.inf))
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = scores.reshape(Nk, G * T, S) @ v.transpose(1, 0, 2)  # [Nk, G*T, D]
-    return out.reshape(Nk, G, T, D).transpose(2, 0, 1, 3).reshape(T, Nh, D)
-
-
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 

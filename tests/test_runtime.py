@@ -172,17 +172,29 @@ def test_full_attention_cache_grows_past_its_first_allocation(f32_path, tiny_ckp
     assert R.cosine_rows(full, ref).min() >= 0.9999
 
 
-def test_attention_in_query_blocks_equals_one_block(monkeypatch):
-    from runtime import layers
+@pytest.mark.parametrize("window", [0, 16])
+def test_chunk_attention_matches_float64_reference(window):
+    """The chunk attention kernel: grouped heads, empty cache slots, causal and sliding masks."""
+    from runtime.decode_attention import chunk_attention
 
     rng = np.random.default_rng(0)
     q = rng.standard_normal((37, 4, 16)).astype(np.float32)
     k = rng.standard_normal((50, 2, 16)).astype(np.float32)
     v = rng.standard_normal((50, 2, 16)).astype(np.float32)
-    mask = layers.visible(np.arange(13, 50), np.arange(50), 16)
-    whole = layers.attend(q, k, v, mask)
-    monkeypatch.setattr(layers, "SCORES_BYTES", 4 * 4 * 50 * 5)  # 5 query rows per block
-    np.testing.assert_allclose(layers.attend(q, k, v, mask), whole, rtol=1e-5, atol=1e-6)  # BLAS blocking may differ
+    kpos = rng.permutation(60)[:50].astype(np.int64)  # slots in any order, some positions absent
+    kpos[[3, 17]] = -1  # empty slots
+    qpos = np.arange(20, 57, dtype=np.int64)
+    out = np.empty_like(q)
+    chunk_attention(q, k, v, kpos, qpos, window, out)
+
+    want = np.empty(q.shape)
+    for t, p in enumerate(qpos):
+        seen = (kpos >= 0) & (kpos <= p) & ((kpos > p - window) if window else True)
+        for h in range(4):
+            s = k[seen, h // 2].astype(np.float64) @ q[t, h].astype(np.float64) / 4.0
+            w = np.exp(s - s.max())
+            want[t, h] = (w / w.sum()) @ v[seen, h // 2].astype(np.float64)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_query_attention_matches_llama_cpp(tmp_path, monkeypatch):
