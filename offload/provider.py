@@ -23,7 +23,6 @@ from offload.cache import ExpertCache, Slot
 from offload.direct_io import DirectReader, span, span_bytes
 from offload.expert_table import PARTS, ExpertTable
 from offload.stats import StreamStats
-from runtime.errors import StepstreamError
 from runtime.experts import ExpertWeights
 from runtime.tensors import make_matrix
 
@@ -96,10 +95,15 @@ class StreamingExperts:
 
     @contextmanager
     def held(self, layer: int, ids: Iterable[int]) -> Iterator[list[tuple[int, ExpertWeights]]]:
-        """All of `ids` at once (one token's experts: the cache has a slot for each), kept until exit."""
+        """All of `ids` at once (one token's experts), kept until exit; None instead when the
+        slots that can take them (not pinned, or pinned to one of them) are too few, and the
+        caller then streams them through `experts`."""
         ids = list(ids)
-        if len(ids) > self.cache.n_slots:
-            raise StepstreamError(f"{len(ids)} experts cannot be held in {self.cache.n_slots} cache slots")
+        usable = sum(1 for slot in self.cache.slots if not slot.pinned or (slot.key is not None and slot.key[0] == layer
+                                                                           and slot.key[1] in ids))
+        if len(ids) > usable:
+            yield None
+            return
         kept: list = []
         try:
             yield list(self._serve(layer, ids, max(1, len(ids)), kept))

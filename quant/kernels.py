@@ -85,7 +85,12 @@ def pack(qtype, raw: np.ndarray, rows: int, cols: int) -> PackedMatrix:
     if raw.size != rows * rb:
         raise ValueError(f"raw holds {raw.size} bytes; {fmt.name} [{rows}, {cols}] needs "
                          f"{rows} x {rb} = {rows * rb}")
-    return PackedMatrix(qtype, int(rows), int(cols), np.ascontiguousarray(raw).reshape(rows, rb))
+    data = np.ascontiguousarray(raw).reshape(rows, rb).view()
+    # Always read-only: a mapped file's bytes are, copies in RAM would not be, and Numba compiles a
+    # kernel once per argument type. One type means one compiled kernel, so the same weights give
+    # bit-identical results whether they are mapped, copied or in an expert cache slot.
+    data.flags.writeable = False
+    return PackedMatrix(qtype, int(rows), int(cols), data)
 
 
 def _check(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import sys
 from dataclasses import dataclass
 
 import numba as nb
@@ -259,7 +260,7 @@ def _source_stamp() -> str:
     watches only the file defining a function, and the stamp, a closure variable of each
     driver, is part of its cache key (as in quant._drivers)."""
     h = hashlib.sha256(str(_simd.AVAILABLE).encode())
-    for mod in (_bits, _q8dot, _simd):
+    for mod in (_bits, _q8dot, _simd, sys.modules[__name__]):
         h.update(pathlib.Path(mod.__file__).read_bytes())
     return h.hexdigest()
 

@@ -39,7 +39,8 @@ class ExpertProvider(Protocol):
         ...
 
     # Optional: `held(layer, ids)`, a context manager giving [(id, weights)] for all ids at once,
-    # kept valid until it exits (a decode step runs a token's experts in one kernel call).
+    # kept valid until it exits (a decode step runs a token's experts in one kernel call), or
+    # None when it cannot hold them all (the caller then uses `experts`).
 
     def close(self) -> None: ...
 

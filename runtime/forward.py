@@ -115,17 +115,20 @@ def moe_ffn(s: BlockSpec, w: BlockWeights, x: np.ndarray, provider: ExpertProvid
     if logits is None:
         logits = matmul(x, w.router, s.q8)
     held = getattr(provider, "held", None)
-    if s.q8 and x.shape[0] == 1 and held is not None and w.shared.descriptor is not None:
+    if s.q8 and x.shape[0] == 1 and held is not None and w.shared is not None and w.shared.descriptor is not None:
         # one token: hold all its experts at once and run them, with the shared one, in one call
         ids, weights = route_sorted(logits[0], w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)
+        groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(ids)}
         with held(s.index, ids.tolist()) as got:
-            by_id = dict(got)
-            descs = [w.shared.descriptor] + [by_id[e].descriptor for e in ids.tolist()]
-            if all(d is not None for d in descs):
-                return fused_ffns(x, descs, [1.0, *weights.tolist()], [s.limit_shared] + [s.limit] * len(ids), into)
-            groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(ids)}
-            out = _experts_sum(s, w, x, weights[None], groups, got)
-            return out if into is None else into + out
+            if got is None:
+                out = _experts_sum(s, w, x, weights[None], groups, provider.experts(s.index, groups))
+            else:
+                by_id = dict(got)
+                descs = [w.shared.descriptor] + [by_id[e].descriptor for e in ids.tolist()]
+                if all(d is not None for d in descs):
+                    return fused_ffns(x, descs, [1.0, *weights.tolist()], [s.limit_shared] + [s.limit] * len(ids), into)
+                out = _experts_sum(s, w, x, weights[None], groups, got)
+        return out if into is None else into + out
     ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
     groups = group_by_expert(ids)
     out = _experts_sum(s, w, x, weights, groups, provider.experts(s.index, groups))
@@ -176,6 +179,7 @@ def block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: np.ndarray, kv: Lay
 
 
 _NO_ROUTER = np.zeros((0, 1), np.float32)
+_NO_ROUTER.flags.writeable = False  # the same array type as a router (see BlockWeights.router_f32)
 
 
 def decode_block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: int, kv: LayerKV,
@@ -185,7 +189,7 @@ def decode_block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: int, kv: Lay
     g, o = w.qkvg_q8, w.o_q8
     n = h.shape[1]
     slot = kv.reserve(pos)  # first: it may grow (replace) the cache arrays
-    router = w.router.data if w.router is not None and w.router.qtype == Q.F32 else _NO_ROUTER
+    router = w.router_f32 if w.router is not None and w.router.qtype == Q.F32 else _NO_ROUTER
     h_out, x_out = np.empty((1, n), np.float32), np.empty((1, n), np.float32)
     logits = np.empty((1, router.shape[0]), np.float32)
     attention_step(np.ascontiguousarray(h[0], dtype=np.float32), w.attn_norm, w.ffn_norm, np.float32(s.eps),
@@ -196,5 +200,4 @@ def decode_block(s: BlockSpec, w: BlockWeights, h: np.ndarray, pos: int, kv: Lay
     return moe_ffn(s, w, x_out, provider, logits=logits if router.shape[0] else None, into=h_out)
 
 
-_NO_ROUTER = np.zeros((0, 1), np.float32)
 

@@ -59,6 +59,14 @@ class BlockWeights:
     def o_q8(self):
         return q8_group([self.o])
 
+    @cached_property
+    def router_f32(self):
+        """The float32 router as a read-only array, one type whether mapped or copied (see
+        quant.kernels.pack)."""
+        r = np.ascontiguousarray(self.router.data, dtype=np.float32).view()
+        r.flags.writeable = False
+        return r
+
 
 @dataclass(frozen=True)
 class NextNWeights:
