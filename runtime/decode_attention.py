@@ -20,14 +20,39 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+# Fast-math without reassociation or contraction: with those, LLVM may vectorize a float sum
+# differently in a kernel compiled now and in the same kernel loaded from Numba's cache,
+# and the two then differ in the last bit (measured: 1 ulp in a chunk's attention, which
+# int8 activation rounding can amplify). The dot products below keep 16 partial sums by
+# hand, which vectorizes without reordering anything.
+_FAST = {"nnan", "ninf", "nsz", "arcp", "afn"}
+LANES = 16
 
-@nb.njit(inline="always", fastmath=True, cache=True)
+
+@nb.njit(inline="always", fastmath=_FAST, cache=True)
+def _dot(a, b, part):
+    """sum(a * b) over equal-length vectors, in a fixed order: LANES partial sums, then theirs."""
+    n = a.shape[0]
+    for l in range(LANES):
+        part[l] = 0.0
+    m = n - n % LANES
+    for i0 in range(0, m, LANES):
+        for l in range(LANES):
+            part[l] += a[i0 + l] * b[i0 + l]
+    t = np.float32(0.0)
+    for l in range(LANES):
+        t += part[l]
+    for i in range(m, n):
+        t += a[i] * b[i]
+    return t
+
+
+@nb.njit(inline="always", fastmath=_FAST, cache=True)
 def _norm_rope(x, w, eps, cos, sin):
     """x [D] in place: RMS-norm with weight w, then NeoX RoPE on the first 2 * len(cos) dims."""
     d = x.shape[0]
-    ss = np.float32(0.0)
-    for i in range(d):
-        ss += x[i] * x[i]
+    part = np.empty(LANES, np.float32)
+    ss = _dot(x, x, part)
     inv = np.float32(1.0) / np.sqrt(ss / np.float32(d) + eps)
     for i in range(d):
         x[i] = x[i] * inv * w[i]
@@ -39,7 +64,7 @@ def _norm_rope(x, w, eps, cos, sin):
         x[j + half] = b * cos[j] + a * sin[j]
 
 
-@nb.njit(inline="always", fastmath=True, cache=True)
+@nb.njit(inline="always", fastmath=_FAST, cache=True)
 def attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
     """The body of decode_attention, inlinable into a larger decode kernel (its head loop is a prange)."""
     n_kv, d = keys.shape[1], keys.shape[2]
@@ -60,14 +85,12 @@ def attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, s
         _norm_rope(qh, q_norm, eps, cos, sin)
         j = h // group
         scores = np.empty(n_slots, np.float32)
+        part = np.empty(LANES, np.float32)
         best = np.float32(-np.inf)
         for s in range(n_slots):
             p = kpos[s]
             if p >= 0 and p <= qpos and p > lo:
-                t = np.float32(0.0)
-                for i in range(d):
-                    t += qh[i] * keys[s, j, i]
-                t *= scale
+                t = _dot(qh, keys[s, j], part) * scale
                 scores[s] = t
                 best = max(best, t)
         total = np.float32(0.0)
@@ -90,13 +113,13 @@ def attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, s
             out[h * d + i] = acc[i] * f
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=_FAST, cache=True)
 def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
     """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`."""
     attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out)
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=_FAST, cache=True)
 def chunk_attention(q, keys, vals, kpos, qpos, window, out):
     """Softmax attention of a chunk: q [T, Nh, D] (normed and rotated) over keys/vals [S, Nk, D]
     at positions kpos [S] (-1: empty), for queries at qpos [T] -> out [T, Nh, D]. A query sees
@@ -114,14 +137,12 @@ def chunk_attention(q, keys, vals, kpos, qpos, window, out):
         qp = qpos[t]
         lo = qp - window if window > 0 else -1
         scores = np.empty(n_slots, np.float32)
+        part = np.empty(LANES, np.float32)
         best = np.float32(-np.inf)
         for s in range(n_slots):
             p = kpos[s]
             if p >= 0 and p <= qp and p > lo:
-                acc = np.float32(0.0)
-                for i in range(d):
-                    acc += q[t, h, i] * keys[s, j, i]
-                acc *= scale
+                acc = _dot(q[t, h], keys[s, j], part) * scale
                 scores[s] = acc
                 best = max(best, acc)
         total = np.float32(0.0)

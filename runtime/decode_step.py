@@ -27,15 +27,14 @@ import numpy as np
 
 from quant.q8kernels import group_gemv, quantize_row, source_stamp
 from runtime import decode_attention
-from runtime.decode_attention import attend_one
+from runtime.decode_attention import _FAST, LANES, _dot, attend_one
 
 
-@nb.njit(inline="always", fastmath=True, cache=True)
+@nb.njit(inline="always", fastmath=_FAST, cache=True)
 def _rms(x, w, eps, out):
     n = x.shape[0]
-    ss = np.float32(0.0)
-    for i in range(n):
-        ss += x[i] * x[i]
+    part = np.empty(LANES, np.float32)
+    ss = _dot(x, x, part)
     inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
     for i in range(n):
         out[i] = x[i] * inv * w[i]
@@ -79,10 +78,7 @@ def _build(stamp: str):
             h_out[i] = h[i] + o[i]
         _rms(h_out, ffn_norm, eps, x_out)
         for e in nb.prange(router.shape[0]):
-            t = np.float32(0.0)
-            for i in range(n):
-                t += router[e, i] * x_out[i]
-            logits[e] = t
+            logits[e] = _dot(router[e], x_out, np.empty(LANES, np.float32))
 
     return attention_step
 

@@ -2,7 +2,8 @@
 
 One decode step runs each of these a few dozen times on vectors of a few thousand floats,
 where numpy's per-call overhead (several microseconds per ufunc) costs more than the
-arithmetic. Same semantics as their numpy counterparts in runtime.layers.
+arithmetic. Same semantics as their numpy counterparts in runtime.layers; float sums in a
+fixed order (see runtime.decode_attention._FAST).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from runtime.decode_attention import _FAST, LANES, _dot
 
-@nb.njit(fastmath=True, cache=True)
+
+@nb.njit(fastmath=_FAST, cache=True)
 def _rms_norm(x, w, eps, out):
     n = x.shape[1]
+    part = np.empty(LANES, np.float32)
     for t in range(x.shape[0]):
-        ss = np.float32(0.0)
-        for i in range(n):
-            ss += x[t, i] * x[t, i]
+        ss = _dot(x[t], x[t], part)
         inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
         for i in range(n):
             out[t, i] = x[t, i] * inv * w[i]
@@ -31,7 +33,7 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-@nb.njit(fastmath=True, cache=True)
+@nb.njit(fastmath=_FAST, cache=True)
 def _route_sorted(logits, bias, k, scale, normalize, ids, weights):
     e = logits.shape[0]
     s = np.empty(e, np.float32)

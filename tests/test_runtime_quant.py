@@ -87,7 +87,12 @@ def test_q8_activations_against_rounded_reference(record_property):
     rounded = R.forward_logits(cfg, W, prompt)
     cos = R.cosine_rows(ours, rounded)
     assert cos.min() >= 0.9999, cos.min()
-    assert (ours.argmax(-1) == rounded.argmax(-1)).mean() == 1.0
+    # the same top token wherever the reference's choice is clear: a margin under 0.05 between
+    # its two best logits is within what one int8 rounding landing the other way can move
+    top2 = np.sort(rounded, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] >= 0.05
+    assert clear.mean() >= 0.9, clear.mean()
+    assert (ours.argmax(-1) == rounded.argmax(-1))[clear].all()
 
     cfg, W = R.gguf_weights(path)
     exact = R.forward_logits(cfg, W, prompt)
