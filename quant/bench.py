@@ -9,7 +9,9 @@ For each kernel it times one pass over the whole set (median of --reps passes)
 and prints the weight bytes streamed per second, the read bandwidth of a large
 numpy reduction measured in the same run, and their ratio. GEMM rows also give
 their time relative to the one-token GEMV on the same weights: float32 GEMMs
-against the float32 GEMV, int8-activation ("q8") GEMMs against the q8 GEMV. The bracketed
+against the float32 GEMV, int8-activation ("q8") GEMMs against the q8 GEMV, which is what
+decode runs. "x16" rows run the q8 GEMM on the same matrices repacked in 16-row groups
+(q8kernels.repack, AVX-512 VNNI hosts); their MiB and GB/s count the GGUF bytes. The bracketed
 cpu-time rate divides the bytes by the CPU seconds per thread: on a machine
 other processes share it shows what the kernel does when its threads run.
 """
@@ -99,6 +101,14 @@ def bench_set(name, mats, reps, bw, tokens=(4, 8)):
                 Os = {r: np.empty((n, r), np.float32) for r in rows}
                 tn, cn = time_pass(lambda m: q8kernels.matmul(m, As[m.cols], Os[m.rows]), mats, reps)
                 lines.append((f"{qname:6s} {name:9s} GEMM q8 n={n}", tn, cn, tn / q1))
+        if all(q8kernels.can_repack(m) for m in mats):
+            # the same weights in 16-row groups (q8kernels.repack), against the same q8 GEMV
+            packed = {id(m): q8kernels.repack(m) for m in mats}
+            for n in (1, *tokens):
+                As = {c: q8kernels.quantize_activations(rng.standard_normal((n, c)).astype(np.float32)) for c in cols}
+                Os = {r: np.empty((n, r), np.float32) for r in rows}
+                tn, cn = time_pass(lambda m: q8kernels.matmul(packed[id(m)], As[m.cols], Os[m.rows]), mats, reps)
+                lines.append((f"{qname:6s} {name:9s} GEMM x16 n={n}", tn, cn, tn / q1))
     for label, wall, cpu, rel in lines:
         rate = total / wall
         extra = f"   {rel:5.2f}x GEMV time" if rel is not None else ""

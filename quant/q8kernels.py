@@ -5,7 +5,9 @@ Shape legend
     a = quantize_activations(X [N, C])   Q8Activations: q int8 [N, C], d float32 [N, C // 256],
                                          b int32 [N, C // 16] (see quant._q8dot)
     matvec(w, a, out[, token])           out [R] = W @ x_token, x quantized as in a
-    matmul(w, a, out)                    out [N, R] = X @ W.T for every token of a (GEMM_FORMATS)
+    matmul(w, a, out)                    out [N, R] = X @ W.T for every token of a (GEMM_FORMATS);
+                                         w a PackedMatrix or a RepackedMatrix
+    repack(w)                            W in 16-row groups for the AVX-512 VNNI GEMM (REPACK_FORMATS)
     matvec_many(ws, a, out)              out [sum R] = the ws stacked, times token 0, in one call
     matvec_group(group(ws), x, out)      the same with x float32 (quantized in the call) and the
                                          matrices prepared once
@@ -16,6 +18,12 @@ Formats: Q4_K, Q5_K, Q6_K and Q8_0 (``supports``). Results equal ``dequantize(W)
 (d * q)`` up to float32 rounding once per 256 columns, so they differ from the float32
 kernels of ``quant.kernels`` only by the activation rounding (relative error about 1/250
 per block, as in llama.cpp, which quantizes activations the same way).
+
+``repack`` rearranges a Q4_K or Q6_K matrix (rows a multiple of 16) so that each
+``vpdpbusd`` does 64 multiply-adds for 16 rows at once (quant.repack, quant._vnni): on
+AVX-512 VNNI hosts, an 8-token GEMM on it costs about 1.4x a one-token GEMV, where the
+4-token row step needs 3x. The layout is for GEMMs (prefill, MTP verification); decode
+keeps the GGUF rows.
 
 ``matvec_many`` and ``swiglu_experts`` take their matrices by address, so any set of
 them (views of a memory map, slots of an expert cache) goes in one call: one parallel
@@ -34,13 +42,17 @@ import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import _bits, _q8dot, _simd
+from . import _bits, _q8dot, _simd, _vnni
+from . import repack as _repack
 from ._bits import u8_at
 from ._q8dot import GEMM4_FORMATS, Q4_K, Q5_K, Q6_K, q8dot, q8dot4, quantize_row
+from ._vnni import (q4k_x16_step1, q4k_x16_step2, q4k_x16_step4, q4k_x16_step8, q6k_x16_step1,
+                    q6k_x16_step2, q6k_x16_step4, q6k_x16_step8)
 from .kernels import PackedMatrix
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: Q4_K, Q6_K)
+REPACK_FORMATS = tuple(_repack.BLOCK_BYTES) if _vnni.AVAILABLE else ()  # AVX-512 VNNI hosts
 
 
 _FORMAT_SET = frozenset(FORMATS)
@@ -96,9 +108,50 @@ def matvec(w: PackedMatrix, a: Q8Activations, out: np.ndarray, token: int = 0) -
     return out
 
 
-def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray) -> np.ndarray:
-    """out [N, R] = X @ W.T for the N tokens of a. Rows run in parallel; each row's super-blocks
-    are decoded once per four tokens, so the weights are read from memory once."""
+@dataclass(frozen=True)
+class RepackedMatrix:
+    """W [rows, cols] in 16-row groups (quant.repack); data uint8 [rows / 16, cols / 256, block]."""
+    qtype: T
+    rows: int
+    cols: int
+    data: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+def repack(w: PackedMatrix) -> RepackedMatrix:
+    """W rearranged for the VNNI GEMM. Raises ValueError naming what does not fit: the host
+    (AVX-512 VNNI), the format (REPACK_FORMATS) or the shape (rows a multiple of 16)."""
+    if not isinstance(w, PackedMatrix):
+        raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
+    if not _vnni.AVAILABLE:
+        raise ValueError("the 16-row GEMM needs AVX-512 VNNI, which this host (or NUMBA_CPU_NAME) lacks")
+    why = _repack.check(w.qtype, w.rows, w.cols)
+    if why:
+        raise ValueError(f"cannot repack {w.qtype.name} [{w.rows}, {w.cols}]: {why}")
+    data = _repack.repack(w.qtype, w.data)
+    data.setflags(write=False)
+    return RepackedMatrix(w.qtype, w.rows, w.cols, data)
+
+
+def can_repack(w: PackedMatrix) -> bool:
+    return bool(REPACK_FORMATS) and _repack.check(w.qtype, w.rows, w.cols) is None
+
+
+def matmul(w: PackedMatrix | RepackedMatrix, a: Q8Activations, out: np.ndarray) -> np.ndarray:
+    """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On a
+    RepackedMatrix, 16-row groups run in parallel with 8 tokens per pass over a group's
+    blocks (then 4, 2, 1); on GGUF rows, rows run in parallel, 4 tokens per pass."""
+    if isinstance(w, RepackedMatrix):
+        n = a.shape[0]
+        if a.shape[1] != w.cols:
+            raise ValueError(f"activations have {a.shape[1]} columns, W has {w.cols}")
+        if out.dtype != np.float32 or out.shape != (n, w.rows) or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float32 [{n}, {w.rows}], got {out.dtype} {out.shape}")
+        _gemm_x16(int(w.qtype), w.data, a.q, a.d, a.b, out)
+        return out
     _check_w(w, a)
     if w.qtype not in GEMM_FORMATS:
         raise ValueError(f"no int8-activation GEMM for {w.qtype.name} on this host (have: "
@@ -259,8 +312,8 @@ def _source_stamp() -> str:
     """Hash of the sources the drivers inline, and whether the AVX2 path is in: Numba's cache
     watches only the file defining a function, and the stamp, a closure variable of each
     driver, is part of its cache key (as in quant._drivers)."""
-    h = hashlib.sha256(str(_simd.AVAILABLE).encode())
-    for mod in (_bits, _q8dot, _simd, sys.modules[__name__]):
+    h = hashlib.sha256(f"{_simd.AVAILABLE} {_vnni.AVAILABLE}".encode())
+    for mod in (_bits, _q8dot, _simd, _vnni, sys.modules[__name__]):
         h.update(pathlib.Path(mod.__file__).read_bytes())
     return h.hexdigest()
 
@@ -291,6 +344,50 @@ def _build(stamp: str):
                 out[4 * g + 3, r] = a3
             for t in range(n - n % 4, n):
                 out[t, r] = q8dot(qtype, w[r], XQ[t], XD[t], XB[t])
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def _gemm_x16(qtype, w, XQ, XD, XB, out):
+        stamp  # noqa: B018 (cache key)
+        n, c = XQ.shape
+        r = out.shape[1]
+        # activation sums as int16 pairs: per 32 columns (Q4_K mins), per 16 (Q6_K offsets)
+        per = 2 if qtype == Q4_K else 1
+        xs = np.empty((n, c // 16 // per), np.int16)
+        for t in range(n):
+            for m in range(c // 16 // per):
+                v = np.int32(0)
+                for k in range(per):
+                    v += XB[t, per * m + k]
+                xs[t, m] = np.int16(v)
+        xq0, xs0, xd0, o0 = XQ.ctypes.data, xs.ctypes.data, XD.ctypes.data, out.ctypes.data
+        xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
+        nsb = w.shape[1]
+        for g in nb.prange(w.shape[0]):
+            wa = w[g].ctypes.data
+            t = 0
+            while t < n:
+                left = n - t
+                step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
+                args = (wa, nsb, xq0 + t * xqs, xqs, xs0 + t * xss, xss, xd0 + t * xds, xds,
+                        o0 + t * os_ + 64 * g, os_)
+                if qtype == Q4_K:
+                    if step == 8:
+                        q4k_x16_step8(*args)
+                    elif step == 4:
+                        q4k_x16_step4(*args)
+                    elif step == 2:
+                        q4k_x16_step2(*args)
+                    else:
+                        q4k_x16_step1(*args)
+                elif step == 8:
+                    q6k_x16_step8(*args)
+                elif step == 4:
+                    q6k_x16_step4(*args)
+                elif step == 2:
+                    q6k_x16_step2(*args)
+                else:
+                    q6k_x16_step1(*args)
+                t += step
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def _gemv_group(qt, addr, rb, starts, x, out):
@@ -369,7 +466,7 @@ def _build(stamp: str):
             for r in range(h):
                 out[r] += wt * y[m, r]
 
-    return _quantize, _gemv, _gemm, _gemv_group, _gemv_many, _swiglu_experts
+    return _quantize, _gemv, _gemm, _gemm_x16, _gemv_group, _gemv_many, _swiglu_experts
 
 
-_quantize, _gemv, _gemm, _gemv_group, _gemv_many, _swiglu_experts = _build(_source_stamp())
+_quantize, _gemv, _gemm, _gemm_x16, _gemv_group, _gemv_many, _swiglu_experts = _build(_source_stamp())

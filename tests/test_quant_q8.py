@@ -177,3 +177,59 @@ def test_matmul_refuses_formats_without_gemm():
     w, _ = weights(T.Q8_0, 4, 256)
     with pytest.raises(ValueError, match="no int8-activation GEMM for Q8_0"):
         q8.matmul(w, q8.quantize_activations(np.ones((2, 256), np.float32)), np.empty((2, 4), np.float32))
+
+
+# ---------------------------------------------------------------- 16-row repacked GEMM (AVX-512 VNNI)
+
+needs_vnni = pytest.mark.skipif(not q8.REPACK_FORMATS, reason="no 16-row GEMM on this host (needs AVX-512 VNNI)")
+
+
+@needs_vnni
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols", [(16, 256), (48, 1280), (32, 768)])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 13])  # each step size, and the 8-4-2-1 remainders
+def test_repacked_matmul(qtype, rows, cols, n):
+    w, W = weights(qtype, rows, cols, seed=rows + n)
+    a = q8.quantize_activations(activations(n, cols, seed=n))
+    out = q8.matmul(q8.repack(w), a, np.full((n, rows), np.nan, np.float32))
+    xv = values(a)
+    for t in range(n):
+        assert_close(out[t], W, xv[t])
+
+
+@needs_vnni
+def test_repack_takes_read_only_weights_and_a_given_buffer():
+    from quant import repack as rp
+
+    w, W = weights(T.Q6_K, 32, 512, seed=3)
+    data = np.array(w.data)
+    data.setflags(write=False)  # as a memory map of the file
+    buf = rp.empty((2, 2, rp.BLOCK_BYTES[T.Q6_K]))
+    assert buf.ctypes.data % 64 == 0
+    got = rp.repack(T.Q6_K, data, buf)
+    assert got is buf and np.all(buf[..., 3360:] == 0)
+    r = q8.RepackedMatrix(T.Q6_K, 32, 512, buf)
+    a = q8.quantize_activations(activations(5, 512))
+    out = q8.matmul(r, a, np.empty((5, 32), np.float32))
+    for t in range(5):
+        assert_close(out[t], W, values(a)[t])
+
+
+@needs_vnni
+def test_repack_errors():
+    from quant import repack as rp
+
+    with pytest.raises(ValueError, match="rows must be a positive multiple of 16, got 37"):
+        q8.repack(weights(T.Q4_K, 37, 256)[0])
+    with pytest.raises(ValueError, match="Q5_K has no 16-row layout"):
+        q8.repack(weights(T.Q5_K, 16, 256)[0])
+    w, _ = weights(T.Q4_K, 16, 512)
+    with pytest.raises(ValueError, match=r"out must be C-contiguous uint8 \[1, 2, 2368\]"):
+        rp.repack(T.Q4_K, w.data, np.empty((1, 1, 2368), np.uint8))
+    with pytest.raises(ValueError, match="activations have 256 columns, W has 512"):
+        q8.matmul(q8.repack(w), q8.quantize_activations(np.ones((2, 256), np.float32)),
+                  np.empty((2, 16), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        q8.matmul(q8.repack(w), q8.quantize_activations(np.ones((2, 512), np.float32)),
+                  np.empty((2, 17), np.float32))
+    assert q8.can_repack(w) and not q8.can_repack(weights(T.Q4_K, 8, 256)[0])
