@@ -40,7 +40,8 @@ def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 gives the right 0
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 def swiglu(g: np.ndarray, u: np.ndarray, limit: float) -> np.ndarray:
