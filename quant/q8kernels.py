@@ -46,8 +46,16 @@ from . import _bits, _q8dot, _simd, _vnni
 from . import repack as _repack
 from ._bits import u8_at
 from ._q8dot import GEMM4_FORMATS, Q4_K, Q5_K, Q6_K, q8dot, q8dot4, quantize_row
-from ._vnni import (q4k_x16_step1, q4k_x16_step2, q4k_x16_step4, q4k_x16_step8, q6k_x16_step1,
-                    q6k_x16_step2, q6k_x16_step4, q6k_x16_step8)
+from ._vnni import (
+    q4k_x16_step1,
+    q4k_x16_step2,
+    q4k_x16_step4,
+    q4k_x16_step8,
+    q6k_x16_step1,
+    q6k_x16_step2,
+    q6k_x16_step4,
+    q6k_x16_step8,
+)
 from .kernels import PackedMatrix
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
