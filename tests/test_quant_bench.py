@@ -25,10 +25,16 @@ def test_bench_set_prints_rate_bandwidth_and_ratio(capsys):
     assert "GEMM n=4" in lines[1] and "x GEMV time" in lines[1]
     # the int8-activation rows: a GEMV, and a GEMM timed against it where the host has one
     assert lines[2].startswith("Q4_K   experts   GEMV q8 n=1") and "x GEMV time" not in lines[2]
+    want = 3
     if T.Q4_K in q8kernels.GEMM_FORMATS:
-        assert len(lines) == 4 and "GEMM q8 n=4" in lines[3] and "x GEMV time" in lines[3]
-    else:
-        assert len(lines) == 3
+        assert "GEMM q8 n=4" in lines[3] and "x GEMV time" in lines[3]
+        want = 4
+    if T.Q4_K in q8kernels.REPACK_FORMATS:
+        # the same matrices repacked in 16-row groups, timed against the same q8 GEMV
+        assert "GEMM x16 n=1" in lines[4] and "GEMM x16 n=4" in lines[5]
+        assert all("x GEMV time" in line for line in lines[4:6])
+        want = 6
+    assert len(lines) == want, lines
 
 
 def test_main_refuses_a_weight_set_that_fits_in_cache():
