@@ -1,15 +1,22 @@
-"""AVX-512 VNNI GEMM steps over weights repacked 16 rows at a time (see quant.repack).
+"""AVX-512 VNNI GEMM steps: 16 rows at a time, from repacked blocks or straight from GGUF rows.
 
-Why repack: ``vpdpbusd`` multiplies 64 unsigned weight bytes by 64 signed activation
+Why 16 rows: ``vpdpbusd`` multiplies 64 unsigned weight bytes by 64 signed activation
 bytes and adds each 4 products into one of 16 int32 lanes: one instruction per 64
-multiply-adds, the densest integer dot x86 has. In a GGUF row the 4-byte groups of one
-vector would belong to different sub-blocks with different scales. Repacked, lane r of
-every vector is row r of a 16-row group, so each lane holds one row's dot product over 4
-columns, the activation bytes are broadcast to every lane, and a sub-block's scale is a
-vector with one entry per row (one ``vpmulld`` per sub-block, not per weight).
+multiply-adds, the densest integer dot x86 has. When lane r of every weight vector is row r
+of a 16-row group, each lane holds one row's dot product over 4 columns, the 4 activation
+bytes are broadcast to every lane, and a sub-block's scale is a vector with one entry per
+row (one ``vpmulld`` per sub-block, not per weight).
+
+Two sources give such vectors:
+    x16   blocks repacked by quant.repack: every vector is one aligned load;
+    rows  the GGUF rows themselves: 16 rows' 64-byte runs are loaded and transposed in
+          registers (a 16 x 16 transpose of 4-byte words: 64 two-input shuffles), and the
+          per-row scales are gathered into lanes. About 1.3x the x16 work per token, with
+          no repacking and no second copy of the weights.
 
 Shape legend (per call of a step)
-    G      one group of 16 rows: nsb blocks of BLOCK_BYTES[fmt] bytes at address w
+    G      one group of 16 rows. x16: nsb blocks of BLOCK_BYTES[fmt] bytes at w.
+           rows: 16 GGUF rows of row_bytes each, the first at w
     T      n_tok tokens (1, 2, 4 or 8), token t's data at base + t * stride
     xq     int8 [C]              activations quantized per 256 columns (quant._q8dot)
     xd     float32 [C / 256]     their scales
@@ -17,13 +24,15 @@ Shape legend (per call of a step)
     out    float32 [16]          the 16 rows' results for token t, written (not added)
 
     q4k_x16_step{n}(w, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride)
-    q6k_x16_step{n}(...)         the same for Q6_K
+    q6k_x16_step{n}(...)                       the same for Q6_K
+    q4k_rows_step{n}(w, row_bytes, nsb, xq, ...), q6k_rows_step{n}(...)   from GGUF rows
 
 The weights are decoded once per super-block for all n tokens; integer sums are exact
-within a super-block, as in quant._q8dot, and each token keeps 16 float lanes (one per
-row) across super-blocks. Each step prefetches two blocks ahead: the decode work per byte
-is large enough that the hardware prefetcher alone leaves DRAM latency exposed (6 against
-17 GB/s on one thread when measured).
+within a super-block, as in quant._q8dot, and each token's 16 results accumulate in out
+across super-blocks. Software prefetch keeps one stream per thread ahead of the decode
+(x16: two blocks ahead; rows: the next group's rows, a slice per block): the decode work
+per byte is large enough that the hardware prefetcher alone leaves DRAM latency exposed
+(6 against 17 GB/s on one thread when measured).
 
 AVAILABLE says whether the host runs them (AVX-512 F/BW/VL and VNNI, and Numba compiling
 for the host CPU).
@@ -42,6 +51,7 @@ from ._simd import _fn, _load, _load_scalar, _shuffle
 
 ROWS = 16
 BLOCK_BYTES = {"q4_k": 2368, "q6_k": 3392}  # as quant.repack
+GGUF_BYTES = {"q4_k": 144, "q6_k": 210}
 STEP_TOKENS = (8, 4, 2, 1)
 PREFETCH_BLOCKS = 2
 
@@ -109,100 +119,262 @@ def _halves(b, addr, offset: int):
     return b.fpext(_load(b, addr, offset, _V16F16), _V16F32)
 
 
-def _prefetch(b, blk, block_bytes: int, part: int = 0, parts: int = 1):
-    """Prefetch part `part` of `parts` of the block PREFETCH_BLOCKS ahead of blk."""
+def _c32(v: int):
+    return ir.Constant(_V16I32, [v] * 16)
+
+
+def _prefetch(b, addr, nbytes: int, part: int, parts: int):
+    """Prefetch part `part` of `parts` of the nbytes at addr (an i64 address)."""
     f = _fn(b, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
-    lines = range(0, block_bytes, 64)
+    lines = range(0, nbytes, 64)
     per = -(-len(lines) // parts)
     for line in lines[part * per:(part + 1) * per]:
-        addr = b.add(blk, ir.Constant(blk.type, PREFETCH_BLOCKS * block_bytes + line))
-        b.call(f, [b.inttoptr(addr, _i8.as_pointer()), ir.Constant(_i32, 0), ir.Constant(_i32, 3),
-                   ir.Constant(_i32, 1)])
+        ptr = b.inttoptr(b.add(addr, ir.Constant(addr.type, line)), _i8.as_pointer())
+        b.call(f, [ptr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
 
 
-def _q4k_block(b, blk, xq, xs, xd, add):
-    """One Q4_K block times each token: add(t, <16 x float>) receives the terms. Layout: d f16
-    [16], dmin f16 [16], scales u8 [8][16], mins u8 [8][16], then for chunk k < 4 and 4-column
-    group i < 8 a 64-byte vector whose low nibbles are sub-block 2k, columns 4i..4i+3, high
-    nibbles 2k+1. The mins' term goes out first, so that only one int32 vector per token stays
-    live through the sub-block loop (eight tokens' decoded weights and sums fill the registers)."""
+def _transpose16(b, rows):
+    """16 vectors <16 x i32> (row r, word c) -> 16 vectors (word c, row r): four rounds, each
+    swapping the off-diagonal k x k blocks of every 2k x 2k block with two-input shuffles."""
+    rows = list(rows)
+    for k in (8, 4, 2, 1):
+        low = ir.Constant(ir.VectorType(_i32, 16), [c if c & k == 0 else 16 + c - k for c in range(16)])
+        high = ir.Constant(ir.VectorType(_i32, 16), [c + k if c & k == 0 else 16 + c for c in range(16)])
+        new = list(rows)
+        for i in range(16):
+            if not i & k:
+                new[i] = b.shuffle_vector(rows[i], rows[i + k], low)
+                new[i + k] = b.shuffle_vector(rows[i], rows[i + k], high)
+        rows = new
+    return rows
+
+
+def _lanes_at(b, addrs, offset: int, typ, vtype):
+    """<16 x typ>: the scalar at addrs[r] + offset in lane r."""
+    v = ir.Constant(vtype, ir.Undefined)
+    for r, a in enumerate(addrs):
+        v = b.insert_element(v, _load_scalar(b, a, offset, typ), ir.Constant(_i32, r))
+    return v
+
+
+def _half_lanes(b, v16):
+    """<16 x i16> of IEEE halves -> <16 x float>."""
+    return b.fpext(b.bitcast(v16, _V16F16), _V16F32)
+
+
+# ---------------------------------------------------------------- sources of 16-row vectors
+# A Q4_K source gives d, dmin (<16 x float>), scale(j) (<16 x i32>, sub-block j < 8),
+# minpair(m) (<16 x i32>: the mins of sub-blocks 2m, 2m+1 as int16 pairs), raw(k) (the 8
+# vectors <64 x i8> of 32-byte chunk k of qs, whose low nibbles are sub-block 2k and high
+# nibbles 2k+1) and prefetch(part, parts). A Q6_K source gives d, scale(j) (j < 16),
+# scalepair(m) (m < 8) and codes(p) (the 8 vectors of 6-bit codes of columns 32p .. 32p+31,
+# 4 columns each).
+
+
+class _Q4KBlock:
+    """A repacked Q4_K block (layout in quant.repack) at blk."""
+
+    def __init__(self, b, blk):
+        self.b, self.blk = b, blk
+        self.d, self.dmin = _halves(b, blk, 0), _halves(b, blk, 32)
+
+    def scale(self, j):
+        return _lanes_i32(self.b, self.blk, 64 + 16 * j, signed=False)
+
+    def minpair(self, m):
+        return _pairs(self.b, self.blk, 192 + 32 * m, signed=False)
+
+    def raw(self, k):
+        return [_load(self.b, self.blk, 320 + 512 * k + 64 * i, _V64I8) for i in range(8)]
+
+    def prefetch(self, part, parts):
+        nbytes = BLOCK_BYTES["q4_k"]
+        _prefetch(self.b, self.b.add(self.blk, ir.Constant(self.blk.type, PREFETCH_BLOCKS * nbytes)),
+                  nbytes, part, parts)
+
+
+class _Q4KRows:
+    """Super-block s of 16 GGUF Q4_K rows: addrs[r] is row r's block; ahead is the address
+    of this block's slice of the next group (prefetched)."""
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.addrs, self.ahead = b, addrs, ahead
+        dd = _lanes_at(b, addrs, 0, _i32, _V16I32)
+        self.d = _half_lanes(b, b.trunc(dd, ir.VectorType(_i16, 16)))
+        self.dmin = _half_lanes(b, b.trunc(b.lshr(dd, _c32(16)), ir.VectorType(_i16, 16)))
+        self.u = [_lanes_at(b, addrs, 4 + 4 * i, _i32, _V16I32) for i in range(3)]
+        self.chunks = {}
+
+    def _byte(self, i, k):
+        return self.b.and_(self.b.lshr(self.u[i], _c32(8 * k)), _c32(255))
+
+    def scale(self, j):
+        b = self.b
+        if j < 4:
+            return b.and_(self._byte(0, j), _c32(63))
+        return b.or_(b.and_(self._byte(2, j - 4), _c32(15)), b.shl(b.lshr(self._byte(0, j - 4), _c32(6)), _c32(4)))
+
+    def _min(self, j):
+        b = self.b
+        if j < 4:
+            return b.and_(self._byte(1, j), _c32(63))
+        return b.or_(b.lshr(self._byte(2, j - 4), _c32(4)), b.shl(b.lshr(self._byte(1, j - 4), _c32(6)), _c32(4)))
+
+    def minpair(self, m):
+        return self.b.or_(self._min(2 * m), self.b.shl(self._min(2 * m + 1), _c32(16)))
+
+    def raw(self, k):
+        half = k // 2  # qs bytes 64 half .. 64 half + 63: words 16 half + 8 (k % 2) + i
+        if half not in self.chunks:
+            self.chunks[half] = _transpose16(self.b, [_load(self.b, a, 16 + 64 * half, _V16I32) for a in self.addrs])
+        return [self.b.bitcast(v, _V64I8) for v in self.chunks[half][8 * (k % 2): 8 * (k % 2) + 8]]
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q4_k"], part, parts)
+
+
+class _Q6KBlock:
+    """A repacked Q6_K block (layout in quant.repack) at blk."""
+
+    def __init__(self, b, blk):
+        self.b, self.blk = b, blk
+        self.d = _halves(b, blk, 0)
+
+    def scale(self, j):
+        return _lanes_i32(self.b, self.blk, 32 + 16 * j, signed=True)
+
+    def scalepair(self, m):
+        return _pairs(self.b, self.blk, 32 + 32 * m, signed=True)
+
+    def codes(self, p):
+        b, base = self.b, 288 + 384 * p
+        low = [_load(b, self.blk, base + 64 * i, _V64I8) for i in range(4)]
+        high = [_load(b, self.blk, base + 256 + 64 * u, _V64I8) for u in range(2)]
+        out = []
+        for e in range(8):
+            lo = b.lshr(low[e % 4], _bytes(4)) if e >= 4 else b.and_(low[e % 4], _bytes(15))
+            out.append(b.or_(lo, _q6_high(b, high[e % 2], e // 2)))
+        return out
+
+    def prefetch(self, part, parts):
+        nbytes = BLOCK_BYTES["q6_k"]
+        _prefetch(self.b, self.b.add(self.blk, ir.Constant(self.blk.type, PREFETCH_BLOCKS * nbytes)),
+                  nbytes, part, parts)
+
+
+def _q6_high(b, v, q: int):
+    """Bits 2q, 2q + 1 of each byte of v, moved to bits 4, 5."""
+    if q < 2:
+        return b.shl(b.and_(v, _bytes(3 << 2 * q)), _bytes(4 - 2 * q))
+    return b.and_(b.lshr(v, _bytes(2 * q - 4)), _bytes(48))
+
+
+class _Q6KRows:
+    """Super-block s of 16 GGUF Q6_K rows (see _Q4KRows). GGUF column 128 h + 32 k + l has its
+    low nibble in ql word 16 h + 8 (k % 2) + l / 4 (shifted by 4 (k / 2)) and its top bits in
+    qh word 8 h + l / 4 (shifted by 2 k); the 16 int8 scales are words 48 .. 51."""
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.addrs, self.ahead = b, addrs, ahead
+        self.d = _half_lanes(b, _lanes_at(b, addrs, 208, _i16, ir.VectorType(_i16, 16)))
+        self.sc = [_lanes_at(b, addrs, 192 + 4 * i, _i32, _V16I32) for i in range(4)]
+        self.chunks = {}
+
+    def scale(self, j):
+        b = self.b
+        return b.ashr(b.shl(self.sc[j // 4], _c32(24 - 8 * (j % 4))), _c32(24))
+
+    def scalepair(self, m):
+        return self.b.or_(self.b.and_(self.scale(2 * m), _c32(0xFFFF)), self.b.shl(self.scale(2 * m + 1), _c32(16)))
+
+    def _chunk(self, i):  # 0, 1: ql halves; 2: qh
+        if i not in self.chunks:
+            self.chunks[i] = _transpose16(self.b, [_load(self.b, a, 64 * i, _V16I32) for a in self.addrs])
+        return self.chunks[i]
+
+    def codes(self, p):
+        b = self.b
+        h, k = divmod(p, 4)
+        out = []
+        for e in range(8):
+            lo = b.bitcast(self._chunk(h)[8 * (k % 2) + e], _V64I8)
+            lo = b.and_(b.lshr(lo, _bytes(4)) if k >= 2 else lo, _bytes(15))
+            hi = b.bitcast(self._chunk(2)[8 * h + e], _V64I8)
+            out.append(b.or_(lo, _q6_high(b, hi, k)))
+        return out
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q6_k"], part, parts)
+
+
+# ---------------------------------------------------------------- the arithmetic, per source
+
+def _q4k(b, src, xq, xs, xd, add):
+    """One Q4_K super-block of 16 rows times each token: add(t, <16 x float>) gets the terms.
+    The mins' term goes out first, so that only one int32 vector per token stays live through
+    the sub-block loop (eight tokens' decoded weights and sums fill the registers)."""
     n = len(xq)
-    d, dmin = _halves(b, blk, 0), _halves(b, blk, 32)
     msum = [_ZERO] * n
     for m in range(4):
-        mins = _pairs(b, blk, 192 + 32 * m, signed=False)  # (min 2m, min 2m + 1) per row
+        pair = src.minpair(m)
         for t in range(n):
-            msum[t] = _dpwssd(b, msum[t], mins, _bcast4(b, xs[t], 4 * m))
+            msum[t] = _dpwssd(b, msum[t], pair, _bcast4(b, xs[t], 4 * m))
     for t in range(n):
-        add(t, b.fneg(b.fmul(b.sitofp(msum[t], _V16F32), b.fmul(dmin, _splat(b, xd[t], _V16F32)))))
+        add(t, b.fneg(b.fmul(b.sitofp(msum[t], _V16F32), b.fmul(src.dmin, _splat(b, xd[t], _V16F32)))))
     isum = [_ZERO] * n
     for j in range(8):
-        _prefetch(b, blk, BLOCK_BYTES["q4_k"], j, 8)
+        src.prefetch(j, 8)
         k, high = divmod(j, 2)
-        sc = _lanes_i32(b, blk, 64 + 16 * j, signed=False)
-        codes = []
-        for i in range(8):
-            qv = _load(b, blk, 320 + 512 * k + 64 * i, _V64I8)
-            codes.append(b.lshr(qv, _bytes(4)) if high else b.and_(qv, _bytes(15)))
+        sc = src.scale(j)
+        codes = [b.lshr(q, _bytes(4)) if high else b.and_(q, _bytes(15)) for q in src.raw(k)]
         for t in range(n):
             p = _ZERO
             for i in range(8):
                 p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
             isum[t] = b.add(isum[t], b.mul(p, sc))
     for t in range(n):
-        add(t, b.fmul(b.sitofp(isum[t], _V16F32), b.fmul(d, _splat(b, xd[t], _V16F32))))
+        add(t, b.fmul(b.sitofp(isum[t], _V16F32), b.fmul(src.d, _splat(b, xd[t], _V16F32))))
 
 
-def _q6k_block(b, blk, xq, xs, xd, add):
-    """One Q6_K block times each token, the terms to add(t, <16 x float>). Layout: d f16 [16],
-    scales i8 [16][16], then per 32 columns p < 8, four low-bit vectors (i: low nibbles are
-    4-column group 8 p + i, high nibbles group 8 p + 4 + i) and two high-bit vectors (u: bits 2 q,
-    2 q + 1 are the top bits of group 8 p + 2 q + u). Each vector is used within its 32 columns
-    only, so no decoded value stays live across the loop. Codes are stored offset by 32, which
+def _q6k(b, src, xq, xs, xd, add):
+    """One Q6_K super-block of 16 rows times each token. Codes are stored offset by 32, which
     comes off through the activations' 16-column sums: they start each token's integer sum."""
     n = len(xq)
     off = [_ZERO] * n
     for m in range(8):
-        scales = _pairs(b, blk, 32 + 32 * m, signed=True)  # (scale 2m, scale 2m + 1) per row
+        pair = src.scalepair(m)
         for t in range(n):
-            off[t] = _dpwssd(b, off[t], scales, _bcast4(b, xs[t], 4 * m))
-    isum = [b.sub(_ZERO, b.shl(o, ir.Constant(_V16I32, [5] * 16))) for o in off]  # -32 * offsets
+            off[t] = _dpwssd(b, off[t], pair, _bcast4(b, xs[t], 4 * m))
+    isum = [b.sub(_ZERO, b.shl(o, _c32(5))) for o in off]  # -32 * offsets
     for p in range(8):
-        _prefetch(b, blk, BLOCK_BYTES["q6_k"], p, 8)
-        base = 288 + 384 * p
-        low = [_load(b, blk, base + 64 * i, _V64I8) for i in range(4)]
-        high = [_load(b, blk, base + 256 + 64 * u, _V64I8) for u in range(2)]
-        codes = []
-        for e in range(8):
-            lo = low[e % 4]
-            lo = b.lshr(lo, _bytes(4)) if e >= 4 else b.and_(lo, _bytes(15))
-            q = e // 2
-            hi = high[e % 2]
-            hi = b.shl(b.and_(hi, _bytes(3 << 2 * q)), _bytes(4 - 2 * q)) if q < 2 else \
-                b.and_(b.lshr(hi, _bytes(2 * q - 4)), _bytes(48))
-            codes.append(b.or_(lo, hi))
+        src.prefetch(p, 8)
+        codes = src.codes(p)
         for j in (2 * p, 2 * p + 1):
-            sc = _lanes_i32(b, blk, 32 + 16 * j, signed=True)
+            sc = src.scale(j)
             for t in range(n):
                 acc = _ZERO
                 for i in range(4):
                     acc = _dpbusd(b, acc, codes[4 * (j % 2) + i], _bcast4(b, xq[t], 16 * j + 4 * i))
                 isum[t] = b.add(isum[t], b.mul(acc, sc))
-    d = _halves(b, blk, 0)
     for t in range(n):
-        add(t, b.fmul(b.sitofp(isum[t], _V16F32), b.fmul(d, _splat(b, xd[t], _V16F32))))
+        add(t, b.fmul(b.sitofp(isum[t], _V16F32), b.fmul(src.d, _splat(b, xd[t], _V16F32))))
 
 
-_FORMATS = {"q4_k": (_q4k_block, 16), "q6_k": (_q6k_block, 32)}  # decoder, xs bytes per block
+_FORMATS = {"q4_k": (_q4k, _Q4KBlock, _Q4KRows, 16), "q6_k": (_q6k, _Q6KBlock, _Q6KRows, 32)}
 
 
-def _step(fmt: str, n_tok: int):
-    block_bytes = BLOCK_BYTES[fmt]
-    decode, xs_bytes = _FORMATS[fmt]
+def _step(fmt: str, n_tok: int, rows: bool):
+    """Codegen of a step over one group: (w, [row_bytes,] nsb, xq, xq_stride, xs, xs_stride, xd,
+    xd_stride, out, out_stride)."""
+    arith, block_source, rows_source, xs_bytes = _FORMATS[fmt]
 
     def codegen(context, builder, signature, args):
-        w, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride = args
         b = builder
+        if rows:
+            w, row_bytes, nsb, *rest = args
+        else:
+            (w, nsb, *rest), row_bytes = args, None
+        xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride = rest
 
         def token(base, stride, t):
             return b.add(base, b.mul(stride, ir.Constant(stride.type, t)))
@@ -216,31 +388,45 @@ def _step(fmt: str, n_tok: int):
         def add(t, term):
             b.store(b.fadd(b.load(outs[t], align=4), term), outs[t], align=4)
 
+        row_addrs = [token(w, row_bytes, r) for r in range(ROWS)] if rows else None
+        next_group = token(w, row_bytes, ROWS) if rows else None
         with cgutils.for_range(b, nsb) as loop:
             s = loop.index
 
-            def at(base, stride, t):
-                return b.add(token(base, {"xq": xq_stride, "xs": xs_stride, "xd": xd_stride}[stride], t),
-                             b.mul(s, ir.Constant(s.type, {"xq": 256, "xs": xs_bytes, "xd": 4}[stride])))
+            def at(base, stride, t, per):
+                return b.add(token(base, stride, t), b.mul(s, ir.Constant(s.type, per)))
 
-            blk = b.add(w, b.mul(s, ir.Constant(s.type, block_bytes)))
-            decode(b, blk, [at(xq, "xq", t) for t in range(n_tok)], [at(xs, "xs", t) for t in range(n_tok)],
-                   [_load_scalar(b, at(xd, "xd", t), 0, _f32) for t in range(n_tok)], add)
+            if rows:
+                gguf = b.mul(s, ir.Constant(s.type, GGUF_BYTES[fmt]))
+                ahead = b.add(next_group, b.mul(s, ir.Constant(s.type, ROWS * GGUF_BYTES[fmt])))
+                src = rows_source(b, [b.add(a, gguf) for a in row_addrs], ahead)
+            else:
+                src = block_source(b, b.add(w, b.mul(s, ir.Constant(s.type, BLOCK_BYTES[fmt]))))
+            arith(b, src, [at(xq, xq_stride, t, 256) for t in range(n_tok)],
+                  [at(xs, xs_stride, t, xs_bytes) for t in range(n_tok)],
+                  [_load_scalar(b, at(xd, xd_stride, t, 4), 0, _f32) for t in range(n_tok)], add)
         return context.get_dummy_value()
 
     return codegen
 
 
-_SIG = types.none(*([types.int64] * 10))
+_SIG_X16 = types.none(*([types.int64] * 10))
+_SIG_ROWS = types.none(*([types.int64] * 11))
 
 
-def _make(fmt: str, n_tok: int):
-    def step(typingctx, w, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride):
-        return _SIG, _step(fmt, n_tok)
+def _make(fmt: str, n_tok: int, rows: bool):
+    if rows:
+        def step(typingctx, w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride):
+            return _SIG_ROWS, _step(fmt, n_tok, True)
+    else:
+        def step(typingctx, w, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride):
+            return _SIG_X16, _step(fmt, n_tok, False)
 
-    step.__name__ = f"{fmt.replace('_', '')}_x16_step{n_tok}"
+    step.__name__ = f"{fmt.replace('_', '')}_{'rows' if rows else 'x16'}_step{n_tok}"
     return intrinsic(step)
 
 
-q4k_x16_step8, q4k_x16_step4, q4k_x16_step2, q4k_x16_step1 = (_make("q4_k", n) for n in STEP_TOKENS)
-q6k_x16_step8, q6k_x16_step4, q6k_x16_step2, q6k_x16_step1 = (_make("q6_k", n) for n in STEP_TOKENS)
+q4k_x16_step8, q4k_x16_step4, q4k_x16_step2, q4k_x16_step1 = (_make("q4_k", n, False) for n in STEP_TOKENS)
+q6k_x16_step8, q6k_x16_step4, q6k_x16_step2, q6k_x16_step1 = (_make("q6_k", n, False) for n in STEP_TOKENS)
+q4k_rows_step8, q4k_rows_step4, q4k_rows_step2, q4k_rows_step1 = (_make("q4_k", n, True) for n in STEP_TOKENS)
+q6k_rows_step8, q6k_rows_step4, q6k_rows_step2, q6k_rows_step1 = (_make("q6_k", n, True) for n in STEP_TOKENS)

@@ -19,11 +19,13 @@ Formats: Q4_K, Q5_K, Q6_K and Q8_0 (``supports``). Results equal ``dequantize(W)
 kernels of ``quant.kernels`` only by the activation rounding (relative error about 1/250
 per block, as in llama.cpp, which quantizes activations the same way).
 
-``repack`` rearranges a Q4_K or Q6_K matrix (rows a multiple of 16) so that each
-``vpdpbusd`` does 64 multiply-adds for 16 rows at once (quant.repack, quant._vnni): on
-AVX-512 VNNI hosts, an 8-token GEMM on it costs about 1.4x a one-token GEMV, where the
-4-token row step needs 3x. The layout is for GEMMs (prefill, MTP verification); decode
-keeps the GGUF rows.
+On AVX-512 VNNI hosts the Q4_K/Q6_K GEMM works on 16 rows at a time, so that each
+``vpdpbusd`` does 64 multiply-adds for 16 rows (quant._vnni). ``matmul`` on GGUF rows
+transposes each group's bytes in registers (no copy; an 8-token GEMM costs about 2x a
+one-token GEMV, against 3-4x for the 4-token row step it replaces, which still runs
+elsewhere and for rows left over). ``repack`` stores a matrix in that order once
+(quant.repack) for callers that can keep a second copy: an 8-token GEMM on it costs
+1.2-1.5x the GEMV. The runtime keeps the GGUF rows, which decode streams.
 
 ``matvec_many`` and ``swiglu_experts`` take their matrices by address, so any set of
 them (views of a memory map, slots of an expert cache) goes in one call: one parallel
@@ -47,10 +49,18 @@ from . import repack as _repack
 from ._bits import u8_at
 from ._q8dot import GEMM4_FORMATS, Q4_K, Q5_K, Q6_K, q8dot, q8dot4, quantize_row
 from ._vnni import (
+    q4k_rows_step1,
+    q4k_rows_step2,
+    q4k_rows_step4,
+    q4k_rows_step8,
     q4k_x16_step1,
     q4k_x16_step2,
     q4k_x16_step4,
     q4k_x16_step8,
+    q6k_rows_step1,
+    q6k_rows_step2,
+    q6k_rows_step4,
+    q6k_rows_step8,
     q6k_x16_step1,
     q6k_x16_step2,
     q6k_x16_step4,
@@ -149,9 +159,10 @@ def can_repack(w: PackedMatrix) -> bool:
 
 
 def matmul(w: PackedMatrix | RepackedMatrix, a: Q8Activations, out: np.ndarray) -> np.ndarray:
-    """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On a
-    RepackedMatrix, 16-row groups run in parallel with 8 tokens per pass over a group's
-    blocks (then 4, 2, 1); on GGUF rows, rows run in parallel, 4 tokens per pass."""
+    """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On VNNI
+    hosts, 16-row groups (repacked, or straight from GGUF rows) run in parallel with 8 tokens
+    per pass over a group (then 4, 2, 1), the rows beyond a multiple of 16 as below; elsewhere
+    rows run in parallel, 4 tokens per pass."""
     if isinstance(w, RepackedMatrix):
         n = a.shape[0]
         if a.shape[1] != w.cols:
@@ -339,63 +350,113 @@ def _build(stamp: str):
         for r in nb.prange(w.shape[0]):
             out[r] = q8dot(qtype, w[r], xq, xd, xb)
 
-    @nb.njit(parallel=True, fastmath=True, cache=True)
-    def _gemm(qtype, w, XQ, XD, XB, out):
-        stamp  # noqa: B018 (cache key)
+    @nb.njit(inline="always", fastmath=True, cache=True)
+    def _row_steps(qtype, w, XQ, XD, XB, out, r):
+        """Row r of GGUF rows w times every token: 4 tokens per pass, then one at a time."""
         n = XQ.shape[0]
-        for r in nb.prange(w.shape[0]):
-            for g in range(n // 4):
-                a0, a1, a2, a3 = q8dot4(qtype, w[r], XQ, XD, XB, 4 * g)
-                out[4 * g, r] = a0
-                out[4 * g + 1, r] = a1
-                out[4 * g + 2, r] = a2
-                out[4 * g + 3, r] = a3
-            for t in range(n - n % 4, n):
-                out[t, r] = q8dot(qtype, w[r], XQ[t], XD[t], XB[t])
+        for g in range(n // 4):
+            a0, a1, a2, a3 = q8dot4(qtype, w[r], XQ, XD, XB, 4 * g)
+            out[4 * g, r] = a0
+            out[4 * g + 1, r] = a1
+            out[4 * g + 2, r] = a2
+            out[4 * g + 3, r] = a3
+        for t in range(n - n % 4, n):
+            out[t, r] = q8dot(qtype, w[r], XQ[t], XD[t], XB[t])
+
+    @nb.njit(inline="always", cache=True)
+    def _activation_sums(qtype, XB):
+        """int16 [N, C / 32] (Q4_K: sums per 32 columns) or [N, C / 16] (Q6_K) from XB."""
+        n = XB.shape[0]
+        per = 2 if qtype == Q4_K else 1
+        xs = np.empty((n, XB.shape[1] // per), np.int16)
+        for t in range(n):
+            for m in range(xs.shape[1]):
+                v = np.int32(0)
+                for k in range(per):
+                    v += XB[t, per * m + k]
+                xs[t, m] = np.int16(v)
+        return xs
+
+    @nb.njit(inline="always", cache=True)
+    def _group_steps(qtype, rows, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
+        """One 16-row group (repacked blocks at wa, or GGUF rows from wa if rows) times n tokens:
+        8 per pass while 8 are left, then 4, 2, 1. The group's weights stay in cache between
+        passes, so they are read from memory once."""
+        t = 0
+        while t < n:
+            left = n - t
+            step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
+            xq, xs, xd, o = xq0 + t * xqs, xs0 + t * xss, xd0 + t * xds, o0 + t * os_
+            if rows:
+                if qtype == Q4_K:
+                    if step == 8:
+                        q4k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                    elif step == 4:
+                        q4k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                    elif step == 2:
+                        q4k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                    else:
+                        q4k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                elif step == 8:
+                    q6k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                elif step == 4:
+                    q6k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                elif step == 2:
+                    q6k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                else:
+                    q6k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif qtype == Q4_K:
+                if step == 8:
+                    q4k_x16_step8(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                elif step == 4:
+                    q4k_x16_step4(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                elif step == 2:
+                    q4k_x16_step2(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                else:
+                    q4k_x16_step1(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif step == 8:
+                q6k_x16_step8(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif step == 4:
+                q6k_x16_step4(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif step == 2:
+                q6k_x16_step2(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            else:
+                q6k_x16_step1(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            t += step
+
+    if _vnni.AVAILABLE:
+        @nb.njit(parallel=True, fastmath=True, cache=True)
+        def _gemm(qtype, w, XQ, XD, XB, out):
+            """GGUF rows: 16-row groups straight from the rows (quant._vnni), the rows left over
+            one at a time."""
+            stamp  # noqa: B018 (cache key)
+            n, c = XQ.shape
+            r = out.shape[1]
+            xs = _activation_sums(qtype, XB)
+            xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
+            rb = np.int64(w.shape[1])
+            for g in nb.prange(r // 16):
+                _group_steps(qtype, True, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
+                             xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
+            for row in nb.prange(r - r % 16, r):
+                _row_steps(qtype, w, XQ, XD, XB, out, row)
+    else:
+        @nb.njit(parallel=True, fastmath=True, cache=True)
+        def _gemm(qtype, w, XQ, XD, XB, out):
+            stamp  # noqa: B018 (cache key)
+            for row in nb.prange(w.shape[0]):
+                _row_steps(qtype, w, XQ, XD, XB, out, row)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def _gemm_x16(qtype, w, XQ, XD, XB, out):
         stamp  # noqa: B018 (cache key)
         n, c = XQ.shape
         r = out.shape[1]
-        # activation sums as int16 pairs: per 32 columns (Q4_K mins), per 16 (Q6_K offsets)
-        per = 2 if qtype == Q4_K else 1
-        xs = np.empty((n, c // 16 // per), np.int16)
-        for t in range(n):
-            for m in range(c // 16 // per):
-                v = np.int32(0)
-                for k in range(per):
-                    v += XB[t, per * m + k]
-                xs[t, m] = np.int16(v)
-        xq0, xs0, xd0, o0 = XQ.ctypes.data, xs.ctypes.data, XD.ctypes.data, out.ctypes.data
+        xs = _activation_sums(qtype, XB)
         xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
-        nsb = w.shape[1]
         for g in nb.prange(w.shape[0]):
-            wa = w[g].ctypes.data
-            t = 0
-            while t < n:
-                left = n - t
-                step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
-                args = (wa, nsb, xq0 + t * xqs, xqs, xs0 + t * xss, xss, xd0 + t * xds, xds,
-                        o0 + t * os_ + 64 * g, os_)
-                if qtype == Q4_K:
-                    if step == 8:
-                        q4k_x16_step8(*args)
-                    elif step == 4:
-                        q4k_x16_step4(*args)
-                    elif step == 2:
-                        q4k_x16_step2(*args)
-                    else:
-                        q4k_x16_step1(*args)
-                elif step == 8:
-                    q6k_x16_step8(*args)
-                elif step == 4:
-                    q6k_x16_step4(*args)
-                elif step == 2:
-                    q6k_x16_step2(*args)
-                else:
-                    q6k_x16_step1(*args)
-                t += step
+            _group_steps(qtype, False, w[g].ctypes.data, np.int64(0), w.shape[1], n, XQ.ctypes.data, xqs,
+                         xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def _gemv_group(qt, addr, rb, starts, x, out):

@@ -21,9 +21,6 @@ from runtime.errors import StepstreamError
 from runtime.gguf_file import TensorRef
 
 _FLOAT = {Q.F32: np.float32, Q.F16: np.float16}
-# From this many tokens, repacking W for the 16-row GEMM costs less than it saves: repacking
-# a Q4_K matrix takes about the time of 2 tokens of the row GEMM (1 ms for 4096 x 4096).
-REPACK_MIN_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -68,9 +65,8 @@ def matmul(x: np.ndarray, w: Matrix, q8: bool = False) -> np.ndarray:
     With q8, x is first rounded to int8 per 256 columns (as llama.cpp does) wherever W's
     format has an int8-activation kernel, and the product runs on integer dot products (a
     chunk of tokens in a format without an int8 GEMM: the float GEMM on the rounded x), so
-    one token and a chunk give the same numbers up to float32 rounding. A chunk of at least
-    REPACK_MIN_TOKENS tokens on an AVX-512 VNNI host repacks W for the call (q8kernels.repack,
-    about memory speed for Q4_K) and runs the 16-row GEMM, 3-4x faster than the row GEMM.
+    one token and a chunk give the same numbers up to float32 rounding. On AVX-512 VNNI hosts
+    the chunk runs 16 rows at a time straight from the GGUF rows (quant._vnni).
     """
     if w.packed is None:
         return x @ w.data.T
@@ -79,11 +75,8 @@ def matmul(x: np.ndarray, w: Matrix, q8: bool = False) -> np.ndarray:
         a = q8kernels.quantize_activations(x)
         if x.shape[0] == 1:
             return q8kernels.matvec(w.packed, a, np.empty((1, w.shape[0]), np.float32)[0])[None]
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)
-        if x.shape[0] >= REPACK_MIN_TOKENS and q8kernels.can_repack(w.packed):
-            return q8kernels.matmul(q8kernels.repack(w.packed), a, out)
         if w.qtype in q8kernels.GEMM_FORMATS:
-            return q8kernels.matmul(w.packed, a, out)
+            return q8kernels.matmul(w.packed, a, np.empty((x.shape[0], w.shape[0]), np.float32))
         x = q8_values(a)
     if x.shape[0] == 1:
         out = np.empty((1, w.shape[0]), np.float32)

@@ -163,7 +163,7 @@ def test_errors():
 
 @pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("n", [2, 4, 7, 9])  # below, at and across the 4-token step
+@pytest.mark.parametrize("n", [2, 4, 7, 9, 17])  # below, at and across the 4- and 8-token steps
 def test_matmul(qtype, n):
     w, W = weights(qtype, 37, 1280, seed=5)
     a = q8.quantize_activations(activations(n, 1280, seed=n))
