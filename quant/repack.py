@@ -30,10 +30,15 @@ second copy of the weights needs to stay in memory.
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
+import sys
+
 import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from . import _bits
 from ._bits import k4_min, k4_scale
 
 ROWS = 16
@@ -82,58 +87,74 @@ def empty(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
     return raw[start:start + n].reshape(shape)
 
 
-@nb.njit(parallel=True, cache=True)
-def _q4_k(data, out):
-    groups, nsb = out.shape[0], out.shape[1]
-    for gs in nb.prange(groups * nsb):
-        g = gs // nsb
-        s = gs - g * nsb
-        o = out[g, s]
-        b = 144 * s
-        for r in range(ROWS):
-            w = data[ROWS * g + r]
-            for k in range(2):
-                o[2 * r + k] = w[b + k]            # d
-                o[32 + 2 * r + k] = w[b + 2 + k]   # dmin
-            for j in range(8):
-                o[64 + 16 * j + r] = k4_scale(w, b + 4, j)
-                o[192 + 16 * j + r] = k4_min(w, b + 4, j)
-            for v in range(32):  # vector v = 8 k + i: bytes qs[4 v : 4 v + 4]
-                for e in range(4):
-                    o[320 + 64 * v + 4 * r + e] = w[b + 16 + 4 * v + e]
+def _source_stamp() -> str:
+    """Hash of the sources the kernels inline: Numba's cache watches only this file, and the
+    stamp, a closure variable of each kernel, is part of its cache key (as in q8kernels)."""
+    h = hashlib.sha256()
+    for mod in (_bits, sys.modules[__name__]):
+        h.update(pathlib.Path(mod.__file__).read_bytes())
+    return h.hexdigest()
 
 
-@nb.njit(parallel=True, cache=True)
-def _q6_k(data, out):
-    # GGUF column 128 h + 32 k + l (half h, quarter k, position l < 32) has its low nibble in
-    # ql[64 h + 32 (k % 2) + l] (the high nibble for k >= 2) and its top bits at 2 k in
-    # qh[32 h + l]. Here it lands in span p = 4 h + k, 4-column group e = l // 4, byte l % 4.
-    groups, nsb = out.shape[0], out.shape[1]
-    for gs in nb.prange(groups * nsb):
-        g = gs // nsb
-        s = gs - g * nsb
-        o = out[g, s]
-        o[3360:] = 0
-        b = 210 * s
-        for r in range(ROWS):
-            w = data[ROWS * g + r]
-            o[2 * r] = w[b + 208]
-            o[2 * r + 1] = w[b + 209]
-            for j in range(16):
-                o[32 + 16 * j + r] = w[b + 192 + j]
-            for h in range(2):
-                for k in range(4):
-                    base = 288 + 384 * (4 * h + k) + 4 * r
-                    ql = b + 64 * h + 32 * (k & 1)
-                    shift = 4 * (k >> 1)
-                    for l in range(16):  # low vector l // 4: columns l (low nibble) and l + 16 (high)
-                        lo0 = (w[ql + l] >> shift) & 15
-                        lo1 = (w[ql + l + 16] >> shift) & 15
-                        o[base + 64 * (l >> 2) + (l & 3)] = lo0 | (lo1 << 4)
-                    qh = b + 128 + 32 * h
-                    for u in range(2):  # high vector u: bits 2 q hold column 4 (2 q + u) + y
-                        for y in range(4):
-                            v = 0
-                            for q in range(4):
-                                v |= ((w[qh + 8 * q + 4 * u + y] >> (2 * k)) & 3) << (2 * q)
-                            o[base + 256 + 64 * u + y] = v
+def _build(stamp: str):
+    @nb.njit(parallel=True, cache=True)
+    def _q4_k(data, out):
+        stamp  # noqa: B018 (cache key)
+        groups, nsb = out.shape[0], out.shape[1]
+        for gs in nb.prange(groups * nsb):
+            g = gs // nsb
+            s = gs - g * nsb
+            o = out[g, s]
+            b = 144 * s
+            for r in range(ROWS):
+                w = data[ROWS * g + r]
+                for k in range(2):
+                    o[2 * r + k] = w[b + k]            # d
+                    o[32 + 2 * r + k] = w[b + 2 + k]   # dmin
+                for j in range(8):
+                    o[64 + 16 * j + r] = k4_scale(w, b + 4, j)
+                    o[192 + 16 * j + r] = k4_min(w, b + 4, j)
+                for v in range(32):  # vector v = 8 k + i: bytes qs[4 v : 4 v + 4]
+                    for e in range(4):
+                        o[320 + 64 * v + 4 * r + e] = w[b + 16 + 4 * v + e]
+
+    @nb.njit(parallel=True, cache=True)
+    def _q6_k(data, out):
+        stamp  # noqa: B018 (cache key)
+        # GGUF column 128 h + 32 k + l (half h, quarter k, position l < 32) has its low nibble in
+        # ql[64 h + 32 (k % 2) + l] (the high nibble for k >= 2) and its top bits at 2 k in
+        # qh[32 h + l]. Here it lands in span p = 4 h + k, 4-column group e = l // 4, byte l % 4.
+        groups, nsb = out.shape[0], out.shape[1]
+        for gs in nb.prange(groups * nsb):
+            g = gs // nsb
+            s = gs - g * nsb
+            o = out[g, s]
+            o[3360:] = 0
+            b = 210 * s
+            for r in range(ROWS):
+                w = data[ROWS * g + r]
+                o[2 * r] = w[b + 208]
+                o[2 * r + 1] = w[b + 209]
+                for j in range(16):
+                    o[32 + 16 * j + r] = w[b + 192 + j]
+                for h in range(2):
+                    for k in range(4):
+                        base = 288 + 384 * (4 * h + k) + 4 * r
+                        ql = b + 64 * h + 32 * (k & 1)
+                        shift = 4 * (k >> 1)
+                        for l in range(16):  # low vector l // 4: columns l (low nibble) and l + 16 (high)
+                            lo0 = (w[ql + l] >> shift) & 15
+                            lo1 = (w[ql + l + 16] >> shift) & 15
+                            o[base + 64 * (l >> 2) + (l & 3)] = lo0 | (lo1 << 4)
+                        qh = b + 128 + 32 * h
+                        for u in range(2):  # high vector u: bits 2 q hold column 4 (2 q + u) + y
+                            for y in range(4):
+                                v = 0
+                                for q in range(4):
+                                    v |= ((w[qh + 8 * q + 4 * u + y] >> (2 * k)) & 3) << (2 * q)
+                                o[base + 256 + 64 * u + y] = v
+
+    return _q4_k, _q6_k
+
+
+_q4_k, _q6_k = _build(_source_stamp())
