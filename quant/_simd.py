@@ -34,17 +34,25 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
-def _host_has_simd() -> bool:
-    if numba.config.CPU_NAME not in (None, "host"):
-        return False  # compiling for another CPU (NUMBA_CPU_NAME): stay portable
+def compiles_for(*features: str) -> bool:
+    """Whether Numba compiles for the host CPU with all these LLVM features on. False when it
+    targets another CPU (NUMBA_CPU_NAME), has AVX off (NUMBA_ENABLE_AVX=0), or is given a
+    feature list (NUMBA_CPU_FEATURES) that does not turn each of them on: LLVM would abort on
+    the intrinsics, so the portable kernels run instead."""
+    cfg = numba.config
+    if cfg.CPU_NAME not in (None, "host") or not cfg.ENABLE_AVX:
+        return False
+    if cfg.CPU_FEATURES:
+        on = {f[1:] for f in cfg.CPU_FEATURES.split(",") if f.startswith("+")}
+        return all(f in on for f in features)
     try:
-        features = llvm.get_host_cpu_features()
+        host = llvm.get_host_cpu_features()
     except RuntimeError:
         return False
-    return bool(features.get("avx2") and features.get("f16c"))
+    return all(host.get(f) for f in features)
 
 
-AVAILABLE = _host_has_simd()
+AVAILABLE = compiles_for("avx2", "f16c")
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _V32I8 = ir.VectorType(_i8, 32)

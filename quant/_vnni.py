@@ -11,8 +11,9 @@ Two sources give such vectors:
     x16   blocks repacked by quant.repack: every vector is one aligned load;
     rows  the GGUF rows themselves: 16 rows' 64-byte runs are loaded and transposed in
           registers (a 16 x 16 transpose of 4-byte words: 64 two-input shuffles), and the
-          per-row scales are gathered into lanes. About 1.3x the x16 work per token, with
-          no repacking and no second copy of the weights.
+          per-row scales are gathered into lanes. No repacking and no second copy of the
+          weights; on the bench shapes an 8-token GEMM costs 1.8-2.2x the one-token GEMV
+          where the x16 source costs 1.2-1.5x (quant.bench).
 
 Shape legend (per call of a step)
     G      one group of 16 rows. x16: nsb blocks of BLOCK_BYTES[fmt] bytes at w.
@@ -34,20 +35,18 @@ across super-blocks. Software prefetch keeps one stream per thread ahead of the 
 per byte is large enough that the hardware prefetcher alone leaves DRAM latency exposed
 (6 against 17 GB/s on one thread when measured).
 
-AVAILABLE says whether the host runs them (AVX-512 F/BW/VL and VNNI, and Numba compiling
-for the host CPU).
+AVAILABLE says whether Numba compiles them here (AVX-512 F/BW/VL and VNNI on, see
+_simd.compiles_for); nothing may call them otherwise, as LLVM aborts on the intrinsics.
 """
 
 from __future__ import annotations
 
-import numba
-from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._simd import _fn, _load, _load_scalar, _shuffle
+from ._simd import _fn, _load, _load_scalar, _shuffle, compiles_for
 
 ROWS = 16
 BLOCK_BYTES = {"q4_k": 2368, "q6_k": 3392}  # as quant.repack
@@ -56,17 +55,7 @@ STEP_TOKENS = (8, 4, 2, 1)
 PREFETCH_BLOCKS = 2
 
 
-def _host_has_vnni() -> bool:
-    if numba.config.CPU_NAME not in (None, "host"):
-        return False
-    try:
-        features = llvm.get_host_cpu_features()
-    except RuntimeError:
-        return False
-    return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "f16c"))
-
-
-AVAILABLE = _host_has_vnni()
+AVAILABLE = compiles_for("avx512f", "avx512bw", "avx512vl", "avx512vnni", "f16c")
 
 _i8, _i16, _i32, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V64I8 = ir.VectorType(_i8, 64)

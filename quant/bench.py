@@ -10,7 +10,8 @@ and prints the weight bytes streamed per second, the read bandwidth of a large
 numpy reduction measured in the same run, and their ratio. GEMM rows also give
 their time relative to the one-token GEMV on the same weights: float32 GEMMs
 against the float32 GEMV, int8-activation ("q8") GEMMs against the q8 GEMV, which is what
-decode runs. "x16" rows run the q8 GEMM on the same matrices repacked in 16-row groups
+decode runs; the "GEMM q8" rows time the GEMM prefill runs (on AVX-512 VNNI hosts, 16 GGUF
+rows at a time, see quant._vnni). "x16" rows run the q8 GEMM on the same matrices repacked in 16-row groups
 (q8kernels.repack, AVX-512 VNNI hosts); their MiB and GB/s count the GGUF bytes. The bracketed
 cpu-time rate divides the bytes by the CPU seconds per thread: on a machine
 other processes share it shows what the kernel does when its threads run.

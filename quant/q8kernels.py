@@ -87,6 +87,17 @@ class Q8Activations:
     d: np.ndarray  # float32 [N, C // 256]
     b: np.ndarray  # int32 [N, C // 16]
 
+    def __post_init__(self):
+        # the kernels take these by address, row after row: C-contiguous or wrong numbers
+        q = self.q
+        if q.dtype != np.int8 or q.ndim != 2 or q.shape[1] % 256 or not q.flags.c_contiguous:
+            raise ValueError(f"q must be C-contiguous int8 [N, C], C a multiple of 256, got {q.dtype} {q.shape}")
+        n, c = q.shape
+        for name, arr, dtype, cols in (("d", self.d, np.float32, c // 256), ("b", self.b, np.int32, c // 16)):
+            if arr.dtype != dtype or arr.shape != (n, cols) or not arr.flags.c_contiguous:
+                raise ValueError(f"{name} must be C-contiguous {np.dtype(dtype).name} [{n}, {cols}], "
+                                 f"got {arr.dtype} {arr.shape}")
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape
@@ -134,6 +145,16 @@ class RepackedMatrix:
     cols: int
     data: np.ndarray
 
+    def __post_init__(self):
+        why = _repack.check(self.qtype, self.rows, self.cols)
+        if why:
+            raise ValueError(f"RepackedMatrix {T(self.qtype).name} [{self.rows}, {self.cols}]: {why}")
+        shape = (self.rows // 16, self.cols // 256, _repack.BLOCK_BYTES[self.qtype])
+        d = self.data
+        if d.dtype != np.uint8 or d.shape != shape or not d.flags.c_contiguous:
+            raise ValueError(f"RepackedMatrix {T(self.qtype).name} [{self.rows}, {self.cols}]: data must be "
+                             f"C-contiguous uint8 {list(shape)}, got {d.dtype} {list(d.shape)}")
+
     @property
     def nbytes(self) -> int:
         return self.data.nbytes
@@ -145,7 +166,8 @@ def repack(w: PackedMatrix) -> RepackedMatrix:
     if not isinstance(w, PackedMatrix):
         raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
     if not _vnni.AVAILABLE:
-        raise ValueError("the 16-row GEMM needs AVX-512 VNNI, which this host (or NUMBA_CPU_NAME) lacks")
+        raise ValueError("the 16-row GEMM needs AVX-512 VNNI, which this host (or the Numba target: "
+                         "NUMBA_CPU_NAME, NUMBA_CPU_FEATURES) lacks")
     why = _repack.check(w.qtype, w.rows, w.cols)
     if why:
         raise ValueError(f"cannot repack {w.qtype.name} [{w.rows}, {w.cols}]: {why}")
@@ -164,6 +186,9 @@ def matmul(w: PackedMatrix | RepackedMatrix, a: Q8Activations, out: np.ndarray) 
     per pass over a group (then 4, 2, 1), the rows beyond a multiple of 16 as below; elsewhere
     rows run in parallel, 4 tokens per pass."""
     if isinstance(w, RepackedMatrix):
+        if not _vnni.AVAILABLE:
+            raise ValueError("a RepackedMatrix needs AVX-512 VNNI, which this host (or the Numba "
+                             "target: NUMBA_CPU_NAME, NUMBA_CPU_FEATURES) lacks")
         n = a.shape[0]
         if a.shape[1] != w.cols:
             raise ValueError(f"activations have {a.shape[1]} columns, W has {w.cols}")
@@ -323,6 +348,81 @@ def group_gemv(qt, addr, rb, starts, xq, xd, xb, out):
         out[g] = q8dot(qt[m], w, xq, xd, xb)
 
 
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _row_steps(qtype, w, XQ, XD, XB, out, r):
+    """Row r of GGUF rows w times every token: 4 tokens per pass, then one at a time."""
+    n = XQ.shape[0]
+    for g in range(n // 4):
+        a0, a1, a2, a3 = q8dot4(qtype, w[r], XQ, XD, XB, 4 * g)
+        out[4 * g, r] = a0
+        out[4 * g + 1, r] = a1
+        out[4 * g + 2, r] = a2
+        out[4 * g + 3, r] = a3
+    for t in range(n - n % 4, n):
+        out[t, r] = q8dot(qtype, w[r], XQ[t], XD[t], XB[t])
+
+@nb.njit(inline="always", cache=True)
+def _activation_sums(qtype, XB):
+    """int16 [N, C / 32] (Q4_K: sums per 32 columns) or [N, C / 16] (Q6_K) from XB."""
+    n = XB.shape[0]
+    per = 2 if qtype == Q4_K else 1
+    xs = np.empty((n, XB.shape[1] // per), np.int16)
+    for t in range(n):
+        for m in range(xs.shape[1]):
+            v = np.int32(0)
+            for k in range(per):
+                v += XB[t, per * m + k]
+            xs[t, m] = np.int16(v)
+    return xs
+
+@nb.njit(inline="always", cache=True)
+def _group_steps(qtype, rows, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
+    """One 16-row group (repacked blocks at wa, or GGUF rows from wa if rows) times n tokens:
+    8 per pass while 8 are left, then 4, 2, 1. The group's weights stay in cache between
+    passes, so they are read from memory once."""
+    t = 0
+    while t < n:
+        left = n - t
+        step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
+        xq, xs, xd, o = xq0 + t * xqs, xs0 + t * xss, xd0 + t * xds, o0 + t * os_
+        if rows:
+            if qtype == Q4_K:
+                if step == 8:
+                    q4k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                elif step == 4:
+                    q4k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                elif step == 2:
+                    q4k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+                else:
+                    q4k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif step == 8:
+                q6k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif step == 4:
+                q6k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif step == 2:
+                q6k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            else:
+                q6k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        elif qtype == Q4_K:
+            if step == 8:
+                q4k_x16_step8(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif step == 4:
+                q4k_x16_step4(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            elif step == 2:
+                q4k_x16_step2(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+            else:
+                q4k_x16_step1(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        elif step == 8:
+            q6k_x16_step8(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        elif step == 4:
+            q6k_x16_step4(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        elif step == 2:
+            q6k_x16_step2(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        else:
+            q6k_x16_step1(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        t += step
+
+
 def source_stamp() -> str:
     return _source_stamp()
 
@@ -350,80 +450,6 @@ def _build(stamp: str):
         for r in nb.prange(w.shape[0]):
             out[r] = q8dot(qtype, w[r], xq, xd, xb)
 
-    @nb.njit(inline="always", fastmath=True, cache=True)
-    def _row_steps(qtype, w, XQ, XD, XB, out, r):
-        """Row r of GGUF rows w times every token: 4 tokens per pass, then one at a time."""
-        n = XQ.shape[0]
-        for g in range(n // 4):
-            a0, a1, a2, a3 = q8dot4(qtype, w[r], XQ, XD, XB, 4 * g)
-            out[4 * g, r] = a0
-            out[4 * g + 1, r] = a1
-            out[4 * g + 2, r] = a2
-            out[4 * g + 3, r] = a3
-        for t in range(n - n % 4, n):
-            out[t, r] = q8dot(qtype, w[r], XQ[t], XD[t], XB[t])
-
-    @nb.njit(inline="always", cache=True)
-    def _activation_sums(qtype, XB):
-        """int16 [N, C / 32] (Q4_K: sums per 32 columns) or [N, C / 16] (Q6_K) from XB."""
-        n = XB.shape[0]
-        per = 2 if qtype == Q4_K else 1
-        xs = np.empty((n, XB.shape[1] // per), np.int16)
-        for t in range(n):
-            for m in range(xs.shape[1]):
-                v = np.int32(0)
-                for k in range(per):
-                    v += XB[t, per * m + k]
-                xs[t, m] = np.int16(v)
-        return xs
-
-    @nb.njit(inline="always", cache=True)
-    def _group_steps(qtype, rows, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
-        """One 16-row group (repacked blocks at wa, or GGUF rows from wa if rows) times n tokens:
-        8 per pass while 8 are left, then 4, 2, 1. The group's weights stay in cache between
-        passes, so they are read from memory once."""
-        t = 0
-        while t < n:
-            left = n - t
-            step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
-            xq, xs, xd, o = xq0 + t * xqs, xs0 + t * xss, xd0 + t * xds, o0 + t * os_
-            if rows:
-                if qtype == Q4_K:
-                    if step == 8:
-                        q4k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                    elif step == 4:
-                        q4k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                    elif step == 2:
-                        q4k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                    else:
-                        q4k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                elif step == 8:
-                    q6k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                elif step == 4:
-                    q6k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                elif step == 2:
-                    q6k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                else:
-                    q6k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            elif qtype == Q4_K:
-                if step == 8:
-                    q4k_x16_step8(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                elif step == 4:
-                    q4k_x16_step4(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                elif step == 2:
-                    q4k_x16_step2(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-                else:
-                    q4k_x16_step1(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            elif step == 8:
-                q6k_x16_step8(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            elif step == 4:
-                q6k_x16_step4(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            elif step == 2:
-                q6k_x16_step2(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            else:
-                q6k_x16_step1(wa, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            t += step
-
     if _vnni.AVAILABLE:
         @nb.njit(parallel=True, fastmath=True, cache=True)
         def _gemm(qtype, w, XQ, XD, XB, out):
@@ -440,23 +466,25 @@ def _build(stamp: str):
                              xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
             for row in nb.prange(r - r % 16, r):
                 _row_steps(qtype, w, XQ, XD, XB, out, row)
+
+        @nb.njit(parallel=True, fastmath=True, cache=True)
+        def _gemm_x16(qtype, w, XQ, XD, XB, out):
+            stamp  # noqa: B018 (cache key)
+            n, c = XQ.shape
+            r = out.shape[1]
+            xs = _activation_sums(qtype, XB)
+            xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
+            for g in nb.prange(w.shape[0]):
+                _group_steps(qtype, False, w[g].ctypes.data, np.int64(0), w.shape[1], n, XQ.ctypes.data, xqs,
+                             xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
     else:
+        _gemm_x16 = None  # matmul refuses a RepackedMatrix here; the steps would abort LLVM
+
         @nb.njit(parallel=True, fastmath=True, cache=True)
         def _gemm(qtype, w, XQ, XD, XB, out):
             stamp  # noqa: B018 (cache key)
             for row in nb.prange(w.shape[0]):
                 _row_steps(qtype, w, XQ, XD, XB, out, row)
-
-    @nb.njit(parallel=True, fastmath=True, cache=True)
-    def _gemm_x16(qtype, w, XQ, XD, XB, out):
-        stamp  # noqa: B018 (cache key)
-        n, c = XQ.shape
-        r = out.shape[1]
-        xs = _activation_sums(qtype, XB)
-        xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
-        for g in nb.prange(w.shape[0]):
-            _group_steps(qtype, False, w[g].ctypes.data, np.int64(0), w.shape[1], n, XQ.ctypes.data, xqs,
-                         xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def _gemv_group(qt, addr, rb, starts, x, out):

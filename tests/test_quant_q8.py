@@ -163,14 +163,49 @@ def test_errors():
 
 @pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("n", [2, 4, 7, 9, 17])  # below, at and across the 4- and 8-token steps
-def test_matmul(qtype, n):
-    w, W = weights(qtype, 37, 1280, seed=5)
-    a = q8.quantize_activations(activations(n, 1280, seed=n))
-    out = q8.matmul(w, a, np.empty((n, 37), np.float32))
+@pytest.mark.parametrize("n", [1, 2, 4, 7, 9, 17])  # below, at and across the 4- and 8-token steps
+@pytest.mark.parametrize("rows,cols", [(37, 1280), (8, 256), (64, 768)])  # groups of 16 and rows left over
+def test_matmul(qtype, n, rows, cols):
+    w, W = weights(qtype, rows, cols, seed=5)
+    a = q8.quantize_activations(activations(n, cols, seed=n))
+    out = q8.matmul(w, a, np.full((n, rows), np.nan, np.float32))
     xv = values(a)
     for t in range(n):
         assert_close(out[t], W, xv[t])
+
+
+@pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_matmul_reads_nothing_past_the_last_row(qtype):
+    """The weights end where a protected page starts, as a file's last tensor ends a memory map:
+    the kernels (16-row loads, per-row scale reads) must not touch it."""
+    import ctypes
+    import mmap
+
+    w, W = weights(qtype, 32, 512, seed=9)
+    page = mmap.PAGESIZE
+    size = -(-w.data.nbytes // page) * page
+    buf = mmap.mmap(-1, size + page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(base + size), page, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    arr = np.frombuffer(buf, np.uint8, count=size)
+    arr[size - w.data.nbytes:] = w.data.ravel()
+    tail = pack(qtype, arr[size - w.data.nbytes:].reshape(w.data.shape), 32, 512)
+    for n in (1, 3, 8):
+        a = q8.quantize_activations(activations(n, 512, seed=n))
+        out = q8.matmul(tail, a, np.empty((n, 32), np.float32))
+        for t in range(n):
+            assert_close(out[t], W, values(a)[t])
+    del arr, tail, out
+
+
+def test_activations_must_be_contiguous():
+    a = q8.quantize_activations(activations(4, 512))
+    with pytest.raises(ValueError, match=r"q must be C-contiguous int8 \[N, C\]"):
+        q8.Q8Activations(a.q[::2], a.d[::2], a.b[::2])
+    with pytest.raises(ValueError, match=r"d must be C-contiguous float32 \[4, 2\]"):
+        q8.Q8Activations(a.q, a.d[:, :1], a.b)
 
 
 def test_matmul_refuses_formats_without_gemm():
@@ -233,3 +268,70 @@ def test_repack_errors():
         q8.matmul(q8.repack(w), q8.quantize_activations(np.ones((2, 512), np.float32)),
                   np.empty((2, 17), np.float32))
     assert q8.can_repack(w) and not q8.can_repack(weights(T.Q4_K, 8, 256)[0])
+    with pytest.raises(ValueError, match="145 bytes per row is not a whole number of 144-byte"):
+        rp.repack(T.Q4_K, np.zeros((16, 145), np.uint8))
+    # a hand-made RepackedMatrix must match its format and shape (the kernels trust them)
+    good = q8.repack(w)
+    with pytest.raises(ValueError, match=r"data must be C-contiguous uint8 \[1, 2, 3392\]"):
+        q8.RepackedMatrix(T.Q6_K, 16, 512, good.data)
+    with pytest.raises(ValueError, match=r"data must be C-contiguous uint8 \[2, 2, 2368\]"):
+        q8.RepackedMatrix(T.Q4_K, 32, 512, good.data)
+    with pytest.raises(ValueError, match="rows must be a positive multiple of 16, got 8"):
+        q8.RepackedMatrix(T.Q4_K, 8, 512, good.data)
+
+
+_FALLBACK = """
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from quant import _simd, _vnni, pack, quantize, dequantize
+from quant import q8kernels as q8
+assert not _vnni.AVAILABLE and q8.REPACK_FORMATS == (), (_vnni.AVAILABLE, q8.REPACK_FORMATS)
+rng = np.random.default_rng(0)
+x = (0.05 * rng.standard_normal((20, 256))).astype(np.float32)
+w = pack(T.Q4_K, quantize(x, T.Q4_K), 20, 256)
+try:
+    q8.repack(w)
+    raise SystemExit("repack did not refuse")
+except ValueError as e:
+    assert "AVX-512 VNNI" in str(e), e
+a = q8.quantize_activations(rng.standard_normal((3, 256)).astype(np.float32))
+W = dequantize(quantize(x, T.Q4_K), T.Q4_K, (20, 256)).astype(np.float64)
+xv = (a.q.astype(np.float64).reshape(3, 1, 256) * a.d[:, :, None]).reshape(3, 256)
+if q8.GEMM_FORMATS:
+    out = q8.matmul(w, a, np.empty((3, 20), np.float32))
+    assert np.abs(out - xv @ W.T).max() <= 1e-5 * np.abs(xv @ W.T).max()
+print("ok", _simd.AVAILABLE)
+"""
+
+
+@pytest.mark.parametrize("env", [{"NUMBA_CPU_FEATURES": "+avx2,+f16c,+fma,+avx,+sse4.2,+popcnt"},
+                                 {"NUMBA_ENABLE_AVX": "0"}], ids=["features", "no-avx"])
+def test_hosts_without_vnni_fall_back(env, tmp_path):
+    """A Numba target without AVX-512 VNNI (or without AVX) gets the other kernels and a clear
+    refusal of repack, never an LLVM abort on the VNNI intrinsics."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **env, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-2000:]
+
+
+def test_gemm_kernels_load_from_the_cache(tmp_path):
+    """The GEMM drivers are found in Numba's cache by a second process (their cache key holds
+    only picklable, stable values), so prefill never recompiles them after an install."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom gguf import GGMLQuantizationType as T\n"
+            "from quant import q8kernels as q8, pack, quantize\n"
+            "w = pack(T.Q4_K, quantize(np.ones((20, 256), np.float32), T.Q4_K), 20, 256)\n"
+            "q8.matmul(w, q8.quantize_activations(np.ones((3, 256), np.float32)), np.empty((3, 20), np.float32))\n"
+            "print(sum(q8._gemm.stats.cache_hits.values()))\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    assert runs[1].stdout.strip() == "1", (runs[0].stdout, runs[1].stdout)
