@@ -20,13 +20,14 @@ import gguf
 import numpy as np
 import quant
 from convert import layout, policy
-from convert.gguf_meta import ARCH, add_hparams, llama3_rope_factors
+from convert.gguf_meta import add_hparams, llama3_rope_factors
 from convert.hf_config import HFConfig
 from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint
 from convert.tokenizer_gguf import add_tokenizer, read_tokenizer
 from quant.formats import row_bytes
-from runtime.errors import StepstreamError
-from runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_schema import ARCH, ROPE_FREQS
+from runtime.base.system import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         for t in planned:
             writer.add_tensor_info(t.spec.gguf_name, t.spec.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         if rope_factors is not None:
-            writer.add_tensor_info("rope_freqs.weight", rope_factors.shape, rope_factors.dtype, rope_factors.nbytes)
+            writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, rope_factors.dtype, rope_factors.nbytes)
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

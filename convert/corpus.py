@@ -9,7 +9,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 HELDOUT_EVERY = 20
 MULTILINGUAL = (

@@ -12,41 +12,42 @@ import math
 import gguf
 import numpy as np
 
-from convert.hf_config import HFConfig
+from runtime.base.gguf_schema import GATING_SIGMOID, Key
 
-ARCH = "step35"
+from convert.hf_config import HFConfig
 
 
 def add_hparams(w: gguf.GGUFWriter, cfg: HFConfig, name: str, file_type: int) -> None:
-    w.add_name(name)
-    w.add_file_type(int(file_type))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_block_count(cfg.n_blocks)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(list(cfg.n_head))
-    w.add_head_count_kv(list(cfg.n_head_kv))
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta_full)
-    w.add_rope_freq_base_swa(cfg.rope_theta_sliding)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_sliding_window(cfg.sliding_window)
-    w.add_sliding_window_pattern(list(cfg.sliding))
-    w.add_expert_count(cfg.n_expert)
-    w.add_expert_used_count(cfg.n_expert_used)
-    w.add_expert_feed_forward_length(cfg.expert_ffn)
-    w.add_expert_shared_feed_forward_length(cfg.shared_ffn)
-    w.add_expert_weights_scale(cfg.router_scale)
-    w.add_expert_weights_norm(cfg.norm_expert_weight)
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    w.add_leading_dense_block_count(cfg.n_leading_dense)
-    w.add_moe_every_n_layers(1)
-    w.add_swiglu_clamp_exp(list(cfg.swiglu_limit))
-    w.add_swiglu_clamp_shexp(list(cfg.swiglu_limit_shared))
+    """The general and step35 keys (runtime.base.gguf_schema), with the value types llama.cpp reads."""
+    w.add_string(Key.NAME, name)
+    w.add_uint32(Key.FILE_TYPE, int(file_type))
+    w.add_uint32(Key.QUANTIZATION_VERSION, gguf.GGML_QUANT_VERSION)
+    w.add_uint32(Key.BLOCK_COUNT, cfg.n_blocks)
+    w.add_uint32(Key.CONTEXT_LENGTH, cfg.max_position_embeddings)
+    w.add_uint32(Key.EMBEDDING_LENGTH, cfg.hidden_size)
+    w.add_uint32(Key.FFN_LENGTH, cfg.intermediate_size)
+    w.add_array(Key.HEAD_COUNT, list(cfg.n_head))
+    w.add_array(Key.HEAD_COUNT_KV, list(cfg.n_head_kv))
+    w.add_uint32(Key.KEY_LENGTH, cfg.head_dim)
+    w.add_uint32(Key.VALUE_LENGTH, cfg.head_dim)
+    w.add_float32(Key.ROPE_BASE, cfg.rope_theta_full)
+    w.add_float32(Key.ROPE_BASE_SWA, cfg.rope_theta_sliding)
+    w.add_float32(Key.RMS_EPS, cfg.rms_norm_eps)
+    w.add_uint32(Key.SLIDING_WINDOW, cfg.sliding_window)
+    w.add_array(Key.SLIDING_PATTERN, list(cfg.sliding))
+    w.add_uint32(Key.EXPERT_COUNT, cfg.n_expert)
+    w.add_uint32(Key.EXPERT_USED, cfg.n_expert_used)
+    w.add_uint32(Key.EXPERT_FFN, cfg.expert_ffn)
+    w.add_uint32(Key.SHARED_FFN, cfg.shared_ffn)
+    w.add_float32(Key.EXPERT_SCALE, cfg.router_scale)
+    w.add_bool(Key.EXPERT_NORM, cfg.norm_expert_weight)
+    w.add_uint32(Key.EXPERT_GATING, GATING_SIGMOID)
+    w.add_uint32(Key.LEADING_DENSE, cfg.n_leading_dense)
+    w.add_uint32(Key.MOE_EVERY_N, 1)
+    w.add_array(Key.CLAMP_EXP, list(cfg.swiglu_limit))
+    w.add_array(Key.CLAMP_SHEXP, list(cfg.swiglu_limit_shared))
     if cfg.n_mtp:
-        w.add_nextn_predict_layers(cfg.n_mtp)
+        w.add_uint32(Key.NEXTN, cfg.n_mtp)
 
 
 def llama3_rope_factors(cfg: HFConfig) -> np.ndarray | None:

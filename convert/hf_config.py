@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 ARCHITECTURE = "Step3p5ForCausalLM"
 MODEL_TYPE = "step3p5"

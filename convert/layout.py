@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.base import gguf_schema as G
+
 from convert.hf_config import HFConfig
 
 # Roles decide conversion: norms get +1 (the model multiplies by 1 + w) and stay f32;
@@ -49,46 +51,50 @@ class TensorSpec:
 def _block(cfg: HFConfig, i: int) -> list[TensorSpec]:
     H, D = cfg.hidden_size, cfg.head_dim
     nh, nk = cfg.n_head[i], cfg.n_head_kv[i]
-    hf, gg = f"model.layers.{i}.", f"blk.{i}."
+    hf = f"model.layers.{i}."
+
+    def blk(name: str) -> str:
+        return G.blk(i, name)
+
     specs = [
-        TensorSpec(hf + "input_layernorm.weight", gg + "attn_norm.weight", (H,), NORM, i),
-        TensorSpec(hf + "self_attn.q_proj.weight", gg + "attn_q.weight", (nh * D, H), ATTN, i),
-        TensorSpec(hf + "self_attn.k_proj.weight", gg + "attn_k.weight", (nk * D, H), ATTN, i),
-        TensorSpec(hf + "self_attn.v_proj.weight", gg + "attn_v.weight", (nk * D, H), ATTN, i),
-        TensorSpec(hf + "self_attn.o_proj.weight", gg + "attn_output.weight", (H, nh * D), ATTN, i),
-        TensorSpec(hf + "self_attn.q_norm.weight", gg + "attn_q_norm.weight", (D,), NORM, i),
-        TensorSpec(hf + "self_attn.k_norm.weight", gg + "attn_k_norm.weight", (D,), NORM, i),
-        TensorSpec(hf + "self_attn.g_proj.weight", gg + "attn_gate.weight", (nh, H), ATTN_GATE, i),
-        TensorSpec(hf + "post_attention_layernorm.weight", gg + "ffn_norm.weight", (H,), NORM, i),
+        TensorSpec(hf + "input_layernorm.weight", blk(G.ATTN_NORM), (H,), NORM, i),
+        TensorSpec(hf + "self_attn.q_proj.weight", blk(G.ATTN_Q), (nh * D, H), ATTN, i),
+        TensorSpec(hf + "self_attn.k_proj.weight", blk(G.ATTN_K), (nk * D, H), ATTN, i),
+        TensorSpec(hf + "self_attn.v_proj.weight", blk(G.ATTN_V), (nk * D, H), ATTN, i),
+        TensorSpec(hf + "self_attn.o_proj.weight", blk(G.ATTN_OUTPUT), (H, nh * D), ATTN, i),
+        TensorSpec(hf + "self_attn.q_norm.weight", blk(G.ATTN_Q_NORM), (D,), NORM, i),
+        TensorSpec(hf + "self_attn.k_norm.weight", blk(G.ATTN_K_NORM), (D,), NORM, i),
+        TensorSpec(hf + "self_attn.g_proj.weight", blk(G.ATTN_GATE), (nh, H), ATTN_GATE, i),
+        TensorSpec(hf + "post_attention_layernorm.weight", blk(G.FFN_NORM), (H,), NORM, i),
     ]
     if cfg.is_moe(i):
         E, I, S = cfg.n_expert, cfg.expert_ffn, cfg.shared_ffn
         specs += [
-            TensorSpec(hf + "moe.gate.weight", gg + "ffn_gate_inp.weight", (E, H), ROUTER, i),
-            TensorSpec(hf + "moe.gate_proj.weight", gg + "ffn_gate_exps.weight", (E, I, H), EXPERTS, i),
-            TensorSpec(hf + "moe.up_proj.weight", gg + "ffn_up_exps.weight", (E, I, H), EXPERTS, i),
-            TensorSpec(hf + "moe.down_proj.weight", gg + "ffn_down_exps.weight", (E, H, I), EXPERTS, i),
-            TensorSpec(hf + "share_expert.gate_proj.weight", gg + "ffn_gate_shexp.weight", (S, H), SHARED, i),
-            TensorSpec(hf + "share_expert.up_proj.weight", gg + "ffn_up_shexp.weight", (S, H), SHARED, i),
-            TensorSpec(hf + "share_expert.down_proj.weight", gg + "ffn_down_shexp.weight", (H, S), SHARED, i),
+            TensorSpec(hf + "moe.gate.weight", blk(G.ROUTER), (E, H), ROUTER, i),
+            TensorSpec(hf + "moe.gate_proj.weight", blk(G.EXPERTS[0]), (E, I, H), EXPERTS, i),
+            TensorSpec(hf + "moe.up_proj.weight", blk(G.EXPERTS[1]), (E, I, H), EXPERTS, i),
+            TensorSpec(hf + "moe.down_proj.weight", blk(G.EXPERTS[2]), (E, H, I), EXPERTS, i),
+            TensorSpec(hf + "share_expert.gate_proj.weight", blk(G.SHARED[0]), (S, H), SHARED, i),
+            TensorSpec(hf + "share_expert.up_proj.weight", blk(G.SHARED[1]), (S, H), SHARED, i),
+            TensorSpec(hf + "share_expert.down_proj.weight", blk(G.SHARED[2]), (H, S), SHARED, i),
         ]
         if cfg.use_router_bias:
-            specs.append(TensorSpec(hf + "moe.router_bias", gg + "exp_probs_b.bias", (E,), ROUTER_BIAS, i))
+            specs.append(TensorSpec(hf + "moe.router_bias", blk(G.ROUTER_BIAS), (E,), ROUTER_BIAS, i))
     else:
         F = cfg.intermediate_size
         specs += [
-            TensorSpec(hf + "mlp.gate_proj.weight", gg + "ffn_gate.weight", (F, H), DENSE, i),
-            TensorSpec(hf + "mlp.up_proj.weight", gg + "ffn_up.weight", (F, H), DENSE, i),
-            TensorSpec(hf + "mlp.down_proj.weight", gg + "ffn_down.weight", (H, F), DENSE, i),
+            TensorSpec(hf + "mlp.gate_proj.weight", blk(G.DENSE[0]), (F, H), DENSE, i),
+            TensorSpec(hf + "mlp.up_proj.weight", blk(G.DENSE[1]), (F, H), DENSE, i),
+            TensorSpec(hf + "mlp.down_proj.weight", blk(G.DENSE[2]), (H, F), DENSE, i),
         ]
     if i >= cfg.n_layers:  # MTP block: NextN wiring and its own head
         V = cfg.vocab_size
         specs += [
-            TensorSpec(hf + "enorm.weight", gg + "nextn.enorm.weight", (H,), NORM, i),
-            TensorSpec(hf + "hnorm.weight", gg + "nextn.hnorm.weight", (H,), NORM, i),
-            TensorSpec(hf + "eh_proj.weight", gg + "nextn.eh_proj.weight", (H, 2 * H), MTP_PROJ, i),
-            TensorSpec(hf + "transformer.shared_head.norm.weight", gg + "nextn.shared_head_norm.weight", (H,), NORM, i),
-            TensorSpec(hf + "transformer.shared_head.output.weight", gg + "nextn.shared_head_head.weight", (V, H), OUTPUT, i),
+            TensorSpec(hf + "enorm.weight", blk(G.NEXTN_ENORM), (H,), NORM, i),
+            TensorSpec(hf + "hnorm.weight", blk(G.NEXTN_HNORM), (H,), NORM, i),
+            TensorSpec(hf + "eh_proj.weight", blk(G.NEXTN_EH_PROJ), (H, 2 * H), MTP_PROJ, i),
+            TensorSpec(hf + "transformer.shared_head.norm.weight", blk(G.NEXTN_HEAD_NORM), (H,), NORM, i),
+            TensorSpec(hf + "transformer.shared_head.output.weight", blk(G.NEXTN_HEAD), (V, H), OUTPUT, i),
         ]
     return specs
 
@@ -96,12 +102,12 @@ def _block(cfg: HFConfig, i: int) -> list[TensorSpec]:
 def checkpoint_layout(cfg: HFConfig) -> list[TensorSpec]:
     """All tensors in GGUF write order: embeddings, blocks (trunk then MTP), final norm, head."""
     H, V = cfg.hidden_size, cfg.vocab_size
-    specs = [TensorSpec("model.embed_tokens.weight", "token_embd.weight", (V, H), EMBED)]
+    specs = [TensorSpec("model.embed_tokens.weight", G.TOKEN_EMBD, (V, H), EMBED)]
     for i in range(cfg.n_blocks):
         specs += _block(cfg, i)
-    specs.append(TensorSpec("model.norm.weight", "output_norm.weight", (H,), NORM))
+    specs.append(TensorSpec("model.norm.weight", G.OUTPUT_NORM, (H,), NORM))
     if not cfg.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.weight", "output.weight", (V, H), OUTPUT))
+        specs.append(TensorSpec("lm_head.weight", G.OUTPUT, (V, H), OUTPUT))
     return specs
 
 

@@ -22,7 +22,7 @@ from convert import layout
 from convert.hf_config import HFConfig
 from convert.mini_tokenizer import train_tokenizer, write_tokenizer_files
 from convert.safetensors_io import SafetensorsWriter
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 
 @dataclass(frozen=True)

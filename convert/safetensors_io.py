@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 # safetensors dtype -> (numpy storage dtype, bytes per element)
 _STORAGE = {

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import gguf
 
-from runtime.errors import StepstreamError
-
-HF_JSON_KEY = "stepstream.tokenizer.hf_json"
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_schema import Key
 
 # Split regex found in tokenizer.json -> llama.cpp pre-tokenizer name (src/llama-vocab.cpp).
 KNOWN_SPLIT_REGEXES = {
@@ -140,19 +139,19 @@ def read_tokenizer(hf_dir: Path, vocab_size: int, pre_override: str | None = Non
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, t: TokenizerData) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(t.pre)
-    writer.add_token_list(t.tokens)
-    writer.add_token_types(t.types)
-    writer.add_token_merges(t.merges)
+    writer.add_string(Key.TOK_MODEL, "gpt2")
+    writer.add_string(Key.TOK_PRE, t.pre)
+    writer.add_array(Key.TOK_LIST, t.tokens)
+    writer.add_array(Key.TOK_TYPES, t.types)
+    writer.add_array(Key.TOK_MERGES, t.merges)
     if t.bos_id is not None:
-        writer.add_bos_token_id(t.bos_id)
+        writer.add_uint32(Key.TOK_BOS, t.bos_id)
     if t.eos_id is not None:
-        writer.add_eos_token_id(t.eos_id)
+        writer.add_uint32(Key.TOK_EOS, t.eos_id)
     if t.pad_id is not None:
-        writer.add_pad_token_id(t.pad_id)
-    writer.add_add_bos_token(t.add_bos)
-    writer.add_add_eos_token(t.add_eos)
+        writer.add_uint32(Key.TOK_PAD, t.pad_id)
+    writer.add_bool(Key.TOK_ADD_BOS, t.add_bos)
+    writer.add_bool(Key.TOK_ADD_EOS, t.add_eos)
     if t.chat_template:
-        writer.add_chat_template(t.chat_template)
-    writer.add_string(HF_JSON_KEY, t.hf_json)
+        writer.add_string(Key.CHAT_TEMPLATE, t.chat_template)
+    writer.add_string(Key.HF_JSON, t.hf_json)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from offload.direct_io import aligned_empty
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 Key = tuple[int, int]  # (layer, expert)
 POLICIES = ("lru", "lfu", "pinned")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 ALIGN = 4096
 

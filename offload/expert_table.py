@@ -12,12 +12,10 @@ from pathlib import Path
 
 import gguf
 
-from runtime.config import ModelConfig
-from runtime.errors import StepstreamError
-from runtime.gguf_file import GGUFModelFile
-from runtime.gguf_names import EXPERTS, blk
-
-PARTS = ("gate", "up", "down")
+from runtime.base.config import ModelConfig
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.base.gguf_schema import EXPERTS, blk
 
 
 @dataclass(frozen=True)

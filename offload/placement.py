@@ -11,37 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-import re
 from dataclasses import dataclass
 
 import numpy as np
-import psutil
 
 from offload.cache import ExpertCache
 from offload.direct_io import DirectReader
 from offload.expert_table import ExpertTable, build_expert_table
 from offload.profile import ExpertProfile
 from offload.provider import StreamingExperts, slot_bytes_for
-from runtime.config import ModelConfig
-from runtime.errors import StepstreamError
-from runtime.gguf_file import GGUFModelFile
-from runtime.tensors import Matrix, make_matrix
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-RESERVE_FRACTION = 0.10  # of total memory, at least RESERVE_MIN, left for the OS and activations
-RESERVE_MIN = 1 * 2**30
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """'6GiB', '512MiB', '1.5G', '800mb' or a plain number of bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if m is None or m[2].lower() not in _UNITS:
-        raise StepstreamError(f"cannot read {text!r} as a size; write e.g. 6GiB, 512MiB or 1.5GB")
-    return int(float(m[1]) * _UNITS[m[2].lower()])
-
+from runtime.base.config import ModelConfig
+from runtime.base import system
+from runtime.base.units import parse_bytes
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.model.matrix import Matrix, make_matrix
 
 def release_mapped_pages(f: GGUFModelFile) -> None:
     """Drop the file pages this process touched through the GGUF maps (MADV_DONTNEED).
@@ -56,18 +39,8 @@ def release_mapped_pages(f: GGUFModelFile) -> None:
             mm.madvise(mmap.MADV_DONTNEED)
 
 
-def _usable_memory() -> int:
-    vm = psutil.virtual_memory()
-    return vm.available - max(RESERVE_MIN, int(vm.total * RESERVE_FRACTION))
-
-
-def fits_in_memory(model_bytes: int) -> bool:
-    """Whether a whole model file fits in the memory available now, the reserve kept."""
-    return model_bytes <= _usable_memory()
-
-
 def default_budget(expert_bytes: int, resident_bytes: int) -> int:
-    return max(0, min(expert_bytes, _usable_memory() - resident_bytes))
+    return max(0, min(expert_bytes, system.usable_memory() - resident_bytes))
 
 
 def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = ("embed", "nextn")):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 
 @dataclass

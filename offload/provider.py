@@ -1,6 +1,6 @@
 """The streaming expert provider: routed experts from the cache, misses read from disk.
 
-It implements runtime.experts.ExpertProvider. For one layer's request it takes a
+It implements runtime.model.experts.ExpertProvider. For one layer's request it takes a
 reference on every requested expert (so none of them can be evicted while compute uses
 it), starts reads for the misses on a small thread pool, yields the resident experts
 first and the others as their reads finish, and drops the references when the consumer
@@ -16,28 +16,16 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-import numpy as np
-from gguf import GGMLQuantizationType as Q
-
 from offload.cache import ExpertCache, Slot
 from offload.direct_io import DirectReader, span, span_bytes
-from offload.expert_table import PARTS, ExpertTable
+from offload.expert_table import ExpertTable
 from offload.stats import StreamStats
-from runtime.experts import ExpertWeights
-from runtime.tensors import make_matrix
-
-_FLOAT = {Q.F32: np.float32, Q.F16: np.float16}
-
+from runtime.base.gguf_schema import expert_name
+from runtime.model.experts import ExpertWeights
+from runtime.model.matrix import matrix_from_bytes
 
 def slot_bytes_for(table: ExpertTable) -> int:
     return max(sum(span_bytes(s) for s in layer.strides) for layer in table.layers.values())
-
-
-def as_matrix_data(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> np.ndarray:
-    """Stored bytes as the runtime's Matrix holds them: float [N, C], or blocks [N, row_bytes]."""
-    if qtype in _FLOAT:
-        return raw.view(_FLOAT[qtype]).reshape(shape)
-    return raw.reshape(shape[0], -1)
 
 
 class StreamingExperts:
@@ -66,8 +54,7 @@ class StreamingExperts:
                 raw = self.reader.read(ext.path, ext.offset, ext.nbytes, slot.buffer[pos : pos + room])
                 pos += room
                 aligned += span(ext.offset, ext.nbytes)[1]
-                mats.append(make_matrix(f"blk.{layer}.ffn_{PARTS[k]}_exps[{e}]", le.qtypes[k], le.shapes[k],
-                                        as_matrix_data(raw, le.qtypes[k], le.shapes[k])))
+                mats.append(matrix_from_bytes(expert_name(layer, k, e), le.qtypes[k], le.shapes[k], raw))
         except BaseException as err:
             self.cache.failed(slot, err)
             raise

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from runtime.memory import peak_rss_bytes
+from runtime.base.system import peak_rss_bytes
 
 
 @dataclass

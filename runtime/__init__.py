@@ -1,12 +1,17 @@
-"""stepstream runtime: the Step-3.5 model, generation, the CLI, the server and benchmarks."""
+"""stepstream runtime: the Step-3.5 model, generation, the CLI and benchmarks.
+
+`runtime.load` is the composition root (runtime.loader); it is imported on first use so
+that the ground layer (runtime.base) and the CLI stay cheap to import.
+"""
+
+__version__ = "0.1.0"
 
 
 def load(path, **options):
     """Open a Step-3.5 GGUF for inference: `runtime.load("model.gguf", n_ctx=4096, n_threads=2)`.
 
-    Options are the fields of `runtime.options.RuntimeOptions`. Imported lazily so that
-    `runtime.errors` and the CLI stay cheap to import.
+    Options are the fields of `runtime.base.options.RuntimeOptions`.
     """
-    from runtime.model import load as _load
+    from runtime.loader import load as _load
 
     return _load(path, **options)

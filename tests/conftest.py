@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers such as reference_model
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
@@ -39,16 +35,3 @@ def tiny_gguf(tiny_ckpt, tmp_path_factory):
         return _GGUF_CACHE[ftype]
 
     return get
-
-
-def llama_cpp_logits(path: Path, tokens: list[int], n_ctx: int | None = None) -> np.ndarray:
-    """llama.cpp's logits for every position of `tokens`, evaluated from an empty cache."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx or max(64, len(tokens) + 8), n_batch=512,
-                          logits_all=True, n_threads=2, verbose=False)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    finally:
-        llm.close()

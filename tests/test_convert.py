@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import llama_cpp_logits
+from tests.helpers.llama import llama_cpp_logits
 from convert import layout, policy
 from convert.hf_config import HFConfig
 from convert.mini import write_mini
-from convert.tokenizer_gguf import HF_JSON_KEY
+from runtime.base.gguf_schema import Key
 
 Q = gguf.GGMLQuantizationType
 
@@ -81,7 +81,7 @@ def test_tokenizer_metadata_and_llama_cpp_tokenization(tiny_gguf, tiny_ckpt):
 
     path = tiny_gguf("q8_0")
     reader = gguf.GGUFReader(path)
-    hf_json = field(reader, HF_JSON_KEY)
+    hf_json = field(reader, Key.HF_JSON)
     assert hf_json == (tiny_ckpt / "tokenizer.json").read_text()
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
     assert field(reader, "tokenizer.ggml.pre") == "qwen2"

@@ -3,9 +3,9 @@
 import numpy as np
 
 from runtime.cli import main
-from runtime.config import ModelConfig
-from runtime.demo_cli import model_path
-from runtime.gguf_file import GGUFModelFile
+from runtime.base.config import ModelConfig
+from runtime.cli.demo import model_path
+from runtime.base.gguf_file import GGUFModelFile
 
 
 def test_embedded_model_is_a_full_step35():
@@ -31,8 +31,8 @@ def test_demo_streams_experts_and_reports(capsys):
 def test_trained_model_beats_unigram_on_held_out_python():
     """The shipped weights predict Python far better than token frequencies do."""
     from convert.corpus import heldout_files
-    from runtime.model import load
-    from runtime.perplexity import perplexity
+    from runtime.loader import load
+    from runtime.generation.perplexity import perplexity
 
     m = load(model_path(), n_ctx=256)
     text = max(heldout_files()[:20], key=lambda p: p.stat().st_size).read_text()

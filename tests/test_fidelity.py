@@ -3,9 +3,9 @@
 import numpy as np
 from tokenizers import Tokenizer
 
-from conftest import llama_cpp_logits
+from tests.helpers.llama import llama_cpp_logits
 from convert.hf_config import HFConfig
-from reference_model import cosine_rows, reference_logits
+from tests.helpers.reference_model import cosine_rows, reference_logits
 
 PROMPT = (
     "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Print every argument on its own line.\"\"\"\n"

@@ -10,7 +10,7 @@ from convert import layout
 from convert.hf_config import HFConfig
 from convert.mini import PRESETS, write_mini
 from convert.safetensors_io import Checkpoint, bf16_bits_to_f32, f32_to_bf16_bits
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 
 def test_config_has_every_step35_feature(tiny_ckpt):

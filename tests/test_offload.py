@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from offload.cache import ExpertCache, IllegalTransition, Slot, SlotState
-from offload.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
+from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
 from offload.direct_io import DirectReader
 from offload.expert_table import build_expert_table
 from offload.profile import ExpertProfile
-from runtime.errors import StepstreamError
-from runtime.model import load
+from runtime.base.errors import StepstreamError
+from runtime.loader import load
 
 PROMPT = list(range(3, 3 + 70))
 
@@ -244,7 +244,7 @@ def test_eviction_never_drops_an_in_use_expert_under_threads():
 
 CAPPED = textwrap.dedent("""
     import sys, numpy as np
-    from runtime.model import load
+    from runtime.loader import load
     m = load(sys.argv[1], ram_budget=int(sys.argv[2]))
     np.save(sys.argv[3], m.logits(list(range(3, 43))))
     print(m.placement.text())
@@ -278,13 +278,13 @@ def test_streaming_runs_under_a_cgroup_cap_smaller_than_the_model(tmp_path):
 
 
 def test_auto_streams_only_when_the_model_does_not_fit(q4, monkeypatch):
-    import offload.placement as placement
-    from runtime.experts import InMemoryExperts
+    from runtime.base import system
+    from runtime.model.experts import InMemoryExperts
 
     m = load(q4)
     assert isinstance(m.provider, InMemoryExperts) and m.placement is None
     m.close()
-    monkeypatch.setattr(placement, "_usable_memory", lambda: q4.stat().st_size // 2)
+    monkeypatch.setattr(system, "usable_memory", lambda: q4.stat().st_size // 2)
     s = load(q4)
     try:
         assert s.placement is not None and s.provider.stats is not None
@@ -312,7 +312,7 @@ def test_a_failed_slot_reclaimed_for_another_expert_is_never_served():
 
 def test_streaming_from_a_split_file(q4, reference, tmp_path):
     """Experts of a model split in parts are read from whichever part holds them."""
-    from test_runtime_files import rewrite
+    from tests.helpers.gguf_edit import rewrite
 
     rewrite(q4, tmp_path / "tiny.gguf", split_max_tensors=40)
     parts = sorted(tmp_path.glob("tiny-*-of-*.gguf"))

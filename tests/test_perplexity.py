@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import llama_cpp_logits
+from tests.helpers.llama import llama_cpp_logits
 from runtime.cli import main
-from runtime.errors import StepstreamError
-from runtime.model import load
-from runtime.perplexity import chunk_nll, perplexity
+from runtime.base.errors import StepstreamError
+from runtime.loader import load
+from runtime.generation.perplexity import chunk_nll, perplexity
 
 TEXT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
 
@@ -25,7 +25,7 @@ def test_chunk_nll_matches_a_direct_softmax():
 
 def test_ours_matches_llama_cpp_on_the_same_file(tiny_gguf, tiny_ckpt, capsys):
     """llama.cpp's logits carry ~1e-3 of float32 error (its own match to float64); ours track float64."""
-    from reference_model import reference_logits
+    from tests.helpers.reference_model import reference_logits
 
     path = tiny_gguf("f32")
     model = load(path)

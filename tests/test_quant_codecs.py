@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as T
 
 import quant
 from quant import FORMATS, check_row, dequantize, quantize, row_bytes
-from quant_data import weight_sets
+from tests.helpers.quant_data import weight_sets
 
 ALL = list(FORMATS)
 REQUIRED = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K]

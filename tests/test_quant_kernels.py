@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from quant import FORMATS, dequantize, quantize, row_bytes
-from quant.kernels import TILE_COLS, TILE_ROWS, make_scratch, matmul, matvec, pack
+from quant import FORMATS, dequantize, pack, quantize, row_bytes
+from quant.float_kernels import TILE_COLS, TILE_ROWS, make_scratch, matmul, matvec
 
 KERNEL_FORMATS = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.MXFP4, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS]
 # rows: one row, fewer rows than a tile, a tile plus one, odd and not a multiple of the thread count

@@ -5,9 +5,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from quant import dequantize, quantize, row_bytes
-from quant.codecs import k_scale_min
-from quant_data import rmse, weight_sets
-from quant_ggml import ggml_base, ggml_quantize
+from quant.reference import k_scale_min
+from tests.helpers.quant_data import rmse, weight_sets
+from tests.helpers.quant_ggml import ggml_base, ggml_quantize
 
 KQUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
 needs_ggml = pytest.mark.skipif(ggml_base() is None, reason="llama-cpp-python (libggml) is not installed")

@@ -1,4 +1,4 @@
-"""The int8-activation kernels (quant.q8kernels) against float64 references.
+"""The int8-activation kernels (quant.int8_kernels) against float64 references.
 
 References use the dequantized weights (gguf.quants) and the values the int8 activations
 stand for, so the only allowed difference is float32 rounding. Where the host has AVX2 the
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from quant import _q8dot, _simd, dequantize, pack, quantize
-from quant import q8kernels as q8
+from quant import dequantize, pack, quantize
+from quant import int8_kernels as q8
+from quant.int8_kernels import avx2, row_dot
 
 FORMATS = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
 ROWS = [1, 5, 37]
@@ -76,14 +77,14 @@ def test_matvec(qtype, rows, cols):
 @numba.njit(cache=False)
 def _portable(qtype, w, xq, xd, xb, out):
     for r in range(w.shape[0]):
-        if qtype == _q8dot.Q4_K:
-            out[r] = _q8dot.q8dot_q4_k(w[r], xq, xd, xb)
-        elif qtype == _q8dot.Q6_K:
-            out[r] = _q8dot.q8dot_q6_k(w[r], xq, xd, xb)
-        elif qtype == _q8dot.Q5_K:
-            out[r] = _q8dot.q8dot_q5_k(w[r], xq, xd, xb)
+        if qtype == row_dot.Q4_K:
+            out[r] = row_dot.q8dot_q4_k(w[r], xq, xd, xb)
+        elif qtype == row_dot.Q6_K:
+            out[r] = row_dot.q8dot_q6_k(w[r], xq, xd, xb)
+        elif qtype == row_dot.Q5_K:
+            out[r] = row_dot.q8dot_q5_k(w[r], xq, xd, xb)
         else:
-            out[r] = _q8dot.q8dot_q8_0(w[r], xq, xd, xb)
+            out[r] = row_dot.q8dot_q8_0(w[r], xq, xd, xb)
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
@@ -96,7 +97,7 @@ def test_portable_row_dots(qtype):
     assert_close(out, W, values(a)[0])
 
 
-@pytest.mark.skipif(not _simd.AVAILABLE, reason="host has no AVX2")
+@pytest.mark.skipif(not avx2.AVAILABLE, reason="host has no AVX2")
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 def test_simd_rows_equal_portable_rows(qtype):
     """Both compute the same integers; only the float32 sum per super-block may differ."""
@@ -126,18 +127,20 @@ def _ref_ffn(W, xv, limit):
     return down @ values(hidden)[0]
 
 
-def test_swiglu_experts_against_reference():
+def test_swiglu_ffns_against_reference():
     H = 512
     specs = [(T.Q4_K, T.Q6_K, 256, 0.7, 0.0), (T.Q6_K, T.Q4_K, 768, 1.3, 0.4), (T.Q8_0, T.Q5_K, 512, -0.2, 7.0)]
-    experts, refs = [], []
+    descs, refs, alive = [], [], []  # the descriptors hold addresses: keep their matrices alive
     for i, (gu, dn, inter, weight, limit) in enumerate(specs):
         (g, Gd), (u, Ud), (d, Dd) = (weights(gu, inter, H, 10 * i), weights(gu, inter, H, 10 * i + 1),
                                      weights(dn, H, inter, 10 * i + 2))
-        experts.append(q8.Expert(g, u, d, weight, limit))
+        alive += [g, u, d]
+        descs.append(q8.ffn_descriptor(g, u, d))
         refs.append(((Gd, Ud, Dd), weight, limit))
     x = 3 * activations(1, H)[0]
     out = np.full(H, 0.5, np.float32)
-    q8.swiglu_experts(experts, x, out)
+    q8.swiglu_ffns(np.stack(descs), np.array([r[1] for r in refs], np.float32),
+                   np.array([r[2] for r in refs], np.float32), x, out)
     xv = values(q8.quantize_activations(x))[0]
     want = 0.5 + sum(wt * _ref_ffn(W, xv, lim) for W, wt, lim in refs)
     err = np.abs(out - want)
@@ -214,101 +217,31 @@ def test_matmul_refuses_formats_without_gemm():
         q8.matmul(w, q8.quantize_activations(np.ones((2, 256), np.float32)), np.empty((2, 4), np.float32))
 
 
-# ---------------------------------------------------------------- 16-row repacked GEMM (AVX-512 VNNI)
-
-needs_vnni = pytest.mark.skipif(not q8.REPACK_FORMATS, reason="no 16-row GEMM on this host (needs AVX-512 VNNI)")
-
-
-@needs_vnni
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("rows,cols", [(16, 256), (48, 1280), (32, 768)])
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 13])  # each step size, and the 8-4-2-1 remainders
-def test_repacked_matmul(qtype, rows, cols, n):
-    w, W = weights(qtype, rows, cols, seed=rows + n)
-    a = q8.quantize_activations(activations(n, cols, seed=n))
-    out = q8.matmul(q8.repack(w), a, np.full((n, rows), np.nan, np.float32))
-    xv = values(a)
-    for t in range(n):
-        assert_close(out[t], W, xv[t])
-
-
-@needs_vnni
-def test_repack_takes_read_only_weights_and_a_given_buffer():
-    from quant import repack as rp
-
-    w, W = weights(T.Q6_K, 32, 512, seed=3)
-    data = np.array(w.data)
-    data.setflags(write=False)  # as a memory map of the file
-    buf = rp.empty((2, 2, rp.BLOCK_BYTES[T.Q6_K]))
-    assert buf.ctypes.data % 64 == 0
-    got = rp.repack(T.Q6_K, data, buf)
-    assert got is buf and np.all(buf[..., 3360:] == 0)
-    r = q8.RepackedMatrix(T.Q6_K, 32, 512, buf)
-    a = q8.quantize_activations(activations(5, 512))
-    out = q8.matmul(r, a, np.empty((5, 32), np.float32))
-    for t in range(5):
-        assert_close(out[t], W, values(a)[t])
-
-
-@needs_vnni
-def test_repack_errors():
-    from quant import repack as rp
-
-    with pytest.raises(ValueError, match="rows must be a positive multiple of 16, got 37"):
-        q8.repack(weights(T.Q4_K, 37, 256)[0])
-    with pytest.raises(ValueError, match="Q5_K has no 16-row layout"):
-        q8.repack(weights(T.Q5_K, 16, 256)[0])
-    w, _ = weights(T.Q4_K, 16, 512)
-    with pytest.raises(ValueError, match=r"out must be C-contiguous uint8 \[1, 2, 2368\]"):
-        rp.repack(T.Q4_K, w.data, np.empty((1, 1, 2368), np.uint8))
-    with pytest.raises(ValueError, match="activations have 256 columns, W has 512"):
-        q8.matmul(q8.repack(w), q8.quantize_activations(np.ones((2, 256), np.float32)),
-                  np.empty((2, 16), np.float32))
-    with pytest.raises(ValueError, match="out must be"):
-        q8.matmul(q8.repack(w), q8.quantize_activations(np.ones((2, 512), np.float32)),
-                  np.empty((2, 17), np.float32))
-    assert q8.can_repack(w) and not q8.can_repack(weights(T.Q4_K, 8, 256)[0])
-    with pytest.raises(ValueError, match="145 bytes per row is not a whole number of 144-byte"):
-        rp.repack(T.Q4_K, np.zeros((16, 145), np.uint8))
-    # a hand-made RepackedMatrix must match its format and shape (the kernels trust them)
-    good = q8.repack(w)
-    with pytest.raises(ValueError, match=r"data must be C-contiguous uint8 \[1, 2, 3392\]"):
-        q8.RepackedMatrix(T.Q6_K, 16, 512, good.data)
-    with pytest.raises(ValueError, match=r"data must be C-contiguous uint8 \[2, 2, 2368\]"):
-        q8.RepackedMatrix(T.Q4_K, 32, 512, good.data)
-    with pytest.raises(ValueError, match="rows must be a positive multiple of 16, got 8"):
-        q8.RepackedMatrix(T.Q4_K, 8, 512, good.data)
-
-
 _FALLBACK = """
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from quant import _simd, _vnni, pack, quantize, dequantize
-from quant import q8kernels as q8
-assert not _vnni.AVAILABLE and q8.REPACK_FORMATS == (), (_vnni.AVAILABLE, q8.REPACK_FORMATS)
+from quant import pack, quantize, dequantize
+from quant import int8_kernels as q8
+from quant.int8_kernels import avx2, avx512_vnni
+assert not avx512_vnni.AVAILABLE
 rng = np.random.default_rng(0)
 x = (0.05 * rng.standard_normal((20, 256))).astype(np.float32)
 w = pack(T.Q4_K, quantize(x, T.Q4_K), 20, 256)
-try:
-    q8.repack(w)
-    raise SystemExit("repack did not refuse")
-except ValueError as e:
-    assert "AVX-512 VNNI" in str(e), e
 a = q8.quantize_activations(rng.standard_normal((3, 256)).astype(np.float32))
 W = dequantize(quantize(x, T.Q4_K), T.Q4_K, (20, 256)).astype(np.float64)
 xv = (a.q.astype(np.float64).reshape(3, 1, 256) * a.d[:, :, None]).reshape(3, 256)
 if q8.GEMM_FORMATS:
     out = q8.matmul(w, a, np.empty((3, 20), np.float32))
     assert np.abs(out - xv @ W.T).max() <= 1e-5 * np.abs(xv @ W.T).max()
-print("ok", _simd.AVAILABLE)
+print("ok", avx2.AVAILABLE)
 """
 
 
 @pytest.mark.parametrize("env", [{"NUMBA_CPU_FEATURES": "+avx2,+f16c,+fma,+avx,+sse4.2,+popcnt"},
                                  {"NUMBA_ENABLE_AVX": "0"}], ids=["features", "no-avx"])
 def test_hosts_without_vnni_fall_back(env, tmp_path):
-    """A Numba target without AVX-512 VNNI (or without AVX) gets the other kernels and a clear
-    refusal of repack, never an LLVM abort on the VNNI intrinsics."""
+    """A Numba target without AVX-512 VNNI (or without AVX) gets the other kernels, never an LLVM
+    abort on the VNNI intrinsics."""
     import os
     import subprocess
     import sys
@@ -326,10 +259,11 @@ def test_gemm_kernels_load_from_the_cache(tmp_path):
     import sys
 
     code = ("import numpy as np\nfrom gguf import GGMLQuantizationType as T\n"
-            "from quant import q8kernels as q8, pack, quantize\n"
+            "from quant import int8_kernels as q8, pack, quantize\n"
             "w = pack(T.Q4_K, quantize(np.ones((20, 256), np.float32), T.Q4_K), 20, 256)\n"
             "q8.matmul(w, q8.quantize_activations(np.ones((3, 256), np.float32)), np.empty((3, 20), np.float32))\n"
-            "print(sum(q8._gemm.stats.cache_hits.values()))\n")
+            "from quant.int8_kernels import gemv_gemm\n"
+            "print(sum(gemv_gemm.gemm.stats.cache_hits.values()))\n")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
             for _ in range(2)]

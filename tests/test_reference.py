@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-import reference_model as R
+from tests.helpers import reference_model as R
 
 
 @pytest.fixture(scope="module")

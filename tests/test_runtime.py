@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference_model as R
-from conftest import llama_cpp_logits
-from runtime.model import load
+from tests.helpers import reference_model as R
+from tests.helpers.llama import llama_cpp_logits
+from runtime.loader import load
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_trim_then_decode_equals_never_decoded(model, prompt):
 
 
 def test_trim_beyond_the_sliding_ring_is_refused(f32_path, prompt):
-    from runtime.errors import StepstreamError
+    from runtime.base.errors import StepstreamError
 
     m = load(f32_path, n_ctx=256, rollback=2)
     m.eval(prompt[:40])
@@ -175,7 +175,7 @@ def test_full_attention_cache_grows_past_its_first_allocation(f32_path, tiny_ckp
 @pytest.mark.parametrize("window", [0, 16])
 def test_chunk_attention_matches_float64_reference(window):
     """The chunk attention kernel: grouped heads, empty cache slots, causal and sliding masks."""
-    from runtime.decode_attention import chunk_attention
+    from runtime.model.attention_kernels import chunk_attention
 
     rng = np.random.default_rng(0)
     q = rng.standard_normal((37, 4, 16)).astype(np.float32)

@@ -9,8 +9,10 @@ import json
 import pytest
 
 import runtime
-from runtime import bench_cli, chat_cli, run_cli
-from runtime.errors import StepstreamError
+from runtime.cli import bench as bench_cli
+from runtime.cli import chat as chat_cli
+from runtime.cli import run as run_cli
+from runtime.base.errors import StepstreamError
 
 
 def parse(module, argv):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 from runtime.generation import StopStrings, generate, greedy_tokens
-from runtime.sampling import Sampler, SamplingParams, min_p, repetition_penalty, softmax, temperature, top_k, top_p
+from runtime.generation.sampling import Sampler, SamplingParams, min_p, repetition_penalty, softmax, temperature, top_k, top_p
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import reference_model as R
+from tests.helpers import reference_model as R
 import runtime
-from conftest import llama_cpp_logits
+from tests.helpers.llama import llama_cpp_logits
 
 
 @pytest.fixture(scope="module")

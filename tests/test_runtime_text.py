@@ -9,10 +9,10 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 import runtime
-from runtime.chat_template import render_chat
-from runtime.errors import StepstreamError
-from runtime.gguf_file import GGUFModelFile
-from runtime.tokenizer import Tokenizer
+from runtime.text.chat_template import render_chat
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.text.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world! def foo(x):\n    return x**2  # café",
@@ -84,7 +84,7 @@ def test_special_ids_and_bos(f32_path):
 
 
 def test_unsupported_pre_tokenizer(f32_path, tmp_path):
-    from test_runtime_files import rewrite
+    from tests.helpers.gguf_edit import rewrite
 
     bad = tmp_path / "pre.gguf"
     rewrite(f32_path, bad, drop={"stepstream.tokenizer.hf_json"}, change={"tokenizer.ggml.pre": "made-up"})

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 from convert.mini import Preset  # noqa: E402
 from convert.train.trainer import TrainOptions, train  # noqa: E402
-from reference_model import cosine_rows, reference_logits, reference_mtp_logits  # noqa: E402
+from tests.helpers.reference_model import cosine_rows, reference_logits, reference_mtp_logits  # noqa: E402
 
 SMALL = Preset(hidden=256, n_layers=3, head_dim=128, n_head_full=2, n_head_sliding=4, n_kv=1, n_expert=8,
                n_expert_used=2, expert_ffn=256, shared_ffn=256, dense_ffn=256, vocab=400, sliding_window=8,

@@ -28,7 +28,7 @@ from convert.corpus import split_corpus
 from convert.mini_tokenizer import train_tokenizer, write_tokenizer_files
 from convert.safetensors_io import SafetensorsWriter
 from convert.train.model import Step35
-from runtime.errors import StepstreamError
+from runtime.base.errors import StepstreamError
 
 # The shipped model: 256 hidden, 5 trunk layers (1 dense + 4 MoE of 16 experts, top-4),
 # 3 MTP blocks, 2048-token vocabulary: ~20M parameters, ~12 MB at q4_k_m. Sized so that

@@ -1,0 +1,3 @@
+from quant.bench import main
+
+main()

@@ -1,0 +1,231 @@
+"""Explicit AVX2 inner products for the int8-activation kernels, as Numba intrinsics.
+
+LLVM does not find the best x86 sequence for a 4- or 6-bit weight times an int8
+activation on its own: from plain loops it widens to 16 bits, multiplies the scale in
+separately and chains every multiply-add on one accumulator. These intrinsics emit
+llama.cpp's sequence directly in LLVM IR: ``vpmaddubsw`` (unsigned weight bytes times
+signed activation bytes, adjacent pairs summed to int16), then ``vpmaddwd`` against the
+sub-block scales (pairs summed to int32), with independent accumulators and one
+horizontal sum per row (GEMV) or per 256 weights (GEMM). About 2.5x the portable kernels'
+speed per core for Q4_K.
+
+AVAILABLE says whether the host can run them (AVX2 and F16C, and Numba compiling for
+the host CPU); the portable loops in ``row_dot`` are used otherwise.
+
+    q4k_row_dot(w, nsb, x, xb, xd) -> float32
+        A whole Q4_K row (address w, nsb super-blocks) times one token's int8 activations:
+        x their address, xb that of their int32 sums per 16 columns, xd that of their float32
+        scales per 256. Integer sums per super-block, float32 vector accumulators across
+        super-blocks, one horizontal sum per row.
+    q6k_row_dot(w, nsb, x, xb, xd) -> float32: the same for a Q6_K row.
+    q4k_row_dot4 / q6k_row_dot4(w, nsb, x0..x3, b0..b3, d0..d3) -> 4 x float32
+        The same for four tokens at once: each super-block's codes and scales are decoded
+        once for the four (the GEMM step).
+    f16_fast(bits) -> float32: IEEE half to float (vcvtph2ps).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..jit import compiles_for
+from .llvm_ir import declare, load, shuffle
+
+
+AVAILABLE = compiles_for("avx2", "f16c")
+
+_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_V32I8 = ir.VectorType(_i8, 32)
+_V16I8 = ir.VectorType(_i8, 16)
+_V16I16 = ir.VectorType(_i16, 16)
+_V8I32 = ir.VectorType(_i32, 8)
+_V16I32 = ir.VectorType(_i32, 16)
+
+
+def _maddubs(builder, u8, s8):
+    """<32 x u8> * <32 x i8>, adjacent pairs summed: <16 x i16>."""
+    return builder.call(declare(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]), [u8, s8])
+
+
+def _maddwd(builder, a, b):
+    """<16 x i16> * <16 x i16>, adjacent pairs summed: <8 x i32>."""
+    return builder.call(declare(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16]), [a, b])
+
+
+def _reduce(builder, v):
+    return builder.call(declare(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", _i32, [v.type]), [v])
+
+
+def _splat8(v: int):
+    return ir.Constant(_V32I8, [v] * 32)
+
+
+def _q6k_weights(builder, wa):
+    """The 8 runs of 32 six-bit codes (<32 x u8>) of a Q6_K super-block, their scale pairs
+    (<16 x i16>: lanes 0-7 the scale of the run's first 16 weights, 8-15 of the next 16), and
+    the 16 scales as <16 x i8>."""
+    sc8 = load(builder, wa, 192, _V16I8)
+    sc16 = builder.sext(sc8, ir.VectorType(_i16, 16))
+    codes, splats = [], []
+    for h in range(2):
+        a = load(builder, wa, 64 * h, _V32I8)
+        b = load(builder, wa, 64 * h + 32, _V32I8)
+        hb = load(builder, wa, 128 + 32 * h, _V32I8)
+        codes += [
+            builder.or_(builder.and_(a, _splat8(15)), builder.shl(builder.and_(hb, _splat8(3)), _splat8(4))),
+            builder.or_(builder.and_(b, _splat8(15)), builder.shl(builder.and_(hb, _splat8(12)), _splat8(2))),
+            builder.or_(builder.lshr(a, _splat8(4)), builder.and_(hb, _splat8(48))),
+            builder.or_(builder.lshr(b, _splat8(4)), builder.and_(builder.lshr(hb, _splat8(2)), _splat8(48))),
+        ]
+        for k in range(4):
+            g = 8 * h + 2 * k
+            splats.append(shuffle(builder, sc16, [g] * 8 + [g + 1] * 8))
+    return codes, splats, sc8
+
+
+def _isum(builder, codes, splats, xa):
+    """sum over runs i of splats[i] * (codes[i] . x[32 i : 32 i + 32]), per 32-bit lane (<8 x i32>)."""
+    parts = [_maddwd(builder, _maddubs(builder, c, load(builder, xa, 32 * i, _V32I8)), sp)
+             for i, (c, sp) in enumerate(zip(codes, splats))]
+    while len(parts) > 1:
+        parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+_F32 = ir.FloatType()
+_V8F32 = ir.VectorType(_F32, 8)
+
+
+def _splat_f32(builder, v):
+    vec = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), v, ir.Constant(_i32, 0))
+    return shuffle(builder, vec, [0] * 8)
+
+
+def _half(builder, wa, offset: int):
+    return builder.fpext(load(builder, wa, offset, ir.HalfType()), _F32)
+
+
+def _q4k_block(builder, wa):
+    """A Q4_K super-block at wa: its codes and scale splats per 32 weights, its mins as
+    <8 x i32>, d and dmin. The 12-byte scales field is decoded with 32-bit masks."""
+    u0, u1, u2 = (load(builder, wa, 4 + 4 * i, _i32) for i in range(3))
+    m1, m2, m3 = (ir.Constant(_i32, c) for c in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
+    c4, c6 = ir.Constant(_i32, 4), ir.Constant(_i32, 6)
+    sc_lo = builder.and_(u0, m1)
+    sc_hi = builder.or_(builder.and_(u2, m2), builder.shl(builder.and_(builder.lshr(u0, c6), m3), c4))
+    mn_lo = builder.and_(u1, m1)
+    mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), m2), builder.shl(builder.and_(builder.lshr(u1, c6), m3), c4))
+
+    def bytes8(lo, hi):
+        pair = ir.Constant(ir.VectorType(_i32, 2), ir.Undefined)
+        pair = builder.insert_element(builder.insert_element(pair, lo, ir.Constant(_i32, 0)), hi, ir.Constant(_i32, 1))
+        return builder.bitcast(pair, ir.VectorType(_i8, 8))
+
+    scales16 = builder.zext(bytes8(sc_lo, sc_hi), ir.VectorType(_i16, 8))
+    mins = builder.zext(bytes8(mn_lo, mn_hi), _V8I32)
+    codes, splats = [], []
+    for k in range(4):
+        qv = load(builder, wa, 16 + 32 * k, _V32I8)
+        codes += [builder.and_(qv, _splat8(15)), builder.lshr(qv, _splat8(4))]
+        splats += [shuffle(builder, scales16, [2 * k] * 16), shuffle(builder, scales16, [2 * k + 1] * 16)]
+    return codes, splats, mins, _half(builder, wa, 0), _half(builder, wa, 2)
+
+
+def _q4k_term(builder, block, xa, xba, xd):
+    """<8 x float> partial sums of one Q4_K super-block times one token's activations."""
+    codes, splats, mins, d, dmin = block
+    xb = load(builder, xba, 0, _V16I32)
+    pairs = builder.add(shuffle(builder, xb, range(0, 16, 2)), shuffle(builder, xb, range(1, 16, 2)))
+    return builder.fsub(
+        builder.fmul(builder.sitofp(_isum(builder, codes, splats, xa), _V8F32), _splat_f32(builder, builder.fmul(d, xd))),
+        builder.fmul(builder.sitofp(builder.mul(mins, pairs), _V8F32), _splat_f32(builder, builder.fmul(dmin, xd))))
+
+
+def _q6k_block(builder, wa):
+    codes, splats, sc8 = _q6k_weights(builder, wa)
+    return codes, splats, builder.sext(sc8, _V16I32), _half(builder, wa, 208)
+
+
+def _q6k_term(builder, block, xa, xba, xd):
+    """<8 x float> partial sums of one Q6_K super-block times one token's activations; the
+    codes' offset of 32 comes off through the activations' 16-column sums."""
+    codes, splats, sc32, d = block
+    off16 = builder.mul(sc32, load(builder, xba, 0, _V16I32))
+    off8 = builder.add(shuffle(builder, off16, range(8)), shuffle(builder, off16, range(8, 16)))
+    isum = builder.sub(_isum(builder, codes, splats, xa), builder.shl(off8, ir.Constant(_V8I32, [5] * 8)))
+    return builder.fmul(builder.sitofp(isum, _V8F32), _splat_f32(builder, builder.fmul(d, xd)))
+
+
+_FORMATS = {"q4_k": (144, _q4k_block, _q4k_term), "q6_k": (210, _q6k_block, _q6k_term)}
+
+
+def _row_dot(fmt: str, n_tok: int):
+    """Codegen of a whole row (w, nsb super-blocks) times n_tok tokens, given by the addresses of
+    their activations, 16-column sums and per-256 scales. The weights are decoded once per
+    super-block for all tokens; each token keeps 8 float lanes, summed once at the end."""
+    block_bytes, decode, term = _FORMATS[fmt]
+
+    def codegen(context, builder, signature, args):
+        wa, n = args[0], args[1]
+        xs, xbs, xds = args[2:2 + n_tok], args[2 + n_tok:2 + 2 * n_tok], args[2 + 2 * n_tok:]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None)) for _ in range(n_tok)]
+        with cgutils.for_range(builder, n) as loop:
+            s = loop.index
+
+            def at(base, stride):
+                return builder.add(base, builder.mul(s, ir.Constant(s.type, stride)))
+
+            block = decode(builder, at(wa, block_bytes))
+            for acc, xa, xba, xda in zip(accs, xs, xbs, xds):
+                t = term(builder, block, at(xa, 256), at(xba, 64), load(builder, at(xda, 4), 0, _F32))
+                builder.store(builder.fadd(builder.load(acc), t), acc)
+        sums = []
+        for acc in accs:
+            total = builder.load(acc)
+            lanes = [builder.extract_element(total, ir.Constant(_i32, i)) for i in range(8)]
+            while len(lanes) > 1:
+                lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+            sums.append(lanes[0])
+        return sums[0] if n_tok == 1 else context.make_tuple(builder, signature.return_type, sums)
+
+    return codegen
+
+
+_ROW1 = types.float32(*([types.int64] * 5))
+_ROW4 = types.UniTuple(types.float32, 4)(*([types.int64] * 14))
+
+
+@intrinsic
+def q4k_row_dot(typingctx, w, nsb, x, xb, xd):
+    return _ROW1, _row_dot("q4_k", 1)
+
+
+@intrinsic
+def q6k_row_dot(typingctx, w, nsb, x, xb, xd):
+    return _ROW1, _row_dot("q6_k", 1)
+
+
+@intrinsic
+def q4k_row_dot4(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3):
+    return _ROW4, _row_dot("q4_k", 4)
+
+
+@intrinsic
+def q6k_row_dot4(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3):
+    return _ROW4, _row_dot("q6_k", 4)
+
+
+@intrinsic
+def f16_fast(typingctx, bits):
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        v = builder.trunc(v, _i16) if v.type.width > 16 else builder.zext(v, _i16) if v.type.width < 16 else v
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+
+    return types.float32(bits), codegen

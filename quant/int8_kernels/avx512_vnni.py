@@ -1,0 +1,336 @@
+"""AVX-512 VNNI GEMM steps: 16 GGUF rows at a time, for 1 to 8 tokens.
+
+Why 16 rows: ``vpdpbusd`` multiplies 64 unsigned weight bytes by 64 signed activation
+bytes and adds each 4 products into one of 16 int32 lanes: one instruction per 64
+multiply-adds, the densest integer dot x86 has. When lane r of every weight vector is row r
+of a 16-row group, each lane holds one row's dot product over 4 columns, the 4 activation
+bytes are broadcast to every lane, and a sub-block's scale is a vector with one entry per
+row (one ``vpmulld`` per sub-block, not per weight).
+
+The vectors come straight from the GGUF rows: 16 rows' 64-byte runs are loaded and
+transposed in registers (a 16 x 16 transpose of 4-byte words: 64 two-input shuffles), and
+the per-row scales are gathered into lanes. No repacking and no second copy of the
+weights; on the bench shapes an 8-token GEMM costs 1.8-2.2x the one-token GEMV
+(quant.bench). (A repacked 16-row layout measured 1.2-1.5x, but needs a second copy of
+every matrix, or a repack on every expert read: it was removed.)
+
+Shape legend (per call of a step)
+    G      one group of 16 GGUF rows of row_bytes each, the first at w
+    T      n_tok tokens (1, 2, 4 or 8), token t's data at base + t * stride
+    xq     int8 [C]              activations quantized per 256 columns (int8_kernels.row_dot)
+    xd     float32 [C / 256]     their scales
+    xs     int16 [C / 32] (Q4_K) or [C / 16] (Q6_K): sums of xq over 32 or 16 columns
+    out    float32 [16]          the 16 rows' results for token t, written (not added)
+
+    q4k_rows_step{n}(w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride)
+    q6k_rows_step{n}(...)                       the same for Q6_K
+
+The weights are decoded once per super-block for all n tokens; integer sums are exact
+within a super-block, as in int8_kernels.row_dot, and each token's 16 results accumulate in
+out across super-blocks. Software prefetch keeps one stream per thread ahead of the decode
+(the next group's rows, a slice per block): the decode work per byte is large enough that
+the hardware prefetcher alone leaves DRAM latency exposed (6 against 17 GB/s on one thread
+when measured).
+
+AVAILABLE says whether Numba compiles them here (AVX-512 F/BW/VL and VNNI on, see
+quant.jit.compiles_for); nothing may call them otherwise, as LLVM aborts on the intrinsics.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..jit import compiles_for
+from .llvm_ir import declare, load, shuffle
+
+ROWS = 16
+GGUF_BYTES = {"q4_k": 144, "q6_k": 210}
+STEP_TOKENS = (8, 4, 2, 1)
+
+
+AVAILABLE = compiles_for("avx512f", "avx512bw", "avx512vl", "avx512vnni", "f16c")
+
+_i8, _i16, _i32, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_V64I8 = ir.VectorType(_i8, 64)
+_V32I16 = ir.VectorType(_i16, 32)
+_V16I32 = ir.VectorType(_i32, 16)
+_V16F32 = ir.VectorType(_f32, 16)
+_V16F16 = ir.VectorType(ir.HalfType(), 16)
+_ZERO = ir.Constant(_V16I32, None)
+
+
+def _bytes(v: int):
+    return ir.Constant(_V64I8, [v] * 64)
+
+
+def _dpbusd(b, acc, u8, x4):
+    """acc + per lane, the 4 unsigned bytes of u8 times the 4 signed bytes of x4."""
+    f = declare(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32, _V16I32, _V16I32])
+    return b.call(f, [acc, b.bitcast(u8, _V16I32), x4])
+
+
+def _dpwssd(b, acc, a, c):
+    """acc + per lane, the two int16 of a times those of c (LLVM emits vpdpwssd)."""
+    f = declare(b, "llvm.x86.avx512.pmaddw.d.512", _V16I32, [_V32I16, _V32I16])
+    return b.add(acc, b.call(f, [b.bitcast(a, _V32I16), b.bitcast(c, _V32I16)]))
+
+
+def _splat(b, scalar, vtype):
+    vec = b.insert_element(ir.Constant(vtype, ir.Undefined), scalar, ir.Constant(_i32, 0))
+    return shuffle(b, vec, [0] * vtype.count)
+
+
+def _bcast4(b, addr, offset: int):
+    """The 4 bytes (or two int16) at addr + offset, in every lane."""
+    return _splat(b, load(b, addr, offset, _i32), _V16I32)
+
+
+def _c32(v: int):
+    return ir.Constant(_V16I32, [v] * 16)
+
+
+def _prefetch(b, addr, nbytes: int, part: int, parts: int):
+    """Prefetch part `part` of `parts` of the nbytes at addr (an i64 address)."""
+    f = declare(b, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
+    lines = range(0, nbytes, 64)
+    per = -(-len(lines) // parts)
+    for line in lines[part * per:(part + 1) * per]:
+        ptr = b.inttoptr(b.add(addr, ir.Constant(addr.type, line)), _i8.as_pointer())
+        b.call(f, [ptr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+
+
+def _transpose16(b, rows):
+    """16 vectors <16 x i32> (row r, word c) -> 16 vectors (word c, row r): four rounds, each
+    swapping the off-diagonal k x k blocks of every 2k x 2k block with two-input shuffles."""
+    rows = list(rows)
+    for k in (8, 4, 2, 1):
+        low = ir.Constant(ir.VectorType(_i32, 16), [c if c & k == 0 else 16 + c - k for c in range(16)])
+        high = ir.Constant(ir.VectorType(_i32, 16), [c + k if c & k == 0 else 16 + c for c in range(16)])
+        new = list(rows)
+        for i in range(16):
+            if not i & k:
+                new[i] = b.shuffle_vector(rows[i], rows[i + k], low)
+                new[i + k] = b.shuffle_vector(rows[i], rows[i + k], high)
+        rows = new
+    return rows
+
+
+def _lanes_at(b, addrs, offset: int, typ, vtype):
+    """<16 x typ>: the scalar at addrs[r] + offset in lane r."""
+    v = ir.Constant(vtype, ir.Undefined)
+    for r, a in enumerate(addrs):
+        v = b.insert_element(v, load(b, a, offset, typ), ir.Constant(_i32, r))
+    return v
+
+
+def _half_lanes(b, v16):
+    """<16 x i16> of IEEE halves -> <16 x float>."""
+    return b.fpext(b.bitcast(v16, _V16F16), _V16F32)
+
+
+# ---------------------------------------------------------------- 16 GGUF rows as lane vectors
+# A Q4_K source gives d, dmin (<16 x float>), scale(j) (<16 x i32>, sub-block j < 8),
+# minpair(m) (<16 x i32>: the mins of sub-blocks 2m, 2m+1 as int16 pairs), raw(k) (the 8
+# vectors <64 x i8> of 32-byte chunk k of qs, whose low nibbles are sub-block 2k and high
+# nibbles 2k+1) and prefetch(part, parts). A Q6_K source gives d, scale(j) (j < 16),
+# scalepair(m) (m < 8) and codes(p) (the 8 vectors of 6-bit codes of columns 32p .. 32p+31,
+# 4 columns each).
+
+
+class _Q4KRows:
+    """Super-block s of 16 GGUF Q4_K rows: addrs[r] is row r's block; ahead is the address
+    of this block's slice of the next group (prefetched)."""
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.addrs, self.ahead = b, addrs, ahead
+        dd = _lanes_at(b, addrs, 0, _i32, _V16I32)
+        self.d = _half_lanes(b, b.trunc(dd, ir.VectorType(_i16, 16)))
+        self.dmin = _half_lanes(b, b.trunc(b.lshr(dd, _c32(16)), ir.VectorType(_i16, 16)))
+        self.u = [_lanes_at(b, addrs, 4 + 4 * i, _i32, _V16I32) for i in range(3)]
+        self.chunks = {}
+
+    def _byte(self, i, k):
+        return self.b.and_(self.b.lshr(self.u[i], _c32(8 * k)), _c32(255))
+
+    def scale(self, j):
+        b = self.b
+        if j < 4:
+            return b.and_(self._byte(0, j), _c32(63))
+        return b.or_(b.and_(self._byte(2, j - 4), _c32(15)), b.shl(b.lshr(self._byte(0, j - 4), _c32(6)), _c32(4)))
+
+    def _min(self, j):
+        b = self.b
+        if j < 4:
+            return b.and_(self._byte(1, j), _c32(63))
+        return b.or_(b.lshr(self._byte(2, j - 4), _c32(4)), b.shl(b.lshr(self._byte(1, j - 4), _c32(6)), _c32(4)))
+
+    def minpair(self, m):
+        return self.b.or_(self._min(2 * m), self.b.shl(self._min(2 * m + 1), _c32(16)))
+
+    def raw(self, k):
+        half = k // 2  # qs bytes 64 half .. 64 half + 63: words 16 half + 8 (k % 2) + i
+        if half not in self.chunks:
+            self.chunks[half] = _transpose16(self.b, [load(self.b, a, 16 + 64 * half, _V16I32) for a in self.addrs])
+        return [self.b.bitcast(v, _V64I8) for v in self.chunks[half][8 * (k % 2): 8 * (k % 2) + 8]]
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q4_k"], part, parts)
+
+
+def _q6_high(b, v, q: int):
+    """Bits 2q, 2q + 1 of each byte of v, moved to bits 4, 5."""
+    if q < 2:
+        return b.shl(b.and_(v, _bytes(3 << 2 * q)), _bytes(4 - 2 * q))
+    return b.and_(b.lshr(v, _bytes(2 * q - 4)), _bytes(48))
+
+
+class _Q6KRows:
+    """Super-block s of 16 GGUF Q6_K rows (see _Q4KRows). GGUF column 128 h + 32 k + l has its
+    low nibble in ql word 16 h + 8 (k % 2) + l / 4 (shifted by 4 (k / 2)) and its top bits in
+    qh word 8 h + l / 4 (shifted by 2 k); the 16 int8 scales are words 48 .. 51."""
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.addrs, self.ahead = b, addrs, ahead
+        self.d = _half_lanes(b, _lanes_at(b, addrs, 208, _i16, ir.VectorType(_i16, 16)))
+        self.sc = [_lanes_at(b, addrs, 192 + 4 * i, _i32, _V16I32) for i in range(4)]
+        self.chunks = {}
+
+    def scale(self, j):
+        b = self.b
+        return b.ashr(b.shl(self.sc[j // 4], _c32(24 - 8 * (j % 4))), _c32(24))
+
+    def scalepair(self, m):
+        return self.b.or_(self.b.and_(self.scale(2 * m), _c32(0xFFFF)), self.b.shl(self.scale(2 * m + 1), _c32(16)))
+
+    def _chunk(self, i):  # 0, 1: ql halves; 2: qh
+        if i not in self.chunks:
+            self.chunks[i] = _transpose16(self.b, [load(self.b, a, 64 * i, _V16I32) for a in self.addrs])
+        return self.chunks[i]
+
+    def codes(self, p):
+        b = self.b
+        h, k = divmod(p, 4)
+        out = []
+        for e in range(8):
+            lo = b.bitcast(self._chunk(h)[8 * (k % 2) + e], _V64I8)
+            lo = b.and_(b.lshr(lo, _bytes(4)) if k >= 2 else lo, _bytes(15))
+            hi = b.bitcast(self._chunk(2)[8 * h + e], _V64I8)
+            out.append(b.or_(lo, _q6_high(b, hi, k)))
+        return out
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q6_k"], part, parts)
+
+
+# ---------------------------------------------------------------- the arithmetic, per source
+
+def _q4k(b, src, xq, xs, xd, add):
+    """One Q4_K super-block of 16 rows times each token: add(t, <16 x float>) gets the terms.
+    The mins' term goes out first, so that only one int32 vector per token stays live through
+    the sub-block loop (eight tokens' decoded weights and sums fill the registers)."""
+    n = len(xq)
+    msum = [_ZERO] * n
+    for m in range(4):
+        pair = src.minpair(m)
+        for t in range(n):
+            msum[t] = _dpwssd(b, msum[t], pair, _bcast4(b, xs[t], 4 * m))
+    for t in range(n):
+        add(t, b.fneg(b.fmul(b.sitofp(msum[t], _V16F32), b.fmul(src.dmin, _splat(b, xd[t], _V16F32)))))
+    isum = [_ZERO] * n
+    for j in range(8):
+        src.prefetch(j, 8)
+        k, high = divmod(j, 2)
+        sc = src.scale(j)
+        codes = [b.lshr(q, _bytes(4)) if high else b.and_(q, _bytes(15)) for q in src.raw(k)]
+        for t in range(n):
+            p = _ZERO
+            for i in range(8):
+                p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
+            isum[t] = b.add(isum[t], b.mul(p, sc))
+    for t in range(n):
+        add(t, b.fmul(b.sitofp(isum[t], _V16F32), b.fmul(src.d, _splat(b, xd[t], _V16F32))))
+
+
+def _q6k(b, src, xq, xs, xd, add):
+    """One Q6_K super-block of 16 rows times each token. Codes are stored offset by 32, which
+    comes off through the activations' 16-column sums: they start each token's integer sum."""
+    n = len(xq)
+    off = [_ZERO] * n
+    for m in range(8):
+        pair = src.scalepair(m)
+        for t in range(n):
+            off[t] = _dpwssd(b, off[t], pair, _bcast4(b, xs[t], 4 * m))
+    isum = [b.sub(_ZERO, b.shl(o, _c32(5))) for o in off]  # -32 * offsets
+    for p in range(8):
+        src.prefetch(p, 8)
+        codes = src.codes(p)
+        for j in (2 * p, 2 * p + 1):
+            sc = src.scale(j)
+            for t in range(n):
+                acc = _ZERO
+                for i in range(4):
+                    acc = _dpbusd(b, acc, codes[4 * (j % 2) + i], _bcast4(b, xq[t], 16 * j + 4 * i))
+                isum[t] = b.add(isum[t], b.mul(acc, sc))
+    for t in range(n):
+        add(t, b.fmul(b.sitofp(isum[t], _V16F32), b.fmul(src.d, _splat(b, xd[t], _V16F32))))
+
+
+_FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32)}
+
+
+def _step(fmt: str, n_tok: int):
+    """Codegen of a step over one group: (w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd,
+    xd_stride, out, out_stride)."""
+    arith, rows_source, xs_bytes = _FORMATS[fmt]
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride = args
+
+        def token(base, stride, t):
+            return b.add(base, b.mul(stride, ir.Constant(stride.type, t)))
+
+        # each token's 16 results accumulate in out itself: kept in registers, they would push
+        # the decoded weights out of them (8 tokens x 16 lanes) and cost spills per sub-block
+        outs = [b.inttoptr(token(out, out_stride, t), _V16F32.as_pointer()) for t in range(n_tok)]
+        for ptr in outs:
+            b.store(ir.Constant(_V16F32, None), ptr, align=4)
+
+        def add(t, term):
+            b.store(b.fadd(b.load(outs[t], align=4), term), outs[t], align=4)
+
+        row_addrs = [token(w, row_bytes, r) for r in range(ROWS)]
+        next_group = token(w, row_bytes, ROWS)
+        with cgutils.for_range(b, nsb) as loop:
+            s = loop.index
+
+            def at(base, stride, t, per):
+                return b.add(token(base, stride, t), b.mul(s, ir.Constant(s.type, per)))
+
+            gguf = b.mul(s, ir.Constant(s.type, GGUF_BYTES[fmt]))
+            ahead = b.add(next_group, b.mul(s, ir.Constant(s.type, ROWS * GGUF_BYTES[fmt])))
+            src = rows_source(b, [b.add(a, gguf) for a in row_addrs], ahead)
+            arith(b, src, [at(xq, xq_stride, t, 256) for t in range(n_tok)],
+                  [at(xs, xs_stride, t, xs_bytes) for t in range(n_tok)],
+                  [load(b, at(xd, xd_stride, t, 4), 0, _f32) for t in range(n_tok)], add)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+_SIG = types.none(*([types.int64] * 11))
+
+
+def _make(fmt: str, n_tok: int):
+    def step(typingctx, w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride):
+        return _SIG, _step(fmt, n_tok)
+
+    step.__name__ = f"{fmt.replace('_', '')}_rows_step{n_tok}"
+    return intrinsic(step)
+
+
+q4k_rows_step8, q4k_rows_step4, q4k_rows_step2, q4k_rows_step1 = (_make("q4_k", n) for n in STEP_TOKENS)
+q6k_rows_step8, q6k_rows_step4, q6k_rows_step2, q6k_rows_step1 = (_make("q6_k", n) for n in STEP_TOKENS)

@@ -1,0 +1,146 @@
+"""The model's hyperparameters, read once from GGUF metadata, validated, then frozen.
+
+Blocks 0..n_layers-1 are the trunk; n_layers..n_blocks-1 are the MTP blocks (GGUF's
+`block_count` counts both). Every per-block tuple covers all blocks. Nothing here is
+guessed from tensor sizes or file names: a missing or inconsistent key is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.base.gguf_schema import ARCH, GATING_SIGMOID, TOKEN_EMBD, Key
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # sizes
+    hidden: int  # H
+    vocab: int  # V
+    head_dim: int  # D
+    n_layers: int  # trunk blocks
+    n_mtp: int  # MTP blocks declared in metadata (their tensors may be absent)
+    context_length: int  # training context
+    # attention, per block
+    sliding: tuple[bool, ...]
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+    n_rot: tuple[int, ...]  # rotated dims: D on sliding blocks, D/2 on full ones
+    window: int  # W: a sliding query at p sees keys p-W < k <= p
+    rope_base_full: float
+    rope_base_sliding: float
+    # feed-forward
+    moe: tuple[bool, ...]  # per block: routed experts (else a dense MLP)
+    dense_ffn: int
+    n_expert: int  # E
+    n_expert_used: int  # K
+    expert_ffn: int  # I
+    shared_ffn: int  # S
+    expert_scale: float
+    expert_norm: bool
+    swiglu_limit: tuple[float, ...]  # routed experts, per block; 0 = no clamp
+    swiglu_limit_shared: tuple[float, ...]  # shared expert and dense MLPs
+    # misc
+    rms_eps: float
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_layers + self.n_mtp
+
+    @classmethod
+    def from_gguf(cls, f: GGUFModelFile) -> "ModelConfig":
+        src = str(f.path)
+        arch = f.get(Key.ARCHITECTURE, None)
+        if arch != ARCH:
+            raise StepstreamError(f"{src}: architecture is {arch!r}; stepstream runs only {ARCH!r} (Step-3.5) models")
+
+        def num(key, default=GGUFModelFile._MISSING, kind=int):
+            v = f.get(key, default)
+            if isinstance(v, list):
+                raise StepstreamError(f"{src}: {key} should be one value, found an array of {len(v)}")
+            return kind(v)
+
+        n_blocks = num(Key.BLOCK_COUNT)
+        n_mtp = num(Key.NEXTN, 0)
+        if not 0 <= n_mtp < n_blocks:
+            raise StepstreamError(f"{src}: {Key.NEXTN}={n_mtp} must be below {Key.BLOCK_COUNT}={n_blocks}")
+        n_layers = n_blocks - n_mtp
+
+        def per_block(key, default=GGUFModelFile._MISSING, kind=int) -> tuple:
+            v = f.get(key, default)
+            if not isinstance(v, list):
+                return tuple([kind(v)] * n_blocks)
+            if len(v) != n_blocks:
+                raise StepstreamError(f"{src}: {key} has {len(v)} entries, {Key.BLOCK_COUNT} is {n_blocks}")
+            return tuple(kind(x) for x in v)
+
+        head_dim = num(Key.KEY_LENGTH)
+        if num(Key.VALUE_LENGTH, head_dim) != head_dim:
+            raise StepstreamError(f"{src}: key_length {head_dim} != value_length {num(Key.VALUE_LENGTH)}; Step-3.5 uses one head size")
+        if head_dim % 4:
+            raise StepstreamError(f"{src}: key_length {head_dim} must be a multiple of 4 (half of it is rotated in pairs)")
+        if f.has(Key.ROPE_DIMS) and num(Key.ROPE_DIMS) != head_dim:
+            raise StepstreamError(f"{src}: {Key.ROPE_DIMS}={num(Key.ROPE_DIMS)}; Step-3.5 rotates head_dim on sliding blocks and head_dim/2 on full ones ({head_dim})")
+        sliding = per_block(Key.SLIDING_PATTERN, kind=bool)
+        n_head = per_block(Key.HEAD_COUNT)
+        n_head_kv = per_block(Key.HEAD_COUNT_KV)
+        for i, (h, kv) in enumerate(zip(n_head, n_head_kv)):
+            if kv <= 0 or h <= 0 or h % kv:
+                raise StepstreamError(f"{src}: block {i} has {h} query heads and {kv} KV heads; query heads must be a positive multiple of KV heads")
+
+        gating = num(Key.EXPERT_GATING, GATING_SIGMOID)
+        if gating != GATING_SIGMOID:
+            raise StepstreamError(f"{src}: {Key.EXPERT_GATING}={gating}; Step-3.5 routes with sigmoid ({GATING_SIGMOID})")
+        leading = num(Key.LEADING_DENSE, 0)
+        if not 0 <= leading <= n_layers:
+            raise StepstreamError(f"{src}: {Key.LEADING_DENSE}={leading} outside 0..{n_layers}")
+        n_expert = num(Key.EXPERT_COUNT, 0)
+        moe = tuple(leading <= i < n_layers and n_expert > 0 for i in range(n_blocks))
+        n_used = num(Key.EXPERT_USED, 0)
+        if any(moe) and not 0 < n_used <= n_expert:
+            raise StepstreamError(f"{src}: {Key.EXPERT_USED}={n_used} must be in 1..{Key.EXPERT_COUNT}={n_expert}")
+
+        window = num(Key.SLIDING_WINDOW, 0)
+        if any(sliding) and window <= 0:
+            raise StepstreamError(f"{src}: sliding blocks present but {Key.SLIDING_WINDOW} is {window}")
+        base_full = num(Key.ROPE_BASE, 10000.0, float)
+        ffn = f.get(Key.FFN_LENGTH, 0)  # llama.cpp may store it per block
+        return cls(
+            hidden=num(Key.EMBEDDING_LENGTH),
+            vocab=_vocab_size(f),
+            head_dim=head_dim,
+            n_layers=n_layers,
+            n_mtp=n_mtp,
+            context_length=num(Key.CONTEXT_LENGTH),
+            sliding=sliding,
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            n_rot=tuple(head_dim if s else head_dim // 2 for s in sliding),
+            window=window,
+            rope_base_full=base_full,
+            rope_base_sliding=num(Key.ROPE_BASE_SWA, base_full, float),
+            moe=moe,
+            dense_ffn=int(max(ffn)) if isinstance(ffn, list) else int(ffn),
+            n_expert=n_expert,
+            n_expert_used=n_used,
+            expert_ffn=num(Key.EXPERT_FFN, 0),
+            shared_ffn=num(Key.SHARED_FFN, 0),
+            expert_scale=num(Key.EXPERT_SCALE, 1.0, float),
+            expert_norm=bool(f.get(Key.EXPERT_NORM, False)),
+            swiglu_limit=per_block(Key.CLAMP_EXP, 0.0, float),
+            swiglu_limit_shared=per_block(Key.CLAMP_SHEXP, 0.0, float),
+            rms_eps=num(Key.RMS_EPS, kind=float),
+        )
+
+
+def _vocab_size(f: GGUFModelFile) -> int:
+    embd = f.tensor(TOKEN_EMBD)
+    if len(embd.shape) != 2:
+        raise StepstreamError(f"{f.path}: {TOKEN_EMBD} has shape {list(embd.shape)}, expected [V, H]")
+    n_tokens = f.array_len(Key.TOK_LIST)
+    if n_tokens is not None and n_tokens != embd.shape[0]:
+        raise StepstreamError(f"{f.path}: tokenizer lists {n_tokens} tokens but {TOKEN_EMBD} has {embd.shape[0]} rows")
+    return embd.shape[0]
+

@@ -1,0 +1,131 @@
+"""Opening a GGUF model, single-file or split, with every failure worded for the user.
+
+Tensor data stays memory-mapped (gguf-py's GGUFReader maps the file read-only): nothing
+is read from disk until compute touches it. A split model is the set
+`PREFIX-0000k-of-0000n.gguf`, k = 1..n; metadata lives in the first part, tensors are
+spread over all of them. Any part may be named.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_schema import Key
+
+_SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor's raw bytes in the map and how to read them.
+
+    `data` is gguf-py's view: float types as their numpy dtype in numpy order
+    (shape = reversed ne[]); block-quantized types as uint8 with the last axis in bytes.
+    """
+
+    name: str
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order, elements: e.g. [out, in] for a matrix
+    data: np.ndarray
+    path: Path
+    offset: int = 0  # absolute byte offset of the data in `path`
+
+
+def split_parts(path: Path) -> list[Path]:
+    m = _SPLIT.match(path.name)
+    if m is None:
+        return [path]
+    count = int(m["count"])
+    if count < 1:
+        raise StepstreamError(f"{path}: split file name says it has {count} parts")
+    return [path.with_name(f"{m['prefix']}-{k:05d}-of-{m['count']}.gguf") for k in range(1, count + 1)]
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    if not path.exists():
+        raise StepstreamError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise StepstreamError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # gguf-py raises bare ValueError/IndexError on short or corrupt files
+        raise StepstreamError(f"{path}: cannot read GGUF structure ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise StepstreamError(f"{path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes}, past the end of the file ({size} bytes); the file is truncated")
+    return reader
+
+
+class GGUFModelFile:
+    """Metadata of the first part and tensors of all parts."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.exists():
+            raise StepstreamError(f"{path}: file not found")
+        parts = split_parts(path)
+        missing = [p for p in parts if not p.exists()]
+        if missing:
+            raise StepstreamError(f"{path}: split model has {len(parts)} parts but {', '.join(p.name for p in missing)} is missing")
+        self.path = parts[0]
+        self.parts = parts
+        readers = [_open_reader(p) for p in parts]
+        self.fields = readers[0].fields
+        declared = self.get(Key.SPLIT_COUNT, None)
+        if declared is not None and int(declared) != len(parts):
+            raise StepstreamError(f"{self.path}: metadata says {declared} split parts, file names say {len(parts)}")
+        if declared is None and len(parts) > 1:
+            raise StepstreamError(f"{self.path}: named like a split part but has no {Key.SPLIT_COUNT} metadata")
+        self.tensors: dict[str, TensorRef] = {}
+        for p, r in zip(parts, readers):
+            for t in r.tensors:
+                if t.name in self.tensors:
+                    raise StepstreamError(f"{p}: tensor {t.name!r} also appears in {self.tensors[t.name].path.name}")
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                self.tensors[t.name] = TensorRef(t.name, gguf.GGMLQuantizationType(t.tensor_type), shape, t.data, p,
+                                                 int(t.data_offset))
+        expected = self.get(Key.SPLIT_TENSORS, None)
+        if expected is not None and int(expected) != len(self.tensors):
+            raise StepstreamError(f"{self.path}: split metadata declares {expected} tensors, the parts hold {len(self.tensors)}")
+        self._readers = readers  # keep the maps alive
+
+    _MISSING = object()
+
+    def get(self, key: str, default=_MISSING):
+        """A metadata value as a Python scalar, str or list; `default` when absent."""
+        f = self.fields.get(key)
+        if f is None:
+            if default is self._MISSING:
+                raise StepstreamError(f"{self.path}: required metadata key {key!r} is missing")
+            return default
+        try:
+            return f.contents()
+        except Exception as e:
+            raise StepstreamError(f"{self.path}: metadata key {key!r} is unreadable ({e})") from None
+
+    def array_len(self, key: str) -> int | None:
+        """Length of an array value without decoding it (token lists run to 10^5 strings)."""
+        f = self.fields.get(key)
+        return None if f is None else len(f.data)
+
+    def has(self, key: str) -> bool:
+        return key in self.fields
+
+    def tensor(self, name: str) -> TensorRef:
+        t = self.tensors.get(name)
+        if t is None:
+            raise StepstreamError(f"{self.path}: tensor {name!r} is missing")
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.parts)

@@ -1,0 +1,63 @@
+"""Everything a caller may choose about running a model, in one frozen object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from runtime.base.errors import StepstreamError
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    n_ctx: int | None = None  # positions the cache may hold; None: the model's context, at most 4096
+    n_batch: int = 64  # prefill chunk: tokens evaluated together
+    n_threads: int | None = None  # compute threads; None leaves the libraries' defaults
+    rollback: int = 16  # positions trim(n) can undo on sliding blocks (their ring keeps W + this)
+    # "auto": stream when the model does not fit in available memory (minus a reserve), else
+    # keep every routed expert resident; "ram" or "stream" to choose.
+    experts: str = "auto"
+    ram_budget: int | str | None = None  # expert cache size ("6GiB"); implies experts="stream"; None: auto
+    cache_policy: str = "lru"  # lru, lfu, or pinned (hot set from `profile`, LRU for the rest)
+    profile: str | None = None  # expert profile to pin the most-used experts from
+    prefetch: bool = True  # guess the next layer's experts from the current hidden state and read ahead
+    direct_io: bool = True  # O_DIRECT reads that bypass the page cache
+    # "q8": activations rounded to int8 per 256 columns before quantized matmuls, as llama.cpp
+    # does; decode then runs on integer dot products. "f32": float32 activations throughout.
+    activations: str = "q8"
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise StepstreamError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        opts = cls(**kwargs)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if self.n_ctx is not None and self.n_ctx < 1:
+            raise StepstreamError(f"n_ctx must be positive, got {self.n_ctx}")
+        if self.n_batch < 1:
+            raise StepstreamError(f"n_batch must be positive, got {self.n_batch}")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise StepstreamError(f"n_threads must be positive, got {self.n_threads}")
+        if self.rollback < 0:
+            raise StepstreamError(f"rollback must be >= 0, got {self.rollback}")
+        if self.experts not in ("auto", "ram", "stream"):
+            raise StepstreamError(f"experts={self.experts!r}: choose 'auto', 'ram' or 'stream'")
+        if self.activations not in ("q8", "f32"):
+            raise StepstreamError(f"activations={self.activations!r}: choose 'q8' or 'f32'")
+        if self.cache_policy not in ("lru", "lfu", "pinned"):
+            raise StepstreamError(f"cache_policy={self.cache_policy!r}: choose lru, lfu or pinned")
+        if self.cache_policy == "pinned" and self.profile is None:
+            raise StepstreamError("cache_policy='pinned' needs a profile (record one with `stepstream profile`)")
+
+    def streams_by_choice(self) -> bool | None:
+        """Whether routed experts stream from disk as the options decide it: True or False, or None
+        when that depends on whether the model fits in memory (experts="auto")."""
+        if self.experts == "stream" or self.ram_budget is not None or self.profile is not None:
+            return True
+        if self.experts == "ram":
+            return False
+        return None

@@ -1,0 +1,114 @@
+"""Facts about the machine this process runs on, and the process-wide settings taken from them.
+
+Memory: current and peak RSS, and the memory a model may use now. Threads: the compute
+thread count of the libraries that do the arithmetic, and OpenMP's wait policy.
+
+`ru_maxrss` is not usable for a command's own peak: Linux keeps it across execve, so a
+process started by a large parent reports the parent's high-water mark. The kernel's
+per-address-space high-water mark (VmHWM in /proc/self/status) starts fresh at exec and
+can be reset by writing 5 to /proc/self/clear_refs, which lets a phase measure its own peak.
+
+numpy's bundled OpenBLAS (matrix products on float weights) and Numba (the quantized
+kernels) each keep their own thread pool. Their sizes are process-wide state, set once when
+a model is loaded, like llama.cpp's `n_threads`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+import numpy as np
+import psutil
+
+RESERVE_FRACTION = 0.10  # of total memory, at least RESERVE_MIN, left for the OS and activations
+RESERVE_MIN = 1 * 2**30
+
+
+# ---------------------------------------------------------------- memory
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> bool:
+    """Make the peak equal the current RSS (Linux); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def usable_memory() -> int:
+    """Bytes a model may take now: the memory available, less a reserve for the OS and activations."""
+    vm = psutil.virtual_memory()
+    return vm.available - max(RESERVE_MIN, int(vm.total * RESERVE_FRACTION))
+
+
+# ---------------------------------------------------------------- threads
+
+def _openblas():
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    return setter, getter
+    return None
+
+
+def set_blas_threads(n: int) -> None:
+    """OpenBLAS's thread count alone."""
+    blas = _openblas()
+    if blas is not None:
+        blas[0](ctypes.c_int(n))
+
+
+def set_threads(n: int) -> int:
+    """Ask for n compute threads; returns the number Numba will use."""
+    set_blas_threads(n)
+    import numba
+
+    used = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(used)
+    return used
+
+
+def choose_wait_policy(threads: int | None) -> None:
+    """Pick OpenMP's wait policy unless the user set one.
+
+    The kernels run a few dozen short OpenMP regions per token. When our threads have the
+    cores to themselves, libgomp's default (spin briefly, then sleep) is fastest: measured
+    here, 150 tok/s decode against 80 with passive waits. When other processes keep the
+    cores busy, spinning threads steal each other's time slices and decode collapses (2 tok/s
+    against 21 passive), so a busy machine gets passive waits. "Busy" is measured now, over
+    0.2 s of CPU time, not from the load average, which still counts a run that just ended.
+    libgomp reads the variable once, when Numba first starts its thread pool, after this.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    cpus = os.cpu_count() or 1
+    busy = psutil.cpu_percent(interval=0.2) / 100.0 * cpus  # cores other processes are using
+    if busy + (threads or cpus) > cpus + 0.5:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

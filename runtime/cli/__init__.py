@@ -1,0 +1,58 @@
+"""`stepstream` command line: one subcommand per user task.
+
+Each subcommand lives in its own module, which provides `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their subcommand runs, so
+`stepstream --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from runtime.base.errors import StepstreamError
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("runtime.cli.demo", "generate with the embedded trained miniature, experts streaming from disk"),
+    "mini": ("runtime.cli.mini", "write a random-weight miniature Step-3.5 checkpoint (HF layout)"),
+    "convert": ("runtime.cli.convert", "convert a Hugging Face Step-3.5 checkpoint to GGUF"),
+    "run": ("runtime.cli.run", "complete a prompt with a GGUF model, streaming the text"),
+    "chat": ("runtime.cli.chat", "chat with a GGUF model using its chat template"),
+    "bench": ("runtime.cli.bench", "measure prefill and decode speed (optionally beside llama.cpp)"),
+    "perplexity": ("runtime.cli.perplexity", "perplexity of a text file, computed as llama.cpp's llama-perplexity does"),
+    "profile": ("runtime.cli.profile", "record per-layer expert activation counts over a prompts file"),
+    "train-mini": ("runtime.cli.train_mini", "train the miniature Step-3.5 on the Python stdlib (needs torch)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: it lists the subcommands; each one's arguments come from its module."""
+    parser = argparse.ArgumentParser(prog="stepstream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS:
+        build_parser().parse_args(argv)  # prints the help or a usage error, and exits
+        return 2
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"stepstream {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except StepstreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+

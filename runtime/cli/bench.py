@@ -1,0 +1,124 @@
+"""`stepstream bench`: prompt-processing and generation speed, optionally beside llama.cpp.
+
+Like llama-bench: `-p N` random prompt tokens are evaluated in one go from an empty cache
+(prefill), then `-n N` further random tokens are fed one at a time after them (decode: a
+token-generation step without the sampling), each timed separately; the median of `-r`
+repetitions is reported. Both engines get the very same token ids. With `--llama-cpp`, llama-cpp-python runs the
+same prompt and the same token-by-token decode with the same threads, in a child process
+so that its memory does not count towards ours.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+
+from runtime.cli.common import add_model_args, load_model, print_stats
+from runtime.base.system import peak_rss_bytes
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens to evaluate (default: 128)")
+    p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens to generate (default: 32)")
+    p.add_argument("-r", "--repetitions", type=int, default=1, help="runs of each test; the median is reported (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
+    p.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) on the same file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(batch_size=512)  # llama-bench's micro-batch: the whole prompt in one chunk
+
+
+def _prompt(vocab: int, n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def bench_ours(model, prompt: list[int], gen: list[int], reps: int) -> dict:
+    model.reset()  # warm-up, as llama-bench does: the first calls load or compile the kernels
+    model.eval(prompt[:8])
+    model.eval(gen[:1] or prompt[:1])
+    pp, tg = [], []
+    for _ in range(reps):
+        model.reset()
+        t0 = time.perf_counter()
+        model.eval(prompt)
+        pp.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for t in gen:
+            model.eval([t])
+        tg.append(time.perf_counter() - t0)
+    return _rates(prompt, gen, pp, tg)
+
+
+def _rates(prompt, gen, pp: list[float], tg: list[float]) -> dict:
+    return {"prefill_tok_s": len(prompt) / float(np.median(pp)),
+            "decode_tok_s": len(gen) / float(np.median(tg)) if gen else None,
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int,
+                     queue) -> None:
+    import llama_cpp
+
+    threads = threads or os.cpu_count()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + len(gen) + 8, n_batch=batch, n_ubatch=batch,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.eval(prompt[:8])  # warm-up
+    llm.eval(gen[:1] or prompt[:1])
+    pp, tg = [], []
+    for _ in range(reps):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        pp.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for t in gen:
+            llm.eval([t])
+        tg.append(time.perf_counter() - t0)
+    llm.close()
+    queue.put(_rates(prompt, gen, pp, tg))
+
+
+def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_llama_cpp_child, args=(path, prompt, gen, reps, threads, batch, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def run(args) -> int:
+    model = load_model(args)
+    ids = _prompt(model.cfg.vocab, args.n_prompt + args.n_gen, args.seed)
+    prompt, gen = ids[: args.n_prompt], ids[args.n_prompt :]
+    report = {"model": str(model.file.path), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+              "threads": args.threads, "batch_size": args.batch_size, "repetitions": args.repetitions,
+              "activations": model.options.activations, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
+              **bench_ours(model, prompt, gen, args.repetitions)}
+    if model.placement is not None:
+        report["placement"] = model.placement.as_dict()
+        report["experts"] = model.provider.stats.as_dict()
+    if args.llama_cpp:
+        report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads,
+                                              args.batch_size)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    rows = [("stepstream", report)] + ([("llama.cpp", report["llama_cpp"])] if args.llama_cpp else [])
+    print(f"{'engine':<12} {'pp' + str(args.n_prompt) + ' tok/s':>14} {'tg' + str(args.n_gen) + ' tok/s':>14} {'peak RSS MiB':>13}", file=sys.stdout)
+    for name, r in rows:
+        print(f"{name:<12} {r['prefill_tok_s']:>14.2f} {r['decode_tok_s'] or 0:>14.2f} {r['peak_rss_bytes'] / 2**20:>13.0f}")
+    if args.llama_cpp:
+        ll = report["llama_cpp"]
+        print(f"{'ratio':<12} {report['prefill_tok_s'] / ll['prefill_tok_s']:>13.2f}x "
+              f"{(report['decode_tok_s'] or 0) / (ll['decode_tok_s'] or 1):>13.2f}x")
+    print(f"(medians of {args.repetitions}; activations {report['activations']}, "
+          f"OpenMP waits {report['omp_wait_policy']})")
+    print_stats(args, model)
+    return 0

@@ -1,0 +1,109 @@
+"""The token loop on a loaded model, and stop handling.
+
+    tokens  -> generate()           yields sampled token ids
+    prompt  -> complete()           yields text pieces, then the finish reason
+
+`model` is anything with the runtime Model's `eval_reusing_prefix`, `eval`, `history`,
+`n_past`, `n_ctx` and `tokenizer`: this layer sits below the model and never imports it.
+
+A stop condition is one of: an end-of-generation token, `max_tokens`, a stop string
+(never emitted; text that might begin one is held back until it cannot), or the context
+filling up.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from runtime.base.errors import StepstreamError
+from runtime.generation.sampling import Sampler, SamplingParams
+
+
+def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | None = None,
+             stop_at_eog: bool = True) -> Iterator[int]:
+    """Evaluate the prompt (reusing the cached prefix) and yield sampled tokens."""
+    prompt = list(prompt)
+    if not prompt:
+        raise StepstreamError("generation needs a non-empty prompt")
+    logits = model.eval_reusing_prefix(prompt)
+    eog = model.tokenizer.eog_ids if stop_at_eog else frozenset()
+    n = 0
+    while max_tokens is None or n < max_tokens:
+        tok = sampler(logits, model.history)
+        n += 1
+        yield tok
+        if tok in eog or model.n_past + 1 > model.n_ctx:
+            return
+        logits = model.eval([tok])
+
+
+class StopStrings:
+    """Finds stop strings in streamed text, holding back a tail that could start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was hit)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    n_tokens: int  # tokens generated so far
+    finish_reason: str | None = None  # set on the last piece: "stop" or "length"
+
+
+def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: int | None,
+             stop: Sequence[str] = ()) -> Iterator[Piece]:
+    """Text pieces of the continuation of `prompt`; the last piece carries the finish reason."""
+    sampler = Sampler(params)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stops = StopStrings(stop)
+    eog = model.tokenizer.eog_ids
+    n = 0
+    for tok in generate(model, prompt, sampler, max_tokens):
+        n += 1
+        if tok in eog:
+            yield Piece(stops.push(utf8.decode(b"", final=True))[0] + stops.flush(), n, "stop")
+            return
+        text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
+        if hit:
+            yield Piece(text, n, "stop")
+            return
+        if text:
+            yield Piece(text, n)
+    yield Piece(stops.push(utf8.decode(b"", final=True))[0] + stops.flush(), n, "length")
+
+
+def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
+                    repeat_last_n=64, seed=None) -> SamplingParams:
+    return SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p), float(repeat_penalty),
+                          int(repeat_last_n), seed)
+
+
+def greedy_tokens(model, prompt: Sequence[int], n: int) -> list[int]:
+    """n greedy continuations, ignoring end-of-generation tokens (golden tests)."""
+    return list(generate(model, prompt, Sampler(SamplingParams(temperature=0.0)), n, stop_at_eog=False))
+

@@ -1,0 +1,62 @@
+"""Perplexity over a text, computed the way llama.cpp's `llama-perplexity` computes it.
+
+The text is tokenized once (with BOS when the model adds one) and cut into chunks of
+n_ctx tokens; a partial last chunk is dropped. Each chunk is evaluated from an empty
+cache with its first token replaced by BOS (when the model uses one), and only the
+second half is scored: the logits at positions n_ctx/2 .. n_ctx-2 against the tokens
+that follow them. PPL = exp(mean negative log-likelihood) over all scored tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.base.errors import StepstreamError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood, nats
+    stderr: float  # of the PPL estimate, as llama.cpp reports it
+    n_tokens: int  # scored tokens
+    n_chunks: int
+
+
+def chunk_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64: logits [N, V], targets [N]."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(z).sum(axis=-1))
+    return logz - z[np.arange(len(targets)), targets]
+
+
+def perplexity(eval_chunk: Callable[[list[int]], np.ndarray], tokens: list[int], n_ctx: int,
+               bos_id: int | None, n_chunks: int | None = None, progress: Iterator | None = None) -> PerplexityResult:
+    """eval_chunk(ids) -> logits [len(ids), V] from an empty cache."""
+    if n_ctx < 4:
+        raise StepstreamError(f"context of {n_ctx} tokens is too small for perplexity")
+    if len(tokens) < 2 * n_ctx:
+        raise StepstreamError(f"the text has {len(tokens)} tokens; perplexity with a context of {n_ctx} needs at least {2 * n_ctx}")
+    total = len(tokens) // n_ctx
+    n = total if n_chunks is None or n_chunks < 0 else min(n_chunks, total)
+    first = n_ctx // 2
+    nlls = []
+    for i in range(n):
+        chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
+        if bos_id is not None:
+            chunk[0] = bos_id
+        logits = eval_chunk(chunk)
+        targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx])
+        nlls.append(chunk_nll(logits[first : n_ctx - 1], targets))
+        if progress is not None:
+            next(progress, None)
+    nll = np.concatenate(nlls)
+    mean = float(nll.mean())
+    var = float((nll ** 2).mean() - mean ** 2)
+    ppl = float(np.exp(mean))
+    stderr = float(np.sqrt(var / (len(nll) - 1)) * ppl) if var > 0 and len(nll) > 1 else 0.0
+    return PerplexityResult(ppl, mean, stderr, len(nll), n)

@@ -1,0 +1,112 @@
+"""Choosing the next token: small functions over a logit vector, composed into a sampler.
+
+Each filter takes logits [V] float32 and returns a copy with the tokens it rules out set
+to -inf. The order is llama.cpp's default chain: repetition penalty, top-k, top-p,
+min-p, temperature, then a draw (or argmax when temperature <= 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.base.errors import StepstreamError
+
+NEG_INF = np.float32(-np.inf)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # <= 0: greedy
+    top_k: int = 40  # <= 0: off
+    top_p: float = 0.95  # >= 1: off
+    min_p: float = 0.05  # <= 0: off
+    repeat_penalty: float = 1.0  # 1: off
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
+    seed: int | None = None  # None: fresh entropy
+
+    def __post_init__(self):
+        if self.top_p <= 0:
+            raise StepstreamError(f"top_p must be > 0, got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise StepstreamError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise StepstreamError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < 0:
+            raise StepstreamError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def repetition_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """Seen tokens get less likely: positive logits divided by `penalty`, negative ones multiplied."""
+    out = logits.copy()
+    if penalty == 1.0 or not len(recent):
+        return out
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    v = out[ids]
+    out[ids] = np.where(v > 0, v / penalty, v * penalty)
+    return out
+
+
+def top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.size:
+        return logits.copy()
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits >= kth, logits, NEG_INF)
+
+
+def top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the most likely tokens whose probabilities first sum to at least p."""
+    if p >= 1.0:
+        return logits.copy()
+    order = np.argsort(-logits, kind="stable")
+    cum = np.cumsum(softmax(logits)[order])
+    n = int(np.searchsorted(cum, p) + 1)
+    out = np.full_like(logits, NEG_INF)
+    out[order[:n]] = logits[order[:n]]
+    return out
+
+
+def min_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep tokens at least p times as likely as the most likely one."""
+    if p <= 0:
+        return logits.copy()
+    keep = logits >= logits.max() + np.log(p)
+    return np.where(keep, logits, NEG_INF)
+
+
+def temperature(logits: np.ndarray, t: float) -> np.ndarray:
+    return logits / np.float32(t)
+
+
+def greedy(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
+    probs = softmax(logits)
+    return int(rng.choice(probs.size, p=probs))
+
+
+class Sampler:
+    """The composed chain with its own random stream (reproducible for a given seed)."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        p = self.params
+        recent = history[-p.repeat_last_n :] if p.repeat_last_n else ()
+        z = repetition_penalty(np.asarray(logits, dtype=np.float32), recent, p.repeat_penalty)
+        if p.temperature <= 0:
+            return greedy(z)
+        z = min_p(top_p(top_k(z, p.top_k), p.top_p), p.min_p)
+        return draw(temperature(z, p.temperature), self.rng)

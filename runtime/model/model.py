@@ -1,0 +1,254 @@
+"""A loaded Step-3.5 model: its weights, expert provider, KV cache and position.
+
+    h = embed(tokens)
+    for each trunk block: h = block(h)         (chunked prefill, or one token at a time)
+    logits = output(norm(h))
+
+Tokens are evaluated at the cache's current position; `trim(n)` rolls it back.
+
+Shape legend:  T tokens   H hidden   V vocab
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cached_property
+
+import numpy as np
+
+from runtime.base.config import ModelConfig
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.base.options import RuntimeOptions
+from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
+from runtime.model.block import block, block_spec, guess_experts
+from runtime.model.experts import ExpertProvider
+from runtime.model.kv_cache import KVCache
+from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
+from runtime.model.ops import rms_norm
+from runtime.model.weights import ModelWeights
+from runtime.text.chat_template import render_chat
+from runtime.text.tokenizer import Tokenizer
+
+
+class Model:
+    def __init__(self, file: GGUFModelFile, cfg: ModelConfig, weights: ModelWeights,
+                 provider: ExpertProvider, options: RuntimeOptions):
+        self.file = file
+        self.cfg = cfg
+        self.weights = weights
+        self.provider = provider
+        self.options = options
+        self.n_ctx = options.n_ctx or min(cfg.context_length, 4096)
+        self._q8 = options.activations == "q8"
+        self._specs = [block_spec(cfg, i, weights.rope_factors, self._q8) for i in range(cfg.n_layers)]
+        self.cache = KVCache(cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers],
+                             cfg.window, self.n_ctx, options.rollback)
+        self._tokenizer = None
+        self._tokens: list[int] = []  # the ids the cache holds, position by position
+        self.placement = None  # offload.placement.Placement when experts stream from disk
+        # Read ahead: before block i runs, guess block i+1's experts with its router (prefetch).
+        self._prefetch = getattr(provider, "prefetch", None) if options.prefetch else None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def n_past(self) -> int:
+        return self.cache.n_past
+
+    @property
+    def history(self) -> list[int]:
+        """Token ids held by the cache (read-only view)."""
+        return self._tokens
+
+    @property
+    def name(self) -> str:
+        return self.file.path.name
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self._tokens = []
+
+    def warm_up(self) -> float:
+        """Evaluate a chunk of five tokens and one token alone, then forget them, so that every
+        kernel a run needs is loaded: from Numba's cache in a fraction of a second, or compiled
+        on the first run after an install (tens of seconds). Five different tokens give experts
+        with one token and with several, so both the GEMV and the GEMM paths run. Returns the
+        seconds it took."""
+        t0 = time.perf_counter()
+        self.reset()
+        ids = [i % self.cfg.vocab for i in range(5)]
+        self.eval(ids)
+        self.eval(ids[:1])
+        self.reset()
+        return time.perf_counter() - t0
+
+    def trim(self, n: int) -> None:
+        """Forget the last n evaluated positions."""
+        self.cache.trim(n)
+        del self._tokens[len(self._tokens) - n :]
+
+    def close(self) -> None:
+        self.provider.close()
+
+    # ------------------------------------------------------------------ compute
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1:
+            raise StepstreamError(f"tokens must be a 1-D sequence of ids, got shape {list(ids.shape)}")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise StepstreamError(f"tokens must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
+        bad = ids[(ids < 0) | (ids >= self.cfg.vocab)]
+        if bad.size:
+            raise StepstreamError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.cfg.vocab - 1})")
+        if self.n_past + ids.size > self.n_ctx:
+            raise StepstreamError(
+                f"{ids.size} tokens after {self.n_past} cached positions exceed the context of {self.n_ctx} "
+                f"(load with a larger n_ctx, at most the model's {self.cfg.context_length})"
+            )
+        return ids
+
+    def hidden(self, tokens) -> np.ndarray:
+        """Evaluate tokens at the current position; last trunk hidden state [T, H] (pre-norm)."""
+        ids = self._check_tokens(tokens)
+        out = []
+        for a in range(0, ids.size, self.options.n_batch):
+            chunk = ids[a : a + self.options.n_batch]
+            pos = np.arange(self.n_past, self.n_past + chunk.size, dtype=np.int64)
+            h = rows(self.weights.embed, chunk)  # [T, H]
+            for i, (s, w, kv) in enumerate(zip(self._specs, self.weights.blocks, self.cache.layers)):
+                if self._prefetch is not None and i + 1 < len(self._specs) and self.weights.blocks[i + 1].router is not None:
+                    self._prefetch(i + 1, guess_experts(self._specs[i + 1], self.weights.blocks[i + 1], h))
+                h = block(s, w, h, pos, kv, self.provider)
+            self.cache.advance(chunk.size)
+            self._tokens.extend(chunk.tolist())
+            out.append(h)
+        return np.concatenate(out) if out else np.zeros((0, self.cfg.hidden), np.float32)
+
+    def output(self, h: np.ndarray) -> np.ndarray:
+        """Logits [T, V] float32 of hidden states [T, H]."""
+        x = rms_norm(h, self.weights.out_norm, self.cfg.rms_eps)
+        if self._q8 and x.shape[0] == 1 and self._output_q8 is not None:
+            return matvec_q8(self._output_q8, x)
+        return matmul(x, self.weights.output, self._q8).astype(np.float32)
+
+    @cached_property
+    def _output_q8(self):
+        return q8_group([self.weights.output])
+
+    def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""
+        h = self.hidden(tokens)
+        if h.shape[0] == 0:
+            raise StepstreamError("eval needs at least one token")
+        return self.output(h) if all_logits else self.output(h[-1:])[0]
+
+    def logits(self, tokens) -> np.ndarray:
+        """[T, V] float32 logits of every position, evaluated from an empty cache."""
+        self.reset()
+        return self.eval(tokens, all_logits=True)
+
+    def mtp_logits(self, tokens) -> list[np.ndarray]:
+        """Teacher-forced drafts of the MTP heads over `tokens`, from an empty cache.
+
+        Entry j is [T-1-j, V]: row t is head j's prediction of token t+2+j, made from the
+        token t+1+j and a hidden state at t (the trunk's for j = 0, head j-1's otherwise).
+        Each head attends over its own stream of positions with a cache of its own.
+        """
+        if not self.weights.nextn:
+            raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
+        self.reset()
+        ids = self._check_tokens(tokens)
+        h = self.hidden(ids)  # [T, H]
+        cfg, out = self.cfg, []
+        for j, nw in enumerate(self.weights.nextn):
+            i, n = cfg.n_layers + j, ids.size - 1 - j
+            if n <= 0:
+                break
+            e = rms_norm(rows(self.weights.embed, ids[1 + j : 1 + j + n]), nw.enorm, cfg.rms_eps)
+            x = matmul(np.concatenate([e, rms_norm(h[:n], nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj, self._q8)  # [n, H]
+            kv = KVCache((cfg.n_head_kv[i],), cfg.head_dim, (cfg.sliding[i],), cfg.window, n, 0).layers[0]
+            spec = block_spec(cfg, i, self.weights.rope_factors, self._q8)
+            h = np.concatenate([
+                block(spec, self.weights.blocks[i], x[a : a + self.options.n_batch],
+                      np.arange(a, min(a + self.options.n_batch, n)), kv, self.provider)
+                for a in range(0, n, self.options.n_batch)
+            ])
+            out.append(matmul(rms_norm(h, nw.head_norm, cfg.rms_eps), nw.head, self._q8).astype(np.float32))
+        return out
+
+    def eval_reusing_prefix(self, tokens) -> np.ndarray:
+        """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
+        tokens = list(tokens)
+        common = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last token is evaluated again for its logits
+        try:
+            self.trim(self.n_past - common)
+        except StepstreamError:  # the sliding ring cannot roll back that far
+            self.reset()
+            common = 0
+        return self.eval(tokens[common:])
+
+    # ------------------------------------------------------------------ text
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_gguf(self.file)
+        return self._tokenizer
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Like llama-cpp-python: BOS first when the model wants one; `special` parses control tokens."""
+        return self.tokenizer.encode(text, add_bos=add_bos and self.tokenizer.add_bos, special=special)
+
+    def detokenize(self, tokens, special: bool = False) -> bytes:
+        return self.tokenizer.decode_bytes(tokens, special=special)
+
+    def generate(self, tokens, max_tokens: int | None = None, **sampling):
+        """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
+
+        Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
+        repeat_penalty, repeat_last_n, seed.
+        """
+        if "temp" in sampling:
+            sampling["temperature"] = sampling.pop("temp")
+        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**sampling)), max_tokens)
+
+    def create_completion(self, prompt: str, max_tokens: int | None = 16, stop=None, stream: bool = False, **sampling):
+        """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming)."""
+        ids = self.tokenize(prompt, add_bos=True, special=True)
+        pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
+        return completion_response(self, ids, pieces, stream)
+
+    def __call__(self, prompt: str, **kwargs):
+        """`model(prompt, ...)` is `create_completion`, as in llama-cpp-python."""
+        return self.create_completion(prompt, **kwargs)
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stop=None,
+                               stream: bool = False, **sampling):
+        """OpenAI-shaped chat completion, the prompt rendered from the model's chat template."""
+        tok = self.tokenizer
+        text = render_chat(tok.chat_template, messages,
+                           bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
+                           eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
+        ids = self.tokenize(text, add_bos=False, special=True)
+        pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
+        return chat_response(self, ids, pieces, stream)
+
+    def _check_tokens_only(self, tokens) -> list[int]:
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise StepstreamError("tokens must be a 1-D sequence of integer ids")
+        return ids.astype(np.int64).tolist()
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)

@@ -1,0 +1,169 @@
+"""The small operations of a block: RMS norm, RoPE, the gates, SwiGLU, routing.
+
+Each exists once. The float sums that decide bit-exactness (RMS norm, attention dots,
+router logits) run in Numba with a fixed summation order (quant.jit.FIXED_ORDER and the
+LANES partial sums of `dot`), so a kernel compiled now and its cached copy agree, and
+prefill and decode compute a norm the same way. The rest is numpy over whole chunks.
+
+Shape legend:
+    T  tokens in this chunk          H  hidden size       D  head dim      R  rotated dims (n_rot)
+    E  experts                       K  experts used per token
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from quant.jit import FIXED_ORDER
+
+LANES = 16
+
+
+@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
+def dot(a, b, part):
+    """sum(a * b) over equal-length vectors, in a fixed order: LANES partial sums (part holds
+    LANES floats of scratch), then their sum. Vectorizes without reordering anything."""
+    n = a.shape[0]
+    for l in range(LANES):
+        part[l] = 0.0
+    m = n - n % LANES
+    for i0 in range(0, m, LANES):
+        for l in range(LANES):
+            part[l] += a[i0 + l] * b[i0 + l]
+    t = np.float32(0.0)
+    for l in range(LANES):
+        t += part[l]
+    for i in range(m, n):
+        t += a[i] * b[i]
+    return t
+
+
+@nb.njit(fastmath=FIXED_ORDER, cache=True)
+def rms_norm_row(x, w, eps, out):
+    """out [n] = x [n] * w [n] / rms(x); w already holds `1 + w` (the converter added the 1).
+    out may be x itself. Not inlined: compiled on its own, its sum keeps its fixed order inside
+    callers compiled with full fast-math (see quant.jit)."""
+    n = x.shape[0]
+    part = np.empty(LANES, np.float32)
+    ss = dot(x, x, part)
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
+    for i in range(n):
+        out[i] = x[i] * inv * w[i]
+
+
+@nb.njit(fastmath=FIXED_ORDER, cache=True)
+def _rms_norm_rows(x, w, eps, out):
+    for t in range(x.shape[0]):
+        rms_norm_row(x[t], w, eps, out[t])
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x [..., n] float32 RMS-normed over the last axis, times w [n]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _rms_norm_rows(x.reshape(-1, x.shape[-1]), w, np.float32(eps), out.reshape(-1, x.shape[-1]))
+    return out
+
+
+def rope_inv_freq(n_rot: int, base: float, factors: np.ndarray | None = None) -> np.ndarray:
+    """[R/2] angular speeds of NeoX RoPE; llama3 `factors` divide them (full layers only)."""
+    inv = base ** (-np.arange(0, n_rot // 2, dtype=np.float64) * 2.0 / n_rot)
+    if factors is not None:
+        inv = inv / factors[: n_rot // 2]
+    return inv
+
+
+def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """NeoX RoPE in place on x [T, N, D]: pairs (j, j + R/2) of the first R dims rotate."""
+    half = inv_freq.shape[0]
+    ang = pos.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, R/2]
+    cos = np.cos(ang).astype(np.float32)[:, None, :]
+    sin = np.sin(ang).astype(np.float32)[:, None, :]
+    a = x[..., :half].copy()
+    b = x[..., half : 2 * half]
+    x[..., :half] = a * cos - b * sin
+    x[..., half : 2 * half] = b * cos + a * sin
+    return x
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 gives the right 0
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def swiglu(g: np.ndarray, u: np.ndarray, limit: float) -> np.ndarray:
+    """silu(g) * u, clamped when limit > 0: min(silu(g), L) * clip(u, -L, L). g/u [T, F]."""
+    a = g * sigmoid(g)
+    if limit > 1e-6:  # llama.cpp's threshold
+        a = np.minimum(a, np.float32(limit))
+        u = np.clip(u, np.float32(-limit), np.float32(limit))
+    return a * u
+
+
+def route(logits: np.ndarray, bias: np.ndarray | None, k: int, scale: float, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid router: logits [T, E] -> (expert ids [T, K], weights [T, K] float32).
+
+    The bias only chooses; weights are the unbiased sigmoid scores of the chosen experts,
+    optionally divided by their sum, times `scale`.
+    """
+    s = sigmoid(logits.astype(np.float32))
+    choose = s if bias is None else s + bias
+    ids = np.argsort(-choose, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(s, ids, axis=-1)
+    if normalize:
+        w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+    return ids, (w * np.float32(scale)).astype(np.float32)
+
+
+@nb.njit(fastmath=FIXED_ORDER, cache=True)
+def _route_sorted(logits, bias, k, scale, normalize, ids, weights):
+    e = logits.shape[0]
+    s = np.empty(e, np.float32)
+    choose = np.empty(e, np.float32)
+    for i in range(e):
+        s[i] = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits[i]))
+        choose[i] = s[i] + bias[i] if bias.shape[0] else s[i]
+    taken = np.zeros(e, np.bool_)
+    for j in range(k):  # the k best, the lower index first among equals (a stable sort's order)
+        best = -1
+        for i in range(e):
+            if not taken[i] and (best < 0 or choose[i] > choose[best]):
+                best = i
+        taken[best] = True
+    total = np.float32(0.0)
+    n = 0
+    for i in range(e):  # ascending expert ids
+        if taken[i]:
+            ids[n] = i
+            weights[n] = s[i]
+            total += s[i]
+            n += 1
+    div = max(total, np.float32(6.103515625e-5)) if normalize else np.float32(1.0)
+    for j in range(k):
+        weights[j] = weights[j] / div * scale
+
+
+def route_sorted(logits: np.ndarray, bias: np.ndarray | None, k: int, scale: float,
+                 normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One token's router logits [E] -> (the k chosen expert ids ascending, their weights)."""
+    ids, weights = np.empty(k, np.int64), np.empty(k, np.float32)
+    _route_sorted(np.ascontiguousarray(logits, dtype=np.float32), _EMPTY if bias is None else bias, k,
+                  np.float32(scale), normalize, ids, weights)
+    return ids, weights
+
+
+_EMPTY = np.zeros(0, np.float32)
+
+
+def group_by_expert(ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """ids [T, K] -> {expert: (token rows, slot columns)} for the experts in use."""
+    flat = ids.ravel()
+    order = np.argsort(flat, kind="stable")
+    experts, starts = np.unique(flat[order], return_index=True)
+    bounds = list(starts[1:]) + [len(flat)]
+    K = ids.shape[1]
+    out = {}
+    for e, a, b in zip(experts.tolist(), starts.tolist(), bounds):
+        sel = order[a:b]
+        out[e] = (sel // K, sel % K)
+    return out

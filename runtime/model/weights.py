@@ -1,0 +1,158 @@
+"""Binding GGUF tensors to the model's parts, each checked against the config's shapes.
+
+Matrices stay views of the mapped file; small vectors (norms, router bias) are copied to
+float32. Routed experts are not held here: they go to the expert provider.
+
+Shape legend (numpy order):  H hidden  V vocab  D head dim  Nh/Nk heads
+    F dense FFN  E experts  I expert FFN  S shared FFN
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from runtime.base import gguf_schema as N
+from runtime.base.config import ModelConfig
+from runtime.base.errors import StepstreamError
+from runtime.model.experts import ExpertWeights
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.model.matrix import Matrix, ffn_descriptor, matrix, q8_group, stacked, vector
+
+
+@dataclass(frozen=True)
+class FFN:
+    gate: Matrix  # [F, H]
+    up: Matrix  # [F, H]
+    down: Matrix  # [H, F]
+
+    @cached_property
+    def descriptor(self):
+        """For the fused decode kernel (runtime.model.matrix.ffn_descriptor); computed once."""
+        return ffn_descriptor(self.gate, self.up, self.down)
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    attn_norm: np.ndarray  # [H]
+    q: Matrix  # [Nh*D, H]
+    k: Matrix  # [Nk*D, H]
+    v: Matrix  # [Nk*D, H]
+    o: Matrix  # [H, Nh*D]
+    q_norm: np.ndarray  # [D]
+    k_norm: np.ndarray  # [D]
+    gate: Matrix  # [Nh, H], head-wise output gate
+    ffn_norm: np.ndarray  # [H]
+    dense: FFN | None  # dense blocks
+    router: Matrix | None  # [E, H], MoE blocks
+    router_bias: np.ndarray | None  # [E]
+    shared: FFN | None  # [S, H] / [H, S]
+
+    @cached_property
+    def qkvg_q8(self):
+        """q, k, v and the head gate as one int8 kernel group (None if a format has no kernel)."""
+        return q8_group([self.q, self.k, self.v, self.gate])
+
+    @cached_property
+    def o_q8(self):
+        return q8_group([self.o])
+
+    @cached_property
+    def router_f32(self):
+        """The float32 router as a read-only array, one type whether mapped or copied (see
+        quant.kernels.pack)."""
+        r = np.ascontiguousarray(self.router.data, dtype=np.float32).view()
+        r.flags.writeable = False
+        return r
+
+
+@dataclass(frozen=True)
+class NextNWeights:
+    eh_proj: Matrix  # [H, 2H]
+    enorm: np.ndarray  # [H]
+    hnorm: np.ndarray  # [H]
+    head_norm: np.ndarray  # [H]
+    head: Matrix  # [V, H]
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    embed: Matrix  # [V, H]
+    out_norm: np.ndarray  # [H]
+    output: Matrix  # [V, H]
+    rope_factors: np.ndarray | None  # [D/2], llama3 scaling of full-attention blocks
+    blocks: list[BlockWeights]  # trunk, then MTP blocks when present
+    nextn: list[NextNWeights]  # one per MTP block present (empty for a trunk-only file)
+
+
+def _ffn(f: GGUFModelFile, i: int, names: tuple[str, str, str], width: int, H: int) -> FFN:
+    g, u, d = (f.tensor(N.blk(i, n)) for n in names)
+    return FFN(matrix(g, (width, H)), matrix(u, (width, H)), matrix(d, (H, width)))
+
+
+def _block(f: GGUFModelFile, cfg: ModelConfig, i: int) -> BlockWeights:
+    H, D, nh, nk = cfg.hidden, cfg.head_dim, cfg.n_head[i], cfg.n_head_kv[i]
+
+    def t(name):
+        return f.tensor(N.blk(i, name))
+
+    has_router = N.blk(i, N.ROUTER) in f.tensors
+    if has_router != cfg.moe[i]:
+        kind = "MoE" if cfg.moe[i] else "dense"
+        raise StepstreamError(f"{f.path}: block {i} is {kind} by {N.Key.LEADING_DENSE}, but its tensors say otherwise ({N.blk(i, N.ROUTER)} {'present' if has_router else 'absent'})")
+    moe = cfg.moe[i]
+    bias_name = N.blk(i, N.ROUTER_BIAS)
+    return BlockWeights(
+        attn_norm=vector(t(N.ATTN_NORM), H),
+        q=matrix(t(N.ATTN_Q), (nh * D, H)),
+        k=matrix(t(N.ATTN_K), (nk * D, H)),
+        v=matrix(t(N.ATTN_V), (nk * D, H)),
+        o=matrix(t(N.ATTN_OUTPUT), (H, nh * D)),
+        q_norm=vector(t(N.ATTN_Q_NORM), D),
+        k_norm=vector(t(N.ATTN_K_NORM), D),
+        gate=matrix(t(N.ATTN_GATE), (nh, H)),
+        ffn_norm=vector(t(N.FFN_NORM), H),
+        dense=None if moe else _ffn(f, i, N.DENSE, cfg.dense_ffn, H),
+        router=matrix(t(N.ROUTER), (cfg.n_expert, H)) if moe else None,
+        router_bias=vector(f.tensors[bias_name], cfg.n_expert) if moe and bias_name in f.tensors else None,
+        shared=_ffn(f, i, N.SHARED, cfg.shared_ffn, H) if moe else None,
+    )
+
+
+def expert_bank(f: GGUFModelFile, cfg: ModelConfig, i: int) -> list[ExpertWeights]:
+    """The E routed experts of block i, each a set of contiguous slices of the file."""
+    E, I, H = cfg.n_expert, cfg.expert_ffn, cfg.hidden
+    g, u, d = (f.tensor(N.blk(i, n)) for n in N.EXPERTS)
+    return [ExpertWeights(*m) for m in zip(stacked(g, (E, I, H)), stacked(u, (E, I, H)), stacked(d, (E, H, I)))]
+
+
+def _nextn(f: GGUFModelFile, cfg: ModelConfig, i: int, out_norm, output) -> NextNWeights:
+    H = cfg.hidden
+    head_norm = N.blk(i, N.NEXTN_HEAD_NORM)
+    head = N.blk(i, N.NEXTN_HEAD)
+    return NextNWeights(
+        eh_proj=matrix(f.tensor(N.blk(i, N.NEXTN_EH_PROJ)), (H, 2 * H)),
+        enorm=vector(f.tensor(N.blk(i, N.NEXTN_ENORM)), H),
+        hnorm=vector(f.tensor(N.blk(i, N.NEXTN_HNORM)), H),
+        head_norm=vector(f.tensors[head_norm], H) if head_norm in f.tensors else out_norm,
+        head=matrix(f.tensors[head], (cfg.vocab, H)) if head in f.tensors else output,
+    )
+
+
+def load_weights(f: GGUFModelFile, cfg: ModelConfig) -> ModelWeights:
+    H, V = cfg.hidden, cfg.vocab
+    embed = matrix(f.tensor(N.TOKEN_EMBD), (V, H))
+    out_norm = vector(f.tensor(N.OUTPUT_NORM), H)
+    output = matrix(f.tensors[N.OUTPUT], (V, H)) if N.OUTPUT in f.tensors else embed  # tied
+    factors = vector(f.tensors[N.ROPE_FREQS], cfg.head_dim // 2).astype(np.float64) if N.ROPE_FREQS in f.tensors else None
+    blocks = [_block(f, cfg, i) for i in range(cfg.n_layers)]
+    # A trunk-only file (llama.cpp can split the MTP heads off) declares MTP blocks it lacks.
+    has_mtp = cfg.n_mtp > 0 and N.blk(cfg.n_layers, N.NEXTN_EH_PROJ) in f.tensors
+    nextn = []
+    if has_mtp:
+        for i in range(cfg.n_layers, cfg.n_blocks):
+            blocks.append(_block(f, cfg, i))
+            nextn.append(_nextn(f, cfg, i, out_norm, output))
+    return ModelWeights(embed, out_norm, output, factors, blocks, nextn)

@@ -1,0 +1,1 @@
+"""Text: the tokenizer rebuilt from GGUF metadata, and the chat template."""

@@ -1,0 +1,143 @@
+"""The tokenizer rebuilt from GGUF metadata, and text <-> token ids.
+
+Our converter stores the checkpoint's tokenizer.json verbatim (`stepstream.tokenizer.hf_json`),
+so the Hugging Face tokenizer comes back exactly. A GGUF made by llama.cpp's tools has
+only the token list, merges and a pre-tokenizer *name*; from those we build the same
+byte-level BPE, with the split regexes that name stands for in llama.cpp
+(src/llama-vocab.cpp, the "original regex from tokenizer.json" forms).
+
+Detokenization goes through each token's bytes, so a stream of tokens can be decoded
+piece by piece without splitting a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken
+
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.base.gguf_schema import Key
+
+_QWEN2 = [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"]
+_LLAMA3 = [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"]
+PRE_TOKENIZER_REGEXES: dict[str, list[str]] = {
+    "qwen2": _QWEN2,
+    "deepseek-r1-qwen": _QWEN2,
+    "qwen35": [r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "llama-bpe": _LLAMA3,
+    "llama3": _LLAMA3,
+    "deepseek-v3": [
+        r"\p{N}{1,3}",
+        r"[一-龥぀-ゟ゠-ヿ]+",
+        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ],
+    "gpt-2": [r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"],
+}
+
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _bpe_from_vocab(tokens: list[str], types: list[int], merges: list[str], pre: str, source: str) -> str:
+    """tokenizer.json text equivalent to llama.cpp's BPE built from GGUF vocab metadata."""
+    if pre not in PRE_TOKENIZER_REGEXES:
+        raise StepstreamError(f"{source}: pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(PRE_TOKENIZER_REGEXES))}")
+    vocab = {t: i for i, t in enumerate(tokens)}  # special tokens too, so they keep their ids
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=types[i] == TOKEN_CONTROL, normalized=False)
+                for i, t in enumerate(tokens) if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    tok.add_special_tokens([a for a in specials if a.special])
+    tok.add_tokens([a for a in specials if not a.special])
+    return tok.to_str()
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _piece(text: str, kind: int) -> bytes:
+    """What a token prints as, following llama.cpp's token_to_piece for BPE vocabularies."""
+    if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
+        return text.encode("utf-8")
+    if kind == TOKEN_BYTE and len(text) == 6 and text.startswith("<0x"):
+        return bytes([int(text[3:5], 16)])
+    if kind == TOKEN_NORMAL:
+        if all(c in _BYTE_DECODER for c in text):
+            return bytes(_BYTE_DECODER[c] for c in text)
+        return text.encode("utf-8")
+    return b""  # unused (padding rows of the embedding)
+
+
+class Tokenizer:
+    def __init__(self, hf_json: str, tokens: list[str], types: list[int], bos: int | None, eos: int | None,
+                 eot: int | None, add_bos: bool, chat_template: str | None):
+        self._with_special = HFTokenizer.from_str(hf_json)
+        plain = json.loads(hf_json)
+        plain["added_tokens"] = []  # special=False: their text is ordinary text
+        self._plain = HFTokenizer.from_str(json.dumps(plain))
+        self.tokens = tokens
+        self.types = types
+        self.bos_id, self.eos_id, self.eot_id = bos, eos, eot
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self._bytes = [_piece(t, ty) for t, ty in zip(tokens, types)]
+        self._special = [ty in (TOKEN_CONTROL, TOKEN_UNKNOWN) for ty in types]
+
+    @classmethod
+    def from_gguf(cls, f: GGUFModelFile, use_hf_json: bool = True) -> "Tokenizer":
+        model = f.get(Key.TOK_MODEL, None)
+        if model != "gpt2":
+            raise StepstreamError(f"{f.path}: tokenizer model {model!r} is not supported; Step-3.5 uses byte-level BPE ('gpt2')")
+        tokens = f.get(Key.TOK_LIST)
+        types = f.get(Key.TOK_TYPES, None) or [TOKEN_NORMAL] * len(tokens)
+        hf_json = f.get(Key.HF_JSON, None) if use_hf_json else None
+        if hf_json is None:
+            hf_json = _bpe_from_vocab(tokens, types, f.get(Key.TOK_MERGES), f.get(Key.TOK_PRE, "gpt-2"), str(f.path))
+        return cls(
+            hf_json, tokens, [int(t) for t in types], f.get(Key.TOK_BOS, None), f.get(Key.TOK_EOS, None),
+            f.get(Key.TOK_EOT, None), bool(f.get(Key.TOK_ADD_BOS, False)), f.get(Key.CHAT_TEMPLATE, None),
+        )
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        """Tokens that end generation."""
+        return frozenset(i for i in (self.eos_id, self.eot_id) if i is not None)
+
+    def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        tok = self._with_special if special else self._plain
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        return self._bytes[token] if special or not self._special[token] else b""
+
+    def decode_bytes(self, ids, special: bool = False) -> bytes:
+        """Bytes of the tokens; control tokens (BOS, EOS, ...) print only when `special`."""
+        return b"".join(self._bytes[i] for i in ids if special or not self._special[i])
+
+    def decode(self, ids, special: bool = False) -> str:
+        return self.decode_bytes(ids, special).decode("utf-8", errors="replace")
