@@ -10,7 +10,6 @@ the memory available now minus a reserve, and never more than all the experts.
 from __future__ import annotations
 
 import dataclasses
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,19 +24,6 @@ from runtime.base import system
 from runtime.base.units import parse_bytes
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.model.matrix import Matrix, make_matrix
-
-def release_mapped_pages(f: GGUFModelFile) -> None:
-    """Drop the file pages this process touched through the GGUF maps (MADV_DONTNEED).
-
-    After the non-expert weights are copied to RAM, their mapped pages would otherwise stay
-    in our RSS (and in a memory cgroup's charge) for nothing; later embedding-row reads
-    fault in only what they need.
-    """
-    for reader in getattr(f, "_readers", []):
-        mm = getattr(reader.data, "_mmap", None)
-        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
-
 
 def default_budget(expert_bytes: int, resident_bytes: int) -> int:
     return max(0, min(expert_bytes, system.usable_memory() - resident_bytes))
@@ -99,7 +85,7 @@ class Placement:
 def build_streaming(f: GGUFModelFile, cfg: ModelConfig, resident_bytes: int, budget: int | str | None,
                     policy: str = "lru", profile: str | None = None, pin_share: float = 0.5,
                     direct_io: bool = True, workers: int = 4) -> tuple[StreamingExperts, Placement]:
-    release_mapped_pages(f)
+    f.release_pages()
     table: ExpertTable = build_expert_table(f, cfg)
     slot = slot_bytes_for(table)
     budget_bytes = default_budget(table.total_bytes, resident_bytes) if budget is None else parse_bytes(budget)

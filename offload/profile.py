@@ -81,6 +81,14 @@ class RecordingProvider:
         self.inner, self.profile, self.n_expert = inner, profile, n_expert
         self.calls: list[tuple[int, set[int]]] | None = [] if keep_calls else None
 
+    @property
+    def prefetches(self) -> bool:
+        return self.inner.prefetches
+
+    @property
+    def stats(self):
+        return self.inner.stats
+
     def experts(self, layer: int, ids) -> Iterator:
         self.profile.add(layer, self.n_expert, ids)
         if self.calls is not None:
@@ -93,6 +101,9 @@ class RecordingProvider:
         if self.calls is not None:
             self.calls.append((layer, set(int(e) for e in ids)))
         return self.inner.held(layer, ids)
+
+    def prefetch(self, layer: int, ids) -> None:
+        self.inner.prefetch(layer, ids)
 
     def close(self) -> None:
         self.inner.close()

@@ -21,7 +21,7 @@ from offload.direct_io import DirectReader, span, span_bytes
 from offload.expert_table import ExpertTable
 from offload.stats import StreamStats
 from runtime.base.gguf_schema import expert_name
-from runtime.model.experts import ExpertWeights
+from runtime.model.weights import FFN
 from runtime.model.matrix import matrix_from_bytes
 
 def slot_bytes_for(table: ExpertTable) -> int:
@@ -29,6 +29,8 @@ def slot_bytes_for(table: ExpertTable) -> int:
 
 
 class StreamingExperts:
+    prefetches = True  # runtime.model.experts.ExpertProvider: prefetch reads ahead
+
     def __init__(self, table: ExpertTable, cache: ExpertCache, reader: DirectReader | None = None,
                  workers: int = 4, stats: StreamStats | None = None, prefetch_depth: int | None = None):
         self.table = table
@@ -59,7 +61,7 @@ class StreamingExperts:
             self.cache.failed(slot, err)
             raise
         else:
-            self.cache.loaded(slot, ExpertWeights(*mats))
+            self.cache.loaded(slot, FFN(*mats))
         finally:
             self.stats.read_done(aligned)
 
@@ -71,7 +73,7 @@ class StreamingExperts:
 
     # ------------------------------------------------------------------ provider interface
 
-    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, FFN]]:
         """Resident experts first, then the others as their reads finish.
 
         At most half the cache is held at once (a chunk of many tokens can ask for more
@@ -81,7 +83,7 @@ class StreamingExperts:
         return self._serve(layer, ids, max(1, min(len(ids), self.cache.n_slots // 2)), None)
 
     @contextmanager
-    def held(self, layer: int, ids: Iterable[int]) -> Iterator[list[tuple[int, ExpertWeights]]]:
+    def held(self, layer: int, ids: Iterable[int]) -> Iterator[list[tuple[int, FFN]]]:
         """All of `ids` at once (one token's experts), kept until exit; None instead when the
         slots that can take them (not pinned, or pinned to one of them) are too few, and the
         caller then streams them through `experts`."""

@@ -96,10 +96,8 @@ def _imports(path: Path) -> set[Path]:
     return found
 
 
-@lru_cache(maxsize=None)
-def source_stamp(path: str) -> str:
-    """Hash of the module at `path`, of every project module it imports transitively, and of
-    the host target facts."""
+def imported_files(path: str) -> set[Path]:
+    """The module at `path` and every project module it imports, transitively."""
     seen: set[Path] = set()
     todo = [Path(path).resolve()]
     while todo:
@@ -107,8 +105,15 @@ def source_stamp(path: str) -> str:
         if p not in seen:
             seen.add(p)
             todo.extend(_imports(p) - seen)
+    return seen
+
+
+@lru_cache(maxsize=None)
+def source_stamp(path: str) -> str:
+    """Hash of the module at `path`, of every project module it imports transitively, and of
+    the host target facts."""
     h = hashlib.sha256(host_target().encode())
-    for p in sorted(seen):
+    for p in sorted(imported_files(path)):
         h.update(str(p.relative_to(_ROOT)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()

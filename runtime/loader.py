@@ -48,6 +48,4 @@ def load(path: str | Path, **options) -> Model:
     weights, resident = make_resident(weights, cfg.n_layers)
     provider, placement = build_streaming(f, cfg, resident, opts.ram_budget, opts.cache_policy, opts.profile,
                                           direct_io=opts.direct_io)
-    model = Model(f, cfg, weights, provider, opts)
-    model.placement = placement
-    return model
+    return Model(f, cfg, weights, provider, opts, placement)

@@ -140,7 +140,7 @@ def test_swiglu_ffns_against_reference():
     x = 3 * activations(1, H)[0]
     out = np.full(H, 0.5, np.float32)
     q8.swiglu_ffns(np.stack(descs), np.array([r[1] for r in refs], np.float32),
-                   np.array([r[2] for r in refs], np.float32), x, out)
+                   np.array([r[2] for r in refs], np.float32), x, out, q8.ffn_scratch(H, 4, 2048))
     xv = values(q8.quantize_activations(x))[0]
     want = 0.5 + sum(wt * _ref_ffn(W, xv, lim) for W, wt, lim in refs)
     err = np.abs(out - want)
@@ -262,10 +262,32 @@ def test_gemm_kernels_load_from_the_cache(tmp_path):
             "from quant import int8_kernels as q8, pack, quantize\n"
             "w = pack(T.Q4_K, quantize(np.ones((20, 256), np.float32), T.Q4_K), 20, 256)\n"
             "q8.matmul(w, q8.quantize_activations(np.ones((3, 256), np.float32)), np.empty((3, 20), np.float32))\n"
-            "from quant.int8_kernels import gemv_gemm\n"
-            "print(sum(gemv_gemm.gemm.stats.cache_hits.values()))\n")
+            "print(sum(q8.kernels(q8.format_set([T.Q4_K])).gemm.stats.cache_hits.values()))\n")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
             for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
     assert runs[1].stdout.strip() == "1", (runs[0].stdout, runs[1].stdout)
+
+
+def test_kernels_for_a_format_set_give_the_same_numbers():
+    """A kernel compiled for exactly its matrices' formats and one compiled for every format agree
+    bit for bit; a set that leaves out a matrix's format is refused (its rows would be misread)."""
+    everything = q8.format_set(q8.FORMATS)
+    mats = [weights(qt, 9, 512, seed=i)[0] for i, qt in enumerate([T.Q6_K, T.Q4_K, T.Q8_0])]
+    a = q8.quantize_activations(activations(1, 512))
+    own = q8.matvec_many(mats, a, np.empty(27, np.float32))
+    wide = q8.matvec_many(mats, a, np.empty(27, np.float32), formats=everything)
+    np.testing.assert_array_equal(own, wide)
+    with pytest.raises(ValueError, match="leaves out Q8_0"):
+        q8.matvec_many(mats, a, np.empty(27, np.float32), formats=q8.format_set([T.Q4_K, T.Q6_K]))
+    assert q8.format_set([T.Q4_K, T.F32]) == q8.FORMAT_BIT[int(T.Q4_K)]
+
+
+def test_row_dot_switch_runs_from_python_too():
+    from quant.int8_kernels.row_dot import q8dot
+
+    w, W = weights(T.Q5_K, 1, 256)
+    a = q8.quantize_activations(activations(1, 256))
+    got = q8dot(q8.format_set([T.Q5_K]), int(T.Q5_K), w.data[0], a.q[0], a.d[0], a.b[0])
+    assert_close(np.array([got]), W, values(a)[0])

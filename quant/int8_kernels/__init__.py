@@ -9,17 +9,23 @@ Shape legend
     matvec_many(ws, a, out)              out [sum R] = the ws stacked, times token 0, in one call
     matvec_group(group(ws), x, out)      the same with x float32 (quantized in the call) and the
                                          matrices prepared once
-    swiglu_ffns(desc, weights, limits, x, out)   out [H] += sum_m weight_m * FFN_m(x), FFNs given
-                                         by ffn_descriptor rows (see ffn)
+    swiglu_ffns(desc, weights, limits, x, out, ffn_scratch(H, M, W))   out [H] += sum_m weight_m *
+                                         FFN_m(x), FFNs given by ffn_descriptor rows (see ffn)
+
+Every kernel is compiled for a format set (dispatch.format_set: a bit per format), so that a
+model's kernels hold only the row code of the formats its file has. Calls take `formats=`,
+a set that must include the formats of their matrices; by default, exactly those formats.
+A caller that multiplies matrices of several formats (the runtime) passes one set for all
+its calls, so that each kernel is compiled once.
 
 Formats: Q4_K, Q5_K, Q6_K and Q8_0 (``supports``). Results equal ``dequantize(W) @
 (d * q)`` up to float32 rounding once per 256 columns, so they differ from the float32
 kernels of ``quant.float_kernels`` only by the activation rounding (relative error about
 1/250 per block, as in llama.cpp, which quantizes activations the same way).
 
-Modules: row_dot (one row times one token, portable, and dispatch), avx2 (the Q4_K/Q6_K
-row dots as explicit AVX2 IR), avx512_vnni (16-row GEMM steps), gemv_gemm (the parallel
-loops), ffn (the fused SwiGLU sum), llvm_ir (IR helpers).
+Modules: row_dot (one row times one token, portable), avx2 (the Q4_K/Q6_K row dots as
+explicit AVX2 IR), avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the
+parallel loops), ffn (the fused SwiGLU sum), llvm_ir (IR helpers).
 
 On AVX-512 VNNI hosts the Q4_K/Q6_K GEMM works on 16 GGUF rows at a time, so that each
 ``vpdpbusd`` does 64 multiply-adds for 16 rows; the rows are transposed in registers (no
@@ -35,22 +41,26 @@ The caller keeps the matrices alive during the call (a PackedMatrix's data does)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..packed import PackedMatrix
-from .ffn import swiglu_ffns as _swiglu_ffns
-from .gemv_gemm import gemm as _gemm
-from .gemv_gemm import gemv as _gemv
-from .gemv_gemm import gemv_group as _gemv_group
-from .gemv_gemm import gemv_many as _gemv_many
+from . import ffn as _ffn
+from . import gemv_gemm as _gemv_gemm
+from .dispatch import FORMAT_BIT, format_set
+from .ffn import FFNScratch, ffn_scratch
 from .gemv_gemm import quantize as _quantize
 from .row_dot import GEMM4_FORMATS
 
+__all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Activations", "ffn_descriptor",
+           "ffn_scratch", "format_set", "group", "kernels", "matmul", "matvec", "matvec_group", "matvec_many",
+           "quantize_activations", "supports", "swiglu_ffns"]
+
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: Q4_K, Q6_K)
-
 
 _FORMAT_SET = frozenset(FORMATS)
 
@@ -58,6 +68,25 @@ _FORMAT_SET = frozenset(FORMATS)
 def supports(qtype, cols: int) -> bool:
     """Whether W [*, cols] of this format runs on int8 activations."""
     return qtype in _FORMAT_SET and cols % 256 == 0 and cols > 0
+
+
+@lru_cache(maxsize=None)
+def kernels(formats: int) -> SimpleNamespace:
+    """The kernels compiled for a format set: gemv (a group's rows times quantized activations),
+    gemm and swiglu (see gemv_gemm.build, ffn.build)."""
+    k = _gemv_gemm.build(formats)
+    k.swiglu = _ffn.build(formats)
+    return k
+
+
+def _formats(formats: int | None, mats) -> int:
+    """The format set to compile for: `formats`, which must hold every matrix's format, or theirs."""
+    own = format_set(m.qtype for m in mats)
+    if formats is None:
+        return own
+    if own & ~formats:
+        raise ValueError(f"format set {formats} leaves out {', '.join(m.qtype.name for m in mats if own & ~formats & FORMAT_BIT[int(m.qtype)])}")
+    return formats
 
 
 @dataclass(frozen=True)
@@ -98,64 +127,21 @@ def quantize_activations(X: np.ndarray) -> Q8Activations:
     return a
 
 
-def _check_w(w, a: Q8Activations) -> None:
-    if not isinstance(w, PackedMatrix):
-        raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
-    if not supports(w.qtype, w.cols):
-        raise ValueError(f"{w.qtype.name} [{w.rows}, {w.cols}] has no int8-activation kernel")
-    if a.shape[1] != w.cols:
-        raise ValueError(f"activations have {a.shape[1]} columns, W has {w.cols}")
-
-
-def matvec(w: PackedMatrix, a: Q8Activations, out: np.ndarray, token: int = 0) -> np.ndarray:
-    """out [R] = W @ (token `token` of a)."""
-    _check_w(w, a)
-    if out.dtype != np.float32 or out.shape != (w.rows,) or not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous float32 [{w.rows}], got {out.dtype} {out.shape}")
-    _gemv(int(w.qtype), w.data, a.q[token], a.d[token], a.b[token], out)
-    return out
-
-
-def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray) -> np.ndarray:
-    """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On VNNI
-    hosts, 16-row groups run in parallel with 8 tokens per pass over a group (then 4, 2, 1),
-    the rows beyond a multiple of 16 as below; elsewhere rows run in parallel, 4 tokens per pass."""
-    _check_w(w, a)
-    if w.qtype not in GEMM_FORMATS:
-        raise ValueError(f"no int8-activation GEMM for {w.qtype.name} on this host (have: "
-                         f"{', '.join(t.name for t in GEMM_FORMATS) or 'none'})")
-    n = a.shape[0]
-    if out.dtype != np.float32 or out.shape != (n, w.rows) or not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous float32 [{n}, {w.rows}], got {out.dtype} {out.shape}")
-    _gemm(int(w.qtype), w.data, a.q, a.d, a.b, out)
-    return out
-
-
-def matvec_many(ws: list[PackedMatrix], a: Q8Activations, out: np.ndarray) -> np.ndarray:
-    """out = concatenate([W @ x for W in ws]) for token 0 of a, in one parallel call."""
-    for w in ws:
-        _check_w(w, a)
-    total = sum(w.rows for w in ws)
-    if out.dtype != np.float32 or out.shape != (total,) or not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous float32 [{total}], got {out.dtype} {out.shape}")
-    qt = np.array([int(w.qtype) for w in ws], np.int64)
-    addr = np.array([w.data.ctypes.data for w in ws], np.int64)
-    rb = np.array([w.data.shape[1] for w in ws], np.int64)
-    starts = np.zeros(len(ws) + 1, np.int64)
-    np.cumsum([w.rows for w in ws], out=starts[1:])
-    _gemv_many(qt, addr, rb, starts, a.q[0], a.d[0], a.b[0], out)
-    return out
+def _check_out(out: np.ndarray, shape: tuple) -> None:
+    if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 {list(shape)}, got {out.dtype} {list(out.shape)}")
 
 
 @dataclass(frozen=True)
 class Group:
-    """Matrices that multiply the same input, prepared once for matvec_group: their formats,
-    addresses, row bytes and the start of each one's rows in the output."""
+    """Matrices that multiply the same input, prepared once: their formats, addresses, row bytes
+    and the start of each one's rows in the output, and the format set their kernel is built for."""
     mats: tuple[PackedMatrix, ...]  # kept alive with the addresses
     qt: np.ndarray
     addr: np.ndarray
     rb: np.ndarray
     starts: np.ndarray
+    formats: int
 
     @property
     def rows(self) -> int:
@@ -165,8 +151,12 @@ class Group:
     def cols(self) -> int:
         return self.mats[0].cols
 
+    def kernel(self):
+        """gemv(qt, addr, rb, starts, xq, xd, xb, out) compiled for this group's format set."""
+        return kernels(self.formats).gemv
 
-def group(ws: list[PackedMatrix]) -> Group:
+
+def group(ws: list[PackedMatrix], formats: int | None = None) -> Group:
     """Prepare ws (all [*, C] in formats with int8 kernels) for matvec_group."""
     if not ws or any(not isinstance(w, PackedMatrix) for w in ws):
         raise TypeError("group needs one or more PackedMatrix")
@@ -177,17 +167,55 @@ def group(ws: list[PackedMatrix]) -> Group:
     np.cumsum([w.rows for w in ws], out=starts[1:])
     return Group(tuple(ws), np.array([int(w.qtype) for w in ws], np.int64),
                  np.array([w.data.ctypes.data for w in ws], np.int64),
-                 np.array([w.data.shape[1] for w in ws], np.int64), starts)
+                 np.array([w.data.shape[1] for w in ws], np.int64), starts, _formats(formats, ws))
+
+
+def matvec_many(ws: list[PackedMatrix], a: Q8Activations, out: np.ndarray, token: int = 0,
+                formats: int | None = None) -> np.ndarray:
+    """out = concatenate([W @ x for W in ws]) for token `token` of a, in one parallel call."""
+    g = group(ws, formats)
+    if a.shape[1] != g.cols:
+        raise ValueError(f"activations have {a.shape[1]} columns, W has {g.cols}")
+    _check_out(out, (g.rows,))
+    g.kernel()(g.qt, g.addr, g.rb, g.starts, a.q[token], a.d[token], a.b[token], out)
+    return out
+
+
+def matvec(w: PackedMatrix, a: Q8Activations, out: np.ndarray, token: int = 0,
+           formats: int | None = None) -> np.ndarray:
+    """out [R] = W @ (token `token` of a)."""
+    if not isinstance(w, PackedMatrix):
+        raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
+    if not supports(w.qtype, w.cols):
+        raise ValueError(f"{w.qtype.name} [{w.rows}, {w.cols}] has no int8-activation kernel")
+    return matvec_many([w], a, out, token, formats)
 
 
 def matvec_group(g: Group, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out [g.rows] = the group's matrices stacked, times x float32 [C], which is quantized
-    inside the call: one kernel call for a decode step's projections of one input."""
+    """out [g.rows] = the group's matrices stacked, times x float32 [C] (quantized first)."""
     if x.dtype != np.float32 or x.shape != (g.cols,) or not x.flags.c_contiguous:
         raise ValueError(f"x must be C-contiguous float32 [{g.cols}], got {x.dtype} {x.shape}")
-    if out.dtype != np.float32 or out.shape != (g.rows,) or not out.flags.c_contiguous:
-        raise ValueError(f"out must be C-contiguous float32 [{g.rows}], got {out.dtype} {out.shape}")
-    _gemv_group(g.qt, g.addr, g.rb, g.starts, x, out)
+    _check_out(out, (g.rows,))
+    a = quantize_activations(x)
+    g.kernel()(g.qt, g.addr, g.rb, g.starts, a.q[0], a.d[0], a.b[0], out)
+    return out
+
+
+def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | None = None) -> np.ndarray:
+    """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On VNNI
+    hosts, 16-row groups run in parallel with 8 tokens per pass over a group (then 4, 2, 1),
+    the rows beyond a multiple of 16 as below; elsewhere rows run in parallel, 4 tokens per pass."""
+    if not isinstance(w, PackedMatrix):
+        raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
+    if not supports(w.qtype, w.cols):
+        raise ValueError(f"{w.qtype.name} [{w.rows}, {w.cols}] has no int8-activation kernel")
+    if a.shape[1] != w.cols:
+        raise ValueError(f"activations have {a.shape[1]} columns, W has {w.cols}")
+    if w.qtype not in GEMM_FORMATS:
+        raise ValueError(f"no int8-activation GEMM for {w.qtype.name} on this host (have: "
+                         f"{', '.join(t.name for t in GEMM_FORMATS) or 'none'})")
+    _check_out(out, (a.shape[0], w.rows))
+    kernels(_formats(formats, [w])).gemm(int(w.qtype), w.data, a.q, a.d, a.b, out)
     return out
 
 
@@ -203,8 +231,15 @@ def ffn_descriptor(gate: PackedMatrix, up: PackedMatrix, down: PackedMatrix) -> 
 
 
 def swiglu_ffns(desc: np.ndarray, weights: np.ndarray, limits: np.ndarray, x: np.ndarray,
-                out: np.ndarray) -> np.ndarray:
+                out: np.ndarray, scratch: FFNScratch, formats: int | None = None) -> np.ndarray:
     """out [H] += sum_m weights[m] * FFN_m(x) for FFNs given by descriptors desc [M, 6] (see
-    ffn_descriptor; the caller keeps their matrices alive), limits [M] their SwiGLU clamps."""
-    _swiglu_ffns(desc, weights, limits, x, out)
+    ffn_descriptor; the caller keeps their matrices alive), limits [M] their SwiGLU clamps, in
+    one call. scratch (ffn_scratch) must fit H, M and the FFNs' total width (the kernel checks the
+    width). formats: a format set holding every FFN's formats (by default, exactly theirs)."""
+    if scratch.y.shape[0] < desc.shape[0] or scratch.y.shape[1] != x.shape[0]:
+        raise ValueError(f"scratch for {scratch.y.shape[0]} FFNs on [{scratch.y.shape[1]}] cannot take "
+                         f"{desc.shape[0]} FFNs on [{x.shape[0]}]")
+    if formats is None:
+        formats = format_set(np.unique(desc[:, :2]).tolist())
+    kernels(formats).swiglu(desc, weights, limits, x, out, scratch)
     return out

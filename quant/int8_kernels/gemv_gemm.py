@@ -8,10 +8,14 @@ Shape legend
     qt, addr, rb, starts   a group of matrices sharing an input (see int8_kernels.Group):
                  format codes, addresses and row bytes [M], and starts [M + 1], matrix m's rows
                  being rows starts[m] .. starts[m + 1] of the stacked output
+    formats      the format set the kernel is compiled for (dispatch.FORMAT_BIT): a closure
+                 variable of `kernels(formats)`, a compile-time constant of its kernels
 Kernels write their output buffer (last argument) and allocate only small per-call scratch.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numba as nb
 import numpy as np
@@ -20,7 +24,8 @@ from ..bits import u8_at
 from . import avx512_vnni as vnni
 from .avx512_vnni import (q4k_rows_step1, q4k_rows_step2, q4k_rows_step4, q4k_rows_step8, q6k_rows_step1,
                           q6k_rows_step2, q6k_rows_step4, q6k_rows_step8)
-from .row_dot import Q4_K, Q5_K, Q6_K, q8dot, q8dot4, quantize_row
+from .dispatch import Q4_K, Q5_K, Q6_K, switch
+from .row_dot import q8dot, q8dot4, quantize_row
 
 
 @nb.njit(inline="always", cache=True)
@@ -44,13 +49,13 @@ def find(starts, g):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def group_gemv(qt, addr, rb, starts, xq, xd, xb, out):
+def group_gemv(formats, qt, addr, rb, starts, xq, xd, xb, out):
     """out = the group's rows times the int8 activations, rows in parallel; inlinable into a
     larger decode kernel."""
     for g in nb.prange(starts[-1]):
         m = find(starts, g)
         w = u8_at(addr[m] + (g - starts[m]) * rb[m], rb[m])
-        out[g] = q8dot(qt[m], w, xq, xd, xb)
+        out[g] = q8dot(formats, qt[m], w, xq, xd, xb)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -59,43 +64,20 @@ def quantize(X, q, d, b):
         quantize_row(X[t], q[t], d[t], b[t])
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv(qtype, w, xq, xd, xb, out):
-    for r in nb.prange(w.shape[0]):
-        out[r] = q8dot(qtype, w[r], xq, xd, xb)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_group(qt, addr, rb, starts, x, out):
-    """The group's rows times x float32 [C], quantized inside the call."""
-    c = x.shape[0]
-    xq = np.empty(c, np.int8)
-    xd = np.empty(c // 256, np.float32)
-    xb = np.empty(c // 16, np.int32)
-    quantize_row(x, xq, xd, xb)
-    group_gemv(qt, addr, rb, starts, xq, xd, xb, out)
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def gemv_many(qt, addr, rb, starts, xq, xd, xb, out):
-    """The group's rows times activations already quantized."""
-    group_gemv(qt, addr, rb, starts, xq, xd, xb, out)
-
-
 # ---------------------------------------------------------------- GEMM
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _row_steps(qtype, w, XQ, XD, XB, out, r):
+def _row_steps(formats, qtype, w, XQ, XD, XB, out, r):
     """Row r of GGUF rows w times every token: 4 tokens per pass, then one at a time."""
     n = XQ.shape[0]
     for g in range(n // 4):
-        a0, a1, a2, a3 = q8dot4(qtype, w[r], XQ, XD, XB, 4 * g)
+        a0, a1, a2, a3 = q8dot4(formats, qtype, w[r], XQ, XD, XB, 4 * g)
         out[4 * g, r] = a0
         out[4 * g + 1, r] = a1
         out[4 * g + 2, r] = a2
         out[4 * g + 3, r] = a3
     for t in range(n - n % 4, n):
-        out[t, r] = q8dot(qtype, w[r], XQ[t], XD[t], XB[t])
+        out[t, r] = q8dot(formats, qtype, w[r], XQ[t], XD[t], XB[t])
 
 
 @nb.njit(inline="always", cache=True)
@@ -114,25 +96,35 @@ def _activation_sums(qtype, XB):
 
 
 @nb.njit(inline="always", cache=True)
-def _group_steps(qtype, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
-    """One group of 16 GGUF rows (the first at wa) times n tokens: 8 per pass while 8 are left,
-    then 4, 2, 1. The group's weights stay in cache between passes, so they are read from
+def _q4k_group(wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
+    """One group of 16 Q4_K GGUF rows (the first at wa) times n tokens: 8 per pass while 8 are
+    left, then 4, 2, 1. The group's weights stay in cache between passes, so they are read from
     memory once."""
     t = 0
     while t < n:
         left = n - t
         step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
         xq, xs, xd, o = xq0 + t * xqs, xs0 + t * xss, xd0 + t * xds, o0 + t * os_
-        if qtype == Q4_K:
-            if step == 8:
-                q4k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            elif step == 4:
-                q4k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            elif step == 2:
-                q4k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-            else:
-                q4k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        elif step == 8:
+        if step == 8:
+            q4k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        elif step == 4:
+            q4k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        elif step == 2:
+            q4k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        else:
+            q4k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
+        t += step
+
+
+@nb.njit(inline="always", cache=True)
+def _q6k_group(wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
+    """As _q4k_group, for Q6_K."""
+    t = 0
+    while t < n:
+        left = n - t
+        step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
+        xq, xs, xd, o = xq0 + t * xqs, xs0 + t * xss, xd0 + t * xds, o0 + t * os_
+        if step == 8:
             q6k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
         elif step == 4:
             q6k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
@@ -143,23 +135,38 @@ def _group_steps(qtype, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0,
         t += step
 
 
-if vnni.AVAILABLE:
+# _group_steps(formats, qtype, wa, row_bytes, nsb, n, ...): one 16-row group, by format
+_group_steps = switch({Q4_K: _q4k_group, Q6_K: _q6k_group}, arity=12)
+
+
+def build(formats: int) -> SimpleNamespace:
+    """The kernels for matrices of the formats in `formats` (see dispatch.format_set):
+    gemv(qt, addr, rb, starts, xq, xd, xb, out)   a group's rows times quantized activations
+    gemm(qtype, w, XQ, XD, XB, out)               GGUF rows times N tokens (GEMM_FORMATS)"""
+
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def gemm(qtype, w, XQ, XD, XB, out):
-        """16-row groups straight from the GGUF rows (avx512_vnni), the rows left over one at a time."""
-        n, c = XQ.shape
-        r = out.shape[1]
-        xs = _activation_sums(qtype, XB)
-        xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
-        rb = np.int64(w.shape[1])
-        for g in nb.prange(r // 16):
-            _group_steps(qtype, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
-                         xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
-        for row in nb.prange(r - r % 16, r):
-            _row_steps(qtype, w, XQ, XD, XB, out, row)
-else:
-    @nb.njit(parallel=True, fastmath=True, cache=True)
-    def gemm(qtype, w, XQ, XD, XB, out):
-        """Rows in parallel, 4 tokens per pass (the VNNI steps would abort LLVM here)."""
-        for row in nb.prange(w.shape[0]):
-            _row_steps(qtype, w, XQ, XD, XB, out, row)
+    def gemv(qt, addr, rb, starts, xq, xd, xb, out):
+        group_gemv(formats, qt, addr, rb, starts, xq, xd, xb, out)
+
+    if vnni.AVAILABLE:
+        @nb.njit(parallel=True, fastmath=True, cache=True)
+        def gemm(qtype, w, XQ, XD, XB, out):
+            """16-row groups straight from the GGUF rows (avx512_vnni), the rows left over one at a time."""
+            n, c = XQ.shape
+            r = out.shape[1]
+            xs = _activation_sums(qtype, XB)
+            xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
+            rb = np.int64(w.shape[1])
+            for g in nb.prange(r // 16):
+                _group_steps(formats, qtype, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
+                             xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
+            for row in nb.prange(r - r % 16, r):
+                _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
+    else:
+        @nb.njit(parallel=True, fastmath=True, cache=True)
+        def gemm(qtype, w, XQ, XD, XB, out):
+            """Rows in parallel, 4 tokens per pass (the VNNI steps would abort LLVM here)."""
+            for row in nb.prange(w.shape[0]):
+                _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
+
+    return SimpleNamespace(gemv=gemv, gemm=gemm)

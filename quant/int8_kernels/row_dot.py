@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from gguf import GGMLQuantizationType as T
 
 from ..bits import f16_at, k4_min, k4_scale
 from . import avx2
 from .avx2 import q4k_row_dot, q4k_row_dot4, q6k_row_dot, q6k_row_dot4
+from .dispatch import Q4_K, Q5_K, Q6_K, Q8_0, switch
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
+# The portable row dots are called, not inlined: they are loops, which Numba cannot inline
+# through a format switch into a parallel loop without losing track of their variables
+# (NumbaIRAssumptionWarning), and a call per row costs nothing next to a row's work.
+_CALLED = dict(fastmath=True, cache=True)
 I16 = np.int16
 I32 = np.int32
 F0 = np.float32(0.0)
 
-# qtype codes the dispatching ``q8dot`` understands
-Q8_0, Q4_K, Q5_K, Q6_K = int(T.Q8_0), int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
 
 
 @nb.njit(**_JIT)
@@ -59,7 +61,7 @@ def quantize_row(x, xq, xd, xb):
             xb[16 * s + j] = b
 
 
-@nb.njit(**_JIT)
+@nb.njit(**_CALLED)
 def q8dot_q8_0(w, xq, xd, xb):
     acc = F0
     for s in range(xq.shape[0] // 256):
@@ -75,7 +77,7 @@ def q8dot_q8_0(w, xq, xd, xb):
     return acc
 
 
-@nb.njit(**_JIT)
+@nb.njit(**_CALLED)
 def q8dot_q4_k(w, xq, xd, xb):
     acc = F0
     for s in range(xq.shape[0] // 256):
@@ -99,7 +101,7 @@ def q8dot_q4_k(w, xq, xd, xb):
     return acc
 
 
-@nb.njit(**_JIT)
+@nb.njit(**_CALLED)
 def q8dot_q5_k(w, xq, xd, xb):
     acc = F0
     for s in range(xq.shape[0] // 256):
@@ -136,7 +138,7 @@ def q8dot_q5_k(w, xq, xd, xb):
     return acc
 
 
-@nb.njit(**_JIT)
+@nb.njit(**_CALLED)
 def q8dot_q6_k(w, xq, xd, xb):
     # codes are stored offset by 32: sum sc * (q - 32) * x = sum (sc * q) * x - 32 * sum sc * xb16,
     # and sc * q (|sc| <= 128, q < 64) fits int16. The scale of each 16-weight group is picked
@@ -225,25 +227,11 @@ else:
     _dot_q4_k, _dot_q6_k = q8dot_q4_k, q8dot_q6_k
 
 
-@nb.njit(**_JIT)
-def q8dot(qtype, w, xq, xd, xb):
-    """Dispatch on the format code; the branch is taken per row, so it costs nothing measurable.
-    Q4_K and Q6_K use the AVX2 versions where the host has AVX2."""
-    if qtype == Q4_K:
-        return _dot_q4_k(w, xq, xd, xb)
-    if qtype == Q6_K:
-        return _dot_q6_k(w, xq, xd, xb)
-    if qtype == Q5_K:
-        return q8dot_q5_k(w, xq, xd, xb)
-    return q8dot_q8_0(w, xq, xd, xb)
-
+# q8dot(formats, qtype, w, xq, xd, xb): row w of format qtype times the activations, compiled for
+# the format set `formats` (see dispatch). Q4_K and Q6_K use the AVX2 versions where the host has AVX2.
+q8dot = switch({Q4_K: _dot_q4_k, Q6_K: _dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0}, arity=4)
 
 GEMM4_FORMATS = (Q4_K, Q6_K) if avx2.AVAILABLE else ()  # formats with a 4-token row step
 
-
-@nb.njit(**_JIT)
-def q8dot4(qtype, w, XQ, XD, XB, t):
-    """Row w times tokens t .. t+3, for the formats in GEMM4_FORMATS."""
-    if qtype == Q4_K:
-        return q8dot4_q4_k_simd(w, XQ, XD, XB, t)
-    return q8dot4_q6_k_simd(w, XQ, XD, XB, t)
+# q8dot4(formats, qtype, w, XQ, XD, XB, t): row w times tokens t .. t+3, for GEMM4_FORMATS.
+q8dot4 = switch({Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd}, arity=5)

@@ -8,6 +8,7 @@ spread over all of them. Any part may be named.
 
 from __future__ import annotations
 
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,20 @@ class GGUFModelFile:
         if t is None:
             raise StepstreamError(f"{self.path}: tensor {name!r} is missing")
         return t
+
+    def release_pages(self) -> None:
+        """Drop the file pages this process touched through the maps (MADV_DONTNEED).
+
+        After the non-expert weights are copied to RAM, their mapped pages would otherwise stay
+        in our RSS (and in a memory cgroup's charge) for nothing; later reads of the map fault
+        in only what they need.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for reader in self._readers:
+            mm = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap here
+            if mm is not None:
+                mm.madvise(mmap.MADV_DONTNEED)
 
     @property
     def nbytes(self) -> int:

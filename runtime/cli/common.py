@@ -69,9 +69,8 @@ def report_warm_up(model) -> None:
 
 def print_stats(args, model) -> None:
     """The expert-cache statistics, when asked for and when experts stream."""
-    stats = getattr(model.provider, "stats", None)
-    if args.stats and hasattr(stats, "text"):
-        print(stats.text(), file=sys.stderr)
+    if args.stats and model.provider.stats is not None:
+        print(model.provider.stats.text(), file=sys.stderr)
 
 
 def sampling_kwargs(args) -> dict:

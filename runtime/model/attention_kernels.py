@@ -1,6 +1,6 @@
-"""Attention kernels: one decode step in one Numba call, and a chunk of queries (prefill).
+"""Attention kernels: one new token over the KV cache (decode), and a chunk of queries (prefill).
 
-For a single new token it does, per query head h (KV head h // G):
+For a single new token, `decode_attention` does, per query head h (KV head h // G):
     q, k   <- RMS-norm per head (weights q_norm / k_norm), then NeoX RoPE on the first R dims
     k, v   -> written into the cache at `slot`
     out[h] = softmax(q . keys / sqrt(D) over the visible slots) @ values, times sigmoid(gate[h])
@@ -9,10 +9,15 @@ For one token, numpy spent more time in its ~30 small calls than in arithmetic.
 version it skips the empty slots of a sliding layer's ring (3.5x faster on a 128-token
 prompt with a 528-slot ring).
 
-Shape legend:  Nh query heads  Nk KV heads  D head dim  S cache slots  R/2 = cos.shape[0]
+Both sum in a fixed order (quant.jit.FIXED_ORDER, runtime.model.ops.dot). decode_attention is
+never inlined: the fused decode kernel, compiled with full fast-math for its integer GEMVs,
+calls it, and its sums keep their order there.
+
+Shape legend:  Nh query heads  Nk KV heads  D head dim  S cache slots  R/2 = cos.shape[0]  T chunk
     q [Nh*D]  k, v [Nk*D]  gate [Nh]  (the projections of the token)
     keys, vals [S, Nk, D]  kpos [S] (the position each slot holds, -1 if empty)
     cos, sin [R/2] float32 (the token's RoPE angles)     out [Nh*D]
+    scores [Nh, >= S] float32 scratch
 """
 
 from __future__ import annotations
@@ -21,17 +26,13 @@ import numba as nb
 import numpy as np
 from quant.jit import FIXED_ORDER
 
-from runtime.model.ops import LANES, dot
+from runtime.model.ops import LANES, dot, rms_norm_row
+
 
 @nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
 def _norm_rope(x, w, eps, cos, sin):
     """x [D] in place: RMS-norm with weight w, then NeoX RoPE on the first 2 * len(cos) dims."""
-    d = x.shape[0]
-    part = np.empty(LANES, np.float32)
-    ss = dot(x, x, part)
-    inv = np.float32(1.0) / np.sqrt(ss / np.float32(d) + eps)
-    for i in range(d):
-        x[i] = x[i] * inv * w[i]
+    rms_norm_row(x, w, eps, x)
     half = cos.shape[0]
     for j in range(half):
         a = x[j]
@@ -40,9 +41,11 @@ def _norm_rope(x, w, eps, cos, sin):
         x[j + half] = b * cos[j] + a * sin[j]
 
 
-@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
-def attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
-    """The body of decode_attention, inlinable into a larger decode kernel (its head loop is a prange)."""
+@nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
+def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, scores,
+                     out):
+    """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`;
+    q is normed and rotated in place."""
     n_kv, d = keys.shape[1], keys.shape[2]
     n_head = q.shape[0] // d
     group = n_head // n_kv
@@ -57,29 +60,29 @@ def attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, s
     n_slots = kpos.shape[0]
     lo = qpos - window if window > 0 else -1  # visible: lo < kpos <= qpos
     for h in nb.prange(n_head):
-        qh = q[h * d:(h + 1) * d]  # normed and rotated in place
+        qh = q[h * d:(h + 1) * d]
         _norm_rope(qh, q_norm, eps, cos, sin)
         j = h // group
-        scores = np.empty(n_slots, np.float32)
+        row = scores[h]
         part = np.empty(LANES, np.float32)
         best = np.float32(-np.inf)
         for s in range(n_slots):
             p = kpos[s]
             if p >= 0 and p <= qpos and p > lo:
                 t = dot(qh, keys[s, j], part) * scale
-                scores[s] = t
+                row[s] = t
                 best = max(best, t)
         total = np.float32(0.0)
         for s in range(n_slots):
             p = kpos[s]
             e = np.float32(0.0)
             if p >= 0 and p <= qpos and p > lo:
-                e = np.exp(scores[s] - best)
-            scores[s] = e
+                e = np.exp(row[s] - best)
+            row[s] = e
             total += e
         acc = np.zeros(d, np.float32)
         for s in range(n_slots):
-            e = scores[s]
+            e = row[s]
             if e > 0:
                 for i in range(d):
                     acc[i] += e * vals[s, j, i]
@@ -87,12 +90,6 @@ def attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, s
         f = g / total
         for i in range(d):
             out[h * d + i] = acc[i] * f
-
-
-@nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
-def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out):
-    """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`."""
-    attend_one(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, out)
 
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)

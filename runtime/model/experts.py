@@ -9,66 +9,53 @@ implements the streaming provider against the same interface.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import cached_property
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
-from runtime.model.matrix import Matrix, ffn_descriptor
-
-
-@dataclass(frozen=True)
-class ExpertWeights:
-    gate: Matrix  # [I, H]
-    up: Matrix  # [I, H]
-    down: Matrix  # [H, I]
-
-    @cached_property
-    def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
-
-    @cached_property
-    def descriptor(self):
-        """For the fused decode kernel (runtime.model.matrix.ffn_descriptor); computed once."""
-        return ffn_descriptor(self.gate, self.up, self.down)
+from runtime.model.weights import FFN
 
 
 class ExpertProvider(Protocol):
-    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    prefetches: bool  # whether `prefetch` reads anything ahead (the model guesses experts only then)
+    stats: object | None  # what the provider measured (offload.stats.StreamStats), None when nothing streams
+
+    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, FFN]]:
         """Yield (expert id, weights) once for each id, in any order."""
         ...
 
-    # Optional: `held(layer, ids)`, a context manager giving [(id, weights)] for all ids at once,
-    # kept valid until it exits (a decode step runs a token's experts in one kernel call), or
-    # None when it cannot hold them all (the caller then uses `experts`).
+    def held(self, layer: int, ids: Iterable[int]) -> AbstractContextManager[list[tuple[int, FFN]] | None]:
+        """All of `ids` at once, as [(id, weights)] kept valid until the context exits (a decode step
+        runs a token's experts in one kernel call); None when they cannot all be held at once (the
+        caller then uses `experts`)."""
+        ...
+
+    def prefetch(self, layer: int, ids: Iterable[int]) -> None:
+        """Start reading `ids` of `layer` (most likely first) ahead of their use; a hint only."""
+        ...
 
     def close(self) -> None: ...
-
-
-@dataclass
-class ProviderStats:
-    requests: int = 0  # expert weights handed out
-    bytes: int = 0  # their total size
 
 
 @dataclass
 class InMemoryExperts:
     """Every routed expert resident: views of the memory-mapped file (or copies of them)."""
 
-    table: dict[int, list[ExpertWeights]]  # layer -> [E] experts
-    stats: ProviderStats = field(default_factory=ProviderStats)
+    table: dict[int, list[FFN]]  # layer -> [E] experts
+    prefetches = False
+    stats = None
 
-    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, FFN]]:
         bank = self.table[layer]
         for e in ids:
-            w = bank[e]
-            self.stats.requests += 1
-            self.stats.bytes += w.nbytes
-            yield e, w
+            yield e, bank[e]
 
     @contextmanager
-    def held(self, layer: int, ids: Iterable[int]) -> Iterator[list[tuple[int, ExpertWeights]]]:
+    def held(self, layer: int, ids: Iterable[int]) -> Iterator[list[tuple[int, FFN]]]:
         yield list(self.experts(layer, ids))
+
+    def prefetch(self, layer: int, ids: Iterable[int]) -> None:
+        pass  # everything is resident
 
     def close(self) -> None:
         self.table = {}

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import quant
 from gguf import GGMLQuantizationType as Q
-from quant import float_kernels as kernels
-from quant import int8_kernels as q8kernels
+from quant import float_kernels
+from quant import int8_kernels
 
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import TensorRef
@@ -60,50 +60,57 @@ def dequantize(data: np.ndarray, qtype: Q, shape) -> np.ndarray:
     return quant.dequantize(np.asarray(data), qtype, shape)
 
 
-def matmul(x: np.ndarray, w: Matrix, q8: bool = False) -> np.ndarray:
+def int8_applies(w: Matrix, int8: int) -> bool:
+    """Whether products with W round their activations to int8: W's format has int8 kernels
+    and is in the model's int8 format set (0 when activations stay float32)."""
+    return w.packed is not None and bool(int8 & int8_kernels.FORMAT_BIT.get(int(w.qtype), 0)) \
+        and int8_kernels.supports(w.qtype, w.shape[1])
+
+
+def matmul(x: np.ndarray, w: Matrix, int8: int = 0) -> np.ndarray:
     """x [T, C] float32 @ W[N, C].T -> [T, N] float32.
 
-    With q8, x is first rounded to int8 per 256 columns (as llama.cpp does) wherever W's
-    format has an int8-activation kernel, and the product runs on integer dot products (a
-    chunk of tokens in a format without an int8 GEMM: the float GEMM on the rounded x), so
-    one token and a chunk give the same numbers up to float32 rounding. On AVX-512 VNNI hosts
-    the chunk runs 16 rows at a time straight from the GGUF rows (quant._vnni).
+    int8 is the model's int8 format set (quant.int8_kernels.format_set; 0 for float32
+    activations). Where it holds W's format, x is first rounded to int8 per 256 columns (as
+    llama.cpp does) and the product runs on integer dot products (a chunk of tokens in a
+    format without an int8 GEMM: the float GEMM on the rounded x), so one token and a chunk
+    give the same numbers up to float32 rounding. Every int8 kernel is compiled for the whole
+    set, once.
     """
     if w.packed is None:
         return x @ w.data.T
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if q8 and q8kernels.supports(w.qtype, w.shape[1]):
-        a = q8kernels.quantize_activations(x)
+    if int8_applies(w, int8):
+        a = int8_kernels.quantize_activations(x)
         if x.shape[0] == 1:
-            return q8kernels.matvec(w.packed, a, np.empty((1, w.shape[0]), np.float32)[0])[None]
-        if w.qtype in q8kernels.GEMM_FORMATS:
-            return q8kernels.matmul(w.packed, a, np.empty((x.shape[0], w.shape[0]), np.float32))
+            return int8_kernels.matvec(w.packed, a, np.empty((1, w.shape[0]), np.float32)[0], formats=int8)[None]
+        if w.qtype in int8_kernels.GEMM_FORMATS:
+            return int8_kernels.matmul(w.packed, a, np.empty((x.shape[0], w.shape[0]), np.float32), formats=int8)
         x = q8_values(a)
     if x.shape[0] == 1:
         out = np.empty((1, w.shape[0]), np.float32)
-        kernels.matvec(w.packed, x[0], out[0])
+        float_kernels.matvec(w.packed, x[0], out[0])
         return out
-    return kernels.matmul(w.packed, x, np.empty((x.shape[0], w.shape[0]), np.float32))
+    return float_kernels.matmul(w.packed, x, np.empty((x.shape[0], w.shape[0]), np.float32))
 
 
-def q8_values(a: q8kernels.Q8Activations) -> np.ndarray:
+def q8_values(a: int8_kernels.Q8Activations) -> np.ndarray:
     """The float32 values [T, C] that int8 activations stand for."""
     t, c = a.shape
     return (a.q.reshape(t, c // 256, 256) * a.d[:, :, None]).reshape(t, c)
 
 
-def matmul_many(x: np.ndarray, ws: list[Matrix], q8: bool = False) -> list[np.ndarray]:
-    """[matmul(x, w, q8) for w in ws]; one token with q8 goes in one kernel call when it can."""
-    if q8 and x.shape[0] == 1 and all(w.packed is not None and q8kernels.supports(w.qtype, w.shape[1])
-                                      for w in ws):
+def matmul_many(x: np.ndarray, ws: list[Matrix], int8: int = 0) -> list[np.ndarray]:
+    """[matmul(x, w, int8) for w in ws]; one token goes in one kernel call when every W takes int8."""
+    if x.shape[0] == 1 and all(int8_applies(w, int8) for w in ws):
         out = np.empty(sum(w.shape[0] for w in ws), np.float32)
-        q8kernels.matvec_many([w.packed for w in ws], q8kernels.quantize_activations(x), out)
+        int8_kernels.matvec_many([w.packed for w in ws], int8_kernels.quantize_activations(x), out, formats=int8)
         parts, a = [], 0
         for w in ws:
             parts.append(out[None, a : a + w.shape[0]])
             a += w.shape[0]
         return parts
-    return [matmul(x, w, q8) for w in ws]
+    return [matmul(x, w, int8) for w in ws]
 
 
 def make_matrix(name: str, qtype: Q, shape, data: np.ndarray) -> Matrix:
@@ -144,24 +151,23 @@ def rows(w: Matrix, ids: np.ndarray) -> np.ndarray:
 
 
 def ffn_descriptor(gate: Matrix, up: Matrix, down: Matrix) -> np.ndarray | None:
-    """The fused int8 FFN kernel's view of a SwiGLU FFN (quant.q8kernels.ffn_descriptor), or
+    """The fused int8 FFN kernel's view of a SwiGLU FFN (quant.int8_kernels.ffn_descriptor), or
     None when a matrix is float32 or its format has no such kernel."""
     if gate.packed is None or up.packed is None or down.packed is None:
         return None
-    return q8kernels.ffn_descriptor(gate.packed, up.packed, down.packed)
+    return int8_kernels.ffn_descriptor(gate.packed, up.packed, down.packed)
 
 
-def q8_group(ms: list[Matrix]) -> q8kernels.Group | None:
+def q8_group(ms: list[Matrix], int8: int) -> int8_kernels.Group | None:
     """Matrices sharing an input, prepared for one int8 kernel call per token
-    (quant.q8kernels.group), or None when one of them has no int8 kernel."""
-    if any(m.packed is None or not q8kernels.supports(m.qtype, m.shape[1]) or m.shape[1] != ms[0].shape[1]
-           for m in ms):
+    (quant.int8_kernels.group), or None when one of them does not take int8 activations."""
+    if not all(int8_applies(m, int8) and m.shape[1] == ms[0].shape[1] for m in ms):
         return None
-    return q8kernels.group([m.packed for m in ms])
+    return int8_kernels.group([m.packed for m in ms], formats=int8)
 
 
-def matvec_q8(g: q8kernels.Group, x: np.ndarray) -> np.ndarray:
+def matvec_q8(g: int8_kernels.Group, x: np.ndarray) -> np.ndarray:
     """One token x [1, C] through a prepared group: [1, g.rows]."""
     out = np.empty((1, g.rows), np.float32)
-    q8kernels.matvec_group(g, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
+    int8_kernels.matvec_group(g, np.ascontiguousarray(x[0], dtype=np.float32), out[0])
     return out

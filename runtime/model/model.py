@@ -1,10 +1,12 @@
-"""A loaded Step-3.5 model: its weights, expert provider, KV cache and position.
+"""A loaded Step-3.5 model: its blocks, expert provider, KV cache and position.
 
     h = embed(tokens)
-    for each trunk block: h = block(h)         (chunked prefill, or one token at a time)
+    for each trunk block: h = block(h)         (prefill: a chunk; decode: one token)
     logits = output(norm(h))
 
-Tokens are evaluated at the cache's current position; `trim(n)` rolls it back.
+Tokens are evaluated at the cache's current position; `trim(n)` rolls it back. `prefill`
+and `decode` are the two ways through the blocks; `eval` cuts a token list into chunks of
+n_batch and sends a chunk of one token to `decode`.
 
 Shape legend:  T tokens   H hidden   V vocab
 """
@@ -12,17 +14,19 @@ Shape legend:  T tokens   H hidden   V vocab
 from __future__ import annotations
 
 import time
-from functools import cached_property
 
 import numpy as np
+from quant.int8_kernels import format_set
 
 from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
 from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
-from runtime.model.block import block, block_spec, guess_experts
+from runtime.model.block import Block
+from runtime.model.decode_plan import DecodeBuffers
 from runtime.model.experts import ExpertProvider
+from runtime.model.ffn import guess_experts
 from runtime.model.kv_cache import KVCache
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
@@ -33,22 +37,26 @@ from runtime.text.tokenizer import Tokenizer
 
 class Model:
     def __init__(self, file: GGUFModelFile, cfg: ModelConfig, weights: ModelWeights,
-                 provider: ExpertProvider, options: RuntimeOptions):
+                 provider: ExpertProvider, options: RuntimeOptions, placement=None):
         self.file = file
         self.cfg = cfg
         self.weights = weights
         self.provider = provider
         self.options = options
+        self.placement = placement  # offload.placement.Placement when experts stream from disk
         self.n_ctx = options.n_ctx or min(cfg.context_length, 4096)
-        self._q8 = options.activations == "q8"
-        self._specs = [block_spec(cfg, i, weights.rope_factors, self._q8) for i in range(cfg.n_layers)]
+        # The formats of this file that take int8 activations: every int8 kernel is compiled for
+        # exactly this set, once (quant.int8_kernels.dispatch). 0 keeps activations float32.
+        self.int8 = format_set(t.qtype for t in file.tensors.values()) if options.activations == "q8" else 0
+        self.blocks = [Block(cfg, i, w, weights.rope_factors, self.int8) for i, w in enumerate(weights.blocks)]
         self.cache = KVCache(cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers],
                              cfg.window, self.n_ctx, options.rollback)
+        self.buffers = DecodeBuffers.for_model(cfg, max(layer.capacity for layer in self.cache.layers))
+        self._output_q8 = q8_group([weights.output], self.int8)
         self._tokenizer = None
         self._tokens: list[int] = []  # the ids the cache holds, position by position
-        self.placement = None  # offload.placement.Placement when experts stream from disk
-        # Read ahead: before block i runs, guess block i+1's experts with its router (prefetch).
-        self._prefetch = getattr(provider, "prefetch", None) if options.prefetch else None
+        # Read ahead: before block i runs, guess block i+1's experts with its router.
+        self._read_ahead = options.prefetch and provider.prefetches
 
     # ------------------------------------------------------------------ state
 
@@ -110,33 +118,50 @@ class Model:
             )
         return ids
 
-    def hidden(self, tokens) -> np.ndarray:
-        """Evaluate tokens at the current position; last trunk hidden state [T, H] (pre-norm)."""
+    def _guess_next(self, i: int, h: np.ndarray) -> None:
+        """Start reading block i+1's likely experts while block i runs (h [T, H]: block i's input)."""
+        if self._read_ahead and i + 1 < self.cfg.n_layers and self.blocks[i + 1].moe:
+            nxt = self.blocks[i + 1]
+            self.provider.prefetch(i + 1, guess_experts(nxt.spec, nxt.weights, h))
+
+    def prefill(self, tokens) -> np.ndarray:
+        """Evaluate a chunk of tokens at the current position, all at once; the last trunk
+        block's hidden states [T, H] (pre-norm)."""
         ids = self._check_tokens(tokens)
-        out = []
-        for a in range(0, ids.size, self.options.n_batch):
-            chunk = ids[a : a + self.options.n_batch]
-            pos = np.arange(self.n_past, self.n_past + chunk.size, dtype=np.int64)
-            h = rows(self.weights.embed, chunk)  # [T, H]
-            for i, (s, w, kv) in enumerate(zip(self._specs, self.weights.blocks, self.cache.layers)):
-                if self._prefetch is not None and i + 1 < len(self._specs) and self.weights.blocks[i + 1].router is not None:
-                    self._prefetch(i + 1, guess_experts(self._specs[i + 1], self.weights.blocks[i + 1], h))
-                h = block(s, w, h, pos, kv, self.provider)
-            self.cache.advance(chunk.size)
-            self._tokens.extend(chunk.tolist())
-            out.append(h)
+        pos = np.arange(self.n_past, self.n_past + ids.size, dtype=np.int64)
+        h = rows(self.weights.embed, ids)  # [T, H]
+        for i, kv in enumerate(self.cache.layers):
+            self._guess_next(i, h)
+            h = self.blocks[i].prefill(h, pos, kv, self.provider)
+        self.cache.advance(ids.size)
+        self._tokens.extend(ids.tolist())
+        return h
+
+    def decode(self, token: int) -> np.ndarray:
+        """Evaluate one token at the current position; the last trunk block's hidden state [1, H]."""
+        ids = self._check_tokens([token])
+        pos = self.n_past
+        h = rows(self.weights.embed, ids)[0]  # [H], updated in place by every block
+        for i, kv in enumerate(self.cache.layers):
+            self._guess_next(i, h[None])
+            self.blocks[i].decode(h, pos, kv, self.provider, self.buffers)
+        self.cache.advance(1)
+        self._tokens.append(int(ids[0]))
+        return h[None]
+
+    def hidden(self, tokens) -> np.ndarray:
+        """Evaluate tokens after the cached ones, n_batch at a time; hidden states [T, H] (pre-norm)."""
+        ids = self._check_tokens(tokens)
+        out = [self.decode(int(chunk[0])) if chunk.size == 1 else self.prefill(chunk)
+               for chunk in (ids[a : a + self.options.n_batch] for a in range(0, ids.size, self.options.n_batch))]
         return np.concatenate(out) if out else np.zeros((0, self.cfg.hidden), np.float32)
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, V] float32 of hidden states [T, H]."""
         x = rms_norm(h, self.weights.out_norm, self.cfg.rms_eps)
-        if self._q8 and x.shape[0] == 1 and self._output_q8 is not None:
+        if x.shape[0] == 1 and self._output_q8 is not None:
             return matvec_q8(self._output_q8, x)
-        return matmul(x, self.weights.output, self._q8).astype(np.float32)
-
-    @cached_property
-    def _output_q8(self):
-        return q8_group([self.weights.output])
+        return matmul(x, self.weights.output, self.int8).astype(np.float32)
 
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""
@@ -168,16 +193,20 @@ class Model:
             if n <= 0:
                 break
             e = rms_norm(rows(self.weights.embed, ids[1 + j : 1 + j + n]), nw.enorm, cfg.rms_eps)
-            x = matmul(np.concatenate([e, rms_norm(h[:n], nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj, self._q8)  # [n, H]
+            x = matmul(np.concatenate([e, rms_norm(h[:n], nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj, self.int8)  # [n, H]
             kv = KVCache((cfg.n_head_kv[i],), cfg.head_dim, (cfg.sliding[i],), cfg.window, n, 0).layers[0]
-            spec = block_spec(cfg, i, self.weights.rope_factors, self._q8)
-            h = np.concatenate([
-                block(spec, self.weights.blocks[i], x[a : a + self.options.n_batch],
-                      np.arange(a, min(a + self.options.n_batch, n)), kv, self.provider)
-                for a in range(0, n, self.options.n_batch)
-            ])
-            out.append(matmul(rms_norm(h, nw.head_norm, cfg.rms_eps), nw.head, self._q8).astype(np.float32))
+            h = np.concatenate([self._mtp_chunk(self.blocks[i], x[a : a + self.options.n_batch], a, kv)
+                                for a in range(0, n, self.options.n_batch)])
+            out.append(matmul(rms_norm(h, nw.head_norm, cfg.rms_eps), nw.head, self.int8).astype(np.float32))
         return out
+
+    def _mtp_chunk(self, block: Block, x: np.ndarray, start: int, kv) -> np.ndarray:
+        """An MTP block over hidden states x [T, H] at positions start.. of its own stream."""
+        if x.shape[0] == 1:
+            h = x[0].copy()
+            block.decode(h, start, kv, self.provider, self.buffers)
+            return h[None]
+        return block.prefill(x, np.arange(start, start + x.shape[0]), kv, self.provider)
 
     def eval_reusing_prefix(self, tokens) -> np.ndarray:
         """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
@@ -198,7 +227,7 @@ class Model:
     # ------------------------------------------------------------------ text
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_gguf(self.file)
         return self._tokenizer

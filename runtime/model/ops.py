@@ -100,59 +100,51 @@ def swiglu(g: np.ndarray, u: np.ndarray, limit: float) -> np.ndarray:
     return a * u
 
 
-def route(logits: np.ndarray, bias: np.ndarray | None, k: int, scale: float, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid router: logits [T, E] -> (expert ids [T, K], weights [T, K] float32).
-
-    The bias only chooses; weights are the unbiased sigmoid scores of the chosen experts,
-    optionally divided by their sum, times `scale`.
-    """
-    s = sigmoid(logits.astype(np.float32))
-    choose = s if bias is None else s + bias
-    ids = np.argsort(-choose, axis=-1, kind="stable")[:, :k]
-    w = np.take_along_axis(s, ids, axis=-1)
-    if normalize:
-        w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
-    return ids, (w * np.float32(scale)).astype(np.float32)
-
-
 @nb.njit(fastmath=FIXED_ORDER, cache=True)
-def _route_sorted(logits, bias, k, scale, normalize, ids, weights):
-    e = logits.shape[0]
+def _route(logits, bias, k, scale, normalize, ascending, ids, weights):
+    e = logits.shape[1]
     s = np.empty(e, np.float32)
     choose = np.empty(e, np.float32)
-    for i in range(e):
-        s[i] = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits[i]))
-        choose[i] = s[i] + bias[i] if bias.shape[0] else s[i]
-    taken = np.zeros(e, np.bool_)
-    for j in range(k):  # the k best, the lower index first among equals (a stable sort's order)
-        best = -1
+    taken = np.empty(e, np.bool_)
+    for t in range(logits.shape[0]):
         for i in range(e):
-            if not taken[i] and (best < 0 or choose[i] > choose[best]):
-                best = i
-        taken[best] = True
-    total = np.float32(0.0)
-    n = 0
-    for i in range(e):  # ascending expert ids
-        if taken[i]:
-            ids[n] = i
-            weights[n] = s[i]
-            total += s[i]
-            n += 1
-    div = max(total, np.float32(6.103515625e-5)) if normalize else np.float32(1.0)
-    for j in range(k):
-        weights[j] = weights[j] / div * scale
+            s[i] = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits[t, i]))
+            choose[i] = s[i] + bias[i] if bias.shape[0] else s[i]
+            taken[i] = False
+        for j in range(k):  # the k best, the lower index first among equals (a stable sort's order)
+            best = -1
+            for i in range(e):
+                if not taken[i] and (best < 0 or choose[i] > choose[best]):
+                    best = i
+            taken[best] = True
+            ids[t, j] = best
+        total = np.float32(0.0)
+        n = 0
+        for i in range(e):  # the sum in ascending expert order, whatever order ids come out in
+            if taken[i]:
+                total += s[i]
+                if ascending:
+                    ids[t, n] = i
+                n += 1
+        div = max(total, np.float32(6.103515625e-5)) if normalize else np.float32(1.0)
+        for j in range(k):
+            weights[t, j] = s[ids[t, j]] / div * scale
 
 
-def route_sorted(logits: np.ndarray, bias: np.ndarray | None, k: int, scale: float,
-                 normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One token's router logits [E] -> (the k chosen expert ids ascending, their weights)."""
-    ids, weights = np.empty(k, np.int64), np.empty(k, np.float32)
-    _route_sorted(np.ascontiguousarray(logits, dtype=np.float32), _EMPTY if bias is None else bias, k,
-                  np.float32(scale), normalize, ids, weights)
+def route(logits: np.ndarray, bias: np.ndarray | None, k: int, scale: float, normalize: bool,
+          ascending: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The sigmoid router: logits [T, E] -> (expert ids [T, K], weights [T, K] float32).
+
+    The bias only chooses: weights are the unbiased sigmoid scores of the chosen experts,
+    divided by their sum when `normalize`, times `scale`. Ids come best first, or ascending.
+    """
+    logits = np.ascontiguousarray(logits, dtype=np.float32).reshape(-1, logits.shape[-1])
+    ids, weights = np.empty((logits.shape[0], k), np.int64), np.empty((logits.shape[0], k), np.float32)
+    _route(logits, _NO_BIAS if bias is None else bias, k, np.float32(scale), normalize, ascending, ids, weights)
     return ids, weights
 
 
-_EMPTY = np.zeros(0, np.float32)
+_NO_BIAS = np.zeros(0, np.float32)
 
 
 def group_by_expert(ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:

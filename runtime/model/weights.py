@@ -17,16 +17,21 @@ import numpy as np
 from runtime.base import gguf_schema as N
 from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
-from runtime.model.experts import ExpertWeights
 from runtime.base.gguf_file import GGUFModelFile
-from runtime.model.matrix import Matrix, ffn_descriptor, matrix, q8_group, stacked, vector
+from runtime.model.matrix import Matrix, ffn_descriptor, matrix, stacked, vector
 
 
 @dataclass(frozen=True)
 class FFN:
+    """A SwiGLU FFN: a dense MLP, a shared expert or one routed expert."""
+
     gate: Matrix  # [F, H]
     up: Matrix  # [F, H]
     down: Matrix  # [H, F]
+
+    @cached_property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
 
     @cached_property
     def descriptor(self):
@@ -49,23 +54,6 @@ class BlockWeights:
     router: Matrix | None  # [E, H], MoE blocks
     router_bias: np.ndarray | None  # [E]
     shared: FFN | None  # [S, H] / [H, S]
-
-    @cached_property
-    def qkvg_q8(self):
-        """q, k, v and the head gate as one int8 kernel group (None if a format has no kernel)."""
-        return q8_group([self.q, self.k, self.v, self.gate])
-
-    @cached_property
-    def o_q8(self):
-        return q8_group([self.o])
-
-    @cached_property
-    def router_f32(self):
-        """The float32 router as a read-only array, one type whether mapped or copied (see
-        quant.kernels.pack)."""
-        r = np.ascontiguousarray(self.router.data, dtype=np.float32).view()
-        r.flags.writeable = False
-        return r
 
 
 @dataclass(frozen=True)
@@ -121,11 +109,11 @@ def _block(f: GGUFModelFile, cfg: ModelConfig, i: int) -> BlockWeights:
     )
 
 
-def expert_bank(f: GGUFModelFile, cfg: ModelConfig, i: int) -> list[ExpertWeights]:
+def expert_bank(f: GGUFModelFile, cfg: ModelConfig, i: int) -> list[FFN]:
     """The E routed experts of block i, each a set of contiguous slices of the file."""
     E, I, H = cfg.n_expert, cfg.expert_ffn, cfg.hidden
     g, u, d = (f.tensor(N.blk(i, n)) for n in N.EXPERTS)
-    return [ExpertWeights(*m) for m in zip(stacked(g, (E, I, H)), stacked(u, (E, I, H)), stacked(d, (E, H, I)))]
+    return [FFN(*m) for m in zip(stacked(g, (E, I, H)), stacked(u, (E, I, H)), stacked(d, (E, H, I)))]
 
 
 def _nextn(f: GGUFModelFile, cfg: ModelConfig, i: int, out_norm, output) -> NextNWeights:

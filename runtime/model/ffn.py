@@ -1,0 +1,89 @@
+"""A block's feed-forward half: a dense SwiGLU FFN, or routed experts plus the shared expert.
+
+    dense:  down @ swiglu(gate @ x, up @ x)
+    MoE:    shared(x) + sum over the K routed experts e of  weight_e * expert_e(x)
+            (ids, weights) = route(router @ x): top-K of sigmoid + bias, weights unbiased,
+            normalized and scaled (runtime.model.ops.route)
+
+Routed experts come through the ExpertProvider; they are summed in expert order, so a
+result is bit-identical whether its experts came from RAM, the cache or the disk.
+
+Shape legend:  T tokens  H hidden  F FFN width  E experts  K experts used per token
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from quant import int8_kernels
+
+from runtime.model.experts import ExpertProvider
+from runtime.model.matrix import matmul, matmul_many
+from runtime.model.ops import group_by_expert, rms_norm, route, swiglu
+from runtime.model.weights import FFN
+
+
+def dense(f: FFN, x: np.ndarray, limit: float, int8: int) -> np.ndarray:
+    """SwiGLU FFN of x [T, H] -> [T, H] (int8: the model's int8 format set, see matrix.matmul)."""
+    gate, up = matmul_many(x, [f.gate, f.up], int8)
+    return matmul(swiglu(gate, up, limit), f.down, int8)
+
+
+def moe(s, w, x: np.ndarray, logits: np.ndarray, experts: ExpertProvider) -> np.ndarray:
+    """Routed experts plus the shared expert of x [T, H] -> [T, H], for router logits [T, E]."""
+    ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
+    groups = group_by_expert(ids)
+    return _experts_sum(s, w, x, weights, groups, experts.experts(s.index, groups))
+
+
+def _experts_sum(s, w, x: np.ndarray, weights: np.ndarray, groups: dict, got) -> np.ndarray:
+    """The shared expert plus the routed experts, which arrive as (id, weights) in any order."""
+    out = dense(w.shared, x, s.limit_shared, s.int8)
+    ys = {}
+    for e, ew in got:
+        rows, slots = groups[e]
+        ys[e] = dense(ew, x[rows], s.limit, s.int8) * weights[rows, slots][:, None]
+    for e in sorted(ys):
+        out[groups[e][0]] += ys[e]
+    return out
+
+
+def moe_decode(s, w, plan, x: np.ndarray, logits: np.ndarray, experts: ExpertProvider, h: np.ndarray,
+               scratch) -> None:
+    """One token's MoE FFN of x [1, H] added into h [H]: with the provider holding all K experts
+    at once, in one fused int8 call (plan: a decode_plan.FFNPlan, scratch: its FFNScratch);
+    otherwise as in prefill."""
+    ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm, ascending=True)
+    groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(ids[0])}
+    with experts.held(s.index, ids[0].tolist()) as got:
+        if got is not None and plan is not None:
+            descs = [ew.descriptor for _, ew in sorted(got, key=lambda g: g[0])]
+            if all(d is not None for d in descs):
+                plan.desc[1:] = descs
+                plan.weights[1:] = weights[0]
+                int8_kernels.swiglu_ffns(plan.desc, plan.weights, plan.limits, x[0], h, scratch, s.int8)
+                return
+        f = _experts_sum(s, w, x, weights, groups, got if got is not None else experts.experts(s.index, groups))
+    h += f[0]
+
+
+def dense_decode(s, f: FFN, plan, x: np.ndarray, h: np.ndarray, scratch) -> None:
+    """One token's dense FFN of x [1, H] added into h [H]; one fused int8 call where the plan has one."""
+    if plan is not None:
+        int8_kernels.swiglu_ffns(plan.desc, plan.weights, plan.limits, x[0], h, scratch, s.int8)
+    else:
+        h += dense(f, x, s.limit_shared, s.int8)[0]
+
+
+def guess_experts(s, w, h: np.ndarray) -> np.ndarray:
+    """Block s's likely experts for hidden states h [T, H] of an earlier block, most likely first.
+
+    Its router on those states; experts are ranked by how many tokens pick them, then by
+    the best rank any token gives them.
+    """
+    ids, _ = route(matmul(rms_norm(h, w.ffn_norm, s.eps), w.router), w.router_bias, s.n_expert_used,
+                   s.expert_scale, s.expert_norm)  # [T, K], each row best first
+    votes: dict[int, tuple[int, int]] = {}
+    for rank, e in zip(np.tile(np.arange(ids.shape[1]), ids.shape[0]).tolist(), ids.ravel().tolist()):
+        n, best = votes.get(e, (0, rank))
+        votes[e] = (n + 1, min(best, rank))
+    return np.asarray(sorted(votes, key=lambda e: (-votes[e][0], votes[e][1])), dtype=np.int64)

@@ -1,0 +1,77 @@
+"""Numba's cache: a fresh compile and its cached copy give the same numbers, and the cache key
+follows every source a kernel inlines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from quant import jit
+
+_DIGEST = textwrap.dedent("""
+    import hashlib, numpy as np, runtime
+    from runtime.cli.demo import model_path
+    from runtime.model.decode_kernels import attention_half
+    m = runtime.load(model_path(), n_ctx=64)
+    ids = np.random.default_rng(5).integers(0, m.cfg.vocab, 28).tolist()
+    h = hashlib.sha256(m.logits(ids[:20]).tobytes())
+    for t in ids[20:]:
+        h.update(m.eval([t]).tobytes())
+    print(h.hexdigest(), sum(attention_half(m.int8).stats.cache_hits.values()))
+""")
+
+
+@pytest.mark.slow
+def test_fresh_and_cached_kernels_give_identical_logits(tmp_path):
+    """The default int8 prefill and decode of the shipped model, bit for bit, in a process that
+    compiles every kernel and in one that loads them all from the cache. Before the fused decode
+    kernel called its norms and attention as separately compiled fixed-order functions, they were
+    inlined into its full fast-math body, and the two processes disagreed from the first decode step."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", _DIGEST], capture_output=True, text=True, timeout=1200, env=env)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-3000:]
+    (fresh, hits_fresh), (cached, hits_cached) = (r.stdout.split() for r in runs)
+    assert hits_fresh == "0" and hits_cached == "1", (hits_fresh, hits_cached)
+    assert fresh == cached
+
+
+def test_source_stamp_covers_every_imported_project_module():
+    """The stamp of the decode kernels' file changes with any module they inline, however deep."""
+    root = Path(jit.__file__).resolve().parent.parent
+    decode = str(root / "runtime" / "model" / "decode_kernels.py")
+    closure = jit.imported_files(decode)
+    for inlined in ("quant/int8_kernels/avx2.py", "quant/bits.py", "runtime/model/ops.py",
+                    "runtime/model/attention_kernels.py", "quant/jit.py"):
+        assert root / inlined in closure, inlined
+    assert not any("offload" in str(p) or "cli" in str(p) for p in closure)
+
+
+def test_source_stamp_changes_when_an_inlined_source_changes(tmp_path):
+    """A copy of the project where one deeply inlined file (quant/bits.py) gains a comment: the
+    stamp of the decode kernels' file changes, that of a module not importing it does not."""
+    import shutil
+
+    root = Path(jit.__file__).resolve().parent.parent
+    for pkg in jit.PACKAGES:
+        shutil.copytree(root / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import quant.jit as j; "
+            "print(j.source_stamp(sys.argv[1] + '/runtime/model/decode_kernels.py'), "
+            "j.source_stamp(sys.argv[1] + '/runtime/base/units.py'))")
+
+    def stamps():
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()
+
+    decode0, units0 = stamps()
+    with open(tmp_path / "quant" / "bits.py", "a") as f:
+        f.write("\n# an edit\n")
+    decode1, units1 = stamps()
+    assert decode1 != decode0 and units1 == units0
