@@ -46,6 +46,9 @@ from types import SimpleNamespace
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import overload
 
 from ..packed import PackedMatrix
 from . import ffn as _ffn
@@ -56,7 +59,7 @@ from .gemv_gemm import quantize as _quantize
 from .row_dot import GEMM4_FORMATS
 
 __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Activations", "ffn_descriptor",
-           "ffn_scratch", "format_set", "group", "kernels", "matmul", "matvec", "matvec_group", "matvec_many",
+           "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matvec", "matvec_group", "matvec_many",
            "quantize_activations", "supports", "swiglu_ffns"]
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
@@ -77,6 +80,23 @@ def kernels(formats: int) -> SimpleNamespace:
     k = _gemv_gemm.build(formats)
     k.swiglu = _ffn.build(formats)
     return k
+
+
+def gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
+    """kernels(formats).gemv(...), callable from a Numba kernel built for the same format set (a
+    compile-time constant there): the call goes to the compiled parallel kernel, not inlined."""
+    kernels(formats).gemv(qt, addr, rb, starts, xq, xd, xb, out)
+
+
+@overload(gemv_in_kernel)
+def _gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
+    if not isinstance(formats, types.IntegerLiteral):
+        raise TypingError("gemv_in_kernel needs the format set as a compile-time constant")
+    gemv = kernels(formats.literal_value).gemv
+
+    def impl(formats, qt, addr, rb, starts, xq, xd, xb, out):
+        gemv(qt, addr, rb, starts, xq, xd, xb, out)
+    return impl
 
 
 def _formats(formats: int | None, mats) -> int:

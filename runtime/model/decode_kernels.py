@@ -11,10 +11,11 @@ The FFN half follows in one more call (quant.int8_kernels.swiglu_ffns, adding in
 decode step costs two kernel calls per block instead of a dozen numpy and kernel calls: at
 a few microseconds of Python per call, that overhead was a sixth of the step.
 
-The kernel is compiled with full fast-math for its integer GEMVs. Its float sums (the norms,
-the attention, the router) are separately compiled functions with a fixed order
-(quant.jit.FIXED_ORDER), called, not inlined: inlined code would take this kernel's flags,
-and a fresh compile and its cached copy could then disagree.
+Every step is a call of a separately compiled kernel: the int8 GEMVs (full fast-math), and
+the norms, the attention and the router in a fixed summation order (quant.jit.FIXED_ORDER).
+Inlined, the fixed-order code took this function's fast-math flags, and a fresh compile and
+its cached copy disagreed. Calling compiled kernels also keeps this function out of
+Numba's parallel passes, which made it the slowest kernel to compile.
 
 Shape legend:  H hidden  Nh/Nk heads  D head dim  S cache slots  E experts  R/2 rotated pairs
     p        runtime.model.decode_plan.AttentionPlan (the block's constant arrays)
@@ -28,7 +29,7 @@ from functools import lru_cache
 
 import numba as nb
 import numpy as np
-from quant.int8_kernels.gemv_gemm import group_gemv
+from quant.int8_kernels import gemv_in_kernel
 from quant.int8_kernels.row_dot import quantize_row
 from quant.jit import FIXED_ORDER
 
@@ -45,19 +46,20 @@ def router_logits(router, x, logits):
 
 @lru_cache(maxsize=None)
 def attention_half(formats: int):
-    """The kernel attention_half(p, keys, vals, kpos, slot, pos, h, s) compiled for the int8 format
-    set `formats` (quant.int8_kernels.format_set)."""
+    """The kernel attention_half(p, keys, vals, kpos, slot, pos, h, s) for the int8 format set
+    `formats` (quant.int8_kernels.format_set), a closure constant: its cache entry is its own."""
 
-    @nb.njit(parallel=True, fastmath=True, cache=True)
+    @nb.njit(fastmath=True, cache=True)
     def attention_half(p, keys, vals, kpos, slot, pos, h, s):
         n = h.shape[0]
         d = keys.shape[2]
         nq = p.n_head * d
         nk = keys.shape[1] * d
         rms_norm_row(h, p.attn_norm, p.eps, s.x)
-        quantize_row(s.x, s.xq[:n], s.xd[:n // 256], s.xb[:n // 16])
+        xq, xd, xb = s.xq[:n], s.xd[:n // 256], s.xb[:n // 16]
+        quantize_row(s.x, xq, xd, xb)
         proj = s.proj[:p.qkvg_starts[-1]]
-        group_gemv(formats, p.qkvg_qt, p.qkvg_addr, p.qkvg_rb, p.qkvg_starts, s.xq[:n], s.xd[:n // 256], s.xb[:n // 16], proj)
+        gemv_in_kernel(formats, p.qkvg_qt, p.qkvg_addr, p.qkvg_rb, p.qkvg_starts, xq, xd, xb, proj)
         half = p.inv_freq.shape[0]
         cos = s.cos[:half]
         sin = s.sin[:half]
@@ -68,8 +70,9 @@ def attention_half(formats: int):
         att = s.att[:nq]
         decode_attention(proj[:nq], proj[nq:nq + nk], proj[nq + nk:nq + 2 * nk], proj[nq + 2 * nk:], p.q_norm,
                          p.k_norm, p.eps, cos, sin, keys, vals, kpos, slot, pos, p.window, s.scores, att)
-        quantize_row(att, s.xq[:nq], s.xd[:nq // 256], s.xb[:nq // 16])
-        group_gemv(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, s.xq[:nq], s.xd[:nq // 256], s.xb[:nq // 16], s.o)
+        aq, ad, ab = s.xq[:nq], s.xd[:nq // 256], s.xb[:nq // 16]
+        quantize_row(att, aq, ad, ab)
+        gemv_in_kernel(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, aq, ad, ab, s.o)
         for i in range(n):
             h[i] = h[i] + s.o[i]
         rms_norm_row(h, p.ffn_norm, p.eps, s.x)
