@@ -58,6 +58,17 @@ class Summary:
         data = sum(b for _, b in self.by_type.values())
         return 8.0 * data / max(self.n_weights, 1)
 
+    def add(self, t: PlannedTensor, in_bytes: int) -> None:
+        """Count a tensor written from in_bytes of checkpoint data."""
+        self.in_bytes += in_bytes
+        self.n_tensors += 1
+        self.n_weights += t.spec.n_elements
+        entry = self.by_type.setdefault(t.qtype.name, [0, 0])
+        entry[0] += 1
+        entry[1] += t.nbytes
+        if t.fallback:
+            self.fallbacks.append(t.spec.gguf_name)
+
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["bits_per_weight"] = self.bits_per_weight
@@ -160,37 +171,13 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         f = writer.fout[0]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(ckpt.entry(t.spec.hf_name).nbytes for t in planned), unit="B", unit_scale=True,
-                       unit_divisor=1024, desc=f"convert {ftype}", dynamic_ncols=True)
+        bar = _progress_bar(ckpt, planned, ftype) if progress else None
         for t in planned:
             writer.write_padding(f, f.tell())
-            start = f.tell()
-            where = ckpt.file_of(t.spec.hf_name)
-            slices = range(t.spec.shape[0]) if t.spec.role == layout.EXPERTS else [None]
-            for index in slices:
-                x = ckpt.read(t.spec.hf_name, index)
-                _check_finite(x, t.spec.hf_name, where, index)
-                if t.spec.role == layout.NORM:
-                    x = x + np.float32(1.0)
-                f.write(_encode(x, t))
-                del x
-            if f.tell() - start != t.nbytes:
-                raise AssertionError(f"{t.spec.gguf_name}: wrote {f.tell() - start} bytes, planned {t.nbytes}")
-            in_bytes = ckpt.entry(t.spec.hf_name).nbytes
-            summary.in_bytes += in_bytes
-            summary.n_tensors += 1
-            summary.n_weights += t.spec.n_elements
-            entry = summary.by_type.setdefault(t.qtype.name, [0, 0])
-            entry[0] += 1
-            entry[1] += t.nbytes
-            if t.fallback:
-                summary.fallbacks.append(t.spec.gguf_name)
+            _write_tensor(f, ckpt, t)
+            summary.add(t, ckpt.entry(t.spec.hf_name).nbytes)
             if bar:
-                bar.update(in_bytes)
+                bar.update(ckpt.entry(t.spec.hf_name).nbytes)
         if rope_factors is not None:
             writer.write_padding(f, f.tell())
             f.write(rope_factors.tobytes())
@@ -209,6 +196,29 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_bytes = peak_rss_bytes()
     return summary
+
+
+def _progress_bar(ckpt: Checkpoint, planned: list[PlannedTensor], ftype: str):
+    from tqdm import tqdm
+
+    return tqdm(total=sum(ckpt.entry(t.spec.hf_name).nbytes for t in planned), unit="B", unit_scale=True,
+                unit_divisor=1024, desc=f"convert {ftype}", dynamic_ncols=True)
+
+
+def _write_tensor(f, ckpt: Checkpoint, t: PlannedTensor) -> None:
+    """One tensor's GGUF bytes at f's position: read (one expert slice at a time), checked, encoded."""
+    start = f.tell()
+    where = ckpt.file_of(t.spec.hf_name)
+    slices = range(t.spec.shape[0]) if t.spec.role == layout.EXPERTS else [None]
+    for index in slices:
+        x = ckpt.read(t.spec.hf_name, index)
+        _check_finite(x, t.spec.hf_name, where, index)
+        if t.spec.role == layout.NORM:
+            x = x + np.float32(1.0)
+        f.write(_encode(x, t))
+        del x
+    if f.tell() - start != t.nbytes:
+        raise AssertionError(f"{t.spec.gguf_name}: wrote {f.tell() - start} bytes, planned {t.nbytes}")
 
 
 def count_types(path: str | os.PathLike) -> Counter:

@@ -84,100 +84,35 @@ class HFConfig:
                 f"{source}: not a Step-3.5 config (architectures={archs}, model_type={raw.get('model_type')!r}); "
                 f"expected {ARCHITECTURE!r} / {MODEL_TYPE!r}"
             )
-
-        def need(key: str):
-            if key not in raw:
-                raise StepstreamError(f"{source}: missing required key {key!r}")
-            return raw[key]
-
-        n_layers = int(need("num_hidden_layers"))
-        n_mtp = int(raw.get("num_nextn_predict_layers", 0) or 0)
-        n_blocks = n_layers + n_mtp
-
-        def per_block(key: str, default, convert=float) -> tuple:
-            values = raw.get(key)
-            if values is None:
-                return tuple([default] * n_blocks)
-            if not isinstance(values, list):
-                return tuple([convert(values)] * n_blocks)
-            if len(values) < n_layers:
-                raise StepstreamError(f"{source}: {key} has {len(values)} entries, fewer than num_hidden_layers={n_layers}")
-            values = [default if v is None else convert(v) for v in values[:n_blocks]]
-            return tuple(values + [default] * (n_blocks - len(values)))
-
-        layer_types = per_block("layer_types", "full_attention", str)
-        bad = sorted({t for t in layer_types} - {"full_attention", "sliding_attention"})
-        if bad:
-            raise StepstreamError(f"{source}: layer_types holds unknown types {bad}")
-        sliding = tuple(t == "sliding_attention" for t in layer_types)
-        rotary = per_block("partial_rotary_factors", 0.5)
-        for i, (s, r) in enumerate(zip(sliding, rotary)):
-            if r != (1.0 if s else 0.5):
-                raise StepstreamError(f"{source}: partial_rotary_factors[{i}]={r} but layer {i} is {layer_types[i]}; Step-3.5 rotates all dims on sliding layers and half on full ones")
-
-        other = raw.get("attention_other_setting") or {}
-        n_head_full = int(need("num_attention_heads"))
-        n_kv_full = int(need("num_attention_groups"))
-        n_head_swa = int(other.get("num_attention_heads", n_head_full))
-        n_kv_swa = int(other.get("num_attention_groups", n_kv_full))
-        n_head = tuple(n_head_swa if s else n_head_full for s in sliding)
-        n_head_kv = tuple(n_kv_swa if s else n_kv_full for s in sliding)
-        for i, (h, kv) in enumerate(zip(n_head, n_head_kv)):
-            if kv <= 0 or h % kv:
-                raise StepstreamError(f"{source}: layer {i} has {h} query heads, not a multiple of its {kv} KV groups")
-
-        theta = raw.get("rope_theta", 10000.0)
-        if isinstance(theta, list):
-            full = [float(t) for t, s in zip(theta, sliding) if not s]
-            swa = [float(t) for t, s in zip(theta, sliding) if s]
-            theta_full = full[0] if full else float(theta[0])
-            theta_swa = swa[0] if swa else theta_full
-            if len(set(full)) > 1 or len(set(swa)) > 1:
-                raise StepstreamError(f"{source}: rope_theta varies within one attention type ({sorted(set(full))} / {sorted(set(swa))}); GGUF stores one base per type")
-        else:
-            theta_full = theta_swa = float(theta)
-
-        moe_enum = raw.get("moe_layers_enum")
-        if isinstance(moe_enum, str) and moe_enum.strip():
-            moe_layers = frozenset(int(v) for v in moe_enum.split(","))
-        elif isinstance(moe_enum, list):
-            moe_layers = frozenset(int(v) for v in moe_enum)
-        else:
-            moe_layers = frozenset(range(1, n_layers))
-        if any(not 0 <= i < n_layers for i in moe_layers):
-            raise StepstreamError(f"{source}: moe_layers_enum names layers outside 0..{n_layers - 1}")
-
-        scaling = raw.get("rope_scaling")
-        if scaling is not None:
-            kind = str(scaling.get("rope_type", scaling.get("type", ""))).lower()
-            if kind != "llama3":
-                raise StepstreamError(f"{source}: rope_scaling type {kind!r} is not supported (only llama3)")
-
+        r = _Fields(raw, source)
+        sliding, rotary = _layer_types(r)
+        n_head, n_head_kv = _heads(r, sliding)
+        theta_full, theta_swa = _rope_theta(r, sliding)
         cfg = cls(
-            hidden_size=int(need("hidden_size")),
-            n_layers=n_layers,
-            n_mtp=n_mtp,
-            vocab_size=int(need("vocab_size")),
-            head_dim=int(need("head_dim")),
+            hidden_size=int(r.need("hidden_size")),
+            n_layers=r.n_layers,
+            n_mtp=r.n_mtp,
+            vocab_size=int(r.need("vocab_size")),
+            head_dim=int(r.need("head_dim")),
             sliding=sliding,
             n_head=n_head,
             n_head_kv=n_head_kv,
             rotary_factor=rotary,
-            sliding_window=int(need("sliding_window")),
+            sliding_window=int(r.need("sliding_window")),
             rope_theta_full=theta_full,
             rope_theta_sliding=theta_swa,
-            rope_scaling=scaling,
-            intermediate_size=int(need("intermediate_size")),
-            moe_layers=moe_layers,
-            n_expert=int(need("moe_num_experts")),
-            n_expert_used=int(need("moe_top_k")),
-            expert_ffn=int(need("moe_intermediate_size")),
-            shared_ffn=int(raw.get("share_expert_dim", need("moe_intermediate_size"))),
+            rope_scaling=_rope_scaling(r),
+            intermediate_size=int(r.need("intermediate_size")),
+            moe_layers=_moe_layers(r),
+            n_expert=int(r.need("moe_num_experts")),
+            n_expert_used=int(r.need("moe_top_k")),
+            expert_ffn=int(r.need("moe_intermediate_size")),
+            shared_ffn=int(raw.get("share_expert_dim", r.need("moe_intermediate_size"))),
             router_scale=float(raw.get("moe_router_scaling_factor", 1.0)),
             norm_expert_weight=bool(raw.get("norm_expert_weight", True)),
             use_router_bias=bool(raw.get("use_moe_router_bias", True)),
-            swiglu_limit=per_block("swiglu_limits", 0.0),
-            swiglu_limit_shared=per_block("swiglu_limits_shared", 0.0),
+            swiglu_limit=r.per_block("swiglu_limits", 0.0),
+            swiglu_limit_shared=r.per_block("swiglu_limits_shared", 0.0),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -186,3 +121,97 @@ class HFConfig:
         if not 0 < cfg.n_expert_used <= cfg.n_expert:
             raise StepstreamError(f"{source}: moe_top_k={cfg.n_expert_used} must be in 1..moe_num_experts={cfg.n_expert}")
         return cfg
+
+
+class _Fields:
+    """config.json's values, read with errors that name the file and the key."""
+
+    def __init__(self, raw: dict, source: str):
+        self.raw, self.source = raw, source
+        self.n_layers = int(self.need("num_hidden_layers"))
+        self.n_mtp = int(raw.get("num_nextn_predict_layers", 0) or 0)
+        self.n_blocks = self.n_layers + self.n_mtp
+
+    def need(self, key: str):
+        if key not in self.raw:
+            raise StepstreamError(f"{self.source}: missing required key {key!r}")
+        return self.raw[key]
+
+    def per_block(self, key: str, default, convert=float) -> tuple:
+        """One value per block (trunk and MTP): a list (MTP blocks may be left out), or one value for all."""
+        values = self.raw.get(key)
+        if values is None:
+            return tuple([default] * self.n_blocks)
+        if not isinstance(values, list):
+            return tuple([convert(values)] * self.n_blocks)
+        if len(values) < self.n_layers:
+            raise StepstreamError(f"{self.source}: {key} has {len(values)} entries, fewer than "
+                                  f"num_hidden_layers={self.n_layers}")
+        values = [default if v is None else convert(v) for v in values[:self.n_blocks]]
+        return tuple(values + [default] * (self.n_blocks - len(values)))
+
+
+def _layer_types(r: _Fields) -> tuple[tuple[bool, ...], tuple[float, ...]]:
+    """(sliding per block, rotary factor per block), checked against each other."""
+    layer_types = r.per_block("layer_types", "full_attention", str)
+    bad = sorted({t for t in layer_types} - {"full_attention", "sliding_attention"})
+    if bad:
+        raise StepstreamError(f"{r.source}: layer_types holds unknown types {bad}")
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+    rotary = r.per_block("partial_rotary_factors", 0.5)
+    for i, (s, f) in enumerate(zip(sliding, rotary)):
+        if f != (1.0 if s else 0.5):
+            raise StepstreamError(f"{r.source}: partial_rotary_factors[{i}]={f} but layer {i} is {layer_types[i]}; "
+                                  "Step-3.5 rotates all dims on sliding layers and half on full ones")
+    return sliding, rotary
+
+
+def _heads(r: _Fields, sliding) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Query heads and KV groups per block (sliding blocks may have their own counts)."""
+    other = r.raw.get("attention_other_setting") or {}
+    n_head_full = int(r.need("num_attention_heads"))
+    n_kv_full = int(r.need("num_attention_groups"))
+    n_head_swa = int(other.get("num_attention_heads", n_head_full))
+    n_kv_swa = int(other.get("num_attention_groups", n_kv_full))
+    n_head = tuple(n_head_swa if s else n_head_full for s in sliding)
+    n_head_kv = tuple(n_kv_swa if s else n_kv_full for s in sliding)
+    for i, (h, kv) in enumerate(zip(n_head, n_head_kv)):
+        if kv <= 0 or h % kv:
+            raise StepstreamError(f"{r.source}: layer {i} has {h} query heads, not a multiple of its {kv} KV groups")
+    return n_head, n_head_kv
+
+
+def _rope_theta(r: _Fields, sliding) -> tuple[float, float]:
+    """RoPE bases of full and sliding blocks: one value, or a per-layer list with one base per type."""
+    theta = r.raw.get("rope_theta", 10000.0)
+    if not isinstance(theta, list):
+        return float(theta), float(theta)
+    full = [float(t) for t, s in zip(theta, sliding) if not s]
+    swa = [float(t) for t, s in zip(theta, sliding) if s]
+    theta_full = full[0] if full else float(theta[0])
+    if len(set(full)) > 1 or len(set(swa)) > 1:
+        raise StepstreamError(f"{r.source}: rope_theta varies within one attention type ({sorted(set(full))} / "
+                              f"{sorted(set(swa))}); GGUF stores one base per type")
+    return theta_full, swa[0] if swa else theta_full
+
+
+def _moe_layers(r: _Fields) -> frozenset[int]:
+    moe_enum = r.raw.get("moe_layers_enum")
+    if isinstance(moe_enum, str) and moe_enum.strip():
+        moe_layers = frozenset(int(v) for v in moe_enum.split(","))
+    elif isinstance(moe_enum, list):
+        moe_layers = frozenset(int(v) for v in moe_enum)
+    else:
+        moe_layers = frozenset(range(1, r.n_layers))
+    if any(not 0 <= i < r.n_layers for i in moe_layers):
+        raise StepstreamError(f"{r.source}: moe_layers_enum names layers outside 0..{r.n_layers - 1}")
+    return moe_layers
+
+
+def _rope_scaling(r: _Fields) -> dict | None:
+    scaling = r.raw.get("rope_scaling")
+    if scaling is not None:
+        kind = str(scaling.get("rope_type", scaling.get("type", ""))).lower()
+        if kind != "llama3":
+            raise StepstreamError(f"{r.source}: rope_scaling type {kind!r} is not supported (only llama3)")
+    return scaling

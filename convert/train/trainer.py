@@ -133,29 +133,8 @@ def export_checkpoint(model: Step35, config: dict, tok, out: Path) -> None:
     write_tokenizer_files(tok, out)
 
 
-def train(out_dir: str | os.PathLike, opts: TrainOptions = TrainOptions(), preset: Preset = TRAINED,
-          log=print) -> tuple[dict, Step35]:
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise StepstreamError(f"{out}: directory exists and is not empty")
-    torch.manual_seed(opts.seed)
-    torch.set_num_threads(opts.threads)
-    rng = np.random.default_rng(opts.seed)
-
-    t0 = time.perf_counter()
-    train_texts, heldout_texts = split_corpus(opts.max_corpus_bytes)
-    tok = train_tokenizer(preset.vocab, texts=train_texts)
-    eos = tok.token_to_id("<|end_of_text|>")
-    train_ids, heldout_ids = encode(tok, train_texts, eos), encode(tok, heldout_texts, eos)
-    vocab_size = -(-tok.get_vocab_size() // 64) * 64
-    config = make_config(preset, vocab_size, clamps=CLAMPS)
-    cfg = HFConfig.from_dict(config)
-    model = Step35(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    unigram = unigram_perplexity(train_ids, heldout_ids, vocab_size)
-    log(f"corpus: {len(train_ids):,} training tokens, {len(heldout_ids):,} held-out; "
-        f"{n_params / 1e6:.1f} M parameters; unigram perplexity {unigram:.1f}")
-
+def _optimize(model: Step35, train_ids: np.ndarray, opts: TrainOptions, rng, t0: float, log) -> list[dict]:
+    """AdamW over random windows of the corpus, with loss-free expert balancing; the loss history."""
     decay = [p for n, p in model.named_parameters() if not n.endswith("norm.weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
@@ -181,6 +160,33 @@ def train(out_dir: str | os.PathLike, opts: TrainOptions = TrainOptions(), prese
             history.append({"step": step, "loss": main.item(), "mtp": [e.item() for e in extra], "seconds": elapsed})
             log(f"step {step:5d}  loss {main.item():.3f}  mtp {' '.join(f'{e.item():.2f}' for e in extra)}  "
                 f"{elapsed / 60:.1f} min")
+    return history
+
+
+def train(out_dir: str | os.PathLike, opts: TrainOptions = TrainOptions(), preset: Preset = TRAINED,
+          log=print) -> tuple[dict, Step35]:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise StepstreamError(f"{out}: directory exists and is not empty")
+    torch.manual_seed(opts.seed)
+    torch.set_num_threads(opts.threads)
+    rng = np.random.default_rng(opts.seed)
+
+    t0 = time.perf_counter()
+    train_texts, heldout_texts = split_corpus(opts.max_corpus_bytes)
+    tok = train_tokenizer(preset.vocab, texts=train_texts)
+    eos = tok.token_to_id("<|end_of_text|>")
+    train_ids, heldout_ids = encode(tok, train_texts, eos), encode(tok, heldout_texts, eos)
+    vocab_size = -(-tok.get_vocab_size() // 64) * 64
+    config = make_config(preset, vocab_size, clamps=CLAMPS)
+    cfg = HFConfig.from_dict(config)
+    model = Step35(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    unigram = unigram_perplexity(train_ids, heldout_ids, vocab_size)
+    log(f"corpus: {len(train_ids):,} training tokens, {len(heldout_ids):,} held-out; "
+        f"{n_params / 1e6:.1f} M parameters; unigram perplexity {unigram:.1f}")
+
+    history = _optimize(model, train_ids, opts, rng, t0, log)
 
     with torch.no_grad():  # the checkpoint is bf16: evaluate and keep exactly what ships
         for p in model.parameters():

@@ -46,15 +46,13 @@ from types import SimpleNamespace
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from numba import types
-from numba.core.errors import TypingError
-from numba.extending import overload
 
 from ..packed import PackedMatrix
 from . import ffn as _ffn
 from . import gemv_gemm as _gemv_gemm
 from .dispatch import FORMAT_BIT, format_set
 from .ffn import FFNScratch, ffn_scratch
+from .gemv_gemm import gemv_in_kernel
 from .gemv_gemm import quantize as _quantize
 from .row_dot import GEMM4_FORMATS
 
@@ -77,26 +75,9 @@ def supports(qtype, cols: int) -> bool:
 def kernels(formats: int) -> SimpleNamespace:
     """The kernels compiled for a format set: gemv (a group's rows times quantized activations),
     gemm and swiglu (see gemv_gemm.build, ffn.build)."""
-    k = _gemv_gemm.build(formats)
+    k = SimpleNamespace(**vars(_gemv_gemm.build(formats)))
     k.swiglu = _ffn.build(formats)
     return k
-
-
-def gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
-    """kernels(formats).gemv(...), callable from a Numba kernel built for the same format set (a
-    compile-time constant there): the call goes to the compiled parallel kernel, not inlined."""
-    kernels(formats).gemv(qt, addr, rb, starts, xq, xd, xb, out)
-
-
-@overload(gemv_in_kernel)
-def _gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
-    if not isinstance(formats, types.IntegerLiteral):
-        raise TypingError("gemv_in_kernel needs the format set as a compile-time constant")
-    gemv = kernels(formats.literal_value).gemv
-
-    def impl(formats, qt, addr, rb, starts, xq, xd, xb, out):
-        gemv(qt, addr, rb, starts, xq, xd, xb, out)
-    return impl
 
 
 def _formats(formats: int | None, mats) -> int:

@@ -48,71 +48,86 @@ def switch(table: dict, arity: int):
     """A function f(formats, qtype, *args) = table[qtype](*args) for Numba code (see module doc);
     the table's functions take `arity` arguments. Numba cannot inline a call with *args, hence
     one spelled-out signature per arity the kernels use."""
-    slots: dict[int, tuple] = {}
+    found: dict[int, tuple] = {}
 
     def slots_for(formats):
         if not isinstance(formats, types.IntegerLiteral):
             raise TypingError("the format set must be a compile-time integer (a closure variable of the kernel)")
         bits = formats.literal_value
-        if bits not in slots:
+        if bits not in found:
             entries = [(code, fn) for code, fn in table.items() if FORMAT_BIT[code] & bits]
             if not entries:
                 raise TypingError(f"format set {bits} names none of this table's formats")
-            slots[bits] = _slots(entries)
-        return slots[bits]
+            found[bits] = _slots(entries)
+        return found[bits]
 
-    if arity == 4:
-        def f(formats, qtype, a, b, c, d):
-            return table[int(qtype)](a, b, c, d)
-
-        @overload(f, inline="always")
-        def _f(formats, qtype, a, b, c, d):
-            (f0, f1, f2), (use0, use1, use2), (c0, c1, c2), last = slots_for(formats)
-
-            def impl4(formats, qtype, a, b, c, d):
-                if use0:
-                    if qtype == c0:
-                        return f0(a, b, c, d)
-                if use1:
-                    if qtype == c1:
-                        return f1(a, b, c, d)
-                if use2:
-                    if qtype == c2:
-                        return f2(a, b, c, d)
-                return last(a, b, c, d)
-            return impl4
-    elif arity == 5:
-        def f(formats, qtype, a, b, c, d, e):
-            return table[int(qtype)](a, b, c, d, e)
-
-        @overload(f, inline="always")
-        def _f(formats, qtype, a, b, c, d, e):
-            (f0, _, _), (use0, use1, _), (c0, _, _), last = slots_for(formats)
-            if use1:
-                raise TypingError("five-argument switches take two formats at most")
-
-            def impl5(formats, qtype, a, b, c, d, e):
-                if use0:
-                    if qtype == c0:
-                        return f0(a, b, c, d, e)
-                return last(a, b, c, d, e)
-            return impl5
-    elif arity == 12:
-        def f(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
-            return table[int(qtype)](a, b, c, d, e, f_, g, h, i, j, k, m)
-
-        @overload(f, inline="always")
-        def _f(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
-            (f0, _, _), (use0, use1, _), (c0, _, _), last = slots_for(formats)
-            if use1:
-                raise TypingError("twelve-argument switches take two formats at most")
-
-            def impl12(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
-                if use0:
-                    if qtype == c0:
-                        return f0(a, b, c, d, e, f_, g, h, i, j, k, m)
-                return last(a, b, c, d, e, f_, g, h, i, j, k, m)
-            return impl12
-    else:
+    makers = {4: _switch4, 5: _switch5, 12: _switch12}
+    if arity not in makers:
         raise ValueError(f"no format switch of arity {arity}")
+    return makers[arity](table, slots_for)
+
+
+def _two_at_most(slots, arity: int) -> None:
+    if slots[1][1]:
+        raise TypingError(f"{arity}-argument switches take two formats at most")
+
+
+def _switch4(table, slots_for):
+    def f(formats, qtype, a, b, c, d):
+        return table[int(qtype)](a, b, c, d)
+
+    @overload(f, inline="always")
+    def _f(formats, qtype, a, b, c, d):
+        (f0, f1, f2), (use0, use1, use2), (c0, c1, c2), last = slots_for(formats)
+
+        def impl4(formats, qtype, a, b, c, d):
+            if use0:
+                if qtype == c0:
+                    return f0(a, b, c, d)
+            if use1:
+                if qtype == c1:
+                    return f1(a, b, c, d)
+            if use2:
+                if qtype == c2:
+                    return f2(a, b, c, d)
+            return last(a, b, c, d)
+        return impl4
+    return f
+
+
+def _switch5(table, slots_for):
+    def f(formats, qtype, a, b, c, d, e):
+        return table[int(qtype)](a, b, c, d, e)
+
+    @overload(f, inline="always")
+    def _f(formats, qtype, a, b, c, d, e):
+        slots = slots_for(formats)
+        _two_at_most(slots, 5)
+        (f0, _, _), (use0, _, _), (c0, _, _), last = slots
+
+        def impl5(formats, qtype, a, b, c, d, e):
+            if use0:
+                if qtype == c0:
+                    return f0(a, b, c, d, e)
+            return last(a, b, c, d, e)
+        return impl5
+    return f
+
+
+def _switch12(table, slots_for):
+    def f(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
+        return table[int(qtype)](a, b, c, d, e, f_, g, h, i, j, k, m)
+
+    @overload(f, inline="always")
+    def _f(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
+        slots = slots_for(formats)
+        _two_at_most(slots, 12)
+        (f0, _, _), (use0, _, _), (c0, _, _), last = slots
+
+        def impl12(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
+            if use0:
+                if qtype == c0:
+                    return f0(a, b, c, d, e, f_, g, h, i, j, k, m)
+            return last(a, b, c, d, e, f_, g, h, i, j, k, m)
+        return impl12
     return f

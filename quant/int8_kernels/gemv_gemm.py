@@ -15,10 +15,14 @@ Kernels write their output buffer (last argument) and allocate only small per-ca
 
 from __future__ import annotations
 
+from functools import lru_cache
 from types import SimpleNamespace
 
 import numba as nb
 import numpy as np
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import overload
 
 from ..bits import u8_at
 from . import avx512_vnni as vnni
@@ -139,6 +143,7 @@ def _q6k_group(wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
 _group_steps = switch({Q4_K: _q4k_group, Q6_K: _q6k_group}, arity=12)
 
 
+@lru_cache(maxsize=None)
 def build(formats: int) -> SimpleNamespace:
     """The kernels for matrices of the formats in `formats` (see dispatch.format_set):
     gemv(qt, addr, rb, starts, xq, xd, xb, out)   a group's rows times quantized activations
@@ -170,3 +175,21 @@ def build(formats: int) -> SimpleNamespace:
                 _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
 
     return SimpleNamespace(gemv=gemv, gemm=gemm)
+
+
+def gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
+    """build(formats).gemv(...), callable from a Numba kernel built for the same format set (a
+    compile-time constant there): the call goes to the compiled parallel kernel, which other
+    callers share, instead of inlining another parallel loop into the caller."""
+    build(formats).gemv(qt, addr, rb, starts, xq, xd, xb, out)
+
+
+@overload(gemv_in_kernel)
+def _gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
+    if not isinstance(formats, types.IntegerLiteral):
+        raise TypingError("gemv_in_kernel needs the format set as a compile-time constant")
+    gemv = build(formats.literal_value).gemv
+
+    def impl(formats, qt, addr, rb, starts, xq, xd, xb, out):
+        gemv(qt, addr, rb, starts, xq, xd, xb, out)
+    return impl

@@ -51,88 +51,113 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, f: GGUFModelFile) -> "ModelConfig":
-        src = str(f.path)
-        arch = f.get(Key.ARCHITECTURE, None)
-        if arch != ARCH:
-            raise StepstreamError(f"{src}: architecture is {arch!r}; stepstream runs only {ARCH!r} (Step-3.5) models")
-
-        def num(key, default=GGUFModelFile._MISSING, kind=int):
-            v = f.get(key, default)
-            if isinstance(v, list):
-                raise StepstreamError(f"{src}: {key} should be one value, found an array of {len(v)}")
-            return kind(v)
-
-        n_blocks = num(Key.BLOCK_COUNT)
-        n_mtp = num(Key.NEXTN, 0)
-        if not 0 <= n_mtp < n_blocks:
-            raise StepstreamError(f"{src}: {Key.NEXTN}={n_mtp} must be below {Key.BLOCK_COUNT}={n_blocks}")
-        n_layers = n_blocks - n_mtp
-
-        def per_block(key, default=GGUFModelFile._MISSING, kind=int) -> tuple:
-            v = f.get(key, default)
-            if not isinstance(v, list):
-                return tuple([kind(v)] * n_blocks)
-            if len(v) != n_blocks:
-                raise StepstreamError(f"{src}: {key} has {len(v)} entries, {Key.BLOCK_COUNT} is {n_blocks}")
-            return tuple(kind(x) for x in v)
-
-        head_dim = num(Key.KEY_LENGTH)
-        if num(Key.VALUE_LENGTH, head_dim) != head_dim:
-            raise StepstreamError(f"{src}: key_length {head_dim} != value_length {num(Key.VALUE_LENGTH)}; Step-3.5 uses one head size")
-        if head_dim % 4:
-            raise StepstreamError(f"{src}: key_length {head_dim} must be a multiple of 4 (half of it is rotated in pairs)")
-        if f.has(Key.ROPE_DIMS) and num(Key.ROPE_DIMS) != head_dim:
-            raise StepstreamError(f"{src}: {Key.ROPE_DIMS}={num(Key.ROPE_DIMS)}; Step-3.5 rotates head_dim on sliding blocks and head_dim/2 on full ones ({head_dim})")
-        sliding = per_block(Key.SLIDING_PATTERN, kind=bool)
-        n_head = per_block(Key.HEAD_COUNT)
-        n_head_kv = per_block(Key.HEAD_COUNT_KV)
-        for i, (h, kv) in enumerate(zip(n_head, n_head_kv)):
-            if kv <= 0 or h <= 0 or h % kv:
-                raise StepstreamError(f"{src}: block {i} has {h} query heads and {kv} KV heads; query heads must be a positive multiple of KV heads")
-
-        gating = num(Key.EXPERT_GATING, GATING_SIGMOID)
-        if gating != GATING_SIGMOID:
-            raise StepstreamError(f"{src}: {Key.EXPERT_GATING}={gating}; Step-3.5 routes with sigmoid ({GATING_SIGMOID})")
-        leading = num(Key.LEADING_DENSE, 0)
-        if not 0 <= leading <= n_layers:
-            raise StepstreamError(f"{src}: {Key.LEADING_DENSE}={leading} outside 0..{n_layers}")
-        n_expert = num(Key.EXPERT_COUNT, 0)
-        moe = tuple(leading <= i < n_layers and n_expert > 0 for i in range(n_blocks))
-        n_used = num(Key.EXPERT_USED, 0)
-        if any(moe) and not 0 < n_used <= n_expert:
-            raise StepstreamError(f"{src}: {Key.EXPERT_USED}={n_used} must be in 1..{Key.EXPERT_COUNT}={n_expert}")
-
-        window = num(Key.SLIDING_WINDOW, 0)
+        m = _Metadata(f)
+        head_dim = _head_dim(m)
+        sliding, n_head, n_head_kv = _attention(m)
+        moe, n_expert, n_used = _moe(m)
+        window = m.num(Key.SLIDING_WINDOW, 0)
         if any(sliding) and window <= 0:
-            raise StepstreamError(f"{src}: sliding blocks present but {Key.SLIDING_WINDOW} is {window}")
-        base_full = num(Key.ROPE_BASE, 10000.0, float)
+            raise StepstreamError(f"{m.src}: sliding blocks present but {Key.SLIDING_WINDOW} is {window}")
+        base_full = m.num(Key.ROPE_BASE, 10000.0, float)
         ffn = f.get(Key.FFN_LENGTH, 0)  # llama.cpp may store it per block
         return cls(
-            hidden=num(Key.EMBEDDING_LENGTH),
+            hidden=m.num(Key.EMBEDDING_LENGTH),
             vocab=_vocab_size(f),
             head_dim=head_dim,
-            n_layers=n_layers,
-            n_mtp=n_mtp,
-            context_length=num(Key.CONTEXT_LENGTH),
+            n_layers=m.n_layers,
+            n_mtp=m.n_mtp,
+            context_length=m.num(Key.CONTEXT_LENGTH),
             sliding=sliding,
             n_head=n_head,
             n_head_kv=n_head_kv,
             n_rot=tuple(head_dim if s else head_dim // 2 for s in sliding),
             window=window,
             rope_base_full=base_full,
-            rope_base_sliding=num(Key.ROPE_BASE_SWA, base_full, float),
+            rope_base_sliding=m.num(Key.ROPE_BASE_SWA, base_full, float),
             moe=moe,
             dense_ffn=int(max(ffn)) if isinstance(ffn, list) else int(ffn),
             n_expert=n_expert,
             n_expert_used=n_used,
-            expert_ffn=num(Key.EXPERT_FFN, 0),
-            shared_ffn=num(Key.SHARED_FFN, 0),
-            expert_scale=num(Key.EXPERT_SCALE, 1.0, float),
+            expert_ffn=m.num(Key.EXPERT_FFN, 0),
+            shared_ffn=m.num(Key.SHARED_FFN, 0),
+            expert_scale=m.num(Key.EXPERT_SCALE, 1.0, float),
             expert_norm=bool(f.get(Key.EXPERT_NORM, False)),
-            swiglu_limit=per_block(Key.CLAMP_EXP, 0.0, float),
-            swiglu_limit_shared=per_block(Key.CLAMP_SHEXP, 0.0, float),
-            rms_eps=num(Key.RMS_EPS, kind=float),
+            swiglu_limit=m.per_block(Key.CLAMP_EXP, 0.0, float),
+            swiglu_limit_shared=m.per_block(Key.CLAMP_SHEXP, 0.0, float),
+            rms_eps=m.num(Key.RMS_EPS, kind=float),
         )
+
+
+class _Metadata:
+    """A step35 file's metadata, read with errors that name the file and the key."""
+
+    def __init__(self, f: GGUFModelFile):
+        self.f, self.src = f, str(f.path)
+        arch = f.get(Key.ARCHITECTURE, None)
+        if arch != ARCH:
+            raise StepstreamError(f"{self.src}: architecture is {arch!r}; stepstream runs only {ARCH!r} (Step-3.5) models")
+        self.n_blocks = self.num(Key.BLOCK_COUNT)
+        self.n_mtp = self.num(Key.NEXTN, 0)
+        if not 0 <= self.n_mtp < self.n_blocks:
+            raise StepstreamError(f"{self.src}: {Key.NEXTN}={self.n_mtp} must be below {Key.BLOCK_COUNT}={self.n_blocks}")
+        self.n_layers = self.n_blocks - self.n_mtp
+
+    def num(self, key, default=GGUFModelFile._MISSING, kind=int):
+        """One value."""
+        v = self.f.get(key, default)
+        if isinstance(v, list):
+            raise StepstreamError(f"{self.src}: {key} should be one value, found an array of {len(v)}")
+        return kind(v)
+
+    def per_block(self, key, default=GGUFModelFile._MISSING, kind=int) -> tuple:
+        """One value per block (trunk and MTP): an array of block_count, or one value for all."""
+        v = self.f.get(key, default)
+        if not isinstance(v, list):
+            return tuple([kind(v)] * self.n_blocks)
+        if len(v) != self.n_blocks:
+            raise StepstreamError(f"{self.src}: {key} has {len(v)} entries, {Key.BLOCK_COUNT} is {self.n_blocks}")
+        return tuple(kind(x) for x in v)
+
+
+def _head_dim(m: _Metadata) -> int:
+    head_dim = m.num(Key.KEY_LENGTH)
+    if m.num(Key.VALUE_LENGTH, head_dim) != head_dim:
+        raise StepstreamError(f"{m.src}: key_length {head_dim} != value_length {m.num(Key.VALUE_LENGTH)}; "
+                              "Step-3.5 uses one head size")
+    if head_dim % 4:
+        raise StepstreamError(f"{m.src}: key_length {head_dim} must be a multiple of 4 (half of it is rotated in pairs)")
+    if m.f.has(Key.ROPE_DIMS) and m.num(Key.ROPE_DIMS) != head_dim:
+        raise StepstreamError(f"{m.src}: {Key.ROPE_DIMS}={m.num(Key.ROPE_DIMS)}; Step-3.5 rotates head_dim on "
+                              f"sliding blocks and head_dim/2 on full ones ({head_dim})")
+    return head_dim
+
+
+def _attention(m: _Metadata) -> tuple[tuple[bool, ...], tuple[int, ...], tuple[int, ...]]:
+    """(sliding, query heads, KV heads) per block."""
+    sliding = m.per_block(Key.SLIDING_PATTERN, kind=bool)
+    n_head = m.per_block(Key.HEAD_COUNT)
+    n_head_kv = m.per_block(Key.HEAD_COUNT_KV)
+    for i, (h, kv) in enumerate(zip(n_head, n_head_kv)):
+        if kv <= 0 or h <= 0 or h % kv:
+            raise StepstreamError(f"{m.src}: block {i} has {h} query heads and {kv} KV heads; query heads must be "
+                                  "a positive multiple of KV heads")
+    return sliding, n_head, n_head_kv
+
+
+def _moe(m: _Metadata) -> tuple[tuple[bool, ...], int, int]:
+    """(MoE per block, experts, experts used per token)."""
+    gating = m.num(Key.EXPERT_GATING, GATING_SIGMOID)
+    if gating != GATING_SIGMOID:
+        raise StepstreamError(f"{m.src}: {Key.EXPERT_GATING}={gating}; Step-3.5 routes with sigmoid ({GATING_SIGMOID})")
+    leading = m.num(Key.LEADING_DENSE, 0)
+    if not 0 <= leading <= m.n_layers:
+        raise StepstreamError(f"{m.src}: {Key.LEADING_DENSE}={leading} outside 0..{m.n_layers}")
+    n_expert = m.num(Key.EXPERT_COUNT, 0)
+    moe = tuple(leading <= i < m.n_layers and n_expert > 0 for i in range(m.n_blocks))
+    n_used = m.num(Key.EXPERT_USED, 0)
+    if any(moe) and not 0 < n_used <= n_expert:
+        raise StepstreamError(f"{m.src}: {Key.EXPERT_USED}={n_used} must be in 1..{Key.EXPERT_COUNT}={n_expert}")
+    return moe, n_expert, n_used
 
 
 def _vocab_size(f: GGUFModelFile) -> int:

@@ -125,7 +125,7 @@ def ensure_model(workdir: Path) -> Path:
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.bench.streaming", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="q4_k_m GGUF (default: the large miniature, made in --workdir)")
     p.add_argument("--workdir", default=str(Path.home() / ".cache" / "stepstream" / "bench"))
@@ -137,12 +137,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    return p
 
+
+def _run_cap(a, model: Path, frac: float, footprint: int, common: list[str]) -> dict:
+    """Both engines under a cap of `frac` of the file, alternating, -r times; one result row."""
+    cap_bytes = int(model.stat().st_size * frac)
+    budget = cap_bytes - footprint - MARGIN
+    runs = {"ours": [], "llama": []}
+    for _ in range(a.repetitions):
+        for kind in ("ours", "llama"):
+            drop_page_cache(model)
+            args = ["ours", str(model), str(budget), *common] if kind == "ours" else ["llama", str(model), *common]
+            with MemoryCap(cap_bytes) as cap:
+                res = _child(args, cap, a.timeout)
+                res["cgroup_max_usage"] = cap.max_usage
+            runs[kind].append(res)
+    return {"cap_fraction": frac, "cap_bytes": cap_bytes, "budget": budget, "runs": runs}
+
+
+def _print_row(row: dict) -> None:
+    runs = row["runs"]
+
+    def med(kind, key):
+        vals = [r[key] for r in runs[kind] if key in r]
+        return statistics.median(vals) if vals else float("nan")
+
+    ours, theirs = med("ours", "decode_tok_s"), med("llama", "decode_tok_s")
+    errs = [r["error"] for k in runs for r in runs[k] if "error" in r]
+    print(f"{row['cap_bytes'] / 2**20:>6.0f}MiB {ours:>11.2f} {theirs:>12.2f} {ours / theirs:>6.2f} "
+          f"{row['budget'] / 2**20:>6.0f}MiB {med('ours', 'bytes_read_per_token') / 2**20:>7.2f}MiB "
+          f"{med('ours', 'ideal_bytes_per_token') / 2**20:>7.2f}MiB {med('ours', 'stall_share'):>6.1%} "
+          f"{med('ours', 'hit_rate'):>5.0%}" + (f"  errors: {errs}" if errs else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
     if a.child:
         kind, model, *rest = a.child
         n_prompt, n_gen, threads = int(rest[-3]), int(rest[-2]), int(rest[-1])
-        res = child_ours(model, int(rest[0]), n_prompt, n_gen, threads) if kind == "ours" else child_llama(model, n_prompt, n_gen, threads)
+        res = (child_ours(model, int(rest[0]), n_prompt, n_gen, threads) if kind == "ours"
+               else child_llama(model, n_prompt, n_gen, threads))
         print(json.dumps(res))
         return 0
 
@@ -161,38 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model.name}: {size / 2**20:.0f} MiB; our footprint without the expert cache "
           f"{footprint / 2**20:.0f} MiB (peak RSS of the probe {probe['peak_rss_bytes'] / 2**20:.0f} MiB); "
           f"{a.threads} threads, {a.n_gen} decoded tokens, median of {a.repetitions}")
+    print(f"{'cap':>9} {'ours tok/s':>11} {'llama tok/s':>12} {'ratio':>6} {'cache':>9} {'read/tok':>10} "
+          f"{'ideal/tok':>10} {'stall':>6} {'hit':>5}")
     results = []
-    header = f"{'cap':>9} {'ours tok/s':>11} {'llama tok/s':>12} {'ratio':>6} {'cache':>9} {'read/tok':>10} {'ideal/tok':>10} {'stall':>6} {'hit':>5}"
-    print(header)
-    for frac in [float(x) for x in a.caps.split(",")]:
-        cap_bytes = int(size * frac)
-        budget = cap_bytes - footprint - MARGIN
-        runs = {"ours": [], "llama": []}
-        try:
-            for _ in range(a.repetitions):
-                for kind in ("ours", "llama"):
-                    drop_page_cache(model)
-                    args = ["ours", str(model), str(budget), *common] if kind == "ours" else ["llama", str(model), *common]
-                    with MemoryCap(cap_bytes) as cap:
-                        res = _child(args, cap, a.timeout)
-                        res["cgroup_max_usage"] = cap.max_usage
-                    runs[kind].append(res)
-        except CgroupUnavailable as e:
-            print(f"cannot cap memory here: {e}", file=sys.stderr)
-            return 1
-        row = {"cap_fraction": frac, "cap_bytes": cap_bytes, "budget": budget, "runs": runs}
-        results.append(row)
-
-        def med(kind, key):
-            vals = [r[key] for r in runs[kind] if key in r]
-            return statistics.median(vals) if vals else float("nan")
-
-        ours, theirs = med("ours", "decode_tok_s"), med("llama", "decode_tok_s")
-        errs = [r["error"] for k in runs for r in runs[k] if "error" in r]
-        print(f"{cap_bytes / 2**20:>6.0f}MiB {ours:>11.2f} {theirs:>12.2f} {ours / theirs:>6.2f} "
-              f"{budget / 2**20:>6.0f}MiB {med('ours', 'bytes_read_per_token') / 2**20:>7.2f}MiB "
-              f"{med('ours', 'ideal_bytes_per_token') / 2**20:>7.2f}MiB {med('ours', 'stall_share'):>6.1%} "
-              f"{med('ours', 'hit_rate'):>5.0%}" + (f"  errors: {errs}" if errs else ""))
+    try:
+        for frac in [float(x) for x in a.caps.split(",")]:
+            results.append(_run_cap(a, model, frac, footprint, common))
+            _print_row(results[-1])
+    except CgroupUnavailable as e:
+        print(f"cannot cap memory here: {e}", file=sys.stderr)
+        return 1
     if a.json:
         Path(a.json).write_text(json.dumps({"model": str(model), "size": size, "footprint": footprint,
                                             "results": results}, indent=2))

@@ -97,6 +97,32 @@ def mtp_acceptance(model, tokens: list[int]) -> list[float]:
     return acc
 
 
+def _perplexities(files: dict, text: str, ctx: int, chunks: int) -> dict:
+    """Perplexity of every file on the held-out text, ours and llama.cpp's, and the 4-bit rise."""
+    from runtime.generation.perplexity import perplexity
+    from runtime.loader import load
+
+    report = {"perplexity": {}, "perplexity_llama_cpp": {}}
+    base = load(files["f32"], n_ctx=ctx)
+    tokens = base.tokenize(text, add_bos=True)
+    bos = base.tokenizer.bos_id if base.tokenizer.add_bos else None
+    for name, path in files.items():
+        m = load(path, n_ctx=ctx)
+        r = perplexity(lambda ids: m.logits(ids), tokens, ctx, bos, chunks)
+        report["perplexity"][name] = r.ppl
+        print(f"perplexity  {name:<18} {r.ppl:8.3f} +/- {r.stderr:.3f}   ({r.n_tokens} tokens, ours)", flush=True)
+        if name in ("q4_k_m", "llama.cpp Q4_K_M", "f32"):
+            rl = perplexity(llama_logits_fn(path, ctx), tokens, ctx, bos, chunks)
+            report["perplexity_llama_cpp"][name] = rl.ppl
+            print(f"perplexity  {name:<18} {rl.ppl:8.3f}            (llama.cpp's logits)", flush=True)
+    f32 = report["perplexity"]["f32"]
+    ours_rise = report["perplexity"]["q4_k_m"] / f32 - 1
+    theirs_rise = report["perplexity"]["llama.cpp Q4_K_M"] / f32 - 1
+    print(f"4-bit perplexity rise over f32: ours {ours_rise:+.2%}, llama.cpp Q4_K_M {theirs_rise:+.2%}")
+    report.update(ours_rise=ours_rise, llama_rise=theirs_rise)
+    return report
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.bench.train_report")
     p.add_argument("ckpt")
@@ -110,7 +136,6 @@ def main(argv=None) -> int:
 
     from convert.converter import convert
     from runtime.loader import load
-    from runtime.generation.perplexity import perplexity
 
     ckpt = Path(a.ckpt)
     work = Path(a.workdir or ckpt / "gguf")
@@ -123,25 +148,7 @@ def main(argv=None) -> int:
     files["llama.cpp Q4_K_M"] = llama_q4_k_m(files["f32"], work / "mini-llama-Q4_K_M.gguf")
 
     text = (ckpt / "heldout.txt").read_text(encoding="utf-8")
-    report = {"perplexity": {}, "perplexity_llama_cpp": {}}
-    base = load(files["f32"], n_ctx=a.ctx)
-    tokens = base.tokenize(text, add_bos=True)
-    bos = base.tokenizer.bos_id if base.tokenizer.add_bos else None
-    for name, path in ({} if a.no_perplexity else files).items():
-        m = load(path, n_ctx=a.ctx)
-        r = perplexity(lambda ids: m.logits(ids), tokens, a.ctx, bos, a.chunks)
-        report["perplexity"][name] = r.ppl
-        print(f"perplexity  {name:<18} {r.ppl:8.3f} +/- {r.stderr:.3f}   ({r.n_tokens} tokens, ours)", flush=True)
-        if name in ("q4_k_m", "llama.cpp Q4_K_M", "f32"):
-            rl = perplexity(llama_logits_fn(path, a.ctx), tokens, a.ctx, bos, a.chunks)
-            report["perplexity_llama_cpp"][name] = rl.ppl
-            print(f"perplexity  {name:<18} {rl.ppl:8.3f}            (llama.cpp's logits)", flush=True)
-    if not a.no_perplexity:
-        f32 = report["perplexity"]["f32"]
-        ours_rise = report["perplexity"]["q4_k_m"] / f32 - 1
-        theirs_rise = report["perplexity"]["llama.cpp Q4_K_M"] / f32 - 1
-        print(f"4-bit perplexity rise over f32: ours {ours_rise:+.2%}, llama.cpp Q4_K_M {theirs_rise:+.2%}")
-        report.update(ours_rise=ours_rise, llama_rise=theirs_rise)
+    report = {} if a.no_perplexity else _perplexities(files, text, a.ctx, a.chunks)
 
     m = load(files["q4_k_m"], n_ctx=a.ctx + a.gen + 8)
     held = m.tokenize(text, add_bos=True)
