@@ -147,6 +147,7 @@ def test_skipped_tensors_are_accounted(tiny_ckpt, tmp_path):
 BOUND = 64 * 2**20  # RSS the converter may add on top of its start, whatever the model size
 
 
+@pytest.mark.slow
 def test_peak_rss_does_not_grow_with_model_size(tmp_path):
     ckpt = write_mini(tmp_path / "stress", "stress", seed=3)
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))

@@ -252,6 +252,7 @@ CAPPED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_streaming_runs_under_a_cgroup_cap_smaller_than_the_model(tmp_path):
     from convert.converter import convert
     from convert.mini import write_mini

@@ -18,6 +18,7 @@ def test_make_set_builds_distinct_matrices_of_the_asked_shapes():
     assert not np.shares_memory(mats[0].data, mats[2].data)
 
 
+@pytest.mark.slow
 def test_bench_set_prints_rate_bandwidth_and_ratio(capsys):
     mats = bench.make_set(T.Q4_K, [(64, 512)], copies=3)
     bench.bench_set("experts", mats, reps=2, bw=10e9, tokens=(4,))

@@ -239,6 +239,7 @@ print("ok", avx2.AVAILABLE)
 
 @pytest.mark.parametrize("env", [{"NUMBA_CPU_FEATURES": "+avx2,+f16c,+fma,+avx,+sse4.2,+popcnt"},
                                  {"NUMBA_ENABLE_AVX": "0"}], ids=["features", "no-avx"])
+@pytest.mark.slow
 def test_hosts_without_vnni_fall_back(env, tmp_path):
     """A Numba target without AVX-512 VNNI (or without AVX) gets the other kernels, never an LLVM
     abort on the VNNI intrinsics."""
@@ -251,6 +252,7 @@ def test_hosts_without_vnni_fall_back(env, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_gemm_kernels_load_from_the_cache(tmp_path):
     """The GEMM drivers are found in Numba's cache by a second process (their cache key holds
     only picklable, stable values), so prefill never recompiles them after an install."""

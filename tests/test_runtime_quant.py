@@ -66,6 +66,7 @@ def test_our_quantized_files(tiny_gguf, prompt, record_property, ftype):
     _check_against_dequantized_reference(tiny_gguf(ftype), prompt, record_property, ftype)
 
 
+@pytest.mark.slow
 def test_llama_cpp_q4_k_m(llama_q4_k_m, prompt, record_property):
     import gguf
 

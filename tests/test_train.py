@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains the miniature (minutes on 2 cores)
+
 torch = pytest.importorskip("torch")
 
 from convert.mini import Preset  # noqa: E402
