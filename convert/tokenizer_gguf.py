@@ -24,6 +24,13 @@ KNOWN_SPLIT_REGEXES = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen35",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
 }
+# A plain ByteLevel pre-tokenizer splits with GPT-2's own regex; llama.cpp's name for it has a hyphen
+# ("gpt2" is the name of the tokenizer *model*, tokenizer.ggml.model, and llama.cpp refuses it here).
+GPT2_PRE = "gpt-2"
+# Every pre-tokenizer name detect_pre can write; tests load a converted file for each in llama.cpp.
+EMITTED_PRE_NAMES = (GPT2_PRE, *dict.fromkeys(KNOWN_SPLIT_REGEXES.values()))
+
+_OVERRIDE = "pass --tokenizer-pre NAME (a llama.cpp pre-tokenizer name) to choose one"
 
 
 @dataclass(frozen=True)
@@ -41,32 +48,45 @@ class TokenizerData:
     hf_json: str
 
 
-def _split_regexes(node) -> list[str]:
-    if isinstance(node, dict):
-        found = []
-        if node.get("type") == "Split" and isinstance(node.get("pattern"), dict) and "Regex" in node["pattern"]:
-            found.append(node["pattern"]["Regex"])
-        for v in node.values():
-            found += _split_regexes(v)
-        return found
-    if isinstance(node, list):
-        return [r for v in node for r in _split_regexes(v)]
-    return []
+def _steps(pre) -> list:
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        return list(pre.get("pretokenizers") or [])
+    return [pre]
+
+
+def _byte_level(step, source: str) -> dict | None:
+    """The step if it is a ByteLevel llama.cpp reproduces (no prefix space), else None."""
+    if not isinstance(step, dict) or step.get("type") != "ByteLevel":
+        return None
+    if step.get("add_prefix_space", True):
+        raise StepstreamError(f"{source}: the ByteLevel pre-tokenizer adds a prefix space, which llama.cpp's BPE never does; "
+                              "a converted file would tokenize differently")
+    return step
 
 
 def detect_pre(tokenizer: dict, source: str) -> str:
-    regexes = _split_regexes(tokenizer.get("pre_tokenizer"))
-    if not regexes:
-        pre = tokenizer.get("pre_tokenizer") or {}
-        if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-            return "gpt2"
-        raise StepstreamError(f"{source}: no split regex in pre_tokenizer; pass --tokenizer-pre NAME (a llama.cpp pre-tokenizer name)")
-    if len(regexes) == 1 and regexes[0] in KNOWN_SPLIT_REGEXES:
-        return KNOWN_SPLIT_REGEXES[regexes[0]]
-    raise StepstreamError(
-        f"{source}: split regex {regexes[0]!r} is not one llama.cpp implements under a known name; "
-        "pass --tokenizer-pre NAME to choose one"
-    )
+    """llama.cpp's name for tokenizer.json's pre-tokenizer, for the two shapes llama.cpp reproduces.
+
+    Either a lone ByteLevel splitting with its own (GPT-2) regex, or one isolating Split regex
+    followed by a ByteLevel that only maps bytes. Anything else would cut text differently in
+    llama.cpp, so it is refused rather than given a name that merely loads.
+    """
+    steps = _steps(tokenizer.get("pre_tokenizer"))
+    if len(steps) == 1 and (bl := _byte_level(steps[0], source)) is not None:
+        if bl.get("use_regex", True):
+            return GPT2_PRE
+        raise StepstreamError(f"{source}: the pre-tokenizer is a ByteLevel without a split regex; {_OVERRIDE}")
+    if len(steps) == 2 and isinstance(steps[0], dict) and steps[0].get("type") == "Split":
+        split, bl = steps[0], _byte_level(steps[1], source)
+        regex = (split.get("pattern") or {}).get("Regex") if isinstance(split.get("pattern"), dict) else None
+        if bl is not None and not bl.get("use_regex", True) and regex is not None \
+                and split.get("behavior") == "Isolated" and not split.get("invert", False):
+            if regex in KNOWN_SPLIT_REGEXES:
+                return KNOWN_SPLIT_REGEXES[regex]
+            raise StepstreamError(f"{source}: split regex {regex!r} is not one llama.cpp implements under a known name; {_OVERRIDE}")
+    kinds = [s.get("type") if isinstance(s, dict) else type(s).__name__ for s in steps]
+    raise StepstreamError(f"{source}: pre-tokenizer {' + '.join(map(str, kinds))} is not a shape llama.cpp reproduces "
+                          f"(a ByteLevel, or one isolating Split regex then a ByteLevel without regex); {_OVERRIDE}")
 
 
 def _token_content(value) -> str | None:
