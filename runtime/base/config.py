@@ -3,15 +3,23 @@
 Blocks 0..n_layers-1 are the trunk; n_layers..n_blocks-1 are the MTP blocks (GGUF's
 `block_count` counts both). Every per-block tuple covers all blocks. Nothing here is
 guessed from tensor sizes or file names: a missing or inconsistent key is an error.
+
+Every value that sizes an allocation is checked before anything is allocated: its type
+(an integer key holding a string or 2.5 is refused), its range, and its agreement with
+the shapes of the tensors in the file (runtime.base.tensor_shapes).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
-from runtime.base.gguf_schema import ARCH, GATING_SIGMOID, TOKEN_EMBD, Key
+from runtime.base.gguf_schema import ARCH, GATING_SIGMOID, OUTPUT, TOKEN_EMBD, Key
+from runtime.base.tensor_shapes import check_tensor_shapes
+
+MAX_POSITIONS = 2**31 - 1  # positions are int32 in llama.cpp (llama_pos)
 
 
 @dataclass(frozen=True)
@@ -55,72 +63,90 @@ class ModelConfig:
         head_dim = _head_dim(m)
         sliding, n_head, n_head_kv = _attention(m)
         moe, n_expert, n_used = _moe(m)
-        window = m.num(Key.SLIDING_WINDOW, 0)
+        context = m.num(Key.CONTEXT_LENGTH, lo=1, hi=MAX_POSITIONS)
+        window = m.num(Key.SLIDING_WINDOW, 0, lo=0, hi=context)
         if any(sliding) and window <= 0:
             raise StepstreamError(f"{m.src}: sliding blocks present but {Key.SLIDING_WINDOW} is {window}")
-        base_full = m.num(Key.ROPE_BASE, 10000.0, float)
-        ffn = f.get(Key.FFN_LENGTH, 0)  # llama.cpp may store it per block
-        return cls(
-            hidden=m.num(Key.EMBEDDING_LENGTH),
+        base_full = m.num(Key.ROPE_BASE, 10000.0, float, lo=0.0, open_lo=True)
+        ffn = m.per_block(Key.FFN_LENGTH, 0, lo=0)  # llama.cpp may store it per block
+        cfg = cls(
+            hidden=m.num(Key.EMBEDDING_LENGTH, lo=1),
             vocab=_vocab_size(f),
             head_dim=head_dim,
             n_layers=m.n_layers,
             n_mtp=m.n_mtp,
-            context_length=m.num(Key.CONTEXT_LENGTH),
+            context_length=context,
             sliding=sliding,
             n_head=n_head,
             n_head_kv=n_head_kv,
             n_rot=tuple(head_dim if s else head_dim // 2 for s in sliding),
             window=window,
             rope_base_full=base_full,
-            rope_base_sliding=m.num(Key.ROPE_BASE_SWA, base_full, float),
+            rope_base_sliding=m.num(Key.ROPE_BASE_SWA, base_full, float, lo=0.0, open_lo=True),
             moe=moe,
-            dense_ffn=int(max(ffn)) if isinstance(ffn, list) else int(ffn),
+            dense_ffn=max(ffn),
             n_expert=n_expert,
             n_expert_used=n_used,
-            expert_ffn=m.num(Key.EXPERT_FFN, 0),
-            shared_ffn=m.num(Key.SHARED_FFN, 0),
+            expert_ffn=m.num(Key.EXPERT_FFN, 0, lo=0),
+            shared_ffn=m.num(Key.SHARED_FFN, 0, lo=0),
             expert_scale=m.num(Key.EXPERT_SCALE, 1.0, float),
-            expert_norm=bool(f.get(Key.EXPERT_NORM, False)),
-            swiglu_limit=m.per_block(Key.CLAMP_EXP, 0.0, float),
-            swiglu_limit_shared=m.per_block(Key.CLAMP_SHEXP, 0.0, float),
-            rms_eps=m.num(Key.RMS_EPS, kind=float),
+            expert_norm=m.num(Key.EXPERT_NORM, False, bool),
+            swiglu_limit=m.per_block(Key.CLAMP_EXP, 0.0, float, lo=0.0),
+            swiglu_limit_shared=m.per_block(Key.CLAMP_SHEXP, 0.0, float, lo=0.0),
+            rms_eps=m.num(Key.RMS_EPS, kind=float, lo=0.0, open_lo=True),
         )
+        check_tensor_shapes(f, cfg)
+        return cfg
 
 
 class _Metadata:
-    """A step35 file's metadata, read with errors that name the file and the key."""
+    """A step35 file's metadata, read with errors that name the file, the key and the value."""
 
     def __init__(self, f: GGUFModelFile):
         self.f, self.src = f, str(f.path)
         arch = f.get(Key.ARCHITECTURE, None)
         if arch != ARCH:
             raise StepstreamError(f"{self.src}: architecture is {arch!r}; stepstream runs only {ARCH!r} (Step-3.5) models")
-        self.n_blocks = self.num(Key.BLOCK_COUNT)
+        # Every block has tensors (MTP blocks may be left out), so the tensor count bounds the
+        # block count before any per-block tuple is built.
+        self.n_blocks = self.num(Key.BLOCK_COUNT, lo=1, hi=max(1, len(f.tensors)))
         self.n_mtp = self.num(Key.NEXTN, 0)
         if not 0 <= self.n_mtp < self.n_blocks:
             raise StepstreamError(f"{self.src}: {Key.NEXTN}={self.n_mtp} must be below {Key.BLOCK_COUNT}={self.n_blocks}")
         self.n_layers = self.n_blocks - self.n_mtp
 
-    def num(self, key, default=GGUFModelFile._MISSING, kind=int):
-        """One value."""
+    def num(self, key, default=GGUFModelFile._MISSING, kind=int, lo=None, hi=None, open_lo=False):
+        """One value of type `kind` (int, float or bool), within lo..hi when given."""
         v = self.f.get(key, default)
         if isinstance(v, list):
             raise StepstreamError(f"{self.src}: {key} should be one value, found an array of {len(v)}")
-        return kind(v)
+        return self._check(key, v, kind, lo, hi, open_lo)
 
-    def per_block(self, key, default=GGUFModelFile._MISSING, kind=int) -> tuple:
+    def per_block(self, key, default=GGUFModelFile._MISSING, kind=int, lo=None, hi=None) -> tuple:
         """One value per block (trunk and MTP): an array of block_count, or one value for all."""
+        n = self.f.array_len(key)
+        if self.f.has(key) and self.f.fields[key].item is not None and n != self.n_blocks:
+            raise StepstreamError(f"{self.src}: {key} has {n} entries, {Key.BLOCK_COUNT} is {self.n_blocks}")
         v = self.f.get(key, default)
         if not isinstance(v, list):
-            return tuple([kind(v)] * self.n_blocks)
-        if len(v) != self.n_blocks:
-            raise StepstreamError(f"{self.src}: {key} has {len(v)} entries, {Key.BLOCK_COUNT} is {self.n_blocks}")
-        return tuple(kind(x) for x in v)
+            return tuple([self._check(key, v, kind, lo, hi)] * self.n_blocks)
+        return tuple(self._check(f"{key}[{i}]", x, kind, lo, hi) for i, x in enumerate(v))
+
+    def _check(self, key, v, kind, lo, hi, open_lo=False):
+        ok = {int: isinstance(v, int) and not isinstance(v, bool), bool: isinstance(v, bool),
+              float: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}[kind]
+        if not ok:
+            want = {int: "an integer", bool: "true or false", float: "a finite number"}[kind]
+            raise StepstreamError(f"{self.src}: {key} is {v!r}, expected {want}")
+        v = kind(v)
+        if lo is not None and (v < lo or (open_lo and v == lo)) or hi is not None and v > hi:
+            bounds = f"{'above' if open_lo else 'at least'} {lo}" if hi is None else f"in {lo}..{hi}"
+            raise StepstreamError(f"{self.src}: {key} is {v}, must be {bounds}")
+        return v
 
 
 def _head_dim(m: _Metadata) -> int:
-    head_dim = m.num(Key.KEY_LENGTH)
+    head_dim = m.num(Key.KEY_LENGTH, lo=4)
     if m.num(Key.VALUE_LENGTH, head_dim) != head_dim:
         raise StepstreamError(f"{m.src}: key_length {head_dim} != value_length {m.num(Key.VALUE_LENGTH)}; "
                               "Step-3.5 uses one head size")
@@ -152,7 +178,7 @@ def _moe(m: _Metadata) -> tuple[tuple[bool, ...], int, int]:
     leading = m.num(Key.LEADING_DENSE, 0)
     if not 0 <= leading <= m.n_layers:
         raise StepstreamError(f"{m.src}: {Key.LEADING_DENSE}={leading} outside 0..{m.n_layers}")
-    n_expert = m.num(Key.EXPERT_COUNT, 0)
+    n_expert = m.num(Key.EXPERT_COUNT, 0, lo=0)
     moe = tuple(leading <= i < m.n_layers and n_expert > 0 for i in range(m.n_blocks))
     n_used = m.num(Key.EXPERT_USED, 0)
     if any(moe) and not 0 < n_used <= n_expert:
@@ -160,12 +186,25 @@ def _moe(m: _Metadata) -> tuple[tuple[bool, ...], int, int]:
     return moe, n_expert, n_used
 
 
+_TOKEN_IDS = (Key.TOK_BOS, Key.TOK_EOS, Key.TOK_EOT)  # the ones the runtime uses
+
+
 def _vocab_size(f: GGUFModelFile) -> int:
+    """V, the rows of token_embd, checked against the token list, its types, the output matrix
+    and the special token ids."""
     embd = f.tensor(TOKEN_EMBD)
     if len(embd.shape) != 2:
         raise StepstreamError(f"{f.path}: {TOKEN_EMBD} has shape {list(embd.shape)}, expected [V, H]")
-    n_tokens = f.array_len(Key.TOK_LIST)
-    if n_tokens is not None and n_tokens != embd.shape[0]:
-        raise StepstreamError(f"{f.path}: tokenizer lists {n_tokens} tokens but {TOKEN_EMBD} has {embd.shape[0]} rows")
-    return embd.shape[0]
-
+    V = embd.shape[0]
+    for key in (Key.TOK_LIST, Key.TOK_TYPES):
+        n = f.array_len(key)
+        if n is not None and n != V:
+            raise StepstreamError(f"{f.path}: {key} lists {n} entries but {TOKEN_EMBD} has {V} rows")
+    out = f.tensors.get(OUTPUT)
+    if out is not None and out.shape[:1] != (V,):
+        raise StepstreamError(f"{f.path}: {OUTPUT} has shape {list(out.shape)}, {TOKEN_EMBD} has {V} rows")
+    for key in _TOKEN_IDS:
+        v = f.get(key, None)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < V):
+            raise StepstreamError(f"{f.path}: {key} is {v!r}, not a token id below the vocabulary size {V}")
+    return V

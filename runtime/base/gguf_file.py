@@ -1,7 +1,8 @@
 """Opening a GGUF model, single-file or split, with every failure worded for the user.
 
-Tensor data stays memory-mapped (gguf-py's GGUFReader maps the file read-only): nothing
-is read from disk until compute touches it. A split model is the set
+The header is read by runtime.base.gguf_header, which checks every count, offset and size
+against the file before it loops or allocates. Tensor data stays memory-mapped read-only:
+nothing is read from disk until compute touches it. A split model is the set
 `PREFIX-0000k-of-0000n.gguf`, k = 1..n; metadata lives in the first part, tensors are
 spread over all of them. Any part may be named.
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from runtime.base.errors import StepstreamError
+from runtime.base.gguf_header import Header, TensorInfo, decode, read_header
 from runtime.base.gguf_schema import Key
 
 _SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -48,22 +51,45 @@ def split_parts(path: Path) -> list[Path]:
     return [path.with_name(f"{m['prefix']}-{k:05d}-of-{m['count']}.gguf") for k in range(1, count + 1)]
 
 
-def _open_reader(path: Path) -> gguf.GGUFReader:
+# gguf-py's numpy view of each type: float and integer types typed, block types as bytes.
+_NUMPY = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64, Q.I8: np.int8, Q.I16: np.int16,
+          Q.I32: np.int32, Q.I64: np.int64}
+
+
+@dataclass
+class _Part:
+    path: Path
+    header: Header
+    data: np.memmap
+    bytes: memoryview  # the same map; struct reads from it without numpy's per-slice cost
+
+
+def _open_part(path: Path) -> _Part:
     if not path.exists():
         raise StepstreamError(f"{path}: file not found")
+    if path.is_dir():
+        raise StepstreamError(f"{path}: is a directory, not a GGUF file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise StepstreamError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises bare ValueError/IndexError on short or corrupt files
-        raise StepstreamError(f"{path}: cannot read GGUF structure ({type(e).__name__}: {e}); the file is truncated or corrupt") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise StepstreamError(f"{path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes}, past the end of the file ({size} bytes); the file is truncated")
-    return reader
+        data = np.memmap(path, mode="r")
+    except (OSError, ValueError) as e:
+        raise StepstreamError(f"{path}: cannot map the file ({e})") from None
+    view = memoryview(data)
+    return _Part(path, read_header(view, path), data, view)
+
+
+def _tensor_ref(part: _Part, t: TensorInfo) -> TensorRef:
+    shape = tuple(reversed(t.ne))
+    raw = part.data[t.offset : t.offset + t.n_bytes]
+    if t.qtype in _NUMPY:
+        view = raw.view(_NUMPY[t.qtype]).reshape(shape)
+    else:
+        block, type_size = GGML_QUANT_SIZES[t.qtype]
+        view = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
+    return TensorRef(t.name, t.qtype, shape, view, part.path, t.offset)
 
 
 class GGUFModelFile:
@@ -79,25 +105,22 @@ class GGUFModelFile:
             raise StepstreamError(f"{path}: split model has {len(parts)} parts but {', '.join(p.name for p in missing)} is missing")
         self.path = parts[0]
         self.parts = parts
-        readers = [_open_reader(p) for p in parts]
-        self.fields = readers[0].fields
+        self._parts = [_open_part(p) for p in parts]  # keeps the maps alive
+        self._buf, self.fields = self._parts[0].bytes, self._parts[0].header.fields
         declared = self.get(Key.SPLIT_COUNT, None)
-        if declared is not None and int(declared) != len(parts):
+        if declared is not None and declared != len(parts):
             raise StepstreamError(f"{self.path}: metadata says {declared} split parts, file names say {len(parts)}")
         if declared is None and len(parts) > 1:
             raise StepstreamError(f"{self.path}: named like a split part but has no {Key.SPLIT_COUNT} metadata")
         self.tensors: dict[str, TensorRef] = {}
-        for p, r in zip(parts, readers):
-            for t in r.tensors:
+        for part in self._parts:
+            for t in part.header.tensors:
                 if t.name in self.tensors:
-                    raise StepstreamError(f"{p}: tensor {t.name!r} also appears in {self.tensors[t.name].path.name}")
-                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                self.tensors[t.name] = TensorRef(t.name, gguf.GGMLQuantizationType(t.tensor_type), shape, t.data, p,
-                                                 int(t.data_offset))
+                    raise StepstreamError(f"{part.path}: tensor {t.name!r} also appears in {self.tensors[t.name].path.name}")
+                self.tensors[t.name] = _tensor_ref(part, t)
         expected = self.get(Key.SPLIT_TENSORS, None)
-        if expected is not None and int(expected) != len(self.tensors):
+        if expected is not None and expected != len(self.tensors):
             raise StepstreamError(f"{self.path}: split metadata declares {expected} tensors, the parts hold {len(self.tensors)}")
-        self._readers = readers  # keep the maps alive
 
     _MISSING = object()
 
@@ -109,14 +132,15 @@ class GGUFModelFile:
                 raise StepstreamError(f"{self.path}: required metadata key {key!r} is missing")
             return default
         try:
-            return f.contents()
-        except Exception as e:
-            raise StepstreamError(f"{self.path}: metadata key {key!r} is unreadable ({e})") from None
+            return decode(self._buf, f)
+        except UnicodeDecodeError as e:
+            raise StepstreamError(f"{self.path}: metadata key {key!r} holds text that is not UTF-8 ({e.reason} at "
+                                  f"byte {e.start})") from None
 
     def array_len(self, key: str) -> int | None:
         """Length of an array value without decoding it (token lists run to 10^5 strings)."""
         f = self.fields.get(key)
-        return None if f is None else len(f.data)
+        return None if f is None else f.count
 
     def has(self, key: str) -> bool:
         return key in self.fields
@@ -136,8 +160,8 @@ class GGUFModelFile:
         """
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        for reader in self._readers:
-            mm = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap here
+        for part in self._parts:
+            mm = getattr(part.data, "_mmap", None)  # numpy's memmap keeps its mmap here
             if mm is not None:
                 mm.madvise(mmap.MADV_DONTNEED)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import quant
 
 from runtime.base import gguf_schema as N
 from runtime.base.config import ModelConfig
@@ -129,7 +130,20 @@ def _nextn(f: GGUFModelFile, cfg: ModelConfig, i: int, out_norm, output) -> Next
     )
 
 
+def check_formats(f: GGUFModelFile) -> None:
+    """Refuse a file holding any tensor in a format the kernels lack (quant.FORMATS), before
+    anything is bound: one line, naming the first such tensor and every such format."""
+    bad = [t for t in f.tensors.values() if t.qtype not in quant.FORMATS]
+    if not bad:
+        return
+    kinds = ", ".join(sorted({t.qtype.name for t in bad}))
+    raise StepstreamError(f"{bad[0].path}: tensor {bad[0].name!r} is stored as {bad[0].qtype.name}, a format stepstream "
+                          f"cannot run ({len(bad)} tensors of this file are in {kinds}); it runs "
+                          f"{', '.join(q.name for q in quant.FORMATS)}")
+
+
 def load_weights(f: GGUFModelFile, cfg: ModelConfig) -> ModelWeights:
+    check_formats(f)
     H, V = cfg.hidden, cfg.vocab
     embed = matrix(f.tensor(N.TOKEN_EMBD), (V, H))
     out_norm = vector(f.tensor(N.OUTPUT_NORM), H)
