@@ -6,7 +6,8 @@ no bfloat16, so bf16 is read as uint16 and widened to float32 by a 16-bit shift.
 
 Reads map only the byte range they need (np.memmap over that range) and drop the map
 before returning, so reading a 100 GB checkpoint tensor by tensor keeps RSS at the size
-of one tensor, or of one expert slice of a fused [E, ...] tensor.
+of one tensor, or of one expert slice of a fused [E, ...] tensor. Headers and the index are
+input from anywhere: safetensors_header and safetensors_index check them before any read.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from convert.safetensors_header import TensorEntry, parse
+from convert.safetensors_index import read_index
 from runtime.base.errors import StepstreamError
 
 # safetensors dtype -> (numpy storage dtype, bytes per element)
@@ -28,19 +30,6 @@ _STORAGE = {
     "BF16": (np.dtype("<u2"), 2),
 }
 SUPPORTED_DTYPES = tuple(_STORAGE)
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: str  # safetensors dtype string, e.g. "BF16"
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offset in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -62,38 +51,14 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                (hlen,) = struct.unpack("<Q", f.read(8))
-                if hlen <= 0 or 8 + hlen > size:
-                    raise StepstreamError(f"{self.path}: not a safetensors file (header length {hlen}, file size {size})")
-                header = json.loads(f.read(hlen))
-        except FileNotFoundError:
-            raise StepstreamError(f"{self.path}: shard not found") from None
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StepstreamError(f"{self.path}: not a valid safetensors file ({e})") from None
-        base = 8 + hlen
-        self.entries: dict[str, TensorEntry] = {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            b, e = meta["data_offsets"]
-            entry = TensorEntry(name, meta["dtype"], tuple(int(d) for d in meta["shape"]), base + b, base + e)
-            if entry.end > size:
-                raise StepstreamError(f"{self.path}: tensor {name!r} ends at byte {entry.end}, past the end of the file ({size} bytes); the shard is truncated")
-            self.entries[name] = entry
+        self.entries: dict[str, TensorEntry] = parse(self.path)
 
     def _storage(self, entry: TensorEntry) -> tuple[np.dtype, int]:
         if entry.dtype not in _STORAGE:
             raise StepstreamError(
                 f"{self.path}: tensor {entry.name!r} has dtype {entry.dtype}; supported dtypes are {', '.join(SUPPORTED_DTYPES)}"
             )
-        storage, width = _STORAGE[entry.dtype]
-        expected = width * int(np.prod(entry.shape, dtype=np.int64))
-        if expected != entry.nbytes:
-            raise StepstreamError(f"{self.path}: tensor {entry.name!r} holds {entry.nbytes} bytes but shape {list(entry.shape)} of {entry.dtype} needs {expected}")
-        return storage, width
+        return _STORAGE[entry.dtype]  # the header check made nbytes = width * prod(shape)
 
     def read(self, name: str, index: int | None = None) -> np.ndarray:
         """The tensor as float32; with `index`, only slice `index` of its first axis."""
@@ -111,7 +76,10 @@ class SafetensorsFile:
         count = int(np.prod(shape, dtype=np.int64))
         if count == 0:
             return np.zeros(shape, dtype=np.float32)
-        raw = np.memmap(self.path, dtype=storage, mode="r", offset=begin, shape=(count,))
+        try:
+            raw = np.memmap(self.path, dtype=storage, mode="r", offset=begin, shape=(count,))
+        except (OSError, ValueError) as e:  # the file changed since its header was checked
+            raise StepstreamError(f"{self.path}: tensor {name!r}: cannot map bytes {begin}..{begin + count * width} ({e})") from None
         try:
             if entry.dtype == "BF16":
                 out = bf16_bits_to_f32(raw)
@@ -131,10 +99,7 @@ class Checkpoint:
         self.dir = Path(directory)
         index_path = self.dir / self.INDEX
         if index_path.exists():
-            try:
-                weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise StepstreamError(f"{index_path}: not a valid safetensors index ({e})") from None
+            weight_map = read_index(index_path)
         elif (self.dir / "model.safetensors").exists():
             weight_map = {n: "model.safetensors" for n in SafetensorsFile(self.dir / "model.safetensors").entries}
         else:
