@@ -5,6 +5,13 @@ position and never cares where in the buffer an entry sits. A sliding block need
 the last W positions; its ring keeps W + `rollback` so that `trim(n)` for n <= rollback
 leaves every key a later query can see still in place.
 
+An evaluation is a transaction: `begin()` before the first block writes, `advance(T)` after
+every block of a chunk has written, then `commit()`, or `abort()` when anything raised
+(an expert read error, Ctrl-C, MemoryError) with some blocks a chunk ahead of the others.
+Abort forgets every position written since `begin()` and puts back the ring slots those
+writes overwrote while a later query or `trim` could still see them, so the cache is exactly
+what it was before the evaluation started.
+
 Shape legend:  C capacity (slots)   Nk KV heads   D head dim   T new positions
 """
 
@@ -15,6 +22,10 @@ import numpy as np
 from runtime.base.errors import StepstreamError
 
 
+class CacheStateError(StepstreamError):
+    """The blocks' caches disagree about how many positions they hold."""
+
+
 class LayerKV:
     def __init__(self, n_kv: int, head_dim: int, capacity: int, ring: bool, window: int):
         self.ring = ring
@@ -23,6 +34,8 @@ class LayerKV:
         self.v = np.zeros((capacity, n_kv, head_dim), np.float32)
         self.pos = np.full(capacity, -1, np.int64)  # [C]
         self.n = 0  # positions 0..n-1 have been written
+        self._start: int | None = None  # n at begin(); None outside a transaction
+        self._undo: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (slots, k, v, pos) overwritten
 
     @property
     def capacity(self) -> int:
@@ -45,6 +58,7 @@ class LayerKV:
         if self.ring:
             keep = min(T, self.capacity)  # older ones are out of every future window
             slots = pos[T - keep :] % self.capacity
+            self._save(slots)
             self.k[slots], self.v[slots], self.pos[slots] = k[T - keep :], v[T - keep :], pos[T - keep :]
         else:
             if self.n + T > self.capacity:
@@ -56,12 +70,41 @@ class LayerKV:
         """The slot for one new position pos = n, marked as written; the caller fills k/v/pos there."""
         if self.ring:
             slot = pos % self.capacity
+            if self._start is not None and self._start - self.capacity < self.pos[slot] < self._start:
+                self._save(np.array([slot]))
         else:
             if self.n + 1 > self.capacity:
                 self._grow(self.n + 1)
             slot = self.n
         self.n += 1
         return slot
+
+    def _save(self, slots: np.ndarray) -> None:
+        """Inside a transaction, keep what ring `slots` hold before they are overwritten, where
+        that is a position from before begin() that abort() must put back. A position <= start - C
+        is out of reach of every later query and every allowed trim; one >= start was written in
+        this transaction (so each slot is saved at most once)."""
+        if self._start is None:
+            return
+        old = self.pos[slots]
+        slots = slots[(old > self._start - self.capacity) & (old < self._start)]
+        if slots.size:
+            self._undo.append((slots, self.k[slots], self.v[slots], self.pos[slots]))  # fancy indexing copies
+
+    def begin(self) -> None:
+        self._start, self._undo = self.n, []
+
+    def commit(self) -> None:
+        self._start, self._undo = None, []
+
+    def abort(self) -> None:
+        """Back to the state at begin(): later positions forgotten, overwritten ring slots restored."""
+        if self._start is None:
+            return
+        self.trim_to(self._start)
+        for slots, k, v, pos in reversed(self._undo):
+            self.k[slots], self.v[slots], self.pos[slots] = k, v, pos
+        self.commit()
 
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * self.capacity)
@@ -95,11 +138,44 @@ class KVCache:
             for nk, s in zip(n_kv, sliding)
         ]
         self.n_past = 0
+        self._start: int | None = None  # n_past at begin()
+
+    def check(self) -> None:
+        """Raise CacheStateError unless every block holds exactly n_past positions."""
+        for i, layer in enumerate(self.layers):
+            if layer.n != self.n_past:
+                raise CacheStateError(
+                    f"KV cache of block {i} holds {layer.n} positions where the model has evaluated {self.n_past}; "
+                    f"an earlier evaluation was cut off without a rollback: reset the model"
+                )
+
+    def begin(self) -> None:
+        """Start a transaction (an evaluation of one or more chunks)."""
+        if self._start is not None:
+            raise CacheStateError("the KV cache is still inside an evaluation that was cut off during its rollback: "
+                                  "reset the model")
+        self.check()
+        self._start = self.n_past
+        for layer in self.layers:
+            layer.begin()
 
     def advance(self, n: int) -> None:
         """Called once every block has appended the same n positions."""
         self.n_past += n
-        assert all(layer.n == self.n_past for layer in self.layers)
+        self.check()
+
+    def commit(self) -> None:
+        for layer in self.layers:
+            layer.commit()
+        self._start = None
+
+    def abort(self) -> None:
+        """Undo everything since begin(), in every block, whichever block the error stopped in."""
+        if self._start is None:
+            return
+        for layer in self.layers:
+            layer.abort()
+        self.n_past, self._start = self._start, None
 
     def trim(self, n: int) -> None:
         """Roll back the last n positions, as if they had never been evaluated."""
@@ -120,7 +196,8 @@ class KVCache:
     def reset(self) -> None:
         for layer in self.layers:
             layer.trim_to(0)
-        self.n_past = 0
+            layer.commit()
+        self.n_past, self._start = 0, None
 
     @property
     def nbytes(self) -> int:

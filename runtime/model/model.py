@@ -8,6 +8,12 @@ Tokens are evaluated at the cache's current position; `trim(n)` rolls it back. `
 and `decode` are the two ways through the blocks; `eval` cuts a token list into chunks of
 n_batch and sends a chunk of one token to `decode`.
 
+Every evaluation is all or nothing. Blocks write their keys and values as they run, so an
+exception inside the forward pass (an expert read error, Ctrl-C, MemoryError) would leave the
+first blocks a chunk ahead of the rest; instead the cache and the token history roll back to
+where the evaluation began (runtime.model.kv_cache), and the next evaluation gives the same
+logits as a model that never saw the failed one.
+
 Shape legend:  T tokens   H hidden   V vocab
 """
 
@@ -27,11 +33,11 @@ from runtime.model.block import Block
 from runtime.model.decode_plan import DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
-from runtime.model.kv_cache import KVCache
+from runtime.model.kv_cache import CacheStateError, KVCache
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
 from runtime.model.weights import ModelWeights
-from runtime.text.chat_template import render_chat
+from runtime.text.chat_prompt import chat_ids
 from runtime.text.tokenizer import Tokenizer
 
 
@@ -55,6 +61,7 @@ class Model:
         self._output_q8 = q8_group([weights.output], self.int8)
         self._tokenizer = None
         self._tokens: list[int] = []  # the ids the cache holds, position by position
+        self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
         # Read ahead: before block i runs, guess block i+1's experts with its router.
         self._read_ahead = options.prefetch and provider.prefetches
 
@@ -124,10 +131,34 @@ class Model:
             nxt = self.blocks[i + 1]
             self.provider.prefetch(i + 1, guess_experts(nxt.spec, nxt.weights, h))
 
+    def _atomically(self, step, ids: np.ndarray) -> np.ndarray:
+        """step(ids), with the cache and history rolled back to their state before it if anything
+        (BaseException: Ctrl-C too) escapes. Nested calls join the outer evaluation."""
+        if self._evaluating:
+            return step(ids)
+        if len(self._tokens) != self.n_past:
+            raise CacheStateError(f"the model's history holds {len(self._tokens)} tokens and its cache "
+                                  f"{self.n_past} positions: reset the model")
+        n0 = len(self._tokens)
+        self.cache.begin()
+        self._evaluating = True
+        try:
+            out = step(ids)
+        except BaseException:
+            self.cache.abort()
+            del self._tokens[n0:]
+            raise
+        finally:
+            self._evaluating = False
+        self.cache.commit()
+        return out
+
     def prefill(self, tokens) -> np.ndarray:
         """Evaluate a chunk of tokens at the current position, all at once; the last trunk
         block's hidden states [T, H] (pre-norm)."""
-        ids = self._check_tokens(tokens)
+        return self._atomically(self._prefill, self._check_tokens(tokens))
+
+    def _prefill(self, ids: np.ndarray) -> np.ndarray:
         pos = np.arange(self.n_past, self.n_past + ids.size, dtype=np.int64)
         h = rows(self.weights.embed, ids)  # [T, H]
         for i, kv in enumerate(self.cache.layers):
@@ -139,7 +170,9 @@ class Model:
 
     def decode(self, token: int) -> np.ndarray:
         """Evaluate one token at the current position; the last trunk block's hidden state [1, H]."""
-        ids = self._check_tokens([token])
+        return self._atomically(self._decode, self._check_tokens([token]))
+
+    def _decode(self, ids: np.ndarray) -> np.ndarray:
         pos = self.n_past
         h = rows(self.weights.embed, ids)[0]  # [H], updated in place by every block
         for i, kv in enumerate(self.cache.layers):
@@ -151,8 +184,10 @@ class Model:
 
     def hidden(self, tokens) -> np.ndarray:
         """Evaluate tokens after the cached ones, n_batch at a time; hidden states [T, H] (pre-norm)."""
-        ids = self._check_tokens(tokens)
-        out = [self.decode(int(chunk[0])) if chunk.size == 1 else self.prefill(chunk)
+        return self._atomically(self._hidden, self._check_tokens(tokens))
+
+    def _hidden(self, ids: np.ndarray) -> np.ndarray:
+        out = [self._decode(chunk) if chunk.size == 1 else self._prefill(chunk)
                for chunk in (ids[a : a + self.options.n_batch] for a in range(0, ids.size, self.options.n_batch))]
         return np.concatenate(out) if out else np.zeros((0, self.cfg.hidden), np.float32)
 
@@ -262,13 +297,14 @@ class Model:
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stop=None,
                                stream: bool = False, **sampling):
         """OpenAI-shaped chat completion, the prompt rendered from the model's chat template."""
-        tok = self.tokenizer
-        text = render_chat(tok.chat_template, messages,
-                           bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
-                           eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
-        ids = self.tokenize(text, add_bos=False, special=True)
+        ids = self.chat_tokens(messages)
         pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
         return chat_response(self, ids, pieces, stream)
+
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt ids of a conversation, rendered with the model's chat template. Control tokens
+        come only from the template: special-token text inside a message is tokenized as text."""
+        return chat_ids(self.tokenizer, messages, add_generation_prompt)
 
     def _check_tokens_only(self, tokens) -> list[int]:
         ids = np.asarray(tokens)
