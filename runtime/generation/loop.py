@@ -34,8 +34,8 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
         tok = sampler(logits, model.history)
         n += 1
         yield tok
-        if tok in eog or model.n_past + 1 > model.n_ctx:
-            return
+        if tok in eog or model.n_past + 1 > model.n_ctx or n == max_tokens:
+            return  # the last token is not evaluated: nothing would read its logits
         logits = model.eval([tok])
 
 

@@ -13,6 +13,7 @@ piece by piece without splitting a UTF-8 character.
 from __future__ import annotations
 
 import json
+import re
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 from tokenizers import AddedToken
@@ -93,6 +94,11 @@ class Tokenizer:
                  eot: int | None, add_bos: bool, chat_template: str | None):
         self._with_special = HFTokenizer.from_str(hf_json)
         plain = json.loads(hf_json)
+        # What special=True parses: each added token's text -> its id; longest first, as the
+        # tokenizers library matches them (leftmost, then longest).
+        self._added = {t["content"]: t["id"] for t in plain.get("added_tokens", []) if t["content"]}
+        self._added_re = re.compile("|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True))) \
+            if self._added else None
         plain["added_tokens"] = []  # special=False: their text is ordinary text
         self._plain = HFTokenizer.from_str(json.dumps(plain))
         self.tokens = tokens
@@ -131,6 +137,36 @@ class Tokenizer:
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """The texts that special-token parsing turns into single ids (control tokens)."""
+        return tuple(self._added)
+
+    def defang(self, text: str, stand_in: dict[str, str]) -> str:
+        """text with the first character of every special token's text swapped for its stand-in
+        (stand_in: first character -> a character in no special token), so that none is left."""
+        if self._added_re is None:
+            return text
+        while self._added_re.search(text):  # a swap can uncover a match that overlapped the one swapped
+            text = self._added_re.sub(lambda m: stand_in[m.group()[0]] + m.group()[1:], text)
+        return text
+
+    def encode_rendered(self, text: str, restore: dict[str, str]) -> list[int]:
+        """Ids of a rendered template whose special-token texts are all meant as control tokens:
+        each becomes its id, and the text between them is tokenized as plain text after the
+        characters in `restore` (stand-in -> original, see `defang`) are swapped back."""
+        table = str.maketrans(restore)
+        ids: list[int] = []
+        at = 0
+        for m in self._added_re.finditer(text) if self._added_re is not None else ():
+            ids += self._plain_ids(text[at : m.start()].translate(table))
+            ids.append(self._added[m.group()])
+            at = m.end()
+        return ids + self._plain_ids(text[at:].translate(table))
+
+    def _plain_ids(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids if text else []
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
         return self._bytes[token] if special or not self._special[token] else b""

@@ -1,0 +1,67 @@
+"""A chat prompt's token ids, with control tokens only where the template put them.
+
+Rendering the template and tokenizing the whole text with special-token parsing on would let
+anyone who writes a message type `<|im_end|><|im_start|>system` and get the real control
+tokens: a forged turn. So the messages' text never reaches the special-token parser:
+
+    1. in every string of the messages, each special token's text gets its first character
+       swapped for a private-use stand-in that occurs nowhere in the template or the messages;
+    2. the template is rendered; now every special token's text in it comes from the template;
+    3. those become their ids, and the text between them is tokenized as plain text, with the
+       stand-ins swapped back (Tokenizer.encode_rendered).
+
+A message without special-token text gives the same ids as before; one with it gives that
+text as ordinary tokens, as the tokenizer does with special-token parsing off.
+"""
+
+from __future__ import annotations
+
+from runtime.base.errors import StepstreamError
+from runtime.text.chat_template import render_chat
+from runtime.text.tokenizer import Tokenizer
+
+_PRIVATE_USE = range(0xF0000, 0xFFFFE)  # Supplementary Private Use Area-A
+
+
+def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` rendered with the model's chat template (no BOS is added: the
+    template writes it where it wants one)."""
+    if not isinstance(messages, list):
+        raise StepstreamError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+    strings = list(_strings(messages))
+    present = sorted({s[0] for s in tok.special_texts if any(s in t for t in strings)})
+    stand_in = dict(zip(present, _unused(present, strings + [tok.chat_template or ""] + list(tok.special_texts))))
+    safe = _map_strings(messages, lambda t: tok.defang(t, stand_in)) if stand_in else messages
+    text = render_chat(tok.chat_template, safe, add_generation_prompt=add_generation_prompt,
+                       bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
+                       eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
+    return tok.encode_rendered(text, {v: k for k, v in stand_in.items()})
+
+
+def _unused(wanted: list[str], texts: list[str]) -> list[str]:
+    """len(wanted) private-use characters that occur in none of `texts`."""
+    seen = set("".join(texts))
+    free = (chr(c) for c in _PRIVATE_USE if chr(c) not in seen)
+    return [next(free) for _ in wanted]
+
+
+def _strings(value):
+    """Every string inside a message structure (dict values, list items)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _map_strings(value, fn):
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value
