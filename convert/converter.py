@@ -5,7 +5,8 @@ The plan is made from headers alone: every checkpoint tensor is matched to the l
 every GGUF tensor's format and byte size are fixed. Only then is data touched, one
 tensor (or one expert slice of a fused [E, I, H] tensor) at a time, so peak memory is
 one slice plus its quantized copy, whatever the model size. The GGUF is written under a
-temporary name and renamed when complete; on any error the temporary file is removed.
+temporary name and renamed when complete (convert.output_file); on any error or interrupt
+the temporary file is removed, and an existing output is never replaced unless forced.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import quant
 from convert import layout, policy
 from convert.gguf_meta import add_hparams, llama3_rope_factors
+from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts
 from convert.hf_config import HFConfig
 from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint
 from convert.tokenizer_gguf import add_tokenizer, read_tokenizer
@@ -129,17 +131,10 @@ def _encode(x: np.ndarray, t: PlannedTensor) -> bytes:
     return quant.quantize(np.ascontiguousarray(rows, dtype=np.float32), t.qtype).tobytes()
 
 
-def _open_output(out: Path) -> tuple[Path, object]:
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    try:
-        fh = open(tmp, "wb")
-    except OSError as e:
-        raise StepstreamError(f"{out}: cannot write the output ({e.strerror})") from None
-    return tmp, fh
-
-
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str = policy.DEFAULT_TYPE,
-            *, tokenizer_pre: str | None = None, progress: bool = True, name: str | None = None) -> Summary:
+            *, tokenizer_pre: str | None = None, progress: bool = True, name: str | None = None,
+            force: bool = False) -> Summary:
+    """Convert `hf_dir` to the GGUF `out_path`; an existing `out_path` is an error unless `force`."""
     if ftype not in policy.TYPES:
         raise StepstreamError(f"unknown --type {ftype!r}; choose one of {', '.join(policy.TYPES)}")
     t0 = time.perf_counter()
@@ -148,8 +143,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     hf_dir, out = Path(hf_dir), Path(out_path)
     if not hf_dir.is_dir():
         raise StepstreamError(f"{hf_dir}: not a directory")
-    if out.is_dir():
-        raise StepstreamError(f"{out}: is a directory; give the output .gguf file path")
+    check_output(out, force)
+    remove_stale_parts(out)
     cfg = HFConfig.load(hf_dir)
     ckpt = Checkpoint(hf_dir)
     planned, skipped = plan(cfg, ckpt, ftype)
@@ -157,10 +152,10 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     rope_factors = llama3_rope_factors(cfg)
 
     summary = Summary(str(out), ftype, skipped=skipped, start_rss_bytes=start_rss)
-    tmp, fh = _open_output(out)
-    fh.close()
     writer = gguf.GGUFWriter(path=None, arch=ARCH)
+    tmp = part_name(out)
     try:
+        open_part(out).close()
         add_hparams(writer, cfg, name or hf_dir.resolve().name, policy.FILE_TYPE[ftype])
         add_tokenizer(writer, tok)
         for t in planned:
@@ -187,10 +182,12 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         f.flush()
         os.fsync(f.fileno())
         writer.close()
-        os.replace(tmp, out)
+        publish(tmp, out, force)
     except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        try:
+            writer.close()
+        finally:  # even if a second Ctrl-C lands in close()
+            tmp.unlink(missing_ok=True)
         raise
     summary.out_bytes = out.stat().st_size
     summary.seconds = time.perf_counter() - t0

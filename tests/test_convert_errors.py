@@ -139,3 +139,14 @@ def test_existing_output_survives_a_failed_conversion(capsys, ckpt, out_dir):
     assert main(["convert", str(ckpt), str(out), "--no-progress"]) == 2
     assert out.read_bytes() == b"previous model"
     assert sorted(p.name for p in out_dir.iterdir()) == ["out.gguf"]
+
+
+def test_existing_output_survives_a_failed_forced_conversion(capsys, ckpt, out_dir):
+    """--force replaces the output only with a complete file: a failure keeps the old one."""
+    out = out_dir / "out.gguf"
+    out.write_bytes(b"previous model")
+    shard_of(ckpt, "model.norm.weight").unlink()
+    assert main(["convert", str(ckpt), str(out), "--no-progress", "--force"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert out.read_bytes() == b"previous model"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["out.gguf"]

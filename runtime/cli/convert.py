@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import threading
 from pathlib import Path
 
 from convert import policy
@@ -11,7 +13,9 @@ from convert import policy
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("out", help="output .gguf path (written atomically: a temporary file, then a rename)")
+    p.add_argument("out", help="output .gguf path (written atomically: a temporary file, then a rename); "
+                              "an existing file is an error unless --force")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--type", dest="ftype", default=policy.DEFAULT_TYPE, choices=policy.TYPES,
                    help="output format (default q4_k_m: routed experts Q4_K, other matrices Q6_K, norms/router F32)")
     p.add_argument("--tokenizer-pre", default=None,
@@ -21,11 +25,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON to this path")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the temporary file is removed
+
+
 def run(args: argparse.Namespace) -> int:
     from convert.converter import convert
 
-    summary = convert(args.hf_dir, args.out, args.ftype, tokenizer_pre=args.tokenizer_pre,
-                      progress=not args.no_progress, name=args.name)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        summary = convert(args.hf_dir, args.out, args.ftype, tokenizer_pre=args.tokenizer_pre,
+                          progress=not args.no_progress, name=args.name, force=args.force)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(summary.text())
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2))

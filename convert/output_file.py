@@ -1,0 +1,84 @@
+"""The converter's output file: written under a temporary name, published by an atomic rename.
+
+A conversion writes `.NAME.PID.part` next to the output and gives it the final name only when
+it is complete and synced, so an interrupted conversion (Ctrl-C, SIGTERM, SIGKILL, power loss)
+never leaves a partial file under the final name. Without `force` the publish is a hard link,
+which fails rather than replaces when the output appeared meanwhile. A `.part` left by a process
+killed with SIGKILL is removed by the next conversion to the same output, once that process is
+gone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from runtime.base.errors import StepstreamError
+
+
+def part_name(out: Path, pid: int | None = None) -> Path:
+    """Where the conversion by process `pid` (this one by default) writes before the rename."""
+    return out.with_name(f".{out.name}.{os.getpid() if pid is None else pid}.part")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_parts(out: Path) -> None:
+    """Temporary files of earlier conversions to `out` whose process is gone (killed with SIGKILL)."""
+    if os.name != "posix":  # os.kill(pid, 0) is a liveness probe only on POSIX; on Windows it terminates
+        return
+    prefix = f".{out.name}."
+    try:
+        candidates = list(out.parent.iterdir())
+    except OSError:
+        return
+    for p in candidates:
+        pid = p.name[len(prefix):-len(".part")] if p.name.startswith(prefix) and p.name.endswith(".part") else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise StepstreamError(f"{out}: is a directory; give the output .gguf file path")
+    if os.path.lexists(out) and not force:
+        raise StepstreamError(f"{out}: already exists; the converter never overwrites a file unless given --force")
+
+
+def open_part(out: Path):
+    try:
+        return open(part_name(out), "wb")
+    except OSError as e:
+        raise StepstreamError(f"{out}: cannot write the output ({e.strerror})") from None
+
+
+def publish(tmp: Path, out: Path, force: bool) -> None:
+    """Give the finished file its final name: atomically, and without replacing a file unless forced."""
+    if force:
+        os.replace(tmp, out)
+    else:
+        try:
+            os.link(tmp, out)  # fails, rather than replaces, if `out` appeared meanwhile
+        except FileExistsError:
+            raise StepstreamError(f"{out}: appeared while converting; not overwritten (use --force)") from None
+        except OSError:  # no hard links on this file system
+            if os.path.lexists(out):
+                raise StepstreamError(f"{out}: appeared while converting; not overwritten (use --force)") from None
+            os.replace(tmp, out)
+        tmp.unlink(missing_ok=True)
+    try:  # the rename itself survives a crash of the machine
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
