@@ -3,8 +3,14 @@
 Everything that is not a routed expert is copied into RAM once (attention, norms, router,
 shared experts, dense layers, the output head), so it never competes with the experts
 for page cache; embedding rows stay memory-mapped and are read on demand. Routed
-experts live in the expert cache, whose size is the RAM budget. The default budget is
-the memory available now minus a reserve, and never more than all the experts.
+experts live in the expert cache, whose size is the RAM budget.
+
+The default budget is what the tightest memory limit leaves (runtime.base.system:
+the host's available memory less a reserve, a cgroup's limit less its usage, or
+RLIMIT_AS) after the resident weights and the runtime's own memory, and never more than
+all the experts. When even the smallest useful cache does not fit, or an asked-for
+budget does not, loading stops with one line that gives the amount needed and the limit,
+before anything is allocated: an OOM kill says nothing.
 """
 
 from __future__ import annotations
@@ -21,32 +27,46 @@ from offload.profile import ExpertProfile
 from offload.provider import StreamingExperts, slot_bytes_for
 from runtime.base.config import ModelConfig
 from runtime.base import system
+from runtime.base.errors import StepstreamError
+from runtime.base.memory_limit import MemoryLimit, mib
 from runtime.base.units import parse_bytes
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.model.matrix import Matrix, make_matrix
 
-def default_budget(expert_bytes: int, resident_bytes: int) -> int:
-    return max(0, min(expert_bytes, system.usable_memory() - resident_bytes))
+# The runtime's own memory once it decodes, beside the weights, the expert cache and the KV
+# cache: compiled kernels (LLVM), decode buffers, reader and OpenMP thread stacks, and the
+# pages of library code it keeps touching, which a cgroup charges too. Measured on the
+# `large` miniature under a cgroup-v1 cap: see tests/test_hardening_memory_cgroup.py.
+RUNTIME_BYTES = 80 * 2**20
 
 
-def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = ("embed", "nextn")):
-    """A copy of the weights tree whose matrices live in RAM instead of the file map; (tree, bytes).
+def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int) -> int:
+    """The KV cache holding n_ctx positions: float32 keys and values per trunk block; a sliding
+    block's ring keeps W + rollback positions (runtime.model.kv_cache)."""
+    return sum(2 * 4 * (cfg.window + rollback if cfg.sliding[i] else n_ctx) * cfg.n_head_kv[i] * cfg.head_dim
+               for i in range(cfg.n_layers))
 
-    Top-level fields named in `skip` stay mapped, and so do the MTP blocks (blocks past
-    `n_trunk`): plain decoding never touches them. A matrix shared by several parts (a
-    tied or shared head) is copied once.
-    """
-    copies: dict[int, Matrix] = {}
+
+def runtime_bytes(limit: MemoryLimit, kv_bytes: int) -> int:
+    """The runtime's memory that the limit does not already keep back: the host's reserve for the
+    OS covers it; a cgroup's or RLIMIT_AS's limit does not."""
+    return max(0, RUNTIME_BYTES + kv_bytes - limit.reserve)
+
+
+def _map_trunk(weights, n_trunk: int, skip: tuple[str, ...], on_matrix):
+    """The weights tree with each distinct matrix replaced by on_matrix(matrix); (tree, bytes of the
+    matrices and plain arrays visited). Top-level fields in `skip` and the blocks past `n_trunk`
+    are left as they are. A matrix shared by several parts (a tied head) is visited once."""
+    done: dict[int, Matrix] = {}
     total = 0
 
     def walk(node):
         nonlocal total
         if isinstance(node, Matrix):
-            if id(node) not in copies:
-                data = np.array(node.data)  # the kernels' packed view is rebuilt over the copy
-                total += data.nbytes
-                copies[id(node)] = make_matrix(node.name, node.qtype, node.shape, data)
-            return copies[id(node)]
+            if id(node) not in done:
+                total += node.data.nbytes
+                done[id(node)] = on_matrix(node)
+            return done[id(node)]
         if isinstance(node, list):
             return [walk(v) for v in node]
         if dataclasses.is_dataclass(node):
@@ -61,6 +81,47 @@ def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = ("embed", "next
     return dataclasses.replace(weights, **top), total
 
 
+SKIP = ("embed", "nextn")  # embedding rows are read on demand; MTP heads unused by plain decoding
+
+
+def resident_size(weights, n_trunk: int, skip: tuple[str, ...] = SKIP) -> int:
+    """The bytes make_resident would copy, counted without copying."""
+    return _map_trunk(weights, n_trunk, skip, lambda m: m)[1]
+
+
+def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = SKIP):
+    """A copy of the weights tree whose matrices live in RAM instead of the file map; (tree, bytes).
+
+    Top-level fields named in `skip` stay mapped, and so do the MTP blocks (blocks past
+    `n_trunk`): plain decoding never touches them.
+    """
+    # np.array copies; the kernels' packed view is rebuilt over the copy
+    return _map_trunk(weights, n_trunk, skip, lambda m: make_matrix(m.name, m.qtype, m.shape, np.array(m.data)))
+
+
+def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, resident: int, runtime: int,
+                  slot: int, min_slots: int, all_experts: int) -> tuple[int, str]:
+    """The expert cache's size and why: (bytes, the reason in words). Raises when the resident
+    weights, the runtime and the cache (asked for, or the smallest useful one) exceed what the
+    tightest limit leaves."""
+    room = usable - resident - runtime  # left for the expert cache
+    smallest = min_slots * slot
+    parts = f"{mib(resident)} of resident weights, {mib(runtime)} for the runtime and its KV cache"
+    if asked is None:
+        if room < smallest:
+            raise StepstreamError(
+                f"{src}: streaming needs {mib(resident + runtime + smallest)} ({parts}, {mib(smallest)} for the "
+                f"smallest expert cache: {min_slots} experts) but the {limit.text()} leaves {mib(usable)}")
+        return min(room, all_experts), limit.text()
+    need = resident + runtime + min(asked, all_experts)
+    if need > usable:
+        fit = (f"the largest budget that fits is {mib(room)}" if room >= smallest
+               else f"not even the smallest expert cache ({min_slots} experts, {mib(smallest)}) fits")
+        raise StepstreamError(f"{src}: a RAM budget of {mib(asked)} needs {mib(need)} with {parts}, but the "
+                              f"{limit.text()} leaves {mib(usable)}; {fit}")
+    return asked, f"asked for; {limit.text()}"
+
+
 @dataclass(frozen=True)
 class Placement:
     resident_bytes: int  # non-expert weights copied to RAM
@@ -71,9 +132,12 @@ class Placement:
     n_experts: int
     expert_bytes: int  # all routed experts in the file
     policy: str
+    budget_bytes: int = 0  # the RAM budget the cache was cut from
+    budget_reason: str = ""  # which memory limit decided it, or that it was asked for
 
     def text(self) -> str:
-        return (f"placement: {self.resident_bytes / 2**20:.1f} MiB resident (attention, shared experts, dense, head); "
+        return (f"placement: budget {mib(self.budget_bytes)} ({self.budget_reason}); "
+                f"{self.resident_bytes / 2**20:.1f} MiB resident (attention, shared experts, dense, head); "
                 f"expert cache {self.cache_bytes / 2**20:.1f} MiB = {self.cache_slots} of {self.n_experts} experts "
                 f"({self.cache_bytes / self.expert_bytes:.0%} of {self.expert_bytes / 2**20:.1f} MiB), policy {self.policy}"
                 + (f", {self.pinned} pinned from the profile" if self.pinned else ""))
@@ -82,27 +146,34 @@ class Placement:
         return dataclasses.asdict(self)
 
 
-def build_streaming(f: GGUFModelFile, cfg: ModelConfig, resident_bytes: int, budget: int | str | None,
+def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | str | None, kv_bytes: int,
                     policy: str = "lru", profile: str | None = None, pin_share: float = 0.5,
-                    direct_io: bool = True, workers: int = 4) -> tuple[StreamingExperts, Placement]:
-    f.release_pages()
+                    direct_io: bool = True, workers: int = 4):
+    """(weights with the non-expert part copied to RAM, provider, placement), after checking that
+    they fit under the tightest memory limit."""
     table: ExpertTable = build_expert_table(f, cfg)
     slot = slot_bytes_for(table)
-    budget_bytes = default_budget(table.total_bytes, resident_bytes) if budget is None else parse_bytes(budget)
     n_experts = sum(l.n_expert for l in table.layers.values())
-    # Keep no more slots than there are experts: a larger budget buys nothing.
-    budget_bytes = min(budget_bytes, slot * n_experts)
-    if profile is not None and policy == "lru":
-        policy = "pinned"
-    cache = ExpertCache(budget_bytes, slot, policy, min_slots=cfg.n_expert_used)
     # Prefetch the 3/4 most likely of one token's K experts: the last guesses are the ones
     # most often wrong, and each wrong guess is an expert read for nothing.
-    provider = StreamingExperts(table, cache, DirectReader(direct_io), workers=workers,
-                                prefetch_depth=max(1, cfg.n_expert_used * 3 // 4))
+    depth = max(1, cfg.n_expert_used * 3 // 4)
+    limit = system.memory_limit()
+    budget_bytes, reason = choose_budget(
+        f.path.name, None if budget is None else parse_bytes(budget), system.usable_memory(), limit,
+        resident_size(weights, cfg.n_layers), runtime_bytes(limit, kv_bytes), slot,
+        # the smallest useful cache: one token's experts in one layer, and the next layer's read-ahead
+        cfg.n_expert_used + depth, slot * n_experts)
+    weights, resident = make_resident(weights, cfg.n_layers)
+    f.release_pages()  # the copy read the file through its map
+    if profile is not None and policy == "lru":
+        policy = "pinned"
+    # Keep no more slots than there are experts: a larger budget buys nothing.
+    cache = ExpertCache(min(budget_bytes, slot * n_experts), slot, policy, min_slots=cfg.n_expert_used)
+    provider = StreamingExperts(table, cache, DirectReader(direct_io), workers=workers, prefetch_depth=depth)
     pinned = 0
     if profile is not None:
         hot = ExpertProfile.load(profile, f.path).hottest(int(cache.n_slots * pin_share), table)
         pinned = provider.pin(hot)
-    placement = Placement(resident_bytes, cache.capacity_bytes, slot, cache.n_slots, pinned, n_experts,
-                          table.total_bytes, cache.policy)
-    return provider, placement
+    placement = Placement(resident, cache.capacity_bytes, slot, cache.n_slots, pinned, n_experts,
+                          table.total_bytes, cache.policy, budget_bytes, reason)
+    return weights, provider, placement

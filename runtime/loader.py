@@ -1,8 +1,9 @@
 """The composition root: open a GGUF, build the model, and give it the expert provider that fits.
 
 Routed experts stay in RAM (views of the mapped file) when the model fits in the memory
-available now, and stream from disk through offload's expert cache otherwise, or when the
-options ask for it (a RAM budget, a profile, `experts="stream"`).
+this process may take now (the tightest of the host's available memory, its cgroup's limit
+and RLIMIT_AS: runtime.base.system), and stream from disk through offload's expert cache
+otherwise, or when the options ask for it (a RAM budget, a profile, `experts="stream"`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
 
-from offload.placement import build_streaming, make_resident
+from offload.placement import build_streaming, kv_cache_bytes, runtime_bytes
 from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
@@ -22,9 +23,12 @@ from runtime.model.model import Model
 from runtime.model.weights import expert_bank, load_weights
 
 
-def _streams(opts: RuntimeOptions, file_bytes: int) -> bool:
+def _streams(opts: RuntimeOptions, file_bytes: int, kv_bytes: int) -> bool:
     chosen = opts.streams_by_choice()
-    return chosen if chosen is not None else file_bytes > system.usable_memory()
+    if chosen is not None:
+        return chosen
+    # Mapped, the whole file ends up in page cache, which a cgroup charges to us.
+    return file_bytes + runtime_bytes(system.memory_limit(), kv_bytes) > system.usable_memory()
 
 
 def load(path: str | Path, **options) -> Model:
@@ -42,10 +46,10 @@ def load(path: str | Path, **options) -> Model:
         # pool's threads keep spinning after each call and take the cores from the kernels'
         # threads: measured here, one BLAS thread doubled prefill (90 -> 207 tok/s).
         system.set_blas_threads(1)
-    if not _streams(opts, f.nbytes):
+    kv_bytes = kv_cache_bytes(cfg, opts.context(cfg.context_length), opts.rollback)
+    if not _streams(opts, f.nbytes, kv_bytes):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
         return Model(f, cfg, weights, provider, opts)
-    weights, resident = make_resident(weights, cfg.n_layers)
-    provider, placement = build_streaming(f, cfg, resident, opts.ram_budget, opts.cache_policy, opts.profile,
-                                          direct_io=opts.direct_io)
+    weights, provider, placement = build_streaming(f, cfg, weights, opts.ram_budget, kv_bytes, opts.cache_policy,
+                                                   opts.profile, direct_io=opts.direct_io)
     return Model(f, cfg, weights, provider, opts, placement)

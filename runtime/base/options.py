@@ -53,6 +53,10 @@ class RuntimeOptions:
         if self.cache_policy == "pinned" and self.profile is None:
             raise StepstreamError("cache_policy='pinned' needs a profile (record one with `stepstream profile`)")
 
+    def context(self, model_context: int) -> int:
+        """Positions the KV cache may hold: n_ctx, or the model's context up to 4096."""
+        return self.n_ctx or min(model_context, 4096)
+
     def streams_by_choice(self) -> bool | None:
         """Whether routed experts stream from disk as the options decide it: True or False, or None
         when that depends on whether the model fits in memory (experts="auto")."""

@@ -1,7 +1,8 @@
 """Facts about the machine this process runs on, and the process-wide settings taken from them.
 
-Memory: current and peak RSS, and the memory a model may use now. Threads: the compute
-thread count of the libraries that do the arithmetic, and OpenMP's wait policy.
+Memory: current and peak RSS, and the memory a model may use now: the tightest of the
+host's, the cgroup's and RLIMIT_AS (runtime.base.memory_limit). Threads: the compute thread
+count of the libraries that do the arithmetic, and OpenMP's wait policy.
 
 `ru_maxrss` is not usable for a command's own peak: Linux keeps it across execve, so a
 process started by a large parent reports the parent's high-water mark. The kernel's
@@ -23,6 +24,13 @@ import sys
 import numpy as np
 import psutil
 
+from runtime.base.memory_limit import MemoryLimit, process_limits, tightest
+
+try:
+    import resource  # POSIX only: Windows has none
+except ImportError:
+    resource = None
+
 RESERVE_FRACTION = 0.10  # of total memory, at least RESERVE_MIN, left for the OS and activations
 RESERVE_MIN = 1 * 2**30
 
@@ -41,8 +49,9 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
-
+    if resource is None:
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss)  # Windows keeps the peak working set
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -57,10 +66,20 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def memory_limits() -> list[MemoryLimit]:
+    """Each limit on the memory this process may still take: the host's, its cgroups', RLIMIT_AS."""
+    return process_limits(RESERVE_FRACTION, RESERVE_MIN)
+
+
+def memory_limit() -> MemoryLimit:
+    """The limit that binds now: the one leaving the least."""
+    return tightest(memory_limits())
+
+
 def usable_memory() -> int:
-    """Bytes a model may take now: the memory available, less a reserve for the OS and activations."""
-    vm = psutil.virtual_memory()
-    return vm.available - max(RESERVE_MIN, int(vm.total * RESERVE_FRACTION))
+    """Bytes a model may take now under the tightest limit (the host's memory less a reserve for
+    the OS, the cgroup's limit less its usage, or RLIMIT_AS less the mapped address space)."""
+    return memory_limit().free
 
 
 # ---------------------------------------------------------------- threads
