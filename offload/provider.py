@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from offload.cache import ExpertCache, Slot
-from offload.direct_io import DirectReader, span, span_bytes
+from offload.cache import ExpertCache, Outcome, Slot
+from offload.direct_io import DirectReader, ReadError, span, span_bytes
 from offload.expert_table import ExpertTable
 from offload.stats import StreamStats
 from runtime.base.gguf_schema import expert_name
@@ -44,7 +44,7 @@ class StreamingExperts:
 
     # ------------------------------------------------------------------ loading
 
-    def _load(self, layer: int, e: int, slot: Slot) -> None:
+    def _load(self, layer: int, e: int, slot: Slot, prefetch: bool = False) -> None:
         """Read expert (layer, e) into `slot` and mark it READY (or failed)."""
         self.stats.read_started()
         aligned = 0
@@ -54,6 +54,9 @@ class StreamingExperts:
             for k, ext in enumerate(le.extents(e)):
                 room = span_bytes(ext.nbytes)
                 raw = self.reader.read(ext.path, ext.offset, ext.nbytes, slot.buffer[pos : pos + room])
+                if raw.nbytes != ext.nbytes:  # DirectReader checks this too; a reader passed in may not
+                    raise ReadError(f"{ext.path}: read of {ext.nbytes} bytes at offset {ext.offset} "
+                                    f"returned {raw.nbytes} bytes")
                 pos += room
                 aligned += span(ext.offset, ext.nbytes)[1]
                 mats.append(matrix_from_bytes(expert_name(layer, k, e), le.qtypes[k], le.shapes[k], raw))
@@ -63,11 +66,11 @@ class StreamingExperts:
         else:
             self.cache.loaded(slot, FFN(*mats))
         finally:
-            self.stats.read_done(aligned)
+            self.stats.read_done(aligned, prefetch)
 
-    def _load_quietly(self, layer: int, e: int, slot: Slot) -> None:
+    def _load_quietly(self, layer: int, e: int, slot: Slot, prefetch: bool = False) -> None:
         try:
-            self._load(layer, e, slot)
+            self._load(layer, e, slot, prefetch)
         except BaseException:
             pass  # the slot carries the error: the consumer waiting on it raises it
 
@@ -88,9 +91,7 @@ class StreamingExperts:
         slots that can take them (not pinned, or pinned to one of them) are too few, and the
         caller then streams them through `experts`."""
         ids = list(ids)
-        usable = sum(1 for slot in self.cache.slots if not slot.pinned or (slot.key is not None and slot.key[0] == layer
-                                                                           and slot.key[1] in ids))
-        if len(ids) > usable:
+        if len(ids) > self.cache.usable_slots((layer, e) for e in ids):
             yield None
             return
         kept: list = []
@@ -116,12 +117,12 @@ class StreamingExperts:
                 while nxt < len(order) and len(held) < window:
                     e = order[nxt]
                     nxt += 1
-                    slot, must_load = self.cache.acquire((layer, e))
+                    t0 = time.perf_counter()
+                    slot, must_load, outcome = self.cache.acquire_counted((layer, e))
+                    self.stats.stalled(time.perf_counter() - t0, slot_wait=True)  # blocked while no slot was free
                     held.append((e, slot))
-                    if must_load or slot.prefetched:
-                        slot.prefetched = False
-                        self.stats.ideal_bytes += expert_bytes
-                    self.stats.count(layer, hit=not must_load)
+                    first_use_after_read = must_load or outcome in (Outcome.PREFETCHED_IN_TIME, Outcome.PREFETCHED_LATE)
+                    self.stats.count(layer, outcome.value, expert_bytes if first_use_after_read else 0)
                     if must_load:
                         self.pool.submit(self._load_quietly, layer, e, slot)
                 e, slot = held[0]
@@ -130,7 +131,7 @@ class StreamingExperts:
                 if payload is None:
                     t0 = time.perf_counter()
                     payload = self.cache.wait_ready(slot, (layer, e))
-                    self.stats.stall_seconds += time.perf_counter() - t0
+                    self.stats.stalled(time.perf_counter() - t0, slot_wait=False)
                 yield e, payload
                 held.popleft()
                 if kept is None:
@@ -149,7 +150,7 @@ class StreamingExperts:
             slot = self.cache.try_claim_for_prefetch((layer, e))
             if slot is not None:
                 self.stats.prefetch_reads += 1
-                self.pool.submit(self._load_quietly, layer, e, slot)
+                self.pool.submit(self._load_quietly, layer, e, slot, True)
 
     def pin(self, keys: Iterable[tuple[int, int]]) -> int:
         """Load `keys` into slots eviction never touches; how many were pinned."""
