@@ -34,9 +34,10 @@ from runtime.base.gguf_file import GGUFModelFile
 from runtime.model.matrix import Matrix, make_matrix
 
 # The runtime's own memory once it decodes, beside the weights, the expert cache and the KV
-# cache: compiled kernels (LLVM), decode buffers, reader and OpenMP thread stacks, and the
-# pages of library code it keeps touching, which a cgroup charges too. Measured on the
-# `large` miniature under a cgroup-v1 cap: see tests/test_hardening_memory_cgroup.py.
+# cache, beyond what it held when the limit was read: compiled kernels (LLVM), decode
+# buffers, reader and OpenMP thread stacks (measured: ~41 MiB of anonymous memory on the
+# `large` miniature under a cgroup-v1 cap), and the pages of library code it keeps touching,
+# which a cgroup charges too (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
 RUNTIME_BYTES = 80 * 2**20
 
 

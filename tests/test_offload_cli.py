@@ -46,3 +46,12 @@ def test_profile_of_another_model_is_refused(tiny_gguf, tmp_path, capsys):
     ExpertProfile("something-else.gguf", 123, {1: [1] * 16}).save(other)
     assert main(["run", "-m", str(tiny_gguf("q4_k_m")), "-p", "x", "-n", "1", "--profile", str(other)]) == 2
     assert "was recorded on something-else.gguf" in capsys.readouterr().err
+
+
+def test_placement_line_says_where_the_budget_came_from(tiny_gguf, capsys):
+    path = str(tiny_gguf("q4_k_m"))
+    assert main(["run", "-m", path, "-p", "x", "-n", "1", "--temp", "0", "--ram-budget", "700KiB"]) == 0
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("placement:"))
+    # An asked-for budget, and the limit that binds beside it (the host here, or this machine's cgroup).
+    assert line.startswith("placement: budget 0.7 MiB (asked for; ")
+    assert "available memory " in line or " limit " in line
