@@ -1,10 +1,20 @@
-"""`stepstream chat`: an interactive conversation on stdin/stdout, rendered with the model's chat template."""
+"""`stepstream chat`: an interactive conversation on stdin/stdout, rendered with the model's chat template.
+
+Replies go to stdout; everything else (how to leave, dropped turns, a stopped reply) goes to
+stderr, one line each. Ctrl-C during a reply stops that reply and returns to the prompt; at
+the prompt it leaves, as do /exit, /quit and Ctrl-D (end of input). When the conversation
+outgrows the context, the oldest turns are dropped (runtime.generation.conversation).
+"""
 
 from __future__ import annotations
 
 import sys
 
 from runtime.cli.common import add_model_args, add_sampling_args, load_model, max_tokens, sampling_kwargs
+from runtime.generation.conversation import Conversation, Notice
+from runtime.generation.loop import sampling_params
+
+HOW_TO_LEAVE = "chat: type a message and press Enter. /exit, /quit or Ctrl-D leaves; Ctrl-C stops a reply."
 
 
 def add_arguments(p) -> None:
@@ -17,24 +27,40 @@ def run(args, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
     model = load_model(args)
-    messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    conv = Conversation(model, args.system_prompt, sampling_params(**sampling_kwargs(args)), max_tokens(args),
+                        args.reverse_prompt)
+    print(HOW_TO_LEAVE, file=sys.stderr, flush=True)
     interactive = stdin.isatty()
     while True:
         if interactive:
             out.write("> ")
             out.flush()
-        line = stdin.readline()
+        line = stdin.readline()  # Ctrl-C here leaves (status 130, from the command line's handler)
         if not line or line.strip() in ("/exit", "/quit"):
             return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = ""
-        for chunk in model.create_chat_completion(messages, max_tokens=max_tokens(args), stop=args.reverse_prompt,
-                                                  stream=True, **sampling_kwargs(args)):
-            text = chunk["choices"][0]["delta"].get("content", "")
-            reply += text
-            out.write(text)
-            out.flush()
+        if line.strip():
+            _reply(conv, line.rstrip("\n"), out)
+
+
+def _reply(conv: Conversation, text: str, out) -> None:
+    """Stream one reply to `out`; Ctrl-C stops it (the conversation keeps what was shown)."""
+    pieces = conv.reply(text)
+    mid_line = False  # a notice in the middle of a reply starts a line of its own
+    try:
+        for piece in pieces:
+            if isinstance(piece, Notice):
+                out.flush()
+                print(("\n" if mid_line else "") + f"[{piece.text}]", file=sys.stderr, flush=True)
+                mid_line = False
+            else:
+                out.write(piece)
+                out.flush()
+                mid_line = True
+    except KeyboardInterrupt:
+        pieces.close()  # runs the conversation's bookkeeping when the interrupt came outside it
         out.write("\n")
-        messages.append({"role": "assistant", "content": reply})
+        out.flush()
+        print("[reply stopped]", file=sys.stderr, flush=True)
+        return
+    out.write("\n")
+    out.flush()

@@ -5,9 +5,10 @@ below runtime.model (whose convenience methods call into it) and imports nothing
 runtime.base.
 """
 
+from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import Piece, StopStrings, complete, generate, greedy_tokens, sampling_params
 from runtime.generation.responses import chat_response, completion_response
 from runtime.generation.sampling import Sampler, SamplingParams
 
-__all__ = ["Piece", "Sampler", "SamplingParams", "StopStrings", "chat_response", "complete", "completion_response",
-           "generate", "greedy_tokens", "sampling_params"]
+__all__ = ["Conversation", "Notice", "Piece", "Sampler", "SamplingParams", "StopStrings", "chat_response", "complete",
+           "completion_response", "generate", "greedy_tokens", "sampling_params"]

@@ -1,0 +1,117 @@
+"""A chat conversation that stays within the context: its turns, its replies, context shift.
+
+    conv = Conversation(model, system_prompt, params, max_tokens, stops)
+    for piece in conv.reply("hello"):     # str: reply text; Notice: a one-line remark
+        ...
+
+`model` is anything with the runtime Model's `chat_tokens`, `tokenizer`, `n_ctx` and what
+`generate` needs; this layer sits below the model and never imports it.
+
+Context shift, as llama.cpp's: when a new prompt would leave less than a quarter of the
+context for the reply, or a reply fills the context, the oldest exchanges are dropped (the
+system prompt stays) and generation goes on from the shorter conversation plus the reply
+so far. Each shift yields one Notice.
+
+Stopping a reply (Ctrl-C, or the caller closing the iterator): a KeyboardInterrupt inside an
+evaluation leaves the model as it was before that evaluation (runtime.model.model), so the
+model holds the prompt and the reply's evaluated tokens, and the conversation keeps the text
+shown so far as the assistant's turn. The next prompt is then evaluated from where the two
+agree, as after any reply.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from runtime.generation.loop import StopStrings, generate
+from runtime.generation.sampling import Sampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know, in one line: turns dropped, a message that cannot fit."""
+
+    text: str
+
+
+class Conversation:
+    def __init__(self, model, system_prompt: str | None, params: SamplingParams, max_tokens: int | None = None,
+                 stops: Sequence[str] = ()):
+        self.model = model
+        self.params = params
+        self.max_tokens = max_tokens
+        self.stops = list(stops)
+        self.messages: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+    @property
+    def _kept(self) -> int:
+        """Messages that are never dropped at the front: the system prompt."""
+        return 1 if self.messages and self.messages[0]["role"] == "system" else 0
+
+    def reply(self, text: str) -> Iterator[str | Notice]:
+        """Add the user's message and yield the reply as it is generated."""
+        self.messages.append({"role": "user", "content": text})
+        n_ctx = self.model.n_ctx
+        room = max(1, min(n_ctx // 4, self.max_tokens or n_ctx))  # context a new reply should find free
+        prompt = yield from self._fit(room)
+        if len(prompt) + 1 > n_ctx:
+            self.messages.pop()
+            yield Notice(f"this message needs {len(prompt)} tokens with the system prompt, more than the context "
+                         f"of {n_ctx}: not sent (shorten it, or start with a larger --ctx-size)")
+            return
+        shown: list[str] = []
+        try:
+            yield from self._generate(prompt, shown)
+        finally:  # also when stopped: what was shown stays in the conversation
+            self.messages.append({"role": "assistant", "content": "".join(shown)})
+
+    def _generate(self, prompt: list[int], shown: list[str]) -> Iterator[str | Notice]:
+        model, eog = self.model, self.model.tokenizer.eog_ids
+        sampler = Sampler(self.params)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopStrings(self.stops)
+        reply: list[int] = []
+        while True:
+            left = None if self.max_tokens is None else self.max_tokens - len(reply)
+            for tok in generate(model, prompt + reply, sampler, left):
+                reply.append(tok)
+                if tok in eog:
+                    break
+                text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
+                if text:
+                    shown.append(text)
+                    yield text
+                if hit:
+                    return
+            else:
+                if len(reply) != self.max_tokens and len(prompt) + len(reply) + 1 > model.n_ctx:  # context full
+                    prompt = yield from self._fit(max(1, model.n_ctx // 4), reply)
+                    if len(prompt) + len(reply) + 1 <= model.n_ctx:
+                        continue
+                    yield Notice(f"the reply filled the context of {model.n_ctx} tokens: stopped")
+            break
+        tail = stops.push(utf8.decode(b"", final=True))[0] + stops.flush()
+        if tail:
+            shown.append(tail)
+            yield tail
+
+    def _fit(self, room: int, reply: Sequence[int] = ()) -> Iterator[Notice]:
+        """Drop the oldest exchanges until the prompt plus `reply` leaves `room` tokens of the
+        context free, or only the system prompt and the current message remain. Returns the
+        prompt's ids (after yielding a Notice when anything was dropped)."""
+        prompt = self.model.chat_tokens(self.messages)
+        before, dropped = len(prompt), 0
+        while len(prompt) + len(reply) + room > self.model.n_ctx and len(self.messages) > self._kept + 1:
+            del self.messages[self._kept]  # the oldest user message ...
+            dropped += 1
+            while len(self.messages) > self._kept + 1 and self.messages[self._kept]["role"] != "user":
+                del self.messages[self._kept]  # ... and the replies that answered it
+                dropped += 1
+            prompt = self.model.chat_tokens(self.messages)
+        if dropped:
+            system = "the system prompt and " if self._kept else ""
+            yield Notice(f"context full ({self.model.n_ctx} tokens): dropped the {dropped} oldest messages "
+                         f"({before - len(prompt)} tokens); {system}the last {len(self.messages) - self._kept} remain")
+        return prompt
