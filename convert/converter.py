@@ -131,6 +131,13 @@ def _encode(x: np.ndarray, t: PlannedTensor) -> bytes:
     return quant.quantize(np.ascontiguousarray(rows, dtype=np.float32), t.qtype).tobytes()
 
 
+def _check_paths(hf_dir: Path, out: Path, force: bool) -> None:
+    if not hf_dir.is_dir():
+        raise StepstreamError(f"{hf_dir}: not a directory")
+    check_output(out, force)
+    remove_stale_parts(out)
+
+
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str = policy.DEFAULT_TYPE,
             *, tokenizer_pre: str | None = None, progress: bool = True, name: str | None = None,
             force: bool = False) -> Summary:
@@ -141,10 +148,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     reset_peak_rss()
     start_rss = current_rss_bytes()
     hf_dir, out = Path(hf_dir), Path(out_path)
-    if not hf_dir.is_dir():
-        raise StepstreamError(f"{hf_dir}: not a directory")
-    check_output(out, force)
-    remove_stale_parts(out)
+    _check_paths(hf_dir, out, force)
     cfg = HFConfig.load(hf_dir)
     ckpt = Checkpoint(hf_dir)
     planned, skipped = plan(cfg, ckpt, ftype)

@@ -1,4 +1,4 @@
-"""`stepstream convert HF_DIR OUT.gguf [--type TYPE]`."""
+"""`stepstream convert HF_DIR OUT.gguf [--type TYPE] [--force]`."""
 
 from __future__ import annotations
 
