@@ -237,3 +237,16 @@ def test_a_reply_that_fills_the_context_after_a_shift_goes_on_then_stops():
     assert notes[0] > 0 and any(isinstance(p, str) for p in pieces[notes[0] + 1 : notes[1]])  # it went on
     assert [x["role"] for x in conv.messages] == ["system", "user", "assistant"]
     assert conv.messages[-1]["content"] == "".join(p for p in pieces if isinstance(p, str))
+
+
+def test_a_message_longer_than_the_context_is_not_sent():
+    m = runtime.load(EMBEDDED, experts="ram", n_ctx=48)
+    conv = _conversation(m, "Be brief.", _greedy(), max_tokens=4)
+    list(conv.reply("hi"))
+    before = list(conv.messages)
+    pieces = list(conv.reply("word " * 60))
+    assert len(pieces) == 1 and not isinstance(pieces[0], str)
+    assert re.fullmatch(r"this message needs \d+ tokens with the system prompt, more than the context of 48: not sent "
+                        r"\(shorten it, or start with a larger --ctx-size\)", pieces[0].text)
+    assert conv.messages == before  # nothing dropped for a message that could not fit anyway
+    assert any(isinstance(p, str) for p in conv.reply("hi"))  # and the conversation goes on

@@ -55,16 +55,17 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
         n_ctx = self.model.n_ctx
         room = max(1, min(n_ctx // 4, self.max_tokens or n_ctx))  # context a new reply should find free
-        prompt = yield from self._fit(room)
-        if len(prompt) + 1 > n_ctx:
+        alone = len(self.model.chat_tokens(self.messages[: self._kept] + self.messages[-1:]))
+        if alone + 1 > n_ctx:  # it cannot fit even without the earlier turns: drop nothing
             self.messages.pop()
-            yield Notice(f"this message needs {len(prompt)} tokens with the system prompt, more than the context "
+            yield Notice(f"this message needs {alone} tokens with the system prompt, more than the context "
                          f"of {n_ctx}: not sent (shorten it, or start with a larger --ctx-size)")
             return
         shown: list[str] = []
         try:
+            prompt = yield from self._fit(room)
             yield from self._generate(prompt, shown)
-        finally:  # also when stopped: what was shown stays in the conversation
+        finally:  # also when stopped: what was shown (maybe nothing) stays in the conversation as the reply
             self.messages.append({"role": "assistant", "content": "".join(shown)})
 
     def _generate(self, prompt: list[int], shown: list[str]) -> Iterator[str | Notice]:
