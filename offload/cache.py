@@ -76,8 +76,7 @@ class Slot:
     key: Key | None = None
     refs: int = 0
     pinned: bool = False
-    last_used: int = 0
-    uses: int = 0
+    uses: int = 0  # acquires since it was claimed (LFU's count)
     payload: object = None  # what the loader made of the bytes (the expert's matrices)
     prefetched: bool = False  # claimed by a prefetch (for this residency)
     asked: bool = False  # asked for by `acquire` since it was claimed
@@ -95,11 +94,6 @@ class CacheCounters:
     prefetched_late: int = 0  # a prefetch was still reading it when asked for
     misses: int = 0  # read on demand (or still being read on demand)
     evictions: int = 0
-
-    @property
-    def inflight(self) -> int:
-        """Asked for while a prefetch was still reading it (the name this counter had before)."""
-        return self.prefetched_late
 
 
 class LruEvictable:
@@ -177,7 +171,6 @@ class ExpertCache:
         self.index: dict[Key, Slot] = {}
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.clock = 0
         self.counters = CacheCounters()
         self.errors: dict[Key, BaseException] = {}  # the last failed load of a key, for whoever waits on it
         self._free: list[Slot] = self.slots[::-1]  # EMPTY slots; pop() takes the lowest index first
@@ -207,8 +200,6 @@ class ExpertCache:
         self._state_counts[to] += 1
 
     def _touch(self, slot: Slot) -> None:
-        self.clock += 1
-        slot.last_used = self.clock
         slot.uses += 1
 
     def _maybe_evictable(self, slot: Slot) -> None:
