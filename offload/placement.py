@@ -7,10 +7,11 @@ experts live in the expert cache, whose size is the RAM budget.
 
 The default budget is what the tightest memory limit leaves (runtime.base.system:
 the host's available memory less a reserve, a cgroup's limit less its usage, or
-RLIMIT_AS) after the resident weights and the runtime's own memory, and never more than
-all the experts. When even the smallest useful cache does not fit, or an asked-for
-budget does not, loading stops with one line that gives the amount needed and the limit,
-before anything is allocated: an OOM kill says nothing.
+RLIMIT_AS) after the resident weights and the runtime's own memory with a full context,
+and never more than all the experts. When the model cannot even start under the limit,
+with the smallest useful cache or an asked-for budget, loading stops with one line that
+gives the amount needed and the limit, before anything is allocated: an OOM kill says
+nothing.
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ from offload.expert_table import ExpertTable, build_expert_table
 from offload.profile import ExpertProfile
 from offload.provider import StreamingExperts, slot_bytes_for
 from runtime.base.config import ModelConfig
-from runtime.base import system
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import MemoryLimit, mib
 from runtime.base.units import parse_bytes
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.model.matrix import Matrix, make_matrix
 
-# The runtime's own memory once it decodes, beside the weights, the expert cache and the KV
-# cache, beyond what it held when the limit was read: compiled kernels (LLVM), decode
-# buffers, reader and OpenMP thread stacks (measured: ~41 MiB of anonymous memory on the
-# `large` miniature under a cgroup-v1 cap), and the pages of library code it keeps touching,
-# which a cgroup charges too (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
-RUNTIME_BYTES = 80 * 2**20
+# The runtime's own memory beside the weights, the expert cache and the KV cache, beyond what
+# it held when the limit was read. Anonymous memory, which no limit can take back: compiled
+# kernels (LLVM), decode buffers, reader and OpenMP thread stacks (measured: 41 MiB on the
+# `large` miniature under a cgroup-v1 cap). Pages of library code it keeps touching, which
+# a cgroup charges too but can reclaim, at the price of reading them again and again
+# (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
+RUNTIME_ANON = 40 * 2**20
+LIBRARY_PAGES = 40 * 2**20
+KV_START = 256  # positions a full-attention block's cache holds at first (runtime.model.kv_cache)
 
 
 def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int) -> int:
@@ -48,10 +51,20 @@ def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int) -> int:
                for i in range(cfg.n_layers))
 
 
-def runtime_bytes(limit: MemoryLimit, kv_bytes: int) -> int:
-    """The runtime's memory that the limit does not already keep back: the host's reserve for the
-    OS covers it; a cgroup's or RLIMIT_AS's limit does not."""
-    return max(0, RUNTIME_BYTES + kv_bytes - limit.reserve)
+@dataclass(frozen=True)
+class RuntimeNeeds:
+    """The runtime's own memory that a limit must hold beside the weights and the expert cache,
+    less what the limit keeps back already (the host's reserve for the OS covers it; a cgroup's
+    or RLIMIT_AS's limit does not)."""
+    start: int  # to start without being OOM-killed: anonymous memory, the KV cache as it starts
+    full: int  # to run a full context without thrashing: also library pages, the KV cache at n_ctx
+    n_ctx: int
+
+
+def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimit) -> RuntimeNeeds:
+    start = RUNTIME_ANON + kv_cache_bytes(cfg, min(n_ctx, KV_START), rollback)
+    full = RUNTIME_ANON + LIBRARY_PAGES + kv_cache_bytes(cfg, n_ctx, rollback)
+    return RuntimeNeeds(max(0, start - limit.reserve), max(0, full - limit.reserve), n_ctx)
 
 
 def _map_trunk(weights, n_trunk: int, skip: tuple[str, ...], on_matrix):
@@ -100,26 +113,31 @@ def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = SKIP):
     return _map_trunk(weights, n_trunk, skip, lambda m: make_matrix(m.name, m.qtype, m.shape, np.array(m.data)))
 
 
-def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, resident: int, runtime: int,
-                  slot: int, min_slots: int, all_experts: int) -> tuple[int, str]:
-    """The expert cache's size and why: (bytes, the reason in words). Raises when the resident
-    weights, the runtime and the cache (asked for, or the smallest useful one) exceed what the
-    tightest limit leaves."""
-    room = usable - resident - runtime  # left for the expert cache
+def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, resident: int,
+                  runtime: RuntimeNeeds, slot: int, min_slots: int, all_experts: int) -> tuple[int, str]:
+    """The expert cache's size and why: (bytes, the reason in words).
+
+    The default leaves room for a full context; an asked-for budget is taken when the model
+    can start with it. Raises when it cannot start: the resident weights, the runtime and the
+    cache (asked for, or the smallest useful one) exceed what the tightest limit leaves.
+    """
+    start_room = usable - resident - runtime.start  # for the expert cache, at start
     smallest = min_slots * slot
-    parts = f"{mib(resident)} of resident weights, {mib(runtime)} for the runtime and its KV cache"
     if asked is None:
-        if room < smallest:
+        if start_room < smallest:
             raise StepstreamError(
-                f"{src}: streaming needs {mib(resident + runtime + smallest)} ({parts}, {mib(smallest)} for the "
-                f"smallest expert cache: {min_slots} experts) but the {limit.text()} leaves {mib(usable)}")
-        return min(room, all_experts), limit.text()
-    need = resident + runtime + min(asked, all_experts)
+                f"{src}: streaming needs {mib(resident + runtime.start + smallest)} ({mib(resident)} of resident "
+                f"weights, {mib(smallest)} for the smallest expert cache: {min_slots} experts, {mib(runtime.start)} "
+                f"for the runtime) but the {limit.text()} leaves {mib(usable)}")
+        room = usable - resident - runtime.full
+        return min(max(room, smallest), all_experts), limit.text()
+    need = resident + runtime.start + min(asked, all_experts)
     if need > usable:
-        fit = (f"the largest budget that fits is {mib(room)}" if room >= smallest
+        fit = (f"the largest budget that fits is {mib(start_room)}" if start_room >= smallest
                else f"not even the smallest expert cache ({min_slots} experts, {mib(smallest)}) fits")
-        raise StepstreamError(f"{src}: a RAM budget of {mib(asked)} needs {mib(need)} with {parts}, but the "
-                              f"{limit.text()} leaves {mib(usable)}; {fit}")
+        raise StepstreamError(f"{src}: a RAM budget of {mib(asked)} needs {mib(need)} with {mib(resident)} of "
+                              f"resident weights and {mib(runtime.start)} for the runtime, but the {limit.text()} "
+                              f"leaves {mib(usable)}; {fit}")
     return asked, f"asked for; {limit.text()}"
 
 
@@ -147,21 +165,20 @@ class Placement:
         return dataclasses.asdict(self)
 
 
-def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | str | None, kv_bytes: int,
-                    policy: str = "lru", profile: str | None = None, pin_share: float = 0.5,
-                    direct_io: bool = True, workers: int = 4):
+def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | str | None, limit: MemoryLimit,
+                    usable: int, runtime: RuntimeNeeds, policy: str = "lru", profile: str | None = None,
+                    pin_share: float = 0.5, direct_io: bool = True, workers: int = 4):
     """(weights with the non-expert part copied to RAM, provider, placement), after checking that
-    they fit under the tightest memory limit."""
+    they fit in `usable` bytes, what the tightest memory limit `limit` leaves."""
     table: ExpertTable = build_expert_table(f, cfg)
     slot = slot_bytes_for(table)
     n_experts = sum(l.n_expert for l in table.layers.values())
     # Prefetch the 3/4 most likely of one token's K experts: the last guesses are the ones
     # most often wrong, and each wrong guess is an expert read for nothing.
     depth = max(1, cfg.n_expert_used * 3 // 4)
-    limit = system.memory_limit()
     budget_bytes, reason = choose_budget(
-        f.path.name, None if budget is None else parse_bytes(budget), system.usable_memory(), limit,
-        resident_size(weights, cfg.n_layers), runtime_bytes(limit, kv_bytes), slot,
+        f.path.name, None if budget is None else parse_bytes(budget), usable, limit,
+        resident_size(weights, cfg.n_layers), runtime, slot,
         # the smallest useful cache: one token's experts in one layer, and the next layer's read-ahead
         cfg.n_expert_used + depth, slot * n_experts)
     weights, resident = make_resident(weights, cfg.n_layers)

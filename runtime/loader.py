@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
 
-from offload.placement import build_streaming, kv_cache_bytes, runtime_bytes
+from offload.placement import build_streaming, runtime_needs
 from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
@@ -23,12 +23,12 @@ from runtime.model.model import Model
 from runtime.model.weights import expert_bank, load_weights
 
 
-def _streams(opts: RuntimeOptions, file_bytes: int, kv_bytes: int) -> bool:
+def _streams(opts: RuntimeOptions, file_bytes: int, runtime_bytes: int, usable: int) -> bool:
     chosen = opts.streams_by_choice()
     if chosen is not None:
         return chosen
     # Mapped, the whole file ends up in page cache, which a cgroup charges to us.
-    return file_bytes + runtime_bytes(system.memory_limit(), kv_bytes) > system.usable_memory()
+    return file_bytes + runtime_bytes > usable
 
 
 def load(path: str | Path, **options) -> Model:
@@ -46,10 +46,11 @@ def load(path: str | Path, **options) -> Model:
         # pool's threads keep spinning after each call and take the cores from the kernels'
         # threads: measured here, one BLAS thread doubled prefill (90 -> 207 tok/s).
         system.set_blas_threads(1)
-    kv_bytes = kv_cache_bytes(cfg, opts.context(cfg.context_length), opts.rollback)
-    if not _streams(opts, f.nbytes, kv_bytes):
+    limit, usable = system.memory_limit(), system.usable_memory()
+    runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit)
+    if not _streams(opts, f.nbytes, runtime.full, usable):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
         return Model(f, cfg, weights, provider, opts)
-    weights, provider, placement = build_streaming(f, cfg, weights, opts.ram_budget, kv_bytes, opts.cache_policy,
-                                                   opts.profile, direct_io=opts.direct_io)
+    weights, provider, placement = build_streaming(f, cfg, weights, opts.ram_budget, limit, usable, runtime,
+                                                   opts.cache_policy, opts.profile, direct_io=opts.direct_io)
     return Model(f, cfg, weights, provider, opts, placement)

@@ -88,7 +88,7 @@ def test_default_options_stream_under_a_cap_and_name_it(model, used_before_loadi
     s = sizes(model, used_before_loading)
     experts = s["size"] - s["resident"]
     # Room beside the runtime for the smallest cache and half the experts: the mapped file does not fit.
-    cap = s["used"] + s["resident"] + s["runtime"] + s["smallest"] + experts // 2
+    cap = s["used"] + s["resident"] + s["runtime"].full + s["smallest"] + experts // 2
     assert main(["run", "-m", str(model), *PROMPT]) == 0  # uncapped: experts in RAM; compiles the kernels
     uncapped = capsys.readouterr()
     assert "placement:" not in uncapped.err
@@ -103,8 +103,8 @@ def test_default_options_stream_under_a_cap_and_name_it(model, used_before_loadi
 def test_refused_with_one_line_when_the_cap_is_below_what_streaming_needs(tiny_gguf, used_before_loading):
     model = tiny_gguf("q4_k_m")
     s = sizes(model, used_before_loading)
-    need = s["resident"] + s["runtime"] + s["smallest"]
-    cap = s["used"] + need - 12 * MiB  # short of the need, above what the interpreter holds
+    need = s["resident"] + s["runtime"].start + s["smallest"]
+    cap = s["used"] + need - 6 * MiB  # short of the need, above what the interpreter holds
     r, name, oom = capped(cap, ["runtime.cli", "run", "-m", str(model), *PROMPT], model)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and oom == 0, r.stderr[-2000:]
@@ -118,11 +118,11 @@ def test_an_asked_budget_larger_than_the_cap_allows_is_refused(tiny_gguf, used_b
     weights was OOM-killed (exit 137) without a word."""
     model = tiny_gguf("q4_k_m")
     s = sizes(model, used_before_loading)
-    cap = s["used"] + s["resident"] + s["runtime"] + 3 * MiB
+    cap = s["used"] + s["resident"] + s["runtime"].start + 3 * MiB
     r, name, oom = capped(cap, ["runtime.cli", "run", "-m", str(model), *PROMPT, "--ram-budget", "5MiB"], model)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and oom == 0, r.stderr[-2000:]
     assert len(lines) == 1, lines
-    assert f"a RAM budget of 5.0 MiB needs {mib(s['resident'] + s['runtime'] + 5 * MiB)} with " in lines[0]
+    assert f"a RAM budget of 5.0 MiB needs {mib(s['resident'] + s['runtime'].start + 5 * MiB)} with " in lines[0]
     assert f"but the cgroup v1 limit /{name}: {mib(cap)}, " in lines[0]
     assert "the largest budget that fits is" in lines[0] or "not even the smallest expert cache" in lines[0]

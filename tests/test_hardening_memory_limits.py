@@ -203,8 +203,10 @@ def fake_limit(monkeypatch, free: int, kind: str = "cgroup v1", reserve: int = 0
 
 
 def _sizes(path):
+    """(file bytes, resident weights, the runtime's needs under a cgroup, the smallest cache) at
+    the default options."""
     from offload.expert_table import build_expert_table
-    from offload.placement import RUNTIME_BYTES, kv_cache_bytes, resident_size
+    from offload.placement import resident_size, runtime_needs
     from offload.provider import slot_bytes_for
     from runtime.base.config import ModelConfig
     from runtime.base.gguf_file import GGUFModelFile
@@ -213,10 +215,26 @@ def _sizes(path):
     f = GGUFModelFile(path)
     cfg = ModelConfig.from_gguf(f)
     resident = resident_size(load_weights(f, cfg), cfg.n_layers)
-    runtime = RUNTIME_BYTES + kv_cache_bytes(cfg, min(cfg.context_length, 4096), 16)
+    runtime = runtime_needs(cfg, min(cfg.context_length, 4096), 16, MemoryLimit("cgroup v1", 0, 0, 0))
     slot = slot_bytes_for(build_expert_table(f, cfg))
     smallest = (cfg.n_expert_used + max(1, cfg.n_expert_used * 3 // 4)) * slot
     return f.nbytes, resident, runtime, smallest
+
+
+def test_runtime_needs_count_the_kv_cache_and_the_hosts_reserve(tiny_gguf):
+    from offload.placement import LIBRARY_PAGES, RUNTIME_ANON, kv_cache_bytes, runtime_needs
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+
+    cfg = ModelConfig.from_gguf(GGUFModelFile(tiny_gguf("q4_k_m")))
+    # tiny: block 0 full-attention, 1-3 sliding (window 16), one KV head of 128 dims
+    assert [cfg.sliding[i] for i in range(4)] == [False, True, True, True] and cfg.window == 16
+    assert kv_cache_bytes(cfg, 4096, 16) == 2 * 4 * 128 * (4096 + 3 * 32)
+    needs = runtime_needs(cfg, 4096, 16, MemoryLimit("cgroup v1", 0, 0, 0))
+    assert needs.start == RUNTIME_ANON + 2 * 4 * 128 * (256 + 3 * 32)
+    assert needs.full == RUNTIME_ANON + LIBRARY_PAGES + 2 * 4 * 128 * (4096 + 3 * 32)
+    host = runtime_needs(cfg, 4096, 16, MemoryLimit("available memory", 0, 0, 0, reserve=2**30))
+    assert (host.start, host.full) == (0, 0)
 
 
 def test_default_budget_is_what_the_cgroup_leaves(tiny_gguf, monkeypatch):
@@ -224,14 +242,14 @@ def test_default_budget_is_what_the_cgroup_leaves(tiny_gguf, monkeypatch):
 
     path = tiny_gguf("q4_k_m")
     size, resident, runtime, smallest = _sizes(path)
-    free = resident + runtime + 2 * smallest  # room for more than the smallest cache, less than every expert
-    assert free < size + runtime  # the mapped file would not fit beside the runtime: stream
+    free = resident + runtime.full + 2 * smallest  # more than the smallest cache, less than every expert
+    assert free < size + runtime.full  # the mapped file would not fit beside the runtime: stream
     fake_limit(monkeypatch, free)
     m = load(path)
     try:
         p = m.placement
         assert p is not None and p.resident_bytes == resident
-        assert p.budget_bytes == free - resident - runtime
+        assert p.budget_bytes == free - resident - runtime.full
         assert p.cache_bytes <= p.budget_bytes < p.expert_bytes
         assert p.text().startswith(f"placement: budget {mib(p.budget_bytes)} "
                                    f"(cgroup v1 limit /fake: {mib(free + 40 * MiB)}, 40 MiB used); ")
@@ -245,7 +263,7 @@ def test_auto_keeps_experts_in_ram_when_file_and_runtime_fit(tiny_gguf, monkeypa
 
     path = tiny_gguf("q4_k_m")
     size, _, runtime, _ = _sizes(path)
-    fake_limit(monkeypatch, size + runtime + MiB)
+    fake_limit(monkeypatch, size + runtime.full + MiB)
     m = load(path)
     assert isinstance(m.provider, InMemoryExperts) and m.placement is None
     m.close()
@@ -255,7 +273,7 @@ def test_the_hosts_reserve_covers_the_runtime(tiny_gguf, monkeypatch):
     from runtime.loader import load
 
     path = tiny_gguf("q4_k_m")
-    size, resident, runtime, _ = _sizes(path)
+    size, resident, _, _ = _sizes(path)
     free = size // 2
     fake_limit(monkeypatch, free, kind="available memory", reserve=2**30)
     m = load(path)
@@ -266,34 +284,39 @@ def test_the_hosts_reserve_covers_the_runtime(tiny_gguf, monkeypatch):
         m.close()
 
 
-def test_refused_when_the_smallest_cache_does_not_fit(tiny_gguf, monkeypatch):
+def test_refused_when_the_smallest_cache_cannot_start(tiny_gguf, monkeypatch):
     from runtime.loader import load
 
     path = tiny_gguf("q4_k_m")
     size, resident, runtime, smallest = _sizes(path)
-    fake_limit(monkeypatch, resident + runtime + smallest - 1)
+    need = resident + runtime.start + smallest
+    fake_limit(monkeypatch, need - 1)
     with pytest.raises(StepstreamError) as e:
         load(path)
     msg = str(e.value)
     assert "\n" not in msg
-    assert f"streaming needs {mib(resident + runtime + smallest)} ({mib(resident)} of resident weights" in msg
-    assert f"but the cgroup v1 limit /fake: " in msg and f"leaves {mib(resident + runtime + smallest - 1)}" in msg
-    fake_limit(monkeypatch, resident + runtime + smallest)  # one byte more: it loads
-    load(path).close()
+    assert msg.startswith(f"{path.name}: streaming needs {mib(need)} ({mib(resident)} of resident weights, "
+                          f"{mib(smallest)} for the smallest expert cache: 7 experts, {mib(runtime.start)} for the "
+                          f"runtime) but the cgroup v1 limit /fake: ")
+    assert msg.endswith(f"leaves {mib(need - 1)}")
+    fake_limit(monkeypatch, need)  # one byte more: it starts, with the smallest cache
+    m = load(path)
+    assert m.placement.budget_bytes == smallest
+    m.close()
 
 
-def test_an_asked_budget_that_does_not_fit_is_refused(tiny_gguf, monkeypatch):
+def test_an_asked_budget_that_cannot_start_is_refused(tiny_gguf, monkeypatch):
     from runtime.loader import load
 
     path = tiny_gguf("q4_k_m")
     size, resident, runtime, smallest = _sizes(path)
-    free = resident + runtime + 2 * MiB
-    fake_limit(monkeypatch, free)
+    fake_limit(monkeypatch, resident + runtime.start + 2 * MiB)
     with pytest.raises(StepstreamError) as e:
         load(path, ram_budget="3MiB")
     msg = str(e.value)
-    assert f"a RAM budget of 3.0 MiB needs {mib(resident + runtime + 3 * MiB)}" in msg
-    assert "the largest budget that fits is 2.0 MiB" in msg
+    assert f"a RAM budget of 3.0 MiB needs {mib(resident + runtime.start + 3 * MiB)} with " in msg
+    assert msg.endswith("the largest budget that fits is 2.0 MiB")
+    # Beyond the full-context allowance, but it can start: taken as asked.
     m = load(path, ram_budget="2MiB")
     assert m.placement.budget_bytes == 2 * MiB and "(asked for; cgroup v1 limit /fake" in m.placement.text()
     m.close()
