@@ -28,9 +28,9 @@ from offload.profile import ExpertProfile
 from offload.provider import StreamingExperts, slot_bytes_for
 from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
-from runtime.base.memory_limit import MemoryLimit, mib
-from runtime.base.units import parse_bytes
 from runtime.base.gguf_file import GGUFModelFile
+from runtime.base.memory_limit import MemoryLimit, size_text
+from runtime.base.units import parse_bytes
 from runtime.model.matrix import Matrix, make_matrix
 
 # The runtime's own memory beside the weights, the expert cache and the KV cache, beyond what
@@ -126,18 +126,19 @@ def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, 
     if asked is None:
         if start_room < smallest:
             raise StepstreamError(
-                f"{src}: streaming needs {mib(resident + runtime.start + smallest)} ({mib(resident)} of resident "
-                f"weights, {mib(smallest)} for the smallest expert cache: {min_slots} experts, {mib(runtime.start)} "
-                f"for the runtime) but the {limit.text()} leaves {mib(usable)}")
+                f"{src}: streaming needs {size_text(resident + runtime.start + smallest)} "
+                f"({size_text(resident)} of resident weights, {size_text(smallest)} for the smallest expert cache: "
+                f"{min_slots} experts, {size_text(runtime.start)} for the runtime) "
+                f"but the {limit.text()} leaves {size_text(usable)}")
         room = usable - resident - runtime.full
         return min(max(room, smallest), all_experts), limit.text()
     need = resident + runtime.start + min(asked, all_experts)
     if need > usable:
-        fit = (f"the largest budget that fits is {mib(start_room)}" if start_room >= smallest
-               else f"not even the smallest expert cache ({min_slots} experts, {mib(smallest)}) fits")
-        raise StepstreamError(f"{src}: a RAM budget of {mib(asked)} needs {mib(need)} with {mib(resident)} of "
-                              f"resident weights and {mib(runtime.start)} for the runtime, but the {limit.text()} "
-                              f"leaves {mib(usable)}; {fit}")
+        fit = (f"the largest budget that fits is {size_text(start_room)}" if start_room >= smallest
+               else f"not even the smallest expert cache ({min_slots} experts, {size_text(smallest)}) fits")
+        raise StepstreamError(f"{src}: a RAM budget of {size_text(asked)} needs {size_text(need)} with "
+                              f"{size_text(resident)} of resident weights and {size_text(runtime.start)} for the "
+                              f"runtime, but the {limit.text()} leaves {size_text(usable)}; {fit}")
     return asked, f"asked for; {limit.text()}"
 
 
@@ -155,10 +156,11 @@ class Placement:
     budget_reason: str = ""  # which memory limit decided it, or that it was asked for
 
     def text(self) -> str:
-        return (f"placement: budget {mib(self.budget_bytes)} ({self.budget_reason}); "
+        return (f"placement: budget {size_text(self.budget_bytes)} ({self.budget_reason}); "
                 f"{self.resident_bytes / 2**20:.1f} MiB resident (attention, shared experts, dense, head); "
                 f"expert cache {self.cache_bytes / 2**20:.1f} MiB = {self.cache_slots} of {self.n_experts} experts "
-                f"({self.cache_bytes / self.expert_bytes:.0%} of {self.expert_bytes / 2**20:.1f} MiB), policy {self.policy}"
+                f"({self.cache_bytes / self.expert_bytes:.0%} of {self.expert_bytes / 2**20:.1f} MiB), "
+                f"policy {self.policy}"
                 + (f", {self.pinned} pinned from the profile" if self.pinned else ""))
 
     def as_dict(self) -> dict:

@@ -13,11 +13,11 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as Q
 
 from offload.placement import build_streaming, runtime_needs
+from runtime.base import system
 from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
-from runtime.base import system
 from runtime.model.experts import InMemoryExperts
 from runtime.model.model import Model
 from runtime.model.weights import expert_bank, load_weights

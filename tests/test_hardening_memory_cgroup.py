@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
-from runtime.base.memory_limit import mib
+from runtime.base.memory_limit import size_text
 from runtime.cli import main
 
 MiB = 2**20
@@ -71,7 +71,7 @@ def used_before_loading(tmp_path_factory) -> int:
     except CgroupUnavailable as e:
         pytest.skip(f"no memory cgroup for a RAM cap here: {e}")
     assert r.returncode == 0, r.stderr
-    kind, version, used = r.stdout.split()
+    kind, _version, used = r.stdout.split()
     assert kind == "cgroup", r.stdout  # "cgroup v1 <used>": the cap binds, not the host
     return int(used)
 
@@ -93,10 +93,11 @@ def test_default_options_stream_under_a_cap_and_name_it(model, used_before_loadi
     uncapped = capsys.readouterr()
     assert "placement:" not in uncapped.err
     r, name, oom = capped(cap, ["runtime.cli", "run", "-m", str(model), *PROMPT], model)
-    print(f"\ncap {mib(cap)} ({mib(s['used'])} used before loading), file {mib(s['size'])}:\n{r.stderr}")
+    print(f"\ncap {size_text(cap)} ({size_text(s['used'])} used before loading), "
+          f"file {size_text(s['size'])}:\n{r.stderr}")
     assert r.returncode == 0 and oom == 0, r.stderr[-2000:]
     placement = next(l for l in r.stderr.splitlines() if l.startswith("placement: "))
-    assert f"(cgroup v1 limit /{name}: {mib(cap)}, " in placement
+    assert f"(cgroup v1 limit /{name}: {size_text(cap)}, " in placement
     assert r.stdout == uncapped.out  # streaming gives the same greedy text
 
 
@@ -109,8 +110,8 @@ def test_refused_with_one_line_when_the_cap_is_below_what_streaming_needs(tiny_g
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and oom == 0, r.stderr[-2000:]
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"error: {model.name}: streaming needs {mib(need)} (")
-    assert f"but the cgroup v1 limit /{name}: {mib(cap)}, " in lines[0]
+    assert lines[0].startswith(f"error: {model.name}: streaming needs {size_text(need)} (")
+    assert f"but the cgroup v1 limit /{name}: {size_text(cap)}, " in lines[0]
 
 
 def test_an_asked_budget_larger_than_the_cap_allows_is_refused(tiny_gguf, used_before_loading):
@@ -123,6 +124,6 @@ def test_an_asked_budget_larger_than_the_cap_allows_is_refused(tiny_gguf, used_b
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and oom == 0, r.stderr[-2000:]
     assert len(lines) == 1, lines
-    assert f"a RAM budget of 5.0 MiB needs {mib(s['resident'] + s['runtime'].start + 5 * MiB)} with " in lines[0]
-    assert f"but the cgroup v1 limit /{name}: {mib(cap)}, " in lines[0]
+    assert f"a RAM budget of 5.0 MiB needs {size_text(s['resident'] + s['runtime'].start + 5 * MiB)} with " in lines[0]
+    assert f"but the cgroup v1 limit /{name}: {size_text(cap)}, " in lines[0]
     assert "the largest budget that fits is" in lines[0] or "not even the smallest expert cache" in lines[0]

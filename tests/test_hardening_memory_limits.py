@@ -12,8 +12,18 @@ import pytest
 
 from runtime.base import system
 from runtime.base.errors import StepstreamError
-from runtime.base.memory_limit import (MemoryLimit, Mount, cgroup_limits, group_dirs, mib, parse_mountinfo,
-                                       parse_proc_cgroup, process_limits, rlimit_as, tightest)
+from runtime.base.memory_limit import (
+    MemoryLimit,
+    Mount,
+    cgroup_limits,
+    group_dirs,
+    parse_mountinfo,
+    parse_proc_cgroup,
+    process_limits,
+    rlimit_as,
+    size_text,
+    tightest,
+)
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +70,8 @@ def test_proc_cgroup_finds_the_memory_controller_and_the_unified_path():
 
 
 def test_mountinfo_keeps_the_memory_hierarchy_and_cgroup2_and_unescapes_paths():
-    mounts = parse_mountinfo(V1_MOUNTS + "50 31 0:40 /docker/a\\040b /sys/fs/cgroup/my\\040mem rw - cgroup cgroup rw,memory\n")
+    escaped = "50 31 0:40 /docker/a\\040b /sys/fs/cgroup/my\\040mem rw - cgroup cgroup rw,memory\n"
+    mounts = parse_mountinfo(V1_MOUNTS + escaped)
     assert mounts == [Mount("/", "/sys/fs/cgroup/memory", "v1"), Mount("/", "/sys/fs/cgroup/unified", "v2"),
                       Mount("/docker/a b", "/sys/fs/cgroup/my mem", "v1")]
 
@@ -145,7 +156,7 @@ def test_the_tightest_limit_wins_over_the_host(tmp_path):
 
 
 def test_sizes_in_words():
-    assert (mib(5 * MiB // 2), mib(243 * MiB), mib(45 * 2**30)) == ("2.5 MiB", "243 MiB", "45.0 GiB")
+    assert (size_text(5 * MiB // 2), size_text(243 * MiB), size_text(45 * 2**30)) == ("2.5 MiB", "243 MiB", "45.0 GiB")
 
 
 # ----------------------------------------------------------------------------- RLIMIT_AS, no `resource`
@@ -160,7 +171,7 @@ def test_rlimit_as_counts_the_address_space_already_mapped():
         print(lim.kind, lim.limit, lim.free, vms + 300 * 2**20)
         print(lim.text())
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
                        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     kind, limit, free, asked = r.stdout.split("\n")[0].split()
@@ -222,7 +233,12 @@ def _sizes(path):
 
 
 def test_runtime_needs_count_the_kv_cache_and_the_hosts_reserve(tiny_gguf):
-    from offload.placement import LIBRARY_PAGES, RUNTIME_ANON, kv_cache_bytes, runtime_needs
+    from offload.placement import (
+        LIBRARY_PAGES,
+        RUNTIME_ANON,
+        kv_cache_bytes,
+        runtime_needs,
+    )
     from runtime.base.config import ModelConfig
     from runtime.base.gguf_file import GGUFModelFile
 
@@ -251,8 +267,8 @@ def test_default_budget_is_what_the_cgroup_leaves(tiny_gguf, monkeypatch):
         assert p is not None and p.resident_bytes == resident
         assert p.budget_bytes == free - resident - runtime.full
         assert p.cache_bytes <= p.budget_bytes < p.expert_bytes
-        assert p.text().startswith(f"placement: budget {mib(p.budget_bytes)} "
-                                   f"(cgroup v1 limit /fake: {mib(free + 40 * MiB)}, 40 MiB used); ")
+        assert p.text().startswith(f"placement: budget {size_text(p.budget_bytes)} "
+                                   f"(cgroup v1 limit /fake: {size_text(free + 40 * MiB)}, 40 MiB used); ")
     finally:
         m.close()
 
@@ -288,17 +304,17 @@ def test_refused_when_the_smallest_cache_cannot_start(tiny_gguf, monkeypatch):
     from runtime.loader import load
 
     path = tiny_gguf("q4_k_m")
-    size, resident, runtime, smallest = _sizes(path)
+    _, resident, runtime, smallest = _sizes(path)
     need = resident + runtime.start + smallest
     fake_limit(monkeypatch, need - 1)
     with pytest.raises(StepstreamError) as e:
         load(path)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith(f"{path.name}: streaming needs {mib(need)} ({mib(resident)} of resident weights, "
-                          f"{mib(smallest)} for the smallest expert cache: 7 experts, {mib(runtime.start)} for the "
-                          f"runtime) but the cgroup v1 limit /fake: ")
-    assert msg.endswith(f"leaves {mib(need - 1)}")
+    assert msg.startswith(f"{path.name}: streaming needs {size_text(need)} ({size_text(resident)} of resident "
+                          f"weights, {size_text(smallest)} for the smallest expert cache: 7 experts, "
+                          f"{size_text(runtime.start)} for the runtime) but the cgroup v1 limit /fake: ")
+    assert msg.endswith(f"leaves {size_text(need - 1)}")
     fake_limit(monkeypatch, need)  # one byte more: it starts, with the smallest cache
     m = load(path)
     assert m.placement.budget_bytes == smallest
@@ -309,12 +325,12 @@ def test_an_asked_budget_that_cannot_start_is_refused(tiny_gguf, monkeypatch):
     from runtime.loader import load
 
     path = tiny_gguf("q4_k_m")
-    size, resident, runtime, smallest = _sizes(path)
+    _, resident, runtime, _ = _sizes(path)
     fake_limit(monkeypatch, resident + runtime.start + 2 * MiB)
     with pytest.raises(StepstreamError) as e:
         load(path, ram_budget="3MiB")
     msg = str(e.value)
-    assert f"a RAM budget of 3.0 MiB needs {mib(resident + runtime.start + 3 * MiB)} with " in msg
+    assert f"a RAM budget of 3.0 MiB needs {size_text(resident + runtime.start + 3 * MiB)} with " in msg
     assert msg.endswith("the largest budget that fits is 2.0 MiB")
     # Beyond the full-context allowance, but it can start: taken as asked.
     m = load(path, ram_budget="2MiB")

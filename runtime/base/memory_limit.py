@@ -39,13 +39,14 @@ class MemoryLimit:
 
     def text(self) -> str:
         if self.kind.startswith("cgroup"):
-            return f"{self.kind} limit {self.where}: {mib(self.limit)}, {mib(self.used)} used"
+            return f"{self.kind} limit {self.where}: {size_text(self.limit)}, {size_text(self.used)} used"
         if self.kind == "RLIMIT_AS":
-            return f"RLIMIT_AS {mib(self.limit)}, {mib(self.used)} of address space mapped"
-        return f"available memory {mib(self.limit - self.used)} of {mib(self.limit)}, less a reserve for the OS"
+            return f"RLIMIT_AS {size_text(self.limit)}, {size_text(self.used)} of address space mapped"
+        free = size_text(self.limit - self.used)
+        return f"available memory {free} of {size_text(self.limit)}, less a reserve for the OS"
 
 
-def mib(n: int) -> str:
+def size_text(n: int) -> str:
     """A size for people: GiB from 10 GiB, MiB with a decimal below 10 MiB."""
     if n >= 10 * 2**30:
         return f"{n / 2**30:.1f} GiB"
