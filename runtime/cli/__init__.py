@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 from runtime.base.errors import StepstreamError
@@ -27,9 +28,26 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: a bad argument is one line on stderr (exit status 2), as every other
+    error is, instead of the usage block followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def package_version() -> str:
+    """The installed package's version, from its metadata."""
+    try:
+        return importlib.metadata.version("stepstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown: the package is not installed; pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: it lists the subcommands; each one's arguments come from its module."""
     parser = argparse.ArgumentParser(prog="stepstream", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (_, help_text) in SUBCOMMANDS.items():
@@ -44,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"stepstream {name}", description=SUBCOMMANDS[name][1])
+    sub = SubcommandParser(prog=f"stepstream {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:

@@ -18,19 +18,20 @@ import time
 
 import numpy as np
 
-from runtime.cli.common import add_model_args, load_model, print_stats
+from runtime.cli.common import add_model_args, load_model, non_negative_int, positive_int, print_stats
 from runtime.base.system import peak_rss_bytes
 
 
 def add_arguments(p) -> None:
-    add_model_args(p)
-    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens to evaluate (default: 128)")
-    p.add_argument("-n", "--n-gen", type=int, default=32, help="tokens to generate (default: 32)")
-    p.add_argument("-r", "--repetitions", type=int, default=1, help="runs of each test; the median is reported (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
+    add_model_args(p, batch_default=512)  # llama-bench's micro-batch: the whole prompt in one chunk
+    p.add_argument("-p", "--n-prompt", type=positive_int, default=128, help="prompt tokens to evaluate (default: 128)")
+    p.add_argument("-n", "--n-gen", type=non_negative_int, default=32,
+                   help="tokens to generate; 0 = measure the prompt only (default: 32)")
+    p.add_argument("-r", "--repetitions", type=positive_int, default=1,
+                   help="runs of each test; the median is reported (default: 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random prompt (default: 0)")
     p.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) on the same file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.set_defaults(batch_size=512)  # llama-bench's micro-batch: the whole prompt in one chunk
 
 
 def _prompt(vocab: int, n: int, seed: int) -> list[int]:
@@ -107,8 +108,11 @@ def run(args) -> int:
     if args.llama_cpp:
         report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads,
                                               args.batch_size)
+    speeds = (f"prefill {report['prefill_tok_s']:.2f} tok/s over {args.n_prompt} tokens"
+              + (f"; decode {report['decode_tok_s']:.2f} tok/s over {args.n_gen} tokens" if args.n_gen else ""))
     if args.json:
         print(json.dumps(report))
+        print_stats(args, model, speeds)
         return 0
     rows = [("stepstream", report)] + ([("llama.cpp", report["llama_cpp"])] if args.llama_cpp else [])
     print(f"{'engine':<12} {'pp' + str(args.n_prompt) + ' tok/s':>14} {'tg' + str(args.n_gen) + ' tok/s':>14} {'peak RSS MiB':>13}", file=sys.stdout)
@@ -120,5 +124,5 @@ def run(args) -> int:
               f"{(report['decode_tok_s'] or 0) / (ll['decode_tok_s'] or 1):>13.2f}x")
     print(f"(medians of {args.repetitions}; activations {report['activations']}, "
           f"OpenMP waits {report['omp_wait_policy']})")
-    print_stats(args, model)
+    print_stats(args, model, speeds)
     return 0

@@ -1,19 +1,125 @@
-"""Flags shared by the `run`, `chat` and `bench` subcommands, named as llama.cpp names them."""
+"""Flags shared by the `run`, `chat` and `bench` subcommands, named as llama.cpp names them.
+
+Every numeric flag is checked by its argparse type, so that a value the runtime cannot use is
+refused before anything loads (the runtime itself is imported only when a model loads), in one
+line that names the flag and the value.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-from runtime.base.system import choose_wait_policy
-from runtime.loader import load
+from runtime.base.errors import StepstreamError
+from runtime.base.system import choose_wait_policy, peak_rss_bytes
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="GGUF file (for a split model, any of its parts)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: the libraries' choice)")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: model's, at most 4096)")
-    p.add_argument("-b", "--batch-size", type=int, default=64, help="prompt tokens evaluated together (default: 64)")
+# ---- argparse types: each returns the value or raises ArgumentTypeError naming it -------------
+
+def _parse(kind: type, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _checked(kind: type, ok, need: str, name: str):
+    def parse(text: str):
+        value = _parse(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{need}, got {text}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some of its own messages
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "must be a positive integer", "positive_int")
+non_negative_int = _checked(int, lambda v: v >= 0, "must be 0 or more", "non_negative_int")
+token_limit = _checked(int, lambda v: v == -1 or v >= 1,
+                       "must be a positive count of tokens, or -1 for until end of text or context", "token_limit")
+temperature = _checked(float, lambda v: v >= 0, "must be 0 (greedy) or more", "temperature")
+top_k = _checked(int, lambda v: v >= 0, "must be 0 (off) or more", "top_k")
+top_p = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1], 1 = off", "top_p")
+unit_interval = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1]", "unit_interval")
+share = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]", "share")
+positive_float = _checked(float, lambda v: v > 0, "must be more than 0", "positive_float")
+chunk_count = _checked(int, lambda v: v == -1 or v >= 1, "must be a positive number of chunks, or -1 for all",
+                       "chunk_count")
+
+
+def seed(text: str) -> int | None:
+    """A random seed: 0 or more, or -1 for a random one (llama.cpp's convention)."""
+    value = _parse(int, text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, or -1 for a random seed, got {text}")
+    return None if value == -1 else value
+
+
+def existing_file(what: str):
+    """An input that must be a file: a directory or a missing path is refused at parse time."""
+    def parse(text: str) -> str:
+        path = Path(text)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a directory; give a {what}")
+        if not path.exists():
+            raise argparse.ArgumentTypeError(f"{text}: no such file; give a {what}")
+        return text
+
+    parse.__name__ = "existing_file"
+    return parse
+
+
+def read_text_file(path: str, what: str) -> str:
+    """The whole of a UTF-8 text file, or one line saying why it cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise StepstreamError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise StepstreamError(f"{path} is a directory; give a {what}") from None
+    except OSError as e:
+        raise StepstreamError(f"{path}: cannot read the {what}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StepstreamError(f"{path}: the {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                              f"{e.start})") from None
+
+
+def writable_output(path: Path, what: str) -> Path:
+    """Refuse, before any work, an output path that could not be written at the end."""
+    if path.is_dir():
+        raise StepstreamError(f"{path} is a directory; give a file name for the {what}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise StepstreamError(f"{path}: cannot write the {what}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise StepstreamError(f"{path}: cannot write the {what}: the directory {parent} is not writable")
+    return path
+
+
+# ---- shared flags -------------------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, batch_default: int = 64) -> None:
+    """The model and expert-streaming flags. A subcommand with other defaults passes them here,
+    so that its --help quotes the defaults it really uses."""
+    ctx_help = f"{ctx_default}" if ctx_default else "model's, at most 4096"
+    p.add_argument("-m", "--model", required=True, type=existing_file("GGUF file"),
+                   help="GGUF file (for a split model, any of its parts)")
+    p.add_argument("-t", "--threads", type=positive_int, default=None,
+                   help="compute threads (default: the libraries' choice)")
+    p.add_argument("-c", "--ctx-size", type=positive_int, default=ctx_default,
+                   help=f"context size in tokens (default: {ctx_help})")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=batch_default,
+                   help=f"prompt tokens evaluated together (default: {batch_default})")
     p.add_argument("--activations", default="q8", choices=("q8", "f32"),
                    help="q8: round activations to int8 for quantized matrices and use integer dot products, "
                         "as llama.cpp does (fast); f32: float32 activations (exact) (default: q8)")
@@ -26,27 +132,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                       help="stream routed experts with the default budget: available memory minus a reserve")
     mode.add_argument("--no-stream", action="store_true", help="keep every routed expert resident (memory-mapped)")
     g.add_argument("--cache-policy", default="lru", choices=("lru", "lfu", "pinned"), help="expert cache policy (default: lru)")
-    g.add_argument("--profile", default=None, metavar="FILE",
+    g.add_argument("--profile", default=None, metavar="FILE", type=existing_file("profile (JSON) file"),
                    help="expert profile from `stepstream profile`: pin the most-used experts into half the cache")
     g.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
     g.add_argument("--no-direct-io", action="store_true", help="read experts through the page cache instead of O_DIRECT")
-    g.add_argument("--stats", action="store_true", help="print expert-cache statistics at the end")
+    g.add_argument("--stats", action="store_true",
+                   help="print the peak RSS and speeds at the end, and the expert-cache statistics when experts stream")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to generate; -1 = until end of text or context (default: -1)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="top-k sampling, 0 = off (default: 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling, 1.0 = off (default: 0.95)")
-    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling, 0.0 = off (default: 0.05)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalize repeated tokens, 1.0 = off (default: 1.0)")
-    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (default: 64)")
-    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("-n", "--n-predict", type=token_limit, default=-1,
+                   help="tokens to generate; -1 = until end of text or context (default: -1)")
+    p.add_argument("--temp", type=temperature, default=0.8, help="temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=top_k, default=40, help="top-k sampling, 0 = off (default: 40)")
+    p.add_argument("--top-p", type=top_p, default=0.95, help="top-p sampling, 1.0 = off (default: 0.95)")
+    p.add_argument("--min-p", type=unit_interval, default=0.05, help="min-p sampling, 0.0 = off (default: 0.05)")
+    p.add_argument("--repeat-penalty", type=positive_float, default=1.0,
+                   help="penalize repeated tokens, 1.0 = off (default: 1.0)")
+    p.add_argument("--repeat-last-n", type=non_negative_int, default=64,
+                   help="tokens the repeat penalty looks back over (default: 64)")
+    p.add_argument("-s", "--seed", type=seed, default=None, help="random seed, -1 = random (default: random)")
     p.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="STOP",
                    help="stop generating at this text (may be given several times)")
 
 
 def load_model(args):
+    from runtime.loader import load  # here, not at the top: a bad argument is refused before seconds of imports
+
     choose_wait_policy(args.threads)
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
@@ -62,15 +174,64 @@ def report_warm_up(model) -> None:
     """Load (or, on a first run, compile) the kernels before anything is timed, and say so when
     it took long enough to notice."""
     print("loading the kernels...", end="", file=sys.stderr, flush=True)
-    seconds = model.warm_up()
+    try:
+        seconds = model.warm_up()
+    except BaseException:
+        print(file=sys.stderr)  # the error that follows gets a line of its own
+        raise
     note = f" compiled in {seconds:.0f} s (first run after an install; cached from now on)" if seconds > 3 else " done"
     print(note, file=sys.stderr, flush=True)
 
 
-def print_stats(args, model) -> None:
-    """The expert-cache statistics, when asked for and when experts stream."""
-    if args.stats and model.provider.stats is not None:
-        print(model.provider.stats.text(), file=sys.stderr)
+# ---- what a run reports -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """When a streamed generation began, showed its first text, and ended.
+
+    The first piece of text can come after several tokens (a token may hold part of a
+    character), so the decode rate counts only the tokens after that piece, over the time
+    after it: it needs at least one such token, so two or more generated in all.
+    """
+
+    n_prompt: int
+    start: float
+    first: float  # when the first piece arrived
+    n_first: int  # tokens generated when it arrived
+    end: float
+    n_tokens: int  # generated in all
+
+    @property
+    def first_seconds(self) -> float:
+        return self.first - self.start
+
+    @property
+    def decode_tokens(self) -> int:
+        return self.n_tokens - self.n_first
+
+    def decode_rate(self) -> float | None:
+        """Tokens per second after the first piece; None when no token came after it."""
+        if self.decode_tokens < 1 or self.end <= self.first:
+            return None
+        return self.decode_tokens / (self.end - self.first)
+
+    def speeds(self) -> str:
+        rate = self.decode_rate()
+        tail = (f"then {rate:.2f} tok/s over {self.decode_tokens} token{'s' if self.decode_tokens != 1 else ''}" if rate is not None
+                else "too few tokens for a decode rate")
+        return f"prompt of {self.n_prompt} tokens and first token: {self.first_seconds:.2f} s; {tail}"
+
+
+def print_stats(args, model, speeds: str | None = None) -> None:
+    """With --stats: the expert-cache statistics when experts stream, then always the peak RSS
+    and the speeds that were measured."""
+    if not args.stats:
+        return
+    stats = model.provider.stats
+    if stats is not None:
+        print(stats.text(), file=sys.stderr)
+    line = f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB"
+    print(line + (f"; {speeds}" if speeds else ""), file=sys.stderr)
 
 
 def sampling_kwargs(args) -> dict:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+import time
 
-from runtime.cli.common import add_model_args, load_model, print_stats
-from runtime.base.errors import StepstreamError
+from runtime.cli.common import add_model_args, chunk_count, load_model, print_stats, read_text_file
+
+CTX = 512  # llama-perplexity's default
 
 
 def add_arguments(p) -> None:
-    add_model_args(p)
-    p.set_defaults(ctx_size=512)
+    add_model_args(p, ctx_default=CTX)
     p.add_argument("-f", "--file", required=True, help="text file to score")
-    p.add_argument("--chunks", type=int, default=-1, help="score at most this many chunks (default: all)")
+    p.add_argument("--chunks", type=chunk_count, default=-1, help="score at most this many chunks; -1 = all (default: -1)")
 
 
 def run(args) -> int:
@@ -21,19 +21,25 @@ def run(args) -> int:
 
     from runtime.generation.perplexity import perplexity
 
-    try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StepstreamError(f"{args.file}: text file not found") from None
+    text = read_text_file(args.file, "text file")
     model = load_model(args)
     tokens = model.tokenize(text, add_bos=True, special=False)
     n_ctx = args.ctx_size
     n = len(tokens) // n_ctx if args.chunks < 0 else min(args.chunks, len(tokens) // n_ctx)
-    bar = tqdm(total=n, desc="perplexity", unit="chunk", file=sys.stderr)
+    bar = None
+
+    def eval_chunk(ids):
+        nonlocal bar
+        if bar is None:  # only once the text has passed perplexity's checks: an error stays on one line
+            bar = tqdm(total=n, desc="perplexity", unit="chunk", file=sys.stderr)
+        return model.logits(ids)
+
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
-    res = perplexity(lambda ids: model.logits(ids), tokens, n_ctx, bos, args.chunks, iter(lambda: bar.update(1), object()))
+    t0 = time.perf_counter()
+    res = perplexity(eval_chunk, tokens, n_ctx, bos, args.chunks, iter(lambda: bar.update(1), object()))
+    seconds = time.perf_counter() - t0
     bar.close()
     print(f"{len(tokens)} tokens, {res.n_chunks} chunks of {n_ctx}, {res.n_tokens} scored")
     print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.stderr:.5f}")
-    print_stats(args, model)
+    print_stats(args, model, f"{res.n_chunks * n_ctx / seconds:.2f} tok/s evaluated over {res.n_chunks * n_ctx} tokens")
     return 0

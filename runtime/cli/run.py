@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-from runtime.cli.common import add_model_args, add_sampling_args, load_model, max_tokens, print_stats, sampling_kwargs
+from runtime.cli.common import (GenerationTiming, add_model_args, add_sampling_args, load_model, max_tokens,
+                                print_stats, read_text_file, sampling_kwargs)
 from runtime.base.errors import StepstreamError
-from runtime.generation import complete, sampling_params
 
 
 def add_arguments(p) -> None:
@@ -20,9 +19,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from runtime.generation import complete, sampling_params
+
     if (args.prompt is None) == (args.file is None):
         raise StepstreamError("give the prompt with exactly one of -p/--prompt or -f/--file")
-    prompt = args.prompt if args.file is None else Path(args.file).read_text(encoding="utf-8")
+    prompt = args.prompt if args.file is None else read_text_file(args.file, "prompt file")
+    params = sampling_params(**sampling_kwargs(args))  # checked before the model loads
     model = load_model(args)
     out = sys.stdout
     if not args.no_display_prompt:
@@ -31,14 +33,16 @@ def run(args) -> int:
     ids = model.tokenize(prompt, special=True)
     t0 = time.perf_counter()
     first = last = None
-    for piece in complete(model, ids, sampling_params(**sampling_kwargs(args)), max_tokens(args), args.reverse_prompt):
-        first = first or time.perf_counter()
+    for piece in complete(model, ids, params, max_tokens(args), args.reverse_prompt):
+        if first is None:
+            first = (time.perf_counter(), piece.n_tokens)
         out.write(piece.text)
         out.flush()
         last = piece
-    t1 = time.perf_counter()
+    timing = GenerationTiming(len(ids), t0, first[0], first[1], time.perf_counter(), last.n_tokens)
     out.write("\n")
+    rate = timing.decode_rate()
     print(f"[{last.finish_reason}] {len(ids)} prompt tokens, {last.n_tokens} generated; first token after "
-          f"{first - t0:.2f} s, then {max(last.n_tokens - 1, 0) / max(t1 - first, 1e-9):.2f} tok/s", file=sys.stderr)
-    print_stats(args, model)
+          f"{timing.first_seconds:.2f} s" + (f", then {rate:.2f} tok/s" if rate is not None else ""), file=sys.stderr)
+    print_stats(args, model, timing.speeds())
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from runtime.base.errors import StepstreamError
+from runtime.cli.common import non_negative_int, positive_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -12,12 +13,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainOptions()
     p.add_argument("out_dir", help="directory for the HF checkpoint (must not exist or be empty)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"sequences per step (default {d.batch})")
-    p.add_argument("--seq", type=int, default=d.seq, help=f"tokens per sequence (default {d.seq})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
-    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
+    p.add_argument("--batch", type=positive_int, default=d.batch, help=f"sequences per step (default: {d.batch})")
+    p.add_argument("--seq", type=positive_int, default=d.seq, help=f"tokens per sequence (default: {d.seq})")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed, help=f"seed (default: {d.seed})")
+    p.add_argument("--threads", type=positive_int, default=d.threads, help=f"torch threads (default: {d.threads})")
 
 
 def run(args: argparse.Namespace) -> int:
