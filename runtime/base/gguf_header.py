@@ -30,6 +30,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 DEFAULT_ALIGNMENT = 32
 _SCALAR = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i",
            V.FLOAT32: "f", V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
+_U64 = struct.Struct("<Q")
 _MIN_KV = 8 + 4 + 1  # empty key, type, one-byte value
 _MIN_TENSOR = 8 + 4 + 8 + 4 + 8  # empty name, one dimension, type, offset
 
@@ -94,10 +95,15 @@ class _Cursor:
             self.fail(f"{what} at byte {self.pos - n} is not UTF-8 ({raw[:40]!r})")
 
     def skip_strings(self, count: int, what: str) -> None:
-        for _ in range(count):
-            n = self.unpack("Q", what)
-            self.need(n, what)
-            self.pos += n
+        buf, pos, end, u64 = self.buf, self.pos, len(self.buf), _U64.unpack_from  # hot: 10^5 tokens
+        for k in range(count):
+            n = u64(buf, pos)[0] if pos + 8 <= end else None
+            if n is None or pos + 8 + n > end:
+                self.pos = pos
+                self.fail(f"{what}: string {k + 1} of {count} at byte {pos} "
+                          f"({'its length' if n is None else f'{n} bytes'}) runs past the end of the file")
+            pos += 8 + n
+        self.pos = pos
 
     def vtype(self, what: str) -> V:
         raw = self.unpack("I", what)
