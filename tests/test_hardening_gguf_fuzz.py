@@ -174,6 +174,22 @@ def test_fuzz_gguf_open_path(seed, tmp_path):
     assert outcomes["refused"] > EXAMPLES // 4  # the mutations do reach the checks
 
 
+def _instrument(atheris) -> None:
+    """Coverage feedback from the modules of the open path (instrumenting numpy too would only
+    slow each run)."""
+    import inspect
+
+    from runtime.base import config, gguf_file, gguf_header, tensor_shapes
+
+    for module in (gguf_header, gguf_file, config, tensor_shapes):
+        for obj in vars(module).values():
+            funcs = [obj] if inspect.isfunction(obj) else \
+                [v for v in vars(obj).values() if inspect.isfunction(v)] if inspect.isclass(obj) else []
+            for fn in funcs:
+                if fn.__module__ == module.__name__:
+                    atheris.instrument_func(fn)
+
+
 def _atheris_main(argv: list[str]) -> None:
     """Coverage-guided fuzzing with atheris over the same open path, seeded with the header of
     a real file. Needs a seed GGUF: set STEPSTREAM_FUZZ_SEED, or one is made from the tiny model."""
@@ -199,6 +215,7 @@ def _atheris_main(argv: list[str]) -> None:
             print(f"GGUF fuzz (atheris): {dict(outcomes)}", flush=True)
 
     runtime.load(seed_path)  # imports and compiled kernels, outside the timed opens
+    _instrument(atheris)
     corpus = Path(tempfile.mkdtemp(prefix="ggufcorpus"))
     (corpus / "seed").write_bytes(data[:header_len])
     print(f"GGUF fuzz (atheris): corpus and crash files in {corpus}", flush=True)

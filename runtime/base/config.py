@@ -68,7 +68,7 @@ class ModelConfig:
         if any(sliding) and window <= 0:
             raise StepstreamError(f"{m.src}: sliding blocks present but {Key.SLIDING_WINDOW} is {window}")
         base_full = m.num(Key.ROPE_BASE, 10000.0, float, lo=0.0, open_lo=True)
-        ffn = m.per_block(Key.FFN_LENGTH, 0, lo=0)  # llama.cpp may store it per block
+        ffn = m.values(Key.FFN_LENGTH, 0, lo=0)  # llama.cpp may store it per block
         cfg = cls(
             hidden=m.num(Key.EMBEDDING_LENGTH, lo=1),
             vocab=_vocab_size(f),
@@ -130,6 +130,15 @@ class _Metadata:
         v = self.f.get(key, default)
         if not isinstance(v, list):
             return tuple([self._check(key, v, kind, lo, hi)] * self.n_blocks)
+        return tuple(self._check(f"{key}[{i}]", x, kind, lo, hi) for i, x in enumerate(v))
+
+    def values(self, key, default=GGUFModelFile._MISSING, kind=int, lo=None, hi=None) -> tuple:
+        """One value or an array of any length (at least one), each checked."""
+        v = self.f.get(key, default)
+        if not isinstance(v, list):
+            return (self._check(key, v, kind, lo, hi),)
+        if not v:
+            raise StepstreamError(f"{self.src}: {key} is an empty array")
         return tuple(self._check(f"{key}[{i}]", x, kind, lo, hi) for i, x in enumerate(v))
 
     def _check(self, key, v, kind, lo, hi, open_lo=False):
