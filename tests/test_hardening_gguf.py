@@ -227,6 +227,17 @@ def test_string_length_beyond_the_file(base, tmp_path):
              r"\(1125899906842624 bytes\) runs past the end of the file")
 
 
+def test_name_and_key_lengths(base, tmp_path):
+    """Found by atheris: a key length spanning the rest of the file made the old reader (and the
+    first version of ours) copy and decode megabytes, twice the file at peak."""
+    rest = base.stat().st_size - 40
+    _refused(_patched(base, tmp_path / "key.gguf", [(24, "Q", rest)]),
+             rf"metadata key 0 at byte 24 is {rest} bytes long, over the 65536 allowed")
+    at = gguf.GGUFReader(base).tensors[0].field.offset
+    _refused(_patched(base, tmp_path / "name.gguf", [(at, "Q", 64)]), r"name of tensor 0 .* is 64 bytes long, over "
+                                                                      r"the 63 allowed")
+
+
 def test_big_endian_and_old_versions(base, tmp_path):
     _refused(_patched(base, tmp_path / "be.gguf", [(4, ">I", 3)]), "big-endian")
     _refused(_patched(base, tmp_path / "v1.gguf", [(4, "I", 1)]), "GGUF version 1")

@@ -27,6 +27,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as V
 from runtime.base.errors import StepstreamError
 
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 63  # bytes in a tensor name: llama.cpp refuses names of GGML_MAX_NAME (64) or more
+MAX_KEY = 1 << 16  # bytes in a metadata key; no writer comes near, and a key is copied to be decoded
 DEFAULT_ALIGNMENT = 32
 _SCALAR = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i",
            V.FLOAT32: "f", V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
@@ -84,8 +86,10 @@ class _Cursor:
         self.pos += size
         return v
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int) -> str:
         n = self.unpack("Q", what)
+        if n > limit:
+            self.fail(f"{what} at byte {self.pos - 8} is {n} bytes long, over the {limit} allowed")
         self.need(n, what)
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
@@ -139,7 +143,7 @@ def _value(c: _Cursor, key: str) -> Field:
 
 
 def _tensor_info(c: _Cursor, i: int) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]:
-    name = c.string(f"name of tensor {i}")
+    name = c.string(f"name of tensor {i}", MAX_NAME)
     what = f"tensor {name!r}"
     n_dims = c.unpack("I", what + " dimension count")
     if not 1 <= n_dims <= MAX_DIMS:
@@ -190,7 +194,7 @@ def read_header(buf, path: Path) -> Header:
                f"{room} bytes can hold")
     fields: dict[str, Field] = {}
     for i in range(n_kv):
-        key = c.string(f"metadata key {i}")
+        key = c.string(f"metadata key {i}", MAX_KEY)
         if key in fields:
             c.fail(f"metadata key {key!r} appears twice")
         fields[key] = _value(c, key)
@@ -241,6 +245,6 @@ def decode(buf, f: Field):
 def _one(buf, vtype: V, pos: int):
     if vtype == V.STRING:
         n = struct.unpack_from("<Q", buf, pos)[0]
-        return bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8"), pos + 8 + n
+        return str(buf[pos + 8 : pos + 8 + n], "utf-8"), pos + 8 + n  # no intermediate copy
     fmt = "<" + _SCALAR[vtype]
     return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
