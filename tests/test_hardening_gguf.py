@@ -45,7 +45,7 @@ def _hang(signum, frame):
 def _refused(path: Path, match: str) -> str:
     """runtime.load(path) raises StepstreamError matching `match`, naming the file, on one line,
     within 60 s, with a traced peak allocation below the file's size."""
-    import runtime.loader  # noqa: F401  (imports are not what is measured)
+    import runtime.loader
 
     old = signal.signal(signal.SIGALRM, _hang)
     signal.alarm(60)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import gguf
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import runtime
 from runtime.base.errors import StepstreamError

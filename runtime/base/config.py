@@ -58,7 +58,7 @@ class ModelConfig:
         return self.n_layers + self.n_mtp
 
     @classmethod
-    def from_gguf(cls, f: GGUFModelFile) -> "ModelConfig":
+    def from_gguf(cls, f: GGUFModelFile) -> ModelConfig:
         m = _Metadata(f)
         head_dim = _head_dim(m)
         sliding, n_head, n_head_kv = _attention(m)

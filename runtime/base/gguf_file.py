@@ -16,7 +16,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_header import Header, TensorInfo, decode, read_header

@@ -17,12 +17,14 @@ Layout (GGUF v2/v3, little-endian):
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as V
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGUFValueType as V
 
 from runtime.base.errors import StepstreamError
 
@@ -221,7 +223,7 @@ def _place(path: Path, size: int, infos, data_start: int, alignment: int) -> lis
                                   "truncated")
         tensors.append(TensorInfo(name, qtype, ne, start, n_bytes))
     by_start = sorted((t for t in tensors if t.n_bytes), key=lambda t: t.offset)
-    for a, b in zip(by_start, by_start[1:]):
+    for a, b in itertools.pairwise(by_start):
         if b.offset < a.offset + a.n_bytes:
             raise StepstreamError(f"{path}: tensors {a.name!r} (bytes {a.offset}..{a.offset + a.n_bytes}) and "
                                   f"{b.name!r} (from byte {b.offset}) overlap; the file is corrupt")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-import quant
 
+import quant
 from runtime.base import gguf_schema as N
 from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
