@@ -86,6 +86,7 @@ def test_hits_prefetches_in_time_late_prefetches_and_misses_are_counted_apart(st
     assert [e for e, _ in p.experts(LAYER, [2])] == [2]  # never read: a miss
 
     st = p.stats
+    assert st.hits == 2, f"{st.hits} hits: a prefetched expert is not a hit"
     assert (st.hits, st.prefetched_in_time, st.prefetched_late, st.misses) == (2, 1, 1, 1)
     assert st.requests == 5 and st.hit_rate == pytest.approx(2 / 5) and st.ready_rate == pytest.approx(3 / 5)
     assert st.stall_read_seconds >= 0.25, "waiting for the late prefetch is a stall"
@@ -117,5 +118,6 @@ def test_waiting_for_a_free_slot_is_stall_time(streaming):
     t.join()
     st = p.stats
     assert st.misses == 1
+    assert st.stall_seconds >= 0.25, f"stalled {st.stall_seconds:.3f} s while waiting 0.3 s for a free slot"
     assert st.stall_slot_seconds >= 0.25 and st.stall_seconds >= st.stall_slot_seconds
     assert "for a free slot" in st.text()
