@@ -7,7 +7,7 @@ apart so that a prefetch never passes for a cache hit:
     prefetched late      read by a prefetch, still loading when compute asked (compute waited)
     misses               read on demand (compute waited)
 Stall time is every second compute spent blocked on the expert cache: waiting for a read
-(a miss or a late prefetch) and waiting for a slot to come free.
+(a miss or a late prefetch), and acquiring a slot (the cache's lock, or no slot free).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class StreamStats:
     _busy_since: float = 0.0
     stall_seconds: float = 0.0  # compute blocked on the cache: all of the two below
     stall_read_seconds: float = 0.0  # waiting for a read (a miss or a late prefetch)
-    stall_slot_seconds: float = 0.0  # waiting for a slot to come free
+    stall_slot_seconds: float = 0.0  # in acquire: waiting for the cache's lock or for a slot to come free
     prefetch_predicted: int = 0
     prefetch_correct: int = 0
     prefetch_actual: int = 0
@@ -189,8 +189,9 @@ class StreamStats:
             f"{self.ideal_bytes / 1e6:.1f} MB of the {fetched} experts read for compute (misses and used prefetches); "
             f"{self.prefetch_unused} prefetches not used",
             f"  stalled {self.stall_seconds:.2f} s ({self.stall_read_seconds:.2f} s waiting for reads, "
-            f"{self.stall_slot_seconds:.2f} s for a free slot); prefetch recall {self.prefetch_recall:.1%}, "
-            f"precision {self.prefetch_precision:.1%}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB",
+            f"{self.stall_slot_seconds:.2f} s acquiring slots: the cache's lock, or no slot free); "
+            f"prefetch recall {self.prefetch_recall:.1%}, precision {self.prefetch_precision:.1%}; "
+            f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB",
             "  per layer hit rate: " + ", ".join(f"{k}: {v.hit_rate:.0%}" for k, v in sorted(self.layers.items())),
         ]
         return "\n".join(lines)
