@@ -51,6 +51,7 @@ def files(tmp_path_factory) -> Path:
     (d / "binary.dat").write_bytes(b"\x00\xff\xfe\x80 not text")
     (d / "prompts.txt").write_text("def f(x):\n")
     (d / "not_a_dir").write_text("a file where a directory should go\n")
+    (d / "long.txt").write_text((Path(runtime.__file__).parent / "cli" / "common.py").read_text() * 6)  # > 1,024 tokens
     return d
 
 
@@ -66,7 +67,7 @@ REFUSED = {
     "perplexity -m dir": (["perplexity", "-m", "adir", "-f", "prompts.txt"], ["-m/--model", "adir", "directory"]),
     # 14: a binary text file, no chunks, an output in a directory that does not exist
     "perplexity -f binary": (["perplexity", "-m", "{model}", "-f", "binary.dat"], ["binary.dat", "not UTF-8", "0xff"]),
-    "perplexity --chunks 0": (["perplexity", "-m", "{model}", "-f", "prompts.txt", "--chunks", "0"],
+    "perplexity --chunks 0": (["perplexity", "-m", "{model}", "-f", "long.txt", "--chunks", "0"],
                               ["--chunks", "got 0"]),
     "profile -o nowhere": (["profile", "-m", "{model}", "-f", "prompts.txt", "-o", "/nonexistent-dir-12/x.json"],
                            ["/nonexistent-dir-12/x.json", "does not exist"]),
@@ -101,9 +102,14 @@ REFUSED = {
 @pytest.fixture(scope="module")
 def refused(files) -> dict[str, subprocess.CompletedProcess]:
     """Every case at once: each child mostly waits on its imports, so they overlap well."""
+    def attempt(argv):
+        try:
+            return cli(*[a.format(model=MODEL) for a in argv], cwd=files, timeout=150)
+        except subprocess.TimeoutExpired as e:  # e.g. `run -n -5` generating 4,094 tokens: that case fails alone
+            return subprocess.CompletedProcess(e.cmd, 124, "", f"timed out after {e.timeout} s")
+
     with ThreadPoolExecutor(max_workers=8) as pool:
-        runs = {case: pool.submit(cli, *[a.format(model=MODEL) for a in argv], cwd=files)
-                for case, (argv, _) in REFUSED.items()}
+        runs = {case: pool.submit(attempt, argv) for case, (argv, _) in REFUSED.items()}
         return {case: run.result() for case, run in runs.items()}
 
 
@@ -229,3 +235,16 @@ def test_version_comes_from_the_installed_package(files):
     r = cli("--version", cwd=files)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"stepstream {importlib.metadata.version('stepstream')}"
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(files):
+    """`stepstream run ... | head -c 20` printed a BrokenPipeError traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run", "-m", MODEL, "-p", "def f(x):", "-n", "200",
+                          "--temp", "0", "-r", "never appears"], cwd=files, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert p.stdout.read(9) == b"def f(x):"  # the echoed prompt: the model has loaded
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err

@@ -41,6 +41,7 @@ def run(args) -> int:
         last = piece
     timing = GenerationTiming(len(ids), t0, first[0], first[1], time.perf_counter(), last.n_tokens)
     out.write("\n")
+    out.flush()  # here, where a closed pipe is caught, not at exit
     rate = timing.decode_rate()
     print(f"[{last.finish_reason}] {len(ids)} prompt tokens, {last.n_tokens} generated; first token after "
           f"{timing.first_seconds:.2f} s" + (f", then {rate:.2f} tok/s" if rate is not None else ""), file=sys.stderr)
