@@ -31,6 +31,7 @@ from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.memory_limit import MemoryLimit, size_text
 from runtime.base.units import parse_bytes
+from runtime.model.kv_cache import START_CAPACITY, ring_window
 from runtime.model.matrix import Matrix, make_matrix
 
 # The runtime's own memory beside the weights, the expert cache and the KV cache, beyond what
@@ -41,13 +42,15 @@ from runtime.model.matrix import Matrix, make_matrix
 # (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
 RUNTIME_ANON = 40 * 2**20
 LIBRARY_PAGES = 40 * 2**20
-KV_START = 256  # positions a full-attention block's cache holds at first (runtime.model.kv_cache)
 
 
-def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int) -> int:
-    """The KV cache holding n_ctx positions: float32 keys and values per trunk block; a sliding
-    block's ring keeps W + rollback positions (runtime.model.kv_cache)."""
-    return sum(2 * 4 * (cfg.window + rollback if cfg.sliding[i] else n_ctx) * cfg.n_head_kv[i] * cfg.head_dim
+def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int, held: int | None = None) -> int:
+    """The KV cache of a model loaded for n_ctx positions, holding `held` of them (all by default):
+    float32 keys and values per trunk block; a sliding block's ring keeps min(W, n_ctx) + rollback
+    positions from the start, a full block grows with what it holds (runtime.model.kv_cache)."""
+    ring = ring_window(cfg.window, n_ctx) + rollback
+    full = n_ctx if held is None else held
+    return sum(2 * 4 * (ring if cfg.sliding[i] else full) * cfg.n_head_kv[i] * cfg.head_dim
                for i in range(cfg.n_layers))
 
 
@@ -62,7 +65,7 @@ class RuntimeNeeds:
 
 
 def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimit) -> RuntimeNeeds:
-    start = RUNTIME_ANON + kv_cache_bytes(cfg, min(n_ctx, KV_START), rollback)
+    start = RUNTIME_ANON + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY))
     full = RUNTIME_ANON + LIBRARY_PAGES + kv_cache_bytes(cfg, n_ctx, rollback)
     return RuntimeNeeds(max(0, start - limit.reserve), max(0, full - limit.reserve), n_ctx)
 

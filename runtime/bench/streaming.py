@@ -14,8 +14,9 @@ the file has been evicted from the page cache (POSIX_FADV_DONTNEED):
 
 Both decode the same teacher-forced tokens one at a time with the same threads after the
 same prompt. Printed per cap: decode tok/s of each (median of -r runs) and their ratio,
-bytes read per token against the ideal (the bytes of the experts that missed), and the
-share of decode time spent waiting for experts.
+bytes read per token against the ideal (the bytes of the experts read for compute: misses
+and used prefetches), the share of decode time spent waiting for experts, and the hit rate
+(hits alone: a prefetched expert is not a hit).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def child_ours(model: str, budget: int, n_prompt: int, n_gen: int, threads: int)
     prompt, gen = _tokens(n_prompt, n_gen, m.cfg.vocab)
     m.eval(prompt)
     st = m.provider.stats
-    before = (st.bytes_read, st.ideal_bytes, st.stall_seconds, st.hits, st.misses)
+    before = (st.bytes_read, st.ideal_bytes, st.stall_seconds, st.hits, st.requests, st.prefetched_in_time)
     t0 = time.perf_counter()
     for t in gen:
         m.eval([t])
@@ -68,7 +69,8 @@ def child_ours(model: str, budget: int, n_prompt: int, n_gen: int, threads: int)
            "bytes_read_per_token": (st.bytes_read - before[0]) / len(gen),
            "ideal_bytes_per_token": (st.ideal_bytes - before[1]) / len(gen),
            "stall_share": (st.stall_seconds - before[2]) / dt,
-           "hit_rate": (st.hits - before[3]) / max(1, st.hits - before[3] + st.misses - before[4]),
+           "hit_rate": (st.hits - before[3]) / max(1, st.requests - before[4]),
+           "ready_rate": (st.hits - before[3] + st.prefetched_in_time - before[5]) / max(1, st.requests - before[4]),
            "prefetch_recall": st.prefetch_recall, "prefetch_precision": st.prefetch_precision,
            "cache_bytes": m.placement.cache_bytes, "cache_slots": m.placement.cache_slots,
            "peak_rss_bytes": peak_rss_bytes(), "rss_anon_bytes": rss_anon_bytes()}

@@ -126,15 +126,26 @@ class LayerKV:
         self.n = n
 
 
+START_CAPACITY = 256  # positions a full-attention block's cache holds before it first grows
+
+
+def ring_window(window: int, n_ctx: int) -> int:
+    """The positions a sliding block's ring must keep visible: never more than the context holds.
+    (A window larger than n_ctx masks nothing within it; the file's window may be up to its
+    context length, which would otherwise size every ring.)"""
+    return min(window, n_ctx)
+
+
 class KVCache:
     """The cache of every trunk block, and the number of positions it holds."""
 
     def __init__(self, n_kv: tuple[int, ...], head_dim: int, sliding: tuple[bool, ...], window: int,
                  n_ctx: int, rollback: int):
-        self.window = window
+        self.window = ring_window(window, n_ctx)
         self.rollback = rollback
         self.layers = [
-            LayerKV(nk, head_dim, window + rollback if s else min(n_ctx, 256), ring=s, window=window)
+            LayerKV(nk, head_dim, self.window + rollback if s else min(n_ctx, START_CAPACITY), ring=s,
+                    window=self.window)
             for nk, s in zip(n_kv, sliding)
         ]
         self.n_past = 0

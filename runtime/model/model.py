@@ -50,7 +50,7 @@ class Model:
         self.provider = provider
         self.options = options
         self.placement = placement  # offload.placement.Placement when experts stream from disk
-        self.n_ctx = options.n_ctx or min(cfg.context_length, 4096)
+        self.n_ctx = options.context(cfg.context_length)
         # The formats of this file that take int8 activations: every int8 kernel is compiled for
         # exactly this set, once (quant.int8_kernels.dispatch). 0 keeps activations float32.
         self.int8 = format_set(t.qtype for t in file.tensors.values()) if options.activations == "q8" else 0
