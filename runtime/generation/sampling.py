@@ -7,6 +7,7 @@ min-p, temperature, then a draw (or argmax when temperature <= 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,11 @@ class SamplingParams:
     seed: int | None = None  # None: fresh entropy
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise StepstreamError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and self.seed < 0:
+            raise StepstreamError(f"seed must be >= 0, or None for fresh entropy, got {self.seed}")
         if self.top_p <= 0:
             raise StepstreamError(f"top_p must be > 0, got {self.top_p}")
         if not 0 <= self.min_p <= 1:

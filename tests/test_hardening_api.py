@@ -1,0 +1,50 @@
+"""The Python API refuses what the CLI refuses, and leaves nothing half-made behind."""
+
+import math
+
+import numpy as np
+import pytest
+
+import runtime
+from convert import mini
+from runtime.base.errors import StepstreamError
+from runtime.generation.sampling import SamplingParams, Sampler
+
+MODEL = "runtime/data/step35-mini-q4_k_m.gguf"
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repeat_penalty"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_sampling_refuses_non_finite_values(field, value):
+    with pytest.raises(StepstreamError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_refuses_a_negative_seed():
+    with pytest.raises(StepstreamError, match="seed"):
+        SamplingParams(seed=-2)
+
+
+def test_a_seed_reproduces_its_draws():
+    logits = np.linspace(-2, 2, 50).astype(np.float32)
+    a, b = (Sampler(SamplingParams(temperature=1.0, seed=7)) for _ in range(2))
+    assert [a(logits) for _ in range(20)] == [b(logits) for _ in range(20)]
+
+
+@pytest.mark.parametrize("n_ctx", [1, 2, 3])
+def test_warm_up_fits_a_short_context(n_ctx):
+    m = runtime.load(MODEL, n_ctx=n_ctx)
+    m.warm_up()
+    assert m.n_past == 0
+    ids = m.tokenize("x")[:n_ctx]
+    assert np.array_equal(m.logits(ids), runtime.load(MODEL, n_ctx=8).logits(ids))
+
+
+def test_mini_leaves_no_part_directory_when_it_fails(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mini, "tensor_values", broken)
+    with pytest.raises(OSError):
+        mini.write_mini(tmp_path / "ck", "tiny")
+    assert list(tmp_path.iterdir()) == []
