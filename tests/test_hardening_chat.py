@@ -16,13 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numba
 import pytest
 
 import runtime
+from tests.helpers.faulty_experts import FaultyExperts
 
 EMBEDDED = Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf"
 LONG = "Write a long story about the sea."  # greedy: 300 tokens without an end-of-text on the embedded model
@@ -123,43 +123,6 @@ def one_thread():
     numba.set_num_threads(before)
 
 
-class InterruptAt:
-    """Expert provider wrapper: KeyboardInterrupt in block 2 on its n-th expert request from now on
-    (the prompt's prefill is request 1, the evaluation of reply token j is request j + 1)."""
-
-    prefetches = False
-    stats = None
-
-    def __init__(self, inner):
-        self.inner, self.countdown = inner, None
-
-    def arm(self, n: int) -> None:
-        self.countdown = n
-
-    def _tick(self, layer: int) -> None:
-        if layer == 2 and self.countdown is not None:
-            self.countdown -= 1
-            if self.countdown == 0:
-                self.countdown = None
-                raise KeyboardInterrupt
-
-    def experts(self, layer, ids):
-        self._tick(layer)
-        yield from self.inner.experts(layer, ids)
-
-    @contextmanager
-    def held(self, layer, ids):
-        self._tick(layer)
-        with self.inner.held(layer, ids) as got:
-            yield got
-
-    def prefetch(self, layer, ids):
-        pass
-
-    def close(self):
-        self.inner.close()
-
-
 def _conversation(*args, **kwargs):
     from runtime.generation import Conversation
 
@@ -174,7 +137,7 @@ def _greedy():
 
 def _model():
     m = runtime.load(EMBEDDED, experts="ram", n_ctx=512)
-    m.provider = InterruptAt(m.provider)
+    m.provider = FaultyExperts(m.provider, 2)
     return m
 
 
@@ -184,12 +147,14 @@ def test_ctrl_c_inside_a_token_equals_stopping_there():
     assert all(isinstance(p, str) for p in stopped.reply(LONG))
 
     cut = _conversation(_model(), "Be brief.", _greedy(), max_tokens=None)
-    cut.model.provider.arm(k + 1)  # inside the evaluation of reply token k, after it was shown
+    # KeyboardInterrupt in block 2 on the n-th expert request: the prompt's prefill is request 1,
+    # the evaluation of reply token j is request j + 1; so inside reply token k, after it was shown
+    cut.model.provider.arm(KeyboardInterrupt(), k + 1)
     shown = []
     with pytest.raises(KeyboardInterrupt):
         for piece in cut.reply(LONG):
             shown.append(piece)
-    assert cut.model.provider.countdown is None  # it fired
+    assert cut.model.provider.exc is None  # it fired
     assert cut.messages == stopped.messages and cut.messages[-1]["content"] == "".join(shown) != ""
     assert cut.model.history == stopped.model.history and cut.model.n_past == len(cut.model.history)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,43 +24,10 @@ import pytest
 
 import runtime
 from runtime.base.errors import StepstreamError
+from tests.helpers.faulty_experts import FaultyExperts
 
 EMBEDDED = Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf"
 FAIL_LAYER = 2  # a sliding-window MoE block: blocks 0-2 have written their keys when it fails
-
-
-class FaultyExperts:
-    """Wraps an expert provider; the first request for `layer`'s experts after `arm()` raises `exc`."""
-
-    prefetches = False
-    stats = None
-
-    def __init__(self, inner, layer: int):
-        self.inner, self.layer, self.exc = inner, layer, None
-
-    def arm(self, exc: BaseException) -> None:
-        self.exc = exc
-
-    def _maybe_fail(self, layer: int) -> None:
-        if self.exc is not None and layer == self.layer:
-            exc, self.exc = self.exc, None
-            raise exc
-
-    def experts(self, layer, ids):
-        self._maybe_fail(layer)
-        yield from self.inner.experts(layer, ids)
-
-    @contextmanager
-    def held(self, layer, ids):
-        self._maybe_fail(layer)
-        with self.inner.held(layer, ids) as got:
-            yield got
-
-    def prefetch(self, layer, ids):
-        pass
-
-    def close(self):
-        self.inner.close()
 
 
 def _tokens(n: int, seed: int) -> list[int]:
