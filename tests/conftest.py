@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
+# GPU kernels run on numba's CUDA simulator unless a run asks for the card (NUMBA_ENABLE_CUDASIM=0).
+# Read when numba is first imported, so it is set before any test module imports it.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 
 @pytest.fixture(scope="session")
