@@ -23,10 +23,12 @@ LAYERS = (
     "quant",                 # formats, reference codecs, quantizers, packed matrices, Numba helpers
     "quant.float_kernels",   # float32-activation kernels (the fallback)
     "quant.int8_kernels",    # int8-activation kernels (the default)
+    "quant.cuda_kernels",    # CUDA (numba-cuda) quantized kernels of the GPU tier
     "quant.bench",           # the kernels' benchmark
     "runtime.text",          # tokenizer and chat template
     "runtime.generation",    # sampling, the token loop, OpenAI-shaped results, perplexity
     "runtime.model",         # the Step-3.5 model: weights, blocks, KV cache, decode plan, expert provider
+    "runtime.model.gpu",     # the GPU tier's decode step, its KV cache in VRAM, its small kernels
     "offload",               # streaming expert provider: cache, O_DIRECT reads, placement, profiles
     "convert",               # Hugging Face checkpoint -> GGUF, miniature checkpoints
     "convert.train",         # training the miniature (torch)

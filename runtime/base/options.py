@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from runtime.base.errors import StepstreamError
+from runtime.base.units import parse_bytes
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class RuntimeOptions:
     # "q8": activations rounded to int8 per 256 columns before quantized matmuls, as llama.cpp
     # does; decode then runs on integer dot products. "f32": float32 activations throughout.
     activations: str = "q8"
+    # VRAM the GPU tier may take: None keeps everything on the CPU; "auto" takes the free VRAM
+    # less a reserve; a size ("12GiB") or bytes. Non-expert weights and the KV cache go first,
+    # the hottest routed experts fill the rest (offload.gpu_placement).
+    gpu_budget: int | str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
@@ -50,6 +55,11 @@ class RuntimeOptions:
             raise StepstreamError(f"activations={self.activations!r}: choose 'q8' or 'f32'")
         if self.cache_policy not in ("lru", "lfu", "pinned"):
             raise StepstreamError(f"cache_policy={self.cache_policy!r}: choose lru, lfu or pinned")
+        if self.gpu_budget is not None:
+            if self.gpu_budget != "auto" and parse_bytes(self.gpu_budget) <= 0:
+                raise StepstreamError(f"gpu_budget={self.gpu_budget!r} must be a positive size or 'auto'")
+            if self.activations != "q8":
+                raise StepstreamError("the GPU tier runs on int8 activations: use activations='q8' with gpu_budget")
         if self.cache_policy == "pinned" and self.profile is None:
             raise StepstreamError("cache_policy='pinned' needs a profile (record one with `stepstream profile`)")
 
