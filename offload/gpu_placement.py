@@ -67,15 +67,18 @@ def plan_gpu(cfg: ModelConfig, weights: ModelWeights, expert_bytes: int, n_exper
     scratch = scratch_bytes(cfg, n_ctx)
     slot = expert_slot_bytes(cfg, expert_bytes // max(n_experts, 1)) if n_experts else 0
     if budget == "auto":
-        if free is None:
-            raise StepstreamError("gpu_budget='auto' needs the card's free memory")
-        total, reason = max(0, free - vram_reserve(free)), f"auto: {size_text(free)} free less a reserve"
+        if free is None:  # a card that states no limit (numba's simulator): what the whole model takes
+            total, reason = None, "auto: the card states no limit"
+        else:
+            total, reason = max(0, free - vram_reserve(free)), f"auto: {size_text(free)} free less a reserve"
     else:
         total, reason = parse_bytes(budget), "asked for"
         if free is not None and total > free:
             raise StepstreamError(f"{src}: a GPU budget of {size_text(total)} is more than the card's "
                                   f"{size_text(free)} of free memory")
     first = resident + kv + scratch
+    if total is None:
+        total = first + n_experts * slot
     if first > total:
         raise StepstreamError(
             f"{src}: the GPU tier needs {size_text(first)} before any routed expert ({size_text(resident)} of "

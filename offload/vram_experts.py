@@ -74,9 +74,11 @@ class VRAMExperts:
             out.append(s)
         return out
 
-    def split(self, layer: int, misses: list[int], expert_bytes: int, busy: int) -> tuple[list[int], list[int]]:
-        """(to copy, to compute on the CPU) of this step's misses; `busy` slots are in use by the step."""
-        room = self.n_slots - busy
+    def split(self, layer: int, misses: list[int], expert_bytes: int, busy: int,
+              most: int | None = None) -> tuple[list[int], list[int]]:
+        """(to copy, to compute on the CPU) of this step's misses; `busy` slots are in use by the step,
+        and at most `most` copies can be in flight."""
+        room = self.n_slots - busy if most is None else min(self.n_slots - busy, most)
         n = min(self.cost.copies(len(misses), expert_bytes), max(0, room))
         ranked = sorted(misses, key=lambda e: -self._uses[(layer, e)])
         copy, cpu = ranked[:n], ranked[n:]

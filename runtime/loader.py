@@ -8,6 +8,7 @@ otherwise, or when the options ask for it (a RAM budget, a profile, `experts="st
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
@@ -48,9 +49,55 @@ def load(path: str | Path, **options) -> Model:
         system.set_blas_threads(1)
     limit, usable = system.memory_limit(), system.usable_memory()
     runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit)
+    placement = None
     if not _streams(opts, f.nbytes, runtime.full, usable):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
-        return Model(f, cfg, weights, provider, opts)
-    weights, provider, placement = build_streaming(f, cfg, weights, opts.ram_budget, limit, usable, runtime,
-                                                   opts.cache_policy, opts.profile, direct_io=opts.direct_io)
-    return Model(f, cfg, weights, provider, opts, placement)
+    else:
+        weights, provider, placement = build_streaming(f, cfg, weights, opts.ram_budget, limit, usable, runtime,
+                                                       opts.cache_policy, opts.profile, direct_io=opts.direct_io)
+    gpu = gpu_placement = None
+    if opts.gpu_budget is not None:
+        try:
+            gpu, gpu_placement = _gpu_tier(f, cfg, weights, provider, opts)
+        except BaseException:
+            provider.close()
+            raise
+    return Model(f, cfg, weights, provider, opts, placement, gpu, gpu_placement)
+
+
+def _gpu_tier(f: GGUFModelFile, cfg: ModelConfig, weights, provider, opts: RuntimeOptions):
+    """The GPU executor and its placement: non-expert weights and the KV cache in VRAM, then as
+    many routed experts as the budget holds (all of them copied now when they all fit; else
+    learned online, the rest computed on the CPU or copied as the measured costs say)."""
+    from quant import cuda_kernels
+
+    if not cuda_kernels.available():
+        raise StepstreamError("gpu_budget needs an NVIDIA GPU and numba-cuda (pip install 'stepstream[gpu]'); "
+                              "none was found")
+    from numba import cuda
+
+    from offload.expert_table import build_expert_table
+    from offload.gpu_placement import plan_gpu
+    from offload.vram_experts import VRAMExperts
+    from quant.int8_kernels import format_set
+    from runtime.model.gpu.executor import GPUExecutor
+
+    free = cuda.current_context().get_memory_info()[0]
+    free = int(free) if math.isfinite(free) else None  # numba's simulator reports an unbounded card
+    table = build_expert_table(f, cfg) if any(cfg.moe[: cfg.n_layers]) else None
+    n_experts = sum(l.n_expert for l in table.layers.values()) if table else 0
+    n_ctx = opts.context(cfg.context_length)
+    plan = plan_gpu(cfg, weights, table.total_bytes if table else 0, n_experts, n_ctx, opts.rollback,
+                    opts.gpu_budget, free, f.path.name)
+    tier = VRAMExperts(plan.slots)
+    int8 = format_set(t.qtype for t in f.tensors.values())
+    # A chunk stores its keys before it attends: on sliding blocks it must fit the ring's spare slots.
+    chunk = max(1, min(opts.n_batch, opts.rollback + 1)) if any(cfg.sliding[: cfg.n_layers]) else opts.n_batch
+    gpu = GPUExecutor(cfg, weights, provider, tier, plan.slots, plan.slot_bytes, n_experts, n_ctx, opts.rollback,
+                      int8, chunk)
+    if table is not None:
+        if plan.slots >= n_experts:
+            gpu.preload((layer, e) for layer, le in table.layers.items() for e in range(le.n_expert))
+        else:
+            gpu.calibrate(min(table.layers))
+    return gpu, plan

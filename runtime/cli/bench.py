@@ -105,6 +105,8 @@ def run(args) -> int:
     if model.placement is not None:
         report["placement"] = model.placement.as_dict()
         report["experts"] = model.provider.stats.as_dict()
+    if model.gpu_placement is not None:
+        report["gpu"] = {**model.gpu_placement.as_dict(), **model.gpu.tier.counts.as_dict()}
     if args.llama_cpp:
         report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads,
                                               args.batch_size)

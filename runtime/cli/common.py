@@ -123,6 +123,9 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
     p.add_argument("--activations", default="q8", choices=("q8", "f32"),
                    help="q8: round activations to int8 for quantized matrices and use integer dot products, "
                         "as llama.cpp does (fast); f32: float32 activations (exact) (default: q8)")
+    p.add_argument("--gpu-budget", default=None, metavar="SIZE|auto",
+                   help="run on the GPU with this much VRAM (e.g. 20GiB, or auto: the free VRAM less a reserve): "
+                        "attention, shared experts and the KV cache first, then the hottest routed experts")
     g = p.add_argument_group("expert streaming (routed experts read from disk into a RAM cache)")
     g.add_argument("--ram-budget", default=None, metavar="SIZE",
                    help="RAM for the routed-expert cache, e.g. 6GiB or 800MiB; turns streaming on "
@@ -163,8 +166,14 @@ def load_model(args):
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
-                 direct_io=not args.no_direct_io, activations=args.activations)
-    if model.placement is not None:
+                 direct_io=not args.no_direct_io, activations=args.activations, gpu_budget=args.gpu_budget)
+    if model.gpu_placement is not None:
+        print(f"tier 1, {model.gpu_placement.text()}", file=sys.stderr)
+        ram = model.placement.text() if model.placement is not None else "every routed expert mapped from the file"
+        print(f"tier 2, RAM: {ram}", file=sys.stderr)
+        print("tier 3, disk: " + ("the experts the RAM cache does not hold stream from " + str(model.file.path)
+                                  if model.placement is not None else "nothing streams"), file=sys.stderr)
+    elif model.placement is not None:
         print(model.placement.text(), file=sys.stderr)
     report_warm_up(model)
     return model

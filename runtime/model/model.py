@@ -43,7 +43,7 @@ from runtime.text.tokenizer import Tokenizer
 
 class Model:
     def __init__(self, file: GGUFModelFile, cfg: ModelConfig, weights: ModelWeights,
-                 provider: ExpertProvider, options: RuntimeOptions, placement=None):
+                 provider: ExpertProvider, options: RuntimeOptions, placement=None, gpu=None, gpu_placement=None):
         self.file = file
         self.cfg = cfg
         self.weights = weights
@@ -55,8 +55,11 @@ class Model:
         # exactly this set, once (quant.int8_kernels.dispatch). 0 keeps activations float32.
         self.int8 = format_set(t.qtype for t in file.tensors.values()) if options.activations == "q8" else 0
         self.blocks = [Block(cfg, i, w, weights.rope_factors, self.int8) for i, w in enumerate(weights.blocks)]
-        self.cache = KVCache(cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers],
-                             cfg.window, self.n_ctx, options.rollback)
+        # The GPU tier (runtime.model.gpu.executor) runs the trunk on the card with its KV cache in VRAM.
+        self.gpu, self.gpu_placement = gpu, gpu_placement
+        self.cache = gpu.cache if gpu is not None else KVCache(
+            cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers], cfg.window, self.n_ctx,
+            options.rollback)
         self.buffers = DecodeBuffers.for_model(cfg, max(layer.capacity for layer in self.cache.layers))
         self._output_q8 = q8_group([weights.output], self.int8)
         self._tokenizer = None
@@ -160,6 +163,8 @@ class Model:
         return self._atomically(self._prefill, self._check_tokens(tokens))
 
     def _prefill(self, ids: np.ndarray) -> np.ndarray:
+        if self.gpu is not None:  # in chunks the sliding rings can take (runtime.model.gpu.executor)
+            return np.concatenate([self._gpu_step(ids[a : a + self.gpu.chunk]) for a in range(0, ids.size, self.gpu.chunk)])
         pos = np.arange(self.n_past, self.n_past + ids.size, dtype=np.int64)
         h = rows(self.weights.embed, ids)  # [T, H]
         for i, kv in enumerate(self.cache.layers):
@@ -175,6 +180,8 @@ class Model:
 
     def _decode(self, ids: np.ndarray) -> np.ndarray:
         pos = self.n_past
+        if self.gpu is not None:
+            return self._gpu_step(ids)
         h = rows(self.weights.embed, ids)[0]  # [H], updated in place by every block
         for i, kv in enumerate(self.cache.layers):
             self._guess_next(i, h[None])
@@ -182,6 +189,12 @@ class Model:
         self.cache.advance(1)
         self._tokens.append(int(ids[0]))
         return h[None]
+
+    def _gpu_step(self, ids: np.ndarray) -> np.ndarray:
+        h = self.gpu.run(rows(self.weights.embed, ids), self.n_past)
+        self.cache.advance(ids.size)
+        self._tokens.extend(ids.tolist())
+        return h
 
     def hidden(self, tokens) -> np.ndarray:
         """Evaluate tokens after the cached ones, n_batch at a time; hidden states [T, H] (pre-norm)."""
@@ -194,6 +207,8 @@ class Model:
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, V] float32 of hidden states [T, H]."""
+        if self.gpu is not None:
+            return self.gpu.output(h)
         x = rms_norm(h, self.weights.out_norm, self.cfg.rms_eps)
         if x.shape[0] == 1 and self._output_q8 is not None:
             return matvec_q8(self._output_q8, x)
