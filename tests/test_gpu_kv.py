@@ -1,0 +1,72 @@
+"""The KV cache in VRAM keeps the host cache's bookkeeping: rings, growth, trim and the
+transaction's undo, checked against runtime.model.kv_cache.KVCache driven the same way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba.cuda")
+
+from runtime.model.gpu.kv import DeviceKVCache  # noqa: E402
+from runtime.model.kv_cache import KVCache  # noqa: E402
+
+NK, D, W, ROLLBACK = 2, 4, 6, 3
+
+
+def _pair(n_ctx=40):
+    sliding = (True, False)
+    return (KVCache((NK, NK), D, sliding, W, n_ctx, ROLLBACK),
+            DeviceKVCache((NK, NK), D, sliding, W, n_ctx, ROLLBACK, start_capacity=4))
+
+
+def _step(host: KVCache, dev: DeviceKVCache, pos: int, rng) -> None:
+    """One token at pos: the same keys and values into both caches (the card's by a copy into
+    its slot, as the KV-store kernel would)."""
+    for hl, dl in zip(host.layers, dev.layers):
+        k, v = rng.standard_normal((2, NK, D)).astype(np.float32)
+        s = hl.reserve(pos)
+        hl.k[s], hl.v[s], hl.pos[s] = k, v, pos
+        t = dl.reserve(pos)
+        assert t == s
+        dl.pos[t] = pos
+        dl.k[t].copy_to_device(k)
+        dl.v[t].copy_to_device(v)
+        dl.dpos[t : t + 1].copy_to_device(np.array([pos], np.int64))
+    host.advance(1)
+    dev.advance(1)
+
+
+def _same(host: KVCache, dev: DeviceKVCache) -> None:
+    assert host.n_past == dev.n_past
+    for hl, dl in zip(host.layers, dev.layers):
+        dl.sync_positions()
+        assert dl.n == hl.n
+        dk, dv, dp = dl.k.copy_to_host(), dl.v.copy_to_host(), dl.dpos.copy_to_host()
+        np.testing.assert_array_equal(dp, dl.pos)
+        for p in range(hl.n):  # every position either cache still holds: in the same place on a ring
+            hs, ds = np.flatnonzero(hl.pos == p), np.flatnonzero(dl.pos == p)
+            assert len(hs) == len(ds) <= 1
+            if len(hs):
+                np.testing.assert_array_equal(dk[ds[0]], hl.k[hs[0]])
+                np.testing.assert_array_equal(dv[ds[0]], hl.v[hs[0]])
+
+
+def test_device_cache_follows_the_host_cache_through_growth_wraps_trims_and_aborts():
+    host, dev = _pair()  # the card's full layer starts at 4 slots and grows; the ring (6 + 3) wraps
+    rng = np.random.default_rng(2)
+    for p in range(13):
+        host.begin(); dev.begin()
+        _step(host, dev, p, rng)
+        host.commit(); dev.commit()
+    assert dev.layers[1].capacity >= 13 > 4
+    _same(host, dev)
+    host.trim(2); dev.trim(2)
+    _same(host, dev)
+    # an evaluation cut off after 3 tokens: abort puts back the ring slots it overwrote
+    host.begin(); dev.begin()
+    for p in range(11, 14):
+        _step(host, dev, p, rng)
+    host.abort(); dev.abort()
+    _same(host, dev)
+    assert dev.nbytes == sum(2 * l.k.shape[0] * NK * D * 4 for l in dev.layers)
