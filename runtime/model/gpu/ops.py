@@ -1,0 +1,465 @@
+"""A block's small kernels on the card: norms, the residual add, q/k norm + RoPE, the KV store,
+attention over the cache, the router's logits and its top-k.
+
+They mirror the CPU code (runtime.model.ops, runtime.model.attention_kernels) up to float32
+summation order. Every wrapper checks shapes and dtypes (from .shape/.dtype only), names the
+bad value, and launches on `stream` without copying anything to the host or waiting.
+
+Attention, per (token, head) block: scores of the visible slots into `scratch`, the block's
+max, exp and sum, then the weighted sum of the values with the block's threads split over D
+and over slots; the output is scaled by sigmoid(gate) / sum.
+
+Shape legend:  T tokens  H hidden  Nh query heads  Nk KV heads  D head dim  S cache slots
+               P = (Nh + 2 Nk) D + Nh projections: q [Nh*D] | k [Nk*D] | v [Nk*D] | gate [Nh]
+               R/2 RoPE frequencies  E experts  K experts per token
+    proj float32 [T, P]   k_cache, v_cache float32 [S, Nk, D]   kv_pos int64 [S] (-1: empty)
+    pos, qpos int64 [T]   slots int64 [T]   scratch float32 [>= T, >= Nh, >= S]
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+NT = 128  # threads of a row-reduction block (a power of two)
+ATT_NT = 256  # threads of an attention block (a power of two)
+MAX_D = 512  # the largest head dim (shared-memory rows)
+MAX_E = 1024  # the most experts a router may have
+MAX_K = 64  # the most experts per token
+FLOOR = 6.103515625e-5  # ops._route's normalization floor
+
+_f32 = numba.float32
+
+
+# ------------------------------------------------------------------ block reductions
+
+
+@cuda.jit(device=True)
+def _block_sum(buf, v):
+    """The sum over the block of each thread's v (buf: shared [blockDim.x]); every thread gets it."""
+    tid = cuda.threadIdx.x
+    buf[tid] = v
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if tid < stride:
+            buf[tid] += buf[tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+    r = buf[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def _block_max(buf, v):
+    tid = cuda.threadIdx.x
+    buf[tid] = v
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if tid < stride:
+            if buf[tid + stride] > buf[tid]:
+                buf[tid] = buf[tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+    r = buf[0]
+    cuda.syncthreads()
+    return r
+
+
+# ------------------------------------------------------------------ norms and adds
+
+
+@cuda.jit
+def _rms_norm(x, w, eps, out):
+    t, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    red = cuda.shared.array(NT, numba.float32)
+    n = x.shape[1]
+    ss = _f32(0.0)
+    for i in range(tid, n, nt):
+        v = x[t, i]
+        ss += v * v
+    total = _block_sum(red, ss)
+    inv = _f32(1.0) / math.sqrt(total / _f32(n) + eps)
+    for i in range(tid, n, nt):
+        out[t, i] = x[t, i] * inv * w[i]
+
+
+@cuda.jit
+def _add_rms_norm(h, y, w, eps, out):
+    t, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    red = cuda.shared.array(NT, numba.float32)
+    n = h.shape[1]
+    ss = _f32(0.0)
+    for i in range(tid, n, nt):
+        v = h[t, i] + y[t, i]
+        h[t, i] = v
+        ss += v * v
+    total = _block_sum(red, ss)
+    inv = _f32(1.0) / math.sqrt(total / _f32(n) + eps)
+    for i in range(tid, n, nt):
+        out[t, i] = h[t, i] * inv * w[i]
+
+
+@cuda.jit
+def _add(h, y):
+    t = cuda.blockIdx.y
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < h.shape[1]:
+        h[t, i] += y[t, i]
+
+
+# ------------------------------------------------------------------ q/k norm, RoPE, KV store
+
+
+@cuda.jit
+def _qk_norm_rope(proj, n_head, d, q_norm, k_norm, eps, inv_freq, pos):
+    """Block (t, head): head < Nh is q head `head`, else k head head - Nh (they lie back to back)."""
+    t, hh, tid, nt = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
+    buf = cuda.shared.array(MAX_D, numba.float32)
+    red = cuda.shared.array(NT, numba.float32)
+    base = hh * d
+    ss = _f32(0.0)
+    for i in range(tid, d, nt):
+        v = proj[t, base + i]
+        buf[i] = v
+        ss += v * v
+    total = _block_sum(red, ss)  # its syncs also publish buf
+    inv = _f32(1.0) / math.sqrt(total / _f32(d) + eps)
+    for i in range(tid, d, nt):
+        wi = q_norm[i] if hh < n_head else k_norm[i]
+        buf[i] = buf[i] * inv * wi
+    cuda.syncthreads()
+    half = inv_freq.shape[0]
+    p = numba.float64(pos[t])
+    for i in range(tid, d, nt):
+        if i < 2 * half:
+            j = i if i < half else i - half
+            ang = p * inv_freq[j]
+            c = _f32(math.cos(ang))
+            s = _f32(math.sin(ang))
+            if i < half:
+                proj[t, base + i] = buf[i] * c - buf[i + half] * s
+            else:
+                proj[t, base + i] = buf[i] * c + buf[j] * s
+        else:
+            proj[t, base + i] = buf[i]
+
+
+@cuda.jit
+def _kv_store(proj, n_head, n_kv, d, k_cache, v_cache, kv_pos, slots, pos):
+    t, j, tid, nt = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
+    slot = slots[t]
+    kb = (n_head + j) * d
+    vb = (n_head + n_kv + j) * d
+    for i in range(tid, d, nt):
+        k_cache[slot, j, i] = proj[t, kb + i]
+        v_cache[slot, j, i] = proj[t, vb + i]
+    if j == 0 and tid == 0:
+        kv_pos[slot] = pos[t]
+
+
+# ------------------------------------------------------------------ attention
+
+
+@cuda.jit
+def _attention(proj, n_head, n_kv, d, scale, k_cache, v_cache, kv_pos, n_slots, qpos, window, out, scratch):
+    """Block b = t * Nh + h. Phase 1: a thread per slot scores q . k (masked: -inf); phase 2: max,
+    exp, sum; phase 3: threads split over D (and over slots in `groups` when D < blockDim)."""
+    b, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    t = b // n_head
+    h = b - t * n_head
+    j = h // (n_head // n_kv)
+    qs = cuda.shared.array(MAX_D, numba.float32)
+    red = cuda.shared.array(ATT_NT, numba.float32)
+    for i in range(tid, d, nt):
+        qs[i] = proj[t, h * d + i]
+    cuda.syncthreads()
+    qp = qpos[t]
+    lo = qp - window if window > 0 else -1  # visible: lo < kpos <= qp
+    ninf = _f32(-math.inf)
+    best = ninf
+    for s in range(tid, n_slots, nt):
+        p = kv_pos[s]
+        sc = ninf
+        if p >= 0 and p <= qp and p > lo:
+            acc = _f32(0.0)
+            for i in range(d):
+                acc += qs[i] * k_cache[s, j, i]
+            sc = acc * scale
+            if sc > best:
+                best = sc
+        scratch[t, h, s] = sc
+    best = _block_max(red, best)
+    part = _f32(0.0)
+    for s in range(tid, n_slots, nt):
+        sc = scratch[t, h, s]
+        e = _f32(0.0)
+        if sc > ninf:
+            e = math.exp(sc - best)
+        scratch[t, h, s] = e
+        part += e
+    total = _block_sum(red, part)  # its syncs also publish the exp row
+    g = _f32(1.0) / (_f32(1.0) + math.exp(-proj[t, (n_head + 2 * n_kv) * d + h]))
+    f = g / total if total > _f32(0.0) else _f32(0.0)
+    groups = nt // d if d <= nt else 1
+    grp = tid // d if d <= nt else 0
+    d0 = tid - grp * d
+    acc = cuda.local.array(MAX_D // ATT_NT, numba.float32)
+    for k in range(MAX_D // ATT_NT):
+        acc[k] = _f32(0.0)
+    if grp < groups:
+        for s in range(grp, n_slots, groups):
+            e = scratch[t, h, s]
+            if e > _f32(0.0):
+                k = 0
+                for i in range(d0, d, nt):
+                    acc[k] += e * v_cache[s, j, i]
+                    k += 1
+    if d <= nt:
+        red[tid] = acc[0] if grp < groups else _f32(0.0)
+        cuda.syncthreads()
+        if tid < d:
+            r = _f32(0.0)
+            for gi in range(groups):
+                r += red[gi * d + tid]
+            out[t, h * d + tid] = r * f
+    else:
+        k = 0
+        for i in range(d0, d, nt):
+            out[t, h * d + i] = acc[k] * f
+            k += 1
+
+
+# ------------------------------------------------------------------ router
+
+
+@cuda.jit
+def _router_logits(x, router, out):
+    t, e, tid, nt = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
+    red = cuda.shared.array(NT, numba.float32)
+    acc = _f32(0.0)
+    for i in range(tid, x.shape[1], nt):
+        acc += x[t, i] * router[e, i]
+    total = _block_sum(red, acc)
+    if tid == 0:
+        out[t, e] = total
+
+
+@cuda.jit
+def _route(logits, bias, k, scale, normalize, ids, weights):
+    """Block t: the k best of (sigmoid + bias), one block-wide argmax per pick (the lower index
+    first among equals), then sorted ascending; weights are the unbiased sigmoids."""
+    t, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    s = cuda.shared.array(MAX_E, numba.float32)
+    choose = cuda.shared.array(MAX_E, numba.float32)
+    taken = cuda.shared.array(MAX_E, numba.int32)
+    rv = cuda.shared.array(NT, numba.float32)
+    ri = cuda.shared.array(NT, numba.int32)
+    picked = cuda.shared.array(MAX_K, numba.int32)
+    e_count = logits.shape[1]
+    has_bias = bias.shape[0] > 0
+    for i in range(tid, e_count, nt):
+        v = _f32(1.0) / (_f32(1.0) + math.exp(-logits[t, i]))
+        s[i] = v
+        choose[i] = v + bias[i] if has_bias else v
+        taken[i] = 0
+    cuda.syncthreads()
+    for j in range(k):
+        bi = -1
+        bv = _f32(0.0)
+        for i in range(tid, e_count, nt):  # ascending i: strictly greater keeps the lower index
+            if taken[i] == 0 and (bi < 0 or choose[i] > bv):
+                bi = i
+                bv = choose[i]
+        rv[tid] = bv
+        ri[tid] = bi
+        cuda.syncthreads()
+        stride = nt // 2
+        while stride > 0:
+            if tid < stride:
+                oi = ri[tid + stride]
+                mi = ri[tid]
+                if oi >= 0 and (mi < 0 or rv[tid + stride] > rv[tid] or (rv[tid + stride] == rv[tid] and oi < mi)):
+                    rv[tid] = rv[tid + stride]
+                    ri[tid] = oi
+            cuda.syncthreads()
+            stride //= 2
+        if tid == 0:
+            picked[j] = ri[0]
+            taken[ri[0]] = 1
+        cuda.syncthreads()
+    if tid == 0:
+        for a in range(1, k):  # insertion sort: ascending expert order
+            v = picked[a]
+            b = a - 1
+            while b >= 0 and picked[b] > v:
+                picked[b + 1] = picked[b]
+                b -= 1
+            picked[b + 1] = v
+        total = _f32(0.0)
+        for a in range(k):
+            total += s[picked[a]]
+        div = _f32(1.0)
+        if normalize:
+            div = total if total > _f32(FLOOR) else _f32(FLOOR)
+        for a in range(k):
+            ids[t, a] = picked[a]
+            weights[t, a] = s[picked[a]] / div * scale
+
+
+# ------------------------------------------------------------------ wrappers
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _arr(name: str, a, ndim: int, dtype) -> None:
+    _need(len(a.shape) == ndim, f"{name} must have {ndim} dims, got shape {tuple(a.shape)}")
+    _need(np.dtype(a.dtype) == np.dtype(dtype), f"{name} must be {np.dtype(dtype).name}, got {np.dtype(a.dtype).name}")
+
+
+def _rows(name: str, a, like, what: str) -> None:
+    _need(tuple(a.shape) == tuple(like.shape), f"{name} has shape {tuple(a.shape)}, {what} has {tuple(like.shape)}")
+
+
+def rms_norm(x, w, eps: float, out, stream=0) -> None:
+    """out [T, H] = x [T, H] * w [H] / rms(x) per row (out may be x)."""
+    _arr("x", x, 2, np.float32)
+    _arr("w", w, 1, np.float32)
+    _arr("out", out, 2, np.float32)
+    _rows("out", out, x, "x")
+    _need(w.shape[0] == x.shape[1], f"w has {w.shape[0]} entries, x rows have {x.shape[1]}")
+    if x.shape[0]:
+        _rms_norm[x.shape[0], NT, stream](x, w, _f32(eps), out)
+
+
+def add_rms_norm(h, y, w, eps: float, x_out, stream=0) -> None:
+    """h [T, H] += y [T, H]; x_out [T, H] = rms_norm(h) * w."""
+    _arr("h", h, 2, np.float32)
+    _arr("y", y, 2, np.float32)
+    _arr("w", w, 1, np.float32)
+    _arr("x_out", x_out, 2, np.float32)
+    _rows("y", y, h, "h")
+    _rows("x_out", x_out, h, "h")
+    _need(w.shape[0] == h.shape[1], f"w has {w.shape[0]} entries, h rows have {h.shape[1]}")
+    if h.shape[0]:
+        _add_rms_norm[h.shape[0], NT, stream](h, y, w, _f32(eps), x_out)
+
+
+def add(h, y, stream=0) -> None:
+    """h [T, H] += y [T, H]."""
+    _arr("h", h, 2, np.float32)
+    _arr("y", y, 2, np.float32)
+    _rows("y", y, h, "h")
+    if h.shape[0] and h.shape[1]:
+        _add[((h.shape[1] + 255) // 256, h.shape[0]), 256, stream](h, y)
+
+
+def _proj(proj, n_head: int, n_kv: int, head_dim: int) -> None:
+    _arr("proj", proj, 2, np.float32)
+    _need(n_head > 0 and n_kv > 0 and n_head % n_kv == 0, f"n_head {n_head} must be a multiple of n_kv {n_kv}")
+    _need(0 < head_dim <= MAX_D, f"head_dim {head_dim} must be in 1..{MAX_D}")
+    p = (n_head + 2 * n_kv) * head_dim + n_head
+    _need(proj.shape[1] == p, f"proj rows hold {proj.shape[1]} values, (Nh + 2 Nk) D + Nh = {p}")
+
+
+def qk_norm_rope(proj, n_head: int, n_kv: int, head_dim: int, q_norm, k_norm, eps: float, inv_freq, pos,
+                 stream=0) -> None:
+    """In place on proj's q and k: per-head RMS norm (q_norm, k_norm [D]), then NeoX RoPE on the
+    first 2 len(inv_freq) dims at positions pos [T] (angles in float64, cos/sin cast to float32)."""
+    _proj(proj, n_head, n_kv, head_dim)
+    _arr("q_norm", q_norm, 1, np.float32)
+    _arr("k_norm", k_norm, 1, np.float32)
+    _arr("inv_freq", inv_freq, 1, np.float64)
+    _arr("pos", pos, 1, np.int64)
+    _need(q_norm.shape[0] == head_dim, f"q_norm has {q_norm.shape[0]} entries, head_dim is {head_dim}")
+    _need(k_norm.shape[0] == head_dim, f"k_norm has {k_norm.shape[0]} entries, head_dim is {head_dim}")
+    _need(2 * inv_freq.shape[0] <= head_dim, f"inv_freq has {inv_freq.shape[0]} entries, more than head_dim / 2")
+    _need(pos.shape[0] == proj.shape[0], f"pos has {pos.shape[0]} entries, proj has {proj.shape[0]} rows")
+    if proj.shape[0]:
+        _qk_norm_rope[(proj.shape[0], n_head + n_kv), NT, stream](proj, n_head, head_dim, q_norm, k_norm, _f32(eps),
+                                                                  inv_freq, pos)
+
+
+def _cache(k_cache, v_cache, kv_pos, n_kv: int, head_dim: int) -> None:
+    _arr("k_cache", k_cache, 3, np.float32)
+    _arr("v_cache", v_cache, 3, np.float32)
+    _arr("kv_pos", kv_pos, 1, np.int64)
+    _rows("v_cache", v_cache, k_cache, "k_cache")
+    _need(tuple(k_cache.shape[1:]) == (n_kv, head_dim),
+          f"k_cache has shape {tuple(k_cache.shape)}, [S, {n_kv}, {head_dim}] expected")
+    _need(kv_pos.shape[0] == k_cache.shape[0], f"kv_pos has {kv_pos.shape[0]} slots, k_cache {k_cache.shape[0]}")
+
+
+def kv_store(proj, n_head: int, n_kv: int, head_dim: int, k_cache, v_cache, kv_pos, slots, pos, stream=0) -> None:
+    """k_cache/v_cache [slots[t]] = token t's k and v; kv_pos[slots[t]] = pos[t]."""
+    _proj(proj, n_head, n_kv, head_dim)
+    _cache(k_cache, v_cache, kv_pos, n_kv, head_dim)
+    _arr("slots", slots, 1, np.int64)
+    _arr("pos", pos, 1, np.int64)
+    _need(slots.shape[0] == proj.shape[0], f"slots has {slots.shape[0]} entries, proj has {proj.shape[0]} rows")
+    _need(pos.shape[0] == proj.shape[0], f"pos has {pos.shape[0]} entries, proj has {proj.shape[0]} rows")
+    if proj.shape[0]:
+        _kv_store[(proj.shape[0], n_kv), NT, stream](proj, n_head, n_kv, head_dim, k_cache, v_cache, kv_pos, slots, pos)
+
+
+def attention_scratch(max_tokens: int, n_head: int, max_slots: int):
+    """Scores scratch for `attention`: float32 [max_tokens, n_head, max_slots] on the card."""
+    return cuda.device_array((max_tokens, n_head, max_slots), np.float32)
+
+
+def attention(proj, n_head: int, n_kv: int, head_dim: int, k_cache, v_cache, kv_pos, n_slots: int, qpos,
+              window: int, out, scratch, stream=0) -> None:
+    """out [T, Nh*D] = softmax(q . k / sqrt(D)) @ v over slots 0..n_slots-1 visible from qpos [T]
+    (0 <= kpos <= qpos, and kpos > qpos - window when window > 0), times sigmoid(gate)."""
+    _proj(proj, n_head, n_kv, head_dim)
+    _cache(k_cache, v_cache, kv_pos, n_kv, head_dim)
+    _arr("qpos", qpos, 1, np.int64)
+    _arr("out", out, 2, np.float32)
+    _arr("scratch", scratch, 3, np.float32)
+    t = proj.shape[0]
+    _need(qpos.shape[0] == t, f"qpos has {qpos.shape[0]} entries, proj has {t} rows")
+    _need(tuple(out.shape) == (t, n_head * head_dim), f"out has shape {tuple(out.shape)}, [{t}, {n_head * head_dim}] expected")
+    _need(0 <= n_slots <= k_cache.shape[0], f"n_slots {n_slots} is outside 0..{k_cache.shape[0]} (the cache's slots)")
+    _need(scratch.shape[0] >= t and scratch.shape[1] >= n_head and scratch.shape[2] >= n_slots,
+          f"scratch has shape {tuple(scratch.shape)}, at least [{t}, {n_head}, {n_slots}] needed")
+    if t:
+        scale = _f32(1.0 / np.sqrt(head_dim))
+        _attention[t * n_head, ATT_NT, stream](proj, n_head, n_kv, head_dim, scale, k_cache, v_cache, kv_pos,
+                                               int(n_slots), qpos, int(window), out, scratch)
+
+
+def router_logits(x, router, out, stream=0) -> None:
+    """out [T, E] = x [T, H] @ router [E, H]^T."""
+    _arr("x", x, 2, np.float32)
+    _arr("router", router, 2, np.float32)
+    _arr("out", out, 2, np.float32)
+    _need(router.shape[1] == x.shape[1], f"router rows have {router.shape[1]} values, x rows {x.shape[1]}")
+    _need(tuple(out.shape) == (x.shape[0], router.shape[0]),
+          f"out has shape {tuple(out.shape)}, [{x.shape[0]}, {router.shape[0]}] expected")
+    if x.shape[0] and router.shape[0]:
+        _router_logits[(x.shape[0], router.shape[0]), NT, stream](x, router, out)
+
+
+def route(logits, bias, k: int, scale: float, normalize: bool, ids, weights, stream=0) -> None:
+    """The sigmoid router (as runtime.model.ops.route(..., ascending=True)): logits [T, E], bias
+    [E] or [0] -> ids int32 [T, K] ascending, weights float32 [T, K]."""
+    _arr("logits", logits, 2, np.float32)
+    _arr("bias", bias, 1, np.float32)
+    _arr("ids", ids, 2, np.int32)
+    _arr("weights", weights, 2, np.float32)
+    t, e = logits.shape
+    _need(e <= MAX_E, f"logits have {e} experts, at most {MAX_E} supported")
+    _need(0 < k <= min(e, MAX_K), f"k {k} must be in 1..{min(e, MAX_K)}")
+    _need(bias.shape[0] in (0, e), f"bias has {bias.shape[0]} entries, 0 or {e} expected")
+    _need(tuple(ids.shape) == (t, k), f"ids has shape {tuple(ids.shape)}, [{t}, {k}] expected")
+    _need(tuple(weights.shape) == (t, k), f"weights has shape {tuple(weights.shape)}, [{t}, {k}] expected")
+    if t:
+        _route[t, NT, stream](logits, bias, int(k), _f32(scale), bool(normalize), ids, weights)

@@ -1,0 +1,187 @@
+"""runtime.model.gpu.ops on numba's CUDA simulator (the card with NUMBA_ENABLE_CUDASIM=0), against the CPU
+kernels: runtime.model.ops (rms_norm, rope, route) and runtime.model.attention_kernels.
+
+Inputs are slices of larger device arrays, as the executor passes them (h[:T], slots_d[i, :T]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from runtime.model.attention_kernels import chunk_attention, decode_attention
+from runtime.model.gpu import ops as g
+from runtime.model.ops import rms_norm, rope, rope_inv_freq, route, sigmoid
+
+EPS = 1e-5
+
+
+def _dev(a: np.ndarray, extra: int = 2):
+    """a on the card as the first rows of a larger array (a slice, like the executor's h[:T])."""
+    big = np.zeros((a.shape[0] + extra,) + a.shape[1:], a.dtype)
+    big[: a.shape[0]] = a
+    return cuda.to_device(big)[: a.shape[0]]
+
+
+def _close(got, want, tol=2e-5):
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
+
+
+def test_rms_norm_add_rms_norm_add():
+    rng = np.random.default_rng(0)
+    T, H = 3, 256
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    y = rng.standard_normal((T, H)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    xd, yd, wd, out = _dev(x), _dev(y), cuda.to_device(w), _dev(np.zeros((T, H), np.float32))
+    g.rms_norm(xd, wd, EPS, out)
+    _close(out.copy_to_host(), rms_norm(x, w, EPS))
+    g.rms_norm(xd, wd, EPS, xd)  # in place
+    _close(xd.copy_to_host(), rms_norm(x, w, EPS))
+    hd = _dev(x)
+    g.add_rms_norm(hd, yd, wd, EPS, out)
+    _close(hd.copy_to_host(), x + y)
+    _close(out.copy_to_host(), rms_norm(x + y, w, EPS))
+    g.add(hd, yd)
+    _close(hd.copy_to_host(), x + 2 * y)
+    with pytest.raises(ValueError, match="w has 255"):
+        g.rms_norm(xd, cuda.to_device(w[:255]), EPS, out)
+    with pytest.raises(ValueError, match="float64"):
+        g.add(hd, cuda.to_device(y.astype(np.float64)))
+
+
+def _proj_rows(rng, T, Nh, Nk, D):
+    return (2 * rng.standard_normal((T, (Nh + 2 * Nk) * D + Nh))).astype(np.float32)
+
+
+def _split(p, Nh, Nk, D):
+    T = p.shape[0]
+    q = p[:, : Nh * D].reshape(T, Nh, D)
+    k = p[:, Nh * D : (Nh + Nk) * D].reshape(T, Nk, D)
+    v = p[:, (Nh + Nk) * D : (Nh + 2 * Nk) * D].reshape(T, Nk, D)
+    return q, k, v, p[:, (Nh + 2 * Nk) * D :]
+
+
+@pytest.mark.parametrize("D, n_rot", [(64, 64), (128, 64)])
+def test_qk_norm_rope_and_kv_store(D, n_rot):
+    rng = np.random.default_rng(1)
+    T, Nh, Nk, S = 3, 4, 2, 12
+    p = _proj_rows(rng, T, Nh, Nk, D)
+    qn = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    kn = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    inv = rope_inv_freq(n_rot, 10000.0)
+    pos = np.array([37, 38, 39], np.int64)
+    pd = _dev(p)
+    g.qk_norm_rope(pd, Nh, Nk, D, cuda.to_device(qn), cuda.to_device(kn), EPS, cuda.to_device(inv), _dev(pos))
+    got = pd.copy_to_host()
+    q, k, v, gate = _split(p, Nh, Nk, D)
+    gq, gk, gv, gg = _split(got, Nh, Nk, D)
+    _close(gq, rope(rms_norm(q, qn, EPS), pos, inv))
+    _close(gk, rope(rms_norm(k, kn, EPS), pos, inv))
+    np.testing.assert_array_equal(gv, v)
+    np.testing.assert_array_equal(gg, gate)
+
+    kc, vc = cuda.to_device(np.zeros((S, Nk, D), np.float32)), cuda.to_device(np.zeros((S, Nk, D), np.float32))
+    kpos = cuda.to_device(np.full(S, -1, np.int64))
+    slots = np.array([[0, 0, 0], [5, 2, 9]], np.int64)
+    g.kv_store(pd, Nh, Nk, D, kc, vc, kpos, cuda.to_device(slots)[1, :T], _dev(pos))
+    want_k, want_v, want_pos = np.zeros((S, Nk, D), np.float32), np.zeros((S, Nk, D), np.float32), np.full(S, -1)
+    want_k[slots[1]], want_v[slots[1]], want_pos[slots[1]] = gk, gv, pos
+    np.testing.assert_array_equal(kc.copy_to_host(), want_k)
+    np.testing.assert_array_equal(vc.copy_to_host(), want_v)
+    np.testing.assert_array_equal(kpos.copy_to_host(), want_pos)
+    with pytest.raises(ValueError, match="proj rows hold"):
+        g.qk_norm_rope(pd, Nh, 1, D, cuda.to_device(qn), cuda.to_device(kn), EPS, cuda.to_device(inv), _dev(pos))
+    with pytest.raises(ValueError, match="slots has 2"):
+        g.kv_store(pd, Nh, Nk, D, kc, vc, kpos, cuda.to_device(slots[1, :2]), _dev(pos))
+
+
+def _ring(rng, S, Nk, D, qpos0, window):
+    """A cache of S slots: some empty, some too old for the window, the rest visible (shuffled)."""
+    kpos = np.full(S, -1, np.int64)
+    held = rng.permutation(S)[: S - 7]
+    lo = max(0, qpos0 - max(window + 10, S))
+    kpos[held] = rng.choice(np.arange(lo, qpos0), size=held.shape[0], replace=False)
+    keys = rng.standard_normal((S, Nk, D)).astype(np.float32)
+    vals = rng.standard_normal((S, Nk, D)).astype(np.float32)
+    return keys, vals, kpos
+
+
+@pytest.mark.parametrize("D, Nk, window", [(64, 2, 0), (128, 1, 16), (64, 1, 16)])
+def test_decode_matches_cpu(D, Nk, window):
+    """T = 1: norm + RoPE, store, attend on the card == decode_attention (which does all three)."""
+    rng = np.random.default_rng(2)
+    Nh, S, n_rot, qpos = 4, 40, D // 2, 60
+    keys, vals, kpos = _ring(rng, S, Nk, D, qpos, window)
+    slot = int(np.flatnonzero(kpos < 0)[0])
+    p = _proj_rows(rng, 1, Nh, Nk, D)
+    qn = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    kn = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    inv = rope_inv_freq(n_rot, 10000.0)
+
+    q, k, v, gate = (a.reshape(-1).copy() for a in _split(p, Nh, Nk, D))
+    ang = qpos * inv
+    ck, cv, cp = keys.copy(), vals.copy(), kpos.copy()
+    want = np.zeros(Nh * D, np.float32)
+    decode_attention(q, k, v, gate, qn, kn, np.float32(EPS), np.cos(ang).astype(np.float32),
+                     np.sin(ang).astype(np.float32), ck, cv, cp, slot, qpos, window, np.zeros((Nh, S), np.float32),
+                     want)
+
+    pd, posd = _dev(p), _dev(np.array([qpos], np.int64))
+    kd, vd, kpd = cuda.to_device(keys), cuda.to_device(vals), cuda.to_device(kpos)
+    g.qk_norm_rope(pd, Nh, Nk, D, cuda.to_device(qn), cuda.to_device(kn), EPS, cuda.to_device(inv), posd)
+    g.kv_store(pd, Nh, Nk, D, kd, vd, kpd, _dev(np.array([slot], np.int64)), posd)
+    out = _dev(np.zeros((1, Nh * D), np.float32))
+    g.attention(pd, Nh, Nk, D, kd, vd, kpd, S, posd, window, out, g.attention_scratch(2, Nh + 1, S + 8))
+    np.testing.assert_array_equal(kpd.copy_to_host(), cp)
+    _close(kd.copy_to_host(), ck)
+    _close(out.copy_to_host()[0], want, 1e-4)
+
+
+@pytest.mark.parametrize("window", [0, 20])
+def test_chunk_attention_matches_cpu(window):
+    """T = 3 queries whose keys are stored first: the position mask makes the chunk causal."""
+    rng = np.random.default_rng(3)
+    T, Nh, Nk, D, S, qpos0 = 3, 4, 2, 64, 40, 50
+    keys, vals, kpos = _ring(rng, S, Nk, D, qpos0, window)
+    p = _proj_rows(rng, T, Nh, Nk, D)
+    qpos = np.arange(qpos0, qpos0 + T, dtype=np.int64)
+    slots = np.flatnonzero(kpos < 0)[:T].astype(np.int64)
+    q, k, v, gate = _split(p, Nh, Nk, D)
+    keys[slots], vals[slots], kpos[slots] = k, v, qpos
+    n_slots = S - 3  # the last slots lie beyond n_slots: never read
+    keys[n_slots:], kpos[n_slots:] = 1e4, qpos0 - 1
+    att = np.zeros((T, Nh, D), np.float32)
+    chunk_attention(np.ascontiguousarray(q), keys[:n_slots], vals[:n_slots], kpos[:n_slots], qpos, window, att)
+    want = att * sigmoid(gate)[:, :, None]
+
+    out = _dev(np.zeros((T, Nh * D), np.float32))
+    g.attention(_dev(p), Nh, Nk, D, cuda.to_device(keys), cuda.to_device(vals), cuda.to_device(kpos), n_slots,
+                _dev(qpos), window, out, g.attention_scratch(4, Nh, S))
+    _close(out.copy_to_host().reshape(T, Nh, D), want, 1e-4)
+    with pytest.raises(ValueError, match="scratch has shape"):
+        g.attention(_dev(p), Nh, Nk, D, cuda.to_device(keys), cuda.to_device(vals), cuda.to_device(kpos), n_slots,
+                    _dev(qpos), window, out, g.attention_scratch(2, Nh, S))
+
+
+@pytest.mark.parametrize("bias, normalize", [(True, True), (False, False)])
+def test_router_logits_and_route(bias, normalize):
+    rng = np.random.default_rng(4)
+    T, H, E, K = 3, 256, 40, 6
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    r = (0.1 * rng.standard_normal((E, H))).astype(np.float32)
+    logits = _dev(np.zeros((T, E), np.float32))
+    g.router_logits(_dev(x), cuda.to_device(r), logits)
+    got_logits = logits.copy_to_host()
+    _close(got_logits, x @ r.T, 1e-5)
+    got_logits[1, 7] = got_logits[1, 3]  # a tie: the lower index first
+    logits = _dev(got_logits)
+    b = (0.05 * rng.standard_normal(E)).astype(np.float32) if bias else np.zeros(0, np.float32)
+    ids, wts = _dev(np.zeros((T, K), np.int32)), _dev(np.zeros((T, K), np.float32))
+    g.route(logits, cuda.to_device(b), K, 2.5, normalize, ids, wts)
+    want_ids, want_w = route(got_logits, b if bias else None, K, 2.5, normalize, ascending=True)
+    np.testing.assert_array_equal(ids.copy_to_host(), want_ids)
+    _close(wts.copy_to_host(), want_w, 1e-6)
+    with pytest.raises(ValueError, match="ids has shape"):
+        g.route(logits, cuda.to_device(b), K + 1, 2.5, normalize, ids, wts)
