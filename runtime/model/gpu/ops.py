@@ -30,6 +30,7 @@ MAX_D = 512  # the largest head dim (shared-memory rows)
 MAX_E = 1024  # the most experts a router may have
 MAX_K = 64  # the most experts per token
 FLOOR = 6.103515625e-5  # ops._route's normalization floor
+VACC = MAX_D // ATT_NT  # value sums a thread of an attention block keeps (D > ATT_NT)
 
 _f32 = numba.float32
 
@@ -209,19 +210,19 @@ def _attention(proj, n_head, n_kv, d, scale, k_cache, v_cache, kv_pos, n_slots, 
     groups = nt // d if d <= nt else 1
     grp = tid // d if d <= nt else 0
     d0 = tid - grp * d
-    acc = cuda.local.array(MAX_D // ATT_NT, numba.float32)
-    for k in range(MAX_D // ATT_NT):
-        acc[k] = _f32(0.0)
+    vacc = cuda.local.array(VACC, numba.float32)
+    for k in range(VACC):
+        vacc[k] = _f32(0.0)
     if grp < groups:
         for s in range(grp, n_slots, groups):
             e = scratch[t, h, s]
             if e > _f32(0.0):
                 k = 0
                 for i in range(d0, d, nt):
-                    acc[k] += e * v_cache[s, j, i]
+                    vacc[k] += e * v_cache[s, j, i]
                     k += 1
     if d <= nt:
-        red[tid] = acc[0] if grp < groups else _f32(0.0)
+        red[tid] = vacc[0] if grp < groups else _f32(0.0)
         cuda.syncthreads()
         if tid < d:
             r = _f32(0.0)
@@ -231,7 +232,7 @@ def _attention(proj, n_head, n_kv, d, scale, k_cache, v_cache, kv_pos, n_slots, 
     else:
         k = 0
         for i in range(d0, d, nt):
-            out[t, h * d + i] = acc[k] * f
+            out[t, h * d + i] = vacc[k] * f
             k += 1
 
 
@@ -240,14 +241,16 @@ def _attention(proj, n_head, n_kv, d, scale, k_cache, v_cache, kv_pos, n_slots, 
 
 @cuda.jit
 def _router_logits(x, router, out):
-    t, e, tid, nt = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
+    """Block e: expert e's row against every token's x (the row is read once)."""
+    e, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
     red = cuda.shared.array(NT, numba.float32)
-    acc = _f32(0.0)
-    for i in range(tid, x.shape[1], nt):
-        acc += x[t, i] * router[e, i]
-    total = _block_sum(red, acc)
-    if tid == 0:
-        out[t, e] = total
+    for t in range(x.shape[0]):
+        acc = _f32(0.0)
+        for i in range(tid, x.shape[1], nt):
+            acc += x[t, i] * router[e, i]
+        total = _block_sum(red, acc)
+        if tid == 0:
+            out[t, e] = total
 
 
 @cuda.jit
@@ -445,7 +448,7 @@ def router_logits(x, router, out, stream=0) -> None:
     _need(tuple(out.shape) == (x.shape[0], router.shape[0]),
           f"out has shape {tuple(out.shape)}, [{x.shape[0]}, {router.shape[0]}] expected")
     if x.shape[0] and router.shape[0]:
-        _router_logits[(x.shape[0], router.shape[0]), NT, stream](x, router, out)
+        _router_logits[router.shape[0], NT, stream](x, router, out)
 
 
 def route(logits, bias, k: int, scale: float, normalize: bool, ids, weights, stream=0) -> None:
