@@ -5,15 +5,16 @@ They mirror the CPU code (runtime.model.ops, runtime.model.attention_kernels) up
 summation order. Every wrapper checks shapes and dtypes (from .shape/.dtype only), names the
 bad value, and launches on `stream` without copying anything to the host or waiting.
 
-Attention, per (token, head) block: scores of the visible slots into `scratch`, the block's
-max, exp and sum, then the weighted sum of the values with the block's threads split over D
-and over slots; the output is scaled by sigmoid(gate) / sum.
+Attention splits the cache like flash-decoding: a block per (token, head, SPLIT slots) scores
+its slots (keys through shared memory in tiles, tiles with no visible slot skipped), and writes
+its max, its sum of exponentials and its unnormalized output to `scratch`; a second launch per
+(token, head) merges the splits and scales by sigmoid(gate) / sum.
 
 Shape legend:  T tokens  H hidden  Nh query heads  Nk KV heads  D head dim  S cache slots
                P = (Nh + 2 Nk) D + Nh projections: q [Nh*D] | k [Nk*D] | v [Nk*D] | gate [Nh]
                R/2 RoPE frequencies  E experts  K experts per token
     proj float32 [T, P]   k_cache, v_cache float32 [S, Nk, D]   kv_pos int64 [S] (-1: empty)
-    pos, qpos int64 [T]   slots int64 [T]   scratch float32 [>= T, >= Nh, >= S]
+    pos, qpos int64 [T]   slots int64 [T]   scratch float32 [>= T, >= Nh, >= ceil(S / SPLIT) (D + 2)]
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import numpy as np
 from numba import cuda
 
 NT = 128  # threads of a row-reduction block (a power of two)
-ATT_NT = 256  # threads of an attention block (a power of two)
-MAX_D = 512  # the largest head dim (shared-memory rows)
+SPLIT = 256  # slots of an attention block, and its threads (a power of two)
+TILE = 32  # key slots loaded into shared memory at once (divides SPLIT)
+MAX_D = 256  # the largest head dim (at most SPLIT)
+TILE_FLOATS = TILE * (MAX_D + 1)  # a key tile in shared memory, rows padded: no bank conflicts
 MAX_E = 1024  # the most experts a router may have
 MAX_K = 64  # the most experts per token
 FLOOR = 6.103515625e-5  # ops._route's normalization floor
-VACC = MAX_D // ATT_NT  # value sums a thread of an attention block keeps (D > ATT_NT)
 
 _f32 = numba.float32
 
@@ -168,72 +170,126 @@ def _kv_store(proj, n_head, n_kv, d, k_cache, v_cache, kv_pos, slots, pos):
 
 
 @cuda.jit
-def _attention(proj, n_head, n_kv, d, scale, k_cache, v_cache, kv_pos, n_slots, qpos, window, out, scratch):
-    """Block b = t * Nh + h. Phase 1: a thread per slot scores q . k (masked: -inf); phase 2: max,
-    exp, sum; phase 3: threads split over D (and over slots in `groups` when D < blockDim)."""
-    b, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+def _attention_split(proj, n_head, n_kv, d, scale, k_cache, v_cache, kv_pos, n_slots, qpos, window, scratch):
+    """Block (t * Nh + h, split): the SPLIT slots from split * SPLIT. Keys come in tiles of TILE
+    slots through shared memory (coalesced loads; tiles with no visible slot are skipped), each
+    dot split over D among SPLIT / TILE threads; then the split's max m, sum l of exp(score - m)
+    and unnormalized output o [D] go to scratch[t, h, split * (D + 2):] as m | l | o."""
+    b, sp, tid, nt = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x, cuda.blockDim.x
     t = b // n_head
     h = b - t * n_head
     j = h // (n_head // n_kv)
     qs = cuda.shared.array(MAX_D, numba.float32)
-    red = cuda.shared.array(ATT_NT, numba.float32)
+    tile = cuda.shared.array(TILE_FLOATS, numba.float32)
+    part = cuda.shared.array(SPLIT, numba.float32)
+    sc = cuda.shared.array(SPLIT, numba.float32)
+    vis = cuda.shared.array(SPLIT, numba.int32)
+    red = cuda.shared.array(SPLIT, numba.float32)
     for i in range(tid, d, nt):
         qs[i] = proj[t, h * d + i]
-    cuda.syncthreads()
     qp = qpos[t]
     lo = qp - window if window > 0 else -1  # visible: lo < kpos <= qp
     ninf = _f32(-math.inf)
-    best = ninf
-    for s in range(tid, n_slots, nt):
-        p = kv_pos[s]
-        sc = ninf
+    s0 = sp * SPLIT
+    seen = 0
+    if s0 + tid < n_slots:
+        p = kv_pos[s0 + tid]
         if p >= 0 and p <= qp and p > lo:
-            acc = _f32(0.0)
-            for i in range(d):
-                acc += qs[i] * k_cache[s, j, i]
-            sc = acc * scale
-            if sc > best:
-                best = sc
-        scratch[t, h, s] = sc
-    best = _block_max(red, best)
-    part = _f32(0.0)
-    for s in range(tid, n_slots, nt):
-        sc = scratch[t, h, s]
-        e = _f32(0.0)
-        if sc > ninf:
-            e = math.exp(sc - best)
-        scratch[t, h, s] = e
-        part += e
-    total = _block_sum(red, part)  # its syncs also publish the exp row
+            seen = 1
+    vis[tid] = seen
+    sc[tid] = ninf
+    cuda.syncthreads()
+    per = nt // TILE  # threads per slot's dot
+    row = tid % TILE
+    plen = (d + per - 1) // per
+    i0 = (tid // TILE) * plen
+    i1 = i0 + plen if i0 + plen < d else d
+    for tl in range(SPLIT // TILE):
+        base = s0 + tl * TILE
+        if base >= n_slots:
+            break
+        any_seen = 0
+        for r in range(TILE):
+            any_seen |= vis[tl * TILE + r]
+        if any_seen == 0:
+            continue
+        for idx in range(tid, TILE * d, nt):
+            r = idx // d
+            c = idx - r * d
+            val = _f32(0.0)
+            if base + r < n_slots:
+                val = k_cache[base + r, j, c]
+            tile[r * (d + 1) + c] = val
+        cuda.syncthreads()
+        acc = _f32(0.0)
+        for i in range(i0, i1):
+            acc += qs[i] * tile[row * (d + 1) + i]
+        part[tid] = acc
+        cuda.syncthreads()
+        if tid < TILE and vis[tl * TILE + tid] != 0:
+            tot = _f32(0.0)
+            for pc in range(per):
+                tot += part[pc * TILE + tid]
+            sc[tl * TILE + tid] = tot * scale
+        cuda.syncthreads()
+    mine = sc[tid]
+    m = _block_max(red, mine)
+    e = _f32(0.0)
+    if mine > ninf:
+        e = math.exp(mine - m)
+    sc[tid] = e
+    total = _block_sum(red, e)  # its syncs also publish sc
+    groups = nt // d
+    grp = tid // d
+    d0 = tid - grp * d
+    vacc = _f32(0.0)
+    if grp < groups:
+        for r in range(grp, SPLIT, groups):
+            if s0 + r >= n_slots:
+                break
+            w = sc[r]
+            if w > _f32(0.0):
+                vacc += w * v_cache[s0 + r, j, d0]
+    red[tid] = vacc
+    cuda.syncthreads()
+    rec = sp * (d + 2)
+    if tid < d:
+        o = _f32(0.0)
+        for gi in range(groups):
+            o += red[gi * d + tid]
+        scratch[t, h, rec + 2 + tid] = o
+    if tid == 0:
+        scratch[t, h, rec] = m
+        scratch[t, h, rec + 1] = total
+
+
+@cuda.jit
+def _attention_combine(proj, n_head, n_kv, d, n_split, out, scratch):
+    """Block t * Nh + h: the splits' records merged (rescaled to the common max), times
+    sigmoid(gate) / sum."""
+    b, tid, nt = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    t = b // n_head
+    h = b - t * n_head
+    ninf = _f32(-math.inf)
+    top = ninf
+    for sp in range(n_split):
+        m = scratch[t, h, sp * (d + 2)]
+        if m > top:
+            top = m
+    total = _f32(0.0)
+    for sp in range(n_split):
+        m = scratch[t, h, sp * (d + 2)]
+        if m > ninf:
+            total += scratch[t, h, sp * (d + 2) + 1] * math.exp(m - top)
     g = _f32(1.0) / (_f32(1.0) + math.exp(-proj[t, (n_head + 2 * n_kv) * d + h]))
     f = g / total if total > _f32(0.0) else _f32(0.0)
-    groups = nt // d if d <= nt else 1
-    grp = tid // d if d <= nt else 0
-    d0 = tid - grp * d
-    vacc = cuda.local.array(VACC, numba.float32)
-    for k in range(VACC):
-        vacc[k] = _f32(0.0)
-    if grp < groups:
-        for s in range(grp, n_slots, groups):
-            e = scratch[t, h, s]
-            if e > _f32(0.0):
-                k = 0
-                for i in range(d0, d, nt):
-                    vacc[k] += e * v_cache[s, j, i]
-                    k += 1
-    if d <= nt:
-        red[tid] = vacc[0] if grp < groups else _f32(0.0)
-        cuda.syncthreads()
-        if tid < d:
-            r = _f32(0.0)
-            for gi in range(groups):
-                r += red[gi * d + tid]
-            out[t, h * d + tid] = r * f
-    else:
-        k = 0
-        for i in range(d0, d, nt):
-            out[t, h * d + i] = vacc[k] * f
-            k += 1
+    for i in range(tid, d, nt):
+        acc = _f32(0.0)
+        for sp in range(n_split):
+            m = scratch[t, h, sp * (d + 2)]
+            if m > ninf:
+                acc += scratch[t, h, sp * (d + 2) + 2 + i] * math.exp(m - top)
+        out[t, h * d + i] = acc * f
 
 
 # ------------------------------------------------------------------ router
@@ -413,30 +469,38 @@ def kv_store(proj, n_head: int, n_kv: int, head_dim: int, k_cache, v_cache, kv_p
         _kv_store[(proj.shape[0], n_kv), NT, stream](proj, n_head, n_kv, head_dim, k_cache, v_cache, kv_pos, slots, pos)
 
 
+def _splits(n_slots: int) -> int:
+    return max(1, -(-n_slots // SPLIT))
+
+
 def attention_scratch(max_tokens: int, n_head: int, max_slots: int):
-    """Scores scratch for `attention`: float32 [max_tokens, n_head, max_slots] on the card."""
-    return cuda.device_array((max_tokens, n_head, max_slots), np.float32)
+    """Scratch for `attention`: float32 [max_tokens, n_head, splits * (MAX_D + 2)] on the card,
+    one record (max, sum, output [D]) per SPLIT slots."""
+    return cuda.device_array((max_tokens, n_head, _splits(max_slots) * (MAX_D + 2)), np.float32)
 
 
 def attention(proj, n_head: int, n_kv: int, head_dim: int, k_cache, v_cache, kv_pos, n_slots: int, qpos,
               window: int, out, scratch, stream=0) -> None:
     """out [T, Nh*D] = softmax(q . k / sqrt(D)) @ v over slots 0..n_slots-1 visible from qpos [T]
-    (0 <= kpos <= qpos, and kpos > qpos - window when window > 0), times sigmoid(gate)."""
+    (0 <= kpos <= qpos, and kpos > qpos - window when window > 0), times sigmoid(gate).
+    Two launches: each SPLIT slots of each (token, head) in parallel, then their merge."""
     _proj(proj, n_head, n_kv, head_dim)
     _cache(k_cache, v_cache, kv_pos, n_kv, head_dim)
     _arr("qpos", qpos, 1, np.int64)
     _arr("out", out, 2, np.float32)
     _arr("scratch", scratch, 3, np.float32)
     t = proj.shape[0]
+    n_split = _splits(n_slots)
     _need(qpos.shape[0] == t, f"qpos has {qpos.shape[0]} entries, proj has {t} rows")
     _need(tuple(out.shape) == (t, n_head * head_dim), f"out has shape {tuple(out.shape)}, [{t}, {n_head * head_dim}] expected")
     _need(0 <= n_slots <= k_cache.shape[0], f"n_slots {n_slots} is outside 0..{k_cache.shape[0]} (the cache's slots)")
-    _need(scratch.shape[0] >= t and scratch.shape[1] >= n_head and scratch.shape[2] >= n_slots,
-          f"scratch has shape {tuple(scratch.shape)}, at least [{t}, {n_head}, {n_slots}] needed")
+    _need(scratch.shape[0] >= t and scratch.shape[1] >= n_head and scratch.shape[2] >= n_split * (head_dim + 2),
+          f"scratch has shape {tuple(scratch.shape)}, at least [{t}, {n_head}, {n_split * (head_dim + 2)}] needed")
     if t:
         scale = _f32(1.0 / np.sqrt(head_dim))
-        _attention[t * n_head, ATT_NT, stream](proj, n_head, n_kv, head_dim, scale, k_cache, v_cache, kv_pos,
-                                               int(n_slots), qpos, int(window), out, scratch)
+        _attention_split[(t * n_head, n_split), SPLIT, stream](proj, n_head, n_kv, head_dim, scale, k_cache, v_cache,
+                                                               kv_pos, int(n_slots), qpos, int(window), scratch)
+        _attention_combine[t * n_head, NT, stream](proj, n_head, n_kv, head_dim, n_split, out, scratch)
 
 
 def router_logits(x, router, out, stream=0) -> None:
