@@ -169,7 +169,7 @@ def test_chunk_attention_matches_cpu():
 
 def test_router_logits_and_route():
     rng = np.random.default_rng(4)
-    T, H, E, K = 2, 256, 16, 4
+    T, H, E, K = 2, 256, 8, 3
     x = rng.standard_normal((T, H)).astype(np.float32)
     r = (0.1 * rng.standard_normal((E, H))).astype(np.float32)
     logits = _dev(np.zeros((T, E), np.float32))

@@ -26,6 +26,7 @@ import numpy as np
 from numba import cuda
 
 NT = 128  # threads of a row-reduction block (a power of two)
+ROUTE_NT = 64  # threads of a routing block (a power of two): one block per token, E of a few hundred
 SPLIT = 256  # slots of an attention block, and its threads (a power of two)
 TILE = 32  # key slots loaded into shared memory at once (divides SPLIT)
 MAX_D = 256  # the largest head dim (at most SPLIT)
@@ -317,8 +318,8 @@ def _route(logits, bias, k, scale, normalize, ids, weights):
     s = cuda.shared.array(MAX_E, numba.float32)
     choose = cuda.shared.array(MAX_E, numba.float32)
     taken = cuda.shared.array(MAX_E, numba.int32)
-    rv = cuda.shared.array(NT, numba.float32)
-    ri = cuda.shared.array(NT, numba.int32)
+    rv = cuda.shared.array(ROUTE_NT, numba.float32)
+    ri = cuda.shared.array(ROUTE_NT, numba.int32)
     picked = cuda.shared.array(MAX_K, numba.int32)
     e_count = logits.shape[1]
     has_bias = bias.shape[0] > 0
@@ -529,4 +530,4 @@ def route(logits, bias, k: int, scale: float, normalize: bool, ids, weights, str
     _need(tuple(ids.shape) == (t, k), f"ids has shape {tuple(ids.shape)}, [{t}, {k}] expected")
     _need(tuple(weights.shape) == (t, k), f"weights has shape {tuple(weights.shape)}, [{t}, {k}] expected")
     if t:
-        _route[t, NT, stream](logits, bias, int(k), _f32(scale), bool(normalize), ids, weights)
+        _route[t, ROUTE_NT, stream](logits, bias, int(k), _f32(scale), bool(normalize), ids, weights)
