@@ -1,4 +1,4 @@
-"""runtime.model.gpu.ops on numba's CUDA simulator (the card with NUMBA_ENABLE_CUDASIM=0), against the CPU
+"""runtime.model.gpu.ops (and attention_ops, which it re-exports) on numba's CUDA simulator (the card with NUMBA_ENABLE_CUDASIM=0), against the CPU
 kernels: runtime.model.ops (rms_norm, rope, route) and runtime.model.attention_kernels.
 
 Inputs are slices of larger device arrays, as the executor passes them (h[:T], slots_d[i, :T]).
@@ -205,7 +205,7 @@ if not nvvm.is_available():
 import numba.cuda.dispatcher as dispatcher
 # device functions compile for "the current device": with no card here, say it is an H100/H200 (sm_90)
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-from runtime.model.gpu import ops as g
+from runtime.model.gpu import attention_ops, ops
 f32, f64, i32, i64 = ty.float32, ty.float64, ty.int32, ty.int64
 def a(t, n, layout="C"):
     return ty.Array(t, n, layout)
@@ -222,7 +222,8 @@ sigs = {
     "_route": (a(f32, 2), a(f32, 1), i64, f32, ty.boolean, a(i32, 2), a(f32, 2)),
 }
 for name, sig in sigs.items():
-    cuda.compile_ptx(getattr(g, name).py_func, sig, cc=(9, 0))
+    kernel = getattr(ops, name, None) or getattr(attention_ops, name)
+    cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
 print("compiled", len(sigs))
 """
 
