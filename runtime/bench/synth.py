@@ -1,0 +1,191 @@
+"""Random-weight Step-3.5 GGUF files at any width, written straight from random bytes.
+
+No checkpoint and no quantization: each quantized tensor is random nibbles under fixed
+block scales chosen so a matrix maps unit-RMS inputs to unit-RMS outputs (zero-mean
+weights of std 1/sqrt(cols)), which keeps activations finite through many layers.
+Metadata and tensor names come from the converter's own tables (convert.gguf_meta,
+convert.layout), so the runtime reads these files exactly as converted ones.
+Tensors are streamed one expert slice at a time: memory stays bounded at real widths.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from convert import layout
+from convert.gguf_meta import add_hparams
+from convert.hf_config import HFConfig
+from convert.policy import FILE_TYPE
+from quant import row_bytes
+from runtime.base.errors import StepstreamError
+
+ARCH = "step35"
+QTYPES = {"q4_k": Q.Q4_K, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K}
+_F32_ROLES = {layout.NORM, layout.ROUTER, layout.ROUTER_BIAS}
+
+# Block layouts (ggml): bytes per block and where the scale fields sit.
+#   Q4_K (144 B, 256 weights): d f16, dmin f16, 12 B packed 6-bit scales/mins, 128 B nibbles;
+#        w = d*sc*q - dmin*m. All 12 scale bytes set so sc = m = 8; dmin = 7.5 d -> zero mean.
+#   Q6_K (210 B, 256 weights): 128 B ql, 64 B qh, 16 int8 scales, d f16; w = d*sc*(q - 32).
+#   Q8_0 (34 B, 32 weights): d f16, 32 int8.
+_Q4K_SCALES = np.array([8] * 8 + [0x88] * 4, dtype=np.uint8)
+_Q4K_STD = 8 * np.sqrt((16 ** 2 - 1) / 12)  # weight std per unit d
+_Q6K_STD = 8 * np.sqrt((64 ** 2 - 1) / 12)
+_Q8_STD = np.sqrt((256 ** 2 - 1) / 12)
+
+
+def _raw_config(moe_layers, dense_layers, hidden, n_head, n_head_sliding, n_kv, head_dim, window,
+                n_expert, top_k, expert_ffn, shared_ffn, dense_ffn, vocab) -> dict:
+    n = dense_layers + moe_layers
+    types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
+    return {
+        "architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5",
+        "hidden_size": hidden, "num_hidden_layers": n, "vocab_size": vocab,
+        "num_attention_heads": n_head, "num_attention_groups": n_kv, "head_dim": head_dim,
+        "intermediate_size": dense_ffn,
+        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": n_head_sliding,
+                                    "num_attention_groups": n_kv, "head_dim": head_dim, "true_head_dim": head_dim},
+        "layer_types": types,
+        "partial_rotary_factors": [1.0 if t == "sliding_attention" else 0.5 for t in types],
+        "rope_theta": [5_000_000.0 if t == "full_attention" else 10_000.0 for t in types],
+        "rope_scaling": None, "sliding_window": window, "max_position_embeddings": 262144,
+        "rms_norm_eps": 1e-5,
+        "moe_layers_enum": ",".join(str(i) for i in range(dense_layers, n)),
+        "moe_every_n_layer": 1, "moe_num_experts": n_expert, "moe_top_k": top_k,
+        "moe_intermediate_size": expert_ffn, "share_expert_dim": shared_ffn,
+        "moe_router_activation": "sigmoid", "moe_router_scaling_factor": 3.0,
+        "norm_expert_weight": True, "use_moe_router_bias": True, "need_fp32_gate": True,
+        "swiglu_limits": [7.0 if i >= dense_layers and i % 2 else 0.0 for i in range(n)],
+        "swiglu_limits_shared": [16.0 if i % 3 == 0 else 0.0 for i in range(n)],
+        "num_nextn_predict_layers": 0, "tie_word_embeddings": False,
+    }
+
+
+def _qtype(spec: layout.TensorSpec, q: Q) -> Q:
+    if spec.role in _F32_ROLES:
+        return Q.F32
+    if spec.role == layout.OUTPUT:
+        return Q.Q6_K
+    return q
+
+
+def random_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int, std: float) -> np.ndarray:
+    """[rows, row_bytes] uint8: valid `qtype` blocks of zero-mean weights with about `std`."""
+    rb = row_bytes(qtype, cols)
+    raw = np.frombuffer(rng.bytes(rows * rb), dtype=np.uint8).copy().reshape(rows, rb)
+    if qtype == Q.Q4_K:
+        b = raw.reshape(-1, 144)
+        d = np.float16(std / _Q4K_STD)
+        b[:, 0:2] = np.frombuffer(np.float16(d).tobytes(), np.uint8)
+        b[:, 2:4] = np.frombuffer(np.float16(7.5 * np.float32(d)).tobytes(), np.uint8)
+        b[:, 4:16] = _Q4K_SCALES
+    elif qtype == Q.Q6_K:
+        b = raw.reshape(-1, 210)
+        b[:, 192:208] = 8
+        b[:, 208:210] = np.frombuffer(np.float16(std / _Q6K_STD).tobytes(), np.uint8)
+    elif qtype == Q.Q8_0:
+        b = raw.reshape(-1, 34)
+        b[:, 0:2] = np.frombuffer(np.float16(std / _Q8_STD).tobytes(), np.uint8)
+    else:
+        raise StepstreamError(f"synth: no random block writer for {qtype.name}")
+    return raw
+
+
+def _f32_values(spec: layout.TensorSpec, rng, router_scale: float, bias_skew: float) -> np.ndarray:
+    if spec.role == layout.NORM:  # GGUF norms hold 1 + w
+        return (1.0 + 0.05 * rng.standard_normal(spec.shape)).astype(np.float32)
+    if spec.role == layout.ROUTER:  # unit-scale logits for unit-RMS inputs
+        return (rng.standard_normal(spec.shape) * (router_scale / np.sqrt(spec.shape[-1]))).astype(np.float32)
+    return (bias_skew * rng.standard_normal(spec.shape)).astype(np.float32)  # router bias
+
+
+def _std(spec: layout.TensorSpec) -> float:
+    return 1.0 if spec.role == layout.EMBED else 1.0 / np.sqrt(spec.shape[-1])
+
+
+def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: int = 1, hidden: int = 4096,
+                n_head: int = 64, n_head_sliding: int = 96, n_kv: int = 8, head_dim: int = 128, window: int = 512,
+                n_expert: int = 288, top_k: int = 8, expert_ffn: int = 1280, shared_ffn: int = 1280,
+                dense_ffn: int = 11264, vocab: int = 128896, qtype: str = "q4_k", router_scale: float = 1.0,
+                bias_skew: float = 0.0, seed: int = 0, progress: bool = True) -> Path:
+    """Write a random-weight Step-3.5 GGUF to `path` (via a temporary name); return the path."""
+    if qtype not in QTYPES:
+        raise StepstreamError(f"synth: unknown qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
+    for name, v in (("moe_layers", moe_layers), ("dense_layers", dense_layers)):
+        if v < 0:
+            raise StepstreamError(f"synth: {name}={v} must be >= 0")
+    if moe_layers + dense_layers < 1:
+        raise StepstreamError("synth: the model needs at least one layer")
+    for name, v in (("hidden", hidden), ("expert_ffn", expert_ffn), ("shared_ffn", shared_ffn), ("dense_ffn", dense_ffn)):
+        if v <= 0 or v % 256:
+            raise StepstreamError(f"synth: {name}={v} must be a positive multiple of 256 (Q4_K/Q6_K blocks)")
+    if n_head % n_kv or n_head_sliding % n_kv:
+        raise StepstreamError(f"synth: head counts {n_head}/{n_head_sliding} must be multiples of n_kv={n_kv}")
+    raw = _raw_config(moe_layers, dense_layers, hidden, n_head, n_head_sliding, n_kv, head_dim, window,
+                      n_expert, top_k, expert_ffn, shared_ffn, dense_ffn, vocab)
+    cfg = HFConfig.from_dict(raw, "synth")
+    q = QTYPES[qtype]
+    specs = layout.checkpoint_layout(cfg)
+    plan = []
+    for s in specs:
+        t = _qtype(s, q)
+        rows = s.n_elements // s.shape[-1]
+        plan.append((s, t, rows * row_bytes(t, s.shape[-1])))
+    out = Path(path)
+    tmp = out.with_name(out.name + f".part{os.getpid()}")
+    writer = gguf.GGUFWriter(path=None, arch=ARCH)
+    total = sum(n for _, _, n in plan)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synth", dynamic_ncols=True)
+    try:
+        add_hparams(writer, cfg, "synth-step35", FILE_TYPE.get(qtype, FILE_TYPE["q4_k"]))
+        for s, t, n in plan:
+            writer.add_tensor_info(s.gguf_name, s.shape, np.dtype(np.float32), n, raw_dtype=t)
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        f = writer.fout[0]
+        for k, (s, t, n) in enumerate(plan):
+            writer.write_padding(f, f.tell())
+            start = f.tell()
+            rng = np.random.default_rng([seed, k])
+            if t == Q.F32:
+                f.write(_f32_values(s, rng, router_scale, bias_skew).tobytes())
+            else:
+                cols = s.shape[-1]
+                rows = s.n_elements // cols
+                step = max(1, (32 << 20) // row_bytes(t, cols))  # ~32 MB per write
+                for r0 in range(0, rows, step):
+                    f.write(random_blocks(rng, t, min(step, rows - r0), cols, _std(s)).tobytes())
+            if f.tell() - start != n:
+                raise AssertionError(f"{s.gguf_name}: wrote {f.tell() - start} bytes, planned {n}")
+            if bar:
+                bar.update(n)
+        f.flush()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            writer.close()
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar:
+            bar.close()
+    return out
+
+
+def synth_timed(path, **kw) -> tuple[Path, int, float]:
+    """write_synth plus (bytes written, seconds)."""
+    t0 = time.perf_counter()
+    out = write_synth(path, **kw)
+    return out, out.stat().st_size, time.perf_counter() - t0
