@@ -19,6 +19,7 @@ from runtime.base.errors import StepstreamError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("runtime.cli.demo", "generate with the embedded trained miniature, experts streaming from disk"),
     "mini": ("runtime.cli.mini", "write a random-weight miniature Step-3.5 checkpoint (HF layout)"),
+    "synth": ("runtime.cli.synth", "write a random-weight Step-3.5 GGUF at the real model's widths (benchmarks)"),
     "convert": ("runtime.cli.convert", "convert a Hugging Face Step-3.5 checkpoint to GGUF"),
     "run": ("runtime.cli.run", "complete a prompt with a GGUF model, streaming the text"),
     "chat": ("runtime.cli.chat", "chat with a GGUF model using its chat template"),
