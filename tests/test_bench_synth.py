@@ -1,0 +1,86 @@
+"""Random-weight GGUF files (runtime.bench.synth, `stepstream synth`) and the GPU benchmark's
+CPU side (runtime.bench.gpu) on a tiny file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from quant import dequantize, row_bytes
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.bench.synth import random_blocks, write_synth
+from runtime.cli import main as cli_main
+from runtime.loader import load
+from tests.helpers import reference_model as R
+
+TINY = dict(moe_layers=2, dense_layers=1, hidden=256, n_head=2, n_head_sliding=4, n_kv=1, head_dim=128, window=16,
+            n_expert=16, top_k=4, expert_ffn=256, shared_ffn=256, dense_ffn=512, vocab=512, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory):
+    return write_synth(tmp_path_factory.mktemp("synth") / "tiny.gguf", seed=3, bias_skew=0.5, **TINY)
+
+
+def test_config_matches_request(tiny_synth):
+    model = load(tiny_synth)
+    cfg = model.cfg
+    assert (cfg.hidden, cfg.vocab, cfg.head_dim, cfg.n_layers, cfg.n_mtp) == (256, 512, 128, 3, 0)
+    assert cfg.moe == (False, True, True) and cfg.sliding == (False, True, True)
+    assert cfg.n_head == (2, 4, 4) and cfg.n_head_kv == (1, 1, 1) and cfg.n_rot == (64, 128, 128)
+    assert (cfg.n_expert, cfg.n_expert_used, cfg.expert_ffn, cfg.shared_ffn, cfg.dense_ffn) == (16, 4, 256, 256, 512)
+    assert cfg.window == 16
+    model.close()
+
+
+def test_tensor_bytes_and_types(tiny_synth):
+    f = GGUFModelFile(tiny_synth)
+    types = {}
+    for name, t in f.tensors.items():
+        assert t.data.nbytes == int(np.prod(t.shape[:-1])) * row_bytes(t.qtype, t.shape[-1]), name
+        types[name] = t.qtype
+    assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
+    assert types["blk.1.ffn_gate_exps.weight"] == Q.Q4_K and types["blk.1.ffn_gate_inp.weight"] == Q.F32
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0])
+def test_random_blocks_have_the_asked_scale(qtype):
+    blocks = random_blocks(np.random.default_rng(0), qtype, 64, 1024, 0.03)
+    w = np.asarray(dequantize(blocks, qtype, (64, 1024)))
+    assert np.isfinite(w).all()
+    assert abs(w.std() / 0.03 - 1) < 0.02 and abs(w.mean()) < 0.03 * 0.05
+
+
+def test_logits_finite_deterministic_and_match_reference(tiny_synth, tmp_path):
+    tokens = [1, 2, 3, 100, 511]
+    model = load(tiny_synth)
+    got = np.asarray(model.logits(tokens))
+    model.close()
+    assert got.shape == (5, 512) and np.isfinite(got).all()
+    assert 0.3 < got.std() < 3  # unit-scale weights keep activations near unit RMS
+    ref = R.gguf_reference_logits(tiny_synth, tokens)
+    cos = R.cosine_rows(got, ref)
+    assert cos.min() >= 0.999, cos
+    again = write_synth(tmp_path / "again.gguf", seed=3, bias_skew=0.5, **TINY)
+    assert again.read_bytes() == tiny_synth.read_bytes()
+    other = write_synth(tmp_path / "other.gguf", seed=4, bias_skew=0.5, **TINY)
+    assert other.read_bytes() != tiny_synth.read_bytes()
+
+
+def test_cli_writes_file_and_rejects_bad_input(tmp_path, capsys):
+    out = tmp_path / "c.gguf"
+    args = ["synth", str(out), "--moe-layers", "1", "--hidden", "256", "--heads", "2", "--heads-sliding", "4",
+            "--kv-heads", "1", "--experts", "16", "--top-k", "4", "--expert-ffn", "256", "--shared-ffn", "256",
+            "--dense-ffn", "512", "--vocab", "512", "--quiet"]
+    assert cli_main(args) == 0
+    assert f"{out.stat().st_size:,} bytes" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.part*"))
+    assert cli_main(args[:2] + ["--hidden", "100"]) == 2
+    assert "multiple of 256" in capsys.readouterr().err
+    assert cli_main(args + ["--top-k", "17"]) == 2
+    with pytest.raises(SystemExit) as e:
+        cli_main(args[:2] + ["--experts", "0"])
+    assert e.value.code == 2
