@@ -84,3 +84,29 @@ def test_cli_writes_file_and_rejects_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(args[:2] + ["--experts", "0"])
     assert e.value.code == 2
+
+
+def test_gpu_bench_cpu_setting_on_tiny_file(tmp_path):
+    from runtime.bench import gpu
+
+    out = tmp_path / "r.json"
+    argv = ["--workdir", str(tmp_path), "--tiny", "--cpu-only", "--tokens", "3", "--cpu-tokens", "3", "--prompt", "6",
+            "--json", str(out)]
+    assert gpu.main(argv) == 0
+    report = json.loads(out.read_text())
+    cpu = report["settings"]["cpu"]
+    assert cpu["finite"] and cpu["tokens"] == 3 and cpu["prompt"] == 6
+    assert cpu["prefill_tok_s"] > 0 and cpu["decode_tok_s_median"] > 0 and cpu["decode_tok_s_mean"] > 0
+    assert cpu["prefill_tok_s"] == pytest.approx(6 / cpu["prefill_s"])
+    assert report["ratios"] == {}  # no GPU setting ran
+    budget = gpu.load_options("gpu25", tmp_path / "synth_tiny.gguf", 64)["gpu_budget"]
+    assert isinstance(budget, int) and budget > 0
+    assert gpu.ratios({"cpu": {"prefill_tok_s": 2.0}, "gpu": {"prefill_tok_s": 6.0}}) == {"gpu/cpu prefill_tok_s": 3.0}
+
+
+def test_gpu_bench_rejects_bad_arguments():
+    from runtime.bench import gpu
+
+    with pytest.raises(SystemExit) as e:
+        gpu.parse_args(["--workdir", "x", "--tokens", "0"])
+    assert e.value.code == 2
