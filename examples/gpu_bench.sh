@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU tier on the lent device: the GPU tests on the real card, then the benchmark
+# (runtime/bench/gpu.py: kernel GB/s; cpu, gpu and gpu25 prefill/decode on a synth model).
+# Run from the repository root. Results go to $OUT (default ./gpu_out).
+set -euo pipefail
+
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+
+# The device image has numba, numpy, psutil, tqdm, tokenizers, jinja2, but not gguf nor this
+# package: install the wheels carried in .whl/ when gguf is missing.
+if python3 -c "import gguf" 2>/dev/null; then
+    export PYTHONPATH="$PWD"
+else
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD"
+fi
+export PYTHONUNBUFFERED=1
+
+echo "== GPU tests on the card"
+NUMBA_ENABLE_CUDASIM=0 python3 -m pytest -q -x tests/test_cuda_kernels.py tests/test_gpu_ops.py tests/test_gpu_model.py
+
+echo "== benchmark"
+NUMBA_ENABLE_CUDASIM=0 python3 -m runtime.bench.gpu --workdir /tmp/ssbench --json "$OUT/gpu_bench.json" "$@" \
+    2>&1 | tee "$OUT/gpu_bench.log"
