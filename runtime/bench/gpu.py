@@ -119,7 +119,7 @@ def measure(path: Path, setting: str, prompt: int, tokens: int, seed: int) -> di
     finite = bool(np.isfinite(np.asarray(logits)).all())
     model.close()
     timed = np.asarray(steps[WARM_STEPS:])
-    return {"setting": setting, "options": {k: v for k, v in opts.items()}, "load_s": load_s, "warm_up_s": warm_s,
+    return {"setting": setting, "options": dict(opts), "load_s": load_s, "warm_up_s": warm_s,
             "prompt": prompt, "tokens": int(timed.size), "prefill_s": prefill_s, "prefill_tok_s": prompt / prefill_s,
             "decode_tok_s_median": float(1.0 / np.median(timed)), "decode_tok_s_mean": float(timed.size / timed.sum()),
             "finite": finite}
