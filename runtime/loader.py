@@ -99,5 +99,8 @@ def _gpu_tier(f: GGUFModelFile, cfg: ModelConfig, weights, provider, opts: Runti
         if plan.slots >= n_experts:
             gpu.preload((layer, e) for layer, le in table.layers.items() for e in range(le.n_expert))
         else:
+            if opts.profile is not None:  # the profile's hottest experts start in VRAM; the rest is learned
+                from offload.profile import ExpertProfile
+                gpu.preload(ExpertProfile.load(opts.profile, f.path).hottest(plan.slots, table))
             gpu.calibrate(min(table.layers))
     return gpu, plan

@@ -1,0 +1,222 @@
+"""The CUDA kernels: activation quantization, the quantized GEMV/GEMM, the fused SwiGLU sum.
+
+Matrices live in one uint8 arena and are given by descriptor rows (byte offset, format,
+rows, cols). Every product is one warp (a block of 32 threads) per output row; its lanes walk the row's
+super-blocks (quant.cuda_kernels.rows), and a tile of up to TILE tokens reuses each
+super-block while it is in L1, so the weights are read from memory once per tile.
+
+Shape legend
+    desc  int64 [M, 4]   starts int64 [M + 1] (prefix sums of rows)   out float32 [T, rows]
+    desc3 int64 [F, 3, 4] (gate, up, down)   gu float32 [F, 2, W]   hq int8 [F, W]
+    hd float32 [F, W / 256]   hb int32 [F, W / 16]   y float32 [F, H]   (W: the widest FFN)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+from numba import cuda
+
+from .rows import F32, I32, bytes_per_256, device, lane_dot
+
+TILE = 8  # tokens per pass over a row
+
+
+def grid(rows: int) -> int:
+    """Blocks for a grid-stride row kernel: one per row on a card; under numba's simulator, where
+    each block costs about 0.1 s of thread set-up and barriers, a few blocks walk all rows."""
+    return max(1, min(rows, 2)) if numba.config.ENABLE_CUDASIM else max(1, rows)
+
+
+@device
+def warp_sum(red, v):
+    """The sum of v over a block of 32 threads (one warp), for every thread; red: shared float32
+    [32]. A shared-memory tree rather than shuffles, which numba's simulator lacks: the code the
+    tests check is the code the card runs. (Here, not in rows: under the simulator only a kernel's
+    own module sees the simulated `cuda`.)"""
+    l = cuda.threadIdx.x
+    red[l] = v
+    cuda.syncthreads()
+    step = 16
+    while step > 0:
+        if l < step:
+            red[l] += red[l + step]
+        cuda.syncthreads()
+        step //= 2
+    r = red[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit
+def quantize_kernel(x, xq, xd, xb):
+    """Block (t, s): the 256 columns of super-block s of token t; thread l one column."""
+    t, s = cuda.blockIdx.y, cuda.blockIdx.x
+    l = cuda.threadIdx.x
+    buf = cuda.shared.array(256, numba.float32)
+    v = x[t, 256 * s + l]
+    buf[l] = abs(v)
+    cuda.syncthreads()
+    step = 128
+    while step > 0:
+        if l < step:
+            buf[l] = max(buf[l], buf[l + step])
+        cuda.syncthreads()
+        step //= 2
+    amax = buf[0]
+    cuda.syncthreads()
+    inv = F32(127.0) / amax if amax > F32(0.0) else F32(0.0)
+    if l == 0:
+        xd[t, s] = amax / F32(127.0)
+    y = v * inv
+    r = math.floor(y + F32(0.5))  # round half to even, as np.rint
+    if r - y == F32(0.5) and (I32(r) & 1) == 1:
+        r -= F32(1.0)
+    q = I32(r)
+    xq[t, 256 * s + l] = q
+    ibuf = cuda.shared.array(256, numba.int32)
+    ibuf[l] = q
+    cuda.syncthreads()
+    if l < 16:
+        b = I32(0)
+        for k in range(16):
+            b += ibuf[16 * l + k]
+        xb[t, 16 * s + l] = b
+
+
+@device
+def _row_tile(w, base, qt, nsb, lane, xq, xd, xb, t0, nt, acc):
+    """acc[tt] = the lane's share of row (at byte `base`) times tokens t0..t0+nt-1."""
+    for tt in range(TILE):
+        acc[tt] = F32(0.0)
+    rb = bytes_per_256(qt)
+    for s in range(nsb):
+        o = base + s * rb
+        for tt in range(nt):
+            acc[tt] += lane_dot(w, o, qt, lane, xq, xd, xb, t0 + tt, s)
+
+
+@device
+def _row_dot(w, base, qt, nsb, lane, x, xd, xb, t, red):
+    """Row (at byte `base`) times token t of x, summed over the block's 32 lanes (in lane 0)."""
+    acc = F32(0.0)
+    rb = bytes_per_256(qt)
+    for s in range(nsb):
+        acc += lane_dot(w, base + s * rb, qt, lane, x, xd, xb, t, s)
+    return warp_sum(red, acc)
+
+
+@cuda.jit
+def matvec_kernel(w, desc, starts, xq, xd, xb, out):
+    """Blocks of 32 threads walk the global rows g of the stacked matrices (grid-stride), each
+    row times every token of xq, a tile of tokens per pass."""
+    lane = cuda.threadIdx.x
+    red = cuda.shared.array(32, numba.float32)
+    acc = cuda.local.array(TILE, numba.float32)
+    m_count = desc.shape[0]
+    T = xq.shape[0]
+    for g in range(cuda.blockIdx.x, starts[m_count], cuda.gridDim.x):  # the same g for the whole block
+        m = 0
+        while starts[m + 1] <= g:
+            m += 1
+        qt, cols = desc[m, 1], desc[m, 3]
+        nsb = cols // 256
+        base = desc[m, 0] + (g - starts[m]) * nsb * bytes_per_256(qt)
+        for t0 in range(0, T, TILE):
+            nt = min(TILE, T - t0)
+            _row_tile(w, base, qt, nsb, lane, xq, xd, xb, t0, nt, acc)
+            for tt in range(nt):
+                v = warp_sum(red, acc[tt])
+                if lane == 0:
+                    out[t0 + tt, g] = v
+
+
+@cuda.jit
+def ffn_gate_up_kernel(w, desc3, xq, xd, xb, gu):
+    """Row g = (2 f + which) W + r: row r of the gate (which = 0) or up (1) matrix of FFN f."""
+    lane = cuda.threadIdx.x
+    red = cuda.shared.array(32, numba.float32)
+    width = gu.shape[2]
+    for g in range(cuda.blockIdx.x, desc3.shape[0] * 2 * width, cuda.gridDim.x):
+        f = g // (2 * width)
+        which = (g // width) % 2
+        r = g % width
+        if r < desc3[f, which, 2]:
+            qt, cols = desc3[f, which, 1], desc3[f, which, 3]
+            nsb = cols // 256
+            v = _row_dot(w, desc3[f, which, 0] + r * nsb * bytes_per_256(qt), qt, nsb, lane, xq, xd, xb, 0, red)
+            if lane == 0:
+                gu[f, which, r] = v
+
+
+@cuda.jit
+def ffn_act_kernel(desc3, limits, gu, hq, hd, hb):
+    """Block (f, s): SwiGLU of columns 256 s.. of FFN f, then their int8 rounding (as quantize)."""
+    f, s = cuda.blockIdx.y, cuda.blockIdx.x
+    if 256 * s >= desc3[f, 0, 2]:
+        return
+    l = cuda.threadIdx.x
+    c = 256 * s + l
+    gv, uv = gu[f, 0, c], gu[f, 1, c]
+    a = gv / (F32(1.0) + math.exp(-gv))
+    lim = limits[f]
+    if lim > F32(1e-6):
+        a = min(a, lim)
+        uv = min(max(uv, -lim), lim)
+    v = a * uv
+    buf = cuda.shared.array(256, numba.float32)
+    buf[l] = abs(v)
+    cuda.syncthreads()
+    step = 128
+    while step > 0:
+        if l < step:
+            buf[l] = max(buf[l], buf[l + step])
+        cuda.syncthreads()
+        step //= 2
+    amax = buf[0]
+    inv = F32(127.0) / amax if amax > F32(0.0) else F32(0.0)
+    if l == 0:
+        hd[f, s] = amax / F32(127.0)
+    y = v * inv
+    r = math.floor(y + F32(0.5))
+    if r - y == F32(0.5) and (I32(r) & 1) == 1:
+        r -= F32(1.0)
+    q = I32(r)
+    hq[f, c] = q
+    ibuf = cuda.shared.array(256, numba.int32)
+    ibuf[l] = q
+    cuda.syncthreads()
+    if l < 16:
+        b = I32(0)
+        for k in range(16):
+            b += ibuf[16 * l + k]
+        hb[f, 16 * s + l] = b
+
+
+@cuda.jit
+def ffn_down_kernel(w, desc3, hq, hd, hb, y):
+    """Row g = f H + r: row r of FFN f's down matrix times its rounded hidden vector."""
+    lane = cuda.threadIdx.x
+    red = cuda.shared.array(32, numba.float32)
+    h = y.shape[1]
+    for g in range(cuda.blockIdx.x, desc3.shape[0] * h, cuda.gridDim.x):
+        f = g // h
+        r = g % h
+        qt, cols = desc3[f, 2, 1], desc3[f, 2, 3]
+        nsb = cols // 256
+        v = _row_dot(w, desc3[f, 2, 0] + r * nsb * bytes_per_256(qt), qt, nsb, lane, hq, hd, hb, f, red)
+        if lane == 0:
+            y[f, r] = v
+
+
+@cuda.jit
+def ffn_sum_kernel(weights, y, n, out):
+    """out[r] += sum over FFNs in entry order of weights[f] * y[f, r]."""
+    r = cuda.grid(1)
+    if r >= out.shape[0]:
+        return
+    acc = F32(0.0)
+    for f in range(n):
+        acc += weights[f] * y[f, r]
+    out[r] += acc
