@@ -17,8 +17,9 @@ else
 fi
 export PYTHONUNBUFFERED=1
 
-echo "== GPU tests on the card"
-NUMBA_ENABLE_CUDASIM=0 python3 -m pytest -q -x tests/test_cuda_kernels.py tests/test_gpu_ops.py tests/test_gpu_model.py
+echo "== GPU tests on the card (a failure is reported; the benchmark still runs)"
+NUMBA_ENABLE_CUDASIM=0 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_gpu_ops.py \
+    tests/test_gpu_model.py 2>&1 | tee "$OUT/gpu_tests.log" || true
 
 echo "== benchmark"
 NUMBA_ENABLE_CUDASIM=0 python3 -m runtime.bench.gpu --workdir /tmp/ssbench --json "$OUT/gpu_bench.json" "$@" \

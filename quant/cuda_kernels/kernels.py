@@ -18,15 +18,16 @@ import math
 import numba
 from numba import cuda
 
-from .rows import F32, I32, bytes_per_256, device, lane_dot
+from .rows import F32, I32, SIMULATED, bytes_per_256, device, lane_dot
 
 TILE = 8  # tokens per pass over a row
+# Kernels spell out min, max and abs: this numba-cuda rejects the builtins on float32 in kernels.
 
 
 def grid(rows: int) -> int:
     """Blocks for a grid-stride row kernel: one per row on a card; under numba's simulator, where
     each block costs about 0.1 s of thread set-up and barriers, a few blocks walk all rows."""
-    return max(1, min(rows, 2)) if numba.config.ENABLE_CUDASIM else max(1, rows)
+    return max(1, min(rows, 2)) if SIMULATED else max(1, rows)
 
 
 @device
@@ -56,12 +57,13 @@ def quantize_kernel(x, xq, xd, xb):
     l = cuda.threadIdx.x
     buf = cuda.shared.array(256, numba.float32)
     v = x[t, 256 * s + l]
-    buf[l] = abs(v)
+    buf[l] = v if v >= F32(0.0) else -v
     cuda.syncthreads()
     step = 128
     while step > 0:
         if l < step:
-            buf[l] = max(buf[l], buf[l + step])
+            if buf[l + step] > buf[l]:
+                buf[l] = buf[l + step]
         cuda.syncthreads()
         step //= 2
     amax = buf[0]
@@ -124,7 +126,7 @@ def matvec_kernel(w, desc, starts, xq, xd, xb, out):
         nsb = cols // 256
         base = desc[m, 0] + (g - starts[m]) * nsb * bytes_per_256(qt)
         for t0 in range(0, T, TILE):
-            nt = min(TILE, T - t0)
+            nt = T - t0 if T - t0 < TILE else TILE
             _row_tile(w, base, qt, nsb, lane, xq, xd, xb, t0, nt, acc)
             for tt in range(nt):
                 v = warp_sum(red, acc[tt])
@@ -162,16 +164,17 @@ def ffn_act_kernel(desc3, limits, gu, hq, hd, hb):
     a = gv / (F32(1.0) + math.exp(-gv))
     lim = limits[f]
     if lim > F32(1e-6):
-        a = min(a, lim)
-        uv = min(max(uv, -lim), lim)
+        a = lim if a > lim else a
+        uv = lim if uv > lim else (-lim if uv < -lim else uv)
     v = a * uv
     buf = cuda.shared.array(256, numba.float32)
-    buf[l] = abs(v)
+    buf[l] = v if v >= F32(0.0) else -v
     cuda.syncthreads()
     step = 128
     while step > 0:
         if l < step:
-            buf[l] = max(buf[l], buf[l + step])
+            if buf[l + step] > buf[l]:
+                buf[l] = buf[l + step]
         cuda.syncthreads()
         step //= 2
     amax = buf[0]

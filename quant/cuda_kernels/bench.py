@@ -1,0 +1,83 @@
+"""How fast the CUDA GEMV reads its weights, against the card's own copy bandwidth.
+
+    gemv_gbps(qtype, rows, cols)   weight bytes / time of one-token matvec (median, CUDA events)
+    copy_gbps(nbytes)              a device-to-device copy's bytes read + written / time
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from quant.formats import row_bytes
+
+from . import descriptor, matvec, quantize
+
+
+def _random_rows(rng, qtype, rows: int, cols: int) -> np.ndarray:
+    """Valid blocks of `qtype`: random codes and scales, every fp16 scale a small finite value."""
+    rb = row_bytes(qtype, cols)
+    raw = rng.integers(0, 256, size=(rows, rb), dtype=np.uint8)
+    block = {T.Q8_0: 34, T.Q4_K: 144, T.Q5_K: 176, T.Q6_K: 210}[T(qtype)]
+    blocks = raw.reshape(rows, rb // block, block)
+    d = np.array([0.01], np.float16).view(np.uint8)
+    if T(qtype) == T.Q6_K:
+        blocks[:, :, 208:210] = d
+    else:  # d (and dmin) first
+        blocks[:, :, 0:2] = d
+        if T(qtype) in (T.Q4_K, T.Q5_K):
+            blocks[:, :, 2:4] = d
+    return raw
+
+
+def _median_ms(fn, repeats: int) -> float:
+    from numba import cuda
+
+    for _ in range(3):
+        fn()
+    cuda.synchronize()
+    times = []
+    elapsed = getattr(cuda, "event_elapsed_time", None)  # numba's simulator has no event timing
+    for _ in range(repeats):
+        if elapsed is None:
+            t0 = time.perf_counter()
+            fn()
+            cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
+        a, b = cuda.event(), cuda.event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(elapsed(a, b))
+    return float(np.median(times))
+
+
+def gemv_gbps(qtype, rows: int, cols: int, repeats: int = 20) -> dict:
+    from numba import cuda
+
+    rng = np.random.default_rng(0)
+    raw = _random_rows(rng, qtype, rows, cols)
+    arena = cuda.to_device(raw.reshape(-1))
+    desc = cuda.to_device(descriptor(0, qtype, rows, cols)[None])
+    starts = cuda.to_device(np.array([0, rows], np.int64))
+    x = cuda.to_device(rng.standard_normal((1, cols)).astype(np.float32))
+    xq, xd, xb = (cuda.device_array((1, cols), np.int8), cuda.device_array((1, cols // 256), np.float32),
+                  cuda.device_array((1, cols // 16), np.int32))
+    quantize(x, xq, xd, xb)
+    out = cuda.device_array((1, rows), np.float32)
+    ms = _median_ms(lambda: matvec(arena, desc, starts, xq, xd, xb, out), repeats)
+    return {"format": T(qtype).name, "rows": rows, "cols": cols, "bytes": int(raw.nbytes),
+            "seconds": ms / 1e3, "gbps": raw.nbytes / (ms / 1e3) / 1e9}
+
+
+def copy_gbps(nbytes: int, repeats: int = 10) -> float:
+    from numba import cuda
+
+    src = cuda.device_array(nbytes, np.uint8)
+    dst = cuda.device_array(nbytes, np.uint8)
+    ms = _median_ms(lambda: dst.copy_to_device(src), repeats)
+    return 2 * nbytes / (ms / 1e3) / 1e9
