@@ -16,7 +16,7 @@ from runtime.cli import main as cli_main
 from runtime.loader import load
 from tests.helpers import reference_model as R
 
-TINY = dict(moe_layers=2, dense_layers=1, hidden=256, n_head=2, n_head_sliding=4, n_kv=1, head_dim=128, window=16,
+TINY = dict(moe_layers=2, dense_layers=1, hidden=256, n_head_full=2, n_head_sliding=4, n_kv=1, head_dim=128, window=16,
             n_expert=16, top_k=4, expert_ffn=256, shared_ffn=256, dense_ffn=512, vocab=512, progress=False)
 
 

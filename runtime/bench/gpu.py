@@ -38,7 +38,7 @@ from runtime.bench.synth import write_synth
 KERNEL_QTYPES = ("q4_k", "q5_k", "q6_k", "q8_0")
 KERNEL_SHAPE = (1280 * 8, 4096)
 SETTINGS = ("cpu", "gpu", "gpu25")
-TINY = dict(moe_layers=2, dense_layers=1, hidden=256, n_head=2, n_head_sliding=4, n_kv=1, head_dim=128, window=16,
+TINY = dict(moe_layers=2, dense_layers=1, hidden=256, n_head_full=2, n_head_sliding=4, n_kv=1, head_dim=128, window=16,
             n_expert=16, top_k=4, expert_ffn=256, shared_ffn=256, dense_ffn=512, vocab=512)
 WARM_STEPS = 2
 

@@ -40,14 +40,14 @@ _Q6K_STD = 8 * np.sqrt((64 ** 2 - 1) / 12)
 _Q8_STD = np.sqrt((256 ** 2 - 1) / 12)
 
 
-def _raw_config(moe_layers, dense_layers, hidden, n_head, n_head_sliding, n_kv, head_dim, window,
+def _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n_kv, head_dim, window,
                 n_expert, top_k, expert_ffn, shared_ffn, dense_ffn, vocab) -> dict:
     n = dense_layers + moe_layers
     types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
     return {
         "architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5",
         "hidden_size": hidden, "num_hidden_layers": n, "vocab_size": vocab,
-        "num_attention_heads": n_head, "num_attention_groups": n_kv, "head_dim": head_dim,
+        "num_attention_heads": n_head_full, "num_attention_groups": n_kv, "head_dim": head_dim,
         "intermediate_size": dense_ffn,
         "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": n_head_sliding,
                                     "num_attention_groups": n_kv, "head_dim": head_dim, "true_head_dim": head_dim},
@@ -111,7 +111,7 @@ def _std(spec: layout.TensorSpec) -> float:
 
 
 def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: int = 1, hidden: int = 4096,
-                n_head: int = 64, n_head_sliding: int = 96, n_kv: int = 8, head_dim: int = 128, window: int = 512,
+                n_head_full: int = 64, n_head_sliding: int = 96, n_kv: int = 8, head_dim: int = 128, window: int = 512,
                 n_expert: int = 288, top_k: int = 8, expert_ffn: int = 1280, shared_ffn: int = 1280,
                 dense_ffn: int = 11264, vocab: int = 128896, qtype: str = "q4_k", router_scale: float = 1.0,
                 bias_skew: float = 0.0, seed: int = 0, progress: bool = True) -> Path:
@@ -126,9 +126,9 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
     for name, v in (("hidden", hidden), ("expert_ffn", expert_ffn), ("shared_ffn", shared_ffn), ("dense_ffn", dense_ffn)):
         if v <= 0 or v % 256:
             raise StepstreamError(f"synth: {name}={v} must be a positive multiple of 256 (Q4_K/Q6_K blocks)")
-    if n_head % n_kv or n_head_sliding % n_kv:
-        raise StepstreamError(f"synth: head counts {n_head}/{n_head_sliding} must be multiples of n_kv={n_kv}")
-    raw = _raw_config(moe_layers, dense_layers, hidden, n_head, n_head_sliding, n_kv, head_dim, window,
+    if n_head_full % n_kv or n_head_sliding % n_kv:
+        raise StepstreamError(f"synth: head counts {n_head_full}/{n_head_sliding} must be multiples of n_kv={n_kv}")
+    raw = _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n_kv, head_dim, window,
                       n_expert, top_k, expert_ffn, shared_ffn, dense_ffn, vocab)
     cfg = HFConfig.from_dict(raw, "synth")
     q = QTYPES[qtype]

@@ -40,7 +40,7 @@ def run(args) -> int:
 
     out = writable_output(args.out, "synthetic model")
     path, nbytes, seconds = synth_timed(
-        out, moe_layers=args.moe_layers, dense_layers=args.dense_layers, hidden=args.hidden, n_head=args.heads,
+        out, moe_layers=args.moe_layers, dense_layers=args.dense_layers, hidden=args.hidden, n_head_full=args.heads,
         n_head_sliding=args.heads_sliding, n_kv=args.kv_heads, window=args.window, n_expert=args.experts,
         top_k=args.top_k, expert_ffn=args.expert_ffn, shared_ffn=args.shared_ffn, dense_ffn=args.dense_ffn,
         vocab=args.vocab, qtype=args.qtype, router_scale=args.router_scale, bias_skew=args.bias_skew,
