@@ -99,9 +99,21 @@ def test_gpu_bench_cpu_setting_on_tiny_file(tmp_path):
     assert cpu["prefill_tok_s"] > 0 and cpu["decode_tok_s_median"] > 0 and cpu["decode_tok_s_mean"] > 0
     assert cpu["prefill_tok_s"] == pytest.approx(6 / cpu["prefill_s"])
     assert report["ratios"] == {}  # no GPU setting ran
+    assert "gpu_placement" not in cpu and "kernels" not in report  # CPU path: no VRAM plan, no kernels part
+    assert report["total_s"] >= cpu["wall_s"] > 0
     budget = gpu.load_options("gpu25", tmp_path / "synth_tiny.gguf", 64)["gpu_budget"]
     assert isinstance(budget, int) and budget > 0
     assert gpu.ratios({"cpu": {"prefill_tok_s": 2.0}, "gpu": {"prefill_tok_s": 6.0}}) == {"gpu/cpu prefill_tok_s": 3.0}
+
+
+def test_gpu_bench_reports_a_failing_child(tmp_path):
+    from runtime.bench import gpu
+
+    args = gpu.parse_args(["--workdir", str(tmp_path), "--child-timeout", "60"])
+    r = gpu.run_child(args, "cpu", tmp_path / "missing.gguf")  # the child fails to open the model
+    assert r["error"].startswith("cpu: exit status 1:") and "missing.gguf" in r["error"]
+    line = gpu.table({"settings": {"cpu": r}, "ratios": {}}).splitlines()[-1]
+    assert line.startswith("cpu      error:") and line.endswith("missing.gguf: file not found")  # the last line
 
 
 def test_gpu_bench_rejects_bad_arguments():

@@ -38,6 +38,7 @@ from runtime.bench.synth import write_synth
 KERNEL_QTYPES = ("q4_k", "q5_k", "q6_k", "q8_0")
 KERNEL_SHAPE = (1280 * 8, 4096)
 SETTINGS = ("cpu", "gpu", "gpu25")
+CHILDREN = ("kernels",) + SETTINGS
 TINY = dict(moe_layers=2, dense_layers=1, hidden=256, n_head_full=2, n_head_sliding=4, n_kv=1, head_dim=128, window=16,
             n_expert=16, top_k=4, expert_ffn=256, shared_ffn=256, dense_ffn=512, vocab=512)
 WARM_STEPS = 2
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-only", action="store_true", help="skip the kernels and the GPU settings")
     p.add_argument("--tiny", action="store_true", help="a tiny synth model instead of the real widths (tests)")
     p.add_argument("--child-timeout", type=int, default=150, help="seconds each setting may take (default: 150)")
-    p.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)  # internal: run one setting
+    p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)  # internal: run one part
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("moe_layers", "tokens", "cpu_tokens", "prompt", "child_timeout"):
@@ -117,26 +118,40 @@ def measure(path: Path, setting: str, prompt: int, tokens: int, seed: int) -> di
         logits = model.eval([t])
         steps.append(time.perf_counter() - t0)
     finite = bool(np.isfinite(np.asarray(logits)).all())
+    gpu = gpu_report(model)
     model.close()
     timed = np.asarray(steps[WARM_STEPS:])
     return {"setting": setting, "options": dict(opts), "load_s": load_s, "warm_up_s": warm_s,
             "prompt": prompt, "tokens": int(timed.size), "prefill_s": prefill_s, "prefill_tok_s": prompt / prefill_s,
             "decode_tok_s_median": float(1.0 / np.median(timed)), "decode_tok_s_mean": float(timed.size / timed.sum()),
-            "finite": finite}
+            "finite": finite, **gpu}
 
 
-def run_child(args, setting: str, path: Path) -> dict:
-    tokens = args.cpu_tokens if setting == "cpu" else args.tokens
-    cmd = [sys.executable, "-m", "runtime.bench.gpu", "--workdir", str(args.workdir), "--child", setting,
-           "--model", str(path), "--prompt", str(args.prompt), "--tokens", str(tokens), "--seed", str(args.seed)]
+def gpu_report(model) -> dict:
+    """The GPU settings' VRAM plan and tier counts (warm-up, prefill and decode together); {} on the CPU path."""
+    if model.gpu_placement is None:
+        return {}
+    return {"gpu_placement": model.gpu_placement.as_dict(), "tier_counts": model.gpu.tier.counts.as_dict()}
+
+
+def run_child(args, part: str, path: Path | None = None) -> dict:
+    """Run one part (the kernels or a setting) in a child process; its JSON result, or {"error": ...}."""
+    tokens = args.cpu_tokens if part == "cpu" else args.tokens
+    cmd = [sys.executable, "-m", "runtime.bench.gpu", "--workdir", str(args.workdir), "--child", part,
+           "--prompt", str(args.prompt), "--tokens", str(tokens), "--seed", str(args.seed)]
+    if path is not None:
+        cmd += ["--model", str(path)]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
     except subprocess.TimeoutExpired:
-        return {"setting": setting, "error": f"timed out after {args.child_timeout} s"}
+        return {"setting": part, "error": f"{part}: timed out after {args.child_timeout} s "
+                                          f"(--child-timeout); the child was killed", "wall_s": args.child_timeout}
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines:
-        return {"setting": setting, "error": f"exit {r.returncode}: {r.stderr.strip()[-2000:]}"}
+        tail = r.stderr.strip()[-2000:] or r.stdout.strip()[-2000:]
+        return {"setting": part, "error": f"{part}: exit status {r.returncode}: {tail}",
+                "wall_s": time.perf_counter() - t0}
     out = json.loads(lines[-1])
     out["wall_s"] = time.perf_counter() - t0
     return out
@@ -163,7 +178,7 @@ def table(report: dict) -> str:
         for q, r in k["gemv"].items():
             lines.append(f"  {q:6s} {r['gbps']:8.0f} GB/s  {100 * r['fraction_of_copy']:5.1f}% of copy")
     elif k is not None:
-        lines.append(f"kernels: {k}")
+        lines.append(f"kernels failed: {str(k).strip().splitlines()[-1] if str(k).strip() else k}")
     lines.append(f"{'setting':8s} {'prefill tok/s':>14s} {'decode med':>11s} {'decode mean':>12s} {'load s':>7s} "
                  f"{'warm s':>7s}  options")
     for s, r in report["settings"].items():
@@ -172,6 +187,13 @@ def table(report: dict) -> str:
             continue
         lines.append(f"{s:8s} {r['prefill_tok_s']:14.1f} {r['decode_tok_s_median']:11.2f} {r['decode_tok_s_mean']:12.2f} "
                      f"{r['load_s']:7.1f} {r['warm_up_s']:7.1f}  {r['options']}")
+    for s, r in report["settings"].items():
+        if "gpu_placement" in r:
+            g, c = r["gpu_placement"], r["tier_counts"]
+            lines.append(f"  {s}: {g['slots']} of {g['n_experts']} experts in VRAM "
+                         f"(budget {g['budget_bytes'] / 2**30:.1f} GiB, {g['budget_reason']}); routed experts: "
+                         f"{c['gpu_hits']} VRAM hits, {c['copied']} copied, {c['cpu']} on the CPU "
+                         f"(hit rate {c['vram_hit_rate']:.0%})")
     for name, v in report["ratios"].items():
         lines.append(f"  {name}: {v:.2f}x")
     return "\n".join(lines)
@@ -179,19 +201,21 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.child == "kernels":
+        print(json.dumps(kernel_bandwidth()), flush=True)
+        return 0
     if args.child:
         print(json.dumps(measure(args.model, args.child, args.prompt, args.tokens, args.seed)), flush=True)
         return 0
+    start = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
-    if not args.cpu_only:
-        t0 = time.perf_counter()
-        try:
-            report["kernels"] = kernel_bandwidth()
-        except Exception as e:  # report and go on to the model: one missing piece should not hide the rest
-            report["kernels"] = f"failed: {type(e).__name__}: {e}"
-        report["kernels_s"] = time.perf_counter() - t0
+    if not args.cpu_only:  # in a child too: the parent holds no CUDA context while the settings measure VRAM
+        k = run_child(args, "kernels")
+        report["kernels_s"] = k.pop("wall_s")
+        report["kernels"] = k.get("error", k)  # a failure is reported; the model settings still run
         print(table({"kernels": report["kernels"], "settings": {}, "ratios": {}}), flush=True)
+        print(f"[kernels: {report['kernels_s']:.1f} s]", flush=True)
     shape = TINY if args.tiny else {"moe_layers": args.moe_layers}
     name = "synth_tiny.gguf" if args.tiny else f"synth_{args.moe_layers}moe.gguf"
     path = args.workdir / name
@@ -205,8 +229,11 @@ def main(argv=None) -> int:
     for s in SETTINGS[:1] if args.cpu_only else SETTINGS:
         report["settings"][s] = run_child(args, s, path)
         print(f"{s}: {json.dumps(report['settings'][s])}", flush=True)
+        print(f"[{s}: {report['settings'][s]['wall_s']:.1f} s]", flush=True)
     report["ratios"] = ratios(report["settings"])
+    report["total_s"] = time.perf_counter() - start
     print(table(report), flush=True)
+    print(f"[total: {report['total_s']:.1f} s]", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0 if all("error" not in r for r in report["settings"].values()) else 1
