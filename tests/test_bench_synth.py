@@ -106,6 +106,34 @@ def test_gpu_bench_cpu_setting_on_tiny_file(tmp_path):
     assert gpu.ratios({"cpu": {"prefill_tok_s": 2.0}, "gpu": {"prefill_tok_s": 6.0}}) == {"gpu/cpu prefill_tok_s": 3.0}
 
 
+def test_gpu_bench_reports_the_vram_plan_and_tier_counts(tiny_synth):
+    """The GPU settings' extra fields, from the real plan and counters (the model itself runs on a card only:
+    the simulator takes minutes per token)."""
+    from types import SimpleNamespace
+
+    from offload.expert_table import build_expert_table
+    from offload.gpu_placement import plan_gpu, vram_budget_for
+    from offload.vram_experts import TierCounts
+    from runtime.base.config import ModelConfig
+    from runtime.bench import gpu
+    from runtime.model.weights import load_weights
+
+    f = GGUFModelFile(tiny_synth)
+    cfg = ModelConfig.from_gguf(f)
+    table = build_expert_table(f, cfg)
+    budget = vram_budget_for(tiny_synth, 0.25, 64)
+    plan = plan_gpu(cfg, load_weights(f, cfg), table.total_bytes, 32, 64, 16, budget, None)
+    assert plan.slots == 8  # a quarter of 2 layers x 16 experts
+    model = SimpleNamespace(gpu_placement=plan, gpu=SimpleNamespace(tier=SimpleNamespace(
+        counts=TierCounts(gpu_hits=6, copied=1, cpu=1, bytes_copied=10))))
+    r = {"prefill_tok_s": 1.0, "decode_tok_s_median": 1.0, "decode_tok_s_mean": 1.0, "load_s": 0.0, "warm_up_s": 0.0,
+         "options": {}, **gpu.gpu_report(model)}
+    assert r["gpu_placement"]["slots"] == 8 and r["tier_counts"]["vram_hit_rate"] == 0.75
+    line = gpu.table({"settings": {"gpu25": r}, "ratios": {}}).splitlines()[-1]
+    assert line.startswith("  gpu25: 8 of 32 experts in VRAM") and line.endswith("(hit rate 75%)")
+    assert gpu.gpu_report(SimpleNamespace(gpu_placement=None)) == {}
+
+
 def test_gpu_bench_reports_a_failing_child(tmp_path):
     from runtime.bench import gpu
 
