@@ -15,6 +15,13 @@ else
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD"
 fi
+# The device image's numba-cuda still registers numpy.row_stack, which its numpy 2.5 removed: every
+# kernel compile failed there until this alias was restored (seen on the lent H200, 2026-12-04).
+if ! python3 -c "import numpy; numpy.row_stack" 2>/dev/null; then
+    mkdir -p /tmp/site
+    printf 'import numpy\nnumpy.row_stack = numpy.vstack\n' > /tmp/site/sitecustomize.py
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 export PYTHONUNBUFFERED=1
 
 echo "== GPU tests on the card (a failure is reported; the benchmark still runs)"

@@ -57,8 +57,10 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def gemv_gbps(qtype, rows: int, cols: int, repeats: int = 20) -> dict:
+    """qtype: a GGMLQuantizationType, its value, or its name ("q4_k")."""
     from numba import cuda
 
+    qtype = T[qtype.upper()] if isinstance(qtype, str) else T(qtype)
     rng = np.random.default_rng(0)
     raw = _random_rows(rng, qtype, rows, cols)
     arena = cuda.to_device(raw.reshape(-1))
