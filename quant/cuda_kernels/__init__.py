@@ -97,7 +97,7 @@ def quantize(x, xq, xd, xb, stream=0) -> None:
 
 
 def matvec(arena, desc, starts, xq, xd, xb, out, stream=0) -> None:
-    from .kernels import grid, matvec_kernel
+    from .kernels import WARPS, grid, matvec_kernel
 
     _check("arena", arena, 1, np.uint8)
     _check("desc", desc, 2, np.int64)
@@ -109,11 +109,11 @@ def matvec(arena, desc, starts, xq, xd, xb, out, stream=0) -> None:
     if out.shape[0] != xq.shape[0]:
         raise ValueError(f"out has {out.shape[0]} rows for {xq.shape[0]} tokens")
     rows = out.shape[1]
-    matvec_kernel[grid(rows), 32, stream](arena, desc, starts, xq, xd, xb, out)
+    matvec_kernel[grid(rows), 32 * WARPS, stream](arena, desc, starts, xq, xd, xb, out)
 
 
 def swiglu_ffns(arena, desc3, weights, limits, xq, xd, xb, out, scratch: FFNScratch, stream=0) -> None:
-    from .kernels import grid, ffn_act_kernel, ffn_down_kernel, ffn_gate_up_kernel, ffn_sum_kernel
+    from .kernels import WARPS, grid, ffn_act_kernel, ffn_down_kernel, ffn_gate_up_kernel, ffn_sum_kernel
 
     _check("desc3", desc3, 3, np.int64)
     f = desc3.shape[0]
@@ -130,7 +130,7 @@ def swiglu_ffns(arena, desc3, weights, limits, xq, xd, xb, out, scratch: FFNScra
         raise ValueError(f"scratch for {scratch.y.shape[0]} FFNs on [{scratch.y.shape[1]}] cannot take {f} on [{h}]")
     w = scratch.gu.shape[2]
     gu, hq, hd, hb, y = (a[:f] for a in scratch)
-    ffn_gate_up_kernel[grid(2 * f * w), 32, stream](arena, desc3, xq, xd, xb, gu)
+    ffn_gate_up_kernel[grid(2 * f * w), 32 * WARPS, stream](arena, desc3, xq, xd, xb, gu)
     ffn_act_kernel[(w // 256, f), 256, stream](desc3, limits, gu, hq, hd, hb)
-    ffn_down_kernel[grid(f * h), 32, stream](arena, desc3, hq, hd, hb, y)
+    ffn_down_kernel[grid(f * h), 32 * WARPS, stream](arena, desc3, hq, hd, hb, y)
     ffn_sum_kernel[-(-h // 128), 128, stream](weights, y, f, out)

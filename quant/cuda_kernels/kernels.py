@@ -1,7 +1,7 @@
 """The CUDA kernels: activation quantization, the quantized GEMV/GEMM, the fused SwiGLU sum.
 
 Matrices live in one uint8 arena and are given by descriptor rows (byte offset, format,
-rows, cols). Every product is one warp (a block of 32 threads) per output row; its lanes walk the row's
+rows, cols). Every product is one warp per output row; its lanes walk the row's
 super-blocks (quant.cuda_kernels.rows), and a tile of up to TILE tokens reuses each
 super-block while it is in L1, so the weights are read from memory once per tile.
 
@@ -24,18 +24,29 @@ TILE = 8  # tokens per pass over a row
 # Kernels spell out min, max and abs: this numba-cuda rejects the builtins on float32 in kernels.
 
 
+# Warps per block of the row kernels: 4 on a card (rows walked by warps, shuffles to reduce);
+# 1 under numba's simulator, which has no shuffles and reduces through shared memory.
+WARPS = 1 if SIMULATED else 4
+
+
 def grid(rows: int) -> int:
-    """Blocks for a grid-stride row kernel: one per row on a card; under numba's simulator, where
-    each block costs about 0.1 s of thread set-up and barriers, a few blocks walk all rows."""
-    return max(1, min(rows, 2)) if SIMULATED else max(1, rows)
+    """Blocks for a grid-stride row kernel: a warp per row on a card; under numba's simulator,
+    where each block costs about 0.1 s of thread set-up and barriers, a few blocks walk all rows."""
+    return max(1, min(rows, 2)) if SIMULATED else max(1, -(-rows // WARPS))
 
 
 @device
-def warp_sum(red, v):
-    """The sum of v over a block of 32 threads (one warp), for every thread; red: shared float32
-    [32]. A shared-memory tree rather than shuffles, which numba's simulator lacks: the code the
-    tests check is the code the card runs. (Here, not in rows: under the simulator only a kernel's
-    own module sees the simulated `cuda`.)"""
+def _warp_sum_shfl(red, v):
+    """The sum of v over the 32 lanes of a warp, in every lane (butterfly of shuffles)."""
+    for off in (16, 8, 4, 2, 1):
+        v += cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+    return v
+
+
+@device
+def _warp_sum_shared(red, v):
+    """The same for a block of exactly one warp, through shared memory red [32]: the simulator's
+    way. (Here, not in rows: under the simulator only a kernel's own module sees its `cuda`.)"""
     l = cuda.threadIdx.x
     red[l] = v
     cuda.syncthreads()
@@ -48,6 +59,9 @@ def warp_sum(red, v):
     r = red[0]
     cuda.syncthreads()
     return r
+
+
+warp_sum = _warp_sum_shared if SIMULATED else _warp_sum_shfl
 
 
 @cuda.jit
@@ -113,12 +127,13 @@ def _row_dot(w, base, qt, nsb, lane, x, xd, xb, t, red):
 def matvec_kernel(w, desc, starts, xq, xd, xb, out):
     """Blocks of 32 threads walk the global rows g of the stacked matrices (grid-stride), each
     row times every token of xq, a tile of tokens per pass."""
-    lane = cuda.threadIdx.x
+    lane = cuda.threadIdx.x % 32
+    first = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
     red = cuda.shared.array(32, numba.float32)
     acc = cuda.local.array(TILE, numba.float32)
     m_count = desc.shape[0]
     T = xq.shape[0]
-    for g in range(cuda.blockIdx.x, starts[m_count], cuda.gridDim.x):  # the same g for the whole block
+    for g in range(first, starts[m_count], cuda.gridDim.x * WARPS):  # the same g for the whole warp
         m = 0
         while starts[m + 1] <= g:
             m += 1
@@ -137,10 +152,11 @@ def matvec_kernel(w, desc, starts, xq, xd, xb, out):
 @cuda.jit
 def ffn_gate_up_kernel(w, desc3, xq, xd, xb, gu):
     """Row g = (2 f + which) W + r: row r of the gate (which = 0) or up (1) matrix of FFN f."""
-    lane = cuda.threadIdx.x
+    lane = cuda.threadIdx.x % 32
+    first = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
     red = cuda.shared.array(32, numba.float32)
     width = gu.shape[2]
-    for g in range(cuda.blockIdx.x, desc3.shape[0] * 2 * width, cuda.gridDim.x):
+    for g in range(first, desc3.shape[0] * 2 * width, cuda.gridDim.x * WARPS):
         f = g // (2 * width)
         which = (g // width) % 2
         r = g % width
@@ -200,10 +216,11 @@ def ffn_act_kernel(desc3, limits, gu, hq, hd, hb):
 @cuda.jit
 def ffn_down_kernel(w, desc3, hq, hd, hb, y):
     """Row g = f H + r: row r of FFN f's down matrix times its rounded hidden vector."""
-    lane = cuda.threadIdx.x
+    lane = cuda.threadIdx.x % 32
+    first = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
     red = cuda.shared.array(32, numba.float32)
     h = y.shape[1]
-    for g in range(cuda.blockIdx.x, desc3.shape[0] * h, cuda.gridDim.x):
+    for g in range(first, desc3.shape[0] * h, cuda.gridDim.x * WARPS):
         f = g // h
         r = g % h
         qt, cols = desc3[f, 2, 1], desc3[f, 2, 3]

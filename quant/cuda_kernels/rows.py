@@ -1,8 +1,9 @@
 """One 256-column super-block of one weight row times int8 activations, per format, on a warp.
 
-Each of a warp's 32 lanes takes the bytes the CPU's loop takes at its step l = lane
-(quant.int8_kernels.row_dot): consecutive lanes read consecutive bytes, so a warp's loads
-of one super-block coalesce. A lane returns its float32 share of the super-block's dot
+Each of a warp's 32 lanes takes 8 of the super-block's 256 weights: for the K-quants with
+scales per 32 weights, 4 lanes per sub-block, so a lane decodes one scale and one min
+(Q4_K, Q5_K); for Q6_K and Q8_0, the bytes the CPU's loop takes at its step l = lane
+(quant.int8_kernels.row_dot). A warp's loads of one super-block stay within its bytes. A lane returns its float32 share of the super-block's dot
 product; the warp's sum of the shares is the super-block's term, the same integer sums as
 the CPU's times the same scales, added in another order.
 
@@ -61,32 +62,38 @@ def k4_min(w, o, j):
 
 @device
 def lane_q4_k(w, o, l, xq, xd, xb, t, s):
-    xo = 256 * s
+    """Lanes 4j..4j+3 take sub-block j (8 weights each): one scale and min per lane."""
+    j = l >> 2
+    e0 = (l & 3) * 8
+    q0 = o + 16 + 32 * (j >> 1) + e0
+    sh = 4 * (j & 1)
+    xo = 256 * s + 32 * j + e0
     acc = I32(0)
-    for k in range(4):
-        q = I32(w[o + 16 + 32 * k + l])
-        acc += k4_scale(w, o + 4, 2 * k) * (q & 15) * I32(xq[t, xo + 64 * k + l])
-        acc += k4_scale(w, o + 4, 2 * k + 1) * (q >> 4) * I32(xq[t, xo + 64 * k + 32 + l])
+    for i in range(8):
+        acc += ((I32(w[q0 + i]) >> sh) & 15) * I32(xq[t, xo + i])
+    acc *= k4_scale(w, o + 4, j)
     msum = I32(0)
-    if l < 8:
-        msum = k4_min(w, o + 4, l) * (xb[t, 16 * s + 2 * l] + xb[t, 16 * s + 2 * l + 1])
+    if (l & 3) == 0:
+        msum = k4_min(w, o + 4, j) * (xb[t, 16 * s + 2 * j] + xb[t, 16 * s + 2 * j + 1])
     return xd[t, s] * (f16(w, o) * F32(acc) - f16(w, o + 2) * F32(msum))
 
 
 @device
 def lane_q5_k(w, o, l, xq, xd, xb, t, s):
-    xo = 256 * s
-    h = I32(w[o + 16 + l])
+    """As Q4_K, with the fifth bit of weight e of sub-block j in bit j of qh[e]."""
+    j = l >> 2
+    e0 = (l & 3) * 8
+    q0 = o + 48 + 32 * (j >> 1) + e0
+    sh = 4 * (j & 1)
+    xo = 256 * s + 32 * j + e0
     acc = I32(0)
-    for k in range(4):
-        q = I32(w[o + 48 + 32 * k + l])
-        lo = (q & 15) | (((h >> (2 * k)) & 1) << 4)
-        hi = (q >> 4) | (((h >> (2 * k + 1)) & 1) << 4)
-        acc += k4_scale(w, o + 4, 2 * k) * lo * I32(xq[t, xo + 64 * k + l])
-        acc += k4_scale(w, o + 4, 2 * k + 1) * hi * I32(xq[t, xo + 64 * k + 32 + l])
+    for i in range(8):
+        q = ((I32(w[q0 + i]) >> sh) & 15) | (((I32(w[o + 16 + e0 + i]) >> j) & 1) << 4)
+        acc += q * I32(xq[t, xo + i])
+    acc *= k4_scale(w, o + 4, j)
     msum = I32(0)
-    if l < 8:
-        msum = k4_min(w, o + 4, l) * (xb[t, 16 * s + 2 * l] + xb[t, 16 * s + 2 * l + 1])
+    if (l & 3) == 0:
+        msum = k4_min(w, o + 4, j) * (xb[t, 16 * s + 2 * j] + xb[t, 16 * s + 2 * j + 1])
     return xd[t, s] * (f16(w, o) * F32(acc) - f16(w, o + 2) * F32(msum))
 
 

@@ -99,6 +99,7 @@ class GPUExecutor:
                                    cfg.window, n_ctx, rollback, START_CAPACITY)
         self._experts_desc: dict[tuple[int, int], np.ndarray] = {}  # (layer, e) -> [3, 4], valid while resident
         self.tables = None  # layer -> int64 [E, 3, 4] on the card, once every expert is in VRAM
+        self._cuts: dict = {}  # slices of the buffers below (see _cut)
         self._buffers(n_ctx)
 
     # ------------------------------------------------------------------ building
@@ -156,6 +157,15 @@ class GPUExecutor:
         self.ffn_scratch = ck.ffn_scratch(1 + K, (1 + K) * width, H)
         self.staging = [pin(self.slot_bytes, np.uint8) for _ in range(K)] if self.n_slots else []
         self.cpu_scratch = int8_kernels.ffn_scratch(H, K, K * cfg.expert_ffn) if cfg.n_expert else None
+
+    def _cut(self, a, start: int, one: int = 0):
+        """a[:start] (one = 0), a[start:start + 1] (one = 1) or a[start] (one = 2), made once: numba builds a new device-array
+        object for every slice, and a decode step takes dozens of them."""
+        key = (id(a), start, one)
+        v = self._cuts.get(key)
+        if v is None:
+            v = self._cuts[key] = a[start] if one == 2 else a[start : start + 1] if one else a[:start]
+        return v
 
     def _acts(self, width: int):
         if width not in self.q8:
@@ -249,7 +259,7 @@ class GPUExecutor:
         self.pos_h[:T] = np.arange(pos0, pos0 + T)
         self.pos_d.copy_to_device(self.pos_h, stream=st)
         self.slots_d.copy_to_device(self.slots_h, stream=st)
-        self.h[:T].copy_to_device(np.ascontiguousarray(rows, np.float32), stream=st)
+        self._cut(self.h, T).copy_to_device(np.ascontiguousarray(rows, np.float32), stream=st)
         for i, (b, kv) in enumerate(zip(self.blocks, self.cache.layers)):
             kv.sync_positions(st)
             self._attention(b, kv, i, T)
@@ -257,11 +267,11 @@ class GPUExecutor:
                 self._moe(i, b, T)
             else:
                 xq, xd, xb = self._acts(self.cfg.hidden)
-                ck.quantize(self.x[:T], xq[:T], xd[:T], xb[:T], st)
+                ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), st)
                 for t in range(T):
-                    ck.swiglu_ffns(self.arena, b.ffn3_d, self.one_d, self.limit_d[b.limit_shared], xq[t : t + 1],
-                                   xd[t : t + 1], xb[t : t + 1], self.h[t], self.ffn_scratch, st)
-        out = self.h[:T].copy_to_host(stream=st)
+                    ck.swiglu_ffns(self.arena, b.ffn3_d, self.one_d, self.limit_d[b.limit_shared], self._cut(xq, t, 1),
+                                   self._cut(xd, t, 1), self._cut(xb, t, 1), self._cut(self.h, t, 2), self.ffn_scratch, st)
+        out = self._cut(self.h, T).copy_to_host(stream=st)
         st.synchronize()
         return out
 
@@ -270,51 +280,51 @@ class GPUExecutor:
         st, cfg = self.stream, self.cfg
         D, H = cfg.head_dim, cfg.hidden
         xq, xd, xb = self._acts(H)
-        ops.rms_norm(self.h[:T], b.attn_norm, cfg.rms_eps, self.x[:T], st)
-        ck.quantize(self.x[:T], xq[:T], xd[:T], xb[:T], st)
-        proj, pos = self.proj[b.p][:T], self.pos_d[:T]
-        ck.matvec(self.arena, b.qkvg, b.qkvg_starts, xq[:T], xd[:T], xb[:T], proj, st)
+        ops.rms_norm(self._cut(self.h, T), b.attn_norm, cfg.rms_eps, self._cut(self.x, T), st)
+        ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), st)
+        proj, pos = self._cut(self.proj[b.p], T), self._cut(self.pos_d, T)
+        ck.matvec(self.arena, b.qkvg, b.qkvg_starts, self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), proj, st)
         ops.qk_norm_rope(proj, b.n_head, b.n_kv, D, b.q_norm, b.k_norm, cfg.rms_eps, b.inv_freq, pos, st)
         ops.kv_store(proj, b.n_head, b.n_kv, D, kv.k, kv.v, kv.dpos, self.slots_d[i, :T], pos, st)
-        att = self.att[b.n_head][:T]
+        att = self._cut(self.att[b.n_head], T)
         ops.attention(proj, b.n_head, b.n_kv, D, kv.k, kv.v, kv.dpos, kv.capacity if kv.ring else kv.n, pos,
                       b.window, att, self.att_scratch, st)
         aq, ad, ab = self._acts(b.n_head * D)
-        ck.quantize(att, aq[:T], ad[:T], ab[:T], st)
-        ck.matvec(self.arena, b.o, b.o_starts, aq[:T], ad[:T], ab[:T], self.o[:T], st)
-        ops.add_rms_norm(self.h[:T], self.o[:T], b.ffn_norm, cfg.rms_eps, self.x[:T], st)
+        ck.quantize(att, self._cut(aq, T), self._cut(ad, T), self._cut(ab, T), st)
+        ck.matvec(self.arena, b.o, b.o_starts, self._cut(aq, T), self._cut(ad, T), self._cut(ab, T), self._cut(self.o, T), st)
+        ops.add_rms_norm(self._cut(self.h, T), self._cut(self.o, T), b.ffn_norm, cfg.rms_eps, self._cut(self.x, T), st)
 
     def _moe(self, i: int, b: GPUBlock, T: int) -> None:
         st, cfg = self.stream, self.cfg
         K = cfg.n_expert_used
         xq, xd, xb = self._acts(cfg.hidden)
-        ck.quantize(self.x[:T], xq[:T], xd[:T], xb[:T], st)
+        ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), st)
         if b.router_f32 is not None:
-            ops.router_logits(self.x[:T], b.router_f32, self.logits[:T], st)
+            ops.router_logits(self._cut(self.x, T), b.router_f32, self._cut(self.logits, T), st)
         else:
-            ck.matvec(self.arena, b.router, b.router_starts, xq[:T], xd[:T], xb[:T], self.logits[:T], st)
-        ops.route(self.logits[:T], b.bias, K, cfg.expert_scale, cfg.expert_norm, self.ids[:T], self.wts[:T], st)
+            ck.matvec(self.arena, b.router, b.router_starts, self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), self._cut(self.logits, T), st)
+        ops.route(self._cut(self.logits, T), b.bias, K, cfg.expert_scale, cfg.expert_norm, self._cut(self.ids, T), self._cut(self.wts, T), st)
         if self.tables is not None:  # every expert in VRAM: nothing waits for the host
             for t in range(T):
-                gather_ffn_rows(self.ids[t : t + 1], self.wts[t : t + 1], self.tables[i], b.ffn3_d, b.limit_shared,
-                                b.limit, self.desc_d[t], self.fw_d[t], self.fl_d[t], st)
-                ck.swiglu_ffns(self.arena, self.desc_d[t], self.fw_d[t], self.fl_d[t], xq[t : t + 1], xd[t : t + 1],
-                               xb[t : t + 1], self.h[t], self.ffn_scratch, st)
+                gather_ffn_rows(self._cut(self.ids, t, 1), self._cut(self.wts, t, 1), self.tables[i], b.ffn3_d, b.limit_shared,
+                                b.limit, self._cut(self.desc_d, t, 2), self._cut(self.fw_d, t, 2), self._cut(self.fl_d, t, 2), st)
+                ck.swiglu_ffns(self.arena, self._cut(self.desc_d, t, 2), self._cut(self.fw_d, t, 2), self._cut(self.fl_d, t, 2), self._cut(xq, t, 1), self._cut(xd, t, 1),
+                               self._cut(xb, t, 1), self._cut(self.h, t, 2), self.ffn_scratch, st)
             self.tier.counts.gpu_hits += T * K
             return
-        self.ids[:T].copy_to_host(self.ids_h[:T], stream=st)
-        self.wts[:T].copy_to_host(self.wts_h[:T], stream=st)
-        self.x[:T].copy_to_host(self.x_h[:T], stream=st)
+        self._cut(self.ids, T).copy_to_host(self._cut(self.ids_h, T), stream=st)
+        self._cut(self.wts, T).copy_to_host(self._cut(self.wts_h, T), stream=st)
+        self._cut(self.x, T).copy_to_host(self._cut(self.x_h, T), stream=st)
         st.synchronize()  # also: the previous block's copies out of staging and y_h are done
         self.y_h[:T] = 0.0
         keep: set[int] = set()  # slots this block's launches read: not to be evicted before they run
         staged = [0]
         on_cpu = False
         for t in range(T):
-            on_cpu |= self._moe_token(i, b, t, keep, staged, (xq[t : t + 1], xd[t : t + 1], xb[t : t + 1]))
+            on_cpu |= self._moe_token(i, b, t, keep, staged, (self._cut(xq, t, 1), self._cut(xd, t, 1), self._cut(xb, t, 1)))
         if on_cpu:
-            self.o[:T].copy_to_device(self.y_h[:T], stream=st)
-            ops.add(self.h[:T], self.o[:T], st)
+            self._cut(self.o, T).copy_to_device(self._cut(self.y_h, T), stream=st)
+            ops.add(self._cut(self.h, T), self._cut(self.o, T), st)
 
     def _moe_token(self, i: int, b: GPUBlock, t: int, keep: set, staged: list, q8) -> bool:
         """Token t's routed experts of block i: VRAM hits and copies on the card, the rest into y_h[t]
@@ -363,7 +373,7 @@ class GPUExecutor:
         self.desc_d[t, :n].copy_to_device(self.desc_h[t, :n], stream=st)
         self.fw_d[t, :n].copy_to_device(self.fw_h[t, :n], stream=st)
         self.fl_d[t, :n].copy_to_device(self.fl_h[t, :n], stream=st)
-        ck.swiglu_ffns(self.arena, self.desc_d[t, :n], self.fw_d[t, :n], self.fl_d[t, :n], *q8, self.h[t],
+        ck.swiglu_ffns(self.arena, self.desc_d[t, :n], self.fw_d[t, :n], self.fl_d[t, :n], *q8, self._cut(self.h, t, 2),
                        self.ffn_scratch, st)
 
     def _cpu_ffn(self, rows, w, limit: float, t: int) -> None:
