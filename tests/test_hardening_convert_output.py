@@ -151,6 +151,8 @@ def test_interrupted_conversions_leave_nothing_under_the_final_name(tiny_ckpt, t
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         phases.append(_interrupt(tiny_ckpt, out, sig, rng.uniform(0.0, 0.6), after_part=True))
         assert not out.exists() or out.read_bytes() == reference
+        if out.exists():  # it finished before the signal: the next run must start without it (no --force)
+            out.unlink()
     assert "writing" in phases, phases
     _check_after_kills_then_convert_again(tiny_ckpt, out, reference, phases, in_process=True)
 
