@@ -33,6 +33,7 @@ from runtime.model.block import Block
 from runtime.model.decode_plan import DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
+from runtime.model import kv_checkpoint
 from runtime.model.kv_cache import CacheStateError, KVCache
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
@@ -65,6 +66,7 @@ class Model:
         self._tokenizer = None
         self._tokens: list[int] = []  # the ids the cache holds, position by position
         self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
+        self._checkpoint: kv_checkpoint.KVCheckpoint | None = None  # rings at the end of the last prompt
         # Read ahead: before block i runs, guess block i+1's experts with its router.
         self._read_ahead = options.prefetch and provider.prefetches
 
@@ -86,6 +88,7 @@ class Model:
     def reset(self) -> None:
         self.cache.reset()
         self._tokens = []
+        self._checkpoint = None
 
     def warm_up(self) -> float:
         """Evaluate a chunk of five tokens and one token alone, then forget them, so that every
@@ -106,6 +109,8 @@ class Model:
         """Forget the last n evaluated positions."""
         self.cache.trim(n)
         del self._tokens[len(self._tokens) - n :]
+        if self._checkpoint is not None and self.n_past < self._checkpoint.n_past:
+            self._checkpoint = None
 
     def close(self) -> None:
         self.provider.close()
@@ -259,21 +264,47 @@ class Model:
             return h[None]
         return block.prefill(x, np.arange(start, start + x.shape[0]), kv, self.provider)
 
-    def eval_reusing_prefix(self, tokens) -> np.ndarray:
-        """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
+    def keep_prefix(self, tokens) -> int:
+        """Roll the cache back to the longest prefix it shares with `tokens` that it can return
+        to, leaving at least the last token to evaluate (its logits are wanted). Returns the
+        positions kept: trim when the sliding rings allow it, else the checkpoint taken after
+        the last prompt (runtime.model.kv_checkpoint) when the two agree up to it, else 0."""
         tokens = list(tokens)
         common = 0
         for a, b in zip(self._tokens, tokens):
             if a != b:
                 break
             common += 1
-        common = min(common, len(tokens) - 1)  # the last token is evaluated again for its logits
+        common = min(common, len(tokens) - 1)
         try:
             self.trim(self.n_past - common)
-        except StepstreamError:  # the sliding ring cannot roll back that far
-            self.reset()
-            common = 0
-        return self.eval(tokens[common:])
+            return common
+        except StepstreamError:  # the sliding rings cannot roll back that far
+            pass
+        cp = self._checkpoint
+        if cp is not None and cp.n_past <= common:
+            kv_checkpoint.restore(self.cache, cp)
+            del self._tokens[cp.n_past :]
+            return cp.n_past
+        self.reset()
+        return 0
+
+    def eval_prompt(self, tokens) -> tuple[np.ndarray, int]:
+        """(logits [V] after `tokens`, positions reused): evaluates only what the cache does not
+        already hold. When the model has sliding-window blocks, their rings are copied afterwards
+        (a checkpoint), so that a later prompt sharing these tokens but not what was generated
+        after them still reuses them."""
+        tokens = list(tokens)
+        kept = self.keep_prefix(tokens)
+        logits = self.eval(tokens[kept:])
+        if any(layer.ring for layer in self.cache.layers) and (self._checkpoint is None
+                                                               or self._checkpoint.n_past != self.n_past):
+            self._checkpoint = kv_checkpoint.take(self.cache)
+        return logits, kept
+
+    def eval_reusing_prefix(self, tokens) -> np.ndarray:
+        """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
+        return self.eval_prompt(tokens)[0]
 
     # ------------------------------------------------------------------ text
 
@@ -317,10 +348,11 @@ class Model:
         pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
         return chat_response(self, ids, pieces, stream)
 
-    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The prompt ids of a conversation, rendered with the model's chat template. Control tokens
-        come only from the template: special-token text inside a message is tokenized as text."""
-        return chat_ids(self.tokenizer, messages, add_generation_prompt)
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> list[int]:
+        """The prompt ids of a conversation, rendered with the model's chat template (with the
+        OpenAI function specs `tools`, when given). Control tokens come only from the template:
+        special-token text inside a message is tokenized as text."""
+        return chat_ids(self.tokenizer, messages, add_generation_prompt, tools=tools)
 
     def _check_tokens_only(self, tokens) -> list[int]:
         ids = np.asarray(tokens)
