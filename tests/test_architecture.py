@@ -34,6 +34,7 @@ LAYERS = (
     "convert.train",         # training the miniature (torch)
     "runtime",               # the composition root: load()
     "runtime.bench",         # benchmarks and reports
+    "runtime.server",        # the OpenAI-compatible HTTP server (FastAPI)
     "runtime.cli",           # the `stepstream` command line
 )
 

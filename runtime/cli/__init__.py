@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("runtime.cli.convert", "convert a Hugging Face Step-3.5 checkpoint to GGUF"),
     "run": ("runtime.cli.run", "complete a prompt with a GGUF model, streaming the text"),
     "chat": ("runtime.cli.chat", "chat with a GGUF model using its chat template"),
+    "serve": ("runtime.cli.serve", "serve a GGUF model over an OpenAI-compatible HTTP API"),
     "bench": ("runtime.cli.bench", "measure prefill and decode speed (optionally beside llama.cpp)"),
     "perplexity": ("runtime.cli.perplexity", "perplexity of a text file, computed as llama.cpp's llama-perplexity does"),
     "profile": ("runtime.cli.profile", "record per-layer expert activation counts over a prompts file"),

@@ -1,0 +1,73 @@
+"""`stepstream serve`: an OpenAI-compatible HTTP server for one model (runtime.server)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from runtime.base.errors import StepstreamError
+from runtime.cli.common import add_model_args, positive_int
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: 8080)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
+    p.add_argument("--alias", default=None, metavar="NAME",
+                   help="the model's name in the API (default: the GGUF file's name)")
+    p.add_argument("--queue-size", type=positive_int, default=8,
+                   help="requests that may wait while one runs; more get 503 (default: 8)")
+    p.add_argument("--max-body", type=positive_int, default=8 * 2**20, metavar="BYTES",
+                   help="largest request body accepted (default: 8 MiB)")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise StepstreamError(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise StepstreamError(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise StepstreamError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from runtime.server.app import create_app
+        from runtime.server.engine import Engine
+    except ImportError as e:
+        raise StepstreamError(f"the server needs the [serve] extra ({e.name} is missing): "
+                              "pip install 'stepstream[serve]'") from None
+    from runtime.cli.common import load_model
+
+    sock = _listen(args.host, args.port)  # before the model loads: a taken port fails fast
+    model = load_model(args)
+    model.tokenizer  # noqa: B018 - built now, not by the first request's handler
+    name = args.alias or model.name
+    engine = Engine(model, queue_size=args.queue_size)
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {name} (context {model.n_ctx} tokens) at http://{shown}:{port}/v1"
+          + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()
+        model.close()
+    return 0

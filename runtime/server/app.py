@@ -1,0 +1,218 @@
+"""The HTTP side of `stepstream serve`: OpenAI's routes over one Engine, as a FastAPI app.
+
+    GET  /health                 no key needed: {"status": "ok", ...}
+    GET  /v1/models
+    POST /v1/completions         text in, text out (streaming or whole)
+    POST /v1/chat/completions    messages in (chat template, tools), content / reasoning / tool calls out
+
+Handlers check the body (runtime.server.requests), render and tokenize the prompt, queue a
+job on the engine, and turn its steps into OpenAI responses (runtime.server.shapes); they
+never touch the model's cache. Every refusal is an OpenAI error body with a 4xx status; a
+full queue is a 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from runtime.base.errors import StepstreamError
+from runtime.server.completion import Request as ModelRequest
+from runtime.server.engine import Busy, Engine, Job
+from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
+from runtime.server.shapes import ChatReply, TextReply
+from runtime.text.tool_calls import starts_in_reasoning
+
+MAX_BODY = 8 * 2**20  # bytes: far more than any prompt the context can hold
+POLL_S = 0.25  # how often a whole-response handler checks that its client is still there
+
+
+class ClientGone(Exception):
+    pass
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+    model = engine.model
+    app = FastAPI(title="stepstream", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):
+        return Response(status_code=499)  # nobody reads it: nginx's code for a client that closed the request
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind).body(),
+                            status_code=e.status_code)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           kind="authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request) -> dict:
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > max_body:
+            raise ApiError(413, f"the request body is {int(size)} bytes; the limit is {max_body}", code="body_too_large")
+        parts, n = [], 0
+        async for part in request.stream():
+            n += len(part)
+            if n > max_body:
+                raise ApiError(413, f"the request body is over the limit of {max_body} bytes", code="body_too_large")
+            parts.append(part)
+        try:
+            return parse_json(b"".join(parts))
+        except RecursionError:
+            raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
+
+    def model_request(ids: list[int], common, logprobs) -> ModelRequest:
+        if len(ids) >= model.n_ctx:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx} "
+                                "(start the server with a larger --ctx-size, or shorten the prompt)",
+                           param="messages", code="context_length_exceeded")
+        room = model.n_ctx - len(ids) + 1
+        return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs)
+
+    def submit(req: ModelRequest) -> Job:
+        try:
+            return engine.submit(req)
+        except Busy:
+            raise ApiError(503, f"the server is busy: {engine.queue_size} requests are waiting; retry shortly",
+                           kind="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
+
+    async def events(job: Job, request: Request | None):
+        """The job's events; with `request`, polls it and cancels the job if its client left."""
+        while True:
+            if request is None:
+                kind, value = await job.events.get()
+            else:
+                try:
+                    kind, value = await asyncio.wait_for(job.events.get(), POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel.set()
+                        raise ClientGone from None
+                    continue
+            if kind == "error":
+                raise ApiError(500, value, kind="server_error", code="generation_failed")
+            yield kind, value
+            if kind == "done":
+                return
+
+    def sse(job: Job, to_chunks, usage_chunk, include_usage: bool) -> StreamingResponse:
+        async def body():
+            try:
+                try:
+                    async for kind, value in events(job, None):
+                        if kind == "step":
+                            for c in to_chunks(value):
+                                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+                    if include_usage:
+                        yield f"data: {json.dumps(usage_chunk(), ensure_ascii=False)}\n\n"
+                except ApiError as e:
+                    yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # done, or the client went away: a running generation stops within one token
+                job.cancel.set()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def whole(job: Job, request: Request, collect) -> None:
+        try:
+            async for kind, value in events(job, request):
+                if kind == "step":
+                    collect(value)
+        finally:
+            job.cancel.set()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "busy": engine.busy, "waiting": engine.waiting,
+                "served": engine.served}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "stepstream", "meta": {"n_ctx": model.n_ctx,
+                                                                              "n_vocab": model.cfg.vocab}}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        check_model(body, model_name)
+        b = completion_body(body)
+        if isinstance(b.prompt, str):
+            ids = model.tokenize(b.prompt, add_bos=True, special=True)
+        else:
+            bad = [t for t in b.prompt if not 0 <= t < model.cfg.vocab]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} in 'prompt' is outside the vocabulary (0..{model.cfg.vocab - 1})",
+                               param="prompt", code="invalid_value")
+            ids = list(b.prompt)
+        req = model_request(ids, b.common, b.logprobs)
+        echo = (b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")) if b.echo else ""
+        reply = TextReply(model_name, len(ids), echo)
+        want = b.logprobs is not None
+        job = submit(req)
+        if b.common.stream:
+            first = [reply._envelope([{"text": echo, "index": 0, "logprobs": None, "finish_reason": None}])] if echo else []
+
+            def to_chunks(step):
+                c = reply.chunk(step, want)
+                out = first + ([c] if c else [])
+                first.clear()
+                return out
+
+            return sse(job, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
+        await whole(job, request, lambda step: reply.chunk(step, want))
+        return reply.whole(req.timings, want)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        check_model(body, model_name)
+        b = chat_body(body)
+        tools = b.tools if b.tools and b.tool_choice != "none" else None
+        try:
+            ids = model.chat_tokens(b.messages, tools=tools)
+        except StepstreamError as e:
+            raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+        except RecursionError:
+            raise ApiError(400, "the messages or tools nest too deeply", param="messages", code="invalid_value") from None
+        req = model_request(ids, b.common, b.logprobs)
+        tail = model.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")
+        reply = ChatReply(model_name, len(ids), in_reasoning=starts_in_reasoning(tail), parse_tools=tools is not None)
+        want = b.logprobs is not None
+        job = submit(req)
+        if b.common.stream:
+            first = [reply.first_chunk()]
+
+            def to_chunks(step):
+                out = first + reply.chunks(step, want)
+                first.clear()
+                return out
+
+            return sse(job, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
+        await whole(job, request, reply.collect)
+        return reply.whole(req.timings, want)
+
+    return app

@@ -1,0 +1,210 @@
+"""The JSON bodies of /v1/completions and /v1/chat/completions, checked field by field.
+
+Every problem is an ApiError with the HTTP status, a one-line message naming the field and
+the value, and OpenAI's error `type`/`code`, so a client library raises its usual exception.
+Nothing here touches the model except the tokenizer and the context size: a request is
+refused before it is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from runtime.base.errors import StepstreamError
+from runtime.generation.sampling import SamplingParams
+
+MAX_STOPS = 4  # as OpenAI
+MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
+MAX_SEED = 2**63 - 1
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Common:
+    """The fields both endpoints share."""
+
+    max_tokens: int | None
+    params: SamplingParams
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True)
+class CompletionBody:
+    prompt: str | list[int]
+    common: Common
+    logprobs: int | None
+    echo: bool
+
+
+@dataclass(frozen=True)
+class ChatBody:
+    messages: list[dict]
+    tools: list[dict] | None
+    tool_choice: str | dict
+    common: Common
+    logprobs: int | None  # None, or how many alternatives (top_logprobs)
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def _type_name(v) -> str:
+    return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
+                                      list: "array", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def _get(body: dict, name: str, kinds: tuple, default=None, *, required: bool = False):
+    if name not in body or body[name] is None:
+        if required:
+            raise ApiError(400, f"'{name}' is required", param=name, code="missing_required_parameter")
+        return default
+    v = body[name]
+    ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+    if not ok:
+        want = " or ".join(_type_name(k()) if k is not float else "number" for k in kinds)
+        raise ApiError(400, f"'{name}' must be {want}, got {_type_name(v)} {json.dumps(v)[:80]}", param=name,
+                       code="invalid_type")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ApiError(400, f"'{name}' must be a finite number", param=name, code="invalid_value")
+    return v
+
+
+def _range(name: str, v, lo, hi) -> None:
+    if v is not None and not lo <= v <= hi:
+        raise ApiError(400, f"'{name}' must be in [{lo}, {hi}], got {v}", param=name, code="invalid_value")
+
+
+def check_model(body: dict, served: str) -> None:
+    name = _get(body, "model", (str,))
+    if name is not None and name != served:
+        raise ApiError(404, f"the model '{name}' does not exist; this server serves '{served}'", param="model",
+                       code="model_not_found")
+
+
+def _common(body: dict, default_max_tokens: int | None) -> Common:
+    max_tokens = _get(body, "max_completion_tokens", (int,)) if "max_completion_tokens" in body else None
+    max_tokens = _get(body, "max_tokens", (int,), max_tokens)
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens",
+                       code="invalid_value")
+    n = _get(body, "n", (int,), 1)
+    if n != 1:
+        raise ApiError(400, f"'n' must be 1 (one choice per request), got {n}", param="n", code="invalid_value")
+    temperature = _get(body, "temperature", (int, float), 1.0)
+    _range("temperature", temperature, 0, 2)
+    top_p = _get(body, "top_p", (int, float), 1.0)
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p", code="invalid_value")
+    seed = _get(body, "seed", (int,))
+    _range("seed", seed, 0, MAX_SEED)
+    for name in ("presence_penalty", "frequency_penalty"):
+        _range(name, _get(body, name, (int, float), 0), -2, 2)
+    stop = _get(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop",
+                       code="invalid_value")
+    stream = _get(body, "stream", (bool,), False)
+    options = _get(body, "stream_options", (dict,), {})
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean", param="stream_options",
+                       code="invalid_type")
+    # OpenAI's sampling is temperature and top_p alone: top-k, min-p and the repeat penalty are off.
+    params = SamplingParams(temperature=float(temperature), top_k=0, top_p=float(top_p), min_p=0.0, seed=seed)
+    return Common(max_tokens if max_tokens is not None else default_max_tokens, params, tuple(stop), stream,
+                  include_usage)
+
+
+def completion_body(body: dict) -> CompletionBody:
+    prompt = _get(body, "prompt", (str, list), required=True)
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ApiError(400, "'prompt' must be a string or a non-empty array of token ids (one prompt per request)",
+                           param="prompt", code="invalid_value")
+    elif not prompt:
+        raise ApiError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
+    logprobs = _get(body, "logprobs", (int,))
+    _range("logprobs", logprobs, 0, MAX_COMPLETION_LOGPROBS)
+    if _get(body, "suffix", (str,)) is not None:
+        raise ApiError(400, "'suffix' (fill in the middle) is not supported", param="suffix", code="unsupported")
+    return CompletionBody(prompt, _common(body, 16), logprobs, _get(body, "echo", (bool,), False))
+
+
+def _content_ok(content) -> bool:
+    if content is None or isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+
+
+def chat_body(body: dict) -> ChatBody:
+    messages = _get(body, "messages", (list,), required=True)
+    if not messages:
+        raise ApiError(400, "'messages' must hold at least one message", param="messages", code="invalid_value")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object, got {_type_name(m)}", param=where, code="invalid_type")
+        if m.get("role") not in ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(m.get('role'))}",
+                           param=f"{where}.role", code="invalid_value")
+        if not _content_ok(m.get("content")):
+            raise ApiError(400, f"{where}.content must be a string, null or a list of text parts "
+                                "({'type': 'text', 'text': ...})", param=f"{where}.content", code="invalid_value")
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) for c in calls)):
+            raise ApiError(400, f"{where}.tool_calls must be a list of {{'function': {{'name': ..., 'arguments': ...}}}} "
+                                "on an assistant message", param=f"{where}.tool_calls", code="invalid_value")
+    tools = _get(body, "tools", (list,))
+    if tools is not None:
+        for i, t in enumerate(tools):
+            if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+                    and isinstance(t["function"].get("name"), str) and t["function"]["name"]):
+                raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                    "'parameters': ...}}}}", param=f"tools[{i}]", code="invalid_value")
+    tool_choice = _get(body, "tool_choice", (str, dict), "auto")
+    if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
+        raise ApiError(400, f"'tool_choice' must be auto, none, required or a function, got {tool_choice!r}",
+                       param="tool_choice", code="invalid_value")
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) else None
+        if name not in {t["function"]["name"] for t in tools or []}:
+            raise ApiError(400, f"'tool_choice' names the function {name!r}, which is not among 'tools'",
+                           param="tool_choice", code="invalid_value")
+    logprobs = None
+    if _get(body, "logprobs", (bool,), False):
+        logprobs = _get(body, "top_logprobs", (int,), 0)
+        _range("top_logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
+    elif _get(body, "top_logprobs", (int,)) is not None:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    return ChatBody(messages, tools, tool_choice, _common(body, None), logprobs)
+
+
+def sampling_error(e: StepstreamError) -> ApiError:
+    return ApiError(400, str(e), code="invalid_value")

@@ -1,0 +1,154 @@
+"""OpenAI-shaped responses and streaming chunks, built from a request's completion steps.
+
+A Reply collects the steps of one request and says, at each step, what the client is sent:
+for a text completion the text itself; for a chat completion the deltas of the reply parser
+(runtime.text.tool_calls), which separates reasoning, content and tool calls, holding back
+text that may be the start of a tag.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from runtime.server.completion import Step, Timings, TokenLogprob
+from runtime.text.tool_calls import ReplyStream, parse_reply
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def usage(n_prompt: int, timings: Timings) -> dict:
+    n = timings.predicted_n
+    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n,
+            "prompt_tokens_details": {"cached_tokens": timings.cached_n}}
+
+
+class TextReply:
+    """/v1/completions."""
+
+    def __init__(self, model_name: str, n_prompt: int, echo: str = ""):
+        self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        self.n_prompt, self.echo = n_prompt, echo
+        self.text: list[str] = [echo]
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+
+    def _logprobs(self, lps, offset: int) -> dict:
+        tokens, offsets = [], []
+        for lp in lps:
+            offsets.append(offset)
+            tokens.append(_text(lp.text))
+            offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{_text(t): p for _, t, p in lp.top} for lp in lps], "text_offset": offsets}
+
+    def chunk(self, step: Step, want_logprobs: bool) -> dict | None:
+        """The streaming chunk for one step (None when it carries nothing)."""
+        offset = sum(len(t) for t in self.text)
+        self.text.append(step.text)
+        self.logprobs.extend(step.logprobs)
+        self.finish_reason = step.finish_reason
+        if not step.text and not step.finish_reason and not step.logprobs:
+            return None
+        return self._envelope([{"text": step.text, "index": 0,
+                                "logprobs": self._logprobs(step.logprobs, offset) if want_logprobs else None,
+                                "finish_reason": step.finish_reason}])
+
+    def _envelope(self, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def whole(self, timings: Timings, want_logprobs: bool) -> dict:
+        choice = {"text": "".join(self.text), "index": 0,
+                  "logprobs": self._logprobs(self.logprobs, len(self.echo)) if want_logprobs else None,
+                  "finish_reason": self.finish_reason}
+        return self._envelope([choice], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
+
+    def usage_chunk(self, timings: Timings) -> dict:
+        return self._envelope([], usage=usage(self.n_prompt, timings))
+
+
+def _chat_logprobs(lps) -> dict:
+    return {"content": [{"token": _text(lp.text), "logprob": lp.logprob, "bytes": list(lp.text),
+                         "top_logprobs": [{"token": _text(t), "logprob": p, "bytes": list(t)} for _, t, p in lp.top]}
+                        for lp in lps]}
+
+
+class ChatReply:
+    """/v1/chat/completions: content, `reasoning_content` and `tool_calls` parsed from the text."""
+
+    def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, parse_tools: bool):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        self.n_prompt, self.in_reasoning, self.parse_tools = n_prompt, in_reasoning, parse_tools
+        self.stream = ReplyStream(in_reasoning=in_reasoning)
+        self.text: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.called = False  # a tool call was streamed
+
+    def _envelope(self, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def first_chunk(self) -> dict:
+        return self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}])
+
+    def collect(self, step: Step) -> None:
+        """Keep a step of a reply that is sent whole."""
+        self.text.append(step.text)
+        self.logprobs.extend(step.logprobs)
+        self.finish_reason = step.finish_reason or self.finish_reason
+
+    def _finish(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.called else reason
+
+    def chunks(self, step: Step, want_logprobs: bool) -> list[dict]:
+        """The streaming chunks for one step."""
+        self.text.append(step.text)
+        self.logprobs.extend(step.logprobs)
+        deltas = self._deltas(step.text) if step.text else []
+        if step.finish_reason:
+            deltas += self.stream.finish() if self.parse_tools or self.in_reasoning else []
+        self.called = self.called or any("tool_calls" in d for d in deltas)
+        out = [self._envelope([{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]) for d in deltas]
+        if want_logprobs and step.logprobs:
+            if out:
+                out[0]["choices"][0]["logprobs"] = _chat_logprobs(step.logprobs)
+            else:
+                out.append(self._envelope([{"index": 0, "delta": {}, "logprobs": _chat_logprobs(step.logprobs),
+                                            "finish_reason": None}]))
+        if step.finish_reason:
+            self.finish_reason = self._finish(step.finish_reason)
+            out.append(self._envelope([{"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": self.finish_reason}]))
+        return out
+
+    def _deltas(self, text: str) -> list[dict]:
+        if self.parse_tools or self.in_reasoning:
+            return self.stream.push(text)
+        return [{"content": text}]
+
+    def whole(self, timings: Timings, want_logprobs: bool) -> dict:
+        text = "".join(self.text)
+        message: dict = {"role": "assistant", "content": text}
+        if self.parse_tools or self.in_reasoning:
+            parsed = parse_reply(text, in_reasoning=self.in_reasoning)
+            message["content"] = parsed.content
+            if parsed.reasoning is not None:
+                message["reasoning_content"] = parsed.reasoning
+            if parsed.tool_calls and self.parse_tools:
+                message["tool_calls"] = [{"id": c.id, "type": "function",
+                                          "function": {"name": c.name, "arguments": c.arguments}}
+                                         for c in parsed.tool_calls]
+                self.called = True
+        choice = {"index": 0, "message": message,
+                  "logprobs": _chat_logprobs(self.logprobs) if want_logprobs else None,
+                  "finish_reason": self._finish(self.finish_reason)}
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage(self.n_prompt, timings), "timings": timings.as_dict()}
+
+    def usage_chunk(self, timings: Timings) -> dict:
+        return self._envelope([], usage=usage(self.n_prompt, timings))
