@@ -20,12 +20,63 @@ SPLIT_REGEX = (
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
 
+# Our own template in Step-3.5-Flash's markup (llama.cpp's models/templates/
+# stepfun-ai-Step-3.5-Flash.jinja): ChatML turns; the tools as JSON lines inside <tools> in
+# the system turn; a call as <tool_call><function=NAME><parameter=KEY>VALUE</parameter>...;
+# results as <tool_response> blocks in one `tool_response` turn; reasoning in <think>.
+# Differences from theirs, for prompt-prefix reuse (runtime/text/tool_calls.py parses the
+# reply with the inverse layout): the generation prompt does not open <think>, an earlier
+# turn's reasoning is kept in every turn (theirs drops it once a new user turn comes, which
+# changes an already-evaluated prefix), and a call after content or after another call is
+# set on its own line. A string argument is written as is, any other value as JSON.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{%- macro text(c) -%}"
+    "{%- if c is none -%}"
+    "{%- elif c is string -%}{{ c }}"
+    "{%- elif c is mapping -%}{{ c | tojson }}"
+    "{%- elif c is iterable -%}"
+    "{%- for part in c -%}{%- if part is mapping and part.type == 'text' -%}{{ part.text }}{%- endif -%}{%- endfor -%}"
+    "{%- else -%}{{ c | string }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{- bos_token -}}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0].role == 'system' -%}{{- text(messages[0].content) + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\nThese functions are available, each given as a JSON Schema:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nTo call functions, end your reply with one block per call:\\n'"
+    " + '<tool_call>\\n<function=NAME>\\n<parameter=ARGUMENT>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>\\n'"
+    " + 'Write a string VALUE as it is and any other VALUE as JSON.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if tools and loop.first and message.role == 'system' -%}"
+    "{%- elif message.role == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if message.reasoning_content is string and message.reasoning_content -%}"
+    "{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n' -}}"
+    "{%- endif -%}"
+    "{%- set content = text(message.content) -%}"
+    "{{- content -}}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{%- set f = call.function if call.function is defined else call -%}"
+    "{%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n<function=' + f.name + '>\\n' -}}"
+    "{%- for key, value in (f.arguments or {}).items() -%}"
+    "{{- '<parameter=' + key + '>\\n' + (value if value is string else value | tojson) + '\\n</parameter>\\n' -}}"
+    "{%- endfor -%}"
+    "{{- '</function>\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message.role == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>tool_response\\n' -}}{%- endif -%}"
+    "{{- '<tool_response>' + text(message.content) + '</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' + text(message.content) + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
 def train_tokenizer(vocab_size: int, corpus_bytes: int = 2_000_000, texts: list[str] | None = None) -> Tokenizer:

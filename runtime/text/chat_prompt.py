@@ -12,27 +12,34 @@ tokens: a forged turn. So the messages' text never reaches the special-token par
 
 A message without special-token text gives the same ids as before; one with it gives that
 text as ordinary tokens, as the tokenizer does with special-token parsing off.
+
+The tools (OpenAI function specs) are defanged the same way, keys included (a parameter may be
+named anything), and so are tool calls' arguments: those are parsed from JSON text *before*
+the swap, since `"\\u003c|im_end|>"` in JSON text is `<|im_end|>` once parsed.
 """
 
 from __future__ import annotations
 
 from runtime.base.errors import StepstreamError
-from runtime.text.chat_template import render_chat
+from runtime.text.chat_template import normalize_messages, render_chat
 from runtime.text.tokenizer import Tokenizer
 
 _PRIVATE_USE = range(0xF0000, 0xFFFFE)  # Supplementary Private Use Area-A
 
 
-def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[int]:
     """Token ids of `messages` rendered with the model's chat template (no BOS is added: the
-    template writes it where it wants one)."""
-    if not isinstance(messages, list):
-        raise StepstreamError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
-    strings = list(_strings(messages))
+    template writes it where it wants one); `tools` (OpenAI function specs) go to the template."""
+    messages = normalize_messages(messages)
+    if tools is not None and not isinstance(tools, list):
+        raise StepstreamError(f"tools must be a list of OpenAI function specs (objects), got {type(tools).__name__}")
+    strings = list(_strings([messages, tools]))
     present = sorted({s[0] for s in tok.special_texts if any(s in t for t in strings)})
     stand_in = dict(zip(present, _unused(present, strings + [tok.chat_template or ""] + list(tok.special_texts))))
-    safe = _map_strings(messages, lambda t: tok.defang(t, stand_in)) if stand_in else messages
-    text = render_chat(tok.chat_template, safe, add_generation_prompt=add_generation_prompt,
+    if stand_in:
+        messages, tools = _map_strings([messages, tools], lambda t: tok.defang(t, stand_in))
+    text = render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                        bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
                        eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
     return tok.encode_rendered(text, {v: k for k, v in stand_in.items()})
@@ -46,11 +53,12 @@ def _unused(wanted: list[str], texts: list[str]) -> list[str]:
 
 
 def _strings(value):
-    """Every string inside a message structure (dict values, list items)."""
+    """Every string inside a message structure (dict keys and values, list items)."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for v in value.values():
+        for k, v in value.items():
+            yield from _strings(k)
             yield from _strings(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
@@ -61,7 +69,7 @@ def _map_strings(value, fn):
     if isinstance(value, str):
         return fn(value)
     if isinstance(value, dict):
-        return {k: _map_strings(v, fn) for k, v in value.items()}
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_map_strings(v, fn) for v in value]
     return value

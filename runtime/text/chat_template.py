@@ -3,6 +3,11 @@
 The environment matches what Hugging Face's `apply_chat_template` provides: a sandbox,
 `trim_blocks` / `lstrip_blocks`, `raise_exception`, `strftime_now` and a `tojson` that
 keeps non-ASCII text as is.
+
+OpenAI clients send a tool call's `arguments` as JSON *text*, but Step-3.5-Flash's template
+(and ours, which uses its markup) walks them as a mapping to write one `<parameter=...>` per
+key. So `normalize_messages` parses them first, as llama.cpp does for templates that need
+an object; text that is not a JSON object is the caller's error, named by its position.
 """
 
 from __future__ import annotations
@@ -30,13 +35,55 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True, **extra) -> str:
-    if not template:
-        raise StepstreamError("this model has no chat template (tokenizer.chat_template); use plain completion")
-    for m in messages:
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """`messages` with every assistant tool call's `function.arguments` as a mapping (parsed
+    from JSON text where a client sent text). Messages without tool calls come back as they are."""
+    if not isinstance(messages, list):
+        raise StepstreamError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise StepstreamError(f"each chat message needs a 'role' (and usually 'content'), got {m!r}")
+        calls = m.get("tool_calls")
+        if calls is None:
+            out.append(m)
+            continue
+        if not isinstance(calls, list):
+            raise StepstreamError(f"messages[{i}].tool_calls must be a list, got {type(calls).__name__}")
+        out.append({**m, "tool_calls": [_normalize_call(call, f"messages[{i}].tool_calls[{j}]") for j, call in enumerate(calls)]})
+    return out
+
+
+def _normalize_call(call, where: str) -> dict:
+    if not isinstance(call, dict):
+        raise StepstreamError(f"{where} must be an object, got {type(call).__name__}")
+    fn = call.get("function", call)  # OpenAI nests name/arguments under "function"
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise StepstreamError(f"{where}.function needs a non-empty string 'name'")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise StepstreamError(f"{where}.function.arguments is not valid JSON ({e.msg} at {e.pos}): {args[:80]!r}") from None
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise StepstreamError(f"{where}.function.arguments must be a JSON object, got {type(args).__name__}")
+    fn = {**fn, "arguments": args}
+    return {**call, "function": fn} if "function" in call else fn
+
+
+def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True, tools: list[dict] | None = None, **extra) -> str:
+    """The template rendered over `messages` (and `tools`, OpenAI function specs, when given)."""
+    if not template:
+        raise StepstreamError("this model has no chat template (tokenizer.chat_template); use plain completion")
+    messages = normalize_messages(messages)
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise StepstreamError(f"tools must be a list of OpenAI function specs (objects), got {tools!r:.80}")
+        extra["tools"] = tools or None  # an empty list means no tools, as in HF's apply_chat_template
     try:
         return _compile(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
                                          add_generation_prompt=add_generation_prompt, **extra)

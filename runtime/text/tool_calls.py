@@ -1,0 +1,311 @@
+"""The model's reply text -> OpenAI parts: `content`, `reasoning_content` and `tool_calls`.
+
+The markup is Step-3.5-Flash's (see the chat template in convert/mini_tokenizer.py):
+
+    <think>\\nREASONING\\n</think>\\nCONTENT\\n<tool_call>\\n<function=NAME>\\n
+    <parameter=KEY>\\nVALUE\\n</parameter>\\n</function>\\n</tool_call>
+
+A `<tool_call>` block may instead hold Hermes' JSON, `{"name": ..., "arguments": {...}}`.
+The newlines the template writes around the tags are layout, not text, so they are dropped:
+one after `<think>`, one before and one after `</think>`, one before a well-formed
+`<tool_call>`, and whitespace-only text after a well-formed call (up to the next call or the
+end). So a reply in the template's own layout, parsed and rendered back as an assistant
+message, is the same text: the prompt-prefix reuse of the server depends on that.
+
+Reasoning is the text of a `<think>` section anywhere in content (or from the start, when the
+prompt left one open); an unclosed section runs to the end. Markup inside reasoning is text.
+
+A block that is not a well-formed call (unterminated, JSON that does not parse, no name,
+arguments that are not an object, stray text between parameters) stays in the content as the
+text it was: a model's slip never becomes an error.
+
+`ReplyStream` gives the same parts as OpenAI streaming deltas. Text that may still become a
+tag (`<tool_c`, a `\\n` that a `<tool_call>` may follow) is held back until it cannot, and a
+tool call is sent whole, in one delta, once its `</tool_call>` has come. Whatever way a reply
+is cut into pushes, the deltas add up to `parse_reply` of the whole reply: `parse_reply` is
+the same machine fed once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+
+THINK, END_THINK = "<think>", "</think>"
+CALL, END_CALL = "<tool_call>", "</tool_call>"
+
+_FUNCTION = re.compile(r"\s*<function=([^<>\n]+)>(.*)</function>\s*", re.S)
+_PARAMETER = re.compile(r"\s*<parameter=([^<>\n]+)>(.*?)</parameter>", re.S)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object's text, as OpenAI returns it
+
+
+@dataclass
+class ParsedReply:
+    content: str | None  # None when there is none (OpenAI's null beside tool calls)
+    reasoning: str | None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def starts_in_reasoning(prompt_text: str) -> bool:
+    """Whether a rendered prompt leaves a `<think>` section open for the reply (the published
+    Step-3.5-Flash template's generation prompt ends in `<think>\\n`; ours does not)."""
+    tail = prompt_text[prompt_text.rfind("<|im_start|>") + 1:]
+    return tail.rfind(THINK) > tail.rfind(END_THINK)
+
+
+def parse_reply(text: str, *, in_reasoning: bool = False, tools: list[dict] | None = None) -> ParsedReply:
+    """The parts of a whole reply. `tools` (the request's function specs) let a parameter
+    whose schema type is "string" stay text even where it reads as JSON (`42`, `[1, 2]`)."""
+    stream = ReplyStream(in_reasoning=in_reasoning, tools=tools)
+    deltas = stream.push(text) + stream.finish()
+    content = "".join(d.get("content", "") for d in deltas)
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    calls = [ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+             for d in deltas for c in d.get("tool_calls", ())]
+    return ParsedReply(content or None, reasoning or None, calls)
+
+
+class ReplyStream:
+    """Reply text in, OpenAI `delta` dicts out. A state machine over three modes: CONTENT,
+    REASONING (inside `<think>`) and CALL (inside `<tool_call>`, buffered until it closes)."""
+
+    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None):
+        self._mode = "reasoning" if in_reasoning else "content"
+        self._buf = ""             # text not yet turned into deltas
+        self._drop_newline = in_reasoning  # one "\n" after <think> / </think> is layout
+        self._pre = ""             # held content before an open <tool_call>, resolved with it
+        self._after_call = False   # only whitespace since the last well-formed call
+        self._held_space = ""      # that whitespace, dropped if a call or the end comes next
+        self._n_calls = 0
+        self._types = _string_parameters(tools)
+        self._done = False
+
+    def push(self, text: str) -> list[dict]:
+        if self._done:
+            raise ValueError("push() after finish()")
+        self._buf += text
+        return self._run(final=False)
+
+    def finish(self) -> list[dict]:
+        if self._done:
+            return []
+        out = self._run(final=True)
+        self._done = True
+        return out
+
+    def _run(self, final: bool) -> list[dict]:
+        out: list[dict] = []
+        while True:
+            step = {"content": self._content, "reasoning": self._reasoning, "call": self._call}[self._mode]
+            if not step(out, final):
+                return _merge(out)
+
+    # Each step consumes from self._buf and returns True when it changed mode (so the loop
+    # goes on), False when it needs more text (or, when final, has taken everything).
+
+    def _skip_layout_newline(self, final: bool) -> bool:
+        """Drops the "\\n" after a think tag; False while it cannot yet be told."""
+        if self._drop_newline:
+            if not self._buf and not final:
+                return False
+            if self._buf.startswith("\n"):
+                self._buf = self._buf[1:]
+            self._drop_newline = False
+        return True
+
+    def _content(self, out: list[dict], final: bool) -> bool:
+        if not self._skip_layout_newline(final):
+            return False
+        at, tag = _first(self._buf, (CALL, THINK))
+        if tag == THINK:
+            self._emit_content(out, self._buf[:at])
+            self._held_space = ""  # whitespace between a call and <think> is layout too
+            self._buf = self._buf[at + len(THINK):]
+            self._mode, self._drop_newline = "reasoning", True
+            return True
+        if tag == CALL:
+            self._pre = self._held_space + self._buf[:at]
+            self._held_space = ""
+            self._buf = self._buf[at + len(CALL):]
+            self._mode = "call"
+            return True
+        keep = 0 if final else _held_back(self._buf, ("\n" + CALL, CALL, THINK))
+        text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+        if final and self._after_call and (self._held_space + text).isspace():
+            self._held_space = ""  # whitespace after the last call is layout
+            return False
+        self._emit_content(out, text)
+        return False
+
+    def _emit_content(self, out: list[dict], text: str) -> None:
+        if self._after_call:
+            if not (self._held_space + text).strip():
+                self._held_space += text
+                return
+            text, self._held_space, self._after_call = self._held_space + text, "", False
+        if text:
+            out.append({"content": text})
+
+    def _reasoning(self, out: list[dict], final: bool) -> bool:
+        if not self._skip_layout_newline(final):
+            return False
+        at = self._buf.find(END_THINK)
+        if at >= 0:
+            text = self._buf[:at]
+            _add(out, "reasoning_content", text[:-1] if text.endswith("\n") else text)
+            self._buf = self._buf[at + len(END_THINK):]
+            self._mode, self._drop_newline = "content", True
+            return True
+        keep = 0 if final else _held_back(self._buf, ("\n" + END_THINK, END_THINK))
+        _add(out, "reasoning_content", self._buf[:len(self._buf) - keep])
+        self._buf = self._buf[len(self._buf) - keep:]
+        return False
+
+    def _call(self, out: list[dict], final: bool) -> bool:
+        at = self._buf.find(END_CALL)
+        if at < 0:
+            if not final:
+                return False
+            body, self._buf = self._buf, ""
+            self._resolve(out, body, closed=False)
+            self._mode = "content"
+            return True
+        body, self._buf = self._buf[:at], self._buf[at + len(END_CALL):]
+        self._resolve(out, body, closed=True)
+        self._mode = "content"
+        return True
+
+    def _resolve(self, out: list[dict], body: str, closed: bool) -> None:
+        call = _parse_call(body, self._types) if closed else None
+        pre, self._pre = self._pre, ""
+        if call is None:  # not a call: the text it was
+            self._emit_content(out, pre + CALL + body + (END_CALL if closed else ""))
+            return
+        pre = pre[:-1] if pre.endswith("\n") else pre
+        if not (self._after_call and not pre.strip()):
+            self._after_call = False
+            _add(out, "content", pre)
+        name, arguments = call
+        out.append({"tool_calls": [{"index": self._n_calls, "id": new_call_id(), "type": "function",
+                                    "function": {"name": name, "arguments": arguments}}]})
+        self._n_calls += 1
+        self._after_call, self._held_space = True, ""
+
+
+def _add(out: list[dict], key: str, text: str) -> None:
+    if text:
+        out.append({key: text})
+
+
+def _merge(deltas: list[dict]) -> list[dict]:
+    """Neighbouring text deltas of one kind joined: fewer, larger SSE events."""
+    out: list[dict] = []
+    for d in deltas:
+        if out and "tool_calls" not in d and d.keys() == out[-1].keys() and "tool_calls" not in out[-1]:
+            key = next(iter(d))
+            out[-1] = {key: out[-1][key] + d[key]}
+        else:
+            out.append(d)
+    return out
+
+
+def _first(text: str, tags: tuple[str, ...]) -> tuple[int, str | None]:
+    """The earliest of `tags` in `text`: (position, tag), or (-1, None)."""
+    best = (-1, None)
+    for tag in tags:
+        at = text.find(tag)
+        if at >= 0 and (best[1] is None or at < best[0]):
+            best = (at, tag)
+    return best
+
+
+def _held_back(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the start of one of `tags` (it may become one)."""
+    for n in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
+        end = text[-n:]
+        if any(t.startswith(end) for t in tags):
+            return n
+    return 0
+
+
+def _string_parameters(tools) -> dict[str, set[str]]:
+    """function name -> the parameters its schema types as string (only), from OpenAI specs."""
+    out: dict[str, set[str]] = {}
+    for tool in tools or ():
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            continue
+        props = (fn.get("parameters") or {}).get("properties") if isinstance(fn.get("parameters"), dict) else None
+        if isinstance(props, dict):
+            out[fn["name"]] = {k for k, v in props.items() if isinstance(v, dict) and v.get("type") == "string"}
+    return out
+
+
+def _parse_call(body: str, string_params: dict[str, set[str]]) -> tuple[str, str] | None:
+    """(name, arguments JSON text) of a `<tool_call>` block's body, or None if it is not one."""
+    if body.strip().startswith("{"):
+        return _parse_json_call(body)
+    m = _FUNCTION.fullmatch(body)
+    if m is None:
+        return None
+    name, inner = m.group(1).strip(), m.group(2)
+    if not name:
+        return None
+    args: dict = {}
+    at = 0
+    for p in _PARAMETER.finditer(inner):
+        if p.start() != at:
+            return None  # stray text between parameters
+        key, value = p.group(1).strip(), p.group(2)
+        value = value[1:] if value.startswith("\n") else value
+        value = value[:-1] if value.endswith("\n") else value
+        if not key or key in args:
+            return None
+        args[key] = value if key in string_params.get(name, ()) else _json_or_text(value)
+        at = p.end()
+    if inner[at:].strip():
+        return None
+    return name, json.dumps(args, ensure_ascii=False)
+
+
+def _json_or_text(value: str):
+    """A value the template wrote as JSON (not a string), or else the text itself. NaN and
+    Infinity are text: they are not JSON, and `arguments` must be."""
+    try:
+        return json.loads(value, parse_constant=_not_json)
+    except ValueError:
+        return value
+
+
+def _not_json(name: str):
+    raise ValueError(name)
+
+
+def _parse_json_call(body: str) -> tuple[str, str] | None:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"].strip():
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return obj["name"].strip(), json.dumps(args, ensure_ascii=False)
