@@ -1,0 +1,253 @@
+"""`stepstream serve` against a live server on 127.0.0.1 with the shipped model, through the
+official `openai` client and raw HTTP. Each answer is compared with the same computation done
+in this process on the same file (the token loop of runtime.generation, the model's logits)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from runtime.generation import SamplingParams, complete  # noqa: E402
+from runtime.loader import load  # noqa: E402
+from tests.helpers.live_server import live_server  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+NAME = "mini"
+KEY = "sk-test-key"
+CTX = 1024
+
+
+@pytest.fixture(scope="module")
+def url():
+    with live_server(MODEL, "--alias", NAME, "--api-key", KEY, "--ctx-size", str(CTX), "--queue-size", "4",
+                     "--max-body", "200000") as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load(MODEL, n_ctx=CTX)
+
+
+def openai_params(temperature=1.0, top_p=1.0, seed=None) -> SamplingParams:
+    """OpenAI's sampling: temperature and top_p only."""
+    return SamplingParams(temperature=temperature, top_k=0, top_p=top_p, min_p=0.0, seed=seed)
+
+
+def local_text(model, ids, params, max_tokens, stop=()):
+    model.reset()
+    pieces = list(complete(model, ids, params, max_tokens, stop))
+    return "".join(p.text for p in pieces), pieces[-1].finish_reason, pieces[-1].n_tokens
+
+
+CONVERSATION = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": "Write a function that parses a config file."}]
+
+
+def test_models_and_health(url, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    r = httpx.get(url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_completion_greedy_matches_the_runtime(client, ref):
+    prompt = "def parse_header(line):\n"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0)
+    ids = ref.tokenize(prompt, special=True)
+    text, finish, n = local_text(ref, ids, openai_params(0.0), 40)
+    assert r.choices[0].text == text and r.choices[0].finish_reason == finish
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), n)
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == finish
+
+
+def test_seeded_sampling_matches_the_runtime_and_repeats(client, ref):
+    prompt = "import os\n"
+    kw = dict(model=NAME, prompt=prompt, max_tokens=30, temperature=0.9, top_p=0.9, seed=1234)
+    a = client.completions.create(**kw).choices[0].text
+    b = client.completions.create(**kw).choices[0].text
+    text, _, _ = local_text(ref, ref.tokenize(prompt, special=True), openai_params(0.9, 0.9, 1234), 30)
+    assert a == b == text
+    other = client.completions.create(**{**kw, "seed": 4321}).choices[0].text
+    assert other != text
+
+
+def test_stop_string_is_not_emitted(client, ref):
+    prompt = "class Parser:\n"
+    full = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0).choices[0].text
+    stop = full[10:13]
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_completion_logprobs_are_the_models(client, ref):
+    prompt = "def main():\n"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    ids = ref.tokenize(prompt, special=True)
+    ref.reset()
+    logits = ref.eval(ids)
+    for i in range(5):
+        z = logits.astype(np.float64)
+        want = z - z.max() - np.log(np.exp(z - z.max()).sum())  # float64 log-softmax
+        tok = int(np.argmax(z))
+        assert lp.tokens[i] == ref.detokenize([tok]).decode("utf-8", "replace")
+        assert lp.token_logprobs[i] == pytest.approx(want[tok], abs=1e-4)
+        top = np.argsort(-want)[:3]
+        assert sorted(lp.top_logprobs[i].values(), reverse=True) == pytest.approx(list(want[top]), abs=1e-4)
+        logits = ref.eval([tok])
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == r.choices[0].text
+
+
+def test_chat_greedy_stream_and_whole_match_the_runtime(client, ref):
+    r = client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=30, temperature=0)
+    text, finish, n = local_text(ref, ref.chat_tokens(CONVERSATION), openai_params(0.0), 30)
+    assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish
+    assert r.usage.completion_tokens == n
+    chunks = list(client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=30, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == n and not chunks[-1].choices
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)  # greedy: the top one
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+
+
+def test_second_turn_reuses_the_first_and_answers_as_a_fresh_model(client, ref):
+    long = [{"role": "system", "content": "You are a careful Python reviewer. " * 30}] + CONVERSATION[1:]
+    first = client.chat.completions.create(model=NAME, messages=long, max_tokens=60, temperature=0)
+    n_first = first.usage.prompt_tokens
+    turn2 = long + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "Now add type hints."}]
+    second = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=30, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= n_first  # at least the whole first prompt
+    assert second.timings["prompt_n"] == second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens
+    fresh, _, _ = local_text(ref, ref.chat_tokens(turn2), openai_params(0.0), 30)
+    assert second.choices[0].message.content == fresh
+    # an unrelated prompt shares nothing but the first token
+    other = client.completions.create(model=NAME, prompt="zzz", max_tokens=1, temperature=0)
+    assert other.usage.prompt_tokens_details.cached_tokens <= 1
+
+
+def _post(url, path, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(url + path, content=raw, headers={**headers, "Content-Type": "application/json"}, timeout=30)
+    return httpx.post(url + path, json=body, headers=headers, timeout=30)
+
+
+CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+BAD = [  # (path, body or raw bytes, status, the field the message must name)
+    ("/v1/chat/completions", b"{\"model\": ", 400, "JSON"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "object"),
+    ("/v1/chat/completions", b"[" * 100000, 400, "nest"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "temperature": 7}, 400, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {**CHAT, "seed": -1}, 400, "seed"),
+    ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream"),
+    ("/v1/chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/chat/completions", {**CHAT, "n": 3}, 400, "'n'"),
+    ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 3}, 400, "logprobs"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools[0]"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "word " * 2000}]}, 400, "context"),
+    ("/v1/chat/completions", {**CHAT, "model": "gpt-4o"}, 404, "gpt-4o"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 300000}]}, 413, "limit"),
+    ("/v1/completions", {"model": NAME, "prompt": [1, 2, 99999]}, 400, "99999"),
+    ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,names", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_an_openai_error(url, path, body, status, names):
+    r = _post(url, path, None, raw=body) if isinstance(body, bytes) else _post(url, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert names in err["message"] and err["type"] and "code" in err
+
+
+def test_api_key_is_required_and_checked(url, client):
+    assert _post(url, "/v1/chat/completions", CHAT, key=None).status_code == 401
+    assert _post(url, "/v1/chat/completions", CHAT, key="sk-wrong").json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert httpx.get(url + "/health").status_code == 200  # no key needed
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=0)
+
+
+def test_client_leaving_mid_stream_stops_the_generation(url):
+    body = {"model": NAME, "prompt": "def f():\n", "max_tokens": CTX - 20, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=30) as r:
+        lines = r.iter_lines()
+        got = []
+        for line in lines:
+            if line.startswith("data: {"):
+                got.append(json.loads(line[6:]))
+                if len(got) == 3:
+                    break
+    left = time.monotonic()
+    while httpx.get(url + "/health").json()["busy"]:
+        assert time.monotonic() - left < 2.0, "the generation went on after its client left"
+        time.sleep(0.01)
+    assert len(got) == 3
+    # the next request runs at once, on a sound model
+    r = _post(url, "/v1/completions", {"model": NAME, "prompt": "x = 1\n", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_full_queue_answers_503_and_requests_do_not_leak(url, ref):
+    """Six long requests at once on a queue of four: one runs, four wait, the rest get 503 with
+    Retry-After; every answer that completes equals the runtime's answer for its own prompt."""
+    prompts = [f"def task_{i}(x):\n" for i in range(8)]
+    results: dict[int, httpx.Response] = {}
+
+    def go(i):
+        results[i] = _post(url, "/v1/completions", {"model": NAME, "prompt": prompts[i], "max_tokens": 40,
+                                                    "temperature": 0})
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    codes = sorted(r.status_code for r in results.values())
+    assert len(results) == 8 and set(codes) <= {200, 503} and codes.count(503) >= 3, codes
+    for i, r in results.items():
+        if r.status_code == 503:
+            assert r.headers["retry-after"] and r.json()["error"]["code"] == "server_busy"
+        else:
+            text, _, _ = local_text(ref, ref.tokenize(prompts[i], special=True), openai_params(0.0), 40)
+            assert r.json()["choices"][0]["text"] == text
