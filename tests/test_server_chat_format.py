@@ -237,7 +237,7 @@ def test_parse_calls():
     # whitespace between calls, around a later <think> and at the end is layout; text after a call is not
     later = ("<tool_call>\n<function=run>\n</function>\n</tool_call>\n \n<think>\nWhy?\n</think>\n"
              "<tool_call>\n<function=run>\n</function>\n</tool_call>\n\n Done.\n")
-    assert parts(parse_reply(later)) == ("\n Done.\n", "Why?", [("run", {}), ("run", {})])
+    assert parts(parse_reply(later)) == ("\n\n Done.\n", "Why?", [("run", {}), ("run", {})])
 
 
 def test_parameter_types_follow_the_schema():
