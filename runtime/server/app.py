@@ -200,7 +200,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             raise ApiError(400, "the messages or tools nest too deeply", param="messages", code="invalid_value") from None
         req = model_request(ids, b.common, b.logprobs)
         tail = model.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")
-        reply = ChatReply(model_name, len(ids), in_reasoning=starts_in_reasoning(tail), parse_tools=tools is not None)
+        reply = ChatReply(model_name, len(ids), in_reasoning=starts_in_reasoning(tail), tools=tools)
         want = b.logprobs is not None
         job = submit(req)
         if b.common.stream:

@@ -77,12 +77,14 @@ def _chat_logprobs(lps) -> dict:
 
 
 class ChatReply:
-    """/v1/chat/completions: content, `reasoning_content` and `tool_calls` parsed from the text."""
+    """/v1/chat/completions: content, `reasoning_content` and `tool_calls` parsed from the text
+    (reasoning always, as llama-server does by default; tool calls whether or not the request
+    offered tools, since the model may write one anyway, and a call is more use than its markup)."""
 
-    def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, parse_tools: bool):
+    def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, tools: list | None):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
-        self.n_prompt, self.in_reasoning, self.parse_tools = n_prompt, in_reasoning, parse_tools
-        self.stream = ReplyStream(in_reasoning=in_reasoning)
+        self.n_prompt, self.in_reasoning, self.tools = n_prompt, in_reasoning, tools
+        self.stream = ReplyStream(in_reasoning=in_reasoning, tools=tools)
         self.text: list[str] = []
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
@@ -109,9 +111,9 @@ class ChatReply:
         """The streaming chunks for one step."""
         self.text.append(step.text)
         self.logprobs.extend(step.logprobs)
-        deltas = self._deltas(step.text) if step.text else []
+        deltas = self.stream.push(step.text) if step.text else []
         if step.finish_reason:
-            deltas += self.stream.finish() if self.parse_tools or self.in_reasoning else []
+            deltas += self.stream.finish()
         self.called = self.called or any("tool_calls" in d for d in deltas)
         out = [self._envelope([{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]) for d in deltas]
         if want_logprobs and step.logprobs:
@@ -126,24 +128,18 @@ class ChatReply:
                                         "finish_reason": self.finish_reason}]))
         return out
 
-    def _deltas(self, text: str) -> list[dict]:
-        if self.parse_tools or self.in_reasoning:
-            return self.stream.push(text)
-        return [{"content": text}]
-
     def whole(self, timings: Timings, want_logprobs: bool) -> dict:
         text = "".join(self.text)
-        message: dict = {"role": "assistant", "content": text}
-        if self.parse_tools or self.in_reasoning:
-            parsed = parse_reply(text, in_reasoning=self.in_reasoning)
-            message["content"] = parsed.content
-            if parsed.reasoning is not None:
-                message["reasoning_content"] = parsed.reasoning
-            if parsed.tool_calls and self.parse_tools:
-                message["tool_calls"] = [{"id": c.id, "type": "function",
-                                          "function": {"name": c.name, "arguments": c.arguments}}
-                                         for c in parsed.tool_calls]
-                self.called = True
+        parsed = parse_reply(text, in_reasoning=self.in_reasoning, tools=self.tools)
+        message: dict = {"role": "assistant",
+                         "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
+        if parsed.reasoning is not None:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in parsed.tool_calls]
+            self.called = True
         choice = {"index": 0, "message": message,
                   "logprobs": _chat_logprobs(self.logprobs) if want_logprobs else None,
                   "finish_reason": self._finish(self.finish_reason)}
