@@ -27,7 +27,7 @@ from runtime.server.completion import Request as ModelRequest
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.shapes import ChatReply, TextReply
-from runtime.text.tool_calls import starts_in_reasoning
+from runtime.text.tool_calls import forced_call, starts_in_reasoning
 
 MAX_BODY = 8 * 2**20  # bytes: far more than any prompt the context can hold
 POLL_S = 0.25  # how often a whole-response handler checks that its client is still there
@@ -198,9 +198,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             raise ApiError(400, str(e), param="messages", code="invalid_value") from None
         except RecursionError:
             raise ApiError(400, "the messages or tools nest too deeply", param="messages", code="invalid_value") from None
-        req = model_request(ids, b.common, b.logprobs)
         tail = model.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")
-        reply = ChatReply(model_name, len(ids), in_reasoning=starts_in_reasoning(tail), tools=tools)
+        forced = ""
+        if tools is not None and b.tool_choice != "auto":
+            forced = forced_call(b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
+            ids = ids + model.tokenize(forced, add_bos=False)
+        req = model_request(ids, b.common, b.logprobs)
+        reply = ChatReply(model_name, len(ids), in_reasoning=starts_in_reasoning(tail), tools=tools, forced=forced)
         want = b.logprobs is not None
         job = submit(req)
         if b.common.stream:

@@ -81,11 +81,14 @@ class ChatReply:
     (reasoning always, as llama-server does by default; tool calls whether or not the request
     offered tools, since the model may write one anyway, and a call is more use than its markup)."""
 
-    def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, tools: list | None):
+    def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, tools: list | None, forced: str = ""):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
         self.n_prompt, self.in_reasoning, self.tools = n_prompt, in_reasoning, tools
         self.stream = ReplyStream(in_reasoning=in_reasoning, tools=tools)
-        self.text: list[str] = []
+        # the start of a forced tool call (tool_choice): part of the reply the parser reads, held
+        # back by it (an open call is sent once complete), never sent as text
+        self._early = self.stream.push(forced) if forced else []
+        self.text: list[str] = [forced]
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
         self.called = False  # a tool call was streamed
@@ -111,7 +114,8 @@ class ChatReply:
         """The streaming chunks for one step."""
         self.text.append(step.text)
         self.logprobs.extend(step.logprobs)
-        deltas = self.stream.push(step.text) if step.text else []
+        deltas = self._early + (self.stream.push(step.text) if step.text else [])
+        self._early = []
         if step.finish_reason:
             deltas += self.stream.finish()
         self.called = self.called or any("tool_calls" in d for d in deltas)

@@ -65,6 +65,14 @@ def starts_in_reasoning(prompt_text: str) -> bool:
     return tail.rfind(THINK) > tail.rfind(END_THINK)
 
 
+def forced_call(name: str | None) -> str:
+    """The start of a reply that must call a tool: `tool_choice` "required" (name None: the model
+    still chooses which) or one named function. The server appends it to the prompt and feeds
+    it to the parser before the generated text, so the model can only continue a call; without
+    a grammar it may still write a malformed one, which comes back as content."""
+    return f"{CALL}\n<function={name}>\n" if name is not None else f"{CALL}\n<function="
+
+
 def parse_reply(text: str, *, in_reasoning: bool = False, tools: list[dict] | None = None) -> ParsedReply:
     """The parts of a whole reply. `tools` (the request's function specs) let a parameter
     whose schema type is "string" stay text even where it reads as JSON (`42`, `[1, 2]`)."""
