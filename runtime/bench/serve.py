@@ -70,7 +70,9 @@ def started_server(argv: Sequence[str], *, timeout: float = 900.0) -> Iterator[s
             seen.append(line)
             m = URL_LINE.search(line)
             url = m.group(1) if m else None
-        while httpx.get(url + "/health", timeout=10).status_code != 200:
+        while _health(url) != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise StepstreamError(f"the server at {url} never answered /health: {_last(seen)}")
             time.sleep(0.05)
         yield url
     finally:
@@ -80,6 +82,13 @@ def started_server(argv: Sequence[str], *, timeout: float = 900.0) -> Iterator[s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _health(url: str) -> int | None:
+    try:
+        return httpx.get(url + "/health", timeout=10).status_code
+    except httpx.HTTPError:
+        return None
 
 
 def _last(lines: list[str]) -> str:
@@ -242,6 +251,14 @@ def chat_turn(client: httpx.Client, messages: list[dict], max_tokens: int) -> Tu
                 s.reasoning)
 
 
+def next_turn(messages: list[dict], reply: Turn, follow_up: str) -> list[dict]:
+    """The conversation an agent sends next: `messages`, the reply to them, and a new user message."""
+    said = {"role": "assistant", "content": reply.reply}
+    if reply.reasoning:
+        said["reasoning_content"] = reply.reasoning
+    return [*messages, said, {"role": "user", "content": follow_up}]
+
+
 def prefix_reuse(url: str, messages: list[dict], follow_up: str, *, wipe_token: int, max_tokens: int = 32,
                  headers: dict | None = None, timeout: float = 900.0) -> PrefixReuse:
     """Time to first token of a conversation's first turn and of its second, greedy; then the
@@ -249,10 +266,7 @@ def prefix_reuse(url: str, messages: list[dict], follow_up: str, *, wipe_token: 
     with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
         wipe_cache(client, wipe_token)
         first = chat_turn(client, messages, max_tokens)
-        said = {"role": "assistant", "content": first.reply}
-        if first.reasoning:
-            said["reasoning_content"] = first.reasoning
-        second_messages = [*messages, said, {"role": "user", "content": follow_up}]
+        second_messages = next_turn(messages, first, follow_up)
         second = chat_turn(client, second_messages, max_tokens)
         wipe_cache(client, wipe_token)
         fresh = chat_turn(client, second_messages, max_tokens)
