@@ -287,11 +287,18 @@ def server_decode(client: httpx.Client, prompt: str, n_tokens: int) -> DecodeRat
     """Greedy decode of `prompt` through /v1/completions, streamed. The first chunk is taken to
     hold one token (a chunk holds more only when a token ends inside a UTF-8 character), as
     `stepstream run` counts the tokens after its first piece."""
-    s = stream(client, "/v1/completions", {"prompt": prompt, "max_tokens": n_tokens, "temperature": 0})
+    body = {"prompt": prompt, "max_tokens": n_tokens, "temperature": 0}
+    s = stream(client, "/v1/completions", body)
     n = s.usage["completion_tokens"]
     if s.first_s is None or n < 2:
         raise StepstreamError(f"the server generated {n} token(s) for the decode prompt; a rate needs 2 or more")
-    return DecodeRate((n - 1) / (s.end_s - s.first_s), n, s.content, (s.timings or {}).get("predicted_per_second"))
+    timings = s.timings
+    if timings is None:  # a stream without timings: the same request, whole, reports them
+        r = client.post("/v1/completions", json=body)
+        if r.status_code != 200:
+            raise StepstreamError(f"POST /v1/completions: HTTP {r.status_code}: {r.text[:300]}")
+        timings = r.json().get("timings") or {}
+    return DecodeRate((n - 1) / (s.end_s - s.first_s), n, s.content, timings.get("predicted_per_second"))
 
 
 def run_decode(argv: Sequence[str], timeout: float = 900.0) -> DecodeRate:
