@@ -16,13 +16,16 @@ import pytest
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.generation import complete, sampling_params
 from runtime.loader import load
+from runtime.text.chat_prompt import chat_ids
 from runtime.text.tokenizer import Tokenizer
 from tests.helpers.scripted_model import (end_token, fresh_script, script_ids, trigger_token,
                                           write_scripted_model)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
 
-CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 3}}\n</tool_call>'
+CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+JSON_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 3}}\n</tool_call>'
 TEXTS = {
     "tool_call": CALL,
     "two_calls": ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
@@ -38,8 +41,8 @@ PROMPTS = {
                {"role": "user", "content": "What is the weather in Paris?"}],
     # Over 128 tokens, so the sliding-window rings wrap; the earlier turns hold the script's
     # own text, which a bigram model must ignore.
-    "long": [{"role": "user", "content": " ".join(f"word{i}" for i in range(120))},
-             {"role": "assistant", "content": CALL},
+    "long": [{"role": "user", "content": " ".join(f"word{i}" for i in range(20))},
+             {"role": "assistant", "content": JSON_CALL},
              {"role": "user", "content": "again, please: " + "x " * 40}],
 }
 
@@ -55,12 +58,14 @@ def scripted(tmp_path_factory) -> dict[str, Path]:
     return {name: write_scripted_model(SHIPPED, root / f"{name}.gguf", text) for name, text in TEXTS.items()}
 
 
-def _expected_ids(tok: Tokenizer, text: str) -> list[int]:
-    """Independent of the helper: the tokenizer's ids, each repeat (or the trigger) replaced by
+def _expected_ids(tok: Tokenizer, text: str, triggers=(), nxt=None, seen=None) -> list[int]:
+    """Independent of the helper: the tokenizer's ids, each repeat (or a trigger) replaced by
     the next id past the shipped vocabulary, in order of appearance; then <|im_end|>."""
-    trigger, nxt, seen, out = trigger_token(tok), len(tok.tokens), set(), []
+    triggers = set(triggers) or {tok.encode("<|im_start|>assistant\n", add_bos=False, special=True)[-1]}
+    nxt = len(tok.tokens) if nxt is None else nxt
+    seen, out = set() if seen is None else seen, []
     for i in tok.encode(text, add_bos=False):
-        if i in seen or i == trigger:
+        if i in seen or i in triggers:
             i, nxt = nxt, nxt + 1
         seen.add(i)
         out.append(i)
@@ -68,16 +73,52 @@ def _expected_ids(tok: Tokenizer, text: str) -> list[int]:
 
 
 def _run(model, messages, **sampling) -> tuple[str, str | None, list[int]]:
+    """(text, finish reason, ids generated): the ids are those the cache took after the prompt,
+    and the end-of-generation token when the finish reason says it was sampled."""
     ids = model.chat_tokens(messages)
     pieces = list(complete(model, ids, sampling_params(**sampling), 200))
     text, reason = "".join(p.text for p in pieces), pieces[-1].finish_reason
-    return text, reason, list(model.generate(ids, max_tokens=200, **sampling))
+    assert model.history[: len(ids)] == ids
+    return text, reason, model.history[len(ids):] + ([end_token(model.tokenizer)] if reason == "stop" else [])
 
 
 def test_trigger_and_end_come_from_the_file(tokenizer):
     ids = tokenizer.encode("<|im_start|>assistant\n", add_bos=False, special=True)
     assert trigger_token(tokenizer) == ids[-1]
     assert tokenizer.tokens[end_token(tokenizer)] == "<|im_end|>"
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    assert {chat_ids(tokenizer, p)[-1] for p in PROMPTS.values()} == {ids[-1]}
+    assert chat_ids(tokenizer, PROMPTS["system"], tools=tools)[-1] == ids[-1]
+
+
+FORCED = "<tool_call>\n<function=get_weather>\n"  # what a server appends for tool_choice naming a function
+REQUIRED = "<tool_call>\n<function="  # and for tool_choice "required"
+AFTER = {FORCED: "<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>",
+         REQUIRED: "get_time>\n<parameter=zone>\nUTC\n</parameter>\n</function>\n</tool_call>"}
+
+
+def test_more_scripts_follow_other_prompt_tails(tmp_path, tokenizer):
+    path = write_scripted_model(SHIPPED, tmp_path / "forced.gguf", CALL, after=AFTER)
+    m = load(path)
+    try:
+        chat_trigger = trigger_token(tokenizer)
+        triggers = {chat_trigger} | {tokenizer.encode(t, add_bos=False)[-1] for t in AFTER}
+        assert len(triggers) == 3
+        seen, nxt, expected = set(), len(tokenizer.tokens), {}
+        for key, text in [("", CALL)] + list(AFTER.items()):
+            expected[key] = _expected_ids(tokenizer, text, triggers, nxt, seen)
+            nxt = max([nxt - 1, *expected[key][:-1]]) + 1
+        for messages in (PROMPTS["short"], PROMPTS["long"]):
+            ids = m.chat_tokens(messages)
+            for tail in ["", *AFTER]:
+                prompt = ids + m.tokenize(tail, add_bos=False)
+                pieces = list(complete(m, prompt, sampling_params(temperature=0), 200))
+                assert ("".join(p.text for p in pieces), pieces[-1].finish_reason) == (AFTER.get(tail, CALL), "stop")
+                assert m.history[len(prompt):] == expected[tail][:-1]
+    finally:
+        m.close()
+    with pytest.raises(ValueError, match="one token cannot start two scripts"):
+        write_scripted_model(SHIPPED, tmp_path / "clash.gguf", CALL, after={"<|im_start|>user\nhi\n": "x"})
 
 
 @pytest.mark.parametrize("name", list(TEXTS))
@@ -91,7 +132,7 @@ def test_greedy_decoding_writes_the_script_then_stops(name, scripted, tokenizer)
             out, reason, ids = _run(m, messages, temperature=0)
             assert (prompt, out, reason) == (prompt, text, "stop")
             assert ids == expected, prompt
-        assert len(m.chat_tokens(PROMPTS["long"])) > 2 * m.cfg.window
+        assert len(m.chat_tokens(PROMPTS["long"])) > m.cfg.window + m.options.rollback  # the rings wrap
     finally:
         m.close()
 
@@ -164,7 +205,11 @@ def test_the_vocabulary_alone_and_its_limits(tmp_path, tokenizer):
     # JSON needs more quote tokens than a vocabulary trained on Python has: the error names
     # where the distinct tokens run out.
     with pytest.raises(ValueError, match=r"character \d+ \('\"'"):
-        script_ids(tokenizer, CALL, avoid)
+        script_ids(tokenizer, JSON_CALL, avoid)
+    # One token alone holds the byte 7, so its second occurrence is where a script must fail.
+    assert sum(b"\x07" in tokenizer.token_bytes(i) for i in range(len(tokenizer.tokens))) == 1
+    with pytest.raises(ValueError, match=r"past character 4 \('\\x07' in 'ab \\x07\\x07 cd'\)"):
+        script_ids(tokenizer, "ab \x07\x07 cd", avoid)
     with pytest.raises(ValueError, match="hidden size 256"):
         write_scripted_model(SHIPPED, tmp_path / "long.gguf", " ".join(f"w{i}" for i in range(300)))
 

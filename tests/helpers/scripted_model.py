@@ -19,8 +19,15 @@ token alone, whatever came before it: any prompt that ends with s_0, of any leng
 gives the same text, and so does a conversation that already holds the text.
 
 A bigram has one successor per token, so the script's tokens s_1..s_n must be distinct and
-differ from s_0 and from every end-of-generation token: `script_ids` searches the vocabulary
-for such a segmentation of the text. Embedding and output (and the MTP heads' projections)
+differ from s_0 and from every end-of-generation token. By default the script is the text's
+own tokenization, and each repeat is played by a copy of its token appended to the
+vocabulary (same string, same bytes; the tokenizer never produces it): a vocabulary trained
+on Python has too few quote and newline tokens for JSON. `script_ids` instead searches the
+vocabulary as it is for a segmentation into distinct tokens.
+
+More scripts can follow other prompt tails (`after`): a server that appends the start of a
+forced tool call to the prompt gets its own continuation, as long as each tail ends with a
+token of its own. Embedding and output (and the MTP heads' projections)
 are written as F32, so the margins are exact. The MTP heads are set the same way (eh_proj
 passes the next token's normalised embedding through), so their drafts follow the script too.
 
@@ -118,16 +125,17 @@ def _zeroed(t) -> np.ndarray:
     return np.zeros_like(np.asarray(t.data))  # zero bytes decode to 0.0 in every format used here
 
 
-def fresh_script(tokenizer: Tokenizer, text: str, avoid=()) -> tuple[list[int], list[int]]:
+def fresh_script(tokenizer: Tokenizer, text: str, avoid=(), copies=()) -> tuple[list[int], list[int]]:
     """The text's own tokenization made distinct: (ids, copies). Each token keeps its id the first
-    time it occurs; a repeat, or a token in `avoid`, becomes a new id V, V+1, ... whose token is
-    a copy of it (same string, same bytes); copies[k] is the id that id V+k copies."""
+    time it occurs; a repeat, or a token in `avoid`, becomes a new id past the vocabulary and the
+    `copies` made before, whose token is a copy of it; the copies returned are the ids that ids
+    V, V+1, ... copy (those given, then the new ones)."""
     ids = tokenizer.encode(text, add_bos=False)
     if tokenizer.decode_bytes(ids) != text.encode("utf-8"):
         raise ValueError(f"the tokenizer does not give the script back byte for byte: {text[:40]!r}")
     if not ids:
         raise ValueError("the script text is empty: the model would have to stop at once, which needs no script")
-    seen, out, copies = set(avoid), [], []
+    seen, out, copies = set(avoid), [], list(copies)
     for i in ids:
         if i in seen or not tokenizer.token_bytes(i):
             copies.append(i)
@@ -137,42 +145,61 @@ def fresh_script(tokenizer: Tokenizer, text: str, avoid=()) -> tuple[list[int], 
     return out, copies
 
 
-def write_scripted_model(src: Path, dst: Path, text: str, *, extend_vocab: bool = True) -> Path:
-    """Copy the GGUF `src` to `dst` with weights set so that, after any chat prompt, greedy
-    decoding emits exactly `text` and then the end-of-generation token. Returns dst.
+def _chains(tok: Tokenizer, text: str, after: dict[str, str], extend_vocab: bool) -> tuple[list[list[int]], list[int]]:
+    """[trigger, s_1, ..., s_n] for the chat prompt's script and each of `after`, and the copies."""
+    scripts = {trigger_token(tok): (text, "the chat generation prompt")}
+    for tail, continuation in after.items():
+        ids = tok.encode(tail, add_bos=False)
+        if not ids:
+            raise ValueError("an empty prompt tail in `after` has no last token to follow")
+        if ids[-1] in scripts:
+            raise ValueError(f"the prompt tail {tail!r} ends with the token {tok.tokens[ids[-1]]!r}, as {scripts[ids[-1]][1]} "
+                             f"does: one token cannot start two scripts")
+        scripts[ids[-1]] = (continuation, f"the prompt tail {tail!r}")
+    used = {*scripts, *tok.eog_ids}
+    chains, copies = [], []
+    for trigger, (script, _) in scripts.items():
+        if extend_vocab:
+            ids, copies = fresh_script(tok, script, used, copies)
+        else:
+            ids = script_ids(tok, script, used)
+        used.update(ids)
+        chains.append([trigger] + ids)
+    return chains, copies
 
-    With extend_vocab (the default) the script is the text's own tokenization, and a token that
-    occurs again (or is the trigger) is played by a copy appended to the vocabulary: a bigram
-    needs distinct tokens, and a vocabulary trained on Python has too few quote and newline
-    tokens for JSON. Without it, the vocabulary stays as it is and `script_ids` must find a
-    segmentation into distinct tokens (its ValueError names where none exists).
+
+def write_scripted_model(src: Path, dst: Path, text: str, *, after: dict[str, str] | None = None,
+                         extend_vocab: bool = True) -> Path:
+    """Copy the GGUF `src` to `dst` with weights set so that greedy decoding emits exactly `text`
+    after a chat prompt, and `after[tail]` after a prompt ending with the text `tail` (as
+    tokenized alone), each then the end-of-generation token; after any other prompt the model
+    stops at once. Returns dst.
+
+    Without extend_vocab the vocabulary stays as it is and `script_ids` must find segmentations
+    into distinct tokens (its ValueError names where none exists).
     """
     src, dst = Path(src), Path(dst)
-    f = GGUFModelFile(src)
-    tok = Tokenizer.from_gguf(f)
-    trigger, end = trigger_token(tok), end_token(tok)
-    avoid = {trigger, end, *tok.eog_ids}
-    if extend_vocab:
-        script, copies = fresh_script(tok, text, avoid)
-    else:
-        script, copies = script_ids(tok, text, avoid), []
-    ids = [trigger] + script
+    tok = Tokenizer.from_gguf(GGUFModelFile(src))
+    end = end_token(tok)
+    chains, copies = _chains(tok, text, after or {}, extend_vocab)
     r = gguf.GGUFReader(src)
     V, H = len(tok.tokens) + len(copies), int(r.fields[N.Key.EMBEDDING_LENGTH].contents())
     sink = H - 1
-    if len(ids) > sink:
-        raise ValueError(f"the script needs {len(ids) - 1} tokens; a model of hidden size {H} holds at most {sink - 1}")
+    n = sum(len(c) for c in chains)
+    if n > sink:
+        raise ValueError(f"the scripts need {n} tokens with their triggers; a model of hidden size {H} holds at most {sink}")
 
     embed = np.zeros((V, H), np.float32)  # [V, H]
     embed[:, sink] = 1.0
     output = np.zeros((V, H), np.float32)  # [V, H]
-    for i, t in enumerate(ids):
-        embed[t] = 0.0
-        embed[t, i] = 1.0
-        if i + 1 < len(ids):
-            output[ids[i + 1], i] = MARGIN
-    output[end, len(ids) - 1] = MARGIN
     output[end, sink] = MARGIN
+    dim = 0
+    for chain in chains:
+        for i, t in enumerate(chain):
+            embed[t] = 0.0
+            embed[t, dim] = 1.0
+            output[chain[i + 1] if i + 1 < len(chain) else end, dim] = MARGIN
+            dim += 1
     eh_proj = np.zeros((H, 2 * H), np.float32)  # [H, 2H]: (enorm(embed), hnorm(h)) -> the embedding part
     eh_proj[:, :H] = np.eye(H, dtype=np.float32)
 
