@@ -55,7 +55,11 @@ def run(args) -> int:
     from runtime.cli.common import load_model
 
     sock = _listen(args.host, args.port)  # before the model loads: a taken port fails fast
-    model = load_model(args)
+    model = load_model(args)  # prints the placement when experts stream or a GPU holds some
+    if model.placement is None and model.gpu_placement is None:
+        size = model.file.path.stat().st_size
+        print(f"placement: every weight in RAM, mapped from {model.file.path} ({size / 2**20:.0f} MiB)",
+              file=sys.stderr)
     model.tokenizer  # noqa: B018 - built now, not by the first request's handler
     name = args.alias or model.name
     engine = Engine(model, queue_size=args.queue_size)
