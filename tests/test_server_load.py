@@ -5,6 +5,7 @@ the issue's bounded load test (16 clients for 30 s, slow)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ pytest.importorskip("fastapi")
 from runtime.base.errors import StepstreamError  # noqa: E402
 from runtime.bench.serve import (FOLLOW_UP, LoadReport, PrefixReuse, Turn, chat_counter, load_test,  # noqa: E402
                                  next_turn, prefix_reuse, started_server, stdlib_conversation)
+from runtime.cli import SubcommandParser, bench_serve  # noqa: E402
 from runtime.cli.bench_serve import serve_argv  # noqa: E402
 from runtime.generation import SamplingParams, complete  # noqa: E402
 from runtime.loader import load  # noqa: E402
@@ -122,3 +124,19 @@ def test_a_server_that_never_listens_is_stopped_after_the_timeout():
     pid = int(str(e.value).rsplit(":", 1)[1])
     with pytest.raises(ProcessLookupError):  # stopped and reaped on the way out, not left sleeping
         os.kill(pid, 0)
+
+
+@pytest.mark.slow
+def test_bench_serve_command_reports_every_part(capsys):
+    parser = SubcommandParser(prog="stepstream bench-serve")
+    bench_serve.add_arguments(parser)
+    args = parser.parse_args(["-m", str(MODEL), "-c", "1024", "--conversation-tokens", "300", "--reply-tokens", "8",
+                              "-n", "24", "-r", "1", "--load-clients", "4", "--load-seconds", "2", "--json"])
+    assert bench_serve.run(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    reuse, overhead, load_ = report["prefix_reuse"], report["overhead"], report["load"]
+    assert reuse["identical"] and reuse["second"]["cached_tokens"] >= reuse["first"]["prompt_tokens"]
+    assert reuse["ttft_ratio"] == reuse["second"]["ttft_s"] / reuse["first"]["ttft_s"]
+    assert overhead["same_text"] and overhead["n_tokens"] == [24, 24]  # the server and `stepstream run` agree
+    assert overhead["overhead"] == pytest.approx(1 - overhead["server_tok_s"] / overhead["run_tok_s"])
+    assert load_["ok"] and load_["errors"] == 0 and load_["completed"] > 0

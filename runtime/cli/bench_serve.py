@@ -13,6 +13,7 @@ The exit status is 1 when the load test saw an error or a hung request, or /heal
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import httpx
@@ -112,13 +113,21 @@ def run(args) -> int:
                                   "raise it or lower --conversation-tokens")
     report: dict = {"model": args.model}
     print(f"starting `stepstream serve` on {args.model}...", file=sys.stderr, flush=True)
+    # SIGTERM (a job's time limit, `kill`) unwinds like Ctrl-C, so that the server is stopped too
+    previous = signal.signal(signal.SIGTERM, _exit)
     try:
         _measure(args, messages, wipe_token, report)
     except httpx.HTTPError as e:  # the load test counts its own; here the server stopped answering
         raise StepstreamError(f"the server stopped answering: {type(e).__name__}: {e}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(json.dumps(report))
     return 0 if "load" in args.skip or report["load"]["ok"] else 1
+
+
+def _exit(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _measure(args, messages: list[dict], wipe_token: int, report: dict) -> None:
