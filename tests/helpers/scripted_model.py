@@ -153,8 +153,8 @@ def _chains(tok: Tokenizer, text: str, after: dict[str, str], extend_vocab: bool
         if not ids:
             raise ValueError("an empty prompt tail in `after` has no last token to follow")
         if ids[-1] in scripts:
-            raise ValueError(f"the prompt tail {tail!r} ends with the token {tok.tokens[ids[-1]]!r}, as {scripts[ids[-1]][1]} "
-                             f"does: one token cannot start two scripts")
+            raise ValueError(f"the prompt tail {tail!r} ends with the token {tok.tokens[ids[-1]]!r}, as "
+                             f"{scripts[ids[-1]][1]} does: one token cannot start two scripts")
         scripts[ids[-1]] = (continuation, f"the prompt tail {tail!r}")
     used = {*scripts, *tok.eog_ids}
     chains, copies = [], []
@@ -187,7 +187,8 @@ def write_scripted_model(src: Path, dst: Path, text: str, *, after: dict[str, st
     sink = H - 1
     n = sum(len(c) for c in chains)
     if n > sink:
-        raise ValueError(f"the scripts need {n} tokens with their triggers; a model of hidden size {H} holds at most {sink}")
+        raise ValueError(f"the scripts need {n} tokens with their triggers; a model of hidden size {H} "
+                         f"holds at most {sink}")
 
     embed = np.zeros((V, H), np.float32)  # [V, H]
     embed[:, sink] = 1.0
