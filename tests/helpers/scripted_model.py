@@ -27,9 +27,11 @@ vocabulary as it is for a segmentation into distinct tokens.
 
 More scripts can follow other prompt tails (`after`): a server that appends the start of a
 forced tool call to the prompt gets its own continuation, as long as each tail ends with a
-token of its own. Embedding and output (and the MTP heads' projections)
-are written as F32, so the margins are exact. The MTP heads are set the same way (eh_proj
-passes the next token's normalised embedding through), so their drafts follow the script too.
+token of its own.
+
+Embedding and output (and the MTP heads' projections) are written as F32, so the margins are
+exact. The MTP heads are set the same way (eh_proj passes the next token's normalised
+embedding through), so their drafts follow the script too.
 
 Shape legend (numpy order):  V vocab   H hidden
 """
