@@ -5,9 +5,11 @@ the issue's bounded load test (16 clients for 30 s, slow)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,3 +142,69 @@ def test_bench_serve_command_reports_every_part(capsys):
     assert overhead["same_text"] and overhead["n_tokens"] == [24, 24]  # the server and `stepstream run` agree
     assert overhead["overhead"] == pytest.approx(1 - overhead["server_tok_s"] / overhead["run_tok_s"])
     assert load_["ok"] and load_["errors"] == 0 and load_["completed"] > 0
+
+
+class ScriptedServer(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-shaped server whose answer is fixed by the request's max_tokens (4..16 in the
+    load test's mix), so that every outcome the load test tells apart occurs, and the count
+    of each can be predicted from the requests the server received."""
+
+    PLAN = {4: "refused", 5: "error:503-without-retry-after", 6: "error:500", 7: "error:event", 8: "error:cut",
+            9: "hung", 10: "error:finish"}  # every other max_tokens: completed
+    log: list[str] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, headers: dict) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._send(200, json.dumps({"status": "ok", "busy": False, "waiting": 0}).encode(), {})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        plan = self.PLAN.get(body["max_tokens"], "completed")
+        self.log.append(plan.split(":")[0])
+        chat, streamed = "messages" in body, body.get("stream", False)
+        if plan == "hung":
+            time.sleep(3)
+            return
+        if plan == "refused" or plan.endswith("503-without-retry-after"):
+            return self._send(503, b'{"error": {"message": "busy"}}', {"Retry-After": "1"} if plan == "refused" else {})
+        if plan.endswith("500"):
+            return self._send(500, b'{"error": {"message": "boom"}}', {})
+        finish = "bogus" if plan.endswith("finish") else "length"
+        choice = ({"delta": {"content": "x"}} if streamed else {"message": {"content": "x"}}) if chat else {"text": "x"}
+        usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+        if not streamed:
+            whole = json.dumps({"choices": [{**choice, "finish_reason": finish}], "usage": usage})
+            whole = {"event": '{"error": {"message": "generation failed"}}', "cut": whole[:20]}.get(plan[6:], whole)
+            return self._send(200, whole.encode(), {"Content-Type": "application/json"})
+        events = [{"choices": [{**choice, "finish_reason": None}]}, {"choices": [{"delta": {}, "finish_reason": finish}]}]
+        if plan.endswith("event"):
+            events.append({"error": {"message": "generation failed"}})
+        events.append({"choices": [], "usage": usage})
+        lines = [f"data: {json.dumps(e)}\n\n" for e in events] + ([] if plan.endswith("cut") else ["data: [DONE]\n\n"])
+        self._send(200, "".join(lines).encode(), {"Content-Type": "text/event-stream"})
+
+
+def test_load_test_tells_apart_completed_refused_errors_and_hung_requests():
+    ScriptedServer.log = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedServer)
+    server.daemon_threads, server.block_on_close = True, False  # hung answers are not waited for
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = load_test(f"http://127.0.0.1:{server.server_port}", clients=6, seconds=1.5, hang_s=1, retry_s=0.01)
+    finally:
+        server.shutdown()
+        server.server_close()
+    seen = {k: ScriptedServer.log.count(k) for k in ("completed", "refused", "error", "hung")}
+    assert seen["hung"] and seen["error"] and seen["refused"] and seen["completed"]
+    assert (report.completed, report.refused, report.errors, report.hung) == tuple(seen.values())
+    assert report.sent == len(ScriptedServer.log) and len(report.latencies_s) == report.completed
+    assert report.healthy and not report.ok

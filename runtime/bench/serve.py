@@ -448,6 +448,7 @@ def load_test(url: str, *, clients: int = 16, seconds: float = 30.0, hang_s: flo
     Then /health is read."""
     report = LoadReport(clients, seconds)
     lock = threading.Lock()
+    closed = False
     stop_at = time.monotonic() + seconds
 
     def client_loop(client_id: int) -> None:
@@ -459,14 +460,17 @@ def load_test(url: str, *, clients: int = 16, seconds: float = 30.0, hang_s: flo
                     outcome, detail = _one_request(client, client_id, k)
                 except httpx.TimeoutException:
                     outcome, detail = "hung", ""
-                except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+                except Exception as e:  # noqa: BLE001 - whatever went wrong, it is one failed request, counted
                     outcome, detail = "error", f"{type(e).__name__}: {e}"
                 elapsed = time.perf_counter() - t0
                 if outcome == "completed" and elapsed > hang_s:
                     outcome = "hung"
                 with lock:
+                    if closed:  # counted as hung already: the report has been handed back
+                        return
                     report.sent += 1
-                    setattr(report, outcome, getattr(report, outcome) + 1)
+                    counter = "errors" if outcome == "error" else outcome
+                    setattr(report, counter, getattr(report, counter) + 1)
                     if outcome == "completed":
                         report.latencies_s.append(elapsed)
                     if outcome == "error" and len(report.error_samples) < 5:
@@ -479,8 +483,14 @@ def load_test(url: str, *, clients: int = 16, seconds: float = 30.0, hang_s: flo
                for i in range(clients)]
     for t in threads:
         t.start()
+    give_up = stop_at + hang_s + 5  # a request started at stop_at has hang_s to end, then the client stops
     for t in threads:
-        t.join()
+        t.join(max(0.0, give_up - time.monotonic()))
+    with lock:
+        stuck = sum(t.is_alive() for t in threads)  # each is inside a request that trickles past the timeout
+        report.sent += stuck
+        report.hung += stuck
+        closed = True
     try:
         r = httpx.get(url + "/health", timeout=30)
         report.health_status = r.status_code
