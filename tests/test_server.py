@@ -233,9 +233,11 @@ def test_a_full_queue_answers_503_and_requests_do_not_leak(url, ref):
     Retry-After; every answer that completes equals the runtime's answer for its own prompt."""
     prompts = [f"def task_{i}(x):\n" for i in range(8)]
     results: dict[int, httpx.Response] = {}
+    ready = threading.Barrier(8)
 
-    def go(i):
-        results[i] = _post(url, "/v1/completions", {"model": NAME, "prompt": prompts[i], "max_tokens": 40,
+    def go(i):  # each runs for about half a second, so all eight arrive while the first runs
+        ready.wait()
+        results[i] = _post(url, "/v1/completions", {"model": NAME, "prompt": prompts[i], "max_tokens": 120,
                                                     "temperature": 0})
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
@@ -249,5 +251,5 @@ def test_a_full_queue_answers_503_and_requests_do_not_leak(url, ref):
         if r.status_code == 503:
             assert r.headers["retry-after"] and r.json()["error"]["code"] == "server_busy"
         else:
-            text, _, _ = local_text(ref, ref.tokenize(prompts[i], special=True), openai_params(0.0), 40)
+            text, _, _ = local_text(ref, ref.tokenize(prompts[i], special=True), openai_params(0.0), 120)
             assert r.json()["choices"][0]["text"] == text

@@ -78,13 +78,13 @@ def _chat_logprobs(lps) -> dict:
 
 class ChatReply:
     """/v1/chat/completions: content, `reasoning_content` and `tool_calls` parsed from the text
-    (reasoning always, as llama-server does by default; tool calls whether or not the request
-    offered tools, since the model may write one anyway, and a call is more use than its markup)."""
+    (reasoning always, as llama-server does by default; tool calls only when the request offered
+    tools and did not say tool_choice "none": otherwise the markup is content, as written)."""
 
     def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, tools: list | None, forced: str = ""):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
         self.n_prompt, self.in_reasoning, self.tools = n_prompt, in_reasoning, tools
-        self.stream = ReplyStream(in_reasoning=in_reasoning, tools=tools)
+        self.stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=tools is not None)
         # the start of a forced tool call (tool_choice): part of the reply the parser reads, held
         # back by it (an open call is sent once complete), never sent as text
         self._early = self.stream.push(forced) if forced else []
@@ -134,7 +134,7 @@ class ChatReply:
 
     def whole(self, timings: Timings, want_logprobs: bool) -> dict:
         text = "".join(self.text)
-        parsed = parse_reply(text, in_reasoning=self.in_reasoning, tools=self.tools)
+        parsed = parse_reply(text, in_reasoning=self.in_reasoning, tools=self.tools, calls=self.tools is not None)
         message: dict = {"role": "assistant",
                          "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
         if parsed.reasoning is not None:

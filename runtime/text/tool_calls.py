@@ -73,10 +73,11 @@ def forced_call(name: str | None) -> str:
     return f"{CALL}\n<function={name}>\n" if name is not None else f"{CALL}\n<function="
 
 
-def parse_reply(text: str, *, in_reasoning: bool = False, tools: list[dict] | None = None) -> ParsedReply:
+def parse_reply(text: str, *, in_reasoning: bool = False, tools: list[dict] | None = None,
+                calls: bool = True) -> ParsedReply:
     """The parts of a whole reply. `tools` (the request's function specs) let a parameter
     whose schema type is "string" stay text even where it reads as JSON (`42`, `[1, 2]`)."""
-    stream = ReplyStream(in_reasoning=in_reasoning, tools=tools)
+    stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=calls)
     deltas = stream.push(text) + stream.finish()
     content = "".join(d.get("content", "") for d in deltas)
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
@@ -87,9 +88,11 @@ def parse_reply(text: str, *, in_reasoning: bool = False, tools: list[dict] | No
 
 class ReplyStream:
     """Reply text in, OpenAI `delta` dicts out. A state machine over three modes: CONTENT,
-    REASONING (inside `<think>`) and CALL (inside `<tool_call>`, buffered until it closes)."""
+    REASONING (inside `<think>`) and CALL (inside `<tool_call>`, buffered until it closes).
+    With `calls=False` (a request that offered no tools, or tool_choice "none") a `<tool_call>`
+    block is content like any other text; reasoning is still separated."""
 
-    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None):
+    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None, calls: bool = True):
         self._mode = "reasoning" if in_reasoning else "content"
         self._buf = ""             # text not yet turned into deltas
         self._drop_newline = in_reasoning  # one "\n" after <think> / </think> is layout
@@ -98,6 +101,8 @@ class ReplyStream:
         self._held_space = ""      # that whitespace, dropped if a call or the end comes next
         self._n_calls = 0
         self._types = _string_parameters(tools)
+        self._tags = (CALL, THINK) if calls else (THINK,)
+        self._held_tags = ("\n" + CALL, CALL, THINK) if calls else (THINK,)
         self._done = False
 
     def push(self, text: str) -> list[dict]:
@@ -136,7 +141,7 @@ class ReplyStream:
     def _content(self, out: list[dict], final: bool) -> bool:
         if not self._skip_layout_newline(final):
             return False
-        at, tag = _first(self._buf, (CALL, THINK))
+        at, tag = _first(self._buf, self._tags)
         if tag == THINK:
             self._emit_content(out, self._buf[:at])
             self._held_space = ""  # whitespace between a call and <think> is layout too
@@ -149,7 +154,7 @@ class ReplyStream:
             self._buf = self._buf[at + len(CALL):]
             self._mode = "call"
             return True
-        keep = 0 if final else _held_back(self._buf, ("\n" + CALL, CALL, THINK))
+        keep = 0 if final else _held_back(self._buf, self._held_tags)
         text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
         if final and self._after_call and (self._held_space + text).isspace():
             self._held_space = ""  # whitespace after the last call is layout

@@ -1,0 +1,144 @@
+"""Tool calls and reasoning through a live `stepstream serve`, both directions, with the official
+`openai` client. The model is a copy of the shipped one whose weights make greedy decoding write
+a chosen reply (tests/helpers/scripted_model.py), so the reply's markup is known and the
+expected OpenAI parts are written out here by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from runtime.loader import load  # noqa: E402
+from runtime.text.tool_calls import forced_call  # noqa: E402
+from tests.helpers.live_server import live_server  # noqa: E402
+from tests.helpers.scripted_model import write_scripted_model  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}]
+REASONING = "The user wants the weather in Oslo, so I call the tool."
+CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+REPLIES = {
+    # reasoning, then a call in the template's own markup; after a forced call's opening (tool_choice)
+    # the model writes the rest of a call
+    "think_call": (f"<think>\n{REASONING}\n</think>\n\n{CALL}",
+                   {forced_call("get_weather"): "<parameter=city>\nBergen\n</parameter>\n</function>\n</tool_call>",
+                    forced_call(None): "get_weather>\n<parameter=city>\nTromso\n</parameter>\n</function>\n</tool_call>"}),
+    "two_json_calls": ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
+                       '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Nice", "days": 2}}\n</tool_call>', {}),
+    "malformed": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', {}),
+}
+USER = [{"role": "system", "content": "You are a weather assistant."},
+        {"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripted-serve")
+    return {name: write_scripted_model(SHIPPED, root / f"{name}.gguf", text, after=after)
+            for name, (text, after) in REPLIES.items()}
+
+
+@pytest.fixture(scope="module", params=list(REPLIES))
+def served(request, files):
+    with live_server(files[request.param], "--alias", "m") as url:
+        yield request.param, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def _ask(client, messages=USER, stream=False, **kw):
+    return client.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0, max_tokens=200,
+                                          stream=stream, **kw)
+
+
+def _join_stream(chunks):
+    """The parts a streaming client assembles from the deltas."""
+    content, reasoning, calls, finish = "", "", {}, None
+    for c in chunks:
+        if not c.choices:
+            continue
+        d = c.choices[0].delta
+        content += d.content or ""
+        reasoning += getattr(d, "reasoning_content", None) or (d.model_extra or {}).get("reasoning_content") or ""
+        for t in d.tool_calls or []:
+            slot = calls.setdefault(t.index, {"id": None, "name": "", "arguments": ""})
+            slot["id"] = t.id or slot["id"]
+            slot["name"] += t.function.name or ""
+            slot["arguments"] += t.function.arguments or ""
+        finish = c.choices[0].finish_reason or finish
+    return content, reasoning, [calls[i] for i in sorted(calls)], finish
+
+
+EXPECTED = {  # content, reasoning, [(name, arguments)], finish_reason
+    "think_call": (None, REASONING, [("get_weather", {"city": "Oslo", "days": 3})], "tool_calls"),
+    "two_json_calls": ("Checking both.", None, [("get_weather", {"city": "Rome"}),
+                                                ("get_weather", {"city": "Nice", "days": 2})], "tool_calls"),
+    "malformed": (REPLIES["malformed"][0], None, [], "stop"),
+}
+
+
+def test_reply_parts_whole_and_streamed(served):
+    name, client = served
+    content, reasoning, calls, finish = EXPECTED[name]
+    r = _ask(client)
+    m = r.choices[0].message
+    assert m.content == (content if content is not None or calls else "")
+    assert (m.model_extra or {}).get("reasoning_content") == reasoning
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls or []] == calls
+    assert all(c.id.startswith("call_") and c.type == "function" for c in m.tool_calls or [])
+    assert r.choices[0].finish_reason == finish
+    s_content, s_reasoning, s_calls, s_finish = _join_stream(_ask(client, stream=True))
+    assert s_content == (content or "") and s_reasoning == (reasoning or "")
+    assert [(c["name"], json.loads(c["arguments"])) for c in s_calls] == calls and s_finish == finish
+
+
+def test_tool_results_go_back_through_the_template(served, files):
+    """The assistant's calls and the tool's results are rendered into the next prompt, which
+    starts with the previous prompt and reply (so the cache is reused)."""
+    name, client = served
+    if not EXPECTED[name][2]:
+        pytest.skip("no call to answer")
+    first = _ask(client)
+    m = first.choices[0].message
+    turn2 = USER + [m.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": c.id, "content": json.dumps({"temp_c": 4 + i})}
+        for i, c in enumerate(m.tool_calls)]
+    second = _ask(client, turn2)
+    local = load(files[name])
+    want = local.chat_tokens([{k: v for k, v in msg.items()} for msg in turn2], tools=TOOLS)
+    assert second.usage.prompt_tokens == len(want)
+    text = local.detokenize(want, special=True).decode()
+    for i, c in enumerate(m.tool_calls):
+        assert f"<tool_response>{json.dumps({'temp_c': 4 + i})}</tool_response>" in text
+        assert f"<function={c.function.name}>" in text
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_tool_choice(served):
+    name, client = served
+    if name != "think_call":
+        pytest.skip("one model is enough")
+    named = _ask(client, tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in named.message.tool_calls] == \
+        [("get_weather", {"city": "Bergen"})] and named.finish_reason == "tool_calls"
+    required = _ask(client, tool_choice="required").choices[0]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in required.message.tool_calls] == \
+        [("get_weather", {"city": "Tromso"})]
+    streamed = _join_stream(_ask(client, stream=True, tool_choice="required"))
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed[2]] == [("get_weather", {"city": "Tromso"})]
+    # "none": the tools are not offered and no call is parsed out of the reply; the model still
+    # wrote its markup, which comes back as content
+    none = _ask(client, tool_choice="none").choices[0]
+    assert none.finish_reason == "stop" and not none.message.tool_calls
+    # (one "\n" after </think> is layout; the second, before the markup, is text here)
+    assert none.message.content == "\n" + CALL and none.message.model_extra["reasoning_content"] == REASONING
+    with pytest.raises(openai.BadRequestError):
+        _ask(client, tool_choice={"type": "function", "function": {"name": "nope"}})
