@@ -305,8 +305,8 @@ def _collect(deltas):
     return content or None, reasoning or None, calls
 
 
-def _streamed(text, cuts, in_reasoning=False):
-    s = ReplyStream(in_reasoning=in_reasoning, tools=TOOLS)
+def _streamed(text, cuts, in_reasoning=False, calls=True):
+    s = ReplyStream(in_reasoning=in_reasoning, tools=TOOLS, calls=calls)
     out, at = [], 0
     for cut in list(cuts) + [len(text)]:
         out += s.push(text[at:cut])
@@ -314,8 +314,8 @@ def _streamed(text, cuts, in_reasoning=False):
     return _collect(out + s.finish())
 
 
-def _whole(text, in_reasoning=False):
-    p = parse_reply(text, in_reasoning=in_reasoning, tools=TOOLS)
+def _whole(text, in_reasoning=False, calls=True):
+    p = parse_reply(text, in_reasoning=in_reasoning, tools=TOOLS, calls=calls)
     return p.content, p.reasoning, [(c.name, c.arguments) for c in p.tool_calls]
 
 
@@ -330,6 +330,22 @@ def test_stream_equals_whole_at_every_cut():
             for _ in range(20):
                 cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(2, 8))))
                 assert _streamed(text, cuts, in_reasoning) == whole, (text, cuts)
+
+
+def test_without_calls_the_markup_is_content_and_reasoning_still_separates():
+    """calls=False: a request without tools (or tool_choice "none"). Reference: the text with
+    its think section cut out by hand (and the layout newlines around it)."""
+    rng = random.Random(7)
+    for text in STREAM_TEXTS + ["<think>\nr\n</think>\n<tool_call>\n<function=f>\n</function>\n</tool_call>"]:
+        content, reasoning, calls = _whole(text, calls=False)
+        assert calls == []
+        if "<think>" not in text:
+            assert content == (text or None) and reasoning is None
+        for _ in range(10):
+            cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
+            assert _streamed(text, cuts, calls=False) == (content, reasoning, calls), (text, cuts)
+    assert _whole("<think>\nr\n</think>\nA <tool_call>x</tool_call>", calls=False) == \
+        ("A <tool_call>x</tool_call>", "r", [])
 
 
 def test_stream_equals_whole_on_random_markup():
