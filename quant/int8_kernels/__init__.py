@@ -6,6 +6,7 @@ Shape legend
                                          b int32 [N, C // 16] (see row_dot)
     matvec(w, a, out[, token])           out [R] = W @ x_token, x quantized as in a
     matmul(w, a, out)                    out [N, R] = X @ W.T for every token of a (GEMM_FORMATS)
+    matmul_rows(w, a, out)               the same for any format, each token by the GEMV's row dot
     matvec_many(ws, a, out)              out [sum R] = the ws stacked, times token 0, in one call
     matvec_group(group(ws), x, out)      the same with x float32 (quantized in the call) and the
                                          matrices prepared once
@@ -57,7 +58,7 @@ from .gemv_gemm import quantize as _quantize
 from .row_dot import GEMM4_FORMATS
 
 __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Activations", "ffn_descriptor",
-           "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matvec", "matvec_group", "matvec_many",
+           "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matmul_rows", "matvec", "matvec_group", "matvec_many",
            "quantize_activations", "supports", "swiglu_ffns"]
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
@@ -217,6 +218,21 @@ def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | No
                          f"{', '.join(t.name for t in GEMM_FORMATS) or 'none'})")
     _check_out(out, (a.shape[0], w.rows))
     kernels(_formats(formats, [w])).gemm(int(w.qtype), w.data, a.q, a.d, a.b, out)
+    return out
+
+
+def matmul_rows(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | None = None) -> np.ndarray:
+    """out [N, R] = X @ W.T, every token through the one-token GEMV's row dot, so a row equals
+    what matvec gives for that token alone: the GEMM of formats without one (Q5_K, Q8_0), which
+    keeps the results independent of how many tokens a call has."""
+    if not isinstance(w, PackedMatrix):
+        raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
+    if not supports(w.qtype, w.cols):
+        raise ValueError(f"{w.qtype.name} [{w.rows}, {w.cols}] has no int8-activation kernel")
+    if a.shape[1] != w.cols:
+        raise ValueError(f"activations have {a.shape[1]} columns, W has {w.cols}")
+    _check_out(out, (a.shape[0], w.rows))
+    kernels(_formats(formats, [w])).gemm_rows(int(w.qtype), w.data, a.q, a.d, a.b, out)
     return out
 
 

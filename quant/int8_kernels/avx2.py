@@ -15,8 +15,9 @@ the host CPU); the portable loops in ``row_dot`` are used otherwise.
     q4k_row_dot(w, nsb, x, xb, xd) -> float32
         A whole Q4_K row (address w, nsb super-blocks) times one token's int8 activations:
         x their address, xb that of their int32 sums per 16 columns, xd that of their float32
-        scales per 256. Integer sums per super-block, float32 vector accumulators across
-        super-blocks, one horizontal sum per row.
+        scales per 256. Exact integer sums per super-block, then one float32 sum over the
+        super-blocks in order: the same roundings as the avx512_vnni GEMM's, so a row's
+        product does not depend on which kernel computed it or on how many tokens it had.
     q6k_row_dot(w, nsb, x, xb, xd) -> float32: the same for a Q6_K row.
     q4k_row_dot4 / q6k_row_dot4(w, nsb, x0..x3, b0..b3, d0..d3) -> 4 x float32
         The same for four tokens at once: each super-block's codes and scales are decoded
@@ -32,7 +33,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import compiles_for
-from .llvm_ir import declare, load, shuffle
+from .llvm_ir import declare, fadd, fmul, load, shuffle
 
 
 AVAILABLE = compiles_for("avx2", "f16c")
@@ -96,14 +97,6 @@ def _isum(builder, codes, splats, xa):
 
 
 _F32 = ir.FloatType()
-_V8F32 = ir.VectorType(_F32, 8)
-
-
-def _splat_f32(builder, v):
-    vec = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), v, ir.Constant(_i32, 0))
-    return shuffle(builder, vec, [0] * 8)
-
-
 def _half(builder, wa, offset: int):
     return builder.fpext(load(builder, wa, offset, ir.HalfType()), _F32)
 
@@ -134,14 +127,17 @@ def _q4k_block(builder, wa):
     return codes, splats, mins, _half(builder, wa, 0), _half(builder, wa, 2)
 
 
-def _q4k_term(builder, block, xa, xba, xd):
-    """<8 x float> partial sums of one Q4_K super-block times one token's activations."""
+def _q4k_term(builder, block, xa, xba, xd, acc):
+    """acc plus one Q4_K super-block times one token's activations: the integer sums of the
+    codes and of the mins are exact, then acc - M * (dmin * xd) + I * (d * xd), each step
+    rounded once (the avx512_vnni GEMM's sequence, so the GEMV and the GEMM agree to the bit)."""
     codes, splats, mins, d, dmin = block
     xb = load(builder, xba, 0, _V16I32)
     pairs = builder.add(shuffle(builder, xb, range(0, 16, 2)), shuffle(builder, xb, range(1, 16, 2)))
-    return builder.fsub(
-        builder.fmul(builder.sitofp(_isum(builder, codes, splats, xa), _V8F32), _splat_f32(builder, builder.fmul(d, xd))),
-        builder.fmul(builder.sitofp(builder.mul(mins, pairs), _V8F32), _splat_f32(builder, builder.fmul(dmin, xd))))
+    isum = _reduce(builder, _isum(builder, codes, splats, xa))
+    msum = _reduce(builder, builder.mul(mins, pairs))
+    acc = fadd(builder, acc, builder.fneg(fmul(builder, builder.sitofp(msum, _F32), fmul(builder, dmin, xd))))
+    return fadd(builder, acc, fmul(builder, builder.sitofp(isum, _F32), fmul(builder, d, xd)))
 
 
 def _q6k_block(builder, wa):
@@ -149,14 +145,14 @@ def _q6k_block(builder, wa):
     return codes, splats, builder.sext(sc8, _V16I32), _half(builder, wa, 208)
 
 
-def _q6k_term(builder, block, xa, xba, xd):
-    """<8 x float> partial sums of one Q6_K super-block times one token's activations; the
-    codes' offset of 32 comes off through the activations' 16-column sums."""
+def _q6k_term(builder, block, xa, xba, xd, acc):
+    """acc plus one Q6_K super-block times one token's activations (the codes' offset of 32
+    comes off through the activations' 16-column sums): acc + I * (d * xd), as in _q4k_term."""
     codes, splats, sc32, d = block
     off16 = builder.mul(sc32, load(builder, xba, 0, _V16I32))
     off8 = builder.add(shuffle(builder, off16, range(8)), shuffle(builder, off16, range(8, 16)))
-    isum = builder.sub(_isum(builder, codes, splats, xa), builder.shl(off8, ir.Constant(_V8I32, [5] * 8)))
-    return builder.fmul(builder.sitofp(isum, _V8F32), _splat_f32(builder, builder.fmul(d, xd)))
+    isum = _reduce(builder, builder.sub(_isum(builder, codes, splats, xa), builder.shl(off8, ir.Constant(_V8I32, [5] * 8))))
+    return fadd(builder, acc, fmul(builder, builder.sitofp(isum, _F32), fmul(builder, d, xd)))
 
 
 _FORMATS = {"q4_k": (144, _q4k_block, _q4k_term), "q6_k": (210, _q6k_block, _q6k_term)}
@@ -165,13 +161,13 @@ _FORMATS = {"q4_k": (144, _q4k_block, _q4k_term), "q6_k": (210, _q6k_block, _q6k
 def _row_dot(fmt: str, n_tok: int):
     """Codegen of a whole row (w, nsb super-blocks) times n_tok tokens, given by the addresses of
     their activations, 16-column sums and per-256 scales. The weights are decoded once per
-    super-block for all tokens; each token keeps 8 float lanes, summed once at the end."""
+    super-block for all tokens; each token's float sum runs over the super-blocks in order."""
     block_bytes, decode, term = _FORMATS[fmt]
 
     def codegen(context, builder, signature, args):
         wa, n = args[0], args[1]
         xs, xbs, xds = args[2:2 + n_tok], args[2 + n_tok:2 + 2 * n_tok], args[2 + 2 * n_tok:]
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None)) for _ in range(n_tok)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(n_tok)]
         with cgutils.for_range(builder, n) as loop:
             s = loop.index
 
@@ -180,15 +176,9 @@ def _row_dot(fmt: str, n_tok: int):
 
             block = decode(builder, at(wa, block_bytes))
             for acc, xa, xba, xda in zip(accs, xs, xbs, xds):
-                t = term(builder, block, at(xa, 256), at(xba, 64), load(builder, at(xda, 4), 0, _F32))
-                builder.store(builder.fadd(builder.load(acc), t), acc)
-        sums = []
-        for acc in accs:
-            total = builder.load(acc)
-            lanes = [builder.extract_element(total, ir.Constant(_i32, i)) for i in range(8)]
-            while len(lanes) > 1:
-                lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
-            sums.append(lanes[0])
+                xd = load(builder, at(xda, 4), 0, _F32)
+                builder.store(term(builder, block, at(xa, 256), at(xba, 64), xd, builder.load(acc)), acc)
+        sums = [builder.load(acc) for acc in accs]
         return sums[0] if n_tok == 1 else context.make_tuple(builder, signature.return_type, sums)
 
     return codegen

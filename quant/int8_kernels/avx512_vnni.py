@@ -27,7 +27,9 @@ Shape legend (per call of a step)
 
 The weights are decoded once per super-block for all n tokens; integer sums are exact
 within a super-block, as in int8_kernels.row_dot, and each token's 16 results accumulate in
-out across super-blocks. Software prefetch keeps one stream per thread ahead of the decode
+out across super-blocks, each float step rounded once whatever the caller's fast-math flags
+(llvm_ir.PINNED): the AVX2 row dots make the same roundings, so a row's product is the same
+from the GEMM (any step) and from the one-token GEMV. Software prefetch keeps one stream per thread ahead of the decode
 (the next group's rows, a slice per block): the decode work per byte is large enough that
 the hardware prefetcher alone leaves DRAM latency exposed (6 against 17 GB/s on one thread
 when measured).
@@ -44,7 +46,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import compiles_for
-from .llvm_ir import declare, load, shuffle
+from .llvm_ir import declare, fadd, fmul, load, shuffle
 
 ROWS = 16
 GGUF_BYTES = {"q4_k": 144, "q6_k": 210}
@@ -238,7 +240,7 @@ def _q4k(b, src, xq, xs, xd, add):
         for t in range(n):
             msum[t] = _dpwssd(b, msum[t], pair, _bcast4(b, xs[t], 4 * m))
     for t in range(n):
-        add(t, b.fneg(b.fmul(b.sitofp(msum[t], _V16F32), b.fmul(src.dmin, _splat(b, xd[t], _V16F32)))))
+        add(t, b.fneg(fmul(b, b.sitofp(msum[t], _V16F32), fmul(b, src.dmin, _splat(b, xd[t], _V16F32)))))
     isum = [_ZERO] * n
     for j in range(8):
         src.prefetch(j, 8)
@@ -251,7 +253,7 @@ def _q4k(b, src, xq, xs, xd, add):
                 p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
             isum[t] = b.add(isum[t], b.mul(p, sc))
     for t in range(n):
-        add(t, b.fmul(b.sitofp(isum[t], _V16F32), b.fmul(src.d, _splat(b, xd[t], _V16F32))))
+        add(t, fmul(b, b.sitofp(isum[t], _V16F32), fmul(b, src.d, _splat(b, xd[t], _V16F32))))
 
 
 def _q6k(b, src, xq, xs, xd, add):
@@ -275,7 +277,7 @@ def _q6k(b, src, xq, xs, xd, add):
                     acc = _dpbusd(b, acc, codes[4 * (j % 2) + i], _bcast4(b, xq[t], 16 * j + 4 * i))
                 isum[t] = b.add(isum[t], b.mul(acc, sc))
     for t in range(n):
-        add(t, b.fmul(b.sitofp(isum[t], _V16F32), b.fmul(src.d, _splat(b, xd[t], _V16F32))))
+        add(t, fmul(b, b.sitofp(isum[t], _V16F32), fmul(b, src.d, _splat(b, xd[t], _V16F32))))
 
 
 _FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32)}
@@ -300,7 +302,7 @@ def _step(fmt: str, n_tok: int):
             b.store(ir.Constant(_V16F32, None), ptr, align=4)
 
         def add(t, term):
-            b.store(b.fadd(b.load(outs[t], align=4), term), outs[t], align=4)
+            b.store(fadd(b, b.load(outs[t], align=4), term), outs[t], align=4)
 
         row_addrs = [token(w, row_bytes, r) for r in range(ROWS)]
         next_group = token(w, row_bytes, ROWS)

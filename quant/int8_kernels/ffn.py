@@ -8,7 +8,12 @@ Shape legend
     x        float32 [H]    out float32 [H], added into:
     out += sum_m weights[m] * down_m @ (min(silu(g), L_m) * clip(u, -L_m, L_m)),  g, u = gate_m @ x, up_m @ x
     scratch  FFNScratch, from ffn_scratch(H, M, sum I_m) or larger: every buffer the call needs
-Terms are added to out in entry order.
+Terms are summed in entry order, then added to out: out[r] + (w_0 y_0[r] + w_1 y_1[r] + ...).
+
+The SwiGLU and that sum are separately compiled functions in a fixed order (quant.jit.FIXED_ORDER),
+called, not inlined, by the fast-math kernel: a chunk of tokens (runtime.model.ops.swiglu, and
+the MoE sum of runtime.model.ffn) makes the same roundings, so one token's FFN output is the same
+whether a decode step or a prefill chunk computed it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numba as nb
 import numpy as np
 
 from ..bits import u8_at
+from ..jit import FIXED_ORDER
 from .gemv_gemm import bytes_per_256, find
 from .row_dot import q8dot, quantize_row
 
@@ -44,6 +50,30 @@ def ffn_scratch(hidden: int, max_ffns: int, max_width: int) -> FFNScratch:
                       np.empty(2 * max_width, np.float32), np.empty(max_width, np.float32),
                       np.empty(max_width, np.int8), np.empty(max_width // 256, np.float32),
                       np.empty(max_width // 16, np.int32), np.empty((max_ffns, hidden), np.float32))
+
+
+@nb.njit(fastmath=FIXED_ORDER, cache=True)
+def swiglu_row(g, u, lim, out):
+    """out [I] = min(silu(g), lim) * clip(u, -lim, lim) (no clamp when lim <= 1e-6), g, u [I]."""
+    for k in range(g.shape[0]):
+        gv = g[k]
+        uv = u[k]
+        a = gv / (np.float32(1.0) + np.exp(-gv))
+        if lim > np.float32(1e-6):
+            a = min(a, lim)
+            uv = min(max(uv, -lim), lim)
+        out[k] = a * uv
+
+
+@nb.njit(fastmath=FIXED_ORDER, cache=True)
+def add_weighted_sum(y, weights, m_count, out):
+    """out [H] += sum over m < m_count of weights[m] * y[m] (y [>= M, H]), summed in entry order
+    first: the order in which a prefill chunk adds the shared expert and the routed ones."""
+    for r in range(out.shape[0]):
+        t = weights[0] * y[0, r]
+        for m in range(1, m_count):
+            t = t + weights[m] * y[m, r]
+        out[r] = out[r] + t
 
 
 def build(formats: int):
@@ -77,17 +107,9 @@ def build(formats: int):
         # SwiGLU and the hidden vectors' quantization, per expert
         hq, hd, hb, act = scratch.hq, scratch.hd, scratch.hb, scratch.act
         for m in nb.prange(m_count):
-            lim = limits[m]
             i = inter[m]
             g0 = 2 * s[m]
-            for k in range(i):
-                gv = gu[g0 + k]
-                uv = gu[g0 + i + k]
-                a = gv / (np.float32(1.0) + np.exp(-gv))
-                if lim > np.float32(1e-6):
-                    a = min(a, lim)
-                    uv = min(max(uv, -lim), lim)
-                act[s[m] + k] = a * uv
+            swiglu_row(gu[g0:g0 + i], gu[g0 + i:g0 + 2 * i], limits[m], act[s[m]:s[m + 1]])
             quantize_row(act[s[m]:s[m + 1]], hq[s[m]:s[m + 1]], hd[s[m] // 256:s[m + 1] // 256],
                          hb[s[m] // 16:s[m + 1] // 16])
         # down rows of every expert, then the weighted sum in entry order
@@ -100,9 +122,6 @@ def build(formats: int):
             w = u8_at(addr[m, 2] + r * rbm, rbm)
             y[m, r] = q8dot(formats, qt[m, 1], w, hq[s[m]:s[m + 1]], hd[s[m] // 256:s[m + 1] // 256],
                                      hb[s[m] // 16:s[m + 1] // 16])
-        for m in range(m_count):
-            wt = weights[m]
-            for r in range(h):
-                out[r] += wt * y[m, r]
+        add_weighted_sum(y, weights, m_count, out)
 
     return swiglu_ffns

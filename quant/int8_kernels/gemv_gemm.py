@@ -147,7 +147,15 @@ _group_steps = switch({Q4_K: _q4k_group, Q6_K: _q6k_group}, arity=12)
 def build(formats: int) -> SimpleNamespace:
     """The kernels for matrices of the formats in `formats` (see dispatch.format_set):
     gemv(qt, addr, rb, starts, xq, xd, xb, out)   a group's rows times quantized activations
-    gemm(qtype, w, XQ, XD, XB, out)               GGUF rows times N tokens (GEMM_FORMATS)"""
+    gemm(qtype, w, XQ, XD, XB, out)               GGUF rows times N tokens (GEMM_FORMATS)
+    gemm_rows(qtype, w, XQ, XD, XB, out)          the same, each token through the GEMV's row dot"""
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemm_rows(qtype, w, XQ, XD, XB, out):
+        """Rows in parallel, every token of a row in turn while the row is in cache."""
+        for row in nb.prange(w.shape[0]):
+            for t in range(XQ.shape[0]):
+                out[t, row] = q8dot(formats, qtype, w[row], XQ[t], XD[t], XB[t])
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemv(qt, addr, rb, starts, xq, xd, xb, out):
@@ -174,7 +182,7 @@ def build(formats: int) -> SimpleNamespace:
             for row in nb.prange(w.shape[0]):
                 _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
 
-    return SimpleNamespace(gemv=gemv, gemm=gemm)
+    return SimpleNamespace(gemv=gemv, gemm=gemm, gemm_rows=gemm_rows)
 
 
 def gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):

@@ -27,3 +27,31 @@ def shuffle(builder, vec, indices):
     """vec's lanes picked by `indices` (one vector operand)."""
     mask = ir.Constant(ir.VectorType(I32, len(indices)), list(indices))
     return builder.shuffle_vector(vec, ir.Constant(vec.type, ir.Undefined), mask)
+
+
+# Numba's fast-math pass gives every float instruction that has no flags of its own the
+# caller's flags ("fast": reassociation and contraction included). The float arithmetic of
+# the row dots must be the same sequence of roundings in every kernel that inlines them (a
+# one-token GEMV and a many-token GEMM of the same row agree to the bit), so it carries a
+# flag that permits neither: "nsz" (only the sign of a zero may change).
+PINNED = ("nsz",)
+
+
+def _pinned(instr):
+    instr.flags.extend(PINNED)
+    return instr
+
+
+def fadd(builder, a, b):
+    """a + b, rounded once, whatever the enclosing kernel's fast-math flags."""
+    return _pinned(builder.fadd(a, b))
+
+
+def fsub(builder, a, b):
+    """a - b, rounded once (see fadd)."""
+    return _pinned(builder.fsub(a, b))
+
+
+def fmul(builder, a, b):
+    """a * b, rounded once and never fused into an add (see fadd)."""
+    return _pinned(builder.fmul(a, b))

@@ -27,6 +27,7 @@ import numba as nb
 import numpy as np
 
 from ..bits import f16_at, k4_min, k4_scale
+from ..jit import FIXED_ORDER
 from . import avx2
 from .avx2 import q4k_row_dot, q4k_row_dot4, q6k_row_dot, q6k_row_dot4
 from .dispatch import Q4_K, Q5_K, Q6_K, Q8_0, switch
@@ -34,8 +35,10 @@ from .dispatch import Q4_K, Q5_K, Q6_K, Q8_0, switch
 _JIT = dict(inline="always", fastmath=True, cache=True)
 # The portable row dots are called, not inlined: they are loops, which Numba cannot inline
 # through a format switch into a parallel loop without losing track of their variables
-# (NumbaIRAssumptionWarning), and a call per row costs nothing next to a row's work.
-_CALLED = dict(fastmath=True, cache=True)
+# (NumbaIRAssumptionWarning), and a call per row costs nothing next to a row's work. Their
+# float steps (once per 32 or 256 columns) keep a fixed order (FIXED_ORDER: the integer loops
+# vectorize without fast-math), so the GEMV and the GEMM of a row agree to the bit.
+_CALLED = dict(fastmath=FIXED_ORDER, cache=True)
 I16 = np.int16
 I32 = np.int32
 F0 = np.float32(0.0)

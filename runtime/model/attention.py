@@ -18,26 +18,29 @@ import numpy as np
 from runtime.model.attention_kernels import chunk_attention, decode_attention
 from runtime.model.kv_cache import LayerKV
 from runtime.model.matrix import matmul, matmul_many
-from runtime.model.ops import rms_norm, rope, sigmoid
+from runtime.model.ops import rms_norm, rope, rope_angles
 
 
 def prefill(s, w, x: np.ndarray, pos: np.ndarray, kv: LayerKV) -> np.ndarray:
-    """x [T, H] (normed) at positions pos [T] -> [T, H]; appends the chunk's keys and values to kv."""
+    """x [T, H] (normed) at positions pos [T] -> [T, H]; appends the chunk's keys and values to kv.
+
+    A query attends over the cache itself, in slot order, as a decode step does. A chunk longer
+    than a ring can take before its first queries' keys are overwritten goes in pieces that fit:
+    concatenating the chunk after the ring instead would change the order of the sums."""
     T, D = x.shape[0], s.head_dim
     q, k, v, g = matmul_many(x, [w.q, w.k, w.v, w.gate], s.int8)
     q, k, v = q.reshape(T, s.n_head, D), k.reshape(T, s.n_kv, D), v.reshape(T, s.n_kv, D)
     q = rope(rms_norm(q, w.q_norm, s.eps), pos, s.inv_freq)
     k = rope(rms_norm(k, w.k_norm, s.eps), pos, s.inv_freq)
-    if kv.fits_in_place(T):  # attend over the cache itself, no copy
-        kv.append(k, v, pos)
-        keys, vals, kpos = kv.view()  # [S, Nk, D]
-    else:  # a long chunk would overwrite ring slots its first queries still see
-        ck, cv, cpos = kv.view()
-        keys, vals, kpos = np.concatenate([ck, k]), np.concatenate([cv, v]), np.concatenate([cpos, pos])
-        kv.append(k, v, pos)
+    pos = pos.astype(np.int64)
+    g = np.ascontiguousarray(g.reshape(T, s.n_head))
     out = np.empty_like(q)  # [T, Nh, D]
-    chunk_attention(q, keys, vals, kpos, pos.astype(np.int64), s.window or 0, out)
-    out *= sigmoid(g)[:, :, None]  # head-wise gate [T, Nh, 1]
+    step = T if kv.fits_in_place(T) else kv.capacity - kv.window + 1
+    for a in range(0, T, step):
+        b = min(T, a + step)
+        kv.append(k[a:b], v[a:b], pos[a:b])
+        keys, vals, kpos = kv.view()  # [S, Nk, D]
+        chunk_attention(q[a:b], keys, vals, kpos, pos[a:b], s.window or 0, out[a:b], g[a:b])
     return matmul(out.reshape(T, s.n_head * D), w.o, s.int8)
 
 
@@ -45,8 +48,10 @@ def decode(s, w, x: np.ndarray, pos: int, slot: int, kv: LayerKV, scores: np.nda
     """One token: x [1, H] (normed) at position pos, its keys and values written to kv's `slot`
     (reserved by the caller) -> [1, H]. scores: [Nh, >= S] scratch."""
     q, k, v, g = matmul_many(x, [w.q, w.k, w.v, w.gate], s.int8)
-    ang = np.float64(pos) * s.inv_freq
+    half = s.inv_freq.shape[0]
+    cos, sin = np.empty(half, np.float32), np.empty(half, np.float32)
+    rope_angles(pos, s.inv_freq, cos, sin)
     out = np.empty(s.n_head * s.head_dim, np.float32)
-    decode_attention(q[0], k[0], v[0], g[0], w.q_norm, w.k_norm, np.float32(s.eps), np.cos(ang).astype(np.float32),
-                     np.sin(ang).astype(np.float32), kv.k, kv.v, kv.pos, slot, pos, s.window or 0, scores, out)
+    decode_attention(q[0], k[0], v[0], g[0], w.q_norm, w.k_norm, np.float32(s.eps), cos, sin, kv.k, kv.v, kv.pos,
+                     slot, pos, s.window or 0, scores, out)
     return matmul(out[None], w.o, s.int8)

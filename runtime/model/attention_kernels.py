@@ -9,7 +9,9 @@ For one token, numpy spent more time in its ~30 small calls than in arithmetic.
 version it skips the empty slots of a sliding layer's ring (3.5x faster on a 128-token
 prompt with a 528-slot ring).
 
-Both sum in a fixed order (quant.jit.FIXED_ORDER, runtime.model.ops.dot). decode_attention is
+Both run one function per (query, head), `_attend`, and sum in a fixed order
+(quant.jit.FIXED_ORDER, runtime.model.ops.dot) over the slots in slot order, so a position's
+attention output is bit-identical from decode and from any prefill chunk. decode_attention is
 never inlined: the fused decode kernel, compiled with full fast-math for its integer GEMVs,
 calls it, and its sums keep their order there.
 
@@ -41,6 +43,45 @@ def _norm_rope(x, w, eps, cos, sin):
         x[j + half] = b * cos[j] + a * sin[j]
 
 
+@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
+def _attend(qh, keys, vals, kpos, j, qpos, lo, scale, row, part, acc):
+    """acc [D] = sum over the visible slots s (lo < kpos[s] <= qpos) of softmax(q . k_s * scale)
+    times v_s, unnormalized; returns the softmax's denominator. Slots are visited in slot order,
+    which is position order up to a rotation fixed by the cache (a ring's slot is pos % C), so a
+    query sums the same terms in the same order however its chunk was cut. row: [>= S] scratch."""
+    n_slots = kpos.shape[0]
+    d = acc.shape[0]
+    best = np.float32(-np.inf)
+    for s in range(n_slots):
+        p = kpos[s]
+        if p >= 0 and p <= qpos and p > lo:
+            t = dot(qh, keys[s, j], part) * scale
+            row[s] = t
+            best = max(best, t)
+    total = np.float32(0.0)
+    for s in range(n_slots):
+        p = kpos[s]
+        e = np.float32(0.0)
+        if p >= 0 and p <= qpos and p > lo:
+            e = np.exp(row[s] - best)
+        row[s] = e
+        total += e
+    for i in range(d):
+        acc[i] = 0.0
+    for s in range(n_slots):
+        e = row[s]
+        if e > 0:
+            for i in range(d):
+                acc[i] += e * vals[s, j, i]
+    return total
+
+
+@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
+def _gate(x):
+    """sigmoid(x), as decode and prefill both compute the head gate."""
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+
+
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
 def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, scores,
                      out):
@@ -57,47 +98,24 @@ def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, k
             vals[slot, j, i] = v[j * d + i]
     kpos[slot] = qpos
     scale = np.float32(1.0 / np.sqrt(d))
-    n_slots = kpos.shape[0]
     lo = qpos - window if window > 0 else -1  # visible: lo < kpos <= qpos
     for h in nb.prange(n_head):
         qh = q[h * d:(h + 1) * d]
         _norm_rope(qh, q_norm, eps, cos, sin)
-        j = h // group
-        row = scores[h]
-        part = np.empty(LANES, np.float32)
-        best = np.float32(-np.inf)
-        for s in range(n_slots):
-            p = kpos[s]
-            if p >= 0 and p <= qpos and p > lo:
-                t = dot(qh, keys[s, j], part) * scale
-                row[s] = t
-                best = max(best, t)
-        total = np.float32(0.0)
-        for s in range(n_slots):
-            p = kpos[s]
-            e = np.float32(0.0)
-            if p >= 0 and p <= qpos and p > lo:
-                e = np.exp(row[s] - best)
-            row[s] = e
-            total += e
-        acc = np.zeros(d, np.float32)
-        for s in range(n_slots):
-            e = row[s]
-            if e > 0:
-                for i in range(d):
-                    acc[i] += e * vals[s, j, i]
-        g = np.float32(1.0) / (np.float32(1.0) + np.exp(-gate[h]))
-        f = g / total
+        acc = np.empty(d, np.float32)
+        total = _attend(qh, keys, vals, kpos, h // group, qpos, lo, scale, scores[h], np.empty(LANES, np.float32), acc)
+        f = _gate(gate[h]) / total
         for i in range(d):
             out[h * d + i] = acc[i] * f
 
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
-def chunk_attention(q, keys, vals, kpos, qpos, window, out):
+def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate=None):
     """Softmax attention of a chunk: q [T, Nh, D] (normed and rotated) over keys/vals [S, Nk, D]
     at positions kpos [S] (-1: empty), for queries at qpos [T] -> out [T, Nh, D]. A query sees
-    the keys with 0 <= kpos <= qpos (and kpos > qpos - window when window > 0). Heads and
-    queries run in parallel; each query's scores live in one row of a per-iteration buffer."""
+    the keys with 0 <= kpos <= qpos (and kpos > qpos - window when window > 0). With gate
+    [T, Nh], each head's output is times sigmoid(gate), in decode_attention's arithmetic, so a
+    position's output is the same from either kernel. Heads and queries run in parallel."""
     t_count, n_head, d = q.shape
     n_kv = keys.shape[1]
     group = n_head // n_kv
@@ -106,33 +124,14 @@ def chunk_attention(q, keys, vals, kpos, qpos, window, out):
     for it in nb.prange(t_count * n_head):
         t = it // n_head
         h = it - t * n_head
-        j = h // group
         qp = qpos[t]
         lo = qp - window if window > 0 else -1
-        scores = np.empty(n_slots, np.float32)
-        part = np.empty(LANES, np.float32)
-        best = np.float32(-np.inf)
-        for s in range(n_slots):
-            p = kpos[s]
-            if p >= 0 and p <= qp and p > lo:
-                acc = dot(q[t, h], keys[s, j], part) * scale
-                scores[s] = acc
-                best = max(best, acc)
-        total = np.float32(0.0)
-        for s in range(n_slots):
-            p = kpos[s]
-            e = np.float32(0.0)
-            if p >= 0 and p <= qp and p > lo:
-                e = np.exp(scores[s] - best)
-            scores[s] = e
-            total += e
+        acc = np.empty(d, np.float32)
+        total = _attend(q[t, h], keys, vals, kpos, h // group, qp, lo, scale, np.empty(n_slots, np.float32),
+                        np.empty(LANES, np.float32), acc)
+        if gate is None:
+            f = np.float32(1.0) / total
+        else:
+            f = _gate(gate[t, h]) / total
         for i in range(d):
-            out[t, h, i] = 0.0
-        for s in range(n_slots):
-            e = scores[s]
-            if e > 0:
-                for i in range(d):
-                    out[t, h, i] += e * vals[s, j, i]
-        inv = np.float32(1.0) / total
-        for i in range(d):
-            out[t, h, i] *= inv
+            out[t, h, i] = acc[i] * f

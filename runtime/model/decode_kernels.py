@@ -34,7 +34,7 @@ from quant.int8_kernels.row_dot import quantize_row
 from quant.jit import FIXED_ORDER
 
 from runtime.model.attention_kernels import decode_attention
-from runtime.model.ops import LANES, dot, rms_norm_row
+from runtime.model.ops import LANES, dot, rms_norm_row, rope_angles
 
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
@@ -63,10 +63,7 @@ def attention_half(formats: int):
         half = p.inv_freq.shape[0]
         cos = s.cos[:half]
         sin = s.sin[:half]
-        for j in range(half):
-            ang = np.float64(pos) * p.inv_freq[j]
-            cos[j] = np.float32(np.cos(ang))
-            sin[j] = np.float32(np.sin(ang))
+        rope_angles(pos, p.inv_freq, cos, sin)
         att = s.att[:nq]
         decode_attention(proj[:nq], proj[nq:nq + nk], proj[nq + nk:nq + 2 * nk], proj[nq + 2 * nk:], p.q_norm,
                          p.k_norm, p.eps, cos, sin, keys, vals, kpos, slot, pos, p.window, s.scores, att)

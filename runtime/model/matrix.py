@@ -1,9 +1,9 @@
 """Weights in their stored format, and the one function that multiplies by them.
 
 A `Matrix` is a view of the mapped file: no bytes are copied at load. `matmul` is the
-single place that turns stored weights into products: float32 weights go to numpy's BLAS,
-every other format to the `quant` package's fused dequant GEMV (one token) or GEMM
-(a chunk of tokens), which read the GGUF bytes as they are.
+single place that turns stored weights into products: float32 weights to a fixed-order dot
+(runtime.model.ops.dense_matmul), every other format to the `quant` package's fused dequant
+GEMV (one token) or GEMM (a chunk of tokens), which read the GGUF bytes as they are.
 
 Shape legend:  T rows of activations   N out features   C in features
 """
@@ -20,6 +20,7 @@ from quant import int8_kernels
 
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import TensorRef
+from runtime.model.ops import dense_matmul
 
 _FLOAT = {Q.F32: np.float32, Q.F16: np.float16}
 
@@ -72,32 +73,28 @@ def matmul(x: np.ndarray, w: Matrix, int8: int = 0) -> np.ndarray:
 
     int8 is the model's int8 format set (quant.int8_kernels.format_set; 0 for float32
     activations). Where it holds W's format, x is first rounded to int8 per 256 columns (as
-    llama.cpp does) and the product runs on integer dot products (a chunk of tokens in a
-    format without an int8 GEMM: the float GEMM on the rounded x), so one token and a chunk
-    give the same numbers up to float32 rounding. Every int8 kernel is compiled for the whole
-    set, once.
+    llama.cpp does) and the product runs on integer dot products, whose float steps every
+    kernel takes in the same order: a token's row is bit-identical from the one-token GEMV,
+    the GEMM (any chunk size) and, for formats without a GEMM, the GEMV's row dot per token.
+    Every int8 kernel is compiled for the whole set, once. (float32 activations: the float
+    GEMV and GEMM sum in different orders, so one token and a chunk differ in the last bits.)
     """
     if w.packed is None:
-        return x @ w.data.T
+        return dense_matmul(x, w.data)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if int8_applies(w, int8):
         a = int8_kernels.quantize_activations(x)
         if x.shape[0] == 1:
             return int8_kernels.matvec(w.packed, a, np.empty((1, w.shape[0]), np.float32)[0], formats=int8)[None]
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
         if w.qtype in int8_kernels.GEMM_FORMATS:
-            return int8_kernels.matmul(w.packed, a, np.empty((x.shape[0], w.shape[0]), np.float32), formats=int8)
-        x = q8_values(a)
+            return int8_kernels.matmul(w.packed, a, out, formats=int8)
+        return int8_kernels.matmul_rows(w.packed, a, out, formats=int8)
     if x.shape[0] == 1:
         out = np.empty((1, w.shape[0]), np.float32)
         float_kernels.matvec(w.packed, x[0], out[0])
         return out
     return float_kernels.matmul(w.packed, x, np.empty((x.shape[0], w.shape[0]), np.float32))
-
-
-def q8_values(a: int8_kernels.Q8Activations) -> np.ndarray:
-    """The float32 values [T, C] that int8 activations stand for."""
-    t, c = a.shape
-    return (a.q.reshape(t, c // 256, 256) * a.d[:, :, None]).reshape(t, c)
 
 
 def matmul_many(x: np.ndarray, ws: list[Matrix], int8: int = 0) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from quant.int8_kernels.ffn import swiglu_row
 from quant.jit import FIXED_ORDER
 
 LANES = 16
@@ -73,12 +74,36 @@ def rope_inv_freq(n_rot: int, base: float, factors: np.ndarray | None = None) ->
     return inv
 
 
+@nb.njit(fastmath=FIXED_ORDER, cache=True)
+def rope_angles(pos, inv_freq, cos, sin):
+    """cos, sin [R/2] float32 of the angles pos * inv_freq (float64). Decode and prefill both take
+    their tables from here: numpy's cos and libm's may differ in the last bit."""
+    for j in range(inv_freq.shape[0]):
+        ang = np.float64(pos) * inv_freq[j]
+        cos[j] = np.float32(np.cos(ang))
+        sin[j] = np.float32(np.sin(ang))
+
+
+@nb.njit(fastmath=FIXED_ORDER, cache=True)
+def _rope_tables(pos, inv_freq, cos, sin):
+    for t in range(pos.shape[0]):
+        rope_angles(pos[t], inv_freq, cos[t], sin[t])
+
+
+def rope_tables(pos: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [T, R/2] float32 for positions pos [T] (see rope_angles)."""
+    pos = np.ascontiguousarray(pos, dtype=np.int64)
+    cos = np.empty((pos.shape[0], inv_freq.shape[0]), np.float32)
+    sin = np.empty_like(cos)
+    _rope_tables(pos, np.ascontiguousarray(inv_freq, dtype=np.float64), cos, sin)
+    return cos, sin
+
+
 def rope(x: np.ndarray, pos: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
     """NeoX RoPE in place on x [T, N, D]: pairs (j, j + R/2) of the first R dims rotate."""
     half = inv_freq.shape[0]
-    ang = pos.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, R/2]
-    cos = np.cos(ang).astype(np.float32)[:, None, :]
-    sin = np.sin(ang).astype(np.float32)[:, None, :]
+    cos, sin = rope_tables(pos, inv_freq)  # [T, R/2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
     a = x[..., :half].copy()
     b = x[..., half : 2 * half]
     x[..., :half] = a * cos - b * sin
@@ -91,13 +116,38 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-x))
 
 
+@nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
+def _swiglu_rows(g, u, limit, out):
+    for t in nb.prange(g.shape[0]):
+        swiglu_row(g[t], u[t], limit, out[t])
+
+
 def swiglu(g: np.ndarray, u: np.ndarray, limit: float) -> np.ndarray:
-    """silu(g) * u, clamped when limit > 0: min(silu(g), L) * clip(u, -L, L). g/u [T, F]."""
-    a = g * sigmoid(g)
-    if limit > 1e-6:  # llama.cpp's threshold
-        a = np.minimum(a, np.float32(limit))
-        u = np.clip(u, np.float32(-limit), np.float32(limit))
-    return a * u
+    """silu(g) * u, clamped when limit > 1e-6 (llama.cpp's threshold): min(silu(g), L) * clip(u, -L, L).
+    g/u [T, F]. Each row is quant's swiglu_row, the function a fused decode step calls."""
+    g = np.ascontiguousarray(g, dtype=np.float32)
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    out = np.empty_like(g)
+    _swiglu_rows(g, u, np.float32(limit), out)
+    return out
+
+
+@nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
+def _dense_matmul(x, w, out):
+    for n in nb.prange(w.shape[0]):
+        part = np.empty(LANES, np.float32)
+        for t in range(x.shape[0]):
+            out[t, n] = dot(w[n], x[t], part)
+
+
+def dense_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [T, C] @ w [N, C].T -> [T, N] float32, every product summed by `dot` in its fixed order:
+    a row's result does not depend on T (BLAS picks a different summation for one row than for
+    many), and equals the fused decode kernel's router logits."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    _dense_matmul(x, np.ascontiguousarray(w, dtype=np.float32), out)
+    return out
 
 
 @nb.njit(fastmath=FIXED_ORDER, cache=True)
