@@ -136,20 +136,56 @@ def test_chat_logprobs(client):
     assert "".join(c.token for c in content) == r.choices[0].message.content
 
 
-def test_second_turn_reuses_the_first_and_answers_as_a_fresh_model(client, ref):
+def _fresh_logprobs(model, ids, n):
+    """Greedy log-probabilities of n tokens after ids, from an empty cache, as the server computes them."""
+    from runtime.server.completion import log_softmax
+
+    model.reset()
+    logits, out = model.eval(ids), []
+    for _ in range(n):
+        lp = log_softmax(logits)
+        tok = int(np.argmax(logits))
+        out.append(float(lp[tok]))
+        logits = model.eval([tok])
+    return out
+
+
+def test_second_turn_reuses_the_first_and_is_bit_identical_to_a_fresh_evaluation(client, ref):
     long = [{"role": "system", "content": "You are a careful Python reviewer. " * 30}] + CONVERSATION[1:]
     first = client.chat.completions.create(model=NAME, messages=long, max_tokens=60, temperature=0)
     n_first = first.usage.prompt_tokens
     turn2 = long + [{"role": "assistant", "content": first.choices[0].message.content},
                     {"role": "user", "content": "Now add type hints."}]
-    second = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=30, temperature=0)
-    assert second.usage.prompt_tokens_details.cached_tokens >= n_first  # at least the whole first prompt
-    assert second.timings["prompt_n"] == second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens
-    fresh, _, _ = local_text(ref, ref.chat_tokens(turn2), openai_params(0.0), 30)
+    second = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=30, temperature=0, logprobs=True)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= n_first + 50  # the whole first prompt and (re-tokenized alike) most of the reply
+    assert second.timings["prompt_n"] == second.usage.prompt_tokens - cached
+    ids = ref.chat_tokens(turn2)
+    fresh, _, _ = local_text(ref, ids, openai_params(0.0), 30)
     assert second.choices[0].message.content == fresh
+    # the forward pass does not depend on how positions were cut into chunks: equal bit for bit
+    got = [c.logprob for c in second.choices[0].logprobs.content]
+    assert got == _fresh_logprobs(ref, ids, len(got))
     # an unrelated prompt shares nothing but the first token
     other = client.completions.create(model=NAME, prompt="zzz", max_tokens=1, temperature=0)
     assert other.usage.prompt_tokens_details.cached_tokens <= 1
+
+
+def test_a_reply_longer_than_the_rings_rollback_is_dropped_from_the_next_prompt(client, ref):
+    """The next turn leaves out part of the last reply (as a client that strips it does): the
+    rings cannot trim back that far, so the server returns to its checkpoint at the end of the
+    previous prompt, and the answer is still the fresh evaluation's, bit for bit."""
+    long = [{"role": "system", "content": "Answer in Python only. " * 30}] + CONVERSATION[1:]
+    first = client.chat.completions.create(model=NAME, messages=long, max_tokens=80, temperature=0)
+    n_first = first.usage.prompt_tokens
+    assert n_first > 144  # past the rings' 128 + 16 slots: they have wrapped
+    reply = first.choices[0].message.content
+    turn2 = long + [{"role": "assistant", "content": reply[: len(reply) // 3]},
+                    {"role": "user", "content": "Shorter, please."}]
+    second = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=20, temperature=0, logprobs=True)
+    assert second.usage.prompt_tokens_details.cached_tokens == n_first
+    got = [c.logprob for c in second.choices[0].logprobs.content]
+    assert got == _fresh_logprobs(ref, ref.chat_tokens(turn2), len(got))
 
 
 def _post(url, path, body, key=KEY, raw=None):
