@@ -141,6 +141,8 @@ def test_bench_serve_command_reports_every_part(capsys):
     assert reuse["ttft_ratio"] == reuse["second"]["ttft_s"] / reuse["first"]["ttft_s"]
     assert overhead["same_text"] and overhead["n_tokens"] == [24, 24]  # the server and `stepstream run` agree
     assert overhead["overhead"] == pytest.approx(1 - overhead["server_tok_s"] / overhead["run_tok_s"])
+    assert overhead["per_token_ms"] == pytest.approx(1000 / overhead["server_tok_s"] - 1000 / overhead["run_tok_s"])
+    assert report["omp_wait_policy"] in ("default", "PASSIVE", "ACTIVE", "passive", "active")
     assert load_["ok"] and load_["errors"] == 0 and load_["completed"] > 0
 
 

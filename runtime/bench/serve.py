@@ -341,12 +341,25 @@ class DecodeOverhead:
         return 1.0 - self.server_tok_s / self.run_tok_s
 
     @property
+    def per_token_ms(self) -> float:
+        """What the server adds to each token, in milliseconds, from the medians: a fixed cost
+        per token (a chunk to format and send, an event-loop wake-up), so the share it takes
+        shrinks as the model's own time per token grows."""
+        return 1000.0 / self.server_tok_s - 1000.0 / self.run_tok_s
+
+    @property
+    def best_overhead(self) -> float:
+        """The overhead from the fastest run of each: other work on the machine only slows runs down."""
+        return 1.0 - max(r.tok_s for r in self.server) / max(r.tok_s for r in self.run)
+
+    @property
     def same_text(self) -> bool:
         return len({r.text for r in self.server + self.run}) == 1
 
     def as_dict(self) -> dict:
         return {"server_tok_s": self.server_tok_s, "run_tok_s": self.run_tok_s,
                 "server_timings_tok_s": self.server_timings_tok_s, "overhead": self.overhead,
+                "per_token_ms": self.per_token_ms, "best_overhead": self.best_overhead,
                 "same_text": self.same_text, "n_tokens": [r.n_tokens for r in self.server + self.run],
                 "server_runs_tok_s": [r.tok_s for r in self.server], "run_runs_tok_s": [r.tok_s for r in self.run]}
 

@@ -13,12 +13,14 @@ The exit status is 1 when the load test saw an error or a hung request, or /heal
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 
 import httpx
 
 from runtime.base.errors import StepstreamError
+from runtime.base.system import choose_wait_policy
 from runtime.bench import serve as bench
 from runtime.cli.common import existing_file, positive_float, positive_int
 
@@ -88,7 +90,8 @@ def _print_overhead(o, n_gen: int) -> None:
     print(f"server overhead (greedy decode of {n_gen} tokens, medians of {len(o.server)})")
     print(f"  through the server: {o.server_tok_s:.2f} tok/s (client clock; server timings: {timed})")
     print(f"  stepstream run:     {o.run_tok_s:.2f} tok/s")
-    print(f"  overhead: {o.overhead * 100:.1f} % (target <= 5 %); same text: {'yes' if o.same_text else 'no'}")
+    print(f"  overhead: {o.overhead * 100:.1f} % (target <= 5 %), {o.per_token_ms:.2f} ms per token; "
+          f"from the fastest runs: {o.best_overhead * 100:.1f} %; same text: {'yes' if o.same_text else 'no'}")
 
 
 def _print_load(load) -> None:
@@ -111,8 +114,13 @@ def run(args) -> int:
             raise StepstreamError(f"--ctx-size {args.ctx_size} cannot hold the two turns of a "
                                   f"{args.conversation_tokens}-token conversation (about {need} tokens); "
                                   "raise it or lower --conversation-tokens")
-    report: dict = {"model": args.model}
-    print(f"starting `stepstream serve` on {args.model}...", file=sys.stderr, flush=True)
+    # Decided once here, the children inherit it: the server and `stepstream run` would each
+    # decide from the load they see when they start, and spinning waits cost the server more
+    # (its event loop and the client need the cores the OpenMP threads spin on).
+    choose_wait_policy(args.threads)
+    report: dict = {"model": args.model, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default"}
+    print(f"starting `stepstream serve` on {args.model} (OpenMP waits {report['omp_wait_policy']})...",
+          file=sys.stderr, flush=True)
     # SIGTERM (a job's time limit, `kill`) unwinds like Ctrl-C, so that the server is stopped too
     previous = signal.signal(signal.SIGTERM, _exit)
     try:
