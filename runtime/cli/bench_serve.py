@@ -7,7 +7,8 @@ Starts the server on a free port with the model, measures, and stops it:
    same prompt (medians, alternating);
 3. load: concurrent clients sending short requests; completed, refused (503), errors, hung,
    latency, and /health afterwards.
-The exit status is 1 when the load test saw an error or a hung request, or /health failed.
+The exit status is 1 when something was wrong rather than slow: the reused turn's reply
+differed from the fresh one, or the load test saw an error or a hung request, or /health failed.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def run(args) -> int:
         signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(json.dumps(report))
-    return 0 if "load" in args.skip or report["load"]["ok"] else 1
+    wrong = ("prefix_reuse" in report and not report["prefix_reuse"]["identical"]
+             or "load" in report and not report["load"]["ok"])
+    return 1 if wrong else 0
 
 
 def _exit(signum, frame):
