@@ -380,6 +380,7 @@ def decode_overhead(url: str, run_argv: Sequence[str], prompt: str, n_tokens: in
 
 # ---- 3. load ----------------------------------------------------------------------------------
 
+FINISHED = ("stop", "length", "tool_calls")  # the finish_reason of a request that ended as it should
 PROMPTS = ("def read_config(path):\n", "import os\n\n\ndef walk(top):\n", "class Stack:\n    def __init__(self):\n",
            "# Sort a list of records by date\n", "for line in open(name):\n")
 
@@ -435,14 +436,14 @@ def _one_request(client: httpx.Client, client_id: int, k: int) -> tuple[str, str
             return _refusal(e.status, e.retry_after, str(e))
         except StepstreamError as e:
             return "error", str(e)
-        if s.finish_reason not in ("stop", "length"):
+        if s.finish_reason not in FINISHED:
             return "error", f"POST {path} (streamed): finish_reason {s.finish_reason!r}"
         return "completed", ""
     r = client.post(path, json=body)
     if r.status_code != 200:
         return _refusal(r.status_code, r.headers.get("retry-after"), f"POST {path}: HTTP {r.status_code}: {r.text[:200]}")
     choice = r.json()["choices"][0]
-    if choice.get("finish_reason") not in ("stop", "length") or "usage" not in r.json():
+    if choice.get("finish_reason") not in FINISHED or "usage" not in r.json():
         return "error", f"POST {path}: finish_reason {choice.get('finish_reason')!r}"
     return "completed", ""
 
