@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("runtime.cli.chat", "chat with a GGUF model using its chat template"),
     "serve": ("runtime.cli.serve", "serve a GGUF model over an OpenAI-compatible HTTP API"),
     "bench": ("runtime.cli.bench", "measure prefill and decode speed (optionally beside llama.cpp)"),
+    "bench-serve": ("runtime.cli.bench_serve",
+                    "measure `stepstream serve`: prefix reuse, overhead against `stepstream run`, and a load test"),
     "perplexity": ("runtime.cli.perplexity", "perplexity of a text file, computed as llama.cpp's llama-perplexity does"),
     "profile": ("runtime.cli.profile", "record per-layer expert activation counts over a prompts file"),
     "train-mini": ("runtime.cli.train_mini", "train the miniature Step-3.5 on the Python stdlib (needs torch)"),

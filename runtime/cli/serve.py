@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
+import threading
 
 from runtime.base.errors import StepstreamError
 from runtime.cli.common import add_model_args, positive_int
@@ -43,6 +45,10 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does
+
+
 def run(args) -> int:
     try:
         import uvicorn
@@ -69,9 +75,19 @@ def run(args) -> int:
     print(f"serving {name} (context {model.n_ctx} tokens) at http://{shown}:{port}/v1"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    # HTTP on a thread, the model on this one (runtime.server.engine says why)
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="stepstream-http", daemon=True)
+    http.start()
+    watcher = threading.Thread(target=lambda: (http.join(), engine.close()), daemon=True)
+    watcher.start()  # if uvicorn stops by itself, the worker stops too
+    signal.signal(signal.SIGTERM, _stop)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        engine.serve_forever()
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
     finally:
-        engine.close()
+        server.should_exit = True
+        http.join(5)
         model.close()
     return 0

@@ -88,40 +88,42 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         room = model.n_ctx - len(ids) + 1
         return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs)
 
-    def submit(req: ModelRequest) -> Job:
+    def submit(req: ModelRequest, stream: bool) -> Job:
         try:
-            return engine.submit(req)
+            return engine.submit(req, stream)
         except Busy:
             raise ApiError(503, f"the server is busy: {engine.queue_size} requests are waiting; retry shortly",
                            kind="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
 
     async def events(job: Job, request: Request | None):
-        """The job's events; with `request`, polls it and cancels the job if its client left."""
+        """The job's steps; with `request`, polls it and cancels the job if its client left."""
         while True:
             if request is None:
-                kind, value = await job.events.get()
+                batch = await job.next_events()
             else:
                 try:
-                    kind, value = await asyncio.wait_for(job.events.get(), POLL_S)
+                    batch = await asyncio.wait_for(job.next_events(), POLL_S)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         job.cancel.set()
                         raise ClientGone from None
                     continue
-            if kind == "error":
-                raise ApiError(500, value, kind="server_error", code="generation_failed")
-            yield kind, value
-            if kind == "done":
-                return
+            for kind, value in batch:
+                if kind == "error":
+                    raise ApiError(500, value, kind="server_error", code="generation_failed")
+                if kind == "done":
+                    return
+                for step in value if kind == "steps" else (value,):
+                    yield step
 
     def sse(job: Job, to_chunks, usage_chunk, include_usage: bool) -> StreamingResponse:
         async def body():
             try:
                 try:
-                    async for kind, value in events(job, None):
-                        if kind == "step":
-                            for c in to_chunks(value):
-                                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+                    async for step in events(job, None):
+                        data = "".join(f"data: {json.dumps(c, ensure_ascii=False)}\n\n" for c in to_chunks(step))
+                        if data:
+                            yield data
                     if include_usage:
                         yield f"data: {json.dumps(usage_chunk(), ensure_ascii=False)}\n\n"
                 except ApiError as e:
@@ -135,9 +137,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     async def whole(job: Job, request: Request, collect) -> None:
         try:
-            async for kind, value in events(job, request):
-                if kind == "step":
-                    collect(value)
+            async for step in events(job, request):
+                collect(step)
         finally:
             job.cancel.set()
 
@@ -171,7 +172,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         echo = (b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")) if b.echo else ""
         reply = TextReply(model_name, len(ids), echo)
         want = b.logprobs is not None
-        job = submit(req)
+        job = submit(req, b.common.stream)
         if b.common.stream:
             first = [reply._envelope([{"text": echo, "index": 0, "logprobs": None, "finish_reason": None}])] if echo else []
 
@@ -206,7 +207,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         req = model_request(ids, b.common, b.logprobs)
         reply = ChatReply(model_name, len(ids), in_reasoning=starts_in_reasoning(tail), tools=tools, forced=forced)
         want = b.logprobs is not None
-        job = submit(req)
+        job = submit(req, b.common.stream)
         if b.common.stream:
             first = [reply.first_chunk()]
 

@@ -1,10 +1,18 @@
-"""One model, one worker thread, a bounded queue of requests served in order.
+"""One model, one worker, a bounded queue of requests served in order.
 
-The HTTP handlers run on uvicorn's event loop; the model runs on the worker thread, one
-request at a time, so the KV cache the next request may reuse is always the last request's.
-A handler submits a Job and reads its events from an asyncio queue that the worker fills:
+The HTTP handlers run on uvicorn's event loop; the model runs on the worker, one request at a
+time, so the KV cache the next request may reuse is always the last request's. `stepstream
+serve` runs the worker on the main thread (`serve_forever`) and uvicorn on another: Numba's
+OpenMP kernels called from a thread other than the main one decode several times slower
+(measured on the shipped model with libgomp's default waits: 35 tok/s on a thread against
+1,100 on the main thread; with OMP_WAIT_POLICY=PASSIVE, 300-350 on either). `start()` runs the worker on a thread instead, for embedding.
+A handler submits a Job and reads its events, which the worker fills in:
 
     ("step", completion.Step) ...  then  ("done", None)  or  ("error", message)
+
+Waking the event loop costs the worker a thread switch and the GIL, so events go through a
+plain deque and the loop is woken only when it has drained the previous ones: while the client
+side is busy, tokens pile up and go out together. A whole (non-streamed) reply wakes it once.
 
 `submit` refuses at once (Busy) when `queue_size` requests are already waiting, so a burst
 of clients gets 503s instead of an unbounded backlog. A job whose client has gone away is
@@ -14,6 +22,7 @@ cancelled: skipped if it is still waiting, stopped within one token if it is run
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import sys
 import threading
@@ -31,14 +40,34 @@ class Busy(Exception):
 class Job:
     request: completion.Request
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stream: bool = True  # False: the steps are sent to the handler once, at the end
     cancel: threading.Event = field(default_factory=threading.Event)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _events: collections.deque = field(default_factory=collections.deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _woken: bool = False  # a wake-up is scheduled and not yet consumed
 
     def emit(self, kind: str, value=None) -> None:
+        """Worker side: queue an event, waking the loop unless a wake-up is already pending."""
+        with self._lock:
+            self._events.append((kind, value))
+            if self._woken:
+                return
+            self._woken = True
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # the event loop has closed: the server is shutting down
             self.cancel.set()
+
+    async def next_events(self) -> list[tuple[str, object]]:
+        """Loop side: every event queued so far (waits for at least one)."""
+        await self._ready.wait()
+        with self._lock:
+            self._ready.clear()
+            self._woken = False
+            out = list(self._events)
+            self._events.clear()
+        return out
 
 
 class Engine:
@@ -46,17 +75,21 @@ class Engine:
         self.model = model
         self.queue_size = queue_size
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self._thread = threading.Thread(target=self._work, name="stepstream-model", daemon=True)
         self.busy = False  # the worker is running a job
         self.served = 0
-        self._thread.start()
+
+    def start(self) -> threading.Thread:
+        """Run the worker on a thread of its own (slower kernels: see the module's docstring)."""
+        thread = threading.Thread(target=self.serve_forever, name="stepstream-model", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def waiting(self) -> int:
         return self._jobs.qsize()
 
-    def submit(self, request: completion.Request) -> Job:
-        job = Job(request, asyncio.get_running_loop())
+    def submit(self, request: completion.Request, stream: bool = True) -> Job:
+        job = Job(request, asyncio.get_running_loop(), stream)
         request.cancelled = job.cancel.is_set
         try:
             self._jobs.put_nowait(job)
@@ -65,12 +98,21 @@ class Engine:
         return job
 
     def close(self) -> None:
-        try:
-            self._jobs.put(None, timeout=1)
-        except queue.Full:
-            pass
+        """Make serve_forever return after the job it is running."""
+        while True:
+            try:
+                self._jobs.put_nowait(None)
+                return
+            except queue.Full:  # drop a waiting job to make room; its client gets a closed stream
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    continue
+                if job is not None:
+                    job.cancel.set()
+                    job.emit("error", "the server is shutting down")
 
-    def _work(self) -> None:
+    def serve_forever(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
@@ -79,8 +121,11 @@ class Engine:
                 continue
             self.busy = True
             try:
-                for step in completion.run(self.model, job.request):
-                    job.emit("step", step)
+                if job.stream:
+                    for step in completion.run(self.model, job.request):
+                        job.emit("step", step)
+                else:
+                    job.emit("steps", list(completion.run(self.model, job.request)))
                 job.emit("done")
             except StepstreamError as e:  # the evaluation rolled back: the model is sound
                 job.emit("error", str(e))

@@ -67,7 +67,7 @@ class TextReply:
         return self._envelope([choice], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
 
     def usage_chunk(self, timings: Timings) -> dict:
-        return self._envelope([], usage=usage(self.n_prompt, timings))
+        return self._envelope([], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
 
 
 def _chat_logprobs(lps) -> dict:
@@ -151,4 +151,4 @@ class ChatReply:
                 "choices": [choice], "usage": usage(self.n_prompt, timings), "timings": timings.as_dict()}
 
     def usage_chunk(self, timings: Timings) -> dict:
-        return self._envelope([], usage=usage(self.n_prompt, timings))
+        return self._envelope([], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
