@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from runtime.base.errors import StepstreamError
 from runtime.server.completion import Request as ModelRequest
+from runtime.server.completion import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.shapes import ChatReply, TextReply
@@ -96,7 +97,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                            kind="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
 
     async def events(job: Job, request: Request | None):
-        """The job's steps; with `request`, polls it and cancels the job if its client left."""
+        """The job's steps, those that came together merged into one; with `request`, polls it
+        and cancels the job if its client left."""
         while True:
             if request is None:
                 batch = await job.next_events()
@@ -108,16 +110,26 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                         job.cancel.set()
                         raise ClientGone from None
                     continue
+            steps = [step for kind, value in batch if kind in ("step", "steps")
+                     for step in (value if kind == "steps" else (value,))]
+            if steps:
+                yield merge(steps)
             for kind, value in batch:
                 if kind == "error":
                     raise ApiError(500, value, kind="server_error", code="generation_failed")
                 if kind == "done":
                     return
-                for step in value if kind == "steps" else (value,):
-                    yield step
 
-    def sse(job: Job, to_chunks, usage_chunk, include_usage: bool) -> StreamingResponse:
+    async def watch(job: Job, request: Request) -> None:
+        """Cancel the job the moment its client disconnects (not at the next write)."""
+        while not job.cancel.is_set():
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancel.set()
+
+    def sse(job: Job, request: Request, to_chunks, usage_chunk, include_usage: bool) -> StreamingResponse:
         async def body():
+            watcher = asyncio.create_task(watch(job, request))
             try:
                 try:
                     async for step in events(job, None):
@@ -131,6 +143,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 yield "data: [DONE]\n\n"
             finally:  # done, or the client went away: a running generation stops within one token
                 job.cancel.set()
+                watcher.cancel()
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -182,7 +195,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 first.clear()
                 return out
 
-            return sse(job, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
+            return sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
         await whole(job, request, lambda step: reply.chunk(step, want))
         return reply.whole(req.timings, want)
 
@@ -216,7 +229,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 first.clear()
                 return out
 
-            return sse(job, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
+            return sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
         await whole(job, request, reply.collect)
         return reply.whole(req.timings, want)
 

@@ -39,6 +39,14 @@ class Step:
     finish_reason: str | None = None  # on the last step: "stop" or "length"
 
 
+def merge(steps: list[Step]) -> Step:
+    """Consecutive steps as one: their text and log-probabilities, the last one's finish."""
+    if len(steps) == 1:
+        return steps[0]
+    return Step("".join(s.text for s in steps), tuple(lp for s in steps for lp in s.logprobs),
+                steps[-1].finish_reason)
+
+
 @dataclass
 class Timings:
     """What one request measured, in the spirit of llama-server's `timings`."""
