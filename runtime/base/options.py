@@ -29,6 +29,10 @@ class RuntimeOptions:
     # less a reserve; a size ("12GiB") or bytes. Non-expert weights and the KV cache go first,
     # the hottest routed experts fill the rest (offload.gpu_placement).
     gpu_budget: int | str | None = None
+    # Speculative decoding with the file's MTP heads (runtime.generation.speculative): "auto"
+    # chooses the draft length each step from measured acceptance and step times (0 when
+    # drafting does not pay); 0..3 forces it. Files without MTP heads always decode plainly.
+    mtp: int | str = "auto"
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
@@ -60,6 +64,8 @@ class RuntimeOptions:
                 raise StepstreamError(f"gpu_budget={self.gpu_budget!r} must be a positive size or 'auto'")
             if self.activations != "q8":
                 raise StepstreamError("the GPU tier runs on int8 activations: use activations='q8' with gpu_budget")
+        if self.mtp != "auto" and not (isinstance(self.mtp, int) and 0 <= self.mtp <= 3):
+            raise StepstreamError(f"mtp={self.mtp!r}: choose 'auto' or a draft length 0..3")
         if self.cache_policy == "pinned" and self.profile is None:
             raise StepstreamError("cache_policy='pinned' needs a profile (record one with `stepstream profile`)")
 

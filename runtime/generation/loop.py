@@ -4,7 +4,8 @@
     prompt  -> complete()           yields text pieces, then the finish reason
 
 `model` is anything with the runtime Model's `eval_reusing_prefix`, `eval`, `history`,
-`n_past`, `n_ctx` and `tokenizer`: this layer sits below the model and never imports it.
+`n_past`, `n_ctx` and `tokenizer` (and, to draft with MTP heads, `n_mtp`, `eval_prompt`,
+`mtp_draft`, `trim` and `options`): this layer sits below the model and never imports it.
 
 A stop condition is one of: an end-of-generation token, `max_tokens`, a stop string
 (never emitted; text that might begin one is held back until it cannot), or the context
@@ -18,17 +19,41 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from runtime.base.errors import StepstreamError
+from runtime.generation import speculative
 from runtime.generation.sampling import Sampler, SamplingParams
 
 
+def draft_length(model, mtp=None) -> speculative.DraftLength | None:
+    """The draft-length chooser for `mtp` ("auto", 0..3; None: the model's option), or None for
+    plain decoding (0, or a file without MTP heads)."""
+    if mtp is None:
+        mtp = getattr(getattr(model, "options", None), "mtp", 0)
+    if mtp != "auto" and not (isinstance(mtp, int) and not isinstance(mtp, bool) and 0 <= mtp <= 3):
+        raise StepstreamError(f"mtp={mtp!r}: choose 'auto' or a draft length 0..3")
+    heads = getattr(model, "n_mtp", 0)
+    if mtp == 0 or heads == 0:
+        return None
+    return speculative.DraftLength(heads, None if mtp == "auto" else min(mtp, heads))
+
+
 def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | None = None,
-             stop_at_eog: bool = True) -> Iterator[int]:
-    """Evaluate the prompt (reusing the cached prefix) and yield sampled tokens."""
+             stop_at_eog: bool = True, mtp=None, stats: dict | None = None) -> Iterator[int]:
+    """Evaluate the prompt (reusing the cached prefix) and yield sampled tokens. mtp: "auto" or a
+    draft length 0..3 for speculative decoding with the MTP heads (None: the model's option);
+    the tokens are the same either way (runtime.generation.speculative)."""
     prompt = list(prompt)
     if not prompt:
         raise StepstreamError("generation needs a non-empty prompt")
-    logits = model.eval_reusing_prefix(prompt)
     eog = model.tokenizer.eog_ids if stop_at_eog else frozenset()
+    chooser = draft_length(model, mtp)
+    if chooser is not None:
+        yield from speculative.generate(model, prompt, sampler, max_tokens, eog, chooser, stats)
+    else:
+        yield from _plain(model, prompt, sampler, max_tokens, eog)
+
+
+def _plain(model, prompt: list[int], sampler: Sampler, max_tokens: int | None, eog: frozenset) -> Iterator[int]:
+    logits = model.eval_reusing_prefix(prompt)
     n = 0
     while max_tokens is None or n < max_tokens:
         tok = sampler(logits, model.history)
@@ -76,14 +101,14 @@ class Piece:
 
 
 def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: int | None,
-             stop: Sequence[str] = ()) -> Iterator[Piece]:
+             stop: Sequence[str] = (), mtp=None) -> Iterator[Piece]:
     """Text pieces of the continuation of `prompt`; the last piece carries the finish reason."""
     sampler = Sampler(params)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopStrings(stop)
     eog = model.tokenizer.eog_ids
     n = 0
-    for tok in generate(model, prompt, sampler, max_tokens):
+    for tok in generate(model, prompt, sampler, max_tokens, mtp=mtp):
         n += 1
         if tok in eog:
             yield Piece(stops.push(utf8.decode(b"", final=True))[0] + stops.flush(), n, "stop")
@@ -103,7 +128,7 @@ def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_pe
                           int(repeat_last_n), seed)
 
 
-def greedy_tokens(model, prompt: Sequence[int], n: int) -> list[int]:
+def greedy_tokens(model, prompt: Sequence[int], n: int, mtp=None) -> list[int]:
     """n greedy continuations, ignoring end-of-generation tokens (golden tests)."""
-    return list(generate(model, prompt, Sampler(SamplingParams(temperature=0.0)), n, stop_at_eog=False))
+    return list(generate(model, prompt, Sampler(SamplingParams(temperature=0.0)), n, stop_at_eog=False, mtp=mtp))
 

@@ -33,7 +33,7 @@ from runtime.model.block import Block
 from runtime.model.decode_plan import DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
-from runtime.model import kv_checkpoint
+from runtime.model import kv_checkpoint, mtp
 from runtime.model.kv_cache import CacheStateError, KVCache
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
@@ -69,6 +69,7 @@ class Model:
         self._checkpoint: kv_checkpoint.KVCheckpoint | None = None  # rings at the end of the last prompt
         # Read ahead: before block i runs, guess block i+1's experts with its router.
         self._read_ahead = options.prefetch and provider.prefetches
+        self._drafter: mtp.Drafter | None = None  # the MTP heads' state, made on first use
 
     # ------------------------------------------------------------------ state
 
@@ -89,6 +90,8 @@ class Model:
         self.cache.reset()
         self._tokens = []
         self._checkpoint = None
+        if self._drafter is not None:
+            self._drafter.reset()
 
     def warm_up(self) -> float:
         """Evaluate a chunk of five tokens and one token alone, then forget them, so that every
@@ -102,6 +105,10 @@ class Model:
         self.eval(ids)
         if self.n_ctx > len(ids):
             self.eval(ids[:1])
+            if self.weights.nextn and self.n_ctx > len(ids) + 1:  # the heads' kernels: a fill and a draft
+                self.drafter.truncate(0)
+                self.eval_prompt(ids + ids[:1], mtp=True)
+                self.mtp_draft(ids[1], self.n_mtp)
         self.reset()
         return time.perf_counter() - t0
 
@@ -111,6 +118,8 @@ class Model:
         del self._tokens[len(self._tokens) - n :]
         if self._checkpoint is not None and self.n_past < self._checkpoint.n_past:
             self._checkpoint = None
+        if self._drafter is not None:
+            self._drafter.truncate(self.n_past)
 
     def close(self) -> None:
         self.provider.close()
@@ -203,7 +212,11 @@ class Model:
 
     def hidden(self, tokens) -> np.ndarray:
         """Evaluate tokens after the cached ones, n_batch at a time; hidden states [T, H] (pre-norm)."""
-        return self._atomically(self._hidden, self._check_tokens(tokens))
+        start, ids = self.n_past, self._check_tokens(tokens)
+        h = self._atomically(self._hidden, ids)
+        if self._drafter is not None:  # the MTP heads read the trunk's hidden states later
+            self._drafter.record(start, h, ids.tolist())
+        return h
 
     def _hidden(self, ids: np.ndarray) -> np.ndarray:
         out = [self._decode(chunk) if chunk.size == 1 else self._prefill(chunk)
@@ -231,38 +244,55 @@ class Model:
         self.reset()
         return self.eval(tokens, all_logits=True)
 
+    @property
+    def n_mtp(self) -> int:
+        """MTP heads this file carries (0: no drafting)."""
+        return len(self.weights.nextn)
+
     def mtp_logits(self, tokens) -> list[np.ndarray]:
         """Teacher-forced drafts of the MTP heads over `tokens`, from an empty cache.
 
         Entry j is [T-1-j, V]: row t is head j's prediction of token t+2+j, made from the
         token t+1+j and a hidden state at t (the trunk's for j = 0, head j-1's otherwise).
-        Each head attends over its own stream of positions with a cache of its own.
+        Each head attends over its own stream of positions with a cache of its own
+        (runtime.model.mtp, whose incremental drafts reproduce these rows).
         """
         if not self.weights.nextn:
             raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
         self.reset()
         ids = self._check_tokens(tokens)
         h = self.hidden(ids)  # [T, H]
-        cfg, out = self.cfg, []
-        for j, nw in enumerate(self.weights.nextn):
-            i, n = cfg.n_layers + j, ids.size - 1 - j
+        out = []
+        for j in range(self.n_mtp):
+            n = ids.size - 1 - j
             if n <= 0:
                 break
-            e = rms_norm(rows(self.weights.embed, ids[1 + j : 1 + j + n]), nw.enorm, cfg.rms_eps)
-            x = matmul(np.concatenate([e, rms_norm(h[:n], nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj, self.int8)  # [n, H]
-            kv = KVCache((cfg.n_head_kv[i],), cfg.head_dim, (cfg.sliding[i],), cfg.window, n, 0).layers[0]
-            h = np.concatenate([self._mtp_chunk(self.blocks[i], x[a : a + self.options.n_batch], a, kv)
+            x = mtp.head_input(self, j, ids[1 + j : 1 + j + n], h[:n])  # [n, H]
+            kv = mtp.head_cache(self.cfg, j, n)
+            h = np.concatenate([mtp.head_chunk(self, j, x[a : a + self.options.n_batch], a, kv)
                                 for a in range(0, n, self.options.n_batch)])
-            out.append(matmul(rms_norm(h, nw.head_norm, cfg.rms_eps), nw.head, self.int8).astype(np.float32))
+            out.append(mtp.head_logits(self, j, h))
         return out
 
-    def _mtp_chunk(self, block: Block, x: np.ndarray, start: int, kv) -> np.ndarray:
-        """An MTP block over hidden states x [T, H] at positions start.. of its own stream."""
-        if x.shape[0] == 1:
-            h = x[0].copy()
-            block.decode(h, start, kv, self.provider, self.buffers)
-            return h[None]
-        return block.prefill(x, np.arange(start, start + x.shape[0]), kv, self.provider)
+    def mtp_draft(self, pending: int, k: int) -> list[int]:
+        """Up to k greedy drafts of the tokens after `pending` (sampled, not yet evaluated),
+        from the MTP heads kept in step with the cache (runtime.model.mtp)."""
+        if not self.weights.nextn:
+            raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
+        return self.drafter.draft(int(pending), k)
+
+    @property
+    def mtp_draft_seconds(self) -> float:
+        """How long the last `mtp_draft` took, not counting the positions the heads caught up
+        on after steps without drafting (the cost model wants a draft's steady cost)."""
+        return self._drafter.last_seconds if self._drafter is not None else 0.0
+
+    @property
+    def drafter(self) -> mtp.Drafter:
+        """The MTP heads' state; made on first use, it follows every later evaluation and trim."""
+        if self._drafter is None:
+            self._drafter = mtp.Drafter(self)
+        return self._drafter
 
     def keep_prefix(self, tokens) -> int:
         """Roll the cache back to the longest prefix it shares with `tokens` that it can return
@@ -285,18 +315,27 @@ class Model:
         if cp is not None and cp.n_past <= common:
             kv_checkpoint.restore(self.cache, cp)
             del self._tokens[cp.n_past :]
+            if self._drafter is not None:
+                self._drafter.truncate(cp.n_past)
             return cp.n_past
         self.reset()
         return 0
 
-    def eval_prompt(self, tokens) -> tuple[np.ndarray, int]:
+    def eval_prompt(self, tokens, mtp: bool = False) -> tuple[np.ndarray, int]:
         """(logits [V] after `tokens`, positions reused): evaluates only what the cache does not
         already hold. When the model has sliding-window blocks, their rings are copied afterwards
         (a checkpoint), so that a later prompt sharing these tokens but not what was generated
-        after them still reuses them."""
+        after them still reuses them. With `mtp`, the MTP heads are brought in step too: the
+        cache keeps only positions whose hidden states the heads still have to read, or
+        have read."""
         tokens = list(tokens)
-        kept = self.keep_prefix(tokens)
+        limit = len(tokens)
+        if mtp and self.weights.nextn:
+            limit = min(limit, self.drafter.resume_point() + 1)
+        kept = self.keep_prefix(tokens[:limit])
         logits = self.eval(tokens[kept:])
+        if mtp and self.weights.nextn:
+            self.drafter.fill()
         if any(layer.ring for layer in self.cache.layers) and (self._checkpoint is None
                                                                or self._checkpoint.n_past != self.n_past):
             self._checkpoint = kv_checkpoint.take(self.cache)
@@ -321,15 +360,18 @@ class Model:
     def detokenize(self, tokens, special: bool = False) -> bytes:
         return self.tokenizer.decode_bytes(tokens, special=special)
 
-    def generate(self, tokens, max_tokens: int | None = None, **sampling):
+    def generate(self, tokens, max_tokens: int | None = None, mtp=None, **sampling):
         """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
 
+        mtp: "auto" or a draft length 0..3 for speculative decoding with the MTP heads (None:
+        the load option, "auto" by default); the tokens are the same either way.
         Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
         repeat_penalty, repeat_last_n, seed.
         """
         if "temp" in sampling:
             sampling["temperature"] = sampling.pop("temp")
-        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**sampling)), max_tokens)
+        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**sampling)), max_tokens,
+                        mtp=mtp)
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, stop=None, stream: bool = False, **sampling):
         """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming)."""

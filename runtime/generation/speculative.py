@@ -1,0 +1,175 @@
+"""Speculative decoding with the model's MTP heads: draft k tokens, verify them in one pass.
+
+    step:  d1..dk = model.mtp_draft(x, k)                  (greedy drafts, runtime.model.mtp)
+           logits = model.eval([x, d1..dk], all_logits)   (one trunk pass, k+1 positions)
+           y_i    = sampler(logits[i], history + [x, d1..d_i])   for i = 0.. until y_i != d_{i+1}
+           emit d1..da, y_a;  model.trim(k - a)
+
+Acceptance. The standard rule (`accept_or_resample`) accepts a draft d with probability
+min(1, p(d)/q(d)), else samples from norm(max(0, p - q)); the result is distributed as p.
+Our drafts are greedy, so q is one-hot at d and the rule becomes: accept with probability
+p(d), else sample from p without d. Drawing y ~ p with the sampler's own random stream and
+accepting d exactly when y == d realizes that law (P(y = d) = p(d); given y != d, y follows p
+without d, renormalized), and it consumes one draw per emitted token, in order, as plain
+decoding does. So with the same seed the output is token-for-token the plain one, greedy
+(where the draw is an argmax) or sampled, whatever draft lengths were chosen; the trunk's
+batch invariance (a position's logits are bit-identical in any chunk) makes the logits the
+same too.
+
+The draft length (`DraftLength`) is chosen each step to maximize expected tokens per second:
+    E(k) = 1 + a1 + a1 a2 + ... + a1..ak     (a_j: measured acceptance of head j, given j-1 accepted)
+    C(k) = t_verify(k + 1) + t_head(0) + ... + t_head(k - 1)
+each term a running average of what the steps measured. A verify length not measured yet is
+assumed to cost what the nearest shorter one does (optimism that makes auto try it once).
+When drafting does not pay (random weights: acceptance near 1/V), k = 0 wins and decoding is
+the plain one-token step; one step in PROBE_EVERY drafts one token so a change is noticed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from runtime.base.errors import StepstreamError
+
+PROBE_EVERY = 64  # steps at k = 0 between one-draft probes
+DECAY = 0.97  # how much of the acceptance counts each new observation keeps (forgets old text)
+ALPHA = 0.2  # weight of a new time measurement in its running average
+
+
+def accept_or_resample(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[bool, int]:
+    """The speculative-sampling rule for one drafted token: (accepted, token). p: the target's
+    probabilities [V], q: the distribution the draft was drawn from [V]. The token is `draft`
+    when accepted, else a draw from norm(max(0, p - q)); either way it is distributed as p."""
+    if not 0 <= draft < p.size or q[draft] <= 0:
+        raise StepstreamError(f"draft {draft} has probability 0 under the draft distribution q")
+    if rng.random() < min(1.0, p[draft] / q[draft]):
+        return True, draft
+    r = np.maximum(p - q, 0.0)
+    return False, int(rng.choice(r.size, p=r / r.sum()))
+
+
+def verify(sampler, logits: np.ndarray, drafts: Sequence[int], history: Sequence[int]) -> list[int]:
+    """The tokens one verify pass emits: the accepted drafts, then the first sample that differs
+    from its draft (or the sample after the last draft). logits [k+1, V]: row i follows
+    history + drafts[:i] (history ends with the token the pass started from)."""
+    history = list(history)
+    out: list[int] = []
+    for i in range(len(drafts) + 1):
+        y = sampler(logits[i], history)
+        out.append(y)
+        if i == len(drafts) or y != drafts[i]:
+            return out
+        history.append(y)
+    return out
+
+
+class DraftLength:
+    """Chooses how many tokens to draft each step from measured acceptance and step times."""
+
+    def __init__(self, n_heads: int, fixed: int | None = None):
+        self.n_heads = n_heads
+        self.fixed = fixed  # a forced draft length, or None for auto
+        self.hits = [1.0] * n_heads  # acceptance counts per head, with a prior of 1 in 2
+        self.trials = [2.0] * n_heads
+        self.t_verify: dict[int, float] = {}  # verify length -> seconds
+        self.t_head = [0.0] * n_heads  # seconds a head takes to draft (0: not measured yet)
+        self.steps = 0
+        self.idle = 0  # steps since the last draft
+        self.chosen: list[int] = []  # k of every step, for reports
+
+    def acceptance(self) -> list[float]:
+        return [h / t for h, t in zip(self.hits, self.trials)]
+
+    def expected_tokens(self, k: int) -> float:
+        e, run = 1.0, 1.0
+        for a in self.acceptance()[:k]:
+            run *= a
+            e += run
+        return e
+
+    def cost(self, k: int) -> float:
+        known = [n for n in self.t_verify if n <= k + 1]
+        t = self.t_verify[max(known)] if known else 0.0
+        return t + sum(self.t_head[:k])
+
+    def choose(self, room: int) -> int:
+        """k for the next step; room: the most drafts that could still be used."""
+        k = self.fixed if self.fixed is not None else self._best()
+        if self.fixed is None and k == 0:
+            self.idle += 1
+            if self.idle >= PROBE_EVERY:
+                k = 1
+        k = max(0, min(k, self.n_heads, room))
+        if k:
+            self.idle = 0
+        self.chosen.append(k)
+        return k
+
+    def _best(self) -> int:
+        if 1 not in self.t_verify:
+            return 0  # the first step measures a plain decode step
+        rates = [self.expected_tokens(k) / max(self.cost(k), 1e-9) for k in range(self.n_heads + 1)]
+        return int(np.argmax(rates))
+
+    def observe(self, n_drafts: int, accepted: int, t_head: float | None, t_verify: float) -> None:
+        """One step: drafts made and accepted, seconds per head's draft (None: not
+        representative, the heads caught up on positions), seconds of the verify pass."""
+        self.steps += 1
+        n = n_drafts + 1
+        old = self.t_verify.get(n)
+        self.t_verify[n] = t_verify if old is None else (1 - ALPHA) * old + ALPHA * t_verify
+        for j in range(n_drafts if t_head is not None else 0):
+            self.t_head[j] = t_head if not self.t_head[j] else (1 - ALPHA) * self.t_head[j] + ALPHA * t_head
+        for j in range(min(accepted + 1, n_drafts)):  # head j was tried when heads 0..j-1 were accepted
+            self.hits[j] = DECAY * self.hits[j] + (1.0 if j < accepted else 0.0)
+            self.trials[j] = DECAY * self.trials[j] + 1.0
+
+    def report(self) -> dict:
+        ks = self.chosen[-16:]
+        return {"acceptance": [round(a, 4) for a in self.acceptance()],
+                "settled_k": int(np.bincount(ks).argmax()) if ks else 0}
+
+
+def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog: frozenset,
+             chooser: DraftLength, stats: dict | None = None) -> Iterator[int]:
+    """Yield sampled tokens after `prompt`, drafting with the model's MTP heads. The model is
+    left as plain decoding leaves it: holding the prompt and every emitted token but the last.
+    `stats`, when given, receives the verify passes, tokens per pass and the chooser's report."""
+    prompt = list(prompt)
+    logits, _ = model.eval_prompt(prompt, mtp=True)
+    tok = sampler(logits, model.history)
+    n, passes, emitted = 0, 0, 0
+    try:
+        while True:
+            n += 1
+            yield tok
+            if tok in eog or model.n_past + 1 > model.n_ctx or n == max_tokens:
+                return
+            room = min(model.n_ctx - model.n_past - 1, model.options.rollback,
+                       (max_tokens - n - 1) if max_tokens is not None else model.n_ctx)
+            k = chooser.choose(room)
+            drafts = model.mtp_draft(tok, k) if k else []
+            t1 = time.perf_counter()
+            base = model.n_past
+            logits = model.eval([tok] + drafts, all_logits=True)  # [k+1, V]
+            t2 = time.perf_counter()
+            out = verify(sampler, logits, drafts, model.history[: base + 1])
+            chooser.observe(len(drafts), len(out) - 1, model.mtp_draft_seconds / len(drafts) if drafts else None,
+                            t2 - t1)
+            passes, emitted = passes + 1, emitted + len(out)
+            model.trim(len(drafts) - (len(out) - 1))  # the rejected drafts
+            for y in out[:-1]:  # the accepted drafts, each emitted as its own step would be
+                n += 1
+                yield y
+                if y in eog or n == max_tokens:
+                    return
+            tok = out[-1]
+    finally:
+        surplus = model.n_past - (len(prompt) + n - 1)  # accepted drafts after a stop
+        if surplus > 0:
+            model.trim(surplus)
+        if stats is not None:
+            stats.update(passes=passes, tokens_per_pass=emitted / passes if passes else 0.0, **chooser.report())

@@ -1,0 +1,213 @@
+"""Drafting with the model's MTP heads, each with a KV cache kept in step with the trunk.
+
+Head j at position t of its own stream reads the token x[t+1+j] and a hidden state at t:
+the trunk's for j = 0, head j-1's otherwise; its output predicts x[t+2+j]:
+
+    x = eh_proj([enorm(embed(x[t+1+j])), hnorm(h_in[t])])
+    h_out[t] = block_j(x)                   (attends over its stream's positions <= t)
+    logits   = head_j(head_norm(h_out[t]))
+
+With the trunk at N positions (x[0..N-1]) and a sampled token x[N] not yet evaluated, the draft
+chain runs every head at position N-1: head 0 reads x[N] and drafts d1, head 1 reads d1 and
+drafts d2, and so on. Positions whose inputs are all known are "teacher-forced" and kept (head
+j's stream holds 0..N-1-j); the rest read drafts, are evaluated in the same chunk as the
+draft row and trimmed right after. So a draft's logits are exactly `Model.mtp_logits` of the
+sequence extended by the drafts before it (the test checks it bit for bit).
+
+The heads' caches grow (no ring, the window is masked by position): any trim is possible, so
+the drafter follows the trunk back as far as it goes (`truncate`). Hidden states the next
+head needs are kept in dicts by position, down to MARGIN positions below what is in use, so
+that a short rollback (a chat turn re-rendered) costs nothing extra.
+
+Shape legend:  T positions in a chunk   H hidden   V vocab
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from runtime.model.kv_cache import START_CAPACITY, LayerKV
+from runtime.model.matrix import matmul, rows
+from runtime.model.ops import rms_norm
+
+MARGIN = 64  # positions of hidden states kept below those in use, for rollbacks
+
+
+def head_cache(cfg, j: int, n_ctx: int) -> LayerKV:
+    """Head j's KV cache: growing, so trim can go anywhere (a sliding head masks by position)."""
+    i = cfg.n_layers + j
+    return LayerKV(cfg.n_head_kv[i], cfg.head_dim, min(n_ctx, START_CAPACITY), ring=False, window=cfg.window)
+
+
+def head_input(model, j: int, ids: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Head j's block input [T, H] from the tokens it reads (ids [T]) and hidden states h [T, H]."""
+    cfg, nw = model.cfg, model.weights.nextn[j]
+    e = rms_norm(rows(model.weights.embed, ids), nw.enorm, cfg.rms_eps)
+    return matmul(np.concatenate([e, rms_norm(h, nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj, model.int8)
+
+
+def head_chunk(model, j: int, x: np.ndarray, start: int, kv: LayerKV) -> np.ndarray:
+    """Head j's block over inputs x [T, H] at positions start.. of its stream -> [T, H]."""
+    block = model.blocks[model.cfg.n_layers + j]
+    if x.shape[0] == 1:
+        h = x[0].copy()
+        block.decode(h, start, kv, model.provider, model.buffers)
+        return h[None]
+    return block.prefill(x, np.arange(start, start + x.shape[0]), kv, model.provider)
+
+
+def head_logits(model, j: int, h: np.ndarray) -> np.ndarray:
+    """Head j's logits [T, V] float32 of its outputs h [T, H]."""
+    nw = model.weights.nextn[j]
+    return matmul(rms_norm(h, nw.head_norm, model.cfg.rms_eps), nw.head, model.int8).astype(np.float32)
+
+
+class Drafter:
+    """The heads' caches and the hidden states they will read, in step with one model's trunk.
+
+    tokens     the known sequence x[0..m-1] (the trunk's history, then the sampled token)
+    filled[j]  head j's stream holds positions 0..filled[j]-1, all teacher-forced
+    trunk[t]   the trunk's last hidden state at position t [H]
+    out[j][t]  head j's output at position t [H] (head j+1 reads it)
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.n_heads = len(model.weights.nextn)
+        self.kv = [head_cache(model.cfg, j, model.n_ctx) for j in range(self.n_heads)]
+        self.reset()
+
+    def reset(self) -> None:
+        for kv in self.kv:
+            kv.trim_to(0)
+        self.tokens: list[int] = []
+        self.filled = [0] * self.n_heads
+        self.trunk: dict[int, np.ndarray] = {}
+        self.out: list[dict[int, np.ndarray]] = [{} for _ in range(self.n_heads)]
+        self.last_seconds = 0.0  # how long the last draft took, catching up excluded
+
+    # ---------------------------------------------------------------- following the trunk
+
+    def record(self, start: int, h: np.ndarray, ids) -> None:
+        """The trunk evaluated ids at positions start.. with hidden states h [T, H]."""
+        ids = list(ids)
+        if start != len(self.tokens):  # the trunk skipped what we hold (never, through Model)
+            self.truncate(min(start, len(self.tokens)))
+            if start != len(self.tokens):
+                return
+        self.tokens.extend(ids)
+        for i in range(h.shape[0]):
+            self.trunk[start + i] = h[i].copy()
+
+    def truncate(self, n: int) -> None:
+        """Forget everything that read a token at position >= n (the trunk rolled back to n)."""
+        del self.tokens[n:]
+        for t in [t for t in self.trunk if t >= n]:
+            del self.trunk[t]
+        for j in range(self.n_heads):
+            self._lower(j, max(0, n - 1 - j))
+        # A head must be able to read its predecessor's output at each position it has yet to
+        # fill: when a rollback reached below what is kept, that head goes back further.
+        changed = True
+        while changed:
+            changed = False
+            for j in range(1, self.n_heads):
+                need = range(self.filled[j], self.filled[j - 1])
+                missing = [t for t in need if t not in self.out[j - 1]]
+                if missing:
+                    self._lower(j - 1, min(missing))
+                    changed = True
+                if self.filled[j] > self.filled[j - 1]:
+                    self._lower(j, self.filled[j - 1])
+                    changed = True
+
+    def _lower(self, j: int, n: int) -> None:
+        if n < self.filled[j]:
+            self.filled[j] = n
+            self.kv[j].trim_to(n)
+            for t in [t for t in self.out[j] if t >= n]:
+                del self.out[j][t]
+
+    def resume_point(self) -> int:
+        """How many trunk positions may be kept as they are: head 0 needs the trunk's hidden
+        state from filled[0] on, so the trunk re-evaluates from the first one missing."""
+        t = self.filled[0]
+        while t < len(self.tokens) and t in self.trunk:
+            t += 1
+        return t
+
+    # ---------------------------------------------------------------- drafting
+
+    def fill(self) -> None:
+        """Teacher-force every head over the positions whose inputs are known (after a prompt),
+        so that the first draft runs no longer a chunk than the later ones."""
+        try:
+            for j in range(self.n_heads):
+                lo, hi = self.filled[j], len(self.tokens) - 1 - j  # positions lo..hi-1
+                src = self.trunk if j == 0 else self.out[j - 1]
+                if hi <= lo or any(t not in src for t in range(lo, hi)):
+                    break
+                h = self._run(j, range(lo, hi), self.tokens, src)
+                for t in range(lo, hi):
+                    self.out[j][t] = h[t - lo]
+                self.filled[j] = hi
+        except BaseException:
+            self._rollback()
+            raise
+        self._prune()
+
+    def draft(self, pending: int, k: int) -> list[int]:
+        """Up to k greedy drafts after the trunk's history and the sampled token `pending`."""
+        m = len(self.tokens) + 1  # the known sequence: tokens, then pending
+        last = m - 2  # the draft position: the trunk's last one
+        k = min(k, self.n_heads)
+        if k <= 0 or last < 0:
+            return []
+        self.fill()  # positions missed in steps without drafts: not timed
+        t0 = time.perf_counter()
+        seq = self.tokens + [pending]
+        spec: dict[int, np.ndarray] = {}  # head j-1's outputs at positions that read drafts
+        drafts: list[int] = []
+        try:
+            for j in range(k):
+                lo = self.filled[j]
+                src = self.trunk if j == 0 else {**self.out[j - 1], **spec}
+                pos = range(lo, last + 1)
+                if any(t not in src for t in pos):
+                    break  # a head that cannot catch up (see truncate): draft fewer
+                h = self._run(j, pos, seq, src)
+                drafts.append(int(np.argmax(head_logits(self.model, j, h[-1:])[0])))
+                seq.append(drafts[-1])
+                keep = m - 1 - j  # positions before this read only known tokens
+                spec = {t: h[t - lo] for t in pos if t >= keep}
+                for t in range(lo, keep):
+                    self.out[j][t] = h[t - lo]
+                self.filled[j] = keep
+                self.kv[j].trim_to(keep)
+        except BaseException:
+            self._rollback()
+            raise
+        self.last_seconds = time.perf_counter() - t0
+        self._prune()
+        return drafts
+
+    def _run(self, j: int, pos: range, seq: list[int], src: dict) -> np.ndarray:
+        """Head j over positions pos (contiguous, from filled[j]) -> outputs [T, H]."""
+        ids = np.array([seq[t + 1 + j] for t in pos], np.int64)
+        x = head_input(self.model, j, ids, np.stack([src[t] for t in pos]))
+        return head_chunk(self.model, j, x, pos.start, self.kv[j])
+
+    def _rollback(self) -> None:
+        """After an interruption: every head back to its teacher-forced positions."""
+        for j in range(self.n_heads):
+            self.kv[j].trim_to(self.filled[j])
+
+    def _prune(self) -> None:
+        for t in [t for t in self.trunk if t < self.filled[0] - MARGIN]:
+            del self.trunk[t]
+        for j in range(self.n_heads - 1):
+            for t in [t for t in self.out[j] if t < self.filled[j + 1] - MARGIN]:
+                del self.out[j][t]
+        self.out[-1].clear()  # no head reads the last one's outputs
