@@ -131,3 +131,72 @@ def test_random_miniature(tiny_gguf, ftype, budget):
     finally:
         m.close()
         ram.close()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_K", "Q8_0"])
+@pytest.mark.parametrize("cols", [256, 2048])
+def test_int8_gemm_rows_equal_the_one_token_gemv(qtype, cols):
+    """Kernel level, for shapes the miniatures lack: every token's row of an int8 GEMM (chunks
+    of 1 to 19 tokens, step remainders included; 40 rows, not a multiple of the VNNI GEMM's 16)
+    is bit-identical to the one-token GEMV, alone and inside a group of matrices (the decode
+    kernels' path; its 16-row VNNI blocks for Q4_K rows of 2048 columns)."""
+    from gguf import GGMLQuantizationType as T
+
+    from quant import int8_kernels as q8
+    from quant import pack, quantize
+
+    qt = T[qtype]
+    rng = np.random.default_rng(3)
+    w = pack(qt, quantize((0.05 * rng.standard_normal((40, cols))).astype(np.float32), qt), 40, cols)
+    other = pack(T.Q6_K, quantize((0.05 * rng.standard_normal((24, cols))).astype(np.float32), T.Q6_K), 24, cols)
+    formats = q8.format_set([qt, T.Q6_K])
+    x = rng.standard_normal((19, cols)).astype(np.float32)
+    a = q8.quantize_activations(x)
+    one = np.stack([q8.matvec(w, a, np.empty(40, np.float32), token=t, formats=formats) for t in range(19)])
+    for n in (1, 2, 3, 5, 8, 11, 19):
+        sub = q8.quantize_activations(x[:n])
+        out = np.empty((n, 40), np.float32)
+        gemm = q8.matmul if qt in q8.GEMM_FORMATS else q8.matmul_rows
+        gemm(w, sub, out, formats=formats)
+        _same(out, one[:n], f"{qtype} GEMM of {n} tokens")
+    g = q8.group([other, w], formats=formats)
+    for t in (0, 7):
+        out = np.empty(64, np.float32)
+        q8.matvec_group(g, x[t], out)
+        _same(out[None, 24:], one[t:t + 1], f"{qtype} in a group, token {t}")
+
+
+def test_fused_ffn_step_equals_the_chunk_composition():
+    """One token through the fused decode FFN kernel (a shared FFN and two routed experts, hidden
+    2048: Q4_K gate/up rows in 16-row VNNI blocks) == the prefill composition for a chunk of 5
+    tokens: int8 GEMMs, SwiGLU, down GEMMs, weighted sum in entry order, then the residual."""
+    from gguf import GGMLQuantizationType as T
+
+    from quant import int8_kernels as q8
+    from quant import pack, quantize
+    from runtime.model.ops import swiglu
+
+    H, widths = 2048, (512, 256, 256)
+    rng = np.random.default_rng(5)
+
+    def mat(qt, r, c):
+        return pack(qt, quantize((0.05 * rng.standard_normal((r, c))).astype(np.float32), qt), r, c)
+
+    ffns = [(mat(T.Q4_K, i, H), mat(T.Q4_K, i, H), mat(T.Q6_K, H, i)) for i in widths]
+    weights = np.array([1.0, 0.37, 0.81], np.float32)
+    limits = np.array([0.0, 7.0, 0.5], np.float32)
+    formats = q8.format_set([T.Q4_K, T.Q6_K])
+    x = rng.standard_normal((5, H)).astype(np.float32)
+    h = rng.standard_normal((5, H)).astype(np.float32)
+
+    def gemm(w, v):
+        return q8.matmul(w, q8.quantize_activations(v), np.empty((v.shape[0], w.rows), np.float32), formats=formats)
+
+    ys = [gemm(d, swiglu(gemm(g, x), gemm(u, x), lim)) * wt for (g, u, d), wt, lim in zip(ffns, weights, limits)]
+    want = h + (ys[0] + ys[1] + ys[2])
+    desc = np.stack([q8.ffn_descriptor(*f) for f in ffns])
+    scratch = q8.ffn_scratch(H, 3, sum(widths))
+    for t in range(5):
+        got = h[t].copy()
+        q8.swiglu_ffns(desc, weights, limits, x[t], got, scratch, formats)
+        _same(got[None], want[t:t + 1], f"fused FFN, token {t}")

@@ -60,6 +60,16 @@ def _reduce(builder, v):
     return builder.call(declare(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", _i32, [v.type]), [v])
 
 
+def _reduce_pair(builder, a, b):
+    """The lane sums of two <8 x i32> (exact integers), in one tree: each level adds the two
+    halves of a and of b side by side, so it costs about what one reduction does."""
+    v = builder.add(builder.shuffle_vector(a, b, ir.Constant(_V8I32, [0, 1, 2, 3, 8, 9, 10, 11])),
+                    builder.shuffle_vector(a, b, ir.Constant(_V8I32, [4, 5, 6, 7, 12, 13, 14, 15])))
+    v = builder.add(shuffle(builder, v, [0, 1, 4, 5]), shuffle(builder, v, [2, 3, 6, 7]))
+    v = builder.add(shuffle(builder, v, [0, 2]), shuffle(builder, v, [1, 3]))
+    return builder.extract_element(v, ir.Constant(_i32, 0)), builder.extract_element(v, ir.Constant(_i32, 1))
+
+
 def _splat8(v: int):
     return ir.Constant(_V32I8, [v] * 32)
 
@@ -134,8 +144,7 @@ def _q4k_term(builder, block, xa, xba, xd, acc):
     codes, splats, mins, d, dmin = block
     xb = load(builder, xba, 0, _V16I32)
     pairs = builder.add(shuffle(builder, xb, range(0, 16, 2)), shuffle(builder, xb, range(1, 16, 2)))
-    isum = _reduce(builder, _isum(builder, codes, splats, xa))
-    msum = _reduce(builder, builder.mul(mins, pairs))
+    msum, isum = _reduce_pair(builder, builder.mul(mins, pairs), _isum(builder, codes, splats, xa))
     acc = fadd(builder, acc, builder.fneg(fmul(builder, builder.sitofp(msum, _F32), fmul(builder, dmin, xd))))
     return fadd(builder, acc, fmul(builder, builder.sitofp(isum, _F32), fmul(builder, d, xd)))
 

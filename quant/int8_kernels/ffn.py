@@ -23,10 +23,9 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-from ..bits import u8_at
 from ..jit import FIXED_ORDER
-from .gemv_gemm import bytes_per_256, find
-from .row_dot import q8dot, quantize_row
+from .gemv_gemm import activation_sums, bytes_per_256, find, gemv_unit, row_blocks
+from .row_dot import quantize_row
 
 
 class FFNScratch(NamedTuple):
@@ -96,14 +95,21 @@ def build(formats: int):
         if s[m_count] > scratch.act.shape[0]:
             raise ValueError("swiglu_ffns: the FFNs are wider than the scratch (ffn_scratch max_width)")
         gu = scratch.gu
-        for g in nb.prange(2 * s[m_count]):
-            m = find(s, g // 2)
-            j = g - 2 * s[m]  # 0 .. 2 I - 1: gate rows, then up rows
-            rbm = h // 256 * bytes_per_256(qt[m, 0])
-            which = j // inter[m]
-            r = j - which * inter[m]
-            w = u8_at(addr[m, which] + r * rbm, rbm)
-            gu[g] = q8dot(formats, qt[m, 0], w, xq, xd, xb)
+        xs4 = np.empty(h // 32, np.int16)
+        xs6 = np.empty(h // 16, np.int16)
+        activation_sums(xb, xs4, xs6)
+        # units (16-row blocks or rows, see gemv_gemm.gemv_unit) of matrix 2 m (gate) and 2 m + 1 (up)
+        units = np.empty(2 * m_count + 1, np.int64)
+        units[0] = 0
+        for mm in range(2 * m_count):
+            units[mm + 1] = units[mm] + inter[mm // 2] - 15 * row_blocks(formats, qt[mm // 2, 0], inter[mm // 2], h // 256)
+        for u in nb.prange(units[2 * m_count]):
+            mm = find(units, u)
+            m = mm // 2
+            i = inter[m]
+            o = 2 * s[m] + (mm - 2 * m) * i
+            gemv_unit(formats, qt[m, 0], addr[m, mm - 2 * m], h // 256 * bytes_per_256(qt[m, 0]), i, u - units[mm],
+                      xq, xd, xb, xs4, xs6, gu[o:o + i])
         # SwiGLU and the hidden vectors' quantization, per expert
         hq, hd, hb, act = scratch.hq, scratch.hd, scratch.hb, scratch.act
         for m in nb.prange(m_count):
@@ -114,14 +120,17 @@ def build(formats: int):
                          hb[s[m] // 16:s[m + 1] // 16])
         # down rows of every expert, then the weighted sum in entry order
         y = scratch.y
-        for g in nb.prange(m_count * h):
-            m = g // h
-            r = g - m * h
-            i = inter[m]
-            rbm = i // 256 * bytes_per_256(qt[m, 1])
-            w = u8_at(addr[m, 2] + r * rbm, rbm)
-            y[m, r] = q8dot(formats, qt[m, 1], w, hq[s[m]:s[m + 1]], hd[s[m] // 256:s[m + 1] // 256],
-                                     hb[s[m] // 16:s[m + 1] // 16])
+        hs4 = np.empty(s[m_count] // 32, np.int16)
+        hs6 = np.empty(s[m_count] // 16, np.int16)
+        activation_sums(hb[:s[m_count] // 16], hs4, hs6)
+        for m in range(m_count):
+            units[m + 1] = units[m] + h - 15 * row_blocks(formats, qt[m, 1], h, inter[m] // 256)
+        for u in nb.prange(units[m_count]):
+            m = find(units[:m_count + 1], u)
+            a, b = s[m], s[m + 1]
+            gemv_unit(formats, qt[m, 1], addr[m, 2], (b - a) // 256 * bytes_per_256(qt[m, 1]), h, u - units[m],
+                      hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16], hs4[a // 32:b // 32], hs6[a // 16:b // 16],
+                      y[m])
         add_weighted_sum(y, weights, m_count, out)
 
     return swiglu_ffns

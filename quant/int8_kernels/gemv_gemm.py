@@ -28,7 +28,7 @@ from ..bits import u8_at
 from . import avx512_vnni as vnni
 from .avx512_vnni import (q4k_rows_step1, q4k_rows_step2, q4k_rows_step4, q4k_rows_step8, q6k_rows_step1,
                           q6k_rows_step2, q6k_rows_step4, q6k_rows_step8)
-from .dispatch import Q4_K, Q5_K, Q6_K, switch
+from .dispatch import FORMAT_BIT, Q4_K, Q5_K, Q6_K, switch
 from .row_dot import q8dot, q8dot4, quantize_row
 
 
@@ -52,14 +52,94 @@ def find(starts, g):
     return m
 
 
+BLOCK_MIN_SB = 8  # measured: see row_blocks
+
+
+def row_blocks(formats, qtype, n_rows, nsb):
+    """How many 16-row blocks of an n_rows matrix of format qtype and nsb super-blocks a row the
+    one-token GEMV runs as a VNNI GEMM step (the rest row by row, by the AVX2 row dot, whose
+    roundings are the same): n_rows // 16 for Q4_K rows of at least BLOCK_MIN_SB super-blocks on
+    VNNI hosts, else 0. One-token VNNI steps gather 16 rows' scales into lanes per super-block:
+    1.4-1.7x faster than the row dot on Q4_K [1024, 2048 or 4096], slower on [*, 1024] and on Q6_K
+    (measured, one thread). In Numba code only; `formats` a compile-time constant."""
+    raise NotImplementedError("row_blocks is for Numba code")
+
+
+@overload(row_blocks, inline="always")
+def _row_blocks(formats, qtype, n_rows, nsb):
+    if not isinstance(formats, types.IntegerLiteral):
+        raise TypingError("row_blocks needs the format set as a compile-time constant")
+    if not (vnni.AVAILABLE and formats.literal_value & FORMAT_BIT[Q4_K]):
+        return lambda formats, qtype, n_rows, nsb: 0
+
+    def impl(formats, qtype, n_rows, nsb):  # no branch: a value phi confuses Numba's inliner
+        return (n_rows // 16) * np.int64(qtype == Q4_K) * np.int64(nsb >= BLOCK_MIN_SB)
+    return impl
+
+
+def block_gemv(formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out):
+    """16 GGUF rows at address wa times one token -> out (an address, 16 float32): the GEMM's
+    one-token step, so a row's product is the GEMM's to the bit. Only where row_blocks > 0.
+    xs4, xs6: the addresses of the token's int16 sums per 32 and per 16 columns."""
+    raise NotImplementedError("block_gemv is for Numba code")
+
+
+@overload(block_gemv, inline="always")
+def _block_gemv(formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out):
+    if not isinstance(formats, types.IntegerLiteral):
+        raise TypingError("block_gemv needs the format set as a compile-time constant")
+    if not (vnni.AVAILABLE and formats.literal_value & (FORMAT_BIT[Q4_K] | FORMAT_BIT[Q6_K])):
+        return lambda formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out: None
+    z = np.int64(0)
+
+    def impl(formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out):
+        if qtype == Q4_K:
+            q4k_rows_step1(wa, rb, nsb, xq, z, xs4, z, xd, z, out, z)
+        else:
+            q6k_rows_step1(wa, rb, nsb, xq, z, xs6, z, xd, z, out, z)
+    return impl
+
+
+@nb.njit(inline="always", cache=True)
+def activation_sums(xb, xs4, xs6):
+    """The int16 sums of the GEMM steps from one token's xb: per 32 columns (Q4_K) and per 16 (Q6_K)."""
+    for j in range(xs4.shape[0]):
+        xs4[j] = np.int16(xb[2 * j] + xb[2 * j + 1])
+    for j in range(xs6.shape[0]):
+        xs6[j] = np.int16(xb[j])
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def gemv_unit(formats, qtype, wa, rb, n_rows, k, xq, xd, xb, xs4, xs6, out):
+    """Unit k of an n_rows matrix (at address wa, rb bytes a row) times one token, into out
+    [n_rows]: units 0 .. row_blocks - 1 are 16-row blocks, the rest single rows after them.
+    Units = row_blocks + n_rows - 16 row_blocks."""
+    nb16 = row_blocks(formats, qtype, n_rows, xq.shape[0] // 256)
+    if k < nb16:
+        block_gemv(formats, qtype, wa + 16 * k * rb, rb, np.int64(xq.shape[0] // 256), np.int64(xq.ctypes.data),
+                   np.int64(xs4.ctypes.data), np.int64(xs6.ctypes.data), np.int64(xd.ctypes.data),
+                   np.int64(out.ctypes.data) + 64 * k)
+    else:
+        out[k + 15 * nb16] = q8dot(formats, qtype, u8_at(wa + (k + 15 * nb16) * rb, rb), xq, xd, xb)
+
+
 @nb.njit(inline="always", fastmath=True, cache=True)
 def group_gemv(formats, qt, addr, rb, starts, xq, xd, xb, out):
-    """out = the group's rows times the int8 activations, rows in parallel; inlinable into a
-    larger decode kernel."""
-    for g in nb.prange(starts[-1]):
-        m = find(starts, g)
-        w = u8_at(addr[m] + (g - starts[m]) * rb[m], rb[m])
-        out[g] = q8dot(formats, qt[m], w, xq, xd, xb)
+    """out = the group's rows times the int8 activations, in parallel units of 16 rows (VNNI
+    formats) or single rows; inlinable into a larger decode kernel."""
+    m_count = qt.shape[0]
+    xs4 = np.empty(xb.shape[0] // 2, np.int16)
+    xs6 = np.empty(xb.shape[0], np.int16)
+    activation_sums(xb, xs4, xs6)
+    units = np.empty(m_count + 1, np.int64)
+    units[0] = 0
+    for m in range(m_count):
+        n = starts[m + 1] - starts[m]
+        units[m + 1] = units[m] + n - 15 * row_blocks(formats, qt[m], n, xq.shape[0] // 256)
+    for u in nb.prange(units[m_count]):
+        m = find(units, u)
+        gemv_unit(formats, qt[m], addr[m], rb[m], starts[m + 1] - starts[m], u - units[m], xq, xd, xb, xs4, xs6,
+                  out[starts[m]:starts[m + 1]])
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
