@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 
-from runtime.cli.common import add_model_args, load_model, non_negative_int, positive_int, print_stats
+from runtime.cli.common import add_model_args, load_model, mtp_choice, non_negative_int, positive_int, print_stats
 from runtime.base.system import peak_rss_bytes
+from runtime.bench.generation import bench_generation, text_prompt
 
 
 def add_arguments(p) -> None:
@@ -32,6 +33,10 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random prompt (default: 0)")
     p.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) on the same file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--mtp", type=mtp_choice, default=None, metavar="auto|0..3",
+                   help="also time greedy generation of -n tokens after a text prompt (a source file of this "
+                        "package) with this MTP draft length: decode rate, acceptance per head, tokens per verify "
+                        "pass, the length auto settled on, expert bytes read per token when streaming")
 
 
 def _prompt(vocab: int, n: int, seed: int) -> list[int]:
@@ -96,6 +101,8 @@ def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, thr
 
 def run(args) -> int:
     model = load_model(args)
+    if args.mtp is not None and args.n_gen and model.n_mtp == 0 and args.mtp != 0:
+        print(f"{model.file.path}: no MTP heads; generation is timed without drafting", file=sys.stderr)
     ids = _prompt(model.cfg.vocab, args.n_prompt + args.n_gen, args.seed)
     prompt, gen = ids[: args.n_prompt], ids[args.n_prompt :]
     report = {"model": str(model.file.path), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
@@ -107,6 +114,9 @@ def run(args) -> int:
         report["experts"] = model.provider.stats.as_dict()
     if model.gpu_placement is not None:
         report["gpu"] = {**model.gpu_placement.as_dict(), **model.gpu.tier.counts.as_dict()}
+    if args.mtp is not None and args.n_gen:
+        report["generation"] = bench_generation(model, text_prompt(model, args.n_prompt), args.n_gen,
+                                                args.repetitions, args.mtp)
     if args.llama_cpp:
         report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads,
                                               args.batch_size)
@@ -124,6 +134,11 @@ def run(args) -> int:
         ll = report["llama_cpp"]
         print(f"{'ratio':<12} {report['prefill_tok_s'] / ll['prefill_tok_s']:>13.2f}x "
               f"{(report['decode_tok_s'] or 0) / (ll['decode_tok_s'] or 1):>13.2f}x")
+    if "generation" in report:
+        g = report["generation"]
+        print(f"generation --mtp {args.mtp}: {g['decode_tok_s']:.2f} tok/s over {args.n_gen} greedy tokens; "
+              f"{g['tokens_per_pass']:.2f} tokens per verify pass, acceptance per head {g['acceptance']}, "
+              f"k settled on {g['settled_k']}")
     print(f"(medians of {args.repetitions}; activations {report['activations']}, "
           f"OpenMP waits {report['omp_wait_policy']})")
     print_stats(args, model, speeds)

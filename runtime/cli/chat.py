@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from runtime.cli.common import add_model_args, add_sampling_args, load_model, max_tokens, sampling_kwargs
+from runtime.cli.common import add_model_args, add_mtp_arg, add_sampling_args, load_model, max_tokens, sampling_kwargs
 from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import sampling_params
 
@@ -21,6 +21,7 @@ def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("-sys", "--system-prompt", default=None, help="system message that opens the conversation")
     add_sampling_args(p)
+    add_mtp_arg(p)
 
 
 def run(args, stdin=None, stdout=None) -> int:

@@ -55,6 +55,15 @@ chunk_count = _checked(int, lambda v: v == -1 or v >= 1, "must be a positive num
                        "chunk_count")
 
 
+def mtp_choice(text: str) -> int | str:
+    """--mtp: auto, or a draft length 0..3."""
+    if text == "auto":
+        return text
+    if text not in ("0", "1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"must be auto or a draft length 0..3, got {text}")
+    return int(text)
+
+
 def seed(text: str) -> int | None:
     """A random seed: 0 or more, or -1 for a random one (llama.cpp's convention)."""
     value = _parse(int, text)
@@ -143,6 +152,13 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
                    help="print the peak RSS and speeds at the end, and the expert-cache statistics when experts stream")
 
 
+def add_mtp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mtp", type=mtp_choice, default="auto", metavar="auto|0..3",
+                   help="speculative decoding with the file's MTP heads: auto chooses the draft length each step "
+                        "from measured acceptance and step times (0 when drafting does not pay), 0 turns it off, "
+                        "1..3 forces it; the output is the same either way (default: auto)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n-predict", type=token_limit, default=-1,
                    help="tokens to generate; -1 = until end of text or context (default: -1)")
@@ -166,7 +182,8 @@ def load_model(args):
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
-                 direct_io=not args.no_direct_io, activations=args.activations, gpu_budget=args.gpu_budget)
+                 direct_io=not args.no_direct_io, activations=args.activations, gpu_budget=args.gpu_budget,
+                 mtp=getattr(args, "mtp", "auto"))
     if model.gpu_placement is not None:
         print(f"tier 1, {model.gpu_placement.text()}", file=sys.stderr)
         ram = model.placement.text() if model.placement is not None else "every routed expert mapped from the file"

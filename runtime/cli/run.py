@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from runtime.cli.common import (GenerationTiming, add_model_args, add_sampling_args, load_model, max_tokens,
+from runtime.cli.common import (GenerationTiming, add_model_args, add_mtp_arg, add_sampling_args, load_model, max_tokens,
                                 print_stats, read_text_file, sampling_kwargs)
 from runtime.base.errors import StepstreamError
 
@@ -15,6 +15,7 @@ def add_arguments(p) -> None:
     p.add_argument("-p", "--prompt", default=None, help="prompt text")
     p.add_argument("-f", "--file", default=None, help="read the prompt from this file")
     add_sampling_args(p)
+    add_mtp_arg(p)
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt before the generated text")
 
 

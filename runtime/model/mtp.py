@@ -87,6 +87,7 @@ class Drafter:
         self.trunk: dict[int, np.ndarray] = {}
         self.out: list[dict[int, np.ndarray]] = [{} for _ in range(self.n_heads)]
         self.last_seconds = 0.0  # how long the last draft took, catching up excluded
+        self.last_logits: list[np.ndarray] = []  # each head's logits [V] behind the last drafts
 
     # ---------------------------------------------------------------- following the trunk
 
@@ -167,6 +168,7 @@ class Drafter:
             return []
         self.fill()  # positions missed in steps without drafts: not timed
         t0 = time.perf_counter()
+        self.last_logits = []
         seq = self.tokens + [pending]
         spec: dict[int, np.ndarray] = {}  # head j-1's outputs at positions that read drafts
         drafts: list[int] = []
@@ -178,7 +180,9 @@ class Drafter:
                 if any(t not in src for t in pos):
                     break  # a head that cannot catch up (see truncate): draft fewer
                 h = self._run(j, pos, seq, src)
-                drafts.append(int(np.argmax(head_logits(self.model, j, h[-1:])[0])))
+                logits = head_logits(self.model, j, h[-1:])[0]  # [V]
+                self.last_logits.append(logits)
+                drafts.append(int(np.argmax(logits)))
                 seq.append(drafts[-1])
                 keep = m - 1 - j  # positions before this read only known tokens
                 spec = {t: h[t - lo] for t in pos if t >= keep}

@@ -1,0 +1,232 @@
+"""MTP speculative decoding (runtime.model.mtp, runtime.generation.speculative).
+
+Greedy and seeded sampled output must be token-for-token the plain decoder's, on the shipped
+trained miniature (drafts mostly accepted) and on the random tiny one (drafts mostly rejected,
+rings of window 16 that wrap), in RAM and streaming. The heads' incremental drafts must be
+exactly `Model.mtp_logits` of the final sequence wherever the drafts they read were right.
+The acceptance rule is checked by a chi-square test against the target distribution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from offload.expert_table import build_expert_table
+from runtime.generation import Sampler, SamplingParams
+from runtime.generation import speculative as S
+from runtime.generation.loop import generate
+from runtime.loader import load
+
+SHIPPED = Path(__file__).resolve().parents[1] / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class Schedule(S.DraftLength):
+    """A chooser that cycles through given draft lengths (drafting after steps without drafts,
+    changing k, catching up), so every path is exercised whatever the timings."""
+
+    def __init__(self, n_heads: int, ks):
+        super().__init__(n_heads)
+        self.ks, self.i = list(ks), 0
+
+    def choose(self, room: int) -> int:
+        k = max(0, min(self.ks[self.i % len(self.ks)], room))
+        self.i += 1
+        self.chosen.append(k)
+        return k
+
+
+def _spec(m, prompt, n, ks, params=GREEDY, stats=None):
+    m.reset()
+    return list(S.generate(m, prompt, Sampler(params), n, frozenset(), Schedule(m.n_mtp, ks), stats))
+
+
+def _plain(m, prompt, n, params=GREEDY):
+    m.reset()
+    return list(generate(m, prompt, Sampler(params), n, stop_at_eog=False, mtp=0))
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    m = load(SHIPPED)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    m = load(tiny_gguf("q4_k_m"))
+    yield m
+    m.close()
+
+
+def _prompt(m, text="def fibonacci(n):\n    if n < 2:\n"):
+    return m.tokenize(text)
+
+
+KS = [3, 3, 1, 0, 0, 2, 3, 0, 1, 2]
+
+
+def test_greedy_identity_shipped_in_ram_and_streaming(shipped):
+    prompt = _prompt(shipped)
+    want = _plain(shipped, prompt, 48)
+    info = {}
+    assert _spec(shipped, prompt, 48, KS, stats=info) == want
+    assert info["tokens_per_pass"] > 1.5  # the trained heads' drafts are mostly accepted
+    assert shipped.history == prompt + want[:-1]  # left as plain decoding leaves it
+    shipped.reset()
+    assert list(shipped.generate(prompt, 48, temperature=0.0, mtp="auto")) == want
+    total = build_expert_table(shipped.file, shipped.cfg).total_bytes
+    m = load(SHIPPED, ram_budget=int(total * 0.3))
+    try:
+        assert _spec(m, prompt, 48, KS) == want
+        assert m.provider.stats.misses > 0
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("budget", [None, 0.3])
+def test_greedy_identity_random_miniature(tiny, tiny_gguf, budget):
+    """Random weights: drafts are nearly always rejected and trimmed; 80 tokens wrap the rings."""
+    prompt = list(range(3, 40))
+    want = _plain(tiny, prompt, 80)
+    m = tiny if budget is None else load(tiny_gguf("q4_k_m"),
+                                         ram_budget=int(build_expert_table(tiny.file, tiny.cfg).total_bytes * budget))
+    try:
+        assert _spec(m, prompt, 80, KS) == want
+        assert m.history == prompt + want[:-1]
+    finally:
+        if m is not tiny:
+            m.close()
+
+
+def test_seeded_sampling_identity(shipped):
+    """With the sampler's own draw deciding acceptance, a seeded sampled run is the plain one."""
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.02, repeat_penalty=1.1, seed=7)
+    prompt = _prompt(shipped)
+    want = _plain(shipped, prompt, 40, params)
+    info = {}
+    assert _spec(shipped, prompt, 40, [3, 2, 0, 3], params, info) == want
+    assert info["tokens_per_pass"] > 1.0
+
+
+@pytest.mark.parametrize("which", ["shipped", "tiny"])
+def test_drafts_are_the_teacher_forced_heads(shipped, tiny, which):
+    """Every draft's logits equal mtp_logits over the final sequence, bit for bit, wherever the
+    drafts it read were the tokens that followed."""
+    m = shipped if which == "shipped" else tiny
+    prompt = _prompt(m) if which == "shipped" else list(range(5, 30))
+    seen = []
+    real = m.drafter.draft
+
+    def spy(pending, k):
+        out = real(pending, k)
+        seen.append((len(m.drafter.tokens) - 1, list(out), [x.copy() for x in m.drafter.last_logits]))
+        return out
+
+    m.drafter.draft = spy
+    try:
+        gen = _spec(m, prompt, 40, KS)
+    finally:
+        del m.drafter.draft
+    seq = prompt + gen
+    ref = m.mtp_logits(seq)
+    checked = 0
+    for last, drafts, logits in seen:
+        for j, row in enumerate(logits):
+            if last < ref[j].shape[0] and all(drafts[i] == seq[last + 2 + i] for i in range(j)):
+                assert np.array_equal(row, ref[j][last]), (which, last, j)
+                checked += 1
+    assert checked >= 10
+
+
+def test_rollback_leaves_the_cache_of_a_fresh_model(tiny, tiny_gguf):
+    """After verify passes whose drafts were rejected and trimmed, the next logits are
+    bit-identical to a fresh model's over the same tokens."""
+    prompt = list(range(7, 31))
+    gen = _spec(tiny, prompt, 50, [3])
+    nxt = tiny.eval([gen[-1]])
+    fresh = load(tiny_gguf("q4_k_m"))
+    try:
+        assert np.array_equal(nxt, fresh.logits(prompt + gen)[-1])
+    finally:
+        fresh.close()
+
+
+def test_prompt_reuse_keeps_heads_in_step(shipped):
+    """A second prompt extending the first reuses the cache; drafts stay exact (greedy identity)."""
+    first = _prompt(shipped)
+    a = _spec(shipped, first, 20, [3])
+    second = first + a + shipped.tokenize("\n\ndef g(x):\n", add_bos=False)
+    got = list(S.generate(shipped, second, Sampler(GREEDY), 30, frozenset(), Schedule(shipped.n_mtp, KS)))
+    assert got == _plain(shipped, second, 30)
+
+
+def _chi2(counts, p):
+    return sps.chisquare(counts, p * counts.sum()).pvalue
+
+
+def test_acceptance_rule_gives_the_target_distribution():
+    rng = np.random.default_rng(1234)
+    p = np.array([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
+    q = np.array([0.10, 0.40, 0.05, 0.25, 0.10, 0.10])
+    counts = np.zeros(6)
+    for _ in range(20000):
+        d = int(rng.choice(6, p=q))
+        counts[S.accept_or_resample(p, q, d, rng)[1]] += 1
+    assert _chi2(counts, p) > 0.001
+    # Negative control: resampling from p instead of norm(max(0, p - q)) on rejection.
+    wrong = np.zeros(6)
+    for _ in range(20000):
+        d = int(rng.choice(6, p=q))
+        ok = rng.random() < min(1.0, p[d] / q[d])
+        wrong[d if ok else int(rng.choice(6, p=p))] += 1
+    assert _chi2(wrong, p) < 0.001
+
+
+def test_one_hot_drafts_by_the_samplers_draw():
+    """Greedy drafts (q one-hot at d): accepting d exactly when the sampler's draw equals it
+    accepts with probability p(d), and a rejection is distributed as p without d."""
+    logits = np.log(np.array([0.30, 0.05, 0.25, 0.10, 0.20, 0.10], np.float32))
+    p = np.exp(logits.astype(np.float64))
+    p /= p.sum()
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=5))
+    d, n = 2, 20000
+    rejected = np.zeros(6)
+    accepted = 0
+    for _ in range(n):
+        out = S.verify(sampler, logits[None].repeat(2, 0), [d], [0])
+        if len(out) == 2:
+            accepted += 1
+        else:
+            rejected[out[0]] += 1
+    assert abs(accepted / n - p[d]) < 4 * np.sqrt(p[d] * (1 - p[d]) / n)
+    rest = np.delete(p, d) / np.delete(p, d).sum()
+    assert _chi2(np.delete(rejected, d), rest) > 0.001 and rejected[d] == 0
+
+
+def test_auto_settles_on_no_drafting_with_random_weights(tiny):
+    prompt = list(range(3, 20))
+    info = {}
+    chooser = S.DraftLength(tiny.n_mtp)
+    tiny.reset()
+    list(S.generate(tiny, prompt, Sampler(GREEDY), 48, frozenset(), chooser, info))
+    assert chooser.chosen[-16:] == [0] * 16 and info["settled_k"] == 0
+    assert sum(k > 0 for k in chooser.chosen) <= 8  # a few tries, then plain decoding
+
+
+def test_chooser_from_measurements():
+    """The cost model alone: cheap verify passes and good heads draft 3; useless heads draft 0."""
+    good = S.DraftLength(3)
+    bad = S.DraftLength(3)
+    for c, acc in ((good, 1), (bad, 0)):
+        c.observe(0, 0, None, 1.0)
+        for k in (3, 2, 1) * 5:
+            c.observe(k, k if acc else 0, 0.05, 1.0 + 0.1 * k)
+    assert good.choose(10) == 3
+    assert bad.choose(10) == 0
+    assert bad.choose(0) == 0 and good.choose(1) == 1  # room caps k
