@@ -39,6 +39,39 @@ def dot(a, b, part):
     return t
 
 
+@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
+def dot4(a, b0, b1, b2, b3, part):
+    """dot(a, b_j) for four vectors b_j at once, each summed exactly as `dot` sums it (part: 4 x
+    LANES floats of scratch): four independent chains instead of one, which the adds' latency
+    otherwise bounds."""
+    n = a.shape[0]
+    for l in range(4 * LANES):
+        part[l] = 0.0
+    m = n - n % LANES
+    for i0 in range(0, m, LANES):
+        for l in range(LANES):
+            u = a[i0 + l]
+            part[l] += u * b0[i0 + l]
+            part[LANES + l] += u * b1[i0 + l]
+            part[2 * LANES + l] += u * b2[i0 + l]
+            part[3 * LANES + l] += u * b3[i0 + l]
+    t0 = np.float32(0.0)
+    t1 = np.float32(0.0)
+    t2 = np.float32(0.0)
+    t3 = np.float32(0.0)
+    for l in range(LANES):
+        t0 += part[l]
+        t1 += part[LANES + l]
+        t2 += part[2 * LANES + l]
+        t3 += part[3 * LANES + l]
+    for i in range(m, n):
+        t0 += a[i] * b0[i]
+        t1 += a[i] * b1[i]
+        t2 += a[i] * b2[i]
+        t3 += a[i] * b3[i]
+    return t0, t1, t2, t3
+
+
 @nb.njit(fastmath=FIXED_ORDER, cache=True)
 def rms_norm_row(x, w, eps, out):
     """out [n] = x [n] * w [n] / rms(x); w already holds `1 + w` (the converter added the 1).
@@ -134,9 +167,13 @@ def swiglu(g: np.ndarray, u: np.ndarray, limit: float) -> np.ndarray:
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
 def _dense_matmul(x, w, out):
+    n_tok = x.shape[0]
     for n in nb.prange(w.shape[0]):
-        part = np.empty(LANES, np.float32)
-        for t in range(x.shape[0]):
+        part = np.empty(4 * LANES, np.float32)
+        for g in range(n_tok // 4):
+            t = 4 * g
+            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = dot4(w[n], x[t], x[t + 1], x[t + 2], x[t + 3], part)
+        for t in range(n_tok - n_tok % 4, n_tok):
             out[t, n] = dot(w[n], x[t], part)
 
 
