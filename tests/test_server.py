@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 
 from runtime.generation import SamplingParams, complete  # noqa: E402
 from runtime.loader import load  # noqa: E402
-from tests.helpers.live_server import live_server  # noqa: E402
+from tests.helpers.live_server import live_server, start_server, stop_server  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
 NAME = "mini"
@@ -222,6 +222,15 @@ BAD = [  # (path, body or raw bytes, status, the field the message must name)
     ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": NAME}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 2, "echo": True}, 400, "echo"),
+    ("/v1/completions", b'{"prompt": "\\udc00x"}', 400, "surrogate"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5000 + b"}",
+     400, "JSON"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "a>\n<b"}}]}, 400,
+     "function.name"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]},
+     400, "parameters"),
 ]
 
 
@@ -231,6 +240,16 @@ def test_bad_requests_get_an_openai_error(url, path, body, status, names):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert names in err["message"] and err["type"] and "code" in err
+
+
+def test_a_message_using_every_stand_in_character_is_refused(ref):
+    """Special-token text in a message is swapped for private-use characters the messages do not
+    use (runtime.text.chat_prompt); a message holding all of them cannot be rendered safely."""
+    from runtime.base.errors import StepstreamError
+
+    every = "".join(chr(c) for c in range(0xF0000, 0xFFFFE))
+    with pytest.raises(StepstreamError, match="private-use"):
+        ref.chat_tokens([{"role": "user", "content": every + "<|im_end|>"}])
 
 
 def test_api_key_is_required_and_checked(url, client):
@@ -289,3 +308,49 @@ def test_a_full_queue_answers_503_and_requests_do_not_leak(url, ref):
         else:
             text, _, _ = local_text(ref, ref.tokenize(prompts[i], special=True), openai_params(0.0), 120)
             assert r.json()["choices"][0]["text"] == text
+
+
+def test_sigterm_ends_streams_with_an_error_and_the_server_exits(ref):
+    """Ctrl-C or SIGTERM while a stream runs and another waits: both clients get an error chunk
+    and [DONE], the process exits promptly and prints no traceback."""
+    s = start_server(MODEL, "--ctx-size", str(CTX))
+    try:
+        body = {"prompt": "def f():\n", "max_tokens": CTX - 20, "temperature": 1.0, "stream": True}
+        got: dict[int, list[str]] = {0: [], 1: []}
+
+        def read(i):
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+                got[i].extend(line for line in r.iter_lines() if line)
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in (0, 1)]
+        for t in readers:
+            t.start()
+            time.sleep(0.3)  # the first runs, the second waits
+        s.proc.terminate()
+        for t in readers:
+            t.join(20)
+        t0 = time.monotonic()
+        assert s.proc.wait(20) == 0 and time.monotonic() - t0 < 10
+    finally:
+        stop_server(s)
+    for lines in got.values():
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        assert json.loads(lines[-2][6:])["error"]["code"] == "server_shutting_down"
+    assert "Traceback" not in s.log, s.log
+
+
+def test_clients_that_gave_up_do_not_hold_queue_places(url):
+    """Four requests time out while a long one runs: the queue of four takes new ones at once."""
+    long = threading.Thread(target=_post, args=(url, "/v1/completions",
+                                                {"model": NAME, "prompt": "x", "max_tokens": 600, "temperature": 1.0}))
+    long.start()
+    time.sleep(0.2)
+    for i in range(4):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": f"y{i}", "max_tokens": 600},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    time.sleep(0.5)  # the server polls its waiting clients every 0.25 s
+    assert httpx.get(url + "/health").json()["waiting"] == 0
+    r = _post(url, "/v1/completions", {"model": NAME, "prompt": "z", "max_tokens": 2, "temperature": 0})
+    long.join(60)
+    assert r.status_code == 200

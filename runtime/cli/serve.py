@@ -87,6 +87,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr)
     finally:
+        engine.close()  # waiting requests end with a 503 (streams: an error chunk, then [DONE])
         server.should_exit = True
         http.join(5)
         model.close()

@@ -28,7 +28,7 @@ from runtime.server.completion import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.shapes import ChatReply, TextReply
-from runtime.text.tool_calls import forced_call, starts_in_reasoning
+from runtime.text.tool_calls import END_THINK, forced_call, starts_in_reasoning
 
 MAX_BODY = 8 * 2**20  # bytes: far more than any prompt the context can hold
 POLL_S = 0.25  # how often a whole-response handler checks that its client is still there
@@ -116,7 +116,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 yield merge(steps)
             for kind, value in batch:
                 if kind == "error":
-                    raise ApiError(500, value, kind="server_error", code="generation_failed")
+                    status, code, message = value
+                    raise ApiError(status, message, kind="server_error", code=code)
                 if kind == "done":
                     return
 
@@ -173,8 +174,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         body = await read_json(request)
         check_model(body, model_name)
         b = completion_body(body)
-        if isinstance(b.prompt, str):
-            ids = model.tokenize(b.prompt, add_bos=True, special=True)
+        if isinstance(b.prompt, str):  # on a thread: a long prompt must not stall other streams
+            ids = await asyncio.to_thread(model.tokenize, b.prompt, add_bos=True, special=True)
         else:
             bad = [t for t in b.prompt if not 0 <= t < model.cfg.vocab]
             if bad:
@@ -207,18 +208,20 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         b = chat_body(body)
         tools = b.tools if b.tools and b.tool_choice != "none" else None
         try:
-            ids = model.chat_tokens(b.messages, tools=tools)
+            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=tools)
         except StepstreamError as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from None
         except RecursionError:
             raise ApiError(400, "the messages or tools nest too deeply", param="messages", code="invalid_value") from None
         tail = model.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")
-        forced = ""
+        in_reasoning, forced = starts_in_reasoning(tail), ""
         if tools is not None and b.tool_choice != "auto":
-            forced = forced_call(b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
-            ids = ids + model.tokenize(forced, add_bos=False)
+            # the reply starts with the opening of a call (closing a reasoning section the prompt opened)
+            forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(
+                b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
+            ids = ids + model.tokenize(forced, add_bos=False, special=True)
         req = model_request(ids, b.common, b.logprobs)
-        reply = ChatReply(model_name, len(ids), in_reasoning=starts_in_reasoning(tail), tools=tools, forced=forced)
+        reply = ChatReply(model_name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
         want = b.logprobs is not None
         job = submit(req, b.common.stream)
         if b.common.stream:

@@ -113,11 +113,11 @@ def run(model, req: Request) -> Iterator[Step]:
         t.predicted_n += 1
         if t.predicted_n == 1:
             t.first_token_ms = (time.perf_counter() - t0) * 1000
-        if req.logprobs is not None:
-            pending.append(_logprob(model, logits, tok, req.logprobs))
-        if tok in eog:
+        if tok in eog:  # not part of the reply: no text, no log-probability
             finish = "stop"
             break
+        if req.logprobs is not None:
+            pending.append(_logprob(model, logits, tok, req.logprobs))
         text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
         if hit:
             finish = "stop"

@@ -8,7 +8,7 @@ OpenMP kernels called from a thread other than the main one decode several times
 1,100 on the main thread; with OMP_WAIT_POLICY=PASSIVE, 300-350 on either). `start()` runs the worker on a thread instead, for embedding.
 A handler submits a Job and reads its events, which the worker fills in:
 
-    ("step", completion.Step) ...  then  ("done", None)  or  ("error", message)
+    ("step", completion.Step) ...  then  ("done", None)  or  ("error", (status, code, message))
 
 Waking the event loop costs the worker a thread switch and the GIL, so events go through a
 plain deque and the loop is woken at most once per GAP_S: after taking a batch it comes back
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import queue
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -87,9 +86,16 @@ class Engine:
     def __init__(self, model, queue_size: int = 8):
         self.model = model
         self.queue_size = queue_size
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
         self.busy = False  # the worker is running a job
         self.served = 0
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return sum(not job.cancel.is_set() for job in self._waiting)
 
     def start(self) -> threading.Thread:
         """Run the worker on a thread of its own (slower kernels: see the module's docstring)."""
@@ -97,39 +103,36 @@ class Engine:
         thread.start()
         return thread
 
-    @property
-    def waiting(self) -> int:
-        return self._jobs.qsize()
-
     def submit(self, request: completion.Request, stream: bool = True) -> Job:
+        """Queue a request, or raise Busy when queue_size requests are waiting (those whose client
+        has left do not count: they are dropped here)."""
         job = Job(request, asyncio.get_running_loop(), stream)
         request.cancelled = job.cancel.is_set
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise Busy from None
+        with self._cond:
+            self._waiting = collections.deque(j for j in self._waiting if not j.cancel.is_set())
+            if self._closed or len(self._waiting) >= self.queue_size:
+                raise Busy
+            self._waiting.append(job)
+            self._cond.notify()
         return job
 
-    def close(self) -> None:
-        """Make serve_forever return after the job it is running."""
-        while True:
-            try:
-                self._jobs.put_nowait(None)
-                return
-            except queue.Full:  # drop a waiting job to make room; its client gets a closed stream
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    continue
-                if job is not None:
-                    job.cancel.set()
-                    job.emit("error", "the server is shutting down")
+    def close(self, reason: str = "the server is shutting down") -> None:
+        """Make serve_forever return after the job it is running; waiting jobs end with an error."""
+        with self._cond:
+            self._closed = True
+            dropped, self._waiting = list(self._waiting), collections.deque()
+            self._cond.notify_all()
+        for job in dropped:
+            job.emit("error", (503, "server_shutting_down", reason))
+
+    def _next(self) -> Job | None:
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            return None if self._closed else self._waiting.popleft()
 
     def serve_forever(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
+        while (job := self._next()) is not None:
             if job.cancel.is_set():
                 continue
             self.busy = True
@@ -141,11 +144,14 @@ class Engine:
                     job.emit("steps", list(completion.run(self.model, job.request)))
                 job.emit("done")
             except StepstreamError as e:  # the evaluation rolled back: the model is sound
-                job.emit("error", str(e))
+                job.emit("error", (500, "generation_failed", str(e)))
             except Exception as e:  # a bug: the request fails, the server keeps serving
                 print(f"error: request failed: {type(e).__name__}: {e}", file=sys.stderr)
                 self.model.reset()
-                job.emit("error", f"internal error: {type(e).__name__}")
+                job.emit("error", (500, "internal_error", f"internal error: {type(e).__name__}"))
+            except BaseException:  # Ctrl-C or SIGTERM: this client hears why before the server stops
+                job.emit("error", (503, "server_shutting_down", "the server is shutting down"))
+                raise
             finally:
                 self.busy = False
                 self.served += 1

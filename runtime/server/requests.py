@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from runtime.base.errors import StepstreamError
@@ -20,6 +21,7 @@ MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
 ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 class ApiError(Exception):
@@ -64,11 +66,31 @@ class ChatBody:
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    _check_strings(body)
     return body
+
+
+def _check_strings(value, where: str = "body") -> None:
+    """Refuse text that is not Unicode: JSON may escape lone surrogates (\\udc00), which no
+    tokenizer can encode."""
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"{at} holds a lone surrogate (\\u{ord(v[e.start]):04x}) at character {e.start}: "
+                                    "not Unicode text", code="invalid_value") from None
+        elif isinstance(v, dict):
+            stack.extend((x, f"{at}.{k}") for k, x in v.items())
+            stack.extend((k, f"{at} key") for k in v)
+        elif isinstance(v, list):
+            stack.extend((x, f"{at}[{i}]") for i, x in enumerate(v))
 
 
 def _type_name(v) -> str:
@@ -149,6 +171,9 @@ def completion_body(body: dict) -> CompletionBody:
         raise ApiError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
     logprobs = _get(body, "logprobs", (int,))
     _range("logprobs", logprobs, 0, MAX_COMPLETION_LOGPROBS)
+    if logprobs is not None and _get(body, "echo", (bool,), False):
+        raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported",
+                       param="echo", code="unsupported")
     if _get(body, "suffix", (str,)) is not None:
         raise ApiError(400, "'suffix' (fill in the middle) is not supported", param="suffix", code="unsupported")
     return CompletionBody(prompt, _common(body, 16), logprobs, _get(body, "echo", (bool,), False))
@@ -185,10 +210,20 @@ def chat_body(body: dict) -> ChatBody:
     if tools is not None:
         for i, t in enumerate(tools):
             if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
-                    and isinstance(t["function"].get("name"), str) and t["function"]["name"]):
+                    and isinstance(t["function"].get("name"), str)):
                 raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
                                     "'parameters': ...}}}}", param=f"tools[{i}]", code="invalid_value")
+            if not TOOL_NAME.fullmatch(t["function"]["name"]):
+                raise ApiError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, got "
+                                    f"{json.dumps(t['function']['name'])[:80]}", param=f"tools[{i}].function.name",
+                               code="invalid_value")
+            if not isinstance(t["function"].get("parameters", {}), dict):
+                raise ApiError(400, f"tools[{i}].function.parameters must be a JSON Schema object",
+                               param=f"tools[{i}].function.parameters", code="invalid_value")
     tool_choice = _get(body, "tool_choice", (str, dict), "auto")
+    if tool_choice != "auto" and tool_choice != "none" and not tools:
+        raise ApiError(400, f"'tool_choice' {json.dumps(tool_choice)[:80]} needs 'tools'", param="tool_choice",
+                       code="invalid_value")
     if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
         raise ApiError(400, f"'tool_choice' must be auto, none, required or a function, got {tool_choice!r}",
                        param="tool_choice", code="invalid_value")
@@ -203,6 +238,8 @@ def chat_body(body: dict) -> ChatBody:
         _range("top_logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
     elif _get(body, "top_logprobs", (int,)) is not None:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    # OpenAI's "developer" role is the system prompt of newer models: the template knows "system"
+    messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
     return ChatBody(messages, tools, tool_choice, _common(body, None), logprobs)
 
 

@@ -48,8 +48,11 @@ def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool =
 def _unused(wanted: list[str], texts: list[str]) -> list[str]:
     """len(wanted) private-use characters that occur in none of `texts`."""
     seen = set("".join(texts))
-    free = (chr(c) for c in _PRIVATE_USE if chr(c) not in seen)
-    return [next(free) for _ in wanted]
+    free = [chr(c) for c in _PRIVATE_USE if chr(c) not in seen][: len(wanted)]
+    if len(free) < len(wanted):
+        raise StepstreamError("the messages use every character of the private-use plane that stands in for "
+                              "special-token text; remove some of them")
+    return free
 
 
 def _strings(value):

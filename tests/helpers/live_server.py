@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -16,34 +17,64 @@ import httpx
 URL = re.compile(r"at (http://\S+)/v1")
 
 
-@contextlib.contextmanager
-def live_server(model: Path, *args: str, timeout: float = 120.0):
-    """Yields the base URL (http://127.0.0.1:PORT) of a server started with `args`; stops it after."""
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str = ""
+    lines: list[str] = field(default_factory=list)  # what it printed on stderr
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+def start_server(model: Path, *args: str, timeout: float = 120.0) -> Server:
+    """A started server, listening and healthy (the caller stops it: stop_server)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "-m", str(model), "--port", "0", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + timeout
-        url = None
-        while url is None:
-            line = proc.stderr.readline()
-            if not line:
-                raise RuntimeError(f"the server exited ({proc.wait()}) before listening:\n" + "".join(lines))
-            lines.append(line)
+    s = Server(subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "-m", str(model), "--port", "0", *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
+    found = threading.Event()
+
+    def read():  # all along, so a full pipe never blocks the server
+        for line in s.proc.stderr:
+            s.lines.append(line)
             m = URL.search(line)
-            url = m.group(1) if m else None
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not start:\n" + "".join(lines))
-        # keep reading what it prints, so a full pipe never blocks it
-        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
-        while httpx.get(url + "/health", timeout=5).status_code != 200:
-            time.sleep(0.05)
-        yield url
+            if m and not found.is_set():
+                s.url = m.group(1)
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout) or not s.url:
+        stop_server(s)
+        raise RuntimeError("the server did not start:\n" + s.log)
+    deadline = time.monotonic() + timeout
+    while httpx.get(s.url + "/health", timeout=5).status_code != 200:
+        if time.monotonic() > deadline:
+            stop_server(s)
+            raise RuntimeError("the server never became healthy:\n" + s.log)
+        time.sleep(0.05)
+    return s
+
+
+def stop_server(s: Server, timeout: float = 10.0) -> int:
+    if s.proc.poll() is None:
+        s.proc.terminate()
+    try:
+        return s.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        s.proc.kill()
+        return s.proc.wait()
+
+
+@contextlib.contextmanager
+def live_server(model: Path, *args: str, timeout: float = 120.0, check_log: bool = True):
+    """Yields the base URL (http://127.0.0.1:PORT) of a server started with `args`; stops it after
+    and, with check_log, fails if it printed a traceback."""
+    s = start_server(model, *args, timeout=timeout)
+    try:
+        yield s.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(s)
+    if check_log and "Traceback" in s.log:
+        raise AssertionError("the server printed a traceback:\n" + s.log[-4000:])
