@@ -33,7 +33,8 @@ def draft_length(model, mtp=None) -> speculative.DraftLength | None:
     heads = getattr(model, "n_mtp", 0)
     if mtp == 0 or heads == 0:
         return None
-    return speculative.DraftLength(heads, None if mtp == "auto" else min(mtp, heads))
+    return speculative.DraftLength(heads, None if mtp == "auto" else min(mtp, heads),
+                                   getattr(model, "step_seconds", None))
 
 
 def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | None = None,

@@ -20,9 +20,11 @@ The draft length (`DraftLength`) is chosen each step to maximize expected tokens
     E(k) = 1 + a1 + a1 a2 + ... + a1..ak     (a_j: measured acceptance of head j, given j-1 accepted)
     C(k) = t_verify(k + 1) + t_head(0) + ... + t_head(k - 1)
 each term a running average of what the steps measured. A verify length not measured yet is
-assumed to cost what the nearest shorter one does (optimism that makes auto try it once).
+assumed to cost what the nearest shorter one does (optimism that makes auto try it once), and
+only a length one above the longest measured is tried.
 When drafting does not pay (random weights: acceptance near 1/V), k = 0 wins and decoding is
-the plain one-token step; one step in PROBE_EVERY drafts one token so a change is noticed.
+the plain one-token step; after PROBE_EVERY such steps one draft probes whether that changed,
+and each probe doubles the wait before the next (a useless probe costs ever less).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 
 from runtime.base.errors import StepstreamError
 
-PROBE_EVERY = 64  # steps at k = 0 between one-draft probes
+PROBE_EVERY = 64  # steps at k = 0 before the first one-draft probe
 DECAY = 0.97  # how much of the acceptance counts each new observation keeps (forgets old text)
 ALPHA = 0.2  # weight of a new time measurement in its running average
 
@@ -69,15 +71,16 @@ def verify(sampler, logits: np.ndarray, drafts: Sequence[int], history: Sequence
 class DraftLength:
     """Chooses how many tokens to draft each step from measured acceptance and step times."""
 
-    def __init__(self, n_heads: int, fixed: int | None = None):
+    def __init__(self, n_heads: int, fixed: int | None = None, step_seconds: dict[int, float] | None = None):
         self.n_heads = n_heads
         self.fixed = fixed  # a forced draft length, or None for auto
         self.hits = [1.0] * n_heads  # acceptance counts per head, with a prior of 1 in 2
         self.trials = [2.0] * n_heads
-        self.t_verify: dict[int, float] = {}  # verify length -> seconds
+        self.t_verify: dict[int, float] = dict(step_seconds or {})  # verify length -> seconds
         self.t_head = [0.0] * n_heads  # seconds a head takes to draft (0: not measured yet)
         self.steps = 0
         self.idle = 0  # steps since the last draft
+        self.probe_every = PROBE_EVERY  # steps at k = 0 before a one-draft probe (doubles each time)
         self.chosen: list[int] = []  # k of every step, for reports
 
     def acceptance(self) -> list[float]:
@@ -100,8 +103,8 @@ class DraftLength:
         k = self.fixed if self.fixed is not None else self._best()
         if self.fixed is None and k == 0:
             self.idle += 1
-            if self.idle >= PROBE_EVERY:
-                k = 1
+            if self.idle >= self.probe_every:  # try one draft; wait twice as long before the next
+                k, self.probe_every = 1, 2 * self.probe_every
         k = max(0, min(k, self.n_heads, room))
         if k:
             self.idle = 0
@@ -109,9 +112,12 @@ class DraftLength:
         return k
 
     def _best(self) -> int:
+        """The k with the most expected tokens per second. A length is tried only once the one
+        below it was measured: exploring costs one step of the next length, never more."""
         if 1 not in self.t_verify:
             return 0  # the first step measures a plain decode step
-        rates = [self.expected_tokens(k) / max(self.cost(k), 1e-9) for k in range(self.n_heads + 1)]
+        top = min(self.n_heads, max(self.t_verify))
+        rates = [self.expected_tokens(k) / max(self.cost(k), 1e-9) for k in range(top + 1)]
         return int(np.argmax(rates))
 
     def observe(self, n_drafts: int, accepted: int, t_head: float | None, t_verify: float) -> None:
@@ -141,6 +147,7 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
     prompt = list(prompt)
     logits, _ = model.eval_prompt(prompt, mtp=True)
     tok = sampler(logits, model.history)
+    recent = sampler.params.repeat_last_n  # the history the sampler reads
     n, passes, emitted = 0, 0, 0
     try:
         while True:
@@ -156,11 +163,12 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
             base = model.n_past
             logits = model.eval([tok] + drafts, all_logits=True)  # [k+1, V]
             t2 = time.perf_counter()
-            out = verify(sampler, logits, drafts, model.history[: base + 1])
+            out = verify(sampler, logits, drafts, model.history[max(0, base + 1 - recent) : base + 1])
             chooser.observe(len(drafts), len(out) - 1, model.mtp_draft_seconds / len(drafts) if drafts else None,
                             t2 - t1)
             passes, emitted = passes + 1, emitted + len(out)
-            model.trim(len(drafts) - (len(out) - 1))  # the rejected drafts
+            if len(out) - 1 < len(drafts):
+                model.trim(len(drafts) - (len(out) - 1))  # the rejected drafts
             for y in out[:-1]:  # the accepted drafts, each emitted as its own step would be
                 n += 1
                 yield y
@@ -171,5 +179,7 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
         surplus = model.n_past - (len(prompt) + n - 1)  # accepted drafts after a stop
         if surplus > 0:
             model.trim(surplus)
+        if hasattr(model, "step_seconds"):  # the next generation starts from what this one measured
+            model.step_seconds.update(chooser.t_verify)
         if stats is not None:
             stats.update(passes=passes, tokens_per_pass=emitted / passes if passes else 0.0, **chooser.report())

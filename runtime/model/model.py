@@ -70,6 +70,9 @@ class Model:
         # Read ahead: before block i runs, guess block i+1's experts with its router.
         self._read_ahead = options.prefetch and provider.prefetches
         self._drafter: mtp.Drafter | None = None  # the MTP heads' state, made on first use
+        # Seconds of a trunk pass by its length, measured by warm_up and updated by every
+        # speculative generation: where the MTP draft-length chooser starts.
+        self.step_seconds: dict[int, float] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -110,7 +113,24 @@ class Model:
                 self.eval_prompt(ids + ids[:1], mtp=True)
                 self.mtp_draft(ids[1], self.n_mtp)
         self.reset()
+        if self.weights.nextn and self.n_ctx > 2 * len(ids):
+            self._time_steps(ids)
+            self.reset()
         return time.perf_counter() - t0
+
+    def _time_steps(self, ids: list[int]) -> None:
+        """The seconds of a trunk pass over 1..n_mtp+1 tokens (the fastest of three), which the
+        MTP draft-length chooser starts from: where a verify pass of k+1 costs k+1 decode steps,
+        auto then never spends a step finding out that drafting does not pay."""
+        self.eval(ids)
+        for n in range(1, self.n_mtp + 2):
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self.eval(ids[:n], all_logits=True)
+                best = min(best, time.perf_counter() - t0)
+                self.trim(n)
+            self.step_seconds[n] = best
 
     def trim(self, n: int) -> None:
         """Forget the last n evaluated positions."""

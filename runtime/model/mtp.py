@@ -104,6 +104,8 @@ class Drafter:
 
     def truncate(self, n: int) -> None:
         """Forget everything that read a token at position >= n (the trunk rolled back to n)."""
+        if n >= len(self.tokens):
+            return
         del self.tokens[n:]
         for t in [t for t in self.trunk if t >= n]:
             del self.trunk[t]
@@ -141,11 +143,12 @@ class Drafter:
 
     # ---------------------------------------------------------------- drafting
 
-    def fill(self) -> None:
-        """Teacher-force every head over the positions whose inputs are known (after a prompt),
-        so that the first draft runs no longer a chunk than the later ones."""
+    def fill(self, n_heads: int | None = None) -> None:
+        """Teacher-force the first n_heads heads (all: None) over the positions whose inputs are
+        known (after a prompt, or steps without drafts), so that a draft runs no longer a chunk
+        than one made right after the last."""
         try:
-            for j in range(self.n_heads):
+            for j in range(self.n_heads if n_heads is None else n_heads):
                 lo, hi = self.filled[j], len(self.tokens) - 1 - j  # positions lo..hi-1
                 src = self.trunk if j == 0 else self.out[j - 1]
                 if hi <= lo or any(t not in src for t in range(lo, hi)):
@@ -166,7 +169,7 @@ class Drafter:
         k = min(k, self.n_heads)
         if k <= 0 or last < 0:
             return []
-        self.fill()  # positions missed in steps without drafts: not timed
+        self.fill(k)  # positions missed in steps without drafts: not timed
         t0 = time.perf_counter()
         self.last_logits = []
         seq = self.tokens + [pending]
