@@ -80,6 +80,13 @@ def test_greedy_identity_shipped_in_ram_and_streaming(shipped):
     assert shipped.history == prompt + want[:-1]  # left as plain decoding leaves it
     shipped.reset()
     assert list(shipped.generate(prompt, 48, temperature=0.0, mtp="auto")) == want
+    m = load(SHIPPED, mtp=3)  # the load option
+    try:
+        info = {}
+        assert list(generate(m, prompt, Sampler(GREEDY), 48, stop_at_eog=False, stats=info)) == want
+        assert info["passes"] < 40
+    finally:
+        m.close()
     total = build_expert_table(shipped.file, shipped.cfg).total_bytes
     m = load(SHIPPED, ram_budget=int(total * 0.3))
     try:

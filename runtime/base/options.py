@@ -31,8 +31,10 @@ class RuntimeOptions:
     gpu_budget: int | str | None = None
     # Speculative decoding with the file's MTP heads (runtime.generation.speculative): "auto"
     # chooses the draft length each step from measured acceptance and step times (0 when
-    # drafting does not pay); 0..3 forces it. Files without MTP heads always decode plainly.
-    mtp: int | str = "auto"
+    # drafting does not pay); 1..3 forces it. Files without MTP heads always decode plainly.
+    # The output is the same either way. 0 here, so that the library decodes one token per step
+    # unless asked (an expert request is then one token); the command line defaults to "auto".
+    mtp: int | str = 0
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":

@@ -183,7 +183,7 @@ def load_model(args):
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
                  direct_io=not args.no_direct_io, activations=args.activations, gpu_budget=args.gpu_budget,
-                 mtp=getattr(args, "mtp", "auto"))
+                 mtp=getattr(args, "mtp", None) or 0)
     if model.gpu_placement is not None:
         print(f"tier 1, {model.gpu_placement.text()}", file=sys.stderr)
         ram = model.placement.text() if model.placement is not None else "every routed expert mapped from the file"

@@ -147,7 +147,8 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
     prompt = list(prompt)
     logits, _ = model.eval_prompt(prompt, mtp=True)
     tok = sampler(logits, model.history)
-    recent = sampler.params.repeat_last_n  # the history the sampler reads
+    params = getattr(sampler, "params", None)  # a Sampler reads only its last repeat_last_n tokens
+    recent = params.repeat_last_n if params is not None else model.n_ctx
     n, passes, emitted = 0, 0, 0
     try:
         while True:

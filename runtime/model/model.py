@@ -384,7 +384,7 @@ class Model:
         """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
 
         mtp: "auto" or a draft length 0..3 for speculative decoding with the MTP heads (None:
-        the load option, "auto" by default); the tokens are the same either way.
+        the load option `mtp`, 0 by default); the tokens are the same either way.
         Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
         repeat_penalty, repeat_last_n, seed.
         """
