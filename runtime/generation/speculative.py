@@ -36,9 +36,10 @@ import numpy as np
 
 from runtime.base.errors import StepstreamError
 
-PROBE_EVERY = 64  # steps at k = 0 before the first one-draft probe
+PROBE_EVERY = 256  # steps at k = 0 before the first one-draft probe
 DECAY = 0.97  # how much of the acceptance counts each new observation keeps (forgets old text)
 ALPHA = 0.2  # weight of a new time measurement in its running average
+RECHECK = 16  # steps a decision not to draft stands before it is recomputed
 
 
 def accept_or_resample(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[bool, int]:
@@ -100,7 +101,12 @@ class DraftLength:
 
     def choose(self, room: int) -> int:
         """k for the next step; room: the most drafts that could still be used."""
-        k = self.fixed if self.fixed is not None else self._best()
+        if self.fixed is not None:
+            k = self.fixed
+        elif self.chosen and self.chosen[-1] == 0 and self.idle % RECHECK:
+            k = 0  # a decision not to draft stands for RECHECK steps: its arithmetic costs 10 us a step
+        else:
+            k = self._best()
         if self.fixed is None and k == 0:
             self.idle += 1
             if self.idle >= self.probe_every:  # try one draft; wait twice as long before the next
@@ -159,7 +165,14 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
             room = min(model.n_ctx - model.n_past - 1, model.options.rollback,
                        (max_tokens - n - 1) if max_tokens is not None else model.n_ctx)
             k = chooser.choose(room)
-            drafts = model.mtp_draft(tok, k) if k else []
+            if k == 0:  # a plain step, as lean as plain decoding's
+                t1 = time.perf_counter()
+                logits = model.eval([tok])
+                chooser.observe(0, 0, None, time.perf_counter() - t1)
+                passes, emitted = passes + 1, emitted + 1
+                tok = sampler(logits, model.history)
+                continue
+            drafts = model.mtp_draft(tok, k)
             t1 = time.perf_counter()
             base = model.n_past
             logits = model.eval([tok] + drafts, all_logits=True)  # [k+1, V]
