@@ -20,7 +20,6 @@ import numpy as np
 
 from runtime.cli.common import add_model_args, load_model, mtp_choice, non_negative_int, positive_int, print_stats
 from runtime.base.system import peak_rss_bytes
-from runtime.bench.generation import bench_generation, text_prompt
 
 
 def add_arguments(p) -> None:
@@ -115,6 +114,8 @@ def run(args) -> int:
     if model.gpu_placement is not None:
         report["gpu"] = {**model.gpu_placement.as_dict(), **model.gpu.tier.counts.as_dict()}
     if args.mtp is not None and args.n_gen:
+        from runtime.bench.generation import bench_generation, text_prompt
+
         report["generation"] = bench_generation(model, text_prompt(model, args.n_prompt), args.n_gen,
                                                 args.repetitions, args.mtp)
     if args.llama_cpp:
