@@ -237,3 +237,41 @@ def test_chooser_from_measurements():
     assert good.choose(10) == 3
     assert bad.choose(10) == 0
     assert bad.choose(0) == 0 and good.choose(1) == 1  # room caps k
+
+
+@pytest.mark.parametrize("where", ["mtp_draft", "eval", "head_chunk"])
+def test_interrupt_mid_step_leaves_plain_state(tiny, tiny_gguf, where, monkeypatch):
+    """Ctrl-C before a draft, before a verify pass, or inside a head's block: the model holds the
+    prompt and the tokens shown but the last (as plain decoding leaves it), its next logits are
+    a fresh model's, and generation resumed from there is the plain one (the heads too)."""
+    import runtime.model.mtp as mtp_module
+
+    prompt = list(range(9, 33))
+    tiny.reset()
+    owner = mtp_module if where == "head_chunk" else tiny
+    real = getattr(owner, where)
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(owner, where, flaky)
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for tok in S.generate(tiny, prompt, Sampler(GREEDY), 40, frozenset(), Schedule(tiny.n_mtp, [2, 3, 1])):
+            shown.append(tok)
+    monkeypatch.undo()
+    assert shown and tiny.history == prompt + shown[:-1]
+    d = tiny.drafter  # every head's cache holds exactly its teacher-forced positions
+    assert [kv.n for kv in d.kv] == d.filled and d.tokens == tiny.history
+    nxt = tiny.eval([shown[-1]])
+    fresh = load(tiny_gguf("q4_k_m"))
+    try:
+        assert np.array_equal(nxt, fresh.logits(prompt + shown)[-1])
+    finally:
+        fresh.close()
+    rest = list(S.generate(tiny, prompt + shown, Sampler(GREEDY), 10, frozenset(), Schedule(tiny.n_mtp, [3])))
+    assert shown + rest == _plain(tiny, prompt, len(shown) + 10)
