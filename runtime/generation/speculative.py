@@ -127,8 +127,8 @@ class DraftLength:
         return int(np.argmax(rates))
 
     def observe(self, n_drafts: int, accepted: int, t_head: float | None, t_verify: float) -> None:
-        """One step: drafts made and accepted, seconds per head's draft (None: not
-        representative, the heads caught up on positions), seconds of the verify pass."""
+        """One step: drafts made and accepted, seconds per head's draft (None: no drafts),
+        seconds of the trunk pass."""
         self.steps += 1
         n = n_drafts + 1
         old = self.t_verify.get(n)
@@ -149,13 +149,14 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
              chooser: DraftLength, stats: dict | None = None) -> Iterator[int]:
     """Yield sampled tokens after `prompt`, drafting with the model's MTP heads. The model is
     left as plain decoding leaves it: holding the prompt and every emitted token but the last.
-    `stats`, when given, receives the verify passes, tokens per pass and the chooser's report."""
+    `stats`, when given, receives the trunk passes and tokens per pass (all, and those with
+    drafts) and the chooser's report (acceptance per head, the k it settled on)."""
     prompt = list(prompt)
     logits, _ = model.eval_prompt(prompt, mtp=True)
     tok = sampler(logits, model.history)
     params = getattr(sampler, "params", None)  # a Sampler reads only its last repeat_last_n tokens
     recent = params.repeat_last_n if params is not None else model.n_ctx
-    n, passes, emitted = 0, 0, 0
+    n, passes, emitted, drafting, by_drafting = 0, 0, 0, 0, 0
     try:
         while True:
             n += 1
@@ -181,6 +182,7 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
             chooser.observe(len(drafts), len(out) - 1, model.mtp_draft_seconds / len(drafts) if drafts else None,
                             t2 - t1)
             passes, emitted = passes + 1, emitted + len(out)
+            drafting, by_drafting = drafting + 1, by_drafting + len(out)
             if len(out) - 1 < len(drafts):
                 model.trim(len(drafts) - (len(out) - 1))  # the rejected drafts
             for y in out[:-1]:  # the accepted drafts, each emitted as its own step would be
@@ -196,4 +198,5 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
         if hasattr(model, "step_seconds"):  # the next generation starts from what this one measured
             model.step_seconds.update(chooser.t_verify)
         if stats is not None:
-            stats.update(passes=passes, tokens_per_pass=emitted / passes if passes else 0.0, **chooser.report())
+            stats.update(passes=passes, tokens_per_pass=emitted / passes if passes else 0.0, draft_passes=drafting,
+                         tokens_per_draft_pass=by_drafting / drafting if drafting else 0.0, **chooser.report())

@@ -76,6 +76,9 @@ class Drafter:
     filled[j]  head j's stream holds positions 0..filled[j]-1, all teacher-forced
     trunk[t]   the trunk's last hidden state at position t [H]
     out[j][t]  head j's output at position t [H] (head j+1 reads it)
+
+    While auto decodes without drafts, the heads fall behind and `trunk` keeps every hidden
+    state since (at most the context: n_ctx x H floats); the next draft catches up first.
     """
 
     def __init__(self, model):
@@ -99,7 +102,7 @@ class Drafter:
     def record(self, start: int, h: np.ndarray, ids) -> None:
         """The trunk evaluated ids at positions start.. with hidden states h [T, H]."""
         ids = list(ids)
-        if start != len(self.tokens):  # the trunk skipped what we hold (never, through Model)
+        if start != len(self.tokens):  # made after the trunk had evaluated: eval_prompt starts over
             self.truncate(min(start, len(self.tokens)))
             if start != len(self.tokens):
                 return
