@@ -275,3 +275,24 @@ def test_interrupt_mid_step_leaves_plain_state(tiny, tiny_gguf, where, monkeypat
         fresh.close()
     rest = list(S.generate(tiny, prompt + shown, Sampler(GREEDY), 10, frozenset(), Schedule(tiny.n_mtp, [3])))
     assert shown + rest == _plain(tiny, prompt, len(shown) + 10)
+
+
+def test_a_draft_not_followed_by_its_token(shipped):
+    """A draft whose sampled token the trunk never evaluated (another came, or the same draft
+    was asked twice) leaves the heads as a fresh model's: the next drafts' logits are equal."""
+    prompt = _prompt(shipped)
+    a, b, c = 300, 301, 302
+
+    def drafts_after(steps):
+        shipped.reset()
+        shipped.eval_prompt(prompt, mtp=True)
+        for kind, tok in steps:
+            shipped.mtp_draft(tok, 3) if kind == "draft" else shipped.eval([tok])
+        return [x.copy() for x in shipped.drafter.last_logits]
+
+    def same(x, y):
+        return len(x) == len(y) == 3 and all(np.array_equal(u, v) for u, v in zip(x, y))
+
+    assert same(drafts_after([("draft", a), ("draft", b)]), drafts_after([("draft", b)]))
+    assert same(drafts_after([("draft", b), ("draft", b)]), drafts_after([("draft", b)]))
+    assert same(drafts_after([("draft", a), ("eval", b), ("draft", c)]), drafts_after([("eval", b), ("draft", c)]))

@@ -91,6 +91,7 @@ class Drafter:
         for kv in self.kv:
             kv.trim_to(0)
         self.tokens: list[int] = []
+        self.pending: int | None = None  # the sampled token the last draft read (see _drop_pending)
         self.filled = [0] * self.n_heads
         self.trunk: dict[int, np.ndarray] = {}
         self.out: list[dict[int, np.ndarray]] = [{} for _ in range(self.n_heads)]
@@ -106,6 +107,9 @@ class Drafter:
             self.truncate(min(start, len(self.tokens)))
             if start != len(self.tokens):
                 return
+        if ids and ids[0] != self.pending:
+            self._drop_pending()
+        self.pending = None
         self.tokens.extend(ids)
         for i in range(h.shape[0]):
             self.trunk[start + i] = h[i].copy()
@@ -115,6 +119,7 @@ class Drafter:
         if n >= len(self.tokens):
             return
         del self.tokens[n:]
+        self.pending = None  # the rows that read it go with the tokens before it
         for t in [t for t in self.trunk if t >= n]:
             del self.trunk[t]
         for j in range(self.n_heads):
@@ -133,6 +138,13 @@ class Drafter:
                 if self.filled[j] > self.filled[j - 1]:
                     self._lower(j, self.filled[j - 1])
                     changed = True
+
+    def _drop_pending(self) -> None:
+        """Forget the rows that read the token after `tokens` (the draft's sampled token, now
+        known to be another): head j's positions >= len(tokens) - 1 - j."""
+        for j in range(self.n_heads):
+            self._lower(j, max(0, len(self.tokens) - 1 - j))
+        self.pending = None
 
     def _lower(self, j: int, n: int) -> None:
         if n < self.filled[j]:
@@ -177,12 +189,15 @@ class Drafter:
         k = min(k, self.n_heads)
         if k <= 0 or last < 0:
             return []
+        if self.pending is not None and self.pending != pending:
+            self._drop_pending()
         self.fill(k)  # positions missed in steps without drafts: not timed
         t0 = time.perf_counter()
         self.last_logits = []
         seq = self.tokens + [pending]
         spec: dict[int, np.ndarray] = {}  # head j-1's outputs at positions that read drafts
         drafts: list[int] = []
+        self.pending = pending  # head 0's draft row reads it and is kept
         try:
             for j in range(k):
                 lo = self.filled[j]
@@ -190,7 +205,9 @@ class Drafter:
                 pos = range(lo, last + 1)
                 if any(t not in src for t in pos):
                     break  # a head that cannot catch up (see truncate): draft fewer
-                h = self._run(j, pos, seq, src)
+                # Head 0's draft row reads only known tokens: kept, so a second draft from the
+                # same position reads it back.
+                h = self._run(j, pos, seq, src) if len(pos) else self.out[j][last][None]
                 logits = head_logits(self.model, j, h[-1:])[0]  # [V]
                 self.last_logits.append(logits)
                 drafts.append(int(np.argmax(logits)))
@@ -199,8 +216,8 @@ class Drafter:
                 spec = {t: h[t - lo] for t in pos if t >= keep}
                 for t in range(lo, keep):
                     self.out[j][t] = h[t - lo]
-                self.filled[j] = keep
-                self.kv[j].trim_to(keep)
+                self.filled[j] = max(keep, lo)
+                self.kv[j].trim_to(self.filled[j])
         except BaseException:
             self._rollback()
             raise
