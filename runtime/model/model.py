@@ -100,23 +100,31 @@ class Model:
         """Evaluate a chunk of five tokens and one token alone, then forget them, so that every
         kernel a run needs is loaded: from Numba's cache in a fraction of a second, or compiled
         on the first run after an install (tens of seconds). Five different tokens give experts
-        with one token and with several, so both the GEMV and the GEMM paths run. Returns the
-        seconds it took."""
+        with one token and with several, so both the GEMV and the GEMM paths run. When the load
+        option mtp drafts, also the heads' kernels, and the trunk's pass times by length
+        (step_seconds, where the draft-length chooser starts). Returns the seconds it took."""
         t0 = time.perf_counter()
         self.reset()
         ids = [i % self.cfg.vocab for i in range(max(1, min(5, self.n_ctx - 1)))]  # a short context holds fewer
         self.eval(ids)
         if self.n_ctx > len(ids):
             self.eval(ids[:1])
-            if self.weights.nextn and self.n_ctx > len(ids) + 1:  # the heads' kernels: a fill and a draft
+            if self._drafts and self.n_ctx > len(ids) + 1:  # the heads' kernels: a fill and a draft
                 self.drafter.truncate(0)
                 self.eval_prompt(ids + ids[:1], mtp=True)
                 self.mtp_draft(ids[1], self.n_mtp)
+                self._drafter = None  # made again by the first generation that drafts
         self.reset()
-        if self.weights.nextn and self.n_ctx > 2 * len(ids):
+        if self._drafts and self.n_ctx > 2 * len(ids):
             self._time_steps(ids)
             self.reset()
         return time.perf_counter() - t0
+
+    @property
+    def _drafts(self) -> bool:
+        """Whether generation drafts with MTP heads by default (the load option mtp), so that
+        warm_up readies the heads' kernels and times the trunk passes a draft length needs."""
+        return bool(self.weights.nextn) and self.options.mtp != 0
 
     def _time_steps(self, ids: list[int]) -> None:
         """The seconds of a trunk pass over 1..n_mtp+1 tokens (the fastest of three), which the
