@@ -183,9 +183,19 @@ def test_a_reply_longer_than_the_rings_rollback_is_dropped_from_the_next_prompt(
     turn2 = long + [{"role": "assistant", "content": reply[: len(reply) // 3]},
                     {"role": "user", "content": "Shorter, please."}]
     second = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=20, temperature=0, logprobs=True)
-    assert second.usage.prompt_tokens_details.cached_tokens == n_first
+    assert second.usage.prompt_tokens_details.cached_tokens == n_first - 1  # the checkpoint: before its last token
     got = [c.logprob for c in second.choices[0].logprobs.content]
     assert got == _fresh_logprobs(ref, ref.chat_tokens(turn2), len(got))
+
+
+def test_a_retried_request_reuses_its_prompt(client):
+    """The same request twice (a client retrying, or "regenerate"): the second evaluates only the
+    prompt's last token, even after a reply longer than the rings' rollback, and answers alike."""
+    long = [{"role": "system", "content": "Answer in Python only. " * 30}] + CONVERSATION[1:]
+    a = client.chat.completions.create(model=NAME, messages=long, max_tokens=60, temperature=0, logprobs=True)
+    b = client.chat.completions.create(model=NAME, messages=long, max_tokens=60, temperature=0, logprobs=True)
+    assert b.usage.prompt_tokens_details.cached_tokens == b.usage.prompt_tokens - 1
+    assert [c.logprob for c in a.choices[0].logprobs.content] == [c.logprob for c in b.choices[0].logprobs.content]
 
 
 def _post(url, path, body, key=KEY, raw=None):

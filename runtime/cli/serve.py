@@ -22,8 +22,8 @@ def add_arguments(p) -> None:
                    help="the model's name in the API (default: the GGUF file's name)")
     p.add_argument("--queue-size", type=positive_int, default=8,
                    help="requests that may wait while one runs; more get 503 (default: 8)")
-    p.add_argument("--max-body", type=positive_int, default=8 * 2**20, metavar="BYTES",
-                   help="largest request body accepted (default: 8 MiB)")
+    p.add_argument("--max-body", type=positive_int, default=8388608, metavar="BYTES",
+                   help="largest request body accepted, in bytes (default: 8388608, 8 MiB)")
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -361,12 +361,18 @@ class Model:
         if mtp and self.weights.nextn:
             limit = min(limit, self.drafter.resume_point() + 1)
         kept = self.keep_prefix(tokens[:limit])
-        logits = self.eval(tokens[kept:])
-        if mtp and self.weights.nextn:
-            self.drafter.fill()
+        # The rings are copied before the last token, not after it: a prompt that repeats this
+        # one (a retried or regenerated request) shares all but its last token, which is always
+        # evaluated again for its logits, so it can return here. The forward pass is
+        # batch-invariant: evaluating the last token apart gives the same bits.
+        if len(tokens) - kept > 1:
+            self.eval(tokens[kept:-1])
         if any(layer.ring for layer in self.cache.layers) and (self._checkpoint is None
                                                                or self._checkpoint.n_past != self.n_past):
             self._checkpoint = kv_checkpoint.take(self.cache)
+        logits = self.eval(tokens[-1:])
+        if mtp and self.weights.nextn:
+            self.drafter.fill()
         return logits, kept
 
     def eval_reusing_prefix(self, tokens) -> np.ndarray:
