@@ -66,7 +66,7 @@ def serve_argv(model: str, *options: str) -> list[str]:
 def run_argv(model: str, prompt: str, n_tokens: int, *options: str) -> list[str]:
     """The command line of a greedy `stepstream run` that prints only the generated text."""
     return [sys.executable, "-m", "runtime.cli", "run", "-m", model, "-p", prompt, "-n", str(n_tokens), "--temp", "0",
-            "--no-display-prompt", *options]
+            "--no-display-prompt", "--mtp", "0", *options]  # the server decodes one token at a time
 
 
 def _ms(seconds: float | None) -> str:
