@@ -147,9 +147,10 @@ def test_ctrl_c_inside_a_token_equals_stopping_there():
     assert all(isinstance(p, str) for p in stopped.reply(LONG))
 
     cut = _conversation(_model(), "Be brief.", _greedy(), max_tokens=None)
-    # KeyboardInterrupt in block 2 on the n-th expert request: the prompt's prefill is request 1,
-    # the evaluation of reply token j is request j + 1; so inside reply token k, after it was shown
-    cut.model.provider.arm(KeyboardInterrupt(), k + 1)
+    # KeyboardInterrupt in block 2 on the n-th expert request: the prompt is requests 1 and 2 (all
+    # but its last token, then that token: Model.eval_prompt copies the rings in between), the
+    # evaluation of reply token j is request j + 2; so inside reply token k, after it was shown
+    cut.model.provider.arm(KeyboardInterrupt(), k + 2)
     shown = []
     with pytest.raises(KeyboardInterrupt):
         for piece in cut.reply(LONG):

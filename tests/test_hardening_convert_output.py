@@ -149,7 +149,9 @@ def test_interrupted_conversions_leave_nothing_under_the_final_name(tiny_ckpt, t
     rng = random.Random(12)
     phases = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        phases.append(_interrupt(tiny_ckpt, out, sig, rng.uniform(0.0, 0.6), after_part=True))
+        # the tiny file is written within a fraction of a second once its .part appears (on a quiet
+        # machine all three kills of 0-0.6 s missed it): the delays must land inside that
+        phases.append(_interrupt(tiny_ckpt, out, sig, rng.uniform(0.0, 0.08), after_part=True))
         assert not out.exists() or out.read_bytes() == reference
         if out.exists():  # it finished before the signal: the next run must start without it (no --force)
             out.unlink()

@@ -119,7 +119,9 @@ def test_tool_results_go_back_through_the_template(served, files):
     for i, c in enumerate(m.tool_calls):
         assert f"<tool_response>{json.dumps({'temp_c': 4 + i})}</tool_response>" in text
         assert f"<function={c.function.name}>" in text
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # at least up to the ring checkpoint, which sits before the first prompt's last token (this
+    # script writes "\n\n" after </think>, where the template renders one "\n": the reply differs)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
 
 
 def test_tool_choice(served):
