@@ -37,6 +37,40 @@ FORMATS: dict[T, QuantFormat] = {
     T.Q4_0: QuantFormat(
         "Q4_0", 32, 18,
         "f16 d | u8 qs[16];  w[i] = d * ((qs[i] & 15) - 8), w[i+16] = d * ((qs[i] >> 4) - 8)"),
+    T.Q4_1: QuantFormat(
+        "Q4_1", 32, 20,
+        "f16 d | f16 m | u8 qs[16];  w[i] = d * (qs[i] & 15) + m, w[i+16] = d * (qs[i] >> 4) + m"),
+    T.Q5_0: QuantFormat(
+        "Q5_0", 32, 22,
+        "f16 d | u32 qh | u8 qs[16];  q[i] = (qs[i] & 15) | (bit i of qh) << 4, "
+        "q[i+16] = (qs[i] >> 4) | (bit i+16 of qh) << 4;  w = d * (q - 16)"),
+    T.Q5_1: QuantFormat(
+        "Q5_1", 32, 24,
+        "f16 d | f16 m | u32 qh | u8 qs[16];  q as Q5_0;  w = d * q + m"),
+    T.IQ4_NL: QuantFormat(
+        "IQ4_NL", 32, 18,
+        "f16 d | u8 qs[16];  w[i] = d * IQ4_NL_VALUES[qs[i] & 15], w[i+16] = d * IQ4_NL_VALUES[qs[i] >> 4]"),
+    T.Q2_K: QuantFormat(
+        "Q2_K", 256, 84,
+        "u8 scales[16] | u8 qs[64] | f16 d | f16 dmin;  16 sub-blocks j of 16 weights with 4-bit "
+        "scale sc[j] = scales[j] & 15 and min m[j] = scales[j] >> 4; weight 128h + 32g + l (h<2, "
+        "g<4, l<32) is q = (qs[32h + l] >> 2g) & 3; w = d*sc[j]*q - dmin*m[j], j = weight // 16"),
+    T.Q3_K: QuantFormat(
+        "Q3_K", 256, 110,
+        "u8 hmask[32] | u8 qs[64] | u8 scales[12] | f16 d;  16 sub-blocks j of 16 weights with "
+        "6-bit scale sc[j] = lo | hi << 4, lo = low nibble of scales[j] (j<8) or high nibble of "
+        "scales[j-8], hi = (scales[8 + j%4] >> 2(j//4)) & 3; weight i = 128h + 32g + l has low "
+        "bits (qs[32h + l] >> 2g) & 3 and high bit b = (hmask[l] >> (i // 32)) & 1; "
+        "w = d * (sc[j] - 32) * (low - 4*(1-b)), j = i // 16"),
+    T.TQ1_0: QuantFormat(
+        "TQ1_0", 256, 54,
+        "u8 qs[48] | u8 qh[4] | f16 d;  ternary digits stored 5 (qs) or 4 (qh) per byte as "
+        "fixed-point fractions: digit k of byte q is ((q * 3^k mod 256) * 3) >> 8; qs[l] (l<32) "
+        "gives weights 32k + l, qs[32 + l] (l<16) weights 160 + 16k + l, qh[l] weights 240 + 4k + l; "
+        "w = d * (digit - 1)"),
+    T.TQ2_0: QuantFormat(
+        "TQ2_0", 256, 66,
+        "u8 qs[64] | f16 d;  weight 128h + 32g + l is q = (qs[32h + l] >> 2g) & 3; w = d * (q - 1)"),
     T.Q4_K: QuantFormat(
         "Q4_K", 256, 144,
         "f16 d | f16 dmin | u8 scales[12] | u8 qs[128];  8 sub-blocks j of 32 weights with "
