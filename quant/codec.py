@@ -36,7 +36,8 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
     if qtype in _KQUANT:
         return _KQUANT[qtype](x)
     if qtype not in reference.QUANT:
-        raise ValueError(f"no quantizer for {fmt.name}; quantizable: "
+        raise ValueError(f"no quantizer for {fmt.name}: stepstream reads {fmt.name} but does not write it "
+                         f"(llama.cpp's llama-quantize does); quantizable: "
                          f"{', '.join(get_format(t).name for t in [*reference.QUANT, *_KQUANT])}")
     encode = reference.QUANT[qtype]
     out = np.empty((rows, row_bytes(qtype, cols)), np.uint8)

@@ -6,9 +6,11 @@ Every function works on a whole array of blocks at once:
     values  float32 [B, block_size]    the weights those blocks stand for
 
 Decoders reproduce ``gguf.quants`` bit for bit (same float32 operations in the
-same order); encoders for Q8_0, Q4_0, MXFP4 and BF16 do the same for its
-quantizers, which follow ggml's C reference. K-quant encoders live in
-``quant.kquant`` (Numba), because they search for scales.
+same order); encoders for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4, TQ1_0, TQ2_0 and
+BF16 do the same for its quantizers, which follow ggml's C reference. K-quant
+encoders live in ``quant.kquant`` (Numba), because they search for scales; Q2_K,
+Q3_K and IQ4_NL are read only (gguf-py has no quantizer for them). The IQ
+formats with code-book grids are in ``quant.reference_iq``.
 """
 
 from __future__ import annotations
@@ -107,6 +109,79 @@ def quant_q4_0(values):
     return np.concatenate([d.astype(F16).view(np.uint8), qs], axis=1)
 
 
+def dequant_q4_1(blocks):
+    d, m = _f16(blocks, 0), _f16(blocks, 2)
+    return d * _nibbles(blocks[:, 4:], 16).astype(np.float32) + m
+
+
+def _fifth_bits(blocks: np.ndarray, start: int) -> np.ndarray:
+    """Bit i of the little-endian u32 at byte ``start``, for i < 32, as uint8 [B, 32]."""
+    qh = np.ascontiguousarray(blocks[:, start:start + 4]).view(np.dtype("<u4"))
+    return ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8)
+
+
+def dequant_q5_0(blocks):
+    d = _f16(blocks, 0)
+    q = (_nibbles(blocks[:, 6:], 16) | (_fifth_bits(blocks, 2) << np.uint8(4))).astype(np.int8) - np.int8(16)
+    return d * q.astype(np.float32)
+
+
+def dequant_q5_1(blocks):
+    d, m = _f16(blocks, 0), _f16(blocks, 2)
+    q = _nibbles(blocks[:, 8:], 16) | (_fifth_bits(blocks, 4) << np.uint8(4))
+    return d * q.astype(np.float32) + m
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Codes [B, 32] (< 16) as 16 bytes: code i in the low nibble of byte i, code i+16 in the high one."""
+    return (q[:, :16] & np.uint8(15)) | (q[:, 16:] << np.uint8(4))
+
+
+def _affine_codes(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1/Q5_1 encoding: step d = (max - min) / levels, codes trunc((x - min) / d + 0.5)."""
+    vmax = values.max(axis=1, keepdims=True)
+    vmin = values.min(axis=1, keepdims=True)
+    d = (vmax - vmin) / np.float32(levels)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.trunc((values - vmin) * inv + np.float32(0.5)).astype(np.uint8).clip(0, levels)
+    return d, vmin, q
+
+
+def quant_q4_1(values):
+    d, m, q = _affine_codes(values, 15)
+    return np.concatenate([d.astype(F16).view(np.uint8), m.astype(F16).view(np.uint8), _pack_nibbles(q)], axis=1)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of 32 codes, packed little-endian into 4 bytes [B, 4]."""
+    return np.packbits(q >> np.uint8(4), axis=1, bitorder="little")
+
+
+def quant_q5_0(values):
+    rows = np.arange(values.shape[0])
+    vmax = values[rows, np.abs(values).argmax(axis=1)][:, None]  # as Q4_0: the extreme value maps to -16
+    d = vmax / np.float32(-16)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.trunc(values * inv + np.float32(16.5)).astype(np.uint8).clip(0, 31)
+    return np.concatenate([d.astype(F16).view(np.uint8), _high_bits(q), _pack_nibbles(q)], axis=1)
+
+
+def quant_q5_1(values):
+    d, m, q = _affine_codes(values, 31)
+    return np.concatenate([d.astype(F16).view(np.uint8), m.astype(F16).view(np.uint8), _high_bits(q),
+                           _pack_nibbles(q)], axis=1)
+
+
+_IQ4_NL = np.array(IQ4_NL_VALUES, np.int8)
+
+
+def dequant_iq4_nl(blocks):
+    d = _f16(blocks, 0)
+    return d * _IQ4_NL[_nibbles(blocks[:, 2:], 16)].astype(np.float32)
+
+
 def _e8m0_half(e: np.ndarray) -> np.ndarray:
     """2^(e-128) as float32; e < 2 gives the two subnormals."""
     e = e.astype(np.uint32)
@@ -178,9 +253,6 @@ def dequant_q6_k(blocks):
     return (scale * q.reshape(b, 16, 16).astype(np.float32)).reshape(b, QK_K)
 
 
-_IQ4_NL = np.array(IQ4_NL_VALUES, np.int8)
-
-
 def dequant_iq4_xs(blocks):
     b = blocks.shape[0]
     d = _f16(blocks, 0)
@@ -193,13 +265,102 @@ def dequant_iq4_xs(blocks):
     return (scale * q).reshape(b, QK_K)
 
 
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """2-bit codes of 64 bytes [B, 64] as [B, 256]: weight 128h + 32g + l is (qs[32h + l] >> 2g) & 3."""
+    b = qs.shape[0]
+    q = qs.reshape(b, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return (q & np.uint8(3)).reshape(b, QK_K)
+
+
+def dequant_q2_k(blocks):
+    b = blocks.shape[0]
+    sc = blocks[:, 0:16]
+    d, dmin = _f16(blocks, 80), _f16(blocks, 82)
+    scale = (d * (sc & np.uint8(15)).astype(np.float32)).reshape(b, 16, 1)
+    offset = (dmin * (sc >> np.uint8(4)).astype(np.float32)).reshape(b, 16, 1)
+    q = _crumbs(blocks[:, 16:80]).reshape(b, 16, 16).astype(np.float32)
+    return (scale * q - offset).reshape(b, QK_K)
+
+
+def q3_k_scales(s: np.ndarray) -> np.ndarray:
+    """The 16 signed 6-bit scales (stored + 32) of a Q3_K block's 12 scale bytes [B, 12], as int8 [B, 16]."""
+    b = s.shape[0]
+    lo = (s[:, None, 0:8] >> np.array([0, 4], np.uint8).reshape(1, 2, 1)).reshape(b, 16) & np.uint8(15)
+    hi = (s[:, None, 8:12] >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)).reshape(b, 16) & np.uint8(3)
+    return (lo | (hi << np.uint8(4))).astype(np.int8) - np.int8(32)
+
+
+def dequant_q3_k(blocks):
+    b = blocks.shape[0]
+    d = _f16(blocks, 108)
+    scale = (d * q3_k_scales(blocks[:, 96:108]).astype(np.float32)).reshape(b, 16, 1)
+    low = _crumbs(blocks[:, 32:96])
+    # a clear hmask bit subtracts 4: the codes run -4..3
+    high = (blocks[:, None, 0:32] >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)).reshape(b, QK_K) & np.uint8(1)
+    q = low.astype(np.int8) - ((high ^ np.uint8(1)) << np.uint8(2)).astype(np.int8)
+    return (scale * q.reshape(b, 16, 16).astype(np.float32)).reshape(b, QK_K)
+
+
+_POW3 = np.array([1, 3, 9, 27, 81], np.uint8)
+
+
+def _trits(qs: np.ndarray, digits: int) -> np.ndarray:
+    """Base-3 digits of fixed-point bytes [B, n] as [B, digits * n], digit-major:
+    digit k of byte q is ((q * 3^k mod 256) * 3) >> 8."""
+    b = qs.shape[0]
+    q = qs[:, None, :] * _POW3[:digits].reshape(1, digits, 1)  # uint8: wraps mod 256
+    return ((q.astype(np.uint16) * np.uint16(3)) >> np.uint16(8)).astype(np.uint8).reshape(b, -1)
+
+
+def dequant_tq1_0(blocks):
+    d = _f16(blocks, 52)
+    t = np.concatenate([_trits(blocks[:, 0:32], 5), _trits(blocks[:, 32:48], 5), _trits(blocks[:, 48:52], 4)], axis=1)
+    return d * (t.astype(np.int8) - np.int8(1)).astype(np.float32)
+
+
+def dequant_tq2_0(blocks):
+    d = _f16(blocks, 64)
+    return d * (_crumbs(blocks[:, 0:64]).astype(np.int8) - np.int8(1)).astype(np.float32)
+
+
+def _ternary(values):
+    """TQ1_0/TQ2_0 encoding: d = max |x|, codes round(x / d) + 1 in 0..2."""
+    d = np.abs(values).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    return d, (_round_half_away(values * inv).astype(np.int8) + np.int8(1)).astype(np.uint8)
+
+
+def quant_tq1_0(values):
+    d, q = _ternary(values)
+    b = q.shape[0]
+
+    def pack(part, digits):  # digit k of a byte weighs 3^(digits-1-k), then scaled to fixed point
+        w = _POW3[:digits][::-1].astype(np.uint16).reshape(1, digits, 1)
+        v = (part.reshape(b, digits, -1).astype(np.uint16) * w).sum(axis=1) * np.uint16(3 ** (5 - digits))
+        return ((v * np.uint16(256) + np.uint16(242)) // np.uint16(243)).astype(np.uint8)
+
+    qs = np.concatenate([pack(q[:, :160], 5), pack(q[:, 160:240], 5), pack(q[:, 240:], 4)], axis=1)
+    return np.concatenate([qs, d.astype(F16).view(np.uint8)], axis=1)
+
+
+def quant_tq2_0(values):
+    d, q = _ternary(values)
+    q = q.reshape(q.shape[0], 2, 4, 32) << np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    qs = (q[:, :, 0] | q[:, :, 1] | q[:, :, 2] | q[:, :, 3]).reshape(q.shape[0], 64)
+    return np.concatenate([qs, d.astype(F16).view(np.uint8)], axis=1)
+
+
 DEQUANT = {
     T.F32: dequant_f32, T.F16: dequant_f16, T.BF16: dequant_bf16,
     T.Q8_0: dequant_q8_0, T.Q4_0: dequant_q4_0, T.MXFP4: dequant_mxfp4,
     T.Q4_K: dequant_q4_k, T.Q5_K: dequant_q5_k, T.Q6_K: dequant_q6_k, T.IQ4_XS: dequant_iq4_xs,
+    T.Q4_1: dequant_q4_1, T.Q5_0: dequant_q5_0, T.Q5_1: dequant_q5_1, T.IQ4_NL: dequant_iq4_nl,
+    T.Q2_K: dequant_q2_k, T.Q3_K: dequant_q3_k, T.TQ1_0: dequant_tq1_0, T.TQ2_0: dequant_tq2_0,
 }
 
 QUANT = {
     T.F32: quant_f32, T.F16: quant_f16, T.BF16: quant_bf16,
     T.Q8_0: quant_q8_0, T.Q4_0: quant_q4_0, T.MXFP4: quant_mxfp4,
+    T.Q4_1: quant_q4_1, T.Q5_0: quant_q5_0, T.Q5_1: quant_q5_1, T.TQ1_0: quant_tq1_0, T.TQ2_0: quant_tq2_0,
 }

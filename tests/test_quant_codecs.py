@@ -8,10 +8,12 @@ from gguf import GGMLQuantizationType as T
 import quant
 from quant import FORMATS, check_row, dequantize, quantize, row_bytes
 from tests.helpers.quant_data import weight_sets
+from tests.helpers.quant_llama import finite_blocks
 
 ALL = list(FORMATS)
 REQUIRED = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K]
-GGUF_QUANTIZERS = [T.Q8_0, T.Q4_0, T.BF16, T.MXFP4, T.F16, T.F32]
+GGUF_QUANTIZERS = [T.Q8_0, T.Q4_0, T.BF16, T.MXFP4, T.F16, T.F32, T.Q4_1, T.Q5_0, T.Q5_1, T.TQ1_0, T.TQ2_0]
+QUANTIZABLE = [*GGUF_QUANTIZERS, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -36,8 +38,9 @@ def test_row_bytes_and_check_row():
         check_row(T.Q4_K, 1000)
     with pytest.raises(ValueError, match="n_cols=0"):
         row_bytes(T.Q4_0, 0)
+    assert row_bytes(T.Q2_K, 512) == 2 * 84 and row_bytes(T.Q5_0, 64) == 2 * 22
     with pytest.raises(ValueError, match="unsupported tensor type"):
-        row_bytes(T.Q2_K, 256)
+        row_bytes(T.Q8_1, 256)  # ggml's activation format, never stored in model files
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
@@ -56,20 +59,11 @@ def test_dequantize_random_bytes_bit_exact(qtype):
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
 def test_dequantize_real_quantized_weights_bit_exact(qtype):
     x = weight_sets(6, 512, seed=3)["outliers"]
-    raw = quantize(x, qtype) if qtype != T.IQ4_XS else _iq4_xs_bytes(x)
+    raw = quantize(x, qtype) if qtype in QUANTIZABLE else finite_blocks(np.random.default_rng(7), qtype, 6, 512)
     with np.errstate(all="ignore"):
         want = gguf.quants.dequantize(raw, qtype)
     got = dequantize(raw.reshape(-1), qtype, (2, 3, 512))  # any shape, any byte layout of the rows
     np.testing.assert_array_equal(bits(got.reshape(6, 512)), bits(want))
-
-
-def _iq4_xs_bytes(x):
-    """IQ4_XS bytes with plausible content (there is no IQ4_XS quantizer here): sane f16 scales."""
-    rng = np.random.default_rng(7)
-    raw = rng.integers(0, 256, size=(x.shape[0], row_bytes(T.IQ4_XS, x.shape[1])), dtype=np.uint8)
-    blocks = raw.reshape(-1, 136)
-    blocks[:, 0:2] = np.full(len(blocks), 0.001, np.float16).view(np.uint8).reshape(-1, 2)
-    return raw
 
 
 @pytest.mark.parametrize("qtype", GGUF_QUANTIZERS, ids=lambda t: t.name)
@@ -126,6 +120,8 @@ def test_argument_errors_name_the_value():
         quantize(np.zeros((2, 100), np.float32), T.Q4_K)
     with pytest.raises(ValueError, match="no quantizer for IQ4_XS"):
         quantize(x, T.IQ4_XS)
+    with pytest.raises(ValueError, match="no quantizer for Q3_K: stepstream reads Q3_K but does not write it"):
+        quantize(x, T.Q3_K)
     raw = quantize(x, T.Q8_0)
     with pytest.raises(ValueError, match="544 bytes"):
         dequantize(raw, T.Q8_0, (3, 256))
