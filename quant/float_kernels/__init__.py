@@ -15,7 +15,9 @@ Shape legend
                                     # scratch = make_scratch() once, to skip a small allocation
 
 Both return ``out``. Formats: F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K,
-IQ4_XS. Weights are decoded inside the kernels (fused), in float32 with float32
+IQ4_XS (rows in row_dot / row_decode, drivers in gemv_gemm), and the formats llama.cpp's
+low-bit presets write, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, TQ1_0, TQ2_0 (rows_lowbit,
+drivers in gemv_gemm_llama). Weights are decoded inside the kernels (fused), in float32 with float32
 activations, so results match ``dequantize(...) @ x`` to float32 rounding. No
 repacking is needed: the GGUF layouts already give each sub-block contiguous
 bytes, which is what the vectorized inner loops need (see ``row_dot``).
@@ -37,11 +39,12 @@ from gguf import GGMLQuantizationType as T
 from ..formats import IQ4_NL_VALUES, MXFP4_VALUES_X2
 from ..packed import PackedMatrix
 from . import gemv_gemm as _g
+from . import gemv_gemm_llama as _gl
 
 _LUT = np.array([IQ4_NL_VALUES, MXFP4_VALUES_X2], np.float32)
 _LUT.setflags(write=False)
 _EMPTY = np.zeros(0, np.float32)  # stands in for xs where a format needs none
-_NEEDS_XSUM = (T.Q4_0, T.Q4_K, T.Q5_K)
+_NEEDS_XSUM = (T.Q4_0, T.Q4_K, T.Q5_K, T.Q4_1, T.Q5_0, T.Q5_1)
 _DRIVERS = {  # qtype -> (GEMV driver, GEMM driver)
     T.F32: (_g.gemv_f32, _g.gemm_f32),
     T.F16: (_g.gemv_f16, _g.gemm_f16),
@@ -53,6 +56,14 @@ _DRIVERS = {  # qtype -> (GEMV driver, GEMM driver)
     T.Q5_K: (_g.gemv_q5_k, _g.gemm_q5_k),
     T.Q6_K: (_g.gemv_q6_k, _g.gemm_q6_k),
     T.IQ4_XS: (_g.gemv_iq4_xs, _g.gemm_iq4_xs),
+    T.Q4_1: (_gl.gemv_q4_1, _gl.gemm_q4_1),
+    T.Q5_0: (_gl.gemv_q5_0, _gl.gemm_q5_0),
+    T.Q5_1: (_gl.gemv_q5_1, _gl.gemm_q5_1),
+    T.IQ4_NL: (_gl.gemv_iq4_nl, _gl.gemm_iq4_nl),
+    T.Q2_K: (_gl.gemv_q2_k, _gl.gemm_q2_k),
+    T.Q3_K: (_gl.gemv_q3_k, _gl.gemm_q3_k),
+    T.TQ1_0: (_gl.gemv_tq1_0, _gl.gemm_tq1_0),
+    T.TQ2_0: (_gl.gemv_tq2_0, _gl.gemm_tq2_0),
 }
 
 TILE_ROWS, TILE_COLS = _g.TILE_ROWS, _g.TILE_COLS
