@@ -13,13 +13,14 @@ import math
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import kquant, reference
+from . import kquant, reference, reference_iq
 from .formats import check_row, get_format, row_bytes
 
 # numpy codecs build a few temporaries per element: work in slices of this many weights
 _CHUNK = 1 << 20
 
 _KQUANT = {T.Q4_K: kquant.quantize_q4_k, T.Q5_K: kquant.quantize_q5_k, T.Q6_K: kquant.quantize_q6_k}
+_DEQUANT = {**reference.DEQUANT, **reference_iq.DEQUANT}
 
 
 def quantize(x: np.ndarray, qtype) -> np.ndarray:
@@ -66,7 +67,7 @@ def dequantize(data: np.ndarray, qtype, shape) -> np.ndarray:
         raise ValueError(f"{data.size} bytes of {fmt.name} do not hold shape {shape} "
                          f"({rows} rows x {rb} bytes = {rows * rb})")
     blocks = np.ascontiguousarray(data).reshape(-1, fmt.block_bytes)
-    decode = reference.DEQUANT[qtype]
+    decode = _DEQUANT[qtype]
     out = np.empty((blocks.shape[0], fmt.block_size), np.float32)
     step = max(1, _CHUNK // fmt.block_size)
     for b0 in range(0, blocks.shape[0], step):

@@ -92,6 +92,45 @@ FORMATS: dict[T, QuantFormat] = {
         "ls[j] = (scales_l nibble j) | (2 bits j of scales_h) << 4; weight l<16 of sub-block j is "
         "the low nibble of qs[16j+l], l>=16 the high nibble of qs[16j+l-16]; "
         "w = d * (ls[j]-32) * IQ4_NL_VALUES[nibble]"),
+    # Code-book formats (llama.cpp's IQ types): a weight is an entry of a grid of 8- or 4-weight
+    # rows (quant.iq_grids), with signs, times a sub-block scale; weight 32j + 8l + k of a
+    # super-block is in sub-block j, group l of 8, position k.
+    T.IQ2_XXS: QuantFormat(
+        "IQ2_XXS", 256, 66,
+        "f16 d | u32 q[16];  sub-block j has q[2j] (four u8 grid indices, one per group l, into "
+        "IQ2XXS_GRID [256, 8]) and q[2j+1] (group l's 7-bit sign index at bits 7l, the 4-bit scale ls "
+        "at bits 28-31); w = d * (0.5 + ls) * 0.25 * grid[g][k] * sign bit k of KSIGNS[s]"),
+    T.IQ2_XS: QuantFormat(
+        "IQ2_XS", 256, 74,
+        "f16 d | u16 qs[32] | u8 scales[8];  qs[4j + l] = grid index (9 bits, IQ2XS_GRID [512, 8]) "
+        "| sign index << 9; ls = low nibble of scales[j] for l<2, high nibble for l>=2; "
+        "w = d * (0.5 + ls) * 0.25 * grid[g][k] * sign bit k of KSIGNS[s]"),
+    T.IQ2_S: QuantFormat(
+        "IQ2_S", 256, 82,
+        "f16 d | u8 qs[32] | u8 signs[32] | u8 qh[8] | u8 scales[8];  grid index of group 4j + l is "
+        "qs[4j + l] | ((qh[j] >> 2l) & 3) << 8 (IQ2S_GRID [1024, 8]); sign of weight k is bit k of "
+        "signs[4j + l]; ls as IQ2_XS; w = d * (0.5 + ls) * 0.25 * grid[g][k] * sign"),
+    T.IQ3_XXS: QuantFormat(
+        "IQ3_XXS", 256, 98,
+        "f16 d | u8 qs[64] | u32 ss[8];  weight k of group l of sub-block j is entry k%4 of grid row "
+        "qs[8j + 2l + k//4] (IQ3XXS_GRID [256, 4]); ss[j] holds group l's 7-bit sign index at bits 7l and "
+        "the scale ls at bits 28-31; w = d * (0.5 + ls) * 0.5 * grid * sign bit k of KSIGNS[s]"),
+    T.IQ3_S: QuantFormat(
+        "IQ3_S", 256, 110,
+        "f16 d | u8 qs[64] | u8 qh[8] | u8 signs[32] | u8 scales[4];  grid row e (IQ3S_GRID [512, 4]) "
+        "is qs[e] | ((qh[e//8] >> e%8) & 1) << 8, weight 32j + 8l + k is entry k%4 of row 8j + 2l + k//4 "
+        "with sign bit k of signs[4j + l]; ls = nibble j of scales (low first); w = d * (1 + 2 ls) * grid * sign"),
+    T.IQ1_S: QuantFormat(
+        "IQ1_S", 256, 50,
+        "f16 d | u8 qs[32] | u16 qh[8];  grid row of group 4j + l is qs[4j + l] | ((qh[j] >> 3l) & 7) << 8 "
+        "(IQ1S_GRID [2048, 8], entries -1, 0, 1); dl = d * (2 ((qh[j] >> 12) & 7) + 1), "
+        "delta = -1/8 if qh[j] bit 15 else 1/8; w = dl * (grid[g][k] + delta)"),
+    T.IQ1_M: QuantFormat(
+        "IQ1_M", 256, 56,
+        "u8 qs[32] | u8 qh[16] | u16 sc[4];  d is the f16 made of the top nibbles of sc[0..3] (sc[0]'s "
+        "lowest); group 4j + l has h = nibble l%2 (low first) of qh[2j + l//2], grid row "
+        "qs[4j + l] | (h & 7) << 8 (IQ1S_GRID), delta = -1/8 if h & 8 else 1/8, and the 3-bit scale "
+        "s = (sc[j//2] >> 3(2(j%2) + l//2)) & 7; w = d * (2s + 1) * (grid[g][k] + delta)"),
     T.MXFP4: QuantFormat(
         "MXFP4", 32, 17,
         "u8 e (e8m0) | u8 qs[16];  w[i] = 2^(e-128) * E2M1x2[qs[i] & 15], "
