@@ -89,7 +89,7 @@ def _portable(qtype, w, xq, xd, xb, out):
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_portable_row_dots(qtype):
-    """The loops used where the host has no AVX2 (and for Q5_K and Q8_0 everywhere)."""
+    """The loops used where the host has no AVX2."""
     w, W = weights(qtype, 37, 1280, seed=3)
     a = q8.quantize_activations(activations(1, 1280))
     out = np.empty(37, np.float32)
@@ -107,6 +107,37 @@ def test_simd_rows_equal_portable_rows(qtype):
     port = np.empty(64, np.float32)
     _portable(int(qtype), w.data, a.q[0], a.d[0], a.b[0], port)
     np.testing.assert_allclose(simd, port, rtol=1e-5, atol=1e-5 * np.abs(port).max())
+
+
+def _extreme_q8_0(rows, cols, seed):
+    """Q8_0 rows with every code -128 .. 127 (the quantizer never writes -128, a file may) and
+    a few all-zero blocks: the sign trick must hold at the ends of the range."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // 32, 34), dtype=np.uint8)
+    raw[:, :, :2] = np.frombuffer(rng.uniform(-0.02, 0.02, (rows, cols // 32)).astype(np.float16).tobytes(),
+                                  np.uint8).reshape(rows, cols // 32, 2)
+    raw[:, 0, 2:] = 0x80  # -128
+    raw[::3, 1, 2:] = 0
+    raw = raw.reshape(rows, -1)
+    return pack(T.Q8_0, raw, rows, cols), dequantize(raw, T.Q8_0, (rows, cols)).astype(np.float64)
+
+
+@pytest.mark.skipif(not avx2.AVAILABLE, reason="host has no AVX2")
+@pytest.mark.parametrize("qtype", [T.Q5_K, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 37])
+def test_simd_rows_are_the_portable_rows_bit_for_bit(qtype, rows):
+    """The AVX2 Q5_K and Q8_0 row dots make the portable loops' roundings: the same bits, and
+    close to the float64 reference, on odd row counts and activations at +-127."""
+    w, W = weights(qtype, rows, 1280, seed=6, scale=1.0) if qtype == T.Q5_K else _extreme_q8_0(rows, 1280, 6)
+    x = activations(2, 1280) * 40
+    x[0, 256:512] = np.where(np.arange(256) % 2, 1.0, -1.0)  # every activation +-127
+    a = q8.quantize_activations(x)
+    for t in range(2):
+        simd = q8.matvec(w, a, np.empty(rows, np.float32), token=t)
+        port = np.empty(rows, np.float32)
+        _portable(int(qtype), w.data, a.q[t], a.d[t], a.b[t], port)
+        np.testing.assert_array_equal(simd, port)
+        assert_close(simd, W, values(a)[t])
 
 
 def test_matvec_many_mixes_formats_and_sizes():
@@ -165,7 +196,7 @@ def test_errors():
 
 
 @pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 @pytest.mark.parametrize("n", [1, 2, 4, 7, 9, 17])  # below, at and across the 4- and 8-token steps
 @pytest.mark.parametrize("rows,cols", [(37, 1280), (8, 256), (64, 768)])  # groups of 16 and rows left over
 def test_matmul(qtype, n, rows, cols):
@@ -175,10 +206,13 @@ def test_matmul(qtype, n, rows, cols):
     xv = values(a)
     for t in range(n):
         assert_close(out[t], W, xv[t])
+    if qtype in (T.Q5_K, T.Q8_0):  # 4-token row steps: each token's row is the GEMV's, to the bit
+        gemv = np.stack([q8.matvec(w, a, np.empty(rows, np.float32), token=t) for t in range(n)])
+        np.testing.assert_array_equal(out, gemv)
 
 
 @pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_matmul_reads_nothing_past_the_last_row(qtype):
     """The weights end where a protected page starts, as a file's last tensor ends a memory map:
     the kernels (16-row loads, per-row scale reads) must not touch it."""
@@ -211,7 +245,9 @@ def test_activations_must_be_contiguous():
         q8.Q8Activations(a.q, a.d[:, :1], a.b)
 
 
-def test_matmul_refuses_formats_without_gemm():
+def test_matmul_refuses_formats_without_gemm(monkeypatch):
+    """As on a host without AVX2, where no format has an int8 GEMM (matmul_rows serves them)."""
+    monkeypatch.setattr(q8, "GEMM_FORMATS", ())
     w, _ = weights(T.Q8_0, 4, 256)
     with pytest.raises(ValueError, match="no int8-activation GEMM for Q8_0"):
         q8.matmul(w, q8.quantize_activations(np.ones((2, 256), np.float32)), np.empty((2, 4), np.float32))

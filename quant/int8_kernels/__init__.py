@@ -24,14 +24,15 @@ Formats: Q4_K, Q5_K, Q6_K and Q8_0 (``supports``). Results equal ``dequantize(W)
 kernels of ``quant.float_kernels`` only by the activation rounding (relative error about
 1/250 per block, as in llama.cpp, which quantizes activations the same way).
 
-Modules: row_dot (one row times one token, portable), avx2 (the Q4_K/Q6_K row dots as
-explicit AVX2 IR), avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the
+Modules: row_dot (one row times one token, portable), avx2 (the Q4_K/Q5_K/Q6_K/Q8_0 row dots
+as explicit AVX2 IR, one and four tokens), avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the
 parallel loops), ffn (the fused SwiGLU sum), llvm_ir (IR helpers).
 
 On AVX-512 VNNI hosts the Q4_K/Q6_K GEMM works on 16 GGUF rows at a time, so that each
 ``vpdpbusd`` does 64 multiply-adds for 16 rows; the rows are transposed in registers (no
-copy; an 8-token GEMM costs about 2x a one-token GEMV). Elsewhere a 4-token row step
-decodes each super-block once for four tokens.
+copy; an 8-token GEMM costs about 2x a one-token GEMV). Other formats, and every format on
+AVX2 hosts without VNNI, take a 4-token row step that decodes each super-block once for four
+tokens and makes the one-token row dot's roundings for each.
 
 ``matvec_many``, ``group`` and ``swiglu_ffns`` take their matrices by address, so any set
 of them (views of a memory map, slots of an expert cache) goes in one call: one parallel
@@ -62,7 +63,7 @@ __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Ac
            "quantize_activations", "supports", "swiglu_ffns"]
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
-GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: Q4_K, Q6_K)
+GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: all of FORMATS)
 
 _FORMAT_SET = frozenset(FORMATS)
 
@@ -205,8 +206,9 @@ def matvec_group(g: Group, x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | None = None) -> np.ndarray:
     """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On VNNI
-    hosts, 16-row groups run in parallel with 8 tokens per pass over a group (then 4, 2, 1),
-    the rows beyond a multiple of 16 as below; elsewhere rows run in parallel, 4 tokens per pass."""
+    hosts, Q4_K/Q6_K 16-row groups run in parallel with 8 tokens per pass over a group (then 4,
+    2, 1), the rows beyond a multiple of 16 as below; other formats and hosts run rows in
+    parallel, 4 tokens per pass (each token's result the GEMV's to the bit)."""
     if not isinstance(w, PackedMatrix):
         raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
     if not supports(w.qtype, w.cols):
@@ -223,8 +225,8 @@ def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | No
 
 def matmul_rows(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | None = None) -> np.ndarray:
     """out [N, R] = X @ W.T, every token through the one-token GEMV's row dot, so a row equals
-    what matvec gives for that token alone: the GEMM of formats without one (Q5_K, Q8_0), which
-    keeps the results independent of how many tokens a call has."""
+    what matvec gives for that token alone: the GEMM of formats without one (every format on
+    hosts without AVX2), which keeps the results independent of how many tokens a call has."""
     if not isinstance(w, PackedMatrix):
         raise TypeError(f"w must be a PackedMatrix, got {type(w).__name__}")
     if not supports(w.qtype, w.cols):

@@ -7,7 +7,10 @@ llama.cpp's sequence directly in LLVM IR: ``vpmaddubsw`` (unsigned weight bytes 
 signed activation bytes, adjacent pairs summed to int16), then ``vpmaddwd`` against the
 sub-block scales (pairs summed to int32), with independent accumulators and one
 horizontal sum per row (GEMV) or per 256 weights (GEMM). About 2.5x the portable kernels'
-speed per core for Q4_K.
+speed per core for Q4_K. Q5_K adds its fifth bit to the codes before the same products;
+Q8_0's signed weights go as magnitudes, their signs moved onto the activations (vpsignb),
+each 32-weight block's dot reduced to a lane of one vector: the portable Q8_0 loop does not
+vectorize at all (1/8 of this speed, measured), nor does LLVM find vpmaddubsw for Q5_K.
 
 AVAILABLE says whether the host can run them (AVX2 and F16C, and Numba compiling for
 the host CPU); the portable loops in ``row_dot`` are used otherwise.
@@ -18,8 +21,10 @@ the host CPU); the portable loops in ``row_dot`` are used otherwise.
         scales per 256. Exact integer sums per super-block, then one float32 sum over the
         super-blocks in order: the same roundings as the avx512_vnni GEMM's, so a row's
         product does not depend on which kernel computed it or on how many tokens it had.
-    q6k_row_dot(w, nsb, x, xb, xd) -> float32: the same for a Q6_K row.
-    q4k_row_dot4 / q6k_row_dot4(w, nsb, x0..x3, b0..b3, d0..d3) -> 4 x float32
+    q6k_row_dot, q5k_row_dot, q8_0_row_dot(w, nsb, x, xb, xd) -> float32: the same for a Q6_K,
+        Q5_K or Q8_0 row. Q5_K and Q8_0 make row_dot.q8dot_q5_k's and q8dot_q8_0's roundings
+        (the same bits as the portable loops).
+    q4k_row_dot4 / q5k_.. / q6k_.. / q8_0_row_dot4(w, nsb, x0..x3, b0..b3, d0..d3) -> 4 x float32
         The same for four tokens at once: each super-block's codes and scales are decoded
         once for the four (the GEMM step).
     f16_fast(bits) -> float32: IEEE half to float (vcvtph2ps).
@@ -33,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import compiles_for
-from .llvm_ir import declare, fadd, fmul, load, shuffle
+from .llvm_ir import declare, fadd, fmul, fsub, load, shuffle
 
 
 AVAILABLE = compiles_for("avx2", "f16c")
@@ -111,9 +116,9 @@ def _half(builder, wa, offset: int):
     return builder.fpext(load(builder, wa, offset, ir.HalfType()), _F32)
 
 
-def _q4k_block(builder, wa):
-    """A Q4_K super-block at wa: its codes and scale splats per 32 weights, its mins as
-    <8 x i32>, d and dmin. The 12-byte scales field is decoded with 32-bit masks."""
+def _k4_scales_mins(builder, wa):
+    """The 8 six-bit scales (<8 x i16>) and mins (<8 x i32>) of a Q4_K/Q5_K super-block at wa:
+    the 12-byte field is decoded with 32-bit masks."""
     u0, u1, u2 = (load(builder, wa, 4 + 4 * i, _i32) for i in range(3))
     m1, m2, m3 = (ir.Constant(_i32, c) for c in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
     c4, c6 = ir.Constant(_i32, 4), ir.Constant(_i32, 6)
@@ -127,13 +132,21 @@ def _q4k_block(builder, wa):
         pair = builder.insert_element(builder.insert_element(pair, lo, ir.Constant(_i32, 0)), hi, ir.Constant(_i32, 1))
         return builder.bitcast(pair, ir.VectorType(_i8, 8))
 
-    scales16 = builder.zext(bytes8(sc_lo, sc_hi), ir.VectorType(_i16, 8))
-    mins = builder.zext(bytes8(mn_lo, mn_hi), _V8I32)
+    return builder.zext(bytes8(sc_lo, sc_hi), ir.VectorType(_i16, 8)), builder.zext(bytes8(mn_lo, mn_hi), _V8I32)
+
+
+def _q4k_block(builder, wa, qs: int = 16, high=None):
+    """A Q4_K super-block at wa: its codes and scale splats per 32 weights, its mins as
+    <8 x i32>, d and dmin. With high(j) (Q5_K: qs at 48), each sub-block j's codes get the
+    bits high(j) adds."""
+    scales16, mins = _k4_scales_mins(builder, wa)
     codes, splats = [], []
     for k in range(4):
-        qv = load(builder, wa, 16 + 32 * k, _V32I8)
+        qv = load(builder, wa, qs + 32 * k, _V32I8)
         codes += [builder.and_(qv, _splat8(15)), builder.lshr(qv, _splat8(4))]
         splats += [shuffle(builder, scales16, [2 * k] * 16), shuffle(builder, scales16, [2 * k + 1] * 16)]
+    if high is not None:
+        codes = [builder.or_(c, high(j)) for j, c in enumerate(codes)]
     return codes, splats, mins, _half(builder, wa, 0), _half(builder, wa, 2)
 
 
@@ -164,7 +177,88 @@ def _q6k_term(builder, block, xa, xba, xd, acc):
     return fadd(builder, acc, fmul(builder, builder.sitofp(isum, _F32), fmul(builder, d, xd)))
 
 
-_FORMATS = {"q4_k": (144, _q4k_block, _q4k_term), "q6_k": (210, _q6k_block, _q6k_term)}
+def _q5k_block(builder, wa):
+    """A Q5_K super-block: Q4_K's fields with the codes at 48, and bit j of qh[l] (at 16) as
+    bit 4 of weight l of sub-block j."""
+    hb = load(builder, wa, 16, _V32I8)
+
+    def high(j):
+        moved = builder.shl(hb, _splat8(4 - j)) if j <= 4 else builder.lshr(hb, _splat8(j - 4))
+        return builder.and_(moved, _splat8(16))
+
+    return _q4k_block(builder, wa, 48, high)
+
+
+def _q5k_term(builder, block, xa, xba, xd, acc):
+    """acc + xd * (d * I - dmin * M) for one Q5_K super-block, I and M the exact integer sums of
+    the codes and of the mins: row_dot.q8dot_q5_k's roundings, so both give the same bits."""
+    codes, splats, mins, d, dmin = block
+    xb = load(builder, xba, 0, _V16I32)
+    pairs = builder.add(shuffle(builder, xb, range(0, 16, 2)), shuffle(builder, xb, range(1, 16, 2)))
+    msum, isum = _reduce_pair(builder, builder.mul(mins, pairs), _isum(builder, codes, splats, xa))
+    both = fsub(builder, fmul(builder, d, builder.sitofp(isum, _F32)), fmul(builder, dmin, builder.sitofp(msum, _F32)))
+    return fadd(builder, acc, fmul(builder, xd, both))
+
+
+def _lane_sums8(builder, vs):
+    """<8 x i32> whose lane k is the sum of the lanes of vs[k] (8 vectors <8 x i32>): three
+    levels of two-input shuffles and adds, the last one putting the lanes in order."""
+    def level(pairs, lo, hi):
+        return [builder.add(builder.shuffle_vector(a, b, ir.Constant(_V8I32, lo)),
+                            builder.shuffle_vector(a, b, ir.Constant(_V8I32, hi))) for a, b in pairs]
+    v = level(zip(vs[0::2], vs[1::2]), [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+    v = level(zip(v[0::2], v[1::2]), [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
+    return level([(v[0], v[1])], [0, 4, 2, 6, 8, 12, 10, 14], [1, 5, 3, 7, 9, 13, 11, 15])[0]
+
+
+def _half_lanes8(builder, wa, offsets):
+    """<8 x float>: the IEEE halves at wa + offsets[k] in lane k."""
+    v = ir.Constant(ir.VectorType(_i16, 8), ir.Undefined)
+    for k, off in enumerate(offsets):
+        v = builder.insert_element(v, load(builder, wa, off, _i16), ir.Constant(_i32, k))
+    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), ir.VectorType(_F32, 8))
+
+
+_ONES16 = ir.Constant(_V16I16, [1] * 16)
+
+
+def block_dots(builder, us, ss, xa):
+    """<8 x i32>: lane k the integer dot of the 32 weights us[k] * ss[k] (<32 x u8> magnitudes
+    and <32 x i8> signs) with activations xa + 32 k. The sign moves onto the activation
+    (vpsignb), so that vpmaddubsw multiplies unsigned by signed bytes (llama.cpp's Q8_0 trick)."""
+    sign = declare(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
+    dots = [_maddwd(builder, _maddubs(builder, u, builder.call(sign, [load(builder, xa, 32 * k, _V32I8), sg])), _ONES16)
+            for k, (u, sg) in enumerate(zip(us, ss))]
+    return _lane_sums8(builder, dots)
+
+
+def _q8_0_block(builder, wa):
+    """Eight Q8_0 blocks (256 columns): their |q| and q (<32 x i8> each) and scales <8 x float>."""
+    qs = [load(builder, wa, 34 * k + 2, _V32I8) for k in range(8)]
+    absb = declare(builder, "llvm.abs.v32i8", _V32I8, [_V32I8, ir.IntType(1)])
+    mags = [builder.call(absb, [q, ir.Constant(ir.IntType(1), 0)]) for q in qs]
+    return mags, qs, _half_lanes8(builder, wa, [34 * k for k in range(8)])
+
+
+def ordered_sum(builder, v, start=None):
+    """start + v[0] + v[1] + ... (or v[0] + ... without start), left to right, each add rounded once."""
+    acc = start
+    for k in range(v.type.count):
+        lane = builder.extract_element(v, ir.Constant(_i32, k))
+        acc = lane if acc is None else fadd(builder, acc, lane)
+    return acc
+
+
+def _q8_0_term(builder, block, xa, xba, xd, acc):
+    """acc + xd * (d_0 t_0 + ... + d_7 t_7), summed left to right, t_k the exact integer dot of
+    block k: row_dot.q8dot_q8_0's roundings."""
+    mags, qs, d = block
+    prods = fmul(builder, d, builder.sitofp(block_dots(builder, mags, qs, xa), ir.VectorType(_F32, 8)))
+    return fadd(builder, acc, fmul(builder, xd, ordered_sum(builder, prods)))
+
+
+_FORMATS = {"q4_k": (144, _q4k_block, _q4k_term), "q6_k": (210, _q6k_block, _q6k_term),
+            "q5_k": (176, _q5k_block, _q5k_term), "q8_0": (272, _q8_0_block, _q8_0_term)}
 
 
 def _row_dot(fmt: str, n_tok: int):
@@ -215,6 +309,26 @@ def q4k_row_dot4(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, 
 @intrinsic
 def q6k_row_dot4(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3):
     return _ROW4, _row_dot("q6_k", 4)
+
+
+@intrinsic
+def q5k_row_dot(typingctx, w, nsb, x, xb, xd):
+    return _ROW1, _row_dot("q5_k", 1)
+
+
+@intrinsic
+def q8_0_row_dot(typingctx, w, nsb, x, xb, xd):
+    return _ROW1, _row_dot("q8_0", 1)
+
+
+@intrinsic
+def q5k_row_dot4(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3):
+    return _ROW4, _row_dot("q5_k", 4)
+
+
+@intrinsic
+def q8_0_row_dot4(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3):
+    return _ROW4, _row_dot("q8_0", 4)
 
 
 @intrinsic

@@ -8,7 +8,8 @@ bit per format (FORMAT_BIT), a compile-time constant of the kernel (a closure va
 Numba's cache keys on), and `switch` tables compile only the entries the set names.
 
     f = switch({Q4_K: row_dot_q4_k, Q6_K: row_dot_q6_k, ...}, arity=4)
-    f(formats, qtype, *args)      in Numba code: table[qtype](*args), formats a literal
+    f(formats, qtype, *args)      in Numba code: table[qtype](*args), formats a literal: a chain
+                                  of tests on the set's formats only (any number of them)
                                   in Python: the same call, on any format of the table
 """
 
@@ -22,6 +23,7 @@ from numba.extending import overload
 # format codes as the kernels see them
 Q8_0, Q4_K, Q5_K, Q6_K = int(T.Q8_0), int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
 FORMAT_BIT = {Q4_K: 1, Q6_K: 2, Q5_K: 4, Q8_0: 8}
+BYTES_PER_256 = {Q4_K: 144, Q6_K: 210, Q5_K: 176, Q8_0: 272}  # GGUF bytes of 256 columns
 
 
 def format_set(qtypes) -> int:
@@ -32,25 +34,34 @@ def format_set(qtypes) -> int:
     return bits
 
 
-def _slots(entries):
-    """For up to four (code, function) entries: the functions tested first (f0, f1, f2, None
-    where unused), whether each is used (closure constants: Numba prunes the branches of the
-    unused ones before typing), their codes, and the last entry's function, which takes any
-    code the others do not match. Callers make sure the set holds every format they pass
-    (int8_kernels checks)."""
-    n = len(entries)
-    tested = [fn for _, fn in entries[:-1]] + [None] * (4 - n)
-    codes = [code for code, _ in entries[:-1]] + [-1] * (4 - n)
-    return tested[:3], (n >= 2, n >= 3, n >= 4), codes[:3], entries[-1][1]
+def _chain(entries, arity: int):
+    """Numba source of impl(formats, qtype, a0 .. a{arity-1}): the entries' functions tested in
+    order by their format code, the last one taking any code the others do not match (callers
+    make sure the set holds every format they pass: int8_kernels checks). Written out as text
+    because Numba inlines neither a call with *args nor a loop over functions."""
+    args = ", ".join(f"a{i}" for i in range(arity))
+    lines = [f"def impl(formats, qtype, {args}):"]
+    scope = {}
+    for i, (code, fn) in enumerate(entries):
+        scope[f"f{i}"] = fn
+        if i < len(entries) - 1:
+            lines += [f"    if qtype == {int(code)}:", f"        return f{i}({args})"]
+        else:
+            lines.append(f"    return f{i}({args})")
+    exec("\n".join(lines), scope)  # noqa: S102 (our own text: names and integer codes)
+    return scope["impl"]
 
 
 def switch(table: dict, arity: int):
     """A function f(formats, qtype, *args) = table[qtype](*args) for Numba code (see module doc);
-    the table's functions take `arity` arguments. Numba cannot inline a call with *args, hence
-    one spelled-out signature per arity the kernels use."""
-    found: dict[int, tuple] = {}
+    the table's functions take `arity` arguments."""
+    found: dict[tuple, object] = {}
+    args = ", ".join(f"a{i}" for i in range(arity))
+    scope = {"table": table}
+    exec(f"def f(formats, qtype, {args}):\n    return table[int(qtype)]({args})", scope)  # noqa: S102
+    f = scope["f"]
 
-    def slots_for(formats):
+    def typer(formats, qtype, *rest):
         if not isinstance(formats, types.IntegerLiteral):
             raise TypingError("the format set must be a compile-time integer (a closure variable of the kernel)")
         bits = formats.literal_value
@@ -58,76 +69,11 @@ def switch(table: dict, arity: int):
             entries = [(code, fn) for code, fn in table.items() if FORMAT_BIT[code] & bits]
             if not entries:
                 raise TypingError(f"format set {bits} names none of this table's formats")
-            found[bits] = _slots(entries)
+            found[bits] = _chain(entries, arity)
         return found[bits]
 
-    makers = {4: _switch4, 5: _switch5, 12: _switch12}
-    if arity not in makers:
-        raise ValueError(f"no format switch of arity {arity}")
-    return makers[arity](table, slots_for)
-
-
-def _two_at_most(slots, arity: int) -> None:
-    if slots[1][1]:
-        raise TypingError(f"{arity}-argument switches take two formats at most")
-
-
-def _switch4(table, slots_for):
-    def f(formats, qtype, a, b, c, d):
-        return table[int(qtype)](a, b, c, d)
-
-    @overload(f, inline="always")
-    def _f(formats, qtype, a, b, c, d):
-        (f0, f1, f2), (use0, use1, use2), (c0, c1, c2), last = slots_for(formats)
-
-        def impl4(formats, qtype, a, b, c, d):
-            if use0:
-                if qtype == c0:
-                    return f0(a, b, c, d)
-            if use1:
-                if qtype == c1:
-                    return f1(a, b, c, d)
-            if use2:
-                if qtype == c2:
-                    return f2(a, b, c, d)
-            return last(a, b, c, d)
-        return impl4
-    return f
-
-
-def _switch5(table, slots_for):
-    def f(formats, qtype, a, b, c, d, e):
-        return table[int(qtype)](a, b, c, d, e)
-
-    @overload(f, inline="always")
-    def _f(formats, qtype, a, b, c, d, e):
-        slots = slots_for(formats)
-        _two_at_most(slots, 5)
-        (f0, _, _), (use0, _, _), (c0, _, _), last = slots
-
-        def impl5(formats, qtype, a, b, c, d, e):
-            if use0:
-                if qtype == c0:
-                    return f0(a, b, c, d, e)
-            return last(a, b, c, d, e)
-        return impl5
-    return f
-
-
-def _switch12(table, slots_for):
-    def f(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
-        return table[int(qtype)](a, b, c, d, e, f_, g, h, i, j, k, m)
-
-    @overload(f, inline="always")
-    def _f(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
-        slots = slots_for(formats)
-        _two_at_most(slots, 12)
-        (f0, _, _), (use0, _, _), (c0, _, _), last = slots
-
-        def impl12(formats, qtype, a, b, c, d, e, f_, g, h, i, j, k, m):
-            if use0:
-                if qtype == c0:
-                    return f0(a, b, c, d, e, f_, g, h, i, j, k, m)
-            return last(a, b, c, d, e, f_, g, h, i, j, k, m)
-        return impl12
+    # overload needs the typer's parameters spelled as f's are
+    scope = {"typer": typer}
+    exec(f"def _f(formats, qtype, {args}):\n    return typer(formats, qtype, {args})", scope)  # noqa: S102
+    overload(f, inline="always")(scope["_f"])
     return f

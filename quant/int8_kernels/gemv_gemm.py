@@ -28,19 +28,19 @@ from ..bits import u8_at
 from . import avx512_vnni as vnni
 from .avx512_vnni import (q4k_rows_step1, q4k_rows_step2, q4k_rows_step4, q4k_rows_step8, q6k_rows_step1,
                           q6k_rows_step2, q6k_rows_step4, q6k_rows_step8)
-from .dispatch import FORMAT_BIT, Q4_K, Q5_K, Q6_K, switch
+from .dispatch import BYTES_PER_256, FORMAT_BIT, Q4_K, Q6_K, switch
 from .row_dot import q8dot, q8dot4, quantize_row
+
+
+_BYTES_256 = np.zeros(64, np.int64)  # GGUF bytes of 256 columns, by format code
+for _code, _bytes in BYTES_PER_256.items():
+    _BYTES_256[_code] = _bytes
+VNNI_SET = FORMAT_BIT[Q4_K] | FORMAT_BIT[Q6_K]  # the formats with 16-row VNNI GEMM steps
 
 
 @nb.njit(inline="always", cache=True)
 def bytes_per_256(qtype):
-    if qtype == Q4_K:
-        return 144
-    if qtype == Q5_K:
-        return 176
-    if qtype == Q6_K:
-        return 210
-    return 272
+    return _BYTES_256[qtype]
 
 
 @nb.njit(inline="always", cache=True)
@@ -241,19 +241,22 @@ def build(formats: int) -> SimpleNamespace:
     def gemv(qt, addr, rb, starts, xq, xd, xb, out):
         group_gemv(formats, qt, addr, rb, starts, xq, xd, xb, out)
 
-    if vnni.AVAILABLE:
+    if vnni.AVAILABLE and formats & VNNI_SET:
         @nb.njit(parallel=True, fastmath=True, cache=True)
         def gemm(qtype, w, XQ, XD, XB, out):
-            """16-row groups straight from the GGUF rows (avx512_vnni), the rows left over one at a time."""
+            """Q4_K/Q6_K: 16-row groups straight from the GGUF rows (avx512_vnni), the rows left
+            over one at a time; other formats: rows in parallel, 4 tokens per pass."""
             n, c = XQ.shape
             r = out.shape[1]
-            xs = _activation_sums(qtype, XB)
-            xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
-            rb = np.int64(w.shape[1])
-            for g in nb.prange(r // 16):
-                _group_steps(formats, qtype, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
-                             xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
-            for row in nb.prange(r - r % 16, r):
+            grouped = r - r % 16 if qtype == Q4_K or qtype == Q6_K else 0
+            if grouped:
+                xs = _activation_sums(qtype, XB)
+                xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
+                rb = np.int64(w.shape[1])
+                for g in nb.prange(r // 16):
+                    _group_steps(formats, qtype, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
+                                 xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
+            for row in nb.prange(grouped, r):
                 _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
     else:
         @nb.njit(parallel=True, fastmath=True, cache=True)

@@ -29,11 +29,12 @@ import numpy as np
 from ..bits import f16_at, k4_min, k4_scale
 from ..jit import FIXED_ORDER
 from . import avx2
-from .avx2 import q4k_row_dot, q4k_row_dot4, q6k_row_dot, q6k_row_dot4
+from .avx2 import (q4k_row_dot, q4k_row_dot4, q5k_row_dot, q5k_row_dot4, q6k_row_dot, q6k_row_dot4, q8_0_row_dot,
+                   q8_0_row_dot4)
 from .dispatch import Q4_K, Q5_K, Q6_K, Q8_0, switch
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
-# The portable row dots are called, not inlined: they are loops, which Numba cannot inline
+# The portable row dots (hosts without AVX2) are called, not inlined: they are loops, which Numba cannot inline
 # through a format switch into a parallel loop without losing track of their variables
 # (NumbaIRAssumptionWarning), and a call per row costs nothing next to a row's work. Their
 # float steps (once per 32 or 256 columns) keep a fixed order (FIXED_ORDER: the integer loops
@@ -200,6 +201,18 @@ def q8dot_q6_k_simd(w, xq, xd, xb):
 
 
 @nb.njit(**_JIT)
+def q8dot_q5_k_simd(w, xq, xd, xb):
+    return q5k_row_dot(np.int64(w.ctypes.data), xq.shape[0] // 256, np.int64(xq.ctypes.data),
+                       np.int64(xb.ctypes.data), np.int64(xd.ctypes.data))
+
+
+@nb.njit(**_JIT)
+def q8dot_q8_0_simd(w, xq, xd, xb):
+    return q8_0_row_dot(np.int64(w.ctypes.data), xq.shape[0] // 256, np.int64(xq.ctypes.data),
+                        np.int64(xb.ctypes.data), np.int64(xd.ctypes.data))
+
+
+@nb.njit(**_JIT)
 def _addresses4(A, t):
     return (np.int64(A[t].ctypes.data), np.int64(A[t + 1].ctypes.data), np.int64(A[t + 2].ctypes.data),
             np.int64(A[t + 3].ctypes.data))
@@ -224,17 +237,35 @@ def q8dot4_q6_k_simd(w, XQ, XD, XB, t):
     return q6k_row_dot4(np.int64(w.ctypes.data), XQ.shape[1] // 256, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3)
 
 
-if avx2.AVAILABLE:
-    _dot_q4_k, _dot_q6_k = q8dot_q4_k_simd, q8dot_q6_k_simd
-else:
-    _dot_q4_k, _dot_q6_k = q8dot_q4_k, q8dot_q6_k
+@nb.njit(**_JIT)
+def q8dot4_q5_k_simd(w, XQ, XD, XB, t):
+    """As q8dot4_q4_k_simd, for Q5_K."""
+    x0, x1, x2, x3 = _addresses4(XQ, t)
+    b0, b1, b2, b3 = _addresses4(XB, t)
+    d0, d1, d2, d3 = _addresses4(XD, t)
+    return q5k_row_dot4(np.int64(w.ctypes.data), XQ.shape[1] // 256, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3)
 
+
+@nb.njit(**_JIT)
+def q8dot4_q8_0_simd(w, XQ, XD, XB, t):
+    """As q8dot4_q4_k_simd, for Q8_0."""
+    x0, x1, x2, x3 = _addresses4(XQ, t)
+    b0, b1, b2, b3 = _addresses4(XB, t)
+    d0, d1, d2, d3 = _addresses4(XD, t)
+    return q8_0_row_dot4(np.int64(w.ctypes.data), XQ.shape[1] // 256, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3)
+
+
+if avx2.AVAILABLE:
+    _DOTS = {Q4_K: q8dot_q4_k_simd, Q6_K: q8dot_q6_k_simd, Q5_K: q8dot_q5_k_simd, Q8_0: q8dot_q8_0_simd}
+else:
+    _DOTS = {Q4_K: q8dot_q4_k, Q6_K: q8dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0}
 
 # q8dot(formats, qtype, w, xq, xd, xb): row w of format qtype times the activations, compiled for
-# the format set `formats` (see dispatch). Q4_K and Q6_K use the AVX2 versions where the host has AVX2.
-q8dot = switch({Q4_K: _dot_q4_k, Q6_K: _dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0}, arity=4)
+# the format set `formats` (see dispatch): the AVX2 versions where the host has AVX2.
+q8dot = switch(_DOTS, arity=4)
 
-GEMM4_FORMATS = (Q4_K, Q6_K) if avx2.AVAILABLE else ()  # formats with a 4-token row step
+_DOTS4 = {Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd, Q5_K: q8dot4_q5_k_simd, Q8_0: q8dot4_q8_0_simd}
+GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()  # formats with a 4-token row step
 
 # q8dot4(formats, qtype, w, XQ, XD, XB, t): row w times tokens t .. t+3, for GEMM4_FORMATS.
-q8dot4 = switch({Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd}, arity=5)
+q8dot4 = switch(_DOTS4, arity=5)
