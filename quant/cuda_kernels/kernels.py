@@ -19,6 +19,9 @@ import numba
 from numba import cuda
 
 from .rows import F32, I32, SIMULATED, bytes_per_256, device, lane_dot
+from .simulator import thread_safe_shared_arrays
+
+thread_safe_shared_arrays()  # under numba's simulator, every thread gets the block's array
 
 TILE = 8  # tokens per pass over a row
 # Kernels spell out min, max and abs: this numba-cuda rejects the builtins on float32 in kernels.

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numba
 from numba import cuda
 
+from .simulator import SIMULATED
+
 I32 = numba.int32
 F32 = numba.float32
 
@@ -25,7 +27,6 @@ F32 = numba.float32
 # device function call swaps the module's globals on every call (about 50 us), which made one
 # super-block of one row cost 0.1 s there; as plain functions the same code runs 20x faster in
 # the simulator, and compiles to the same kernels on a card.
-SIMULATED = bool(getattr(numba.config, "ENABLE_CUDASIM", 0))  # numba's own setting, read at its import
 device = (lambda f: f) if SIMULATED else cuda.jit(device=True, inline=True)
 
 Q4_K, Q5_K, Q6_K, Q8_0 = 12, 13, 14, 8  # GGMLQuantizationType values

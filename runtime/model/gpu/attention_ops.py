@@ -24,6 +24,7 @@ import math
 import numba
 import numpy as np
 from numba import cuda
+from quant.cuda_kernels.simulator import thread_safe_shared_arrays
 
 NT = 128  # threads of a row-reduction block (a power of two)
 SPLIT = 256  # slots of an attention block, and its threads (a power of two)
@@ -32,6 +33,7 @@ MAX_D = 256  # the largest head dim (at most SPLIT)
 TILE_FLOATS = TILE * (MAX_D + 1)  # a key tile in shared memory, rows padded: no bank conflicts
 
 _f32 = numba.float32
+thread_safe_shared_arrays()  # under numba's simulator, every thread gets the block's shared arrays
 
 
 # ------------------------------------------------------------------ block reductions

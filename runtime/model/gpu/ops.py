@@ -17,6 +17,7 @@ import math
 import numba
 import numpy as np
 from numba import cuda
+from quant.cuda_kernels.simulator import thread_safe_shared_arrays
 
 from runtime.model.gpu.attention_ops import (NT, _arr, _block_sum, _need, _rows, attention, attention_scratch,
                                              kv_store, qk_norm_rope)
@@ -30,6 +31,7 @@ MAX_K = 64  # the most experts per token
 FLOOR = 6.103515625e-5  # ops._route's normalization floor
 
 _f32 = numba.float32
+thread_safe_shared_arrays()  # under numba's simulator, every thread gets the block's shared arrays
 
 
 # ------------------------------------------------------------------ norms and adds
