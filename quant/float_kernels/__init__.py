@@ -16,8 +16,9 @@ Shape legend
 
 Both return ``out``. Formats: F32, F16, BF16, Q8_0, Q4_0, MXFP4, Q4_K, Q5_K, Q6_K,
 IQ4_XS (rows in row_dot / row_decode, drivers in gemv_gemm), and the formats llama.cpp's
-low-bit presets write, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, TQ1_0, TQ2_0 (rows_lowbit,
-drivers in gemv_gemm_llama). Weights are decoded inside the kernels (fused), in float32 with float32
+low-bit presets write, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, TQ1_0, TQ2_0 (rows_lowbit), and
+its code-book formats IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M (rows_iq; drivers
+of both in gemv_gemm_llama). Weights are decoded inside the kernels (fused), in float32 with float32
 activations, so results match ``dequantize(...) @ x`` to float32 rounding. No
 repacking is needed: the GGUF layouts already give each sub-block contiguous
 bytes, which is what the vectorized inner loops need (see ``row_dot``).
@@ -40,6 +41,7 @@ from ..formats import IQ4_NL_VALUES, MXFP4_VALUES_X2
 from ..packed import PackedMatrix
 from . import gemv_gemm as _g
 from . import gemv_gemm_llama as _gl
+from .rows_iq import table as _iq_table
 
 _LUT = np.array([IQ4_NL_VALUES, MXFP4_VALUES_X2], np.float32)
 _LUT.setflags(write=False)
@@ -64,7 +66,16 @@ _DRIVERS = {  # qtype -> (GEMV driver, GEMM driver)
     T.Q3_K: (_gl.gemv_q3_k, _gl.gemm_q3_k),
     T.TQ1_0: (_gl.gemv_tq1_0, _gl.gemm_tq1_0),
     T.TQ2_0: (_gl.gemv_tq2_0, _gl.gemm_tq2_0),
+    T.IQ2_XXS: (_gl.gemv_iq2_xxs, _gl.gemm_iq2_xxs),
+    T.IQ2_XS: (_gl.gemv_iq2_xs, _gl.gemm_iq2_xs),
+    T.IQ2_S: (_gl.gemv_iq2_s, _gl.gemm_iq2_s),
+    T.IQ3_XXS: (_gl.gemv_iq3_xxs, _gl.gemm_iq3_xxs),
+    T.IQ3_S: (_gl.gemv_iq3_s, _gl.gemm_iq3_s),
+    T.IQ1_S: (_gl.gemv_iq1_s, _gl.gemm_iq1_s),
+    T.IQ1_M: (_gl.gemv_iq1_m, _gl.gemm_iq1_m),
 }
+# the code-book formats take their grid and sign patterns as the table argument
+_TABLES = {q: _iq_table(q) for q in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M)}
 
 TILE_ROWS, TILE_COLS = _g.TILE_ROWS, _g.TILE_COLS
 
@@ -89,7 +100,7 @@ def matvec(w: PackedMatrix, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     _check("x", x, (w.cols,))
     _check("out", out, (w.rows,))
     xs = x.reshape(-1, 32).sum(axis=1, dtype=np.float32) if w.qtype in _NEEDS_XSUM else _EMPTY
-    _DRIVERS[w.qtype][0](w.data, x, xs, _LUT, out)
+    _DRIVERS[w.qtype][0](w.data, x, xs, _TABLES.get(w.qtype, _LUT), out)
     return out
 
 
@@ -110,7 +121,7 @@ def matmul(w: PackedMatrix, X: np.ndarray, out: np.ndarray, scratch: np.ndarray 
             or not scratch.flags.c_contiguous:
         raise ValueError(f"scratch must be C-contiguous float32 [workers, {TILE_ROWS}, {TILE_COLS}], "
                          f"got {scratch.dtype} {scratch.shape}")
-    _DRIVERS[w.qtype][1](w.data, X, _LUT, scratch, out)
+    _DRIVERS[w.qtype][1](w.data, X, _TABLES.get(w.qtype, _LUT), scratch, out)
     return out
 
 
