@@ -4,6 +4,8 @@ Shape legend
     R   rows of the matrix being quantized
     C   weights per row (a multiple of 256)
     S   super-blocks per row, C // 256
+    J   32-weight sub-blocks per row, C // 32 (the SIMD lanes of the Q4_K/Q5_K kernels)
+    T   candidate (scale, min) pairs evaluated together in one step of pass 3
     x   float32 [R, C]   the weights
     out uint8   [R, S * block_bytes]   GGUF bytes
 
@@ -18,6 +20,18 @@ Each format is quantized in three passes over the rows:
      are closest to x, then write the codes.
 Pass 3 measures error with the exact float32 arithmetic of the decoder, which is
 why these quantizers match or beat ggml's reference ones on plain RMSE.
+
+Why lanes. The Q4_K/Q5_K passes sum float64 (and float32 squares) in a fixed order, one
+sub-block at a time; those sums are sequential, so a sub-block on its own cannot use SIMD.
+The kernels below therefore lay a row's J sub-blocks side by side (element i of sub-block j
+at [i, j]) and run the same arithmetic for all of them in the inner loop: each lane keeps
+its own sums in its own order, so the result is bit-identical to fitting one sub-block after
+another, while LLVM vectorizes across sub-blocks. Pass 3's searches are data-dependent (how
+far the min moves), so they run as a work list: every step gathers each unfinished search's
+untried (scale, min) candidates into T columns and evaluates them all at once. A candidate
+already evaluated is never evaluated again: it cannot beat a best it is part of, so skipping
+it changes nothing. The `error_model="numpy"` flag lets masked-out lanes divide by zero
+(their results are discarded) instead of raising.
 """
 
 from __future__ import annotations
@@ -28,90 +42,94 @@ import numpy as np
 from .formats import QK_K
 
 _JIT = dict(cache=True, nogil=True)
+_LANES = dict(cache=True, nogil=True, error_model="numpy")
 
 
 # ---------------------------------------------------------------- pass 1: sub-block fits
 
-@nb.njit(inline="always", **_JIT)
-def _fit_affine(x, w, nmax, rmin, rdelta, nstep, L):
-    """Fit x ~ a*L - m with integer L in [0, nmax] and m >= 0; returns (a, m).
-
-    Weighted by w. Tries step sizes (nmax + rmin + rdelta*k) / (max - min) for
-    k = 0..nstep, refits (a, m) by least squares for each rounding, and ends
-    with one re-rounding step at the best fit. L is scratch [len(x)]."""
-    n = x.shape[0]
-    lo = min(0.0, x.min())
-    hi = x.max()
-    if hi == lo:
-        return 0.0, -lo
-    sw = 0.0
-    sx = 0.0
-    for i in range(n):
-        sw += w[i]
-        sx += w[i] * x[i]
-    best_a = (hi - lo) / nmax
-    best_b = lo
-    best_err = 0.0
-    for i in range(n):
-        q = min(max(np.rint((x[i] - lo) / best_a), 0.0), nmax)
-        e = best_a * q + lo - x[i]
-        best_err += w[i] * e * e
-    for k in range(nstep + 2):
-        if k <= nstep:
-            inv = (nmax + rmin + rdelta * k) / (hi - lo)
-            off = lo
-        else:  # final pass: re-round at the best fit so far
-            if best_a <= 0.0:
-                break
-            inv = 1.0 / best_a
-            off = best_b
-        sl = 0.0
-        sl2 = 0.0
-        sxl = 0.0
-        for i in range(n):
-            q = min(max(np.rint((x[i] - off) * inv), 0.0), nmax)
-            L[i] = q
-            sl += w[i] * q
-            sl2 += w[i] * q * q
-            sxl += w[i] * q * x[i]
-        det = sw * sl2 - sl * sl
-        if det <= 0.0:
-            continue
-        a = (sw * sxl - sx * sl) / det
-        b = (sl2 * sx - sl * sxl) / det
-        if b > 0.0:  # the offset must not be positive: refit through zero
-            b = 0.0
-            a = sxl / sl2
-        err = 0.0
-        for i in range(n):
-            e = a * L[i] + b - x[i]
-            err += w[i] * e * e
-        if err < best_err:
-            best_err = err
-            best_a = a
-            best_b = b
-    return best_a, -best_b
-
-
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(parallel=True, **_LANES)
 def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
-    """Pass 1 for Q4_K/Q5_K: scales, mins float32 [R, C // 32] (outputs)."""
+    """Pass 1 for Q4_K/Q5_K: scales, mins float32 [R, J] (outputs).
+
+    Fits x ~ a*L - m per sub-block with integer L in [0, nmax] and m >= 0, weighted by
+    w = rms + |x| (large weights matter more, small ones still count). Tries step sizes
+    (nmax + rmin + rdelta*k) / (max - min) for k = 0..nstep, refits (a, m) by least squares
+    for each rounding, and ends with one re-rounding step at the best fit."""
     rows, cols = x.shape
+    J = cols // 32
     for r in nb.prange(rows):
-        w = np.empty(32, np.float64)
-        L = np.empty(32, np.float64)
-        xs = np.empty(32, np.float64)
-        for j in range(cols // 32):
-            ss = 0.0
+        el = np.empty((3, 32, J), np.float64)  # [i, j] per lane: weight, importance, code
+        xt, w, lq = el[0], el[1], el[2]
+        st = np.zeros((16, J), np.float64)  # one row per lane variable
+        ss, lo, hi, sw, sx, ba, bb, be = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+        inv, off, sl, sl2, sxl, ca, cb, err = st[8], st[9], st[10], st[11], st[12], st[13], st[14], st[15]
+        for i in range(32):
+            for j in range(J):
+                v = np.float64(x[r, 32 * j + i])
+                xt[i, j] = v
+                ss[j] += v * v
+        for j in range(J):
+            ss[j] = np.sqrt(ss[j] / 32)
+            lo[j] = xt[0, j]
+            hi[j] = xt[0, j]
+        for i in range(32):
+            for j in range(J):
+                v = xt[i, j]
+                w[i, j] = ss[j] + abs(v)
+                lo[j] = v if v < lo[j] else lo[j]  # as ndarray.min(): the first of equals
+                hi[j] = v if v > hi[j] else hi[j]
+        for j in range(J):
+            lo[j] = min(0.0, lo[j])
+            ba[j] = (hi[j] - lo[j]) / nmax  # the plain min-max fit is the first best
+            bb[j] = lo[j]
+        for i in range(32):
+            for j in range(J):
+                v = xt[i, j]
+                sw[j] += w[i, j]
+                sx[j] += w[i, j] * v
+                q = min(max(np.rint((v - lo[j]) / ba[j]), 0.0), nmax)
+                e = ba[j] * q + lo[j] - v
+                be[j] += w[i, j] * e * e
+        for k in range(nstep + 2):
+            final = k > nstep  # re-round at the best fit so far
+            for j in range(J):
+                inv[j] = 1.0 / ba[j] if final else (nmax + rmin + rdelta * k) / (hi[j] - lo[j])
+                off[j] = bb[j] if final else lo[j]
+                sl[j] = 0.0
+                sl2[j] = 0.0
+                sxl[j] = 0.0
+                err[j] = 0.0
             for i in range(32):
-                xs[i] = x[r, 32 * j + i]
-                ss += xs[i] * xs[i]
-            av = np.sqrt(ss / 32)
+                for j in range(J):
+                    v = xt[i, j]
+                    q = min(max(np.rint((v - off[j]) * inv[j]), 0.0), nmax)
+                    lq[i, j] = q
+                    sl[j] += w[i, j] * q
+                    sl2[j] += w[i, j] * q * q
+                    sxl[j] += w[i, j] * q * v
+            for j in range(J):
+                det = sw[j] * sl2[j] - sl[j] * sl[j]
+                a = (sw[j] * sxl[j] - sx[j] * sl[j]) / det
+                b = (sl2[j] * sx[j] - sl[j] * sxl[j]) / det
+                if b > 0.0:  # the offset must not be positive: refit through zero
+                    b = 0.0
+                    a = sxl[j] / sl2[j]
+                ca[j] = a
+                cb[j] = b
             for i in range(32):
-                w[i] = av + abs(xs[i])  # large weights matter more, small ones still count
-            a, m = _fit_affine(xs, w, nmax, rmin, rdelta, nstep, L)
-            scales[r, j] = a
-            mins[r, j] = m
+                for j in range(J):
+                    e = ca[j] * lq[i, j] + cb[j] - xt[i, j]
+                    err[j] += w[i, j] * e * e
+            for j in range(J):
+                det = sw[j] * sl2[j] - sl[j] * sl[j]
+                if not det <= 0.0 and err[j] < be[j] and not (final and ba[j] <= 0.0):
+                    be[j] = err[j]
+                    ba[j] = ca[j]
+                    bb[j] = cb[j]
+        for j in range(J):
+            flat = hi[j] == lo[j]
+            scales[r, j] = 0.0 if flat else ba[j]
+            mins[r, j] = -lo[j] if flat else -bb[j]
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -151,47 +169,29 @@ def fit_symmetric_groups(x, scales):
 
 # ---------------------------------------------------------------- pass 3: integer scales and codes
 
-@nb.njit(inline="always", **_JIT)
-def _affine_codes(x, base, ds, dm, nmax, L):
-    """Codes L[32] for x[base:base+32] at decoded scale ds and min dm; returns their squared error."""
-    err = 0.0
+@nb.njit(inline="always", **_LANES)
+def _affine_code(v, ds, dm, nmax):
+    """The code of weight v at decoded scale ds and min dm (0 when ds is 0), as float64."""
+    q = min(max(np.rint((v + dm) / ds), 0.0), nmax)
+    return q if ds != 0.0 else 0.0
+
+
+@nb.njit(inline="always", **_LANES)
+def _evaluate(xg, t_ds, t_dm, acc, T, nmax):
+    """Squared error acc[0, t] and summed residual acc[1, t] of candidate t over its
+    sub-block xg[:, t], both in the decoder's float32 arithmetic, summed in order."""
+    for t in range(T):
+        acc[0, t] = 0.0
+        acc[1, t] = 0.0
     for i in range(32):
-        v = x[base + i]
-        q = 0.0
-        if ds != 0.0:
-            q = min(max(np.rint((v + dm) / ds), 0.0), nmax)
-        e = np.float32(ds * np.float32(q) - dm) - v  # the decoder's float32 arithmetic
-        err += e * e
-        L[i] = np.uint8(q)
-    return err
-
-
-@nb.njit(inline="always", **_JIT)
-def _search_min(x, base, ds, sm, m0, nmax, Lt, Lbest):
-    """Best 6-bit min for one sub-block at scale ds: tries m0 and its neighbours, then
-    twice the least-squares min of the best codes so far and its neighbours.
-    Returns (squared error, integer min); Lbest[32] gets the codes."""
-    best = np.inf
-    best_m = 0
-    centre = m0
-    for it in range(3):
-        for m in range(max(centre - 1, 0), min(centre + 1, 63) + 1):
-            e = _affine_codes(x, base, ds, np.float32(sm * np.float32(m)), nmax, Lt)
-            if e < best:
-                best = e
-                best_m = m
-                for i in range(32):
-                    Lbest[i] = Lt[i]
-        if sm == 0.0:
-            break
-        resid = 0.0
-        for i in range(32):
-            resid += ds * np.float32(Lbest[i]) - x[base + i]
-        nxt = int(min(max(np.rint(resid / 32.0 / sm), 0.0), 63.0))
-        if nxt == centre:
-            break
-        centre = nxt
-    return best, best_m
+        for t in range(T):
+            v = xg[i, t]
+            ds = t_ds[t]
+            dm = t_dm[t]
+            q = np.float32(_affine_code(v, ds, dm, nmax))
+            e = np.float32(ds * q - dm) - v
+            acc[0, t] += e * e
+            acc[1, t] += ds * q - v
 
 
 @nb.njit(inline="always", **_JIT)
@@ -203,57 +203,128 @@ def _pack_scales_k4(out, off, ls, lm):
         out[off + 8 + j] = np.uint8((ls[j + 4] & 15) | ((lm[j + 4] & 15) << 4))
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(inline="always", **_JIT)
+def _pack_affine(out, o, L, ls, lm, d_bit, dmin_bit, nbits):
+    """One Q4_K/Q5_K super-block at out[o:]: f16 scales, packed 6-bit scales, codes L[256]."""
+    out[o + 0] = np.uint8(d_bit & 255)
+    out[o + 1] = np.uint8(d_bit >> 8)
+    out[o + 2] = np.uint8(dmin_bit & 255)
+    out[o + 3] = np.uint8(dmin_bit >> 8)
+    _pack_scales_k4(out, o + 4, ls, lm)
+    if nbits == 4:
+        for k in range(4):
+            for i in range(32):
+                out[o + 16 + 32 * k + i] = L[64 * k + i] | (L[64 * k + 32 + i] << 4)
+    else:
+        for i in range(32):
+            h = 0
+            for j in range(8):
+                h |= (L[32 * j + i] >> 4) << j
+            out[o + 16 + i] = np.uint8(h)
+        for k in range(4):
+            for i in range(32):
+                out[o + 48 + 32 * k + i] = (L[64 * k + i] & 15) | ((L[64 * k + 32 + i] & 15) << 4)
+
+
+@nb.njit(parallel=True, **_LANES)
 def encode_affine(x, scales, mins, d, dmin, d_bits, dmin_bits, nbits, out):
     """Pass 3 for Q4_K (nbits=4) and Q5_K (nbits=5).
 
     d, dmin float32 [R, S] are the f16-rounded super-block scales and d_bits,
-    dmin_bits uint16 [R, S] their f16 encodings; out uint8 [R, S * block_bytes]."""
+    dmin_bits uint16 [R, S] their f16 encodings; out uint8 [R, S * block_bytes].
+
+    Per sub-block, each integer scale c in c0-1..c0+1 (c0 the rounded fitted scale) runs
+    a search for its best 6-bit min: try the centre m0 and its neighbours, move the centre
+    to the least-squares min of the best codes so far (at most three rounds), stop when it
+    stays. The (c, m) of least decoded error wins; the first of equals, in ascending order."""
     rows, cols = x.shape
     nmax = float((1 << nbits) - 1)
     bb = 144 if nbits == 4 else 176
+    J = cols // 32
+    NS = 3 * J  # searches: (sub-block j, candidate scale j % 3)
     for r in nb.prange(rows):
-        L = np.empty(QK_K, np.uint8)
-        Lt = np.empty(32, np.uint8)
-        Lc = np.empty(32, np.uint8)
-        ls = np.empty(8, np.int64)
-        lm = np.empty(8, np.int64)
+        sd = np.empty(J, np.float32)
+        sm = np.empty(J, np.float32)
+        s_c = np.zeros(NS, np.int64)
+        s_ds = np.zeros(NS, np.float32)
+        s_run = np.zeros(NS, np.bool_)  # unfinished
+        s_ok = np.zeros(NS, np.bool_)  # the candidate scale exists
+        s_best = np.full(NS, np.inf)
+        s_m = np.zeros(NS, np.int64)
+        s_res = np.zeros(NS, np.float64)
+        s_centre = np.zeros(NS, np.int64)
+        s_tried = np.zeros(NS, np.int64)  # bit m: min m evaluated
+        for j in range(J):
+            sd[j] = d[r, j // 8]
+            sm[j] = dmin[r, j // 8]
+            c0 = 0 if sd[j] == 0.0 else int(min(np.rint(scales[r, j] / sd[j]), 63.0))
+            m0 = 0 if sm[j] == 0.0 else int(min(np.rint(mins[r, j] / sm[j]), 63.0))
+            for k in range(3):
+                c = max(c0 - 1, 0) + k
+                if c <= min(c0 + 1, 63):
+                    q = 3 * j + k
+                    s_c[q] = c
+                    s_ds[q] = np.float32(sd[j] * np.float32(c))
+                    s_ok[q] = True
+                    s_run[q] = True
+                    s_centre[q] = m0
+        t_s = np.empty(3 * NS, np.int64)
+        t_m = np.empty(3 * NS, np.int64)
+        t_ds = np.empty(3 * NS, np.float32)
+        t_dm = np.empty(3 * NS, np.float32)
+        acc = np.empty((2, 3 * NS), np.float64)
+        xg = np.empty((32, 3 * NS), np.float32)
+        for _round in range(3):
+            T = 0
+            for q in range(NS):
+                if not s_run[q]:
+                    continue
+                j = q // 3
+                for m in range(max(s_centre[q] - 1, 0), min(s_centre[q] + 1, 63) + 1):
+                    if s_tried[q] & (np.int64(1) << m):
+                        continue
+                    s_tried[q] |= np.int64(1) << m
+                    t_s[T] = q
+                    t_m[T] = m
+                    t_ds[T] = s_ds[q]
+                    t_dm[T] = np.float32(sm[j] * np.float32(m))
+                    for i in range(32):
+                        xg[i, T] = x[r, 32 * j + i]
+                    T += 1
+            if T == 0:
+                break
+            _evaluate(xg, t_ds, t_dm, acc, T, nmax)
+            for t in range(T):  # a search's candidates are in ascending m
+                q = t_s[t]
+                if acc[0, t] < s_best[q]:
+                    s_best[q] = acc[0, t]
+                    s_m[q] = t_m[t]
+                    s_res[q] = acc[1, t]
+            for q in range(NS):
+                if not s_run[q]:
+                    continue
+                smj = sm[q // 3]
+                nxt = 0 if smj == 0.0 else int(min(max(np.rint(s_res[q] / 32.0 / smj), 0.0), 63.0))
+                if smj == 0.0 or nxt == s_centre[q]:
+                    s_run[q] = False
+                s_centre[q] = nxt
+        ls = np.zeros(J, np.int64)
+        lm = np.zeros(J, np.int64)
+        L = np.empty(cols, np.uint8)
+        for j in range(J):
+            best = np.inf
+            for k in range(3):
+                q = 3 * j + k
+                if s_ok[q] and s_best[q] < best:
+                    best = s_best[q]
+                    ls[j] = s_c[q]
+                    lm[j] = s_m[q]
+            ds = np.float32(sd[j] * np.float32(ls[j]))
+            dm = np.float32(sm[j] * np.float32(lm[j]))
+            for i in range(32):
+                L[32 * j + i] = np.uint8(_affine_code(x[r, 32 * j + i], ds, dm, nmax))
         for s in range(cols // QK_K):
-            o = s * bb
-            sd = d[r, s]
-            sm = dmin[r, s]
-            for j in range(8):
-                c0 = 0 if sd == 0.0 else int(min(np.rint(scales[r, 8 * s + j] / sd), 63.0))
-                m0 = 0 if sm == 0.0 else int(min(np.rint(mins[r, 8 * s + j] / sm), 63.0))
-                best = np.inf
-                xb = QK_K * s + 32 * j
-                for c in range(max(c0 - 1, 0), min(c0 + 1, 63) + 1):
-                    ds = np.float32(sd * np.float32(c))
-                    e, m = _search_min(x[r], xb, ds, sm, m0, nmax, Lt, Lc)
-                    if e < best:
-                        best = e
-                        ls[j] = c
-                        lm[j] = m
-                        for i in range(32):
-                            L[32 * j + i] = Lc[i]
-            out[r, o + 0] = np.uint8(d_bits[r, s] & 255)
-            out[r, o + 1] = np.uint8(d_bits[r, s] >> 8)
-            out[r, o + 2] = np.uint8(dmin_bits[r, s] & 255)
-            out[r, o + 3] = np.uint8(dmin_bits[r, s] >> 8)
-            _pack_scales_k4(out[r], o + 4, ls, lm)
-            if nbits == 4:
-                for k in range(4):
-                    for i in range(32):
-                        out[r, o + 16 + 32 * k + i] = L[64 * k + i] | (L[64 * k + 32 + i] << 4)
-            else:
-                for i in range(32):
-                    h = 0
-                    for j in range(8):
-                        h |= (L[32 * j + i] >> 4) << j
-                    out[r, o + 16 + i] = np.uint8(h)
-                for k in range(4):
-                    for i in range(32):
-                        out[r, o + 48 + 32 * k + i] = (L[64 * k + i] & 15) | ((L[64 * k + 32 + i] & 15) << 4)
+            _pack_affine(out[r], s * bb, L[QK_K * s:], ls[8 * s:], lm[8 * s:], d_bits[r, s], dmin_bits[r, s], nbits)
 
 
 @nb.njit(parallel=True, **_JIT)
