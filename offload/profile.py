@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,12 +75,17 @@ class RecordingProvider:
     """Wraps an expert provider and counts every expert it hands out.
 
     With keep_calls, it also keeps each request's (layer, set of experts): one request per
-    layer per token in decoding, which is what token-to-token reuse is measured on.
+    layer per token in decoding, which is what token-to-token reuse is measured on. With a
+    trace (offload.trace.TraceRecorder), it records each token's experts in order.
+
+    A `held` request that the inner provider cannot hold at once comes back as a call to
+    `experts` for the same experts; that call is not counted a second time.
     """
 
-    def __init__(self, inner, profile: ExpertProfile, n_expert: int, keep_calls: bool = False):
-        self.inner, self.profile, self.n_expert = inner, profile, n_expert
+    def __init__(self, inner, profile: ExpertProfile, n_expert: int, keep_calls: bool = False, trace=None):
+        self.inner, self.profile, self.n_expert, self.trace = inner, profile, n_expert, trace
         self.calls: list[tuple[int, set[int]]] | None = [] if keep_calls else None
+        self._fallback: int | None = None  # the layer whose `held` came back None
 
     @property
     def prefetches(self) -> bool:
@@ -89,18 +95,30 @@ class RecordingProvider:
     def stats(self):
         return self.inner.stats
 
-    def experts(self, layer: int, ids) -> Iterator:
+    def _record(self, layer: int, ids) -> None:
         self.profile.add(layer, self.n_expert, ids)
         if self.calls is not None:
             self.calls.append((layer, set(int(e) for e in ids)))
+        if self.trace is not None:
+            self.trace.add(layer, ids)
+
+    def experts(self, layer: int, ids) -> Iterator:
+        if self._fallback == layer:
+            self._fallback = None
+        else:
+            self._record(layer, ids)
         return self.inner.experts(layer, ids)
 
+    @contextmanager
     def held(self, layer: int, ids):
         ids = list(ids)
-        self.profile.add(layer, self.n_expert, ids)
-        if self.calls is not None:
-            self.calls.append((layer, set(int(e) for e in ids)))
-        return self.inner.held(layer, ids)
+        self._record(layer, ids)
+        with self.inner.held(layer, ids) as got:
+            self._fallback = layer if got is None else None
+            try:
+                yield got
+            finally:
+                self._fallback = None
 
     def prefetch(self, layer: int, ids) -> None:
         self.inner.prefetch(layer, ids)

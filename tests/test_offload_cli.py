@@ -55,3 +55,68 @@ def test_placement_line_says_where_the_budget_came_from(tiny_gguf, capsys):
     # An asked-for budget, and the limit that binds beside it (the host here, or this machine's cgroup).
     assert line.startswith("placement: budget 0.7 MiB (asked for; ")
     assert "available memory " in line or " limit " in line
+
+
+def test_profile_writes_the_routing_trace(tiny_gguf, tmp_path, capsys):
+    import numpy as np
+
+    from offload.trace import RoutingTrace
+
+    path = tiny_gguf("q4_k_m")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main():\\n    pass\nimport os\n")
+    out, trace_path = tmp_path / "p.json", tmp_path / "t.npz"
+    assert main(["profile", "-m", str(path), "-f", str(prompts), "-o", str(out), "-n", "3",
+                 "--trace", str(trace_path)]) == 0
+    assert "routing of" in capsys.readouterr().out
+    prof, trace = ExpertProfile.load(out, path), RoutingTrace.load(trace_path)
+    assert trace.ids.dtype == np.int16 and trace.tokens == prof.tokens and trace.top_k == 4
+    assert trace.model == path.name and trace.model_bytes == path.stat().st_size
+    assert trace.layers.tolist() == sorted(prof.counts) and (trace.n_expert == 16).all()
+    assert trace.starts[0] == 0 and len(trace.starts) == 2
+    for j, layer in enumerate(trace.layers.tolist()):  # the counts, re-derived from the order
+        assert np.bincount(trace.ids[:, j].ravel(), minlength=16).tolist() == prof.counts[layer]
+        assert all(len(set(row)) == 4 for row in trace.ids[:, j].tolist())  # K distinct experts a token
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_profile_trace_equals_the_router(tiny_gguf, tmp_path):
+    """Teacher-forced random tokens: the trace holds each token's top-K from the model's own routing
+    (the same tokens evaluated by a fresh model, whose router logits are recomputed here)."""
+    import numpy as np
+
+    from offload.trace import RoutingTrace
+    from runtime.loader import load
+    from runtime.model import ffn
+
+    path = tiny_gguf("q4_k_m")
+    trace_path = tmp_path / "t.npz"
+    assert main(["profile", "-m", str(path), "--random-tokens", "20", "--seed", "5", "-o", str(tmp_path / "p.json"),
+                 "--trace", str(trace_path)]) == 0
+    trace = RoutingTrace.load(trace_path)
+    m = load(str(path))
+    tokens = np.random.default_rng(5).integers(0, m.cfg.vocab, 20).tolist()
+    seen = {}
+    real_moe = ffn.moe
+
+    def spy(s, w, x, logits, experts):
+        ids, _ = ffn.route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)
+        seen.setdefault(s.index, []).append(np.sort(ids, axis=1))
+        return real_moe(s, w, x, logits, experts)
+
+    ffn.moe = spy
+    try:
+        m.eval(tokens)
+    finally:
+        ffn.moe = real_moe
+    assert trace.tokens == 20
+    for j, layer in enumerate(trace.layers.tolist()):
+        assert (np.sort(trace.ids[:, j], axis=1) == np.concatenate(seen[layer])).all()
+
+
+def test_profile_needs_prompts_or_random_tokens(tiny_gguf, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "-m", str(tiny_gguf("q4_k_m"))])
+    assert e.value.code == 2 and "one of the arguments -f/--file --random-tokens is required" in capsys.readouterr().err

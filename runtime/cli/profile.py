@@ -1,8 +1,13 @@
-"""`stepstream profile -m MODEL -f PROMPTS.txt [-o FILE] [-n N]`: record expert activation counts.
+"""`stepstream profile -m MODEL (-f PROMPTS.txt | --random-tokens T) [-o FILE] [-n N] [--trace FILE]`:
+record expert activation counts.
 
 Each non-empty line of PROMPTS.txt is a prompt (write `\\n` for a newline inside one). The
 model evaluates it from an empty cache and then greedily generates N tokens; every routed
 expert activation is counted per layer. `run --profile FILE` pins the most-used experts.
+--random-tokens evaluates T uniformly drawn token ids instead (teacher-forced, one prompt):
+what a file without a tokenizer (`stepstream synth`) can be profiled on.
+With --trace, the ordered routing (every token's experts in every MoE layer, offload.trace)
+is written too, for `python -m offload.simulate` to replay against cache policies.
 """
 
 from __future__ import annotations
@@ -11,49 +16,100 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from runtime.base.errors import StepstreamError
 from runtime.cli.common import existing_file, non_negative_int, positive_int, read_text_file, writable_output
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, type=existing_file("GGUF file"), help="GGUF model")
-    p.add_argument("-f", "--file", required=True, help="prompts, one per line")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-f", "--file", help="prompts, one per line")
+    src.add_argument("--random-tokens", type=positive_int, default=None, metavar="T",
+                     help="evaluate T random token ids instead of prompts (files without a tokenizer)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of --random-tokens (default: 0)")
     p.add_argument("-o", "--output", default=None, help="profile to write (default: MODEL_NAME.profile.json here)")
     p.add_argument("-n", "--n-predict", type=non_negative_int, default=16,
                    help="tokens to generate after each prompt (default: 16)")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="also write the routing trace (.npz: every token's experts per MoE layer, in order)")
     p.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context size")
+
+
+def _feed(model, ids: list[int]) -> np.ndarray:
+    """Evaluate ids in whole chunks of n_batch, the rest one token at a time; the last logits.
+
+    The provider then sees either a chunk's routing token by token (prefill) or one token's
+    experts (decode), never a few tokens' experts merged into one request (the model's path
+    for 2..FEW_TOKENS tokens), so the routing trace keeps every token apart.
+    """
+    whole = len(ids) // model.options.n_batch * model.options.n_batch
+    logits = model.eval(ids[:whole]) if whole else None
+    for tok in ids[whole:]:
+        logits = model.eval([tok])
+    return logits
+
+
+def _greedy(model, ids: list[int], n_predict: int) -> None:
+    """Greedy generation of up to n_predict tokens after ids, as `generate(temperature=0)` does:
+    it stops at end of generation or of the context, and the last token is never evaluated."""
+    logits = _feed(model, ids)
+    eog = model.tokenizer.eog_ids
+    for n in range(1, n_predict + 1):
+        tok = int(np.argmax(logits))
+        if tok in eog or n == n_predict or model.n_past + 1 > model.n_ctx:
+            return
+        logits = model.eval([tok])
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from offload.profile import ExpertProfile, RecordingProvider
+    from offload.trace import TraceRecorder
     from runtime.loader import load
 
-    text = read_text_file(args.file, "prompts file")
-    prompts = [l.replace("\\n", "\n") for l in text.splitlines() if l.strip()]
-    if not prompts:
-        raise StepstreamError(f"{args.file}: no prompts (one per non-empty line)")
+    if args.file is not None:
+        text = read_text_file(args.file, "prompts file")
+        prompts = [l.replace("\\n", "\n") for l in text.splitlines() if l.strip()]
+        if not prompts:
+            raise StepstreamError(f"{args.file}: no prompts (one per non-empty line)")
     out = writable_output(Path(args.output), "profile") if args.output else None  # before the work, not after
+    trace_out = writable_output(Path(args.trace), "routing trace") if args.trace else None
     model = load(args.model, n_ctx=args.ctx_size)
     if args.n_predict >= model.n_ctx:
         raise StepstreamError(f"-n {args.n_predict} leaves no room for a prompt in a context of {model.n_ctx} tokens "
                               f"(raise -c or lower -n)")
+    if args.random_tokens is not None:
+        if args.random_tokens + args.n_predict > model.n_ctx:
+            raise StepstreamError(f"--random-tokens {args.random_tokens} and -n {args.n_predict} exceed the context of "
+                                  f"{model.n_ctx} tokens (raise -c)")
+        prompts = [np.random.default_rng(args.seed).integers(0, model.cfg.vocab, args.random_tokens).tolist()]
     path = Path(model.file.path)
     out = out or writable_output(Path(f"{path.stem}.profile.json"), "profile")
     profile = ExpertProfile(path.name, path.stat().st_size)
-    model.provider = RecordingProvider(model.provider, profile, model.cfg.n_expert)
+    recorder = TraceRecorder(model.cfg.n_expert_used) if trace_out else None
+    model.provider = RecordingProvider(model.provider, profile, model.cfg.n_expert, trace=recorder)
     for prompt in tqdm(prompts, desc="profile", unit="prompt", file=sys.stderr):
-        ids = model.tokenize(prompt, special=True)[: model.n_ctx - args.n_predict]
+        if recorder is not None:
+            recorder.start_prompt()
         model.reset()
-        for _ in model.generate(ids, max_tokens=args.n_predict, temperature=0.0):
-            pass
+        if isinstance(prompt, list):  # random ids, teacher-forced: nothing to generate from
+            _feed(model, prompt)
+        else:
+            _greedy(model, model.tokenize(prompt, special=True)[: model.n_ctx - args.n_predict], args.n_predict)
         profile.tokens += model.n_past  # positions evaluated: generation stops early at end of text, and its
         # last token is never evaluated, so neither len(ids) + n_predict nor the tokens seen is the count
     try:
         profile.save(out)
     except OSError as e:
         raise StepstreamError(f"{out}: cannot write the profile: {e.strerror}") from None
+    if recorder is not None:
+        moe = {i: model.cfg.n_expert for i in range(model.cfg.n_layers) if model.cfg.moe[i]}
+        trace = recorder.trace(path.name, path.stat().st_size, moe)
+        trace.save(trace_out)
+        print(f"wrote {trace_out}: routing of {trace.tokens} tokens over {len(moe)} MoE layers, top-{trace.top_k}")
     print(f"wrote {out}: {profile.tokens} tokens over {len(prompts)} prompts; the top 20% of experts take "
           f"{profile.skew(0.2):.1%} of activations")
     return 0
