@@ -19,7 +19,7 @@ a set that must include the formats of their matrices; by default, exactly those
 A caller that multiplies matrices of several formats (the runtime) passes one set for all
 its calls, so that each kernel is compiled once.
 
-Formats: Q4_K, Q5_K, Q6_K and Q8_0 (``supports``). Results equal ``dequantize(W) @
+Formats: Q4_K, Q5_K, Q6_K, Q8_0, Q2_K and Q3_K (``supports``). Results equal ``dequantize(W) @
 (d * q)`` up to float32 rounding once per 256 columns, so they differ from the float32
 kernels of ``quant.float_kernels`` only by the activation rounding (relative error about
 1/250 per block, as in llama.cpp, which quantizes activations the same way).
@@ -62,7 +62,7 @@ __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Ac
            "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matmul_rows", "matvec", "matvec_group", "matvec_many",
            "quantize_activations", "supports", "swiglu_ffns"]
 
-FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K)
 GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: all of FORMATS)
 
 _FORMAT_SET = frozenset(FORMATS)

@@ -32,6 +32,8 @@ the host CPU); the portable loops in ``row_dot`` are used otherwise.
 
 from __future__ import annotations
 
+import numba as nb
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -261,11 +263,12 @@ _FORMATS = {"q4_k": (144, _q4k_block, _q4k_term), "q6_k": (210, _q6k_block, _q6k
             "q5_k": (176, _q5k_block, _q5k_term), "q8_0": (272, _q8_0_block, _q8_0_term)}
 
 
-def _row_dot(fmt: str, n_tok: int):
+def _row_dot(fmt, n_tok: int):
     """Codegen of a whole row (w, nsb super-blocks) times n_tok tokens, given by the addresses of
     their activations, 16-column sums and per-256 scales. The weights are decoded once per
-    super-block for all tokens; each token's float sum runs over the super-blocks in order."""
-    block_bytes, decode, term = _FORMATS[fmt]
+    super-block for all tokens; each token's float sum runs over the super-blocks in order.
+    fmt: a name of _FORMATS, or its (bytes per 256 columns, decode, term) triple."""
+    block_bytes, decode, term = _FORMATS[fmt] if isinstance(fmt, str) else fmt
 
     def codegen(context, builder, signature, args):
         wa, n = args[0], args[1]
@@ -289,6 +292,40 @@ def _row_dot(fmt: str, n_tok: int):
 
 _ROW1 = types.float32(*([types.int64] * 5))
 _ROW4 = types.UniTuple(types.float32, 4)(*([types.int64] * 14))
+
+
+def row_dot_intrinsics(block_bytes: int, decode, term):
+    """(row_dot, row_dot4) intrinsics, with q4k_row_dot's and q4k_row_dot4's arguments, for a
+    format given by decode(builder, address) -> block (256 columns' decoded weights) and
+    term(builder, block, x, xb, xd, acc) -> acc plus that block times one token."""
+    spec = (block_bytes, decode, term)
+
+    def one(typingctx, w, nsb, x, xb, xd):
+        return _ROW1, _row_dot(spec, 1)
+
+    def four(typingctx, w, nsb, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3):
+        return _ROW4, _row_dot(spec, 4)
+
+    return intrinsic(one), intrinsic(four)
+
+
+def row_dot_functions(row1, row4):
+    """Functions with row_dot.q8dot_*'s arguments, (w, xq, xd, xb) and (w, XQ, XD, XB, t) for
+    tokens t .. t+3, over the intrinsics of row_dot_intrinsics; Numba code inlines them."""
+    @nb.njit(inline="always")
+    def dot(w, xq, xd, xb):
+        return row1(np.int64(w.ctypes.data), xq.shape[0] // 256, np.int64(xq.ctypes.data),
+                    np.int64(xb.ctypes.data), np.int64(xd.ctypes.data))
+
+    @nb.njit(inline="always")
+    def dot4(w, XQ, XD, XB, t):
+        return row4(np.int64(w.ctypes.data), XQ.shape[1] // 256,
+                    np.int64(XQ[t].ctypes.data), np.int64(XQ[t + 1].ctypes.data), np.int64(XQ[t + 2].ctypes.data),
+                    np.int64(XQ[t + 3].ctypes.data), np.int64(XB[t].ctypes.data), np.int64(XB[t + 1].ctypes.data),
+                    np.int64(XB[t + 2].ctypes.data), np.int64(XB[t + 3].ctypes.data), np.int64(XD[t].ctypes.data),
+                    np.int64(XD[t + 1].ctypes.data), np.int64(XD[t + 2].ctypes.data), np.int64(XD[t + 3].ctypes.data))
+
+    return dot, dot4
 
 
 @intrinsic

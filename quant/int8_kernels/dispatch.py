@@ -22,8 +22,9 @@ from numba.extending import overload
 
 # format codes as the kernels see them
 Q8_0, Q4_K, Q5_K, Q6_K = int(T.Q8_0), int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
-FORMAT_BIT = {Q4_K: 1, Q6_K: 2, Q5_K: 4, Q8_0: 8}
-BYTES_PER_256 = {Q4_K: 144, Q6_K: 210, Q5_K: 176, Q8_0: 272}  # GGUF bytes of 256 columns
+Q2_K, Q3_K = int(T.Q2_K), int(T.Q3_K)
+FORMAT_BIT = {Q4_K: 1, Q6_K: 2, Q5_K: 4, Q8_0: 8, Q2_K: 16, Q3_K: 32}
+BYTES_PER_256 = {Q4_K: 144, Q6_K: 210, Q5_K: 176, Q8_0: 272, Q2_K: 84, Q3_K: 110}  # GGUF bytes of 256 columns
 
 
 def format_set(qtypes) -> int:

@@ -31,7 +31,8 @@ from ..jit import FIXED_ORDER
 from . import avx2
 from .avx2 import (q4k_row_dot, q4k_row_dot4, q5k_row_dot, q5k_row_dot4, q6k_row_dot, q6k_row_dot4, q8_0_row_dot,
                    q8_0_row_dot4)
-from .dispatch import Q4_K, Q5_K, Q6_K, Q8_0, switch
+from .dispatch import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, switch
+from .q2k_q3k import q8dot4_q2_k_simd, q8dot4_q3_k_simd, q8dot_q2_k, q8dot_q2_k_simd, q8dot_q3_k, q8dot_q3_k_simd
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
 # The portable row dots (hosts without AVX2) are called, not inlined: they are loops, which Numba cannot inline
@@ -255,16 +256,19 @@ def q8dot4_q8_0_simd(w, XQ, XD, XB, t):
     return q8_0_row_dot4(np.int64(w.ctypes.data), XQ.shape[1] // 256, x0, x1, x2, x3, b0, b1, b2, b3, d0, d1, d2, d3)
 
 
-if avx2.AVAILABLE:
-    _DOTS = {Q4_K: q8dot_q4_k_simd, Q6_K: q8dot_q6_k_simd, Q5_K: q8dot_q5_k_simd, Q8_0: q8dot_q8_0_simd}
-else:
-    _DOTS = {Q4_K: q8dot_q4_k, Q6_K: q8dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0}
+# the portable row dot of each format (hosts without AVX2; tests compare the AVX2 ones to them)
+PORTABLE = {Q4_K: q8dot_q4_k, Q6_K: q8dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0, Q2_K: q8dot_q2_k,
+            Q3_K: q8dot_q3_k}
+_SIMD = {Q4_K: q8dot_q4_k_simd, Q6_K: q8dot_q6_k_simd, Q5_K: q8dot_q5_k_simd, Q8_0: q8dot_q8_0_simd,
+         Q2_K: q8dot_q2_k_simd, Q3_K: q8dot_q3_k_simd}
+_DOTS = _SIMD if avx2.AVAILABLE else PORTABLE
 
 # q8dot(formats, qtype, w, xq, xd, xb): row w of format qtype times the activations, compiled for
 # the format set `formats` (see dispatch): the AVX2 versions where the host has AVX2.
 q8dot = switch(_DOTS, arity=4)
 
-_DOTS4 = {Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd, Q5_K: q8dot4_q5_k_simd, Q8_0: q8dot4_q8_0_simd}
+_DOTS4 = {Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd, Q5_K: q8dot4_q5_k_simd, Q8_0: q8dot4_q8_0_simd,
+          Q2_K: q8dot4_q2_k_simd, Q3_K: q8dot4_q3_k_simd}
 GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()  # formats with a 4-token row step
 
 # q8dot4(formats, qtype, w, XQ, XD, XB, t): row w times tokens t .. t+3, for GEMM4_FORMATS.
