@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-serve": ("runtime.cli.bench_serve",
                     "measure `stepstream serve`: prefix reuse, overhead against `stepstream run`, and a load test"),
     "perplexity": ("runtime.cli.perplexity", "perplexity of a text file, computed as llama.cpp's llama-perplexity does"),
+    "plan": ("runtime.cli.plan", "what run would place in RAM and on disk, the hit rate and the decode speed to expect"),
     "profile": ("runtime.cli.profile", "record per-layer expert activation counts over a prompts file"),
     "train-mini": ("runtime.cli.train_mini", "train the miniature Step-3.5 on the Python stdlib (needs torch)"),
 }

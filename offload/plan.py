@@ -1,0 +1,259 @@
+"""`stepstream plan`: what `run` would place where, the hit rate to expect, and the decode speed
+the roofline allows, from the GGUF header alone.
+
+Nothing here reads tensor data: sizes come from the tensor infos, so a file whose data is a
+sparse hole (the real model's shapes, 111 GB apparent, nothing on disk) plans in well under a
+second. The placement is offload.placement's own arithmetic (runtime_needs, choose_budget,
+kv_cache_bytes) on a memory limit that is either this machine's or a machine with --ram of
+memory and nothing else running.
+
+The hit rate of the expert cache comes from, in order of preference:
+    a routing trace (.npz, `stepstream profile --trace`): replayed by offload.simulate under
+        the policy `run` would use, at the planned slot count (a trace of another model: at
+        the same share of its experts);
+    an expert profile (.json, `stepstream profile`): `run --profile` pins the hottest half of
+        the slots and runs LRU on the rest; LRU's rate on the rest is Che's approximation under
+        independent requests with the profile's frequencies;
+    neither: uniform routing, slots / experts. This is what a random router gives: on a synth
+        file's trace (2 MoE layers x 64 experts, top-8, 2000 random tokens) offload.simulate
+        measured LRU at 23.8% with 25% of the experts and 48.6% with 50%. A trained router
+        does better (locality between tokens): on the shipped miniature, 35.4% and 58.3%.
+
+The roofline: a decode step reads every resident matrix, K experts per MoE layer and the KV
+cache (at half the context, the mean over a context filled from empty) from RAM, and the
+missed experts from disk; time per token = max(RAM bytes / RAM GB/s, missed bytes / disk GB/s).
+
+Shape legend:  L MoE layers  E experts per layer  K experts per token  X = L*E
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from offload.direct_io import span_bytes
+from offload.expert_table import build_expert_table
+from offload.placement import LIBRARY_PAGES, RUNTIME_ANON, choose_budget, kv_cache_bytes, runtime_needs
+from offload.provider import slot_bytes_for
+from runtime.base import gguf_schema as N
+from runtime.base.config import ModelConfig
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.base.memory_limit import MemoryLimit, size_text
+from runtime.base.options import RuntimeOptions
+from runtime.base.system import RESERVE_FRACTION, RESERVE_MIN, memory_limit
+
+PIN_SHARE = 0.5  # offload.placement.build_streaming pins this share of the slots from a profile
+
+
+# ---------------------------------------------------------------- sizes from the header
+
+def resident_bytes(f: GGUFModelFile, cfg: ModelConfig) -> int:
+    """What offload.placement.make_resident copies to RAM, from tensor infos: every trunk-block
+    tensor but the routed experts, the output norm and head (the embedding when tied), the rope
+    factors. Vectors are copied as float32 (runtime.model.matrix.vector), rope factors as float64;
+    the embedding stays mapped and MTP blocks are not used by plain decoding."""
+    experts = {N.blk(i, name) for i in range(cfg.n_layers) for name in N.EXPERTS}
+    trunk = tuple(f"blk.{i}." for i in range(cfg.n_layers))
+    total = 0
+    for name, t in f.tensors.items():
+        if name in experts or not name.startswith(trunk):
+            continue
+        total += 4 * int(np.prod(t.shape)) if len(t.shape) == 1 else t.data.nbytes
+    total += 4 * int(np.prod(f.tensor(N.OUTPUT_NORM).shape))
+    total += f.tensors[N.OUTPUT].data.nbytes if N.OUTPUT in f.tensors else f.tensor(N.TOKEN_EMBD).data.nbytes
+    if N.ROPE_FREQS in f.tensors:
+        total += 8 * int(np.prod(f.tensors[N.ROPE_FREQS].shape))
+    return total
+
+
+def machine_limit(ram: int | None) -> MemoryLimit:
+    """This machine's tightest memory limit, or an idle host with `ram` bytes: its free memory
+    less the reserve runtime.base.system keeps for the OS."""
+    if ram is None:
+        return memory_limit()
+    reserve = max(RESERVE_MIN, int(ram * RESERVE_FRACTION))
+    return MemoryLimit("available memory", max(0, ram - reserve), ram, 0, reserve=reserve)
+
+
+def measure_ram_gbps(nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Memory read rate in GB/s: the best of `repeats` sums over a buffer larger than the caches
+    (one thread, numpy)."""
+    buf = np.ones(nbytes // 8, np.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+# ---------------------------------------------------------------- hit rates
+
+def che_lru(rates: np.ndarray, slots: int) -> float:
+    """LRU's hit rate under independent requests with these rates (Che's approximation): the
+    characteristic time T solves sum(1 - exp(-r T)) = slots; hit = sum(r (1 - exp(-r T))) / sum(r)."""
+    r = np.asarray(rates, np.float64)
+    r = r[r > 0]
+    if slots <= 0 or r.size == 0:
+        return 0.0
+    if slots >= r.size:
+        return 1.0
+    lo, hi = 0.0, 1.0 / r.min()
+    while np.sum(1 - np.exp(-r * hi)) < slots:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.sum(1 - np.exp(-r * mid)) < slots else (lo, mid)
+    return float(np.sum(r * (1 - np.exp(-r * hi))) / r.sum())
+
+
+def pinned_hit_rate(counts: np.ndarray, slots: int, min_free: int) -> float:
+    """`run --profile`: the int(slots * PIN_SHARE) hottest pinned (hit every time), LRU (Che) on
+    the rest of the slots over the rest of the experts."""
+    c = np.sort(np.asarray(counts, np.float64))[::-1]
+    if c.sum() == 0:
+        return 0.0
+    n_pin = max(0, min(int(slots * PIN_SHARE), slots - min_free, c.size))
+    rest = c[n_pin:]
+    return float((c[:n_pin].sum() + che_lru(rest, slots - n_pin) * rest.sum()) / c.sum())
+
+
+def _hit_rate(source: str | None, path: Path, slots: int, n_experts: int, top_k: int, layers: dict) -> tuple[float, str]:
+    """(expected hit rate, where it came from) for `slots` cache slots."""
+    if slots >= n_experts:
+        return 1.0, "every expert fits in the cache"
+    if source is None:
+        return slots / n_experts, "uniform routing (a random router's): slots / experts"
+    src = Path(source)
+    if src.suffix == ".npz":
+        from offload import simulate
+        from offload.trace import RoutingTrace
+
+        trace = RoutingTrace.load(src)
+        keys = simulate.requests(trace.ids, trace.n_expert)
+        total = int(trace.n_expert.sum())
+        same = trace.model == path.name and trace.model_bytes == path.stat().st_size
+        n = slots if same else max(trace.top_k, round(total * slots / n_experts))
+        rate = float(simulate.lru(keys, min(n, total)).mean())
+        where = "this model" if same else f"{trace.model}, at the same share ({n} of {total} experts)"
+        return rate, f"LRU replay of the routing trace {src.name} ({trace.tokens} tokens of {where})"
+    from offload.profile import ExpertProfile
+
+    prof = ExpertProfile.load(src, path)
+    counts = np.concatenate([np.asarray(prof.counts.get(l, [0] * e), np.float64) for l, e in sorted(layers.items())])
+    return (pinned_hit_rate(counts, slots, top_k),
+            f"profile {src.name}: the hottest {PIN_SHARE:.0%} of slots pinned, LRU on the rest "
+            "(Che's approximation, independent requests)")
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    file_bytes: int
+    n_ctx: int
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    expert_bytes: int  # one routed expert (the largest layer's: a cache slot)
+    streams: bool  # False: the whole file fits and every expert stays mapped
+    memory: str  # the limit the budget comes from
+    ram_bytes: int  # what that limit leaves for the model
+    resident_bytes: int  # non-expert weights copied to RAM
+    kv_bytes: int  # the KV cache at n_ctx
+    runtime_bytes: int  # the runtime's own memory with a full context (kv_bytes included)
+    cache_bytes: int
+    cache_slots: int
+    n_experts: int
+    cached_per_layer: float
+    hit_rate: float
+    hit_source: str
+    ram_gbps: float
+    ram_gbps_source: str
+    disk_gbps: float
+    ram_read_per_token: int  # bytes read from RAM per decoded token
+    disk_read_per_token: float  # expected bytes of missed experts per token
+    compute_s: float
+    disk_s: float
+    tok_s: float
+    bound: str  # "compute" or "disk"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def json(self) -> str:
+        return json.dumps(self.as_dict())
+
+    def text(self) -> str:
+        gb = 1e9
+        where = (f"expert cache {size_text(self.cache_bytes)} = {self.cache_slots} of {self.n_experts} experts "
+                 f"({self.cache_slots / self.n_experts:.0%}), {self.cached_per_layer:.1f} per MoE layer"
+                 if self.streams else "every routed expert mapped from the file (the model fits)")
+        return "\n".join([
+            f"plan for {self.model}: {self.file_bytes / gb:.1f} GB, {self.moe_layers} MoE layers x "
+            f"{self.experts_per_layer} experts of {self.expert_bytes / 2**20:.2f} MiB, top-{self.top_k}; "
+            f"context {self.n_ctx}",
+            f"memory: {self.memory}: {size_text(self.ram_bytes)} for the model",
+            f"placement: {size_text(self.resident_bytes)} resident (attention, shared experts, dense, head); "
+            f"KV cache {size_text(self.kv_bytes)} at {self.n_ctx} positions; runtime "
+            f"{size_text(self.runtime_bytes - self.kv_bytes)}; {where}",
+            f"hit rate: {self.hit_rate:.1%} ({self.hit_source})",
+            f"per token: {self.ram_read_per_token / gb:.3f} GB read from RAM, "
+            f"{self.disk_read_per_token / gb:.3f} GB of missed experts from disk",
+            f"roofline: compute {1e3 * self.compute_s:.1f} ms at {self.ram_gbps:.1f} GB/s ({self.ram_gbps_source}), "
+            f"disk {1e3 * self.disk_s:.1f} ms at {self.disk_gbps:.1f} GB/s -> {self.tok_s:.1f} tok/s "
+            f"(bound by {self.bound})",
+        ])
+
+
+def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, ram_gbps: float | None = None,
+              n_ctx: int | None = None, profile: str | None = None) -> Plan:
+    """The plan for the GGUF at `path` on a machine with `ram` bytes (None: this machine)."""
+    if disk_gbps <= 0 or (ram_gbps is not None and ram_gbps <= 0):
+        raise StepstreamError(f"disk and RAM rates must be positive (disk {disk_gbps} GB/s, RAM {ram_gbps} GB/s)")
+    f = GGUFModelFile(path)
+    cfg = ModelConfig.from_gguf(f)
+    if n_ctx is not None and n_ctx > cfg.context_length:
+        raise StepstreamError(f"--ctx {n_ctx} exceeds the model's context length {cfg.context_length}")
+    opts = RuntimeOptions(n_ctx=n_ctx)
+    ctx = opts.context(cfg.context_length)
+    table = build_expert_table(f, cfg)
+    slot = slot_bytes_for(table)
+    n_experts = sum(l.n_expert for l in table.layers.values())
+    all_experts = slot * n_experts
+    resident = resident_bytes(f, cfg)
+    limit = machine_limit(ram)
+    usable = limit.free
+    needs = runtime_needs(cfg, ctx, opts.rollback, limit)
+    kv = kv_cache_bytes(cfg, ctx, opts.rollback)
+    streams = f.nbytes + needs.full > usable  # runtime.loader: stream when the mapped file would not fit
+    K = cfg.n_expert_used
+    if streams:
+        depth = max(1, K * 3 // 4)  # build_streaming's smallest useful cache: K and the read-ahead
+        budget, _ = choose_budget(f.path.name, None, usable, limit, resident, needs, slot, K + depth, all_experts)
+        slots = min(budget, all_experts) // slot
+    else:
+        slots = n_experts
+    layers = {l: le.n_expert for l, le in table.layers.items()}
+    hit, source = _hit_rate(profile, f.path, slots, n_experts, K, layers)
+    ram_src = "given"
+    if ram_gbps is None:
+        ram_gbps, ram_src = measure_ram_gbps(), "measured here: numpy sum, one thread"
+    routed = K * sum(le.expert_bytes for le in table.layers.values())  # one token's experts
+    read = K * sum(sum(span_bytes(s) for s in le.strides) for le in table.layers.values())  # as O_DIRECT reads them
+    ram_read = resident + routed + kv_cache_bytes(cfg, ctx, opts.rollback, held=ctx // 2)
+    missed = (1.0 - hit) * read if streams else 0.0
+    compute_s, disk_s = ram_read / (ram_gbps * 1e9), missed / (disk_gbps * 1e9)
+    memory = f"--ram {size_text(ram)}, as an idle host's {limit.text()}" if ram is not None else limit.text()
+    return Plan(f.path.name, f.nbytes, ctx, len(table.layers), cfg.n_expert, K, slot, streams, memory, usable,
+                resident, kv, RUNTIME_ANON + LIBRARY_PAGES + kv,
+                slots * slot if streams else 0, slots, n_experts, slots / len(table.layers), hit, source,
+                ram_gbps, ram_src, disk_gbps, ram_read, missed, compute_s, disk_s,
+                1.0 / max(compute_s, disk_s), "disk" if disk_s > compute_s else "compute")

@@ -1,0 +1,53 @@
+"""`stepstream plan -m MODEL [--ram 64GiB] [--vram 0] [--disk-gbps 7] [--ram-gbps G] [--ctx N] [--profile P] [--json]`:
+what `run` would place where, the hit rate to expect and the decode speed the roofline allows.
+
+Only the GGUF header is read (offload.plan), so it answers for a model before it is
+downloaded in full, or on a machine that could not hold it: --ram describes the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from runtime.base.errors import StepstreamError
+from runtime.cli.common import existing_file, positive_float, positive_int
+
+
+def size(text: str) -> int:
+    """--ram / --vram: a size such as 64GiB, 512MiB or 1.5GB, or plain bytes."""
+    from runtime.base.units import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except StepstreamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative, got {text}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, type=existing_file("GGUF file"), help="GGUF model")
+    p.add_argument("--ram", type=size, default=None, metavar="SIZE",
+                   help="the machine's memory, e.g. 64GiB (default: what this machine leaves now)")
+    p.add_argument("--vram", type=size, default=0, metavar="SIZE",
+                   help="GPU memory; only 0 is planned for now (default: 0)")
+    p.add_argument("--disk-gbps", type=positive_float, default=7.0, help="disk read rate in GB/s (default: 7)")
+    p.add_argument("--ram-gbps", type=positive_float, default=None,
+                   help="RAM read rate of decoding in GB/s (default: measured here)")
+    p.add_argument("--ctx", type=positive_int, default=None,
+                   help="context the KV cache is sized for (default: run's, the model's up to 4096)")
+    p.add_argument("--profile", default=None, metavar="P",
+                   help="expert profile (.json) or routing trace (.npz) from `stepstream profile` for the hit rate")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from offload.plan import make_plan
+
+    if args.vram:
+        raise StepstreamError(f"--vram {args.vram}: plan models RAM and disk only for now; leave --vram at 0")
+    plan = make_plan(args.model, ram=args.ram, disk_gbps=args.disk_gbps, ram_gbps=args.ram_gbps, n_ctx=args.ctx,
+                     profile=args.profile)
+    print(plan.json() if args.json else plan.text())
+    return 0
