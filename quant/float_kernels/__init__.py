@@ -77,6 +77,7 @@ _DRIVERS = {  # qtype -> (GEMV driver, GEMM driver)
 # the code-book formats take their grid and sign patterns as the table argument
 _TABLES = {q: _iq_table(q) for q in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M)}
 
+FORMATS = tuple(_DRIVERS)  # the formats with kernels here: every entry of quant.FORMATS
 TILE_ROWS, TILE_COLS = _g.TILE_ROWS, _g.TILE_COLS
 
 
