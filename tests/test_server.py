@@ -364,3 +364,51 @@ def test_clients_that_gave_up_do_not_hold_queue_places(url):
     r = _post(url, "/v1/completions", {"model": NAME, "prompt": "z", "max_tokens": 2, "temperature": 0})
     long.join(60)
     assert r.status_code == 200
+
+
+def test_the_last_events_of_a_job_do_not_wait_out_the_coalescing_gap(monkeypatch):
+    """Tokens are sent at most once per GAP_S; the end of a job cuts the wait short, so the
+    client hears the last tokens when they are made, not up to GAP_S later."""
+    import asyncio
+
+    from runtime.server import engine
+
+    monkeypatch.setattr(engine, "GAP_S", 30.0)  # far longer than the test may take
+
+    async def scenario():
+        job = engine.Job(request=None, loop=asyncio.get_running_loop())
+        job.emit("step", "a")
+        first = await job.next_events()  # returns at once: the first batch is not held back
+        worker = threading.Thread(target=lambda: (time.sleep(0.05), job.emit("step", "b"), job.emit("done")))
+        t0 = time.monotonic()
+        worker.start()
+        rest = await asyncio.wait_for(job.next_events(), 10.0)
+        worker.join()
+        return first, rest, time.monotonic() - t0
+
+    first, rest, waited = asyncio.run(scenario())
+    assert first == [("step", "a")]
+    assert rest == [("step", "b"), ("done", None)]
+    assert waited < 10.0
+
+
+def test_tokens_between_batches_wait_for_the_gap(monkeypatch):
+    """The counterpart: tokens that are not the job's end are coalesced for GAP_S."""
+    import asyncio
+
+    from runtime.server import engine
+
+    monkeypatch.setattr(engine, "GAP_S", 0.3)
+
+    async def scenario():
+        job = engine.Job(request=None, loop=asyncio.get_running_loop())
+        job.emit("step", "a")
+        await job.next_events()
+        t0 = time.monotonic()
+        threading.Thread(target=lambda: [job.emit("step", s) for s in "bc"]).start()
+        rest = await job.next_events()
+        return rest, time.monotonic() - t0
+
+    rest, waited = asyncio.run(scenario())
+    assert rest == [("step", "b"), ("step", "c")]
+    assert waited >= 0.3
