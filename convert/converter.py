@@ -2,27 +2,36 @@
 
 The plan is made from headers alone: every checkpoint tensor is matched to the layout
 (or skipped for a stated reason), shapes and dtypes are checked against config.json, and
-every GGUF tensor's format and byte size are fixed. Only then is data touched, one
-tensor (or one expert slice of a fused [E, I, H] tensor) at a time, so peak memory is
-one slice plus its quantized copy, whatever the model size. The GGUF is written under a
-temporary name and renamed when complete (convert.output_file); on any error or interrupt
-the temporary file is removed, and an existing output is never replaced unless forced.
+every GGUF tensor's format and byte size are fixed. Only then is data touched, in chunks
+of whole rows that never cross an expert slice (convert.tensor_stream), so peak memory is
+two chunks and their quantized copies, whatever the model size; the quantizers use every
+core. The GGUF is written under a temporary name and renamed when complete
+(convert.output_file); on any error or interrupt the temporary file is removed, unless the
+run was asked to --resume, and an existing output is never replaced unless forced. After
+each tensor the data is fsynced and a progress record names the tensors complete
+(convert.resume), so a killed conversion can be continued to the same bytes.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+import numba
 import numpy as np
-import quant
+from gguf.gguf_writer import WriterState
+
 from convert import layout, policy
+from convert import resume as resume_record
 from convert.gguf_meta import add_hparams, llama3_rope_factors
 from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts
+from convert.tensor_stream import write_tensor
 from convert.hf_config import HFConfig
 from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint
 from convert.tokenizer_gguf import add_tokenizer, read_tokenizer
@@ -30,6 +39,9 @@ from quant.formats import row_bytes
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_schema import ARCH, ROPE_FREQS
 from runtime.base.system import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+
+REAL_CHECKPOINT_BYTES = 372e9  # the released Step-3.5-Flash checkpoint, bf16
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class Summary:
     in_bytes: int = 0
     out_bytes: int = 0
     seconds: float = 0.0
+    convert_seconds: float = 0.0  # reading, quantizing and writing tensors: what scales with size
+    resumed_tensors: int = 0  # complete in the .part this run continued (not counted in in_bytes)
     start_rss_bytes: int = 0
     peak_rss_bytes: int = 0
 
@@ -75,7 +89,17 @@ class Summary:
         d = dict(self.__dict__)
         d["bits_per_weight"] = self.bits_per_weight
         d["input_mb_per_s"] = self.in_bytes / 1e6 / max(self.seconds, 1e-9)
+        d["convert_mb_per_s"] = self.convert_rate / 1e6
+        d["eta_real_model_seconds"] = self.eta_seconds(REAL_CHECKPOINT_BYTES)
         return d
+
+    @property
+    def convert_rate(self) -> float:
+        """Checkpoint bytes per second while converting tensors (setup excluded: it does not grow)."""
+        return self.in_bytes / max(self.convert_seconds, 1e-9)
+
+    def eta_seconds(self, in_bytes: float) -> float:
+        return in_bytes / max(self.convert_rate, 1e-9)
 
     def text(self) -> str:
         lines = [f"wrote {self.out_path}: {self.n_tensors} tensors, {self.out_bytes / 1e6:.1f} MB, "
@@ -86,9 +110,19 @@ class Summary:
             lines.append(f"  {len(self.fallbacks)} tensors fell back to another format (row length): {', '.join(self.fallbacks[:4])}{' ...' if len(self.fallbacks) > 4 else ''}")
         for name, why in self.skipped.items():
             lines.append(f"  skipped {name}: {why}")
+        if self.resumed_tensors:
+            lines.append(f"  resumed: {self.resumed_tensors} tensors were complete in the interrupted conversion")
         lines.append(f"  {self.in_bytes / 1e6:.1f} MB read in {self.seconds:.1f} s ({self.in_bytes / 1e6 / max(self.seconds, 1e-9):.1f} MB/s), "
                      f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB (at start {self.start_rss_bytes / 2**20:.0f} MiB)")
+        eta = self.eta_seconds(REAL_CHECKPOINT_BYTES)
+        lines.append(f"  input {self.convert_rate / 1e6:.1f} MB/s while converting tensors; at this rate the "
+                     f"{REAL_CHECKPOINT_BYTES / 1e9:.0f} GB bf16 Step-3.5-Flash checkpoint takes {_duration(eta)} (ETA)")
         return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    m = int(round(seconds / 60))
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{max(seconds, 0) / 60:.1f} min"
 
 
 def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str) -> tuple[list[PlannedTensor], dict[str, str]]:
@@ -119,31 +153,59 @@ def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str) -> tuple[list[PlannedTenso
     return planned, skipped
 
 
-def _check_finite(x: np.ndarray, name: str, where: Path, index: int | None) -> None:
-    if not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x.ravel()))[0])
-        part = f" (expert {index})" if index is not None else ""
-        raise StepstreamError(f"{where}: tensor {name!r}{part} holds NaN or Inf (first at flat index {bad})")
-
-
-def _encode(x: np.ndarray, t: PlannedTensor) -> bytes:
-    rows = x.reshape(-1, t.spec.shape[-1])
-    return quant.quantize(np.ascontiguousarray(rows, dtype=np.float32), t.qtype).tobytes()
-
-
 def _check_paths(hf_dir: Path, out: Path, force: bool) -> None:
     if not hf_dir.is_dir():
         raise StepstreamError(f"{hf_dir}: not a directory")
     check_output(out, force)
+
+
+def _header(writer: gguf.GGUFWriter) -> bytes:
+    """Everything before the tensor data (header, metadata, tensor infos), as bytes.
+
+    Written into memory rather than the file so a resumed run can compare it with the start
+    of the file it continues, and hash it into the conversion key."""
+    buf = io.BytesIO()
+    writer.fout = [buf]  # gguf writes to fout; the writer then skips opening a file
+    writer.state = WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.fout = None
+    return buf.getvalue()
+
+
+def _open_output(out: Path, header: bytes, key: str, resume: bool) -> tuple[object, resume_record.Progress]:
+    """The `.part` to write, positioned after its last complete tensor: a dead conversion's
+    with the same key when resuming, else a new one holding the header."""
+    tmp = part_name(out)
+    progress = resume_record.adopt(out, key) if resume else None
     remove_stale_parts(out)
+    if progress is not None:
+        f = open(tmp, "r+b")
+        if f.read(len(header)) == header and progress.end >= len(header) and os.fstat(f.fileno()).st_size >= progress.end:
+            f.truncate(progress.end)
+            f.seek(progress.end)
+            return f, progress
+        f.close()  # a record that does not describe its file: start over
+    f = open_part(out)
+    f.write(header)
+    return f, resume_record.Progress(key, 0, len(header))
 
 
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str = policy.DEFAULT_TYPE,
             *, tokenizer_pre: str | None = None, progress: bool = True, name: str | None = None,
-            force: bool = False) -> Summary:
-    """Convert `hf_dir` to the GGUF `out_path`; an existing `out_path` is an error unless `force`."""
+            force: bool = False, resume: bool = False, threads: int | None = None) -> Summary:
+    """Convert `hf_dir` to the GGUF `out_path`; an existing `out_path` is an error unless `force`.
+
+    `resume`: continue the `.part` of an interrupted conversion of the same checkpoint with
+    the same options, and keep this run's `.part` when it is interrupted (Ctrl-C, SIGTERM).
+    `threads`: quantizer threads (default: every core)."""
     if ftype not in policy.TYPES:
         raise StepstreamError(f"unknown --type {ftype!r}; choose one of {', '.join(policy.TYPES)}")
+    if threads is not None:
+        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise StepstreamError(f"--threads {threads}: choose 1..{numba.config.NUMBA_NUM_THREADS}")
+        numba.set_num_threads(threads)
     t0 = time.perf_counter()
     reset_peak_rss()
     start_rss = current_rss_bytes()
@@ -157,26 +219,37 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
 
     summary = Summary(str(out), ftype, skipped=skipped, start_rss_bytes=start_rss)
     writer = gguf.GGUFWriter(path=None, arch=ARCH)
+    add_hparams(writer, cfg, name or hf_dir.resolve().name, policy.FILE_TYPE[ftype])
+    add_tokenizer(writer, tok)
+    for t in planned:
+        writer.add_tensor_info(t.spec.gguf_name, t.spec.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    if rope_factors is not None:
+        writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, rope_factors.dtype, rope_factors.nbytes)
+    header = _header(writer)
+    key = resume_record.conversion_key(header, ckpt)
     tmp = part_name(out)
+    f = None
+    keep = False
     try:
-        open_part(out).close()
-        add_hparams(writer, cfg, name or hf_dir.resolve().name, policy.FILE_TYPE[ftype])
-        add_tokenizer(writer, tok)
-        for t in planned:
-            writer.add_tensor_info(t.spec.gguf_name, t.spec.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        if rope_factors is not None:
-            writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, rope_factors.dtype, rope_factors.nbytes)
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        f = writer.fout[0]
-        bar = _progress_bar(ckpt, planned, ftype) if progress else None
-        for t in planned:
-            writer.write_padding(f, f.tell())
-            _write_tensor(f, ckpt, t)
-            summary.add(t, ckpt.entry(t.spec.hf_name).nbytes)
-            if bar:
-                bar.update(ckpt.entry(t.spec.hf_name).nbytes)
+        f, done = _open_output(out, header, key, resume)
+        summary.resumed_tensors = done.done
+        bar = _progress_bar(ckpt, planned[done.done:], ftype) if progress else None
+        t1 = time.perf_counter()
+        with ThreadPoolExecutor(1, thread_name_prefix="convert-read") as reader:
+            for k, t in enumerate(planned):
+                if k < done.done:
+                    continue
+                writer.write_padding(f, f.tell())
+                start = f.tell()
+                n = write_tensor(f, ckpt, t.spec, t.qtype, reader, bar.update if bar else None)
+                if n != t.nbytes or f.tell() - start != t.nbytes:
+                    raise AssertionError(f"{t.spec.gguf_name}: wrote {n} bytes, planned {t.nbytes}")
+                summary.add(t, ckpt.entry(t.spec.hf_name).nbytes)
+                f.flush()
+                os.fsync(f.fileno())  # the record must never claim bytes that are not on disk
+                resume_record.save(tmp, resume_record.Progress(key, k + 1, f.tell()))
+        summary.convert_seconds = time.perf_counter() - t1
+        summary.n_tensors += done.done
         if rope_factors is not None:
             writer.write_padding(f, f.tell())
             f.write(rope_factors.tobytes())
@@ -185,14 +258,17 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
             bar.close()
         f.flush()
         os.fsync(f.fileno())
-        writer.close()
+        f.close()
         publish(tmp, out, force)
-    except BaseException:
-        try:
-            writer.close()
-        finally:  # even if a second Ctrl-C lands in close()
-            tmp.unlink(missing_ok=True)
+        resume_record.remove(tmp)
+    except KeyboardInterrupt:
+        keep = resume  # kept for the next --resume; its record stops at the last complete tensor
         raise
+    finally:
+        if f is not None:
+            f.close()
+        if not keep:  # even if a second Ctrl-C lands in close()
+            resume_record.remove(tmp)
     summary.out_bytes = out.stat().st_size
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_bytes = peak_rss_bytes()
@@ -204,22 +280,6 @@ def _progress_bar(ckpt: Checkpoint, planned: list[PlannedTensor], ftype: str):
 
     return tqdm(total=sum(ckpt.entry(t.spec.hf_name).nbytes for t in planned), unit="B", unit_scale=True,
                 unit_divisor=1024, desc=f"convert {ftype}", dynamic_ncols=True)
-
-
-def _write_tensor(f, ckpt: Checkpoint, t: PlannedTensor) -> None:
-    """One tensor's GGUF bytes at f's position: read (one expert slice at a time), checked, encoded."""
-    start = f.tell()
-    where = ckpt.file_of(t.spec.hf_name)
-    slices = range(t.spec.shape[0]) if t.spec.role == layout.EXPERTS else [None]
-    for index in slices:
-        x = ckpt.read(t.spec.hf_name, index)
-        _check_finite(x, t.spec.hf_name, where, index)
-        if t.spec.role == layout.NORM:
-            x = x + np.float32(1.0)
-        f.write(_encode(x, t))
-        del x
-    if f.tell() - start != t.nbytes:
-        raise AssertionError(f"{t.spec.gguf_name}: wrote {f.tell() - start} bytes, planned {t.nbytes}")
 
 
 def count_types(path: str | os.PathLike) -> Counter:

@@ -5,7 +5,7 @@ it is complete and synced, so an interrupted conversion (Ctrl-C, SIGTERM, SIGKIL
 never leaves a partial file under the final name. Without `force` the publish is a hard link,
 which fails rather than replaces when the output appeared meanwhile. A `.part` left by a process
 killed with SIGKILL is removed by the next conversion to the same output, once that process is
-gone.
+gone, unless that conversion continues it (--resume, convert.resume).
 """
 
 from __future__ import annotations
@@ -31,19 +31,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_parts(out: Path) -> None:
-    """Temporary files of earlier conversions to `out` whose process is gone (killed with SIGKILL)."""
+def dead_parts(out: Path) -> list[Path]:
+    """`.part` files of earlier conversions to `out` whose process is gone (killed with SIGKILL,
+    or interrupted while keeping its work for --resume)."""
     if os.name != "posix":  # os.kill(pid, 0) is a liveness probe only on POSIX; on Windows it terminates
-        return
+        return []
     prefix = f".{out.name}."
     try:
-        candidates = list(out.parent.iterdir())
+        candidates = sorted(out.parent.iterdir())
     except OSError:
-        return
+        return []
+    found = []
     for p in candidates:
         pid = p.name[len(prefix):-len(".part")] if p.name.startswith(prefix) and p.name.endswith(".part") else ""
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            p.unlink(missing_ok=True)
+            found.append(p)
+    return found
+
+
+def remove_stale_parts(out: Path) -> None:
+    """Remove the `.part` files (and their progress records) of dead conversions to `out`."""
+    for p in dead_parts(out):
+        p.unlink(missing_ok=True)
+        p.with_name(p.name + ".json").unlink(missing_ok=True)
 
 
 def check_output(out: Path, force: bool) -> None:

@@ -6,13 +6,16 @@ no bfloat16, so bf16 is read as uint16 and widened to float32 by a 16-bit shift.
 
 Reads map only the byte range they need (np.memmap over that range) and drop the map
 before returning, so reading a 100 GB checkpoint tensor by tensor keeps RSS at the size
-of one tensor, or of one expert slice of a fused [E, ...] tensor. Headers and the index are
+of one tensor, or of one expert slice of a fused [E, ...] tensor. The converter reads
+`read_range`: a run of elements with pread into a fresh buffer, which releases the GIL (a
+reader thread overlaps it with quantization) and costs no page faults on a mapping. Headers and the index are
 input from anywhere: safetensors_header and safetensors_index check them before any read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -59,6 +62,32 @@ class SafetensorsFile:
                 f"{self.path}: tensor {entry.name!r} has dtype {entry.dtype}; supported dtypes are {', '.join(SUPPORTED_DTYPES)}"
             )
         return _STORAGE[entry.dtype]  # the header check made nbytes = width * prod(shape)
+
+    def read_range(self, name: str, start: int, count: int) -> np.ndarray:
+        """Elements start..start+count of the tensor (flat, row-major) as float32 [count]."""
+        entry = self.entries[name]
+        storage, width = self._storage(entry)
+        n = math.prod(entry.shape)
+        if not (0 <= start and 0 <= count and start + count <= n):
+            raise IndexError(f"{name}: elements {start}..{start + count} outside its {n}")
+        raw = np.empty(count, storage)
+        view = memoryview(raw).cast("B")
+        begin = entry.begin + start * width
+        done = 0
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                while done < len(view):
+                    got = os.preadv(f.fileno(), [view[done:]], begin + done)
+                    if got <= 0:
+                        break
+                    done += got
+        except OSError as e:
+            raise StepstreamError(f"{self.path}: tensor {name!r}: cannot read bytes {begin}..{begin + count * width} ({e.strerror})") from None
+        if done != len(view):  # the file shrank since its header was checked
+            raise StepstreamError(f"{self.path}: tensor {name!r}: bytes {begin}..{begin + count * width} are past the end of the file")
+        if entry.dtype == "BF16":
+            return bf16_bits_to_f32(raw)
+        return raw.astype(np.float32)
 
     def read(self, name: str, index: int | None = None) -> np.ndarray:
         """The tensor as float32; with `index`, only slice `index` of its first axis."""
@@ -127,6 +156,9 @@ class Checkpoint:
 
     def read(self, name: str, index: int | None = None) -> np.ndarray:
         return self.shards[self.weight_map[name]].read(name, index)
+
+    def read_range(self, name: str, start: int, count: int) -> np.ndarray:
+        return self.shards[self.weight_map[name]].read_range(name, start, count)
 
 
 class SafetensorsWriter:

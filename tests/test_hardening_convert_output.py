@@ -63,16 +63,16 @@ def test_a_symlink_or_dangling_link_counts_as_existing(tiny_ckpt, tmp_path, caps
 
 def test_output_that_appears_during_conversion_is_not_replaced(tiny_ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "m.gguf"
-    real = converter._write_tensor
+    real = converter.write_tensor
     calls = []
 
-    def write_and_race(f, ckpt, t):
+    def write_and_race(f, ckpt, spec, *args):
         if not calls:
             out.write_bytes(b"written by someone else meanwhile")
-        calls.append(t)
-        real(f, ckpt, t)
+        calls.append(spec)
+        return real(f, ckpt, spec, *args)
 
-    monkeypatch.setattr(converter, "_write_tensor", write_and_race)
+    monkeypatch.setattr(converter, "write_tensor", write_and_race)
     rc = main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "appeared while converting" in err and len(calls) > 1

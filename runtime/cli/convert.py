@@ -1,4 +1,4 @@
-"""`stepstream convert HF_DIR OUT.gguf [--type TYPE] [--force]`."""
+"""`stepstream convert HF_DIR OUT.gguf [--type TYPE] [--force] [--resume] [--threads N]`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output .gguf path (written atomically: a temporary file, then a rename); "
                               "an existing file is an error unless --force")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted conversion of the same checkpoint with the same options (its "
+                        ".OUT.PID.part and progress record), to the bytes an uninterrupted run writes; and keep "
+                        "this run's partial file if it is interrupted (Ctrl-C, SIGTERM; a killed run's is kept anyway)")
+    p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: every core)")
     p.add_argument("--type", dest="ftype", default=policy.DEFAULT_TYPE, choices=policy.TYPES,
                    help="output format (default q4_k_m: routed experts Q4_K, other matrices Q6_K, norms/router F32)")
     p.add_argument("--tokenizer-pre", default=None,
@@ -36,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         summary = convert(args.hf_dir, args.out, args.ftype, tokenizer_pre=args.tokenizer_pre,
-                          progress=not args.no_progress, name=args.name, force=args.force)
+                          progress=not args.no_progress, name=args.name, force=args.force, resume=args.resume,
+                          threads=args.threads)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

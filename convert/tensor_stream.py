@@ -1,0 +1,94 @@
+"""One tensor's GGUF bytes, streamed from the checkpoint in row chunks and written as they come.
+
+Shape legend
+    E   expert slices of a fused [E, ...] tensor (1 for any other tensor)
+    R   rows of one slice (all dimensions but the last)
+    C   row length, the last dimension
+    r   rows of one chunk, at most CHUNK_WEIGHTS // C (at least 1)
+
+Every quantizer works row by row (K-quants per row, Q8_0/Q4_0 per 32-weight block, floats
+per element), so cutting a slice into chunks of whole rows gives the same bytes as encoding
+it whole, while memory stays at two chunks whatever the tensor: a 128K x 4096 embedding is
+read 512 rows at a time, not as 2 GB of float32. A reader thread reads and widens the next
+chunk while the current one is quantized (the quantizers are Numba kernels that release the
+GIL and run their rows on every core), so the disk and the cores work at the same time.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import quant
+from convert import layout
+from convert.safetensors_io import Checkpoint
+from runtime.base.errors import StepstreamError
+
+CHUNK_WEIGHTS = 1 << 21  # 8 MiB of float32 per chunk; two chunks are alive at a time
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int | None  # expert slice, or None for a tensor read whole
+    start: int  # first element, in the whole tensor
+    count: int  # elements, a whole number of rows
+    offset: int  # first element, in its slice (for error messages)
+
+
+def chunks(shape: tuple[int, ...], role: str, chunk_weights: int) -> Iterator[Chunk]:
+    """The chunks of a tensor in file order: whole rows, never across an expert slice."""
+    cols = shape[-1] if shape else 1
+    n = 1
+    for d in shape:
+        n *= d
+    n_slices = shape[0] if role == layout.EXPERTS else 1
+    per_slice = n // n_slices if n_slices else 0
+    step = max(1, chunk_weights // max(cols, 1)) * cols
+    for e in range(n_slices):
+        for off in range(0, per_slice, step):
+            yield Chunk(e if role == layout.EXPERTS else None, e * per_slice + off, min(step, per_slice - off), off)
+
+
+def _load(ckpt: Checkpoint, name: str, where: Path, role: str, c: Chunk) -> np.ndarray:
+    """float32 [count] of one chunk, checked finite, norms given their +1."""
+    x = ckpt.read_range(name, c.start, c.count)
+    if not np.isfinite(x).all():
+        bad = c.offset + int(np.flatnonzero(~np.isfinite(x))[0])
+        part = f" (expert {c.index})" if c.index is not None else ""
+        raise StepstreamError(f"{where}: tensor {name!r}{part} holds NaN or Inf (first at flat index {bad})")
+    if role == layout.NORM:
+        x += np.float32(1.0)
+    return x
+
+
+def write_tensor(f, ckpt: Checkpoint, spec: layout.TensorSpec, qtype, reader: ThreadPoolExecutor,
+                 progress: Callable[[int], None] | None = None) -> int:
+    """Write one tensor's GGUF bytes at f's position; returns the bytes written.
+
+    `reader` (one thread) reads chunk k+1 while chunk k is quantized; `progress` is told the
+    checkpoint bytes of each chunk once it is written."""
+    where = ckpt.file_of(spec.hf_name)
+    width = ckpt.entry(spec.hf_name).nbytes // max(spec.n_elements, 1)
+    cols = spec.shape[-1]
+    written = 0
+    pending = None
+    for c in chunks(spec.shape, spec.role, CHUNK_WEIGHTS):
+        nxt = reader.submit(_load, ckpt, spec.hf_name, where, spec.role, c)
+        if pending is not None:
+            written += _encode(f, pending, cols, qtype, width, progress)
+        pending = nxt
+    if pending is not None:
+        written += _encode(f, pending, cols, qtype, width, progress)
+    return written
+
+
+def _encode(f, future, cols: int, qtype, width: int, progress) -> int:
+    x = future.result()
+    data = quant.quantize(x.reshape(-1, cols), qtype)
+    f.write(memoryview(data).cast("B"))
+    if progress is not None:
+        progress(x.size * width)
+    return data.nbytes
