@@ -16,7 +16,8 @@ from quant import int8_kernels as q8
 from quant.int8_kernels import avx2, row_dot
 
 # format: (bytes per block, weights per block, byte offsets of its f16 fields)
-LAYOUT = {T.Q2_K: (84, 256, (80, 82)), T.Q3_K: (110, 256, (108,))}
+LAYOUT = {T.Q2_K: (84, 256, (80, 82)), T.Q3_K: (110, 256, (108,)), T.Q4_0: (18, 32, (0,)), T.Q4_1: (20, 32, (0, 2)),
+          T.Q5_0: (22, 32, (0,)), T.Q5_1: (24, 32, (0, 2)), T.IQ4_NL: (18, 32, (0,)), T.IQ4_XS: (136, 256, (0,))}
 NEW = list(LAYOUT)
 
 
@@ -127,7 +128,7 @@ def test_swiglu_ffns_with_the_new_formats():
         alive += [g, u, d]
         descs.append(q8.ffn_descriptor(g, u, d))
         refs.append(((Gd, Ud, Dd), weight, limit))
-    x = 3 * activations(1, H)[0]
+    x = 0.2 * activations(1, H)[0]  # gate values of a few units: SwiGLU neither vanishes nor overflows
     out = np.full(H, 0.5, np.float32)
     q8.swiglu_ffns(np.stack(descs), np.array([r[1] for r in refs], np.float32),
                    np.array([r[2] for r in refs], np.float32), x, out,

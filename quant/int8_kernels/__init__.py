@@ -19,14 +19,18 @@ a set that must include the formats of their matrices; by default, exactly those
 A caller that multiplies matrices of several formats (the runtime) passes one set for all
 its calls, so that each kernel is compiled once.
 
-Formats: Q4_K, Q5_K, Q6_K, Q8_0, Q2_K and Q3_K (``supports``). Results equal ``dequantize(W) @
-(d * q)`` up to float32 rounding once per 256 columns, so they differ from the float32
+Formats: Q4_K, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K, IQ4_XS, and the 32-weight blocks Q4_0, Q4_1, Q5_0, Q5_1
+and IQ4_NL on rows of a multiple of 256 columns (``supports``). Results equal ``dequantize(W) @
+(d * q)`` up to a few float32 roundings per 256 columns (per 32 for the 32-weight blocks,
+whose scales are per block), so they differ from the float32
 kernels of ``quant.float_kernels`` only by the activation rounding (relative error about
 1/250 per block, as in llama.cpp, which quantizes activations the same way).
 
-Modules: row_dot (one row times one token, portable), avx2 (the Q4_K/Q5_K/Q6_K/Q8_0 row dots
-as explicit AVX2 IR, one and four tokens), avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the
-parallel loops), ffn (the fused SwiGLU sum), llvm_ir (IR helpers).
+Modules: row_dot (one row times one token, portable; the format tables), avx2 (the
+Q4_K/Q5_K/Q6_K/Q8_0 row dots as explicit AVX2 IR, one and four tokens), q2k_q3k, blocks32
+(Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) and iq4_xs (the other formats' row dots, portable and AVX2),
+avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the parallel loops), ffn
+(the fused SwiGLU sum), llvm_ir (IR helpers).
 
 On AVX-512 VNNI hosts the Q4_K/Q6_K GEMM works on 16 GGUF rows at a time, so that each
 ``vpdpbusd`` does 64 multiply-adds for 16 rows; the rows are transposed in registers (no
@@ -62,7 +66,7 @@ __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Ac
            "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matmul_rows", "matvec", "matvec_group", "matvec_many",
            "quantize_activations", "supports", "swiglu_ffns"]
 
-FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K)
+FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS)
 GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: all of FORMATS)
 
 _FORMAT_SET = frozenset(FORMATS)

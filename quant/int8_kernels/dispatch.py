@@ -23,8 +23,12 @@ from numba.extending import overload
 # format codes as the kernels see them
 Q8_0, Q4_K, Q5_K, Q6_K = int(T.Q8_0), int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
 Q2_K, Q3_K = int(T.Q2_K), int(T.Q3_K)
-FORMAT_BIT = {Q4_K: 1, Q6_K: 2, Q5_K: 4, Q8_0: 8, Q2_K: 16, Q3_K: 32}
-BYTES_PER_256 = {Q4_K: 144, Q6_K: 210, Q5_K: 176, Q8_0: 272, Q2_K: 84, Q3_K: 110}  # GGUF bytes of 256 columns
+Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL = int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q5_1), int(T.IQ4_NL)
+IQ4_XS = int(T.IQ4_XS)
+FORMAT_BIT = {Q4_K: 1, Q6_K: 2, Q5_K: 4, Q8_0: 8, Q2_K: 16, Q3_K: 32, Q4_0: 64, Q4_1: 128, Q5_0: 256, Q5_1: 512,
+              IQ4_NL: 1024, IQ4_XS: 2048}
+BYTES_PER_256 = {Q4_K: 144, Q6_K: 210, Q5_K: 176, Q8_0: 272, Q2_K: 84, Q3_K: 110,  # GGUF bytes of 256 columns
+                 Q4_0: 144, Q4_1: 160, Q5_0: 176, Q5_1: 192, IQ4_NL: 144, IQ4_XS: 136}
 
 
 def format_set(qtypes) -> int:
