@@ -34,6 +34,16 @@ def test_bench_set_prints_rate_bandwidth_and_ratio(capsys):
     assert len(lines) == want, lines
 
 
+def test_make_set_gives_formats_without_a_quantizer_random_codes_at_a_moderate_scale():
+    from gguf.quants import dequantize
+
+    for qtype in bench.RANDOM_FIELDS:
+        (m,) = bench.make_set(qtype, [(64, 512)], copies=1)
+        w = dequantize(m.data, qtype)
+        assert np.isfinite(w).all() and 0 < np.abs(w).max() < 100, qtype.name
+        assert len(np.unique(m.data)) > 200  # random codes
+
+
 def test_main_refuses_a_weight_set_that_fits_in_cache():
     with pytest.raises(SystemExit, match="raise --experts"):
         bench.main(["--formats", "Q4_K", "--experts", "1", "--reps", "1"])

@@ -1,6 +1,6 @@
 """Benchmark of the dequant-matmul kernels against the machine's read bandwidth.
 
-    python -m quant.bench [--formats Q4_K,Q5_K,Q6_K,Q8_0] [--threads N] [--reps 9]
+    python -m quant.bench [--formats Q4_K,Q5_K,Q6_K,Q8_0] [--sets experts,attention] [--threads N] [--reps 9]
 
 Weight sets (each larger than the caches, so every call streams from DRAM):
     experts    E routed experts x (gate [1280, 4096], up [1280, 4096], down [4096, 1280])
@@ -49,14 +49,32 @@ def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
     return nbytes / float(np.median(times))
 
 
+# formats this project reads but does not write: their rows are random bytes, with the f16
+# fields (bytes per block, weights per block, field offsets) set to a moderate scale
+RANDOM_FIELDS = {T.Q2_K: (84, 256, (80, 82)), T.Q3_K: (110, 256, (108,)), T.IQ4_NL: (18, 32, (0,)),
+                 T.IQ4_XS: (136, 256, (0,))}
+
+
+def _random_rows(qtype, rows: int, cols: int, rng) -> np.ndarray:
+    nbytes, per, fields = RANDOM_FIELDS[qtype]
+    raw = rng.integers(0, 256, (rows, cols // per, nbytes), dtype=np.uint8)
+    for off in fields:
+        raw[:, :, off:off + 2] = np.full((rows, cols // per), 0.01, np.float16).view(np.uint8).reshape(rows, -1, 2)
+    return raw.reshape(rows, -1)
+
+
 def make_set(qtype, shapes, copies: int, seed: int = 0) -> list[PackedMatrix]:
     """copies x shapes distinct matrices. Rows are quantized once per shape (in blocks of at most
-    1024 rows) and copied, which keeps setup fast; speed does not depend on the values."""
+    1024 rows) and copied, which keeps setup fast; speed does not depend on the values. Formats
+    without a quantizer here (RANDOM_FIELDS) get random codes."""
     rng = np.random.default_rng(seed)
     protos = {}
     for rows, cols in set(shapes):
         part = math.gcd(rows, 1024)
-        q = quantize((0.02 * rng.standard_normal((part, cols))).astype(np.float32), qtype)
+        if qtype in RANDOM_FIELDS:
+            q = _random_rows(qtype, part, cols, rng)
+        else:
+            q = quantize((0.02 * rng.standard_normal((part, cols))).astype(np.float32), qtype)
         protos[rows, cols] = np.concatenate([q] * (rows // part), axis=0)
     return [pack(qtype, protos[s].copy(), *s) for _ in range(copies) for s in shapes]
 
@@ -121,6 +139,7 @@ def main(argv=None) -> None:
     ap.add_argument("--experts", type=int, default=12, help="experts in the expert set (3 matrices each)")
     ap.add_argument("--layers", type=int, default=3, help="attention layers in the attention set")
     ap.add_argument("--reps", type=int, default=9, help="timed passes per kernel (the median is shown)")
+    ap.add_argument("--sets", default="experts,attention", help="weight sets to time (experts, attention)")
     args = ap.parse_args(argv)
     # OpenMP workers that spin while waiting steal the core their partner needs whenever another
     # process is running; sleeping workers cost a few microseconds per call on an idle machine
@@ -137,6 +156,8 @@ def main(argv=None) -> None:
         qtype = T[fname.strip().upper()]
         for name, shapes, copies in (("experts", EXPERT_SHAPES, args.experts),
                                      ("attention", ATTENTION_SHAPES, args.layers)):
+            if name not in args.sets.split(","):
+                continue
             mats = make_set(qtype, shapes, copies)
             size = sum(m.nbytes for m in mats)
             if size < MIN_SET_BYTES:
