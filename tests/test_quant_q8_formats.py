@@ -142,3 +142,19 @@ def test_swiglu_ffns_with_the_new_formats():
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_supported_on_rows_of_256_multiples_only(qtype):
     assert q8.supports(qtype, 512) and not q8.supports(qtype, 32 * 9)
+
+
+def test_format_tables_agree_with_gguf():
+    """Every int8 format has a bit of its own, a row dot, a 4-token step where the host has AVX2,
+    and the bytes per 256 columns gguf-py's block sizes give."""
+    from gguf import GGML_QUANT_SIZES
+
+    from quant.int8_kernels.dispatch import BYTES_PER_256
+
+    bits = [q8.FORMAT_BIT[int(t)] for t in q8.FORMATS]
+    assert len(set(bits)) == len(bits) and all(b & (b - 1) == 0 for b in bits)
+    for t in q8.FORMATS:
+        per, nbytes = GGML_QUANT_SIZES[t]
+        assert BYTES_PER_256[int(t)] == 256 // per * nbytes, t.name
+        assert int(t) in row_dot.PORTABLE
+    assert set(q8.GEMM_FORMATS) == (set(q8.FORMATS) if avx2.AVAILABLE else set())
