@@ -3,10 +3,12 @@
     h = h + attention(norm(h))         gated GQA, per-head norms, partial RoPE (runtime.model.attention)
     h = h + ffn(norm(h))               dense SwiGLU, or routed experts + shared expert (runtime.model.ffn)
 
-`prefill` runs a chunk of tokens; `decode` one token, updating its hidden state in place.
+`prefill` runs a chunk of tokens; `decode` one token, updating its hidden state in place;
+`decode_tokens` a few tokens (an MTP verify pass), bit-identical to that many decode steps.
 Where the block's decode plan allows (int8 activations, every matrix with an int8 kernel),
 decode is two kernel calls: the attention half (runtime.model.decode_kernels) and the FFN
-half (quant.int8_kernels.swiglu_ffns); otherwise it runs the same steps one by one.
+half (quant.int8_kernels.swiglu_ffns); decode_tokens is two calls too, for all its tokens
+(runtime.model.few_kernels); otherwise they run the same steps one by one.
 
 Shape legend:  T tokens in the chunk  H hidden  D head dim  Nh/Nk heads  E experts  K experts used
 """
@@ -23,7 +25,7 @@ from runtime.model.decode_plan import DecodeBuffers, DecodePlan, build_plan
 from runtime.model.experts import ExpertProvider
 from runtime.model.kv_cache import LayerKV
 from runtime.model.matrix import matmul
-from runtime.model.ops import rms_norm, rope_inv_freq
+from runtime.model.ops import rms_norm, route, rope_inv_freq
 from runtime.model.weights import BlockWeights
 
 
@@ -93,3 +95,50 @@ class Block:
             return
         logits = att.logits[None, :w.router.shape[0]] if plan.router_in_kernel else matmul(x, w.router, s.int8)
         ffn.moe_decode(s, w, plan.ffn, x, logits, experts, h, buffers.ffn)
+
+    def decode_tokens(self, h: np.ndarray, pos: int, kv: LayerKV, experts: ExpertProvider,
+                      buffers: DecodeBuffers) -> None:
+        """A few tokens' hidden states h [T, H] at positions pos.., updated in place: the same bits
+        as T decode steps, in two kernel calls where the plan fuses both halves and the cache
+        takes the T keys before the first query attends (see LayerKV.fits_in_place)."""
+        n = h.shape[0]
+        plan = self.plan
+        if n == 1 or not plan.fused or n > buffers.few.x.shape[0] or not kv.fits_in_place(n) \
+                or not h.flags.c_contiguous:
+            for t in range(n):
+                self.decode(h[t], pos + t, kv, experts, buffers)
+            return
+        s, w = self.spec, self.weights
+        slots = [kv.reserve(pos + t) for t in range(n)]  # first: they may grow (replace) the cache arrays
+        sc = buffers.fit_few(kv.capacity)
+        sc.slots[:n] = slots
+        sc.qpos[:n] = np.arange(pos, pos + n)
+        plan.few.attention_half(plan.attention, kv.k, kv.v, kv.pos, n, h, sc)
+        x = sc.x[:n]
+        f = plan.ffn
+        if not self.moe:
+            plan.few.ffn(f.desc, np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), f.limits, n, x, h,
+                         buffers.few_ffn)
+            return
+        logits = sc.logits[:n, :w.router.shape[0]] if plan.router_in_kernel else matmul(x, w.router, s.int8)
+        ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm, ascending=True)
+        union = np.unique(ids)  # [U] ascending
+        with experts.held(s.index, union.tolist()) as got:
+            descs = None
+            if got is not None:
+                by_id = dict(got)
+                descs = [by_id[e].descriptor for e in union.tolist()]
+            if descs is not None and all(d is not None for d in descs):
+                desc = np.empty((1 + union.size, 6), np.int64)
+                desc[0] = f.desc[0]
+                desc[1:] = descs
+                entry = np.zeros((n, 1 + ids.shape[1]), np.int64)
+                entry[:, 1:] = 1 + np.searchsorted(union, ids)
+                wts = np.ones((n, 1 + ids.shape[1]), np.float32)
+                wts[:, 1:] = weights
+                limits = np.full(1 + union.size, f.limits[-1], np.float32)
+                limits[0] = f.limits[0]
+                plan.few.ffn(desc, entry, wts, limits, n, x, h, buffers.few_ffn)
+                return
+        for t in range(n):  # the experts cannot all be held at once: token by token, as decode does
+            ffn.moe_decode(s, w, f, x[t:t + 1], logits[t:t + 1], experts, h[t], buffers.ffn)

@@ -11,8 +11,9 @@ matrix it multiplies has an int8 kernel. Its `DecodePlan` then holds:
 Otherwise the plan's parts are None and the block decodes step by step.
 
 The buffers of a decode step (`DecodeScratch` for the attention half, quant's `FFNScratch`
-for the FFN half) belong to the model: allocated once, sized for its largest block, reused by
-every block and every token.
+for the FFN half, and their few-token counterparts of runtime.model.few_kernels for up to
+FEW_TOKENS tokens at once) belong to the model: allocated once, sized for its largest block,
+reused by every block and every token.
 
 Shape legend:  H hidden  Nh/Nk heads  D head dim  E experts  K experts per token  S cache slots
 """
@@ -27,8 +28,12 @@ from quant import int8_kernels
 
 from runtime.base.config import ModelConfig
 from runtime.model.decode_kernels import attention_half
+from runtime.model import few_kernels
+from runtime.model.few_kernels import TokensFFNScratch, TokensScratch, tokens_ffn_scratch, tokens_scratch
 from runtime.model.matrix import ffn_descriptor, int8_applies, q8_group
 from runtime.model.weights import BlockWeights
+
+FEW_TOKENS = 8  # the most tokens a few-token block step takes (a verify pass, a head's draft rows)
 
 _NO_ROUTER = np.zeros((0, 1), np.float32)
 _NO_ROUTER.flags.writeable = False  # the type of a real router (read-only): one compiled kernel
@@ -82,6 +87,12 @@ class DecodePlan:
     router_in_kernel: bool = False  # the attention kernel also computes the router logits (F32 routers)
     keep: tuple = ()  # the int8 groups whose addresses `attention` holds
     kernel: object = None  # decode_kernels.attention_half, compiled for the model's int8 format set
+    few: object = None  # few_kernels.build(int8): the few-token kernels, where both parts are fused
+
+    @property
+    def fused(self) -> bool:
+        """Whether both halves of a step run fused (the few-token path needs it)."""
+        return self.attention is not None and self.ffn is not None
 
 
 def _group_arrays(g: int8_kernels.Group) -> tuple:
@@ -115,7 +126,8 @@ def build_plan(cfg: ModelConfig, i: int, w: BlockWeights, inv_freq: np.ndarray, 
         limits[0] = cfg.swiglu_limit_shared[i]
         ffn = FFNPlan(rows, np.ones(1 + k, np.float32), limits)
     return DecodePlan(attention, ffn, attention is not None and router_in_kernel, (qkvg, o),
-                      attention_half(int8) if attention is not None else None)
+                      attention_half(int8) if attention is not None else None,
+                      few_kernels.build(int8) if attention is not None and ffn is not None else None)
 
 
 def decode_scratch(cfg: ModelConfig, n_slots: int) -> DecodeScratch:
@@ -136,15 +148,33 @@ def ffn_scratch(cfg: ModelConfig) -> int8_kernels.FFNScratch:
     return int8_kernels.ffn_scratch(cfg.hidden, 1 + cfg.n_expert_used, max(widths))
 
 
+def few_scratch(cfg: ModelConfig, n_slots: int) -> TokensScratch:
+    """Buffers of the few-token attention half for every block of `cfg`, up to FEW_TOKENS tokens."""
+    H, D, nh = cfg.hidden, cfg.head_dim, max(cfg.n_head)
+    proj = max((h + 2 * kv) * D + h for h, kv in zip(cfg.n_head, cfg.n_head_kv))
+    return tokens_scratch(FEW_TOKENS, H, max(H, nh * D), proj, D // 2, nh, n_slots, cfg.n_expert)
+
+
+def few_ffn_scratch(cfg: ModelConfig) -> TokensFFNScratch:
+    """Buffers of the few-token FFN call of any block: FEW_TOKENS tokens of a dense FFN, or each
+    of the shared expert and K experts."""
+    per = 1 + cfg.n_expert_used
+    width = max(cfg.dense_ffn, cfg.shared_ffn + cfg.n_expert_used * cfg.expert_ffn)
+    return tokens_ffn_scratch(FEW_TOKENS, cfg.hidden, FEW_TOKENS * per, FEW_TOKENS * width)
+
+
 @dataclass
 class DecodeBuffers:
-    """The model's decode buffers: the attention half's and the FFN half's."""
+    """The model's decode buffers: the attention half's and the FFN half's, for one token and
+    for a few."""
     attention: DecodeScratch
     ffn: int8_kernels.FFNScratch
+    few: TokensScratch
+    few_ffn: TokensFFNScratch
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, n_slots: int) -> "DecodeBuffers":
-        return cls(decode_scratch(cfg, n_slots), ffn_scratch(cfg))
+        return cls(decode_scratch(cfg, n_slots), ffn_scratch(cfg), few_scratch(cfg, n_slots), few_ffn_scratch(cfg))
 
     def fit(self, n_slots: int) -> DecodeScratch:
         """The attention buffers, their score rows widened to at least n_slots first (by doubling,
@@ -153,4 +183,12 @@ class DecodeBuffers:
         if s.scores.shape[1] < n_slots:
             wider = np.empty((s.scores.shape[0], max(n_slots, 2 * s.scores.shape[1])), np.float32)
             self.attention = s = s._replace(scores=wider)
+        return s
+
+    def fit_few(self, n_slots: int) -> TokensScratch:
+        """The few-token attention buffers, widened as `fit` widens the one-token ones."""
+        s = self.few
+        if s.scores.shape[1] < n_slots:
+            wider = np.empty((s.scores.shape[0], max(n_slots, 2 * s.scores.shape[1])), np.float32)
+            self.few = s = s._replace(scores=wider)
         return s

@@ -4,9 +4,10 @@
     for each trunk block: h = block(h)         (prefill: a chunk; decode: one token)
     logits = output(norm(h))
 
-Tokens are evaluated at the cache's current position; `trim(n)` rolls it back. `prefill`
-and `decode` are the two ways through the blocks; `eval` cuts a token list into chunks of
-n_batch and sends a chunk of one token to `decode`.
+Tokens are evaluated at the cache's current position; `trim(n)` rolls it back. `prefill`,
+`decode` and `decode_few` are the ways through the blocks; `eval` cuts a token list into chunks
+of n_batch and sends a chunk of one token to `decode`, one of a few (an MTP verify pass) to
+`decode_few` where every block fuses its steps, the rest to `prefill`. All give the same bits.
 
 Every evaluation is all or nothing. Blocks write their keys and values as they run, so an
 exception inside the forward pass (an expert read error, Ctrl-C, MemoryError) would leave the
@@ -30,7 +31,7 @@ from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
 from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
 from runtime.model.block import Block
-from runtime.model.decode_plan import DecodeBuffers
+from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
 from runtime.model import kv_checkpoint, mtp
@@ -62,6 +63,9 @@ class Model:
             cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers], cfg.window, self.n_ctx,
             options.rollback)
         self.buffers = DecodeBuffers.for_model(cfg, max(layer.capacity for layer in self.cache.layers))
+        # A chunk of 2..FEW_TOKENS tokens goes through the few-token kernels when every trunk block
+        # fuses both halves of a step (runtime.model.few_kernels); else through prefill.
+        self._few = gpu is None and all(b.plan.fused for b in self.blocks[: cfg.n_layers])
         self._output_q8 = q8_group([weights.output], self.int8)
         self._tokenizer = None
         self._tokens: list[int] = []  # the ids the cache holds, position by position
@@ -232,6 +236,18 @@ class Model:
         self._tokens.append(int(ids[0]))
         return h[None]
 
+    def _decode_few(self, ids: np.ndarray) -> np.ndarray:
+        """A few tokens (2..FEW_TOKENS) through the blocks' few-token kernels: the bits of as many
+        decode steps, at about the cost of one on a small model; hidden states [T, H]."""
+        pos = self.n_past
+        h = np.ascontiguousarray(rows(self.weights.embed, ids), dtype=np.float32)  # [T, H], updated in place
+        for i, kv in enumerate(self.cache.layers):
+            self._guess_next(i, h)
+            self.blocks[i].decode_tokens(h, pos, kv, self.provider, self.buffers)
+        self.cache.advance(ids.size)
+        self._tokens.extend(ids.tolist())
+        return h
+
     def _gpu_step(self, ids: np.ndarray) -> np.ndarray:
         h = self.gpu.run(rows(self.weights.embed, ids), self.n_past)
         self.cache.advance(ids.size)
@@ -247,7 +263,8 @@ class Model:
         return h
 
     def _hidden(self, ids: np.ndarray) -> np.ndarray:
-        out = [self._decode(chunk) if chunk.size == 1 else self._prefill(chunk)
+        out = [self._decode(chunk) if chunk.size == 1 else
+               self._decode_few(chunk) if self._few and chunk.size <= FEW_TOKENS else self._prefill(chunk)
                for chunk in (ids[a : a + self.options.n_batch] for a in range(0, ids.size, self.options.n_batch))]
         return np.concatenate(out) if out else np.zeros((0, self.cfg.hidden), np.float32)
 

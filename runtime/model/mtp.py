@@ -28,12 +28,13 @@ import time
 
 import numpy as np
 
+from runtime.model.decode_plan import FEW_TOKENS
 from runtime.model.kv_cache import START_CAPACITY, LayerKV
 from runtime.model.matrix import matmul, rows
 from runtime.model.ops import rms_norm
 
 MARGIN = 64  # positions of hidden states kept below those in use, for rollbacks
-DECODE_ROWS = 8  # a head's chunk up to this many rows runs row by row through the decode path
+DECODE_ROWS = FEW_TOKENS  # a head's chunk up to this many rows runs through the few-token decode path
 
 
 def head_cache(cfg, j: int, n_ctx: int) -> LayerKV:
@@ -51,14 +52,13 @@ def head_input(model, j: int, ids: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 def head_chunk(model, j: int, x: np.ndarray, start: int, kv: LayerKV) -> np.ndarray:
     """Head j's block over inputs x [T, H] at positions start.. of its stream -> [T, H].
-    A few rows (a draft's) go one by one through the fused decode kernels, several times faster
+    A few rows (a draft's) go through the fused few-token decode kernels, several times faster
     than the chunk path at T <= DECODE_ROWS; the forward pass is batch-invariant, so the rows
     are the same bits either way."""
     block = model.blocks[model.cfg.n_layers + j]
     if x.shape[0] <= DECODE_ROWS:
-        out = x.copy()
-        for t in range(x.shape[0]):
-            block.decode(out[t], start + t, kv, model.provider, model.buffers)
+        out = np.array(x, np.float32, order="C")
+        block.decode_tokens(out, start, kv, model.provider, model.buffers)
         return out
     return block.prefill(x, np.arange(start, start + x.shape[0]), kv, model.provider)
 

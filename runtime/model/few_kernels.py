@@ -1,0 +1,325 @@
+"""A few tokens (an MTP verify pass, a head's draft rows) through one block in two kernel calls.
+
+The one-token decode kernels (runtime.model.decode_kernels, quant's swiglu_ffns) applied to T
+tokens at once, T up to a handful: the same steps, each a loop over the tokens, so a verify
+pass of 4 tokens pays the per-call overhead of one decode step, not four, and each weight row
+is read from memory once for all T tokens (the union of their experts: each expert once).
+
+    attention_half_tokens:  per token t:  x_t = rms_norm(h_t, attn_norm)
+                            q,k,v,g = group rows times every x_t        (one parallel pass)
+                            keys of every token written to its slot, then the T x Nh queries
+                            attend in parallel (causal by position: a later token's key is
+                            masked out, exactly as if it had not been written yet)
+                            h_t += o_proj(a_t)                          (one parallel pass)
+                            x_t = rms_norm(h_t, ffn_norm);  logits_t = router @ x_t
+    ffn_tokens:             h_t += sum over token t's entries of weight * SwiGLU FFN(x_t):
+                            every FFN of the union runs its rows once for all its tokens
+
+Bit-identical to T one-token steps: every token goes through the same functions the decode
+step calls (rms_norm_row, quantize_row, gemv_unit, the attention's per-head `_attend`,
+swiglu_row, add_weighted_sum), in the same order for that token; only the loops around them
+differ. The fixed-order float code is compiled on its own and called (quant.jit), never
+inlined into the fast-math kernels.
+
+Shape legend:  T tokens (<= the scratch's)  H hidden  C a matrix's columns  P projections
+    (Nh + 2 Nk) D + Nh   Nh/Nk heads  D head dim  S cache slots  E experts  R/2 rotated pairs
+    M FFNs in the union (row 0 the dense FFN or shared expert)   K experts per token
+    J = T (1 + K) (token, entry) pairs, pair t (1 + K) + k: token t's entry k
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import numba as nb
+import numpy as np
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import overload
+from quant.int8_kernels.ffn import add_weighted_sum, swiglu_row
+from quant.int8_kernels.gemv_gemm import activation_sums, bytes_per_256, find, gemv_unit, row_blocks
+from quant.int8_kernels.row_dot import quantize_row
+from quant.jit import FIXED_ORDER
+
+from runtime.model.attention_kernels import _attend, _gate, _norm_rope
+from runtime.model.ops import LANES, dot, rms_norm_row, rope_angles
+
+
+class TokensScratch(NamedTuple):
+    """Buffers of a few-token block step, allocated once per model for up to T tokens."""
+    x: np.ndarray  # float32 [T, H]        normed hidden states, then the FFN's inputs
+    xq: np.ndarray  # int8 [T, C]          activations as int8 (C = max(H, Nh * D))
+    xd: np.ndarray  # float32 [T, C / 256]
+    xb: np.ndarray  # int32 [T, C / 16]
+    xs4: np.ndarray  # int16 [T, C / 32]   the GEMV's activation sums (gemv_gemm.activation_sums)
+    xs6: np.ndarray  # int16 [T, C / 16]
+    proj: np.ndarray  # float32 [T, P]     q, k, v, gate
+    cos: np.ndarray  # float32 [T, D / 2]
+    sin: np.ndarray  # float32 [T, D / 2]
+    att: np.ndarray  # float32 [T, Nh * D]
+    o: np.ndarray  # float32 [T, H]
+    scores: np.ndarray  # float32 [T * Nh, S]   grown with the largest cache
+    logits: np.ndarray  # float32 [T, E]
+    slots: np.ndarray  # int64 [T]        the cache slot of each token
+    qpos: np.ndarray  # int64 [T]         the position of each token
+
+
+class TokensFFNScratch(NamedTuple):
+    """Buffers of a few-token FFN call: T tokens, each with 1 + K FFNs of width up to I."""
+    xq: np.ndarray  # int8 [T, H]            the inputs as int8
+    xd: np.ndarray  # float32 [T, H / 256]
+    xb: np.ndarray  # int32 [T, H / 16]
+    xs4: np.ndarray  # int16 [T, H / 32]
+    xs6: np.ndarray  # int16 [T, H / 16]
+    pairs: np.ndarray  # int64 [J]           pairs grouped by FFN (CSR order)
+    first: np.ndarray  # int64 [M + 1]       FFN m's pairs: pairs[first[m]:first[m + 1]]
+    starts: np.ndarray  # int64 [J + 1]      pair p's hidden vector: act[starts[p]:starts[p + 1]]
+    units: np.ndarray  # int64 [2 M + 1]
+    gu: np.ndarray  # float32 [2 J I]        gate and up outputs
+    act: np.ndarray  # float32 [J I]         SwiGLU outputs
+    hq: np.ndarray  # int8 [J I]             ... quantized
+    hd: np.ndarray  # float32 [J I / 256]
+    hb: np.ndarray  # int32 [J I / 16]
+    hs4: np.ndarray  # int16 [J I / 32]
+    hs6: np.ndarray  # int16 [J I / 16]
+    y: np.ndarray  # float32 [J, H]          each pair's FFN output
+
+
+def tokens_scratch(n_tok: int, hidden: int, cols: int, proj: int, half: int, n_head: int, n_slots: int,
+                   n_expert: int) -> TokensScratch:
+    return TokensScratch(np.empty((n_tok, hidden), np.float32), np.empty((n_tok, cols), np.int8),
+                         np.empty((n_tok, cols // 256), np.float32), np.empty((n_tok, cols // 16), np.int32),
+                         np.empty((n_tok, cols // 32), np.int16), np.empty((n_tok, cols // 16), np.int16),
+                         np.empty((n_tok, proj), np.float32), np.empty((n_tok, half), np.float32),
+                         np.empty((n_tok, half), np.float32), np.empty((n_tok, n_head * 2 * half), np.float32),
+                         np.empty((n_tok, hidden), np.float32), np.empty((n_tok * n_head, n_slots), np.float32),
+                         np.empty((n_tok, max(n_expert, 1)), np.float32), np.empty(n_tok, np.int64),
+                         np.empty(n_tok, np.int64))
+
+
+def tokens_ffn_scratch(n_tok: int, hidden: int, n_pairs: int, width: int) -> TokensFFNScratch:
+    """For T tokens making up to n_pairs (token, FFN) pairs whose widths sum to at most width."""
+    h, j, w = hidden, n_pairs, width
+    return TokensFFNScratch(np.empty((n_tok, h), np.int8), np.empty((n_tok, h // 256), np.float32),
+                            np.empty((n_tok, h // 16), np.int32), np.empty((n_tok, h // 32), np.int16),
+                            np.empty((n_tok, h // 16), np.int16), np.empty(j, np.int64), np.empty(j + 1, np.int64),
+                            np.empty(j + 1, np.int64), np.empty(2 * j + 1, np.int64), np.empty(2 * w, np.float32),
+                            np.empty(w, np.float32), np.empty(w, np.int8), np.empty(w // 256, np.float32),
+                            np.empty(w // 16, np.int32), np.empty(w // 32, np.int16), np.empty(w // 16, np.int16),
+                            np.empty((j, h), np.float32))
+
+
+# ---------------------------------------------------------------- fixed-order steps (called)
+
+@nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
+def attention_tokens(proj, n_tok, nq, nk, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slots, qpos, window,
+                     scores, out):
+    """decode_attention for tokens 0..n_tok-1 of proj [T, P] at positions qpos, their keys and
+    values written to `slots` first (token order), then every (token, head) in parallel; a
+    query sees slots lo < kpos <= its position, so a later token's key counts for nothing."""
+    n_kv, d = keys.shape[1], keys.shape[2]
+    n_head = nq // d
+    group = n_head // n_kv
+    for t in range(n_tok):
+        slot = slots[t]
+        for j in range(n_kv):
+            kh = proj[t, nq + j * d:nq + (j + 1) * d]
+            _norm_rope(kh, k_norm, eps, cos[t], sin[t])
+            for i in range(d):
+                keys[slot, j, i] = kh[i]
+                vals[slot, j, i] = proj[t, nq + nk + j * d + i]
+        kpos[slot] = qpos[t]
+    scale = np.float32(1.0 / np.sqrt(d))
+    for it in nb.prange(n_tok * n_head):
+        t = it // n_head
+        h = it - t * n_head
+        p = qpos[t]
+        lo = p - window if window > 0 else -1
+        qh = proj[t, h * d:(h + 1) * d]
+        _norm_rope(qh, q_norm, eps, cos[t], sin[t])
+        acc = np.empty(d, np.float32)
+        total = _attend(qh, keys, vals, kpos, h // group, p, lo, scale, scores[it], np.empty(LANES, np.float32), acc)
+        f = _gate(proj[t, nq + 2 * nk + h]) / total
+        for i in range(d):
+            out[t, h * d + i] = acc[i] * f
+
+
+@nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
+def router_tokens(router, x, n_tok, logits):
+    """logits [t, E] = router [E, H] @ x [t] for t < n_tok, each row summed as decode sums it."""
+    n_e = router.shape[0]
+    for it in nb.prange(n_tok * n_e):
+        t = it // n_e
+        e = it - t * n_e
+        logits[t, e] = dot(router[e], x[t], np.empty(LANES, np.float32))
+
+
+@nb.njit(fastmath=FIXED_ORDER, cache=True)
+def residual_norm_tokens(h, o, n_tok, w, eps, x):
+    """h [t] += o [t], then x [t] = rms_norm(h [t], w), for t < n_tok (decode's order)."""
+    for t in range(n_tok):
+        for i in range(h.shape[1]):
+            h[t, i] = h[t, i] + o[t, i]
+        rms_norm_row(h[t], w, eps, x[t])
+
+
+# ---------------------------------------------------------------- int8 passes over T tokens
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _quantize_tokens(x, n_tok, c, xq, xd, xb, xs4, xs6):
+    """Tokens 0..n_tok-1 of x [T, >= c] (their first c columns) to int8, with the GEMV's sums."""
+    for t in range(n_tok):
+        quantize_row(x[t, :c], xq[t, :c], xd[t, :c // 256], xb[t, :c // 16])
+        activation_sums(xb[t, :c // 16], xs4[t, :c // 32], xs6[t, :c // 16])
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
+    """out [t, :rows] = the group's rows times token t (its first c columns), t < n_tok: the
+    parallel units of gemv_gemm.group_gemv, each running its rows for every token in turn while
+    they are in cache."""
+    m_count = qt.shape[0]
+    units = np.empty(m_count + 1, np.int64)
+    units[0] = 0
+    for m in range(m_count):
+        n = starts[m + 1] - starts[m]
+        units[m + 1] = units[m] + n - 15 * row_blocks(formats, qt[m], n, c // 256)
+    for u in nb.prange(units[m_count]):
+        m = find(units, u)
+        for t in range(n_tok):
+            gemv_unit(formats, qt[m], addr[m], rb[m], starts[m + 1] - starts[m], u - units[m], xq[t, :c],
+                      xd[t, :c // 256], xb[t, :c // 16], xs4[t, :c // 32], xs6[t, :c // 16],
+                      out[t, starts[m]:starts[m + 1]])
+
+
+@lru_cache(maxsize=None)
+def build(formats: int):
+    """The few-token kernels for the int8 format set `formats` (a closure constant):
+    gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)   a group times T tokens
+    attention_half(p, keys, vals, kpos, n_tok, h, s)                   see the module doc
+    ffn(desc, entry, weights, limits, n_tok, x, h, f)                  see the module doc"""
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
+        _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)
+
+    @nb.njit(fastmath=True, cache=True)
+    def attention_half(p, keys, vals, kpos, n_tok, h, s):
+        n = h.shape[1]
+        d = keys.shape[2]
+        nq = p.n_head * d
+        nk = keys.shape[1] * d
+        for t in range(n_tok):
+            rms_norm_row(h[t], p.attn_norm, p.eps, s.x[t])
+        _quantize_tokens(s.x, n_tok, n, s.xq, s.xd, s.xb, s.xs4, s.xs6)
+        tokens_gemv_in_kernel(formats, p.qkvg_qt, p.qkvg_addr, p.qkvg_rb, p.qkvg_starts, n_tok, n, s.xq, s.xd,
+                              s.xb, s.xs4, s.xs6, s.proj)
+        half = p.inv_freq.shape[0]
+        for t in range(n_tok):
+            rope_angles(s.qpos[t], p.inv_freq, s.cos[t, :half], s.sin[t, :half])
+        attention_tokens(s.proj, n_tok, nq, nk, p.q_norm, p.k_norm, p.eps, s.cos[:, :half], s.sin[:, :half], keys,
+                         vals, kpos, s.slots, s.qpos, p.window, s.scores, s.att)
+        _quantize_tokens(s.att, n_tok, nq, s.xq, s.xd, s.xb, s.xs4, s.xs6)
+        tokens_gemv_in_kernel(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, n_tok, nq, s.xq, s.xd, s.xb, s.xs4,
+                              s.xs6, s.o)
+        residual_norm_tokens(h, s.o, n_tok, p.ffn_norm, p.eps, s.x)
+        if p.router.shape[0]:
+            router_tokens(p.router, s.x, n_tok, s.logits)
+
+    @nb.njit(parallel=True, fastmath=True, cache=True)
+    def ffn(desc, entry, weights, limits, n_tok, x, out, f):
+        # desc [M, 6] the union's FFNs; entry [T, 1 + K] token t's FFNs (rows of desc, in the order
+        # its decode step sums them), weights [T, 1 + K]; x [T, H] inputs; out [T, H] added into.
+        m_count = desc.shape[0]
+        per = entry.shape[1]
+        j_count = n_tok * per
+        h = x.shape[1]
+        qt = desc[:, 0:2]
+        addr = desc[:, 2:5]
+        inter = desc[:, 5]
+        xq, xd, xb, xs4, xs6 = f.xq, f.xd, f.xb, f.xs4, f.xs6
+        for t in range(n_tok):
+            quantize_row(x[t], xq[t, :h], xd[t, :h // 256], xb[t, :h // 16])
+            activation_sums(xb[t, :h // 16], xs4[t, :h // 32], xs6[t, :h // 16])
+        # pairs grouped by FFN (counting sort), and each pair's span of the hidden vectors
+        first, pairs, st = f.first, f.pairs, f.starts
+        for m in range(m_count + 1):
+            first[m] = 0
+        for p in range(j_count):
+            first[entry[p // per, p % per] + 1] += 1
+        for m in range(m_count):
+            first[m + 1] += first[m]
+        fill = np.empty(m_count, np.int64)
+        for m in range(m_count):
+            fill[m] = first[m]
+        st[0] = 0
+        for p in range(j_count):
+            m = entry[p // per, p % per]
+            pairs[fill[m]] = p
+            fill[m] += 1
+            st[p + 1] = st[p] + inter[m]
+        if st[j_count] > f.act.shape[0]:
+            raise ValueError("ffn_tokens: the FFNs are wider than the scratch")
+        gu = f.gu
+        units = f.units
+        units[0] = 0
+        for mm in range(2 * m_count):
+            units[mm + 1] = units[mm] + inter[mm // 2] - 15 * row_blocks(formats, qt[mm // 2, 0], inter[mm // 2], h // 256)
+        for u in nb.prange(units[2 * m_count]):
+            mm = find(units, u)
+            m = mm // 2
+            i = inter[m]
+            for q in range(first[m], first[m + 1]):
+                p = pairs[q]
+                t = p // per
+                o = 2 * st[p] + (mm - 2 * m) * i
+                gemv_unit(formats, qt[m, 0], addr[m, mm - 2 * m], h // 256 * bytes_per_256(qt[m, 0]), i,
+                          u - units[mm], xq[t, :h], xd[t, :h // 256], xb[t, :h // 16], xs4[t, :h // 32],
+                          xs6[t, :h // 16], gu[o:o + i])
+        hq, hd, hb, act = f.hq, f.hd, f.hb, f.act
+        for p in nb.prange(j_count):
+            m = entry[p // per, p % per]
+            a, b = st[p], st[p + 1]
+            swiglu_row(gu[2 * a:2 * a + (b - a)], gu[2 * a + (b - a):2 * b], limits[m], act[a:b])
+            quantize_row(act[a:b], hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16])
+        hs4, hs6 = f.hs4, f.hs6
+        activation_sums(hb[:st[j_count] // 16], hs4[:st[j_count] // 32], hs6[:st[j_count] // 16])
+        y = f.y
+        for m in range(m_count):
+            units[m + 1] = units[m] + h - 15 * row_blocks(formats, qt[m, 1], h, inter[m] // 256)
+        for u in nb.prange(units[m_count]):
+            m = find(units[:m_count + 1], u)
+            for q in range(first[m], first[m + 1]):
+                p = pairs[q]
+                a, b = st[p], st[p + 1]
+                gemv_unit(formats, qt[m, 1], addr[m, 2], (b - a) // 256 * bytes_per_256(qt[m, 1]), h,
+                          u - units[m], hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16], hs4[a // 32:b // 32],
+                          hs6[a // 16:b // 16], y[p])
+        for t in range(n_tok):
+            add_weighted_sum(y[t * per:(t + 1) * per], weights[t], per, out[t])
+
+    return _Kernels(gemv, attention_half, ffn)
+
+
+class _Kernels(NamedTuple):
+    gemv: object
+    attention_half: object
+    ffn: object
+
+
+def tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
+    """build(formats).gemv(...), callable from Numba code built for the same format set (a
+    compile-time constant there): a call of the compiled parallel kernel, not an inlined loop."""
+    build(formats).gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)
+
+
+@overload(tokens_gemv_in_kernel)
+def _tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
+    if not isinstance(formats, types.IntegerLiteral):
+        raise TypingError("tokens_gemv_in_kernel needs the format set as a compile-time constant")
+    gemv = build(formats.literal_value).gemv
+
+    def impl(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
+        gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)
+    return impl
