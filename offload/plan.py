@@ -22,6 +22,8 @@ The hit rate of the expert cache comes from, in order of preference:
 The roofline: a decode step reads every resident matrix, K experts per MoE layer and the KV
 cache (at half the context, the mean over a context filled from empty) from RAM, and the
 missed experts from disk; time per token = max(RAM bytes / RAM GB/s, missed bytes / disk GB/s).
+The RAM rate is the decode kernel's own, measured on a Q4_K matrix (measure_decode_gbps),
+unless given.
 
 Shape legend:  L MoE layers  E experts per layer  K experts per token  X = L*E
 """
@@ -46,7 +48,7 @@ from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.memory_limit import MemoryLimit, size_text
 from runtime.base.options import RuntimeOptions
-from runtime.base.system import RESERVE_FRACTION, RESERVE_MIN, memory_limit
+from runtime.base.system import RESERVE_FRACTION, RESERVE_MIN, choose_wait_policy, memory_limit
 
 PIN_SHARE = 0.5  # offload.placement.build_streaming pins this share of the slots from a profile
 
@@ -81,16 +83,34 @@ def machine_limit(ram: int | None) -> MemoryLimit:
     return MemoryLimit("available memory", max(0, ram - reserve), ram, 0, reserve=reserve)
 
 
-def measure_ram_gbps(nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
-    """Memory read rate in GB/s: the best of `repeats` sums over a buffer larger than the caches
-    (one thread, numpy)."""
-    buf = np.ones(nbytes // 8, np.float64)
-    best = float("inf")
+def measure_decode_gbps(rows: int = 8192, cols: int = 8192, repeats: int = 9) -> float:
+    """The rate, in GB/s of weights, at which the decode kernel (int8 activations, one token)
+    goes through a Q4_K matrix larger than the caches (38 MB): the median of `repeats` products.
+
+    A memory copy's rate is the wrong figure on a few cores, where the kernel is compute-bound:
+    here numpy read 13-18 GB/s while this probe gave 2.4-4.7 GB/s. It is an upper bound: on a
+    synth file all in RAM (0.14 GB a token, a Q6_K head; a loaded 2-core machine, plan and
+    bench alternated three times) plan predicted 78, 34 and 34 tok/s where bench measured 44,
+    27 and 25 (median ratio 1.33): attention, routing and the Q6_K head run below this rate.
+    """
+    from gguf import GGMLQuantizationType as Q
+
+    choose_wait_policy(None)  # as `run` does: spinning OpenMP threads on a busy machine slow the kernel 10x
+    from quant.int8_kernels import format_set
+    from runtime.model.matrix import make_matrix, matmul
+
+    raw = np.random.default_rng(0).integers(0, 256, (rows, cols // 256 * 144), dtype=np.uint8)
+    blocks = raw.reshape(-1, 144)
+    blocks[:, 0:4] = np.frombuffer(np.array([0.01, 0.01], np.float16).tobytes(), np.uint8)  # finite d and dmin
+    m = make_matrix("decode probe", Q.Q4_K, (rows, cols), raw)
+    x, int8 = np.ones((1, cols), np.float32), format_set([Q.Q4_K])
+    matmul(x, m, int8)  # compiled or loaded from the cache, and the matrix's packed view built
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+        matmul(x, m, int8)
+        times.append(time.perf_counter() - t0)
+    return raw.nbytes / float(np.median(times)) / 1e9
 
 
 # ---------------------------------------------------------------- hit rates
@@ -245,7 +265,7 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     hit, source = _hit_rate(profile, f.path, slots, n_experts, K, layers)
     ram_src = "given"
     if ram_gbps is None:
-        ram_gbps, ram_src = measure_ram_gbps(), "measured here: numpy sum, one thread"
+        ram_gbps, ram_src = measure_decode_gbps(), "measured here: the Q4_K decode kernel"
     routed = K * sum(le.expert_bytes for le in table.layers.values())  # one token's experts
     read = K * sum(sum(span_bytes(s) for s in le.strides) for le in table.layers.values())  # as O_DIRECT reads them
     ram_read = resident + routed + kv_cache_bytes(cfg, ctx, opts.rollback, held=ctx // 2)

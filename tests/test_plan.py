@@ -194,3 +194,4 @@ def test_hit_rate_from_a_profile_and_a_trace(tmp_path, tiny_gguf):
     rate, source = P._hit_rate(str(tr), path, 24, 48, 4, {1: 16, 2: 16, 3: 16})
     assert rate == pytest.approx(S.lru(S.requests(ids, np.full(3, 16)), 24).mean())
     assert "same share" in source
+

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU memory; only 0 is planned for now (default: 0)")
     p.add_argument("--disk-gbps", type=positive_float, default=7.0, help="disk read rate in GB/s (default: 7)")
     p.add_argument("--ram-gbps", type=positive_float, default=None,
-                   help="RAM read rate of decoding in GB/s (default: measured here)")
+                   help="GB/s of weights decoding goes through (default: measured here with the Q4_K decode kernel)")
     p.add_argument("--ctx", type=positive_int, default=None,
                    help="context the KV cache is sized for (default: run's, the model's up to 4096)")
     p.add_argument("--profile", default=None, metavar="P",
