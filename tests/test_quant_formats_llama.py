@@ -243,3 +243,28 @@ def test_llama_cpp_preset_loads_and_tracks_llama_cpp(odd_files, prompt, record_p
 @pytest.mark.parametrize("qtype", IMATRIX_FILES, ids=lambda t: t.name)
 def test_imatrix_type_file_loads_and_tracks_llama_cpp(odd_files, prompt, record_property, qtype):
     _check_file(odd_files(qtype), prompt, record_property, qtype.name, {qtype, T.IQ4_NL})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["Q2_K", "IQ3_S"])
+def test_trained_miniature_requantized_by_llama_cpp_agrees_with_it(tmp_path, preset):
+    """On the shipped trained miniature (not chaotic like the random one), requantized by
+    llama.cpp to a 2- or 3-bit preset, our logits and llama.cpp's pick the same next token."""
+    import llama_cpp
+
+    src = Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf"
+    path = tmp_path / f"mini-{preset}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
+    params.nthread = 2
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), ctypes.byref(params)) == 0
+    m = runtime.load(path, n_ctx=128, activations="f32")
+    tokens = m.tokenize("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)"
+                        " + fibonacci(n - 2)\n\nclass Point:\n    def __init__(self, x, y):\n")
+    ours = m.logits(tokens)
+    llama = llama_cpp_logits(path, tokens, n_ctx=128)
+    kl = R.kl_rows(llama, ours)
+    top1 = float((ours.argmax(-1) == llama.argmax(-1)).mean())
+    print(f"trained miniature {preset}: KL(llama.cpp || ours) mean {kl.mean():.5f} max {kl.max():.5f}; top-1 {top1:.3f}")
+    assert kl.mean() < 0.01 and top1 >= 0.95, (kl.mean(), top1)
