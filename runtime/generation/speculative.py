@@ -19,9 +19,12 @@ same too.
 The draft length (`DraftLength`) is chosen each step to maximize expected tokens per second:
     E(k) = 1 + a1 + a1 a2 + ... + a1..ak     (a_j: measured acceptance of head j, given j-1 accepted)
     C(k) = t_verify(k + 1) + t_head(0) + ... + t_head(k - 1)
-each term a running average of what the steps measured. A verify length not measured yet is
-assumed to cost what the nearest shorter one does (optimism that makes auto try it once), and
-only a length one above the longest measured is tried.
+each time the median of the last WINDOW measurements of that length: a step the scheduler
+preempted (on a shared machine, one in a few dozen takes ten times as long) is an outlier a
+running mean would carry for many steps, enough to make a plain step look dearer than a
+draft and verify. A verify length not measured yet is
+assumed to cost what the shorter ones do (optimism that makes auto try it once), and only a
+length one above the longest measured is tried.
 When drafting does not pay (random weights: acceptance near 1/V), k = 0 wins and decoding is
 the plain one-token step; after PROBE_EVERY such steps one draft probes whether that changed,
 and each probe doubles the wait before the next (a useless probe costs ever less).
@@ -30,6 +33,7 @@ and each probe doubles the wait before the next (a useless probe costs ever less
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -38,8 +42,13 @@ from runtime.base.errors import StepstreamError
 
 PROBE_EVERY = 256  # steps at k = 0 before the first one-draft probe
 DECAY = 0.97  # how much of the acceptance counts each new observation keeps (forgets old text)
-ALPHA = 0.2  # weight of a new time measurement in its running average
+WINDOW = 9  # the time of a step of a given length: the median of its last WINDOW measurements
 RECHECK = 16  # steps a decision not to draft stands before it is recomputed
+
+
+def _median(xs) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
 
 
 def accept_or_resample(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[bool, int]:
@@ -77,8 +86,11 @@ class DraftLength:
         self.fixed = fixed  # a forced draft length, or None for auto
         self.hits = [1.0] * n_heads  # acceptance counts per head, with a prior of 1 in 2
         self.trials = [2.0] * n_heads
-        self.t_verify: dict[int, float] = dict(step_seconds or {})  # verify length -> seconds
-        self.t_head = [0.0] * n_heads  # seconds a head takes to draft (0: not measured yet)
+        # verify length -> its last measurements (seconds), seeded with the model's (warm_up's)
+        self._verify: dict[int, deque] = {n: deque([t], WINDOW) for n, t in (step_seconds or {}).items()}
+        self._head = [deque(maxlen=WINDOW) for _ in range(n_heads)]  # seconds a head takes to draft
+        self.t_verify: dict[int, float] = dict(step_seconds or {})  # verify length -> median seconds
+        self.t_head = [0.0] * n_heads  # median seconds a head takes to draft (0: not measured yet)
         self.steps = 0
         self.idle = 0  # steps since the last draft
         self.probe_every = PROBE_EVERY  # steps at k = 0 before a one-draft probe (doubles each time)
@@ -95,9 +107,12 @@ class DraftLength:
         return e
 
     def cost(self, k: int) -> float:
-        known = [n for n in self.t_verify if n <= k + 1]
-        t = self.t_verify[max(known)] if known else 0.0
-        return t + sum(self.t_head[:k])
+        """C(k). A pass over more tokens does the work of one over fewer and more, so a verify
+        length costs at least every shorter one measured: with the same kernels, a cheaper
+        figure is noise (a preempted plain step), and with drafts never accepted it would
+        still make drafting look worth it."""
+        known = [self.t_verify[n] for n in self.t_verify if n <= k + 1]
+        return (max(known) if known else 0.0) + sum(self.t_head[:k])
 
     def choose(self, room: int) -> int:
         """k for the next step; room: the most drafts that could still be used."""
@@ -131,10 +146,12 @@ class DraftLength:
         seconds of the trunk pass."""
         self.steps += 1
         n = n_drafts + 1
-        old = self.t_verify.get(n)
-        self.t_verify[n] = t_verify if old is None else (1 - ALPHA) * old + ALPHA * t_verify
+        times = self._verify.setdefault(n, deque(maxlen=WINDOW))
+        times.append(t_verify)
+        self.t_verify[n] = _median(times)
         for j in range(n_drafts if t_head is not None else 0):
-            self.t_head[j] = t_head if not self.t_head[j] else (1 - ALPHA) * self.t_head[j] + ALPHA * t_head
+            self._head[j].append(t_head)
+            self.t_head[j] = _median(self._head[j])
         for j in range(min(accepted + 1, n_drafts)):  # head j was tried when heads 0..j-1 were accepted
             self.hits[j] = DECAY * self.hits[j] + (1.0 if j < accepted else 0.0)
             self.trials[j] = DECAY * self.trials[j] + 1.0
