@@ -152,7 +152,7 @@ def few_scratch(cfg: ModelConfig, n_slots: int) -> TokensScratch:
     """Buffers of the few-token attention half for every block of `cfg`, up to FEW_TOKENS tokens."""
     H, D, nh = cfg.hidden, cfg.head_dim, max(cfg.n_head)
     proj = max((h + 2 * kv) * D + h for h, kv in zip(cfg.n_head, cfg.n_head_kv))
-    return tokens_scratch(FEW_TOKENS, H, max(H, nh * D), proj, D // 2, nh, n_slots, cfg.n_expert)
+    return tokens_scratch(FEW_TOKENS, H, max(2 * H, nh * D), proj, D // 2, nh, n_slots, cfg.n_expert)
 
 
 def few_ffn_scratch(cfg: ModelConfig) -> TokensFFNScratch:

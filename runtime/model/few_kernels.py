@@ -49,7 +49,8 @@ from runtime.model.ops import LANES, dot, rms_norm_row, rope_angles
 class TokensScratch(NamedTuple):
     """Buffers of a few-token block step, allocated once per model for up to T tokens."""
     x: np.ndarray  # float32 [T, H]        normed hidden states, then the FFN's inputs
-    xq: np.ndarray  # int8 [T, C]          activations as int8 (C = max(H, Nh * D))
+    wide: np.ndarray  # float32 [T, 2 H]   an MTP head's input: its normed embedding and hidden state
+    xq: np.ndarray  # int8 [T, C]          activations as int8 (C = max(2 H, Nh * D))
     xd: np.ndarray  # float32 [T, C / 256]
     xb: np.ndarray  # int32 [T, C / 16]
     xs4: np.ndarray  # int16 [T, C / 32]   the GEMV's activation sums (gemv_gemm.activation_sums)
@@ -88,7 +89,8 @@ class TokensFFNScratch(NamedTuple):
 
 def tokens_scratch(n_tok: int, hidden: int, cols: int, proj: int, half: int, n_head: int, n_slots: int,
                    n_expert: int) -> TokensScratch:
-    return TokensScratch(np.empty((n_tok, hidden), np.float32), np.empty((n_tok, cols), np.int8),
+    return TokensScratch(np.empty((n_tok, hidden), np.float32), np.empty((n_tok, 2 * hidden), np.float32),
+                         np.empty((n_tok, cols), np.int8),
                          np.empty((n_tok, cols // 256), np.float32), np.empty((n_tok, cols // 16), np.int32),
                          np.empty((n_tok, cols // 32), np.int16), np.empty((n_tok, cols // 16), np.int16),
                          np.empty((n_tok, proj), np.float32), np.empty((n_tok, half), np.float32),
@@ -198,7 +200,12 @@ def build(formats: int):
     """The few-token kernels for the int8 format set `formats` (a closure constant):
     gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)   a group times T tokens
     attention_half(p, keys, vals, kpos, n_tok, h, s)                   see the module doc
-    ffn(desc, entry, weights, limits, n_tok, x, h, f)                  see the module doc"""
+    ffn(desc, entry, weights, limits, n_tok, x, h, f)                  see the module doc
+    norm_project(w, eps, n_tok, h, qt, addr, rb, starts, s, out)       out [t] = group @ rms_norm(h [t], w)
+    head_input(enorm, hnorm, eps, n_tok, e, h, qt, addr, rb, starts, s, out)
+                 out [t] = group @ [rms_norm(e [t], enorm), rms_norm(h [t], hnorm)]  (an MTP head's input)
+    The last two are the output head and an MTP head's projections: matrix.matmul's bits (its
+    GEMM rows are the GEMV's), in one call instead of a quantize and a GEMM call."""
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
@@ -299,13 +306,32 @@ def build(formats: int):
         for t in range(n_tok):
             add_weighted_sum(y[t * per:(t + 1) * per], weights[t], per, out[t])
 
-    return _Kernels(gemv, attention_half, ffn)
+    @nb.njit(fastmath=True, cache=True)
+    def norm_project(w, eps, n_tok, h, qt, addr, rb, starts, s, out):
+        c = h.shape[1]
+        for t in range(n_tok):
+            rms_norm_row(h[t], w, eps, s.x[t, :c])
+        _quantize_tokens(s.x, n_tok, c, s.xq, s.xd, s.xb, s.xs4, s.xs6)
+        tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, s.xq, s.xd, s.xb, s.xs4, s.xs6, out)
+
+    @nb.njit(fastmath=True, cache=True)
+    def head_input(enorm, hnorm, eps, n_tok, e, h, qt, addr, rb, starts, s, out):
+        c = h.shape[1]
+        for t in range(n_tok):
+            rms_norm_row(e[t], enorm, eps, s.wide[t, :c])
+            rms_norm_row(h[t], hnorm, eps, s.wide[t, c:2 * c])
+        _quantize_tokens(s.wide, n_tok, 2 * c, s.xq, s.xd, s.xb, s.xs4, s.xs6)
+        tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, 2 * c, s.xq, s.xd, s.xb, s.xs4, s.xs6, out)
+
+    return _Kernels(gemv, attention_half, ffn, norm_project, head_input)
 
 
 class _Kernels(NamedTuple):
     gemv: object
     attention_half: object
     ffn: object
+    norm_project: object
+    head_input: object
 
 
 def tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):

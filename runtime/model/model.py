@@ -34,7 +34,7 @@ from runtime.model.block import Block
 from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
-from runtime.model import kv_checkpoint, mtp
+from runtime.model import few_kernels, kv_checkpoint, mtp
 from runtime.model.kv_cache import CacheStateError, KVCache
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
@@ -67,6 +67,10 @@ class Model:
         # fuses both halves of a step (runtime.model.few_kernels); else through prefill.
         self._few = gpu is None and all(b.plan.fused for b in self.blocks[: cfg.n_layers])
         self._output_q8 = q8_group([weights.output], self.int8)
+        # The MTP heads' input projections and output heads, prepared for one-call products of a
+        # few rows (few_kernels: norm, int8 rounding and GEMV in one call, matmul's bits).
+        self._mtp_q8 = [(q8_group([nw.eh_proj], self.int8), q8_group([nw.head], self.int8)) for nw in weights.nextn]
+        self._few_proj = few_kernels.build(self.int8) if self.int8 else None
         self._tokenizer = None
         self._tokens: list[int] = []  # the ids the cache holds, position by position
         self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
@@ -272,10 +276,21 @@ class Model:
         """Logits [T, V] float32 of hidden states [T, H]."""
         if self.gpu is not None:
             return self.gpu.output(h)
+        if self._output_q8 is not None and h.shape[0] <= FEW_TOKENS:
+            return self.project_few(h, self.weights.out_norm, self._output_q8)
         x = rms_norm(h, self.weights.out_norm, self.cfg.rms_eps)
         if x.shape[0] == 1 and self._output_q8 is not None:
             return matvec_q8(self._output_q8, x)
         return matmul(x, self.weights.output, self.int8).astype(np.float32)
+
+    def project_few(self, h: np.ndarray, norm: np.ndarray, g) -> np.ndarray:
+        """g's rows times rms_norm(h, norm) for a few rows h [T <= FEW_TOKENS, H] -> [T, g.rows], in
+        one call (g: an int8 group, matrix.q8_group); the bits of rms_norm and matmul."""
+        h = np.ascontiguousarray(h, dtype=np.float32)
+        out = np.empty((h.shape[0], g.rows), np.float32)
+        self._few_proj.norm_project(norm, np.float32(self.cfg.rms_eps), h.shape[0], h, g.qt, g.addr, g.rb, g.starts,
+                                    self.buffers.few, out)
+        return out
 
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""

@@ -44,9 +44,19 @@ def head_cache(cfg, j: int, n_ctx: int) -> LayerKV:
 
 
 def head_input(model, j: int, ids: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """Head j's block input [T, H] from the tokens it reads (ids [T]) and hidden states h [T, H]."""
+    """Head j's block input [T, H] from the tokens it reads (ids [T]) and hidden states h [T, H].
+    A few rows go in one call (runtime.model.few_kernels), with the bits of the chunk path."""
     cfg, nw = model.cfg, model.weights.nextn[j]
-    e = rms_norm(rows(model.weights.embed, ids), nw.enorm, cfg.rms_eps)
+    e = rows(model.weights.embed, ids)
+    g = model._mtp_q8[j][0]
+    if g is not None and model._few_proj is not None and ids.shape[0] <= FEW_TOKENS:
+        h = np.ascontiguousarray(h, dtype=np.float32)
+        out = np.empty((ids.shape[0], g.rows), np.float32)
+        model._few_proj.head_input(nw.enorm, nw.hnorm, np.float32(cfg.rms_eps), ids.shape[0],
+                                   np.ascontiguousarray(e, dtype=np.float32), h, g.qt, g.addr, g.rb, g.starts,
+                                   model.buffers.few, out)
+        return out
+    e = rms_norm(e, nw.enorm, cfg.rms_eps)
     return matmul(np.concatenate([e, rms_norm(h, nw.hnorm, cfg.rms_eps)], axis=1), nw.eh_proj, model.int8)
 
 
@@ -66,6 +76,9 @@ def head_chunk(model, j: int, x: np.ndarray, start: int, kv: LayerKV) -> np.ndar
 def head_logits(model, j: int, h: np.ndarray) -> np.ndarray:
     """Head j's logits [T, V] float32 of its outputs h [T, H]."""
     nw = model.weights.nextn[j]
+    g = model._mtp_q8[j][1]
+    if g is not None and model._few_proj is not None and h.shape[0] <= FEW_TOKENS:
+        return model.project_few(h, nw.head_norm, g)
     return matmul(rms_norm(h, nw.head_norm, model.cfg.rms_eps), nw.head, model.int8).astype(np.float32)
 
 
