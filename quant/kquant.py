@@ -26,9 +26,11 @@ sub-block at a time; those sums are sequential, so a sub-block on its own cannot
 The kernels below therefore lay a row's J sub-blocks side by side (element i of sub-block j
 at [i, j]) and run the same arithmetic for all of them in the inner loop: each lane keeps
 its own sums in its own order, so the result is bit-identical to fitting one sub-block after
-another, while LLVM vectorizes across sub-blocks. Pass 3's searches are data-dependent (how
-far the min moves), so they run as a work list: every step gathers each unfinished search's
-untried (scale, min) candidates into T columns and evaluates them all at once. A candidate
+another, while LLVM vectorizes across sub-blocks. Pass 3's first round is the same for every
+sub-block (the rounded scale and min and their neighbours: nine slots), so it runs as nine
+lane passes over the row in place; later rounds are data-dependent (how far the min moves),
+so they run as a work list: every step gathers each unfinished search's untried (scale, min)
+candidates into T columns and evaluates them all at once. A candidate
 already evaluated is never evaluated again: it cannot beat a best it is part of, so skipping
 it changes nothing. The `error_model="numpy"` flag lets masked-out lanes divide by zero
 (their results are discarded) instead of raising.
@@ -47,6 +49,78 @@ _LANES = dict(cache=True, nogil=True, error_model="numpy")
 
 # ---------------------------------------------------------------- pass 1: sub-block fits
 
+@nb.njit(inline="always", **_LANES)
+def _round_sums(xt, w, lq, inv, off, nmax, sl, sl2, sxl, J):
+    """Codes lq [32, J] of rounding at (inv, off) and their weighted sums, lane by lane."""
+    for j in range(J):
+        sl[j] = 0.0
+        sl2[j] = 0.0
+        sxl[j] = 0.0
+    for i in range(32):
+        for j in range(J):
+            v = xt[i, j]
+            q = min(max(np.rint((v - off[j]) * inv[j]), 0.0), nmax)
+            lq[i, j] = q
+            sl[j] += w[i, j] * q
+            sl2[j] += w[i, j] * q * q
+            sxl[j] += w[i, j] * q * v
+
+
+@nb.njit(inline="always", **_LANES)
+def _fit_error(xt, w, lq, ca, cb, err, J):
+    """Weighted squared error err [J] of the fit ca * lq + cb."""
+    for j in range(J):
+        err[j] = 0.0
+    for i in range(32):
+        for j in range(J):
+            e = ca[j] * lq[i, j] + cb[j] - xt[i, j]
+            err[j] += w[i, j] * e * e
+
+
+@nb.njit(inline="always", **_LANES)
+def _error_and_sums(xt, w, lq_prev, ca, cb, err, lq, inv, off, nmax, sl, sl2, sxl, J):
+    """_fit_error of one candidate and _round_sums of the next in one pass over the weights."""
+    for j in range(J):
+        err[j] = 0.0
+        sl[j] = 0.0
+        sl2[j] = 0.0
+        sxl[j] = 0.0
+    for i in range(32):
+        for j in range(J):
+            v = xt[i, j]
+            e = ca[j] * lq_prev[i, j] + cb[j] - v
+            err[j] += w[i, j] * e * e
+            q = min(max(np.rint((v - off[j]) * inv[j]), 0.0), nmax)
+            lq[i, j] = q
+            sl[j] += w[i, j] * q
+            sl2[j] += w[i, j] * q * q
+            sxl[j] += w[i, j] * q * v
+
+
+@nb.njit(inline="always", **_LANES)
+def _solve(sw, sx, sl, sl2, sxl, ca, cb, ok, J):
+    """Least-squares (a, b) of x ~ a * L + b from the sums; ok: the system is not singular."""
+    for j in range(J):
+        det = sw[j] * sl2[j] - sl[j] * sl[j]
+        a = (sw[j] * sxl[j] - sx[j] * sl[j]) / det
+        b = (sl2[j] * sx[j] - sl[j] * sxl[j]) / det
+        if b > 0.0:  # the offset must not be positive: refit through zero
+            b = 0.0
+            a = sxl[j] / sl2[j]
+        ca[j] = a
+        cb[j] = b
+        ok[j] = 0.0 if det <= 0.0 else 1.0
+
+
+@nb.njit(inline="always", **_LANES)
+def _take(ok, err, ca, cb, be, ba, bb, J):
+    for j in range(J):
+        if ok[j] != 0.0 and err[j] < be[j]:
+            be[j] = err[j]
+            ba[j] = ca[j]
+            bb[j] = cb[j]
+
+
 @nb.njit(parallel=True, **_LANES)
 def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
     """Pass 1 for Q4_K/Q5_K: scales, mins float32 [R, J] (outputs).
@@ -54,15 +128,17 @@ def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
     Fits x ~ a*L - m per sub-block with integer L in [0, nmax] and m >= 0, weighted by
     w = rms + |x| (large weights matter more, small ones still count). Tries step sizes
     (nmax + rmin + rdelta*k) / (max - min) for k = 0..nstep, refits (a, m) by least squares
-    for each rounding, and ends with one re-rounding step at the best fit."""
+    for each rounding, and ends with one re-rounding step at the best fit. The step sizes
+    do not depend on the fits, so the error of candidate k-1 and the sums of candidate k
+    share one pass over the weights; only the final re-rounding waits for the best."""
     rows, cols = x.shape
     J = cols // 32
     for r in nb.prange(rows):
-        el = np.empty((3, 32, J), np.float64)  # [i, j] per lane: weight, importance, code
-        xt, w, lq = el[0], el[1], el[2]
-        st = np.zeros((16, J), np.float64)  # one row per lane variable
+        el = np.empty((4, 32, J), np.float64)  # [i, j] per lane: weight, importance, codes (two rounds)
+        xt, w = el[0], el[1]
+        st = np.zeros((17, J), np.float64)  # one row per lane variable
         ss, lo, hi, sw, sx, ba, bb, be = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
-        inv, off, sl, sl2, sxl, ca, cb, err = st[8], st[9], st[10], st[11], st[12], st[13], st[14], st[15]
+        inv, off, sl, sl2, sxl, ca, cb, err, ok = st[8], st[9], st[10], st[11], st[12], st[13], st[14], st[15], st[16]
         for i in range(32):
             for j in range(J):
                 v = np.float64(x[r, 32 * j + i])
@@ -90,42 +166,29 @@ def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
                 q = min(max(np.rint((v - lo[j]) / ba[j]), 0.0), nmax)
                 e = ba[j] * q + lo[j] - v
                 be[j] += w[i, j] * e * e
-        for k in range(nstep + 2):
-            final = k > nstep  # re-round at the best fit so far
+        for k in range(nstep + 1):
             for j in range(J):
-                inv[j] = 1.0 / ba[j] if final else (nmax + rmin + rdelta * k) / (hi[j] - lo[j])
-                off[j] = bb[j] if final else lo[j]
-                sl[j] = 0.0
-                sl2[j] = 0.0
-                sxl[j] = 0.0
-                err[j] = 0.0
-            for i in range(32):
-                for j in range(J):
-                    v = xt[i, j]
-                    q = min(max(np.rint((v - off[j]) * inv[j]), 0.0), nmax)
-                    lq[i, j] = q
-                    sl[j] += w[i, j] * q
-                    sl2[j] += w[i, j] * q * q
-                    sxl[j] += w[i, j] * q * v
-            for j in range(J):
-                det = sw[j] * sl2[j] - sl[j] * sl[j]
-                a = (sw[j] * sxl[j] - sx[j] * sl[j]) / det
-                b = (sl2[j] * sx[j] - sl[j] * sxl[j]) / det
-                if b > 0.0:  # the offset must not be positive: refit through zero
-                    b = 0.0
-                    a = sxl[j] / sl2[j]
-                ca[j] = a
-                cb[j] = b
-            for i in range(32):
-                for j in range(J):
-                    e = ca[j] * lq[i, j] + cb[j] - xt[i, j]
-                    err[j] += w[i, j] * e * e
-            for j in range(J):
-                det = sw[j] * sl2[j] - sl[j] * sl[j]
-                if not det <= 0.0 and err[j] < be[j] and not (final and ba[j] <= 0.0):
-                    be[j] = err[j]
-                    ba[j] = ca[j]
-                    bb[j] = cb[j]
+                inv[j] = (nmax + rmin + rdelta * k) / (hi[j] - lo[j])
+                off[j] = lo[j]
+            if k == 0:
+                _round_sums(xt, w, el[2], inv, off, nmax, sl, sl2, sxl, J)
+            else:
+                _error_and_sums(xt, w, el[2 + (k - 1) % 2], ca, cb, err, el[2 + k % 2], inv, off, nmax,
+                                sl, sl2, sxl, J)
+                _take(ok, err, ca, cb, be, ba, bb, J)
+            _solve(sw, sx, sl, sl2, sxl, ca, cb, ok, J)
+        _fit_error(xt, w, el[2 + nstep % 2], ca, cb, err, J)
+        _take(ok, err, ca, cb, be, ba, bb, J)
+        for j in range(J):  # final: re-round at the best fit, where it has a positive scale
+            inv[j] = 1.0 / ba[j]
+            off[j] = bb[j]
+            ss[j] = 0.0 if ba[j] <= 0.0 else 1.0  # ss is free once w is made
+        _round_sums(xt, w, el[2], inv, off, nmax, sl, sl2, sxl, J)
+        _solve(sw, sx, sl, sl2, sxl, ca, cb, ok, J)
+        for j in range(J):
+            ok[j] = ok[j] * ss[j]
+        _fit_error(xt, w, el[2], ca, cb, err, J)
+        _take(ok, err, ca, cb, be, ba, bb, J)
         for j in range(J):
             flat = hi[j] == lo[j]
             scales[r, j] = 0.0 if flat else ba[j]
@@ -274,32 +337,54 @@ def encode_affine(x, scales, mins, d, dmin, d_bits, dmin_bits, nbits, out):
         t_dm = np.empty(3 * NS, np.float32)
         acc = np.empty((2, 3 * NS), np.float64)
         xg = np.empty((32, 3 * NS), np.float32)
-        for _round in range(3):
-            T = 0
-            for q in range(NS):
-                if not s_run[q]:
-                    continue
-                j = q // 3
-                for m in range(max(s_centre[q] - 1, 0), min(s_centre[q] + 1, 63) + 1):
-                    if s_tried[q] & (np.int64(1) << m):
-                        continue
+        # round 1: every search tries its centre m0 and neighbours; the candidates of one
+        # (scale, min) slot across all lanes read the row in place, with no gathering
+        for i in range(32):
+            for j in range(J):
+                xg[i, j] = x[r, 32 * j + i]
+        for k in range(9):
+            for j in range(J):
+                q = 3 * j + k // 3
+                m = max(s_centre[q] - 1, 0) + k % 3
+                t_ds[J + j] = s_ds[q]
+                t_dm[J + j] = np.float32(sm[j] * np.float32(m))
+            _evaluate(xg, t_ds[J:], t_dm[J:], acc, J, nmax)
+            for j in range(J):
+                q = 3 * j + k // 3
+                m = max(s_centre[q] - 1, 0) + k % 3
+                if s_run[q] and m <= min(s_centre[q] + 1, 63):
                     s_tried[q] |= np.int64(1) << m
-                    t_s[T] = q
-                    t_m[T] = m
-                    t_ds[T] = s_ds[q]
-                    t_dm[T] = np.float32(sm[j] * np.float32(m))
-                    for i in range(32):
-                        xg[i, T] = x[r, 32 * j + i]
-                    T += 1
-            if T == 0:
-                break
-            _evaluate(xg, t_ds, t_dm, acc, T, nmax)
-            for t in range(T):  # a search's candidates are in ascending m
-                q = t_s[t]
-                if acc[0, t] < s_best[q]:
-                    s_best[q] = acc[0, t]
-                    s_m[q] = t_m[t]
-                    s_res[q] = acc[1, t]
+                    if acc[0, j] < s_best[q]:
+                        s_best[q] = acc[0, j]
+                        s_m[q] = m
+                        s_res[q] = acc[1, j]
+        for _round in range(3):
+            if _round > 0:
+                T = 0
+                for q in range(NS):
+                    if not s_run[q]:
+                        continue
+                    j = q // 3
+                    for m in range(max(s_centre[q] - 1, 0), min(s_centre[q] + 1, 63) + 1):
+                        if s_tried[q] & (np.int64(1) << m):
+                            continue
+                        s_tried[q] |= np.int64(1) << m
+                        t_s[T] = q
+                        t_m[T] = m
+                        t_ds[T] = s_ds[q]
+                        t_dm[T] = np.float32(sm[j] * np.float32(m))
+                        for i in range(32):
+                            xg[i, T] = x[r, 32 * j + i]
+                        T += 1
+                if T == 0:
+                    break
+                _evaluate(xg, t_ds, t_dm, acc, T, nmax)
+                for t in range(T):  # a search's candidates are in ascending m
+                    q = t_s[t]
+                    if acc[0, t] < s_best[q]:
+                        s_best[q] = acc[0, t]
+                        s_m[q] = t_m[t]
+                        s_res[q] = acc[1, t]
             for q in range(NS):
                 if not s_run[q]:
                     continue
