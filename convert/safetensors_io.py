@@ -65,6 +65,11 @@ class SafetensorsFile:
 
     def read_range(self, name: str, start: int, count: int) -> np.ndarray:
         """Elements start..start+count of the tensor (flat, row-major) as float32 [count]."""
+        raw = self.read_raw(name, start, count)
+        return bf16_bits_to_f32(raw) if self.entries[name].dtype == "BF16" else raw.astype(np.float32)
+
+    def read_raw(self, name: str, start: int, count: int) -> np.ndarray:
+        """Elements start..start+count as stored: float32, float16, or bf16 bits as uint16."""
         entry = self.entries[name]
         storage, width = self._storage(entry)
         n = math.prod(entry.shape)
@@ -85,9 +90,7 @@ class SafetensorsFile:
             raise StepstreamError(f"{self.path}: tensor {name!r}: cannot read bytes {begin}..{begin + count * width} ({e.strerror})") from None
         if done != len(view):  # the file shrank since its header was checked
             raise StepstreamError(f"{self.path}: tensor {name!r}: bytes {begin}..{begin + count * width} are past the end of the file")
-        if entry.dtype == "BF16":
-            return bf16_bits_to_f32(raw)
-        return raw.astype(np.float32)
+        return raw
 
     def read(self, name: str, index: int | None = None) -> np.ndarray:
         """The tensor as float32; with `index`, only slice `index` of its first axis."""
@@ -159,6 +162,9 @@ class Checkpoint:
 
     def read_range(self, name: str, start: int, count: int) -> np.ndarray:
         return self.shards[self.weight_map[name]].read_range(name, start, count)
+
+    def read_raw(self, name: str, start: int, count: int) -> np.ndarray:
+        return self.shards[self.weight_map[name]].read_raw(name, start, count)
 
 
 class SafetensorsWriter:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numba as nb
 import numpy as np
 import quant
 from convert import layout
@@ -52,13 +53,40 @@ def chunks(shape: tuple[int, ...], role: str, chunk_weights: int) -> Iterator[Ch
             yield Chunk(e if role == layout.EXPERTS else None, e * per_slice + off, min(step, per_slice - off), off)
 
 
+@nb.njit(cache=True, nogil=True)
+def widen_bf16(bits, out):
+    """out uint32 [n], the bits of a float32 buffer, = bf16 bits uint16 [n] << 16."""
+    for i in range(bits.shape[0]):
+        out[i] = np.uint32(bits[i]) << np.uint32(16)
+
+
+@nb.njit(cache=True, nogil=True)
+def first_non_finite(bits):
+    """Index of the first NaN or Inf among float32 bits uint32 [n], or -1. One pass that
+    vectorizes (an OR over the exponents), a second only when something is found."""
+    exp = np.uint32(0x7F800000)
+    hit = np.uint32(0)
+    for i in range(bits.shape[0]):
+        hit |= np.uint32((bits[i] & exp) == exp)
+    if hit:
+        for i in range(bits.shape[0]):
+            if (bits[i] & exp) == exp:
+                return i
+    return -1
+
+
 def _load(ckpt: Checkpoint, name: str, where: Path, role: str, c: Chunk) -> np.ndarray:
     """float32 [count] of one chunk, checked finite, norms given their +1."""
-    x = ckpt.read_range(name, c.start, c.count)
-    if not np.isfinite(x).all():
-        bad = c.offset + int(np.flatnonzero(~np.isfinite(x))[0])
+    raw = ckpt.read_raw(name, c.start, c.count)
+    if raw.dtype == np.uint16:  # bf16 bits
+        x = np.empty(c.count, np.float32)
+        widen_bf16(raw, x.view(np.uint32))
+    else:
+        x = raw.astype(np.float32)
+    bad = first_non_finite(x.view(np.uint32))
+    if bad >= 0:
         part = f" (expert {c.index})" if c.index is not None else ""
-        raise StepstreamError(f"{where}: tensor {name!r}{part} holds NaN or Inf (first at flat index {bad})")
+        raise StepstreamError(f"{where}: tensor {name!r}{part} holds NaN or Inf (first at flat index {c.offset + bad})")
     if role == layout.NORM:
         x += np.float32(1.0)
     return x

@@ -36,6 +36,9 @@ def _interrupt(signum, frame):
 
 def run(args: argparse.Namespace) -> int:
     from convert.converter import convert
+    from runtime.base.system import choose_wait_policy
+
+    choose_wait_policy(args.threads)  # passive OpenMP waits when other processes hold the cores
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
