@@ -12,6 +12,10 @@ Q8_0's signed weights go as magnitudes, their signs moved onto the activations (
 each 32-weight block's dot reduced to a lane of one vector: the portable Q8_0 loop does not
 vectorize at all (1/8 of this speed, measured), nor does LLVM find vpmaddubsw for Q5_K.
 
+The IR building blocks here (maddubs, maddwd, runs_dot, block_dots, lane_sums8, ordered_sum,
+half_at, ...) and row_dot_intrinsics / row_dot_functions also make the other formats' row dots
+(q2k_q3k, blocks32, iq4_xs).
+
 AVAILABLE says whether the host can run them (AVX2 and F16C, and Numba compiling for
 the host CPU); the portable loops in ``row_dot`` are used otherwise.
 
@@ -45,58 +49,61 @@ from .llvm_ir import declare, fadd, fmul, fsub, load, shuffle
 
 AVAILABLE = compiles_for("avx2", "f16c")
 
-_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-_V32I8 = ir.VectorType(_i8, 32)
-_V16I8 = ir.VectorType(_i8, 16)
-_V16I16 = ir.VectorType(_i16, 16)
-_V8I32 = ir.VectorType(_i32, 8)
-_V16I32 = ir.VectorType(_i32, 16)
+INT8, INT16, INT32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+V32I8 = ir.VectorType(INT8, 32)
+V16I8 = ir.VectorType(INT8, 16)
+V16I16 = ir.VectorType(INT16, 16)
+V8I32 = ir.VectorType(INT32, 8)
+V16I32 = ir.VectorType(INT32, 16)
+F32 = ir.FloatType()
 
 
-def _maddubs(builder, u8, s8):
+def maddubs(builder, u8, s8):
     """<32 x u8> * <32 x i8>, adjacent pairs summed: <16 x i16>."""
-    return builder.call(declare(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]), [u8, s8])
+    return builder.call(declare(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8]), [u8, s8])
 
 
-def _maddwd(builder, a, b):
+def maddwd(builder, a, b):
     """<16 x i16> * <16 x i16>, adjacent pairs summed: <8 x i32>."""
-    return builder.call(declare(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16]), [a, b])
+    return builder.call(declare(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16]), [a, b])
 
 
-def _reduce(builder, v):
-    return builder.call(declare(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", _i32, [v.type]), [v])
+def reduce_add(builder, v):
+    """The sum of v's int32 lanes."""
+    return builder.call(declare(builder, f"llvm.vector.reduce.add.v{v.type.count}i32", INT32, [v.type]), [v])
 
 
-def _reduce_pair(builder, a, b):
+def reduce_pair(builder, a, b):
     """The lane sums of two <8 x i32> (exact integers), in one tree: each level adds the two
     halves of a and of b side by side, so it costs about what one reduction does."""
-    v = builder.add(builder.shuffle_vector(a, b, ir.Constant(_V8I32, [0, 1, 2, 3, 8, 9, 10, 11])),
-                    builder.shuffle_vector(a, b, ir.Constant(_V8I32, [4, 5, 6, 7, 12, 13, 14, 15])))
+    v = builder.add(builder.shuffle_vector(a, b, ir.Constant(V8I32, [0, 1, 2, 3, 8, 9, 10, 11])),
+                    builder.shuffle_vector(a, b, ir.Constant(V8I32, [4, 5, 6, 7, 12, 13, 14, 15])))
     v = builder.add(shuffle(builder, v, [0, 1, 4, 5]), shuffle(builder, v, [2, 3, 6, 7]))
     v = builder.add(shuffle(builder, v, [0, 2]), shuffle(builder, v, [1, 3]))
-    return builder.extract_element(v, ir.Constant(_i32, 0)), builder.extract_element(v, ir.Constant(_i32, 1))
+    return builder.extract_element(v, ir.Constant(INT32, 0)), builder.extract_element(v, ir.Constant(INT32, 1))
 
 
-def _splat8(v: int):
-    return ir.Constant(_V32I8, [v] * 32)
+def splat8(v: int):
+    """<32 x i8> of v."""
+    return ir.Constant(V32I8, [v] * 32)
 
 
 def _q6k_weights(builder, wa):
     """The 8 runs of 32 six-bit codes (<32 x u8>) of a Q6_K super-block, their scale pairs
     (<16 x i16>: lanes 0-7 the scale of the run's first 16 weights, 8-15 of the next 16), and
     the 16 scales as <16 x i8>."""
-    sc8 = load(builder, wa, 192, _V16I8)
-    sc16 = builder.sext(sc8, ir.VectorType(_i16, 16))
+    sc8 = load(builder, wa, 192, V16I8)
+    sc16 = builder.sext(sc8, ir.VectorType(INT16, 16))
     codes, splats = [], []
     for h in range(2):
-        a = load(builder, wa, 64 * h, _V32I8)
-        b = load(builder, wa, 64 * h + 32, _V32I8)
-        hb = load(builder, wa, 128 + 32 * h, _V32I8)
+        a = load(builder, wa, 64 * h, V32I8)
+        b = load(builder, wa, 64 * h + 32, V32I8)
+        hb = load(builder, wa, 128 + 32 * h, V32I8)
         codes += [
-            builder.or_(builder.and_(a, _splat8(15)), builder.shl(builder.and_(hb, _splat8(3)), _splat8(4))),
-            builder.or_(builder.and_(b, _splat8(15)), builder.shl(builder.and_(hb, _splat8(12)), _splat8(2))),
-            builder.or_(builder.lshr(a, _splat8(4)), builder.and_(hb, _splat8(48))),
-            builder.or_(builder.lshr(b, _splat8(4)), builder.and_(builder.lshr(hb, _splat8(2)), _splat8(48))),
+            builder.or_(builder.and_(a, splat8(15)), builder.shl(builder.and_(hb, splat8(3)), splat8(4))),
+            builder.or_(builder.and_(b, splat8(15)), builder.shl(builder.and_(hb, splat8(12)), splat8(2))),
+            builder.or_(builder.lshr(a, splat8(4)), builder.and_(hb, splat8(48))),
+            builder.or_(builder.lshr(b, splat8(4)), builder.and_(builder.lshr(hb, splat8(2)), splat8(48))),
         ]
         for k in range(4):
             g = 8 * h + 2 * k
@@ -104,37 +111,37 @@ def _q6k_weights(builder, wa):
     return codes, splats, sc8
 
 
-def _isum(builder, codes, splats, xa):
+def runs_dot(builder, codes, splats, xa):
     """sum over runs i of splats[i] * (codes[i] . x[32 i : 32 i + 32]), per 32-bit lane (<8 x i32>)."""
-    parts = [_maddwd(builder, _maddubs(builder, c, load(builder, xa, 32 * i, _V32I8)), sp)
+    parts = [maddwd(builder, maddubs(builder, c, load(builder, xa, 32 * i, V32I8)), sp)
              for i, (c, sp) in enumerate(zip(codes, splats))]
     while len(parts) > 1:
         parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
     return parts[0]
 
 
-_F32 = ir.FloatType()
-def _half(builder, wa, offset: int):
-    return builder.fpext(load(builder, wa, offset, ir.HalfType()), _F32)
+def half_at(builder, wa, offset: int):
+    """The IEEE half at wa + offset, as float."""
+    return builder.fpext(load(builder, wa, offset, ir.HalfType()), F32)
 
 
 def _k4_scales_mins(builder, wa):
     """The 8 six-bit scales (<8 x i16>) and mins (<8 x i32>) of a Q4_K/Q5_K super-block at wa:
     the 12-byte field is decoded with 32-bit masks."""
-    u0, u1, u2 = (load(builder, wa, 4 + 4 * i, _i32) for i in range(3))
-    m1, m2, m3 = (ir.Constant(_i32, c) for c in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
-    c4, c6 = ir.Constant(_i32, 4), ir.Constant(_i32, 6)
+    u0, u1, u2 = (load(builder, wa, 4 + 4 * i, INT32) for i in range(3))
+    m1, m2, m3 = (ir.Constant(INT32, c) for c in (0x3F3F3F3F, 0x0F0F0F0F, 0x03030303))
+    c4, c6 = ir.Constant(INT32, 4), ir.Constant(INT32, 6)
     sc_lo = builder.and_(u0, m1)
     sc_hi = builder.or_(builder.and_(u2, m2), builder.shl(builder.and_(builder.lshr(u0, c6), m3), c4))
     mn_lo = builder.and_(u1, m1)
     mn_hi = builder.or_(builder.and_(builder.lshr(u2, c4), m2), builder.shl(builder.and_(builder.lshr(u1, c6), m3), c4))
 
     def bytes8(lo, hi):
-        pair = ir.Constant(ir.VectorType(_i32, 2), ir.Undefined)
-        pair = builder.insert_element(builder.insert_element(pair, lo, ir.Constant(_i32, 0)), hi, ir.Constant(_i32, 1))
-        return builder.bitcast(pair, ir.VectorType(_i8, 8))
+        pair = ir.Constant(ir.VectorType(INT32, 2), ir.Undefined)
+        pair = builder.insert_element(builder.insert_element(pair, lo, ir.Constant(INT32, 0)), hi, ir.Constant(INT32, 1))
+        return builder.bitcast(pair, ir.VectorType(INT8, 8))
 
-    return builder.zext(bytes8(sc_lo, sc_hi), ir.VectorType(_i16, 8)), builder.zext(bytes8(mn_lo, mn_hi), _V8I32)
+    return builder.zext(bytes8(sc_lo, sc_hi), ir.VectorType(INT16, 8)), builder.zext(bytes8(mn_lo, mn_hi), V8I32)
 
 
 def _q4k_block(builder, wa, qs: int = 16, high=None):
@@ -144,12 +151,12 @@ def _q4k_block(builder, wa, qs: int = 16, high=None):
     scales16, mins = _k4_scales_mins(builder, wa)
     codes, splats = [], []
     for k in range(4):
-        qv = load(builder, wa, qs + 32 * k, _V32I8)
-        codes += [builder.and_(qv, _splat8(15)), builder.lshr(qv, _splat8(4))]
+        qv = load(builder, wa, qs + 32 * k, V32I8)
+        codes += [builder.and_(qv, splat8(15)), builder.lshr(qv, splat8(4))]
         splats += [shuffle(builder, scales16, [2 * k] * 16), shuffle(builder, scales16, [2 * k + 1] * 16)]
     if high is not None:
         codes = [builder.or_(c, high(j)) for j, c in enumerate(codes)]
-    return codes, splats, mins, _half(builder, wa, 0), _half(builder, wa, 2)
+    return codes, splats, mins, half_at(builder, wa, 0), half_at(builder, wa, 2)
 
 
 def _q4k_term(builder, block, xa, xba, xd, acc):
@@ -157,36 +164,36 @@ def _q4k_term(builder, block, xa, xba, xd, acc):
     codes and of the mins are exact, then acc - M * (dmin * xd) + I * (d * xd), each step
     rounded once (the avx512_vnni GEMM's sequence, so the GEMV and the GEMM agree to the bit)."""
     codes, splats, mins, d, dmin = block
-    xb = load(builder, xba, 0, _V16I32)
+    xb = load(builder, xba, 0, V16I32)
     pairs = builder.add(shuffle(builder, xb, range(0, 16, 2)), shuffle(builder, xb, range(1, 16, 2)))
-    msum, isum = _reduce_pair(builder, builder.mul(mins, pairs), _isum(builder, codes, splats, xa))
-    acc = fadd(builder, acc, builder.fneg(fmul(builder, builder.sitofp(msum, _F32), fmul(builder, dmin, xd))))
-    return fadd(builder, acc, fmul(builder, builder.sitofp(isum, _F32), fmul(builder, d, xd)))
+    msum, isum = reduce_pair(builder, builder.mul(mins, pairs), runs_dot(builder, codes, splats, xa))
+    acc = fadd(builder, acc, builder.fneg(fmul(builder, builder.sitofp(msum, F32), fmul(builder, dmin, xd))))
+    return fadd(builder, acc, fmul(builder, builder.sitofp(isum, F32), fmul(builder, d, xd)))
 
 
 def _q6k_block(builder, wa):
     codes, splats, sc8 = _q6k_weights(builder, wa)
-    return codes, splats, builder.sext(sc8, _V16I32), _half(builder, wa, 208)
+    return codes, splats, builder.sext(sc8, V16I32), half_at(builder, wa, 208)
 
 
 def _q6k_term(builder, block, xa, xba, xd, acc):
     """acc plus one Q6_K super-block times one token's activations (the codes' offset of 32
     comes off through the activations' 16-column sums): acc + I * (d * xd), as in _q4k_term."""
     codes, splats, sc32, d = block
-    off16 = builder.mul(sc32, load(builder, xba, 0, _V16I32))
+    off16 = builder.mul(sc32, load(builder, xba, 0, V16I32))
     off8 = builder.add(shuffle(builder, off16, range(8)), shuffle(builder, off16, range(8, 16)))
-    isum = _reduce(builder, builder.sub(_isum(builder, codes, splats, xa), builder.shl(off8, ir.Constant(_V8I32, [5] * 8))))
-    return fadd(builder, acc, fmul(builder, builder.sitofp(isum, _F32), fmul(builder, d, xd)))
+    isum = reduce_add(builder, builder.sub(runs_dot(builder, codes, splats, xa), builder.shl(off8, ir.Constant(V8I32, [5] * 8))))
+    return fadd(builder, acc, fmul(builder, builder.sitofp(isum, F32), fmul(builder, d, xd)))
 
 
 def _q5k_block(builder, wa):
     """A Q5_K super-block: Q4_K's fields with the codes at 48, and bit j of qh[l] (at 16) as
     bit 4 of weight l of sub-block j."""
-    hb = load(builder, wa, 16, _V32I8)
+    hb = load(builder, wa, 16, V32I8)
 
     def high(j):
-        moved = builder.shl(hb, _splat8(4 - j)) if j <= 4 else builder.lshr(hb, _splat8(j - 4))
-        return builder.and_(moved, _splat8(16))
+        moved = builder.shl(hb, splat8(4 - j)) if j <= 4 else builder.lshr(hb, splat8(j - 4))
+        return builder.and_(moved, splat8(16))
 
     return _q4k_block(builder, wa, 48, high)
 
@@ -195,58 +202,58 @@ def _q5k_term(builder, block, xa, xba, xd, acc):
     """acc + xd * (d * I - dmin * M) for one Q5_K super-block, I and M the exact integer sums of
     the codes and of the mins: row_dot.q8dot_q5_k's roundings, so both give the same bits."""
     codes, splats, mins, d, dmin = block
-    xb = load(builder, xba, 0, _V16I32)
+    xb = load(builder, xba, 0, V16I32)
     pairs = builder.add(shuffle(builder, xb, range(0, 16, 2)), shuffle(builder, xb, range(1, 16, 2)))
-    msum, isum = _reduce_pair(builder, builder.mul(mins, pairs), _isum(builder, codes, splats, xa))
-    both = fsub(builder, fmul(builder, d, builder.sitofp(isum, _F32)), fmul(builder, dmin, builder.sitofp(msum, _F32)))
+    msum, isum = reduce_pair(builder, builder.mul(mins, pairs), runs_dot(builder, codes, splats, xa))
+    both = fsub(builder, fmul(builder, d, builder.sitofp(isum, F32)), fmul(builder, dmin, builder.sitofp(msum, F32)))
     return fadd(builder, acc, fmul(builder, xd, both))
 
 
-def _lane_sums8(builder, vs):
+def lane_sums8(builder, vs):
     """<8 x i32> whose lane k is the sum of the lanes of vs[k] (8 vectors <8 x i32>): three
     levels of two-input shuffles and adds, the last one putting the lanes in order."""
     def level(pairs, lo, hi):
-        return [builder.add(builder.shuffle_vector(a, b, ir.Constant(_V8I32, lo)),
-                            builder.shuffle_vector(a, b, ir.Constant(_V8I32, hi))) for a, b in pairs]
+        return [builder.add(builder.shuffle_vector(a, b, ir.Constant(V8I32, lo)),
+                            builder.shuffle_vector(a, b, ir.Constant(V8I32, hi))) for a, b in pairs]
     v = level(zip(vs[0::2], vs[1::2]), [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
     v = level(zip(v[0::2], v[1::2]), [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15])
     return level([(v[0], v[1])], [0, 4, 2, 6, 8, 12, 10, 14], [1, 5, 3, 7, 9, 13, 11, 15])[0]
 
 
-def _half_lanes8(builder, wa, offsets):
+def half_lanes8(builder, wa, offsets):
     """<8 x float>: the IEEE halves at wa + offsets[k] in lane k."""
-    v = ir.Constant(ir.VectorType(_i16, 8), ir.Undefined)
+    v = ir.Constant(ir.VectorType(INT16, 8), ir.Undefined)
     for k, off in enumerate(offsets):
-        v = builder.insert_element(v, load(builder, wa, off, _i16), ir.Constant(_i32, k))
-    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), ir.VectorType(_F32, 8))
+        v = builder.insert_element(v, load(builder, wa, off, INT16), ir.Constant(INT32, k))
+    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 8)), ir.VectorType(F32, 8))
 
 
-_ONES16 = ir.Constant(_V16I16, [1] * 16)
+ONES16 = ir.Constant(V16I16, [1] * 16)
 
 
 def block_dots(builder, us, ss, xa):
     """<8 x i32>: lane k the integer dot of the 32 weights us[k] * ss[k] (<32 x u8> magnitudes
     and <32 x i8> signs) with activations xa + 32 k. The sign moves onto the activation
     (vpsignb), so that vpmaddubsw multiplies unsigned by signed bytes (llama.cpp's Q8_0 trick)."""
-    sign = declare(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
-    dots = [_maddwd(builder, _maddubs(builder, u, builder.call(sign, [load(builder, xa, 32 * k, _V32I8), sg])), _ONES16)
+    sign = declare(builder, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8])
+    dots = [maddwd(builder, maddubs(builder, u, builder.call(sign, [load(builder, xa, 32 * k, V32I8), sg])), ONES16)
             for k, (u, sg) in enumerate(zip(us, ss))]
-    return _lane_sums8(builder, dots)
+    return lane_sums8(builder, dots)
 
 
 def _q8_0_block(builder, wa):
     """Eight Q8_0 blocks (256 columns): their |q| and q (<32 x i8> each) and scales <8 x float>."""
-    qs = [load(builder, wa, 34 * k + 2, _V32I8) for k in range(8)]
-    absb = declare(builder, "llvm.abs.v32i8", _V32I8, [_V32I8, ir.IntType(1)])
+    qs = [load(builder, wa, 34 * k + 2, V32I8) for k in range(8)]
+    absb = declare(builder, "llvm.abs.v32i8", V32I8, [V32I8, ir.IntType(1)])
     mags = [builder.call(absb, [q, ir.Constant(ir.IntType(1), 0)]) for q in qs]
-    return mags, qs, _half_lanes8(builder, wa, [34 * k for k in range(8)])
+    return mags, qs, half_lanes8(builder, wa, [34 * k for k in range(8)])
 
 
 def ordered_sum(builder, v, start=None):
     """start + v[0] + v[1] + ... (or v[0] + ... without start), left to right, each add rounded once."""
     acc = start
     for k in range(v.type.count):
-        lane = builder.extract_element(v, ir.Constant(_i32, k))
+        lane = builder.extract_element(v, ir.Constant(INT32, k))
         acc = lane if acc is None else fadd(builder, acc, lane)
     return acc
 
@@ -255,7 +262,7 @@ def _q8_0_term(builder, block, xa, xba, xd, acc):
     """acc + xd * (d_0 t_0 + ... + d_7 t_7), summed left to right, t_k the exact integer dot of
     block k: row_dot.q8dot_q8_0's roundings."""
     mags, qs, d = block
-    prods = fmul(builder, d, builder.sitofp(block_dots(builder, mags, qs, xa), ir.VectorType(_F32, 8)))
+    prods = fmul(builder, d, builder.sitofp(block_dots(builder, mags, qs, xa), ir.VectorType(F32, 8)))
     return fadd(builder, acc, fmul(builder, xd, ordered_sum(builder, prods)))
 
 
@@ -273,7 +280,7 @@ def _row_dot(fmt, n_tok: int):
     def codegen(context, builder, signature, args):
         wa, n = args[0], args[1]
         xs, xbs, xds = args[2:2 + n_tok], args[2 + n_tok:2 + 2 * n_tok], args[2 + 2 * n_tok:]
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(n_tok)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in range(n_tok)]
         with cgutils.for_range(builder, n) as loop:
             s = loop.index
 
@@ -282,7 +289,7 @@ def _row_dot(fmt, n_tok: int):
 
             block = decode(builder, at(wa, block_bytes))
             for acc, xa, xba, xda in zip(accs, xs, xbs, xds):
-                xd = load(builder, at(xda, 4), 0, _F32)
+                xd = load(builder, at(xda, 4), 0, F32)
                 builder.store(term(builder, block, at(xa, 256), at(xba, 64), xd, builder.load(acc)), acc)
         sums = [builder.load(acc) for acc in accs]
         return sums[0] if n_tok == 1 else context.make_tuple(builder, signature.return_type, sums)
@@ -375,7 +382,7 @@ def f16_fast(typingctx, bits):
 
     def codegen(context, builder, signature, args):
         v = args[0]
-        v = builder.trunc(v, _i16) if v.type.width > 16 else builder.zext(v, _i16) if v.type.width < 16 else v
+        v = builder.trunc(v, INT16) if v.type.width > 16 else builder.zext(v, INT16) if v.type.width < 16 else v
         return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
 
     return types.float32(bits), codegen

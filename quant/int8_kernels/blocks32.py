@@ -35,8 +35,8 @@ from llvmlite import ir
 from ..bits import f16_at
 from ..formats import IQ4_NL_VALUES
 from ..jit import FIXED_ORDER
-from .avx2 import (_F32, _V8I32, _V16I32, _V32I8, _half_lanes8, _i8, _i32, _lane_sums8, _maddubs, _maddwd, _ONES16,
-                   _splat8, block_dots, ordered_sum, row_dot_functions, row_dot_intrinsics)
+from .avx2 import (F32, INT8, INT32, ONES16, V8I32, V16I32, V32I8, block_dots, half_lanes8, lane_sums8, maddubs,
+                   maddwd, ordered_sum, row_dot_functions, row_dot_intrinsics, splat8)
 from .llvm_ir import declare, fadd, fmul, load, shuffle
 
 F0 = np.float32(0.0)
@@ -101,15 +101,15 @@ def _portable(lay: Layout):
 
 # ---------------------------------------------------------------- AVX2 (see avx2)
 
-_BITS = ir.Constant(_V32I8, [1 << (i % 8) for i in range(32)])
+_BITS = ir.Constant(V32I8, [1 << (i % 8) for i in range(32)])
 
 
 def _fifth_bits(builder, wa, off):
     """<32 x i8>: 16 where bit l of the u32 at wa + off is set, else 0 (lane l)."""
-    qh = builder.bitcast(load(builder, wa, off, _i32), ir.VectorType(_i8, 4))
+    qh = builder.bitcast(load(builder, wa, off, INT32), ir.VectorType(INT8, 4))
     spread = shuffle(builder, qh, [i // 8 for i in range(32)])
-    hit = builder.icmp_unsigned("!=", builder.and_(spread, _BITS), ir.Constant(_V32I8, None))
-    return builder.select(hit, _splat8(16), ir.Constant(_V32I8, None))
+    hit = builder.icmp_unsigned("!=", builder.and_(spread, _BITS), ir.Constant(V32I8, None))
+    return builder.select(hit, splat8(16), ir.Constant(V32I8, None))
 
 
 def _block_decoder(lay: Layout):
@@ -119,21 +119,21 @@ def _block_decoder(lay: Layout):
         codes = []
         for k in range(8):
             o = lay.nbytes * k
-            qs = load(builder, wa, o + lay.qs, ir.VectorType(_i8, 16))
+            qs = load(builder, wa, o + lay.qs, ir.VectorType(INT8, 16))
             lo = builder.and_(qs, ir.Constant(qs.type, [15] * 16))
             hi = builder.lshr(qs, ir.Constant(qs.type, [4] * 16))
-            c = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+            c = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(INT32, 32), list(range(32))))
             if lay.qh >= 0:
                 c = builder.or_(c, _fifth_bits(builder, wa, o + lay.qh))
             codes.append(c)
         if lay.lookup:
-            table = ir.Constant(_V32I8, [v & 255 for v in IQ4_NL_VALUES] * 2)
-            pshufb = declare(builder, "llvm.x86.avx2.pshuf.b", _V32I8, [_V32I8, _V32I8])
+            table = ir.Constant(V32I8, [v & 255 for v in IQ4_NL_VALUES] * 2)
+            pshufb = declare(builder, "llvm.x86.avx2.pshuf.b", V32I8, [V32I8, V32I8])
             values = [builder.call(pshufb, [table, c]) for c in codes]
-            absb = declare(builder, "llvm.abs.v32i8", _V32I8, [_V32I8, ir.IntType(1)])
+            absb = declare(builder, "llvm.abs.v32i8", V32I8, [V32I8, ir.IntType(1)])
             codes = ([builder.call(absb, [v, ir.Constant(ir.IntType(1), 0)]) for v in values], values)
-        d = _half_lanes8(builder, wa, [lay.nbytes * k for k in range(8)])
-        m = _half_lanes8(builder, wa, [lay.nbytes * k + lay.m for k in range(8)]) if lay.m >= 0 else None
+        d = half_lanes8(builder, wa, [lay.nbytes * k for k in range(8)])
+        m = half_lanes8(builder, wa, [lay.nbytes * k + lay.m for k in range(8)]) if lay.m >= 0 else None
         return codes, d, m
     return decode
 
@@ -145,14 +145,14 @@ def _term(lay: Layout):
         if lay.lookup:
             t = block_dots(builder, *codes, xa)
         else:
-            t = _lane_sums8(builder, [_maddwd(builder, _maddubs(builder, c, load(builder, xa, 32 * k, _V32I8)), _ONES16)
+            t = lane_sums8(builder, [maddwd(builder, maddubs(builder, c, load(builder, xa, 32 * k, V32I8)), ONES16)
                                       for k, c in enumerate(codes)])
-        fv = ir.VectorType(_F32, 8)
+        fv = ir.VectorType(F32, 8)
         if lay.offset or m is not None:
-            xb = load(builder, xba, 0, _V16I32)
+            xb = load(builder, xba, 0, V16I32)
             x = builder.add(shuffle(builder, xb, range(0, 16, 2)), shuffle(builder, xb, range(1, 16, 2)))
             if lay.offset:
-                t = builder.sub(t, builder.mul(x, ir.Constant(_V8I32, [lay.offset] * 8)))
+                t = builder.sub(t, builder.mul(x, ir.Constant(V8I32, [lay.offset] * 8)))
         p = fmul(builder, d, builder.sitofp(t, fv))
         if m is not None:
             p = fadd(builder, p, fmul(builder, m, builder.sitofp(x, fv)))

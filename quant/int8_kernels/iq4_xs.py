@@ -21,9 +21,9 @@ from llvmlite import ir
 from ..bits import f16_at
 from ..formats import IQ4_NL_VALUES
 from ..jit import FIXED_ORDER
-from .avx2 import (_F32, _V16I16, _V32I8, _half, _i8, _i16, _i32, _maddubs, _maddwd, _reduce, row_dot_functions,
-                   row_dot_intrinsics)
-from .llvm_ir import declare, fadd, fmul, load
+from .avx2 import (F32, INT8, INT16, INT32, V16I16, V32I8, half_at, maddubs, maddwd, reduce_add,
+                   row_dot_functions, row_dot_intrinsics)
+from .llvm_ir import declare, fadd, fmul, load, shuffle
 
 I32 = np.int32
 F0 = np.float32(0.0)
@@ -56,37 +56,40 @@ def q8dot_iq4_xs(w, xq, xd, xb):
 
 def _block(builder, wa):
     """Per sub-block: |v| and v (<32 x i8>) and the scale minus 32 splatted (<16 x i16>); d."""
-    table = ir.Constant(_V32I8, [v & 255 for v in IQ4_NL_VALUES] * 2)
-    pshufb = declare(builder, "llvm.x86.avx2.pshuf.b", _V32I8, [_V32I8, _V32I8])
-    absb = declare(builder, "llvm.abs.v32i8", _V32I8, [_V32I8, ir.IntType(1)])
-    sh = builder.zext(load(builder, wa, 2, _i16), _i32)
-    sl = builder.zext(load(builder, wa, 4, _i32), ir.IntType(64))
+    table = ir.Constant(V32I8, [v & 255 for v in IQ4_NL_VALUES] * 2)
+    pshufb = declare(builder, "llvm.x86.avx2.pshuf.b", V32I8, [V32I8, V32I8])
+    absb = declare(builder, "llvm.abs.v32i8", V32I8, [V32I8, ir.IntType(1)])
+    sh = builder.zext(load(builder, wa, 2, INT16), INT32)
+    sl = load(builder, wa, 4, INT32)
+
+    def c(v):
+        return ir.Constant(INT32, v)
+
     mags, vals, splats = [], [], []
     for j in range(8):
-        qs = load(builder, wa, 8 + 16 * j, ir.VectorType(_i8, 16))
+        qs = load(builder, wa, 8 + 16 * j, ir.VectorType(INT8, 16))
         lo = builder.and_(qs, ir.Constant(qs.type, [15] * 16))
         hi = builder.lshr(qs, ir.Constant(qs.type, [4] * 16))
-        v = builder.call(pshufb, [table, builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32),
+        v = builder.call(pshufb, [table, builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(INT32, 32),
                                                                                        list(range(32))))])
         vals.append(v)
         mags.append(builder.call(absb, [v, ir.Constant(ir.IntType(1), 0)]))
-        low = builder.trunc(builder.and_(builder.lshr(sl, ir.Constant(sl.type, 4 * j)), ir.Constant(sl.type, 15)), _i32)
-        high = builder.and_(builder.lshr(sh, ir.Constant(_i32, 2 * j)), ir.Constant(_i32, 3))
-        ls = builder.trunc(builder.sub(builder.or_(low, builder.shl(high, ir.Constant(_i32, 4))), ir.Constant(_i32, 32)), _i16)
-        vec = builder.insert_element(ir.Constant(_V16I16, ir.Undefined), ls, ir.Constant(_i32, 0))
-        splats.append(builder.shuffle_vector(vec, ir.Constant(_V16I16, ir.Undefined), ir.Constant(ir.VectorType(_i32, 16), [0] * 16)))
-    return mags, vals, splats, _half(builder, wa, 0)
+        low = builder.and_(builder.lshr(sl, c(4 * j)), c(15))
+        high = builder.and_(builder.lshr(sh, c(2 * j)), c(3))
+        ls = builder.trunc(builder.sub(builder.or_(low, builder.shl(high, c(4))), c(32)), INT16)
+        splats.append(shuffle(builder, builder.insert_element(ir.Constant(V16I16, ir.Undefined), ls, c(0)), [0] * 16))
+    return mags, vals, splats, half_at(builder, wa, 0)
 
 
 def _term(builder, block, xa, xba, xd, acc):
     """acc + (d * xd) * I, as q8dot_iq4_xs."""
     mags, vals, splats, d = block
-    sign = declare(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
-    parts = [_maddwd(builder, _maddubs(builder, m, builder.call(sign, [load(builder, xa, 32 * j, _V32I8), v])), sp)
+    sign = declare(builder, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8])
+    parts = [maddwd(builder, maddubs(builder, m, builder.call(sign, [load(builder, xa, 32 * j, V32I8), v])), sp)
              for j, (m, v, sp) in enumerate(zip(mags, vals, splats))]
     while len(parts) > 1:
         parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-    return fadd(builder, acc, fmul(builder, fmul(builder, d, xd), builder.sitofp(_reduce(builder, parts[0]), _F32)))
+    return fadd(builder, acc, fmul(builder, fmul(builder, d, xd), builder.sitofp(reduce_add(builder, parts[0]), F32)))
 
 
 iq4xs_row_dot, iq4xs_row_dot4 = row_dot_intrinsics(136, _block, _term)

@@ -26,8 +26,8 @@ from llvmlite import ir
 
 from ..bits import f16_at
 from ..jit import FIXED_ORDER
-from .avx2 import (_F32, _V8I32, _V16I32, _V32I8, _half, _i8, _i16, _i32, _isum, _reduce, _reduce_pair, _splat8,
-                   row_dot_functions, row_dot_intrinsics)
+from .avx2 import (F32, INT8, INT16, INT32, V8I32, V16I32, V32I8, half_at, reduce_add, reduce_pair,
+                   row_dot_functions, row_dot_intrinsics, runs_dot, splat8)
 from .llvm_ir import fadd, fmul, fsub, load, shuffle
 
 _CALLED = dict(fastmath=FIXED_ORDER, cache=True)  # as row_dot's portable loops (see there)
@@ -106,60 +106,61 @@ def _fold16(builder, v):
 
 
 def _q2k_block(builder, wa):
-    sc8 = load(builder, wa, 0, ir.VectorType(_i8, 16))
-    scales16 = builder.zext(builder.and_(sc8, ir.Constant(sc8.type, [15] * 16)), ir.VectorType(_i16, 16))
-    mins = builder.zext(builder.lshr(sc8, ir.Constant(sc8.type, [4] * 16)), _V16I32)
+    sc8 = load(builder, wa, 0, ir.VectorType(INT8, 16))
+    scales16 = builder.zext(builder.and_(sc8, ir.Constant(sc8.type, [15] * 16)), ir.VectorType(INT16, 16))
+    mins = builder.zext(builder.lshr(sc8, ir.Constant(sc8.type, [4] * 16)), V16I32)
     codes = []
     for h in range(2):
-        qv = load(builder, wa, 16 + 32 * h, _V32I8)
-        codes += [builder.and_(builder.lshr(qv, _splat8(2 * g)) if g else qv, _splat8(3)) for g in range(4)]
-    return codes, _pairs16(builder, scales16), mins, _half(builder, wa, 80), _half(builder, wa, 82)
+        qv = load(builder, wa, 16 + 32 * h, V32I8)
+        codes += [builder.and_(builder.lshr(qv, splat8(2 * g)) if g else qv, splat8(3)) for g in range(4)]
+    return codes, _pairs16(builder, scales16), mins, half_at(builder, wa, 80), half_at(builder, wa, 82)
 
 
 def _q2k_term(builder, block, xa, xba, xd, acc):
     """acc + xd * (d * I - dmin * M), as q8dot_q2_k."""
     codes, splats, mins, d, dmin = block
-    m8 = _fold16(builder, builder.mul(mins, load(builder, xba, 0, _V16I32)))
-    msum, isum = _reduce_pair(builder, m8, _isum(builder, codes, splats, xa))
-    both = fsub(builder, fmul(builder, d, builder.sitofp(isum, _F32)), fmul(builder, dmin, builder.sitofp(msum, _F32)))
+    m8 = _fold16(builder, builder.mul(mins, load(builder, xba, 0, V16I32)))
+    msum, isum = reduce_pair(builder, m8, runs_dot(builder, codes, splats, xa))
+    both = fsub(builder, fmul(builder, d, builder.sitofp(isum, F32)), fmul(builder, dmin, builder.sitofp(msum, F32)))
     return fadd(builder, acc, fmul(builder, xd, both))
 
 
 def _q3k_block(builder, wa):
     """Codes 0..7 per run, scale pairs, the 16 scales minus 32 as <16 x i32>, and d. The 12-byte
     scales field is decoded on 32-bit words (llama.cpp's masks)."""
-    u0, u1, u2 = (load(builder, wa, 96 + 4 * i, _i32) for i in range(3))
-    k1, k2 = ir.Constant(_i32, 0x03030303), ir.Constant(_i32, 0x0F0F0F0F)
+    u0, u1, u2 = (load(builder, wa, 96 + 4 * i, INT32) for i in range(3))
+    k1, k2 = ir.Constant(INT32, 0x03030303), ir.Constant(INT32, 0x0F0F0F0F)
 
     def c(v):
-        return ir.Constant(_i32, v)
+        return ir.Constant(INT32, v)
 
     def word(lo, hi_shift):
         return builder.or_(builder.and_(lo, k2), builder.shl(builder.and_(builder.lshr(u2, c(hi_shift)), k1), c(4)))
 
     words = [word(u0, 0), word(u1, 2), word(builder.lshr(u0, c(4)), 4), word(builder.lshr(u1, c(4)), 6)]
-    vec = ir.Constant(ir.VectorType(_i32, 4), ir.Undefined)
+    vec = ir.Constant(ir.VectorType(INT32, 4), ir.Undefined)
     for i, wv in enumerate(words):
         vec = builder.insert_element(vec, wv, c(i))
-    sc8 = builder.sub(builder.bitcast(vec, ir.VectorType(_i8, 16)), ir.Constant(ir.VectorType(_i8, 16), [32] * 16))
-    hm = load(builder, wa, 0, _V32I8)
+    sc8 = builder.sub(builder.bitcast(vec, ir.VectorType(INT8, 16)), ir.Constant(ir.VectorType(INT8, 16), [32] * 16))
+    hm = load(builder, wa, 0, V32I8)
     codes = []
     for r in range(8):
-        qv = load(builder, wa, 32 + 32 * (r // 4), _V32I8)
+        qv = load(builder, wa, 32 + 32 * (r // 4), V32I8)
         g = r % 4
-        low = builder.and_(builder.lshr(qv, _splat8(2 * g)) if g else qv, _splat8(3))
-        high = builder.shl(hm, _splat8(2 - r)) if r <= 2 else builder.lshr(hm, _splat8(r - 2))
-        codes.append(builder.or_(low, builder.and_(high, _splat8(4))))
-    scales16 = builder.sext(sc8, ir.VectorType(_i16, 16))
-    return codes, _pairs16(builder, scales16), builder.sext(sc8, _V16I32), _half(builder, wa, 108)
+        low = builder.and_(builder.lshr(qv, splat8(2 * g)) if g else qv, splat8(3))
+        high = builder.shl(hm, splat8(2 - r)) if r <= 2 else builder.lshr(hm, splat8(r - 2))
+        codes.append(builder.or_(low, builder.and_(high, splat8(4))))
+    scales16 = builder.sext(sc8, ir.VectorType(INT16, 16))
+    return codes, _pairs16(builder, scales16), builder.sext(sc8, V16I32), half_at(builder, wa, 108)
 
 
 def _q3k_term(builder, block, xa, xba, xd, acc):
     """acc + (d * xd) * I, as q8dot_q3_k."""
     codes, splats, sc32, d = block
-    off8 = _fold16(builder, builder.mul(sc32, load(builder, xba, 0, _V16I32)))
-    isum = _reduce(builder, builder.sub(_isum(builder, codes, splats, xa), builder.shl(off8, ir.Constant(_V8I32, [2] * 8))))
-    return fadd(builder, acc, fmul(builder, fmul(builder, d, xd), builder.sitofp(isum, _F32)))
+    off8 = _fold16(builder, builder.mul(sc32, load(builder, xba, 0, V16I32)))
+    four_off = builder.shl(off8, ir.Constant(V8I32, [2] * 8))
+    isum = reduce_add(builder, builder.sub(runs_dot(builder, codes, splats, xa), four_off))
+    return fadd(builder, acc, fmul(builder, fmul(builder, d, xd), builder.sitofp(isum, F32)))
 
 
 q2k_row_dot, q2k_row_dot4 = row_dot_intrinsics(84, _q2k_block, _q2k_term)
