@@ -134,19 +134,21 @@ class Model:
         warm_up readies the heads' kernels and times the trunk passes a draft length needs."""
         return bool(self.weights.nextn) and self.options.mtp != 0
 
-    def _time_steps(self, ids: list[int]) -> None:
-        """The seconds of a trunk pass over 1..n_mtp+1 tokens (the fastest of three), which the
-        MTP draft-length chooser starts from: where a verify pass of k+1 costs k+1 decode steps,
-        auto then never spends a step finding out that drafting does not pay."""
+    def _time_steps(self, ids: list[int], rounds: int = 5) -> None:
+        """The seconds of a trunk pass over 1..n_mtp+1 tokens, which the MTP draft-length chooser
+        starts from: where a verify pass of k+1 costs k+1 decode steps, auto then never spends a
+        step finding out that drafting does not pay. The lengths take turns, `rounds` times, and
+        each keeps its fastest: on a shared machine a pass the scheduler preempted takes many
+        times as long, and a length measured only while the machine was busy would look dear."""
         self.eval(ids)
-        for n in range(1, self.n_mtp + 2):
-            best = float("inf")
-            for _ in range(3):
+        best: dict[int, float] = {}
+        for _ in range(rounds):
+            for n in range(1, self.n_mtp + 2):
                 t0 = time.perf_counter()
                 self.eval(ids[:n], all_logits=True)
-                best = min(best, time.perf_counter() - t0)
+                best[n] = min(best.get(n, float("inf")), time.perf_counter() - t0)
                 self.trim(n)
-            self.step_seconds[n] = best
+        self.step_seconds.update(best)
 
     def trim(self, n: int) -> None:
         """Forget the last n evaluated positions."""
