@@ -93,6 +93,7 @@ def test_matvec_of_stacked_formats_equals_the_cpu_and_float64(T):
         np.testing.assert_allclose(part, ref, rtol=0, atol=2e-5 * scale, err_msg=p.qtype.name)
 
 
+@pytest.mark.slow  # 1,536 row products of 32 lock-stepped Python threads: 100 s on 2 loaded cores
 def test_swiglu_ffns_equals_the_cpu():
     rng = np.random.default_rng(5)
     H = 256
