@@ -52,8 +52,8 @@ def dead_parts(out: Path) -> list[Path]:
 def remove_stale_parts(out: Path) -> None:
     """Remove the `.part` files (and their progress records) of dead conversions to `out`."""
     for p in dead_parts(out):
-        p.unlink(missing_ok=True)
-        p.with_name(p.name + ".json").unlink(missing_ok=True)
+        for suffix in ("", ".json", ".json.tmp"):  # the data, its progress record, a record being replaced
+            p.with_name(p.name + suffix).unlink(missing_ok=True)
 
 
 def check_output(out: Path, force: bool) -> None:

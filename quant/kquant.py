@@ -195,39 +195,46 @@ def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
             mins[r, j] = -lo[j] if flat else -bb[j]
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(parallel=True, **_LANES)
 def fit_symmetric_groups(x, scales):
-    """Pass 1 for Q6_K: signed scale per 16-weight group, codes in [-32, 31]; scales [R, C // 16]."""
+    """Pass 1 for Q6_K: signed scale per 16-weight group, codes in [-32, 31]; scales [R, C // 16].
+
+    Tries 19 step sizes that put the group's largest weight near -32 and keeps the one whose
+    least-squares scale (weights w = x^2) explains most of x. Lanes: the row's groups."""
     rows, cols = x.shape
+    G = cols // 16
     for r in nb.prange(rows):
-        for g in range(cols // 16):
-            base = 16 * g
-            vmax = 0.0
-            amax = 0.0
+        xt = np.empty((16, G), np.float32)
+        st = np.zeros((6, G), np.float64)
+        amax, vmax, inv, sxl, sl2, bn = st[0], st[1], st[2], st[3], st[4], st[5]
+        bs = np.zeros(G, np.float64)
+        for i in range(16):
+            for g in range(G):
+                v = x[r, 16 * g + i]
+                xt[i, g] = v
+                if abs(v) > amax[g]:  # the first of equal magnitudes
+                    amax[g] = abs(v)
+                    vmax[g] = v
+        for g in range(G):
+            bn[g] = -1.0
+        for k in range(-9, 10):
+            for g in range(G):
+                inv[g] = -(32.0 + 0.1 * k) / vmax[g]  # the largest weight lands near -32
+                sxl[g] = 0.0
+                sl2[g] = 0.0
             for i in range(16):
-                v = x[r, base + i]
-                if abs(v) > amax:
-                    amax = abs(v)
-                    vmax = v
-            if amax < 1e-15:
-                scales[r, g] = 0.0
-                continue
-            best_num = -1.0
-            best_scale = 0.0
-            for k in range(-9, 10):
-                inv = -(32.0 + 0.1 * k) / vmax  # the largest weight lands near -32
-                sxl = 0.0
-                sl2 = 0.0
-                for i in range(16):
-                    v = x[r, base + i]
-                    q = min(max(np.rint(inv * v), -32.0), 31.0)
+                for g in range(G):
+                    v = xt[i, g]
+                    q = min(max(np.rint(inv[g] * v), -32.0), 31.0)
                     wv = v * v
-                    sxl += wv * v * q
-                    sl2 += wv * q * q
-                if sl2 > 0.0 and sxl * sxl > best_num * sl2:
-                    best_num = sxl * sxl / sl2
-                    best_scale = sxl / sl2
-            scales[r, g] = best_scale
+                    sxl[g] += wv * v * q
+                    sl2[g] += wv * q * q
+            for g in range(G):
+                if sl2[g] > 0.0 and sxl[g] * sxl[g] > bn[g] * sl2[g]:
+                    bn[g] = sxl[g] * sxl[g] / sl2[g]
+                    bs[g] = sxl[g] / sl2[g]
+        for g in range(G):
+            scales[r, g] = 0.0 if amax[g] < 1e-15 else bs[g]
 
 
 # ---------------------------------------------------------------- pass 3: integer scales and codes
