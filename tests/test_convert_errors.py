@@ -96,7 +96,29 @@ def test_nan_or_inf_weight(capsys, ckpt, out_dir, bits, what):
         f.write(struct.pack("<H", bits))
     rc, err, left = run_convert(capsys, ckpt, out_dir)
     assert rc == 2 and name in err and "NaN or Inf" in err and "expert 7" in err and shard.name in err
+    assert "first at flat index 1000)" in err
     assert left == [], "a failed conversion must not leave a partial file"
+
+
+def test_nan_in_a_later_chunk_is_placed_in_its_slice(capsys, ckpt, out_dir, monkeypatch):
+    from convert import tensor_stream
+
+    monkeypatch.setattr(tensor_stream, "CHUNK_WEIGHTS", 300)  # one 256-weight row a chunk
+    name = "model.layers.2.moe.up_proj.weight"
+    shard = shard_of(ckpt, name)
+    base, header = rewrite_header(shard, lambda h: None)
+    with open(shard, "r+b") as f:
+        f.seek(base + header[name]["data_offsets"][0] + 2 * (3 * 256 * 256 + 77 * 256 + 5))  # expert 3, row 77
+        f.write(struct.pack("<H", 0xFF80))  # -Inf
+    rc, err, left = run_convert(capsys, ckpt, out_dir)
+    assert rc == 2 and "(expert 3) holds NaN or Inf (first at flat index 19717)" in err and left == []
+
+
+@pytest.mark.parametrize("threads", ["0", "100000"])
+def test_threads_out_of_range(capsys, tiny_ckpt, out_dir, threads):
+    rc = main(["convert", str(tiny_ckpt), str(out_dir / "m.gguf"), "--threads", threads, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--threads {threads}" in err and list(out_dir.iterdir()) == []
 
 
 def test_not_a_step35_config(capsys, ckpt, out_dir):
