@@ -11,7 +11,8 @@ Shape legend (as in row_dot and row_decode)
 
 A group of 8 weights is one grid row (two for IQ3) times one sign row, so its dot is a
 plain loop over 8 contiguous floats of each: LLVM turns it into vector loads and
-multiply-adds. The tables are built once (``table``) from quant.iq_grids and passed in, so
+multiply-adds. Its trip count comes from ``quant.jit.opaque``: with a literal 8 LLVM
+unrolls it and vectorizes the groups instead, with gathers, 4x slower. The tables are built once (``table``) from quant.iq_grids and passed in, so
 the kernels stay pure functions of their arguments.
 """
 
@@ -23,6 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 from ..bits import f16_at, f16_to_f32
 from ..iq_grids import GRIDS, IQ1_DELTA, KSIGNS
+from ..jit import opaque
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
 F0 = np.float32(0.0)
@@ -62,43 +64,43 @@ def _u16_at(w, o):
 
 
 @nb.njit(**_JIT)
-def _dot8(lut, g, sg, x, xo):
-    """sum_k grid[g, k] * sign[sg, k] * x[xo + k] over one group of 8 (8-wide table)."""
+def _dot8(lut, g, sg, x, xo, k8):
+    """sum_k grid[g, k] * sign[sg, k] * x[xo + k] over one group of k8 = 8 (8-wide table)."""
     t = F0
-    for k in range(8):
+    for k in range(k8):
         t += lut[g, k] * lut[sg, k] * x[xo + k]
     return t
 
 
 @nb.njit(**_JIT)
-def _dot44(lut, g0, g1, sg, x, xo):
-    """The same for a 4-wide table: grid rows g0, g1 with sign rows sg, sg + 1."""
+def _dot44(lut, g0, g1, sg, x, xo, k4):
+    """The same for a 4-wide table: grid rows g0, g1 with sign rows sg, sg + 1 (k4 = 4)."""
     t = F0
-    for k in range(4):
+    for k in range(k4):
         t += lut[g0, k] * lut[sg, k] * x[xo + k] + lut[g1, k] * lut[sg + 1, k] * x[xo + 4 + k]
     return t
 
 
 @nb.njit(**_JIT)
-def _grid_sum8(lut, g, x, xo):
+def _grid_sum8(lut, g, x, xo, k8):
     """sum_k grid[g, k] * x[xo + k] and sum_k x[xo + k] (IQ1: no signs, a shift delta)."""
     t = F0
     u = F0
-    for k in range(8):
+    for k in range(k8):
         t += lut[g, k] * x[xo + k]
         u += x[xo + k]
     return t, u
 
 
 @nb.njit(**_JIT)
-def _put8(tile, i, t, a, lut, g, sg):
-    for k in range(8):
+def _put8(tile, i, t, a, lut, g, sg, k8):
+    for k in range(k8):
         tile[i, t + k] = a * lut[g, k] * lut[sg, k]
 
 
 @nb.njit(**_JIT)
-def _put44(tile, i, t, a, lut, g0, g1, sg):
-    for k in range(4):
+def _put44(tile, i, t, a, lut, g0, g1, sg, k4):
+    for k in range(k4):
         tile[i, t + k] = a * lut[g0, k] * lut[sg, k]
         tile[i, t + 4 + k] = a * lut[g1, k] * lut[sg + 1, k]
 
@@ -108,6 +110,7 @@ def _put44(tile, i, t, a, lut, g0, g1, sg):
 @nb.njit(**_JIT)
 def dot_iq2_xxs(w, x, xs, lut):
     acc = F0
+    k8 = opaque(x.shape[0], 256) // 32  # 8, opaque: see row_dot
     for s in range(x.shape[0] // 256):
         o = 66 * s
         sb = F0
@@ -117,7 +120,7 @@ def dot_iq2_xxs(w, x, xs, lut):
             t = F0
             for l in range(4):
                 si = np.int32((aux >> np.uint32(7 * l)) & np.uint32(127))
-                t += _dot8(lut, np.int32(w[qo + l]), S_IQ2_XXS + si, x, 256 * s + 32 * j + 8 * l)
+                t += _dot8(lut, np.int32(w[qo + l]), S_IQ2_XXS + si, x, 256 * s + 32 * j + 8 * l, k8)
             sb += (HALF + np.float32(np.int32(aux >> np.uint32(28)))) * t
         acc += f16_at(w, o) * QUARTER * sb
     return acc
@@ -126,6 +129,7 @@ def dot_iq2_xxs(w, x, xs, lut):
 @nb.njit(**_JIT)
 def deq_iq2_xxs(w, c0, n, lut, tile, i):
     b0 = c0 // 256
+    k8 = opaque(n, 256) // 32
     for s in range(n // 256):
         o = 66 * (b0 + s)
         d = f16_at(w, o)
@@ -135,7 +139,7 @@ def deq_iq2_xxs(w, c0, n, lut, tile, i):
             db = d * (HALF + np.float32(np.int32(aux >> np.uint32(28)))) * QUARTER
             for l in range(4):
                 si = np.int32((aux >> np.uint32(7 * l)) & np.uint32(127))
-                _put8(tile, i, 256 * s + 32 * j + 8 * l, db, lut, np.int32(w[qo + l]), S_IQ2_XXS + si)
+                _put8(tile, i, 256 * s + 32 * j + 8 * l, db, lut, np.int32(w[qo + l]), S_IQ2_XXS + si, k8)
 
 
 @nb.njit(**_JIT)
@@ -147,13 +151,14 @@ def _iq2_ls(w, so, j, l):
 @nb.njit(**_JIT)
 def dot_iq2_xs(w, x, xs, lut):
     acc = F0
+    k8 = opaque(x.shape[0], 256) // 32  # 8, opaque: see row_dot
     for s in range(x.shape[0] // 256):
         o = 74 * s
         sb = F0
         for j in range(8):
             for l in range(4):
                 v = _u16_at(w, o + 2 + 8 * j + 2 * l)
-                t = _dot8(lut, v & 511, S_IQ2_XS + (v >> 9), x, 256 * s + 32 * j + 8 * l)
+                t = _dot8(lut, v & 511, S_IQ2_XS + (v >> 9), x, 256 * s + 32 * j + 8 * l, k8)
                 sb += (HALF + _iq2_ls(w, o + 66, j, l)) * t
         acc += f16_at(w, o) * QUARTER * sb
     return acc
@@ -162,6 +167,7 @@ def dot_iq2_xs(w, x, xs, lut):
 @nb.njit(**_JIT)
 def deq_iq2_xs(w, c0, n, lut, tile, i):
     b0 = c0 // 256
+    k8 = opaque(n, 256) // 32
     for s in range(n // 256):
         o = 74 * (b0 + s)
         d = f16_at(w, o)
@@ -169,7 +175,7 @@ def deq_iq2_xs(w, c0, n, lut, tile, i):
             for l in range(4):
                 v = _u16_at(w, o + 2 + 8 * j + 2 * l)
                 db = d * (HALF + _iq2_ls(w, o + 66, j, l)) * QUARTER
-                _put8(tile, i, 256 * s + 32 * j + 8 * l, db, lut, v & 511, S_IQ2_XS + (v >> 9))
+                _put8(tile, i, 256 * s + 32 * j + 8 * l, db, lut, v & 511, S_IQ2_XS + (v >> 9), k8)
 
 
 @nb.njit(**_JIT)
@@ -180,13 +186,14 @@ def _iq2s_row(w, o, j, l):
 @nb.njit(**_JIT)
 def dot_iq2_s(w, x, xs, lut):
     acc = F0
+    k8 = opaque(x.shape[0], 256) // 32  # 8, opaque: see row_dot
     for s in range(x.shape[0] // 256):
         o = 82 * s
         sb = F0
         for j in range(8):
             for l in range(4):
                 t = _dot8(lut, _iq2s_row(w, o, j, l), S_IQ2_S + np.int32(w[o + 34 + 4 * j + l]), x,
-                          256 * s + 32 * j + 8 * l)
+                          256 * s + 32 * j + 8 * l, k8)
                 sb += (HALF + _iq2_ls(w, o + 74, j, l)) * t
         acc += f16_at(w, o) * QUARTER * sb
     return acc
@@ -195,6 +202,7 @@ def dot_iq2_s(w, x, xs, lut):
 @nb.njit(**_JIT)
 def deq_iq2_s(w, c0, n, lut, tile, i):
     b0 = c0 // 256
+    k8 = opaque(n, 256) // 32
     for s in range(n // 256):
         o = 82 * (b0 + s)
         d = f16_at(w, o)
@@ -202,7 +210,7 @@ def deq_iq2_s(w, c0, n, lut, tile, i):
             for l in range(4):
                 db = d * (HALF + _iq2_ls(w, o + 74, j, l)) * QUARTER
                 _put8(tile, i, 256 * s + 32 * j + 8 * l, db, lut, _iq2s_row(w, o, j, l),
-                      S_IQ2_S + np.int32(w[o + 34 + 4 * j + l]))
+                      S_IQ2_S + np.int32(w[o + 34 + 4 * j + l]), k8)
 
 
 # ---------------------------------------------------------------- IQ3_XXS, IQ3_S
@@ -210,6 +218,7 @@ def deq_iq2_s(w, c0, n, lut, tile, i):
 @nb.njit(**_JIT)
 def dot_iq3_xxs(w, x, xs, lut):
     acc = F0
+    k4 = opaque(x.shape[0], 256) // 64  # 4, opaque: see row_dot
     for s in range(x.shape[0] // 256):
         o = 98 * s
         sb = F0
@@ -220,7 +229,7 @@ def dot_iq3_xxs(w, x, xs, lut):
                 si = np.int32((aux >> np.uint32(7 * l)) & np.uint32(127))
                 qo = o + 2 + 8 * j + 2 * l
                 t += _dot44(lut, np.int32(w[qo]), np.int32(w[qo + 1]), S_IQ3_XXS + 2 * si, x,
-                            256 * s + 32 * j + 8 * l)
+                            256 * s + 32 * j + 8 * l, k4)
             sb += (HALF + np.float32(np.int32(aux >> np.uint32(28)))) * t
         acc += f16_at(w, o) * HALF * sb
     return acc
@@ -229,6 +238,7 @@ def dot_iq3_xxs(w, x, xs, lut):
 @nb.njit(**_JIT)
 def deq_iq3_xxs(w, c0, n, lut, tile, i):
     b0 = c0 // 256
+    k4 = opaque(n, 256) // 64
     for s in range(n // 256):
         o = 98 * (b0 + s)
         d = f16_at(w, o)
@@ -239,7 +249,7 @@ def deq_iq3_xxs(w, c0, n, lut, tile, i):
                 si = np.int32((aux >> np.uint32(7 * l)) & np.uint32(127))
                 qo = o + 2 + 8 * j + 2 * l
                 _put44(tile, i, 256 * s + 32 * j + 8 * l, db, lut, np.int32(w[qo]), np.int32(w[qo + 1]),
-                       S_IQ3_XXS + 2 * si)
+                       S_IQ3_XXS + 2 * si, k4)
 
 
 @nb.njit(**_JIT)
@@ -256,6 +266,7 @@ def _iq3s_scale(w, o, j):
 @nb.njit(**_JIT)
 def dot_iq3_s(w, x, xs, lut):
     acc = F0
+    k4 = opaque(x.shape[0], 256) // 64  # 4, opaque: see row_dot
     for s in range(x.shape[0] // 256):
         o = 110 * s
         sb = F0
@@ -264,7 +275,7 @@ def dot_iq3_s(w, x, xs, lut):
             for l in range(4):
                 e = 8 * j + 2 * l
                 t += _dot44(lut, _iq3s_row(w, o, e), _iq3s_row(w, o, e + 1),
-                            S_IQ3_S + 2 * np.int32(w[o + 74 + 4 * j + l]), x, 256 * s + 32 * j + 8 * l)
+                            S_IQ3_S + 2 * np.int32(w[o + 74 + 4 * j + l]), x, 256 * s + 32 * j + 8 * l, k4)
             sb += _iq3s_scale(w, o, j) * t
         acc += f16_at(w, o) * sb
     return acc
@@ -273,6 +284,7 @@ def dot_iq3_s(w, x, xs, lut):
 @nb.njit(**_JIT)
 def deq_iq3_s(w, c0, n, lut, tile, i):
     b0 = c0 // 256
+    k4 = opaque(n, 256) // 64
     for s in range(n // 256):
         o = 110 * (b0 + s)
         d = f16_at(w, o)
@@ -281,7 +293,7 @@ def deq_iq3_s(w, c0, n, lut, tile, i):
             for l in range(4):
                 e = 8 * j + 2 * l
                 _put44(tile, i, 256 * s + 32 * j + 8 * l, db, lut, _iq3s_row(w, o, e), _iq3s_row(w, o, e + 1),
-                       S_IQ3_S + 2 * np.int32(w[o + 74 + 4 * j + l]))
+                       S_IQ3_S + 2 * np.int32(w[o + 74 + 4 * j + l]), k4)
 
 
 # ---------------------------------------------------------------- IQ1_S, IQ1_M
@@ -294,6 +306,7 @@ def _delta(flag):
 @nb.njit(**_JIT)
 def dot_iq1_s(w, x, xs, lut):
     acc = F0
+    k8 = opaque(x.shape[0], 256) // 32  # 8, opaque: see row_dot
     for s in range(x.shape[0] // 256):
         o = 50 * s
         sb = F0
@@ -303,7 +316,7 @@ def dot_iq1_s(w, x, xs, lut):
             u = F0
             for l in range(4):
                 g = np.int32(w[o + 2 + 4 * j + l]) | (((qh >> (3 * l)) & 7) << 8)
-                tl, ul = _grid_sum8(lut, g, x, 256 * s + 32 * j + 8 * l)
+                tl, ul = _grid_sum8(lut, g, x, 256 * s + 32 * j + 8 * l, k8)
                 t += tl
                 u += ul
             sb += np.float32(2 * ((qh >> 12) & 7) + 1) * (t + _delta(qh & 0x8000) * u)
@@ -314,6 +327,7 @@ def dot_iq1_s(w, x, xs, lut):
 @nb.njit(**_JIT)
 def deq_iq1_s(w, c0, n, lut, tile, i):
     b0 = c0 // 256
+    k8 = opaque(n, 256) // 32
     for s in range(n // 256):
         o = 50 * (b0 + s)
         d = f16_at(w, o)
@@ -324,7 +338,7 @@ def deq_iq1_s(w, c0, n, lut, tile, i):
             for l in range(4):
                 g = np.int32(w[o + 2 + 4 * j + l]) | (((qh >> (3 * l)) & 7) << 8)
                 t = 256 * s + 32 * j + 8 * l
-                for k in range(8):
+                for k in range(k8):
                     tile[i, t + k] = dl * (lut[g, k] + delta)
 
 
@@ -347,13 +361,14 @@ def _iq1m_group(w, o, j, l):
 @nb.njit(**_JIT)
 def dot_iq1_m(w, x, xs, lut):
     acc = F0
+    k8 = opaque(x.shape[0], 256) // 32  # 8, opaque: see row_dot
     for s in range(x.shape[0] // 256):
         o = 56 * s
         sb = F0
         for j in range(8):
             for l in range(4):
                 g, flag, sc = _iq1m_group(w, o, j, l)
-                t, u = _grid_sum8(lut, g, x, 256 * s + 32 * j + 8 * l)
+                t, u = _grid_sum8(lut, g, x, 256 * s + 32 * j + 8 * l, k8)
                 sb += np.float32(2 * sc + 1) * (t + _delta(flag) * u)
         acc += _iq1m_d(w, o) * sb
     return acc
@@ -362,6 +377,7 @@ def dot_iq1_m(w, x, xs, lut):
 @nb.njit(**_JIT)
 def deq_iq1_m(w, c0, n, lut, tile, i):
     b0 = c0 // 256
+    k8 = opaque(n, 256) // 32
     for s in range(n // 256):
         o = 56 * (b0 + s)
         d = _iq1m_d(w, o)
@@ -371,5 +387,5 @@ def deq_iq1_m(w, c0, n, lut, tile, i):
                 dl = d * np.float32(2 * sc + 1)
                 delta = _delta(flag)
                 t = 256 * s + 32 * j + 8 * l
-                for k in range(8):
+                for k in range(k8):
                     tile[i, t + k] = dl * (lut[g, k] + delta)

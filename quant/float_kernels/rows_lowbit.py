@@ -26,6 +26,7 @@ from ..jit import opaque
 
 _JIT = dict(inline="always", fastmath=True, cache=True)
 F0 = np.float32(0.0)
+F4 = np.float32(4.0)
 
 
 @nb.njit(**_JIT)
@@ -44,8 +45,9 @@ def _q3k_scale(w, o, j):
 
 @nb.njit(**_JIT)
 def _trit(q, p):
-    """Base-3 digit of fixed-point byte q at place p (1, 3, 9, 27 or 81): ((q * p mod 256) * 3) >> 8."""
-    return np.int32((((np.uint32(q) * np.uint32(p)) & np.uint32(255)) * np.uint32(3)) >> np.uint32(8))
+    """Base-3 digit of fixed-point byte q at place p (1, 3, 9, 27 or 81): ((q * p mod 256) * 3) >> 8,
+    in int32 throughout (int64 lanes would halve the vector width)."""
+    return np.int32((((np.int32(q) * p) & 255) * 3) >> 8)
 
 
 # ---------------------------------------------------------------- row dots (GEMV)
@@ -114,58 +116,95 @@ def dot_iq4_nl(w, x, xs, lut):
 
 
 @nb.njit(**_JIT)
+def _sel(first, a, b):
+    return a if first else b
+
+
+@nb.njit(**_JIT)
 def dot_q2_k(w, x, xs, lut):
+    # one loop per 128-weight half over the 32 bytes that hold its four 2-bit planes: the scale
+    # and min of each 16-weight sub-block are picked by l < 16 (a vector blend, as dot_q6_k
+    # does), so there are two reductions per 128 weights instead of four per 32
     acc = F0
-    q16 = opaque(x.shape[0], 256) // 16
+    q32 = opaque(x.shape[0], 256) // 8
     for s in range(x.shape[0] // 256):
         o = 84 * s
         sb = F0
         mb = F0
         for h in range(2):
-            for g in range(4):
-                qo = o + 16 + 32 * h
-                xo = 256 * s + 128 * h + 32 * g
-                sh = 2 * g
-                ja = o + 8 * h + 2 * g  # scale byte of the sub-block of weights l < 16; +1 for the rest
-                ta = F0
-                tb = F0
-                ua = F0
-                ub = F0
-                for l in range(q16):
-                    xa = x[xo + l]
-                    xb = x[xo + 16 + l]
-                    ta += np.float32(np.int32((w[qo + l] >> sh) & 3)) * xa
-                    tb += np.float32(np.int32((w[qo + 16 + l] >> sh) & 3)) * xb
-                    ua += xa
-                    ub += xb
-                sb += np.float32(np.int32(w[ja] & 15)) * ta + np.float32(np.int32(w[ja + 1] & 15)) * tb
-                mb += np.float32(np.int32(w[ja] >> 4)) * ua + np.float32(np.int32(w[ja + 1] >> 4)) * ub
+            qo = o + 16 + 32 * h
+            xo = 256 * s + 128 * h
+            g = o + 8 * h
+            c0a = np.float32(np.int32(w[g] & 15))
+            c0b = np.float32(np.int32(w[g + 1] & 15))
+            c1a = np.float32(np.int32(w[g + 2] & 15))
+            c1b = np.float32(np.int32(w[g + 3] & 15))
+            c2a = np.float32(np.int32(w[g + 4] & 15))
+            c2b = np.float32(np.int32(w[g + 5] & 15))
+            c3a = np.float32(np.int32(w[g + 6] & 15))
+            c3b = np.float32(np.int32(w[g + 7] & 15))
+            m0a = np.float32(np.int32(w[g] >> 4))
+            m0b = np.float32(np.int32(w[g + 1] >> 4))
+            m1a = np.float32(np.int32(w[g + 2] >> 4))
+            m1b = np.float32(np.int32(w[g + 3] >> 4))
+            m2a = np.float32(np.int32(w[g + 4] >> 4))
+            m2b = np.float32(np.int32(w[g + 5] >> 4))
+            m3a = np.float32(np.int32(w[g + 6] >> 4))
+            m3b = np.float32(np.int32(w[g + 7] >> 4))
+            t = F0
+            u = F0
+            for l in range(q32):
+                first = l < 16
+                q = np.int32(w[qo + l])
+                x0 = x[xo + l]
+                x1 = x[xo + 32 + l]
+                x2 = x[xo + 64 + l]
+                x3 = x[xo + 96 + l]
+                t += (_sel(first, c0a, c0b) * np.float32(np.int32(q & 3)) * x0 + _sel(first, c1a, c1b) * np.float32(np.int32((q >> 2) & 3)) * x1
+                      + _sel(first, c2a, c2b) * np.float32(np.int32((q >> 4) & 3)) * x2 + _sel(first, c3a, c3b) * np.float32(np.int32(q >> 6)) * x3)
+                u += (_sel(first, m0a, m0b) * x0 + _sel(first, m1a, m1b) * x1 + _sel(first, m2a, m2b) * x2
+                      + _sel(first, m3a, m3b) * x3)
+            sb += t
+            mb += u
         acc += f16_at(w, o + 80) * sb - f16_at(w, o + 82) * mb
     return acc
 
 
 @nb.njit(**_JIT)
+def _q3(q, hm, g):
+    """Q3_K code of plane g: 2 low bits of byte q, minus 4 unless bit g of the hmask byte is set."""
+    return np.float32(np.int32((q >> (2 * g)) & 3)) + np.float32(np.int32((hm >> g) & 1)) * F4 - F4
+
+
+@nb.njit(**_JIT)
 def dot_q3_k(w, x, xs, lut):
+    # as dot_q2_k: one loop per 128-weight half, the 16-weight sub-block's scale chosen per lane
     acc = F0
-    q16 = opaque(x.shape[0], 256) // 16
+    q32 = opaque(x.shape[0], 256) // 8
     for s in range(x.shape[0] // 256):
         o = 110 * s
         sb = F0
         for h in range(2):
-            for g in range(4):
-                qo = o + 32 + 32 * h
-                xo = 256 * s + 128 * h + 32 * g
-                sh = 2 * g
-                hb = 4 * h + g  # the hmask bit of these 32 weights
-                ta = F0
-                tb = F0
-                for l in range(q16):
-                    qa = np.int32((w[qo + l] >> sh) & 3) - 4 + 4 * np.int32((w[o + l] >> hb) & 1)
-                    qb = np.int32((w[qo + 16 + l] >> sh) & 3) - 4 + 4 * np.int32((w[o + 16 + l] >> hb) & 1)
-                    ta += np.float32(qa) * x[xo + l]
-                    tb += np.float32(qb) * x[xo + 16 + l]
-                j = 8 * h + 2 * g
-                sb += np.float32(_q3k_scale(w, o + 96, j)) * ta + np.float32(_q3k_scale(w, o + 96, j + 1)) * tb
+            qo = o + 32 + 32 * h
+            xo = 256 * s + 128 * h
+            j = 8 * h
+            c0a = np.float32(_q3k_scale(w, o + 96, j))
+            c0b = np.float32(_q3k_scale(w, o + 96, j + 1))
+            c1a = np.float32(_q3k_scale(w, o + 96, j + 2))
+            c1b = np.float32(_q3k_scale(w, o + 96, j + 3))
+            c2a = np.float32(_q3k_scale(w, o + 96, j + 4))
+            c2b = np.float32(_q3k_scale(w, o + 96, j + 5))
+            c3a = np.float32(_q3k_scale(w, o + 96, j + 6))
+            c3b = np.float32(_q3k_scale(w, o + 96, j + 7))
+            t = F0
+            for l in range(q32):
+                first = l < 16
+                q = np.int32(w[qo + l])
+                hm = np.int32(np.int32(w[o + l]) >> (4 * h))  # hmask bits 4h .. 4h+3: this half's planes
+                t += (_sel(first, c0a, c0b) * _q3(q, hm, 0) * x[xo + l] + _sel(first, c1a, c1b) * _q3(q, hm, 1) * x[xo + 32 + l]
+                      + _sel(first, c2a, c2b) * _q3(q, hm, 2) * x[xo + 64 + l]
+                      + _sel(first, c3a, c3b) * _q3(q, hm, 3) * x[xo + 96 + l])
+            sb += t
         acc += f16_at(w, o + 108) * sb
     return acc
 
@@ -175,7 +214,7 @@ def _trit_sum(w, qo, n, p, x, xo):
     """sum_l (digit p of w[qo + l] - 1) * x[xo + l] for l < n."""
     t = F0
     for l in range(n):
-        t += np.float32(_trit(w[qo + l], p) - 1) * x[xo + l]
+        t += np.float32(np.int32(_trit(w[qo + l], p) - 1)) * x[xo + l]
     return t
 
 
@@ -189,13 +228,13 @@ def dot_tq1_0(w, x, xs, lut):
         o = 54 * s
         xo = 256 * s
         t = F0
-        p = 1
+        p = np.int32(1)
         for k in range(5):
             t += _trit_sum(w, o, q32, p, x, xo + 32 * k)
             t += _trit_sum(w, o + 32, q16, p, x, xo + 160 + 16 * k)
             if k < 4:
                 t += _trit_sum(w, o + 48, q4, p, x, xo + 240 + 4 * k)
-            p *= 3
+            p *= np.int32(3)
         acc += f16_at(w, o + 52) * t
     return acc
 
@@ -208,12 +247,13 @@ def dot_tq2_0(w, x, xs, lut):
         o = 66 * s
         t = F0
         for h in range(2):
-            for g in range(4):
-                qo = o + 32 * h
-                xo = 256 * s + 128 * h + 32 * g
-                sh = 2 * g
-                for l in range(q32):
-                    t += np.float32(np.int32((w[qo + l] >> sh) & 3) - 1) * x[xo + l]
+            qo = o + 32 * h
+            xo = 256 * s + 128 * h
+            for l in range(q32):
+                q = np.int32(w[qo + l])
+                t += (np.float32(np.int32((q & 3) - 1)) * x[xo + l] + np.float32(np.int32(((q >> 2) & 3) - 1)) * x[xo + 32 + l]
+                      + np.float32(np.int32(((q >> 4) & 3) - 1)) * x[xo + 64 + l]
+                      + np.float32(np.int32((q >> 6) - 1)) * x[xo + 96 + l])
         acc += f16_at(w, o + 64) * t
     return acc
 
@@ -333,7 +373,7 @@ def deq_q3_k(w, c0, n, lut, tile, i):
 @nb.njit(**_JIT)
 def _deq_trits(w, qo, nq, p, d, tile, i, t):
     for l in range(nq):
-        tile[i, t + l] = d * np.float32(_trit(w[qo + l], p) - 1)
+        tile[i, t + l] = d * np.float32(np.int32(_trit(w[qo + l], p) - 1))
 
 
 @nb.njit(**_JIT)
@@ -347,13 +387,13 @@ def deq_tq1_0(w, c0, n, lut, tile, i):
         o = 54 * (b0 + s)
         d = f16_at(w, o + 52)
         t = 256 * s
-        p = 1
+        p = np.int32(1)
         for k in range(5):
             _deq_trits(w, o, q32, p, d, tile, i, t + 32 * k)
             _deq_trits(w, o + 32, q16, p, d, tile, i, t + 160 + 16 * k)
             if k < 4:
                 _deq_trits(w, o + 48, q4, p, d, tile, i, t + 240 + 4 * k)
-            p *= 3
+            p *= np.int32(3)
 
 
 @nb.njit(**_JIT)
