@@ -27,7 +27,7 @@ import enum
 import heapq
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +80,7 @@ class Slot:
     payload: object = None  # what the loader made of the bytes (the expert's matrices)
     prefetched: bool = False  # claimed by a prefetch (for this residency)
     asked: bool = False  # asked for by `acquire` since it was claimed
+    rank: int = 0  # a prefetch's candidate rank (its place in the guess, best first)
 
     def move(self, to: SlotState) -> None:
         if (self.state, to) not in _ALLOWED:
@@ -94,6 +95,8 @@ class CacheCounters:
     prefetched_late: int = 0  # a prefetch was still reading it when asked for
     misses: int = 0  # read on demand (or still being read on demand)
     evictions: int = 0
+    prefetch_used: int = 0  # read by a prefetch and asked for before its eviction
+    prefetch_wasted: int = 0  # read by a prefetch and evicted without being asked for
 
 
 class LruEvictable:
@@ -155,7 +158,10 @@ class LfuEvictable:
 
 
 class ExpertCache:
-    def __init__(self, budget_bytes: int, slot_bytes: int, policy: str = "lru", min_slots: int = 1):
+    def __init__(self, budget_bytes: int, slot_bytes: int, policy: str = "lru", min_slots: int = 1,
+                 on_prefetch_outcome: Callable[[int, bool], None] | None = None):
+        """`on_prefetch_outcome(rank, used)` hears, under the cache's lock, the fate of each expert a
+        prefetch read: used (first asked for) or evicted unused. It must be quick and not call back."""
         if policy not in POLICIES:
             raise StepstreamError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
         n = budget_bytes // slot_bytes
@@ -177,6 +183,7 @@ class ExpertCache:
         self._evictable = LfuEvictable() if policy == "lfu" else LruEvictable()
         self._pinned: set[Key] = set()
         self._state_counts = Counter({SlotState.EMPTY: n})
+        self.on_prefetch_outcome = on_prefetch_outcome
 
     @property
     def capacity_bytes(self) -> int:
@@ -202,6 +209,14 @@ class ExpertCache:
     def _touch(self, slot: Slot) -> None:
         slot.uses += 1
 
+    def _prefetch_outcome(self, slot: Slot, used: bool) -> None:
+        if used:
+            self.counters.prefetch_used += 1
+        else:
+            self.counters.prefetch_wasted += 1
+        if self.on_prefetch_outcome is not None:
+            self.on_prefetch_outcome(slot.rank, used)
+
     def _maybe_evictable(self, slot: Slot) -> None:
         if slot.state is SlotState.READY and slot.refs == 0 and not slot.pinned:
             self._evictable.add(slot)
@@ -214,6 +229,8 @@ class ExpertCache:
         if victim is None:
             return None
         self._move(victim, SlotState.EVICTING)
+        if victim.prefetched and not victim.asked:
+            self._prefetch_outcome(victim, used=False)
         del self.index[victim.key]
         victim.key, victim.payload, victim.uses, victim.prefetched = None, None, 0, False
         self._move(victim, SlotState.EMPTY)
@@ -234,6 +251,7 @@ class ExpertCache:
         self._touch(slot)
         first_ask, slot.asked = not slot.asked, True
         if slot.prefetched and first_ask:
+            self._prefetch_outcome(slot, used=True)
             if slot.state is SlotState.READY:
                 self.counters.prefetched_in_time += 1
                 return Outcome.PREFETCHED_IN_TIME
@@ -273,8 +291,9 @@ class ExpertCache:
                     raise StepstreamError(f"expert cache: no slot came free in {timeout:.0f} s for {key} "
                                           f"({self.n_slots} slots, all in use or loading); raise the RAM budget")
 
-    def try_claim_for_prefetch(self, key: Key) -> Slot | None:
-        """Claim a slot for a background load of `key`, or None if resident or nothing is evictable."""
+    def try_claim_for_prefetch(self, key: Key, rank: int = 0) -> Slot | None:
+        """Claim a slot for a background load of `key` (the guess's candidate of `rank`), or None if
+        resident or nothing is evictable."""
         with self.lock:
             if key in self.index:
                 return None
@@ -282,7 +301,7 @@ class ExpertCache:
             if victim is None:
                 return None
             slot = self._claim(key, victim, refs=0)
-            slot.prefetched = True
+            slot.prefetched, slot.rank = True, rank
             self._touch(slot)
             return slot
 

@@ -26,10 +26,13 @@ shrank, or a fault that persists, raises ReadError naming the file and the offse
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,3 +253,114 @@ class DirectReader:
                 os.close(fd)
             self._files.clear()
             self._retired.clear()
+
+
+# ---------------------------------------------------------------------- reading in parallel
+
+DEMAND, AHEAD = 0, 1  # ReadPool priorities: a read compute waits for, a read ahead of a guess
+_STOP = 2
+
+
+class ReadPool:
+    """Worker threads that run queued reads, demand reads before reads ahead.
+
+    A wrong guess read ahead must not make a true miss wait in the queue behind it: a miss
+    queued later still starts first. Reads already running are not interrupted (one expert's
+    read takes a few ms). The worker count is the queue depth the disk sees; see
+    `measure_read_bandwidth` for how deep it must be to reach the disk's bandwidth.
+    """
+
+    def __init__(self, workers: int, name: str = "expert-read"):
+        if workers < 1:
+            raise StepstreamError(f"read workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()  # FIFO within a priority
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, priority: int, fn: Callable, *args) -> None:
+        """Queue fn(*args); it must not raise (the callers park errors in the cache's slots)."""
+        self._queue.put((priority, next(self._seq), fn, args))
+
+    def _work(self) -> None:
+        while True:
+            priority, _, fn, args = self._queue.get()
+            if priority == _STOP:
+                return
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - a worker must outlive one failed job
+                pass
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop the workers."""
+        for _ in self._threads:
+            self._queue.put((_STOP, next(self._seq), None, ()))
+        for t in self._threads:
+            t.join()
+
+
+@dataclass(frozen=True)
+class DiskPoint:
+    depth: int  # reads in flight
+    gb_s: float  # bytes / wall seconds / 1e9
+    reads: int
+
+
+def measure_read_bandwidth(path: str | os.PathLike, depths: tuple[int, ...] = (1, 2, 4, 8, 16),
+                           block: int = 8 * 2**20, reads_per_depth: int | None = None,
+                           seed: int = 0) -> list[DiskPoint]:
+    """The disk's read bandwidth against queue depth: `depth` threads each reading `block`-byte
+    O_DIRECT spans of `path` at distinct random aligned offsets, no offset read twice, after
+    dropping the file from the page cache. One point per depth."""
+    size = os.path.getsize(path)
+    n_blocks = size // block
+    per = [reads_per_depth or max(16, 4 * d) for d in depths]
+    if n_blocks < sum(per):
+        raise StepstreamError(f"{path}: {size} bytes hold {n_blocks} blocks of {block}; "
+                              f"measuring depths {depths} needs {sum(per)}")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass  # advice only; O_DIRECT bypasses the page cache anyway
+    order = np.random.default_rng(seed).permutation(n_blocks)
+    reader = DirectReader()
+    points, used = [], 0
+    try:
+        for depth, n in zip(depths, per):
+            offsets = [int(b) * block for b in order[used : used + n]]
+            used += n
+            bufs = [aligned_empty(span_bytes(block)) for _ in range(depth)]
+            jobs = iter(offsets)
+            lock = threading.Lock()
+
+            def work(buf):
+                while True:
+                    with lock:
+                        off = next(jobs, None)
+                    if off is None:
+                        return
+                    reader.read(path, off, block, buf)
+
+            threads = [threading.Thread(target=work, args=(b,)) for b in bufs]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            points.append(DiskPoint(depth, n * block / (time.perf_counter() - t0) / 1e9, n))
+    finally:
+        reader.close()
+    return points
+
+
+def knee(points: list[DiskPoint], share: float = 0.9) -> int:
+    """The smallest depth that reaches `share` of the best measured bandwidth."""
+    best = max(p.gb_s for p in points)
+    return min(p.depth for p in points if p.gb_s >= share * best)

@@ -42,6 +42,10 @@ from runtime.model.matrix import Matrix, make_matrix
 # (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
 RUNTIME_ANON = 40 * 2**20
 LIBRARY_PAGES = 40 * 2**20
+# Reader threads: the queue depth the disk sees. Measured on the synth file (runtime.bench.streaming
+# prints the curve): a virtio disk capped near 2.5 GB/s reaches it with 1-2 reads of 8 MB in
+# flight, but needs 4 of one expert matrix's 3 MB; more threads only add contention.
+READ_WORKERS = 4
 
 
 def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int, held: int | None = None) -> int:
@@ -172,7 +176,7 @@ class Placement:
 
 def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | str | None, limit: MemoryLimit,
                     usable: int, runtime: RuntimeNeeds, policy: str = "lru", profile: str | None = None,
-                    pin_share: float = 0.5, direct_io: bool = True, workers: int = 4):
+                    pin_share: float = 0.5, direct_io: bool = True, workers: int = READ_WORKERS):
     """(weights with the non-expert part copied to RAM, provider, placement), after checking that
     they fit in `usable` bytes, what the tightest memory limit `limit` leaves."""
     table: ExpertTable = build_expert_table(f, cfg)

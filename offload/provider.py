@@ -2,10 +2,15 @@
 
 It implements runtime.model.experts.ExpertProvider. For one layer's request it takes a
 reference on every requested expert (so none of them can be evicted while compute uses
-it), starts reads for the misses on a small thread pool, yields the resident experts
+it), queues reads for the misses on a pool of reader threads, yields the resident experts
 first and the others as their reads finish, and drops the references when the consumer
-is done. `prefetch(layer, ids)` starts background reads for a guess of the next layer's
-experts; the real routing still decides what is computed, so outputs never change.
+is done. The real routing decides what is computed, so outputs never depend on reads ahead.
+
+`prefetch(layer, ids)` takes a guess of the next layer's experts, best first. Each
+candidate passes a gate (offload.prefetch_gate) that reads it ahead only when the
+measured chance it is used, against the disk's speed, makes the read pay. Reads ahead
+queue behind demand reads (offload.direct_io.ReadPool), claim their slot only when a
+reader starts them, and are dropped unread when their layer's request came first.
 """
 
 from __future__ import annotations
@@ -13,16 +18,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from offload.cache import ExpertCache, Outcome, Slot
-from offload.direct_io import DirectReader, ReadError, span, span_bytes
+from offload.direct_io import AHEAD, DEMAND, DirectReader, ReadError, ReadPool, span, span_bytes
 from offload.expert_table import ExpertTable
+from offload.prefetch_gate import PrefetchGate
 from offload.stats import StreamStats
 from runtime.base.gguf_schema import expert_name
 from runtime.model.weights import FFN
 from runtime.model.matrix import matrix_from_bytes
+
+LEAD_SMOOTHING = 0.2  # weight of the newest lead time in its running average
+MIN_READ_SECONDS = 0.05  # busy read time after which the measured disk rate replaces the gate's default
+
 
 def slot_bytes_for(table: ExpertTable) -> int:
     return max(sum(span_bytes(s) for s in layer.strides) for layer in table.layers.values())
@@ -32,15 +41,30 @@ class StreamingExperts:
     prefetches = True  # runtime.model.experts.ExpertProvider: prefetch reads ahead
 
     def __init__(self, table: ExpertTable, cache: ExpertCache, reader: DirectReader | None = None,
-                 workers: int = 4, stats: StreamStats | None = None, prefetch_depth: int | None = None):
+                 workers: int = 4, stats: StreamStats | None = None, prefetch_depth: int | None = None,
+                 gate: PrefetchGate | None | bool = True):
+        """`gate`: True for a PrefetchGate measured online, a gate to share, or False/None to read
+        ahead every candidate up to `prefetch_depth` (ungated: for comparisons)."""
         self.table = table
         self.cache = cache
         self.reader = reader or DirectReader()
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="expert-read")
+        self.reads = ReadPool(workers)
         self.stats = stats or StreamStats()
-        self._predicted: dict[int, set[int]] = {}
-        # Read ahead only the most likely guesses: a wrong guess costs a whole expert's read.
+        self.gate = PrefetchGate() if gate is True else (gate or None)
+        cache.on_prefetch_outcome = self._prefetch_outcome
+        self._predicted: dict[int, list[int]] = {}  # layer -> its pending guess, best first
+        self._issued: dict[int, float] = {}  # layer -> when its pending guess came
+        self._generation: dict[int, int] = {}  # layer -> requests served: a read ahead issued before is stale
+        self._lead: dict[int, float] = {}  # layer -> running average of seconds from its guess to its request
+        self._busy: dict[int, tuple[float, float]] = {}  # layer -> (wall, disk busy seconds) at its last guess
+        self.disk_busy = 0.0  # running average of the share of time a read was in flight, guess to guess
+        # At most a quarter of the cache is read ahead at once: guesses must not flush what is resident.
         self.prefetch_depth = prefetch_depth if prefetch_depth is not None else max(1, cache.n_slots // 4)
+
+    def _prefetch_outcome(self, rank: int, used: bool) -> None:
+        self.stats.prefetch_outcome(rank, used)
+        if self.gate is not None:
+            self.gate.record(rank, used)
 
     # ------------------------------------------------------------------ loading
 
@@ -104,9 +128,16 @@ class StreamingExperts:
     def _serve(self, layer: int, ids: list[int], window: int, kept: list | None):
         """Yield (id, weights), holding at most `window` slots; each is released when the consumer
         moves on, or, when `kept` is a list, appended to it for the caller to release."""
+        self._generation[layer] = self._generation.get(layer, 0) + 1  # queued reads ahead for it are stale now
         predicted = self._predicted.pop(layer, None)
         if predicted is not None:
-            self.stats.prefetch_scored(predicted, set(ids))
+            actual = set(ids)
+            self.stats.prefetch_scored(set(predicted), actual)
+            if self.gate is not None:
+                self.gate.score_guess(predicted, actual)
+            lead = time.perf_counter() - self._issued.pop(layer)
+            old = self._lead.get(layer)
+            self._lead[layer] = lead if old is None else old + LEAD_SMOOTHING * (lead - old)
         resident = set(e for e in ids if self.cache.is_ready((layer, e)))
         order = [e for e in ids if e in resident] + [e for e in ids if e not in resident]
         expert_bytes = self.table.layers[layer].expert_bytes
@@ -124,7 +155,7 @@ class StreamingExperts:
                     first_use_after_read = must_load or outcome in (Outcome.PREFETCHED_IN_TIME, Outcome.PREFETCHED_LATE)
                     self.stats.count(layer, outcome.value, expert_bytes if first_use_after_read else 0)
                     if must_load:
-                        self.pool.submit(self._load_quietly, layer, e, slot)
+                        self.reads.submit(DEMAND, self._load_quietly, layer, e, slot)
                 e, slot = held[0]
                 # Checked under the lock: a slot whose read failed can be reclaimed for another key.
                 payload = self.cache.ready_payload(slot, (layer, e))
@@ -143,14 +174,47 @@ class StreamingExperts:
                 self.cache.release(slot, (layer, e))
 
     def prefetch(self, layer: int, ids: Iterable[int]) -> None:
-        """Start background reads of the first `prefetch_depth` of `ids` (most likely first) of `layer`."""
-        ids = [int(e) for e in ids][: min(self.prefetch_depth, max(1, self.cache.n_slots // 4))]
-        self._predicted[layer] = set(ids)
-        for e in ids:
-            slot = self.cache.try_claim_for_prefetch((layer, e))
-            if slot is not None:
+        """Read ahead the candidates of `ids` (best first) of `layer` that the gate admits, at most
+        `prefetch_depth` of them; the reads queue behind demand reads."""
+        ranked = [int(e) for e in ids]
+        self._predicted[layer] = ranked
+        self._issued[layer] = time.perf_counter()
+        gen = self._generation.get(layer, 0)
+        depth = min(self.prefetch_depth, max(1, self.cache.n_slots // 4))
+        if self.gate is not None and self.stats.read_seconds > MIN_READ_SECONDS:
+            self.gate.disk_bytes_per_s = self.stats.bytes_read / self.stats.read_seconds
+        expert_bytes = self.table.layers[layer].expert_bytes
+        lead = self._lead.get(layer, float("inf"))  # not measured yet: assume a read ahead has time to finish
+        hit_rate = self.stats.hit_rate
+        self._measure_busy(layer)
+        for rank, e in enumerate(ranked[:depth]):
+            if self.cache.is_ready((layer, e)):
+                continue  # resident: nothing to read (a read in flight is skipped at claim time)
+            if self.gate is not None and not self.gate.admit(rank, expert_bytes, lead, hit_rate, self.disk_busy):
+                self.stats.prefetch_refused += 1
+                continue
+            self.reads.submit(AHEAD, self._read_ahead, layer, e, rank, gen)
+
+    def _measure_busy(self, layer: int) -> None:
+        """Update disk_busy over the time since this layer's last guess (one token's cycle)."""
+        now, busy = time.perf_counter(), self.stats.busy_seconds()
+        last = self._busy.get(layer)
+        self._busy[layer] = (now, busy)
+        if last is not None and now > last[0]:
+            share = min(1.0, (busy - last[1]) / (now - last[0]))
+            self.disk_busy += LEAD_SMOOTHING * (share - self.disk_busy)
+
+    def _read_ahead(self, layer: int, e: int, rank: int, gen: int) -> None:
+        """On a reader thread: claim a slot and read, unless the layer's request came meanwhile."""
+        if self._generation.get(layer, 0) != gen:
+            with self.stats.lock:
+                self.stats.prefetch_cancelled += 1
+            return
+        slot = self.cache.try_claim_for_prefetch((layer, e), rank)
+        if slot is not None:
+            with self.stats.lock:
                 self.stats.prefetch_reads += 1
-                self.pool.submit(self._load_quietly, layer, e, slot, True)
+            self._load_quietly(layer, e, slot, True)
 
     def pin(self, keys: Iterable[tuple[int, int]]) -> int:
         """Load `keys` into slots eviction never touches; how many were pinned."""
@@ -162,5 +226,5 @@ class StreamingExperts:
         return n
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.reads.shutdown()
         self.reader.close()

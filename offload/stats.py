@@ -61,10 +61,14 @@ class StreamStats:
     stall_seconds: float = 0.0  # compute blocked on the cache: all of the two below
     stall_read_seconds: float = 0.0  # waiting for a read (a miss or a late prefetch)
     stall_slot_seconds: float = 0.0  # in acquire: waiting for the cache's lock or for a slot to come free
-    prefetch_predicted: int = 0
-    prefetch_correct: int = 0
-    prefetch_actual: int = 0
-    prefetch_reads: int = 0
+    prefetch_predicted: int = 0  # candidates guessed (scored against the next request for their layer)
+    prefetch_correct: int = 0  # of those, asked for by that request
+    prefetch_actual: int = 0  # experts asked for by requests that had a guess
+    prefetch_reads: int = 0  # reads ahead started
+    prefetch_used: int = 0  # reads ahead whose expert was asked for before its eviction
+    prefetch_wasted: int = 0  # reads ahead whose expert was evicted unused
+    prefetch_refused: int = 0  # candidates the gate judged unlikely enough not to pay
+    prefetch_cancelled: int = 0  # admitted, still queued when their layer's request came: dropped unread
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, layer: int, outcome: str, read_bytes: int = 0) -> None:
@@ -98,6 +102,11 @@ class StreamStats:
             self._inflight -= 1
             if self._inflight == 0:
                 self.read_seconds += time.perf_counter() - self._busy_since
+
+    def busy_seconds(self) -> float:
+        """Wall seconds with at least one read in flight so far, the current stretch included."""
+        with self.lock:
+            return self.read_seconds + (time.perf_counter() - self._busy_since if self._inflight else 0.0)
 
     def prefetch_scored(self, predicted: set[int], actual: set[int]) -> None:
         self.prefetch_predicted += len(predicted)
@@ -146,13 +155,27 @@ class StreamStats:
     def read_gb_s(self) -> float:
         return self.bytes_read / 1e9 / self.read_seconds if self.read_seconds else 0.0
 
+    def prefetch_outcome(self, rank: int, used: bool) -> None:
+        """An expert read ahead was used before eviction, or evicted unused (offload.cache reports it)."""
+        if used:
+            self.prefetch_used += 1
+        else:
+            self.prefetch_wasted += 1
+
     @property
     def prefetch_recall(self) -> float:
+        """Share of the experts requests asked for that the guess before them named."""
         return _rate(self.prefetch_correct, self.prefetch_actual)
 
     @property
-    def prefetch_precision(self) -> float:
+    def guess_precision(self) -> float:
+        """Share of guessed candidates (read or not) that the next request for their layer asked for."""
         return _rate(self.prefetch_correct, self.prefetch_predicted)
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of reads ahead used before their eviction, over those whose fate is known."""
+        return _rate(self.prefetch_used, self.prefetch_used + self.prefetch_wasted)
 
     def as_dict(self) -> dict:
         return {
@@ -175,6 +198,11 @@ class StreamStats:
             "prefetch_unused": self.prefetch_unused,
             "prefetch_recall": self.prefetch_recall,
             "prefetch_precision": self.prefetch_precision,
+            "guess_precision": self.guess_precision,
+            "prefetch_used": self.prefetch_used,
+            "prefetch_wasted": self.prefetch_wasted,
+            "prefetch_refused": self.prefetch_refused,
+            "prefetch_cancelled": self.prefetch_cancelled,
             "peak_rss_bytes": peak_rss_bytes(),
         }
 
@@ -190,8 +218,11 @@ class StreamStats:
             f"{self.prefetch_unused} prefetches not used",
             f"  stalled {self.stall_seconds:.2f} s ({self.stall_read_seconds:.2f} s waiting for reads, "
             f"{self.stall_slot_seconds:.2f} s acquiring slots: the cache's lock, or no slot free); "
-            f"prefetch recall {self.prefetch_recall:.1%}, precision {self.prefetch_precision:.1%}; "
             f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB",
+            f"  prefetch: {self.prefetch_reads} reads ahead, precision {self.prefetch_precision:.1%} "
+            f"({self.prefetch_used} used before eviction, {self.prefetch_wasted} evicted unused); "
+            f"{self.prefetch_refused} candidates refused by the gate, {self.prefetch_cancelled} dropped unread; "
+            f"prefetch recall {self.prefetch_recall:.1%}, guess precision {self.guess_precision:.1%}",
             "  per layer hit rate: " + ", ".join(f"{k}: {v.hit_rate:.0%}" for k, v in sorted(self.layers.items())),
         ]
         return "\n".join(lines)

@@ -78,6 +78,8 @@ def test_hits_prefetches_in_time_late_prefetches_and_misses_are_counted_apart(st
     assert [e for e, _ in p.experts(LAYER, [0])] == [0]  # prefetched, ready: in time
 
     p.prefetch(LAYER, [1])
+    # A read ahead still queued when its layer's request comes is dropped unread: wait until it started.
+    wait_until(lambda: (LAYER, 1) in p.cache.index)
     timer = open_gate_after(reader, 0.3)
     assert [e for e, _ in p.experts(LAYER, [1])] == [1]  # prefetched, still loading: late, and waited for
     timer.join()

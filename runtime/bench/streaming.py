@@ -1,6 +1,7 @@
 """Decode speed under hard RAM caps: stepstream's expert streaming against llama.cpp's mmap.
 
     python -m runtime.bench.streaming [--model FILE.gguf] [--caps 0.45,0.55,0.75] [-n 32] [-r 3]
+        [--prefetch gated,ungated,off] [--no-llama]
 
 Without --model it makes the `large` miniature (64 experts, top-8) and converts it to
 q4_k_m in --workdir. For each cap (a fraction of the GGUF's size) both engines run in a
@@ -17,6 +18,13 @@ same prompt. Printed per cap: decode tok/s of each (median of -r runs) and their
 bytes read per token against the ideal (the bytes of the experts read for compute: misses
 and used prefetches), the share of decode time spent waiting for experts, and the hit rate
 (hits alone: a prefetched expert is not a hit).
+
+Each --prefetch mode of ours runs in turn (the gate of offload.prefetch_gate, every
+candidate read ahead, none). Before the caps, the disk is measured (parallel 8 MB O_DIRECT
+reads of the model file at several depths, and reads of one expert matrix's size), and
+one uncapped run with every expert in RAM gives the compute time per token. Each row then
+gives the roofline, time per token >= max(compute in RAM, bytes of the experts read for
+compute / the disk's best measured bandwidth), and the share of it reached.
 """
 
 from __future__ import annotations
@@ -52,26 +60,52 @@ def _tokens(n_prompt: int, n_gen: int, vocab: int) -> tuple[list[int], list[int]
     return ids[:n_prompt], ids[n_prompt:]
 
 
-def child_ours(model: str, budget: int, n_prompt: int, n_gen: int, threads: int) -> dict:
+PREFETCH_MODES = ("gated", "ungated", "off")
+
+
+def child_ours(model: str, budget: int, n_prompt: int, n_gen: int, threads: int, prefetch: str = "gated") -> dict:
+    """Decode under a RAM budget for the expert cache (budget < 0: every expert in RAM)."""
     from runtime.base.system import peak_rss_bytes
     from runtime.loader import load
 
-    m = load(model, ram_budget=budget, n_threads=threads, n_ctx=n_prompt + n_gen + 8)
+    common = dict(n_threads=threads, n_ctx=n_prompt + n_gen + 8)
+    m = (load(model, experts="ram", **common) if budget < 0
+         else load(model, ram_budget=budget, prefetch=prefetch != "off", **common))
+    if prefetch == "ungated" and m.placement is not None:
+        m.provider.gate = None
     prompt, gen = _tokens(n_prompt, n_gen, m.cfg.vocab)
     m.eval(prompt)
+    if m.placement is None:  # all in RAM: compute alone
+        t0 = time.perf_counter()
+        for t in gen:
+            m.eval([t])
+        dt = time.perf_counter() - t0
+        m.close()
+        return {"decode_tok_s": len(gen) / dt, "decode_seconds": dt, "peak_rss_bytes": peak_rss_bytes()}
     st = m.provider.stats
-    before = (st.bytes_read, st.ideal_bytes, st.stall_seconds, st.hits, st.requests, st.prefetched_in_time)
+    names = ("bytes_read", "ideal_bytes", "stall_seconds", "hits", "requests", "prefetched_in_time",
+             "prefetch_used", "prefetch_wasted", "prefetch_reads", "prefetch_refused", "prefetch_cancelled",
+             "read_seconds")
+    before = {k: getattr(st, k) for k in names}
     t0 = time.perf_counter()
     for t in gen:
         m.eval([t])
     dt = time.perf_counter() - t0
+    d = {k: getattr(st, k) - before[k] for k in names}
+    used, wasted = d["prefetch_used"], d["prefetch_wasted"]
     out = {"decode_tok_s": len(gen) / dt, "decode_seconds": dt,
-           "bytes_read_per_token": (st.bytes_read - before[0]) / len(gen),
-           "ideal_bytes_per_token": (st.ideal_bytes - before[1]) / len(gen),
-           "stall_share": (st.stall_seconds - before[2]) / dt,
-           "hit_rate": (st.hits - before[3]) / max(1, st.requests - before[4]),
-           "ready_rate": (st.hits - before[3] + st.prefetched_in_time - before[5]) / max(1, st.requests - before[4]),
-           "prefetch_recall": st.prefetch_recall, "prefetch_precision": st.prefetch_precision,
+           "bytes_read_per_token": d["bytes_read"] / len(gen),
+           "ideal_bytes_per_token": d["ideal_bytes"] / len(gen),
+           "read_ratio": d["bytes_read"] / max(1, d["ideal_bytes"]),
+           "read_gb_s": d["bytes_read"] / 1e9 / d["read_seconds"] if d["read_seconds"] else 0.0,
+           "stall_share": d["stall_seconds"] / dt,
+           "hit_rate": d["hits"] / max(1, d["requests"]),
+           "ready_rate": (d["hits"] + d["prefetched_in_time"]) / max(1, d["requests"]),
+           "prefetch_reads": d["prefetch_reads"], "prefetch_used": used, "prefetch_wasted": wasted,
+           "prefetch_refused": d["prefetch_refused"], "prefetch_cancelled": d["prefetch_cancelled"],
+           "prefetch_precision": used / (used + wasted) if used + wasted else float("nan"),
+           "prefetch_recall": st.prefetch_recall, "guess_precision": st.guess_precision,
+           "gate_ranks": m.provider.gate.per_rank() if m.provider.gate is not None else [],
            "cache_bytes": m.placement.cache_bytes, "cache_slots": m.placement.cache_slots,
            "peak_rss_bytes": peak_rss_bytes(), "rss_anon_bytes": rss_anon_bytes()}
     m.close()
@@ -136,21 +170,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=32)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("--prefetch", default="gated", help="our read-ahead modes to run, alternating: gated, ungated, off")
+    p.add_argument("--no-llama", action="store_true", help="run stepstream only")
+    p.add_argument("--no-ram-run", action="store_true", help="skip the uncapped all-in-RAM run (the compute time)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     return p
 
 
+def _kinds(a) -> list[str]:
+    modes = [m.strip() for m in a.prefetch.split(",") if m.strip()]
+    bad = [m for m in modes if m not in PREFETCH_MODES]
+    if bad or not modes:
+        raise SystemExit(f"--prefetch {a.prefetch!r}: choose among {', '.join(PREFETCH_MODES)}")
+    return [f"ours:{m}" for m in modes] + ([] if a.no_llama else ["llama"])
+
+
 def _run_cap(a, model: Path, frac: float, footprint: int, common: list[str]) -> dict:
-    """Both engines under a cap of `frac` of the file, alternating, -r times; one result row."""
+    """Every engine (and read-ahead mode) under a cap of `frac` of the file, alternating, -r times."""
     cap_bytes = int(model.stat().st_size * frac)
     budget = cap_bytes - footprint - MARGIN
-    runs = {"ours": [], "llama": []}
+    kinds = _kinds(a)
+    runs: dict[str, list] = {k: [] for k in kinds}
     for _ in range(a.repetitions):
-        for kind in ("ours", "llama"):
+        for kind in kinds:
             drop_page_cache(model)
-            args = ["ours", str(model), str(budget), *common] if kind == "ours" else ["llama", str(model), *common]
+            args = (["ours", str(model), str(budget), kind.split(":")[1], *common] if kind.startswith("ours")
+                    else ["llama", str(model), *common])
             with MemoryCap(cap_bytes) as cap:
                 res = _child(args, cap, a.timeout)
                 res["cgroup_max_usage"] = cap.max_usage
@@ -158,19 +205,68 @@ def _run_cap(a, model: Path, frac: float, footprint: int, common: list[str]) -> 
     return {"cap_fraction": frac, "cap_bytes": cap_bytes, "budget": budget, "runs": runs}
 
 
-def _print_row(row: dict) -> None:
-    runs = row["runs"]
+def _median(runs: list[dict], key: str) -> float:
+    vals = [r[key] for r in runs if key in r and r[key] == r[key]]  # NaN (nothing to measure) left out
+    return statistics.median(vals) if vals else float("nan")
 
-    def med(kind, key):
-        vals = [r[key] for r in runs[kind] if key in r]
-        return statistics.median(vals) if vals else float("nan")
 
-    ours, theirs = med("ours", "decode_tok_s"), med("llama", "decode_tok_s")
-    errs = [r["error"] for k in runs for r in runs[k] if "error" in r]
-    print(f"{row['cap_bytes'] / 2**20:>6.0f}MiB {ours:>11.2f} {theirs:>12.2f} {ours / theirs:>6.2f} "
-          f"{row['budget'] / 2**20:>6.0f}MiB {med('ours', 'bytes_read_per_token') / 2**20:>7.2f}MiB "
-          f"{med('ours', 'ideal_bytes_per_token') / 2**20:>7.2f}MiB {med('ours', 'stall_share'):>6.1%} "
-          f"{med('ours', 'hit_rate'):>5.0%}" + (f"  errors: {errs}" if errs else ""))
+def roofline_seconds(compute_s: float, missed_bytes: float, disk_bytes_per_s: float) -> float:
+    """The least time a token can take: compute with every expert in RAM, or reading the bytes of
+    the experts it missed at the disk's bandwidth, whichever is longer (they can overlap)."""
+    return max(compute_s, missed_bytes / disk_bytes_per_s)
+
+
+HEADER = (f"{'cap':>9} {'engine':>14} {'tok/s':>7} {'ms/tok':>7} {'read/tok':>9} {'miss/tok':>9} {'read/miss':>9} "
+          f"{'precision':>9} {'stall':>6} {'hit':>5} {'roofline':>9} {'share':>6}")
+
+
+def _print_row(row: dict, compute_s: float, disk_bytes_per_s: float) -> None:
+    errs = [r["error"] for k in row["runs"] for r in row["runs"][k] if "error" in r]
+    for kind, runs in row["runs"].items():
+        tok_s = _median(runs, "decode_tok_s")
+        line = f"{row['cap_bytes'] / 2**20:>6.0f}MiB {kind:>14} {tok_s:>7.2f} {1e3 / tok_s:>7.1f}"
+        if kind.startswith("ours"):
+            miss = _median(runs, "ideal_bytes_per_token")
+            roof = roofline_seconds(compute_s, miss, disk_bytes_per_s)
+            line += (f" {_median(runs, 'bytes_read_per_token') / 1e6:>7.1f}MB {miss / 1e6:>7.1f}MB "
+                     f"{_median(runs, 'read_ratio'):>8.3f}x {_median(runs, 'prefetch_precision'):>9.1%} "
+                     f"{_median(runs, 'stall_share'):>6.1%} {_median(runs, 'hit_rate'):>5.0%} "
+                     f"{roof * 1e3:>7.1f}ms {roof * tok_s:>6.1%}")
+        print(line)
+    if errs:
+        print(f"  errors: {errs}")
+
+
+def measure_disk(model: Path, expert_extent: int) -> dict:
+    """The disk's read curve on the model file: 8 MB reads, and reads of one expert matrix's size."""
+    from offload.direct_io import knee, measure_read_bandwidth
+
+    big = measure_read_bandwidth(model, block=8 * 2**20)
+    small = measure_read_bandwidth(model, depths=(1, 2, 4, 8), block=expert_extent, seed=1)
+    return {"8MB": [(p.depth, p.gb_s) for p in big], "extent": [(p.depth, p.gb_s) for p in small],
+            "extent_bytes": expert_extent, "knee_8MB": knee(big), "knee_extent": knee(small),
+            "best_gb_s": max(p.gb_s for p in big + small)}
+
+
+def _expert_sizes(model: Path) -> tuple[int, int, int]:
+    """(bytes of the largest expert matrix, of one expert's cache slot, experts one token uses per layer)."""
+    from offload.expert_table import build_expert_table
+    from offload.provider import slot_bytes_for
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+
+    f = GGUFModelFile(model)
+    cfg = ModelConfig.from_gguf(f)
+    table = build_expert_table(f, cfg)
+    extent = max(ext.nbytes for layer in table.layers.values() for ext in layer.extents(0))
+    return extent, slot_bytes_for(table), cfg.n_expert_used
+
+
+def _warm_page_cache(model: Path) -> None:
+    """Read the whole file once, so the all-in-RAM run times compute, not page faults from disk."""
+    with open(model, "rb", buffering=0) as f:
+        while f.read(64 * 2**20):
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         kind, model, *rest = a.child
         n_prompt, n_gen, threads = int(rest[-3]), int(rest[-2]), int(rest[-1])
-        res = (child_ours(model, int(rest[0]), n_prompt, n_gen, threads) if kind == "ours"
+        res = (child_ours(model, int(rest[0]), n_prompt, n_gen, threads, *rest[1:-3]) if kind == "ours"
                else child_llama(model, n_prompt, n_gen, threads))
         print(json.dumps(res))
         return 0
@@ -188,29 +284,49 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(a.model) if a.model else ensure_model(workdir)
     size = model.stat().st_size
     common = [str(a.n_prompt), str(a.n_gen), str(a.threads)]
+    from offload.placement import READ_WORKERS
+
+    extent, slot, k = _expert_sizes(model)
+    disk = measure_disk(model, extent)
+    print(f"disk: 8 MB O_DIRECT reads by depth " + ", ".join(f"{d}: {g:.2f}" for d, g in disk["8MB"])
+          + f" GB/s (90% of the best at depth {disk['knee_8MB']}); reads of one expert matrix "
+          f"({disk['extent_bytes'] / 2**20:.2f} MiB) " + ", ".join(f"{d}: {g:.2f}" for d, g in disk["extent"])
+          + f" GB/s (depth {disk['knee_extent']}); {READ_WORKERS} reader threads")
+    disk_bps = disk["best_gb_s"] * 1e9
     # Our footprint beside the cache, from one uncapped run with a small (fully used) cache:
     # anonymous memory, plus a working set of library code pages.
-    probe = _child(["ours", str(model), str(16 * 2**20), *common], None, a.timeout)
+    small_cache = max(16 * 2**20, 2 * k * slot)  # the smallest cache that runs, about
+    probe = _child(["ours", str(model), str(small_cache), "off", *common], None, a.timeout)
     if "error" in probe:
         print(f"probe run failed: {probe['error']}", file=sys.stderr)
         return 1
     footprint = probe["rss_anon_bytes"] - probe["cache_bytes"] + FILE_WORKING_SET
+    compute_s, ram = float("nan"), None
+    if not a.no_ram_run:
+        _warm_page_cache(model)
+        ram = _child(["ours", str(model), "-1", "off", *common], None, a.timeout)
+        if "error" in ram:
+            print(f"all-in-RAM run failed: {ram['error']}", file=sys.stderr)
+            return 1
+        compute_s = 1 / ram["decode_tok_s"]
+        drop_page_cache(model)
     print(f"model {model.name}: {size / 2**20:.0f} MiB; our footprint without the expert cache "
           f"{footprint / 2**20:.0f} MiB (peak RSS of the probe {probe['peak_rss_bytes'] / 2**20:.0f} MiB); "
-          f"{a.threads} threads, {a.n_gen} decoded tokens, median of {a.repetitions}")
-    print(f"{'cap':>9} {'ours tok/s':>11} {'llama tok/s':>12} {'ratio':>6} {'cache':>9} {'read/tok':>10} "
-          f"{'ideal/tok':>10} {'stall':>6} {'hit':>5}")
+          f"{a.threads} threads, {a.n_gen} decoded tokens, median of {a.repetitions}; all experts in RAM: "
+          f"{1 / compute_s:.2f} tok/s ({compute_s * 1e3:.1f} ms/token of compute); roofline = max(compute, "
+          f"bytes of the experts read for compute / {disk_bps / 1e9:.2f} GB/s)")
+    print(HEADER)
     results = []
     try:
         for frac in [float(x) for x in a.caps.split(",")]:
             results.append(_run_cap(a, model, frac, footprint, common))
-            _print_row(results[-1])
+            _print_row(results[-1], compute_s, disk_bps)
     except CgroupUnavailable as e:
         print(f"cannot cap memory here: {e}", file=sys.stderr)
         return 1
     if a.json:
         Path(a.json).write_text(json.dumps({"model": str(model), "size": size, "footprint": footprint,
-                                            "results": results}, indent=2))
+                                            "disk": disk, "ram_run": ram, "results": results}, indent=2))
     return 0
 
 
