@@ -65,6 +65,7 @@ class Summary:
     out_bytes: int = 0
     seconds: float = 0.0
     convert_seconds: float = 0.0  # reading, quantizing and writing tensors: what scales with size
+    convert_cpu_seconds: float = 0.0  # CPU time of all threads meanwhile
     resumed_tensors: int = 0  # complete in the .part this run continued (not counted in in_bytes)
     start_rss_bytes: int = 0
     peak_rss_bytes: int = 0
@@ -234,7 +235,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         f, done = _open_output(out, header, key, resume)
         summary.resumed_tensors = done.done
         bar = _progress_bar(ckpt, planned[done.done:], ftype) if progress else None
-        t1 = time.perf_counter()
+        t1, cpu1 = time.perf_counter(), time.process_time()
         with ThreadPoolExecutor(1, thread_name_prefix="convert-read") as reader:
             for k, t in enumerate(planned):
                 if k < done.done:
@@ -249,6 +250,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
                 os.fsync(f.fileno())  # the record must never claim bytes that are not on disk
                 resume_record.save(tmp, resume_record.Progress(key, k + 1, f.tell()))
         summary.convert_seconds = time.perf_counter() - t1
+        summary.convert_cpu_seconds = time.process_time() - cpu1
         summary.n_tensors += done.done
         if rope_factors is not None:
             writer.write_padding(f, f.tell())

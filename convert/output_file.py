@@ -31,9 +31,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def dead_parts(out: Path) -> list[Path]:
-    """`.part` files of earlier conversions to `out` whose process is gone (killed with SIGKILL,
-    or interrupted while keeping its work for --resume)."""
+_SUFFIXES = (".part", ".part.json", ".part.json.tmp")  # the data, its progress record, a record being replaced
+
+
+def _dead(out: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if os.name != "posix":  # os.kill(pid, 0) is a liveness probe only on POSIX; on Windows it terminates
         return []
     prefix = f".{out.name}."
@@ -43,17 +44,24 @@ def dead_parts(out: Path) -> list[Path]:
         return []
     found = []
     for p in candidates:
-        pid = p.name[len(prefix):-len(".part")] if p.name.startswith(prefix) and p.name.endswith(".part") else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            found.append(p)
+        for suffix in suffixes:
+            pid = p.name[len(prefix):-len(suffix)] if p.name.startswith(prefix) and p.name.endswith(suffix) else ""
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                found.append(p)
+                break
     return found
 
 
+def dead_parts(out: Path) -> list[Path]:
+    """`.part` files of earlier conversions to `out` whose process is gone (killed with SIGKILL,
+    or interrupted while keeping its work for --resume)."""
+    return _dead(out, (".part",))
+
+
 def remove_stale_parts(out: Path) -> None:
-    """Remove the `.part` files (and their progress records) of dead conversions to `out`."""
-    for p in dead_parts(out):
-        for suffix in ("", ".json", ".json.tmp"):  # the data, its progress record, a record being replaced
-            p.with_name(p.name + suffix).unlink(missing_ok=True)
+    """Remove the `.part` files, and progress records, of dead conversions to `out`."""
+    for p in _dead(out, _SUFFIXES):
+        p.unlink(missing_ok=True)
 
 
 def check_output(out: Path, force: bool) -> None:
