@@ -119,8 +119,9 @@ def test_group_gemv_of_tokens_equals_one_token_gemv():
 
 
 def test_ffn_of_tokens_over_the_union_equals_one_token_ffns():
-    """Four tokens, a shared FFN and two experts each out of five (overlapping), clamps that
-    differ: every token's output equals swiglu_ffns over its own shared + experts, in order."""
+    """Five tokens, a shared FFN and two experts each out of five (one expert shared by all five:
+    a 4-token row step and a single token), clamps that differ: every token's output equals
+    swiglu_ffns over its own shared + experts, in order."""
     from gguf import GGMLQuantizationType as T
 
     from quant import int8_kernels as q8
@@ -132,22 +133,23 @@ def test_ffn_of_tokens_over_the_union_equals_one_token_ffns():
             for w in (512, I, I, I, I, I)]  # 0: shared, 1..5: experts
     desc = np.stack([q8.ffn_descriptor(*f) for f in ffns])
     limits = np.array([0.0, 7.0, 7.0, 7.0, 7.0, 7.0], np.float32)
-    ids = np.array([[1, 3], [3, 4], [0, 2], [1, 4]])  # per token, ascending (0..4: experts 1..5)
-    weights = rng.uniform(0.1, 1.0, (4, 2)).astype(np.float32)
-    x = (2.0 * rng.standard_normal((4, H))).astype(np.float32)
-    h = rng.standard_normal((4, H)).astype(np.float32)
+    ids = np.array([[1, 3], [3, 4], [0, 3], [1, 3], [2, 3]])  # per token, ascending (0..4: experts 1..5)
+    n_tok = ids.shape[0]
+    weights = rng.uniform(0.1, 1.0, (n_tok, 2)).astype(np.float32)
+    x = (2.0 * rng.standard_normal((n_tok, H))).astype(np.float32)
+    h = rng.standard_normal((n_tok, H)).astype(np.float32)
     formats = q8.format_set([T.Q4_K, T.Q6_K])
     want = h.copy()
     one = q8.ffn_scratch(H, 3, 512 + 2 * I)
-    for t in range(4):
+    for t in range(n_tok):
         rows = [0, *(1 + ids[t])]
         q8.swiglu_ffns(desc[rows], np.array([1.0, *weights[t]], np.float32), limits[rows], x[t], want[t], one, formats)
     union = np.unique(ids)
-    entry = np.zeros((4, 3), np.int64)
+    entry = np.zeros((n_tok, 3), np.int64)
     entry[:, 1:] = 1 + np.searchsorted(union, ids)
-    wts = np.ones((4, 3), np.float32)
+    wts = np.ones((n_tok, 3), np.float32)
     wts[:, 1:] = weights
     got = h.copy()
     f = fk.tokens_ffn_scratch(8, H, 8 * 3, 8 * (512 + 2 * I))
-    fk.build(formats).ffn(desc[[0, *(1 + union)]], entry, wts, limits[[0, *(1 + union)]], 4, x, got, f)
+    fk.build(formats).ffn(desc[[0, *(1 + union)]], entry, wts, limits[[0, *(1 + union)]], n_tok, x, got, f)
     _same(got, want, "T-token FFN over the union")

@@ -18,7 +18,9 @@ is read from memory once for all T tokens (the union of their experts: each expe
 Bit-identical to T one-token steps: every token goes through the same functions the decode
 step calls (rms_norm_row, quantize_row, gemv_unit, the attention's per-head `_attend`,
 swiglu_row, add_weighted_sum), in the same order for that token; only the loops around them
-differ. The fixed-order float code is compiled on its own and called (quant.jit), never
+differ. The one exception is the row dot of a single-row unit, which runs 4 tokens per pass
+(q8dot4, the GEMM's row step) where the format has one: quant keeps it equal to the one-token
+row dot to the bit (the batch invariance of the GEMM rests on it, and tests check it). The fixed-order float code is compiled on its own and called (quant.jit), never
 inlined into the fast-math kernels.
 
 Shape legend:  T tokens (<= the scratch's)  H hidden  C a matrix's columns  P projections
@@ -39,11 +41,19 @@ from numba.core.errors import TypingError
 from numba.extending import overload
 from quant.int8_kernels.ffn import add_weighted_sum, swiglu_row
 from quant.int8_kernels.gemv_gemm import activation_sums, bytes_per_256, find, gemv_unit, row_blocks
-from quant.int8_kernels.row_dot import quantize_row
+from quant.bits import u8_at
+from quant.int8_kernels.row_dot import GEMM4_FORMATS, q8dot, q8dot4, quantize_row
 from quant.jit import FIXED_ORDER
 
 from runtime.model.attention_kernels import _attend, _gate, _norm_rope
 from runtime.model.ops import LANES, dot, rms_norm_row, rope_angles
+
+
+# Formats whose 4-token row step (q8dot4, the GEMM's) gives each token the row dot's bits: their
+# single-row units run 4 tokens per pass over a row, decoding its super-blocks once for four.
+_FOUR = np.zeros(256, np.bool_)
+for _q in GEMM4_FORMATS:
+    _FOUR[int(_q)] = True
 
 
 class TokensScratch(NamedTuple):
@@ -73,9 +83,12 @@ class TokensFFNScratch(NamedTuple):
     xb: np.ndarray  # int32 [T, H / 16]
     xs4: np.ndarray  # int16 [T, H / 32]
     xs6: np.ndarray  # int16 [T, H / 16]
+    pq: np.ndarray  # int8 [J, H]            the inputs again, a row per pair in CSR order, so that an
+    pd: np.ndarray  # float32 [J, H / 256]   FFN's tokens are consecutive rows (4-token row steps)
+    pb: np.ndarray  # int32 [J, H / 16]
     pairs: np.ndarray  # int64 [J]           pairs grouped by FFN (CSR order)
     first: np.ndarray  # int64 [M + 1]       FFN m's pairs: pairs[first[m]:first[m + 1]]
-    starts: np.ndarray  # int64 [J + 1]      pair p's hidden vector: act[starts[p]:starts[p + 1]]
+    starts: np.ndarray  # int64 [J + 1]      CSR entry q's hidden vector: act[starts[q]:starts[q + 1]]
     units: np.ndarray  # int64 [2 M + 1]
     gu: np.ndarray  # float32 [2 J I]        gate and up outputs
     act: np.ndarray  # float32 [J I]         SwiGLU outputs
@@ -84,7 +97,7 @@ class TokensFFNScratch(NamedTuple):
     hb: np.ndarray  # int32 [J I / 16]
     hs4: np.ndarray  # int16 [J I / 32]
     hs6: np.ndarray  # int16 [J I / 16]
-    y: np.ndarray  # float32 [J, H]          each pair's FFN output
+    y: np.ndarray  # float32 [J, H]          each pair's FFN output (by pair)
 
 
 def tokens_scratch(n_tok: int, hidden: int, cols: int, proj: int, half: int, n_head: int, n_slots: int,
@@ -105,7 +118,9 @@ def tokens_ffn_scratch(n_tok: int, hidden: int, n_pairs: int, width: int) -> Tok
     h, j, w = hidden, n_pairs, width
     return TokensFFNScratch(np.empty((n_tok, h), np.int8), np.empty((n_tok, h // 256), np.float32),
                             np.empty((n_tok, h // 16), np.int32), np.empty((n_tok, h // 32), np.int16),
-                            np.empty((n_tok, h // 16), np.int16), np.empty(j, np.int64), np.empty(j + 1, np.int64),
+                            np.empty((n_tok, h // 16), np.int16), np.empty((j, h), np.int8),
+                            np.empty((j, h // 256), np.float32), np.empty((j, h // 16), np.int32),
+                            np.empty(j, np.int64), np.empty(j + 1, np.int64),
                             np.empty(j + 1, np.int64), np.empty(2 * j + 1, np.int64), np.empty(2 * w, np.float32),
                             np.empty(w, np.float32), np.empty(w, np.int8), np.empty(w // 256, np.float32),
                             np.empty(w // 16, np.int32), np.empty(w // 32, np.int16), np.empty(w // 16, np.int16),
@@ -177,22 +192,47 @@ def _quantize_tokens(x, n_tok, c, xq, xd, xb, xs4, xs6):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
+def _row_tokens(formats, qtype, w, xq, xd, xb, n_tok, out, stride, o):
+    """Row w times tokens 0..n_tok-1 of xq [>= n_tok, C] (4 per pass, then one at a time, as the
+    GEMM's _row_steps): token t's product to out[t * stride + o]."""
+    t = 0
+    while t + 4 <= n_tok:
+        a0, a1, a2, a3 = q8dot4(formats, qtype, w, xq, xd, xb, t)
+        out[t * stride + o] = a0
+        out[(t + 1) * stride + o] = a1
+        out[(t + 2) * stride + o] = a2
+        out[(t + 3) * stride + o] = a3
+        t += 4
+    while t < n_tok:
+        out[t * stride + o] = q8dot(formats, qtype, w, xq[t], xd[t], xb[t])
+        t += 1
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
 def _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
     """out [t, :rows] = the group's rows times token t (its first c columns), t < n_tok: the
-    parallel units of gemv_gemm.group_gemv, each running its rows for every token in turn while
-    they are in cache."""
+    parallel units of gemv_gemm.group_gemv, each running its rows for every token while they
+    are in cache (a 16-row block token by token, a single row 4 tokens per pass)."""
     m_count = qt.shape[0]
     units = np.empty(m_count + 1, np.int64)
     units[0] = 0
     for m in range(m_count):
         n = starts[m + 1] - starts[m]
         units[m + 1] = units[m] + n - 15 * row_blocks(formats, qt[m], n, c // 256)
+    flat = out.reshape(out.size)
     for u in nb.prange(units[m_count]):
         m = find(units, u)
-        for t in range(n_tok):
-            gemv_unit(formats, qt[m], addr[m], rb[m], starts[m + 1] - starts[m], u - units[m], xq[t, :c],
-                      xd[t, :c // 256], xb[t, :c // 16], xs4[t, :c // 32], xs6[t, :c // 16],
-                      out[t, starts[m]:starts[m + 1]])
+        n = starts[m + 1] - starts[m]
+        k = u - units[m]
+        nb16 = row_blocks(formats, qt[m], n, c // 256)
+        if k < nb16 or not _FOUR[qt[m]]:
+            for t in range(n_tok):
+                gemv_unit(formats, qt[m], addr[m], rb[m], n, k, xq[t, :c], xd[t, :c // 256], xb[t, :c // 16],
+                          xs4[t, :c // 32], xs6[t, :c // 16], out[t, starts[m]:starts[m + 1]])
+        else:
+            r = k + 15 * nb16
+            _row_tokens(formats, qt[m], u8_at(addr[m] + r * rb[m], rb[m]), xq[:, :c], xd[:, :c // 256],
+                        xb[:, :c // 16], n_tok, flat, out.shape[1], starts[m] + r)
 
 
 @lru_cache(maxsize=None)
@@ -249,7 +289,7 @@ def build(formats: int):
         for t in range(n_tok):
             quantize_row(x[t], xq[t, :h], xd[t, :h // 256], xb[t, :h // 16])
             activation_sums(xb[t, :h // 16], xs4[t, :h // 32], xs6[t, :h // 16])
-        # pairs grouped by FFN (counting sort), and each pair's span of the hidden vectors
+        # pairs grouped by FFN (counting sort, CSR order q), each one's inputs copied to row q
         first, pairs, st = f.first, f.pairs, f.starts
         for m in range(m_count + 1):
             first[m] = 0
@@ -260,12 +300,19 @@ def build(formats: int):
         fill = np.empty(m_count, np.int64)
         for m in range(m_count):
             fill[m] = first[m]
-        st[0] = 0
         for p in range(j_count):
             m = entry[p // per, p % per]
             pairs[fill[m]] = p
             fill[m] += 1
-            st[p + 1] = st[p] + inter[m]
+        pq, pd, pb = f.pq, f.pd, f.pb
+        st[0] = 0
+        for m in range(m_count):
+            for q in range(first[m], first[m + 1]):
+                st[q + 1] = st[q] + inter[m]
+                t = pairs[q] // per
+                pq[q, :h] = xq[t, :h]
+                pd[q, :h // 256] = xd[t, :h // 256]
+                pb[q, :h // 16] = xb[t, :h // 16]
         if st[j_count] > f.act.shape[0]:
             raise ValueError("ffn_tokens: the FFNs are wider than the scratch")
         gu = f.gu
@@ -277,17 +324,37 @@ def build(formats: int):
             mm = find(units, u)
             m = mm // 2
             i = inter[m]
-            for q in range(first[m], first[m + 1]):
-                p = pairs[q]
-                t = p // per
-                o = 2 * st[p] + (mm - 2 * m) * i
-                gemv_unit(formats, qt[m, 0], addr[m, mm - 2 * m], h // 256 * bytes_per_256(qt[m, 0]), i,
-                          u - units[mm], xq[t, :h], xd[t, :h // 256], xb[t, :h // 16], xs4[t, :h // 32],
-                          xs6[t, :h // 16], gu[o:o + i])
+            which = mm - 2 * m
+            k = u - units[mm]
+            nb16 = row_blocks(formats, qt[m, 0], i, h // 256)
+            rb = h // 256 * bytes_per_256(qt[m, 0])
+            if k < nb16 or not _FOUR[qt[m, 0]]:
+                for q in range(first[m], first[m + 1]):
+                    t = pairs[q] // per
+                    o = 2 * st[q] + which * i
+                    gemv_unit(formats, qt[m, 0], addr[m, which], rb, i, k, xq[t, :h], xd[t, :h // 256],
+                              xb[t, :h // 16], xs4[t, :h // 32], xs6[t, :h // 16], gu[o:o + i])
+            else:
+                r = k + 15 * nb16
+                w = u8_at(addr[m, which] + r * rb, rb)
+                a = first[m]
+                while a < first[m + 1]:  # 4 per pass, then one at a time (the pairs' rows need not be
+                    n4 = min(4, first[m + 1] - a)  # 2 i apart: each written where its own span is)
+                    if n4 == 4:
+                        v0, v1, v2, v3 = q8dot4(formats, qt[m, 0], w, pq[:, :h], pd[:, :h // 256], pb[:, :h // 16], a)
+                        gu[2 * st[a] + which * i + r] = v0
+                        gu[2 * st[a + 1] + which * i + r] = v1
+                        gu[2 * st[a + 2] + which * i + r] = v2
+                        gu[2 * st[a + 3] + which * i + r] = v3
+                        a += 4
+                    else:
+                        gu[2 * st[a] + which * i + r] = q8dot(formats, qt[m, 0], w, pq[a, :h], pd[a, :h // 256],
+                                                              pb[a, :h // 16])
+                        a += 1
         hq, hd, hb, act = f.hq, f.hd, f.hb, f.act
-        for p in nb.prange(j_count):
-            m = entry[p // per, p % per]
-            a, b = st[p], st[p + 1]
+        for q in nb.prange(j_count):
+            a, b = st[q], st[q + 1]
+            m = entry[pairs[q] // per, pairs[q] % per]
             swiglu_row(gu[2 * a:2 * a + (b - a)], gu[2 * a + (b - a):2 * b], limits[m], act[a:b])
             quantize_row(act[a:b], hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16])
         hs4, hs6 = f.hs4, f.hs6
@@ -297,12 +364,35 @@ def build(formats: int):
             units[m + 1] = units[m] + h - 15 * row_blocks(formats, qt[m, 1], h, inter[m] // 256)
         for u in nb.prange(units[m_count]):
             m = find(units[:m_count + 1], u)
-            for q in range(first[m], first[m + 1]):
-                p = pairs[q]
-                a, b = st[p], st[p + 1]
-                gemv_unit(formats, qt[m, 1], addr[m, 2], (b - a) // 256 * bytes_per_256(qt[m, 1]), h,
-                          u - units[m], hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16], hs4[a // 32:b // 32],
-                          hs6[a // 16:b // 16], y[p])
+            i = inter[m]
+            k = u - units[m]
+            nb16 = row_blocks(formats, qt[m, 1], h, i // 256)
+            rb = i // 256 * bytes_per_256(qt[m, 1])
+            if k < nb16 or not _FOUR[qt[m, 1]]:
+                for q in range(first[m], first[m + 1]):
+                    a, b = st[q], st[q + 1]
+                    gemv_unit(formats, qt[m, 1], addr[m, 2], rb, h, k, hq[a:b], hd[a // 256:b // 256],
+                              hb[a // 16:b // 16], hs4[a // 32:b // 32], hs6[a // 16:b // 16], y[pairs[q]])
+            else:
+                r = k + 15 * nb16
+                w = u8_at(addr[m, 2] + r * rb, rb)
+                a = first[m]
+                while a < first[m + 1]:  # the FFN's hidden vectors are consecutive spans of width i
+                    if first[m + 1] - a >= 4:
+                        s0 = st[a]
+                        v0, v1, v2, v3 = q8dot4(formats, qt[m, 1], w, hq[s0:s0 + 4 * i].reshape((4, i)),
+                                                hd[s0 // 256:(s0 + 4 * i) // 256].reshape((4, i // 256)),
+                                                hb[s0 // 16:(s0 + 4 * i) // 16].reshape((4, i // 16)), 0)
+                        y[pairs[a], r] = v0
+                        y[pairs[a + 1], r] = v1
+                        y[pairs[a + 2], r] = v2
+                        y[pairs[a + 3], r] = v3
+                        a += 4
+                    else:
+                        s0, s1 = st[a], st[a + 1]
+                        y[pairs[a], r] = q8dot(formats, qt[m, 1], w, hq[s0:s1], hd[s0 // 256:s1 // 256],
+                                               hb[s0 // 16:s1 // 16])
+                        a += 1
         for t in range(n_tok):
             add_weighted_sum(y[t * per:(t + 1) * per], weights[t], per, out[t])
 
