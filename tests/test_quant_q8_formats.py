@@ -19,6 +19,8 @@ from quant.int8_kernels import avx2, row_dot
 LAYOUT = {T.Q2_K: (84, 256, (80, 82)), T.Q3_K: (110, 256, (108,)), T.Q4_0: (18, 32, (0,)), T.Q4_1: (20, 32, (0, 2)),
           T.Q5_0: (22, 32, (0,)), T.Q5_1: (24, 32, (0, 2)), T.IQ4_NL: (18, 32, (0,)), T.IQ4_XS: (136, 256, (0,))}
 NEW = list(LAYOUT)
+LAYOUT.update({T.Q4_K: (144, 256, (0, 2)), T.Q8_0: (34, 32, (0,))})  # formats of before, to mix in
+ALL = q8.format_set(q8.FORMATS)  # one kernel of each kind for every test here: compiled once, not per format
 
 
 def weights(qtype, rows, cols, seed=0):
@@ -60,7 +62,7 @@ def test_matvec_against_reference(qtype, rows, cols):
     w, W = weights(qtype, rows, cols)
     a = q8.quantize_activations(activations(2, cols))
     for t in range(2):
-        assert_close(q8.matvec(w, a, np.empty(rows, np.float32), token=t), W, values(a)[t])
+        assert_close(q8.matvec(w, a, np.empty(rows, np.float32), token=t, formats=ALL), W, values(a)[t])
 
 
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
@@ -74,7 +76,7 @@ def test_portable_row_dot_is_the_kernels_bit_for_bit(qtype):
         port = np.array([dot(w.data[r], a.q[t], a.d[t], a.b[t]) for r in range(37)], np.float32)
         assert_close(port, W, values(a)[t])
         if avx2.AVAILABLE:
-            np.testing.assert_array_equal(q8.matvec(w, a, np.empty(37, np.float32), token=t), port)
+            np.testing.assert_array_equal(q8.matvec(w, a, np.empty(37, np.float32), token=t, formats=ALL), port)
 
 
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
@@ -85,7 +87,7 @@ def test_matmul_rows_are_the_gemv_rows(qtype, n):
     w, W = weights(qtype, 19, 768, seed=n)
     a = q8.quantize_activations(activations(n, 768, seed=n))
     gemm = q8.matmul if qtype in q8.GEMM_FORMATS else q8.matmul_rows
-    out = gemm(w, a, np.full((n, 19), np.nan, np.float32))
+    out = gemm(w, a, np.full((n, 19), np.nan, np.float32))  # the format's own kernel: small compiles
     gemv = np.stack([q8.matvec(w, a, np.empty(19, np.float32), token=t) for t in range(n)])
     np.testing.assert_array_equal(out, gemv)
     for t in range(n):
@@ -93,16 +95,10 @@ def test_matmul_rows_are_the_gemv_rows(qtype, n):
 
 
 def test_matvec_many_mixes_the_new_formats_with_the_old():
-    from quant import quantize
-    rng = np.random.default_rng(7)
-    q4 = rng.standard_normal((3, 512)).astype(np.float32)
-    from quant import dequantize
-    mats = [weights(qt, r, 512, seed=i) for i, (qt, r) in enumerate([(qt, 7 + 2 * i) for i, qt in enumerate(NEW)])]
-    mats.append((pack(T.Q4_K, quantize(q4, T.Q4_K), 3, 512),
-                 dequantize(quantize(q4, T.Q4_K), T.Q4_K, (3, 512)).astype(np.float64)))
+    mats = [weights(qt, 7 + 2 * i, 512, seed=i) for i, qt in enumerate(NEW + [T.Q4_K, T.Q8_0])]
     a = q8.quantize_activations(activations(1, 512))
     rows = sum(w.rows for w, _ in mats)
-    out = q8.matvec_many([w for w, _ in mats], a, np.empty(rows, np.float32))
+    out = q8.matvec_many([w for w, _ in mats], a, np.empty(rows, np.float32), formats=ALL)
     assert_close(out, np.concatenate([W for _, W in mats]), values(a)[0])
 
 
@@ -116,11 +112,14 @@ def _ref_ffn(W, xv, limit):
     return down @ values(hidden)[0]
 
 
-def test_swiglu_ffns_with_the_new_formats():
-    """Each new format as gate/up and as down of the fused expert call (odd widths of 256s)."""
+@pytest.mark.parametrize("kinds", [[T.Q2_K, T.IQ4_XS, T.Q5_0], pytest.param(NEW, marks=pytest.mark.slow)],
+                         ids=["three", "all"])
+def test_swiglu_ffns_with_the_new_formats(kinds):
+    """New formats as gate/up and as down of the fused expert call (odd widths of 256s); all of
+    them in one kernel is the slow case (its compile takes ~30 s)."""
     H = 512
-    specs = [(qt, NEW[(i + 1) % len(NEW)], 256 * (1 + 2 * (i % 2)), 0.5 + i, 4.0 * (i % 2))
-             for i, qt in enumerate(NEW)]
+    specs = [(qt, kinds[(i + 1) % len(kinds)], 256 * (1 + 2 * (i % 2)), 0.5 + i, 4.0 * (i % 2))
+             for i, qt in enumerate(kinds)]
     descs, refs, alive = [], [], []
     for i, (gu, dn, inter, weight, limit) in enumerate(specs):
         (g, Gd), (u, Ud), (d, Dd) = (weights(gu, inter, H, 10 * i), weights(gu, inter, H, 10 * i + 1),
