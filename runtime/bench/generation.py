@@ -30,7 +30,7 @@ def text_prompt(model, n: int) -> list[int]:
 
 def _disk_bytes(model) -> int | None:
     stats = model.provider.stats
-    return None if stats is None else int(stats.bytes_read + stats.prefetch_bytes_read)
+    return None if stats is None else int(stats.bytes_read)  # prefetches included
 
 
 def bench_generation(model, prompt: list[int], n_gen: int, reps: int, mtp) -> dict:
