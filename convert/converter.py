@@ -31,7 +31,7 @@ from convert import layout, policy
 from convert import resume as resume_record
 from convert.gguf_meta import add_hparams, llama3_rope_factors
 from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts
-from convert.tensor_stream import write_tensor
+from convert.tensor_stream import load_kernels, write_tensor
 from convert.hf_config import HFConfig
 from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint
 from convert.tokenizer_gguf import add_tokenizer, read_tokenizer
@@ -208,6 +208,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
             raise StepstreamError(f"--threads {threads}: choose 1..{numba.config.NUMBA_NUM_THREADS}")
         numba.set_num_threads(threads)
     t0 = time.perf_counter()
+    load_kernels()  # code, not data: counted in the start RSS
     reset_peak_rss()
     start_rss = current_rss_bytes()
     hf_dir, out = Path(hf_dir), Path(out_path)
