@@ -199,7 +199,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     """Convert `hf_dir` to the GGUF `out_path`; an existing `out_path` is an error unless `force`.
 
     `resume`: continue the `.part` of an interrupted conversion of the same checkpoint with
-    the same options, and keep this run's `.part` when it is interrupted (Ctrl-C, SIGTERM).
+    the same options, and keep this run's `.part` when it stops early (Ctrl-C, SIGTERM, an
+    error such as a full disk).
     `threads`: quantizer threads (default: every core)."""
     if ftype not in policy.TYPES:
         raise StepstreamError(f"unknown --type {ftype!r}; choose one of {', '.join(policy.TYPES)}")
@@ -264,8 +265,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         f.close()
         publish(tmp, out, force)
         resume_record.remove(tmp)
-    except KeyboardInterrupt:
-        keep = resume  # kept for the next --resume; its record stops at the last complete tensor
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk, a bad tensor: the work so far is kept
+        keep = resume  # for the next --resume; its record stops at the last complete tensor
         raise
     finally:
         if f is not None:

@@ -5,8 +5,9 @@ tensors are complete, with the file offset where the last one ends. The record i
 (write, fsync, rename) only after the data it describes has been fsynced, so after a crash it
 never claims bytes that are not on disk. The key is a hash of every byte written before the
 tensor data (GGUF header, metadata with the tokenizer, tensor infos: they fix every name,
-format and offset) and of each shard's name, size and modification time: a resumed run
-continues only a conversion of the same checkpoint with the same options.
+format and offset), of the quantizers' source code, and of each shard's name, size, times and
+inode: a resumed run continues only a conversion of the same checkpoint with the same options
+and the same code.
 
 A run with --resume adopts the `.part` of a conversion whose process is gone (killed, or
 interrupted with --resume) by renaming it to its own `.part` name: a rename succeeds for one
@@ -16,13 +17,16 @@ process only, so two resuming runs never write the same file.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert import tensor_stream
 from convert.output_file import dead_parts, part_name
 from convert.safetensors_io import Checkpoint
+from quant import codec, kquant, reference
 
 VERSION = 1
 
@@ -38,12 +42,27 @@ def record_path(part: Path) -> Path:
     return part.with_name(part.name + ".json")
 
 
+# The modules whose code decides the bytes of a tensor: a .part written by other code is not continued.
+_WRITERS = (kquant, codec, reference, tensor_stream)
+
+
+def _code_digest() -> bytes:
+    h = hashlib.sha256()
+    for module in _WRITERS:
+        h.update(Path(inspect.getsourcefile(module)).read_bytes())
+    return h.digest()
+
+
 def conversion_key(header: bytes, ckpt: Checkpoint) -> str:
+    """The identity of a conversion: its header, the code that quantizes, and each shard's
+    name, size, times and inode (a copy of other weights keeps sizes and, with `cp -p`, the
+    modification time, but never the inode and change time)."""
     h = hashlib.sha256(f"stepstream-convert-{VERSION}".encode())
     h.update(hashlib.sha256(header).digest())
+    h.update(_code_digest())
     for shard in sorted(ckpt.shards):
         st = ckpt.shards[shard].path.stat()
-        h.update(f"{shard}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        h.update(f"{shard}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_dev}\0{st.st_ino}\0".encode())
     return h.hexdigest()
 
 
@@ -77,6 +96,9 @@ def remove(part: Path) -> None:
 def adopt(out: Path, key: str) -> Progress | None:
     """Take over the `.part` of a dead conversion to `out` with this key; its progress, or None."""
     mine = part_name(out)
+    p = load(mine)  # an earlier run with this process's PID (a container's PID 1, say)
+    if mine.exists() and p is not None and p.key == key:
+        return p
     for part in dead_parts(out):
         p = load(part)
         if p is None or p.key != key:

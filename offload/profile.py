@@ -65,6 +65,8 @@ class ExpertProfile:
             raise StepstreamError(f"{path}: profile not found (make one with `stepstream profile`)") from None
         except (ValueError, KeyError, TypeError) as e:
             raise StepstreamError(f"{path}: not a stepstream expert profile ({e})") from None
+        except OSError as e:  # a directory, no permission
+            raise StepstreamError(f"{path}: cannot read the profile ({e.strerror or e})") from None
         if model_path is not None and (prof.model != Path(model_path).name or prof.model_bytes != Path(model_path).stat().st_size):
             raise StepstreamError(f"{path}: profile was recorded on {prof.model} ({prof.model_bytes} bytes), "
                                   f"not on {Path(model_path).name}")

@@ -7,9 +7,11 @@ whole-tensor path; an uninterrupted conversion's bytes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +152,47 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_bytes(tiny_ckpt, tiny_gguf,
     assert s.resumed_tensors == 39 and "resumed: 39 tensors" in s.text()
     assert s.n_tensors == len(gguf.GGUFReader(out).tensors)
     assert _dir(out) == ["m.gguf"] and not dead.exists()
+
+
+def test_a_full_disk_keeps_the_work_and_a_run_with_the_same_pid_resumes_it(tiny_ckpt, tiny_gguf, tmp_path,
+                                                                              monkeypatch):
+    """Any error, not only Ctrl-C, keeps a --resume run's .part; and the next run continues it even
+    when it gets the same PID (a container's PID 1), whose .part name is its own."""
+    reference = tiny_gguf("q4_k_m").read_bytes()
+    out = tmp_path / "m.gguf"
+    real = converter.write_tensor
+    seen = []
+
+    def write(f, ckpt, spec, *args):
+        seen.append(spec)
+        if len(seen) == 20:
+            f.write(b"half a tensor")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, ckpt, spec, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(converter, "write_tensor", write)
+        with pytest.raises(OSError):
+            converter.convert(tiny_ckpt, out, "q4_k_m", progress=False, resume=True)
+    assert json.loads(resume.record_path(part_name(out)).read_text())["done"] == 19
+    s = converter.convert(tiny_ckpt, out, "q4_k_m", progress=False, resume=True)  # same process, same PID
+    assert s.resumed_tensors == 19
+    assert out.read_bytes() == reference
+    assert _dir(out) == ["m.gguf"]
+
+
+def test_the_resume_key_covers_the_shards_identity_and_the_quantizer_code(tiny_ckpt, tmp_path, monkeypatch):
+    """A copy of the shards with the same names, sizes and modification times is another
+    checkpoint; so is the same checkpoint quantized by other code."""
+    from convert.safetensors_io import Checkpoint
+
+    key = resume.conversion_key(b"header", Checkpoint(tiny_ckpt))
+    assert key == resume.conversion_key(b"header", Checkpoint(tiny_ckpt))
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_ckpt, copy, copy_function=shutil.copy2)  # keeps mtimes, as cp -p does
+    assert resume.conversion_key(b"header", Checkpoint(copy)) != key
+    monkeypatch.setattr(resume, "_code_digest", lambda: b"other code")
+    assert resume.conversion_key(b"header", Checkpoint(tiny_ckpt)) != key
 
 
 def test_ctrl_c_without_resume_removes_the_part(tiny_ckpt, tmp_path, monkeypatch):

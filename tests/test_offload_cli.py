@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from offload.profile import ExpertProfile
 from runtime.cli import main
 
@@ -120,3 +122,13 @@ def test_profile_needs_prompts_or_random_tokens(tiny_gguf, capsys):
     with pytest.raises(SystemExit) as e:
         main(["profile", "-m", str(tiny_gguf("q4_k_m"))])
     assert e.value.code == 2 and "one of the arguments -f/--file --random-tokens is required" in capsys.readouterr().err
+
+
+def test_an_unreadable_profile_is_one_line(tmp_path):
+    from offload.profile import ExpertProfile
+    from runtime.base.errors import StepstreamError
+
+    d = tmp_path / "p.json"
+    d.mkdir()
+    with pytest.raises(StepstreamError, match="cannot read the profile"):
+        ExpertProfile.load(d)

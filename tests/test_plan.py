@@ -3,7 +3,10 @@ real model's shapes whose data is a sparse hole, and its numbers against what `l
 
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -195,3 +198,14 @@ def test_hit_rate_from_a_profile_and_a_trace(tmp_path, tiny_gguf):
     assert rate == pytest.approx(S.lru(S.requests(ids, np.full(3, 16)), 24).mean())
     assert "same share" in source
 
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+
+
+def test_plan_refuses_a_directory_or_unreadable_profile_in_one_line(tmp_path):
+    d = tmp_path / "adir"
+    d.mkdir()
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "plan", "-m", str(SHIPPED), "--profile", str(d)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "is a directory" in r.stderr

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GB/s of weights decoding goes through (default: measured here with the Q4_K decode kernel)")
     p.add_argument("--ctx", type=positive_int, default=None,
                    help="context the KV cache is sized for (default: run's, the model's up to 4096)")
-    p.add_argument("--profile", default=None, metavar="P",
+    p.add_argument("--profile", default=None, metavar="P", type=existing_file("profile (.json) or routing trace (.npz)"),
                    help="expert profile (.json) or routing trace (.npz) from `stepstream profile` for the hit rate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -120,7 +120,10 @@ class Block:
             plan.few.ffn(f.desc, np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), f.limits, n, x, h,
                          buffers.few_ffn)
             return
-        logits = sc.logits[:n, :w.router.shape[0]] if plan.router_in_kernel else matmul(x, w.router, s.int8)
+        if plan.router_in_kernel:
+            logits = sc.logits[:n, :w.router.shape[0]]
+        else:  # row by row, as decode does: a float32 GEMM's sums (an F16 router) differ from the GEMV's
+            logits = np.concatenate([matmul(x[t:t + 1], w.router, s.int8) for t in range(n)])
         ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm, ascending=True)
         union = np.unique(ids)  # [U] ascending
         with experts.held(s.index, union.tolist()) as got:
