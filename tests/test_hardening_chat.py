@@ -34,8 +34,11 @@ class Chat:
     def __init__(self, *args: str):
         root = str(Path(runtime.__file__).parents[1])  # the code under test, whatever is installed
         env = {**os.environ, "PYTHONPATH": root, "NUMBA_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        # Started with SIGINT ignored, as a shell without job control starts background commands (a
+        # CI run started with `&`): the chat must still stop a reply on Ctrl-C.
         self.p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "chat", "-m", str(EMBEDDED), "-t", "1", *args],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         self.out, self.err = bytearray(), bytearray()
         self._readers = [threading.Thread(target=self._read, args=(s, b), daemon=True)
                          for s, b in ((self.p.stdout, self.out), (self.p.stderr, self.err))]

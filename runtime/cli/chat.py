@@ -8,7 +8,9 @@ outgrows the context, the oldest turns are dropped (runtime.generation.conversat
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from runtime.cli.common import add_model_args, add_mtp_arg, add_sampling_args, load_model, max_tokens, sampling_kwargs
 from runtime.generation.conversation import Conversation, Notice
@@ -27,6 +29,7 @@ def add_arguments(p) -> None:
 def run(args, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
+    _stoppable_by_ctrl_c()
     model = load_model(args)
     conv = Conversation(model, args.system_prompt, sampling_params(**sampling_kwargs(args)), max_tokens(args),
                         args.reverse_prompt)
@@ -41,6 +44,14 @@ def run(args, stdin=None, stdout=None) -> int:
             return 0
         if line.strip():
             _reply(conv, line.rstrip("\n"), out)
+
+
+def _stoppable_by_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt even when SIGINT came in ignored. A shell without job
+    control starts background commands with SIGINT ignored, and Python keeps an inherited
+    SIG_IGN, so a chat started from a script or a background test run would never stop a reply."""
+    if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _reply(conv: Conversation, text: str, out) -> None:
