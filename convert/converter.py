@@ -31,7 +31,7 @@ from convert import layout, policy
 from convert import resume as resume_record
 from convert.gguf_meta import add_hparams, llama3_rope_factors
 from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts
-from convert.tensor_stream import load_kernels, write_tensor
+from convert.tensor_stream import load_kernels, write_tensor, writer
 from convert.hf_config import HFConfig
 from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint
 from convert.tokenizer_gguf import add_tokenizer, read_tokenizer
@@ -139,6 +139,7 @@ def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str) -> tuple[list[PlannedTenso
             raise StepstreamError(f"{ckpt.file_of(name)}: tensor {name!r} is not part of the Step-3.5 layout implied by config.json")
         skipped[name] = reason
     planned = []
+    model = policy.ModelFacts.of(cfg)
     for s in specs:
         if s.hf_name not in ckpt.weight_map:
             raise StepstreamError(f"{ckpt.dir}: tensor {s.hf_name!r} (shape {list(s.shape)}) is missing from the checkpoint")
@@ -148,9 +149,16 @@ def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str) -> tuple[list[PlannedTenso
             raise StepstreamError(f"{where}: tensor {s.hf_name!r} has dtype {entry.dtype}; supported dtypes are {', '.join(SUPPORTED_DTYPES)}")
         if entry.shape != s.shape:
             raise StepstreamError(f"{where}: tensor {s.hf_name!r} has shape {list(entry.shape)}, but config.json implies {list(s.shape)}")
-        q = policy.choose(s, ftype)
+        q = policy.choose(s, ftype, model)
         rows = s.n_elements // s.shape[-1]
-        planned.append(PlannedTensor(s, q, rows * row_bytes(q, s.shape[-1]), q != policy.wanted(s, ftype)))
+        planned.append(PlannedTensor(s, q, rows * row_bytes(q, s.shape[-1]), q != policy.wanted(s, ftype, model)))
+    for q in sorted({t.qtype for t in planned}):
+        try:
+            writer(q)
+        except StepstreamError as e:
+            first = next(t.spec.gguf_name for t in planned if t.qtype == q)
+            raise StepstreamError(f"--type {ftype}: tensor {first!r} needs {q.name}, which stepstream cannot write "
+                                  f"({e})") from None
     return planned, skipped
 
 

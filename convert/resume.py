@@ -26,7 +26,7 @@ from pathlib import Path
 from convert import tensor_stream
 from convert.output_file import dead_parts, part_name
 from convert.safetensors_io import Checkpoint
-from quant import codec, kquant, reference
+from quant import codec, kquant, kquant_q2q3, reference
 
 VERSION = 1
 
@@ -43,7 +43,7 @@ def record_path(part: Path) -> Path:
 
 
 # The modules whose code decides the bytes of a tensor: a .part written by other code is not continued.
-_WRITERS = (kquant, codec, reference, tensor_stream)
+_WRITERS = (kquant, kquant_q2q3, codec, reference, tensor_stream)
 
 
 def _code_digest() -> bytes:

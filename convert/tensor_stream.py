@@ -24,11 +24,32 @@ from typing import Callable, Iterator
 import numba as nb
 import numpy as np
 import quant
+from gguf import GGMLQuantizationType as Q
+from quant import kquant_q2q3
+from quant.formats import get_format
 from convert import layout
 from convert.safetensors_io import Checkpoint
 from runtime.base.errors import StepstreamError
 
 CHUNK_WEIGHTS = 1 << 21  # 8 MiB of float32 per chunk; two chunks are alive at a time
+
+# Writers quant.quantize does not dispatch to (yet): the converter calls them itself.
+_OWN_WRITERS = {Q.Q2_K: kquant_q2q3.quantize_q2_k, Q.Q3_K: kquant_q2q3.quantize_q3_k}
+
+
+def writer(qtype) -> Callable[[np.ndarray], np.ndarray]:
+    """The quantizer of `qtype`: float32 [R, C] -> GGUF bytes uint8 [R, row_bytes]. Raises
+    StepstreamError for a format stepstream reads but cannot write, so a plan that needs one
+    fails before any data is touched."""
+    q = Q(qtype)
+    if q in _OWN_WRITERS:
+        return _OWN_WRITERS[q]
+    probe = np.zeros((1, get_format(q).block_size), np.float32)
+    try:
+        quant.quantize(probe, q)
+    except ValueError as e:
+        raise StepstreamError(f"cannot write {q.name} tensors: {e}") from None
+    return lambda x: quant.quantize(x, q)
 
 
 @dataclass(frozen=True)
@@ -109,21 +130,22 @@ def write_tensor(f, ckpt: Checkpoint, spec: layout.TensorSpec, qtype, reader: Th
     where = ckpt.file_of(spec.hf_name)
     width = ckpt.entry(spec.hf_name).nbytes // max(spec.n_elements, 1)
     cols = spec.shape[-1]
+    encode = writer(qtype)
     written = 0
     pending = None
     for c in chunks(spec.shape, spec.role, CHUNK_WEIGHTS):
         nxt = reader.submit(_load, ckpt, spec.hf_name, where, spec.role, c)
         if pending is not None:
-            written += _encode(f, pending, cols, qtype, width, progress)
+            written += _encode(f, pending, cols, encode, width, progress)
         pending = nxt
     if pending is not None:
-        written += _encode(f, pending, cols, qtype, width, progress)
+        written += _encode(f, pending, cols, encode, width, progress)
     return written
 
 
-def _encode(f, future, cols: int, qtype, width: int, progress) -> int:
+def _encode(f, future, cols: int, encode, width: int, progress) -> int:
     x = future.result()
-    data = quant.quantize(x.reshape(-1, cols), qtype)
+    data = encode(x.reshape(-1, cols))
     f.write(memoryview(data).cast("B"))
     if progress is not None:
         progress(x.size * width)
