@@ -112,7 +112,10 @@ def child_ours(model: str, budget: int, n_prompt: int, n_gen: int, threads: int,
     return out
 
 
-def child_llama(model: str, n_prompt: int, n_gen: int, threads: int) -> dict:
+def open_llama_streaming(model: str, n_ctx: int, n_batch: int, threads: int):
+    """llama.cpp through llama-cpp-python in its best mode when the file does not fit: tensors
+    memory-mapped and loaded lazily, no extra (repacked) buffers, which would copy every weight
+    into anonymous memory. Patches the library's default model params, so call it in a child."""
     import llama_cpp
     import llama_cpp.llama_cpp as C
 
@@ -126,8 +129,12 @@ def child_llama(model: str, n_prompt: int, n_gen: int, threads: int) -> dict:
         return p
 
     C.llama_model_default_params = streaming_params
-    llm = llama_cpp.Llama(model_path=model, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_threads=threads,
-                          n_threads_batch=threads, use_mmap=True, verbose=False)
+    return llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
+                           n_threads_batch=threads, use_mmap=True, verbose=False)
+
+
+def child_llama(model: str, n_prompt: int, n_gen: int, threads: int) -> dict:
+    llm = open_llama_streaming(model, n_prompt + n_gen + 8, n_prompt, threads)
     prompt, gen = _tokens(n_prompt, n_gen, llm.n_vocab())
     llm.eval(prompt)
     t0 = time.perf_counter()

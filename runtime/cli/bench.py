@@ -6,6 +6,10 @@ token-generation step without the sampling), each timed separately; the median o
 repetitions is reported. Both engines get the very same token ids. With `--llama-cpp`, llama-cpp-python runs the
 same prompt and the same token-by-token decode with the same threads, in a child process
 so that its memory does not count towards ours.
+
+With `--sweep-ram 25%,35%,6GiB`, nothing runs in this process: each engine runs in a child of
+its own under each cgroup memory cap in turn, with the page cache evicted first
+(runtime.bench.sweep), and the results go to --sweep-out.json and a plot to --sweep-out.png.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import time
 
 import numpy as np
 
+from pathlib import Path
+
+from runtime.base.errors import StepstreamError
 from runtime.cli.common import add_model_args, load_model, mtp_choice, non_negative_int, positive_int, print_stats
 from runtime.base.system import peak_rss_bytes
 
@@ -36,6 +43,15 @@ def add_arguments(p) -> None:
                    help="also time greedy generation of -n tokens after a text prompt (a source file of this "
                         "package) with this MTP draft length: decode rate, acceptance per head, tokens per verify "
                         "pass, the length auto settled on, expert bytes read per token when streaming")
+    g = p.add_argument_group("RAM sweep (each engine in a child process under a cgroup-v1 memory cap)")
+    g.add_argument("--sweep-ram", default=None, metavar="CAPS",
+                   help="comma-separated RAM caps, as shares of the model file (35%%) or sizes (6GiB): run "
+                        "stepstream (and llama.cpp with --llama-cpp) under each, -r times, alternating, with the "
+                        "page cache evicted before every run")
+    g.add_argument("--sweep-out", default="bench-sweep", metavar="PREFIX",
+                   help="where the sweep writes PREFIX.json and PREFIX.png (default: bench-sweep)")
+    g.add_argument("--sweep-timeout", type=positive_int, default=1800, metavar="S",
+                   help="seconds after which a sweep run is stopped and recorded as failed (default: 1800)")
 
 
 def _prompt(vocab: int, n: int, seed: int) -> list[int]:
@@ -98,7 +114,41 @@ def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, thr
     return result
 
 
+# Flags that choose how one in-process run loads or what it reports; a sweep sets these itself.
+SWEEP_EXCLUDES = (("ram_budget", "--ram-budget"), ("stream", "--stream"), ("no_stream", "--no-stream"),
+                  ("gpu_budget", "--gpu-budget"), ("profile", "--profile"), ("mtp", "--mtp"), ("json", "--json"),
+                  ("stats", "--stats"))
+
+
+def run_sweep(args) -> int:
+    from runtime.bench.sweep import SweepOptions, parse_caps, run_sweep as sweep, table_text, write_json, write_plot
+    from runtime.base.system import choose_wait_policy
+    from runtime.cli.common import writable_output
+
+    caps = parse_caps(args.sweep_ram)
+    for name, flag in SWEEP_EXCLUDES:
+        if getattr(args, name, None) not in (None, False):
+            raise StepstreamError(f"{flag} does not go with --sweep-ram: the sweep sets each run's RAM itself")
+    out_json = writable_output(Path(args.sweep_out + ".json"), "sweep results")
+    out_png = writable_output(Path(args.sweep_out + ".png"), "sweep plot")
+    choose_wait_policy(args.threads)  # once here, so that both engines' children inherit the same policy
+    opts = SweepOptions(model=args.model, caps=tuple(caps),
+                        engines=("stepstream", "llama.cpp") if args.llama_cpp else ("stepstream",),
+                        repeats=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=args.threads,
+                        batch=args.batch_size, seed=args.seed, prefetch=not args.no_prefetch,
+                        direct_io=not args.no_direct_io, cache_policy=args.cache_policy, activations=args.activations,
+                        timeout=args.sweep_timeout)
+    report = sweep(opts, log=lambda line: print(line, flush=True))
+    print(table_text(report))
+    write_json(report, out_json)
+    hint = write_plot(report, out_png)
+    print(f"wrote {out_json}" + (f"; {hint}" if hint else f" and {out_png}"))
+    return 0
+
+
 def run(args) -> int:
+    if args.sweep_ram is not None:
+        return run_sweep(args)
     model = load_model(args)
     if args.mtp is not None and args.n_gen and model.n_mtp == 0 and args.mtp != 0:
         print(f"{model.file.path}: no MTP heads; generation is timed without drafting", file=sys.stderr)

@@ -1,0 +1,435 @@
+"""`stepstream bench --sweep-ram 25%,35%,55%,75%,100% [--llama-cpp]`: decode speed against a hard
+RAM cap, stepstream's expert streaming beside llama.cpp's memory map.
+
+Every run is a child process inside a cgroup-v1 memory group (runtime.base.cgroup) whose
+limit is the cap, page cache included, and the model file is evicted from the page cache
+before each run, so that every run starts from the disk. Runs alternate between the engines
+(ours, llama.cpp, ours, ... -r times per cap), so that a neighbour's load on a shared machine
+falls on both alike. A cap is a share of the model file's size (35%) or a size (6GiB).
+
+- stepstream streams routed experts into a cache of the budget the cap implies: the cap less
+  our footprint beside the cache (measured once, uncapped, as runtime.bench.streaming does)
+  and a margin. A cap below the smallest cache offload.placement accepts is recorded as
+  "does not fit", with the smallest cap that would.
+- llama.cpp runs memory-mapped and lazily loaded (runtime.bench.streaming.open_llama_streaming),
+  its streaming mode: the kernel pages weights in and out under the cap.
+
+A run that fails (the cap's OOM killer, a timeout, an error in the child) is recorded with its
+reason and the sweep goes on. Each child reports prefill and decode tok/s (after a warm-up
+that loads the kernels), its peak RSS and the bytes it read from storage (/proc/self/io,
+which counts O_DIRECT reads and mmap page faults alike); the parent adds the cgroup's peak
+usage. The JSON holds every run; the PNG (matplotlib, the `plot` extra) draws the median
+decode tok/s of each engine against the cap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
+from runtime.base.errors import StepstreamError
+from runtime.base.memory_limit import size_text
+from runtime.base.units import parse_bytes
+from runtime.bench.streaming import FILE_WORKING_SET, MARGIN, open_llama_streaming, rss_anon_bytes
+
+ENGINES = ("stepstream", "llama.cpp")
+PLOT_HINT = "for the plot, install matplotlib: pip install 'stepstream[plot]'"
+
+
+# ---------------------------------------------------------------- caps
+
+@dataclass(frozen=True)
+class Cap:
+    text: str  # as given: "35%" or "6GiB"
+    share: float | None = None  # of the model file's size
+    nbytes: int | None = None  # an absolute size
+
+    def bytes_for(self, file_bytes: int) -> int:
+        return int(file_bytes * self.share) if self.share is not None else int(self.nbytes)
+
+
+def parse_caps(text: str) -> list[Cap]:
+    """'25%,35%,6GiB' -> caps. A bare number is refused: 0.35 could be a share or 35 bytes."""
+    caps = []
+    for item in (s.strip() for s in str(text).split(",")):
+        if not item:
+            raise StepstreamError(f"--sweep-ram {text!r}: an empty item; give caps such as 25%,35%,6GiB")
+        if item.endswith("%"):
+            try:
+                pct = float(item[:-1])
+            except ValueError:
+                raise StepstreamError(f"--sweep-ram: {item!r} is not a percentage such as 35%") from None
+            if not pct > 0 or pct != pct or pct == float("inf"):
+                raise StepstreamError(f"--sweep-ram: a cap must be more than 0% of the file, got {item}")
+            caps.append(Cap(item, share=pct / 100))
+            continue
+        if re.fullmatch(r"[0-9]*\.?[0-9]+", item):
+            raise StepstreamError(f"--sweep-ram: {item!r} has no unit; give a share of the file (35%) or a size (6GiB)")
+        n = parse_bytes(item)  # a StepstreamError naming the item when unreadable
+        if n <= 0:
+            raise StepstreamError(f"--sweep-ram: a cap must be more than 0 bytes, got {item}")
+        caps.append(Cap(item, nbytes=n))
+    return caps
+
+
+def schedule(n_caps: int, engines: tuple[str, ...] | list[str], repeats: int) -> list[tuple[int, str, int]]:
+    """The order of the runs: (cap index, engine, repetition); per cap, the engines take turns."""
+    return [(c, e, r) for c in range(n_caps) for r in range(repeats) for e in engines]
+
+
+# ---------------------------------------------------------------- the children
+
+def _tokens(vocab: int, n_prompt: int, n_gen: int, seed: int) -> tuple[list[int], list[int]]:
+    import numpy as np
+
+    ids = np.random.default_rng(seed).integers(0, vocab, n_prompt + n_gen).tolist()  # as `bench` draws them
+    return ids[:n_prompt], ids[n_prompt:]
+
+
+def _read_bytes() -> int:
+    """Bytes this process caused to be read from storage: O_DIRECT reads and mmap faults alike."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _timed(eval_one, prompt: list[int], gen: list[int]) -> dict:
+    """Prefill the prompt in one call, then feed the generated ids one at a time."""
+    r0, t0 = _read_bytes(), time.perf_counter()
+    eval_one(prompt)
+    t1 = time.perf_counter()
+    for t in gen:
+        eval_one([t])
+    t2 = time.perf_counter()
+    return {"prefill_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": len(gen) / (t2 - t1) if gen else None,
+            "decode_seconds": t2 - t1, "bytes_read_timed": _read_bytes() - r0}
+
+
+def child_ours(spec: dict) -> dict:
+    from runtime.base.system import peak_rss_bytes
+    from runtime.loader import load
+
+    m = load(spec["model"], ram_budget=spec["budget"], n_threads=spec["threads"], n_batch=spec["batch"],
+             n_ctx=spec["n_prompt"] + spec["n_gen"] + 8, prefetch=spec["prefetch"], direct_io=spec["direct_io"],
+             cache_policy=spec["cache_policy"], activations=spec["activations"])
+    try:
+        m.warm_up()
+        prompt, gen = _tokens(m.cfg.vocab, spec["n_prompt"], spec["n_gen"], spec["seed"])
+        st = m.provider.stats
+        before, hits, requests = st.bytes_read, st.hits, st.requests
+        out = _timed(m.eval, prompt, gen)
+        out.update(expert_bytes_read=st.bytes_read - before, hit_rate=(st.hits - hits) / max(1, st.requests - requests),
+                   cache_bytes=m.placement.cache_bytes, cache_slots=m.placement.cache_slots,
+                   rss_anon_bytes=rss_anon_bytes())
+    finally:
+        m.close()
+    out.update(peak_rss_bytes=peak_rss_bytes(), bytes_read=_read_bytes())
+    return out
+
+
+def child_llama(spec: dict) -> dict:
+    from runtime.base.system import peak_rss_bytes
+
+    threads = spec["threads"] or os.cpu_count()
+    llm = open_llama_streaming(spec["model"], spec["n_prompt"] + spec["n_gen"] + 8, spec["batch"], threads)
+    try:
+        llm.eval([0, 1, 2, 3, 4])  # warm-up, as our Model.warm_up: a chunk, then one token
+        llm.eval([0])
+        llm.reset()
+        prompt, gen = _tokens(llm.n_vocab(), spec["n_prompt"], spec["n_gen"], spec["seed"])
+        out = _timed(llm.eval, prompt, gen)
+    finally:
+        llm.close()
+    out.update(peak_rss_bytes=peak_rss_bytes(), bytes_read=_read_bytes())
+    return out
+
+
+def child_main(spec_json: str) -> int:
+    """In the child: one run, its result as the last line of stdout (a StepstreamError as {"error": ...})."""
+    spec = json.loads(spec_json)
+    try:
+        out = child_ours(spec) if spec["engine"] == "stepstream" else child_llama(spec)
+    except StepstreamError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        return 3
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def cached_bytes(path: str) -> int:
+    """Bytes of the file now in the page cache (mincore over a map of it), -1 when unknown. Eviction
+    leaves the pages another process maps, and a run would then start warm: the report says so."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    finally:
+        os.close(fd)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return -1
+    try:
+        vec = np.zeros((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE, np.uint8)
+        ok = libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec.ctypes.data_as(ctypes.c_void_p)) == 0
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    return int((vec & 1).sum()) * mmap.PAGESIZE if ok else -1
+
+
+def run_child(spec: dict, cap_bytes: int | None, timeout: float) -> dict:
+    """One run in a child process, under a cgroup cap of cap_bytes (None: uncapped), after the model
+    file is evicted from the page cache. Never raises for the child's failure: the result then holds
+    status "failed" and the reason."""
+    drop_page_cache(spec["model"])
+    cached = cached_bytes(spec["model"])
+    cmd = [sys.executable, "-m", "runtime.bench.sweep", json.dumps(spec)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_package_root(), os.environ.get("PYTHONPATH")) if p)}
+    t0 = time.perf_counter()
+    cap = MemoryCap(cap_bytes) if cap_bytes is not None else None
+    with cap if cap is not None else contextlib.nullcontext():
+        try:
+            r = (cap.run if cap else subprocess.run)(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            r = None
+        usage = {"cgroup_max_usage": cap.max_usage, "oom_kills": cap.oom_kills} if cap else {}
+    res = _result(r, usage.get("oom_kills", 0), timeout)
+    return {**res, **usage, "cached_at_start": cached, "wall_seconds": time.perf_counter() - t0}
+
+
+def _result(r: subprocess.CompletedProcess | None, oom_kills: int, timeout: float) -> dict:
+    if r is None:
+        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
+    lines = r.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        out = None
+    if r.returncode == 0 and isinstance(out, dict) and "error" not in out:
+        return {"status": "ok", **out}
+    if oom_kills:
+        return {"status": "failed", "reason": "killed by the memory cap (OOM)"}
+    if isinstance(out, dict) and "error" in out:
+        return {"status": "failed", "reason": out["error"]}
+    err = r.stderr.strip().splitlines()
+    return {"status": "failed", "reason": f"exit status {r.returncode}: {err[-1] if err else 'no message'}"}
+
+
+# ---------------------------------------------------------------- the sweep
+
+@dataclass(frozen=True)
+class SweepOptions:
+    model: str
+    caps: tuple[Cap, ...]
+    engines: tuple[str, ...] = ENGINES
+    repeats: int = 1
+    n_prompt: int = 128
+    n_gen: int = 32
+    threads: int | None = None
+    batch: int = 512
+    seed: int = 0
+    prefetch: bool = True
+    direct_io: bool = True
+    cache_policy: str = "lru"
+    activations: str = "q8"
+    timeout: float = 1800.0
+
+    def spec(self, engine: str, budget: int | None = None) -> dict:
+        return {"engine": engine, "model": self.model, "budget": budget, "threads": self.threads,
+                "batch": self.batch, "n_prompt": self.n_prompt, "n_gen": self.n_gen, "seed": self.seed,
+                "prefetch": self.prefetch, "direct_io": self.direct_io, "cache_policy": self.cache_policy,
+                "activations": self.activations}
+
+
+def smallest_cache(model: str) -> tuple[int, int]:
+    """(bytes, experts) of the smallest expert cache offload.placement.build_streaming accepts: one
+    token's K experts in one layer, and the next layer's read-ahead (3/4 of K)."""
+    from offload.expert_table import build_expert_table
+    from offload.provider import slot_bytes_for
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+
+    f = GGUFModelFile(model)
+    cfg = ModelConfig.from_gguf(f)
+    k = cfg.n_expert_used
+    slots = k + max(1, k * 3 // 4)
+    return slots * slot_bytes_for(build_expert_table(f, cfg)), slots
+
+
+def measure_footprint(o: SweepOptions, smallest: int) -> int:
+    """Our memory beside the expert cache, from one uncapped run with a small cache: anonymous
+    memory less the cache, plus the library pages the process keeps touching."""
+    probe = run_child(o.spec("stepstream", 2 * smallest), None, o.timeout)
+    if probe["status"] != "ok":
+        raise StepstreamError(f"{o.model}: the uncapped run that measures our footprint failed: {probe['reason']}")
+    return probe["rss_anon_bytes"] - probe["cache_bytes"] + FILE_WORKING_SET
+
+
+def _check_cgroup() -> None:
+    try:
+        with MemoryCap(2**30):
+            pass
+    except CgroupUnavailable as e:
+        raise StepstreamError(f"--sweep-ram needs a writable cgroup-v1 memory controller: {e}") from None
+
+
+def run_sweep(o: SweepOptions, log=print) -> dict:
+    """Every engine under every cap, alternating, -r times; the report (see summarize)."""
+    _check_cgroup()
+    file_bytes = os.path.getsize(o.model)
+    smallest, slots = smallest_cache(o.model)
+    footprint = measure_footprint(o, smallest) if "stepstream" in o.engines else 0
+    minimum = footprint + MARGIN + smallest
+    caps = [{"cap": c.text, "cap_bytes": c.bytes_for(file_bytes), "share_of_file": c.bytes_for(file_bytes) / file_bytes,
+             "budget": c.bytes_for(file_bytes) - footprint - MARGIN, "runs": {e: [] for e in o.engines}} for c in o.caps]
+    log(f"{Path(o.model).name}: {size_text(file_bytes)}; our footprint beside the expert cache "
+        f"{size_text(footprint)}; smallest cache {slots} experts ({size_text(smallest)}); so a cap needs "
+        f"{size_text(minimum)} for stepstream")
+    plan = schedule(len(caps), o.engines, o.repeats)
+    for i, (ci, engine, rep) in enumerate(plan, 1):
+        row = caps[ci]
+        head = f"[{i}/{len(plan)}] cap {row['cap']} ({size_text(row['cap_bytes'])}) {engine} run {rep + 1}/{o.repeats}:"
+        if engine == "stepstream" and row["budget"] < smallest:
+            res = {"status": "does not fit", "minimum_bytes": minimum,
+                   "reason": f"needs a cap of {size_text(minimum)}: {size_text(footprint)} of footprint, "
+                             f"{size_text(MARGIN)} of margin and the smallest expert cache ({slots} experts, "
+                             f"{size_text(smallest)})"}
+        else:
+            budget = row["budget"] if engine == "stepstream" else None
+            res = run_child(o.spec(engine, budget), row["cap_bytes"], o.timeout)
+        row["runs"][engine].append(res)
+        log(f"{head} {run_text(res)}")
+    return summarize(o, file_bytes, footprint, minimum, caps)
+
+
+def run_text(res: dict) -> str:
+    cached = res.get("cached_at_start", 0)
+    warm = f" ({size_text(cached)} of the file stayed in page cache: another process maps it)" if cached > 2**20 else ""
+    if res["status"] != "ok":
+        return f"{res['status']}: {res['reason']}{warm}"
+    dec = f"decode {res['decode_tok_s']:.2f} tok/s, " if res.get("decode_tok_s") is not None else ""
+    peak = f", cgroup peak {size_text(res['cgroup_max_usage'])}" if "cgroup_max_usage" in res else ""
+    return (f"{dec}prefill {res['prefill_tok_s']:.2f} tok/s, read {res['bytes_read'] / 1e9:.2f} GB, "
+            f"peak RSS {size_text(res['peak_rss_bytes'])}{peak}{warm}")
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r["status"] == "ok" and r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def engine_summary(runs: list[dict]) -> dict:
+    ok = [r for r in runs if r["status"] == "ok"]
+    statuses = sorted({r["status"] for r in runs})
+    return {"status": "ok" if len(ok) == len(runs) else statuses[0] if len(statuses) == 1 else "partial",
+            "runs_ok": len(ok), "decode_tok_s_median": _median(runs, "decode_tok_s"),
+            "decode_tok_s_runs": [r.get("decode_tok_s") for r in ok],
+            "prefill_tok_s_median": _median(runs, "prefill_tok_s"),
+            "peak_rss_bytes_max": max((r["peak_rss_bytes"] for r in ok), default=None),
+            "cgroup_max_usage_max": max((r["cgroup_max_usage"] for r in ok if "cgroup_max_usage" in r), default=None),
+            "bytes_read_median": _median(runs, "bytes_read"),
+            "bytes_read_timed_median": _median(runs, "bytes_read_timed"),
+            "reasons": sorted({r["reason"] for r in runs if r["status"] != "ok"}),
+            "minimum_bytes": next((r["minimum_bytes"] for r in runs if "minimum_bytes" in r), None)}
+
+
+def summarize(o: SweepOptions, file_bytes: int, footprint: int, minimum: int, caps: list[dict]) -> dict:
+    """The report: the settings, then per cap its size and, per engine, the medians and every run."""
+    for row in caps:
+        row["engines"] = {e: {**engine_summary(runs), "runs": runs} for e, runs in row.pop("runs").items()}
+    return {"model": str(o.model), "file_bytes": file_bytes, "engines": list(o.engines), "repetitions": o.repeats,
+            "n_prompt": o.n_prompt, "n_gen": o.n_gen, "threads": o.threads or os.cpu_count(), "batch": o.batch,
+            "seed": o.seed, "prefetch": o.prefetch, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
+            "footprint_bytes": footprint, "margin_bytes": MARGIN, "stepstream_minimum_cap_bytes": minimum,
+            "caps": caps}
+
+
+# ---------------------------------------------------------------- outputs
+
+def table_text(report: dict) -> str:
+    """One line per cap and engine: medians over the runs that finished."""
+    def num(v, width: int, fmt: str = ".2f") -> str:
+        return (format(v, fmt) if v is not None else "-").rjust(width)
+
+    lines = [f"{'cap':>8} {'bytes':>9} {'engine':>11} {'decode tok/s':>13} {'prefill tok/s':>14} "
+             f"{'cgroup peak':>12} {'read GB':>8}  runs"]
+    for row in report["caps"]:
+        for engine, s in row["engines"].items():
+            peak = size_text(s["cgroup_max_usage_max"]) if s["cgroup_max_usage_max"] is not None else "-"
+            read = s["bytes_read_median"] / 1e9 if s["bytes_read_median"] is not None else None
+            note = f"{s['runs_ok']}/{len(s['runs'])} ok" + (f"; {'; '.join(s['reasons'])}" if s["reasons"] else "")
+            lines.append(f"{row['cap']:>8} {size_text(row['cap_bytes']):>9} {engine:>11} "
+                         f"{num(s['decode_tok_s_median'], 13)} {num(s['prefill_tok_s_median'], 14)} "
+                         f"{peak:>12} {num(read, 8)}  {note}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_plot(report: dict, path: Path) -> str | None:
+    """The PNG of median decode tok/s against the cap, one line per engine, every run a dot;
+    None when written, else the one line that says how to get it."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return PLOT_HINT
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rows = sorted(report["caps"], key=lambda r: r["cap_bytes"])
+    gib = [r["cap_bytes"] / 2**30 for r in rows]
+    for engine, color in zip(report["engines"], ("tab:blue", "tab:orange", "tab:green")):
+        pts = [(x, r["engines"][engine]["decode_tok_s_median"]) for x, r in zip(gib, rows)
+               if r["engines"][engine]["decode_tok_s_median"] is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=color, label=f"{engine} (median)")
+        dots = [(x, v) for x, r in zip(gib, rows) for v in r["engines"][engine]["decode_tok_s_runs"] if v]
+        if dots:
+            ax.scatter(*zip(*dots), s=10, color=color, alpha=0.35, linewidths=0)
+        for x, r in zip(gib, rows):
+            s = r["engines"][engine]
+            if s["decode_tok_s_median"] is None:
+                ax.scatter([x], [0], marker="x", color=color)
+                ax.annotate("does not fit" if s["status"] == "does not fit" else "failed", (x, 0),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    ax.set_xticks(gib, [f"{x:.1f}\n{r['cap']}" for x, r in zip(gib, rows)], fontsize=8)
+    ax.set_xlabel("RAM cap (GiB; as given)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{Path(report['model']).name} ({report['file_bytes'] / 2**30:.1f} GiB), {report['threads']} threads, "
+                 f"{report['n_gen']} tokens, cgroup memory cap, page cache evicted", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return None
+
+
+if __name__ == "__main__":  # the child of run_child
+    sys.exit(child_main(sys.argv[1]))
