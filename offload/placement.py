@@ -30,6 +30,7 @@ from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.memory_limit import MemoryLimit, size_text
+from runtime.base.options import KV_TYPE_BYTES, check_kv_type
 from runtime.base.units import parse_bytes
 from runtime.model.kv_cache import START_CAPACITY, ring_window
 from runtime.model.matrix import Matrix, make_matrix
@@ -48,14 +49,22 @@ LIBRARY_PAGES = 40 * 2**20
 READ_WORKERS = 4
 
 
-def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int, held: int | None = None) -> int:
+def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int, held: int | None = None,
+                   kv_types: tuple[str, str] = ("f32", "f32")) -> int:
     """The KV cache of a model loaded for n_ctx positions, holding `held` of them (all by default):
-    float32 keys and values per trunk block; a sliding block's ring keeps min(W, n_ctx) + rollback
-    positions from the start, a full block grows with what it holds (runtime.model.kv_cache)."""
+    keys and values per trunk block at their types' bytes per element (KV_TYPE_BYTES: f32 4,
+    f16 2, q8_0 34/32); a sliding block's ring keeps min(W, n_ctx) + rollback positions from the
+    start, a full block grows with what it holds (runtime.model.kv_cache)."""
     ring = ring_window(cfg.window, n_ctx) + rollback
     full = n_ctx if held is None else held
-    return sum(2 * 4 * (ring if cfg.sliding[i] else full) * cfg.n_head_kv[i] * cfg.head_dim
-               for i in range(cfg.n_layers))
+    per_element = sum(KV_TYPE_BYTES[check_kv_type(t)] for t in kv_types)  # a key's and a value's
+    return int(sum(per_element * (ring if cfg.sliding[i] else full) * cfg.n_head_kv[i] * cfg.head_dim
+                   for i in range(cfg.n_layers)))
+
+
+def kv_types_text(kv_types: tuple[str, str]) -> str:
+    k, v = kv_types
+    return k if k == v else f"K {k}, V {v}"
 
 
 @dataclass(frozen=True)
@@ -66,12 +75,17 @@ class RuntimeNeeds:
     start: int  # to start without being OOM-killed: anonymous memory, the KV cache as it starts
     full: int  # to run a full context without thrashing: also library pages, the KV cache at n_ctx
     n_ctx: int
+    kv_bytes: int = 0  # the KV cache at n_ctx
+    kv_types: tuple[str, str] = ("f32", "f32")
 
 
-def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimit) -> RuntimeNeeds:
-    start = RUNTIME_ANON + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY))
-    full = RUNTIME_ANON + LIBRARY_PAGES + kv_cache_bytes(cfg, n_ctx, rollback)
-    return RuntimeNeeds(max(0, start - limit.reserve), max(0, full - limit.reserve), n_ctx)
+def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimit,
+                  kv_types: tuple[str, str] = ("f32", "f32")) -> RuntimeNeeds:
+    """kv_types: the load options' (cache_type_k, cache_type_v) (RuntimeOptions.kv_types)."""
+    kv = kv_cache_bytes(cfg, n_ctx, rollback, kv_types=kv_types)
+    start = RUNTIME_ANON + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY), kv_types=kv_types)
+    full = RUNTIME_ANON + LIBRARY_PAGES + kv
+    return RuntimeNeeds(max(0, start - limit.reserve), max(0, full - limit.reserve), n_ctx, kv, tuple(kv_types))
 
 
 def _map_trunk(weights, n_trunk: int, skip: tuple[str, ...], on_matrix):
@@ -161,10 +175,15 @@ class Placement:
     policy: str
     budget_bytes: int = 0  # the RAM budget the cache was cut from
     budget_reason: str = ""  # which memory limit decided it, or that it was asked for
+    kv_bytes: int = 0  # the KV cache with a full context (RuntimeNeeds.kv_bytes)
+    kv_types: tuple[str, str] = ("f32", "f32")
+    n_ctx: int = 0
 
     def text(self) -> str:
+        kv = (f"KV cache {self.kv_bytes / 2**20:.1f} MiB at {self.n_ctx} positions ({kv_types_text(self.kv_types)}); "
+              if self.n_ctx else "")
         return (f"placement: budget {size_text(self.budget_bytes)} ({self.budget_reason}); "
-                f"{self.resident_bytes / 2**20:.1f} MiB resident (attention, shared experts, dense, head); "
+                f"{self.resident_bytes / 2**20:.1f} MiB resident (attention, shared experts, dense, head); {kv}"
                 f"expert cache {self.cache_bytes / 2**20:.1f} MiB = {self.cache_slots} of {self.n_experts} experts "
                 f"({self.cache_bytes / self.expert_bytes:.0%} of {self.expert_bytes / 2**20:.1f} MiB), "
                 f"policy {self.policy}"
@@ -202,5 +221,6 @@ def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | s
         hot = ExpertProfile.load(profile, f.path).hottest(int(cache.n_slots * pin_share), table)
         pinned = provider.pin(hot)
     placement = Placement(resident, cache.capacity_bytes, slot, cache.n_slots, pinned, n_experts,
-                          table.total_bytes, cache.policy, budget_bytes, reason)
+                          table.total_bytes, cache.policy, budget_bytes, reason, runtime.kv_bytes, runtime.kv_types,
+                          runtime.n_ctx)
     return weights, provider, placement

@@ -40,7 +40,7 @@ import numpy as np
 
 from offload.direct_io import span_bytes
 from offload.expert_table import build_expert_table
-from offload.placement import LIBRARY_PAGES, RUNTIME_ANON, choose_budget, kv_cache_bytes, runtime_needs
+from offload.placement import LIBRARY_PAGES, RUNTIME_ANON, choose_budget, kv_cache_bytes, kv_types_text, runtime_needs
 from offload.provider import slot_bytes_for
 from runtime.base import gguf_schema as N
 from runtime.base.config import ModelConfig
@@ -188,6 +188,7 @@ class Plan:
     ram_bytes: int  # what that limit leaves for the model
     resident_bytes: int  # non-expert weights copied to RAM
     kv_bytes: int  # the KV cache at n_ctx
+    kv_types: tuple[str, str]  # its key and value types (--cache-type-k/v)
     runtime_bytes: int  # the runtime's own memory with a full context (kv_bytes included)
     cache_bytes: int
     cache_slots: int
@@ -222,7 +223,7 @@ class Plan:
             f"context {self.n_ctx}",
             f"memory: {self.memory}: {size_text(self.ram_bytes)} for the model",
             f"placement: {size_text(self.resident_bytes)} resident (attention, shared experts, dense, head); "
-            f"KV cache {size_text(self.kv_bytes)} at {self.n_ctx} positions; runtime "
+            f"KV cache {size_text(self.kv_bytes)} at {self.n_ctx} positions ({kv_types_text(self.kv_types)}); runtime "
             f"{size_text(self.runtime_bytes - self.kv_bytes)}; {where}",
             f"hit rate: {self.hit_rate:.1%} ({self.hit_source})",
             f"per token: {self.ram_read_per_token / gb:.3f} GB read from RAM, "
@@ -234,16 +235,19 @@ class Plan:
 
 
 def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, ram_gbps: float | None = None,
-              n_ctx: int | None = None, profile: str | None = None) -> Plan:
-    """The plan for the GGUF at `path` on a machine with `ram` bytes (None: this machine)."""
+              n_ctx: int | None = None, profile: str | None = None, cache_type_k: str = "f16",
+              cache_type_v: str = "f16") -> Plan:
+    """The plan for the GGUF at `path` on a machine with `ram` bytes (None: this machine), its
+    KV cache in the given types (run's defaults unless given)."""
     if disk_gbps <= 0 or (ram_gbps is not None and ram_gbps <= 0):
         raise StepstreamError(f"disk and RAM rates must be positive (disk {disk_gbps} GB/s, RAM {ram_gbps} GB/s)")
     f = GGUFModelFile(path)
     cfg = ModelConfig.from_gguf(f)
     if n_ctx is not None and n_ctx > cfg.context_length:
         raise StepstreamError(f"--ctx {n_ctx} exceeds the model's context length {cfg.context_length}")
-    opts = RuntimeOptions(n_ctx=n_ctx)
+    opts = RuntimeOptions.from_kwargs(n_ctx=n_ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
     ctx = opts.context(cfg.context_length)
+    types = opts.kv_types
     table = build_expert_table(f, cfg)
     slot = slot_bytes_for(table)
     n_experts = sum(l.n_expert for l in table.layers.values())
@@ -251,8 +255,8 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     resident = resident_bytes(f, cfg)
     limit = machine_limit(ram)
     usable = limit.free
-    needs = runtime_needs(cfg, ctx, opts.rollback, limit)
-    kv = kv_cache_bytes(cfg, ctx, opts.rollback)
+    needs = runtime_needs(cfg, ctx, opts.rollback, limit, types)
+    kv = needs.kv_bytes
     streams = f.nbytes + needs.full > usable  # runtime.loader: stream when the mapped file would not fit
     K = cfg.n_expert_used
     if streams:
@@ -268,12 +272,12 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
         ram_gbps, ram_src = measure_decode_gbps(), "measured here: the Q4_K decode kernel"
     routed = K * sum(le.expert_bytes for le in table.layers.values())  # one token's experts
     read = K * sum(sum(span_bytes(s) for s in le.strides) for le in table.layers.values())  # as O_DIRECT reads them
-    ram_read = resident + routed + kv_cache_bytes(cfg, ctx, opts.rollback, held=ctx // 2)
+    ram_read = resident + routed + kv_cache_bytes(cfg, ctx, opts.rollback, held=ctx // 2, kv_types=types)
     missed = (1.0 - hit) * read if streams else 0.0
     compute_s, disk_s = ram_read / (ram_gbps * 1e9), missed / (disk_gbps * 1e9)
     memory = f"--ram {size_text(ram)}, as an idle host's {limit.text()}" if ram is not None else limit.text()
     return Plan(f.path.name, f.nbytes, ctx, len(table.layers), cfg.n_expert, K, slot, streams, memory, usable,
-                resident, kv, RUNTIME_ANON + LIBRARY_PAGES + kv,
+                resident, kv, types, RUNTIME_ANON + LIBRARY_PAGES + kv,
                 slots * slot if streams else 0, slots, n_experts, slots / len(table.layers), hit, source,
                 ram_gbps, ram_src, disk_gbps, ram_read, missed, compute_s, disk_s,
                 1.0 / max(compute_s, disk_s), "disk" if disk_s > compute_s else "compute")

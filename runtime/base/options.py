@@ -7,6 +7,19 @@ from dataclasses import dataclass, fields
 from runtime.base.errors import StepstreamError
 from runtime.base.units import parse_bytes
 
+# The KV cache's element types, named as llama.cpp's --cache-type-k/-v name them, and the bytes
+# one element takes: q8_0 keeps 32 int8 values and one f16 scale per 32 elements of a head
+# (34 bytes per 32). runtime.model.kv_types stores and reads them.
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+KV_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32}  # a head's dim must be a multiple of this
+
+
+def check_kv_type(value, what: str = "cache type") -> str:
+    """value if it names a KV cache type, else a StepstreamError naming it and the allowed ones."""
+    if value not in KV_TYPE_BYTES:
+        raise StepstreamError(f"{what} {value!r} is not a KV cache type; choose {', '.join(KV_TYPE_BYTES)}")
+    return value
+
 
 @dataclass(frozen=True)
 class RuntimeOptions:
@@ -35,6 +48,14 @@ class RuntimeOptions:
     # The output is the same either way. 0 here, so that the library decodes one token per step
     # unless asked (an expert request is then one token); the command line defaults to "auto".
     mtp: int | str = 0
+    # The KV cache's element types (llama.cpp's --cache-type-k / --cache-type-v): "f16" halves
+    # the float32 cache (at 256K positions the real model's full-attention blocks need 25.9 GB in
+    # float32, 13.0 GB in f16, 6.9 GB in q8_0: `stepstream plan`) and is llama.cpp's default; on the
+    # shipped model its logits track float32's (cosine > 0.9999, the same greedy text).
+    # "q8_0" stores 8-bit values with an f16 scale per 32; "f32" is exact. The GPU tier keeps
+    # its cache in float32 in VRAM whatever these say (runtime.model.gpu.kv).
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
@@ -68,12 +89,19 @@ class RuntimeOptions:
                 raise StepstreamError("the GPU tier runs on int8 activations: use activations='q8' with gpu_budget")
         if self.mtp != "auto" and not (isinstance(self.mtp, int) and 0 <= self.mtp <= 3):
             raise StepstreamError(f"mtp={self.mtp!r}: choose 'auto' or a draft length 0..3")
+        check_kv_type(self.cache_type_k, "cache_type_k")
+        check_kv_type(self.cache_type_v, "cache_type_v")
         if self.cache_policy == "pinned" and self.profile is None:
             raise StepstreamError("cache_policy='pinned' needs a profile (record one with `stepstream profile`)")
 
     def context(self, model_context: int) -> int:
         """Positions the KV cache may hold: n_ctx, or the model's context up to 4096."""
         return self.n_ctx or min(model_context, 4096)
+
+    @property
+    def kv_types(self) -> tuple[str, str]:
+        """(key type, value type) of the KV cache."""
+        return self.cache_type_k, self.cache_type_v
 
     def streams_by_choice(self) -> bool | None:
         """Whether routed experts stream from disk as the options decide it: True or False, or None

@@ -117,6 +117,23 @@ def writable_output(path: Path, what: str) -> Path:
 
 # ---- shared flags -------------------------------------------------------------------------------
 
+def cache_type(text: str) -> str:
+    """--cache-type-k / --cache-type-v: a KV cache type, as llama.cpp names them."""
+    from runtime.base.options import KV_TYPE_BYTES
+
+    if text not in KV_TYPE_BYTES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a KV cache type; choose {', '.join(KV_TYPE_BYTES)}")
+    return text
+
+
+def add_cache_type_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's KV cache type flags (RuntimeOptions.cache_type_k / cache_type_v)."""
+    for which, what in (("k", "keys"), ("v", "values")):
+        p.add_argument(f"--cache-type-{which}", f"-ct{which}", type=cache_type, default="f16", metavar="TYPE",
+                       help=f"KV cache type of the {what}: f32, f16 or q8_0 (8 bits and an f16 scale per 32) "
+                            "(default: f16)")
+
+
 def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, batch_default: int = 64) -> None:
     """The model and expert-streaming flags. A subcommand with other defaults passes them here,
     so that its --help quotes the defaults it really uses."""
@@ -135,6 +152,7 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
     p.add_argument("--gpu-budget", default=None, metavar="SIZE|auto",
                    help="run on the GPU with this much VRAM (e.g. 20GiB, or auto: the free VRAM less a reserve): "
                         "attention, shared experts and the KV cache first, then the hottest routed experts")
+    add_cache_type_args(p)
     g = p.add_argument_group("expert streaming (routed experts read from disk into a RAM cache)")
     g.add_argument("--ram-budget", default=None, metavar="SIZE",
                    help="RAM for the routed-expert cache, e.g. 6GiB or 800MiB; turns streaming on "
@@ -183,7 +201,8 @@ def load_model(args):
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
                  direct_io=not args.no_direct_io, activations=args.activations, gpu_budget=args.gpu_budget,
-                 mtp=getattr(args, "mtp", None) or 0)
+                 mtp=getattr(args, "mtp", None) or 0, cache_type_k=args.cache_type_k,
+                 cache_type_v=args.cache_type_v)
     if model.gpu_placement is not None:
         print(f"tier 1, {model.gpu_placement.text()}", file=sys.stderr)
         ram = model.placement.text() if model.placement is not None else "every routed expert mapped from the file"

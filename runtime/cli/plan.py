@@ -1,4 +1,5 @@
-"""`stepstream plan -m MODEL [--ram 64GiB] [--vram 0] [--disk-gbps 7] [--ram-gbps G] [--ctx N] [--profile P] [--json]`:
+"""`stepstream plan -m MODEL [--ram 64GiB] [--vram 0] [--disk-gbps 7] [--ram-gbps G] [--ctx N]
+[--cache-type-k T] [--cache-type-v T] [--profile P] [--json]`:
 what `run` would place where, the hit rate to expect and the decode speed the roofline allows.
 
 Only the GGUF header is read (offload.plan), so it answers for a model before it is
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import existing_file, positive_float, positive_int
+from runtime.cli.common import add_cache_type_args, existing_file, positive_float, positive_int
 
 
 def size(text: str) -> int:
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GB/s of weights decoding goes through (default: measured here with the Q4_K decode kernel)")
     p.add_argument("--ctx", type=positive_int, default=None,
                    help="context the KV cache is sized for (default: run's, the model's up to 4096)")
+    add_cache_type_args(p)
     p.add_argument("--profile", default=None, metavar="P", type=existing_file("profile (.json) or routing trace (.npz)"),
                    help="expert profile (.json) or routing trace (.npz) from `stepstream profile` for the hit rate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -48,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
     if args.vram:
         raise StepstreamError(f"--vram {args.vram}: plan models RAM and disk only for now; leave --vram at 0")
     plan = make_plan(args.model, ram=args.ram, disk_gbps=args.disk_gbps, ram_gbps=args.ram_gbps, n_ctx=args.ctx,
-                     profile=args.profile)
+                     profile=args.profile, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     print(plan.json() if args.json else plan.text())
     return 0

@@ -39,8 +39,8 @@ def prefill(s, w, x: np.ndarray, pos: np.ndarray, kv: LayerKV) -> np.ndarray:
     for a in range(0, T, step):
         b = min(T, a + step)
         kv.append(k[a:b], v[a:b], pos[a:b])
-        keys, vals, kpos = kv.view()  # [S, Nk, D]
-        chunk_attention(q[a:b], keys, vals, kpos, pos[a:b], s.window or 0, out[a:b], g[a:b])
+        keys, kscale, vals, vscale, kpos = kv.view()  # [S, Nk, D], in the cache's types
+        chunk_attention(q[a:b], keys, vals, kpos, pos[a:b], s.window or 0, out[a:b], g[a:b], kscale, vscale)
     return matmul(out.reshape(T, s.n_head * D), w.o, s.int8)
 
 
@@ -53,5 +53,5 @@ def decode(s, w, x: np.ndarray, pos: int, slot: int, kv: LayerKV, scores: np.nda
     rope_angles(pos, s.inv_freq, cos, sin)
     out = np.empty(s.n_head * s.head_dim, np.float32)
     decode_attention(q[0], k[0], v[0], g[0], w.q_norm, w.k_norm, np.float32(s.eps), cos, sin, kv.k, kv.v, kv.pos,
-                     slot, pos, s.window or 0, scores, out)
+                     slot, pos, s.window or 0, scores, out, kv.ks, kv.vs)
     return matmul(out[None], w.o, s.int8)

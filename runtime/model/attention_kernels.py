@@ -15,9 +15,13 @@ attention output is bit-identical from decode and from any prefill chunk. decode
 never inlined: the fused decode kernel, compiled with full fast-math for its integer GEMVs,
 calls it, and its sums keep their order there.
 
+The cache is read and written in its stored types (runtime.model.kv_types: f32, f16 or q8_0,
+each array pair (data, scale)): a Numba specialization per type, converting element by element
+inside the loops. kscale/vscale may be left out (None) for float32 and f16 caches.
+
 Shape legend:  Nh query heads  Nk KV heads  D head dim  S cache slots  R/2 = cos.shape[0]  T chunk
     q [Nh*D]  k, v [Nk*D]  gate [Nh]  (the projections of the token)
-    keys, vals [S, Nk, D]  kpos [S] (the position each slot holds, -1 if empty)
+    keys, vals [S, Nk, D]  kscale, vscale [S, Nk, D/32] (q8_0; else any)  kpos [S] (the position each slot holds, -1 if empty)
     cos, sin [R/2] float32 (the token's RoPE angles)     out [Nh*D]
     scores [Nh, >= S] float32 scratch
 """
@@ -28,7 +32,8 @@ import numba as nb
 import numpy as np
 from quant.jit import FIXED_ORDER
 
-from runtime.model.ops import LANES, dot, rms_norm_row
+from runtime.model.kv_types import add_value, key_dot, store_row
+from runtime.model.ops import LANES, rms_norm_row
 
 
 @nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
@@ -44,7 +49,7 @@ def _norm_rope(x, w, eps, cos, sin):
 
 
 @nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
-def _attend(qh, keys, vals, kpos, j, qpos, lo, scale, row, part, acc):
+def _attend(qh, keys, kscale, vals, vscale, kpos, j, qpos, lo, scale, row, part, acc):
     """acc [D] = sum over the visible slots s (lo < kpos[s] <= qpos) of softmax(q . k_s * scale)
     times v_s, unnormalized; returns the softmax's denominator. Slots are visited in slot order,
     which is position order up to a rotation fixed by the cache (a ring's slot is pos % C), so a
@@ -55,7 +60,7 @@ def _attend(qh, keys, vals, kpos, j, qpos, lo, scale, row, part, acc):
     for s in range(n_slots):
         p = kpos[s]
         if p >= 0 and p <= qpos and p > lo:
-            t = dot(qh, keys[s, j], part) * scale
+            t = key_dot(qh, keys, kscale, s, j, part) * scale
             row[s] = t
             best = max(best, t)
     total = np.float32(0.0)
@@ -71,8 +76,7 @@ def _attend(qh, keys, vals, kpos, j, qpos, lo, scale, row, part, acc):
     for s in range(n_slots):
         e = row[s]
         if e > 0:
-            for i in range(d):
-                acc[i] += e * vals[s, j, i]
+            add_value(acc, e, vals, vscale, s, j)
     return total
 
 
@@ -84,18 +88,17 @@ def _gate(x):
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
 def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slot, qpos, window, scores,
-                     out):
-    """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`;
-    q is normed and rotated in place."""
+                     out, kscale=None, vscale=None):
+    """See the module doc. window <= 0 means full attention. Writes k/v/qpos into slot `slot`
+    (rounded to the cache's types); q is normed and rotated in place."""
     n_kv, d = keys.shape[1], keys.shape[2]
     n_head = q.shape[0] // d
     group = n_head // n_kv
     for j in range(n_kv):
         kh = k[j * d:(j + 1) * d]
         _norm_rope(kh, k_norm, eps, cos, sin)
-        for i in range(d):
-            keys[slot, j, i] = kh[i]
-            vals[slot, j, i] = v[j * d + i]
+        store_row(keys, kscale, slot, j, kh)
+        store_row(vals, vscale, slot, j, v[j * d:(j + 1) * d])
     kpos[slot] = qpos
     scale = np.float32(1.0 / np.sqrt(d))
     lo = qpos - window if window > 0 else -1  # visible: lo < kpos <= qpos
@@ -103,14 +106,15 @@ def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, k
         qh = q[h * d:(h + 1) * d]
         _norm_rope(qh, q_norm, eps, cos, sin)
         acc = np.empty(d, np.float32)
-        total = _attend(qh, keys, vals, kpos, h // group, qpos, lo, scale, scores[h], np.empty(LANES, np.float32), acc)
+        total = _attend(qh, keys, kscale, vals, vscale, kpos, h // group, qpos, lo, scale, scores[h],
+                        np.empty(LANES, np.float32), acc)
         f = _gate(gate[h]) / total
         for i in range(d):
             out[h * d + i] = acc[i] * f
 
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
-def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate=None):
+def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate=None, kscale=None, vscale=None):
     """Softmax attention of a chunk: q [T, Nh, D] (normed and rotated) over keys/vals [S, Nk, D]
     at positions kpos [S] (-1: empty), for queries at qpos [T] -> out [T, Nh, D]. A query sees
     the keys with 0 <= kpos <= qpos (and kpos > qpos - window when window > 0). With gate
@@ -127,8 +131,8 @@ def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate=None):
         qp = qpos[t]
         lo = qp - window if window > 0 else -1
         acc = np.empty(d, np.float32)
-        total = _attend(q[t, h], keys, vals, kpos, h // group, qp, lo, scale, np.empty(n_slots, np.float32),
-                        np.empty(LANES, np.float32), acc)
+        total = _attend(q[t, h], keys, kscale, vals, vscale, kpos, h // group, qp, lo, scale,
+                        np.empty(n_slots, np.float32), np.empty(LANES, np.float32), acc)
         if gate is None:
             f = np.float32(1.0) / total
         else:

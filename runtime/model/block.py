@@ -85,7 +85,7 @@ class Block:
         slot = kv.reserve(pos)  # first: it may grow (replace) the cache arrays
         att = buffers.fit(kv.capacity)
         if plan.attention is not None:  # norm, projections, attention, output, norm, router: one call
-            plan.kernel(plan.attention, kv.k, kv.v, kv.pos, slot, pos, h, att)
+            plan.kernel(plan.attention, kv.k, kv.ks, kv.v, kv.vs, kv.pos, slot, pos, h, att)
             x = att.x[None]
         else:
             h += attention.decode(s, w, rms_norm(h[None], w.attn_norm, s.eps), pos, slot, kv, att.scores)[0]
@@ -113,7 +113,7 @@ class Block:
         sc = buffers.fit_few(kv.capacity)
         sc.slots[:n] = slots
         sc.qpos[:n] = np.arange(pos, pos + n)
-        plan.few.attention_half(plan.attention, kv.k, kv.v, kv.pos, n, h, sc)
+        plan.few.attention_half(plan.attention, kv.k, kv.ks, kv.v, kv.vs, kv.pos, n, h, sc)
         x = sc.x[:n]
         f = plan.ffn
         if not self.moe:

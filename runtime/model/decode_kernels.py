@@ -19,7 +19,8 @@ Numba's parallel passes, which made it the slowest kernel to compile.
 
 Shape legend:  H hidden  Nh/Nk heads  D head dim  S cache slots  E experts  R/2 rotated pairs
     p        runtime.model.decode_plan.AttentionPlan (the block's constant arrays)
-    keys, vals [S, Nk, D]   kpos [S]   h [H], updated in place
+    keys, vals [S, Nk, D]   kscale, vscale [S, Nk, D/32 | 0]   kpos [S]   h [H], updated in place
+             (the cache in its stored types: runtime.model.kv_types)
     s        runtime.model.decode_plan.DecodeScratch (buffers of the model, reused by every block)
 """
 
@@ -46,11 +47,11 @@ def router_logits(router, x, logits):
 
 @lru_cache(maxsize=None)
 def attention_half(formats: int):
-    """The kernel attention_half(p, keys, vals, kpos, slot, pos, h, s) for the int8 format set
+    """The kernel attention_half(p, keys, kscale, vals, vscale, kpos, slot, pos, h, s) for the int8 format set
     `formats` (quant.int8_kernels.format_set), a closure constant: its cache entry is its own."""
 
     @nb.njit(fastmath=True, cache=True)
-    def attention_half(p, keys, vals, kpos, slot, pos, h, s):
+    def attention_half(p, keys, kscale, vals, vscale, kpos, slot, pos, h, s):
         n = h.shape[0]
         d = keys.shape[2]
         nq = p.n_head * d
@@ -66,7 +67,8 @@ def attention_half(formats: int):
         rope_angles(pos, p.inv_freq, cos, sin)
         att = s.att[:nq]
         decode_attention(proj[:nq], proj[nq:nq + nk], proj[nq + nk:nq + 2 * nk], proj[nq + 2 * nk:], p.q_norm,
-                         p.k_norm, p.eps, cos, sin, keys, vals, kpos, slot, pos, p.window, s.scores, att)
+                         p.k_norm, p.eps, cos, sin, keys, vals, kpos, slot, pos, p.window, s.scores, att, kscale,
+                         vscale)
         aq, ad, ab = s.xq[:nq], s.xd[:nq // 256], s.xb[:nq // 16]
         quantize_row(att, aq, ad, ab)
         gemv_in_kernel(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, aq, ad, ab, s.o)

@@ -46,6 +46,7 @@ from quant.int8_kernels.row_dot import GEMM4_FORMATS, q8dot, q8dot4, quantize_ro
 from quant.jit import FIXED_ORDER
 
 from runtime.model.attention_kernels import _attend, _gate, _norm_rope
+from runtime.model.kv_types import store_row
 from runtime.model.ops import LANES, dot, rms_norm_row, rope_angles
 
 
@@ -130,8 +131,8 @@ def tokens_ffn_scratch(n_tok: int, hidden: int, n_pairs: int, width: int) -> Tok
 # ---------------------------------------------------------------- fixed-order steps (called)
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
-def attention_tokens(proj, n_tok, nq, nk, q_norm, k_norm, eps, cos, sin, keys, vals, kpos, slots, qpos, window,
-                     scores, out):
+def attention_tokens(proj, n_tok, nq, nk, q_norm, k_norm, eps, cos, sin, keys, kscale, vals, vscale, kpos, slots,
+                     qpos, window, scores, out):
     """decode_attention for tokens 0..n_tok-1 of proj [T, P] at positions qpos, their keys and
     values written to `slots` first (token order), then every (token, head) in parallel; a
     query sees slots lo < kpos <= its position, so a later token's key counts for nothing."""
@@ -143,9 +144,8 @@ def attention_tokens(proj, n_tok, nq, nk, q_norm, k_norm, eps, cos, sin, keys, v
         for j in range(n_kv):
             kh = proj[t, nq + j * d:nq + (j + 1) * d]
             _norm_rope(kh, k_norm, eps, cos[t], sin[t])
-            for i in range(d):
-                keys[slot, j, i] = kh[i]
-                vals[slot, j, i] = proj[t, nq + nk + j * d + i]
+            store_row(keys, kscale, slot, j, kh)
+            store_row(vals, vscale, slot, j, proj[t, nq + nk + j * d:nq + nk + (j + 1) * d])
         kpos[slot] = qpos[t]
     scale = np.float32(1.0 / np.sqrt(d))
     for it in nb.prange(n_tok * n_head):
@@ -156,7 +156,8 @@ def attention_tokens(proj, n_tok, nq, nk, q_norm, k_norm, eps, cos, sin, keys, v
         qh = proj[t, h * d:(h + 1) * d]
         _norm_rope(qh, q_norm, eps, cos[t], sin[t])
         acc = np.empty(d, np.float32)
-        total = _attend(qh, keys, vals, kpos, h // group, p, lo, scale, scores[it], np.empty(LANES, np.float32), acc)
+        total = _attend(qh, keys, kscale, vals, vscale, kpos, h // group, p, lo, scale, scores[it],
+                        np.empty(LANES, np.float32), acc)
         f = _gate(proj[t, nq + 2 * nk + h]) / total
         for i in range(d):
             out[t, h * d + i] = acc[i] * f
@@ -239,7 +240,8 @@ def _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6,
 def build(formats: int):
     """The few-token kernels for the int8 format set `formats` (a closure constant):
     gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)   a group times T tokens
-    attention_half(p, keys, vals, kpos, n_tok, h, s)                   see the module doc
+    attention_half(p, keys, kscale, vals, vscale, kpos, n_tok, h, s)   see the module doc (the cache in
+                                                                       its stored types: runtime.model.kv_types)
     ffn(desc, entry, weights, limits, n_tok, x, h, f)                  see the module doc
     norm_project(w, eps, n_tok, h, qt, addr, rb, starts, s, out)       out [t] = group @ rms_norm(h [t], w)
     head_input(enorm, hnorm, eps, n_tok, e, h, qt, addr, rb, starts, s, out)
@@ -252,7 +254,7 @@ def build(formats: int):
         _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)
 
     @nb.njit(fastmath=True, cache=True)
-    def attention_half(p, keys, vals, kpos, n_tok, h, s):
+    def attention_half(p, keys, kscale, vals, vscale, kpos, n_tok, h, s):
         n = h.shape[1]
         d = keys.shape[2]
         nq = p.n_head * d
@@ -266,7 +268,7 @@ def build(formats: int):
         for t in range(n_tok):
             rope_angles(s.qpos[t], p.inv_freq, s.cos[t, :half], s.sin[t, :half])
         attention_tokens(s.proj, n_tok, nq, nk, p.q_norm, p.k_norm, p.eps, s.cos[:, :half], s.sin[:, :half], keys,
-                         vals, kpos, s.slots, s.qpos, p.window, s.scores, s.att)
+                         kscale, vals, vscale, kpos, s.slots, s.qpos, p.window, s.scores, s.att)
         _quantize_tokens(s.att, n_tok, nq, s.xq, s.xd, s.xb, s.xs4, s.xs6)
         tokens_gemv_in_kernel(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, n_tok, nq, s.xq, s.xd, s.xb, s.xs4,
                               s.xs6, s.o)

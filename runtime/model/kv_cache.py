@@ -12,6 +12,9 @@ Abort forgets every position written since `begin()` and puts back the ring slot
 writes overwrote while a later query or `trim` could still see them, so the cache is exactly
 what it was before the evaluation started.
 
+Keys and values are stored in the cache's types (runtime.model.kv_types: f32, f16 or q8_0),
+each as a pair of arrays (data, scale); everything here moves slots of all four alike.
+
 Shape legend:  C capacity (slots)   Nk KV heads   D head dim   T new positions
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.base.errors import StepstreamError
+from runtime.model import kv_types
 
 
 class CacheStateError(StepstreamError):
@@ -27,25 +31,33 @@ class CacheStateError(StepstreamError):
 
 
 class LayerKV:
-    def __init__(self, n_kv: int, head_dim: int, capacity: int, ring: bool, window: int):
+    def __init__(self, n_kv: int, head_dim: int, capacity: int, ring: bool, window: int,
+                 types: tuple[str, str] = ("f32", "f32")):
         self.ring = ring
         self.window = window
-        self.k = np.zeros((capacity, n_kv, head_dim), np.float32)  # [C, Nk, D]
-        self.v = np.zeros((capacity, n_kv, head_dim), np.float32)
+        self.types = types  # (keys', values') runtime.model.kv_types type
+        self.k, self.ks = kv_types.allocate(types[0], capacity, n_kv, head_dim)  # [C, Nk, D], scales [C, Nk, D/32 | 0]
+        self.v, self.vs = kv_types.allocate(types[1], capacity, n_kv, head_dim)
         self.pos = np.full(capacity, -1, np.int64)  # [C]
         self.n = 0  # positions 0..n-1 have been written
         self._start: int | None = None  # n at begin(); None outside a transaction
-        self._undo: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (slots, k, v, pos) overwritten
+        self._undo: list[tuple[np.ndarray, tuple[np.ndarray, ...]]] = []  # (slots, copies of arrays()) overwritten
+
+    _ARRAYS = ("k", "ks", "v", "vs", "pos")  # every array indexed by slot
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """(k, ks, v, vs, pos): every array indexed by slot."""
+        return tuple(getattr(self, name) for name in self._ARRAYS)
 
     @property
     def capacity(self) -> int:
         return self.pos.shape[0]
 
-    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(k [S, Nk, D], v, pos [S]) of the slots in use, in slot order."""
+    def view(self) -> tuple[np.ndarray, ...]:
+        """(k [S, Nk, D], k scales, v, v scales, pos [S]) of the slots in use, in slot order."""
         if self.ring:
-            return self.k, self.v, self.pos
-        return self.k[: self.n], self.v[: self.n], self.pos[: self.n]
+            return self.arrays()
+        return tuple(a[: self.n] for a in self.arrays())
 
     def fits_in_place(self, n_new: int) -> bool:
         """Whether n_new positions can be stored before attending without evicting a key one of
@@ -59,11 +71,14 @@ class LayerKV:
             keep = min(T, self.capacity)  # older ones are out of every future window
             slots = pos[T - keep :] % self.capacity
             self._save(slots)
-            self.k[slots], self.v[slots], self.pos[slots] = k[T - keep :], v[T - keep :], pos[T - keep :]
+            k, v, pos = k[T - keep :], v[T - keep :], pos[T - keep :]
         else:
             if self.n + T > self.capacity:
                 self._grow(self.n + T)
-            self.k[self.n : self.n + T], self.v[self.n : self.n + T], self.pos[self.n : self.n + T] = k, v, pos
+            slots = np.arange(self.n, self.n + T)
+        kv_types.store(self.k, self.ks, slots, k)
+        kv_types.store(self.v, self.vs, slots, v)
+        self.pos[slots] = pos
         self.n += T
 
     def reserve(self, pos: int) -> int:
@@ -89,7 +104,7 @@ class LayerKV:
         old = self.pos[slots]
         slots = slots[(old > self._start - self.capacity) & (old < self._start)]
         if slots.size:
-            self._undo.append((slots, self.k[slots], self.v[slots], self.pos[slots]))  # fancy indexing copies
+            self._undo.append((slots, tuple(a[slots] for a in self.arrays())))  # fancy indexing copies
 
     def begin(self) -> None:
         self._start, self._undo = self.n, []
@@ -102,20 +117,18 @@ class LayerKV:
         if self._start is None:
             return
         self.trim_to(self._start)
-        for slots, k, v, pos in reversed(self._undo):
-            self.k[slots], self.v[slots], self.pos[slots] = k, v, pos
+        for slots, saved in reversed(self._undo):
+            for a, old in zip(self.arrays(), saved):
+                a[slots] = old
         self.commit()
 
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * self.capacity)
-        for name in ("k", "v"):
+        for name in self._ARRAYS:
             old = getattr(self, name)
-            new = np.zeros((cap,) + old.shape[1:], np.float32)
+            new = np.full((cap,) + old.shape[1:], -1 if name == "pos" else 0, old.dtype)
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
-        pos = np.full(cap, -1, np.int64)
-        pos[: self.n] = self.pos[: self.n]
-        self.pos = pos
 
     def oldest_kept(self) -> int:
         used = self.pos[self.pos >= 0]
@@ -140,12 +153,13 @@ class KVCache:
     """The cache of every trunk block, and the number of positions it holds."""
 
     def __init__(self, n_kv: tuple[int, ...], head_dim: int, sliding: tuple[bool, ...], window: int,
-                 n_ctx: int, rollback: int):
+                 n_ctx: int, rollback: int, types: tuple[str, str] = ("f32", "f32")):
         self.window = ring_window(window, n_ctx)
         self.rollback = rollback
+        self.types = types  # (keys', values') element type: runtime.model.kv_types
         self.layers = [
             LayerKV(nk, head_dim, self.window + rollback if s else min(n_ctx, START_CAPACITY), ring=s,
-                    window=self.window)
+                    window=self.window, types=types)
             for nk, s in zip(n_kv, sliding)
         ]
         self.n_past = 0
@@ -212,4 +226,4 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+        return sum(layer.k.nbytes + layer.ks.nbytes + layer.v.nbytes + layer.vs.nbytes for layer in self.layers)

@@ -12,6 +12,9 @@ A checkpoint is only valid while the positions before it are unchanged: `restora
 checked by the owner (the model), which forgets its checkpoint whenever it trims or resets
 below it.
 
+Keys and values are copied in the cache's stored types (runtime.model.kv_types), their
+q8_0 scales with them.
+
 Shape legend:  C ring capacity (slots)   Nk KV heads   D head dim
 """
 
@@ -25,9 +28,11 @@ import numpy as np
 @dataclass(frozen=True)
 class RingCopy:
     index: int  # the block
-    k: np.ndarray  # [C, Nk, D]
-    v: np.ndarray  # [C, Nk, D]
+    k: np.ndarray  # [C, Nk, D] in the cache's key type
+    v: np.ndarray  # [C, Nk, D] in its value type
     pos: np.ndarray  # [C]
+    ks: np.ndarray | None = None  # [C, Nk, D/32 | 0] q8_0 key scales; None on the GPU tier's float32 cache
+    vs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class KVCheckpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(r.k.nbytes + r.v.nbytes + r.pos.nbytes for r in self.rings)
+        return sum(a.nbytes for r in self.rings for a in (r.k, r.v, r.pos, r.ks, r.vs) if a is not None)
 
 
 def _host(a) -> np.ndarray:
@@ -47,7 +52,8 @@ def _host(a) -> np.ndarray:
 
 def take(cache) -> KVCheckpoint:
     """Copy every ring of `cache` (runtime.model.kv_cache.KVCache or the GPU tier's) as it is now."""
-    rings = tuple(RingCopy(i, _host(layer.k), _host(layer.v), layer.pos.copy())
+    rings = tuple(RingCopy(i, _host(layer.k), _host(layer.v), layer.pos.copy(),
+                           None if layer.ks is None else layer.ks.copy(), None if layer.vs is None else layer.vs.copy())
                   for i, layer in enumerate(cache.layers) if layer.ring)
     return KVCheckpoint(cache.n_past, rings)
 
@@ -64,6 +70,6 @@ def restore(cache, cp: KVCheckpoint) -> None:
             layer.v.copy_to_device(r.v)
             layer.stale = True
         else:
-            layer.k[...], layer.v[...] = r.k, r.v
+            layer.k[...], layer.v[...], layer.ks[...], layer.vs[...] = r.k, r.v, r.ks, r.vs
         layer.pos[...] = r.pos
     cache.n_past = cp.n_past

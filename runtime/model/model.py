@@ -34,7 +34,7 @@ from runtime.model.block import Block
 from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
-from runtime.model import few_kernels, kv_checkpoint, mtp
+from runtime.model import few_kernels, kv_checkpoint, kv_types, mtp
 from runtime.model.kv_cache import CacheStateError, KVCache
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
@@ -59,9 +59,13 @@ class Model:
         self.blocks = [Block(cfg, i, w, weights.rope_factors, self.int8) for i, w in enumerate(weights.blocks)]
         # The GPU tier (runtime.model.gpu.executor) runs the trunk on the card with its KV cache in VRAM.
         self.gpu, self.gpu_placement = gpu, gpu_placement
+        # Its keys and values in the options' types (runtime.model.kv_types); the GPU tier's stay
+        # float32 in VRAM (runtime.model.gpu.kv).
+        for kind in options.kv_types:
+            kv_types.check_head_dim(kind, cfg.head_dim, file.path.name)
         self.cache = gpu.cache if gpu is not None else KVCache(
             cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers], cfg.window, self.n_ctx,
-            options.rollback)
+            options.rollback, options.kv_types)
         self.buffers = DecodeBuffers.for_model(cfg, max(layer.capacity for layer in self.cache.layers))
         # A chunk of 2..FEW_TOKENS tokens goes through the few-token kernels when every trunk block
         # fuses both halves of a step (runtime.model.few_kernels); else through prefill.

@@ -8,6 +8,12 @@ its own copy of `pos` (`dpos`), which the KV-store kernel writes as it stores a 
 whenever the host changes `pos` another way (trim, abort, growth) the layer marks it stale
 and the executor uploads it before the next attention.
 
+The card's keys and values are float32 whatever the load options' cache types
+(RuntimeOptions.cache_type_k/v): the GPU kernels (runtime.model.gpu.ops) read float32, the
+cache is written on the card by them and never goes through the host's types, so a GPU run
+falls back to float32 and says so in `types`. VRAM is the tier's budget: offload.gpu_placement
+counts the cache at 4 bytes an element.
+
 Shape legend:  C capacity (slots)   Nk KV heads   D head dim
 """
 
@@ -23,6 +29,8 @@ class DeviceLayerKV(LayerKV):
     def __init__(self, n_kv: int, head_dim: int, capacity: int, ring: bool, window: int):
         # not LayerKV.__init__: it would allocate the keys and values in RAM
         self.ring, self.window = ring, window
+        self.types = ("f32", "f32")
+        self.ks = self.vs = None  # float32 has no scales
         self.k = cuda.to_device(np.zeros((capacity, n_kv, head_dim), np.float32))  # [C, Nk, D]
         self.v = cuda.to_device(np.zeros((capacity, n_kv, head_dim), np.float32))
         self.pos = np.full(capacity, -1, np.int64)  # [C], the authority
@@ -93,6 +101,7 @@ class DeviceKVCache(KVCache):
 
     def __init__(self, n_kv, head_dim, sliding, window, n_ctx, rollback, start_capacity: int):
         super().__init__((), head_dim, (), window, n_ctx, rollback)  # the bookkeeping, no host layers
+        self.types = ("f32", "f32")  # see the module doc
         self.layers = [DeviceLayerKV(nk, head_dim, self.window + rollback if s else min(n_ctx, start_capacity),
                                      ring=s, window=self.window)
                        for nk, s in zip(n_kv, sliding)]

@@ -1,0 +1,251 @@
+"""The KV cache's element types: how a head's key or value row is stored, and read back in place.
+
+    f32   float32 [C, Nk, D]
+    f16   IEEE half, as its uint16 bits [C, Nk, D] (Numba has no float16 on the CPU)
+    q8_0  int8 [C, Nk, D] and the f16 bits of one scale per 32 elements [C, Nk, D/32]:
+          llama.cpp's block_q8_0 (d = max|x| / 127, q = round(x / d), x ~ q d), its two
+          fields kept in two arrays so that each stays a plain strided array
+
+Every type is a pair (data, scale); scale has zero width for f32 and f16, so the cache's
+bookkeeping (ring slots, undo copies, growth, checkpoints) moves both alike, whatever the type.
+
+The attention kernels read the stored form directly: `key_dot` and `add_value` widen each
+element to float32 inside their loops (a decode step reads 2 or 1.06 bytes per element instead
+of 4, and no float32 copy of the cache is made). They are inlined into the fixed-order
+attention kernels and sum in `dot`'s order. `store_row` writes one row and is compiled on its
+own, without fast-math, and called: prefill's append (`store`) and the decode kernels then
+round a value to the same bits, which are numpy's float16 cast and llama.cpp's
+quantize_row_q8_0_ref (roundf: halves away from zero; the scale rounded to f16 after x / d).
+
+Shape legend:  C slots  Nk KV heads  D head dim  T rows stored at once
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import from_dtype
+from quant.bits import f16_to_f32, f32_from_bits
+
+from runtime.base.errors import StepstreamError
+from runtime.base.options import KV_BLOCK, check_kv_type
+from runtime.model.ops import LANES, dot
+
+QK = 32  # q8_0's block: elements per scale
+DTYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}  # the data array's dtype: the type's tag
+_SCALE = np.uint16  # q8_0's f16 scale bits
+
+
+def check_head_dim(kind: str, head_dim: int, what: str = "the model") -> None:
+    """A StepstreamError unless rows of head_dim elements split into the type's blocks."""
+    check_kv_type(kind)
+    if head_dim % KV_BLOCK[kind]:
+        raise StepstreamError(f"cache type {kind} needs a head dim that is a multiple of {KV_BLOCK[kind]}; "
+                              f"{what} has head dim {head_dim}: use f16 or f32")
+
+
+def allocate(kind: str, capacity: int, n_kv: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(data [C, Nk, D], scale [C, Nk, D/32 or 0]) of `kind`, zeroed."""
+    check_head_dim(kind, head_dim)
+    width = head_dim // QK if kind == "q8_0" else 0
+    return (np.zeros((capacity, n_kv, head_dim), DTYPES[kind]),
+            np.zeros((capacity, n_kv, width), _SCALE))
+
+
+def kind_of(data: np.ndarray) -> str:
+    for kind, dt in DTYPES.items():
+        if data.dtype == dt:
+            return kind
+    raise StepstreamError(f"a KV cache array of dtype {data.dtype} is none of {', '.join(DTYPES)}")
+
+
+# ---------------------------------------------------------------- f16 and q8_0 rounding
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bit pattern of float32 x, as a uint32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+_DENORM_MAGIC = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
+
+
+@nb.njit(inline="always", cache=True)
+def f32_to_f16(x):
+    """float32 x as IEEE half bits, rounded to nearest, ties to even (numpy's astype(float16)):
+    overflow to inf, subnormal halves, NaN as the quiet 0x7e00 with x's sign."""
+    u = f32_bits(np.float32(x))
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    u = u & np.uint32(0x7FFFFFFF)
+    if u >= np.uint32(0x47800000):  # >= 65536 (rounds to inf), inf or NaN
+        o = np.uint32(0x7E00) if u > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    elif u < np.uint32(0x38800000):  # below the smallest normal half: the FPU rounds the add
+        o = f32_bits(f32_from_bits(u) + f32_from_bits(_DENORM_MAGIC)) - _DENORM_MAGIC
+    else:
+        odd = (u >> np.uint32(13)) & np.uint32(1)
+        o = (u + np.uint32(0xC8000FFF) + odd) >> np.uint32(13)  # rebias 127 -> 15, round to even
+    return np.uint16(o | sign)
+
+
+@nb.njit(inline="always", cache=True)
+def _round_away(v):
+    """roundf(v): to the nearest integer, halves away from zero (exact in float32)."""
+    t = np.float32(np.trunc(v))
+    if v - t >= np.float32(0.5):
+        t += np.float32(1.0)
+    elif t - v >= np.float32(0.5):
+        t -= np.float32(1.0)
+    return t
+
+
+@nb.njit(cache=True)
+def _store_f32(data, scale, slot, j, x):
+    for i in range(x.shape[0]):
+        data[slot, j, i] = x[i]
+
+
+@nb.njit(cache=True)
+def _store_f16(data, scale, slot, j, x):
+    for i in range(x.shape[0]):
+        data[slot, j, i] = f32_to_f16(x[i])
+
+
+@nb.njit(cache=True)
+def _store_q8_0(data, scale, slot, j, x):
+    for b in range(x.shape[0] // QK):
+        amax = np.float32(0.0)
+        for i in range(b * QK, (b + 1) * QK):
+            amax = max(amax, abs(x[i]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        scale[slot, j, b] = f32_to_f16(d)
+        for i in range(b * QK, (b + 1) * QK):
+            data[slot, j, i] = np.int8(_round_away(x[i] * inv))
+
+
+def _kind(arr) -> str:
+    if not isinstance(arr, types.Array) or arr.ndim != 3:
+        raise TypingError(f"a KV cache array must be 3-D, got {arr}")
+    for kind, dt in DTYPES.items():
+        if arr.dtype == from_dtype(np.dtype(dt)):
+            return kind
+    raise TypingError(f"a KV cache array of {arr.dtype} is none of {', '.join(DTYPES)}")
+
+
+# ---------------------------------------------------------------- the kernels' three operations
+
+def store_row(data, scale, slot, j, x):
+    """data/scale[slot, j] = row x [D] (float32) in the cache's type (Numba code only)."""
+    raise NotImplementedError("store_row runs inside Numba kernels")
+
+
+def key_dot(q, keys, scale, s, j, part):
+    """dot(q [D], key row keys[s, j]) in runtime.model.ops.dot's order (Numba code only)."""
+    raise NotImplementedError("key_dot runs inside Numba kernels")
+
+
+def add_value(acc, e, vals, scale, s, j):
+    """acc [D] += e * value row vals[s, j] (Numba code only)."""
+    raise NotImplementedError("add_value runs inside Numba kernels")
+
+
+@overload(store_row, inline="always")
+def _store_row(data, scale, slot, j, x):
+    store = {"f32": _store_f32, "f16": _store_f16, "q8_0": _store_q8_0}[_kind(data)]
+
+    def impl(data, scale, slot, j, x):
+        store(data, scale, slot, j, x)
+    return impl
+
+
+@overload(key_dot, inline="always")
+def _key_dot(q, keys, scale, s, j, part):
+    kind = _kind(keys)
+    if kind == "f32":  # the float32 cache's own dot, as before there were other types
+        def impl(q, keys, scale, s, j, part):
+            return dot(q, keys[s, j], part)
+    elif kind == "f16":
+        def impl(q, keys, scale, s, j, part):
+            k = keys[s, j]
+            n = k.shape[0]
+            for l in range(LANES):
+                part[l] = 0.0
+            m = n - n % LANES
+            for i0 in range(0, m, LANES):
+                for l in range(LANES):
+                    part[l] += q[i0 + l] * f16_to_f32(k[i0 + l])
+            t = np.float32(0.0)
+            for l in range(LANES):
+                t += part[l]
+            for i in range(m, n):
+                t += q[i] * f16_to_f32(k[i])
+            return t
+    else:  # q8_0: D is a multiple of 32 (allocate checks), so of LANES: no tail
+        def impl(q, keys, scale, s, j, part):
+            k = keys[s, j]
+            sc = scale[s, j]
+            for l in range(LANES):
+                part[l] = 0.0
+            for i0 in range(0, k.shape[0], LANES):
+                d = f16_to_f32(sc[i0 // QK])
+                for l in range(LANES):
+                    part[l] += q[i0 + l] * (np.float32(k[i0 + l]) * d)
+            t = np.float32(0.0)
+            for l in range(LANES):
+                t += part[l]
+            return t
+    return impl
+
+
+@overload(add_value, inline="always")
+def _add_value(acc, e, vals, scale, s, j):
+    kind = _kind(vals)
+    if kind == "f32":
+        def impl(acc, e, vals, scale, s, j):
+            v = vals[s, j]
+            for i in range(acc.shape[0]):
+                acc[i] += e * v[i]
+    elif kind == "f16":
+        def impl(acc, e, vals, scale, s, j):
+            v = vals[s, j]
+            for i in range(acc.shape[0]):
+                acc[i] += e * f16_to_f32(v[i])
+    else:
+        def impl(acc, e, vals, scale, s, j):
+            v = vals[s, j]
+            sc = scale[s, j]
+            for b in range(sc.shape[0]):
+                ed = e * f16_to_f32(sc[b])
+                for i in range(b * QK, (b + 1) * QK):
+                    acc[i] += ed * np.float32(v[i])
+    return impl
+
+
+# ---------------------------------------------------------------- writes from numpy
+
+@nb.njit(cache=True)
+def _store_rows(data, scale, slots, x):
+    for t in range(slots.shape[0]):
+        for j in range(x.shape[1]):
+            store_row(data, scale, slots[t], j, x[t, j])
+
+
+def store(data: np.ndarray, scale: np.ndarray, slots: np.ndarray, x: np.ndarray) -> None:
+    """data/scale[slots[t]] = x [T, Nk, D] (float32), rounded to the cache's type as the decode
+    kernels round it."""
+    if x.ndim != 3 or x.shape[1:] != data.shape[1:] or slots.shape != (x.shape[0],):
+        raise ValueError(f"store: rows {x.shape} at {slots.shape} slots do not fit a cache of {data.shape}")
+    if kind_of(data) == "f32":
+        data[slots] = x
+        return
+    _store_rows(data, scale, np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(x, np.float32))
