@@ -116,12 +116,16 @@ def _timed(eval_one, prompt: list[int], gen: list[int]) -> dict:
             "decode_seconds": t2 - t1, "bytes_read_timed": _read_bytes() - r0}
 
 
+def _n_ctx(spec: dict) -> int:
+    return spec.get("n_ctx") or spec["n_prompt"] + spec["n_gen"] + 8
+
+
 def child_ours(spec: dict) -> dict:
     from runtime.base.system import peak_rss_bytes
     from runtime.loader import load
 
     m = load(spec["model"], ram_budget=spec["budget"], n_threads=spec["threads"], n_batch=spec["batch"],
-             n_ctx=spec["n_prompt"] + spec["n_gen"] + 8, prefetch=spec["prefetch"], direct_io=spec["direct_io"],
+             n_ctx=_n_ctx(spec), prefetch=spec["prefetch"], direct_io=spec["direct_io"],
              cache_policy=spec["cache_policy"], activations=spec["activations"])
     try:
         m.warm_up()
@@ -142,7 +146,7 @@ def child_llama(spec: dict) -> dict:
     from runtime.base.system import peak_rss_bytes
 
     threads = spec["threads"] or os.cpu_count()
-    llm = open_llama_streaming(spec["model"], spec["n_prompt"] + spec["n_gen"] + 8, spec["batch"], threads)
+    llm = open_llama_streaming(spec["model"], _n_ctx(spec), spec["batch"], threads)
     try:
         llm.eval([0, 1, 2, 3, 4])  # warm-up, as our Model.warm_up: a chunk, then one token
         llm.eval([0])
@@ -222,7 +226,7 @@ def run_child(spec: dict, cap_bytes: int | None, timeout: float) -> dict:
 
 def _result(r: subprocess.CompletedProcess | None, oom_kills: int, timeout: float) -> dict:
     if r is None:
-        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
+        return {"status": "failed", "reason": f"timed out after {timeout:g} s"}
     lines = r.stdout.strip().splitlines()
     try:
         out = json.loads(lines[-1]) if lines else None
@@ -282,7 +286,9 @@ def smallest_cache(model: str) -> tuple[int, int]:
 def measure_footprint(o: SweepOptions, smallest: int) -> int:
     """Our memory beside the expert cache, from one uncapped run with a small cache: anonymous
     memory less the cache, plus the library pages the process keeps touching."""
-    probe = run_child(o.spec("stepstream", 2 * smallest), None, o.timeout)
+    # The same context (the KV cache's size), fewer tokens: with so small a cache every one is read.
+    spec = {**o.spec("stepstream", 2 * smallest), "n_gen": min(o.n_gen, 2)}
+    probe = run_child({**spec, "n_ctx": _n_ctx(o.spec("stepstream"))}, None, o.timeout)
     if probe["status"] != "ok":
         raise StepstreamError(f"{o.model}: the uncapped run that measures our footprint failed: {probe['reason']}")
     return probe["rss_anon_bytes"] - probe["cache_bytes"] + FILE_WORKING_SET
@@ -296,8 +302,10 @@ def _check_cgroup() -> None:
         raise StepstreamError(f"--sweep-ram needs a writable cgroup-v1 memory controller: {e}") from None
 
 
-def run_sweep(o: SweepOptions, log=print) -> dict:
-    """Every engine under every cap, alternating, -r times; the report (see summarize)."""
+def run_sweep(o: SweepOptions, log=print, after_run=None) -> dict:
+    """Every engine under every cap, alternating, -r times; the report (see summarize).
+    after_run(report so far) is called after each run: a sweep takes hours at real widths, and one
+    stopped halfway keeps what it measured."""
     _check_cgroup()
     file_bytes = os.path.getsize(o.model)
     smallest, slots = smallest_cache(o.model)
@@ -322,6 +330,8 @@ def run_sweep(o: SweepOptions, log=print) -> dict:
             res = run_child(o.spec(engine, budget), row["cap_bytes"], o.timeout)
         row["runs"][engine].append(res)
         log(f"{head} {run_text(res)}")
+        if after_run is not None:
+            after_run(summarize(o, file_bytes, footprint, minimum, caps))
     return summarize(o, file_bytes, footprint, minimum, caps)
 
 
@@ -358,13 +368,14 @@ def engine_summary(runs: list[dict]) -> dict:
 
 def summarize(o: SweepOptions, file_bytes: int, footprint: int, minimum: int, caps: list[dict]) -> dict:
     """The report: the settings, then per cap its size and, per engine, the medians and every run."""
-    for row in caps:
-        row["engines"] = {e: {**engine_summary(runs), "runs": runs} for e, runs in row.pop("runs").items()}
+    rows = [{**{k: v for k, v in row.items() if k != "runs"},
+             "engines": {e: {**engine_summary(runs), "runs": runs} for e, runs in row["runs"].items()}}
+            for row in caps]
     return {"model": str(o.model), "file_bytes": file_bytes, "engines": list(o.engines), "repetitions": o.repeats,
             "n_prompt": o.n_prompt, "n_gen": o.n_gen, "threads": o.threads or os.cpu_count(), "batch": o.batch,
             "seed": o.seed, "prefetch": o.prefetch, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
             "footprint_bytes": footprint, "margin_bytes": MARGIN, "stepstream_minimum_cap_bytes": minimum,
-            "caps": caps}
+            "caps": rows}
 
 
 # ---------------------------------------------------------------- outputs
@@ -404,7 +415,7 @@ def write_plot(report: dict, path: Path) -> str | None:
     ax = fig.add_subplot()
     rows = sorted(report["caps"], key=lambda r: r["cap_bytes"])
     gib = [r["cap_bytes"] / 2**30 for r in rows]
-    for engine, color in zip(report["engines"], ("tab:blue", "tab:orange", "tab:green")):
+    for k, (engine, color) in enumerate(zip(report["engines"], ("tab:blue", "tab:orange", "tab:green"))):
         pts = [(x, r["engines"][engine]["decode_tok_s_median"]) for x, r in zip(gib, rows)
                if r["engines"][engine]["decode_tok_s_median"] is not None]
         if pts:
@@ -417,9 +428,9 @@ def write_plot(report: dict, path: Path) -> str | None:
             if s["decode_tok_s_median"] is None:
                 ax.scatter([x], [0], marker="x", color=color)
                 ax.annotate("does not fit" if s["status"] == "does not fit" else "failed", (x, 0),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+                            textcoords="offset points", xytext=(4, 4 + 10 * k), fontsize=7, color=color)
     ax.set_xticks(gib, [f"{x:.1f}\n{r['cap']}" for x, r in zip(gib, rows)], fontsize=8)
-    ax.set_xlabel("RAM cap (GiB; as given)")
+    ax.set_xlabel("RAM cap: GiB, and as given (a share of the model file or a size)")
     ax.set_ylabel("decode tok/s")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

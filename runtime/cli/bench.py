@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
                         "stepstream (and llama.cpp with --llama-cpp) under each, -r times, alternating, with the "
                         "page cache evicted before every run")
     g.add_argument("--sweep-out", default="bench-sweep", metavar="PREFIX",
-                   help="where the sweep writes PREFIX.json and PREFIX.png (default: bench-sweep)")
+                   help="where the sweep writes PREFIX.json (after every run) and PREFIX.png (default: bench-sweep)")
     g.add_argument("--sweep-timeout", type=positive_int, default=1800, metavar="S",
                    help="seconds after which a sweep run is stopped and recorded as failed (default: 1800)")
 
@@ -138,7 +138,7 @@ def run_sweep(args) -> int:
                         batch=args.batch_size, seed=args.seed, prefetch=not args.no_prefetch,
                         direct_io=not args.no_direct_io, cache_policy=args.cache_policy, activations=args.activations,
                         timeout=args.sweep_timeout)
-    report = sweep(opts, log=lambda line: print(line, flush=True))
+    report = sweep(opts, log=lambda line: print(line, flush=True), after_run=lambda r: write_json(r, out_json))
     print(table_text(report))
     write_json(report, out_json)
     hint = write_plot(report, out_png)

@@ -1,0 +1,214 @@
+"""`stepstream bench --sweep-ram`: caps, the order of the runs, the report and its plot, and one
+real sweep of both engines on the shipped miniature under cgroup-v1 caps.
+
+The real sweep needs a writable memory cgroup (root, cgroup v1) and is skipped without one.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
+from runtime.base.errors import StepstreamError
+from runtime.bench import sweep
+from runtime.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+GiB, MiB = 2**30, 2**20
+
+
+def need_cgroup():
+    try:
+        with MemoryCap(GiB):
+            pass
+    except CgroupUnavailable as e:
+        pytest.skip(f"no writable memory cgroup here: {e}")
+
+
+# ---------------------------------------------------------------- caps
+
+def test_caps_are_shares_of_the_file_or_sizes():
+    caps = sweep.parse_caps("25%, 35%,6GiB,512MiB,1.5GB")
+    assert [c.text for c in caps] == ["25%", "35%", "6GiB", "512MiB", "1.5GB"]
+    size = 8_720_000_000
+    assert [c.bytes_for(size) for c in caps] == [size // 4, int(size * 0.35), 6 * GiB, 512 * MiB, 1_500_000_000]
+    assert sweep.parse_caps("150%")[0].bytes_for(1000) == 1500  # more than the file is a cap too
+
+
+@pytest.mark.parametrize("text, named", [
+    ("0%", "0%"), ("-5%", "-5%"), ("abc%", "abc%"), ("35", "35"), ("0.35", "0.35"), ("6XB", "6XB"),
+    ("0GiB", "0GiB"), ("25%,,35%", "empty"), ("", "empty"), ("nan%", "nan%"), ("inf%", "inf%"),
+])
+def test_a_bad_cap_is_one_line_naming_it(text, named):
+    with pytest.raises(StepstreamError) as e:
+        sweep.parse_caps(text)
+    msg = str(e.value)
+    assert "\n" not in msg and named in msg
+
+
+def test_a_bad_cap_on_the_command_line_exits_2_with_one_line(capsys):
+    assert main(["bench", "-m", str(MODEL), "--sweep-ram", "25%,0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'0.5' has no unit" in err
+
+
+def test_flags_that_set_the_ram_themselves_are_refused(capsys, tmp_path):
+    out = str(tmp_path / "s")
+    assert main(["bench", "-m", str(MODEL), "--sweep-ram", "50%", "--ram-budget", "1GiB", "--sweep-out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--ram-budget does not go with --sweep-ram" in err
+    assert main(["bench", "-m", str(MODEL), "--sweep-ram", "50%", "--sweep-out", str(tmp_path / "no" / "s")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- order of the runs
+
+def test_engines_alternate_within_each_cap():
+    got = sweep.schedule(2, ("stepstream", "llama.cpp"), 3)
+    expected = []
+    for cap in (0, 1):  # written out: every repetition runs ours then llama.cpp before the next one
+        for rep in (0, 1, 2):
+            expected += [(cap, "stepstream", rep), (cap, "llama.cpp", rep)]
+    assert got == expected
+    assert sweep.schedule(1, ("stepstream",), 2) == [(0, "stepstream", 0), (0, "stepstream", 1)]
+
+
+# ---------------------------------------------------------------- the report
+
+def _ok(decode, prefill, peak, usage, read):
+    return {"status": "ok", "decode_tok_s": decode, "prefill_tok_s": prefill, "peak_rss_bytes": peak,
+            "cgroup_max_usage": usage, "bytes_read": read, "bytes_read_timed": read // 2}
+
+
+def fake_report(tmp_path) -> dict:
+    """Three caps: every run fine; one llama.cpp run OOM-killed; ours does not fit, llama.cpp fails."""
+    opts = sweep.SweepOptions(model=str(tmp_path / "m.gguf"), caps=tuple(sweep.parse_caps("25%,55%,100%")),
+                              repeats=3, n_gen=16, n_prompt=32, threads=2)
+    fit = {"status": "does not fit", "minimum_bytes": 3 * GiB, "reason": "needs a cap of 3.0 GiB"}
+    oom = {"status": "failed", "reason": "killed by the memory cap (OOM)", "cgroup_max_usage": GiB}
+    caps = [
+        {"cap": "25%", "cap_bytes": 2 * GiB, "share_of_file": 0.25, "budget": -1,
+         "runs": {"stepstream": [fit] * 3, "llama.cpp": [oom] * 3}},
+        {"cap": "55%", "cap_bytes": 4 * GiB, "share_of_file": 0.55, "budget": GiB,
+         "runs": {"stepstream": [_ok(10.0, 30.0, 3 * GiB, 4 * GiB - 1, 5 * GiB), _ok(12.0, 31.0, 3 * GiB, 4 * GiB - 2, 6 * GiB),
+                                 _ok(11.0, 29.0, 3 * GiB, 4 * GiB - 3, 7 * GiB)],
+                  "llama.cpp": [_ok(2.0, 5.0, GiB, 3 * GiB, 9 * GiB), oom, _ok(3.0, 6.0, GiB, 3 * GiB, 8 * GiB)]}},
+        {"cap": "100%", "cap_bytes": 8 * GiB, "share_of_file": 1.0, "budget": 5 * GiB,
+         "runs": {"stepstream": [_ok(20.0 + i, 40.0, 4 * GiB, 6 * GiB, GiB) for i in range(3)],
+                  "llama.cpp": [_ok(15.0 - i, 50.0, 7 * GiB, 8 * GiB, 8 * GiB) for i in range(3)]}},
+    ]
+    return sweep.summarize(opts, 8 * GiB, 900 * MiB, 3 * GiB, caps)
+
+
+def test_the_report_holds_medians_and_every_run(tmp_path):
+    report = fake_report(tmp_path)
+    path = tmp_path / "r.json"
+    sweep.write_json(report, path)
+    back = json.loads(path.read_text())
+    assert back == report
+    assert {"model", "file_bytes", "engines", "repetitions", "n_prompt", "n_gen", "threads", "footprint_bytes",
+            "stepstream_minimum_cap_bytes", "caps"} <= set(back)
+    assert [c["cap"] for c in back["caps"]] == ["25%", "55%", "100%"]
+    low, mid, full = (c["engines"] for c in back["caps"])
+    assert low["stepstream"]["status"] == "does not fit" and low["stepstream"]["minimum_bytes"] == 3 * GiB
+    assert low["llama.cpp"]["status"] == "failed" and low["llama.cpp"]["decode_tok_s_median"] is None
+    assert low["llama.cpp"]["reasons"] == ["killed by the memory cap (OOM)"]
+    # medians over the runs that finished, against statistics.median on the raw numbers
+    assert mid["stepstream"]["decode_tok_s_median"] == statistics.median([10.0, 12.0, 11.0])
+    assert mid["stepstream"]["decode_tok_s_runs"] == [10.0, 12.0, 11.0]
+    assert mid["stepstream"]["prefill_tok_s_median"] == 30.0
+    assert mid["stepstream"]["bytes_read_median"] == 6 * GiB
+    assert mid["stepstream"]["cgroup_max_usage_max"] == 4 * GiB - 1
+    assert mid["llama.cpp"]["status"] == "partial" and mid["llama.cpp"]["runs_ok"] == 2
+    assert mid["llama.cpp"]["decode_tok_s_median"] == statistics.median([2.0, 3.0])
+    assert len(mid["llama.cpp"]["runs"]) == 3
+    assert full["llama.cpp"]["decode_tok_s_median"] == 14.0 and full["stepstream"]["status"] == "ok"
+    table = sweep.table_text(report)
+    assert "does not fit" in table.splitlines()[1] or "needs a cap of 3.0 GiB" in table
+    assert "2/3 ok; killed by the memory cap (OOM)" in table
+
+
+def test_the_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sweep.png"
+    assert sweep.write_plot(fake_report(tmp_path), path) is None
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_without_matplotlib_the_plot_is_one_line_of_advice(tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it raises ImportError
+    path = tmp_path / "sweep.png"
+    hint = sweep.write_plot(fake_report(tmp_path), path)
+    assert hint == sweep.PLOT_HINT and "pip install 'stepstream[plot]'" in hint and "\n" not in hint
+    assert not path.exists()
+
+
+# ---------------------------------------------------------------- children
+
+def test_page_cache_residency_is_measured(tmp_path):
+    path = tmp_path / "f.bin"
+    size = 3 * mmap.PAGESIZE + 100
+    path.write_bytes(os.urandom(size))
+    path.read_bytes()
+    assert sweep.cached_bytes(str(path)) == 4 * mmap.PAGESIZE  # every page, the last one partly used
+    drop_page_cache(path)
+    assert sweep.cached_bytes(str(path)) == 0
+
+
+def test_a_failing_child_is_reported_not_raised(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 100)
+    opts = sweep.SweepOptions(model=str(bad), caps=(), n_prompt=4, n_gen=2, threads=1)
+    res = sweep.run_child(opts.spec("stepstream", 64 * MiB), None, timeout=300)
+    assert res["status"] == "failed" and "bad.gguf" in res["reason"] and "\n" not in res["reason"]
+    res = sweep.run_child(opts.spec("llama.cpp"), None, timeout=0.3)
+    assert res == {**res, "status": "failed", "reason": "timed out after 0.3 s"}
+
+
+@pytest.mark.slow  # five child processes: 34 s on two loaded cores, minutes while a disk-bound job runs beside it
+def test_a_real_sweep_on_the_shipped_model(tmp_path, monkeypatch, capsys):
+    """Two caps, both engines: at 30% of the 13 MiB file (4 MiB) ours does not fit and llama.cpp is
+    OOM-killed, and the sweep goes on; at 600 MiB both decode. Without matplotlib the JSON is written
+    and the plot is one line of advice."""
+    need_cgroup()
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    prefix = tmp_path / "sweep"
+    assert main(["bench", "-m", str(MODEL), "--sweep-ram", "30%,600MiB", "--llama-cpp", "-n", "4", "-p", "8",
+                 "-t", "2", "--sweep-out", str(prefix), "--sweep-timeout", "300"]) == 0
+    out = capsys.readouterr().out
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert [re.match(r"\[\d/4\] cap (\S+) \(.*?\) (\S+) run 1/1: ", line).groups() for line in progress] == [
+        ("30%", "stepstream"), ("30%", "llama.cpp"), ("600MiB", "stepstream"), ("600MiB", "llama.cpp")]
+    assert "pip install 'stepstream[plot]'" in out and "Traceback" not in out
+    assert not (tmp_path / "sweep.png").exists()
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    size = MODEL.stat().st_size
+    tiny, roomy = report["caps"]
+    assert tiny["cap_bytes"] == int(size * 0.30) and roomy["cap_bytes"] == 600 * MiB
+    ours = tiny["engines"]["stepstream"]
+    assert ours["status"] == "does not fit" and ours["minimum_bytes"] > tiny["cap_bytes"]
+    assert ours["minimum_bytes"] == report["stepstream_minimum_cap_bytes"]
+    small, slots = sweep.smallest_cache(str(MODEL))
+    assert ours["minimum_bytes"] == report["footprint_bytes"] + report["margin_bytes"] + small
+    llama = tiny["engines"]["llama.cpp"]["runs"][0]
+    assert llama["status"] == "failed" and "OOM" in llama["reason"] and llama["oom_kills"] >= 1
+    assert llama["cgroup_max_usage"] <= tiny["cap_bytes"]
+    for engine in ("stepstream", "llama.cpp"):
+        run = roomy["engines"][engine]["runs"][0]
+        assert run["status"] == "ok", run
+        assert run["decode_tok_s"] > 0 and run["prefill_tok_s"] > 0
+        assert 0 < run["cgroup_max_usage"] <= 600 * MiB
+        assert roomy["engines"][engine]["decode_tok_s_median"] == run["decode_tok_s"]
+    assert roomy["engines"]["stepstream"]["runs"][0]["cache_slots"] >= slots
