@@ -55,76 +55,81 @@ def fit_affine16(x, nstep, rmin, rdelta, scales, mins):
 
     Step sizes (3 + rmin + rdelta*k) / (max - min), k = 0..nstep, each rounded and refitted
     by weighted least squares (weights rms + |x|); the fit of least weighted squared error
-    wins, after one last re-rounding at the winner."""
+    wins, after one last re-rounding at the winner. The error of a fit comes from the sums
+    the fit is made of, so each candidate is one pass over the weights. Lanes: the row's
+    sub-blocks side by side, as in fit_symmetric16 (a flat lane's arithmetic divides by zero
+    and is discarded)."""
     rows, cols = x.shape
     G = cols // 16
     for r in nb.prange(rows):
-        v = np.empty(16, np.float64)
-        w = np.empty(16, np.float64)
+        xt = np.empty((16, G), np.float64)
+        w = np.empty((16, G), np.float64)
+        st = np.zeros((14, G), np.float64)
+        ss, lo, hi, sw, sx, sx2, ba, bb, be = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8]
+        inv, off, sl, sl2, sxl = st[9], st[10], st[11], st[12], st[13]
+        for i in range(16):
+            for g in range(G):
+                v = np.float64(x[r, 16 * g + i])
+                xt[i, g] = v
+                ss[g] += v * v
         for g in range(G):
-            ss = 0.0
-            lo = np.float64(x[r, 16 * g])
-            hi = lo
-            for i in range(16):
-                v[i] = np.float64(x[r, 16 * g + i])
-                ss += v[i] * v[i]
-                lo = min(lo, v[i])
-                hi = max(hi, v[i])
-            rms = np.sqrt(ss / 16)
-            sw = 0.0
-            sx = 0.0
-            for i in range(16):
-                w[i] = rms + abs(v[i])
-                sw += w[i]
-                sx += w[i] * v[i]
-            lo = min(lo, 0.0)
-            if hi <= lo:
-                scales[r, g] = 0.0
-                mins[r, g] = -lo
-                continue
-            ba = (hi - lo) / 3.0  # the min-max fit is the first best
-            bb = lo
-            be = 0.0
-            for i in range(16):
-                q = min(max(np.rint((v[i] - lo) / ba), 0.0), 3.0)
-                e = ba * q + bb - v[i]
-                be += w[i] * e * e
-            for k in range(nstep + 2):
+            ss[g] = np.sqrt(ss[g] / 16)
+            lo[g] = xt[0, g]
+            hi[g] = xt[0, g]
+        for i in range(16):
+            for g in range(G):
+                v = xt[i, g]
+                w[i, g] = ss[g] + abs(v)
+                sw[g] += w[i, g]
+                sx[g] += w[i, g] * v
+                sx2[g] += w[i, g] * v * v
+                lo[g] = min(lo[g], v)
+                hi[g] = max(hi[g], v)
+        for g in range(G):
+            lo[g] = min(lo[g], 0.0)
+            ba[g] = (hi[g] - lo[g]) / 3.0  # the min-max fit is the first best
+            bb[g] = lo[g]
+        for i in range(16):
+            for g in range(G):
+                v = xt[i, g]
+                q = min(max(np.rint((v - lo[g]) / ba[g]), 0.0), 3.0)
+                e = ba[g] * q + bb[g] - v
+                be[g] += w[i, g] * e * e
+        for k in range(nstep + 2):
+            for g in range(G):
                 if k <= nstep:
-                    inv = (3.0 + rmin + rdelta * k) / (hi - lo)
-                    off = lo
+                    inv[g] = (3.0 + rmin + rdelta * k) / (hi[g] - lo[g])
+                    off[g] = lo[g]
                 else:  # re-round at the best fit so far
-                    inv = 1.0 / ba
-                    off = bb
-                sl = 0.0
-                sl2 = 0.0
-                sxl = 0.0
-                for i in range(16):
-                    q = min(max(np.rint((v[i] - off) * inv), 0.0), 3.0)
-                    sl += w[i] * q
-                    sl2 += w[i] * q * q
-                    sxl += w[i] * q * v[i]
-                det = sw * sl2 - sl * sl
-                if det <= 0.0:
-                    continue
-                a = (sw * sxl - sx * sl) / det
-                b = (sl2 * sx - sl * sxl) / det
+                    inv[g] = 1.0 / ba[g]
+                    off[g] = bb[g]
+                sl[g] = 0.0
+                sl2[g] = 0.0
+                sxl[g] = 0.0
+            for i in range(16):
+                for g in range(G):
+                    v = xt[i, g]
+                    q = min(max(np.rint((v - off[g]) * inv[g]), 0.0), 3.0)
+                    sl[g] += w[i, g] * q
+                    sl2[g] += w[i, g] * q * q
+                    sxl[g] += w[i, g] * q * v
+            for g in range(G):
+                det = sw[g] * sl2[g] - sl[g] * sl[g]
+                a = (sw[g] * sxl[g] - sx[g] * sl[g]) / det
+                b = (sl2[g] * sx[g] - sl[g] * sxl[g]) / det
                 if b > 0.0:  # the offset may not be positive: refit through zero
                     b = 0.0
-                    a = sxl / sl2
-                if a <= 0.0:
-                    continue
-                err = 0.0
-                for i in range(16):
-                    q = min(max(np.rint((v[i] - off) * inv), 0.0), 3.0)
-                    e = a * q + b - v[i]
-                    err += w[i] * e * e
-                if err < be:
-                    be = err
-                    ba = a
-                    bb = b
-            scales[r, g] = ba
-            mins[r, g] = -bb
+                    a = sxl[g] / sl2[g]
+                # sum w (a q + b - v)^2, expanded over the sums
+                err = a * a * sl2[g] + 2.0 * a * b * sl[g] + b * b * sw[g] - 2.0 * a * sxl[g] - 2.0 * b * sx[g] + sx2[g]
+                if det > 0.0 and a > 0.0 and err < be[g]:
+                    be[g] = err
+                    ba[g] = a
+                    bb[g] = b
+        for g in range(G):
+            flat = hi[g] <= lo[g]
+            scales[r, g] = 0.0 if flat else ba[g]
+            mins[r, g] = -lo[g] if flat else -bb[g]
 
 
 @nb.njit(parallel=True, **_LANES)
@@ -133,42 +138,46 @@ def fit_symmetric16(x, scales):
 
     Step sizes put the sub-block's largest-magnitude weight near -4 (its sign picks the side
     with the extra level); each is refitted by least squares (weights rms + |x|) and the one
-    explaining most of x wins."""
+    explaining most of x wins. Lanes: the row's sub-blocks side by side (weight i of sub-block
+    g at [i, g]), each with its own sums in its own order, so LLVM vectorizes across them."""
     rows, cols = x.shape
     G = cols // 16
     for r in nb.prange(rows):
-        v = np.empty(16, np.float64)
-        w = np.empty(16, np.float64)
+        xt = np.empty((16, G), np.float64)
+        w = np.empty((16, G), np.float64)
+        st = np.zeros((7, G), np.float64)
+        amax, vmax, ss, inv, sxl, sl2, best = st[0], st[1], st[2], st[3], st[4], st[5], st[6]
+        bs = np.zeros(G, np.float64)
+        for i in range(16):
+            for g in range(G):
+                v = np.float64(x[r, 16 * g + i])
+                xt[i, g] = v
+                ss[g] += v * v
+                big = abs(v) > amax[g]  # the first of equal magnitudes
+                vmax[g] = v if big else vmax[g]
+                amax[g] = abs(v) if big else amax[g]
         for g in range(G):
-            amax = 0.0
-            vmax = 0.0
-            ss = 0.0
+            ss[g] = np.sqrt(ss[g] / 16)
+            best[g] = -1.0
+        for i in range(16):
+            for g in range(G):
+                w[i, g] = ss[g] + abs(xt[i, g])
+        for k in range(-12, 13):
+            for g in range(G):
+                inv[g] = -(4.0 + 0.1 * k) / vmax[g]
+                sxl[g] = 0.0
+                sl2[g] = 0.0
             for i in range(16):
-                v[i] = np.float64(x[r, 16 * g + i])
-                ss += v[i] * v[i]
-                if abs(v[i]) > amax:
-                    amax = abs(v[i])
-                    vmax = v[i]
-            if amax < 1e-15:
-                scales[r, g] = 0.0
-                continue
-            rms = np.sqrt(ss / 16)
-            for i in range(16):
-                w[i] = rms + abs(v[i])
-            best = -1.0
-            bs = 0.0
-            for k in range(-12, 13):
-                inv = -(4.0 + 0.1 * k) / vmax
-                sxl = 0.0
-                sl2 = 0.0
-                for i in range(16):
-                    q = min(max(np.rint(inv * v[i]), -4.0), 3.0)
-                    sxl += w[i] * v[i] * q
-                    sl2 += w[i] * q * q
-                if sl2 > 0.0 and sxl * sxl > best * sl2:
-                    best = sxl * sxl / sl2
-                    bs = sxl / sl2
-            scales[r, g] = bs
+                for g in range(G):
+                    q = min(max(np.rint(inv[g] * xt[i, g]), -4.0), 3.0)
+                    sxl[g] += w[i, g] * xt[i, g] * q
+                    sl2[g] += w[i, g] * q * q
+            for g in range(G):
+                if sl2[g] > 0.0 and sxl[g] * sxl[g] > best[g] * sl2[g]:
+                    best[g] = sxl[g] * sxl[g] / sl2[g]
+                    bs[g] = sxl[g] / sl2[g]
+        for g in range(G):
+            scales[r, g] = 0.0 if amax[g] < 1e-15 else bs[g]
 
 
 # ---------------------------------------------------------------- pass 3: integer scales and codes
