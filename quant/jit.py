@@ -30,6 +30,14 @@ import numba.core.caching as _caching
 from llvmlite import binding as llvm
 
 FIXED_ORDER = {"nnan", "ninf", "nsz", "arcp", "afn"}  # a set: Numba takes no frozenset; never mutated
+
+# Options of an overload that is always inlined: @overload(f, **ALWAYS_INLINED). To type a call,
+# Numba compiles the implementation on its own, to machine code, once per argument types, and
+# then inlines its IR into the caller, which compiles it again with the caller's flags; the
+# first compile is never run. Without LLVM optimization it costs a fraction (a format switch
+# over the AVX-512 GEMM steps took 6 s of a first run's compile time; a few seconds more
+# went to the row-dot switches). The inlined code is compiled as the caller's, unchanged.
+ALWAYS_INLINED = {"inline": "always", "jit_options": {"_dbg_optnone": True}}
 PACKAGES = ("quant", "runtime", "offload", "convert")
 _ROOT = Path(__file__).resolve().parent.parent  # the directory holding the packages
 

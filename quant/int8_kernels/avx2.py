@@ -44,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import compiles_for
-from .llvm_ir import declare, fadd, fmul, fsub, load, shuffle
+from .llvm_ir import declare, fadd, fmul, fsub, load, outlined, shuffle
 
 
 AVAILABLE = compiles_for("avx2", "f16c")
@@ -274,8 +274,9 @@ def _row_dot(fmt, n_tok: int):
     """Codegen of a whole row (w, nsb super-blocks) times n_tok tokens, given by the addresses of
     their activations, 16-column sums and per-256 scales. The weights are decoded once per
     super-block for all tokens; each token's float sum runs over the super-blocks in order.
-    fmt: a name of _FORMATS, or its (bytes per 256 columns, decode, term) triple."""
-    block_bytes, decode, term = _FORMATS[fmt] if isinstance(fmt, str) else fmt
+    fmt: a name of _FORMATS, or a (name, bytes per 256 columns, decode, term) tuple. The code
+    is one function per kernel, called (llvm_ir.outlined)."""
+    name, block_bytes, decode, term = (fmt, *_FORMATS[fmt]) if isinstance(fmt, str) else fmt
 
     def codegen(context, builder, signature, args):
         wa, n = args[0], args[1]
@@ -294,18 +295,19 @@ def _row_dot(fmt, n_tok: int):
         sums = [builder.load(acc) for acc in accs]
         return sums[0] if n_tok == 1 else context.make_tuple(builder, signature.return_type, sums)
 
-    return codegen
+    return outlined(f"stepstream.int8.{name}.row_dot{n_tok}", codegen)
 
 
 _ROW1 = types.float32(*([types.int64] * 5))
 _ROW4 = types.UniTuple(types.float32, 4)(*([types.int64] * 14))
 
 
-def row_dot_intrinsics(block_bytes: int, decode, term):
+def row_dot_intrinsics(name: str, block_bytes: int, decode, term):
     """(row_dot, row_dot4) intrinsics, with q4k_row_dot's and q4k_row_dot4's arguments, for a
     format given by decode(builder, address) -> block (256 columns' decoded weights) and
-    term(builder, block, x, xb, xd, acc) -> acc plus that block times one token."""
-    spec = (block_bytes, decode, term)
+    term(builder, block, x, xb, xd, acc) -> acc plus that block times one token; `name` (the
+    format's, e.g. "q2_k") names their LLVM functions, so it must be the format's own."""
+    spec = (name, block_bytes, decode, term)
 
     def one(typingctx, w, nsb, x, xb, xd):
         return _ROW1, _row_dot(spec, 1)

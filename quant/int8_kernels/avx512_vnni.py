@@ -46,7 +46,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import compiles_for
-from .llvm_ir import declare, fadd, fmul, load, shuffle
+from .llvm_ir import declare, fadd, fmul, load, outlined, shuffle
 
 ROWS = 16
 GGUF_BYTES = {"q4_k": 144, "q6_k": 210}
@@ -320,7 +320,7 @@ def _step(fmt: str, n_tok: int):
                   [load(b, at(xd, xd_stride, t, 4), 0, _f32) for t in range(n_tok)], add)
         return context.get_dummy_value()
 
-    return codegen
+    return outlined(f"stepstream.int8.{fmt}.rows16_step{n_tok}", codegen)  # one function per kernel, called
 
 
 _SIG = types.none(*([types.int64] * 11))

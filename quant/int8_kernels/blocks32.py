@@ -163,5 +163,5 @@ def _term(lay: Layout):
 PORTABLE = {code: _portable(lay) for code, lay in LAYOUTS.items()}
 SIMD, SIMD4 = {}, {}
 for _code, _lay in LAYOUTS.items():
-    SIMD[_code], SIMD4[_code] = row_dot_functions(*row_dot_intrinsics(8 * _lay.nbytes, _block_decoder(_lay),
-                                                                      _term(_lay)))
+    SIMD[_code], SIMD4[_code] = row_dot_functions(*row_dot_intrinsics(T(_code).name.lower(), 8 * _lay.nbytes,
+                                                                      _block_decoder(_lay), _term(_lay)))

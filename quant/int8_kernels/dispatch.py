@@ -20,6 +20,8 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import overload
 
+from ..jit import ALWAYS_INLINED
+
 # format codes as the kernels see them
 Q8_0, Q4_K, Q5_K, Q6_K = int(T.Q8_0), int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
 Q2_K, Q3_K = int(T.Q2_K), int(T.Q3_K)
@@ -80,5 +82,5 @@ def switch(table: dict, arity: int):
     # overload needs the typer's parameters spelled as f's are
     scope = {"typer": typer}
     exec(f"def _f(formats, qtype, {args}):\n    return typer(formats, qtype, {args})", scope)  # noqa: S102
-    overload(f, inline="always")(scope["_f"])
+    overload(f, **ALWAYS_INLINED)(scope["_f"])
     return f

@@ -25,6 +25,7 @@ from numba.core.errors import TypingError
 from numba.extending import overload
 
 from ..bits import u8_at
+from ..jit import ALWAYS_INLINED
 from . import avx512_vnni as vnni
 from .avx512_vnni import (q4k_rows_step1, q4k_rows_step2, q4k_rows_step4, q4k_rows_step8, q6k_rows_step1,
                           q6k_rows_step2, q6k_rows_step4, q6k_rows_step8)
@@ -65,7 +66,7 @@ def row_blocks(formats, qtype, n_rows, nsb):
     raise NotImplementedError("row_blocks is for Numba code")
 
 
-@overload(row_blocks, inline="always")
+@overload(row_blocks, **ALWAYS_INLINED)
 def _row_blocks(formats, qtype, n_rows, nsb):
     if not isinstance(formats, types.IntegerLiteral):
         raise TypingError("row_blocks needs the format set as a compile-time constant")
@@ -84,7 +85,7 @@ def block_gemv(formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out):
     raise NotImplementedError("block_gemv is for Numba code")
 
 
-@overload(block_gemv, inline="always")
+@overload(block_gemv, **ALWAYS_INLINED)
 def _block_gemv(formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out):
     if not isinstance(formats, types.IntegerLiteral):
         raise TypingError("block_gemv needs the format set as a compile-time constant")

@@ -92,5 +92,5 @@ def _term(builder, block, xa, xba, xd, acc):
     return fadd(builder, acc, fmul(builder, fmul(builder, d, xd), builder.sitofp(reduce_add(builder, parts[0]), F32)))
 
 
-iq4xs_row_dot, iq4xs_row_dot4 = row_dot_intrinsics(136, _block, _term)
+iq4xs_row_dot, iq4xs_row_dot4 = row_dot_intrinsics("iq4_xs", 136, _block, _term)
 q8dot_iq4_xs_simd, q8dot4_iq4_xs_simd = row_dot_functions(iq4xs_row_dot, iq4xs_row_dot4)

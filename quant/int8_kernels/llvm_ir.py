@@ -1,13 +1,18 @@
 """LLVM IR building blocks shared by the AVX2 and AVX-512 VNNI intrinsics.
 
 Addresses are i64 values (the kernels pass raw addresses); loads are unaligned unless
-the caller knows better.
+the caller knows better. `outlined` makes an intrinsic's code one function per kernel,
+called wherever the kernel uses it, instead of a copy at every use (compile time).
 """
 
 from __future__ import annotations
 
+import uuid
+import weakref
+
+from llvmlite import binding as llvm
 from llvmlite import ir
-from numba.core import cgutils
+from numba.core import cgutils, types
 
 I32 = ir.IntType(32)
 
@@ -55,3 +60,67 @@ def fsub(builder, a, b):
 def fmul(builder, a, b):
     """a * b, rounded once and never fused into an add (see fadd)."""
     return _pinned(builder.fmul(a, b))
+
+
+# ---------------------------------------------------------------- one body per kernel
+
+_PLACEHOLDER = "stepstream_outlined_body"
+_BODIES: dict[tuple[str, bool], str] = {}  # (name, optnone) -> IR of a module defining it as _PLACEHOLDER
+_LINKED: "weakref.WeakKeyDictionary[object, dict[str, str]]" = weakref.WeakKeyDictionary()  # library -> symbols
+
+
+def outlined(name: str, codegen):
+    """The codegen of an intrinsic that calls one LLVM function holding the code
+    codegen(context, builder, signature, args) emits, instead of emitting it at every call.
+
+    Why: a row dot or a GEMM step is thousands of instructions, and a kernel used to get its
+    own copy at every place it is inlined into (a fused FFN has the same row dot in several
+    loops, a format switch is compiled once on its own before it is inlined). Each copy was
+    built again by llvmlite in Python and optimized again by LLVM: most of a first run's
+    compile time. Now the function is built once per process (its IR text kept here), parsed
+    into each kernel's code library once, and called; LLVM still inlines it where it finds
+    that pays. The arguments are integers (addresses, sizes), so a call costs a few
+    nanoseconds next to a row's work. The bits do not change: every float step of these
+    bodies carries its own flags (PINNED), which no caller's fast-math flags override.
+
+    In a library the function is an external definition (the linker drops unreferenced
+    linkonce or internal ones when it links them in before the caller's own code) under a
+    symbol of its own, `name` and a random suffix, so that the copies of kernels which link
+    each other in (a parallel loop's body, a called kernel) never clash in the JIT.
+    `name` must say everything the code depends on (format, tokens, kind)."""
+
+    def call(context, builder, signature, args):
+        void = signature.return_type == types.none
+        ret = ir.VoidType() if void else context.get_value_type(signature.return_type)
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        library = context.active_code_library
+        symbols = _LINKED.setdefault(library, {})
+        if name not in symbols:
+            # a caller compiled only to be typed (quant.jit.ALWAYS_INLINED) gets an unoptimized body
+            key = (name, "optnone" in builder.function.attributes)
+            if key not in _BODIES:
+                _BODIES[key] = _body(library, context, signature, fnty, codegen, void, key[1])
+            symbol = f"{name}.{uuid.uuid4().hex[:16]}"
+            library.add_llvm_module(llvm.parse_assembly(_BODIES[key].replace(f"@{_PLACEHOLDER}", f'@"{symbol}"')))
+            symbols[name] = symbol
+        result = builder.call(cgutils.get_or_insert_function(builder.module, fnty, symbols[name]), args)
+        return context.get_dummy_value() if void else result
+
+    return call
+
+
+def _body(library, context, signature, fnty, codegen, void: bool, optnone: bool) -> str:
+    module = library.create_ir_module(_PLACEHOLDER)  # the target's triple and data layout
+    fn = ir.Function(module, fnty, _PLACEHOLDER)
+    if optnone:
+        fn.attributes.add("optnone")
+        fn.attributes.add("noinline")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    value = codegen(context, builder, signature, list(fn.args))
+    if void:
+        builder.ret_void()
+    else:
+        builder.ret(value)
+    text = str(module).replace(f'@"{_PLACEHOLDER}"', f"@{_PLACEHOLDER}")  # llvmlite quotes names
+    assert text.count(f"@{_PLACEHOLDER}(") == 1, "the body's symbol is spelled otherwise"
+    return text

@@ -163,7 +163,7 @@ def _q3k_term(builder, block, xa, xba, xd, acc):
     return fadd(builder, acc, fmul(builder, fmul(builder, d, xd), builder.sitofp(isum, F32)))
 
 
-q2k_row_dot, q2k_row_dot4 = row_dot_intrinsics(84, _q2k_block, _q2k_term)
-q3k_row_dot, q3k_row_dot4 = row_dot_intrinsics(110, _q3k_block, _q3k_term)
+q2k_row_dot, q2k_row_dot4 = row_dot_intrinsics("q2_k", 84, _q2k_block, _q2k_term)
+q3k_row_dot, q3k_row_dot4 = row_dot_intrinsics("q3_k", 110, _q3k_block, _q3k_term)
 q8dot_q2_k_simd, q8dot4_q2_k_simd = row_dot_functions(q2k_row_dot, q2k_row_dot4)
 q8dot_q3_k_simd, q8dot4_q3_k_simd = row_dot_functions(q3k_row_dot, q3k_row_dot4)
