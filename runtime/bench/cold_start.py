@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm", action="store_true", help="one more run on the cache the last cold run filled")
     p.add_argument("--compiles", action="store_true", help="list what each cold run compiled (the last run's list)")
     p.add_argument("-t", "--threads", type=int, default=None, help="NUMBA_NUM_THREADS for the child")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds a run may wait for its first token (default: 900)")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help=f"the stepstream command and its arguments (default: {' '.join(DEFAULT_COMMAND)})")
     args = p.parse_args(argv)
@@ -193,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.runs):
             cache = str(Path(tmp) / f"cache{i}")
             record = str(Path(tmp) / f"compiles{i}.json") if args.compiles else ""
-            runs.append(time_to_first_token(command, prompt, cache, record, args.threads))
+            runs.append(time_to_first_token(command, prompt, cache, record, args.threads, args.timeout))
             if record:
                 events = json.loads(Path(record).read_text())
             print(f"  cold run {i + 1}: {_figures(runs[-1])}" + (f", {len(events)} compiles" if record else ""),
                   flush=True)
         if args.warm:
             print(f"  warm run (cache of cold run {args.runs}): "
-                  f"{_figures(time_to_first_token(command, prompt, cache, '', args.threads))}")
+                  f"{_figures(time_to_first_token(command, prompt, cache, '', args.threads, args.timeout))}")
     cpu = [r.cpu for r in runs if r.cpu is not None]
     print(f"median of {len(runs)} cold runs: {statistics.median(r.seconds for r in runs):.1f} s"
           + (f" ({statistics.median(cpu):.1f} s of CPU)" if cpu else "") + f"; {_load()}")
