@@ -7,7 +7,6 @@ called wherever the kernel uses it, instead of a copy at every use (compile time
 
 from __future__ import annotations
 
-import uuid
 import weakref
 
 from llvmlite import binding as llvm
@@ -83,11 +82,12 @@ def outlined(name: str, codegen):
     nanoseconds next to a row's work. The bits do not change: every float step of these
     bodies carries its own flags (PINNED), which no caller's fast-math flags override.
 
-    In a library the function is an external definition (the linker drops unreferenced
-    linkonce or internal ones when it links them in before the caller's own code) under a
-    symbol of its own, `name` and a random suffix, so that the copies of kernels which link
-    each other in (a parallel loop's body, a called kernel) never clash in the JIT.
-    `name` must say everything the code depends on (format, tokens, kind)."""
+    The function's symbol is `name`, weak_odr: the linker keeps it even before the caller's
+    code refers to it (it drops an unreferenced linkonce or internal one), a kernel that links
+    in others holding it (its parallel loops' bodies, a called kernel) keeps one copy, and the
+    JIT takes any one of the identical definitions, as it does for Numba's own linked
+    functions. So `name` must say everything the code depends on (format, tokens, kind); the
+    unoptimized copy of a typing-only compile has a name of its own."""
 
     def call(context, builder, signature, args):
         void = signature.return_type == types.none
@@ -100,7 +100,7 @@ def outlined(name: str, codegen):
             key = (name, "optnone" in builder.function.attributes)
             if key not in _BODIES:
                 _BODIES[key] = _body(library, context, signature, fnty, codegen, void, key[1])
-            symbol = f"{name}.{uuid.uuid4().hex[:16]}"
+            symbol = f"{name}.unoptimized" if key[1] else name
             library.add_llvm_module(llvm.parse_assembly(_BODIES[key].replace(f"@{_PLACEHOLDER}", f'@"{symbol}"')))
             symbols[name] = symbol
         result = builder.call(cgutils.get_or_insert_function(builder.module, fnty, symbols[name]), args)
@@ -112,6 +112,7 @@ def outlined(name: str, codegen):
 def _body(library, context, signature, fnty, codegen, void: bool, optnone: bool) -> str:
     module = library.create_ir_module(_PLACEHOLDER)  # the target's triple and data layout
     fn = ir.Function(module, fnty, _PLACEHOLDER)
+    fn.linkage = "weak_odr"
     if optnone:
         fn.attributes.add("optnone")
         fn.attributes.add("noinline")
