@@ -362,6 +362,7 @@ def engine_summary(runs: list[dict]) -> dict:
             "cgroup_max_usage_max": max((r["cgroup_max_usage"] for r in ok if "cgroup_max_usage" in r), default=None),
             "bytes_read_median": _median(runs, "bytes_read"),
             "bytes_read_timed_median": _median(runs, "bytes_read_timed"),
+            "wall_seconds_median": _median(runs, "wall_seconds"),  # the whole child: loading counts here
             "reasons": sorted({r["reason"] for r in runs if r["status"] != "ok"}),
             "minimum_bytes": next((r["minimum_bytes"] for r in runs if "minimum_bytes" in r), None)}
 
@@ -386,7 +387,7 @@ def table_text(report: dict) -> str:
         return (format(v, fmt) if v is not None else "-").rjust(width)
 
     lines = [f"{'cap':>8} {'bytes':>9} {'engine':>11} {'decode tok/s':>13} {'prefill tok/s':>14} "
-             f"{'cgroup peak':>12} {'read GB':>8}  runs"]
+             f"{'cgroup peak':>12} {'read GB':>8} {'wall s':>7}  runs"]
     for row in report["caps"]:
         for engine, s in row["engines"].items():
             peak = size_text(s["cgroup_max_usage_max"]) if s["cgroup_max_usage_max"] is not None else "-"
@@ -394,7 +395,7 @@ def table_text(report: dict) -> str:
             note = f"{s['runs_ok']}/{len(s['runs'])} ok" + (f"; {'; '.join(s['reasons'])}" if s["reasons"] else "")
             lines.append(f"{row['cap']:>8} {size_text(row['cap_bytes']):>9} {engine:>11} "
                          f"{num(s['decode_tok_s_median'], 13)} {num(s['prefill_tok_s_median'], 14)} "
-                         f"{peak:>12} {num(read, 8)}  {note}")
+                         f"{peak:>12} {num(read, 8)} {num(s['wall_seconds_median'], 7, '.0f')}  {note}")
     return "\n".join(lines)
 
 
