@@ -132,6 +132,10 @@ def test_the_report_holds_medians_and_every_run(tmp_path):
     assert mid["llama.cpp"]["decode_tok_s_median"] == statistics.median([2.0, 3.0])
     assert len(mid["llama.cpp"]["runs"]) == 3
     assert full["llama.cpp"]["decode_tok_s_median"] == 14.0 and full["stepstream"]["status"] == "ok"
+    # ratios of the runs that ran one after the other (repetition i of each engine), then their median
+    assert back["caps"][0]["decode_ratio_median"] is None
+    assert back["caps"][1]["decode_ratio_median"] == statistics.median([10.0 / 2.0, 11.0 / 3.0])
+    assert back["caps"][2]["decode_ratio_median"] == statistics.median([20 / 15, 21 / 14, 22 / 13])
     table = sweep.table_text(report)
     assert "does not fit" in table.splitlines()[1] or "needs a cap of 3.0 GiB" in table
     assert "2/3 ok; killed by the memory cap (OOM)" in table

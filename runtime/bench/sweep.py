@@ -367,10 +367,21 @@ def engine_summary(runs: list[dict]) -> dict:
             "minimum_bytes": next((r["minimum_bytes"] for r in runs if "minimum_bytes" in r), None)}
 
 
+def pair_ratio(runs: dict[str, list[dict]]) -> float | None:
+    """The median over repetitions of stepstream's decode tok/s over llama.cpp's in the same
+    repetition: the two ran one after the other, so a neighbour's load falls on both."""
+    if not set(ENGINES) <= set(runs):
+        return None
+    ratios = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(*(runs[e] for e in ENGINES))
+              if a["status"] == b["status"] == "ok" and a.get("decode_tok_s") and b.get("decode_tok_s")]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize(o: SweepOptions, file_bytes: int, footprint: int, minimum: int, caps: list[dict]) -> dict:
     """The report: the settings, then per cap its size and, per engine, the medians and every run."""
     rows = [{**{k: v for k, v in row.items() if k != "runs"},
-             "engines": {e: {**engine_summary(runs), "runs": runs} for e, runs in row["runs"].items()}}
+             "engines": {e: {**engine_summary(runs), "runs": runs} for e, runs in row["runs"].items()},
+             "decode_ratio_median": pair_ratio(row["runs"])}
             for row in caps]
     return {"model": str(o.model), "file_bytes": file_bytes, "engines": list(o.engines), "repetitions": o.repeats,
             "n_prompt": o.n_prompt, "n_gen": o.n_gen, "threads": o.threads or os.cpu_count(), "batch": o.batch,
@@ -393,6 +404,8 @@ def table_text(report: dict) -> str:
             peak = size_text(s["cgroup_max_usage_max"]) if s["cgroup_max_usage_max"] is not None else "-"
             read = s["bytes_read_median"] / 1e9 if s["bytes_read_median"] is not None else None
             note = f"{s['runs_ok']}/{len(s['runs'])} ok" + (f"; {'; '.join(s['reasons'])}" if s["reasons"] else "")
+            if engine == "stepstream" and row.get("decode_ratio_median") is not None:
+                note += f"; {row['decode_ratio_median']:.2f}x llama.cpp (median of paired runs)"
             lines.append(f"{row['cap']:>8} {size_text(row['cap_bytes']):>9} {engine:>11} "
                          f"{num(s['decode_tok_s_median'], 13)} {num(s['prefill_tok_s_median'], 14)} "
                          f"{peak:>12} {num(read, 8)} {num(s['wall_seconds_median'], 7, '.0f')}  {note}")
