@@ -117,7 +117,7 @@ def _timed(eval_one, prompt: list[int], gen: list[int]) -> dict:
 
 
 def _n_ctx(spec: dict) -> int:
-    return spec.get("n_ctx") or spec["n_prompt"] + spec["n_gen"] + 8
+    return spec["n_prompt"] + spec["n_gen"] + 8  # the prompt, the decoded tokens, a little room
 
 
 def child_ours(spec: dict) -> dict:
@@ -286,9 +286,8 @@ def smallest_cache(model: str) -> tuple[int, int]:
 def measure_footprint(o: SweepOptions, smallest: int) -> int:
     """Our memory beside the expert cache, from one uncapped run with a small cache: anonymous
     memory less the cache, plus the library pages the process keeps touching."""
-    # The same context (the KV cache's size), fewer tokens: with so small a cache every one is read.
-    spec = {**o.spec("stepstream", 2 * smallest), "n_gen": min(o.n_gen, 2)}
-    probe = run_child({**spec, "n_ctx": _n_ctx(o.spec("stepstream"))}, None, o.timeout)
+    # The sweep's own tokens: fewer decoded tokens measured 30% less (895 against 1281 MiB at real widths).
+    probe = run_child(o.spec("stepstream", 2 * smallest), None, o.timeout)
     if probe["status"] != "ok":
         raise StepstreamError(f"{o.model}: the uncapped run that measures our footprint failed: {probe['reason']}")
     return probe["rss_anon_bytes"] - probe["cache_bytes"] + FILE_WORKING_SET
