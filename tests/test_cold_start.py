@@ -45,7 +45,11 @@ def test_demo_first_token_compiles_only_the_files_formats():
     for unused in ("few_kernels.build.<locals>.ffn", "few_kernels.build.<locals>.attention_half",
                    "few_kernels.attention_tokens"):
         assert not any(n.endswith(unused) for n in names), unused
-    twice = [k for k, n in Counter((e["function"], tuple(e["args"])) for e in events).items() if n > 1]
+    # a kernel built again (a format set spelled two ways, a cache of builders missed) compiles
+    # again for the same types; overload implementations (".impl") are compiled once per template
+    ours = [e for e in events if e["function"].startswith(("quant.", "runtime.", "offload."))
+            and not e["function"].endswith(".impl")]
+    twice = [k for k, n in Counter((e["function"], tuple(e["args"])) for e in ours).items() if n > 1]
     assert not twice, f"compiled twice for the same types: {twice}"
     print(f"cold demo: first token after {first.seconds:.1f} s ({first.cpu} s of CPU), {len(events)} compiles")
 

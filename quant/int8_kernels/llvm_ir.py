@@ -64,7 +64,7 @@ def fmul(builder, a, b):
 # ---------------------------------------------------------------- one body per kernel
 
 _PLACEHOLDER = "stepstream_outlined_body"
-_BODIES: dict[tuple[str, bool], str] = {}  # (name, optnone) -> IR of a module defining it as _PLACEHOLDER
+_BODIES: dict[str, str] = {}  # name -> IR of a module defining it as _PLACEHOLDER, built once per process
 _LINKED: "weakref.WeakKeyDictionary[object, dict[str, str]]" = weakref.WeakKeyDictionary()  # library -> symbols
 
 
@@ -96,12 +96,12 @@ def outlined(name: str, codegen):
         library = context.active_code_library
         symbols = _LINKED.setdefault(library, {})
         if name not in symbols:
-            # a caller compiled only to be typed (quant.jit.ALWAYS_INLINED) gets an unoptimized body
-            key = (name, "optnone" in builder.function.attributes)
-            if key not in _BODIES:
-                _BODIES[key] = _body(library, context, signature, fnty, codegen, void, key[1])
-            symbol = f"{name}.unoptimized" if key[1] else name
-            library.add_llvm_module(llvm.parse_assembly(_BODIES[key].replace(f"@{_PLACEHOLDER}", f'@"{symbol}"')))
+            if name not in _BODIES:
+                _BODIES[name] = _body(library, context, signature, fnty, codegen, void)
+            text, symbol = _BODIES[name], name
+            if "optnone" in builder.function.attributes:  # a typing-only compile (quant.jit.ALWAYS_INLINED)
+                text, symbol = _unoptimized(text), f"{name}.unoptimized"
+            library.add_llvm_module(llvm.parse_assembly(text.replace(f"@{_PLACEHOLDER}", f'@"{symbol}"')))
             symbols[name] = symbol
         result = builder.call(cgutils.get_or_insert_function(builder.module, fnty, symbols[name]), args)
         return context.get_dummy_value() if void else result
@@ -109,13 +109,10 @@ def outlined(name: str, codegen):
     return call
 
 
-def _body(library, context, signature, fnty, codegen, void: bool, optnone: bool) -> str:
+def _body(library, context, signature, fnty, codegen, void: bool) -> str:
     module = library.create_ir_module(_PLACEHOLDER)  # the target's triple and data layout
     fn = ir.Function(module, fnty, _PLACEHOLDER)
     fn.linkage = "weak_odr"
-    if optnone:
-        fn.attributes.add("optnone")
-        fn.attributes.add("noinline")
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     value = codegen(context, builder, signature, list(fn.args))
     if void:
@@ -125,3 +122,11 @@ def _body(library, context, signature, fnty, codegen, void: bool, optnone: bool)
     text = str(module).replace(f'@"{_PLACEHOLDER}"', f"@{_PLACEHOLDER}")  # llvmlite quotes names
     assert text.count(f"@{_PLACEHOLDER}(") == 1, "the body's symbol is spelled otherwise"
     return text
+
+
+def _unoptimized(text: str) -> str:
+    """The body's IR with the function left unoptimized (optnone needs noinline), as the typing-only
+    compile that holds it: llvmlite writes a definition's attributes between its ")" and "{"."""
+    head = text.index(f"@{_PLACEHOLDER}(")
+    brace = text.index(")\n{", head)
+    return text[:brace] + ") noinline optnone" + text[brace + 1:]
