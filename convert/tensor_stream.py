@@ -25,7 +25,6 @@ import numba as nb
 import numpy as np
 import quant
 from gguf import GGMLQuantizationType as Q
-from quant import kquant_q2q3
 from quant.formats import get_format
 from convert import layout
 from convert.safetensors_io import Checkpoint
@@ -33,17 +32,11 @@ from runtime.base.errors import StepstreamError
 
 CHUNK_WEIGHTS = 1 << 21  # 8 MiB of float32 per chunk; two chunks are alive at a time
 
-# Writers quant.quantize does not dispatch to (yet): the converter calls them itself.
-_OWN_WRITERS = {Q.Q2_K: kquant_q2q3.quantize_q2_k, Q.Q3_K: kquant_q2q3.quantize_q3_k}
-
-
 def writer(qtype) -> Callable[[np.ndarray], np.ndarray]:
     """The quantizer of `qtype`: float32 [R, C] -> GGUF bytes uint8 [R, row_bytes]. Raises
     StepstreamError for a format stepstream reads but cannot write, so a plan that needs one
     fails before any data is touched."""
     q = Q(qtype)
-    if q in _OWN_WRITERS:
-        return _OWN_WRITERS[q]
     probe = np.zeros((1, get_format(q).block_size), np.float32)
     try:
         quant.quantize(probe, q)

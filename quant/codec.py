@@ -13,13 +13,14 @@ import math
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import kquant, reference, reference_iq
+from . import kquant, kquant_q2q3, reference, reference_iq
 from .formats import check_row, get_format, row_bytes
 
 # numpy codecs build a few temporaries per element: work in slices of this many weights
 _CHUNK = 1 << 20
 
-_KQUANT = {T.Q4_K: kquant.quantize_q4_k, T.Q5_K: kquant.quantize_q5_k, T.Q6_K: kquant.quantize_q6_k}
+_KQUANT = {T.Q2_K: kquant_q2q3.quantize_q2_k, T.Q3_K: kquant_q2q3.quantize_q3_k,
+           T.Q4_K: kquant.quantize_q4_k, T.Q5_K: kquant.quantize_q5_k, T.Q6_K: kquant.quantize_q6_k}
 _DEQUANT = {**reference.DEQUANT, **reference_iq.DEQUANT}
 
 

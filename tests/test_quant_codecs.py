@@ -120,8 +120,8 @@ def test_argument_errors_name_the_value():
         quantize(np.zeros((2, 100), np.float32), T.Q4_K)
     with pytest.raises(ValueError, match="no quantizer for IQ4_XS"):
         quantize(x, T.IQ4_XS)
-    with pytest.raises(ValueError, match="no quantizer for Q3_K: stepstream reads Q3_K but does not write it"):
-        quantize(x, T.Q3_K)
+    with pytest.raises(ValueError, match="no quantizer for IQ4_NL: stepstream reads IQ4_NL but does not write it"):
+        quantize(x, T.IQ4_NL)
     raw = quantize(x, T.Q8_0)
     with pytest.raises(ValueError, match="544 bytes"):
         dequantize(raw, T.Q8_0, (3, 256))
