@@ -49,7 +49,7 @@ def _same_choice(cpu: np.ndarray, gpu: np.ndarray) -> bool:
 
 @pytest.fixture(scope="module")
 def cpu_model():
-    return load(SHIPPED, n_ctx=N_CTX)
+    return load(SHIPPED, n_ctx=N_CTX, cache_type_k="f32", cache_type_v="f32")  # the card keeps a float32 cache
 
 
 @pytest.fixture(scope="module")
