@@ -29,6 +29,8 @@ import numba
 import numba.core.caching as _caching
 from llvmlite import binding as llvm
 
+from quant import numba_cache
+
 FIXED_ORDER = {"nnan", "ninf", "nsz", "arcp", "afn"}  # a set: Numba takes no frozenset; never mutated
 
 # Options of an overload that is always inlined: @overload(f, **ALWAYS_INLINED). To type a call,
@@ -162,6 +164,7 @@ def _register() -> None:
 
 
 _register()
+numba_cache.install()  # cached code named by its key, so concurrent compiles cannot cross files
 
 
 @numba.njit(inline="always", cache=True)

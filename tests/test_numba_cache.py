@@ -1,0 +1,92 @@
+"""quant.numba_cache: Numba's on-disk cache names each compiled signature's file by its key, so
+processes compiling different signatures of one kernel at once never map a signature to
+another's machine code (Numba numbers the files from a shared counter: two processes reading
+the same index both pick `f.1.nbc`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numba.core.caching as caching
+
+import quant.jit  # noqa: F401  (installs the naming)
+from quant import numba_cache
+
+STAMP = ("mtime", 123)
+
+
+def _file(tmp_path, stamp=STAMP):
+    return caching.IndexDataCacheFile(str(tmp_path), "mod.kernel-12.py311", stamp)
+
+
+def test_installed_by_quant_jit():
+    assert caching.IndexDataCacheFile.save is numba_cache._save
+
+
+def test_one_name_per_key_and_source_version(tmp_path):
+    a, b = _file(tmp_path), _file(tmp_path, ("mtime", 124))
+    n1, n2 = numba_cache._data_name(a, ("sig-int64",)), numba_cache._data_name(a, ("sig-float64",))
+    assert n1 != n2 and n1 == numba_cache._data_name(_file(tmp_path), ("sig-int64",))
+    assert numba_cache._data_name(b, ("sig-int64",)) != n1  # an edited source never reuses a name
+    assert re.fullmatch(r"mod\.kernel-12\.py311\.[0-9a-f]{24}\.nbc", n1)
+
+
+def test_a_stale_index_loses_an_entry_never_maps_it_to_other_code(tmp_path):
+    """Process B saves with the index it read before process A saved (its view is stale): A's
+    entry is dropped from the index, but every name still holds its own key's code."""
+    a, b = _file(tmp_path), _file(tmp_path)
+    b._load_index = lambda: {}  # B read the index before A wrote it
+    a.save(("sig-int64",), "code for int64")
+    b.save(("sig-float64",), "code for float64")
+    reader = _file(tmp_path)
+    assert reader.load(("sig-float64",)) == "code for float64"
+    assert reader.load(("sig-int64",)) in (None, "code for int64")
+    for key, code in ((("sig-int64",), "code for int64"), (("sig-float64",), "code for float64")):
+        assert reader._load_data(numba_cache._data_name(reader, key)) == code
+
+
+def test_counter_names_would_cross(tmp_path):
+    """The defect this module removes, on Numba's own naming: A's index entry and B's code
+    under the same counter name make A's signature load B's code."""
+    a, b = _file(tmp_path), _file(tmp_path)
+    name_a = a._data_name(1)
+    name_b = b._data_name(1)  # B read the same (empty) index: the same first free number
+    assert name_a == name_b
+    a._save_index({("sig-int64",): name_a})
+    b._save_data(name_b, "code for float64")
+    assert _file(tmp_path).load(("sig-int64",)) == "code for float64"  # the wrong machine code
+
+
+KERNEL = textwrap.dedent("""
+    import sys
+    import numba
+    import quant.jit  # noqa: F401
+    @numba.njit(cache=True)
+    def twice(x):
+        return x + x
+    x = {"int": 21, "float": 1.25, "both": None}[sys.argv[1]]
+    if x is None:
+        print(twice(21), twice(1.25))
+    else:
+        print(twice(x))
+""")
+
+
+def test_concurrent_compiles_of_two_signatures_load_back(tmp_path):
+    """Two processes compile two signatures of one cached function at the same time; a third
+    loads both from the cache and gets each one's own result."""
+    script = tmp_path / "kernel_mod.py"
+    script.write_text(KERNEL)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, str(script), kind], env=env, stdout=subprocess.PIPE, text=True)
+             for kind in ("int", "float")]
+    outs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert outs == [["42"], ["2.5"]]
+    done = subprocess.run([sys.executable, str(script), "both"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["42", "2.5"], done.stderr
+    names = [n for _, _, files in os.walk(tmp_path / "cache") for n in files if n.endswith(".nbc")]
+    assert names and all(re.search(r"\.[0-9a-f]{24}\.nbc$", n) for n in names), names
