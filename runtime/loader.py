@@ -48,7 +48,7 @@ def load(path: str | Path, **options) -> Model:
         # threads: measured here, one BLAS thread doubled prefill (90 -> 207 tok/s).
         system.set_blas_threads(1)
     limit, usable = system.memory_limit(), system.usable_memory()
-    runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit)
+    runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit, opts.kv_types)
     placement = None
     if not _streams(opts, f.nbytes, runtime.full, usable):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})

@@ -221,12 +221,14 @@ def _sizes(path):
     from offload.provider import slot_bytes_for
     from runtime.base.config import ModelConfig
     from runtime.base.gguf_file import GGUFModelFile
+    from runtime.base.options import RuntimeOptions
     from runtime.model.weights import load_weights
 
     f = GGUFModelFile(path)
     cfg = ModelConfig.from_gguf(f)
     resident = resident_size(load_weights(f, cfg), cfg.n_layers)
-    runtime = runtime_needs(cfg, min(cfg.context_length, 4096), 16, MemoryLimit("cgroup v1", 0, 0, 0))
+    runtime = runtime_needs(cfg, min(cfg.context_length, 4096), 16, MemoryLimit("cgroup v1", 0, 0, 0),
+                            RuntimeOptions().kv_types)
     slot = slot_bytes_for(build_expert_table(f, cfg))
     smallest = (cfg.n_expert_used + max(1, cfg.n_expert_used * 3 // 4)) * slot
     return f.nbytes, resident, runtime, smallest

@@ -308,3 +308,21 @@ def test_cache_type_flags_refuse_a_bad_value_in_one_line(capsys):
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1, err
         assert "is not a KV cache type; choose f32, f16, q8_0" in err and argv[-1] in err, err
+
+
+def test_a_loaded_model_places_and_drafts_with_its_cache_types():
+    """`run`'s placement counts the KV cache at the options' types (as `plan` does), and the MTP
+    heads' caches store the trunk's types."""
+    from offload.placement import kv_cache_bytes
+
+    m = runtime.load(MODEL, experts="stream", n_ctx=1024, cache_type_k="q8_0", cache_type_v="f16", mtp=2)
+    try:
+        assert m.placement.kv_types == ("q8_0", "f16")
+        assert m.placement.kv_bytes == kv_cache_bytes(m.cfg, 1024, 16, kv_types=("q8_0", "f16"))
+        assert "K q8_0, V f16" in m.placement.text()
+        from runtime.model.mtp import Drafter
+
+        d = Drafter(m)
+        assert all(kv.types == ("q8_0", "f16") for kv in d.kv)
+    finally:
+        m.close()

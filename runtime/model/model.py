@@ -334,7 +334,7 @@ class Model:
             if n <= 0:
                 break
             x = mtp.head_input(self, j, ids[1 + j : 1 + j + n], h[:n])  # [n, H]
-            kv = mtp.head_cache(self.cfg, j, n)
+            kv = mtp.head_cache(self.cfg, j, n, self.options.kv_types)
             h = np.concatenate([mtp.head_chunk(self, j, x[a : a + self.options.n_batch], a, kv)
                                 for a in range(0, n, self.options.n_batch)])
             out.append(mtp.head_logits(self, j, h))

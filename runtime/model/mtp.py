@@ -37,10 +37,12 @@ MARGIN = 64  # positions of hidden states kept below those in use, for rollbacks
 DECODE_ROWS = FEW_TOKENS  # a head's chunk up to this many rows runs through the few-token decode path
 
 
-def head_cache(cfg, j: int, n_ctx: int) -> LayerKV:
-    """Head j's KV cache: growing, so trim can go anywhere (a sliding head masks by position)."""
+def head_cache(cfg, j: int, n_ctx: int, types: tuple[str, str] = ("f32", "f32")) -> LayerKV:
+    """Head j's KV cache, keys and values stored as `types` (the trunk's, from the options):
+    growing, so trim can go anywhere (a sliding head masks by position)."""
     i = cfg.n_layers + j
-    return LayerKV(cfg.n_head_kv[i], cfg.head_dim, min(n_ctx, START_CAPACITY), ring=False, window=cfg.window)
+    return LayerKV(cfg.n_head_kv[i], cfg.head_dim, min(n_ctx, START_CAPACITY), ring=False, window=cfg.window,
+                   types=types)
 
 
 def head_input(model, j: int, ids: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -97,7 +99,7 @@ class Drafter:
     def __init__(self, model):
         self.model = model
         self.n_heads = len(model.weights.nextn)
-        self.kv = [head_cache(model.cfg, j, model.n_ctx) for j in range(self.n_heads)]
+        self.kv = [head_cache(model.cfg, j, model.n_ctx, model.options.kv_types) for j in range(self.n_heads)]
         self.reset()
 
     def reset(self) -> None:
