@@ -68,6 +68,8 @@ def test_flags_that_set_the_ram_themselves_are_refused(capsys, tmp_path):
     assert err.count("\n") == 0 and "--ram-budget does not go with --sweep-ram" in err
     assert main(["bench", "-m", str(MODEL), "--sweep-ram", "50%", "--sweep-out", str(tmp_path / "no" / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["bench", "-m", str(MODEL), "--sweep-ram", "50%", "-ctk", "q8_0", "--sweep-out", out]) == 2
+    assert "--cache-type-k/-v do not go with --sweep-ram" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- order of the runs

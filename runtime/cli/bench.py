@@ -82,12 +82,16 @@ def _rates(prompt, gen, pp: list[float], tg: list[float]) -> dict:
 
 
 def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int,
-                     queue) -> None:
+                     kv_types: tuple[str, str], queue) -> None:
     import llama_cpp
 
     threads = threads or os.cpu_count()
+    ggml = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+    # The same cache types as ours; llama.cpp stores a quantized V cache only with flash attention.
+    flash = {"flash_attn": True} if kv_types[1] == "q8_0" else {}
     llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + len(gen) + 8, n_batch=batch, n_ubatch=batch,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+                          n_threads=threads, n_threads_batch=threads, type_k=ggml[kv_types[0]],
+                          type_v=ggml[kv_types[1]], verbose=False, **flash)
     llm.eval(prompt[:8])  # warm-up
     llm.eval(gen[:1] or prompt[:1])
     pp, tg = [], []
@@ -104,10 +108,13 @@ def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, th
     queue.put(_rates(prompt, gen, pp, tg))
 
 
-def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int) -> dict:
+def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int,
+                    kv_types: tuple[str, str] = ("f16", "f16")) -> dict:
+    """llama.cpp's prefill and decode on the same tokens, in a process of its own, its KV cache
+    in `kv_types` (ours: RuntimeOptions.kv_types)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_llama_cpp_child, args=(path, prompt, gen, reps, threads, batch, queue))
+    proc = ctx.Process(target=_llama_cpp_child, args=(path, prompt, gen, reps, threads, batch, kv_types, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -129,6 +136,9 @@ def run_sweep(args) -> int:
     for name, flag in SWEEP_EXCLUDES:
         if getattr(args, name, None) not in (None, False):
             raise StepstreamError(f"{flag} does not go with --sweep-ram: the sweep sets each run's RAM itself")
+    if (args.cache_type_k, args.cache_type_v) != ("f16", "f16"):
+        raise StepstreamError("--cache-type-k/-v do not go with --sweep-ram: both engines' runs keep the "
+                              "default f16 KV cache")
     out_json = writable_output(Path(args.sweep_out + ".json"), "sweep results")
     out_png = writable_output(Path(args.sweep_out + ".png"), "sweep plot")
     choose_wait_policy(args.threads)  # once here, so that both engines' children inherit the same policy
@@ -170,7 +180,7 @@ def run(args) -> int:
                                                 args.repetitions, args.mtp)
     if args.llama_cpp:
         report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads,
-                                              args.batch_size)
+                                              args.batch_size, model.options.kv_types)
     speeds = (f"prefill {report['prefill_tok_s']:.2f} tok/s over {args.n_prompt} tokens"
               + (f"; decode {report['decode_tok_s']:.2f} tok/s over {args.n_gen} tokens" if args.n_gen else ""))
     if args.json:
