@@ -30,6 +30,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import from_dtype
 from quant.bits import f16_to_f32, f32_from_bits
+from quant.jit import ALWAYS_INLINED
 
 from runtime.base.errors import StepstreamError
 from runtime.base.options import KV_BLOCK, check_kv_type
@@ -163,7 +164,7 @@ def add_value(acc, e, vals, scale, s, j):
     raise NotImplementedError("add_value runs inside Numba kernels")
 
 
-@overload(store_row, inline="always")
+@overload(store_row, **ALWAYS_INLINED)
 def _store_row(data, scale, slot, j, x):
     store = {"f32": _store_f32, "f16": _store_f16, "q8_0": _store_q8_0}[_kind(data)]
 
@@ -172,7 +173,7 @@ def _store_row(data, scale, slot, j, x):
     return impl
 
 
-@overload(key_dot, inline="always")
+@overload(key_dot, **ALWAYS_INLINED)
 def _key_dot(q, keys, scale, s, j, part):
     kind = _kind(keys)
     if kind == "f32":  # the float32 cache's own dot, as before there were other types
@@ -212,7 +213,7 @@ def _key_dot(q, keys, scale, s, j, part):
     return impl
 
 
-@overload(add_value, inline="always")
+@overload(add_value, **ALWAYS_INLINED)
 def _add_value(acc, e, vals, scale, s, j):
     kind = _kind(vals)
     if kind == "f32":
