@@ -117,7 +117,8 @@ def time_to_first_token(argv: list[str], prompt: str, cache_dir: str, record: st
     while streams:
         if time.perf_counter() - start > timeout:
             child.kill()
-            raise TimeoutError(f"stepstream {' '.join(argv)} gave no first token in {timeout:.0f} s")
+            child.wait()
+            raise StepstreamError(f"stepstream {' '.join(argv)} gave no first token in {timeout:.0f} s")
         ready, _, _ = select.select(streams, [], [], 1.0)
         for s in ready:
             chunk = os.read(s.fileno(), 65536)
@@ -131,8 +132,8 @@ def time_to_first_token(argv: list[str], prompt: str, cache_dir: str, record: st
                 err += chunk
     child.wait()
     if child.returncode != 0 or first is None:
-        raise RuntimeError(f"stepstream {' '.join(argv)} failed (exit {child.returncode}):\n"
-                           f"{err.decode(errors='replace')[-3000:]}")
+        last = err.decode(errors="replace").strip().splitlines()[-1:] or ["(nothing on stderr)"]
+        raise StepstreamError(f"stepstream {' '.join(argv)} failed (exit {child.returncode}): {last[0]}")
     return FirstToken(first, cpu, err.decode(errors="replace"))
 
 
@@ -153,6 +154,8 @@ def with_prompt(argv: list[str]) -> tuple[list[str], str]:
     copy). Other commands must pass -p."""
     for flag in ("-p", "--prompt"):
         if flag in argv:
+            if argv.index(flag) + 1 == len(argv):
+                raise StepstreamError(f"stepstream {' '.join(argv)}: {flag} needs a prompt after it")
             return argv, argv[argv.index(flag) + 1]
     if argv and argv[0] == "demo":
         return [*argv, "-p", DEMO_PROMPT], DEMO_PROMPT
@@ -189,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     shown = " ".join(repr(a) if not a or any(c.isspace() for c in a) else a for a in command)
     print(f"stepstream {shown}: seconds to the first token, empty Numba cache; {_load()}")
+    try:
+        runs, events = _cold_runs(args, command, prompt)
+    except StepstreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _report(runs, events)
+    return 0
+
+
+def _cold_runs(args, command: list[str], prompt: str) -> tuple[list[FirstToken], list[dict]]:
     runs, events = [], []
     with tempfile.TemporaryDirectory(prefix="stepstream-cold-") as tmp:
         for i in range(args.runs):
@@ -202,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.warm:
             print(f"  warm run (cache of cold run {args.runs}): "
                   f"{_figures(time_to_first_token(command, prompt, cache, '', args.threads, args.timeout))}")
+    return runs, events
+
+
+def _report(runs: list[FirstToken], events: list[dict]) -> None:
     cpu = [r.cpu for r in runs if r.cpu is not None]
     print(f"median of {len(runs)} cold runs: {statistics.median(r.seconds for r in runs):.1f} s"
           + (f" ({statistics.median(cpu):.1f} s of CPU)" if cpu else "") + f"; {_load()}")
@@ -210,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(events)} functions compiled, {total:.1f} s of compile time (self time, costliest first):")
         for e in sorted(events, key=lambda e: -e["seconds"]):
             print(f"  {e['seconds']:6.2f} s  {e['function']}({', '.join(e['args'])})")
-    return 0
 
 
 if __name__ == "__main__":
