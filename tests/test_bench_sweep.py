@@ -183,9 +183,10 @@ def test_a_failing_child_is_reported_not_raised(tmp_path):
     opts = sweep.SweepOptions(model=str(bad), caps=(), n_prompt=4, n_gen=2, threads=1)
     res = sweep.run_child(opts.spec("stepstream", 64 * MiB), None, timeout=300)
     assert res["status"] == "failed" and "bad.gguf" in res["reason"] and "\n" not in res["reason"]
-    # A timeout: a run that cannot end in 0.3 s (a valid model, a hundred decoded tokens); the
-    # bad file fails faster than that on a quiet machine, so it cannot stand in for a slow run.
-    slow = sweep.SweepOptions(model=str(MODEL), caps=(), n_prompt=64, n_gen=100, threads=1)
+    # A timeout: a run that cannot end in 0.3 s (a valid model, 3,000 decoded tokens: over a
+    # second at llama.cpp's 2,500 tok/s on this model). The bad file, or 100 tokens, end faster
+    # than 0.3 s on a quiet machine, so they cannot stand in for a slow run.
+    slow = sweep.SweepOptions(model=str(MODEL), caps=(), n_prompt=512, n_gen=3000, threads=1)
     res = sweep.run_child(slow.spec("llama.cpp"), None, timeout=0.3)
     assert res == {**res, "status": "failed", "reason": "timed out after 0.3 s"}
 
