@@ -164,7 +164,7 @@ def _register() -> None:
 
 
 _register()
-numba_cache.install()  # cached code named by its key, so concurrent compiles cannot cross files
+numba_cache.install()  # cached code named by its key, symbols unique across processes (see there)
 
 
 @numba.njit(inline="always", cache=True)

@@ -13,14 +13,31 @@ holds the code of one signature of one version of the source. The code is writte
 index names it (both atomically, by Numba's own temporary-file-and-rename), so a reader never
 finds an index entry whose file is missing or holds something else. Two writers may still
 each drop the other's new index entry; that costs a compile later, never a wrong load.
+
+Symbol names. Numba names a compiled function's machine code by its qualified name, its
+argument types and a per-process counter (``FunctionIdentity``'s unique id, ``...B3v57...``
+in the symbol). Two functions with one qualified name and one set of argument types are told
+apart by that counter alone: closures made by one factory (our kernels built per format set,
+``few_kernels.build(formats).gemv``), or an overload's ``impl`` closing over another kernel.
+Within one process the counter keeps them apart; across processes it does not. A kernel
+compiled in one process for one format set and a kernel compiled in another for another
+set can carry the same symbol, and when a third process loads both from the cache and
+compiles a caller of one of them, the call is linked to whichever definition the JIT met
+first: the kernel of the other format set runs, on matrices it cannot read. (Seen as a
+few-token projection left unwritten, and a NaN softmax reported as a division by zero.)
+So each process starts the counter at a random 40-bit multiple of 2**20: two processes'
+symbols share a name with a probability of about n**2 / 2**41 for n compiles each.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pickle
+import secrets
 
 import numba.core.caching as _caching
+from numba.core.bytecode import FunctionIdentity
 
 _FILE = getattr(_caching, "IndexDataCacheFile", None)
 
@@ -41,11 +58,25 @@ def _save(self, key, data) -> None:
         self._save_index(overloads)
 
 
+UID_BLOCK = 1 << 20  # unique ids a process may take before it could reach another's range
+
+
+def _random_unique_ids() -> None:
+    """Start this process's function-identity counter at a random multiple of UID_BLOCK
+    (see the module doc: symbol names); once per process, before any compile needs it."""
+    if not getattr(FunctionIdentity, "_stepstream_random", False):
+        FunctionIdentity._unique_ids = itertools.count(UID_BLOCK * (1 + secrets.randbits(40)))
+        FunctionIdentity._stepstream_random = True
+
+
 def install() -> bool:
-    """Replace IndexDataCacheFile.save in this process; False when this Numba lacks the parts."""
+    """Replace IndexDataCacheFile.save and randomize the symbol counter in this process; False
+    when this Numba lacks the parts."""
     needed = ("_save_data", "_load_index", "_save_index")
-    if _FILE is None or not all(hasattr(_FILE, n) for n in needed):
+    if _FILE is None or not all(hasattr(_FILE, n) for n in needed) \
+            or not isinstance(getattr(FunctionIdentity, "_unique_ids", None), itertools.count):
         return False
     if _FILE.save is not _save:
         _FILE.save = _save
+    _random_unique_ids()
     return True

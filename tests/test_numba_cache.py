@@ -90,3 +90,63 @@ def test_concurrent_compiles_of_two_signatures_load_back(tmp_path):
     assert done.returncode == 0 and done.stdout.split() == ["42", "2.5"], done.stderr
     names = [n for _, _, files in os.walk(tmp_path / "cache") for n in files if n.endswith(".nbc")]
     assert names and all(re.search(r"\.[0-9a-f]{24}\.nbc$", n) for n in names), names
+
+
+FACTORY = textwrap.dedent("""
+    import sys
+    from functools import lru_cache
+    import numba
+    import numpy as np
+    import quant.jit  # noqa: F401
+
+    @lru_cache(maxsize=None)
+    def build(k):  # as few_kernels.build(formats): closures with one name, told apart by k
+        @numba.njit(parallel=True, cache=True)
+        def fill(out):
+            for i in numba.prange(out.shape[0]):
+                out[i] = np.sin(np.float64(i)) * 0.0 + k
+
+        @numba.njit
+        def caller(out):  # compiled in the process that runs it, linked to a cached `fill`
+            fill(out)
+            return out.sum()
+        return fill, caller
+
+    out = np.zeros(100)
+    for arg in sys.argv[1:]:
+        fill, caller = build(int(arg[0]))
+        if arg[1] == "f":
+            fill(out)
+            print(out.sum())
+        else:
+            print(caller(out))
+""")
+
+
+def test_closures_cached_by_two_processes_keep_their_own_code(tmp_path):
+    """Process A caches the closure for k=1, process B the one for k=2, each with the same
+    history, so Numba's per-process counter gives both the same symbol. A third process loads
+    both and compiles a caller of the k=2 one: it must run k=2's code (it ran k=1's, 100.0,
+    before each process's counter started at a random offset)."""
+    script = tmp_path / "factory_mod.py"
+    script.write_text(FACTORY)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def run(*args):
+        done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return [float(v) for v in done.stdout.split()]
+
+    assert run("1f") == [100.0] and run("2f") == [200.0]
+    assert run("2f", "1f", "1c", "2c") == [200.0, 100.0, 100.0, 200.0]
+
+
+def test_each_process_starts_its_own_symbol_counter():
+    code = ("import quant.jit, numba\n"
+            "from numba.core.bytecode import FunctionIdentity as F\n"
+            "print(F.from_function(lambda: 0).unique_id)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ids = [int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=120, check=True).stdout) for _ in range(3)]
+    assert len(set(ids)) == 3 and all(i >= numba_cache.UID_BLOCK for i in ids), ids
