@@ -15,6 +15,7 @@ from runtime.bench.synth import random_blocks, write_synth
 from runtime.cli import main as cli_main
 from runtime.loader import load
 from tests.helpers import reference_model as R
+from tests.helpers.llama import llama_cpp_logits
 
 TINY = dict(moe_layers=2, dense_layers=1, hidden=256, n_head_full=2, n_head_sliding=4, n_kv=1, head_dim=128, window=16,
             n_expert=16, top_k=4, expert_ffn=256, shared_ffn=256, dense_ffn=512, vocab=512, progress=False)
@@ -70,6 +71,33 @@ def test_logits_finite_deterministic_and_match_reference(tiny_synth, tmp_path):
     assert other.read_bytes() != tiny_synth.read_bytes()
 
 
+def test_llama_cpp_runs_the_file_as_the_reference_does(tiny_synth):
+    """The placeholder vocabulary lets llama.cpp load a synth file, and it reads the weights as
+    the float64 reference does (so `bench --llama-cpp` compares like with like)."""
+    tokens = [1, 2, 3, 100, 300, 510]
+    theirs = llama_cpp_logits(tiny_synth, tokens)
+    cos = R.cosine_rows(theirs, R.gguf_reference_logits(tiny_synth, tokens))
+    assert cos.min() >= 0.999, cos
+
+
+def test_placeholder_vocabulary_tokenizes_as_llama_cpp_does(tiny_synth):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(tiny_synth), vocab_only=True, verbose=False)
+    model = load(tiny_synth)
+    try:
+        for text in ("hello world", "t0t7 t12\n\té中!", ""):
+            ours = model.tokenize(text, add_bos=False)
+            assert ours == llm.tokenize(text.encode(), add_bos=False, special=False), text
+            assert model.detokenize(ours) == text.encode()
+        ids = [0, 255, 256, 300, 510, 511]  # bytes 0 and 255, the fillers "t0", "t44", "t254", the end token
+        assert model.detokenize(ids, special=True) == llm.detokenize(ids, special=True) == b"\x00\xfft0t44t254<|endoftext|>"
+        assert model.tokenizer.eos_id == 511 == llm.token_eos()
+    finally:
+        model.close()
+        llm.close()
+
+
 def test_cli_writes_file_and_rejects_bad_input(tmp_path, capsys):
     out = tmp_path / "c.gguf"
     args = ["synth", str(out), "--moe-layers", "1", "--hidden", "256", "--heads", "2", "--heads-sliding", "4",
@@ -81,6 +109,8 @@ def test_cli_writes_file_and_rejects_bad_input(tmp_path, capsys):
     assert cli_main(args[:2] + ["--hidden", "100"]) == 2
     assert "multiple of 256" in capsys.readouterr().err
     assert cli_main(args + ["--top-k", "17"]) == 2
+    assert cli_main(args + ["--vocab", "100"]) == 2
+    assert "vocab=100 must be at least 258" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main(args[:2] + ["--experts", "0"])
     assert e.value.code == 2

@@ -6,6 +6,11 @@ weights of std 1/sqrt(cols)), which keeps activations finite through many layers
 Metadata and tensor names come from the converter's own tables (convert.gguf_meta,
 convert.layout), so the runtime reads these files exactly as converted ones.
 Tensors are streamed one expert slice at a time: memory stays bounded at real widths.
+
+The header carries a placeholder byte-level BPE vocabulary of the file's size (the 256 byte
+tokens, then "t0", "t1", ... and an end token), so that llama.cpp, which refuses a file
+without a tokenizer, loads the same file: `bench --llama-cpp` and `--sweep-ram` compare both
+engines on it. Text in it spells bytes and those filler names; the benchmarks draw token ids.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from convert.hf_config import HFConfig
 from convert.policy import FILE_TYPE
 from quant import row_bytes
 from runtime.base.errors import StepstreamError
+from runtime.base.gguf_schema import Key
+from runtime.text.tokenizer import byte_alphabet
 
 ARCH = "step35"
 QTYPES = {"q4_k": Q.Q4_K, "q8_0": Q.Q8_0, "q6_k": Q.Q6_K}
@@ -65,6 +72,24 @@ def _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n
         "swiglu_limits_shared": [16.0 if i % 3 == 0 else 0.0 for i in range(n)],
         "num_nextn_predict_layers": 0, "tie_word_embeddings": False,
     }
+
+
+MIN_VOCAB = 258  # the 256 byte tokens, one filler, the end token
+
+
+def add_placeholder_vocab(writer: gguf.GGUFWriter, vocab: int) -> None:
+    """A byte-level BPE ("gpt2", GPT-2's split) of `vocab` tokens: ids 0-255 the bytes, then
+    fillers "t0", "t1", ... (merges make "t0".."t9"), and the last id an end-of-text token."""
+    tokens = byte_alphabet() + [f"t{i}" for i in range(vocab - 257)] + ["<|endoftext|>"]
+    types = [gguf.TokenType.NORMAL] * (vocab - 1) + [gguf.TokenType.CONTROL]
+    writer.add_string(Key.TOK_MODEL, "gpt2")
+    writer.add_string(Key.TOK_PRE, "gpt-2")
+    writer.add_array(Key.TOK_LIST, tokens)
+    writer.add_array(Key.TOK_TYPES, [int(t) for t in types])
+    writer.add_array(Key.TOK_MERGES, [f"t {d}" for d in range(min(10, vocab - 257))])
+    writer.add_uint32(Key.TOK_EOS, vocab - 1)
+    writer.add_bool(Key.TOK_ADD_BOS, False)
+    writer.add_bool(Key.TOK_ADD_EOS, False)
 
 
 def _qtype(spec: layout.TensorSpec, q: Q) -> Q:
@@ -126,6 +151,8 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
     for name, v in (("hidden", hidden), ("expert_ffn", expert_ffn), ("shared_ffn", shared_ffn), ("dense_ffn", dense_ffn)):
         if v <= 0 or v % 256:
             raise StepstreamError(f"synth: {name}={v} must be a positive multiple of 256 (Q4_K/Q6_K blocks)")
+    if vocab < MIN_VOCAB:
+        raise StepstreamError(f"synth: vocab={vocab} must be at least {MIN_VOCAB} (256 byte tokens, a filler, an end token)")
     if n_head_full % n_kv or n_head_sliding % n_kv:
         raise StepstreamError(f"synth: head counts {n_head_full}/{n_head_sliding} must be multiples of n_kv={n_kv}")
     raw = _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n_kv, head_dim, window,
@@ -148,6 +175,7 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synth", dynamic_ncols=True)
     try:
         add_hparams(writer, cfg, "synth-step35", FILE_TYPE.get(qtype, FILE_TYPE["q4_k"]))
+        add_placeholder_vocab(writer, vocab)
         for s, t, n in plan:
             writer.add_tensor_info(s.gguf_name, s.shape, np.dtype(np.float32), n, raw_dtype=t)
         writer.write_header_to_file(path=tmp)

@@ -54,6 +54,12 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: the printable stand-in character of each byte 0..255, in byte order."""
+    decoder = _byte_decoder()
+    return sorted(decoder, key=decoder.get)
+
+
 def _bpe_from_vocab(tokens: list[str], types: list[int], merges: list[str], pre: str, source: str) -> str:
     """tokenizer.json text equivalent to llama.cpp's BPE built from GGUF vocab metadata."""
     if pre not in PRE_TOKENIZER_REGEXES:
