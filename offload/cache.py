@@ -305,6 +305,15 @@ class ExpertCache:
             self._touch(slot)
             return slot
 
+    def claim_free(self, key: Key) -> Slot | None:
+        """Claim an EMPTY slot for a load of `key` that evicts nothing (filling the cache at
+        load); None if `key` is resident or no slot is free. Loaded, it is READY and evictable,
+        and its first request counts as a hit."""
+        with self.lock:
+            if key in self.index or not self._free:
+                return None
+            return self._claim(key, self._free.pop(), refs=0)
+
     def loaded(self, slot: Slot, payload: object) -> None:
         with self.lock:
             slot.payload = payload

@@ -178,6 +178,7 @@ class Placement:
     kv_bytes: int = 0  # the KV cache with a full context (RuntimeNeeds.kv_bytes)
     kv_types: tuple[str, str] = ("f32", "f32")
     n_ctx: int = 0
+    filled: int = 0  # experts read into the cache at load (fill_cache)
 
     def text(self) -> str:
         kv = (f"KV cache {self.kv_bytes / 2**20:.1f} MiB at {self.n_ctx} positions ({kv_types_text(self.kv_types)}); "
@@ -187,17 +188,33 @@ class Placement:
                 f"expert cache {self.cache_bytes / 2**20:.1f} MiB = {self.cache_slots} of {self.n_experts} experts "
                 f"({self.cache_bytes / self.expert_bytes:.0%} of {self.expert_bytes / 2**20:.1f} MiB), "
                 f"policy {self.policy}"
-                + (f", {self.pinned} pinned from the profile" if self.pinned else ""))
+                + (f", {self.pinned} pinned from the profile" if self.pinned else "")
+                + (f", {self.filled} read at load" if self.filled else ""))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def fill_keys(table: ExpertTable, slots: int, held: set) -> list[tuple[int, int]]:
+    """The experts to read into `slots` free slots at load: the same number from every MoE layer
+    (the lowest ids not in `held`; with no profile, any experts serve a router as well as any
+    others), layer by layer, so that the reads run along the file."""
+    layers = sorted(table.layers)
+    keys = []
+    for i, layer in enumerate(layers):
+        share = slots // len(layers) + (1 if i < slots % len(layers) else 0)
+        free = [(layer, e) for e in range(table.layers[layer].n_expert) if (layer, e) not in held]
+        keys += free[:share]
+    return keys
+
+
 def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | str | None, limit: MemoryLimit,
                     usable: int, runtime: RuntimeNeeds, policy: str = "lru", profile: str | None = None,
-                    pin_share: float = 0.5, direct_io: bool = True, workers: int = READ_WORKERS):
+                    pin_share: float = 0.5, direct_io: bool = True, workers: int = READ_WORKERS,
+                    fill: bool = False):
     """(weights with the non-expert part copied to RAM, provider, placement), after checking that
-    they fit in `usable` bytes, what the tightest memory limit `limit` leaves."""
+    they fit in `usable` bytes, what the tightest memory limit `limit` leaves. `fill`: read
+    experts into every free slot before returning (fill_keys), so decoding starts warm."""
     table: ExpertTable = build_expert_table(f, cfg)
     slot = slot_bytes_for(table)
     n_experts = sum(l.n_expert for l in table.layers.values())
@@ -220,7 +237,14 @@ def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | s
     if profile is not None:
         hot = ExpertProfile.load(profile, f.path).hottest(int(cache.n_slots * pin_share), table)
         pinned = provider.pin(hot)
+    filled = 0
+    if fill:
+        try:
+            filled = provider.fill(fill_keys(table, cache.n_slots - pinned, set(cache.index)))
+        except BaseException:
+            provider.close()
+            raise
     placement = Placement(resident, cache.capacity_bytes, slot, cache.n_slots, pinned, n_experts,
                           table.total_bytes, cache.policy, budget_bytes, reason, runtime.kv_bytes, runtime.kv_types,
-                          runtime.n_ctx)
+                          runtime.n_ctx, filled)
     return weights, provider, placement

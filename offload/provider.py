@@ -225,6 +225,24 @@ class StreamingExperts:
             n += 1
         return n
 
+    def fill(self, keys: Iterable[tuple[int, int]]) -> int:
+        """Read `keys` into free slots, on the read workers, and wait for them: the cache starts
+        warm instead of reading these at random as tokens miss them. Stops at the first key for
+        which no slot is free; evicts nothing. Returns how many were read; a failed read raises
+        (its slot is free again)."""
+        claimed = []
+        for layer, e in keys:
+            if (layer, e) in self.cache.index:
+                continue
+            slot = self.cache.claim_free((layer, e))
+            if slot is None:
+                break
+            claimed.append((slot, (layer, e)))
+            self.reads.submit(DEMAND, self._load_quietly, layer, e, slot)
+        for slot, key in claimed:
+            self.cache.wait_ready(slot, key)
+        return len(claimed)
+
     def close(self) -> None:
         self.reads.shutdown()
         self.reader.close()

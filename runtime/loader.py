@@ -54,7 +54,8 @@ def load(path: str | Path, **options) -> Model:
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
     else:
         weights, provider, placement = build_streaming(f, cfg, weights, opts.ram_budget, limit, usable, runtime,
-                                                       opts.cache_policy, opts.profile, direct_io=opts.direct_io)
+                                                       opts.cache_policy, opts.profile, direct_io=opts.direct_io,
+                                                       fill=opts.fill_cache)
     gpu = gpu_placement = None
     if opts.gpu_budget is not None:
         try:

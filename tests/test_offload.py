@@ -5,6 +5,7 @@ import random
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -325,3 +326,53 @@ def test_streaming_from_a_split_file(q4, reference, tmp_path):
         assert np.array_equal(m.logits(PROMPT), reference[0])
     finally:
         m.close()
+
+
+def test_fill_cache_starts_warm_and_changes_no_output(q4, reference):
+    """fill_cache reads an even share of every layer's experts into the free slots at load:
+    the bytes of exactly those experts, none evicted; the first requests for them are hits,
+    and the logits are the cold cache's, bit for bit."""
+    logits, decode, total = reference
+    m = load(q4, ram_budget=int(total * 0.5), fill_cache=True, prefetch=False)
+    try:
+        cache, st = m.provider.cache, m.provider.stats
+        held = sorted(cache.index)
+        per_layer = {l: [e for ll, e in held if ll == l] for l in m.provider.table.layers}
+        assert len(held) == cache.n_slots == m.placement.filled > 0
+        assert max(map(len, per_layer.values())) - min(map(len, per_layer.values())) <= 1
+        assert all(ids == list(range(len(ids))) for ids in per_layer.values())  # the lowest ids, read in order
+        assert cache.counters.evictions == 0 and st.misses == 0 and st.reads == len(held)
+        assert f"{len(held)} read at load" in m.placement.text()
+        got = m.logits(PROMPT)
+        assert np.array_equal(got, logits)
+        assert all(np.array_equal(m.eval([t]), want) for t, want in zip((5, 9, 200, 17), decode))
+        assert st.hits > 0
+    finally:
+        m.close()
+    cold = load(q4, ram_budget=int(total * 0.5), prefetch=False)
+    try:
+        cold.logits(PROMPT)
+        assert cold.placement.filled == 0 and cold.provider.stats.hits < st.hits  # the same prompt, warm vs cold
+    finally:
+        cold.close()
+
+
+def test_fill_cache_read_error_is_clear_and_leaves_nothing_open(q4, reference, monkeypatch):
+    import offload.direct_io as dio
+
+    def failing(*args):
+        raise OSError(5, "Input/output error")
+
+    def readers():
+        return sum(t.name.startswith("expert-read") and t.is_alive() for t in threading.enumerate())
+
+    before = readers()
+    monkeypatch.setattr(dio.os, "preadv", failing)
+    monkeypatch.setattr(dio.os, "pread", failing, raising=False)
+    with pytest.raises(StepstreamError, match="Input/output error") as err:
+        load(q4, ram_budget=int(reference[2] * 0.3), fill_cache=True)
+    assert str(q4) in str(err.value) and "offset" in str(err.value)
+    deadline = time.time() + 10
+    while readers() > before and time.time() < deadline:  # the pool's threads exit once told to
+        time.sleep(0.05)
+    assert readers() == before

@@ -43,6 +43,29 @@ def test_profile_then_pin(tiny_gguf, tmp_path, capsys):
     assert "pinned from the profile" in capsys.readouterr().err
 
 
+def test_fill_cache_fills_the_slots_the_profile_leaves(tiny_gguf, tmp_path, capsys):
+    """--profile pins the hottest half of the slots, --fill-cache reads experts into the rest;
+    the greedy text is the cold cache's."""
+    import re
+
+    path = tiny_gguf("q4_k_m")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n\nclass A:\n")
+    out = tmp_path / "p.json"
+    assert main(["profile", "-m", str(path), "-f", str(prompts), "-o", str(out), "-n", "4"]) == 0
+    capsys.readouterr()
+    runs = {}
+    for extra in ([], ["--fill-cache"]):
+        assert main(["run", "-m", str(path), "-p", "x = 1", "-n", "6", "--temp", "0", "--ram-budget", "1MiB",
+                     "--profile", str(out), *extra]) == 0
+        runs[bool(extra)] = capsys.readouterr()
+    line = next(l for l in runs[True].err.splitlines() if l.startswith("placement:"))
+    slots, pinned, filled = (int(v) for v in re.search(r"= (\d+) of 48 experts.*, (\d+) pinned from the profile, "
+                                                       r"(\d+) read at load", line).groups())
+    assert pinned == slots // 2 and pinned + filled == slots
+    assert "read at load" not in runs[False].err and runs[True].out == runs[False].out
+
+
 def test_profile_of_another_model_is_refused(tiny_gguf, tmp_path, capsys):
     other = tmp_path / "p.json"
     ExpertProfile("something-else.gguf", 123, {1: [1] * 16}).save(other)

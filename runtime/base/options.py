@@ -34,6 +34,10 @@ class RuntimeOptions:
     cache_policy: str = "lru"  # lru, lfu, or pinned (hot set from `profile`, LRU for the rest)
     profile: str | None = None  # expert profile to pin the most-used experts from
     prefetch: bool = True  # guess the next layer's experts from the current hidden state and read ahead
+    # When streaming: read experts into every free slot of the cache at load (the same number per
+    # layer, at the disk's sequential rate), so decoding starts warm instead of missing while the
+    # cache fills, as llama.cpp's memory map is read at load. Load takes cache bytes / disk rate longer.
+    fill_cache: bool = False
     direct_io: bool = True  # O_DIRECT reads that bypass the page cache
     # "q8": activations rounded to int8 per 256 columns before quantized matmuls, as llama.cpp
     # does; decode then runs on integer dot products. "f32": float32 activations throughout.

@@ -125,8 +125,8 @@ def child_ours(spec: dict) -> dict:
     from runtime.loader import load
 
     m = load(spec["model"], ram_budget=spec["budget"], n_threads=spec["threads"], n_batch=spec["batch"],
-             n_ctx=_n_ctx(spec), prefetch=spec["prefetch"], direct_io=spec["direct_io"],
-             cache_policy=spec["cache_policy"], activations=spec["activations"])
+             n_ctx=_n_ctx(spec), prefetch=spec["prefetch"], fill_cache=spec["fill_cache"],
+             direct_io=spec["direct_io"], cache_policy=spec["cache_policy"], activations=spec["activations"])
     try:
         m.warm_up()
         prompt, gen = _tokens(m.cfg.vocab, spec["n_prompt"], spec["n_gen"], spec["seed"])
@@ -256,6 +256,7 @@ class SweepOptions:
     batch: int = 512
     seed: int = 0
     prefetch: bool = True
+    fill_cache: bool = False
     direct_io: bool = True
     cache_policy: str = "lru"
     activations: str = "q8"
@@ -264,7 +265,7 @@ class SweepOptions:
     def spec(self, engine: str, budget: int | None = None) -> dict:
         return {"engine": engine, "model": self.model, "budget": budget, "threads": self.threads,
                 "batch": self.batch, "n_prompt": self.n_prompt, "n_gen": self.n_gen, "seed": self.seed,
-                "prefetch": self.prefetch, "direct_io": self.direct_io, "cache_policy": self.cache_policy,
+                "prefetch": self.prefetch, "fill_cache": self.fill_cache, "direct_io": self.direct_io, "cache_policy": self.cache_policy,
                 "activations": self.activations}
 
 
@@ -385,7 +386,7 @@ def summarize(o: SweepOptions, file_bytes: int, footprint: int, minimum: int, ca
             for row in caps]
     return {"model": str(o.model), "file_bytes": file_bytes, "engines": list(o.engines), "repetitions": o.repeats,
             "n_prompt": o.n_prompt, "n_gen": o.n_gen, "threads": o.threads or os.cpu_count(), "batch": o.batch,
-            "seed": o.seed, "prefetch": o.prefetch, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
+            "seed": o.seed, "prefetch": o.prefetch, "fill_cache": o.fill_cache, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
             "footprint_bytes": footprint, "margin_bytes": MARGIN, "stepstream_minimum_cap_bytes": minimum,
             "caps": rows}
 

@@ -146,6 +146,7 @@ def run_sweep(args) -> int:
                         engines=("stepstream", "llama.cpp") if args.llama_cpp else ("stepstream",),
                         repeats=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=args.threads,
                         batch=args.batch_size, seed=args.seed, prefetch=not args.no_prefetch,
+                        fill_cache=args.fill_cache,
                         direct_io=not args.no_direct_io, cache_policy=args.cache_policy, activations=args.activations,
                         timeout=args.sweep_timeout)
     report = sweep(opts, log=lambda line: print(line, flush=True), after_run=lambda r: write_json(r, out_json))

@@ -165,6 +165,8 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
     g.add_argument("--profile", default=None, metavar="FILE", type=existing_file("profile (JSON) file"),
                    help="expert profile from `stepstream profile`: pin the most-used experts into half the cache")
     g.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
+    g.add_argument("--fill-cache", action="store_true",
+                   help="when streaming, read experts into the whole cache at load, so decoding starts warm")
     g.add_argument("--no-direct-io", action="store_true", help="read experts through the page cache instead of O_DIRECT")
     g.add_argument("--stats", action="store_true",
                    help="print the peak RSS and speeds at the end, and the expert-cache statistics when experts stream")
@@ -200,7 +202,7 @@ def load_model(args):
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
-                 direct_io=not args.no_direct_io, activations=args.activations, gpu_budget=args.gpu_budget,
+                 fill_cache=args.fill_cache, direct_io=not args.no_direct_io, activations=args.activations, gpu_budget=args.gpu_budget,
                  mtp=getattr(args, "mtp", None) or 0, cache_type_k=args.cache_type_k,
                  cache_type_v=args.cache_type_v)
     if model.gpu_placement is not None:
