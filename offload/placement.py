@@ -196,16 +196,18 @@ class Placement:
 
 
 def fill_keys(table: ExpertTable, slots: int, held: set) -> list[tuple[int, int]]:
-    """The experts to read into `slots` free slots at load: the same number from every MoE layer
-    (the lowest ids not in `held`; with no profile, any experts serve a router as well as any
-    others), layer by layer, so that the reads run along the file."""
-    layers = sorted(table.layers)
-    keys = []
-    for i, layer in enumerate(layers):
-        share = slots // len(layers) + (1 if i < slots % len(layers) else 0)
-        free = [(layer, e) for e in range(table.layers[layer].n_expert) if (layer, e) not in held]
-        keys += free[:share]
-    return keys
+    """Up to `slots` experts not in `held` to read at load: dealt to the MoE layers in turn, each
+    layer's lowest free ids first (with no profile, any experts serve a router as well as any
+    others), so every layer gets the same number where it has them; in file order (layer, id)."""
+    free = {l: [(l, e) for e in range(table.layers[l].n_expert) if (l, e) not in held] for l in sorted(table.layers)}
+    keys: list[tuple[int, int]] = []
+    for rank in range(max((len(v) for v in free.values()), default=0)):
+        for layer_keys in free.values():
+            if len(keys) == slots:
+                return sorted(keys)
+            if rank < len(layer_keys):
+                keys.append(layer_keys[rank])
+    return sorted(keys)
 
 
 def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | str | None, limit: MemoryLimit,
@@ -233,17 +235,16 @@ def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | s
     # Keep no more slots than there are experts: a larger budget buys nothing.
     cache = ExpertCache(min(budget_bytes, slot * n_experts), slot, policy, min_slots=cfg.n_expert_used)
     provider = StreamingExperts(table, cache, DirectReader(direct_io), workers=workers, prefetch_depth=depth)
-    pinned = 0
-    if profile is not None:
-        hot = ExpertProfile.load(profile, f.path).hottest(int(cache.n_slots * pin_share), table)
-        pinned = provider.pin(hot)
-    filled = 0
-    if fill:
-        try:
+    pinned = filled = 0
+    try:
+        if profile is not None:
+            hot = ExpertProfile.load(profile, f.path).hottest(int(cache.n_slots * pin_share), table)
+            pinned = provider.pin(hot)
+        if fill:
             filled = provider.fill(fill_keys(table, cache.n_slots - pinned, set(cache.index)))
-        except BaseException:
-            provider.close()
-            raise
+    except BaseException:
+        provider.close()
+        raise
     placement = Placement(resident, cache.capacity_bytes, slot, cache.n_slots, pinned, n_experts,
                           table.total_bytes, cache.policy, budget_bytes, reason, runtime.kv_bytes, runtime.kv_types,
                           runtime.n_ctx, filled)

@@ -15,6 +15,7 @@ reader starts them, and are dropped unread when their layer's request came first
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,7 @@ from offload.direct_io import AHEAD, DEMAND, DirectReader, ReadError, ReadPool, 
 from offload.expert_table import ExpertTable
 from offload.prefetch_gate import PrefetchGate
 from offload.stats import StreamStats
+from runtime.base.errors import StepstreamError
 from runtime.base.gguf_schema import expert_name
 from runtime.model.weights import FFN
 from runtime.model.matrix import matrix_from_bytes
@@ -228,8 +230,16 @@ class StreamingExperts:
     def fill(self, keys: Iterable[tuple[int, int]]) -> int:
         """Read `keys` into free slots, on the read workers, and wait for them: the cache starts
         warm instead of reading these at random as tokens miss them. Stops at the first key for
-        which no slot is free; evicts nothing. Returns how many were read; a failed read raises
-        (its slot is free again)."""
+        which no slot is free; evicts nothing. Returns how many were read. A failed read (or an
+        interrupt) raises at once, and the reads not yet started are dropped, their slots freed."""
+        cancelled = threading.Event()
+
+        def load(layer: int, e: int, slot: Slot) -> None:
+            if cancelled.is_set():
+                self.cache.failed(slot, StepstreamError("the fill at load was stopped"))
+            else:
+                self._load_quietly(layer, e, slot)
+
         claimed = []
         for layer, e in keys:
             if (layer, e) in self.cache.index:
@@ -238,9 +248,13 @@ class StreamingExperts:
             if slot is None:
                 break
             claimed.append((slot, (layer, e)))
-            self.reads.submit(DEMAND, self._load_quietly, layer, e, slot)
-        for slot, key in claimed:
-            self.cache.wait_ready(slot, key)
+            self.reads.submit(DEMAND, load, layer, e, slot)
+        try:
+            for slot, key in claimed:
+                self.cache.wait_ready(slot, key)
+        except BaseException:
+            cancelled.set()
+            raise
         return len(claimed)
 
     def close(self) -> None:

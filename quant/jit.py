@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -164,7 +165,11 @@ def _register() -> None:
 
 
 _register()
-numba_cache.install()  # cached code named by its key, symbols unique across processes (see there)
+_MISSING = numba_cache.install()  # cached code named by its key, symbols unique across processes (see there)
+if _MISSING:
+    warnings.warn("this Numba lacks what stepstream needs for "
+                  f"{' and '.join(_MISSING)}: processes sharing the kernel cache may load each other's code",
+                  RuntimeWarning, stacklevel=2)
 
 
 @numba.njit(inline="always", cache=True)

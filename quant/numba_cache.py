@@ -25,8 +25,9 @@ set can carry the same symbol, and when a third process loads both from the cach
 compiles a caller of one of them, the call is linked to whichever definition the JIT met
 first: the kernel of the other format set runs, on matrices it cannot read. (Seen as a
 few-token projection left unwritten, and a NaN softmax reported as a division by zero.)
-So each process starts the counter at a random 40-bit multiple of 2**20: two processes'
-symbols share a name with a probability of about n**2 / 2**41 for n compiles each.
+So each process starts the counter at a random 40-bit multiple of 2**20: while each compiles
+fewer than 2**20 functions, two processes' symbols can only meet when they draw the same
+multiple, a chance of 2**-40 per pair of processes.
 """
 
 from __future__ import annotations
@@ -69,14 +70,17 @@ def _random_unique_ids() -> None:
         FunctionIdentity._stepstream_random = True
 
 
-def install() -> bool:
-    """Replace IndexDataCacheFile.save and randomize the symbol counter in this process; False
-    when this Numba lacks the parts."""
+def install() -> list[str]:
+    """Replace IndexDataCacheFile.save and randomize the symbol counter in this process, each
+    where this Numba has the parts; the parts it lacks, named (empty when both are in)."""
+    missing = []
     needed = ("_save_data", "_load_index", "_save_index")
-    if _FILE is None or not all(hasattr(_FILE, n) for n in needed) \
-            or not isinstance(getattr(FunctionIdentity, "_unique_ids", None), itertools.count):
-        return False
-    if _FILE.save is not _save:
+    if _FILE is None or not all(hasattr(_FILE, n) for n in needed):
+        missing.append("per-signature cache file names (numba.core.caching.IndexDataCacheFile)")
+    elif _FILE.save is not _save:
         _FILE.save = _save
-    _random_unique_ids()
-    return True
+    if isinstance(getattr(FunctionIdentity, "_unique_ids", None), itertools.count):
+        _random_unique_ids()
+    else:
+        missing.append("per-process symbol names (numba.core.bytecode.FunctionIdentity._unique_ids)")
+    return missing

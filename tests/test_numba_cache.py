@@ -25,6 +25,7 @@ def _file(tmp_path, stamp=STAMP):
 
 def test_installed_by_quant_jit():
     assert caching.IndexDataCacheFile.save is numba_cache._save
+    assert numba_cache.install() == []  # this Numba has both parts (and installing again is harmless)
 
 
 def test_one_name_per_key_and_source_version(tmp_path):

@@ -1,6 +1,7 @@
 """Expert streaming from the command line: placement, --stats, bench JSON, profile and --profile."""
 
 import json
+import re
 
 import pytest
 
@@ -46,8 +47,6 @@ def test_profile_then_pin(tiny_gguf, tmp_path, capsys):
 def test_fill_cache_fills_the_slots_the_profile_leaves(tiny_gguf, tmp_path, capsys):
     """--profile pins the hottest half of the slots, --fill-cache reads experts into the rest;
     the greedy text is the cold cache's."""
-    import re
-
     path = tiny_gguf("q4_k_m")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n\nclass A:\n")

@@ -39,8 +39,9 @@ def add_arguments(p) -> None:
                    help="prompt tokens of the prefix-reuse conversation (default: 2000)")
     p.add_argument("--reply-tokens", type=positive_int, default=32,
                    help="tokens of each reply in the prefix-reuse turns (default: 32)")
-    p.add_argument("-n", "--n-gen", type=positive_int, default=1000,
-                   help="tokens decoded in the overhead comparison (default: 1000; 200 take 0.13 s on the miniature, where noise rules)")
+    p.add_argument("-n", "--n-gen", type=positive_int, default=200,
+                   help="tokens decoded in the overhead comparison (default: 200; on a model as fast as the "
+                        "miniature, 1000 or more, or the machine's noise rules)")
     p.add_argument("-r", "--repetitions", type=positive_int, default=3,
                    help="decodes each way in the overhead comparison; the medians are compared (default: 3)")
     p.add_argument("--load-clients", type=positive_int, default=16, help="concurrent clients of the load test (default: 16)")

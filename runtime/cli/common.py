@@ -166,7 +166,8 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
                    help="expert profile from `stepstream profile`: pin the most-used experts into half the cache")
     g.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
     g.add_argument("--fill-cache", action="store_true",
-                   help="when streaming, read experts into the whole cache at load, so decoding starts warm")
+                   help="when streaming, read experts into the whole cache at load, so decoding starts warm "
+                        "(nothing to do when every expert is in RAM)")
     g.add_argument("--no-direct-io", action="store_true", help="read experts through the page cache instead of O_DIRECT")
     g.add_argument("--stats", action="store_true",
                    help="print the peak RSS and speeds at the end, and the expert-cache statistics when experts stream")
