@@ -148,6 +148,25 @@ def test_matvec_many_mixes_formats_and_sizes():
     assert_close(out, np.concatenate([W for _, W in mats]), values(a)[0])
 
 
+def test_group_gemv_reads_each_matrix_own_columns():
+    """gemv's col0: matrix m multiplies columns col0[m] .. col0[m] + its own width of one long
+    activation vector (how swiglu_ffns runs every down matrix in one call), each against float64."""
+    specs = [(T.Q4_K, 40, 1280, 0), (T.Q6_K, 3, 256, 1280), (T.Q8_0, 17, 512, 256), (T.Q5_K, 32, 2048, 1536)]
+    mats = [weights(qt, r, c, seed=i) for i, (qt, r, c, _) in enumerate(specs)]
+    a = q8.quantize_activations(activations(1, 3584))
+    ws = [w for w, _ in mats]
+    qt = np.array([int(w.qtype) for w in ws], np.int64)
+    addr = np.array([w.data.ctypes.data for w in ws], np.int64)
+    rb = np.array([w.data.shape[1] for w in ws], np.int64)
+    starts = np.concatenate([[0], np.cumsum([w.rows for w in ws])]).astype(np.int64)
+    col0 = np.array([c0 for *_, c0 in specs], np.int64)
+    out = np.full(int(starts[-1]), np.nan, np.float32)
+    q8.kernels(q8.format_set(qt.tolist())).gemv(qt, addr, rb, starts, col0, a.q[0], a.d[0], a.b[0], out)
+    xv = values(a)[0]
+    for m, ((_, W), (_, _, c, c0)) in enumerate(zip(mats, specs)):
+        assert_close(out[starts[m]:starts[m + 1]], W, xv[c0:c0 + c])
+
+
 def _ref_ffn(W, xv, limit):
     gate, up, down = W
     g, u = gate @ xv, up @ xv

@@ -149,6 +149,7 @@ class Group:
     rb: np.ndarray
     starts: np.ndarray
     formats: int
+    col0: np.ndarray  # int64 [M] zeros: every matrix reads the whole input (gemv_gemm.group_gemv)
 
     @property
     def rows(self) -> int:
@@ -159,7 +160,7 @@ class Group:
         return self.mats[0].cols
 
     def kernel(self):
-        """gemv(qt, addr, rb, starts, xq, xd, xb, out) compiled for this group's format set."""
+        """gemv(qt, addr, rb, starts, col0, xq, xd, xb, out) compiled for this group's format set."""
         return kernels(self.formats).gemv
 
 
@@ -174,7 +175,8 @@ def group(ws: list[PackedMatrix], formats: int | None = None) -> Group:
     np.cumsum([w.rows for w in ws], out=starts[1:])
     return Group(tuple(ws), np.array([int(w.qtype) for w in ws], np.int64),
                  np.array([w.data.ctypes.data for w in ws], np.int64),
-                 np.array([w.data.shape[1] for w in ws], np.int64), starts, _formats(formats, ws))
+                 np.array([w.data.shape[1] for w in ws], np.int64), starts, _formats(formats, ws),
+                 np.zeros(len(ws), np.int64))
 
 
 def matvec_many(ws: list[PackedMatrix], a: Q8Activations, out: np.ndarray, token: int = 0,
@@ -184,7 +186,7 @@ def matvec_many(ws: list[PackedMatrix], a: Q8Activations, out: np.ndarray, token
     if a.shape[1] != g.cols:
         raise ValueError(f"activations have {a.shape[1]} columns, W has {g.cols}")
     _check_out(out, (g.rows,))
-    g.kernel()(g.qt, g.addr, g.rb, g.starts, a.q[token], a.d[token], a.b[token], out)
+    g.kernel()(g.qt, g.addr, g.rb, g.starts, g.col0, a.q[token], a.d[token], a.b[token], out)
     return out
 
 
@@ -204,7 +206,7 @@ def matvec_group(g: Group, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         raise ValueError(f"x must be C-contiguous float32 [{g.cols}], got {x.dtype} {x.shape}")
     _check_out(out, (g.rows,))
     a = quantize_activations(x)
-    g.kernel()(g.qt, g.addr, g.rb, g.starts, a.q[0], a.d[0], a.b[0], out)
+    g.kernel()(g.qt, g.addr, g.rb, g.starts, g.col0, a.q[0], a.d[0], a.b[0], out)
     return out
 
 

@@ -1,4 +1,10 @@
-"""A weighted sum of SwiGLU FFNs of one token, in one parallel call (a decode step's experts).
+"""A weighted sum of SwiGLU FFNs of one token, in one call (a decode step's experts).
+
+The matrix products are two calls of the format set's compiled GEMV (gemv_gemm.build().gemv),
+not copies of its loop: every FFN's gate and up as one group on x, then every down matrix as
+one group, each reading its own FFN's columns of the hidden vectors (the GEMV's col0). The
+GEMV's code is compiled once per format set and shared with the decode step's projections
+(a first run compiled it three times, 4 s of its wait).
 
 Shape legend
     H  hidden   I_m  FFN m's width   M  FFNs
@@ -24,7 +30,8 @@ import numba as nb
 import numpy as np
 
 from ..jit import FIXED_ORDER
-from .gemv_gemm import activation_sums, bytes_per_256, find, gemv_unit, row_blocks
+from . import gemv_gemm
+from .gemv_gemm import bytes_per_256
 from .row_dot import quantize_row
 
 
@@ -40,6 +47,8 @@ class FFNScratch(NamedTuple):
     hd: np.ndarray  # float32 [W / 256]
     hb: np.ndarray  # int32 [W / 16]
     y: np.ndarray  # float32 [M, H]  each FFN's output, summed in entry order at the end
+    groups: np.ndarray  # int64 [10, 2 M + 1]  the gate/up group's and the down group's qt, addr,
+    #                     rb, starts and col0 rows (gemv_gemm.group_gemv)
 
 
 def ffn_scratch(hidden: int, max_ffns: int, max_width: int) -> FFNScratch:
@@ -48,7 +57,8 @@ def ffn_scratch(hidden: int, max_ffns: int, max_width: int) -> FFNScratch:
                       np.empty(hidden // 16, np.int32), np.empty(max_ffns + 1, np.int64),
                       np.empty(2 * max_width, np.float32), np.empty(max_width, np.float32),
                       np.empty(max_width, np.int8), np.empty(max_width // 256, np.float32),
-                      np.empty(max_width // 16, np.int32), np.empty((max_ffns, hidden), np.float32))
+                      np.empty(max_width // 16, np.int32), np.empty((max_ffns, hidden), np.float32),
+                      np.zeros((10, 2 * max_ffns + 1), np.int64))
 
 
 @nb.njit(fastmath=FIXED_ORDER, cache=True)
@@ -77,60 +87,55 @@ def add_weighted_sum(y, weights, m_count, out):
 
 def build(formats: int):
     """swiglu_ffns(desc, weights, limits, x, out, scratch) for FFNs of the formats in `formats`."""
+    gemv = gemv_gemm.build(formats).gemv
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def swiglu_ffns(desc, weights, limits, x, out, scratch):
         m_count = desc.shape[0]
-        qt = desc[:, 0:2]
-        addr = desc[:, 2:5]
-        inter = desc[:, 5]
         h = x.shape[0]
-        xq, xd, xb = scratch.xq, scratch.xd, scratch.xb
-        quantize_row(x, xq, xd, xb)
-        # gate and up rows of every expert, one parallel loop: expert m owns gu[2 * s[m] : 2 * s[m + 1]]
         s = scratch.starts
         s[0] = 0
         for m in range(m_count):
-            s[m + 1] = s[m] + inter[m]
+            s[m + 1] = s[m] + desc[m, 5]
         if s[m_count] > scratch.act.shape[0]:
             raise ValueError("swiglu_ffns: the FFNs are wider than the scratch (ffn_scratch max_width)")
-        gu = scratch.gu
-        xs4 = np.empty(h // 32, np.int16)
-        xs6 = np.empty(h // 16, np.int16)
-        activation_sums(xb, xs4, xs6)
-        # units (16-row blocks or rows, see gemv_gemm.gemv_unit) of matrix 2 m (gate) and 2 m + 1 (up)
-        units = np.empty(2 * m_count + 1, np.int64)
-        units[0] = 0
+        # gate and up of every FFN as one group of 2 M matrices on x, in one parallel call:
+        # FFN m owns gu[2 s[m] : 2 s[m + 1]], its gate rows then its up rows
+        g = scratch.groups
+        qt, addr, rb, starts, col0 = g[0, :2 * m_count], g[1, :2 * m_count], g[2, :2 * m_count], g[3, :2 * m_count + 1], g[4, :2 * m_count]
+        starts[0] = 0
         for mm in range(2 * m_count):
-            units[mm + 1] = units[mm] + inter[mm // 2] - 15 * row_blocks(formats, qt[mm // 2, 0], inter[mm // 2], h // 256)
-        for u in nb.prange(units[2 * m_count]):
-            mm = find(units, u)
             m = mm // 2
-            i = inter[m]
-            o = 2 * s[m] + (mm - 2 * m) * i
-            gemv_unit(formats, qt[m, 0], addr[m, mm - 2 * m], h // 256 * bytes_per_256(qt[m, 0]), i, u - units[mm],
-                      xq, xd, xb, xs4, xs6, gu[o:o + i])
-        # SwiGLU and the hidden vectors' quantization, per expert
+            qt[mm] = desc[m, 0]
+            addr[mm] = desc[m, 2 + mm - 2 * m]
+            rb[mm] = h // 256 * bytes_per_256(desc[m, 0])
+            starts[mm + 1] = starts[mm] + desc[m, 5]
+            col0[mm] = 0
+        xq, xd, xb = scratch.xq, scratch.xd, scratch.xb
+        quantize_row(x, xq, xd, xb)
+        gu = scratch.gu
+        gemv(qt, addr, rb, starts, col0, xq, xd, xb, gu[:2 * s[m_count]])
+        # SwiGLU and the hidden vectors' quantization, per FFN
         hq, hd, hb, act = scratch.hq, scratch.hd, scratch.hb, scratch.act
         for m in nb.prange(m_count):
-            i = inter[m]
+            i = desc[m, 5]
             g0 = 2 * s[m]
             swiglu_row(gu[g0:g0 + i], gu[g0 + i:g0 + 2 * i], limits[m], act[s[m]:s[m + 1]])
             quantize_row(act[s[m]:s[m + 1]], hq[s[m]:s[m + 1]], hd[s[m] // 256:s[m + 1] // 256],
                          hb[s[m] // 16:s[m + 1] // 16])
-        # down rows of every expert, then the weighted sum in entry order
-        y = scratch.y
-        hs4 = np.empty(s[m_count] // 32, np.int16)
-        hs6 = np.empty(s[m_count] // 16, np.int16)
-        activation_sums(hb[:s[m_count] // 16], hs4, hs6)
+        # the down matrices as one group, FFN m's reading its own columns s[m] .. s[m + 1] of the
+        # hidden vectors, into row m of y; then the weighted sum in entry order
+        qt, addr, rb, starts, col0 = g[5, :m_count], g[6, :m_count], g[7, :m_count], g[8, :m_count + 1], g[9, :m_count]
+        starts[0] = 0
         for m in range(m_count):
-            units[m + 1] = units[m] + h - 15 * row_blocks(formats, qt[m, 1], h, inter[m] // 256)
-        for u in nb.prange(units[m_count]):
-            m = find(units[:m_count + 1], u)
-            a, b = s[m], s[m + 1]
-            gemv_unit(formats, qt[m, 1], addr[m, 2], (b - a) // 256 * bytes_per_256(qt[m, 1]), h, u - units[m],
-                      hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16], hs4[a // 32:b // 32], hs6[a // 16:b // 16],
-                      y[m])
+            qt[m] = desc[m, 1]
+            addr[m] = desc[m, 4]
+            rb[m] = desc[m, 5] // 256 * bytes_per_256(desc[m, 1])
+            starts[m + 1] = starts[m] + h
+            col0[m] = s[m]
+        y = scratch.y
+        w = s[m_count]
+        gemv(qt, addr, rb, starts, col0, hq[:w], hd[:w // 256], hb[:w // 16], y.reshape(y.size)[:m_count * h])
         add_weighted_sum(y, weights, m_count, out)
 
     return swiglu_ffns

@@ -54,6 +54,7 @@ def find(starts, g):
 
 
 BLOCK_MIN_SB = 8  # measured: see row_blocks
+ROWS_PER_CHUNK = 8  # single rows a parallel iteration of group_gemv runs in turn (16-row blocks: one)
 
 
 def row_blocks(formats, qtype, n_rows, nsb):
@@ -125,22 +126,35 @@ def gemv_unit(formats, qtype, wa, rb, n_rows, k, xq, xd, xb, xs4, xs6, out):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def group_gemv(formats, qt, addr, rb, starts, xq, xd, xb, out):
+def group_gemv(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
     """out = the group's rows times the int8 activations, in parallel units of 16 rows (VNNI
-    formats) or single rows; inlinable into a larger decode kernel."""
+    formats) or single rows; matrix m reads the columns col0[m] .. col0[m] + C_m of the
+    activations (C_m its own columns, from its row bytes: all zeros for matrices sharing one
+    input, the FFNs' offsets for their down matrices); inlinable into a larger kernel."""
     m_count = qt.shape[0]
     xs4 = np.empty(xb.shape[0] // 2, np.int16)
     xs6 = np.empty(xb.shape[0], np.int16)
     activation_sums(xb, xs4, xs6)
-    units = np.empty(m_count + 1, np.int64)
-    units[0] = 0
+    chunks = np.empty(m_count + 1, np.int64)  # parallel iterations: one 16-row block or ROWS_PER_CHUNK rows
+    chunks[0] = 0
     for m in range(m_count):
         n = starts[m + 1] - starts[m]
-        units[m + 1] = units[m] + n - 15 * row_blocks(formats, qt[m], n, xq.shape[0] // 256)
-    for u in nb.prange(units[m_count]):
-        m = find(units, u)
-        gemv_unit(formats, qt[m], addr[m], rb[m], starts[m + 1] - starts[m], u - units[m], xq, xd, xb, xs4, xs6,
-                  out[starts[m]:starts[m + 1]])
+        blocks = row_blocks(formats, qt[m], n, rb[m] // bytes_per_256(qt[m]))
+        per = 1 if blocks else ROWS_PER_CHUNK
+        chunks[m + 1] = chunks[m] + (n - 15 * blocks + per - 1) // per
+    for ch in nb.prange(chunks[m_count]):
+        m = find(chunks, ch)
+        n = starts[m + 1] - starts[m]
+        blocks = row_blocks(formats, qt[m], n, rb[m] // bytes_per_256(qt[m]))
+        per = 1 if blocks else ROWS_PER_CHUNK
+        units = n - 15 * blocks
+        a = col0[m]
+        b = a + rb[m] // bytes_per_256(qt[m]) * 256
+        mq, md, mb, m4, m6 = xq[a:b], xd[a // 256:b // 256], xb[a // 16:b // 16], xs4[a // 32:b // 32], xs6[a // 16:b // 16]
+        mo = out[starts[m]:starts[m + 1]]
+        k0 = (ch - chunks[m]) * per
+        for k in range(k0, min(k0 + per, units)):
+            gemv_unit(formats, qt[m], addr[m], rb[m], n, k, mq, md, mb, m4, m6, mo)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -227,7 +241,7 @@ _group_steps = switch({Q4_K: _q4k_group, Q6_K: _q6k_group}, arity=12)
 @lru_cache(maxsize=None)
 def build(formats: int) -> SimpleNamespace:
     """The kernels for matrices of the formats in `formats` (see dispatch.format_set):
-    gemv(qt, addr, rb, starts, xq, xd, xb, out)   a group's rows times quantized activations
+    gemv(qt, addr, rb, starts, col0, xq, xd, xb, out)   a group's rows times quantized activations
     gemm(qtype, w, XQ, XD, XB, out)               GGUF rows times N tokens (GEMM_FORMATS)
     gemm_rows(qtype, w, XQ, XD, XB, out)          the same, each token through the GEMV's row dot"""
 
@@ -239,8 +253,8 @@ def build(formats: int) -> SimpleNamespace:
                 out[t, row] = q8dot(formats, qtype, w[row], XQ[t], XD[t], XB[t])
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def gemv(qt, addr, rb, starts, xq, xd, xb, out):
-        group_gemv(formats, qt, addr, rb, starts, xq, xd, xb, out)
+    def gemv(qt, addr, rb, starts, col0, xq, xd, xb, out):
+        group_gemv(formats, qt, addr, rb, starts, col0, xq, xd, xb, out)
 
     if vnni.AVAILABLE and formats & VNNI_SET:
         @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -270,10 +284,10 @@ def build(formats: int) -> SimpleNamespace:
 
 
 def gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
-    """build(formats).gemv(...), callable from a Numba kernel built for the same format set (a
-    compile-time constant there): the call goes to the compiled parallel kernel, which other
-    callers share, instead of inlining another parallel loop into the caller."""
-    build(formats).gemv(qt, addr, rb, starts, xq, xd, xb, out)
+    """build(formats).gemv(...) on matrices sharing the input xq, callable from a Numba kernel built
+    for the same format set (a compile-time constant there): the call goes to the compiled parallel
+    kernel, which other callers share, instead of inlining another parallel loop into the caller."""
+    build(formats).gemv(qt, addr, rb, starts, np.zeros(qt.shape[0], np.int64), xq, xd, xb, out)
 
 
 @overload(gemv_in_kernel)
@@ -283,5 +297,5 @@ def _gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
     gemv = build(formats.literal_value).gemv
 
     def impl(formats, qt, addr, rb, starts, xq, xd, xb, out):
-        gemv(qt, addr, rb, starts, xq, xd, xb, out)
+        gemv(qt, addr, rb, starts, np.zeros(qt.shape[0], np.int64), xq, xd, xb, out)
     return impl
