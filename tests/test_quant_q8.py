@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 
 from quant import dequantize, pack, quantize
 from quant import int8_kernels as q8
-from quant.int8_kernels import avx2, row_dot
+from quant.int8_kernels import avx2, avx512_vnni, row_dot
 
 FORMATS = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
 ROWS = [1, 5, 37]
@@ -348,3 +348,45 @@ def test_row_dot_switch_runs_from_python_too():
     a = q8.quantize_activations(activations(1, 256))
     got = q8dot(q8.format_set([T.Q5_K]), int(T.Q5_K), w.data[0], a.q[0], a.d[0], a.b[0])
     assert_close(np.array([got]), W, values(a)[0])
+
+
+_STEPS = """
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from quant import int8_kernels as q8, pack, quantize, dequantize
+from quant.int8_kernels import step_library
+rng = np.random.default_rng(0)
+x = (0.05 * rng.standard_normal((37, 512))).astype(np.float32)
+raw = quantize(x, T.Q4_K)
+a = q8.quantize_activations(rng.standard_normal((11, 512)).astype(np.float32))
+out = q8.matmul(pack(T.Q4_K, raw, 37, 512), a, np.empty((11, 37), np.float32))
+W = dequantize(raw, T.Q4_K, (37, 512)).astype(np.float64)
+xv = (a.q.astype(np.float64).reshape(11, 2, 256) * a.d[:, :, None]).reshape(11, 512)
+want = xv @ W.T
+assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+print(step_library.source, out.tobytes().hex()[:64])
+"""
+
+
+@pytest.mark.skipif(not avx512_vnni.AVAILABLE, reason="the VNNI steps compile only on AVX-512 VNNI hosts")
+def test_gemm_steps_compile_once_then_load(tmp_path):
+    """The VNNI steps' library is compiled by the first process, loaded from the cache by the next
+    (same numbers), and a damaged cache file is compiled again and replaced."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", _STEPS], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()
+
+    first, second = run(), run()
+    assert first[0] == "compiled" and second[0] == "cache" and first[1] == second[1]
+    (lib,) = tmp_path.rglob("vnni_steps-*.lib")
+    lib.write_bytes(lib.read_bytes()[:1000])
+    third, fourth = run(), run()
+    assert third[0] == "compiled" and fourth[0] == "cache" and third[1] == first[1] == fourth[1]
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -54,7 +54,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..packed import PackedMatrix
+from . import avx512_vnni as _vnni
 from . import ffn as _ffn
+from . import step_library as _step_library
 from . import gemv_gemm as _gemv_gemm
 from .dispatch import FORMAT_BIT, format_set
 from .ffn import FFNScratch, ffn_scratch
@@ -210,6 +212,14 @@ def matvec_group(g: Group, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
+_NO_STEPS = np.zeros(8, np.int64)
+
+
+def _gemm_steps() -> np.ndarray:
+    """The GEMM's compiled steps (step_library.addresses) on VNNI hosts; unused elsewhere."""
+    return _step_library.addresses() if _vnni.AVAILABLE else _NO_STEPS
+
+
 def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | None = None) -> np.ndarray:
     """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On VNNI
     hosts, Q4_K/Q6_K 16-row groups run in parallel with 8 tokens per pass over a group (then 4,
@@ -225,7 +235,7 @@ def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | No
         raise ValueError(f"no int8-activation GEMM for {w.qtype.name} on this host (have: "
                          f"{', '.join(t.name for t in GEMM_FORMATS) or 'none'})")
     _check_out(out, (a.shape[0], w.rows))
-    kernels(_formats(formats, [w])).gemm(int(w.qtype), w.data, a.q, a.d, a.b, out)
+    kernels(_formats(formats, [w])).gemm(int(w.qtype), w.data, a.q, a.d, a.b, out, _gemm_steps())
     return out
 
 

@@ -283,9 +283,10 @@ def _q6k(b, src, xq, xs, xd, add):
 _FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32)}
 
 
-def _step(fmt: str, n_tok: int):
-    """Codegen of a step over one group: (w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd,
-    xd_stride, out, out_stride)."""
+def step_codegen(fmt: str, n_tok: int):
+    """The code of a step over one group, emitted where it is called: codegen(context, builder,
+    signature, args), args the 11 int64 values (w, row_bytes, nsb, xq, xq_stride, xs, xs_stride,
+    xd, xd_stride, out, out_stride)."""
     arith, rows_source, xs_bytes = _FORMATS[fmt]
 
     def codegen(context, builder, signature, args):
@@ -320,7 +321,12 @@ def _step(fmt: str, n_tok: int):
                   [load(b, at(xd, xd_stride, t, 4), 0, _f32) for t in range(n_tok)], add)
         return context.get_dummy_value()
 
-    return outlined(f"stepstream.int8.{fmt}.rows16_step{n_tok}", codegen)  # one function per kernel, called
+    return codegen
+
+
+def _step(fmt: str, n_tok: int):
+    """Codegen of a call of the step (one function per kernel, see llvm_ir.outlined)."""
+    return outlined(f"stepstream.int8.{fmt}.rows16_step{n_tok}", step_codegen(fmt, n_tok))
 
 
 _SIG = types.none(*([types.int64] * 11))

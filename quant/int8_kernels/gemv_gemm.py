@@ -27,9 +27,9 @@ from numba.extending import overload
 from ..bits import u8_at
 from ..jit import ALWAYS_INLINED
 from . import avx512_vnni as vnni
-from .avx512_vnni import (q4k_rows_step1, q4k_rows_step2, q4k_rows_step4, q4k_rows_step8, q6k_rows_step1,
-                          q6k_rows_step2, q6k_rows_step4, q6k_rows_step8)
-from .dispatch import BYTES_PER_256, FORMAT_BIT, Q4_K, Q6_K, switch
+from .avx512_vnni import q4k_rows_step1, q6k_rows_step1
+from .dispatch import BYTES_PER_256, FORMAT_BIT, Q4_K, Q6_K
+from .step_library import call_step
 from .row_dot import q8dot, q8dot4, quantize_row
 
 
@@ -195,54 +195,26 @@ def _activation_sums(qtype, XB):
 
 
 @nb.njit(inline="always", cache=True)
-def _q4k_group(wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
-    """One group of 16 Q4_K GGUF rows (the first at wa) times n tokens: 8 per pass while 8 are
-    left, then 4, 2, 1. The group's weights stay in cache between passes, so they are read from
+def _group_steps(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
+    """One group of 16 GGUF rows (the first at wa) times n tokens: 8 per pass while 8 are left,
+    then 4, 2, 1, each pass one call of a compiled step (step_library: steps[base + k] takes
+    8 >> k tokens). The group's weights stay in cache between passes, so they are read from
     memory once."""
     t = 0
     while t < n:
         left = n - t
-        step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
-        xq, xs, xd, o = xq0 + t * xqs, xs0 + t * xss, xd0 + t * xds, o0 + t * os_
-        if step == 8:
-            q4k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        elif step == 4:
-            q4k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        elif step == 2:
-            q4k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        else:
-            q4k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        t += step
-
-
-@nb.njit(inline="always", cache=True)
-def _q6k_group(wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
-    """As _q4k_group, for Q6_K."""
-    t = 0
-    while t < n:
-        left = n - t
-        step = 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
-        xq, xs, xd, o = xq0 + t * xqs, xs0 + t * xss, xd0 + t * xds, o0 + t * os_
-        if step == 8:
-            q6k_rows_step8(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        elif step == 4:
-            q6k_rows_step4(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        elif step == 2:
-            q6k_rows_step2(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        else:
-            q6k_rows_step1(wa, row_bytes, nsb, xq, xqs, xs, xss, xd, xds, o, os_)
-        t += step
-
-
-# _group_steps(formats, qtype, wa, row_bytes, nsb, n, ...): one 16-row group, by format
-_group_steps = switch({Q4_K: _q4k_group, Q6_K: _q6k_group}, arity=12)
+        k = 0 if left >= 8 else 1 if left >= 4 else 2 if left >= 2 else 3
+        call_step(steps[base + k], wa, row_bytes, nsb, xq0 + t * xqs, xqs, xs0 + t * xss, xss, xd0 + t * xds, xds,
+                  o0 + t * os_, os_)
+        t += 8 >> k
 
 
 @lru_cache(maxsize=None)
 def build(formats: int) -> SimpleNamespace:
     """The kernels for matrices of the formats in `formats` (see dispatch.format_set):
     gemv(qt, addr, rb, starts, col0, xq, xd, xb, out)   a group's rows times quantized activations
-    gemm(qtype, w, XQ, XD, XB, out)               GGUF rows times N tokens (GEMM_FORMATS)
+    gemm(qtype, w, XQ, XD, XB, out, steps)        GGUF rows times N tokens (GEMM_FORMATS); steps: see
+                                                  step_library.addresses (VNNI hosts; else unused)
     gemm_rows(qtype, w, XQ, XD, XB, out)          the same, each token through the GEMV's row dot"""
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -258,9 +230,10 @@ def build(formats: int) -> SimpleNamespace:
 
     if vnni.AVAILABLE and formats & VNNI_SET:
         @nb.njit(parallel=True, fastmath=True, cache=True)
-        def gemm(qtype, w, XQ, XD, XB, out):
-            """Q4_K/Q6_K: 16-row groups straight from the GGUF rows (avx512_vnni), the rows left
-            over one at a time; other formats: rows in parallel, 4 tokens per pass."""
+        def gemm(qtype, w, XQ, XD, XB, out, steps):
+            """Q4_K/Q6_K: 16-row groups straight from the GGUF rows (avx512_vnni, through the
+            steps at the addresses `steps`, step_library.addresses()), the rows left over one at
+            a time; other formats: rows in parallel, 4 tokens per pass."""
             n, c = XQ.shape
             r = out.shape[1]
             grouped = r - r % 16 if qtype == Q4_K or qtype == Q6_K else 0
@@ -268,15 +241,16 @@ def build(formats: int) -> SimpleNamespace:
                 xs = _activation_sums(qtype, XB)
                 xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
                 rb = np.int64(w.shape[1])
+                base = 0 if qtype == Q4_K else 4
                 for g in nb.prange(r // 16):
-                    _group_steps(formats, qtype, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
+                    _group_steps(steps, base, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
                                  xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
             for row in nb.prange(grouped, r):
                 _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
     else:
         @nb.njit(parallel=True, fastmath=True, cache=True)
-        def gemm(qtype, w, XQ, XD, XB, out):
-            """Rows in parallel, 4 tokens per pass (the VNNI steps would abort LLVM here)."""
+        def gemm(qtype, w, XQ, XD, XB, out, steps):
+            """Rows in parallel, 4 tokens per pass (`steps` unused; the VNNI steps would abort LLVM here)."""
             for row in nb.prange(w.shape[0]):
                 _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
 

@@ -1,0 +1,129 @@
+"""The AVX-512 VNNI GEMM steps as native functions, compiled once per host and cached: the GEMM
+calls them through their addresses.
+
+Why not inline or link them into the GEMM: Numba builds a parallel kernel as four code
+libraries (the loop body, two wrappers, the kernel), and each links the code of the ones below
+it and optimizes and compiles all of it again. The eight step bodies (Q4_K and Q6_K, 8, 4, 2
+and 1 tokens, a few thousand instructions each) went through LLVM four times: more than half of
+the GEMM's 11 s of compile time on a first run. Here they are compiled once, into a library of
+their own kept in the kernel cache, and the GEMM holds only an indirect call per group of 16
+rows and tokens (a few nanoseconds against microseconds of work). The cached GEMM holds no
+address: `addresses()` gives them at run time, as an argument.
+
+The cache file sits beside this module's kernels in Numba's cache directory, named by a key over
+the sources that emit the code (quant.jit.source_stamp: this module and what it imports), the
+host CPU and its features, and the Numba and llvmlite versions. It is written under a temporary
+name, then renamed; a file that does not load is compiled again and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core.compiler_lock import global_compiler_lock
+from numba.core.registry import cpu_target
+from numba.extending import intrinsic
+
+from ..jit import source_stamp
+from .avx512_vnni import AVAILABLE, STEP_TOKENS, step_codegen
+
+FORMATS = ("q4_k", "q6_k")  # addresses(): FORMATS[f]'s step of STEP_TOKENS[k] tokens at 4 f + k
+_I64 = ir.IntType(64)
+_FNTY = ir.FunctionType(ir.VoidType(), [_I64] * 11)
+_SIG = types.none(*([types.int64] * 11))
+
+
+def _symbol(fmt: str, n_tok: int) -> str:
+    return f"stepstream_vnni_{fmt}_step{n_tok}"
+
+
+@nb.njit(cache=True)
+def _anchor():  # its cache directory is where the steps' library is kept
+    return 0
+
+
+def _cache_file(codegen) -> Path:
+    key = hashlib.sha256(repr((source_stamp(os.path.abspath(__file__)), codegen.magic_tuple(),
+                               nb.__version__, __import__("llvmlite").__version__)).encode()).hexdigest()[:24]
+    return Path(_anchor._cache._cache_path) / f"vnni_steps-{key}.lib"
+
+
+def _compile(codegen):
+    library = codegen.create_library("stepstream_vnni_steps")
+    library.enable_object_caching()
+    context = cpu_target.target_context
+    for fmt in FORMATS:
+        for n_tok in STEP_TOKENS:
+            module = library.create_ir_module(_symbol(fmt, n_tok))
+            fn = ir.Function(module, _FNTY, _symbol(fmt, n_tok))
+            builder = ir.IRBuilder(fn.append_basic_block("entry"))
+            step_codegen(fmt, n_tok)(context, builder, _SIG, list(fn.args))
+            builder.ret_void()
+            library.add_ir_module(module)
+    library.finalize()
+    return library
+
+
+def _load(codegen, path: Path):
+    try:
+        library = codegen.unserialize_library(pickle.loads(path.read_bytes()))
+        library.get_pointer_to_function(_symbol(FORMATS[0], STEP_TOKENS[0]))  # resolves, or raises
+        return library
+    except Exception:  # a missing, partial or foreign file: compiled again below
+        return None
+
+
+def _save(library, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pickle.dumps(library.serialize_using_object_code()))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache directory: compiled again next time, as Numba does
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+
+
+_LIBRARY = []  # keeps the compiled code alive for the process
+source = None  # where addresses() found the steps: "cache" or "compiled" (None: not yet asked)
+
+
+@lru_cache(maxsize=None)
+def addresses() -> np.ndarray:
+    """int64 [8]: the addresses of the steps, FORMATS[f] with STEP_TOKENS[k] tokens at 4 f + k.
+    Only where avx512_vnni.AVAILABLE."""
+    if not AVAILABLE:
+        raise RuntimeError("the AVX-512 VNNI steps do not compile on this host")
+    codegen = cpu_target.target_context.codegen()
+    path = _cache_file(codegen)
+    global source
+    with global_compiler_lock:  # as Numba holds it to compile or load a library
+        library, source = _load(codegen, path), "cache"
+        if library is None:
+            library, source = _compile(codegen), "compiled"
+            _save(library, path)
+    _LIBRARY.append(library)
+    return np.array([library.get_pointer_to_function(_symbol(f, n)) for f in FORMATS for n in STEP_TOKENS], np.int64)
+
+
+@intrinsic
+def call_step(typingctx, address, w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride):
+    """Call the step at `address` (from addresses()) on one group: the 11 int64 arguments of
+    avx512_vnni.step_codegen."""
+    def codegen(context, builder, signature, args):
+        fn = builder.inttoptr(args[0], _FNTY.as_pointer())
+        builder.call(fn, args[1:])
+        return context.get_dummy_value()
+    return types.none(*([types.int64] * 12)), codegen
