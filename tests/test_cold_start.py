@@ -35,7 +35,7 @@ def test_demo_first_token_compiles_only_the_files_formats():
 
     held = _file_formats(model_path())
     assert held, "the shipped model has int8 formats"
-    first, events = compile_events(["demo", "-n", "1", "-p", PROMPT], PROMPT)
+    first, events, warm = compile_events(["demo", "-n", "1", "-p", PROMPT], PROMPT, warm=True)
     per_set = [e for e in events if e["formats"] is not None]
     assert per_set, "no kernel built for a format set was compiled: the recorder saw nothing"
     foreign = sorted({(e["function"], e["formats"]) for e in per_set if e["formats"] & ~held})
@@ -51,7 +51,51 @@ def test_demo_first_token_compiles_only_the_files_formats():
             and not e["function"].endswith(".impl")]
     twice = [k for k, n in Counter((e["function"], tuple(e["args"])) for e in ours).items() if n > 1]
     assert not twice, f"compiled twice for the same types: {twice}"
+    # a second run loads every kernel from the cache (a kernel whose cache key differs from process
+    # to process, such as one closing over a compiled kernel, would compile on every run)
+    again = sorted({e["function"] for e in warm if e["function"].startswith(("quant.", "runtime.", "offload."))})
+    assert not again, f"compiled again on a warm cache: {again}"
     print(f"cold demo: first token after {first.seconds:.1f} s ({first.cpu} s of CPU), {len(events)} compiles")
+
+
+_HELPER_THEN_MODEL = """
+import json, sys
+from numba.core import event
+from runtime.model import precompile
+import runtime
+from runtime.cli.demo import model_path
+model = runtime.load(model_path(), n_ctx=256)
+precompile.main([json.dumps(precompile._spec(model))])   # as the helper process would
+names = []
+class Compiles(event.Listener):
+    def on_start(self, ev):
+        names.append(ev.data["dispatcher"].py_func.__qualname__)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Compiles())
+model.eval(list(range(1, 12)))   # a prefill chunk, then a decode step: the warm-up's paths
+model.eval([3])
+print(json.dumps(names))
+"""
+
+
+@pytest.mark.slow
+def test_the_compile_helper_builds_the_kernels_the_model_calls(tmp_path):
+    """The helper (runtime.model.precompile) calls its kernels on empty inputs of the types the
+    model passes: after it ran, the model's own prefill and decode compile none of them again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _HELPER_THEN_MODEL], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    compiled = set(json.loads(r.stdout.strip().splitlines()[-1]))
+    helpers = {"build.<locals>.gemv", "build.<locals>.gemm", "build.<locals>.swiglu_ffns", "chunk_attention",
+               "decode_attention", "router_logits"}
+    assert not compiled & helpers, sorted(compiled & helpers)
+    assert "attention_half.<locals>.attention_half" in compiled  # the listener saw the model's compiles
 
 
 def test_the_bench_times_the_demos_own_prompt():

@@ -1,6 +1,6 @@
 """A weighted sum of SwiGLU FFNs of one token, in one call (a decode step's experts).
 
-The matrix products are two calls of the format set's compiled GEMV (gemv_gemm.build().gemv),
+The matrix products are two calls of the format set's compiled GEMV (gemv_gemm.gemv_cols_in_kernel),
 not copies of its loop: every FFN's gate and up as one group on x, then every down matrix as
 one group, each reading its own FFN's columns of the hidden vectors (the GEMV's col0). The
 GEMV's code is compiled once per format set and shared with the decode step's projections
@@ -30,8 +30,7 @@ import numba as nb
 import numpy as np
 
 from ..jit import FIXED_ORDER
-from . import gemv_gemm
-from .gemv_gemm import bytes_per_256
+from .gemv_gemm import bytes_per_256, gemv_cols_in_kernel
 from .row_dot import quantize_row
 
 
@@ -87,8 +86,6 @@ def add_weighted_sum(y, weights, m_count, out):
 
 def build(formats: int):
     """swiglu_ffns(desc, weights, limits, x, out, scratch) for FFNs of the formats in `formats`."""
-    gemv = gemv_gemm.build(formats).gemv
-
     @nb.njit(parallel=True, fastmath=True, cache=True)
     def swiglu_ffns(desc, weights, limits, x, out, scratch):
         m_count = desc.shape[0]
@@ -114,7 +111,7 @@ def build(formats: int):
         xq, xd, xb = scratch.xq, scratch.xd, scratch.xb
         quantize_row(x, xq, xd, xb)
         gu = scratch.gu
-        gemv(qt, addr, rb, starts, col0, xq, xd, xb, gu[:2 * s[m_count]])
+        gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, gu[:2 * s[m_count]])
         # SwiGLU and the hidden vectors' quantization, per FFN
         hq, hd, hb, act = scratch.hq, scratch.hd, scratch.hb, scratch.act
         for m in nb.prange(m_count):
@@ -135,7 +132,8 @@ def build(formats: int):
             col0[m] = s[m]
         y = scratch.y
         w = s[m_count]
-        gemv(qt, addr, rb, starts, col0, hq[:w], hd[:w // 256], hb[:w // 16], y.reshape(y.size)[:m_count * h])
+        gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, hq[:w], hd[:w // 256], hb[:w // 16],
+                            y.reshape(y.size)[:m_count * h])
         add_weighted_sum(y, weights, m_count, out)
 
     return swiglu_ffns

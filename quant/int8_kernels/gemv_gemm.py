@@ -264,12 +264,32 @@ def gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
     build(formats).gemv(qt, addr, rb, starts, np.zeros(qt.shape[0], np.int64), xq, xd, xb, out)
 
 
-@overload(gemv_in_kernel)
-def _gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
+def gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
+    """As gemv_in_kernel, matrix m reading the columns from col0[m] on (see group_gemv). A kernel
+    calls these rather than closing over the compiled GEMV: Numba keys a closure's cache entry
+    on its pickled variables, and a pickled kernel differs from process to process."""
+    build(formats).gemv(qt, addr, rb, starts, col0, xq, xd, xb, out)
+
+
+def _compiled_gemv(formats):
     if not isinstance(formats, types.IntegerLiteral):
         raise TypingError("gemv_in_kernel needs the format set as a compile-time constant")
-    gemv = build(formats.literal_value).gemv
+    return build(formats.literal_value).gemv
+
+
+@overload(gemv_in_kernel)
+def _gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
+    gemv = _compiled_gemv(formats)
 
     def impl(formats, qt, addr, rb, starts, xq, xd, xb, out):
         gemv(qt, addr, rb, starts, np.zeros(qt.shape[0], np.int64), xq, xd, xb, out)
+    return impl
+
+
+@overload(gemv_cols_in_kernel)
+def _gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
+    gemv = _compiled_gemv(formats)
+
+    def impl(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
+        gemv(qt, addr, rb, starts, col0, xq, xd, xb, out)
     return impl

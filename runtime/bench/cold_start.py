@@ -137,14 +137,20 @@ def time_to_first_token(argv: list[str], prompt: str, cache_dir: str, record: st
     return FirstToken(first, cpu, err.decode(errors="replace"))
 
 
-def compile_events(argv: list[str], prompt: str, threads: int | None = None) -> tuple[FirstToken, list[dict]]:
+def compile_events(argv: list[str], prompt: str, threads: int | None = None,
+                   warm: bool = False) -> tuple[FirstToken, list[dict]] | tuple[FirstToken, list[dict], list[dict]]:
     """One cold run of `stepstream <argv>`: its time to the first token and the functions
     Numba compiled ({"function", "args", "seconds", "formats"}: formats is the int8 format set
-    of a kernel built per set, quant.int8_kernels.format_set, else None), in compile order."""
+    of a kernel built per set, quant.int8_kernels.format_set, else None), in compile order.
+    With warm, also what a second run on the cache the first one filled compiled."""
     with tempfile.TemporaryDirectory(prefix="stepstream-cold-") as tmp:
-        record = str(Path(tmp) / "compiles.json")
-        first = time_to_first_token(argv, prompt, str(Path(tmp) / "cache"), record, threads)
-        return first, json.loads(Path(record).read_text())
+        record, cache = str(Path(tmp) / "compiles.json"), str(Path(tmp) / "cache")
+        first = time_to_first_token(argv, prompt, cache, record, threads)
+        events = json.loads(Path(record).read_text())
+        if not warm:
+            return first, events
+        time_to_first_token(argv, prompt, cache, record, threads)
+        return first, events, json.loads(Path(record).read_text())
 
 
 def with_prompt(argv: list[str]) -> tuple[list[str], str]:

@@ -34,7 +34,7 @@ from runtime.model.block import Block
 from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
-from runtime.model import few_kernels, kv_checkpoint, kv_types, mtp
+from runtime.model import few_kernels, kv_checkpoint, kv_types, mtp, precompile
 from runtime.model.kv_cache import CacheStateError, KVCache
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
@@ -118,14 +118,15 @@ class Model:
         t0 = time.perf_counter()
         self.reset()
         ids = [i % self.cfg.vocab for i in range(max(1, min(5, self.n_ctx - 1)))]  # a short context holds fewer
-        self.eval(ids)
-        if self.n_ctx > len(ids):
-            self.eval(ids[:1])
-            if self._drafts and self.n_ctx > len(ids) + 1:  # the heads' kernels: a fill and a draft
-                self.drafter.truncate(0)
-                self.eval_prompt(ids + ids[:1], mtp=True)
-                self.mtp_draft(ids[1], self.n_mtp)
-                self._drafter = None  # made again by the first generation that drafts
+        with precompile.alongside(self):  # on a first run, a second process compiles too
+            self.eval(ids)
+            if self.n_ctx > len(ids):
+                self.eval(ids[:1])
+                if self._drafts and self.n_ctx > len(ids) + 1:  # the heads' kernels: a fill and a draft
+                    self.drafter.truncate(0)
+                    self.eval_prompt(ids + ids[:1], mtp=True)
+                    self.mtp_draft(ids[1], self.n_mtp)
+                    self._drafter = None  # made again by the first generation that drafts
         self.reset()
         if self._drafts and self.n_ctx > 2 * len(ids):
             self._time_steps(ids)
