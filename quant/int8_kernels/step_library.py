@@ -22,6 +22,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +33,11 @@ from numba import types
 from numba.core.compiler_lock import global_compiler_lock
 from numba.core.registry import cpu_target
 from numba.extending import intrinsic
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from ..jit import source_stamp
 from .avx512_vnni import AVAILABLE, STEP_TOKENS, step_codegen
@@ -96,6 +102,25 @@ def _save(library, path: Path) -> None:
             pass
 
 
+@contextmanager
+def _exclusive(path: Path):
+    """Held by one process at a time (a lock file beside the cache file), so that a process that
+    finds another compiling the steps (runtime.model.precompile's helper) waits and loads them.
+    Without fcntl, or where the lock file cannot be made, no lock: each may compile them."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_suffix(".lock"), "a+b")
+    except OSError:
+        f = None
+    try:
+        if f is not None and fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes, or when its process dies
+        yield
+    finally:
+        if f is not None:
+            f.close()
+
+
 _LIBRARY = []  # keeps the compiled code alive for the process
 source = None  # where addresses() found the steps: "cache" or "compiled" (None: not yet asked)
 
@@ -109,7 +134,7 @@ def addresses() -> np.ndarray:
     codegen = cpu_target.target_context.codegen()
     path = _cache_file(codegen)
     global source
-    with global_compiler_lock:  # as Numba holds it to compile or load a library
+    with global_compiler_lock, _exclusive(path):  # one process compiles them; the others then load them
         library, source = _load(codegen, path), "cache"
         if library is None:
             library, source = _compile(codegen), "compiled"

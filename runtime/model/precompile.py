@@ -101,23 +101,22 @@ def compile_kernels(formats: int, kv_types: tuple[str, str], head_dim: int, hidd
     f32 = np.float32
     kv = LayerKV(1, head_dim, 4, False, 0, tuple(kv_types))
     keys, kscale, vals, vscale, kpos = kv.view()
+    h = 256 * max(1, hidden // 256)
     if formats:
         k = q8.kernels(formats)
-        i64 = [np.zeros(0, np.int64) for _ in range(4)]
-        k.gemv(*i64, np.zeros(0, np.int64), np.zeros(256, np.int8), np.zeros(1, f32), np.zeros(16, np.int32),
-               np.zeros(0, f32))
+        router_logits(np.frombuffer(bytes(4 * h), f32).reshape(1, h), np.zeros(h, f32), np.zeros(1, f32))
     q = np.zeros((0, 1, head_dim), f32)
     chunk_attention(q, keys, vals, kpos, np.zeros(0, np.int64), 0, np.empty_like(q), np.zeros((0, 1), f32),
                     kscale, vscale)
     if not formats:
         return
+    k.gemv(*[np.zeros(0, np.int64) for _ in range(5)], np.zeros(256, np.int8), np.zeros(1, f32),
+           np.zeros(16, np.int32), np.zeros(0, f32))
     vec = [np.zeros(head_dim, f32) for _ in range(6)]
     decode_attention(*vec, f32(1e-6), np.ones(0, f32), np.ones(0, f32), kv.k, kv.v, kv.pos, 0, 0, 0,
                      np.zeros((1, 4), f32), np.zeros(head_dim, f32), kv.ks, kv.vs)
-    h = 256 * max(1, hidden // 256)
     k.swiglu(np.zeros((0, 6), np.int64), np.zeros(1, f32), np.zeros(1, f32), np.zeros((1, h), f32)[0],
              np.zeros(h, f32), q8.ffn_scratch(h, 1, 256))
-    router_logits(np.frombuffer(bytes(4 * h), f32).reshape(1, h), np.zeros(h, f32), np.zeros(1, f32))
     gemm_formats = [int(t) for t in q8.GEMM_FORMATS if q8.FORMAT_BIT.get(int(t), 0) & formats]
     if gemm_formats:  # read-only weights, as from a memory map
         k.gemm(gemm_formats[0], np.frombuffer(bytes(16 * 288), np.uint8).reshape(16, 288), np.zeros((0, 256), np.int8),
