@@ -89,16 +89,20 @@ def _load(codegen, path: Path):
 
 
 def _save(library, path: Path) -> None:
+    data = pickle.dumps(library.serialize_using_object_code())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pickle.dumps(library.serialize_using_object_code()))
-        os.replace(tmp, path)
     except OSError:  # a read-only cache directory: compiled again next time, as Numba does
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
         try:
             os.unlink(tmp)
-        except (OSError, UnboundLocalError):
+        except OSError:
             pass
 
 

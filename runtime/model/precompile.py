@@ -53,9 +53,12 @@ class _Helper(event.Listener):
     def on_start(self, ev) -> None:
         if self.useful and self.proc is None:
             env = {**os.environ, "NUMBA_NUM_THREADS": "1"}  # it runs its kernels on empty inputs
-            self.proc = subprocess.Popen([sys.executable, "-m", "runtime.model.precompile", json.dumps(self.spec)],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, env=env)
+            try:
+                self.proc = subprocess.Popen([sys.executable, "-m", "runtime.model.precompile", json.dumps(self.spec)],
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL, env=env)
+            except OSError:  # no helper: the warm-up compiles everything itself, as before
+                self.useful = False
 
     def on_end(self, ev) -> None:
         pass
