@@ -225,9 +225,10 @@ def test_matmul(qtype, n, rows, cols):
     xv = values(a)
     for t in range(n):
         assert_close(out[t], W, xv[t])
-    if qtype in (T.Q5_K, T.Q8_0):  # 4-token row steps: each token's row is the GEMV's, to the bit
-        gemv = np.stack([q8.matvec(w, a, np.empty(rows, np.float32), token=t) for t in range(n)])
-        np.testing.assert_array_equal(out, gemv)
+    # each token's row is the GEMV's, to the bit: 4-token row steps (Q5_K, Q8_0), and the 16-row
+    # VNNI steps (Q4_K, Q6_K) with the rows past the last group of 16 in a zero-padded group
+    gemv = np.stack([q8.matvec(w, a, np.empty(rows, np.float32), token=t) for t in range(n)])
+    np.testing.assert_array_equal(out, gemv)
 
 
 @pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
