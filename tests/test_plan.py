@@ -3,6 +3,7 @@ real model's shapes whose data is a sparse hole, and its numbers against what `l
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -157,7 +158,11 @@ def test_plan_matches_what_load_places(tiny_gguf):
     m = load(str(path))
     assert m.placement is None
     limit = system.memory_limit()
-    assert plan.memory == limit.text() or plan.memory.split(":")[0] == limit.text().split(":")[0]
+    # the same limit: its kind, its cgroup and size, the host's total; not the memory left, which
+    # other processes move between the two calls (1 in ~1,200 full runs read 19.8 against 19.9 GiB)
+    def same(text):
+        return re.sub(r"^available memory \S+ \S+ of", "available memory of", text).split(":")[0]
+    assert same(plan.memory) == same(limit.text()), (plan.memory, limit.text())
 
 
 # ---------------------------------------------------------------- hit-rate estimates
