@@ -225,14 +225,14 @@ def test_matmul(qtype, n, rows, cols):
     xv = values(a)
     for t in range(n):
         assert_close(out[t], W, xv[t])
-    # each token's row is the GEMV's, to the bit: 4-token row steps (Q5_K, Q8_0), and the 16-row
-    # VNNI steps (Q4_K, Q6_K) with the rows past the last group of 16 in a zero-padded group
+    # each token's row is the GEMV's, to the bit: 4-token row steps (Q8_0), and the 16-row VNNI
+    # steps (Q4_K, Q5_K, Q6_K) with the rows past the last group of 16 one at a time
     gemv = np.stack([q8.matvec(w, a, np.empty(rows, np.float32), token=t) for t in range(n)])
     np.testing.assert_array_equal(out, gemv)
 
 
 @pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
-@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", FORMATS + [T.Q2_K, T.Q3_K], ids=lambda t: t.name)
 def test_matmul_reads_nothing_past_the_last_row(qtype):
     """The weights end where a protected page starts, as a file's last tensor ends a memory map:
     the kernels (16-row loads, per-row scale reads) must not touch it."""
@@ -386,7 +386,8 @@ def test_gemm_steps_compile_once_then_load(tmp_path):
 
     first, second = run(), run()
     assert first[0] == "compiled" and second[0] == "cache" and first[1] == second[1]
-    (lib,) = tmp_path.rglob("vnni_steps-*.lib")
+    (lib,) = tmp_path.rglob("vnni_steps-*.lib")  # a Q4_K GEMM compiles only the Q4_K steps
+    assert lib.name.startswith("vnni_steps-q4_k-")
     lib.write_bytes(lib.read_bytes()[:1000])
     third, fourth = run(), run()
     assert third[0] == "compiled" and fourth[0] == "cache" and third[1] == first[1] == fourth[1]

@@ -80,15 +80,16 @@ def test_portable_row_dot_is_the_kernels_bit_for_bit(qtype):
 
 
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
-@pytest.mark.parametrize("n", [1, 3, 4, 9])
-def test_matmul_rows_are_the_gemv_rows(qtype, n):
-    """Prefill's GEMM (4-token row steps where the host has AVX2, else the row dot per token)
-    gives each token the GEMV's bits, on an odd row count."""
-    w, W = weights(qtype, 19, 768, seed=n)
+@pytest.mark.parametrize("n,rows", [(1, 19), (3, 19), (4, 19), (9, 19), (17, 35)])
+def test_matmul_rows_are_the_gemv_rows(qtype, n, rows):
+    """Prefill's GEMM (16-row VNNI steps for Q2_K/Q3_K on AVX-512 VNNI hosts, 4-token row steps
+    where the host has AVX2, else the row dot per token) gives each token the GEMV's bits, on odd
+    row counts: groups of 16 and rows left over, 8-token passes and the shorter ones after them."""
+    w, W = weights(qtype, rows, 768, seed=n)
     a = q8.quantize_activations(activations(n, 768, seed=n))
     gemm = q8.matmul if qtype in q8.GEMM_FORMATS else q8.matmul_rows
-    out = gemm(w, a, np.full((n, 19), np.nan, np.float32))  # the format's own kernel: small compiles
-    gemv = np.stack([q8.matvec(w, a, np.empty(19, np.float32), token=t) for t in range(n)])
+    out = gemm(w, a, np.full((n, rows), np.nan, np.float32))  # the format's own kernel: small compiles
+    gemv = np.stack([q8.matvec(w, a, np.empty(rows, np.float32), token=t) for t in range(n)])
     np.testing.assert_array_equal(out, gemv)
     for t in range(n):
         assert_close(out[t], W, values(a)[t])

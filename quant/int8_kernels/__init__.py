@@ -212,17 +212,20 @@ def matvec_group(g: Group, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-_NO_STEPS = np.zeros(8, np.int64)
+_NO_STEPS = np.zeros(4 * len(_step_library.FORMATS), np.int64)
+_STEP_NAMES = {int(T[name.upper()]): name for name in _step_library.FORMATS}
 
 
-def _gemm_steps() -> np.ndarray:
-    """The GEMM's compiled steps (step_library.addresses) on VNNI hosts; unused elsewhere."""
-    return _step_library.addresses() if _vnni.AVAILABLE else _NO_STEPS
+def _gemm_steps(qtype) -> np.ndarray:
+    """The GEMM's compiled steps for matrices of format qtype (step_library.steps_for) on VNNI
+    hosts, compiled or loaded on first use; zeros for formats without them and elsewhere."""
+    name = _STEP_NAMES.get(int(qtype))
+    return _step_library.steps_for(name) if _vnni.AVAILABLE and name is not None else _NO_STEPS
 
 
 def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | None = None) -> np.ndarray:
     """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On VNNI
-    hosts, Q4_K/Q6_K 16-row groups run in parallel with 8 tokens per pass over a group (then 4,
+    hosts, Q4_K/Q5_K/Q6_K/Q2_K/Q3_K 16-row groups run in parallel with 8 tokens per pass over a group (then 4,
     2, 1), the rows beyond a multiple of 16 as below; other formats and hosts run rows in
     parallel, 4 tokens per pass (each token's result the GEMV's to the bit)."""
     if not isinstance(w, PackedMatrix):
@@ -235,7 +238,7 @@ def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | No
         raise ValueError(f"no int8-activation GEMM for {w.qtype.name} on this host (have: "
                          f"{', '.join(t.name for t in GEMM_FORMATS) or 'none'})")
     _check_out(out, (a.shape[0], w.rows))
-    kernels(_formats(formats, [w])).gemm(int(w.qtype), w.data, a.q, a.d, a.b, out, _gemm_steps())
+    kernels(_formats(formats, [w])).gemm(int(w.qtype), w.data, a.q, a.d, a.b, out, _gemm_steps(w.qtype))
     return out
 
 

@@ -46,10 +46,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import compiles_for
-from .llvm_ir import declare, fadd, fmul, load, outlined, shuffle
+from .llvm_ir import declare, fadd, fmul, fsub, load, outlined, shuffle
 
 ROWS = 16
-GGUF_BYTES = {"q4_k": 144, "q6_k": 210}
+GGUF_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84}
 STEP_TOKENS = (8, 4, 2, 1)
 
 
@@ -146,6 +146,8 @@ class _Q4KRows:
     """Super-block s of 16 GGUF Q4_K rows: addrs[r] is row r's block; ahead is the address
     of this block's slice of the next group (prefetched)."""
 
+    QS = 16  # the byte offset of qs
+
     def __init__(self, b, addrs, ahead):
         self.b, self.addrs, self.ahead = b, addrs, ahead
         dd = _lanes_at(b, addrs, 0, _i32, _V16I32)
@@ -175,7 +177,7 @@ class _Q4KRows:
     def raw(self, k):
         half = k // 2  # qs bytes 64 half .. 64 half + 63: words 16 half + 8 (k % 2) + i
         if half not in self.chunks:
-            self.chunks[half] = _transpose16(self.b, [load(self.b, a, 16 + 64 * half, _V16I32) for a in self.addrs])
+            self.chunks[half] = _transpose16(self.b, [load(self.b, a, self.QS + 64 * half, _V16I32) for a in self.addrs])
         return [self.b.bitcast(v, _V64I8) for v in self.chunks[half][8 * (k % 2): 8 * (k % 2) + 8]]
 
     def prefetch(self, part, parts):
@@ -225,6 +227,107 @@ class _Q6KRows:
 
     def prefetch(self, part, parts):
         _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q6_k"], part, parts)
+
+
+class _Q5KRows(_Q4KRows):
+    """Super-block s of 16 GGUF Q5_K rows: Q4_K's fields with qs at 48, and bit j of qh[l] (at
+    16) the fifth bit of weight l of sub-block j. codes(j): the 8 code vectors (0..31) of
+    sub-block j, column 32 j + 4 i + c in byte c of lane r of vector i."""
+
+    QS = 48
+
+    def codes(self, j):
+        b = self.b
+        if "qh" not in self.chunks:  # qh is bytes 16..47: words 0..7 of the 64 bytes from 16
+            self.chunks["qh"] = _transpose16(b, [load(b, a, 16, _V16I32) for a in self.addrs])[:8]
+        k, high = divmod(j, 2)
+        low = [b.lshr(q, _bytes(4)) if high else b.and_(q, _bytes(15)) for q in self.raw(k)]
+        out = []
+        for i, q in enumerate(low):
+            hb = b.bitcast(self.chunks["qh"][i], _V64I8)
+            moved = b.shl(hb, _bytes(4 - j)) if j <= 4 else b.lshr(hb, _bytes(j - 4))
+            out.append(b.or_(q, b.and_(moved, _bytes(16))))
+        return out
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q5_k"], part, parts)
+
+
+class _Q2KRows:
+    """Super-block s of 16 GGUF Q2_K rows (see _Q4KRows): the 16 bytes at 0 hold scale (low
+    nibble) and min (high nibble) of each 16-column sub-block, qs (64 bytes at 16) the 2-bit
+    codes, column 128 h + 32 g + l in bits 2 g of qs byte 32 h + l; d at 80, dmin at 82.
+    codes(p): the 8 code vectors (0..3) of columns 32 p .. 32 p + 31, 4 columns each."""
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.addrs, self.ahead = b, addrs, ahead
+        self.d = _half_lanes(b, _lanes_at(b, addrs, 80, _i16, ir.VectorType(_i16, 16)))
+        self.dmin = _half_lanes(b, _lanes_at(b, addrs, 82, _i16, ir.VectorType(_i16, 16)))
+        self.sc = [_lanes_at(b, addrs, 4 * i, _i32, _V16I32) for i in range(4)]
+        self.qs = None
+
+    def _byte(self, j):
+        return self.b.and_(self.b.lshr(self.sc[j // 4], _c32(8 * (j % 4))), _c32(255))
+
+    def scale(self, j):
+        return self.b.and_(self._byte(j), _c32(15))
+
+    def minpair(self, m):
+        b = self.b
+        return b.or_(b.lshr(self._byte(2 * m), _c32(4)), b.shl(b.lshr(self._byte(2 * m + 1), _c32(4)), _c32(16)))
+
+    def codes(self, p):
+        b = self.b
+        if self.qs is None:
+            self.qs = _transpose16(b, [load(b, a, 16, _V16I32) for a in self.addrs])
+        h, g = divmod(p, 4)
+        return [b.and_(b.lshr(v, _bytes(2 * g)) if g else v, _bytes(3))
+                for v in (b.bitcast(w, _V64I8) for w in self.qs[8 * h:8 * h + 8])]
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q2_k"], part, parts)
+
+
+class _Q3KRows:
+    """Super-block s of 16 GGUF Q3_K rows (see _Q4KRows): hmask (32 bytes at 0), qs (64 bytes
+    at 32) as Q2_K's, the 16 six-bit scales packed in 12 bytes at 96, d at 108. codes(p): the 8
+    code vectors of columns 32 p .. 32 p + 31, each code low | high << 2 (0..7: the stored
+    signed code plus 4), high bit p of hmask byte l. scale(j): sub-block j's scale minus 32."""
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.addrs, self.ahead = b, addrs, ahead
+        self.d = _half_lanes(b, _lanes_at(b, addrs, 108, _i16, ir.VectorType(_i16, 16)))
+        self.u = [_lanes_at(b, addrs, 96 + 4 * i, _i32, _V16I32) for i in range(3)]
+        self.chunks = {}
+
+    def scale(self, j):
+        b = self.b
+        lo = b.and_(b.lshr(self.u[(j % 8) // 4], _c32(8 * (j % 4) + 4 * (j // 8))), _c32(15))
+        hi = b.and_(b.lshr(self.u[2], _c32(8 * (j % 4) + 2 * (j // 4))), _c32(3))
+        return b.sub(b.or_(lo, b.shl(hi, _c32(4))), _c32(32))
+
+    def scalepair(self, m):
+        return self.b.or_(self.b.and_(self.scale(2 * m), _c32(0xFFFF)), self.b.shl(self.scale(2 * m + 1), _c32(16)))
+
+    def _chunk(self, offset):  # 0: hmask (words 0..7); 32: qs
+        if offset not in self.chunks:
+            self.chunks[offset] = _transpose16(self.b, [load(self.b, a, offset, _V16I32) for a in self.addrs])
+        return self.chunks[offset]
+
+    def codes(self, p):
+        b = self.b
+        h, g = divmod(p, 4)
+        out = []
+        for e in range(8):
+            q = b.bitcast(self._chunk(32)[8 * h + e], _V64I8)
+            low = b.and_(b.lshr(q, _bytes(2 * g)) if g else q, _bytes(3))
+            hm = b.bitcast(self._chunk(0)[e], _V64I8)
+            high = b.shl(hm, _bytes(2 - p)) if p <= 2 else b.lshr(hm, _bytes(p - 2))
+            out.append(b.or_(low, b.and_(high, _bytes(4))))
+        return out
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q3_k"], part, parts)
 
 
 # ---------------------------------------------------------------- the arithmetic, per source
@@ -280,7 +383,79 @@ def _q6k(b, src, xq, xs, xd, add):
         add(t, fmul(b, b.sitofp(isum[t], _V16F32), fmul(b, src.d, _splat(b, xd[t], _V16F32))))
 
 
-_FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32)}
+def _q5k(b, src, xq, xs, xd, add):
+    """One Q5_K super-block of 16 rows times each token: xd * (d * I - dmin * M) per row, each
+    float step rounded once as avx2's Q5_K row dot rounds it. The mins' sums come after the
+    codes' loop, so that only the code sums stay live through it."""
+    n = len(xq)
+    isum = [_ZERO] * n
+    for j in range(8):
+        src.prefetch(j, 8)
+        sc = src.scale(j)
+        codes = src.codes(j)
+        for t in range(n):
+            p = _ZERO
+            for i in range(8):
+                p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
+            isum[t] = b.add(isum[t], b.mul(p, sc))
+    _scaled_minus_mins(b, src, 4, xs, xd, isum, add)
+
+
+def _scaled_minus_mins(b, src, pairs, xs, xd, isum, add):
+    """add(t, xd * (d * I_t - dmin * M_t)), M_t = sum over sub-blocks of min times the token's
+    sums (src.minpair(m): two sub-blocks' mins as int16 pairs, against xs's pairs m)."""
+    for t in range(len(isum)):
+        msum = _ZERO
+        for m in range(pairs):
+            msum = _dpwssd(b, msum, src.minpair(m), _bcast4(b, xs[t], 4 * m))
+        both = fsub(b, fmul(b, src.d, b.sitofp(isum[t], _V16F32)), fmul(b, src.dmin, b.sitofp(msum, _V16F32)))
+        add(t, fmul(b, _splat(b, xd[t], _V16F32), both))
+
+
+def _q2k(b, src, xq, xs, xd, add):
+    """One Q2_K super-block of 16 rows times each token: xd * (d * I - dmin * M), I the codes
+    (0..3) times their 16-column sub-blocks' scales, M the mins times the 16-column sums."""
+    n = len(xq)
+    isum = [_ZERO] * n
+    for p in range(8):
+        src.prefetch(p, 8)
+        codes = src.codes(p)
+        for j in (2 * p, 2 * p + 1):
+            sc = src.scale(j)
+            for t in range(n):
+                acc = _ZERO
+                for i in range(4):
+                    acc = _dpbusd(b, acc, codes[4 * (j % 2) + i], _bcast4(b, xq[t], 16 * j + 4 * i))
+                isum[t] = b.add(isum[t], b.mul(acc, sc))
+    _scaled_minus_mins(b, src, 8, xs, xd, isum, add)
+
+
+def _q3k(b, src, xq, xs, xd, add):
+    """One Q3_K super-block of 16 rows times each token: (d * xd) * I, I = sum of (scale - 32)
+    times the codes (stored code + 4) minus 4 times the scales against the 16-column sums."""
+    n = len(xq)
+    off = [_ZERO] * n
+    for m in range(8):
+        pair = src.scalepair(m)
+        for t in range(n):
+            off[t] = _dpwssd(b, off[t], pair, _bcast4(b, xs[t], 4 * m))
+    isum = [b.sub(_ZERO, b.shl(o, _c32(2))) for o in off]  # -4 * offsets
+    for p in range(8):
+        src.prefetch(p, 8)
+        codes = src.codes(p)
+        for j in (2 * p, 2 * p + 1):
+            sc = src.scale(j)
+            for t in range(n):
+                acc = _ZERO
+                for i in range(4):
+                    acc = _dpbusd(b, acc, codes[4 * (j % 2) + i], _bcast4(b, xq[t], 16 * j + 4 * i))
+                isum[t] = b.add(isum[t], b.mul(acc, sc))
+    for t in range(n):
+        add(t, fmul(b, fmul(b, src.d, _splat(b, xd[t], _V16F32)), b.sitofp(isum[t], _V16F32)))
+
+
+_FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32), "q5_k": (_q5k, _Q5KRows, 16),
+            "q2_k": (_q2k, _Q2KRows, 32), "q3_k": (_q3k, _Q3KRows, 32)}
 
 
 def step_codegen(fmt: str, n_tok: int):

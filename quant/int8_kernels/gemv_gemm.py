@@ -28,7 +28,8 @@ from ..bits import u8_at
 from ..jit import ALWAYS_INLINED
 from . import avx512_vnni as vnni
 from .avx512_vnni import q4k_rows_step1, q6k_rows_step1
-from .dispatch import BYTES_PER_256, FORMAT_BIT, Q4_K, Q6_K
+from .dispatch import BYTES_PER_256, FORMAT_BIT, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+from .step_library import FORMATS as STEP_FORMATS
 from .step_library import call_step
 from .row_dot import q8dot, q8dot4, quantize_row
 
@@ -36,7 +37,11 @@ from .row_dot import q8dot, q8dot4, quantize_row
 _BYTES_256 = np.zeros(64, np.int64)  # GGUF bytes of 256 columns, by format code
 for _code, _bytes in BYTES_PER_256.items():
     _BYTES_256[_code] = _bytes
-VNNI_SET = FORMAT_BIT[Q4_K] | FORMAT_BIT[Q6_K]  # the formats with 16-row VNNI GEMM steps
+STEP_CODES = {"q4_k": Q4_K, "q6_k": Q6_K, "q5_k": Q5_K, "q2_k": Q2_K, "q3_k": Q3_K}  # step_library's names
+VNNI_SET = sum(FORMAT_BIT[c] for c in STEP_CODES.values())  # the formats with 16-row VNNI GEMM steps
+_STEP_BASE = np.full(64, -1, np.int64)  # by format code: where its steps start in a GEMM's steps argument
+for _f, _name in enumerate(STEP_FORMATS):
+    _STEP_BASE[STEP_CODES[_name]] = 4 * _f
 
 
 @nb.njit(inline="always", cache=True)
@@ -181,9 +186,9 @@ def _row_steps(formats, qtype, w, XQ, XD, XB, out, r):
 
 @nb.njit(inline="always", cache=True)
 def _activation_sums(qtype, XB):
-    """int16 [N, C / 32] (Q4_K: sums per 32 columns) or [N, C / 16] (Q6_K) from XB."""
+    """int16 [N, C / 32] (Q4_K, Q5_K: sums per 32 columns) or [N, C / 16] (Q6_K, Q2_K, Q3_K) from XB."""
     n = XB.shape[0]
-    per = 2 if qtype == Q4_K else 1
+    per = 2 if qtype == Q4_K or qtype == Q5_K else 1
     xs = np.empty((n, XB.shape[1] // per), np.int16)
     for t in range(n):
         for m in range(xs.shape[1]):
@@ -214,7 +219,7 @@ def build(formats: int) -> SimpleNamespace:
     """The kernels for matrices of the formats in `formats` (see dispatch.format_set):
     gemv(qt, addr, rb, starts, col0, xq, xd, xb, out)   a group's rows times quantized activations
     gemm(qtype, w, XQ, XD, XB, out, steps)        GGUF rows times N tokens (GEMM_FORMATS); steps: see
-                                                  step_library.addresses (VNNI hosts; else unused)
+                                                  step_library.steps_for (VNNI hosts; else unused)
     gemm_rows(qtype, w, XQ, XD, XB, out)          the same, each token through the GEMV's row dot"""
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -231,17 +236,17 @@ def build(formats: int) -> SimpleNamespace:
     if vnni.AVAILABLE and formats & VNNI_SET:
         @nb.njit(parallel=True, fastmath=True, cache=True)
         def gemm(qtype, w, XQ, XD, XB, out, steps):
-            """Q4_K/Q6_K: 16-row groups straight from the GGUF rows (avx512_vnni, through the
-            steps at the addresses `steps`, step_library.addresses()), the rows left over one at
-            a time; other formats: rows in parallel, 4 tokens per pass."""
+            """Formats with VNNI steps (STEP_CODES): 16-row groups straight from the GGUF rows
+            (avx512_vnni, through the steps at the addresses `steps`, step_library.steps_for),
+            the rows left over one at a time; other formats: rows in parallel, 4 tokens per pass."""
             n, c = XQ.shape
             r = out.shape[1]
-            grouped = r - r % 16 if qtype == Q4_K or qtype == Q6_K else 0
+            base = _STEP_BASE[qtype]
+            grouped = r - r % 16 if base >= 0 else 0
             if grouped:
                 xs = _activation_sums(qtype, XB)
                 xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
                 rb = np.int64(w.shape[1])
-                base = 0 if qtype == Q4_K else 4
                 for g in nb.prange(r // 16):
                     _group_steps(steps, base, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
                                  xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)

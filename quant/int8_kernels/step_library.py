@@ -10,10 +10,12 @@ their own kept in the kernel cache, and the GEMM holds only an indirect call per
 rows and tokens (a few nanoseconds against microseconds of work). The cached GEMM holds no
 address: `addresses()` gives them at run time, as an argument.
 
-The cache file sits beside this module's kernels in Numba's cache directory, named by a key over
-the sources that emit the code (quant.jit.source_stamp: this module and what it imports), the
-host CPU and its features, and the Numba and llvmlite versions. It is written under a temporary
-name, then renamed; a file that does not load is compiled again and replaced.
+Each format's four steps are a library of their own, compiled the first time a GEMM of that
+format runs (a Q4_K_M file never compiles the Q2_K steps). Its cache file sits beside this
+module's kernels in Numba's cache directory, named by the format and a key over the sources that
+emit the code (quant.jit.source_stamp: this module and what it imports), the host CPU and its
+features, and the Numba and llvmlite versions. It is written under a temporary name, then
+renamed; a file that does not load is compiled again and replaced.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ except ImportError:  # Windows
 from ..jit import source_stamp
 from .avx512_vnni import AVAILABLE, STEP_TOKENS, step_codegen
 
-FORMATS = ("q4_k", "q6_k")  # addresses(): FORMATS[f]'s step of STEP_TOKENS[k] tokens at 4 f + k
+FORMATS = ("q4_k", "q6_k", "q5_k", "q2_k", "q3_k")  # a GEMM's steps array: FORMATS[f]'s step of
+# STEP_TOKENS[k] tokens at 4 f + k (steps_for)
 _I64 = ir.IntType(64)
 _FNTY = ir.FunctionType(ir.VoidType(), [_I64] * 11)
 _SIG = types.none(*([types.int64] * 11))
@@ -57,32 +60,31 @@ def _anchor():  # its cache directory is where the steps' library is kept
     return 0
 
 
-def _cache_file(codegen) -> Path:
+def _cache_file(codegen, fmt: str) -> Path:
     key = hashlib.sha256(repr((source_stamp(os.path.abspath(__file__)), codegen.magic_tuple(),
                                nb.__version__, __import__("llvmlite").__version__)).encode()).hexdigest()[:24]
-    return Path(_anchor._cache._cache_path) / f"vnni_steps-{key}.lib"
+    return Path(_anchor._cache._cache_path) / f"vnni_steps-{fmt}-{key}.lib"
 
 
-def _compile(codegen):
-    library = codegen.create_library("stepstream_vnni_steps")
+def _compile(codegen, fmt: str):
+    library = codegen.create_library(f"stepstream_vnni_steps_{fmt}")
     library.enable_object_caching()
     context = cpu_target.target_context
-    for fmt in FORMATS:
-        for n_tok in STEP_TOKENS:
-            module = library.create_ir_module(_symbol(fmt, n_tok))
-            fn = ir.Function(module, _FNTY, _symbol(fmt, n_tok))
-            builder = ir.IRBuilder(fn.append_basic_block("entry"))
-            step_codegen(fmt, n_tok)(context, builder, _SIG, list(fn.args))
-            builder.ret_void()
-            library.add_ir_module(module)
+    for n_tok in STEP_TOKENS:
+        module = library.create_ir_module(_symbol(fmt, n_tok))
+        fn = ir.Function(module, _FNTY, _symbol(fmt, n_tok))
+        builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        step_codegen(fmt, n_tok)(context, builder, _SIG, list(fn.args))
+        builder.ret_void()
+        library.add_ir_module(module)
     library.finalize()
     return library
 
 
-def _load(codegen, path: Path):
+def _load(codegen, path: Path, fmt: str):
     try:
         library = codegen.unserialize_library(pickle.loads(path.read_bytes()))
-        library.get_pointer_to_function(_symbol(FORMATS[0], STEP_TOKENS[0]))  # resolves, or raises
+        library.get_pointer_to_function(_symbol(fmt, STEP_TOKENS[0]))  # resolves, or raises
         return library
     except Exception:  # a missing, partial or foreign file: compiled again below
         return None
@@ -130,26 +132,39 @@ source = None  # where addresses() found the steps: "cache" or "compiled" (None:
 
 
 @lru_cache(maxsize=None)
-def addresses() -> np.ndarray:
-    """int64 [8]: the addresses of the steps, FORMATS[f] with STEP_TOKENS[k] tokens at 4 f + k.
-    Only where avx512_vnni.AVAILABLE."""
+def addresses(fmt: str) -> np.ndarray:
+    """int64 [4]: the addresses of format fmt's steps (a name of FORMATS), STEP_TOKENS[k] tokens
+    at k. Only where avx512_vnni.AVAILABLE."""
     if not AVAILABLE:
         raise RuntimeError("the AVX-512 VNNI steps do not compile on this host")
+    if fmt not in FORMATS:
+        raise ValueError(f"no VNNI steps for {fmt} (have: {', '.join(FORMATS)})")
     codegen = cpu_target.target_context.codegen()
-    path = _cache_file(codegen)
+    path = _cache_file(codegen, fmt)
     global source
     with global_compiler_lock, _exclusive(path):  # one process compiles them; the others then load them
-        library, source = _load(codegen, path), "cache"
+        library, source = _load(codegen, path, fmt), "cache"
         if library is None:
-            library, source = _compile(codegen), "compiled"
+            library, source = _compile(codegen, fmt), "compiled"
             _save(library, path)
     _LIBRARY.append(library)
-    return np.array([library.get_pointer_to_function(_symbol(f, n)) for f in FORMATS for n in STEP_TOKENS], np.int64)
+    return np.array([library.get_pointer_to_function(_symbol(fmt, n)) for n in STEP_TOKENS], np.int64)
+
+
+@lru_cache(maxsize=None)
+def steps_for(fmt: str) -> np.ndarray:
+    """int64 [4 len(FORMATS)]: a GEMM's steps argument for matrices of format fmt: its steps at
+    4 f + k (f its index in FORMATS), zeros elsewhere (the GEMM reads no other format's)."""
+    out = np.zeros(4 * len(FORMATS), np.int64)
+    f = FORMATS.index(fmt)
+    out[4 * f:4 * f + 4] = addresses(fmt)
+    out.setflags(write=False)
+    return out
 
 
 @intrinsic
 def call_step(typingctx, address, w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride):
-    """Call the step at `address` (from addresses()) on one group: the 11 int64 arguments of
+    """Call the step at `address` (from addresses) on one group: the 11 int64 arguments of
     avx512_vnni.step_codegen."""
     def codegen(context, builder, signature, args):
         fn = builder.inttoptr(args[0], _FNTY.as_pointer())

@@ -123,7 +123,9 @@ def compile_kernels(formats: int, kv_types: tuple[str, str], head_dim: int, hidd
     gemm_formats = [int(t) for t in q8.GEMM_FORMATS if q8.FORMAT_BIT.get(int(t), 0) & formats]
     if gemm_formats:  # read-only weights, as from a memory map
         k.gemm(gemm_formats[0], np.frombuffer(bytes(16 * 288), np.uint8).reshape(16, 288), np.zeros((0, 256), np.int8),
-               np.zeros((0, 1), f32), np.zeros((0, 16), np.int32), np.zeros((0, 16), f32), q8._gemm_steps())
+               np.zeros((0, 1), f32), np.zeros((0, 16), np.int32), np.zeros((0, 16), f32), q8._gemm_steps(gemm_formats[0]))
+        for t in gemm_formats[1:]:  # the steps of the file's other formats (each a library of its own)
+            q8._gemm_steps(t)
 
 
 def main(argv: list[str]) -> int:
