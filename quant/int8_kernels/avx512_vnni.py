@@ -45,11 +45,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..formats import IQ4_NL_VALUES
 from ..jit import compiles_for
 from .llvm_ir import declare, fadd, fmul, fsub, load, outlined, shuffle
 
 ROWS = 16
-GGUF_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84}
+GGUF_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "iq4_xs": 136}
 STEP_TOKENS = (8, 4, 2, 1)
 
 
@@ -330,6 +331,45 @@ class _Q3KRows:
         _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["q3_k"], part, parts)
 
 
+class _IQ4XSRows:
+    """Super-block s of 16 GGUF IQ4_XS rows (see _Q4KRows): d at 0, the scales' high bits (u16 at
+    2) and low nibbles (4 bytes at 4), qs (128 bytes at 8): sub-block j's 32 codes are the low
+    then the high nibbles of qs bytes 16 j .. 16 j + 15. codes(j): its 8 vectors, columns
+    32 j + 4 i .. + 3 in vector i, as unsigned bytes: the IQ4_NL value plus 128 (1 .. 241).
+    scale(j): its scale minus 32; scalepair(m): sub-blocks 2m, 2m+1's as int16 pairs."""
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.addrs, self.ahead = b, addrs, ahead
+        head = _lanes_at(b, addrs, 0, _i32, _V16I32)
+        self.d = _half_lanes(b, b.trunc(head, ir.VectorType(_i16, 16)))
+        self.high = b.lshr(head, _c32(16))
+        self.low = _lanes_at(b, addrs, 4, _i32, _V16I32)
+        self.chunks = {}
+
+    def scale(self, j):
+        b = self.b
+        lo = b.and_(b.lshr(self.low, _c32(4 * j)), _c32(15))
+        hi = b.and_(b.lshr(self.high, _c32(2 * j)), _c32(3))
+        return b.sub(b.or_(lo, b.shl(hi, _c32(4))), _c32(32))
+
+    def scalepair(self, m):
+        return self.b.or_(self.b.and_(self.scale(2 * m), _c32(0xFFFF)), self.b.shl(self.scale(2 * m + 1), _c32(16)))
+
+    def codes(self, j):
+        b = self.b
+        h = j // 4
+        if h not in self.chunks:
+            self.chunks[h] = _transpose16(b, [load(b, a, 8 + 64 * h, _V16I32) for a in self.addrs])
+        table = ir.Constant(_V64I8, [(v + 128) & 255 for v in IQ4_NL_VALUES] * 4)
+        pshufb = declare(b, "llvm.x86.avx512.pshuf.b.512", _V64I8, [_V64I8, _V64I8])
+        words = [b.bitcast(v, _V64I8) for v in self.chunks[h][4 * (j % 4):4 * (j % 4) + 4]]
+        nibbles = [b.and_(v, _bytes(15)) for v in words] + [b.lshr(v, _bytes(4)) for v in words]
+        return [b.call(pshufb, [table, c]) for c in nibbles]
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["iq4_xs"], part, parts)
+
+
 # ---------------------------------------------------------------- the arithmetic, per source
 
 def _q4k(b, src, xq, xs, xd, add):
@@ -454,8 +494,32 @@ def _q3k(b, src, xq, xs, xd, add):
         add(t, fmul(b, fmul(b, src.d, _splat(b, xd[t], _V16F32)), b.sitofp(isum[t], _V16F32)))
 
 
+def _iq4xs(b, src, xq, xs, xd, add):
+    """One IQ4_XS super-block of 16 rows times each token: (d * xd) * I, I = sum over sub-blocks
+    of (scale - 32) times (the codes' values + 128) . x, minus 128 times the scales against the
+    32-column sums (iq4_xs's row dot's integer, and its rounding)."""
+    n = len(xq)
+    off = [_ZERO] * n
+    for m in range(4):
+        pair = src.scalepair(m)
+        for t in range(n):
+            off[t] = _dpwssd(b, off[t], pair, _bcast4(b, xs[t], 4 * m))
+    isum = [b.sub(_ZERO, b.shl(o, _c32(7))) for o in off]  # -128 * offsets
+    for j in range(8):
+        src.prefetch(j, 8)
+        sc = src.scale(j)
+        codes = src.codes(j)
+        for t in range(n):
+            p = _ZERO
+            for i in range(8):
+                p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
+            isum[t] = b.add(isum[t], b.mul(p, sc))
+    for t in range(n):
+        add(t, fmul(b, fmul(b, src.d, _splat(b, xd[t], _V16F32)), b.sitofp(isum[t], _V16F32)))
+
+
 _FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32), "q5_k": (_q5k, _Q5KRows, 16),
-            "q2_k": (_q2k, _Q2KRows, 32), "q3_k": (_q3k, _Q3KRows, 32)}
+            "q2_k": (_q2k, _Q2KRows, 32), "q3_k": (_q3k, _Q3KRows, 32), "iq4_xs": (_iq4xs, _IQ4XSRows, 16)}
 
 
 def step_codegen(fmt: str, n_tok: int):
