@@ -232,7 +232,7 @@ def test_matmul(qtype, n, rows, cols):
 
 
 @pytest.mark.skipif(not q8.GEMM_FORMATS, reason="no int8 GEMM on this host (needs AVX2)")
-@pytest.mark.parametrize("qtype", FORMATS + [T.Q2_K, T.Q3_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", FORMATS + [T.Q2_K, T.Q3_K, T.Q4_0, T.Q5_1], ids=lambda t: t.name)
 def test_matmul_reads_nothing_past_the_last_row(qtype):
     """The weights end where a protected page starts, as a file's last tensor ends a memory map:
     the kernels (16-row loads, per-row scale reads) must not touch it."""

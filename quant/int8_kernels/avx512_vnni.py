@@ -45,12 +45,16 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from gguf import GGMLQuantizationType as T
+
 from ..formats import IQ4_NL_VALUES
 from ..jit import compiles_for
+from .blocks32 import LAYOUTS, Layout
 from .llvm_ir import declare, fadd, fmul, fsub, load, outlined, shuffle
 
 ROWS = 16
-GGUF_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "iq4_xs": 136}
+GGUF_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "iq4_xs": 136,
+              "q4_0": 144, "q4_1": 160, "q5_0": 176, "q5_1": 192, "iq4_nl": 144, "q8_0": 272}
 STEP_TOKENS = (8, 4, 2, 1)
 
 
@@ -370,6 +374,78 @@ class _IQ4XSRows:
         _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["iq4_xs"], part, parts)
 
 
+def _fshr(b, hi, lo, bits: int):
+    """Per lane, the 32 bits from bit `bits` of the 64-bit hi:lo (vpshrdd where the host has it)."""
+    f = declare(b, "llvm.fshr.v16i32", _V16I32, [_V16I32, _V16I32, _V16I32])
+    return b.call(f, [hi, lo, _c32(bits)])
+
+
+# the 4 bits at 4 i of a word spread to bit 4 of its 4 bytes: (x * 0x00204081) & 0x01010101 puts bit c
+# of x (x < 16) at bit 8 c, the four shifted copies of x not overlapping
+_SPREAD = 0x00204081
+
+
+class _Blocks32Rows:
+    """Super-block s of 16 GGUF rows of a 32-weight block format (blocks32.LAYOUTS, or Q8_0's
+    34-byte blocks): its 8 blocks, block k at byte k * nbytes. Blocks do not start on 4-byte
+    words, so the rows' super-blocks are transposed as words (64-byte chunks, the last one
+    ending at the super-block's end) and each field is taken from two words by a funnel shift.
+    d(k), m(k): block k's scales (<16 x float>); codes(k): its 8 code vectors, columns
+    32 k + 4 i .. + 3 in vector i, unsigned (nibbles plus the fifth bit: 0 .. 31; IQ4_NL and
+    Q8_0: the value plus 128, taken off with lay.offset = 128 through the 32-column sums)."""
+
+    def __init__(self, b, addrs, ahead, name: str, lay: Layout):
+        self.b, self.addrs, self.ahead, self.name, self.lay = b, addrs, ahead, name, lay
+        total = 8 * lay.nbytes
+        self.chunk_starts = list(range(0, total - 63, 64)) + ([total - 64] if total % 64 else [])
+        self.chunks = {}
+
+    def _word(self, w):
+        b = self.b
+        for start in self.chunk_starts:
+            if start // 4 <= w < start // 4 + 16:
+                if start not in self.chunks:
+                    self.chunks[start] = _transpose16(b, [load(b, a, start, _V16I32) for a in self.addrs])
+                return self.chunks[start][w - start // 4]
+        raise AssertionError(f"word {w} is past the super-block")
+
+    def _field(self, offset):
+        """The 4 bytes at offset in each row's super-block, as <16 x i32>."""
+        w, sh = divmod(offset, 4)
+        return self._word(w) if sh == 0 else _fshr(self.b, self._word(w + 1), self._word(w), 8 * sh)
+
+    def _half(self, offset):
+        return _half_lanes(self.b, self.b.trunc(self._field(offset), ir.VectorType(_i16, 16)))
+
+    def d(self, k):
+        return self._half(k * self.lay.nbytes)
+
+    def m(self, k):
+        return self._half(k * self.lay.nbytes + self.lay.m)
+
+    def codes(self, k):
+        b, lay = self.b, self.lay
+        o = k * lay.nbytes
+        if self.name == "q8_0":  # 32 signed bytes at 2, made unsigned by flipping the sign bit
+            return [b.xor(b.bitcast(self._field(o + 2 + 4 * i), _V64I8), _bytes(128)) for i in range(8)]
+        words = [b.bitcast(self._field(o + lay.qs + 4 * i), _V64I8) for i in range(4)]
+        out = [b.and_(v, _bytes(15)) for v in words] + [b.lshr(v, _bytes(4)) for v in words]
+        if lay.qh >= 0:
+            qh = self._field(o + lay.qh)
+            for i in range(8):
+                nib = b.and_(b.lshr(qh, _c32(4 * i)) if i else qh, _c32(15))
+                spread = b.shl(b.and_(b.mul(nib, _c32(_SPREAD)), _c32(0x01010101)), _c32(4))
+                out[i] = b.or_(out[i], b.bitcast(spread, _V64I8))
+        if lay.lookup:
+            table = ir.Constant(_V64I8, [(v + 128) & 255 for v in IQ4_NL_VALUES] * 4)
+            pshufb = declare(b, "llvm.x86.avx512.pshuf.b.512", _V64I8, [_V64I8, _V64I8])
+            out = [b.call(pshufb, [table, c]) for c in out]
+        return out
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * 8 * self.lay.nbytes, part, parts)
+
+
 # ---------------------------------------------------------------- the arithmetic, per source
 
 def _q4k(b, src, xq, xs, xd, add):
@@ -518,8 +594,48 @@ def _iq4xs(b, src, xq, xs, xd, add):
         add(t, fmul(b, fmul(b, src.d, _splat(b, xd[t], _V16F32)), b.sitofp(isum[t], _V16F32)))
 
 
+def _blocks32(lay: Layout):
+    """The arithmetic of a 32-weight block format over 16 rows: per block k and token, the exact
+    integer T_k - offset X_k (X_k: the block's 32-column activation sum), p_k = d_k (that) [+ m_k
+    X_k], summed p_0 + p_1 + ... + p_7 left to right, times xd: blocks32's row dot's roundings."""
+    def arith(b, src, xq, xs, xd, add):
+        n = len(xq)
+        sb = [None] * n
+        for k in range(8):
+            src.prefetch(k, 8)
+            codes = src.codes(k)
+            d = src.d(k)
+            m = src.m(k) if lay.m >= 0 else None
+            for t in range(n):
+                acc = _ZERO
+                for i in range(8):
+                    acc = _dpbusd(b, acc, codes[i], _bcast4(b, xq[t], 32 * k + 4 * i))
+                x = _splat(b, b.sext(load(b, xs[t], 2 * k, _i16), _i32), _V16I32)
+                if lay.offset:
+                    acc = b.sub(acc, b.mul(x, _c32(lay.offset)))
+                p = fmul(b, d, b.sitofp(acc, _V16F32))
+                if m is not None:
+                    p = fadd(b, p, fmul(b, m, b.sitofp(x, _V16F32)))
+                sb[t] = p if k == 0 else fadd(b, sb[t], p)
+        for t in range(n):
+            add(t, fmul(b, _splat(b, xd[t], _V16F32), sb[t]))
+    return arith
+
+
+def _blocks32_source(name: str, lay: Layout):
+    def source(b, addrs, ahead):
+        return _Blocks32Rows(b, addrs, ahead, name, lay)
+    return source
+
+
+_Q8_0 = Layout(34, -1, -1, 2, 128, False)  # as blocks32's: signed bytes at 2, made unsigned (+ 128)
+_BLOCKS32 = {T(code).name.lower(): (lay._replace(offset=128) if lay.lookup else lay) for code, lay in LAYOUTS.items()}
+_BLOCKS32["q8_0"] = _Q8_0
+
+
 _FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32), "q5_k": (_q5k, _Q5KRows, 16),
-            "q2_k": (_q2k, _Q2KRows, 32), "q3_k": (_q3k, _Q3KRows, 32), "iq4_xs": (_iq4xs, _IQ4XSRows, 16)}
+            "q2_k": (_q2k, _Q2KRows, 32), "q3_k": (_q3k, _Q3KRows, 32), "iq4_xs": (_iq4xs, _IQ4XSRows, 16),
+            **{name: (_blocks32(lay), _blocks32_source(name, lay), 16) for name, lay in _BLOCKS32.items()}}
 
 
 def step_codegen(fmt: str, n_tok: int):
@@ -581,3 +697,5 @@ def _make(fmt: str, n_tok: int):
 
 q4k_rows_step8, q4k_rows_step4, q4k_rows_step2, q4k_rows_step1 = (_make("q4_k", n) for n in STEP_TOKENS)
 q6k_rows_step8, q6k_rows_step4, q6k_rows_step2, q6k_rows_step1 = (_make("q6_k", n) for n in STEP_TOKENS)
+
+SUMS_BYTES = {name: xs_bytes for name, (_, _, xs_bytes) in _FORMATS.items()}  # a step's sums per super-block
