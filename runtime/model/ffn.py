@@ -53,7 +53,6 @@ def moe_decode(s, w, plan, x: np.ndarray, logits: np.ndarray, experts: ExpertPro
     at once, in one fused int8 call (plan: a decode_plan.FFNPlan, scratch: its FFNScratch);
     otherwise as in prefill."""
     ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm, ascending=True)
-    groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(ids[0])}
     with experts.held(s.index, ids[0].tolist()) as got:
         if got is not None and plan is not None:
             descs = [ew.descriptor for _, ew in sorted(got, key=lambda g: g[0])]
@@ -62,6 +61,7 @@ def moe_decode(s, w, plan, x: np.ndarray, logits: np.ndarray, experts: ExpertPro
                 plan.weights[1:] = weights[0]
                 int8_kernels.swiglu_ffns(plan.desc, plan.weights, plan.limits, x[0], h, scratch, s.int8)
                 return
+        groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(ids[0])}
         f = _experts_sum(s, w, x, weights, groups, got if got is not None else experts.experts(s.index, groups))
     h += f[0]
 
