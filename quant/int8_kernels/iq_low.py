@@ -42,7 +42,7 @@ from gguf import GGMLQuantizationType as T
 
 from ..bits import f16_at, f16_to_f32
 from ..iq_grids import GRIDS, KSIGNS
-from ..jit import FIXED_ORDER
+from ..jit import FIXED_ORDER, opaque
 
 _CALLED = dict(fastmath=FIXED_ORDER, cache=True)  # as row_dot's portable loops (see there)
 I16 = np.int16
@@ -63,10 +63,13 @@ _SIGN_K = _SIGN_BYTE[KSIGNS]        # int8 [128, 8]: a 7-bit KSIGNS index (IQ2_X
 _G2XXS = np.ascontiguousarray(GRIDS[T.IQ2_XXS])  # int8 [256, 8]
 _G2XS = np.ascontiguousarray(GRIDS[T.IQ2_XS])    # int8 [512, 8]
 _G2S = np.ascontiguousarray(GRIDS[T.IQ2_S])      # int8 [1024, 8]
-_G3XXS = np.ascontiguousarray(GRIDS[T.IQ3_XXS])  # int8 [256, 4]
-_G3S = np.ascontiguousarray(GRIDS[T.IQ3_S])      # int8 [512, 4]
+# IQ3's 4-weight rows packed as one little-endian word each (values 1..62, so bytes are values)
+_G3XXS = np.ascontiguousarray(GRIDS[T.IQ3_XXS]).view(np.int32).reshape(-1)  # int32 [256]
+_G3S = np.ascontiguousarray(GRIDS[T.IQ3_S]).view(np.int32).reshape(-1)      # int32 [512]
+_KSIGN_BITS = KSIGNS.astype(np.int32)  # int32 [128]: a 7-bit index -> its 8 sign bits
+assert GRIDS[T.IQ3_XXS].min() > 0 and GRIDS[T.IQ3_S].min() > 0
 _G1 = np.ascontiguousarray(GRIDS[T.IQ1_S])       # int8 [2048, 8], IQ1_M's too
-for _a in (_SIGN_BYTE, _SIGN_K, _G2XXS, _G2XS, _G2S, _G3XXS, _G3S, _G1):
+for _a in (_SIGN_BYTE, _SIGN_K, _G2XXS, _G2XS, _G2S, _G3XXS, _G3S, _KSIGN_BITS, _G1):
     _a.setflags(write=False)
 
 
@@ -82,27 +85,32 @@ def _u32(w, o):
 
 
 @nb.njit(inline="always", cache=True)
-def _group8(grid, g, sign, si, xq, xo):
-    """sum_k grid[g, k] sign[si, k] xq[xo + k] over a group of 8 weights (int32)."""
+def _group8(grid, g, sign, si, xq, xo, k8):
+    """sum_k grid[g, k] sign[si, k] xq[xo + k] over a group of k8 = 8 weights (int32). k8 comes
+    from quant.jit.opaque: with a literal 8 LLVM unrolls the loop and vectorizes the groups
+    around it with gathers, 2-3x slower (as the float kernels' rows_iq found)."""
     t = I32(0)
-    for k in range(8):
+    for k in range(k8):
         t = I32(t + I32(I16(I16(grid[g, k]) * I16(sign[si, k]))) * I32(xq[xo + k]))
     return t
 
 
 @nb.njit(inline="always", cache=True)
-def _group8_iq3(grid, g0, g1, sign, si, xq, xo):
-    """As _group8 for two 4-weight grid rows g0, g1."""
+def _row4(v, sg, xq, xo):
+    """sum_k byte k of v (an IQ3 grid row) times -1 where bit k of sg is set, times xq[xo + k],
+    over k < 4: scalar code on the packed row, twice as fast as a 4-long loop LLVM would not
+    vectorize (a trip count below its vector width)."""
     t = I32(0)
     for k in range(4):
-        t = I32(t + I32(I16(I16(grid[g0, k]) * I16(sign[si, k]))) * I32(xq[xo + k])
-                + I32(I16(I16(grid[g1, k]) * I16(sign[si, 4 + k]))) * I32(xq[xo + 4 + k]))
+        q = I32((v >> I32(8 * k)) & I32(255)) * (I32(1) - I32(2) * ((sg >> I32(k)) & I32(1)))
+        t = I32(t + q * I32(xq[xo + k]))
     return t
 
 
 @nb.njit(**_CALLED)
 def q8dot_iq2_xxs(w, xq, xd, xb):
     acc = F0
+    k8 = opaque(xq.shape[0], 256) // 32  # 8, opaque to LLVM: see _group8
     for s in range(xq.shape[0] // 256):
         o = 66 * s
         isum = I32(0)
@@ -112,7 +120,7 @@ def q8dot_iq2_xxs(w, xq, xd, xb):
             t = I32(0)
             for l in range(4):
                 t = I32(t + _group8(_G2XXS, w[b + l], _SIGN_K, (aux >> I32(7 * l)) & I32(127), xq,
-                                    256 * s + 32 * j + 8 * l))
+                                    256 * s + 32 * j + 8 * l, k8))
             isum = I32(isum + I32(2 * ((aux >> I32(28)) & I32(15)) + 1) * t)
         acc += ((f16_at(w, o) * EIGHTH) * xd[s]) * np.float32(isum)
     return acc
@@ -121,6 +129,7 @@ def q8dot_iq2_xxs(w, xq, xd, xb):
 @nb.njit(**_CALLED)
 def q8dot_iq2_xs(w, xq, xd, xb):
     acc = F0
+    k8 = opaque(xq.shape[0], 256) // 32  # 8, opaque to LLVM: see _group8
     for s in range(xq.shape[0] // 256):
         o = 74 * s  # f16 d | u16 qs [32] | scales [8]
         isum = I32(0)
@@ -130,7 +139,7 @@ def q8dot_iq2_xs(w, xq, xd, xb):
             for h in range(2):
                 q = 2 * i + h
                 v = _u16(w, o + 2 + 2 * q)
-                t = I32(t + _group8(_G2XS, v & I32(511), _SIGN_K, v >> I32(9), xq, 256 * s + 8 * q))
+                t = I32(t + _group8(_G2XS, v & I32(511), _SIGN_K, v >> I32(9), xq, 256 * s + 8 * q, k8))
             isum = I32(isum + ls * t)
         acc += ((f16_at(w, o) * EIGHTH) * xd[s]) * np.float32(isum)
     return acc
@@ -139,6 +148,7 @@ def q8dot_iq2_xs(w, xq, xd, xb):
 @nb.njit(**_CALLED)
 def q8dot_iq2_s(w, xq, xd, xb):
     acc = F0
+    k8 = opaque(xq.shape[0], 256) // 32  # 8, opaque to LLVM: see _group8
     for s in range(xq.shape[0] // 256):
         o = 82 * s  # f16 d | qs [32] | signs [32] | qh [8] | scales [8]
         isum = I32(0)
@@ -148,7 +158,7 @@ def q8dot_iq2_s(w, xq, xd, xb):
             for h in range(2):
                 q = 2 * i + h
                 g = I32(w[o + 2 + q]) | (((I32(w[o + 66 + q // 4]) >> I32(2 * (q % 4))) & I32(3)) << I32(8))
-                t = I32(t + _group8(_G2S, g, _SIGN_BYTE, w[o + 34 + q], xq, 256 * s + 8 * q))
+                t = I32(t + _group8(_G2S, g, _SIGN_BYTE, w[o + 34 + q], xq, 256 * s + 8 * q, k8))
             isum = I32(isum + ls * t)
         acc += ((f16_at(w, o) * EIGHTH) * xd[s]) * np.float32(isum)
     return acc
@@ -165,8 +175,9 @@ def q8dot_iq3_xxs(w, xq, xd, xb):
             t = I32(0)
             for l in range(4):
                 b = o + 2 + 8 * j + 2 * l
-                t = I32(t + _group8_iq3(_G3XXS, w[b], w[b + 1], _SIGN_K, (aux >> I32(7 * l)) & I32(127), xq,
-                                        256 * s + 32 * j + 8 * l))
+                sg = _KSIGN_BITS[(aux >> I32(7 * l)) & I32(127)]
+                xo = 256 * s + 32 * j + 8 * l
+                t = I32(t + _row4(_G3XXS[w[b]], sg, xq, xo) + _row4(_G3XXS[w[b + 1]], sg >> I32(4), xq, xo + 4))
             isum = I32(isum + I32(2 * ((aux >> I32(28)) & I32(15)) + 1) * t)
         acc += ((f16_at(w, o) * QUARTER) * xd[s]) * np.float32(isum)
     return acc
@@ -186,7 +197,9 @@ def q8dot_iq3_s(w, xq, xd, xb):
                 e = 8 * j + 2 * l
                 g0 = I32(w[o + 2 + e]) | (((hb >> I32(2 * l)) & I32(1)) << I32(8))
                 g1 = I32(w[o + 3 + e]) | (((hb >> I32(2 * l + 1)) & I32(1)) << I32(8))
-                t = I32(t + _group8_iq3(_G3S, g0, g1, _SIGN_BYTE, w[o + 74 + 4 * j + l], xq, 256 * s + 32 * j + 8 * l))
+                sg = I32(w[o + 74 + 4 * j + l])
+                xo = 256 * s + 32 * j + 8 * l
+                t = I32(t + _row4(_G3S[g0], sg, xq, xo) + _row4(_G3S[g1], sg >> I32(4), xq, xo + 4))
             isum = I32(isum + ls * t)
         acc += (f16_at(w, o) * xd[s]) * np.float32(isum)
     return acc
@@ -195,6 +208,7 @@ def q8dot_iq3_s(w, xq, xd, xb):
 @nb.njit(**_CALLED)
 def q8dot_iq1_s(w, xq, xd, xb):
     acc = F0
+    k8 = opaque(xq.shape[0], 256) // 32  # 8, opaque to LLVM: see _group8
     for s in range(xq.shape[0] // 256):
         o = 50 * s  # f16 d | qs [32] | u16 qh [8]: 4 x 3 high grid bits, 3-bit scale, delta sign
         isum = I32(0)
@@ -204,7 +218,7 @@ def q8dot_iq1_s(w, xq, xd, xb):
             for l in range(4):
                 g = I32(w[o + 2 + 4 * j + l]) | (((qh >> I32(3 * l)) & I32(7)) << I32(8))
                 xo = 256 * s + 32 * j + 8 * l
-                for k in range(8):
+                for k in range(k8):
                     t = I32(t + I32(_G1[g, k]) * I32(xq[xo + k]))
             x = I32(xb[16 * s + 2 * j] + xb[16 * s + 2 * j + 1])
             sub = I32(I32(8) * t + (-x if qh & I32(0x8000) else x))
@@ -216,6 +230,7 @@ def q8dot_iq1_s(w, xq, xd, xb):
 @nb.njit(**_CALLED)
 def q8dot_iq1_m(w, xq, xd, xb):
     acc = F0
+    k8 = opaque(xq.shape[0], 256) // 32  # 8, opaque to LLVM: see _group8
     for s in range(xq.shape[0] // 256):
         o = 56 * s  # qs [32] | qh [16] (a nibble per group: 3 high grid bits, delta sign) | u16 scales [4]
         u0, u1, u2, u3 = _u16(w, o + 48), _u16(w, o + 50), _u16(w, o + 52), _u16(w, o + 54)
@@ -231,7 +246,7 @@ def q8dot_iq1_m(w, xq, xd, xb):
                 g = I32(w[o + q]) | ((nib & I32(7)) << I32(8))
                 e = I16(-1) if nib & I32(8) else I16(1)
                 xo = 256 * s + 8 * q
-                for k in range(8):
+                for k in range(k8):
                     t = I32(t + I32(I16(I16(8) * I16(_G1[g, k]) + e)) * I32(xq[xo + k]))
             isum = I32(isum + ls * t)
         acc += ((d * EIGHTH) * xd[s]) * np.float32(isum)

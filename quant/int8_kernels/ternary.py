@@ -27,10 +27,9 @@ from ..bits import f16_at
 from ..jit import FIXED_ORDER
 
 _CALLED = dict(fastmath=FIXED_ORDER, cache=True)  # as row_dot's portable loops (see there)
+I16 = np.int16
 I32 = np.int32
 F0 = np.float32(0.0)
-_POW3 = np.array([1, 3, 9, 27, 81], np.int32)
-_POW3.setflags(write=False)
 
 
 @nb.njit(inline="always", cache=True)
@@ -42,12 +41,22 @@ def _block_sum(xb, s):
 
 
 @nb.njit(inline="always", cache=True)
-def _trits(w, qo, n, pw, xq, xo):
-    """sum_m t(w[qo + m] at power pw) xq[xo + m] over m < n."""
+def _trit(b, pw):
+    """Trit p of byte b (pw = 3^p): ((b pw mod 256) * 3) >> 8, as int16."""
+    return I16(((b * pw) & I32(255)) * I32(3) >> I32(8))
+
+
+@nb.njit(inline="always", cache=True)
+def _five_trits(w, qo, n, xq, xo):
+    """sum over m < n of the five trits of byte w[qo + m] times xq[xo + p n + m] (p < 5). The
+    byte is read once for its five weights: LLVM vectorizes the loop over m (a loop per trit
+    would run scalar)."""
     t = I32(0)
     for m in range(n):
-        b = (I32(w[qo + m]) * pw) & I32(255)
-        t = I32(t + ((b * I32(3)) >> I32(8)) * I32(xq[xo + m]))
+        b = I32(w[qo + m])
+        t = I32(t + I32(_trit(b, I32(1))) * I32(xq[xo + m]) + I32(_trit(b, I32(3))) * I32(xq[xo + n + m])
+                + I32(_trit(b, I32(9))) * I32(xq[xo + 2 * n + m]) + I32(_trit(b, I32(27))) * I32(xq[xo + 3 * n + m])
+                + I32(_trit(b, I32(81))) * I32(xq[xo + 4 * n + m]))
     return t
 
 
@@ -57,12 +66,11 @@ def q8dot_tq1_0(w, xq, xd, xb):
     for s in range(xq.shape[0] // 256):
         o = 54 * s
         xo = 256 * s
-        t = I32(0)
-        for p in range(5):
-            t = I32(t + _trits(w, o, 32, _POW3[p], xq, xo + 32 * p)
-                    + _trits(w, o + 32, 16, _POW3[p], xq, xo + 160 + 16 * p))
-        for p in range(4):
-            t = I32(t + _trits(w, o + 48, 4, _POW3[p], xq, xo + 240 + 4 * p))
+        t = I32(_five_trits(w, o, 32, xq, xo) + _five_trits(w, o + 32, 16, xq, xo + 160))
+        for m in range(4):  # qh: four trits a byte, weights 240 + 4 p + m
+            b = I32(w[o + 48 + m])
+            t = I32(t + I32(_trit(b, I32(1))) * I32(xq[xo + 240 + m]) + I32(_trit(b, I32(3))) * I32(xq[xo + 244 + m])
+                    + I32(_trit(b, I32(9))) * I32(xq[xo + 248 + m]) + I32(_trit(b, I32(27))) * I32(xq[xo + 252 + m]))
         acc += (f16_at(w, o + 52) * xd[s]) * np.float32(I32(t - _block_sum(xb, s)))
     return acc
 
@@ -73,11 +81,15 @@ def q8dot_tq2_0(w, xq, xd, xb):
     for s in range(xq.shape[0] // 256):
         o = 66 * s
         t = I32(0)
-        for c in range(2):
-            for p in range(4):
-                xo = 256 * s + 128 * c + 32 * p
-                for m in range(32):
-                    t = I32(t + ((I32(w[o + 32 * c + m]) >> I32(2 * p)) & I32(3)) * I32(xq[xo + m]))
+        for c in range(2):  # a byte holds weights 128 c + 32 p + m, p < 4: read once for the four
+            qo = o + 32 * c
+            xo = 256 * s + 128 * c
+            for m in range(32):
+                b = I32(w[qo + m])
+                t = I32(t + I32(I16(b & I32(3))) * I32(xq[xo + m])
+                        + I32(I16((b >> I32(2)) & I32(3))) * I32(xq[xo + 32 + m])
+                        + I32(I16((b >> I32(4)) & I32(3))) * I32(xq[xo + 64 + m])
+                        + I32(I16(b >> I32(6))) * I32(xq[xo + 96 + m]))
         acc += (f16_at(w, o + 64) * xd[s]) * np.float32(I32(t - _block_sum(xb, s)))
     return acc
 
