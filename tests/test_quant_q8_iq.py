@@ -24,6 +24,8 @@ HALVES = {T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3
           T.IQ1_M: (), T.TQ1_0: (52,), T.TQ2_0: (64,)}
 NEW = list(HALVES)
 ALL = q8.format_set(q8.FORMATS)
+# the GEMM (4-token steps) for the formats here that have one: a far smaller compile than ALL's
+GEMM_SET = q8.format_set(t for t in NEW if t in q8.GEMM_FORMATS) or ALL
 
 
 def _iq1m_d(raw, d):
@@ -65,19 +67,31 @@ def test_matvec_against_reference(qtype, rows, cols):
 
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_gemm_rows_are_the_gemv_rows(qtype):
-    """Prefill's GEMM of these formats (each token through the row dot) gives each token the
-    GEMV's bits; q8.matmul, the 4-token step, refuses them and names the kernel that takes them."""
+    """Prefill's GEMMs give each token the GEMV's bits: matmul_rows (each token through the row
+    dot) for every format, and q8.matmul (4-token steps, then one token) for those with an AVX2
+    step; the others it refuses, naming the kernel that takes them."""
     n = 5
     w, W = weights(qtype, 19, 768, seed=n)
     a = q8.quantize_activations(activations(n, 768, seed=n))
-    out = q8.matmul_rows(w, a, np.full((n, 19), np.nan, np.float32), formats=ALL)
     gemv = np.stack([q8.matvec(w, a, np.empty(19, np.float32), token=t, formats=ALL) for t in range(n)])
+    out = q8.matmul_rows(w, a, np.full((n, 19), np.nan, np.float32), formats=ALL)
     np.testing.assert_array_equal(out, gemv)
     for t in range(n):
         assert_close(out[t], W, values(a)[t])
-    assert qtype not in q8.GEMM_FORMATS
-    with pytest.raises(ValueError, match=f"no int8-activation GEMM for {qtype.name}.*matmul_rows"):
-        q8.matmul(w, a, np.empty((n, 19), np.float32), formats=ALL)
+    if qtype in q8.GEMM_FORMATS:
+        out = q8.matmul(w, a, np.full((n, 19), np.nan, np.float32), formats=GEMM_SET)
+        np.testing.assert_array_equal(out, gemv)
+    else:
+        with pytest.raises(ValueError, match=f"no int8-activation GEMM for {qtype.name}.*matmul_rows"):
+            q8.matmul(w, a, np.empty((n, 19), np.float32), formats=ALL)
+
+
+def test_avx2_row_steps_where_the_host_has_avx2():
+    from quant.int8_kernels import avx2, iq_avx2
+
+    simd = {T(c) for c in iq_avx2.SIMD4}
+    assert simd == {T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS}
+    assert (simd <= set(q8.GEMM_FORMATS)) == avx2.AVAILABLE
 
 
 def test_runtime_products_take_the_int8_path():
@@ -86,14 +100,15 @@ def test_runtime_products_take_the_int8_path():
     from runtime.model.matrix import int8_applies, make_matrix, matmul
 
     x = activations(3, 512, seed=4)
+    int8 = q8.format_set(NEW)  # a model file of these formats only: kernels smaller than ALL's
     for i, qt in enumerate(NEW):
         w, W = weights(qt, 7, 512, seed=20 + i)
         m = make_matrix(f"blk.0.ffn_gate_exps.{qt.name}", qt, (7, 512), np.asarray(w.data))
-        assert int8_applies(m, ALL) and not int8_applies(m, q8.format_set([T.Q4_K]))
-        chunk = matmul(x, m, ALL)
+        assert int8_applies(m, int8) and not int8_applies(m, q8.format_set([T.Q4_K]))
+        chunk = matmul(x, m, int8)
         a = q8.quantize_activations(x)
         for t in range(3):
-            np.testing.assert_array_equal(chunk[t], matmul(x[t:t + 1], m, ALL)[0])
+            np.testing.assert_array_equal(chunk[t], matmul(x[t:t + 1], m, int8)[0])
             assert_close(chunk[t], W, values(a)[t])
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..bits import f16_at, k4_min, k4_scale
 from ..jit import FIXED_ORDER
-from . import avx2, blocks32, iq_low, ternary
+from . import avx2, blocks32, iq_avx2, iq_low, ternary
 from .avx2 import (q4k_row_dot, q4k_row_dot4, q5k_row_dot, q5k_row_dot4, q6k_row_dot, q6k_row_dot4, q8_0_row_dot,
                    q8_0_row_dot4)
 from .dispatch import IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, switch
@@ -262,10 +262,11 @@ def q8dot4_q8_0_simd(w, XQ, XD, XB, t):
 # the portable row dot of each format (hosts without AVX2; tests compare the AVX2 ones to them)
 PORTABLE = {Q4_K: q8dot_q4_k, Q6_K: q8dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0, Q2_K: q8dot_q2_k,
             Q3_K: q8dot_q3_k, IQ4_XS: q8dot_iq4_xs, **blocks32.PORTABLE, **iq_low.PORTABLE, **ternary.PORTABLE}
-# formats without an AVX2 row dot (iq_low, ternary) run their portable loop on AVX2 hosts too
+# formats without an AVX2 row dot (iq_low's but IQ2_XXS, IQ2_XS, IQ3_XXS; ternary) run their
+# portable loop on AVX2 hosts too
 _SIMD = {Q4_K: q8dot_q4_k_simd, Q6_K: q8dot_q6_k_simd, Q5_K: q8dot_q5_k_simd, Q8_0: q8dot_q8_0_simd,
          Q2_K: q8dot_q2_k_simd, Q3_K: q8dot_q3_k_simd, IQ4_XS: q8dot_iq4_xs_simd, **blocks32.SIMD,
-         **iq_low.PORTABLE, **ternary.PORTABLE}
+         **iq_low.PORTABLE, **ternary.PORTABLE, **iq_avx2.SIMD}
 _DOTS = _SIMD if avx2.AVAILABLE else PORTABLE
 
 # q8dot(formats, qtype, w, xq, xd, xb): row w of format qtype times the activations, compiled for
@@ -273,9 +274,10 @@ _DOTS = _SIMD if avx2.AVAILABLE else PORTABLE
 q8dot = switch(_DOTS, arity=4)
 
 _DOTS4 = {Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd, Q5_K: q8dot4_q5_k_simd, Q8_0: q8dot4_q8_0_simd,
-          Q2_K: q8dot4_q2_k_simd, Q3_K: q8dot4_q3_k_simd, IQ4_XS: q8dot4_iq4_xs_simd, **blocks32.SIMD4}
-GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()  # formats with a 4-token row step (not iq_low's,
-#                                                          ternary's: their GEMM is matmul_rows)
+          Q2_K: q8dot4_q2_k_simd, Q3_K: q8dot4_q3_k_simd, IQ4_XS: q8dot4_iq4_xs_simd, **blocks32.SIMD4,
+          **iq_avx2.SIMD4}
+# formats with a 4-token row step (not the portable-only iq_low and ternary ones: their GEMM is matmul_rows)
+GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()
 
 # q8dot4(formats, qtype, w, XQ, XD, XB, t): row w times tokens t .. t+3, for GEMM4_FORMATS.
 q8dot4 = switch(_DOTS4, arity=5)
