@@ -3,8 +3,9 @@ against a float64 reference on gguf-py's dequantized weights and the int8-rounde
 
 Weights are random GGUF bytes (every grid row, sign pattern, scale and delta bit occurs) with
 their f16 fields set to moderate values, so nothing depends on this project's decoders:
-gguf.quants.dequantize is the reference decoding. Every kernel here is compiled for one
-format set (ALL, as test_quant_q8_formats'), so the module compiles each kind once.
+gguf.quants.dequantize is the reference decoding. The GEMVs are compiled for one format set
+(ALL, as test_quant_q8_formats'), the GEMMs for another (NEW_SET), so the module compiles
+each kind once.
 """
 
 import numpy as np
@@ -23,9 +24,8 @@ from tests.test_quant_q8_formats import activations, assert_close, values
 HALVES = {T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,),
           T.IQ1_M: (), T.TQ1_0: (52,), T.TQ2_0: (64,)}
 NEW = list(HALVES)
-ALL = q8.format_set(q8.FORMATS)
-# the GEMM (4-token steps) for the formats here that have one: a far smaller compile than ALL's
-GEMM_SET = q8.format_set(t for t in NEW if t in q8.GEMM_FORMATS) or ALL
+ALL = q8.format_set(q8.FORMATS)  # the GEMVs'
+NEW_SET = q8.format_set(NEW)  # the GEMMs' (ALL's GEMM, every format's 4-token steps, compiles for 20 s)
 
 
 def _iq1m_d(raw, d):
@@ -74,41 +74,41 @@ def test_gemm_rows_are_the_gemv_rows(qtype):
     w, W = weights(qtype, 19, 768, seed=n)
     a = q8.quantize_activations(activations(n, 768, seed=n))
     gemv = np.stack([q8.matvec(w, a, np.empty(19, np.float32), token=t, formats=ALL) for t in range(n)])
-    out = q8.matmul_rows(w, a, np.full((n, 19), np.nan, np.float32), formats=ALL)
+    out = q8.matmul_rows(w, a, np.full((n, 19), np.nan, np.float32), formats=NEW_SET)
     np.testing.assert_array_equal(out, gemv)
     for t in range(n):
         assert_close(out[t], W, values(a)[t])
     if qtype in q8.GEMM_FORMATS:
-        out = q8.matmul(w, a, np.full((n, 19), np.nan, np.float32), formats=GEMM_SET)
+        out = q8.matmul(w, a, np.full((n, 19), np.nan, np.float32), formats=NEW_SET)
         np.testing.assert_array_equal(out, gemv)
     else:
         with pytest.raises(ValueError, match=f"no int8-activation GEMM for {qtype.name}.*matmul_rows"):
-            q8.matmul(w, a, np.empty((n, 19), np.float32), formats=ALL)
+            q8.matmul(w, a, np.empty((n, 19), np.float32), formats=NEW_SET)
 
 
 def test_avx2_row_steps_where_the_host_has_avx2():
     from quant.int8_kernels import avx2, iq_avx2
 
     simd = {T(c) for c in iq_avx2.SIMD4}
-    assert simd == {T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS}
+    assert simd == {T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S}
     assert (simd <= set(q8.GEMM_FORMATS)) == avx2.AVAILABLE
 
 
 def test_runtime_products_take_the_int8_path():
     """A model's matrices of these formats run on int8 activations (runtime.model.matrix): its
-    int8 set holds them, and a chunk's rows are the one-token GEMV's."""
+    int8 set holds them, and a chunk's rows are the one-token GEMV's (kernels compiled for
+    another format set give the same bits: test_quant_q8)."""
     from runtime.model.matrix import int8_applies, make_matrix, matmul
 
     x = activations(3, 512, seed=4)
-    int8 = q8.format_set(NEW)  # a model file of these formats only: kernels smaller than ALL's
+    a = q8.quantize_activations(x)
     for i, qt in enumerate(NEW):
         w, W = weights(qt, 7, 512, seed=20 + i)
         m = make_matrix(f"blk.0.ffn_gate_exps.{qt.name}", qt, (7, 512), np.asarray(w.data))
-        assert int8_applies(m, int8) and not int8_applies(m, q8.format_set([T.Q4_K]))
-        chunk = matmul(x, m, int8)
-        a = q8.quantize_activations(x)
+        assert int8_applies(m, NEW_SET) and not int8_applies(m, q8.format_set([T.Q4_K]))
+        chunk = matmul(x, m, NEW_SET)
         for t in range(3):
-            np.testing.assert_array_equal(chunk[t], matmul(x[t:t + 1], m, int8)[0])
+            np.testing.assert_array_equal(chunk[t], q8.matvec(w, a, np.empty(7, np.float32), token=t, formats=ALL))
             assert_close(chunk[t], W, values(a)[t])
 
 

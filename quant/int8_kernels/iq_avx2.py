@@ -1,13 +1,14 @@
-"""AVX2 row dots of IQ2_XXS, IQ2_XS and IQ3_XXS (the most downloaded code-book formats), one
-and four tokens, with iq_low's portable loops' arithmetic and roundings.
+"""AVX2 row dots of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, one and four tokens, with
+iq_low's portable loops' arithmetic and roundings.
 
 Shape legend (as row_dot's)
     C    columns, a multiple of 256        xq int8 [C]   xd float32 [C / 256]   xb int32 [C / 16]
-    w    uint8 [C / 256 * B]: one GGUF row (B = 66, 74 or 98; layouts in iq_low)
+    w    uint8 [C / 256 * B]: one GGUF row (B = 66, 74, 82, 98 or 110; layouts in iq_low)
 
 Per sub-block of 32 weights (llama.cpp's AVX2 sequence): the grid rows of its four groups are
 gathered from a table into one <32 x u8> of magnitudes (the grid values are positive), the
-signs of its four groups into one <32 x i8> of +-1 that ``vpsignb`` moves onto the
+signs of its four groups (KSIGNS patterns, or IQ2_S/IQ3_S's sign bytes spread to lanes) into
+one <32 x i8> of +-1 that ``vpsignb`` moves onto the
 activations, ``vpmaddubsw`` multiplies and sums pairs to int16, and ``vpmaddwd`` applies the
 sub-block's odd scale 2 s + 1 (per 16 weights for IQ2_XS). The integer I of a super-block is
 iq_low's, and the float step is its ((d * c) * xd) * I, pinned against fast-math
@@ -39,9 +40,11 @@ def _words(rows: np.ndarray, dtype) -> list[int]:
 
 _IQ2XXS_WORDS = _words(GRIDS[T.IQ2_XXS], np.uint64)  # 256 rows of 8 bytes
 _IQ2XS_WORDS = _words(GRIDS[T.IQ2_XS], np.uint64)    # 512
+_IQ2S_WORDS = _words(GRIDS[T.IQ2_S], np.uint64)      # 1024
 _IQ3XXS_WORDS = _words(GRIDS[T.IQ3_XXS], np.uint32)  # 256 rows of 4 bytes
+_IQ3S_WORDS = _words(GRIDS[T.IQ3_S], np.uint32)      # 512
 _SIGN_WORDS = _words(np.where((KSIGNS[:, None] >> np.arange(8, dtype=np.uint8)) & 1, -1, 1), np.uint64)
-assert all(GRIDS[t].min() > 0 for t in (T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS))  # magnitudes for vpmaddubsw
+assert all(GRIDS[t].min() > 0 for t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S))  # magnitudes for vpmaddubsw
 
 
 def _table(builder, name: str, words: list[int], width: ir.IntType):
@@ -127,6 +130,53 @@ def _iq2xs_block(builder, wa):
     return mags, signs, scales, fmul(builder, half_at(builder, wa, 0), ir.Constant(F32, 0.125))
 
 
+_BITS = ir.Constant(V32I8, [1 << (i % 8) for i in range(32)])
+
+
+def _byte_signs(builder, wa, offset: int):
+    """<32 x i8>: lane 8 l + k is -1 where bit k of the sign byte at wa + offset + l is set, else +1."""
+    four = builder.bitcast(load(builder, wa, offset, INT32), ir.VectorType(ir.IntType(8), 4))
+    spread = shuffle(builder, four, [i // 8 for i in range(32)])
+    hit = builder.icmp_unsigned("!=", builder.and_(spread, _BITS), ir.Constant(V32I8, None))
+    return builder.select(hit, ir.Constant(V32I8, [-1] * 32), ir.Constant(V32I8, [1] * 32))
+
+
+def _iq2s_block(builder, wa):
+    table = _table(builder, "iq2s_grid", _IQ2S_WORDS, INT64)
+    mags, signs, scales = [], [], []
+    for j in range(8):
+        qh = builder.zext(load(builder, wa, 66 + j, ir.IntType(8)), INT32)
+        rows = []
+        for l in range(4):
+            low = builder.zext(load(builder, wa, 2 + 4 * j + l, ir.IntType(8)), INT32)
+            rows.append(_row(builder, table, builder.or_(low, builder.shl(_field(builder, qh, 2 * l, 3), _c(8))),
+                             INT64))
+        mags.append(_vector(builder, rows, V4I64))
+        signs.append(_byte_signs(builder, wa, 34 + 4 * j))
+        sc = builder.zext(load(builder, wa, 74 + j, ir.IntType(8)), INT32)
+        scales.append(_splat16(builder, _odd(builder, _field(builder, sc, 0, 15)),
+                               _odd(builder, _field(builder, sc, 4, 15))))
+    return mags, signs, scales, fmul(builder, half_at(builder, wa, 0), ir.Constant(F32, 0.125))
+
+
+def _iq3s_block(builder, wa):
+    """As IQ3_XXS's, with 9-bit grid rows, sign bytes and a scale nibble per sub-block; c = 1
+    (d alone, as q8dot_iq3_s)."""
+    table = _table(builder, "iq3s_grid", _IQ3S_WORDS, INT32)
+    mags, signs, scales = [], [], []
+    for j in range(8):
+        qh = builder.zext(load(builder, wa, 66 + j, ir.IntType(8)), INT32)
+        rows = []
+        for r in range(8):
+            low = builder.zext(load(builder, wa, 2 + 8 * j + r, ir.IntType(8)), INT32)
+            rows.append(_row(builder, table, builder.or_(low, builder.shl(_field(builder, qh, r, 1), _c(8))), INT32))
+        mags.append(_vector(builder, rows, V8I32))
+        signs.append(_byte_signs(builder, wa, 74 + 4 * j))
+        sc = builder.zext(load(builder, wa, 106 + j // 2, ir.IntType(8)), INT32)
+        scales.append(_splat16(builder, _odd(builder, _field(builder, sc, 4 * (j % 2), 15))))
+    return mags, signs, scales, half_at(builder, wa, 0)
+
+
 def _iq3xxs_block(builder, wa):
     table = _table(builder, "iq3xxs_grid", _IQ3XXS_WORDS, INT32)
     mags, signs, scales = [], [], []
@@ -154,5 +204,6 @@ def _term(builder, block, xa, xba, xd, acc):
 
 SIMD, SIMD4 = {}, {}
 for _qt, _bytes, _decode in ((T.IQ2_XXS, 66, _iq2xxs_block), (T.IQ2_XS, 74, _iq2xs_block),
-                             (T.IQ3_XXS, 98, _iq3xxs_block)):
+                             (T.IQ2_S, 82, _iq2s_block), (T.IQ3_XXS, 98, _iq3xxs_block),
+                             (T.IQ3_S, 110, _iq3s_block)):
     SIMD[int(_qt)], SIMD4[int(_qt)] = row_dot_functions(*row_dot_intrinsics(_qt.name.lower(), _bytes, _decode, _term))
