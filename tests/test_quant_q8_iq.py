@@ -90,7 +90,7 @@ def test_avx2_row_steps_where_the_host_has_avx2():
     from quant.int8_kernels import avx2, iq_avx2
 
     simd = {T(c) for c in iq_avx2.SIMD4}
-    assert simd == {T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S}
+    assert simd == {T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M}
     assert (simd <= set(q8.GEMM_FORMATS)) == avx2.AVAILABLE
 
 

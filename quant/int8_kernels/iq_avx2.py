@@ -1,21 +1,23 @@
-"""AVX2 row dots of IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, one and four tokens, with
-iq_low's portable loops' arithmetic and roundings.
+"""AVX2 row dots of the IQ1, IQ2 and IQ3 formats, one and four tokens, with iq_low's portable
+loops' arithmetic and roundings.
 
 Shape legend (as row_dot's)
     C    columns, a multiple of 256        xq int8 [C]   xd float32 [C / 256]   xb int32 [C / 16]
-    w    uint8 [C / 256 * B]: one GGUF row (B = 66, 74, 82, 98 or 110; layouts in iq_low)
+    w    uint8 [C / 256 * B]: one GGUF row (B = 66, 74, 82, 98, 110, 50 or 56; layouts in iq_low)
 
 Per sub-block of 32 weights (llama.cpp's AVX2 sequence): the grid rows of its four groups are
 gathered from a table into one <32 x u8> of magnitudes (the grid values are positive), the
 signs of its four groups (KSIGNS patterns, or IQ2_S/IQ3_S's sign bytes spread to lanes) into
 one <32 x i8> of +-1 that ``vpsignb`` moves onto the
 activations, ``vpmaddubsw`` multiplies and sums pairs to int16, and ``vpmaddwd`` applies the
-sub-block's odd scale 2 s + 1 (per 16 weights for IQ2_XS). The integer I of a super-block is
+sub-block's odd scale 2 s + 1 (per 16 weights for IQ2_XS, IQ2_S, IQ1_M). IQ1's grid values
+are -1, 0, 1: its integer weights w = 8 g + delta (|w| <= 9, iq_low's) are built as bytes, and
+go as |w| and sign(w), as Q8_0's do (avx2.block_dots). The integer I of a super-block is
 iq_low's, and the float step is its ((d * c) * xd) * I, pinned against fast-math
 (llvm_ir.PINNED), so both versions give the same bits.
 
 The tables are private constants of the row dot's LLVM module, built from quant.iq_grids:
-grid rows as i64 (IQ2) or i32 (IQ3) words, and KSIGNS as i64 words of 8 bytes +-1.
+grid rows as i64 (IQ2; IQ1: 8 g) or i32 (IQ3) words, and KSIGNS as i64 words of 8 bytes +-1.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ _IQ2XS_WORDS = _words(GRIDS[T.IQ2_XS], np.uint64)    # 512
 _IQ2S_WORDS = _words(GRIDS[T.IQ2_S], np.uint64)      # 1024
 _IQ3XXS_WORDS = _words(GRIDS[T.IQ3_XXS], np.uint32)  # 256 rows of 4 bytes
 _IQ3S_WORDS = _words(GRIDS[T.IQ3_S], np.uint32)      # 512
+_IQ1_WORDS = _words(8 * GRIDS[T.IQ1_S], np.uint64)  # 2048 rows of 8 g (-8, 0, 8): IQ1_S and IQ1_M
 _SIGN_WORDS = _words(np.where((KSIGNS[:, None] >> np.arange(8, dtype=np.uint8)) & 1, -1, 1), np.uint64)
 assert all(GRIDS[t].min() > 0 for t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S))  # magnitudes for vpmaddubsw
 
@@ -177,6 +180,72 @@ def _iq3s_block(builder, wa):
     return mags, signs, scales, half_at(builder, wa, 0)
 
 
+def _spread(builder, values, typ=V32I8):
+    """<32 x i8>: values[l] (i8 scalars) in lanes 8 l .. 8 l + 7, l < 4."""
+    v = ir.Constant(ir.VectorType(ir.IntType(8), 4), ir.Undefined)
+    for l, x in enumerate(values):
+        v = builder.insert_element(v, x, _c(l))
+    return shuffle(builder, v, [i // 8 for i in range(32)])
+
+
+def _iq1_weights(builder, rows, deltas):
+    """|w| and w (<32 x i8>) of w = 8 g + delta: four grid rows (i64 words of 8 g) and their
+    groups' deltas (i8 +-1); w is both vpsignb's sign and, as |w| <= 9, vpmaddubsw's magnitude."""
+    w = builder.add(_vector(builder, rows, V4I64), _spread(builder, deltas))
+    absb = declare(builder, "llvm.abs.v32i8", V32I8, [V32I8, ir.IntType(1)])
+    return builder.call(absb, [w, ir.Constant(ir.IntType(1), 0)]), w
+
+
+def _delta(builder, flag):
+    """i8 -1 where flag (an i32) is not zero, else +1."""
+    i8 = ir.IntType(8)
+    return builder.select(builder.icmp_unsigned("!=", flag, _c(0)), ir.Constant(i8, -1), ir.Constant(i8, 1))
+
+
+def _iq1s_block(builder, wa):
+    """Per sub-block j, u16 qh: grid rows qs | 3 bits of qh << 8, scale 2 ((qh >> 12) & 7) + 1,
+    delta from bit 15; c = 1/8."""
+    table = _table(builder, "iq1_grid8", _IQ1_WORDS, INT64)
+    mags, vals, scales = [], [], []
+    for j in range(8):
+        qh = builder.zext(load(builder, wa, 34 + 2 * j, INT16), INT32)
+        rows = []
+        for l in range(4):
+            low = builder.zext(load(builder, wa, 2 + 4 * j + l, ir.IntType(8)), INT32)
+            rows.append(_row(builder, table, builder.or_(low, builder.shl(_field(builder, qh, 3 * l, 7), _c(8))), INT64))
+        d = _delta(builder, _field(builder, qh, 15, 1))
+        m, v = _iq1_weights(builder, rows, [d] * 4)
+        mags.append(m)
+        vals.append(v)
+        scales.append(_splat16(builder, _odd(builder, _field(builder, qh, 12, 7))))
+    return mags, vals, scales, fmul(builder, half_at(builder, wa, 0), ir.Constant(F32, 0.125))
+
+
+def _iq1m_block(builder, wa):
+    """Per group q: grid row qs[q] | 3 bits of its qh nibble << 8, delta from the nibble's bit 3;
+    3-bit scales per 16 weights; d from the top nibbles of the four u16 scales; c = 1/8."""
+    table = _table(builder, "iq1_grid8", _IQ1_WORDS, INT64)
+    sc = [builder.zext(load(builder, wa, 48 + 2 * i, INT16), INT32) for i in range(4)]
+    bits = builder.or_(builder.or_(_field(builder, sc[0], 12, 0xF), builder.and_(builder.lshr(sc[1], _c(8)), _c(0xF0))),
+                       builder.or_(builder.and_(builder.lshr(sc[2], _c(4)), _c(0xF00)), builder.and_(sc[3], _c(0xF000))))
+    d = builder.fpext(builder.bitcast(builder.trunc(bits, INT16), ir.HalfType()), F32)
+    mags, vals, scales = [], [], []
+    for j in range(8):
+        rows, deltas = [], []
+        for l in range(4):
+            q = 4 * j + l
+            nib = _field(builder, builder.zext(load(builder, wa, 32 + q // 2, ir.IntType(8)), INT32), 4 * (q % 2), 15)
+            low = builder.zext(load(builder, wa, q, ir.IntType(8)), INT32)
+            rows.append(_row(builder, table, builder.or_(low, builder.shl(builder.and_(nib, _c(7)), _c(8))), INT64))
+            deltas.append(_delta(builder, builder.and_(nib, _c(8))))
+        m, v = _iq1_weights(builder, rows, deltas)
+        mags.append(m)
+        vals.append(v)
+        scales.append(_splat16(builder, *[_odd(builder, _field(builder, sc[i // 4], 3 * (i % 4), 7))
+                                          for i in (2 * j, 2 * j + 1)]))
+    return mags, vals, scales, fmul(builder, d, ir.Constant(F32, 0.125))
+
+
 def _iq3xxs_block(builder, wa):
     table = _table(builder, "iq3xxs_grid", _IQ3XXS_WORDS, INT32)
     mags, signs, scales = [], [], []
@@ -205,5 +274,5 @@ def _term(builder, block, xa, xba, xd, acc):
 SIMD, SIMD4 = {}, {}
 for _qt, _bytes, _decode in ((T.IQ2_XXS, 66, _iq2xxs_block), (T.IQ2_XS, 74, _iq2xs_block),
                              (T.IQ2_S, 82, _iq2s_block), (T.IQ3_XXS, 98, _iq3xxs_block),
-                             (T.IQ3_S, 110, _iq3s_block)):
+                             (T.IQ3_S, 110, _iq3s_block), (T.IQ1_S, 50, _iq1s_block), (T.IQ1_M, 56, _iq1m_block)):
     SIMD[int(_qt)], SIMD4[int(_qt)] = row_dot_functions(*row_dot_intrinsics(_qt.name.lower(), _bytes, _decode, _term))

@@ -1,5 +1,5 @@
-"""IQ1/IQ2/IQ3 rows times int8 activations: portable loops (AVX2 hosts run them for IQ1_S and
-IQ1_M; the IQ2 and IQ3 formats have AVX2 versions in iq_avx2, which give the same bits).
+"""IQ1/IQ2/IQ3 rows times int8 activations: the portable loops (hosts without AVX2; their AVX2
+versions, in iq_avx2, give the same bits).
 
 Shape legend (as row_dot's)
     C    columns, a multiple of 256        nsb = C / 256 super-blocks

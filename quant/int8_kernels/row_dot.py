@@ -262,8 +262,7 @@ def q8dot4_q8_0_simd(w, XQ, XD, XB, t):
 # the portable row dot of each format (hosts without AVX2; tests compare the AVX2 ones to them)
 PORTABLE = {Q4_K: q8dot_q4_k, Q6_K: q8dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0, Q2_K: q8dot_q2_k,
             Q3_K: q8dot_q3_k, IQ4_XS: q8dot_iq4_xs, **blocks32.PORTABLE, **iq_low.PORTABLE, **ternary.PORTABLE}
-# formats without an AVX2 row dot (IQ1_S, IQ1_M, TQ1_0, TQ2_0) run their
-# portable loop on AVX2 hosts too
+# formats without an AVX2 row dot (TQ1_0, TQ2_0) run their portable loop on AVX2 hosts too
 _SIMD = {Q4_K: q8dot_q4_k_simd, Q6_K: q8dot_q6_k_simd, Q5_K: q8dot_q5_k_simd, Q8_0: q8dot_q8_0_simd,
          Q2_K: q8dot_q2_k_simd, Q3_K: q8dot_q3_k_simd, IQ4_XS: q8dot_iq4_xs_simd, **blocks32.SIMD,
          **iq_low.PORTABLE, **ternary.PORTABLE, **iq_avx2.SIMD}
@@ -276,7 +275,7 @@ q8dot = switch(_DOTS, arity=4)
 _DOTS4 = {Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd, Q5_K: q8dot4_q5_k_simd, Q8_0: q8dot4_q8_0_simd,
           Q2_K: q8dot4_q2_k_simd, Q3_K: q8dot4_q3_k_simd, IQ4_XS: q8dot4_iq4_xs_simd, **blocks32.SIMD4,
           **iq_avx2.SIMD4}
-# formats with a 4-token row step (not the portable-only iq_low and ternary ones: their GEMM is matmul_rows)
+# formats with a 4-token row step (not the portable-only ternary ones: their GEMM is matmul_rows)
 GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()
 
 # q8dot4(formats, qtype, w, XQ, XD, XB, t): row w times tokens t .. t+3, for GEMM4_FORMATS.
