@@ -144,12 +144,10 @@ def test_supported_on_rows_of_256_multiples_only(qtype):
 
 
 def test_format_tables_agree_with_gguf():
-    """Every int8 format has a bit of its own, a row dot, a 4-token step where the host has AVX2
-    (but the code-book and ternary formats without an AVX2 row dot), and the bytes per 256
-    columns gguf-py's block sizes give."""
+    """Every int8 format has a bit of its own, a row dot, a 4-token step where the host has AVX2,
+    and the bytes per 256 columns gguf-py's block sizes give."""
     from gguf import GGML_QUANT_SIZES
 
-    from quant.int8_kernels import iq_avx2, iq_low, ternary
     from quant.int8_kernels.dispatch import BYTES_PER_256
 
     bits = [q8.FORMAT_BIT[int(t)] for t in q8.FORMATS]
@@ -158,8 +156,7 @@ def test_format_tables_agree_with_gguf():
         per, nbytes = GGML_QUANT_SIZES[t]
         assert BYTES_PER_256[int(t)] == 256 // per * nbytes, t.name
         assert int(t) in row_dot.PORTABLE
-    rows_only = {T(c) for c in (*iq_low.PORTABLE, *ternary.PORTABLE) if c not in iq_avx2.SIMD4}
-    assert set(q8.GEMM_FORMATS) == (set(q8.FORMATS) - rows_only if avx2.AVAILABLE else set())
+    assert set(q8.GEMM_FORMATS) == (set(q8.FORMATS) if avx2.AVAILABLE else set())
 
 
 _NO_AVX = """

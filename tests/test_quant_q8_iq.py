@@ -68,8 +68,8 @@ def test_matvec_against_reference(qtype, rows, cols):
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_gemm_rows_are_the_gemv_rows(qtype):
     """Prefill's GEMMs give each token the GEMV's bits: matmul_rows (each token through the row
-    dot) for every format, and q8.matmul (4-token steps, then one token) for those with an AVX2
-    step; the others it refuses, naming the kernel that takes them."""
+    dot), and on AVX2 hosts q8.matmul (a 4-token step, then one token); without AVX2, q8.matmul
+    refuses them and names the kernel that takes them."""
     n = 5
     w, W = weights(qtype, 19, 768, seed=n)
     a = q8.quantize_activations(activations(n, 768, seed=n))
@@ -87,10 +87,10 @@ def test_gemm_rows_are_the_gemv_rows(qtype):
 
 
 def test_avx2_row_steps_where_the_host_has_avx2():
-    from quant.int8_kernels import avx2, iq_avx2
+    from quant.int8_kernels import avx2, iq_avx2, ternary
 
-    simd = {T(c) for c in iq_avx2.SIMD4}
-    assert simd == {T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M}
+    simd = {T(c) for c in (*iq_avx2.SIMD4, *ternary.SIMD4)}
+    assert simd == set(NEW) == {T(c) for c in (*iq_avx2.SIMD, *ternary.SIMD)}
     assert (simd <= set(q8.GEMM_FORMATS)) == avx2.AVAILABLE
 
 

@@ -30,8 +30,8 @@ kernels of ``quant.float_kernels`` only by the activation rounding (relative err
 Modules: row_dot (one row times one token, portable; the format tables), avx2 (the
 Q4_K/Q5_K/Q6_K/Q8_0 row dots as explicit AVX2 IR, one and four tokens), q2k_q3k, blocks32
 (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) and iq4_xs (the other formats' row dots, portable and AVX2),
-iq_low (IQ1/IQ2/IQ3) and ternary (TQ1_0, TQ2_0): portable row dots, iq_avx2: AVX2 ones, one
-and four tokens, for the IQ formats (TQ1_0 and TQ2_0's GEMM is matmul_rows),
+iq_low (IQ1/IQ2/IQ3: portable) and iq_avx2 (their AVX2 versions), ternary (TQ1_0, TQ2_0:
+portable and AVX2),
 avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the parallel loops), ffn
 (the fused SwiGLU sum), llvm_ir (IR helpers).
 
@@ -73,8 +73,7 @@ __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Ac
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS,
            T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0)
-# with a 4-token int8 GEMM step (AVX2 hosts: FORMATS but TQ1_0, TQ2_0, whose GEMM is matmul_rows)
-GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)
+GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: all of FORMATS)
 
 _FORMAT_SET = frozenset(FORMATS)
 

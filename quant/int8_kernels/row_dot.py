@@ -262,10 +262,9 @@ def q8dot4_q8_0_simd(w, XQ, XD, XB, t):
 # the portable row dot of each format (hosts without AVX2; tests compare the AVX2 ones to them)
 PORTABLE = {Q4_K: q8dot_q4_k, Q6_K: q8dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0, Q2_K: q8dot_q2_k,
             Q3_K: q8dot_q3_k, IQ4_XS: q8dot_iq4_xs, **blocks32.PORTABLE, **iq_low.PORTABLE, **ternary.PORTABLE}
-# formats without an AVX2 row dot (TQ1_0, TQ2_0) run their portable loop on AVX2 hosts too
 _SIMD = {Q4_K: q8dot_q4_k_simd, Q6_K: q8dot_q6_k_simd, Q5_K: q8dot_q5_k_simd, Q8_0: q8dot_q8_0_simd,
          Q2_K: q8dot_q2_k_simd, Q3_K: q8dot_q3_k_simd, IQ4_XS: q8dot_iq4_xs_simd, **blocks32.SIMD,
-         **iq_low.PORTABLE, **ternary.PORTABLE, **iq_avx2.SIMD}
+         **iq_avx2.SIMD, **ternary.SIMD}
 _DOTS = _SIMD if avx2.AVAILABLE else PORTABLE
 
 # q8dot(formats, qtype, w, xq, xd, xb): row w of format qtype times the activations, compiled for
@@ -274,9 +273,8 @@ q8dot = switch(_DOTS, arity=4)
 
 _DOTS4 = {Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd, Q5_K: q8dot4_q5_k_simd, Q8_0: q8dot4_q8_0_simd,
           Q2_K: q8dot4_q2_k_simd, Q3_K: q8dot4_q3_k_simd, IQ4_XS: q8dot4_iq4_xs_simd, **blocks32.SIMD4,
-          **iq_avx2.SIMD4}
-# formats with a 4-token row step (not the portable-only ternary ones: their GEMM is matmul_rows)
-GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()
+          **iq_avx2.SIMD4, **ternary.SIMD4}
+GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()  # formats with a 4-token row step
 
 # q8dot4(formats, qtype, w, XQ, XD, XB, t): row w times tokens t .. t+3, for GEMM4_FORMATS.
 q8dot4 = switch(_DOTS4, arity=5)

@@ -1,4 +1,4 @@
-"""TQ1_0 and TQ2_0 rows (ternary weights) times int8 activations: portable loops.
+"""TQ1_0 and TQ2_0 rows (ternary weights) times int8 activations: portable loops and AVX2 ones.
 
 Shape legend (as row_dot's)
     C    columns, a multiple of 256        nsb = C / 256 super-blocks
@@ -14,7 +14,9 @@ Both store w = d (t - 1) with t in {0, 1, 2} and one f16 d per super-block:
 
 so per super-block sum_c w x = (d xd) I with I = sum t xq - sum xq, the second sum from xb
 (an exact integer, |I| < 2^16). Each row dot adds (d * xd) * I per super-block to its float32
-sum, left to right (FIXED_ORDER), as llama.cpp's ggml_vec_dot_tq*_q8_K do.
+sum, left to right (FIXED_ORDER), as llama.cpp's ggml_vec_dot_tq*_q8_K do. AVX2: the trits are
+unsigned bytes for ``vpmaddubsw`` (TQ1_0's decoded in 16-bit lanes); the same integer and
+float steps (pinned against fast-math, llvm_ir.PINNED), so the same bits.
 """
 
 from __future__ import annotations
@@ -23,8 +25,13 @@ import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from llvmlite import ir
+
 from ..bits import f16_at
 from ..jit import FIXED_ORDER
+from .avx2 import (F32, INT8, INT16, INT32, ONES16, V16I32, V32I8, half_at, reduce_add, row_dot_functions,
+                   row_dot_intrinsics, runs_dot, splat8)
+from .llvm_ir import fadd, fmul, load
 
 _CALLED = dict(fastmath=FIXED_ORDER, cache=True)  # as row_dot's portable loops (see there)
 I16 = np.int16
@@ -94,4 +101,53 @@ def q8dot_tq2_0(w, xq, xd, xb):
     return acc
 
 
+# ---------------------------------------------------------------- AVX2 (see avx2)
+
+def _v(values, width=8):
+    return ir.Constant(ir.VectorType(ir.IntType(width), len(values)), list(values))
+
+
+def _tq2_block(builder, wa):
+    """The 8 runs of 32 codes t (<32 x u8>, run 4 c + p: weights 128 c + 32 p ..) and d."""
+    codes = []
+    for c in range(2):
+        qv = load(builder, wa, 32 * c, V32I8)
+        codes += [builder.and_(builder.lshr(qv, splat8(2 * p)) if p else qv, splat8(3)) for p in range(4)]
+    return codes, half_at(builder, wa, 64)
+
+
+def _trits(builder, bytes32, powers):
+    """<32 x u8>: lane i the trit ((b_i 3^p_i mod 256) * 3) >> 8 of byte b_i at power p_i (in 16 bits)."""
+    v16 = ir.VectorType(INT16, 32)
+    b = builder.zext(bytes32, v16)
+    t = builder.and_(builder.mul(b, _v([3 ** p for p in powers], 16)), _v([255] * 32, 16))
+    return builder.trunc(builder.lshr(builder.mul(t, _v([3] * 32, 16)), _v([8] * 32, 16)), V32I8)
+
+
+def _tq1_block(builder, wa):
+    """The 8 runs of 32 trits (run r: weights 32 r ..), as the layout of the docstring, and d."""
+    qs0 = load(builder, wa, 0, V32I8)
+    qs1 = load(builder, wa, 32, ir.VectorType(INT8, 16))
+    qh = load(builder, wa, 48, ir.VectorType(INT8, 4))
+    codes = [_trits(builder, qs0, [p] * 32) for p in range(5)]
+    pair = builder.shuffle_vector(qs1, qs1, ir.Constant(ir.VectorType(INT32, 32), [i % 16 for i in range(32)]))
+    codes += [_trits(builder, pair, [0] * 16 + [1] * 16), _trits(builder, pair, [2] * 16 + [3] * 16)]
+    last = builder.shuffle_vector(qs1, builder.shuffle_vector(qh, qh, ir.Constant(ir.VectorType(INT32, 16),
+                                                                                  [m for _ in range(4) for m in range(4)])),
+                                  ir.Constant(ir.VectorType(INT32, 32), list(range(16)) + list(range(16, 32))))
+    codes.append(_trits(builder, last, [4] * 16 + [p for p in range(4) for _ in range(4)]))
+    return codes, half_at(builder, wa, 52)
+
+
+def _term(builder, block, xa, xba, xd, acc):
+    """acc + (d * xd) * (T - X), T = sum t x, X = sum x: as the portable loops."""
+    codes, d = block
+    t = reduce_add(builder, runs_dot(builder, codes, [ONES16] * 8, xa))
+    x = reduce_add(builder, load(builder, xba, 0, V16I32))
+    return fadd(builder, acc, fmul(builder, fmul(builder, d, xd), builder.sitofp(builder.sub(t, x), F32)))
+
+
 PORTABLE = {int(T.TQ1_0): q8dot_tq1_0, int(T.TQ2_0): q8dot_tq2_0}
+SIMD, SIMD4 = {}, {}
+for _qt, _bytes, _decode in ((T.TQ1_0, 54, _tq1_block), (T.TQ2_0, 66, _tq2_block)):
+    SIMD[int(_qt)], SIMD4[int(_qt)] = row_dot_functions(*row_dot_intrinsics(_qt.name.lower(), _bytes, _decode, _term))
