@@ -5,8 +5,9 @@ Shape legend (as row_dot's)
     C    columns, a multiple of 256        nsb = C / 256 super-blocks
     xq   int8 [C]   xd float32 [C / 256]   xb int32 [C / 16]   (row_dot.quantize_row)
     w    uint8 [nsb * B]: one GGUF row, B bytes per super-block (dispatch.BYTES_PER_256)
-    grid int8 [G, 8] (IQ2, IQ1) or [G, 4] (IQ3): quant.iq_grids.GRIDS
+    grid int8 [G, 8] (IQ2, IQ1): quant.iq_grids.GRIDS; IQ3: int32 [G], each 4-value row packed in a word
     sign int8 [128 or 256, 8]: +-1 per weight of a group of 8, from a 7-bit KSIGNS index or a raw byte
+         (IQ3: the 8 sign bits themselves, int32 [128] for KSIGNS)
 
 Weight 32 j + 8 l + k is sub-block j, group l, position k of its super-block (as reference_iq).
 Every format is w = d c q with q an integer (grid value times sign, IQ1: plus its delta),
