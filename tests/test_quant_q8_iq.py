@@ -132,7 +132,7 @@ def _ref_ffn(W, xv, limit):
 
 def test_swiglu_ffns_mixes_new_formats_with_q4_k():
     """The fused expert call with IQ2_XXS and TQ1_0 as gate/up and as down, next to Q4_K ones
-    (odd widths of 256s), compiled for those formats only (a small kernel)."""
+    (odd widths of 256s), compiled for ALL (its GEMVs are the module's, already built)."""
     H = 512
     specs = [(T.IQ2_XXS, T.Q4_K, 256, 0.5, 0.0), (T.Q4_K, T.TQ1_0, 768, 1.5, 4.0),
              (T.TQ1_0, T.IQ2_XXS, 256, -0.75, 0.0)]
@@ -148,7 +148,7 @@ def test_swiglu_ffns_mixes_new_formats_with_q4_k():
     out = np.full(H, 0.5, np.float32)
     q8.swiglu_ffns(np.stack(descs), np.array([r[1] for r in refs], np.float32),
                    np.array([r[2] for r in refs], np.float32), x, out,
-                   q8.ffn_scratch(H, len(specs), sum(s[2] for s in specs)))
+                   q8.ffn_scratch(H, len(specs), sum(s[2] for s in specs)), formats=ALL)
     xv = values(q8.quantize_activations(x))[0]
     want = 0.5 + sum(wt * _ref_ffn(W, xv, lim) for W, wt, lim in refs)
     err = np.abs(out - want)
@@ -158,3 +158,33 @@ def test_swiglu_ffns_mixes_new_formats_with_q4_k():
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_supported_on_rows_of_256_multiples(qtype):
     assert q8.supports(qtype, 512) and not q8.supports(qtype, 0)
+
+
+_NO_AVX = """
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from quant import int8_kernels as q8
+from quant.int8_kernels import avx2
+import test_quant_q8_iq as t
+assert not avx2.AVAILABLE and not q8.GEMM_FORMATS
+a = q8.quantize_activations(t.activations(3, 512))
+for qtype in (T.IQ2_XXS, T.IQ1_M, T.TQ1_0):
+    w, W = t.weights(qtype, 7, 512, seed=2)
+    for k in range(3):
+        t.assert_close(q8.matvec(w, a, np.empty(7, np.float32), token=k, formats=t.NEW_SET), W, t.values(a)[k])
+print("ok")
+"""
+
+
+def test_hosts_without_avx_run_the_portable_loops_in_the_kernels(tmp_path):
+    """Numba targeting a CPU without AVX: the GEMV switches to the portable row dots (the AVX2
+    intrinsics never reach LLVM) and still matches the reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_ENABLE_AVX": "0", "NUMBA_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)),
+                                          os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", _NO_AVX], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-2000:]
