@@ -180,7 +180,7 @@ def _iq3s_block(builder, wa):
     return mags, signs, scales, half_at(builder, wa, 0)
 
 
-def _spread(builder, values, typ=V32I8):
+def _spread(builder, values):
     """<32 x i8>: values[l] (i8 scalars) in lanes 8 l .. 8 l + 7, l < 4."""
     v = ir.Constant(ir.VectorType(ir.IntType(8), 4), ir.Undefined)
     for l, x in enumerate(values):
@@ -212,7 +212,8 @@ def _iq1s_block(builder, wa):
         rows = []
         for l in range(4):
             low = builder.zext(load(builder, wa, 2 + 4 * j + l, ir.IntType(8)), INT32)
-            rows.append(_row(builder, table, builder.or_(low, builder.shl(_field(builder, qh, 3 * l, 7), _c(8))), INT64))
+            index = builder.or_(low, builder.shl(_field(builder, qh, 3 * l, 7), _c(8)))
+            rows.append(_row(builder, table, index, INT64))
         d = _delta(builder, _field(builder, qh, 15, 1))
         m, v = _iq1_weights(builder, rows, [d] * 4)
         mags.append(m)
@@ -226,8 +227,9 @@ def _iq1m_block(builder, wa):
     3-bit scales per 16 weights; d from the top nibbles of the four u16 scales; c = 1/8."""
     table = _table(builder, "iq1_grid8", _IQ1_WORDS, INT64)
     sc = [builder.zext(load(builder, wa, 48 + 2 * i, INT16), INT32) for i in range(4)]
-    bits = builder.or_(builder.or_(_field(builder, sc[0], 12, 0xF), builder.and_(builder.lshr(sc[1], _c(8)), _c(0xF0))),
-                       builder.or_(builder.and_(builder.lshr(sc[2], _c(4)), _c(0xF00)), builder.and_(sc[3], _c(0xF000))))
+    nibbles = [_field(builder, sc[0], 12, 0xF), builder.and_(builder.lshr(sc[1], _c(8)), _c(0xF0)),
+               builder.and_(builder.lshr(sc[2], _c(4)), _c(0xF00)), builder.and_(sc[3], _c(0xF000))]
+    bits = builder.or_(builder.or_(nibbles[0], nibbles[1]), builder.or_(nibbles[2], nibbles[3]))
     d = builder.fpext(builder.bitcast(builder.trunc(bits, INT16), ir.HalfType()), F32)
     mags, vals, scales = [], [], []
     for j in range(8):

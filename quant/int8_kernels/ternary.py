@@ -132,9 +132,9 @@ def _tq1_block(builder, wa):
     codes = [_trits(builder, qs0, [p] * 32) for p in range(5)]
     pair = builder.shuffle_vector(qs1, qs1, ir.Constant(ir.VectorType(INT32, 32), [i % 16 for i in range(32)]))
     codes += [_trits(builder, pair, [0] * 16 + [1] * 16), _trits(builder, pair, [2] * 16 + [3] * 16)]
-    last = builder.shuffle_vector(qs1, builder.shuffle_vector(qh, qh, ir.Constant(ir.VectorType(INT32, 16),
-                                                                                  [m for _ in range(4) for m in range(4)])),
-                                  ir.Constant(ir.VectorType(INT32, 32), list(range(16)) + list(range(16, 32))))
+    qh16 = builder.shuffle_vector(qh, qh, ir.Constant(ir.VectorType(INT32, 16), [m for _ in range(4)
+                                                                                  for m in range(4)]))
+    last = builder.shuffle_vector(qs1, qh16, ir.Constant(ir.VectorType(INT32, 32), list(range(32))))
     codes.append(_trits(builder, last, [4] * 16 + [p for p in range(4) for _ in range(4)]))
     return codes, half_at(builder, wa, 52)
 
