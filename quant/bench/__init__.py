@@ -50,16 +50,26 @@ def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
 
 
 # formats this project reads but does not write: their rows are random bytes, with the f16
-# fields (bytes per block, weights per block, field offsets) set to a moderate scale
+# fields (bytes per block, weights per block, field offsets) set to a moderate scale; IQ1_M's d
+# is the top nibbles of its four u16 scales (bytes 48 .. 56)
 RANDOM_FIELDS = {T.Q2_K: (84, 256, (80, 82)), T.Q3_K: (110, 256, (108,)), T.IQ4_NL: (18, 32, (0,)),
-                 T.IQ4_XS: (136, 256, (0,))}
+                 T.IQ4_XS: (136, 256, (0,)), T.IQ2_XXS: (66, 256, (0,)), T.IQ2_XS: (74, 256, (0,)),
+                 T.IQ2_S: (82, 256, (0,)), T.IQ3_XXS: (98, 256, (0,)), T.IQ3_S: (110, 256, (0,)),
+                 T.IQ1_S: (50, 256, (0,)), T.IQ1_M: (56, 256, ())}
+_SCALE = np.float16(0.01)
 
 
 def _random_rows(qtype, rows: int, cols: int, rng) -> np.ndarray:
     nbytes, per, fields = RANDOM_FIELDS[qtype]
     raw = rng.integers(0, 256, (rows, cols // per, nbytes), dtype=np.uint8)
     for off in fields:
-        raw[:, :, off:off + 2] = np.full((rows, cols // per), 0.01, np.float16).view(np.uint8).reshape(rows, -1, 2)
+        raw[:, :, off:off + 2] = np.full((rows, cols // per), _SCALE, np.float16).view(np.uint8).reshape(rows, -1, 2)
+    if qtype == T.IQ1_M:
+        sc = raw[:, :, 48:56].copy().view(np.uint16) & np.uint16(0x0FFF)
+        d = int(_SCALE.view(np.uint16))
+        for i in range(4):
+            sc[:, :, i] |= np.uint16(((d >> 4 * i) & 15) << 12)
+        raw[:, :, 48:56] = sc.view(np.uint8)
     return raw.reshape(rows, -1)
 
 

@@ -19,8 +19,9 @@ a set that must include the formats of their matrices; by default, exactly those
 A caller that multiplies matrices of several formats (the runtime) passes one set for all
 its calls, so that each kernel is compiled once.
 
-Formats: Q4_K, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K, IQ4_XS, and the 32-weight blocks Q4_0, Q4_1, Q5_0, Q5_1
-and IQ4_NL on rows of a multiple of 256 columns (``supports``). Results equal ``dequantize(W) @
+Formats: Q4_K, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K, IQ4_XS, the 32-weight blocks Q4_0, Q4_1, Q5_0, Q5_1
+and IQ4_NL, the code-book formats IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M and the
+ternary TQ1_0, TQ2_0, on rows of a multiple of 256 columns (``supports``). Results equal ``dequantize(W) @
 (d * q)`` up to a few float32 roundings per 256 columns (per 32 for the 32-weight blocks,
 whose scales are per block), so they differ from the float32
 kernels of ``quant.float_kernels`` only by the activation rounding (relative error about
@@ -29,6 +30,8 @@ kernels of ``quant.float_kernels`` only by the activation rounding (relative err
 Modules: row_dot (one row times one token, portable; the format tables), avx2 (the
 Q4_K/Q5_K/Q6_K/Q8_0 row dots as explicit AVX2 IR, one and four tokens), q2k_q3k, blocks32
 (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL) and iq4_xs (the other formats' row dots, portable and AVX2),
+iq_low (IQ1/IQ2/IQ3: portable) and iq_avx2 (their AVX2 versions), ternary (TQ1_0, TQ2_0:
+portable and AVX2),
 avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the parallel loops), ffn
 (the fused SwiGLU sum), llvm_ir (IR helpers).
 
@@ -68,7 +71,8 @@ __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Ac
            "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matmul_rows", "matvec", "matvec_group", "matvec_many",
            "quantize_activations", "supports", "swiglu_ffns"]
 
-FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS)
+FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS,
+           T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0)
 GEMM_FORMATS = tuple(T(q) for q in GEMM4_FORMATS)  # with an int8 GEMM (AVX2 hosts: all of FORMATS)
 
 _FORMAT_SET = frozenset(FORMATS)
@@ -237,7 +241,7 @@ def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | No
         raise ValueError(f"activations have {a.shape[1]} columns, W has {w.cols}")
     if w.qtype not in GEMM_FORMATS:
         raise ValueError(f"no int8-activation GEMM for {w.qtype.name} on this host (have: "
-                         f"{', '.join(t.name for t in GEMM_FORMATS) or 'none'})")
+                         f"{', '.join(t.name for t in GEMM_FORMATS) or 'none'}); matmul_rows takes every format")
     _check_out(out, (a.shape[0], w.rows))
     kernels(_formats(formats, [w])).gemm(int(w.qtype), w.data, a.q, a.d, a.b, out, _gemm_steps(w.qtype))
     return out

@@ -27,10 +27,15 @@ Q8_0, Q4_K, Q5_K, Q6_K = int(T.Q8_0), int(T.Q4_K), int(T.Q5_K), int(T.Q6_K)
 Q2_K, Q3_K = int(T.Q2_K), int(T.Q3_K)
 Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL = int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q5_1), int(T.IQ4_NL)
 IQ4_XS = int(T.IQ4_XS)
+IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S = int(T.IQ2_XXS), int(T.IQ2_XS), int(T.IQ2_S), int(T.IQ3_XXS), int(T.IQ3_S)
+IQ1_S, IQ1_M, TQ1_0, TQ2_0 = int(T.IQ1_S), int(T.IQ1_M), int(T.TQ1_0), int(T.TQ2_0)
 FORMAT_BIT = {Q4_K: 1, Q6_K: 2, Q5_K: 4, Q8_0: 8, Q2_K: 16, Q3_K: 32, Q4_0: 64, Q4_1: 128, Q5_0: 256, Q5_1: 512,
-              IQ4_NL: 1024, IQ4_XS: 2048}
+              IQ4_NL: 1024, IQ4_XS: 2048, IQ2_XXS: 1 << 12, IQ2_XS: 1 << 13, IQ2_S: 1 << 14, IQ3_XXS: 1 << 15,
+              IQ3_S: 1 << 16, IQ1_S: 1 << 17, IQ1_M: 1 << 18, TQ1_0: 1 << 19, TQ2_0: 1 << 20}
 BYTES_PER_256 = {Q4_K: 144, Q6_K: 210, Q5_K: 176, Q8_0: 272, Q2_K: 84, Q3_K: 110,  # GGUF bytes of 256 columns
-                 Q4_0: 144, Q4_1: 160, Q5_0: 176, Q5_1: 192, IQ4_NL: 144, IQ4_XS: 136}
+                 Q4_0: 144, Q4_1: 160, Q5_0: 176, Q5_1: 192, IQ4_NL: 144, IQ4_XS: 136,
+                 IQ2_XXS: 66, IQ2_XS: 74, IQ2_S: 82, IQ3_XXS: 98, IQ3_S: 110, IQ1_S: 50, IQ1_M: 56, TQ1_0: 54,
+                 TQ2_0: 66}
 
 
 def format_set(qtypes) -> int:

@@ -7,7 +7,8 @@ Shape legend
     xd   float32 [C // 256]    the scale of each 256-column block, max|x| / 127
     xb   int32   [C // 16]     sums of xq over each 16 columns (for K-quant mins and offsets)
     w    uint8   [row_bytes]   one GGUF row of Q4_K, Q5_K, Q6_K or Q8_0 (here; the other formats'
-                               row dots are in q2k_q3k, blocks32 and iq4_xs, with the same arguments)
+                               row dots are in q2k_q3k, blocks32, iq4_xs, iq_low and ternary, with the
+                               same arguments)
 Each ``q8dot_*`` returns sum_c W[c] * xd[c // 256] * xq[c] as float32, exact up to the
 float32 rounding of one multiply-add per 256 columns: all products inside a super-block
 are integers.
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..bits import f16_at, k4_min, k4_scale
 from ..jit import FIXED_ORDER
-from . import avx2, blocks32
+from . import avx2, blocks32, iq_avx2, iq_low, ternary
 from .avx2 import (q4k_row_dot, q4k_row_dot4, q5k_row_dot, q5k_row_dot4, q6k_row_dot, q6k_row_dot4, q8_0_row_dot,
                    q8_0_row_dot4)
 from .dispatch import IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, switch
@@ -260,9 +261,10 @@ def q8dot4_q8_0_simd(w, XQ, XD, XB, t):
 
 # the portable row dot of each format (hosts without AVX2; tests compare the AVX2 ones to them)
 PORTABLE = {Q4_K: q8dot_q4_k, Q6_K: q8dot_q6_k, Q5_K: q8dot_q5_k, Q8_0: q8dot_q8_0, Q2_K: q8dot_q2_k,
-            Q3_K: q8dot_q3_k, IQ4_XS: q8dot_iq4_xs, **blocks32.PORTABLE}
+            Q3_K: q8dot_q3_k, IQ4_XS: q8dot_iq4_xs, **blocks32.PORTABLE, **iq_low.PORTABLE, **ternary.PORTABLE}
 _SIMD = {Q4_K: q8dot_q4_k_simd, Q6_K: q8dot_q6_k_simd, Q5_K: q8dot_q5_k_simd, Q8_0: q8dot_q8_0_simd,
-         Q2_K: q8dot_q2_k_simd, Q3_K: q8dot_q3_k_simd, IQ4_XS: q8dot_iq4_xs_simd, **blocks32.SIMD}
+         Q2_K: q8dot_q2_k_simd, Q3_K: q8dot_q3_k_simd, IQ4_XS: q8dot_iq4_xs_simd, **blocks32.SIMD,
+         **iq_avx2.SIMD, **ternary.SIMD}
 _DOTS = _SIMD if avx2.AVAILABLE else PORTABLE
 
 # q8dot(formats, qtype, w, xq, xd, xb): row w of format qtype times the activations, compiled for
@@ -270,7 +272,8 @@ _DOTS = _SIMD if avx2.AVAILABLE else PORTABLE
 q8dot = switch(_DOTS, arity=4)
 
 _DOTS4 = {Q4_K: q8dot4_q4_k_simd, Q6_K: q8dot4_q6_k_simd, Q5_K: q8dot4_q5_k_simd, Q8_0: q8dot4_q8_0_simd,
-          Q2_K: q8dot4_q2_k_simd, Q3_K: q8dot4_q3_k_simd, IQ4_XS: q8dot4_iq4_xs_simd, **blocks32.SIMD4}
+          Q2_K: q8dot4_q2_k_simd, Q3_K: q8dot4_q3_k_simd, IQ4_XS: q8dot4_iq4_xs_simd, **blocks32.SIMD4,
+          **iq_avx2.SIMD4, **ternary.SIMD4}
 GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()  # formats with a 4-token row step
 
 # q8dot4(formats, qtype, w, XQ, XD, XB, t): row w times tokens t .. t+3, for GEMM4_FORMATS.
