@@ -83,13 +83,7 @@ def matmul(x: np.ndarray, w: Matrix, int8: int = 0) -> np.ndarray:
         return dense_matmul(x, w.data)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if int8_applies(w, int8):
-        a = int8_kernels.quantize_activations(x)
-        if x.shape[0] == 1:
-            return int8_kernels.matvec(w.packed, a, np.empty((1, w.shape[0]), np.float32)[0], formats=int8)[None]
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)
-        if w.qtype in int8_kernels.GEMM_FORMATS:
-            return int8_kernels.matmul(w.packed, a, out, formats=int8)
-        return int8_kernels.matmul_rows(w.packed, a, out, formats=int8)
+        return _int8_product(int8_kernels.quantize_activations(x), w, int8)
     if x.shape[0] == 1:
         out = np.empty((1, w.shape[0]), np.float32)
         float_kernels.matvec(w.packed, x[0], out[0])
@@ -97,15 +91,29 @@ def matmul(x: np.ndarray, w: Matrix, int8: int = 0) -> np.ndarray:
     return float_kernels.matmul(w.packed, x, np.empty((x.shape[0], w.shape[0]), np.float32))
 
 
+def _int8_product(a: int8_kernels.Q8Activations, w: Matrix, int8: int) -> np.ndarray:
+    """The quantized activations a [T, C] times W.T -> [T, N] float32 (matmul's int8 path)."""
+    if a.shape[0] == 1:
+        return int8_kernels.matvec(w.packed, a, np.empty((1, w.shape[0]), np.float32)[0], formats=int8)[None]
+    out = np.empty((a.shape[0], w.shape[0]), np.float32)
+    if w.qtype in int8_kernels.GEMM_FORMATS:
+        return int8_kernels.matmul(w.packed, a, out, formats=int8)
+    return int8_kernels.matmul_rows(w.packed, a, out, formats=int8)
+
+
 def matmul_many(x: np.ndarray, ws: list[Matrix], int8: int = 0) -> list[np.ndarray]:
-    """[matmul(x, w, int8) for w in ws]; one token goes in one kernel call when every W takes int8."""
-    if x.shape[0] == 1 and all(int8_applies(w, int8) for w in ws):
+    """[matmul(x, w, int8) for w in ws]; x is rounded to int8 once for all of them when every W
+    takes int8, and one token goes in one kernel call."""
+    if all(int8_applies(w, int8) for w in ws):
+        a = int8_kernels.quantize_activations(np.ascontiguousarray(x, dtype=np.float32))
+        if x.shape[0] > 1:
+            return [_int8_product(a, w, int8) for w in ws]
         out = np.empty(sum(w.shape[0] for w in ws), np.float32)
-        int8_kernels.matvec_many([w.packed for w in ws], int8_kernels.quantize_activations(x), out, formats=int8)
-        parts, a = [], 0
+        int8_kernels.matvec_many([w.packed for w in ws], a, out, formats=int8)
+        parts, c = [], 0
         for w in ws:
-            parts.append(out[None, a : a + w.shape[0]])
-            a += w.shape[0]
+            parts.append(out[None, c : c + w.shape[0]])
+            c += w.shape[0]
         return parts
     return [matmul(x, w, int8) for w in ws]
 
