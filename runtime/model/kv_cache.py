@@ -86,8 +86,7 @@ class LayerKV:
         if self.ring:
             slot = pos % self.capacity
             if self._start is not None and self._start - self.capacity < self.pos[slot] < self._start:
-                # what _save keeps, for one slot: slices copy less than fancy indexing sets up
-                self._undo.append((np.array([slot]), tuple(a[slot:slot + 1].copy() for a in self.arrays())))
+                self._save(np.array([slot]))
         else:
             if self.n + 1 > self.capacity:
                 self._grow(self.n + 1)
