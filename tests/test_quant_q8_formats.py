@@ -20,7 +20,10 @@ LAYOUT = {T.Q2_K: (84, 256, (80, 82)), T.Q3_K: (110, 256, (108,)), T.Q4_0: (18, 
           T.Q5_0: (22, 32, (0,)), T.Q5_1: (24, 32, (0, 2)), T.IQ4_NL: (18, 32, (0,)), T.IQ4_XS: (136, 256, (0,))}
 NEW = list(LAYOUT)
 LAYOUT.update({T.Q4_K: (144, 256, (0, 2)), T.Q8_0: (34, 32, (0,))})  # formats of before, to mix in
-ALL = q8.format_set(q8.FORMATS)  # one kernel of each kind for every test here: compiled once, not per format
+# one kernel of each kind for every test here, compiled once, not per format: the formats this file
+# tests and those of before (the IQ1/IQ2/IQ3/TQ kernels are test_quant_q8_iq's; a set holding
+# them too compiles their row code into every kernel here, for nothing)
+ALL = q8.format_set(NEW + [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0])
 
 
 def weights(qtype, rows, cols, seed=0):

@@ -4,7 +4,7 @@ against a float64 reference on gguf-py's dequantized weights and the int8-rounde
 Weights are random GGUF bytes (every grid row, sign pattern, scale and delta bit occurs) with
 their f16 fields set to moderate values, so nothing depends on this project's decoders:
 gguf.quants.dequantize is the reference decoding. The GEMVs are compiled for one format set
-(ALL, as test_quant_q8_formats'), the GEMMs for another (NEW_SET), so the module compiles
+(ALL: theirs and Q4_K), the GEMMs for another (NEW_SET), so the module compiles
 each kind once.
 """
 
@@ -24,7 +24,7 @@ from tests.test_quant_q8_formats import activations, assert_close, values
 HALVES = {T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,),
           T.IQ1_M: (), T.TQ1_0: (52,), T.TQ2_0: (64,)}
 NEW = list(HALVES)
-ALL = q8.format_set(q8.FORMATS)  # the GEMVs'
+ALL = q8.format_set(NEW + [T.Q4_K])  # the GEMVs' (Q4_K: the format they are mixed with)
 NEW_SET = q8.format_set(NEW)  # the GEMMs' (ALL's GEMM, every format's 4-token steps, compiles for 20 s)
 
 
