@@ -193,3 +193,49 @@ def test_hosts_without_avx_run_the_portable_loops_in_the_kernels(tmp_path):
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", _NO_AVX], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-2000:]
+
+
+_NO_VNNI = """
+import sys
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from quant import int8_kernels as q8
+from quant.int8_kernels import avx2, row_dot
+import test_quant_q8_formats as t
+assert avx2.AVAILABLE and not avx2.VNNI
+for qtype in (T.Q8_0, T.IQ4_NL, T.Q4_0, T.Q5_1):
+    w, W = t.weights(qtype, 9, 768, seed=4)
+    a = q8.quantize_activations(t.activations(2, 768))
+    dot = row_dot._SIMD[int(qtype)]
+    got = np.array([[dot(w.data[r], a.q[k], a.d[k], a.b[k]) for r in range(9)] for k in range(2)], np.float32)
+    print(qtype.name, got.view(np.uint32).tobytes().hex())
+"""
+
+_NO_VNNI_FEATURES = "+avx,+avx2,+f16c,+fma,+sse4.2,+popcnt,+bmi,+bmi2,-avx512f,-avx512bw,-avx512vl,-avx512vnni,-avxvnni"
+
+
+def test_avx2_hosts_without_vnni_give_the_vnni_row_dots_bits(tmp_path):
+    """On VNNI hosts the 32-weight block formats and Q8_0 take vpdpbusd (IQ4_NL values and Q8_0
+    bytes as value + 128, unsigned); without VNNI, vpmaddubsw with the signs moved onto the
+    activations. Both sums are exact, so an AVX2 host without VNNI (Numba given that feature
+    list) computes the same bits, and both match the reference."""
+    import os
+    import subprocess
+    import sys
+
+    if not avx2.AVAILABLE:
+        pytest.skip("the host has no AVX2")
+    env = {**os.environ, "NUMBA_CPU_FEATURES": _NO_VNNI_FEATURES, "NUMBA_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)),
+                                          os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", _NO_VNNI], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    theirs = dict(line.split() for line in r.stdout.split("\n") if line.strip())
+    for qtype in (T.Q8_0, T.IQ4_NL, T.Q4_0, T.Q5_1):
+        w, W = weights(qtype, 9, 768, seed=4)
+        a = q8.quantize_activations(activations(2, 768))
+        dot = row_dot._SIMD[int(qtype)]
+        ours = np.array([[dot(w.data[r], a.q[k], a.d[k], a.b[k]) for r in range(9)] for k in range(2)], np.float32)
+        for k in range(2):
+            assert_close(ours[k], W, values(a)[k])
+        assert ours.view(np.uint32).tobytes().hex() == theirs[qtype.name], qtype.name
