@@ -12,6 +12,8 @@ Shape legend
                                          matrices prepared once
     swiglu_ffns(desc, weights, limits, x, out, ffn_scratch(H, M, W))   out [H] += sum_m weight_m *
                                          FFN_m(x), FFNs given by ffn_descriptor rows (see ffn)
+    swiglu_experts(desc, rows, starts, weights, limits, X, out)   a prefill chunk's routed experts,
+                                         each on its own tokens, added into out [T, H] (see experts_gemm)
 
 Every kernel is compiled for a format set (dispatch.format_set: a bit per format), so that a
 model's kernels hold only the row code of the formats its file has. Calls take `formats=`,
@@ -33,7 +35,7 @@ Q4_K/Q5_K/Q6_K/Q8_0 row dots as explicit AVX2 IR, one and four tokens), q2k_q3k,
 iq_low (IQ1/IQ2/IQ3: portable) and iq_avx2 (their AVX2 versions), ternary (TQ1_0, TQ2_0:
 portable and AVX2),
 avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the parallel loops), ffn
-(the fused SwiGLU sum), llvm_ir (IR helpers).
+(the fused SwiGLU sum), experts_gemm (a prefill chunk's experts in one call), llvm_ir (IR helpers).
 
 On AVX-512 VNNI hosts the Q4_K/Q6_K GEMM works on 16 GGUF rows at a time, so that each
 ``vpdpbusd`` does 64 multiply-adds for 16 rows; the rows are transposed in registers (no
@@ -58,6 +60,7 @@ from gguf import GGMLQuantizationType as T
 
 from ..packed import PackedMatrix
 from . import avx512_vnni as _vnni
+from . import experts_gemm as _experts_gemm
 from . import ffn as _ffn
 from . import step_library as _step_library
 from . import gemv_gemm as _gemv_gemm
@@ -69,7 +72,7 @@ from .row_dot import GEMM4_FORMATS
 
 __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Activations", "ffn_descriptor",
            "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matmul_rows", "matvec", "matvec_group", "matvec_many",
-           "quantize_activations", "supports", "swiglu_ffns"]
+           "quantize_activations", "supports", "swiglu_experts", "swiglu_ffns"]
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS,
            T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0)
@@ -89,6 +92,7 @@ def kernels(formats: int) -> SimpleNamespace:
     gemm and swiglu (see gemv_gemm.build, ffn.build)."""
     k = SimpleNamespace(**vars(_gemv_gemm.build(formats)))
     k.swiglu = _ffn.build(formats)
+    k.experts = _experts_gemm.build(formats)
     return k
 
 
@@ -285,4 +289,48 @@ def swiglu_ffns(desc: np.ndarray, weights: np.ndarray, limits: np.ndarray, x: np
     if formats is None:
         formats = format_set(np.unique(desc[:, :2]).tolist())
     kernels(formats).swiglu(desc, weights, limits, x, out, scratch)
+    return out
+
+
+def _steps_of(qtypes) -> np.ndarray:
+    """One GEMM steps argument holding the steps of all these formats (each format's own slots)."""
+    key = tuple(sorted(set(int(q) for q in qtypes)))
+    if key not in _STEPS_OF:
+        steps = np.zeros_like(_NO_STEPS)
+        for q in key:
+            steps += _gemm_steps(q)
+        steps.setflags(write=False)
+        _STEPS_OF[key] = steps
+    return _STEPS_OF[key]
+
+
+_STEPS_OF: dict[tuple, np.ndarray] = {}
+
+
+def swiglu_experts(desc: np.ndarray, rows: np.ndarray, starts: np.ndarray, weights: np.ndarray,
+                   limits: np.ndarray, X: np.ndarray, out: np.ndarray, formats: int | None = None) -> np.ndarray:
+    """out [T, H] += for each expert m (desc [M, 6], ffn_descriptor rows, in the order their sums
+    are added) and each of its entries j in starts[m] .. starts[m + 1]: weights[j] * FFN_m(X[rows[j]]),
+    in one call (experts_gemm). limits [M]: SwiGLU clamps. The caller keeps the matrices alive."""
+    m = desc.shape[0]
+    if desc.dtype != np.int64 or desc.ndim != 2 or desc.shape[1] != 6:
+        raise ValueError(f"desc must be int64 [M, 6] (ffn_descriptor rows), got {desc.dtype} {desc.shape}")
+    if X.dtype != np.float32 or X.ndim != 2 or not X.flags.c_contiguous or X.shape[1] % 256:
+        raise ValueError(f"X must be C-contiguous float32 [T, H], H a multiple of 256, got {X.dtype} {X.shape}")
+    _check_out(out, X.shape)
+    if starts.shape != (m + 1,) or starts[0] != 0 or np.any(np.diff(starts) < 0) or rows.shape != (starts[-1],) \
+            or weights.shape != rows.shape or limits.shape != (m,):
+        raise ValueError(f"rows {rows.shape}, starts {starts.shape}, weights {weights.shape} and limits "
+                         f"{limits.shape} do not describe {m} experts' entries")
+    if rows.size and (rows.min() < 0 or rows.max() >= X.shape[0]):
+        raise ValueError(f"rows must index the {X.shape[0]} tokens of X")
+    own = format_set(np.unique(desc[:, :2]).tolist())
+    if formats is None:
+        formats = own
+    elif own & ~formats:
+        raise ValueError(f"format set {formats} leaves out some of the experts' formats")
+    steps = _steps_of(np.unique(desc[:, :2]).tolist()) if _vnni.AVAILABLE else _NO_STEPS
+    kernels(formats).experts(desc, rows.astype(np.int64, copy=False), starts.astype(np.int64, copy=False),
+                             weights.astype(np.float32, copy=False), limits.astype(np.float32, copy=False), X, out,
+                             steps)
     return out

@@ -32,7 +32,33 @@ def moe(s, w, x: np.ndarray, logits: np.ndarray, experts: ExpertProvider) -> np.
     """Routed experts plus the shared expert of x [T, H] -> [T, H], for router logits [T, E]."""
     ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
     groups = group_by_expert(ids)
+    if s.int8 and experts.stats is None:  # nothing streams: every expert at hand, in one kernel call
+        with experts.held(s.index, sorted(groups)) as got:
+            out = _fused_sum(s, w, x, weights, groups, got) if got is not None else None
+            if out is not None:
+                return out
     return _experts_sum(s, w, x, weights, groups, experts.experts(s.index, groups))
+
+
+def _fused_sum(s, w, x: np.ndarray, weights: np.ndarray, groups: dict, got) -> np.ndarray | None:
+    """_experts_sum's result, the same bits, with the routed experts in one int8 kernel call
+    (int8_kernels.swiglu_experts); None when an expert's matrices have no fused int8 kernel."""
+    got = sorted(got, key=lambda g: g[0])
+    descs = [ew.descriptor for _, ew in got]
+    if any(d is None for d in descs):
+        return None
+    desc = np.stack(descs)
+    if int8_kernels.format_set(np.unique(desc[:, :2]).tolist()) & ~s.int8:
+        return None
+    rows = [groups[e][0] for e, _ in got]
+    starts = np.zeros(len(got) + 1, np.int64)
+    np.cumsum([len(r) for r in rows], out=starts[1:])
+    entry_weights = np.concatenate([weights[groups[e]] for e, _ in got])
+    out = dense(w.shared, x, s.limit_shared, s.int8)
+    int8_kernels.swiglu_experts(desc, np.concatenate(rows), starts, entry_weights,
+                                np.full(len(got), s.limit, np.float32), np.ascontiguousarray(x, np.float32), out,
+                                s.int8)
+    return out
 
 
 def _experts_sum(s, w, x: np.ndarray, weights: np.ndarray, groups: dict, got) -> np.ndarray:

@@ -5,7 +5,7 @@ Numba compiles on one thread, and a first run's warm-up compiles a few dozen ker
 order the model calls them (about 25 s of a 30 s wait on a 2-core machine). When the warm-up's
 first compile shows that the cache is cold, `alongside` starts `python -m
 runtime.model.precompile`, which compiles into the same cache the prefill GEMM (with its VNNI
-steps), the fused SwiGLU sum of a decode step and the chunk attention, calling each on empty
+steps), a prefill chunk's fused experts, the fused SwiGLU sum of a decode step and the chunk attention, calling each on empty
 inputs of the types the model passes; the warm-up meanwhile runs a decode step, which needs
 none of them, then waits for the helper and runs a prefill chunk, which finds them cached.
 Nothing depends on the helper: if it fails or is slow, the warm-up compiles what it lacks
@@ -121,6 +121,9 @@ def compile_kernels(formats: int, kv_types: tuple[str, str], head_dim: int, hidd
     k.swiglu(np.zeros((0, 6), np.int64), np.zeros(1, f32), np.zeros(1, f32), np.zeros((1, h), f32)[0],
              np.zeros(h, f32), q8.ffn_scratch(h, 1, 256))
     gemm_formats = [int(t) for t in q8.GEMM_FORMATS if q8.FORMAT_BIT.get(int(t), 0) & formats]
+    if gemm_formats:  # a prefill chunk's routed experts (no experts: nothing runs)
+        k.experts(np.zeros((0, 6), np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, f32),
+                  np.zeros(0, f32), np.zeros((1, h), f32), np.zeros((1, h), f32), q8._steps_of(gemm_formats))
     if gemm_formats:  # read-only weights, as from a memory map
         k.gemm(gemm_formats[0], np.frombuffer(bytes(16 * 288), np.uint8).reshape(16, 288), np.zeros((0, 256), np.int8),
                np.zeros((0, 1), f32), np.zeros((0, 16), np.int32), np.zeros((0, 16), f32), q8._gemm_steps(gemm_formats[0]))
