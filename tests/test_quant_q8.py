@@ -290,7 +290,28 @@ if q8.GEMM_FORMATS:
     out = q8.matmul(w, a, np.empty((3, 20), np.float32))
     assert np.abs(out - xv @ W.T).max() <= 1e-5 * np.abs(xv @ W.T).max()
 print("ok", avx2.AVAILABLE)
+if avx2.AVAILABLE:
+    import test_quant_q8 as t
+    for name, bits in t.vnni_row_dot_bits().items():
+        print(name, bits)
 """
+
+_VNNI_ROW_DOTS = (T.Q8_0, T.IQ4_NL, T.Q4_0, T.Q5_1)  # vpdpbusd on VNNI hosts, vpmaddubsw elsewhere
+
+
+def vnni_row_dot_bits() -> dict:
+    """The AVX2 row dots of _VNNI_ROW_DOTS on random GGUF rows, as hex of their float32 bits."""
+    from tests.test_quant_q8_formats import activations as acts
+    from tests.test_quant_q8_formats import weights as fmt_weights
+
+    out = {}
+    for qtype in _VNNI_ROW_DOTS:
+        w, _ = fmt_weights(qtype, 9, 768, seed=4)
+        a = q8.quantize_activations(acts(2, 768))
+        dot = row_dot._SIMD[int(qtype)]
+        got = np.array([[dot(w.data[r], a.q[k], a.d[k], a.b[k]) for r in range(9)] for k in range(2)], np.float32)
+        out[qtype.name] = got.view(np.uint32).tobytes().hex()
+    return out
 
 
 @pytest.mark.parametrize("env", [{"NUMBA_CPU_FEATURES": "+avx2,+f16c,+fma,+avx,+sse4.2,+popcnt"},
@@ -298,14 +319,22 @@ print("ok", avx2.AVAILABLE)
 @pytest.mark.slow
 def test_hosts_without_vnni_fall_back(env, tmp_path):
     """A Numba target without AVX-512 VNNI (or without AVX) gets the other kernels, never an LLVM
-    abort on the VNNI intrinsics."""
+    abort on the VNNI intrinsics. Without VNNI, the row dots that take vpdpbusd on VNNI hosts
+    (IQ4_NL values and Q8_0 bytes as value + 128) take vpmaddubsw with the signs on the
+    activations: the same exact integers, so the same bits as here."""
     import os
     import subprocess
     import sys
 
+    here = os.path.dirname(__file__)
+    path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, **env, "NUMBA_CACHE_DIR": str(tmp_path)})
+                       env={**os.environ, **env, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": path})
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-2000:]
+    if "NUMBA_CPU_FEATURES" in env and avx2.AVAILABLE:
+        # an AVX2 host without VNNI: the same bits as this host's row dots (both sums are exact)
+        theirs = dict(line.split() for line in r.stdout.splitlines()[1:])
+        assert theirs == vnni_row_dot_bits()
 
 
 @pytest.mark.slow
