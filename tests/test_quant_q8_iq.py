@@ -68,9 +68,14 @@ def test_matvec_against_reference(qtype, rows, cols):
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_gemm_rows_are_the_gemv_rows(qtype):
     """Prefill's GEMMs give each token the GEMV's bits: matmul_rows (each token through the row
-    dot), and on AVX2 hosts q8.matmul (a 4-token step, then one token); without AVX2, q8.matmul
-    refuses them and names the kernel that takes them."""
-    n = 5
+    dot), and on AVX2 hosts q8.matmul (IQ1/IQ2/IQ3: 8-token steps, a last group of 2-7 tokens
+    padded to 8, one token left alone; TQ: 4-token steps, then one token); without AVX2,
+    q8.matmul refuses them and names the kernel that takes them."""
+    for n in (9, 13):
+        _gemm_rows_are_the_gemv_rows(qtype, n)
+
+
+def _gemm_rows_are_the_gemv_rows(qtype, n):
     w, W = weights(qtype, 19, 768, seed=n)
     a = q8.quantize_activations(activations(n, 768, seed=n))
     gemv = np.stack([q8.matvec(w, a, np.empty(19, np.float32), token=t, formats=ALL) for t in range(n)])

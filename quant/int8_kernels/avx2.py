@@ -318,6 +318,7 @@ def _row_dot(fmt, n_tok: int):
 
 _ROW1 = types.float32(*([types.int64] * 5))
 _ROW4 = types.UniTuple(types.float32, 4)(*([types.int64] * 14))
+_ROW8 = types.UniTuple(types.float32, 8)(*([types.int64] * 26))
 
 
 def row_dot_intrinsics(name: str, block_bytes: int, decode, term):
@@ -334,6 +335,40 @@ def row_dot_intrinsics(name: str, block_bytes: int, decode, term):
         return _ROW4, _row_dot(spec, 4)
 
     return intrinsic(one), intrinsic(four)
+
+
+def row_dot8_intrinsic(name: str, block_bytes: int, decode, term):
+    """row_dot_intrinsics' format as an 8-token intrinsic (w, nsb, x0..x7, b0..b7, d0..d7) -> 8 x
+    float32: for formats whose decode costs several times a token's term (the code-book grids),
+    a GEMM pass over 8 tokens decodes each super-block half as often as two 4-token passes."""
+    spec = (name, block_bytes, decode, term)
+
+    def eight(typingctx, w, nsb, x0, x1, x2, x3, x4, x5, x6, x7, b0, b1, b2, b3, b4, b5, b6, b7,
+              d0, d1, d2, d3, d4, d5, d6, d7):
+        return _ROW8, _row_dot(spec, 8)
+
+    return intrinsic(eight)
+
+
+def row_dot8_function(row8):
+    """dot8(w, XQ, XD, XB, t, last): row w times tokens t .. t+7 through row8 (row_dot8_intrinsic),
+    token indices past `last` taking token `last` again (a short group padded to a full pass)."""
+    @nb.njit(inline="always")
+    def dot8(w, XQ, XD, XB, t, last):
+        i0, i1, i2, i3 = t, min(t + 1, last), min(t + 2, last), min(t + 3, last)
+        i4, i5, i6, i7 = min(t + 4, last), min(t + 5, last), min(t + 6, last), min(t + 7, last)
+        return row8(np.int64(w.ctypes.data), XQ.shape[1] // 256,
+                    np.int64(XQ[i0].ctypes.data), np.int64(XQ[i1].ctypes.data), np.int64(XQ[i2].ctypes.data),
+                    np.int64(XQ[i3].ctypes.data), np.int64(XQ[i4].ctypes.data), np.int64(XQ[i5].ctypes.data),
+                    np.int64(XQ[i6].ctypes.data), np.int64(XQ[i7].ctypes.data),
+                    np.int64(XB[i0].ctypes.data), np.int64(XB[i1].ctypes.data), np.int64(XB[i2].ctypes.data),
+                    np.int64(XB[i3].ctypes.data), np.int64(XB[i4].ctypes.data), np.int64(XB[i5].ctypes.data),
+                    np.int64(XB[i6].ctypes.data), np.int64(XB[i7].ctypes.data),
+                    np.int64(XD[i0].ctypes.data), np.int64(XD[i1].ctypes.data), np.int64(XD[i2].ctypes.data),
+                    np.int64(XD[i3].ctypes.data), np.int64(XD[i4].ctypes.data), np.int64(XD[i5].ctypes.data),
+                    np.int64(XD[i6].ctypes.data), np.int64(XD[i7].ctypes.data))
+
+    return dot8
 
 
 def row_dot_functions(row1, row4):

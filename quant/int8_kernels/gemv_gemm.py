@@ -31,7 +31,7 @@ from .avx512_vnni import q4k_rows_step1, q6k_rows_step1
 from .dispatch import BYTES_PER_256, FORMAT_BIT, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .step_library import FORMATS as STEP_FORMATS
 from .step_library import call_step
-from .row_dot import q8dot, q8dot4, quantize_row
+from .row_dot import GEMM8_FORMATS, GEMM8_SET, q8dot, q8dot4, q8dot8, quantize_row
 
 
 _BYTES_256 = np.zeros(64, np.int64)  # GGUF bytes of 256 columns, by format code
@@ -173,17 +173,67 @@ def quantize(X, q, d, b):
 
 # ---------------------------------------------------------------- GEMM
 
+def row_passes8(formats, qtype, w, XQ, XD, XB, out, r):
+    """Row r of GGUF rows w times the tokens, 8 per pass, for formats with an 8-token row step
+    (row_dot.GEMM8_FORMATS), whose decode costs several tokens' terms: a last group of 2-7
+    tokens is one more pass, padded with the last token (cheaper than 4-token and one-token
+    passes). Returns how many tokens it did: all, or the last one left over; 0 for other
+    formats. In Numba code only; `formats` a compile-time constant."""
+    raise NotImplementedError("row_passes8 is for Numba code")
+
+
+@overload(row_passes8, **ALWAYS_INLINED)
+def _row_passes8(formats, qtype, w, XQ, XD, XB, out, r):
+    if not isinstance(formats, types.IntegerLiteral):
+        raise TypingError("row_passes8 needs the format set as a compile-time constant")
+    if not formats.literal_value & GEMM8_SET:
+        return lambda formats, qtype, w, XQ, XD, XB, out, r: 0
+
+    def impl(formats, qtype, w, XQ, XD, XB, out, r):
+        if not _HAS8[qtype]:
+            return 0
+        n = XQ.shape[0]
+        done = n if n % 8 != 1 else n - 1
+        for t in range(0, done, 8):
+            a0, a1, a2, a3, a4, a5, a6, a7 = q8dot8(formats, qtype, w[r], XQ, XD, XB, t, done - 1)
+            out[t, r] = a0
+            if t + 1 < done:
+                out[t + 1, r] = a1
+            if t + 2 < done:
+                out[t + 2, r] = a2
+            if t + 3 < done:
+                out[t + 3, r] = a3
+            if t + 4 < done:
+                out[t + 4, r] = a4
+            if t + 5 < done:
+                out[t + 5, r] = a5
+            if t + 6 < done:
+                out[t + 6, r] = a6
+            if t + 7 < done:
+                out[t + 7, r] = a7
+        return done
+    return impl
+
+
+_HAS8 = np.zeros(64, np.bool_)  # by format code: whether it has an 8-token row step
+for _code in GEMM8_FORMATS:
+    _HAS8[_code] = True
+
+
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _row_steps(formats, qtype, w, XQ, XD, XB, out, r):
-    """Row r of GGUF rows w times every token: 4 tokens per pass, then one at a time."""
+    """Row r of GGUF rows w times every token: 8 tokens per pass where the format has such a
+    step, then 4 per pass, then one at a time."""
     n = XQ.shape[0]
-    for g in range(n // 4):
-        a0, a1, a2, a3 = q8dot4(formats, qtype, w[r], XQ, XD, XB, 4 * g)
-        out[4 * g, r] = a0
-        out[4 * g + 1, r] = a1
-        out[4 * g + 2, r] = a2
-        out[4 * g + 3, r] = a3
-    for t in range(n - n % 4, n):
+    t0 = row_passes8(formats, qtype, w, XQ, XD, XB, out, r)
+    for g in range((n - t0) // 4):
+        t = t0 + 4 * g
+        a0, a1, a2, a3 = q8dot4(formats, qtype, w[r], XQ, XD, XB, t)
+        out[t, r] = a0
+        out[t + 1, r] = a1
+        out[t + 2, r] = a2
+        out[t + 3, r] = a3
+    for t in range(n - (n - t0) % 4, n):
         out[t, r] = q8dot(formats, qtype, w[r], XQ[t], XD[t], XB[t])
 
 

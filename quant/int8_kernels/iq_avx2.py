@@ -28,7 +28,7 @@ from llvmlite import ir
 
 from ..iq_grids import GRIDS, KSIGNS
 from .avx2 import (F32, INT16, INT32, V8I32, V16I16, V32I8, half_at, maddubs, maddwd, reduce_add,
-                   row_dot_functions, row_dot_intrinsics)
+                   row_dot8_function, row_dot8_intrinsic, row_dot_functions, row_dot_intrinsics)
 from .llvm_ir import declare, fadd, fmul, load, shuffle
 
 INT64 = ir.IntType(64)
@@ -273,8 +273,9 @@ def _term(builder, block, xa, xba, xd, acc):
     return fadd(builder, acc, fmul(builder, fmul(builder, dc, xd), builder.sitofp(reduce_add(builder, parts[0]), F32)))
 
 
-SIMD, SIMD4 = {}, {}
+SIMD, SIMD4, SIMD8 = {}, {}, {}
 for _qt, _bytes, _decode in ((T.IQ2_XXS, 66, _iq2xxs_block), (T.IQ2_XS, 74, _iq2xs_block),
                              (T.IQ2_S, 82, _iq2s_block), (T.IQ3_XXS, 98, _iq3xxs_block),
                              (T.IQ3_S, 110, _iq3s_block), (T.IQ1_S, 50, _iq1s_block), (T.IQ1_M, 56, _iq1m_block)):
     SIMD[int(_qt)], SIMD4[int(_qt)] = row_dot_functions(*row_dot_intrinsics(_qt.name.lower(), _bytes, _decode, _term))
+    SIMD8[int(_qt)] = row_dot8_function(row_dot8_intrinsic(_qt.name.lower(), _bytes, _decode, _term))

@@ -33,7 +33,7 @@ from ..jit import FIXED_ORDER
 from . import avx2, blocks32, iq_avx2, iq_low, ternary
 from .avx2 import (q4k_row_dot, q4k_row_dot4, q5k_row_dot, q5k_row_dot4, q6k_row_dot, q6k_row_dot4, q8_0_row_dot,
                    q8_0_row_dot4)
-from .dispatch import IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, switch
+from .dispatch import IQ4_XS, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0, format_set, switch
 from .iq4_xs import q8dot4_iq4_xs_simd, q8dot_iq4_xs, q8dot_iq4_xs_simd
 from .q2k_q3k import q8dot4_q2_k_simd, q8dot4_q3_k_simd, q8dot_q2_k, q8dot_q2_k_simd, q8dot_q3_k, q8dot_q3_k_simd
 
@@ -278,3 +278,11 @@ GEMM4_FORMATS = tuple(_DOTS4) if avx2.AVAILABLE else ()  # formats with a 4-toke
 
 # q8dot4(formats, qtype, w, XQ, XD, XB, t): row w times tokens t .. t+3, for GEMM4_FORMATS.
 q8dot4 = switch(_DOTS4, arity=5)
+
+_DOTS8 = dict(iq_avx2.SIMD8) if avx2.AVAILABLE else {}
+GEMM8_FORMATS = tuple(_DOTS8)  # formats with an 8-token row step too (the code-book formats, AVX2 hosts)
+GEMM8_SET = format_set(GEMM8_FORMATS)
+
+# q8dot8(formats, qtype, w, XQ, XD, XB, t, last): row w times tokens t .. t+7 (those past `last`
+# read as token `last`), for GEMM8_FORMATS; only in kernels whose format set holds one of them.
+q8dot8 = switch(_DOTS8, arity=6) if _DOTS8 else None
