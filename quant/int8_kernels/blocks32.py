@@ -115,6 +115,16 @@ def _fifth_bits(builder, wa, off):
     return builder.select(hit, splat8(16), ir.Constant(V32I8, None))
 
 
+def _scales18(builder, wa):
+    """<8 x float>: the f16 scales at the start of eight 18-byte blocks (Q4_0, IQ4_NL), words 0,
+    9, .. 63 of the 128 bytes at wa, by two 64-byte loads and one word permute (AVX-512 BW
+    hosts) instead of eight word inserts."""
+    v32 = ir.VectorType(ir.IntType(16), 32)
+    lo, hi = load(builder, wa, 0, v32), load(builder, wa, 64, v32)
+    words = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(INT32, 8), [9 * k for k in range(8)]))
+    return builder.fpext(builder.bitcast(words, ir.VectorType(ir.HalfType(), 8)), ir.VectorType(F32, 8))
+
+
 def _block_decoder(lay: Layout):
     def decode(builder, wa):
         """The 8 blocks of 256 columns: codes (<32 x i8> each; IQ4_NL: values and magnitudes),
@@ -139,7 +149,7 @@ def _block_decoder(lay: Layout):
                 values = [builder.call(pshufb, [table, c]) for c in codes]
                 absb = declare(builder, "llvm.abs.v32i8", V32I8, [V32I8, ir.IntType(1)])
                 codes = ([builder.call(absb, [v, ir.Constant(ir.IntType(1), 0)]) for v in values], values)
-        d = half_lanes8(builder, wa, [lay.nbytes * k for k in range(8)])
+        d = _scales18(builder, wa) if VNNI and lay.nbytes == 18 else half_lanes8(builder, wa, [lay.nbytes * k for k in range(8)])
         m = half_lanes8(builder, wa, [lay.nbytes * k + lay.m for k in range(8)]) if lay.m >= 0 else None
         return codes, d, m
     return decode
