@@ -84,6 +84,27 @@ def test_policies_give_identical_logits(q4, reference, tmp_path):
             s.close()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "one-by-one"])
+def test_a_prefill_asks_its_provider_once_per_layer(q4, monkeypatch, fused):
+    """With every expert in RAM, a prefill chunk's MoE layer holds its experts once: whether they
+    then run in one fused kernel call or one by one (experts without a fused int8 kernel), a
+    provider that counts requests (stepstream profile's) sees one request per layer."""
+    from offload.profile import RecordingProvider
+    from runtime.model import ffn
+
+    if not fused:
+        monkeypatch.setattr(ffn, "_fused_sum", lambda *args: None)
+    m = load(q4)
+    try:
+        rec = m.provider = RecordingProvider(m.provider, ExpertProfile(q4.name, q4.stat().st_size),
+                                             m.cfg.n_expert, keep_calls=True)
+        m.logits(PROMPT[:20])
+        layers = [layer for layer, _ in rec.calls]
+        assert layers and len(layers) == len(set(layers)), layers
+    finally:
+        m.close()
+
+
 def test_prefetch_never_changes_outputs_and_is_measured(q4, reference):
     logits, decode, total = reference
     for prefetch in (False, True):

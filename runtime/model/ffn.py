@@ -34,9 +34,9 @@ def moe(s, w, x: np.ndarray, logits: np.ndarray, experts: ExpertProvider) -> np.
     groups = group_by_expert(ids)
     if s.int8 and experts.stats is None:  # nothing streams: every expert at hand, in one kernel call
         with experts.held(s.index, sorted(groups)) as got:
-            out = _fused_sum(s, w, x, weights, groups, got) if got is not None else None
-            if out is not None:
-                return out
+            if got is not None:  # held once: a provider that counts requests counts this one
+                out = _fused_sum(s, w, x, weights, groups, got)
+                return out if out is not None else _experts_sum(s, w, x, weights, groups, got)
     return _experts_sum(s, w, x, weights, groups, experts.experts(s.index, groups))
 
 
