@@ -38,7 +38,7 @@ from ..jit import FIXED_ORDER
 from . import avx2
 from . import avx512_vnni as vnni
 from .ffn import swiglu_row
-from .gemv_gemm import _SUMS_PER, _STEP_BASE, _group_steps, _row_steps, bytes_per_256, find
+from .gemv_gemm import SUMS_PER, STEP_BASE, group_steps, row_steps, bytes_per_256, find
 from .row_dot import q8dot, quantize_row
 
 ROWS_PER_UNIT = 8  # rows of a unit where a matrix has no 16-row steps (as gemv_gemm.ROWS_PER_CHUNK)
@@ -47,7 +47,7 @@ ROWS_PER_UNIT = 8  # rows of a unit where a matrix has no 16-row steps (as gemv_
 @nb.njit(inline="always", cache=True)
 def _grouped(qtype):
     """Whether a matrix of format qtype runs as 16-row GEMM steps (VNNI hosts, step formats)."""
-    return vnni.AVAILABLE and _STEP_BASE[qtype] >= 0
+    return vnni.AVAILABLE and STEP_BASE[qtype] >= 0
 
 
 @nb.njit(inline="always", cache=True)
@@ -85,7 +85,7 @@ def _units(desc, down, hidden):
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _rows_avx2(formats, qtype, w, XQ, XD, XB, out, r0, r1):
     for r in range(r0, r1):
-        _row_steps(formats, qtype, w, XQ, XD, XB, out, r)
+        row_steps(formats, qtype, w, XQ, XD, XB, out, r)
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
@@ -112,7 +112,7 @@ def _unit(formats, u, units, desc, starts, steps, hidden, xq, xd, xb, xs, out):
     rb = c // 256 * bytes_per_256(qt)
     col = desc[m, 5] if k == 1 else 0
     if _grouped(qt) and r0 + 16 <= r - r % 16:
-        _group_steps(steps, _STEP_BASE[qt], desc[m, 2 + k] + r0 * rb, np.int64(rb), np.int64(c // 256),
+        group_steps(steps, STEP_BASE[qt], desc[m, 2 + k] + r0 * rb, np.int64(rb), np.int64(c // 256),
                      np.int64(b - a), xq[a].ctypes.data, np.int64(xq.shape[1]), xs[a].ctypes.data,
                      np.int64(2 * xs.shape[1]), xd[a].ctypes.data, np.int64(4 * xd.shape[1]),
                      out[a].ctypes.data + 4 * (col + r0), np.int64(4 * out.shape[1]))
@@ -126,7 +126,7 @@ def _unit(formats, u, units, desc, starts, steps, hidden, xq, xd, xb, xs, out):
 def _step_sums(qt, xb, xs, j, c):
     """Entry j's int16 activation sums over its first c columns, as format qt's GEMM steps take
     them (gemv_gemm._activation_sums)."""
-    per = _SUMS_PER[qt]
+    per = SUMS_PER[qt]
     for i in range(c // 16 // per):
         v = np.int32(0)
         for k in range(per):

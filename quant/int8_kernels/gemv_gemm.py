@@ -40,11 +40,11 @@ for _code, _bytes in BYTES_PER_256.items():
 STEP_CODES = {"q4_k": Q4_K, "q6_k": Q6_K, "q5_k": Q5_K, "q2_k": Q2_K, "q3_k": Q3_K, "iq4_xs": IQ4_XS, "q4_0": Q4_0,
               "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "iq4_nl": IQ4_NL, "q8_0": Q8_0}  # step_library's names
 VNNI_SET = sum(FORMAT_BIT[c] for c in STEP_CODES.values())  # the formats with 16-row VNNI GEMM steps
-_STEP_BASE = np.full(64, -1, np.int64)  # by format code: where its steps start in a GEMM's steps argument
-_SUMS_PER = np.ones(64, np.int64)  # by format code: the 16-column sums its steps take summed in pairs (2) or not
+STEP_BASE = np.full(64, -1, np.int64)  # by format code: where its steps start in a GEMM's steps argument
+SUMS_PER = np.ones(64, np.int64)  # by format code: the 16-column sums its steps take summed in pairs (2) or not
 for _f, _name in enumerate(STEP_FORMATS):
-    _STEP_BASE[STEP_CODES[_name]] = 4 * _f
-    _SUMS_PER[STEP_CODES[_name]] = 2 if vnni.SUMS_BYTES[_name] == 16 else 1
+    STEP_BASE[STEP_CODES[_name]] = 4 * _f
+    SUMS_PER[STEP_CODES[_name]] = 2 if vnni.SUMS_BYTES[_name] == 16 else 1
 
 
 @nb.njit(inline="always", cache=True)
@@ -195,22 +195,9 @@ def _row_passes8(formats, qtype, w, XQ, XD, XB, out, r):
         n = XQ.shape[0]
         done = n if n % 8 != 1 else n - 1
         for t in range(0, done, 8):
-            a0, a1, a2, a3, a4, a5, a6, a7 = q8dot8(formats, qtype, w[r], XQ, XD, XB, t, done - 1)
-            out[t, r] = a0
-            if t + 1 < done:
-                out[t + 1, r] = a1
-            if t + 2 < done:
-                out[t + 2, r] = a2
-            if t + 3 < done:
-                out[t + 3, r] = a3
-            if t + 4 < done:
-                out[t + 4, r] = a4
-            if t + 5 < done:
-                out[t + 5, r] = a5
-            if t + 6 < done:
-                out[t + 6, r] = a6
-            if t + 7 < done:
-                out[t + 7, r] = a7
+            sums = q8dot8(formats, qtype, w[r], XQ, XD, XB, t, done - 1)
+            for i in range(min(8, done - t)):  # the padded pass's repeats of the last token are dropped
+                out[t + i, r] = sums[i]
         return done
     return impl
 
@@ -221,7 +208,7 @@ for _code in GEMM8_FORMATS:
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _row_steps(formats, qtype, w, XQ, XD, XB, out, r):
+def row_steps(formats, qtype, w, XQ, XD, XB, out, r):
     """Row r of GGUF rows w times every token: 8 tokens per pass where the format has such a
     step, then 4 per pass, then one at a time."""
     n = XQ.shape[0]
@@ -239,9 +226,9 @@ def _row_steps(formats, qtype, w, XQ, XD, XB, out, r):
 
 @nb.njit(inline="always", cache=True)
 def _activation_sums(qtype, XB):
-    """int16 [N, C / 32] (sums per 32 columns: _SUMS_PER[qtype] = 2) or [N, C / 16] (Q6_K, Q2_K, Q3_K) from XB."""
+    """int16 [N, C / 32] (sums per 32 columns: SUMS_PER[qtype] = 2) or [N, C / 16] (Q6_K, Q2_K, Q3_K) from XB."""
     n = XB.shape[0]
-    per = _SUMS_PER[qtype]
+    per = SUMS_PER[qtype]
     xs = np.empty((n, XB.shape[1] // per), np.int16)
     for t in range(n):
         for m in range(xs.shape[1]):
@@ -253,7 +240,7 @@ def _activation_sums(qtype, XB):
 
 
 @nb.njit(inline="always", cache=True)
-def _group_steps(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
+def group_steps(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
     """One group of 16 GGUF rows (the first at wa) times n tokens: 8 per pass while 8 are left,
     then 4, 2, 1, each pass one call of a compiled step (step_library: steps[base + k] takes
     8 >> k tokens). The group's weights stay in cache between passes, so they are read from
@@ -294,23 +281,23 @@ def build(formats: int) -> SimpleNamespace:
             the rows left over one at a time; other formats: rows in parallel, 4 tokens per pass."""
             n, c = XQ.shape
             r = out.shape[1]
-            base = _STEP_BASE[qtype]
+            base = STEP_BASE[qtype]
             grouped = r - r % 16 if base >= 0 else 0
             if grouped:
                 xs = _activation_sums(qtype, XB)
                 xqs, xss, xds, os_ = np.int64(c), np.int64(2 * xs.shape[1]), np.int64(4 * (c // 256)), np.int64(4 * r)
                 rb = np.int64(w.shape[1])
                 for g in nb.prange(r // 16):
-                    _group_steps(steps, base, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
+                    group_steps(steps, base, w[16 * g].ctypes.data, rb, c // 256, n, XQ.ctypes.data, xqs,
                                  xs.ctypes.data, xss, XD.ctypes.data, xds, out.ctypes.data + 64 * g, os_)
             for row in nb.prange(grouped, r):
-                _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
+                row_steps(formats, qtype, w, XQ, XD, XB, out, row)
     else:
         @nb.njit(parallel=True, fastmath=True, cache=True)
         def gemm(qtype, w, XQ, XD, XB, out, steps):
             """Rows in parallel, 4 tokens per pass (`steps` unused; the VNNI steps would abort LLVM here)."""
             for row in nb.prange(w.shape[0]):
-                _row_steps(formats, qtype, w, XQ, XD, XB, out, row)
+                row_steps(formats, qtype, w, XQ, XD, XB, out, row)
 
     return SimpleNamespace(gemv=gemv, gemm=gemm, gemm_rows=gemm_rows)
 

@@ -195,7 +195,7 @@ def _quantize_tokens(x, n_tok, c, xq, xd, xb, xs4, xs6):
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _row_tokens(formats, qtype, w, xq, xd, xb, n_tok, out, stride, o):
     """Row w times tokens 0..n_tok-1 of xq [>= n_tok, C] (4 per pass, then one at a time, as the
-    GEMM's _row_steps): token t's product to out[t * stride + o]."""
+    GEMM's row_steps): token t's product to out[t * stride + o]."""
     t = 0
     while t + 4 <= n_tok:
         a0, a1, a2, a3 = q8dot4(formats, qtype, w, xq, xd, xb, t)
