@@ -253,6 +253,30 @@ def test_abort_trim_and_checkpoint_restore_every_array(kind):
     assert cache.n_past == 10 and _same(_state(cache), after)
 
 
+@pytest.mark.parametrize("kind", TYPES)
+def test_abort_puts_back_the_ring_slots_decode_steps_overwrote(kind):
+    """Decode steps (reserve, then the kernel writes the slot) that wrap a ring inside a
+    transaction: abort puts back the positions and every array of each slot that holds one.
+    (A slot that was empty is empty again; what its arrays hold is never read.)"""
+    rng = np.random.default_rng(9)
+    cache = KVCache((2,), 32, (True,), window=8, n_ctx=1024, rollback=4, types=(kind, kind))
+    layer = cache.layers[0]
+    _drive(cache, rng, 11)
+    held = lambda: [a[layer.pos >= 0].copy() for a in layer.arrays()] + [layer.pos.copy()]
+    before = held()
+    cache.begin()
+    for _ in range(6):  # positions 11..16: the empty slot 11, then over positions 0..4 in slots 0..4
+        pos = cache.n_past
+        slot = layer.reserve(pos)
+        kv_types.store(layer.k, layer.ks, np.array([slot]), rng.standard_normal((1, 2, 32)).astype(np.float32))
+        kv_types.store(layer.v, layer.vs, np.array([slot]), rng.standard_normal((1, 2, 32)).astype(np.float32))
+        layer.pos[slot] = pos
+        cache.advance(1)
+    cache.abort()
+    after = held()
+    assert cache.n_past == 11 and all(np.array_equal(a, b) for a, b in zip(after, before))
+
+
 @pytest.fixture(scope="module")
 def models():
     return {t: runtime.load(MODEL, n_ctx=256, cache_type_k=t, cache_type_v=t) for t in TYPES}

@@ -56,6 +56,9 @@ class DeviceLayerKV(LayerKV):
     def append(self, k, v, pos) -> None:
         raise TypeError("a device KV cache is written by the GPU's KV-store kernel, not through append()")
 
+    def _save_one(self, slot: int) -> None:
+        self._save(np.array([slot]))
+
     def _save(self, slots: np.ndarray) -> None:
         if self._start is None:
             return
