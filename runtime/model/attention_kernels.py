@@ -94,20 +94,6 @@ def exp_nonpositive(x):
 
 
 @nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
-def _softmax_weights(row, n):
-    """row[:n] (scores) <- exp(score - the best score), in place; returns their sum, in order."""
-    best = np.float32(-np.inf)
-    for a in range(n):
-        best = max(best, row[a])
-    for a in range(n):
-        row[a] = exp_nonpositive(row[a] - best)
-    total = np.float32(0.0)
-    for a in range(n):
-        total += row[a]
-    return total
-
-
-@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
 def _add_values(row, vals, vscale, seen, n, j, acc):
     """acc [D] = sum of row[a] * value row seen[a] over the a < n with row[a] > 0 (exp underflows
     far from the best), in order, four at a time (add_value4)."""
@@ -137,6 +123,7 @@ def _attend(qh, keys, kscale, vals, vscale, seen, n, j, scale, row, part, acc):
     (row[a] is slot seen[a]'s score, then weight); part: 4 x LANES floats of scratch. Four slots'
     dots run at once (key_dot4), each with key_dot's bits, and four slots' values are added in
     one pass over acc (add_value4)."""
+    best = np.float32(-np.inf)
     n4 = n - n % 4
     for a in range(0, n4, 4):
         t0, t1, t2, t3 = key_dot4(qh, keys, kscale, seen[a], seen[a + 1], seen[a + 2], seen[a + 3], j, part)
@@ -146,7 +133,13 @@ def _attend(qh, keys, kscale, vals, vscale, seen, n, j, scale, row, part, acc):
         row[a + 3] = t3 * scale
     for a in range(n4, n):
         row[a] = key_dot(qh, keys, kscale, seen[a], j, part) * scale
-    total = _softmax_weights(row, n)
+    for a in range(n):
+        best = max(best, row[a])
+    for a in range(n):
+        row[a] = exp_nonpositive(row[a] - best)
+    total = np.float32(0.0)
+    for a in range(n):
+        total += row[a]
     _add_values(row, vals, vscale, seen, n, j, acc)
     return total
 
@@ -173,9 +166,16 @@ def _attend_heads(q, h0, nh, keys, kscale, vals, vscale, seen, n, j, scale, rows
         row = rows[g]
         for a in range(n4, n):
             row[a] = key_dot(q[(h0 + g) * d:(h0 + g + 1) * d], keys, kscale, seen[a], j, part) * scale
-        totals[g] = _softmax_weights(row, n)
+        best = np.float32(-np.inf)
         for a in range(n):
+            best = max(best, row[a])
+        for a in range(n):
+            row[a] = exp_nonpositive(row[a] - best)
+        total = np.float32(0.0)
+        for a in range(n):
+            total += row[a]
             live = live and row[a] > 0
+        totals[g] = total
         for i in range(d):
             acc[g, i] = 0.0
     if live:  # every weight of every head is above 0: _attend's four-slot runs are seen's

@@ -34,7 +34,7 @@ from quant.jit import ALWAYS_INLINED
 
 from runtime.base.errors import StepstreamError
 from runtime.base.options import KV_BLOCK, check_kv_type
-from runtime.model.ops import LANES, dot, lane_sums4
+from runtime.model.ops import LANES, dot
 
 QK = 32  # q8_0's block: elements per scale
 DTYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}  # the data array's dtype: the type's tag
@@ -299,7 +299,7 @@ def _key_dot4(q, keys, scale, s0, s1, s2, s3, j, part):
                 part[LANES + l] += u * _element(keys, scale, s1, j, i)
                 part[2 * LANES + l] += u * _element(keys, scale, s2, j, i)
                 part[3 * LANES + l] += u * _element(keys, scale, s3, j, i)
-        t0, t1, t2, t3 = lane_sums4(part)
+        t0, t1, t2, t3 = _lane_sums(part)
         for i in range(m, n):  # rows whose D is not a multiple of LANES
             u = q[i]
             t0 += u * _element(keys, scale, s0, j, i)
@@ -308,6 +308,21 @@ def _key_dot4(q, keys, scale, s0, s1, s2, s3, j, part):
             t3 += u * _element(keys, scale, s3, j, i)
         return t0, t1, t2, t3
     return impl
+
+
+@nb.njit(inline="always", cache=True)
+def _lane_sums(part):
+    """The four runs of LANES partial sums in part, each summed in lane order."""
+    t0 = np.float32(0.0)
+    t1 = np.float32(0.0)
+    t2 = np.float32(0.0)
+    t3 = np.float32(0.0)
+    for l in range(LANES):
+        t0 += part[l]
+        t1 += part[LANES + l]
+        t2 += part[2 * LANES + l]
+        t3 += part[3 * LANES + l]
+    return t0, t1, t2, t3
 
 
 def _key_dot4_q8_0(q, keys, scale, s0, s1, s2, s3, j, part):
@@ -327,7 +342,7 @@ def _key_dot4_q8_0(q, keys, scale, s0, s1, s2, s3, j, part):
                 part[LANES + l] += u * (np.float32(keys[s1, j, i]) * d1)
                 part[2 * LANES + l] += u * (np.float32(keys[s2, j, i]) * d2)
                 part[3 * LANES + l] += u * (np.float32(keys[s3, j, i]) * d3)
-    return lane_sums4(part)
+    return _lane_sums(part)
 
 
 @overload(add_value, **ALWAYS_INLINED)

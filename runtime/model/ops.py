@@ -40,22 +40,6 @@ def dot(a, b, part):
 
 
 @nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
-def lane_sums4(part):
-    """The four runs of LANES partial sums in part [4 * LANES], each summed in lane order (as
-    `dot` sums its one run)."""
-    t0 = np.float32(0.0)
-    t1 = np.float32(0.0)
-    t2 = np.float32(0.0)
-    t3 = np.float32(0.0)
-    for l in range(LANES):
-        t0 += part[l]
-        t1 += part[LANES + l]
-        t2 += part[2 * LANES + l]
-        t3 += part[3 * LANES + l]
-    return t0, t1, t2, t3
-
-
-@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
 def dot4(a, b0, b1, b2, b3, part):
     """dot(a, b_j) for four vectors b_j at once, each summed exactly as `dot` sums it (part: 4 x
     LANES floats of scratch): four independent chains instead of one, which the adds' latency
@@ -71,7 +55,15 @@ def dot4(a, b0, b1, b2, b3, part):
             part[LANES + l] += u * b1[i0 + l]
             part[2 * LANES + l] += u * b2[i0 + l]
             part[3 * LANES + l] += u * b3[i0 + l]
-    t0, t1, t2, t3 = lane_sums4(part)
+    t0 = np.float32(0.0)
+    t1 = np.float32(0.0)
+    t2 = np.float32(0.0)
+    t3 = np.float32(0.0)
+    for l in range(LANES):
+        t0 += part[l]
+        t1 += part[LANES + l]
+        t2 += part[2 * LANES + l]
+        t3 += part[3 * LANES + l]
     for i in range(m, n):
         t0 += a[i] * b0[i]
         t1 += a[i] * b1[i]
