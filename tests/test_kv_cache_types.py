@@ -6,8 +6,6 @@ The references round independently of runtime.model.kv_types: numpy's float16 ca
 llama.cpp's quantize_row_q8_0_ref written here in numpy (d = max|x| / 127, q = roundf(x / d)
 with halves away from zero, the scale kept as f16)."""
 
-import functools
-
 import numpy as np
 import pytest
 
@@ -204,37 +202,12 @@ def test_decode_attention_stores_and_reads_each_type():
         assert np.array_equal(again.reshape(-1), out), kind
 
 
-@functools.lru_cache(maxsize=None)
-def _per_head_attention():
-    """A Numba function attending each query head alone through attention_kernels._attend (as
-    the few-token kernels do), with decode_attention's scale and gate arithmetic."""
-    import numba as nb
-    from quant.jit import FIXED_ORDER
-    from runtime.model.attention_kernels import _attend, _gate, _visible
-
-    @nb.njit(fastmath=FIXED_ORDER)
-    def attend(q, keys, kscale, vals, vscale, kpos, qpos, gate, out):  # q [Nh, D] normed and rotated
-        n_head, d = q.shape
-        group = n_head // keys.shape[1]
-        scale = np.float32(1.0 / np.sqrt(d))
-        seen = np.empty(kpos.shape[0], np.int64)
-        n = _visible(kpos, qpos, -1, seen)
-        for h in range(n_head):
-            acc = np.empty(d, np.float32)
-            total = _attend(q[h], keys, kscale, vals, vscale, seen, n, h // group, scale,
-                            np.empty(kpos.shape[0], np.float32), np.empty(64, np.float32), acc)
-            f = _gate(gate[h]) / total
-            for i in range(d):
-                out[h, i] = acc[i] * f
-    return attend
-
-
 @pytest.mark.parametrize("kind", TYPES)
 @pytest.mark.parametrize("n_head, far", [(2, False), (6, False), (6, True), (16, False), (16, True)])
-def test_attention_heads_together_keep_the_per_head_bits(kind, n_head, far):
-    """decode_attention and chunk_attention attend a KV head's query heads together, up to four
-    a task, widening each key and value row once for them all. The same bits as each head
-    alone, with heads per KV head of 1, 3 (one task of 3), 8 (two of 4), a visible count with a
+def test_decode_attention_heads_together_keep_the_per_head_bits(kind, n_head, far):
+    """decode_attention attends a KV head's query heads together, up to four a task, widening
+    each key and value row once for them all; chunk_attention attends each head alone. The same
+    bits, with heads per KV head of 1, 3 (one task of 3), 8 (two of 4), a visible count with a
     tail after the runs of four (23), and `far` keys whose weights underflow to 0 for some heads
     (every weight of a head is then no longer above 0, and values are added head by head)."""
     from runtime.model.attention_kernels import decode_attention
@@ -258,13 +231,10 @@ def test_attention_heads_together_keep_the_per_head_bits(kind, n_head, far):
                      0, scores, out, kv.ks, kv.vs)
     if far:
         assert (scores[:, :qpos + 1] == 0).any()  # some weights did underflow
-    k, ks, v, vs, kpos = kv.view()
-    alone = np.empty((n_head, D), np.float32)
-    _per_head_attention()(q.reshape(n_head, D), k, ks, v, vs, kpos, qpos, gate, alone)
-    assert out.tobytes() == alone.tobytes()
     again = np.empty((1, n_head, D), np.float32)
+    k, ks, v, vs, kpos = kv.view()
     chunk_attention(q.reshape(1, n_head, D), k, v, kpos, np.array([qpos]), 0, again, gate[None], ks, vs)
-    assert again.tobytes() == alone.tobytes()
+    assert again.reshape(-1).tobytes() == out.tobytes()
 
 
 # ---------------------------------------------------------------- transactions, trim, rings, checkpoints

@@ -240,36 +240,25 @@ def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate=None, kscale=No
     at positions kpos [S] (-1: empty), for queries at qpos [T] -> out [T, Nh, D]. A query sees
     the keys with 0 <= kpos <= qpos (and kpos > qpos - window when window > 0). With gate
     [T, Nh], each head's output is times sigmoid(gate), in decode_attention's arithmetic, so a
-    position's output is the same from either kernel. Queries and, per query, the tasks of
-    decode_attention (up to four heads of a KV head) run in parallel."""
+    position's output is the same from either kernel. Heads and queries run in parallel."""
     t_count, n_head, d = q.shape
     n_kv = keys.shape[1]
     group = n_head // n_kv
     n_slots = kpos.shape[0]
     scale = np.float32(1.0 / np.sqrt(d))
-    blocks = (group + HEADS_PER_TASK - 1) // HEADS_PER_TASK
-    tasks = n_kv * blocks  # a query's tasks, as decode_attention's
-    for it in nb.prange(t_count * tasks):
-        t = it // tasks
-        j = (it - t * tasks) // blocks
-        h0 = j * group + (it - t * tasks - j * blocks) * HEADS_PER_TASK
-        nh = min(HEADS_PER_TASK, (j + 1) * group - h0)
+    for it in nb.prange(t_count * n_head):
+        t = it // n_head
+        h = it - t * n_head
         qp = qpos[t]
         lo = qp - window if window > 0 else -1
+        acc = np.empty(d, np.float32)
         seen = np.empty(n_slots, np.int64)
         n = _visible(kpos, qp, lo, seen)
-        qs = np.empty(nh * d, np.float32)
-        for g in range(nh):
-            for i in range(d):
-                qs[g * d + i] = q[t, h0 + g, i]
-        acc = np.empty((nh, d), np.float32)
-        totals = np.empty(nh, np.float32)
-        _attend_heads(qs, 0, nh, keys, kscale, vals, vscale, seen, n, j, scale, np.empty((nh, n_slots), np.float32),
-                      np.empty(4 * LANES, np.float32), acc, np.empty((4, 1, d), np.float32), totals)
-        for g in range(nh):
-            if gate is None:
-                f = np.float32(1.0) / totals[g]
-            else:
-                f = _gate(gate[t, h0 + g]) / totals[g]
-            for i in range(d):
-                out[t, h0 + g, i] = acc[g, i] * f
+        total = _attend(q[t, h], keys, kscale, vals, vscale, seen, n, h // group, scale,
+                        np.empty(n_slots, np.float32), np.empty(4 * LANES, np.float32), acc)
+        if gate is None:
+            f = np.float32(1.0) / total
+        else:
+            f = _gate(gate[t, h]) / total
+        for i in range(d):
+            out[t, h, i] = acc[i] * f
