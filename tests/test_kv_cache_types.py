@@ -202,41 +202,6 @@ def test_decode_attention_stores_and_reads_each_type():
         assert np.array_equal(again.reshape(-1), out), kind
 
 
-@pytest.mark.parametrize("kind", TYPES)
-@pytest.mark.parametrize("n_head, far", [(2, False), (6, False), (6, True), (16, False), (16, True)])
-def test_decode_attention_heads_together_keep_the_per_head_bits(kind, n_head, far):
-    """decode_attention attends a KV head's query heads together, up to four a task, widening
-    each key and value row once for them all; chunk_attention attends each head alone. The same
-    bits, with heads per KV head of 1, 3 (one task of 3), 8 (two of 4), a visible count with a
-    tail after the runs of four (23), and `far` keys whose weights underflow to 0 for some heads
-    (every weight of a head is then no longer above 0, and values are added head by head)."""
-    from runtime.model.attention_kernels import decode_attention
-
-    rng = np.random.default_rng(n_head)
-    Nk, D, S, qpos = 2, 64, 30, 22
-    kv = LayerKV(Nk, D, S, ring=False, window=S, types=(kind, kind))
-    keys = rng.standard_normal((qpos, Nk, D)).astype(np.float32)
-    if far:
-        keys[::5] *= 60  # scores hundreds apart
-    kv.append(keys, rng.standard_normal((qpos, Nk, D)).astype(np.float32), np.arange(qpos, dtype=np.int64))
-    slot = kv.reserve(qpos)
-    q = rng.standard_normal(n_head * D).astype(np.float32)
-    gate = rng.standard_normal(n_head).astype(np.float32)
-    ones, half = np.ones(D, np.float32), D // 4
-    angle = rng.random(half).astype(np.float32)
-    out = np.empty(n_head * D, np.float32)
-    scores = np.zeros((n_head, S), np.float32)
-    decode_attention(q, rng.standard_normal(Nk * D).astype(np.float32), rng.standard_normal(Nk * D).astype(np.float32),
-                     gate, ones, ones, np.float32(1e-6), np.cos(angle), np.sin(angle), kv.k, kv.v, kv.pos, slot, qpos,
-                     0, scores, out, kv.ks, kv.vs)
-    if far:
-        assert (scores[:, :qpos + 1] == 0).any()  # some weights did underflow
-    again = np.empty((1, n_head, D), np.float32)
-    k, ks, v, vs, kpos = kv.view()
-    chunk_attention(q.reshape(1, n_head, D), k, v, kpos, np.array([qpos]), 0, again, gate[None], ks, vs)
-    assert again.reshape(-1).tobytes() == out.tobytes()
-
-
 # ---------------------------------------------------------------- transactions, trim, rings, checkpoints
 
 def _drive(cache: KVCache, rng, n: int) -> None:

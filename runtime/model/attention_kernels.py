@@ -33,7 +33,7 @@ import numpy as np
 from quant.bits import f32_from_bits
 from quant.jit import FIXED_ORDER
 
-from runtime.model.kv_types import add_value, add_value4, key_dot, key_dot4, store_row, values_widen, widen_row
+from runtime.model.kv_types import add_value, add_value4, key_dot, key_dot4, store_row
 from runtime.model.ops import LANES, rms_norm_row
 
 
@@ -49,9 +49,6 @@ def _norm_rope(x, w, eps, cos, sin):
         x[j + half] = b * cos[j] + a * sin[j]
 
 
-HEADS_PER_TASK = 4  # query heads of one KV head that a decode task attends together (more tasks than KV heads)
-
-
 @nb.njit(inline="always", cache=True)
 def _visible(kpos, qpos, lo, seen):
     """seen[:n] = the slots s a query at qpos sees (lo < kpos[s] <= qpos), in slot order; n."""
@@ -65,10 +62,10 @@ def _visible(kpos, qpos, lo, seen):
 
 
 # exp(x) for x <= 0, in plain float32 arithmetic that vectorizes (Numba's np.exp is one libm call
-# per element: 5x slower over a softmax row). Cody-Waite reduction x = k ln2 + r with
+# per element: a third of decode attention's time). Cody-Waite reduction x = k ln2 + r with
 # |r| <= ln2 / 2 (ln2 in two parts, the first exact in 9 bits), then Cephes' degree-5 minimax
-# polynomial for (exp(r) - 1 - r) / r^2, then times 2^k built in the exponent bits. Within 1 ulp
-# of exp (tests/test_runtime.py); 0 below -87, where exp's float32 result is subnormal.
+# polynomial for (exp(r) - 1 - r) / r^2, then times 2^k built in the exponent bits. Within 2 ulp
+# of exp (tests/test_kv_cache_types.py); 0 below -87, where exp's float32 result is subnormal.
 _LOG2E = np.float32(1.44269504088896341)
 _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -94,27 +91,6 @@ def exp_nonpositive(x):
 
 
 @nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
-def _add_values(row, vals, vscale, seen, n, j, acc):
-    """acc [D] = sum of row[a] * value row seen[a] over the a < n with row[a] > 0 (exp underflows
-    far from the best), in order, four at a time (add_value4)."""
-    for i in range(acc.shape[0]):
-        acc[i] = 0.0
-    live = np.empty(n, np.int64)
-    m = 0
-    for a in range(n):
-        if row[a] > 0:
-            live[m] = a
-            m += 1
-    m4 = m - m % 4
-    for b in range(0, m4, 4):
-        a0, a1, a2, a3 = live[b], live[b + 1], live[b + 2], live[b + 3]
-        add_value4(acc, row[a0], row[a1], row[a2], row[a3], vals, vscale,
-                   seen[a0], seen[a1], seen[a2], seen[a3], j)
-    for b in range(m4, m):
-        add_value(acc, row[live[b]], vals, vscale, seen[live[b]], j)
-
-
-@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
 def _attend(qh, keys, kscale, vals, vscale, seen, n, j, scale, row, part, acc):
     """acc [D] = sum over the visible slots seen[:n] (from _visible) of softmax(q . k_s * scale)
     times v_s, unnormalized; returns the softmax's denominator. Slots are visited in slot order,
@@ -123,6 +99,7 @@ def _attend(qh, keys, kscale, vals, vscale, seen, n, j, scale, row, part, acc):
     (row[a] is slot seen[a]'s score, then weight); part: 4 x LANES floats of scratch. Four slots'
     dots run at once (key_dot4), each with key_dot's bits, and four slots' values are added in
     one pass over acc (add_value4)."""
+    d = acc.shape[0]
     best = np.float32(-np.inf)
     n4 = n - n % 4
     for a in range(0, n4, 4):
@@ -140,57 +117,22 @@ def _attend(qh, keys, kscale, vals, vscale, seen, n, j, scale, row, part, acc):
     total = np.float32(0.0)
     for a in range(n):
         total += row[a]
-    _add_values(row, vals, vscale, seen, n, j, acc)
+    for i in range(d):
+        acc[i] = 0.0
+    live = np.empty(n, np.int64)  # the slots whose weight is not 0 (exp underflows far from the best)
+    m = 0
+    for a in range(n):
+        if row[a] > 0:
+            live[m] = a
+            m += 1
+    m4 = m - m % 4
+    for b in range(0, m4, 4):
+        a0, a1, a2, a3 = live[b], live[b + 1], live[b + 2], live[b + 3]
+        add_value4(acc, row[a0], row[a1], row[a2], row[a3], vals, vscale,
+                   seen[a0], seen[a1], seen[a2], seen[a3], j)
+    for b in range(m4, m):
+        add_value(acc, row[live[b]], vals, vscale, seen[live[b]], j)
     return total
-
-
-@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
-def _attend_heads(q, h0, nh, keys, kscale, vals, vscale, seen, n, j, scale, rows, part, acc, wide, totals):
-    """_attend for the nh query heads h0.. (q [Nh*D]) that share KV head j, with its bits:
-    rows [>= nh, >= n] and acc [nh, D] per head, totals [nh] their denominators. Each four
-    slots' key rows, and value rows where that keeps add_value's bits (f32, f16), are widened to
-    float32 once (wide [4, 1, D]) for all nh heads, instead of once a head."""
-    d = acc.shape[1]
-    n4 = n - n % 4
-    for a in range(0, n4, 4):
-        for r in range(4):
-            widen_row(keys, kscale, seen[a + r], j, wide[r, 0])
-        for g in range(nh):
-            t0, t1, t2, t3 = key_dot4(q[(h0 + g) * d:(h0 + g + 1) * d], wide, kscale, 0, 1, 2, 3, 0, part)
-            rows[g, a] = t0 * scale
-            rows[g, a + 1] = t1 * scale
-            rows[g, a + 2] = t2 * scale
-            rows[g, a + 3] = t3 * scale
-    live = values_widen(vals)
-    for g in range(nh):
-        row = rows[g]
-        for a in range(n4, n):
-            row[a] = key_dot(q[(h0 + g) * d:(h0 + g + 1) * d], keys, kscale, seen[a], j, part) * scale
-        best = np.float32(-np.inf)
-        for a in range(n):
-            best = max(best, row[a])
-        for a in range(n):
-            row[a] = exp_nonpositive(row[a] - best)
-        total = np.float32(0.0)
-        for a in range(n):
-            total += row[a]
-            live = live and row[a] > 0
-        totals[g] = total
-        for i in range(d):
-            acc[g, i] = 0.0
-    if live:  # every weight of every head is above 0: _attend's four-slot runs are seen's
-        for a in range(0, n4, 4):
-            for r in range(4):
-                widen_row(vals, vscale, seen[a + r], j, wide[r, 0])
-            for g in range(nh):
-                add_value4(acc[g], rows[g, a], rows[g, a + 1], rows[g, a + 2], rows[g, a + 3], wide, vscale,
-                           0, 1, 2, 3, 0)
-        for g in range(nh):
-            for a in range(n4, n):
-                add_value(acc[g], rows[g, a], vals, vscale, seen[a], j)
-        return
-    for g in range(nh):
-        _add_values(rows[g], vals, vscale, seen, n, j, acc[g])
 
 
 @nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
@@ -217,21 +159,15 @@ def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, k
     lo = qpos - window if window > 0 else -1  # visible: lo < kpos <= qpos
     seen = np.empty(kpos.shape[0], np.int64)
     n = _visible(kpos, qpos, lo, seen)
-    blocks = (group + HEADS_PER_TASK - 1) // HEADS_PER_TASK  # tasks a KV head's query heads make
-    for task in nb.prange(n_kv * blocks):
-        j = task // blocks
-        h0 = j * group + (task - j * blocks) * HEADS_PER_TASK
-        nh = min(HEADS_PER_TASK, (j + 1) * group - h0)
-        for h in range(h0, h0 + nh):
-            _norm_rope(q[h * d:(h + 1) * d], q_norm, eps, cos, sin)
-        acc = np.empty((nh, d), np.float32)
-        totals = np.empty(nh, np.float32)
-        _attend_heads(q, h0, nh, keys, kscale, vals, vscale, seen, n, j, scale, scores[h0:h0 + nh],
-                      np.empty(4 * LANES, np.float32), acc, np.empty((4, 1, d), np.float32), totals)
-        for g in range(nh):
-            f = _gate(gate[h0 + g]) / totals[g]
-            for i in range(d):
-                out[(h0 + g) * d + i] = acc[g, i] * f
+    for h in nb.prange(n_head):
+        qh = q[h * d:(h + 1) * d]
+        _norm_rope(qh, q_norm, eps, cos, sin)
+        acc = np.empty(d, np.float32)
+        total = _attend(qh, keys, kscale, vals, vscale, seen, n, h // group, scale, scores[h],
+                        np.empty(4 * LANES, np.float32), acc)
+        f = _gate(gate[h]) / total
+        for i in range(d):
+            out[h * d + i] = acc[i] * f
 
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)

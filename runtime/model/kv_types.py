@@ -170,18 +170,6 @@ def add_value(acc, e, vals, scale, s, j):
     raise NotImplementedError("add_value runs inside Numba kernels")
 
 
-def widen_row(data, scale, s, j, out):
-    """out [D] = row data[s, j] in float32, as key_dot widens it: a float32 cache row times q
-    gives key_dot's products (Numba code only)."""
-    raise NotImplementedError("widen_row runs inside Numba kernels")
-
-
-def values_widen(vals):
-    """Whether add_value adds e times widen_row's elements (f32, f16), so that widened value
-    rows give its bits; q8_0's adds (e d) q instead (Numba code only; a compile-time constant)."""
-    raise NotImplementedError("values_widen runs inside Numba kernels")
-
-
 def add_value4(acc, e0, e1, e2, e3, vals, scale, s0, s1, s2, s3, j):
     """add_value for the four rows s_i in turn, with the same bits, reading and writing acc once
     (Numba code only)."""
@@ -212,12 +200,12 @@ def _key_dot(q, keys, scale, s, j, part):
             m = n - n % LANES
             for i0 in range(0, m, LANES):
                 for l in range(LANES):
-                    part[l] += q[i0 + l] * _element_f16(keys, scale, s, j, i0 + l)
+                    part[l] += q[i0 + l] * half(k[i0 + l])
             t = np.float32(0.0)
             for l in range(LANES):
                 t += part[l]
             for i in range(m, n):
-                t += q[i] * _element_f16(keys, scale, s, j, i)
+                t += q[i] * half(k[i])
             return t
     else:  # q8_0: D is a multiple of 32 (allocate checks): two runs of LANES per block
         def impl(q, keys, scale, s, j, part):
@@ -226,7 +214,7 @@ def _key_dot(q, keys, scale, s, j, part):
             for l in range(LANES):
                 part[l] = 0.0
             for b in range(sc.shape[0]):
-                d = _scale_at(scale, s, j, b)
+                d = half(sc[b])
                 for i0 in range(b * QK, (b + 1) * QK, LANES):
                     for l in range(LANES):
                         part[l] += q[i0 + l] * (np.float32(k[i0 + l]) * d)
@@ -247,36 +235,6 @@ def _element_f32(keys, scale, s, j, i):
 @nb.njit(cache=True)
 def _element_f16(keys, scale, s, j, i):
     return half(keys[s, j, i])
-
-
-@nb.njit(cache=True)
-def _scale_at(scale, s, j, b):
-    """q8_0's scale b of row [s, j], as float32."""
-    return half(scale[s, j, b])
-
-
-@overload(widen_row, **ALWAYS_INLINED)
-def _widen_row(data, scale, s, j, out):
-    kind = _kind(data)
-    if kind == "q8_0":
-        def impl(data, scale, s, j, out):
-            for b in range(scale.shape[2]):
-                d = _scale_at(scale, s, j, b)
-                for i in range(b * QK, (b + 1) * QK):
-                    out[i] = np.float32(data[s, j, i]) * d
-    else:
-        _element = {"f32": _element_f32, "f16": _element_f16}[kind]
-
-        def impl(data, scale, s, j, out):
-            for i in range(out.shape[0]):
-                out[i] = _element(data, scale, s, j, i)
-    return impl
-
-
-@overload(values_widen, **ALWAYS_INLINED)
-def _values_widen(vals):
-    exact = _kind(vals) != "q8_0"
-    return lambda vals: exact
 
 
 @overload(key_dot4, **ALWAYS_INLINED)
@@ -330,10 +288,10 @@ def _key_dot4_q8_0(q, keys, scale, s0, s1, s2, s3, j, part):
     for l in range(4 * LANES):
         part[l] = 0.0
     for b in range(scale.shape[2]):
-        d0 = _scale_at(scale, s0, j, b)
-        d1 = _scale_at(scale, s1, j, b)
-        d2 = _scale_at(scale, s2, j, b)
-        d3 = _scale_at(scale, s3, j, b)
+        d0 = half(scale[s0, j, b])
+        d1 = half(scale[s1, j, b])
+        d2 = half(scale[s2, j, b])
+        d3 = half(scale[s3, j, b])
         for i0 in range(b * QK, (b + 1) * QK, LANES):
             for l in range(LANES):
                 i = i0 + l
@@ -355,14 +313,15 @@ def _add_value(acc, e, vals, scale, s, j):
                 acc[i] += e * v[i]
     elif kind == "f16":
         def impl(acc, e, vals, scale, s, j):
+            v = vals[s, j]
             for i in range(acc.shape[0]):
-                acc[i] += e * _element_f16(vals, scale, s, j, i)
+                acc[i] += e * half(v[i])
     else:
         def impl(acc, e, vals, scale, s, j):
             v = vals[s, j]
             sc = scale[s, j]
             for b in range(sc.shape[0]):
-                ed = e * _scale_at(scale, s, j, b)
+                ed = e * half(sc[b])
                 for i in range(b * QK, (b + 1) * QK):
                     acc[i] += ed * np.float32(v[i])
     return impl
@@ -382,10 +341,10 @@ def _add_value4(acc, e0, e1, e2, e3, vals, scale, s0, s1, s2, s3, j):
     else:  # add_value's q8_0 product: (e * scale) * q
         def impl(acc, e0, e1, e2, e3, vals, scale, s0, s1, s2, s3, j):
             for b in range(scale.shape[2]):
-                d0 = e0 * _scale_at(scale, s0, j, b)
-                d1 = e1 * _scale_at(scale, s1, j, b)
-                d2 = e2 * _scale_at(scale, s2, j, b)
-                d3 = e3 * _scale_at(scale, s3, j, b)
+                d0 = e0 * half(scale[s0, j, b])
+                d1 = e1 * half(scale[s1, j, b])
+                d2 = e2 * half(scale[s2, j, b])
+                d3 = e3 * half(scale[s3, j, b])
                 for i in range(b * QK, (b + 1) * QK):
                     a = acc[i] + d0 * np.float32(vals[s0, j, i])
                     a += d1 * np.float32(vals[s1, j, i])
