@@ -84,45 +84,6 @@ def test_q8_0_storage_is_llama_cpps_reference():
     assert np.abs(q).max() == 127
 
 
-@pytest.mark.parametrize("kind", TYPES)
-def test_four_row_reads_keep_the_one_row_bits(kind):
-    """key_dot4 and add_value4 (decode attention's four slots at once) give each row's
-    key_dot and add_value result to the bit, on a head dim with a tail after the LANES runs
-    (f32, f16) and on q8_0's blocks, rows in any slot order."""
-    import numba as nb
-    from runtime.model.kv_types import add_value, add_value4, key_dot, key_dot4
-
-    @nb.njit
-    def reads(q, data, scale, slots, e):
-        dots4 = np.empty(4, np.float32)
-        dots1 = np.empty(4, np.float32)
-        part = np.empty(64, np.float32)
-        dots4[0], dots4[1], dots4[2], dots4[3] = key_dot4(q, data, scale, slots[0], slots[1], slots[2], slots[3],
-                                                         1, part)
-        for i in range(4):
-            dots1[i] = key_dot(q, data, scale, slots[i], 1, part)
-        acc4 = q.copy()
-        acc1 = q.copy()
-        add_value4(acc4, e[0], e[1], e[2], e[3], data, scale, slots[0], slots[1], slots[2], slots[3], 1)
-        for i in range(4):
-            add_value(acc1, e[i], data, scale, slots[i], 1)
-        return dots4, dots1, acc4, acc1
-
-    d = 64 if kind == "q8_0" else 40
-    rng = np.random.default_rng(5)
-    data, scale = kv_types.allocate(kind, 9, 2, d)
-    x = rng.standard_normal((9, 2, d)).astype(np.float32) * 3
-    kv_types.store(data, scale, np.arange(9), x)
-    for _ in range(24):  # one order's rounding can match another's on a few rows: try many
-        q = rng.standard_normal(d).astype(np.float32)
-        slots = rng.permutation(9)[:4]
-        dots4, dots1, acc4, acc1 = reads(q, data, scale, slots, rng.random(4).astype(np.float32))
-        assert dots4.tobytes() == dots1.tobytes()
-        assert acc4.tobytes() == acc1.tobytes()
-        want = stored(kind, data, scale)[slots, 1] @ q.astype(np.float64)
-        np.testing.assert_allclose(dots4, want, rtol=1e-5, atol=1e-4)
-
-
 def test_head_dim_and_type_errors_name_the_value():
     with pytest.raises(StepstreamError, match="q8_0 needs a head dim that is a multiple of 32.* 48"):
         LayerKV(1, 48, 8, ring=False, window=4, types=("f32", "q8_0"))

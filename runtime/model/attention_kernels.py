@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from quant.bits import f32_from_bits
 from quant.jit import FIXED_ORDER
 
-from runtime.model.kv_types import add_value, add_value4, key_dot, key_dot4, store_row
+from runtime.model.kv_types import add_value, key_dot, store_row
 from runtime.model.ops import LANES, rms_norm_row
 
 
@@ -49,89 +48,35 @@ def _norm_rope(x, w, eps, cos, sin):
         x[j + half] = b * cos[j] + a * sin[j]
 
 
-@nb.njit(inline="always", cache=True)
-def _visible(kpos, qpos, lo, seen):
-    """seen[:n] = the slots s a query at qpos sees (lo < kpos[s] <= qpos), in slot order; n."""
-    n = 0
-    for s in range(kpos.shape[0]):
-        p = kpos[s]
-        if p >= 0 and p <= qpos and p > lo:
-            seen[n] = s
-            n += 1
-    return n
-
-
-# exp(x) for x <= 0, in plain float32 arithmetic that vectorizes (Numba's np.exp is one libm call
-# per element: a third of decode attention's time). Cody-Waite reduction x = k ln2 + r with
-# |r| <= ln2 / 2 (ln2 in two parts, the first exact in 9 bits), then Cephes' degree-5 minimax
-# polynomial for (exp(r) - 1 - r) / r^2, then times 2^k built in the exponent bits. Within 2 ulp
-# of exp (tests/test_kv_cache_types.py); 0 below -87, where exp's float32 result is subnormal.
-_LOG2E = np.float32(1.44269504088896341)
-_LN2_HI = np.float32(0.693359375)
-_LN2_LO = np.float32(-2.12194440e-4)
-_P0 = np.float32(1.9875691500e-4)
-_P1 = np.float32(1.3981999507e-3)
-_P2 = np.float32(8.3334519073e-3)
-_P3 = np.float32(4.1665795894e-2)
-_P4 = np.float32(1.6666665459e-1)
-_P5 = np.float32(5.0000001201e-1)
-_EXP_FLOOR = np.float32(-87.0)
-
-
 @nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
-def exp_nonpositive(x):
-    """exp(x) for float32 x <= 0 (see above)."""
-    y = max(x, _EXP_FLOOR)
-    k = np.float32(np.floor(y * _LOG2E + np.float32(0.5)))
-    r = (y - k * _LN2_HI) - k * _LN2_LO
-    p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-    e = (p * (r * r) + r) + np.float32(1.0)
-    e = e * f32_from_bits(np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23))
-    return e if x >= _EXP_FLOOR else np.float32(0.0)
-
-
-@nb.njit(inline="always", fastmath=FIXED_ORDER, cache=True)
-def _attend(qh, keys, kscale, vals, vscale, seen, n, j, scale, row, part, acc):
-    """acc [D] = sum over the visible slots seen[:n] (from _visible) of softmax(q . k_s * scale)
+def _attend(qh, keys, kscale, vals, vscale, kpos, j, qpos, lo, scale, row, part, acc):
+    """acc [D] = sum over the visible slots s (lo < kpos[s] <= qpos) of softmax(q . k_s * scale)
     times v_s, unnormalized; returns the softmax's denominator. Slots are visited in slot order,
     which is position order up to a rotation fixed by the cache (a ring's slot is pos % C), so a
-    query sums the same terms in the same order however its chunk was cut. row: [>= S] scratch
-    (row[a] is slot seen[a]'s score, then weight); part: 4 x LANES floats of scratch. Four slots'
-    dots run at once (key_dot4), each with key_dot's bits, and four slots' values are added in
-    one pass over acc (add_value4)."""
+    query sums the same terms in the same order however its chunk was cut. row: [>= S] scratch."""
+    n_slots = kpos.shape[0]
     d = acc.shape[0]
     best = np.float32(-np.inf)
-    n4 = n - n % 4
-    for a in range(0, n4, 4):
-        t0, t1, t2, t3 = key_dot4(qh, keys, kscale, seen[a], seen[a + 1], seen[a + 2], seen[a + 3], j, part)
-        row[a] = t0 * scale
-        row[a + 1] = t1 * scale
-        row[a + 2] = t2 * scale
-        row[a + 3] = t3 * scale
-    for a in range(n4, n):
-        row[a] = key_dot(qh, keys, kscale, seen[a], j, part) * scale
-    for a in range(n):
-        best = max(best, row[a])
-    for a in range(n):
-        row[a] = exp_nonpositive(row[a] - best)
+    for s in range(n_slots):
+        p = kpos[s]
+        if p >= 0 and p <= qpos and p > lo:
+            t = key_dot(qh, keys, kscale, s, j, part) * scale
+            row[s] = t
+            best = max(best, t)
     total = np.float32(0.0)
-    for a in range(n):
-        total += row[a]
+    for s in range(n_slots):
+        p = kpos[s]
+        e = np.float32(0.0)
+        if p >= 0 and p <= qpos and p > lo:
+            e = np.exp(row[s] - best)
+        row[s] = e
+        total += e
     for i in range(d):
         acc[i] = 0.0
-    live = np.empty(n, np.int64)  # the slots whose weight is not 0 (exp underflows far from the best)
-    m = 0
-    for a in range(n):
-        if row[a] > 0:
-            live[m] = a
-            m += 1
-    m4 = m - m % 4
-    for b in range(0, m4, 4):
-        a0, a1, a2, a3 = live[b], live[b + 1], live[b + 2], live[b + 3]
-        add_value4(acc, row[a0], row[a1], row[a2], row[a3], vals, vscale,
-                   seen[a0], seen[a1], seen[a2], seen[a3], j)
-    for b in range(m4, m):
-        add_value(acc, row[live[b]], vals, vscale, seen[live[b]], j)
+    for s in range(n_slots):
+        e = row[s]
+        if e > 0:
+            add_value(acc, e, vals, vscale, s, j)
     return total
 
 
@@ -157,14 +102,12 @@ def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, k
     kpos[slot] = qpos
     scale = np.float32(1.0 / np.sqrt(d))
     lo = qpos - window if window > 0 else -1  # visible: lo < kpos <= qpos
-    seen = np.empty(kpos.shape[0], np.int64)
-    n = _visible(kpos, qpos, lo, seen)
     for h in nb.prange(n_head):
         qh = q[h * d:(h + 1) * d]
         _norm_rope(qh, q_norm, eps, cos, sin)
         acc = np.empty(d, np.float32)
-        total = _attend(qh, keys, kscale, vals, vscale, seen, n, h // group, scale, scores[h],
-                        np.empty(4 * LANES, np.float32), acc)
+        total = _attend(qh, keys, kscale, vals, vscale, kpos, h // group, qpos, lo, scale, scores[h],
+                        np.empty(LANES, np.float32), acc)
         f = _gate(gate[h]) / total
         for i in range(d):
             out[h * d + i] = acc[i] * f
@@ -188,10 +131,8 @@ def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate=None, kscale=No
         qp = qpos[t]
         lo = qp - window if window > 0 else -1
         acc = np.empty(d, np.float32)
-        seen = np.empty(n_slots, np.int64)
-        n = _visible(kpos, qp, lo, seen)
-        total = _attend(q[t, h], keys, kscale, vals, vscale, seen, n, h // group, scale,
-                        np.empty(n_slots, np.float32), np.empty(4 * LANES, np.float32), acc)
+        total = _attend(q[t, h], keys, kscale, vals, vscale, kpos, h // group, qp, lo, scale,
+                        np.empty(n_slots, np.float32), np.empty(LANES, np.float32), acc)
         if gate is None:
             f = np.float32(1.0) / total
         else:

@@ -45,7 +45,7 @@ from quant.bits import u8_at
 from quant.int8_kernels.row_dot import GEMM4_FORMATS, q8dot, q8dot4, quantize_row
 from quant.jit import FIXED_ORDER
 
-from runtime.model.attention_kernels import _attend, _gate, _norm_rope, _visible
+from runtime.model.attention_kernels import _attend, _gate, _norm_rope
 from runtime.model.kv_types import store_row
 from runtime.model.ops import LANES, dot, rms_norm_row, rope_angles
 
@@ -156,10 +156,8 @@ def attention_tokens(proj, n_tok, nq, nk, q_norm, k_norm, eps, cos, sin, keys, k
         qh = proj[t, h * d:(h + 1) * d]
         _norm_rope(qh, q_norm, eps, cos[t], sin[t])
         acc = np.empty(d, np.float32)
-        seen = np.empty(kpos.shape[0], np.int64)
-        n = _visible(kpos, p, lo, seen)
-        total = _attend(qh, keys, kscale, vals, vscale, seen, n, h // group, scale, scores[it],
-                        np.empty(4 * LANES, np.float32), acc)
+        total = _attend(qh, keys, kscale, vals, vscale, kpos, h // group, p, lo, scale, scores[it],
+                        np.empty(LANES, np.float32), acc)
         f = _gate(proj[t, nq + 2 * nk + h]) / total
         for i in range(d):
             out[t, h * d + i] = acc[i] * f

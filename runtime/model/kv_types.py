@@ -159,21 +159,9 @@ def key_dot(q, keys, scale, s, j, part):
     raise NotImplementedError("key_dot runs inside Numba kernels")
 
 
-def key_dot4(q, keys, scale, s0, s1, s2, s3, j, part):
-    """(key_dot of q with key rows keys[s_i, j] for i < 4), each with key_dot's bits: four
-    independent chains of adds instead of one (part: 4 x LANES floats of scratch)."""
-    raise NotImplementedError("key_dot4 runs inside Numba kernels")
-
-
 def add_value(acc, e, vals, scale, s, j):
     """acc [D] += e * value row vals[s, j] (Numba code only)."""
     raise NotImplementedError("add_value runs inside Numba kernels")
-
-
-def add_value4(acc, e0, e1, e2, e3, vals, scale, s0, s1, s2, s3, j):
-    """add_value for the four rows s_i in turn, with the same bits, reading and writing acc once
-    (Numba code only)."""
-    raise NotImplementedError("add_value4 runs inside Numba kernels")
 
 
 @overload(store_row, **ALWAYS_INLINED)
@@ -225,84 +213,6 @@ def _key_dot(q, keys, scale, s, j, part):
     return impl
 
 
-# Element i of row keys[s, j], widened to float32 as key_dot widens it. Plain functions that
-# LLVM inlines (a Numba-level inline of quant.bits' decoder here trips Numba's IR checks).
-@nb.njit(cache=True)
-def _element_f32(keys, scale, s, j, i):
-    return keys[s, j, i]
-
-
-@nb.njit(cache=True)
-def _element_f16(keys, scale, s, j, i):
-    return half(keys[s, j, i])
-
-
-@overload(key_dot4, **ALWAYS_INLINED)
-def _key_dot4(q, keys, scale, s0, s1, s2, s3, j, part):
-    kind = _kind(keys)
-    if kind == "q8_0":
-        return _key_dot4_q8_0
-    _element = {"f32": _element_f32, "f16": _element_f16}[kind]
-
-    def impl(q, keys, scale, s0, s1, s2, s3, j, part):
-        n = keys.shape[2]
-        for l in range(4 * LANES):
-            part[l] = 0.0
-        m = n - n % LANES
-        for i0 in range(0, m, LANES):
-            for l in range(LANES):
-                i = i0 + l
-                u = q[i]
-                part[l] += u * _element(keys, scale, s0, j, i)
-                part[LANES + l] += u * _element(keys, scale, s1, j, i)
-                part[2 * LANES + l] += u * _element(keys, scale, s2, j, i)
-                part[3 * LANES + l] += u * _element(keys, scale, s3, j, i)
-        t0, t1, t2, t3 = _lane_sums(part)
-        for i in range(m, n):  # rows whose D is not a multiple of LANES
-            u = q[i]
-            t0 += u * _element(keys, scale, s0, j, i)
-            t1 += u * _element(keys, scale, s1, j, i)
-            t2 += u * _element(keys, scale, s2, j, i)
-            t3 += u * _element(keys, scale, s3, j, i)
-        return t0, t1, t2, t3
-    return impl
-
-
-@nb.njit(inline="always", cache=True)
-def _lane_sums(part):
-    """The four runs of LANES partial sums in part, each summed in lane order."""
-    t0 = np.float32(0.0)
-    t1 = np.float32(0.0)
-    t2 = np.float32(0.0)
-    t3 = np.float32(0.0)
-    for l in range(LANES):
-        t0 += part[l]
-        t1 += part[LANES + l]
-        t2 += part[2 * LANES + l]
-        t3 += part[3 * LANES + l]
-    return t0, t1, t2, t3
-
-
-def _key_dot4_q8_0(q, keys, scale, s0, s1, s2, s3, j, part):
-    """key_dot4 on q8_0 rows: key_dot's product q * (k * d), a block's scale d read once."""
-    for l in range(4 * LANES):
-        part[l] = 0.0
-    for b in range(scale.shape[2]):
-        d0 = half(scale[s0, j, b])
-        d1 = half(scale[s1, j, b])
-        d2 = half(scale[s2, j, b])
-        d3 = half(scale[s3, j, b])
-        for i0 in range(b * QK, (b + 1) * QK, LANES):
-            for l in range(LANES):
-                i = i0 + l
-                u = q[i]
-                part[l] += u * (np.float32(keys[s0, j, i]) * d0)
-                part[LANES + l] += u * (np.float32(keys[s1, j, i]) * d1)
-                part[2 * LANES + l] += u * (np.float32(keys[s2, j, i]) * d2)
-                part[3 * LANES + l] += u * (np.float32(keys[s3, j, i]) * d3)
-    return _lane_sums(part)
-
-
 @overload(add_value, **ALWAYS_INLINED)
 def _add_value(acc, e, vals, scale, s, j):
     kind = _kind(vals)
@@ -324,32 +234,6 @@ def _add_value(acc, e, vals, scale, s, j):
                 ed = e * half(sc[b])
                 for i in range(b * QK, (b + 1) * QK):
                     acc[i] += ed * np.float32(v[i])
-    return impl
-
-
-@overload(add_value4, **ALWAYS_INLINED)
-def _add_value4(acc, e0, e1, e2, e3, vals, scale, s0, s1, s2, s3, j):
-    kind = _kind(vals)
-    if kind != "q8_0":
-        _element = {"f32": _element_f32, "f16": _element_f16}[kind]
-        def impl(acc, e0, e1, e2, e3, vals, scale, s0, s1, s2, s3, j):
-            for i in range(acc.shape[0]):
-                a = acc[i] + e0 * _element(vals, scale, s0, j, i)
-                a += e1 * _element(vals, scale, s1, j, i)
-                a += e2 * _element(vals, scale, s2, j, i)
-                acc[i] = a + e3 * _element(vals, scale, s3, j, i)
-    else:  # add_value's q8_0 product: (e * scale) * q
-        def impl(acc, e0, e1, e2, e3, vals, scale, s0, s1, s2, s3, j):
-            for b in range(scale.shape[2]):
-                d0 = e0 * half(scale[s0, j, b])
-                d1 = e1 * half(scale[s1, j, b])
-                d2 = e2 * half(scale[s2, j, b])
-                d3 = e3 * half(scale[s3, j, b])
-                for i in range(b * QK, (b + 1) * QK):
-                    a = acc[i] + d0 * np.float32(vals[s0, j, i])
-                    a += d1 * np.float32(vals[s1, j, i])
-                    a += d2 * np.float32(vals[s2, j, i])
-                    acc[i] = a + d3 * np.float32(vals[s3, j, i])
     return impl
 
 
