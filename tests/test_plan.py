@@ -57,13 +57,24 @@ def real_shapes(tmp_path_factory):
     return sparse_gguf(tmp_path_factory.mktemp("sparse") / "real-shapes.gguf", **REAL)
 
 
-def test_real_shapes_plan_in_under_two_seconds(real_shapes):
+def _bytes_read():
+    """What this process has read through read(2) and its kin so far (/proc/self/io's rchar)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_real_shapes_plan_from_the_header_alone(real_shapes):
     st = os.stat(real_shapes)
     assert st.st_size > 100e9 and st.st_blocks * 512 < 50e6  # 111 GB apparent, a hole on disk
     P.make_plan(real_shapes, ram=64 * 2**30, ram_gbps=20)  # imports and first calls warm
-    t0 = time.perf_counter()
+    # CPU time and bytes read, not wall time: a shared machine's stall (one CI run waited 2.1 s on
+    # a 10 ms plan) says nothing about the plan. Reading tensor data, or walking 12,096 experts in
+    # Python per byte, would show in both.
+    read0, cpu0 = _bytes_read(), time.process_time()
     plan = P.make_plan(real_shapes, ram=64 * 2**30, disk_gbps=7, ram_gbps=20, n_ctx=32768)
-    assert time.perf_counter() - t0 < 2.0
+    cpu, read = time.process_time() - cpu0, _bytes_read() - read0
+    assert cpu < 1.0, f"the plan took {cpu:.2f} CPU-s"
+    assert read < 4 * 2**20, f"the plan read(2) {read} bytes; its header is ~1 MB (mapped, not read)"
     assert plan.streams and plan.moe_layers == 42 and plan.n_experts == 42 * 288 and plan.top_k == 8
     matrix = 4096 * 1280 // 256 * 144  # one Q4_K [1280, 4096] expert matrix
     assert 3 * matrix <= plan.expert_bytes < 3 * (matrix + 8192)  # each part's read aligned to 4 KiB
