@@ -2,9 +2,9 @@
 per-expert path it replaces (the same bits) and a float64 reference on gguf-py's dequantized
 weights (close).
 
-The experts mix formats with 16-row VNNI steps (Q4_K, Q5_K: activation sums per 32 columns;
-Q6_K: per 16) and without (TQ2_0: 4-token row steps), widths of 256 and 768, and token counts of 0, 1, 3, 8 and 17 (the
-steps' 8-token passes and the shorter ones after them).
+The experts mix formats with 16-row VNNI steps (Q4_K, Q5_K, IQ3_S: activation sums per 32
+columns; Q6_K: per 16) and without (TQ2_0: 4-token row steps), widths of 256 and 768, and token
+counts of 0, 1, 3, 6, 8 and 17 (the steps' 8-token passes and the shorter ones after them).
 """
 
 import numpy as np
@@ -22,9 +22,9 @@ from tests.test_quant_q8_iq import weights as _iq_weights
 H = 512
 SPECS = [  # gate/up format, down format, width, tokens
     (T.Q4_K, T.Q6_K, 256, 17), (T.Q5_K, T.Q4_K, 768, 3), (T.Q6_K, T.Q4_K, 256, 0), (T.TQ2_0, T.Q5_K, 256, 8),
-    (T.Q4_K, T.TQ2_0, 512, 1)]
+    (T.Q4_K, T.TQ2_0, 512, 1), (T.IQ3_S, T.Q6_K, 256, 6)]
 FORMATS = q8.format_set([t for s in SPECS for t in s[:2]])
-LIMITS = [7.0, 0.0, 7.0, 0.0, 3.0]
+LIMITS = [7.0, 0.0, 7.0, 0.0, 3.0, 0.0]
 
 
 _HALVES = {T.Q5_K: (0, 2), T.Q6_K: (208,)}  # their f16 fields (random bytes there could be NaN)

@@ -71,7 +71,7 @@ def test_gemm_rows_are_the_gemv_rows(qtype):
     dot), and on AVX2 hosts q8.matmul (IQ1/IQ2/IQ3: 8-token steps, a last group of 2-7 tokens
     padded to 8, one token left alone; TQ: 4-token steps, then one token); without AVX2,
     q8.matmul refuses them and names the kernel that takes them."""
-    for n in (9, 13):
+    for n in (9, 13, 14):  # IQ3_S on VNNI hosts: 16-row steps of 8, 4, 2 and 1 tokens, 3 rows left over
         _gemm_rows_are_the_gemv_rows(qtype, n)
 
 

@@ -234,7 +234,7 @@ def _gemm_steps(qtype) -> np.ndarray:
 
 def matmul(w: PackedMatrix, a: Q8Activations, out: np.ndarray, formats: int | None = None) -> np.ndarray:
     """out [N, R] = X @ W.T for the N tokens of a, the weights read from memory once. On VNNI
-    hosts, Q4_K/Q5_K/Q6_K/Q2_K/Q3_K 16-row groups run in parallel with 8 tokens per pass over a group (then 4,
+    hosts, Q4_K/Q5_K/Q6_K/Q2_K/Q3_K/IQ3_S (and the other step_library formats) 16-row groups run in parallel with 8 tokens per pass over a group (then 4,
     2, 1), the rows beyond a multiple of 16 as below; other formats and hosts run rows in
     parallel, 4 tokens per pass (the code-book IQ formats 8, their decode being the costly part;
     a last group of 2-7 tokens padded to a full pass), each token's result the GEMV's to the bit."""

@@ -40,6 +40,7 @@ quant.jit.compiles_for); nothing may call them otherwise, as LLVM aborts on the 
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -48,14 +49,16 @@ from numba.extending import intrinsic
 from gguf import GGMLQuantizationType as T
 
 from ..formats import IQ4_NL_VALUES
+from ..iq_grids import GRIDS
 from ..jit import compiles_for
 from .blocks32 import LAYOUTS, Layout
 from .llvm_ir import declare, fadd, fmul, fsub, load, outlined, shuffle
 
 ROWS = 16
 GGUF_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "iq4_xs": 136,
-              "q4_0": 144, "q4_1": 160, "q5_0": 176, "q5_1": 192, "iq4_nl": 144, "q8_0": 272}
+              "q4_0": 144, "q4_1": 160, "q5_0": 176, "q5_1": 192, "iq4_nl": 144, "q8_0": 272, "iq3_s": 110}
 STEP_TOKENS = (8, 4, 2, 1)
+IQ3S_WORDS = [int(w) for w in GRIDS[T.IQ3_S].astype(np.uint8).view(np.uint32).reshape(-1)]  # 512 grid rows
 
 
 AVAILABLE = compiles_for("avx512f", "avx512bw", "avx512vl", "avx512vnni", "f16c")
@@ -385,6 +388,76 @@ def _fshr(b, hi, lo, bits: int):
 _SPREAD = 0x00204081
 
 
+def _gather(b, table, index):
+    """<16 x i32>: table[index[r]] in lane r (table: a module constant of i32 words; vpgatherdd)."""
+    f = declare(b, "llvm.x86.avx512.mask.gather.dpi.512", _V16I32,
+                [_V16I32, ir.PointerType(), _V16I32, ir.VectorType(ir.IntType(1), 16), _i32])
+    base = b.bitcast(table, ir.PointerType())
+    every = ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16)
+    return b.call(f, [ir.Constant(_V16I32, None), base, index, every, ir.Constant(_i32, 4)])
+
+
+def _grid_table(b):
+    """IQ3_S's 512 grid rows (4 magnitudes of 1..15 in the bytes of a word), a module constant."""
+    module = b.module
+    if "stepstream_iq3s_grid" not in module.globals:
+        typ = ir.ArrayType(_i32, len(IQ3S_WORDS))
+        g = ir.GlobalVariable(module, typ, "stepstream_iq3s_grid")
+        g.linkage = "private"
+        g.global_constant = True
+        g.initializer = ir.Constant(typ, [ir.Constant(_i32, w) for w in IQ3S_WORDS])
+    return module.globals["stepstream_iq3s_grid"]
+
+
+class _IQ3SRows:
+    """Super-block s of 16 GGUF IQ3_S rows (see _Q4KRows): d at 0, qs (64 bytes at 2: the low 8
+    bits of the grid rows, 4 columns each), qh (8 bytes at 66: the ninth bits, a byte per
+    sub-block), the signs (32 bytes at 74: a byte per 8 columns) and the scales (4 bytes at 106,
+    a nibble per sub-block). The 64 bytes from 2 and the 64 from 46 (qh, signs and scales on
+    word boundaries) are transposed. codes(j): sub-block j's 8 vectors, columns 32 j + 4 i .. + 3
+    in vector i, grid row looked up per lane (vpgatherdd), its signs applied, plus 16 (1 .. 31,
+    unsigned). scale(j): 2 s_j + 1; scalepair(m): sub-blocks 2m, 2m+1's as int16 pairs."""
+
+    TAIL = 46  # 110 - 64: qh at word 5, the signs at words 7 .. 14, the scales at word 15
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.addrs, self.ahead = b, addrs, ahead
+        self.d = _half_lanes(b, _lanes_at(b, addrs, 0, _i16, ir.VectorType(_i16, 16)))
+        self.chunks = {}
+
+    def _words(self, offset):
+        if offset not in self.chunks:
+            self.chunks[offset] = _transpose16(self.b, [load(self.b, a, offset, _V16I32) for a in self.addrs])
+        return self.chunks[offset]
+
+    def scale(self, j):
+        b = self.b
+        nibble = b.and_(b.lshr(self._words(self.TAIL)[15], _c32(4 * j)), _c32(15))
+        return b.add(b.shl(nibble, _c32(1)), _c32(1))
+
+    def scalepair(self, m):
+        return self.b.or_(self.scale(2 * m), self.b.shl(self.scale(2 * m + 1), _c32(16)))
+
+    def codes(self, j):
+        b = self.b
+        qs, tail = self._words(2), self._words(self.TAIL)
+        qh = tail[5 + j // 4]
+        signs = tail[7 + j]
+        table = _grid_table(b)
+        out = []
+        for i in range(8):
+            low = b.and_(b.lshr(qs[2 * j + i // 4], _c32(8 * (i % 4))), _c32(255))
+            high = b.shl(b.and_(b.lshr(qh, _c32(8 * (j % 4) + i)), _c32(1)), _c32(8))
+            grid = b.bitcast(_gather(b, table, b.or_(low, high)), _V64I8)
+            nibble = b.and_(b.lshr(signs, _c32(4 * i)), _c32(15))  # group i // 2's byte, half i % 2
+            mask = b.bitcast(b.mul(b.and_(b.mul(nibble, _c32(_SPREAD)), _c32(0x01010101)), _c32(255)), _V64I8)
+            out.append(b.add(b.sub(b.xor(grid, mask), mask), _bytes(16)))
+        return out
+
+    def prefetch(self, part, parts):
+        _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["iq3_s"], part, parts)
+
+
 class _Blocks32Rows:
     """Super-block s of 16 GGUF rows of a 32-weight block format (blocks32.LAYOUTS, or Q8_0's
     34-byte blocks): its 8 blocks, block k at byte k * nbytes. Blocks do not start on 4-byte
@@ -570,28 +643,32 @@ def _q3k(b, src, xq, xs, xd, add):
         add(t, fmul(b, fmul(b, src.d, _splat(b, xd[t], _V16F32)), b.sitofp(isum[t], _V16F32)))
 
 
-def _iq4xs(b, src, xq, xs, xd, add):
-    """One IQ4_XS super-block of 16 rows times each token: (d * xd) * I, I = sum over sub-blocks
-    of (scale - 32) times (the codes' values + 128) . x, minus 128 times the scales against the
-    32-column sums (iq4_xs's row dot's integer, and its rounding)."""
-    n = len(xq)
-    off = [_ZERO] * n
-    for m in range(4):
-        pair = src.scalepair(m)
+def _offset_codes(shift: int):
+    """The arithmetic of a format whose codes are its values plus 2^shift over 32-column
+    sub-blocks with integer scales: one super-block of 16 rows times each token, (d * xd) * I,
+    I = sum over sub-blocks of scale times (codes . x), minus 2^shift times the scales against
+    the 32-column sums. IQ4_XS (values + 128, scale - 32) and IQ3_S (grid values times signs
+    + 16, odd scales): their row dots' integer, and their rounding."""
+    def arith(b, src, xq, xs, xd, add):
+        n = len(xq)
+        off = [_ZERO] * n
+        for m in range(4):
+            pair = src.scalepair(m)
+            for t in range(n):
+                off[t] = _dpwssd(b, off[t], pair, _bcast4(b, xs[t], 4 * m))
+        isum = [b.sub(_ZERO, b.shl(o, _c32(shift))) for o in off]  # -2^shift * offsets
+        for j in range(8):
+            src.prefetch(j, 8)
+            sc = src.scale(j)
+            codes = src.codes(j)
+            for t in range(n):
+                p = _ZERO
+                for i in range(8):
+                    p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
+                isum[t] = b.add(isum[t], b.mul(p, sc))
         for t in range(n):
-            off[t] = _dpwssd(b, off[t], pair, _bcast4(b, xs[t], 4 * m))
-    isum = [b.sub(_ZERO, b.shl(o, _c32(7))) for o in off]  # -128 * offsets
-    for j in range(8):
-        src.prefetch(j, 8)
-        sc = src.scale(j)
-        codes = src.codes(j)
-        for t in range(n):
-            p = _ZERO
-            for i in range(8):
-                p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
-            isum[t] = b.add(isum[t], b.mul(p, sc))
-    for t in range(n):
-        add(t, fmul(b, fmul(b, src.d, _splat(b, xd[t], _V16F32)), b.sitofp(isum[t], _V16F32)))
+            add(t, fmul(b, fmul(b, src.d, _splat(b, xd[t], _V16F32)), b.sitofp(isum[t], _V16F32)))
+    return arith
 
 
 def _blocks32(lay: Layout):
@@ -634,7 +711,8 @@ _BLOCKS32["q8_0"] = _Q8_0
 
 
 _FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32), "q5_k": (_q5k, _Q5KRows, 16),
-            "q2_k": (_q2k, _Q2KRows, 32), "q3_k": (_q3k, _Q3KRows, 32), "iq4_xs": (_iq4xs, _IQ4XSRows, 16),
+            "q2_k": (_q2k, _Q2KRows, 32), "q3_k": (_q3k, _Q3KRows, 32), "iq4_xs": (_offset_codes(7), _IQ4XSRows, 16),
+            "iq3_s": (_offset_codes(4), _IQ3SRows, 16),
             **{name: (_blocks32(lay), _blocks32_source(name, lay), 16) for name, lay in _BLOCKS32.items()}}
 
 

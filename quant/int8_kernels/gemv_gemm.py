@@ -28,7 +28,7 @@ from ..bits import u8_at
 from ..jit import ALWAYS_INLINED
 from . import avx512_vnni as vnni
 from .avx512_vnni import q4k_rows_step1, q6k_rows_step1
-from .dispatch import BYTES_PER_256, FORMAT_BIT, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from .dispatch import BYTES_PER_256, FORMAT_BIT, IQ3_S, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .step_library import FORMATS as STEP_FORMATS
 from .step_library import call_step
 from .row_dot import GEMM8_FORMATS, GEMM8_SET, q8dot, q8dot4, q8dot8, quantize_row
@@ -38,7 +38,7 @@ _BYTES_256 = np.zeros(64, np.int64)  # GGUF bytes of 256 columns, by format code
 for _code, _bytes in BYTES_PER_256.items():
     _BYTES_256[_code] = _bytes
 STEP_CODES = {"q4_k": Q4_K, "q6_k": Q6_K, "q5_k": Q5_K, "q2_k": Q2_K, "q3_k": Q3_K, "iq4_xs": IQ4_XS, "q4_0": Q4_0,
-              "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "iq4_nl": IQ4_NL, "q8_0": Q8_0}  # step_library's names
+              "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "iq4_nl": IQ4_NL, "q8_0": Q8_0, "iq3_s": IQ3_S}  # step_library's names
 VNNI_SET = sum(FORMAT_BIT[c] for c in STEP_CODES.values())  # the formats with 16-row VNNI GEMM steps
 STEP_BASE = np.full(64, -1, np.int64)  # by format code: where its steps start in a GEMM's steps argument
 SUMS_PER = np.ones(64, np.int64)  # by format code: the 16-column sums its steps take summed in pairs (2) or not

@@ -44,7 +44,8 @@ except ImportError:  # Windows
 from ..jit import source_stamp
 from .avx512_vnni import AVAILABLE, STEP_TOKENS, step_codegen
 
-FORMATS = ("q4_k", "q6_k", "q5_k", "q2_k", "q3_k", "iq4_xs", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q8_0")  # a GEMM's steps array: FORMATS[f]'s step of
+FORMATS = ("q4_k", "q6_k", "q5_k", "q2_k", "q3_k", "iq4_xs", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q8_0",
+           "iq3_s")  # a GEMM's steps array: FORMATS[f]'s step of
 # STEP_TOKENS[k] tokens at 4 f + k (steps_for)
 _I64 = ir.IntType(64)
 _FNTY = ir.FunctionType(ir.VoidType(), [_I64] * 11)
