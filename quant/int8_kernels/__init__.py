@@ -220,7 +220,7 @@ def matvec_group(g: Group, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-_NO_STEPS = np.zeros(4 * len(_step_library.FORMATS), np.int64)
+_NO_STEPS = np.zeros(_step_library.SLOTS * len(_step_library.FORMATS), np.int64)
 _NO_STEPS.setflags(write=False)  # read-only as steps_for's arrays: one GEMM signature, one compile
 _STEP_NAMES = {int(T[name.upper()]): name for name in _step_library.FORMATS}
 

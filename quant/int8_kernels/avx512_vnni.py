@@ -377,6 +377,65 @@ class _IQ4XSRows:
         _prefetch(self.b, self.ahead, ROWS * GGUF_BYTES["iq4_xs"], part, parts)
 
 
+LANE_BYTES = 64 * (1 + 8 + 64)  # a decoded super-block of 16 rows: d, 8 scales, 8 x 8 code vectors
+
+
+class _LaneRows:
+    """Super-block s of 16 rows decoded by a format's decoder (decode_codegen) into lane vectors
+    at addrs[0] (every row's address is the group's: row_bytes 0): d (<16 x float>) at 0, scale(j)
+    (<16 x i32>) at 64 + 64 j, codes(j)'s 8 vectors at 576 + 512 j + 64 i. The source's format
+    decides what the codes and scales are (IQ3_S: as _IQ3SRows'). In L1 or L2: no prefetch."""
+
+    def __init__(self, b, addrs, ahead):
+        self.b, self.base = b, addrs[0]
+        self.d = load(b, self.base, 0, _V16F32)
+
+    def scale(self, j):
+        return load(self.b, self.base, 64 + 64 * j, _V16I32)
+
+    def scalepair(self, m):
+        return self.b.or_(self.scale(2 * m), self.b.shl(self.scale(2 * m + 1), _c32(16)))
+
+    def codes(self, j):
+        return [load(self.b, self.base, 576 + 512 * j + 64 * i, _V64I8) for i in range(8)]
+
+    def prefetch(self, part, parts):
+        pass
+
+
+def decode_codegen(fmt: str):
+    """The code of a decoder: args (w, row_bytes, nsb, out), the 16 GGUF rows of format fmt from
+    w written to out as nsb super-blocks of LANE_BYTES each (see _LaneRows), so that a GEMM's
+    passes over a group's tokens read the decoded lanes instead of decoding each time."""
+    rows_source = _DECODED[fmt]
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        w, row_bytes, nsb, out = args
+        row_addrs = [b.add(w, b.mul(row_bytes, ir.Constant(row_bytes.type, r))) for r in range(ROWS)]
+        next_group = b.add(w, b.mul(row_bytes, ir.Constant(row_bytes.type, ROWS)))
+        with cgutils.for_range(b, nsb) as loop:
+            s = loop.index
+            gguf = b.mul(s, ir.Constant(s.type, GGUF_BYTES[fmt]))
+            ahead = b.add(next_group, b.mul(s, ir.Constant(s.type, ROWS * GGUF_BYTES[fmt])))
+            src = rows_source(b, [b.add(a, gguf) for a in row_addrs], ahead)
+            at = b.add(out, b.mul(s, ir.Constant(s.type, LANE_BYTES)))
+
+            def store(value, offset):
+                ptr = b.inttoptr(b.add(at, ir.Constant(at.type, offset)), value.type.as_pointer())
+                b.store(value, ptr, align=64)
+
+            store(src.d, 0)
+            for j in range(8):
+                src.prefetch(j, 8)
+                store(src.scale(j), 64 + 64 * j)
+                for i, v in enumerate(src.codes(j)):
+                    store(v, 576 + 512 * j + 64 * i)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 def _fshr(b, hi, lo, bits: int):
     """Per lane, the 32 bits from bit `bits` of the 64-bit hi:lo (vpshrdd where the host has it)."""
     f = declare(b, "llvm.fshr.v16i32", _V16I32, [_V16I32, _V16I32, _V16I32])
@@ -712,7 +771,7 @@ _BLOCKS32["q8_0"] = _Q8_0
 
 _FORMATS = {"q4_k": (_q4k, _Q4KRows, 16), "q6_k": (_q6k, _Q6KRows, 32), "q5_k": (_q5k, _Q5KRows, 16),
             "q2_k": (_q2k, _Q2KRows, 32), "q3_k": (_q3k, _Q3KRows, 32), "iq4_xs": (_offset_codes(7), _IQ4XSRows, 16),
-            "iq3_s": (_offset_codes(4), _IQ3SRows, 16),
+            "iq3_s": (_offset_codes(4), _LaneRows, 16),
             **{name: (_blocks32(lay), _blocks32_source(name, lay), 16) for name, lay in _BLOCKS32.items()}}
 
 
@@ -721,6 +780,7 @@ def step_codegen(fmt: str, n_tok: int):
     signature, args), args the 11 int64 values (w, row_bytes, nsb, xq, xq_stride, xs, xs_stride,
     xd, xd_stride, out, out_stride)."""
     arith, rows_source, xs_bytes = _FORMATS[fmt]
+    stride = LANE_BYTES if fmt in _DECODED else GGUF_BYTES[fmt]  # a super-block's bytes in a row (lanes: in the group)
 
     def codegen(context, builder, signature, args):
         b = builder
@@ -746,8 +806,8 @@ def step_codegen(fmt: str, n_tok: int):
             def at(base, stride, t, per):
                 return b.add(token(base, stride, t), b.mul(s, ir.Constant(s.type, per)))
 
-            gguf = b.mul(s, ir.Constant(s.type, GGUF_BYTES[fmt]))
-            ahead = b.add(next_group, b.mul(s, ir.Constant(s.type, ROWS * GGUF_BYTES[fmt])))
+            gguf = b.mul(s, ir.Constant(s.type, stride))
+            ahead = b.add(next_group, b.mul(s, ir.Constant(s.type, ROWS * stride)))
             src = rows_source(b, [b.add(a, gguf) for a in row_addrs], ahead)
             arith(b, src, [at(xq, xq_stride, t, 256) for t in range(n_tok)],
                   [at(xs, xs_stride, t, xs_bytes) for t in range(n_tok)],
@@ -776,4 +836,6 @@ def _make(fmt: str, n_tok: int):
 q4k_rows_step8, q4k_rows_step4, q4k_rows_step2, q4k_rows_step1 = (_make("q4_k", n) for n in STEP_TOKENS)
 q6k_rows_step8, q6k_rows_step4, q6k_rows_step2, q6k_rows_step1 = (_make("q6_k", n) for n in STEP_TOKENS)
 
+_DECODED = {"iq3_s": _IQ3SRows}  # formats whose steps read lanes their decoder wrote (decode_codegen)
+DECODED = tuple(_DECODED)
 SUMS_BYTES = {name: xs_bytes for name, (_, _, xs_bytes) in _FORMATS.items()}  # a step's sums per super-block

@@ -27,10 +27,10 @@ from numba.extending import overload
 from ..bits import u8_at
 from ..jit import ALWAYS_INLINED
 from . import avx512_vnni as vnni
-from .avx512_vnni import q4k_rows_step1, q6k_rows_step1
+from .avx512_vnni import LANE_BYTES, q4k_rows_step1, q6k_rows_step1
 from .dispatch import BYTES_PER_256, FORMAT_BIT, IQ3_S, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .step_library import FORMATS as STEP_FORMATS
-from .step_library import call_step
+from .step_library import SLOTS, call_decoder, call_step
 from .row_dot import GEMM8_FORMATS, GEMM8_SET, q8dot, q8dot4, q8dot8, quantize_row
 
 
@@ -43,7 +43,7 @@ VNNI_SET = sum(FORMAT_BIT[c] for c in STEP_CODES.values())  # the formats with 1
 STEP_BASE = np.full(64, -1, np.int64)  # by format code: where its steps start in a GEMM's steps argument
 SUMS_PER = np.ones(64, np.int64)  # by format code: the 16-column sums its steps take summed in pairs (2) or not
 for _f, _name in enumerate(STEP_FORMATS):
-    STEP_BASE[STEP_CODES[_name]] = 4 * _f
+    STEP_BASE[STEP_CODES[_name]] = SLOTS * _f
     SUMS_PER[STEP_CODES[_name]] = 2 if vnni.SUMS_BYTES[_name] == 16 else 1
 
 
@@ -240,11 +240,7 @@ def _activation_sums(qtype, XB):
 
 
 @nb.njit(inline="always", cache=True)
-def group_steps(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
-    """One group of 16 GGUF rows (the first at wa) times n tokens: 8 per pass while 8 are left,
-    then 4, 2, 1, each pass one call of a compiled step (step_library: steps[base + k] takes
-    8 >> k tokens). The group's weights stay in cache between passes, so they are read from
-    memory once."""
+def _passes(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
     t = 0
     while t < n:
         left = n - t
@@ -252,6 +248,24 @@ def group_steps(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds
         call_step(steps[base + k], wa, row_bytes, nsb, xq0 + t * xqs, xqs, xs0 + t * xss, xss, xd0 + t * xds, xds,
                   o0 + t * os_, os_)
         t += 8 >> k
+
+
+@nb.njit(inline="always", cache=True)
+def group_steps(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_):
+    """One group of 16 GGUF rows (the first at wa) times n tokens: 8 per pass while 8 are left,
+    then 4, 2, 1, each pass one call of a compiled step (step_library: steps[base + k] takes
+    8 >> k tokens). The group's weights stay in cache between passes, so they are read from
+    memory once. A format with a decoder (steps[base + SLOTS - 1]: IQ3_S, whose grid lookups
+    cost more than a pass's products) is decoded once into lane vectors, which every pass reads."""
+    decoder = steps[base + SLOTS - 1]
+    if decoder != 0:
+        lanes = np.empty(nsb * LANE_BYTES + 64, np.uint8)
+        at = (lanes.ctypes.data + 63) // 64 * 64
+        call_decoder(decoder, wa, row_bytes, nsb, at)
+        _passes(steps, base, at, np.int64(0), nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_)
+        lanes[0] = 0  # lanes lives through the passes
+    else:
+        _passes(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds, o0, os_)
 
 
 @lru_cache(maxsize=None)

@@ -42,18 +42,25 @@ except ImportError:  # Windows
     fcntl = None
 
 from ..jit import source_stamp
-from .avx512_vnni import AVAILABLE, STEP_TOKENS, step_codegen
+from .avx512_vnni import AVAILABLE, DECODED, STEP_TOKENS, decode_codegen, step_codegen
 
 FORMATS = ("q4_k", "q6_k", "q5_k", "q2_k", "q3_k", "iq4_xs", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q8_0",
-           "iq3_s")  # a GEMM's steps array: FORMATS[f]'s step of
-# STEP_TOKENS[k] tokens at 4 f + k (steps_for)
+           "iq3_s")
+SLOTS = len(STEP_TOKENS) + 1  # a GEMM's steps array: FORMATS[f]'s step of STEP_TOKENS[k] tokens at
+# SLOTS f + k, and its decoder at SLOTS f + SLOTS - 1 (avx512_vnni.DECODED formats; 0 for the others)
 _I64 = ir.IntType(64)
 _FNTY = ir.FunctionType(ir.VoidType(), [_I64] * 11)
 _SIG = types.none(*([types.int64] * 11))
+_DECODE_FNTY = ir.FunctionType(ir.VoidType(), [_I64] * 4)
+_DECODE_SIG = types.none(*([types.int64] * 4))
 
 
 def _symbol(fmt: str, n_tok: int) -> str:
     return f"stepstream_vnni_{fmt}_step{n_tok}"
+
+
+def _decoder_symbol(fmt: str) -> str:
+    return f"stepstream_vnni_{fmt}_decode16"
 
 
 @nb.njit(cache=True)
@@ -78,6 +85,13 @@ def _compile(codegen, fmt: str):
         step_codegen(fmt, n_tok)(context, builder, _SIG, list(fn.args))
         builder.ret_void()
         library.add_ir_module(module)
+    if fmt in DECODED:
+        module = library.create_ir_module(_decoder_symbol(fmt))
+        fn = ir.Function(module, _DECODE_FNTY, _decoder_symbol(fmt))
+        builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        decode_codegen(fmt)(context, builder, _DECODE_SIG, list(fn.args))
+        builder.ret_void()
+        library.add_ir_module(module)
     library.finalize()
     return library
 
@@ -86,6 +100,8 @@ def _load(codegen, path: Path, fmt: str):
     try:
         library = codegen.unserialize_library(pickle.loads(path.read_bytes()))
         library.get_pointer_to_function(_symbol(fmt, STEP_TOKENS[0]))  # resolves, or raises
+        if fmt in DECODED:
+            library.get_pointer_to_function(_decoder_symbol(fmt))
         return library
     except Exception:  # a missing, partial or foreign file: compiled again below
         return None
@@ -134,8 +150,8 @@ source = None  # where addresses() found the steps: "cache" or "compiled" (None:
 
 @lru_cache(maxsize=None)
 def addresses(fmt: str) -> np.ndarray:
-    """int64 [4]: the addresses of format fmt's steps (a name of FORMATS), STEP_TOKENS[k] tokens
-    at k. Only where avx512_vnni.AVAILABLE."""
+    """int64 [SLOTS]: the addresses of format fmt's steps (a name of FORMATS), STEP_TOKENS[k] tokens
+    at k, then its decoder's (0 if it has none). Only where avx512_vnni.AVAILABLE."""
     if not AVAILABLE:
         raise RuntimeError("the AVX-512 VNNI steps do not compile on this host")
     if fmt not in FORMATS:
@@ -149,16 +165,18 @@ def addresses(fmt: str) -> np.ndarray:
             library, source = _compile(codegen, fmt), "compiled"
             _save(library, path)
     _LIBRARY.append(library)
-    return np.array([library.get_pointer_to_function(_symbol(fmt, n)) for n in STEP_TOKENS], np.int64)
+    decoder = library.get_pointer_to_function(_decoder_symbol(fmt)) if fmt in DECODED else 0
+    return np.array([library.get_pointer_to_function(_symbol(fmt, n)) for n in STEP_TOKENS] + [decoder], np.int64)
 
 
 @lru_cache(maxsize=None)
 def steps_for(fmt: str) -> np.ndarray:
-    """int64 [4 len(FORMATS)]: a GEMM's steps argument for matrices of format fmt: its steps at
-    4 f + k (f its index in FORMATS), zeros elsewhere (the GEMM reads no other format's)."""
-    out = np.zeros(4 * len(FORMATS), np.int64)
+    """int64 [SLOTS len(FORMATS)]: a GEMM's steps argument for matrices of format fmt: its slots
+    at SLOTS f .. SLOTS f + SLOTS - 1 (f its index in FORMATS), zeros elsewhere (the GEMM reads
+    no other format's)."""
+    out = np.zeros(SLOTS * len(FORMATS), np.int64)
     f = FORMATS.index(fmt)
-    out[4 * f:4 * f + 4] = addresses(fmt)
+    out[SLOTS * f:SLOTS * (f + 1)] = addresses(fmt)
     out.setflags(write=False)
     return out
 
@@ -172,3 +190,14 @@ def call_step(typingctx, address, w, row_bytes, nsb, xq, xq_stride, xs, xs_strid
         builder.call(fn, args[1:])
         return context.get_dummy_value()
     return types.none(*([types.int64] * 12)), codegen
+
+
+@intrinsic
+def call_decoder(typingctx, address, w, row_bytes, nsb, out):
+    """Call the decoder at `address` (from addresses) on one group of 16 rows: the 4 int64
+    arguments of avx512_vnni.decode_codegen."""
+    def codegen(context, builder, signature, args):
+        fn = builder.inttoptr(args[0], _DECODE_FNTY.as_pointer())
+        builder.call(fn, args[1:])
+        return context.get_dummy_value()
+    return types.none(*([types.int64] * 5)), codegen
