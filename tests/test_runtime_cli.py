@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 
+import numpy as np
 import pytest
 
 import runtime
@@ -76,4 +77,23 @@ def test_bench_beside_llama_cpp(f32_path, capsys):
     args = parse(bench_cli, ["-m", f32_path, "-p", "16", "-n", "4", "-t", "1", "--llama-cpp"])
     assert bench_cli.run(args) == 0
     out = capsys.readouterr().out
-    assert "stepstream" in out and "llama.cpp" in out
+    assert "stepstream" in out and "llama.cpp" in out and "ratio" in out
+    # the engines' repetitions alternate, and each engine's medians are its own runs'
+    args = parse(bench_cli, ["-m", f32_path, "-p", "16", "-n", "4", "-t", "1", "-r", "3", "--llama-cpp", "--json"])
+    assert bench_cli.run(args) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    runs = report["runs"]
+    assert [r["engine"] for r in runs] == ["stepstream", "llama.cpp"] * 3
+    for name, r in (("stepstream", report), ("llama.cpp", report["llama_cpp"])):
+        mine = [x for x in runs if x["engine"] == name]
+        assert r["prefill_tok_s"] == pytest.approx(16 / np.median([x["prefill_s"] for x in mine]))
+        assert r["decode_tok_s"] == pytest.approx(4 / np.median([x["decode_s"] for x in mine]))
+        assert r["peak_rss_bytes"] > 10 * 2**20
+
+
+def test_bench_says_when_llama_cpp_cannot_run_the_file(tmp_path):
+    """A llama.cpp child that dies before reporting is an error naming it, not a hang."""
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(StepstreamError, match="llama.cpp's benchmark process exited"):
+        bench_cli.LlamaCppBeside(str(bad), [1, 2, 3], [4], 1, 512)

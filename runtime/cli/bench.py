@@ -5,7 +5,8 @@ Like llama-bench: `-p N` random prompt tokens are evaluated in one go from an em
 token-generation step without the sampling), each timed separately; the median of `-r`
 repetitions is reported. Both engines get the very same token ids. With `--llama-cpp`, llama-cpp-python runs the
 same prompt and the same token-by-token decode with the same threads, in a child process
-so that its memory does not count towards ours.
+so that its memory does not count towards ours; the two engines' repetitions alternate, so that
+a shared machine's noise falls on both.
 
 With `--sweep-ram 25%,35%,6GiB`, nothing runs in this process: each engine runs in a child of
 its own under each cgroup memory cap in turn, with the page cache evicted first
@@ -58,21 +59,28 @@ def _prompt(vocab: int, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
-def bench_ours(model, prompt: list[int], gen: list[int], reps: int) -> dict:
+def _warm(model, prompt: list[int], gen: list[int]) -> None:
     model.reset()  # warm-up, as llama-bench does: the first calls load or compile the kernels
     model.eval(prompt[:8])
     model.eval(gen[:1] or prompt[:1])
-    pp, tg = [], []
-    for _ in range(reps):
-        model.reset()
-        t0 = time.perf_counter()
-        model.eval(prompt)
-        pp.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for t in gen:
-            model.eval([t])
-        tg.append(time.perf_counter() - t0)
-    return _rates(prompt, gen, pp, tg)
+
+
+def _timed(model, prompt: list[int], gen: list[int]) -> tuple[float, float]:
+    """One repetition: the prompt from an empty cache, then the tokens one at a time; (prefill s, decode s)."""
+    model.reset()
+    t0 = time.perf_counter()
+    model.eval(prompt)
+    pp = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for t in gen:
+        model.eval([t])
+    return pp, time.perf_counter() - t0
+
+
+def bench_ours(model, prompt: list[int], gen: list[int], reps: int) -> dict:
+    _warm(model, prompt, gen)
+    times = [_timed(model, prompt, gen) for _ in range(reps)]
+    return _rates(prompt, gen, [p for p, _ in times], [t for _, t in times])
 
 
 def _rates(prompt, gen, pp: list[float], tg: list[float]) -> dict:
@@ -81,8 +89,11 @@ def _rates(prompt, gen, pp: list[float], tg: list[float]) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int,
-                     kv_types: tuple[str, str], queue) -> None:
+def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], threads: int | None, batch: int,
+                     kv_types: tuple[str, str], commands, results) -> None:
+    """llama.cpp's side of an alternated run: after loading and a warm-up it puts None on
+    results, then runs one repetition per True on commands (putting its two times), and on
+    False closes and puts its peak RSS."""
     import llama_cpp
 
     threads = threads or os.cpu_count()
@@ -92,33 +103,71 @@ def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], reps: int, th
     llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + len(gen) + 8, n_batch=batch, n_ubatch=batch,
                           n_threads=threads, n_threads_batch=threads, type_k=ggml[kv_types[0]],
                           type_v=ggml[kv_types[1]], verbose=False, **flash)
-    llm.eval(prompt[:8])  # warm-up
-    llm.eval(gen[:1] or prompt[:1])
-    pp, tg = [], []
-    for _ in range(reps):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        pp.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for t in gen:
-            llm.eval([t])
-        tg.append(time.perf_counter() - t0)
+    _warm(llm, prompt, gen)
+    results.put(None)
+    while commands.get():
+        results.put(_timed(llm, prompt, gen))
     llm.close()
-    queue.put(_rates(prompt, gen, pp, tg))
+    results.put(peak_rss_bytes())
 
 
-def bench_llama_cpp(path: str, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int,
-                    kv_types: tuple[str, str] = ("f16", "f16")) -> dict:
-    """llama.cpp's prefill and decode on the same tokens, in a process of its own, its KV cache
-    in `kv_types` (ours: RuntimeOptions.kv_types)."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_llama_cpp_child, args=(path, prompt, gen, reps, threads, batch, kv_types, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+class LlamaCppBeside:
+    """llama.cpp (llama-cpp-python) on the same file in a child process of its own (its memory
+    does not count towards ours), loaded and warmed up once, then run one repetition at a time
+    when asked: so the caller alternates the two engines' repetitions, and a shared machine's
+    slow minute slows both alike instead of only the engine that happened to run in it."""
+
+    def __init__(self, path: str, prompt: list[int], gen: list[int], threads: int | None, batch: int,
+                 kv_types: tuple[str, str] = ("f16", "f16")):
+        ctx = multiprocessing.get_context("spawn")
+        self.commands, self.results = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_llama_cpp_child, daemon=True,
+                                args=(path, prompt, gen, threads, batch, kv_types, self.commands, self.results))
+        self.proc.start()
+        self._get()
+
+    def _get(self):
+        import queue
+
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise StepstreamError(f"llama.cpp's benchmark process exited (code {self.proc.exitcode}) "
+                                          "before it reported; run llama.cpp on the file alone to see why")
+
+    def repetition(self) -> tuple[float, float]:
+        """One repetition in the child: (prefill s, decode s)."""
+        self.commands.put(True)
+        return self._get()
+
+    def close(self) -> int:
+        """Ends the child; its peak RSS in bytes."""
+        self.commands.put(False)
+        rss = self._get()
+        self.proc.join()
+        return rss
+
+
+def bench_beside_llama_cpp(model, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int
+                           ) -> tuple[dict, dict, list[dict]]:
+    """Our repetitions and llama.cpp's alternated, ours first in each pair (llama.cpp's KV cache
+    in ours' types, RuntimeOptions.kv_types): (ours, llama.cpp's, the runs in the order they ran)."""
+    _warm(model, prompt, gen)
+    other = LlamaCppBeside(str(model.file.path), prompt, gen, threads, batch, model.options.kv_types)
+    runs = []
+    try:
+        for _ in range(reps):
+            for engine, rep in (("stepstream", lambda: _timed(model, prompt, gen)), ("llama.cpp", other.repetition)):
+                pp, tg = rep()
+                runs.append({"engine": engine, "prefill_s": pp, "decode_s": tg})
+    finally:
+        rss = other.close() if other.proc.is_alive() else 0
+    times = {e: ([r["prefill_s"] for r in runs if r["engine"] == e], [r["decode_s"] for r in runs if r["engine"] == e])
+             for e in ("stepstream", "llama.cpp")}
+    return (_rates(prompt, gen, *times["stepstream"]), {**_rates(prompt, gen, *times["llama.cpp"]), "peak_rss_bytes": rss},
+            runs)
 
 
 # Flags that choose how one in-process run loads or what it reports; a sweep sets these itself.
@@ -167,8 +216,13 @@ def run(args) -> int:
     prompt, gen = ids[: args.n_prompt], ids[args.n_prompt :]
     report = {"model": str(model.file.path), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
               "threads": args.threads, "batch_size": args.batch_size, "repetitions": args.repetitions,
-              "activations": model.options.activations, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
-              **bench_ours(model, prompt, gen, args.repetitions)}
+              "activations": model.options.activations, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default"}
+    if args.llama_cpp:
+        ours, report["llama_cpp"], report["runs"] = bench_beside_llama_cpp(
+            model, prompt, gen, args.repetitions, args.threads, args.batch_size)
+    else:
+        ours = bench_ours(model, prompt, gen, args.repetitions)
+    report.update(ours)
     if model.placement is not None:
         report["placement"] = model.placement.as_dict()
         report["experts"] = model.provider.stats.as_dict()
@@ -179,9 +233,6 @@ def run(args) -> int:
 
         report["generation"] = bench_generation(model, text_prompt(model, args.n_prompt), args.n_gen,
                                                 args.repetitions, args.mtp)
-    if args.llama_cpp:
-        report["llama_cpp"] = bench_llama_cpp(str(model.file.path), prompt, gen, args.repetitions, args.threads,
-                                              args.batch_size, model.options.kv_types)
     speeds = (f"prefill {report['prefill_tok_s']:.2f} tok/s over {args.n_prompt} tokens"
               + (f"; decode {report['decode_tok_s']:.2f} tok/s over {args.n_gen} tokens" if args.n_gen else ""))
     if args.json:
