@@ -41,6 +41,7 @@ def load(path: str | Path, **options) -> Model:
         raise StepstreamError(f"n_ctx={opts.n_ctx} exceeds the model's context length {cfg.context_length}")
     if opts.n_threads is not None:
         system.set_threads(opts.n_threads)
+    system.keep_freed_memory()
     weights = load_weights(f, cfg)
     if weights.blocks[0].q.qtype != Q.F32:
         # Quantized weights: BLAS does only small products (router, prefill attention). Its
