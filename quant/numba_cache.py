@@ -28,6 +28,15 @@ few-token projection left unwritten, and a NaN softmax reported as a division by
 So each process starts the counter at a random 40-bit multiple of 2**20: while each compiles
 fewer than 2**20 functions, two processes' symbols can only meet when they draw the same
 multiple, a chance of 2**-40 per pair of processes.
+
+Parallel callees loaded from the cache. A kernel that uses parfors records, in its cache entry,
+that loading it must first start Numba's thread pool (``reload_init``: the symbols its parallel
+loops call are defined then). A caller inherits that record from the libraries it links, but
+Numba gives a library rebuilt from the cache an empty record. So a kernel compiled in a process
+that loaded its parallel callee from the cache (the decode step's attention half calling the
+cached GEMV) was cached without it, and a later process that called it first, before any other
+parallel kernel, jumped to address 0 (seen as a segfault of the first decode step, reproduced
+by tests/test_numba_cache.py). _rebuild gives the rebuilt library its record back.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import secrets
 
 import numba.core.caching as _caching
 from numba.core.bytecode import FunctionIdentity
+from numba.core.compiler import CompileResult
 
 _FILE = getattr(_caching, "IndexDataCacheFile", None)
 
@@ -70,15 +80,32 @@ def _random_unique_ids() -> None:
         FunctionIdentity._stepstream_random = True
 
 
+_REBUILD = CompileResult.__dict__.get("_rebuild")
+
+
+def _rebuild(cls, *args, **kwargs):
+    """CompileResult._rebuild (a cached kernel loaded), its library given the kernel's reload_init."""
+    cres = _REBUILD.__func__(cls, *args, **kwargs)
+    if cres.reload_init:
+        cres.library._reload_init.update(cres.reload_init)
+    return cres
+
+
 def install() -> list[str]:
-    """Replace IndexDataCacheFile.save and randomize the symbol counter in this process, each
-    where this Numba has the parts; the parts it lacks, named (empty when both are in)."""
+    """Replace IndexDataCacheFile.save, keep rebuilt libraries' reload_init and randomize the
+    symbol counter in this process, each where this Numba has the parts; the parts it lacks,
+    named (empty when all are in)."""
     missing = []
     needed = ("_save_data", "_load_index", "_save_index")
     if _FILE is None or not all(hasattr(_FILE, n) for n in needed):
         missing.append("per-signature cache file names (numba.core.caching.IndexDataCacheFile)")
     elif _FILE.save is not _save:
         _FILE.save = _save
+    if isinstance(_REBUILD, classmethod) and hasattr(CompileResult, "reload_init"):
+        if CompileResult.__dict__["_rebuild"] is _REBUILD:
+            CompileResult._rebuild = classmethod(_rebuild)
+    else:
+        missing.append("parallel callees' reload_init kept (numba.core.compiler.CompileResult._rebuild)")
     if isinstance(getattr(FunctionIdentity, "_unique_ids", None), itertools.count):
         _random_unique_ids()
     else:

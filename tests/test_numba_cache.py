@@ -151,3 +151,41 @@ def test_each_process_starts_its_own_symbol_counter():
     ids = [int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                               timeout=120, check=True).stdout) for _ in range(3)]
     assert len(set(ids)) == 3 and all(i >= numba_cache.UID_BLOCK for i in ids), ids
+
+
+PARALLEL_CALLEE = textwrap.dedent("""
+    import sys
+    import quant.jit  # noqa: F401  (installs quant.numba_cache)
+    import numba as nb
+    import numpy as np
+
+    @nb.njit(parallel=True, cache=True)
+    def total(a):
+        s = 0.0
+        for i in nb.prange(a.shape[0]):
+            s += a[i]
+        return s
+
+    @nb.njit(cache=True)
+    def caller(a):
+        return total(a) + 1.0
+
+    print((total if sys.argv[1] == "callee" else caller)(np.ones(10)))
+""")
+
+
+def test_a_caller_cached_against_a_cached_parallel_callee_loads_first(tmp_path):
+    """Process A caches a parallel kernel; process B loads it from the cache and compiles and
+    caches a caller; process C loads the caller and calls it before any parallel kernel. The
+    caller's entry must still start the thread pool on load (Numba dropped that from libraries
+    rebuilt from the cache: C jumped to address 0, as the decode step's first call did)."""
+    script = tmp_path / "parallel_mod.py"
+    script.write_text(PARALLEL_CALLEE)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    outs = []
+    for role in ("callee", "caller", "caller"):
+        done = subprocess.run([sys.executable, str(script), role], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"{role}: exit {done.returncode}\n{done.stderr[-2000:]}"
+        outs.append(float(done.stdout.split()[-1]))
+    assert outs == [10.0, 11.0, 11.0]
