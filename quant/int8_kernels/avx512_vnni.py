@@ -635,18 +635,24 @@ def _q5k(b, src, xq, xs, xd, add):
     """One Q5_K super-block of 16 rows times each token: xd * (d * I - dmin * M) per row, each
     float step rounded once as avx2's Q5_K row dot rounds it. The mins' sums come after the
     codes' loop, so that only the code sums stay live through it."""
-    n = len(xq)
-    isum = [_ZERO] * n
+    isum = _scaled_codes32(b, src, xq, [_ZERO] * len(xq))
+    _scaled_minus_mins(b, src, 4, xs, xd, isum, add)
+
+
+def _scaled_codes32(b, src, xq, isum):
+    """isum[t] plus, over the 8 sub-blocks j of 32 columns, src.scale(j) times src.codes(j) .
+    token t's activations (exact int32 lanes; the codes decoded once for all the tokens)."""
+    isum = list(isum)
     for j in range(8):
         src.prefetch(j, 8)
         sc = src.scale(j)
         codes = src.codes(j)
-        for t in range(n):
+        for t in range(len(xq)):
             p = _ZERO
             for i in range(8):
                 p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
             isum[t] = b.add(isum[t], b.mul(p, sc))
-    _scaled_minus_mins(b, src, 4, xs, xd, isum, add)
+    return isum
 
 
 def _scaled_minus_mins(b, src, pairs, xs, xd, isum, add):
@@ -715,16 +721,7 @@ def _offset_codes(shift: int):
             pair = src.scalepair(m)
             for t in range(n):
                 off[t] = _dpwssd(b, off[t], pair, _bcast4(b, xs[t], 4 * m))
-        isum = [b.sub(_ZERO, b.shl(o, _c32(shift))) for o in off]  # -2^shift * offsets
-        for j in range(8):
-            src.prefetch(j, 8)
-            sc = src.scale(j)
-            codes = src.codes(j)
-            for t in range(n):
-                p = _ZERO
-                for i in range(8):
-                    p = _dpbusd(b, p, codes[i], _bcast4(b, xq[t], 32 * j + 4 * i))
-                isum[t] = b.add(isum[t], b.mul(p, sc))
+        isum = _scaled_codes32(b, src, xq, [b.sub(_ZERO, b.shl(o, _c32(shift))) for o in off])  # -2^shift * offsets
         for t in range(n):
             add(t, fmul(b, fmul(b, src.d, _splat(b, xd[t], _V16F32)), b.sitofp(isum[t], _V16F32)))
     return arith
