@@ -22,8 +22,9 @@ Shape legend (per call of a step)
     xs     int16 [C / 32] (Q4_K) or [C / 16] (Q6_K): sums of xq over 32 or 16 columns
     out    float32 [16]          the 16 rows' results for token t, written (not added)
 
-    q4k_rows_step{n}(w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride)
-    q6k_rows_step{n}(...)                       the same for Q6_K
+    step_codegen(fmt, n)(context, builder, signature, args): a step's code for format fmt and n
+        tokens, args the 11 int64 (w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride,
+        out, out_stride); step_library compiles each format's four into a library of its own
 
 The weights are decoded once per super-block for all n tokens; integer sums are exact
 within a super-block, as in int8_kernels.row_dot, and each token's 16 results accumulate in
@@ -42,9 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from gguf import GGMLQuantizationType as T
 
@@ -52,7 +51,7 @@ from ..formats import IQ4_NL_VALUES
 from ..iq_grids import GRIDS
 from ..jit import compiles_for
 from .blocks32 import LAYOUTS, Layout
-from .llvm_ir import declare, fadd, fmul, fsub, load, outlined, shuffle
+from .llvm_ir import declare, fadd, fmul, fsub, load, shuffle
 
 ROWS = 16
 GGUF_BYTES = {"q4_k": 144, "q6_k": 210, "q5_k": 176, "q3_k": 110, "q2_k": 84, "iq4_xs": 136,
@@ -813,25 +812,6 @@ def step_codegen(fmt: str, n_tok: int):
 
     return codegen
 
-
-def _step(fmt: str, n_tok: int):
-    """Codegen of a call of the step (one function per kernel, see llvm_ir.outlined)."""
-    return outlined(f"stepstream.int8.{fmt}.rows16_step{n_tok}", step_codegen(fmt, n_tok))
-
-
-_SIG = types.none(*([types.int64] * 11))
-
-
-def _make(fmt: str, n_tok: int):
-    def step(typingctx, w, row_bytes, nsb, xq, xq_stride, xs, xs_stride, xd, xd_stride, out, out_stride):
-        return _SIG, _step(fmt, n_tok)
-
-    step.__name__ = f"{fmt.replace('_', '')}_rows_step{n_tok}"
-    return intrinsic(step)
-
-
-q4k_rows_step8, q4k_rows_step4, q4k_rows_step2, q4k_rows_step1 = (_make("q4_k", n) for n in STEP_TOKENS)
-q6k_rows_step8, q6k_rows_step4, q6k_rows_step2, q6k_rows_step1 = (_make("q6_k", n) for n in STEP_TOKENS)
 
 _DECODED = {"iq3_s": _IQ3SRows}  # formats whose steps read lanes their decoder wrote (decode_codegen)
 DECODED = tuple(_DECODED)

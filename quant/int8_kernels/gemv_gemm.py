@@ -27,7 +27,7 @@ from numba.extending import overload
 from ..bits import u8_at
 from ..jit import ALWAYS_INLINED
 from . import avx512_vnni as vnni
-from .avx512_vnni import LANE_BYTES, q4k_rows_step1, q6k_rows_step1
+from .avx512_vnni import LANE_BYTES
 from .dispatch import BYTES_PER_256, FORMAT_BIT, IQ3_S, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .step_library import FORMATS as STEP_FORMATS
 from .step_library import SLOTS, call_decoder, call_step
@@ -61,108 +61,34 @@ def find(starts, g):
     return m
 
 
-BLOCK_MIN_SB = 8  # measured: see row_blocks
-ROWS_PER_CHUNK = 8  # single rows a parallel iteration of group_gemv runs in turn (16-row blocks: one)
-
-
-def row_blocks(formats, qtype, n_rows, nsb):
-    """How many 16-row blocks of an n_rows matrix of format qtype and nsb super-blocks a row the
-    one-token GEMV runs as a VNNI GEMM step (the rest row by row, by the AVX2 row dot, whose
-    roundings are the same): n_rows // 16 for Q4_K rows of at least BLOCK_MIN_SB super-blocks on
-    VNNI hosts, else 0. One-token VNNI steps gather 16 rows' scales into lanes per super-block:
-    1.4-1.7x faster than the row dot on Q4_K [1024, 2048 or 4096], slower on [*, 1024] and on Q6_K
-    (measured, one thread). In Numba code only; `formats` a compile-time constant."""
-    raise NotImplementedError("row_blocks is for Numba code")
-
-
-@overload(row_blocks, **ALWAYS_INLINED)
-def _row_blocks(formats, qtype, n_rows, nsb):
-    if not isinstance(formats, types.IntegerLiteral):
-        raise TypingError("row_blocks needs the format set as a compile-time constant")
-    if not (vnni.AVAILABLE and formats.literal_value & FORMAT_BIT[Q4_K]):
-        return lambda formats, qtype, n_rows, nsb: 0
-
-    def impl(formats, qtype, n_rows, nsb):  # no branch: a value phi confuses Numba's inliner
-        return (n_rows // 16) * np.int64(qtype == Q4_K) * np.int64(nsb >= BLOCK_MIN_SB)
-    return impl
-
-
-def block_gemv(formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out):
-    """16 GGUF rows at address wa times one token -> out (an address, 16 float32): the GEMM's
-    one-token step, so a row's product is the GEMM's to the bit. Only where row_blocks > 0.
-    xs4, xs6: the addresses of the token's int16 sums per 32 and per 16 columns."""
-    raise NotImplementedError("block_gemv is for Numba code")
-
-
-@overload(block_gemv, **ALWAYS_INLINED)
-def _block_gemv(formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out):
-    if not isinstance(formats, types.IntegerLiteral):
-        raise TypingError("block_gemv needs the format set as a compile-time constant")
-    if not (vnni.AVAILABLE and formats.literal_value & (FORMAT_BIT[Q4_K] | FORMAT_BIT[Q6_K])):
-        return lambda formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out: None
-    z = np.int64(0)
-
-    def impl(formats, qtype, wa, rb, nsb, xq, xs4, xs6, xd, out):
-        if qtype == Q4_K:
-            q4k_rows_step1(wa, rb, nsb, xq, z, xs4, z, xd, z, out, z)
-        else:
-            q6k_rows_step1(wa, rb, nsb, xq, z, xs6, z, xd, z, out, z)
-    return impl
-
-
-@nb.njit(inline="always", cache=True)
-def activation_sums(xb, xs4, xs6):
-    """The int16 sums of the GEMM steps from one token's xb: per 32 columns (Q4_K) and per 16 (Q6_K)."""
-    for j in range(xs4.shape[0]):
-        xs4[j] = np.int16(xb[2 * j] + xb[2 * j + 1])
-    for j in range(xs6.shape[0]):
-        xs6[j] = np.int16(xb[j])
-
-
-@nb.njit(inline="always", fastmath=True, cache=True)
-def gemv_unit(formats, qtype, wa, rb, n_rows, k, xq, xd, xb, xs4, xs6, out):
-    """Unit k of an n_rows matrix (at address wa, rb bytes a row) times one token, into out
-    [n_rows]: units 0 .. row_blocks - 1 are 16-row blocks, the rest single rows after them.
-    Units = row_blocks + n_rows - 16 row_blocks."""
-    nb16 = row_blocks(formats, qtype, n_rows, xq.shape[0] // 256)
-    if k < nb16:
-        block_gemv(formats, qtype, wa + 16 * k * rb, rb, np.int64(xq.shape[0] // 256), np.int64(xq.ctypes.data),
-                   np.int64(xs4.ctypes.data), np.int64(xs6.ctypes.data), np.int64(xd.ctypes.data),
-                   np.int64(out.ctypes.data) + 64 * k)
-    else:
-        out[k + 15 * nb16] = q8dot(formats, qtype, u8_at(wa + (k + 15 * nb16) * rb, rb), xq, xd, xb)
+ROWS_PER_CHUNK = 8  # rows a parallel iteration of group_gemv runs in turn
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def group_gemv(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
-    """out = the group's rows times the int8 activations, in parallel units of 16 rows (VNNI
-    formats) or single rows; matrix m reads the columns col0[m] .. col0[m] + C_m of the
+    """out = the group's rows times the int8 activations, ROWS_PER_CHUNK rows per parallel unit,
+    each by its format's row dot; matrix m reads the columns col0[m] .. col0[m] + C_m of the
     activations (C_m its own columns, from its row bytes: all zeros for matrices sharing one
-    input, the FFNs' offsets for their down matrices); inlinable into a larger kernel."""
+    input, the FFNs' offsets for their down matrices); inlinable into a larger kernel.
+
+    Never through the GEMM's 16-row VNNI steps: with the weights in memory, as a decode step
+    has them, a one-token step reads 16 rows at once and runs at 0.45-0.85x the row dot's GB/s
+    (Q4_K [1024 x 2048] on two threads: 16.8 against 23.5 GB/s; Q6_K [4096 x 1280] on one:
+    6.5 against 16.1), though it is 1.05-2.1x faster on weights already in cache (measured)."""
     m_count = qt.shape[0]
-    xs4 = np.empty(xb.shape[0] // 2, np.int16)
-    xs6 = np.empty(xb.shape[0], np.int16)
-    activation_sums(xb, xs4, xs6)
-    chunks = np.empty(m_count + 1, np.int64)  # parallel iterations: one 16-row block or ROWS_PER_CHUNK rows
+    chunks = np.empty(m_count + 1, np.int64)
     chunks[0] = 0
     for m in range(m_count):
-        n = starts[m + 1] - starts[m]
-        blocks = row_blocks(formats, qt[m], n, rb[m] // bytes_per_256(qt[m]))
-        per = 1 if blocks else ROWS_PER_CHUNK
-        chunks[m + 1] = chunks[m] + (n - 15 * blocks + per - 1) // per
+        chunks[m + 1] = chunks[m] + (starts[m + 1] - starts[m] + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
     for ch in nb.prange(chunks[m_count]):
         m = find(chunks, ch)
         n = starts[m + 1] - starts[m]
-        blocks = row_blocks(formats, qt[m], n, rb[m] // bytes_per_256(qt[m]))
-        per = 1 if blocks else ROWS_PER_CHUNK
-        units = n - 15 * blocks
         a = col0[m]
         b = a + rb[m] // bytes_per_256(qt[m]) * 256
-        mq, md, mb, m4, m6 = xq[a:b], xd[a // 256:b // 256], xb[a // 16:b // 16], xs4[a // 32:b // 32], xs6[a // 16:b // 16]
-        mo = out[starts[m]:starts[m + 1]]
-        k0 = (ch - chunks[m]) * per
-        for k in range(k0, min(k0 + per, units)):
-            gemv_unit(formats, qt[m], addr[m], rb[m], n, k, mq, md, mb, m4, m6, mo)
+        mq, md, mb = xq[a:b], xd[a // 256:b // 256], xb[a // 16:b // 16]
+        r0 = (ch - chunks[m]) * ROWS_PER_CHUNK
+        for r in range(r0, min(r0 + ROWS_PER_CHUNK, n)):
+            out[starts[m] + r] = q8dot(formats, qt[m], u8_at(addr[m] + r * rb[m], rb[m]), mq, md, mb)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)

@@ -16,10 +16,10 @@ is read from memory once for all T tokens (the union of their experts: each expe
                             every FFN of the union runs its rows once for all its tokens
 
 Bit-identical to T one-token steps: every token goes through the same functions the decode
-step calls (rms_norm_row, quantize_row, gemv_unit, the attention's per-head `_attend`,
+step calls (rms_norm_row, quantize_row, the row dot q8dot, the attention's per-head `_attend`,
 swiglu_row, add_weighted_sum), in the same order for that token; only the loops around them
-differ. The one exception is the row dot of a single-row unit, which runs 4 tokens per pass
-(q8dot4, the GEMM's row step) where the format has one: quant keeps it equal to the one-token
+differ. The one exception: a row runs 4 tokens per pass (q8dot4, the GEMM's row step) where
+the format has one: quant keeps it equal to the one-token
 row dot to the bit (the batch invariance of the GEMM rests on it, and tests check it). The fixed-order float code is compiled on its own and called (quant.jit), never
 inlined into the fast-math kernels.
 
@@ -40,7 +40,7 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import overload
 from quant.int8_kernels.ffn import add_weighted_sum, swiglu_row
-from quant.int8_kernels.gemv_gemm import activation_sums, bytes_per_256, find, gemv_unit, row_blocks
+from quant.int8_kernels.gemv_gemm import bytes_per_256, find
 from quant.bits import u8_at
 from quant.int8_kernels.row_dot import GEMM4_FORMATS, q8dot, q8dot4, quantize_row
 from quant.jit import FIXED_ORDER
@@ -51,7 +51,7 @@ from runtime.model.ops import LANES, dot, rms_norm_row, rope_angles
 
 
 # Formats whose 4-token row step (q8dot4, the GEMM's) gives each token the row dot's bits: their
-# single-row units run 4 tokens per pass over a row, decoding its super-blocks once for four.
+# rows run 4 tokens per pass, decoding each super-block once for four.
 _FOUR = np.zeros(256, np.bool_)
 for _q in GEMM4_FORMATS:
     _FOUR[int(_q)] = True
@@ -64,8 +64,6 @@ class TokensScratch(NamedTuple):
     xq: np.ndarray  # int8 [T, C]          activations as int8 (C = max(2 H, Nh * D))
     xd: np.ndarray  # float32 [T, C / 256]
     xb: np.ndarray  # int32 [T, C / 16]
-    xs4: np.ndarray  # int16 [T, C / 32]   the GEMV's activation sums (gemv_gemm.activation_sums)
-    xs6: np.ndarray  # int16 [T, C / 16]
     proj: np.ndarray  # float32 [T, P]     q, k, v, gate
     cos: np.ndarray  # float32 [T, D / 2]
     sin: np.ndarray  # float32 [T, D / 2]
@@ -82,8 +80,6 @@ class TokensFFNScratch(NamedTuple):
     xq: np.ndarray  # int8 [T, H]            the inputs as int8
     xd: np.ndarray  # float32 [T, H / 256]
     xb: np.ndarray  # int32 [T, H / 16]
-    xs4: np.ndarray  # int16 [T, H / 32]
-    xs6: np.ndarray  # int16 [T, H / 16]
     pq: np.ndarray  # int8 [J, H]            the inputs again, a row per pair in CSR order, so that an
     pd: np.ndarray  # float32 [J, H / 256]   FFN's tokens are consecutive rows (4-token row steps)
     pb: np.ndarray  # int32 [J, H / 16]
@@ -96,8 +92,6 @@ class TokensFFNScratch(NamedTuple):
     hq: np.ndarray  # int8 [J I]             ... quantized
     hd: np.ndarray  # float32 [J I / 256]
     hb: np.ndarray  # int32 [J I / 16]
-    hs4: np.ndarray  # int16 [J I / 32]
-    hs6: np.ndarray  # int16 [J I / 16]
     y: np.ndarray  # float32 [J, H]          each pair's FFN output (by pair)
 
 
@@ -106,7 +100,6 @@ def tokens_scratch(n_tok: int, hidden: int, cols: int, proj: int, half: int, n_h
     return TokensScratch(np.empty((n_tok, hidden), np.float32), np.empty((n_tok, 2 * hidden), np.float32),
                          np.empty((n_tok, cols), np.int8),
                          np.empty((n_tok, cols // 256), np.float32), np.empty((n_tok, cols // 16), np.int32),
-                         np.empty((n_tok, cols // 32), np.int16), np.empty((n_tok, cols // 16), np.int16),
                          np.empty((n_tok, proj), np.float32), np.empty((n_tok, half), np.float32),
                          np.empty((n_tok, half), np.float32), np.empty((n_tok, n_head * 2 * half), np.float32),
                          np.empty((n_tok, hidden), np.float32), np.empty((n_tok * n_head, n_slots), np.float32),
@@ -118,14 +111,12 @@ def tokens_ffn_scratch(n_tok: int, hidden: int, n_pairs: int, width: int) -> Tok
     """For T tokens making up to n_pairs (token, FFN) pairs whose widths sum to at most width."""
     h, j, w = hidden, n_pairs, width
     return TokensFFNScratch(np.empty((n_tok, h), np.int8), np.empty((n_tok, h // 256), np.float32),
-                            np.empty((n_tok, h // 16), np.int32), np.empty((n_tok, h // 32), np.int16),
-                            np.empty((n_tok, h // 16), np.int16), np.empty((j, h), np.int8),
+                            np.empty((n_tok, h // 16), np.int32), np.empty((j, h), np.int8),
                             np.empty((j, h // 256), np.float32), np.empty((j, h // 16), np.int32),
                             np.empty(j, np.int64), np.empty(j + 1, np.int64),
                             np.empty(j + 1, np.int64), np.empty(2 * j + 1, np.int64), np.empty(2 * w, np.float32),
                             np.empty(w, np.float32), np.empty(w, np.int8), np.empty(w // 256, np.float32),
-                            np.empty(w // 16, np.int32), np.empty(w // 32, np.int16), np.empty(w // 16, np.int16),
-                            np.empty((j, h), np.float32))
+                            np.empty(w // 16, np.int32), np.empty((j, h), np.float32))
 
 
 # ---------------------------------------------------------------- fixed-order steps (called)
@@ -185,11 +176,10 @@ def residual_norm_tokens(h, o, n_tok, w, eps, x):
 # ---------------------------------------------------------------- int8 passes over T tokens
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _quantize_tokens(x, n_tok, c, xq, xd, xb, xs4, xs6):
-    """Tokens 0..n_tok-1 of x [T, >= c] (their first c columns) to int8, with the GEMV's sums."""
+def _quantize_tokens(x, n_tok, c, xq, xd, xb):
+    """Tokens 0..n_tok-1 of x [T, >= c] (their first c columns) to int8."""
     for t in range(n_tok):
         quantize_row(x[t, :c], xq[t, :c], xd[t, :c // 256], xb[t, :c // 16])
-        activation_sums(xb[t, :c // 16], xs4[t, :c // 32], xs6[t, :c // 16])
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
@@ -210,36 +200,26 @@ def _row_tokens(formats, qtype, w, xq, xd, xb, n_tok, out, stride, o):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
-    """out [t, :rows] = the group's rows times token t (its first c columns), t < n_tok: the
-    parallel units of gemv_gemm.group_gemv, each running its rows for every token while they
-    are in cache (a 16-row block token by token, a single row 4 tokens per pass)."""
-    m_count = qt.shape[0]
-    units = np.empty(m_count + 1, np.int64)
-    units[0] = 0
-    for m in range(m_count):
-        n = starts[m + 1] - starts[m]
-        units[m + 1] = units[m] + n - 15 * row_blocks(formats, qt[m], n, c // 256)
+def _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, out):
+    """out [t, :rows] = the group's rows times token t (its first c columns), t < n_tok: a row
+    per parallel unit, run for every token while it is in cache (4 tokens per pass where the
+    format has the step, else one at a time)."""
     flat = out.reshape(out.size)
-    for u in nb.prange(units[m_count]):
-        m = find(units, u)
-        n = starts[m + 1] - starts[m]
-        k = u - units[m]
-        nb16 = row_blocks(formats, qt[m], n, c // 256)
-        if k < nb16 or not _FOUR[qt[m]]:
-            for t in range(n_tok):
-                gemv_unit(formats, qt[m], addr[m], rb[m], n, k, xq[t, :c], xd[t, :c // 256], xb[t, :c // 16],
-                          xs4[t, :c // 32], xs6[t, :c // 16], out[t, starts[m]:starts[m + 1]])
+    for g in nb.prange(starts[qt.shape[0]]):
+        m = find(starts, g)
+        r = g - starts[m]
+        w = u8_at(addr[m] + r * rb[m], rb[m])
+        if _FOUR[qt[m]]:
+            _row_tokens(formats, qt[m], w, xq[:, :c], xd[:, :c // 256], xb[:, :c // 16], n_tok, flat, out.shape[1], g)
         else:
-            r = k + 15 * nb16
-            _row_tokens(formats, qt[m], u8_at(addr[m] + r * rb[m], rb[m]), xq[:, :c], xd[:, :c // 256],
-                        xb[:, :c // 16], n_tok, flat, out.shape[1], starts[m] + r)
+            for t in range(n_tok):
+                out[t, g] = q8dot(formats, qt[m], w, xq[t, :c], xd[t, :c // 256], xb[t, :c // 16])
 
 
 @lru_cache(maxsize=None)
 def build(formats: int):
     """The few-token kernels for the int8 format set `formats` (a closure constant):
-    gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)   a group times T tokens
+    gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, out)               a group times T tokens
     attention_half(p, keys, kscale, vals, vscale, kpos, n_tok, h, s)   see the module doc (the cache in
                                                                        its stored types: runtime.model.kv_types)
     ffn(desc, entry, weights, limits, n_tok, x, h, f)                  see the module doc
@@ -250,8 +230,8 @@ def build(formats: int):
     GEMM rows are the GEMV's), in one call instead of a quantize and a GEMM call."""
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
-        _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)
+    def gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, out):
+        _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, out)
 
     @nb.njit(fastmath=True, cache=True)
     def attention_half(p, keys, kscale, vals, vscale, kpos, n_tok, h, s):
@@ -261,17 +241,16 @@ def build(formats: int):
         nk = keys.shape[1] * d
         for t in range(n_tok):
             rms_norm_row(h[t], p.attn_norm, p.eps, s.x[t])
-        _quantize_tokens(s.x, n_tok, n, s.xq, s.xd, s.xb, s.xs4, s.xs6)
+        _quantize_tokens(s.x, n_tok, n, s.xq, s.xd, s.xb)
         tokens_gemv_in_kernel(formats, p.qkvg_qt, p.qkvg_addr, p.qkvg_rb, p.qkvg_starts, n_tok, n, s.xq, s.xd,
-                              s.xb, s.xs4, s.xs6, s.proj)
+                              s.xb, s.proj)
         half = p.inv_freq.shape[0]
         for t in range(n_tok):
             rope_angles(s.qpos[t], p.inv_freq, s.cos[t, :half], s.sin[t, :half])
         attention_tokens(s.proj, n_tok, nq, nk, p.q_norm, p.k_norm, p.eps, s.cos[:, :half], s.sin[:, :half], keys,
                          kscale, vals, vscale, kpos, s.slots, s.qpos, p.window, s.scores, s.att)
-        _quantize_tokens(s.att, n_tok, nq, s.xq, s.xd, s.xb, s.xs4, s.xs6)
-        tokens_gemv_in_kernel(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, n_tok, nq, s.xq, s.xd, s.xb, s.xs4,
-                              s.xs6, s.o)
+        _quantize_tokens(s.att, n_tok, nq, s.xq, s.xd, s.xb)
+        tokens_gemv_in_kernel(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, n_tok, nq, s.xq, s.xd, s.xb, s.o)
         residual_norm_tokens(h, s.o, n_tok, p.ffn_norm, p.eps, s.x)
         if p.router.shape[0]:
             router_tokens(p.router, s.x, n_tok, s.logits)
@@ -287,10 +266,9 @@ def build(formats: int):
         qt = desc[:, 0:2]
         addr = desc[:, 2:5]
         inter = desc[:, 5]
-        xq, xd, xb, xs4, xs6 = f.xq, f.xd, f.xb, f.xs4, f.xs6
+        xq, xd, xb = f.xq, f.xd, f.xb
         for t in range(n_tok):
             quantize_row(x[t], xq[t, :h], xd[t, :h // 256], xb[t, :h // 16])
-            activation_sums(xb[t, :h // 16], xs4[t, :h // 32], xs6[t, :h // 16])
         # pairs grouped by FFN (counting sort, CSR order q), each one's inputs copied to row q
         first, pairs, st = f.first, f.pairs, f.starts
         for m in range(m_count + 1):
@@ -321,24 +299,21 @@ def build(formats: int):
         units = f.units
         units[0] = 0
         for mm in range(2 * m_count):
-            units[mm + 1] = units[mm] + inter[mm // 2] - 15 * row_blocks(formats, qt[mm // 2, 0], inter[mm // 2], h // 256)
+            units[mm + 1] = units[mm] + inter[mm // 2]
         for u in nb.prange(units[2 * m_count]):
             mm = find(units, u)
             m = mm // 2
             i = inter[m]
             which = mm - 2 * m
-            k = u - units[mm]
-            nb16 = row_blocks(formats, qt[m, 0], i, h // 256)
+            r = u - units[mm]
             rb = h // 256 * bytes_per_256(qt[m, 0])
-            if k < nb16 or not _FOUR[qt[m, 0]]:
+            w = u8_at(addr[m, which] + r * rb, rb)
+            if not _FOUR[qt[m, 0]]:
                 for q in range(first[m], first[m + 1]):
                     t = pairs[q] // per
-                    o = 2 * st[q] + which * i
-                    gemv_unit(formats, qt[m, 0], addr[m, which], rb, i, k, xq[t, :h], xd[t, :h // 256],
-                              xb[t, :h // 16], xs4[t, :h // 32], xs6[t, :h // 16], gu[o:o + i])
+                    gu[2 * st[q] + which * i + r] = q8dot(formats, qt[m, 0], w, xq[t, :h], xd[t, :h // 256],
+                                                          xb[t, :h // 16])
             else:
-                r = k + 15 * nb16
-                w = u8_at(addr[m, which] + r * rb, rb)
                 a = first[m]
                 while a < first[m + 1]:  # 4 per pass, then one at a time (the pairs' rows need not be
                     n4 = min(4, first[m + 1] - a)  # 2 i apart: each written where its own span is)
@@ -359,25 +334,20 @@ def build(formats: int):
             m = entry[pairs[q] // per, pairs[q] % per]
             swiglu_row(gu[2 * a:2 * a + (b - a)], gu[2 * a + (b - a):2 * b], limits[m], act[a:b])
             quantize_row(act[a:b], hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16])
-        hs4, hs6 = f.hs4, f.hs6
-        activation_sums(hb[:st[j_count] // 16], hs4[:st[j_count] // 32], hs6[:st[j_count] // 16])
         y = f.y
         for m in range(m_count):
-            units[m + 1] = units[m] + h - 15 * row_blocks(formats, qt[m, 1], h, inter[m] // 256)
+            units[m + 1] = units[m] + h
         for u in nb.prange(units[m_count]):
             m = find(units[:m_count + 1], u)
             i = inter[m]
-            k = u - units[m]
-            nb16 = row_blocks(formats, qt[m, 1], h, i // 256)
+            r = u - units[m]
             rb = i // 256 * bytes_per_256(qt[m, 1])
-            if k < nb16 or not _FOUR[qt[m, 1]]:
+            w = u8_at(addr[m, 2] + r * rb, rb)
+            if not _FOUR[qt[m, 1]]:
                 for q in range(first[m], first[m + 1]):
                     a, b = st[q], st[q + 1]
-                    gemv_unit(formats, qt[m, 1], addr[m, 2], rb, h, k, hq[a:b], hd[a // 256:b // 256],
-                              hb[a // 16:b // 16], hs4[a // 32:b // 32], hs6[a // 16:b // 16], y[pairs[q]])
+                    y[pairs[q], r] = q8dot(formats, qt[m, 1], w, hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16])
             else:
-                r = k + 15 * nb16
-                w = u8_at(addr[m, 2] + r * rb, rb)
                 a = first[m]
                 while a < first[m + 1]:  # the FFN's hidden vectors are consecutive spans of width i
                     if first[m + 1] - a >= 4:
@@ -403,8 +373,8 @@ def build(formats: int):
         c = h.shape[1]
         for t in range(n_tok):
             rms_norm_row(h[t], w, eps, s.x[t, :c])
-        _quantize_tokens(s.x, n_tok, c, s.xq, s.xd, s.xb, s.xs4, s.xs6)
-        tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, s.xq, s.xd, s.xb, s.xs4, s.xs6, out)
+        _quantize_tokens(s.x, n_tok, c, s.xq, s.xd, s.xb)
+        tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, s.xq, s.xd, s.xb, out)
 
     @nb.njit(fastmath=True, cache=True)
     def head_input(enorm, hnorm, eps, n_tok, e, h, qt, addr, rb, starts, s, out):
@@ -412,8 +382,8 @@ def build(formats: int):
         for t in range(n_tok):
             rms_norm_row(e[t], enorm, eps, s.wide[t, :c])
             rms_norm_row(h[t], hnorm, eps, s.wide[t, c:2 * c])
-        _quantize_tokens(s.wide, n_tok, 2 * c, s.xq, s.xd, s.xb, s.xs4, s.xs6)
-        tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, 2 * c, s.xq, s.xd, s.xb, s.xs4, s.xs6, out)
+        _quantize_tokens(s.wide, n_tok, 2 * c, s.xq, s.xd, s.xb)
+        tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, 2 * c, s.xq, s.xd, s.xb, out)
 
     return _Kernels(gemv, attention_half, ffn, norm_project, head_input)
 
@@ -426,18 +396,18 @@ class _Kernels(NamedTuple):
     head_input: object
 
 
-def tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
+def tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, out):
     """build(formats).gemv(...), callable from Numba code built for the same format set (a
     compile-time constant there): a call of the compiled parallel kernel, not an inlined loop."""
-    build(formats).gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)
+    build(formats).gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, out)
 
 
 @overload(tokens_gemv_in_kernel)
-def _tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
+def _tokens_gemv_in_kernel(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, out):
     if not isinstance(formats, types.IntegerLiteral):
         raise TypingError("tokens_gemv_in_kernel needs the format set as a compile-time constant")
     gemv = build(formats.literal_value).gemv
 
-    def impl(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out):
-        gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, xs4, xs6, out)
+    def impl(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, out):
+        gemv(qt, addr, rb, starts, n_tok, c, xq, xd, xb, out)
     return impl
