@@ -31,9 +31,9 @@ within a super-block, as in int8_kernels.row_dot, and each token's 16 results ac
 out across super-blocks, each float step rounded once whatever the caller's fast-math flags
 (llvm_ir.PINNED): the AVX2 row dots make the same roundings, so a row's product is the same
 from the GEMM (any step) and from the one-token GEMV. Software prefetch keeps one stream per thread ahead of the decode
-(the next group's rows, a slice per block): the decode work per byte is large enough that
-the hardware prefetcher alone leaves DRAM latency exposed (6 against 17 GB/s on one thread
-when measured).
+(the next group's rows, a slice per block, into L2): the decode work per byte is large enough
+that the hardware prefetcher alone leaves DRAM latency exposed (6 against 17 GB/s on one
+thread when measured). The GEMV runs the one-token step for most formats (gemv_gemm.row_blocks).
 
 AVAILABLE says whether Numba compiles them here (AVX-512 F/BW/VL and VNNI on, see
 quant.jit.compiles_for); nothing may call them otherwise, as LLVM aborts on the intrinsics.
@@ -102,13 +102,16 @@ def _c32(v: int):
 
 
 def _prefetch(b, addr, nbytes: int, part: int, parts: int):
-    """Prefetch part `part` of `parts` of the nbytes at addr (an i64 address)."""
+    """Prefetch part `part` of `parts` of the nbytes at addr (an i64 address), into L2
+    (prefetcht1): into L1 (prefetcht0), a one-token step over weights in memory ran at half the
+    rate (IQ4_NL [8192, 512], one thread: 7.4 against 14.5 GB/s; no prefetch 5.6, measured),
+    and prefill was no faster."""
     f = declare(b, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
     lines = range(0, nbytes, 64)
     per = -(-len(lines) // parts)
     for line in lines[part * per:(part + 1) * per]:
         ptr = b.inttoptr(b.add(addr, ir.Constant(addr.type, line)), _i8.as_pointer())
-        b.call(f, [ptr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        b.call(f, [ptr, ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)])
 
 
 def _transpose16(b, rows):
