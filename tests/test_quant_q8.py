@@ -161,7 +161,8 @@ def test_group_gemv_reads_each_matrix_own_columns():
     starts = np.concatenate([[0], np.cumsum([w.rows for w in ws])]).astype(np.int64)
     col0 = np.array([c0 for *_, c0 in specs], np.int64)
     out = np.full(int(starts[-1]), np.nan, np.float32)
-    q8.kernels(q8.format_set(qt.tolist())).gemv(qt, addr, rb, starts, col0, a.q[0], a.d[0], a.b[0], out)
+    fs = q8.format_set(qt.tolist())
+    q8.kernels(fs).gemv(qt, addr, rb, starts, col0, a.q[0], a.d[0], a.b[0], out, q8.step_addresses(fs))
     xv = values(a)[0]
     for m, ((_, W), (_, _, c, c0)) in enumerate(zip(mats, specs)):
         assert_close(out[starts[m]:starts[m + 1]], W, xv[c0:c0 + c])

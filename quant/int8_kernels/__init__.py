@@ -37,11 +37,13 @@ portable and AVX2),
 avx512_vnni (16-row GEMM steps), dispatch (format sets), gemv_gemm (the parallel loops), ffn
 (the fused SwiGLU sum), experts_gemm (a prefill chunk's experts in one call), llvm_ir (IR helpers).
 
-On AVX-512 VNNI hosts the Q4_K/Q6_K GEMM works on 16 GGUF rows at a time, so that each
-``vpdpbusd`` does 64 multiply-adds for 16 rows; the rows are transposed in registers (no
-copy; an 8-token GEMM costs about 2x a one-token GEMV). Other formats, and every format on
-AVX2 hosts without VNNI, take a 4-token row step that decodes each super-block once for four
-tokens and makes the one-token row dot's roundings for each.
+On AVX-512 VNNI hosts the GEMM of the step_library formats (Q4_K, Q5_K, Q6_K, Q8_0, Q2_K, Q3_K,
+the 32-weight blocks, IQ4_XS, IQ3_S) works on 16 GGUF rows at a time, so that each ``vpdpbusd``
+does 64 multiply-adds for 16 rows; the rows are transposed in registers (no copy). The GEMV
+runs their 16-row groups through the same steps for one token (`step_addresses`; Q6_K and Q8_0
+rows, and the rows left over, by the row dot: gemv_gemm.row_blocks). Other formats, and every format on AVX2 hosts without VNNI, take a
+4-token row step that decodes each super-block once for four tokens and makes the one-token
+row dot's roundings for each.
 
 ``matvec_many``, ``group`` and ``swiglu_ffns`` take their matrices by address, so any set
 of them (views of a memory map, slots of an expert cache) goes in one call: one parallel
@@ -72,7 +74,7 @@ from .row_dot import GEMM4_FORMATS
 
 __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Activations", "ffn_descriptor",
            "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matmul_rows", "matvec", "matvec_group", "matvec_many",
-           "quantize_activations", "supports", "swiglu_experts", "swiglu_ffns"]
+           "quantize_activations", "step_addresses", "supports", "swiglu_experts", "swiglu_ffns"]
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS,
            T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0)
@@ -160,6 +162,7 @@ class Group:
     starts: np.ndarray
     formats: int
     col0: np.ndarray  # int64 [M] zeros: every matrix reads the whole input (gemv_gemm.group_gemv)
+    steps: np.ndarray  # the VNNI steps of the format set (step_addresses)
 
     @property
     def rows(self) -> int:
@@ -170,7 +173,7 @@ class Group:
         return self.mats[0].cols
 
     def kernel(self):
-        """gemv(qt, addr, rb, starts, col0, xq, xd, xb, out) compiled for this group's format set."""
+        """gemv(qt, addr, rb, starts, col0, xq, xd, xb, out, steps) compiled for this group's format set."""
         return kernels(self.formats).gemv
 
 
@@ -183,10 +186,11 @@ def group(ws: list[PackedMatrix], formats: int | None = None) -> Group:
             raise ValueError(f"{w.qtype.name} [{w.rows}, {w.cols}] cannot join an int8 group of {ws[0].cols} columns")
     starts = np.zeros(len(ws) + 1, np.int64)
     np.cumsum([w.rows for w in ws], out=starts[1:])
+    formats = _formats(formats, ws)
     return Group(tuple(ws), np.array([int(w.qtype) for w in ws], np.int64),
                  np.array([w.data.ctypes.data for w in ws], np.int64),
-                 np.array([w.data.shape[1] for w in ws], np.int64), starts, _formats(formats, ws),
-                 np.zeros(len(ws), np.int64))
+                 np.array([w.data.shape[1] for w in ws], np.int64), starts, formats,
+                 np.zeros(len(ws), np.int64), step_addresses(formats))
 
 
 def matvec_many(ws: list[PackedMatrix], a: Q8Activations, out: np.ndarray, token: int = 0,
@@ -196,7 +200,7 @@ def matvec_many(ws: list[PackedMatrix], a: Q8Activations, out: np.ndarray, token
     if a.shape[1] != g.cols:
         raise ValueError(f"activations have {a.shape[1]} columns, W has {g.cols}")
     _check_out(out, (g.rows,))
-    g.kernel()(g.qt, g.addr, g.rb, g.starts, g.col0, a.q[token], a.d[token], a.b[token], out)
+    g.kernel()(g.qt, g.addr, g.rb, g.starts, g.col0, a.q[token], a.d[token], a.b[token], out, g.steps)
     return out
 
 
@@ -216,7 +220,7 @@ def matvec_group(g: Group, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         raise ValueError(f"x must be C-contiguous float32 [{g.cols}], got {x.dtype} {x.shape}")
     _check_out(out, (g.rows,))
     a = quantize_activations(x)
-    g.kernel()(g.qt, g.addr, g.rb, g.starts, g.col0, a.q[0], a.d[0], a.b[0], out)
+    g.kernel()(g.qt, g.addr, g.rb, g.starts, g.col0, a.q[0], a.d[0], a.b[0], out, g.steps)
     return out
 
 
@@ -289,7 +293,7 @@ def swiglu_ffns(desc: np.ndarray, weights: np.ndarray, limits: np.ndarray, x: np
                          f"{desc.shape[0]} FFNs on [{x.shape[0]}]")
     if formats is None:
         formats = format_set(np.unique(desc[:, :2]).tolist())
-    kernels(formats).swiglu(desc, weights, limits, x, out, scratch)
+    kernels(formats).swiglu(desc, weights, limits, x, out, scratch, step_addresses(formats))
     return out
 
 
@@ -306,6 +310,15 @@ def _steps_of(qtypes) -> np.ndarray:
 
 
 _STEPS_OF: dict[tuple, np.ndarray] = {}
+
+
+@lru_cache(maxsize=None)
+def step_addresses(formats: int) -> np.ndarray:
+    """The steps argument of the GEMV and the fused kernels compiled for the format set `formats`:
+    the VNNI steps of each of its formats that has them (step_library.steps_for, compiled or
+    loaded on first use), read-only; zeros on hosts without VNNI (the GEMV then runs every row
+    by the row dot)."""
+    return _steps_of([code for code, bit in FORMAT_BIT.items() if bit & formats]) if _vnni.AVAILABLE else _NO_STEPS
 
 
 def swiglu_experts(desc: np.ndarray, rows: np.ndarray, starts: np.ndarray, weights: np.ndarray,

@@ -85,9 +85,10 @@ def add_weighted_sum(y, weights, m_count, out):
 
 
 def build(formats: int):
-    """swiglu_ffns(desc, weights, limits, x, out, scratch) for FFNs of the formats in `formats`."""
+    """swiglu_ffns(desc, weights, limits, x, out, scratch, steps) for FFNs of the formats in
+    `formats`; steps: the GEMV's (gemv_gemm, int8_kernels.step_addresses)."""
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def swiglu_ffns(desc, weights, limits, x, out, scratch):
+    def swiglu_ffns(desc, weights, limits, x, out, scratch, steps):
         m_count = desc.shape[0]
         h = x.shape[0]
         s = scratch.starts
@@ -111,7 +112,7 @@ def build(formats: int):
         xq, xd, xb = scratch.xq, scratch.xd, scratch.xb
         quantize_row(x, xq, xd, xb)
         gu = scratch.gu
-        gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, gu[:2 * s[m_count]])
+        gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, gu[:2 * s[m_count]], steps)
         # SwiGLU and the hidden vectors' quantization, per FFN
         hq, hd, hb, act = scratch.hq, scratch.hd, scratch.hb, scratch.act
         for m in nb.prange(m_count):
@@ -133,7 +134,7 @@ def build(formats: int):
         y = scratch.y
         w = s[m_count]
         gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, hq[:w], hd[:w // 256], hb[:w // 16],
-                            y.reshape(y.size)[:m_count * h])
+                            y.reshape(y.size)[:m_count * h], steps)
         add_weighted_sum(y, weights, m_count, out)
 
     return swiglu_ffns

@@ -10,7 +10,10 @@ Shape legend
                  being rows starts[m] .. starts[m + 1] of the stacked output
     formats      the format set the kernel is compiled for (dispatch.FORMAT_BIT): a closure
                  variable of `kernels(formats)`, a compile-time constant of its kernels
-Kernels write their output buffer (last argument) and allocate only small per-call scratch.
+    steps        int64 [SLOTS len(step_library.FORMATS)]: the addresses of the compiled VNNI
+                 steps of the formats at hand (step_library.steps_for, summed over formats;
+                 zeros where a format's are not loaded, or on hosts without VNNI)
+Kernels write their output buffer and allocate only small per-call scratch.
 """
 
 from __future__ import annotations
@@ -61,34 +64,100 @@ def find(starts, g):
     return m
 
 
-ROWS_PER_CHUNK = 8  # rows a parallel iteration of group_gemv runs in turn
+ROWS_PER_CHUNK = 8  # single rows a parallel iteration of group_gemv runs in turn (16-row groups: one)
+ONE_TOKEN = SLOTS - 2  # a format's one-token step in a steps array: STEP_TOKENS ends with 1
+ROW_DOT_FORMATS = (Q6_K, Q8_0)  # step formats whose GEMV stays with the row dot (see row_blocks)
+GEMV_STEP = np.zeros(64, np.int64)  # by format code: 1 where the GEMV runs 16-row groups by the step
+for _code in STEP_CODES.values():
+    GEMV_STEP[_code] = _code not in ROW_DOT_FORMATS
+
+
+def row_blocks(formats, qtype, n_rows, steps):
+    """How many 16-row groups of an n_rows matrix of format qtype the GEMV runs through the VNNI
+    GEMM's one-token step (step_library; `steps` holds the addresses, step_library.steps_for),
+    the rest row by row by the AVX2 row dot, whose roundings are the same: n_rows // 16 for the
+    step formats but Q6_K and Q8_0 on VNNI hosts, when `steps` holds that format's, else 0.
+
+    Measured with the weights in memory, as a decode step has them (many distinct matrices,
+    256 MB, one thread, step over row dot GB/s): Q4_K 23.6 / 13.7 on [2048, 4096] and 18.2 /
+    12.2 on [4096, 1280]; Q4_0, Q4_1, Q5_0, IQ4_NL, IQ4_XS, Q2_K, Q3_K 1.2-2.3x; Q5_K and Q5_1
+    1.4-1.6x on [2048, 4096], about even on [4096, 1280]; Q6_K 10.4 / 18.5 and Q8_0 16.5 /
+    25.1, which stay with the row dot. IQ3_S 1.1x. The step's prefetch into
+    L2, not L1, is what makes it pay from memory (see avx512_vnni). In Numba code only;
+    `formats` a compile-time constant."""
+    raise NotImplementedError("row_blocks is for Numba code")
+
+
+@overload(row_blocks, **ALWAYS_INLINED)
+def _row_blocks(formats, qtype, n_rows, steps):
+    if not isinstance(formats, types.IntegerLiteral):
+        raise TypingError("row_blocks needs the format set as a compile-time constant")
+    if not (vnni.AVAILABLE and formats.literal_value & VNNI_SET & ~(FORMAT_BIT[Q6_K] | FORMAT_BIT[Q8_0])):
+        return lambda formats, qtype, n_rows, steps: 0
+
+    def impl(formats, qtype, n_rows, steps):  # no branch: a value phi confuses Numba's inliner
+        base = STEP_BASE[qtype]
+        return (n_rows // 16) * GEMV_STEP[qtype] * np.int64(steps[max(base, 0) + ONE_TOKEN] != 0)
+    return impl
+
+
+@nb.njit(inline="always", cache=True)
+def activation_sums(xb, xs4, xs6):
+    """The int16 sums of the GEMM steps from one token's xb: per 32 columns (Q4_K) and per 16 (Q6_K)."""
+    for j in range(xs4.shape[0]):
+        xs4[j] = np.int16(xb[2 * j] + xb[2 * j + 1])
+    for j in range(xs6.shape[0]):
+        xs6[j] = np.int16(xb[j])
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def group_gemv(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
-    """out = the group's rows times the int8 activations, ROWS_PER_CHUNK rows per parallel unit,
-    each by its format's row dot; matrix m reads the columns col0[m] .. col0[m] + C_m of the
-    activations (C_m its own columns, from its row bytes: all zeros for matrices sharing one
-    input, the FFNs' offsets for their down matrices); inlinable into a larger kernel.
+def gemv_unit(formats, qtype, wa, rb, n_rows, k, xq, xd, xb, xs4, xs6, out, steps):
+    """Unit k of an n_rows matrix (at address wa, rb bytes a row) times one token, into out
+    [n_rows]: units 0 .. row_blocks - 1 are 16-row groups (a one-token step each), the rest
+    single rows after them. Units = row_blocks + n_rows - 16 row_blocks. xs4, xs6: the token's
+    int16 sums per 32 and per 16 columns (activation_sums), which the steps take."""
+    nb16 = row_blocks(formats, qtype, n_rows, steps)
+    if k < nb16:
+        xs = xs4.ctypes.data if SUMS_PER[qtype] == 2 else xs6.ctypes.data
+        z = np.int64(0)
+        group_steps(steps, STEP_BASE[qtype], wa + 16 * k * rb, rb, np.int64(xq.shape[0] // 256), np.int64(1),
+                    np.int64(xq.ctypes.data), z, np.int64(xs), z, np.int64(xd.ctypes.data), z,
+                    np.int64(out.ctypes.data) + 64 * k, z)
+    else:
+        out[k + 15 * nb16] = q8dot(formats, qtype, u8_at(wa + (k + 15 * nb16) * rb, rb), xq, xd, xb)
 
-    Never through the GEMM's 16-row VNNI steps: with the weights in memory, as a decode step
-    has them, a one-token step reads 16 rows at once and runs at 0.45-0.85x the row dot's GB/s
-    (Q4_K [1024 x 2048] on two threads: 16.8 against 23.5 GB/s; Q6_K [4096 x 1280] on one:
-    6.5 against 16.1), though it is 1.05-2.1x faster on weights already in cache (measured)."""
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def group_gemv(formats, qt, addr, rb, starts, col0, xq, xd, xb, out, steps):
+    """out = the group's rows times the int8 activations, in parallel units of 16 rows (through
+    the one-token VNNI steps at the addresses `steps`, see row_blocks) or single rows; matrix m
+    reads the columns col0[m] .. col0[m] + C_m of the activations (C_m its own columns, from its
+    row bytes: all zeros for matrices sharing one input, the FFNs' offsets for their down
+    matrices); inlinable into a larger kernel."""
     m_count = qt.shape[0]
-    chunks = np.empty(m_count + 1, np.int64)
+    xs4 = np.empty(xb.shape[0] // 2, np.int16)
+    xs6 = np.empty(xb.shape[0], np.int16)
+    activation_sums(xb, xs4, xs6)
+    chunks = np.empty(m_count + 1, np.int64)  # parallel iterations: one 16-row block or ROWS_PER_CHUNK rows
     chunks[0] = 0
     for m in range(m_count):
-        chunks[m + 1] = chunks[m] + (starts[m + 1] - starts[m] + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
+        n = starts[m + 1] - starts[m]
+        blocks = row_blocks(formats, qt[m], n, steps)
+        per = 1 if blocks else ROWS_PER_CHUNK
+        chunks[m + 1] = chunks[m] + (n - 15 * blocks + per - 1) // per
     for ch in nb.prange(chunks[m_count]):
         m = find(chunks, ch)
         n = starts[m + 1] - starts[m]
+        blocks = row_blocks(formats, qt[m], n, steps)
+        per = 1 if blocks else ROWS_PER_CHUNK
+        units = n - 15 * blocks
         a = col0[m]
         b = a + rb[m] // bytes_per_256(qt[m]) * 256
-        mq, md, mb = xq[a:b], xd[a // 256:b // 256], xb[a // 16:b // 16]
-        r0 = (ch - chunks[m]) * ROWS_PER_CHUNK
-        for r in range(r0, min(r0 + ROWS_PER_CHUNK, n)):
-            out[starts[m] + r] = q8dot(formats, qt[m], u8_at(addr[m] + r * rb[m], rb[m]), mq, md, mb)
+        mq, md, mb, m4, m6 = xq[a:b], xd[a // 256:b // 256], xb[a // 16:b // 16], xs4[a // 32:b // 32], xs6[a // 16:b // 16]
+        mo = out[starts[m]:starts[m + 1]]
+        k0 = (ch - chunks[m]) * per
+        for k in range(k0, min(k0 + per, units)):
+            gemv_unit(formats, qt[m], addr[m], rb[m], n, k, mq, md, mb, m4, m6, mo, steps)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -197,7 +266,9 @@ def group_steps(steps, base, wa, row_bytes, nsb, n, xq0, xqs, xs0, xss, xd0, xds
 @lru_cache(maxsize=None)
 def build(formats: int) -> SimpleNamespace:
     """The kernels for matrices of the formats in `formats` (see dispatch.format_set):
-    gemv(qt, addr, rb, starts, col0, xq, xd, xb, out)   a group's rows times quantized activations
+    gemv(qt, addr, rb, starts, col0, xq, xd, xb, out, steps)   a group's rows times quantized
+                                                  activations; steps: as gemm's, for every format
+                                                  of the group (zeros: row dots only)
     gemm(qtype, w, XQ, XD, XB, out, steps)        GGUF rows times N tokens (GEMM_FORMATS); steps: see
                                                   step_library.steps_for (VNNI hosts; else unused)
     gemm_rows(qtype, w, XQ, XD, XB, out)          the same, each token through the GEMV's row dot"""
@@ -210,8 +281,8 @@ def build(formats: int) -> SimpleNamespace:
                 out[t, row] = q8dot(formats, qtype, w[row], XQ[t], XD[t], XB[t])
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def gemv(qt, addr, rb, starts, col0, xq, xd, xb, out):
-        group_gemv(formats, qt, addr, rb, starts, col0, xq, xd, xb, out)
+    def gemv(qt, addr, rb, starts, col0, xq, xd, xb, out, steps):
+        group_gemv(formats, qt, addr, rb, starts, col0, xq, xd, xb, out, steps)
 
     if vnni.AVAILABLE and formats & VNNI_SET:
         @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -242,18 +313,18 @@ def build(formats: int) -> SimpleNamespace:
     return SimpleNamespace(gemv=gemv, gemm=gemm, gemm_rows=gemm_rows)
 
 
-def gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
+def gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out, steps):
     """build(formats).gemv(...) on matrices sharing the input xq, callable from a Numba kernel built
     for the same format set (a compile-time constant there): the call goes to the compiled parallel
     kernel, which other callers share, instead of inlining another parallel loop into the caller."""
-    build(formats).gemv(qt, addr, rb, starts, np.zeros(qt.shape[0], np.int64), xq, xd, xb, out)
+    build(formats).gemv(qt, addr, rb, starts, np.zeros(qt.shape[0], np.int64), xq, xd, xb, out, steps)
 
 
-def gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
+def gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, out, steps):
     """As gemv_in_kernel, matrix m reading the columns from col0[m] on (see group_gemv). A kernel
     calls these rather than closing over the compiled GEMV: Numba keys a closure's cache entry
     on its pickled variables, and a pickled kernel differs from process to process."""
-    build(formats).gemv(qt, addr, rb, starts, col0, xq, xd, xb, out)
+    build(formats).gemv(qt, addr, rb, starts, col0, xq, xd, xb, out, steps)
 
 
 def _compiled_gemv(formats):
@@ -263,18 +334,18 @@ def _compiled_gemv(formats):
 
 
 @overload(gemv_in_kernel)
-def _gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out):
+def _gemv_in_kernel(formats, qt, addr, rb, starts, xq, xd, xb, out, steps):
     gemv = _compiled_gemv(formats)
 
-    def impl(formats, qt, addr, rb, starts, xq, xd, xb, out):
-        gemv(qt, addr, rb, starts, np.zeros(qt.shape[0], np.int64), xq, xd, xb, out)
+    def impl(formats, qt, addr, rb, starts, xq, xd, xb, out, steps):
+        gemv(qt, addr, rb, starts, np.zeros(qt.shape[0], np.int64), xq, xd, xb, out, steps)
     return impl
 
 
 @overload(gemv_cols_in_kernel)
-def _gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
+def _gemv_cols_in_kernel(formats, qt, addr, rb, starts, col0, xq, xd, xb, out, steps):
     gemv = _compiled_gemv(formats)
 
-    def impl(formats, qt, addr, rb, starts, col0, xq, xd, xb, out):
-        gemv(qt, addr, rb, starts, col0, xq, xd, xb, out)
+    def impl(formats, qt, addr, rb, starts, col0, xq, xd, xb, out, steps):
+        gemv(qt, addr, rb, starts, col0, xq, xd, xb, out, steps)
     return impl

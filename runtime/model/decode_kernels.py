@@ -60,7 +60,7 @@ def attention_half(formats: int):
         xq, xd, xb = s.xq[:n], s.xd[:n // 256], s.xb[:n // 16]
         quantize_row(s.x, xq, xd, xb)
         proj = s.proj[:p.qkvg_starts[-1]]
-        gemv_in_kernel(formats, p.qkvg_qt, p.qkvg_addr, p.qkvg_rb, p.qkvg_starts, xq, xd, xb, proj)
+        gemv_in_kernel(formats, p.qkvg_qt, p.qkvg_addr, p.qkvg_rb, p.qkvg_starts, xq, xd, xb, proj, p.steps)
         half = p.inv_freq.shape[0]
         cos = s.cos[:half]
         sin = s.sin[:half]
@@ -71,7 +71,7 @@ def attention_half(formats: int):
                          vscale)
         aq, ad, ab = s.xq[:nq], s.xd[:nq // 256], s.xb[:nq // 16]
         quantize_row(att, aq, ad, ab)
-        gemv_in_kernel(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, aq, ad, ab, s.o)
+        gemv_in_kernel(formats, p.o_qt, p.o_addr, p.o_rb, p.o_starts, aq, ad, ab, s.o, p.steps)
         for i in range(n):
             h[i] = h[i] + s.o[i]
         rms_norm_row(h, p.ffn_norm, p.eps, s.x)

@@ -57,6 +57,7 @@ class AttentionPlan(NamedTuple):
     inv_freq: np.ndarray  # float64 [R/2]
     window: int  # 0 on full-attention blocks
     router: np.ndarray  # float32 [E, H], read-only ([0, 1] on dense blocks)
+    steps: np.ndarray  # int64: the GEMV's VNNI steps for the model's format set (int8_kernels.step_addresses)
 
 
 class DecodeScratch(NamedTuple):
@@ -113,7 +114,7 @@ def build_plan(cfg: ModelConfig, i: int, w: BlockWeights, inv_freq: np.ndarray, 
         r.flags.writeable = False
         attention = AttentionPlan(w.attn_norm, w.ffn_norm, np.float32(cfg.rms_eps), *_group_arrays(qkvg),
                                   *_group_arrays(o), cfg.n_head[i], w.q_norm, w.k_norm, inv_freq,
-                                  cfg.window if cfg.sliding[i] else 0, r)
+                                  cfg.window if cfg.sliding[i] else 0, r, int8_kernels.step_addresses(int8))
     first = w.dense if router is None else w.shared
     desc = ffn_descriptor(first.gate, first.up, first.down) if all(
         int8_applies(m, int8) for m in (first.gate, first.up, first.down)) else None

@@ -18,10 +18,12 @@ is read from memory once for all T tokens (the union of their experts: each expe
 Bit-identical to T one-token steps: every token goes through the same functions the decode
 step calls (rms_norm_row, quantize_row, the row dot q8dot, the attention's per-head `_attend`,
 swiglu_row, add_weighted_sum), in the same order for that token; only the loops around them
-differ. The one exception: a row runs 4 tokens per pass (q8dot4, the GEMM's row step) where
-the format has one: quant keeps it equal to the one-token
-row dot to the bit (the batch invariance of the GEMM rests on it, and tests check it). The fixed-order float code is compiled on its own and called (quant.jit), never
-inlined into the fast-math kernels.
+differ. The exceptions are the matrix products, which quant keeps equal to the one-token row
+dot to the bit (the batch invariance of the GEMM rests on it, and tests check it): here a row
+runs 4 tokens per pass (q8dot4, the GEMM's row step) where the format has one, and the decode
+step's GEMV runs most formats' 16-row groups by the GEMM's one-token VNNI step
+(gemv_gemm.row_blocks). The fixed-order float code is compiled on its own and called
+(quant.jit), never inlined into the fast-math kernels.
 
 Shape legend:  T tokens (<= the scratch's)  H hidden  C a matrix's columns  P projections
     (Nh + 2 Nk) D + Nh   Nh/Nk heads  D head dim  S cache slots  E experts  R/2 rotated pairs

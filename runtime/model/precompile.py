@@ -113,13 +113,14 @@ def compile_kernels(formats: int, kv_types: tuple[str, str], head_dim: int, hidd
                     kscale, vscale)
     if not formats:
         return
+    steps = q8.step_addresses(formats)  # also loads (or compiles) the file's VNNI steps
     k.gemv(*[np.zeros(0, np.int64) for _ in range(5)], np.zeros(256, np.int8), np.zeros(1, f32),
-           np.zeros(16, np.int32), np.zeros(0, f32))
+           np.zeros(16, np.int32), np.zeros(0, f32), steps)
     vec = [np.zeros(head_dim, f32) for _ in range(6)]
     decode_attention(*vec, f32(1e-6), np.ones(0, f32), np.ones(0, f32), kv.k, kv.v, kv.pos, 0, 0, 0,
                      np.zeros((1, 4), f32), np.zeros(head_dim, f32), kv.ks, kv.vs)
     k.swiglu(np.zeros((0, 6), np.int64), np.zeros(1, f32), np.zeros(1, f32), np.zeros((1, h), f32)[0],
-             np.zeros(h, f32), q8.ffn_scratch(h, 1, 256))
+             np.zeros(h, f32), q8.ffn_scratch(h, 1, 256), steps)
     gemm_formats = [int(t) for t in q8.GEMM_FORMATS if q8.FORMAT_BIT.get(int(t), 0) & formats]
     if gemm_formats:  # a prefill chunk's routed experts (no experts: nothing runs)
         k.experts(np.zeros((0, 6), np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, f32),
