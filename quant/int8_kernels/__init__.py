@@ -315,10 +315,12 @@ _STEPS_OF: dict[tuple, np.ndarray] = {}
 @lru_cache(maxsize=None)
 def step_addresses(formats: int) -> np.ndarray:
     """The steps argument of the GEMV and the fused kernels compiled for the format set `formats`:
-    the VNNI steps of each of its formats that has them (step_library.steps_for, compiled or
-    loaded on first use), read-only; zeros on hosts without VNNI (the GEMV then runs every row
-    by the row dot)."""
-    return _steps_of([code for code, bit in FORMAT_BIT.items() if bit & formats]) if _vnni.AVAILABLE else _NO_STEPS
+    the one-token VNNI steps of its formats whose GEMV takes them (gemv_gemm.GEMV_STEP;
+    step_library.steps_for, compiled or loaded on first use), read-only; zeros on hosts without
+    VNNI (the GEMV then runs every row by the row dot)."""
+    if not _vnni.AVAILABLE:
+        return _NO_STEPS
+    return _steps_of([code for code, bit in FORMAT_BIT.items() if bit & formats and _gemv_gemm.GEMV_STEP[code]])
 
 
 def swiglu_experts(desc: np.ndarray, rows: np.ndarray, starts: np.ndarray, weights: np.ndarray,

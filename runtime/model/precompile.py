@@ -113,7 +113,7 @@ def compile_kernels(formats: int, kv_types: tuple[str, str], head_dim: int, hidd
                     kscale, vscale)
     if not formats:
         return
-    steps = q8.step_addresses(formats)  # also loads (or compiles) the file's VNNI steps
+    steps = q8.step_addresses(formats)  # also loads (or compiles) the steps the GEMV takes
     k.gemv(*[np.zeros(0, np.int64) for _ in range(5)], np.zeros(256, np.int8), np.zeros(1, f32),
            np.zeros(16, np.int32), np.zeros(0, f32), steps)
     vec = [np.zeros(head_dim, f32) for _ in range(6)]
