@@ -35,13 +35,20 @@ from quant.int8_kernels.row_dot import quantize_row
 from quant.jit import FIXED_ORDER
 
 from runtime.model.attention_kernels import decode_attention
-from runtime.model.ops import LANES, dot, rms_norm_row, rope_angles
+from runtime.model.ops import LANES, dot, dot4, rms_norm_row, rope_angles
 
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
 def router_logits(router, x, logits):
-    """logits [E] = router [E, H] @ x [H], each row summed in a fixed order."""
-    for e in nb.prange(router.shape[0]):
+    """logits [E] = router [E, H] @ x [H], each row summed in a fixed order: four rows at a time
+    (dot4, the same bits as dot), as one row's chain of adds bounds dot (64 x 1024: 11 against
+    N us)."""
+    n = router.shape[0]
+    for g in nb.prange(n // 4):
+        e = 4 * g
+        logits[e], logits[e + 1], logits[e + 2], logits[e + 3] = dot4(
+            x, router[e], router[e + 1], router[e + 2], router[e + 3], np.empty(4 * LANES, np.float32))
+    for e in range(n - n % 4, n):
         logits[e] = dot(router[e], x, np.empty(LANES, np.float32))
 
 

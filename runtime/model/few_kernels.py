@@ -150,7 +150,7 @@ def attention_tokens(proj, n_tok, nq, nk, q_norm, k_norm, eps, cos, sin, keys, k
         _norm_rope(qh, q_norm, eps, cos[t], sin[t])
         acc = np.empty(d, np.float32)
         total = _attend(qh, keys, kscale, vals, vscale, kpos, h // group, p, lo, scale, scores[it],
-                        np.empty(LANES, np.float32), acc)
+                        np.empty(4 * LANES, np.float32), acc)
         f = _gate(proj[t, nq + 2 * nk + h]) / total
         for i in range(d):
             out[t, h * d + i] = acc[i] * f

@@ -34,7 +34,7 @@ from quant.jit import ALWAYS_INLINED
 
 from runtime.base.errors import StepstreamError
 from runtime.base.options import KV_BLOCK, check_kv_type
-from runtime.model.ops import LANES, dot
+from runtime.model.ops import LANES, dot, dot4
 
 QK = 32  # q8_0's block: elements per scale
 DTYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}  # the data array's dtype: the type's tag
@@ -164,6 +164,18 @@ def add_value(acc, e, vals, scale, s, j):
     raise NotImplementedError("add_value runs inside Numba kernels")
 
 
+def key_dot4(q, keys, scale, s, j, part):
+    """(key_dot of q with key rows keys[s[i], j]) for i = 0 .. 3, each summed exactly as key_dot
+    sums it, as four independent chains (part: 4 x LANES floats of scratch; Numba code only)."""
+    raise NotImplementedError("key_dot4 runs inside Numba kernels")
+
+
+def add_values4(acc, e, vals, scale, s, j):
+    """add_value of e[i] times value row vals[s[i], j] for i = 0 .. 3 in turn, each element's adds
+    in that order (the same bits as four add_value calls; Numba code only)."""
+    raise NotImplementedError("add_values4 runs inside Numba kernels")
+
+
 @overload(store_row, **ALWAYS_INLINED)
 def _store_row(data, scale, slot, j, x):
     store = {"f32": _store_f32, "f16": _store_f16, "q8_0": _store_q8_0}[_kind(data)]
@@ -234,6 +246,91 @@ def _add_value(acc, e, vals, scale, s, j):
                 ed = e * half(sc[b])
                 for i in range(b * QK, (b + 1) * QK):
                     acc[i] += ed * np.float32(v[i])
+    return impl
+
+
+@overload(key_dot4, **ALWAYS_INLINED)
+def _key_dot4(q, keys, scale, s, j, part):
+    kind = _kind(keys)
+    if kind == "f32":
+        def impl(q, keys, scale, s, j, part):
+            return dot4(q, keys[s[0], j], keys[s[1], j], keys[s[2], j], keys[s[3], j], part)
+    elif kind == "f16":
+        def impl(q, keys, scale, s, j, part):
+            k0, k1, k2, k3 = keys[s[0], j], keys[s[1], j], keys[s[2], j], keys[s[3], j]
+            n = q.shape[0]
+            for l in range(4 * LANES):
+                part[l] = 0.0
+            m = n - n % LANES
+            for i0 in range(0, m, LANES):
+                for l in range(LANES):
+                    u = q[i0 + l]
+                    part[l] += u * half(k0[i0 + l])
+                    part[LANES + l] += u * half(k1[i0 + l])
+                    part[2 * LANES + l] += u * half(k2[i0 + l])
+                    part[3 * LANES + l] += u * half(k3[i0 + l])
+            return _sum4(q, part, m, k0, k1, k2, k3)
+    else:
+        def impl(q, keys, scale, s, j, part):
+            k0, k1, k2, k3 = keys[s[0], j], keys[s[1], j], keys[s[2], j], keys[s[3], j]
+            c0, c1, c2, c3 = scale[s[0], j], scale[s[1], j], scale[s[2], j], scale[s[3], j]
+            for l in range(4 * LANES):
+                part[l] = 0.0
+            for b in range(c0.shape[0]):
+                d0, d1, d2, d3 = half(c0[b]), half(c1[b]), half(c2[b]), half(c3[b])
+                for i0 in range(b * QK, (b + 1) * QK, LANES):
+                    for l in range(LANES):
+                        u = q[i0 + l]
+                        part[l] += u * (np.float32(k0[i0 + l]) * d0)
+                        part[LANES + l] += u * (np.float32(k1[i0 + l]) * d1)
+                        part[2 * LANES + l] += u * (np.float32(k2[i0 + l]) * d2)
+                        part[3 * LANES + l] += u * (np.float32(k3[i0 + l]) * d3)
+            return _sum4(q, part, q.shape[0], k0, k1, k2, k3)  # D is whole blocks: no tail
+    return impl
+
+
+@nb.njit(inline="always", cache=True)
+def _sum4(q, part, m, k0, k1, k2, k3):
+    """The four chains' partial sums, each added in lane order, then the f16 rows' tails from m."""
+    t0 = np.float32(0.0)
+    t1 = np.float32(0.0)
+    t2 = np.float32(0.0)
+    t3 = np.float32(0.0)
+    for l in range(LANES):
+        t0 += part[l]
+        t1 += part[LANES + l]
+        t2 += part[2 * LANES + l]
+        t3 += part[3 * LANES + l]
+    for i in range(m, q.shape[0]):
+        t0 += q[i] * half(k0[i])
+        t1 += q[i] * half(k1[i])
+        t2 += q[i] * half(k2[i])
+        t3 += q[i] * half(k3[i])
+    return t0, t1, t2, t3
+
+
+@overload(add_values4, **ALWAYS_INLINED)
+def _add_values4(acc, e, vals, scale, s, j):
+    kind = _kind(vals)
+    if kind == "f32":
+        def impl(acc, e, vals, scale, s, j):
+            v0, v1, v2, v3 = vals[s[0], j], vals[s[1], j], vals[s[2], j], vals[s[3], j]
+            for i in range(acc.shape[0]):
+                acc[i] = acc[i] + e[0] * v0[i] + e[1] * v1[i] + e[2] * v2[i] + e[3] * v3[i]
+    elif kind == "f16":
+        def impl(acc, e, vals, scale, s, j):
+            v0, v1, v2, v3 = vals[s[0], j], vals[s[1], j], vals[s[2], j], vals[s[3], j]
+            for i in range(acc.shape[0]):
+                acc[i] = acc[i] + e[0] * half(v0[i]) + e[1] * half(v1[i]) + e[2] * half(v2[i]) + e[3] * half(v3[i])
+    else:
+        def impl(acc, e, vals, scale, s, j):
+            v0, v1, v2, v3 = vals[s[0], j], vals[s[1], j], vals[s[2], j], vals[s[3], j]
+            c0, c1, c2, c3 = scale[s[0], j], scale[s[1], j], scale[s[2], j], scale[s[3], j]
+            for b in range(c0.shape[0]):
+                d0, d1, d2, d3 = e[0] * half(c0[b]), e[1] * half(c1[b]), e[2] * half(c2[b]), e[3] * half(c3[b])
+                for i in range(b * QK, (b + 1) * QK):
+                    acc[i] = acc[i] + d0 * np.float32(v0[i]) + d1 * np.float32(v1[i]) + d2 * np.float32(v2[i]) \
+                        + d3 * np.float32(v3[i])
     return impl
 
 
