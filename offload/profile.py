@@ -125,5 +125,8 @@ class RecordingProvider:
     def prefetch(self, layer: int, ids) -> None:
         self.inner.prefetch(layer, ids)
 
+    def descriptors(self, layer: int) -> None:
+        return None  # every step's experts must reach _record
+
     def close(self) -> None:
         self.inner.close()

@@ -175,6 +175,9 @@ class StreamingExperts:
             for e, slot in held:
                 self.cache.release(slot, (layer, e))
 
+    def descriptors(self, layer: int) -> None:
+        return None  # experts come and go: each step asks through `held`
+
     def prefetch(self, layer: int, ids: Iterable[int]) -> None:
         """Read ahead the candidates of `ids` (best first) of `layer` that the gate admits, at most
         `prefetch_depth` of them; the reads queue behind demand reads."""

@@ -105,6 +105,36 @@ def test_a_prefill_asks_its_provider_once_per_layer(q4, monkeypatch, fused):
         m.close()
 
 
+def test_in_ram_decode_routes_inside_a_kernel_with_the_held_paths_bits(q4, reference):
+    """With every expert in RAM, a decode step takes its experts' descriptors from the provider's
+    table in the routing kernel, without asking `held`; a provider that must be asked (stepstream
+    profile's) takes the held path. Both give the reference's decode logits to the bit."""
+    from offload.profile import RecordingProvider
+
+    logits, decode, _ = reference
+    m = load(q4)
+    try:
+        table = m.provider.descriptors(1)
+        assert table is not None and table.shape == (m.cfg.n_expert, 6)
+        assert np.array_equal(table[7], m.provider.table[1][7].descriptor)
+        m.logits(PROMPT)
+        m.provider.held = None  # a decode step that asked would fail here
+        assert all(np.array_equal(m.eval([t]), d) for t, d in zip((5, 9, 200, 17), decode))
+    finally:
+        m.close()
+    m = load(q4)
+    try:
+        rec = m.provider = RecordingProvider(m.provider, ExpertProfile(q4.name, q4.stat().st_size), m.cfg.n_expert,
+                                             keep_calls=True)
+        assert rec.descriptors(1) is None
+        m.logits(PROMPT)
+        before = len(rec.calls)
+        assert all(np.array_equal(m.eval([t]), d) for t, d in zip((5, 9, 200, 17), decode))
+        assert len(rec.calls) - before == 4 * sum(b.moe for b in m.blocks)  # one request per MoE layer and token
+    finally:
+        m.close()
+
+
 def test_prefetch_never_changes_outputs_and_is_measured(q4, reference):
     logits, decode, total = reference
     for prefetch in (False, True):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 from runtime.model.weights import FFN
 
@@ -34,6 +36,12 @@ class ExpertProvider(Protocol):
         """Start reading `ids` of `layer` (most likely first) ahead of their use; a hint only."""
         ...
 
+    def descriptors(self, layer: int) -> np.ndarray | None:
+        """int64 [E, 6]: row e expert e's fused-kernel descriptor (FFN.descriptor), valid as long as
+        the provider, when every expert of `layer` stays where it is and needs no request (a decode
+        step then picks its rows in the routing kernel); None when each step must ask (`held`)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -44,6 +52,7 @@ class InMemoryExperts:
     table: dict[int, list[FFN]]  # layer -> [E] experts
     prefetches = False
     stats = None
+    _descriptors: dict[int, np.ndarray | None] = field(default_factory=dict)
 
     def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, FFN]]:
         bank = self.table[layer]
@@ -57,5 +66,12 @@ class InMemoryExperts:
     def prefetch(self, layer: int, ids: Iterable[int]) -> None:
         pass  # everything is resident
 
+    def descriptors(self, layer: int) -> np.ndarray | None:
+        if layer not in self._descriptors:
+            rows = [ffn.descriptor for ffn in self.table[layer]]
+            self._descriptors[layer] = None if any(r is None for r in rows) else np.stack(rows)
+        return self._descriptors[layer]
+
     def close(self) -> None:
         self.table = {}
+        self._descriptors = {}

@@ -218,6 +218,18 @@ def _route(logits, bias, k, scale, normalize, ascending, ids, weights):
             weights[t, j] = s[ids[t, j]] / div * scale
 
 
+@nb.njit(cache=True)
+def route_rows(logits, bias, k, scale, normalize, table, rows, weights):
+    """One token's route (ascending ids) from logits [1, E], as a fused kernel's inputs: rows[1 + j]
+    = table[j-th expert id] and weights[1 + j] = its weight; rows 0 (the shared expert's) stay."""
+    ids = np.empty((1, k), np.int64)
+    w = np.empty((1, k), np.float32)
+    _route(logits, bias, k, scale, normalize, True, ids, w)
+    for j in range(k):
+        rows[1 + j] = table[ids[0, j]]
+        weights[1 + j] = w[0, j]
+
+
 def route(logits: np.ndarray, bias: np.ndarray | None, k: int, scale: float, normalize: bool,
           ascending: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The sigmoid router: logits [T, E] -> (expert ids [T, K], weights [T, K] float32).
@@ -227,8 +239,13 @@ def route(logits: np.ndarray, bias: np.ndarray | None, k: int, scale: float, nor
     """
     logits = np.ascontiguousarray(logits, dtype=np.float32).reshape(-1, logits.shape[-1])
     ids, weights = np.empty((logits.shape[0], k), np.int64), np.empty((logits.shape[0], k), np.float32)
-    _route(logits, _NO_BIAS if bias is None else bias, k, np.float32(scale), normalize, ascending, ids, weights)
+    _route(logits, no_bias(bias), k, np.float32(scale), normalize, ascending, ids, weights)
     return ids, weights
+
+
+def no_bias(bias: np.ndarray | None) -> np.ndarray:
+    """The router bias as the routing kernels take it: an empty array for none."""
+    return _NO_BIAS if bias is None else bias
 
 
 _NO_BIAS = np.zeros(0, np.float32)

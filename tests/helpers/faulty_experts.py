@@ -41,5 +41,8 @@ class FaultyExperts:
     def prefetch(self, layer, ids):
         pass
 
+    def descriptors(self, layer):
+        return None  # every request must reach the wrapper
+
     def close(self):
         self.inner.close()
