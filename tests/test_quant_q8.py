@@ -338,6 +338,40 @@ def test_hosts_without_vnni_fall_back(env, tmp_path):
         assert theirs == vnni_row_dot_bits()
 
 
+def q5k_step_bits() -> str:
+    """Q5_K's one-token GEMV on 35 random rows (two 16-row groups through the VNNI step), as hex of
+    its float32 bits."""
+    w, _ = weights(T.Q5_K, 35, 512, seed=8, scale=1.0)
+    a = q8.quantize_activations(activations(1, 512, seed=3))
+    g = q8.group([w])
+    out = np.empty(35, np.float32)
+    g.kernel()(g.qt, g.addr, g.rb, g.starts, g.col0, a.q[0], a.d[0], a.b[0], out, g.steps)
+    return out.view(np.uint32).tobytes().hex()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not avx512_vnni.GFNI, reason="a VNNI host with GFNI is needed to turn GFNI off")
+def test_vnni_hosts_without_gfni_give_the_same_q5k_bits(tmp_path):
+    """Q5_K's step moves its fifth bits with one GFNI affine transform where the host has GFNI,
+    and with byte shifts where it has VNNI but not GFNI (Cascade Lake): the same codes, so the
+    same bits. The second is checked here by turning GFNI off in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    from llvmlite import binding as llvm
+
+    features = llvm.get_host_cpu_features().flatten().replace("+gfni", "-gfni")
+    here = os.path.dirname(__file__)
+    code = ("from quant.int8_kernels import avx512_vnni\nfrom test_quant_q8 import q5k_step_bits\n"
+            "assert avx512_vnni.AVAILABLE and not avx512_vnni.GFNI\nprint(q5k_step_bits())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(tmp_path),
+                            "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == q5k_step_bits()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(avx512_vnni.AVAILABLE, reason="checked by test_gemm_steps_compile_once_then_load's processes")
 def test_gemm_kernels_load_from_the_cache(tmp_path):
