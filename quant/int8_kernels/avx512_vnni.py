@@ -102,14 +102,16 @@ def _c32(v: int):
     return ir.Constant(_V16I32, [v] * 16)
 
 
-def _bit_to_4(b, v, j: int):
-    """Bit j of each byte of v (<64 x i8>) moved to bit 4, the other bits cleared: one GFNI affine
-    transform (output bit 4 is the parity of the byte and row 3 of the matrix, 1 << j). With
-    byte shifts and a mask instead, Q5_K's fifth bits took a third of its step's time (one-token
-    step from L2: 19.5 against 27.9 GB/s without them, measured)."""
+def _moved_bits(b, v, moves: dict):
+    """Each byte of v (<64 x i8>) with bit moves[o] moved to bit o for each o, the other bits
+    cleared: one GFNI affine transform (output bit o is the parity of the byte and matrix byte
+    7 - o). With byte shifts and masks instead, Q5_K's fifth bits took a third of its step's
+    time (one-token step from L2: 19.5 against 27.9 GB/s without them, measured)."""
     f = declare(b, "llvm.x86.vgf2p8affineqb.512", _V64I8, [_V64I8, _V64I8, _i8])
-    matrix = ir.Constant(_V64I8, [(1 << j) if k % 8 == 3 else 0 for k in range(64)])
-    return b.call(f, [v, matrix, ir.Constant(_i8, 0)])
+    rows = [0] * 8
+    for o, i in moves.items():
+        rows[7 - o] = 1 << i
+    return b.call(f, [v, ir.Constant(_V64I8, rows * 8), ir.Constant(_i8, 0)])
 
 
 def _prefetch(b, addr, nbytes: int, part: int, parts: int):
@@ -210,7 +212,8 @@ class _Q4KRows:
 
 
 def _q6_high(b, v, q: int):
-    """Bits 2q, 2q + 1 of each byte of v, moved to bits 4, 5."""
+    """Bits 2q, 2q + 1 of each byte of v, moved to bits 4, 5 (the other bits cleared). (A GFNI
+    affine transform here, as Q5_K's, measured no faster: Q6_K's step is not bound by it.)"""
     if q < 2:
         return b.shl(b.and_(v, _bytes(3 << 2 * q)), _bytes(4 - 2 * q))
     return b.and_(b.lshr(v, _bytes(2 * q - 4)), _bytes(48))
@@ -278,7 +281,7 @@ class _Q5KRows(_Q4KRows):
         for i, q in enumerate(low):
             hb = b.bitcast(self.chunks["qh"][i], _V64I8)
             if GFNI:
-                out.append(b.or_(q, _bit_to_4(b, hb, j)))
+                out.append(b.or_(q, _moved_bits(b, hb, {4: j})))
                 continue
             moved = b.shl(hb, _bytes(4 - j)) if j <= 4 else b.lshr(hb, _bytes(j - 4))
             out.append(b.or_(q, b.and_(moved, _bytes(16))))
