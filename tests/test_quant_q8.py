@@ -338,38 +338,56 @@ def test_hosts_without_vnni_fall_back(env, tmp_path):
         assert theirs == vnni_row_dot_bits()
 
 
-def q5k_step_bits() -> str:
-    """Q5_K's one-token GEMV on 35 random rows (two 16-row groups through the VNNI step), as hex of
-    its float32 bits."""
-    w, _ = weights(T.Q5_K, 35, 512, seed=8, scale=1.0)
-    a = q8.quantize_activations(activations(1, 512, seed=3))
-    g = q8.group([w])
-    out = np.empty(35, np.float32)
-    g.kernel()(g.qt, g.addr, g.rb, g.starts, g.col0, a.q[0], a.d[0], a.b[0], out, g.steps)
-    return out.view(np.uint32).tobytes().hex()
+def q5k_step_bits(rows: np.ndarray, xq: np.ndarray, xs: np.ndarray, xd: np.ndarray) -> str:
+    """Q5_K's one- and eight-token VNNI steps (step_library, called by address) on one group of
+    16 GGUF rows, for tokens xq [8, C] (xs their 32-column sums, xd their scales), as hex of the
+    results' float32 bits."""
+    import ctypes
+
+    from quant.int8_kernels import step_library
+
+    addresses = step_library.addresses("q5_k")
+    step = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 11)
+    got = []
+    for slot, n_tok in ((step_library.STEP_TOKENS.index(1), 1), (step_library.STEP_TOKENS.index(8), 8)):
+        out = np.zeros((n_tok, 16), np.float32)
+        step(int(addresses[slot]))(rows.ctypes.data, rows.shape[1], rows.shape[1] // 176, xq.ctypes.data, xq.strides[0],
+                                   xs.ctypes.data, xs.strides[0], xd.ctypes.data, xd.strides[0], out.ctypes.data,
+                                   out.strides[0])
+        got.append(out)
+    return np.concatenate(got).view(np.uint32).tobytes().hex()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not avx512_vnni.GFNI, reason="a VNNI host with GFNI is needed to turn GFNI off")
 def test_vnni_hosts_without_gfni_give_the_same_q5k_bits(tmp_path):
-    """Q5_K's step moves its fifth bits with one GFNI affine transform where the host has GFNI,
+    """Q5_K's steps move their fifth bits with one GFNI affine transform where the host has GFNI,
     and with byte shifts where it has VNNI but not GFNI (Cascade Lake): the same codes, so the
-    same bits. The second is checked here by turning GFNI off in a child process."""
+    same bits. The second is checked here by turning GFNI off in a child process, which compiles
+    only the Q5_K steps."""
     import os
     import subprocess
     import sys
 
     from llvmlite import binding as llvm
 
+    rng = np.random.default_rng(8)
+    rows = weights(T.Q5_K, 16, 768, seed=8, scale=1.0)[0].data
+    xq = rng.integers(-127, 128, (8, 768), dtype=np.int8)
+    xs = xq.reshape(8, -1, 32).sum(axis=2, dtype=np.int16)
+    xd = rng.uniform(0.001, 0.05, (8, 3)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", rows=rows, xq=xq, xs=xs, xd=xd)
     features = llvm.get_host_cpu_features().flatten().replace("+gfni", "-gfni")
     here = os.path.dirname(__file__)
-    code = ("from quant.int8_kernels import avx512_vnni\nfrom test_quant_q8 import q5k_step_bits\n"
-            "assert avx512_vnni.AVAILABLE and not avx512_vnni.GFNI\nprint(q5k_step_bits())\n")
+    code = ("import numpy as np\nfrom quant.int8_kernels import avx512_vnni\nfrom test_quant_q8 import q5k_step_bits\n"
+            "assert avx512_vnni.AVAILABLE and not avx512_vnni.GFNI\n"
+            f"a = np.load({str(tmp_path / 'in.npz')!r})\n"
+            "print(q5k_step_bits(a['rows'], a['xq'], a['xs'], a['xd']))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(tmp_path),
                             "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here)])})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip() == q5k_step_bits()
+    assert r.stdout.strip() == q5k_step_bits(rows, xq, xs, xd)
 
 
 @pytest.mark.slow
