@@ -350,3 +350,24 @@ def test_a_loaded_model_places_and_drafts_with_its_cache_types():
         assert all(kv.types == ("q8_0", "f16") for kv in d.kv)
     finally:
         m.close()
+
+
+def test_the_four_slot_f16_widening_gives_every_half_the_one_slot_float():
+    """key_dot4 and add_values4 widen stored halves with kv_types.widen4 (F16C's vcvtph2ps where
+    the host has it), key_dot and add_value with the integer decoder `half`: every half that is
+    not a NaN gives the same float32 both ways (and numpy's), so the mixed loops keep their bits."""
+    import numba as nb
+
+    @nb.njit
+    def both(bits, a, b):
+        for i in range(bits.shape[0]):
+            a[i] = kv_types.widen4(bits[i])
+            b[i] = kv_types.half(bits[i])
+
+    bits = np.arange(65536, dtype=np.uint16)
+    bits = bits[~np.isnan(bits.view(np.float16))]
+    a, b = np.empty(bits.size, np.float32), np.empty(bits.size, np.float32)
+    both(bits, a, b)
+    expect = bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(a.view(np.uint32), expect.view(np.uint32))
+    assert np.array_equal(b.view(np.uint32), expect.view(np.uint32))
