@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,21 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 # GPU kernels run on numba's CUDA simulator unless a run asks for the card (NUMBA_ENABLE_CUDASIM=0).
 # Read when numba is first imported, so it is set before any test module imports it.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+
+def pytest_sessionstart(session):
+    """On the controller of a run with pytest-xdist workers, before it starts them (xdist starts
+    them in its own, last, sessionstart): compile the kernels that most test files share, once
+    (tests/helpers/warm_kernels.py). On a cold cache the workers would otherwise all compile
+    them at once, each on its own. A failure here only means the workers compile them."""
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    r = subprocess.run([sys.executable, "-m", "tests.helpers.warm_kernels"], cwd=config.rootpath,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1200)
+    if r.returncode != 0:
+        print(f"tests/helpers/warm_kernels.py failed (the workers compile its kernels):\n{r.stderr[-2000:]}",
+              file=sys.stderr)
 
 
 @pytest.fixture(scope="session")
