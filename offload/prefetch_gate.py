@@ -32,6 +32,14 @@ refusing would never be measured again, so each rank also keeps a shadow score, 
 every candidate whether read or not: whether the very next request for its layer
 asked for it. The shadow score is a lower bound of "used before eviction" (a guess can
 also be used by a later token) and acts as the prior the read outcomes update.
+
+Bytes read for nothing are also capped as a whole: reads ahead may waste at most
+`max_waste` (a tenth) of the bytes read for compute (misses and used reads ahead), so
+that the disk reads at most 1.1 times what decoding needs. A candidate that clears the
+threshold is still refused when the bytes already wasted, plus the expected waste of the
+reads ahead whose fate is not known yet ((1 - p) of each) and of this one, would pass
+that share. On a fast disk and an idle one the threshold alone admits guesses of middling
+precision, whose waste this bounds; the best ranks, which waste least, keep the budget.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class RankCounts:
         return (self.used + prior_weight * shadow) / (self.used + self.wasted + prior_weight)
 
 
+MAX_WASTE = 0.10  # reads ahead may waste at most this share of the bytes read for compute
 MAX_HIT_RATE = 0.95  # past this the pollution term h / (1 - h) says more about noise than about the cache
 
 
@@ -79,20 +88,47 @@ class PrefetchGate:
     disk_bytes_per_s: float = 2e9  # until reads measure it
     counts: list[RankCounts] = field(default_factory=lambda: [RankCounts() for _ in range(MAX_RANK)])
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    max_waste: float = MAX_WASTE
     admitted: int = 0
     refused: int = 0
+    over_budget: int = 0  # of the refused, those that cleared the threshold but not the waste budget
+    wasted_bytes: float = 0.0  # bytes of reads ahead evicted unused
+    pending: list[int] = field(default_factory=lambda: [0] * MAX_RANK)  # admitted, fate not known yet
+    pending_bytes: list[float] = field(default_factory=lambda: [0.0] * MAX_RANK)
 
     def _rank(self, rank: int) -> RankCounts:
         return self.counts[min(max(rank, 0), MAX_RANK - 1)]
+
+    def _resolve(self, rank: int) -> float:
+        """One admitted read of `rank` is settled: its bytes (0 if none was pending)."""
+        r = min(max(rank, 0), MAX_RANK - 1)
+        if self.pending[r] == 0:
+            return 0.0
+        b = self.pending_bytes[r] / self.pending[r]
+        self.pending[r] -= 1
+        self.pending_bytes[r] = self.pending_bytes[r] - b if self.pending[r] else 0.0
+        return b
 
     def record(self, rank: int, used: bool) -> None:
         """A read-ahead expert of `rank` was used (first asked for) or evicted unused."""
         with self.lock:
             c = self._rank(rank)
+            b = self._resolve(rank)
             if used:
                 c.used += 1
             else:
                 c.wasted += 1
+                self.wasted_bytes += b
+
+    def dropped(self, rank: int) -> None:
+        """An admitted read of `rank` was not made (stale, already resident, or failed)."""
+        with self.lock:
+            self._resolve(rank)
+
+    def _expected_waste(self) -> float:
+        """Bytes wasted so far plus the expected waste of the pending reads ahead (under the lock)."""
+        return self.wasted_bytes + sum((1.0 - self.counts[r].probability()) * self.pending_bytes[r]
+                                       for r in range(MAX_RANK) if self.pending[r])
 
     def score_guess(self, ranked: list[int], actual: set[int]) -> None:
         """The shadow score: which of a layer's ranked candidates its next request asked for."""
@@ -107,15 +143,25 @@ class PrefetchGate:
             return self._rank(rank).probability()
 
     def admit(self, rank: int, expert_bytes: int, lead_s: float, hit_rate: float = 0.0,
-              disk_busy: float = 0.0) -> bool:
+              disk_busy: float = 0.0, needed_bytes: float | None = None) -> bool:
         """Whether to read ahead a candidate of `rank` of `expert_bytes`, `lead_s` seconds before
         its layer is expected to ask, with the cache's measured `hit_rate` and the share of
-        time the disk was busy, `disk_busy`."""
+        time the disk was busy, `disk_busy`. `needed_bytes`: the bytes read for compute so far,
+        which set the waste budget (None: no budget). An admitted read must later be settled
+        by `record` (used or evicted unused) or `dropped`."""
         read_s = expert_bytes / self.disk_bytes_per_s if self.disk_bytes_per_s > 0 else 0.0
-        ok = self.probability(rank) >= threshold(read_s, lead_s, hit_rate, disk_busy)
         with self.lock:
+            p = self._rank(rank).probability()
+            ok = p >= threshold(read_s, lead_s, hit_rate, disk_busy)
+            if ok and needed_bytes is not None:
+                within = self._expected_waste() + (1.0 - p) * expert_bytes <= self.max_waste * needed_bytes
+                self.over_budget += not within
+                ok = within
             if ok:
                 self.admitted += 1
+                r = min(max(rank, 0), MAX_RANK - 1)
+                self.pending[r] += 1
+                self.pending_bytes[r] += expert_bytes
             else:
                 self.refused += 1
         return ok

@@ -195,7 +195,8 @@ class StreamingExperts:
         for rank, e in enumerate(ranked[:depth]):
             if self.cache.is_ready((layer, e)):
                 continue  # resident: nothing to read (a read in flight is skipped at claim time)
-            if self.gate is not None and not self.gate.admit(rank, expert_bytes, lead, hit_rate, self.disk_busy):
+            if self.gate is not None and not self.gate.admit(rank, expert_bytes, lead, hit_rate, self.disk_busy,
+                                                             self.stats.ideal_bytes):
                 self.stats.prefetch_refused += 1
                 continue
             self.reads.submit(AHEAD, self._read_ahead, layer, e, rank, gen)
@@ -214,12 +215,22 @@ class StreamingExperts:
         if self._generation.get(layer, 0) != gen:
             with self.stats.lock:
                 self.stats.prefetch_cancelled += 1
+            self._not_read(rank)
             return
         slot = self.cache.try_claim_for_prefetch((layer, e), rank)
-        if slot is not None:
-            with self.stats.lock:
-                self.stats.prefetch_reads += 1
-            self._load_quietly(layer, e, slot, True)
+        if slot is None:  # resident or being read already, or no slot free
+            self._not_read(rank)
+            return
+        with self.stats.lock:
+            self.stats.prefetch_reads += 1
+        try:
+            self._load(layer, e, slot, True)
+        except BaseException:
+            self._not_read(rank)  # the slot carries the error: the consumer waiting on it raises it
+
+    def _not_read(self, rank: int) -> None:
+        if self.gate is not None:
+            self.gate.dropped(rank)
 
     def pin(self, keys: Iterable[tuple[int, int]]) -> int:
         """Load `keys` into slots eviction never touches; how many were pinned."""

@@ -69,6 +69,32 @@ def test_gate_admits_exactly_at_the_hand_computed_edge():
     assert not gate.admit(0, 3_000_000, 0.001, hit_rate=0.5, disk_busy=0.25)  # 6/(0.75+6) = 0.889
 
 
+def test_waste_budget_by_hand():
+    """Reads ahead may waste at most a tenth of the bytes read for compute: bytes wasted so far,
+    plus (1 - p) of every read whose fate is pending, plus (1 - p) of the candidate."""
+    gate = PrefetchGate(disk_bytes_per_s=1e9)
+    for _ in range(10):
+        gate.record(0, used=True)
+    p = gate.probability(0)  # (10 + 8 * 0.5) / 18 = 7/9: a 2 MB read ahead wastes 4/9 MB expected
+    assert p == pytest.approx(7 / 9)
+    mb = 1_000_000
+    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=4 * mb)  # 0.444 MB > 0.4 MB
+    assert gate.over_budget == 1 and gate.refused == 1
+    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=10 * mb)  # 0.444 <= 1
+    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=10 * mb)  # 0.889 <= 1
+    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=10 * mb)  # 1.333 > 1: two are pending
+    gate.dropped(0)  # one was never read: its expected waste goes
+    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=10 * mb)
+    gate.record(0, used=False)  # one evicted unused: 2 MB wasted, for good (p drops to 10/19)
+    assert gate.wasted_bytes == 2 * mb
+    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=20 * mb)  # 2 + 0.947 + 0.947 > 2
+    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=40 * mb)
+    assert gate.admit(0, 2 * mb, 0.010)  # no budget given: the threshold alone
+    # a candidate under the threshold is refused before the budget is looked at
+    assert not gate.admit(0, 2 * mb, 0.010, hit_rate=0.9, needed_bytes=1e12)
+    assert gate.over_budget == 3
+
+
 def test_shadow_score_is_the_prior_of_a_rank_never_read():
     gate = PrefetchGate()
     for _ in range(10):  # rank 0 always asked for by the next request, rank 1 never
@@ -224,6 +250,38 @@ def test_greedy_output_identical_gated_ungated_and_off(tiny_gguf):
     assert stats["ungated"].prefetch_reads > 0 and stats["ungated"].prefetch_refused == 0
     g = stats["gated"]
     assert g.prefetch_predicted > 0 and g.prefetch_reads + g.prefetch_refused + g.prefetch_cancelled > 0
+
+
+def test_reads_ahead_waste_at_most_a_tenth_of_the_bytes_read_for_compute(tiny_gguf, monkeypatch):
+    """With the threshold out of the way (every candidate pays), the waste budget alone bounds the
+    bytes of reads ahead evicted unused to a tenth of the bytes read for compute, give or take the
+    reads pending when the run ends; without the budget the same run wastes more than that."""
+    import offload.prefetch_gate as pg
+
+    monkeypatch.setattr(pg, "threshold", lambda *a, **k: 0.0)
+    path = tiny_gguf("q4_k_m")
+    ram = load(path)
+    table = build_expert_table(ram.file, ram.cfg)
+    ram.close()
+    sizes = {le.expert_bytes for le in table.layers.values()}
+    ids = np.random.default_rng(3).integers(4, 200, 60).tolist()
+    got = {}
+    for max_waste in (pg.MAX_WASTE, float("inf")):
+        m = load(path, ram_budget=int(table.total_bytes * 0.3))
+        try:
+            m.provider.gate.max_waste = max_waste
+            m.eval(ids[:4])
+            for t in ids[4:]:
+                m.eval([t])
+            st, gate = m.provider.stats, m.provider.gate
+            assert gate.wasted_bytes == sum(st.prefetch_wasted * b for b in sizes) / len(sizes)
+            got[max_waste] = (st.prefetch_reads, gate.wasted_bytes, st.ideal_bytes)
+        finally:
+            m.close()
+    reads, wasted, needed = got[pg.MAX_WASTE]
+    assert reads > 0 and wasted <= 0.10 * needed + 2 * max(sizes), got
+    reads, wasted, needed = got[float("inf")]
+    assert wasted > 0.10 * needed + 2 * max(sizes), got
 
 
 # ---------------------------------------------------------------------- the disk curve

@@ -106,6 +106,7 @@ def child_ours(model: str, budget: int, n_prompt: int, n_gen: int, threads: int,
            "prefetch_precision": used / (used + wasted) if used + wasted else float("nan"),
            "prefetch_recall": st.prefetch_recall, "guess_precision": st.guess_precision,
            "gate_ranks": m.provider.gate.per_rank() if m.provider.gate is not None else [],
+           "gate_over_budget": m.provider.gate.over_budget if m.provider.gate is not None else 0,
            "cache_bytes": m.placement.cache_bytes, "cache_slots": m.placement.cache_slots,
            "peak_rss_bytes": peak_rss_bytes(), "rss_anon_bytes": rss_anon_bytes()}
     m.close()
