@@ -34,11 +34,11 @@ asked for it. The shadow score is a lower bound of "used before eviction" (a gue
 also be used by a later token) and acts as the prior the read outcomes update.
 
 Bytes read for nothing are also capped as a whole: reads ahead may waste at most
-`max_waste` (a tenth) of the bytes read for compute (misses and used reads ahead), so
-that the disk reads at most 1.1 times what decoding needs. A candidate that clears the
-threshold is still refused when the bytes already wasted, plus the expected waste of the
-reads ahead whose fate is not known yet ((1 - p) of each) and of this one, would pass
-that share. On a fast disk and an idle one the threshold alone admits guesses of middling
+`max_waste` (a tenth) of the bytes read for compute (misses and used reads ahead), plus
+one expert's bytes so that the first tokens may read ahead too, so that over a run the
+disk reads at most 1.1 times what decoding needs. A candidate that clears the threshold
+is still refused when the bytes already wasted, plus the expected waste of the reads
+ahead whose fate is not known yet ((1 - p) of each) and of this one, would pass that. On a fast disk and an idle one the threshold alone admits guesses of middling
 precision, whose waste this bounds; the best ranks, which waste least, keep the budget.
 """
 
@@ -147,14 +147,15 @@ class PrefetchGate:
         """Whether to read ahead a candidate of `rank` of `expert_bytes`, `lead_s` seconds before
         its layer is expected to ask, with the cache's measured `hit_rate` and the share of
         time the disk was busy, `disk_busy`. `needed_bytes`: the bytes read for compute so far,
-        which set the waste budget (None: no budget). An admitted read must later be settled
+        which set the waste budget, max_waste of them plus `expert_bytes` (None: no budget). An admitted read must later be settled
         by `record` (used or evicted unused) or `dropped`."""
         read_s = expert_bytes / self.disk_bytes_per_s if self.disk_bytes_per_s > 0 else 0.0
         with self.lock:
             p = self._rank(rank).probability()
             ok = p >= threshold(read_s, lead_s, hit_rate, disk_busy)
             if ok and needed_bytes is not None:
-                within = self._expected_waste() + (1.0 - p) * expert_bytes <= self.max_waste * needed_bytes
+                budget = self.max_waste * needed_bytes + expert_bytes
+                within = self._expected_waste() + (1.0 - p) * expert_bytes <= budget
                 self.over_budget += not within
                 ok = within
             if ok:

@@ -70,25 +70,28 @@ def test_gate_admits_exactly_at_the_hand_computed_edge():
 
 
 def test_waste_budget_by_hand():
-    """Reads ahead may waste at most a tenth of the bytes read for compute: bytes wasted so far,
-    plus (1 - p) of every read whose fate is pending, plus (1 - p) of the candidate."""
+    """Reads ahead may waste at most a tenth of the bytes read for compute plus one expert: bytes
+    wasted so far, plus (1 - p) of every read whose fate is pending, plus (1 - p) of the candidate."""
     gate = PrefetchGate(disk_bytes_per_s=1e9)
     for _ in range(10):
         gate.record(0, used=True)
     p = gate.probability(0)  # (10 + 8 * 0.5) / 18 = 7/9: a 2 MB read ahead wastes 4/9 MB expected
     assert p == pytest.approx(7 / 9)
     mb = 1_000_000
-    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=4 * mb)  # 0.444 MB > 0.4 MB
+    for _ in range(4):  # nothing read for compute yet: one expert's 2 MB of room, 4 x 0.444 MB
+        assert gate.admit(0, 2 * mb, 0.010, needed_bytes=0)
+    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=0)  # 5 x 0.444 > 2
     assert gate.over_budget == 1 and gate.refused == 1
-    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=10 * mb)  # 0.444 <= 1
-    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=10 * mb)  # 0.889 <= 1
-    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=10 * mb)  # 1.333 > 1: two are pending
+    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=3 * mb)  # 0.3 MB more room: 2.22 <= 2.3
+    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=3 * mb)  # 2.67 > 2.3
     gate.dropped(0)  # one was never read: its expected waste goes
-    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=10 * mb)
-    gate.record(0, used=False)  # one evicted unused: 2 MB wasted, for good (p drops to 10/19)
+    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=3 * mb)
+    gate.record(0, used=False)  # one evicted unused: 2 MB wasted for good, and p = 14/19
     assert gate.wasted_bytes == 2 * mb
-    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=20 * mb)  # 2 + 0.947 + 0.947 > 2
-    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=40 * mb)
+    assert gate.probability(0) == pytest.approx(14 / 19)
+    # 2 MB wasted + 4 pending x 2 MB x 5/19 + the candidate's 2 MB x 5/19 = 4.63 MB
+    assert not gate.admit(0, 2 * mb, 0.010, needed_bytes=26 * mb)  # room 2.6 + 2
+    assert gate.admit(0, 2 * mb, 0.010, needed_bytes=27 * mb)  # room 2.7 + 2
     assert gate.admit(0, 2 * mb, 0.010)  # no budget given: the threshold alone
     # a candidate under the threshold is refused before the budget is looked at
     assert not gate.admit(0, 2 * mb, 0.010, hit_rate=0.9, needed_bytes=1e12)
