@@ -5,7 +5,8 @@ Numba compiles (runtime.bench.cold_start): each kernel built for an int8 format 
 built for the formats the file holds and no others, and the demo, whose prompt goes through
 prefill and then token by token, must not compile the few-token block kernels it never runs.
 The fast test checks that the jit options that make an always-inlined overload's throwaway
-compile cheap (quant.jit.ALWAYS_INLINED) leave the code inlined into a caller as it was.
+compile cheap (quant.jit.ALWAYS_INLINED) leave the code inlined into a caller as it was. The
+compile helper's check shares a fresh compile with tests/test_kernel_cache.py.
 """
 
 from __future__ import annotations
@@ -56,46 +57,6 @@ def test_demo_first_token_compiles_only_the_files_formats():
     again = sorted({e["function"] for e in warm if e["function"].startswith(("quant.", "runtime.", "offload."))})
     assert not again, f"compiled again on a warm cache: {again}"
     print(f"cold demo: first token after {first.seconds:.1f} s ({first.cpu} s of CPU), {len(events)} compiles")
-
-
-_HELPER_THEN_MODEL = """
-import json, sys
-from numba.core import event
-from runtime.model import precompile
-import runtime
-from runtime.cli.demo import model_path
-model = runtime.load(model_path(), n_ctx=256)
-precompile.main([json.dumps(precompile._spec(model))])   # as the helper process would
-names = []
-class Compiles(event.Listener):
-    def on_start(self, ev):
-        names.append(ev.data["dispatcher"].py_func.__qualname__)
-    def on_end(self, ev):
-        pass
-event.register("numba:compile", Compiles())
-model.eval(list(range(1, 12)))   # a prefill chunk, then a decode step: the warm-up's paths
-model.eval([3])
-print(json.dumps(names))
-"""
-
-
-@pytest.mark.slow
-def test_the_compile_helper_builds_the_kernels_the_model_calls(tmp_path):
-    """The helper (runtime.model.precompile) calls its kernels on empty inputs of the types the
-    model passes: after it ran, the model's own prefill and decode compile none of them again."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", _HELPER_THEN_MODEL], capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    compiled = set(json.loads(r.stdout.strip().splitlines()[-1]))
-    helpers = {"build.<locals>.gemv", "build.<locals>.gemm", "build.<locals>.swiglu_ffns", "build.<locals>.experts",
-               "chunk_attention", "decode_attention", "router_logits"}
-    assert not compiled & helpers, sorted(compiled & helpers)
-    assert "attention_half.<locals>.attention_half" in compiled  # the listener saw the model's compiles
 
 
 def test_the_bench_times_the_demos_own_prompt():

@@ -1,8 +1,9 @@
-"""Numba's cache: a fresh compile and its cached copy give the same numbers, and the cache key
-follows every source a kernel inlines."""
+"""Numba's cache: a fresh compile and its cached copy give the same numbers, the compile helper
+builds what the model then calls, and the cache key follows every source a kernel inlines."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,15 +15,25 @@ import pytest
 from quant import jit
 
 _DIGEST = textwrap.dedent("""
-    import hashlib, numpy as np, runtime
+    import hashlib, json, numpy as np, runtime
+    from numba.core import event
     from runtime.cli.demo import model_path
+    from runtime.model import precompile
     from runtime.model.decode_kernels import attention_half
     m = runtime.load(model_path(), n_ctx=64)
+    precompile.main([json.dumps(precompile._spec(m))])   # as the compile helper's process would
+    names = []
+    class Compiles(event.Listener):
+        def on_start(self, ev):
+            names.append(ev.data["dispatcher"].py_func.__qualname__)
+        def on_end(self, ev):
+            pass
+    event.register("numba:compile", Compiles())
     ids = np.random.default_rng(5).integers(0, m.cfg.vocab, 28).tolist()
-    h = hashlib.sha256(m.logits(ids[:20]).tobytes())
+    h = hashlib.sha256(m.logits(ids[:20]).tobytes())   # a prefill chunk, then decode steps
     for t in ids[20:]:
         h.update(m.eval([t]).tobytes())
-    print(h.hexdigest(), sum(attention_half(m.int8).stats.cache_hits.values()))
+    print(h.hexdigest(), sum(attention_half(m.int8).stats.cache_hits.values()), json.dumps(names))
 """)
 
 
@@ -31,14 +42,25 @@ def test_fresh_and_cached_kernels_give_identical_logits(tmp_path):
     """The default int8 prefill and decode of the shipped model, bit for bit, in a process that
     compiles every kernel and in one that loads them all from the cache. Before the fused decode
     kernel called its norms and attention as separately compiled fixed-order functions, they were
-    inlined into its full fast-math body, and the two processes disagreed from the first decode step."""
+    inlined into its full fast-math body, and the two processes disagreed from the first decode step.
+
+    The first process also checks the compile helper (runtime.model.precompile), which calls its
+    kernels on empty inputs of the types the model passes: after it ran, the model's own prefill
+    and decode compile none of them again (one fresh compile of the shipped model's kernels
+    serves both checks)."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", _DIGEST], capture_output=True, text=True, timeout=1200, env=env)
             for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-3000:]
-    (fresh, hits_fresh), (cached, hits_cached) = (r.stdout.split() for r in runs)
+    (fresh, hits_fresh, compiled), (cached, hits_cached, _) = (r.stdout.strip().splitlines()[-1].split(" ", 2)
+                                                               for r in runs)
     assert hits_fresh == "0" and hits_cached == "1", (hits_fresh, hits_cached)
     assert fresh == cached
+    compiled = set(json.loads(compiled))
+    helpers = {"build.<locals>.gemv", "build.<locals>.gemm", "build.<locals>.swiglu_ffns", "build.<locals>.experts",
+               "chunk_attention", "decode_attention", "router_logits"}
+    assert not compiled & helpers, sorted(compiled & helpers)
+    assert "attention_half.<locals>.attention_half" in compiled  # the listener saw the model's compiles
 
 
 def test_source_stamp_covers_every_imported_project_module():
