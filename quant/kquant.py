@@ -21,8 +21,13 @@ Each format is quantized in three passes over the rows:
 Pass 3 measures error with the exact float32 arithmetic of the decoder, which is
 why these quantizers match or beat ggml's reference ones on plain RMSE.
 
-Why lanes. The Q4_K/Q5_K passes sum float64 (and float32 squares) in a fixed order, one
-sub-block at a time; those sums are sequential, so a sub-block on its own cannot use SIMD.
+Why float32. The Q4_K/Q5_K passes compute in float32, as ggml's C quantizers do: float64
+halved the SIMD width and cost 1.5x the time, for the same error (RMSE within 0.03%, either
+side, on the tests' weight sets). tests/helpers/kquant_reference.py is a plain numpy float32
+version of these passes; the tests hold the kernels to its bytes.
+
+Why lanes. The Q4_K/Q5_K passes sum in a fixed order, one sub-block at a time; those sums
+are sequential, so a sub-block on its own cannot use SIMD.
 The kernels below therefore lay a row's J sub-blocks side by side (element i of sub-block j
 at [i, j]) and run the same arithmetic for all of them in the inner loop: each lane keeps
 its own sums in its own order, so the result is bit-identical to fitting one sub-block after
@@ -45,6 +50,8 @@ from .formats import QK_K
 
 _JIT = dict(cache=True, nogil=True)
 _LANES = dict(cache=True, nogil=True, error_model="numpy")
+_F0 = np.float32(0.0)  # float32 constants: a float64 literal would widen float32 arithmetic
+_F1 = np.float32(1.0)
 
 
 # ---------------------------------------------------------------- pass 1: sub-block fits
@@ -59,7 +66,7 @@ def _round_sums(xt, w, lq, inv, off, nmax, sl, sl2, sxl, J):
     for i in range(32):
         for j in range(J):
             v = xt[i, j]
-            q = min(max(np.rint((v - off[j]) * inv[j]), 0.0), nmax)
+            q = min(max(np.rint((v - off[j]) * inv[j]), _F0), nmax)
             lq[i, j] = q
             sl[j] += w[i, j] * q
             sl2[j] += w[i, j] * q * q
@@ -90,7 +97,7 @@ def _error_and_sums(xt, w, lq_prev, ca, cb, err, lq, inv, off, nmax, sl, sl2, sx
             v = xt[i, j]
             e = ca[j] * lq_prev[i, j] + cb[j] - v
             err[j] += w[i, j] * e * e
-            q = min(max(np.rint((v - off[j]) * inv[j]), 0.0), nmax)
+            q = min(max(np.rint((v - off[j]) * inv[j]), _F0), nmax)
             lq[i, j] = q
             sl[j] += w[i, j] * q
             sl2[j] += w[i, j] * q * q
@@ -104,25 +111,25 @@ def _solve(sw, sx, sl, sl2, sxl, ca, cb, ok, J):
         det = sw[j] * sl2[j] - sl[j] * sl[j]
         a = (sw[j] * sxl[j] - sx[j] * sl[j]) / det
         b = (sl2[j] * sx[j] - sl[j] * sxl[j]) / det
-        if b > 0.0:  # the offset must not be positive: refit through zero
-            b = 0.0
+        if b > _F0:  # the offset must not be positive: refit through zero
+            b = _F0
             a = sxl[j] / sl2[j]
         ca[j] = a
         cb[j] = b
-        ok[j] = 0.0 if det <= 0.0 else 1.0
+        ok[j] = _F0 if det <= _F0 else _F1
 
 
 @nb.njit(inline="always", **_LANES)
 def _take(ok, err, ca, cb, be, ba, bb, J):
     for j in range(J):
-        if ok[j] != 0.0 and err[j] < be[j]:
+        if ok[j] != _F0 and err[j] < be[j]:
             be[j] = err[j]
             ba[j] = ca[j]
             bb[j] = cb[j]
 
 
 @nb.njit(parallel=True, **_LANES)
-def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
+def fit_affine_subblocks(x, levels, rmin, rdelta, nstep, scales, mins):
     """Pass 1 for Q4_K/Q5_K: scales, mins float32 [R, J] (outputs).
 
     Fits x ~ a*L - m per sub-block with integer L in [0, nmax] and m >= 0, weighted by
@@ -133,19 +140,20 @@ def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
     share one pass over the weights; only the final re-rounding waits for the best."""
     rows, cols = x.shape
     J = cols // 32
+    nmax, r0, rd = np.float32(levels), np.float32(rmin), np.float32(rdelta)
     for r in nb.prange(rows):
-        el = np.empty((4, 32, J), np.float64)  # [i, j] per lane: weight, importance, codes (two rounds)
+        el = np.empty((4, 32, J), np.float32)  # [i, j] per lane: weight, importance, codes (two rounds)
         xt, w = el[0], el[1]
-        st = np.zeros((17, J), np.float64)  # one row per lane variable
+        st = np.zeros((17, J), np.float32)  # one row per lane variable
         ss, lo, hi, sw, sx, ba, bb, be = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
         inv, off, sl, sl2, sxl, ca, cb, err, ok = st[8], st[9], st[10], st[11], st[12], st[13], st[14], st[15], st[16]
         for i in range(32):
             for j in range(J):
-                v = np.float64(x[r, 32 * j + i])
+                v = x[r, 32 * j + i]
                 xt[i, j] = v
                 ss[j] += v * v
         for j in range(J):
-            ss[j] = np.sqrt(ss[j] / 32)
+            ss[j] = np.sqrt(ss[j] / np.float32(32))
             lo[j] = xt[0, j]
             hi[j] = xt[0, j]
         for i in range(32):
@@ -155,7 +163,7 @@ def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
                 lo[j] = v if v < lo[j] else lo[j]  # as ndarray.min(): the first of equals
                 hi[j] = v if v > hi[j] else hi[j]
         for j in range(J):
-            lo[j] = min(0.0, lo[j])
+            lo[j] = min(_F0, lo[j])
             ba[j] = (hi[j] - lo[j]) / nmax  # the plain min-max fit is the first best
             bb[j] = lo[j]
         for i in range(32):
@@ -163,12 +171,12 @@ def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
                 v = xt[i, j]
                 sw[j] += w[i, j]
                 sx[j] += w[i, j] * v
-                q = min(max(np.rint((v - lo[j]) / ba[j]), 0.0), nmax)
+                q = min(max(np.rint((v - lo[j]) / ba[j]), _F0), nmax)
                 e = ba[j] * q + lo[j] - v
                 be[j] += w[i, j] * e * e
         for k in range(nstep + 1):
             for j in range(J):
-                inv[j] = (nmax + rmin + rdelta * k) / (hi[j] - lo[j])
+                inv[j] = (nmax + r0 + rd * np.float32(k)) / (hi[j] - lo[j])
                 off[j] = lo[j]
             if k == 0:
                 _round_sums(xt, w, el[2], inv, off, nmax, sl, sl2, sxl, J)
@@ -180,9 +188,9 @@ def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
         _fit_error(xt, w, el[2 + nstep % 2], ca, cb, err, J)
         _take(ok, err, ca, cb, be, ba, bb, J)
         for j in range(J):  # final: re-round at the best fit, where it has a positive scale
-            inv[j] = 1.0 / ba[j]
+            inv[j] = _F1 / ba[j]
             off[j] = bb[j]
-            ss[j] = 0.0 if ba[j] <= 0.0 else 1.0  # ss is free once w is made
+            ss[j] = _F0 if ba[j] <= _F0 else _F1  # ss is free once w is made
         _round_sums(xt, w, el[2], inv, off, nmax, sl, sl2, sxl, J)
         _solve(sw, sx, sl, sl2, sxl, ca, cb, ok, J)
         for j in range(J):
@@ -191,7 +199,7 @@ def fit_affine_subblocks(x, nmax, rmin, rdelta, nstep, scales, mins):
         _take(ok, err, ca, cb, be, ba, bb, J)
         for j in range(J):
             flat = hi[j] == lo[j]
-            scales[r, j] = 0.0 if flat else ba[j]
+            scales[r, j] = _F0 if flat else ba[j]
             mins[r, j] = -lo[j] if flat else -bb[j]
 
 
@@ -240,16 +248,23 @@ def fit_symmetric_groups(x, scales):
 # ---------------------------------------------------------------- pass 3: integer scales and codes
 
 @nb.njit(inline="always", **_LANES)
-def _affine_code(v, ds, dm, nmax):
-    """The code of weight v at decoded scale ds and min dm (0 when ds is 0), as float64."""
-    q = min(max(np.rint((v + dm) / ds), 0.0), nmax)
-    return q if ds != 0.0 else 0.0
+def _affine_code(v, ids, dm, nmax):
+    """The code of weight v at decoded min dm and inverse decoded scale ids (float32, 0 when the
+    scale is 0: all codes 0). A multiply, not a division: which code is picked only changes
+    which candidate wins, and every candidate's error is measured the decoder's way."""
+    q = min(max(np.rint((v + dm) * ids), _F0), nmax)
+    return q if ids != _F0 else _F0
+
+
+@nb.njit(inline="always", **_LANES)
+def _inverse(ds):
+    return _F1 / ds if ds != _F0 else _F0
 
 
 @nb.njit(inline="always", **_LANES)
 def _evaluate(xg, t_ds, t_dm, acc, T, nmax):
     """Squared error acc[0, t] and summed residual acc[1, t] of candidate t over its
-    sub-block xg[:, t], both in the decoder's float32 arithmetic, summed in order."""
+    sub-block xg[:, t], in the decoder's float32 arithmetic, summed in order in float32."""
     for t in range(T):
         acc[0, t] = 0.0
         acc[1, t] = 0.0
@@ -258,7 +273,7 @@ def _evaluate(xg, t_ds, t_dm, acc, T, nmax):
             v = xg[i, t]
             ds = t_ds[t]
             dm = t_dm[t]
-            q = np.float32(_affine_code(v, ds, dm, nmax))
+            q = _affine_code(v, _inverse(ds), dm, nmax)
             e = np.float32(ds * q - dm) - v
             acc[0, t] += e * e
             acc[1, t] += ds * q - v
@@ -308,7 +323,7 @@ def encode_affine(x, scales, mins, d, dmin, d_bits, dmin_bits, nbits, out):
     to the least-squares min of the best codes so far (at most three rounds), stop when it
     stays. The (c, m) of least decoded error wins; the first of equals, in ascending order."""
     rows, cols = x.shape
-    nmax = float((1 << nbits) - 1)
+    nmax = np.float32((1 << nbits) - 1)
     bb = 144 if nbits == 4 else 176
     J = cols // 32
     NS = 3 * J  # searches: (sub-block j, candidate scale j % 3)
@@ -321,7 +336,7 @@ def encode_affine(x, scales, mins, d, dmin, d_bits, dmin_bits, nbits, out):
         s_ok = np.zeros(NS, np.bool_)  # the candidate scale exists
         s_best = np.full(NS, np.inf)
         s_m = np.zeros(NS, np.int64)
-        s_res = np.zeros(NS, np.float64)
+        s_res = np.zeros(NS, np.float32)
         s_centre = np.zeros(NS, np.int64)
         s_tried = np.zeros(NS, np.int64)  # bit m: min m evaluated
         for j in range(J):
@@ -342,7 +357,7 @@ def encode_affine(x, scales, mins, d, dmin, d_bits, dmin_bits, nbits, out):
         t_m = np.empty(3 * NS, np.int64)
         t_ds = np.empty(3 * NS, np.float32)
         t_dm = np.empty(3 * NS, np.float32)
-        acc = np.empty((2, 3 * NS), np.float64)
+        acc = np.empty((2, 3 * NS), np.float32)
         xg = np.empty((32, 3 * NS), np.float32)
         # round 1: every search tries its centre m0 and neighbours; the candidates of one
         # (scale, min) slot across all lanes read the row in place, with no gathering
@@ -414,7 +429,7 @@ def encode_affine(x, scales, mins, d, dmin, d_bits, dmin_bits, nbits, out):
             ds = np.float32(sd[j] * np.float32(ls[j]))
             dm = np.float32(sm[j] * np.float32(lm[j]))
             for i in range(32):
-                L[32 * j + i] = np.uint8(_affine_code(x[r, 32 * j + i], ds, dm, nmax))
+                L[32 * j + i] = np.uint8(_affine_code(x[r, 32 * j + i], _inverse(ds), dm, nmax))
         for s in range(cols // QK_K):
             _pack_affine(out[r], s * bb, L[QK_K * s:], ls[8 * s:], lm[8 * s:], d_bits[r, s], dmin_bits[r, s], nbits)
 

@@ -1,7 +1,8 @@
 """The converter at scale: the same bytes from lanes, chunks and threads, --resume, bounded memory, the ETA.
 
-References: the SHA-256 of what the one-sub-block-at-a-time K-quant kernels (main before the
-lane kernels) wrote for fixed inputs; quant.quantize of whole slices read with the old
+References: the SHA-256 of the K-quant bytes for fixed inputs (Q4_K and Q5_K as the plain
+numpy reference in tests/helpers/kquant_reference.py gives them, Q6_K as the one-sub-block-at-a-time
+kernels of main before the lane kernels wrote it); quant.quantize of whole slices read with the old
 whole-tensor path; an uninterrupted conversion's bytes.
 """
 
@@ -29,34 +30,18 @@ from convert.hf_config import HFConfig
 from convert.mini import PRESETS, write_mini
 from convert.output_file import part_name
 from convert.safetensors_io import Checkpoint
+from tests.helpers.quant_data import golden_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 Q = gguf.GGMLQuantizationType
 
 
-def golden_inputs() -> list[np.ndarray]:
-    """Gaussian, heavy-tailed and shifted rows, and rows of degenerate sub-blocks (zero, constant,
-    one-signed, -0.0, tiny, integer-valued)."""
-    rng = np.random.default_rng(2024)
-    g = (0.02 * rng.standard_normal((48, 1024))).astype(np.float32)
-    t = (0.01 * rng.standard_t(3, (48, 512))).astype(np.float32)
-    s = (0.01 * rng.laplace(0.5, 1.0, (48, 768))).astype(np.float32)
-    e = rng.standard_normal((48, 256)).astype(np.float32)
-    e[:, :32] = 0.0
-    e[:, 32:64] = 1.5
-    e[:, 64:96] = -np.abs(e[:, 64:96])
-    e[:, 96:128] = np.abs(e[:, 96:128])
-    e[::3, 128:160] = -0.0
-    e[1::4] *= np.float32(1e-6)
-    e[2::5] = np.round(e[2::5] * 4)
-    e[3::7] = 0.0
-    return [g, t, s, e]
-
-
-# sha256 of quantize(x) over golden_inputs(), written by the kernels of commit 9e8b3be
+# sha256 of quantize(x) over golden_inputs(): Q6_K as the kernels of commit 9e8b3be wrote it; Q4_K and
+# Q5_K as the float32 kernels write it, which tests/helpers/kquant_reference.py gives too
+# (test_quant_kquant.py)
 GOLDEN = {
-    Q.Q4_K: "a952ce42873ec5017d5494be9fa11fc76cd473b344a5d4cf4e8d166047f5d280",
-    Q.Q5_K: "cf39f702bdd0d27e546ab9e5e61c59b060d416946b29b25eb03a533d43256562",
+    Q.Q4_K: "e6a1534b96a2432bac06c44e8979e8a565019a25a084086b314255f46ec4d7a0",
+    Q.Q5_K: "c633d8b8b5e7a74095453d4b9a6f3f8dbcea0ffb9c182e4950697e182d204474",
     Q.Q6_K: "817ea3b1d6b03607d5a035ad32a86e8ad026d940d83d05b03e0bd3b0d20023e1",
 }
 

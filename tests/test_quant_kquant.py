@@ -1,12 +1,14 @@
-"""Numba K-quant quantizers: decodable bytes, and RMSE within 2% of llama.cpp's own C quantizer."""
+"""Numba K-quant quantizers: decodable bytes, RMSE within 2% of llama.cpp's own C quantizer, and
+Q4_K/Q5_K bytes equal to a plain numpy float32 reference (tests/helpers/kquant_reference.py)."""
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from quant import dequantize, quantize, row_bytes
+from quant import dequantize, kquant, quantize, row_bytes
 from quant.reference import k_scale_min
-from tests.helpers.quant_data import rmse, weight_sets
+from tests.helpers import kquant_reference
+from tests.helpers.quant_data import golden_inputs, rmse, weight_sets
 from tests.helpers.quant_ggml import ggml_base, ggml_quantize
 
 KQUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
@@ -77,3 +79,19 @@ def test_quantize_is_deterministic_and_row_independent():
         whole = quantize(x, qtype)
         np.testing.assert_array_equal(whole, quantize(x, qtype))
         np.testing.assert_array_equal(whole[17:18], quantize(x[17:18].copy(), qtype))
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+def test_affine_kquants_equal_the_numpy_reference(qtype):
+    """The lanes' fits (pass 1) bit for bit, then the bytes, on skewed and degenerate rows
+    (zero, constant, one-signed, -0.0, tiny, integer-valued sub-blocks) and heavy tails."""
+    nbits = 4 if qtype == T.Q4_K else 5
+    sets = golden_inputs() + [weight_sets(8, 1024, seed=14)[k] for k in ("outliers", "heavy_tailed")]
+    for i, x in enumerate(sets):
+        scales = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+        mins = np.empty_like(scales)
+        kquant.fit_affine_subblocks(x, *kquant_reference.STEPS[nbits], scales, mins)
+        want_s, want_m = kquant_reference.fit(x.reshape(-1, 32), nbits)
+        np.testing.assert_array_equal(scales.reshape(-1).view(np.uint32), want_s.view(np.uint32), err_msg=f"set {i}")
+        np.testing.assert_array_equal(mins.reshape(-1).view(np.uint32), want_m.view(np.uint32), err_msg=f"set {i}")
+        np.testing.assert_array_equal(quantize(x, qtype), kquant_reference.quantize(x, nbits), err_msg=f"set {i}")
