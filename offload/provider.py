@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from offload.cache import ExpertCache, Outcome, Slot
 from offload.direct_io import AHEAD, DEMAND, DirectReader, ReadError, ReadPool, span, span_bytes
 from offload.expert_table import ExpertTable
+from offload.prefault import Prefault
 from offload.prefetch_gate import PrefetchGate
 from offload.stats import StreamStats
 from runtime.base.errors import StepstreamError
@@ -44,13 +45,15 @@ class StreamingExperts:
 
     def __init__(self, table: ExpertTable, cache: ExpertCache, reader: DirectReader | None = None,
                  workers: int = 4, stats: StreamStats | None = None, prefetch_depth: int | None = None,
-                 gate: PrefetchGate | None | bool = True):
+                 gate: PrefetchGate | None | bool = True, prefault: bool = True):
         """`gate`: True for a PrefetchGate measured online, a gate to share, or False/None to read
-        ahead every candidate up to `prefetch_depth` (ungated: for comparisons)."""
+        ahead every candidate up to `prefetch_depth` (ungated: for comparisons). `prefault`: back
+        the cache's memory with pages on a background thread (offload.prefault)."""
         self.table = table
         self.cache = cache
         self.reader = reader or DirectReader()
         self.reads = ReadPool(workers)
+        self.prefault = Prefault(cache.arena) if prefault else None
         self.stats = stats or StreamStats()
         self.gate = PrefetchGate() if gate is True else (gate or None)
         cache.on_prefetch_outcome = self._prefetch_outcome
@@ -272,5 +275,7 @@ class StreamingExperts:
         return len(claimed)
 
     def close(self) -> None:
+        if self.prefault is not None:
+            self.prefault.stop()
         self.reads.shutdown()
         self.reader.close()

@@ -1,0 +1,114 @@
+"""Backing the expert cache's memory ahead of use (offload.prefault): pages become resident,
+bytes already written stay as they are even while writers fill slots, a kernel that refuses
+the advice changes nothing, and closing the provider ends the thread.
+
+References: /proc/self/smaps for the arena's resident bytes; the bytes the test wrote.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from offload import prefault
+from offload.cache import ExpertCache
+from offload.direct_io import aligned_empty
+from offload.prefault import Prefault
+from offload.provider import StreamingExperts
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+MiB = 2**20
+
+
+def resident_bytes(a: np.ndarray) -> int:
+    """Bytes of the pages under `a` that are resident, from /proc/self/smaps (the mapping holding it)."""
+    start = a.ctypes.data
+    text = open("/proc/self/smaps").read().split("\n")
+    for i, line in enumerate(text):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:
+            lo, hi = (int(v, 16) for v in head[0].split("-"))
+            if lo <= start < hi:
+                for field in text[i + 1:]:
+                    if field.startswith("Rss:"):
+                        return int(field.split()[1]) * 1024
+    raise AssertionError("arena mapping not found")
+
+
+def kernel_populates() -> bool:
+    a = aligned_empty(4096)
+    p = Prefault(a)
+    p.join()
+    return p.refused is None
+
+
+@linux
+def test_pages_become_resident_and_written_bytes_stay():
+    if not kernel_populates():
+        pytest.skip("this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)")
+    a = aligned_empty(192 * MiB)
+    pattern = np.arange(MiB, dtype=np.uint8) ^ np.uint8(0x5A)
+    a[64 * MiB:65 * MiB] = pattern  # one slot already filled
+    before = resident_bytes(a)
+    assert before < 32 * MiB, before
+    p = Prefault(a, step=16 * MiB)
+    p.join()
+    assert p.refused is None and p.populated == a.nbytes
+    assert resident_bytes(a) >= 190 * MiB
+    np.testing.assert_array_equal(a[64 * MiB:65 * MiB], pattern)
+    assert not a[:64 * MiB].any()
+
+
+@linux
+def test_writers_filling_slots_during_the_prefault_keep_their_bytes():
+    if not kernel_populates():
+        pytest.skip("this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)")
+    a = aligned_empty(256 * MiB)
+    slot = 3 * MiB + 4096
+    n = a.nbytes // slot
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, (n, 4096), dtype=np.uint8)
+    p = Prefault(a, step=MiB)  # many small steps, so writers and the advice interleave
+
+    def fill(rows):
+        for k in rows:
+            s = a[k * slot:(k + 1) * slot]
+            s[:4096] = data[k]
+            s[-4096:] = data[k][::-1]
+
+    writers = [threading.Thread(target=fill, args=(range(w, n, 2),)) for w in range(2)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    p.join()
+    for k in range(n):
+        s = a[k * slot:(k + 1) * slot]
+        np.testing.assert_array_equal(s[:4096], data[k])
+        np.testing.assert_array_equal(s[-4096:], data[k][::-1])
+
+
+@linux
+def test_a_refused_advice_stops_quietly(monkeypatch):
+    monkeypatch.setattr(prefault, "MADV_POPULATE_WRITE", 0x7FFF)  # no such advice: EINVAL
+    a = aligned_empty(8 * MiB)
+    a[:4] = [1, 2, 3, 4]
+    p = Prefault(a)
+    p.join()
+    assert p.refused == errno.EINVAL and p.populated == 0
+    assert list(a[:4]) == [1, 2, 3, 4]
+
+
+def test_closing_the_provider_stops_the_thread(tmp_path):
+    cache = ExpertCache(64 * MiB, MiB)
+    provider = StreamingExperts(table=None, cache=cache)
+    assert provider.prefault is not None
+    provider.close()
+    assert not provider.prefault._thread.is_alive()
+    off = StreamingExperts(table=None, cache=ExpertCache(4 * MiB, MiB), prefault=False)
+    assert off.prefault is None
+    off.close()
