@@ -83,15 +83,17 @@ def machine_limit(ram: int | None) -> MemoryLimit:
     return MemoryLimit("available memory", max(0, ram - reserve), ram, 0, reserve=reserve)
 
 
-def measure_decode_gbps(rows: int = 8192, cols: int = 8192, repeats: int = 9) -> float:
+def measure_decode_gbps(rows: int = 32768, cols: int = 8192, repeats: int = 15) -> float:
     """The rate, in GB/s of weights, at which the decode kernel (int8 activations, one token)
-    goes through a Q4_K matrix larger than the caches (38 MB): the median of `repeats` products.
+    goes through a Q4_K matrix several times larger than the caches (151 MB): the median of
+    `repeats` products.
 
-    A memory copy's rate is the wrong figure on a few cores, where the kernel is compute-bound:
-    here numpy read 13-18 GB/s while this probe gave 2.4-4.7 GB/s. It is an upper bound: on a
-    synth file all in RAM (0.14 GB a token, a Q6_K head; a loaded 2-core machine, plan and
-    bench alternated three times) plan predicted 78, 34 and 34 tok/s where bench measured 44,
-    27 and 25 (median ratio 1.33): attention, routing and the Q6_K head run below this rate.
+    A memory copy's rate is the wrong figure on a few cores, where the kernel is compute-bound.
+    The matrix must dwarf the last-level cache, as a decode step's gigabyte of weights does: a
+    38 MB probe, which this VM's caches partly hold, gave 28-50 GB/s from run to run where the
+    151 MB one gave 29-35, and a synth file's decode step (1.006 GB a token, all in RAM) ran at
+    37 GB/s of weights. Attention over the KV cache, norms, routing and the calls themselves
+    add a few percent on top of the weights' time.
     """
     from gguf import GGMLQuantizationType as Q
 
