@@ -88,6 +88,7 @@ def test_real_shapes_plan_from_the_header_alone(real_shapes):
     assert plan.disk_read_per_token == pytest.approx((1 - plan.hit_rate) * routed)
     assert plan.ram_read_per_token > plan.resident_bytes + routed
     assert plan.tok_s == pytest.approx(1 / max(plan.ram_read_per_token / 20e9, plan.disk_read_per_token / 7e9))
+    assert plan.expected_tok_s == pytest.approx(1 / (plan.ram_read_per_token / 20e9 + plan.disk_read_per_token / 7e9))
     assert plan.bound == "compute"  # 3.6 GB of non-expert weights and 3 GB of experts a token at 20 GB/s
     slow_disk = P.make_plan(real_shapes, ram=64 * 2**30, disk_gbps=1, ram_gbps=20, n_ctx=32768)
     assert slow_disk.bound == "disk" and slow_disk.tok_s == pytest.approx(1e9 / slow_disk.disk_read_per_token)
@@ -111,13 +112,13 @@ def test_json_fields(real_shapes, capsys):
                  "--ctx", "8192", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     for key in ("resident_bytes", "kv_bytes", "cache_bytes", "cache_slots", "cached_per_layer", "hit_rate",
-                "hit_source", "ram_read_per_token", "disk_read_per_token", "compute_s", "disk_s", "tok_s", "bound"):
+                "hit_source", "ram_read_per_token", "disk_read_per_token", "compute_s", "disk_s", "tok_s", "bound", "expected_tok_s"):
         assert key in rep, key
     assert rep["n_ctx"] == 8192 and rep["disk_gbps"] == 3 and rep["ram_gbps"] == 15
     assert 0 <= rep["hit_rate"] <= 1 and rep["resident_bytes"] + rep["cache_bytes"] <= 64 * 2**30
     assert main(["plan", "-m", str(real_shapes), "--ram", "64GiB", "--ram-gbps", "15"]) == 0
     text = capsys.readouterr().out
-    for what in ("placement:", "KV cache", "per MoE layer", "hit rate:", "uniform routing", "tok/s"):
+    for what in ("placement:", "KV cache", "per MoE layer", "hit rate:", "uniform routing", "tok/s", "expected:"):
         assert what in text, what
 
 
