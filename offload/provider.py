@@ -130,9 +130,32 @@ class StreamingExperts:
             for e, slot in kept:
                 self.cache.release(slot, (layer, e))
 
-    def _serve(self, layer: int, ids: list[int], window: int, kept: list | None):
+    @contextmanager
+    def arriving(self, layer: int, ids: Iterable[int]):
+        """All of `ids` (one token's experts) held until exit, handed over as they become ready:
+        (ready, later), where `ready` lists the (id, weights) resident when asked and `later` yields
+        the others as their reads finish (every read is queued before anything is handed over);
+        None when they cannot all be held at once, as for `held`. A decode step computes the ready
+        experts while the others are read."""
+        ids = list(ids)
+        if len(ids) > self.cache.usable_slots((layer, e) for e in ids):
+            yield None
+            return
+        kept: list = []
+        gen = self._serve(layer, ids, max(1, len(ids)), kept, announce=True)
+        try:
+            _, n_ready = next(gen)
+            yield [next(gen) for _ in range(n_ready)], gen
+        finally:
+            gen.close()  # releases what it still holds
+            for e, slot in kept:
+                self.cache.release(slot, (layer, e))
+
+    def _serve(self, layer: int, ids: list[int], window: int, kept: list | None, announce: bool = False):
         """Yield (id, weights), holding at most `window` slots; each is released when the consumer
-        moves on, or, when `kept` is a list, appended to it for the caller to release."""
+        moves on, or, when `kept` is a list, appended to it for the caller to release. `announce`:
+        first yield (None, n) once the first `window` are acquired and their reads queued, n the
+        number of them at the front that are ready now (yielded next, without waiting)."""
         self._generation[layer] = self._generation.get(layer, 0) + 1  # queued reads ahead for it are stale now
         predicted = self._predicted.pop(layer, None)
         if predicted is not None:
@@ -161,6 +184,14 @@ class StreamingExperts:
                     self.stats.count(layer, outcome.value, expert_bytes if first_use_after_read else 0)
                     if must_load:
                         self.reads.submit(DEMAND, self._load_quietly, layer, e, slot)
+                if announce:
+                    announce = False
+                    n_ready = 0
+                    for e, slot in held:
+                        if self.cache.ready_payload(slot, (layer, e)) is None:
+                            break
+                        n_ready += 1
+                    yield None, n_ready
                 e, slot = held[0]
                 # Checked under the lock: a slot whose read failed can be reclaimed for another key.
                 payload = self.cache.ready_payload(slot, (layer, e))

@@ -74,7 +74,8 @@ from .row_dot import GEMM4_FORMATS
 
 __all__ = ["FFNScratch", "FORMATS", "FORMAT_BIT", "GEMM_FORMATS", "Group", "Q8Activations", "ffn_descriptor",
            "ffn_scratch", "format_set", "gemv_in_kernel", "group", "kernels", "matmul", "matmul_rows", "matvec", "matvec_group", "matvec_many",
-           "quantize_activations", "step_addresses", "supports", "swiglu_experts", "swiglu_ffns"]
+           "quantize_activations", "step_addresses", "supports", "swiglu_experts", "swiglu_ffns", "swiglu_ffn_outputs",
+           "add_ffn_outputs"]
 
 FORMATS = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS,
            T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.TQ1_0, T.TQ2_0)
@@ -294,6 +295,23 @@ def swiglu_ffns(desc: np.ndarray, weights: np.ndarray, limits: np.ndarray, x: np
     if formats is None:
         formats = format_set(np.unique(desc[:, :2]).tolist())
     kernels(formats).swiglu(desc, weights, limits, x, out, scratch, step_addresses(formats))
+    return out
+
+
+def swiglu_ffn_outputs(desc: np.ndarray, limits: np.ndarray, x: np.ndarray, scratch: FFNScratch,
+                       formats: int | None = None) -> np.ndarray:
+    """Each FFN's own output, unweighted: y [M, H], a view of scratch.y valid until the scratch's
+    next call. Row m is bit for bit the row swiglu_ffns computes for FFN m in any call: a decode
+    step may compute its FFNs in several calls (the experts ready first, then each expert as its
+    read finishes) and sum the rows at the end with add_ffn_outputs, in entry order."""
+    m = desc.shape[0]
+    swiglu_ffns(desc, np.ones(m, np.float32), limits, x, np.zeros(x.shape[0], np.float32), scratch, formats)
+    return scratch.y[:m]
+
+
+def add_ffn_outputs(y: np.ndarray, weights: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out [H] += sum_m weights[m] * y[m] for y [M, H], in entry order: swiglu_ffns' own sum."""
+    _ffn.add_weighted_sum(y, weights, y.shape[0], out)
     return out
 
 

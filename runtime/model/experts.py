@@ -3,7 +3,9 @@
 Compute never opens files. An MoE block asks its provider for the experts the router
 chose, and the provider hands them back in whatever order they become ready (a
 streaming provider yields cached experts first while it reads the rest). `offload/`
-implements the streaming provider against the same interface.
+implements the streaming provider against the same interface; it also offers `arriving`
+(offload.provider.StreamingExperts), with which a decode step computes the resident experts
+while the others are read.
 """
 
 from __future__ import annotations

@@ -87,6 +87,11 @@ def moe_decode(s, w, plan, x: np.ndarray, logits: np.ndarray, experts: ExpertPro
         int8_kernels.swiglu_ffns(plan.desc, plan.weights, plan.limits, x[0], h, scratch, s.int8)
         return
     ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm, ascending=True)
+    if plan is not None and hasattr(experts, "arriving"):
+        with experts.arriving(s.index, ids[0].tolist()) as got:
+            if got is not None:
+                _moe_as_read(s, w, plan, x, weights, ids, got, h, scratch)
+                return
     with experts.held(s.index, ids[0].tolist()) as got:
         if got is not None and plan is not None:
             descs = [ew.descriptor for _, ew in sorted(got, key=lambda g: g[0])]
@@ -98,6 +103,39 @@ def moe_decode(s, w, plan, x: np.ndarray, logits: np.ndarray, experts: ExpertPro
         groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(ids[0])}
         f = _experts_sum(s, w, x, weights, groups, got if got is not None else experts.experts(s.index, groups))
     h += f[0]
+
+
+def _moe_as_read(s, w, plan, x: np.ndarray, weights: np.ndarray, ids: np.ndarray, got, h: np.ndarray,
+                 scratch) -> None:
+    """moe_decode's fused call split by readiness, for a streaming provider (`got`: its `arriving`
+    pair): the shared expert and the routed experts already resident first, while the others are
+    read, then each of those as its read finishes. Each FFN's output row is the fused call's and
+    the rows are summed at the end in the fused call's order, so h gets the same bits. An expert
+    with no fused int8 kernel sends the step through the per-expert path, as in `held`'s case."""
+    ready, later = got
+    order = ids[0].tolist()  # ascending: the fused call's entry order after the shared expert
+    row = {e: 1 + k for k, e in enumerate(order)}
+    y = np.empty((1 + len(order), x.shape[1]), np.float32)
+    lim = plan.limits
+    done = list(ready)
+    if all(ew.descriptor is not None for _, ew in ready):
+        first = [0] + [row[e] for e, _ in ready]
+        desc = np.stack([plan.desc[0]] + [ew.descriptor for _, ew in ready])
+        y[first] = int8_kernels.swiglu_ffn_outputs(desc, lim[first], x[0], scratch, s.int8)
+        for e, ew in later:
+            done.append((e, ew))
+            if ew.descriptor is None:
+                break
+            r = row[e]
+            y[r] = int8_kernels.swiglu_ffn_outputs(ew.descriptor[None], lim[r:r + 1], x[0], scratch, s.int8)[0]
+        else:
+            wts = plan.weights.copy()
+            wts[1:] = weights[0]
+            int8_kernels.add_ffn_outputs(y, wts, h)
+            return
+    done += list(later)
+    groups = {int(e): (np.zeros(1, np.int64), np.array([k])) for k, e in enumerate(order)}
+    h += _experts_sum(s, w, x, weights, groups, done)[0]
 
 
 def dense_decode(s, f: FFN, plan, x: np.ndarray, h: np.ndarray, scratch) -> None:
