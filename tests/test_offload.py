@@ -463,3 +463,43 @@ def test_fill_cache_read_error_is_clear_and_leaves_nothing_open(q4, reference, m
     while readers() > before and time.time() < deadline:  # the pool's threads exit once told to
         time.sleep(0.05)
     assert readers() == before
+
+
+def test_arriving_hands_over_resident_experts_first_and_releases_every_slot(q4, reference):
+    """StreamingExperts.arriving (a streaming decode step): the experts resident when asked come
+    at once, the others as their reads finish, each with the file's bytes; every slot is released
+    after the step, and after a step that raised part-way, so later steps give the same logits."""
+    logits, _, total = reference
+    m = load(q4, ram_budget=int(total * 0.3), prefetch=False)
+    ram = load(q4)
+    try:
+        p = m.provider
+        m.logits(PROMPT[:8])  # leaves some experts resident
+        layer = max(p.table.layers, key=lambda l: sum(p.cache.is_ready((l, e)) for e in range(m.cfg.n_expert)))
+        resident = [e for e in range(m.cfg.n_expert) if p.cache.is_ready((layer, e))]
+        absent = [e for e in range(m.cfg.n_expert) if e not in resident]
+        assert len(resident) >= 2 and len(absent) >= 4
+        ids = sorted(resident[:2] + absent[:2])
+        with p.arriving(layer, ids) as (ready, later):
+            got = ready + list(later)
+            assert [e for e, _ in got][:2] == resident[:2]  # the resident ones first, not waited for
+            assert set(resident[:2]) <= {e for e, _ in ready}
+            assert sorted(e for e, _ in got) == ids
+            for e, ew in got:
+                want = ram.provider.table[layer][e]
+                for mine, theirs in ((ew.gate, want.gate), (ew.up, want.up), (ew.down, want.down)):
+                    np.testing.assert_array_equal(np.asarray(mine.data).reshape(-1), np.asarray(theirs.data).reshape(-1))
+        assert all(s.refs == 0 for s in p.cache.slots)
+        with pytest.raises(RuntimeError, match="a kernel failed"):
+            with p.arriving(layer, sorted(absent[2:4] + resident[:1])) as (ready, later):
+                next(iter(later))
+                raise RuntimeError("a kernel failed")
+        deadline = time.monotonic() + 10
+        while any(s.state is SlotState.LOADING for s in p.cache.slots) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(s.refs == 0 and s.state is not SlotState.LOADING for s in p.cache.slots)
+        m.reset()
+        assert np.array_equal(m.logits(PROMPT), logits)
+    finally:
+        m.close()
+        ram.close()
