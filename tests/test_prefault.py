@@ -2,12 +2,14 @@
 bytes already written stay as they are even while writers fill slots, a kernel that refuses
 the advice changes nothing, and closing the provider ends the thread.
 
-References: /proc/self/smaps for the arena's resident bytes; the bytes the test wrote.
+References: mincore(2) for the arena's resident pages; the bytes the test wrote.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 import sys
 import threading
 
@@ -25,18 +27,19 @@ MiB = 2**20
 
 
 def resident_bytes(a: np.ndarray) -> int:
-    """Bytes of the pages under `a` that are resident, from /proc/self/smaps (the mapping holding it)."""
-    start = a.ctypes.data
-    text = open("/proc/self/smaps").read().split("\n")
-    for i, line in enumerate(text):
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5:
-            lo, hi = (int(v, 16) for v in head[0].split("-"))
-            if lo <= start < hi:
-                for field in text[i + 1:]:
-                    if field.startswith("Rss:"):
-                        return int(field.split()[1]) * 1024
-    raise AssertionError("arena mapping not found")
+    """Bytes of the pages under `a` that are resident, from mincore(2) over exactly `a`'s pages.
+
+    /proc/self/smaps is not used: the kernel merges neighbouring anonymous mappings, so the
+    mapping holding `a` may also hold other arrays' pages."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo = a.ctypes.data - a.ctypes.data % page
+    hi = -(-(a.ctypes.data + a.nbytes) // page) * page
+    vec = (ctypes.c_ubyte * ((hi - lo) // page))()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    if libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return int(np.count_nonzero(np.frombuffer(vec, np.uint8) & 1)) * page
 
 
 def kernel_populates() -> bool:
