@@ -60,8 +60,11 @@ def _prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 
 def _warm(model, prompt: list[int], gen: list[int]) -> None:
-    model.reset()  # warm-up, as llama-bench does: the first calls load or compile the kernels
-    model.eval(prompt[:8])
+    """One untimed pass over the whole prompt and one token, as llama-bench's warm-up: the first
+    calls of each path load or compile its kernels and grow the heap, and a prompt shorter than
+    the timed one takes another path (up to 8 tokens the few-token kernels, beyond them GEMM)."""
+    model.reset()
+    model.eval(prompt)
     model.eval(gen[:1] or prompt[:1])
 
 
