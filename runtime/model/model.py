@@ -205,9 +205,13 @@ class Model:
         self._evaluating = True
         try:
             out = step(ids)
-        except BaseException:
+        except BaseException as e:
             self.cache.abort()
             del self._tokens[n0:]
+            if isinstance(e, ZeroDivisionError):  # a kernel compiled with fast-math, meeting NaN or Inf
+                raise StepstreamError(f"{self.file.path}: NaN or Inf in the forward pass at positions "
+                                      f"{n0}..{n0 + ids.size - 1}: the blocks' hidden states are already "
+                                      f"non-finite; the evaluation was rolled back") from None
             raise
         finally:
             self._evaluating = False
@@ -306,7 +310,25 @@ class Model:
         h = self.hidden(tokens)
         if h.shape[0] == 0:
             raise StepstreamError("eval needs at least one token")
-        return self.output(h) if all_logits else self.output(h[-1:])[0]
+        logits = self.output(h) if all_logits else self.output(h[-1:])[0]
+        if not np.isfinite(logits).all():
+            self._refuse_non_finite(h, all_logits)
+        return logits
+
+    def _refuse_non_finite(self, h: np.ndarray, all_logits: bool) -> None:
+        """Roll back the positions just evaluated and say where NaN/Inf came from: the blocks'
+        hidden states, or the output head (output_norm.weight, output.weight) on finite ones.
+        Weights that hold NaN or Inf (a damaged file, a bad conversion) end here; sampling from
+        such logits would raise deep in numpy or emit nothing."""
+        first = self.n_past - h.shape[0]
+        self.trim(h.shape[0])
+        rows = h if all_logits else h[-1:]
+        if not np.isfinite(rows).all():
+            where = "the blocks' hidden states are already non-finite"
+        else:
+            where = "the output head (output_norm.weight, output.weight) holds non-finite values"
+        raise StepstreamError(f"{self.file.path}: NaN or Inf logits at positions {first}..{first + h.shape[0] - 1}: "
+                              f"{where}; the evaluation was rolled back")
 
     def logits(self, tokens) -> np.ndarray:
         """[T, V] float32 logits of every position, evaluated from an empty cache."""
