@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import socket
 import sys
@@ -9,6 +10,19 @@ import threading
 
 from runtime.base.errors import StepstreamError
 from runtime.cli.common import add_model_args, positive_int
+
+
+def body_size(text: str) -> int:
+    """--max-body: a size such as 8MiB or 64KiB, or plain bytes, as --ram-budget reads it."""
+    from runtime.base.units import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except StepstreamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
+    return value
 
 
 def add_arguments(p) -> None:
@@ -22,8 +36,8 @@ def add_arguments(p) -> None:
                    help="the model's name in the API (default: the GGUF file's name)")
     p.add_argument("--queue-size", type=positive_int, default=8,
                    help="requests that may wait while one runs; more get 503 (default: 8)")
-    p.add_argument("--max-body", type=positive_int, default=8388608, metavar="BYTES",
-                   help="largest request body accepted, in bytes (default: 8388608, 8 MiB)")
+    p.add_argument("--max-body", type=body_size, default=8 * 2**20, metavar="SIZE",
+                   help="largest request body accepted, e.g. 8MiB, 512KiB or plain bytes (default: 8MiB)")
 
 
 def _listen(host: str, port: int) -> socket.socket:

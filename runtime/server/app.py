@@ -2,6 +2,7 @@
 
     GET  /health                 no key needed: {"status": "ok", ...}
     GET  /v1/models
+    GET  /v1/models/{id}         the served model; any other id is a 404
     POST /v1/completions         text in, text out (streaming or whole)
     POST /v1/chat/completions    messages in (chat template, tools), content / reasoning / tool calls out
 
@@ -81,11 +82,12 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         except RecursionError:
             raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
 
-    def model_request(ids: list[int], common, logprobs) -> ModelRequest:
+    def model_request(ids: list[int], common, logprobs, field: str) -> ModelRequest:
+        """`field`: the body's field the prompt came from ("prompt" or "messages"), named by a refusal."""
         if len(ids) >= model.n_ctx:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx} "
                                 "(start the server with a larger --ctx-size, or shorten the prompt)",
-                           param="messages", code="context_length_exceeded")
+                           param=field, code="context_length_exceeded")
         room = model.n_ctx - len(ids) + 1
         return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs)
 
@@ -161,12 +163,21 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         return {"status": "ok", "model": model_name, "busy": engine.busy, "waiting": engine.waiting,
                 "served": engine.served}
 
+    served = {"id": model_name, "object": "model", "created": created, "owned_by": "stepstream",
+              "meta": {"n_ctx": model.n_ctx, "n_vocab": model.cfg.vocab}}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "stepstream", "meta": {"n_ctx": model.n_ctx,
-                                                                              "n_vocab": model.cfg.vocab}}]}
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{model_id:path}")  # :path, as an alias may hold a slash ("org/name")
+    async def model_info(model_id: str, request: Request):
+        authorize(request)
+        if model_id != model_name:
+            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")  # as OpenAI answers
+        return served
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -182,7 +193,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 raise ApiError(400, f"token id {bad[0]} in 'prompt' is outside the vocabulary (0..{model.cfg.vocab - 1})",
                                param="prompt", code="invalid_value")
             ids = list(b.prompt)
-        req = model_request(ids, b.common, b.logprobs)
+        req = model_request(ids, b.common, b.logprobs, "prompt")
         echo = (b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")) if b.echo else ""
         reply = TextReply(model_name, len(ids), echo)
         want = b.logprobs is not None
@@ -220,7 +231,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(
                 b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
             ids = ids + model.tokenize(forced, add_bos=False, special=True)
-        req = model_request(ids, b.common, b.logprobs)
+        req = model_request(ids, b.common, b.logprobs, "messages")
         reply = ChatReply(model_name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
         want = b.logprobs is not None
         job = submit(req, b.common.stream)

@@ -22,6 +22,7 @@ MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+TOOL_SHAPE = "{'type': 'function', 'function': {'name': ..., 'parameters': ...}}"  # a tool, for messages
 
 
 class ApiError(Exception):
@@ -211,8 +212,7 @@ def chat_body(body: dict) -> ChatBody:
         for i, t in enumerate(tools):
             if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
                     and isinstance(t["function"].get("name"), str)):
-                raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
-                                    "'parameters': ...}}}}", param=f"tools[{i}]", code="invalid_value")
+                raise ApiError(400, f"tools[{i}] must be {TOOL_SHAPE}", param=f"tools[{i}]", code="invalid_value")
             if not TOOL_NAME.fullmatch(t["function"]["name"]):
                 raise ApiError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, got "
                                     f"{json.dumps(t['function']['name'])[:80]}", param=f"tools[{i}].function.name",
