@@ -175,6 +175,16 @@ def chat_counter(model_path: str):
     return (lambda messages: len(chat_ids(tok, messages))), (1 if tok.bos_id == 0 else 0)
 
 
+def served_context(model_path: str, ctx_size: int | None) -> int:
+    """The context `stepstream serve -m model_path [--ctx-size ctx_size]` will hold, from the
+    GGUF's header alone (the loader's rule: --ctx-size, or the model's context up to 4096)."""
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+    from runtime.base.options import RuntimeOptions
+
+    return RuntimeOptions(n_ctx=ctx_size).context(ModelConfig.from_gguf(GGUFModelFile(model_path)).context_length)
+
+
 def stdlib_conversation(count_tokens, n_tokens: int) -> list[dict]:
     """A fixed conversation of at most `n_tokens` prompt tokens (as `count_tokens(messages)`
     counts them: the chat template's rendering, tokenized), ending with a user message: a

@@ -26,6 +26,7 @@ from runtime.bench import serve as bench
 from runtime.cli.common import existing_file, positive_float, positive_int
 
 DECODE_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
+PARTS = ("reuse", "overhead", "load")  # what --skip leaves out
 
 
 def add_arguments(p) -> None:
@@ -49,7 +50,7 @@ def add_arguments(p) -> None:
                    help="seconds the load test's clients keep sending (default: 30)")
     p.add_argument("--queue-size", type=positive_int, default=8,
                    help="the server's --queue-size: requests that may wait; more get 503 (default: 8)")
-    p.add_argument("--skip", action="append", default=[], choices=("reuse", "overhead", "load"),
+    p.add_argument("--skip", action="append", default=[], choices=PARTS,
                    help="leave out a part (may be given several times)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -107,15 +108,29 @@ def _print_load(load) -> None:
         print(f"  error: {e}")
 
 
+def _too_long(args, n_ctx: int, need: int) -> StepstreamError:
+    held = (f"--ctx-size {args.ctx_size}" if args.ctx_size
+            else f"the server's context of {n_ctx} tokens (no --ctx-size: the model's context, at most 4096)")
+    return StepstreamError(f"--conversation-tokens {args.conversation_tokens} does not fit in {held}: the two turns "
+                           f"need about {need} tokens; lower --conversation-tokens or raise --ctx-size")
+
+
 def run(args) -> int:
+    if set(PARTS) <= set(args.skip):
+        raise StepstreamError("--skip reuse, --skip overhead and --skip load leave nothing to measure; "
+                              "skip at most two of the three parts")
     count, wipe_token = bench.chat_counter(args.model)
-    messages = [] if "reuse" in args.skip else bench.stdlib_conversation(count, args.conversation_tokens)
-    if args.ctx_size and messages:
+    messages = []
+    if "reuse" not in args.skip:
+        # checked before the conversation is built (tokenizing a long one takes a while) and
+        # again after, on its real length: the server would refuse the turns with an HTTP 400
+        n_ctx = bench.served_context(args.model, args.ctx_size)
+        if args.conversation_tokens >= n_ctx:
+            raise _too_long(args, n_ctx, args.conversation_tokens + 3 * args.reply_tokens + 64)
+        messages = bench.stdlib_conversation(count, args.conversation_tokens)
         need = count(messages) + 3 * args.reply_tokens + 64
-        if need > args.ctx_size:
-            raise StepstreamError(f"--ctx-size {args.ctx_size} cannot hold the two turns of a "
-                                  f"{args.conversation_tokens}-token conversation (about {need} tokens); "
-                                  "raise it or lower --conversation-tokens")
+        if need > n_ctx:
+            raise _too_long(args, n_ctx, need)
     # Decided once here, the children inherit it: the server and `stepstream run` would each
     # decide from the load they see when they start, and spinning waits cost the server more
     # (its event loop and the client need the cores the OpenMP threads spin on).
