@@ -12,7 +12,8 @@ import signal
 import sys
 import threading
 
-from runtime.cli.common import add_model_args, add_mtp_arg, add_sampling_args, load_model, max_tokens, sampling_kwargs
+from runtime.cli.common import (add_model_args, add_mtp_arg, add_sampling_args, check_text_args, load_model, max_tokens,
+                                sampling_kwargs)
 from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import sampling_params
 
@@ -30,6 +31,7 @@ def run(args, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
     _stoppable_by_ctrl_c()
+    check_text_args(args)
     model = load_model(args)
     conv = Conversation(model, args.system_prompt, sampling_params(**sampling_kwargs(args)), max_tokens(args),
                         args.reverse_prompt)

@@ -103,6 +103,20 @@ def read_text_file(path: str, what: str) -> str:
                               f"{e.start})") from None
 
 
+def check_text_args(args) -> None:
+    """Refuse, before loading, text flags that are no UTF-8 (a Latin-1 terminal, raw bytes): the
+    command line hands undecodable bytes over as lone surrogates, which no tokenizer takes."""
+    from runtime.text.tokenizer import utf8_problem
+
+    for flag, name in (("-p/--prompt", "prompt"), ("-sys/--system-prompt", "system_prompt"),
+                       ("-r/--reverse-prompt", "reverse_prompt")):
+        value = getattr(args, name, None)
+        for text in value if isinstance(value, list) else [value]:
+            why = utf8_problem(text) if isinstance(text, str) else None
+            if why is not None:
+                raise StepstreamError(f"{flag}: the text is not UTF-8 ({why})")
+
+
 def writable_output(path: Path, what: str) -> Path:
     """Refuse, before any work, an output path that could not be written at the end."""
     if path.is_dir():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from runtime.cli.common import (GenerationTiming, add_model_args, add_mtp_arg, add_sampling_args, load_model, max_tokens,
-                                print_stats, read_text_file, sampling_kwargs)
+from runtime.cli.common import (GenerationTiming, add_model_args, add_mtp_arg, add_sampling_args, check_text_args,
+                                load_model, max_tokens, print_stats, read_text_file, sampling_kwargs)
 from runtime.base.errors import StepstreamError
 
 
@@ -24,6 +24,7 @@ def run(args) -> int:
 
     if (args.prompt is None) == (args.file is None):
         raise StepstreamError("give the prompt with exactly one of -p/--prompt or -f/--file")
+    check_text_args(args)
     prompt = args.prompt if args.file is None else read_text_file(args.file, "prompt file")
     params = sampling_params(**sampling_kwargs(args))  # checked before the model loads
     model = load_model(args)

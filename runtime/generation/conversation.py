@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from runtime.generation.loop import StopStrings, generate
 from runtime.generation.sampling import Sampler, SamplingParams
+from runtime.text.tokenizer import utf8_problem
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class Conversation:
 
     def reply(self, text: str) -> Iterator[str | Notice]:
         """Add the user's message and yield the reply as it is generated."""
+        why = utf8_problem(text)
+        if why is not None:  # stdin in another encoding: say so, and keep the conversation going
+            yield Notice(f"this message is not UTF-8 text ({why}): not sent")
+            return
         self.messages.append({"role": "user", "content": text})
         n_ctx = self.model.n_ctx
         room = max(1, min(n_ctx // 4, self.max_tokens or n_ctx))  # context a new reply should find free

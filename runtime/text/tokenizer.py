@@ -95,6 +95,31 @@ def _piece(text: str, kind: int) -> bytes:
     return b""  # unused (padding rows of the embedding)
 
 
+
+def utf8_problem(text: str) -> str | None:
+    """Why `text` is no UTF-8 text, or None. Python hands over undecodable bytes of a command line
+    or of stdin as lone surrogates (U+DC80..U+DCFF, 'surrogateescape'), which the tokenizer refuses
+    with a TypeError; this names the first such byte."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+        raw.decode("utf-8")
+    except UnicodeEncodeError as e:  # a surrogate that stands for no byte
+        return f"a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+    except UnicodeDecodeError as e:
+        return f"byte 0x{raw[e.start]:02x} at offset {e.start}"
+    return "surrogate code points standing for bytes"  # what no surrogateescape decoding gives
+
+
+def _require_utf8(text: str) -> None:
+    why = utf8_problem(text)
+    if why is not None:
+        raise StepstreamError(f"the text is not UTF-8 ({why})")
+
 class Tokenizer:
     def __init__(self, hf_json: str, tokens: list[str], types: list[int], bos: int | None, eos: int | None,
                  eot: int | None, add_bos: bool, chat_template: str | None):
@@ -138,6 +163,7 @@ class Tokenizer:
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
+        _require_utf8(text)
         tok = self._with_special if special else self._plain
         ids = tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
@@ -162,6 +188,7 @@ class Tokenizer:
         """Ids of a rendered template whose special-token texts are all meant as control tokens:
         each becomes its id, and the text between them is tokenized as plain text after the
         characters in `restore` (stand-in -> original, see `defang`) are swapped back."""
+        _require_utf8(text)
         table = str.maketrans(restore)
         ids: list[int] = []
         at = 0
