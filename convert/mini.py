@@ -146,11 +146,19 @@ def write_mini(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0, 
         raise StepstreamError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise StepstreamError(f"{out} exists and is not a directory; give a new directory")
     if out.exists() and any(out.iterdir()):
         raise StepstreamError(f"{out}: directory exists and is not empty")
+    if not out.parent.is_dir():  # as every other output: a mistyped parent is not created
+        raise StepstreamError(f"{out}: cannot write the checkpoint: the directory {out.parent} does not exist")
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:  # before any work: a place where nothing can be made fails here, in one line
+        tmp.mkdir()
+    except OSError as e:
+        raise StepstreamError(f"{out}: cannot write the checkpoint: cannot create {tmp.name} in "
+                              f"{out.parent.absolute()} ({e.strerror})") from None
     try:
         _write_checkpoint(tmp, preset, p, seed, progress)
     except BaseException:  # Ctrl-C or a full disk: leave no half-written checkpoint behind

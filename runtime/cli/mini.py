@@ -9,7 +9,6 @@ from pathlib import Path
 from convert import layout
 from convert.hf_config import HFConfig
 from convert.mini import PRESETS, Preset, make_config
-from runtime.base.errors import StepstreamError
 from runtime.cli.common import non_negative_int
 
 
@@ -28,7 +27,7 @@ def preset_help() -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out_dir", help="directory to create (must not exist or be empty)")
+    p.add_argument("out_dir", help="directory to create, in an existing directory (must not exist or be empty)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help=f"{preset_help()} (default: tiny)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="weight seed (default: 0)")
 
@@ -36,11 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from convert.mini import write_mini
 
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise StepstreamError(f"{out} exists and is not a directory; give a new directory")
     t0 = time.perf_counter()
-    out = write_mini(out, args.preset, args.seed, progress=True)
+    out = write_mini(Path(args.out_dir), args.preset, args.seed, progress=True)  # checks OUT_DIR before any work
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB, preset {args.preset}, seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
     return 0
