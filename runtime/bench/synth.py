@@ -6,6 +6,9 @@ weights of std 1/sqrt(cols)), which keeps activations finite through many layers
 Metadata and tensor names come from the converter's own tables (convert.gguf_meta,
 convert.layout), so the runtime reads these files exactly as converted ones.
 Tensors are streamed one expert slice at a time: memory stays bounded at real widths.
+The file is written as the converter writes its own (convert.output_file): under `.NAME.PID.part`,
+published by an atomic rename that replaces an existing file only when forced, and a killed
+run's temporary file is removed by the next run to the same output.
 
 The header carries a placeholder byte-level BPE vocabulary of the file's size (the 256 byte
 tokens, then "t0", "t1", ... and an end token), so that llama.cpp, which refuses a file
@@ -22,10 +25,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from gguf.gguf_writer import WriterState
 
 from convert import layout
 from convert.gguf_meta import add_hparams
 from convert.hf_config import HFConfig
+from convert.output_file import part_name, publish, remove_stale_parts
 from convert.policy import FILE_TYPE
 from quant import row_bytes
 from runtime.base.errors import StepstreamError
@@ -135,12 +140,47 @@ def _std(spec: layout.TensorSpec) -> float:
     return 1.0 if spec.role == layout.EMBED else 1.0 / np.sqrt(spec.shape[-1])
 
 
+def _check_output(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise StepstreamError(f"{out}: is a directory; give the output .gguf file path")
+    if os.path.lexists(out) and not force:
+        raise StepstreamError(f"{out}: already exists; synth never overwrites a file unless given --force")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_legacy_parts(out: Path) -> None:
+    """Remove `NAME.partPID` files, the temporary name of earlier versions, left by dead runs
+    (killed with SIGKILL): part_name's `.NAME.PID.part` ones go with remove_stale_parts."""
+    if os.name != "posix":  # os.kill(pid, 0) is a liveness probe only on POSIX
+        return
+    prefix = f"{out.name}.part"
+    try:
+        candidates = list(out.parent.iterdir())
+    except OSError:
+        return
+    for p in candidates:
+        pid = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
 def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: int = 1, hidden: int = 4096,
                 n_head_full: int = 64, n_head_sliding: int = 96, n_kv: int = 8, head_dim: int = 128, window: int = 512,
                 n_expert: int = 288, top_k: int = 8, expert_ffn: int = 1280, shared_ffn: int = 1280,
                 dense_ffn: int = 11264, vocab: int = 128896, qtype: str = "q4_k", router_scale: float = 1.0,
-                bias_skew: float = 0.0, seed: int = 0, progress: bool = True) -> Path:
-    """Write a random-weight Step-3.5 GGUF to `path` (via a temporary name); return the path."""
+                bias_skew: float = 0.0, seed: int = 0, progress: bool = True, force: bool = False) -> Path:
+    """Write a random-weight Step-3.5 GGUF to `path` (via a temporary name); return the path.
+
+    An existing `path` is an error unless `force`."""
     if qtype not in QTYPES:
         raise StepstreamError(f"synth: unknown qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
     for name, v in (("moe_layers", moe_layers), ("dense_layers", dense_layers)):
@@ -166,22 +206,30 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
         rows = s.n_elements // s.shape[-1]
         plan.append((s, t, rows * row_bytes(t, s.shape[-1])))
     out = Path(path)
-    tmp = out.with_name(out.name + f".part{os.getpid()}")
+    _check_output(out, force)
+    remove_stale_parts(out)
+    _remove_legacy_parts(out)
+    tmp = part_name(out)
+    try:  # opened before any work: a place where no file can be made fails here, in one line
+        f = open(tmp, "wb")
+    except OSError as e:
+        raise StepstreamError(f"{out}: cannot write the synthetic model: cannot create {tmp.name} in "
+                              f"{out.parent.absolute()} ({e.strerror})") from None
     writer = gguf.GGUFWriter(path=None, arch=ARCH)
     total = sum(n for _, _, n in plan)
     bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synth", dynamic_ncols=True)
     try:
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synth", dynamic_ncols=True)
         add_hparams(writer, cfg, "synth-step35", FILE_TYPE.get(qtype, FILE_TYPE["q4_k"]))
         add_placeholder_vocab(writer, vocab)
         for s, t, n in plan:
             writer.add_tensor_info(s.gguf_name, s.shape, np.dtype(np.float32), n, raw_dtype=t)
-        writer.write_header_to_file(path=tmp)
+        writer.fout, writer.state = [f], WriterState.EMPTY  # the file opened above; the writer opens none
+        writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        f = writer.fout[0]
         for k, (s, t, n) in enumerate(plan):
             writer.write_padding(f, f.tell())
             start = f.tell()
@@ -199,11 +247,12 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
             if bar:
                 bar.update(n)
         f.flush()
-        writer.close()
-        os.replace(tmp, out)
+        os.fsync(f.fileno())  # the rename must never publish bytes that are not on disk
+        f.close()
+        publish(tmp, out, force)
     except BaseException:
         try:
-            writer.close()
+            f.close()
         finally:
             tmp.unlink(missing_ok=True)
         raise

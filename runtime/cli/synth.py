@@ -2,18 +2,24 @@
 
 Benchmarks need the real model's shapes, not its weights: this writes quantized random blocks
 directly (runtime.bench.synth), at disk speed, with no checkpoint and no conversion.
+Like `convert`, it writes a temporary file and renames it, never overwrites OUT without --force,
+and removes the temporary file a killed run left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 from pathlib import Path
 
 from runtime.cli.common import non_negative_int, positive_float, positive_int, writable_output
 
 
 def add_arguments(p) -> None:
-    p.add_argument("out", type=Path, help="the GGUF file to write")
+    p.add_argument("out", type=Path, help="the GGUF file to write (written atomically: a temporary file, then a "
+                                          "rename); an existing file is an error unless --force")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--moe-layers", type=non_negative_int, default=3, help="MoE layers (default: 3; the real model has 42)")
     p.add_argument("--dense-layers", type=non_negative_int, default=1, help="leading dense layers (default: 1; real: 3)")
     p.add_argument("--hidden", type=positive_int, default=4096, help="hidden size, a multiple of 256 (default: 4096)")
@@ -35,15 +41,25 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the temporary file is removed
+
+
 def run(args) -> int:
     from runtime.bench.synth import synth_timed
 
     out = writable_output(args.out, "synthetic model")
-    path, nbytes, seconds = synth_timed(
-        out, moe_layers=args.moe_layers, dense_layers=args.dense_layers, hidden=args.hidden, n_head_full=args.heads,
-        n_head_sliding=args.heads_sliding, n_kv=args.kv_heads, window=args.window, n_expert=args.experts,
-        top_k=args.top_k, expert_ffn=args.expert_ffn, shared_ffn=args.shared_ffn, dense_ffn=args.dense_ffn,
-        vocab=args.vocab, qtype=args.qtype, router_scale=args.router_scale, bias_skew=args.bias_skew,
-        seed=args.seed, progress=not args.quiet)
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        path, nbytes, seconds = synth_timed(
+            out, moe_layers=args.moe_layers, dense_layers=args.dense_layers, hidden=args.hidden, n_head_full=args.heads,
+            n_head_sliding=args.heads_sliding, n_kv=args.kv_heads, window=args.window, n_expert=args.experts,
+            top_k=args.top_k, expert_ffn=args.expert_ffn, shared_ffn=args.shared_ffn, dense_ffn=args.dense_ffn,
+            vocab=args.vocab, qtype=args.qtype, router_scale=args.router_scale, bias_skew=args.bias_skew,
+            seed=args.seed, progress=not args.quiet, force=args.force)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(f"{path}: {nbytes:,} bytes in {seconds:.1f} s ({nbytes / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
     return 0
