@@ -1,4 +1,4 @@
-"""`stepstream profile -m MODEL (-f PROMPTS.txt | --random-tokens T) [-o FILE] [-n N] [--trace FILE]`:
+"""`stepstream profile -m MODEL (-f PROMPTS.txt | --random-tokens T) [-o FILE] [-n N] [--trace FILE] [-t N]`:
 record expert activation counts.
 
 Each non-empty line of PROMPTS.txt is a prompt (write `\\n` for a newline inside one). The
@@ -13,12 +13,15 @@ is written too, for `python -m offload.simulate` to replay against cache policie
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from runtime.base.errors import StepstreamError
+from runtime.base.system import choose_wait_policy
 from runtime.cli.common import existing_file, non_negative_int, positive_int, read_text_file, writable_output
 
 
@@ -35,6 +38,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="also write the routing trace (.npz: every token's experts per MoE layer, in order)")
     p.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context size")
+    p.add_argument("-t", "--threads", type=positive_int, default=None,
+                   help="compute threads (default: the libraries' choice)")
+
+
+def creatable(path: Path, what: str) -> Path:
+    """writable_output, and a file really made and removed beside `path`: the outputs are written
+    after the whole profile, and os.access says yes to root where nothing can be made (/proc)."""
+    writable_output(path, what)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as e:
+        raise StepstreamError(f"{path}: cannot write the {what}: cannot create a file in "
+                              f"{path.parent.absolute()} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def _feed(model, ids: list[int]) -> np.ndarray:
@@ -75,9 +94,13 @@ def run(args: argparse.Namespace) -> int:
         prompts = [l.replace("\\n", "\n") for l in text.splitlines() if l.strip()]
         if not prompts:
             raise StepstreamError(f"{args.file}: no prompts (one per non-empty line)")
-    out = writable_output(Path(args.output), "profile") if args.output else None  # before the work, not after
-    trace_out = writable_output(Path(args.trace), "routing trace") if args.trace else None
-    model = load(args.model, n_ctx=args.ctx_size)
+    # before the work, not after: the default output goes to this directory under the model's name
+    out = creatable(Path(args.output), "profile") if args.output else None
+    if out is None:
+        creatable(Path(f"{Path(args.model).stem}.profile.json"), "profile")
+    trace_out = creatable(Path(args.trace), "routing trace") if args.trace else None
+    choose_wait_policy(args.threads)  # as `run` does: passive OpenMP waits when other processes hold the cores
+    model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
     if args.n_predict >= model.n_ctx:
         raise StepstreamError(f"-n {args.n_predict} leaves no room for a prompt in a context of {model.n_ctx} tokens "
                               f"(raise -c or lower -n)")
@@ -108,7 +131,10 @@ def run(args: argparse.Namespace) -> int:
     if recorder is not None:
         moe = {i: model.cfg.n_expert for i in range(model.cfg.n_layers) if model.cfg.moe[i]}
         trace = recorder.trace(path.name, path.stat().st_size, moe)
-        trace.save(trace_out)
+        try:
+            trace.save(trace_out)
+        except OSError as e:
+            raise StepstreamError(f"{trace_out}: cannot write the routing trace: {e.strerror}") from None
         print(f"wrote {trace_out}: routing of {trace.tokens} tokens over {len(moe)} MoE layers, top-{trace.top_k}")
     print(f"wrote {out}: {profile.tokens} tokens over {len(prompts)} prompts; the top 20% of experts take "
           f"{profile.skew(0.2):.1%} of activations")
