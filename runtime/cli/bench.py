@@ -26,7 +26,8 @@ import numpy as np
 from pathlib import Path
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import add_model_args, load_model, mtp_choice, non_negative_int, positive_int, print_stats
+from runtime.cli.common import (add_model_args, context_size, load_model, mtp_choice, non_negative_int, positive_int,
+                                print_stats)
 from runtime.base.system import peak_rss_bytes
 
 
@@ -212,6 +213,8 @@ def run_sweep(args) -> int:
 def run(args) -> int:
     if args.sweep_ram is not None:
         return run_sweep(args)
+    # Room for the prompt and the decoded tokens (the warm-up's one at least), as llama-bench sizes it.
+    context_size(args, args.n_prompt + max(args.n_gen, 1), f"-p {args.n_prompt} and -n {args.n_gen}")
     model = load_model(args)
     if args.mtp is not None and args.n_gen and model.n_mtp == 0 and args.mtp != 0:
         print(f"{model.file.path}: no MTP heads; generation is timed without drafting", file=sys.stderr)
@@ -245,11 +248,12 @@ def run(args) -> int:
     rows = [("stepstream", report)] + ([("llama.cpp", report["llama_cpp"])] if args.llama_cpp else [])
     print(f"{'engine':<12} {'pp' + str(args.n_prompt) + ' tok/s':>14} {'tg' + str(args.n_gen) + ' tok/s':>14} {'peak RSS MiB':>13}", file=sys.stdout)
     for name, r in rows:
-        print(f"{name:<12} {r['prefill_tok_s']:>14.2f} {r['decode_tok_s'] or 0:>14.2f} {r['peak_rss_bytes'] / 2**20:>13.0f}")
+        decode = f"{r['decode_tok_s']:>14.2f}" if args.n_gen else f"{'-':>14}"
+        print(f"{name:<12} {r['prefill_tok_s']:>14.2f} {decode} {r['peak_rss_bytes'] / 2**20:>13.0f}")
     if args.llama_cpp:
         ll = report["llama_cpp"]
-        print(f"{'ratio':<12} {report['prefill_tok_s'] / ll['prefill_tok_s']:>13.2f}x "
-              f"{(report['decode_tok_s'] or 0) / (ll['decode_tok_s'] or 1):>13.2f}x")
+        decode = f"{report['decode_tok_s'] / ll['decode_tok_s']:>13.2f}x" if args.n_gen else f"{'-':>14}"
+        print(f"{'ratio':<12} {report['prefill_tok_s'] / ll['prefill_tok_s']:>13.2f}x {decode}")
     if "generation" in report:
         g = report["generation"]
         print(f"generation --mtp {args.mtp}: {g['decode_tok_s']:.2f} tok/s over {args.n_gen} greedy tokens; "

@@ -210,10 +210,32 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="stop generating at this text (may be given several times)")
 
 
+def context_size(args, needed: int = 0, why: str = "") -> int:
+    """The KV cache's positions a command will load with, from the GGUF header alone: -c, or the
+    model's context up to 4096 (the loader's rule). Refuses, before loading, a -c beyond the
+    model's context and one below `needed` positions (`why`: the flags that need them); without
+    -c, `needed` positions beyond the default raise it (args.ctx_size is set)."""
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+    from runtime.base.options import RuntimeOptions
+
+    limit = ModelConfig.from_gguf(GGUFModelFile(args.model)).context_length
+    if args.ctx_size is not None and args.ctx_size > limit:
+        raise StepstreamError(f"-c/--ctx-size {args.ctx_size} exceeds the context length of {args.model}: {limit}")
+    if needed > limit:
+        raise StepstreamError(f"{why} need {needed} positions, more than the context length of {args.model}: {limit}")
+    if args.ctx_size is not None and needed > args.ctx_size:
+        raise StepstreamError(f"{why} need {needed} positions, more than -c/--ctx-size {args.ctx_size}")
+    if args.ctx_size is None and needed > RuntimeOptions().context(limit):
+        args.ctx_size = needed
+    return RuntimeOptions(n_ctx=args.ctx_size).context(limit)
+
+
 def load_model(args):
     from runtime.loader import load  # here, not at the top: a bad argument is refused before seconds of imports
 
     choose_wait_policy(args.threads)
+    context_size(args)
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from runtime.base.errors import StepstreamError
 from runtime.cli.common import add_model_args, chunk_count, load_model, print_stats, read_text_file
 
 CTX = 512  # llama-perplexity's default
@@ -21,6 +22,8 @@ def run(args) -> int:
 
     from runtime.generation.perplexity import perplexity
 
+    if args.ctx_size < 4:
+        raise StepstreamError(f"-c/--ctx-size {args.ctx_size}: perplexity needs a context of at least 4 tokens")
     text = read_text_file(args.file, "text file")
     model = load_model(args)
     tokens = model.tokenize(text, add_bos=True, special=False)

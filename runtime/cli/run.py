@@ -28,11 +28,14 @@ def run(args) -> int:
     prompt = args.prompt if args.file is None else read_text_file(args.file, "prompt file")
     params = sampling_params(**sampling_kwargs(args))  # checked before the model loads
     model = load_model(args)
+    ids = model.tokenize(prompt, special=True)
+    if len(ids) > model.n_ctx:  # before the prompt is shown
+        raise StepstreamError(f"{'-p/--prompt' if args.file is None else args.file}: the prompt is {len(ids)} tokens, "
+                              f"more than the context of {model.n_ctx} (-c/--ctx-size): shorten it or raise -c")
     out = sys.stdout
     if not args.no_display_prompt:
         out.write(prompt)
         out.flush()
-    ids = model.tokenize(prompt, special=True)
     t0 = time.perf_counter()
     first = last = None
     for piece in complete(model, ids, params, max_tokens(args), args.reverse_prompt):
