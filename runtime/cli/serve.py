@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
                    help="the model's name in the API (default: the GGUF file's name)")
     p.add_argument("--queue-size", type=positive_int, default=8,
                    help="requests that may wait while one runs; more get 503 (default: 8)")
-    p.add_argument("--max-body", type=body_size, default=8 * 2**20, metavar="SIZE",
+    p.add_argument("--max-body", type=body_size, default="8MiB", metavar="SIZE",  # argparse parses a str default
                    help="largest request body accepted, e.g. 8MiB, 512KiB or plain bytes (default: 8MiB)")
 
 
