@@ -32,6 +32,34 @@ EMITTED_PRE_NAMES = (GPT2_PRE, *dict.fromkeys(KNOWN_SPLIT_REGEXES.values()))
 
 _OVERRIDE = "pass --tokenizer-pre NAME (a llama.cpp pre-tokenizer name) to choose one"
 
+# The pre-tokenizer names llama.cpp's loader accepts (src/llama-vocab.cpp, late 2026); any other
+# name makes llama.cpp refuse the file ("unknown pre-tokenizer type"), so --tokenizer-pre is
+# checked against them.
+LLAMA_CPP_PRE_NAMES = frozenset("""
+    default minicpm5 llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano
+    deepseek-llm deepseek-coder deepseek-v3 youtu falcon mpt starcoder gpt-2 phi-2 jina-es jina-de
+    gigachat jina-v2-es jina-v2-de a.x-4.0 mellum modern-bert jais-2 gemma4 granite-embed-multi-311m
+    sarvam-moe jina-v1-en jina-v2-code roberta-bpe whitespace refact command-r qwen2 deepseek-r1-qwen
+    kormo f2llmv2 qwen35 stablelm2 olmo dbrx smaug-bpe poro-chat glm4 glm5 chatglm-bpe viking jais
+    tekken smollm codeshell bloom gpt3-finnish exaone exaone4 exaone-moe chameleon minerva-7b megrez
+    gpt-4o llama4 kanana2 granite-embed-multi-97m tiny_aya cohere2moe superbpe trillion
+    granite-docling bailingmoe bailingmoe2 llada-moe seed-coder hunyuan hunyuan-dense joyai-llm
+    kimi-k2 grok-2 afmoe minimax-m2 solar-open mellum2 ufakzeka laguna talkie
+""".split())
+
+
+def check_pre_name(name: str) -> str:
+    """`name` if llama.cpp's loader knows it, else one line with the nearest known names."""
+    if name in LLAMA_CPP_PRE_NAMES:
+        return name
+    import difflib
+
+    near = difflib.get_close_matches(name, sorted(LLAMA_CPP_PRE_NAMES), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(near)}?" if near else f" (names of the split regexes stepstream " \
+        f"recognises: {', '.join(EMITTED_PRE_NAMES)})"
+    raise StepstreamError(f"--tokenizer-pre {name!r}: llama.cpp knows no pre-tokenizer of that name, and would "
+                          f"refuse the file{hint}")
+
 
 @dataclass(frozen=True)
 class TokenizerData:
@@ -147,7 +175,7 @@ def read_tokenizer(hf_dir: Path, vocab_size: int, pre_override: str | None = Non
         tokens=tokens,
         types=[int(t) for t in toktypes],
         merges=merges,
-        pre=pre_override or detect_pre(tok, str(path)),
+        pre=check_pre_name(pre_override) if pre_override else detect_pre(tok, str(path)),
         bos_id=special_id("bos_token"),
         eos_id=special_id("eos_token"),
         pad_id=special_id("pad_token"),

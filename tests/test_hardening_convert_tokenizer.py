@@ -144,3 +144,36 @@ def test_pre_tokenizers_llama_cpp_would_cut_differently_are_refused(pre, why):
         detect_pre(_tokenizer_json(pre()), "ckpt/tokenizer.json")
     assert why in str(e.value)
     assert "--tokenizer-pre" in str(e.value) or "prefix space" in str(e.value)
+
+
+def _llama_cpp_accepts_pre(name: str) -> bool:
+    """Whether llama.cpp's loader takes `name` as tokenizer.ggml.pre: the embedded model's vocabulary
+    loaded with that metadata overridden."""
+    import llama_cpp
+
+    from runtime.cli.demo import model_path
+
+    try:
+        llama_cpp.Llama(model_path=str(model_path()), vocab_only=True, verbose=False,
+                        kv_overrides={"tokenizer.ggml.pre": name}).close()
+        return True
+    except (ValueError, RuntimeError):
+        return False
+
+
+def test_tokenizer_pre_names_are_the_ones_llama_cpp_accepts():
+    from convert.tokenizer_gguf import LLAMA_CPP_PRE_NAMES
+
+    refused = [n for n in sorted(LLAMA_CPP_PRE_NAMES) if not _llama_cpp_accepts_pre(n)]
+    assert refused == [], refused
+    for bogus in ("bogus", "qwen-2", "llama_bpe", "gpt2"):
+        assert not _llama_cpp_accepts_pre(bogus) and bogus not in LLAMA_CPP_PRE_NAMES
+
+
+def test_an_unknown_tokenizer_pre_is_refused_before_writing(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "x.gguf"
+    assert main(["convert", str(tiny_ckpt), str(out), "--tokenizer-pre", "qwen-2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("error: --tokenizer-pre 'qwen-2': llama.cpp knows no pre-tokenizer of that name, and would refuse "
+                   "the file; did you mean qwen2 or qwen35?")
+    assert list(tmp_path.iterdir()) == []
