@@ -184,3 +184,32 @@ def test_kills_at_random_moments_over_the_whole_run(tiny_ckpt, tmp_path, referen
     print(f"{len(phases)} kills over a {whole:.1f} s run ({writing:.1f} s writing): " +
           ", ".join(f"{p} {phases.count(p)}" for p in ("startup", "writing", "finished")))
     _check_after_kills_then_convert_again(tiny_ckpt, out, reference, phases, in_process=False)
+
+
+@pytest.mark.parametrize("where", ["missing", "no-file-can-be-made", "directory"])
+def test_an_unwritable_summary_json_is_refused_before_converting(tiny_ckpt, tmp_path, capsys, monkeypatch, where):
+    out = tmp_path / "m.gguf"
+    summary = {"missing": tmp_path / "nope" / "s.json", "directory": tmp_path,
+               "no-file-can-be-made": tmp_path / "ro" / "s.json"}[where]
+    if where == "no-file-can-be-made":  # as /proc is for root: os.access says yes, creating a file fails
+        summary.parent.mkdir()
+        import tempfile
+
+        def refuse(*a, **k):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(converter, "convert", lambda *a, **k: pytest.fail("converted"))
+    assert main(["convert", str(tiny_ckpt), str(out), "--summary-json", str(summary), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {summary}"), err
+    assert not out.exists()
+
+
+def test_the_summary_json_replaces_an_old_one_whole(tiny_ckpt, tmp_path, capsys):
+    summary = tmp_path / "s.json"
+    summary.write_text("old")
+    assert main(["convert", str(tiny_ckpt), str(tmp_path / "m.gguf"), "--type", FTYPE, "--summary-json", str(summary),
+                 "--no-progress"]) == 0
+    import json
+    assert json.loads(summary.read_text())["ftype"] == FTYPE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "s.json"]

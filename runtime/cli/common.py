@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,10 @@ def check_text_args(args) -> None:
 
 
 def writable_output(path: Path, what: str) -> Path:
-    """Refuse, before any work, an output path that could not be written at the end."""
+    """Refuse, before any work, an output path that could not be written at the end: a directory,
+    a missing or read-only directory, or one where no file can be made although os.access says
+    yes (root in /proc): a file is really made and removed beside `path`."""
+    path = Path(path)
     if path.is_dir():
         raise StepstreamError(f"{path} is a directory; give a file name for the {what}")
     parent = path.parent
@@ -126,7 +130,28 @@ def writable_output(path: Path, what: str) -> Path:
         raise StepstreamError(f"{path}: cannot write the {what}: the directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise StepstreamError(f"{path}: cannot write the {what}: the directory {parent} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise StepstreamError(f"{path}: cannot write the {what}: cannot create a file in "
+                              f"{parent.absolute()} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
+
+
+def write_text_atomically(path: Path, text: str, what: str) -> None:
+    """Write `text` to a temporary name beside `path`, then rename it over `path`: a failure or an
+    interruption leaves the old file (if any) whole; one line names what went wrong."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StepstreamError(f"{path}: cannot write the {what}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---- shared flags -------------------------------------------------------------------------------

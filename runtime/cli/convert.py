@@ -39,8 +39,11 @@ def _interrupt(signum, frame):
 def run(args: argparse.Namespace) -> int:
     from convert.converter import convert
     from runtime.base.system import choose_wait_policy
+    from runtime.cli.common import writable_output, write_text_atomically
 
     choose_wait_policy(args.threads)  # passive OpenMP waits when other processes hold the cores
+    if args.summary_json:  # checked now, not after the conversion
+        writable_output(Path(args.summary_json), "summary JSON")
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
@@ -53,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(summary.text())
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary.as_dict(), indent=2))
+        write_text_atomically(Path(args.summary_json), json.dumps(summary.as_dict(), indent=2), "summary JSON")
     return 0

@@ -13,9 +13,7 @@ is written too, for `python -m offload.simulate` to replay against cache policie
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def creatable(path: Path, what: str) -> Path:
-    """writable_output, and a file really made and removed beside `path`: the outputs are written
-    after the whole profile, and os.access says yes to root where nothing can be made (/proc)."""
-    writable_output(path, what)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-    except OSError as e:
-        raise StepstreamError(f"{path}: cannot write the {what}: cannot create a file in "
-                              f"{path.parent.absolute()} ({e.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
-    return path
+    """writable_output (which makes and removes a file beside `path`): the outputs are written
+    after the whole profile."""
+    return writable_output(path, what)
 
 
 def _feed(model, ids: list[int]) -> np.ndarray:
