@@ -123,7 +123,8 @@ def _interrupt(tiny_ckpt, out: Path, sig: int, delay: float, after_part: bool) -
     if phase == "writing":
         assert "Traceback" not in err, err
         if sig != signal.SIGKILL:
-            assert rc == 130 and "interrupted" in err, (rc, err)
+            want = (130, "interrupted") if sig == signal.SIGINT else (143, "terminated")  # 128 + the signal
+            assert rc == want[0] and want[1] in err, (rc, err)
             assert not part_name(out, proc.pid).exists(), "Ctrl-C/SIGTERM must remove the .part"
     # phase 'startup': a Ctrl-C while Python itself imports the CLI prints Python's own KeyboardInterrupt
     return phase

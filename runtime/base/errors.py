@@ -7,3 +7,14 @@ class StepstreamError(Exception):
     The CLI prints the message alone and exits with status 2. Library callers catch it
     like any other exception.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job's time limit), raised by the commands that clean up on it so that it
+    unwinds as Ctrl-C does; the command line then exits with 143 (128 + SIGTERM), as a shell
+    reports a process the signal ended, where Ctrl-C gives 130."""
+
+
+def raise_terminated(signum, frame):
+    """A SIGTERM handler: raise Terminated where the main thread is."""
+    raise Terminated

@@ -13,7 +13,7 @@ import importlib.metadata
 import os
 import sys
 
-from runtime.base.errors import StepstreamError
+from runtime.base.errors import StepstreamError, Terminated
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except StepstreamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130  # 128 + SIGTERM or SIGINT, what a shell shows
     except BrokenPipeError:
         # The reader went away (`stepstream run ... | head`): stop quietly, as `cat` does. Python
         # would flush stdout again at exit and fail again, so stdout goes to /dev/null first.

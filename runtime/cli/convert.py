@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from convert import policy
+from runtime.base.errors import raise_terminated
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,9 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON to this path")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the temporary file is removed
-
 
 def run(args: argparse.Namespace) -> int:
     from convert.converter import convert
@@ -46,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         writable_output(Path(args.summary_json), "summary JSON")
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         summary = convert(args.hf_dir, args.out, args.ftype, tokenizer_pre=args.tokenizer_pre,
                           progress=not args.no_progress, name=args.name, force=args.force, resume=args.resume,

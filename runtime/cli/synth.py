@@ -13,6 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
+from runtime.base.errors import raise_terminated
 from runtime.cli.common import non_negative_int, positive_float, positive_int, writable_output
 
 
@@ -41,16 +42,13 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the temporary file is removed
-
 
 def run(args) -> int:
     from runtime.bench.synth import synth_timed
 
     out = writable_output(args.out, "synthetic model")
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         path, nbytes, seconds = synth_timed(
             out, moe_layers=args.moe_layers, dense_layers=args.dense_layers, hidden=args.hidden, n_head_full=args.heads,
