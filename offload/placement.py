@@ -149,8 +149,8 @@ def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, 
             raise StepstreamError(
                 f"{src}: streaming needs {size_text(resident + runtime.start + smallest)} "
                 f"({size_text(resident)} of resident weights, {size_text(smallest)} for the smallest expert cache: "
-                f"{min_slots} experts, {size_text(runtime.start)} for the runtime) "
-                f"but the {limit.text()} leaves {size_text(usable)}")
+                f"{min_slots} experts" + (f", {size_text(runtime.start)} for the runtime" if runtime.start else "")
+                + f") but the {limit.text()} leaves {size_text(usable)}")
         room = usable - resident - runtime.full
         return min(max(room, smallest), all_experts), limit.text()
     need = resident + runtime.start + min(asked, all_experts)

@@ -152,17 +152,19 @@ def pinned_hit_rate(counts: np.ndarray, slots: int, min_free: int) -> float:
 
 
 def _hit_rate(source: str | None, path: Path, slots: int, n_experts: int, top_k: int, layers: dict) -> tuple[float, str]:
-    """(expected hit rate, where it came from) for `slots` cache slots."""
-    if slots >= n_experts:
-        return 1.0, "every expert fits in the cache"
+    """(expected hit rate, where it came from) for `slots` cache slots. A profile or trace is read
+    (and refused when it is none, as `run --profile` refuses it) even where every expert fits."""
+    fits = (1.0, "every expert fits in the cache")
     if source is None:
-        return slots / n_experts, "uniform routing (a random router's): slots / experts"
+        return fits if slots >= n_experts else (slots / n_experts, "uniform routing (a random router's): slots / experts")
     src = Path(source)
     if src.suffix == ".npz":
         from offload import simulate
         from offload.trace import RoutingTrace
 
         trace = RoutingTrace.load(src)
+        if slots >= n_experts:
+            return fits
         keys = simulate.requests(trace.ids, trace.n_expert)
         total = int(trace.n_expert.sum())
         same = trace.model == path.name and trace.model_bytes == path.stat().st_size
@@ -173,6 +175,8 @@ def _hit_rate(source: str | None, path: Path, slots: int, n_experts: int, top_k:
     from offload.profile import ExpertProfile
 
     prof = ExpertProfile.load(src, path)
+    if slots >= n_experts:
+        return fits
     counts = np.concatenate([np.asarray(prof.counts.get(l, [0] * e), np.float64) for l, e in sorted(layers.items())])
     return (pinned_hit_rate(counts, slots, top_k),
             f"profile {src.name}: the hottest {PIN_SHARE:.0%} of slots pinned, LRU on the rest "
@@ -197,6 +201,7 @@ class Plan:
     kv_bytes: int  # the KV cache at n_ctx
     kv_types: tuple[str, str]  # its key and value types (--cache-type-k/v)
     runtime_bytes: int  # the runtime's own memory with a full context (kv_bytes included)
+    reserve_bytes: int  # kept back by the limit for the OS and the runtime (ram_bytes is what is left)
     cache_bytes: int
     cache_slots: int
     n_experts: int
@@ -232,7 +237,10 @@ class Plan:
             f"memory: {self.memory}: {size_text(self.ram_bytes)} for the model",
             f"placement: {size_text(self.resident_bytes)} resident (attention, shared experts, dense, head); "
             f"KV cache {size_text(self.kv_bytes)} at {self.n_ctx} positions ({kv_types_text(self.kv_types)}); runtime "
-            f"{size_text(self.runtime_bytes - self.kv_bytes)}; {where}",
+            f"{size_text(self.runtime_bytes - self.kv_bytes)}"
+            + (" (both inside the reserve)" if self.runtime_bytes <= self.reserve_bytes else
+               f" ({size_text(self.reserve_bytes)} of the two inside the reserve)" if self.reserve_bytes else "")
+            + f"; {where}",
             f"hit rate: {self.hit_rate:.1%} ({self.hit_source})",
             f"per token: {self.ram_read_per_token / gb:.3f} GB read from RAM, "
             f"{self.disk_read_per_token / gb:.3f} GB of missed experts from disk",
@@ -288,7 +296,7 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     compute_s, disk_s = ram_read / (ram_gbps * 1e9), missed / (disk_gbps * 1e9)
     memory = f"--ram {size_text(ram)}, as an idle host's {limit.text()}" if ram is not None else limit.text()
     return Plan(f.path.name, f.nbytes, ctx, len(table.layers), cfg.n_expert, K, slot, streams, memory, usable,
-                resident, kv, types, RUNTIME_ANON + LIBRARY_PAGES + kv,
+                resident, kv, types, RUNTIME_ANON + LIBRARY_PAGES + kv, limit.reserve,
                 slots * slot if streams else 0, slots, n_experts, slots / len(table.layers), hit, source,
                 ram_gbps, ram_src, disk_gbps, ram_read, missed, compute_s, disk_s,
                 1.0 / max(compute_s, disk_s), "disk" if disk_s > compute_s else "compute", 1.0 / (compute_s + disk_s))

@@ -43,7 +43,8 @@ class MemoryLimit:
         if self.kind == "RLIMIT_AS":
             return f"RLIMIT_AS {size_text(self.limit)}, {size_text(self.used)} of address space mapped"
         free = size_text(self.limit - self.used)
-        return f"available memory {free} of {size_text(self.limit)}, less a reserve for the OS"
+        return (f"available memory {free} of {size_text(self.limit)}, less {size_text(self.reserve)} kept for the OS "
+                f"and the runtime")
 
 
 def size_text(n: int) -> str:

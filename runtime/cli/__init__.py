@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.metadata
 import os
+import re
 import sys
 
 from runtime.base.errors import StepstreamError, Terminated
@@ -40,6 +41,23 @@ class SubcommandParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a value that starts with a minus and a digit and is no plain number
+        (`--ram-budget -5GiB`) stays the flag's value, so that the flag's own check says what is
+        wrong with it; argparse took it for an option ("expected one argument")."""
+        args = list(sys.argv[1:] if args is None else args)
+        takes_value = {o for a in self._actions if a.nargs is None and a.option_strings for o in a.option_strings}
+        joined, i = [], 0
+        while i < len(args):
+            if args[i] in takes_value and i + 1 < len(args) and re.match(r"-\d", args[i + 1]) \
+                    and not self._negative_number_matcher.match(args[i + 1]):
+                joined.append(f"{args[i]}={args[i + 1]}")
+                i += 2
+            else:
+                joined.append(args[i])
+                i += 1
+        return super().parse_args(joined, namespace)
 
 
 def package_version() -> str:

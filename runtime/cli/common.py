@@ -156,6 +156,20 @@ def write_text_atomically(path: Path, text: str, what: str) -> None:
 
 # ---- shared flags -------------------------------------------------------------------------------
 
+def size_arg(text: str) -> int:
+    """A size flag (--ram-budget, plan's --ram): 64GiB, 512MiB, 1.5GB or plain bytes; argparse
+    names the flag in the error."""
+    from runtime.base.units import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except StepstreamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative, got {text}")
+    return value
+
+
 def cache_type(text: str) -> str:
     """--cache-type-k / --cache-type-v: a KV cache type, as llama.cpp names them."""
     from runtime.base.options import KV_TYPE_BYTES
@@ -193,7 +207,7 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
                         "attention, shared experts and the KV cache first, then the hottest routed experts")
     add_cache_type_args(p)
     g = p.add_argument_group("expert streaming (routed experts read from disk into a RAM cache)")
-    g.add_argument("--ram-budget", default=None, metavar="SIZE",
+    g.add_argument("--ram-budget", type=size_arg, default=None, metavar="SIZE",
                    help="RAM for the routed-expert cache, e.g. 6GiB or 800MiB; turns streaming on "
                         "(default: stream only when the model does not fit in available memory)")
     mode = g.add_mutually_exclusive_group()
@@ -259,6 +273,8 @@ def context_size(args, needed: int = 0, why: str = "") -> int:
 def load_model(args):
     from runtime.loader import load  # here, not at the top: a bad argument is refused before seconds of imports
 
+    if getattr(args, "no_stream", False) and args.ram_budget is not None:
+        raise StepstreamError("--ram-budget sizes the streamed experts' cache; it cannot go with --no-stream")
     choose_wait_policy(args.threads)
     context_size(args)
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,

@@ -11,20 +11,8 @@ from __future__ import annotations
 import argparse
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import add_cache_type_args, existing_file, positive_float, positive_int
-
-
-def size(text: str) -> int:
-    """--ram / --vram: a size such as 64GiB, 512MiB or 1.5GB, or plain bytes."""
-    from runtime.base.units import parse_bytes
-
-    try:
-        value = parse_bytes(text)
-    except StepstreamError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a size cannot be negative, got {text}")
-    return value
+from runtime.base.memory_limit import size_text
+from runtime.cli.common import add_cache_type_args, existing_file, positive_float, positive_int, size_arg as size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from offload.plan import make_plan
 
     if args.vram:
-        raise StepstreamError(f"--vram {args.vram}: plan models RAM and disk only for now; leave --vram at 0")
+        raise StepstreamError(f"--vram {size_text(args.vram)}: plan models RAM and disk only for now; leave --vram at 0")
     plan = make_plan(args.model, ram=args.ram, disk_gbps=args.disk_gbps, ram_gbps=args.ram_gbps, n_ctx=args.ctx,
                      profile=args.profile, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     print(plan.json() if args.json else plan.text())

@@ -1,0 +1,61 @@
+"""Small things a user review of the command line found: a size that starts with a minus named
+by its own flag, --ram-budget with --no-stream refused, and `plan`'s memory lines that add up.
+
+Reference: the sizes given on the command line and RESERVE_MIN (runtime.base.system)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import runtime
+from runtime.base.system import RESERVE_MIN
+from runtime.cli import main
+
+MODEL = str(Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf")
+
+
+def _last_error(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("cmd, flag", [(["run", "-p", "hi"], "--ram-budget"), (["plan"], "--ram")])
+def test_a_negative_looking_size_is_judged_by_its_flag(capsys, cmd, flag):
+    with pytest.raises(SystemExit) as e:
+        main([cmd[0], "-m", MODEL, flag, "-5GiB", *cmd[1:]])
+    assert e.value.code == 2
+    assert f"error: argument {flag}: cannot read '-5GiB' as a size" in _last_error(capsys)
+
+
+def test_plain_negative_numbers_still_reach_their_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "-m", MODEL, "-p", "hi", "--temp", "-1.5"])
+    assert e.value.code == 2 and "argument --temp: must be 0 (greedy) or more, got -1.5" in _last_error(capsys)
+
+
+def test_ram_budget_with_no_stream_is_refused(capsys, monkeypatch):
+    import runtime.loader
+    monkeypatch.setattr(runtime.loader, "load", lambda *a, **k: pytest.fail("loaded"))
+    assert main(["run", "-m", MODEL, "-p", "hi", "--no-stream", "--ram-budget", "3MiB"]) == 2
+    assert _last_error(capsys) == "error: --ram-budget sizes the streamed experts' cache; it cannot go with --no-stream"
+
+
+def test_plan_names_the_reserve_the_runtime_lives_in(capsys):
+    ram = RESERVE_MIN + 10 * 2**20
+    assert main(["plan", "-m", MODEL, "--ram", str(ram), "--ram-gbps", "30"]) == 0
+    out = capsys.readouterr().out
+    assert f"less {RESERVE_MIN // 2**20} MiB kept for the OS and the runtime: 10 MiB for the model" in out
+    assert "runtime 80 MiB (both inside the reserve)" in out
+    assert main(["plan", "-m", MODEL, "--ram", str(RESERVE_MIN), "--ram-gbps", "30"]) == 2
+    err = _last_error(capsys)
+    assert "for the runtime" not in err and err.endswith("kept for the OS and the runtime leaves 0.0 MiB"), err
+
+
+def test_plan_reads_a_profile_even_when_every_expert_fits(capsys, tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text("not json")
+    assert main(["plan", "-m", MODEL, "--profile", str(bad), "--ram-gbps", "30"]) == 2
+    assert _last_error(capsys).startswith(f"error: {bad}: not a stepstream expert profile")
+    assert main(["plan", "-m", MODEL, "--vram", "1GiB", "--ram-gbps", "30"]) == 2
+    assert _last_error(capsys) == "error: --vram 1024 MiB: plan models RAM and disk only for now; leave --vram at 0"
