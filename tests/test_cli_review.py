@@ -59,3 +59,18 @@ def test_plan_reads_a_profile_even_when_every_expert_fits(capsys, tmp_path):
     assert _last_error(capsys).startswith(f"error: {bad}: not a stepstream expert profile")
     assert main(["plan", "-m", MODEL, "--vram", "1GiB", "--ram-gbps", "30"]) == 2
     assert _last_error(capsys) == "error: --vram 1024 MiB: plan models RAM and disk only for now; leave --vram at 0"
+
+
+def test_a_system_prompt_the_context_cannot_hold_is_refused_once(capsys, monkeypatch):
+    import io
+    import sys
+
+    system = "You are a helpful assistant. " * 10
+    n = len(runtime.load(MODEL).chat_tokens([{"role": "system", "content": system}]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello\n"))
+    assert main(["chat", "-m", MODEL, "-t", "1", "-c", str(n), "-sys", system]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"error: -sys/--system-prompt: with the chat template it takes {n} tokens, "
+                                            f"which leaves no room for a message in a context of {n} (-c/--ctx-size): "
+                                            "shorten it or raise -c")
+    assert "not sent" not in err

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 
+from runtime.base.errors import StepstreamError
 from runtime.cli.common import (add_model_args, add_mtp_arg, add_sampling_args, check_text_args, load_model, max_tokens,
                                 sampling_kwargs)
 from runtime.generation.conversation import Conversation, Notice
@@ -33,6 +34,12 @@ def run(args, stdin=None, stdout=None) -> int:
     _stoppable_by_ctrl_c()
     check_text_args(args)
     model = load_model(args)
+    if args.system_prompt:  # checked once here, not reported again on every message
+        n = len(model.chat_tokens([{"role": "system", "content": args.system_prompt}]))
+        if n + 1 > model.n_ctx:
+            raise StepstreamError(f"-sys/--system-prompt: with the chat template it takes {n} tokens, which leaves no "
+                                  f"room for a message in a context of {model.n_ctx} (-c/--ctx-size): shorten it or "
+                                  f"raise -c")
     conv = Conversation(model, args.system_prompt, sampling_params(**sampling_kwargs(args)), max_tokens(args),
                         args.reverse_prompt)
     print(HOW_TO_LEAVE, file=sys.stderr, flush=True)
