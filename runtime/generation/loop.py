@@ -46,7 +46,9 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
     if not prompt:
         raise StepstreamError("generation needs a non-empty prompt")
     eog = model.tokenizer.eog_ids if stop_at_eog else frozenset()
-    chooser = draft_length(model, mtp)
+    # No token wanted: the plain path evaluates the prompt and yields nothing (a draft pass would
+    # yield one before it checks the count).
+    chooser = draft_length(model, mtp) if max_tokens is None or max_tokens > 0 else None
     if chooser is not None:
         yield from speculative.generate(model, prompt, sampler, max_tokens, eog, chooser, stats)
     else:
@@ -55,6 +57,7 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
 
 def _plain(model, prompt: list[int], sampler: Sampler, max_tokens: int | None, eog: frozenset) -> Iterator[int]:
     logits = model.eval_reusing_prefix(prompt)
+    mine = getattr(model, "version", None)
     n = 0
     while max_tokens is None or n < max_tokens:
         tok = sampler(logits, model.history)
@@ -62,7 +65,9 @@ def _plain(model, prompt: list[int], sampler: Sampler, max_tokens: int | None, e
         yield tok
         if tok in eog or model.n_past + 1 > model.n_ctx or n == max_tokens:
             return  # the last token is not evaluated: nothing would read its logits
+        speculative.still_current(model, mine)
         logits = model.eval([tok])
+        mine = getattr(model, "version", None)
 
 
 class StopStrings:

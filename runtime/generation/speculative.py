@@ -162,6 +162,15 @@ class DraftLength:
                 "settled_k": int(np.bincount(ks).argmax()) if ks else 0}
 
 
+def still_current(model, mine) -> None:
+    """Refuse to go on with a generation after the model's cache changed under it (another
+    generate, eval, trim or reset since its last step): its next token would continue someone
+    else's text. `mine`: model.version after the generation's own last change."""
+    if getattr(model, "version", mine) != mine:
+        raise StepstreamError("this generation is stale: the model evaluated other tokens since its last step "
+                              "(another generate, eval, trim or reset); start a new generation")
+
+
 def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog: frozenset,
              chooser: DraftLength, stats: dict | None = None) -> Iterator[int]:
     """Yield sampled tokens after `prompt`, drafting with the model's MTP heads. The model is
@@ -170,6 +179,7 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
     drafts) and the chooser's report (acceptance per head, the k it settled on)."""
     prompt = list(prompt)
     logits, _ = model.eval_prompt(prompt, mtp=True)
+    mine = getattr(model, "version", None)  # after this generation's own last change to the cache
     tok = sampler(logits, model.history)
     params = getattr(sampler, "params", None)  # a Sampler reads only its last repeat_last_n tokens
     recent = params.repeat_last_n if params is not None else model.n_ctx
@@ -182,10 +192,12 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
                 return
             room = min(model.n_ctx - model.n_past - 1, model.options.rollback,
                        (max_tokens - n - 1) if max_tokens is not None else model.n_ctx)
+            still_current(model, mine)
             k = chooser.choose(room)
             if k == 0:  # a plain step, as lean as plain decoding's
                 t1 = time.perf_counter()
                 logits = model.eval([tok])
+                mine = getattr(model, "version", None)
                 chooser.observe(0, 0, None, time.perf_counter() - t1)
                 passes, emitted = passes + 1, emitted + 1
                 tok = sampler(logits, model.history)
@@ -195,6 +207,7 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
             base = model.n_past
             logits = model.eval([tok] + drafts, all_logits=True)  # [k+1, V]
             t2 = time.perf_counter()
+            mine = getattr(model, "version", None)
             out = verify(sampler, logits, drafts, model.history[max(0, base + 1 - recent) : base + 1])
             chooser.observe(len(drafts), len(out) - 1, model.mtp_draft_seconds / len(drafts) if drafts else None,
                             t2 - t1)
@@ -202,6 +215,7 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
             drafting, by_drafting = drafting + 1, by_drafting + len(out)
             if len(out) - 1 < len(drafts):
                 model.trim(len(drafts) - (len(out) - 1))  # the rejected drafts
+                mine = getattr(model, "version", None)
             for y in out[:-1]:  # the accepted drafts, each emitted as its own step would be
                 n += 1
                 yield y
@@ -209,8 +223,10 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
                     return
             tok = out[-1]
     finally:
-        surplus = model.n_past - (len(prompt) + n - 1)  # accepted drafts after a stop
-        if surplus > 0:
+        # Accepted drafts after a stop; only while the cache is still this generation's: a
+        # generator closed late (dropped, collected) must not trim another generation's tokens.
+        surplus = model.n_past - (len(prompt) + n - 1)
+        if surplus > 0 and getattr(model, "version", None) == mine:
             model.trim(surplus)
         if hasattr(model, "step_seconds"):  # the next generation starts from what this one measured
             model.step_seconds.update(chooser.t_verify)

@@ -78,6 +78,9 @@ class Model:
         self._tokenizer = None
         self._tokens: list[int] = []  # the ids the cache holds, position by position
         self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
+        # Bumped by every change to what the cache holds (an evaluation, trim, reset): a generator
+        # compares it with its own last change to notice that another generation ran meanwhile.
+        self.version = 0
         self._checkpoint: kv_checkpoint.KVCheckpoint | None = None  # rings at the end of the last prompt
         # Read ahead: before block i runs, guess block i+1's experts with its router.
         self._read_ahead = options.prefetch and provider.prefetches
@@ -102,6 +105,7 @@ class Model:
         return self.file.path.name
 
     def reset(self) -> None:
+        self.version += 1
         self.cache.reset()
         self._tokens = []
         self._checkpoint = None
@@ -157,6 +161,7 @@ class Model:
 
     def trim(self, n: int) -> None:
         """Forget the last n evaluated positions."""
+        self.version += 1
         self.cache.trim(n)
         del self._tokens[len(self._tokens) - n :]
         if self._checkpoint is not None and self.n_past < self._checkpoint.n_past:
@@ -216,6 +221,7 @@ class Model:
         finally:
             self._evaluating = False
         self.cache.commit()
+        self.version += 1
         return out
 
     def prefill(self, tokens) -> np.ndarray:
