@@ -81,6 +81,7 @@ class Model:
         # Bumped by every change to what the cache holds (an evaluation, trim, reset): a generator
         # compares it with its own last change to notice that another generation ran meanwhile.
         self.version = 0
+        self.closed = False
         self._checkpoint: kv_checkpoint.KVCheckpoint | None = None  # rings at the end of the last prompt
         # Read ahead: before block i runs, guess block i+1's experts with its router.
         self._read_ahead = options.prefetch and provider.prefetches
@@ -170,6 +171,8 @@ class Model:
             self._drafter.truncate(self.n_past)
 
     def close(self) -> None:
+        """Stop the expert reads and free the cache; the model evaluates nothing after this."""
+        self.closed = True
         self.provider.close()
 
     # ------------------------------------------------------------------ compute
@@ -202,6 +205,8 @@ class Model:
         (BaseException: Ctrl-C too) escapes. Nested calls join the outer evaluation."""
         if self._evaluating:
             return step(ids)
+        if self.closed:
+            raise StepstreamError(f"{self.file.path}: the model was closed; load it again to evaluate")
         if len(self._tokens) != self.n_past:
             raise CacheStateError(f"the model's history holds {len(self._tokens)} tokens and its cache "
                                   f"{self.n_past} positions: reset the model")

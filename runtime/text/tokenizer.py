@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 from tokenizers import AddedToken
 
@@ -206,6 +208,10 @@ class Tokenizer:
 
     def decode_bytes(self, ids, special: bool = False) -> bytes:
         """Bytes of the tokens; control tokens (BOS, EOS, ...) print only when `special`."""
+        ids = list(ids)
+        bad = next((i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < len(self._bytes))), None)
+        if bad is not None:
+            raise StepstreamError(f"token id {bad!r} is not in the vocabulary of {len(self._bytes)} tokens")
         return b"".join(self._bytes[i] for i in ids if special or not self._special[i])
 
     def decode(self, ids, special: bool = False) -> str:
