@@ -296,3 +296,14 @@ def test_a_draft_not_followed_by_its_token(shipped):
     assert same(drafts_after([("draft", a), ("draft", b)]), drafts_after([("draft", b)]))
     assert same(drafts_after([("draft", b), ("draft", b)]), drafts_after([("draft", b)]))
     assert same(drafts_after([("draft", a), ("eval", b), ("draft", c)]), drafts_after([("eval", b), ("draft", c)]))
+
+
+def test_the_report_gives_no_acceptance_for_a_head_that_never_drafted():
+    """`bench --mtp auto --json` showed [0.5, 0.5, 0.5], the prior, as if measured."""
+    from runtime.generation.speculative import DECAY, DraftLength
+
+    d = DraftLength(3)
+    assert d.report()["acceptance"] == [None, None, None]
+    d.observe(2, 1, 1e-4, 1e-3)  # two drafts made, the first accepted, the second not
+    want = [(DECAY * 1 + 1) / (DECAY * 2 + 1), (DECAY * 1 + 0) / (DECAY * 2 + 1)]
+    assert d.report()["acceptance"] == [round(want[0], 4), round(want[1], 4), None]

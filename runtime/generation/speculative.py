@@ -86,6 +86,7 @@ class DraftLength:
         self.fixed = fixed  # a forced draft length, or None for auto
         self.hits = [1.0] * n_heads  # acceptance counts per head, with a prior of 1 in 2
         self.trials = [2.0] * n_heads
+        self.tried = [0] * n_heads  # drafts each head made (0: its acceptance is still the prior)
         # verify length -> its last measurements (seconds), seeded with the model's (warm_up's)
         self._verify: dict[int, deque] = {n: deque([t], WINDOW) for n, t in (step_seconds or {}).items()}
         self._head = [deque(maxlen=WINDOW) for _ in range(n_heads)]  # seconds a head takes to draft
@@ -155,10 +156,11 @@ class DraftLength:
         for j in range(min(accepted + 1, n_drafts)):  # head j was tried when heads 0..j-1 were accepted
             self.hits[j] = DECAY * self.hits[j] + (1.0 if j < accepted else 0.0)
             self.trials[j] = DECAY * self.trials[j] + 1.0
+            self.tried[j] += 1
 
     def report(self) -> dict:
         ks = self.chosen[-16:]
-        return {"acceptance": [round(a, 4) for a in self.acceptance()],
+        return {"acceptance": [round(a, 4) if n else None for a, n in zip(self.acceptance(), self.tried)],  # None: never drafted
                 "settled_k": int(np.bincount(ks).argmax()) if ks else 0}
 
 
