@@ -1,36 +1,49 @@
 """Generate text while routed experts stream from disk into a RAM budget.
 
-    python examples/run_with_ram_budget.py MODEL.gguf [--budget 800MiB] [--prompt TEXT]
+    python examples/run_with_ram_budget.py MODEL.gguf [--budget 800MiB] [--prompt TEXT] [-n 48]
 
-Prints where the model lives (resident weights, expert cache), the text, and the cache's
-hit rate, bytes read and stall time.
+Prints where the model lives (resident weights, expert cache), the text, the decode speed
+(after a warm-up, so a first run's kernel compile is not timed), and the cache's hit rate,
+bytes read and stall time. -n -1 generates until the end of the text or of the context.
 """
 
 import argparse
+import sys
 import time
 
 import runtime
+from runtime.base.errors import StepstreamError
+from runtime.base.units import parse_bytes
 
 p = argparse.ArgumentParser()
 p.add_argument("model")
 p.add_argument("--budget", default="30%", help="bytes (800MiB) or a share of the experts' bytes (30%%)")
 p.add_argument("--prompt", default="def fibonacci(n):")
-p.add_argument("-n", type=int, default=48)
+p.add_argument("-n", type=int, default=48, help="tokens to generate; -1: until the end")
 a = p.parse_args()
 
-budget = a.budget
-if budget.endswith("%"):  # a share of all routed experts
-    from offload.expert_table import build_expert_table
+try:
+    if a.budget.endswith("%"):  # a share of all routed experts
+        from offload.expert_table import build_expert_table
 
-    probe = runtime.load(a.model)
-    budget = int(build_expert_table(probe.file, probe.cfg).total_bytes * float(budget[:-1]) / 100)
-    probe.close()
-model = runtime.load(a.model, ram_budget=budget)
-print(model.placement.text())
-ids = model.tokenize(a.prompt)
-t0 = time.perf_counter()
-out = list(model.generate(ids, max_tokens=a.n, temperature=0.0))
-dt = time.perf_counter() - t0
+        share = float(a.budget[:-1]) if a.budget[:-1].replace(".", "", 1).isdigit() else -1.0
+        if not 0 < share <= 100:
+            p.error(f"--budget {a.budget}: a share must be above 0% and at most 100%")
+        probe = runtime.load(a.model)
+        budget = int(build_expert_table(probe.file, probe.cfg).total_bytes * share / 100)
+        probe.close()
+    else:
+        budget = parse_bytes(a.budget)
+    model = runtime.load(a.model, ram_budget=budget)
+    print(model.placement.text())
+    model.warm_up()
+    ids = model.tokenize(a.prompt)
+    t0 = time.perf_counter()
+    out = list(model.generate(ids, max_tokens=None if a.n < 0 else a.n, temperature=0.0))
+    dt = time.perf_counter() - t0
+except StepstreamError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 print(a.prompt + model.detokenize(out).decode("utf-8", "replace"))
 print(f"{len(out) / dt:.1f} tok/s")
 print(model.provider.stats.text())
