@@ -132,3 +132,27 @@ def test_a_bad_max_body_is_one_line_and_exit_status_2(capsys, given, message):
         _serve_args("--max-body", given)
     assert e.value.code == 2
     assert capsys.readouterr().err == f"stepstream serve: error: {message} (see stepstream serve --help)\n"
+
+
+# ---- fields the server does not honour are refused, not ignored --------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("presence_penalty", 0.5, "'presence_penalty' is not supported (only 0)"),
+    ("frequency_penalty", -1, "'frequency_penalty' is not supported (only 0)"),
+    ("logit_bias", {"5": 10}, "'logit_bias' is not supported"),
+    ("response_format", {"type": "json_object"}, "'response_format' \"json_object\" is not supported (only \"text\")"),
+])
+def test_an_unhonoured_field_is_a_400(client, field, value, message):
+    for call in (lambda **kw: client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw),
+                 lambda **kw: client.completions.create(prompt="def f():", **kw)):
+        with pytest.raises(openai.BadRequestError) as e:
+            call(model=ALIAS, max_tokens=2, extra_body={field: value})  # completions has no response_format
+        assert e.value.body == {"message": message, "type": "invalid_request_error", "param": field,
+                                "code": "unsupported"}
+
+
+def test_the_defaults_of_those_fields_are_accepted(client):
+    r = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       presence_penalty=0, frequency_penalty=0.0, logit_bias={},
+                                       response_format={"type": "text"})
+    assert r.choices[0].finish_reason in ("length", "stop")

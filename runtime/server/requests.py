@@ -145,6 +145,14 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     _range("seed", seed, 0, MAX_SEED)
     for name in ("presence_penalty", "frequency_penalty"):
         _range(name, _get(body, name, (int, float), 0), -2, 2)
+        if body.get(name):  # refused, not ignored: a client that asks for one must not get free text silently
+            raise ApiError(400, f"'{name}' is not supported (only 0)", param=name, code="unsupported")
+    if _get(body, "logit_bias", (dict,)):
+        raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported")
+    fmt = _get(body, "response_format", (dict,))
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise ApiError(400, f"'response_format' {json.dumps(fmt.get('type'))} is not supported (only \"text\")",
+                       param="response_format", code="unsupported")
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
