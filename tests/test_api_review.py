@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gguf import GGUFReader
 
@@ -40,3 +41,28 @@ def test_detokenize_checks_its_ids():
     for bad in (-1, vocab, 10**9, 1.5):
         with pytest.raises(StepstreamError, match=f"token id {bad!r} is not in the vocabulary of {vocab} tokens"):
             m.detokenize([5, bad])
+
+
+def test_options_and_arguments_of_the_wrong_type_are_named():
+    """They raised TypeError deep inside, or were taken: prefetch='no' left prefetch on."""
+    for kw, words in ((dict(n_ctx="512"), "n_ctx must be an integer, got '512'"),
+                      (dict(n_batch=8.0), "n_batch must be an integer, got 8.0"),
+                      (dict(prefetch="no"), "prefetch must be True or False, got 'no'"),
+                      (dict(ram_budget=-1), "ram_budget=-1 must be a positive size"),
+                      (dict(ram_budget="3MiB", experts="ram"), "it cannot go with experts='ram'")):
+        with pytest.raises(StepstreamError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            runtime.load(MODEL, **kw)
+    m = runtime.load(MODEL, n_threads=1, n_ctx=np.int64(64))  # numpy integers are integers
+    ids = m.tokenize("def f():")
+    for kw, words in ((dict(max_tokens="5"), "max_tokens must be an integer"), (dict(max_tokens=2.5), "max_tokens"),
+                      (dict(seed=1.5), "seed must be an integer")):
+        with pytest.raises(StepstreamError, match=words):
+            list(m.generate(ids, **kw))
+    assert len(list(m.generate(ids, max_tokens=np.int64(3), seed=np.int64(1), temperature=0))) == 3
+
+
+def test_tokenize_names_bytes_that_are_no_utf8():
+    m = runtime.load(MODEL, n_threads=1)
+    assert m.tokenize("café".encode()) == m.tokenize("café")
+    with pytest.raises(StepstreamError, match=r"not UTF-8 \(byte 0xff at offset 2\)"):
+        m.tokenize(b"ab\xff\xfe")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 
 from runtime.base.errors import StepstreamError
@@ -76,6 +77,19 @@ class RuntimeOptions:
         return opts
 
     def validate(self) -> None:
+        for name in ("n_ctx", "n_batch", "n_threads", "rollback"):  # ints (bool is none), or None where allowed
+            v = getattr(self, name)
+            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool)) and \
+                    not (v is None and name in ("n_ctx", "n_threads")):
+                raise StepstreamError(f"{name} must be an integer, got {v!r}")
+        for name in ("prefetch", "fill_cache", "direct_io"):
+            if not isinstance(getattr(self, name), bool):
+                raise StepstreamError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.ram_budget is not None:
+            if parse_bytes(self.ram_budget) <= 0:
+                raise StepstreamError(f"ram_budget={self.ram_budget!r} must be a positive size (6GiB, 800MiB or bytes)")
+            if self.experts == "ram":
+                raise StepstreamError("ram_budget sizes the streamed experts' cache; it cannot go with experts='ram'")
         if self.n_ctx is not None and self.n_ctx < 1:
             raise StepstreamError(f"n_ctx must be positive, got {self.n_ctx}")
         if self.n_batch < 1:

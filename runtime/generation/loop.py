@@ -15,6 +15,7 @@ filling up.
 from __future__ import annotations
 
 import codecs
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
     prompt = list(prompt)
     if not prompt:
         raise StepstreamError("generation needs a non-empty prompt")
+    if max_tokens is not None and (not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool)):
+        raise StepstreamError(f"max_tokens must be an integer, or None for no limit, got {max_tokens!r}")
     eog = model.tokenizer.eog_ids if stop_at_eog else frozenset()
     # No token wanted: the plain path evaluates the prompt and yields nothing (a draft pass would
     # yield one before it checks the count).

@@ -8,6 +8,7 @@ min-p, temperature, then a draw (or argmax when temperature <= 0).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise StepstreamError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
+            raise StepstreamError(f"seed must be an integer, or None for fresh entropy, got {self.seed!r}")
         if self.seed is not None and self.seed < 0:
             raise StepstreamError(f"seed must be >= 0, or None for fresh entropy, got {self.seed}")
         if self.top_p <= 0:

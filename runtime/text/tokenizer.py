@@ -164,7 +164,10 @@ class Tokenizer:
 
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
         if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:  # named, as for text, not turned into U+FFFD silently
+                raise StepstreamError(f"the text is not UTF-8 (byte 0x{text[e.start]:02x} at offset {e.start})") from None
         _require_utf8(text)
         tok = self._with_special if special else self._plain
         ids = tok.encode(text, add_special_tokens=False).ids
