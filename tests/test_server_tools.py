@@ -144,3 +144,42 @@ def test_tool_choice(served):
     assert none.message.content == "\n" + CALL and none.message.model_extra["reasoning_content"] == REASONING
     with pytest.raises(openai.BadRequestError):
         _ask(client, tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def _join_api_stream(chunks):
+    """_join_stream for the Python API's chunks (dicts)."""
+    content, reasoning, calls, finish = "", "", {}, None
+    for c in chunks:
+        d = c["choices"][0]["delta"]
+        content += d.get("content") or ""
+        reasoning += d.get("reasoning_content") or ""
+        for t in d.get("tool_calls") or []:
+            slot = calls.setdefault(t["index"], {"name": "", "arguments": ""})
+            slot["name"] += t["function"].get("name") or ""
+            slot["arguments"] += t["function"].get("arguments") or ""
+        finish = c["choices"][0]["finish_reason"] or finish
+    return content, reasoning, [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("name", list(REPLIES))
+def test_the_python_api_parses_replies_as_the_server_does(files, name):
+    """Model.create_chat_completion(tools=...) gave the raw markup as content, and refused `tools`."""
+    content, reasoning, calls, finish = EXPECTED[name]
+    m = load(files[name])
+    r = m.create_chat_completion(USER, tools=TOOLS, temperature=0, max_tokens=200)
+    msg = r["choices"][0]["message"]
+    assert msg["content"] == (content if content is not None or calls else "")
+    assert msg.get("reasoning_content") == reasoning
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg.get("tool_calls", [])] == calls
+    assert r["choices"][0]["finish_reason"] == finish
+    s_content, s_reasoning, s_calls, s_finish = _join_api_stream(
+        m.create_chat_completion(USER, tools=TOOLS, temperature=0, max_tokens=200, stream=True))
+    assert s_content == (content or "") and s_reasoning == (reasoning or "")
+    assert [(c["name"], json.loads(c["arguments"])) for c in s_calls] == calls and s_finish == finish
+    if name == "think_call":  # tool_choice as the server takes it
+        named = m.create_chat_completion(USER, tools=TOOLS, temperature=0, max_tokens=200,
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in named["choices"][0]["message"]["tool_calls"]] == [("get_weather", {"city": "Bergen"})]
+        none = m.create_chat_completion(USER, tools=TOOLS, temperature=0, max_tokens=200, tool_choice="none")
+        assert "tool_calls" not in none["choices"][0]["message"]

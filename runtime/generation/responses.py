@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 from runtime.generation.loop import Piece
+from runtime.text.tool_calls import ReplyStream, parse_reply
 
 
 def _join(pieces: Iterator[Piece]) -> tuple[str, Piece]:
@@ -34,22 +35,44 @@ def completion_response(model, prompt_ids: list[int], pieces: Iterator[Piece], s
             "usage": _usage(len(prompt_ids), last.n_tokens)}
 
 
-def chat_response(model, prompt_ids: list[int], pieces: Iterator[Piece], stream: bool):
+def chat_response(model, prompt_ids: list[int], pieces: Iterator[Piece], stream: bool, *, tools: list | None = None,
+                  in_reasoning: bool = False, forced: str = ""):
+    """The reply parsed as the server parses it (runtime.text.tool_calls): `reasoning_content`
+    (a `<think>` section) always, `tool_calls` when `tools` were offered; `forced`: the start of a
+    call the prompt already holds (tool_choice), read by the parser before the generated text."""
     cid, created, name = f"chatcmpl-{uuid.uuid4()}", int(time.time()), model.name
+    calls = tools is not None
+
+    def chunk(delta: dict, finish: str | None) -> dict:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
     def chunks():
-        yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-               "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
+        reply = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=calls)
+        early = reply.push(forced) if forced else []
+        called = False
+        yield chunk({"role": "assistant"}, None)
         for p in pieces:
-            delta = {"content": p.text} if p.text else {}
-            if delta or p.finish_reason:
-                yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": p.finish_reason}]}
+            deltas, early = early + (reply.push(p.text) if p.text else []), []
+            if p.finish_reason:
+                deltas += reply.finish()
+            called = called or any("tool_calls" in d for d in deltas)
+            yield from (chunk(d, None) for d in deltas)
+            if p.finish_reason:
+                yield chunk({}, "tool_calls" if p.finish_reason == "stop" and called else p.finish_reason)
 
     if stream:
         return chunks()
     text, last = _join(pieces)
+    parsed = parse_reply(forced + text, in_reasoning=in_reasoning, tools=tools, calls=calls)
+    message: dict = {"role": "assistant",
+                     "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
+    if parsed.reasoning is not None:
+        message["reasoning_content"] = parsed.reasoning
+    if parsed.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in parsed.tool_calls]
+    finish = "tool_calls" if parsed.tool_calls and last.finish_reason == "stop" else last.finish_reason
     return {"id": cid, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": last.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": _usage(len(prompt_ids), last.n_tokens)}

@@ -41,6 +41,7 @@ from runtime.model.ops import rms_norm
 from runtime.model.weights import ModelWeights
 from runtime.text.chat_prompt import chat_ids
 from runtime.text.tokenizer import Tokenizer
+from runtime.text.tool_calls import END_THINK, forced_call, starts_in_reasoning
 
 
 class Model:
@@ -492,11 +493,26 @@ class Model:
         return self.create_completion(prompt, **kwargs)
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stop=None,
-                               stream: bool = False, **sampling):
-        """OpenAI-shaped chat completion, the prompt rendered from the model's chat template."""
-        ids = self.chat_tokens(messages)
+                               stream: bool = False, tools: list | None = None, tool_choice="auto", **sampling):
+        """OpenAI-shaped chat completion, the prompt rendered from the model's chat template, the
+        reply parsed as the server parses it: `reasoning_content`, and `tool_calls` when `tools`
+        (OpenAI function specs) are offered. tool_choice: "auto", "none", "required" or
+        {"type": "function", "function": {"name": ...}} (the reply then starts a call)."""
+        named = isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict) \
+            and isinstance(tool_choice["function"].get("name"), str)
+        if tool_choice not in ("auto", "none", "required") and not named:
+            raise StepstreamError(f"tool_choice must be 'auto', 'none', 'required' or "
+                                  f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}")
+        offered = tools if tools and tool_choice != "none" else None
+        ids = self.chat_tokens(messages, tools=offered)
+        tail = self.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")
+        in_reasoning, forced = starts_in_reasoning(tail), ""
+        if offered is not None and tool_choice != "auto":  # the reply starts with the opening of a call
+            forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(
+                tool_choice["function"]["name"] if named else None)
+            ids = ids + self.tokenize(forced, add_bos=False, special=True)
         pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
-        return chat_response(self, ids, pieces, stream)
+        return chat_response(self, ids, pieces, stream, tools=offered, in_reasoning=in_reasoning, forced=forced)
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> list[int]:
         """The prompt ids of a conversation, rendered with the model's chat template (with the
