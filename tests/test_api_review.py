@@ -66,3 +66,14 @@ def test_tokenize_names_bytes_that_are_no_utf8():
     assert m.tokenize("café".encode()) == m.tokenize("café")
     with pytest.raises(StepstreamError, match=r"not UTF-8 \(byte 0xff at offset 2\)"):
         m.tokenize(b"ab\xff\xfe")
+
+
+def test_chat_messages_are_checked_as_the_server_checks_them():
+    m = runtime.load(MODEL, n_threads=1)
+    with pytest.raises(StepstreamError, match="messages must hold at least one"):
+        m.create_chat_completion([], max_tokens=1)
+    with pytest.raises(StepstreamError, match=r"messages\[1\].role must be one of system, developer, user, assistant, "
+                                              r"tool, got 'wizard'"):
+        m.create_chat_completion([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}], max_tokens=1)
+    with pytest.raises(StepstreamError, match="tool_choice must be"):
+        m.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1, tool_choice="always")

@@ -40,6 +40,7 @@ from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
 from runtime.model.weights import ModelWeights
 from runtime.text.chat_prompt import chat_ids
+from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
 from runtime.text.tool_calls import END_THINK, forced_call, starts_in_reasoning
 
@@ -503,6 +504,7 @@ class Model:
         if tool_choice not in ("auto", "none", "required") and not named:
             raise StepstreamError(f"tool_choice must be 'auto', 'none', 'required' or "
                                   f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}")
+        check_roles(messages)
         offered = tools if tools and tool_choice != "none" else None
         ids = self.chat_tokens(messages, tools=offered)
         tail = self.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from runtime.base.errors import StepstreamError
 from runtime.generation.sampling import SamplingParams
+from runtime.text.chat_template import ROLES
 
 MAX_STOPS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
-ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 TOOL_SHAPE = "{'type': 'function', 'function': {'name': ..., 'parameters': ...}}"  # a tool, for messages
 

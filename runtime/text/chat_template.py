@@ -35,6 +35,19 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles OpenAI's chat API knows
+
+
+def check_roles(messages: list[dict]) -> None:
+    """Refuse what the server refuses with a 400: no message, or a role OpenAI does not know."""
+    if not isinstance(messages, list) or not messages:
+        raise StepstreamError("messages must hold at least one {'role': ..., 'content': ...} dict")
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES:
+            raise StepstreamError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+
+
 def normalize_messages(messages: list[dict]) -> list[dict]:
     """`messages` with every assistant tool call's `function.arguments` as a mapping (parsed
     from JSON text where a client sent text). Messages without tool calls come back as they are."""
