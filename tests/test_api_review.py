@@ -77,3 +77,14 @@ def test_chat_messages_are_checked_as_the_server_checks_them():
         m.create_chat_completion([{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}], max_tokens=1)
     with pytest.raises(StepstreamError, match="tool_choice must be"):
         m.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1, tool_choice="always")
+
+
+def test_completions_take_mtp_and_name_unknown_options():
+    m = runtime.load(MODEL, n_threads=1)
+    plain = m.create_completion("def f():", max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert m.create_completion("def f():", max_tokens=8, temperature=0, mtp=3)["choices"][0]["text"] == plain
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = m.create_chat_completion(msgs, max_tokens=8, temperature=0)["choices"][0]["message"]["content"]
+    assert m.create_chat_completion(msgs, max_tokens=8, temp=0, mtp=2)["choices"][0]["message"]["content"] == plain
+    with pytest.raises(StepstreamError, match="unknown option.s. logprobs"):
+        m.create_completion("def f():", max_tokens=2, logprobs=2)

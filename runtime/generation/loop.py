@@ -132,7 +132,10 @@ def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: i
 
 
 def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
-                    repeat_last_n=64, seed=None) -> SamplingParams:
+                    repeat_last_n=64, seed=None, **unknown) -> SamplingParams:
+    if unknown:  # a TypeError from deep inside, before
+        raise StepstreamError(f"unknown option(s) {', '.join(sorted(unknown))}; known: temperature (temp), top_k, "
+                              f"top_p, min_p, repeat_penalty, repeat_last_n, seed, and mtp for generation")
     return SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p), float(repeat_penalty),
                           int(repeat_last_n), seed)
 

@@ -478,15 +478,14 @@ class Model:
         Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
         repeat_penalty, repeat_last_n, seed.
         """
-        if "temp" in sampling:
-            sampling["temperature"] = sampling.pop("temp")
-        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**sampling)), max_tokens,
+        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**_temp(sampling))), max_tokens,
                         mtp=mtp)
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, stop=None, stream: bool = False, **sampling):
         """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming)."""
         ids = self.tokenize(prompt, add_bos=True, special=True)
-        pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
+        mtp = sampling.pop("mtp", None)
+        pieces = complete(self, ids, sampling_params(**_temp(sampling)), max_tokens, _stops(stop), mtp=mtp)
         return completion_response(self, ids, pieces, stream)
 
     def __call__(self, prompt: str, **kwargs):
@@ -513,7 +512,8 @@ class Model:
             forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(
                 tool_choice["function"]["name"] if named else None)
             ids = ids + self.tokenize(forced, add_bos=False, special=True)
-        pieces = complete(self, ids, sampling_params(**sampling), max_tokens, _stops(stop))
+        mtp = sampling.pop("mtp", None)
+        pieces = complete(self, ids, sampling_params(**_temp(sampling)), max_tokens, _stops(stop), mtp=mtp)
         return chat_response(self, ids, pieces, stream, tools=offered, in_reasoning=in_reasoning, forced=forced)
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> list[int]:
@@ -527,6 +527,13 @@ class Model:
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
             raise StepstreamError("tokens must be a 1-D sequence of integer ids")
         return ids.astype(np.int64).tolist()
+
+
+def _temp(sampling: dict) -> dict:
+    """llama-cpp-python's `temp` is `temperature`."""
+    if "temp" in sampling:
+        sampling["temperature"] = sampling.pop("temp")
+    return sampling
 
 
 def _stops(stop) -> list[str]:
