@@ -21,7 +21,7 @@ def part_name(out: Path, pid: int | None = None) -> Path:
     return out.with_name(f".{out.name}.{os.getpid() if pid is None else pid}.part")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,7 +46,7 @@ def _dead(out: Path, suffixes: tuple[str, ...]) -> list[Path]:
     for p in candidates:
         for suffix in suffixes:
             pid = p.name[len(prefix):-len(suffix)] if p.name.startswith(prefix) and p.name.endswith(suffix) else ""
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 found.append(p)
                 break
     return found

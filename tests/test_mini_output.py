@@ -10,12 +10,7 @@ import pytest
 from convert.mini import write_mini
 from runtime.base.errors import StepstreamError
 from runtime.cli import main as cli_main
-
-
-def error_line(capsys) -> str:
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+from tests.helpers.cli_output import error_line
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("torch")
 
 from runtime.cli import main as cli_main  # noqa: E402
+from tests.helpers.cli_output import error_line  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -19,12 +20,6 @@ def no_training(monkeypatch):
         raise AssertionError("training started before OUT_DIR was checked")
 
     monkeypatch.setattr(trainer, "train", train)
-
-
-def error_line(capsys) -> str:
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")

@@ -30,7 +30,7 @@ from gguf.gguf_writer import WriterState
 from convert import layout
 from convert.gguf_meta import add_hparams
 from convert.hf_config import HFConfig
-from convert.output_file import part_name, publish, remove_stale_parts
+from convert.output_file import part_name, pid_alive, publish, remove_stale_parts
 from convert.policy import FILE_TYPE
 from quant import row_bytes
 from runtime.base.errors import StepstreamError
@@ -147,16 +147,6 @@ def _check_output(out: Path, force: bool) -> None:
         raise StepstreamError(f"{out}: already exists; synth never overwrites a file unless given --force")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def _remove_legacy_parts(out: Path) -> None:
     """Remove `NAME.partPID` files, the temporary name of earlier versions, left by dead runs
     (killed with SIGKILL): part_name's `.NAME.PID.part` ones go with remove_stale_parts."""
@@ -169,7 +159,7 @@ def _remove_legacy_parts(out: Path) -> None:
         return
     for p in candidates:
         pid = p.name[len(prefix):] if p.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
 
 

@@ -9,17 +9,12 @@ import sys
 import threading
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import add_model_args, positive_int
+from runtime.cli.common import add_model_args, positive_int, size_arg
 
 
 def body_size(text: str) -> int:
     """--max-body: a size such as 8MiB or 64KiB, or plain bytes, as --ram-budget reads it."""
-    from runtime.base.units import parse_bytes
-
-    try:
-        value = parse_bytes(text)
-    except StepstreamError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    value = size_arg(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
     return value
