@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import sys
 import threading
@@ -53,7 +54,9 @@ def kernel_populates() -> bool:
 def test_pages_become_resident_and_written_bytes_stay():
     if not kernel_populates():
         pytest.skip("this kernel refuses MADV_POPULATE_WRITE (before Linux 5.14)")
-    a = aligned_empty(192 * MiB)
+    # A fresh anonymous map: np.empty may reuse heap pages a loaded model kept resident
+    # (system.keep_freed_memory, in an earlier test of the same worker), and they hold old bytes.
+    a = np.frombuffer(mmap.mmap(-1, 192 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
     pattern = np.arange(MiB, dtype=np.uint8) ^ np.uint8(0x5A)
     a[64 * MiB:65 * MiB] = pattern  # one slot already filled
     before = resident_bytes(a)
