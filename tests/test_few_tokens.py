@@ -146,7 +146,9 @@ def test_ffn_of_tokens_over_the_union_equals_one_token_ffns():
     entry[:, 1:] = 1 + np.searchsorted(union, ids)
     wts = np.ones((n_tok, 3), np.float32)
     wts[:, 1:] = weights
-    got = h.copy()
     f = fk.tokens_ffn_scratch(8, H, 8 * 3, 8 * (512 + 2 * I))
-    fk.build(formats).ffn(desc[[0, *(1 + union)]], entry, wts, limits[[0, *(1 + union)]], n_tok, x, got, f)
-    _same(got, want, "T-token FFN over the union")
+    steps = q8.gemm_step_addresses(formats)  # 16-row GEMM steps over each FFN's tokens (VNNI hosts)
+    for name, st in (("GEMM steps", steps), ("row dots", np.zeros_like(steps))):
+        got = h.copy()
+        fk.build(formats).ffn(desc[[0, *(1 + union)]], entry, wts, limits[[0, *(1 + union)]], n_tok, x, got, f, st)
+        _same(got, want, f"T-token FFN over the union, by {name}")

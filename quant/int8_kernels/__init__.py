@@ -341,6 +341,16 @@ def step_addresses(formats: int) -> np.ndarray:
     return _steps_of([code for code, bit in FORMAT_BIT.items() if bit & formats and _gemv_gemm.GEMV_STEP[code]])
 
 
+@lru_cache(maxsize=None)
+def gemm_step_addresses(formats: int) -> np.ndarray:
+    """The steps argument of a GEMM over matrices of any format in the set `formats`: every one
+    of their formats' VNNI steps (8, 4, 2 and 1 tokens; Q6_K and Q8_0 included), compiled or
+    loaded on first use, read-only; zeros on hosts without VNNI."""
+    if not _vnni.AVAILABLE:
+        return _NO_STEPS
+    return _steps_of([code for code, bit in FORMAT_BIT.items() if bit & formats and int(code) in _STEP_NAMES])
+
+
 def swiglu_experts(desc: np.ndarray, rows: np.ndarray, starts: np.ndarray, weights: np.ndarray,
                    limits: np.ndarray, X: np.ndarray, out: np.ndarray, formats: int | None = None) -> np.ndarray:
     """out [T, H] += for each expert m (desc [M, 6], ffn_descriptor rows, in the order their sums

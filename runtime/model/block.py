@@ -118,7 +118,7 @@ class Block:
         f = plan.ffn
         if not self.moe:
             plan.few.ffn(f.desc, np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), f.limits, n, x, h,
-                         buffers.few_ffn)
+                         buffers.few_ffn, plan.few_steps)
             return
         if plan.router_in_kernel:
             logits = sc.logits[:n, :w.router.shape[0]]
@@ -141,7 +141,7 @@ class Block:
                 wts[:, 1:] = weights
                 limits = np.full(1 + union.size, f.limits[-1], np.float32)
                 limits[0] = f.limits[0]
-                plan.few.ffn(desc, entry, wts, limits, n, x, h, buffers.few_ffn)
+                plan.few.ffn(desc, entry, wts, limits, n, x, h, buffers.few_ffn, plan.few_steps)
                 return
         for t in range(n):  # the experts cannot all be held at once: token by token, as decode does
             ffn.moe_decode(s, w, f, x[t:t + 1], logits[t:t + 1], experts, h[t], buffers.ffn)

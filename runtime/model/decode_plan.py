@@ -89,6 +89,12 @@ class DecodePlan:
     keep: tuple = ()  # the int8 groups whose addresses `attention` holds
     kernel: object = None  # decode_kernels.attention_half, compiled for the model's int8 format set
     few: object = None  # few_kernels.build(int8): the few-token kernels, where both parts are fused
+    int8: int = 0  # the format set the kernels are compiled for
+
+    @property
+    def few_steps(self) -> np.ndarray:
+        """The GEMM steps the few-token FFN takes (every format of the set, loaded on first use)."""
+        return int8_kernels.gemm_step_addresses(self.int8)
 
     @property
     def fused(self) -> bool:
@@ -128,7 +134,7 @@ def build_plan(cfg: ModelConfig, i: int, w: BlockWeights, inv_freq: np.ndarray, 
         ffn = FFNPlan(rows, np.ones(1 + k, np.float32), limits)
     return DecodePlan(attention, ffn, attention is not None and router_in_kernel, (qkvg, o),
                       attention_half(int8) if attention is not None else None,
-                      few_kernels.build(int8) if attention is not None and ffn is not None else None)
+                      few_kernels.build(int8) if attention is not None and ffn is not None else None, int8)
 
 
 def decode_scratch(cfg: ModelConfig, n_slots: int) -> DecodeScratch:

@@ -42,7 +42,8 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import overload
 from quant.int8_kernels.ffn import add_weighted_sum, swiglu_row
-from quant.int8_kernels.gemv_gemm import bytes_per_256, find
+from quant.int8_kernels import avx512_vnni as vnni
+from quant.int8_kernels.gemv_gemm import ONE_TOKEN, STEP_BASE, SUMS_PER, bytes_per_256, find, group_steps
 from quant.bits import u8_at
 from quant.int8_kernels.row_dot import GEMM4_FORMATS, q8dot, q8dot4, quantize_row
 from quant.jit import FIXED_ORDER
@@ -85,6 +86,7 @@ class TokensFFNScratch(NamedTuple):
     pq: np.ndarray  # int8 [J, H]            the inputs again, a row per pair in CSR order, so that an
     pd: np.ndarray  # float32 [J, H / 256]   FFN's tokens are consecutive rows (4-token row steps)
     pb: np.ndarray  # int32 [J, H / 16]
+    ps: np.ndarray  # int16 [J, H / 16]      their sums as the gate/up matrices' GEMM steps take them
     pairs: np.ndarray  # int64 [J]           pairs grouped by FFN (CSR order)
     first: np.ndarray  # int64 [M + 1]       FFN m's pairs: pairs[first[m]:first[m + 1]]
     starts: np.ndarray  # int64 [J + 1]      CSR entry q's hidden vector: act[starts[q]:starts[q + 1]]
@@ -94,7 +96,9 @@ class TokensFFNScratch(NamedTuple):
     hq: np.ndarray  # int8 [J I]             ... quantized
     hd: np.ndarray  # float32 [J I / 256]
     hb: np.ndarray  # int32 [J I / 16]
-    y: np.ndarray  # float32 [J, H]          each pair's FFN output (by pair)
+    hs: np.ndarray  # int16 [J I / 16]       their sums for the down matrices' steps
+    y: np.ndarray  # float32 [J, H]          each pair's FFN output, in CSR order
+    yt: np.ndarray  # float32 [J, H]         ... by pair
 
 
 def tokens_scratch(n_tok: int, hidden: int, cols: int, proj: int, half: int, n_head: int, n_slots: int,
@@ -115,10 +119,11 @@ def tokens_ffn_scratch(n_tok: int, hidden: int, n_pairs: int, width: int) -> Tok
     return TokensFFNScratch(np.empty((n_tok, h), np.int8), np.empty((n_tok, h // 256), np.float32),
                             np.empty((n_tok, h // 16), np.int32), np.empty((j, h), np.int8),
                             np.empty((j, h // 256), np.float32), np.empty((j, h // 16), np.int32),
-                            np.empty(j, np.int64), np.empty(j + 1, np.int64),
+                            np.empty((j, h // 16), np.int16), np.empty(j, np.int64), np.empty(j + 1, np.int64),
                             np.empty(j + 1, np.int64), np.empty(2 * j + 1, np.int64), np.empty(2 * w, np.float32),
                             np.empty(w, np.float32), np.empty(w, np.int8), np.empty(w // 256, np.float32),
-                            np.empty(w // 16, np.int32), np.empty((j, h), np.float32))
+                            np.empty(w // 16, np.int32), np.empty(w // 16, np.int16), np.empty((j, h), np.float32),
+                            np.empty((j, h), np.float32))
 
 
 # ---------------------------------------------------------------- fixed-order steps (called)
@@ -218,6 +223,35 @@ def _group_tokens(formats, qt, addr, rb, starts, n_tok, c, xq, xd, xb, out):
                 out[t, g] = q8dot(formats, qt[m], w, xq[t, :c], xd[t, :c // 256], xb[t, :c // 16])
 
 
+@nb.njit(cache=True)
+def _groups(qtype, rows, steps):
+    """The 16-row groups of a rows-row matrix of format qtype that run as GEMM steps over an
+    FFN's tokens (VNNI hosts, formats whose steps `steps` holds); its other rows run row by row."""
+    base = STEP_BASE[qtype]
+    if not vnni.AVAILABLE or base < 0 or steps[base + ONE_TOKEN] == 0:
+        return 0
+    return rows // 16
+
+
+@nb.njit(cache=True)
+def _unit_count(qtype, rows, steps):
+    """Parallel units of a matrix: its step groups, then one per row left."""
+    g = _groups(qtype, rows, steps)
+    return g + rows - 16 * g
+
+
+@nb.njit(inline="always", cache=True)
+def _step_sums(qtype, xb, xs, c):
+    """The int16 activation sums over the first c columns that format qtype's steps take (per 32
+    columns where SUMS_PER is 2, else per 16: gemv_gemm._activation_sums), from xb [c / 16]."""
+    per = SUMS_PER[qtype]
+    for i in range(c // 16 // per):
+        v = np.int32(0)
+        for k in range(per):
+            v += xb[per * i + k]
+        xs[i] = np.int16(v)
+
+
 @lru_cache(maxsize=None)
 def build(formats: int):
     """The few-token kernels for the int8 format set `formats` (a closure constant):
@@ -258,9 +292,10 @@ def build(formats: int):
             router_tokens(p.router, s.x, n_tok, s.logits)
 
     @nb.njit(parallel=True, fastmath=True, cache=True)
-    def ffn(desc, entry, weights, limits, n_tok, x, out, f):
+    def ffn(desc, entry, weights, limits, n_tok, x, out, f, steps):
         # desc [M, 6] the union's FFNs; entry [T, 1 + K] token t's FFNs (rows of desc, in the order
-        # its decode step sums them), weights [T, 1 + K]; x [T, H] inputs; out [T, H] added into.
+        # its decode step sums them), weights [T, 1 + K]; x [T, H] inputs; out [T, H] added into;
+        # steps: the GEMM steps of the FFNs' formats (int8_kernels.gemm_step_addresses)
         m_count = desc.shape[0]
         per = entry.shape[1]
         j_count = n_tok * per
@@ -286,7 +321,7 @@ def build(formats: int):
             m = entry[p // per, p % per]
             pairs[fill[m]] = p
             fill[m] += 1
-        pq, pd, pb = f.pq, f.pd, f.pb
+        pq, pd, pb, ps = f.pq, f.pd, f.pb, f.ps
         st[0] = 0
         for m in range(m_count):
             for q in range(first[m], first[m + 1]):
@@ -295,80 +330,107 @@ def build(formats: int):
                 pq[q, :h] = xq[t, :h]
                 pd[q, :h // 256] = xd[t, :h // 256]
                 pb[q, :h // 16] = xb[t, :h // 16]
+                _step_sums(qt[m, 0], pb[q], ps[q], h)
         if st[j_count] > f.act.shape[0]:
             raise ValueError("ffn_tokens: the FFNs are wider than the scratch")
+        # gate and up: per matrix, its 16-row groups (one GEMM step over the FFN's tokens each,
+        # where the format has steps) then its single rows, every unit in parallel
         gu = f.gu
         units = f.units
         units[0] = 0
         for mm in range(2 * m_count):
-            units[mm + 1] = units[mm] + inter[mm // 2]
+            m = mm // 2
+            units[mm + 1] = units[mm] + _unit_count(qt[m, 0], inter[m], steps)
         for u in nb.prange(units[2 * m_count]):
             mm = find(units, u)
             m = mm // 2
             i = inter[m]
             which = mm - 2 * m
-            r = u - units[mm]
-            rb = h // 256 * bytes_per_256(qt[m, 0])
+            a, b = first[m], first[m + 1]
+            k = u - units[mm]
+            q0 = qt[m, 0]
+            rb = h // 256 * bytes_per_256(q0)
+            g = _groups(q0, i, steps)
+            if k < g:
+                if a < b:
+                    group_steps(steps, STEP_BASE[q0], addr[m, which] + 16 * k * rb, rb, np.int64(h // 256),
+                                np.int64(b - a), pq[a].ctypes.data, np.int64(pq.shape[1]), ps[a].ctypes.data,
+                                np.int64(2 * ps.shape[1]), pd[a].ctypes.data, np.int64(4 * pd.shape[1]),
+                                gu.ctypes.data + 4 * (2 * st[a] + which * i + 16 * k), np.int64(8 * i))
+                continue  # (a unit is a group or a row)
+            r = k + 15 * g
             w = u8_at(addr[m, which] + r * rb, rb)
-            if not _FOUR[qt[m, 0]]:
-                for q in range(first[m], first[m + 1]):
-                    t = pairs[q] // per
-                    gu[2 * st[q] + which * i + r] = q8dot(formats, qt[m, 0], w, xq[t, :h], xd[t, :h // 256],
-                                                          xb[t, :h // 16])
+            if not _FOUR[q0]:
+                for q in range(a, b):
+                    gu[2 * st[q] + which * i + r] = q8dot(formats, q0, w, pq[q, :h], pd[q, :h // 256], pb[q, :h // 16])
             else:
-                a = first[m]
-                while a < first[m + 1]:  # 4 per pass, then one at a time (the pairs' rows need not be
-                    n4 = min(4, first[m + 1] - a)  # 2 i apart: each written where its own span is)
-                    if n4 == 4:
-                        v0, v1, v2, v3 = q8dot4(formats, qt[m, 0], w, pq[:, :h], pd[:, :h // 256], pb[:, :h // 16], a)
+                while a < b:  # 4 per pass, then one at a time (the pairs' rows need not be 2 i
+                    if b - a >= 4:  # apart: each written where its own span is)
+                        v0, v1, v2, v3 = q8dot4(formats, q0, w, pq[:, :h], pd[:, :h // 256], pb[:, :h // 16], a)
                         gu[2 * st[a] + which * i + r] = v0
                         gu[2 * st[a + 1] + which * i + r] = v1
                         gu[2 * st[a + 2] + which * i + r] = v2
                         gu[2 * st[a + 3] + which * i + r] = v3
                         a += 4
                     else:
-                        gu[2 * st[a] + which * i + r] = q8dot(formats, qt[m, 0], w, pq[a, :h], pd[a, :h // 256],
+                        gu[2 * st[a] + which * i + r] = q8dot(formats, q0, w, pq[a, :h], pd[a, :h // 256],
                                                               pb[a, :h // 16])
                         a += 1
-        hq, hd, hb, act = f.hq, f.hd, f.hb, f.act
+        hq, hd, hb, hs, act = f.hq, f.hd, f.hb, f.hs, f.act
         for q in nb.prange(j_count):
             a, b = st[q], st[q + 1]
             m = entry[pairs[q] // per, pairs[q] % per]
             swiglu_row(gu[2 * a:2 * a + (b - a)], gu[2 * a + (b - a):2 * b], limits[m], act[a:b])
             quantize_row(act[a:b], hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16])
+            _step_sums(qt[m, 1], hb[a // 16:b // 16], hs[a // 16:b // 16], b - a)
+        # down: y [q] for CSR entry q, FFN m's entries' hidden vectors being consecutive spans of
+        # width i (a constant stride for the steps)
         y = f.y
         for m in range(m_count):
-            units[m + 1] = units[m] + h
+            units[m + 1] = units[m] + _unit_count(qt[m, 1], h, steps)
         for u in nb.prange(units[m_count]):
             m = find(units[:m_count + 1], u)
             i = inter[m]
-            r = u - units[m]
-            rb = i // 256 * bytes_per_256(qt[m, 1])
+            a, b = first[m], first[m + 1]
+            k = u - units[m]
+            q1 = qt[m, 1]
+            rb = i // 256 * bytes_per_256(q1)
+            g = _groups(q1, h, steps)
+            if k < g:
+                if a < b:
+                    s0 = st[a]
+                    group_steps(steps, STEP_BASE[q1], addr[m, 2] + 16 * k * rb, rb, np.int64(i // 256),
+                                np.int64(b - a), hq.ctypes.data + s0, np.int64(i), hs.ctypes.data + 2 * (s0 // 16),
+                                np.int64(2 * (i // 16)), hd.ctypes.data + 4 * (s0 // 256), np.int64(4 * (i // 256)),
+                                y[a].ctypes.data + 64 * k, np.int64(4 * y.shape[1]))
+                continue
+            r = k + 15 * g
             w = u8_at(addr[m, 2] + r * rb, rb)
-            if not _FOUR[qt[m, 1]]:
-                for q in range(first[m], first[m + 1]):
-                    a, b = st[q], st[q + 1]
-                    y[pairs[q], r] = q8dot(formats, qt[m, 1], w, hq[a:b], hd[a // 256:b // 256], hb[a // 16:b // 16])
+            if not _FOUR[q1]:
+                for q in range(a, b):
+                    s0, s1 = st[q], st[q + 1]
+                    y[q, r] = q8dot(formats, q1, w, hq[s0:s1], hd[s0 // 256:s1 // 256], hb[s0 // 16:s1 // 16])
             else:
-                a = first[m]
-                while a < first[m + 1]:  # the FFN's hidden vectors are consecutive spans of width i
-                    if first[m + 1] - a >= 4:
+                while a < b:
+                    if b - a >= 4:
                         s0 = st[a]
-                        v0, v1, v2, v3 = q8dot4(formats, qt[m, 1], w, hq[s0:s0 + 4 * i].reshape((4, i)),
+                        v0, v1, v2, v3 = q8dot4(formats, q1, w, hq[s0:s0 + 4 * i].reshape((4, i)),
                                                 hd[s0 // 256:(s0 + 4 * i) // 256].reshape((4, i // 256)),
                                                 hb[s0 // 16:(s0 + 4 * i) // 16].reshape((4, i // 16)), 0)
-                        y[pairs[a], r] = v0
-                        y[pairs[a + 1], r] = v1
-                        y[pairs[a + 2], r] = v2
-                        y[pairs[a + 3], r] = v3
+                        y[a, r] = v0
+                        y[a + 1, r] = v1
+                        y[a + 2, r] = v2
+                        y[a + 3, r] = v3
                         a += 4
                     else:
                         s0, s1 = st[a], st[a + 1]
-                        y[pairs[a], r] = q8dot(formats, qt[m, 1], w, hq[s0:s1], hd[s0 // 256:s1 // 256],
-                                               hb[s0 // 16:s1 // 16])
+                        y[a, r] = q8dot(formats, q1, w, hq[s0:s1], hd[s0 // 256:s1 // 256], hb[s0 // 16:s1 // 16])
                         a += 1
+        yt = f.yt  # by pair (token t's entries in its order), then each token's sum as decode adds it
+        for q in range(j_count):
+            yt[pairs[q], :h] = y[q, :h]
         for t in range(n_tok):
-            add_weighted_sum(y[t * per:(t + 1) * per], weights[t], per, out[t])
+            add_weighted_sum(yt[t * per:(t + 1) * per], weights[t], per, out[t])
 
     @nb.njit(fastmath=True, cache=True)
     def norm_project(w, eps, n_tok, h, qt, addr, rb, starts, s, out):
