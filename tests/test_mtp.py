@@ -173,6 +173,32 @@ def test_prompt_reuse_keeps_heads_in_step(shipped):
     assert got == _plain(shipped, second, 30)
 
 
+@pytest.mark.parametrize("again", ["same prompt", "shorter prefix"])
+def test_a_prompt_sent_again_after_a_long_generation_still_drafts(shipped, again, monkeypatch):
+    """The same prompt sent again (a retried request), or one sharing only part of it, after a
+    generation that went further than mtp.MARGIN past it: the heads catch up (every pass drafts,
+    as with a fresh model), the text is plain decoding's, and the same prompt is not evaluated
+    again. Before the fix, the hidden states the heads needed had been pruned and no head could
+    draft for the rest of the generation."""
+    from runtime.model import mtp
+
+    first = _prompt(shipped)
+    n = mtp.MARGIN + 40
+    _spec(shipped, first, n, [1])
+    prompt = first if again == "same prompt" else first[:-3] + shipped.tokenize("x", add_bos=False)
+    evals = []
+    real = shipped.eval
+    monkeypatch.setattr(shipped, "eval", lambda toks, **kw: evals.append(len(toks)) or real(toks, **kw))
+    stats: dict = {}
+    got = list(S.generate(shipped, prompt, Sampler(GREEDY), 30, frozenset(), Schedule(shipped.n_mtp, [1]), stats))
+    monkeypatch.undo()
+    if again == "same prompt":
+        assert evals[0] == 1, f"the prompt was evaluated again: evaluations of {evals[:3]} tokens"
+    fresh: dict = {}
+    assert got == _spec(shipped, prompt, 30, [1], stats=fresh) == _plain(shipped, prompt, 30)
+    assert stats["draft_passes"] == fresh["draft_passes"] > 0, (stats, fresh)
+
+
 def _chi2(counts, p):
     return sps.chisquare(counts, p * counts.sum()).pvalue
 

@@ -404,12 +404,7 @@ class Model:
         positions kept: trim when the sliding rings allow it, else the checkpoint taken after
         the last prompt (runtime.model.kv_checkpoint) when the two agree up to it, else 0."""
         tokens = list(tokens)
-        common = 0
-        for a, b in zip(self._tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)
+        common = self._shared_prefix(tokens)
         try:
             self.trim(self.n_past - common)
             return common
@@ -425,6 +420,15 @@ class Model:
         self.reset()
         return 0
 
+    def _shared_prefix(self, tokens: list) -> int:
+        """How many leading tokens the cache shares with `tokens`, leaving at least the last."""
+        common = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        return min(common, len(tokens) - 1)
+
     def eval_prompt(self, tokens, mtp: bool = False) -> tuple[np.ndarray, int]:
         """(logits [V] after `tokens`, positions reused): evaluates only what the cache does not
         already hold. When the model has sliding-window blocks, their rings are copied afterwards
@@ -435,6 +439,10 @@ class Model:
         tokens = list(tokens)
         limit = len(tokens)
         if mtp and self.weights.nextn:
+            # The heads first forget what read tokens past the shared prefix: the hidden states
+            # they must then catch up from may be ones they had already read and let go, and the
+            # trunk has to evaluate those positions again (else no head could draft after them).
+            self.drafter.truncate(self._shared_prefix(tokens))
             limit = min(limit, self.drafter.resume_point() + 1)
         kept = self.keep_prefix(tokens[:limit])
         # The rings are copied before the last token, not after it: a prompt that repeats this
@@ -448,6 +456,7 @@ class Model:
             self._checkpoint = kv_checkpoint.take(self.cache)
         logits = self.eval(tokens[-1:])
         if mtp and self.weights.nextn:
+            self.drafter.pin = len(tokens) - 1  # where the same prompt sent again rolls back to
             self.drafter.fill()
         return logits, kept
 

@@ -17,7 +17,10 @@ sequence extended by the drafts before it (the test checks it bit for bit).
 The heads' caches grow (no ring, the window is masked by position): any trim is possible, so
 the drafter follows the trunk back as far as it goes (`truncate`). Hidden states the next
 head needs are kept in dicts by position, down to MARGIN positions below what is in use, so
-that a short rollback (a chat turn re-rendered) costs nothing extra.
+that a short rollback (a chat turn re-rendered) costs nothing extra. Those at the end of the
+last prompt (`pin`) are kept however far generation goes past it: a prompt sent again (a retried
+or regenerated request) rolls back to there, and the heads then catch up from them without the
+trunk evaluating the prompt again.
 
 Shape legend:  T positions in a chunk   H hidden   V vocab
 """
@@ -112,6 +115,7 @@ class Drafter:
         self.out: list[dict[int, np.ndarray]] = [{} for _ in range(self.n_heads)]
         self.last_seconds = 0.0  # how long the last draft took, catching up excluded
         self.last_logits: list[np.ndarray] = []  # each head's logits [V] behind the last drafts
+        self.pin: int | None = None  # the last prompt's end: states just below it are never pruned
 
     # ---------------------------------------------------------------- following the trunk
 
@@ -252,9 +256,14 @@ class Drafter:
             self.kv[j].trim_to(self.filled[j])
 
     def _prune(self) -> None:
-        for t in [t for t in self.trunk if t < self.filled[0] - MARGIN]:
+        # A rollback to the pin leaves head j at pin - 1 - j, reading head j-1's output there
+        # (the trunk's for head 0): those positions, pin - 1 - n_heads .. pin - 1, stay.
+        lo = hi = 0
+        if self.pin is not None:
+            lo, hi = self.pin - 1 - self.n_heads, self.pin
+        for t in [t for t in self.trunk if t < self.filled[0] - MARGIN and not lo <= t < hi]:
             del self.trunk[t]
         for j in range(self.n_heads - 1):
-            for t in [t for t in self.out[j] if t < self.filled[j + 1] - MARGIN]:
+            for t in [t for t in self.out[j] if t < self.filled[j + 1] - MARGIN and not lo <= t < hi]:
                 del self.out[j][t]
         self.out[-1].clear()  # no head reads the last one's outputs
