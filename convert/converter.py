@@ -181,10 +181,35 @@ def load_writers(planned: list[PlannedTensor], ftype: str, progress: bool) -> No
               else " done", file=sys.stderr, flush=True)
 
 
+def _file_bytes(header: bytes, planned: list[PlannedTensor], rope_factors) -> int:
+    """The output's size: the header, then each tensor's data padded to the alignment."""
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    size = len(header)
+    for nbytes in [t.nbytes for t in planned] + ([rope_factors.nbytes] if rope_factors is not None else []):
+        size += -size % align + nbytes
+    return size
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _check_space(out: Path, needed: int) -> None:
+    """Refuse to start a conversion whose output cannot fit on its file system."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    except OSError:
+        return
+    if needed > free:
+        raise StepstreamError(f"{out}: the output needs {_mb(needed)} more, but its file system has {_mb(free)} free")
+
+
 def _check_paths(hf_dir: Path, out: Path, force: bool) -> None:
     if not hf_dir.is_dir():
         raise StepstreamError(f"{hf_dir}: not a directory")
-    check_output(out, force)
+    check_output(out, force, hf_dir)
 
 
 def _header(writer: gguf.GGUFWriter) -> bytes:
@@ -202,11 +227,19 @@ def _header(writer: gguf.GGUFWriter) -> bytes:
     return buf.getvalue()
 
 
-def _open_output(out: Path, header: bytes, key: str, resume: bool) -> tuple[object, resume_record.Progress]:
+def _open_output(out: Path, header: bytes, key: str, resume: bool, force: bool) -> tuple[object, resume_record.Progress]:
     """The `.part` to write, positioned after its last complete tensor: a dead conversion's
-    with the same key when resuming, else a new one holding the header."""
+    with the same key when resuming, else a new one holding the header. When resuming, a dead
+    conversion's `.part` with another key is discarded only with `force`."""
     tmp = part_name(out)
     progress = resume_record.adopt(out, key) if resume else None
+    if resume and progress is None and not force:
+        other = resume_record.other_conversion(out)
+        if other is not None:
+            part, done = other
+            raise StepstreamError(f"{part}: an interrupted conversion to {out.name} ({done} tensors complete) was made "
+                                  f"with other options, another checkpoint or another stepstream; --resume continues "
+                                  f"only the same conversion. Run it with its own options, or add --force to discard it")
     remove_stale_parts(out)
     if progress is not None:
         f = open(tmp, "r+b")
@@ -262,8 +295,10 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     tmp = part_name(out)
     f = None
     keep = False
+    total = _file_bytes(header, planned, rope_factors)
     try:
-        f, done = _open_output(out, header, key, resume)
+        f, done = _open_output(out, header, key, resume, force)
+        _check_space(out, total - f.tell())
         summary.resumed_tensors = done.done
         bar = _progress_bar(ckpt, planned[done.done:], ftype) if progress else None
         t1, cpu1 = time.perf_counter(), time.process_time()
@@ -294,14 +329,29 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         f.close()
         publish(tmp, out, force)
         resume_record.remove(tmp)
-    except BaseException:  # Ctrl-C, SIGTERM, a full disk, a bad tensor: the work so far is kept
+    except OSError as e:  # a full disk, a file system gone read-only, an I/O error
         keep = resume  # for the next --resume; its record stops at the last complete tensor
+        at = f.tell() if f is not None and not f.closed else 0
+        kept = f"; {tmp.name} is kept: the same command with --resume continues it" if keep else ""
+        raise StepstreamError(f"{out}: cannot write the output ({e.strerror or e}) after {_mb(at)} of "
+                              f"{_mb(total)}{kept}") from None
+    except BaseException as e:  # Ctrl-C, SIGTERM, a bad tensor: with --resume the work so far is kept
+        keep = resume
+        if keep and isinstance(e, KeyboardInterrupt):
+            print(f"\nkept {tmp} (the tensors complete so far): the same command with --resume continues it",
+                  file=sys.stderr, flush=True)
         raise
     finally:
-        if f is not None:
-            f.close()
+        try:
+            if f is not None:
+                f.close()
+        except OSError:
+            pass
         if not keep:  # even if a second Ctrl-C lands in close()
-            resume_record.remove(tmp)
+            try:
+                resume_record.remove(tmp)
+            except OSError:  # a read-only file system: the error that stopped the run is the one to see
+                pass
     summary.out_bytes = out.stat().st_size
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_bytes = peak_rss_bytes()

@@ -64,11 +64,40 @@ def remove_stale_parts(out: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def check_output(out: Path, force: bool) -> None:
+def check_output(out: Path, force: bool, hf_dir: Path | None = None, what: str = "output") -> None:
+    """Refuse an output that is a directory, that exists (unless `force`), or that is one of the
+    checkpoint's own files (even with `force`: it is read while the output is written, and
+    replacing it loses the checkpoint). A previous .gguf in the checkpoint's directory may be
+    replaced with `force`."""
     if out.is_dir():
-        raise StepstreamError(f"{out}: is a directory; give the output .gguf file path")
+        raise StepstreamError(f"{out}: is a directory; give the {what} file path")
+    if hf_dir is not None:
+        source = input_file(out, hf_dir)
+        if source is not None:
+            raise StepstreamError(f"{out}: is the checkpoint's own {source.name}; the {what} must go to another "
+                                  f"file (not replaced, even with --force)")
     if os.path.lexists(out) and not force:
         raise StepstreamError(f"{out}: already exists; the converter never overwrites a file unless given --force")
+
+
+def input_file(path: Path, hf_dir: Path) -> Path | None:
+    """The checkpoint file (any file of `hf_dir` but a .gguf, through symlinks and hard links)
+    that `path` is, or None."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        entries = list(hf_dir.iterdir())
+    except OSError:
+        return None
+    for p in entries:
+        if p.name.endswith(".gguf"):
+            continue
+        try:
+            if p.is_file() and os.path.samefile(p, path):
+                return p
+        except OSError:
+            continue
+    return None
 
 
 def open_part(out: Path):

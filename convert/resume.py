@@ -111,3 +111,13 @@ def adopt(out: Path, key: str) -> Progress | None:
         record_path(part).unlink(missing_ok=True)
         return p
     return None
+
+
+def other_conversion(out: Path) -> tuple[Path, int] | None:
+    """A dead conversion's `.part` to `out` with a readable record and complete tensors (one
+    that adopt() did not take: its key differs), and how many tensors it holds; else None."""
+    for part in dead_parts(out):
+        p = load(part)
+        if p is not None and p.done > 0:
+            return part, p.done
+    return None

@@ -30,6 +30,7 @@ from convert.hf_config import HFConfig
 from convert.mini import PRESETS, write_mini
 from convert.output_file import part_name
 from convert.safetensors_io import Checkpoint
+from runtime.base.errors import StepstreamError
 from tests.helpers.quant_data import golden_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +158,7 @@ def test_a_full_disk_keeps_the_work_and_a_run_with_the_same_pid_resumes_it(tiny_
 
     with monkeypatch.context() as m:
         m.setattr(converter, "write_tensor", write)
-        with pytest.raises(OSError):
+        with pytest.raises(StepstreamError, match="No space left on device.*--resume continues it"):
             converter.convert(tiny_ckpt, out, "q4_k_m", progress=False, resume=True)
     assert json.loads(resume.record_path(part_name(out)).read_text())["done"] == 19
     s = converter.convert(tiny_ckpt, out, "q4_k_m", progress=False, resume=True)  # same process, same PID
@@ -221,8 +222,11 @@ def test_resume_refuses_a_part_of_other_options_or_a_damaged_one(tiny_ckpt, tiny
         _interrupt_at(m, 20)
         with pytest.raises(KeyboardInterrupt):
             converter.convert(tiny_ckpt, out, "q8_0", progress=False, resume=True)
-    _pretend_dead(out, tmp_path)
-    s = converter.convert(tiny_ckpt, out, "q4_k_m", progress=False, resume=True)  # another --type: start over
+    other = _pretend_dead(out, tmp_path)
+    with pytest.raises(StepstreamError, match="19 tensors complete.*--force"):  # another --type: the work is kept
+        converter.convert(tiny_ckpt, out, "q4_k_m", progress=False, resume=True)
+    assert other.exists() and not out.exists()
+    s = converter.convert(tiny_ckpt, out, "q4_k_m", progress=False, resume=True, force=True)  # start over
     assert s.resumed_tensors == 0 and out.read_bytes() == tiny_gguf("q4_k_m").read_bytes()
     assert _dir(out) == ["m.gguf"]  # the other conversion's part is gone
     out.unlink()

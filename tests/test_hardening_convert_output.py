@@ -209,8 +209,9 @@ def test_an_unwritable_summary_json_is_refused_before_converting(tiny_ckpt, tmp_
 def test_the_summary_json_replaces_an_old_one_whole(tiny_ckpt, tmp_path, capsys):
     summary = tmp_path / "s.json"
     summary.write_text("old")
+    # an existing summary is replaced only with --force, as the output is (test_convert_output_guard)
     assert main(["convert", str(tiny_ckpt), str(tmp_path / "m.gguf"), "--type", FTYPE, "--summary-json", str(summary),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--force"]) == 0
     import json
     assert json.loads(summary.read_text())["ftype"] == FTYPE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "s.json"]

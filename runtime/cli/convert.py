@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -30,8 +31,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="llama.cpp pre-tokenizer name, when the split regex in tokenizer.json is not recognised")
     p.add_argument("--name", default=None, help="general.name (default: the checkpoint directory's name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--summary-json", default=None, help="also write the summary as JSON to this path")
+    p.add_argument("--summary-json", default=None, help="also write the summary as JSON to this path (an existing "
+                                                         "file is an error unless --force)")
 
+
+
+def check_summary_path(summary: Path, out: Path, hf_dir: Path, force: bool) -> None:
+    """The summary JSON may not be the GGUF being written nor a checkpoint file, and replaces an
+    existing file only with --force, as the GGUF does."""
+    from convert.output_file import check_output
+    from runtime.base.errors import StepstreamError
+
+    if os.path.abspath(summary.resolve()) == os.path.abspath(out.resolve()):
+        raise StepstreamError(f"--summary-json {summary}: is the output GGUF; give the summary another file name")
+    check_output(summary, force, hf_dir if hf_dir.is_dir() else None, "summary JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     choose_wait_policy(args.threads)  # passive OpenMP waits when other processes hold the cores
     if args.summary_json:  # checked now, not after the conversion
+        check_summary_path(Path(args.summary_json), Path(args.out), Path(args.hf_dir), args.force)
         writable_output(Path(args.summary_json), "summary JSON")
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only

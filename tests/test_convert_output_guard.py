@@ -1,0 +1,187 @@
+"""What the converter refuses to write over, and how it stops on a full or read-only disk.
+
+A review found `--force` replacing the checkpoint's own shard with the GGUF, `--summary-json`
+replacing the GGUF just written (or tokenizer.json), a full disk ending in a traceback, and
+`--resume --type OTHER` silently discarding hours of an interrupted conversion. The disk cases
+run on a real tmpfs (mounted when the tests run as root; skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from convert import converter
+from runtime.cli import main
+
+FTYPE = "q8_0"
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _copy(tiny_ckpt: Path, tmp_path: Path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("ref") / "m.gguf"
+    converter.convert(tiny_ckpt, out, FTYPE, progress=False)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("victim", ["model-00001-of-00002.safetensors", "tokenizer.json", "config.json"])
+@pytest.mark.parametrize("via", ["path", "symlink"])
+def test_the_output_may_not_be_a_checkpoint_file_even_with_force(tiny_ckpt, tmp_path, capsys, victim, via):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    before = {p.name: _md5(p) for p in ckpt.iterdir()}
+    out = ckpt / victim
+    if via == "symlink":  # a Hugging Face cache snapshot links its files; so may a user's output path
+        out = tmp_path / "out.gguf"
+        out.symlink_to(ckpt / victim)
+    rc = main(["convert", str(ckpt), str(out), "--type", FTYPE, "--no-progress", "--force"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint's own" in err and victim in err, err
+    assert {p.name: _md5(p) for p in ckpt.iterdir()} == before
+
+
+def test_a_previous_gguf_beside_the_checkpoint_may_be_replaced(tiny_ckpt, tmp_path, capsys, reference):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    out = ckpt / "model.gguf"
+    out.write_bytes(b"an older conversion")
+    assert main(["convert", str(ckpt), str(out), "--type", FTYPE, "--no-progress", "--force", "--name", "tiny"]) == 0
+    assert out.read_bytes() == reference
+
+
+@pytest.mark.parametrize("where", ["the output", "tokenizer.json", "an existing file"])
+def test_the_summary_json_never_replaces_the_output_or_an_input(tiny_ckpt, tmp_path, capsys, where):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    out = tmp_path / "m.gguf"
+    summary = {"the output": out, "tokenizer.json": ckpt / "tokenizer.json",
+               "an existing file": tmp_path / "notes.json"}[where]
+    if where == "an existing file":
+        summary.write_text("my notes")
+    before = {p.name: _md5(p) for p in ckpt.iterdir()}
+    force = ["--force"] if where != "an existing file" else []
+    rc = main(["convert", str(ckpt), str(out), "--type", FTYPE, "--no-progress", "--summary-json", str(summary), *force])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not out.exists(), "refused before converting"
+    assert {p.name: _md5(p) for p in ckpt.iterdir()} == before
+    if where == "an existing file":
+        assert "already exists" in err and summary.read_text() == "my notes"
+        assert main(["convert", str(ckpt), str(out), "--type", FTYPE, "--no-progress", "--summary-json",
+                     str(summary), "--force"]) == 0
+        assert '"out_path"' in summary.read_text()
+    else:
+        assert str(summary.name) in err
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real tmpfs of 30 MB (root only): mount(8), then umount."""
+    mnt = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_an_output_that_cannot_fit_is_refused_before_writing(tiny_ckpt, tmpfs, capsys):
+    (tmpfs / "filler").write_bytes(b"x" * 25_000_000)  # 5 MB left for a 9.9 MB file
+    rc = main(["convert", str(tiny_ckpt), str(tmpfs / "m.gguf"), "--type", "q4_k_m", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs" in err and "free" in err, err
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_disk_filling_up_mid_conversion_is_one_line_and_resumable(tiny_ckpt, tmpfs, capsys, reference, resume):
+    """Another process fills the file system once the .part appears: one line naming the output
+    and the error; with --resume the .part is kept, and after space is freed the same command
+    finishes to the bytes of an uninterrupted run."""
+    out = tmpfs / "m.gguf"
+
+    def fill():
+        deadline = time.monotonic() + 60
+        while not any(p.name.endswith(".part") for p in tmpfs.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        with open(tmpfs / "filler", "wb") as f:
+            try:
+                f.write(b"x" * 30_000_000)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+
+    filler = threading.Thread(target=fill)
+    filler.start()
+    args = ["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress", *(["--resume"] if resume else [])]
+    rc = main(args)
+    filler.join()
+    err = capsys.readouterr().err
+    assert rc == 2 and str(out) in err and "No space left on device" in err, err
+    assert "Traceback" not in err and not out.exists()
+    parts = sorted(p.name for p in tmpfs.iterdir() if p.name != "filler")
+    if not resume:
+        assert parts == [], parts
+        return
+    assert "--resume continues it" in err and len(parts) == 2, parts  # the .part and its record
+    (tmpfs / "filler").unlink()
+    assert main(args) == 0
+    assert out.read_bytes() == reference
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["m.gguf"]
+
+
+def test_a_read_only_file_system_is_one_line(tiny_ckpt, tmpfs, capsys):
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    rc = main(["convert", str(tiny_ckpt), str(tmpfs / "m.gguf"), "--type", FTYPE, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Read-only file system" in err and "Traceback" not in err, err
+
+
+def test_resume_with_other_options_keeps_the_interrupted_work(tiny_ckpt, tmp_path, capsys, monkeypatch, reference):
+    """A conversion stopped with --resume, then resumed with another --type: refused, naming the
+    .part and its progress; the same options continue it; --force discards it."""
+    out = tmp_path / "m.gguf"
+    calls = {"n": 0}
+    real = converter.write_tensor
+
+    def stop_at_the_fifth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(converter, "write_tensor", stop_at_the_fifth)
+    assert main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress", "--resume"]) == 130
+    monkeypatch.setattr(converter, "write_tensor", real)
+    assert "--resume continues it" in capsys.readouterr().err
+    part = next(p for p in tmp_path.iterdir() if p.name.endswith(".part"))
+    # the interrupted run was this process: the part must look like a dead process's
+    dead = tmp_path / part.name.replace(f".{os.getpid()}.", ".999999.")
+    part.rename(dead)
+    Path(str(part) + ".json").rename(Path(str(dead) + ".json"))
+    rc = main(["convert", str(tiny_ckpt), str(out), "--type", "q4_k_m", "--no-progress", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and dead.name in err and "4 tensors complete" in err and "--force" in err, err
+    assert dead.exists() and not out.exists()
+    assert main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress", "--resume"]) == 0
+    assert out.read_bytes() == reference
