@@ -45,6 +45,27 @@ def writer(qtype) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: quant.quantize(x, q)
 
 
+# Where the float16 fields of each written format's blocks sit (byte offsets in a block): a
+# magnitude beyond float16's 65504 there, after the quantizer's division, becomes Inf.
+_F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2),
+               Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.IQ4_NL: (0,)}
+
+
+def overflows(qtype, data: np.ndarray) -> bool:
+    """Whether GGUF bytes `data` (uint8 [R, row_bytes]) hold an Inf or NaN where the format keeps
+    halves or bfloat16s: F16 and BF16 values, the quantized formats' float16 scales."""
+    q = Q(qtype)
+    if q in (Q.F16, Q.BF16):
+        exp = 0x7C00 if q == Q.F16 else 0x7F80
+        return bool(np.any((data.view(np.uint16) & exp) == exp))
+    fields = _F16_FIELDS.get(q)
+    if not fields or data.size == 0:
+        return False
+    blocks = data.reshape(-1, get_format(q).block_bytes)
+    return any(bool(np.any((np.ascontiguousarray(blocks[:, o:o + 2]).view(np.uint16) & 0x7C00) == 0x7C00))
+               for o in fields)
+
+
 @dataclass(frozen=True)
 class Chunk:
     index: int | None  # expert slice, or None for a tensor read whole
@@ -123,7 +144,17 @@ def write_tensor(f, ckpt: Checkpoint, spec: layout.TensorSpec, qtype, reader: Th
     where = ckpt.file_of(spec.hf_name)
     width = ckpt.entry(spec.hf_name).nbytes // max(spec.n_elements, 1)
     cols = spec.shape[-1]
-    encode = writer(qtype)
+    quantize = writer(qtype)
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below, by name
+            data = quantize(x)
+        if overflows(qtype, data):
+            raise StepstreamError(f"{where}: tensor {spec.hf_name!r} holds values too large for {Q(qtype).name} "
+                                  f"(largest magnitude {float(np.abs(x).max()):.3g}: its float16 values or scales "
+                                  f"would be Inf); convert with --type bf16 or f32, or check the checkpoint")
+        return data
+
     written = 0
     pending = None
     for c in chunks(spec.shape, spec.role, CHUNK_WEIGHTS):

@@ -185,3 +185,27 @@ def test_resume_with_other_options_keeps_the_interrupted_work(tiny_ckpt, tmp_pat
     assert dead.exists() and not out.exists()
     assert main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress", "--resume"]) == 0
     assert out.read_bytes() == reference
+
+
+@pytest.mark.parametrize("ftype,value", [("f16", 1e5), ("q8_0", -3e38), ("q4_k_m", -3e38), ("q2_k", -3e38)])
+def test_values_too_large_for_the_format_are_refused_by_name(tiny_ckpt, tmp_path, capsys, ftype, value):
+    """A finite bf16 weight beyond what the format's float16 values or scales hold (65504) was
+    written as Inf (f16) or gave Inf/NaN scales (q8_0, q4_k_m: 256 NaN weights after decoding),
+    exit 0. Now the tensor is named; bf16 keeps it."""
+    import numpy as np
+
+    from convert.safetensors_io import Checkpoint, f32_to_bf16_bits
+
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    name = "model.embed_tokens.weight"
+    entry = Checkpoint(ckpt).entry(name)
+    shard = Checkpoint(ckpt).file_of(name)
+    with open(shard, "r+b") as f:
+        f.seek(entry.begin + 2 * 1000)
+        f.write(f32_to_bf16_bits(np.array([value], np.float32)).tobytes())
+    out = tmp_path / "m.gguf"
+    rc = main(["convert", str(ckpt), str(out), "--type", ftype, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and name in err and "too large" in err and "RuntimeWarning" not in err, err
+    assert not out.exists()
+    assert main(["convert", str(ckpt), str(out), "--type", "bf16", "--no-progress"]) == 0
