@@ -77,7 +77,8 @@ class Summary:
         return 8.0 * data / max(self.n_weights, 1)
 
     def add(self, t: PlannedTensor, in_bytes: int) -> None:
-        """Count a tensor written from in_bytes of checkpoint data."""
+        """Count a tensor written from in_bytes of checkpoint data (0: written by the interrupted
+        run this one continued; it is in the file, its reading was not this run's)."""
         self.in_bytes += in_bytes
         self.n_tensors += 1
         self.n_weights += t.spec.n_elements
@@ -300,6 +301,8 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         f, done = _open_output(out, header, key, resume, force)
         _check_space(out, total - f.tell())
         summary.resumed_tensors = done.done
+        for t in planned[:done.done]:
+            summary.add(t, 0)
         bar = _progress_bar(ckpt, planned[done.done:], ftype) if progress else None
         t1, cpu1 = time.perf_counter(), time.process_time()
         with ThreadPoolExecutor(1, thread_name_prefix="convert-read") as reader:
@@ -317,7 +320,6 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
                 resume_record.save(tmp, resume_record.Progress(key, k + 1, f.tell()))
         summary.convert_seconds = time.perf_counter() - t1
         summary.convert_cpu_seconds = time.process_time() - cpu1
-        summary.n_tensors += done.done
         if rope_factors is not None:
             writer.write_padding(f, f.tell())
             f.write(rope_factors.tobytes())

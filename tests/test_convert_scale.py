@@ -138,6 +138,10 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_bytes(tiny_ckpt, tiny_gguf,
     assert s.resumed_tensors == 39 and "resumed: 39 tensors" in s.text()
     assert s.n_tensors == len(gguf.GGUFReader(out).tensors)
     assert _dir(out) == ["m.gguf"] and not dead.exists()
+    # the summary describes the whole file, as an uninterrupted run's does (it counted this run's tensors only)
+    whole = converter.convert(tiny_ckpt, tmp_path / "again.gguf", "q4_k_m", progress=False)
+    for field in ("n_tensors", "n_weights", "by_type", "fallbacks", "bits_per_weight"):
+        assert getattr(s, field) == getattr(whole, field), field
 
 
 def test_a_full_disk_keeps_the_work_and_a_run_with_the_same_pid_resumes_it(tiny_ckpt, tiny_gguf, tmp_path,
