@@ -52,6 +52,34 @@ def _dead(out: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return found
 
 
+def live_conversion(out: Path) -> int | None:
+    """The PID of another process writing `out` now (its `.part` exists and it is alive), or None."""
+    if os.name != "posix":
+        return None
+    prefix, suffix = f".{out.name}.", ".part"
+    try:
+        names = [p.name for p in out.parent.iterdir()]
+    except OSError:
+        return None
+    for name in names:
+        pid = name[len(prefix):-len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)) and _holds(int(pid), out.parent / name):
+            return int(pid)
+    return None
+
+
+def _holds(pid: int, part: Path) -> bool:
+    """Whether process `pid` has `part` open (Linux's /proc; elsewhere, or when /proc cannot be
+    read, being alive counts): a PID reused by another program after a killed conversion does not."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        links = [os.readlink(fd) for fd in fds.iterdir()]
+    except OSError:
+        return not fds.parent.is_dir() or not Path("/proc/self/fd").is_dir()
+    want = os.path.realpath(part)
+    return any(link == want for link in links)
+
+
 def dead_parts(out: Path) -> list[Path]:
     """`.part` files of earlier conversions to `out` whose process is gone (killed with SIGKILL,
     or interrupted while keeping its work for --resume)."""
@@ -78,6 +106,11 @@ def check_output(out: Path, force: bool, hf_dir: Path | None = None, what: str =
                                   f"file (not replaced, even with --force)")
     if os.path.lexists(out) and not force:
         raise StepstreamError(f"{out}: already exists; the converter never overwrites a file unless given --force")
+    if what == "output":
+        pid = live_conversion(out)
+        if pid is not None:
+            raise StepstreamError(f"{out}: another conversion (process {pid}) is writing it now; wait for it to "
+                                  f"finish, or stop it first")
 
 
 def input_file(path: Path, hf_dir: Path) -> Path | None:

@@ -209,3 +209,31 @@ def test_values_too_large_for_the_format_are_refused_by_name(tiny_ckpt, tmp_path
     assert rc == 2 and name in err and "too large" in err and "RuntimeWarning" not in err, err
     assert not out.exists()
     assert main(["convert", str(ckpt), str(out), "--type", "bf16", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_a_conversion_already_writing_the_output_is_found_at_the_start(tiny_ckpt, tmp_path, capsys, holds):
+    """A second conversion to the same output converted everything, then failed at the rename,
+    leaving a full-size .part. A live process holding the output's .part open now stops it at the
+    start; a live process that merely has the PID of a killed conversion's .part does not."""
+    import sys
+
+    out = tmp_path / "m.gguf"
+    code = ("import os, sys, time\n"
+            "part = sys.argv[1].replace('PID', str(os.getpid()))\n"
+            + ("f = open(part, 'wb')\n" if holds else "open(part, 'wb').close()\n")
+            + "print('ready', flush=True)\ntime.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".m.gguf.PID.part")], stdout=subprocess.PIPE)
+    try:
+        assert other.stdout.readline().strip() == b"ready"
+        rc = main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress"])
+        err = capsys.readouterr().err
+        if holds:
+            assert rc == 2 and f"process {other.pid}" in err and "writing it now" in err, err
+            assert not out.exists()
+        else:
+            assert rc == 0, err
+            assert out.exists()
+    finally:
+        other.kill()
+        other.wait()
