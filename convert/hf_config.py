@@ -5,11 +5,17 @@ n_layers..n_layers+n_mtp-1 (the checkpoint stores them as `model.layers.{n_layer
 Per-layer lists in the config (`layer_types`, `partial_rotary_factors`, `rope_theta`,
 `swiglu_limits*`) may or may not cover the MTP blocks: missing entries follow
 llama.cpp's converter (full attention, rotary 0.5, no clamp).
+
+Every value is read through `JsonFields`, which checks its JSON type (a bool is not a
+number) and names the file, the key and the value when it is wrong; the checkpoint's
+other JSON files (tokenizer.json, tokenizer_config.json) are read with the same helpers.
+A null optional key means its default, as in transformers' config classes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +23,85 @@ from runtime.base.errors import StepstreamError
 
 ARCHITECTURE = "Step3p5ForCausalLM"
 MODEL_TYPE = "step3p5"
+
+
+def read_text(path: Path) -> str:
+    """A checkpoint file's text, which must be UTF-8 (transformers and llama.cpp read it as UTF-8)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StepstreamError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                              "save it as UTF-8") from None
+
+
+def read_json_object(path: Path) -> tuple[dict, str]:
+    """(the JSON object in `path`, its text); FileNotFoundError is left to the caller, which knows
+    whether the file is optional."""
+    text = read_text(path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StepstreamError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise StepstreamError(f"{path}: must hold a JSON object, got {shown(value)}")
+    return value, text
+
+
+def shown(value) -> str:
+    """A JSON value as the file spells it, cut short for an error line."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, float) and math.isfinite(v)) or _is_int(v)
+
+
+# Python type asked for -> (what an error calls it, whether a JSON value is one)
+_KINDS = {
+    int: ("integer", _is_int),
+    float: ("number", _is_number),
+    bool: ("boolean (true or false)", lambda v: isinstance(v, bool)),
+    str: ("string", lambda v: isinstance(v, str)),
+    dict: ("object", lambda v: isinstance(v, dict)),
+}
+_BOUNDS = {"positive": lambda v: v > 0, "non-negative": lambda v: v >= 0}
+REQUIRED = object()
+
+
+class JsonFields:
+    """A JSON object's values, read with their types checked; errors name the file, the key and the value."""
+
+    def __init__(self, raw: dict, source: str, prefix: str = ""):
+        self.raw, self.source, self.prefix = raw, source, prefix
+
+    def get(self, key: str, kind: type, default=REQUIRED, bound: str | None = None):
+        """raw[key] as `kind` (within `bound`), or `default` when it is absent or null."""
+        value = self.raw.get(key)
+        if value is None and default is not REQUIRED:
+            return default
+        if key not in self.raw:
+            raise StepstreamError(f"{self.source}: missing required key {self.prefix + key!r}")
+        return self.check(value, kind, key, bound)
+
+    def check(self, value, kind: type, label: str, bound: str | None = None):
+        """`value` (found at `label`) as `kind`, or one line naming the file, the key and the value."""
+        noun, is_kind = _KINDS[kind]
+        if not is_kind(value) or (bound is not None and not _BOUNDS[bound](value)):
+            what = f"{bound} {noun}" if bound else noun
+            article = "an" if what[0] in "aeiou" else "a"
+            raise StepstreamError(f"{self.source}: {self.prefix}{label} must be {article} {what}, got {shown(value)}")
+        return float(value) if kind is float else value
+
+    def nested(self, key: str) -> "JsonFields | None":
+        """The object at `key` (None when absent or null), read with the same checks."""
+        value = self.get(key, dict, None)
+        return None if value is None else JsonFields(value, self.source, f"{self.prefix}{key}.")
 
 
 @dataclass(frozen=True)
@@ -69,15 +154,15 @@ class HFConfig:
     def load(cls, directory: str | Path) -> "HFConfig":
         path = Path(directory) / "config.json"
         try:
-            raw = json.loads(path.read_text())
+            raw, _ = read_json_object(path)
         except FileNotFoundError:
             raise StepstreamError(f"{path}: not found; a Hugging Face checkpoint directory needs config.json") from None
-        except json.JSONDecodeError as e:
-            raise StepstreamError(f"{path}: invalid JSON ({e})") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "HFConfig":
+        if not isinstance(raw, dict):
+            raise StepstreamError(f"{source}: must hold a JSON object, got {shown(raw)}")
         archs = raw.get("architectures") or []
         if ARCHITECTURE not in archs and raw.get("model_type") != MODEL_TYPE:
             raise StepstreamError(
@@ -85,69 +170,71 @@ class HFConfig:
                 f"expected {ARCHITECTURE!r} / {MODEL_TYPE!r}"
             )
         r = _Fields(raw, source)
+        size = r.size
         sliding, rotary = _layer_types(r)
         n_head, n_head_kv = _heads(r, sliding)
         theta_full, theta_swa = _rope_theta(r, sliding)
         cfg = cls(
-            hidden_size=int(r.need("hidden_size")),
+            hidden_size=size("hidden_size"),
             n_layers=r.n_layers,
             n_mtp=r.n_mtp,
-            vocab_size=int(r.need("vocab_size")),
-            head_dim=int(r.need("head_dim")),
+            vocab_size=size("vocab_size"),
+            head_dim=size("head_dim"),
             sliding=sliding,
             n_head=n_head,
             n_head_kv=n_head_kv,
             rotary_factor=rotary,
-            sliding_window=int(r.need("sliding_window")),
+            sliding_window=size("sliding_window"),
             rope_theta_full=theta_full,
             rope_theta_sliding=theta_swa,
             rope_scaling=_rope_scaling(r),
-            intermediate_size=int(r.need("intermediate_size")),
+            intermediate_size=size("intermediate_size"),
             moe_layers=_moe_layers(r),
-            n_expert=int(r.need("moe_num_experts")),
-            n_expert_used=int(r.need("moe_top_k")),
-            expert_ffn=int(r.need("moe_intermediate_size")),
-            shared_ffn=int(raw.get("share_expert_dim", r.need("moe_intermediate_size"))),
-            router_scale=float(raw.get("moe_router_scaling_factor", 1.0)),
-            norm_expert_weight=bool(raw.get("norm_expert_weight", True)),
-            use_router_bias=bool(raw.get("use_moe_router_bias", True)),
-            swiglu_limit=r.per_block("swiglu_limits", 0.0),
-            swiglu_limit_shared=r.per_block("swiglu_limits_shared", 0.0),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            n_expert=size("moe_num_experts"),
+            n_expert_used=size("moe_top_k"),
+            expert_ffn=size("moe_intermediate_size"),
+            shared_ffn=r.get("share_expert_dim", int, size("moe_intermediate_size"), "positive"),
+            router_scale=r.get("moe_router_scaling_factor", float, 1.0, "positive"),
+            norm_expert_weight=r.get("norm_expert_weight", bool, True),
+            use_router_bias=r.get("use_moe_router_bias", bool, True),
+            swiglu_limit=r.per_block("swiglu_limits", 0.0, float, "non-negative"),
+            swiglu_limit_shared=r.per_block("swiglu_limits_shared", 0.0, float, "non-negative"),
+            rms_norm_eps=r.get("rms_norm_eps", float, 1e-5, "positive"),
+            max_position_embeddings=r.get("max_position_embeddings", int, 4096, "positive"),
+            tie_word_embeddings=r.get("tie_word_embeddings", bool, False),
             raw=raw,
         )
-        if not 0 < cfg.n_expert_used <= cfg.n_expert:
+        if not cfg.n_expert_used <= cfg.n_expert:
             raise StepstreamError(f"{source}: moe_top_k={cfg.n_expert_used} must be in 1..moe_num_experts={cfg.n_expert}")
         return cfg
 
 
-class _Fields:
-    """config.json's values, read with errors that name the file and the key."""
+class _Fields(JsonFields):
+    """config.json's values, with the block counts that per-layer lists are read against."""
 
     def __init__(self, raw: dict, source: str):
-        self.raw, self.source = raw, source
-        self.n_layers = int(self.need("num_hidden_layers"))
-        self.n_mtp = int(raw.get("num_nextn_predict_layers", 0) or 0)
+        super().__init__(raw, source)
+        self.n_layers = self.size("num_hidden_layers")
+        self.n_mtp = self.get("num_nextn_predict_layers", int, 0, "non-negative")
         self.n_blocks = self.n_layers + self.n_mtp
 
-    def need(self, key: str):
-        if key not in self.raw:
-            raise StepstreamError(f"{self.source}: missing required key {key!r}")
-        return self.raw[key]
+    def size(self, key: str) -> int:
+        """A required count or dimension: a positive integer."""
+        return self.get(key, int, bound="positive")
 
-    def per_block(self, key: str, default, convert=float) -> tuple:
-        """One value per block (trunk and MTP): a list (MTP blocks may be left out), or one value for all."""
+    def per_block(self, key: str, default, kind: type = float, bound: str | None = None) -> tuple:
+        """One value per block (trunk and MTP): a list (MTP blocks may be left out, null entries
+        take the default), or one value for all."""
         values = self.raw.get(key)
         if values is None:
             return tuple([default] * self.n_blocks)
         if not isinstance(values, list):
-            return tuple([convert(values)] * self.n_blocks)
+            return tuple([self.check(values, kind, key, bound)] * self.n_blocks)
         if len(values) < self.n_layers:
             raise StepstreamError(f"{self.source}: {key} has {len(values)} entries, fewer than "
                                   f"num_hidden_layers={self.n_layers}")
-        values = [default if v is None else convert(v) for v in values[:self.n_blocks]]
+        values = [default if v is None else self.check(v, kind, f"{key}[{i}]", bound)
+                  for i, v in enumerate(values[:self.n_blocks])]
         return tuple(values + [default] * (self.n_blocks - len(values)))
 
 
@@ -168,50 +255,70 @@ def _layer_types(r: _Fields) -> tuple[tuple[bool, ...], tuple[float, ...]]:
 
 def _heads(r: _Fields, sliding) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Query heads and KV groups per block (sliding blocks may have their own counts)."""
-    other = r.raw.get("attention_other_setting") or {}
-    n_head_full = int(r.need("num_attention_heads"))
-    n_kv_full = int(r.need("num_attention_groups"))
-    n_head_swa = int(other.get("num_attention_heads", n_head_full))
-    n_kv_swa = int(other.get("num_attention_groups", n_kv_full))
+    other = r.nested("attention_other_setting") or JsonFields({}, r.source)
+    n_head_full, n_kv_full = r.size("num_attention_heads"), r.size("num_attention_groups")
+    n_head_swa = other.get("num_attention_heads", int, n_head_full, "positive")
+    n_kv_swa = other.get("num_attention_groups", int, n_kv_full, "positive")
     n_head = tuple(n_head_swa if s else n_head_full for s in sliding)
     n_head_kv = tuple(n_kv_swa if s else n_kv_full for s in sliding)
     for i, (h, kv) in enumerate(zip(n_head, n_head_kv)):
-        if kv <= 0 or h % kv:
+        if h % kv:
             raise StepstreamError(f"{r.source}: layer {i} has {h} query heads, not a multiple of its {kv} KV groups")
     return n_head, n_head_kv
 
 
 def _rope_theta(r: _Fields, sliding) -> tuple[float, float]:
     """RoPE bases of full and sliding blocks: one value, or a per-layer list with one base per type."""
-    theta = r.raw.get("rope_theta", 10000.0)
-    if not isinstance(theta, list):
-        return float(theta), float(theta)
-    full = [float(t) for t, s in zip(theta, sliding) if not s]
-    swa = [float(t) for t, s in zip(theta, sliding) if s]
-    theta_full = full[0] if full else float(theta[0])
-    if len(set(full)) > 1 or len(set(swa)) > 1:
-        raise StepstreamError(f"{r.source}: rope_theta varies within one attention type ({sorted(set(full))} / "
-                              f"{sorted(set(swa))}); GGUF stores one base per type")
+    if not isinstance(r.raw.get("rope_theta"), list):
+        theta = r.get("rope_theta", float, 10000.0, "positive")
+        return theta, theta
+    theta = r.per_block("rope_theta", None, float, "positive")
+    full = sorted({t for t, s in zip(theta, sliding) if t is not None and not s})
+    swa = sorted({t for t, s in zip(theta, sliding) if t is not None and s})
+    if len(full) > 1 or len(swa) > 1:
+        raise StepstreamError(f"{r.source}: rope_theta varies within one attention type ({full} / {swa}); "
+                              "GGUF stores one base per type")
+    if not full and not swa:
+        raise StepstreamError(f"{r.source}: rope_theta lists no base (every entry is null)")
+    theta_full = full[0] if full else swa[0]
     return theta_full, swa[0] if swa else theta_full
 
 
 def _moe_layers(r: _Fields) -> frozenset[int]:
+    """moe_layers_enum: "1,2,3" (StepFun's spelling) or a list of layer numbers; absent or empty means
+    every layer but the first, as Step3p5's modeling code does."""
     moe_enum = r.raw.get("moe_layers_enum")
     if isinstance(moe_enum, str) and moe_enum.strip():
-        moe_layers = frozenset(int(v) for v in moe_enum.split(","))
+        pieces = [p.strip() for p in moe_enum.split(",")]
+        if not all(p.isdigit() for p in pieces):
+            raise StepstreamError(f"{r.source}: moe_layers_enum must list layer numbers separated by commas, "
+                                  f"got {shown(moe_enum)}")
+        moe_layers = frozenset(int(p) for p in pieces)
     elif isinstance(moe_enum, list):
-        moe_layers = frozenset(int(v) for v in moe_enum)
-    else:
+        moe_layers = frozenset(r.check(v, int, f"moe_layers_enum[{i}]") for i, v in enumerate(moe_enum))
+    elif moe_enum is None or isinstance(moe_enum, str):
         moe_layers = frozenset(range(1, r.n_layers))
+    else:
+        raise StepstreamError(f"{r.source}: moe_layers_enum must be a string of layer numbers or a list, "
+                              f"got {shown(moe_enum)}")
     if any(not 0 <= i < r.n_layers for i in moe_layers):
         raise StepstreamError(f"{r.source}: moe_layers_enum names layers outside 0..{r.n_layers - 1}")
     return moe_layers
 
 
 def _rope_scaling(r: _Fields) -> dict | None:
-    scaling = r.raw.get("rope_scaling")
-    if scaling is not None:
-        kind = str(scaling.get("rope_type", scaling.get("type", ""))).lower()
-        if kind != "llama3":
-            raise StepstreamError(f"{r.source}: rope_scaling type {kind!r} is not supported (only llama3)")
-    return scaling
+    """llama3-style scaling, its values type-checked (nulls left out, so readers' defaults apply)."""
+    scaling = r.nested("rope_scaling")
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type", str, None) or scaling.get("type", str, "")
+    if kind.lower() != "llama3":
+        raise StepstreamError(f"{r.source}: rope_scaling type {kind!r} is not supported (only llama3)")
+    out = {"rope_type": kind}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if (value := scaling.get(key, float, None, "positive")) is not None:
+            out[key] = value
+    if (old := scaling.get("original_max_position_embeddings", int, None, "positive")) is not None:
+        out["original_max_position_embeddings"] = old
+    return out
+

@@ -1,0 +1,109 @@
+"""The checkpoint's JSON files as the converter reads them: where the chat template and the special
+token ids come from, the context length, and one error line (file, key, value; exit status 2) for a
+file that is not UTF-8 or a config.json value of the wrong type.
+
+Each test mutates a copy of the tiny checkpoint (weights linked, not copied) and converts it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from runtime.cli import main
+from tests.helpers.cli_output import error_line
+
+
+@pytest.fixture
+def ckpt(tiny_ckpt, tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for p in tiny_ckpt.iterdir():
+        if p.suffix == ".safetensors":
+            (d / p.name).symlink_to(p)
+        else:
+            shutil.copy(p, d / p.name)
+    return d
+
+
+def edit_json(path, edit):
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    edit(raw)  # changes raw in place
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    return raw
+
+
+def refused(ckpt, capsys) -> str:
+    """The one error line of a conversion that must stop with exit status 2 and write nothing."""
+    out = ckpt.parent / "out.gguf"
+    rc = main(["convert", str(ckpt), str(out), "--type", "f16", "--threads", "1", "--no-progress"])
+    line = error_line(capsys)
+    assert rc == 2, line
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
+    return line
+
+
+# --- 3. files that are not UTF-8 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["config.json"])
+def test_file_not_utf8(ckpt, capsys, name):
+    path = ckpt / name
+    data = path.read_bytes()
+    assert data.startswith(b"{")
+    path.write_bytes(b'{"note": "caf\xe9", ' + data[1:])  # Latin-1, not UTF-8: byte 0xe9 at offset 13
+    assert refused(ckpt, capsys) == f"error: {path}: not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8"
+
+
+def test_not_utf8_from_the_command_line(ckpt, tmp_path):
+    """The installed command: exit status 2 and one line, no traceback."""
+    (ckpt / "config.json").write_bytes(b"\x00\xff" + (ckpt / "config.json").read_bytes())
+    p = subprocess.run([sys.executable, "-m", "runtime.cli", "convert", str(ckpt), str(tmp_path / "o.gguf"),
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: {ckpt / 'config.json'}: not UTF-8 text (byte 0xff at offset 1); "
+                                             "save it as UTF-8"]
+
+
+# --- 4. config.json values of the wrong type ------------------------------------------------------
+
+# key -> (value written, the end of the error line after "config.json: ")
+BAD_VALUES = {
+    "hidden_size_null": ("hidden_size", None, "hidden_size must be a positive integer, got null"),
+    "hidden_size_bool": ("hidden_size", True, "hidden_size must be a positive integer, got true"),
+    "hidden_size_text": ("hidden_size", "256", 'hidden_size must be a positive integer, got "256"'),
+    "moe_top_k_null": ("moe_top_k", None, "moe_top_k must be a positive integer, got null"),
+    "sliding_window_null": ("sliding_window", None, "sliding_window must be a positive integer, got null"),
+    "layers_word": ("num_hidden_layers", "four", 'num_hidden_layers must be a positive integer, got "four"'),
+    "mtp_negative": ("num_nextn_predict_layers", -1, "num_nextn_predict_layers must be a non-negative integer, got -1"),
+    "moe_enum_text": ("moe_layers_enum", "1,2,x", 'moe_layers_enum must list layer numbers separated by commas, '
+                                                  'got "1,2,x"'),
+    "moe_enum_list": ("moe_layers_enum", [1, "2"], 'moe_layers_enum[1] must be an integer, got "2"'),
+    "rope_theta_text": ("rope_theta", "abc", 'rope_theta must be a positive number, got "abc"'),
+    "rope_theta_entry": ("rope_theta", [1e6, None, "x", 1e4, 1e6, 1e4, 1e4], 'rope_theta[2] must be a positive number, '
+                                                                             'got "x"'),
+    "swiglu_text": ("swiglu_limits", ["a"] * 7, 'swiglu_limits[0] must be a non-negative number, got "a"'),
+    "rope_scaling_text": ("rope_scaling", "llama3", 'rope_scaling must be an object, got "llama3"'),
+    "rope_scaling_factor": ("rope_scaling", {"rope_type": "llama3", "factor": "8"},
+                            'rope_scaling.factor must be a positive number, got "8"'),
+    "other_setting_list": ("attention_other_setting", [1, 2], "attention_other_setting must be an object, got [1, 2]"),
+    "other_setting_heads": ("attention_other_setting", {"num_attention_heads": 4.5},
+                            "attention_other_setting.num_attention_heads must be a positive integer, got 4.5"),
+    "tie_text": ("tie_word_embeddings", "false", 'tie_word_embeddings must be a boolean (true or false), got "false"'),
+    "eps_text": ("rms_norm_eps", "1e-5", 'rms_norm_eps must be a positive number, got "1e-5"'),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_config_value_of_the_wrong_type(ckpt, capsys, case):
+    key, value, message = BAD_VALUES[case]
+    edit_json(ckpt / "config.json", lambda c: c.update({key: value}))
+    assert refused(ckpt, capsys) == f"error: {ckpt / 'config.json'}: {message}"
+
+
+def test_config_not_an_object(ckpt, capsys):
+    (ckpt / "config.json").write_text("[]")
+    assert refused(ckpt, capsys) == f"error: {ckpt / 'config.json'}: must hold a JSON object, got []"
