@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,15 @@ from runtime.base.errors import StepstreamError
 
 ARCHITECTURE = "Step3p5ForCausalLM"
 MODEL_TYPE = "step3p5"
+# Step3p5Config's default for both max_position_embeddings and max_seq_len: what transformers and
+# vLLM use for a config.json that names neither.
+DEFAULT_CONTEXT = 262144
+MAX_CONTEXT = 2**31 - 1  # positions are int32 in llama.cpp (llama_pos)
+
+
+def warn(message: str) -> None:
+    """One line on stderr for input the converter accepts but the user should know about."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def read_text(path: Path) -> str:
@@ -135,7 +145,7 @@ class HFConfig:
     swiglu_limit_shared: tuple[float, ...]  # shared expert and dense MLPs, per block
     # misc
     rms_norm_eps: float
-    max_position_embeddings: int
+    max_position_embeddings: int  # max_position_embeddings, else max_seq_len, else DEFAULT_CONTEXT
     tie_word_embeddings: bool
     raw: dict
 
@@ -200,7 +210,7 @@ class HFConfig:
             swiglu_limit=r.per_block("swiglu_limits", 0.0, float, "non-negative"),
             swiglu_limit_shared=r.per_block("swiglu_limits_shared", 0.0, float, "non-negative"),
             rms_norm_eps=r.get("rms_norm_eps", float, 1e-5, "positive"),
-            max_position_embeddings=r.get("max_position_embeddings", int, 4096, "positive"),
+            max_position_embeddings=_context_length(r),
             tie_word_embeddings=r.get("tie_word_embeddings", bool, False),
             raw=raw,
         )
@@ -322,3 +332,15 @@ def _rope_scaling(r: _Fields) -> dict | None:
         out["original_max_position_embeddings"] = old
     return out
 
+
+def _context_length(r: _Fields) -> int:
+    """max_position_embeddings, else max_seq_len (Step3p5Config defines both), else their default."""
+    for key in ("max_position_embeddings", "max_seq_len"):
+        if (n := r.get(key, int, None, "positive")) is not None:
+            if n > MAX_CONTEXT:
+                raise StepstreamError(f"{r.source}: {key} must be at most {MAX_CONTEXT} (llama.cpp's int32 "
+                                      f"positions), got {n}")
+            return n
+    warn(f"{r.source}: neither max_position_embeddings nor max_seq_len is set; context length "
+         f"{DEFAULT_CONTEXT}, Step3p5Config's default")
+    return DEFAULT_CONTEXT

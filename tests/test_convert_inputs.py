@@ -1,8 +1,8 @@
-"""The checkpoint's JSON files as the converter reads them: where the chat template and the special
-token ids come from, the context length, and one error line (file, key, value; exit status 2) for a
-file that is not UTF-8 or a config.json value of the wrong type.
+"""The checkpoint's JSON files as the converter reads them: the context length, and one error line
+(file, key, value; exit status 2) for a file that is not UTF-8 or a config.json value of the wrong type.
 
-Each test mutates a copy of the tiny checkpoint (weights linked, not copied) and converts it.
+Each test mutates a copy of the tiny checkpoint (weights linked, not copied), converts it, and reads
+the GGUF back to compare with what the input files hold.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import shutil
 import subprocess
 import sys
 
+import gguf
 import pytest
 
+from runtime.base.gguf_schema import Key
 from runtime.cli import main
 from tests.helpers.cli_output import error_line
 
@@ -35,6 +37,17 @@ def edit_json(path, edit):
     edit(raw)  # changes raw in place
     path.write_text(json.dumps(raw), encoding="utf-8")
     return raw
+
+
+def convert(ckpt, capsys):
+    """(the written file's metadata, stderr's warning lines); the conversion must succeed."""
+    out = ckpt.parent / "out.gguf"
+    rc = main(["convert", str(ckpt), str(out), "--type", "f16", "--threads", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    fields = gguf.GGUFReader(out).fields
+    return {k: f.contents() for k, f in fields.items() if not k.startswith("tokenizer.ggml.tokens")}, \
+        [l for l in err.splitlines() if l.startswith("warning: ")]
 
 
 def refused(ckpt, capsys) -> str:
@@ -94,6 +107,7 @@ BAD_VALUES = {
                             "attention_other_setting.num_attention_heads must be a positive integer, got 4.5"),
     "tie_text": ("tie_word_embeddings", "false", 'tie_word_embeddings must be a boolean (true or false), got "false"'),
     "eps_text": ("rms_norm_eps", "1e-5", 'rms_norm_eps must be a positive number, got "1e-5"'),
+    "context_text": ("max_position_embeddings", "64k", 'max_position_embeddings must be a positive integer, got "64k"'),
 }
 
 
@@ -107,3 +121,25 @@ def test_config_value_of_the_wrong_type(ckpt, capsys, case):
 def test_config_not_an_object(ckpt, capsys):
     (ckpt / "config.json").write_text("[]")
     assert refused(ckpt, capsys) == f"error: {ckpt / 'config.json'}: must hold a JSON object, got []"
+
+
+# --- 5. context length ------------------------------------------------------------------------------
+
+def test_context_from_max_seq_len(ckpt, capsys):
+    config = edit_json(ckpt / "config.json", lambda c: [c.pop("max_position_embeddings"), c.update(max_seq_len=262144)])
+    meta, warnings = convert(ckpt, capsys)
+    assert meta[Key.CONTEXT_LENGTH] == config["max_seq_len"]
+    assert warnings == []
+
+
+def test_context_max_position_embeddings_wins(ckpt, capsys):
+    config = edit_json(ckpt / "config.json", lambda c: c.update(max_seq_len=131072))
+    meta, _ = convert(ckpt, capsys)
+    assert meta[Key.CONTEXT_LENGTH] == config["max_position_embeddings"] != config["max_seq_len"]
+
+
+def test_context_default_is_step3p5s(ckpt, capsys):
+    edit_json(ckpt / "config.json", lambda c: c.pop("max_position_embeddings"))
+    meta, warnings = convert(ckpt, capsys)
+    assert meta[Key.CONTEXT_LENGTH] == 262144  # Step3p5Config's default for both keys
+    assert len(warnings) == 1 and "neither max_position_embeddings nor max_seq_len" in warnings[0]
