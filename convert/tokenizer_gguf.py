@@ -9,7 +9,6 @@ stored too, so our runtime can rebuild the exact Hugging Face tokenizer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import gguf
 
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_schema import Key
+
+from convert.hf_config import JsonFields, read_json_object, read_text, warn
 
 # Split regex found in tokenizer.json -> llama.cpp pre-tokenizer name (src/llama-vocab.cpp).
 KNOWN_SPLIT_REGEXES = {
@@ -117,23 +118,12 @@ def detect_pre(tokenizer: dict, source: str) -> str:
                           f"(a ByteLevel, or one isolating Split regex then a ByteLevel without regex); {_OVERRIDE}")
 
 
-def _token_content(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return value.get("content")
-    return str(value)
-
-
 def read_tokenizer(hf_dir: Path, vocab_size: int, pre_override: str | None = None) -> TokenizerData:
     path = hf_dir / "tokenizer.json"
     try:
-        text = path.read_text(encoding="utf-8")
-        tok = json.loads(text)
+        tok, text = read_json_object(path)
     except FileNotFoundError:
         raise StepstreamError(f"{path}: not found; the converter needs the Hugging Face tokenizer.json") from None
-    except json.JSONDecodeError as e:
-        raise StepstreamError(f"{path}: invalid JSON ({e})") from None
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise StepstreamError(f"{path}: tokenizer model is {model.get('type')!r}; Step-3.5 uses byte-level BPE")
@@ -156,34 +146,118 @@ def read_tokenizer(hf_dir: Path, vocab_size: int, pre_override: str | None = Non
             toktypes.append(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
-    cfg_path = hf_dir / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-    ids = {t: i for i, t in enumerate(tokens)}
-
-    def special_id(key: str) -> int | None:
-        content = _token_content(tcfg.get(key))
-        if content is None:
-            return None
-        if content not in ids:
-            raise StepstreamError(f"{cfg_path}: {key} {content!r} is not a token of {path.name}")
-        return ids[content]
-
-    template = tcfg.get("chat_template")
-    if isinstance(template, list):  # named templates: keep the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    tcfg = _optional_json(hf_dir / "tokenizer_config.json")
+    special = _SpecialTokens(hf_dir, tcfg, tokens)
     return TokenizerData(
         tokens=tokens,
         types=[int(t) for t in toktypes],
         merges=merges,
         pre=check_pre_name(pre_override) if pre_override else detect_pre(tok, str(path)),
-        bos_id=special_id("bos_token"),
-        eos_id=special_id("eos_token"),
-        pad_id=special_id("pad_token"),
-        add_bos=bool(tcfg.get("add_bos_token", False)),
-        add_eos=bool(tcfg.get("add_eos_token", False)),
-        chat_template=template,
+        bos_id=special.id("bos"),
+        eos_id=special.eos_id(),
+        pad_id=special.id("pad"),
+        add_bos=tcfg.get("add_bos_token", bool, False),
+        add_eos=tcfg.get("add_eos_token", bool, False),
+        chat_template=_chat_template(hf_dir, tcfg),
         hf_json=text,
     )
+
+
+def _optional_json(path: Path) -> JsonFields:
+    """A JSON file's values; an absent file reads as an empty object."""
+    try:
+        raw, _ = read_json_object(path)
+    except FileNotFoundError:
+        raw = {}
+    return JsonFields(raw, str(path))
+
+
+class _SpecialTokens:
+    """BOS/EOS/PAD ids as llama.cpp's SpecialVocab finds them: tokenizer_config.json's `{kind}_token`
+    (the token's text), else config.json's `{kind}_token_id`."""
+
+    def __init__(self, hf_dir: Path, tcfg: JsonFields, tokens: list[str]):
+        self.tcfg, self.tokens = tcfg, tokens
+        self.ids = {t: i for i, t in enumerate(tokens)}
+        self.tokenizer_json = hf_dir / "tokenizer.json"
+        self.config = _optional_json(hf_dir / "config.json")
+
+    def id(self, kind: str) -> int | None:
+        from_text = self._from_tokenizer_config(kind)
+        return from_text if from_text is not None else self._from_config(kind)
+
+    def eos_id(self) -> int | None:
+        eos = self.id("eos")
+        if eos is None:
+            warn(f"no EOS token: neither {self.tcfg.source} (eos_token) nor {self.config.source} "
+                 "(eos_token_id) names one; generation stops only at its length limit")
+        return eos
+
+    def _from_tokenizer_config(self, kind: str) -> int | None:
+        key = f"{kind}_token"
+        value = self.tcfg.raw.get(key)
+        if isinstance(value, dict):  # an AddedToken, saved as an object with the text under "content"
+            value = self.tcfg.nested(key).get("content", str)
+        elif value is not None:
+            value = self.tcfg.check(value, str, key)
+        if value is None:
+            return None
+        if value not in self.ids:
+            raise StepstreamError(f"{self.tcfg.source}: {key} {value!r} is not a token of {self.tokenizer_json.name}")
+        return self.ids[value]
+
+    def _from_config(self, kind: str) -> int | None:
+        """config.json's id. eos_token_id may list several (transformers stops at any of them); GGUF
+        holds one EOS id, the first."""
+        key = f"{kind}_token_id"
+        value = self.config.raw.get(key)
+        if isinstance(value, list):
+            ids = [self.config.check(v, int, f"{key}[{i}]", "non-negative") for i, v in enumerate(value)]
+            value = ids[0] if ids else None
+        else:
+            value = self.config.get(key, int, None, "non-negative")
+        if value is not None and value >= len(self.tokens):
+            raise StepstreamError(f"{self.config.source}: {key} {value} is not a token id "
+                                  f"(the vocabulary holds {len(self.tokens)})")
+        return value
+
+
+# Where a chat template may live, in the order transformers reads them: a chat_template.jinja file
+# wins over tokenizer_config.json's chat_template ("independent chat template files take priority");
+# chat_template.json (the older processors' file, which gguf-py's SpecialVocab also reads) comes last.
+TEMPLATE_SOURCES = ("chat_template.jinja", "tokenizer_config.json", "chat_template.json")
+
+
+def _chat_template(hf_dir: Path, tcfg: JsonFields) -> str | None:
+    """The checkpoint's (default) chat template; a warning when it has none."""
+    found = {}
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        found["chat_template.jinja"] = read_text(jinja)
+    found["tokenizer_config.json"] = _template_value(tcfg)
+    found["chat_template.json"] = _template_value(_optional_json(hf_dir / "chat_template.json"))
+    present = [(name, t) for name in TEMPLATE_SOURCES if (t := found.get(name)) and t.strip()]
+    if not present:
+        warn(f"{hf_dir}: no chat template (looked in {', '.join(TEMPLATE_SOURCES)}); the GGUF gets none, "
+             "and chat requests to it will be refused (plain completion works)")
+        return None
+    (name, template), *others = present
+    if any(t != template for _, t in others):
+        warn(f"{hf_dir}: the chat templates in {' and '.join(n for n, _ in present)} differ; using {name}'s, "
+             "as transformers does")
+    return template
+
+
+def _template_value(fields: JsonFields) -> str | None:
+    """A `chat_template` entry: the text, or a list of named templates of which the default one is kept."""
+    value = fields.raw.get("chat_template")
+    if not isinstance(value, list):
+        return fields.get("chat_template", str, None)
+    for i, entry in enumerate(value):
+        named = JsonFields(fields.check(entry, dict, f"chat_template[{i}]"), fields.source, f"chat_template[{i}].")
+        if named.get("name", str) == "default":
+            return named.get("template", str)
+    return None
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, t: TokenizerData) -> None:

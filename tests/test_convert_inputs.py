@@ -1,5 +1,6 @@
-"""The checkpoint's JSON files as the converter reads them: the context length, and one error line
-(file, key, value; exit status 2) for a file that is not UTF-8 or a config.json value of the wrong type.
+"""The checkpoint's JSON files as the converter reads them: where the chat template and the special
+token ids come from, the context length, and one error line (file, key, value; exit status 2) for a
+file that is not UTF-8 or a config.json value of the wrong type.
 
 Each test mutates a copy of the tiny checkpoint (weights linked, not copied), converts it, and reads
 the GGUF back to compare with what the input files hold.
@@ -60,15 +61,96 @@ def refused(ckpt, capsys) -> str:
     return line
 
 
+# --- 1. chat template ---------------------------------------------------------------------------
+
+def drop_template(ckpt) -> str:
+    """Remove tokenizer_config.json's chat_template; return it."""
+    template = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+    edit_json(ckpt / "tokenizer_config.json", lambda c: c.pop("chat_template"))
+    return template
+
+
+def test_chat_template_jinja_file(ckpt, capsys):
+    template = drop_template(ckpt) + "{# from chat_template.jinja: é #}"
+    (ckpt / "chat_template.jinja").write_text(template, encoding="utf-8")
+    meta, warnings = convert(ckpt, capsys)
+    assert meta[Key.CHAT_TEMPLATE] == template
+    assert warnings == []
+
+
+def test_chat_template_json_file(ckpt, capsys):
+    template = drop_template(ckpt) + "{# from chat_template.json #}"
+    (ckpt / "chat_template.json").write_text(json.dumps({"chat_template": template}), encoding="utf-8")
+    meta, warnings = convert(ckpt, capsys)
+    assert meta[Key.CHAT_TEMPLATE] == template
+    assert warnings == []
+
+
+def test_chat_template_jinja_wins_over_tokenizer_config_as_in_transformers(ckpt, capsys):
+    in_config = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+    (ckpt / "chat_template.jinja").write_text(in_config + "{# newer #}", encoding="utf-8")
+    meta, warnings = convert(ckpt, capsys)
+    assert meta[Key.CHAT_TEMPLATE] == in_config + "{# newer #}"
+    assert len(warnings) == 1 and "chat_template.jinja and tokenizer_config.json differ" in warnings[0]
+
+
+def test_no_chat_template_is_a_warning(ckpt, capsys):
+    drop_template(ckpt)
+    meta, warnings = convert(ckpt, capsys)
+    assert Key.CHAT_TEMPLATE not in meta
+    assert len(warnings) == 1 and "no chat template" in warnings[0] and str(ckpt) in warnings[0]
+
+
+# --- 2. special token ids without tokenizer_config.json -------------------------------------------
+
+def test_special_ids_fall_back_to_config_json(ckpt, capsys):
+    (ckpt / "tokenizer_config.json").unlink()
+    config = edit_json(ckpt / "config.json", lambda c: c.update(bos_token_id=2, eos_token_id=[1, 3]))
+    meta, warnings = convert(ckpt, capsys)
+    assert meta[Key.TOK_BOS] == config["bos_token_id"]
+    assert meta[Key.TOK_EOS] == config["eos_token_id"][0]
+    assert all("EOS" not in w for w in warnings)  # the missing chat template is warned about, not the ids
+
+
+def test_tokenizer_config_ids_win_over_config_json(ckpt, capsys):
+    tcfg = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))
+    edit_json(ckpt / "config.json", lambda c: c.update(bos_token_id=2, eos_token_id=1))
+    meta, _ = convert(ckpt, capsys)
+    tokens = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    id_of = {t["content"]: t["id"] for t in tokens}
+    assert (meta[Key.TOK_BOS], meta[Key.TOK_EOS]) == (id_of[tcfg["bos_token"]], id_of[tcfg["eos_token"]])
+
+
+def test_no_eos_anywhere_is_a_warning(ckpt, capsys):
+    (ckpt / "tokenizer_config.json").unlink()
+    edit_json(ckpt / "config.json", lambda c: [c.pop("bos_token_id"), c.pop("eos_token_id")])
+    meta, warnings = convert(ckpt, capsys)
+    assert Key.TOK_EOS not in meta and Key.TOK_BOS not in meta
+    assert any("no EOS token" in w and "eos_token_id" in w for w in warnings)
+
+
+def test_config_eos_id_outside_the_vocabulary(ckpt, capsys):
+    (ckpt / "tokenizer_config.json").unlink()
+    edit_json(ckpt / "config.json", lambda c: c.update(eos_token_id=99999))
+    line = refused(ckpt, capsys)
+    assert f"{ckpt / 'config.json'}: eos_token_id 99999 is not a token id" in line
+
+
 # --- 3. files that are not UTF-8 ------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["config.json"])
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json"])
 def test_file_not_utf8(ckpt, capsys, name):
     path = ckpt / name
     data = path.read_bytes()
     assert data.startswith(b"{")
     path.write_bytes(b'{"note": "caf\xe9", ' + data[1:])  # Latin-1, not UTF-8: byte 0xe9 at offset 13
     assert refused(ckpt, capsys) == f"error: {path}: not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8"
+
+
+def test_chat_template_jinja_not_utf8(ckpt, capsys):
+    (ckpt / "chat_template.jinja").write_bytes(b"{{ bos_token }}\xff")
+    assert refused(ckpt, capsys) == f"error: {ckpt / 'chat_template.jinja'}: not UTF-8 text (byte 0xff at offset 15); " \
+        "save it as UTF-8"
 
 
 def test_not_utf8_from_the_command_line(ckpt, tmp_path):
@@ -121,6 +203,17 @@ def test_config_value_of_the_wrong_type(ckpt, capsys, case):
 def test_config_not_an_object(ckpt, capsys):
     (ckpt / "config.json").write_text("[]")
     assert refused(ckpt, capsys) == f"error: {ckpt / 'config.json'}: must hold a JSON object, got []"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("add_bos_token", "yes", 'add_bos_token must be a boolean (true or false), got "yes"'),
+    ("eos_token", 3, "eos_token must be a string, got 3"),
+    ("bos_token", {"content": None}, "bos_token.content must be a string, got null"),
+    ("chat_template", 7, "chat_template must be a string, got 7"),
+])
+def test_tokenizer_config_value_of_the_wrong_type(ckpt, capsys, key, value, message):
+    edit_json(ckpt / "tokenizer_config.json", lambda c: c.update({key: value}))
+    assert refused(ckpt, capsys) == f"error: {ckpt / 'tokenizer_config.json'}: {message}"
 
 
 # --- 5. context length ------------------------------------------------------------------------------
