@@ -10,18 +10,19 @@ Our own mixes
     the float types are uniform. A matrix whose row length is not a multiple of the
     format's block falls back to Q8_0, then F16.
 
-llama.cpp's presets (`q2_k`, `q3_k_s`, `q3_k_m`, `q3_k_l`, `q5_k_m`, `q6_k`)
+llama.cpp's presets (`q2_k`, `q3_k_s`, `q3_k_m`, `q3_k_l`, `q4_k_s`, `q5_k_m`, `q6_k`)
     follow `llama_tensor_get_type` of the llama.cpp that llama-cpp-python bundles, so a file
     made here has the tensor mix of `llama-quantize` run on our f16 file (the tests compare
-    the two). Every matrix gets the preset's base type (Q2_K, Q3_K, Q3_K, Q3_K, Q5_K, Q6_K)
+    the two). Every matrix gets the preset's base type (Q2_K, Q3_K, Q3_K, Q3_K, Q4_K, Q5_K, Q6_K)
     except:
       - output.weight (the trunk's LM head): Q6_K. The MTP heads are not "output" to
         llama.cpp and get the base type, as does token_embd (the model has its own head).
       - attn_v: q2_k Q4_K when block 0 has >= 4 query heads per KV head, else Q3_K;
-        q3_k_m Q5_K in the first two blocks, Q4_K after; q3_k_l Q5_K;
-        q5_k_m Q6_K in the blocks where `more_bits` holds.
+        q3_k_m Q5_K in the first two blocks, Q4_K after; q3_k_l Q5_K; q4_k_s Q5_K in the
+        first four blocks; q5_k_m Q6_K in the blocks where `more_bits` holds.
       - ffn_down (dense, shared and routed alike): q2_k Q3_K; q3_k_m Q5_K in blocks below
-        n/16, Q4_K after; q3_k_l Q5_K; q5_k_m Q6_K where `more_bits` holds.
+        n/16, Q4_K after; q3_k_l Q5_K; q4_k_s Q5_K in blocks below n/8; q5_k_m Q6_K where
+        `more_bits` holds. (q4_k_s is the format of the official Step-3.5-Flash GGUF.)
       - attn_output: q2_k Q3_K, q3_k_m Q4_K, q3_k_l Q5_K.
       - 8-expert models only (Mixtral's rule; not Step-3.5's 288): attn_v and attn_k Q8_0,
         and attn_output Q5_K for q2_k, q3_k_s and q3_k_m.
@@ -42,12 +43,13 @@ from convert import layout
 from convert.hf_config import HFConfig
 from runtime.base import gguf_schema as G
 
-LLAMA_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q5_k_m", "q6_k")
+LLAMA_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q5_k_m", "q6_k")
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q4_k_m", *LLAMA_MIXES)
 DEFAULT_TYPE = "q4_k_m"
 
 _UNIFORM = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K}
-_BASE = {"q2_k": Q.Q2_K, "q3_k_s": Q.Q3_K, "q3_k_m": Q.Q3_K, "q3_k_l": Q.Q3_K, "q5_k_m": Q.Q5_K, "q6_k": Q.Q6_K}
+_BASE = {"q2_k": Q.Q2_K, "q3_k_s": Q.Q3_K, "q3_k_m": Q.Q3_K, "q3_k_l": Q.Q3_K, "q4_k_s": Q.Q4_K, "q5_k_m": Q.Q5_K,
+         "q6_k": Q.Q6_K}
 FILE_TYPE = {
     "f32": LlamaFileType.ALL_F32,
     "f16": LlamaFileType.MOSTLY_F16,
@@ -60,6 +62,7 @@ FILE_TYPE = {
     "q3_k_s": LlamaFileType.MOSTLY_Q3_K_S,
     "q3_k_m": LlamaFileType.MOSTLY_Q3_K_M,
     "q3_k_l": LlamaFileType.MOSTLY_Q3_K_L,
+    "q4_k_s": LlamaFileType.MOSTLY_Q4_K_S,
     "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
     "q6_k": LlamaFileType.MOSTLY_Q6_K,
 }
@@ -113,6 +116,8 @@ def _llama_mix(spec: layout.TensorSpec, ftype: str, model: ModelFacts) -> Q:
             return Q.Q5_K
         if ftype == "q5_k_m" and more_bits(i, n):
             return Q.Q6_K
+        if ftype == "q4_k_s" and i < 4:
+            return Q.Q5_K
     if kind == "attn_k" and eight:
         return Q.Q8_0
     if kind == "ffn_down":
@@ -124,6 +129,8 @@ def _llama_mix(spec: layout.TensorSpec, ftype: str, model: ModelFacts) -> Q:
             return Q.Q5_K
         if ftype == "q5_k_m" and more_bits(i, n):
             return Q.Q6_K
+        if ftype == "q4_k_s" and i < n // 8:
+            return Q.Q5_K
     if kind == "attn_output":
         if eight:
             return Q.Q5_K if ftype in ("q2_k", "q3_k_s", "q3_k_m") else base

@@ -16,8 +16,8 @@ from runtime.base.errors import StepstreamError
 from runtime.cli import run as run_cli
 
 Q = gguf.GGMLQuantizationType
-PRESETS = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L", "q5_k_m": "Q5_K_M",
-           "q6_k": "Q6_K", "q8_0": "Q8_0"}
+PRESETS = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L", "q4_k_s": "Q4_K_S",
+           "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 FAST = ("q2_k",)  # holds both new formats (Q3_K for attn_v, attn_output, ffn_down); the rest run with -m slow
 
 

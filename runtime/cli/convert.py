@@ -23,10 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ".OUT.PID.part and progress record), to the bytes an uninterrupted run writes; and keep "
                         "this run's partial file if it is interrupted (Ctrl-C, SIGTERM; a killed run's is kept anyway)")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: every core)")
-    p.add_argument("--type", dest="ftype", default=policy.DEFAULT_TYPE, choices=policy.TYPES,
+    p.add_argument("--type", dest="ftype", default=policy.DEFAULT_TYPE, choices=policy.TYPES, type=str.lower,
                    help="output format (default q4_k_m: routed experts Q4_K, other matrices Q6_K, norms/router F32); "
-                        "q2_k, q3_k_s, q3_k_m, q3_k_l, q5_k_m and q6_k are llama.cpp's presets of those names, with "
-                        "its per-tensor rules (convert/policy.py)")
+                        "q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q5_k_m and q6_k are llama.cpp's presets of those names, "
+                        "with its per-tensor rules (convert/policy.py); any case (Q4_K_M)")
     p.add_argument("--tokenizer-pre", default=None,
                    help="llama.cpp pre-tokenizer name, when the split regex in tokenizer.json is not recognised")
     p.add_argument("--name", default=None, help="general.name (default: the checkpoint directory's name)")
