@@ -5,6 +5,7 @@ Reference: the sizes given on the command line and RESERVE_MIN (runtime.base.sys
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,23 @@ def test_a_system_prompt_the_context_cannot_hold_is_refused_once(capsys, monkeyp
                                             f"which leaves no room for a message in a context of {n} (-c/--ctx-size): "
                                             "shorten it or raise -c")
     assert "not sent" not in err
+
+
+@pytest.mark.parametrize("cmd, flag", [(["run", "-p", "hi"], "--ram-budget"), (["plan"], "--ram")])
+def test_a_memory_size_without_a_unit_is_not_taken_as_bytes(capsys, cmd, flag):
+    """`--ram 64` was planned as a 64-byte machine ("the available memory 0.0 MiB")."""
+    with pytest.raises(SystemExit) as e:
+        main([cmd[0], "-m", MODEL, flag, "64", *cmd[1:]])
+    assert e.value.code == 2
+    assert f"argument {flag}: 64 would be 64 bytes; give a unit, e.g. 64GiB or 64GB" in _last_error(capsys)
+
+
+def test_plan_refuses_no_memory_and_absurd_rates_and_reads_petabytes(capsys):
+    assert main(["plan", "-m", MODEL, "--ram", "0", "--ram-gbps", "30"]) == 2
+    assert "--ram 0: give the machine's memory" in _last_error(capsys)
+    for flag in ("--ram-gbps", "--disk-gbps"):  # 1e308 GB/s made a token take 0 s: ZeroDivisionError
+        with pytest.raises(SystemExit) as e:
+            main(["plan", "-m", MODEL, flag, "1e308"])
+        assert e.value.code == 2 and f"argument {flag}: must be a rate in GB/s" in _last_error(capsys)
+    assert main(["plan", "-m", MODEL, "--ram", "2PiB", "--ram-gbps", "30", "--json"]) == 0  # "cannot read" before
+    assert json.loads(capsys.readouterr().out)["memory"].startswith(f"--ram {2 * 2**50 / 2**30:.1f} GiB")

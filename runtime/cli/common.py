@@ -157,8 +157,8 @@ def write_text_atomically(path: Path, text: str, what: str) -> None:
 # ---- shared flags -------------------------------------------------------------------------------
 
 def size_arg(text: str) -> int:
-    """A size flag (--ram-budget, plan's --ram): 64GiB, 512MiB, 1.5GB or plain bytes; argparse
-    names the flag in the error."""
+    """A size flag (--max-body): 64GiB, 512MiB, 1.5GB or plain bytes; argparse names the flag in
+    the error."""
     from runtime.base.units import parse_bytes
 
     try:
@@ -168,6 +168,18 @@ def size_arg(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"a size cannot be negative, got {text}")
     return value
+
+
+def memory_arg(text: str) -> int:
+    """A memory size flag (--ram-budget, plan's --ram and --vram): as size_arg, but a plain number
+    under 1 MiB is refused rather than read as bytes (`--ram 64` means 64 GB to whoever typed it)."""
+    value = size_arg(text)
+    if 0 < value < 2**20 and text.strip().replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"{text} would be {value} bytes; give a unit, e.g. {text}GiB or {text}GB")
+    return value
+
+
+gbps = _checked(float, lambda v: 0 < v <= 1e5, "must be a rate in GB/s, more than 0 and at most 100000", "gbps")
 
 
 def cache_type(text: str) -> str:
@@ -207,7 +219,7 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
                         "attention, shared experts and the KV cache first, then the hottest routed experts")
     add_cache_type_args(p)
     g = p.add_argument_group("expert streaming (routed experts read from disk into a RAM cache)")
-    g.add_argument("--ram-budget", type=size_arg, default=None, metavar="SIZE",
+    g.add_argument("--ram-budget", type=memory_arg, default=None, metavar="SIZE",
                    help="RAM for the routed-expert cache, e.g. 6GiB or 800MiB; turns streaming on "
                         "(default: stream only when the model does not fit in available memory)")
     mode = g.add_mutually_exclusive_group()

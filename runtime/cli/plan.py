@@ -12,7 +12,7 @@ import argparse
 
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
-from runtime.cli.common import add_cache_type_args, existing_file, positive_float, positive_int, size_arg as size
+from runtime.cli.common import add_cache_type_args, existing_file, gbps, memory_arg as size, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the machine's memory, e.g. 64GiB (default: what this machine leaves now)")
     p.add_argument("--vram", type=size, default=0, metavar="SIZE",
                    help="GPU memory; only 0 is planned for now (default: 0)")
-    p.add_argument("--disk-gbps", type=positive_float, default=7.0, help="disk read rate in GB/s (default: 7)")
-    p.add_argument("--ram-gbps", type=positive_float, default=None,
+    p.add_argument("--disk-gbps", type=gbps, default=7.0, help="disk read rate in GB/s (default: 7)")
+    p.add_argument("--ram-gbps", type=gbps, default=None,
                    help="GB/s of weights decoding goes through (default: measured here with the Q4_K decode kernel)")
     p.add_argument("--ctx", type=positive_int, default=None,
                    help="context the KV cache is sized for (default: run's, the model's up to 4096)")
@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from offload.plan import make_plan
 
+    if args.ram is not None and args.ram == 0:
+        raise StepstreamError("--ram 0: give the machine's memory, e.g. 64GiB (or leave --ram out for this machine's)")
     if args.vram:
         raise StepstreamError(f"--vram {size_text(args.vram)}: plan models RAM and disk only for now; leave --vram at 0")
     plan = make_plan(args.model, ram=args.ram, disk_gbps=args.disk_gbps, ram_gbps=args.ram_gbps, n_ctx=args.ctx,
