@@ -207,6 +207,16 @@ def _check_space(out: Path, needed: int) -> None:
         raise StepstreamError(f"{out}: the output needs {_mb(needed)} more, but its file system has {_mb(free)} free")
 
 
+def model_name(hf_dir: Path) -> str:
+    """general.name by default: the checkpoint directory's name, or for a Hugging Face cache
+    snapshot (models--ORG--NAME/snapshots/COMMIT) the repository's NAME, not the commit hash."""
+    d = hf_dir.resolve()
+    repo = d.parent.parent.name
+    if d.parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+        return repo.split("--", 2)[2]
+    return d.name
+
+
 def _check_paths(hf_dir: Path, out: Path, force: bool) -> None:
     if not hf_dir.is_dir():
         raise StepstreamError(f"{hf_dir}: not a directory")
@@ -283,7 +293,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
 
     summary = Summary(str(out), ftype, skipped=skipped, start_rss_bytes=start_rss)
     writer = gguf.GGUFWriter(path=None, arch=ARCH)
-    add_hparams(writer, cfg, name or hf_dir.resolve().name, policy.FILE_TYPE[ftype])
+    add_hparams(writer, cfg, name or model_name(hf_dir), policy.FILE_TYPE[ftype])
     add_tokenizer(writer, tok)
     for t in planned:
         writer.add_tensor_info(t.spec.gguf_name, t.spec.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
@@ -364,7 +374,7 @@ def _progress_bar(ckpt: Checkpoint, planned: list[PlannedTensor], ftype: str):
     from tqdm import tqdm
 
     return tqdm(total=sum(ckpt.entry(t.spec.hf_name).nbytes for t in planned), unit="B", unit_scale=True,
-                unit_divisor=1024, desc=f"convert {ftype}", dynamic_ncols=True)
+                unit_divisor=1000, desc=f"convert {ftype}", dynamic_ncols=True)  # MB and MB/s, as the summary
 
 
 def count_types(path: str | os.PathLike) -> Counter:

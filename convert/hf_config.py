@@ -330,6 +330,10 @@ def _rope_scaling(r: _Fields) -> dict | None:
             out[key] = value
     if (old := scaling.get("original_max_position_embeddings", int, None, "positive")) is not None:
         out["original_max_position_embeddings"] = old
+    lo, hi = out.get("low_freq_factor", 1.0), out.get("high_freq_factor", 4.0)  # gguf_meta's defaults
+    if not lo < hi:  # the smoothing between them divides by hi - lo
+        raise StepstreamError(f"{r.source}: rope_scaling.low_freq_factor ({lo:g}) must be below high_freq_factor "
+                              f"({hi:g})")
     return out
 
 

@@ -184,6 +184,9 @@ BAD_VALUES = {
     "rope_scaling_text": ("rope_scaling", "llama3", 'rope_scaling must be an object, got "llama3"'),
     "rope_scaling_factor": ("rope_scaling", {"rope_type": "llama3", "factor": "8"},
                             'rope_scaling.factor must be a positive number, got "8"'),
+    "rope_scaling_band": ("rope_scaling", {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4,
+                                           "high_freq_factor": 4},  # the smoothing divided by zero
+                          "rope_scaling.low_freq_factor (4) must be below high_freq_factor (4)"),
     "other_setting_list": ("attention_other_setting", [1, 2], "attention_other_setting must be an object, got [1, 2]"),
     "other_setting_heads": ("attention_other_setting", {"num_attention_heads": 4.5},
                             "attention_other_setting.num_attention_heads must be a positive integer, got 4.5"),

@@ -237,3 +237,16 @@ def test_a_conversion_already_writing_the_output_is_found_at_the_start(tiny_ckpt
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_hugging_face_cache_snapshot_is_named_by_its_repository(tiny_ckpt, tmp_path):
+    """general.name was the snapshot's commit directory (`abc123`)."""
+    import gguf
+
+    snap = tmp_path / "hub" / "models--stepfun-ai--Step-3.5-Flash" / "snapshots" / "0123abcd"
+    snap.parent.mkdir(parents=True)
+    shutil.copytree(tiny_ckpt, snap)
+    out = tmp_path / "m.gguf"
+    converter.convert(snap, out, FTYPE, progress=False)
+    field = gguf.GGUFReader(out).fields["general.name"]
+    assert bytes(field.parts[field.data[0]]).decode() == "Step-3.5-Flash"
