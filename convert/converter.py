@@ -140,6 +140,8 @@ def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str) -> tuple[list[PlannedTenso
         if reason is None:
             raise StepstreamError(f"{ckpt.file_of(name)}: tensor {name!r} is not part of the Step-3.5 layout implied by config.json")
         skipped[name] = reason
+    for name, shard in ckpt.unlisted().items():  # as transformers, which loads what the index names
+        skipped[f"{name} ({shard.name})"] = "in a shard, but not named by the index: not read"
     planned = []
     model = policy.ModelFacts.of(cfg)
     for s in specs:

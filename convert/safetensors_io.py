@@ -151,6 +151,11 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def unlisted(self) -> dict[str, Path]:
+        """Tensors a shard holds that the index does not name (never read), with their shard."""
+        return {name: f.path for shard, f in self.shards.items() for name in f.entries
+                if self.weight_map.get(name) != shard}
+
     def entry(self, name: str) -> TensorEntry:
         return self.shards[self.weight_map[name]].entries[name]
 

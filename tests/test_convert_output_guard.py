@@ -250,3 +250,26 @@ def test_a_hugging_face_cache_snapshot_is_named_by_its_repository(tiny_ckpt, tmp
     converter.convert(snap, out, FTYPE, progress=False)
     field = gguf.GGUFReader(out).fields["general.name"]
     assert bytes(field.parts[field.data[0]]).decode() == "Step-3.5-Flash"
+
+
+def test_a_shard_tensor_the_index_does_not_name_is_reported(tiny_ckpt, tmp_path):
+    """It was ignored without a word, although every input tensor is said to be accounted for."""
+    import json
+
+    import numpy as np
+
+    from convert.safetensors_io import SafetensorsFile
+
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    shard = ckpt / "model-00002-of-00002.safetensors"
+    header_len = int.from_bytes(shard.read_bytes()[:8], "little")
+    header = json.loads(shard.read_bytes()[8:8 + header_len])
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["stray.weight"] = {"dtype": "F32", "shape": [2], "data_offsets": [end, end + 8]}
+    blob = json.dumps(header).encode()
+    data = shard.read_bytes()[8 + header_len:]
+    shard.write_bytes(len(blob).to_bytes(8, "little") + blob + data[:end] + np.zeros(2, np.float32).tobytes())
+    assert "stray.weight" in SafetensorsFile(shard).entries
+    s = converter.convert(ckpt, tmp_path / "m.gguf", FTYPE, progress=False)
+    assert s.skipped["stray.weight (model-00002-of-00002.safetensors)"] == "in a shard, but not named by the index: not read"
+    assert "skipped stray.weight" in s.text()
