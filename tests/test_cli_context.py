@@ -58,10 +58,12 @@ def test_bench_beyond_the_default_context_sizes_it(capsys):
 
 
 @pytest.mark.parametrize("ctx", [2, 8])
-def test_a_prompt_longer_than_the_context_is_refused_before_it_is_shown(capsys, ctx):
+def test_a_prompt_longer_than_the_context_is_refused_before_it_is_shown(capsys, monkeypatch, ctx):
     text = "def main():\n    return 1\n"
     n = len(runtime.load(MODEL).tokenize(text, special=True))
     assert n > ctx
+    from runtime import loader  # refused before the model and its kernels load (a first run compiles them a minute)
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("the model was loaded first"))
     assert main(["run", "-m", MODEL, "-t", "1", "-c", str(ctx), "-p", text]) == 2
     cap = capsys.readouterr()
     assert cap.out == ""  # the prompt was not echoed

@@ -6,7 +6,7 @@ import sys
 import time
 
 from runtime.cli.common import (GenerationTiming, add_model_args, add_mtp_arg, add_sampling_args, check_text_args,
-                                load_model, max_tokens, print_stats, read_text_file, sampling_kwargs)
+                                context_size, load_model, max_tokens, print_stats, read_text_file, sampling_kwargs)
 from runtime.base.errors import StepstreamError
 
 
@@ -19,6 +19,20 @@ def add_arguments(p) -> None:
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt before the generated text")
 
 
+def prompt_ids(args, prompt: str) -> list[int]:
+    """The prompt's ids, from the GGUF header's tokenizer, refused when longer than the context."""
+    from runtime.base.gguf_file import GGUFModelFile
+    from runtime.text.tokenizer import Tokenizer
+
+    n_ctx = context_size(args)
+    tok = Tokenizer.from_gguf(GGUFModelFile(args.model))
+    ids = tok.encode(prompt, add_bos=tok.add_bos, special=True)
+    if len(ids) > n_ctx:
+        raise StepstreamError(f"{'-p/--prompt' if args.file is None else args.file}: the prompt is {len(ids)} tokens, "
+                              f"more than the context of {n_ctx} (-c/--ctx-size): shorten it or raise -c")
+    return ids
+
+
 def run(args) -> int:
     from runtime.generation import complete, sampling_params
 
@@ -27,11 +41,8 @@ def run(args) -> int:
     check_text_args(args)
     prompt = args.prompt if args.file is None else read_text_file(args.file, "prompt file")
     params = sampling_params(**sampling_kwargs(args))  # checked before the model loads
+    ids = prompt_ids(args, prompt)  # and the prompt's length, before the kernels load (a first run compiles them)
     model = load_model(args)
-    ids = model.tokenize(prompt, special=True)
-    if len(ids) > model.n_ctx:  # before the prompt is shown
-        raise StepstreamError(f"{'-p/--prompt' if args.file is None else args.file}: the prompt is {len(ids)} tokens, "
-                              f"more than the context of {model.n_ctx} (-c/--ctx-size): shorten it or raise -c")
     out = sys.stdout
     if not args.no_display_prompt:
         out.write(prompt)
