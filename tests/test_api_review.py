@@ -88,3 +88,22 @@ def test_completions_take_mtp_and_name_unknown_options():
     assert m.create_chat_completion(msgs, max_tokens=8, temp=0, mtp=2)["choices"][0]["message"]["content"] == plain
     with pytest.raises(StepstreamError, match="unknown option.s. logprobs"):
         m.create_completion("def f():", max_tokens=2, logprobs=2)
+
+
+@pytest.mark.parametrize("limit", [0, -1, -5])
+def test_completion_calls_take_max_tokens_below_one_as_no_limit_like_llama_cpp_python(limit):
+    """llama-cpp-python: "If max_tokens <= 0 or None, the maximum number of tokens to generate is
+    unlimited and depends on n_ctx". They returned an empty completion ("length", 0 tokens)."""
+    m = runtime.load(MODEL, n_threads=1, n_ctx=48)
+    try:
+        want = m.create_completion("def f():", max_tokens=None, temperature=0)
+        got = m.create_completion("def f():", max_tokens=limit, temperature=0)
+        assert got["choices"][0]["text"] == want["choices"][0]["text"] and got["usage"] == want["usage"]
+        assert got["usage"]["completion_tokens"] > 16
+        msgs = [{"role": "user", "content": "hi"}]
+        want = m.create_chat_completion(msgs, max_tokens=None, temperature=0)
+        got = m.create_chat_completion(msgs, max_tokens=limit, temperature=0)
+        assert got["choices"][0]["message"] == want["choices"][0]["message"] and got["usage"] == want["usage"]
+        assert got["usage"]["completion_tokens"] > 0
+    finally:
+        m.close()

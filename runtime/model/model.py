@@ -20,6 +20,7 @@ Shape legend:  T tokens   H hidden   V vocab
 
 from __future__ import annotations
 
+import numbers
 import time
 
 import numpy as np
@@ -491,10 +492,11 @@ class Model:
                         mtp=mtp)
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, stop=None, stream: bool = False, **sampling):
-        """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming)."""
+        """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming).
+        max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python."""
         ids = self.tokenize(prompt, add_bos=True, special=True)
         mtp = sampling.pop("mtp", None)
-        pieces = complete(self, ids, sampling_params(**_temp(sampling)), max_tokens, _stops(stop), mtp=mtp)
+        pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return completion_response(self, ids, pieces, stream)
 
     def __call__(self, prompt: str, **kwargs):
@@ -506,7 +508,8 @@ class Model:
         """OpenAI-shaped chat completion, the prompt rendered from the model's chat template, the
         reply parsed as the server parses it: `reasoning_content`, and `tool_calls` when `tools`
         (OpenAI function specs) are offered. tool_choice: "auto", "none", "required" or
-        {"type": "function", "function": {"name": ...}} (the reply then starts a call)."""
+        {"type": "function", "function": {"name": ...}} (the reply then starts a call).
+        max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python."""
         named = isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict) \
             and isinstance(tool_choice["function"].get("name"), str)
         if tool_choice not in ("auto", "none", "required") and not named:
@@ -522,7 +525,7 @@ class Model:
                 tool_choice["function"]["name"] if named else None)
             ids = ids + self.tokenize(forced, add_bos=False, special=True)
         mtp = sampling.pop("mtp", None)
-        pieces = complete(self, ids, sampling_params(**_temp(sampling)), max_tokens, _stops(stop), mtp=mtp)
+        pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return chat_response(self, ids, pieces, stream, tools=offered, in_reasoning=in_reasoning, forced=forced)
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> list[int]:
@@ -543,6 +546,14 @@ def _temp(sampling: dict) -> dict:
     if "temp" in sampling:
         sampling["temperature"] = sampling.pop("temp")
     return sampling
+
+
+def _no_limit(max_tokens):
+    """llama-cpp-python's completion calls: max_tokens <= 0 means no limit (None); other values,
+    wrong types included, go on to generate's checks."""
+    if isinstance(max_tokens, numbers.Integral) and not isinstance(max_tokens, bool) and max_tokens <= 0:
+        return None
+    return max_tokens
 
 
 def _stops(stop) -> list[str]:
