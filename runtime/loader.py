@@ -74,8 +74,8 @@ def _gpu_tier(f: GGUFModelFile, cfg: ModelConfig, weights, provider, opts: Runti
     from quant import cuda_kernels
 
     if not cuda_kernels.available():
-        raise StepstreamError("gpu_budget needs an NVIDIA GPU and numba-cuda (pip install 'stepstream[gpu]'); "
-                              "none was found")
+        raise StepstreamError("gpu_budget (--gpu-budget) needs an NVIDIA GPU and numba-cuda (pip install "
+                              "'stepstream[gpu]'); none was found")
     from numba import cuda
 
     from offload.expert_table import build_expert_table

@@ -95,3 +95,15 @@ def test_plan_refuses_no_memory_and_absurd_rates_and_reads_petabytes(capsys):
         assert e.value.code == 2 and f"argument {flag}: must be a rate in GB/s" in _last_error(capsys)
     assert main(["plan", "-m", MODEL, "--ram", "2PiB", "--ram-gbps", "30", "--json"]) == 0  # "cannot read" before
     assert json.loads(capsys.readouterr().out)["memory"].startswith(f"--ram {2 * 2**50 / 2**30:.1f} GiB")
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--gpu-budget", "abc", "cannot read 'abc' as a size"),
+    ("--gpu-budget", "0", "must be a positive size, e.g. 6GiB, got 0"),
+    ("--ram-budget", "0", "must be a positive size, e.g. 6GiB, got 0"),
+])
+def test_budgets_are_judged_by_their_flag(capsys, flag, value, words):
+    """They were refused in the options' words (`gpu_budget='0' must be ...`, no flag named)."""
+    with pytest.raises(SystemExit) as e:
+        main(["run", "-m", MODEL, "-p", "hi", flag, value])
+    assert e.value.code == 2 and f"error: argument {flag}: {words}" in _last_error(capsys)

@@ -182,6 +182,19 @@ def memory_arg(text: str) -> int:
 gbps = _checked(float, lambda v: 0 < v <= 1e5, "must be a rate in GB/s, more than 0 and at most 100000", "gbps")
 
 
+def budget_arg(text: str) -> int:
+    """--ram-budget: a memory size above 0."""
+    value = memory_arg(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a positive size, e.g. 6GiB, got 0")
+    return value
+
+
+def gpu_budget_arg(text: str) -> int | str:
+    """--gpu-budget: auto, or a memory size above 0."""
+    return "auto" if text.strip().lower() == "auto" else budget_arg(text)
+
+
 def cache_type(text: str) -> str:
     """--cache-type-k / --cache-type-v: a KV cache type, as llama.cpp names them."""
     from runtime.base.options import KV_TYPE_BYTES
@@ -214,12 +227,13 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
     p.add_argument("--activations", default="q8", choices=("q8", "f32"),
                    help="q8: round activations to int8 for quantized matrices and use integer dot products, "
                         "as llama.cpp does (fast); f32: float32 activations (exact) (default: q8)")
-    p.add_argument("--gpu-budget", default=None, metavar="SIZE|auto",
+    p.add_argument("--gpu-budget", type=gpu_budget_arg, default=None, metavar="SIZE|auto",
                    help="run on the GPU with this much VRAM (e.g. 20GiB, or auto: the free VRAM less a reserve): "
-                        "attention, shared experts and the KV cache first, then the hottest routed experts")
+                        "attention, shared experts and the KV cache first, then the hottest routed experts "
+                        "(needs an NVIDIA GPU and numba-cuda: pip install 'stepstream[gpu]')")
     add_cache_type_args(p)
     g = p.add_argument_group("expert streaming (routed experts read from disk into a RAM cache)")
-    g.add_argument("--ram-budget", type=memory_arg, default=None, metavar="SIZE",
+    g.add_argument("--ram-budget", type=budget_arg, default=None, metavar="SIZE",
                    help="RAM for the routed-expert cache, e.g. 6GiB or 800MiB; turns streaming on "
                         "(default: stream only when the model does not fit in available memory)")
     mode = g.add_mutually_exclusive_group()
