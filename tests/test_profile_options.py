@@ -85,3 +85,26 @@ def test_default_output_in_an_unwritable_directory_is_refused_before_the_load(ca
 def test_the_checks_leave_no_file(calls):
     assert cli_main(["profile", "-m", "model.gguf", "-f", "p.txt", "-o", "o.json", "--trace", "t.npz"]) == 2
     assert sorted(p.name for p in Path.cwd().iterdir()) == ["model.gguf", "p.txt"]
+
+
+def test_prompts_cut_to_the_context_are_reported(tmp_path, capsys):
+    """A prompt longer than -c minus -n was cut without a word, so the profile covered part of
+    the text. The count comes from the shipped model's own tokenizer."""
+    import json
+
+    import runtime
+    from runtime.cli import main
+
+    model = str(Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf")
+    long = "def f(x):\\n    return x + 1\\n" * 20
+    short = "import os"
+    (tmp_path / "p.txt").write_text(f"{long}\n{short}\n")
+    n_long = len(runtime.load(model).tokenize(long.replace("\\n", "\n"), special=True))
+    out = tmp_path / "prof.json"
+    assert main(["profile", "-m", model, "-f", str(tmp_path / "p.txt"), "-t", "1", "-c", "64", "-n", "4",
+                 "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert n_long > 60
+    assert (f"note: 1 prompt longer than the 60 tokens -c 64 leaves after -n 4 was cut to 60 ({n_long - 60} tokens "
+            f"left out; the first, prompt 1, has {n_long})") in err, err
+    assert json.loads(out.read_text())["tokens"] > 0

@@ -104,14 +104,19 @@ def run(args: argparse.Namespace) -> int:
     profile = ExpertProfile(path.name, path.stat().st_size)
     recorder = TraceRecorder(model.cfg.n_expert_used) if trace_out else None
     model.provider = RecordingProvider(model.provider, profile, model.cfg.n_expert, trace=recorder)
-    for prompt in tqdm(prompts, desc="profile", unit="prompt", file=sys.stderr):
+    room = model.n_ctx - args.n_predict
+    cut = []  # (line number, tokens) of the prompts longer than the room -c leaves after -n
+    for number, prompt in enumerate(tqdm(prompts, desc="profile", unit="prompt", file=sys.stderr), 1):
         if recorder is not None:
             recorder.start_prompt()
         model.reset()
         if isinstance(prompt, list):  # random ids, teacher-forced: nothing to generate from
             _feed(model, prompt)
         else:
-            _greedy(model, model.tokenize(prompt, special=True)[: model.n_ctx - args.n_predict], args.n_predict)
+            ids = model.tokenize(prompt, special=True)
+            if len(ids) > room:
+                cut.append((number, len(ids)))
+            _greedy(model, ids[:room], args.n_predict)
         profile.tokens += model.n_past  # positions evaluated: generation stops early at end of text, and its
         # last token is never evaluated, so neither len(ids) + n_predict nor the tokens seen is the count
     try:
@@ -128,4 +133,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {trace_out}: routing of {trace.tokens} tokens over {len(moe)} MoE layers, top-{trace.top_k}")
     print(f"wrote {out}: {profile.tokens} tokens over {len(prompts)} prompts; the top 20% of experts take "
           f"{profile.skew(0.2):.1%} of activations")
+    if cut:
+        lost = sum(n - room for _, n in cut)
+        print(f"note: {len(cut)} prompt{'s' if len(cut) > 1 else ''} longer than the {room} tokens -c {model.n_ctx} "
+              f"leaves after -n {args.n_predict} {'were' if len(cut) > 1 else 'was'} cut to {room} ({lost} tokens "
+              f"left out; the first, prompt {cut[0][0]}, has {cut[0][1]}): raise -c to profile them whole",
+              file=sys.stderr)
     return 0
