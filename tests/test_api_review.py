@@ -107,3 +107,18 @@ def test_completion_calls_take_max_tokens_below_one_as_no_limit_like_llama_cpp_p
         assert got["usage"]["completion_tokens"] > 0
     finally:
         m.close()
+
+
+def test_a_prompt_too_long_is_named_as_the_prompt_after_a_reused_prefix():
+    """It was "207 tokens after 4 cached positions exceed the context of 64": the cache's words."""
+    m = runtime.load(MODEL, n_threads=1, n_ctx=64)
+    try:
+        msgs = [{"role": "user", "content": "hi"}]
+        m.create_chat_completion(msgs, max_tokens=2, temperature=0)
+        long = [{"role": "user", "content": "hi " * 150}]
+        n = len(m.chat_tokens(long))
+        with pytest.raises(StepstreamError, match=rf"^the prompt is {n} tokens, more than the context of 64 "):
+            m.create_chat_completion(long, max_tokens=2)
+        assert m.create_chat_completion(msgs, max_tokens=2, temperature=0)["choices"][0]["message"]["content"] is not None
+    finally:
+        m.close()

@@ -438,6 +438,9 @@ class Model:
         cache keeps only positions whose hidden states the heads still have to read, or
         have read."""
         tokens = list(tokens)
+        if len(tokens) > self.n_ctx:  # in the prompt's words, not a tail's after the reused positions
+            raise StepstreamError(f"the prompt is {len(tokens)} tokens, more than the context of {self.n_ctx} "
+                                  f"(load with a larger n_ctx, at most the model's {self.cfg.context_length})")
         limit = len(tokens)
         if mtp and self.weights.nextn:
             # The heads first forget what read tokens past the shared prefix: the hidden states
