@@ -333,3 +333,14 @@ def test_the_report_gives_no_acceptance_for_a_head_that_never_drafted():
     d.observe(2, 1, 1e-4, 1e-3)  # two drafts made, the first accepted, the second not
     want = [(DECAY * 1 + 1) / (DECAY * 2 + 1), (DECAY * 1 + 0) / (DECAY * 2 + 1)]
     assert d.report()["acceptance"] == [round(want[0], 4), round(want[1], 4), None]
+
+
+def test_a_forced_draft_length_is_reported_as_settled_even_when_the_end_clips_it():
+    """`bench -p 60 -n 4 -c 64 --mtp 3` said "k settled on 0": the room left near the end of the
+    context clipped every step's drafts, and the report took the clipped lengths for a choice."""
+    from runtime.generation.speculative import DraftLength
+
+    d = DraftLength(3, fixed=3)
+    assert [d.choose(room) for room in (0, 1, 0, 0)] == [0, 1, 0, 0]
+    assert d.report()["settled_k"] == 3
+    assert DraftLength(3, fixed=5).report()["settled_k"] == 3  # no more than the heads

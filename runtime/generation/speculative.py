@@ -160,8 +160,12 @@ class DraftLength:
 
     def report(self) -> dict:
         ks = self.chosen[-16:]
+        if self.fixed is not None:  # forced: the steps near the end of the context or of -n draft fewer
+            settled = min(self.fixed, self.n_heads)
+        else:
+            settled = int(np.bincount(ks).argmax()) if ks else 0
         return {"acceptance": [round(a, 4) if n else None for a, n in zip(self.acceptance(), self.tried)],  # None: never drafted
-                "settled_k": int(np.bincount(ks).argmax()) if ks else 0}
+                "settled_k": settled}
 
 
 def still_current(model, mine) -> None:
