@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,19 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     from convert.mini import write_mini
 
     return write_mini(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture
+def linked_ckpt(tiny_ckpt, tmp_path) -> Path:
+    """A copy of the tiny checkpoint (shards linked, not copied) whose index and files may be edited."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for p in tiny_ckpt.iterdir():
+        if p.suffix == ".safetensors":
+            (d / p.name).symlink_to(p)
+        else:
+            shutil.copy(p, d / p.name)
+    return d
 
 
 _GGUF_CACHE: dict[str, Path] = {}

@@ -103,16 +103,8 @@ def test_valid_shard_reads_back(tmp_path):
 
 
 @pytest.fixture
-def ckpt(tiny_ckpt, tmp_path):
-    """A copy of the tiny checkpoint (shards linked, not copied) whose index and files may be edited."""
-    d = tmp_path / "ckpt"
-    d.mkdir()
-    for p in tiny_ckpt.iterdir():
-        if p.suffix == ".safetensors":
-            (d / p.name).symlink_to(p)
-        else:
-            shutil.copy(p, d / p.name)
-    return d
+def ckpt(linked_ckpt):
+    return linked_ckpt
 
 
 def _index(d):
