@@ -23,7 +23,7 @@ NEG_INF = np.float32(-np.inf)
 class SamplingParams:
     temperature: float = 0.8  # <= 0: greedy
     top_k: int = 40  # <= 0: off
-    top_p: float = 0.95  # >= 1: off
+    top_p: float = 0.95  # >= 1: off; 0: the most likely token alone
     min_p: float = 0.05  # <= 0: off
     repeat_penalty: float = 1.0  # 1: off
     repeat_last_n: int = 64  # how many recent tokens the penalty looks at
@@ -37,8 +37,8 @@ class SamplingParams:
             raise StepstreamError(f"seed must be an integer, or None for fresh entropy, got {self.seed!r}")
         if self.seed is not None and self.seed < 0:
             raise StepstreamError(f"seed must be >= 0, or None for fresh entropy, got {self.seed}")
-        if self.top_p <= 0:
-            raise StepstreamError(f"top_p must be > 0, got {self.top_p}")
+        if self.top_p < 0:
+            raise StepstreamError(f"top_p must be >= 0, got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise StepstreamError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
@@ -72,7 +72,8 @@ def top_k(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def top_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """Keep the most likely tokens whose probabilities first sum to at least p."""
+    """Keep the most likely tokens whose probabilities first sum to at least p, and at least one
+    (llama.cpp's min_keep = 1): p = 0 keeps the most likely token alone."""
     if p >= 1.0:
         return logits.copy()
     order = np.argsort(-logits, kind="stable")

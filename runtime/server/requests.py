@@ -139,8 +139,7 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     temperature = _get(body, "temperature", (int, float), 1.0)
     _range("temperature", temperature, 0, 2)
     top_p = _get(body, "top_p", (int, float), 1.0)
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p", code="invalid_value")
+    _range("top_p", top_p, 0, 1)  # 0 keeps only the most likely token, as OpenAI and llama-server allow
     seed = _get(body, "seed", (int,))
     _range("seed", seed, 0, MAX_SEED)
     for name in ("presence_penalty", "frequency_penalty"):

@@ -1,0 +1,72 @@
+"""Fixes from a second review of `stepstream serve`, against live servers on 127.0.0.1 with the
+shipped model, through the official `openai` client: `top_p: 0` (and the sampler's top-p
+against a numpy reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.generation.sampling import Sampler, SamplingParams, top_p
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from runtime.loader import load  # noqa: E402
+from tests.helpers.live_server import live_server  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+CTX = 128
+HINT = "(start the server with a larger --ctx-size, or shorten the prompt)"
+GREEDY = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+def _client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    with live_server(MODEL, "-t", "1", "--ctx-size", str(CTX)) as u:  # no --mtp: the default
+        yield _client(u)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load(MODEL, n_ctx=CTX, n_threads=1)
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+# ---- top_p 0 ------------------------------------------------------------------------------------
+
+def test_top_p_zero_keeps_exactly_the_most_likely_token():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logits = rng.normal(0, 3, 1000).astype(np.float32)
+        want = np.full_like(logits, -np.inf)  # numpy reference: the argmax alone
+        want[np.argmax(logits)] = logits[np.argmax(logits)]
+        np.testing.assert_array_equal(top_p(logits, 0.0), want)
+        sampler = Sampler(SamplingParams(temperature=1.5, top_k=0, top_p=0.0, min_p=0.0, seed=int(rng.integers(99))))
+        assert {sampler(logits) for _ in range(20)} == {int(np.argmax(logits))}
+    tie = np.array([1.0, 3.0, 3.0, -2.0], np.float32)  # min keep 1: one token even when two tie
+    assert np.isfinite(top_p(tie, 0.0)).sum() == 1
+
+
+def test_a_negative_top_p_is_still_refused():
+    with pytest.raises(Exception, match="top_p must be >= 0, got -0.1"):
+        SamplingParams(top_p=-0.1)
+
+
+def test_top_p_zero_is_accepted_and_answers_greedily(plain):
+    kw = dict(model=_model(plain), prompt="def parse(line):\n", max_tokens=12)
+    greedy = plain.completions.create(**kw, temperature=0).choices[0].text
+    for seed in (1, 2, 3):
+        assert plain.completions.create(**kw, temperature=1.0, top_p=0, seed=seed).choices[0].text == greedy
+    with pytest.raises(openai.BadRequestError) as e:
+        plain.completions.create(**kw, top_p=1.5)
+    assert e.value.body["message"] == "'top_p' must be in [0, 1], got 1.5"
