@@ -112,7 +112,7 @@ def test_completion_logprobs_are_the_models(client, ref):
         top = np.argsort(-want)[:3]
         assert sorted(lp.top_logprobs[i].values(), reverse=True) == pytest.approx(list(want[top]), abs=1e-4)
         logits = ref.eval([tok])
-    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset[0] == len(prompt) and "".join(lp.tokens) == r.choices[0].text
 
 
 def test_chat_greedy_stream_and_whole_match_the_runtime(client, ref):

@@ -1,6 +1,7 @@
 """Fixes from a second review of `stepstream serve`, against live servers on 127.0.0.1 with the
-shipped model, through the official `openai` client: `top_p: 0` (and the sampler's top-p
-against a numpy reference)."""
+shipped model, through the official `openai` client: the completions' `text_offset` (against
+llama-cpp-python on the same file) and `top_p: 0` (and the sampler's top-p against a numpy
+reference)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,35 @@ def ref():
 
 def _model(client) -> str:
     return client.models.list().data[0].id
+
+
+# ---- text_offset --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(MODEL), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+
+
+@pytest.mark.parametrize("prompt", ["hi", "def main():\n"])
+def test_text_offset_counts_the_prompt_first_as_llama_cpp_python_does(plain, llama, prompt):
+    theirs = llama.create_completion(prompt, max_tokens=3, logprobs=2, temperature=0)["choices"][0]
+    r = plain.completions.create(model=_model(plain), prompt=prompt, max_tokens=3, logprobs=2, temperature=0)
+    ours = r.choices[0]
+    assert ours.text == theirs["text"] and ours.logprobs.tokens == theirs["logprobs"]["tokens"]
+    assert ours.logprobs.text_offset == theirs["logprobs"]["text_offset"]
+    assert ours.logprobs.text_offset[0] == len(prompt)
+    offsets = [o for c in plain.completions.create(model=_model(plain), prompt=prompt, max_tokens=3, logprobs=2,
+                                                   temperature=0, stream=True)
+               if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == theirs["logprobs"]["text_offset"]
+
+
+def test_text_offset_of_a_token_prompt_starts_after_its_text(plain, ref):
+    ids = ref.tokenize("def main():\n", special=True)
+    r = plain.completions.create(model=_model(plain), prompt=ids, max_tokens=3, logprobs=1, temperature=0)
+    start = len(ref.detokenize(ids).decode())
+    assert start > 0 and r.choices[0].logprobs.text_offset[0] == start
 
 
 # ---- top_p 0 ------------------------------------------------------------------------------------

@@ -194,8 +194,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                                param="prompt", code="invalid_value")
             ids = list(b.prompt)
         req = model_request(ids, b.common, b.logprobs, "prompt")
-        echo = (b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")) if b.echo else ""
-        reply = TextReply(model_name, len(ids), echo)
+        prompt = b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")
+        echo = prompt if b.echo else ""
+        reply = TextReply(model_name, len(ids), len(prompt), echo)
         want = b.logprobs is not None
         job = submit(req, b.common.stream)
         if b.common.stream:

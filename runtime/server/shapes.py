@@ -28,10 +28,13 @@ def usage(n_prompt: int, timings: Timings) -> dict:
 class TextReply:
     """/v1/completions."""
 
-    def __init__(self, model_name: str, n_prompt: int, echo: str = ""):
+    def __init__(self, model_name: str, n_prompt: int, prompt_chars: int, echo: str = ""):
+        """prompt_chars: the prompt's length in characters, where the reply's `text_offset`s start
+        (OpenAI's and llama-cpp-python's convention: offsets into prompt + reply)."""
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name
-        self.n_prompt, self.echo = n_prompt, echo
+        self.n_prompt, self.prompt_chars = n_prompt, prompt_chars
         self.text: list[str] = [echo]
+        self.offset = prompt_chars  # the text_offset of the next generated character
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
 
@@ -46,7 +49,7 @@ class TextReply:
 
     def chunk(self, step: Step, want_logprobs: bool) -> dict | None:
         """The streaming chunk for one step (None when it carries nothing)."""
-        offset = sum(len(t) for t in self.text)
+        offset, self.offset = self.offset, self.offset + len(step.text)
         self.text.append(step.text)
         self.logprobs.extend(step.logprobs)
         self.finish_reason = step.finish_reason
@@ -62,7 +65,7 @@ class TextReply:
 
     def whole(self, timings: Timings, want_logprobs: bool) -> dict:
         choice = {"text": "".join(self.text), "index": 0,
-                  "logprobs": self._logprobs(self.logprobs, len(self.echo)) if want_logprobs else None,
+                  "logprobs": self._logprobs(self.logprobs, self.prompt_chars) if want_logprobs else None,
                   "finish_reason": self.finish_reason}
         return self._envelope([choice], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
 
