@@ -1,7 +1,7 @@
 """Fixes from a second review of `stepstream serve`, against live servers on 127.0.0.1 with the
 shipped model, through the official `openai` client: the completions' `text_offset` (against
-llama-cpp-python on the same file) and `top_p: 0` (and the sampler's top-p against a numpy
-reference)."""
+llama-cpp-python on the same file), `top_p: 0` (and the sampler's top-p against a numpy
+reference), and `--mtp`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from runtime.generation.sampling import Sampler, SamplingParams, top_p
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from runtime.cli import SubcommandParser, serve  # noqa: E402
 from runtime.loader import load  # noqa: E402
 from tests.helpers.live_server import live_server  # noqa: E402
 
@@ -31,6 +32,12 @@ def _client(url: str):
 @pytest.fixture(scope="module")
 def plain():
     with live_server(MODEL, "-t", "1", "--ctx-size", str(CTX)) as u:  # no --mtp: the default
+        yield _client(u)
+
+
+@pytest.fixture(scope="module")
+def drafting():
+    with live_server(MODEL, "-t", "1", "--ctx-size", str(CTX), "--mtp", "3") as u:
         yield _client(u)
 
 
@@ -100,3 +107,32 @@ def test_top_p_zero_is_accepted_and_answers_greedily(plain):
     with pytest.raises(openai.BadRequestError) as e:
         plain.completions.create(**kw, top_p=1.5)
     assert e.value.body["message"] == "'top_p' must be in [0, 1], got 1.5"
+
+
+# ---- --mtp --------------------------------------------------------------------------------------
+
+def test_serve_takes_run_s_mtp_flag():
+    p = SubcommandParser(prog="stepstream serve")
+    serve.add_arguments(p)
+    assert p.parse_args(["-m", str(MODEL), "--mtp", "3"]).mtp == 3
+    assert p.parse_args(["-m", str(MODEL)]).mtp == "auto"  # run's default
+
+
+def test_drafting_server_answers_as_the_plain_one_and_drafts(plain, drafting):
+    prompts = ["def parse_header(line):\n", "class Stack:\n", "import os\n"]
+    drafted = 0
+    for prompt in prompts:
+        kw = dict(prompt=prompt, max_tokens=40, temperature=0, logprobs=2)
+        a = plain.completions.create(model=_model(plain), **kw)
+        b = drafting.completions.create(model=_model(drafting), **kw)
+        assert b.choices[0].text == a.choices[0].text and b.choices[0].finish_reason == a.choices[0].finish_reason
+        assert b.choices[0].logprobs.tokens == a.choices[0].logprobs.tokens
+        assert b.choices[0].logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-4)
+        assert b.usage.completion_tokens == a.usage.completion_tokens
+        t = b.model_extra["timings"]
+        assert 0 <= t.get("draft_n_accepted", 0) <= t.get("draft_n", 0)
+        drafted += t.get("draft_n", 0)
+        streamed = drafting.completions.create(model=_model(drafting), prompt=prompt, max_tokens=40, temperature=0,
+                                               stream=True)
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == a.choices[0].text
+    assert drafted > 0  # --mtp 3 forces drafting: the heads did draft

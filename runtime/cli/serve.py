@@ -9,7 +9,7 @@ import sys
 import threading
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import add_model_args, positive_int, size_arg
+from runtime.cli.common import add_model_args, add_mtp_arg, positive_int, size_arg
 
 
 def body_size(text: str) -> int:
@@ -22,6 +22,7 @@ def body_size(text: str) -> int:
 
 def add_arguments(p) -> None:
     add_model_args(p)
+    add_mtp_arg(p)  # a load option (RuntimeOptions.mtp), read by load_model; every request drafts with it
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: 8080)")

@@ -1,8 +1,11 @@
 """One request's generation on the model: the prompt evaluated reusing the cache, then tokens
 until a stop, as text pieces that carry their tokens' log-probabilities.
 
-    steps = Completion(model, job).run()     # yields Step ... the last one has finish_reason
+    steps = run(model, request)     # yields Step ... the last one has finish_reason
 
+The tokens come from runtime.generation's loop, which drafts with the MTP heads when the
+model was loaded with `mtp` (serve --mtp): the same tokens and logits either way, and a
+prompt that fills the context still gets its one token (it is sampled, never evaluated).
 The model is used by one request at a time (the engine's worker thread), so nothing here
 locks. `cancelled()` is checked before the prompt and after every token: a client that goes
 away stops its generation within one token.
@@ -14,13 +17,14 @@ OpenAI and llama-server report them, not of the filtered sampling distribution.
 from __future__ import annotations
 
 import codecs
+import collections
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.generation.loop import StopStrings
+from runtime.generation.loop import StopStrings, generate
 from runtime.generation.sampling import Sampler, SamplingParams
 
 
@@ -57,12 +61,17 @@ class Timings:
     predicted_n: int = 0
     predicted_ms: float = 0.0
     first_token_ms: float = 0.0  # from the start of the prompt's evaluation to the first token
+    draft_n: int = 0  # tokens the MTP heads drafted (--mtp)
+    draft_n_accepted: int = 0  # of those, the ones the verifying pass accepted
 
     def as_dict(self) -> dict:
         per_s = self.predicted_n / (self.predicted_ms / 1000) if self.predicted_ms > 0 else None
-        return {"prompt_n": self.prompt_n, "cache_n": self.cached_n, "prompt_ms": round(self.prompt_ms, 3),
-                "predicted_n": self.predicted_n, "predicted_ms": round(self.predicted_ms, 3),
-                "predicted_per_second": per_s, "first_token_ms": round(self.first_token_ms, 3)}
+        out = {"prompt_n": self.prompt_n, "cache_n": self.cached_n, "prompt_ms": round(self.prompt_ms, 3),
+               "predicted_n": self.predicted_n, "predicted_ms": round(self.predicted_ms, 3),
+               "predicted_per_second": per_s, "first_token_ms": round(self.first_token_ms, 3)}
+        if self.draft_n:  # as llama-server, only when a request drafted
+            out.update(draft_n=self.draft_n, draft_n_accepted=self.draft_n_accepted)
+        return out
 
 
 @dataclass
@@ -92,44 +101,102 @@ def _logprob(model, logits: np.ndarray, token: int, k: int) -> TokenLogprob:
                         tuple((int(t), model.tokenizer.decode_bytes([int(t)], special=True), float(lp[t])) for t in top))
 
 
+class _Metered:
+    """The model as the token loop sees it, with the prompt's evaluation recorded: the loop
+    (plain or drafting) evaluates the prompt itself, and the reply reports how much of it the
+    cache already held and how long the rest took."""
+
+    def __init__(self, model):
+        self._model = model
+        self.cached_n: int | None = None  # None until the prompt is evaluated
+        self.prompt_done = 0.0  # perf_counter() when it was
+        self.drafted = 0  # tokens the MTP heads drafted
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def eval_prompt(self, tokens, mtp: bool = False):
+        logits, self.cached_n = self._model.eval_prompt(tokens, mtp=mtp)
+        self.prompt_done = time.perf_counter()
+        return logits, self.cached_n
+
+    def eval_reusing_prefix(self, tokens):
+        return self.eval_prompt(tokens)[0]
+
+    def mtp_draft(self, pending: int, k: int) -> list[int]:
+        drafts = self._model.mtp_draft(pending, k)
+        self.drafted += len(drafts)
+        return drafts
+
+
+class _Recording(Sampler):
+    """The request's sampler, keeping each sampled token's log-probabilities from the logits it
+    was drawn from. Plain and drafting decoding both call it once per token they emit, in order
+    (drafting also for the tokens a stop discards), so `taken` pops them in step."""
+
+    def __init__(self, params: SamplingParams, model, k: int | None):
+        super().__init__(params)
+        self.model, self.k = model, k
+        self.drawn: collections.deque[TokenLogprob] = collections.deque()
+
+    def __call__(self, logits, history=()):
+        tok = super().__call__(logits, history)
+        if self.k is not None:
+            self.drawn.append(_logprob(self.model, logits, tok, self.k))
+        return tok
+
+    def taken(self, tok: int) -> TokenLogprob | None:
+        if self.k is None:
+            return None
+        lp = self.drawn.popleft()
+        assert lp.token == tok, (lp.token, tok)
+        return lp
+
+
 def run(model, req: Request) -> Iterator[Step]:
-    """Steps of the continuation of req.prompt; nothing at all when cancelled before the prompt."""
+    """Steps of the continuation of req.prompt; nothing at all when cancelled before the prompt.
+    The model's `mtp` load option decides whether its MTP heads draft (the tokens are the same)."""
     t = req.timings
     if req.cancelled():
         return
     t0 = time.perf_counter()
-    logits, t.cached_n = model.eval_prompt(req.prompt)
-    t.prompt_n = len(req.prompt) - t.cached_n
-    t.prompt_ms = (time.perf_counter() - t0) * 1000
-    t1 = time.perf_counter()
-    sampler = Sampler(req.params)
+    metered = _Metered(model)
+    sampler = _Recording(req.params, model, req.logprobs)
+    stats: dict = {}
+    tokens = generate(metered, req.prompt, sampler, req.max_tokens, stats=stats)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopStrings(req.stop)
     eog = model.tokenizer.eog_ids
     pending: list[TokenLogprob] = []
     finish = "length"
-    while t.predicted_n < req.max_tokens:
-        tok = sampler(logits, model.history)
-        t.predicted_n += 1
-        if t.predicted_n == 1:
-            t.first_token_ms = (time.perf_counter() - t0) * 1000
-        if tok in eog:  # not part of the reply: no text, no log-probability
-            finish = "stop"
-            break
-        if req.logprobs is not None:
-            pending.append(_logprob(model, logits, tok, req.logprobs))
-        text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
-        if hit:
-            finish = "stop"
-            yield Step(text, tuple(pending), "stop")
-            t.predicted_ms = (time.perf_counter() - t1) * 1000
-            return
-        if text or pending:
-            yield Step(text, tuple(pending))
-            pending = []
-        if req.cancelled() or t.predicted_n == req.max_tokens or model.n_past + 1 > model.n_ctx:
-            break  # the last token is not evaluated: nothing would read its logits
-        logits = model.eval([tok])
-    t.predicted_ms = (time.perf_counter() - t1) * 1000
+    try:
+        for tok in tokens:
+            t.predicted_n += 1
+            if t.predicted_n == 1:
+                t.cached_n, t.prompt_n = metered.cached_n, len(req.prompt) - metered.cached_n
+                t.prompt_ms = (metered.prompt_done - t0) * 1000
+                t.first_token_ms = (time.perf_counter() - t0) * 1000
+            lp = sampler.taken(tok)
+            if tok in eog:  # not part of the reply: no text, no log-probability
+                finish = "stop"
+                break
+            if lp is not None:
+                pending.append(lp)
+            text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
+            if hit:
+                yield Step(text, tuple(pending), "stop")
+                return
+            if text or pending:
+                yield Step(text, tuple(pending))
+                pending = []
+            if req.cancelled():
+                break
+    finally:
+        tokens.close()  # drafting trims the drafts it accepted past the stop
+        t.predicted_ms = (time.perf_counter() - metered.prompt_done) * 1000 if metered.cached_n is not None else 0.0
+        # a pass that drafted emits its accepted drafts and one token of its own
+        t.draft_n = metered.drafted
+        t.draft_n_accepted = round(stats.get("tokens_per_draft_pass", 0) * stats.get("draft_passes", 0)) \
+            - stats.get("draft_passes", 0)
     tail = stops.push(utf8.decode(b"", final=True))[0] + stops.flush()
     yield Step(tail, tuple(pending), finish)
