@@ -1,7 +1,7 @@
 """Fixes from a second review of `stepstream serve`, against live servers on 127.0.0.1 with the
-shipped model, through the official `openai` client: the completions' `text_offset` (against
-llama-cpp-python on the same file), `top_p: 0` (and the sampler's top-p against a numpy
-reference), and `--mtp`."""
+shipped model, through the official `openai` client: a prompt that fills the context, the
+completions' `text_offset` (against llama-cpp-python on the same file), `top_p: 0` (and the
+sampler's top-p against a numpy reference), and `--mtp`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from runtime.cli import SubcommandParser, serve  # noqa: E402
+from runtime.generation import complete  # noqa: E402
 from runtime.loader import load  # noqa: E402
 from tests.helpers.live_server import live_server  # noqa: E402
 
@@ -48,6 +49,37 @@ def ref():
 
 def _model(client) -> str:
     return client.models.list().data[0].id
+
+
+# ---- a prompt of exactly n_ctx tokens ---------------------------------------------------------------
+
+@pytest.mark.parametrize("server", ["plain", "drafting"])
+def test_a_prompt_that_fills_the_context_gets_one_token_as_the_library_gives(server, request, ref):
+    client = request.getfixturevalue(server)
+    ids = list(range(5, 5 + CTX))
+    ref.reset()
+    want = list(complete(ref, ids, GREEDY, None))  # the Python API at the limit: one token, "length"
+    assert (want[-1].n_tokens, want[-1].finish_reason) == (1, "length")
+    text = "".join(p.text for p in want)
+    r = client.completions.create(model=_model(client), prompt=ids, max_tokens=10, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (text, "length")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (CTX, 1, CTX + 1)
+    chunks = list(client.completions.create(model=_model(client), prompt=ids, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (CTX, 1, CTX + 1)
+    # one short of the limit: two tokens fit (the first is evaluated, the second is not)
+    r = client.completions.create(model=_model(client), prompt=ids[:-1], max_tokens=10, temperature=0)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 2)
+
+
+def test_a_prompt_past_the_context_is_refused_as_run_words_it(plain):
+    with pytest.raises(openai.BadRequestError) as e:
+        plain.completions.create(model=_model(plain), prompt=list(range(5, 6 + CTX)), max_tokens=1)
+    assert e.value.body == {"message": f"the prompt is {CTX + 1} tokens, more than the context of {CTX} {HINT}",
+                            "type": "invalid_request_error", "param": "prompt", "code": "context_length_exceeded"}
 
 
 # ---- text_offset --------------------------------------------------------------------------------

@@ -84,11 +84,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     def model_request(ids: list[int], common, logprobs, field: str) -> ModelRequest:
         """`field`: the body's field the prompt came from ("prompt" or "messages"), named by a refusal."""
-        if len(ids) >= model.n_ctx:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; the context holds {model.n_ctx} "
+        if len(ids) > model.n_ctx:  # a prompt that fills it still gets one token, as `run` and the library give
+            raise ApiError(400, f"the prompt is {len(ids)} tokens, more than the context of {model.n_ctx} "
                                 "(start the server with a larger --ctx-size, or shorten the prompt)",
                            param=field, code="context_length_exceeded")
-        room = model.n_ctx - len(ids) + 1
+        room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
         return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs)
 
     def submit(req: ModelRequest, stream: bool) -> Job:
