@@ -76,8 +76,8 @@ def test_filters_compose_in_the_sampler():
 
 
 def test_bad_sampling_params():
-    with pytest.raises(StepstreamError, match="top_p"):
-        SamplingParams(top_p=0)
+    with pytest.raises(StepstreamError, match="top_p"):  # 0 is allowed: the most likely token alone (OpenAI's range)
+        SamplingParams(top_p=-0.1)
     with pytest.raises(StepstreamError, match="min_p"):
         SamplingParams(min_p=2)
 

@@ -48,7 +48,7 @@ token_limit = _checked(int, lambda v: v == -1 or v >= 1,
                        "must be a positive count of tokens, or -1 for until end of text or context", "token_limit")
 temperature = _checked(float, lambda v: v >= 0, "must be 0 (greedy) or more", "temperature")
 top_k = _checked(int, lambda v: v >= 0, "must be 0 (off) or more", "top_k")
-top_p = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1], 1 = off", "top_p")
+top_p = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1], 1 = off, 0 = the most likely token alone", "top_p")
 unit_interval = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1]", "unit_interval")
 share = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]", "share")
 positive_float = _checked(float, lambda v: v > 0, "must be more than 0", "positive_float")
@@ -264,7 +264,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="tokens to generate; -1 = until end of text or context (default: -1)")
     p.add_argument("--temp", type=temperature, default=0.8, help="temperature; 0 = greedy (default: 0.8)")
     p.add_argument("--top-k", type=top_k, default=40, help="top-k sampling, 0 = off (default: 40)")
-    p.add_argument("--top-p", type=top_p, default=0.95, help="top-p sampling, 1.0 = off (default: 0.95)")
+    p.add_argument("--top-p", type=top_p, default=0.95,
+                   help="top-p sampling, 1.0 = off, 0 = the most likely token alone (default: 0.95)")
     p.add_argument("--min-p", type=unit_interval, default=0.05, help="min-p sampling, 0.0 = off (default: 0.05)")
     p.add_argument("--repeat-penalty", type=positive_float, default=1.0,
                    help="penalize repeated tokens, 1.0 = off (default: 1.0)")
