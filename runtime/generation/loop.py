@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import numbers
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -42,7 +43,9 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
              stop_at_eog: bool = True, mtp=None, stats: dict | None = None) -> Iterator[int]:
     """Evaluate the prompt (reusing the cached prefix) and yield sampled tokens. mtp: "auto" or a
     draft length 0..3 for speculative decoding with the MTP heads (None: the model's option);
-    the tokens are the same either way (runtime.generation.speculative)."""
+    the tokens are the same either way (runtime.generation.speculative). `stats`, when given,
+    gets "cached" (prompt positions reused) and "prompt_done" (a perf_counter time) once the
+    prompt is evaluated, and when drafting, the passes and drafts (speculative.generate)."""
     prompt = list(prompt)
     if not prompt:
         raise StepstreamError("generation needs a non-empty prompt")
@@ -55,11 +58,16 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
     if chooser is not None:
         yield from speculative.generate(model, prompt, sampler, max_tokens, eog, chooser, stats)
     else:
-        yield from _plain(model, prompt, sampler, max_tokens, eog)
+        yield from _plain(model, prompt, sampler, max_tokens, eog, stats)
 
 
-def _plain(model, prompt: list[int], sampler: Sampler, max_tokens: int | None, eog: frozenset) -> Iterator[int]:
-    logits = model.eval_reusing_prefix(prompt)
+def _plain(model, prompt: list[int], sampler: Sampler, max_tokens: int | None, eog: frozenset,
+           stats: dict | None) -> Iterator[int]:
+    if stats is not None and hasattr(model, "eval_prompt"):  # the positions reused, and when the prompt was done
+        logits, cached = model.eval_prompt(prompt)
+        stats.update(cached=cached, prompt_done=time.perf_counter())
+    else:
+        logits = model.eval_reusing_prefix(prompt)
     mine = getattr(model, "version", None)
     n = 0
     while max_tokens is None or n < max_tokens:

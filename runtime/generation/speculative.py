@@ -182,14 +182,18 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
     """Yield sampled tokens after `prompt`, drafting with the model's MTP heads. The model is
     left as plain decoding leaves it: holding the prompt and every emitted token but the last.
     `stats`, when given, receives the trunk passes and tokens per pass (all, and those with
-    drafts) and the chooser's report (acceptance per head, the k it settled on)."""
+    drafts), the tokens drafted, and the chooser's report (acceptance per head, the k it settled
+    on); and, once the prompt is evaluated, the positions it reused ("cached") and when it was
+    done ("prompt_done", a perf_counter time)."""
     prompt = list(prompt)
-    logits, _ = model.eval_prompt(prompt, mtp=True)
+    logits, cached = model.eval_prompt(prompt, mtp=True)
+    if stats is not None:
+        stats.update(cached=cached, prompt_done=time.perf_counter())
     mine = getattr(model, "version", None)  # after this generation's own last change to the cache
     tok = sampler(logits, model.history)
     params = getattr(sampler, "params", None)  # a Sampler reads only its last repeat_last_n tokens
     recent = params.repeat_last_n if params is not None else model.n_ctx
-    n, passes, emitted, drafting, by_drafting = 0, 0, 0, 0, 0
+    n, passes, emitted, drafting, by_drafting, drafted = 0, 0, 0, 0, 0, 0
     try:
         while True:
             n += 1
@@ -209,6 +213,7 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
                 tok = sampler(logits, model.history)
                 continue
             drafts = model.mtp_draft(tok, k)
+            drafted += len(drafts)
             t1 = time.perf_counter()
             base = model.n_past
             logits = model.eval([tok] + drafts, all_logits=True)  # [k+1, V]
@@ -238,4 +243,5 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
             model.step_seconds.update(chooser.t_verify)
         if stats is not None:
             stats.update(passes=passes, tokens_per_pass=emitted / passes if passes else 0.0, draft_passes=drafting,
+                         drafted=drafted,
                          tokens_per_draft_pass=by_drafting / drafting if drafting else 0.0, **chooser.report())

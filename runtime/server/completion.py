@@ -101,34 +101,6 @@ def _logprob(model, logits: np.ndarray, token: int, k: int) -> TokenLogprob:
                         tuple((int(t), model.tokenizer.decode_bytes([int(t)], special=True), float(lp[t])) for t in top))
 
 
-class _Metered:
-    """The model as the token loop sees it, with the prompt's evaluation recorded: the loop
-    (plain or drafting) evaluates the prompt itself, and the reply reports how much of it the
-    cache already held and how long the rest took."""
-
-    def __init__(self, model):
-        self._model = model
-        self.cached_n: int | None = None  # None until the prompt is evaluated
-        self.prompt_done = 0.0  # perf_counter() when it was
-        self.drafted = 0  # tokens the MTP heads drafted
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def eval_prompt(self, tokens, mtp: bool = False):
-        logits, self.cached_n = self._model.eval_prompt(tokens, mtp=mtp)
-        self.prompt_done = time.perf_counter()
-        return logits, self.cached_n
-
-    def eval_reusing_prefix(self, tokens):
-        return self.eval_prompt(tokens)[0]
-
-    def mtp_draft(self, pending: int, k: int) -> list[int]:
-        drafts = self._model.mtp_draft(pending, k)
-        self.drafted += len(drafts)
-        return drafts
-
-
 class _Recording(Sampler):
     """The request's sampler, keeping each sampled token's log-probabilities from the logits it
     was drawn from. Plain and drafting decoding both call it once per token they emit, in order
@@ -160,10 +132,9 @@ def run(model, req: Request) -> Iterator[Step]:
     if req.cancelled():
         return
     t0 = time.perf_counter()
-    metered = _Metered(model)
     sampler = _Recording(req.params, model, req.logprobs)
-    stats: dict = {}
-    tokens = generate(metered, req.prompt, sampler, req.max_tokens, stats=stats)
+    stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)
+    tokens = generate(model, req.prompt, sampler, req.max_tokens, stats=stats)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopStrings(req.stop)
     eog = model.tokenizer.eog_ids
@@ -173,8 +144,8 @@ def run(model, req: Request) -> Iterator[Step]:
         for tok in tokens:
             t.predicted_n += 1
             if t.predicted_n == 1:
-                t.cached_n, t.prompt_n = metered.cached_n, len(req.prompt) - metered.cached_n
-                t.prompt_ms = (metered.prompt_done - t0) * 1000
+                t.cached_n, t.prompt_n = stats["cached"], len(req.prompt) - stats["cached"]
+                t.prompt_ms = (stats["prompt_done"] - t0) * 1000
                 t.first_token_ms = (time.perf_counter() - t0) * 1000
             lp = sampler.taken(tok)
             if tok in eog:  # not part of the reply: no text, no log-probability
@@ -193,9 +164,9 @@ def run(model, req: Request) -> Iterator[Step]:
                 break
     finally:
         tokens.close()  # drafting trims the drafts it accepted past the stop
-        t.predicted_ms = (time.perf_counter() - metered.prompt_done) * 1000 if metered.cached_n is not None else 0.0
+        t.predicted_ms = (time.perf_counter() - stats["prompt_done"]) * 1000 if "prompt_done" in stats else 0.0
         # a pass that drafted emits its accepted drafts and one token of its own
-        t.draft_n = metered.drafted
+        t.draft_n = stats.get("drafted", 0)
         t.draft_n_accepted = round(stats.get("tokens_per_draft_pass", 0) * stats.get("draft_passes", 0)) \
             - stats.get("draft_passes", 0)
     tail = stops.push(utf8.decode(b"", final=True))[0] + stops.flush()
