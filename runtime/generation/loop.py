@@ -144,8 +144,21 @@ def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_pe
     if unknown:  # a TypeError from deep inside, before
         raise StepstreamError(f"unknown option(s) {', '.join(sorted(unknown))}; known: temperature (temp), top_k, "
                               f"top_p, min_p, repeat_penalty, repeat_last_n, seed, and mtp for generation")
-    return SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p), float(repeat_penalty),
-                          int(repeat_last_n), seed)
+    return SamplingParams(_real("temperature", temperature), _whole("top_k", top_k), _real("top_p", top_p),
+                          _real("min_p", min_p), _real("repeat_penalty", repeat_penalty),
+                          _whole("repeat_last_n", repeat_last_n), seed)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise StepstreamError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _whole(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise StepstreamError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def greedy_tokens(model, prompt: Sequence[int], n: int, mtp=None) -> list[int]:

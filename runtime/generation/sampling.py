@@ -93,7 +93,14 @@ def min_p(logits: np.ndarray, p: float) -> np.ndarray:
 
 
 def temperature(logits: np.ndarray, t: float) -> np.ndarray:
-    return logits / np.float32(t)
+    """Logits divided by t > 0. Where t is so small that the largest logit over t leaves float32's
+    range (t below about 1e-38), the limit is taken instead: the most likely tokens share all
+    the probability, as they would for any t small enough."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        z = logits / np.float32(t)
+    if np.isfinite(z.max()):
+        return z
+    return np.where(logits == logits.max(), np.float32(0), NEG_INF)
 
 
 def greedy(logits: np.ndarray) -> int:
