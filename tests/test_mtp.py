@@ -324,15 +324,22 @@ def test_a_draft_not_followed_by_its_token(shipped):
     assert same(drafts_after([("draft", a), ("eval", b), ("draft", c)]), drafts_after([("eval", b), ("draft", c)]))
 
 
-def test_the_report_gives_no_acceptance_for_a_head_that_never_drafted():
-    """`bench --mtp auto --json` showed [0.5, 0.5, 0.5], the prior, as if measured."""
+def test_the_report_gives_measured_acceptance_and_none_for_a_head_that_never_drafted():
+    """`bench --mtp auto --json` showed [0.5, 0.5, 0.5], the prior, as if measured; later it showed
+    the chooser's decayed estimate (0.67 for one draft accepted out of one) as "acceptance"."""
     from runtime.generation.speculative import DECAY, DraftLength
 
     d = DraftLength(3)
-    assert d.report()["acceptance"] == [None, None, None]
+    assert d.report()["acceptance"] == d.report()["acceptance_estimate"] == [None, None, None]
     d.observe(2, 1, 1e-4, 1e-3)  # two drafts made, the first accepted, the second not
-    want = [(DECAY * 1 + 1) / (DECAY * 2 + 1), (DECAY * 1 + 0) / (DECAY * 2 + 1)]
-    assert d.report()["acceptance"] == [round(want[0], 4), round(want[1], 4), None]
+    d.observe(1, 1, 1e-4, 1e-3)  # one draft, accepted
+    d.observe(3, 0, 1e-4, 1e-3)  # three drafts, the first rejected: heads 2 and 3 were never judged
+    r = d.report()
+    assert r["acceptance"] == [round(2 / 3, 4), 0.0, None]
+    assert r["drafts_per_head"] == [3, 1, 0]
+    h0 = DECAY * (DECAY * (DECAY * 1 + 1) + 1) + 0
+    t0 = DECAY * (DECAY * (DECAY * 2 + 1) + 1) + 1
+    assert r["acceptance_estimate"] == [round(h0 / t0, 4), round((DECAY * 1 + 0) / (DECAY * 2 + 1), 4), None]
 
 
 def test_a_forced_draft_length_is_reported_as_settled_even_when_the_end_clips_it():

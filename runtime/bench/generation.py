@@ -51,8 +51,9 @@ def bench_generation(model, prompt: list[int], n_gen: int, reps: int, mtp) -> di
         tokens = out
     return {"mtp": mtp, "n_heads": model.n_mtp, "decode_tok_s": float(np.median(rates)),
             "decode_tok_s_runs": [round(r, 3) for r in rates],
-            "acceptance": info.get("acceptance"), "tokens_per_pass": info.get("tokens_per_pass", 1.0),
-            "passes": info.get("passes"), "draft_passes": info.get("draft_passes", 0),
+            "acceptance": info.get("acceptance"), "acceptance_estimate": info.get("acceptance_estimate"),
+            "drafts_per_head": info.get("drafts_per_head"), "tokens_per_pass": info.get("tokens_per_pass", 1.0),
+            "passes": info.get("passes", max(len(tokens) - 1, 0)), "draft_passes": info.get("draft_passes", 0),
             "tokens_per_draft_pass": info.get("tokens_per_draft_pass", 0.0), "settled_k": info.get("settled_k", 0),
             "disk_bytes_per_token": (b1 - b0) / max(len(tokens) - 1, 1) if b0 is not None else None,
             "tokens": tokens}

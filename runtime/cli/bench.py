@@ -216,7 +216,7 @@ def run(args) -> int:
     # Room for the prompt and the decoded tokens (the warm-up's one at least), as llama-bench sizes it.
     context_size(args, args.n_prompt + max(args.n_gen, 1), f"-p {args.n_prompt} and -n {args.n_gen}")
     model = load_model(args)
-    if args.mtp is not None and args.n_gen and model.n_mtp == 0 and args.mtp != 0:
+    if args.mtp == "auto" and args.n_gen and model.n_mtp == 0:  # a forced length: load_model said so
         print(f"{model.file.path}: no MTP heads; generation is timed without drafting", file=sys.stderr)
     ids = _prompt(model.cfg.vocab, args.n_prompt + args.n_gen, args.seed)
     prompt, gen = ids[: args.n_prompt], ids[args.n_prompt :]
@@ -257,7 +257,8 @@ def run(args) -> int:
     if "generation" in report:
         g = report["generation"]
         print(f"generation --mtp {args.mtp}: {g['decode_tok_s']:.2f} tok/s over {args.n_gen} greedy tokens; "
-              f"{g['tokens_per_pass']:.2f} tokens per verify pass, acceptance per head {g['acceptance']}, "
+              f"{g['tokens_per_pass']:.2f} tokens per verify pass, acceptance per head {g['acceptance']} "
+              f"(of {g['drafts_per_head']} drafts), "
               f"k settled on {g['settled_k']}")
     print(f"(medians of {args.repetitions}; activations {report['activations']}, "
           f"OpenMP waits {report['omp_wait_policy']})")

@@ -87,6 +87,7 @@ class DraftLength:
         self.hits = [1.0] * n_heads  # acceptance counts per head, with a prior of 1 in 2
         self.trials = [2.0] * n_heads
         self.tried = [0] * n_heads  # drafts each head made (0: its acceptance is still the prior)
+        self.accepted = [0] * n_heads  # of those, how many verification accepted
         # verify length -> its last measurements (seconds), seeded with the model's (warm_up's)
         self._verify: dict[int, deque] = {n: deque([t], WINDOW) for n, t in (step_seconds or {}).items()}
         self._head = [deque(maxlen=WINDOW) for _ in range(n_heads)]  # seconds a head takes to draft
@@ -157,6 +158,7 @@ class DraftLength:
             self.hits[j] = DECAY * self.hits[j] + (1.0 if j < accepted else 0.0)
             self.trials[j] = DECAY * self.trials[j] + 1.0
             self.tried[j] += 1
+            self.accepted[j] += j < accepted
 
     def report(self) -> dict:
         ks = self.chosen[-16:]
@@ -164,8 +166,11 @@ class DraftLength:
             settled = min(self.fixed, self.n_heads)
         else:
             settled = int(np.bincount(ks).argmax()) if ks else 0
-        return {"acceptance": [round(a, 4) if n else None for a, n in zip(self.acceptance(), self.tried)],  # None: never drafted
-                "settled_k": settled}
+        # "acceptance": what was measured, accepted / drafted per head; "acceptance_estimate": the
+        # chooser's decayed figure with its prior, which decides k. None: a head that never drafted.
+        return {"acceptance": [round(a / n, 4) if n else None for a, n in zip(self.accepted, self.tried)],
+                "acceptance_estimate": [round(a, 4) if n else None for a, n in zip(self.acceptance(), self.tried)],
+                "drafts_per_head": list(self.tried), "settled_k": settled}
 
 
 def still_current(model, mine) -> None:
@@ -228,11 +233,13 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
                 model.trim(len(drafts) - (len(out) - 1))  # the rejected drafts
                 mine = getattr(model, "version", None)
             for y in out[:-1]:  # the accepted drafts, each emitted as its own step would be
+                still_current(model, mine)  # a consumer may have run another generation since the last one
                 n += 1
                 yield y
                 if y in eog or n == max_tokens:
                     return
             tok = out[-1]
+            still_current(model, mine)
     finally:
         # Accepted drafts after a stop; only while the cache is still this generation's: a
         # generator closed late (dropped, collected) must not trim another generation's tokens.
