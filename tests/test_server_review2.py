@@ -168,3 +168,34 @@ def test_drafting_server_answers_as_the_plain_one_and_drafts(plain, drafting):
                                                stream=True)
         assert "".join(c.choices[0].text for c in streamed if c.choices) == a.choices[0].text
     assert drafted > 0  # --mtp 3 forces drafting: the heads did draft
+
+
+# ---- llama-server's sampling fields -------------------------------------------------------------
+
+def test_top_k_min_p_and_repeat_penalty_are_honoured_as_the_library_samples(plain, ref):
+    """They were accepted and ignored: `top_k: 1` at temperature 1 gave sampled text."""
+    kw = dict(model=_model(plain), prompt="def parse(line):\n", max_tokens=16)
+    greedy = plain.completions.create(**kw, temperature=0).choices[0].text
+    ids = ref.tokenize(kw["prompt"])
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        assert plain.completions.create(**kw, temperature=1.0, seed=5, extra_body=extra).choices[0].text == greedy
+    for extra in ({"top_k": 3, "min_p": 0.2}, {"repeat_penalty": 1.5, "repeat_last_n": 8}):
+        got = plain.completions.create(**kw, temperature=1.0, seed=7, extra_body=extra).choices[0].text
+        ref.reset()
+        want = "".join(p.text for p in complete(ref, ids, SamplingParams(
+            temperature=1.0, top_k=extra.get("top_k", 0), top_p=1.0, min_p=extra.get("min_p", 0.0),
+            repeat_penalty=extra.get("repeat_penalty", 1.0), repeat_last_n=extra.get("repeat_last_n", 64), seed=7), 16))
+        assert got == want, extra
+    for extra, message in (({"top_k": -1}, "'top_k' must be in [0, 2147483647], got -1"),
+                           ({"min_p": 1.5}, "'min_p' must be in [0, 1], got 1.5"),
+                           ({"repeat_penalty": 0}, "'repeat_penalty' must be in [0.01, 100], got 0"),
+                           ({"top_k": 2.5}, "'top_k' must be integer, got number 2.5"),
+                           ({"typical_p": 0.5}, "'typical_p' is not supported (only 1.0)"),
+                           ({"mirostat": 2}, "'mirostat' is not supported (only 0)"),
+                           ({"grammar": "root ::= \"a\""}, "'grammar' is not supported (only \"\")")):
+        with pytest.raises(openai.BadRequestError) as e:
+            plain.completions.create(**kw, extra_body=extra)
+        assert e.value.body["message"] == message
+    # their "off" values are accepted, as llama-server's clients send them by default
+    off = {"typical_p": 1.0, "mirostat": 0, "grammar": "", "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+    assert plain.completions.create(**kw, temperature=0, extra_body=off).choices[0].text == greedy

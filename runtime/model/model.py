@@ -43,7 +43,7 @@ from runtime.model.weights import ModelWeights
 from runtime.text.chat_prompt import chat_ids
 from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
-from runtime.text.tool_calls import END_THINK, forced_call, starts_in_reasoning
+from runtime.text.tool_calls import END_THINK, check_tools, forced_call, starts_in_reasoning
 
 
 class Model:
@@ -513,11 +513,8 @@ class Model:
         (OpenAI function specs) are offered. tool_choice: "auto", "none", "required" or
         {"type": "function", "function": {"name": ...}} (the reply then starts a call).
         max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python."""
-        named = isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict) \
-            and isinstance(tool_choice["function"].get("name"), str)
-        if tool_choice not in ("auto", "none", "required") and not named:
-            raise StepstreamError(f"tool_choice must be 'auto', 'none', 'required' or "
-                                  f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}")
+        check_tools(tools, tool_choice)  # the server's rules: a forced call needs tools, and names one of them
+        named = isinstance(tool_choice, dict)
         check_roles(messages)
         offered = tools if tools and tool_choice != "none" else None
         ids = self.chat_tokens(messages, tools=offered)

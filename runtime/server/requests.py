@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 
 from runtime.base.errors import StepstreamError
 from runtime.generation.sampling import SamplingParams
 from runtime.text.chat_template import ROLES
+from runtime.text.tool_calls import ToolSpecError, check_tools
 
 MAX_STOPS = 4  # as OpenAI
+# llama-server request fields stepstream does not implement, with the value that turns each off
+OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
+            "top_n_sigma": -1.0, "grammar": "", "json_schema": {}}
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
-TOOL_SHAPE = "{'type': 'function', 'function': {'name': ..., 'parameters': ...}}"  # a tool, for messages
 
 
 class ApiError(Exception):
@@ -146,6 +147,9 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
         _range(name, _get(body, name, (int, float), 0), -2, 2)
         if body.get(name):  # refused, not ignored: a client that asks for one must not get free text silently
             raise ApiError(400, f"'{name}' is not supported (only 0)", param=name, code="unsupported")
+    for name, off in OFF_ONLY.items():  # llama-server's other samplers and constraints: refused unless off
+        if body.get(name) not in (None, off):
+            raise ApiError(400, f"'{name}' is not supported (only {json.dumps(off)})", param=name, code="unsupported")
     if _get(body, "logit_bias", (dict,)):
         raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported")
     fmt = _get(body, "response_format", (dict,))
@@ -163,8 +167,18 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     if not isinstance(include_usage, bool):
         raise ApiError(400, "'stream_options.include_usage' must be a boolean", param="stream_options",
                        code="invalid_type")
-    # OpenAI's sampling is temperature and top_p alone: top-k, min-p and the repeat penalty are off.
-    params = SamplingParams(temperature=float(temperature), top_k=0, top_p=float(top_p), min_p=0.0, seed=seed)
+    # OpenAI's sampling is temperature and top_p alone: top-k, min-p and the repeat penalty are off
+    # unless a request sets them (llama-server's fields, which its clients send).
+    top_k = _get(body, "top_k", (int,), 0)
+    _range("top_k", top_k, 0, 2**31 - 1)  # 0: off
+    min_p = _get(body, "min_p", (int, float), 0.0)
+    _range("min_p", min_p, 0, 1)
+    repeat_penalty = _get(body, "repeat_penalty", (int, float), 1.0)
+    _range("repeat_penalty", repeat_penalty, 0.01, 100)  # 1: off
+    repeat_last_n = _get(body, "repeat_last_n", (int,), 64)
+    _range("repeat_last_n", repeat_last_n, 0, 2**31 - 1)
+    params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
+                            repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed)
     return Common(max_tokens if max_tokens is not None else default_max_tokens, params, tuple(stop), stream,
                   include_usage)
 
@@ -215,30 +229,11 @@ def chat_body(body: dict) -> ChatBody:
             raise ApiError(400, f"{where}.tool_calls must be a list of {{'function': {{'name': ..., 'arguments': ...}}}} "
                                 "on an assistant message", param=f"{where}.tool_calls", code="invalid_value")
     tools = _get(body, "tools", (list,))
-    if tools is not None:
-        for i, t in enumerate(tools):
-            if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
-                    and isinstance(t["function"].get("name"), str)):
-                raise ApiError(400, f"tools[{i}] must be {TOOL_SHAPE}", param=f"tools[{i}]", code="invalid_value")
-            if not TOOL_NAME.fullmatch(t["function"]["name"]):
-                raise ApiError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, got "
-                                    f"{json.dumps(t['function']['name'])[:80]}", param=f"tools[{i}].function.name",
-                               code="invalid_value")
-            if not isinstance(t["function"].get("parameters", {}), dict):
-                raise ApiError(400, f"tools[{i}].function.parameters must be a JSON Schema object",
-                               param=f"tools[{i}].function.parameters", code="invalid_value")
     tool_choice = _get(body, "tool_choice", (str, dict), "auto")
-    if tool_choice != "auto" and tool_choice != "none" and not tools:
-        raise ApiError(400, f"'tool_choice' {json.dumps(tool_choice)[:80]} needs 'tools'", param="tool_choice",
-                       code="invalid_value")
-    if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
-        raise ApiError(400, f"'tool_choice' must be auto, none, required or a function, got {tool_choice!r}",
-                       param="tool_choice", code="invalid_value")
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) else None
-        if name not in {t["function"]["name"] for t in tools or []}:
-            raise ApiError(400, f"'tool_choice' names the function {name!r}, which is not among 'tools'",
-                           param="tool_choice", code="invalid_value")
+    try:
+        check_tools(tools, tool_choice)
+    except ToolSpecError as e:
+        raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
     logprobs = None
     if _get(body, "logprobs", (bool,), False):
         logprobs = _get(body, "top_logprobs", (int,), 0)

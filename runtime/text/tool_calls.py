@@ -33,8 +33,12 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
+from runtime.base.errors import StepstreamError
+
 THINK, END_THINK = "<think>", "</think>"
 CALL, END_CALL = "<tool_call>", "</tool_call>"
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+TOOL_SHAPE = "{'type': 'function', 'function': {'name': ..., 'parameters': ...}}"  # a tool, for messages
 
 _FUNCTION = re.compile(r"\s*<function=([^<>\n]+)>(.*)</function>\s*", re.S)
 _PARAMETER = re.compile(r"\s*<parameter=([^<>\n]+)>(.*?)</parameter>", re.S)
@@ -52,6 +56,42 @@ class ParsedReply:
     content: str | None  # None when there is none (OpenAI's null beside tool calls)
     reasoning: str | None
     tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+class ToolSpecError(StepstreamError):
+    """`tools` or `tool_choice` that no reply could honour; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_tools(tools, tool_choice) -> None:
+    """Refuse tool specs the chat template cannot render and a tool_choice that no reply could
+    honour: "required" or a named function without `tools`, or a function not among them. The
+    server and the Python API apply the same rules."""
+    if tools is not None and not isinstance(tools, list):
+        raise ToolSpecError(f"'tools' must be a list of {TOOL_SHAPE}, got {type(tools).__name__}", "tools")
+    for i, t in enumerate(tools or []):
+        if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+                and isinstance(t["function"].get("name"), str)):
+            raise ToolSpecError(f"tools[{i}] must be {TOOL_SHAPE}", f"tools[{i}]")
+        if not TOOL_NAME.fullmatch(t["function"]["name"]):
+            raise ToolSpecError(f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, got "
+                                f"{json.dumps(t['function']['name'])[:80]}", f"tools[{i}].function.name")
+        if not isinstance(t["function"].get("parameters", {}), dict):
+            raise ToolSpecError(f"tools[{i}].function.parameters must be a JSON Schema object",
+                                f"tools[{i}].function.parameters")
+    if not isinstance(tool_choice, (str, dict)) or (isinstance(tool_choice, str)
+                                                     and tool_choice not in ("auto", "none", "required")):
+        raise ToolSpecError(f"'tool_choice' must be auto, none, required or {{'type': 'function', 'function': "
+                            f"{{'name': ...}}}}, got {tool_choice!r}", "tool_choice")
+    if tool_choice not in ("auto", "none") and not tools:
+        raise ToolSpecError(f"'tool_choice' {json.dumps(tool_choice)[:80]} needs 'tools'", "tool_choice")
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) else None
+        if name not in {t["function"]["name"] for t in tools}:
+            raise ToolSpecError(f"'tool_choice' names the function {name!r}, which is not among 'tools'", "tool_choice")
 
 
 def new_call_id() -> str:
