@@ -67,6 +67,7 @@ def _reply(conv: Conversation, text: str, out) -> None:
     """Stream one reply to `out`; Ctrl-C stops it (the conversation keeps what was shown)."""
     pieces = conv.reply(text)
     mid_line = False  # a notice in the middle of a reply starts a line of its own
+    wrote = False  # a message refused before any reply ends no line on stdout
     try:
         for piece in pieces:
             if isinstance(piece, Notice):
@@ -76,12 +77,13 @@ def _reply(conv: Conversation, text: str, out) -> None:
             else:
                 out.write(piece)
                 out.flush()
-                mid_line = True
+                mid_line = wrote = True
     except KeyboardInterrupt:
         pieces.close()  # runs the conversation's bookkeeping when the interrupt came outside it
         out.write("\n")
         out.flush()
         print("[reply stopped]", file=sys.stderr, flush=True)
         return
-    out.write("\n")
-    out.flush()
+    if wrote:
+        out.write("\n")
+        out.flush()

@@ -318,6 +318,11 @@ def load_model(args):
                                   if model.placement is not None else "nothing streams"), file=sys.stderr)
     elif model.placement is not None:
         print(model.placement.text(), file=sys.stderr)
+    forced = getattr(args, "mtp", None)
+    if isinstance(forced, int) and forced > model.n_mtp:  # a forced draft length the file cannot give
+        print(f"{model.file.path}: " + (f"{model.n_mtp} MTP head{'s' if model.n_mtp > 1 else ''}; --mtp {forced} "
+                                        f"drafts at most {model.n_mtp}" if model.n_mtp else
+                                        f"no MTP heads; --mtp {forced} decodes without drafting"), file=sys.stderr)
     report_warm_up(model)
     return model
 

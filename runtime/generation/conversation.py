@@ -63,7 +63,8 @@ class Conversation:
         alone = len(self.model.chat_tokens(self.messages[: self._kept] + self.messages[-1:]))
         if alone + 1 > n_ctx:  # it cannot fit even without the earlier turns: drop nothing
             self.messages.pop()
-            yield Notice(f"this message needs {alone} tokens with the system prompt, more than the context "
+            yield Notice(f"this message needs {alone} tokens{' with the system prompt' if self._kept else ''}, "
+                         f"more than the context "
                          f"of {n_ctx}: not sent (shorten it, or start with a larger --ctx-size)")
             return
         shown: list[str] = []
