@@ -1,14 +1,21 @@
 """`stepstream synth`'s output: checked before any work, never overwritten without --force, and
-the temporary file of a killed run removed by the next run to the same output, as `convert` does."""
+the temporary file of a killed run removed by the next run to the same output, as `convert` does.
+A file its file system cannot hold is refused before writing, and a disk that fills up mid-write
+is one line (the disk cases on a real tmpfs, mounted when the tests run as root)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
+from runtime.bench import synth
 from runtime.cli import main as cli_main
 
 TINY = ["--moe-layers", "1", "--hidden", "256", "--heads", "2", "--heads-sliding", "4", "--kv-heads", "1",
@@ -71,3 +78,68 @@ def test_killed_runs_temporary_files_are_removed(tmp_path):
             assert all(p.exists() for p in kept + [other])
         finally:
             live.kill()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real tmpfs of 8 MB (root only): mount(8), then umount."""
+    mnt = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_an_output_that_cannot_fit_is_refused_before_writing(tmpfs, capsys):
+    (tmpfs / "filler").write_bytes(b"x" * 7_000_000)  # about 1 MB left for a 2.6 MB file
+    out = tmpfs / "s.gguf"
+    assert cli_main(["synth", str(out), *TINY]) == 2
+    line = error_line(capsys)
+    assert str(out) in line and "needs 2.6 MB (2,613,088 bytes)" in line and "free" in line, line
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"]
+
+
+def test_a_disk_filling_up_mid_write_is_one_line(tmpfs, capsys, monkeypatch):
+    """The file system fills up (another process's file) after the first tensor's blocks: one
+    line naming the output and the error, exit 2, and no temporary file left."""
+    real, calls = synth.random_blocks, []
+
+    def fill_the_disk_then(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with open(tmpfs / "filler", "wb") as f:
+                with pytest.raises(OSError) as e:
+                    while True:
+                        f.write(b"x" * 65536)
+                        f.flush()
+                assert e.value.errno == errno.ENOSPC
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "random_blocks", fill_the_disk_then)
+    out = tmpfs / "s.gguf"
+    assert cli_main(["synth", str(out), *TINY]) == 2
+    line = error_line(capsys)
+    assert str(out) in line and "No space left on device" in line and "of 2.6 MB" in line, line
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("layers", [["--moe-layers", "100000"], ["--moe-layers", "45", "--dense-layers", "1"]])
+def test_more_layers_than_the_real_model_are_refused(tmpfs, capsys, layers):
+    """On a small tmpfs, so that a synth that took them would fill it and not the test machine's disk."""
+    out = tmpfs / "s.gguf"
+    assert cli_main(["synth", str(out), *TINY, *layers]) == 2
+    line = error_line(capsys)
+    assert "--moe-layers" in line and "45" in line, line
+    assert list(tmpfs.iterdir()) == []
+
+
+def test_the_real_models_depth_is_accepted(tmp_path):
+    out = tmp_path / "s.gguf"
+    assert cli_main(["synth", str(out), *TINY, "--moe-layers", "42", "--dense-layers", "3"]) == 0
+    assert out.stat().st_size > 0

@@ -18,7 +18,9 @@ engines on it. Text in it spells bytes and those filler names; the benchmarks dr
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -80,6 +82,7 @@ def _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n
 
 
 MIN_VOCAB = 258  # the 256 byte tokens, one filler, the end token
+MAX_LAYERS = 45  # Step-3.5-Flash's blocks (3 dense, 42 MoE): a synth file is at most the real model's depth
 
 
 def add_placeholder_vocab(writer: gguf.GGUFWriter, vocab: int) -> None:
@@ -178,6 +181,10 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
             raise StepstreamError(f"synth: {name}={v} must be >= 0")
     if moe_layers + dense_layers < 1:
         raise StepstreamError("synth: the model needs at least one layer")
+    if moe_layers + dense_layers > MAX_LAYERS:
+        raise StepstreamError(f"synth: --moe-layers {moe_layers} and --dense-layers {dense_layers} make "
+                              f"{moe_layers + dense_layers} layers; Step-3.5-Flash has {MAX_LAYERS} (3 dense, 42 MoE), "
+                              f"the most synth writes")
     for name, v in (("hidden", hidden), ("expert_ffn", expert_ffn), ("shared_ffn", shared_ffn), ("dense_ffn", dense_ffn)):
         if v <= 0 or v % 256:
             raise StepstreamError(f"synth: {name}={v} must be a positive multiple of 256 (Q4_K/Q6_K blocks)")
@@ -199,27 +206,26 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
     _check_output(out, force)
     remove_stale_parts(out)
     _remove_legacy_parts(out)
+    writer = gguf.GGUFWriter(path=None, arch=ARCH)
+    add_hparams(writer, cfg, "synth-step35", FILE_TYPE.get(qtype, FILE_TYPE["q4_k"]))
+    add_placeholder_vocab(writer, vocab)
+    for s, t, n in plan:
+        writer.add_tensor_info(s.gguf_name, s.shape, np.dtype(np.float32), n, raw_dtype=t)
+    header = _header(writer)
+    total = _file_bytes(len(header), [n for _, _, n in plan], writer.data_alignment)
+    _check_space(out, total)
     tmp = part_name(out)
     try:  # opened before any work: a place where no file can be made fails here, in one line
         f = open(tmp, "wb")
     except OSError as e:
         raise StepstreamError(f"{out}: cannot write the synthetic model: cannot create {tmp.name} in "
                               f"{out.parent.absolute()} ({e.strerror})") from None
-    writer = gguf.GGUFWriter(path=None, arch=ARCH)
-    total = sum(n for _, _, n in plan)
     bar = None
     try:
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="synth", dynamic_ncols=True)
-        add_hparams(writer, cfg, "synth-step35", FILE_TYPE.get(qtype, FILE_TYPE["q4_k"]))
-        add_placeholder_vocab(writer, vocab)
-        for s, t, n in plan:
-            writer.add_tensor_info(s.gguf_name, s.shape, np.dtype(np.float32), n, raw_dtype=t)
-        writer.fout, writer.state = [f], WriterState.EMPTY  # the file opened above; the writer opens none
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        f.write(header)
         for k, (s, t, n) in enumerate(plan):
             writer.write_padding(f, f.tell())
             start = f.tell()
@@ -240,16 +246,73 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
         os.fsync(f.fileno())  # the rename must never publish bytes that are not on disk
         f.close()
         publish(tmp, out, force)
+    except OSError as e:  # a full disk, a file system gone read-only, an I/O error: the part goes below
+        at = _tell(f)
+        _discard(f, tmp)
+        raise StepstreamError(f"{out}: cannot write the synthetic model ({e.strerror or e}) after "
+                              f"{_mb(at)} of {_mb(total)}; nothing was written under that name") from None
     except BaseException:
-        try:
-            f.close()
-        finally:
-            tmp.unlink(missing_ok=True)
+        _discard(f, tmp)
         raise
     finally:
         if bar:
             bar.close()
     return out
+
+
+def _header(writer: gguf.GGUFWriter) -> bytes:
+    """Everything before the tensor data (header, metadata, tensor infos), as convert.converter
+    builds it: in memory, so that the file's size is known before anything is written."""
+    buf = io.BytesIO()
+    writer.fout, writer.state = [buf], WriterState.EMPTY  # the writer then opens no file
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.fout = None
+    return buf.getvalue()
+
+
+def _file_bytes(header: int, tensors: list[int], align: int) -> int:
+    """The file's size: the header, then each tensor's data padded to the alignment."""
+    size = header
+    for n in tensors:
+        size += -size % align + n
+    return size
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _check_space(out: Path, needed: int) -> None:
+    """Refuse, before writing, a file its file system cannot hold (as `convert` does)."""
+    try:
+        free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    except OSError:
+        return
+    if needed > free:
+        raise StepstreamError(f"{out}: the synthetic model needs {_mb(needed)} ({needed:,} bytes), but its file "
+                              f"system has {_mb(free)} ({free:,} bytes) free")
+
+
+def _tell(f) -> int:
+    try:
+        return f.tell()
+    except (OSError, ValueError):  # closed
+        return 0
+
+
+def _discard(f, tmp: Path) -> None:
+    """Close and remove the temporary file; a close that fails (the data it flushes has no room)
+    or a file system gone read-only does not hide the error that stopped the run."""
+    try:
+        f.close()
+    except OSError:
+        pass
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def synth_timed(path, **kw) -> tuple[Path, int, float]:
