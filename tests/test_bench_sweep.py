@@ -10,8 +10,12 @@ import json
 import mmap
 import os
 import re
+import signal
 import statistics
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -227,3 +231,181 @@ def test_a_real_sweep_on_the_shipped_model(tmp_path, monkeypatch, capsys):
         assert 0 < run["cgroup_max_usage"] <= 600 * MiB
         assert roomy["engines"][engine]["decode_tok_s_median"] == run["decode_tok_s"]
     assert roomy["engines"]["stepstream"]["runs"][0]["cache_slots"] >= slots
+
+
+# ---------------------------------------------------------------- interrupted, and where the outputs go
+
+def _groups_of(pid: int) -> list[Path]:
+    return sorted(Path("/sys/fs/cgroup/memory").glob(f"stepstream-{pid}-*"))
+
+
+def _clean(group: MemoryCap) -> None:
+    """Whatever the code under test left: kill the group's processes and remove it."""
+    for pid in [int(p) for p in (group.path / "cgroup.procs").read_text().split()] if group.path.exists() else []:
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        try:
+            group.path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+IGNORES_SIGINT = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+
+
+def test_ctrl_c_kills_and_waits_for_the_child_and_removes_the_group():
+    """A real SIGINT to this process while its child (which ignores it, as a child busy in a
+    kernel loop does for a while) runs under the cap: the child is killed and reaped, and the
+    group is gone when the `with` block ends."""
+    need_cgroup()
+    group = MemoryCap(GiB)
+    fired = threading.Event()
+
+    def ctrl_c():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (group.path / "cgroup.procs").exists():
+            time.sleep(0.01)
+        while time.monotonic() < deadline and not (group.path / "cgroup.procs").read_text().split():
+            time.sleep(0.01)
+        fired.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with group:
+                group.run([sys.executable, "-c", IGNORES_SIGINT], capture_output=True, text=True, timeout=60)
+        assert fired.is_set()
+        assert not group.path.exists()
+    finally:
+        _clean(group)
+
+
+def test_a_process_the_child_started_is_killed_with_it():
+    """The child times out and is killed; what it started is still in the group, and is killed too."""
+
+    need_cgroup()
+    group = MemoryCap(GiB)
+    try:
+        with group:
+            with pytest.raises(subprocess.TimeoutExpired):
+                group.run(["sh", "-c", "sleep 60 & wait"], timeout=0.5)
+        assert not group.path.exists()
+    finally:
+        _clean(group)
+
+
+def test_groups_of_dead_sweeps_are_removed_by_the_next():
+    need_cgroup()
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    root = Path("/sys/fs/cgroup/memory")
+    stale = root / f"stepstream-{child.pid}-0123abcd"  # a sweep killed with SIGKILL left it
+    alive = root / f"stepstream-{os.getppid()}-0123abcd"  # a running process's: kept
+    other = root / f"other-{child.pid}-0123abcd"  # not ours: kept
+    for p in (stale, alive, other):
+        p.mkdir()
+    try:
+        lines = []
+        sweep._check_cgroup(log=lines.append)
+        assert not stale.exists() and alive.exists() and other.exists()
+        assert len(lines) == 1 and stale.name in lines[0]
+    finally:
+        for p in (stale, alive, other):
+            if p.exists():
+                p.rmdir()
+
+
+def test_a_cap_that_did_not_run_is_never_ok(tmp_path):
+    opts = sweep.SweepOptions(model=str(tmp_path / "m.gguf"), caps=tuple(sweep.parse_caps("25%,100%")), repeats=2)
+    caps = [{"cap": "25%", "cap_bytes": GiB, "share_of_file": 0.25, "budget": GiB,
+             "runs": {"stepstream": [_ok(10.0, 30.0, GiB, GiB, GiB)]}},
+            {"cap": "100%", "cap_bytes": 4 * GiB, "share_of_file": 1.0, "budget": 3 * GiB, "runs": {"stepstream": []}}]
+    report = sweep.summarize(opts, 4 * GiB, 900 * MiB, 2 * GiB, caps, state="interrupted")
+    assert report["state"] == "interrupted"
+    assert report["not_run"] == [{"cap": "25%", "engine": "stepstream", "runs": 1},
+                                 {"cap": "100%", "engine": "stepstream", "runs": 2}]
+    full = report["caps"][1]["engines"]["stepstream"]
+    assert full["status"] == "not run" and full["runs_ok"] == 0 and full["decode_tok_s_median"] is None
+    table = sweep.table_text(report)
+    assert "0/0 ok" not in table and "not run" in table.splitlines()[2]
+    assert table.splitlines()[-1] == "interrupted; not run: cap 25% stepstream (1 of 2), cap 100% stepstream (2 of 2)"
+
+
+def test_an_interrupted_sweep_says_so_and_leaves_no_group(tmp_path):
+    """Ctrl-C (SIGINT to the sweep's process group, as a terminal sends it) while the first capped
+    run is under way: exit 130, no memory group of the sweep left, and the JSON, in the directory
+    given as --sweep-out, says it was interrupted and that neither cap ran."""
+    need_cgroup()
+    out = tmp_path / "results"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "bench", "-m", str(MODEL), "--sweep-ram",
+                             "600MiB,700MiB", "-n", "4", "-p", "8", "-t", "1", "--sweep-out", f"{out}/"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            busy = [g for g in _groups_of(proc.pid) if (g / "cgroup.procs").read_text().split()]
+            if busy:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        left = _groups_of(proc.pid)
+        for g in left:
+            _clean(MemoryCap(0, name=g.name))
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert left == []
+    assert sorted(p.name for p in out.iterdir()) == ["bench-sweep.json"]
+    report = json.loads((out / "bench-sweep.json").read_text())
+    assert report["state"] == "interrupted"
+    assert report["not_run"] == [{"cap": "600MiB", "engine": "stepstream", "runs": 1},
+                                 {"cap": "700MiB", "engine": "stepstream", "runs": 1}]
+    assert {c["engines"]["stepstream"]["status"] for c in report["caps"]} == {"not run"}
+    assert "interrupted; not run: cap 600MiB stepstream (1 of 1), cap 700MiB stepstream (1 of 1)" in stdout
+
+
+@pytest.mark.parametrize("given, expected", [("DIR", "DIR/bench-sweep"), ("DIR/", "DIR/bench-sweep"),
+                                             ("DIR/s", "DIR/s"), ("DIR/s.json", "DIR/s"), ("DIR/new/", "DIR/new/bench-sweep")])
+def test_a_directory_as_sweep_out_means_bench_sweep_in_it(tmp_path, given, expected):
+    got = sweep.output_paths(given.replace("DIR", str(tmp_path)))
+    want = expected.replace("DIR", str(tmp_path))
+    assert got == (Path(want + ".json"), Path(want + ".png"))
+
+
+@pytest.mark.parametrize("existing", ["bench-sweep.json", "bench-sweep.png"])
+def test_an_earlier_sweeps_output_is_kept_unless_forced(tmp_path, capsys, existing):
+    earlier = tmp_path / existing
+    earlier.write_text("an hour of measurements")
+    assert main(["bench", "-m", str(MODEL), "--sweep-ram", "50%", "--sweep-out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(earlier) in err and "already exists" in err and "--force" in err, err
+    assert earlier.read_text() == "an hour of measurements"
+    assert sweep.output_paths(str(tmp_path), force=True)[0] == tmp_path / "bench-sweep.json"
+
+
+def test_an_unreadable_cap_names_the_flag(capsys):
+    assert main(["bench", "-m", str(MODEL), "--sweep-ram", "abc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--sweep-ram" in err and "'abc'" in err, err
+
+
+def test_a_sweep_where_no_cap_can_run_is_refused(tmp_path, capsys):
+    """1 MiB is below what stepstream needs (measured by the uncapped footprint run): nothing
+    would run, so the sweep says so in one line, exits 2 and writes nothing."""
+    need_cgroup()
+    rc = main(["bench", "-m", str(MODEL), "--sweep-ram", "1MiB", "-n", "2", "-p", "4", "-t", "1",
+               "--sweep-out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "no cap can run stepstream" in err and "1MiB" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,12 @@ that loads the kernels), its peak RSS and the bytes it read from storage (/proc/
 which counts O_DIRECT reads and mmap page faults alike); the parent adds the cgroup's peak
 usage. The JSON holds every run; the PNG (matplotlib, the `plot` extra) draws the median
 decode tok/s of each engine against the cap.
+
+The JSON is rewritten (under a temporary name, then renamed) after every run, its "state"
+"running"; at the end "complete". Ctrl-C or SIGTERM stops the run in progress (its child killed
+and its memory group removed), and the JSON then says "interrupted" and lists in "not_run" each
+cap and engine whose runs did not all run; an engine that did not run at all has the status
+"not run", never "ok".
 """
 
 from __future__ import annotations
@@ -35,13 +41,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
+from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache, remove_stale_groups, run_process
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
 from runtime.base.units import parse_bytes
 from runtime.bench.streaming import FILE_WORKING_SET, MARGIN, open_llama_streaming, rss_anon_bytes
 
 ENGINES = ("stepstream", "llama.cpp")
+OUT_NAME = "bench-sweep"  # the outputs' name in a directory given as --sweep-out
 PLOT_HINT = "for the plot, install matplotlib: pip install 'stepstream[plot]'"
 
 
@@ -74,11 +81,31 @@ def parse_caps(text: str) -> list[Cap]:
             continue
         if re.fullmatch(r"[0-9]*\.?[0-9]+", item):
             raise StepstreamError(f"--sweep-ram: {item!r} has no unit; give a share of the file (35%) or a size (6GiB)")
-        n = parse_bytes(item)  # a StepstreamError naming the item when unreadable
+        try:
+            n = parse_bytes(item)
+        except StepstreamError as e:
+            raise StepstreamError(f"--sweep-ram: {e}") from None
         if n <= 0:
             raise StepstreamError(f"--sweep-ram: a cap must be more than 0 bytes, got {item}")
         caps.append(Cap(item, nbytes=n))
     return caps
+
+
+def output_paths(prefix: str, force: bool = False) -> tuple[Path, Path]:
+    """--sweep-out PREFIX -> (PREFIX.json, PREFIX.png); a directory (one that exists, or a path
+    ending in /) -> DIR/bench-sweep.*, and a PREFIX ending in .json or .png loses it. Either file
+    existing is refused unless `force`: a sweep takes many minutes at real widths, and its results
+    are not replaced silently."""
+    if prefix.endswith(("/", os.sep)) or Path(prefix).is_dir():
+        base = Path(prefix) / OUT_NAME
+    else:
+        base = Path(re.sub(r"\.(json|png)$", "", prefix))
+    paths = base.with_name(base.name + ".json"), base.with_name(base.name + ".png")
+    for path in paths:
+        if os.path.lexists(path) and not force:
+            raise StepstreamError(f"--sweep-out {prefix}: {path} already exists (an earlier sweep's); give another "
+                                  "--sweep-out, or add --force to replace it")
+    return paths
 
 
 def schedule(n_caps: int, engines: tuple[str, ...] | list[str], repeats: int) -> list[tuple[int, str, int]]:
@@ -216,7 +243,7 @@ def run_child(spec: dict, cap_bytes: int | None, timeout: float) -> dict:
     cap = MemoryCap(cap_bytes) if cap_bytes is not None else None
     with cap if cap is not None else contextlib.nullcontext():
         try:
-            r = (cap.run if cap else subprocess.run)(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            r = (cap.run if cap else run_process)(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             r = None
         usage = {"cgroup_max_usage": cap.max_usage, "oom_kills": cap.oom_kills} if cap else {}
@@ -295,7 +322,11 @@ def measure_footprint(o: SweepOptions, smallest: int) -> int:
     return probe["rss_anon_bytes"] - probe["cache_bytes"] + FILE_WORKING_SET
 
 
-def _check_cgroup() -> None:
+def _check_cgroup(log=print) -> None:
+    """A memory group can be made here; groups that killed sweeps left behind are removed first."""
+    stale = remove_stale_groups()
+    if stale:
+        log(f"removed {len(stale)} memory cgroup(s) that killed runs left behind: {', '.join(stale)}")
     try:
         with MemoryCap(2**30):
             pass
@@ -305,9 +336,10 @@ def _check_cgroup() -> None:
 
 def run_sweep(o: SweepOptions, log=print, after_run=None) -> dict:
     """Every engine under every cap, alternating, -r times; the report (see summarize).
-    after_run(report so far) is called after each run: a sweep takes hours at real widths, and one
-    stopped halfway keeps what it measured."""
-    _check_cgroup()
+    after_run(report so far) is called after each run, and once more, with the state
+    "interrupted", when Ctrl-C or SIGTERM stops the sweep (which then goes on as KeyboardInterrupt):
+    a sweep takes hours at real widths, and one stopped halfway keeps what it measured."""
+    _check_cgroup(log)
     file_bytes = os.path.getsize(o.model)
     smallest, slots = smallest_cache(o.model)
     footprint = measure_footprint(o, smallest) if "stepstream" in o.engines else 0
@@ -317,6 +349,20 @@ def run_sweep(o: SweepOptions, log=print, after_run=None) -> dict:
     log(f"{Path(o.model).name}: {size_text(file_bytes)}; our footprint beside the expert cache "
         f"{size_text(footprint)}; smallest cache {slots} experts ({size_text(smallest)}); so a cap needs "
         f"{size_text(minimum)} for stepstream")
+    if o.engines == ("stepstream",) and all(row["budget"] < smallest for row in caps):
+        raise StepstreamError(f"--sweep-ram {','.join(c.text for c in o.caps)}: no cap can run stepstream, which needs "
+                              f"a cap of {size_text(minimum)} ({minimum:,} bytes) on {Path(o.model).name}; nothing ran")
+    try:
+        _run_all(o, caps, footprint, minimum, smallest, slots, log, after_run, file_bytes)
+    except KeyboardInterrupt:
+        if after_run is not None:
+            after_run(summarize(o, file_bytes, footprint, minimum, caps, state="interrupted"))
+        raise
+    return summarize(o, file_bytes, footprint, minimum, caps)
+
+
+def _run_all(o: SweepOptions, caps: list[dict], footprint: int, minimum: int, smallest: int, slots: int, log,
+             after_run, file_bytes: int) -> None:
     plan = schedule(len(caps), o.engines, o.repeats)
     for i, (ci, engine, rep) in enumerate(plan, 1):
         row = caps[ci]
@@ -332,8 +378,7 @@ def run_sweep(o: SweepOptions, log=print, after_run=None) -> dict:
         row["runs"][engine].append(res)
         log(f"{head} {run_text(res)}")
         if after_run is not None:
-            after_run(summarize(o, file_bytes, footprint, minimum, caps))
-    return summarize(o, file_bytes, footprint, minimum, caps)
+            after_run(summarize(o, file_bytes, footprint, minimum, caps, state="running"))
 
 
 def run_text(res: dict) -> str:
@@ -355,8 +400,9 @@ def _median(runs: list[dict], key: str) -> float | None:
 def engine_summary(runs: list[dict]) -> dict:
     ok = [r for r in runs if r["status"] == "ok"]
     statuses = sorted({r["status"] for r in runs})
-    return {"status": "ok" if len(ok) == len(runs) else statuses[0] if len(statuses) == 1 else "partial",
-            "runs_ok": len(ok), "decode_tok_s_median": _median(runs, "decode_tok_s"),
+    status = ("not run" if not runs else "ok" if len(ok) == len(runs) else statuses[0] if len(statuses) == 1
+              else "partial")
+    return {"status": status, "runs_ok": len(ok), "decode_tok_s_median": _median(runs, "decode_tok_s"),
             "decode_tok_s_runs": [r.get("decode_tok_s") for r in ok],
             "prefill_tok_s_median": _median(runs, "prefill_tok_s"),
             "peak_rss_bytes_max": max((r["peak_rss_bytes"] for r in ok), default=None),
@@ -378,13 +424,17 @@ def pair_ratio(runs: dict[str, list[dict]]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-def summarize(o: SweepOptions, file_bytes: int, footprint: int, minimum: int, caps: list[dict]) -> dict:
-    """The report: the settings, then per cap its size and, per engine, the medians and every run."""
+def summarize(o: SweepOptions, file_bytes: int, footprint: int, minimum: int, caps: list[dict],
+              state: str = "complete") -> dict:
+    """The report: the settings, the state ("running", "complete" or "interrupted") and the runs
+    not (yet) run, then per cap its size and, per engine, the medians and every run."""
     rows = [{**{k: v for k, v in row.items() if k != "runs"},
              "engines": {e: {**engine_summary(runs), "runs": runs} for e, runs in row["runs"].items()},
              "decode_ratio_median": pair_ratio(row["runs"])}
             for row in caps]
-    return {"model": str(o.model), "file_bytes": file_bytes, "engines": list(o.engines), "repetitions": o.repeats,
+    not_run = [{"cap": row["cap"], "engine": e, "runs": o.repeats - len(runs)}
+               for row in caps for e, runs in row["runs"].items() if len(runs) < o.repeats]
+    return {"state": state, "not_run": not_run, "model": str(o.model), "file_bytes": file_bytes, "engines": list(o.engines), "repetitions": o.repeats,
             "n_prompt": o.n_prompt, "n_gen": o.n_gen, "threads": o.threads or os.cpu_count(), "batch": o.batch,
             "seed": o.seed, "prefetch": o.prefetch, "fill_cache": o.fill_cache, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
             "footprint_bytes": footprint, "margin_bytes": MARGIN, "stepstream_minimum_cap_bytes": minimum,
@@ -404,17 +454,32 @@ def table_text(report: dict) -> str:
         for engine, s in row["engines"].items():
             peak = size_text(s["cgroup_max_usage_max"]) if s["cgroup_max_usage_max"] is not None else "-"
             read = s["bytes_read_median"] / 1e9 if s["bytes_read_median"] is not None else None
-            note = f"{s['runs_ok']}/{len(s['runs'])} ok" + (f"; {'; '.join(s['reasons'])}" if s["reasons"] else "")
+            if s["status"] in ("not run", "does not fit"):  # nothing ran: no "0/1 ok"
+                note = s["status"] + (f": {'; '.join(s['reasons'])}" if s["reasons"] else "")
+            else:
+                note = f"{s['runs_ok']}/{len(s['runs'])} ok" + (f"; {'; '.join(s['reasons'])}" if s["reasons"] else "")
             if engine == "stepstream" and row.get("decode_ratio_median") is not None:
                 note += f"; {row['decode_ratio_median']:.2f}x llama.cpp (median of paired runs)"
             lines.append(f"{row['cap']:>8} {size_text(row['cap_bytes']):>9} {engine:>11} "
                          f"{num(s['decode_tok_s_median'], 13)} {num(s['prefill_tok_s_median'], 14)} "
                          f"{peak:>12} {num(read, 8)} {num(s['wall_seconds_median'], 7, '.0f')}  {note}")
+    if report.get("state") == "interrupted":
+        lines.append("interrupted; not run: " + (", ".join(f"cap {n['cap']} {n['engine']} ({n['runs']} of "
+                                                          f"{report['repetitions']})" for n in report["not_run"])
+                                                 or "none"))
     return "\n".join(lines)
 
 
 def write_json(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    """Under a temporary name, then renamed: an interruption mid-write leaves the previous report whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_plot(report: dict, path: Path) -> str | None:
@@ -442,7 +507,7 @@ def write_plot(report: dict, path: Path) -> str | None:
             s = r["engines"][engine]
             if s["decode_tok_s_median"] is None:
                 ax.scatter([x], [0], marker="x", color=color)
-                ax.annotate("does not fit" if s["status"] == "does not fit" else "failed", (x, 0),
+                ax.annotate(s["status"] if s["status"] in ("does not fit", "not run") else "failed", (x, 0),
                             textcoords="offset points", xytext=(4, 4 + 10 * k), fontsize=7, color=color)
     ax.set_xticks(gib, [f"{x:.1f}\n{r['cap']}" for x, r in zip(gib, rows)], fontsize=8)
     ax.set_xlabel("RAM cap: GiB, and as given (a share of the model file or a size)")
@@ -453,7 +518,14 @@ def write_plot(report: dict, path: Path) -> str | None:
     ax.set_title(f"{Path(report['model']).name} ({report['file_bytes'] / 2**30:.1f} GiB), {report['threads']} threads, "
                  f"{report['n_gen']} tokens, cgroup memory cap, page cache evicted", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a plot being replaced stays whole until renamed
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return None
 
 

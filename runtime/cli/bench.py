@@ -51,7 +51,10 @@ def add_arguments(p) -> None:
                         "stepstream (and llama.cpp with --llama-cpp) under each, -r times, alternating, with the "
                         "page cache evicted before every run")
     g.add_argument("--sweep-out", default="bench-sweep", metavar="PREFIX",
-                   help="where the sweep writes PREFIX.json (after every run) and PREFIX.png (default: bench-sweep)")
+                   help="where the sweep writes PREFIX.json (after every run) and PREFIX.png (default: bench-sweep); "
+                        "a directory (an existing one, or a path ending in /) means DIR/bench-sweep.json and .png")
+    g.add_argument("--force", action="store_true",
+                   help="with --sweep-ram: replace the JSON and PNG of an earlier sweep at --sweep-out (refused without)")
     g.add_argument("--sweep-timeout", type=positive_int, default=1800, metavar="S",
                    help="seconds after which a sweep run is stopped and recorded as failed (default: 1800)")
 
@@ -181,7 +184,12 @@ SWEEP_EXCLUDES = (("ram_budget", "--ram-budget"), ("stream", "--stream"), ("no_s
 
 
 def run_sweep(args) -> int:
-    from runtime.bench.sweep import SweepOptions, parse_caps, run_sweep as sweep, table_text, write_json, write_plot
+    import signal
+    import threading
+
+    from runtime.base.errors import raise_terminated
+    from runtime.bench.sweep import (SweepOptions, output_paths, parse_caps, run_sweep as sweep, table_text, write_json,
+                                     write_plot)
     from runtime.base.system import choose_wait_policy
     from runtime.cli.common import writable_output
 
@@ -192,8 +200,9 @@ def run_sweep(args) -> int:
     if (args.cache_type_k, args.cache_type_v) != ("f16", "f16"):
         raise StepstreamError("--cache-type-k/-v do not go with --sweep-ram: both engines' runs keep the "
                               "default f16 KV cache")
-    out_json = writable_output(Path(args.sweep_out + ".json"), "sweep results")
-    out_png = writable_output(Path(args.sweep_out + ".png"), "sweep plot")
+    out_json, out_png = output_paths(args.sweep_out, args.force)
+    writable_output(out_json, "sweep results")
+    writable_output(out_png, "sweep plot")
     choose_wait_policy(args.threads)  # once here, so that both engines' children inherit the same policy
     opts = SweepOptions(model=args.model, caps=tuple(caps),
                         engines=("stepstream", "llama.cpp") if args.llama_cpp else ("stepstream",),
@@ -202,7 +211,25 @@ def run_sweep(args) -> int:
                         fill_cache=args.fill_cache,
                         direct_io=not args.no_direct_io, cache_policy=args.cache_policy, activations=args.activations,
                         timeout=args.sweep_timeout)
-    report = sweep(opts, log=lambda line: print(line, flush=True), after_run=lambda r: write_json(r, out_json))
+    last = {}
+
+    def keep(report: dict) -> None:
+        last["report"] = report
+        write_json(report, out_json)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None  # `kill` cleans up as Ctrl-C
+    try:
+        report = sweep(opts, log=lambda line: print(line, flush=True), after_run=keep)
+    except KeyboardInterrupt:
+        if last.get("report", {}).get("state") == "interrupted":
+            print(table_text(last["report"]), flush=True)
+            print(f"wrote {out_json} (interrupted: its \"state\" says so, and \"not_run\" lists what did not run)",
+                  flush=True)
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(table_text(report))
     write_json(report, out_json)
     hint = write_plot(report, out_png)
