@@ -9,11 +9,13 @@ memory and nothing else running.
 
 The hit rate of the expert cache comes from, in order of preference:
     a routing trace (.npz, `stepstream profile --trace`): replayed by offload.simulate under
-        the policy `run` would use, at the planned slot count (a trace of another model: at
-        the same share of its experts);
+        the policy `run` would use, at the planned slot count;
     an expert profile (.json, `stepstream profile`): `run --profile` pins the hottest half of
         the slots and runs LRU on the rest; LRU's rate on the rest is Che's approximation under
-        independent requests with the profile's frequencies;
+        independent requests with the profile's frequencies.
+Either must have been recorded on this very file (its name and size, and for a trace its MoE
+layers, experts and top-k), as `run --profile` requires of a profile: another model's routing
+says nothing of this one's.
     neither: uniform routing, slots / experts. This is what a random router gives: on a synth
         file's trace (2 MoE layers x 64 experts, top-8, 2000 random tokens) offload.simulate
         measured LRU at 23.8% with 25% of the experts and 48.6% with 50%. A trained router
@@ -56,6 +58,7 @@ from runtime.base.options import RuntimeOptions
 from runtime.base.system import RESERVE_FRACTION, RESERVE_MIN, choose_wait_policy, memory_limit
 
 PIN_SHARE = 0.5  # offload.placement.build_streaming pins this share of the slots from a profile
+GBPS_RANGE = (0.01, 10_000.0)  # rates outside it are typing slips: a floppy disk to ten times HBM
 
 
 # ---------------------------------------------------------------- sizes from the header
@@ -163,15 +166,15 @@ def _hit_rate(source: str | None, path: Path, slots: int, n_experts: int, top_k:
         from offload.trace import RoutingTrace
 
         trace = RoutingTrace.load(src)
+        trace.check_model(src, path, layers, top_k)
         if slots >= n_experts:
             return fits
+        if trace.tokens == 0:
+            raise StepstreamError(f"{src}: the routing trace holds no tokens; record one on some text "
+                                  "(`stepstream profile -m MODEL -f TEXT --trace T.npz`)")
         keys = simulate.requests(trace.ids, trace.n_expert)
-        total = int(trace.n_expert.sum())
-        same = trace.model == path.name and trace.model_bytes == path.stat().st_size
-        n = slots if same else max(trace.top_k, round(total * slots / n_experts))
-        rate = float(simulate.lru(keys, min(n, total)).mean())
-        where = "this model" if same else f"{trace.model}, at the same share ({n} of {total} experts)"
-        return rate, f"LRU replay of the routing trace {src.name} ({trace.tokens} tokens of {where})"
+        rate = float(simulate.lru(keys, slots).mean())
+        return rate, f"LRU replay of the routing trace {src.name} ({trace.tokens} tokens of this model)"
     from offload.profile import ExpertProfile
 
     prof = ExpertProfile.load(src, path)
@@ -196,12 +199,13 @@ class Plan:
     expert_bytes: int  # one routed expert (the largest layer's: a cache slot)
     streams: bool  # False: the whole file fits and every expert stays mapped
     memory: str  # the limit the budget comes from
-    ram_bytes: int  # what that limit leaves for the model
+    ram_bytes: int  # the memory that limit is of: --ram, else this machine's (or its cgroup's limit)
+    usable_bytes: int  # what that limit leaves for the model: after the reserve and what others use
     resident_bytes: int  # non-expert weights copied to RAM
     kv_bytes: int  # the KV cache at n_ctx
     kv_types: tuple[str, str]  # its key and value types (--cache-type-k/v)
     runtime_bytes: int  # the runtime's own memory with a full context (kv_bytes included)
-    reserve_bytes: int  # kept back by the limit for the OS and the runtime (ram_bytes is what is left)
+    reserve_bytes: int  # kept back by the limit for the OS and the runtime (usable_bytes is what is left)
     cache_bytes: int
     cache_slots: int
     n_experts: int
@@ -234,7 +238,7 @@ class Plan:
             f"plan for {self.model}: {self.file_bytes / gb:.1f} GB, {self.moe_layers} MoE layers x "
             f"{self.experts_per_layer} experts of {self.expert_bytes / 2**20:.2f} MiB, top-{self.top_k}; "
             f"context {self.n_ctx}",
-            f"memory: {self.memory}: {size_text(self.ram_bytes)} for the model",
+            f"memory: {self.memory}: {size_text(self.usable_bytes)} for the model",
             f"placement: {size_text(self.resident_bytes)} resident (attention, shared experts, dense, head); "
             f"KV cache {size_text(self.kv_bytes)} at {self.n_ctx} positions ({kv_types_text(self.kv_types)}); runtime "
             f"{size_text(self.runtime_bytes - self.kv_bytes)}"
@@ -258,8 +262,10 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
               cache_type_v: str = "f16") -> Plan:
     """The plan for the GGUF at `path` on a machine with `ram` bytes (None: this machine), its
     KV cache in the given types (run's defaults unless given)."""
-    if disk_gbps <= 0 or (ram_gbps is not None and ram_gbps <= 0):
-        raise StepstreamError(f"disk and RAM rates must be positive (disk {disk_gbps} GB/s, RAM {ram_gbps} GB/s)")
+    lo, hi = GBPS_RANGE
+    for flag, rate in (("--disk-gbps", disk_gbps), ("--ram-gbps", ram_gbps)):
+        if rate is not None and not lo <= rate <= hi:
+            raise StepstreamError(f"{flag} {rate:g}: give a rate between {lo:g} and {hi:,.0f} GB/s")
     f = GGUFModelFile(path)
     cfg = ModelConfig.from_gguf(f)
     if n_ctx is not None and n_ctx > cfg.context_length:
@@ -295,7 +301,8 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     missed = (1.0 - hit) * read if streams else 0.0
     compute_s, disk_s = ram_read / (ram_gbps * 1e9), missed / (disk_gbps * 1e9)
     memory = f"--ram {size_text(ram)}, as an idle host's {limit.text()}" if ram is not None else limit.text()
-    return Plan(f.path.name, f.nbytes, ctx, len(table.layers), cfg.n_expert, K, slot, streams, memory, usable,
+    return Plan(f.path.name, f.nbytes, ctx, len(table.layers), cfg.n_expert, K, slot, streams, memory,
+                ram if ram is not None else limit.limit, usable,
                 resident, kv, types, RUNTIME_ANON + LIBRARY_PAGES + kv, limit.reserve,
                 slots * slot if streams else 0, slots, n_experts, slots / len(table.layers), hit, source,
                 ram_gbps, ram_src, disk_gbps, ram_read, missed, compute_s, disk_s,

@@ -251,14 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     try:
+        policies = [s.strip() for s in args.policies.split(",") if s.strip()]
+        if not policies:
+            raise StepstreamError(f"--policies {args.policies!r}: name at least one of {', '.join(POLICIES)}")
         trace = RoutingTrace.load(args.trace)
+        if trace.tokens == 0 or len(trace.layers) == 0:
+            raise StepstreamError(f"{args.trace}: the routing trace holds no requests ({trace.tokens} tokens, "
+                                  f"{len(trace.layers)} MoE layers); record one on some text with "
+                                  "`stepstream profile -m MODEL -f PROMPTS.txt --trace T.npz`")
         n_keys = int(trace.n_expert.sum())
         pct = args.slots_pct if args.slots_pct is not None else ([] if args.slots else [25, 50])
         sizes = sorted(set(args.slots + [max(trace.top_k, round(n_keys * v / 100)) for v in pct]))
         too_big = [n for n in sizes if n > n_keys]
         if too_big:
             raise StepstreamError(f"--slots {too_big[0]} exceeds the trace's {n_keys} experts")
-        rep = report(trace, sizes, [s.strip() for s in args.policies.split(",") if s.strip()])
+        rep = report(trace, sizes, policies)
     except StepstreamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

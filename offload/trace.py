@@ -47,6 +47,13 @@ class RoutingTrace:
                                   "(expected [T, L, K], [L], [L])")
         if L and T and (self.ids.min() < 0 or (self.ids >= self.n_expert[None, :, None]).any()):
             raise StepstreamError(f"routing trace of {self.model}: an expert id lies outside 0..n_expert-1 of its layer")
+        if L and T and K > 1:  # a router picks K different experts; a repeat would be replayed as a hit
+            same = np.diff(np.sort(self.ids, axis=2), axis=2) == 0  # [T, L, K-1]
+            if same.any():
+                t, j, _ = np.argwhere(same)[0]
+                raise StepstreamError(f"routing trace of {self.model}: token {t} names expert "
+                                      f"{int(np.sort(self.ids[t, j])[np.flatnonzero(same[t, j])[0]])} twice in MoE "
+                                      f"layer {int(self.layers[j])}; a token's {K} experts are all different")
 
     @property
     def tokens(self) -> int:
@@ -55,6 +62,21 @@ class RoutingTrace:
     @property
     def top_k(self) -> int:
         return self.ids.shape[2]
+
+    def check_model(self, path: str | os.PathLike, model_path: str | os.PathLike, n_expert: dict[int, int],
+                    top_k: int) -> None:
+        """Refuse a trace recorded on another file than `model_path` (its name and size, as
+        ExpertProfile.load checks a profile), or whose MoE layers, experts per layer or top-k are
+        not the model's {layer: n_expert} and top_k."""
+        model = Path(model_path)
+        if self.model != model.name or self.model_bytes != model.stat().st_size:
+            raise StepstreamError(f"{path}: routing trace was recorded on {self.model} ({self.model_bytes} bytes), "
+                                  f"not on {model.name}")
+        mine = {int(l): int(e) for l, e in zip(self.layers, self.n_expert)}
+        if mine != n_expert or self.top_k != top_k:
+            raise StepstreamError(f"{path}: routing trace has {len(mine)} MoE layers {sorted(mine)} of "
+                                  f"{sorted(set(mine.values()))} experts, top-{self.top_k}; {model.name} has "
+                                  f"{len(n_expert)} {sorted(n_expert)} of {sorted(set(n_expert.values()))}, top-{top_k}")
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -73,6 +95,9 @@ class RoutingTrace:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RoutingTrace":
         path = Path(path)
+        if _is_json(path):
+            raise StepstreamError(f"{path}: is a JSON expert profile (counts, for `--profile`), not a routing trace; "
+                                  "record a trace with `stepstream profile -m MODEL -f PROMPTS.txt --trace T.npz`")
         try:
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in _FIELDS if k not in z.files]
@@ -90,6 +115,16 @@ class RoutingTrace:
             raise StepstreamError(f"{path}: routing trace ids are {raw['ids'].dtype}, expected integers")
         return cls(raw["ids"].astype(np.int16), raw["layers"].astype(np.int32), raw["n_expert"].astype(np.int32),
                    raw["starts"].astype(np.int64), str(raw["model"]), int(raw["model_bytes"]))
+
+
+def _is_json(path: Path) -> bool:
+    """Whether the file starts as JSON does (an .npz starts "PK"): `stepstream profile`'s counts."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return False  # np.load says why
+    return head[:1] in (b"{", b"[")
 
 
 class TraceRecorder:

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import gguf
@@ -208,12 +209,74 @@ def test_hit_rate_from_a_profile_and_a_trace(tmp_path, tiny_gguf):
     assert "pinned" in source
     ids = np.random.default_rng(1).permuted(np.tile(np.arange(16), (50, 3, 1)), axis=2)[:, :, :4].astype(np.int16)
     tr = tmp_path / "t.npz"
-    RoutingTrace(ids, np.array([1, 2, 3], np.int32), np.full(3, 16, np.int32), np.array([0]), "other.gguf", 1).save(tr)
+    RoutingTrace(ids, np.array([1, 2, 3], np.int32), np.full(3, 16, np.int32), np.array([0]), path.name,
+                 path.stat().st_size).save(tr)
     from offload import simulate as S
 
     rate, source = P._hit_rate(str(tr), path, 24, 48, 4, {1: 16, 2: 16, 3: 16})
     assert rate == pytest.approx(S.lru(S.requests(ids, np.full(3, 16)), 24).mean())
-    assert "same share" in source
+    assert "50 tokens of this model" in source
+
+
+def _trace_of(tmp_path, model: Path, name: str | None = None, size: int | None = None, layers=None, n_expert=None,
+              top_k=None) -> Path:
+    """A routing trace recorded, by its metadata, on `model` (or on what the arguments say)."""
+    from offload.expert_table import build_expert_table
+    from offload.trace import RoutingTrace
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+
+    f = GGUFModelFile(model)
+    cfg = ModelConfig.from_gguf(f)
+    table = build_expert_table(f, cfg)
+    layers = sorted(table.layers) if layers is None else layers
+    n_expert = [table.layers[l].n_expert for l in sorted(table.layers)] if n_expert is None else n_expert
+    k = cfg.n_expert_used if top_k is None else top_k
+    rng = np.random.default_rng(0)  # K different experts a token, as a router picks them
+    ids = np.sort([[rng.permutation(min(n_expert))[:k] for _ in layers] for _ in range(20)], axis=2).astype(np.int16)
+    path = tmp_path / f"trace-{uuid.uuid4().hex[:6]}.npz"
+    RoutingTrace(ids, np.array(layers, np.int32), np.array(n_expert, np.int32), np.array([0]),
+                 model.name if name is None else name, model.stat().st_size if size is None else size).save(path)
+    return path
+
+
+@pytest.mark.parametrize("other", ["model", "size", "layers", "experts", "top_k"])
+def test_a_routing_trace_of_another_model_is_refused(tmp_path, real_shapes, capsys, other):
+    """As a JSON profile of another model is: the trace of the shipped miniature given for the
+    real-shape file, or one whose name and size match but whose shapes do not."""
+    if other == "model":
+        trace = _trace_of(tmp_path, SHIPPED)  # recorded on the miniature
+        named = f"recorded on {SHIPPED.name}"
+    else:
+        n = 42
+        change = {"size": dict(size=1), "layers": dict(layers=list(range(4, 4 + n))),
+                  "experts": dict(n_expert=[256] * n), "top_k": dict(top_k=4)}[other]
+        trace = _trace_of(tmp_path, real_shapes, **change)
+        named = "recorded on real-shapes.gguf (1 bytes)" if other == "size" else "routing trace has 42 MoE layers"
+    rc = main(["plan", "-m", str(real_shapes), "--ram", "64GiB", "--ram-gbps", "20", "--profile", str(trace)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(trace) in err and named in err, err
+    assert "real-shapes.gguf" in err
+
+
+def test_a_json_profile_and_a_trace_of_another_model_are_refused_alike(tmp_path, real_shapes):
+    from offload.profile import ExpertProfile
+
+    prof = tmp_path / "p.json"
+    ExpertProfile(SHIPPED.name, SHIPPED.stat().st_size, {1: [1] * 8}, 10).save(prof)
+    messages = []
+    for p in (prof, _trace_of(tmp_path, SHIPPED)):
+        with pytest.raises(StepstreamError) as e:
+            P.make_plan(real_shapes, ram=64 * 2**30, ram_gbps=20, profile=str(p))
+        messages.append(str(e.value).replace(str(p), "P").replace("routing trace", "profile"))
+    assert messages[0] == messages[1]
+
+
+def test_a_routing_trace_of_this_model_is_replayed(tmp_path, real_shapes):
+    trace = _trace_of(tmp_path, real_shapes)
+    plan = P.make_plan(real_shapes, ram=64 * 2**30, ram_gbps=20, profile=str(trace))
+    assert plan.hit_source.startswith(f"LRU replay of the routing trace {trace.name} (20 tokens of this model)")
+    assert 0 <= plan.hit_rate < 1
 
 
 
@@ -226,3 +289,19 @@ def test_plan_refuses_a_directory_or_unreadable_profile_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "plan", "-m", str(SHIPPED), "--profile", str(d)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "is a directory" in r.stderr
+
+
+@pytest.mark.parametrize("flag, rate", [("--disk-gbps", "1e-300"), ("--ram-gbps", "1e-300"), ("--disk-gbps", "0.001"),
+                                        ("--ram-gbps", "20000")])
+def test_absurd_rates_are_refused_by_flag(real_shapes, capsys, flag, rate):
+    other = ["--ram-gbps", "20"] if flag == "--disk-gbps" else []
+    assert main(["plan", "-m", str(real_shapes), "--ram", "64GiB", flag, rate, *other]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {flag} {float(rate):g}") and "GB/s" in err, err
+
+
+def test_json_ram_bytes_is_the_ram_given_and_usable_bytes_what_is_left(real_shapes, capsys):
+    assert main(["plan", "-m", str(real_shapes), "--ram", "64GiB", "--ram-gbps", "15", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ram_bytes"] == 64 * 2**30
+    assert rep["usable_bytes"] == rep["ram_bytes"] - rep["reserve_bytes"] and 0 < rep["reserve_bytes"] < 64 * 2**30

@@ -216,3 +216,60 @@ def test_trace_refuses_an_id_outside_its_layer():
     with pytest.raises(StepstreamError, match="outside 0..n_expert-1"):
         RoutingTrace(np.full((1, 1, 1), 8, np.int16), np.array([1], np.int32), np.array([8], np.int32),
                      np.array([0]), "m.gguf", 5)
+
+
+# ---------------------------------------------------------------- input the command refuses
+
+def _save(tmp_path, ids, n_expert=8, name="t.npz"):
+    path = tmp_path / name
+    L = ids.shape[1]
+    RoutingTrace(np.asarray(ids, np.int16), np.arange(1, L + 1, dtype=np.int32), np.full(L, n_expert, np.int32),
+                 np.array([0]), "m.gguf", 5).save(path)
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and captured.out == "", captured
+    return lines[0]
+
+
+@pytest.mark.parametrize("policies", ["", " , ", ","])
+def test_no_policy_is_refused(tmp_path, capsys, policies):
+    path = _save(tmp_path, np.tile(np.arange(2), (5, 1, 1)))
+    assert S.main([str(path), "--policies", policies]) == 2
+    line = _one_error_line(capsys)
+    assert "--policies" in line and "lru" in line, line
+
+
+def test_a_token_naming_one_expert_twice_is_refused(tmp_path, capsys):
+    """All K slots of one token the same expert: replayed, the repeats would count as hits."""
+    ids = np.tile(np.arange(4), (6, 2, 1))
+    ids[3, 1] = 5
+    np.savez(tmp_path / "dup.npz", ids=ids.astype(np.int16), layers=np.array([1, 2], np.int32),
+             n_expert=np.array([8, 8], np.int32), starts=np.array([0]), model=np.array("m.gguf"), model_bytes=np.int64(5))
+    assert S.main([str(tmp_path / "dup.npz")]) == 2
+    line = _one_error_line(capsys)
+    assert "token 3 names expert 5 twice in MoE layer 2" in line, line
+    with pytest.raises(StepstreamError, match="twice"):
+        RoutingTrace(ids.astype(np.int16), np.array([1, 2], np.int32), np.array([8, 8], np.int32), np.array([0]),
+                     "m.gguf", 5)
+
+
+def test_an_empty_trace_is_refused(tmp_path, capsys):
+    path = _save(tmp_path, np.zeros((0, 2, 2), np.int16))
+    assert S.main([str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and "no requests (0 tokens" in line and "--trace" in line, line
+
+
+def test_a_json_profile_is_named_as_one(tmp_path, capsys):
+    from offload.profile import ExpertProfile
+
+    prof = tmp_path / "mini.profile.json"
+    ExpertProfile("m.gguf", 5, {1: [3, 1, 0, 2]}, 6).save(prof)
+    assert S.main([str(prof)]) == 2
+    line = _one_error_line(capsys)
+    assert str(prof) in line and "JSON expert profile" in line and "not a routing trace" in line, line
+    assert "stepstream profile" in line and "--trace" in line and "pickled" not in line
