@@ -43,6 +43,18 @@ from runtime.model.matrix import Matrix, make_matrix
 # (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
 RUNTIME_ANON = 40 * 2**20
 LIBRARY_PAGES = 40 * 2**20
+# Buffers and temporaries that grow with the model's widths, beyond RUNTIME_ANON: decode buffers,
+# and prefill's per-chunk activations (n_batch tokens of [hidden]-wide rows and their wider
+# intermediates), which glibc keeps for reuse (runtime.base.system.keep_freed_memory).
+# Measured on a synth file at the real widths (hidden 4096), anonymous memory from load to after
+# warm-up and a 1000-token prompt: +68 MiB at n_batch 64, +168 MiB at 512; this gives 88 and 200
+# MiB with RUNTIME_ANON. At the miniatures' hidden 256 it adds 3 MiB.
+ACTIVATION_BYTES_PER_WIDTH = 64  # per token of the prefill chunk and unit of hidden width
+WIDTH_BYTES = 8 * 2**10  # per unit of hidden width, whatever the chunk
+# The tokenizer (the vocabulary's Python lists and the tokenizers library's BPE tables): measured
+# 95 MiB for the real model's 128,896 tokens. The loader builds it before it reads the memory
+# limits, so that it is part of what they see; `plan`, which reads the header only, counts this.
+TOKENIZER_BYTES_PER_TOKEN = 800
 # Reader threads: the queue depth the disk sees. Measured on the synth file (runtime.bench.streaming
 # prints the curve): a virtio disk capped near 2.5 GB/s reaches it with 1-2 reads of 8 MB in
 # flight, but needs 4 of one expert matrix's 3 MB; more threads only add contention.
@@ -79,13 +91,25 @@ class RuntimeNeeds:
     kv_types: tuple[str, str] = ("f32", "f32")
 
 
+def own_bytes(cfg: ModelConfig, n_batch: int, tokenizer_built: bool) -> int:
+    """The runtime's anonymous memory beside the weights, the expert cache and the KV cache."""
+    activations = cfg.hidden * (n_batch * ACTIVATION_BYTES_PER_WIDTH + WIDTH_BYTES)
+    return RUNTIME_ANON + activations + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
+
+
 def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimit,
-                  kv_types: tuple[str, str] = ("f32", "f32")) -> RuntimeNeeds:
-    """kv_types: the load options' (cache_type_k, cache_type_v) (RuntimeOptions.kv_types)."""
+                  kv_types: tuple[str, str] = ("f32", "f32"), n_batch: int = 64,
+                  tokenizer_built: bool = False) -> RuntimeNeeds:
+    """kv_types: the load options' (cache_type_k, cache_type_v) (RuntimeOptions.kv_types); n_batch:
+    the prefill chunk; tokenizer_built: the process holds the tokenizer already (the loader's case)."""
     kv = kv_cache_bytes(cfg, n_ctx, rollback, kv_types=kv_types)
-    start = RUNTIME_ANON + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY), kv_types=kv_types)
-    full = RUNTIME_ANON + LIBRARY_PAGES + kv
-    return RuntimeNeeds(max(0, start - limit.reserve), max(0, full - limit.reserve), n_ctx, kv, tuple(kv_types))
+    own = own_bytes(cfg, n_batch, tokenizer_built)
+    # The host's reserve covers the runtime's own memory, never the KV cache: at a long context it
+    # can be many GiB (12 GiB for the real model at 256K in f16), which would leave the OS nothing.
+    start = max(0, own - limit.reserve) + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY),
+                                                         kv_types=kv_types)
+    full = max(0, own + LIBRARY_PAGES - limit.reserve) + kv
+    return RuntimeNeeds(start, full, n_ctx, kv, tuple(kv_types))
 
 
 def _map_trunk(weights, n_trunk: int, skip: tuple[str, ...], on_matrix):
@@ -152,7 +176,16 @@ def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, 
                 f"{min_slots} experts" + (f", {size_text(runtime.start)} for the runtime" if runtime.start else "")
                 + f") but the {limit.text()} leaves {size_text(usable)}")
         room = usable - resident - runtime.full
-        return min(max(room, smallest), all_experts), limit.text()
+        if room < smallest:  # it would start, and be OOM-killed (or thrash) as the context fills
+            raise StepstreamError(
+                f"{src}: a full context of {runtime.n_ctx} positions needs "
+                f"{size_text(resident + runtime.full + smallest)} ({size_text(resident)} of resident weights, "
+                f"{size_text(runtime.kv_bytes)} of KV cache ({kv_types_text(runtime.kv_types)}), "
+                f"{size_text(smallest)} for the smallest expert cache: {min_slots} experts"
+                + (f", {size_text(runtime.full - runtime.kv_bytes)} for the runtime" if runtime.full > runtime.kv_bytes
+                   else "") + f") but the {limit.text()} leaves "
+                f"{size_text(usable)}: use a smaller -c, a smaller KV type (-ctk/-ctv q8_0), or more memory")
+        return min(room, all_experts), limit.text()
     need = resident + runtime.start + min(asked, all_experts)
     if need > usable:
         fit = (f"the largest budget that fits is {size_text(start_room)}" if start_room >= smallest

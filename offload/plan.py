@@ -47,7 +47,7 @@ import numpy as np
 
 from offload.direct_io import span_bytes
 from offload.expert_table import build_expert_table
-from offload.placement import LIBRARY_PAGES, RUNTIME_ANON, choose_budget, kv_cache_bytes, kv_types_text, runtime_needs
+from offload.placement import LIBRARY_PAGES, choose_budget, kv_cache_bytes, kv_types_text, own_bytes, runtime_needs
 from offload.provider import slot_bytes_for
 from runtime.base import gguf_schema as N
 from runtime.base.config import ModelConfig
@@ -280,7 +280,7 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     resident = resident_bytes(f, cfg)
     limit = machine_limit(ram)
     usable = limit.free
-    needs = runtime_needs(cfg, ctx, opts.rollback, limit, types)
+    needs = runtime_needs(cfg, ctx, opts.rollback, limit, types, opts.n_batch)  # the tokenizer still to build
     kv = needs.kv_bytes
     streams = f.nbytes + needs.full > usable  # runtime.loader: stream when the mapped file would not fit
     K = cfg.n_expert_used
@@ -303,7 +303,7 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     memory = f"--ram {size_text(ram)}, as an idle host's {limit.text()}" if ram is not None else limit.text()
     return Plan(f.path.name, f.nbytes, ctx, len(table.layers), cfg.n_expert, K, slot, streams, memory,
                 ram if ram is not None else limit.limit, usable,
-                resident, kv, types, RUNTIME_ANON + LIBRARY_PAGES + kv, limit.reserve,
+                resident, kv, types, own_bytes(cfg, opts.n_batch, False) + LIBRARY_PAGES + kv, limit.reserve,
                 slots * slot if streams else 0, slots, n_experts, slots / len(table.layers), hit, source,
                 ram_gbps, ram_src, disk_gbps, ram_read, missed, compute_s, disk_s,
                 1.0 / max(compute_s, disk_s), "disk" if disk_s > compute_s else "compute", 1.0 / (compute_s + disk_s))

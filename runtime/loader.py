@@ -22,6 +22,7 @@ from runtime.base.options import RuntimeOptions
 from runtime.model.experts import InMemoryExperts
 from runtime.model.model import Model
 from runtime.model.weights import expert_bank, load_weights
+from runtime.text.tokenizer import Tokenizer
 
 
 def _streams(opts: RuntimeOptions, file_bytes: int, runtime_bytes: int, usable: int) -> bool:
@@ -42,6 +43,9 @@ def load(path: str | Path, **options) -> Model:
     if opts.n_threads is not None:
         system.set_threads(opts.n_threads)
     system.keep_freed_memory()
+    # Before the limits are read, so that they see its memory (~100 MiB for the real model's
+    # vocabulary); a file it cannot read a tokenizer from still loads, for token ids.
+    tokenizer = _tokenizer_or_none(f)
     weights = load_weights(f, cfg)
     if weights.blocks[0].q.qtype != Q.F32:
         # Quantized weights: BLAS does only small products (router, prefill attention). Its
@@ -49,7 +53,8 @@ def load(path: str | Path, **options) -> Model:
         # threads: measured here, one BLAS thread doubled prefill (90 -> 207 tok/s).
         system.set_blas_threads(1)
     limit, usable = system.memory_limit(), system.usable_memory()
-    runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit, opts.kv_types)
+    runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit, opts.kv_types,
+                            opts.n_batch, tokenizer_built=tokenizer is not None)
     placement = None
     if not _streams(opts, f.nbytes, runtime.full, usable):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
@@ -64,7 +69,14 @@ def load(path: str | Path, **options) -> Model:
         except BaseException:
             provider.close()
             raise
-    return Model(f, cfg, weights, provider, opts, placement, gpu, gpu_placement)
+    return Model(f, cfg, weights, provider, opts, placement, gpu, gpu_placement, tokenizer=tokenizer)
+
+
+def _tokenizer_or_none(f: GGUFModelFile) -> Tokenizer | None:
+    try:
+        return Tokenizer.from_gguf(f)
+    except Exception:  # whatever it was, raised again when text is asked for (Model.tokenizer)
+        return None
 
 
 def _gpu_tier(f: GGUFModelFile, cfg: ModelConfig, weights, provider, opts: RuntimeOptions):

@@ -228,7 +228,7 @@ def _sizes(path):
     cfg = ModelConfig.from_gguf(f)
     resident = resident_size(load_weights(f, cfg), cfg.n_layers)
     runtime = runtime_needs(cfg, min(cfg.context_length, 4096), 16, MemoryLimit("cgroup v1", 0, 0, 0),
-                            RuntimeOptions().kv_types)
+                            RuntimeOptions().kv_types, RuntimeOptions().n_batch, tokenizer_built=True)  # as load
     slot = slot_bytes_for(build_expert_table(f, cfg))
     smallest = (cfg.n_expert_used + max(1, cfg.n_expert_used * 3 // 4)) * slot
     return f.nbytes, resident, runtime, smallest
@@ -236,8 +236,11 @@ def _sizes(path):
 
 def test_runtime_needs_count_the_kv_cache_and_the_hosts_reserve(tiny_gguf):
     from offload.placement import (
+        ACTIVATION_BYTES_PER_WIDTH,
         LIBRARY_PAGES,
         RUNTIME_ANON,
+        TOKENIZER_BYTES_PER_TOKEN,
+        WIDTH_BYTES,
         kv_cache_bytes,
         runtime_needs,
     )
@@ -248,11 +251,15 @@ def test_runtime_needs_count_the_kv_cache_and_the_hosts_reserve(tiny_gguf):
     # tiny: block 0 full-attention, 1-3 sliding (window 16), one KV head of 128 dims
     assert [cfg.sliding[i] for i in range(4)] == [False, True, True, True] and cfg.window == 16
     assert kv_cache_bytes(cfg, 4096, 16) == 2 * 4 * 128 * (4096 + 3 * 32)
-    needs = runtime_needs(cfg, 4096, 16, MemoryLimit("cgroup v1", 0, 0, 0))
-    assert needs.start == RUNTIME_ANON + 2 * 4 * 128 * (256 + 3 * 32)
-    assert needs.full == RUNTIME_ANON + LIBRARY_PAGES + 2 * 4 * 128 * (4096 + 3 * 32)
+    needs = runtime_needs(cfg, 4096, 16, MemoryLimit("cgroup v1", 0, 0, 0))  # n_batch 64, no tokenizer yet
+    own = RUNTIME_ANON + cfg.hidden * (64 * ACTIVATION_BYTES_PER_WIDTH + WIDTH_BYTES) + cfg.vocab * TOKENIZER_BYTES_PER_TOKEN
+    assert needs.start == own + 2 * 4 * 128 * (256 + 3 * 32)
+    assert needs.full == own + LIBRARY_PAGES + 2 * 4 * 128 * (4096 + 3 * 32)
+    built = runtime_needs(cfg, 4096, 16, MemoryLimit("cgroup v1", 0, 0, 0), n_batch=512, tokenizer_built=True)
+    assert built.start - needs.start == cfg.hidden * (512 - 64) * ACTIVATION_BYTES_PER_WIDTH - cfg.vocab * TOKENIZER_BYTES_PER_TOKEN
     host = runtime_needs(cfg, 4096, 16, MemoryLimit("available memory", 0, 0, 0, reserve=2**30))
-    assert (host.start, host.full) == (0, 0)
+    # the host's reserve covers the runtime's own memory, never the KV cache (12 GiB at 256K on the real model)
+    assert (host.start, host.full) == (2 * 4 * 128 * (256 + 3 * 32), 2 * 4 * 128 * (4096 + 3 * 32))
 
 
 def test_default_budget_is_what_the_cgroup_leaves(tiny_gguf, monkeypatch):
@@ -291,12 +298,12 @@ def test_the_hosts_reserve_covers_the_runtime(tiny_gguf, monkeypatch):
     from runtime.loader import load
 
     path = tiny_gguf("q4_k_m")
-    size, resident, _, _ = _sizes(path)
-    free = size // 2
+    size, resident, runtime, _ = _sizes(path)
+    free = size // 2 + runtime.kv_bytes
     fake_limit(monkeypatch, free, kind="available memory", reserve=2**30)
     m = load(path)
     try:
-        assert m.placement.budget_bytes == free - resident
+        assert m.placement.budget_bytes == free - resident - runtime.kv_bytes  # the KV cache is not the reserve's
         assert "(available memory " in m.placement.text()
     finally:
         m.close()
@@ -317,7 +324,15 @@ def test_refused_when_the_smallest_cache_cannot_start(tiny_gguf, monkeypatch):
                           f"weights, {size_text(smallest)} for the smallest expert cache: 7 experts, "
                           f"{size_text(runtime.start)} for the runtime) but the cgroup v1 limit /fake: ")
     assert msg.endswith(f"leaves {size_text(need - 1)}")
-    fake_limit(monkeypatch, need)  # one byte more: it starts, with the smallest cache
+    # One byte more: it could start, but a full context would not fit beside the smallest cache, so
+    # it is refused (it started, and would have been OOM-killed as the context filled).
+    fake_limit(monkeypatch, need)
+    full = resident + runtime.full + smallest
+    with pytest.raises(StepstreamError) as e:
+        load(path)
+    assert str(e.value).startswith(f"{path.name}: a full context of 4096 positions needs {size_text(full)} (")
+    assert str(e.value).endswith("use a smaller -c, a smaller KV type (-ctk/-ctv q8_0), or more memory")
+    fake_limit(monkeypatch, full)  # room for a full context: it starts, with the smallest cache
     m = load(path)
     assert m.placement.budget_bytes == smallest
     m.close()

@@ -119,12 +119,12 @@ def test_generate_reuses_the_cached_prefix(f32_path, model):
     prompt = model.tokenize("import os\nimport sys\n")
     first = greedy_tokens(model, prompt, 5)
     evaluated = []
-    original = model.hidden
-    model.hidden = lambda toks: (evaluated.append(len(toks)), original(toks))[1]
+    original = model._hidden_states  # what eval and hidden evaluate through
+    model._hidden_states = lambda toks, last_only: (evaluated.append(len(toks)), original(toks, last_only))[1]
     try:
         again = greedy_tokens(model, prompt + first[:2], 3)
     finally:
-        del model.hidden
+        del model._hidden_states
     assert again == first[2:5]
     assert evaluated[0] == 1  # only the new last token: the rest was in the cache
     fresh = runtime.load(f32_path, n_ctx=256)

@@ -48,7 +48,8 @@ from runtime.text.tool_calls import END_THINK, check_tools, forced_call, starts_
 
 class Model:
     def __init__(self, file: GGUFModelFile, cfg: ModelConfig, weights: ModelWeights,
-                 provider: ExpertProvider, options: RuntimeOptions, placement=None, gpu=None, gpu_placement=None):
+                 provider: ExpertProvider, options: RuntimeOptions, placement=None, gpu=None, gpu_placement=None,
+                 tokenizer: Tokenizer | None = None):
         self.file = file
         self.cfg = cfg
         self.weights = weights
@@ -78,7 +79,7 @@ class Model:
         # few rows (few_kernels: norm, int8 rounding and GEMV in one call, matmul's bits).
         self._mtp_q8 = [(q8_group([nw.eh_proj], self.int8), q8_group([nw.head], self.int8)) for nw in weights.nextn]
         self._few_proj = few_kernels.build(self.int8) if self.int8 else None
-        self._tokenizer = None
+        self._tokenizer = tokenizer  # None: built on first use
         self._tokens: list[int] = []  # the ids the cache holds, position by position
         self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
         # Bumped by every change to what the cache holds (an evaluation, trim, reset): a generator
@@ -285,17 +286,31 @@ class Model:
 
     def hidden(self, tokens) -> np.ndarray:
         """Evaluate tokens after the cached ones, n_batch at a time; hidden states [T, H] (pre-norm)."""
+        return self._hidden_states(tokens, last_only=False)
+
+    def _hidden_states(self, tokens, last_only: bool) -> np.ndarray:
+        """hidden(tokens), or only its last row [1, H] when last_only and no MTP heads read them:
+        a long prompt's [T, H] rows (16 KiB a token at hidden 4096) are then never all held."""
         start, ids = self.n_past, self._check_tokens(tokens)
-        h = self._atomically(self._hidden, ids)
+        keep = not last_only or self._drafter is not None
+        h = self._atomically(lambda chunk_ids: self._hidden(chunk_ids, keep), ids)
         if self._drafter is not None:  # the MTP heads read the trunk's hidden states later
             self._drafter.record(start, h, ids.tolist())
-        return h
+        return h[-1:] if last_only else h
 
-    def _hidden(self, ids: np.ndarray) -> np.ndarray:
-        out = [self._decode(chunk) if chunk.size == 1 else
-               self._decode_few(chunk) if self._few and chunk.size <= FEW_TOKENS else self._prefill(chunk)
-               for chunk in (ids[a : a + self.options.n_batch] for a in range(0, ids.size, self.options.n_batch))]
-        return np.concatenate(out) if out else np.zeros((0, self.cfg.hidden), np.float32)
+    def _hidden(self, ids: np.ndarray, keep: bool = True) -> np.ndarray:
+        out = []
+        for a in range(0, ids.size, self.options.n_batch):
+            chunk = ids[a : a + self.options.n_batch]
+            h = (self._decode(chunk) if chunk.size == 1 else
+                 self._decode_few(chunk) if self._few and chunk.size <= FEW_TOKENS else self._prefill(chunk))
+            if keep:
+                out.append(h)
+            else:
+                out = [h[-1:].copy()]  # not a view: the chunk's rows are freed
+        if not out:
+            return np.zeros((0, self.cfg.hidden), np.float32)
+        return np.concatenate(out) if len(out) > 1 else out[0]
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, V] float32 of hidden states [T, H]."""
@@ -321,27 +336,28 @@ class Model:
 
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""
-        h = self.hidden(tokens)
+        n = self.n_past
+        h = self._hidden_states(tokens, last_only=not all_logits)
         if h.shape[0] == 0:
             raise StepstreamError("eval needs at least one token")
-        logits = self.output(h) if all_logits else self.output(h[-1:])[0]
+        logits = self.output(h) if all_logits else self.output(h)[0]
         if not np.isfinite(logits).all():
-            self._refuse_non_finite(h, all_logits)
+            self._refuse_non_finite(h, all_logits, self.n_past - n)
         return logits
 
-    def _refuse_non_finite(self, h: np.ndarray, all_logits: bool) -> None:
+    def _refuse_non_finite(self, h: np.ndarray, all_logits: bool, n: int) -> None:
         """Roll back the positions just evaluated and say where NaN/Inf came from: the blocks'
         hidden states, or the output head (output_norm.weight, output.weight) on finite ones.
         Weights that hold NaN or Inf (a damaged file, a bad conversion) end here; sampling from
         such logits would raise deep in numpy or emit nothing."""
-        first = self.n_past - h.shape[0]
-        self.trim(h.shape[0])
+        first = self.n_past - n
+        self.trim(n)
         rows = h if all_logits else h[-1:]
         if not np.isfinite(rows).all():
             where = "the blocks' hidden states are already non-finite"
         else:
             where = "the output head (output_norm.weight, output.weight) holds non-finite values"
-        raise StepstreamError(f"{self.file.path}: NaN or Inf logits at positions {first}..{first + h.shape[0] - 1}: "
+        raise StepstreamError(f"{self.file.path}: NaN or Inf logits at positions {first}..{first + n - 1}: "
                               f"{where}; the evaluation was rolled back")
 
     def logits(self, tokens) -> np.ndarray:
