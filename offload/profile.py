@@ -113,8 +113,8 @@ class RecordingProvider:
 
     @contextmanager
     def held(self, layer: int, ids):
+        self._record(layer, ids)  # a chunk's groups (expert -> rows) count each token's use
         ids = list(ids)
-        self._record(layer, ids)
         with self.inner.held(layer, ids) as got:
             self._fallback = layer if got is None else None
             try:

@@ -33,7 +33,9 @@ def moe(s, w, x: np.ndarray, logits: np.ndarray, experts: ExpertProvider) -> np.
     ids, weights = route(logits, w.router_bias, s.n_expert_used, s.expert_scale, s.expert_norm)  # [T, K]
     groups = group_by_expert(ids)
     if s.int8 and experts.stats is None:  # nothing streams: every expert at hand, in one kernel call
-        with experts.held(s.index, sorted(groups)) as got:
+        # The groups themselves (expert -> its rows), iterating as the experts ascending: a provider
+        # that records routing (offload.profile) sees each token's experts, not the chunk's union.
+        with experts.held(s.index, {e: groups[e] for e in sorted(groups)}) as got:
             if got is not None:  # held once: a provider that counts requests counts this one
                 out = _fused_sum(s, w, x, weights, groups, got)
                 return out if out is not None else _experts_sum(s, w, x, weights, groups, got)
