@@ -261,6 +261,11 @@ def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | s
         resident_size(weights, cfg.n_layers), runtime, slot,
         # the smallest useful cache: one token's experts in one layer, and the next layer's read-ahead
         cfg.n_expert_used + depth, slot * n_experts)
+    if budget_bytes < slot * cfg.n_expert_used:  # an asked budget (the default is at least the smallest cache)
+        raise StepstreamError(f"{f.path.name}: a RAM budget (--ram-budget) of {size_text(budget_bytes)} holds "
+                              f"{budget_bytes // slot} experts of {slot / 2**20:.2f} MiB; at least {cfg.n_expert_used} "
+                              f"are needed (one token's experts in one layer): "
+                              f"{size_text(slot * cfg.n_expert_used)} or more")
     weights, resident = make_resident(weights, cfg.n_layers)
     f.release_pages()  # the copy read the file through its map
     if profile is not None and policy == "lru":

@@ -58,6 +58,10 @@ class ExpertProfile:
     def load(cls, path: str | os.PathLike, model_path: Path | None = None) -> "ExpertProfile":
         path = Path(path)
         try:
+            if path.is_file() and _magic(path) == b"PK":  # numpy's .npz: a zip archive
+                raise StepstreamError(f"{path}: a routing trace (.npz), not an expert profile: --profile takes the "
+                                      f"JSON that `stepstream profile -o P.json` writes (a trace is read by "
+                                      f"`stepstream plan --profile` and `python -m offload.simulate`)")
             raw = json.loads(path.read_text())
             prof = cls(raw["model"], int(raw["model_bytes"]), {int(k): [int(c) for c in v] for k, v in raw["counts"].items()},
                        int(raw.get("tokens", 0)))
@@ -71,6 +75,11 @@ class ExpertProfile:
             raise StepstreamError(f"{path}: profile was recorded on {prof.model} ({prof.model_bytes} bytes), "
                                   f"not on {Path(model_path).name}")
         return prof
+
+
+def _magic(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(2)
 
 
 class RecordingProvider:

@@ -28,7 +28,8 @@ def calls(monkeypatch, tmp_path):
         raise StepstreamError("stopped at the load")
 
     monkeypatch.setattr(runtime.loader, "load", load)
-    (tmp_path / "model.gguf").write_bytes(b"")
+    # a real header: the context is checked from it before the load
+    (tmp_path / "model.gguf").symlink_to(Path(runtime.loader.__file__).parent / "data" / "step35-mini-q4_k_m.gguf")
     (tmp_path / "p.txt").write_text("x = 1\n")
     monkeypatch.chdir(tmp_path)
     return seen

@@ -20,7 +20,8 @@ import numpy as np
 
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy
-from runtime.cli.common import existing_file, non_negative_int, positive_int, read_text_file, writable_output
+from runtime.cli.common import (context_size, existing_file, non_negative_int, positive_int, read_text_file,
+                                writable_output)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,14 +91,15 @@ def run(args: argparse.Namespace) -> int:
         creatable(Path(f"{Path(args.model).stem}.profile.json"), "profile")
     trace_out = creatable(Path(args.trace), "routing trace") if args.trace else None
     choose_wait_policy(args.threads)  # as `run` does: passive OpenMP waits when other processes hold the cores
-    model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
-    if args.n_predict >= model.n_ctx:
-        raise StepstreamError(f"-n {args.n_predict} leaves no room for a prompt in a context of {model.n_ctx} tokens "
-                              f"(raise -c or lower -n)")
+    # From the header, before loading: random tokens are teacher-forced (nothing generated after them)
     if args.random_tokens is not None:
-        if args.random_tokens + args.n_predict > model.n_ctx:
-            raise StepstreamError(f"--random-tokens {args.random_tokens} and -n {args.n_predict} exceed the context of "
-                                  f"{model.n_ctx} tokens (raise -c)")
+        context_size(args, args.random_tokens, f"--random-tokens {args.random_tokens}")
+    n_ctx = context_size(args)
+    if args.random_tokens is None and args.n_predict >= n_ctx:
+        raise StepstreamError(f"-n {args.n_predict} leaves no room for a prompt in a context of {n_ctx} tokens "
+                              f"(raise -c or lower -n)")
+    model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
+    if args.random_tokens is not None:
         prompts = [np.random.default_rng(args.seed).integers(0, model.cfg.vocab, args.random_tokens).tolist()]
     path = Path(model.file.path)
     out = out or writable_output(Path(f"{path.stem}.profile.json"), "profile")

@@ -27,6 +27,9 @@ def prompt_ids(args, prompt: str) -> list[int]:
     n_ctx = context_size(args)
     tok = Tokenizer.from_gguf(GGUFModelFile(args.model))
     ids = tok.encode(prompt, add_bos=tok.add_bos, special=True)
+    if not ids:
+        raise StepstreamError(f"{'-p/--prompt' if args.file is None else args.file}: the prompt is empty "
+                              f"(this model adds no BOS token to start from)")
     if len(ids) > n_ctx:
         raise StepstreamError(f"{'-p/--prompt' if args.file is None else args.file}: the prompt is {len(ids)} tokens, "
                               f"more than the context of {n_ctx} (-c/--ctx-size): shorten it or raise -c")
@@ -49,12 +52,21 @@ def run(args) -> int:
         out.flush()
     t0 = time.perf_counter()
     first = last = None
-    for piece in complete(model, ids, params, max_tokens(args), args.reverse_prompt):
-        if first is None:
-            first = (time.perf_counter(), piece.n_tokens)
-        out.write(piece.text)
-        out.flush()
-        last = piece
+    try:
+        for piece in complete(model, ids, params, max_tokens(args), args.reverse_prompt):
+            if first is None:
+                first = (time.perf_counter(), piece.n_tokens)
+            out.write(piece.text)
+            out.flush()
+            last = piece
+    except BaseException:  # an error or Ctrl-C: its message on a line of its own, and the stats so far
+        try:
+            out.write("\n")
+            out.flush()
+            print_stats(args, model)
+        except OSError:  # a closed stdout: the error that stopped the run matters more
+            pass
+        raise
     timing = GenerationTiming(len(ids), t0, first[0], first[1], time.perf_counter(), last.n_tokens)
     out.write("\n")
     out.flush()  # here, where a closed pipe is caught, not at exit

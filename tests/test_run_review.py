@@ -1,0 +1,81 @@
+"""Fixes from a user review of the real-scale workflow, through the command line: an empty prompt
+found only after loading, an error or Ctrl-C written into the generated text with the --stats
+lost, a too-small --ram-budget that named neither file nor flag, a routing trace given as
+--profile, and profile --random-tokens checked after loading (and counting -n)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import runtime
+from tests.helpers.gguf_edit import rewrite
+
+ROOT = Path(runtime.__file__).resolve().parent.parent
+MODEL = ROOT / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+CLI = [sys.executable, "-m", "runtime.cli"]
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_an_empty_prompt_is_refused_before_loading(tmp_path):
+    no_bos = tmp_path / "no-bos.gguf"
+    rewrite(MODEL, no_bos, change={"tokenizer.ggml.add_bos_token": False})
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for source, named in ((["-p", ""], "-p/--prompt"), (["-f", empty], str(empty))):
+        r = _cli("run", "-m", no_bos, *source, "-n", "2")
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr == f"error: {named}: the prompt is empty (this model adds no BOS token to start from)\n"
+    r = _cli("run", "-m", MODEL, "-p", "", "-n", "2", "-t", "1", "--temp", "0")  # BOS alone: a prompt
+    assert r.returncode == 0, r.stderr
+
+
+def test_ctrl_c_ends_the_text_s_line_and_keeps_the_stats():
+    p = subprocess.Popen([*CLI, "run", "-m", str(MODEL), "-p", "def f():", "-n", "100000", "-c", "8192", "--stats",
+                          "-t", "1", "--ram-budget", "2MiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    line = p.stderr.readline()
+    while b"loading the kernels" not in line:
+        line = p.stderr.readline()
+    time.sleep(2)  # generating
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert out.endswith(b"\n") and len(out) > 20
+    err = err.decode()
+    assert "experts: " in err and "peak RSS" in err  # --stats of what ran
+    assert err.rstrip().endswith("interrupted")
+
+
+def test_a_budget_below_one_token_s_experts_names_the_file_and_the_flag():
+    r = _cli("run", "-m", MODEL, "-p", "hi", "-n", "1", "--ram-budget", "100KiB")
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: {MODEL.name}: a RAM budget (--ram-budget) of 0.1 MiB holds 0 experts of ")
+    assert "at least 4 are needed (one token's experts in one layer): " in r.stderr
+
+
+def test_a_routing_trace_given_as_profile_is_named(tmp_path):
+    trace = tmp_path / "t.npz"
+    np.savez(trace, ids=np.zeros((1, 1, 1), np.int16))
+    r = _cli("run", "-m", MODEL, "-p", "hi", "-n", "1", "--profile", trace)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: {trace}: a routing trace (.npz), not an expert profile: --profile takes the JSON")
+
+
+def test_random_tokens_beyond_the_context_are_refused_before_loading(tmp_path):
+    r = _cli("profile", "-m", MODEL, "--random-tokens", "100000", "-o", tmp_path / "p.json")
+    assert r.returncode == 2 and "loading" not in r.stderr and "profile:" not in r.stderr
+    assert r.stderr.startswith("error: --random-tokens 100000 need 100000 positions, more than the context length")
+    # -n does not count: random tokens are teacher-forced, nothing is generated after them
+    r = _cli("profile", "-m", MODEL, "--random-tokens", "64", "-c", "64", "-n", "16", "-t", "1",
+             "-o", tmp_path / "p.json")
+    assert r.returncode == 0, r.stderr
+    assert "64 tokens" in r.stdout
