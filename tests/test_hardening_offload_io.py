@@ -236,6 +236,12 @@ def test_a_gguf_truncated_while_the_model_has_it_open(q4, reference, tmp_path):
         embed = m.file.tensor("token_embd.weight")
         assert embed.offset + embed.data.nbytes <= cut, "the mapped embedding must stay whole"
         os.truncate(copy, cut)
+        with pytest.raises(StepstreamError) as err:  # seen before the evaluation reads anything
+            m.logits(PROMPT)
+        assert str(err.value).startswith(f"{copy}: the file changed on disk while the model was loaded (it is {cut} "
+                                         f"bytes, it was "), str(err.value)
+        # A cut that comes during an evaluation, after that check: the expert reads name it.
+        m.file.check_unchanged = lambda: None
         with pytest.raises(StepstreamError) as err:
             for _ in range(3):  # the cache evicts, so the cut experts are read again
                 m.logits(PROMPT)

@@ -79,3 +79,36 @@ def test_random_tokens_beyond_the_context_are_refused_before_loading(tmp_path):
              "-o", tmp_path / "p.json")
     assert r.returncode == 0, r.stderr
     assert "64 tokens" in r.stdout
+
+
+SHRINK = """
+import os, shutil, sys
+import runtime
+from runtime.base.errors import StepstreamError
+path, how = sys.argv[1], sys.argv[2]
+m = runtime.load(path, experts="ram", n_threads=1, mtp=0)
+assert len(list(m.generate(m.tokenize("def f():"), max_tokens=4, temperature=0))) == 4
+if how == "shrink":
+    os.truncate(path, 1_000_000)
+else:  # rewritten in place: same size, other bytes
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\\x7f" * 4096)
+try:
+    m.generate(m.tokenize("class Stack:"), max_tokens=4, temperature=0).__next__()
+except StepstreamError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+def test_a_model_file_changed_under_the_map_is_an_error_not_a_bus_error(tmp_path):
+    """A GGUF cut short while `run` was going killed it with SIGBUS (exit 135, no message)."""
+    for how, said in (("shrink", "it is 1000000 bytes, it was "), ("rewrite", "it was written to")):
+        path = tmp_path / f"{how}.gguf"
+        path.write_bytes(MODEL.read_bytes())
+        r = subprocess.run([sys.executable, "-c", SHRINK, str(path), how], capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+        assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+        assert r.stdout.startswith(f"{path}: the file changed on disk while the model was loaded ({said}")
+        assert r.stdout.rstrip().endswith("its mapped weights cannot be read any more: load it again")

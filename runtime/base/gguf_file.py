@@ -10,7 +10,9 @@ spread over all of them. Any part may be named.
 from __future__ import annotations
 
 import mmap
+import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,17 @@ class _Part:
     header: Header
     data: np.memmap
     bytes: memoryview  # the same map; struct reads from it without numpy's per-slice cost
+    fd: int = -1  # held open to see the file change under the map (GGUFModelFile.check_unchanged)
+    stamp: tuple[int, int] = (0, 0)  # (size, mtime in ns) when it was mapped
+
+    def changed(self) -> str | None:
+        """How the file differs from when it was mapped, or None."""
+        st = os.fstat(self.fd)
+        if st.st_size != self.stamp[0]:
+            return f"it is {st.st_size} bytes, it was {self.stamp[0]}"
+        if st.st_mtime_ns != self.stamp[1]:
+            return "it was written to"
+        return None
 
 
 def _open_part(path: Path) -> _Part:
@@ -79,7 +92,11 @@ def _open_part(path: Path) -> _Part:
     except (OSError, ValueError) as e:
         raise StepstreamError(f"{path}: cannot map the file ({e})") from None
     view = memoryview(data)
-    return _Part(path, read_header(view, path), data, view)
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    part = _Part(path, read_header(view, path), data, view, fd, (st.st_size, st.st_mtime_ns))
+    weakref.finalize(part, os.close, fd)
+    return part
 
 
 def _tensor_ref(part: _Part, t: TensorInfo) -> TensorRef:
@@ -151,6 +168,17 @@ class GGUFModelFile:
         if t is None:
             raise StepstreamError(f"{self.path}: tensor {name!r} is missing")
         return t
+
+    def check_unchanged(self) -> None:
+        """Refuse to read the maps of a file that changed on disk since it was opened: a file that
+        shrank would kill the process with SIGBUS at the first page past its new end, and one
+        rewritten in place would feed other weights silently. (A file replaced by a rename or
+        deleted is harmless: the maps keep the old one.)"""
+        for part in self._parts:
+            how = part.changed()
+            if how is not None:
+                raise StepstreamError(f"{part.path}: the file changed on disk while the model was loaded ({how}); "
+                                      f"its mapped weights cannot be read any more: load it again")
 
     def release_pages(self) -> None:
         """Drop the file pages this process touched through the maps (MADV_DONTNEED).

@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 
-from pathlib import Path
 
 from runtime.base.errors import StepstreamError
 from runtime.cli.common import (add_model_args, context_size, load_model, mtp_choice, non_negative_int, positive_int,

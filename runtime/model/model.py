@@ -211,6 +211,7 @@ class Model:
             return step(ids)
         if self.closed:
             raise StepstreamError(f"{self.file.path}: the model was closed; load it again to evaluate")
+        self.file.check_unchanged()  # a file cut short under the map would be a SIGBUS, not an error
         if len(self._tokens) != self.n_past:
             raise CacheStateError(f"the model's history holds {len(self._tokens)} tokens and its cache "
                                   f"{self.n_past} positions: reset the model")
