@@ -409,3 +409,10 @@ def test_a_sweep_where_no_cap_can_run_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "no cap can run stepstream" in err and "1MiB" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_force_without_a_sweep_is_refused(capsys):
+    """--force only lets a sweep replace its outputs; without --sweep-ram it was accepted and ignored."""
+    assert main(["bench", "-m", str(MODEL), "--force"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: --force goes with --sweep-ram (it lets a sweep replace an earlier sweep's JSON and PNG)"

@@ -239,6 +239,8 @@ def run_sweep(args) -> int:
 def run(args) -> int:
     if args.sweep_ram is not None:
         return run_sweep(args)
+    if args.force:  # it replaces a sweep's outputs; a plain bench writes no file
+        raise StepstreamError("--force goes with --sweep-ram (it lets a sweep replace an earlier sweep's JSON and PNG)")
     # Room for the prompt and the decoded tokens (the warm-up's one at least), as llama-bench sizes it.
     context_size(args, args.n_prompt + max(args.n_gen, 1), f"-p {args.n_prompt} and -n {args.n_gen}")
     model = load_model(args)
