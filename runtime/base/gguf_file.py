@@ -9,6 +9,7 @@ spread over all of them. Any part may be named.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -90,13 +91,27 @@ def _open_part(path: Path) -> _Part:
     try:
         data = np.memmap(path, mode="r")
     except (OSError, ValueError) as e:
-        raise StepstreamError(f"{path}: cannot map the file ({e})") from None
+        raise StepstreamError(f"{path}: cannot map the file ({e}){_address_space_hint(path, e)}") from None
     view = memoryview(data)
     fd = os.open(path, os.O_RDONLY)
     st = os.fstat(fd)
     part = _Part(path, read_header(view, path), data, view, fd, (st.st_size, st.st_mtime_ns))
     weakref.finalize(part, os.close, fd)
     return part
+
+
+def _address_space_hint(path: Path, e: Exception) -> str:
+    """Why a map failed for lack of address space: the whole file is mapped (experts too, read
+    through it or streamed), so RLIMIT_AS (`ulimit -v`) must exceed the file's size."""
+    try:
+        import resource
+    except ImportError:
+        return ""
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if getattr(e, "errno", None) != errno.ENOMEM or soft == resource.RLIM_INFINITY or soft < 0:
+        return ""
+    return (f": the address space limit (RLIMIT_AS, `ulimit -v`) is {soft / 2**30:.1f} GiB and the whole "
+            f"{path.stat().st_size / 2**30:.1f} GiB file is mapped; raise it above the file's size plus a few GiB")
 
 
 def _tensor_ref(part: _Part, t: TensorInfo) -> TensorRef:

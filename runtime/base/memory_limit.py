@@ -26,6 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+# Address space a process takes beyond its resident memory, which RLIMIT_AS counts too: glibc
+# reserves 64 MiB per thread that allocates (compute, reader and BLAS threads), each thread's
+# stack, the BLAS library's buffers and the JIT's code sections. Without it a budget that left
+# the address space to the RSS made OpenBLAS's thread start spin on failing mmaps, or LLVM abort
+# ("Unable to allocate section memory"), under `ulimit -v`.
+AS_RESERVE = 1 * 2**30
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,8 @@ class MemoryLimit:
         if self.kind.startswith("cgroup"):
             return f"{self.kind} limit {self.where}: {size_text(self.limit)}, {size_text(self.used)} used"
         if self.kind == "RLIMIT_AS":
-            return f"RLIMIT_AS {size_text(self.limit)}, {size_text(self.used)} of address space mapped"
+            return (f"RLIMIT_AS {size_text(self.limit)}, {size_text(self.used)} of address space mapped, "
+                    f"{size_text(self.reserve)} kept for threads and libraries")
         free = size_text(self.limit - self.used)
         return (f"available memory {free} of {size_text(self.limit)}, less {size_text(self.reserve)} kept for the OS "
                 f"and the runtime")
@@ -184,7 +191,7 @@ def rlimit_as(proc_self: Path) -> list[MemoryLimit]:
     if soft == resource.RLIM_INFINITY or soft < 0:
         return []
     used = _vm_size(proc_self)
-    return [MemoryLimit("RLIMIT_AS", max(0, soft - used), soft, used)]
+    return [MemoryLimit("RLIMIT_AS", max(0, soft - used - AS_RESERVE), soft, used, reserve=AS_RESERVE)]
 
 
 def _vm_size(proc_self: Path) -> int:
