@@ -70,11 +70,15 @@ def save(part: Path, progress: Progress) -> None:
     """Replace the record atomically; the caller has fsynced the data it describes."""
     rec = record_path(part)
     tmp = rec.with_name(rec.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"version": VERSION, "key": progress.key, "done": progress.done, "end": progress.end}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, rec)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"version": VERSION, "key": progress.key, "done": progress.done, "end": progress.end}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, rec)
+    except BaseException:  # a full disk, say: the last record stays, and no half-written one beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load(part: Path) -> Progress | None:

@@ -273,6 +273,10 @@ def test_ctrl_c_kills_and_waits_for_the_child_and_removes_the_group():
         fired.set()
         os.kill(os.getpid(), signal.SIGINT)
 
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("a signal handler can only be set in the main thread")
+    # as a terminal's Ctrl-C would arrive: an xdist worker runs with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=ctrl_c, daemon=True).start()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -281,6 +285,7 @@ def test_ctrl_c_kills_and_waits_for_the_child_and_removes_the_group():
         assert fired.is_set()
         assert not group.path.exists()
     finally:
+        signal.signal(signal.SIGINT, previous)
         _clean(group)
 
 
@@ -345,7 +350,10 @@ def test_an_interrupted_sweep_says_so_and_leaves_no_group(tmp_path):
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "bench", "-m", str(MODEL), "--sweep-ram",
                              "600MiB,700MiB", "-n", "4", "-p", "8", "-t", "1", "--sweep-out", f"{out}/"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # a Ctrl-C reaches it as a terminal's would: an xdist worker has SIGINT ignored,
+                            # and a child inherits that (Python keeps an ignored SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:

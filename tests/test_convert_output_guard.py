@@ -273,3 +273,22 @@ def test_a_shard_tensor_the_index_does_not_name_is_reported(tiny_ckpt, tmp_path)
     s = converter.convert(ckpt, tmp_path / "m.gguf", FTYPE, progress=False)
     assert s.skipped["stray.weight (model-00002-of-00002.safetensors)"] == "in a shard, but not named by the index: not read"
     assert "skipped stray.weight" in s.text()
+
+
+def test_a_record_that_cannot_be_written_leaves_the_last_one_and_no_temporary(tmp_path, monkeypatch):
+    """The disk filled while the progress record was being replaced: its `.part.json.tmp` was left
+    beside the `.part` (seen once in the test above, when the filler won that race)."""
+    from convert import resume
+
+    part = tmp_path / ".m.gguf.1.part"
+    part.write_bytes(b"x")
+    resume.save(part, resume.Progress("k", 1, 2))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resume.os, "fsync", full)
+    with pytest.raises(OSError):
+        resume.save(part, resume.Progress("k", 2, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.gguf.1.part", ".m.gguf.1.part.json"]
+    assert resume.load(part) == resume.Progress("k", 1, 2)

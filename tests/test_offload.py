@@ -337,7 +337,12 @@ def test_auto_streams_only_when_the_model_does_not_fit(q4, monkeypatch):
     m = load(q4)
     assert isinstance(m.provider, InMemoryExperts) and m.placement is None
     m.close()
-    monkeypatch.setattr(system, "usable_memory", lambda: q4.stat().st_size // 2)
+    from offload.placement import kv_cache_bytes
+    from runtime.base.options import RuntimeOptions
+
+    # half the file, and room for the KV cache at the full context (which no reserve covers)
+    kv = kv_cache_bytes(m.cfg, m.n_ctx, RuntimeOptions().rollback, kv_types=RuntimeOptions().kv_types)
+    monkeypatch.setattr(system, "usable_memory", lambda: q4.stat().st_size // 2 + kv)
     s = load(q4)
     try:
         assert s.placement is not None and s.provider.stats is not None
