@@ -274,18 +274,30 @@ def test_matmul_refuses_formats_without_gemm(monkeypatch):
         q8.matmul(w, q8.quantize_activations(np.ones((2, 256), np.float32)), np.empty((2, 4), np.float32))
 
 
+def _q4_k_blocks(path, rows: int, cols: int) -> str:
+    """Q4_K blocks of the (rows, cols) weights the subprocess scripts below draw first from
+    default_rng(0), saved to ``path``: they quantize nothing themselves, since a process with its
+    own cache or Numba target would compile the Q4_K encoder again (30-40 s of a cold run)
+    for weights that are the same in every process."""
+    x = (0.05 * np.random.default_rng(0).standard_normal((rows, cols))).astype(np.float32)
+    np.save(path, quantize(x, T.Q4_K))
+    return str(path)
+
+
 _FALLBACK = """
+import sys
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from quant import pack, quantize, dequantize
+from quant import pack, dequantize
 from quant import int8_kernels as q8
 from quant.int8_kernels import avx2, avx512_vnni
 assert not avx512_vnni.AVAILABLE
 rng = np.random.default_rng(0)
 x = (0.05 * rng.standard_normal((20, 256))).astype(np.float32)
-w = pack(T.Q4_K, quantize(x, T.Q4_K), 20, 256)
+raw = np.load(sys.argv[1])  # quantize(x, T.Q4_K), made by the test (see _q4_k_blocks)
+w = pack(T.Q4_K, raw, 20, 256)
 a = q8.quantize_activations(rng.standard_normal((3, 256)).astype(np.float32))
-W = dequantize(quantize(x, T.Q4_K), T.Q4_K, (20, 256)).astype(np.float64)
+W = dequantize(raw, T.Q4_K, (20, 256)).astype(np.float64)
 xv = (a.q.astype(np.float64).reshape(3, 1, 256) * a.d[:, :, None]).reshape(3, 256)
 if q8.GEMM_FORMATS:
     out = q8.matmul(w, a, np.empty((3, 20), np.float32))
@@ -329,7 +341,8 @@ def test_hosts_without_vnni_fall_back(env, tmp_path):
 
     here = os.path.dirname(__file__)
     path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True, timeout=600,
+    blocks = _q4_k_blocks(tmp_path / "q4_k.npy", 20, 256)
+    r = subprocess.run([sys.executable, "-c", _FALLBACK, blocks], capture_output=True, text=True, timeout=600,
                        env={**os.environ, **env, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": path})
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-2000:]
     if "NUMBA_CPU_FEATURES" in env and avx2.AVAILABLE:
@@ -435,13 +448,14 @@ def test_row_dot_switch_runs_from_python_too():
 
 
 _STEPS = """
+import sys
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from quant import int8_kernels as q8, pack, quantize, dequantize
+from quant import int8_kernels as q8, pack, dequantize
 from quant.int8_kernels import step_library
 rng = np.random.default_rng(0)
 x = (0.05 * rng.standard_normal((37, 512))).astype(np.float32)
-raw = quantize(x, T.Q4_K)
+raw = np.load(sys.argv[1])  # quantize(x, T.Q4_K), made by the test (see _q4_k_blocks)
 a = q8.quantize_activations(rng.standard_normal((11, 512)).astype(np.float32))
 out = q8.matmul(pack(T.Q4_K, raw, 37, 512), a, np.empty((11, 37), np.float32))
 W = dequantize(raw, T.Q4_K, (37, 512)).astype(np.float64)
@@ -462,9 +476,11 @@ def test_gemm_steps_compile_once_then_load(tmp_path):
     import sys
 
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    blocks = _q4_k_blocks(tmp_path / "q4_k.npy", 37, 512)
 
     def run():
-        r = subprocess.run([sys.executable, "-c", _STEPS], capture_output=True, text=True, timeout=600, env=env)
+        r = subprocess.run([sys.executable, "-c", _STEPS, blocks], capture_output=True, text=True, timeout=600,
+                           env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout.split()
 
