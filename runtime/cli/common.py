@@ -179,7 +179,16 @@ def memory_arg(text: str) -> int:
     return value
 
 
-gbps = _checked(float, lambda v: 0 < v <= 1e5, "must be a rate in GB/s, more than 0 and at most 100000", "gbps")
+def gbps(text: str) -> float:
+    """plan's --disk-gbps and --ram-gbps: a rate in offload.plan's range (read when a rate is
+    given, so that the other commands do not import the planner)."""
+    from offload.plan import GBPS_RANGE
+
+    lo, hi = GBPS_RANGE
+    value = _parse(float, text)
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"must be a rate in GB/s from {lo:g} to {hi:,.0f}, got {text}")
+    return value
 
 
 def budget_arg(text: str) -> int:
