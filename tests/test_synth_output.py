@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.base.errors import StepstreamError
 from runtime.bench import synth
 from runtime.cli import main as cli_main
 
@@ -137,6 +138,18 @@ def test_more_layers_than_the_real_model_are_refused(tmpfs, capsys, layers):
     line = error_line(capsys)
     assert "--moe-layers" in line and "45" in line, line
     assert list(tmpfs.iterdir()) == []
+
+
+def test_a_model_without_moe_layers_is_refused(tmp_path, capsys):
+    """synth writes models whose experts stream; one without (which plan would then refuse) is
+    refused in one line, and in the API too."""
+    out = tmp_path / "s.gguf"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["synth", str(out), *TINY, "--moe-layers", "0"])
+    assert e.value.code == 2 and "argument --moe-layers: must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(StepstreamError, match="--moe-layers 0: the model needs at least one MoE layer"):
+        synth.write_synth(out, moe_layers=0, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_real_models_depth_is_accepted(tmp_path):

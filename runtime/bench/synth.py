@@ -176,11 +176,11 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
     An existing `path` is an error unless `force`."""
     if qtype not in QTYPES:
         raise StepstreamError(f"synth: unknown qtype {qtype!r}; choose one of {', '.join(QTYPES)}")
-    for name, v in (("moe_layers", moe_layers), ("dense_layers", dense_layers)):
-        if v < 0:
-            raise StepstreamError(f"synth: {name}={v} must be >= 0")
-    if moe_layers + dense_layers < 1:
-        raise StepstreamError("synth: the model needs at least one layer")
+    if moe_layers < 1:  # what synth is for: experts to stream, place and plan (plan refuses a file without)
+        raise StepstreamError(f"synth: --moe-layers {moe_layers}: the model needs at least one MoE layer, "
+                              f"whose experts stream")
+    if dense_layers < 0:
+        raise StepstreamError(f"synth: --dense-layers {dense_layers} must be 0 or more")
     if moe_layers + dense_layers > MAX_LAYERS:
         raise StepstreamError(f"synth: --moe-layers {moe_layers} and --dense-layers {dense_layers} make "
                               f"{moe_layers + dense_layers} layers; Step-3.5-Flash has {MAX_LAYERS} (3 dense, 42 MoE), "

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("out", type=Path, help="the GGUF file to write (written atomically: a temporary file, then a "
                                           "rename); an existing file is an error unless --force")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--moe-layers", type=non_negative_int, default=3, help="MoE layers (default: 3; the real model has 42; with --dense-layers at most its 45)")
+    p.add_argument("--moe-layers", type=positive_int, default=3, help="MoE layers (default: 3; the real model has 42; with --dense-layers at most its 45)")
     p.add_argument("--dense-layers", type=non_negative_int, default=1, help="leading dense layers (default: 1; real: 3)")
     p.add_argument("--hidden", type=positive_int, default=4096, help="hidden size, a multiple of 256 (default: 4096)")
     p.add_argument("--heads", type=positive_int, default=64, help="query heads of full-attention layers (default: 64)")
