@@ -8,6 +8,7 @@ really are read from disk as the router asks for them.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -75,6 +76,8 @@ def report_warm_up(model, n_prompt: int) -> None:
 
 def run(args) -> int:
     from offload.expert_table import build_expert_table
+    from offload.provider import slot_bytes_for
+    from runtime.base.memory_limit import size_text
     from runtime.base.gguf_file import GGUFModelFile
     from runtime.base.config import ModelConfig
     from runtime.base.system import choose_wait_policy, peak_rss_bytes
@@ -84,7 +87,14 @@ def run(args) -> int:
     params = sampling_params(temperature=args.temp, seed=0)
     path = model_path()
     f = GGUFModelFile(path)
-    expert_bytes = build_expert_table(f, ModelConfig.from_gguf(f)).total_bytes
+    cfg = ModelConfig.from_gguf(f)
+    table = build_expert_table(f, cfg)
+    expert_bytes, smallest = table.total_bytes, slot_bytes_for(table) * cfg.n_expert_used
+    if int(expert_bytes * args.budget_share) < smallest:  # named by demo's own flag, not load's ram_budget
+        raise StepstreamError(f"--budget-share {args.budget_share:g} gives an expert cache of "
+                              f"{size_text(int(expert_bytes * args.budget_share))}, less than one token's "
+                              f"{cfg.n_expert_used} experts of one layer ({size_text(smallest)}): give at least "
+                              f"{math.ceil(1000 * smallest / expert_bytes) / 1000:g}")
     choose_wait_policy(args.threads)  # as `run` does: passive OpenMP waits when other processes hold the cores
     model = load(path, ram_budget=int(expert_bytes * args.budget_share), n_threads=args.threads, n_ctx=N_CTX)
     print(model.placement.text(), file=sys.stderr)

@@ -17,6 +17,23 @@ def add_arguments(p) -> None:
     p.add_argument("--chunks", type=chunk_count, default=-1, help="score at most this many chunks; -1 = all (default: -1)")
 
 
+def _tokens_before_loading(path: str, text: str, n_ctx: int) -> list[int] | None:
+    """The text's tokens by the file's own tokenizer, read from its header before the model (and
+    its kernels) load, so that a text too short is refused at once; None where no tokenizer can
+    be read that way (loading then names what is wrong with the file, or the tokenizer)."""
+    from runtime.base.gguf_file import GGUFModelFile
+    from runtime.generation.perplexity import check_length
+    from runtime.text.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_gguf(GGUFModelFile(path))
+    except Exception:
+        return None
+    tokens = tokenizer.encode(text, add_bos=tokenizer.add_bos, special=False)  # as Model.tokenize
+    check_length(len(tokens), n_ctx)
+    return tokens
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -25,8 +42,10 @@ def run(args) -> int:
     if args.ctx_size < 4:
         raise StepstreamError(f"-c/--ctx-size {args.ctx_size}: perplexity needs a context of at least 4 tokens")
     text = read_text_file(args.file, "text file")
+    tokens = _tokens_before_loading(args.model, text, args.ctx_size)
     model = load_model(args)
-    tokens = model.tokenize(text, add_bos=True, special=False)
+    if tokens is None:
+        tokens = model.tokenize(text, add_bos=True, special=False)
     n_ctx = args.ctx_size
     n = len(tokens) // n_ctx if args.chunks < 0 else min(args.chunks, len(tokens) // n_ctx)
     bar = None

@@ -34,13 +34,20 @@ def chunk_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logz - z[np.arange(len(targets)), targets]
 
 
+def check_length(n_tokens: int, n_ctx: int) -> None:
+    """Refuse a context too small, or a text too short for two chunks of it (the first half of
+    each chunk is context only, as in llama-perplexity)."""
+    if n_ctx < 4:
+        raise StepstreamError(f"context of {n_ctx} tokens is too small for perplexity")
+    if n_tokens < 2 * n_ctx:
+        raise StepstreamError(f"the text has {n_tokens} token{'' if n_tokens == 1 else 's'}; perplexity with a "
+                              f"context of {n_ctx} needs at least {2 * n_ctx}")
+
+
 def perplexity(eval_chunk: Callable[[list[int]], np.ndarray], tokens: list[int], n_ctx: int,
                bos_id: int | None, n_chunks: int | None = None, progress: Iterator | None = None) -> PerplexityResult:
     """eval_chunk(ids) -> logits [len(ids), V] from an empty cache."""
-    if n_ctx < 4:
-        raise StepstreamError(f"context of {n_ctx} tokens is too small for perplexity")
-    if len(tokens) < 2 * n_ctx:
-        raise StepstreamError(f"the text has {len(tokens)} tokens; perplexity with a context of {n_ctx} needs at least {2 * n_ctx}")
+    check_length(len(tokens), n_ctx)
     total = len(tokens) // n_ctx
     n = total if n_chunks is None or n_chunks < 0 else min(n_chunks, total)
     first = n_ctx // 2

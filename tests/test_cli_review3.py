@@ -1,0 +1,64 @@
+"""What a user review of the README and the commands found in the command line: refusals that
+came after loading the model, or named a flag the command does not have.
+
+Reference: the shipped model's expert table (offload.expert_table) for the smallest budget, and
+the model's own tokenizer for the token count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import runtime
+from offload.expert_table import build_expert_table
+from offload.provider import slot_bytes_for
+from runtime.base.config import ModelConfig
+from runtime.base.gguf_file import GGUFModelFile
+from runtime.cli import main
+
+MODEL = str(Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf")
+
+
+def _never_loads(monkeypatch, *modules):
+    def fail(*a, **k):
+        pytest.fail("the model was loaded before the arguments were refused")
+    for module, name in modules:
+        monkeypatch.setattr(module, name, fail)
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_demo_names_its_own_flag_for_a_share_too_small(monkeypatch, capsys):
+    import runtime.loader
+
+    _never_loads(monkeypatch, (runtime.loader, "load"))
+    f = GGUFModelFile(MODEL)
+    cfg = ModelConfig.from_gguf(f)
+    table = build_expert_table(f, cfg)
+    least = slot_bytes_for(table) * cfg.n_expert_used / table.total_bytes
+    share = least * 0.9
+    assert main(["demo", "-n", "2", "--budget-share", f"{share:.4f}"]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"error: --budget-share {float(f'{share:.4f}'):g} gives an expert cache of "), err
+    assert "--ram-budget" not in err
+    given = float(err.rsplit("give at least ", 1)[1])
+    assert least <= given <= least + 0.001
+
+
+@pytest.mark.parametrize("text, n", [("", 1), ("def f():\n    return 1\n", None)])
+def test_perplexity_refuses_a_short_text_before_loading(tmp_path, monkeypatch, capsys, text, n):
+    import runtime.cli.perplexity as ppl
+
+    _never_loads(monkeypatch, (ppl, "load_model"))
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    if n is None:  # counted by the model's tokenizer, BOS included, as the evaluation counts it
+        n = len(runtime.load(MODEL, n_ctx=64).tokenize(text, add_bos=True))
+    assert main(["perplexity", "-m", MODEL, "-f", str(path), "-c", "64"]) == 2
+    plural = "" if n == 1 else "s"
+    assert _error(capsys) == f"error: the text has {n} token{plural}; perplexity with a context of 64 needs at least 128"
