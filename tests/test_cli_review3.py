@@ -62,3 +62,13 @@ def test_perplexity_refuses_a_short_text_before_loading(tmp_path, monkeypatch, c
     assert main(["perplexity", "-m", MODEL, "-f", str(path), "-c", "64"]) == 2
     plural = "" if n == 1 else "s"
     assert _error(capsys) == f"error: the text has {n} token{plural}; perplexity with a context of 64 needs at least 128"
+
+
+@pytest.mark.parametrize("extra, n_ctx", [([], 16 + 4), (["-c", "256"], 256)])
+def test_bench_sizes_its_context_to_the_prompt_and_the_generation(capsys, extra, n_ctx):
+    """As llama-bench: without -c the KV cache holds -p + -n positions (it held the default 4096)."""
+    import json
+
+    assert main(["bench", "-m", MODEL, "-p", "16", "-n", "4", "-r", "1", "--mtp", "0", "--ram-budget", "3MiB",
+                 "--json", *extra]) == 0
+    assert json.loads(capsys.readouterr().out)["placement"]["n_ctx"] == n_ctx

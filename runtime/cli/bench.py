@@ -241,8 +241,12 @@ def run(args) -> int:
         return run_sweep(args)
     if args.force:  # it replaces a sweep's outputs; a plain bench writes no file
         raise StepstreamError("--force goes with --sweep-ram (it lets a sweep replace an earlier sweep's JSON and PNG)")
-    # Room for the prompt and the decoded tokens (the warm-up's one at least), as llama-bench sizes it.
-    context_size(args, args.n_prompt + max(args.n_gen, 1), f"-p {args.n_prompt} and -n {args.n_gen}")
+    # Room for the prompt and the decoded tokens (the warm-up's one at least), and without -c no
+    # more (the KV cache, and a default budget's share of memory, sized for them), as llama-bench.
+    needed = args.n_prompt + max(args.n_gen, 1)
+    context_size(args, needed, f"-p {args.n_prompt} and -n {args.n_gen}")
+    if args.ctx_size is None:
+        args.ctx_size = needed
     model = load_model(args)
     if args.mtp == "auto" and args.n_gen and model.n_mtp == 0:  # a forced length: load_model said so
         print(f"{model.file.path}: no MTP heads; generation is timed without drafting", file=sys.stderr)
