@@ -424,3 +424,24 @@ def test_force_without_a_sweep_is_refused(capsys):
     assert main(["bench", "-m", str(MODEL), "--force"]) == 2
     assert capsys.readouterr().err.strip() == \
         "error: --force goes with --sweep-ram (it lets a sweep replace an earlier sweep's JSON and PNG)"
+
+
+def test_a_new_directory_ending_in_a_slash_is_made_before_any_run(tmp_path):
+    """The help's "a path ending in /": the sweep's outputs go into it, made if new (it was refused
+    when the results were first written, after the first run)."""
+    out = tmp_path / "a" / "b"
+    assert sweep.output_paths(f"{out}/") == (out / "bench-sweep.json", out / "bench-sweep.png")
+    assert out.is_dir()
+
+
+@pytest.mark.parametrize("flag, value", [("--sweep-out", "x/"), ("--sweep-timeout", "60")])
+def test_sweep_flags_without_a_sweep_are_refused(tmp_path, monkeypatch, capsys, flag, value):
+    """A plain bench would have run and ignored them."""
+    import runtime.cli.bench as bench
+
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "-m", str(MODEL), "-p", "8", "-n", "2", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {flag} goes with --sweep-ram (a plain bench writes no sweep and runs no child)", err
+    assert list(tmp_path.iterdir()) == []

@@ -93,11 +93,15 @@ def parse_caps(text: str) -> list[Cap]:
 
 def output_paths(prefix: str, force: bool = False) -> tuple[Path, Path]:
     """--sweep-out PREFIX -> (PREFIX.json, PREFIX.png); a directory (one that exists, or a path
-    ending in /) -> DIR/bench-sweep.*, and a PREFIX ending in .json or .png loses it. Either file
+    ending in /, made here if it does not) -> DIR/bench-sweep.*, and a PREFIX ending in .json or .png loses it. Either file
     existing is refused unless `force`: a sweep takes many minutes at real widths, and its results
     are not replaced silently."""
     if prefix.endswith(("/", os.sep)) or Path(prefix).is_dir():
         base = Path(prefix) / OUT_NAME
+        try:  # a path ending in / names a directory, made now if it is new (before any run is spent)
+            base.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StepstreamError(f"--sweep-out {prefix}: cannot make the directory: {e.strerror or e}") from None
     else:
         base = Path(re.sub(r"\.(json|png)$", "", prefix))
     paths = base.with_name(base.name + ".json"), base.with_name(base.name + ".png")

@@ -49,13 +49,17 @@ def add_arguments(p) -> None:
                    help="comma-separated RAM caps, as shares of the model file (35%%) or sizes (6GiB): run "
                         "stepstream (and llama.cpp with --llama-cpp) under each, -r times, alternating, with the "
                         "page cache evicted before every run")
-    g.add_argument("--sweep-out", default="bench-sweep", metavar="PREFIX",
+    g.add_argument("--sweep-out", default=None, metavar="PREFIX",
                    help="where the sweep writes PREFIX.json (after every run) and PREFIX.png (default: bench-sweep); "
                         "a directory (an existing one, or a path ending in /) means DIR/bench-sweep.json and .png")
     g.add_argument("--force", action="store_true",
                    help="with --sweep-ram: replace the JSON and PNG of an earlier sweep at --sweep-out (refused without)")
-    g.add_argument("--sweep-timeout", type=positive_int, default=1800, metavar="S",
+    g.add_argument("--sweep-timeout", type=positive_int, default=None, metavar="S",
                    help="seconds after which a sweep run is stopped and recorded as failed (default: 1800)")
+
+
+SWEEP_OUT = "bench-sweep"  # --sweep-out's default
+SWEEP_TIMEOUT_S = 1800  # --sweep-timeout's default
 
 
 def _prompt(vocab: int, n: int, seed: int) -> list[int]:
@@ -199,7 +203,7 @@ def run_sweep(args) -> int:
     if (args.cache_type_k, args.cache_type_v) != ("f16", "f16"):
         raise StepstreamError("--cache-type-k/-v do not go with --sweep-ram: both engines' runs keep the "
                               "default f16 KV cache")
-    out_json, out_png = output_paths(args.sweep_out, args.force)
+    out_json, out_png = output_paths(args.sweep_out or SWEEP_OUT, args.force)
     writable_output(out_json, "sweep results")
     writable_output(out_png, "sweep plot")
     choose_wait_policy(args.threads)  # once here, so that both engines' children inherit the same policy
@@ -209,7 +213,7 @@ def run_sweep(args) -> int:
                         batch=args.batch_size, seed=args.seed, prefetch=not args.no_prefetch,
                         fill_cache=args.fill_cache,
                         direct_io=not args.no_direct_io, cache_policy=args.cache_policy, activations=args.activations,
-                        timeout=args.sweep_timeout)
+                        timeout=args.sweep_timeout or SWEEP_TIMEOUT_S)
     last = {}
 
     def keep(report: dict) -> None:
@@ -241,6 +245,9 @@ def run(args) -> int:
         return run_sweep(args)
     if args.force:  # it replaces a sweep's outputs; a plain bench writes no file
         raise StepstreamError("--force goes with --sweep-ram (it lets a sweep replace an earlier sweep's JSON and PNG)")
+    for flag, value in (("--sweep-out", args.sweep_out), ("--sweep-timeout", args.sweep_timeout)):
+        if value is not None:  # a plain bench would run and ignore it
+            raise StepstreamError(f"{flag} goes with --sweep-ram (a plain bench writes no sweep and runs no child)")
     # Room for the prompt and the decoded tokens (the warm-up's one at least), and without -c no
     # more (the KV cache, and a default budget's share of memory, sized for them), as llama-bench.
     needed = args.n_prompt + max(args.n_gen, 1)
