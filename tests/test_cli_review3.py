@@ -72,3 +72,19 @@ def test_bench_sizes_its_context_to_the_prompt_and_the_generation(capsys, extra,
     assert main(["bench", "-m", MODEL, "-p", "16", "-n", "4", "-r", "1", "--mtp", "0", "--ram-budget", "3MiB",
                  "--json", *extra]) == 0
     assert json.loads(capsys.readouterr().out)["placement"]["n_ctx"] == n_ctx
+
+
+@pytest.mark.parametrize("sweep", [[], ["--sweep-ram", "50%"]])
+def test_bench_beside_llama_cpp_without_it_installed_is_refused_first(tmp_path, monkeypatch, capsys, sweep):
+    """Named before any run, ours included (it ran ours, then showed a child's traceback)."""
+    import importlib.util
+
+    import runtime.cli.bench as bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    _never_loads(monkeypatch, (bench, "load_model"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "-m", MODEL, "-p", "8", "-n", "2", "--llama-cpp", *sweep]) == 2
+    assert _error(capsys).startswith("error: --llama-cpp needs llama-cpp-python, which is not installed: pip install")
+    assert list(tmp_path.iterdir()) == []

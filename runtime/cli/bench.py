@@ -15,6 +15,7 @@ its own under each cgroup memory cap in turn, with the page cache evicted first
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -241,6 +242,9 @@ def run_sweep(args) -> int:
 
 
 def run(args) -> int:
+    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:  # before any run, ours included
+        raise StepstreamError("--llama-cpp needs llama-cpp-python, which is not installed: "
+                              "pip install 'llama-cpp-python>=0.3.36' (or the test extras, pip install -e '.[test]')")
     if args.sweep_ram is not None:
         return run_sweep(args)
     if args.force:  # it replaces a sweep's outputs; a plain bench writes no file
