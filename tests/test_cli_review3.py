@@ -88,3 +88,37 @@ def test_bench_beside_llama_cpp_without_it_installed_is_refused_first(tmp_path, 
     assert main(["bench", "-m", MODEL, "-p", "8", "-n", "2", "--llama-cpp", *sweep]) == 2
     assert _error(capsys).startswith("error: --llama-cpp needs llama-cpp-python, which is not installed: pip install")
     assert list(tmp_path.iterdir()) == []
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cmd", [["demo", "-n", "2"], ["profile", "-m", MODEL, "--random-tokens", "4", "-o", "p.json"]])
+def test_the_kv_cache_type_flags_reach_the_model(tmp_path, monkeypatch, cmd):
+    """-ctk/-ctv on every command that loads a model (the README's promise); on profile, `-ctk`
+    had been read as `-c tk`."""
+    import runtime.loader
+
+    seen = {}
+
+    def load(*a, **k):
+        seen.update(k)
+        raise _Loaded
+
+    monkeypatch.setattr(runtime.loader, "load", load)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(_Loaded):
+        main([*cmd, "-ctk", "q8_0", "--cache-type-v", "f32"])
+    assert (seen["cache_type_k"], seen["cache_type_v"]) == ("q8_0", "f32")
+
+
+def test_bench_serve_passes_the_kv_cache_types_to_the_server_and_run():
+    import argparse
+
+    import runtime.cli.bench_serve as bs
+
+    p = argparse.ArgumentParser()
+    bs.add_arguments(p)
+    argv = bs._common(p.parse_args(["-m", MODEL, "-ctk", "q8_0", "-ctv", "q8_0"]))
+    assert argv[argv.index("--cache-type-k") + 1] == "q8_0" and argv[argv.index("--cache-type-v") + 1] == "q8_0"

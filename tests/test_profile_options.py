@@ -43,7 +43,8 @@ def error_line(capsys) -> str:
 
 def test_threads_reach_the_wait_policy_and_the_load(calls):
     assert cli_main(["profile", "-m", "model.gguf", "-f", "p.txt", "-t", "3"]) == 2
-    assert calls == [("wait policy", 3), ("load", {"n_ctx": None, "n_threads": 3})]
+    assert calls == [("wait policy", 3), ("load", {"n_ctx": None, "n_threads": 3, "cache_type_k": "f16",
+                                                   "cache_type_v": "f16"})]
 
 
 def test_threads_default_is_runs(calls):

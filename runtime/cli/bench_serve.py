@@ -23,7 +23,7 @@ import httpx
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy
 from runtime.bench import serve as bench
-from runtime.cli.common import existing_file, positive_float, positive_int
+from runtime.cli.common import add_cache_type_args, existing_file, positive_float, positive_int
 
 DECODE_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
 PARTS = ("reuse", "overhead", "load")  # what --skip leaves out
@@ -36,6 +36,7 @@ def add_arguments(p) -> None:
                    help="context size in tokens, for the server and `stepstream run` (default: model's, at most 4096)")
     p.add_argument("-t", "--threads", type=positive_int, default=None,
                    help="compute threads, for the server and `stepstream run` (default: the libraries' choice)")
+    add_cache_type_args(p)  # for the server and `stepstream run`
     p.add_argument("--conversation-tokens", type=positive_int, default=2000,
                    help="prompt tokens of the prefix-reuse conversation (default: 2000)")
     p.add_argument("--reply-tokens", type=positive_int, default=32,
@@ -57,7 +58,8 @@ def add_arguments(p) -> None:
 
 def _common(args) -> list[str]:
     return ((["--ctx-size", str(args.ctx_size)] if args.ctx_size else [])
-            + (["--threads", str(args.threads)] if args.threads else []))
+            + (["--threads", str(args.threads)] if args.threads else [])
+            + ["--cache-type-k", args.cache_type_k, "--cache-type-v", args.cache_type_v])
 
 
 def serve_argv(model: str, *options: str) -> list[str]:

@@ -15,7 +15,7 @@ import time
 from importlib import resources
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import GenerationTiming, positive_int, share, temperature, token_limit
+from runtime.cli.common import GenerationTiming, add_cache_type_args, positive_int, share, temperature, token_limit
 
 MODEL = "step35-mini-q4_k_m.gguf"
 PROMPT = "def read_config(path):\n    \"\"\"Read a JSON config file and return it as a dict.\"\"\"\n"
@@ -37,6 +37,7 @@ def add_arguments(p) -> None:
                    help="expert cache as a share of all routed experts' bytes (default: 0.5)")
     p.add_argument("--temp", type=temperature, default=0.0, help="temperature; 0 = greedy (default: 0)")
     p.add_argument("-t", "--threads", type=positive_int, default=None, help="compute threads")
+    add_cache_type_args(p)
 
 
 def warm_up(model, n_prompt: int) -> float:
@@ -96,7 +97,8 @@ def run(args) -> int:
                               f"{cfg.n_expert_used} experts of one layer ({size_text(smallest)}): give at least "
                               f"{math.ceil(1000 * smallest / expert_bytes) / 1000:g}")
     choose_wait_policy(args.threads)  # as `run` does: passive OpenMP waits when other processes hold the cores
-    model = load(path, ram_budget=int(expert_bytes * args.budget_share), n_threads=args.threads, n_ctx=N_CTX)
+    model = load(path, ram_budget=int(expert_bytes * args.budget_share), n_threads=args.threads, n_ctx=N_CTX,
+                 cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     print(model.placement.text(), file=sys.stderr)
     ids = model.tokenize(args.prompt, special=True)
     report_warm_up(model, len(ids))

@@ -20,8 +20,8 @@ import numpy as np
 
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy
-from runtime.cli.common import (context_size, existing_file, non_negative_int, positive_int, read_text_file,
-                                writable_output)
+from runtime.cli.common import (add_cache_type_args, context_size, existing_file, non_negative_int, positive_int,
+                                read_text_file, writable_output)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="also write the routing trace (.npz: every token's experts per MoE layer, in order)")
     p.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context size")
+    add_cache_type_args(p)
     p.add_argument("-t", "--threads", type=positive_int, default=None,
                    help="compute threads (default: the libraries' choice)")
 
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.random_tokens is None and args.n_predict >= n_ctx:
         raise StepstreamError(f"-n {args.n_predict} leaves no room for a prompt in a context of {n_ctx} tokens "
                               f"(raise -c or lower -n)")
-    model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
+    model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, cache_type_k=args.cache_type_k,
+                 cache_type_v=args.cache_type_v)
     if args.random_tokens is not None:
         prompts = [np.random.default_rng(args.seed).integers(0, model.cfg.vocab, args.random_tokens).tolist()]
     path = Path(model.file.path)
