@@ -4,6 +4,21 @@
 # Run from the repository root. Results go to $OUT (default ./gpu_out).
 set -euo pipefail
 
+# Without a card every GPU test fails and the benchmark writes a 9 GB model for nothing: stop first,
+# before anything is written. numpy.row_stack is restored for the check as it is below.
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "gpu_bench.sh: no NVIDIA GPU found (nvidia-smi is missing or sees no card); this script needs a lent card" >&2
+    exit 2
+fi
+if ! NUMBA_ENABLE_CUDASIM=0 python3 -c '
+import numpy
+numpy.row_stack = getattr(numpy, "row_stack", numpy.vstack)
+from numba import cuda
+raise SystemExit(0 if cuda.is_available() and len(cuda.gpus) > 0 else 1)' >/dev/null 2>&1; then
+    echo "gpu_bench.sh: numba cannot use the NVIDIA GPU (numba-cuda missing, or no CUDA driver or device it can open); this script needs a lent card" >&2
+    exit 2
+fi
+
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 
