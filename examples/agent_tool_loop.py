@@ -5,16 +5,23 @@ the result back, until it answers in plain text.
     python examples/agent_tool_loop.py "How many lines does /etc/hosts have?"
 
 Needs `pip install openai`. The embedded miniature was trained on Python sources, not on tool
-use, so it answers in text; a real Step-3.5-Flash GGUF calls the tool.
+use, so it answers in text; a real Step-3.5-Flash GGUF calls the tool. No server at --base-url,
+or one that refuses a request, is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+import openai
 from openai import OpenAI
+
+from runtime.base.errors import StepstreamError
+from runtime.cli import SubcommandParser
+from runtime.cli.common import positive_int
 
 TOOLS = [{
     "type": "function",
@@ -34,18 +41,29 @@ def count_lines(path: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = SubcommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("question")
     p.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     p.add_argument("--api-key", default="none")
-    p.add_argument("--steps", type=int, default=4, help="most tool rounds before giving up")
+    p.add_argument("--steps", type=positive_int, default=4, help="most tool rounds before giving up")
     args = p.parse_args()
+    try:
+        loop(args)
+    except StepstreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def loop(args) -> None:
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
-    model = client.models.list().data[0].id
+    models = ask(args, lambda: client.models.list().data)
+    if not models:
+        raise StepstreamError(f"the server at {args.base_url} lists no model")
+    model = models[0].id
     messages = [{"role": "user", "content": args.question}]
     for _ in range(args.steps):
-        reply = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=256,
-                                               temperature=0).choices[0].message
+        reply = ask(args, lambda: client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
+                                                                 max_tokens=256, temperature=0).choices[0].message)
         messages.append(reply.model_dump(exclude_none=True))
         if not reply.tool_calls:
             print(reply.content)
@@ -56,6 +74,19 @@ def main() -> None:
             print(f"[tool] {call.function.name}({arguments}) -> {result}")
             messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
     print("(no answer after", args.steps, "tool rounds)")
+
+
+def ask(args, request):
+    """`request()`, with the client's failures worded for the user: no server, or a refusal."""
+    try:
+        return request()
+    except openai.APIConnectionError as e:
+        cause = e.__cause__ or e
+        raise StepstreamError(f"cannot reach the server at --base-url {args.base_url} ({type(cause).__name__}: "
+                              f"{cause}); start `stepstream serve -m MODEL.gguf` first, or give its URL") from None
+    except openai.APIStatusError as e:
+        raise StepstreamError(f"the server at --base-url {args.base_url} answered {e.status_code}: {e.message}; is "
+                              "it `stepstream serve` (the URL ends in /v1), and is --api-key right?") from None
 
 
 if __name__ == "__main__":
