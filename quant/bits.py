@@ -35,6 +35,24 @@ def f32_from_bits(typingctx, u):
     return types.float32(u), codegen
 
 
+@intrinsic
+def bits_of_f32(typingctx, x):
+    """The bit pattern of float32 x, as a uint32: an integer, which fast-math cannot assume
+    away (it lets LLVM treat a float as never NaN or Inf, and fold the float tests for them)."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+NON_FINITE = np.uint32(0x7F800000)  # exponent bits all set: Inf or NaN
+EXPONENT_ONE = np.uint32(0x00800000)  # the exponent's lowest bit
+QUIET_NAN = np.uint32(0x7FC00000)
+
+
 @nb.njit(inline="always", cache=True)
 def f16_to_f32(h):
     """IEEE half (bits in an integer 0..65535) to float32, subnormals, inf and NaN included."""

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
+from ..bits import EXPONENT_ONE, NON_FINITE, QUIET_NAN, bits_of_f32, f32_from_bits
 from ..jit import FIXED_ORDER
 from .gemv_gemm import bytes_per_256, gemv_cols_in_kernel
 from .row_dot import quantize_row
@@ -62,15 +63,21 @@ def ffn_scratch(hidden: int, max_ffns: int, max_width: int) -> FFNScratch:
 
 @nb.njit(fastmath=FIXED_ORDER, cache=True)
 def swiglu_row(g, u, lim, out):
-    """out [I] = min(silu(g), lim) * clip(u, -lim, lim) (no clamp when lim <= 1e-6), g, u [I]."""
+    """out [I] = min(silu(g), lim) * clip(u, -lim, lim) (no clamp when lim <= 1e-6), g, u [I].
+
+    Where g or u is Inf or NaN, out is NaN: the clamps would otherwise turn an Inf (a damaged
+    weight upstream) into lim and a NaN into either bound, and the damage would go on unseen.
+    Tested on the bits, as quantize_row does, which fast-math cannot fold away."""
     for k in range(g.shape[0]):
         gv = g[k]
         uv = u[k]
+        bad = (((bits_of_f32(gv) & NON_FINITE) + EXPONENT_ONE)
+               | ((bits_of_f32(uv) & NON_FINITE) + EXPONENT_ONE)) >> 31
         a = gv / (np.float32(1.0) + np.exp(-gv))
         if lim > np.float32(1e-6):
             a = min(a, lim)
             uv = min(max(uv, -lim), lim)
-        out[k] = a * uv
+        out[k] = f32_from_bits(bits_of_f32(a * uv) | (QUIET_NAN * bad))
 
 
 @nb.njit(fastmath=FIXED_ORDER, cache=True)

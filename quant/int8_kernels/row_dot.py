@@ -28,7 +28,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ..bits import f16_at, k4_min, k4_scale
+from ..bits import EXPONENT_ONE, NON_FINITE, QUIET_NAN, bits_of_f32, f16_at, f32_from_bits, k4_min, k4_scale
 from ..jit import FIXED_ORDER
 from . import avx2, blocks32, iq_avx2, iq_low, ternary
 from .avx2 import (q4k_row_dot, q4k_row_dot4, q5k_row_dot, q5k_row_dot4, q6k_row_dot, q6k_row_dot4, q8_0_row_dot,
@@ -52,14 +52,22 @@ F0 = np.float32(0.0)
 
 @nb.njit(**_JIT)
 def quantize_row(x, xq, xd, xb):
-    """Fill xq, xd, xb from x (see the legend). Rounds to nearest, ties to even."""
+    """Fill xq, xd, xb from x (see the legend). Rounds to nearest, ties to even.
+
+    A block holding Inf or NaN gets a NaN scale, so that every product it enters is NaN and
+    the model's check of its outputs finds it. Rounded to int8, NaN would become a plain 0 and
+    the damage (a weight of Inf in a file, say) would go on as finite, wrong numbers. The test is
+    on the bits, and the NaN is made from bits: fast-math lets LLVM fold float tests for NaN."""
     for s in range(x.shape[0] // 256):
         o = 256 * s
         amax = F0
+        bad = np.uint32(0)
         for l in range(256):
             amax = max(amax, abs(x[o + l]))
+            # 1 where every exponent bit is set: (0x7F800000 + 0x00800000) >> 31; below, 0
+            bad |= ((bits_of_f32(x[o + l]) & NON_FINITE) + EXPONENT_ONE) >> 31
         inv = np.float32(127.0) / amax if amax > F0 else F0
-        xd[s] = amax / np.float32(127.0)
+        xd[s] = f32_from_bits(bits_of_f32(amax / np.float32(127.0)) | (QUIET_NAN * bad))
         for l in range(256):
             xq[o + l] = np.int8(I32(np.rint(x[o + l] * inv)))
         for j in range(16):
