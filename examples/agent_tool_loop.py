@@ -16,12 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-import openai
-from openai import OpenAI
-
 from runtime.base.errors import StepstreamError
 from runtime.cli import SubcommandParser
 from runtime.cli.common import positive_int
+
+try:
+    import openai
+    from openai import OpenAI
+except ImportError:
+    print("error: this example needs the openai client: pip install openai", file=sys.stderr)
+    sys.exit(2)
 
 TOOLS = [{
     "type": "function",

@@ -24,7 +24,12 @@ p.add_argument("model")
 p.add_argument("-t", "--threads", type=positive_int, default=2)
 a = p.parse_args()
 
-import llama_cpp  # noqa: E402  (after the arguments: a bad one is refused without this import)
+try:  # after the arguments: a bad one is refused without this import
+    import llama_cpp
+except ImportError:
+    print("error: this comparison needs llama-cpp-python: pip install 'llama-cpp-python>=0.3.36' "
+          "(or the test extras, pip install -e '.[test]')", file=sys.stderr)
+    sys.exit(2)
 
 try:
     ours = runtime.load(a.model, n_threads=a.threads)

@@ -205,3 +205,17 @@ def test_agent_loop_help_keeps_the_whole_description():
     r = _example("agent_tool_loop.py", "--help")
     assert r.returncode == 0, r.stderr
     assert "we run it and send\nthe result back, until it answers in plain text." in r.stdout
+
+
+@pytest.mark.parametrize("script, package, words", [
+    ("compare_llama_cpp.py", "llama_cpp", "needs llama-cpp-python: pip install"),
+    ("agent_tool_loop.py", "openai", "needs the openai client: pip install openai")])
+def test_a_missing_package_is_named_in_one_line(tmp_path, script, package, words):
+    """As where the README's first command installed only stepstream: a package that raises on
+    import stands in for the missing one."""
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(f"raise ModuleNotFoundError('No module named {package}', "
+                                                    f"name='{package}')\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    args = [str(MODEL)] if script == "compare_llama_cpp.py" else ["hi"]
+    _one_line(_example(script, *args, env=env), words)
