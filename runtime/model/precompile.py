@@ -4,12 +4,15 @@ warm-up compiles the rest.
 Numba compiles on one thread, and a first run's warm-up compiles a few dozen kernels in the
 order the model calls them (about 25 s of a 30 s wait on a 2-core machine). When the warm-up's
 first compile shows that the cache is cold, `alongside` starts `python -m
-runtime.model.precompile`, which compiles into the same cache the prefill GEMM (with its VNNI
-steps), a prefill chunk's fused experts, the fused SwiGLU sum of a decode step and the chunk attention, calling each on empty
-inputs of the types the model passes; the warm-up meanwhile runs a decode step, which needs
-none of them, then waits for the helper and runs a prefill chunk, which finds them cached.
-Nothing depends on the helper: if it fails or is slow, the warm-up compiles what it lacks
-itself, and the numbers are the same either way (the cached code is the same code).
+runtime.model.precompile`, which compiles into the same cache, in this order, the router, the
+chunk attention, the GEMV, the decode attention, the fused SwiGLU sum of a decode step, a prefill
+chunk's fused experts and the prefill GEMM (with its VNNI steps), calling each on empty inputs
+of the types the model passes, while the warm-up runs its prefill chunk and decode step. A
+kernel the warm-up needs before the helper has cached it, the warm-up compiles itself: both
+processes may then compile it (the shipped model's cold demo compiled the chunk attention in
+both, about 25 s each on a loaded 2-core machine), and the helper is stopped when the warm-up
+ends. Nothing depends on the helper: if it fails or is slow, the warm-up compiles what it
+lacks itself, and the numbers are the same either way (the cached code is the same code).
 
 The helper runs only where it can help: on a cold cache, with two or more cores, on the CPU path.
 """
