@@ -6,7 +6,7 @@ import sys
 import time
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import add_model_args, chunk_count, load_model, print_stats, read_text_file
+from runtime.cli.common import add_model_args, chunk_count, context_size, load_model, print_stats, read_text_file
 
 CTX = 512  # llama-perplexity's default
 
@@ -42,6 +42,7 @@ def run(args) -> int:
     if args.ctx_size < 4:
         raise StepstreamError(f"-c/--ctx-size {args.ctx_size}: perplexity needs a context of at least 4 tokens")
     text = read_text_file(args.file, "text file")
+    context_size(args)  # a -c beyond the model's context is named first, from the header
     tokens = _tokens_before_loading(args.model, text, args.ctx_size)
     model = load_model(args)
     if tokens is None:
