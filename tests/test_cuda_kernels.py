@@ -69,6 +69,51 @@ def test_quantize_is_bit_exact_with_the_cpu():
     np.testing.assert_array_equal(got[2], want.b)
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_block_holding_inf_or_nan_gets_a_nan_scale_as_on_the_cpu(bad):
+    """A damaged weight upstream must not vanish in the int8 rounding (the CPU's rule, tests/
+    test_nonfinite_weights.py): the block's scale is NaN, every other block's bits are the CPU's."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    x[1, 300] = bad  # block 1 of token 1
+    q, d, b = (a.copy_to_host() for a in _acts(x))
+    want = int8_kernels.quantize_activations(x)
+    assert np.isnan(d[1, 1]) and np.isnan(want.d[1, 1])
+    keep = np.ones_like(d, bool)
+    keep[1, 1] = False
+    np.testing.assert_array_equal(d[keep], want.d[keep])
+    np.testing.assert_array_equal(q[0], want.q[0])
+    np.testing.assert_array_equal(q[1, :256], want.q[1, :256])
+    np.testing.assert_array_equal(b[1, :16], want.b[1, :16])
+
+
+@pytest.mark.parametrize("which, bad", [(0, np.inf), (1, np.inf), (0, np.nan), (1, -np.nan)])
+def test_the_swiglu_of_inf_or_nan_is_nan_as_on_the_cpu(which, bad):
+    """The clamp (0.7 here) would turn an Inf gate or up into the clamp, and a NaN into either
+    bound: the block's scale must be NaN instead, as the CPU's swiglu_row makes it; the other
+    block is the CPU's SwiGLU, rounded as the CPU rounds it, to the bit."""
+    from quant.int8_kernels.ffn import swiglu_row
+    from quant.cuda_kernels.kernels import ffn_act_kernel
+
+    rng = np.random.default_rng(2)
+    gu = rng.standard_normal((1, 2, 512)).astype(np.float32) * 2
+    gu[0, which, 300] = bad  # block 1
+    desc3 = np.zeros((1, 3, 4), np.int64)
+    desc3[0, 0, 2] = 512  # the FFN's width
+    limits = np.array([0.7], np.float32)
+    hq, hd, hb = (cuda.device_array((1, 512), np.int8), cuda.device_array((1, 2), np.float32),
+                  cuda.device_array((1, 32), np.int32))
+    ffn_act_kernel[(2, 1), 256](cuda.to_device(desc3), cuda.to_device(limits), cuda.to_device(gu), hq, hd, hb)
+    q, d, b = hq.copy_to_host(), hd.copy_to_host(), hb.copy_to_host()
+    assert np.isnan(d[0, 1])
+    h = np.empty(256, np.float32)  # the CPU's SwiGLU of the clean block (a NaN gate can stop it, see
+    swiglu_row(gu[0, 0, :256], gu[0, 1, :256], limits[0], h)  # test_nonfinite_weights)
+    want = int8_kernels.quantize_activations(h[None])
+    assert d[0, 0] == want.d[0, 0]
+    np.testing.assert_array_equal(q[0, :256], want.q[0, :256])
+    np.testing.assert_array_equal(b[0, :16], want.b[0, :16])
+
+
 @pytest.mark.parametrize("T", [1, 3, 9])
 def test_matvec_of_stacked_formats_equals_the_cpu_and_float64(T):
     rng = np.random.default_rng(T)

@@ -23,6 +23,7 @@ from .simulator import thread_safe_shared_arrays
 
 thread_safe_shared_arrays()  # under numba's simulator, every thread gets the block's array
 
+FLT_MAX = 3.4028234663852886e38  # the largest finite float32
 TILE = 8  # tokens per pass over a row
 # Kernels spell out min, max and abs: this numba-cuda rejects the builtins on float32 in kernels.
 
@@ -67,6 +68,12 @@ def _warp_sum_shared(red, v):
 warp_sum = _warp_sum_shared if SIMULATED else _warp_sum_shfl
 
 
+@device
+def _finite(v):
+    """False for Inf and NaN (every comparison with NaN is false)."""
+    return v <= FLT_MAX and v >= -FLT_MAX
+
+
 @cuda.jit
 def quantize_kernel(x, xq, xd, xb):
     """Block (t, s): the 256 columns of super-block s of token t; thread l one column."""
@@ -74,6 +81,7 @@ def quantize_kernel(x, xq, xd, xb):
     l = cuda.threadIdx.x
     buf = cuda.shared.array(256, numba.float32)
     v = x[t, 256 * s + l]
+    bad = cuda.syncthreads_or(I32(0) if _finite(v) else I32(1))  # Inf or NaN in the block: a NaN scale (as the CPU)
     buf[l] = v if v >= F32(0.0) else -v
     cuda.syncthreads()
     step = 128
@@ -85,10 +93,10 @@ def quantize_kernel(x, xq, xd, xb):
         step //= 2
     amax = buf[0]
     cuda.syncthreads()
-    inv = F32(127.0) / amax if amax > F32(0.0) else F32(0.0)
+    inv = F32(127.0) / amax if amax > F32(0.0) and not bad else F32(0.0)
     if l == 0:
-        xd[t, s] = amax / F32(127.0)
-    y = v * inv
+        xd[t, s] = F32(math.nan) if bad else amax / F32(127.0)
+    y = v * inv if _finite(v) else F32(0.0)
     r = math.floor(y + F32(0.5))  # round half to even, as np.rint
     if r - y == F32(0.5) and (I32(r) & 1) == 1:
         r -= F32(1.0)
@@ -180,12 +188,14 @@ def ffn_act_kernel(desc3, limits, gu, hq, hd, hb):
     l = cuda.threadIdx.x
     c = 256 * s + l
     gv, uv = gu[f, 0, c], gu[f, 1, c]
-    a = gv / (F32(1.0) + math.exp(-gv))
+    finite = _finite(gv) and _finite(uv)
+    a = gv / (F32(1.0) + math.exp(-gv)) if finite else F32(0.0)
     lim = limits[f]
     if lim > F32(1e-6):
         a = lim if a > lim else a
         uv = lim if uv > lim else (-lim if uv < -lim else uv)
-    v = a * uv
+    v = a * uv if finite else F32(0.0)  # the SwiGLU of Inf or NaN is NaN (as the CPU): the block's scale
+    bad = cuda.syncthreads_or(I32(0) if finite else I32(1))
     buf = cuda.shared.array(256, numba.float32)
     buf[l] = v if v >= F32(0.0) else -v
     cuda.syncthreads()
@@ -199,7 +209,7 @@ def ffn_act_kernel(desc3, limits, gu, hq, hd, hb):
     amax = buf[0]
     inv = F32(127.0) / amax if amax > F32(0.0) else F32(0.0)
     if l == 0:
-        hd[f, s] = amax / F32(127.0)
+        hd[f, s] = F32(math.nan) if bad else amax / F32(127.0)
     y = v * inv
     r = math.floor(y + F32(0.5))
     if r - y == F32(0.5) and (I32(r) & 1) == 1:
