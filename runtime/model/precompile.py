@@ -4,14 +4,17 @@ warm-up compiles the rest.
 Numba compiles on one thread, and a first run's warm-up compiles a few dozen kernels in the
 order the model calls them (about 25 s of a 30 s wait on a 2-core machine). When the warm-up's
 first compile shows that the cache is cold, `alongside` starts `python -m
-runtime.model.precompile`, which compiles into the same cache, in this order, the router, the
-chunk attention, the GEMV, the decode attention, the fused SwiGLU sum of a decode step, a prefill
-chunk's fused experts and the prefill GEMM (with its VNNI steps), calling each on empty inputs
-of the types the model passes, while the warm-up runs its prefill chunk and decode step. A
-kernel the warm-up needs before the helper has cached it, the warm-up compiles itself: both
-processes may then compile it (the shipped model's cold demo compiled the chunk attention in
-both, about 25 s each on a loaded 2-core machine), and the helper is stopped when the warm-up
-ends. Nothing depends on the helper: if it fails or is slow, the warm-up compiles what it
+runtime.model.precompile`, which compiles into the same cache the kernels the warm-up comes to
+last first: the fused SwiGLU sum of a decode step, the decode attention, the GEMV, then a
+prefill chunk's fused experts, the prefill GEMM (with its VNNI steps), the chunk attention and
+the router, calling each on empty inputs of the types the model passes, while the warm-up runs
+its prefill chunk and then its decode step. The two processes meet in the middle: a kernel the
+warm-up needs before the helper has cached it, the warm-up compiles itself, and at most the
+kernel they meet at is compiled twice. (The helper used to go in the warm-up's own order, and
+both processes compiled the chunk attention, then the decode attention: the shipped model's
+cold demo waited 37.9 s for its first token, against 31.1 s in this order: medians of 4 and
+7 runs of `python -m runtime.bench.cold_start` on a 2-core machine at load 1.1-1.9.) The helper is stopped when
+the warm-up ends. Nothing depends on it: if it fails or is slow, the warm-up compiles what it
 lacks itself, and the numbers are the same either way (the cached code is the same code).
 
 The helper runs only where it can help: on a cold cache, with two or more cores, on the CPU path.
@@ -96,8 +99,8 @@ def alongside(model):
 # ---------------------------------------------------------------- the helper's side
 
 def compile_kernels(formats: int, kv_types: tuple[str, str], head_dim: int, hidden: int) -> None:
-    """Compile (or load) the kernels named in the module doc, in the order a warm-up comes to
-    them, for int8 format set `formats` (0: none of the int8 ones) and a KV cache of these types,
+    """Compile (or load) the kernels named in the module doc, in the reverse of the order a
+    warm-up comes to them, for int8 format set `formats` (0: none of the int8 ones) and a KV cache of these types,
     by calling each on empty inputs of the types the model passes."""
     from quant import int8_kernels as q8
     from runtime.model.attention_kernels import chunk_attention, decode_attention
@@ -110,30 +113,29 @@ def compile_kernels(formats: int, kv_types: tuple[str, str], head_dim: int, hidd
     h = 256 * max(1, hidden // 256)
     if formats:
         k = q8.kernels(formats)
-        router_logits(np.frombuffer(bytes(4 * h), f32).reshape(1, h), np.zeros(h, f32), np.zeros(1, f32))
+        steps = q8.step_addresses(formats)  # also loads (or compiles) the steps the GEMV takes
+        k.swiglu(np.zeros((0, 6), np.int64), np.zeros(1, f32), np.zeros(1, f32), np.zeros((1, h), f32)[0],
+                 np.zeros(h, f32), q8.ffn_scratch(h, 1, 256), steps)
+        vec = [np.zeros(head_dim, f32) for _ in range(6)]
+        decode_attention(*vec, f32(1e-6), np.ones(0, f32), np.ones(0, f32), kv.k, kv.v, kv.pos, 0, 0, 0,
+                         np.zeros((1, 4), f32), np.zeros(head_dim, f32), kv.ks, kv.vs)
+        k.gemv(*[np.zeros(0, np.int64) for _ in range(5)], np.zeros(256, np.int8), np.zeros(1, f32),
+               np.zeros(16, np.int32), np.zeros(0, f32), steps)
+        gemm_formats = [int(t) for t in q8.GEMM_FORMATS if q8.FORMAT_BIT.get(int(t), 0) & formats]
+        if gemm_formats:  # a prefill chunk's routed experts (no experts: nothing runs)
+            k.experts(np.zeros((0, 6), np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, f32),
+                      np.zeros(0, f32), np.zeros((1, h), f32), np.zeros((1, h), f32), q8._steps_of(gemm_formats))
+            # read-only weights, as from a memory map
+            k.gemm(gemm_formats[0], np.frombuffer(bytes(16 * 288), np.uint8).reshape(16, 288),
+                   np.zeros((0, 256), np.int8), np.zeros((0, 1), f32), np.zeros((0, 16), np.int32),
+                   np.zeros((0, 16), f32), q8._gemm_steps(gemm_formats[0]))
+            for t in gemm_formats[1:]:  # the steps of the file's other formats (each a library of its own)
+                q8._gemm_steps(t)
     q = np.zeros((0, 1, head_dim), f32)
     chunk_attention(q, keys, vals, kpos, np.zeros(0, np.int64), 0, np.empty_like(q), np.zeros((0, 1), f32),
                     kscale, vscale)
-    if not formats:
-        return
-    steps = q8.step_addresses(formats)  # also loads (or compiles) the steps the GEMV takes
-    k.gemv(*[np.zeros(0, np.int64) for _ in range(5)], np.zeros(256, np.int8), np.zeros(1, f32),
-           np.zeros(16, np.int32), np.zeros(0, f32), steps)
-    vec = [np.zeros(head_dim, f32) for _ in range(6)]
-    decode_attention(*vec, f32(1e-6), np.ones(0, f32), np.ones(0, f32), kv.k, kv.v, kv.pos, 0, 0, 0,
-                     np.zeros((1, 4), f32), np.zeros(head_dim, f32), kv.ks, kv.vs)
-    k.swiglu(np.zeros((0, 6), np.int64), np.zeros(1, f32), np.zeros(1, f32), np.zeros((1, h), f32)[0],
-             np.zeros(h, f32), q8.ffn_scratch(h, 1, 256), steps)
-    gemm_formats = [int(t) for t in q8.GEMM_FORMATS if q8.FORMAT_BIT.get(int(t), 0) & formats]
-    if gemm_formats:  # a prefill chunk's routed experts (no experts: nothing runs)
-        k.experts(np.zeros((0, 6), np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, f32),
-                  np.zeros(0, f32), np.zeros((1, h), f32), np.zeros((1, h), f32), q8._steps_of(gemm_formats))
-    if gemm_formats:  # read-only weights, as from a memory map
-        k.gemm(gemm_formats[0], np.frombuffer(bytes(16 * 288), np.uint8).reshape(16, 288), np.zeros((0, 256), np.int8),
-               np.zeros((0, 1), f32), np.zeros((0, 16), np.int32), np.zeros((0, 16), f32), q8._gemm_steps(gemm_formats[0]))
-        for t in gemm_formats[1:]:  # the steps of the file's other formats (each a library of its own)
-            q8._gemm_steps(t)
-
+    if formats:
+        router_logits(np.frombuffer(bytes(4 * h), f32).reshape(1, h), np.zeros(h, f32), np.zeros(1, f32))
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
