@@ -144,6 +144,18 @@ def set_threads(n: int) -> int:
     return used
 
 
+def idle_cores(seconds: float = 0.2) -> float:
+    """Cores of this process's affinity that no process used, over the next `seconds` (this
+    process's own use included): 0.0 when every core is busy."""
+    try:
+        mine = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        mine = None
+    per_cpu = psutil.cpu_percent(interval=seconds, percpu=True)
+    used = [per_cpu[c] for c in mine if c < len(per_cpu)] if mine else per_cpu
+    return sum(100.0 - p for p in used) / 100.0
+
+
 def choose_wait_policy(threads: int | None) -> None:
     """Pick OpenMP's wait policy unless the user set one.
 

@@ -17,7 +17,12 @@ cold demo waited 37.9 s for its first token, against 31.1 s in this order: media
 the warm-up ends. Nothing depends on it: if it fails or is slow, the warm-up compiles what it
 lacks itself, and the numbers are the same either way (the cached code is the same code).
 
-The helper runs only where it can help: on a cold cache, with two or more cores, on the CPU path.
+The helper runs only where it can help: on a cold cache, with two or more cores, on the CPU path,
+and when the first compile finds half a core or more idle (measured over 0.2 s, the warm-up's own
+compile counting as busy). Where other processes keep the other cores busy, a helper would make
+three processes share two cores: the warm-up would run at two thirds of a core while the helper
+compiled part of its work, about as slow as compiling alone, and the others' work would lose a
+third of a core (the test suite's parallel workers are such a case).
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ from contextlib import contextmanager
 import numpy as np
 from numba.core import event
 
+from runtime.base.system import idle_cores
+
 HELPER_TIMEOUT_S = 300  # the warm-up stops waiting (and compiles on its own) after this
+IDLE_PROBE_S = 0.2  # how long the first compile measures the cores' use, the warm-up's own included
+MIN_IDLE_CORES = 0.5  # idle cores the helper needs: with none, it would slow the warm-up and others' work
 
 
 def _spec(model) -> dict:
@@ -58,6 +67,9 @@ class _Helper(event.Listener):
 
     def on_start(self, ev) -> None:
         if self.useful and self.proc is None:
+            if idle_cores(IDLE_PROBE_S) < MIN_IDLE_CORES:  # the other cores' work would only be shared three ways
+                self.useful = False
+                return
             env = {**os.environ, "NUMBA_NUM_THREADS": "1"}  # it runs its kernels on empty inputs
             try:
                 self.proc = subprocess.Popen([sys.executable, "-m", "runtime.model.precompile", json.dumps(self.spec)],

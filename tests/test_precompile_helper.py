@@ -1,0 +1,89 @@
+"""When a first run's compile helper starts (runtime.model.precompile): only with a core to
+spare. Where other processes keep the other cores busy, a helper would make three processes
+share two cores, slowing the warm-up and their work alike.
+
+References: a real spinning process for the measurement; the helper's own start (Popen) for
+the decision."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runtime.base import system
+from runtime.model import precompile
+
+
+class _Popen:
+    """Records the helper's command instead of starting it."""
+
+    started: list = []
+
+    def __init__(self, argv, **kwargs):
+        _Popen.started.append(argv)
+
+    def poll(self):
+        return 0
+
+
+@pytest.fixture
+def started(monkeypatch):
+    _Popen.started = []
+    monkeypatch.setattr(precompile.subprocess, "Popen", _Popen)
+    return _Popen.started
+
+
+@pytest.mark.parametrize("idle, starts", [(1.0, True), (0.5, True), (0.3, False), (0.0, False)])
+def test_the_helper_starts_only_with_half_a_core_idle(monkeypatch, started, idle, starts):
+    probes = []
+    monkeypatch.setattr(precompile, "idle_cores", lambda seconds: probes.append(seconds) or idle)
+    helper = precompile._Helper({"formats": 3}, useful=True)
+    for _ in range(3):  # three compile events: one probe, at most one helper
+        helper.on_start(None)
+    assert probes == [precompile.IDLE_PROBE_S]
+    assert len(started) == (1 if starts else 0)
+    assert helper.useful == starts
+    if starts:
+        assert started[0][1:3] == ["-m", "runtime.model.precompile"]
+
+
+def test_no_probe_where_the_helper_is_not_useful(monkeypatch, started):
+    """One core, the GPU tier or a warm cache: no measurement, no helper."""
+    monkeypatch.setattr(precompile, "idle_cores", lambda seconds: pytest.fail("probed"))
+    helper = precompile._Helper({"formats": 3}, useful=False)
+    helper.on_start(None)
+    assert started == []
+
+
+_MEASURE = """
+import os, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
+from runtime.base.system import idle_cores
+print(idle_cores(0.5))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_a_core_a_spinning_process_holds_is_not_idle():
+    """A process confined to one core, beside a process spinning on that core, finds less than
+    half a core idle: the real measurement, over the cores this process may use."""
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    spin = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        time.sleep(0.3)  # the spinner under way
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(cpu)], capture_output=True, text=True, timeout=120)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert r.returncode == 0, r.stderr
+    idle = float(r.stdout.strip().splitlines()[-1])
+    assert 0.0 <= idle < precompile.MIN_IDLE_CORES, idle
+
+
+def test_idle_cores_counts_the_cores_of_this_process_only():
+    idle = system.idle_cores(0.1)
+    assert 0.0 <= idle <= len(os.sched_getaffinity(0)) + 1e-6
