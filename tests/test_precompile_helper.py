@@ -87,3 +87,47 @@ def test_a_core_a_spinning_process_holds_is_not_idle():
 def test_idle_cores_counts_the_cores_of_this_process_only():
     idle = system.idle_cores(0.1)
     assert 0.0 <= idle <= len(os.sched_getaffinity(0)) + 1e-6
+
+
+_PARENT = """
+import json, sys, time
+from runtime.model import precompile
+precompile.idle_cores = lambda seconds: 2.0  # start it whatever the machine is doing
+h = precompile._Helper({"formats": 3, "kv_types": ["f16", "f16"], "head_dim": 128, "hidden": 256}, useful=True)
+h.on_start(None)
+print(h.proc.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_the_helper_ends_with_the_process_that_started_it(tmp_path, sig):
+    """A first run stopped while its helper compiles (SIGTERM from `kill` or a job's limit, or
+    SIGKILL) must not leave the helper compiling on its own (a review found it running 50 s
+    more); the helper compiles into an empty cache here, so it would run for tens of seconds."""
+    import signal as signals
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        helper = int(parent.stdout.readline())
+        time.sleep(1.0)
+        assert _alive(helper)  # compiling
+        parent.send_signal(getattr(signals, sig))
+        parent.wait(30)
+        deadline = time.monotonic() + 20
+        while _alive(helper) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(helper)
+    finally:
+        parent.kill()
+        parent.wait()

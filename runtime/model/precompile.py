@@ -27,8 +27,10 @@ third of a core (the test suite's parallel workers are such a case).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -72,7 +74,8 @@ class _Helper(event.Listener):
                 return
             env = {**os.environ, "NUMBA_NUM_THREADS": "1"}  # it runs its kernels on empty inputs
             try:
-                self.proc = subprocess.Popen([sys.executable, "-m", "runtime.model.precompile", json.dumps(self.spec)],
+                spec = json.dumps({**self.spec, "parent": os.getpid()})  # it dies with this process
+                self.proc = subprocess.Popen([sys.executable, "-m", "runtime.model.precompile", spec],
                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL, env=env)
             except OSError:  # no helper: the warm-up compiles everything itself, as before
@@ -149,8 +152,26 @@ def compile_kernels(formats: int, kv_types: tuple[str, str], head_dim: int, hidd
     if formats:
         router_logits(np.frombuffer(bytes(4 * h), f32).reshape(1, h), np.zeros(h, f32), np.zeros(1, f32))
 
+def _die_with(parent: int) -> None:
+    """End this process when `parent` ends, however it ends (SIGTERM, SIGHUP, SIGKILL: a first
+    run stopped while it compiles would otherwise leave the helper compiling for a minute):
+    Linux's parent-death signal, then a check that the parent had not gone already."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the warm-up's end still stops it
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
+    if "parent" in spec:
+        _die_with(int(spec["parent"]))
     compile_kernels(spec["formats"], tuple(spec["kv_types"]), spec["head_dim"], spec["hidden"])
     return 0
 
