@@ -350,6 +350,24 @@ def test_sigterm_ends_streams_with_an_error_and_the_server_exits(ref):
     assert "Traceback" not in s.log, s.log
 
 
+def test_sigint_stops_a_server_started_with_sigint_ignored():
+    """A script's background job starts with SIGINT ignored, and Python keeps an inherited
+    SIG_IGN: `kill -INT` (Ctrl-C's signal) must still stop the server, as the README says."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the server, as from a shell
+    try:
+        s = start_server(MODEL, "--ctx-size", "256")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    try:
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(30) == 0
+    finally:
+        stop_server(s)
+    assert "stopping" in s.log and "Traceback" not in s.log, s.log
+
+
 def test_clients_that_gave_up_do_not_hold_queue_places(url):
     """Four requests time out while a long one runs: the queue of four takes new ones at once."""
     long = threading.Thread(target=_post, args=(url, "/v1/completions",

@@ -92,6 +92,9 @@ def run(args) -> int:
     watcher = threading.Thread(target=lambda: (http.join(), engine.close()), daemon=True)
     watcher.start()  # if uvicorn stops by itself, the worker stops too
     signal.signal(signal.SIGTERM, _stop)
+    # Ctrl-C stops it even when SIGINT came in ignored (a script's background job): Python keeps
+    # an inherited SIG_IGN, and such a server then ignored `kill -INT`
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         engine.serve_forever()
     except KeyboardInterrupt:
