@@ -35,6 +35,49 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OutputError(StepstreamError):
+    """Standard output could not be written (a full disk under `> file`, /dev/full, an I/O error)."""
+
+
+class _CheckedStdout:
+    """sys.stdout for a command: a failed write or flush is an OutputError naming standard output,
+    so a full disk under `stepstream bench --json > out.json` is one line and exit status 2, not
+    a traceback. A closed pipe stays a BrokenPipeError (handled below: status 141, as `cat`)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _failed(self, e: OSError) -> OutputError:
+        return OutputError(f"could not write standard output: {e.strerror or e}")
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: Python flushes it again at exit and would fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 class SubcommandParser(argparse.ArgumentParser):
     """A subcommand's parser: a bad argument is one line on stderr (exit status 2), as every other
     error is, instead of the usage block followed by the error."""
@@ -89,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = SubcommandParser(prog=f"stepstream {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    plain, sys.stdout = sys.stdout, _CheckedStdout(sys.stdout)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # a full disk under stdout is found here, not in Python's flush at exit
+        return code
     except StepstreamError as e:
+        if isinstance(e, OutputError):
+            _quiet_stdout()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
@@ -101,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`stepstream run ... | head`): stop quietly, as `cat` does. Python
         # would flush stdout again at exit and fail again, so stdout goes to /dev/null first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         return 141  # 128 + SIGPIPE, the status a shell shows for a writer killed by the pipe
+    finally:
+        sys.stdout = plain
 
