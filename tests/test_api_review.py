@@ -68,6 +68,21 @@ def test_tokenize_names_bytes_that_are_no_utf8():
         m.tokenize(b"ab\xff\xfe")
 
 
+def test_stop_strings_and_text_of_the_wrong_type_are_named_and_the_model_stays_sound():
+    """stop=[1, 2] raised TypeError deep inside, stop={"a": 1} was taken as ["a"], tokenize(12345)
+    raised AttributeError (review 8); each is named, and the next completion is the same as before."""
+    m = runtime.load(MODEL, n_threads=1, n_ctx=128)
+    want = m.create_completion("def f(x):", max_tokens=6, temperature=0)["choices"][0]["text"]
+    for stop in ([1, 2], {"a": 1}, b"x", ["ok", None], 7):
+        with pytest.raises(StepstreamError, match="stop must be a string or a list of strings"):
+            m.create_completion("def f(x):", max_tokens=6, temperature=0, stop=stop)
+    for text in (12345, None, ["def"]):
+        with pytest.raises(StepstreamError, match="the text to tokenize must be str or bytes"):
+            m.tokenize(text)
+    assert m.create_completion("def f(x):", max_tokens=6, temperature=0, stop=("zzz",))["choices"][0]["text"] == want
+    assert m.create_completion("def f(x):", max_tokens=6, temperature=0)["choices"][0]["text"] == want
+
+
 def test_chat_messages_are_checked_as_the_server_checks_them():
     m = runtime.load(MODEL, n_threads=1)
     with pytest.raises(StepstreamError, match="messages must hold at least one"):

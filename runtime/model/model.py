@@ -574,6 +574,11 @@ def _no_limit(max_tokens):
 
 
 def _stops(stop) -> list[str]:
+    """The stop strings: None, one string, or a list or tuple of strings (as llama-cpp-python)."""
     if stop is None:
         return []
-    return [stop] if isinstance(stop, str) else list(stop)
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise StepstreamError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    return list(stop)

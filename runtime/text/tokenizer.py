@@ -163,6 +163,8 @@ class Tokenizer:
         return frozenset(i for i in (self.eos_id, self.eot_id) if i is not None)
 
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        if not isinstance(text, (str, bytes)):
+            raise StepstreamError(f"the text to tokenize must be str or bytes, got {type(text).__name__}")
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
