@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +49,9 @@ class ExpertProfile:
         return top / total if total else 0.0
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps({"model": self.model, "model_bytes": self.model_bytes, "tokens": self.tokens,
-                                   "counts": {str(k): v for k, v in sorted(self.counts.items())}}))
-        os.replace(tmp, path)
+        text = json.dumps({"model": self.model, "model_bytes": self.model_bytes, "tokens": self.tokens,
+                           "counts": {str(k): v for k, v in sorted(self.counts.items())}})
+        write_atomically(Path(path), text.encode(), "profile")
 
     @classmethod
     def load(cls, path: str | os.PathLike, model_path: Path | None = None) -> "ExpertProfile":
@@ -80,6 +79,40 @@ class ExpertProfile:
 def _magic(path: Path) -> bytes:
     with path.open("rb") as f:
         return f.read(2)
+
+
+def is_profile(path: Path) -> bool:
+    """Whether `path` holds what `save` writes: the one kind of existing file `profile -o` replaces.
+    Only a file that starts as JSON does is read whole (not a model given by mistake)."""
+    try:
+        with path.open("rb") as f:
+            if f.read(64).lstrip()[:1] != b"{":
+                return False
+        ExpertProfile.load(path)
+    except (OSError, StepstreamError):
+        return False
+    return True
+
+
+def write_atomically(path: Path, data: bytes, what: str) -> None:
+    """Write `data` to `.NAME.TID.part` beside `path`, synced, then rename it over `path`; the
+    temporary file is removed on any error or interruption, and the old file (if any) stays whole.
+
+    TID is the thread's native id: on Linux a PID's number space, so the process's PID in its
+    main thread (the project's `.NAME.PID.part`), and unique among live threads of all
+    processes: two writers never share a temporary file, and the last rename wins whole."""
+    tmp = path.with_name(f".{path.name}.{threading.get_native_id()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StepstreamError(f"{path}: cannot write the {what}: {e.strerror or e}") from None
+    finally:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 class RecordingProvider:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from offload.profile import write_atomically
 from runtime.base.errors import StepstreamError
 
 _FIELDS = ("ids", "layers", "n_expert", "starts", "model", "model_bytes")
@@ -79,18 +80,11 @@ class RoutingTrace:
                                   f"{len(n_expert)} {sorted(n_expert)} of {sorted(set(n_expert.values()))}, top-{top_k}")
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".part")
         buf = io.BytesIO()  # np.savez on a path would append ".npz" to the temporary name
         np.savez(buf, ids=self.ids.astype(np.int16), layers=self.layers.astype(np.int32),
                  n_expert=self.n_expert.astype(np.int32), starts=self.starts.astype(np.int64),
                  model=np.array(self.model), model_bytes=np.int64(self.model_bytes))
-        try:
-            tmp.write_bytes(buf.getvalue())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise StepstreamError(f"{path}: cannot write the routing trace: {e.strerror}") from None
+        write_atomically(Path(path), buf.getvalue(), "routing trace")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RoutingTrace":
@@ -115,6 +109,20 @@ class RoutingTrace:
             raise StepstreamError(f"{path}: routing trace ids are {raw['ids'].dtype}, expected integers")
         return cls(raw["ids"].astype(np.int16), raw["layers"].astype(np.int32), raw["n_expert"].astype(np.int32),
                    raw["starts"].astype(np.int64), str(raw["model"]), int(raw["model_bytes"]))
+
+
+def is_trace(path: Path) -> bool:
+    """Whether `path` is an .npz holding every field `save` writes: the one kind of existing file
+    `profile --trace` replaces. Only the zip's directory is read, not the arrays."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":
+                return False
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return all(f"{k}.npy" in names for k in _FIELDS)
 
 
 def _is_json(path: Path) -> bool:
