@@ -13,12 +13,18 @@ is written too, for `python -m offload.simulate` to replay against cache policie
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from offload.profile import is_profile
+from offload.trace import is_trace
 from runtime.base.errors import StepstreamError
+from runtime.base.gguf_file import split_parts
 from runtime.base.system import choose_wait_policy
 from runtime.cli.common import (add_cache_type_args, context_size, existing_file, non_negative_int, positive_int,
                                 read_text_file, writable_output)
@@ -46,6 +52,91 @@ def creatable(path: Path, what: str) -> Path:
     """writable_output (which makes and removes a file beside `path`): the outputs are written
     after the whole profile."""
     return writable_output(path, what)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether a and b are one file: the same path once resolved, or (both existing) the same
+    inode, so that a symlink or a hard link to the file counts."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return False
+
+
+def _looks_like(path: Path) -> str:
+    """What an existing file that is no output of ours seems to be, for the refusal."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        kinds = [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+                 (stat.S_ISSOCK, "a socket")]
+        return next((name for test, name in kinds if test(st.st_mode)), "not a regular file")
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        return f"a file that cannot be read ({e.strerror})"
+    if head.startswith(b"GGUF"):
+        return "a GGUF model file"
+    if is_trace(path):
+        return "a routing trace (.npz)"
+    if is_profile(path):
+        return "an expert profile (JSON)"
+    if head.startswith(b"PK"):
+        return "a zip archive, not a routing trace"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON that is not an expert profile"
+    return f"a file that is neither a profile nor a trace ({st.st_size} bytes, starting {head[:16]!r})"
+
+
+def check_outputs(model: Path, prompts: str | None, outputs: list[tuple[str, Path, str]]) -> None:
+    """Refuse, before the load, outputs that would replace what the run reads or each other, or an
+    existing file that is not an earlier output of the same kind. `outputs` holds (flag, path,
+    what) of the profile, then of the trace if any.
+
+    An earlier profile (or trace) is replaced, as llama.cpp's tools overwrite their outputs; an
+    empty file (made by mktemp) too. Anything else (a model, the prompts, a trace given as -o,
+    some other JSON) is left alone: the user removes it or picks another name."""
+    inputs = [(f"the model (-m {model})", part) for part in split_parts(model)]
+    if prompts is not None:
+        inputs.append((f"the prompts file (-f {prompts})", Path(prompts)))
+    for flag, path, what in outputs:
+        for source, given in inputs:
+            if _same_file(path, given):
+                raise StepstreamError(f"{flag} {path}: is {source}; the {what} would replace it (give the {what} "
+                                      f"another name)")
+    if len(outputs) == 2 and _same_file(outputs[0][1], outputs[1][1]):
+        (f1, p1, _), (f2, p2, _) = outputs
+        raise StepstreamError(f"{f1} {p1} and {f2} {p2} are the same file: the routing trace would replace the "
+                              f"profile (give them different names)")
+    ours = {"profile": is_profile, "routing trace": is_trace}
+    for flag, path, what in outputs:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise StepstreamError(f"{flag} {path}: cannot look at the existing file ({e.strerror})") from None
+        if stat.S_ISREG(st.st_mode) and (st.st_size == 0 or ours[what](path)):
+            continue
+        raise StepstreamError(f"{flag} {path}: already exists and is {_looks_like(path)}; `stepstream profile` replaces only an "
+                              f"earlier {what} (remove the file or give another name)")
+
+
+def save_outputs(saves: list[tuple[Path, str, Callable[[Path], None]]]) -> None:
+    """Write each (path, what, save) in turn, all of them even when one fails (the work is done);
+    a failure is one line naming what was written and what was not."""
+    written, failed = [], []
+    for path, what, save in saves:
+        try:
+            save(path)
+            written.append(f"the {what} {path}")
+        except StepstreamError as e:
+            failed.append(str(e))
+    if failed:
+        raise StepstreamError("; ".join(failed) + (f"; wrote {' and '.join(written)}" if written else
+                                                   "; nothing was written"))
 
 
 def _feed(model, ids: list[int]) -> np.ndarray:
@@ -87,10 +178,14 @@ def run(args: argparse.Namespace) -> int:
         if not prompts:
             raise StepstreamError(f"{args.file}: no prompts (one per non-empty line)")
     # before the work, not after: the default output goes to this directory under the model's name
-    out = creatable(Path(args.output), "profile") if args.output else None
-    if out is None:
-        creatable(Path(f"{Path(args.model).stem}.profile.json"), "profile")
+    # (its first part's, for a split model: the name the profile records)
+    model_path = Path(args.model)
+    out = creatable(Path(args.output or f"{split_parts(model_path)[0].stem}.profile.json"), "profile")
     trace_out = creatable(Path(args.trace), "routing trace") if args.trace else None
+    outputs = [("-o" if args.output else "the default output", out, "profile")]
+    if trace_out is not None:
+        outputs.append(("--trace", trace_out, "routing trace"))
+    check_outputs(model_path, args.file, outputs)
     choose_wait_policy(args.threads)  # as `run` does: passive OpenMP waits when other processes hold the cores
     # From the header, before loading: random tokens are teacher-forced (nothing generated after them)
     if args.random_tokens is not None:
@@ -104,7 +199,6 @@ def run(args: argparse.Namespace) -> int:
     if args.random_tokens is not None:
         prompts = [np.random.default_rng(args.seed).integers(0, model.cfg.vocab, args.random_tokens).tolist()]
     path = Path(model.file.path)
-    out = out or writable_output(Path(f"{path.stem}.profile.json"), "profile")
     profile = ExpertProfile(path.name, path.stat().st_size)
     recorder = TraceRecorder(model.cfg.n_expert_used) if trace_out else None
     model.provider = RecordingProvider(model.provider, profile, model.cfg.n_expert, trace=recorder)
@@ -123,17 +217,13 @@ def run(args: argparse.Namespace) -> int:
             _greedy(model, ids[:room], args.n_predict)
         profile.tokens += model.n_past  # positions evaluated: generation stops early at end of text, and its
         # last token is never evaluated, so neither len(ids) + n_predict nor the tokens seen is the count
-    try:
-        profile.save(out)
-    except OSError as e:
-        raise StepstreamError(f"{out}: cannot write the profile: {e.strerror}") from None
+    saves = [(out, "profile", profile.save)]
     if recorder is not None:
         moe = {i: model.cfg.n_expert for i in range(model.cfg.n_layers) if model.cfg.moe[i]}
         trace = recorder.trace(path.name, path.stat().st_size, moe)
-        try:
-            trace.save(trace_out)
-        except OSError as e:
-            raise StepstreamError(f"{trace_out}: cannot write the routing trace: {e.strerror}") from None
+        saves.append((trace_out, "routing trace", trace.save))
+    save_outputs(saves)
+    if recorder is not None:
         print(f"wrote {trace_out}: routing of {trace.tokens} tokens over {len(moe)} MoE layers, top-{trace.top_k}")
     print(f"wrote {out}: {profile.tokens} tokens over {len(prompts)} prompts; the top 20% of experts take "
           f"{profile.skew(0.2):.1%} of activations")
