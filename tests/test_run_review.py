@@ -88,12 +88,14 @@ from runtime.base.errors import StepstreamError
 path, how = sys.argv[1], sys.argv[2]
 m = runtime.load(path, experts="ram", n_threads=1, mtp=0)
 assert len(list(m.generate(m.tokenize("def f():"), max_tokens=4, temperature=0))) == 4
+# another process changes it, as a user's truncate or cp would (this process holds a read lease on
+# the file, and its own truncate(2) would be interrupted by the lease's signal: EINTR)
+import subprocess
 if how == "shrink":
-    os.truncate(path, 1_000_000)
+    subprocess.run([sys.executable, "-c", "import os, sys; os.truncate(sys.argv[1], 1_000_000)", path], check=True)
 else:  # rewritten in place: same size, other bytes
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        f.write(b"\\x7f" * 4096)
+    subprocess.run([sys.executable, "-c", "import os, sys\\nwith open(sys.argv[1], 'r+b') as f:\\n"
+                    "    f.seek(os.path.getsize(sys.argv[1]) // 2)\\n    f.write(bytes([127]) * 4096)", path], check=True)
 try:
     m.generate(m.tokenize("class Stack:"), max_tokens=4, temperature=0).__next__()
 except StepstreamError as e:

@@ -10,10 +10,14 @@ spread over all of them. Any part may be named.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import re
+import signal
+import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +64,7 @@ _NUMPY = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64, Q.I8: np.int8
           Q.I32: np.int32, Q.I64: np.int64}
 
 
-@dataclass
+@dataclass(eq=False)
 class _Part:
     path: Path
     header: Header
@@ -68,6 +72,9 @@ class _Part:
     bytes: memoryview  # the same map; struct reads from it without numpy's per-slice cost
     fd: int = -1  # held open to see the file change under the map (GGUFModelFile.check_unchanged)
     stamp: tuple[int, int] = (0, 0)  # (size, mtime in ns) when it was mapped
+    leased: bool = False  # a read lease on fd is held (see _Leases)
+    broken: bool = False  # another process asked to write or truncate the file (SIGIO)
+    file: object = None  # the GGUFModelFile, for its evaluations in flight
 
     def changed(self) -> str | None:
         """How the file differs from when it was mapped, or None."""
@@ -77,6 +84,69 @@ class _Part:
         if st.st_mtime_ns != self.stamp[1]:
             return "it was written to"
         return None
+
+    def release(self) -> None:
+        if self.leased:
+            self.leased = False
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            except OSError:
+                pass
+
+
+class _Leases:
+    """Read leases on the mapped files, so that no other process can cut a file short or
+    rewrite it while an evaluation reads its map (a file cut short under a map kills the
+    process with SIGBUS at the first page past its new end).
+
+    Linux holds back another process's open for writing, its O_TRUNC or its truncate(2) of a
+    leased file, and tells the holder with SIGIO; the writer waits until the lease is let go
+    (at most /proc/sys/fs/lease-break-time, 45 s by default). Here SIGIO marks the part
+    broken and lets the lease go at once when no evaluation is reading the map, else when the
+    evaluation in flight ends (GGUFModelFile.evaluating); the next evaluation then finds the
+    change, or takes the lease again if the writer gave up (coreutils' `truncate` opens with
+    O_NONBLOCK, so it fails at once with "Resource temporarily unavailable" and the file is
+    kept whole). Leases need the main thread (for the handler), Linux, a local file system and
+    the file's owner (or CAP_LEASE); without them the size and time check before each
+    evaluation is what is left."""
+
+    parts: "weakref.WeakSet[_Part]" = weakref.WeakSet()
+    previous = None
+    installed = False
+
+    @classmethod
+    def take(cls, part: _Part) -> bool:
+        if not hasattr(fcntl, "F_SETLEASE") or threading.current_thread() is not threading.main_thread():
+            return False
+        if not cls.installed:
+            try:
+                cls.previous = signal.signal(signal.SIGIO, cls.on_signal)
+            except (ValueError, OSError):
+                return False
+            cls.installed = True
+        try:
+            fcntl.fcntl(part.fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError:  # not the owner, no lease support, or a writer has it open: no lease
+            return False
+        part.leased = True
+        cls.parts.add(part)
+        return True
+
+    @classmethod
+    def on_signal(cls, signum, frame) -> None:
+        for part in list(cls.parts):
+            if not part.leased:
+                continue
+            try:
+                breaking = fcntl.fcntl(part.fd, fcntl.F_GETLEASE) == fcntl.F_UNLCK  # a break names its target
+            except OSError:
+                continue
+            if breaking:
+                part.broken = True
+                if part.file is None or part.file.in_flight == 0:
+                    part.release()
+        if callable(cls.previous):
+            cls.previous(signum, frame)
 
 
 def _open_part(path: Path) -> _Part:
@@ -96,7 +166,8 @@ def _open_part(path: Path) -> _Part:
     fd = os.open(path, os.O_RDONLY)
     st = os.fstat(fd)
     part = _Part(path, read_header(view, path), data, view, fd, (st.st_size, st.st_mtime_ns))
-    weakref.finalize(part, os.close, fd)
+    weakref.finalize(part, os.close, fd)  # closing the descriptor lets its lease go too
+    _Leases.take(part)
     return part
 
 
@@ -139,6 +210,9 @@ class GGUFModelFile:
         self.path = parts[0]
         self.parts = parts
         self._parts = [_open_part(p) for p in parts]  # keeps the maps alive
+        self.in_flight = 0  # evaluations reading the maps now (see _Leases)
+        for part in self._parts:
+            part.file = self
         self._buf, self.fields = self._parts[0].bytes, self._parts[0].header.fields
         declared = self.get(Key.SPLIT_COUNT, None)
         if declared is not None and declared != len(parts):
@@ -191,9 +265,30 @@ class GGUFModelFile:
         deleted is harmless: the maps keep the old one.)"""
         for part in self._parts:
             how = part.changed()
+            if how is None and part.broken:  # another process asked to write it: held back, or gave up?
+                part.release()
+                if _Leases.take(part):
+                    part.broken = False  # it gave up, and nobody has the file open for writing now
+                    how = part.changed()  # (unless it wrote before the lease was taken again)
+                else:
+                    how = "another process has it open for writing"
             if how is not None:
                 raise StepstreamError(f"{part.path}: the file changed on disk while the model was loaded ({how}); "
                                       f"its mapped weights cannot be read any more: load it again")
+
+    @contextmanager
+    def evaluating(self):
+        """Around an evaluation that reads the maps: a writer held back meanwhile (see _Leases)
+        gets the file when the last evaluation in flight ends."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                for part in self._parts:
+                    if part.broken:
+                        part.release()
 
     def release_pages(self) -> None:
         """Drop the file pages this process touched through the maps (MADV_DONTNEED).

@@ -219,7 +219,8 @@ class Model:
         self.cache.begin()
         self._evaluating = True
         try:
-            out = step(ids)
+            with self.file.evaluating():  # no other process may cut the file short meanwhile
+                out = step(ids)
         except BaseException as e:
             self.cache.abort()
             del self._tokens[n0:]
@@ -315,6 +316,11 @@ class Model:
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, V] float32 of hidden states [T, H]."""
+        self.file.check_unchanged()  # the output head is read from the map, as the blocks are
+        with self.file.evaluating():
+            return self._output(h)
+
+    def _output(self, h: np.ndarray) -> np.ndarray:
         if self.gpu is not None:
             return self.gpu.output(h)
         if self._output_q8 is not None and 2 <= h.shape[0] <= FEW_TOKENS:
@@ -385,15 +391,17 @@ class Model:
         ids = self._check_tokens(tokens)
         h = self.hidden(ids)  # [T, H]
         out = []
-        for j in range(self.n_mtp):
-            n = ids.size - 1 - j
-            if n <= 0:
-                break
-            x = mtp.head_input(self, j, ids[1 + j : 1 + j + n], h[:n])  # [n, H]
-            kv = mtp.head_cache(self.cfg, j, n, self.options.kv_types)
-            h = np.concatenate([mtp.head_chunk(self, j, x[a : a + self.options.n_batch], a, kv)
-                                for a in range(0, n, self.options.n_batch)])
-            out.append(mtp.head_logits(self, j, h))
+        self.file.check_unchanged()  # the heads read embedding rows from the map, as evaluations do
+        with self.file.evaluating():
+            for j in range(self.n_mtp):
+                n = ids.size - 1 - j
+                if n <= 0:
+                    break
+                x = mtp.head_input(self, j, ids[1 + j : 1 + j + n], h[:n])  # [n, H]
+                kv = mtp.head_cache(self.cfg, j, n, self.options.kv_types)
+                h = np.concatenate([mtp.head_chunk(self, j, x[a : a + self.options.n_batch], a, kv)
+                                    for a in range(0, n, self.options.n_batch)])
+                out.append(mtp.head_logits(self, j, h))
         return out
 
     def mtp_draft(self, pending: int, k: int) -> list[int]:
@@ -401,7 +409,9 @@ class Model:
         from the MTP heads kept in step with the cache (runtime.model.mtp)."""
         if not self.weights.nextn:
             raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
-        return self.drafter.draft(int(pending), k)
+        self.file.check_unchanged()  # the heads read embedding rows from the map, as evaluations do
+        with self.file.evaluating():
+            return self.drafter.draft(int(pending), k)
 
     @property
     def mtp_draft_seconds(self) -> float:
@@ -490,7 +500,9 @@ class Model:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_gguf(self.file)
+            self.file.check_unchanged()  # its vocabulary is read from the mapped header
+            with self.file.evaluating():
+                self._tokenizer = Tokenizer.from_gguf(self.file)
         return self._tokenizer
 
     def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
