@@ -100,3 +100,35 @@ def test_a_truncation_from_another_thread_waits_for_the_evaluation_and_is_then_n
     for call in (lambda: m.eval([5]), lambda: m.create_completion("x", max_tokens=2)):
         with pytest.raises(StepstreamError, match="the file changed on disk"):
             call()
+
+
+def test_serve_after_its_file_changed_says_so_in_health_and_its_log(tmp_path):
+    """A review found /health answering 200 "ok" while every completion failed with 500 for good,
+    and nothing in the log: now /health answers 503 with the reason, and the log says it once."""
+    import httpx
+
+    from tests.helpers.live_server import start_server, stop_server
+
+    live = tmp_path / "live.gguf"
+    shutil.copy(MODEL, live)
+    s = start_server(live, "--ctx-size", "256")
+    try:
+        body = {"prompt": "def f():", "max_tokens": 3, "temperature": 0}
+        assert httpx.post(s.url + "/v1/completions", json=body, timeout=120).status_code == 200
+        cp = subprocess.run(["cp", str(tmp_path / "live.gguf"), str(tmp_path / "other.gguf")], timeout=60)
+        assert cp.returncode == 0
+        with open(tmp_path / "other.gguf", "r+b") as f:  # the same size, other bytes: a rewrite in place
+            f.seek(MODEL.stat().st_size // 2)
+            f.write(b"\x7f" * 4096)
+        cp = subprocess.run(["cp", str(tmp_path / "other.gguf"), str(live)], capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 0, cp.stderr
+        for _ in range(2):
+            r = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 500 and "the file changed on disk" in r.json()["error"]["message"], r.text
+        h = httpx.get(s.url + "/health", timeout=30)
+        assert h.status_code == 503, h.text
+        assert h.json()["status"] == "error" and "the file changed on disk" in h.json()["error"], h.text
+    finally:
+        stop_server(s)
+    said = [line for line in s.log.splitlines() if "the file changed on disk" in line]
+    assert len(said) == 1 and said[0].startswith("error: "), s.log

@@ -258,6 +258,15 @@ class GGUFModelFile:
             raise StepstreamError(f"{self.path}: tensor {name!r} is missing")
         return t
 
+    def problem(self) -> str | None:
+        """Why the maps cannot be read any more (check_unchanged's message), or None; changes
+        nothing, so a health check on another thread may ask."""
+        for part in self._parts:
+            how = part.changed() or ("another process asked to write it" if part.broken else None)
+            if how is not None:
+                return f"{part.path}: the file changed on disk while the model was loaded ({how})"
+        return None
+
     def check_unchanged(self) -> None:
         """Refuse to read the maps of a file that changed on disk since it was opened: a file that
         shrank would kill the process with SIGBUS at the first page past its new end, and one

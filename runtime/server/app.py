@@ -160,6 +160,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     @app.get("/health")
     async def health():
+        broken = model.file.problem()  # the file changed under the map: every request would fail
+        if broken is not None:
+            return JSONResponse(status_code=503, content={
+                "status": "error", "model": model_name, "error": f"{broken}: restart the server to load it again"})
         return {"status": "ok", "model": model_name, "busy": engine.busy, "waiting": engine.waiting,
                 "served": engine.served}
 

@@ -101,6 +101,7 @@ class Job:
 class Engine:
     def __init__(self, model, queue_size: int = 8):
         self.model = model
+        self._file_reported = False  # the model file's change is said once in the server's log
         self.queue_size = queue_size
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -160,6 +161,10 @@ class Engine:
                     job.emit("steps", list(completion.run(self.model, job.request)))
                 job.emit("done")
             except StepstreamError as e:  # the evaluation rolled back: the model is sound
+                if self.model.file.problem() is not None and not self._file_reported:  # not the request's fault
+                    self._file_reported = True
+                    print(f"error: {e} (every request fails now, and /health answers 503: restart the server)",
+                          file=sys.stderr, flush=True)
                 job.emit("error", (500, "generation_failed", str(e)))
             except Exception as e:  # a bug: the request fails, the server keeps serving
                 print(f"error: request failed: {type(e).__name__}: {e}", file=sys.stderr)
