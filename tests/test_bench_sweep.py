@@ -445,3 +445,36 @@ def test_sweep_flags_without_a_sweep_are_refused(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err.strip()
     assert err == f"error: {flag} goes with --sweep-ram (a plain bench writes no sweep and runs no child)", err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """A real file system with a few KiB free (a tmpfs filled up): skipped where mounting is not allowed."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with open(d / "fill", "wb") as f:
+            f.write(b"\0" * (598 * 1024))
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.mark.slow  # two child processes
+def test_a_disk_that_fills_during_a_sweep_is_one_line_and_the_results_are_printed(full_dir, capsys):
+    """Review 8: a traceback (exit 1) from write_json after the first run, the measured runs lost.
+    Now every run still runs, the table is printed, one error line names the file, exit 2, and no
+    temporary file is left."""
+    need_cgroup()
+    code = main(["bench", "-m", str(MODEL), "--sweep-ram", "300MiB,400MiB", "-n", "4", "-p", "8", "-t", "2",
+                 "--sweep-out", str(full_dir / "sw"), "--sweep-timeout", "300"])
+    out = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in out.out + out.err
+    rows = [line.split() for line in out.out.splitlines() if line.strip().startswith(("300MiB", "400MiB"))]
+    assert [r[0] for r in rows] == ["300MiB", "400MiB"] and all(r[-1] == "ok" for r in rows), out.out
+    assert out.err.strip().splitlines()[-1] == (f"error: {full_dir / 'sw.json'}: cannot write the sweep results: No "
+                                                "space left on device; the table above holds the sweep's results")
+    assert sorted(p.name for p in full_dir.iterdir()) == ["fill"]

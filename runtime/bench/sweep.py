@@ -481,8 +481,10 @@ def write_json(report: dict, path: Path) -> None:
     try:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a quota: named, for the caller to say what it kept
+            raise StepstreamError(f"{path}: cannot write the sweep results: {e.strerror or e}") from None
         raise
 
 
@@ -527,8 +529,10 @@ def write_plot(report: dict, path: Path) -> str | None:
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise StepstreamError(f"{path}: cannot write the sweep plot: {e.strerror or e} (the JSON is written)") from None
         raise
     return None
 

@@ -218,8 +218,15 @@ def run_sweep(args) -> int:
     last = {}
 
     def keep(report: dict) -> None:
+        """After each run: the results so far on disk. A failed write (a full disk) does not stop
+        the sweep; the next run's write, or the last, tries again, and the table on stdout holds
+        the results whatever happens."""
         last["report"] = report
-        write_json(report, out_json)
+        try:
+            write_json(report, out_json)
+            last.pop("error", None)
+        except StepstreamError as e:
+            last["error"] = e
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None  # `kill` cleans up as Ctrl-C
@@ -228,14 +235,20 @@ def run_sweep(args) -> int:
     except KeyboardInterrupt:
         if last.get("report", {}).get("state") == "interrupted":
             print(table_text(last["report"]), flush=True)
-            print(f"wrote {out_json} (interrupted: its \"state\" says so, and \"not_run\" lists what did not run)",
-                  flush=True)
+            if "error" in last:
+                print(f"{last['error']} (interrupted: the table above holds what ran)", flush=True)
+            else:
+                print(f"wrote {out_json} (interrupted: its \"state\" says so, and \"not_run\" lists what did "
+                      "not run)", flush=True)
         raise
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    print(table_text(report))
-    write_json(report, out_json)
+    print(table_text(report), flush=True)
+    try:
+        write_json(report, out_json)
+    except StepstreamError as e:
+        raise StepstreamError(f"{e}; the table above holds the sweep's results") from None
     hint = write_plot(report, out_png)
     print(f"wrote {out_json}" + (f"; {hint}" if hint else f" and {out_png}"))
     return 0
