@@ -161,8 +161,10 @@ def write_mini(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0, 
                               f"{out.parent.absolute()} ({e.strerror})") from None
     try:
         _write_checkpoint(tmp, preset, p, seed, progress)
-    except BaseException:  # Ctrl-C or a full disk: leave no half-written checkpoint behind
+    except BaseException as e:  # Ctrl-C or a full disk: leave no half-written checkpoint behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a quota: one line, nothing left
+            raise StepstreamError(f"{out}: cannot write the checkpoint: {e.strerror or e} (nothing was kept)") from None
         raise
     if out.exists():
         out.rmdir()
@@ -186,22 +188,24 @@ def _write_checkpoint(tmp: Path, preset: str, p: Preset, seed: int, progress: bo
         from tqdm import tqdm
 
         bar = tqdm(total=sum(s.n_elements * 2 for s in specs), unit="B", unit_scale=True, desc=f"mini {preset}")
-    for k, shard in enumerate(shards):
-        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        w = SafetensorsWriter(tmp / name)
-        for s in shard:
-            w.add(s.hf_name, "F32" if s.role == layout.ROUTER_BIAS else "BF16", s.shape)
-        for s in shard:
-            if s.role == layout.EXPERTS:  # one expert at a time keeps memory flat
-                for e in range(s.shape[0]):
-                    w.write(s.hf_name, tensor_values(s, seed, e)[None])
-            else:
-                w.write(s.hf_name, tensor_values(s, seed))
-            weight_map[s.hf_name] = name
-            if bar:
-                bar.update(s.n_elements * 2)
-        w.close()
-    if bar:
-        bar.close()
+    try:
+        for k, shard in enumerate(shards):
+            name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            w = SafetensorsWriter(tmp / name)
+            for s in shard:
+                w.add(s.hf_name, "F32" if s.role == layout.ROUTER_BIAS else "BF16", s.shape)
+            for s in shard:
+                if s.role == layout.EXPERTS:  # one expert at a time keeps memory flat
+                    for e in range(s.shape[0]):
+                        w.write(s.hf_name, tensor_values(s, seed, e)[None])
+                else:
+                    w.write(s.hf_name, tensor_values(s, seed))
+                weight_map[s.hf_name] = name
+                if bar:
+                    bar.update(s.n_elements * 2)
+            w.close()
+    finally:
+        if bar:
+            bar.close()  # before an error's line, which is then the last one
     index = {"metadata": {"total_size": sum(s.n_elements * 2 for s in specs)}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 import time
 from pathlib import Path
 
 from convert import layout
 from convert.hf_config import HFConfig
 from convert.mini import PRESETS, Preset, make_config
+from runtime.base.errors import raise_terminated
 from runtime.cli.common import non_negative_int
 
 
@@ -36,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
     from convert.mini import write_mini
 
     t0 = time.perf_counter()
-    out = write_mini(Path(args.out_dir), args.preset, args.seed, progress=True)  # checks OUT_DIR before any work
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None  # `kill` cleans up as Ctrl-C
+    try:
+        out = write_mini(Path(args.out_dir), args.preset, args.seed, progress=True)  # checks OUT_DIR before any work
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB, preset {args.preset}, seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
     return 0
