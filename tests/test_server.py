@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import os
 import time
 from pathlib import Path
 
@@ -431,3 +432,35 @@ def test_tokens_between_batches_wait_for_the_gap(monkeypatch):
     rest, waited = asyncio.run(scenario())
     assert rest == [("step", "b"), ("step", "c")]
     assert waited >= 0.3
+
+
+def test_while_the_model_loads_requests_get_503_loading_at_once(tmp_path):
+    """Review 8: /health hung until the load ended (the port listened, nobody accepted). A first run
+    compiles its kernels for tens of seconds (an empty kernel cache here); meanwhile /health and the
+    API answer 503 at once, /health with {"status": "loading"}, as llama-server does."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "-m", str(MODEL), "--port", str(port),
+                          "--ctx-size", "256"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:  # not listening yet
+                assert p.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        assert h.status_code == 503 and h.json() == {"status": "loading"}, h.text
+        assert h.headers["retry-after"] == "1"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=5)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading", r.text
+    finally:
+        p.kill()
+        p.wait()

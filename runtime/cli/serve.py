@@ -65,13 +65,21 @@ def run(args) -> int:
 
         from runtime.server.app import create_app
         from runtime.server.engine import Engine
+        from runtime.server.loading import LoadingResponder
     except ImportError as e:
         raise StepstreamError(f"the server needs the [serve] extra ({e.name} is missing): "
                               "pip install 'stepstream[serve]'") from None
     from runtime.cli.common import load_model
 
     sock = _listen(args.host, args.port)  # before the model loads: a taken port fails fast
-    model = load_model(args)  # prints the placement when experts stream or a GPU holds some
+    loading = LoadingResponder(sock)  # meanwhile every request gets 503 "loading" at once
+    try:
+        model = load_model(args)  # prints the placement when experts stream or a GPU holds some
+    except BaseException:
+        loading.stop()
+        sock.close()
+        raise
+    loading.stop()
     if model.placement is None and model.gpu_placement is None:
         size = model.file.path.stat().st_size
         print(f"placement: every weight in RAM, mapped from {model.file.path} ({size / 2**20:.0f} MiB)",
