@@ -132,3 +132,28 @@ def test_serve_after_its_file_changed_says_so_in_health_and_its_log(tmp_path):
         stop_server(s)
     said = [line for line in s.log.splitlines() if "the file changed on disk" in line]
     assert len(said) == 1 and said[0].startswith("error: "), s.log
+
+
+def test_a_change_during_an_evaluation_is_named_as_the_change_not_as_its_nan(tmp_path, monkeypatch):
+    """Without a lease (another file system, another owner), weights rewritten in place while an
+    evaluation reads them show up as NaN: the error names the change, not the NaN (review 8 saw
+    "NaN or Inf in the forward pass" for a streamed file rewritten in place)."""
+    import numpy as np
+
+    from runtime.base import gguf_file
+
+    monkeypatch.setattr(gguf_file._Leases, "take", classmethod(lambda cls, part: False))
+    live = tmp_path / "live.gguf"
+    shutil.copy(MODEL, live)
+    m = runtime.load(live, n_ctx=128)
+    m.eval(m.tokenize("def f():"))
+
+    def step(ids):  # another process rewrites the file mid-evaluation; the kernels then meet NaN
+        subprocess.run([sys.executable, "-c", "import sys\nwith open(sys.argv[1], 'r+b') as f:\n"
+                        "    f.seek(1 << 20)\n    f.write(b'\\x7f' * 4096)", str(live)], check=True)
+        raise ZeroDivisionError("float division by zero")
+
+    n = m.n_past
+    with pytest.raises(StepstreamError, match="the file changed on disk while the model was loaded"):
+        m._atomically(step, np.array([5]))
+    assert m.n_past == n  # rolled back, as every failed evaluation is

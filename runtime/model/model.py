@@ -224,6 +224,8 @@ class Model:
         except BaseException as e:
             self.cache.abort()
             del self._tokens[n0:]
+            if isinstance(e, (ZeroDivisionError, StepstreamError)) and self.file.problem() is not None:
+                self.file.check_unchanged()  # the weights changed under the evaluation: say that, not its symptom
             if isinstance(e, ZeroDivisionError):  # a kernel compiled with fast-math, meeting NaN or Inf
                 raise StepstreamError(f"{self.file.path}: NaN or Inf in the forward pass at positions "
                                       f"{n0}..{n0 + ids.size - 1}: the blocks' hidden states are already "
@@ -359,6 +361,7 @@ class Model:
         such logits would raise deep in numpy or emit nothing."""
         first = self.n_past - n
         self.trim(n)
+        self.file.check_unchanged()  # weights rewritten on disk under the evaluation: that, not NaN, is the news
         rows = h if all_logits else h[-1:]
         if not np.isfinite(rows).all():
             where = "the blocks' hidden states are already non-finite"
