@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.full_fs import full_tmpfs
 from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
 from runtime.base.errors import StepstreamError
 from runtime.bench import sweep
@@ -450,16 +451,8 @@ def test_sweep_flags_without_a_sweep_are_refused(tmp_path, monkeypatch, capsys, 
 @pytest.fixture
 def full_dir(tmp_path):
     """A real file system with a few KiB free (a tmpfs filled up): skipped where mounting is not allowed."""
-    d = tmp_path / "small"
-    d.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(d)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        with open(d / "fill", "wb") as f:
-            f.write(b"\0" * (598 * 1024))
+    with full_tmpfs(tmp_path / "small", size="600k", leave=2048) as d:
         yield d
-    finally:
-        subprocess.run(["umount", str(d)], capture_output=True)
 
 
 @pytest.mark.slow  # two child processes

@@ -7,7 +7,6 @@ shipped model; the full disk is a real tmpfs (skipped where mounting is not perm
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers.full_fs import full_tmpfs
 
 import runtime
 from offload.profile import ExpertProfile
@@ -119,23 +120,8 @@ def test_earlier_outputs_and_empty_files_are_replaced(work):
 @pytest.fixture
 def full_fs(tmp_path) -> Path:
     """A real tmpfs of 64 KiB, filled: writes fail with ENOSPC, empty files can still be made."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True, capture_output=True,
-                       timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        pytest.skip("mounting a tmpfs is not permitted here")
-    try:
-        with open(mnt / "fill", "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
+    with full_tmpfs(tmp_path / "full") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False, capture_output=True, timeout=30)
 
 
 def test_save_on_a_full_disk_removes_its_temporary_file(full_fs):
