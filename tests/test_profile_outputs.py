@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ import runtime
 from offload.profile import ExpertProfile
 from offload.trace import RoutingTrace
 from runtime.base.errors import StepstreamError
+from runtime.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf"
@@ -35,7 +37,16 @@ def profile(*args) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def error_line(proc: subprocess.CompletedProcess) -> str:
+def profile_here(capsys, *args) -> SimpleNamespace:
+    """The same command through the command line's own entry point in this process: for refusals,
+    which come before anything loads, without a process start each (the first case of the
+    refusal test also runs as a subprocess, as a user runs it)."""
+    code = main(["profile", "-n", "2", "-t", "1", *map(str, args)])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def error_line(proc) -> str:
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "prompt/s" not in l and "it/s" not in l]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr
@@ -84,21 +95,22 @@ def work(made, tmp_path) -> Path:
     (["-o", "x.json", "--trace", "p.json"], "--trace", "an expert profile"),
     (["-o", "other.json"], "-o", "JSON that is not an expert profile"),
 ])
-def test_an_output_over_an_input_another_output_or_a_foreign_file_is_refused(work, outputs, flag, says):
+def test_an_output_over_an_input_another_output_or_a_foreign_file_is_refused(work, outputs, flag, says, capsys):
     if "sym.json" in outputs:
         (work / "sym.json").symlink_to("p.json")
     before = {p.name: md5(p) for p in work.iterdir() if p.is_file()}
     args = [a if a.startswith("-") else work / a for a in outputs]
-    line = error_line(profile("-m", work / "m.gguf", "-f", work / "p.txt", *args))
+    run = profile if outputs == ["-o", "m.gguf"] else lambda *a: profile_here(capsys, *a)
+    line = error_line(run("-m", work / "m.gguf", "-f", work / "p.txt", *args))
     assert f"{flag} {work / outputs[outputs.index(flag) + 1]}" in line and says in line, line
     assert {p.name: md5(p) for p in work.iterdir() if p.is_file()} == before
     assert md5(work / "m.gguf") == md5(SHIPPED)
 
 
-def test_a_fifo_is_refused_as_an_output(work):
+def test_a_fifo_is_refused_as_an_output(work, capsys):
     """Not /dev/null: the old code, run as root, renamed its output over the device."""
     os.mkfifo(work / "fifo")
-    line = error_line(profile("-m", work / "m.gguf", "-f", work / "p.txt", "-o", work / "fifo"))
+    line = error_line(profile_here(capsys, "-m", work / "m.gguf", "-f", work / "p.txt", "-o", work / "fifo"))
     assert f"-o {work / 'fifo'}" in line and "a FIFO" in line
     assert (work / "fifo").is_fifo()
 
