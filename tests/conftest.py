@@ -16,6 +16,11 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 # workers on few cores, the spinning threads of one worker take the cores the others need:
 # four test files took 92-165 s of wall time spinning, 34 s passive (two cores, `-n 4`).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A first run's compile helper (runtime.model.precompile) compiles every kernel a model may
+# call; a test's `stepstream` process reaches a few of them. The helpers of two tests' processes
+# took 103 s of CPU (of the suite's 2,184) for kernels nothing ran. tests/test_cold_start.py
+# runs the helper as users get it.
+os.environ.setdefault("STEPSTREAM_COMPILE_HELPER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from runtime.base import system
@@ -49,6 +50,28 @@ def test_the_helper_starts_only_with_half_a_core_idle(monkeypatch, started, idle
     assert helper.useful == starts
     if starts:
         assert started[0][1:3] == ["-m", "runtime.model.precompile"]
+
+
+@pytest.mark.parametrize("switch, useful", [(None, True), ("1", True), ("0", False)])
+def test_the_switch_turns_the_helper_off(monkeypatch, started, switch, useful):
+    """STEPSTREAM_COMPILE_HELPER=0 (the suite's conftest sets it) keeps the helper from starting
+    at a real compile; unset or 1, a 2-core CPU run starts it."""
+    from types import SimpleNamespace
+
+    import numba
+
+    if switch is None:
+        monkeypatch.delenv(precompile.SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(precompile.SWITCH, switch)
+    monkeypatch.setattr(precompile, "_cores", lambda: 2)
+    monkeypatch.setattr(precompile, "idle_cores", lambda seconds: 2.0)
+    model = SimpleNamespace(gpu=None, int8=3, options=SimpleNamespace(kv_types=("f16", "f16")),
+                            cfg=SimpleNamespace(head_dim=128, hidden=256))
+    with precompile.alongside(model) as helper:
+        numba.njit(lambda x: x + 1)(np.int64(switch == "0"))  # a compile event (a fresh function)
+    assert helper.useful == useful
+    assert len(started) == (1 if useful else 0)
 
 
 def test_no_probe_where_the_helper_is_not_useful(monkeypatch, started):

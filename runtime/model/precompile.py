@@ -18,7 +18,8 @@ the warm-up ends. Nothing depends on it: if it fails or is slow, the warm-up com
 lacks itself, and the numbers are the same either way (the cached code is the same code).
 
 The helper runs only where it can help: on a cold cache, with two or more cores, on the CPU path,
-and when the first compile finds half a core or more idle (measured over 0.2 s, the warm-up's own
+unless STEPSTREAM_COMPILE_HELPER=0 (the test suite sets it: its tests would compile the
+kernels of code paths they never reach), and when the first compile finds half a core or more idle (measured over 0.2 s, the warm-up's own
 compile counting as busy). Where other processes keep the other cores busy, a helper would make
 three processes share two cores: the warm-up would run at two thirds of a core while the helper
 compiled part of its work, about as slow as compiling alone, and the others' work would lose a
@@ -43,6 +44,7 @@ from runtime.base.system import idle_cores
 HELPER_TIMEOUT_S = 300  # the warm-up stops waiting (and compiles on its own) after this
 IDLE_PROBE_S = 0.2  # how long the first compile measures the cores' use, the warm-up's own included
 MIN_IDLE_CORES = 0.5  # idle cores the helper needs: with none, it would slow the warm-up and others' work
+SWITCH = "STEPSTREAM_COMPILE_HELPER"  # "0": never start the helper
 
 
 def _spec(model) -> dict:
@@ -102,7 +104,8 @@ class _Helper(event.Listener):
 def alongside(model):
     """Within the block, the first kernel compile starts the helper for this model; `wait()` on
     the value waits for it. The helper is stopped if the block raises, and waited for at its end."""
-    helper = _Helper(_spec(model), useful=model.gpu is None and _cores() >= 2)  # else nothing to gain
+    useful = model.gpu is None and _cores() >= 2 and os.environ.get(SWITCH, "1") != "0"  # else nothing to gain
+    helper = _Helper(_spec(model), useful=useful)
     event.register("numba:compile", helper)
     try:
         yield helper
