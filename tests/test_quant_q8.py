@@ -15,6 +15,12 @@ from quant import int8_kernels as q8
 from quant.int8_kernels import avx2, avx512_vnni, row_dot
 
 FORMATS = [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
+# The format set the per-format tests' kernels are compiled for: one kernel of each kind for
+# them all (each format's own took 46 s to compile in the suite; kernels of any set that holds
+# a matrix's format give the same numbers: test_kernels_for_a_format_set_give_the_same_numbers).
+# The set of test_quant_q8_formats.py, so that a worker running both compiles it once.
+SET = q8.format_set([T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL,
+                     T.IQ4_XS])
 ROWS = [1, 5, 37]
 COLS = [256, 1280]
 
@@ -70,7 +76,7 @@ def test_matvec(qtype, rows, cols):
     w, W = weights(qtype, rows, cols)
     a = q8.quantize_activations(activations(2, cols))
     for t in range(2):
-        out = q8.matvec(w, a, np.empty(rows, np.float32), token=t)
+        out = q8.matvec(w, a, np.empty(rows, np.float32), token=t, formats=SET)
         assert_close(out, W, values(a)[t])
 
 
@@ -222,13 +228,13 @@ def test_errors():
 def test_matmul(qtype, n, rows, cols):
     w, W = weights(qtype, rows, cols, seed=5)
     a = q8.quantize_activations(activations(n, cols, seed=n))
-    out = q8.matmul(w, a, np.full((n, rows), np.nan, np.float32))
+    out = q8.matmul(w, a, np.full((n, rows), np.nan, np.float32), formats=SET)
     xv = values(a)
     for t in range(n):
         assert_close(out[t], W, xv[t])
     # each token's row is the GEMV's, to the bit: 4-token row steps (Q8_0), and the 16-row VNNI
     # steps (Q4_K, Q5_K, Q6_K) with the rows past the last group of 16 one at a time
-    gemv = np.stack([q8.matvec(w, a, np.empty(rows, np.float32), token=t) for t in range(n)])
+    gemv = np.stack([q8.matvec(w, a, np.empty(rows, np.float32), token=t, formats=SET) for t in range(n)])
     np.testing.assert_array_equal(out, gemv)
 
 
@@ -252,7 +258,7 @@ def test_matmul_reads_nothing_past_the_last_row(qtype):
     tail = pack(qtype, arr[size - w.data.nbytes:].reshape(w.data.shape), 32, 512)
     for n in (1, 3, 8):
         a = q8.quantize_activations(activations(n, 512, seed=n))
-        out = q8.matmul(tail, a, np.empty((n, 32), np.float32))
+        out = q8.matmul(tail, a, np.empty((n, 32), np.float32), formats=SET)
         for t in range(n):
             assert_close(out[t], W, values(a)[t])
     del arr, tail, out
