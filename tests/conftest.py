@@ -18,8 +18,8 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # A first run's compile helper (runtime.model.precompile) compiles every kernel a model may
 # call; a test's `stepstream` process reaches a few of them. The helpers of two tests' processes
-# took 103 s of CPU (of the suite's 2,184) for kernels nothing ran. tests/test_cold_start.py
-# runs the helper as users get it.
+# took 103 s of CPU (of the suite's 2,184) for kernels nothing ran. What it compiles is
+# checked by tests/test_kernel_cache.py, when it starts by tests/test_precompile_helper.py.
 os.environ.setdefault("STEPSTREAM_COMPILE_HELPER", "0")
 
 

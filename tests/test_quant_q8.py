@@ -109,7 +109,7 @@ def test_simd_rows_equal_portable_rows(qtype):
     """Both compute the same integers; only the float32 sum per super-block may differ."""
     w, _ = weights(qtype, 64, 2048, seed=4, scale=1.0)
     a = q8.quantize_activations(activations(1, 2048) * 40)
-    simd = q8.matvec(w, a, np.empty(64, np.float32))
+    simd = q8.matvec(w, a, np.empty(64, np.float32), formats=SET)
     port = np.empty(64, np.float32)
     _portable(int(qtype), w.data, a.q[0], a.d[0], a.b[0], port)
     np.testing.assert_allclose(simd, port, rtol=1e-5, atol=1e-5 * np.abs(port).max())
@@ -139,7 +139,7 @@ def test_simd_rows_are_the_portable_rows_bit_for_bit(qtype, rows):
     x[0, 256:512] = np.where(np.arange(256) % 2, 1.0, -1.0)  # every activation +-127
     a = q8.quantize_activations(x)
     for t in range(2):
-        simd = q8.matvec(w, a, np.empty(rows, np.float32), token=t)
+        simd = q8.matvec(w, a, np.empty(rows, np.float32), token=t, formats=SET)
         port = np.empty(rows, np.float32)
         _portable(int(qtype), w.data, a.q[t], a.d[t], a.b[t], port)
         np.testing.assert_array_equal(simd, port)

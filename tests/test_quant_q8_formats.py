@@ -123,8 +123,8 @@ def _ref_ffn(W, xv, limit):
 @pytest.mark.parametrize("kinds", [[T.Q2_K, T.IQ4_XS, T.Q5_0], pytest.param(NEW, marks=pytest.mark.slow)],
                          ids=["three", "all"])
 def test_swiglu_ffns_with_the_new_formats(kinds):
-    """New formats as gate/up and as down of the fused expert call (odd widths of 256s); all of
-    them in one kernel is the slow case (its compile takes ~30 s)."""
+    """New formats as gate/up and as down of the fused expert call (odd widths of 256s), in the
+    kernel of the set ALL, as the other tests here."""
     H = 512
     specs = [(qt, kinds[(i + 1) % len(kinds)], 256 * (1 + 2 * (i % 2)), 0.5 + i, 4.0 * (i % 2))
              for i, qt in enumerate(kinds)]
@@ -139,7 +139,7 @@ def test_swiglu_ffns_with_the_new_formats(kinds):
     out = np.full(H, 0.5, np.float32)
     q8.swiglu_ffns(np.stack(descs), np.array([r[1] for r in refs], np.float32),
                    np.array([r[2] for r in refs], np.float32), x, out,
-                   q8.ffn_scratch(H, len(specs), sum(s[2] for s in specs)))
+                   q8.ffn_scratch(H, len(specs), sum(s[2] for s in specs)), formats=ALL)
     xv = values(q8.quantize_activations(x))[0]
     want = 0.5 + sum(wt * _ref_ffn(W, xv, lim) for W, wt, lim in refs)
     err = np.abs(out - want)
