@@ -166,35 +166,3 @@ def test_format_tables_agree_with_gguf():
         assert int(t) in row_dot.PORTABLE
     assert set(q8.GEMM_FORMATS) == (set(q8.FORMATS) if avx2.AVAILABLE else set())
 
-
-_NO_AVX = """
-import numpy as np
-from gguf import GGMLQuantizationType as T
-from quant import int8_kernels as q8
-from quant.int8_kernels import avx2
-import test_quant_q8_formats as t
-assert not avx2.AVAILABLE and not q8.GEMM_FORMATS
-for qtype in (T.Q3_K, T.Q5_0, T.IQ4_XS):
-    w, W = t.weights(qtype, 7, 512, seed=2)
-    a = q8.quantize_activations(t.activations(2, 512))
-    for k in range(2):
-        t.assert_close(q8.matvec(w, a, np.empty(7, np.float32), token=k), W, t.values(a)[k])
-    rows = q8.matmul_rows(w, a, np.empty((2, 7), np.float32))
-    t.assert_close(rows[1], W, t.values(a)[1])
-print("ok")
-"""
-
-
-@pytest.mark.slow
-def test_hosts_without_avx_run_the_portable_loops_in_the_kernels(tmp_path):
-    """Numba targeting a CPU without AVX: the kernels are built from the portable row dots
-    (never an LLVM abort on the AVX2 intrinsics) and still match the reference."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "NUMBA_ENABLE_AVX": "0", "NUMBA_CACHE_DIR": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", _NO_AVX], capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-2000:]
-

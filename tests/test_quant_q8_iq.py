@@ -170,20 +170,29 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from quant import int8_kernels as q8
 from quant.int8_kernels import avx2
-import test_quant_q8_iq as t
+import test_quant_q8_formats as f
+import test_quant_q8_iq as iq
 assert not avx2.AVAILABLE and not q8.GEMM_FORMATS
-a = q8.quantize_activations(t.activations(3, 512))
-for qtype in (T.IQ2_XXS, T.IQ1_M, T.TQ1_0):
-    w, W = t.weights(qtype, 7, 512, seed=2)
+LOW, CODE_BOOK = (T.Q3_K, T.Q5_0, T.IQ4_XS), (T.IQ2_XXS, T.IQ1_M, T.TQ1_0)
+SET = q8.format_set(LOW + CODE_BOOK)  # one GEMV and one matmul_rows for all six
+a = q8.quantize_activations(f.activations(3, 512))
+for qtype in LOW + CODE_BOOK:
+    w, W = (f if qtype in LOW else iq).weights(qtype, 7, 512, seed=2)
     for k in range(3):
-        t.assert_close(q8.matvec(w, a, np.empty(7, np.float32), token=k, formats=t.NEW_SET), W, t.values(a)[k])
+        f.assert_close(q8.matvec(w, a, np.empty(7, np.float32), token=k, formats=SET), W, f.values(a)[k])
+    rows = q8.matmul_rows(w, a, np.empty((3, 7), np.float32), formats=SET)
+    f.assert_close(rows[2], W, f.values(a)[2])
 print("ok")
 """
 
 
+@pytest.mark.slow
 def test_hosts_without_avx_run_the_portable_loops_in_the_kernels(tmp_path):
-    """Numba targeting a CPU without AVX: the GEMV switches to the portable row dots (the AVX2
-    intrinsics never reach LLVM) and still matches the reference."""
+    """Numba targeting a CPU without AVX: the kernels are built from the portable row dots (the
+    AVX2 intrinsics never reach LLVM, which would abort) and still match the reference, for
+    formats of both kernel files: the low-bit ones of test_quant_q8_formats and the code-book
+    and ternary ones here. One process and one format set for all six (a process and a set per
+    file took 44 s of the suite's CPU)."""
     import os
     import subprocess
     import sys
