@@ -118,27 +118,37 @@ class Model:
             self._drafter.reset()
 
     def warm_up(self) -> float:
-        """Evaluate a chunk of five tokens and one token alone, then forget them, so that every
-        kernel a run needs is loaded: from Numba's cache in a fraction of a second, or compiled
-        on the first run after an install (tens of seconds). Five different tokens give experts
-        with one token and with several, so both the GEMV and the GEMM paths run. When the load
-        option mtp drafts, also the heads' kernels, and the trunk's pass times by length
-        (step_seconds, where the draft-length chooser starts). Returns the seconds it took."""
+        """Evaluate a prefill chunk, a chunk of a few tokens and one token alone, then forget them,
+        so that every kernel a run needs is loaded: from Numba's cache in a fraction of a second,
+        or compiled on the first run after an install (tens of seconds). Each way through the
+        blocks has kernels of its own (a prefill chunk: more than FEW_TOKENS tokens, the GEMM;
+        2..FEW_TOKENS: the few-token kernels of short prompts, chat turns and MTP verify passes;
+        one token: the decode step), and a server says it is ready only after this, so none
+        of them may be left for a request to compile. The prefill chunk's tokens repeat the few
+        chunk's five, which gives experts with one token and with several (both the GEMV and
+        the GEMM paths run) and reads hardly more experts from disk than five tokens do. When
+        the load option mtp drafts, also the heads' kernels, and the trunk's pass times by
+        length (step_seconds, where the draft-length chooser starts). Returns the seconds it took."""
         t0 = time.perf_counter()
         self.reset()
-        ids = [i % self.cfg.vocab for i in range(max(1, min(5, self.n_ctx - 1)))]  # a short context holds fewer
+        room = self.n_ctx - 1  # one position left for the decode step; a short context holds fewer
+        five = [i % self.cfg.vocab for i in range(max(1, min(5, room)))]
+        chunk = (five * (FEW_TOKENS // len(five) + 2))[: min(FEW_TOKENS + 1, self.options.n_batch, room)]
         with precompile.alongside(self):  # on a first run, a second process compiles too
-            self.eval(ids)
-            if self.n_ctx > len(ids):
-                self.eval(ids[:1])
-                if self._drafts and self.n_ctx > len(ids) + 1:  # the heads' kernels: a fill and a draft
+            if len(chunk) > len(five):  # the prefill path (a chunk is at most n_batch tokens)
+                self.eval(chunk)
+                self.reset()
+            self.eval(five)
+            if self.n_ctx > len(five):
+                self.eval(five[:1])
+                if self._drafts and self.n_ctx > len(five) + 1:  # the heads' kernels: a fill and a draft
                     self.drafter.truncate(0)
-                    self.eval_prompt(ids + ids[:1], mtp=True)
-                    self.mtp_draft(ids[1], self.n_mtp)
+                    self.eval_prompt(five + five[:1], mtp=True)
+                    self.mtp_draft(five[1], self.n_mtp)
                     self._drafter = None  # made again by the first generation that drafts
         self.reset()
-        if self._drafts and self.n_ctx > 2 * len(ids):
-            self._time_steps(ids)
+        if self._drafts and self.n_ctx > 2 * len(five):
+            self._time_steps(five)
             self.reset()
         return time.perf_counter() - t0
 
