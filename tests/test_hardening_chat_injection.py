@@ -46,10 +46,13 @@ def _ids(model, name: str) -> int:
 
 
 def chatml(model, as_text, messages: list[dict]) -> list[int]:
-    """The ids the template means: its control tokens as single ids, all else as text."""
+    """The ids the template means: its control tokens as single ids, all else as text. A last
+    assistant message with text is the reply's start: the prompt ends with its text."""
     start, end = _ids(model, "<|im_start|>"), _ids(model, "<|im_end|>")
     ids = [model.tokenizer.bos_id]
-    for m in messages:
+    for i, m in enumerate(messages):
+        if i == len(messages) - 1 and m["role"] == "assistant" and m["content"]:
+            return ids + [start] + as_text(m["role"] + "\n" + m["content"])
         ids += [start] + as_text(m["role"] + "\n" + m["content"]) + [end] + as_text("\n")
     return ids + [start] + as_text("assistant\n")
 

@@ -218,7 +218,7 @@ BAD = [  # (path, body or raw bytes, status, the field the message must name)
     ("/v1/chat/completions", {**CHAT, "temperature": 7}, 400, "temperature"),
     ("/v1/chat/completions", {**CHAT, "top_p": -0.1}, 400, "top_p"),
     ("/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400, "top_p"),
-    ("/v1/chat/completions", {**CHAT, "seed": -1}, 400, "seed"),
+    ("/v1/chat/completions", {**CHAT, "seed": -2**63 - 1}, 400, "seed"),  # -1 is llama-server's "random"
     ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/chat/completions", {**CHAT, "n": 3}, 400, "'n'"),

@@ -186,7 +186,7 @@ def test_top_k_min_p_and_repeat_penalty_are_honoured_as_the_library_samples(plai
             temperature=1.0, top_k=extra.get("top_k", 0), top_p=1.0, min_p=extra.get("min_p", 0.0),
             repeat_penalty=extra.get("repeat_penalty", 1.0), repeat_last_n=extra.get("repeat_last_n", 64), seed=7), 16))
         assert got == want, extra
-    for extra, message in (({"top_k": -1}, "'top_k' must be in [0, 2147483647], got -1"),
+    for extra, message in (({"top_k": 2**31}, "'top_k' must be in [-2147483648, 2147483647], got 2147483648"),
                            ({"min_p": 1.5}, "'min_p' must be in [0, 1], got 1.5"),
                            ({"repeat_penalty": 0}, "'repeat_penalty' must be in [0.01, 100], got 0"),
                            ({"top_k": 2.5}, "'top_k' must be integer, got number 2.5"),

@@ -146,6 +146,45 @@ def test_tool_choice(served):
         _ask(client, tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
+def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(served):
+    """`parallel_tool_calls: false` was accepted and ignored: a reply with two calls returned both
+    (OpenAI then returns at most one, as llama-server does)."""
+    name, client = served
+    if name != "two_json_calls":
+        pytest.skip("one model with two calls is enough")
+    one = _ask(client, parallel_tool_calls=False).choices[0]
+    assert one.message.content == "Checking both." and one.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in one.message.tool_calls] == \
+        [("get_weather", {"city": "Rome"})]
+    streamed = _join_stream(_ask(client, stream=True, parallel_tool_calls=False))
+    assert streamed[0] == "Checking both." and streamed[3] == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed[2]] == [("get_weather", {"city": "Rome"})]
+    both = _ask(client, parallel_tool_calls=True).choices[0]  # the default
+    assert len(both.message.tool_calls) == 2
+
+
+def test_ignore_eos_generates_on_past_the_end_of_text(served):
+    """vLLM's and llama-server's `ignore_eos` (their benchmark clients send it) was accepted and
+    ignored. The scripted model's text ends with an end-of-text token, and every token after it
+    is another: the reply's text stays the script's, and max_tokens tokens are generated."""
+    name, client = served
+    if name != "malformed":
+        pytest.skip("one model without calls is enough")
+    plain = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=200).choices[0]
+    n = _ask(client).usage.completion_tokens
+    for stream in (False, True):
+        r = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=n + 7,
+                                           stream=stream, extra_body={"ignore_eos": True},
+                                           **({"stream_options": {"include_usage": True}} if stream else {}))
+        if stream:
+            chunks = list(r)
+            content, _, _, finish = _join_stream(chunks)
+            usage = chunks[-1].usage
+        else:
+            content, finish, usage = r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+        assert (content, finish, usage.completion_tokens) == (plain.message.content, "length", n + 7)
+
+
 def _join_api_stream(chunks):
     """_join_stream for the Python API's chunks (dicts)."""
     content, reasoning, calls, finish = "", "", {}, None

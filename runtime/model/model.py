@@ -570,11 +570,14 @@ class Model:
         pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return chat_response(self, ids, pieces, stream, tools=offered, in_reasoning=in_reasoning, forced=forced)
 
-    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> list[int]:
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                    continue_final: bool = True) -> list[int]:
         """The prompt ids of a conversation, rendered with the model's chat template (with the
         OpenAI function specs `tools`, when given). Control tokens come only from the template:
-        special-token text inside a message is tokenized as text."""
-        return chat_ids(self.tokenizer, messages, add_generation_prompt, tools=tools)
+        special-token text inside a message is tokenized as text. A last assistant message with
+        text is continued, as llama-server does (continue_final=False closes it and opens a new
+        turn)."""
+        return chat_ids(self.tokenizer, messages, add_generation_prompt, tools=tools, continue_final=continue_final)
 
     def _check_tokens_only(self, tokens) -> list[int]:
         ids = np.asarray(tokens)

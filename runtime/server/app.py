@@ -20,6 +20,7 @@ import json
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -42,6 +43,9 @@ class ClientGone(Exception):
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
     model = engine.model
     app = FastAPI(title="stepstream", docs_url=None, redoc_url=None, openapi_url=None)
+    # a web page from any origin may call it, as llama-server allows (the API key still guards
+    # the routes; a browser's preflight OPTIONS carries none and is answered here)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -89,7 +93,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                                 "(start the server with a larger --ctx-size, or shorten the prompt)",
                            param=field, code="context_length_exceeded")
         room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
-        return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs)
+        return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs,
+                            ignore_eos=common.ignore_eos)
 
     def submit(req: ModelRequest, stream: bool) -> Job:
         try:
@@ -158,7 +163,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         finally:
             job.cancel.set()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: uptime probes
     async def health():
         broken = model.file.problem()  # the file changed under the map: every request would fail
         if broken is not None:
@@ -183,28 +188,34 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                            param="model", code="model_not_found")  # as OpenAI answers
         return served
 
+    async def prompt_ids(prompt: str | list[int], where: str) -> list[int]:
+        if isinstance(prompt, str):  # on a thread: a long prompt must not stall other streams
+            return await asyncio.to_thread(model.tokenize, prompt, add_bos=True, special=True)
+        bad = [t for t in prompt if not 0 <= t < model.cfg.vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} in '{where}' is outside the vocabulary (0..{model.cfg.vocab - 1})",
+                           param="prompt", code="invalid_value")
+        return list(prompt)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
         body = await read_json(request)
         check_model(body, model_name)
         b = completion_body(body)
-        if isinstance(b.prompt, str):  # on a thread: a long prompt must not stall other streams
-            ids = await asyncio.to_thread(model.tokenize, b.prompt, add_bos=True, special=True)
-        else:
-            bad = [t for t in b.prompt if not 0 <= t < model.cfg.vocab]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} in 'prompt' is outside the vocabulary (0..{model.cfg.vocab - 1})",
-                               param="prompt", code="invalid_value")
-            ids = list(b.prompt)
-        req = model_request(ids, b.common, b.logprobs, "prompt")
-        prompt = b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")
-        echo = prompt if b.echo else ""
-        reply = TextReply(model_name, len(ids), len(prompt), echo)
+        many = len(b.prompts) > 1
+        parts = []  # every prompt is checked before the first is queued
+        for i, p in enumerate(b.prompts):
+            ids = await prompt_ids(p, f"prompt[{i}]" if many else "prompt")
+            req = model_request(ids, b.common, b.logprobs, "prompt")
+            prompt = p if isinstance(p, str) else model.detokenize(ids).decode("utf-8", "replace")
+            parts.append((req, TextReply(model_name, len(ids), len(prompt), prompt if b.echo else "", index=i)))
         want = b.logprobs is not None
-        job = submit(req, b.common.stream)
-        if b.common.stream:
-            first = [reply._envelope([{"text": echo, "index": 0, "logprobs": None, "finish_reason": None}])] if echo else []
+        if b.common.stream:  # one prompt (requests.completion_body)
+            (req, reply), = parts
+            job = submit(req, True)
+            first = [reply._envelope([{"text": reply.text[0], "index": 0, "logprobs": None,
+                                       "finish_reason": None}])] if b.echo else []
 
             def to_chunks(step):
                 c = reply.chunk(step, want)
@@ -213,8 +224,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 return out
 
             return sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
-        await whole(job, request, lambda step: reply.chunk(step, want))
-        return reply.whole(req.timings, want)
+        answers = []
+        for req, reply in parts:  # one after another, each queued as its own job
+            await whole(submit(req, False), request, lambda step, reply=reply: reply.chunk(step, want))
+            answers.append(reply.whole(req.timings, want))
+        return answers[0] if not many else TextReply.joined(answers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -224,7 +238,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         b = chat_body(body)
         tools = b.tools if b.tools and b.tool_choice != "none" else None
         try:
-            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=tools)
+            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=tools, continue_final=b.continue_final)
         except StepstreamError as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from None
         except RecursionError:
@@ -237,7 +251,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
             ids = ids + model.tokenize(forced, add_bos=False, special=True)
         req = model_request(ids, b.common, b.logprobs, "messages")
-        reply = ChatReply(model_name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
+        reply = ChatReply(model_name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced,
+                          max_calls=b.max_calls)
         want = b.logprobs is not None
         job = submit(req, b.common.stream)
         if b.common.stream:

@@ -83,6 +83,7 @@ class Request:
     max_tokens: int  # already capped by the context
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's and k alternatives'
+    ignore_eos: bool = False  # an end-of-text token does not end the reply (it adds no text), as in vLLM
     cancelled: Callable[[], bool] = lambda: False
     timings: Timings = field(default_factory=Timings)
 
@@ -134,7 +135,7 @@ def run(model, req: Request) -> Iterator[Step]:
     t0 = time.perf_counter()
     sampler = _Recording(req.params, model, req.logprobs)
     stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)
-    tokens = generate(model, req.prompt, sampler, req.max_tokens, stats=stats)
+    tokens = generate(model, req.prompt, sampler, req.max_tokens, stop_at_eog=not req.ignore_eos, stats=stats)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopStrings(req.stop)
     eog = model.tokenizer.eog_ids
@@ -148,18 +149,19 @@ def run(model, req: Request) -> Iterator[Step]:
                 t.prompt_ms = (stats["prompt_done"] - t0) * 1000
                 t.first_token_ms = (time.perf_counter() - t0) * 1000
             lp = sampler.taken(tok)
-            if tok in eog:  # not part of the reply: no text, no log-probability
+            if tok in eog and not req.ignore_eos:  # not part of the reply: no text, no log-probability
                 finish = "stop"
                 break
-            if lp is not None:
-                pending.append(lp)
-            text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
-            if hit:
-                yield Step(text, tuple(pending), "stop")
-                return
-            if text or pending:
-                yield Step(text, tuple(pending))
-                pending = []
+            if tok not in eog:  # with ignore_eos, an end-of-text token is passed over
+                if lp is not None:
+                    pending.append(lp)
+                text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
+                if hit:
+                    yield Step(text, tuple(pending), "stop")
+                    return
+                if text or pending:
+                    yield Step(text, tuple(pending))
+                    pending = []
             if req.cancelled():
                 break
     finally:

@@ -29,6 +29,7 @@ class _Loading(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Retry-After", "1")
+        self.send_header("Access-Control-Allow-Origin", "*")  # as the real server: a web page may see it load
         self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":

@@ -46,11 +46,12 @@ class Common:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # vLLM's and llama-server's: generate on past the end of text
 
 
 @dataclass(frozen=True)
 class CompletionBody:
-    prompt: str | list[int]
+    prompts: list[str | list[int]]  # one choice each, in order
     common: Common
     logprobs: int | None
     echo: bool
@@ -63,6 +64,8 @@ class ChatBody:
     tool_choice: str | dict
     common: Common
     logprobs: int | None  # None, or how many alternatives (top_logprobs)
+    continue_final: bool  # a last assistant message is continued (llama-server's prefill), not closed
+    max_calls: int | None  # 1 for parallel_tool_calls false: the reply ends at its first call
 
 
 def parse_json(raw: bytes) -> dict:
@@ -128,21 +131,36 @@ def check_model(body: dict, served: str) -> None:
                        code="model_not_found")
 
 
+def _max_tokens(body: dict, default: int | None) -> int | None:
+    """max_tokens, or OpenAI's newer max_completion_tokens, or llama-server's n_predict (-1: no
+    limit, to the end of the context); the first of them the body holds, named by a refusal."""
+    for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+        v = _get(body, name, (int,))
+        if v is None:
+            continue
+        if name == "n_predict" and v == -1:
+            return None
+        if v < 1:
+            raise ApiError(400, f"'{name}' must be at least 1{' (or -1)' if name == 'n_predict' else ''}, got {v}",
+                           param=name, code="invalid_value")
+        return v
+    return default
+
+
 def _common(body: dict, default_max_tokens: int | None) -> Common:
-    max_tokens = _get(body, "max_completion_tokens", (int,)) if "max_completion_tokens" in body else None
-    max_tokens = _get(body, "max_tokens", (int,), max_tokens)
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(400, f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens",
-                       code="invalid_value")
-    n = _get(body, "n", (int,), 1)
-    if n != 1:
-        raise ApiError(400, f"'n' must be 1 (one choice per request), got {n}", param="n", code="invalid_value")
+    max_tokens = _max_tokens(body, default_max_tokens)
+    for name in ("n", "best_of"):  # best_of: OpenAI's completions, best of n samples
+        v = _get(body, name, (int,), 1)
+        if v != 1:
+            raise ApiError(400, f"'{name}' must be 1 (one choice per request), got {v}", param=name,
+                           code="invalid_value")
     temperature = _get(body, "temperature", (int, float), 1.0)
     _range("temperature", temperature, 0, 2)
     top_p = _get(body, "top_p", (int, float), 1.0)
     _range("top_p", top_p, 0, 1)  # 0 keeps only the most likely token, as OpenAI and llama-server allow
     seed = _get(body, "seed", (int,))
-    _range("seed", seed, 0, MAX_SEED)
+    _range("seed", seed, -MAX_SEED - 1, MAX_SEED)
+    seed = None if seed is not None and seed < 0 else seed  # llama-server's -1 (its default): a random seed
     for name in ("presence_penalty", "frequency_penalty"):
         _range(name, _get(body, name, (int, float), 0), -2, 2)
         if body.get(name):  # refused, not ignored: a client that asks for one must not get free text silently
@@ -170,27 +188,47 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     # OpenAI's sampling is temperature and top_p alone: top-k, min-p and the repeat penalty are off
     # unless a request sets them (llama-server's fields, which its clients send).
     top_k = _get(body, "top_k", (int,), 0)
-    _range("top_k", top_k, 0, 2**31 - 1)  # 0: off
+    _range("top_k", top_k, -2**31, 2**31 - 1)
+    top_k = max(top_k, 0)  # 0 and below: off (vLLM's clients send -1, llama-server reads <= 0 as off)
     min_p = _get(body, "min_p", (int, float), 0.0)
     _range("min_p", min_p, 0, 1)
     repeat_penalty = _get(body, "repeat_penalty", (int, float), 1.0)
     _range("repeat_penalty", repeat_penalty, 0.01, 100)  # 1: off
     repeat_last_n = _get(body, "repeat_last_n", (int,), 64)
-    _range("repeat_last_n", repeat_last_n, 0, 2**31 - 1)
+    _range("repeat_last_n", repeat_last_n, -1, 2**31 - 1)
+    repeat_last_n = 2**31 - 1 if repeat_last_n == -1 else repeat_last_n  # llama-server's -1: the whole context
+    if _get(body, "min_tokens", (int,), 0):  # vLLM's: refused, not ignored
+        raise ApiError(400, "'min_tokens' is not supported (only 0)", param="min_tokens", code="unsupported")
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed)
-    return Common(max_tokens if max_tokens is not None else default_max_tokens, params, tuple(stop), stream,
-                  include_usage)
+    return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False))
+
+
+def _is_ids(v) -> bool:
+    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+
+def _prompts(body: dict) -> list[str | list[int]]:
+    """OpenAI's four shapes of `prompt`: a string, a list of strings, a list of token ids, a list
+    of lists of token ids. A list of strings or of id lists is one prompt each (a client
+    library sends one prompt as a list of one)."""
+    prompt = _get(body, "prompt", (str, list), required=True)
+    if isinstance(prompt, str) or (prompt and _is_ids(prompt)):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, str) for p in prompt) or prompt and all(_is_ids(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise ApiError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array of "
+                            "arrays of token ids, none of them empty", param="prompt", code="invalid_value")
+    for i, p in enumerate(prompts):
+        if not p:
+            where = "'prompt'" if len(prompts) == 1 and prompts[0] is prompt else f"'prompt[{i}]'"
+            raise ApiError(400, f"{where} must not be empty", param="prompt", code="invalid_value")
+    return prompts
 
 
 def completion_body(body: dict) -> CompletionBody:
-    prompt = _get(body, "prompt", (str, list), required=True)
-    if isinstance(prompt, list):
-        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ApiError(400, "'prompt' must be a string or a non-empty array of token ids (one prompt per request)",
-                           param="prompt", code="invalid_value")
-    elif not prompt:
-        raise ApiError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
+    prompts = _prompts(body)
     logprobs = _get(body, "logprobs", (int,))
     _range("logprobs", logprobs, 0, MAX_COMPLETION_LOGPROBS)
     if logprobs is not None and _get(body, "echo", (bool,), False):
@@ -198,7 +236,11 @@ def completion_body(body: dict) -> CompletionBody:
                        param="echo", code="unsupported")
     if _get(body, "suffix", (str,)) is not None:
         raise ApiError(400, "'suffix' (fill in the middle) is not supported", param="suffix", code="unsupported")
-    return CompletionBody(prompt, _common(body, 16), logprobs, _get(body, "echo", (bool,), False))
+    common = _common(body, 16)
+    if common.stream and len(prompts) > 1:
+        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts: a stream carries one (send them one per request, "
+                            "or without 'stream')", param="prompt", code="unsupported")
+    return CompletionBody(prompts, common, logprobs, _get(body, "echo", (bool,), False))
 
 
 def _content_ok(content) -> bool:
@@ -242,7 +284,11 @@ def chat_body(body: dict) -> ChatBody:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
     # OpenAI's "developer" role is the system prompt of newer models: the template knows "system"
     messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
-    return ChatBody(messages, tools, tool_choice, _common(body, None), logprobs)
+    # a last assistant message is the start of the reply (llama-server's default; vLLM's
+    # continue_final_message), unless the request says false
+    continue_final = _get(body, "continue_final_message", (bool,), True)
+    max_calls = None if _get(body, "parallel_tool_calls", (bool,), True) else 1
+    return ChatBody(messages, tools, tool_choice, _common(body, None), logprobs, continue_final, max_calls)
 
 
 def sampling_error(e: StepstreamError) -> ApiError:

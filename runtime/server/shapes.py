@@ -28,10 +28,12 @@ def usage(n_prompt: int, timings: Timings) -> dict:
 class TextReply:
     """/v1/completions."""
 
-    def __init__(self, model_name: str, n_prompt: int, prompt_chars: int, echo: str = ""):
+    def __init__(self, model_name: str, n_prompt: int, prompt_chars: int, echo: str = "", index: int = 0):
         """prompt_chars: the prompt's length in characters, where the reply's `text_offset`s start
-        (OpenAI's and llama-cpp-python's convention: offsets into prompt + reply)."""
+        (OpenAI's and llama-cpp-python's convention: offsets into prompt + reply). index: the
+        prompt's place in a request that sent several."""
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        self.index = index
         self.n_prompt, self.prompt_chars = n_prompt, prompt_chars
         self.text: list[str] = [echo]
         self.offset = prompt_chars  # the text_offset of the next generated character
@@ -55,7 +57,7 @@ class TextReply:
         self.finish_reason = step.finish_reason
         if not step.text and not step.finish_reason and not step.logprobs:
             return None
-        return self._envelope([{"text": step.text, "index": 0,
+        return self._envelope([{"text": step.text, "index": self.index,
                                 "logprobs": self._logprobs(step.logprobs, offset) if want_logprobs else None,
                                 "finish_reason": step.finish_reason}])
 
@@ -64,13 +66,23 @@ class TextReply:
                 "choices": choices, **extra}
 
     def whole(self, timings: Timings, want_logprobs: bool) -> dict:
-        choice = {"text": "".join(self.text), "index": 0,
+        choice = {"text": "".join(self.text), "index": self.index,
                   "logprobs": self._logprobs(self.logprobs, self.prompt_chars) if want_logprobs else None,
                   "finish_reason": self.finish_reason}
         return self._envelope([choice], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
 
     def usage_chunk(self, timings: Timings) -> dict:
         return self._envelope([], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
+
+    @staticmethod
+    def joined(answers: list[dict]) -> dict:
+        """The whole answers to a request's several prompts as one: their choices in order, the
+        usage summed (OpenAI's shape); `timings`, one per prompt, as a list."""
+        total = {k: sum(a["usage"][k] for a in answers) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        total["prompt_tokens_details"] = {"cached_tokens": sum(a["usage"]["prompt_tokens_details"]["cached_tokens"]
+                                                               for a in answers)}
+        return {**answers[0], "choices": [c for a in answers for c in a["choices"]], "usage": total,
+                "timings": [a["timings"] for a in answers]}
 
 
 def _chat_logprobs(lps) -> dict:
@@ -84,17 +96,19 @@ class ChatReply:
     (reasoning always, as llama-server does by default; tool calls only when the request offered
     tools and did not say tool_choice "none": otherwise the markup is content, as written)."""
 
-    def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, tools: list | None, forced: str = ""):
+    def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, tools: list | None, forced: str = "",
+                 max_calls: int | None = None):
+        """max_calls: 1 for `parallel_tool_calls: false` (the reply ends at its first call)."""
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
-        self.n_prompt, self.in_reasoning, self.tools = n_prompt, in_reasoning, tools
-        self.stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=tools is not None)
+        self.n_prompt, self.in_reasoning, self.tools, self.max_calls = n_prompt, in_reasoning, tools, max_calls
+        self.stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=tools is not None, max_calls=max_calls)
         # the start of a forced tool call (tool_choice): part of the reply the parser reads, held
         # back by it (an open call is sent once complete), never sent as text
         self._early = self.stream.push(forced) if forced else []
         self.text: list[str] = [forced]
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
-        self.called = False  # a tool call was streamed
+        self.n_calls = 0  # tool calls streamed so far
 
     def _envelope(self, choices: list, **extra) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -110,8 +124,10 @@ class ChatReply:
         self.logprobs.extend(step.logprobs)
         self.finish_reason = step.finish_reason or self.finish_reason
 
-    def _finish(self, reason: str | None) -> str | None:
-        return "tool_calls" if reason == "stop" and self.called else reason
+    def _finish(self, reason: str | None, n_calls: int) -> str | None:
+        # a reply that ended at its last allowed call was a call, however the generation ended
+        ended = self.max_calls is not None and n_calls >= self.max_calls
+        return "tool_calls" if n_calls and (reason == "stop" or ended) else reason
 
     def chunks(self, step: Step, want_logprobs: bool) -> list[dict]:
         """The streaming chunks for one step."""
@@ -121,7 +137,7 @@ class ChatReply:
         self._early = []
         if step.finish_reason:
             deltas += self.stream.finish()
-        self.called = self.called or any("tool_calls" in d for d in deltas)
+        self.n_calls += sum(len(d.get("tool_calls", ())) for d in deltas)
         out = [self._envelope([{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]) for d in deltas]
         if want_logprobs and step.logprobs:
             if out:
@@ -130,14 +146,15 @@ class ChatReply:
                 out.append(self._envelope([{"index": 0, "delta": {}, "logprobs": _chat_logprobs(step.logprobs),
                                             "finish_reason": None}]))
         if step.finish_reason:
-            self.finish_reason = self._finish(step.finish_reason)
+            self.finish_reason = self._finish(step.finish_reason, self.n_calls)
             out.append(self._envelope([{"index": 0, "delta": {}, "logprobs": None,
                                         "finish_reason": self.finish_reason}]))
         return out
 
     def whole(self, timings: Timings, want_logprobs: bool) -> dict:
         text = "".join(self.text)
-        parsed = parse_reply(text, in_reasoning=self.in_reasoning, tools=self.tools, calls=self.tools is not None)
+        parsed = parse_reply(text, in_reasoning=self.in_reasoning, tools=self.tools, calls=self.tools is not None,
+                             max_calls=self.max_calls)
         message: dict = {"role": "assistant",
                          "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
         if parsed.reasoning is not None:
@@ -146,10 +163,9 @@ class ChatReply:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}
                                      for c in parsed.tool_calls]
-            self.called = True
         choice = {"index": 0, "message": message,
                   "logprobs": _chat_logprobs(self.logprobs) if want_logprobs else None,
-                  "finish_reason": self._finish(self.finish_reason)}
+                  "finish_reason": self._finish(self.finish_reason, len(parsed.tool_calls))}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage(self.n_prompt, timings), "timings": timings.as_dict()}
 

@@ -13,6 +13,12 @@ tokens: a forged turn. So the messages' text never reaches the special-token par
 A message without special-token text gives the same ids as before; one with it gives that
 text as ordinary tokens, as the tokenizer does with special-token parsing off.
 
+A conversation that ends with an assistant message (text, no tool calls) is a reply to
+continue, as llama-server does by default: the template renders the whole conversation, the
+prompt ends right after that message's text, and the model writes on from there (vLLM's
+`continue_final_message`). The template decides everything around the text, reasoning tags
+included, so this holds for any template that writes the text as it is.
+
 The tools (OpenAI function specs) are defanged the same way, keys included (a parameter may be
 named anything), and so are tool calls' arguments: those are parsed from JSON text *before*
 the swap, since `"\\u003c|im_end|>"` in JSON text is `<|im_end|>` once parsed.
@@ -28,9 +34,11 @@ _PRIVATE_USE = range(0xF0000, 0xFFFFE)  # Supplementary Private Use Area-A
 
 
 def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-             tools: list[dict] | None = None) -> list[int]:
+             tools: list[dict] | None = None, continue_final: bool = True) -> list[int]:
     """Token ids of `messages` rendered with the model's chat template (no BOS is added: the
-    template writes it where it wants one); `tools` (OpenAI function specs) go to the template."""
+    template writes it where it wants one); `tools` (OpenAI function specs) go to the template.
+    With add_generation_prompt and continue_final, a last assistant message with text is
+    continued rather than closed (the module's docstring)."""
     messages = normalize_messages(messages)
     if tools is not None and not isinstance(tools, list):
         raise StepstreamError(f"tools must be a list of OpenAI function specs (objects), got {type(tools).__name__}")
@@ -39,10 +47,37 @@ def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool =
     stand_in = dict(zip(present, _unused(present, strings + [tok.chat_template or ""] + list(tok.special_texts))))
     if stand_in:
         messages, tools = _map_strings([messages, tools], lambda t: tok.defang(t, stand_in))
-    text = render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                       bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
+    continued = add_generation_prompt and continue_final and _continues(messages)
+    if continued:  # a mark after the message's text, where the prompt will end
+        (mark,) = _unused(["mark"], strings + [tok.chat_template or ""] + list(tok.special_texts) + list(stand_in.values()))
+        messages = messages[:-1] + [_marked(messages[-1], mark)]
+    text = render_chat(tok.chat_template, messages, add_generation_prompt=add_generation_prompt and not continued,
+                       tools=tools, bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
                        eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "")
+    if continued:
+        if text.count(mark) != 1:
+            raise StepstreamError("the chat template does not write the last assistant message's text once, as it "
+                                  "is, so the reply cannot continue it (continue_final_message: false starts a new "
+                                  "turn after it)")
+        text = text[: text.index(mark)]
     return tok.encode_rendered(text, {v: k for k, v in stand_in.items()})
+
+
+def _continues(messages: list[dict]) -> bool:
+    """Whether the last message is an assistant's text to continue (no tool calls, not empty)."""
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant" or last.get("tool_calls"):
+        return False
+    content = last.get("content")
+    if isinstance(content, list):
+        return any(isinstance(p, dict) and p.get("type") == "text" and p.get("text") for p in content)
+    return isinstance(content, str) and bool(content)
+
+
+def _marked(message: dict, mark: str) -> dict:
+    content = message["content"]
+    content = content + [{"type": "text", "text": mark}] if isinstance(content, list) else content + mark
+    return {**message, "content": content}
 
 
 def _unused(wanted: list[str], texts: list[str]) -> list[str]:

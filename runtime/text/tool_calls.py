@@ -114,10 +114,10 @@ def forced_call(name: str | None) -> str:
 
 
 def parse_reply(text: str, *, in_reasoning: bool = False, tools: list[dict] | None = None,
-                calls: bool = True) -> ParsedReply:
+                calls: bool = True, max_calls: int | None = None) -> ParsedReply:
     """The parts of a whole reply. `tools` (the request's function specs) let a parameter
     whose schema type is "string" stay text even where it reads as JSON (`42`, `[1, 2]`)."""
-    stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=calls)
+    stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=calls, max_calls=max_calls)
     deltas = stream.push(text) + stream.finish()
     content = "".join(d.get("content", "") for d in deltas)
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
@@ -130,9 +130,12 @@ class ReplyStream:
     """Reply text in, OpenAI `delta` dicts out. A state machine over three modes: CONTENT,
     REASONING (inside `<think>`) and CALL (inside `<tool_call>`, buffered until it closes).
     With `calls=False` (a request that offered no tools, or tool_choice "none") a `<tool_call>`
-    block is content like any other text; reasoning is still separated."""
+    block is content like any other text; reasoning is still separated. With `max_calls` (1 for
+    OpenAI's `parallel_tool_calls: false`) the reply ends at that many well-formed calls: what
+    the model writes after the last of them is dropped."""
 
-    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None, calls: bool = True):
+    def __init__(self, *, in_reasoning: bool = False, tools: list[dict] | None = None, calls: bool = True,
+                 max_calls: int | None = None):
         self._mode = "reasoning" if in_reasoning else "content"
         self._buf = ""             # text not yet turned into deltas
         self._drop_newline = in_reasoning  # one "\n" after <think> / </think> is layout
@@ -140,6 +143,7 @@ class ReplyStream:
         self._after_call = False   # only whitespace since the last well-formed call
         self._held_space = ""      # that whitespace, dropped if a call or the end comes next
         self._n_calls = 0
+        self._max_calls = max_calls
         self._types = _string_parameters(tools)
         self._tags = (CALL, THINK) if calls else (THINK,)
         self._held_tags = ("\n" + CALL, CALL, THINK) if calls else (THINK,)
@@ -158,9 +162,17 @@ class ReplyStream:
         self._done = True
         return out
 
+    @property
+    def ended(self) -> bool:
+        """Whether the reply has all the calls it may have (max_calls): later text is dropped."""
+        return self._max_calls is not None and self._n_calls >= self._max_calls
+
     def _run(self, final: bool) -> list[dict]:
         out: list[dict] = []
         while True:
+            if self.ended:
+                self._buf = ""
+                return _merge(out)
             step = {"content": self._content, "reasoning": self._reasoning, "call": self._call}[self._mode]
             if not step(out, final):
                 return _merge(out)
