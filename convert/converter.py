@@ -31,7 +31,7 @@ from gguf.gguf_writer import WriterState
 from convert import layout, policy
 from convert import resume as resume_record
 from convert.gguf_meta import add_hparams, llama3_rope_factors
-from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts
+from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts, written_path
 from convert.tensor_stream import load_kernels, write_tensor, writer
 from convert.hf_config import HFConfig
 from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint
@@ -242,17 +242,24 @@ def _header(writer: gguf.GGUFWriter) -> bytes:
 
 def _open_output(out: Path, header: bytes, key: str, resume: bool, force: bool) -> tuple[object, resume_record.Progress]:
     """The `.part` to write, positioned after its last complete tensor: a dead conversion's
-    with the same key when resuming, else a new one holding the header. When resuming, a dead
-    conversion's `.part` with another key is discarded only with `force`."""
+    with the same key when resuming, else a new one holding the header. A dead conversion's
+    `.part` with complete tensors that this run does not continue (another key, or no
+    --resume) is discarded only with `force`: a plain run used to delete it, and for the real
+    checkpoint that is up to an hour and a half of work."""
     tmp = part_name(out)
     progress = resume_record.adopt(out, key) if resume else None
-    if resume and progress is None and not force:
+    if progress is None and not force:  # an interrupted conversion's work is discarded only with --force
         other = resume_record.other_conversion(out)
-        if other is not None:
+        if other is not None and resume:
             part, done = other
             raise StepstreamError(f"{part}: an interrupted conversion to {out.name} ({done} tensors complete) was made "
                                   f"with other options, another checkpoint or another stepstream; --resume continues "
                                   f"only the same conversion. Run it with its own options, or add --force to discard it")
+        if other is not None:
+            part, done = other
+            raise StepstreamError(f"{part}: an interrupted conversion to {out.name} ({done} tensors complete) is kept "
+                                  f"for --resume; run the same command with --resume to continue it, or add --force "
+                                  f"to discard it and start over")
     remove_stale_parts(out)
     if progress is not None:
         f = open(tmp, "r+b")
@@ -287,6 +294,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     start_rss = current_rss_bytes()
     hf_dir, out = Path(hf_dir), Path(out_path)
     _check_paths(hf_dir, out, force)
+    out = written_path(out)  # through a symlink: its target, beside which the .part is written
     cfg = HFConfig.load(hf_dir)
     ckpt = Checkpoint(hf_dir)
     planned, skipped = plan(cfg, ckpt, ftype)

@@ -11,6 +11,7 @@ gone, unless that conversion continues it (--resume, convert.resume).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from runtime.base.errors import StepstreamError
@@ -92,20 +93,40 @@ def remove_stale_parts(out: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def written_path(out: Path) -> Path:
+    """Where an output named `out` is written: through a symlink, its target (as cp and
+    llama.cpp's quantizer write through one), so the file lands on the disk the link points to
+    and the link stays; otherwise `out` itself."""
+    return Path(os.path.realpath(out)) if os.path.islink(out) else out
+
+
+_SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+            (stat.S_ISSOCK, "a socket"))
+
+
 def check_output(out: Path, force: bool, hf_dir: Path | None = None, what: str = "output") -> None:
     """Refuse an output that is a directory, that exists (unless `force`), or that is one of the
     checkpoint's own files (even with `force`: it is read while the output is written, and
     replacing it loses the checkpoint). A previous .gguf in the checkpoint's directory may be
-    replaced with `force`."""
+    replaced with `force`. A device, FIFO or socket is refused even with `force`: the output is
+    published by a rename, which would put a regular file in its place (as root, /dev/null)."""
     if out.is_dir():
         raise StepstreamError(f"{out}: is a directory; give the {what} file path")
+    try:
+        mode = os.stat(out).st_mode
+    except OSError:
+        mode = None
+    kind = next((name for test, name in _SPECIAL if mode is not None and test(mode)), None)
+    if kind is not None:
+        raise StepstreamError(f"{out}: is {kind}; the {what} must be a regular file (it is written under a temporary "
+                              f"name and renamed into place, which would replace {kind}), even with --force")
     if hf_dir is not None:
         source = input_file(out, hf_dir)
         if source is not None:
             raise StepstreamError(f"{out}: is the checkpoint's own {source.name}; the {what} must go to another "
                                   f"file (not replaced, even with --force)")
     if os.path.lexists(out) and not force:
-        raise StepstreamError(f"{out}: already exists; the converter never overwrites a file unless given --force")
+        raise StepstreamError(f"{out}: already exists; it is replaced only with --force")
     if what == "output":
         pid = live_conversion(out)
         if pid is not None:

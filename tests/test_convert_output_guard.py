@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -185,6 +186,64 @@ def test_resume_with_other_options_keeps_the_interrupted_work(tiny_ckpt, tmp_pat
     assert dead.exists() and not out.exists()
     assert main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress", "--resume"]) == 0
     assert out.read_bytes() == reference
+
+
+def test_a_fifo_is_never_replaced_and_a_symlink_is_written_through(tiny_ckpt, tmp_path, capsys, reference):
+    """`convert --force` made /dev/null (as root), a FIFO or a symlink a regular file (a review's
+    finding). A device, FIFO or socket is refused even with --force, for the output and the
+    summary; through a symlink the target is written and the link stays, as cp writes."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for args in ([str(fifo)], [str(tmp_path / "m.gguf"), "--summary-json", str(fifo)]):
+        assert main(["convert", str(tiny_ckpt), *args, "--type", FTYPE, "--no-progress", "--force"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(fifo) in err[0] and "is a FIFO" in err[0], err
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and not (tmp_path / "m.gguf").exists()
+    disk2 = tmp_path / "disk2"
+    disk2.mkdir()
+    (disk2 / "m.gguf").write_bytes(b"an older model")
+    (disk2 / "s.json").write_text("old summary")
+    (tmp_path / "m.gguf").symlink_to(disk2 / "m.gguf")
+    (tmp_path / "s.json").symlink_to(disk2 / "s.json")
+    assert main(["convert", str(tiny_ckpt), str(tmp_path / "m.gguf"), "--type", FTYPE, "--no-progress", "--force",
+                 "--summary-json", str(tmp_path / "s.json")]) == 0
+    assert (tmp_path / "m.gguf").is_symlink() and (tmp_path / "s.json").is_symlink()
+    assert (disk2 / "m.gguf").read_bytes() == reference and '"n_tensors"' in (disk2 / "s.json").read_text()
+    assert sorted(p.name for p in disk2.iterdir()) == ["m.gguf", "s.json"]
+
+
+def test_a_plain_run_keeps_an_interrupted_conversions_work(tiny_ckpt, tmp_path, capsys, monkeypatch, reference):
+    """The same command without --resume deleted the .part an interrupted --resume run kept, and
+    said nothing (a review's finding; for the real checkpoint up to an hour and a half of work).
+    Now it is refused, naming the .part, its progress, --resume and --force; --resume continues
+    it; --force discards it."""
+    out = tmp_path / "m.gguf"
+    calls = {"n": 0}
+    real = converter.write_tensor
+
+    def stop_at_the_fifth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(converter, "write_tensor", stop_at_the_fifth)
+    assert main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress", "--resume"]) == 130
+    monkeypatch.setattr(converter, "write_tensor", real)
+    capsys.readouterr()
+    part = next(p for p in tmp_path.iterdir() if p.name.endswith(".part"))
+    dead = tmp_path / part.name.replace(f".{os.getpid()}.", ".999999.")  # as a dead process's
+    part.rename(dead)
+    Path(str(part) + ".json").rename(Path(str(dead) + ".json"))
+    kept = _md5(dead)
+    rc = main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert dead.name in err[0] and "4 tensors complete" in err[0] and "--resume" in err[0] and "--force" in err[0]
+    assert _md5(dead) == kept and not out.exists()
+    assert main(["convert", str(tiny_ckpt), str(out), "--type", FTYPE, "--no-progress", "--force"]) == 0
+    assert out.read_bytes() == reference and not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
 @pytest.mark.parametrize("ftype,value", [("f16", 1e5), ("q8_0", -3e38), ("q4_k_m", -3e38), ("q2_k", -3e38)])

@@ -95,18 +95,19 @@ def test_part_of_a_killed_conversion_is_removed_and_a_live_ones_kept(tiny_ckpt, 
     assert out.read_bytes() == reference
 
 
-def _start(tiny_ckpt, out: Path) -> subprocess.Popen:
+def _start(tiny_ckpt, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "runtime.cli", "convert", str(tiny_ckpt), str(out), "--type", FTYPE,
-                             "--no-progress"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--no-progress", *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
 
 
-def _interrupt(tiny_ckpt, out: Path, sig: int, delay: float, after_part: bool) -> str:
+def _interrupt(tiny_ckpt, out: Path, sig: int, delay: float, after_part: bool, *extra: str) -> str:
     """Start a conversion, wait `delay` s (counted from when its .part appears if `after_part`), send `sig`.
 
     Returns the phase the signal hit: 'startup' (its .part not made yet), 'writing' or 'finished'.
     """
-    proc = _start(tiny_ckpt, out)
+    proc = _start(tiny_ckpt, out, *extra)
     if after_part:
         deadline = time.monotonic() + 120
         while not part_name(out, proc.pid).exists():
@@ -135,10 +136,12 @@ def _check_after_kills_then_convert_again(tiny_ckpt, out: Path, reference: bytes
     if out.exists():  # only a run that finished before its signal may leave the final name
         assert out.read_bytes() == reference
         out.unlink()
+    # a SIGKILLed run's complete tensors are kept for --resume (a plain run refuses to discard
+    # them: test_a_plain_run_keeps_an_interrupted_conversions_work), and resuming finishes it
     if in_process:
-        converter.convert(tiny_ckpt, out, FTYPE, progress=False)
+        converter.convert(tiny_ckpt, out, FTYPE, progress=False, resume=True)
     else:
-        proc = _start(tiny_ckpt, out)
+        proc = _start(tiny_ckpt, out, "--resume")
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     assert out.read_bytes() == reference, "a repeated conversion must give byte-identical output"
     assert _dir(out) == ["m.gguf"], f"leftovers after the repeated conversion: {_dir(out)} (phases {phases})"
@@ -178,7 +181,9 @@ def test_kills_at_random_moments_over_the_whole_run(tiny_ckpt, tmp_path, referen
         sig = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)[k % 3]
         in_writing = k % 2 == 1
         delay = rng.uniform(0.0, (writing if in_writing else whole) * 1.05)
-        phases.append(_interrupt(tiny_ckpt, out, sig, delay, after_part=in_writing))
+        # --force: a SIGKILLed run's complete tensors are kept for --resume, and a plain run would
+        # refuse to discard them; these runs start over each time
+        phases.append(_interrupt(tiny_ckpt, out, sig, delay, in_writing, "--force"))
         if out.exists():
             assert out.read_bytes() == reference
             out.unlink()

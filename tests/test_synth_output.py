@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import uuid
@@ -61,6 +62,27 @@ def test_existing_output_is_kept_unless_forced(tmp_path, capsys):
     assert cli_main(["synth", str(out), *TINY, "--seed", "1", "--force"]) == 0
     assert out.read_bytes() != first and len(out.read_bytes()) == len(first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf"]
+
+
+def test_a_fifo_is_refused_even_with_force_and_a_symlink_is_written_through(tmp_path, capsys):
+    """--force replaced a FIFO, a device (as root, /dev/null) or a symlink with a regular file
+    (a review's finding): the output is published by a rename. A FIFO stands in for the device."""
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    assert cli_main(["synth", str(fifo), *TINY, "--force"]) == 2
+    line = error_line(capsys)
+    assert str(fifo) in line and "is a FIFO" in line and "even with --force" in line
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    elsewhere = tmp_path / "disk2"
+    elsewhere.mkdir()
+    target = elsewhere / "real.gguf"
+    target.write_bytes(b"an older model")
+    link = tmp_path / "s.gguf"
+    link.symlink_to(target)
+    assert cli_main(["synth", str(link), *TINY, "--force"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)  # the link stays, its target is the new file
+    assert target.read_bytes()[:4] == b"GGUF"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["real.gguf"]
 
 
 def test_killed_runs_temporary_files_are_removed(tmp_path):

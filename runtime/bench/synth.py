@@ -32,7 +32,7 @@ from gguf.gguf_writer import WriterState
 from convert import layout
 from convert.gguf_meta import add_hparams
 from convert.hf_config import HFConfig
-from convert.output_file import part_name, pid_alive, publish, remove_stale_parts
+from convert.output_file import check_output, part_name, pid_alive, publish, remove_stale_parts, written_path
 from convert.policy import FILE_TYPE
 from quant import row_bytes
 from runtime.base.errors import StepstreamError
@@ -143,13 +143,6 @@ def _std(spec: layout.TensorSpec) -> float:
     return 1.0 if spec.role == layout.EMBED else 1.0 / np.sqrt(spec.shape[-1])
 
 
-def _check_output(out: Path, force: bool) -> None:
-    if out.is_dir():
-        raise StepstreamError(f"{out}: is a directory; give the output .gguf file path")
-    if os.path.lexists(out) and not force:
-        raise StepstreamError(f"{out}: already exists; synth never overwrites a file unless given --force")
-
-
 def _remove_legacy_parts(out: Path) -> None:
     """Remove `NAME.partPID` files, the temporary name of earlier versions, left by dead runs
     (killed with SIGKILL): part_name's `.NAME.PID.part` ones go with remove_stale_parts."""
@@ -203,7 +196,8 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
         rows = s.n_elements // s.shape[-1]
         plan.append((s, t, rows * row_bytes(t, s.shape[-1])))
     out = Path(path)
-    _check_output(out, force)
+    check_output(out, force)
+    out = written_path(out)  # through a symlink: its target, beside which the .part is written
     remove_stale_parts(out)
     _remove_legacy_parts(out)
     writer = gguf.GGUFWriter(path=None, arch=ARCH)

@@ -142,8 +142,9 @@ def writable_output(path: Path, what: str) -> Path:
 
 def write_text_atomically(path: Path, text: str, what: str) -> None:
     """Write `text` to a temporary name beside `path`, then rename it over `path`: a failure or an
-    interruption leaves the old file (if any) whole; one line names what went wrong."""
-    path = Path(path)
+    interruption leaves the old file (if any) whole; one line names what went wrong. Through a
+    symlink, its target is written (the link stays)."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         tmp.write_text(text)
