@@ -37,11 +37,16 @@ from runtime.model.matrix import Matrix, make_matrix
 
 # The runtime's own memory beside the weights, the expert cache and the KV cache, beyond what
 # it held when the limit was read. Anonymous memory, which no limit can take back: compiled
-# kernels (LLVM), decode buffers, reader and OpenMP thread stacks (measured: 41 MiB on the
-# `large` miniature under a cgroup-v1 cap). Pages of library code it keeps touching, which
-# a cgroup charges too but can reclaim, at the price of reading them again and again
-# (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
-RUNTIME_ANON = 40 * 2**20
+# kernels (LLVM), decode buffers, the MTP heads' hidden states and caches, reader and OpenMP
+# thread stacks. Measured under a cgroup-v1 cap, `stepstream run` on the `stress` miniature
+# with a 2,668-token prompt: 94 MiB beyond the usage at placement, the resident weights and
+# the expert cache with the MTP heads drafting (--mtp auto, the default), 68 MiB without; the
+# warm-up's kernels of the prefill, few-token and decode paths are 54 MiB of it. (It was 40
+# MiB, measured when the warm-up loaded fewer kernels and before the heads drafted: a review
+# had that run OOM-killed at a 360 MiB cap whose default budget said it fit.) Pages of library
+# code it keeps touching, which a cgroup charges too but can reclaim, at the price of reading
+# them again and again (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
+RUNTIME_ANON = 96 * 2**20
 LIBRARY_PAGES = 40 * 2**20
 # Buffers and temporaries that grow with the model's widths, beyond RUNTIME_ANON: decode buffers,
 # and prefill's per-chunk activations (n_batch tokens of [hidden]-wide rows and their wider
@@ -190,7 +195,8 @@ def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, 
     if need > usable:
         fit = (f"the largest budget that fits is {size_text(start_room)}" if start_room >= smallest
                else f"not even the smallest expert cache ({min_slots} experts, {size_text(smallest)}) fits")
-        raise StepstreamError(f"{src}: a RAM budget of {size_text(asked)} needs {size_text(need)} with "
+        whole = f" (a cache of every expert, {size_text(all_experts)})" if asked > all_experts else ""
+        raise StepstreamError(f"{src}: a RAM budget of {size_text(asked)}{whole} needs {size_text(need)} with "
                               f"{size_text(resident)} of resident weights and {size_text(runtime.start)} for the "
                               f"runtime, but the {limit.text()} leaves {size_text(usable)}; {fit}")
     return asked, f"asked for; {limit.text()}"

@@ -84,7 +84,7 @@ def sizes(model: Path, used: int) -> dict:
 
 
 @pytest.mark.slow
-def test_default_options_stream_under_a_cap_and_name_it(model, used_before_loading, capsys):
+def test_default_options_stream_under_a_cap_and_name_it(model, used_before_loading, capsys, tmp_path):
     s = sizes(model, used_before_loading)
     experts = s["size"] - s["resident"]
     # Room beside the runtime for the smallest cache and half the experts: the mapped file does not fit.
@@ -99,6 +99,16 @@ def test_default_options_stream_under_a_cap_and_name_it(model, used_before_loadi
     placement = next(l for l in r.stderr.splitlines() if l.startswith("placement: "))
     assert f"(cgroup v1 limit /{name}: {size_text(cap)}, " in placement
     assert r.stdout == uncapped.out  # streaming gives the same greedy text
+    # a long prompt under the same cap, the MTP heads drafting (the default): a review had it
+    # OOM-killed, the heads holding a whole prompt's activations and the warm-up's kernels
+    # beyond what the placement counted
+    prompt = tmp_path / "long.txt"
+    prompt.write_text(Path(textwrap.__file__).read_text(encoding="utf-8")[:5000], encoding="utf-8")
+    r, name, oom = capped(cap, ["runtime.cli", "run", "-m", str(model), "-f", str(prompt), "-n", "8", "--temp", "0",
+                                "-t", "2", "--stats"], model)
+    assert r.returncode == 0 and oom == 0, r.stderr[-2000:]
+    n_prompt = int(next(l for l in r.stderr.splitlines() if l.startswith("[length]")).split()[1])
+    assert n_prompt > 1500, r.stderr[-500:]
 
 
 def test_refused_with_one_line_when_the_cap_is_below_what_streaming_needs(tiny_gguf, used_before_loading):

@@ -121,12 +121,14 @@ def test_seeded_sampling_identity(shipped):
     assert info["tokens_per_pass"] > 1.0
 
 
-@pytest.mark.parametrize("which", ["shipped", "tiny"])
+@pytest.mark.parametrize("which", ["shipped", "tiny", "long prompt"])
 def test_drafts_are_the_teacher_forced_heads(shipped, tiny, which):
     """Every draft's logits equal mtp_logits over the final sequence, bit for bit, wherever the
-    drafts it read were the tokens that followed."""
-    m = shipped if which == "shipped" else tiny
-    prompt = _prompt(m) if which == "shipped" else list(range(5, 30))
+    drafts it read were the tokens that followed. A prompt of more than n_batch tokens: the
+    heads fill over it a chunk at a time (they held a whole prompt's activations at once)."""
+    m = tiny if which == "tiny" else shipped
+    prompt = {"shipped": _prompt(m), "tiny": list(range(5, 30)),
+              "long prompt": (_prompt(m) * 20)[: 3 * m.options.n_batch + 5]}[which]
     seen = []
     real = m.drafter.draft
 
@@ -149,6 +151,26 @@ def test_drafts_are_the_teacher_forced_heads(shipped, tiny, which):
                 assert np.array_equal(row, ref[j][last]), (which, last, j)
                 checked += 1
     assert checked >= 10
+
+
+def test_heads_fill_a_long_prompt_n_batch_positions_at_a_time(shipped, monkeypatch):
+    """A review saw a 2,668-token prompt OOM-killed under a cgroup cap the placement had sized:
+    the heads ran over the whole prompt in one chunk, with every position's activations at once
+    (55 MiB over the trunk's peak at hidden 256; GiBs at the real widths)."""
+    from runtime.model import mtp
+
+    rows = []
+    real = mtp.head_chunk
+
+    def counted(model, j, x, start, kv):
+        rows.append(x.shape[0])
+        return real(model, j, x, start, kv)
+
+    monkeypatch.setattr(mtp, "head_chunk", counted)
+    n = shipped.options.n_batch
+    prompt = (_prompt(shipped) * 40)[: 4 * n + 9]
+    assert _spec(shipped, prompt, 8, [3]) == _plain(shipped, prompt, 8)
+    assert max(rows) <= n and sum(rows) >= 3 * len(prompt) - 6, (max(rows), sum(rows))
 
 
 def test_rollback_leaves_the_cache_of_a_fresh_model(tiny, tiny_gguf):

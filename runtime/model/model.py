@@ -310,7 +310,7 @@ class Model:
         h = self._atomically(lambda chunk_ids: self._hidden(chunk_ids, keep), ids)
         if self._drafter is not None:  # the MTP heads read the trunk's hidden states later
             self._drafter.record(start, h, ids.tolist())
-        return h[-1:] if last_only else h
+        return h[-1:].copy() if last_only else h  # a copy: a view would keep every row alive
 
     def _hidden(self, ids: np.ndarray, keep: bool = True) -> np.ndarray:
         out = []

@@ -245,10 +245,19 @@ class Drafter:
         return drafts
 
     def _run(self, j: int, pos: range, seq: list[int], src: dict) -> np.ndarray:
-        """Head j over positions pos (contiguous, from filled[j]) -> outputs [T, H]."""
-        ids = np.array([seq[t + 1 + j] for t in pos], np.int64)
-        x = head_input(self.model, j, ids, np.stack([src[t] for t in pos]))
-        return head_chunk(self.model, j, x, pos.start, self.kv[j])
+        """Head j over positions pos (contiguous, from filled[j]) -> outputs [T, H], n_batch
+        positions at a time as the trunk's prefill goes: a head filled over a whole prompt in
+        one chunk held every position's activations at once (55 MiB more than the trunk's
+        peak for a 2,668-token prompt at hidden 256, which a cgroup cap sized by the placement
+        did not hold; at hidden 4096, GiBs)."""
+        out = []
+        step = self.model.options.n_batch
+        for a in range(pos.start, pos.stop, step):
+            part = range(a, min(a + step, pos.stop))
+            ids = np.array([seq[t + 1 + j] for t in part], np.int64)
+            x = head_input(self.model, j, ids, np.stack([src[t] for t in part]))
+            out.append(head_chunk(self.model, j, x, part.start, self.kv[j]))
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _rollback(self) -> None:
         """After an interruption: every head back to its teacher-forced positions."""
