@@ -56,6 +56,7 @@ from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.memory_limit import MemoryLimit, size_text
 from runtime.base.options import RuntimeOptions
 from runtime.base.system import RESERVE_FRACTION, RESERVE_MIN, choose_wait_policy, memory_limit
+from runtime.model.weights import check_formats
 
 PIN_SHARE = 0.5  # offload.placement.build_streaming pins this share of the slots from a profile
 GBPS_RANGE = (0.01, 10_000.0)  # rates outside it are typing slips: a floppy disk to ten times HBM
@@ -268,6 +269,7 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
             raise StepstreamError(f"{flag} {rate:g}: give a rate between {lo:g} and {hi:,.0f} GB/s")
     f = GGUFModelFile(path)
     cfg = ModelConfig.from_gguf(f)
+    check_formats(f)  # a file `run` refuses gets no plan either
     if n_ctx is not None and n_ctx > cfg.context_length:
         raise StepstreamError(f"--ctx {n_ctx} exceeds the model's context length {cfg.context_length}")
     opts = RuntimeOptions.from_kwargs(n_ctx=n_ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v)

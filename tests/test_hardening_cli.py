@@ -85,7 +85,7 @@ REFUSED = {
     "run -s -2": (["run", "-m", "{model}", "-p", "x", "-s", "-2"], ["-s/--seed", "got -2"]),
     "run --temp nan": (["run", "-m", "{model}", "-p", "x", "--temp", "nan"], ["--temp", "nan"]),
     "bench --seed -1": (["bench", "-m", "{model}", "--seed", "-1"], ["--seed", "got -1"]),
-    "bench -p 0": (["bench", "-m", "{model}", "-p", "0"], ["-p/--n-prompt", "got 0"]),
+    "bench -p -1": (["bench", "-m", "{model}", "-p", "-1"], ["-p/--n-prompt", "got -1"]),  # -p 0: decoding alone
     "demo --temp nan": (["demo", "--temp", "nan"], ["--temp", "nan"]),
     "profile -f binary": (["profile", "-m", "{model}", "-f", "binary.dat"], ["binary.dat", "not UTF-8"]),
     "profile -f dir": (["profile", "-m", "{model}", "-f", "adir"], ["adir", "directory"]),

@@ -8,10 +8,11 @@ from runtime.base.errors import StepstreamError
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40, "p": 10**15, "pb": 10**15, "pib": 2**50}
+_UNITS.update({k[:-1]: v for k, v in _UNITS.items() if k.endswith("ib")})  # Kubernetes' 6Gi, 512Mi
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """'6GiB', '512MiB', '1.5G', '800mb' or a plain number of bytes."""
+    """'6GiB' (or Kubernetes' '6Gi'), '512MiB', '1.5G', '800mb' or a plain number of bytes."""
     if isinstance(text, (int, float)):
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))

@@ -33,7 +33,8 @@ from runtime.base.system import peak_rss_bytes
 
 def add_arguments(p) -> None:
     add_model_args(p, batch_default=512)  # llama-bench's micro-batch: the whole prompt in one chunk
-    p.add_argument("-p", "--n-prompt", type=positive_int, default=128, help="prompt tokens to evaluate (default: 128)")
+    p.add_argument("-p", "--n-prompt", type=non_negative_int, default=128,
+                   help="prompt tokens to evaluate; 0 times decoding alone, as llama-bench's -p 0 (default: 128)")
     p.add_argument("-n", "--n-gen", type=non_negative_int, default=32,
                    help="tokens to generate; 0 = measure the prompt only (default: 32)")
     p.add_argument("-r", "--repetitions", type=positive_int, default=1,
@@ -72,7 +73,8 @@ def _warm(model, prompt: list[int], gen: list[int]) -> None:
     calls of each path load or compile its kernels and grow the heap, and a prompt shorter than
     the timed one takes another path (up to 8 tokens the few-token kernels, beyond them GEMM)."""
     model.reset()
-    model.eval(prompt)
+    if prompt:
+        model.eval(prompt)
     model.eval(gen[:1] or prompt[:1])
 
 
@@ -80,7 +82,8 @@ def _timed(model, prompt: list[int], gen: list[int]) -> tuple[float, float]:
     """One repetition: the prompt from an empty cache, then the tokens one at a time; (prefill s, decode s)."""
     model.reset()
     t0 = time.perf_counter()
-    model.eval(prompt)
+    if prompt:  # -p 0: decoding from an empty cache, as llama-bench's tg test
+        model.eval(prompt)
     pp = time.perf_counter() - t0
     t0 = time.perf_counter()
     for t in gen:
@@ -95,7 +98,7 @@ def bench_ours(model, prompt: list[int], gen: list[int], reps: int) -> dict:
 
 
 def _rates(prompt, gen, pp: list[float], tg: list[float]) -> dict:
-    return {"prefill_tok_s": len(prompt) / float(np.median(pp)),
+    return {"prefill_tok_s": len(prompt) / float(np.median(pp)) if prompt else None,
             "decode_tok_s": len(gen) / float(np.median(tg)) if gen else None,
             "peak_rss_bytes": peak_rss_bytes()}
 
@@ -258,7 +261,11 @@ def run(args) -> int:
     if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:  # before any run, ours included
         raise StepstreamError("--llama-cpp needs llama-cpp-python, which is not installed: "
                               "pip install 'llama-cpp-python>=0.3.36' (or the test extras, pip install -e '.[test]')")
+    if args.n_prompt == 0 and args.n_gen == 0:
+        raise StepstreamError("-p 0 and -n 0: nothing to time (give -p N for prefill, -n N for decoding, or both)")
     if args.sweep_ram is not None:
+        if args.n_prompt == 0:
+            raise StepstreamError("-p 0 goes without --sweep-ram (a sweep times the prefill of each cap too)")
         return run_sweep(args)
     if args.force:  # it replaces a sweep's outputs; a plain bench writes no file
         raise StepstreamError("--force goes with --sweep-ram (it lets a sweep replace an earlier sweep's JSON and PNG)")
@@ -293,10 +300,11 @@ def run(args) -> int:
     if args.mtp is not None and args.n_gen:
         from runtime.bench.generation import bench_generation, text_prompt
 
-        report["generation"] = bench_generation(model, text_prompt(model, args.n_prompt), args.n_gen,
+        report["generation"] = bench_generation(model, text_prompt(model, max(args.n_prompt, 1)), args.n_gen,
                                                 args.repetitions, args.mtp)
-    speeds = (f"prefill {report['prefill_tok_s']:.2f} tok/s over {args.n_prompt} tokens"
-              + (f"; decode {report['decode_tok_s']:.2f} tok/s over {args.n_gen} tokens" if args.n_gen else ""))
+    speeds = "; ".join(([f"prefill {report['prefill_tok_s']:.2f} tok/s over {args.n_prompt} tokens"] if args.n_prompt
+                        else []) + ([f"decode {report['decode_tok_s']:.2f} tok/s over {args.n_gen} tokens"]
+                                    if args.n_gen else []))
     if args.json:
         print(json.dumps(report))
         print_stats(args, model, speeds)
@@ -305,11 +313,13 @@ def run(args) -> int:
     print(f"{'engine':<12} {'pp' + str(args.n_prompt) + ' tok/s':>14} {'tg' + str(args.n_gen) + ' tok/s':>14} {'peak RSS MiB':>13}", file=sys.stdout)
     for name, r in rows:
         decode = f"{r['decode_tok_s']:>14.2f}" if args.n_gen else f"{'-':>14}"
-        print(f"{name:<12} {r['prefill_tok_s']:>14.2f} {decode} {r['peak_rss_bytes'] / 2**20:>13.0f}")
+        prefill = f"{r['prefill_tok_s']:>14.2f}" if args.n_prompt else f"{'-':>14}"
+        print(f"{name:<12} {prefill} {decode} {r['peak_rss_bytes'] / 2**20:>13.0f}")
     if args.llama_cpp:
         ll = report["llama_cpp"]
         decode = f"{report['decode_tok_s'] / ll['decode_tok_s']:>13.2f}x" if args.n_gen else f"{'-':>14}"
-        print(f"{'ratio':<12} {report['prefill_tok_s'] / ll['prefill_tok_s']:>13.2f}x {decode}")
+        prefill = f"{report['prefill_tok_s'] / ll['prefill_tok_s']:>13.2f}x" if args.n_prompt else f"{'-':>14}"
+        print(f"{'ratio':<12} {prefill} {decode}")
     if "generation" in report:
         g = report["generation"]
         print(f"generation --mtp {args.mtp}: {g['decode_tok_s']:.2f} tok/s over {args.n_gen} greedy tokens; "

@@ -73,6 +73,39 @@ def seed(text: str) -> int | None:
     return None if value == -1 else value
 
 
+def repeat_window(text: str) -> int:
+    """--repeat-last-n: 0 or more tokens, or -1 for the whole context (llama.cpp's convention)."""
+    value = _parse(int, text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, or -1 for the whole context, got {text}")
+    return 2**31 - 1 if value == -1 else value  # more than any context holds
+
+
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
+
+
+def process_escapes(text: str) -> str:
+    """llama.cpp's escapes in a command-line text (its -e/--escape, on by default): \\n, \\r,
+    \\t, \\', \\", \\\\ and \\xHH; any other backslash stays as it is."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt in _ESCAPES:
+                out.append(_ESCAPES[nxt])
+                i += 2
+                continue
+            hexa = text[i + 2 : i + 4]
+            if nxt == "x" and len(hexa) == 2 and all(h in "0123456789abcdefABCDEF" for h in hexa):
+                out.append(chr(int(hexa, 16)))
+                i += 4
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def existing_file(what: str):
     """An input that must be a file: a directory or a missing path is refused at parse time."""
     def parse(text: str) -> str:
@@ -106,8 +139,18 @@ def read_text_file(path: str, what: str) -> str:
 
 def check_text_args(args) -> None:
     """Refuse, before loading, text flags that are no UTF-8 (a Latin-1 terminal, raw bytes): the
-    command line hands undecodable bytes over as lone surrogates, which no tokenizer takes."""
+    command line hands undecodable bytes over as lone surrogates, which no tokenizer takes. Then
+    turn llama.cpp's escapes in them into the characters (unless --no-escape), as llama.cpp does
+    by default: a command line copied from it means the same prompt here."""
     from runtime.text.tokenizer import utf8_problem
+
+    if getattr(args, "escape", False):
+        for name in ("prompt", "system_prompt", "reverse_prompt"):
+            value = getattr(args, name, None)
+            if isinstance(value, str):
+                setattr(args, name, process_escapes(value))
+            elif isinstance(value, list):
+                setattr(args, name, [process_escapes(v) if isinstance(v, str) else v for v in value])
 
     for flag, name in (("-p/--prompt", "prompt"), ("-sys/--system-prompt", "system_prompt"),
                        ("-r/--reverse-prompt", "reverse_prompt")):
@@ -279,11 +322,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=unit_interval, default=0.05, help="min-p sampling, 0.0 = off (default: 0.05)")
     p.add_argument("--repeat-penalty", type=positive_float, default=1.0,
                    help="penalize repeated tokens, 1.0 = off (default: 1.0)")
-    p.add_argument("--repeat-last-n", type=non_negative_int, default=64,
-                   help="tokens the repeat penalty looks back over (default: 64)")
+    p.add_argument("--repeat-last-n", type=repeat_window, default=64,
+                   help="tokens the repeat penalty looks back over, -1 = the whole context (default: 64)")
     p.add_argument("-s", "--seed", type=seed, default=None, help="random seed, -1 = random (default: random)")
     p.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="STOP",
                    help="stop generating at this text (may be given several times)")
+    p.add_argument("-e", "--escape", action="store_true", default=True,
+                   help="turn \\n, \\r, \\t, \\', \\\", \\\\ and \\xHH in -p, -sys and -r into their characters, "
+                        "as llama.cpp does (default: on)")
+    p.add_argument("--no-escape", dest="escape", action="store_false", help="take -p, -sys and -r as written")
 
 
 def context_size(args, needed: int = 0, why: str = "") -> int:

@@ -101,6 +101,10 @@ def run(args) -> int:
                  cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     print(model.placement.text(), file=sys.stderr)
     ids = model.tokenize(args.prompt, special=True)
+    if len(ids) >= N_CTX:  # before the prompt is echoed: named by the demo's own flags, not the API's n_ctx
+        raise StepstreamError(f"-p/--prompt: the prompt is {len(ids)} tokens; the demo's context holds {N_CTX} "
+                              f"(the prompt and the text): give a shorter one, or run the model with a larger "
+                              f"context: stepstream run -m {path} -c {len(ids) + 256} -f PROMPT.txt")
     report_warm_up(model, len(ids))
     st = model.provider.stats
     hits0, requests0, read0 = st.hits, st.requests, st.bytes_read  # the figures below leave the warm-up out
