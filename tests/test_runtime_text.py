@@ -115,3 +115,27 @@ def test_chat_template_errors():
         render_chat("{{ messages }}", [{"content": "x"}])
     with pytest.raises(StepstreamError, match="chat template failed: nope"):
         render_chat("{{ raise_exception('nope') }}", [{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("pre", [None, "default"])
+def test_a_file_without_a_pre_tokenizer_name_splits_as_llama_cpp_does(f32_path, tmp_path, pre):
+    """A GGUF without tokenizer.ggml.pre (nor our tokenizer.json) fell back to GPT-2's split
+    regex, where llama.cpp uses its own default splits: 270 of 3,022 strings tokenized differently
+    (a review's finding); "default", the name llama.cpp gives that case, was refused."""
+    import llama_cpp
+
+    from runtime.base.gguf_schema import Key
+    from tests.helpers.gguf_edit import rewrite
+
+    path = tmp_path / "nopre.gguf"
+    rewrite(f32_path, path, drop=(Key.HF_JSON,) + ((Key.TOK_PRE,) if pre is None else ()),
+            change={} if pre is None else {Key.TOK_PRE: pre})
+    tok = Tokenizer.from_gguf(GGUFModelFile(path))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        cases = TEXTS + ["can't WON'T I'M she'S", "1234567890123 abc 12", "a+b=c <x>|y^z~$5", "(f)[g]{h} 'q' \"r\"",
+                         "tabs\tand\u00a0nbsp\u3000wide 日本", "x---y___z...!!!"]
+        for text in cases:
+            assert tok.encode(text, add_bos=False) == llm.tokenize(text.encode(), add_bos=False, special=False), text
+    finally:
+        llm.close()

@@ -38,6 +38,10 @@ PRE_TOKENIZER_REGEXES: dict[str, list[str]] = {
         r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     ],
     "gpt-2": [r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"],
+    # llama.cpp's splits for a file without tokenizer.ggml.pre (or "default"): each regex cuts
+    # the pieces of the one before
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+                r"\p{N}+", r"[0-9][0-9][0-9]"],
 }
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -151,7 +155,7 @@ class Tokenizer:
         types = f.get(Key.TOK_TYPES, None) or [TOKEN_NORMAL] * len(tokens)
         hf_json = f.get(Key.HF_JSON, None) if use_hf_json else None
         if hf_json is None:
-            hf_json = _bpe_from_vocab(tokens, types, f.get(Key.TOK_MERGES), f.get(Key.TOK_PRE, "gpt-2"), str(f.path))
+            hf_json = _bpe_from_vocab(tokens, types, f.get(Key.TOK_MERGES), f.get(Key.TOK_PRE, "default"), str(f.path))
         return cls(
             hf_json, tokens, [int(t) for t in types], f.get(Key.TOK_BOS, None), f.get(Key.TOK_EOS, None),
             f.get(Key.TOK_EOT, None), bool(f.get(Key.TOK_ADD_BOS, False)), f.get(Key.CHAT_TEMPLATE, None),
