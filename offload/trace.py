@@ -104,9 +104,23 @@ class RoutingTrace:
         except IsADirectoryError:
             raise StepstreamError(f"{path}: is a directory, not a routing trace") from None
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise StepstreamError(f"{path}: not a routing trace ({e})") from None
-        if raw["ids"].dtype.kind not in "iu":
-            raise StepstreamError(f"{path}: routing trace ids are {raw['ids'].dtype}, expected integers")
+            # np.load reads any file it does not know as a pickle, which allow_pickle refuses
+            why = "not an .npz archive" if "pickle" in str(e) else str(e)
+            raise StepstreamError(f"{path}: not a routing trace ({why}; record one with "
+                                  "`stepstream profile --trace FILE`)") from None
+        for name in ("ids", "layers", "n_expert", "starts"):  # integers, held exactly by the types kept
+            a, kind = raw[name], raw[name].dtype.kind
+            if kind not in "iu":
+                raise StepstreamError(f"{path}: routing trace {name} are {a.dtype}, expected integers")
+            top = {"ids": np.iinfo(np.int16).max, "starts": np.iinfo(np.int64).max}.get(name, np.iinfo(np.int32).max)
+            if a.size and (a.min() < 0 or a.max() > top):
+                raise StepstreamError(f"{path}: routing trace {name} hold {int(a.min() if a.min() < 0 else a.max())}, "
+                                      f"outside 0..{top}")
+        if raw["ids"].ndim == 3 and raw["ids"].shape[2] == 0:
+            raise StepstreamError(f"{path}: routing trace names no expert per token (ids {list(raw['ids'].shape)})")
+        if raw["model_bytes"].shape != () or raw["model_bytes"].dtype.kind not in "iu" or raw["model"].shape != ():
+            raise StepstreamError(f"{path}: routing trace model and model_bytes must be one name and one integer, "
+                                  f"got shapes {list(raw['model'].shape)} and {list(raw['model_bytes'].shape)}")
         return cls(raw["ids"].astype(np.int16), raw["layers"].astype(np.int32), raw["n_expert"].astype(np.int32),
                    raw["starts"].astype(np.int64), str(raw["model"]), int(raw["model_bytes"]))
 

@@ -92,3 +92,19 @@ def test_the_demo_names_a_prompt_beyond_its_context_by_its_own_flags(capsys):
     lines = err.strip().splitlines()
     assert not out and "-p/--prompt: the prompt is" in lines[-1] and "holds 1024" in lines[-1], err
     assert "n_ctx" not in err
+
+
+def test_stats_count_the_runs_own_expert_requests_not_the_warm_ups(capsys):
+    """`run --stats` counted the warm-up's expert requests: a 5-token run under a 1 MiB budget
+    showed 238 requests and a 14.7% hit rate, every hit the warm-up's (a review's finding)."""
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+
+    cfg = ModelConfig.from_gguf(GGUFModelFile(MODEL))
+    rc, out, err = _run(capsys, "-p", "def", "-n", "5", "--ram-budget", "1MiB", "--no-prefetch", "--stats", "-c", "512")
+    assert rc == 0, err
+    n_prompt = int(next(l for l in err.splitlines() if l.startswith("[length]")).split()[1])
+    moe_layers = sum(cfg.moe[: cfg.n_layers])
+    line = next(l for l in err.splitlines() if l.startswith("experts: "))
+    evaluated = n_prompt + 5 - 1  # the last token is sampled, never evaluated
+    assert int(line.split()[1]) == evaluated * moe_layers * cfg.n_expert_used, (line, n_prompt)

@@ -273,3 +273,37 @@ def test_a_json_profile_is_named_as_one(tmp_path, capsys):
     line = _one_error_line(capsys)
     assert str(prof) in line and "JSON expert profile" in line and "not a routing trace" in line, line
     assert "stepstream profile" in line and "--trace" in line and "pickled" not in line
+
+
+def _raw(tmp_path, name, **changes):
+    fields = dict(ids=np.tile(np.array([0, 1], np.int16), (3, 1, 1)), layers=np.array([1], np.int32),
+                  n_expert=np.array([4], np.int32), starts=np.array([0], np.int64), model=np.array("m.gguf"),
+                  model_bytes=np.int64(5))
+    fields.update(changes)
+    path = tmp_path / name
+    np.savez(path, **fields)
+    return path
+
+
+@pytest.mark.parametrize("name,changes,words", [
+    ("k0.npz", {"ids": np.zeros((3, 1, 0), np.int16)}, "names no expert per token"),
+    ("bytes.npz", {"model_bytes": np.array([1, 2])}, "one name and one integer"),
+    ("wide.npz", {"ids": np.tile(np.array([0, 70000]), (3, 1, 1)), "n_expert": np.array([70001], np.int32)},
+     "ids hold 70000, outside 0..32767"),
+    ("float.npz", {"n_expert": np.array([4.7])}, "n_expert are float64, expected integers"),
+])
+def test_malformed_traces_are_one_line(tmp_path, capsys, name, changes, words):
+    """A review's traces: K = 0 and an array of model_bytes ended in tracebacks (exit 1), an id of
+    70000 was replayed as 4464 and n_expert 4.7 as 4."""
+    path = _raw(tmp_path, name, **changes)
+    assert S.main([str(path), "--slots", "2"]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and words in line, line
+
+
+def test_a_text_file_is_not_called_pickled_data(tmp_path, capsys):
+    path = tmp_path / "prompts.txt"
+    path.write_text("def f(x):\n    return x\n")
+    assert S.main([str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert "not a routing trace (not an .npz archive" in line and "pickle" not in line, line

@@ -20,7 +20,9 @@ Shape legend:  T tokens   H hidden   V vocab
 
 from __future__ import annotations
 
+import functools
 import numbers
+import threading
 import time
 
 import numpy as np
@@ -45,6 +47,20 @@ from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
 from runtime.text.tool_calls import END_THINK, check_tools, forced_call, starts_in_reasoning
 
+
+
+def _serialized(method):
+    """One call at a time on a model: a call from another thread waits for the running one to
+    end. The cache, the token history and the MTP heads' state are the model's, not a thread's:
+    two threads evaluating at once interleaved their steps, gave wrong logits without a word
+    and rolled back each other's work (a review's finding). A re-entrant lock: a method calls
+    others freely. A generation from one thread meeting another thread's evaluation between
+    its tokens is stale, as with any evaluation between them (loop.generate)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 class Model:
     def __init__(self, file: GGUFModelFile, cfg: ModelConfig, weights: ModelWeights,
@@ -82,6 +98,7 @@ class Model:
         self._tokenizer = tokenizer  # None: built on first use
         self._tokens: list[int] = []  # the ids the cache holds, position by position
         self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
+        self._lock = threading.RLock()  # one thread's call at a time (_serialized)
         # Bumped by every change to what the cache holds (an evaluation, trim, reset): a generator
         # compares it with its own last change to notice that another generation ran meanwhile.
         self.version = 0
@@ -109,6 +126,7 @@ class Model:
     def name(self) -> str:
         return self.file.path.name
 
+    @_serialized
     def reset(self) -> None:
         self.version += 1
         self.cache.reset()
@@ -117,6 +135,7 @@ class Model:
         if self._drafter is not None:
             self._drafter.reset()
 
+    @_serialized
     def warm_up(self) -> float:
         """Evaluate a prefill chunk, a chunk of a few tokens and one token alone, then forget them,
         so that every kernel a run needs is loaded: from Numba's cache in a fraction of a second,
@@ -150,6 +169,9 @@ class Model:
         if self._drafts and self.n_ctx > 2 * len(five):
             self._time_steps(five)
             self.reset()
+        stats = getattr(self.provider, "stats", None)
+        if stats is not None:  # the run's figures (--stats, bench --json) are the run's own
+            stats.restart()
         return time.perf_counter() - t0
 
     @property
@@ -174,6 +196,7 @@ class Model:
                 self.trim(n)
         self.step_seconds.update(best)
 
+    @_serialized
     def trim(self, n: int) -> None:
         """Forget the last n evaluated positions."""
         self.version += 1
@@ -247,6 +270,7 @@ class Model:
         self.version += 1
         return out
 
+    @_serialized
     def prefill(self, tokens) -> np.ndarray:
         """Evaluate a chunk of tokens at the current position, all at once; the last trunk
         block's hidden states [T, H] (pre-norm)."""
@@ -264,6 +288,7 @@ class Model:
         self._tokens.extend(ids.tolist())
         return h
 
+    @_serialized
     def decode(self, token: int) -> np.ndarray:
         """Evaluate one token at the current position; the last trunk block's hidden state [1, H]."""
         return self._atomically(self._decode, self._check_tokens([token]))
@@ -298,6 +323,7 @@ class Model:
         self._tokens.extend(ids.tolist())
         return h
 
+    @_serialized
     def hidden(self, tokens) -> np.ndarray:
         """Evaluate tokens after the cached ones, n_batch at a time; hidden states [T, H] (pre-norm)."""
         return self._hidden_states(tokens, last_only=False)
@@ -353,6 +379,7 @@ class Model:
                                     self.buffers.few, out)
         return out
 
+    @_serialized
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""
         n = self.n_past
@@ -380,6 +407,7 @@ class Model:
         raise StepstreamError(f"{self.file.path}: NaN or Inf logits at positions {first}..{first + n - 1}: "
                               f"{where}; the evaluation was rolled back")
 
+    @_serialized
     def logits(self, tokens) -> np.ndarray:
         """[T, V] float32 logits of every position, evaluated from an empty cache."""
         self.reset()
@@ -390,6 +418,7 @@ class Model:
         """MTP heads this file carries (0: no drafting)."""
         return len(self.weights.nextn)
 
+    @_serialized
     def mtp_logits(self, tokens) -> list[np.ndarray]:
         """Teacher-forced drafts of the MTP heads over `tokens`, from an empty cache.
 
@@ -417,6 +446,7 @@ class Model:
                 out.append(mtp.head_logits(self, j, h))
         return out
 
+    @_serialized
     def mtp_draft(self, pending: int, k: int) -> list[int]:
         """Up to k greedy drafts of the tokens after `pending` (sampled, not yet evaluated),
         from the MTP heads kept in step with the cache (runtime.model.mtp)."""
@@ -439,6 +469,7 @@ class Model:
             self._drafter = mtp.Drafter(self)
         return self._drafter
 
+    @_serialized
     def keep_prefix(self, tokens) -> int:
         """Roll the cache back to the longest prefix it shares with `tokens` that it can return
         to, leaving at least the last token to evaluate (its logits are wanted). Returns the
@@ -470,6 +501,7 @@ class Model:
             common += 1
         return min(common, len(tokens) - 1)
 
+    @_serialized
     def eval_prompt(self, tokens, mtp: bool = False) -> tuple[np.ndarray, int]:
         """(logits [V] after `tokens`, positions reused): evaluates only what the cache does not
         already hold. When the model has sliding-window blocks, their rings are copied afterwards
@@ -504,6 +536,7 @@ class Model:
             self.drafter.fill()
         return logits, kept
 
+    @_serialized
     def eval_reusing_prefix(self, tokens) -> np.ndarray:
         """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
         return self.eval_prompt(tokens)[0]
