@@ -47,6 +47,12 @@ from runtime.model.matrix import Matrix, make_matrix
 # code it keeps touching, which a cgroup charges too but can reclaim, at the price of reading
 # them again and again (~40 MiB, as runtime.bench.streaming's FILE_WORKING_SET).
 RUNTIME_ANON = 96 * 2**20
+# Of it, what the process holds once loaded and warmed up, before a prompt: the warm-up's kernels
+# (54 MiB) and the load's buffers (10 MiB), measured the same way. An asked --ram-budget is taken
+# when the model can start with it (the resident weights, this, the KV cache as it starts): with
+# all of RUNTIME_ANON and the prefill activations counted at start, the RAM-cap sweep's budgets,
+# measured to fit, were refused.
+START_ANON = 64 * 2**20
 LIBRARY_PAGES = 40 * 2**20
 # Buffers and temporaries that grow with the model's widths, beyond RUNTIME_ANON: decode buffers,
 # and prefill's per-chunk activations (n_batch tokens of [hidden]-wide rows and their wider
@@ -109,10 +115,11 @@ def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimi
     the prefill chunk; tokenizer_built: the process holds the tokenizer already (the loader's case)."""
     kv = kv_cache_bytes(cfg, n_ctx, rollback, kv_types=kv_types)
     own = own_bytes(cfg, n_batch, tokenizer_built)
+    at_start = START_ANON + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
     # The host's reserve covers the runtime's own memory, never the KV cache: at a long context it
     # can be many GiB (12 GiB for the real model at 256K in f16), which would leave the OS nothing.
-    start = max(0, own - limit.reserve) + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY),
-                                                         kv_types=kv_types)
+    start = max(0, at_start - limit.reserve) + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY),
+                                                              kv_types=kv_types)
     full = max(0, own + LIBRARY_PAGES - limit.reserve) + kv
     return RuntimeNeeds(start, full, n_ctx, kv, tuple(kv_types))
 

@@ -471,3 +471,25 @@ def test_a_disk_that_fills_during_a_sweep_is_one_line_and_the_results_are_printe
     assert out.err.strip().splitlines()[-1] == (f"error: {full_dir / 'sw.json'}: cannot write the sweep results: No "
                                                 "space left on device; the table above holds the sweep's results")
     assert sorted(p.name for p in full_dir.iterdir()) == ["fill"]
+
+
+def test_a_sweep_whose_every_run_failed_exits_2(tmp_path, capsys, monkeypatch):
+    """A review's sweep on a synth file: every stepstream run was refused by the loader (its
+    budget check counted the runtime's memory at more than the sweep had measured), the table held
+    only dashes, and the command exited 0. The runs here fail as a child that cannot load does."""
+    need_cgroup()
+    real = sweep.run_child
+
+    def failing(spec, cap, timeout):
+        if cap is None:  # the uncapped probe that measures the footprint
+            return real(spec, cap, timeout)
+        return {"status": "failed", "reason": "MODEL: a RAM budget of 1 MiB needs 2 MiB"}
+
+    monkeypatch.setattr(sweep, "run_child", failing)
+    code = main(["bench", "-m", str(MODEL), "--sweep-ram", "300MiB,400MiB", "-n", "4", "-p", "8", "-t", "2",
+                 "--sweep-out", str(tmp_path / "sw"), "--sweep-timeout", "300"])
+    out = capsys.readouterr()
+    assert code == 2 and "Traceback" not in out.out + out.err
+    assert out.err.strip().splitlines()[-1] == ("error: --sweep-ram: every run failed (2 of 2): MODEL: a RAM budget "
+                                                "of 1 MiB needs 2 MiB")
+    assert json.loads((tmp_path / "sw.json").read_text())["state"] == "complete"  # the results are kept

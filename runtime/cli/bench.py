@@ -254,6 +254,12 @@ def run_sweep(args) -> int:
         raise StepstreamError(f"{e}; the table above holds the sweep's results") from None
     hint = write_plot(report, out_png)
     print(f"wrote {out_json}" + (f"; {hint}" if hint else f" and {out_png}"))
+    ran = [r for row in report["caps"] for e in row["engines"].values() for r in e["runs"] if r["status"] != "does not fit"]
+    if ran and not any(r["status"] == "ok" for r in ran):  # a table of dashes is no result: say so, exit 2
+        reasons = sorted({r.get("reason", r["status"]) for r in ran})
+        raise StepstreamError(f"--sweep-ram: every run failed ({len(ran)} of {len(ran)}): {reasons[0]}"
+                              + (f" (and {len(reasons) - 1} other reason{'s' if len(reasons) > 2 else ''})"
+                                 if len(reasons) > 1 else ""))
     return 0
 
 
