@@ -1,15 +1,16 @@
 """CUDA kernels of the GPU tier (numba-cuda): int8 activations times Q4_K, Q5_K, Q6_K and Q8_0 rows.
 
-    quantize(x, xq, xd, xb)                  x float32 [T, C] -> int8 per 256 columns, exactly as
-                                             quant.int8_kernels.quantize_activations
-    matvec(arena, desc, starts, xq, xd, xb, out)
+    quantize(x, xq, xd)                      x float32 [T, C] -> int8 per 256 columns, exactly as
+                                             quant.int8_kernels.quantize_activations (its q and d)
+    matvec(arena, desc, starts, xq, xd, out)
                                              out [T, sum R] = the M matrices of desc, stacked, times
                                              every token (T = 1: decode's GEMV; T > 1: prefill's GEMM)
-    swiglu_ffns(arena, desc3, weights, limits, xq, xd, xb, out, ffn_scratch(F, W, H))
+    swiglu_ffns(arena, desc3, weights, limits, xq, xd, out, ffn_scratch(F, W, H))
                                              out [H] += sum_f weights[f] * FFN_f(x) for one token, as
                                              quant.int8_kernels.swiglu_ffns
 Matrices live in one uint8 device array (the arena), each given by a descriptor row
-(byte offset, format, rows, cols) from `descriptor`. Results equal the CPU's int8 kernels
+(byte offset, format, rows, cols) from `descriptor`; the kernels read the arena as 32- and
+16-bit words, so every matrix starts on a multiple of 4 bytes. Results equal the CPU's int8 kernels
 up to the order of float32 additions. Calls are asynchronous on `stream` and never wait
 for the card: every size they launch by comes from array shapes on the host.
 
@@ -48,6 +49,8 @@ def descriptor(offset: int, qtype, rows: int, cols: int) -> np.ndarray:
                          f"columns, not {T(qtype).name} with {cols}")
     if offset < 0 or rows <= 0:
         raise ValueError(f"descriptor offset {offset} and rows {rows} must be >= 0 and > 0")
+    if offset % 4:
+        raise ValueError(f"descriptor offset {offset} is not a multiple of 4: the kernels read matrices as words")
     return np.array([offset, int(qtype), rows, cols], np.int64)
 
 
@@ -55,7 +58,6 @@ class FFNScratch(NamedTuple):
     gu: object  # float32 [F, 2, W]   gate and up rows
     hq: object  # int8 [F, W]          the SwiGLU outputs, rounded
     hd: object  # float32 [F, W / 256]
-    hb: object  # int32 [F, W / 16]
     y: object  # float32 [F, H]        each FFN's output
 
 
@@ -67,8 +69,7 @@ def ffn_scratch(max_ffns: int, max_width: int, hidden: int) -> FFNScratch:
     w = -(-max_width // 256) * 256
     dev = cuda.device_array
     return FFNScratch(dev((max_ffns, 2, w), np.float32), dev((max_ffns, w), np.int8),
-                      dev((max_ffns, w // 256), np.float32), dev((max_ffns, w // 16), np.int32),
-                      dev((max_ffns, hidden), np.float32))
+                      dev((max_ffns, w // 256), np.float32), dev((max_ffns, hidden), np.float32))
 
 
 def _check(name, a, ndim, dtype, shape=None):
@@ -77,42 +78,47 @@ def _check(name, a, ndim, dtype, shape=None):
         raise ValueError(f"{name} must be {want}, got {a.dtype} {list(a.shape)}")
 
 
-def _check_acts(xq, xd, xb):
+def _check_acts(xq, xd):
     _check("xq", xq, 2, np.int8)
     t, c = xq.shape
     if c % 256:
         raise ValueError(f"xq has {c} columns, not a multiple of 256")
     _check("xd", xd, 2, np.float32, (t, c // 256))
-    _check("xb", xb, 2, np.int32, (t, c // 16))
 
 
-def quantize(x, xq, xd, xb, stream=0) -> None:
+def _check_arena(arena):
+    _check("arena", arena, 1, np.uint8)
+    if arena.shape[0] % 4:
+        raise ValueError(f"the arena holds {arena.shape[0]} bytes, not a multiple of 4: the kernels read it as words")
+
+
+def quantize(x, xq, xd, stream=0) -> None:
     from .kernels import quantize_kernel
 
     _check("x", x, 2, np.float32)
     _check("xq", xq, 2, np.int8, x.shape)
-    _check_acts(xq, xd, xb)
+    _check_acts(xq, xd)
     t, c = x.shape
-    quantize_kernel[(c // 256, t), 256, stream](x, xq, xd, xb)
+    quantize_kernel[(c // 256, t), 256, stream](x, xq, xd)
 
 
-def matvec(arena, desc, starts, xq, xd, xb, out, stream=0) -> None:
+def matvec(arena, desc, starts, xq, xd, out, stream=0) -> None:
     from .kernels import WARPS, grid, matvec_kernel
 
-    _check("arena", arena, 1, np.uint8)
+    _check_arena(arena)
     _check("desc", desc, 2, np.int64)
     if desc.shape[1] != 4:
         raise ValueError(f"desc must be int64 [M, 4], got {list(desc.shape)}")
     _check("starts", starts, 1, np.int64, (desc.shape[0] + 1,))
-    _check_acts(xq, xd, xb)
+    _check_acts(xq, xd)
     _check("out", out, 2, np.float32)
     if out.shape[0] != xq.shape[0]:
         raise ValueError(f"out has {out.shape[0]} rows for {xq.shape[0]} tokens")
     rows = out.shape[1]
-    matvec_kernel[grid(rows), 32 * WARPS, stream](arena, desc, starts, xq, xd, xb, out)
+    matvec_kernel[grid(rows), 32 * WARPS, stream](arena, desc, starts, xq, xd, out)
 
 
-def swiglu_ffns(arena, desc3, weights, limits, xq, xd, xb, out, scratch: FFNScratch, stream=0) -> None:
+def swiglu_ffns(arena, desc3, weights, limits, xq, xd, out, scratch: FFNScratch, stream=0) -> None:
     from .kernels import WARPS, grid, ffn_act_kernel, ffn_down_kernel, ffn_gate_up_kernel, ffn_sum_kernel
 
     _check("desc3", desc3, 3, np.int64)
@@ -121,7 +127,8 @@ def swiglu_ffns(arena, desc3, weights, limits, xq, xd, xb, out, scratch: FFNScra
         raise ValueError(f"desc3 must be int64 [F, 3, 4], got {list(desc3.shape)}")
     _check("weights", weights, 1, np.float32, (f,))
     _check("limits", limits, 1, np.float32, (f,))
-    _check_acts(xq, xd, xb)
+    _check_arena(arena)
+    _check_acts(xq, xd)
     if xq.shape[0] != 1:
         raise ValueError(f"swiglu_ffns takes one token, got {xq.shape[0]}")
     h = xq.shape[1]
@@ -129,8 +136,8 @@ def swiglu_ffns(arena, desc3, weights, limits, xq, xd, xb, out, scratch: FFNScra
     if scratch.y.shape[0] < f or scratch.y.shape[1] != h:
         raise ValueError(f"scratch for {scratch.y.shape[0]} FFNs on [{scratch.y.shape[1]}] cannot take {f} on [{h}]")
     w = scratch.gu.shape[2]
-    gu, hq, hd, hb, y = (a[:f] for a in scratch)
-    ffn_gate_up_kernel[grid(2 * f * w), 32 * WARPS, stream](arena, desc3, xq, xd, xb, gu)
-    ffn_act_kernel[(w // 256, f), 256, stream](desc3, limits, gu, hq, hd, hb)
-    ffn_down_kernel[grid(f * h), 32 * WARPS, stream](arena, desc3, hq, hd, hb, y)
+    gu, hq, hd, y = (a[:f] for a in scratch)
+    ffn_gate_up_kernel[grid(2 * f * w), 32 * WARPS, stream](arena, desc3, xq, xd, gu)
+    ffn_act_kernel[(w // 256, f), 256, stream](desc3, limits, gu, hq, hd)
+    ffn_down_kernel[grid(f * h), 32 * WARPS, stream](arena, desc3, hq, hd, y)
     ffn_sum_kernel[-(-h // 128), 128, stream](weights, y, f, out)

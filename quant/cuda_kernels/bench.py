@@ -2,6 +2,7 @@
 
     gemv_gbps(qtype, rows, cols)   weight bytes / time of one-token matvec (median, CUDA events)
     copy_gbps(nbytes)              a device-to-device copy's bytes read + written / time
+    launch_us()                    the host's time to launch one small matvec (no waiting)
 """
 
 from __future__ import annotations
@@ -63,15 +64,14 @@ def gemv_gbps(qtype, rows: int, cols: int, repeats: int = 20) -> dict:
     qtype = T[qtype.upper()] if isinstance(qtype, str) else T(qtype)
     rng = np.random.default_rng(0)
     raw = _random_rows(rng, qtype, rows, cols)
-    arena = cuda.to_device(raw.reshape(-1))
+    arena = cuda.to_device(np.concatenate([raw.reshape(-1), np.zeros(-raw.size % 4, np.uint8)]))  # whole words
     desc = cuda.to_device(descriptor(0, qtype, rows, cols)[None])
     starts = cuda.to_device(np.array([0, rows], np.int64))
     x = cuda.to_device(rng.standard_normal((1, cols)).astype(np.float32))
-    xq, xd, xb = (cuda.device_array((1, cols), np.int8), cuda.device_array((1, cols // 256), np.float32),
-                  cuda.device_array((1, cols // 16), np.int32))
-    quantize(x, xq, xd, xb)
+    xq, xd = cuda.device_array((1, cols), np.int8), cuda.device_array((1, cols // 256), np.float32)
+    quantize(x, xq, xd)
     out = cuda.device_array((1, rows), np.float32)
-    ms = _median_ms(lambda: matvec(arena, desc, starts, xq, xd, xb, out), repeats)
+    ms = _median_ms(lambda: matvec(arena, desc, starts, xq, xd, out), repeats)
     return {"format": T(qtype).name, "rows": rows, "cols": cols, "bytes": int(raw.nbytes),
             "seconds": ms / 1e3, "gbps": raw.nbytes / (ms / 1e3) / 1e9}
 
@@ -83,3 +83,27 @@ def copy_gbps(nbytes: int, repeats: int = 10) -> float:
     dst = cuda.device_array(nbytes, np.uint8)
     ms = _median_ms(lambda: dst.copy_to_device(src), repeats)
     return 2 * nbytes / (ms / 1e3) / 1e9
+
+
+def launch_us(repeats: int = 200) -> float:
+    """Median microseconds the host spends in one call of matvec on a one-row Q4_K matrix (the
+    launch; the card's work runs behind it): the floor of a decode step's host time per launch."""
+    from numba import cuda
+
+    rng = np.random.default_rng(0)
+    raw = _random_rows(rng, T.Q4_K, 1, 256)
+    arena = cuda.to_device(np.concatenate([raw.reshape(-1), np.zeros(-raw.size % 4, np.uint8)]))
+    desc = cuda.to_device(descriptor(0, T.Q4_K, 1, 256)[None])
+    starts = cuda.to_device(np.array([0, 1], np.int64))
+    xq, xd = cuda.to_device(np.ones((1, 256), np.int8)), cuda.to_device(np.ones((1, 1), np.float32))
+    out = cuda.device_array((1, 1), np.float32)
+    times = []
+    for i in range(repeats + 5):
+        t0 = time.perf_counter()
+        matvec(arena, desc, starts, xq, xd, out)
+        if i >= 5:  # the first calls compile
+            times.append(1e6 * (time.perf_counter() - t0))
+        if i % 50 == 0:
+            cuda.synchronize()
+    cuda.synchronize()
+    return float(np.median(times))

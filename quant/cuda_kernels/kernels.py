@@ -2,13 +2,13 @@
 
 Matrices live in one uint8 arena and are given by descriptor rows (byte offset, format,
 rows, cols). Every product is one warp per output row; its lanes walk the row's
-super-blocks (quant.cuda_kernels.rows), and a tile of up to TILE tokens reuses each
-super-block while it is in L1, so the weights are read from memory once per tile.
+super-blocks with word loads (quant.cuda_kernels.rows), one token after another.
 
 Shape legend
     desc  int64 [M, 4]   starts int64 [M + 1] (prefix sums of rows)   out float32 [T, rows]
     desc3 int64 [F, 3, 4] (gate, up, down)   gu float32 [F, 2, W]   hq int8 [F, W]
-    hd float32 [F, W / 256]   hb int32 [F, W / 16]   y float32 [F, H]   (W: the widest FFN)
+    hd float32 [F, W / 256]   y float32 [F, H]   (W: the widest FFN)
+    w     uint8 [bytes], bytes a multiple of 4 (read as words in the kernels)
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import math
 import numba
 from numba import cuda
 
-from .rows import F32, I32, SIMULATED, bytes_per_256, device, lane_dot
+import numpy as np
+
+from .rows import F32, I32, SIMULATED, bytes_per_256, device, row_dot
 from .simulator import thread_safe_shared_arrays
 
 thread_safe_shared_arrays()  # under numba's simulator, every thread gets the block's array
 
 FLT_MAX = 3.4028234663852886e38  # the largest finite float32
-TILE = 8  # tokens per pass over a row
 # Kernels spell out min, max and abs: this numba-cuda rejects the builtins on float32 in kernels.
 
 
@@ -75,7 +76,7 @@ def _finite(v):
 
 
 @cuda.jit
-def quantize_kernel(x, xq, xd, xb):
+def quantize_kernel(x, xq, xd):
     """Block (t, s): the 256 columns of super-block s of token t; thread l one column."""
     t, s = cuda.blockIdx.y, cuda.blockIdx.x
     l = cuda.threadIdx.x
@@ -100,50 +101,19 @@ def quantize_kernel(x, xq, xd, xb):
     r = math.floor(y + F32(0.5))  # round half to even, as np.rint
     if r - y == F32(0.5) and (I32(r) & 1) == 1:
         r -= F32(1.0)
-    q = I32(r)
-    xq[t, 256 * s + l] = q
-    ibuf = cuda.shared.array(256, numba.int32)
-    ibuf[l] = q
-    cuda.syncthreads()
-    if l < 16:
-        b = I32(0)
-        for k in range(16):
-            b += ibuf[16 * l + k]
-        xb[t, 16 * s + l] = b
-
-
-@device
-def _row_tile(w, base, qt, nsb, lane, xq, xd, xb, t0, nt, acc):
-    """acc[tt] = the lane's share of row (at byte `base`) times tokens t0..t0+nt-1."""
-    for tt in range(TILE):
-        acc[tt] = F32(0.0)
-    rb = bytes_per_256(qt)
-    for s in range(nsb):
-        o = base + s * rb
-        for tt in range(nt):
-            acc[tt] += lane_dot(w, o, qt, lane, xq, xd, xb, t0 + tt, s)
-
-
-@device
-def _row_dot(w, base, qt, nsb, lane, x, xd, xb, t, red):
-    """Row (at byte `base`) times token t of x, summed over the block's 32 lanes (in lane 0)."""
-    acc = F32(0.0)
-    rb = bytes_per_256(qt)
-    for s in range(nsb):
-        acc += lane_dot(w, base + s * rb, qt, lane, x, xd, xb, t, s)
-    return warp_sum(red, acc)
+    xq[t, 256 * s + l] = I32(r)
 
 
 @cuda.jit
-def matvec_kernel(w, desc, starts, xq, xd, xb, out):
-    """Blocks of 32 threads walk the global rows g of the stacked matrices (grid-stride), each
-    row times every token of xq, a tile of tokens per pass."""
+def matvec_kernel(w, desc, starts, xq, xd, out):
+    """Warps walk the global rows g of the stacked matrices (grid-stride), each row times every
+    token of xq in turn (a row's bytes stay in L1 between tokens)."""
+    w32, w16, wh = w.view(np.uint32), w.view(np.uint16), w.view(np.float16)
+    x32, x16 = xq.view(np.int32), xq.view(np.int16)
     lane = cuda.threadIdx.x % 32
     first = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
     red = cuda.shared.array(32, numba.float32)
-    acc = cuda.local.array(TILE, numba.float32)
     m_count = desc.shape[0]
-    T = xq.shape[0]
     for g in range(first, starts[m_count], cuda.gridDim.x * WARPS):  # the same g for the whole warp
         m = 0
         while starts[m + 1] <= g:
@@ -151,18 +121,17 @@ def matvec_kernel(w, desc, starts, xq, xd, xb, out):
         qt, cols = desc[m, 1], desc[m, 3]
         nsb = cols // 256
         base = desc[m, 0] + (g - starts[m]) * nsb * bytes_per_256(qt)
-        for t0 in range(0, T, TILE):
-            nt = T - t0 if T - t0 < TILE else TILE
-            _row_tile(w, base, qt, nsb, lane, xq, xd, xb, t0, nt, acc)
-            for tt in range(nt):
-                v = warp_sum(red, acc[tt])
-                if lane == 0:
-                    out[t0 + tt, g] = v
+        for t in range(xq.shape[0]):
+            v = warp_sum(red, row_dot(w, w32, w16, wh, base, qt, nsb, lane, x32, x16, xd, t))
+            if lane == 0:
+                out[t, g] = v
 
 
 @cuda.jit
-def ffn_gate_up_kernel(w, desc3, xq, xd, xb, gu):
+def ffn_gate_up_kernel(w, desc3, xq, xd, gu):
     """Row g = (2 f + which) W + r: row r of the gate (which = 0) or up (1) matrix of FFN f."""
+    w32, w16, wh = w.view(np.uint32), w.view(np.uint16), w.view(np.float16)
+    x32, x16 = xq.view(np.int32), xq.view(np.int16)
     lane = cuda.threadIdx.x % 32
     first = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
     red = cuda.shared.array(32, numba.float32)
@@ -174,13 +143,14 @@ def ffn_gate_up_kernel(w, desc3, xq, xd, xb, gu):
         if r < desc3[f, which, 2]:
             qt, cols = desc3[f, which, 1], desc3[f, which, 3]
             nsb = cols // 256
-            v = _row_dot(w, desc3[f, which, 0] + r * nsb * bytes_per_256(qt), qt, nsb, lane, xq, xd, xb, 0, red)
+            v = warp_sum(red, row_dot(w, w32, w16, wh, desc3[f, which, 0] + r * nsb * bytes_per_256(qt), qt, nsb, lane,
+                                      x32, x16, xd, 0))
             if lane == 0:
                 gu[f, which, r] = v
 
 
 @cuda.jit
-def ffn_act_kernel(desc3, limits, gu, hq, hd, hb):
+def ffn_act_kernel(desc3, limits, gu, hq, hd):
     """Block (f, s): SwiGLU of columns 256 s.. of FFN f, then their int8 rounding (as quantize)."""
     f, s = cuda.blockIdx.y, cuda.blockIdx.x
     if 256 * s >= desc3[f, 0, 2]:
@@ -214,21 +184,14 @@ def ffn_act_kernel(desc3, limits, gu, hq, hd, hb):
     r = math.floor(y + F32(0.5))
     if r - y == F32(0.5) and (I32(r) & 1) == 1:
         r -= F32(1.0)
-    q = I32(r)
-    hq[f, c] = q
-    ibuf = cuda.shared.array(256, numba.int32)
-    ibuf[l] = q
-    cuda.syncthreads()
-    if l < 16:
-        b = I32(0)
-        for k in range(16):
-            b += ibuf[16 * l + k]
-        hb[f, 16 * s + l] = b
+    hq[f, c] = I32(r)
 
 
 @cuda.jit
-def ffn_down_kernel(w, desc3, hq, hd, hb, y):
+def ffn_down_kernel(w, desc3, hq, hd, y):
     """Row g = f H + r: row r of FFN f's down matrix times its rounded hidden vector."""
+    w32, w16, wh = w.view(np.uint32), w.view(np.uint16), w.view(np.float16)
+    h32, h16 = hq.view(np.int32), hq.view(np.int16)
     lane = cuda.threadIdx.x % 32
     first = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
     red = cuda.shared.array(32, numba.float32)
@@ -238,7 +201,8 @@ def ffn_down_kernel(w, desc3, hq, hd, hb, y):
         r = g % h
         qt, cols = desc3[f, 2, 1], desc3[f, 2, 3]
         nsb = cols // 256
-        v = _row_dot(w, desc3[f, 2, 0] + r * nsb * bytes_per_256(qt), qt, nsb, lane, hq, hd, hb, f, red)
+        v = warp_sum(red, row_dot(w, w32, w16, wh, desc3[f, 2, 0] + r * nsb * bytes_per_256(qt), qt, nsb, lane,
+                                  h32, h16, hd, f))
         if lane == 0:
             y[f, r] = v
 

@@ -6,10 +6,10 @@ on a miss, makes the array (np.empty) and stores it, with no lock between the lo
 store (numba 0.68's numba/cuda/simulator/kernelapi.py, FakeCUDAShared.array; numba-cuda has the
 same code). When the interpreter switches threads inside that window, two threads each make an
 array: one of them then writes to and reads from an array no other thread sees, and the others
-read its slot of the stored one uninitialized. quantize_kernel asks for `ibuf` from 256 threads
-released together by a barrier; about one launch in a hundred got such a stray thread, so a
-16-column sum in xb came out as garbage, and the Q4_K / Q5_K min term of every later product
-with it (issue 16: the stacked-matvec test failed in 2 of 3 CI runs). A card has no such step:
+read its slot of the stored one uninitialized. quantize_kernel once asked for a shared array
+from 256 threads released together by a barrier; about one launch in a hundred got such a
+stray thread, so a 16-column activation sum came out as garbage, and the Q4_K / Q5_K min term
+of every later product with it (issue 16: the stacked-matvec test failed in 2 of 3 CI runs). A card has no such step:
 static shared memory is laid out when the kernel is compiled.
 
 `thread_safe_shared_arrays()` replaces that method with one that looks up and stores under a

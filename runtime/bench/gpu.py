@@ -4,8 +4,10 @@ speed on a real-width synthetic model (runtime.bench.synth) in three settings.
     python -m runtime.bench.gpu --workdir DIR [--moe-layers 3] [--tokens 32] [--prompt 64] [--json OUT.json]
 
 a. kernels: GB/s of the quantized GEMV (quant.cuda_kernels.bench.gemv_gbps) for Q4_K, Q5_K,
-   Q6_K and Q8_0 on a 10240 x 4096 matrix (8 experts' rows: memory-bound), each as a fraction
-   of the card's copy bandwidth (copy_gbps of 1 GiB).
+   Q6_K and Q8_0 on a 128896 x 4096 matrix (the real model's output head: 300-560 MB, more
+   than the card's L2, 50 MB on an H200, and a pass long against a launch), each as a
+   fraction of the card's copy bandwidth (copy_gbps of 1 GiB); and the host's time to launch
+   one small matvec (launch_us: a decode step makes about 60 launches).
 b. model: each setting runs in its own process (memory and compiled state do not mix):
      cpu     load(path)                                   the CPU path
      gpu     load(path, gpu_budget="auto")                everything in VRAM
@@ -36,7 +38,7 @@ import numpy as np
 from runtime.bench.synth import write_synth
 
 KERNEL_QTYPES = ("q4_k", "q5_k", "q6_k", "q8_0")
-KERNEL_SHAPE = (1280 * 8, 4096)
+KERNEL_SHAPE = (128896, 4096)
 SETTINGS = ("cpu", "gpu", "gpu25")
 CHILDREN = ("kernels",) + SETTINGS
 TINY = dict(moe_layers=2, dense_layers=1, hidden=256, n_head_full=2, n_head_sliding=4, n_kv=1, head_dim=128, window=16,
@@ -69,10 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- a. kernels ------------------------------------------------------------------------------
 
 def kernel_bandwidth() -> dict:
-    from quant.cuda_kernels.bench import copy_gbps, gemv_gbps  # only on the GPU machine
+    from quant.cuda_kernels.bench import copy_gbps, gemv_gbps, launch_us  # only on the GPU machine
 
     card = float(copy_gbps(2 ** 30))
-    out = {"copy_gbps": card, "shape": list(KERNEL_SHAPE), "gemv": {}}
+    out = {"copy_gbps": card, "shape": list(KERNEL_SHAPE), "launch_us": float(launch_us()), "gemv": {}}
     for q in KERNEL_QTYPES:
         r = gemv_gbps(q, *KERNEL_SHAPE)
         out["gemv"][q] = {"gbps": float(r["gbps"]), "seconds": float(r["seconds"]),
@@ -174,7 +176,8 @@ def table(report: dict) -> str:
     lines = []
     k = report.get("kernels")
     if isinstance(k, dict) and "gemv" in k:
-        lines.append(f"card copy bandwidth: {k['copy_gbps']:.0f} GB/s; GEMV {k['shape'][0]} x {k['shape'][1]}:")
+        lines.append(f"card copy bandwidth: {k['copy_gbps']:.0f} GB/s; one launch from the host: "
+                     f"{k.get('launch_us', float('nan')):.1f} us; GEMV {k['shape'][0]} x {k['shape'][1]}:")
         for q, r in k["gemv"].items():
             lines.append(f"  {q:6s} {r['gbps']:8.0f} GB/s  {100 * r['fraction_of_copy']:5.1f}% of copy")
     elif k is not None:

@@ -38,7 +38,7 @@ from runtime.model.experts import ExpertProvider
 from runtime.model.gpu import ops
 from runtime.model.gpu.expert_desc import gather_ffn_rows
 from runtime.model.gpu.kv import DeviceKVCache
-from runtime.model.gpu.layout import aligned, gpu_matrices, resident_layout
+from runtime.model.gpu.layout import aligned, gpu_matrices, resident_layout, word_aligned
 from runtime.model.kv_cache import START_CAPACITY
 from runtime.model.matrix import Matrix
 from runtime.model.ops import rope_inv_freq
@@ -137,7 +137,7 @@ class GPUExecutor:
         H, K, E, D = cfg.hidden, cfg.n_expert_used, max(cfg.n_expert, 1), cfg.head_dim
         dev, pin = cuda.device_array, cuda.pinned_array
         self.h, self.x, self.o = dev((T, H), np.float32), dev((T, H), np.float32), dev((T, H), np.float32)
-        self.q8 = {}  # width -> (xq, xd, xb), [T, ...]
+        self.q8 = {}  # width -> (xq, xd), [T, ...]
         self.proj = {b.p: dev((T, b.p), np.float32) for b in self.blocks}
         self.att = {b.n_head: dev((T, b.n_head * D), np.float32) for b in self.blocks}
         self.n_head_max = max(b.n_head for b in self.blocks)
@@ -170,18 +170,17 @@ class GPUExecutor:
     def _acts(self, width: int):
         if width not in self.q8:
             T = self.chunk
-            self.q8[width] = (cuda.device_array((T, width), np.int8), cuda.device_array((T, width // 256), np.float32),
-                              cuda.device_array((T, width // 16), np.int32))
+            self.q8[width] = (cuda.device_array((T, width), np.int8), cuda.device_array((T, width // 256), np.float32))
         return self.q8[width]
 
     # ------------------------------------------------------------------ experts in VRAM
 
     def _slot_desc(self, ffn: FFN, slot: int) -> np.ndarray:
-        """[3, 4] descriptors of an expert placed in `slot` (gate, up, down back to back)."""
+        """[3, 4] descriptors of an expert placed in `slot` (gate, up, down, each on a word)."""
         base, rows = self.slot_base + slot * self.slot_bytes, []
         for m in (ffn.gate, ffn.up, ffn.down):
             rows.append(ck.descriptor(base, int(m.qtype), m.shape[0], m.shape[1]))
-            base += m.nbytes
+            base += word_aligned(m.nbytes)
         return np.stack(rows)
 
     def _copy_in(self, ffn: FFN, slot: int, staging) -> None:
@@ -191,7 +190,7 @@ class GPUExecutor:
             if at + m.nbytes > self.slot_bytes:
                 raise StepstreamError(f"expert {ffn.gate.name} is larger than a VRAM slot ({self.slot_bytes} bytes)")
             staging[at : at + m.nbytes] = _bytes(m)
-            at += m.nbytes
+            at += word_aligned(m.nbytes)
         base = self.slot_base + slot * self.slot_bytes
         self.arena[base : base + at].copy_to_device(staging[:at], stream=self.stream)
 
@@ -266,11 +265,11 @@ class GPUExecutor:
             if b.moe:
                 self._moe(i, b, T)
             else:
-                xq, xd, xb = self._acts(self.cfg.hidden)
-                ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), st)
+                xq, xd = self._acts(self.cfg.hidden)
+                ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), st)
                 for t in range(T):
                     ck.swiglu_ffns(self.arena, b.ffn3_d, self.one_d, self.limit_d[b.limit_shared], self._cut(xq, t, 1),
-                                   self._cut(xd, t, 1), self._cut(xb, t, 1), self._cut(self.h, t, 2), self.ffn_scratch, st)
+                                   self._cut(xd, t, 1), self._cut(self.h, t, 2), self.ffn_scratch, st)
         out = self._cut(self.h, T).copy_to_host(stream=st)
         st.synchronize()
         return out
@@ -279,37 +278,37 @@ class GPUExecutor:
         """h += attention(norm(h)); then x = norm(h) for the FFN."""
         st, cfg = self.stream, self.cfg
         D, H = cfg.head_dim, cfg.hidden
-        xq, xd, xb = self._acts(H)
+        xq, xd = self._acts(H)
         ops.rms_norm(self._cut(self.h, T), b.attn_norm, cfg.rms_eps, self._cut(self.x, T), st)
-        ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), st)
+        ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), st)
         proj, pos = self._cut(self.proj[b.p], T), self._cut(self.pos_d, T)
-        ck.matvec(self.arena, b.qkvg, b.qkvg_starts, self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), proj, st)
+        ck.matvec(self.arena, b.qkvg, b.qkvg_starts, self._cut(xq, T), self._cut(xd, T), proj, st)
         ops.qk_norm_rope(proj, b.n_head, b.n_kv, D, b.q_norm, b.k_norm, cfg.rms_eps, b.inv_freq, pos, st)
         ops.kv_store(proj, b.n_head, b.n_kv, D, kv.k, kv.v, kv.dpos, self.slots_d[i, :T], pos, st)
         att = self._cut(self.att[b.n_head], T)
         ops.attention(proj, b.n_head, b.n_kv, D, kv.k, kv.v, kv.dpos, kv.capacity if kv.ring else kv.n, pos,
                       b.window, att, self.att_scratch, st)
-        aq, ad, ab = self._acts(b.n_head * D)
-        ck.quantize(att, self._cut(aq, T), self._cut(ad, T), self._cut(ab, T), st)
-        ck.matvec(self.arena, b.o, b.o_starts, self._cut(aq, T), self._cut(ad, T), self._cut(ab, T), self._cut(self.o, T), st)
+        aq, ad = self._acts(b.n_head * D)
+        ck.quantize(att, self._cut(aq, T), self._cut(ad, T), st)
+        ck.matvec(self.arena, b.o, b.o_starts, self._cut(aq, T), self._cut(ad, T), self._cut(self.o, T), st)
         ops.add_rms_norm(self._cut(self.h, T), self._cut(self.o, T), b.ffn_norm, cfg.rms_eps, self._cut(self.x, T), st)
 
     def _moe(self, i: int, b: GPUBlock, T: int) -> None:
         st, cfg = self.stream, self.cfg
         K = cfg.n_expert_used
-        xq, xd, xb = self._acts(cfg.hidden)
-        ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), st)
+        xq, xd = self._acts(cfg.hidden)
+        ck.quantize(self._cut(self.x, T), self._cut(xq, T), self._cut(xd, T), st)
         if b.router_f32 is not None:
             ops.router_logits(self._cut(self.x, T), b.router_f32, self._cut(self.logits, T), st)
         else:
-            ck.matvec(self.arena, b.router, b.router_starts, self._cut(xq, T), self._cut(xd, T), self._cut(xb, T), self._cut(self.logits, T), st)
+            ck.matvec(self.arena, b.router, b.router_starts, self._cut(xq, T), self._cut(xd, T), self._cut(self.logits, T), st)
         ops.route(self._cut(self.logits, T), b.bias, K, cfg.expert_scale, cfg.expert_norm, self._cut(self.ids, T), self._cut(self.wts, T), st)
         if self.tables is not None:  # every expert in VRAM: nothing waits for the host
             for t in range(T):
                 gather_ffn_rows(self._cut(self.ids, t, 1), self._cut(self.wts, t, 1), self.tables[i], b.ffn3_d, b.limit_shared,
                                 b.limit, self._cut(self.desc_d, t, 2), self._cut(self.fw_d, t, 2), self._cut(self.fl_d, t, 2), st)
                 ck.swiglu_ffns(self.arena, self._cut(self.desc_d, t, 2), self._cut(self.fw_d, t, 2), self._cut(self.fl_d, t, 2), self._cut(xq, t, 1), self._cut(xd, t, 1),
-                               self._cut(xb, t, 1), self._cut(self.h, t, 2), self.ffn_scratch, st)
+                               self._cut(self.h, t, 2), self.ffn_scratch, st)
             self.tier.counts.gpu_hits += T * K
             return
         self._cut(self.ids, T).copy_to_host(self._cut(self.ids_h, T), stream=st)
@@ -321,7 +320,7 @@ class GPUExecutor:
         staged = [0]
         on_cpu = False
         for t in range(T):
-            on_cpu |= self._moe_token(i, b, t, keep, staged, (self._cut(xq, t, 1), self._cut(xd, t, 1), self._cut(xb, t, 1)))
+            on_cpu |= self._moe_token(i, b, t, keep, staged, (self._cut(xq, t, 1), self._cut(xd, t, 1)))
         if on_cpu:
             self._cut(self.o, T).copy_to_device(self._cut(self.y_h, T), stream=st)
             ops.add(self._cut(self.h, T), self._cut(self.o, T), st)
@@ -394,11 +393,10 @@ class GPUExecutor:
         hd = cuda.to_device(np.ascontiguousarray(h, np.float32), stream=st)
         x = cuda.device_array((t, cfg.hidden), np.float32)
         ops.rms_norm(hd, self.out_norm, cfg.rms_eps, x, st)
-        xq, xd, xb = (cuda.device_array((t, cfg.hidden), np.int8), cuda.device_array((t, cfg.hidden // 256), np.float32),
-                      cuda.device_array((t, cfg.hidden // 16), np.int32))
-        ck.quantize(x, xq, xd, xb, st)
+        xq, xd = cuda.device_array((t, cfg.hidden), np.int8), cuda.device_array((t, cfg.hidden // 256), np.float32)
+        ck.quantize(x, xq, xd, st)
         logits = cuda.device_array((t, cfg.vocab), np.float32)
-        ck.matvec(self.arena, self.head, self.head_starts, xq, xd, xb, logits, st)
+        ck.matvec(self.arena, self.head, self.head_starts, xq, xd, logits, st)
         out = logits.copy_to_host(stream=st)
         st.synchronize()
         return out

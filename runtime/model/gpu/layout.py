@@ -5,7 +5,7 @@ VRAM holds one byte arena and a few float32 arrays:
             resident: per trunk block q, k, v, gate, o; the dense FFN or the shared expert;
             the router when it is quantized; then the output head. Each starts on a
             256-byte boundary. An expert slot holds one routed expert's gate, up and down
-            rows back to back (the layout of the file's per-expert slices).
+            rows back to back, each matrix starting on a multiple of 4 bytes.
     vectors norms, float32 routers and router biases, RoPE speeds
     KV cache float32 keys and values per trunk block (runtime.model.gpu.kv)
 The placement (offload.gpu_placement) sizes the slots from a budget with these numbers;
@@ -78,9 +78,15 @@ def resident_layout(weights: ModelWeights, cfg: ModelConfig) -> ResidentLayout:
     return ResidentLayout(offsets, at, vec + 4 * cfg.hidden)
 
 
+def word_aligned(n: int) -> int:
+    """n rounded up to a multiple of 4: where the next matrix of an expert slot starts (the
+    kernels read matrices as words)."""
+    return (n + 3) // 4 * 4
+
+
 def expert_slot_bytes(cfg: ModelConfig, expert_bytes: int) -> int:
-    """One slot: a routed expert's three matrices, 256-byte aligned."""
-    return aligned(expert_bytes)
+    """One slot: a routed expert's three matrices, each starting on a word, 256-byte aligned."""
+    return aligned(expert_bytes + 12)
 
 
 def kv_bytes(cfg: ModelConfig, n_ctx: int, ring: int) -> int:
