@@ -156,7 +156,7 @@ def test_swiglu_ffns_equals_the_cpu():
     base = rng.standard_normal((2, H)).astype(np.float32)
     out = cuda.to_device(base)  # added into row 1 of a 2-D array, through a view
     ck.swiglu_ffns(arena, cuda.to_device(desc3), cuda.to_device(weights), cuda.to_device(limits), xq, xd,
-                   out[1], ck.ffn_scratch(3, 256, H))  # wider than needed: rows past a width are skipped
+                   out[1], ck.ffn_scratch(3, 512))  # wider than needed: rows past a width are skipped
     cpu = base[1].copy()
     desc = np.stack([int8_kernels.ffn_descriptor(g[1], u[1], d[1]) for g, u, d in ffns])
     int8_kernels.swiglu_ffns(desc, weights, limits, x[0], cpu, int8_kernels.ffn_scratch(H, 2, 512))
@@ -271,8 +271,7 @@ sigs = [
     (k.matvec_kernel, (a(u8, 1), a(i64, 2), a(i64, 1), a(i8, 2), a(f32, 2), a(f32, 2))),
     (k.ffn_gate_up_kernel, (a(u8, 1), a(i64, 3), a(i8, 2), a(f32, 2), a(f32, 3))),
     (k.ffn_act_kernel, (a(i64, 3), a(f32, 1), a(f32, 3), a(i8, 2), a(f32, 2))),
-    (k.ffn_down_kernel, (a(u8, 1), a(i64, 3), a(i8, 2), a(f32, 2), a(f32, 2))),
-    (k.ffn_sum_kernel, (a(f32, 1), a(f32, 2), i64, a(f32, 1))),
+    (k.ffn_down_kernel, (a(u8, 1), a(i64, 3), a(i8, 2), a(f32, 2), a(f32, 1), a(f32, 1))),
     (e._gather, (a(i32, 2), a(f32, 2), a(i64, 3), a(i64, 3), f32, f32, a(i64, 3), a(f32, 1), a(f32, 1))),
 ]
 for kern, sig in sigs:
@@ -296,5 +295,5 @@ def test_kernels_compile_for_a_real_card():
     if r.returncode == 77:
         pytest.skip("NVVM (the CUDA toolkit's compiler library) is not installed")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "compiled 7" in r.stdout
+    assert "compiled 6" in r.stdout
     assert int(r.stdout.split("dp4a ")[1].split()[0]) >= 4, r.stdout  # the card's byte products, not the spelled-out sum

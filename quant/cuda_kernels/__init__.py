@@ -5,7 +5,7 @@
     matvec(arena, desc, starts, xq, xd, out)
                                              out [T, sum R] = the M matrices of desc, stacked, times
                                              every token (T = 1: decode's GEMV; T > 1: prefill's GEMM)
-    swiglu_ffns(arena, desc3, weights, limits, xq, xd, out, ffn_scratch(F, W, H))
+    swiglu_ffns(arena, desc3, weights, limits, xq, xd, out, ffn_scratch(F, W))
                                              out [H] += sum_f weights[f] * FFN_f(x) for one token, as
                                              quant.int8_kernels.swiglu_ffns
 Matrices live in one uint8 device array (the arena), each given by a descriptor row
@@ -58,18 +58,16 @@ class FFNScratch(NamedTuple):
     gu: object  # float32 [F, 2, W]   gate and up rows
     hq: object  # int8 [F, W]          the SwiGLU outputs, rounded
     hd: object  # float32 [F, W / 256]
-    y: object  # float32 [F, H]        each FFN's output
 
 
-def ffn_scratch(max_ffns: int, max_width: int, hidden: int) -> FFNScratch:
-    """Device buffers for swiglu_ffns of up to max_ffns FFNs, each at most max_width wide
-    (a multiple of 256), on a hidden size of `hidden`."""
+def ffn_scratch(max_ffns: int, max_width: int) -> FFNScratch:
+    """Device buffers for swiglu_ffns of up to max_ffns FFNs, each at most max_width wide (rounded
+    up to a multiple of 256)."""
     from numba import cuda
 
     w = -(-max_width // 256) * 256
     dev = cuda.device_array
-    return FFNScratch(dev((max_ffns, 2, w), np.float32), dev((max_ffns, w), np.int8),
-                      dev((max_ffns, w // 256), np.float32), dev((max_ffns, hidden), np.float32))
+    return FFNScratch(dev((max_ffns, 2, w), np.float32), dev((max_ffns, w), np.int8), dev((max_ffns, w // 256), np.float32))
 
 
 def _check(name, a, ndim, dtype, shape=None):
@@ -119,7 +117,7 @@ def matvec(arena, desc, starts, xq, xd, out, stream=0) -> None:
 
 
 def swiglu_ffns(arena, desc3, weights, limits, xq, xd, out, scratch: FFNScratch, stream=0) -> None:
-    from .kernels import WARPS, grid, ffn_act_kernel, ffn_down_kernel, ffn_gate_up_kernel, ffn_sum_kernel
+    from .kernels import WARPS, grid, ffn_act_kernel, ffn_down_kernel, ffn_gate_up_kernel
 
     _check("desc3", desc3, 3, np.int64)
     f = desc3.shape[0]
@@ -133,11 +131,10 @@ def swiglu_ffns(arena, desc3, weights, limits, xq, xd, out, scratch: FFNScratch,
         raise ValueError(f"swiglu_ffns takes one token, got {xq.shape[0]}")
     h = xq.shape[1]
     _check("out", out, 1, np.float32, (h,))
-    if scratch.y.shape[0] < f or scratch.y.shape[1] != h:
-        raise ValueError(f"scratch for {scratch.y.shape[0]} FFNs on [{scratch.y.shape[1]}] cannot take {f} on [{h}]")
+    if scratch.hq.shape[0] < f:
+        raise ValueError(f"scratch for {scratch.hq.shape[0]} FFNs cannot take {f}")
     w = scratch.gu.shape[2]
-    gu, hq, hd, y = (a[:f] for a in scratch)
+    gu, hq, hd = (a[:f] for a in scratch)
     ffn_gate_up_kernel[grid(2 * f * w), 32 * WARPS, stream](arena, desc3, xq, xd, gu)
     ffn_act_kernel[(w // 256, f), 256, stream](desc3, limits, gu, hq, hd)
-    ffn_down_kernel[grid(f * h), 32 * WARPS, stream](arena, desc3, hq, hd, y)
-    ffn_sum_kernel[-(-h // 128), 128, stream](weights, y, f, out)
+    ffn_down_kernel[grid(h), 32 * WARPS, stream](arena, desc3, hq, hd, weights, out)

@@ -7,7 +7,7 @@ super-blocks with word loads (quant.cuda_kernels.rows), one token after another.
 Shape legend
     desc  int64 [M, 4]   starts int64 [M + 1] (prefix sums of rows)   out float32 [T, rows]
     desc3 int64 [F, 3, 4] (gate, up, down)   gu float32 [F, 2, W]   hq int8 [F, W]
-    hd float32 [F, W / 256]   y float32 [F, H]   (W: the widest FFN)
+    hd float32 [F, W / 256]   out float32 [H]   (W: the widest FFN)
     w     uint8 [bytes], bytes a multiple of 4 (read as words in the kernels)
 """
 
@@ -188,32 +188,21 @@ def ffn_act_kernel(desc3, limits, gu, hq, hd):
 
 
 @cuda.jit
-def ffn_down_kernel(w, desc3, hq, hd, y):
-    """Row g = f H + r: row r of FFN f's down matrix times its rounded hidden vector."""
+def ffn_down_kernel(w, desc3, hq, hd, weights, out):
+    """out[r] += the sum over FFNs f, in entry order, of weights[f] times row r of f's down matrix
+    times f's rounded hidden vector: a warp per row r."""
     w32, w16, wh = w.view(np.uint32), w.view(np.uint16), w.view(np.float16)
     h32, h16 = hq.view(np.int32), hq.view(np.int16)
     lane = cuda.threadIdx.x % 32
     first = cuda.blockIdx.x * WARPS + cuda.threadIdx.x // 32
     red = cuda.shared.array(32, numba.float32)
-    h = y.shape[1]
-    for g in range(first, desc3.shape[0] * h, cuda.gridDim.x * WARPS):
-        f = g // h
-        r = g % h
-        qt, cols = desc3[f, 2, 1], desc3[f, 2, 3]
-        nsb = cols // 256
-        v = warp_sum(red, row_dot(w, w32, w16, wh, desc3[f, 2, 0] + r * nsb * bytes_per_256(qt), qt, nsb, lane,
-                                  h32, h16, hd, f))
+    for r in range(first, out.shape[0], cuda.gridDim.x * WARPS):
+        acc = F32(0.0)
+        for f in range(desc3.shape[0]):
+            qt, cols = desc3[f, 2, 1], desc3[f, 2, 3]
+            nsb = cols // 256
+            v = warp_sum(red, row_dot(w, w32, w16, wh, desc3[f, 2, 0] + r * nsb * bytes_per_256(qt), qt, nsb, lane,
+                                      h32, h16, hd, f))
+            acc += weights[f] * v
         if lane == 0:
-            y[f, r] = v
-
-
-@cuda.jit
-def ffn_sum_kernel(weights, y, n, out):
-    """out[r] += sum over FFNs in entry order of weights[f] * y[f, r]."""
-    r = cuda.grid(1)
-    if r >= out.shape[0]:
-        return
-    acc = F32(0.0)
-    for f in range(n):
-        acc += weights[f] * y[f, r]
-    out[r] += acc
+            out[r] += acc

@@ -154,7 +154,7 @@ class GPUExecutor:
         self.one_d = cuda.to_device(np.ones(1, np.float32))
         self.limit_d = {b.limit_shared: cuda.to_device(np.array([b.limit_shared], np.float32)) for b in self.blocks}
         width = max(cfg.dense_ffn, cfg.shared_ffn, cfg.expert_ffn)
-        self.ffn_scratch = ck.ffn_scratch(1 + K, (1 + K) * width, H)
+        self.ffn_scratch = ck.ffn_scratch(1 + K, width)  # the widest FFN: rows past an FFN's width are skipped
         self.staging = [pin(self.slot_bytes, np.uint8) for _ in range(K)] if self.n_slots else []
         self.cpu_scratch = int8_kernels.ffn_scratch(H, K, K * cfg.expert_ffn) if cfg.n_expert else None
 
