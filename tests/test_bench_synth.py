@@ -157,11 +157,28 @@ def test_gpu_bench_reports_the_vram_plan_and_tier_counts(tiny_synth):
     model = SimpleNamespace(gpu_placement=plan, gpu=SimpleNamespace(tier=SimpleNamespace(
         counts=TierCounts(gpu_hits=6, copied=1, cpu=1, bytes_copied=10))))
     r = {"prefill_tok_s": 1.0, "decode_tok_s_median": 1.0, "decode_tok_s_mean": 1.0, "load_s": 0.0, "warm_up_s": 0.0,
-         "options": {}, **gpu.gpu_report(model)}
+         "options": {}, **gpu.gpu_report(model), "decode_host_wait_share": 0.4}
     assert r["gpu_placement"]["slots"] == 8 and r["tier_counts"]["vram_hit_rate"] == 0.75
     line = gpu.table({"settings": {"gpu25": r}, "ratios": {}}).splitlines()[-1]
-    assert line.startswith("  gpu25: 8 of 32 experts in VRAM") and line.endswith("(hit rate 75%)")
+    assert line.startswith("  gpu25: 8 of 32 experts in VRAM")
+    assert line.endswith("(hit rate 75%); decode steps waiting for the card: 40%")
     assert gpu.gpu_report(SimpleNamespace(gpu_placement=None)) == {}
+
+
+def test_gpu_bench_times_the_hosts_waits_for_the_card():
+    """decode_host_wait_share sums the seconds spent in the stream's synchronize."""
+    import time
+    from types import SimpleNamespace
+
+    from runtime.bench import gpu
+
+    calls = []
+    stream = SimpleNamespace(synchronize=lambda: (calls.append(1), time.sleep(0.02)))
+    waited = gpu._time_waits(SimpleNamespace(gpu=SimpleNamespace(stream=stream)))
+    stream.synchronize()
+    stream.synchronize()
+    assert len(calls) == 2 and 0.04 <= waited[0] < 1.0
+    assert gpu._time_waits(SimpleNamespace(gpu=None)) == [0.0]
 
 
 def test_gpu_bench_reports_a_failing_child(tmp_path):

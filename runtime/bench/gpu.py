@@ -14,7 +14,9 @@ b. model: each setting runs in its own process (memory and compiled state do not
      gpu25   load(path, gpu_budget=vram_budget_for(...))  resident + KV + 25% of the experts
    model.warm_up() first; prefill tok/s = prompt / seconds of one model.eval(prompt ids);
    decode: 2 warm-up steps then `tokens` steps of model.eval([id]) on seeded random ids
-   (teacher forced); median and mean tok/s over the steps. Ratios are setting / cpu.
+   (teacher forced); median and mean tok/s over the steps. Ratios are setting / cpu. The GPU
+   settings also give decode_host_wait_share: the part of the decode steps the host spent
+   waiting for the card (near 0: the card idles while Python launches kernels).
 c. time budget on the device (16 cores, H200), under 5 minutes in all: synth of 3 real-width
    MoE layers (8.5 GB) ~20 s; kernels ~10 s; cpu ~90 s at most (its decode runs at most
    --cpu-tokens steps); gpu and gpu25 ~60 s each, most of it loading and the first compile.
@@ -114,19 +116,42 @@ def measure(path: Path, setting: str, prompt: int, tokens: int, seed: int) -> di
     t0 = time.perf_counter()
     logits = model.eval(ids[:prompt])
     prefill_s = time.perf_counter() - t0
-    steps = []
+    steps, waits = [], []
+    waited = _time_waits(model)
     for t in ids[prompt:]:
         t0 = time.perf_counter()
+        w0 = waited[0]
         logits = model.eval([t])
         steps.append(time.perf_counter() - t0)
+        waits.append(waited[0] - w0)
     finite = bool(np.isfinite(np.asarray(logits)).all())
     gpu = gpu_report(model)
+    if model.gpu_placement is not None:  # a card that waits for the host shows a small share here
+        gpu["decode_host_wait_share"] = float(np.sum(waits[WARM_STEPS:]) / np.sum(steps[WARM_STEPS:]))
     model.close()
     timed = np.asarray(steps[WARM_STEPS:])
     return {"setting": setting, "options": dict(opts), "load_s": load_s, "warm_up_s": warm_s,
             "prompt": prompt, "tokens": int(timed.size), "prefill_s": prefill_s, "prefill_tok_s": prompt / prefill_s,
             "decode_tok_s_median": float(1.0 / np.median(timed)), "decode_tok_s_mean": float(timed.size / timed.sum()),
             "finite": finite, **gpu}
+
+
+def _time_waits(model) -> list:
+    """[seconds] the host has spent in the GPU stream's synchronize (the rest of a step is the
+    host's own work: launches, Python, the CPU's experts); [0.0] forever on the CPU path."""
+    waited = [0.0]
+    stream = getattr(getattr(model, "gpu", None), "stream", None)
+    if stream is None:
+        return waited
+    sync = stream.synchronize
+
+    def timed():
+        t0 = time.perf_counter()
+        sync()
+        waited[0] += time.perf_counter() - t0
+
+    stream.synchronize = timed
+    return waited
 
 
 def gpu_report(model) -> dict:
@@ -196,7 +221,8 @@ def table(report: dict) -> str:
             lines.append(f"  {s}: {g['slots']} of {g['n_experts']} experts in VRAM "
                          f"(budget {g['budget_bytes'] / 2**30:.1f} GiB, {g['budget_reason']}); routed experts: "
                          f"{c['gpu_hits']} VRAM hits, {c['copied']} copied, {c['cpu']} on the CPU "
-                         f"(hit rate {c['vram_hit_rate']:.0%})")
+                         f"(hit rate {c['vram_hit_rate']:.0%}); decode steps waiting for the card: "
+                         f"{r.get('decode_host_wait_share', float('nan')):.0%}")
     for name, v in report["ratios"].items():
         lines.append(f"  {name}: {v:.2f}x")
     return "\n".join(lines)
