@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
-from runtime.base.gguf_schema import ARCH, GATING_SIGMOID, OUTPUT, TOKEN_EMBD, Key
+from runtime.base.gguf_schema import ARCH, GATING_SIGMOID, OUTPUT, ROUTER, TOKEN_EMBD, Key
 from runtime.base.tensor_shapes import check_tensor_shapes
+
+ROPE_BASE_SWA_DEFAULT = 10000.0  # llama.cpp's step35 sliding-layer RoPE base when the file names none
 
 MAX_POSITIONS = 2**31 - 1  # positions are int32 in llama.cpp (llama_pos)
 
@@ -68,6 +70,7 @@ class ModelConfig:
         if any(sliding) and window <= 0:
             raise StepstreamError(f"{m.src}: sliding blocks present but {Key.SLIDING_WINDOW} is {window}")
         base_full = m.num(Key.ROPE_BASE, 10000.0, float, lo=0.0, open_lo=True)
+        _refuse_position_scaling(m)
         ffn = m.values(Key.FFN_LENGTH, 0, lo=0)  # llama.cpp may store it per block
         cfg = cls(
             hidden=m.num(Key.EMBEDDING_LENGTH, lo=1),
@@ -82,7 +85,8 @@ class ModelConfig:
             n_rot=tuple(head_dim if s else head_dim // 2 for s in sliding),
             window=window,
             rope_base_full=base_full,
-            rope_base_sliding=m.num(Key.ROPE_BASE_SWA, base_full, float, lo=0.0, open_lo=True),
+            # Without the key, llama.cpp's step35 keeps its default of 10000 (not freq_base).
+            rope_base_sliding=m.num(Key.ROPE_BASE_SWA, ROPE_BASE_SWA_DEFAULT, float, lo=0.0, open_lo=True),
             moe=moe,
             dense_ffn=max(ffn),
             n_expert=n_expert,
@@ -179,12 +183,33 @@ def _attention(m: _Metadata) -> tuple[tuple[bool, ...], tuple[int, ...], tuple[i
     return sliding, n_head, n_head_kv
 
 
+def _refuse_position_scaling(m: _Metadata) -> None:
+    """Linear, YaRN and LongRoPE position scaling, which llama.cpp applies from these keys and
+    stepstream does not implement, are refused rather than ignored (llama3-style scaling comes
+    as rope_freqs.weight and runs)."""
+    kind = m.f.get(Key.ROPE_SCALING_TYPE, "linear")  # llama.cpp's default when only a factor is given
+    key = Key.ROPE_SCALING_FACTOR if m.f.has(Key.ROPE_SCALING_FACTOR) else Key.ROPE_SCALE_LINEAR
+    factor = m.f.get(key, 0.0)
+    if not isinstance(kind, str) or not isinstance(factor, (int, float)) or isinstance(factor, bool):
+        raise StepstreamError(f"{m.src}: {Key.ROPE_SCALING_TYPE}={kind!r} and {key}={factor!r} are not a scaling "
+                              "type name and a number")
+    if kind in ("linear", "yarn", "longrope") and factor not in (0.0, 1.0):
+        raise StepstreamError(f"{m.src}: {Key.ROPE_SCALING_TYPE}={kind!r} with {key}={factor:g}: stepstream does not "
+                              "implement linear, YaRN or LongRoPE position scaling (llama.cpp applies it), and running "
+                              "without it would change every output; remove the keys to run at the trained positions")
+
+
 def _moe(m: _Metadata) -> tuple[tuple[bool, ...], int, int]:
     """(MoE per block, experts, experts used per token)."""
     gating = m.num(Key.EXPERT_GATING, GATING_SIGMOID)
     if gating != GATING_SIGMOID:
         raise StepstreamError(f"{m.src}: {Key.EXPERT_GATING}={gating}; Step-3.5 routes with sigmoid ({GATING_SIGMOID})")
-    leading = m.num(Key.LEADING_DENSE, 0)
+    if m.f.has(Key.LEADING_DENSE):
+        leading = m.num(Key.LEADING_DENSE)
+    else:  # llama.cpp's step35 reads no such key: a block is MoE when it has a router
+        leading = 0
+        while leading < m.n_layers and f"blk.{leading}.{ROUTER}" not in m.f.tensors:
+            leading += 1
     if not 0 <= leading <= m.n_layers:
         raise StepstreamError(f"{m.src}: {Key.LEADING_DENSE}={leading} outside 0..{m.n_layers}")
     n_expert = m.num(Key.EXPERT_COUNT, 0, lo=0)

@@ -41,6 +41,9 @@ class Key:
     ROPE_BASE = _a(Keys.Rope.FREQ_BASE)
     ROPE_BASE_SWA = _a(Keys.Rope.FREQ_BASE_SWA)
     ROPE_DIMS = _a(Keys.Rope.DIMENSION_COUNT)
+    ROPE_SCALING_TYPE = _a(Keys.Rope.SCALING_TYPE)
+    ROPE_SCALING_FACTOR = _a(Keys.Rope.SCALING_FACTOR)
+    ROPE_SCALE_LINEAR = _a("{arch}.rope.scale_linear")  # the older spelling llama.cpp still reads
     EXPERT_COUNT = _a(Keys.LLM.EXPERT_COUNT)
     EXPERT_USED = _a(Keys.LLM.EXPERT_USED_COUNT)
     EXPERT_FFN = _a(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)

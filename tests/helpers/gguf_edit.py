@@ -6,8 +6,9 @@ import gguf
 import numpy as np
 
 
-def rewrite(src, dst, *, drop=(), change=None, arch=None, split_max_tensors=0, keep_tensor=lambda name: True):
-    """Copy a GGUF, optionally dropping or changing metadata or tensors, or splitting it in parts."""
+def rewrite(src, dst, *, drop=(), change=None, add=None, arch=None, split_max_tensors=0, keep_tensor=lambda name: True):
+    """Copy a GGUF, optionally dropping, changing or adding metadata (add: key -> (value,
+    GGUFValueType)), dropping tensors, or splitting it in parts."""
     r = gguf.GGUFReader(src)
     arch = arch or r.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(dst, arch, split_max_tensors=split_max_tensors)
@@ -19,6 +20,8 @@ def rewrite(src, dst, *, drop=(), change=None, arch=None, split_max_tensors=0, k
         sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
         value = change.get(key, field.contents())
         w.add_key_value(key, value, vtype, sub)
+    for key, (value, vtype) in (add or {}).items():
+        w.add_key_value(key, value, vtype)
     for t in r.tensors:
         if not keep_tensor(t.name):
             continue

@@ -1,0 +1,101 @@
+"""Metadata a step35 file may leave out or add, read as llama.cpp reads it (the reviewer's edited
+files): a missing sliding-layer RoPE base is llama.cpp's 10000, not freq_base; without
+leading_dense_block_count a block is MoE when it has a router; linear/YaRN position scaling,
+which llama.cpp applies and stepstream does not, is refused instead of ignored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGUFValueType as V
+
+from runtime.base.errors import StepstreamError
+from runtime.base.gguf_schema import Key
+from runtime.loader import load
+from tests.helpers import reference_model as R
+from tests.helpers.gguf_edit import rewrite
+from tests.helpers.llama import llama_cpp_logits
+
+
+@pytest.fixture(scope="module")
+def f32_path(tiny_gguf):
+    return tiny_gguf("f32")
+
+
+def _logits(path, tokens):
+    m = load(path, n_ctx=128)
+    try:
+        return m.logits(tokens)
+    finally:
+        m.close()
+
+
+def _tokens(path, n=40):
+    m = load(path, n_ctx=128)
+    try:
+        return np.random.default_rng(3).integers(0, m.cfg.vocab, n).tolist(), m.cfg
+    finally:
+        m.close()
+
+
+def test_a_missing_sliding_rope_base_is_llama_cpps_default(f32_path, tmp_path):
+    tokens, cfg = _tokens(f32_path)
+    assert cfg.rope_base_full != 10000.0 and any(cfg.sliding)  # else the default could not show
+    named = tmp_path / "named.gguf"  # the same base, said in the file
+    rewrite(f32_path, named, change={Key.ROPE_BASE_SWA: 10000.0})
+    missing = tmp_path / "missing.gguf"
+    rewrite(f32_path, missing, drop={Key.ROPE_BASE_SWA})
+    ours = _logits(missing, tokens)
+    np.testing.assert_array_equal(ours, _logits(named, tokens))
+    llama = llama_cpp_logits(missing, tokens, n_ctx=128)
+    assert R.cosine_rows(ours, llama).min() >= 0.9999
+    assert (ours.argmax(-1) == llama.argmax(-1)).all()
+
+
+def test_without_leading_dense_block_count_the_routers_say_which_blocks_are_moe(f32_path, tmp_path):
+    tokens, cfg = _tokens(f32_path)
+    assert not cfg.moe[0] and any(cfg.moe)  # the tiny file leads with a dense block
+    missing = tmp_path / "no_leading.gguf"
+    rewrite(f32_path, missing, drop={Key.LEADING_DENSE})
+    m = load(missing, n_ctx=128)
+    try:
+        assert m.cfg.moe == cfg.moe
+        ours = m.logits(tokens)
+    finally:
+        m.close()
+    np.testing.assert_array_equal(ours, _logits(f32_path, tokens))
+    llama = llama_cpp_logits(missing, tokens, n_ctx=128)
+    assert R.cosine_rows(ours, llama).min() >= 0.9999
+
+
+@pytest.mark.parametrize("kind, factor", [("linear", 4.0), ("yarn", 8.0), (None, 2.0)])
+def test_position_scaling_llama_cpp_would_apply_is_refused(f32_path, tmp_path, kind, factor):
+    path = tmp_path / "scaled.gguf"
+    add = {Key.ROPE_SCALING_FACTOR: (factor, V.FLOAT32)}
+    if kind is not None:  # only a factor: llama.cpp reads it as linear scaling
+        add[Key.ROPE_SCALING_TYPE] = (kind, V.STRING)
+    rewrite(f32_path, path, add=add)
+    with pytest.raises(StepstreamError, match=rf"rope.scaling.* with {Key.ROPE_SCALING_FACTOR}={factor:g}: "
+                                              "stepstream does not implement"):
+        load(path, n_ctx=64)
+
+
+@pytest.mark.parametrize("kind, factor", [("none", 4.0), ("linear", 1.0), ("yarn", 0.0)])
+def test_position_scaling_that_changes_nothing_runs(f32_path, tmp_path, kind, factor):
+    path = tmp_path / "unscaled.gguf"
+    rewrite(f32_path, path, add={Key.ROPE_SCALING_TYPE: (kind, V.STRING), Key.ROPE_SCALING_FACTOR: (factor, V.FLOAT32)})
+    tokens, _ = _tokens(f32_path, 8)
+    np.testing.assert_array_equal(_logits(path, tokens), _logits(f32_path, tokens))
+
+
+def test_the_refusal_is_one_line_with_status_2(f32_path, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "scaled.gguf"
+    rewrite(f32_path, path, add={Key.ROPE_SCALING_TYPE: ("linear", V.STRING), Key.ROPE_SCALING_FACTOR: (4.0, V.FLOAT32)})
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "-m", str(path), "-p", "x", "-n", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "does not implement linear, YaRN or LongRoPE" in lines[0], r.stderr
