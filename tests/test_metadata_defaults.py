@@ -5,6 +5,8 @@ which llama.cpp applies and stepstream does not, is refused instead of ignored."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from gguf import GGUFValueType as V
@@ -99,3 +101,33 @@ def test_the_refusal_is_one_line_with_status_2(f32_path, tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "does not implement linear, YaRN or LongRoPE" in lines[0], r.stderr
+
+
+def _patched_type(src, dst, tensor: str, type_id: int):
+    """A copy of src whose `tensor` says it holds type `type_id` (its info's type field rewritten)."""
+    import struct
+
+    from gguf import GGUFReader
+
+    r = GGUFReader(src)
+    t = next(t for t in r.tensors if t.name == tensor)
+    buf = bytearray(open(src, "rb").read())
+    name = tensor.encode()
+    at = buf.index(struct.pack("<Q", len(name)) + name)  # the tensor info: name, n_dims, dims, type
+    at += 8 + len(name) + 4 + 8 * len(t.shape)
+    assert struct.unpack_from("<I", buf, at)[0] == int(t.tensor_type)
+    struct.pack_into("<I", buf, at, type_id)
+    open(dst, "wb").write(buf)
+
+
+@pytest.mark.parametrize("type_id, want", [
+    (42, "is Q2_0 (type id 42), a format stepstream cannot run"),
+    (31, "is Q4_0_4_4 (type id 31), a layout llama.cpp has removed"),
+    (37, "is IQ4_NL_4_8 (type id 37), a layout llama.cpp has removed"),
+    (77, "has type id 77, which is no GGML tensor type"),
+])
+def test_a_type_id_gguf_py_does_not_know_is_named(f32_path, tmp_path, type_id, want):
+    path = tmp_path / "typed.gguf"
+    _patched_type(f32_path, path, "output_norm.weight", type_id)
+    with pytest.raises(StepstreamError, match=re.escape(f"tensor 'output_norm.weight' {want}")):
+        load(path, n_ctx=64)

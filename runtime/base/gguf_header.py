@@ -144,6 +144,21 @@ def _value(c: _Cursor, key: str) -> Field:
     return Field(vtype, start, count, item)
 
 
+_REMOVED_TYPES = {4: "Q4_2", 5: "Q4_3", 31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8", 36: "IQ4_NL_4_4",
+                  37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8"}  # ids ggml gave up; llama.cpp refuses them too
+_NEWER_TYPES = {42: "Q2_0"}  # ids llama.cpp's quantizer writes that the gguf library here does not know
+
+
+def _unknown_type(raw: int) -> str:
+    if raw in _REMOVED_TYPES:
+        return (f"is {_REMOVED_TYPES[raw]} (type id {raw}), a layout llama.cpp has removed (it repacks Q4_0 and "
+                "IQ4_NL in memory now); convert or quantize the model again with a current llama.cpp or stepstream")
+    if raw in _NEWER_TYPES:
+        return (f"is {_NEWER_TYPES[raw]} (type id {raw}), a format stepstream cannot run; quantize the model with "
+                "another preset (Q2_K, IQ2_XS and every K-quant and IQ type run)")
+    return f"has type id {raw}, which is no GGML tensor type; the file is corrupt or newer than this stepstream"
+
+
 def _tensor_info(c: _Cursor, i: int) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]:
     name = c.string(f"name of tensor {i}", MAX_NAME)
     what = f"tensor {name!r}"
@@ -156,8 +171,7 @@ def _tensor_info(c: _Cursor, i: int) -> tuple[str, GGMLQuantizationType, tuple[i
         qtype = GGMLQuantizationType(raw)
         block, type_size = GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
-        raise StepstreamError(f"{c.path}: tensor {name!r} has type id {raw}, which is no GGML tensor type; "
-                              "the file is corrupt or newer than this stepstream") from None
+        raise StepstreamError(f"{c.path}: tensor {name!r} {_unknown_type(raw)}") from None
     if ne[0] % block:
         raise StepstreamError(f"{c.path}: tensor {name!r} has rows of {ne[0]} weights, not a multiple of the "
                               f"{qtype.name} block of {block}; the file is corrupt")
