@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from runtime.base.child import child_env
 from runtime.base.errors import StepstreamError
 
 DEFAULT_COMMAND = ["demo", "-n", "1"]
@@ -80,7 +81,7 @@ sys.exit(command.load()(argv))
 
 
 def _child_env(cache_dir: str, threads: int | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
+    env = child_env({k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")})
     env["NUMBA_CACHE_DIR"] = cache_dir
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # two shared cores: a spinning pool would skew the clock
     if threads is not None:

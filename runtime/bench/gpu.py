@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.base.child import child_env
 from runtime.bench.synth import write_synth
 
 KERNEL_QTYPES = ("q4_k", "q5_k", "q6_k", "q8_0")
@@ -170,7 +171,7 @@ def run_child(args, part: str, path: Path | None = None) -> dict:
         cmd += ["--model", str(path)]
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout, env=child_env())
     except subprocess.TimeoutExpired:
         return {"setting": part, "error": f"{part}: timed out after {args.child_timeout} s "
                                           f"(--child-timeout); the child was killed", "wall_s": args.child_timeout}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import queue
 import re
 import statistics
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from runtime.base.child import child_env
 from runtime.base.errors import StepstreamError
 
 URL_LINE = re.compile(r"at (http://\S+)/v1")
@@ -46,7 +46,7 @@ def started_server(argv: Sequence[str], *, timeout: float = 900.0) -> Iterator[s
     works; its other stderr lines are kept for the error message should it exit first.
     `timeout` covers loading and, on a first run, compiling the kernels."""
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, errors="replace", env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            text=True, errors="replace", env=child_env(PYTHONUNBUFFERED="1"))
     lines: queue.Queue[str | None] = queue.Queue()
     seen: list[str] = []
 
@@ -316,7 +316,7 @@ def run_decode(argv: Sequence[str], timeout: float = 900.0) -> DecodeRate:
     for `argv`, a greedy `stepstream run ... --no-display-prompt` command line."""
     try:
         done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                              timeout=timeout)
+                              timeout=timeout, env=child_env())
     except subprocess.TimeoutExpired:
         raise StepstreamError(f"`stepstream run` did not finish within {timeout:.0f} s") from None
     m = RUN_RATE.search(done.stderr)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
+from runtime.base.child import child_env
 
 MARGIN = 16 * 2**20  # headroom inside the cap for allocator slack and thread stacks
 # Pages of shared libraries (numpy, LLVM under numba) the process keeps touching; the
@@ -149,7 +150,7 @@ def child_llama(model: str, n_prompt: int, n_gen: int, threads: int) -> dict:
 def _child(args: list[str], cap: MemoryCap | None, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "runtime.bench.streaming", "--child", *args]
     runner = cap.run if cap is not None else subprocess.run
-    r = runner(cmd, capture_output=True, text=True, timeout=timeout)
+    r = runner(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
     if r.returncode != 0:
         killed = cap is not None and cap.oom_kills > 0
         return {"error": "killed by the memory cap (OOM)" if killed else (r.stderr.strip().splitlines() or ["?"])[-1]}

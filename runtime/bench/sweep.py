@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache, remove_stale_groups, run_process
+from runtime.base.child import child_env
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
 from runtime.base.units import parse_bytes
@@ -202,10 +203,6 @@ def child_main(spec_json: str) -> int:
     return 0
 
 
-def _package_root() -> str:
-    return str(Path(__file__).resolve().parents[2])
-
-
 def cached_bytes(path: str) -> int:
     """Bytes of the file now in the page cache (mincore over a map of it), -1 when unknown. Eviction
     leaves the pages another process maps, and a run would then start warm: the report says so."""
@@ -242,7 +239,7 @@ def run_child(spec: dict, cap_bytes: int | None, timeout: float) -> dict:
     drop_page_cache(spec["model"])
     cached = cached_bytes(spec["model"])
     cmd = [sys.executable, "-m", "runtime.bench.sweep", json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_package_root(), os.environ.get("PYTHONPATH")) if p)}
+    env = child_env()
     t0 = time.perf_counter()
     cap = MemoryCap(cap_bytes) if cap_bytes is not None else None
     with cap if cap is not None else contextlib.nullcontext():

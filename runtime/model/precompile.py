@@ -39,6 +39,7 @@ from contextlib import contextmanager
 import numpy as np
 from numba.core import event
 
+from runtime.base.child import child_env
 from runtime.base.system import idle_cores
 
 HELPER_TIMEOUT_S = 300  # the warm-up stops waiting (and compiles on its own) after this
@@ -74,7 +75,7 @@ class _Helper(event.Listener):
             if idle_cores(IDLE_PROBE_S) < MIN_IDLE_CORES:  # the other cores' work would only be shared three ways
                 self.useful = False
                 return
-            env = {**os.environ, "NUMBA_NUM_THREADS": "1"}  # it runs its kernels on empty inputs
+            env = child_env(NUMBA_NUM_THREADS="1")  # it runs its kernels on empty inputs
             try:
                 spec = json.dumps({**self.spec, "parent": os.getpid()})  # it dies with this process
                 self.proc = subprocess.Popen([sys.executable, "-m", "runtime.model.precompile", spec],
