@@ -1,7 +1,8 @@
 """Metadata a step35 file may leave out or add, read as llama.cpp reads it (the reviewer's edited
 files): a missing sliding-layer RoPE base is llama.cpp's 10000, not freq_base; without
 leading_dense_block_count a block is MoE when it has a router; linear/YaRN position scaling,
-which llama.cpp applies and stepstream does not, is refused instead of ignored."""
+which llama.cpp applies and stepstream does not, is refused instead of ignored; tensor type ids
+gguf-py does not know are named; tensors stepstream does not use are named in a warning."""
 
 from __future__ import annotations
 
@@ -131,3 +132,34 @@ def test_a_type_id_gguf_py_does_not_know_is_named(f32_path, tmp_path, type_id, w
     _patched_type(f32_path, path, "output_norm.weight", type_id)
     with pytest.raises(StepstreamError, match=re.escape(f"tensor 'output_norm.weight' {want}")):
         load(path, n_ctx=64)
+
+
+def test_tensors_stepstream_does_not_use_are_named_in_one_warning_line(f32_path, tmp_path):
+    """llama.cpp refuses a file with tensors it does not know; stepstream runs it and says which."""
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader, GGUFWriter
+
+    r = GGUFReader(f32_path)
+    norm = next(t for t in r.tensors if t.name == "output_norm.weight")
+    w = GGUFWriter(tmp_path / "tmp.gguf", "step35")  # a copy plus one tensor
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = field.types[1] if field.types[0] == V.ARRAY else None
+        w.add_key_value(key, field.contents(), field.types[0], sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
+    w.add_tensor("blk.0.attn_bias.weight", np.asarray(norm.data).copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.warns(UserWarning, match=r"1 tensor this stepstream does not use \(blk.0.attn_bias.weight\)"):
+        load(tmp_path / "tmp.gguf", n_ctx=64).close()
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "-m", str(tmp_path / "tmp.gguf"), "-p", "x",
+                          "-n", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    warned = [l for l in out.stderr.splitlines() if "does not use" in l]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "UserWarning" not in out.stderr, out.stderr

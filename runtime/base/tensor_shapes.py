@@ -11,6 +11,7 @@ Shape legend (numpy order):  V vocab  H hidden  D head dim  Nh/Nk heads of block
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from runtime.base import gguf_schema as N
@@ -83,9 +84,17 @@ def expected_shapes(cfg: ModelConfig) -> Expected:
 
 
 def check_tensor_shapes(f: GGUFModelFile, cfg: ModelConfig) -> None:
-    """Every tensor of the file that the config has a shape for must have that shape."""
-    for name, (shape, why) in expected_shapes(cfg).items():
+    """Every tensor of the file that the config has a shape for must have that shape; tensors
+    it has none for are named in a warning (llama.cpp refuses such a file: a newer format's
+    biases or norms left out would change the outputs without a word)."""
+    expected = expected_shapes(cfg)
+    for name, (shape, why) in expected.items():
         t = f.tensors.get(name)
         if t is not None and tuple(t.shape) != shape:
             raise StepstreamError(f"{t.path}: tensor {name!r} has shape {list(t.shape)}, the metadata ({why}) "
                                   f"implies {list(shape)}")
+    unused = [name for name in f.tensors if name not in expected]
+    if unused:
+        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+        warnings.warn(f"{f.path}: {len(unused)} tensor{'s' if len(unused) > 1 else ''} this stepstream does not use "
+                      f"({shown}); a newer or edited file, whose outputs may differ from llama.cpp's", stacklevel=2)

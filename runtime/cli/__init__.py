@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import re
 import sys
+import warnings
 
 from runtime.base.errors import StepstreamError, Terminated
 
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command line prints it: one line, without Python's source location."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in SUBCOMMANDS:
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = SubcommandParser(prog=f"stepstream {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    warnings.formatwarning = _one_line_warning
     plain, sys.stdout = sys.stdout, _CheckedStdout(sys.stdout)
     try:
         code = int(module.run(args) or 0)
