@@ -157,3 +157,18 @@ def test_a_refused_chat_message_writes_nothing_to_stdout():
     err = r.stderr.decode()
     assert "not UTF-8" in err or "UTF-8" in err
     assert "tokens, more than the context of 64: not sent" in err and "system prompt" not in err
+
+
+def test_bench_on_a_file_without_heads_says_so_and_keeps_llama_cpp_s_logs_out(tmp_path):
+    """`bench --mtp 3 --llama-cpp` printed 'acceptance per head None (of None drafts)' and a
+    llama.cpp log line ('llama_kv_cache_iswa: using full-size SWA cache') in its table."""
+    from tests.helpers.gguf_edit import rewrite
+
+    trunk = tmp_path / "trunk.gguf"
+    n = runtime.load(MODEL).cfg.n_layers
+    rewrite(MODEL, trunk, keep_tensor=lambda name: not any(name.startswith(f"blk.{i}.") for i in range(n, n + 3)))
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "-m", str(trunk), "-p", "8", "-n", "4", "-r", "1",
+                        "-t", "1", "--mtp", "3", "--llama-cpp"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "no drafts (the file has no MTP heads)" in r.stdout and "None" not in r.stdout, r.stdout
+    assert "llama_" not in r.stdout + r.stderr, r.stdout + r.stderr

@@ -103,6 +103,17 @@ def _rates(prompt, gen, pp: list[float], tg: list[float]) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
+_QUIET = []  # the log callback, kept alive while llama.cpp may call it
+
+
+def _quiet_llama_cpp(llama_cpp) -> None:
+    """No llama.cpp log lines in the bench's table (verbose=False leaves some through, such as
+    its SWA cache notice)."""
+    if not _QUIET and hasattr(llama_cpp, "llama_log_set") and hasattr(llama_cpp, "llama_log_callback"):
+        _QUIET.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+        llama_cpp.llama_log_set(_QUIET[0], None)
+
+
 def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], threads: int | None, batch: int,
                      kv_types: tuple[str, str], commands, results) -> None:
     """llama.cpp's side of an alternated run: after loading and a warm-up it puts None on
@@ -110,6 +121,7 @@ def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], threads: int 
     False closes and puts its peak RSS."""
     import llama_cpp
 
+    _quiet_llama_cpp(llama_cpp)
     threads = threads or os.cpu_count()
     ggml = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
     # The same cache types as ours; llama.cpp stores a quantized V cache only with flash attention.
@@ -328,10 +340,11 @@ def run(args) -> int:
         print(f"{'ratio':<12} {prefill} {decode}")
     if "generation" in report:
         g = report["generation"]
-        print(f"generation --mtp {args.mtp}: {g['decode_tok_s']:.2f} tok/s over {args.n_gen} greedy tokens; "
-              f"{g['tokens_per_pass']:.2f} tokens per verify pass, acceptance per head {g['acceptance']} "
-              f"(of {g['drafts_per_head']} drafts), "
-              f"k settled on {g['settled_k']}")
+        drafting = (f"{g['tokens_per_pass']:.2f} tokens per verify pass, acceptance per head {g['acceptance']} "
+                    f"(of {g['drafts_per_head']} drafts), k settled on {g['settled_k']}"
+                    if g["drafts_per_head"] is not None else
+                    "no drafts (the file has no MTP heads)" if not model.n_mtp else "no drafts")
+        print(f"generation --mtp {args.mtp}: {g['decode_tok_s']:.2f} tok/s over {args.n_gen} greedy tokens; {drafting}")
     print(f"(medians of {args.repetitions}; activations {report['activations']}, "
           f"OpenMP waits {report['omp_wait_policy']})")
     print_stats(args, model, speeds)
