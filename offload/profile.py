@@ -146,12 +146,12 @@ class RecordingProvider:
         if self.trace is not None:
             self.trace.add(layer, ids)
 
-    def experts(self, layer: int, ids) -> Iterator:
+    def experts(self, layer: int, ids, scan: bool = False) -> Iterator:
         if self._fallback == layer:
             self._fallback = None
         else:
             self._record(layer, ids)
-        return self.inner.experts(layer, ids)
+        return self.inner.experts(layer, ids, scan=scan)
 
     @contextmanager
     def held(self, layer: int, ids):

@@ -105,14 +105,15 @@ class StreamingExperts:
 
     # ------------------------------------------------------------------ provider interface
 
-    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, FFN]]:
+    def experts(self, layer: int, ids: Iterable[int], scan: bool = False) -> Iterator[tuple[int, FFN]]:
         """Resident experts first, then the others as their reads finish.
 
         At most half the cache is held at once (a chunk of many tokens can ask for more
-        experts than fit); each expert is released as soon as the consumer moves on.
+        experts than fit); each expert is released as soon as the consumer moves on. `scan`:
+        the request is part of a prefill chunk's pass over every layer (ExpertCache's scan).
         """
         ids = list(ids)
-        return self._serve(layer, ids, max(1, min(len(ids), self.cache.n_slots // 2)), None)
+        return self._serve(layer, ids, max(1, min(len(ids), self.cache.n_slots // 2)), None, scan=scan)
 
     @contextmanager
     def held(self, layer: int, ids: Iterable[int]) -> Iterator[list[tuple[int, FFN]]]:
@@ -151,7 +152,8 @@ class StreamingExperts:
             for e, slot in kept:
                 self.cache.release(slot, (layer, e))
 
-    def _serve(self, layer: int, ids: list[int], window: int, kept: list | None, announce: bool = False):
+    def _serve(self, layer: int, ids: list[int], window: int, kept: list | None, announce: bool = False,
+               scan: bool = False):
         """Yield (id, weights), holding at most `window` slots; each is released when the consumer
         moves on, or, when `kept` is a list, appended to it for the caller to release. `announce`:
         first yield (None, n) once the first `window` are acquired and their reads queued, n the
@@ -177,7 +179,7 @@ class StreamingExperts:
                     e = order[nxt]
                     nxt += 1
                     t0 = time.perf_counter()
-                    slot, must_load, outcome = self.cache.acquire_counted((layer, e))
+                    slot, must_load, outcome = self.cache.acquire_counted((layer, e), scan=scan)
                     self.stats.stalled(time.perf_counter() - t0, slot_wait=True)  # blocked while no slot was free
                     held.append((e, slot))
                     first_use_after_read = must_load or outcome in (Outcome.PREFETCHED_IN_TIME, Outcome.PREFETCHED_LATE)

@@ -24,8 +24,10 @@ class ExpertProvider(Protocol):
     prefetches: bool  # whether `prefetch` reads anything ahead (the model guesses experts only then)
     stats: object | None  # what the provider measured (offload.stats.StreamStats), None when nothing streams
 
-    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, FFN]]:
-        """Yield (expert id, weights) once for each id, in any order."""
+    def experts(self, layer: int, ids: Iterable[int], scan: bool = False) -> Iterator[tuple[int, FFN]]:
+        """Yield (expert id, weights) once for each id, in any order. `scan`: the request is a
+        prefill chunk's, which passes over every layer's experts (a cache may keep what it
+        held before instead of what this reads)."""
         ...
 
     def held(self, layer: int, ids: Iterable[int]) -> AbstractContextManager[list[tuple[int, FFN]] | None]:
@@ -56,7 +58,7 @@ class InMemoryExperts:
     stats = None
     _descriptors: dict[int, np.ndarray | None] = field(default_factory=dict)
 
-    def experts(self, layer: int, ids: Iterable[int]) -> Iterator[tuple[int, FFN]]:
+    def experts(self, layer: int, ids: Iterable[int], scan: bool = False) -> Iterator[tuple[int, FFN]]:
         bank = self.table[layer]
         for e in ids:
             yield e, bank[e]

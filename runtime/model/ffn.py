@@ -21,6 +21,10 @@ from runtime.model.matrix import matmul, matmul_many
 from runtime.model.ops import group_by_expert, no_bias, rms_norm, route, route_rows, swiglu
 from runtime.model.weights import FFN
 
+# A chunk of more tokens than an MTP verify pass (at most 8) is a prefill chunk: it asks each layer
+# for nearly all its experts in turn, a scan the expert cache keeps from flushing what it holds.
+SCAN_TOKENS = 8
+
 
 def dense(f: FFN, x: np.ndarray, limit: float, int8: int) -> np.ndarray:
     """SwiGLU FFN of x [T, H] -> [T, H] (int8: the model's int8 format set, see matrix.matmul)."""
@@ -39,7 +43,7 @@ def moe(s, w, x: np.ndarray, logits: np.ndarray, experts: ExpertProvider) -> np.
             if got is not None:  # held once: a provider that counts requests counts this one
                 out = _fused_sum(s, w, x, weights, groups, got)
                 return out if out is not None else _experts_sum(s, w, x, weights, groups, got)
-    return _experts_sum(s, w, x, weights, groups, experts.experts(s.index, groups))
+    return _experts_sum(s, w, x, weights, groups, experts.experts(s.index, groups, scan=len(x) > SCAN_TOKENS))
 
 
 def _fused_sum(s, w, x: np.ndarray, weights: np.ndarray, groups: dict, got) -> np.ndarray | None:

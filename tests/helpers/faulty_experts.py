@@ -28,9 +28,9 @@ class FaultyExperts:
             exc, self.exc = self.exc, None
             raise exc
 
-    def experts(self, layer, ids):
+    def experts(self, layer, ids, scan=False):
         self._maybe_fail(layer)
-        yield from self.inner.experts(layer, ids)
+        yield from self.inner.experts(layer, ids, scan=scan)
 
     @contextmanager
     def held(self, layer, ids):
