@@ -49,9 +49,11 @@ from runtime.model.matrix import Matrix, make_matrix
 RUNTIME_ANON = 96 * 2**20
 # Of it, what the process holds once loaded and warmed up, before a prompt: the warm-up's kernels
 # (54 MiB) and the load's buffers (10 MiB), measured the same way. An asked --ram-budget is taken
-# when the model can start with it (the resident weights, this, the KV cache as it starts): with
-# all of RUNTIME_ANON and the prefill activations counted at start, the RAM-cap sweep's budgets,
-# measured to fit, were refused.
+# when the model can start with it and run one prefill chunk of n_batch tokens (the resident
+# weights, this, that chunk's activations, the KV cache as it starts). Without the activations a
+# review's run was OOM-killed at the "largest budget that fits" (713 MiB under a 1.5 GiB cap at
+# the real widths, -b 512: 168 MiB of activations); with all of RUNTIME_ANON and LIBRARY_PAGES
+# too, the RAM-cap sweep's budgets, measured to fit, were refused.
 START_ANON = 64 * 2**20
 LIBRARY_PAGES = 40 * 2**20
 # Buffers and temporaries that grow with the model's widths, beyond RUNTIME_ANON: decode buffers,
@@ -102,10 +104,14 @@ class RuntimeNeeds:
     kv_types: tuple[str, str] = ("f32", "f32")
 
 
+def activation_bytes(cfg: ModelConfig, n_batch: int) -> int:
+    """A prefill chunk's activations and the decode buffers, which glibc keeps for reuse."""
+    return cfg.hidden * (n_batch * ACTIVATION_BYTES_PER_WIDTH + WIDTH_BYTES)
+
+
 def own_bytes(cfg: ModelConfig, n_batch: int, tokenizer_built: bool) -> int:
     """The runtime's anonymous memory beside the weights, the expert cache and the KV cache."""
-    activations = cfg.hidden * (n_batch * ACTIVATION_BYTES_PER_WIDTH + WIDTH_BYTES)
-    return RUNTIME_ANON + activations + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
+    return RUNTIME_ANON + activation_bytes(cfg, n_batch) + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
 
 
 def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimit,
@@ -115,7 +121,7 @@ def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimi
     the prefill chunk; tokenizer_built: the process holds the tokenizer already (the loader's case)."""
     kv = kv_cache_bytes(cfg, n_ctx, rollback, kv_types=kv_types)
     own = own_bytes(cfg, n_batch, tokenizer_built)
-    at_start = START_ANON + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
+    at_start = START_ANON + activation_bytes(cfg, n_batch) + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
     # The host's reserve covers the runtime's own memory, never the KV cache: at a long context it
     # can be many GiB (12 GiB for the real model at 256K in f16), which would leave the OS nothing.
     start = max(0, at_start - limit.reserve) + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY),
@@ -171,12 +177,14 @@ def make_resident(weights, n_trunk: int, skip: tuple[str, ...] = SKIP):
 
 
 def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, resident: int,
-                  runtime: RuntimeNeeds, slot: int, min_slots: int, all_experts: int) -> tuple[int, str]:
+                  runtime: RuntimeNeeds, slot: int, min_slots: int, all_experts: int,
+                  fit: bool = False) -> tuple[int, str]:
     """The expert cache's size and why: (bytes, the reason in words).
 
     The default leaves room for a full context; an asked-for budget is taken when the model
-    can start with it. Raises when it cannot start: the resident weights, the runtime and the
-    cache (asked for, or the smallest useful one) exceed what the tightest limit leaves.
+    can start with it (with `fit`, cut to the largest that can). Raises when it cannot start:
+    the resident weights, the runtime and the cache (asked for, or the smallest useful one)
+    exceed what the tightest limit leaves.
     """
     start_room = usable - resident - runtime.start  # for the expert cache, at start
     smallest = min_slots * slot
@@ -199,6 +207,8 @@ def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, 
                 f"{size_text(usable)}: use a smaller -c, a smaller KV type (-ctk/-ctv q8_0), or more memory")
         return min(room, all_experts), limit.text()
     need = resident + runtime.start + min(asked, all_experts)
+    if need > usable and fit and start_room >= smallest:
+        return start_room, f"asked for {size_text(asked)}, cut to what the {limit.text()} leaves"
     if need > usable:
         fit = (f"the largest budget that fits is {size_text(start_room)}" if start_room >= smallest
                else f"not even the smallest expert cache ({min_slots} experts, {size_text(smallest)}) fits")
@@ -259,7 +269,7 @@ def fill_keys(table: ExpertTable, slots: int, held: set) -> list[tuple[int, int]
 def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | str | None, limit: MemoryLimit,
                     usable: int, runtime: RuntimeNeeds, policy: str = "lru", profile: str | None = None,
                     pin_share: float = 0.5, direct_io: bool = True, workers: int = READ_WORKERS,
-                    fill: bool = False):
+                    fill: bool = False, fit: bool = False):
     """(weights with the non-expert part copied to RAM, provider, placement), after checking that
     they fit in `usable` bytes, what the tightest memory limit `limit` leaves. `fill`: read
     experts into every free slot before returning (fill_keys), so decoding starts warm."""
@@ -273,7 +283,7 @@ def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | s
         f.path.name, None if budget is None else parse_bytes(budget), usable, limit,
         resident_size(weights, cfg.n_layers), runtime, slot,
         # the smallest useful cache: one token's experts in one layer, and the next layer's read-ahead
-        cfg.n_expert_used + depth, slot * n_experts)
+        cfg.n_expert_used + depth, slot * n_experts, fit)
     if budget_bytes < slot * cfg.n_expert_used:  # an asked budget (the default is at least the smallest cache)
         raise StepstreamError(f"{f.path.name}: a RAM budget (--ram-budget) of {size_text(budget_bytes)} holds "
                               f"{budget_bytes // slot} experts of {slot / 2**20:.2f} MiB; at least {cfg.n_expert_used} "

@@ -61,7 +61,7 @@ def load(path: str | Path, **options) -> Model:
     else:
         weights, provider, placement = build_streaming(f, cfg, weights, opts.ram_budget, limit, usable, runtime,
                                                        opts.cache_policy, opts.profile, direct_io=opts.direct_io,
-                                                       fill=opts.fill_cache)
+                                                       fill=opts.fill_cache, fit=opts.ram_budget_fit)
     gpu = gpu_placement = None
     if opts.gpu_budget is not None:
         try:

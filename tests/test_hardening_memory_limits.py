@@ -282,11 +282,12 @@ def test_runtime_needs_count_the_kv_cache_and_the_hosts_reserve(tiny_gguf):
     assert kv_cache_bytes(cfg, 4096, 16) == 2 * 4 * 128 * (4096 + 3 * 32)
     needs = runtime_needs(cfg, 4096, 16, MemoryLimit("cgroup v1", 0, 0, 0))  # n_batch 64, no tokenizer yet
     own = RUNTIME_ANON + cfg.hidden * (64 * ACTIVATION_BYTES_PER_WIDTH + WIDTH_BYTES) + cfg.vocab * TOKENIZER_BYTES_PER_TOKEN
-    # at start: loaded and warmed up, before a prompt's activations (START_ANON)
-    assert needs.start == START_ANON + cfg.vocab * TOKENIZER_BYTES_PER_TOKEN + 2 * 4 * 128 * (256 + 3 * 32)
+    # at start: loaded and warmed up (START_ANON), and one prefill chunk's activations
+    act = cfg.hidden * (64 * ACTIVATION_BYTES_PER_WIDTH + WIDTH_BYTES)
+    assert needs.start == START_ANON + act + cfg.vocab * TOKENIZER_BYTES_PER_TOKEN + 2 * 4 * 128 * (256 + 3 * 32)
     assert needs.full == own + LIBRARY_PAGES + 2 * 4 * 128 * (4096 + 3 * 32)
     built = runtime_needs(cfg, 4096, 16, MemoryLimit("cgroup v1", 0, 0, 0), n_batch=512, tokenizer_built=True)
-    assert built.start - needs.start == -cfg.vocab * TOKENIZER_BYTES_PER_TOKEN
+    assert built.start - needs.start == cfg.hidden * (512 - 64) * ACTIVATION_BYTES_PER_WIDTH - cfg.vocab * TOKENIZER_BYTES_PER_TOKEN
     assert built.full - needs.full == cfg.hidden * (512 - 64) * ACTIVATION_BYTES_PER_WIDTH - cfg.vocab * TOKENIZER_BYTES_PER_TOKEN
     host = runtime_needs(cfg, 4096, 16, MemoryLimit("available memory", 0, 0, 0, reserve=2**30))
     # the host's reserve covers the runtime's own memory, never the KV cache (12 GiB at 256K on the real model)

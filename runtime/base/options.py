@@ -32,6 +32,9 @@ class RuntimeOptions:
     # keep every routed expert resident; "ram" or "stream" to choose.
     experts: str = "auto"
     ram_budget: int | str | None = None  # expert cache size ("6GiB"); implies experts="stream"; None: auto
+    # ram_budget as a ceiling: less when the memory limits leave less, instead of a refusal (the RAM
+    # sweep sizes its budgets from a measured footprint, closer to the edge than the check's estimate).
+    ram_budget_fit: bool = False
     cache_policy: str = "lru"  # lru, lfu, or pinned (hot set from `profile`, LRU for the rest)
     profile: str | None = None  # expert profile to pin the most-used experts from
     prefetch: bool = True  # guess the next layer's experts from the current hidden state and read ahead
@@ -82,7 +85,7 @@ class RuntimeOptions:
             if not (isinstance(v, numbers.Integral) and not isinstance(v, bool)) and \
                     not (v is None and name in ("n_ctx", "n_threads")):
                 raise StepstreamError(f"{name} must be an integer, got {v!r}")
-        for name in ("prefetch", "fill_cache", "direct_io"):
+        for name in ("prefetch", "fill_cache", "direct_io", "ram_budget_fit"):
             if not isinstance(getattr(self, name), bool):
                 raise StepstreamError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.ram_budget is not None:

@@ -156,7 +156,10 @@ def child_ours(spec: dict) -> dict:
     from runtime.base.system import peak_rss_bytes
     from runtime.loader import load
 
-    m = load(spec["model"], ram_budget=spec["budget"], n_threads=spec["threads"], n_batch=spec["batch"],
+    # The budget the cap implies is a ceiling (ram_budget_fit): the loader's start check counts a
+    # little more than the footprint the sweep measured. A chunk holds at most the prompt.
+    m = load(spec["model"], ram_budget=spec["budget"], ram_budget_fit=True, n_threads=spec["threads"],
+             n_batch=min(spec["batch"], max(1, spec["n_prompt"])),
              n_ctx=_n_ctx(spec), prefetch=spec["prefetch"], fill_cache=spec["fill_cache"],
              direct_io=spec["direct_io"], cache_policy=spec["cache_policy"], activations=spec["activations"])
     try:
