@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -384,17 +387,80 @@ def load_model(args):
     return model
 
 
+@contextmanager
+def interrupts_kept():
+    """Ctrl-C inside the block is not lost. While numba loads its kernels, the signal's
+    KeyboardInterrupt is raised inside llvmlite's ctypes callbacks, where ctypes reports it as
+    "Exception ignored" and drops it: a review's Ctrl-C during "loading the kernels..." let the
+    run go on to exit 0, 3 times in 3. Here the handler records the signal, the dropped
+    exception is not printed, and the block's end raises KeyboardInterrupt when one was dropped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    if previous is signal.SIG_IGN:
+        yield
+        return
+    hit = []
+
+    def handler(signum, frame):
+        hit.append(signum)
+        raise KeyboardInterrupt
+
+    def unraisable(u):
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            hook(u)
+
+    signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+    if hit:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def compiles_counted():
+    """[n]: numba's compiles inside the block (a cache hit is no compile)."""
+    from numba.core import event
+
+    count = [0]
+
+    class Counter(event.Listener):
+        def on_start(self, ev):
+            count[0] += 1
+
+        def on_end(self, ev):
+            pass
+
+    listener = Counter()
+    event.register("numba:compile", listener)
+    try:
+        yield count
+    finally:
+        event.unregister("numba:compile", listener)
+
+
+def warm_up_note(seconds: float, compiled: int) -> str:
+    if compiled:
+        return f" compiled in {seconds:.0f} s (first run after an install; cached from now on)"
+    return f" done in {seconds:.0f} s" if seconds > 3 else " done"
+
+
 def report_warm_up(model) -> None:
     """Load (or, on a first run, compile) the kernels before anything is timed, and say so when
     it took long enough to notice."""
     print("loading the kernels...", end="", file=sys.stderr, flush=True)
     try:
-        seconds = model.warm_up()
+        with interrupts_kept(), compiles_counted() as compiled:
+            seconds = model.warm_up()
     except BaseException:
         print(file=sys.stderr)  # the error that follows gets a line of its own
         raise
-    note = f" compiled in {seconds:.0f} s (first run after an install; cached from now on)" if seconds > 3 else " done"
-    print(note, file=sys.stderr, flush=True)
+    print(warm_up_note(seconds, compiled[0]), file=sys.stderr, flush=True)
 
 
 # ---- what a run reports -------------------------------------------------------------------------

@@ -65,14 +65,16 @@ def warm_up(model, n_prompt: int) -> float:
 
 def report_warm_up(model, n_prompt: int) -> None:
     """warm_up, said on stderr as `run` says its own (runtime.cli.common.report_warm_up)."""
+    from runtime.cli.common import compiles_counted, interrupts_kept, warm_up_note
+
     print("loading the kernels...", end="", file=sys.stderr, flush=True)
     try:
-        seconds = warm_up(model, n_prompt)
+        with interrupts_kept(), compiles_counted() as compiled:
+            seconds = warm_up(model, n_prompt)
     except BaseException:
         print(file=sys.stderr)  # the error that follows gets a line of its own
         raise
-    note = f" compiled in {seconds:.0f} s (first run after an install; cached from now on)" if seconds > 3 else " done"
-    print(note, file=sys.stderr, flush=True)
+    print(warm_up_note(seconds, compiled[0]), file=sys.stderr, flush=True)
 
 
 def run(args) -> int:
