@@ -92,10 +92,12 @@ def machine_limit(ram: int | None) -> MemoryLimit:
     return MemoryLimit("available memory", max(0, ram - reserve), ram, 0, reserve=reserve)
 
 
-def measure_decode_gbps(rows: int = 32768, cols: int = 8192, repeats: int = 15) -> float:
+def measure_decode_gbps(rows: int = 32768, cols: int = 8192, repeats: int = 15, seconds: float = 0.6) -> float:
     """The rate, in GB/s of weights, at which the decode kernel (int8 activations, one token)
     goes through a Q4_K matrix several times larger than the caches (151 MB): the median of
-    `repeats` products.
+    at least `repeats` products, and of as many as `seconds` holds (15 products, 45-75 ms, gave
+    22 to 55 GB/s from run to run on a shared host, a review found: predictions 0.77-1.46x the
+    measured speed).
 
     A memory copy's rate is the wrong figure on a few cores, where the kernel is compute-bound.
     The matrix must dwarf the last-level cache, as a decode step's gigabyte of weights does: a
@@ -117,7 +119,8 @@ def measure_decode_gbps(rows: int = 32768, cols: int = 8192, repeats: int = 15) 
     x, int8 = np.ones((1, cols), np.float32), format_set([Q.Q4_K])
     matmul(x, m, int8)  # compiled or loaded from the cache, and the matrix's packed view built
     times = []
-    for _ in range(repeats):
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         matmul(x, m, int8)
         times.append(time.perf_counter() - t0)

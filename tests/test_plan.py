@@ -318,3 +318,13 @@ def test_json_ram_bytes_is_the_ram_given_and_usable_bytes_what_is_left(real_shap
     rep = json.loads(capsys.readouterr().out)
     assert rep["ram_bytes"] == 64 * 2**30
     assert rep["usable_bytes"] == rep["ram_bytes"] - rep["reserve_bytes"] and 0 < rep["reserve_bytes"] < 64 * 2**30
+
+
+def test_plan_takes_c_for_the_context_as_run_does(tmp_path, capsys):
+    """A review: `plan -c 65536` was 'ambiguous option: -c could match -ctk, -ctv', though plan's own
+    refusal says 'use a smaller -c'."""
+    path = tmp_path / "real.gguf"
+    sparse_gguf(path, **REAL)
+    assert main(["plan", "-m", str(path), "--ram", "64GiB", "--ram-gbps", "15", "-c", "8192", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["n_ctx"] == 8192

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-gbps", type=gbps, default=7.0, help="disk read rate in GB/s (default: 7)")
     p.add_argument("--ram-gbps", type=gbps, default=None,
                    help="GB/s of weights decoding goes through (default: measured here with the Q4_K decode kernel)")
-    p.add_argument("--ctx", type=positive_int, default=None,
+    p.add_argument("-c", "--ctx", "--ctx-size", type=positive_int, default=None,
                    help="context the KV cache is sized for (default: run's, the model's up to 4096)")
     add_cache_type_args(p)
     p.add_argument("--profile", default=None, metavar="P", type=existing_file("profile (.json) or routing trace (.npz)"),
