@@ -381,6 +381,16 @@ class ExpertCache:
                 self._maybe_evictable(slot)
                 self.changed.notify_all()
 
+    def forget_prefetches(self) -> None:
+        """Experts read ahead, resident and not yet asked for become plain residents: a later use
+        is a hit and an eviction no waste, so that statistics restarted now (a warm-up's end) do
+        not count the earlier reads' fate (a review: 38 used + 16 wasted of 52 reads ahead). It
+        walks the slots: called once per run, not per request."""
+        with self.lock:
+            for slot in self.slots:
+                if slot.state is SlotState.READY and slot.prefetched and not slot.asked:
+                    slot.prefetched = False
+
     def pin(self, key: Key) -> Slot:
         """Claim a slot that eviction never touches (the hot set); the caller loads it."""
         with self.lock:

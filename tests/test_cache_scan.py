@@ -79,3 +79,19 @@ def test_a_prefill_under_half_the_experts_keeps_hitting():
     finally:
         m.close()
     assert s["hits"] >= 0.1 * s["requests"], s
+
+
+def test_a_read_ahead_before_a_restart_is_not_the_next_runs():
+    """After the warm-up's stats.restart(), its reads ahead evicted unused counted as the run's waste."""
+    cache = ExpertCache(2 * SLOT, SLOT, "lru")
+    outcomes = []
+    cache.on_prefetch_outcome = lambda rank, used: outcomes.append(used)
+    slot = cache.try_claim_for_prefetch((0, 1))
+    cache.loaded(slot, "w")
+    cache.forget_prefetches()
+    _use(cache, (0, 2))
+    _use(cache, (0, 3))  # evicts the expert read ahead: no waste reported
+    assert outcomes == [] and cache.counters.prefetch_wasted == 0
+    slot = cache.try_claim_for_prefetch((0, 4))  # read ahead after the restart: counted
+    cache.loaded(slot, "w")
+    assert _use(cache, (0, 4)) is Outcome.PREFETCHED_IN_TIME and outcomes == [True]

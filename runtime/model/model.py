@@ -172,6 +172,9 @@ class Model:
         stats = getattr(self.provider, "stats", None)
         if stats is not None:  # the run's figures (--stats, bench --json) are the run's own
             stats.restart()
+            cache = getattr(self.provider, "cache", None)
+            if cache is not None:
+                cache.forget_prefetches()
         return time.perf_counter() - t0
 
     @property
