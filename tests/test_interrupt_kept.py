@@ -24,12 +24,11 @@ def _sort_with_a_signal_inside_the_callback():
     def compare(a, b):
         if not sent:
             sent.append(1)
-            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside the callback
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs inside this or the next call, in a callback
         return a[0] - b[0]
 
-    values = (ctypes.c_int * 4)(3, 1, 2, 0)
+    values = (ctypes.c_int * 4)(3, 1, 2, 0)  # the comparison that raised returns 0: any order may come out
     libc.qsort(values, 4, ctypes.sizeof(ctypes.c_int), cmp(compare))
-    return list(values)
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ def reported(monkeypatch):
 
 
 def test_without_the_guard_the_interrupt_is_lost(reported):
-    assert _sort_with_a_signal_inside_the_callback() == [0, 1, 2, 3]  # no KeyboardInterrupt came out
+    _sort_with_a_signal_inside_the_callback()  # no KeyboardInterrupt comes out
     assert reported == ["KeyboardInterrupt"]  # only ctypes' report of the dropped exception
 
 
@@ -49,7 +48,7 @@ def test_the_guard_raises_it_at_the_end_and_reports_nothing(reported):
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         with interrupts_kept():
-            assert _sort_with_a_signal_inside_the_callback() == [0, 1, 2, 3]
+            _sort_with_a_signal_inside_the_callback()
     assert reported == []
     assert signal.getsignal(signal.SIGINT) is before
 
