@@ -197,3 +197,26 @@ def test_gpu_bench_rejects_bad_arguments():
     with pytest.raises(SystemExit) as e:
         gpu.parse_args(["--workdir", "x", "--tokens", "0"])
     assert e.value.code == 2
+
+
+def test_synth_writes_mtp_heads_llama_cpp_loads(tmp_path, capsys):
+    """A review: synth wrote no MTP heads, so drafting could not be timed at the real widths."""
+    path = tmp_path / "mtp.gguf"
+    assert cli_main(["synth", str(path), "--quiet", "--mtp", "3", "--moe-layers", "2", "--dense-layers", "1",
+                     "--hidden", "256", "--heads", "2", "--heads-sliding", "4", "--kv-heads", "1", "--window", "16",
+                     "--experts", "16", "--top-k", "4", "--expert-ffn", "256", "--shared-ffn", "256",
+                     "--dense-ffn", "512", "--vocab", "512"]) == 0
+    m = load(path, n_ctx=64, mtp=3)
+    try:
+        assert m.n_mtp == 3 and m.cfg.n_layers == 3
+        tokens = [1, 2, 3, 100, 300, 510]
+        ours = m.logits(tokens)
+        heads = m.mtp_logits(tokens)
+    finally:
+        m.close()
+    theirs = llama_cpp_logits(path, tokens)  # llama.cpp loads the heads' tensors with the trunk
+    assert R.cosine_rows(ours, theirs).min() >= 0.999
+    assert [h.shape for h in heads] == [(5, 512), (4, 512), (3, 512)]
+    assert all(np.isfinite(h).all() for h in heads)
+    assert cli_main(["synth", str(tmp_path / "x.gguf"), "--mtp", "4"]) == 2
+    assert "Step-3.5-Flash has 3 MTP heads" in capsys.readouterr().err

@@ -55,7 +55,7 @@ _Q8_STD = np.sqrt((256 ** 2 - 1) / 12)
 
 
 def _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n_kv, head_dim, window,
-                n_expert, top_k, expert_ffn, shared_ffn, dense_ffn, vocab) -> dict:
+                n_expert, top_k, expert_ffn, shared_ffn, dense_ffn, vocab, mtp=0) -> dict:
     n = dense_layers + moe_layers
     types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
     return {
@@ -77,7 +77,7 @@ def _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n
         "norm_expert_weight": True, "use_moe_router_bias": True, "need_fp32_gate": True,
         "swiglu_limits": [7.0 if i >= dense_layers and i % 2 else 0.0 for i in range(n)],
         "swiglu_limits_shared": [16.0 if i % 3 == 0 else 0.0 for i in range(n)],
-        "num_nextn_predict_layers": 0, "tie_word_embeddings": False,
+        "num_nextn_predict_layers": mtp, "tie_word_embeddings": False,
     }
 
 
@@ -163,7 +163,7 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
                 n_head_full: int = 64, n_head_sliding: int = 96, n_kv: int = 8, head_dim: int = 128, window: int = 512,
                 n_expert: int = 288, top_k: int = 8, expert_ffn: int = 1280, shared_ffn: int = 1280,
                 dense_ffn: int = 11264, vocab: int = 128896, qtype: str = "q4_k", router_scale: float = 1.0,
-                bias_skew: float = 0.0, seed: int = 0, progress: bool = True, force: bool = False) -> Path:
+                bias_skew: float = 0.0, seed: int = 0, progress: bool = True, force: bool = False, mtp: int = 0) -> Path:
     """Write a random-weight Step-3.5 GGUF to `path` (via a temporary name); return the path.
 
     An existing `path` is an error unless `force`."""
@@ -185,8 +185,10 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
         raise StepstreamError(f"synth: vocab={vocab} must be at least {MIN_VOCAB} (256 byte tokens, a filler, an end token)")
     if n_head_full % n_kv or n_head_sliding % n_kv:
         raise StepstreamError(f"synth: head counts {n_head_full}/{n_head_sliding} must be multiples of n_kv={n_kv}")
+    if not 0 <= mtp <= 3:
+        raise StepstreamError(f"synth: --mtp {mtp}: Step-3.5-Flash has 3 MTP heads; give 0 to 3")
     raw = _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n_kv, head_dim, window,
-                      n_expert, top_k, expert_ffn, shared_ffn, dense_ffn, vocab)
+                      n_expert, top_k, expert_ffn, shared_ffn, dense_ffn, vocab, mtp)
     cfg = HFConfig.from_dict(raw, "synth")
     q = QTYPES[qtype]
     specs = layout.checkpoint_layout(cfg)

@@ -39,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--router-scale", type=positive_float, default=1.0, help="std of the router logits (default: 1)")
     p.add_argument("--bias-skew", type=float, default=0.0, help="std of the router bias (default: 0)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
+    p.add_argument("--mtp", type=non_negative_int, default=0,
+                   help="MTP heads after the trunk, 0-3 (default: 0; the real model has 3): random heads, whose "
+                        "drafts are rarely accepted, to time drafting and verify passes at the real widths")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -55,7 +58,7 @@ def run(args) -> int:
             n_head_sliding=args.heads_sliding, n_kv=args.kv_heads, window=args.window, n_expert=args.experts,
             top_k=args.top_k, expert_ffn=args.expert_ffn, shared_ffn=args.shared_ffn, dense_ffn=args.dense_ffn,
             vocab=args.vocab, qtype=args.qtype, router_scale=args.router_scale, bias_skew=args.bias_skew,
-            seed=args.seed, progress=not args.quiet, force=args.force)
+            seed=args.seed, progress=not args.quiet, force=args.force, mtp=args.mtp)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
