@@ -19,6 +19,9 @@ from quant import cuda_kernels as ck  # noqa: E402
 from quant import int8_kernels  # noqa: E402
 
 FORMATS = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
+# the CPU kernels these are compared with, built once for all four formats (each format's own
+# kernels took four compiles; tests/test_batch_invariance.py builds this set too)
+CPU_SET = int8_kernels.format_set(FORMATS)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -127,7 +130,7 @@ def test_matvec_of_stacked_formats_equals_the_cpu_and_float64(T):
     a = int8_kernels.quantize_activations(x)
     xr = (a.q.reshape(T, -1, 256) * a.d[:, :, None]).reshape(T, cols).astype(np.float64)
     for (raw, p), s0 in zip(mats, starts):
-        cpu = np.stack([int8_kernels.matvec(p, a, np.empty(p.rows, np.float32), token=t) for t in range(T)])
+        cpu = np.stack([int8_kernels.matvec(p, a, np.empty(p.rows, np.float32), token=t, formats=CPU_SET) for t in range(T)])
         ref = xr @ quants.dequantize(raw, p.qtype).reshape(p.rows, cols).astype(np.float64).T
         part = got[:, s0 : s0 + p.rows]
         scale = np.abs(ref).max()
@@ -159,7 +162,8 @@ def test_swiglu_ffns_equals_the_cpu():
                    out[1], ck.ffn_scratch(3, 512))  # wider than needed: rows past a width are skipped
     cpu = base[1].copy()
     desc = np.stack([int8_kernels.ffn_descriptor(g[1], u[1], d[1]) for g, u, d in ffns])
-    int8_kernels.swiglu_ffns(desc, weights, limits, x[0], cpu, int8_kernels.ffn_scratch(H, 2, 512))
+    int8_kernels.swiglu_ffns(desc, weights, limits, x[0], cpu, int8_kernels.ffn_scratch(H, 2, 512),
+                             formats=CPU_SET)
     got = out.copy_to_host()
     np.testing.assert_array_equal(got[0], base[0])
     np.testing.assert_allclose(got[1], cpu, rtol=0, atol=1e-4 * np.abs(cpu - base[1]).max())

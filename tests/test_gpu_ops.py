@@ -16,7 +16,7 @@ from numba import cuda
 
 from runtime.model.attention_kernels import chunk_attention, decode_attention
 from runtime.model.gpu import ops as g
-from runtime.model.ops import rms_norm, rope, rope_inv_freq, route, sigmoid
+from runtime.model.ops import rms_norm, rope, rope_inv_freq, route
 
 EPS = 1e-5
 
@@ -113,6 +113,11 @@ def _ring(rng, S, Nk, D, qpos0, window):
     return keys, vals, kpos
 
 
+def _no_scales(S, Nk):
+    """The (empty) scales of an f32 KV cache, as the model passes them to the CPU kernels."""
+    return np.zeros((S, Nk, 0), np.uint16), np.zeros((S, Nk, 0), np.uint16)
+
+
 @pytest.mark.parametrize("D, Nk, window, n_rot, S", [(64, 2, 0, 64, 40), (128, 1, 40, 64, 300)])
 def test_decode_matches_cpu(D, Nk, window, n_rot, S):
     """T = 1: norm + RoPE, store, attend on the card == decode_attention (which does all three).
@@ -132,7 +137,7 @@ def test_decode_matches_cpu(D, Nk, window, n_rot, S):
     want = np.zeros(Nh * D, np.float32)
     decode_attention(q, k, v, gate, qn, kn, np.float32(EPS), np.cos(ang).astype(np.float32),
                      np.sin(ang).astype(np.float32), ck, cv, cp, slot, qpos, window, np.zeros((Nh, S), np.float32),
-                     want)
+                     want, *_no_scales(S, Nk))
 
     pd, posd = _dev(p), _dev(np.array([qpos], np.int64))
     kd, vd, kpd = cuda.to_device(keys), cuda.to_device(vals), cuda.to_device(kpos)
@@ -158,9 +163,9 @@ def test_chunk_attention_matches_cpu():
     keys[slots], vals[slots], kpos[slots] = k, v, qpos
     n_slots = S - 3  # the last slots lie beyond n_slots: never read
     keys[n_slots:], kpos[n_slots:] = 1e4, qpos0 - 1
-    att = np.zeros((T, Nh, D), np.float32)
-    chunk_attention(np.ascontiguousarray(q), keys[:n_slots], vals[:n_slots], kpos[:n_slots], qpos, window, att)
-    want = att * sigmoid(gate)[:, :, None]
+    want = np.zeros((T, Nh, D), np.float32)
+    chunk_attention(np.ascontiguousarray(q), keys[:n_slots], vals[:n_slots], kpos[:n_slots], qpos, window, want,
+                    np.ascontiguousarray(gate), *_no_scales(n_slots, Nk))
 
     out = _dev(np.zeros((T, Nh * D), np.float32))
     g.attention(_dev(p), Nh, Nk, D, cuda.to_device(keys), cuda.to_device(vals), cuda.to_device(kpos), n_slots,

@@ -108,6 +108,7 @@ def test_chunk_attention_on_each_type_against_float64(kt, vt, ring):
     k = rng.standard_normal((T, Nk, D)).astype(np.float32) * 3
     v = rng.standard_normal((T, Nk, D)).astype(np.float32)
     q = rng.standard_normal((T, Nh, D)).astype(np.float32)
+    gate = rng.standard_normal((T, Nh)).astype(np.float32) * 2  # the model always passes its head gates
     pos = np.arange(T, dtype=np.int64)
     out = np.empty_like(q)
     step = cap - window + 1 if ring else T  # as attention.prefill cuts a chunk for a ring
@@ -115,7 +116,7 @@ def test_chunk_attention_on_each_type_against_float64(kt, vt, ring):
         b = min(T, a + step)
         kv.append(k[a:b], v[a:b], pos[a:b])
         keys, ks, vals, vs, kpos = kv.view()
-        chunk_attention(q[a:b], keys, vals, kpos, pos[a:b], window if ring else 0, out[a:b], None, ks, vs)
+        chunk_attention(q[a:b], keys, vals, kpos, pos[a:b], window if ring else 0, out[a:b], gate[a:b], ks, vs)
     kr, vr = rounded(kt, k), rounded(vt, v)
     keys, ks, vals, vs, kpos = kv.view()
     held = kpos >= 0
@@ -128,7 +129,7 @@ def test_chunk_attention_on_each_type_against_float64(kt, vt, ring):
         for h in range(Nh):
             s = kr[seen, h // 2] @ q[t, h].astype(np.float64) / np.sqrt(D)
             w = np.exp(s - s.max())
-            want[t, h] = (w / w.sum()) @ vr[seen, h // 2]
+            want[t, h] = (w / w.sum()) @ vr[seen, h // 2] / (1 + np.exp(-np.float64(gate[t, h])))
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
 
 

@@ -174,7 +174,7 @@ def test_full_attention_cache_grows_past_its_first_allocation(f32_path, tiny_ckp
 
 @pytest.mark.parametrize("window", [0, 16])
 def test_chunk_attention_matches_float64_reference(window):
-    """The chunk attention kernel: grouped heads, empty cache slots, causal and sliding masks."""
+    """The chunk attention kernel: grouped heads, empty cache slots, causal and sliding masks, head gates."""
     from runtime.model.attention_kernels import chunk_attention
 
     rng = np.random.default_rng(0)
@@ -184,8 +184,10 @@ def test_chunk_attention_matches_float64_reference(window):
     kpos = rng.permutation(60)[:50].astype(np.int64)  # slots in any order, some positions absent
     kpos[[3, 17]] = -1  # empty slots
     qpos = np.arange(20, 57, dtype=np.int64)
+    gate = rng.standard_normal((37, 4)).astype(np.float32)
     out = np.empty_like(q)
-    chunk_attention(q, k, v, kpos, qpos, window, out)
+    no_scale = np.zeros((50, 2, 0), np.uint16)  # f32 keys and values carry no scales: the model's types
+    chunk_attention(q, k, v, kpos, qpos, window, out, gate, no_scale, no_scale)
 
     want = np.empty(q.shape)
     for t, p in enumerate(qpos):
@@ -193,7 +195,7 @@ def test_chunk_attention_matches_float64_reference(window):
         for h in range(4):
             s = k[seen, h // 2].astype(np.float64) @ q[t, h].astype(np.float64) / 4.0
             w = np.exp(s - s.max())
-            want[t, h] = (w / w.sum()) @ v[seen, h // 2].astype(np.float64)
+            want[t, h] = (w / w.sum()) @ v[seen, h // 2].astype(np.float64) / (1 + np.exp(-np.float64(gate[t, h])))
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 

@@ -139,12 +139,12 @@ def decode_attention(q, k, v, gate, q_norm, k_norm, eps, cos, sin, keys, vals, k
 
 
 @nb.njit(parallel=True, fastmath=FIXED_ORDER, cache=True)
-def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate=None, kscale=None, vscale=None):
+def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate, kscale=None, vscale=None):
     """Softmax attention of a chunk: q [T, Nh, D] (normed and rotated) over keys/vals [S, Nk, D]
     at positions kpos [S] (-1: empty), for queries at qpos [T] -> out [T, Nh, D]. A query sees
-    the keys with 0 <= kpos <= qpos (and kpos > qpos - window when window > 0). With gate
-    [T, Nh], each head's output is times sigmoid(gate), in decode_attention's arithmetic, so a
-    position's output is the same from either kernel. Heads and queries run in parallel."""
+    the keys with 0 <= kpos <= qpos (and kpos > qpos - window when window > 0). Each head's
+    output is times sigmoid(gate [T, Nh]), in decode_attention's arithmetic, so a position's
+    output is the same from either kernel. Heads and queries run in parallel."""
     t_count, n_head, d = q.shape
     n_kv = keys.shape[1]
     group = n_head // n_kv
@@ -158,9 +158,6 @@ def chunk_attention(q, keys, vals, kpos, qpos, window, out, gate=None, kscale=No
         acc = np.empty(d, np.float32)
         total = _attend(q[t, h], keys, kscale, vals, vscale, kpos, h // group, qp, lo, scale,
                         np.empty(n_slots, np.float32), np.empty(4 * LANES, np.float32), acc)
-        if gate is None:
-            f = np.float32(1.0) / total
-        else:
-            f = _gate(gate[t, h]) / total
+        f = _gate(gate[t, h]) / total
         for i in range(d):
             out[t, h, i] = acc[i] * f
