@@ -37,6 +37,7 @@ from convert.hf_config import HFConfig
 from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint
 from convert.tokenizer_gguf import add_tokenizer, read_tokenizer
 from quant.formats import row_bytes
+from runtime.base import interrupts
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_schema import ARCH, ROPE_FREQS
 from runtime.base.system import current_rss_bytes, peak_rss_bytes, reset_peak_rss
@@ -325,7 +326,9 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
             summary.add(t, 0)
         bar = _progress_bar(ckpt, planned[done.done:], ftype) if progress else None
         t1, cpu1 = time.perf_counter(), time.process_time()
-        with ThreadPoolExecutor(1, thread_name_prefix="convert-read") as reader:
+        # Ctrl-C and SIGTERM are acted on between chunks, where this thread holds none of the
+        # locks it shares with the reader (raised anywhere, they could leave one held: a hang)
+        with interrupts.held_back(), ThreadPoolExecutor(1, thread_name_prefix="convert-read") as reader:
             for k, t in enumerate(planned):
                 if k < done.done:
                     continue

@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType as Q
 from quant.formats import get_format
 from convert import layout
 from convert.safetensors_io import Checkpoint
+from runtime.base import interrupts
 from runtime.base.errors import StepstreamError
 
 CHUNK_WEIGHTS = 1 << 21  # 8 MiB of float32 per chunk; two chunks are alive at a time
@@ -158,6 +159,7 @@ def write_tensor(f, ckpt: Checkpoint, spec: layout.TensorSpec, qtype, reader: Th
     written = 0
     pending = None
     for c in chunks(spec.shape, spec.role, CHUNK_WEIGHTS):
+        interrupts.check()  # a Ctrl-C or SIGTERM held back meanwhile (see runtime.base.interrupts)
         nxt = reader.submit(_load, ckpt, spec.hf_name, where, spec.role, c)
         if pending is not None:
             written += _encode(f, pending, cols, encode, width, progress)

@@ -1,0 +1,139 @@
+"""Ctrl-C and SIGTERM held back while the main thread waits on a worker (runtime.base.interrupts),
+and the converter stopping at its next chunk when one arrives. Each case runs in a process of
+its own: the signals are real, sent with os.kill."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_signal_waits_for_check_while_the_main_thread_waits_on_a_future():
+    """SIGINT and then SIGTERM (with the commands' Terminated handler) land while the main thread
+    waits in Future.result(): the result comes back, check() raises each, and the handlers are the
+    old ones afterwards. Without the hold, result() itself raises."""
+    r = _run("""
+        import os, signal, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        from runtime.base import interrupts
+        from runtime.base.errors import Terminated, raise_terminated
+
+        def slow(sig):
+            threading.Timer(0.1, os.kill, (os.getpid(), sig)).start()
+            time.sleep(0.5)
+            return sig
+
+        signal.signal(signal.SIGTERM, raise_terminated)
+        got = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with interrupts.held_back(), ThreadPoolExecutor(1) as ex:
+                got.append(int(ex.submit(slow, sig).result()))
+                try:
+                    interrupts.check()
+                except Terminated:
+                    got.append("Terminated")
+                except KeyboardInterrupt:
+                    got.append("KeyboardInterrupt")
+                interrupts.check()  # acted on once
+        got.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        got.append(signal.getsignal(signal.SIGTERM) is raise_terminated)
+        try:
+            with ThreadPoolExecutor(1) as ex:
+                ex.submit(slow, signal.SIGINT).result()
+        except KeyboardInterrupt:
+            got.append("unheld: raised in result()")
+        print(got)
+        """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str([int(signal.SIGINT), "KeyboardInterrupt", int(signal.SIGTERM), "Terminated",
+                                    True, True, "unheld: raised in result()"])
+
+
+def test_a_signal_still_waiting_at_the_end_is_raised_there_with_the_handlers_restored():
+    r = _run("""
+        import os, signal
+        from runtime.base import interrupts
+        try:
+            with interrupts.held_back():
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(100000))  # bytecodes run: the handler has been called
+                print("still inside", flush=True)
+        except KeyboardInterrupt:
+            print("raised at the end", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["still inside", "raised at the end True"]
+
+
+def test_a_third_signal_ends_the_process_at_once_and_a_default_disposition_is_left_alone():
+    """While the main thread waits 30 s on a worker: three SIGINTs end the process by SIGINT at
+    once; with SIGTERM's default disposition (the Python API's), one SIGTERM ends it as before."""
+    code = """
+        import os, signal, sys, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        from runtime.base import interrupts
+        sig, n = int(sys.argv[1]), int(sys.argv[2])
+        def send():
+            for _ in range(n):
+                time.sleep(0.2)
+                os.kill(os.getpid(), sig)
+        threading.Thread(target=send, daemon=True).start()
+        with interrupts.held_back(), ThreadPoolExecutor(1) as ex:
+            ex.submit(time.sleep, 30).result()
+        print("not ended")
+        """
+    for sig, n in ((signal.SIGINT, 3), (signal.SIGTERM, 1)):
+        t0 = time.monotonic()
+        r = _run(code, str(int(sig)), str(n), timeout=60)
+        assert r.returncode == -sig, (sig, r.returncode, r.stdout, r.stderr)
+        assert time.monotonic() - t0 < 20
+
+
+def test_the_converter_stops_at_the_next_chunk_after_a_signal_during_a_read(tiny_ckpt, tmp_path):
+    """A SIGINT sent while the reader thread reads a chunk (the main thread waiting on it or
+    quantizing): the run raises KeyboardInterrupt from the chunk loop's check, not from wherever
+    the main thread was (inside a lock, perhaps), before the reader starts another chunk, and
+    leaves neither the output nor its .part."""
+    out = tmp_path / "m.gguf"
+    r = _run("""
+        import json, os, signal, sys, threading, traceback
+        from pathlib import Path
+        from convert import converter, tensor_stream
+        loads, after = [], []
+        load = tensor_stream._load
+        def signalling_load(*a):
+            loads.append(threading.current_thread().name)
+            if len(loads) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            elif len(loads) > 3:
+                after.append(len(loads))
+            return load(*a)
+        tensor_stream._load = signalling_load
+        out = Path(sys.argv[2])
+        try:
+            converter.convert(Path(sys.argv[1]), out, "q8_0", progress=False)
+            outcome = "finished"
+        except KeyboardInterrupt as e:
+            outcome = "KeyboardInterrupt"
+            raised_in = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_tb(e.__traceback__)[-2:]]
+        print(json.dumps({"outcome": outcome, "raised_in": raised_in, "reader": sorted(set(loads)), "loads_after": after,
+                          "files": sorted(p.name for p in out.parent.iterdir())}))
+        """, str(tiny_ckpt), str(out))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["outcome"] == "KeyboardInterrupt", got
+    assert got["raised_in"] == ["tensor_stream.py:write_tensor", "interrupts.py:check"], got
+    assert all(name.startswith("convert-read") for name in got["reader"]), got
+    assert got["loads_after"] == [] and got["files"] == [], got
