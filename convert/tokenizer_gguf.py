@@ -277,3 +277,4 @@ def add_tokenizer(writer: gguf.GGUFWriter, t: TokenizerData) -> None:
     if t.chat_template:
         writer.add_string(Key.CHAT_TEMPLATE, t.chat_template)
     writer.add_string(Key.HF_JSON, t.hf_json)
+    writer.add_string(Key.HF_JSON_PRE, t.pre)

@@ -117,6 +117,46 @@ def test_chat_template_errors():
         render_chat("{{ raise_exception('nope') }}", [{"role": "user", "content": "x"}])
 
 
+def test_an_edited_pre_tokenizer_name_is_followed_as_llama_cpp_follows_it(f32_path, tmp_path):
+    """A converted file keeps the checkpoint's tokenizer.json and the pre-tokenizer name written
+    beside it. Someone who edits tokenizer.ggml.pre afterwards (gguf-py's gguf_set_metadata.py)
+    gets llama.cpp's tokenization by the new name, with a warning naming both; before, the
+    embedded tokenizer.json went on splitting the old way. A file from before the recorded name
+    (no stepstream.tokenizer.hf_json_pre) keeps its tokenizer.json."""
+    import warnings
+
+    import llama_cpp
+
+    from runtime.base.gguf_schema import Key
+    from tests.helpers.gguf_edit import rewrite
+
+    written = GGUFModelFile(f32_path)
+    assert written.get(Key.HF_JSON_PRE) == written.get(Key.TOK_PRE) != "gpt-2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        orig = Tokenizer.from_gguf(written)  # as converted: the tokenizer.json, no warning
+    cases = TEXTS + ["can't WON'T I'M she'S", "1234567890123 abc 12", "x---y___z...!!!", "tabs\tand\u00a0nbsp"]
+
+    edited = tmp_path / "edited.gguf"
+    rewrite(f32_path, edited, change={Key.TOK_PRE: "gpt-2"})
+    with pytest.warns(UserWarning, match="tokenizer.ggml.pre is 'gpt-2', edited since the conversion wrote"):
+        tok = Tokenizer.from_gguf(GGUFModelFile(edited))
+    llm = llama_cpp.Llama(model_path=str(edited), vocab_only=True, verbose=False)
+    try:
+        want = [llm.tokenize(t.encode(), add_bos=False, special=False) for t in cases]
+    finally:
+        llm.close()
+    assert [tok.encode(t, add_bos=False) for t in cases] == want
+    assert want != [orig.encode(t, add_bos=False) for t in cases]  # the edit changes some splits
+
+    older = tmp_path / "older.gguf"
+    rewrite(f32_path, older, drop=(Key.HF_JSON_PRE,), change={Key.TOK_PRE: "gpt-2"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok = Tokenizer.from_gguf(GGUFModelFile(older))
+    assert [tok.encode(t, add_bos=False) for t in cases] == [orig.encode(t, add_bos=False) for t in cases]
+
+
 @pytest.mark.parametrize("pre", [None, "default"])
 def test_a_file_without_a_pre_tokenizer_name_splits_as_llama_cpp_does(f32_path, tmp_path, pre):
     """A GGUF without tokenizer.ggml.pre (nor our tokenizer.json) fell back to GPT-2's split

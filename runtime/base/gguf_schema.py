@@ -69,6 +69,9 @@ class Key:
     TOK_ADD_EOS = Keys.Tokenizer.ADD_EOS
     CHAT_TEMPLATE = Keys.Tokenizer.CHAT_TEMPLATE
     HF_JSON = "stepstream.tokenizer.hf_json"  # the checkpoint's tokenizer.json, written by our converter only
+    # tokenizer.ggml.pre as our converter wrote it beside HF_JSON: a file whose pre was edited since
+    # (gguf-py's gguf_set_metadata.py, gguf_new_metadata.py) tokenizes by the edited name, as llama.cpp does
+    HF_JSON_PRE = "stepstream.tokenizer.hf_json_pre"
 
 
 GATING_SIGMOID = 2  # EXPERT_GATING value: llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID

@@ -1,7 +1,8 @@
 """The tokenizer rebuilt from GGUF metadata, and text <-> token ids.
 
 Our converter stores the checkpoint's tokenizer.json verbatim (`stepstream.tokenizer.hf_json`),
-so the Hugging Face tokenizer comes back exactly. A GGUF made by llama.cpp's tools has
+so the Hugging Face tokenizer comes back exactly, unless tokenizer.ggml.pre was edited after the
+conversion (it also records the name it wrote): then, as below, with a warning. A GGUF made by llama.cpp's tools has
 only the token list, merges and a pre-tokenizer *name*; from those we build the same
 byte-level BPE, with the split regexes that name stands for in llama.cpp
 (src/llama-vocab.cpp, the "original regex from tokenizer.json" forms).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 
@@ -154,8 +156,14 @@ class Tokenizer:
         tokens = f.get(Key.TOK_LIST)
         types = f.get(Key.TOK_TYPES, None) or [TOKEN_NORMAL] * len(tokens)
         hf_json = f.get(Key.HF_JSON, None) if use_hf_json else None
+        pre, paired = f.get(Key.TOK_PRE, "default"), f.get(Key.HF_JSON_PRE, None)
+        if hf_json is not None and paired is not None and pre != paired:
+            warnings.warn(f"{f.path}: tokenizer.ggml.pre is {pre!r}, edited since the conversion wrote {paired!r} "
+                          f"beside the checkpoint's tokenizer.json; tokenizing by {pre!r}, as llama.cpp does",
+                          UserWarning, stacklevel=2)
+            hf_json = None
         if hf_json is None:
-            hf_json = _bpe_from_vocab(tokens, types, f.get(Key.TOK_MERGES), f.get(Key.TOK_PRE, "default"), str(f.path))
+            hf_json = _bpe_from_vocab(tokens, types, f.get(Key.TOK_MERGES), pre, str(f.path))
         return cls(
             hf_json, tokens, [int(t) for t in types], f.get(Key.TOK_BOS, None), f.get(Key.TOK_EOS, None),
             f.get(Key.TOK_EOT, None), bool(f.get(Key.TOK_ADD_BOS, False)), f.get(Key.CHAT_TEMPLATE, None),
