@@ -161,3 +161,57 @@ def test_web_pages_may_call_it_and_probes_may_use_head(url):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
     head = httpx.head(url + "/health", timeout=30)
     assert head.status_code == 200 and head.content == b""
+
+
+# ---- a fourth review: legacy logprobs, deprecated function fields, the newer length field -------
+
+def test_a_sampled_token_is_always_among_its_top_logprobs(client, ref):
+    """Legacy completions: "the API will always return the logprob of the sampled token, so there
+    may be up to logprobs+1 elements" (OpenAI; llama-cpp-python adds it too). Sampled at a high
+    temperature, every token used to be missing from its own entry. The first position's values
+    are the model's: a float64 log-softmax of the reference's logits after the prompt."""
+    import numpy as np
+
+    prompt = "def add(a, b):"
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=12, logprobs=1, temperature=1.5, seed=3)
+    lp = r.choices[0].logprobs
+    beside = 0
+    for i, (tok, p, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+        assert top[tok] == p and 1 <= len(top) <= 2 and max(top.values()) >= p, (i, tok, top)
+        beside += len(top) == 2
+    assert beside > 0  # at temperature 1.5 some sampled tokens are not the most likely one
+    ref.reset()
+    z = ref.eval(ref.tokenize(prompt, special=True)).astype(np.float64)
+    want = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    assert sorted(lp.top_logprobs[0].values()) == pytest.approx(sorted({want.max(), lp.token_logprobs[0]}), abs=1e-4)
+    assert lp.token_logprobs[0] in [pytest.approx(v, abs=1e-4) for v in want]
+
+
+def test_deprecated_function_fields_are_refused_not_ignored(url):
+    """`functions` / `function_call` (OpenAI's form before `tools`) were accepted and dropped: the
+    reply was plain text, the functions never rendered. Refused, naming the field to send."""
+    fn = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    for extra, name in (({"functions": [fn]}, "functions"), ({"function_call": {"name": "get_weather"}}, "function_call")):
+        resp = httpx.post(url + "/v1/chat/completions", timeout=30,
+                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra})
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["param"] == name and err["code"] == "unsupported", resp.text
+        assert err["message"].startswith(f"'{name}' (deprecated by OpenAI) is not supported; send 'tool")
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "count to ten"}],
+                                       max_tokens=20, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("choice", [{"type": "function"}, {"type": "function", "function": {}},
+                                    {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}])
+def test_a_tool_choice_object_of_another_shape_is_named_as_malformed(url, choice):
+    """It was refused as naming "the function None"."""
+    resp = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": choice})
+    err = resp.json()["error"]
+    assert resp.status_code == 400 and err["param"] == "tool_choice", resp.text
+    assert err["message"].startswith("'tool_choice' must be auto, none, required or {'type': 'function'") and "None" not in err["message"]

@@ -132,9 +132,11 @@ def check_model(body: dict, served: str) -> None:
 
 
 def _max_tokens(body: dict, default: int | None) -> int | None:
-    """max_tokens, or OpenAI's newer max_completion_tokens, or llama-server's n_predict (-1: no
-    limit, to the end of the context); the first of them the body holds, named by a refusal."""
-    for name in ("max_tokens", "max_completion_tokens", "n_predict"):
+    """OpenAI's max_completion_tokens, or the max_tokens it replaces, or llama-server's n_predict
+    (-1: no limit, to the end of the context); the first of them, in that order, that the body
+    holds, named by a refusal. The newer name wins, as in vLLM: a client that sets it while a
+    wrapper fills in max_tokens gets the limit it asked for."""
+    for name in ("max_completion_tokens", "max_tokens", "n_predict"):
         v = _get(body, name, (int,))
         if v is None:
             continue
@@ -270,6 +272,10 @@ def chat_body(body: dict) -> ChatBody:
                 and isinstance(c["function"].get("name"), str) for c in calls)):
             raise ApiError(400, f"{where}.tool_calls must be a list of {{'function': {{'name': ..., 'arguments': ...}}}} "
                                 "on an assistant message", param=f"{where}.tool_calls", code="invalid_value")
+    for name, now in (("functions", "tools"), ("function_call", "tool_choice")):  # OpenAI's deprecated forms
+        if body.get(name) is not None:
+            raise ApiError(400, f"'{name}' (deprecated by OpenAI) is not supported; send '{now}' instead",
+                           param=name, code="unsupported")
     tools = _get(body, "tools", (list,))
     tool_choice = _get(body, "tool_choice", (str, dict), "auto")
     try:

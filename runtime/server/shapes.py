@@ -19,6 +19,18 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
 
+def _top_logprobs(lp: TokenLogprob) -> dict:
+    """A legacy completion's top_logprobs entry: the alternatives by their text, and always the
+    sampled token (OpenAI: "the logprob of the sampled token, so there may be up to logprobs+1
+    elements"; llama-cpp-python adds it too). Tokens holding part of a UTF-8 character print
+    alike; of those the likelier one is kept, and the sampled token's own logprob always."""
+    top: dict[str, float] = {}
+    for _, t, p in lp.top:  # most likely first
+        top.setdefault(_text(t), p)
+    top[_text(lp.text)] = lp.logprob
+    return top
+
+
 def usage(n_prompt: int, timings: Timings) -> dict:
     n = timings.predicted_n
     return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n,
@@ -47,7 +59,7 @@ class TextReply:
             tokens.append(_text(lp.text))
             offset += len(tokens[-1])
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{_text(t): p for _, t, p in lp.top} for lp in lps], "text_offset": offsets}
+                "top_logprobs": [_top_logprobs(lp) for lp in lps], "text_offset": offsets}
 
     def chunk(self, step: Step, want_logprobs: bool) -> dict | None:
         """The streaming chunk for one step (None when it carries nothing)."""

@@ -89,7 +89,11 @@ def check_tools(tools, tool_choice) -> None:
     if tool_choice not in ("auto", "none") and not tools:
         raise ToolSpecError(f"'tool_choice' {json.dumps(tool_choice)[:80]} needs 'tools'", "tool_choice")
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice.get("function"), dict) else None
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if tool_choice.get("type", "function") != "function" or not isinstance(name, str):
+            raise ToolSpecError(f"'tool_choice' must be auto, none, required or {{'type': 'function', 'function': "
+                                f"{{'name': ...}}}}, got {json.dumps(tool_choice)[:80]}", "tool_choice")
         if name not in {t["function"]["name"] for t in tools}:
             raise ToolSpecError(f"'tool_choice' names the function {name!r}, which is not among 'tools'", "tool_choice")
 
