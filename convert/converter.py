@@ -132,12 +132,15 @@ def _duration(seconds: float) -> str:
 def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str) -> tuple[list[PlannedTensor], dict[str, str]]:
     """Match checkpoint tensors to the layout; fail on anything missing, unknown or misshapen."""
     specs = layout.checkpoint_layout(cfg)
-    expected = {s.hf_name: s for s in specs}
+    expected = {s.hf_name for s in specs}
     skipped: dict[str, str] = {}
     for name in ckpt.names():
         if name in expected:
             continue
-        reason = next((why for suffix, why in layout.SKIPPABLE_SUFFIXES.items() if name.endswith(suffix)), None)
+        reason = layout.skip_reason(cfg, name)
+        if reason is None and name.endswith(".weight_scale_inv"):
+            raise StepstreamError(f"{ckpt.file_of(name)}: tensor {name!r} is an FP8 block scale: FP8 checkpoints "
+                                  "are not supported; convert the bf16 checkpoint")
         if reason is None:
             raise StepstreamError(f"{ckpt.file_of(name)}: tensor {name!r} is not part of the Step-3.5 layout implied by config.json")
         skipped[name] = reason

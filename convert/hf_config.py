@@ -183,7 +183,7 @@ class HFConfig:
         size = r.size
         sliding, rotary = _layer_types(r)
         n_head, n_head_kv = _heads(r, sliding)
-        theta_full, theta_swa = _rope_theta(r, sliding)
+        theta_full, theta_swa, scaling = _rope(r, sliding)
         cfg = cls(
             hidden_size=size("hidden_size"),
             n_layers=r.n_layers,
@@ -197,7 +197,7 @@ class HFConfig:
             sliding_window=size("sliding_window"),
             rope_theta_full=theta_full,
             rope_theta_sliding=theta_swa,
-            rope_scaling=_rope_scaling(r),
+            rope_scaling=scaling,
             intermediate_size=size("intermediate_size"),
             moe_layers=_moe_layers(r),
             n_expert=size("moe_num_experts"),
@@ -277,10 +277,48 @@ def _heads(r: _Fields, sliding) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return n_head, n_head_kv
 
 
-def _rope_theta(r: _Fields, sliding) -> tuple[float, float]:
-    """RoPE bases of full and sliding blocks: one value, or a per-layer list with one base per type."""
+DEFAULT_ROPE_THETA = 10000.0  # transformers' PretrainedConfig default, used when a config names no base
+
+
+def _rope(r: _Fields, sliding) -> tuple[float, float, dict | None]:
+    """RoPE bases of full and sliding blocks and the full blocks' llama3 scaling, from
+    transformers v4's `rope_theta` + `rope_scaling`, or v5's `rope_parameters` (one object for
+    every layer, or one per layer type: `full_attention`, `sliding_attention`)."""
+    if r.raw.get("rope_theta") is not None or r.raw.get("rope_parameters") is None:
+        scaling = r.nested("rope_scaling")
+        return (*_rope_theta(r, sliding, scaling), _rope_scaling(scaling, r.source))
+    params = r.nested("rope_parameters")
+    if {"full_attention", "sliding_attention"} & params.raw.keys():
+        full, swa = params.nested("full_attention"), params.nested("sliding_attention")
+        full, swa = full or swa, swa or full
+    else:
+        full = swa = params
+    if swa is not full and _rope_scaling(swa, r.source) is not None:
+        raise StepstreamError(f"{r.source}: rope_parameters.sliding_attention scales RoPE; GGUF scales the "
+                              "full-attention layers only")
+    bases = [p.get("rope_theta", float, None, "positive") for p in (full, swa)]
+    if None in bases:
+        _no_base(r.source)
+    theta_full, theta_swa = (DEFAULT_ROPE_THETA if b is None else b for b in bases)
+    return theta_full, theta_swa, _rope_scaling(full, r.source)
+
+
+def _no_base(source) -> None:
+    warn(f"{source}: no rope_theta; using transformers' default base {DEFAULT_ROPE_THETA:g}, which may not be "
+         "the base this model was trained with")
+
+
+def _rope_theta(r: _Fields, sliding, scaling: JsonFields | None) -> tuple[float, float]:
+    """RoPE bases of full and sliding blocks: one value, or a per-layer list with one base per type.
+    Without `rope_theta`, a base inside `rope_scaling` (as some transformers versions save it),
+    else transformers' default, with a warning: a wrong base runs, with wrong positions."""
+    if r.raw.get("rope_theta") is None:
+        if scaling is not None and (theta := scaling.get("rope_theta", float, None, "positive")) is not None:
+            return theta, theta
+        _no_base(r.source)
+        return DEFAULT_ROPE_THETA, DEFAULT_ROPE_THETA
     if not isinstance(r.raw.get("rope_theta"), list):
-        theta = r.get("rope_theta", float, 10000.0, "positive")
+        theta = r.get("rope_theta", float, DEFAULT_ROPE_THETA, "positive")
         return theta, theta
     theta = r.per_block("rope_theta", None, float, "positive")
     full = sorted({t for t, s in zip(theta, sliding) if t is not None and not s})
@@ -316,14 +354,18 @@ def _moe_layers(r: _Fields) -> frozenset[int]:
     return moe_layers
 
 
-def _rope_scaling(r: _Fields) -> dict | None:
-    """llama3-style scaling, its values type-checked (nulls left out, so readers' defaults apply)."""
-    scaling = r.nested("rope_scaling")
+def _rope_scaling(scaling: JsonFields | None, source) -> dict | None:
+    """llama3-style scaling, its values type-checked (nulls left out, so readers' defaults apply);
+    None for none: absent, an empty object, or transformers' type "default" (plain RoPE, which
+    newer transformers writes when it saves a config)."""
     if scaling is None:
         return None
     kind = scaling.get("rope_type", str, None) or scaling.get("type", str, "")
+    if kind.lower() in ("", "default"):
+        return None
     if kind.lower() != "llama3":
-        raise StepstreamError(f"{r.source}: rope_scaling type {kind!r} is not supported (only llama3)")
+        where = scaling.prefix.rstrip(".") or "rope_scaling"
+        raise StepstreamError(f"{source}: {where} type {kind!r} is not supported (only llama3, or default: none)")
     out = {"rope_type": kind}
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         if (value := scaling.get(key, float, None, "positive")) is not None:
@@ -332,7 +374,7 @@ def _rope_scaling(r: _Fields) -> dict | None:
         out["original_max_position_embeddings"] = old
     lo, hi = out.get("low_freq_factor", 1.0), out.get("high_freq_factor", 4.0)  # gguf_meta's defaults
     if not lo < hi:  # the smoothing between them divides by hi - lo
-        raise StepstreamError(f"{r.source}: rope_scaling.low_freq_factor ({lo:g}) must be below high_freq_factor "
+        raise StepstreamError(f"{source}: {scaling.prefix}low_freq_factor ({lo:g}) must be below high_freq_factor "
                               f"({hi:g})")
     return out
 

@@ -100,14 +100,18 @@ def _block(cfg: HFConfig, i: int) -> list[TensorSpec]:
 
 
 def checkpoint_layout(cfg: HFConfig) -> list[TensorSpec]:
-    """All tensors in GGUF write order: embeddings, blocks (trunk then MTP), final norm, head."""
+    """All tensors in GGUF write order: embeddings, blocks (trunk then MTP), final norm, head.
+    With tied embeddings the head's checkpoint tensor is the embeddings' (named twice: a writer
+    of checkpoints, which never ties, would write it twice)."""
     H, V = cfg.hidden_size, cfg.vocab_size
     specs = [TensorSpec("model.embed_tokens.weight", G.TOKEN_EMBD, (V, H), EMBED)]
     for i in range(cfg.n_blocks):
         specs += _block(cfg, i)
     specs.append(TensorSpec("model.norm.weight", G.OUTPUT_NORM, (H,), NORM))
-    if not cfg.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.weight", G.OUTPUT, (V, H), OUTPUT))
+    # tied embeddings (tie_word_embeddings): the output head is the embedding matrix, written as
+    # output.weight too, since llama.cpp's step35 loader requires that tensor
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    specs.append(TensorSpec(head, G.OUTPUT, (V, H), OUTPUT))
     return specs
 
 
@@ -115,3 +119,20 @@ def checkpoint_layout(cfg: HFConfig) -> list[TensorSpec]:
 SKIPPABLE_SUFFIXES = {
     ".rotary_emb.inv_freq": "recomputed from rope_theta at run time",
 }
+
+
+def skip_reason(cfg, name: str) -> str | None:
+    """Why a checkpoint tensor outside the layout is left out, as transformers leaves it out
+    when it loads the model (None: it is an error). Besides SKIPPABLE_SUFFIXES: blocks past
+    the trunk and the MTP blocks config.json declares (MTP weights in a checkpoint whose
+    num_nextn_predict_layers is 0 or absent), and a tied checkpoint's lm_head.weight."""
+    reason = next((why for suffix, why in SKIPPABLE_SUFFIXES.items() if name.endswith(suffix)), None)
+    if reason is not None:
+        return reason
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() and int(parts[2]) >= cfg.n_blocks:
+        return (f"block {parts[2]} is past the {cfg.n_layers} layers and {cfg.n_mtp} MTP blocks config.json "
+                "declares (num_hidden_layers, num_nextn_predict_layers): not converted")
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return "tie_word_embeddings: the output head is model.embed_tokens.weight"
+    return None

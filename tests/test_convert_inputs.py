@@ -231,3 +231,104 @@ def test_context_default_is_step3p5s(ckpt, capsys):
     meta, warnings = convert(ckpt, capsys)
     assert meta[Key.CONTEXT_LENGTH] == 262144  # Step3p5Config's default for both keys
     assert len(warnings) == 1 and "neither max_position_embeddings nor max_seq_len" in warnings[0]
+
+
+# --- 6. how real checkpoints vary: RoPE fields, MTP blocks, tied embeddings, FP8 ------------------
+
+def _bases(meta):
+    return meta[Key.ROPE_BASE], meta[Key.ROPE_BASE_SWA]
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "default"}, {"type": "default"}, {}])
+def test_rope_scaling_of_type_default_is_plain_rope(ckpt, capsys, scaling):
+    """transformers' "default" means plain RoPE (newer versions save it so); it was refused as
+    'not supported (only llama3)'. llama.cpp's converter writes rope_freqs for llama3 only."""
+    edit_json(ckpt / "config.json", lambda c: c.update(rope_scaling=scaling))
+    meta, warnings = convert(ckpt, capsys)
+    assert _bases(meta) == (1e6, 1e4) and warnings == []
+    assert "rope_freqs.weight" not in {t.name for t in gguf.GGUFReader(ckpt.parent / "out.gguf").tensors}
+
+
+def test_rope_parameters_of_transformers_v5_give_the_bases(ckpt, capsys):
+    """No rope_theta: transformers v5 keeps the bases in rope_parameters, per layer type or one for
+    all. They were ignored and the base silently became 10000 (a model with wrong positions)."""
+    def v5(c, params):
+        c.pop("rope_theta")
+        c.pop("rope_scaling")
+        c["rope_parameters"] = params
+    edit_json(ckpt / "config.json", lambda c: v5(c, {"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}))
+    meta, warnings = convert(ckpt, capsys)
+    assert _bases(meta) == (5e5, 2e4) and warnings == []
+    (ckpt.parent / "out.gguf").unlink()
+    edit_json(ckpt / "config.json", lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 3e5}))
+    meta, warnings = convert(ckpt, capsys)
+    assert _bases(meta) == (3e5, 3e5) and warnings == []
+    (ckpt.parent / "out.gguf").unlink()
+    edit_json(ckpt / "config.json", lambda c: c.update(rope_parameters={
+        "full_attention": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4}}))
+    assert refused(ckpt, capsys).endswith("config.json: rope_parameters.full_attention type 'yarn' is not supported "
+                                          "(only llama3, or default: none)")
+
+
+def test_a_config_without_any_rope_base_says_which_base_it_used(ckpt, capsys):
+    edit_json(ckpt / "config.json", lambda c: [c.pop("rope_theta"), c.pop("rope_scaling")])
+    meta, warnings = convert(ckpt, capsys)
+    assert _bases(meta) == (10000.0, 10000.0)
+    assert warnings == [f"warning: {ckpt / 'config.json'}: no rope_theta; using transformers' default base 10000, "
+                        "which may not be the base this model was trained with"]
+
+
+def test_mtp_blocks_beyond_what_the_config_declares_are_skipped(ckpt, capsys):
+    """num_nextn_predict_layers 0 (or absent) while the shards still hold the MTP blocks: transformers
+    and llama.cpp's converter leave layers past the declared ones out; the file was refused."""
+    edit_json(ckpt / "config.json", lambda c: c.update(num_nextn_predict_layers=0))
+    meta, _ = convert(ckpt, capsys)
+    names = {t.name for t in gguf.GGUFReader(ckpt.parent / "out.gguf").tensors}
+    assert meta[Key.BLOCK_COUNT] == 4 and not any(n.startswith(("blk.4.", "blk.5.", "blk.6.")) for n in names)
+    from convert.converter import plan
+    from convert.hf_config import HFConfig
+    from convert.safetensors_io import Checkpoint
+
+    _, skipped = plan(HFConfig.load(ckpt), Checkpoint(ckpt), "f16")
+    assert "model.layers.4.eh_proj.weight" in skipped and "model.layers.6.mlp.up_proj.weight" in skipped
+    assert skipped["model.layers.5.self_attn.q_proj.weight"].startswith("block 5 is past the 4 layers and 0 MTP blocks")
+
+
+def test_tied_embeddings_write_the_output_head_llama_cpp_needs(ckpt, capsys):
+    """tie_word_embeddings: the file had no output.weight, which llama.cpp's step35 loader requires
+    ("tensor 'output.weight' not found"); and a tied checkpoint that still stores lm_head.weight
+    was refused. Now output.weight is the embedding matrix, and the stored head is skipped."""
+    import llama_cpp
+    import numpy as np
+
+    edit_json(ckpt / "config.json", lambda c: c.update(tie_word_embeddings=True))
+    convert(ckpt, capsys)
+    out = ckpt.parent / "out.gguf"
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    np.testing.assert_array_equal(np.asarray(tensors["output.weight"].data), np.asarray(tensors["token_embd.weight"].data))
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_threads=1, verbose=False)
+    try:
+        assert len(llm.create_completion("def", max_tokens=2, temperature=0)["choices"][0]["text"]) >= 0
+    finally:
+        llm.close()
+
+
+def test_an_fp8_checkpoint_is_named_as_such(ckpt, capsys):
+    """The official FP8 repository's block scales (`*.weight_scale_inv`) were refused as 'not part of
+    the Step-3.5 layout'; the line now says what the checkpoint is and what to convert instead."""
+    import numpy as np
+
+    shard = ckpt / "model-00002-of-00002.safetensors"
+    raw = shard.read_bytes()  # a link to the shared tiny checkpoint: written anew, not in place
+    shard.unlink()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    name = "model.layers.1.self_attn.q_proj.weight_scale_inv"
+    header[name] = {"dtype": "F32", "shape": [1], "data_offsets": [end, end + 4]}
+    blob = json.dumps(header).encode()
+    shard.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + header_len:][:end] + np.ones(1, np.float32).tobytes())
+    edit_json(ckpt / "model.safetensors.index.json", lambda c: c["weight_map"].update({name: shard.name}))
+    assert refused(ckpt, capsys) == (f"error: {shard}: tensor {name!r} is an FP8 block scale: FP8 checkpoints are "
+                                     "not supported; convert the bf16 checkpoint")
