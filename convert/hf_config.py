@@ -255,6 +255,10 @@ def _layer_types(r: _Fields) -> tuple[tuple[bool, ...], tuple[float, ...]]:
     if bad:
         raise StepstreamError(f"{r.source}: layer_types holds unknown types {bad}")
     sliding = tuple(t == "sliding_attention" for t in layer_types)
+    if r.raw.get("partial_rotary_factors") is None and any(sliding):  # the default, 0.5, fits full layers only
+        want = [1.0 if s else 0.5 for s in sliding[:r.n_layers]]
+        raise StepstreamError(f"{r.source}: partial_rotary_factors is missing; Step-3.5 rotates all dims on sliding "
+                              f"layers and half on full ones: {json.dumps(want)} for these layer_types")
     rotary = r.per_block("partial_rotary_factors", 0.5)
     for i, (s, f) in enumerate(zip(sliding, rotary)):
         if f != (1.0 if s else 0.5):

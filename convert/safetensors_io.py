@@ -31,6 +31,7 @@ _STORAGE = {
     "F32": (np.dtype("<f4"), 4),
     "F16": (np.dtype("<f2"), 2),
     "BF16": (np.dtype("<u2"), 2),
+    "F64": (np.dtype("<f8"), 8),  # cast to float32 as read, as transformers and llama.cpp's converter cast it
 }
 SUPPORTED_DTYPES = tuple(_STORAGE)
 
@@ -69,7 +70,7 @@ class SafetensorsFile:
         return bf16_bits_to_f32(raw) if self.entries[name].dtype == "BF16" else raw.astype(np.float32)
 
     def read_raw(self, name: str, start: int, count: int) -> np.ndarray:
-        """Elements start..start+count as stored: float32, float16, or bf16 bits as uint16."""
+        """Elements start..start+count as stored: float32, float16, float64, or bf16 bits as uint16."""
         entry = self.entries[name]
         storage, width = self._storage(entry)
         n = math.prod(entry.shape)

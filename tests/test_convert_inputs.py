@@ -332,3 +332,31 @@ def test_an_fp8_checkpoint_is_named_as_such(ckpt, capsys):
     edit_json(ckpt / "model.safetensors.index.json", lambda c: c["weight_map"].update({name: shard.name}))
     assert refused(ckpt, capsys) == (f"error: {shard}: tensor {name!r} is an FP8 block scale: FP8 checkpoints are "
                                      "not supported; convert the bf16 checkpoint")
+
+
+def test_a_config_without_partial_rotary_factors_is_told_what_step_3_5_needs(ckpt, capsys):
+    """The line quoted 'partial_rotary_factors[1]=0.5', a value the file does not hold."""
+    config = edit_json(ckpt / "config.json", lambda c: c.pop("partial_rotary_factors"))
+    want = [1.0 if t == "sliding_attention" else 0.5 for t in config["layer_types"][:config["num_hidden_layers"]]]
+    assert refused(ckpt, capsys) == (f"error: {ckpt / 'config.json'}: partial_rotary_factors is missing; Step-3.5 "
+                                     f"rotates all dims on sliding layers and half on full ones: {json.dumps(want)} "
+                                     "for these layer_types")
+
+
+def test_float64_weights_are_cast_as_transformers_casts_them(ckpt, capsys):
+    """F64 tensors were refused ("supported dtypes are F32, F16, BF16"); transformers and llama.cpp's
+    converter cast them. One tensor moved to an F64 shard gives the same file as before."""
+    import numpy as np
+
+    from convert.safetensors_io import Checkpoint
+
+    convert(ckpt, capsys)
+    before = (ckpt.parent / "out.gguf").read_bytes()
+    (ckpt.parent / "out.gguf").unlink()
+    name = "model.layers.1.input_layernorm.weight"
+    values = Checkpoint(ckpt).read(name).astype(np.float64)
+    blob = json.dumps({name: {"dtype": "F64", "shape": list(values.shape), "data_offsets": [0, values.nbytes]}}).encode()
+    (ckpt / "extra-f64.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + values.tobytes())
+    edit_json(ckpt / "model.safetensors.index.json", lambda c: c["weight_map"].update({name: "extra-f64.safetensors"}))
+    convert(ckpt, capsys)
+    assert (ckpt.parent / "out.gguf").read_bytes() == before
