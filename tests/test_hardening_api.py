@@ -77,3 +77,45 @@ def test_threads_sharing_a_model_take_turns_and_get_their_own_logits():
     assert not wrong and not errors, (wrong, errors[:3])
     m.reset()  # and the model is sound after it
     assert np.array_equal(m.logits(prompts[0]), want[0])
+
+
+@pytest.mark.parametrize("mtp", [0, 3])
+def test_threads_generating_on_one_model_get_their_own_text_or_the_stale_error(mtp):
+    """Three threads generating greedily on one model: a generation checked that the cache was
+    still its own, then evaluated, in two calls, and another thread's evaluation between them
+    made both go on from each other's tokens without an error (a review's finding: 1 of 30
+    calls). The gap is widened here by an evaluation that pauses before taking the lock. Every
+    call now returns the single-threaded tokens or raises the stale error."""
+    import threading
+    import time
+
+    from runtime.base.errors import StepstreamError
+
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    prompt = m.tokenize("def f(x):")
+    want = list(m.generate(prompt, max_tokens=12, temperature=0, mtp=mtp))
+    evaluate = m.eval
+
+    def paused_eval(*args, **kwargs):
+        time.sleep(0.002)  # outside the model's lock, as the gap was
+        return evaluate(*args, **kwargs)
+
+    m.eval = paused_eval
+    outcomes = []
+
+    def work():
+        for _ in range(8):
+            try:
+                got = list(m.generate(prompt, max_tokens=12, temperature=0, mtp=mtp))
+                outcomes.append("same" if got == want else f"wrong {got}")
+            except StepstreamError as e:
+                assert "this generation is stale" in str(e), e
+                outcomes.append("stale")
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 24 and "same" in outcomes
+    assert [o for o in outcomes if o.startswith("wrong")] == []

@@ -63,22 +63,25 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
 
 def _plain(model, prompt: list[int], sampler: Sampler, max_tokens: int | None, eog: frozenset,
            stats: dict | None) -> Iterator[int]:
-    if stats is not None and hasattr(model, "eval_prompt"):  # the positions reused, and when the prompt was done
-        logits, cached = model.eval_prompt(prompt)
-        stats.update(cached=cached, prompt_done=time.perf_counter())
-    else:
-        logits = model.eval_reusing_prefix(prompt)
-    mine = getattr(model, "version", None)
+    with speculative.owned(model):
+        if stats is not None and hasattr(model, "eval_prompt"):  # the positions reused, and when the prompt was done
+            logits, cached = model.eval_prompt(prompt)
+            stats.update(cached=cached, prompt_done=time.perf_counter())
+        else:
+            logits = model.eval_reusing_prefix(prompt)
+        mine = getattr(model, "version", None)
+        tok = sampler(logits, model.history) if max_tokens is None or max_tokens > 0 else None
     n = 0
     while max_tokens is None or n < max_tokens:
-        tok = sampler(logits, model.history)
         n += 1
         yield tok
         if tok in eog or model.n_past + 1 > model.n_ctx or n == max_tokens:
             return  # the last token is not evaluated: nothing would read its logits
-        speculative.still_current(model, mine)
-        logits = model.eval([tok])
-        mine = getattr(model, "version", None)
+        with speculative.owned(model):
+            speculative.still_current(model, mine)
+            logits = model.eval([tok])
+            mine = getattr(model, "version", None)
+            tok = sampler(logits, model.history)
 
 
 class StopStrings:

@@ -32,6 +32,7 @@ and each probe doubles the wait before the next (a useless probe costs ever less
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -173,6 +174,14 @@ class DraftLength:
                 "drafts_per_head": list(self.tried), "settled_k": settled}
 
 
+def owned(model):
+    """The model's lock (a no-op context for a model without one), held from a generation's
+    check that the cache is still its own through its next evaluation and sampling, and never
+    across a yield: another thread's evaluation then comes before or after a whole step, and a
+    generation it overtook is refused as stale instead of going on from the other's tokens."""
+    return getattr(model, "lock", None) or contextlib.nullcontext()
+
+
 def still_current(model, mine) -> None:
     """Refuse to go on with a generation after the model's cache changed under it (another
     generate, eval, trim or reset since its last step): its next token would continue someone
@@ -191,11 +200,12 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
     on); and, once the prompt is evaluated, the positions it reused ("cached") and when it was
     done ("prompt_done", a perf_counter time)."""
     prompt = list(prompt)
-    logits, cached = model.eval_prompt(prompt, mtp=True)
-    if stats is not None:
-        stats.update(cached=cached, prompt_done=time.perf_counter())
-    mine = getattr(model, "version", None)  # after this generation's own last change to the cache
-    tok = sampler(logits, model.history)
+    with owned(model):
+        logits, cached = model.eval_prompt(prompt, mtp=True)
+        if stats is not None:
+            stats.update(cached=cached, prompt_done=time.perf_counter())
+        mine = getattr(model, "version", None)  # after this generation's own last change to the cache
+        tok = sampler(logits, model.history)
     params = getattr(sampler, "params", None)  # a Sampler reads only its last repeat_last_n tokens
     recent = params.repeat_last_n if params is not None else model.n_ctx
     n, passes, emitted, drafting, by_drafting, drafted = 0, 0, 0, 0, 0, 0
@@ -205,47 +215,51 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
             yield tok
             if tok in eog or model.n_past + 1 > model.n_ctx or n == max_tokens:
                 return
-            room = min(model.n_ctx - model.n_past - 1, model.options.rollback,
-                       (max_tokens - n - 1) if max_tokens is not None else model.n_ctx)
-            still_current(model, mine)
-            k = chooser.choose(room)
-            if k == 0:  # a plain step, as lean as plain decoding's
+            with owned(model):  # from the check that the cache is still ours to the next token's sampling
+                room = min(model.n_ctx - model.n_past - 1, model.options.rollback,
+                           (max_tokens - n - 1) if max_tokens is not None else model.n_ctx)
+                still_current(model, mine)
+                k = chooser.choose(room)
+                if k == 0:  # a plain step, as lean as plain decoding's
+                    t1 = time.perf_counter()
+                    logits = model.eval([tok])
+                    mine = getattr(model, "version", None)
+                    chooser.observe(0, 0, None, time.perf_counter() - t1)
+                    passes, emitted = passes + 1, emitted + 1
+                    tok = sampler(logits, model.history)
+                    continue
+                drafts = model.mtp_draft(tok, k)
+                drafted += len(drafts)
                 t1 = time.perf_counter()
-                logits = model.eval([tok])
+                base = model.n_past
+                logits = model.eval([tok] + drafts, all_logits=True)  # [k+1, V]
+                t2 = time.perf_counter()
                 mine = getattr(model, "version", None)
-                chooser.observe(0, 0, None, time.perf_counter() - t1)
-                passes, emitted = passes + 1, emitted + 1
-                tok = sampler(logits, model.history)
-                continue
-            drafts = model.mtp_draft(tok, k)
-            drafted += len(drafts)
-            t1 = time.perf_counter()
-            base = model.n_past
-            logits = model.eval([tok] + drafts, all_logits=True)  # [k+1, V]
-            t2 = time.perf_counter()
-            mine = getattr(model, "version", None)
-            out = verify(sampler, logits, drafts, model.history[max(0, base + 1 - recent) : base + 1])
-            chooser.observe(len(drafts), len(out) - 1, model.mtp_draft_seconds / len(drafts) if drafts else None,
-                            t2 - t1)
-            passes, emitted = passes + 1, emitted + len(out)
-            drafting, by_drafting = drafting + 1, by_drafting + len(out)
-            if len(out) - 1 < len(drafts):
-                model.trim(len(drafts) - (len(out) - 1))  # the rejected drafts
-                mine = getattr(model, "version", None)
+                out = verify(sampler, logits, drafts, model.history[max(0, base + 1 - recent) : base + 1])
+                chooser.observe(len(drafts), len(out) - 1,
+                                model.mtp_draft_seconds / len(drafts) if drafts else None, t2 - t1)
+                passes, emitted = passes + 1, emitted + len(out)
+                drafting, by_drafting = drafting + 1, by_drafting + len(out)
+                if len(out) - 1 < len(drafts):
+                    model.trim(len(drafts) - (len(out) - 1))  # the rejected drafts
+                    mine = getattr(model, "version", None)
             for y in out[:-1]:  # the accepted drafts, each emitted as its own step would be
-                still_current(model, mine)  # a consumer may have run another generation since the last one
+                with owned(model):
+                    still_current(model, mine)  # a consumer may have run another generation since the last one
                 n += 1
                 yield y
                 if y in eog or n == max_tokens:
                     return
             tok = out[-1]
-            still_current(model, mine)
+            with owned(model):
+                still_current(model, mine)
     finally:
         # Accepted drafts after a stop; only while the cache is still this generation's: a
         # generator closed late (dropped, collected) must not trim another generation's tokens.
-        surplus = model.n_past - (len(prompt) + n - 1)
-        if surplus > 0 and getattr(model, "version", None) == mine:
-            model.trim(surplus)
+        with owned(model):
+            surplus = model.n_past - (len(prompt) + n - 1)
+            if surplus > 0 and getattr(model, "version", None) == mine:
+                model.trim(surplus)
         if hasattr(model, "step_seconds"):  # the next generation starts from what this one measured
             model.step_seconds.update(chooser.t_verify)
         if stats is not None:

@@ -98,7 +98,9 @@ class Model:
         self._tokenizer = tokenizer  # None: built on first use
         self._tokens: list[int] = []  # the ids the cache holds, position by position
         self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
-        self._lock = threading.RLock()  # one thread's call at a time (_serialized)
+        # One thread's call at a time (_serialized). A generation also holds it across each of
+        # its steps (check that the cache is still its own, evaluate, sample): see `lock`.
+        self._lock = threading.RLock()
         # Bumped by every change to what the cache holds (an evaluation, trim, reset): a generator
         # compares it with its own last change to notice that another generation ran meanwhile.
         self.version = 0
@@ -134,6 +136,14 @@ class Model:
         self._checkpoint = None
         if self._drafter is not None:
             self._drafter.reset()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock. The token loop (runtime.generation) holds it from the
+        check that the cache is still its generation's to the next token's sampling: taken per
+        call only, another thread's evaluation could slip between the check and the step, and
+        both generations went on from each other's tokens without an error (a review's finding)."""
+        return self._lock
 
     @_serialized
     def warm_up(self) -> float:
