@@ -119,3 +119,37 @@ def test_threads_generating_on_one_model_get_their_own_text_or_the_stale_error(m
         t.join()
     assert len(outcomes) == 24 and "same" in outcomes
     assert [o for o in outcomes if o.startswith("wrong")] == []
+
+
+def test_closing_a_model_another_thread_is_generating_on_ends_that_generation_cleanly():
+    """close() did not wait for the running step: with the experts in RAM the other thread's
+    pass met an emptied table, a raw KeyError (a review's finding). Now the step ends, and the
+    generation's next step says the model was closed."""
+    import threading
+    import time
+
+    m = runtime.load(MODEL, n_threads=1, experts="ram", n_ctx=4096)
+    ids = m.tokenize("def f(x):")
+    errors = []
+
+    def work():
+        try:
+            for _ in m.generate(ids, max_tokens=None, temperature=1.0, seed=3):
+                pass
+        except Exception as e:  # noqa: BLE001: the error is the finding
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.3)
+    m.close()
+    t.join(60)
+    assert not t.is_alive() and len(errors) == 1, errors
+    assert isinstance(errors[0], StepstreamError) and "the model was closed" in str(errors[0]), repr(errors[0])
+
+
+@pytest.mark.parametrize("option", [{"mtp": True}, {"ram_budget": True}])
+def test_a_boolean_where_a_number_belongs_is_refused_at_load(option):
+    """load(mtp=True) was accepted and every generation then failed; ram_budget=True was 1 byte."""
+    with pytest.raises(StepstreamError, match=f"{next(iter(option))}=True"):
+        runtime.load(MODEL, **option)

@@ -89,6 +89,8 @@ class RuntimeOptions:
             if not isinstance(getattr(self, name), bool):
                 raise StepstreamError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.ram_budget is not None:
+            if isinstance(self.ram_budget, bool):  # True is 1 byte to parse_bytes: refused at load, not at the first read
+                raise StepstreamError(f"ram_budget={self.ram_budget!r} must be a size (6GiB, 800MiB or bytes)")
             if parse_bytes(self.ram_budget) <= 0:
                 raise StepstreamError(f"ram_budget={self.ram_budget!r} must be a positive size (6GiB, 800MiB or bytes)")
             if self.experts == "ram":
@@ -112,7 +114,7 @@ class RuntimeOptions:
                 raise StepstreamError(f"gpu_budget={self.gpu_budget!r} must be a positive size or 'auto'")
             if self.activations != "q8":
                 raise StepstreamError("the GPU tier runs on int8 activations: use activations='q8' with gpu_budget")
-        if self.mtp != "auto" and not (isinstance(self.mtp, int) and 0 <= self.mtp <= 3):
+        if self.mtp != "auto" and not (isinstance(self.mtp, int) and not isinstance(self.mtp, bool) and 0 <= self.mtp <= 3):
             raise StepstreamError(f"mtp={self.mtp!r}: choose 'auto' or a draft length 0..3")
         check_kv_type(self.cache_type_k, "cache_type_k")
         check_kv_type(self.cache_type_v, "cache_type_v")

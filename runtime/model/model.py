@@ -221,9 +221,14 @@ class Model:
             self._drafter.truncate(self.n_past)
 
     def close(self) -> None:
-        """Stop the expert reads and free the cache; the model evaluates nothing after this."""
+        """Stop the expert reads and free the cache; the model evaluates nothing after this.
+        A call or a generation's step running in another thread ends first (the experts freed
+        under it, the in-RAM table emptied in mid-pass: a raw KeyError, a review's finding);
+        `closed` is set before the lock is taken, so a generation stops at its next step instead
+        of holding the lock to the end of its text."""
         self.closed = True
-        self.provider.close()
+        with self._lock:
+            self.provider.close()
 
     # ------------------------------------------------------------------ compute
 
