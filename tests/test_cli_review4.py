@@ -37,6 +37,12 @@ def test_escapes_in_the_prompt_are_read_as_llama_cpp_reads_them(capsys):
     # \xHH, \t, \\, and a backslash before anything else stays
     rc, out, _ = _run(capsys, "-p", r"a\x41\tb\\n\q", "-n", "1")
     assert rc == 0 and out.startswith("aA\tb\\n\\q")
+    # \xHH is a byte, as in llama.cpp's string_process_escapes: UTF-8 written as escapes is the
+    # character (it was one code point per byte: "cafÃ©"), and bytes that make no UTF-8 are named
+    rc, out, _ = _run(capsys, "-p", r"x = 'caf\xc3\xa9'", "-n", "1")
+    assert rc == 0 and out.startswith("x = 'café'")
+    rc, _, err = _run(capsys, "-p", r"a\xffb", "-n", "1")
+    assert rc == 2 and "not UTF-8 (byte 0xff at offset 1)" in err, err
 
 
 def test_repeat_last_n_minus_one_is_the_whole_context(capsys):

@@ -89,24 +89,26 @@ _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
 
 def process_escapes(text: str) -> str:
     """llama.cpp's escapes in a command-line text (its -e/--escape, on by default): \\n, \\r,
-    \\t, \\', \\", \\\\ and \\xHH; any other backslash stays as it is."""
-    out, i = [], 0
+    \\t, \\', \\", \\\\ and \\xHH; any other backslash stays as it is. \\xHH is a byte, as
+    in llama.cpp: `caf\\xc3\\xa9` is "café" (it was two characters, U+00C3 U+00A9). Bytes that
+    make no UTF-8 come back as surrogates (surrogateescape), which the tokenizer refuses by name."""
+    out, i = bytearray(), 0
     while i < len(text):
         c = text[i]
         if c == "\\" and i + 1 < len(text):
             nxt = text[i + 1]
             if nxt in _ESCAPES:
-                out.append(_ESCAPES[nxt])
+                out += _ESCAPES[nxt].encode()
                 i += 2
                 continue
             hexa = text[i + 2 : i + 4]
             if nxt == "x" and len(hexa) == 2 and all(h in "0123456789abcdefABCDEF" for h in hexa):
-                out.append(chr(int(hexa, 16)))
+                out.append(int(hexa, 16))
                 i += 4
                 continue
-        out.append(c)
+        out += c.encode("utf-8", "surrogateescape")
         i += 1
-    return "".join(out)
+    return out.decode("utf-8", "surrogateescape")
 
 
 def existing_file(what: str):
