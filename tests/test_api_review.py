@@ -137,3 +137,19 @@ def test_a_prompt_too_long_is_named_as_the_prompt_after_a_reused_prefix():
         assert m.create_chat_completion(msgs, max_tokens=2, temperature=0)["choices"][0]["message"]["content"] is not None
     finally:
         m.close()
+
+
+def test_minus_one_means_random_seed_and_whole_context_as_on_the_command_line():
+    """generate(seed=-1) and generate(repeat_last_n=-1) were refused, while the command line, the
+    server and llama-cpp-python's callers use -1 for a fresh seed and the whole context."""
+    from runtime.generation.sampling import SamplingParams
+
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams(repeat_last_n=-1) == SamplingParams(repeat_last_n=2**31 - 1)
+    with pytest.raises(StepstreamError, match="or -1 for the whole context, got -2"):
+        SamplingParams(repeat_last_n=-2)
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    ids = m.tokenize("def parse(line):\n    parts = line.split()\n")
+    whole = list(m.generate(ids, max_tokens=16, temperature=0, repeat_penalty=1.5, repeat_last_n=10**6))
+    assert list(m.generate(ids, max_tokens=16, temperature=0, repeat_penalty=1.5, repeat_last_n=-1)) == whole
+    assert len(list(m.generate(ids, max_tokens=4, temperature=1.0, seed=-1))) == 4

@@ -26,17 +26,23 @@ class SamplingParams:
     top_p: float = 0.95  # >= 1: off; 0: the most likely token alone
     min_p: float = 0.05  # <= 0: off
     repeat_penalty: float = 1.0  # 1: off
-    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
-    seed: int | None = None  # None: fresh entropy
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at; -1: all of them
+    seed: int | None = None  # None (or -1, llama.cpp's and llama-cpp-python's "random"): fresh entropy
 
     def __post_init__(self):
+        # -1 is "off" / "all" on the command line, in llama-server's and in llama-cpp-python's
+        # calls, so the Python API takes it too (it was refused here alone)
+        if self.seed is not None and not isinstance(self.seed, bool) and self.seed == -1:
+            object.__setattr__(self, "seed", None)
+        if not isinstance(self.repeat_last_n, bool) and self.repeat_last_n == -1:
+            object.__setattr__(self, "repeat_last_n", 2**31 - 1)  # more than any context holds
         for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise StepstreamError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
             raise StepstreamError(f"seed must be an integer, or None for fresh entropy, got {self.seed!r}")
         if self.seed is not None and self.seed < 0:
-            raise StepstreamError(f"seed must be >= 0, or None for fresh entropy, got {self.seed}")
+            raise StepstreamError(f"seed must be >= 0, or None (or -1) for fresh entropy, got {self.seed}")
         if self.top_p < 0:
             raise StepstreamError(f"top_p must be >= 0, got {self.top_p}")
         if not 0 <= self.min_p <= 1:
@@ -44,7 +50,7 @@ class SamplingParams:
         if self.repeat_penalty <= 0:
             raise StepstreamError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
         if self.repeat_last_n < 0:
-            raise StepstreamError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+            raise StepstreamError(f"repeat_last_n must be >= 0, or -1 for the whole context, got {self.repeat_last_n}")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
