@@ -179,3 +179,60 @@ def test_a_file_without_a_pre_tokenizer_name_splits_as_llama_cpp_does(f32_path, 
             assert tok.encode(text, add_bos=False) == llm.tokenize(text.encode(), add_bos=False, special=False), text
     finally:
         llm.close()
+
+
+def _llama_cpp_eog(path) -> set[int]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        return {i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    finally:
+        llm.close()
+
+
+def test_generation_ends_at_the_tokens_llama_cpp_ends_at(f32_path, tmp_path):
+    """The shipped miniature names <|im_end|> as EOS and no EOT; it ends documents with
+    <|end_of_text|>, which llama.cpp stops at (it picks end-of-generation tokens by their text)
+    and stepstream generated past (a review's finding). The sets are compared with llama.cpp's
+    llama_vocab_is_eog over the whole vocabulary: the shipped file, the tiny converted one, one
+    naming an EOM and FIM tokens, and one whose EOS was edited to <|end_of_text|>."""
+    import gguf
+
+    from runtime.base.gguf_schema import Key
+    from tests.helpers.gguf_edit import rewrite
+
+    shipped = Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf"
+    tokens = GGUFModelFile(shipped).get(Key.TOK_LIST)
+    u32 = gguf.GGUFValueType.UINT32
+    named = tmp_path / "named.gguf"
+    rewrite(shipped, named, add={Key.TOK_EOM: (7, u32), Key.TOK_FIM_PAD: (8, u32), Key.TOK_FIM_SEP: (9, u32)})
+    edited = tmp_path / "edited.gguf"
+    rewrite(shipped, edited, change={Key.TOK_EOS: tokens.index("<|end_of_text|>")})
+    for path in (shipped, f32_path, named, edited):
+        ours = Tokenizer.from_gguf(GGUFModelFile(path)).eog_ids
+        assert ours == _llama_cpp_eog(path), path.name
+    assert tokens.index("<|end_of_text|>") in Tokenizer.from_gguf(GGUFModelFile(shipped)).eog_ids
+    assert {7, 8, 9} <= Tokenizer.from_gguf(GGUFModelFile(named)).eog_ids
+
+
+@pytest.mark.parametrize("key, value, vtype, message", [
+    ("tokenizer.chat_template", 7, "UINT32", "tokenizer.chat_template is int '7', expected a string"),
+    ("stepstream.tokenizer.hf_json", 7, "UINT32", "stepstream.tokenizer.hf_json is int '7', expected a string"),
+    ("tokenizer.ggml.add_bos_token", "false", "STRING", "tokenizer.ggml.add_bos_token is str 'false', expected a boolean"),
+    ("tokenizer.ggml.add_bos_token", 1, "UINT8", "tokenizer.ggml.add_bos_token is int '1', expected a boolean"),
+])
+def test_tokenizer_metadata_of_the_wrong_type_is_one_line(f32_path, tmp_path, key, value, vtype, message):
+    """A hand-edited file with a number for the chat template or the embedded tokenizer.json was
+    a TypeError deep in the template code or the tokenizers library, and add_bos_token "false"
+    (a string) added a BOS. llama.cpp refuses such keys; so does this, naming them."""
+    import gguf
+
+    from tests.helpers.gguf_edit import rewrite
+
+    path = tmp_path / "typed.gguf"
+    rewrite(f32_path, path, drop=(key,), add={key: (value, getattr(gguf.GGUFValueType, vtype))})
+    with pytest.raises(StepstreamError) as e:
+        Tokenizer.from_gguf(GGUFModelFile(path))
+    assert str(e.value) == f"{path}: {message}"

@@ -64,6 +64,10 @@ class Key:
     TOK_BOS = Keys.Tokenizer.BOS_ID
     TOK_EOS = Keys.Tokenizer.EOS_ID
     TOK_EOT = Keys.Tokenizer.EOT_ID
+    TOK_EOM = Keys.Tokenizer.EOM_ID
+    TOK_FIM_PAD = Keys.Tokenizer.FIM_PAD_ID
+    TOK_FIM_REP = Keys.Tokenizer.FIM_REP_ID
+    TOK_FIM_SEP = Keys.Tokenizer.FIM_SEP_ID
     TOK_PAD = Keys.Tokenizer.PAD_ID
     TOK_ADD_BOS = Keys.Tokenizer.ADD_BOS
     TOK_ADD_EOS = Keys.Tokenizer.ADD_EOS

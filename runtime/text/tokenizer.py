@@ -128,9 +128,32 @@ def _require_utf8(text: str) -> None:
     if why is not None:
         raise StepstreamError(f"the text is not UTF-8 ({why})")
 
+# Token texts that end generation wherever a vocabulary has them, as llama.cpp's vocabulary loader
+# decides (src/llama-vocab.cpp, late 2026: "currently determined based on the token text"): a
+# file names its EOS and perhaps EOT, but a model ends documents with other tokens too (the
+# shipped miniature with <|end_of_text|>, its EOS being <|im_end|>).
+EOG_TEXTS = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+                       "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>"})
+
+
+def _typed(f: GGUFModelFile, key: str, kind: type, default):
+    """The value of `key`, which must be of `kind` when present (a file edited by hand may hold
+    a number where text belongs: refused in one line, as llama.cpp refuses it, not a TypeError
+    deep in the tokenizer or the chat template)."""
+    v = f.get(key, None)
+    if v is None:
+        return default
+    if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+        want = {str: "a string", bool: "a boolean", list: "an array"}[kind]
+        raise StepstreamError(f"{f.path}: {key} is {type(v).__name__} {str(v)[:40]!r}, expected {want}")
+    return v
+
+
 class Tokenizer:
     def __init__(self, hf_json: str, tokens: list[str], types: list[int], bos: int | None, eos: int | None,
-                 eot: int | None, add_bos: bool, chat_template: str | None):
+                 eot: int | None, add_bos: bool, chat_template: str | None, other_eog: tuple[int, ...] = ()):
+        """other_eog: ids the file names besides EOS and EOT that end generation (EOM and the
+        FIM pad, repo and separator tokens, as llama.cpp counts them)."""
         self._with_special = HFTokenizer.from_str(hf_json)
         plain = json.loads(hf_json)
         # What special=True parses: each added token's text -> its id; longest first, as the
@@ -143,6 +166,9 @@ class Tokenizer:
         self.tokens = tokens
         self.types = types
         self.bos_id, self.eos_id, self.eot_id = bos, eos, eot
+        named = {i for i in (eos, eot, *other_eog)
+                 if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens)}
+        self._eog = frozenset(named | {i for i, t in enumerate(tokens) if t in EOG_TEXTS})
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._bytes = [_piece(t, ty) for t, ty in zip(tokens, types)]
@@ -155,24 +181,29 @@ class Tokenizer:
             raise StepstreamError(f"{f.path}: tokenizer model {model!r} is not supported; Step-3.5 uses byte-level BPE ('gpt2')")
         tokens = f.get(Key.TOK_LIST)
         types = f.get(Key.TOK_TYPES, None) or [TOKEN_NORMAL] * len(tokens)
-        hf_json = f.get(Key.HF_JSON, None) if use_hf_json else None
-        pre, paired = f.get(Key.TOK_PRE, "default"), f.get(Key.HF_JSON_PRE, None)
+        hf_json = _typed(f, Key.HF_JSON, str, None) if use_hf_json else None
+        pre, paired = _typed(f, Key.TOK_PRE, str, "default"), _typed(f, Key.HF_JSON_PRE, str, None)
         if hf_json is not None and paired is not None and pre != paired:
             warnings.warn(f"{f.path}: tokenizer.ggml.pre is {pre!r}, edited since the conversion wrote {paired!r} "
                           f"beside the checkpoint's tokenizer.json; tokenizing by {pre!r}, as llama.cpp does",
                           UserWarning, stacklevel=2)
             hf_json = None
         if hf_json is None:
-            hf_json = _bpe_from_vocab(tokens, types, f.get(Key.TOK_MERGES), pre, str(f.path))
+            merges = _typed(f, Key.TOK_MERGES, list, [])
+            if not all(isinstance(m, str) for m in merges):
+                raise StepstreamError(f"{f.path}: {Key.TOK_MERGES} must be an array of strings")
+            hf_json = _bpe_from_vocab(tokens, types, merges, pre, str(f.path))
         return cls(
             hf_json, tokens, [int(t) for t in types], f.get(Key.TOK_BOS, None), f.get(Key.TOK_EOS, None),
-            f.get(Key.TOK_EOT, None), bool(f.get(Key.TOK_ADD_BOS, False)), f.get(Key.CHAT_TEMPLATE, None),
+            f.get(Key.TOK_EOT, None), _typed(f, Key.TOK_ADD_BOS, bool, False), _typed(f, Key.CHAT_TEMPLATE, str, None),
+            tuple(f.get(k, None) for k in (Key.TOK_EOM, Key.TOK_FIM_PAD, Key.TOK_FIM_REP, Key.TOK_FIM_SEP)),
         )
 
     @property
     def eog_ids(self) -> frozenset[int]:
-        """Tokens that end generation."""
-        return frozenset(i for i in (self.eos_id, self.eot_id) if i is not None)
+        """Tokens that end generation: EOS, EOT and the other ids the file names, and every token
+        whose text is one of EOG_TEXTS (llama.cpp's set; a test compares with llama_vocab_is_eog)."""
+        return self._eog
 
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
         if not isinstance(text, (str, bytes)):
