@@ -370,3 +370,33 @@ def test_stream_sends_text_early_and_calls_whole():
     assert s.push("\n") == [] and s.finish() == []
     t = ReplyStream(in_reasoning=True)
     assert t.push("\nab\n") == [{"reasoning_content": "ab"}] and t.push("</think>\nc") == [{"content": "c"}]
+
+
+def test_text_parts_are_joined_with_newlines_as_llama_server_and_vllm_join_them(tok):
+    """Content as a list of text parts was handed to the template, which wrote the parts back to
+    back ("Two" + "parts." -> "Twoparts."); llama.cpp's server and vLLM join them with "\\n"
+    before a template that takes string content. The reference is that joined string."""
+    parts = [{"type": "text", "text": "Two"}, {"type": "text", "text": "parts."}, {"type": "text", "text": ""}]
+    for role in ("system", "user", "assistant", "tool"):
+        with_parts = [{"role": "user", "content": "Hi"}, {"role": role, "content": parts}]
+        joined = [{"role": "user", "content": "Hi"}, {"role": role, "content": "Two\nparts.\n"}]
+        assert chat_ids(tok, with_parts) == chat_ids(tok, joined)
+        assert chat_ids(tok, with_parts, continue_final=False) == chat_ids(tok, joined, continue_final=False)
+    with pytest.raises(StepstreamError, match=r"messages\[0\]\.content\[1\] is a 'image_url' part: this model reads text"):
+        chat_ids(tok, [{"role": "user", "content": [parts[0], {"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_a_template_for_typed_content_gets_the_parts(tok):
+    """llama.cpp's capability probe: a template that does not write string content (it walks the
+    parts) is given the list, and a continued reply ends after its last text part."""
+    typed = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% for p in m.content %}[{{ p.text }}]{% endfor %}"
+             "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    from runtime.text.chat_template import takes_string_content
+    assert not takes_string_content(typed) and takes_string_content(CHAT_TEMPLATE)
+    local = Tokenizer.from_gguf(GGUFModelFile(EMBEDDED))
+    local.chat_template = typed
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    want = "<|im_start|>user\n[a][b]<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_ids(local, [{"role": "user", "content": parts}]) == local.encode_rendered(want, {})
+    cont = chat_ids(local, [{"role": "user", "content": parts}, {"role": "assistant", "content": parts}])
+    assert cont == local.encode_rendered(want + "[a][b", {})

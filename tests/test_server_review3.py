@@ -132,8 +132,9 @@ def test_a_last_assistant_message_is_continued_as_llama_server_does(client, ref)
                                          max_tokens=12, temperature=0)
     assert got.choices[0].message.content == want.choices[0].text
     assert got.usage.prompt_tokens == want.usage.prompt_tokens
-    # as text parts too; and continue_final_message false (vLLM's field) closes it as before
-    parts = [{"type": "text", "text": start[:4]}, {"type": "text", "text": start[4:]}]
+    # as text parts too (joined with "\n", as llama-server and vLLM join them); and
+    # continue_final_message false (vLLM's field) closes it as before
+    parts = [{"type": "text", "text": part} for part in start.split("\n")]
     again = client.chat.completions.create(model="m", messages=user + [{"role": "assistant", "content": parts}],
                                            max_tokens=12, temperature=0)
     assert again.choices[0].message.content == want.choices[0].text

@@ -27,7 +27,7 @@ the swap, since `"\\u003c|im_end|>"` in JSON text is `<|im_end|>` once parsed.
 from __future__ import annotations
 
 from runtime.base.errors import StepstreamError
-from runtime.text.chat_template import normalize_messages, render_chat
+from runtime.text.chat_template import join_text_parts, normalize_messages, render_chat
 from runtime.text.tokenizer import Tokenizer
 
 _PRIVATE_USE = range(0xF0000, 0xFFFFE)  # Supplementary Private Use Area-A
@@ -40,6 +40,8 @@ def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool =
     With add_generation_prompt and continue_final, a last assistant message with text is
     continued rather than closed (the module's docstring)."""
     messages = normalize_messages(messages)
+    if tok.chat_template:
+        messages = join_text_parts(messages, tok.chat_template)
     if tools is not None and not isinstance(tools, list):
         raise StepstreamError(f"tools must be a list of OpenAI function specs (objects), got {type(tools).__name__}")
     strings = list(_strings([messages, tools]))
@@ -76,7 +78,11 @@ def _continues(messages: list[dict]) -> bool:
 
 def _marked(message: dict, mark: str) -> dict:
     content = message["content"]
-    content = content + [{"type": "text", "text": mark}] if isinstance(content, list) else content + mark
+    if isinstance(content, list):  # a template that takes typed content only: the mark ends the last text
+        last = max(i for i, p in enumerate(content) if isinstance(p, dict) and p.get("type") == "text")
+        content = content[:last] + [{**content[last], "text": content[last]["text"] + mark}] + content[last + 1:]
+    else:
+        content = content + mark
     return {**message, "content": content}
 
 

@@ -8,6 +8,11 @@ OpenAI clients send a tool call's `arguments` as JSON *text*, but Step-3.5-Flash
 (and ours, which uses its markup) walks them as a mapping to write one `<parameter=...>` per
 key. So `normalize_messages` parses them first, as llama.cpp does for templates that need
 an object; text that is not a JSON object is the caller's error, named by its position.
+
+Content given as a list of text parts (`[{"type": "text", "text": ...}, ...]`) reaches a
+template that takes string content as one string, the parts joined with "\n", as llama.cpp's
+server and vLLM join them (`join_text_parts`); a template that renders only typed content gets
+the list.
 """
 
 from __future__ import annotations
@@ -85,6 +90,40 @@ def _normalize_call(call, where: str) -> dict:
         raise StepstreamError(f"{where}.function.arguments must be a JSON object, got {type(args).__name__}")
     fn = {**fn, "arguments": args}
     return {**call, "function": fn} if "function" in call else fn
+
+
+_PROBE = "\ue000probe\ue001"  # private-use text no template writes by itself
+
+
+@lru_cache(maxsize=8)
+def takes_string_content(template: str) -> bool:
+    """Whether the template writes a message whose content is a string (llama.cpp's capability
+    probe: a template written for typed content only drops it)."""
+    try:
+        return _PROBE in _compile(template).render(messages=[{"role": "user", "content": _PROBE}],
+                                                   add_generation_prompt=False, bos_token="", eos_token="")
+    except Exception:  # noqa: BLE001 - a template that fails on string content does not take it
+        return False
+
+
+def join_text_parts(messages: list[dict], template: str) -> list[dict]:
+    """`messages` with each content that is a list of text parts made one string, the parts
+    joined with "\n" (llama.cpp's server and vLLM do the same), where the template takes string
+    content. A part that is not text is refused: the model reads text only."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"a {kind!r} part" if isinstance(kind, str) else f"{type(part).__name__} {part!r:.40}"
+                raise StepstreamError(f"messages[{i}].content[{j}] is {what}: this model reads text parts only "
+                                      "({'type': 'text', 'text': ...})")
+        out.append({**m, "content": "\n".join(p["text"] for p in content)} if takes_string_content(template) else m)
+    return out
 
 
 def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
