@@ -9,6 +9,7 @@ otherwise, or when the options ask for it (a RAM budget, a profile, `experts="st
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
@@ -40,6 +41,8 @@ def load(path: str | Path, **options) -> Model:
     cfg = ModelConfig.from_gguf(f)
     if opts.n_ctx is not None and opts.n_ctx > cfg.context_length:
         raise StepstreamError(f"n_ctx={opts.n_ctx} exceeds the model's context length {cfg.context_length}")
+    if opts.n_batch > opts.context(cfg.context_length):  # a chunk longer than the cache holds nothing more (llama.cpp clamps it too)
+        opts = replace(opts, n_batch=opts.context(cfg.context_length))
     if opts.n_threads is not None:
         system.set_threads(opts.n_threads)
     system.keep_freed_memory()

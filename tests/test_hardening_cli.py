@@ -93,6 +93,9 @@ REFUSED = {
     "profile -o dir": (["profile", "-m", "{model}", "-f", "prompts.txt", "-o", "adir"], ["adir", "directory"]),
     "profile -c 4": (["profile", "-m", "{model}", "-f", "prompts.txt", "-c", "4", "-o", "p.json"],
                      ["-n 16", "context of 4"]),
+    # the API's field was named to a user who typed the flag
+    "run --cache-policy pinned": (["run", "-m", "{model}", "-p", "x", "--cache-policy", "pinned"],
+                                  ["--cache-policy pinned", "--profile FILE"]),
     "mini onto a file": (["mini", "not_a_dir"], ["not_a_dir", "not a directory"]),
     "mini --seed -1": (["mini", "m", "--seed", "-1"], ["--seed", "got -1"]),
     "train-mini --steps 0": (["train-mini", "t", "--steps", "0"], ["--steps", "got 0"]),
@@ -120,6 +123,18 @@ def test_refused_in_one_line(case, files, refused):
     for w in words:
         assert w in line, (w, line)
     assert not (files / "m").exists() and not (files / "m.part").exists() and not (files / "p.json").exists()
+
+
+def test_minus_reads_the_prompt_from_standard_input(files):
+    """`-f -` said "-: prompt file not found": the prompt of a pipeline is its standard input."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "runtime.cli", "run", "-m", MODEL, "-n", "6", "--temp", "0", "--no-stream"]
+    piped = subprocess.run(args + ["-f", "-"], cwd=files, env=env, capture_output=True, input=b"def f(x):", timeout=300)
+    given = subprocess.run(args + ["-p", "def f(x):"], cwd=files, env=env, capture_output=True, timeout=300)
+    assert piped.returncode == given.returncode == 0, (piped.stderr[-2000:], given.stderr[-2000:])
+    assert piped.stdout == given.stdout and piped.stdout.startswith(b"def f(x):")
+    bad = subprocess.run(args + ["-f", "-"], cwd=files, env=env, capture_output=True, input=b"\xff", timeout=300, text=False)
+    assert bad.returncode == 2 and b"standard input: the prompt file is not UTF-8 text (byte 0xff" in bad.stderr
 
 
 def test_a_text_too_short_for_perplexity_is_one_line_without_a_progress_bar(files):

@@ -142,3 +142,8 @@ def test_bad_options(f32_path):
         runtime.load(f32_path, n_ctx=10**9)
     with pytest.raises(StepstreamError, match="n_batch"):
         runtime.load(f32_path, n_batch=0)
+    # a chunk longer than the cache is the cache's length, as llama.cpp clamps it (it was refused
+    # as needing terabytes "for the runtime")
+    m = runtime.load(f32_path, n_ctx=64, n_batch=10**9)
+    assert m.options.n_batch == 64
+    m.close()

@@ -119,7 +119,8 @@ class RuntimeOptions:
         check_kv_type(self.cache_type_k, "cache_type_k")
         check_kv_type(self.cache_type_v, "cache_type_v")
         if self.cache_policy == "pinned" and self.profile is None:
-            raise StepstreamError("cache_policy='pinned' needs a profile (record one with `stepstream profile`)")
+            raise StepstreamError("cache_policy='pinned' (--cache-policy pinned) needs a profile: profile=FILE "
+                                  "(--profile FILE), recorded with `stepstream profile`")
 
     def context(self, model_context: int) -> int:
         """Positions the KV cache may hold: n_ctx, or the model's context up to 4096."""

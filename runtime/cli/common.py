@@ -126,9 +126,12 @@ def existing_file(what: str):
 
 
 def read_text_file(path: str, what: str) -> str:
-    """The whole of a UTF-8 text file, or one line saying why it cannot be read."""
+    """The whole of a UTF-8 text file ("-": standard input), or one line saying why it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        if path == "-":
+            data, path = sys.stdin.buffer.read(), "standard input"
+        else:
+            data = Path(path).read_bytes()
     except FileNotFoundError:
         raise StepstreamError(f"{path}: {what} not found") from None
     except IsADirectoryError:

@@ -13,7 +13,7 @@ CTX = 512  # llama-perplexity's default
 
 def add_arguments(p) -> None:
     add_model_args(p, ctx_default=CTX)
-    p.add_argument("-f", "--file", required=True, help="text file to score")
+    p.add_argument("-f", "--file", required=True, help="text file to score (-: standard input)")
     p.add_argument("--chunks", type=chunk_count, default=-1, help="score at most this many chunks; -1 = all (default: -1)")
 
 

@@ -33,7 +33,7 @@ from runtime.cli.common import (add_cache_type_args, context_size, existing_file
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, type=existing_file("GGUF file"), help="GGUF model")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-f", "--file", help="prompts, one per line")
+    src.add_argument("-f", "--file", help="prompts, one per line (-: standard input)")
     src.add_argument("--random-tokens", type=positive_int, default=None, metavar="T",
                      help="evaluate T random token ids instead of prompts (files without a tokenizer)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of --random-tokens (default: 0)")

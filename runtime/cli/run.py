@@ -13,7 +13,7 @@ from runtime.base.errors import StepstreamError
 def add_arguments(p) -> None:
     add_model_args(p)
     p.add_argument("-p", "--prompt", default=None, help="prompt text")
-    p.add_argument("-f", "--file", default=None, help="read the prompt from this file")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from this file (-: standard input)")
     add_sampling_args(p)
     add_mtp_arg(p)
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt before the generated text")
