@@ -9,7 +9,8 @@ stored too, so our runtime can rebuild the exact Hugging Face tokenizer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -75,6 +76,7 @@ class TokenizerData:
     add_eos: bool
     chat_template: str | None
     hf_json: str
+    named_templates: dict[str, str] = field(default_factory=dict)  # gguf-py's tokenizer.chat_template.{name}
 
 
 def _steps(pre) -> list:
@@ -148,18 +150,21 @@ def read_tokenizer(hf_dir: Path, vocab_size: int, pre_override: str | None = Non
 
     tcfg = _optional_json(hf_dir / "tokenizer_config.json")
     special = _SpecialTokens(hf_dir, tcfg, tokens)
+    bos_id, eos_id, pad_id = special.id("bos"), special.eos_id(), special.id("pad")  # errors before the template's warning
+    template, named = _chat_template(hf_dir, tcfg)
     return TokenizerData(
         tokens=tokens,
         types=[int(t) for t in toktypes],
         merges=merges,
         pre=check_pre_name(pre_override) if pre_override else detect_pre(tok, str(path)),
-        bos_id=special.id("bos"),
-        eos_id=special.eos_id(),
-        pad_id=special.id("pad"),
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
         add_bos=tcfg.get("add_bos_token", bool, False),
         add_eos=tcfg.get("add_eos_token", bool, False),
-        chat_template=_chat_template(hf_dir, tcfg),
+        chat_template=template,
         hf_json=text,
+        named_templates=named,
     )
 
 
@@ -228,36 +233,48 @@ class _SpecialTokens:
 TEMPLATE_SOURCES = ("chat_template.jinja", "tokenizer_config.json", "chat_template.json")
 
 
-def _chat_template(hf_dir: Path, tcfg: JsonFields) -> str | None:
-    """The checkpoint's (default) chat template; a warning when it has none."""
-    found = {}
+def _chat_template(hf_dir: Path, tcfg: JsonFields) -> tuple[str | None, dict[str, str]]:
+    """The checkpoint's (default) chat template, and its other named templates (a list of
+    `{"name", "template"}` entries, kept as gguf-py keeps them); a warning when it has no default."""
+    found, named = {}, {}
     jinja = hf_dir / "chat_template.jinja"
     if jinja.is_file():
         found["chat_template.jinja"] = read_text(jinja)
-    found["tokenizer_config.json"] = _template_value(tcfg)
-    found["chat_template.json"] = _template_value(_optional_json(hf_dir / "chat_template.json"))
+    for name, fields in (("tokenizer_config.json", tcfg), ("chat_template.json", _optional_json(hf_dir / "chat_template.json"))):
+        found[name], names = _template_value(fields)
+        named = named or names
     present = [(name, t) for name in TEMPLATE_SOURCES if (t := found.get(name)) and t.strip()]
     if not present:
-        warn(f"{hf_dir}: no chat template (looked in {', '.join(TEMPLATE_SOURCES)}); the GGUF gets none, "
-             "and chat requests to it will be refused (plain completion works)")
-        return None
+        if named:
+            warn(f"{hf_dir}: the chat templates are named {', '.join(named)}, none 'default'; the GGUF keeps them "
+                 "as tokenizer.chat_template.NAME (as llama.cpp's converter does) but gets no default template, "
+                 "so chat requests to it will be refused (plain completion works)")
+        else:
+            warn(f"{hf_dir}: no chat template (looked in {', '.join(TEMPLATE_SOURCES)}); the GGUF gets none, "
+                 "and chat requests to it will be refused (plain completion works)")
+        return None, named
     (name, template), *others = present
     if any(t != template for _, t in others):
         warn(f"{hf_dir}: the chat templates in {' and '.join(n for n, _ in present)} differ; using {name}'s, "
              "as transformers does")
-    return template
+    return template, named
 
 
-def _template_value(fields: JsonFields) -> str | None:
-    """A `chat_template` entry: the text, or a list of named templates of which the default one is kept."""
+def _template_value(fields: JsonFields) -> tuple[str | None, dict[str, str]]:
+    """A `chat_template` entry: the text, or from a list of named templates the default one and the
+    others by name (letters, digits and '_', as gguf-py writes the key)."""
     value = fields.raw.get("chat_template")
     if not isinstance(value, list):
-        return fields.get("chat_template", str, None)
+        return fields.get("chat_template", str, None), {}
+    default, named = None, {}
     for i, entry in enumerate(value):
-        named = JsonFields(fields.check(entry, dict, f"chat_template[{i}]"), fields.source, f"chat_template[{i}].")
-        if named.get("name", str) == "default":
-            return named.get("template", str)
-    return None
+        entry = JsonFields(fields.check(entry, dict, f"chat_template[{i}]"), fields.source, f"chat_template[{i}].")
+        name, template = entry.get("name", str, ""), entry.get("template", str)
+        if name == "default":
+            default = template
+        elif name:
+            named[re.sub(r"[^A-Za-z0-9]", "_", name)] = template
+    return default, named
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, t: TokenizerData) -> None:
@@ -276,5 +293,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, t: TokenizerData) -> None:
     writer.add_bool(Key.TOK_ADD_EOS, t.add_eos)
     if t.chat_template:
         writer.add_string(Key.CHAT_TEMPLATE, t.chat_template)
+    for name, template in t.named_templates.items():
+        writer.add_string(f"{Key.CHAT_TEMPLATE}.{name}", template)
+    if t.named_templates:
+        writer.add_array(f"{Key.CHAT_TEMPLATE}s", list(t.named_templates))
     writer.add_string(Key.HF_JSON, t.hf_json)
     writer.add_string(Key.HF_JSON_PRE, t.pre)

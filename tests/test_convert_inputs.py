@@ -360,3 +360,36 @@ def test_float64_weights_are_cast_as_transformers_casts_them(ckpt, capsys):
     edit_json(ckpt / "model.safetensors.index.json", lambda c: c["weight_map"].update({name: "extra-f64.safetensors"}))
     convert(ckpt, capsys)
     assert (ckpt.parent / "out.gguf").read_bytes() == before
+
+
+def _gguf_py_template_fields(value, tmp_path) -> dict:
+    """What gguf-py's own writer (llama.cpp's converter) stores for a `chat_template` value."""
+    path = tmp_path / "ref.gguf"
+    w = gguf.GGUFWriter(path, "step35")
+    w.add_chat_template(value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.chat_template")}
+
+
+@pytest.mark.parametrize("with_default", [True, False])
+def test_named_chat_templates_are_kept_as_gguf_py_keeps_them(ckpt, capsys, tmp_path, with_default):
+    """A list of named templates kept only "default" (and, without one, warned "no chat template"
+    while the named ones were dropped); gguf-py writes the others as tokenizer.chat_template.NAME
+    and lists their names."""
+    template = drop_template(ckpt)
+    value = [{"name": "tool-use", "template": template + "{# tools #}"}, {"name": "rag", "template": "{{ 1 }}"}]
+    if with_default:
+        value.insert(1, {"name": "default", "template": template})
+    edit_json(ckpt / "tokenizer_config.json", lambda c: c.update(chat_template=value))
+    meta, warnings = convert(ckpt, capsys)
+    ours = {k: v for k, v in meta.items() if k.startswith("tokenizer.chat_template")}
+    want = _gguf_py_template_fields(value, tmp_path)
+    assert {k: sorted(v) if isinstance(v, list) else v for k, v in ours.items()} == \
+        {k: sorted(v) if isinstance(v, list) else v for k, v in want.items()}
+    assert ("tokenizer.chat_template" in ours) == with_default and ours["tokenizer.chat_template.tool_use"]
+    if with_default:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "named tool_use, rag, none 'default'" in warnings[0], warnings
