@@ -249,6 +249,41 @@ def test_parameter_types_follow_the_schema():
     assert parse_reply(nan).tool_calls[0].arguments == '{"x": "NaN"}'
 
 
+# A pydantic model's schema (`order_id: str | None`, a nested enum under $defs, ...): the shapes
+# that typed "12345" as a number, "true" as a boolean and "null" as null whatever the schema said.
+PYDANTIC = {"type": "function", "function": {"name": "refund", "parameters": {
+    "type": "object", "$defs": {"Kind": {"enum": ["full", "partial"], "title": "Kind"}, "Zip": {"type": "string"}},
+    "properties": {
+        "order_id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "note": {"type": ["string", "null"]},
+        "zip": {"$ref": "#/$defs/Zip"},
+        "kind": {"$ref": "#/$defs/Kind"},
+        "code": {"enum": ["1", "2"]},
+        "count": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        "amount": {"oneOf": [{"type": "number"}, {"type": "string"}]},
+        "flag": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "extra": {"allOf": [{"$ref": "#/$defs/Zip"}], "description": "a string too"},
+    }}}}
+
+
+@pytest.mark.parametrize("arguments", [
+    {"order_id": "12345", "note": "true", "zip": "02134", "kind": "full", "code": "1", "count": 3, "amount": 12.5,
+     "flag": False, "tags": ["1", "x"], "extra": "null"},
+    {"order_id": None, "note": None, "zip": "[1]", "kind": "partial", "code": "2", "count": None, "amount": "12,50",
+     "flag": True, "tags": [], "extra": "7"},
+])
+def test_arguments_read_back_as_the_template_wrote_them(arguments):
+    """The template writes a string as it is and anything else as JSON; read back with the
+    tool's schema, each argument is the value that was written (the template is the reference)."""
+    rendered = render([{"role": "user", "content": "Refund it."},
+                       {"role": "assistant", "content": None, "tool_calls": [call("refund", arguments)]}], [PYDANTIC],
+                      gen=False)
+    block = rendered[rendered.rindex("<tool_call>"):rendered.rindex("</tool_call>") + len("</tool_call>")]
+    got = parse_reply(block, tools=[PYDANTIC]).tool_calls[0]
+    assert json.loads(got.arguments) == arguments, got.arguments
+
+
 MALFORMED = [
     "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n",  # unterminated
     '<tool_call>\n{"name": "run", "arguments": {"cmd": }\n</tool_call>',  # invalid JSON

@@ -309,20 +309,83 @@ def _held_back(text: str, tags: tuple[str, ...]) -> int:
     return 0
 
 
-def _string_parameters(tools) -> dict[str, set[str]]:
-    """function name -> the parameters its schema types as string (only), from OpenAI specs."""
-    out: dict[str, set[str]] = {}
+def _string_parameters(tools) -> dict[str, dict[str, frozenset[str] | None]]:
+    """function name -> {parameter: the JSON types its schema allows (None: any)}, from OpenAI specs."""
+    out: dict[str, dict[str, frozenset[str] | None]] = {}
     for tool in tools or ():
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             continue
-        props = (fn.get("parameters") or {}).get("properties") if isinstance(fn.get("parameters"), dict) else None
+        params = fn.get("parameters")
+        props = params.get("properties") if isinstance(params, dict) else None
         if isinstance(props, dict):
-            out[fn["name"]] = {k for k, v in props.items() if isinstance(v, dict) and v.get("type") == "string"}
+            out[fn["name"]] = {k: _allowed_types(v, params) for k, v in props.items()}
     return out
 
 
-def _parse_call(body: str, string_params: dict[str, set[str]]) -> tuple[str, str] | None:
+_JSON_TYPES = frozenset(("string", "number", "integer", "boolean", "null", "array", "object"))
+
+
+def _allowed_types(schema, root: dict, depth: int = 0) -> frozenset[str] | None:
+    """The JSON types a parameter's schema allows: `type` (one or a list), `enum`/`const`, the union
+    of `anyOf`/`oneOf` branches (pydantic writes `str | None` so), a local `$ref` followed into
+    `$defs`/`definitions`; None when the schema does not say (any type)."""
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+        return _allowed_types(target, root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return frozenset((kind,)) if kind in _JSON_TYPES else None
+    if isinstance(kind, list) and kind and all(k in _JSON_TYPES for k in kind):
+        return frozenset(kind)
+    values = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]] if "const" in schema else None
+    if values:
+        return frozenset(_json_type(v) for v in values)
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key)
+        if isinstance(branches, list) and branches:
+            types = [_allowed_types(b, root, depth + 1) for b in branches]
+            return None if any(t is None for t in types) else frozenset().union(*types)
+    if isinstance(schema.get("allOf"), list):
+        for branch in schema["allOf"]:
+            if (types := _allowed_types(branch, root, depth + 1)) is not None:
+                return types
+    return None
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}.get(type(value), "object")
+
+
+def _argument(value: str, types: frozenset[str] | None):
+    """A parameter's value from the text the template wrote: as it is where the schema allows
+    only a string; where it allows a string among others, the JSON value only when that value is
+    of one of the others (`str | None`: "12345" stays text, "null" is null); else the JSON value,
+    or the text where it is no JSON."""
+    if types is None or "string" not in types:
+        return _json_or_text(value)
+    if types == {"string"}:
+        return value
+    parsed = _json_or_text(value)
+    kind = _json_type(parsed)
+    others = types - {"string"}
+    if parsed is not value and (kind in others or (kind == "integer" and "number" in others)):
+        return parsed
+    return value
+
+
+def _parse_call(body: str, param_types: dict[str, dict[str, frozenset[str] | None]]) -> tuple[str, str] | None:
     """(name, arguments JSON text) of a `<tool_call>` block's body, or None if it is not one."""
     if body.strip().startswith("{"):
         return _parse_json_call(body)
@@ -342,7 +405,7 @@ def _parse_call(body: str, string_params: dict[str, set[str]]) -> tuple[str, str
         value = value[:-1] if value.endswith("\n") else value
         if not key or key in args:
             return None
-        args[key] = value if key in string_params.get(name, ()) else _json_or_text(value)
+        args[key] = _argument(value, param_types.get(name, {}).get(key))
         at = p.end()
     if inner[at:].strip():
         return None
