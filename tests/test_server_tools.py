@@ -146,7 +146,7 @@ def test_tool_choice(served):
         _ask(client, tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
-def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(served):
+def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(served, files):
     """`parallel_tool_calls: false` was accepted and ignored: a reply with two calls returned both
     (OpenAI then returns at most one, as llama-server does)."""
     name, client = served
@@ -159,8 +159,18 @@ def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(served):
     streamed = _join_stream(_ask(client, stream=True, parallel_tool_calls=False))
     assert streamed[0] == "Checking both." and streamed[3] == "tool_calls"
     assert [(c["name"], json.loads(c["arguments"])) for c in streamed[2]] == [("get_weather", {"city": "Rome"})]
-    both = _ask(client, parallel_tool_calls=True).choices[0]  # the default
-    assert len(both.message.tool_calls) == 2
+    both = _ask(client, parallel_tool_calls=True)  # the default
+    assert len(both.choices[0].message.tool_calls) == 2
+    # and the generation ends there: it went on to the end of the reply, and the client waited
+    # for it (a review counted 88 tokens where the call ended at the 59th)
+    text = REPLIES[name][0]
+    first = text[: text.index("</tool_call>") + len("</tool_call>")]
+    want = len(load(files[name]).tokenize(first, add_bos=False, special=True))
+    for stream in (False, True):
+        r = _ask(client, stream=stream, parallel_tool_calls=False,
+                 **({"stream_options": {"include_usage": True}} if stream else {}))
+        usage = r.usage if not stream else [c for c in r if c.usage][-1].usage
+        assert usage.completion_tokens == want < both.usage.completion_tokens, (usage, want)
 
 
 def test_ignore_eos_generates_on_past_the_end_of_text(served):

@@ -30,7 +30,7 @@ from runtime.server.completion import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.shapes import ChatReply, TextReply
-from runtime.text.tool_calls import END_THINK, forced_call, starts_in_reasoning
+from runtime.text.tool_calls import END_THINK, ReplyStream, forced_call, starts_in_reasoning
 
 MAX_BODY = 8 * 2**20  # bytes: far more than any prompt the context can hold
 POLL_S = 0.25  # how often a whole-response handler checks that its client is still there
@@ -251,6 +251,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
             ids = ids + model.tokenize(forced, add_bos=False, special=True)
         req = model_request(ids, b.common, b.logprobs, "messages")
+        if tools is not None and b.max_calls is not None:  # generation ends with the last call it may make
+            watch = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=True, max_calls=b.max_calls)
+            watch.push(forced)
+
+            def ends(text: str) -> bool:
+                watch.push(text)
+                return watch.ended
+
+            req.ends = ends
         reply = ChatReply(model_name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced,
                           max_calls=b.max_calls)
         want = b.logprobs is not None

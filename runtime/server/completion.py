@@ -85,6 +85,9 @@ class Request:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's and k alternatives'
     ignore_eos: bool = False  # an end-of-text token does not end the reply (it adds no text), as in vLLM
     cancelled: Callable[[], bool] = lambda: False
+    # Fed the reply's text, piece by piece as it is shown; True ends the reply after that piece
+    # (finish "stop"): a chat reply that holds all the tool calls it may hold ends there.
+    ends: Callable[[str], bool] | None = None
     timings: Timings = field(default_factory=Timings)
 
 
@@ -156,7 +159,7 @@ def run(model, req: Request) -> Iterator[Step]:
                 if lp is not None:
                     pending.append(lp)
                 text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
-                if hit:
+                if hit or (text and req.ends is not None and req.ends(text)):
                     yield Step(text, tuple(pending), "stop")
                     return
                 if text or pending:
