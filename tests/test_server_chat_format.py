@@ -435,3 +435,22 @@ def test_a_template_for_typed_content_gets_the_parts(tok):
     assert chat_ids(local, [{"role": "user", "content": parts}]) == local.encode_rendered(want, {})
     cont = chat_ids(local, [{"role": "user", "content": parts}, {"role": "assistant", "content": parts}])
     assert cont == local.encode_rendered(want + "[a][b", {})
+
+
+@pytest.mark.parametrize("calls", [True, False])
+def test_a_think_tag_inside_the_text_is_text(calls):
+    """A `<think>` anywhere opened reasoning, so "Wrap it in a <think> tag, then answer." lost
+    its end to reasoning_content. Reasoning opens only where llama.cpp reads it: at the start
+    of the reply (or, here, after a call or a closed section), after whitespace alone."""
+    rng = random.Random(3)
+    for text in ["Wrap the reasoning in a <think> tag, then answer.", "x<think>\ny\n</think>\nz", "Use <think></think> tags",
+                 "<think>\nr\n</think>\nThen a <think> tag.", "a\n<think>\nb"]:
+        want = _whole(text, calls=calls)
+        if text.startswith("<think>"):
+            assert want == ("Then a <think> tag.", "r", []), want
+        else:
+            assert want == (text, None, []), want
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
+            assert _streamed(text, cuts, calls=calls) == want, (text, cuts)
+    assert _whole(" \n<think>\nr\n</think>\nok", calls=calls) == (" \nok", "r", [])

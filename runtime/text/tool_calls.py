@@ -146,6 +146,9 @@ class ReplyStream:
         self._pre = ""             # held content before an open <tool_call>, resolved with it
         self._after_call = False   # only whitespace since the last well-formed call
         self._held_space = ""      # that whitespace, dropped if a call or the end comes next
+        # text other than whitespace since the reply began, a reasoning section ended or a call
+        # closed: a <think> after it is text, as llama.cpp reads reasoning only at such a start
+        self._spoken = False
         self._n_calls = 0
         self._max_calls = max_calls
         self._types = _string_parameters(tools)
@@ -197,7 +200,11 @@ class ReplyStream:
     def _content(self, out: list[dict], final: bool) -> bool:
         if not self._skip_layout_newline(final):
             return False
-        at, tag = _first(self._buf, self._tags)
+        tags, held = self._tags, self._held_tags
+        at, tag = _first(self._buf, tags)
+        if tag == THINK and (self._spoken or self._buf[:at].strip()):  # mid-text: a <think> is text
+            tags, held = tuple(t for t in tags if t != THINK), tuple(t for t in held if t != THINK)
+            at, tag = _first(self._buf, tags)
         if tag == THINK:
             self._emit_content(out, self._buf[:at])
             self._held_space = ""  # whitespace between a call and <think> is layout too
@@ -210,7 +217,7 @@ class ReplyStream:
             self._buf = self._buf[at + len(CALL):]
             self._mode = "call"
             return True
-        keep = 0 if final else _held_back(self._buf, self._held_tags)
+        keep = 0 if final else _held_back(self._buf, held)
         text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
         if final and self._after_call and (self._held_space + text).isspace():
             self._held_space = ""  # whitespace after the last call is layout
@@ -226,6 +233,7 @@ class ReplyStream:
             text, self._held_space, self._after_call = self._held_space + text, "", False
         if text:
             out.append({"content": text})
+            self._spoken = self._spoken or bool(text.strip())
 
     def _reasoning(self, out: list[dict], final: bool) -> bool:
         if not self._skip_layout_newline(final):
@@ -235,7 +243,7 @@ class ReplyStream:
             text = self._buf[:at]
             _add(out, "reasoning_content", text[:-1] if text.endswith("\n") else text)
             self._buf = self._buf[at + len(END_THINK):]
-            self._mode, self._drop_newline = "content", True
+            self._mode, self._drop_newline, self._spoken = "content", True, False
             return True
         keep = 0 if final else _held_back(self._buf, ("\n" + END_THINK, END_THINK))
         _add(out, "reasoning_content", self._buf[:len(self._buf) - keep])
@@ -270,7 +278,7 @@ class ReplyStream:
         out.append({"tool_calls": [{"index": self._n_calls, "id": new_call_id(), "type": "function",
                                     "function": {"name": name, "arguments": arguments}}]})
         self._n_calls += 1
-        self._after_call, self._held_space = True, ""
+        self._after_call, self._held_space, self._spoken = True, "", False
 
 
 def _add(out: list[dict], key: str, text: str) -> None:
@@ -302,7 +310,7 @@ def _first(text: str, tags: tuple[str, ...]) -> tuple[int, str | None]:
 
 def _held_back(text: str, tags: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that is the start of one of `tags` (it may become one)."""
-    for n in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
+    for n in range(min(len(text), max(map(len, tags), default=1) - 1), 0, -1):
         end = text[-n:]
         if any(t.startswith(end) for t in tags):
             return n
