@@ -200,6 +200,37 @@ def test_deprecated_function_fields_are_refused_not_ignored(url):
         assert err["message"].startswith(f"'{name}' (deprecated by OpenAI) is not supported; send 'tool")
 
 
+def test_audio_web_search_and_stray_stream_options_are_refused_not_ignored(url):
+    """An audio reply (`modalities`, `audio`) and `web_search_options` came back as plain text
+    with a 200; `stream_options` without a stream was taken where OpenAI and vLLM answer 400.
+    `modalities: ["text"]` and `stream_options` on a stream stay fine."""
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, name, code in (({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+                               "modalities", "unsupported"),
+                              ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported"),
+                              ({"web_search_options": {}}, "web_search_options", "unsupported"),
+                              ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value")):
+        for route, body in (("/v1/chat/completions", base), ("/v1/completions", {"model": "m", "prompt": "hi",
+                                                                                 "max_tokens": 2})):
+            resp = httpx.post(url + route, timeout=30, json={**body, **extra})
+            err = resp.json()["error"]
+            assert resp.status_code == 400 and err["param"] == name and err["code"] == code, (route, resp.text)
+    assert httpx.post(url + "/v1/chat/completions", timeout=30, json={**base, "modalities": ["text"]}).status_code == 200
+    # an image part is named as such (it was "content must be a string, null or a list of text parts")
+    image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    resp = httpx.post(url + "/v1/chat/completions", timeout=30,
+                      json={**base, "messages": [{"role": "user", "content": image}]})
+    err = resp.json()["error"]
+    assert resp.status_code == 400 and err["param"] == "messages[0].content[1]" and err["code"] == "unsupported"
+    assert err["message"] == 'messages[0].content[1] is a "image_url" part: this model reads text parts only'
+    resp = httpx.post(url + "/v1/chat/completions", timeout=30,
+                      json={**base, "messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages[0].content[0]"
+    streamed = httpx.post(url + "/v1/chat/completions", timeout=30,
+                          json={**base, "stream": True, "stream_options": {"include_usage": True}})
+    assert streamed.status_code == 200 and '"usage"' in streamed.text
+
+
 def test_max_completion_tokens_wins_over_max_tokens(client):
     r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "count to ten"}],
                                        max_tokens=20, max_completion_tokens=3, temperature=0)

@@ -182,7 +182,17 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop",
                        code="invalid_value")
     stream = _get(body, "stream", (bool,), False)
+    if body.get("stream_options") is not None and not stream:  # as OpenAI and vLLM answer
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options",
+                       code="invalid_value")
     options = _get(body, "stream_options", (dict,), {})
+    modalities = _get(body, "modalities", (list,), ["text"])
+    if any(m != "text" for m in modalities):  # refused, not ignored: an audio reply would silently be text
+        raise ApiError(400, f"'modalities' {json.dumps(modalities)[:80]} is not supported (only [\"text\"])",
+                       param="modalities", code="unsupported")
+    for name, what in (("audio", "audio output"), ("web_search_options", "web search")):
+        if body.get(name) is not None:
+            raise ApiError(400, f"'{name}' ({what}) is not supported", param=name, code="unsupported")
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise ApiError(400, "'stream_options.include_usage' must be a boolean", param="stream_options",
@@ -245,11 +255,23 @@ def completion_body(body: dict) -> CompletionBody:
     return CompletionBody(prompts, common, logprobs, _get(body, "echo", (bool,), False))
 
 
-def _content_ok(content) -> bool:
+def _content_problem(content, where: str) -> tuple[str, str, str] | None:
+    """(message, param, code) when a message's content is not a string, null or a list of text parts."""
     if content is None or isinstance(content, str):
-        return True
-    return isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+        return None
+    if not isinstance(content, list):
+        return (f"{where}.content must be a string, null or a list of text parts ({{'type': 'text', 'text': ...}}), "
+                f"got {_type_name(content)}", f"{where}.content", "invalid_type")
+    for j, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" and isinstance(p.get("text"), str):
+            continue
+        if isinstance(kind, str) and kind != "text":  # image_url, input_audio, file, ...
+            return (f"{where}.content[{j}] is a {json.dumps(kind)[:40]} part: this model reads text parts only",
+                    f"{where}.content[{j}]", "unsupported")
+        return (f"{where}.content[{j}] must be a text part ({{'type': 'text', 'text': ...}})", f"{where}.content[{j}]",
+                "invalid_value")
+    return None
 
 
 def chat_body(body: dict) -> ChatBody:
@@ -263,9 +285,9 @@ def chat_body(body: dict) -> ChatBody:
         if m.get("role") not in ROLES:
             raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(m.get('role'))}",
                            param=f"{where}.role", code="invalid_value")
-        if not _content_ok(m.get("content")):
-            raise ApiError(400, f"{where}.content must be a string, null or a list of text parts "
-                                "({'type': 'text', 'text': ...})", param=f"{where}.content", code="invalid_value")
+        problem = _content_problem(m.get("content"), where)
+        if problem is not None:
+            raise ApiError(400, problem[0], param=problem[1], code=problem[2])
         calls = m.get("tool_calls")
         if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list) or not all(
                 isinstance(c, dict) and isinstance(c.get("function"), dict)
