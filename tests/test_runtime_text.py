@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sysconfig
 from pathlib import Path
 
@@ -236,3 +237,25 @@ def test_tokenizer_metadata_of_the_wrong_type_is_one_line(f32_path, tmp_path, ke
     with pytest.raises(StepstreamError) as e:
         Tokenizer.from_gguf(GGUFModelFile(path))
     assert str(e.value) == f"{path}: {message}"
+
+
+def test_a_prompt_refused_untokenized_never_fits():
+    """check_fits refuses a text only when it must hold more tokens than the limit: checked on
+    texts made of the longest token repeated (the tightest case), code and random characters."""
+    from runtime.base.errors import PromptTooLong
+    tok = Tokenizer.from_gguf(GGUFModelFile(Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf"))
+    longest = max(range(len(tok.tokens)), key=lambda i: len(tok.token_bytes(i, special=True)))
+    piece = tok.token_bytes(longest, special=True).decode("utf-8", "replace")
+    rng = random.Random(0)
+    texts = [piece * 40, (piece + " ") * 30, open(__file__, encoding="utf-8").read()[:6000],
+             "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(3000))]
+    refused = 0
+    for text in texts:
+        n = len(tok.encode(text, add_bos=False, special=True))
+        for limit in (1, n // 8, n // 2, n - 1, n, n * 2):
+            try:
+                tok.check_fits(text, limit)
+            except PromptTooLong as e:
+                refused += 1
+                assert n > limit and e.at_least <= n, (text[:40], n, limit, e.at_least)
+    assert refused >= 8  # the check does refuse

@@ -82,6 +82,25 @@ def test_a_chat_over_the_context_names_messages(client):
                             "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
 
 
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(client):
+    """A megabyte prompt was tokenized whole before its 400 (seconds of the server's time, and
+    of every other client's). Its bytes alone show it cannot fit: no token of this vocabulary
+    is longer than 32 bytes, so 40,000 bytes hold at least 1,250 tokens."""
+    text = "é" * 20000  # 40,000 bytes
+    for create, field, kw in ((client.completions.create, "prompt", {"prompt": text}),
+                              (client.chat.completions.create, "messages",
+                               {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": text}]})):
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model=ALIAS, max_tokens=1, **kw)
+        n_bytes = 40000 if field == "prompt" else None
+        message = e.value.body["message"]
+        assert e.value.body["param"] == field and e.value.body["code"] == "context_length_exceeded", e.value.body
+        assert message.startswith("the prompt is at least ") and message.endswith(f"more than the context of {CTX} "
+                                                                                   f"{OVERFLOW_HINT}"), message
+        if n_bytes:
+            assert message.startswith(f"the prompt is at least 1250 tokens (40000 bytes of text)"), message
+
+
 # ---- a bad tool ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tool", [{"type": "function"}, "get_weather", {"type": "function", "function": {}}])

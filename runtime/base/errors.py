@@ -9,6 +9,15 @@ class StepstreamError(Exception):
     """
 
 
+class PromptTooLong(StepstreamError):
+    """A prompt refused before it was tokenized: its bytes alone show it holds more tokens than
+    the limit (no token is longer than the vocabulary's longest)."""
+
+    def __init__(self, at_least: int, n_bytes: int, limit: int):
+        super().__init__(f"the prompt is at least {at_least} tokens ({n_bytes} bytes of text), more than {limit}")
+        self.at_least, self.n_bytes, self.limit = at_least, n_bytes, limit
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a job's time limit), raised by the commands that clean up on it so that it
     unwinds as Ctrl-C does; the command line then exits with 143 (128 + SIGTERM), as a shell

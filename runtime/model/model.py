@@ -622,13 +622,15 @@ class Model:
         return chat_response(self, ids, pieces, stream, tools=offered, in_reasoning=in_reasoning, forced=forced)
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
-                    continue_final: bool = True) -> list[int]:
+                    continue_final: bool = True, limit: int | None = None) -> list[int]:
         """The prompt ids of a conversation, rendered with the model's chat template (with the
         OpenAI function specs `tools`, when given). Control tokens come only from the template:
         special-token text inside a message is tokenized as text. A last assistant message with
         text is continued, as llama-server does (continue_final=False closes it and opens a new
-        turn)."""
-        return chat_ids(self.tokenizer, messages, add_generation_prompt, tools=tools, continue_final=continue_final)
+        turn). `limit`: a conversation that must render to more tokens is refused before it is
+        tokenized (runtime.base.errors.PromptTooLong)."""
+        return chat_ids(self.tokenizer, messages, add_generation_prompt, tools=tools, continue_final=continue_final,
+                        limit=limit)
 
     def _check_tokens_only(self, tokens) -> list[int]:
         ids = np.asarray(tokens)

@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from runtime.base.errors import StepstreamError
+from runtime.base.errors import PromptTooLong, StepstreamError
 from runtime.server.completion import Request as ModelRequest
 from runtime.server.completion import merge
 from runtime.server.engine import Busy, Engine, Job
@@ -188,8 +188,17 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                            param="model", code="model_not_found")  # as OpenAI answers
         return served
 
+    def too_long(e: PromptTooLong, field: str) -> ApiError:
+        return ApiError(400, f"the prompt is at least {e.at_least} tokens ({e.n_bytes} bytes of text), more than the "
+                             f"context of {model.n_ctx} (start the server with a larger --ctx-size, or shorten the prompt)",
+                        param=field, code="context_length_exceeded")
+
     async def prompt_ids(prompt: str | list[int], where: str) -> list[int]:
         if isinstance(prompt, str):  # on a thread: a long prompt must not stall other streams
+            try:  # one that cannot fit is refused before the seconds tokenizing it would take
+                model.tokenizer.check_fits(prompt, model.n_ctx)
+            except PromptTooLong as e:
+                raise too_long(e, "prompt") from None
             return await asyncio.to_thread(model.tokenize, prompt, add_bos=True, special=True)
         bad = [t for t in prompt if not 0 <= t < model.cfg.vocab]
         if bad:
@@ -238,7 +247,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         b = chat_body(body)
         tools = b.tools if b.tools and b.tool_choice != "none" else None
         try:
-            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=tools, continue_final=b.continue_final)
+            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=tools, continue_final=b.continue_final,
+                                          limit=model.n_ctx)
+        except PromptTooLong as e:
+            raise too_long(e, "messages") from None
         except StepstreamError as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from None
         except RecursionError:

@@ -34,11 +34,12 @@ _PRIVATE_USE = range(0xF0000, 0xFFFFE)  # Supplementary Private Use Area-A
 
 
 def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-             tools: list[dict] | None = None, continue_final: bool = True) -> list[int]:
+             tools: list[dict] | None = None, continue_final: bool = True, limit: int | None = None) -> list[int]:
     """Token ids of `messages` rendered with the model's chat template (no BOS is added: the
     template writes it where it wants one); `tools` (OpenAI function specs) go to the template.
     With add_generation_prompt and continue_final, a last assistant message with text is
-    continued rather than closed (the module's docstring)."""
+    continued rather than closed (the module's docstring). With `limit`, a rendering that must
+    hold more tokens than that is refused (PromptTooLong) without being tokenized."""
     messages = normalize_messages(messages)
     if tok.chat_template:
         messages = join_text_parts(messages, tok.chat_template)
@@ -62,6 +63,7 @@ def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool =
                                   "is, so the reply cannot continue it (continue_final_message: false starts a new "
                                   "turn after it)")
         text = text[: text.index(mark)]
+    tok.check_fits(text, limit)  # PromptTooLong, before the time tokenizing would take
     return tok.encode_rendered(text, {v: k for k, v in stand_in.items()})
 
 

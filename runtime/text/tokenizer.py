@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 from tokenizers import AddedToken
 
-from runtime.base.errors import StepstreamError
+from runtime.base.errors import PromptTooLong, StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.gguf_schema import Key
 
@@ -173,6 +173,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self._bytes = [_piece(t, ty) for t, ty in zip(tokens, types)]
         self._special = [ty in (TOKEN_CONTROL, TOKEN_UNKNOWN) for ty in types]
+        self._longest: int | None = None  # bytes of the longest token (check_fits), when first asked
 
     @classmethod
     def from_gguf(cls, f: GGUFModelFile, use_hf_json: bool = True) -> "Tokenizer":
@@ -204,6 +205,19 @@ class Tokenizer:
         """Tokens that end generation: EOS, EOT and the other ids the file names, and every token
         whose text is one of EOG_TEXTS (llama.cpp's set; a test compares with llama_vocab_is_eog)."""
         return self._eog
+
+    def check_fits(self, text: str, limit: int | None) -> None:
+        """Raise PromptTooLong, without tokenizing, when `text` must hold more than `limit` tokens:
+        every token covers at most the vocabulary's longest token's bytes (a megabyte prompt is
+        refused at once, where tokenizing it would take seconds of a server's time)."""
+        if limit is None or len(text) <= limit:  # a character is at least one byte
+            return
+        if self._longest is None:
+            self._longest = max(map(len, self._bytes), default=1) or 1
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        at_least = -(-n_bytes // self._longest)
+        if at_least > limit:
+            raise PromptTooLong(at_least, n_bytes, limit)
 
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
         if not isinstance(text, (str, bytes)):
