@@ -263,3 +263,25 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(files):
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.parametrize("argv, blocked, words", [
+    (["bench-serve", "--help"], "httpx", None),
+    (["bench-serve", "-m", MODEL], "httpx", ["bench-serve needs the [serve] extra (httpx is missing)",
+                                            "pip install 'stepstream[serve]'"]),
+    (["train-mini", "--help"], "torch", None),
+    (["train-mini", "ckpt"], "torch", ["training needs PyTorch", "pip install -e '.[train]'"]),
+])
+def test_a_command_whose_extra_is_missing_says_which(argv, blocked, words, tmp_path):
+    """`bench-serve` (httpx) and `train-mini` (torch), even their --help, ended in a traceback on
+    an install without the extra: --help works, a run is one line naming the extra."""
+    code = (f"import sys; sys.modules[{blocked!r}] = None; from runtime.cli import main; "
+            f"sys.exit(main({argv!r}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL)
+    if words is None:
+        assert r.returncode == 0 and "usage:" in r.stdout and "Traceback" not in r.stderr, r.stderr[-2000:]
+    else:
+        line = one_line_error(r)
+        for w in words:
+            assert w in line, (w, line)

@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from convert.corpus import split_corpus
 from convert.mini_tokenizer import train_tokenizer, write_tokenizer_files
 from convert.safetensors_io import SafetensorsWriter
 from convert.train.model import Step35
+from convert.train.options import TrainOptions
 from runtime.base.errors import StepstreamError
 
 # The shipped model: 256 hidden, 5 trunk layers (1 dense + 4 MoE of 16 experts, top-4),
@@ -37,22 +38,6 @@ TRAINED = Preset(hidden=256, n_layers=5, head_dim=128, n_head_full=2, n_head_sli
                  n_expert=16, n_expert_used=4, expert_ffn=256, shared_ffn=256, dense_ffn=512,
                  vocab=2048, sliding_window=128, n_shards=2, about="trained on the Python stdlib")
 CLAMPS = (6.0, 10.0)  # routed / shared SwiGLU limits on the layers that have one
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    steps: int = 500
-    batch: int = 16
-    seq: int = 256
-    lr: float = 3e-3
-    warmup: int = 50
-    weight_decay: float = 0.01
-    mtp_weight: float = 0.3
-    mtp_every: int = 4  # MTP heads score every 4th position in training (evaluation scores all)
-    bias_rate: float = 1e-3  # router-bias balancing step
-    seed: int = 0
-    threads: int = 2
-    max_corpus_bytes: int = 40_000_000
 
 
 def encode(tok, texts: list[str], eos: int) -> np.ndarray:

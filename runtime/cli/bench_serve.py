@@ -18,11 +18,8 @@ import os
 import signal
 import sys
 
-import httpx
-
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy
-from runtime.bench import serve as bench
 from runtime.cli.common import add_cache_type_args, existing_file, positive_float, positive_int
 
 DECODE_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
@@ -117,7 +114,20 @@ def _too_long(args, n_ctx: int, need: int) -> StepstreamError:
                            f"need about {need} tokens; lower --conversation-tokens or raise --ctx-size")
 
 
+def _bench():
+    """runtime.bench.serve, or one line naming the extra its HTTP client (httpx) comes with."""
+    try:
+        from runtime.bench import serve
+    except ImportError as e:
+        raise StepstreamError(f"bench-serve needs the [serve] extra ({e.name} is missing): "
+                              "pip install 'stepstream[serve]'") from None
+    return serve
+
+
 def run(args) -> int:
+    bench = _bench()
+    import httpx
+
     if set(PARTS) <= set(args.skip):
         raise StepstreamError("--skip reuse, --skip overhead and --skip load leave nothing to measure; "
                               "skip at most two of the three parts")
@@ -160,6 +170,7 @@ def _exit(signum, frame):
 
 
 def _measure(args, messages: list[dict], wipe_token: int, report: dict) -> None:
+    bench = _bench()
     with bench.started_server(serve_argv(args.model, "--queue-size", str(args.queue_size), *_common(args))) as url:
         if messages:
             reuse = bench.prefix_reuse(url, messages, bench.FOLLOW_UP, wipe_token=wipe_token,

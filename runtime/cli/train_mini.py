@@ -12,7 +12,7 @@ from runtime.cli.common import non_negative_int, positive_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from convert.train.trainer import TrainOptions
+    from convert.train.options import TrainOptions  # not the trainer: --help works without PyTorch
 
     d = TrainOptions()
     p.add_argument("out_dir", help="directory for the HF checkpoint, in an existing directory (must not exist or be "
@@ -46,7 +46,8 @@ def check_out_dir(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     check_out_dir(Path(args.out_dir))
     try:
-        from convert.train.trainer import TrainOptions, train
+        from convert.train.options import TrainOptions
+        from convert.train.trainer import train
     except ImportError as e:
         raise StepstreamError(f"training needs PyTorch: pip install -e '.[train]' ({e})") from None
     opts = TrainOptions(steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed, threads=args.threads)
