@@ -137,3 +137,21 @@ def test_the_converter_stops_at_the_next_chunk_after_a_signal_during_a_read(tiny
     assert got["raised_in"] == ["tensor_stream.py:write_tensor", "interrupts.py:check"], got
     assert all(name.startswith("convert-read") for name in got["reader"]), got
     assert got["loads_after"] == [] and got["files"] == [], got
+
+
+def test_sigterm_ends_every_command_with_143_as_the_readme_says():
+    """`kill` on `stepstream run` ended it by the signal's default (status -15 to Python, no
+    line), where Ctrl-C prints "interrupted" and exits 130: every command now unwinds from
+    SIGTERM as from Ctrl-C, says "terminated" and exits 143."""
+    model = REPO / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run", "-m", str(model), "-p", "def f(x):", "-n", "4000",
+                          "-c", "4096", "--temp", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout.read(40)  # generating
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143, (p.returncode, err[-2000:])
+    assert err.decode().rstrip().endswith("terminated") and b"Traceback" not in err

@@ -12,10 +12,12 @@ import importlib
 import importlib.metadata
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 
-from runtime.base.errors import StepstreamError, Terminated
+from runtime.base.errors import StepstreamError, Terminated, raise_terminated
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -140,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.parse_args(argv[1:])
     warnings.formatwarning = _one_line_warning
     plain, sys.stdout = sys.stdout, _CheckedStdout(sys.stdout)
+    # SIGTERM (`kill`, a job's time limit) unwinds as Ctrl-C does and exits with 143 (`serve`
+    # installs its own handler: it stops gracefully)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         code = int(module.run(args) or 0)
         sys.stdout.flush()  # a full disk under stdout is found here, not in Python's flush at exit
@@ -160,4 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, the status a shell shows for a writer killed by the pipe
     finally:
         sys.stdout = plain
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
