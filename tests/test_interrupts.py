@@ -155,3 +155,30 @@ def test_sigterm_ends_every_command_with_143_as_the_readme_says():
         p.kill()
     assert p.returncode == 143, (p.returncode, err[-2000:])
     assert err.decode().rstrip().endswith("terminated") and b"Traceback" not in err
+
+
+def test_ctrl_c_during_bench_beside_llama_cpp_is_an_interruption():
+    """Ctrl-C (to the whole process group, as a terminal sends it) during `bench --llama-cpp`
+    killed llama.cpp's child first, and the parent, closing it, reported "llama.cpp's benchmark
+    process exited (code 1)" with exit status 2. Now: "interrupted", 130, no child left."""
+    import os
+
+    model = REPO / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "bench", "-m", str(model), "-p", "512", "-n", "1000",
+                          "-r", "50", "--llama-cpp"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert p.stderr.readline().startswith(b"loading the kernels")  # ours loaded; llama.cpp's child starts
+        time.sleep(6)
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert err.decode().rstrip().endswith("interrupted") and b"Traceback" not in err, err[-2000:]
+    for _ in range(100):  # multiprocessing's resource tracker leaves once it sees the parent gone
+        left = subprocess.run(["pgrep", "-a", "-g", str(p.pid)], capture_output=True, text=True).stdout.splitlines()
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, left

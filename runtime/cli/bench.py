@@ -119,8 +119,12 @@ def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], threads: int 
     """llama.cpp's side of an alternated run: after loading and a warm-up it puts None on
     results, then runs one repetition per True on commands (putting its two times), and on
     False closes and puts its peak RSS."""
+    import signal
+
     import llama_cpp
 
+    # Ctrl-C reaches the whole process group: the parent decides, and ends this process itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_llama_cpp(llama_cpp)
     threads = threads or os.cpu_count()
     ggml = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
@@ -150,7 +154,11 @@ class LlamaCppBeside:
         self.proc = ctx.Process(target=_llama_cpp_child, daemon=True,
                                 args=(path, prompt, gen, threads, batch, kv_types, self.commands, self.results))
         self.proc.start()
-        self._get()
+        try:
+            self._get()
+        except BaseException:  # Ctrl-C while it loads, or it failed
+            self.terminate()
+            raise
 
     def _get(self):
         import queue
@@ -173,7 +181,23 @@ class LlamaCppBeside:
         self.commands.put(False)
         rss = self._get()
         self.proc.join()
+        self._close_queues()
         return rss
+
+    def terminate(self) -> None:
+        """Ends the child now, wherever it is (an interrupted or failed benchmark)."""
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self._close_queues()
+
+    def _close_queues(self) -> None:
+        for q in (self.commands, self.results):
+            q.close()
+            q.cancel_join_thread()
 
 
 def bench_beside_llama_cpp(model, prompt: list[int], gen: list[int], reps: int, threads: int | None, batch: int
@@ -188,8 +212,10 @@ def bench_beside_llama_cpp(model, prompt: list[int], gen: list[int], reps: int, 
             for engine, rep in (("stepstream", lambda: _timed(model, prompt, gen)), ("llama.cpp", other.repetition)):
                 pp, tg = rep()
                 runs.append({"engine": engine, "prefill_s": pp, "decode_s": tg})
-    finally:
-        rss = other.close() if other.proc.is_alive() else 0
+    except BaseException:  # Ctrl-C, SIGTERM or a failure: the child ends now, the error stays the one raised
+        other.terminate()
+        raise
+    rss = other.close()
     times = {e: ([r["prefill_s"] for r in runs if r["engine"] == e], [r["decode_s"] for r in runs if r["engine"] == e])
              for e in ("stepstream", "llama.cpp")}
     return (_rates(prompt, gen, *times["stepstream"]), {**_rates(prompt, gen, *times["llama.cpp"]), "peak_rss_bytes": rss},
