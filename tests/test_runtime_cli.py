@@ -73,6 +73,20 @@ def test_bench_json(f32_path, capsys):
     assert report["peak_rss_bytes"] > 10 * 2**20
 
 
+def test_bench_reports_the_threads_that_ran(f32_path, capsys):
+    """-t beyond numba's limit was capped for our kernels in silence while llama.cpp got all 64
+    (a 20x "ratio" on 2 cores) and the JSON said 64: both engines now get the count that runs."""
+    import numba
+
+    args = parse(bench_cli, ["-m", f32_path, "-p", "4", "-n", "2", "-t", "4096", "--json"])
+    assert bench_cli.run(args) == 0
+    out = capsys.readouterr()
+    limit = numba.config.NUMBA_NUM_THREADS
+    assert json.loads(out.out)["threads"] == limit
+    assert f"-t 4096: the kernels run at most {limit} threads here (NUMBA_NUM_THREADS); both engines use {limit}" \
+        in out.err
+
+
 def test_bench_beside_llama_cpp(f32_path, capsys):
     args = parse(bench_cli, ["-m", f32_path, "-p", "16", "-n", "4", "-t", "1", "--llama-cpp"])
     assert bench_cli.run(args) == 0

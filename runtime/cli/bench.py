@@ -253,9 +253,17 @@ def run_sweep(args) -> int:
     # 20.6 / 15.2 with PASSIVE), and a 0.2 s sample of the machine's load at the start (what
     # choose_wait_policy does for one run) chose the default 4 times in 10 on this shared host.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    threads = args.threads
+    if threads is not None:  # ours never run more than numba's limit: llama.cpp's runs get the same
+        import numba
+
+        threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+        if threads != args.threads:
+            print(f"-t {args.threads}: the kernels run at most {threads} threads here (NUMBA_NUM_THREADS); "
+                  f"both engines use {threads}", file=sys.stderr)
     opts = SweepOptions(model=args.model, caps=tuple(caps),
                         engines=("stepstream", "llama.cpp") if args.llama_cpp else ("stepstream",),
-                        repeats=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=args.threads,
+                        repeats=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads,
                         batch=args.batch_size, seed=args.seed, prefetch=not args.no_prefetch,
                         fill_cache=args.fill_cache,
                         direct_io=not args.no_direct_io, cache_policy=args.cache_policy, activations=args.activations,
@@ -327,16 +335,24 @@ def run(args) -> int:
     if args.ctx_size is None:
         args.ctx_size = needed
     model = load_model(args)
+    import numba
+
+    # The threads our kernels really run on (-t beyond NUMBA_NUM_THREADS, this machine's cores by
+    # default, is capped): llama.cpp gets the same count, and the report says it
+    threads = numba.get_num_threads()
+    if args.threads is not None and args.threads != threads:
+        print(f"-t {args.threads}: the kernels run at most {threads} threads here (NUMBA_NUM_THREADS); "
+              f"both engines use {threads}", file=sys.stderr)
     if args.mtp == "auto" and args.n_gen and model.n_mtp == 0:  # a forced length: load_model said so
         print(f"{model.file.path}: no MTP heads; generation is timed without drafting", file=sys.stderr)
     ids = _prompt(model.cfg.vocab, args.n_prompt + args.n_gen, args.seed)
     prompt, gen = ids[: args.n_prompt], ids[args.n_prompt :]
     report = {"model": str(model.file.path), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-              "threads": args.threads, "batch_size": args.batch_size, "repetitions": args.repetitions,
+              "threads": threads, "batch_size": args.batch_size, "repetitions": args.repetitions,
               "activations": model.options.activations, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default"}
     if args.llama_cpp:
         ours, report["llama_cpp"], report["runs"] = bench_beside_llama_cpp(
-            model, prompt, gen, args.repetitions, args.threads, args.batch_size)
+            model, prompt, gen, args.repetitions, threads, args.batch_size)
     else:
         ours = bench_ours(model, prompt, gen, args.repetitions)
     report.update(ours)
