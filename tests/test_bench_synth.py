@@ -106,11 +106,19 @@ def test_cli_writes_file_and_rejects_bad_input(tmp_path, capsys):
     assert cli_main(args) == 0
     assert f"{out.stat().st_size:,} bytes" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.part*"))
-    assert cli_main(args[:2] + ["--hidden", "100"]) == 2
-    assert "multiple of 256" in capsys.readouterr().err
-    assert cli_main(args + ["--top-k", "17"]) == 2
-    assert cli_main(args + ["--vocab", "100"]) == 2
-    assert "vocab=100 must be at least 258" in capsys.readouterr().err
+    # each refusal names the flag given (it named synth's parameters: "hidden=100", "moe_top_k=17")
+    for extra, line in ((["--hidden", "100"], "error: synth: --hidden 100 must be a positive multiple of 256"),
+                        (["--top-k", "17"], "error: synth: --top-k 17 must be 1 to --experts 16"),
+                        (["--vocab", "100"], "error: synth: --vocab 100 must be at least 258"),
+                        (["--kv-heads", "3"], "error: synth: --heads 2 and --heads-sliding 4 must be multiples of "
+                                              "--kv-heads 3")):
+        assert cli_main(args + extra) == 2
+        assert capsys.readouterr().err.startswith(line)
+    for bad in ("nan", "inf", "-1"):  # a NaN bias routed every token to the same experts, in silence
+        with pytest.raises(SystemExit) as e:
+            cli_main(args + ["--bias-skew", bad])
+        assert e.value.code == 2 and "--bias-skew" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.part*"))
     with pytest.raises(SystemExit) as e:
         cli_main(args[:2] + ["--experts", "0"])
     assert e.value.code == 2

@@ -19,6 +19,7 @@ engines on it. Text in it spells bytes and those filler names; the benchmarks dr
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import time
@@ -178,13 +179,20 @@ def write_synth(path: str | os.PathLike, *, moe_layers: int = 3, dense_layers: i
         raise StepstreamError(f"synth: --moe-layers {moe_layers} and --dense-layers {dense_layers} make "
                               f"{moe_layers + dense_layers} layers; Step-3.5-Flash has {MAX_LAYERS} (3 dense, 42 MoE), "
                               f"the most synth writes")
-    for name, v in (("hidden", hidden), ("expert_ffn", expert_ffn), ("shared_ffn", shared_ffn), ("dense_ffn", dense_ffn)):
+    for flag, v in (("--hidden", hidden), ("--expert-ffn", expert_ffn), ("--shared-ffn", shared_ffn),
+                    ("--dense-ffn", dense_ffn)):
         if v <= 0 or v % 256:
-            raise StepstreamError(f"synth: {name}={v} must be a positive multiple of 256 (Q4_K/Q6_K blocks)")
+            raise StepstreamError(f"synth: {flag} {v} must be a positive multiple of 256 (Q4_K/Q6_K blocks)")
     if vocab < MIN_VOCAB:
-        raise StepstreamError(f"synth: vocab={vocab} must be at least {MIN_VOCAB} (256 byte tokens, a filler, an end token)")
+        raise StepstreamError(f"synth: --vocab {vocab} must be at least {MIN_VOCAB} (256 byte tokens, a filler, an end token)")
     if n_head_full % n_kv or n_head_sliding % n_kv:
-        raise StepstreamError(f"synth: head counts {n_head_full}/{n_head_sliding} must be multiples of n_kv={n_kv}")
+        raise StepstreamError(f"synth: --heads {n_head_full} and --heads-sliding {n_head_sliding} must be multiples "
+                              f"of --kv-heads {n_kv}")
+    if not 1 <= top_k <= n_expert:
+        raise StepstreamError(f"synth: --top-k {top_k} must be 1 to --experts {n_expert}")
+    if not (math.isfinite(router_scale) and router_scale > 0 and math.isfinite(bias_skew) and bias_skew >= 0):
+        raise StepstreamError(f"synth: the router scale ({router_scale}) must be finite and positive, the bias skew "
+                              f"({bias_skew}) finite and 0 or more")
     if not 0 <= mtp <= 3:
         raise StepstreamError(f"synth: --mtp {mtp}: Step-3.5-Flash has 3 MTP heads; give 0 to 3")
     raw = _raw_config(moe_layers, dense_layers, hidden, n_head_full, n_head_sliding, n_kv, head_dim, window,

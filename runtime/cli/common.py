@@ -55,6 +55,7 @@ top_p = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1], 1 = off, 0 = 
 unit_interval = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1]", "unit_interval")
 share = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]", "share")
 positive_float = _checked(float, lambda v: v > 0, "must be more than 0", "positive_float")
+non_negative_float = _checked(float, lambda v: v >= 0, "must be 0 or more", "non_negative_float")
 chunk_count = _checked(int, lambda v: v == -1 or v >= 1, "must be a positive number of chunks, or -1 for all",
                        "chunk_count")
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from runtime.base.errors import raise_terminated
-from runtime.cli.common import non_negative_int, positive_float, positive_int, writable_output
+from runtime.cli.common import non_negative_float, non_negative_int, positive_float, positive_int, writable_output
 
 
 def add_arguments(p) -> None:
@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--type", dest="qtype", choices=["q4_k", "q8_0", "q6_k"], default="q4_k",
                    help="format of the matrices (default: q4_k; the output head is always q6_k)")
     p.add_argument("--router-scale", type=positive_float, default=1.0, help="std of the router logits (default: 1)")
-    p.add_argument("--bias-skew", type=float, default=0.0, help="std of the router bias (default: 0)")
+    p.add_argument("--bias-skew", type=non_negative_float, default=0.0, help="std of the router bias (default: 0)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     p.add_argument("--mtp", type=non_negative_int, default=0,
                    help="MTP heads after the trunk, 0-3 (default: 0; the real model has 3): random heads, whose "
