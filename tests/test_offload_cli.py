@@ -29,6 +29,9 @@ def test_bench_json_carries_the_expert_stats(tiny_gguf, capsys):
                 "prefetch_recall", "prefetch_precision", "peak_rss_bytes"):
         assert key in ex, key
     assert ex["bytes_read"] > 0 and report["placement"]["cache_slots"] >= 4
+    # the last repetition's decode alone: 4 tokens x 3 MoE layers x top-4 requests (the warm-up's
+    # token and the prefill's 8 were counted in too, 3x the decode's)
+    assert ex["requests"] == 4 * 3 * 4 and ex["scope"] == "the last repetition's decode"
 
 
 def test_profile_then_pin(tiny_gguf, tmp_path, capsys):

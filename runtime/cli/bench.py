@@ -79,12 +79,17 @@ def _warm(model, prompt: list[int], gen: list[int]) -> None:
 
 
 def _timed(model, prompt: list[int], gen: list[int]) -> tuple[float, float]:
-    """One repetition: the prompt from an empty cache, then the tokens one at a time; (prefill s, decode s)."""
+    """One repetition: the prompt from an empty cache, then the tokens one at a time; (prefill s, decode s).
+    Streaming statistics start again before the decode: what a bench reports of them (--json's
+    "experts", --stats) is the last repetition's decode, what `plan` predicts, not the warm-up's
+    or the prefill's requests mixed in."""
     model.reset()
     t0 = time.perf_counter()
     if prompt:  # -p 0: decoding from an empty cache, as llama-bench's tg test
         model.eval(prompt)
     pp = time.perf_counter() - t0
+    if model.provider.stats is not None and gen:
+        model.provider.stats.restart()
     t0 = time.perf_counter()
     for t in gen:
         model.eval([t])
@@ -358,7 +363,7 @@ def run(args) -> int:
     report.update(ours)
     if model.placement is not None:
         report["placement"] = model.placement.as_dict()
-        report["experts"] = model.provider.stats.as_dict()
+        report["experts"] = {**model.provider.stats.as_dict(), "scope": "the last repetition's decode"}
     if model.gpu_placement is not None:
         report["gpu"] = {**model.gpu_placement.as_dict(), **model.gpu.tier.counts.as_dict()}
     if args.mtp is not None and args.n_gen:
