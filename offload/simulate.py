@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -231,14 +233,37 @@ def table(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str, what: str) -> list:
+    """--slots (positive integers) or --slots-pct (percents in (0, 100], 12.5 included)."""
+    parts = [v.strip() for v in text.split(",")]
     try:
-        values = [int(float(v)) if what == "pct" else int(v) for v in text.split(",") if v.strip()]
+        values = [float(v) if what == "pct" else int(v) for v in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or any(v <= 0 or (what == "pct" and v > 100) for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: each value must be " + ("in 1..100" if what == "pct" else "positive"))
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         + ("numbers" if what == "pct" else "integers")) from None
+    if not values or any(not math.isfinite(v) or v <= 0 or (what == "pct" and v > 100) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each value must be " + ("more than 0 and at most 100"
+                                                                             if what == "pct" else "positive"))
     return values
+
+
+def _write(text: str) -> int:
+    """Print to stdout: 0, or 141 when the reader went away (`| head`), as the command line does,
+    or 2 with one line when stdout cannot be written (a full disk)."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return 0
+    except BrokenPipeError:
+        code = 141
+    except OSError as e:
+        print(f"error: could not write standard output ({e.strerror or e})", file=sys.stderr)
+        code = 2
+    try:  # Python flushes stdout again at exit and would fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except StepstreamError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rep) if args.json else table(rep))
-    return 0
+    return _write(json.dumps(rep) if args.json else table(rep))
 
 
 if __name__ == "__main__":

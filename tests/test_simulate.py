@@ -4,6 +4,8 @@ online policy on random traces."""
 
 from collections import OrderedDict
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -210,6 +212,43 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         S.main([str(good), "--slots-pct", "0"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--slots-pct", "inf"), ("--slots-pct", "1e400"), ("--slots-pct", "nan"),
+                                         ("--slots-pct", "101"), ("--slots", "4,,8"), ("--slots", "2.5")])
+def test_odd_sizes_are_refused_by_their_flag(tmp_path, capsys, flag, value):
+    """`--slots-pct inf` was an OverflowError traceback; `4,,8` was read as 4,8."""
+    ids = np.zeros((3, 1, 2), np.int16) + np.arange(2, dtype=np.int16)
+    good = tmp_path / "g.npz"
+    RoutingTrace(ids, np.array([1], np.int32), np.array([8], np.int32), np.array([0]), "m.gguf", 5).save(good)
+    with pytest.raises(SystemExit) as e:
+        S.main([str(good), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err and "Traceback" not in err, err
+
+
+def test_a_fractional_percent_is_kept_and_output_errors_are_one_line(tmp_path):
+    """12.5% was cut to 12%; a full disk or a closed pipe under stdout gave a traceback (exit 1)."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    ids = np.stack([rng.permutation(16)[:4] for _ in range(2 * 60)]).reshape(60, 2, 4).astype(np.int16)
+    path = tmp_path / "t.npz"
+    RoutingTrace(ids, np.array([1, 2], np.int32), np.array([16, 16], np.int32), np.array([0]), "m.gguf", 5).save(path)
+    cmd = [sys.executable, "-m", "offload.simulate", str(path), "--slots-pct", "12.5,50", "--json"]
+    root = Path(S.__file__).resolve().parents[1]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [s["slots"] for s in json.loads(r.stdout)["sizes"]] == [4, 16]  # 12.5% of 32, 50% of 32
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=root, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: could not write standard output (No space left on device)"
+    p = subprocess.Popen(cmd[:-1] + ["--slots", ",".join(map(str, range(4, 33)))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root)
+    p.stdout.close()  # the reader went away, as `| head -0`
+    assert p.wait(timeout=120) == 141 and b"Traceback" not in p.stderr.read()
 
 
 def test_trace_refuses_an_id_outside_its_layer():
