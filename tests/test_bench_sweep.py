@@ -342,6 +342,33 @@ def test_a_cap_that_did_not_run_is_never_ok(tmp_path):
     assert table.splitlines()[-1] == "interrupted; not run: cap 25% stepstream (1 of 2), cap 100% stepstream (2 of 2)"
 
 
+@pytest.mark.parametrize("runs_before", [0, 1])
+def test_a_sweep_interrupted_before_its_first_run_keeps_the_earlier_report(tmp_path, monkeypatch, capsys, runs_before):
+    """`--force` then Ctrl-C before any run ended replaced a complete earlier sweep with a report of
+    "not run" alone: nothing measured, everything lost. The earlier report now stays; once a run
+    has ended, the interrupted report (which holds it) replaces it, as --force asks."""
+    out = tmp_path / "bench-sweep.json"
+    out.write_text('{"earlier": "complete"}\n')
+
+    def interrupted(o, log, after_run):
+        caps = [{"cap": c.text, "cap_bytes": GiB, "share_of_file": 0.5, "budget": GiB,
+                 "runs": {"stepstream": [_ok(10.0, 30.0, GiB, GiB, GiB)] * runs_before}} for c in o.caps]
+        if runs_before:
+            after_run(sweep.summarize(o, 4 * GiB, 900 * MiB, 2 * GiB, caps))
+        after_run(sweep.summarize(o, 4 * GiB, 900 * MiB, 2 * GiB, caps, state="interrupted"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert main(["bench", "-m", str(MODEL), "--sweep-ram", "50%", "-r", "2", "--sweep-out", str(tmp_path), "--force"]) == 130
+    stdout = capsys.readouterr().out
+    if runs_before:
+        assert json.loads(out.read_text())["state"] == "interrupted" and f"wrote {out}" in stdout
+    else:
+        assert out.read_text() == '{"earlier": "complete"}\n'
+        assert f"interrupted before any run ended: {out} is left as it was" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-sweep.json"]
+
+
 def test_an_interrupted_sweep_says_so_and_leaves_no_group(tmp_path):
     """Ctrl-C (SIGINT to the sweep's process group, as a terminal sends it) while the first capped
     run is under way: exit 130, no memory group of the sweep left, and the JSON, in the directory

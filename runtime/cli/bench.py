@@ -280,8 +280,15 @@ def run_sweep(args) -> int:
         the sweep; the next run's write, or the last, tries again, and the table on stdout holds
         the results whatever happens."""
         last["report"] = report
+        ran = [r for row in report["caps"] for e in row["engines"].values() for r in e["runs"]
+               if r["status"] != "does not fit"]
+        if not ran and not last.get("written") and out_json.exists():
+            last["kept"] = True  # nothing measured yet: an earlier sweep's report (--force) stays whole
+            return
         try:
             write_json(report, out_json)
+            last["written"] = True
+            last.pop("kept", None)
             last.pop("error", None)
         except StepstreamError as e:
             last["error"] = e
@@ -295,6 +302,9 @@ def run_sweep(args) -> int:
             print(table_text(last["report"]), flush=True)
             if "error" in last:
                 print(f"{last['error']} (interrupted: the table above holds what ran)", flush=True)
+            elif "kept" in last:
+                print(f"interrupted before any run ended: {out_json} is left as it was (--force replaces it only "
+                      "with results)", flush=True)
             else:
                 print(f"wrote {out_json} (interrupted: its \"state\" says so, and \"not_run\" lists what did "
                       "not run)", flush=True)
