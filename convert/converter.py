@@ -31,7 +31,8 @@ from gguf.gguf_writer import WriterState
 from convert import layout, policy
 from convert import resume as resume_record
 from convert.gguf_meta import add_hparams, llama3_rope_factors
-from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts, written_path
+from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts
+from runtime.base.paths import written_path
 from convert.tensor_stream import load_kernels, write_tensor, writer
 from convert.hf_config import HFConfig
 from convert.safetensors_io import SUPPORTED_DTYPES, Checkpoint

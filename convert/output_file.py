@@ -93,13 +93,6 @@ def remove_stale_parts(out: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def written_path(out: Path) -> Path:
-    """Where an output named `out` is written: through a symlink, its target (as cp and
-    llama.cpp's quantizer write through one), so the file lands on the disk the link points to
-    and the link stays; otherwise `out` itself."""
-    return Path(os.path.realpath(out)) if os.path.islink(out) else out
-
-
 _SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
             (stat.S_ISSOCK, "a socket"))
 

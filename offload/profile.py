@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.base.errors import StepstreamError
+from runtime.base.paths import written_path
 
 
 @dataclass
@@ -101,6 +102,7 @@ def write_atomically(path: Path, data: bytes, what: str) -> None:
     TID is the thread's native id: on Linux a PID's number space, so the process's PID in its
     main thread (the project's `.NAME.PID.part`), and unique among live threads of all
     processes: two writers never share a temporary file, and the last rename wins whole."""
+    path = written_path(path)  # through a symlink: its target (the link stays)
     tmp = path.with_name(f".{path.name}.{threading.get_native_id()}.part")
     try:
         with open(tmp, "wb") as f:

@@ -47,6 +47,29 @@ def test_profile_then_pin(tiny_gguf, tmp_path, capsys):
     assert "pinned from the profile" in capsys.readouterr().err
 
 
+def test_profile_and_trace_write_through_a_symlink(tiny_gguf, tmp_path, capsys):
+    """`-o link.json` made the link a regular file and left its target old; as cp, llama.cpp and
+    our converter and synth do, the target is written and the link stays."""
+    path = tiny_gguf("q4_k_m")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n")
+    real = tmp_path / "real"
+    real.mkdir()
+    assert main(["profile", "-m", str(path), "-f", str(prompts), "-o", str(real / "p.json"), "--trace",
+                 str(real / "t.npz"), "-n", "2"]) == 0
+    old = {name: (real / name).read_bytes() for name in ("p.json", "t.npz")}
+    links = {}
+    for name in old:
+        links[name] = tmp_path / f"link-{name}"
+        links[name].symlink_to(real / name)
+    assert main(["profile", "-m", str(path), "-f", str(prompts), "-o", str(links["p.json"]), "--trace",
+                 str(links["t.npz"]), "-n", "6"]) == 0
+    for name, link in links.items():
+        assert link.is_symlink() and (real / name).read_bytes() != old[name], name
+    assert ExpertProfile.load(real / "p.json", path).tokens > 2
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["p.json", "t.npz"]
+
+
 def test_fill_cache_fills_the_slots_the_profile_leaves(tiny_gguf, tmp_path, capsys):
     """--profile pins the hottest half of the slots, --fill-cache reads experts into the rest;
     the greedy text is the cold cache's."""

@@ -45,6 +45,7 @@ from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache, r
 from runtime.base.child import child_env
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
+from runtime.base.paths import written_path
 from runtime.base.units import parse_bytes
 from runtime.bench.streaming import FILE_WORKING_SET, MARGIN, open_llama_streaming, rss_anon_bytes
 
@@ -475,8 +476,9 @@ def table_text(report: dict) -> str:
 
 
 def write_json(report: dict, path: Path) -> None:
-    """Under a temporary name, then renamed: an interruption mid-write leaves the previous report whole."""
-    path = Path(path)
+    """Under a temporary name, then renamed: an interruption mid-write leaves the previous report
+    whole. Through a symlink, its target is written."""
+    path = written_path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -524,7 +526,7 @@ def write_plot(report: dict, path: Path) -> str | None:
     ax.set_title(f"{Path(report['model']).name} ({report['file_bytes'] / 2**30:.1f} GiB), {report['threads']} threads, "
                  f"{report['n_gen']} tokens, cgroup memory cap, page cache evicted", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
+    path = written_path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a plot being replaced stays whole until renamed
     try:
         fig.savefig(tmp, format="png")

@@ -33,7 +33,8 @@ from gguf.gguf_writer import WriterState
 from convert import layout
 from convert.gguf_meta import add_hparams
 from convert.hf_config import HFConfig
-from convert.output_file import check_output, part_name, pid_alive, publish, remove_stale_parts, written_path
+from convert.output_file import check_output, part_name, pid_alive, publish, remove_stale_parts
+from runtime.base.paths import written_path
 from convert.policy import FILE_TYPE
 from quant import row_bytes
 from runtime.base.errors import StepstreamError

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy, peak_rss_bytes
+from runtime.base.paths import written_path
 
 
 # ---- argparse types: each returns the value or raises ArgumentTypeError naming it -------------
@@ -196,7 +197,7 @@ def write_text_atomically(path: Path, text: str, what: str) -> None:
     """Write `text` to a temporary name beside `path`, then rename it over `path`: a failure or an
     interruption leaves the old file (if any) whole; one line names what went wrong. Through a
     symlink, its target is written (the link stays)."""
-    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    path = written_path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         tmp.write_text(text)
