@@ -93,6 +93,10 @@ REFUSED = {
     "profile -o dir": (["profile", "-m", "{model}", "-f", "prompts.txt", "-o", "adir"], ["adir", "directory"]),
     "profile -c 4": (["profile", "-m", "{model}", "-f", "prompts.txt", "-c", "4", "-o", "p.json"],
                      ["-n 16", "context of 4"]),
+    # llama.cpp's flags were read as one of ours and a value: -ngl 99 as `-n gl`, -mmp 0 as `-m mp`
+    "bench -ngl 99": (["bench", "-m", "{model}", "-ngl", "99"], ["unrecognized option -ngl", "--gpu-budget"]),
+    "run -mmp 0": (["run", "-m", "{model}", "-p", "x", "-mmp", "0"], ["unrecognized option -mmp"]),
+    "bench -ts 1": (["bench", "-m", "{model}", "-ts", "1"], ["unrecognized option -ts"]),
     # the API's field was named to a user who typed the flag
     "run --cache-policy pinned": (["run", "-m", "{model}", "-p", "x", "--cache-policy", "pinned"],
                                   ["--cache-policy pinned", "--profile FILE"]),

@@ -81,6 +81,14 @@ def _quiet_stdout() -> None:
         pass
 
 
+# llama.cpp options users type first, and what does their job here
+LLAMA_CPP_HINTS = {o: "the GPU tier is placed by bytes here: --gpu-budget SIZE (or auto)"
+                   for o in ("-ngl", "-ncmoe", "-cmoe", "-ot", "-sm", "-mg", "-ts", "-nkvo", "-dev")}
+LLAMA_CPP_HINTS.update({"-fa": "there is no flash-attention switch here",
+                        "-mmp": "the file is always mapped; --ram-budget streams experts instead",
+                        "-ub": "the prefill chunk is -b/--batch-size"})
+
+
 class SubcommandParser(argparse.ArgumentParser):
     """A subcommand's parser: a bad argument is one line on stderr (exit status 2), as every other
     error is, instead of the usage block followed by the error."""
@@ -94,6 +102,14 @@ class SubcommandParser(argparse.ArgumentParser):
         wrong with it; argparse took it for an option ("expected one argument")."""
         args = list(sys.argv[1:] if args is None else args)
         takes_value = {o for a in self._actions if a.nargs is None and a.option_strings for o in a.option_strings}
+        known = {o for a in self._actions for o in a.option_strings}
+        for i, a in enumerate(args):  # llama.cpp's -ngl read as `-n gl` (then "'gl' is not an integer" named -n)
+            if a == "--":
+                break
+            after_flag = i > 0 and args[i - 1] in takes_value  # a value such as `--temp -inf`
+            if re.fullmatch(r"-[A-Za-z][A-Za-z-]+", a) and a not in known and not after_flag:
+                hint = LLAMA_CPP_HINTS.get(a, "")
+                self.error(f"unrecognized option {a}" + (f"; {hint}" if hint else ""))
         joined, i = [], 0
         while i < len(args):
             if args[i] in takes_value and i + 1 < len(args) and re.match(r"-\d", args[i + 1]) \
