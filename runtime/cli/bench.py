@@ -88,8 +88,9 @@ def _timed(model, prompt: list[int], gen: list[int]) -> tuple[float, float]:
     if prompt:  # -p 0: decoding from an empty cache, as llama-bench's tg test
         model.eval(prompt)
     pp = time.perf_counter() - t0
-    if model.provider.stats is not None and gen:
-        model.provider.stats.restart()
+    stats = getattr(getattr(model, "provider", None), "stats", None)  # ours streaming (llama.cpp's runs here too)
+    if stats is not None and gen:
+        stats.restart()
     t0 = time.perf_counter()
     for t in gen:
         model.eval([t])
