@@ -242,7 +242,9 @@ class Placement:
         return (f"placement: budget {size_text(self.budget_bytes)} ({self.budget_reason}); "
                 f"{self.resident_bytes / 2**20:.1f} MiB resident (attention, shared experts, dense, head); {kv}"
                 f"expert cache {self.cache_bytes / 2**20:.1f} MiB = {self.cache_slots} of {self.n_experts} experts "
-                f"({self.cache_bytes / self.expert_bytes:.0%} of {self.expert_bytes / 2**20:.1f} MiB), "
+                # the share of the experts it holds: its bytes include each slot's O_DIRECT alignment, so
+                # bytes over bytes read 111% for a cache of all of them
+                f"({self.cache_slots / max(self.n_experts, 1):.0%} of the experts' {self.expert_bytes / 2**20:.1f} MiB), "
                 f"policy {self.policy}"
                 + (f", {self.pinned} pinned from the profile" if self.pinned else "")
                 + (f", {self.filled} read at load" if self.filled else ""))

@@ -14,6 +14,12 @@ def test_run_prints_placement_and_stats(tiny_gguf, capsys):
     assert main(["run", "-m", path, "-p", "def f(x):", "-n", "6", "--temp", "0", "--ram-budget", "700KiB", "--stats"]) == 0
     err = capsys.readouterr().err
     assert "placement:" in err and "resident" in err and "expert cache" in err and "of 48 experts" in err
+    # the share is of the experts held (it divided the slots' aligned bytes by the experts' bytes:
+    # 111% for a cache of all of them)
+    held, total, share = re.search(r"= (\d+) of (\d+) experts \((\d+)% of the experts'", err).groups()
+    assert int(share) == round(100 * int(held) / int(total))
+    assert main(["run", "-m", path, "-p", "x", "-n", "1", "--ram-budget", "1TiB"]) == 0
+    assert "= 48 of 48 experts (100% of the experts'" in capsys.readouterr().err
     for what in ("hits", "misses", "hit rate", "GB/s", "stalled", "prefetch recall", "precision", "peak RSS", "per layer"):
         assert what in err, what
 
