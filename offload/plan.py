@@ -89,7 +89,7 @@ def machine_limit(ram: int | None) -> MemoryLimit:
     if ram is None:
         return memory_limit()
     reserve = max(RESERVE_MIN, int(ram * RESERVE_FRACTION))
-    return MemoryLimit("available memory", max(0, ram - reserve), ram, 0, reserve=reserve)
+    return MemoryLimit("--ram", max(0, ram - reserve), ram, 0, reserve=reserve)
 
 
 def measure_decode_gbps(rows: int = 32768, cols: int = 8192, repeats: int = 15, seconds: float = 0.6) -> float:
@@ -305,7 +305,7 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     ram_read = resident + routed + kv_cache_bytes(cfg, ctx, opts.rollback, held=ctx // 2, kv_types=types)
     missed = (1.0 - hit) * read if streams else 0.0
     compute_s, disk_s = ram_read / (ram_gbps * 1e9), missed / (disk_gbps * 1e9)
-    memory = f"--ram {size_text(ram)}, as an idle host's {limit.text()}" if ram is not None else limit.text()
+    memory = f"an idle {limit.text()}" if ram is not None else limit.text()
     return Plan(f.path.name, f.nbytes, ctx, len(table.layers), cfg.n_expert, K, slot, streams, memory,
                 ram if ram is not None else limit.limit, usable,
                 resident, kv, types, own_bytes(cfg, opts.n_batch, False) + LIBRARY_PAGES + kv, limit.reserve,

@@ -52,12 +52,15 @@ def test_caps_are_shares_of_the_file_or_sizes():
 @pytest.mark.parametrize("text, named", [
     ("0%", "0%"), ("-5%", "-5%"), ("abc%", "abc%"), ("35", "35"), ("0.35", "0.35"), ("6XB", "6XB"),
     ("0GiB", "0GiB"), ("25%,,35%", "empty"), ("", "empty"), ("nan%", "nan%"), ("inf%", "inf%"),
+    ("1e400%", "1e400%"),
 ])
 def test_a_bad_cap_is_one_line_naming_it(text, named):
     with pytest.raises(StepstreamError) as e:
         sweep.parse_caps(text)
     msg = str(e.value)
     assert "\n" not in msg and named in msg
+    if text in ("nan%", "inf%", "1e400%"):  # not "must be more than 0%", which an infinite share is
+        assert "is not a finite percentage" in msg, msg
 
 
 def test_a_bad_cap_on_the_command_line_exits_2_with_one_line(capsys):

@@ -104,7 +104,9 @@ def test_more_ram_more_hits_and_an_all_in_ram_machine(real_shapes):
 
 
 def test_too_little_ram_says_what_is_needed(real_shapes):
-    with pytest.raises(StepstreamError, match="streaming needs .* but the available memory"):
+    # the machine --ram describes, named by its flag (it read as this host's "available memory")
+    with pytest.raises(StepstreamError, match="streaming needs .* but the machine of --ram 4096 MiB, less 1024 MiB "
+                                              r"kept for the OS and the runtime \(10% of it, at least 1 GiB\) leaves"):
         P.make_plan(real_shapes, ram=4 * 2**30, ram_gbps=20)
 
 

@@ -36,7 +36,7 @@ AS_RESERVE = 1 * 2**30
 
 @dataclass(frozen=True)
 class MemoryLimit:
-    kind: str  # "available memory", "cgroup v1", "cgroup v2", "RLIMIT_AS"
+    kind: str  # "available memory", "cgroup v1", "cgroup v2", "RLIMIT_AS", or "--ram" (a machine `plan` is told of)
     free: int  # bytes this process may still take under this limit
     limit: int  # the limit itself (for available memory: the host's total)
     used: int  # what already counts against it
@@ -49,6 +49,9 @@ class MemoryLimit:
         if self.kind == "RLIMIT_AS":
             return (f"RLIMIT_AS {size_text(self.limit)}, {size_text(self.used)} of address space mapped, "
                     f"{size_text(self.reserve)} kept for threads and libraries")
+        if self.kind == "--ram":
+            return (f"machine of --ram {size_text(self.limit)}, less {size_text(self.reserve)} kept for the OS and the "
+                    "runtime (10% of it, at least 1 GiB)")
         free = size_text(self.limit - self.used)
         return (f"available memory {free} of {size_text(self.limit)}, less {size_text(self.reserve)} kept for the OS "
                 f"and the runtime")

@@ -77,7 +77,9 @@ def parse_caps(text: str) -> list[Cap]:
                 pct = float(item[:-1])
             except ValueError:
                 raise StepstreamError(f"--sweep-ram: {item!r} is not a percentage such as 35%") from None
-            if not pct > 0 or pct != pct or pct == float("inf"):
+            if pct != pct or pct == float("inf"):
+                raise StepstreamError(f"--sweep-ram: {item!r} is not a finite percentage such as 35%")
+            if not pct > 0:
                 raise StepstreamError(f"--sweep-ram: a cap must be more than 0% of the file, got {item}")
             caps.append(Cap(item, share=pct / 100))
             continue
