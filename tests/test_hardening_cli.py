@@ -93,6 +93,8 @@ REFUSED = {
     "profile -o dir": (["profile", "-m", "{model}", "-f", "prompts.txt", "-o", "adir"], ["adir", "directory"]),
     "profile -c 4": (["profile", "-m", "{model}", "-f", "prompts.txt", "-c", "4", "-o", "p.json"],
                      ["-n 16", "context of 4"]),
+    # demo loaded the model and printed its placement before naming a Latin-1 prompt, without the flag
+    "demo -p Latin-1": (["demo", "-p", "caf\udce9"], ["-p/--prompt", "not UTF-8", "0xe9"]),
     # llama.cpp's flags were read as one of ours and a value: -ngl 99 as `-n gl`, -mmp 0 as `-m mp`
     "bench -ngl 99": (["bench", "-m", "{model}", "-ngl", "99"], ["unrecognized option -ngl", "--gpu-budget"]),
     "run -mmp 0": (["run", "-m", "{model}", "-p", "x", "-mmp", "0"], ["unrecognized option -mmp"]),

@@ -32,7 +32,8 @@ from runtime.base.system import peak_rss_bytes
 
 
 def add_arguments(p) -> None:
-    add_model_args(p, batch_default=512)  # llama-bench's micro-batch: the whole prompt in one chunk
+    add_model_args(p, batch_default=512,  # llama-bench's micro-batch: the whole prompt in one chunk
+                   ctx_help="-p + -n, as llama-bench sizes it")
     p.add_argument("-p", "--n-prompt", type=non_negative_int, default=128,
                    help="prompt tokens to evaluate; 0 times decoding alone, as llama-bench's -p 0 (default: 128)")
     p.add_argument("-n", "--n-gen", type=non_negative_int, default=32,

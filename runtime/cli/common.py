@@ -275,10 +275,11 @@ def add_cache_type_args(p: argparse.ArgumentParser) -> None:
                             "(default: f16)")
 
 
-def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, batch_default: int = 64) -> None:
+def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, batch_default: int = 64,
+                   ctx_help: str | None = None) -> None:
     """The model and expert-streaming flags. A subcommand with other defaults passes them here,
-    so that its --help quotes the defaults it really uses."""
-    ctx_help = f"{ctx_default}" if ctx_default else "model's, at most 4096"
+    so that its --help quotes the defaults it really uses (ctx_help: how it sizes the context)."""
+    ctx_help = ctx_help or (f"{ctx_default}" if ctx_default else "model's, at most 4096")
     p.add_argument("-m", "--model", required=True, type=existing_file("GGUF file"),
                    help="GGUF file (for a split model, any of its parts)")
     p.add_argument("-t", "--threads", type=positive_int, default=None,
@@ -337,10 +338,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-s", "--seed", type=seed, default=None, help="random seed, -1 = random (default: random)")
     p.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="STOP",
                    help="stop generating at this text (may be given several times)")
+    add_escape_args(p)
+
+
+def add_escape_args(p: argparse.ArgumentParser) -> None:
+    """-e/--no-escape, naming the text flags this command has (run: -p and -r; chat: -sys and -r)."""
+    texts = [f for f in ("-p", "-sys", "-r") if f in p._option_string_actions]
+    names = ", ".join(texts[:-1]) + (" and " if len(texts) > 1 else "") + texts[-1]
     p.add_argument("-e", "--escape", action="store_true", default=True,
-                   help="turn \\n, \\r, \\t, \\', \\\", \\\\ and \\xHH in -p, -sys and -r into their characters, "
+                   help=f"turn \\n, \\r, \\t, \\', \\\", \\\\ and \\xHH in {names} into their characters, "
                         "as llama.cpp does (default: on)")
-    p.add_argument("--no-escape", dest="escape", action="store_false", help="take -p, -sys and -r as written")
+    p.add_argument("--no-escape", dest="escape", action="store_false", help=f"take {names} as written")
 
 
 def context_size(args, needed: int = 0, why: str = "") -> int:

@@ -15,7 +15,8 @@ import time
 from importlib import resources
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import GenerationTiming, add_cache_type_args, positive_int, share, temperature, token_limit
+from runtime.cli.common import (GenerationTiming, add_cache_type_args, add_escape_args, check_text_args, positive_int,
+                                share, temperature, token_limit)
 
 MODEL = "step35-mini-q4_k_m.gguf"
 PROMPT = "def read_config(path):\n    \"\"\"Read a JSON config file and return it as a dict.\"\"\"\n"
@@ -36,8 +37,10 @@ def add_arguments(p) -> None:
     p.add_argument("--budget-share", type=share, default=0.5,
                    help="expert cache as a share of all routed experts' bytes (default: 0.5)")
     p.add_argument("--temp", type=temperature, default=0.0, help="temperature; 0 = greedy (default: 0)")
-    p.add_argument("-t", "--threads", type=positive_int, default=None, help="compute threads")
+    p.add_argument("-t", "--threads", type=positive_int, default=None,
+                   help="compute threads (default: the libraries' choice)")
     add_cache_type_args(p)
+    add_escape_args(p)
 
 
 def warm_up(model, n_prompt: int) -> float:
@@ -87,6 +90,7 @@ def run(args) -> int:
     from runtime.generation import complete, sampling_params
     from runtime.loader import load
 
+    check_text_args(args)  # -p: UTF-8 and llama.cpp's escapes, before the model loads, as in `run`
     params = sampling_params(temperature=args.temp, seed=0)
     path = model_path()
     f = GGUFModelFile(path)

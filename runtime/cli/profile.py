@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens to generate after each prompt (default: 16)")
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="also write the routing trace (.npz: every token's experts per MoE layer, in order)")
-    p.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context size")
+    p.add_argument("-c", "--ctx-size", type=positive_int, default=None,
+                   help="context size in tokens (default: model's, at most 4096)")
     add_cache_type_args(p)
     p.add_argument("-t", "--threads", type=positive_int, default=None,
                    help="compute threads (default: the libraries' choice)")
