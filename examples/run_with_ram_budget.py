@@ -1,6 +1,6 @@
 """Generate text while routed experts stream from disk into a RAM budget.
 
-    python examples/run_with_ram_budget.py MODEL.gguf [--budget 800MiB] [--prompt TEXT] [-n 48]
+    python examples/run_with_ram_budget.py MODEL.gguf [--budget 30%|800MiB] [--prompt TEXT] [-n 48]
 
 Prints where the model lives (resident weights, expert cache), the text, the time to the
 first token (the prompt's evaluation) and the decode speed after it, as `stepstream run
@@ -10,21 +10,22 @@ or of the context. OpenMP waits passively when other processes hold the cores, a
 `stepstream run`.
 """
 
+import argparse
 import sys
 import time
 
 import runtime
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy
-from runtime.base.units import parse_bytes
 from runtime.cli import SubcommandParser
-from runtime.cli.common import GenerationTiming, token_limit
+from runtime.cli.common import GenerationTiming, budget_arg, token_limit
 
 p = SubcommandParser(description=__doc__.splitlines()[0])
 p.add_argument("model")
-p.add_argument("--budget", default="30%", help="bytes (800MiB) or a share of the experts' bytes (30%%)")
-p.add_argument("--prompt", default="def fibonacci(n):")
-p.add_argument("-n", type=token_limit, default=48, help="tokens to generate; -1: until the end")
+p.add_argument("--budget", default="30%", help="the expert cache: a size (800MiB) or a share of the experts' bytes "
+                                              "(30%%) (default: 30%%)")
+p.add_argument("--prompt", default="def fibonacci(n):", help="the prompt (default: %(default)r)")
+p.add_argument("-n", type=token_limit, default=48, help="tokens to generate; -1: until the end (default: 48)")
 a = p.parse_args()
 
 choose_wait_policy(None)  # before the first kernel starts OpenMP's threads, which read the policy once
@@ -39,7 +40,10 @@ try:
         budget = int(build_expert_table(probe.file, probe.cfg).total_bytes * share / 100)
         probe.close()
     else:
-        budget = parse_bytes(a.budget)
+        try:  # a size with its unit, as `stepstream run --ram-budget` takes it (a bare 30 is refused)
+            budget = budget_arg(a.budget)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--budget {a.budget}: {e}")
     model = runtime.load(a.model, ram_budget=budget)
     print(model.placement.text())
     model.warm_up()

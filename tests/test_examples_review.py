@@ -112,6 +112,12 @@ def test_ram_budget_example_refuses_a_count_the_cli_refuses(n):
     _one_line(_example("run_with_ram_budget.py", str(MODEL), "-n", n), "-n", "positive count of tokens, or -1", n)
 
 
+def test_ram_budget_example_refuses_a_size_without_a_unit():
+    """--budget 30 was 30 bytes, refused by load as a --ram-budget (a flag it has not) of 0.0 MiB;
+    sizes take a unit, as `stepstream run --ram-budget` does."""
+    _one_line(_example("run_with_ram_budget.py", str(MODEL), "--budget", "30"), "--budget 30", "give a unit")
+
+
 # ---- compare_llama_cpp.py ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("which, words", [("missing", ["missing.gguf", "not found"]),
