@@ -142,10 +142,11 @@ def bench_set(name, mats, reps, bw, tokens=(4, 8)):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m quant.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m quant.bench", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--formats", default="Q4_K,Q5_K,Q6_K,Q8_0",
-                    help="comma-separated GGUF types (default: those of the official Q4_K_S file)")
-    ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+                    help="comma-separated GGUF types (those of the official Q4_K_S file)")
+    ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS, help="compute threads")
     ap.add_argument("--experts", type=int, default=12, help="experts in the expert set (3 matrices each)")
     ap.add_argument("--layers", type=int, default=3, help="attention layers in the attention set")
     ap.add_argument("--reps", type=int, default=9, help="timed passes per kernel (the median is shown)")

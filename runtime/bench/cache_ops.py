@@ -136,7 +136,7 @@ def measure_held(n: int, policy: str, rounds: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench.cache_ops", description=__doc__.split("\n\n")[0])
     ap.add_argument("--slots", default="64,1000,10000", help="comma-separated slot counts")
     ap.add_argument("--policy", default="lru,lfu", help="comma-separated cache policies")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")

@@ -170,19 +170,39 @@ def ensure_model(workdir: Path) -> Path:
     return model
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+
+    return parse
+
+
+positive_int, positive_float = _positive(int), _positive(float)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.bench.streaming", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="q4_k_m GGUF (default: the large miniature, made in --workdir)")
-    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "stepstream" / "bench"))
-    p.add_argument("--caps", default="0.45,0.55,0.75", help="RAM caps as fractions of the file size")
-    p.add_argument("-p", "--n-prompt", type=int, default=8)
-    p.add_argument("-n", "--n-gen", type=int, default=32)
-    p.add_argument("-r", "--repetitions", type=int, default=3)
-    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("--workdir", default=str(Path.home() / ".cache" / "stepstream" / "bench"),
+                   help="where the default model is made and kept (default: %(default)s)")
+    p.add_argument("--caps", default="0.45,0.55,0.75",
+                   help="RAM caps as fractions of the file size (default: %(default)s)")
+    p.add_argument("-p", "--n-prompt", type=positive_int, default=8, help="prompt tokens (default: %(default)s)")
+    p.add_argument("-n", "--n-gen", type=positive_int, default=32, help="decoded tokens timed (default: %(default)s)")
+    p.add_argument("-r", "--repetitions", type=positive_int, default=3,
+                   help="runs of each setting, alternated (default: %(default)s)")
+    p.add_argument("-t", "--threads", type=positive_int, default=2, help="compute threads (default: %(default)s)")
     p.add_argument("--prefetch", default="gated", help="our read-ahead modes to run, alternating: gated, ungated, off")
     p.add_argument("--no-llama", action="store_true", help="run stepstream only")
     p.add_argument("--no-ram-run", action="store_true", help="skip the uncapped all-in-RAM run (the compute time)")
-    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--timeout", type=positive_float, default=900,
+                   help="seconds after which a run is stopped and recorded as failed (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     return p
