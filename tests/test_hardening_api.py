@@ -121,6 +121,40 @@ def test_threads_generating_on_one_model_get_their_own_text_or_the_stale_error(m
     assert [o for o in outcomes if o.startswith("wrong")] == []
 
 
+def test_whole_completions_from_threads_sharing_a_model_run_whole():
+    """A call that returns whole (create_completion, create_chat_completion without stream) was
+    run token by token without the lock between tokens: two threads' calls interleaved and 19
+    of 20 failed as stale (a review's finding). Each now runs whole: every call gives the text a
+    single thread gets."""
+    import threading
+
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    prompts = ["def fib(n):", "import os\n"]
+    chat = [{"role": "user", "content": "Sort a list."}]
+    want = {p: m.create_completion(p, max_tokens=12, temperature=0)["choices"][0]["text"] for p in prompts}
+    want_chat = m.create_chat_completion(chat, max_tokens=12, temperature=0)["choices"][0]["message"]["content"]
+    got, errors = [], []
+
+    def work(p):
+        try:
+            for _ in range(4):
+                if p is None:
+                    r = m.create_chat_completion(chat, max_tokens=12, temperature=0)
+                    got.append(r["choices"][0]["message"]["content"] == want_chat)
+                else:
+                    got.append(m.create_completion(p, max_tokens=12, temperature=0)["choices"][0]["text"] == want[p])
+        except Exception as e:  # noqa: BLE001: the error is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in prompts + [None]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert got == [True] * 12
+
+
 def test_closing_a_model_another_thread_is_generating_on_ends_that_generation_cleanly():
     """close() did not wait for the running step: with the experts in RAM the other thread's
     pass met an emptied table, a raw KeyError (a review's finding). Now the step ends, and the

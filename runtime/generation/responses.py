@@ -10,8 +10,12 @@ from runtime.generation.loop import Piece
 from runtime.text.tool_calls import ReplyStream, parse_reply
 
 
-def _join(pieces: Iterator[Piece]) -> tuple[str, Piece]:
-    parts = list(pieces)
+def _join(model, pieces: Iterator[Piece]) -> tuple[str, Piece]:
+    """A whole generation, run under the model's lock: a call that returns whole is one step to
+    other threads, never interleaved token by token with theirs (each would find the cache no
+    longer its own, and fail as stale)."""
+    with model.lock:
+        parts = list(pieces)
     return "".join(p.text for p in parts), parts[-1]
 
 
@@ -29,7 +33,7 @@ def completion_response(model, prompt_ids: list[int], pieces: Iterator[Piece], s
 
     if stream:
         return chunks()
-    text, last = _join(pieces)
+    text, last = _join(model, pieces)
     return {"id": cid, "object": "text_completion", "created": created, "model": name,
             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": last.finish_reason}],
             "usage": _usage(len(prompt_ids), last.n_tokens)}
@@ -63,7 +67,7 @@ def chat_response(model, prompt_ids: list[int], pieces: Iterator[Piece], stream:
 
     if stream:
         return chunks()
-    text, last = _join(pieces)
+    text, last = _join(model, pieces)
     parsed = parse_reply(forced + text, in_reasoning=in_reasoning, tools=tools, calls=calls)
     message: dict = {"role": "assistant",
                      "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
