@@ -187,3 +187,82 @@ def test_a_boolean_where_a_number_belongs_is_refused_at_load(option):
     """load(mtp=True) was accepted and every generation then failed; ram_budget=True was 1 byte."""
     with pytest.raises(StepstreamError, match=f"{next(iter(option))}=True"):
         runtime.load(MODEL, **option)
+
+
+def test_llama_cpp_python_calls_work_unchanged():
+    """Code written for llama-cpp-python passes its keywords at their "off" values (echo=False,
+    logprobs=None, suffix=None, presence_penalty=0.0, ..., tool_choice=None, response_format
+    text) and may give token ids as the prompt: each was refused ("unknown option(s)", "the
+    text to tokenize must be str"). Values that would change the output stay refused by name."""
+    import inspect
+
+    import llama_cpp
+
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    want = m.create_completion("def f(x):", max_tokens=8, temperature=0)["choices"][0]["text"]
+    # llama-cpp-python's own defaults for every keyword it has and we take as off
+    sig = inspect.signature(llama_cpp.Llama.create_completion).parameters
+    off = {k: sig[k].default for k in ("echo", "logprobs", "suffix", "presence_penalty", "frequency_penalty",
+                                       "typical_p", "tfs_z", "mirostat_mode", "mirostat_tau", "mirostat_eta",
+                                       "model", "logit_bias", "grammar", "logits_processor", "stopping_criteria")
+           if k in sig}
+    assert len(off) >= 12, off
+    assert m.create_completion("def f(x):", max_tokens=8, temperature=0, **off)["choices"][0]["text"] == want
+    ids = m.tokenize("def f(x):", special=True)
+    by_ids = m.create_completion(ids, max_tokens=8, temperature=0)
+    assert by_ids["choices"][0]["text"] == want and by_ids["usage"]["prompt_tokens"] == len(ids)
+    chat_sig = inspect.signature(llama_cpp.Llama.create_chat_completion).parameters
+    msgs = [{"role": "user", "content": "hi"}]
+    chat_want = m.create_chat_completion(msgs, max_tokens=6, temperature=0)["choices"][0]["message"]["content"]
+    chat_off = {k: chat_sig[k].default for k in ("tool_choice", "response_format", "logprobs", "top_logprobs",
+                                                 "presence_penalty", "frequency_penalty", "logit_bias", "functions",
+                                                 "function_call") if k in chat_sig}
+    got = m.create_chat_completion(msgs, max_tokens=6, temperature=0, **chat_off)
+    assert got["choices"][0]["message"]["content"] == chat_want
+    assert m.create_chat_completion(msgs, max_tokens=6, temperature=0, response_format={"type": "text"})[
+        "choices"][0]["message"]["content"] == chat_want
+    # the chat default temperature is llama-cpp-python's
+    assert chat_sig["temperature"].default == 0.2
+    a = m.create_chat_completion(msgs, max_tokens=12, seed=5)["choices"][0]["message"]["content"]
+    assert a == m.create_chat_completion(msgs, max_tokens=12, seed=5, temperature=0.2)["choices"][0]["message"]["content"]
+    for name, value in (("echo", True), ("suffix", "x"), ("presence_penalty", 0.5), ("logit_bias", {1: 5.0}),
+                        ("typical_p", 0.5), ("mirostat_mode", 2)):
+        with pytest.raises(StepstreamError, match=f"{name}=.* is not supported by the Python API"):
+            m.create_completion("def f(x):", max_tokens=2, **{name: value})
+    with pytest.raises(StepstreamError, match="response_format=.*json_object"):
+        m.create_chat_completion(msgs, max_tokens=2, response_format={"type": "json_object"})
+
+
+def test_history_is_read_only():
+    """`history` handed out the live list: an edit of the same length made prefix reuse trust
+    tokens the cache never held (logits off by 2.4, no error)."""
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    ids = m.tokenize("def f(x):\n    return x")
+    m.eval(ids)
+    h = m.history
+    assert h == ids and list(h) == ids and h[1:3] == ids[1:3] and len(h) == len(ids) and h.count(ids[0]) >= 1
+    with pytest.raises(TypeError):
+        h[1] = 0
+    with pytest.raises((TypeError, AttributeError)):
+        h.append(3)
+    assert m.history == ids
+
+
+def test_a_context_of_0_is_the_models_as_in_llama_cpp():
+    """llama.cpp's `-c 0` and llama-cpp-python's `n_ctx=0` mean the model's context length; both
+    were refused as "must be positive"."""
+    import subprocess
+    import sys
+
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+
+    full = ModelConfig.from_gguf(GGUFModelFile(MODEL)).context_length
+    m = runtime.load(MODEL, n_ctx=0, n_threads=1)
+    assert m.n_ctx == full
+    m.close()
+    with pytest.raises(StepstreamError, match="n_ctx must be positive .or 0"):
+        runtime.load(MODEL, n_ctx=-1)
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "-m", MODEL, "-c", "0", "-p", "4", "-n", "2",
+                        "-r", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -58,9 +58,10 @@ def test_chat_keeps_the_conversation(f32_path):
     assert chat_cli.run(args, stdin=io.StringIO("hello\n\nhow are you\n/exit\nignored\n"), stdout=out) == 0
     model = runtime.load(f32_path)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
-    first = model.create_chat_completion(messages, max_tokens=4, seed=1)["choices"][0]["message"]["content"]
+    # the command line's default temperature (the API's chat default is llama-cpp-python's 0.2)
+    first = model.create_chat_completion(messages, max_tokens=4, seed=1, temperature=0.8)["choices"][0]["message"]["content"]
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "how are you"}]
-    second = model.create_chat_completion(messages, max_tokens=4, seed=1)["choices"][0]["message"]["content"]
+    second = model.create_chat_completion(messages, max_tokens=4, seed=1, temperature=0.8)["choices"][0]["message"]["content"]
     assert out.getvalue() == first + "\n" + second + "\n"  # the blank line is skipped, /exit ends it
 
 

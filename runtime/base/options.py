@@ -24,7 +24,7 @@ def check_kv_type(value, what: str = "cache type") -> str:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    n_ctx: int | None = None  # positions the cache may hold; None: the model's context, at most 4096
+    n_ctx: int | None = None  # positions the cache may hold; None: the model's context, at most 4096; 0: the model's (llama.cpp's 0)
     n_batch: int = 64  # prefill chunk: tokens evaluated together
     n_threads: int | None = None  # compute threads; None leaves the libraries' defaults
     rollback: int = 16  # positions trim(n) can undo on sliding blocks (their ring keeps W + this)
@@ -95,8 +95,8 @@ class RuntimeOptions:
                 raise StepstreamError(f"ram_budget={self.ram_budget!r} must be a positive size (6GiB, 800MiB or bytes)")
             if self.experts == "ram":
                 raise StepstreamError("ram_budget sizes the streamed experts' cache; it cannot go with experts='ram'")
-        if self.n_ctx is not None and self.n_ctx < 1:
-            raise StepstreamError(f"n_ctx must be positive, got {self.n_ctx}")
+        if self.n_ctx is not None and self.n_ctx < 0:
+            raise StepstreamError(f"n_ctx must be positive (or 0: the model's context length), got {self.n_ctx}")
         if self.n_batch < 1:
             raise StepstreamError(f"n_batch must be positive, got {self.n_batch}")
         if self.n_threads is not None and self.n_threads < 1:
@@ -123,7 +123,10 @@ class RuntimeOptions:
                                   "(--profile FILE), recorded with `stepstream profile`")
 
     def context(self, model_context: int) -> int:
-        """Positions the KV cache may hold: n_ctx, or the model's context up to 4096."""
+        """Positions the KV cache may hold: n_ctx, the model's context for 0 (llama.cpp's and
+        llama-cpp-python's 0), or without n_ctx the model's context up to 4096."""
+        if self.n_ctx == 0:
+            return model_context
         return self.n_ctx or min(model_context, 4096)
 
     @property

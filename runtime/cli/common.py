@@ -284,8 +284,8 @@ def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, b
                    help="GGUF file (for a split model, any of its parts)")
     p.add_argument("-t", "--threads", type=positive_int, default=None,
                    help="compute threads (default: the libraries' choice)")
-    p.add_argument("-c", "--ctx-size", type=positive_int, default=ctx_default,
-                   help=f"context size in tokens (default: {ctx_help})")
+    p.add_argument("-c", "--ctx-size", type=non_negative_int, default=ctx_default,
+                   help=f"context size in tokens, 0 = the model's (default: {ctx_help})")
     p.add_argument("-b", "--batch-size", type=positive_int, default=batch_default,
                    help=f"prompt tokens evaluated together (default: {batch_default})")
     p.add_argument("--activations", default="q8", choices=("q8", "f32"),
@@ -361,6 +361,8 @@ def context_size(args, needed: int = 0, why: str = "") -> int:
     from runtime.base.options import RuntimeOptions
 
     limit = ModelConfig.from_gguf(GGUFModelFile(args.model)).context_length
+    if args.ctx_size == 0:  # llama.cpp's -c 0: the model's context length
+        args.ctx_size = limit
     if args.ctx_size is not None and args.ctx_size > limit:
         raise StepstreamError(f"-c/--ctx-size {args.ctx_size} exceeds the context length of {args.model}: {limit}")
     if needed > limit:

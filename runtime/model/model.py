@@ -24,6 +24,7 @@ import functools
 import numbers
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from quant.int8_kernels import format_set
@@ -120,9 +121,10 @@ class Model:
         return self.cache.n_past
 
     @property
-    def history(self) -> list[int]:
-        """Token ids held by the cache (read-only view)."""
-        return self._tokens
+    def history(self) -> "TokenView":
+        """Token ids held by the cache: a read-only view (it was the live list, and an edit of the
+        same length made prefix reuse trust tokens the cache never held)."""
+        return TokenView(self._tokens)
 
     @property
     def name(self) -> str:
@@ -221,7 +223,8 @@ class Model:
             self._drafter.truncate(self.n_past)
 
     def close(self) -> None:
-        """Stop the expert reads and free the cache; the model evaluates nothing after this.
+        """Stop the expert reads and free the expert cache; the model evaluates nothing after this
+        (the KV cache and the resident weights are freed with the object).
         A call or a generation's step running in another thread ends first (the experts freed
         under it, the in-RAM table emptied in mid-pass: a raw KeyError, a review's finding);
         `closed` is set before the lock is taken, so a generation stops at its next step instead
@@ -587,10 +590,15 @@ class Model:
         return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**_temp(sampling))), max_tokens,
                         mtp=mtp)
 
-    def create_completion(self, prompt: str, max_tokens: int | None = 16, stop=None, stream: bool = False, **sampling):
-        """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming).
+    def create_completion(self, prompt: str | list[int], max_tokens: int | None = 16, stop=None, stream: bool = False,
+                          **sampling):
+        """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming) of a
+        text or of token ids, as llama-cpp-python takes either.
         max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python."""
-        ids = self.tokenize(prompt, add_bos=True, special=True)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = self._check_tokens_only(prompt)
+        else:
+            ids = self.tokenize(prompt, add_bos=True, special=True)
         mtp = sampling.pop("mtp", None)
         pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return completion_response(self, ids, pieces, stream)
@@ -600,12 +608,16 @@ class Model:
         return self.create_completion(prompt, **kwargs)
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stop=None,
-                               stream: bool = False, tools: list | None = None, tool_choice="auto", **sampling):
+                               stream: bool = False, tools: list | None = None, tool_choice=None, **sampling):
         """OpenAI-shaped chat completion, the prompt rendered from the model's chat template, the
         reply parsed as the server parses it: `reasoning_content`, and `tool_calls` when `tools`
         (OpenAI function specs) are offered. tool_choice: "auto", "none", "required" or
         {"type": "function", "function": {"name": ...}} (the reply then starts a call).
-        max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python."""
+        max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python.
+        tool_choice None is "auto"; the temperature is 0.2 unless given, llama-cpp-python's chat default."""
+        tool_choice = "auto" if tool_choice is None else tool_choice
+        if "temperature" not in sampling and "temp" not in sampling:
+            sampling["temperature"] = 0.2
         check_tools(tools, tool_choice)  # the server's rules: a forced call needs tools, and names one of them
         named = isinstance(tool_choice, dict)
         check_roles(messages)
@@ -639,10 +651,63 @@ class Model:
         return ids.astype(np.int64).tolist()
 
 
+class TokenView(Sequence):
+    """A list of token ids, read-only: indexing, slices (as lists), len, iteration, equality."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self, ids: list[int]):
+        self._ids = ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i):
+        return self._ids[i]  # a slice of a list is a new list
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (list, tuple, TokenView)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self._ids, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"TokenView({self._ids!r})"
+
+
+# llama-cpp-python's keywords this API does not act on, with the value at which they change
+# nothing: code that passes its full argument list works; a value that would change the
+# output is refused by name rather than ignored.
+_OFF = {"echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+        "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "logit_bias": None, "grammar": None,
+        "logits_processor": None, "stopping_criteria": None, "top_logprobs": None, "functions": None,
+        "function_call": None, "response_format": None}
+_ANY = ("model", "mirostat_tau", "mirostat_eta", "user")  # a name, or settings of a sampler that is off
+
+
 def _temp(sampling: dict) -> dict:
-    """llama-cpp-python's `temp` is `temperature`."""
+    """llama-cpp-python's `temp` is `temperature`; its other keywords are dropped where they are
+    off (_OFF) and refused where they are not."""
     if "temp" in sampling:
         sampling["temperature"] = sampling.pop("temp")
+    for name in _ANY:
+        sampling.pop(name, None)
+    for name, off in _OFF.items():
+        if name not in sampling:
+            continue
+        value = sampling.pop(name)
+        if name == "response_format" and value in ({"type": "text"},):
+            continue
+        if name == "logit_bias" and value == {}:
+            continue
+        if value != off or type(value) is bool and type(off) is not bool:
+            raise StepstreamError(f"{name}={value!r:.80} is not supported by the Python API (only {off!r}, which "
+                                  "changes nothing)" + ("; `stepstream serve` returns log-probabilities"
+                                                        if name in ("logprobs", "top_logprobs") else ""))
     return sampling
 
 
