@@ -266,3 +266,22 @@ def test_a_context_of_0_is_the_models_as_in_llama_cpp():
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "-m", MODEL, "-c", "0", "-p", "4", "-n", "2",
                         "-r", "1", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_odd_arguments_are_named():
+    """detokenize(None) / detokenize(5) were bare TypeErrors, detokenize([True]) was token 1,
+    tokenize(add_bos="no") added a BOS, a tuple of messages was "no message", and a message
+    that is no dict was reported as a role of None."""
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    for call, words in ((lambda: m.detokenize(None), "token ids must be a sequence of integers, got NoneType"),
+                        (lambda: m.detokenize(5), "got int"),
+                        (lambda: m.detokenize([True]), r"token ids must be integers, got True \(bool\)"),
+                        (lambda: m.detokenize([1.0]), r"got 1.0 \(float\)"),
+                        (lambda: m.tokenize("a", add_bos="no"), "add_bos must be True or False, got 'no'"),
+                        (lambda: m.create_chat_completion(["hi"], max_tokens=1), r"messages\[0\] must be a")):
+        with pytest.raises(StepstreamError, match=words):
+            call()
+    msgs = [{"role": "user", "content": "hi"}]
+    assert m.create_chat_completion(tuple(msgs), max_tokens=4, temperature=0)["choices"][0]["message"] == \
+        m.create_chat_completion(msgs, max_tokens=4, temperature=0)["choices"][0]["message"]
+    assert m.detokenize(np.array(m.tokenize("def f"))) == b"def f"

@@ -574,6 +574,9 @@ class Model:
 
     def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         """Like llama-cpp-python: BOS first when the model wants one; `special` parses control tokens."""
+        for name, value in (("add_bos", add_bos), ("special", special)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise StepstreamError(f"{name} must be True or False, got {value!r}")
         return self.tokenizer.encode(text, add_bos=add_bos and self.tokenizer.add_bos, special=special)
 
     def detokenize(self, tokens, special: bool = False) -> bytes:

@@ -45,10 +45,12 @@ ROLES = ("system", "developer", "user", "assistant", "tool")  # the roles OpenAI
 
 def check_roles(messages: list[dict]) -> None:
     """Refuse what the server refuses with a 400: no message, or a role OpenAI does not know."""
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, (list, tuple)) or not messages:
         raise StepstreamError("messages must hold at least one {'role': ..., 'content': ...} dict")
     for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(m, dict):
+            raise StepstreamError(f"messages[{i}] must be a {{'role': ..., 'content': ...}} dict, got {type(m).__name__}")
+        role = m.get("role")
         if role not in ROLES:
             raise StepstreamError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
 
@@ -56,6 +58,8 @@ def check_roles(messages: list[dict]) -> None:
 def normalize_messages(messages: list[dict]) -> list[dict]:
     """`messages` with every assistant tool call's `function.arguments` as a mapping (parsed
     from JSON text where a client sent text). Messages without tool calls come back as they are."""
+    if isinstance(messages, tuple):
+        messages = list(messages)
     if not isinstance(messages, list):
         raise StepstreamError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
     out = []

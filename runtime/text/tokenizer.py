@@ -270,8 +270,14 @@ class Tokenizer:
 
     def decode_bytes(self, ids, special: bool = False) -> bytes:
         """Bytes of the tokens; control tokens (BOS, EOS, ...) print only when `special`."""
-        ids = list(ids)
-        bad = next((i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < len(self._bytes))), None)
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise StepstreamError(f"token ids must be a sequence of integers, got {type(ids).__name__}") from None
+        wrong = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
+        if wrong is not None:
+            raise StepstreamError(f"token ids must be integers, got {wrong!r} ({type(wrong).__name__})")
+        bad = next((i for i in ids if not 0 <= i < len(self._bytes)), None)
         if bad is not None:
             raise StepstreamError(f"token id {bad!r} is not in the vocabulary of {len(self._bytes)} tokens")
         return b"".join(self._bytes[i] for i in ids if special or not self._special[i])
