@@ -219,3 +219,59 @@ def test_a_message_longer_than_the_context_is_not_sent():
                         r"\(shorten it, or start with a larger --ctx-size\)", pieces[0].text)
     assert conv.messages == before  # nothing dropped for a message that could not fit anyway
     assert any(isinstance(p, str) for p in conv.reply("hi"))  # and the conversation goes on
+
+
+def test_a_line_of_another_encoding_is_skipped_under_a_strict_utf8_locale():
+    """Under a UTF-8 locale that decodes strictly (en_US.UTF-8), a Latin-1 line raised
+    UnicodeDecodeError out of readline: a traceback, exit 1, and the next line never answered.
+    The line is named and skipped, as README promises, and the chat goes on."""
+    root = str(Path(runtime.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "NUMBA_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:strict"}
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "chat", "-m", str(EMBEDDED), "-t", "1", "--temp", "0",
+                        "-n", "4", "--stats"], input=b"caf\xe9 ol\xe9\nhello\n", capture_output=True, env=env,
+                       timeout=300)
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert "[this message is not UTF-8 text (byte 0xe9 at offset 3): not sent]" in err
+    assert r.stdout.strip()  # "hello" was answered
+    assert re.search(r"^peak RSS \d+ MiB", err, re.M), err  # --stats was ignored by chat
+
+
+def test_ctrl_c_while_a_message_is_measured_leaves_no_turn_without_a_reply():
+    """The message joined the conversation before it was tokenized, outside the block that closes
+    a turn: Ctrl-C there left a user turn with no reply, and the next prompt had two user turns in
+    a row. Now the conversation is as if the message was never sent."""
+    from runtime.generation.conversation import Conversation
+    from runtime.generation.sampling import SamplingParams
+
+    model = runtime.load(EMBEDDED, n_threads=1, n_ctx=512)
+    conv = Conversation(model, None, SamplingParams(temperature=0.0), max_tokens=4)
+    list(conv.reply("first"))
+    before = [dict(m) for m in conv.messages]
+    real = model.chat_tokens
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model.chat_tokens = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        list(conv.reply("boom"))
+    model.chat_tokens = real
+    assert conv.messages == before
+    list(conv.reply("next"))
+    assert [m["role"] for m in conv.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_text_a_terminal_cannot_show_is_replaced_not_fatal():
+    """On a Latin-1 (or ASCII) terminal a reply character outside its encoding ended the command
+    in UnicodeEncodeError and lost the conversation; the command line's stdout now writes "?"."""
+    import io
+
+    from runtime.cli import _CheckedStdout
+
+    raw = io.BytesIO()
+    latin1 = io.TextIOWrapper(raw, encoding="latin-1")
+    out = _CheckedStdout(latin1)
+    out.write("café 🙂 – ok")
+    out.flush()
+    assert raw.getvalue() == "café ? ? ok".encode("latin-1")

@@ -45,7 +45,9 @@ class OutputError(StepstreamError):
 class _CheckedStdout:
     """sys.stdout for a command: a failed write or flush is an OutputError naming standard output,
     so a full disk under `stepstream bench --json > out.json` is one line and exit status 2, not
-    a traceback. A closed pipe stays a BrokenPipeError (handled below: status 141, as `cat`)."""
+    a traceback. A closed pipe stays a BrokenPipeError (handled below: status 141, as `cat`).
+    Text the terminal's encoding cannot hold (a reply's emoji on a Latin-1 terminal) is written
+    with "?" for what it cannot show, where it ended the command in UnicodeEncodeError."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -55,7 +57,11 @@ class _CheckedStdout:
 
     def write(self, text):
         try:
-            return self._stream.write(text)
+            try:
+                return self._stream.write(text)
+            except UnicodeEncodeError:
+                encoding = getattr(self._stream, "encoding", None) or "ascii"
+                return self._stream.write(text.encode(encoding, "replace").decode(encoding))
         except BrokenPipeError:
             raise
         except OSError as e:

@@ -14,7 +14,7 @@ import threading
 
 from runtime.base.errors import StepstreamError
 from runtime.cli.common import (add_model_args, add_mtp_arg, add_sampling_args, check_text_args, load_model, max_tokens,
-                                sampling_kwargs)
+                                print_stats, sampling_kwargs)
 from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import sampling_params
 
@@ -48,11 +48,31 @@ def run(args, stdin=None, stdout=None) -> int:
         if interactive:
             out.write("> ")
             out.flush()
-        line = stdin.readline()  # Ctrl-C here leaves (status 130, from the command line's handler)
+        try:
+            line = _read_line(stdin)  # Ctrl-C here leaves (status 130, from the command line's handler)
+        except KeyboardInterrupt:
+            if interactive:  # the shell's prompt, or "interrupted", starts a line of its own
+                out.write("\n")
+                out.flush()
+            raise
         if not line or line.strip() in ("/exit", "/quit"):
+            if interactive and not line:  # Ctrl-D at "> "
+                out.write("\n")
+                out.flush()
+            print_stats(args, model)
             return 0
         if line.strip():
             _reply(conv, line.rstrip("\n"), out)
+
+
+def _read_line(stdin) -> str:
+    """One line of input. Bytes that are no UTF-8 come through as lone surrogates (the
+    conversation names the first and skips the line) whatever the locale: a strict UTF-8
+    locale raised UnicodeDecodeError out of readline, a traceback."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text stream given by a caller (tests)
+        return stdin.readline()
+    return raw.readline().decode("utf-8", "surrogateescape")
 
 
 def _stoppable_by_ctrl_c() -> None:
@@ -84,6 +104,7 @@ def _reply(conv: Conversation, text: str, out) -> None:
         out.flush()
         print("[reply stopped]", file=sys.stderr, flush=True)
         return
-    if wrote:
+    if wrote and mid_line:  # a notice that ended the reply ended its line too
         out.write("\n")
         out.flush()
+

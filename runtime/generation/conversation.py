@@ -57,10 +57,13 @@ class Conversation:
         if why is not None:  # stdin in another encoding: say so, and keep the conversation going
             yield Notice(f"this message is not UTF-8 text ({why}): not sent")
             return
-        self.messages.append({"role": "user", "content": text})
+        message = {"role": "user", "content": text}
         n_ctx = self.model.n_ctx
         room = max(1, min(n_ctx // 4, self.max_tokens or n_ctx))  # context a new reply should find free
-        alone = len(self.model.chat_tokens(self.messages[: self._kept] + self.messages[-1:]))
+        # measured before the message joins the conversation: Ctrl-C while a long one is tokenized
+        # left a user turn without a reply, and the next prompt held two user turns in a row
+        alone = len(self.model.chat_tokens(self.messages[: self._kept] + [message]))
+        self.messages.append(message)
         if alone + 1 > n_ctx:  # it cannot fit even without the earlier turns: drop nothing
             self.messages.pop()
             yield Notice(f"this message needs {alone} tokens{' with the system prompt' if self._kept else ''}, "
