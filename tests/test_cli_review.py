@@ -46,7 +46,8 @@ def test_plan_names_the_reserve_the_runtime_lives_in(capsys):
     ram = RESERVE_MIN + 10 * 2**20
     assert main(["plan", "-m", MODEL, "--ram", str(ram), "--ram-gbps", "30"]) == 0
     out = capsys.readouterr().out
-    assert f"less {RESERVE_MIN // 2**20} MiB kept for the OS and the runtime: 10 MiB for the model" in out
+    assert f"less {RESERVE_MIN // 2**20} MiB kept for the OS and the runtime (10% of it, at least 1 GiB): 10 MiB " \
+        "for the model" in out
     from offload.placement import LIBRARY_PAGES, own_bytes
     from runtime.base.config import ModelConfig
     from runtime.base.gguf_file import GGUFModelFile
@@ -56,7 +57,9 @@ def test_plan_names_the_reserve_the_runtime_lives_in(capsys):
     assert main(["plan", "-m", MODEL, "--ram", str(RESERVE_MIN), "--ram-gbps", "30"]) == 2
     err = _last_error(capsys)
     # the reserve holds the runtime's own memory; only the KV cache as it starts (0.5 MiB) is counted beside it
-    assert ", 0.5 MiB for the runtime)" in err and err.endswith("kept for the OS and the runtime leaves 0.0 MiB"), err
+    assert ", 0.5 MiB for the runtime)" in err and err.endswith("kept for the OS and the runtime (10% of it, at least "
+                                                                  "1 GiB) leaves 0.0 MiB"), err
+    assert "but the machine of --ram 1024 MiB" in err  # named by its flag, not as this host's memory
 
 
 def test_plan_reads_a_profile_even_when_every_expert_fits(capsys, tmp_path):
@@ -100,7 +103,7 @@ def test_plan_refuses_no_memory_and_absurd_rates_and_reads_petabytes(capsys):
             main(["plan", "-m", MODEL, flag, "1e308"])
         assert e.value.code == 2 and f"argument {flag}: must be a rate in GB/s" in _last_error(capsys)
     assert main(["plan", "-m", MODEL, "--ram", "2PiB", "--ram-gbps", "30", "--json"]) == 0  # "cannot read" before
-    assert json.loads(capsys.readouterr().out)["memory"].startswith(f"--ram {2 * 2**50 / 2**30:.1f} GiB")
+    assert json.loads(capsys.readouterr().out)["memory"].startswith(f"an idle machine of --ram {2 * 2**50 / 2**30:.1f} GiB")
 
 
 @pytest.mark.parametrize("flag, value, words", [

@@ -34,7 +34,7 @@ def test_the_text_is_plain_decodings():
 
 
 @pytest.mark.parametrize("budget, words", [("abc%", "a share must be above 0% and at most 100%"),
-                                           ("0", "ram_budget=0 must be a positive size"), ("lots", "cannot read 'lots' as a size")])
+                                           ("0", "--budget 0: must be a positive size"), ("lots", "cannot read 'lots' as a size")])
 def test_a_bad_budget_is_one_line(budget, words):
     r = _example("--budget", budget)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

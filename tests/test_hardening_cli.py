@@ -198,7 +198,7 @@ def test_demo_minus_one_generates_until_the_context_is_full(files):
     prompt = model.tokenizer.decode(model.tokenize(text, add_bos=False)[:1000])
     n_prompt = len(model.tokenize(prompt, special=True))
     assert 990 <= n_prompt <= 1010, n_prompt
-    r = cli("demo", "-n", "-1", "-p", prompt, cwd=files)
+    r = cli("demo", "-n", "-1", "-p", prompt, "--no-escape", cwd=files)  # source code, taken as written
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) > len(prompt), "nothing was generated"
     n = int(re.search(r"then [\d.]+ tok/s over (\d+) tokens?", r.stderr).group(1))
