@@ -45,3 +45,45 @@ def test_ours_matches_llama_cpp_on_the_same_file(tiny_gguf, tiny_ckpt, capsys):
 def test_too_short_a_text_is_a_clear_error():
     with pytest.raises(StepstreamError, match="needs at least 128"):
         perplexity(lambda ids: None, list(range(100)), 64, None)
+
+
+def test_the_running_estimate_is_the_estimate_of_the_chunks_so_far(tiny_gguf):
+    """llama-perplexity prints [1]52.70,[2]49.67,... as it goes; ours had no running figure, and
+    Ctrl-C threw every finished chunk away. After each chunk the estimate is the final one of a
+    run stopped there."""
+    model = load(tiny_gguf("f32"))
+    tokens = model.tokenize(TEXT.read_text(), add_bos=True)
+    bos = model.tokenizer.bos_id
+    seen = []
+    perplexity(lambda ids: model.logits(ids), tokens, 64, bos, n_chunks=4, progress=lambda i, e: seen.append((i, e)))
+    assert [i for i, _ in seen] == [1, 2, 3, 4]
+    for i, estimate in seen:
+        stopped = perplexity(lambda ids: model.logits(ids), tokens, 64, bos, n_chunks=i)
+        assert estimate == pytest.approx(stopped.ppl, rel=1e-12)
+
+
+def test_ctrl_c_reports_the_estimate_so_far(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = tmp_path / "long.txt"
+    text.write_text(TEXT.read_text() * 40)
+    model = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "perplexity", "-m", str(model), "-f", str(text), "-c",
+                          "128"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 120
+        err = b""
+        while b"PPL" not in err and time.monotonic() < deadline:  # the bar shows a running estimate
+            err += p.stderr.read1(4096)
+        os.killpg(p.pid, signal.SIGINT)
+        rest, err2 = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    lines = (err + err2).decode().replace("\r", "\n").splitlines()
+    assert p.returncode == 130
+    assert lines[-1] == "interrupted" and lines[-2].startswith("interrupted after ") and "estimate so far PPL = " in lines[-2]

@@ -58,11 +58,27 @@ def run(args) -> int:
         return model.logits(ids)
 
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
+    running = []  # (chunks done, estimate): what an interruption reports
+
+    def progress(done: int, estimate: float) -> None:
+        running[:] = [(done, estimate)]
+        bar.set_postfix_str(f"PPL {estimate:.4f}", refresh=False)
+        bar.update(1)
+
     t0 = time.perf_counter()
-    res = perplexity(eval_chunk, tokens, n_ctx, bos, args.chunks, iter(lambda: bar.update(1), object()))
+    try:
+        res = perplexity(eval_chunk, tokens, n_ctx, bos, args.chunks, progress)
+    except BaseException:  # the bar ends its line before "interrupted" or an error line
+        if bar is not None:
+            bar.close()
+        if running:  # llama-perplexity has printed each chunk's estimate by then; here, the last one
+            print(f"interrupted after {running[0][0]} of {n} chunks: estimate so far PPL = {running[0][1]:.4f}",
+                  file=sys.stderr, flush=True)
+        raise
     seconds = time.perf_counter() - t0
     bar.close()
-    print(f"{len(tokens)} tokens, {res.n_chunks} chunks of {n_ctx}, {res.n_tokens} scored")
+    print(f"{len(tokens)} tokens, {res.n_chunks} chunk{'s' if res.n_chunks != 1 else ''} of {n_ctx}, "
+          f"{res.n_tokens} scored")
     print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.stderr:.5f}")
     print_stats(args, model, f"{res.n_chunks * n_ctx / seconds:.2f} tok/s evaluated over {res.n_chunks * n_ctx} tokens")
     return 0

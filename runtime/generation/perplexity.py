@@ -9,7 +9,7 @@ that follow them. PPL = exp(mean negative log-likelihood) over all scored tokens
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,13 +45,16 @@ def check_length(n_tokens: int, n_ctx: int) -> None:
 
 
 def perplexity(eval_chunk: Callable[[list[int]], np.ndarray], tokens: list[int], n_ctx: int,
-               bos_id: int | None, n_chunks: int | None = None, progress: Iterator | None = None) -> PerplexityResult:
-    """eval_chunk(ids) -> logits [len(ids), V] from an empty cache."""
+               bos_id: int | None, n_chunks: int | None = None,
+               progress: Callable[[int, float], None] | None = None) -> PerplexityResult:
+    """eval_chunk(ids) -> logits [len(ids), V] from an empty cache. progress(chunks done, the
+    running estimate) after each chunk, as llama-perplexity prints [1]52.70,[2]49.67,..."""
     check_length(len(tokens), n_ctx)
     total = len(tokens) // n_ctx
     n = total if n_chunks is None or n_chunks < 0 else min(n_chunks, total)
     first = n_ctx // 2
     nlls = []
+    total, count = 0.0, 0  # the running estimate's sums
     for i in range(n):
         chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
         if bos_id is not None:
@@ -59,8 +62,9 @@ def perplexity(eval_chunk: Callable[[list[int]], np.ndarray], tokens: list[int],
         logits = eval_chunk(chunk)
         targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx])
         nlls.append(chunk_nll(logits[first : n_ctx - 1], targets))
+        total, count = total + float(nlls[-1].sum()), count + len(nlls[-1])
         if progress is not None:
-            next(progress, None)
+            progress(i + 1, float(np.exp(total / count)))
     nll = np.concatenate(nlls)
     mean = float(nll.mean())
     var = float((nll ** 2).mean() - mean ** 2)
