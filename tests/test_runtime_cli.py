@@ -112,3 +112,14 @@ def test_bench_says_when_llama_cpp_cannot_run_the_file(tmp_path):
     bad.write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(StepstreamError, match="llama.cpp's benchmark process exited"):
         bench_cli.LlamaCppBeside(str(bad), [1, 2, 3], [4], 1, 512)
+
+
+def test_chat_lines_ending_in_a_backslash_go_on(f32_path, monkeypatch):
+    """llama-cli's multi-line input: a line that ends with a backslash goes on on the next (a
+    newline in the message); there was no way to send a message of several lines."""
+    sent = []
+    monkeypatch.setattr(chat_cli, "_reply", lambda conv, text, out: sent.append(text))
+    args = parse(chat_cli, ["-m", f32_path, "-n", "2"])
+    stdin = io.StringIO("def f(x):\\\n    return x\\\n\nalone\nlast \\")
+    assert chat_cli.run(args, stdin=stdin, stdout=io.StringIO()) == 0
+    assert sent == ["def f(x):\n    return x", "alone", "last \\"]  # a message ends without its last newline

@@ -1,7 +1,9 @@
 """`stepstream chat`: an interactive conversation on stdin/stdout, rendered with the model's chat template.
 
 Replies go to stdout; everything else (how to leave, dropped turns, a stopped reply) goes to
-stderr, one line each. Ctrl-C during a reply stops that reply and returns to the prompt; at
+stderr, one line each. A line that ends with a backslash goes on on the next line (the message
+holds a newline there), as in llama-cli; in a terminal, lines are read with readline (editing,
+history, and no 4095-byte limit of the terminal's line mode). Ctrl-C during a reply stops that reply and returns to the prompt; at
 the prompt it leaves, as do /exit, /quit and Ctrl-D (end of input). When the conversation
 outgrows the context, the oldest turns are dropped (runtime.generation.conversation).
 """
@@ -18,7 +20,8 @@ from runtime.cli.common import (add_model_args, add_mtp_arg, add_sampling_args, 
 from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import sampling_params
 
-HOW_TO_LEAVE = "chat: type a message and press Enter. /exit, /quit or Ctrl-D leaves; Ctrl-C stops a reply."
+HOW_TO_LEAVE = ("chat: type a message and press Enter (end a line with \\ to go on on the next). /exit, /quit or "
+                "Ctrl-D leaves; Ctrl-C stops a reply.")
 
 
 def add_arguments(p) -> None:
@@ -45,11 +48,8 @@ def run(args, stdin=None, stdout=None) -> int:
     print(HOW_TO_LEAVE, file=sys.stderr, flush=True)
     interactive = stdin.isatty()
     while True:
-        if interactive:
-            out.write("> ")
-            out.flush()
         try:
-            line = _read_line(stdin)  # Ctrl-C here leaves (status 130, from the command line's handler)
+            line = _read_message(stdin, out, interactive)  # Ctrl-C here leaves (status 130, from main's handler)
         except KeyboardInterrupt:
             if interactive:  # the shell's prompt, or "interrupted", starts a line of its own
                 out.write("\n")
@@ -65,10 +65,39 @@ def run(args, stdin=None, stdout=None) -> int:
             _reply(conv, line.rstrip("\n"), out)
 
 
-def _read_line(stdin) -> str:
-    """One line of input. Bytes that are no UTF-8 come through as lone surrogates (the
-    conversation names the first and skips the line) whatever the locale: a strict UTF-8
-    locale raised UnicodeDecodeError out of readline, a traceback."""
+def _read_message(stdin, out, interactive: bool) -> str:
+    """One message: a line, and the lines after each one that ends with a backslash (joined with
+    newlines, as llama-cli joins them); "" at the end of input."""
+    text = _read_line(stdin, out, "> " if interactive else "")
+    while text.endswith("\\\n"):
+        more = _read_line(stdin, out, ". " if interactive else "")
+        if not more:
+            return text[:-2]
+        text = text[:-2] + "\n" + more
+    return text
+
+
+def _read_line(stdin, out, prompt: str) -> str:
+    """One line of input, with its newline; "" at the end of input. In a terminal, read with
+    readline. Bytes that are no UTF-8 come through as lone surrogates (the conversation names the
+    first and skips the line) whatever the locale: a strict UTF-8 locale raised
+    UnicodeDecodeError out of readline, a traceback."""
+    if prompt and stdin is sys.stdin and out is sys.stdout:  # a terminal: input() prompts and edits
+        try:
+            import readline  # noqa: F401 - input() edits lines with it once imported
+        except ImportError:
+            pass
+        try:
+            sys.stdin.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError):
+            pass
+        try:
+            return input(prompt) + "\n"
+        except EOFError:
+            return ""
+    if prompt:
+        out.write(prompt)
+        out.flush()
     raw = getattr(stdin, "buffer", None)
     if raw is None:  # a text stream given by a caller (tests)
         return stdin.readline()
