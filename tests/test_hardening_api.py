@@ -225,7 +225,7 @@ def test_llama_cpp_python_calls_work_unchanged():
     assert chat_sig["temperature"].default == 0.2
     a = m.create_chat_completion(msgs, max_tokens=12, seed=5)["choices"][0]["message"]["content"]
     assert a == m.create_chat_completion(msgs, max_tokens=12, seed=5, temperature=0.2)["choices"][0]["message"]["content"]
-    for name, value in (("echo", True), ("suffix", "x"), ("presence_penalty", 0.5), ("logit_bias", {1: 5.0}),
+    for name, value in (("suffix", "x"), ("presence_penalty", 0.5), ("logit_bias", {1: 5.0}),
                         ("typical_p", 0.5), ("mirostat_mode", 2)):
         with pytest.raises(StepstreamError, match=f"{name}=.* is not supported by the Python API"):
             m.create_completion("def f(x):", max_tokens=2, **{name: value})
@@ -285,3 +285,34 @@ def test_odd_arguments_are_named():
     assert m.create_chat_completion(tuple(msgs), max_tokens=4, temperature=0)["choices"][0]["message"] == \
         m.create_chat_completion(msgs, max_tokens=4, temperature=0)["choices"][0]["message"]
     assert m.detokenize(np.array(m.tokenize("def f"))) == b"def f"
+
+
+def test_logprobs_and_echo_as_llama_cpp_python_gives_them():
+    """create_completion(logprobs=k) and echo=True were refused; llama-cpp-python (the
+    reference, on the same file) returns tokens, token_logprobs, top_logprobs and text_offset,
+    and the prompt's text before the reply."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=MODEL, logits_all=True, verbose=False, n_ctx=256, n_threads=1)
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    prompt = "def f(x):"
+    theirs = llm.create_completion(prompt, max_tokens=6, temperature=0, logprobs=2)
+    ours = m.create_completion(prompt, max_tokens=6, temperature=0, logprobs=2)
+    a, b = theirs["choices"][0]["logprobs"], ours["choices"][0]["logprobs"]
+    assert b["tokens"] == a["tokens"] and b["text_offset"] == a["text_offset"]
+    assert np.allclose(b["token_logprobs"], np.array(a["token_logprobs"], np.float64), atol=0.06)
+    for mine, ref in zip(b["top_logprobs"], a["top_logprobs"]):
+        assert mine.keys() == ref.keys() and np.allclose([mine[k] for k in ref], [float(ref[k]) for k in ref], atol=0.06)
+    assert ours["usage"] == theirs["usage"] and ours["choices"][0]["text"] == theirs["choices"][0]["text"]
+    # streamed: the same tokens, offsets running on from chunk to chunk
+    chunks = list(m.create_completion(prompt, max_tokens=6, temperature=0, logprobs=2, stream=True))
+    assert [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])] == b["tokens"]
+    assert [o for c in chunks for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])] == b["text_offset"]
+    echoed = m.create_completion(prompt, max_tokens=3, temperature=0, echo=True)["choices"][0]["text"]
+    assert echoed == llm.create_completion(prompt, max_tokens=3, temperature=0, echo=True)["choices"][0]["text"]
+    assert "".join(c["choices"][0]["text"] for c in m.create_completion(prompt, max_tokens=3, temperature=0,
+                                                                         echo=True, stream=True)) == echoed
+    with pytest.raises(StepstreamError, match="echo with logprobs"):
+        m.create_completion(prompt, max_tokens=2, echo=True, logprobs=1)
+    with pytest.raises(StepstreamError, match="logprobs must be None or an integer"):
+        m.create_completion(prompt, max_tokens=2, logprobs=-1)

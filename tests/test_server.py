@@ -139,7 +139,7 @@ def test_chat_logprobs(client):
 
 def _fresh_logprobs(model, ids, n):
     """Greedy log-probabilities of n tokens after ids, from an empty cache, as the server computes them."""
-    from runtime.server.completion import log_softmax
+    from runtime.generation.request import log_softmax
 
     model.reset()
     logits, out = model.eval(ids), []

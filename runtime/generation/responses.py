@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 from runtime.generation.loop import Piece
+from runtime.generation.request import Request, Step, legacy_logprobs
 from runtime.text.tool_calls import ReplyStream, parse_reply
 
 
@@ -37,6 +38,40 @@ def completion_response(model, prompt_ids: list[int], pieces: Iterator[Piece], s
     return {"id": cid, "object": "text_completion", "created": created, "model": name,
             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": last.finish_reason}],
             "usage": _usage(len(prompt_ids), last.n_tokens)}
+
+
+def completion_from_steps(model, req: Request, prompt_text: str, steps: Iterator[Step], stream: bool,
+                          want_logprobs: bool, echo: bool):
+    """A text completion from a request's steps (runtime.generation.request.run), with the
+    tokens' log-probabilities in the legacy shape when asked (`text_offset` counts the prompt's
+    characters first, as OpenAI and llama-cpp-python count them) and the prompt's text first
+    with `echo`."""
+    cid, created, name = f"cmpl-{uuid.uuid4()}", int(time.time()), model.name
+
+    def envelope(text: str, lps, offset: int, finish) -> dict:
+        return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"text": text, "index": 0,
+                             "logprobs": legacy_logprobs(lps, offset) if want_logprobs else None,
+                             "finish_reason": finish}]}
+
+    def chunks():
+        offset = len(prompt_text)
+        if echo:
+            yield envelope(prompt_text, (), 0, None)
+        for s in steps:
+            if s.text or s.logprobs or s.finish_reason:
+                yield envelope(s.text, s.logprobs, offset, s.finish_reason)
+            offset += len(s.text)
+
+    if stream:
+        return chunks()
+    with model.lock:  # whole: never overtaken by another thread's generation (see _join)
+        done = list(steps)
+    text = "".join(s.text for s in done)
+    out = envelope((prompt_text if echo else "") + text, [lp for s in done for lp in s.logprobs], len(prompt_text),
+                   done[-1].finish_reason if done else "length")
+    out["usage"] = _usage(len(req.prompt), req.timings.predicted_n)
+    return out
 
 
 def chat_response(model, prompt_ids: list[int], pieces: Iterator[Piece], stream: bool, *, tools: list | None = None,

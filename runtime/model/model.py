@@ -34,6 +34,8 @@ from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
 from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
+from runtime.generation.request import Request, run as run_request
+from runtime.generation.responses import completion_from_steps
 from runtime.model.block import Block
 from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
@@ -603,8 +605,31 @@ class Model:
         else:
             ids = self.tokenize(prompt, add_bos=True, special=True)
         mtp = sampling.pop("mtp", None)
+        logprobs, echo = sampling.pop("logprobs", None), sampling.pop("echo", False)
+        if logprobs is not None or echo is not False:  # llama-cpp-python's log-probabilities and echo
+            return self._completion_with_logprobs(prompt, ids, logprobs, echo, max_tokens, stop, stream, mtp, sampling)
         pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return completion_response(self, ids, pieces, stream)
+
+    def _completion_with_logprobs(self, prompt, ids: list[int], logprobs, echo, max_tokens, stop, stream: bool, mtp,
+                                  sampling: dict):
+        """create_completion with `logprobs` (the sampled token's and the `logprobs` likeliest
+        alternatives' log-probabilities, in llama-cpp-python's and OpenAI's legacy shape) or `echo`
+        (the prompt's text before the reply's), run as a server request runs."""
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral)
+                                     or not 0 <= logprobs <= self.cfg.vocab):
+            raise StepstreamError(f"logprobs must be None or an integer 0..{self.cfg.vocab}, got {logprobs!r}")
+        if not isinstance(echo, bool):
+            raise StepstreamError(f"echo must be True or False, got {echo!r}")
+        if echo and logprobs is not None:  # as the server: the prompt's own log-probabilities are not computed
+            raise StepstreamError("echo with logprobs (the prompt's log-probabilities) is not supported")
+        text = prompt if isinstance(prompt, str) else self.detokenize(ids).decode("utf-8", "replace")
+        params = sampling_params(**_temp(sampling))
+        limit = _no_limit(max_tokens)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
+            raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
+        req = Request(ids, params, limit, _stops(stop), None if logprobs is None else int(logprobs), mtp=mtp)
+        return completion_from_steps(self, req, text, run_request(self, req), stream, logprobs is not None, echo)
 
     def __call__(self, prompt: str, **kwargs):
         """`model(prompt, ...)` is `create_completion`, as in llama-cpp-python."""
@@ -685,7 +710,7 @@ class TokenView(Sequence):
 # llama-cpp-python's keywords this API does not act on, with the value at which they change
 # nothing: code that passes its full argument list works; a value that would change the
 # output is refused by name rather than ignored.
-_OFF = {"echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+_OFF = {"logprobs": None, "suffix": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
         "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "logit_bias": None, "grammar": None,
         "logits_processor": None, "stopping_criteria": None, "top_logprobs": None, "functions": None,
         "function_call": None, "response_format": None}

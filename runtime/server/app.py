@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from runtime.base.errors import PromptTooLong, StepstreamError
-from runtime.server.completion import Request as ModelRequest
-from runtime.server.completion import merge
+from runtime.generation.request import Request as ModelRequest
+from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.shapes import ChatReply, TextReply

@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass, field
 
 from runtime.base.errors import StepstreamError
-from runtime.server import completion
+from runtime.generation import request as completion
 
 
 GAP_S = 0.02  # the shortest time between two batches of a job's events

@@ -11,24 +11,8 @@ from __future__ import annotations
 import time
 import uuid
 
-from runtime.server.completion import Step, Timings, TokenLogprob
+from runtime.generation.request import Step, Timings, TokenLogprob, legacy_logprobs, token_text as _text
 from runtime.text.tool_calls import ReplyStream, parse_reply
-
-
-def _text(b: bytes) -> str:
-    return b.decode("utf-8", errors="replace")
-
-
-def _top_logprobs(lp: TokenLogprob) -> dict:
-    """A legacy completion's top_logprobs entry: the alternatives by their text, and always the
-    sampled token (OpenAI: "the logprob of the sampled token, so there may be up to logprobs+1
-    elements"; llama-cpp-python adds it too). Tokens holding part of a UTF-8 character print
-    alike; of those the likelier one is kept, and the sampled token's own logprob always."""
-    top: dict[str, float] = {}
-    for _, t, p in lp.top:  # most likely first
-        top.setdefault(_text(t), p)
-    top[_text(lp.text)] = lp.logprob
-    return top
 
 
 def usage(n_prompt: int, timings: Timings) -> dict:
@@ -52,15 +36,6 @@ class TextReply:
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
 
-    def _logprobs(self, lps, offset: int) -> dict:
-        tokens, offsets = [], []
-        for lp in lps:
-            offsets.append(offset)
-            tokens.append(_text(lp.text))
-            offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [_top_logprobs(lp) for lp in lps], "text_offset": offsets}
-
     def chunk(self, step: Step, want_logprobs: bool) -> dict | None:
         """The streaming chunk for one step (None when it carries nothing)."""
         offset, self.offset = self.offset, self.offset + len(step.text)
@@ -70,7 +45,7 @@ class TextReply:
         if not step.text and not step.finish_reason and not step.logprobs:
             return None
         return self._envelope([{"text": step.text, "index": self.index,
-                                "logprobs": self._logprobs(step.logprobs, offset) if want_logprobs else None,
+                                "logprobs": legacy_logprobs(step.logprobs, offset) if want_logprobs else None,
                                 "finish_reason": step.finish_reason}])
 
     def _envelope(self, choices: list, **extra) -> dict:
@@ -79,7 +54,7 @@ class TextReply:
 
     def whole(self, timings: Timings, want_logprobs: bool) -> dict:
         choice = {"text": "".join(self.text), "index": self.index,
-                  "logprobs": self._logprobs(self.logprobs, self.prompt_chars) if want_logprobs else None,
+                  "logprobs": legacy_logprobs(self.logprobs, self.prompt_chars) if want_logprobs else None,
                   "finish_reason": self.finish_reason}
         return self._envelope([choice], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
 

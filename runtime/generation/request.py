@@ -4,10 +4,10 @@ until a stop, as text pieces that carry their tokens' log-probabilities.
     steps = run(model, request)     # yields Step ... the last one has finish_reason
 
 The tokens come from runtime.generation's loop, which drafts with the MTP heads when the
-model was loaded with `mtp` (serve --mtp): the same tokens and logits either way, and a
-prompt that fills the context still gets its one token (it is sampled, never evaluated).
-The model is used by one request at a time (the engine's worker thread), so nothing here
-locks. `cancelled()` is checked before the prompt and after every token: a client that goes
+model was loaded with `mtp` (serve --mtp) or the request says so: the same tokens and logits
+either way, and a prompt that fills the context still gets its one token (it is sampled, never
+evaluated). The server's engine runs one request at a time on its worker thread; the Python
+API (`create_completion(logprobs=...)`) runs it under the model's lock. `cancelled()` is checked before the prompt and after every token: a client that goes
 away stops its generation within one token.
 
 Log-probabilities are those of the model's distribution (log-softmax of the raw logits), as
@@ -84,6 +84,7 @@ class Request:
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's and k alternatives'
     ignore_eos: bool = False  # an end-of-text token does not end the reply (it adds no text), as in vLLM
+    mtp: int | str | None = None  # the draft length (None: the model's load option)
     cancelled: Callable[[], bool] = lambda: False
     # Fed the reply's text, piece by piece as it is shown; True ends the reply after that piece
     # (finish "stop"): a chat reply that holds all the tool calls it may hold ends there.
@@ -138,7 +139,8 @@ def run(model, req: Request) -> Iterator[Step]:
     t0 = time.perf_counter()
     sampler = _Recording(req.params, model, req.logprobs)
     stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)
-    tokens = generate(model, req.prompt, sampler, req.max_tokens, stop_at_eog=not req.ignore_eos, stats=stats)
+    tokens = generate(model, req.prompt, sampler, req.max_tokens, stop_at_eog=not req.ignore_eos, stats=stats,
+                      mtp=req.mtp)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopStrings(req.stop)
     eog = model.tokenizer.eog_ids
@@ -176,3 +178,33 @@ def run(model, req: Request) -> Iterator[Step]:
             - stats.get("draft_passes", 0)
     tail = stops.push(utf8.decode(b"", final=True))[0] + stops.flush()
     yield Step(tail, tuple(pending), finish)
+
+
+def token_text(b: bytes) -> str:
+    """A token's bytes as text (part of a UTF-8 character prints as U+FFFD)."""
+    return b.decode("utf-8", errors="replace")
+
+
+def _top_logprobs(lp: TokenLogprob) -> dict:
+    """A legacy completion's top_logprobs entry: the alternatives by their text, and always the
+    sampled token (OpenAI: "the logprob of the sampled token, so there may be up to logprobs+1
+    elements"; llama-cpp-python adds it too). Tokens holding part of a UTF-8 character print
+    alike; of those the likelier one is kept, and the sampled token's own logprob always."""
+    top: dict[str, float] = {}
+    for _, t, p in lp.top:  # most likely first
+        top.setdefault(token_text(t), p)
+    top[token_text(lp.text)] = lp.logprob
+    return top
+
+
+def legacy_logprobs(lps: Sequence[TokenLogprob], offset: int) -> dict:
+    """The `logprobs` of a legacy (text) completion choice, OpenAI's and llama-cpp-python's shape:
+    tokens, token_logprobs, top_logprobs and text_offset (offsets into prompt + reply; `offset`
+    is where these tokens' text starts)."""
+    tokens, offsets = [], []
+    for lp in lps:
+        offsets.append(offset)
+        tokens.append(token_text(lp.text))
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [_top_logprobs(lp) for lp in lps], "text_offset": offsets}
