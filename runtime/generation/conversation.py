@@ -122,6 +122,9 @@ class Conversation:
             prompt = self.model.chat_tokens(self.messages)
         if dropped:
             system = "the system prompt and " if self._kept else ""
-            yield Notice(f"context full ({self.model.n_ctx} tokens): dropped the {dropped} oldest messages "
-                         f"({before - len(prompt)} tokens); {system}the last {len(self.messages) - self._kept} remain")
+            left = len(self.messages) - self._kept
+            yield Notice(f"context full ({self.model.n_ctx} tokens): dropped the "
+                         + (f"{dropped} oldest messages" if dropped > 1 else "oldest message")
+                         + f" ({before - len(prompt)} tokens); {system}"
+                         + (f"the last {left} remain" if left > 1 else "the last message remains"))
         return prompt
