@@ -111,9 +111,14 @@ class _File:
 class DirectReader:
     """One descriptor per file, opened on first use; thread-safe (positional reads share no offset)."""
 
-    def __init__(self, direct: bool = True):
+    def __init__(self, direct: bool = True, held: dict[Path, int] | None = None):
+        """held: descriptors the model file holds open on its parts since load; each part is
+        reopened through its own (/proc/self/fd/N on Linux), so the reads come from the file
+        that was loaded: a file renamed over it or deleted afterwards changes nothing (opening
+        the path on the first read ran the new file's experts beside the old file's weights)."""
         self.platform = IoPlatform.probe()
         self.want_direct = direct
+        self._held = dict(held or {})
         self._files: dict[Path, _File] = {}
         self._retired: list[int] = []  # descriptors replaced while other reads may still use them
         self._lock = threading.Lock()
@@ -122,9 +127,26 @@ class DirectReader:
 
     # ------------------------------------------------------------------ opening
 
+    def _open(self, path: Path, flags: int) -> int:
+        """A new descriptor on `path`'s file as loaded: through the held descriptor when there is
+        one (its /proc link reopens the same inode with new flags; without /proc, or where the
+        inode's mode now forbids an open, a duplicate of the held descriptor, read buffered)."""
+        held = self._held.get(path)
+        if held is None:
+            return os.open(path, flags)
+        link = f"/proc/self/fd/{held}"
+        if os.path.exists(link):
+            try:
+                return os.open(link, flags)
+            except PermissionError:
+                pass
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "O_DIRECT through a duplicated descriptor")  # the caller goes on buffered
+        return os.dup(held)
+
     def _open_buffered(self, path: Path) -> _File:
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = self._open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except OSError as e:
             raise ReadError(f"{path}: cannot open for reading ({e.strerror})") from None
         if self.want_direct and self.platform.f_nocache is not None:
@@ -136,7 +158,9 @@ class DirectReader:
         if self.want_direct and not self.platform.fadvise:
             warnings.warn(f"{path}: this platform has no O_DIRECT, F_NOCACHE or posix_fadvise; expert reads stay "
                           "in the page cache, outside the RAM budget", RuntimeWarning, stacklevel=4)
-        return _File(fd, False, self.platform.fadvise)
+        # dropped after each read only in place of O_DIRECT: with direct_io off (--no-direct-io)
+        # the reads go through the page cache and stay there, as asked
+        return _File(fd, False, self.want_direct and self.platform.fadvise)
 
     def _file(self, path: Path) -> _File:
         with self._lock:
@@ -146,7 +170,7 @@ class DirectReader:
             f = None
             if self.want_direct and self.platform.o_direct and self.platform.positional == "preadv":
                 try:
-                    f = _File(os.open(path, os.O_RDONLY | os.O_DIRECT), True, False)
+                    f = _File(self._open(path, os.O_RDONLY | os.O_DIRECT), True, False)
                 except OSError:
                     pass
             if f is None:

@@ -297,7 +297,8 @@ def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | s
         policy = "pinned"
     # Keep no more slots than there are experts: a larger budget buys nothing.
     cache = ExpertCache(min(budget_bytes, slot * n_experts), slot, policy, min_slots=cfg.n_expert_used)
-    provider = StreamingExperts(table, cache, DirectReader(direct_io), workers=workers, prefetch_depth=depth)
+    provider = StreamingExperts(table, cache, DirectReader(direct_io, held=f.held_descriptors()), workers=workers,
+                                prefetch_depth=depth)
     pinned = filled = 0
     try:
         if profile is not None:

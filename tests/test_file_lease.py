@@ -159,3 +159,53 @@ def test_a_change_during_an_evaluation_is_named_as_the_change_not_as_its_nan(tmp
     with pytest.raises(StepstreamError, match="the file changed on disk while the model was loaded"):
         m._atomically(step, np.array([5]))
     assert m.n_past == n  # rolled back, as every failed evaluation is
+
+
+@pytest.mark.parametrize("how", ["rename", "delete", "symlink"])
+def test_a_file_renamed_over_or_deleted_after_load_is_harmless_to_streaming(tmp_path, how):
+    """Streamed experts were read by opening the model's path on the first read: a new file
+    renamed over it after load ran the new file's experts beside the loaded weights, with no
+    error (a review's finding); a deleted file ended the run. The reader now reopens each part
+    through the descriptor held since load: the text is the loaded file's."""
+    from runtime.base.gguf_file import GGUFModelFile
+
+    live = tmp_path / "live.gguf"
+    shutil.copy(MODEL, live)
+    other = tmp_path / "other.gguf"
+    data = bytearray(MODEL.read_bytes())
+    f = GGUFModelFile(MODEL)
+    for name, t in f.tensors.items():  # another model of the same layout: its experts' bytes reversed
+        if "_exps" in name:
+            n = t.data.nbytes
+            data[t.offset:t.offset + n] = data[t.offset:t.offset + n][::-1]
+    assert data != MODEL.read_bytes()
+    other.write_bytes(bytes(data))
+    path = live
+    if how == "symlink":
+        path = tmp_path / "current.gguf"
+        path.symlink_to(live)
+    want = runtime.load(MODEL, experts="ram", n_threads=1, n_ctx=256).create_completion(
+        "def f(x):", max_tokens=24, temperature=0)["choices"][0]["text"]
+    m = runtime.load(path, ram_budget="1MiB", n_threads=1, n_ctx=256)
+    if how == "rename":
+        os.replace(other, live)
+    elif how == "delete":
+        live.unlink()
+    else:
+        path.unlink()
+        path.symlink_to(other)
+    got = m.create_completion("def f(x):", max_tokens=24, temperature=0)["choices"][0]["text"]
+    assert got == want
+
+
+def test_an_unreadable_model_file_is_one_line(tmp_path, monkeypatch):
+    """A file the user may not read gave a PermissionError traceback (a review ran it without
+    CAP_DAC_OVERRIDE); as root the open is faked to fail as it does for them."""
+    from runtime.base import gguf_file
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(gguf_file, "open", denied, raising=False)
+    with pytest.raises(StepstreamError, match=r"step35-mini-q4_k_m.gguf: cannot open for reading \(Permission denied\)"):
+        gguf_file.GGUFModelFile(MODEL)

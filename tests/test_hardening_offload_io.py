@@ -269,3 +269,46 @@ def test_every_expert_read_is_size_checked(q4, reference):
             m.logits(PROMPT)
     finally:
         m.close()
+
+
+def test_reads_without_direct_io_stay_in_the_page_cache(data_file, monkeypatch):
+    """--no-direct-io promises reads "through the page cache", but every read was dropped from it
+    (posix_fadvise DONTNEED), pages other processes had cached included. Dropping stays the
+    stand-in for O_DIRECT alone: where the filesystem refuses O_DIRECT."""
+    path, data = data_file
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: advised.append(advice) or real(fd, off, n, advice))
+    plain = DirectReader(direct=False)
+    np.testing.assert_array_equal(read(plain, path, 5, 8000), data[5:8005])
+    assert os.POSIX_FADV_DONTNEED not in advised and not is_direct(plain._file(path).fd)
+    plain.close()
+    monkeypatch.setattr(os, "O_DIRECT", 0o40000000)  # a flag the open below refuses: O_DIRECT "unsupported"
+    real_open = os.open
+
+    def refusing(p, flags, *args):
+        if flags & 0o40000000:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(p, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing)
+    stand_in = DirectReader(direct=True)
+    with pytest.warns(RuntimeWarning, match="refuses O_DIRECT"):
+        np.testing.assert_array_equal(read(stand_in, path, 5, 8000), data[5:8005])
+    assert os.POSIX_FADV_DONTNEED in advised
+    stand_in.close()
+
+
+def test_a_part_is_reopened_through_the_descriptor_held_since_load(data_file, tmp_path):
+    """The reader opens the file the model loaded, not whatever the path names now."""
+    path, data = data_file
+    held = os.open(path, os.O_RDONLY)
+    try:
+        other = tmp_path / "other.bin"
+        other.write_bytes(b"x" * len(data))
+        os.replace(other, path)  # a new file renamed over the loaded one
+        r = DirectReader(held={path: held})
+        np.testing.assert_array_equal(read(r, path, 5, 8000), data[5:8005])
+        r.close()
+    finally:
+        os.close(held)

@@ -154,8 +154,11 @@ def _open_part(path: Path) -> _Part:
         raise StepstreamError(f"{path}: file not found")
     if path.is_dir():
         raise StepstreamError(f"{path}: is a directory, not a GGUF file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:  # permissions, an I/O error: a traceback before
+        raise StepstreamError(f"{path}: cannot open for reading ({e.strerror or e})") from None
     if magic != b"GGUF":
         raise StepstreamError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
@@ -163,7 +166,10 @@ def _open_part(path: Path) -> _Part:
     except (OSError, ValueError) as e:
         raise StepstreamError(f"{path}: cannot map the file ({e}){_address_space_hint(path, e)}") from None
     view = memoryview(data)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise StepstreamError(f"{path}: cannot open for reading ({e.strerror or e})") from None
     st = os.fstat(fd)
     part = _Part(path, read_header(view, path), data, view, fd, (st.st_size, st.st_mtime_ns))
     weakref.finalize(part, os.close, fd)  # closing the descriptor lets its lease go too
@@ -257,6 +263,11 @@ class GGUFModelFile:
         if t is None:
             raise StepstreamError(f"{self.path}: tensor {name!r} is missing")
         return t
+
+    def held_descriptors(self) -> dict[Path, int]:
+        """Each part's path and the descriptor held open on it since load: a reader that reopens
+        the part through it reads the file that was loaded, even after a rename or a delete."""
+        return {part.path: part.fd for part in self._parts}
 
     def problem(self) -> str | None:
         """Why the maps cannot be read any more (check_unchanged's message), or None; changes
