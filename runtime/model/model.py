@@ -181,7 +181,11 @@ class Model:
                     self._drafter = None  # made again by the first generation that drafts
         self.reset()
         if self._drafts and self.n_ctx > 2 * len(five):
-            self._time_steps(five)
+            # Streaming, each pass reads the experts it misses from disk, and five rounds of four
+            # lengths through a cache still cold read several times the experts' bytes before the
+            # first token (a review: 3.7 GB where the warm-up alone read 1.0 GB); one round
+            # starts the chooser, which goes on measuring the passes it runs.
+            self._time_steps(five, rounds=1 if self.placement is not None else 5)
             self.reset()
         stats = getattr(self.provider, "stats", None)
         if stats is not None:  # the run's figures (--stats, bench --json) are the run's own
