@@ -99,6 +99,9 @@ REFUSED = {
     "bench -ngl 99": (["bench", "-m", "{model}", "-ngl", "99"], ["unrecognized option -ngl", "--gpu-budget"]),
     "run -mmp 0": (["run", "-m", "{model}", "-p", "x", "-mmp", "0"], ["unrecognized option -mmp"]),
     "bench -ts 1": (["bench", "-m", "{model}", "-ts", "1"], ["unrecognized option -ts"]),
+    # --no-stream with --profile streamed anyway, in silence (--no-stream --ram-budget was refused)
+    "run --no-stream --profile": (["run", "-m", "{model}", "-p", "x", "--no-stream", "--profile", "prompts.txt"],
+                                  ["--profile", "--no-stream"]),
     # the API's field was named to a user who typed the flag
     "run --cache-policy pinned": (["run", "-m", "{model}", "-p", "x", "--cache-policy", "pinned"],
                                   ["--cache-policy pinned", "--profile FILE"]),

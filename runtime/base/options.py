@@ -118,6 +118,9 @@ class RuntimeOptions:
             raise StepstreamError(f"mtp={self.mtp!r}: choose 'auto' or a draft length 0..3")
         check_kv_type(self.cache_type_k, "cache_type_k")
         check_kv_type(self.cache_type_v, "cache_type_v")
+        if self.profile is not None and self.experts == "ram":  # it streamed anyway, in silence
+            raise StepstreamError("profile pins experts in the streamed experts' cache (--profile); it cannot go with "
+                                  "experts='ram' (--no-stream)")
         if self.cache_policy == "pinned" and self.profile is None:
             raise StepstreamError("cache_policy='pinned' (--cache-policy pinned) needs a profile: profile=FILE "
                                   "(--profile FILE), recorded with `stepstream profile`")
