@@ -316,3 +316,33 @@ def test_logprobs_and_echo_as_llama_cpp_python_gives_them():
         m.create_completion(prompt, max_tokens=2, echo=True, logprobs=1)
     with pytest.raises(StepstreamError, match="logprobs must be None or an integer"):
         m.create_completion(prompt, max_tokens=2, logprobs=-1)
+
+
+def test_second_review_of_the_api_changes():
+    """A chat's logprobs=False (llama-cpp-python's and OpenAI's off) was refused; a text part
+    whose text is no string was called "a 'text' part"; check_fits refused a prompt that fits
+    when an added token strips whitespace around it (HF's rstrip)."""
+    import json
+
+    from runtime.base.errors import PromptTooLong
+    from runtime.text.tokenizer import Tokenizer
+
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    msgs = [{"role": "user", "content": "hi"}]
+    want = m.create_chat_completion(msgs, max_tokens=4, temperature=0)["choices"][0]["message"]
+    assert m.create_chat_completion(msgs, max_tokens=4, temperature=0, logprobs=False)["choices"][0]["message"] == want
+    with pytest.raises(StepstreamError, match=r"messages\[0\]\.content\[0\]\.text must be a string, got int"):
+        m.create_chat_completion([{"role": "user", "content": [{"type": "text", "text": 5}]}], max_tokens=1)
+    tok = m.tokenizer
+    spec = json.loads(tok._with_special.to_str())
+    for t in spec["added_tokens"]:
+        if t["content"] == "<|im_end|>":
+            t["rstrip"] = True
+    stripping = Tokenizer(json.dumps(spec), tok.tokens, tok.types, tok.bos_id, tok.eos_id, tok.eot_id, tok.add_bos,
+                          tok.chat_template)
+    text = "<|im_end|>" + " " * 3000 + "x"
+    n = len(stripping.encode(text, add_bos=False, special=True))
+    assert n < 10
+    stripping.check_fits(text, 64)  # fits: not refused
+    with pytest.raises(PromptTooLong):
+        tok.check_fits(" " * 3000 + "x", 64)  # where the bound holds it still refuses

@@ -182,3 +182,56 @@ def test_ctrl_c_during_bench_beside_llama_cpp_is_an_interruption():
             break
         time.sleep(0.1)
     assert not left, left
+
+
+def test_sigterm_dropped_inside_a_c_callback_is_raised_after_the_block():
+    """While numba loads its kernels, a signal's exception is raised inside llvmlite's ctypes
+    callbacks, and ctypes drops it ("Exception ignored"): SIGTERM during "loading the kernels..."
+    let `run` go on to exit 0 after a 96-s compile (a review's finding; Ctrl-C was kept already).
+    Here the exception is raised in a ctypes callback of libc's qsort, as there."""
+    r = _run("""
+        import ctypes, os, signal
+        from runtime.base.errors import Terminated, raise_terminated
+        from runtime.cli.common import interrupts_kept
+
+        signal.signal(signal.SIGTERM, raise_terminated)  # as every command installs it
+        libc = ctypes.CDLL(None)
+        CMP = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
+        sent = []
+
+        def compare(a, b):
+            if not sent:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGTERM)  # raised here, inside the callback: dropped
+            return a[0] - b[0]
+
+        values = (ctypes.c_int * 8)(*range(8, 0, -1))
+        try:
+            with interrupts_kept():
+                libc.qsort(values, 8, ctypes.sizeof(ctypes.c_int), CMP(compare))
+            print("went on")
+        except Terminated:
+            print("terminated", list(values) == sorted(values))
+        assert signal.getsignal(signal.SIGTERM) is raise_terminated
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "terminated True", (r.stdout, r.stderr)
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_sigterm_during_a_chat_reply_ends_the_chat():
+    """chat caught Terminated with the Ctrl-C that stops a reply: SIGTERM printed "[reply
+    stopped]" and the chat waited for input. Now it ends: "terminated", exit 143."""
+    model = REPO / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "chat", "-m", str(model), "-n", "-1", "--temp", "1",
+                          "-c", "4096"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b"Write a long story about the sea.\n")
+        p.stdin.flush()
+        assert p.stdout.read(20)  # the reply is streaming; stdin stays open
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143, (p.returncode, err[-2000:])
+    assert err.decode().rstrip().endswith("terminated") and b"[reply stopped]" not in err

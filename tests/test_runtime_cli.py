@@ -123,3 +123,24 @@ def test_chat_lines_ending_in_a_backslash_go_on(f32_path, monkeypatch):
     stdin = io.StringIO("def f(x):\\\n    return x\\\n\nalone\nlast \\")
     assert chat_cli.run(args, stdin=stdin, stdout=io.StringIO()) == 0
     assert sent == ["def f(x):\n    return x", "alone", "last \\"]  # a message ends without its last newline
+
+
+def test_second_review_of_the_cli_changes(f32_path, capsys, tmp_path):
+    """-pHello (argparse's attached value) was refused as an unknown option; perplexity -c 0
+    was refused before -c 0 became the model's context; bench -n 0 labelled the warm-up's and
+    the prefills' expert statistics "the last repetition's decode"."""
+    from runtime.cli import main
+
+    assert main(["run", "-m", f32_path, "-pHello", "-n", "2", "--temp", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+    text = tmp_path / "t.txt"
+    text.write_text(open(__file__).read() * 4)
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+
+    full = ModelConfig.from_gguf(GGUFModelFile(f32_path)).context_length
+    assert main(["perplexity", "-m", f32_path, "-f", str(text), "-c", "0", "--chunks", "1"]) == 2  # the text is short
+    assert f"perplexity with a context of {full} needs at least {2 * full}" in capsys.readouterr().err
+    assert main(["bench", "-m", f32_path, "-p", "8", "-n", "0", "-r", "1", "--ram-budget", "4MiB", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["experts"]["scope"] == "the warm-up and every prefill"

@@ -454,3 +454,27 @@ def test_a_think_tag_inside_the_text_is_text(calls):
             cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
             assert _streamed(text, cuts, calls=calls) == want, (text, cuts)
     assert _whole(" \n<think>\nr\n</think>\nok", calls=calls) == (" \nok", "r", [])
+
+
+def test_schemas_with_shared_or_cyclic_refs_are_read_in_linear_time():
+    """A 338-byte tool schema (eight anyOf branches to one recursive $ref) took 17 s to read, and
+    the server's event loop with it (a review's finding); each $ref is now resolved once, and one
+    that leads back to itself allows any type."""
+    import time
+
+    from runtime.text.tool_calls import _string_parameters
+
+    def tool(defs, prop):
+        return {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "$defs": defs,
+                                                                              "properties": {"x": prop}}}}
+
+    cyclic = tool({"A": {"anyOf": [{"$ref": "#/$defs/A"}] * 40}}, {"$ref": "#/$defs/A"})
+    chain = {"B0": {"type": "string"}}  # 2**20 paths through 20 levels of two branches each
+    for i in range(1, 21):
+        chain[f"B{i}"] = {"anyOf": [{"$ref": f"#/$defs/B{i - 1}"}, {"$ref": f"#/$defs/B{i - 1}"}, {"type": "null"}]}
+    t0 = time.perf_counter()
+    assert _string_parameters([cyclic]) == {"f": {"x": None}}
+    assert _string_parameters([tool(chain, {"$ref": "#/$defs/B20"})]) == {"f": {"x": frozenset({"string", "null"})}}
+    assert time.perf_counter() - t0 < 1.0
+    text = "<tool_call>\n<function=f>\n<parameter=x>\n12345\n</parameter>\n</function>\n</tool_call>"
+    assert parse_reply(text, tools=[tool(chain, {"$ref": "#/$defs/B20"})]).tool_calls[0].arguments == '{"x": "12345"}'

@@ -102,6 +102,19 @@ class SubcommandParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _takes_attached(self, arg: str) -> bool:
+        """Whether `arg` reads as a short option with its value attached (-pHello): the option
+        takes a value and the rest is a value it accepts (-ngl is no -n of "gl")."""
+        action = self._option_string_actions.get(arg[:2])
+        if action is None or action.nargs is not None or not action.option_strings:
+            return False
+        try:
+            if action.type is not None:
+                action.type(arg[2:])
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            return False
+        return True
+
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but a value that starts with a minus and a digit and is no plain number
         (`--ram-budget -5GiB`) stays the flag's value, so that the flag's own check says what is
@@ -113,7 +126,8 @@ class SubcommandParser(argparse.ArgumentParser):
             if a == "--":
                 break
             after_flag = i > 0 and args[i - 1] in takes_value  # a value such as `--temp -inf`
-            if re.fullmatch(r"-[A-Za-z][A-Za-z-]+", a) and a not in known and not after_flag:
+            attached = a not in LLAMA_CPP_HINTS and self._takes_attached(a)  # argparse's -pHello: -p with Hello
+            if re.fullmatch(r"-[A-Za-z][A-Za-z-]+", a) and a not in known and not after_flag and not attached:
                 hint = LLAMA_CPP_HINTS.get(a, "")
                 self.error(f"unrecognized option {a}" + (f"; {hint}" if hint else ""))
         joined, i = [], 0

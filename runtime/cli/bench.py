@@ -260,14 +260,13 @@ def run_sweep(args) -> int:
     # 20.6 / 15.2 with PASSIVE), and a 0.2 s sample of the machine's load at the start (what
     # choose_wait_policy does for one run) chose the default 4 times in 10 on this shared host.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    threads = args.threads
-    if threads is not None:  # ours never run more than numba's limit: llama.cpp's runs get the same
-        import numba
+    import numba
 
-        threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-        if threads != args.threads:
-            print(f"-t {args.threads}: the kernels run at most {threads} threads here (NUMBA_NUM_THREADS); "
-                  f"both engines use {threads}", file=sys.stderr)
+    # ours never run more than numba's limit (this machine's cores by default): llama.cpp's runs get the same
+    threads = min(args.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+    if args.threads is not None and threads != args.threads:
+        print(f"-t {args.threads}: the kernels run at most {threads} threads here (NUMBA_NUM_THREADS); "
+              f"both engines use {threads}", file=sys.stderr)
     opts = SweepOptions(model=args.model, caps=tuple(caps),
                         engines=("stepstream", "llama.cpp") if args.llama_cpp else ("stepstream",),
                         repeats=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads,
@@ -375,7 +374,8 @@ def run(args) -> int:
     report.update(ours)
     if model.placement is not None:
         report["placement"] = model.placement.as_dict()
-        report["experts"] = {**model.provider.stats.as_dict(), "scope": "the last repetition's decode"}
+        report["experts"] = {**model.provider.stats.as_dict(),
+                             "scope": "the last repetition's decode" if gen else "the warm-up and every prefill"}
     if model.gpu_placement is not None:
         report["gpu"] = {**model.gpu_placement.as_dict(), **model.gpu.tier.counts.as_dict()}
     if args.mtp is not None and args.n_gen:

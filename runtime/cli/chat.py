@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from runtime.base.errors import StepstreamError
+from runtime.base.errors import StepstreamError, Terminated
 from runtime.cli.common import (add_model_args, add_mtp_arg, add_sampling_args, check_text_args, load_model, max_tokens,
                                 print_stats, sampling_kwargs)
 from runtime.generation.conversation import Conversation, Notice
@@ -127,8 +127,10 @@ def _reply(conv: Conversation, text: str, out) -> None:
                 out.write(piece)
                 out.flush()
                 mid_line = wrote = True
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         pieces.close()  # runs the conversation's bookkeeping when the interrupt came outside it
+        if isinstance(e, Terminated):  # SIGTERM ends the chat (exit 143); Ctrl-C only the reply
+            raise
         out.write("\n")
         out.flush()
         print("[reply stopped]", file=sys.stderr, flush=True)

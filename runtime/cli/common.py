@@ -406,37 +406,43 @@ def load_model(args):
 
 @contextmanager
 def interrupts_kept():
-    """Ctrl-C inside the block is not lost. While numba loads its kernels, the signal's
-    KeyboardInterrupt is raised inside llvmlite's ctypes callbacks, where ctypes reports it as
+    """Ctrl-C and SIGTERM inside the block are not lost. While numba loads its kernels, the
+    signal's exception is raised inside llvmlite's ctypes callbacks, where ctypes reports it as
     "Exception ignored" and drops it: a review's Ctrl-C during "loading the kernels..." let the
-    run go on to exit 0, 3 times in 3. Here the handler records the signal, the dropped
-    exception is not printed, and the block's end raises KeyboardInterrupt when one was dropped."""
+    run go on to exit 0, 3 times in 3 (and SIGTERM, since every command raises Terminated on it).
+    Here the handlers record the signal, the dropped exception is not printed, and the block's
+    end raises the first signal's exception when one was dropped."""
+    from runtime.base.errors import Terminated
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
-    if previous is signal.SIG_IGN:
-        yield
-        return
+    kinds = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+    previous = {s: signal.getsignal(s) for s in kinds}
+    watched = [s for s, p in previous.items()
+               if p is not signal.SIG_IGN and (s == signal.SIGINT or p is not signal.SIG_DFL)]  # raised there
+    hook = sys.unraisablehook
     hit = []
 
     def handler(signum, frame):
         hit.append(signum)
-        raise KeyboardInterrupt
+        raise kinds[signum]
 
     def unraisable(u):
         if not isinstance(u.exc_value, KeyboardInterrupt):
             hook(u)
 
-    signal.signal(signal.SIGINT, handler)
+    for s in watched:
+        signal.signal(s, handler)
     sys.unraisablehook = unraisable
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s in watched:
+            signal.signal(s, previous[s])
         sys.unraisablehook = hook
     if hit:
-        raise KeyboardInterrupt
+        raise kinds[hit[0]]
 
 
 @contextmanager

@@ -39,10 +39,10 @@ def run(args) -> int:
 
     from runtime.generation.perplexity import perplexity
 
+    text = read_text_file(args.file, "text file")
+    context_size(args)  # a -c beyond the model's context is named first, from the header (-c 0: the model's)
     if args.ctx_size < 4:
         raise StepstreamError(f"-c/--ctx-size {args.ctx_size}: perplexity needs a context of at least 4 tokens")
-    text = read_text_file(args.file, "text file")
-    context_size(args)  # a -c beyond the model's context is named first, from the header
     tokens = _tokens_before_loading(args.model, text, args.ctx_size)
     model = load_model(args)
     if tokens is None:

@@ -736,6 +736,8 @@ def _temp(sampling: dict) -> dict:
             continue
         if name == "logit_bias" and value == {}:
             continue
+        if name in ("logprobs", "top_logprobs") and value is False:  # a chat's logprobs: a bool, False is off
+            continue
         if value != off or type(value) is bool and type(off) is not bool:
             raise StepstreamError(f"{name}={value!r:.80} is not supported by the Python API (only {off!r}, which "
                                   "changes nothing)" + ("; `stepstream serve` returns log-probabilities"

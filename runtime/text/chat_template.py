@@ -122,7 +122,10 @@ def join_text_parts(messages: list[dict], template: str) -> list[dict]:
             continue
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text" or not isinstance(part.get("text"), str):
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise StepstreamError(f"messages[{i}].content[{j}].text must be a string, got "
+                                      f"{type(part.get('text')).__name__}")
+            if kind != "text":
                 what = f"a {kind!r} part" if isinstance(kind, str) else f"{type(part).__name__} {part!r:.40}"
                 raise StepstreamError(f"messages[{i}].content[{j}] is {what}: this model reads text parts only "
                                       "({'type': 'text', 'text': ...})")

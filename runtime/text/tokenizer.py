@@ -161,6 +161,10 @@ class Tokenizer:
         self._added = {t["content"]: t["id"] for t in plain.get("added_tokens", []) if t["content"]}
         self._added_re = re.compile("|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True))) \
             if self._added else None
+        # check_fits' bound (a token covers at most the longest token's bytes) holds unless a
+        # normalizer may shrink the text or an added token swallows whitespace around it
+        self._bound_holds = not plain.get("normalizer") and not any(
+            t.get("lstrip") or t.get("rstrip") for t in plain.get("added_tokens", []))
         plain["added_tokens"] = []  # special=False: their text is ordinary text
         self._plain = HFTokenizer.from_str(json.dumps(plain))
         self.tokens = tokens
@@ -209,8 +213,10 @@ class Tokenizer:
     def check_fits(self, text: str, limit: int | None) -> None:
         """Raise PromptTooLong, without tokenizing, when `text` must hold more than `limit` tokens:
         every token covers at most the vocabulary's longest token's bytes (a megabyte prompt is
-        refused at once, where tokenizing it would take seconds of a server's time)."""
-        if limit is None or len(text) <= limit:  # a character is at least one byte
+        refused at once, where tokenizing it would take seconds of a server's time). A tokenizer
+        whose normalizer or whitespace-stripping added tokens could make text shorter is never
+        refused here."""
+        if limit is None or len(text) <= limit or not self._bound_holds:  # a character is at least one byte
             return
         if self._longest is None:
             self._longest = max(map(len, self._bytes), default=1) or 1

@@ -327,25 +327,36 @@ def _string_parameters(tools) -> dict[str, dict[str, frozenset[str] | None]]:
         params = fn.get("parameters")
         props = params.get("properties") if isinstance(params, dict) else None
         if isinstance(props, dict):
-            out[fn["name"]] = {k: _allowed_types(v, params) for k, v in props.items()}
+            refs: dict = {}  # each $ref resolved once per tool
+            out[fn["name"]] = {k: _allowed_types(v, params, refs) for k, v in props.items()}
     return out
 
 
 _JSON_TYPES = frozenset(("string", "number", "integer", "boolean", "null", "array", "object"))
 
 
-def _allowed_types(schema, root: dict, depth: int = 0) -> frozenset[str] | None:
+_RESOLVING = object()  # a $ref being resolved: met again, it is a cycle (any type)
+
+
+def _allowed_types(schema, root: dict, refs: dict, depth: int = 0) -> frozenset[str] | None:
     """The JSON types a parameter's schema allows: `type` (one or a list), `enum`/`const`, the union
     of `anyOf`/`oneOf` branches (pydantic writes `str | None` so), a local `$ref` followed into
-    `$defs`/`definitions`; None when the schema does not say (any type)."""
-    if not isinstance(schema, dict) or depth > 16:
+    `$defs`/`definitions`; None when the schema does not say (any type). `refs` memoizes each
+    $ref, and a $ref that leads back to itself allows any type: a schema of a few hundred bytes
+    with nested branches to one $ref took seconds to minutes, walked path by path."""
+    if not isinstance(schema, dict) or depth > 64:
         return None
     ref = schema.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/"):
+        if ref in refs:
+            known = refs[ref]
+            return None if known is _RESOLVING else known
+        refs[ref] = _RESOLVING
         target = root
         for part in ref[2:].split("/"):
             target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
-        return _allowed_types(target, root, depth + 1)
+        refs[ref] = _allowed_types(target, root, refs, depth + 1)
+        return refs[ref]
     kind = schema.get("type")
     if isinstance(kind, str):
         return frozenset((kind,)) if kind in _JSON_TYPES else None
@@ -357,11 +368,16 @@ def _allowed_types(schema, root: dict, depth: int = 0) -> frozenset[str] | None:
     for key in ("anyOf", "oneOf"):
         branches = schema.get(key)
         if isinstance(branches, list) and branches:
-            types = [_allowed_types(b, root, depth + 1) for b in branches]
-            return None if any(t is None for t in types) else frozenset().union(*types)
+            types = []
+            for b in branches:
+                t = _allowed_types(b, root, refs, depth + 1)
+                if t is None:  # one branch of any type: the union is any type
+                    return None
+                types.append(t)
+            return frozenset().union(*types)
     if isinstance(schema.get("allOf"), list):
         for branch in schema["allOf"]:
-            if (types := _allowed_types(branch, root, depth + 1)) is not None:
+            if (types := _allowed_types(branch, root, refs, depth + 1)) is not None:
                 return types
     return None
 
