@@ -71,10 +71,17 @@ class ExpertProfile:
             raise StepstreamError(f"{path}: not a stepstream expert profile ({e})") from None
         except OSError as e:  # a directory, no permission
             raise StepstreamError(f"{path}: cannot read the profile ({e.strerror or e})") from None
-        if model_path is not None and (prof.model != Path(model_path).name or prof.model_bytes != Path(model_path).stat().st_size):
+        if model_path is not None and (prof.model not in model_names(model_path)
+                                       or prof.model_bytes != Path(model_path).stat().st_size):
             raise StepstreamError(f"{path}: profile was recorded on {prof.model} ({prof.model_bytes} bytes), "
                                   f"not on {Path(model_path).name}")
         return prof
+
+
+def model_names(model_path) -> set[str]:
+    """The names a profile or trace recorded on this file may carry: the file's own (through a
+    symlink, its target's, which `profile` records) and the name it was given by."""
+    return {Path(model_path).name, Path(os.path.realpath(model_path)).name}
 
 
 def _magic(path: Path) -> bytes:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offload.profile import write_atomically
+from offload.profile import model_names, write_atomically
 from runtime.base.errors import StepstreamError
 
 _FIELDS = ("ids", "layers", "n_expert", "starts", "model", "model_bytes")
@@ -70,7 +70,7 @@ class RoutingTrace:
         ExpertProfile.load checks a profile), or whose MoE layers, experts per layer or top-k are
         not the model's {layer: n_expert} and top_k."""
         model = Path(model_path)
-        if self.model != model.name or self.model_bytes != model.stat().st_size:
+        if self.model not in model_names(model) or self.model_bytes != model.stat().st_size:
             raise StepstreamError(f"{path}: routing trace was recorded on {self.model} ({self.model_bytes} bytes), "
                                   f"not on {model.name}")
         mine = {int(l): int(e) for l, e in zip(self.layers, self.n_expert)}

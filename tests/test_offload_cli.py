@@ -186,3 +186,21 @@ def test_an_unreadable_profile_is_one_line(tmp_path):
     d.mkdir()
     with pytest.raises(StepstreamError, match="cannot read the profile"):
         ExpertProfile.load(d)
+
+
+def test_a_profile_recorded_through_a_symlink_serves_the_file_and_the_link(tiny_gguf, tmp_path, capsys):
+    """A profile was identified by the name it was recorded by: recorded on model-latest.gguf (a
+    link to m.gguf) it was refused for m.gguf, and the other way round. The file's own name is
+    recorded, and either name matches."""
+    path = tiny_gguf("q4_k_m")
+    link = tmp_path / "model-latest.gguf"
+    link.symlink_to(path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n")
+    out, trace = tmp_path / "p.json", tmp_path / "t.npz"
+    assert main(["profile", "-m", str(link), "-f", str(prompts), "-o", str(out), "--trace", str(trace), "-n", "2"]) == 0
+    for model in (path, link):
+        assert ExpertProfile.load(out, model).tokens > 0
+        capsys.readouterr()
+        assert main(["run", "-m", str(model), "-p", "x", "-n", "2", "--ram-budget", "1MiB", "--profile", str(out)]) == 0
+        assert main(["plan", "-m", str(model), "--profile", str(trace), "--ram-gbps", "30"]) == 0

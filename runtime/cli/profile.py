@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     if args.random_tokens is not None:
         prompts = [np.random.default_rng(args.seed).integers(0, model.cfg.vocab, args.random_tokens).tolist()]
     path = Path(model.file.path)
-    profile = ExpertProfile(path.name, path.stat().st_size)
+    profile = ExpertProfile(Path(os.path.realpath(path)).name, path.stat().st_size)  # the file's name, not a link's
     recorder = TraceRecorder(model.cfg.n_expert_used) if trace_out else None
     model.provider = RecordingProvider(model.provider, profile, model.cfg.n_expert, trace=recorder)
     room = model.n_ctx - args.n_predict
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     saves = [(out, "profile", profile.save)]
     if recorder is not None:
         moe = {i: model.cfg.n_expert for i in range(model.cfg.n_layers) if model.cfg.moe[i]}
-        trace = recorder.trace(path.name, path.stat().st_size, moe)
+        trace = recorder.trace(profile.model, path.stat().st_size, moe)
         saves.append((trace_out, "routing trace", trace.save))
     save_outputs(saves)
     if recorder is not None:
