@@ -28,6 +28,7 @@ import ctypes
 import glob
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -72,6 +73,35 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs", "hugetlbfs")  # a file there is memory already
+
+
+def filesystem_type(path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the file system `path` lives on (the longest mount point above it in
+    /proc/self/mountinfo), or None where that cannot be read (not Linux)."""
+    try:
+        text = Path(mountinfo).read_text()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = -1, None
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, after = left.split(), right.split()
+        if len(fields) < 5 or not after:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, kind = len(point), after[0]
+    return kind
+
+
+def in_memory_file(path) -> bool:
+    """Whether the file's pages are memory already (tmpfs, ramfs): mapping it takes no more."""
+    return filesystem_type(path) in MEMORY_FILESYSTEMS
 
 
 def memory_limits() -> list[MemoryLimit]:
