@@ -391,6 +391,31 @@ class ExpertCache:
                 if slot.state is SlotState.READY and slot.prefetched and not slot.asked:
                     slot.prefetched = False
 
+    @property
+    def pinned_keys(self) -> frozenset:
+        with self.lock:
+            return frozenset(self._pinned)
+
+    def evict_all_but(self, keep: Iterable[Key]) -> int:
+        """Empty every resident slot that is not pinned, not in use and not holding one of `keep`
+        (a warm-up's experts, before the fill at load is read again); returns how many. Not
+        counted as evictions: the caller restarts the figures."""
+        keep = set(keep)
+        n = 0
+        with self.lock:
+            for slot in self.slots:
+                if slot.state is not SlotState.READY or slot.refs or slot.pinned or slot.key in keep:
+                    continue
+                self._evictable.remove(slot)
+                self._move(slot, SlotState.EVICTING)
+                del self.index[slot.key]
+                slot.key, slot.payload, slot.uses, slot.prefetched, slot.cold = None, None, 0, False, False
+                self._move(slot, SlotState.EMPTY)
+                self._free.append(slot)
+                n += 1
+            self.changed.notify_all()
+        return n
+
     def pin(self, key: Key) -> Slot:
         """Claim a slot that eviction never touches (the hot set); the caller loads it."""
         with self.lock:

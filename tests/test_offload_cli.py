@@ -204,3 +204,23 @@ def test_a_profile_recorded_through_a_symlink_serves_the_file_and_the_link(tiny_
         capsys.readouterr()
         assert main(["run", "-m", str(model), "-p", "x", "-n", "2", "--ram-budget", "1MiB", "--profile", str(out)]) == 0
         assert main(["plan", "-m", str(model), "--profile", str(trace), "--ram-gbps", "30"]) == 0
+
+
+def test_the_fill_at_load_survives_the_warm_up(tiny_gguf):
+    """--fill-cache read experts at load, then the warm-up's passes evicted most of them (2 of
+    17 left, a review), and --stats counted none of the fill's reads. The warm-up now reads
+    again the filled experts it evicted, after its figures restart: they are resident when the
+    run starts, their reads counted, and the text is the cold cache's."""
+    import runtime
+
+    path = tiny_gguf("q4_k_m")
+    cold = runtime.load(path, ram_budget="1MiB", n_ctx=256)
+    cold.warm_up()
+    want = cold.create_completion("def f(x):", max_tokens=8, temperature=0)["choices"][0]["text"]
+    m = runtime.load(path, ram_budget="1MiB", n_ctx=256, fill_cache=True)
+    filled = set(m.provider.cache.index)
+    assert m.placement.filled == len(filled) > 0
+    m.warm_up()
+    assert filled <= set(m.provider.cache.index)
+    assert m.provider.stats.bytes_read > 0 and m.provider.stats.requests == 0
+    assert m.create_completion("def f(x):", max_tokens=8, temperature=0)["choices"][0]["text"] == want
