@@ -253,18 +253,6 @@ class Placement:
         return dataclasses.asdict(self)
 
 
-def refill(provider) -> int:
-    """Read again the experts the fill at load read (fill_keys), where a warm-up's passes evicted
-    them: the warm-up's own experts leave their slots, the fill's that stayed are kept, the
-    others are read. Returns how many were read. (The fill was mostly undone: 2 of 17 experts
-    left after the warm-up, a review.)"""
-    cache = provider.cache
-    pinned = cache.pinned_keys
-    keys = fill_keys(provider.table, cache.n_slots - len(pinned), set(pinned))
-    cache.evict_all_but(keys)
-    return provider.fill(keys)
-
-
 def fill_keys(table: ExpertTable, slots: int, held: set) -> list[tuple[int, int]]:
     """Up to `slots` experts not in `held` to read at load: dealt to the MoE layers in turn, each
     layer's lowest free ids first (with no profile, any experts serve a router as well as any

@@ -50,6 +50,7 @@ class StreamingExperts:
         ahead every candidate up to `prefetch_depth` (ungated: for comparisons). `prefault`: back
         the cache's memory with pages on a background thread (offload.prefault)."""
         self.table = table
+        self.filled_keys: list[tuple[int, int]] = []  # what `fill` read, for `refill`
         self.cache = cache
         self.reader = reader or DirectReader()
         self.reads = ReadPool(workers)
@@ -277,11 +278,25 @@ class StreamingExperts:
             n += 1
         return n
 
+    def refill(self) -> int:
+        """Read again the experts `fill` read, where a warm-up's passes evicted them: the warm-up's
+        own experts leave their slots, the filled ones that stayed are kept, the others are read.
+        Returns how many were read. (The fill was mostly undone: 2 of 17 experts left after the
+        warm-up, a review.)"""
+        keys = self.filled_keys
+        if not keys:
+            return 0
+        self.cache.evict_all_but(keys)
+        return self.fill(keys)
+
     def fill(self, keys: Iterable[tuple[int, int]]) -> int:
         """Read `keys` into free slots, on the read workers, and wait for them: the cache starts
         warm instead of reading these at random as tokens miss them. Stops at the first key for
         which no slot is free; evicts nothing. Returns how many were read. A failed read (or an
-        interrupt) raises at once, and the reads not yet started are dropped, their slots freed."""
+        interrupt) raises at once, and the reads not yet started are dropped, their slots freed.
+        The keys are kept for `refill`."""
+        keys = list(keys)
+        self.filled_keys = keys
         cancelled = threading.Event()
 
         def load(layer: int, e: int, slot: Slot) -> None:

@@ -193,10 +193,9 @@ class Model:
             cache = getattr(self.provider, "cache", None)
             if cache is not None:
                 cache.forget_prefetches()
-            if self.placement is not None and self.placement.filled:  # fill_cache: what the warm-up evicted
-                from offload.placement import refill
-
-                refill(self.provider)
+            refill = getattr(self.provider, "refill", None)
+            if refill is not None and self.placement is not None and self.placement.filled:
+                refill()  # fill_cache: what the warm-up's passes evicted
         return time.perf_counter() - t0
 
     @property
