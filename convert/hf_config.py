@@ -79,6 +79,7 @@ _KINDS = {
     bool: ("boolean (true or false)", lambda v: isinstance(v, bool)),
     str: ("string", lambda v: isinstance(v, str)),
     dict: ("object", lambda v: isinstance(v, dict)),
+    list: ("array", lambda v: isinstance(v, list)),
 }
 _BOUNDS = {"positive": lambda v: v > 0, "non-negative": lambda v: v >= 0}
 REQUIRED = object()
@@ -370,6 +371,10 @@ def _rope_scaling(scaling: JsonFields | None, source) -> dict | None:
     if kind.lower() != "llama3":
         where = scaling.prefix.rstrip(".") or "rope_scaling"
         raise StepstreamError(f"{source}: {where} type {kind!r} is not supported (only llama3, or default: none)")
+    only = scaling.get("yarn_only_types", list, None)  # StepFun's: the layer types the scaling applies to
+    if only is not None and [scaling.check(t, str, "yarn_only_types[]") for t in only] != ["full_attention"]:
+        raise StepstreamError(f"{source}: {scaling.prefix}yarn_only_types {shown(only)} scales other layers than the "
+                              f"full-attention ones; GGUF scales the full-attention layers only")
     out = {"rope_type": kind}
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         if (value := scaling.get(key, float, None, "positive")) is not None:

@@ -18,13 +18,20 @@ import gguf
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_schema import Key
 
-from convert.hf_config import JsonFields, read_json_object, read_text, warn
+from convert.hf_config import JsonFields, read_json_object, read_text, shown, warn
 
-# Split regex found in tokenizer.json -> llama.cpp pre-tokenizer name (src/llama-vocab.cpp).
+# Split regexes found in tokenizer.json, in order (each an isolating Split, then a ByteLevel that
+# only maps bytes) -> llama.cpp pre-tokenizer name (src/llama-vocab.cpp).
 KNOWN_SPLIT_REGEXES = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen35",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",): "qwen2",
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",): "qwen35",
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",): "llama-bpe",
+    # DeepSeek-V3's three (digit runs of up to 3, CJK and kana runs, then words and punctuation);
+    # a public test of StepFun's Step-3.7 GGUF finds "deepseek-v3" there
+    (r"\p{N}{1,3}",
+     "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+     "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|"
+     "\\s*[\r\n]+|\\s+(?!\\S)|\\s+"): "deepseek-v3",
 }
 # A plain ByteLevel pre-tokenizer splits with GPT-2's own regex; llama.cpp's name for it has a hyphen
 # ("gpt2" is the name of the tokenizer *model*, tokenizer.ggml.model, and llama.cpp refuses it here).
@@ -95,29 +102,42 @@ def _byte_level(step, source: str) -> dict | None:
     return step
 
 
-def detect_pre(tokenizer: dict, source: str) -> str:
-    """llama.cpp's name for tokenizer.json's pre-tokenizer, for the two shapes llama.cpp reproduces.
+def _split_regex(step) -> str | None:
+    """The regex of an isolating, non-inverted Split step, else None."""
+    if not isinstance(step, dict) or step.get("type") != "Split":
+        return None
+    pattern = step.get("pattern")
+    regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+    if isinstance(regex, str) and step.get("behavior") == "Isolated" and not step.get("invert", False):
+        return regex
+    return None
 
-    Either a lone ByteLevel splitting with its own (GPT-2) regex, or one isolating Split regex
-    followed by a ByteLevel that only maps bytes. Anything else would cut text differently in
-    llama.cpp, so it is refused rather than given a name that merely loads.
+
+def detect_pre(tokenizer: dict, source: str) -> str:
+    """llama.cpp's name for tokenizer.json's pre-tokenizer, for the shapes llama.cpp reproduces.
+
+    Either a lone ByteLevel splitting with its own (GPT-2) regex, or isolating Split regexes
+    (one, or DeepSeek-V3's three) followed by a ByteLevel that only maps bytes. Anything else
+    would cut text differently in llama.cpp, so it is refused rather than given a name that
+    merely loads.
     """
     steps = _steps(tokenizer.get("pre_tokenizer"))
     if len(steps) == 1 and (bl := _byte_level(steps[0], source)) is not None:
         if bl.get("use_regex", True):
             return GPT2_PRE
         raise StepstreamError(f"{source}: the pre-tokenizer is a ByteLevel without a split regex; {_OVERRIDE}")
-    if len(steps) == 2 and isinstance(steps[0], dict) and steps[0].get("type") == "Split":
-        split, bl = steps[0], _byte_level(steps[1], source)
-        regex = (split.get("pattern") or {}).get("Regex") if isinstance(split.get("pattern"), dict) else None
-        if bl is not None and not bl.get("use_regex", True) and regex is not None \
-                and split.get("behavior") == "Isolated" and not split.get("invert", False):
-            if regex in KNOWN_SPLIT_REGEXES:
-                return KNOWN_SPLIT_REGEXES[regex]
-            raise StepstreamError(f"{source}: split regex {regex!r} is not one llama.cpp implements under a known name; {_OVERRIDE}")
+    if len(steps) >= 2:
+        regexes = tuple(_split_regex(step) for step in steps[:-1])
+        bl = _byte_level(steps[-1], source)
+        if bl is not None and not bl.get("use_regex", True) and None not in regexes:
+            if regexes in KNOWN_SPLIT_REGEXES:
+                return KNOWN_SPLIT_REGEXES[regexes]
+            shown = " then ".join(repr(r) for r in regexes)
+            raise StepstreamError(f"{source}: split regex {shown} is not one llama.cpp implements under a known name; "
+                                  f"{_OVERRIDE}")
     kinds = [s.get("type") if isinstance(s, dict) else type(s).__name__ for s in steps]
-    raise StepstreamError(f"{source}: pre-tokenizer {' + '.join(map(str, kinds))} is not a shape llama.cpp reproduces "
-                          f"(a ByteLevel, or one isolating Split regex then a ByteLevel without regex); {_OVERRIDE}")
+    raise StepstreamError(f"{source}: pre-tokenizer {' + '.join(map(str, kinds)) or 'an empty Sequence'} is not a shape llama.cpp reproduces "
+                          f"(a ByteLevel, or isolating Split regexes then a ByteLevel without regex); {_OVERRIDE}")
 
 
 def read_tokenizer(hf_dir: Path, vocab_size: int, pre_override: str | None = None) -> TokenizerData:
@@ -126,15 +146,11 @@ def read_tokenizer(hf_dir: Path, vocab_size: int, pre_override: str | None = Non
         tok, text = read_json_object(path)
     except FileNotFoundError:
         raise StepstreamError(f"{path}: not found; the converter needs the Hugging Face tokenizer.json") from None
-    model = tok.get("model") or {}
+    fields = JsonFields(tok, str(path))
+    model = fields.get("model", dict)
     if model.get("type") != "BPE":
         raise StepstreamError(f"{path}: tokenizer model is {model.get('type')!r}; Step-3.5 uses byte-level BPE")
-
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types: dict[int, int] = {}
-    for added in tok.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    by_id, types = _vocabulary(fields, fields.nested("model"))
     n = max(by_id) + 1
     if n > vocab_size:
         raise StepstreamError(f"{path}: token id {n - 1} does not fit config vocab_size={vocab_size}")
@@ -146,26 +162,92 @@ def read_tokenizer(hf_dir: Path, vocab_size: int, pre_override: str | None = Non
         else:  # padding rows of the embedding, as llama.cpp's converter names them
             tokens.append(f"[PAD{i}]")
             toktypes.append(gguf.TokenType.UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     tcfg = _optional_json(hf_dir / "tokenizer_config.json")
     special = _SpecialTokens(hf_dir, tcfg, tokens)
     bos_id, eos_id, pad_id = special.id("bos"), special.eos_id(), special.id("pad")  # errors before the template's warning
+    add_bos, add_eos = _added_by_post_processor(tok, tokens, bos_id, eos_id)
     template, named = _chat_template(hf_dir, tcfg)
     return TokenizerData(
         tokens=tokens,
         types=[int(t) for t in toktypes],
-        merges=merges,
+        merges=_merges(fields.nested("model")),
         pre=check_pre_name(pre_override) if pre_override else detect_pre(tok, str(path)),
         bos_id=bos_id,
         eos_id=eos_id,
         pad_id=pad_id,
-        add_bos=tcfg.get("add_bos_token", bool, False),
-        add_eos=tcfg.get("add_eos_token", bool, False),
+        # tokenizer_config.json's booleans, where it has them, over the post-processor's template
+        # (gguf-py's SpecialVocab order, which llama.cpp's converter follows)
+        add_bos=tcfg.get("add_bos_token", bool, add_bos),
+        add_eos=tcfg.get("add_eos_token", bool, add_eos),
         chat_template=template,
         hf_json=text,
         named_templates=named,
     )
+
+
+def _vocabulary(tok: JsonFields, model: JsonFields) -> tuple[dict[int, str], dict[int, int]]:
+    """Token text by id, and the added tokens' GGUF types: ids are non-negative integers, one
+    text per id (a repeated id used to drop a token without a word), and an added token may
+    only name the text its id already has."""
+    by_id: dict[int, str] = {}
+    for text, i in model.get("vocab", dict).items():
+        model.check(i, int, f"vocab[{text!r}]", "non-negative")
+        if i in by_id:
+            raise StepstreamError(f"{model.source}: {model.prefix}vocab gives id {i} to both {by_id[i]!r} and {text!r}")
+        by_id[i] = text
+    if not by_id:
+        raise StepstreamError(f"{model.source}: {model.prefix}vocab is empty")
+    types: dict[int, int] = {}
+    for k, entry in enumerate(tok.get("added_tokens", list, [])):
+        added = JsonFields(tok.check(entry, dict, f"added_tokens[{k}]"), tok.source, f"added_tokens[{k}].")
+        i, content = added.get("id", int, bound="non-negative"), added.get("content", str)
+        if by_id.get(i, content) != content:
+            raise StepstreamError(f"{tok.source}: added_tokens[{k}] gives id {i} to {content!r}, which the "
+                                  f"vocabulary gives to {by_id[i]!r}")
+        by_id[i] = content
+        types[i] = gguf.TokenType.CONTROL if added.get("special", bool, False) else gguf.TokenType.USER_DEFINED
+    return by_id, types
+
+
+def _merges(model: JsonFields) -> list[str]:
+    """The BPE merges as "left right" strings (tokenizers writes pairs as strings or as lists)."""
+    merges = []
+    for k, m in enumerate(model.get("merges", list, [])):
+        if isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m):
+            m = " ".join(m)
+        if not isinstance(m, str):
+            raise StepstreamError(f"{model.source}: {model.prefix}merges[{k}] must be a string or a pair of "
+                                  f"strings, got {shown(m)}")
+        merges.append(m)
+    return merges
+
+
+def _added_by_post_processor(tok: dict, tokens: list[str], bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
+    """Whether tokenizer.json's post-processor adds BOS and EOS to a single sequence: a
+    TemplateProcessing that starts (ends) with the BOS (EOS) token's text, or a
+    RobertaProcessing; read as gguf-py's SpecialVocab reads it. Without one, neither."""
+    post = tok.get("post_processor")
+    if not isinstance(post, dict):
+        return False, False
+    processors = post.get("processors") if post.get("type") == "Sequence" else [post]
+    add_bos = add_eos = False
+    for p in processors if isinstance(processors, list) else []:
+        if not isinstance(p, dict):
+            continue
+        if p.get("type") == "RobertaProcessing":
+            add_bos = add_eos = True
+        single = p.get("single") if p.get("type") == "TemplateProcessing" else None
+        if isinstance(single, list) and len(single) > 1:
+            first, last = (_special_piece(single[0]), _special_piece(single[-1]))
+            add_bos = first is not None and bos_id is not None and first == tokens[bos_id]
+            add_eos = last is not None and eos_id is not None and last == tokens[eos_id]
+    return add_bos, add_eos
+
+
+def _special_piece(piece) -> str | None:
+    special = piece.get("SpecialToken") if isinstance(piece, dict) else None
+    return special.get("id") if isinstance(special, dict) and isinstance(special.get("id"), str) else None
 
 
 def _optional_json(path: Path) -> JsonFields:
@@ -240,6 +322,9 @@ def _chat_template(hf_dir: Path, tcfg: JsonFields) -> tuple[str | None, dict[str
     jinja = hf_dir / "chat_template.jinja"
     if jinja.is_file():
         found["chat_template.jinja"] = read_text(jinja)
+        # transformers saves the other templates beside it, one file each; gguf-py names them by file
+        for extra in sorted((hf_dir / "additional_chat_templates").glob("*.jinja")):
+            named[_template_name(extra.stem)] = read_text(extra)
     for name, fields in (("tokenizer_config.json", tcfg), ("chat_template.json", _optional_json(hf_dir / "chat_template.json"))):
         found[name], names = _template_value(fields)
         named = named or names
@@ -273,8 +358,13 @@ def _template_value(fields: JsonFields) -> tuple[str | None, dict[str, str]]:
         if name == "default":
             default = template
         elif name:
-            named[re.sub(r"[^A-Za-z0-9]", "_", name)] = template
+            named[_template_name(name)] = template
     return default, named
+
+
+def _template_name(name: str) -> str:
+    """A template's name as gguf-py writes it into the key tokenizer.chat_template.NAME."""
+    return re.sub(r"[^A-Za-z0-9]", "_", name)
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, t: TokenizerData) -> None:

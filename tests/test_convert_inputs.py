@@ -179,6 +179,9 @@ BAD_VALUES = {
     "rope_scaling_band": ("rope_scaling", {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4,
                                            "high_freq_factor": 4},  # the smoothing divided by zero
                           "rope_scaling.low_freq_factor (4) must be below high_freq_factor (4)"),
+    "yarn_only_sliding": ("rope_scaling", {"rope_type": "llama3", "factor": 2, "yarn_only_types": ["sliding_attention"]},
+                          'rope_scaling.yarn_only_types ["sliding_attention"] scales other layers than the full-attention '
+                          'ones; GGUF scales the full-attention layers only'),
     "other_setting_list": ("attention_other_setting", [1, 2], "attention_other_setting must be an object, got [1, 2]"),
     "other_setting_heads": ("attention_other_setting", {"num_attention_heads": 4.5},
                             "attention_other_setting.num_attention_heads must be a positive integer, got 4.5"),
@@ -237,6 +240,16 @@ def test_context_default_is_step3p5s(ckpt, capsys):
 
 def _bases(meta):
     return meta[Key.ROPE_BASE], meta[Key.ROPE_BASE_SWA]
+
+
+def test_yarn_only_types_of_full_attention_is_what_gguf_scales(ckpt, capsys):
+    scaling = {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 64, "low_freq_factor": 1.0,
+               "high_freq_factor": 32.0}
+    edit_json(ckpt / "config.json", lambda c: c.update(rope_scaling={**scaling, "yarn_only_types": ["full_attention"]}))
+    with_types, _ = convert(ckpt, capsys)
+    (ckpt.parent / "out.gguf").unlink()
+    edit_json(ckpt / "config.json", lambda c: c.update(rope_scaling=scaling))
+    assert convert(ckpt, capsys)[0] == with_types
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "default"}, {"type": "default"}, {}])
@@ -393,3 +406,84 @@ def test_named_chat_templates_are_kept_as_gguf_py_keeps_them(ckpt, capsys, tmp_p
         assert warnings == []
     else:
         assert len(warnings) == 1 and "named tool_use, rag, none 'default'" in warnings[0], warnings
+
+
+# --- tokenizer.json's own values (a review: a dozen malformed files gave tracebacks, three converted silently) ---
+
+def _tok(ckpt, edit):
+    edit_json(ckpt / "tokenizer.json", edit)
+
+
+def _set_model(key, value):
+    return lambda t: t["model"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set_model("vocab", []), "model.vocab must be an object, got []"),
+    (lambda t: t["model"].pop("vocab"), "missing required key 'model.vocab'"),
+    (lambda t: t["model"]["vocab"].__setitem__("zzz", "x"), "model.vocab['zzz'] must be a non-negative integer, got \"x\""),
+    (lambda t: t["model"]["vocab"].__setitem__("zzz", -5), "model.vocab['zzz'] must be a non-negative integer, got -5"),
+    (lambda t: t["model"]["vocab"].__setitem__("zzz", 10), "model.vocab gives id 10 to both"),
+    (_set_model("vocab", {}), "model.vocab is empty"),
+    (lambda t: t["added_tokens"].append({"content": "<x>"}), "missing required key 'added_tokens[4].id'"),
+    (lambda t: t["added_tokens"].append({"id": 700}), "missing required key 'added_tokens[4].content'"),
+    (lambda t: t["added_tokens"].append({"id": "700", "content": "<y>"}), "added_tokens[4].id must be a non-negative integer"),
+    (lambda t: t.__setitem__("added_tokens", {"a": 1}), "added_tokens must be an array, got {\"a\": 1}"),
+    (lambda t: t["added_tokens"].append({"id": 10, "content": "<y>"}), "added_tokens[4] gives id 10 to '<y>', which the vocabulary gives to"),
+    (lambda t: t["model"]["merges"].append(5), "must be a string or a pair of strings, got 5"),
+    (lambda t: t.__setitem__("model", []), "model must be an object, got []"),
+], ids=["vocab-list", "vocab-missing", "id-text", "id-negative", "id-repeated", "vocab-empty", "added-no-id",
+        "added-no-content", "added-id-text", "added-not-list", "added-collides", "merge-int", "model-list"])
+def test_malformed_tokenizer_json_is_one_line(ckpt, capsys, edit, message):
+    _tok(ckpt, edit)
+    line = refused(ckpt, capsys)
+    assert line.startswith(f"error: {ckpt / 'tokenizer.json'}: ") and message in line, line
+
+
+def _template_processing(first: str | None, last: str | None) -> dict:
+    single = ([{"SpecialToken": {"id": first, "type_id": 0}}] if first else []) + [{"Sequence": {"id": "A", "type_id": 0}}] \
+        + ([{"SpecialToken": {"id": last, "type_id": 0}}] if last else [])
+    ids = [x for x in (first, last) if x]
+    return {"type": "TemplateProcessing", "single": single, "pair": single,
+            "special_tokens": {t: {"id": t, "ids": [0 if t == "<|begin_of_text|>" else 3], "tokens": [t]} for t in ids}}
+
+
+@pytest.mark.parametrize("first, last, config_flag", [
+    ("<|begin_of_text|>", None, None),  # BOS from the template: HF and llama.cpp's converter add it
+    ("<|begin_of_text|>", "<|im_end|>", None),
+    ("<|begin_of_text|>", None, False),  # tokenizer_config.json's flag wins, as in gguf-py
+    (None, "<|im_end|>", None),
+    (None, None, None),
+])
+def test_bos_and_eos_from_the_post_processor_as_gguf_py_reads_them(ckpt, capsys, first, last, config_flag):
+    """add_bos/add_eos as llama.cpp's converter writes them (gguf-py's SpecialVocab, the reference),
+    and BOS as the Hugging Face tokenizer adds it."""
+    from tokenizers import Tokenizer
+
+    if first or last:
+        _tok(ckpt, lambda t: t.__setitem__("post_processor", _template_processing(first, last)))
+    edit_json(ckpt / "tokenizer_config.json",
+              lambda c: [c.pop("add_bos_token"), c.pop("add_eos_token")] + ([c.update(add_bos_token=config_flag)]
+                                                                            if config_flag is not None else []))
+    reference = gguf.SpecialVocab(ckpt, load_merges=False).add_special_token
+    meta, _ = convert(ckpt, capsys)
+    assert meta[Key.TOK_ADD_BOS] == reference.get("bos", False)
+    assert meta[Key.TOK_ADD_EOS] == reference.get("eos", False)
+    if config_flag is None:
+        hf = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode("hello").ids
+        assert meta[Key.TOK_ADD_BOS] == (hf[0] == 0)
+
+
+def test_additional_chat_templates_become_named_templates_as_in_gguf_py(ckpt, capsys):
+    template = drop_template(ckpt)
+    (ckpt / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (ckpt / "additional_chat_templates").mkdir()
+    (ckpt / "additional_chat_templates" / "tool_use.jinja").write_text(template + "{# tools #}", encoding="utf-8")
+    (ckpt / "additional_chat_templates" / "rag.jinja").write_text("{{ messages }}", encoding="utf-8")
+    reference = gguf.SpecialVocab(ckpt, load_merges=False).chat_template
+    meta, warnings = convert(ckpt, capsys)
+    assert meta[Key.CHAT_TEMPLATE] == template and warnings == []
+    named = {e["name"]: e["template"] for e in reference if e["name"] != "default"}
+    assert sorted(named) == ["rag", "tool_use"]
+    for name, text in named.items():
+        assert meta[f"{Key.CHAT_TEMPLATE}.{name}"] == text

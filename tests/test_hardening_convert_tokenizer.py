@@ -28,7 +28,8 @@ def _byte_level(use_regex: bool, add_prefix_space: bool = False):
 
 
 def _split_then_bytes(name: str):
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(REGEX_OF[name]), behavior="isolated"), _byte_level(False)])
+    splits = [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in REGEX_OF[name]]
+    return pre_tokenizers.Sequence([*splits, _byte_level(False)])
 
 
 # tokenizer.json pre-tokenizer -> the llama.cpp name the converter must write for it
@@ -37,6 +38,7 @@ STYLES = {
     "qwen2": lambda: _split_then_bytes("qwen2"),  # the Step-3.5 / Qwen2 style
     "qwen35": lambda: _split_then_bytes("qwen35"),
     "llama-bpe": lambda: _split_then_bytes("llama-bpe"),
+    "deepseek-v3": lambda: _split_then_bytes("deepseek-v3"),  # three Splits (a review: refused before)
 }
 
 # Text that the styles cut differently: digit runs, contractions, marks, scripts, whitespace runs.
@@ -128,9 +130,9 @@ def _tokenizer_json(pre) -> dict:
 @pytest.mark.parametrize("pre, why", [
     (lambda: _byte_level(True, add_prefix_space=True), "prefix space"),
     (lambda: _byte_level(False), "without a split regex"),
-    (lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(REGEX_OF["qwen2"]), behavior="removed"),
+    (lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(REGEX_OF["qwen2"][0]), behavior="removed"),
                                       _byte_level(False)]), "not a shape llama.cpp reproduces"),
-    (lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(REGEX_OF["qwen2"]), behavior="isolated"),
+    (lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(REGEX_OF["qwen2"][0]), behavior="isolated"),
                                       _byte_level(True)]), "not a shape llama.cpp reproduces"),
     (lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level(True)]),
      "Digits + ByteLevel"),
