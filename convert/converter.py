@@ -198,6 +198,13 @@ def _file_bytes(header: bytes, planned: list[PlannedTensor], rope_factors) -> in
     return size
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -207,9 +214,12 @@ def _check_space(out: Path, needed: int) -> None:
     import shutil
 
     try:
-        free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+        usage = shutil.disk_usage(out.parent if str(out.parent) else ".")
     except OSError:
         return
+    if usage.total == 0:  # a pseudo file system (/proc) reports no size: the write will say what is wrong
+        return
+    free = usage.free
     if needed > free:
         raise StepstreamError(f"{out}: the output needs {_mb(needed)} more, but its file system has {_mb(free)} free")
 
@@ -316,12 +326,15 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, rope_factors.dtype, rope_factors.nbytes)
     header = _header(writer)
     key = resume_record.conversion_key(header, ckpt)
+    total = _file_bytes(header, planned, rope_factors)
+    # Before compiling the writers' kernels, not after (a review: a full disk was found only once
+    # they had loaded); a .part left here is either continued or replaced, so its bytes count as free.
+    _check_space(out, total - _size(part_name(out)))
     load_writers(planned, ftype, progress)
 
     tmp = part_name(out)
     f = None
     keep = False
-    total = _file_bytes(header, planned, rope_factors)
     try:
         f, done = _open_output(out, header, key, resume, force)
         _check_space(out, total - f.tell())

@@ -107,12 +107,21 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_an_output_that_cannot_fit_is_refused_before_writing(tiny_ckpt, tmpfs, capsys):
-    (tmpfs / "filler").write_bytes(b"x" * 25_000_000)  # 5 MB left for a 9.9 MB file
-    rc = main(["convert", str(tiny_ckpt), str(tmpfs / "m.gguf"), "--type", "q4_k_m", "--no-progress"])
+@pytest.mark.parametrize("replacing", [False, True])
+def test_an_output_that_cannot_fit_is_refused_before_writing(tiny_ckpt, tmpfs, capsys, monkeypatch, replacing):
+    """Refused before the writers' kernels load (a review: --force over an old output found the
+    full disk only after them), and an old output replaced with --force stays as it was."""
+    if replacing:
+        (tmpfs / "m.gguf").write_bytes(b"old" * 3_000_000)  # 9 MB, replaced only by the final rename
+    (tmpfs / "filler").write_bytes(b"x" * (16_000_000 if replacing else 25_000_000))  # ~5 MB left for 9.9 MB
+    monkeypatch.setattr(converter, "load_writers", lambda *a: pytest.fail("the writers loaded before the check"))
+    rc = main(["convert", str(tiny_ckpt), str(tmpfs / "m.gguf"), "--type", "q4_k_m", "--no-progress",
+               *(["--force"] if replacing else [])])
     err = capsys.readouterr().err
     assert rc == 2 and "needs" in err and "free" in err, err
-    assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"]
+    assert sorted(p.name for p in tmpfs.iterdir()) == (["filler", "m.gguf"] if replacing else ["filler"])
+    if replacing:
+        assert (tmpfs / "m.gguf").read_bytes() == b"old" * 3_000_000
 
 
 @pytest.mark.parametrize("resume", [False, True])
