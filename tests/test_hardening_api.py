@@ -308,6 +308,16 @@ def test_logprobs_and_echo_as_llama_cpp_python_gives_them():
     chunks = list(m.create_completion(prompt, max_tokens=6, temperature=0, logprobs=2, stream=True))
     assert [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])] == b["tokens"]
     assert [o for c in chunks for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])] == b["text_offset"]
+    # with a stop string the stream holds text back; its offsets still follow the tokens, as
+    # llama-cpp-python's stream gives them (a review: [11], [15], [17], [24], [25])
+    kw = dict(max_tokens=8, temperature=0, stop="self.", logprobs=1)
+    for text in ("def fib(n):", prompt):
+        want = [o for c in llm.create_completion(text, stream=True, **kw) for o in
+                (c["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+        got = [o for c in m.create_completion(text, stream=True, **kw) for o in
+               (c["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+        # (ours also reports the token that completes the stop string, as the whole reply of both does)
+        assert got[:len(want)] == want and got == m.create_completion(text, **kw)["choices"][0]["logprobs"]["text_offset"]
     echoed = m.create_completion(prompt, max_tokens=3, temperature=0, echo=True)["choices"][0]["text"]
     assert echoed == llm.create_completion(prompt, max_tokens=3, temperature=0, echo=True)["choices"][0]["text"]
     assert "".join(c["choices"][0]["text"] for c in m.create_completion(prompt, max_tokens=3, temperature=0,

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 from runtime.generation.loop import Piece
-from runtime.generation.request import Request, Step, legacy_logprobs
+from runtime.generation.request import Request, Step, legacy_logprobs, tokens_chars
 from runtime.text.tool_calls import ReplyStream, parse_reply
 
 
@@ -61,7 +61,7 @@ def completion_from_steps(model, req: Request, prompt_text: str, steps: Iterator
         for s in steps:
             if s.text or s.logprobs or s.finish_reason:
                 yield envelope(s.text, s.logprobs, offset, s.finish_reason)
-            offset += len(s.text)
+            offset += tokens_chars(s.logprobs)
 
     if stream:
         return chunks()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from runtime.generation.request import Step, Timings, TokenLogprob, legacy_logprobs, token_text as _text
+from runtime.generation.request import Step, Timings, TokenLogprob, legacy_logprobs, token_text as _text, tokens_chars
 from runtime.text.tool_calls import ReplyStream, parse_reply
 
 
@@ -32,13 +32,13 @@ class TextReply:
         self.index = index
         self.n_prompt, self.prompt_chars = n_prompt, prompt_chars
         self.text: list[str] = [echo]
-        self.offset = prompt_chars  # the text_offset of the next generated character
+        self.offset = prompt_chars  # the text_offset of the next generated token (request.tokens_chars)
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
 
     def chunk(self, step: Step, want_logprobs: bool) -> dict | None:
         """The streaming chunk for one step (None when it carries nothing)."""
-        offset, self.offset = self.offset, self.offset + len(step.text)
+        offset, self.offset = self.offset, self.offset + tokens_chars(step.logprobs)
         self.text.append(step.text)
         self.logprobs.extend(step.logprobs)
         self.finish_reason = step.finish_reason
