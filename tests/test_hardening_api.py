@@ -356,3 +356,27 @@ def test_second_review_of_the_api_changes():
     stripping.check_fits(text, 64)  # fits: not refused
     with pytest.raises(PromptTooLong):
         tok.check_fits(" " * 3000 + "x", 64)  # where the bound holds it still refuses
+
+
+def test_llama_cpp_python_load_keywords_at_their_defaults_change_nothing():
+    """runtime.load refused verbose=False, use_mmap=True, n_gpu_layers=0 ... (a review: in nearly
+    every llama-cpp-python script). Each value taken is llama-cpp-python's own default (read from
+    its signature); any other value is refused by name."""
+    import inspect
+
+    import llama_cpp
+
+    from runtime.base.options import _LLAMA_CPP_OFF
+
+    defaults = inspect.signature(llama_cpp.Llama.__init__).parameters
+    assert all(defaults[name].default == off for name, off in _LLAMA_CPP_OFF.items())
+    m = runtime.load(MODEL, n_threads=1, n_ctx=64, verbose=False, **_LLAMA_CPP_OFF)
+    plain = runtime.load(MODEL, n_threads=1, n_ctx=64)
+    assert m.create_completion("def f", max_tokens=4, temperature=0)["choices"][0]["text"] == \
+        plain.create_completion("def f", max_tokens=4, temperature=0)["choices"][0]["text"]
+    runtime.load(MODEL, n_ctx=64, verbose=True).close()
+    for bad, words in ((dict(n_gpu_layers=99), "n_gpu_layers=99 is not supported"), (dict(seed=3), "seed= to each call"),
+                       (dict(use_mmap=False), "use_mmap=False"), (dict(verbose="no"), "verbose must be True or False"),
+                       (dict(logits_all=1), "logits_all=1")):
+        with pytest.raises(StepstreamError, match=words):
+            runtime.load(MODEL, n_ctx=64, **bad)

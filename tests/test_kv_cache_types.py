@@ -372,3 +372,23 @@ def test_the_four_slot_f16_widening_gives_every_half_the_one_slot_float():
     expect = bits.view(np.float16).astype(np.float32)
     assert np.array_equal(a.view(np.uint32), expect.view(np.uint32))
     assert np.array_equal(b.view(np.uint32), expect.view(np.uint32))
+
+
+@pytest.mark.parametrize("n_ctx, chunk", [(3000, 64), (700, 1), (4100, 512)])
+def test_a_full_block_never_grows_past_the_context_the_placement_counts(n_ctx, chunk):
+    """A cache filled in chunks doubled past n_ctx (3000 -> 4096 slots, 4100 -> 8192): up to twice
+    the KV bytes the placement line and `plan` count (a review's finding). Now it holds at most
+    n_ctx positions, and full it is exactly kv_cache_bytes' figure."""
+    from offload.placement import kv_cache_bytes
+
+    cfg = runtime.load(MODEL, n_ctx=8).cfg
+    cache = KVCache(cfg.n_head_kv[: cfg.n_layers], cfg.head_dim, cfg.sliding[: cfg.n_layers], cfg.window, n_ctx, 16,
+                    ("f16", "f16"))
+    kv = np.zeros((chunk, max(cfg.n_head_kv), cfg.head_dim), np.float32)
+    for start in range(0, n_ctx, chunk):
+        T = min(chunk, n_ctx - start)
+        for i, layer in enumerate(cache.layers):
+            layer.append(kv[:T, : cfg.n_head_kv[i]], kv[:T, : cfg.n_head_kv[i]], np.arange(start, start + T))
+        cache.advance(T)
+        assert all(layer.capacity <= n_ctx for layer in cache.layers if not layer.ring)
+    assert cache.nbytes == kv_cache_bytes(cfg, n_ctx, 16, kv_types=("f16", "f16"))

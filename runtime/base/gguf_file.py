@@ -18,7 +18,7 @@ import signal
 import threading
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -74,10 +74,17 @@ class _Part:
     stamp: tuple[int, int] = (0, 0)  # (size, mtime in ns) when it was mapped
     leased: bool = False  # a read lease on fd is held (see _Leases)
     broken: bool = False  # another process asked to write or truncate the file (SIGIO)
-    file: object = None  # the GGUFModelFile, for its evaluations in flight
+    file: object = None  # a weak reference to the GGUFModelFile, for its evaluations in flight
+    closer: object = None  # closes fd (a weakref.finalize: at most once)
+
+    def in_flight(self) -> int:
+        owner = self.file() if self.file is not None else None
+        return 0 if owner is None else owner.in_flight
 
     def changed(self) -> str | None:
-        """How the file differs from when it was mapped, or None."""
+        """How the file differs from when it was mapped, or None (also once closed)."""
+        if self.fd < 0:
+            return None
         st = os.fstat(self.fd)
         if st.st_size != self.stamp[0]:
             return f"it is {st.st_size} bytes, it was {self.stamp[0]}"
@@ -143,7 +150,7 @@ class _Leases:
                 continue
             if breaking:
                 part.broken = True
-                if part.file is None or part.file.in_flight == 0:
+                if part.in_flight() == 0:
                     part.release()
         if callable(cls.previous):
             cls.previous(signum, frame)
@@ -172,7 +179,7 @@ def _open_part(path: Path) -> _Part:
         raise StepstreamError(f"{path}: cannot open for reading ({e.strerror or e})") from None
     st = os.fstat(fd)
     part = _Part(path, read_header(view, path), data, view, fd, (st.st_size, st.st_mtime_ns))
-    weakref.finalize(part, os.close, fd)  # closing the descriptor lets its lease go too
+    part.closer = weakref.finalize(part, os.close, fd)  # closing the descriptor lets its lease go too
     _Leases.take(part)
     return part
 
@@ -218,7 +225,8 @@ class GGUFModelFile:
         self._parts = [_open_part(p) for p in parts]  # keeps the maps alive
         self.in_flight = 0  # evaluations reading the maps now (see _Leases)
         for part in self._parts:
-            part.file = self
+            part.file = weakref.ref(self)  # not self: a cycle kept the maps and descriptors until a collection
+        self.closed = False
         self._buf, self.fields = self._parts[0].bytes, self._parts[0].header.fields
         declared = self.get(Key.SPLIT_COUNT, None)
         if declared is not None and declared != len(parts):
@@ -263,6 +271,25 @@ class GGUFModelFile:
         if t is None:
             raise StepstreamError(f"{self.path}: tensor {name!r} is missing")
         return t
+
+    def close(self) -> None:
+        """Let the descriptors and their leases go and drop the pages the maps brought in (a
+        closed model's file). The metadata stays readable; the maps go with the last array
+        viewing them."""
+        if self.closed:
+            return
+        self.closed = True
+        self.release_pages()
+        # The metadata from a copy of the first part's header; the tensors without their views,
+        # so that the maps (and the descriptor each keeps) go once the model's arrays are gone.
+        self._buf = memoryview(bytes(self._buf[: self._parts[0].header.data_start]))
+        self.tensors = {name: replace(t, data=None) for name, t in self.tensors.items()}
+        for part in self._parts:
+            part.release()
+            _Leases.parts.discard(part)
+            part.fd = -1  # changed() and a lease break then leave it alone (the number may be reused)
+            part.closer()
+            part.data = part.bytes = None
 
     def held_descriptors(self) -> dict[Path, int]:
         """Each part's path and the descriptor held open on it since load: a reader that reopens

@@ -71,6 +71,7 @@ class RuntimeOptions:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
+        kwargs = _llama_cpp_keywords(kwargs)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -145,3 +146,27 @@ class RuntimeOptions:
         if self.experts == "ram":
             return False
         return None
+
+
+# llama-cpp-python's Llama(...) keywords that change nothing here at these values (a script
+# switching over passes them: verbose=False above all); any other value is refused by name.
+_LLAMA_CPP_OFF = {"use_mmap": True, "use_mlock": False, "n_gpu_layers": 0, "logits_all": False, "embedding": False,
+                  "vocab_only": False, "main_gpu": 0, "tensor_split": None, "numa": False, "lora_path": None,
+                  "chat_handler": None, "draft_model": None, "seed": 0xFFFFFFFF}
+_LLAMA_CPP_HINTS = {"n_gpu_layers": "; gpu_budget= places weights on a GPU", "seed": "; pass seed= to each call"}
+
+
+def _llama_cpp_keywords(kwargs: dict) -> dict:
+    """kwargs without llama-cpp-python's load keywords at values that change nothing; verbose
+    takes either value (only llama.cpp's own log lines depend on it)."""
+    kwargs = dict(kwargs)
+    verbose = kwargs.pop("verbose", False)
+    if not isinstance(verbose, bool):
+        raise StepstreamError(f"verbose must be True or False, got {verbose!r}")
+    for name, off in _LLAMA_CPP_OFF.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if value != off or isinstance(value, bool) != isinstance(off, bool):
+                raise StepstreamError(f"{name}={value!r:.80} is not supported (only {off!r}, llama-cpp-python's "
+                                      f"default, which changes nothing){_LLAMA_CPP_HINTS.get(name, '')}")
+    return kwargs

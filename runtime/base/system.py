@@ -164,12 +164,20 @@ def set_blas_threads(n: int) -> None:
         blas[0](ctypes.c_int(n))
 
 
+def threads_for(n: int) -> int:
+    """The compute threads Numba runs when asked for n: at most its pool's size."""
+    import numba
+
+    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 def set_threads(n: int) -> int:
-    """Ask for n compute threads; returns the number Numba will use."""
+    """Ask for n compute threads (on the calling thread: Numba's count is per thread); returns
+    the number Numba will use."""
     set_blas_threads(n)
     import numba
 
-    used = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    used = threads_for(n)
     numba.set_num_threads(used)
     return used
 

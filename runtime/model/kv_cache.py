@@ -31,9 +31,12 @@ class CacheStateError(StepstreamError):
 
 
 class LayerKV:
+    limit: int | None = None  # the most positions a growing cache is ever asked to hold (n_ctx)
+
     def __init__(self, n_kv: int, head_dim: int, capacity: int, ring: bool, window: int,
-                 types: tuple[str, str] = ("f32", "f32")):
+                 types: tuple[str, str] = ("f32", "f32"), limit: int | None = None):
         self.ring = ring
+        self.limit = limit
         self.window = window
         self.types = types  # (keys', values') runtime.model.kv_types type
         self.k, self.ks = kv_types.allocate(types[0], capacity, n_kv, head_dim)  # [C, Nk, D], scales [C, Nk, D/32 | 0]
@@ -127,13 +130,25 @@ class LayerKV:
                 a[slots] = old
         self.commit()
 
+    def _new_capacity(self, need: int) -> int:
+        """Room for `need` positions: double, but never past `limit` (doubling 2,048 slots for a
+        context of 3,000 allocated 4,096, beyond what the placement line and `plan` count)."""
+        cap = 2 * self.capacity if self.limit is None else min(2 * self.capacity, self.limit)
+        return max(need, cap)
+
     def _grow(self, need: int) -> None:
-        cap = max(need, 2 * self.capacity)
+        cap = self._new_capacity(need)
         for name in self._ARRAYS:
             old = getattr(self, name)
             new = np.full((cap,) + old.shape[1:], -1 if name == "pos" else 0, old.dtype)
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
+
+    def release(self) -> None:
+        """Free the slots (a closed model's): every array emptied, nothing held."""
+        for name in self._ARRAYS:
+            setattr(self, name, getattr(self, name)[:0].copy())
+        self.n, self._start, self._undo = 0, None, []
 
     def oldest_kept(self) -> int:
         used = self.pos[self.pos >= 0]
@@ -164,7 +179,7 @@ class KVCache:
         self.types = types  # (keys', values') element type: runtime.model.kv_types
         self.layers = [
             LayerKV(nk, head_dim, self.window + rollback if s else min(n_ctx, START_CAPACITY), ring=s,
-                    window=self.window, types=types)
+                    window=self.window, types=types, limit=n_ctx)
             for nk, s in zip(n_kv, sliding)
         ]
         self.n_past = 0
@@ -227,6 +242,12 @@ class KVCache:
         for layer in self.layers:
             layer.trim_to(0)
             layer.commit()
+        self.n_past, self._start = 0, None
+
+    def release(self) -> None:
+        """Free every block's slots; the cache then holds nothing and takes nothing."""
+        for layer in self.layers:
+            layer.release()
         self.n_past, self._start = 0, None
 
     @property

@@ -25,10 +25,14 @@ import numbers
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 
+import numba
 import numpy as np
 from quant.int8_kernels import format_set
 
+from runtime.base import system
 from runtime.base.config import ModelConfig
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
@@ -62,6 +66,7 @@ def _serialized(method):
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self._lock:
+            self._own_threads()
             return method(self, *args, **kwargs)
     return locked
 
@@ -108,6 +113,10 @@ class Model:
         # compares it with its own last change to notice that another generation ran meanwhile.
         self.version = 0
         self.closed = False
+        # The compute threads of n_threads: Numba's count is the calling thread's own (a worker
+        # thread, asyncio.to_thread or the server's engine got the default, and a second model's
+        # load changed the first's), so every call sets it on its thread (_own_threads).
+        self._threads = system.threads_for(options.n_threads) if options.n_threads is not None else None
         self._checkpoint: kv_checkpoint.KVCheckpoint | None = None  # rings at the end of the last prompt
         # Read ahead: before block i runs, guess block i+1's experts with its router.
         self._read_ahead = options.prefetch and provider.prefetches
@@ -118,9 +127,34 @@ class Model:
 
     # ------------------------------------------------------------------ state
 
+    def _own_threads(self) -> None:
+        if self._threads is not None and numba.get_num_threads() != self._threads:
+            numba.set_num_threads(self._threads)
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def n_past(self) -> int:
         return self.cache.n_past
+
+    def n_vocab(self) -> int:
+        return self.cfg.vocab
+
+    def n_embd(self) -> int:
+        return self.cfg.hidden
+
+    def token_bos(self) -> int:
+        """The BOS token's id, -1 when the file names none (llama.cpp's LLAMA_TOKEN_NULL)."""
+        bos = self.tokenizer.bos_id
+        return -1 if bos is None else bos
+
+    def token_eos(self) -> int:
+        eos = self.tokenizer.eos_id
+        return -1 if eos is None else eos
 
     @property
     def history(self) -> "TokenView":
@@ -223,6 +257,9 @@ class Model:
     @_serialized
     def trim(self, n: int) -> None:
         """Forget the last n evaluated positions."""
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool):  # 2.5 left the cache and history apart
+            raise StepstreamError(f"trim(n): n must be an integer number of positions, got {n!r}")
+        n = int(n)
         self.version += 1
         self.cache.trim(n)
         del self._tokens[len(self._tokens) - n :]
@@ -232,15 +269,30 @@ class Model:
             self._drafter.truncate(self.n_past)
 
     def close(self) -> None:
-        """Stop the expert reads and free the expert cache; the model evaluates nothing after this
-        (the KV cache and the resident weights are freed with the object).
+        """Stop the expert reads and free what the model holds: the expert cache, the KV cache,
+        the weights, the MTP heads' state, the scratch buffers, and the file's descriptors and
+        the pages its maps brought in, as llama-cpp-python's close frees its context and model
+        (a review: 20 closed models still referenced held 250 MiB and 40 descriptors). The model
+        evaluates nothing after this; tokenize and detokenize still work. `with runtime.load(...)
+        as model:` closes it at the block's end.
         A call or a generation's step running in another thread ends first (the experts freed
         under it, the in-RAM table emptied in mid-pass: a raw KeyError, a review's finding);
         `closed` is set before the lock is taken, so a generation stops at its next step instead
         of holding the lock to the end of its text."""
         self.closed = True
         with self._lock:
+            if self.file.closed:
+                return
             self.provider.close()
+            self.version += 1
+            self._tokens, self._checkpoint, self._drafter = [], None, None
+            if self.gpu is None:
+                self.cache.release()
+            self.buffers = self._output_q8 = self._few_proj = None
+            self._mtp_q8, self.blocks = [], []
+            self.weights = replace(self.weights, embed=None, out_norm=None, output=None, rope_factors=None,
+                                   blocks=[], nextn=[])
+            self.file.close()
 
     # ------------------------------------------------------------------ compute
 
@@ -267,13 +319,16 @@ class Model:
             nxt = self.blocks[i + 1]
             self.provider.prefetch(i + 1, guess_experts(nxt.spec, nxt.weights, h))
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise StepstreamError(f"{self.file.path}: the model was closed; load it again to evaluate")
+
     def _atomically(self, step, ids: np.ndarray) -> np.ndarray:
         """step(ids), with the cache and history rolled back to their state before it if anything
         (BaseException: Ctrl-C too) escapes. Nested calls join the outer evaluation."""
         if self._evaluating:
             return step(ids)
-        if self.closed:
-            raise StepstreamError(f"{self.file.path}: the model was closed; load it again to evaluate")
+        self._check_open()
         self.file.check_unchanged()  # a file cut short under the map would be a SIGBUS, not an error
         if len(self._tokens) != self.n_past:
             raise CacheStateError(f"the model's history holds {len(self._tokens)} tokens and its cache "
@@ -384,6 +439,7 @@ class Model:
 
     def output(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, V] float32 of hidden states [T, H]."""
+        self._check_open()
         self.file.check_unchanged()  # the output head is read from the map, as the blocks are
         with self.file.evaluating():
             return self._output(h)
@@ -464,7 +520,7 @@ class Model:
         h = self.hidden(ids)  # [T, H]
         out = []
         self.file.check_unchanged()  # the heads read embedding rows from the map, as evaluations do
-        with self.file.evaluating():
+        with self.file.evaluating(), self._heads_pass():
             for j in range(self.n_mtp):
                 n = ids.size - 1 - j
                 if n <= 0:
@@ -483,8 +539,20 @@ class Model:
         if not self.weights.nextn:
             raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
         self.file.check_unchanged()  # the heads read embedding rows from the map, as evaluations do
-        with self.file.evaluating():
+        with self.file.evaluating(), self._heads_pass():
             return self.drafter.draft(int(pending), k)
+
+    @contextmanager
+    def _heads_pass(self):
+        """Around the MTP heads' own passes: a kernel compiled with fast-math meeting NaN or Inf
+        there (a head's weights; a review: a NaN in a head's norm ended the default `run` in a
+        ZeroDivisionError traceback) is one line, as in the trunk, and the heads start over."""
+        try:
+            yield
+        except ZeroDivisionError:
+            self._drafter = None
+            raise StepstreamError(f"{self.file.path}: NaN or Inf in the MTP heads' pass: their weights are not "
+                                  "finite; decode without them (--mtp 0, mtp=0)") from None
 
     @property
     def mtp_draft_seconds(self) -> float:
@@ -563,7 +631,8 @@ class Model:
         logits = self.eval(tokens[-1:])
         if mtp and self.weights.nextn:
             self.drafter.pin = len(tokens) - 1  # where the same prompt sent again rolls back to
-            self.drafter.fill()
+            with self._heads_pass():
+                self.drafter.fill()
         return logits, kept
 
     @_serialized

@@ -27,6 +27,8 @@ Shape legend:  T positions in a chunk   H hidden   V vocab
 
 from __future__ import annotations
 
+import weakref
+
 import time
 
 import numpy as np
@@ -45,7 +47,7 @@ def head_cache(cfg, j: int, n_ctx: int, types: tuple[str, str] = ("f32", "f32"))
     growing, so trim can go anywhere (a sliding head masks by position)."""
     i = cfg.n_layers + j
     return LayerKV(cfg.n_head_kv[i], cfg.head_dim, min(n_ctx, START_CAPACITY), ring=False, window=cfg.window,
-                   types=types)
+                   types=types, limit=n_ctx)
 
 
 def head_input(model, j: int, ids: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -100,7 +102,7 @@ class Drafter:
     """
 
     def __init__(self, model):
-        self.model = model
+        self.model = weakref.proxy(model)  # the model holds its drafter: a cycle kept both until a collection
         self.n_heads = len(model.weights.nextn)
         self.kv = [head_cache(model.cfg, j, model.n_ctx, model.options.kv_types) for j in range(self.n_heads)]
         self.reset()

@@ -81,7 +81,7 @@ class DeviceLayerKV(LayerKV):
         self.commit()
 
     def _grow(self, need: int) -> None:
-        cap = max(need, 2 * self.capacity)
+        cap = self._new_capacity(need)
         for name in ("k", "v"):
             old = getattr(self, name)
             new = cuda.to_device(np.zeros((cap,) + tuple(old.shape[1:]), np.float32))
@@ -108,6 +108,8 @@ class DeviceKVCache(KVCache):
         self.layers = [DeviceLayerKV(nk, head_dim, self.window + rollback if s else min(n_ctx, start_capacity),
                                      ring=s, window=self.window)
                        for nk, s in zip(n_kv, sliding)]
+        for layer in self.layers:
+            layer.limit = n_ctx
 
     @property
     def nbytes(self) -> int:
