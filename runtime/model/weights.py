@@ -105,9 +105,21 @@ def _block(f: GGUFModelFile, cfg: ModelConfig, i: int) -> BlockWeights:
         ffn_norm=vector(t(N.FFN_NORM), H),
         dense=None if moe else _ffn(f, i, N.DENSE, cfg.dense_ffn, H),
         router=matrix(t(N.ROUTER), (cfg.n_expert, H)) if moe else None,
-        router_bias=vector(f.tensors[bias_name], cfg.n_expert) if moe and bias_name in f.tensors else None,
+        router_bias=_finite(vector(f.tensors[bias_name], cfg.n_expert), f.tensors[bias_name])
+        if moe and bias_name in f.tensors else None,
         shared=_ffn(f, i, N.SHARED, cfg.shared_ffn, H) if moe else None,
     )
+
+
+def _finite(v: np.ndarray, ref) -> np.ndarray:
+    """A router's selection bias, refused at load when not finite: it only chooses experts, so a
+    NaN there never reaches the hidden states that the check after each evaluation reads (a
+    review: it ran, with other experts than llama.cpp's)."""
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+        raise StepstreamError(f"{ref.path}: tensor {ref.name!r} holds {v[bad[0]]} at entry {bad[0]} "
+                              f"({bad.size} non-finite values); the router's bias must be finite")
+    return v
 
 
 def expert_bank(f: GGUFModelFile, cfg: ModelConfig, i: int) -> list[FFN]:
@@ -147,7 +159,9 @@ def load_weights(f: GGUFModelFile, cfg: ModelConfig) -> ModelWeights:
     H, V = cfg.hidden, cfg.vocab
     embed = matrix(f.tensor(N.TOKEN_EMBD), (V, H))
     out_norm = vector(f.tensor(N.OUTPUT_NORM), H)
-    output = matrix(f.tensors[N.OUTPUT], (V, H)) if N.OUTPUT in f.tensors else embed  # tied
+    # Required, as llama.cpp's step35 loader requires it (the embeddings in its place ran a file
+    # that lost its head without a word, a review's finding); our converter writes a tied model's.
+    output = matrix(f.tensor(N.OUTPUT), (V, H))
     factors = vector(f.tensors[N.ROPE_FREQS], cfg.head_dim // 2).astype(np.float64) if N.ROPE_FREQS in f.tensors else None
     blocks = [_block(f, cfg, i) for i in range(cfg.n_layers)]
     # A trunk-only file (llama.cpp can split the MTP heads off) declares MTP blocks it lacks.

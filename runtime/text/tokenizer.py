@@ -73,8 +73,29 @@ def _bpe_from_vocab(tokens: list[str], types: list[int], merges: list[str], pre:
     if pre not in PRE_TOKENIZER_REGEXES:
         raise StepstreamError(f"{source}: pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(PRE_TOKENIZER_REGEXES))}")
     vocab = {t: i for i, t in enumerate(tokens)}  # special tokens too, so they keep their ids
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    if len(vocab) < len(tokens):
+        seen: dict[str, int] = {}
+        i, t = next((i, t) for i, t in enumerate(tokens) if seen.setdefault(t, i) != i)
+        raise StepstreamError(f"{source}: {Key.TOK_LIST} holds {t!r} twice (ids {seen[t]} and {i}); llama.cpp "
+                              "refuses such a vocabulary too")
+    pairs, dropped = [], 0
+    for m in merges:
+        # split at the first space after the first character, as llama.cpp's loader splits it; a
+        # merge without one, or whose pieces or result are no tokens, can never apply in llama.cpp
+        # either (a review: `tokenizers` raised on them, a traceback)
+        cut = m.find(" ", 1)
+        left, right = (m[:cut], m[cut + 1:]) if cut > 0 else ("", "")
+        if left in vocab and right in vocab and left + right in vocab:
+            pairs.append((left, right))
+        else:
+            dropped += 1
+    if dropped:
+        warnings.warn(f"{source}: {dropped} of {len(merges)} entries of {Key.TOK_MERGES} join pieces that are no "
+                      "tokens of the vocabulary; they are left out", UserWarning, stacklevel=3)
+    try:
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    except Exception as e:  # the tokenizers library's own words, not its traceback
+        raise StepstreamError(f"{source}: the vocabulary and merges do not make a BPE tokenizer ({e})") from None
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -184,8 +205,15 @@ class Tokenizer:
         model = f.get(Key.TOK_MODEL, None)
         if model != "gpt2":
             raise StepstreamError(f"{f.path}: tokenizer model {model!r} is not supported; Step-3.5 uses byte-level BPE ('gpt2')")
-        tokens = f.get(Key.TOK_LIST)
-        types = f.get(Key.TOK_TYPES, None) or [TOKEN_NORMAL] * len(tokens)
+        tokens = _typed(f, Key.TOK_LIST, list, None)
+        if tokens is None:
+            raise StepstreamError(f"{f.path}: required metadata key {Key.TOK_LIST!r} is missing")
+        if not all(isinstance(t, str) for t in tokens):
+            raise StepstreamError(f"{f.path}: {Key.TOK_LIST} must be an array of strings")
+        types = _typed(f, Key.TOK_TYPES, list, None) or [TOKEN_NORMAL] * len(tokens)
+        if len(types) != len(tokens) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+            raise StepstreamError(f"{f.path}: {Key.TOK_TYPES} must be an array of {len(tokens)} integers, one per "
+                                  f"token of {Key.TOK_LIST}")
         hf_json = _typed(f, Key.HF_JSON, str, None) if use_hf_json else None
         pre, paired = _typed(f, Key.TOK_PRE, str, "default"), _typed(f, Key.HF_JSON_PRE, str, None)
         if hf_json is not None and paired is not None and pre != paired:
@@ -194,7 +222,10 @@ class Tokenizer:
                           UserWarning, stacklevel=2)
             hf_json = None
         if hf_json is None:
-            merges = _typed(f, Key.TOK_MERGES, list, [])
+            merges = _typed(f, Key.TOK_MERGES, list, None)
+            if merges is None:  # byte by byte, with twice the tokens, was what ran; llama.cpp refuses it
+                raise StepstreamError(f"{f.path}: {Key.TOK_MERGES} is missing: a BPE vocabulary needs its merges "
+                                      "(llama.cpp refuses the file too)")
             if not all(isinstance(m, str) for m in merges):
                 raise StepstreamError(f"{f.path}: {Key.TOK_MERGES} must be an array of strings")
             hf_json = _bpe_from_vocab(tokens, types, merges, pre, str(f.path))
