@@ -55,7 +55,7 @@ def run(args) -> int:
         nonlocal bar
         if bar is None:  # only once the text has passed perplexity's checks: an error stays on one line
             bar = tqdm(total=n, desc="perplexity", unit="chunk", file=sys.stderr)
-        return model.logits(ids)
+        return model.scored_logits(ids, len(ids) // 2)
 
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
     running = []  # (chunks done, estimate): what an interruption reports

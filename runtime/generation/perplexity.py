@@ -9,7 +9,7 @@ that follow them. PPL = exp(mean negative log-likelihood) over all scored tokens
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +44,15 @@ def check_length(n_tokens: int, n_ctx: int) -> None:
                               f"context of {n_ctx} needs at least {2 * n_ctx}")
 
 
-def perplexity(eval_chunk: Callable[[list[int]], np.ndarray], tokens: list[int], n_ctx: int,
+def perplexity(eval_chunk: Callable[[list[int]], np.ndarray | Iterable[np.ndarray]], tokens: list[int], n_ctx: int,
                bos_id: int | None, n_chunks: int | None = None,
                progress: Callable[[int, float], None] | None = None) -> PerplexityResult:
-    """eval_chunk(ids) -> logits [len(ids), V] from an empty cache. progress(chunks done, the
-    running estimate) after each chunk, as llama-perplexity prints [1]52.70,[2]49.67,..."""
+    """eval_chunk(ids) -> logits [len(ids), V] from an empty cache, or an iterable of the scored
+    rows' logits (positions n_ctx/2 .. n_ctx-2) in blocks of rows, in order: the command's way,
+    so that a chunk's [n_ctx, V] logits and their float64 copies are never all held (a review:
+    750 MiB at -c 512 over the real vocabulary, beyond the RAM budget, and an OOM kill under a
+    cgroup cap). progress(chunks done, the running estimate) after each chunk, as
+    llama-perplexity prints [1]52.70,[2]49.67,..."""
     check_length(len(tokens), n_ctx)
     total = len(tokens) // n_ctx
     n = total if n_chunks is None or n_chunks < 0 else min(n_chunks, total)
@@ -61,7 +65,14 @@ def perplexity(eval_chunk: Callable[[list[int]], np.ndarray], tokens: list[int],
             chunk[0] = bos_id
         logits = eval_chunk(chunk)
         targets = np.asarray(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx])
-        nlls.append(chunk_nll(logits[first : n_ctx - 1], targets))
+        blocks = [logits[first : n_ctx - 1]] if isinstance(logits, np.ndarray) else logits
+        parts, done = [], 0
+        for block in blocks:
+            parts.append(chunk_nll(block, targets[done : done + len(block)]))
+            done += len(block)
+        if done != len(targets):
+            raise ValueError(f"eval_chunk gave {done} scored rows for {len(targets)} targets")
+        nlls.append(np.concatenate(parts))
         total, count = total + float(nlls[-1].sum()), count + len(nlls[-1])
         if progress is not None:
             progress(i + 1, float(np.exp(total / count)))

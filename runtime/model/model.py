@@ -493,6 +493,25 @@ class Model:
         raise StepstreamError(f"{self.file.path}: NaN or Inf logits at positions {first}..{first + n - 1}: "
                               f"{where}; the evaluation was rolled back")
 
+    def scored_logits(self, tokens, first: int, rows: int = 16):
+        """Logits of positions first .. len(tokens)-2 after `tokens` evaluated from an empty cache,
+        as blocks of at most `rows` rows [r, V] (the rows of `logits(tokens)`): only the hidden
+        states [T, H] and one block are held, where logits() holds [T, V] (perplexity's way)."""
+        with self._lock:
+            self._own_threads()
+            self.reset()
+            h = self.hidden(tokens)
+        end = h.shape[0] - 1
+        for a in range(first, end, rows):
+            with self._lock:
+                self._own_threads()
+                block = self.output(h[a : min(a + rows, end)])
+            if not np.isfinite(block).all():
+                where = "the blocks' hidden states are" if not np.isfinite(h[a:end]).all() else "the output head is"
+                raise StepstreamError(f"{self.file.path}: NaN or Inf logits at positions {a}..{min(a + rows, end) - 1}: "
+                                      f"{where} non-finite")
+            yield block
+
     @_serialized
     def logits(self, tokens) -> np.ndarray:
         """[T, V] float32 logits of every position, evaluated from an empty cache."""
