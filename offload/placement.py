@@ -17,6 +17,7 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,6 +217,12 @@ def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, 
         raise StepstreamError(f"{src}: a RAM budget of {size_text(asked)}{whole} needs {size_text(need)} with "
                               f"{size_text(resident)} of resident weights and {size_text(runtime.start)} for the "
                               f"runtime, but the {limit.text()} leaves {size_text(usable)}; {fit}")
+    full_room = usable - resident - runtime.full
+    if min(asked, all_experts) > full_room:  # it starts; a long prompt may not end (a review: OOM-killed)
+        warnings.warn(f"{src}: a RAM budget of {size_text(asked)} starts, but leaves no room for a full context of "
+                      f"{runtime.n_ctx} positions ({size_text(runtime.kv_bytes)} of KV cache): the largest budget "
+                      f"that does is {size_text(max(0, full_room))}; a long prompt may be killed for memory "
+                      f"(a smaller --ram-budget or -c avoids it)", UserWarning, stacklevel=2)
     return asked, f"asked for; {limit.text()}"
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -383,10 +384,19 @@ def test_an_asked_budget_that_cannot_start_is_refused(tiny_gguf, monkeypatch):
     msg = str(e.value)
     assert f"a RAM budget of 3.0 MiB needs {size_text(resident + runtime.start + 3 * MiB)} with " in msg
     assert msg.endswith("the largest budget that fits is 2.0 MiB")
-    # Beyond the full-context allowance, but it can start: taken as asked.
-    m = load(path, ram_budget="2MiB")
+    # Beyond the full-context allowance, but it can start: taken as asked, with a warning that
+    # names the largest budget a full context leaves room for (a review: OOM-killed at 150 of 171
+    # MiB "that fit", by a long prompt).
+    full_room = resident + runtime.start + 2 * MiB - resident - runtime.full
+    with pytest.warns(UserWarning, match=f"leaves no room for a full context of 4096 positions .* the largest budget "
+                                         f"that does is {size_text(max(0, full_room))}"):
+        m = load(path, ram_budget="2MiB")
     assert m.placement.budget_bytes == 2 * MiB and "(asked for; cgroup v1 limit /fake" in m.placement.text()
     m.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the full-context room: no warning
+        fake_limit(monkeypatch, resident + runtime.full + 2 * MiB)
+        load(path, ram_budget="2MiB").close()
 
 
 def test_a_model_on_tmpfs_is_mapped_not_streamed(tmp_path, monkeypatch):
