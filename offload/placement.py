@@ -76,16 +76,19 @@ READ_WORKERS = 4
 
 
 def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, rollback: int, held: int | None = None,
-                   kv_types: tuple[str, str] = ("f32", "f32")) -> int:
+                   kv_types: tuple[str, str] = ("f32", "f32"), mtp_heads: int = 0) -> int:
     """The KV cache of a model loaded for n_ctx positions, holding `held` of them (all by default):
     keys and values per trunk block at their types' bytes per element (KV_TYPE_BYTES: f32 4,
     f16 2, q8_0 34/32); a sliding block's ring keeps min(W, n_ctx) + rollback positions from the
-    start, a full block grows with what it holds (runtime.model.kv_cache)."""
+    start, a full block grows with what it holds (runtime.model.kv_cache). `mtp_heads`: the MTP
+    heads that draft, whose caches grow with the positions as a full block's do (runtime.model.mtp:
+    uncounted, they were 3 x 4 KiB a position on the real model, 3 GiB at 256K; a review)."""
     ring = ring_window(cfg.window, n_ctx) + rollback
     full = n_ctx if held is None else held
     per_element = sum(KV_TYPE_BYTES[check_kv_type(t)] for t in kv_types)  # a key's and a value's
     return int(sum(per_element * (ring if cfg.sliding[i] else full) * cfg.n_head_kv[i] * cfg.head_dim
-                   for i in range(cfg.n_layers)))
+                   for i in range(cfg.n_layers))
+               + sum(per_element * full * cfg.n_head_kv[cfg.n_layers + j] * cfg.head_dim for j in range(mtp_heads)))
 
 
 def kv_types_text(kv_types: tuple[str, str]) -> str:
@@ -117,10 +120,11 @@ def own_bytes(cfg: ModelConfig, n_batch: int, tokenizer_built: bool) -> int:
 
 def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimit,
                   kv_types: tuple[str, str] = ("f32", "f32"), n_batch: int = 64,
-                  tokenizer_built: bool = False) -> RuntimeNeeds:
+                  tokenizer_built: bool = False, mtp_heads: int = 0) -> RuntimeNeeds:
     """kv_types: the load options' (cache_type_k, cache_type_v) (RuntimeOptions.kv_types); n_batch:
-    the prefill chunk; tokenizer_built: the process holds the tokenizer already (the loader's case)."""
-    kv = kv_cache_bytes(cfg, n_ctx, rollback, kv_types=kv_types)
+    the prefill chunk; tokenizer_built: the process holds the tokenizer already (the loader's case);
+    mtp_heads: the MTP heads that may draft (their KV caches count with the trunk's)."""
+    kv = kv_cache_bytes(cfg, n_ctx, rollback, kv_types=kv_types, mtp_heads=mtp_heads)
     own = own_bytes(cfg, n_batch, tokenizer_built)
     at_start = START_ANON + activation_bytes(cfg, n_batch) + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
     # The host's reserve covers the runtime's own memory, never the KV cache: at a long context it

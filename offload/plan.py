@@ -285,7 +285,9 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     resident = resident_bytes(f, cfg)
     limit = machine_limit(ram)
     usable = limit.free
-    needs = runtime_needs(cfg, ctx, opts.rollback, limit, types, opts.n_batch)  # the tokenizer still to build
+    # the tokenizer still to build; the MTP heads' caches when the file has heads (`run` drafts by default)
+    heads = cfg.n_mtp if cfg.n_mtp and N.blk(cfg.n_layers, N.NEXTN_EH_PROJ) in f.tensors else 0
+    needs = runtime_needs(cfg, ctx, opts.rollback, limit, types, opts.n_batch, mtp_heads=heads)
     kv = needs.kv_bytes
     streams = f.nbytes + needs.full > usable  # runtime.loader: stream when the mapped file would not fit
     K = cfg.n_expert_used

@@ -59,7 +59,8 @@ def load(path: str | Path, **options) -> Model:
         system.set_blas_threads(1)
     limit, usable = system.memory_limit(), system.usable_memory()
     runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit, opts.kv_types,
-                            opts.n_batch, tokenizer_built=tokenizer is not None)
+                            opts.n_batch, tokenizer_built=tokenizer is not None,
+                            mtp_heads=len(weights.nextn) if opts.mtp != 0 else 0)
     placement = None
     if not _streams(opts, f.nbytes, runtime.full, usable, in_memory=all(system.in_memory_file(p) for p in f.parts)):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})

@@ -319,8 +319,10 @@ def test_kv_cache_bytes_per_type_match_the_allocated_cache(models):
     assert needs.kv_bytes == kv_cache_bytes(cfg, n, 16, kv_types=("q8_0", "q8_0"))
     plans = {k: P.make_plan(MODEL, ram=64 * 2**30, ram_gbps=10, n_ctx=4096, cache_type_k=k, cache_type_v=k)
              for k in TYPES}
-    assert plans["f32"].kv_bytes == kv_cache_bytes(cfg, 4096, 16) == 2 * plans["f16"].kv_bytes
-    assert plans["q8_0"].kv_bytes == kv_cache_bytes(cfg, 4096, 16, kv_types=("q8_0", "q8_0"))
+    # `run` drafts with the file's MTP heads by default: plan counts their caches too
+    heads = cfg.n_mtp
+    assert plans["f32"].kv_bytes == kv_cache_bytes(cfg, 4096, 16, mtp_heads=heads) == 2 * plans["f16"].kv_bytes
+    assert plans["q8_0"].kv_bytes == kv_cache_bytes(cfg, 4096, 16, kv_types=("q8_0", "q8_0"), mtp_heads=heads)
     assert "(q8_0)" in plans["q8_0"].text() and plans["q8_0"].kv_types == ("q8_0", "q8_0")
 
 
@@ -343,7 +345,7 @@ def test_a_loaded_model_places_and_drafts_with_its_cache_types():
     m = runtime.load(MODEL, experts="stream", n_ctx=1024, cache_type_k="q8_0", cache_type_v="f16", mtp=2)
     try:
         assert m.placement.kv_types == ("q8_0", "f16")
-        assert m.placement.kv_bytes == kv_cache_bytes(m.cfg, 1024, 16, kv_types=("q8_0", "f16"))
+        assert m.placement.kv_bytes == kv_cache_bytes(m.cfg, 1024, 16, kv_types=("q8_0", "f16"), mtp_heads=m.n_mtp)
         assert "K q8_0, V f16" in m.placement.text()
         from runtime.model.mtp import Drafter
 
@@ -392,3 +394,19 @@ def test_a_full_block_never_grows_past_the_context_the_placement_counts(n_ctx, c
         cache.advance(T)
         assert all(layer.capacity <= n_ctx for layer in cache.layers if not layer.ring)
     assert cache.nbytes == kv_cache_bytes(cfg, n_ctx, 16, kv_types=("f16", "f16"))
+
+
+def test_the_mtp_heads_caches_are_what_the_placement_counts_for_them():
+    """The heads' KV caches grew with the context uncounted (a review: 3 x 4 KiB a position on the
+    real model). A generation that drafts to the end of the context allocates exactly the bytes
+    kv_cache_bytes adds for the heads, and never more than n_ctx positions each."""
+    from offload.placement import kv_cache_bytes
+
+    n_ctx = 300
+    m = runtime.load(MODEL, n_ctx=n_ctx, n_threads=1, cache_type_k="f16", cache_type_v="f16", mtp=3)
+    list(m.generate(m.tokenize("def fib(n):"), max_tokens=None, temperature=0))
+    assert m.n_past >= n_ctx - 4
+    heads = sum(kv.k.nbytes + kv.ks.nbytes + kv.v.nbytes + kv.vs.nbytes for kv in m.drafter.kv)
+    assert all(kv.capacity <= n_ctx for kv in m.drafter.kv)
+    full = kv_cache_bytes(m.cfg, n_ctx, 16, kv_types=("f16", "f16"), mtp_heads=m.n_mtp)
+    assert heads == full - kv_cache_bytes(m.cfg, n_ctx, 16, kv_types=("f16", "f16"))
