@@ -373,3 +373,47 @@ def test_a_forced_draft_length_is_reported_as_settled_even_when_the_end_clips_it
     assert [d.choose(room) for room in (0, 1, 0, 0)] == [0, 1, 0, 0]
     assert d.report()["settled_k"] == 3
     assert DraftLength(3, fixed=5).report()["settled_k"] == 3  # no more than the heads
+
+
+def test_a_long_prompt_keeps_only_a_stretch_of_hidden_states_for_the_heads(tiny_gguf, monkeypatch):
+    """With MTP on, every prompt position's trunk state was held until the heads filled after the
+    whole prompt (a review: 33-45 MiB against 2 MiB for a 6,000-token prompt at hidden 256; 16
+    KiB a token on the real model). The heads now follow the prompt a stretch (8 x n_batch) at a
+    time; their drafts are the same bits: the same tokens and the same acceptance as a model
+    whose stretch holds the whole prompt."""
+    from runtime.model import mtp
+
+    held = []
+    real = mtp.Drafter.record
+
+    def spying(self, start, h, ids):
+        real(self, start, h, ids)
+        held.append(len(self.trunk))
+
+    path = tiny_gguf("q4_k_m")
+    small, whole = load(path, n_batch=8, n_ctx=1024), load(path, n_batch=1024, n_ctx=1024)
+    try:
+        prompt = (list(range(7, 200)) * 8)[:900]
+        monkeypatch.setattr(mtp.Drafter, "record", spying)
+        runs = {}
+        for name, m in (("small", small), ("whole", whole)):
+            held.clear()
+            stats = {}
+            runs[name] = (_spec(m, prompt, 24, [3], stats=stats), stats["drafted"], stats["tokens_per_pass"])
+            runs[name + " held"] = max(held)
+        assert runs["small"] == runs["whole"]
+        assert runs["small held"] <= 8 * 8 + mtp.MARGIN + 8 < len(prompt) <= runs["whole held"]
+    finally:
+        small.close(), whole.close()
+
+
+def test_a_generation_that_does_not_draft_keeps_no_states_for_the_heads(shipped):
+    """After one drafting call, plain generations kept every trunk hidden state for heads that
+    never ran (a review: 2,010 after 2,000 tokens). A plain generation now drops them; the next
+    drafting one starts the heads over, with the same tokens as plain decoding."""
+    prompt = _prompt(shipped)
+    _spec(shipped, prompt, 8, [3])
+    assert shipped._drafter is not None
+    plain = _plain(shipped, prompt, 60)
+    assert shipped._drafter is None
+    assert _spec(shipped, prompt, 60, KS) == plain

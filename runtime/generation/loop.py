@@ -64,6 +64,9 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
 def _plain(model, prompt: list[int], sampler: Sampler, max_tokens: int | None, eog: frozenset,
            stats: dict | None) -> Iterator[int]:
     with speculative.owned(model):
+        forget = getattr(model, "forget_drafts", None)
+        if forget is not None:  # no head reads this generation's states: none are kept for them
+            forget()
         if stats is not None and hasattr(model, "eval_prompt"):  # the positions reused, and when the prompt was done
             logits, cached = model.eval_prompt(prompt)
             stats.update(cached=cached, prompt_done=time.perf_counter())
