@@ -263,9 +263,10 @@ class Plan:
 
 def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, ram_gbps: float | None = None,
               n_ctx: int | None = None, profile: str | None = None, cache_type_k: str = "f16",
-              cache_type_v: str = "f16") -> Plan:
+              cache_type_v: str = "f16", n_batch: int = 64) -> Plan:
     """The plan for the GGUF at `path` on a machine with `ram` bytes (None: this machine), its
-    KV cache in the given types (run's defaults unless given)."""
+    KV cache in the given types (run's defaults unless given), prompts going `n_batch` tokens at
+    a time (run's -b; bench's is 512, whose larger activations leave a smaller expert cache)."""
     lo, hi = GBPS_RANGE
     for flag, rate in (("--disk-gbps", disk_gbps), ("--ram-gbps", ram_gbps)):
         if rate is not None and not lo <= rate <= hi:
@@ -275,8 +276,11 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     check_formats(f)  # a file `run` refuses gets no plan either
     if n_ctx is not None and n_ctx > cfg.context_length:
         raise StepstreamError(f"--ctx {n_ctx} exceeds the model's context length {cfg.context_length}")
-    opts = RuntimeOptions.from_kwargs(n_ctx=n_ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+    opts = RuntimeOptions.from_kwargs(n_ctx=n_ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                                      n_batch=n_batch)
     ctx = opts.context(cfg.context_length)
+    if opts.n_batch > ctx:  # as the loader clamps it
+        opts = dataclasses.replace(opts, n_batch=ctx)
     types = opts.kv_types
     table = build_expert_table(f, cfg)
     slot = slot_bytes_for(table)

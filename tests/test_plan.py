@@ -330,3 +330,20 @@ def test_plan_takes_c_for_the_context_as_run_does(tmp_path, capsys):
     assert main(["plan", "-m", str(path), "--ram", "64GiB", "--ram-gbps", "15", "-c", "8192", "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{"):])["n_ctx"] == 8192
+
+
+def test_plan_takes_b_as_run_and_bench_size_their_activations(real_shapes, capsys):
+    """plan always planned with run's 64-token chunk, so it mispredicted bench's placement (-b
+    512: larger activations, a smaller cache; a review: 71 slots planned, 58 in bench)."""
+    from offload.placement import activation_bytes
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+
+    cfg = ModelConfig.from_gguf(GGUFModelFile(real_shapes))
+    run_like = P.make_plan(real_shapes, ram=64 * 2**30, ram_gbps=20)
+    bench_like = P.make_plan(real_shapes, ram=64 * 2**30, ram_gbps=20, n_batch=512)
+    grown = activation_bytes(cfg, 512) - activation_bytes(cfg, 64)
+    assert bench_like.runtime_bytes - run_like.runtime_bytes == grown > 0
+    assert bench_like.cache_slots <= run_like.cache_slots  # (on a 64 GiB machine the host's reserve covers the difference)
+    assert main(["plan", "-m", str(real_shapes), "--ram", "64GiB", "--ram-gbps", "20", "-b", "512", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache_slots"] == bench_like.cache_slots

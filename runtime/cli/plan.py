@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GB/s of weights decoding goes through (default: measured here with the Q4_K decode kernel)")
     p.add_argument("-c", "--ctx", "--ctx-size", type=positive_int, default=None,
                    help="context the KV cache is sized for (default: run's, the model's up to 4096)")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=64,
+                   help="prompt tokens evaluated together, whose activations the runtime holds: run's -b "
+                        "(default: 64, run's; bench's is 512)")
     add_cache_type_args(p)
     p.add_argument("--profile", default=None, metavar="P", type=existing_file("profile (.json) or routing trace (.npz)"),
                    help="expert profile (.json) or routing trace (.npz) from `stepstream profile` for the hit rate")
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.vram:
         raise StepstreamError(f"--vram {size_text(args.vram)}: plan models RAM and disk only for now; leave --vram at 0")
     plan = make_plan(args.model, ram=args.ram, disk_gbps=args.disk_gbps, ram_gbps=args.ram_gbps, n_ctx=args.ctx,
-                     profile=args.profile, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+                     profile=args.profile, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+                     n_batch=args.batch_size)
     print(plan.json() if args.json else plan.text())
     return 0
