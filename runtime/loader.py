@@ -62,7 +62,11 @@ def load(path: str | Path, **options) -> Model:
                             opts.n_batch, tokenizer_built=tokenizer is not None,
                             mtp_heads=len(weights.nextn) if opts.mtp != 0 else 0)
     placement = None
-    if not _streams(opts, f.nbytes, runtime.full, usable, in_memory=all(system.in_memory_file(p) for p in f.parts)):
+    # Under RLIMIT_AS the file is mapped already (its address space counted in the limit's use),
+    # and streaming maps it too, beside a cache: it takes more address space, never less (a
+    # review: `ulimit -v` refused to stream a model that runs mapped).
+    mapped_already = limit.kind == "RLIMIT_AS" or all(system.in_memory_file(p) for p in f.parts)
+    if not _streams(opts, f.nbytes, runtime.full, usable, in_memory=mapped_already):
         provider = InMemoryExperts({i: expert_bank(f, cfg, i) for i in range(cfg.n_layers) if cfg.moe[i]})
     else:
         weights, provider, placement = build_streaming(f, cfg, weights, opts.ram_budget, limit, usable, runtime,

@@ -438,3 +438,22 @@ def test_a_model_on_tmpfs_is_mapped_not_streamed(tmp_path, monkeypatch):
         assert np.array_equal(on_disk.logits(ids), in_memory.logits(ids))
     finally:
         shm.unlink()
+
+
+def test_an_address_space_limit_never_makes_auto_stream(tiny_gguf, monkeypatch):
+    """Under RLIMIT_AS the file is mapped already and streaming maps it too, beside a cache: auto
+    chose to stream when the file looked too large for the address space left, then refused a
+    model that runs mapped (a review, under `ulimit -v`)."""
+    from runtime.loader import load
+
+    path = tiny_gguf("q4_k_m")
+    file_bytes, resident, runtime, smallest = _sizes(path)
+    free = file_bytes // 2 + runtime.full  # the file cannot fit beside the runtime "again"
+    fake_limit(monkeypatch, free, kind="cgroup v1")
+    m = load(path)
+    assert m.placement is not None  # a cgroup counts the file's pages: it streams
+    m.close()
+    fake_limit(monkeypatch, free, kind="RLIMIT_AS")
+    m = load(path)
+    assert m.placement is None  # mapped, as --no-stream runs it
+    m.close()
