@@ -138,3 +138,16 @@ def test_a_file_without_its_output_head_is_refused_as_llama_cpp_refuses_it(tmp_p
     assert _run(path) == 2
     line = error_line(capsys)
     assert "tensor 'output.weight' is missing" in line, line
+
+
+@pytest.mark.parametrize("change", ["leading dense 2", "no nextn key"])
+def test_a_block_kind_disagreement_is_the_one_line_said(tmp_path, capsys, change):
+    """A warning about unused tensors came first, pointing at the wrong cause (a review)."""
+    path = tmp_path / "kinds.gguf"
+    if change == "leading dense 2":
+        rewrite(MODEL, path, change={"step35.leading_dense_block_count": 2})
+    else:
+        rewrite(MODEL, path, drop=("step35.nextn_predict_layers",))
+    assert _run(path) == 2
+    line = error_line(capsys)
+    assert "by step35.leading_dense_block_count, but its tensors say otherwise" in line, line

@@ -83,10 +83,24 @@ def expected_shapes(cfg: ModelConfig) -> Expected:
     return out
 
 
+def check_block_kinds(f: GGUFModelFile, cfg: ModelConfig) -> None:
+    """Each block the model runs (the trunk's, and the MTP blocks when the file has their tensors)
+    is MoE exactly when it has a router. A disagreement is the error, said first: a review saw
+    "N tensors this stepstream does not use" warned before it, pointing at the wrong cause."""
+    has_mtp = cfg.n_mtp > 0 and N.blk(cfg.n_layers, N.NEXTN_EH_PROJ) in f.tensors
+    for i in range(cfg.n_blocks if has_mtp else cfg.n_layers):
+        has_router = N.blk(i, N.ROUTER) in f.tensors
+        if has_router != cfg.moe[i]:
+            kind = "MoE" if cfg.moe[i] else "dense"
+            raise StepstreamError(f"{f.path}: block {i} is {kind} by {Key.LEADING_DENSE}, but its tensors say "
+                                  f"otherwise ({N.blk(i, N.ROUTER)} {'present' if has_router else 'absent'})")
+
+
 def check_tensor_shapes(f: GGUFModelFile, cfg: ModelConfig) -> None:
     """Every tensor of the file that the config has a shape for must have that shape; tensors
     it has none for are named in a warning (llama.cpp refuses such a file: a newer format's
     biases or norms left out would change the outputs without a word)."""
+    check_block_kinds(f, cfg)  # before the unused tensors' warning, which a disagreement would explain away
     expected = expected_shapes(cfg)
     for name, (shape, why) in expected.items():
         t = f.tensors.get(name)

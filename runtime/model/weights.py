@@ -87,11 +87,7 @@ def _block(f: GGUFModelFile, cfg: ModelConfig, i: int) -> BlockWeights:
     def t(name):
         return f.tensor(N.blk(i, name))
 
-    has_router = N.blk(i, N.ROUTER) in f.tensors
-    if has_router != cfg.moe[i]:
-        kind = "MoE" if cfg.moe[i] else "dense"
-        raise StepstreamError(f"{f.path}: block {i} is {kind} by {N.Key.LEADING_DENSE}, but its tensors say otherwise ({N.blk(i, N.ROUTER)} {'present' if has_router else 'absent'})")
-    moe = cfg.moe[i]
+    moe = cfg.moe[i]  # agreeing with the block's tensors (tensor_shapes.check_block_kinds)
     bias_name = N.blk(i, N.ROUTER_BIAS)
     return BlockWeights(
         attn_norm=vector(t(N.ATTN_NORM), H),
