@@ -6,6 +6,8 @@ what it refuses is one line and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
+import warnings
+
 import gguf
 import numpy as np
 import pytest
@@ -148,6 +150,9 @@ def test_a_block_kind_disagreement_is_the_one_line_said(tmp_path, capsys, change
         rewrite(MODEL, path, change={"step35.leading_dense_block_count": 2})
     else:
         rewrite(MODEL, path, drop=("step35.nextn_predict_layers",))
-    assert _run(path) == 2
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _run(path) == 2
     line = error_line(capsys)
     assert "by step35.leading_dense_block_count, but its tensors say otherwise" in line, line
+    assert [str(w.message) for w in seen if "does not use" in str(w.message)] == []
