@@ -286,6 +286,19 @@ DEFAULT_ROPE_THETA = 10000.0  # transformers' PretrainedConfig default, used whe
 
 
 def _rope(r: _Fields, sliding) -> tuple[float, float, dict | None]:
+    """RoPE bases of full and sliding blocks and the full blocks' llama3 scaling (see _rope_of)."""
+    theta_full, theta_swa, scaling = _rope_of(r, sliding)
+    # StepFun's configs name the layer types the scaling applies to at the top level (a review:
+    # only the key inside rope_scaling was read); GGUF scales the full-attention layers only.
+    only = r.get("yarn_only_types", list, None)
+    if scaling is not None and only is not None and \
+            [r.check(t, str, "yarn_only_types[]") for t in only] not in ([], ["full_attention"]):
+        raise StepstreamError(f"{r.source}: yarn_only_types {shown(only)} scales other layers than the "
+                              f"full-attention ones; GGUF scales the full-attention layers only")
+    return theta_full, theta_swa, scaling
+
+
+def _rope_of(r: _Fields, sliding) -> tuple[float, float, dict | None]:
     """RoPE bases of full and sliding blocks and the full blocks' llama3 scaling, from
     transformers v4's `rope_theta` + `rope_scaling`, or v5's `rope_parameters` (one object for
     every layer, or one per layer type: `full_attention`, `sliding_attention`)."""

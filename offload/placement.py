@@ -212,22 +212,31 @@ def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, 
                 f"{size_text(usable)}: use a smaller -c, a smaller KV type (-ctk/-ctv q8_0), or more memory")
         return min(room, all_experts), limit.text()
     need = resident + runtime.start + min(asked, all_experts)
+    full_room = usable - resident - runtime.full
     if need > usable and fit and start_room >= smallest:
+        _warn_past_full_context(src, start_room, full_room, runtime)
         return start_room, f"asked for {size_text(asked)}, cut to what the {limit.text()} leaves"
     if need > usable:
-        fit = (f"the largest budget that fits is {size_text(start_room)}" if start_room >= smallest
+        fit = (f"the largest budget that fits is {size_text(start_room)} to start, "
+               f"{size_text(max(0, full_room))} with a full context of {runtime.n_ctx} positions"
+               if start_room >= smallest
                else f"not even the smallest expert cache ({min_slots} experts, {size_text(smallest)}) fits")
         whole = f" (a cache of every expert, {size_text(all_experts)})" if asked > all_experts else ""
         raise StepstreamError(f"{src}: a RAM budget of {size_text(asked)}{whole} needs {size_text(need)} with "
                               f"{size_text(resident)} of resident weights and {size_text(runtime.start)} for the "
                               f"runtime, but the {limit.text()} leaves {size_text(usable)}; {fit}")
-    full_room = usable - resident - runtime.full
-    if min(asked, all_experts) > full_room:  # it starts; a long prompt may not end (a review: OOM-killed)
-        warnings.warn(f"{src}: a RAM budget of {size_text(asked)} starts, but leaves no room for a full context of "
+    _warn_past_full_context(src, min(asked, all_experts), full_room, runtime)
+    return asked, f"asked for; {limit.text()}"
+
+
+def _warn_past_full_context(src: str, budget: int, full_room: int, runtime: RuntimeNeeds) -> None:
+    """A budget that starts but leaves no room for a full context is taken (asked for, or cut to
+    what starts), with a warning: a long prompt may then be killed for memory (a review)."""
+    if budget > full_room:
+        warnings.warn(f"{src}: a RAM budget of {size_text(budget)} starts, but leaves no room for a full context of "
                       f"{runtime.n_ctx} positions ({size_text(runtime.kv_bytes)} of KV cache): the largest budget "
                       f"that does is {size_text(max(0, full_room))}; a long prompt may be killed for memory "
-                      f"(a smaller --ram-budget or -c avoids it)", UserWarning, stacklevel=2)
-    return asked, f"asked for; {limit.text()}"
+                      f"(a smaller --ram-budget or -c avoids it)", UserWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def _text(m, prompt="def fib(n):", n=6) -> str:
 def test_close_frees_the_maps_descriptors_and_caches_of_a_model_still_referenced(mtp):
     """close() freed only the expert provider: 20 closed models held 20 maps, 40 descriptors and
     their KV caches (a review). Now a closed model keeps none, and says it is closed."""
+    gc.collect()  # what earlier tests left for the collector goes now, not between two counts below
     fds, maps = _fds(), _maps()
     kept = []
     for _ in range(3):
@@ -59,6 +60,7 @@ def test_close_frees_the_maps_descriptors_and_caches_of_a_model_still_referenced
 def test_a_model_dropped_without_close_frees_its_map_at_once():
     """Reference cycles (a file and its parts, a model and its MTP drafter) kept the map and the
     descriptors until the garbage collector ran."""
+    gc.collect()
     maps = _maps()
     gc.disable()
     try:
@@ -125,3 +127,16 @@ def test_small_accessors_as_llama_cpp_python_gives_them():
             (llm.n_vocab(), llm.n_embd(), llm.token_bos(), llm.token_eos())
     finally:
         llm.close()
+
+
+def test_a_generation_stepped_after_close_says_the_model_was_closed():
+    """close() bumped the cache's version, so a stream stepped after it said "stale" (a review)."""
+    m = runtime.load(MODEL, n_threads=1, n_ctx=128, mtp=3)
+    stream = m.create_completion("def fib(n):", max_tokens=30, temperature=0, stream=True)
+    next(stream), next(stream)
+    m.close()
+    with pytest.raises(StepstreamError, match="the model was closed"):
+        list(stream)
+    for call in (lambda: m.mtp_logits([1, 2, 3]), lambda: m.mtp_draft(1, 2)):
+        with pytest.raises(StepstreamError, match="the model was closed"):
+            call()

@@ -250,6 +250,14 @@ def test_yarn_only_types_of_full_attention_is_what_gguf_scales(ckpt, capsys):
     (ckpt.parent / "out.gguf").unlink()
     edit_json(ckpt / "config.json", lambda c: c.update(rope_scaling=scaling))
     assert convert(ckpt, capsys)[0] == with_types
+    (ckpt.parent / "out.gguf").unlink()
+    edit_json(ckpt / "config.json", lambda c: c.update(yarn_only_types=["full_attention"]))  # StepFun's place for it
+    assert convert(ckpt, capsys)[0] == with_types
+    (ckpt.parent / "out.gguf").unlink()
+    edit_json(ckpt / "config.json", lambda c: c.update(yarn_only_types=["sliding_attention", "full_attention"]))
+    assert refused(ckpt, capsys) == (f'error: {ckpt / "config.json"}: yarn_only_types ["sliding_attention", '
+                                     '"full_attention"] scales other layers than the full-attention ones; GGUF '
+                                     'scales the full-attention layers only')
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "default"}, {"type": "default"}, {}])

@@ -156,3 +156,15 @@ def test_a_block_kind_disagreement_is_the_one_line_said(tmp_path, capsys, change
     line = error_line(capsys)
     assert "by step35.leading_dense_block_count, but its tensors say otherwise" in line, line
     assert [str(w.message) for w in seen if "does not use" in str(w.message)] == []
+
+
+def test_empty_tokens_are_no_duplicates_as_llama_cpp_names_them(tmp_path, source):
+    """llama.cpp loads a vocabulary with several empty tokens (it names each [EMPTY_i]); the
+    duplicate check refused it (a review of the check)."""
+    import runtime
+
+    tokens = list(source[Key.TOK_LIST])
+    tokens[-1] = tokens[-2] = ""
+    path = _edited(tmp_path, change={Key.TOK_LIST: tokens})
+    m = runtime.load(path, n_ctx=64)
+    assert [m.tokenize(t, add_bos=False) for t in TEXTS] == _llama_tokens(path)

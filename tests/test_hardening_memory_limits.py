@@ -383,7 +383,9 @@ def test_an_asked_budget_that_cannot_start_is_refused(tiny_gguf, monkeypatch):
         load(path, ram_budget="3MiB")
     msg = str(e.value)
     assert f"a RAM budget of 3.0 MiB needs {size_text(resident + runtime.start + 3 * MiB)} with " in msg
-    assert msg.endswith("the largest budget that fits is 2.0 MiB")
+    full_room = resident + runtime.start + 2 * MiB - resident - runtime.full
+    assert msg.endswith(f"the largest budget that fits is 2.0 MiB to start, {size_text(max(0, full_room))} with a "
+                        f"full context of 4096 positions")
     # Beyond the full-context allowance, but it can start: taken as asked, with a warning that
     # names the largest budget a full context leaves room for (a review: OOM-killed at 150 of 171
     # MiB "that fit", by a long prompt).

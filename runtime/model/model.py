@@ -284,10 +284,13 @@ class Model:
             if self.file.closed:
                 return
             self.provider.close()
-            self.version += 1
+            # (not `version`: a generation stepped after this says the model was closed, not stale)
             self._tokens, self._checkpoint, self._drafter = [], None, None
             if self.gpu is None:
                 self.cache.release()
+            else:  # the card's cache, weights and expert slots go with the executor
+                self.cache = KVCache((), self.cfg.head_dim, (), self.cfg.window, self.n_ctx, self.options.rollback)
+                self.gpu = None
             self.buffers = self._output_q8 = self._few_proj = None
             self._mtp_q8, self.blocks = [], []
             self.weights = replace(self.weights, embed=None, out_norm=None, output=None, rope_factors=None,
@@ -495,8 +498,10 @@ class Model:
 
     def scored_logits(self, tokens, first: int, rows: int = 16):
         """Logits of positions first .. len(tokens)-2 after `tokens` evaluated from an empty cache,
-        as blocks of at most `rows` rows [r, V] (the rows of `logits(tokens)`): only the hidden
-        states [T, H] and one block are held, where logits() holds [T, V] (perplexity's way)."""
+        as blocks of at most `rows` rows [r, V]: only the hidden states [T, H] and one block are
+        held, where logits() holds [T, V] (perplexity's way). The rows of `logits(tokens)` to the
+        bit with int8 activations (the default); with float32 activations the output product's
+        rounding depends on the rows it takes together (within 2e-6 here)."""
         with self._lock:
             self._own_threads()
             self.reset()
@@ -532,6 +537,7 @@ class Model:
         Each head attends over its own stream of positions with a cache of its own
         (runtime.model.mtp, whose incremental drafts reproduce these rows).
         """
+        self._check_open()
         if not self.weights.nextn:
             raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
         self.reset()
@@ -555,6 +561,7 @@ class Model:
     def mtp_draft(self, pending: int, k: int) -> list[int]:
         """Up to k greedy drafts of the tokens after `pending` (sampled, not yet evaluated),
         from the MTP heads kept in step with the cache (runtime.model.mtp)."""
+        self._check_open()
         if not self.weights.nextn:
             raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
         self.file.check_unchanged()  # the heads read embedding rows from the map, as evaluations do

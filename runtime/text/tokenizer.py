@@ -72,7 +72,10 @@ def _bpe_from_vocab(tokens: list[str], types: list[int], merges: list[str], pre:
     """tokenizer.json text equivalent to llama.cpp's BPE built from GGUF vocab metadata."""
     if pre not in PRE_TOKENIZER_REGEXES:
         raise StepstreamError(f"{source}: pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(PRE_TOKENIZER_REGEXES))}")
-    vocab = {t: i for i, t in enumerate(tokens)}  # special tokens too, so they keep their ids
+    # special tokens too, so they keep their ids; an empty token gets a name of its own, as
+    # llama.cpp's loader gives it ([EMPTY_i]), so several of them are no duplicates
+    tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) < len(tokens):
         seen: dict[str, int] = {}
         i, t = next((i, t) for i, t in enumerate(tokens) if seen.setdefault(t, i) != i)
@@ -80,9 +83,10 @@ def _bpe_from_vocab(tokens: list[str], types: list[int], merges: list[str], pre:
                               "refuses such a vocabulary too")
     pairs, dropped = [], 0
     for m in merges:
-        # split at the first space after the first character, as llama.cpp's loader splits it; a
-        # merge without one, or whose pieces or result are no tokens, can never apply in llama.cpp
-        # either (a review: `tokenizers` raised on them, a traceback)
+        # split at the first space after the first character, as llama.cpp's loader splits it. A
+        # merge without one, or whose pieces or result are no tokens, `tokenizers` cannot hold (it
+        # raised: a traceback); llama.cpp keeps it, and one whose result is no token splits back
+        # into byte tokens there, so such malformed files may tokenize differently (warned)
         cut = m.find(" ", 1)
         left, right = (m[:cut], m[cut + 1:]) if cut > 0 else ("", "")
         if left in vocab and right in vocab and left + right in vocab:
