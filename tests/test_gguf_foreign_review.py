@@ -168,3 +168,14 @@ def test_empty_tokens_are_no_duplicates_as_llama_cpp_names_them(tmp_path, source
     path = _edited(tmp_path, change={Key.TOK_LIST: tokens})
     m = runtime.load(path, n_ctx=64)
     assert [m.tokenize(t, add_bos=False) for t in TEXTS] == _llama_tokens(path)
+
+
+def test_add_bos_without_a_bos_token_is_said(tmp_path):
+    """llama.cpp adds its default BOS (id 11) where the file asks for BOS and names none; ours adds
+    none, which changed the logits silently (a review): now a warning says so."""
+    import runtime
+
+    path = tmp_path / "nobos.gguf"
+    rewrite(MODEL, path, drop=(Key.TOK_BOS,), change={Key.TOK_ADD_BOS: True})
+    with pytest.warns(UserWarning, match="add_bos_token is true but the file names no BOS token"):
+        runtime.load(path, n_ctx=64).tokenize("hi")

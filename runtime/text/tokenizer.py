@@ -233,6 +233,10 @@ class Tokenizer:
             if not all(isinstance(m, str) for m in merges):
                 raise StepstreamError(f"{f.path}: {Key.TOK_MERGES} must be an array of strings")
             hf_json = _bpe_from_vocab(tokens, types, merges, pre, str(f.path))
+        add_bos, bos = _typed(f, Key.TOK_ADD_BOS, bool, False), f.get(Key.TOK_BOS, None)
+        if add_bos and bos is None:  # llama.cpp adds its BPE default, id 11, whatever token that is
+            warnings.warn(f"{f.path}: {Key.TOK_ADD_BOS} is true but the file names no BOS token; prompts get none "
+                          f"(llama.cpp adds token 11, its default), so the two may differ", UserWarning, stacklevel=2)
         return cls(
             hf_json, tokens, [int(t) for t in types], f.get(Key.TOK_BOS, None), f.get(Key.TOK_EOS, None),
             f.get(Key.TOK_EOT, None), _typed(f, Key.TOK_ADD_BOS, bool, False), _typed(f, Key.CHAT_TEMPLATE, str, None),
