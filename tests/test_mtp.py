@@ -417,3 +417,37 @@ def test_a_generation_that_does_not_draft_keeps_no_states_for_the_heads(shipped)
     plain = _plain(shipped, prompt, 60)
     assert shipped._drafter is None
     assert _spec(shipped, prompt, 60, KS) == plain
+
+
+def test_heads_left_behind_by_auto_restart_with_exact_drafts_and_bounded_states(shipped, monkeypatch):
+    """While auto decodes without drafts the heads lag, and every trunk state since was kept (a
+    review: up to the whole context, 16 KiB a position on the real model). Sliding-window heads
+    now restart (heads + 1) x W positions back once they lag 2 x that: the states held stay
+    bounded, the drafts after the restart are the ones heads that never stopped make (their
+    windows hold the same keys), and the output is plain decoding's."""
+    from runtime.model import mtp
+
+    held, drafts = [], []
+    record, draft = mtp.Drafter.record, mtp.Drafter.draft
+    monkeypatch.setattr(mtp.Drafter, "record", lambda self, *a: (record(self, *a), held.append(len(self.trunk))))
+    monkeypatch.setattr(mtp.Drafter, "draft", lambda self, *a: drafts.append(draft(self, *a)) or drafts[-1])
+    prompt = _prompt(shipped)
+    ks = [0] * 1300 + [3] * 40
+    runs = {}
+    for restarts in (True, False):
+        if not restarts:
+            real_init = mtp.Drafter.__init__
+
+            def no_restart(self, model):
+                real_init(self, model)
+                self.lag_max = None
+
+            monkeypatch.setattr(mtp.Drafter, "__init__", no_restart)
+        held.clear(), drafts.clear()
+        shipped.forget_drafts()  # a drafter made now, by the __init__ of this round
+        out = _spec(shipped, prompt, len(ks), ks)
+        runs[restarts] = (out, list(drafts), max(held))
+    keep = (shipped.n_mtp + 1) * shipped.cfg.window
+    assert runs[True][0] == runs[False][0] == _plain(shipped, prompt, len(ks))
+    assert runs[True][1] == runs[False][1] and len(runs[True][1]) > 10  # the same drafts
+    assert runs[True][2] <= 2 * keep + 2 * mtp.MARGIN < 1300 < runs[False][2]

@@ -144,6 +144,14 @@ class LayerKV:
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
+    def skip_to(self, n: int) -> None:
+        """Go on at position n, the slots from the last one written up to n left empty (never
+        attended): an MTP head restarting later in its stream. A growing cache only."""
+        if n > self.capacity:
+            self._grow(n)
+        self.pos[self.n : n] = -1
+        self.n = n
+
     def release(self) -> None:
         """Free the slots (a closed model's): every array emptied, nothing held."""
         for name in self._ARRAYS:

@@ -97,14 +97,25 @@ class Drafter:
     trunk[t]   the trunk's last hidden state at position t [H]
     out[j][t]  head j's output at position t [H] (head j+1 reads it)
 
-    While auto decodes without drafts, the heads fall behind and `trunk` keeps every hidden
-    state since (at most the context: n_ctx x H floats); the next draft catches up first.
+    While auto decodes without drafts, the heads fall behind and `trunk` keeps the hidden states
+    since; the next draft catches up first. Heads that attend over a sliding window W (Step-3.5's
+    do) never lag more than `lag_max` positions: past that they restart `keep` = (heads + 1) x W
+    positions back (_restart), which leaves their drafts exact (head j's output at a position
+    reads W positions of its own keys, each made from head j-1's outputs over W more), holds at
+    most lag_max + MARGIN states (16 KiB each on the real model: every position of the context
+    was kept before, a review's finding) and bounds the catching up. Heads with full attention
+    keep every state, as before.
     """
 
     def __init__(self, model):
         self.model = weakref.proxy(model)  # the model holds its drafter: a cycle kept both until a collection
+        cfg = model.cfg
         self.n_heads = len(model.weights.nextn)
-        self.kv = [head_cache(model.cfg, j, model.n_ctx, model.options.kv_types) for j in range(self.n_heads)]
+        self.kv = [head_cache(cfg, j, model.n_ctx, model.options.kv_types) for j in range(self.n_heads)]
+        sliding = all(cfg.sliding[cfg.n_layers + j] for j in range(self.n_heads))
+        window = min(cfg.window, model.n_ctx)
+        self.keep = (self.n_heads + 1) * window if sliding and window > 0 else None
+        self.lag_max = 2 * self.keep + MARGIN if self.keep is not None else None
         self.reset()
 
     def reset(self) -> None:
@@ -134,6 +145,20 @@ class Drafter:
         self.tokens.extend(ids)
         for i in range(h.shape[0]):
             self.trunk[start + i] = h[i].copy()
+        if self.lag_max is not None and len(self.tokens) - self.filled[0] > self.lag_max:
+            self._restart(len(self.tokens) - self.keep)
+
+    def _restart(self, p: int) -> None:
+        """Every head goes on at position p, its cache keeping what it held with the positions
+        between left empty (see the class doc: exact again `keep` positions on)."""
+        for j in range(self.n_heads):
+            if self.filled[j] < p:
+                self.kv[j].skip_to(p)
+                self.filled[j] = p
+        for j in range(self.n_heads):
+            for t in [t for t in self.out[j] if t < p]:
+                del self.out[j][t]
+        self._prune()
 
     def truncate(self, n: int) -> None:
         """Forget everything that read a token at position >= n (the trunk rolled back to n)."""
