@@ -325,19 +325,27 @@ def test_a_full_queue_answers_503_and_requests_do_not_leak(url, ref):
 def test_sigterm_ends_streams_with_an_error_and_the_server_exits(ref):
     """Ctrl-C or SIGTERM while a stream runs and another waits: both clients get an error chunk
     and [DONE], the process exits promptly and prints no traceback."""
-    s = start_server(MODEL, "--ctx-size", str(CTX))
+    # A context long enough that the first stream cannot end before the signal: at 1,000 tokens
+    # a quiet machine finished it in the 0.6 s the test waited (one failure in a full run).
+    ctx = 4096
+    s = start_server(MODEL, "--ctx-size", str(ctx))
     try:
-        body = {"prompt": "def f():\n", "max_tokens": CTX - 20, "temperature": 1.0, "stream": True}
+        body = {"prompt": "def f():\n", "max_tokens": ctx - 20, "temperature": 1.0, "stream": True}
         got: dict[int, list[str]] = {0: [], 1: []}
 
         def read(i):
             with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
-                got[i].extend(line for line in r.iter_lines() if line)
+                for line in r.iter_lines():
+                    if line:
+                        got[i].append(line)
 
         readers = [threading.Thread(target=read, args=(i,)) for i in (0, 1)]
-        for t in readers:
-            t.start()
-            time.sleep(0.3)  # the first runs, the second waits
+        readers[0].start()
+        deadline = time.monotonic() + 30
+        while not got[0] and time.monotonic() < deadline:  # the first is generating
+            time.sleep(0.01)
+        readers[1].start()
+        time.sleep(0.3)  # the second waits behind it
         s.proc.terminate()
         for t in readers:
             t.join(20)
