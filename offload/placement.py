@@ -35,6 +35,7 @@ from runtime.base.options import KV_TYPE_BYTES, check_kv_type
 from runtime.base.units import parse_bytes
 from runtime.model.kv_cache import START_CAPACITY, ring_window
 from runtime.model.matrix import Matrix, make_matrix
+from runtime.model.mtp import held_state_bytes
 
 # The runtime's own memory beside the weights, the expert cache and the KV cache, beyond what
 # it held when the limit was read. Anonymous memory, which no limit can take back: compiled
@@ -123,7 +124,8 @@ def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimi
                   tokenizer_built: bool = False, mtp_heads: int = 0) -> RuntimeNeeds:
     """kv_types: the load options' (cache_type_k, cache_type_v) (RuntimeOptions.kv_types); n_batch:
     the prefill chunk; tokenizer_built: the process holds the tokenizer already (the loader's case);
-    mtp_heads: the MTP heads that may draft (their KV caches count with the trunk's)."""
+    mtp_heads: the MTP heads that may draft (their KV caches count with the trunk's, and the hidden
+    states kept for them, runtime.model.mtp.held_state_bytes, beside)."""
     kv = kv_cache_bytes(cfg, n_ctx, rollback, kv_types=kv_types, mtp_heads=mtp_heads)
     own = own_bytes(cfg, n_batch, tokenizer_built)
     at_start = START_ANON + activation_bytes(cfg, n_batch) + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
@@ -131,7 +133,7 @@ def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimi
     # can be many GiB (12 GiB for the real model at 256K in f16), which would leave the OS nothing.
     start = max(0, at_start - limit.reserve) + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY),
                                                               kv_types=kv_types)
-    full = max(0, own + LIBRARY_PAGES - limit.reserve) + kv
+    full = max(0, own + LIBRARY_PAGES - limit.reserve) + kv + held_state_bytes(cfg, n_ctx, mtp_heads)
     return RuntimeNeeds(start, full, n_ctx, kv, tuple(kv_types))
 
 

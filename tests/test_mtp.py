@@ -451,3 +451,13 @@ def test_heads_left_behind_by_auto_restart_with_exact_drafts_and_bounded_states(
     assert runs[True][0] == runs[False][0] == _plain(shipped, prompt, len(ks))
     assert runs[True][1] == runs[False][1] and len(runs[True][1]) > 10  # the same drafts
     assert runs[True][2] <= 2 * keep + 2 * mtp.MARGIN < 1300 < runs[False][2]
+    # what the placement counts for them holds the most that was kept
+    from offload.placement import kv_cache_bytes, runtime_needs
+    from runtime.base.memory_limit import MemoryLimit
+
+    cfg, n_ctx = shipped.cfg, shipped.n_ctx
+    assert runs[True][2] * cfg.hidden * 4 <= mtp.held_state_bytes(cfg, n_ctx, shipped.n_mtp)
+    limit = MemoryLimit("cgroup v1", 0, 0, 0)
+    heads_kv = kv_cache_bytes(cfg, n_ctx, 16, mtp_heads=shipped.n_mtp) - kv_cache_bytes(cfg, n_ctx, 16)
+    assert runtime_needs(cfg, n_ctx, 16, limit, mtp_heads=shipped.n_mtp).full - runtime_needs(cfg, n_ctx, 16, limit).full \
+        == heads_kv + mtp.held_state_bytes(cfg, n_ctx, shipped.n_mtp)

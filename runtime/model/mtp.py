@@ -89,6 +89,29 @@ def head_logits(model, j: int, h: np.ndarray) -> np.ndarray:
     return matmul(rms_norm(h, nw.head_norm, model.cfg.rms_eps), nw.head, model.int8).astype(np.float32)
 
 
+def restart_span(cfg, n_ctx: int, n_heads: int) -> tuple[int | None, int | None]:
+    """(keep, lag_max) of Drafter's restarts: heads on a sliding window W go back (heads + 1) x W
+    positions once they lag 2 x that + MARGIN; (None, None) when a head attends to every
+    position (they never restart)."""
+    sliding = all(cfg.sliding[cfg.n_layers + j] for j in range(n_heads))
+    window = min(cfg.window, n_ctx)
+    if not sliding or window <= 0:
+        return None, None
+    keep = (n_heads + 1) * window
+    return keep, 2 * keep + MARGIN
+
+
+def held_state_bytes(cfg, n_ctx: int, n_heads: int) -> int:
+    """The most bytes of hidden states a Drafter keeps for its heads between drafts (float32 [H]
+    each): lag_max + MARGIN positions of the trunk's, or the whole context's when the heads never
+    restart. The placement counts them beside the KV cache."""
+    if n_heads == 0:
+        return 0
+    _, lag_max = restart_span(cfg, n_ctx, n_heads)
+    positions = n_ctx if lag_max is None else min(n_ctx, lag_max + MARGIN)
+    return positions * cfg.hidden * 4
+
+
 class Drafter:
     """The heads' caches and the hidden states they will read, in step with one model's trunk.
 
@@ -112,10 +135,7 @@ class Drafter:
         cfg = model.cfg
         self.n_heads = len(model.weights.nextn)
         self.kv = [head_cache(cfg, j, model.n_ctx, model.options.kv_types) for j in range(self.n_heads)]
-        sliding = all(cfg.sliding[cfg.n_layers + j] for j in range(self.n_heads))
-        window = min(cfg.window, model.n_ctx)
-        self.keep = (self.n_heads + 1) * window if sliding and window > 0 else None
-        self.lag_max = 2 * self.keep + MARGIN if self.keep is not None else None
+        self.keep, self.lag_max = restart_span(cfg, model.n_ctx, self.n_heads)
         self.reset()
 
     def reset(self) -> None:
