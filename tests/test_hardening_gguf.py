@@ -271,7 +271,7 @@ def _typed_rewrite(src: Path, dst: Path, key: str, value, vtype: V, sub: V | Non
 METADATA_CASES = {
     # name: (change, expected message)
     "window_zero": ({"step35.attention.sliding_window": 0}, r"sliding_window is 0"),
-    "window_huge": ({"step35.attention.sliding_window": 2**32 - 1}, r"sliding_window is 4294967295, must be in 0..65536"),
+    "window_huge": ({"step35.attention.sliding_window": 2**32 - 1}, r"sliding_window is 4294967295, must be in 0..2147483647"),
     "context_zero": ({"step35.context_length": 0}, r"context_length is 0, must be in 1\.\."),
     "context_huge": ({"step35.context_length": 2**32 - 1}, r"context_length is 4294967295, must be in 1\.\.2147483647"),
     "heads_negative": ({"step35.attention.head_count": [2, -4, 4, 4, 2, 4, 4]}, r"block 1 has -4 query heads"),

@@ -71,6 +71,48 @@ def test_without_leading_dense_block_count_the_routers_say_which_blocks_are_moe(
     assert R.cosine_rows(ours, llama).min() >= 0.9999
 
 
+def _equivalent(cfg, case):
+    """(the edit llama.cpp runs, the same model said as stepstream's converter says it)."""
+    if case == "no key_length":  # llama.cpp: embedding_length / head_count of block 0
+        assert cfg.hidden // cfg.n_head[0] == cfg.head_dim
+        return {"drop": {Key.KEY_LENGTH, Key.VALUE_LENGTH}}, {}
+    if case == "gating none":  # llama.cpp's step35 routes LLAMA_EXPERT_GATING_FUNC_TYPE_NONE with sigmoid
+        return {"change": {Key.EXPERT_GATING: 0}}, {}
+    if case == "window past context":  # masks nothing a position below the context can reach
+        return ({"change": {Key.CONTEXT_LENGTH: 128, Key.SLIDING_WINDOW: 100_000}},
+                {"change": {Key.CONTEXT_LENGTH: 128, Key.SLIDING_WINDOW: 128}})
+    # llama.cpp clamps only with a limit above 1e-6
+    assert any(x > 0 for x in cfg.swiglu_limit)  # else no clamp would show
+    off = [0.0 if i % 2 else x for i, x in enumerate(cfg.swiglu_limit)]
+    said = [(-4.0 if i % 4 == 1 else 1e-7) if i % 2 else x for i, x in enumerate(cfg.swiglu_limit)]
+    assert off != list(cfg.swiglu_limit)
+    return {"change": {Key.CLAMP_EXP: said, Key.CLAMP_SHEXP: said}}, {"change": {Key.CLAMP_EXP: off, Key.CLAMP_SHEXP: off}}
+
+
+@pytest.mark.parametrize("case", ["no key_length", "gating none", "window past context", "clamps at or below 1e-6"])
+def test_metadata_llama_cpp_runs_runs_as_it_runs_there(f32_path, tmp_path, case):
+    """Files llama.cpp loads that stepstream refused: no attention.key_length, expert_gating_func
+    0, a window past the context, negative or tiny SwiGLU limits. Each runs as its equivalent."""
+    tokens, cfg = _tokens(f32_path)
+    edit, same = _equivalent(cfg, case)
+    edited, named = tmp_path / "edited.gguf", tmp_path / "named.gguf"
+    rewrite(f32_path, edited, **edit)
+    rewrite(f32_path, named, **same)
+    ours = _logits(edited, tokens)
+    np.testing.assert_array_equal(ours, _logits(named, tokens))
+    llama = llama_cpp_logits(edited, tokens, n_ctx=128)
+    assert R.cosine_rows(ours, llama).min() >= 0.9999
+    assert (ours.argmax(-1) == llama.argmax(-1)).all()
+
+
+def test_clamp_edit_changes_the_logits(f32_path, tmp_path):
+    """The clamp case above compares files that differ from the tiny one (else it could not fail)."""
+    tokens, cfg = _tokens(f32_path)
+    _, same = _equivalent(cfg, "clamps at or below 1e-6")
+    rewrite(f32_path, tmp_path / "off.gguf", **same)
+    assert not np.array_equal(_logits(tmp_path / "off.gguf", tokens), _logits(f32_path, tokens))
+
+
 @pytest.mark.parametrize("kind, factor", [("linear", 4.0), ("yarn", 8.0), (None, 2.0)])
 def test_position_scaling_llama_cpp_would_apply_is_refused(f32_path, tmp_path, kind, factor):
     path = tmp_path / "scaled.gguf"

@@ -105,8 +105,9 @@ def test_not_a_gguf_and_missing(tmp_path):
 
 
 def test_missing_and_inconsistent_metadata(f32_path, tmp_path):
-    rewrite(f32_path, tmp_path / "nokey.gguf", drop={"step35.attention.key_length"})
-    with pytest.raises(StepstreamError, match="key_length"):
+    # a key llama.cpp requires too (key_length it defaults: tests/test_metadata_defaults.py)
+    rewrite(f32_path, tmp_path / "nokey.gguf", drop={"step35.attention.layer_norm_rms_epsilon"})
+    with pytest.raises(StepstreamError, match="layer_norm_rms_epsilon"):
         runtime.load(tmp_path / "nokey.gguf")
     rewrite(f32_path, tmp_path / "heads.gguf", change={"step35.attention.head_count": [2, 4, 4]})
     with pytest.raises(StepstreamError, match="head_count has 3 entries"):

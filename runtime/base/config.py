@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
-from runtime.base.gguf_schema import ARCH, GATING_SIGMOID, OUTPUT, ROUTER, TOKEN_EMBD, Key
+from runtime.base.gguf_schema import ARCH, GATING_NONE, GATING_SIGMOID, OUTPUT, ROUTER, TOKEN_EMBD, Key
 from runtime.base.tensor_shapes import check_tensor_shapes
 
 ROPE_BASE_SWA_DEFAULT = 10000.0  # llama.cpp's step35 sliding-layer RoPE base when the file names none
@@ -62,18 +62,21 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, f: GGUFModelFile) -> ModelConfig:
         m = _Metadata(f)
-        head_dim = _head_dim(m)
         sliding, n_head, n_head_kv = _attention(m)
+        hidden = m.num(Key.EMBEDDING_LENGTH, lo=1)
+        head_dim = _head_dim(m, hidden, n_head[0])
         moe, n_expert, n_used = _moe(m)
         context = m.num(Key.CONTEXT_LENGTH, lo=1, hi=MAX_POSITIONS)
-        window = m.num(Key.SLIDING_WINDOW, 0, lo=0, hi=context)
+        # A window past the context masks nothing any position can reach: it runs as the context
+        # (llama.cpp runs such files too).
+        window = min(m.num(Key.SLIDING_WINDOW, 0, lo=0, hi=MAX_POSITIONS), context)
         if any(sliding) and window <= 0:
             raise StepstreamError(f"{m.src}: sliding blocks present but {Key.SLIDING_WINDOW} is {window}")
         base_full = m.num(Key.ROPE_BASE, 10000.0, float, lo=0.0, open_lo=True)
         _refuse_position_scaling(m)
         ffn = m.values(Key.FFN_LENGTH, 0, lo=0)  # llama.cpp may store it per block
         cfg = cls(
-            hidden=m.num(Key.EMBEDDING_LENGTH, lo=1),
+            hidden=hidden,
             vocab=_vocab_size(f),
             head_dim=head_dim,
             n_layers=m.n_layers,
@@ -95,8 +98,8 @@ class ModelConfig:
             shared_ffn=m.num(Key.SHARED_FFN, 0, lo=0),
             expert_scale=m.num(Key.EXPERT_SCALE, 1.0, float),
             expert_norm=m.num(Key.EXPERT_NORM, False, bool),
-            swiglu_limit=m.per_block(Key.CLAMP_EXP, 0.0, float, lo=0.0),
-            swiglu_limit_shared=m.per_block(Key.CLAMP_SHEXP, 0.0, float, lo=0.0),
+            swiglu_limit=_clamps(m, Key.CLAMP_EXP),
+            swiglu_limit_shared=_clamps(m, Key.CLAMP_SHEXP),
             rms_eps=m.num(Key.RMS_EPS, kind=float, lo=0.0, open_lo=True),
         )
         check_tensor_shapes(f, cfg)
@@ -158,8 +161,10 @@ class _Metadata:
         return v
 
 
-def _head_dim(m: _Metadata) -> int:
-    head_dim = m.num(Key.KEY_LENGTH, lo=4)
+def _head_dim(m: _Metadata, hidden: int, n_head0: int) -> int:
+    # Without the key llama.cpp takes embedding_length / head_count (of block 0); the tensor
+    # shapes are checked against it afterwards.
+    head_dim = m.num(Key.KEY_LENGTH, hidden // n_head0, lo=4)
     if m.num(Key.VALUE_LENGTH, head_dim) != head_dim:
         raise StepstreamError(f"{m.src}: key_length {head_dim} != value_length {m.num(Key.VALUE_LENGTH)}; "
                               "Step-3.5 uses one head size")
@@ -199,10 +204,19 @@ def _refuse_position_scaling(m: _Metadata) -> None:
                               "without it would change every output; remove the keys to run at the trained positions")
 
 
+SWIGLU_LIMIT_OFF = 1e-6  # llama.cpp clamps only with a limit above this; 0 and below mean no clamp
+
+
+def _clamps(m: _Metadata, key: str) -> tuple[float, ...]:
+    """SwiGLU limits per block, 0.0 where llama.cpp does not clamp (a limit of at most 1e-6,
+    negative ones included)."""
+    return tuple(x if x > SWIGLU_LIMIT_OFF else 0.0 for x in m.per_block(key, 0.0, float))
+
+
 def _moe(m: _Metadata) -> tuple[tuple[bool, ...], int, int]:
     """(MoE per block, experts, experts used per token)."""
     gating = m.num(Key.EXPERT_GATING, GATING_SIGMOID)
-    if gating != GATING_SIGMOID:
+    if gating not in (GATING_NONE, GATING_SIGMOID):  # llama.cpp's step35 routes NONE (0) with sigmoid too
         raise StepstreamError(f"{m.src}: {Key.EXPERT_GATING}={gating}; Step-3.5 routes with sigmoid ({GATING_SIGMOID})")
     if m.f.has(Key.LEADING_DENSE):
         leading = m.num(Key.LEADING_DENSE)

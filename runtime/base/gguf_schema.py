@@ -78,7 +78,8 @@ class Key:
     HF_JSON_PRE = "stepstream.tokenizer.hf_json_pre"
 
 
-GATING_SIGMOID = 2  # EXPERT_GATING value: llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
+GATING_NONE = 0  # EXPERT_GATING values: llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_NONE ...
+GATING_SIGMOID = 2  # ... and _SIGMOID
 
 # Top-level tensors.
 TOKEN_EMBD = "token_embd.weight"
