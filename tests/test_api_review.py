@@ -104,9 +104,10 @@ def test_completions_take_mtp_and_name_unknown_options():
     plain = m.create_chat_completion(msgs, max_tokens=8, temperature=0)["choices"][0]["message"]["content"]
     assert m.create_chat_completion(msgs, max_tokens=8, temp=0, mtp=2)["choices"][0]["message"]["content"] == plain
     # a llama-cpp-python keyword with a value that would change the output is named (it is taken
-    # where it changes nothing: tests/test_hardening_api.py); a completion's logprobs are computed
-    with pytest.raises(StepstreamError, match="logprobs=True is not supported by the Python API"):
-        m.create_chat_completion(msgs, max_tokens=2, logprobs=True)
+    # where it changes nothing: tests/test_hardening_api.py); log-probabilities are computed, chat
+    # ones too (test_chat_logprobs_in_the_python_api)
+    with pytest.raises(StepstreamError, match="frequency_penalty=0.5 is not supported by the Python API"):
+        m.create_chat_completion(msgs, max_tokens=2, frequency_penalty=0.5)
     with pytest.raises(StepstreamError, match="unknown option.s. nonsense"):
         m.create_completion("def f():", max_tokens=2, nonsense=2)
 

@@ -328,6 +328,45 @@ def test_logprobs_and_echo_as_llama_cpp_python_gives_them():
         m.create_completion(prompt, max_tokens=2, logprobs=-1)
 
 
+def test_chat_logprobs_in_the_python_api():
+    """create_chat_completion(logprobs=True, top_logprobs=k), which llama-cpp-python takes, was
+    refused: the reply's tokens come with their float64 log-softmax and the k likeliest
+    alternatives, in OpenAI's chat shape, the message as without them, streamed alike."""
+    from runtime.generation.request import log_softmax
+
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    msgs = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    plain = m.create_chat_completion(msgs, max_tokens=8, temperature=0)
+    r = m.create_chat_completion(msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    assert r["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert r["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"] == 8
+    m.reset()
+    logits = m.eval(m.chat_tokens(msgs))
+    for c in content:
+        want = log_softmax(logits)
+        tok = int(np.argmax(logits))
+        assert bytes(c["bytes"]) == m.detokenize([tok], special=True)
+        assert c["logprob"] == pytest.approx(want[tok], abs=1e-4)
+        top = np.argsort(-want)[:3]
+        assert [t["logprob"] for t in c["top_logprobs"]] == pytest.approx(list(want[top]), abs=1e-4)
+        assert [bytes(t["bytes"]) for t in c["top_logprobs"]] == [m.detokenize([int(t)], special=True) for t in top]
+        logits = m.eval([tok])
+    chunks = list(m.create_chat_completion(msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+                                           stream=True))
+    assert [c for ch in chunks for c in (ch["choices"][0]["logprobs"] or {}).get("content", [])] == content
+    bare = m.create_chat_completion(msgs, max_tokens=3, temperature=0, logprobs=True)["choices"][0]["logprobs"]
+    assert len(bare["content"]) == 3 and all(c["top_logprobs"] == [] for c in bare["content"])
+    for kw, words in (({"top_logprobs": 2}, "top_logprobs needs logprobs=True"),
+                      ({"logprobs": "yes"}, "logprobs must be True, False or None"),
+                      ({"logprobs": True, "top_logprobs": -1}, r"top_logprobs must be None or an integer 0\.\.")):
+        with pytest.raises(StepstreamError, match=words):
+            m.create_chat_completion(msgs, max_tokens=2, **kw)
+    assert m.create_chat_completion(msgs, max_tokens=8, temperature=0)["choices"][0]["message"] == \
+        plain["choices"][0]["message"]  # sound after the errors
+
+
 def test_second_review_of_the_api_changes():
     """A chat's logprobs=False (llama-cpp-python's and OpenAI's off) was refused; a text part
     whose text is no string was called "a 'text' part"; check_fits refused a prompt that fits

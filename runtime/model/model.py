@@ -39,6 +39,7 @@ from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
 from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
 from runtime.generation.request import Request, run as run_request
+from runtime.generation.replies import ChatReply
 from runtime.generation.responses import completion_from_steps
 from runtime.model.block import Block
 from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
@@ -774,8 +775,34 @@ class Model:
                 tool_choice["function"]["name"] if named else None)
             ids = ids + self.tokenize(forced, add_bos=False, special=True)
         mtp = sampling.pop("mtp", None)
+        k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
+        if k is not None:
+            return self._chat_with_logprobs(ids, k, max_tokens, stop, stream, mtp, sampling, offered, in_reasoning, forced)
         pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return chat_response(self, ids, pieces, stream, tools=offered, in_reasoning=in_reasoning, forced=forced)
+
+    def _chat_with_logprobs(self, ids: list[int], k: int, max_tokens, stop, stream: bool, mtp, sampling: dict,
+                            tools, in_reasoning: bool, forced: str):
+        """create_chat_completion with `logprobs`: the reply's tokens' log-probabilities and the k
+        likeliest alternatives', in OpenAI's chat shape, run as a server request runs (the same
+        steps and the same reply builder, runtime.generation.replies)."""
+        params = sampling_params(**_temp(sampling))
+        limit = _no_limit(max_tokens)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
+            raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
+        req = Request(ids, params, limit, _stops(stop), k, mtp=mtp)
+        reply = ChatReply(self.name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
+        steps = run_request(self, req)
+        if stream:
+            def chunks():
+                yield reply.first_chunk()
+                for step in steps:
+                    yield from reply.chunks(step, True)
+            return chunks()
+        with self.lock:  # whole: never overtaken by another thread's generation
+            for step in steps:
+                reply.collect(step)
+        return reply.whole(req.timings, True)
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
                     continue_final: bool = True, limit: int | None = None) -> list[int]:
@@ -855,6 +882,22 @@ def _temp(sampling: dict) -> dict:
                                   "changes nothing)" + ("; `stepstream serve` returns log-probabilities"
                                                         if name in ("logprobs", "top_logprobs") else ""))
     return sampling
+
+
+def _chat_logprobs_k(logprobs, top_logprobs, vocab: int) -> int | None:
+    """A chat's `logprobs` (bool) and `top_logprobs` (alternatives, 0..vocab) as the request's k:
+    None when no log-probabilities are asked for. OpenAI's rules: top_logprobs needs logprobs
+    true; logprobs true alone reports the sampled tokens with no alternatives."""
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise StepstreamError(f"logprobs must be True, False or None in a chat completion, got {logprobs!r:.80}")
+    if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, numbers.Integral)
+                                     or not 0 <= top_logprobs <= vocab):
+        raise StepstreamError(f"top_logprobs must be None or an integer 0..{vocab}, got {top_logprobs!r:.80}")
+    if not logprobs:
+        if top_logprobs:
+            raise StepstreamError("top_logprobs needs logprobs=True")
+        return None
+    return int(top_logprobs or 0)
 
 
 def _no_limit(max_tokens):

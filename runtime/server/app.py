@@ -7,7 +7,7 @@
     POST /v1/chat/completions    messages in (chat template, tools), content / reasoning / tool calls out
 
 Handlers check the body (runtime.server.requests), render and tokenize the prompt, queue a
-job on the engine, and turn its steps into OpenAI responses (runtime.server.shapes); they
+job on the engine, and turn its steps into OpenAI responses (runtime.generation.replies); they
 never touch the model's cache. Every refusal is an OpenAI error body with a 4xx status; a
 full queue is a 503 with Retry-After.
 """
@@ -29,7 +29,7 @@ from runtime.generation.request import Request as ModelRequest
 from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
-from runtime.server.shapes import ChatReply, TextReply
+from runtime.generation.replies import ChatReply, TextReply
 from runtime.text.tool_calls import END_THINK, ReplyStream, forced_call, starts_in_reasoning
 
 MAX_BODY = 8 * 2**20  # bytes: far more than any prompt the context can hold
