@@ -105,8 +105,9 @@ def _bpe_from_vocab(tokens: list[str], types: list[int], merges: list[str], pre:
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    specials = [AddedToken(t, special=types[i] == TOKEN_CONTROL, normalized=False)
-                for i, t in enumerate(tokens) if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    # llama.cpp parses CONTROL and UNKNOWN tokens only with special parsing, USER_DEFINED ones always
+    specials = [AddedToken(t, special=types[i] != TOKEN_USER_DEFINED, normalized=False)
+                for i, t in enumerate(tokens) if types[i] in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED) and t]
     tok.add_special_tokens([a for a in specials if a.special])
     tok.add_tokens([a for a in specials if not a.special])
     return tok.to_str()
@@ -174,6 +175,12 @@ def _typed(f: GGUFModelFile, key: str, kind: type, default):
     return v
 
 
+def _alternatives(texts) -> re.Pattern | None:
+    """A pattern matching any of `texts`, longest first (as the tokenizers library matches added
+    tokens: leftmost, then longest); None for none."""
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))) if texts else None
+
+
 class Tokenizer:
     def __init__(self, hf_json: str, tokens: list[str], types: list[int], bos: int | None, eos: int | None,
                  eot: int | None, add_bos: bool, chat_template: str | None, other_eog: tuple[int, ...] = ()):
@@ -183,14 +190,19 @@ class Tokenizer:
         plain = json.loads(hf_json)
         # What special=True parses: each added token's text -> its id; longest first, as the
         # tokenizers library matches them (leftmost, then longest).
-        self._added = {t["content"]: t["id"] for t in plain.get("added_tokens", []) if t["content"]}
-        self._added_re = re.compile("|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True))) \
-            if self._added else None
+        added = [t for t in plain.get("added_tokens", []) if t["content"]]
+        self._added = {t["content"]: t["id"] for t in added}
+        self._added_re = _alternatives(self._added)
+        # What special=False leaves as text: the special (control) added tokens. The others
+        # (USER_DEFINED in a GGUF: `<think>` and the like) are matched either way, as llama.cpp
+        # matches all but CONTROL and UNKNOWN tokens without special parsing, and HF always.
+        self._control = {t["content"]: t["id"] for t in added if t.get("special", False)}
+        self._control_re = _alternatives(self._control)
         # check_fits' bound (a token covers at most the longest token's bytes) holds unless a
         # normalizer may shrink the text or an added token swallows whitespace around it
         self._bound_holds = not plain.get("normalizer") and not any(
             t.get("lstrip") or t.get("rstrip") for t in plain.get("added_tokens", []))
-        plain["added_tokens"] = []  # special=False: their text is ordinary text
+        plain["added_tokens"] = [t for t in plain.get("added_tokens", []) if not t.get("special", False)]
         self._plain = HFTokenizer.from_str(json.dumps(plain))
         self.tokens = tokens
         self.types = types
@@ -281,16 +293,16 @@ class Tokenizer:
 
     @property
     def special_texts(self) -> tuple[str, ...]:
-        """The texts that special-token parsing turns into single ids (control tokens)."""
-        return tuple(self._added)
+        """The texts that only special-token parsing turns into single ids (control tokens)."""
+        return tuple(self._control)
 
     def defang(self, text: str, stand_in: dict[str, str]) -> str:
         """text with the first character of every special token's text swapped for its stand-in
         (stand_in: first character -> a character in no special token), so that none is left."""
-        if self._added_re is None:
+        if self._control_re is None:
             return text
-        while self._added_re.search(text):  # a swap can uncover a match that overlapped the one swapped
-            text = self._added_re.sub(lambda m: stand_in[m.group()[0]] + m.group()[1:], text)
+        while self._control_re.search(text):  # a swap can uncover a match that overlapped the one swapped
+            text = self._control_re.sub(lambda m: stand_in[m.group()[0]] + m.group()[1:], text)
         return text
 
     def encode_rendered(self, text: str, restore: dict[str, str]) -> list[int]:
