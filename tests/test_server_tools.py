@@ -144,6 +144,16 @@ def test_tool_choice(served):
     assert none.message.content == "\n" + CALL and none.message.model_extra["reasoning_content"] == REASONING
     with pytest.raises(openai.BadRequestError):
         _ask(client, tool_choice={"type": "function", "function": {"name": "nope"}})
+    # a call to a function the request did not offer is no tool call (llama-server's grammar
+    # allows only the offered names; an agent looks the name up in its tools): it is text
+    other = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    for stream in (False, True):
+        r = client.chat.completions.create(model="m", messages=USER, tools=other, temperature=0, max_tokens=200,
+                                           stream=stream)
+        content, reasoning, calls, finish = _join_stream(r) if stream else (
+            r.choices[0].message.content, r.choices[0].message.model_extra["reasoning_content"],
+            r.choices[0].message.tool_calls or [], r.choices[0].finish_reason)
+        assert (content, reasoning, calls, finish) == ("\n" + CALL, REASONING, [], "stop")
 
 
 def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(served, files):

@@ -53,7 +53,7 @@ from runtime.model.weights import ModelWeights
 from runtime.text.chat_prompt import chat_ids
 from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
-from runtime.text.tool_calls import END_THINK, check_tools, forced_call, starts_in_reasoning
+from runtime.text.tool_calls import END_THINK, callable_tools, check_tools, forced_call, starts_in_reasoning
 
 
 
@@ -777,9 +777,11 @@ class Model:
         mtp = sampling.pop("mtp", None)
         k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
         if k is not None:
-            return self._chat_with_logprobs(ids, k, max_tokens, stop, stream, mtp, sampling, offered, in_reasoning, forced)
+            return self._chat_with_logprobs(ids, k, max_tokens, stop, stream, mtp, sampling,
+                                            callable_tools(offered, tool_choice), in_reasoning, forced)
         pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
-        return chat_response(self, ids, pieces, stream, tools=offered, in_reasoning=in_reasoning, forced=forced)
+        return chat_response(self, ids, pieces, stream, tools=callable_tools(offered, tool_choice),
+                             in_reasoning=in_reasoning, forced=forced)
 
     def _chat_with_logprobs(self, ids: list[int], k: int, max_tokens, stop, stream: bool, mtp, sampling: dict,
                             tools, in_reasoning: bool, forced: str):

@@ -30,7 +30,7 @@ from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.generation.replies import ChatReply, TextReply
-from runtime.text.tool_calls import END_THINK, ReplyStream, forced_call, starts_in_reasoning
+from runtime.text.tool_calls import END_THINK, ReplyStream, callable_tools, forced_call, starts_in_reasoning
 
 MAX_BODY = 8 * 2**20  # bytes: far more than any prompt the context can hold
 POLL_S = 0.25  # how often a whole-response handler checks that its client is still there
@@ -264,7 +264,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             ids = ids + model.tokenize(forced, add_bos=False, special=True)
         req = model_request(ids, b.common, b.logprobs, "messages")
         if tools is not None and b.max_calls is not None:  # generation ends with the last call it may make
-            watch = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=True, max_calls=b.max_calls)
+            watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, b.tool_choice), calls=True,
+                                max_calls=b.max_calls)
             watch.push(forced)
 
             def ends(text: str) -> bool:
@@ -272,7 +273,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 return watch.ended
 
             req.ends = ends
-        reply = ChatReply(model_name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced,
+        reply = ChatReply(model_name, len(ids), in_reasoning=in_reasoning, tools=callable_tools(tools, b.tool_choice),
+                          forced=forced,
                           max_calls=b.max_calls)
         want = b.logprobs is not None
         job = submit(req, b.common.stream)

@@ -29,6 +29,7 @@ the same machine fed once.
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -79,9 +80,12 @@ def check_tools(tools, tool_choice) -> None:
         if not TOOL_NAME.fullmatch(t["function"]["name"]):
             raise ToolSpecError(f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, got "
                                 f"{json.dumps(t['function']['name'])[:80]}", f"tools[{i}].function.name")
-        if not isinstance(t["function"].get("parameters", {}), dict):
-            raise ToolSpecError(f"tools[{i}].function.parameters must be a JSON Schema object",
-                                f"tools[{i}].function.parameters")
+        _check_parameters(t["function"].get("parameters"), f"tools[{i}].function.parameters")
+        first = next(j for j, u in enumerate(tools) if u["function"]["name"] == t["function"]["name"])
+        if first != i:
+            raise ToolSpecError(f"tools[{i}] and tools[{first}] both name the function "
+                                f"{json.dumps(t['function']['name'])}; function names must be unique",
+                                f"tools[{i}].function.name")
     if not isinstance(tool_choice, (str, dict)) or (isinstance(tool_choice, str)
                                                      and tool_choice not in ("auto", "none", "required")):
         raise ToolSpecError(f"'tool_choice' must be auto, none, required or {{'type': 'function', 'function': "
@@ -96,6 +100,33 @@ def check_tools(tools, tool_choice) -> None:
                                 f"{{'name': ...}}}}, got {json.dumps(tool_choice)[:80]}", "tool_choice")
         if name not in {t["function"]["name"] for t in tools}:
             raise ToolSpecError(f"'tool_choice' names the function {name!r}, which is not among 'tools'", "tool_choice")
+
+
+def _check_parameters(params, where: str) -> None:
+    """A function's `parameters`: absent or null (no parameters, as OpenAI and llama.cpp take
+    it), or a JSON Schema of an object, as OpenAI requires: `type` "object" where it says a
+    type, `properties` an object of schemas. The parser types `<parameter>` values by it."""
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise ToolSpecError(f"{where} must be a JSON Schema object, got {type(params).__name__}", where)
+    if "type" in params and params["type"] != "object":
+        raise ToolSpecError(f"{where} must be a JSON Schema of type \"object\", got type "
+                            f"{json.dumps(params['type'])[:80]}", where)
+    props = params.get("properties", {})
+    if not isinstance(props, dict) or not all(isinstance(v, (dict, bool)) for v in props.values()):
+        raise ToolSpecError(f"{where}.properties must be an object of JSON Schemas, got {json.dumps(props)[:80]}",
+                            f"{where}.properties")
+
+
+def callable_tools(tools: list[dict] | None, tool_choice) -> list[dict] | None:
+    """The tools a reply's calls may name: all those offered, or only the one a tool_choice
+    names (OpenAI: it "forces the model to call that function"); None when none may be called."""
+    if tools is None or tool_choice == "none":
+        return None
+    if isinstance(tool_choice, dict):
+        return [t for t in tools if t["function"]["name"] == tool_choice["function"]["name"]]
+    return tools
 
 
 def new_call_id() -> str:
@@ -152,6 +183,10 @@ class ReplyStream:
         self._n_calls = 0
         self._max_calls = max_calls
         self._types = _string_parameters(tools)
+        # the functions a call may name (None: any): a call to another is not one, it is text
+        self._names = None if tools is None else frozenset(
+            t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str))
         self._tags = (CALL, THINK) if calls else (THINK,)
         self._held_tags = ("\n" + CALL, CALL, THINK) if calls else (THINK,)
         self._done = False
@@ -266,6 +301,8 @@ class ReplyStream:
 
     def _resolve(self, out: list[dict], body: str, closed: bool) -> None:
         call = _parse_call(body, self._types) if closed else None
+        if call is not None and self._names is not None and call[0] not in self._names:
+            call = None  # a function the request did not offer (or, tool_choice named, not that one)
         pre, self._pre = self._pre, ""
         if call is None:  # not a call: the text it was
             self._emit_content(out, pre + CALL + body + (END_CALL if closed else ""))
@@ -438,11 +475,24 @@ def _parse_call(body: str, param_types: dict[str, dict[str, frozenset[str] | Non
 
 def _json_or_text(value: str):
     """A value the template wrote as JSON (not a string), or else the text itself. NaN and
-    Infinity are text: they are not JSON, and `arguments` must be."""
+    Infinity are text, written so or overflowing (`1e999`): they are not JSON, and `arguments`
+    must be."""
     try:
-        return json.loads(value, parse_constant=_not_json)
+        parsed = json.loads(value, parse_constant=_not_json)
     except ValueError:
         return value
+    return parsed if _finite(parsed) else value
+
+
+def _finite(value) -> bool:
+    """Whether a parsed JSON value holds no infinite number (json.loads reads 1e999 as inf)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _not_json(name: str):
@@ -451,7 +501,7 @@ def _not_json(name: str):
 
 def _parse_json_call(body: str) -> tuple[str, str] | None:
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_not_json)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"].strip():
@@ -459,9 +509,9 @@ def _parse_json_call(body: str) -> tuple[str, str] | None:
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            args = json.loads(args, parse_constant=_not_json)
         except ValueError:
             return None
-    if not isinstance(args, dict):
+    if not isinstance(args, dict) or not _finite(args):  # NaN or an infinity: no JSON `arguments`
         return None
     return obj["name"].strip(), json.dumps(args, ensure_ascii=False)

@@ -1,0 +1,112 @@
+"""A review of tool calling against OpenAI's contract and llama-server's behaviour:
+
+- a call naming a function the request did not offer (or, with a named tool_choice, another
+  function than that one) is no tool call: llama-server's grammar has one rule per offered
+  function, and an agent looks the name up in its tools. It comes back as the text it was;
+- `arguments` is always JSON: NaN and infinities (`1e999` overflows to one) were written as
+  `NaN`/`Infinity`, which JSON.parse and strict parsers refuse;
+- tool schemas OpenAI refuses (a `parameters` that is no object schema, two tools of one name)
+  are refused in one line; `parameters: null` is no parameters, as OpenAI and llama.cpp take it.
+
+Each case is checked whole and fed one character at a time (the streaming parser)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import runtime
+from runtime.base.errors import StepstreamError
+from runtime.text.tool_calls import ReplyStream, ToolSpecError, callable_tools, check_tools, parse_reply
+
+MODEL = "runtime/data/step35-mini-q4_k_m.gguf"
+
+
+def _tool(name, **props):
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props}}}
+
+
+TOOLS = [_tool("add", a={"type": "number"}, b={"type": "number"}), _tool("get_weather", city={"type": "string"})]
+
+
+def _call(name, **args):
+    params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
+    return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+
+
+def _both(text, tools, **kw):
+    """(content, [(name, arguments)]) whole, after checking the stream fed a character at a time agrees."""
+    whole = parse_reply(text, tools=tools, **kw)
+    stream = ReplyStream(tools=tools, **kw)
+    deltas = [d for ch in text for d in stream.push(ch)] + stream.finish()
+    assert "".join(d.get("content", "") for d in deltas) == (whole.content or "")
+    streamed = [(c["function"]["name"], c["function"]["arguments"]) for d in deltas for c in d.get("tool_calls", ())]
+    assert streamed == [(c.name, c.arguments) for c in whole.tool_calls]
+    return whole.content, streamed
+
+
+def test_a_call_to_a_function_not_offered_is_text():
+    text = _call("rm_rf", path="/") + "\n" + _call("get_weather", city="Oslo")
+    content, calls = _both(text, TOOLS)
+    assert calls == [("get_weather", '{"city": "Oslo"}')]
+    assert content == _call("rm_rf", path="/")
+    assert _both(text, None)[1] == [("rm_rf", '{"path": "/"}'), ("get_weather", '{"city": "Oslo"}')]  # no tools said
+
+
+def test_a_named_tool_choice_keeps_only_calls_to_that_function():
+    named = {"type": "function", "function": {"name": "add"}}
+    text = _call("get_weather", city="Paris") + "\n" + _call("add", a=1, b=2)
+    content, calls = _both(text, callable_tools(TOOLS, named))
+    assert calls == [("add", '{"a": 1, "b": 2}')] and content == _call("get_weather", city="Paris")
+    assert callable_tools(TOOLS, "none") is None and callable_tools(TOOLS, "required") == TOOLS
+    assert callable_tools(None, "auto") is None
+
+
+@pytest.mark.parametrize("text, want", [
+    (_call("add", a=1, b="1e999"), ("add", {"a": 1, "b": "1e999"})),  # overflows to inf: kept as its text
+    (_call("add", a="-1e999", b="[1, 1e400]"), ("add", {"a": "-1e999", "b": "[1, 1e400]"})),
+    (_call("add", a="NaN", b="Infinity"), ("add", {"a": "NaN", "b": "Infinity"})),
+    ('<tool_call>\n{"name": "add", "arguments": {"a": NaN, "b": 1}}\n</tool_call>', None),  # no JSON: not a call
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1e999, "b": 1}}\n</tool_call>', None),
+    ('<tool_call>\n{"name": "add", "arguments": "{\\"a\\": -Infinity}"}\n</tool_call>', None),
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1.5, "b": -2e300}}\n</tool_call>', ("add", {"a": 1.5, "b": -2e300})),
+])
+def test_arguments_are_always_json(text, want):
+    content, calls = _both(text, TOOLS)
+
+    def strict(s):
+        return json.loads(s, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    if want is None:
+        assert calls == [] and content == text
+    else:
+        assert [(n, strict(a)) for n, a in calls] == [want] and content is None
+
+
+@pytest.mark.parametrize("tools, words", [
+    ([{"type": "function", "function": {"name": "a", "parameters": {"type": "wat"}}}],
+     r'tools\[0\].function.parameters must be a JSON Schema of type "object", got type "wat"'),
+    ([{"type": "function", "function": {"name": "a", "parameters": {"type": "object", "properties": 5}}}],
+     r"tools\[0\].function.parameters.properties must be an object of JSON Schemas, got 5"),
+    ([{"type": "function", "function": {"name": "a", "parameters": {"properties": {"x": 3}}}}],
+     r"properties must be an object of JSON Schemas"),
+    ([{"type": "function", "function": {"name": "a", "parameters": []}}],
+     r"tools\[0\].function.parameters must be a JSON Schema object, got list"),
+    ([_tool("a"), _tool("b"), _tool("a")], r'tools\[2\] and tools\[0\] both name the function "a"'),
+])
+def test_schemas_openai_refuses_are_refused(tools, words):
+    with pytest.raises(ToolSpecError, match=words):
+        check_tools(tools, "auto")
+
+
+def test_null_parameters_are_no_parameters_and_the_api_takes_them():
+    tools = [{"type": "function", "function": {"name": "now", "parameters": None}},
+             {"type": "function", "function": {"name": "later"}}]
+    check_tools(tools, "auto")
+    m = runtime.load(MODEL, n_threads=1, n_ctx=256)
+    msgs = [{"role": "user", "content": "What time is it?"}]
+    r = m.create_chat_completion(msgs, tools=tools, max_tokens=4, temperature=0)
+    assert r["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    with pytest.raises(StepstreamError, match="both name the function"):
+        m.create_chat_completion(msgs, tools=tools + tools[:1], max_tokens=1)
