@@ -40,12 +40,14 @@ def draft_length(model, mtp=None) -> speculative.DraftLength | None:
 
 
 def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | None = None,
-             stop_at_eog: bool = True, mtp=None, stats: dict | None = None) -> Iterator[int]:
+             stop_at_eog: bool = True, mtp=None, stats: dict | None = None, cancelled=None) -> Iterator[int]:
     """Evaluate the prompt (reusing the cached prefix) and yield sampled tokens. mtp: "auto" or a
     draft length 0..3 for speculative decoding with the MTP heads (None: the model's option);
     the tokens are the same either way (runtime.generation.speculative). `stats`, when given,
     gets "cached" (prompt positions reused) and "prompt_done" (a perf_counter time) once the
-    prompt is evaluated, and when drafting, the passes and drafts (speculative.generate)."""
+    prompt is evaluated, and when drafting, the passes and drafts (speculative.generate).
+    `cancelled()`, when given, is asked between the prompt's batches: a request whose client
+    has gone stops there and yields nothing."""
     prompt = list(prompt)
     if not prompt:
         raise StepstreamError("generation needs a non-empty prompt")
@@ -56,19 +58,21 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
     # yield one before it checks the count).
     chooser = draft_length(model, mtp) if max_tokens is None or max_tokens > 0 else None
     if chooser is not None:
-        yield from speculative.generate(model, prompt, sampler, max_tokens, eog, chooser, stats)
+        yield from speculative.generate(model, prompt, sampler, max_tokens, eog, chooser, stats, cancelled)
     else:
-        yield from _plain(model, prompt, sampler, max_tokens, eog, stats)
+        yield from _plain(model, prompt, sampler, max_tokens, eog, stats, cancelled)
 
 
 def _plain(model, prompt: list[int], sampler: Sampler, max_tokens: int | None, eog: frozenset,
-           stats: dict | None) -> Iterator[int]:
+           stats: dict | None, cancelled=None) -> Iterator[int]:
     with speculative.owned(model):
         forget = getattr(model, "forget_drafts", None)
         if forget is not None:  # no head reads this generation's states: none are kept for them
             forget()
         if stats is not None and hasattr(model, "eval_prompt"):  # the positions reused, and when the prompt was done
-            logits, cached = model.eval_prompt(prompt)
+            logits, cached = model.eval_prompt(prompt, cancelled=cancelled)
+            if logits is None:  # cancelled during the prompt
+                return
             stats.update(cached=cached, prompt_done=time.perf_counter())
         else:
             logits = model.eval_reusing_prefix(prompt)

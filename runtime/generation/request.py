@@ -7,8 +7,9 @@ The tokens come from runtime.generation's loop, which drafts with the MTP heads 
 model was loaded with `mtp` (serve --mtp) or the request says so: the same tokens and logits
 either way, and a prompt that fills the context still gets its one token (it is sampled, never
 evaluated). The server's engine runs one request at a time on its worker thread; the Python
-API (`create_completion(logprobs=...)`) runs it under the model's lock. `cancelled()` is checked before the prompt and after every token: a client that goes
-away stops its generation within one token.
+API (`create_completion(logprobs=...)`) runs it under the model's lock. `cancelled()` is checked
+before each of the prompt's batches (n_batch positions) and after every token: a client that
+goes away stops its request within one batch of its prompt or one token of its reply.
 
 Log-probabilities are those of the model's distribution (log-softmax of the raw logits), as
 OpenAI and llama-server report them, not of the filtered sampling distribution.
@@ -140,7 +141,7 @@ def run(model, req: Request) -> Iterator[Step]:
     sampler = _Recording(req.params, model, req.logprobs)
     stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)
     tokens = generate(model, req.prompt, sampler, req.max_tokens, stop_at_eog=not req.ignore_eos, stats=stats,
-                      mtp=req.mtp)
+                      mtp=req.mtp, cancelled=req.cancelled)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopStrings(req.stop)
     eog = model.tokenizer.eog_ids

@@ -192,16 +192,18 @@ def still_current(model, mine) -> None:
 
 
 def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog: frozenset,
-             chooser: DraftLength, stats: dict | None = None) -> Iterator[int]:
+             chooser: DraftLength, stats: dict | None = None, cancelled=None) -> Iterator[int]:
     """Yield sampled tokens after `prompt`, drafting with the model's MTP heads. The model is
     left as plain decoding leaves it: holding the prompt and every emitted token but the last.
     `stats`, when given, receives the trunk passes and tokens per pass (all, and those with
     drafts), the tokens drafted, and the chooser's report (acceptance per head, the k it settled
     on); and, once the prompt is evaluated, the positions it reused ("cached") and when it was
-    done ("prompt_done", a perf_counter time)."""
+    done ("prompt_done", a perf_counter time). `cancelled()`: as loop.generate's."""
     prompt = list(prompt)
     with owned(model):
-        logits, cached = model.eval_prompt(prompt, mtp=True)
+        logits, cached = model.eval_prompt(prompt, mtp=True, cancelled=cancelled)
+        if logits is None:  # cancelled during the prompt
+            return
         if stats is not None:
             stats.update(cached=cached, prompt_done=time.perf_counter())
         mine = getattr(model, "version", None)  # after this generation's own last change to the cache

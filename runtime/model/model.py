@@ -635,13 +635,15 @@ class Model:
         return min(common, len(tokens) - 1)
 
     @_serialized
-    def eval_prompt(self, tokens, mtp: bool = False) -> tuple[np.ndarray, int]:
+    def eval_prompt(self, tokens, mtp: bool = False, cancelled=None) -> tuple[np.ndarray | None, int]:
         """(logits [V] after `tokens`, positions reused): evaluates only what the cache does not
         already hold. When the model has sliding-window blocks, their rings are copied afterwards
         (a checkpoint), so that a later prompt sharing these tokens but not what was generated
         after them still reuses them. With `mtp`, the MTP heads are brought in step too: the
         cache keeps only positions whose hidden states the heads still have to read, or
-        have read."""
+        have read. `cancelled()`, when given, is asked before each batch of n_batch positions:
+        when it says so the evaluation stops there (logits None), the cache holding the prompt's
+        positions evaluated so far, as a prefix a later prompt may reuse."""
         tokens = list(tokens)
         if len(tokens) > self.n_ctx:  # in the prompt's words, not a tail's after the reused positions
             raise StepstreamError(f"the prompt is {len(tokens)} tokens, more than the context of {self.n_ctx} "
@@ -660,12 +662,19 @@ class Model:
         # batch-invariant: evaluating the last token apart gives the same bits. When the heads
         # draft, they follow the prompt a stretch at a time, so that only a stretch's hidden
         # states are held for them (a whole prompt's were: 16 KiB a token on the real model).
-        stretch = 8 * self.options.n_batch if mtp and self.weights.nextn else len(tokens)
+        heads = bool(mtp and self.weights.nextn)
+        stretch = 8 * self.options.n_batch if heads else len(tokens)
+        if cancelled is not None:  # a batch at a time (the same bits: the pass is batch-invariant)
+            stretch = min(stretch, self.options.n_batch)
         for a in range(kept, len(tokens) - 1, stretch):
+            if cancelled is not None and cancelled():
+                return None, kept
             self.eval(tokens[a : min(a + stretch, len(tokens) - 1)])
-            if stretch < len(tokens) and a + stretch < len(tokens) - 1:
+            if heads and a + stretch < len(tokens) - 1:
                 with self._heads_pass():
                     self.drafter.fill()
+        if cancelled is not None and cancelled():
+            return None, kept
         if any(layer.ring for layer in self.cache.layers) and (self._checkpoint is None
                                                                or self._checkpoint.n_past != self.n_past):
             self._checkpoint = kv_checkpoint.take(self.cache)
