@@ -26,6 +26,8 @@ the swap, since `"\\u003c|im_end|>"` in JSON text is `<|im_end|>` once parsed.
 
 from __future__ import annotations
 
+import json
+
 from runtime.base.errors import StepstreamError
 from runtime.text.chat_template import join_text_parts, normalize_messages, render_chat
 from runtime.text.tokenizer import Tokenizer
@@ -64,7 +66,16 @@ def chat_ids(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool =
                                   "turn after it)")
         text = text[: text.index(mark)]
     tok.check_fits(text, limit)  # PromptTooLong, before the time tokenizing would take
-    return tok.encode_rendered(text, {v: k for k, v in stand_in.items()})
+    restore = {v: k for k, v in stand_in.items()}
+    # a template's tojson(ensure_ascii=True) writes a stand-in as its escape: that is restored
+    # to the escape of the character it stands for (both as text, never as a control token)
+    restore.update({_ascii(v): _ascii(k) for k, v in stand_in.items()})
+    return tok.encode_rendered(text, restore)
+
+
+def _ascii(ch: str) -> str:
+    """A character as JSON writes it with ensure_ascii (a surrogate-pair escape for the stand-ins)."""
+    return json.dumps(ch)[1:-1]
 
 
 def _continues(messages: list[dict]) -> bool:
@@ -90,8 +101,14 @@ def _marked(message: dict, mark: str) -> dict:
 
 def _unused(wanted: list[str], texts: list[str]) -> list[str]:
     """len(wanted) private-use characters that occur in none of `texts`."""
-    seen = set("".join(texts))
-    free = [chr(c) for c in _PRIVATE_USE if chr(c) not in seen][: len(wanted)]
+    joined = "\n".join(texts)
+    seen = set(joined)
+    free = []
+    for c in _PRIVATE_USE:  # neither the character nor its JSON escape occurs anywhere
+        if len(free) == len(wanted):
+            break
+        if chr(c) not in seen and _ascii(chr(c)) not in joined:
+            free.append(chr(c))
     if len(free) < len(wanted):
         raise StepstreamError("the messages use every character of the private-use plane that stands in for "
                               "special-token text; remove some of them")

@@ -1,8 +1,9 @@
 """Rendering the model's chat template (GGUF `tokenizer.chat_template`) with jinja2.
 
 The environment matches what Hugging Face's `apply_chat_template` provides: a sandbox,
-`trim_blocks` / `lstrip_blocks`, `raise_exception`, `strftime_now` and a `tojson` that
-keeps non-ASCII text as is.
+`trim_blocks` / `lstrip_blocks`, the loop controls (`{% break %}`, `{% continue %}`),
+`raise_exception`, `strftime_now` and a `tojson` that keeps non-ASCII text as is and takes
+json.dumps' `indent`, `separators` and `sort_keys`.
 
 OpenAI clients send a tool call's `arguments` as JSON *text*, but Step-3.5-Flash's template
 (and ours, which uses its markup) walks them as a mapping to write one `<parameter=...>` per
@@ -22,6 +23,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from runtime.base.errors import StepstreamError
@@ -31,10 +33,15 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """HF's `tojson`: json.dumps' keywords, non-ASCII text kept unless asked."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda v, indent=None, ensure_ascii=False: json.dumps(v, indent=indent, ensure_ascii=ensure_ascii)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
@@ -148,3 +155,5 @@ def render_chat(template: str | None, messages: list[dict], *, bos_token: str = 
                                          add_generation_prompt=add_generation_prompt, **extra)
     except TemplateError as e:
         raise StepstreamError(f"chat template failed: {e}") from None
+    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError) as e:  # the template's own slip
+        raise StepstreamError(f"chat template failed: {type(e).__name__}: {e}") from None

@@ -308,16 +308,20 @@ class Tokenizer:
     def encode_rendered(self, text: str, restore: dict[str, str]) -> list[int]:
         """Ids of a rendered template whose special-token texts are all meant as control tokens:
         each becomes its id, and the text between them is tokenized as plain text after the
-        characters in `restore` (stand-in -> original, see `defang`) are swapped back."""
+        texts in `restore` (a stand-in -> the original, see `defang`) are swapped back."""
         _require_utf8(text)
-        table = str.maketrans(restore)
+        swap = _alternatives(restore)
+
+        def back(piece: str) -> str:
+            return swap.sub(lambda m: restore[m.group()], piece) if swap is not None else piece
+
         ids: list[int] = []
         at = 0
         for m in self._added_re.finditer(text) if self._added_re is not None else ():
-            ids += self._plain_ids(text[at : m.start()].translate(table))
+            ids += self._plain_ids(back(text[at : m.start()]))
             ids.append(self._added[m.group()])
             at = m.end()
-        return ids + self._plain_ids(text[at:].translate(table))
+        return ids + self._plain_ids(back(text[at:]))
 
     def _plain_ids(self, text: str) -> list[int]:
         return self._plain.encode(text, add_special_tokens=False).ids if text else []

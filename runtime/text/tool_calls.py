@@ -174,6 +174,9 @@ class ReplyStream:
         self._mode = "reasoning" if in_reasoning else "content"
         self._buf = ""             # text not yet turned into deltas
         self._drop_newline = in_reasoning  # one "\n" after <think> / </think> is layout
+        # a reply to a prompt that opened <think> may open it again first: that tag is markup
+        # (vLLM's reasoning parsers drop it too), not the start of the reasoning's text
+        self._reopen = in_reasoning
         self._pre = ""             # held content before an open <tool_call>, resolved with it
         self._after_call = False   # only whitespace since the last well-formed call
         self._held_space = ""      # that whitespace, dropped if a call or the end comes next
@@ -273,6 +276,13 @@ class ReplyStream:
     def _reasoning(self, out: list[dict], final: bool) -> bool:
         if not self._skip_layout_newline(final):
             return False
+        if self._reopen:
+            if self._buf.startswith(THINK):
+                self._buf, self._drop_newline, self._reopen = self._buf[len(THINK):], True, False
+                return True
+            if THINK.startswith(self._buf) and not final:
+                return False  # it may yet be the tag
+            self._reopen = False
         at = self._buf.find(END_THINK)
         if at >= 0:
             text = self._buf[:at]
