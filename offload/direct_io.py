@@ -333,6 +333,19 @@ class DiskPoint:
     reads: int
 
 
+def depths_that_fit(size: int, block: int, depths: tuple[int, ...] = (1, 2, 4, 8, 16),
+                    reads_per_depth: int | None = None) -> tuple[int, ...]:
+    """The leading `depths` whose reads measure_read_bandwidth can take from a file of `size`
+    bytes without reading an offset twice."""
+    out, need = [], 0
+    for d in depths:
+        need += reads_per_depth or max(16, 4 * d)
+        if need > size // block:
+            break
+        out.append(d)
+    return tuple(out)
+
+
 def measure_read_bandwidth(path: str | os.PathLike, depths: tuple[int, ...] = (1, 2, 4, 8, 16),
                            block: int = 8 * 2**20, reads_per_depth: int | None = None,
                            seed: int = 0) -> list[DiskPoint]:

@@ -24,6 +24,11 @@ _KQUANT = {T.Q2_K: kquant_q2q3.quantize_q2_k, T.Q3_K: kquant_q2q3.quantize_q3_k,
 _DEQUANT = {**reference.DEQUANT, **reference_iq.DEQUANT}
 
 
+def quantizable() -> tuple[T, ...]:
+    """The tensor types `quantize` writes."""
+    return (*reference.QUANT, *_KQUANT)
+
+
 def quantize(x: np.ndarray, qtype) -> np.ndarray:
     """GGUF bytes uint8 [R, row_bytes(qtype, C)] for float32 weights x [R, C]."""
     fmt = get_format(qtype)

@@ -78,6 +78,11 @@ def test_flags_that_set_the_ram_themselves_are_refused(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
     assert main(["bench", "-m", str(MODEL), "--sweep-ram", "50%", "-ctk", "q8_0", "--sweep-out", out]) == 2
     assert "--cache-type-k/-v do not go with --sweep-ram" in capsys.readouterr().err
+    # -c was accepted and ignored (a review): the sweep sizes both engines' contexts itself
+    for c in ("4096", "0"):
+        assert main(["bench", "-m", str(MODEL), "--sweep-ram", "50%", "-c", c, "--sweep-out", out]) == 2
+        assert "-c/--ctx-size does not go with --sweep-ram: both engines' contexts hold the prompt" in \
+            capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- order of the runs

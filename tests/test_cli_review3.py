@@ -122,3 +122,13 @@ def test_bench_serve_passes_the_kv_cache_types_to_the_server_and_run():
     bs.add_arguments(p)
     argv = bs._common(p.parse_args(["-m", MODEL, "-ctk", "q8_0", "-ctv", "q8_0"]))
     assert argv[argv.index("--cache-type-k") + 1] == "q8_0" and argv[argv.index("--cache-type-v") + 1] == "q8_0"
+    # both decode one token at a time: the server's default --mtp auto drafted (a review found
+    # draft_n in its timings), so the overhead measured MTP as well as HTTP
+    assert argv[argv.index("--mtp") + 1] == "0"
+    from runtime.cli.serve import add_arguments as serve_args
+    from runtime.cli.run import add_arguments as run_args
+
+    for add, cmd in ((serve_args, bs.serve_argv(MODEL, *argv)), (run_args, bs.run_argv(MODEL, "x", 4, *argv))):
+        q = argparse.ArgumentParser()
+        add(q)
+        assert q.parse_args(cmd[cmd.index("runtime.cli") + 2:]).mtp in (0, "0")

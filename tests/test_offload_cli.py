@@ -40,6 +40,22 @@ def test_bench_json_carries_the_expert_stats(tiny_gguf, capsys):
     assert ex["requests"] == 4 * 3 * 4 and ex["scope"] == "the last repetition's decode"
 
 
+def test_bench_stats_text_counts_what_the_json_counts(tiny_gguf, capsys):
+    """With --mtp the generation timed after the decode streams experts too: the --stats text
+    counted it (and every prefill) where the JSON's `experts` and the README say the last
+    repetition's decode alone (a review: 474 requests printed, 128 in the JSON)."""
+    path = str(tiny_gguf("q4_k_m"))
+    assert main(["bench", "-m", path, "-p", "8", "-n", "4", "-t", "1", "-r", "2", "--json", "--stats",
+                 "--ram-budget", "1MiB", "--mtp", "0"]) == 0
+    out, err = capsys.readouterr()
+    ex = json.loads(out.strip().splitlines()[-1])["experts"]
+    line = next(l for l in err.splitlines() if l.startswith("experts: "))
+    hits, misses = re.search(r"(\d+) hits, .* (\d+) misses", line).groups()
+    assert line.startswith(f"experts: {ex['requests']} requests: ") and (int(hits), int(misses)) == (ex["hits"],
+                                                                                                  ex["misses"])
+    assert "[the last repetition's decode]" in err
+
+
 def test_profile_then_pin(tiny_gguf, tmp_path, capsys):
     path = tiny_gguf("q4_k_m")
     prompts = tmp_path / "prompts.txt"

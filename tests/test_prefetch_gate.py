@@ -300,3 +300,24 @@ def test_knee_and_disk_curve_on_a_small_file(tmp_path):
     assert [(p.depth, p.reads) for p in got] == [(1, 16), (2, 16)] and all(p.gb_s > 0 for p in got)
     with pytest.raises(StepstreamError, match="hold 40 blocks of 65536; measuring depths .* needs 48"):
         measure_read_bandwidth(f, depths=(1, 2), block=2**16, reads_per_depth=24)
+
+
+def test_the_streaming_bench_measures_the_disk_on_a_file_too_small_for_8mb_reads(tmp_path):
+    """`python -m runtime.bench.streaming` ended in a traceback on every file under 1.2 GB (its
+    own default model among them): 8 MiB reads at depths 1-16 need 144 distinct blocks. It now
+    reads smaller blocks there, at the depths the file holds, and a file too small for any is
+    one line."""
+    from runtime.bench.streaming import measure_disk
+    from offload.direct_io import depths_that_fit
+
+    assert depths_that_fit(1210 * 2**20, 8 * 2**20) == (1, 2, 4, 8, 16)
+    assert depths_that_fit(940 * 2**20, 8 * 2**20) == (1, 2, 4, 8)  # the review's 940 MB file: 112 blocks
+    f = tmp_path / "blob"
+    f.write_bytes(np.random.default_rng(0).integers(0, 256, 40 * 2**20, dtype=np.uint8).tobytes())
+    disk = measure_disk(f, 2**18)
+    assert disk["big_bytes"] == 2**19 and [d for d, _ in disk["big"]] == [1, 2, 4, 8]  # 80 blocks of 512 KiB
+    assert [d for d, _ in disk["extent"]] == [1, 2, 4, 8] and disk["best_gb_s"] > 0
+    small = tmp_path / "small"
+    small.write_bytes(bytes(2**20))
+    with pytest.raises(StepstreamError, match="too few to measure the disk's reads"):
+        measure_disk(small, 2**18)

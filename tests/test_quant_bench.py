@@ -1,5 +1,7 @@
 """python -m quant.bench: its parts run and print the figures the issue asks for."""
 
+import re
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -47,3 +49,19 @@ def test_make_set_gives_formats_without_a_quantizer_random_codes_at_a_moderate_s
 def test_main_refuses_a_weight_set_that_fits_in_cache():
     with pytest.raises(SystemExit, match="raise --experts"):
         bench.main(["--formats", "Q4_K", "--experts", "1", "--reps", "1"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--threads", "99"], r"--threads 99: choose 1\.\.\d+"),
+    (["--formats", "q4_k_m"], r"'q4_k_m' is no GGUF tensor type with kernels here .* not a file type such as Q4_K_M"),
+    (["--formats", "Q4_K,NOPE"], r"'NOPE' is no GGUF tensor type"),
+    (["--reps", "0"], r"--reps 0: must be at least 1"),
+    (["--experts", "-1"], r"--experts -1: must be at least 1"),
+    (["--sets", "expert"], r"--sets 'expert': choose among experts, attention"),
+])
+def test_options_that_would_fail_or_time_nothing_are_usage_errors(capsys, args, words):
+    """--threads past the cores, a file type for --formats and a misspelt --sets ended in a
+    traceback or printed nothing; --reps 0 printed nan rows (a review)."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2 and re.search(words, capsys.readouterr().err)

@@ -104,6 +104,14 @@ def test_bench_beside_llama_cpp(f32_path, capsys):
         assert r["prefill_tok_s"] == pytest.approx(16 / np.median([x["prefill_s"] for x in mine]))
         assert r["decode_tok_s"] == pytest.approx(4 / np.median([x["decode_s"] for x in mine]))
         assert r["peak_rss_bytes"] > 10 * 2**20
+    # both engines get the context asked for (llama.cpp got -p + -n + 8 whatever -c said)
+    # (llama.cpp rounds a context up to a multiple of 256)
+    assert report["n_ctx"] == 16 + 4 and report["llama_cpp"]["n_ctx"] == 256
+    args = parse(bench_cli, ["-m", f32_path, "-p", "16", "-n", "4", "-t", "1", "-r", "1", "-c", "512", "--llama-cpp",
+                             "--json"])
+    assert bench_cli.run(args) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report["n_ctx"] == report["llama_cpp"]["n_ctx"] == 512
 
 
 def test_bench_says_when_llama_cpp_cannot_run_the_file(tmp_path):

@@ -120,8 +120,8 @@ def bench_set(name, mats, reps, bw, tokens=(4, 8)):
         tn, cn = time_pass(lambda m: kernels.matmul(m, Xs[m.cols], Os[m.rows], scratch), mats, reps)
         lines.append((f"{qname:6s} {name:9s} GEMM n={n}", tn, cn, tn / t1))
     if all(q8kernels.supports(m.qtype, m.cols) for m in mats):
-        # int8 activations (quantized once per call, as the runtime does), times relative to
-        # the int8 GEMV, the fastest one-token kernel
+        # int8 activations (quantized once, before the timed passes: the runtime quantizes a layer's input
+        # once for all the matrices that read it), times relative to the int8 GEMV, the fastest one-token kernel
         acts = {c: q8kernels.quantize_activations(xs[c]) for c in cols}
         q1, qc1 = time_pass(lambda m: q8kernels.matvec(m, acts[m.cols], outs[m.rows]), mats, reps)
         lines.append((f"{qname:6s} {name:9s} GEMV q8 n=1", q1, qc1, None))
@@ -141,6 +141,32 @@ def bench_set(name, mats, reps, bw, tokens=(4, 8)):
               f"[cpu-time rate {total / (cpu / threads) / 1e9:6.2f} GB/s]", flush=True)
 
 
+SETS = ("experts", "attention")
+
+
+def _check(ap: argparse.ArgumentParser, args) -> None:
+    """Options that would end in a traceback or time nothing are refused, with usage (status 2)."""
+    from quant.codec import quantizable
+
+    benchable = [t for t in T if t in RANDOM_FIELDS or t in quantizable()]
+    if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+        ap.error(f"--threads {args.threads}: choose 1..{numba.config.NUMBA_NUM_THREADS} (the cores numba may use)")
+    for name in ("reps", "experts", "layers"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} {getattr(args, name)}: must be at least 1")
+    args.set_names = [x.strip() for x in args.sets.split(",") if x.strip()]
+    if not args.set_names or any(x not in SETS for x in args.set_names):
+        ap.error(f"--sets {args.sets!r}: choose among {', '.join(SETS)}")
+    args.qtypes = []
+    for name in (x.strip() for x in args.formats.split(",")):
+        qtype = T.__members__.get(name.upper())
+        if qtype not in benchable:
+            known = ", ".join(t.name for t in benchable)
+            ap.error(f"--formats: {name!r} is no GGUF tensor type with kernels here (a tensor type such as "
+                     f"Q4_K, not a file type such as Q4_K_M); choose among {known}")
+        args.qtypes.append(qtype)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m quant.bench", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -152,6 +178,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=9, help="timed passes per kernel (the median is shown)")
     ap.add_argument("--sets", default="experts,attention", help="weight sets to time (experts, attention)")
     args = ap.parse_args(argv)
+    _check(ap, args)
     # OpenMP workers that spin while waiting steal the core their partner needs whenever another
     # process is running; sleeping workers cost a few microseconds per call on an idle machine
     # and keep the figures meaningful on a busy one. Read by libgomp at its first use, below.
@@ -163,11 +190,11 @@ def main(argv=None) -> None:
     bw_before = read_bandwidth()
     print(f"read bandwidth (np.sum over 512 MiB float64): {bw_before / 1e9:.2f} GB/s", flush=True)
     results_bw = [bw_before]
-    for fname in args.formats.split(","):
-        qtype = T[fname.strip().upper()]
+    for qtype in args.qtypes:
+        fname = qtype.name
         for name, shapes, copies in (("experts", EXPERT_SHAPES, args.experts),
                                      ("attention", ATTENTION_SHAPES, args.layers)):
-            if name not in args.sets.split(","):
+            if name not in args.set_names:
                 continue
             mats = make_set(qtype, shapes, copies)
             size = sum(m.nbytes for m in mats)

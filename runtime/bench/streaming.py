@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from runtime.base.cgroup import CgroupUnavailable, MemoryCap, drop_page_cache
+from runtime.base.errors import StepstreamError
 from runtime.base.child import child_env
 
 MARGIN = 16 * 2**20  # headroom inside the cap for allocator slack and thread stacks
@@ -246,7 +247,7 @@ def roofline_seconds(compute_s: float, missed_bytes: float, disk_bytes_per_s: fl
 
 
 HEADER = (f"{'cap':>9} {'engine':>14} {'tok/s':>7} {'ms/tok':>7} {'read/tok':>9} {'miss/tok':>9} {'read/miss':>9} "
-          f"{'precision':>9} {'stall':>6} {'hit':>5} {'roofline':>9} {'share':>6}")
+          f"{'precision':>9} {'stall':>6} {'hit':>5} {'roofline':>9} {'share':>6} {'vs llama':>8}")
 
 
 def _print_row(row: dict, compute_s: float, disk_bytes_per_s: float) -> None:
@@ -261,19 +262,31 @@ def _print_row(row: dict, compute_s: float, disk_bytes_per_s: float) -> None:
                      f"{_median(runs, 'read_ratio'):>8.3f}x {_median(runs, 'prefetch_precision'):>9.1%} "
                      f"{_median(runs, 'stall_share'):>6.1%} {_median(runs, 'hit_rate'):>5.0%} "
                      f"{roof * 1e3:>7.1f}ms {roof * tok_s:>6.1%}")
+            if "llama" in row["runs"]:  # the ratio of the medians, one cap's runs against the other's
+                line += f" {tok_s / _median(row['runs']['llama'], 'decode_tok_s'):>7.2f}x"
         print(line)
     if errs:
         print(f"  errors: {errs}")
 
 
 def measure_disk(model: Path, expert_extent: int) -> dict:
-    """The disk's read curve on the model file: 8 MB reads, and reads of one expert matrix's size."""
-    from offload.direct_io import knee, measure_read_bandwidth
+    """The disk's read curve on the model file: 8 MB reads (smaller ones, and fewer depths, on a
+    file too small to hold their distinct offsets: the miniatures), and reads of one expert
+    matrix's size."""
+    from offload.direct_io import depths_that_fit, knee, measure_read_bandwidth
 
-    big = measure_read_bandwidth(model, block=8 * 2**20)
-    small = measure_read_bandwidth(model, depths=(1, 2, 4, 8), block=expert_extent, seed=1)
-    return {"8MB": [(p.depth, p.gb_s) for p in big], "extent": [(p.depth, p.gb_s) for p in small],
-            "extent_bytes": expert_extent, "knee_8MB": knee(big), "knee_extent": knee(small),
+    size = model.stat().st_size
+    block = 8 * 2**20
+    while block > expert_extent and len(depths_that_fit(size, block)) < 3:
+        block //= 2
+    big_depths, small_depths = depths_that_fit(size, block), depths_that_fit(size, expert_extent, (1, 2, 4, 8))
+    if not big_depths or not small_depths:
+        raise StepstreamError(f"{model}: {size} bytes are too few to measure the disk's reads at several depths "
+                              f"without reading a block twice; use a larger model file")
+    big = measure_read_bandwidth(model, depths=big_depths, block=block)
+    small = measure_read_bandwidth(model, depths=small_depths, block=expert_extent, seed=1)
+    return {"big": [(p.depth, p.gb_s) for p in big], "big_bytes": block, "extent": [(p.depth, p.gb_s) for p in small],
+            "extent_bytes": expert_extent, "knee_big": knee(big), "knee_extent": knee(small),
             "best_gb_s": max(p.gb_s for p in big + small)}
 
 
@@ -316,9 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     from offload.placement import READ_WORKERS
 
     extent, slot, k = _expert_sizes(model)
-    disk = measure_disk(model, extent)
-    print(f"disk: 8 MB O_DIRECT reads by depth " + ", ".join(f"{d}: {g:.2f}" for d, g in disk["8MB"])
-          + f" GB/s (90% of the best at depth {disk['knee_8MB']}); reads of one expert matrix "
+    try:
+        disk = measure_disk(model, extent)
+    except StepstreamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"disk: {disk['big_bytes'] / 2**20:g} MiB O_DIRECT reads by depth "
+          + ", ".join(f"{d}: {g:.2f}" for d, g in disk["big"])
+          + f" GB/s (90% of the best at depth {disk['knee_big']}); reads of one expert matrix "
           f"({disk['extent_bytes'] / 2**20:.2f} MiB) " + ", ".join(f"{d}: {g:.2f}" for d, g in disk["extent"])
           + f" GB/s (depth {disk['knee_extent']}); {READ_WORKERS} reader threads")
     disk_bps = disk["best_gb_s"] * 1e9

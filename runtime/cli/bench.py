@@ -122,7 +122,7 @@ def _quiet_llama_cpp(llama_cpp) -> None:
 
 
 def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], threads: int | None, batch: int,
-                     kv_types: tuple[str, str], commands, results) -> None:
+                     kv_types: tuple[str, str], n_ctx: int, commands, results) -> None:
     """llama.cpp's side of an alternated run: after loading and a warm-up it puts None on
     results, then runs one repetition per True on commands (putting its two times), and on
     False closes and puts its peak RSS."""
@@ -137,11 +137,12 @@ def _llama_cpp_child(path: str, prompt: list[int], gen: list[int], threads: int 
     ggml = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
     # The same cache types as ours; llama.cpp stores a quantized V cache only with flash attention.
     flash = {"flash_attn": True} if kv_types[1] == "q8_0" else {}
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + len(gen) + 8, n_batch=batch, n_ubatch=batch,
+    # ours' context (-c, or the prompt and the decoded tokens), with the room its warm-up needs
+    llm = llama_cpp.Llama(model_path=path, n_ctx=max(n_ctx, len(prompt) + len(gen) + 8), n_batch=batch, n_ubatch=batch,
                           n_threads=threads, n_threads_batch=threads, type_k=ggml[kv_types[0]],
                           type_v=ggml[kv_types[1]], verbose=False, **flash)
     _warm(llm, prompt, gen)
-    results.put(None)
+    results.put(llm.n_ctx())  # loaded and warm
     while commands.get():
         results.put(_timed(llm, prompt, gen))
     llm.close()
@@ -155,14 +156,14 @@ class LlamaCppBeside:
     slow minute slows both alike instead of only the engine that happened to run in it."""
 
     def __init__(self, path: str, prompt: list[int], gen: list[int], threads: int | None, batch: int,
-                 kv_types: tuple[str, str] = ("f16", "f16")):
+                 kv_types: tuple[str, str] = ("f16", "f16"), n_ctx: int = 0):
         ctx = multiprocessing.get_context("spawn")
         self.commands, self.results = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=_llama_cpp_child, daemon=True,
-                                args=(path, prompt, gen, threads, batch, kv_types, self.commands, self.results))
+                                args=(path, prompt, gen, threads, batch, kv_types, n_ctx, self.commands, self.results))
         self.proc.start()
         try:
-            self._get()
+            self.n_ctx = self._get()  # the context llama.cpp made
         except BaseException:  # Ctrl-C while it loads, or it failed
             self.terminate()
             raise
@@ -212,7 +213,7 @@ def bench_beside_llama_cpp(model, prompt: list[int], gen: list[int], reps: int, 
     """Our repetitions and llama.cpp's alternated, ours first in each pair (llama.cpp's KV cache
     in ours' types, RuntimeOptions.kv_types): (ours, llama.cpp's, the runs in the order they ran)."""
     _warm(model, prompt, gen)
-    other = LlamaCppBeside(str(model.file.path), prompt, gen, threads, batch, model.options.kv_types)
+    other = LlamaCppBeside(str(model.file.path), prompt, gen, threads, batch, model.options.kv_types, model.n_ctx)
     runs = []
     try:
         for _ in range(reps):
@@ -225,12 +226,13 @@ def bench_beside_llama_cpp(model, prompt: list[int], gen: list[int], reps: int, 
     rss = other.close()
     times = {e: ([r["prefill_s"] for r in runs if r["engine"] == e], [r["decode_s"] for r in runs if r["engine"] == e])
              for e in ("stepstream", "llama.cpp")}
-    return (_rates(prompt, gen, *times["stepstream"]), {**_rates(prompt, gen, *times["llama.cpp"]), "peak_rss_bytes": rss},
-            runs)
+    return ({**_rates(prompt, gen, *times["stepstream"]), "n_ctx": model.n_ctx},
+            {**_rates(prompt, gen, *times["llama.cpp"]), "peak_rss_bytes": rss, "n_ctx": other.n_ctx}, runs)
 
 
 # Flags that choose how one in-process run loads or what it reports; a sweep sets these itself.
 SWEEP_EXCLUDES = (("ram_budget", "--ram-budget"), ("stream", "--stream"), ("no_stream", "--no-stream"),
+                  ("ctx_size", "-c/--ctx-size"),
                   ("gpu_budget", "--gpu-budget"), ("profile", "--profile"), ("mtp", "--mtp"), ("json", "--json"),
                   ("stats", "--stats"))
 
@@ -246,8 +248,11 @@ def run_sweep(args) -> int:
 
     caps = parse_caps(args.sweep_ram)
     for name, flag in SWEEP_EXCLUDES:
-        if getattr(args, name, None) not in (None, False):
-            raise StepstreamError(f"{flag} does not go with --sweep-ram: the sweep sets each run's RAM itself")
+        value = getattr(args, name, None)
+        if value is not None and value is not False:  # (-c 0 is given: 0 == False)
+            why = ("both engines' contexts hold the prompt and the decoded tokens (-p + -n + 8)" if name == "ctx_size"
+                   else "the sweep sets each run's RAM itself")
+            raise StepstreamError(f"{flag} does not go with --sweep-ram: {why}")
     if (args.cache_type_k, args.cache_type_v) != ("f16", "f16"):
         raise StepstreamError("--cache-type-k/-v do not go with --sweep-ram: both engines' runs keep the "
                               "default f16 KV cache")
@@ -372,10 +377,13 @@ def run(args) -> int:
     else:
         ours = bench_ours(model, prompt, gen, args.repetitions)
     report.update(ours)
+    stats_text = None
     if model.placement is not None:
         report["placement"] = model.placement.as_dict()
-        report["experts"] = {**model.provider.stats.as_dict(),
-                             "scope": "the last repetition's decode" if gen else "the warm-up and every prefill"}
+        scope = "the last repetition's decode" if gen else "the warm-up and every prefill"
+        report["experts"] = {**model.provider.stats.as_dict(), "scope": scope}
+        # --stats prints the same counts (the --mtp generation timed below streams experts too)
+        stats_text = f"{model.provider.stats.text()} [{scope}]"
     if model.gpu_placement is not None:
         report["gpu"] = {**model.gpu_placement.as_dict(), **model.gpu.tier.counts.as_dict()}
     if args.mtp is not None and args.n_gen:
@@ -388,7 +396,7 @@ def run(args) -> int:
                                     if args.n_gen else []))
     if args.json:
         print(json.dumps(report))
-        print_stats(args, model, speeds)
+        print_stats(args, model, speeds, stats_text)
         return 0
     rows = [("stepstream", report)] + ([("llama.cpp", report["llama_cpp"])] if args.llama_cpp else [])
     print(f"{'engine':<12} {'pp' + str(args.n_prompt) + ' tok/s':>14} {'tg' + str(args.n_gen) + ' tok/s':>14} {'peak RSS MiB':>13}", file=sys.stdout)
@@ -407,8 +415,9 @@ def run(args) -> int:
                     f"(of {g['drafts_per_head']} drafts), k settled on {g['settled_k']}"
                     if g["drafts_per_head"] is not None else
                     "no drafts (the file has no MTP heads)" if not model.n_mtp else "no drafts")
-        print(f"generation --mtp {args.mtp}: {g['decode_tok_s']:.2f} tok/s over {args.n_gen} greedy tokens; {drafting}")
+        print(f"generation --mtp {args.mtp}: {g['decode_tok_s']:.2f} tok/s over the {args.n_gen - 1} greedy tokens "
+              f"after the first; {drafting}")
     print(f"(medians of {args.repetitions}; activations {report['activations']}, "
           f"OpenMP waits {report['omp_wait_policy']})")
-    print_stats(args, model, speeds)
+    print_stats(args, model, speeds, stats_text)
     return 0

@@ -54,7 +54,9 @@ def add_arguments(p) -> None:
 
 
 def _common(args) -> list[str]:
-    return ((["--ctx-size", str(args.ctx_size)] if args.ctx_size else [])
+    """Options the server and `run` share. Both decode one token at a time (`--mtp 0`): the
+    server's default `auto` would draft, and the overhead would then measure MTP too."""
+    return (["--mtp", "0"] + (["--ctx-size", str(args.ctx_size)] if args.ctx_size else [])
             + (["--threads", str(args.threads)] if args.threads else [])
             + ["--cache-type-k", args.cache_type_k, "--cache-type-v", args.cache_type_v])
 
@@ -67,7 +69,7 @@ def serve_argv(model: str, *options: str) -> list[str]:
 def run_argv(model: str, prompt: str, n_tokens: int, *options: str) -> list[str]:
     """The command line of a greedy `stepstream run` that prints only the generated text."""
     return [sys.executable, "-m", "runtime.cli", "run", "-m", model, "-p", prompt, "-n", str(n_tokens), "--temp", "0",
-            "--no-display-prompt", "--mtp", "0", *options]  # the server decodes one token at a time
+            "--no-display-prompt", *options]
 
 
 def _ms(seconds: float | None) -> str:

@@ -525,13 +525,16 @@ class GenerationTiming:
         return f"prompt of {self.n_prompt} tokens and first token: {self.first_seconds:.2f} s; {tail}"
 
 
-def print_stats(args, model, speeds: str | None = None) -> None:
-    """With --stats: the expert-cache statistics when experts stream, then always the peak RSS
-    and the speeds that were measured."""
+def print_stats(args, model, speeds: str | None = None, stats_text: str | None = None) -> None:
+    """With --stats: the expert-cache statistics when experts stream (`stats_text`, when given:
+    those of a part of the run, as its JSON reports them), then always the peak RSS and the
+    speeds that were measured."""
     if not args.stats:
         return
     stats = model.provider.stats
-    if stats is not None:
+    if stats_text is not None:
+        print(stats_text, file=sys.stderr)
+    elif stats is not None:
         print(stats.text(), file=sys.stderr)
     line = f"peak RSS {peak_rss_bytes() / 2**20:.0f} MiB"
     print(line + (f"; {speeds}" if speeds else ""), file=sys.stderr)

@@ -226,8 +226,10 @@ def run(args: argparse.Namespace) -> int:
     save_outputs(saves)
     if recorder is not None:
         print(f"wrote {trace_out}: routing of {trace.tokens} tokens over {len(moe)} MoE layers, top-{trace.top_k}")
-    print(f"wrote {out}: {profile.tokens} tokens over {len(prompts)} prompts; the top 20% of experts take "
-          f"{profile.skew(0.2):.1%} of activations")
+    n_expert = model.cfg.n_expert
+    top = max(1, int(round(n_expert * 0.2)))  # as ExpertProfile.skew counts them
+    print(f"wrote {out}: {profile.tokens} tokens over {len(prompts)} prompts; the top {top} of each layer's "
+          f"{n_expert} experts ({top / n_expert:.1%}) take {profile.skew(0.2):.1%} of activations")
     if cut:
         lost = sum(n - room for _, n in cut)
         print(f"note: {len(cut)} prompt{'s' if len(cut) > 1 else ''} longer than the {room} tokens -c {model.n_ctx} "
