@@ -56,7 +56,10 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
     eog = model.tokenizer.eog_ids if stop_at_eog else frozenset()
     # No token wanted: the plain path evaluates the prompt and yields nothing (a draft pass would
     # yield one before it checks the count).
-    chooser = draft_length(model, mtp) if max_tokens is None or max_tokens > 0 else None
+    # A constrained sampler (JSON mode) decodes without drafts: its recognizer advances with each
+    # token it keeps, and plain decoding emits every token it draws.
+    plain = getattr(sampler, "constraint", None) is not None or (max_tokens is not None and max_tokens <= 0)
+    chooser = None if plain else draft_length(model, mtp)
     if chooser is not None:
         yield from speculative.generate(model, prompt, sampler, max_tokens, eog, chooser, stats, cancelled)
     else:

@@ -27,6 +27,7 @@ import numpy as np
 
 from runtime.generation.loop import StopStrings, generate
 from runtime.generation.sampling import Sampler, SamplingParams
+from runtime.text.json_constraint import JsonObjectReply, vocabulary
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class Request:
     stop: Sequence[str] = ()
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's and k alternatives'
     ignore_eos: bool = False  # an end-of-text token does not end the reply (it adds no text), as in vLLM
+    json_object: bool = False  # response_format json_object: the reply is one JSON object
+    in_reasoning: bool = False  # the prompt opened <think>: with json_object, the JSON follows </think>
     mtp: int | str | None = None  # the draft length (None: the model's load option)
     cancelled: Callable[[], bool] = lambda: False
     # Fed the reply's text, piece by piece as it is shown; True ends the reply after that piece
@@ -139,6 +142,8 @@ def run(model, req: Request) -> Iterator[Step]:
         return
     t0 = time.perf_counter()
     sampler = _Recording(req.params, model, req.logprobs)
+    if req.json_object:
+        sampler.constraint = JsonObjectReply(vocabulary(model.tokenizer), req.in_reasoning)
     stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)
     tokens = generate(model, req.prompt, sampler, req.max_tokens, stop_at_eog=not req.ignore_eos, stats=stats,
                       mtp=req.mtp, cancelled=req.cancelled)

@@ -119,13 +119,36 @@ def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
 
 
 class Sampler:
-    """The composed chain with its own random stream (reproducible for a given seed)."""
+    """The composed chain with its own random stream (reproducible for a given seed).
 
-    def __init__(self, params: SamplingParams):
+    `constraint` (runtime.text.json_constraint.JsonObjectReply: allows, candidates, take), when
+    set, decides which tokens may come: a drawn token it refuses is drawn again from the logits
+    of the tokens it allows (llama.cpp's way with a grammar: the chain, then, only if needed,
+    the grammar over all logits and the chain again)."""
+
+    def __init__(self, params: SamplingParams, constraint=None):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.constraint = constraint
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        tok = self._chain(logits, history)
+        c = self.constraint
+        if c is None:
+            return tok
+        if not c.allows(tok):
+            z = np.where(c.candidates(), np.asarray(logits, dtype=np.float32), NEG_INF)
+            while True:
+                if not np.isfinite(z).any():
+                    raise StepstreamError("no token of the vocabulary can continue the constrained reply")
+                tok = self._chain(z, history)
+                if c.allows(tok):
+                    break
+                z[tok] = NEG_INF  # candidates() may be a superset (see JsonObjectReply)
+        c.take(tok)
+        return tok
+
+    def _chain(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params
         recent = history[-p.repeat_last_n :] if p.repeat_last_n else ()
         z = repetition_penalty(np.asarray(logits, dtype=np.float32), recent, p.repeat_penalty)

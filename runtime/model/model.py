@@ -785,35 +785,40 @@ class Model:
             ids = ids + self.tokenize(forced, add_bos=False, special=True)
         mtp = sampling.pop("mtp", None)
         k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
-        if k is not None:
-            return self._chat_with_logprobs(ids, k, max_tokens, stop, stream, mtp, sampling,
-                                            callable_tools(offered, tool_choice), in_reasoning, forced)
+        json_object = _json_mode(sampling.pop("response_format", None))
+        if json_object and offered is not None:
+            raise StepstreamError("response_format json_object goes without tools (or with tool_choice 'none'): the "
+                                  "reply must be one JSON object, with no room for a tool call's markup")
+        if k is not None or json_object:
+            return self._chat_as_request(ids, k, json_object, max_tokens, stop, stream, mtp, sampling,
+                                         callable_tools(offered, tool_choice), in_reasoning, forced)
         pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return chat_response(self, ids, pieces, stream, tools=callable_tools(offered, tool_choice),
                              in_reasoning=in_reasoning, forced=forced)
 
-    def _chat_with_logprobs(self, ids: list[int], k: int, max_tokens, stop, stream: bool, mtp, sampling: dict,
-                            tools, in_reasoning: bool, forced: str):
-        """create_chat_completion with `logprobs`: the reply's tokens' log-probabilities and the k
-        likeliest alternatives', in OpenAI's chat shape, run as a server request runs (the same
-        steps and the same reply builder, runtime.generation.replies)."""
+    def _chat_as_request(self, ids: list[int], k: int | None, json_object: bool, max_tokens, stop, stream: bool, mtp,
+                         sampling: dict, tools, in_reasoning: bool, forced: str):
+        """create_chat_completion with `logprobs` (the reply's tokens' log-probabilities and the k
+        likeliest alternatives', in OpenAI's chat shape) or JSON mode, run as a server request
+        runs (the same steps and the same reply builder, runtime.generation.replies)."""
         params = sampling_params(**_temp(sampling))
         limit = _no_limit(max_tokens)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
             raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
-        req = Request(ids, params, limit, _stops(stop), k, mtp=mtp)
+        req = Request(ids, params, limit, _stops(stop), k, mtp=mtp, json_object=json_object, in_reasoning=in_reasoning)
         reply = ChatReply(self.name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
         steps = run_request(self, req)
+        want = k is not None
         if stream:
             def chunks():
                 yield reply.first_chunk()
                 for step in steps:
-                    yield from reply.chunks(step, True)
+                    yield from reply.chunks(step, want)
             return chunks()
         with self.lock:  # whole: never overtaken by another thread's generation
             for step in steps:
                 reply.collect(step)
-        return reply.whole(req.timings, True)
+        return reply.whole(req.timings, want)
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
                     continue_final: bool = True, limit: int | None = None) -> list[int]:
@@ -893,6 +898,18 @@ def _temp(sampling: dict) -> dict:
                                   "changes nothing)" + ("; `stepstream serve` returns log-probabilities"
                                                         if name in ("logprobs", "top_logprobs") else ""))
     return sampling
+
+
+def _json_mode(response_format) -> bool:
+    """llama-cpp-python's `response_format`: None or {"type": "text"} (off), {"type": "json_object"}
+    (JSON mode); a schema, which llama-cpp-python turns into a grammar, is refused by name."""
+    if response_format is None:
+        return False
+    kind = response_format.get("type", "text") if isinstance(response_format, dict) else None
+    if kind == "text" or (kind == "json_object" and response_format.get("schema") is None):
+        return kind == "json_object"
+    raise StepstreamError(f"response_format={response_format!r:.80} is not supported: {{'type': 'text'}} and "
+                          "{'type': 'json_object'} are (there is no JSON Schema constraint)")
 
 
 def _chat_logprobs_k(logprobs, top_logprobs, vocab: int) -> int | None:

@@ -86,7 +86,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         except RecursionError:
             raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
 
-    def model_request(ids: list[int], common, logprobs, field: str) -> ModelRequest:
+    def model_request(ids: list[int], common, logprobs, field: str, in_reasoning: bool = False) -> ModelRequest:
         """`field`: the body's field the prompt came from ("prompt" or "messages"), named by a refusal."""
         if len(ids) > model.n_ctx:  # a prompt that fills it still gets one token, as `run` and the library give
             raise ApiError(400, f"the prompt is {len(ids)} tokens, more than the context of {model.n_ctx} "
@@ -94,7 +94,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                            param=field, code="context_length_exceeded")
         room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
         return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs,
-                            ignore_eos=common.ignore_eos)
+                            ignore_eos=common.ignore_eos, json_object=common.json_object, in_reasoning=in_reasoning)
 
     def submit(req: ModelRequest, stream: bool) -> Job:
         try:
@@ -262,7 +262,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(
                 b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
             ids = ids + model.tokenize(forced, add_bos=False, special=True)
-        req = model_request(ids, b.common, b.logprobs, "messages")
+        req = model_request(ids, b.common, b.logprobs, "messages", in_reasoning)
         if tools is not None and b.max_calls is not None:  # generation ends with the last call it may make
             watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, b.tool_choice), calls=True,
                                 max_calls=b.max_calls)

@@ -47,6 +47,7 @@ class Common:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False  # vLLM's and llama-server's: generate on past the end of text
+    json_object: bool = False  # response_format {"type": "json_object"}: the reply is one JSON object
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,11 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     if _get(body, "logit_bias", (dict,)):
         raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported")
     fmt = _get(body, "response_format", (dict,))
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise ApiError(400, f"'response_format' {json.dumps(fmt.get('type'))} is not supported (only \"text\")",
-                       param="response_format", code="unsupported")
+    kind = "text" if fmt is None else fmt.get("type", "text")
+    if kind not in ("text", "json_object") or (fmt and kind == "json_object" and fmt.get("schema") is not None):
+        what = "a schema" if kind == "json_object" else json.dumps(kind)
+        raise ApiError(400, f"'response_format' with {what} is not supported (\"text\" and \"json_object\" are: "
+                            "there is no JSON Schema constraint)", param="response_format", code="unsupported")
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
@@ -213,7 +216,8 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
         raise ApiError(400, "'min_tokens' is not supported (only 0)", param="min_tokens", code="unsupported")
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed)
-    return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False))
+    return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
+                  json_object=kind == "json_object")
 
 
 def _is_ids(v) -> bool:
@@ -316,7 +320,12 @@ def chat_body(body: dict) -> ChatBody:
     # continue_final_message), unless the request says false
     continue_final = _get(body, "continue_final_message", (bool,), True)
     max_calls = None if _get(body, "parallel_tool_calls", (bool,), True) else 1
-    return ChatBody(messages, tools, tool_choice, _common(body, None), logprobs, continue_final, max_calls)
+    common = _common(body, None)
+    if common.json_object and tools and tool_choice != "none":
+        raise ApiError(400, "'response_format' json_object goes without 'tools' (or with 'tool_choice': \"none\"): "
+                            "the reply must be one JSON object, with no room for a tool call's markup",
+                       param="response_format", code="unsupported")
+    return ChatBody(messages, tools, tool_choice, common, logprobs, continue_final, max_calls)
 
 
 def sampling_error(e: StepstreamError) -> ApiError:
