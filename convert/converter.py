@@ -333,7 +333,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     load_writers(planned, ftype, progress)
 
     tmp = part_name(out)
-    f = None
+    f = bar = None
     keep = False
     try:
         f, done = _open_output(out, header, key, resume, force)
@@ -372,12 +372,14 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
         publish(tmp, out, force)
         resume_record.remove(tmp)
     except OSError as e:  # a full disk, a file system gone read-only, an I/O error
+        _end_bar(bar)
         keep = resume  # for the next --resume; its record stops at the last complete tensor
         at = f.tell() if f is not None and not f.closed else 0
         kept = f"; {tmp.name} is kept: the same command with --resume continues it" if keep else ""
         raise StepstreamError(f"{out}: cannot write the output ({e.strerror or e}) after {_mb(at)} of "
                               f"{_mb(total)}{kept}") from None
     except BaseException as e:  # Ctrl-C, SIGTERM, a bad tensor: with --resume the work so far is kept
+        _end_bar(bar)
         keep = resume
         if keep and isinstance(e, KeyboardInterrupt):
             print(f"\nkept {tmp} (the tensors complete so far): the same command with --resume continues it",
@@ -398,6 +400,16 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_bytes = peak_rss_bytes()
     return summary
+
+
+def _end_bar(bar) -> None:
+    """Close the progress bar before a failure's lines, so that they start lines of their own
+    (left to the garbage collector, it was drawn again below the error)."""
+    if bar is not None:
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a terminal gone: the failure is what matters
+            pass
 
 
 def _progress_bar(ckpt: Checkpoint, planned: list[PlannedTensor], ftype: str):

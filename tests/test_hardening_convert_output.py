@@ -220,3 +220,29 @@ def test_the_summary_json_replaces_an_old_one_whole(tiny_ckpt, tmp_path, capsys)
     import json
     assert json.loads(summary.read_text())["ftype"] == FTYPE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "s.json"]
+
+
+def test_a_failure_closes_the_progress_bar_before_its_message(tiny_ckpt, tmp_path):
+    """A full disk mid-run: the bar was closed by the garbage collector after the error was
+    printed, so the error sat at the end of the bar's line and the bar was drawn again below
+    it (a review). The bar's line now ends before the error's."""
+    script = f"""
+import errno, sys
+from convert import converter
+from runtime.cli import main
+write, calls = converter.write_tensor, []
+def full_after_two(*a, **kw):
+    calls.append(1)
+    if len(calls) == 3:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write(*a, **kw)
+converter.write_tensor = full_after_two
+sys.exit(main(["convert", {str(tiny_ckpt)!r}, {str(tmp_path / "o.gguf")!r}, "--type", "q8_0"]))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr
+    assert "convert q8_0" in err and "\nerror: " in err, err[-300:]
+    assert "convert q8_0" not in err[err.index("\nerror: "):], err[-300:]  # not drawn again after it
+    assert err.rstrip().splitlines()[-1].startswith("error: ") and "No space left on device" in err

@@ -53,6 +53,20 @@ def test_the_guard_raises_it_at_the_end_and_reports_nothing(reported):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_the_interrupt_wins_over_what_it_broke(reported):
+    """The dropped interrupt can leave numba half-way through a compile, which then fails on its
+    own ("RuntimeError: no compiled object yet", a review's cold-cache Ctrl-C, exit 1 with a
+    traceback): the interrupt is what comes out."""
+    with pytest.raises(KeyboardInterrupt) as e:
+        with interrupts_kept():
+            _sort_with_a_signal_inside_the_callback()
+            raise RuntimeError("no compiled object yet for <Library 'gemm'>")
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    with pytest.raises(RuntimeError):  # without a signal, the block's own error goes up as it was
+        with interrupts_kept():
+            raise RuntimeError("a real failure")
+
+
 def test_a_quiet_block_raises_nothing():
     with interrupts_kept():
         pass

@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -235,3 +237,27 @@ def test_sigterm_during_a_chat_reply_ends_the_chat():
         p.kill()
     assert p.returncode == 143, (p.returncode, err[-2000:])
     assert err.decode().rstrip().endswith("terminated") and b"[reply stopped]" not in err
+
+
+@pytest.mark.parametrize("nohup", [False, True])
+def test_sighup_unwinds_as_sigterm_does_unless_ignored(nohup):
+    """A closed terminal or a dropped ssh session (SIGHUP) ended a conversion by the signal's
+    default, leaving its partial files and no word (a review); it now unwinds as SIGTERM does and
+    exits 129. Under `nohup` (SIGHUP ignored) the command runs on."""
+    model = REPO / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run", "-m", str(model), "-p", "def f(x):", "-n", "4000",
+                          "-c", "4096", "--temp", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, preexec_fn=ignore)
+    try:
+        assert p.stdout.read(40)  # generating
+        p.send_signal(signal.SIGHUP)
+        if nohup:
+            assert p.stdout.read(40)  # still generating
+            p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    want, word = (143, "terminated") if nohup else (129, "hung up")
+    assert p.returncode == want, (p.returncode, err[-2000:])
+    assert err.decode().rstrip().endswith(word) and b"Traceback" not in err

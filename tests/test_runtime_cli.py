@@ -84,8 +84,12 @@ def test_bench_reports_the_threads_that_ran(f32_path, capsys):
     out = capsys.readouterr()
     limit = numba.config.NUMBA_NUM_THREADS
     assert json.loads(out.out)["threads"] == limit
-    assert f"-t 4096: the kernels run at most {limit} threads here (NUMBA_NUM_THREADS); both engines use {limit}" \
-        in out.err
+    assert f"-t 4096: the kernels run at most {limit} threads here (NUMBA_NUM_THREADS)\n" in out.err  # one engine
+    # `run` capped -t in silence (a review; `convert --threads` refuses such a count): it says so too
+    assert run_cli.run(parse(run_cli, ["-m", f32_path, "-p", "x", "-n", "1", "-t", "4096"])) == 0
+    assert f"-t 4096: the kernels run at most {limit} threads here (NUMBA_NUM_THREADS)" in capsys.readouterr().err
+    with pytest.raises(StepstreamError, match="--mtp times generation with the MTP heads, which -n 0 leaves out"):
+        bench_cli.run(parse(bench_cli, ["-m", f32_path, "-p", "4", "-n", "0", "--mtp", "1"]))
 
 
 def test_bench_beside_llama_cpp(f32_path, capsys):
@@ -152,3 +156,30 @@ def test_second_review_of_the_cli_changes(f32_path, capsys, tmp_path):
     assert main(["bench", "-m", f32_path, "-p", "8", "-n", "0", "-r", "1", "--ram-budget", "4MiB", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["experts"]["scope"] == "the warm-up and every prefill"
+
+
+def test_chat_replies_cut_by_the_context_end_their_lines_on_stdout(f32_path, capsys):
+    """A reply that filled the context ended its line on stderr only, so replies redirected to a
+    file ran together (a review: `... > co.txt` gave two replies on one line)."""
+    args = parse(chat_cli, ["-m", f32_path, "-n", "-1", "--temp", "0", "-c", "64", "-t", "1"])
+    out = io.StringIO()
+    assert chat_cli.run(args, stdin=io.StringIO("write a function\nhi again\nand again\n"), stdout=out) == 0
+    err = capsys.readouterr().err
+    assert err.count("filled the context") + err.count("context full") >= 1, err
+    lines = out.getvalue().split("\n")
+    assert out.getvalue().endswith("\n") and len(lines) - 1 >= 3, out.getvalue()  # a line per reply at least
+
+
+def test_chat_without_a_template_is_refused_before_the_load(f32_path, tmp_path, monkeypatch):
+    from runtime.base.gguf_schema import Key
+    from tests.helpers.gguf_edit import rewrite
+
+    bare = tmp_path / "bare.gguf"
+    rewrite(f32_path, bare, drop={Key.CHAT_TEMPLATE})
+
+    def never(args):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(chat_cli, "load_model", never)
+    with pytest.raises(StepstreamError, match=r"bare.gguf: this model has no chat template .*`stepstream run`"):
+        chat_cli.run(parse(chat_cli, ["-m", str(bare), "-n", "2"]), stdin=io.StringIO("hi\n"), stdout=io.StringIO())

@@ -1,5 +1,7 @@
 """The one exception type users see: a clear message and a non-zero exit, never a deep traceback."""
 
+import signal
+
 
 class StepstreamError(Exception):
     """A problem with the user's input or environment, worded for the user.
@@ -24,6 +26,12 @@ class Terminated(KeyboardInterrupt):
     reports a process the signal ended, where Ctrl-C gives 130."""
 
 
+class HungUp(Terminated):
+    """SIGHUP (the terminal closed, an ssh session dropped): unwinds as SIGTERM does, so a
+    conversion cleans up its partial files; the command line exits with 129 (128 + SIGHUP).
+    Under `nohup` the signal stays ignored."""
+
+
 def raise_terminated(signum, frame):
-    """A SIGTERM handler: raise Terminated where the main thread is."""
-    raise Terminated
+    """A SIGTERM (or SIGHUP) handler: raise Terminated (HungUp) where the main thread is."""
+    raise HungUp if signum == getattr(signal, "SIGHUP", None) else Terminated

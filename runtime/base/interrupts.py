@@ -21,7 +21,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 _FORCE_AFTER = 3  # the signal count, while one waits, that ends the process at once
 
 _held: dict[int, object] = {}  # signal -> the handler held back's signals go to, while held_back() runs

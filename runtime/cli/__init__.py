@@ -17,7 +17,7 @@ import sys
 import threading
 import warnings
 
-from runtime.base.errors import StepstreamError, Terminated, raise_terminated
+from runtime.base.errors import HungUp, StepstreamError, Terminated, raise_terminated
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     # installs its own handler: it stops gracefully)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    # SIGHUP (the terminal closed, an ssh session dropped) likewise, exit 129; left as it is when
+    # ignored (`nohup`) or when the command set its own
+    hup = getattr(signal, "SIGHUP", None)
+    hup_before = signal.getsignal(hup) if main_thread and hup is not None else None
+    if hup_before is signal.SIG_DFL:
+        signal.signal(hup, raise_terminated)
     try:
         code = int(module.run(args) or 0)
         sys.stdout.flush()  # a full disk under stdout is found here, not in Python's flush at exit
@@ -192,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
-        print("terminated" if terminated else "interrupted", file=sys.stderr)
-        return 143 if terminated else 130  # 128 + SIGTERM or SIGINT, what a shell shows
+        kind = "hung up" if isinstance(e, HungUp) else "terminated" if isinstance(e, Terminated) else "interrupted"
+        try:
+            print(kind, file=sys.stderr)
+        except OSError:  # a hung-up terminal
+            pass
+        return {"hung up": 129, "terminated": 143}.get(kind, 130)  # 128 + the signal, what a shell shows
     except BrokenPipeError:
         # The reader went away (`stepstream run ... | head`): stop quietly, as `cat` does. Python
         # would flush stdout again at exit and fail again, so stdout goes to /dev/null first.
@@ -204,4 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = plain
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if hup_before is signal.SIG_DFL:
+            signal.signal(hup, hup_before)
 

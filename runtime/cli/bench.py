@@ -351,6 +351,9 @@ def run(args) -> int:
             raise StepstreamError(f"{flag} goes with --sweep-ram (a plain bench writes no sweep and runs no child)")
     # Room for the prompt and the decoded tokens (the warm-up's one at least), and without -c no
     # more (the KV cache, and a default budget's share of memory, sized for them), as llama-bench.
+    if args.mtp is not None and args.n_gen == 0:
+        raise StepstreamError("--mtp times generation with the MTP heads, which -n 0 leaves out; give -n N")
+    args.threads_note = "; both engines use {limit}" if args.llama_cpp else ""  # (load_model's note on -t)
     needed = args.n_prompt + max(args.n_gen, 1)
     context_size(args, needed, f"-p {args.n_prompt} and -n {args.n_gen}")
     if args.ctx_size is None:
@@ -360,10 +363,7 @@ def run(args) -> int:
 
     # The threads our kernels really run on (-t beyond NUMBA_NUM_THREADS, this machine's cores by
     # default, is capped): llama.cpp gets the same count, and the report says it
-    threads = numba.get_num_threads()
-    if args.threads is not None and args.threads != threads:
-        print(f"-t {args.threads}: the kernels run at most {threads} threads here (NUMBA_NUM_THREADS); "
-              f"both engines use {threads}", file=sys.stderr)
+    threads = numba.get_num_threads()  # (load_model said so when -t asked for more)
     if args.mtp == "auto" and args.n_gen and model.n_mtp == 0:  # a forced length: load_model said so
         print(f"{model.file.path}: no MTP heads; generation is timed without drafting", file=sys.stderr)
     ids = _prompt(model.cfg.vocab, args.n_prompt + args.n_gen, args.seed)

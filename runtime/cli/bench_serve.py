@@ -133,6 +133,9 @@ def run(args) -> int:
     if set(PARTS) <= set(args.skip):
         raise StepstreamError("--skip reuse, --skip overhead and --skip load leave nothing to measure; "
                               "skip at most two of the three parts")
+    from runtime.cli.common import context_size
+
+    context_size(args)  # a -c the model cannot hold is refused here, not by the server child after it started
     count, wipe_token = bench.chat_counter(args.model)
     messages = []
     if "reuse" not in args.skip:

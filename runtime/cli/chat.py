@@ -36,6 +36,7 @@ def run(args, stdin=None, stdout=None) -> int:
     out = stdout or sys.stdout
     _stoppable_by_ctrl_c()
     check_text_args(args)
+    _has_a_chat_template(args.model)
     model = load_model(args)
     if args.system_prompt:  # checked once here, not reported again on every message
         n = len(model.chat_tokens([{"role": "system", "content": args.system_prompt}]))
@@ -63,6 +64,22 @@ def run(args, stdin=None, stdout=None) -> int:
             return 0
         if line.strip():
             _reply(conv, line.rstrip("\n"), out)
+
+
+def _has_a_chat_template(path: str) -> None:
+    """Refuse a model without a chat template from its header, before the load (it was refused at
+    the first message, after the whole load)."""
+    from runtime.base.gguf_file import GGUFModelFile
+    from runtime.base.gguf_schema import Key
+
+    f = GGUFModelFile(path)
+    try:
+        template = f.get(Key.CHAT_TEMPLATE, None)
+    finally:
+        f.close()
+    if not isinstance(template, str) or not template:
+        raise StepstreamError(f"{path}: this model has no chat template ({Key.CHAT_TEMPLATE}); chat needs one, "
+                              "`stepstream run` completes plain text")
 
 
 def _read_message(stdin, out, interactive: bool) -> str:
@@ -120,8 +137,10 @@ def _reply(conv: Conversation, text: str, out) -> None:
     try:
         for piece in pieces:
             if isinstance(piece, Notice):
+                if mid_line:  # the reply's line ends on stdout, so replies in a file stay apart
+                    out.write("\n")
                 out.flush()
-                print(("\n" if mid_line else "") + f"[{piece.text}]", file=sys.stderr, flush=True)
+                print(f"[{piece.text}]", file=sys.stderr, flush=True)
                 mid_line = False
             else:
                 out.write(piece)

@@ -127,24 +127,46 @@ def existing_file(what: str):
     return parse
 
 
+MAX_TEXT_FILE = 256 * 2**20  # -f texts are read whole: a perplexity corpus is a few MB
+
+
 def read_text_file(path: str, what: str) -> str:
-    """The whole of a UTF-8 text file ("-": standard input), or one line saying why it cannot be read."""
+    """The whole of a UTF-8 text file ("-": standard input), or one line saying why it cannot be
+    read. It is read a chunk at a time and refused at its first byte that is no UTF-8, or once
+    past MAX_TEXT_FILE (a GGUF given by mistake, /dev/zero): never read whole first."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts, done = [], 0
     try:
-        if path == "-":
-            data, path = sys.stdin.buffer.read(), "standard input"
-        else:
-            data = Path(path).read_bytes()
+        f = sys.stdin.buffer if path == "-" else open(path, "rb")
+        name = "standard input" if path == "-" else path
+        try:
+            while True:
+                chunk = f.read(4 * 2**20)
+                if done == 0 and chunk[:4] == b"GGUF":
+                    raise StepstreamError(f"{name} is a GGUF model file; give a {what} (UTF-8 text)")
+                try:
+                    parts.append(decoder.decode(chunk, final=not chunk))
+                except UnicodeDecodeError as e:  # e.object: the bytes held back from the chunk before, then this one
+                    at = done - (len(e.object) - len(chunk)) + e.start
+                    raise StepstreamError(f"{name}: the {what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                                          f"offset {at})") from None
+                if not chunk:
+                    return "".join(parts)
+                done += len(chunk)
+                if done > MAX_TEXT_FILE:
+                    raise StepstreamError(f"{name}: the {what} holds more than {MAX_TEXT_FILE // 2**20} MiB; give a "
+                                          "smaller text file")
+        finally:
+            if f is not sys.stdin.buffer:
+                f.close()
     except FileNotFoundError:
         raise StepstreamError(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise StepstreamError(f"{path} is a directory; give a {what}") from None
     except OSError as e:
         raise StepstreamError(f"{path}: cannot read the {what}: {e.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise StepstreamError(f"{path}: the {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                              f"{e.start})") from None
 
 
 def check_text_args(args) -> None:
@@ -374,6 +396,17 @@ def context_size(args, needed: int = 0, why: str = "") -> int:
     return RuntimeOptions(n_ctx=args.ctx_size).context(limit)
 
 
+def _say_thread_cap(args) -> None:
+    """-t beyond the threads numba may run (NUMBA_NUM_THREADS: the machine's cores by default) is
+    capped there; said, not done silently (`convert --threads` refuses such a count)."""
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if args.threads is not None and args.threads > limit:
+        print(f"-t {args.threads}: the kernels run at most {limit} threads here (NUMBA_NUM_THREADS)"
+              + getattr(args, "threads_note", "").format(limit=limit), file=sys.stderr)
+
+
 def load_model(args):
     from runtime.loader import load  # here, not at the top: a bad argument is refused before seconds of imports
 
@@ -381,6 +414,7 @@ def load_model(args):
         raise StepstreamError("--ram-budget sizes the streamed experts' cache; it cannot go with --no-stream")
     choose_wait_policy(args.threads)
     context_size(args)
+    _say_thread_cap(args)
     model = load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                  experts="stream" if args.stream else "ram" if args.no_stream else "auto", ram_budget=args.ram_budget,
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
@@ -411,13 +445,16 @@ def interrupts_kept():
     "Exception ignored" and drops it: a review's Ctrl-C during "loading the kernels..." let the
     run go on to exit 0, 3 times in 3 (and SIGTERM, since every command raises Terminated on it).
     Here the handlers record the signal, the dropped exception is not printed, and the block's
-    end raises the first signal's exception when one was dropped."""
-    from runtime.base.errors import Terminated
+    end raises the first signal's exception when one was dropped, in place of any other exception
+    the block ends with then."""
+    from runtime.base.errors import HungUp, Terminated
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     kinds = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+    if hasattr(signal, "SIGHUP"):
+        kinds[signal.SIGHUP] = HungUp
     previous = {s: signal.getsignal(s) for s in kinds}
     watched = [s for s, p in previous.items()
                if p is not signal.SIG_IGN and (s == signal.SIGINT or p is not signal.SIG_DFL)]  # raised there
@@ -437,6 +474,13 @@ def interrupts_kept():
     sys.unraisablehook = unraisable
     try:
         yield
+    except BaseException as e:
+        # The dropped signal can leave numba broken mid-compile ("no compiled object yet"): what
+        # then escapes is that breakage, and the signal is what the user sent (a review: exit 1
+        # with a traceback, 1 time in 25). The signal's exception goes up instead.
+        if hit and not isinstance(e, tuple(kinds.values())):
+            raise kinds[hit[0]]() from None
+        raise
     finally:
         for s in watched:
             signal.signal(s, previous[s])

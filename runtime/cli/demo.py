@@ -127,7 +127,12 @@ def run(args) -> int:
         last = piece
     timing = GenerationTiming(len(ids), t0, first[0], first[1], time.perf_counter(), last.n_tokens)
     hits, requests = st.hits - hits0, st.requests - requests0
-    print(f"\n\n{timing.speeds()}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB; "
+    # why it stopped, as `run` says it (-n beyond the demo's context stopped early without a word)
+    full = last.finish_reason == "length" and (args.n_predict < 0 or last.n_tokens < args.n_predict)
+    why = (f"the demo's context of {N_CTX} tokens is full after {last.n_tokens} generated" if full else
+           last.finish_reason or "stop")
+    print(f"\n[{why}]", file=sys.stderr)
+    print(f"\n{timing.speeds()}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB; "
           f"expert cache hit rate {hits / max(requests, 1):.1%}, "
           f"{(st.bytes_read - read0) / 1e6:.1f} MB read from disk; "
           f"OpenMP waits {os.environ.get('OMP_WAIT_POLICY') or 'default'}", file=sys.stderr)

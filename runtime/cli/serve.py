@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: 8080)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
+    p.add_argument("--api-key", type=_api_key, default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
     p.add_argument("--alias", default=None, metavar="NAME",
                    help="the model's name in the API (default: the GGUF file's name)")
@@ -34,6 +34,16 @@ def add_arguments(p) -> None:
                    help="requests that may wait while one runs; more get 503 (default: 8)")
     p.add_argument("--max-body", type=body_size, default="8MiB", metavar="SIZE",  # argparse parses a str default
                    help="largest request body accepted, e.g. 8MiB, 512KiB or plain bytes (default: 8MiB)")
+
+
+def _api_key(text: str) -> str:
+    """A key a client can send as `Authorization: Bearer KEY`: not empty (an unset variable in
+    `--api-key "$KEY"` served everyone: a missing header compared equal to it), no whitespace."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: give a key, or leave --api-key out to serve without one")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise argparse.ArgumentTypeError("holds whitespace or a control character, which a Bearer token cannot carry")
+    return text
 
 
 def _listen(host: str, port: int) -> socket.socket:

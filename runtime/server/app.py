@@ -41,6 +41,9 @@ class ClientGone(Exception):
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+    if api_key is not None and not api_key:  # a missing header's empty token would match it
+        raise StepstreamError("an empty API key would admit every request; give a key, or None for no key")
+
     model = engine.model
     app = FastAPI(title="stepstream", docs_url=None, redoc_url=None, openapi_url=None)
     # a web page from any origin may call it, as llama-server allows (the API key still guards
