@@ -67,3 +67,10 @@ def test_the_demo_says_why_it_stopped(capsys):
     assert "[the demo's context of 1024 tokens is full after " in err
     assert main(["demo", "-n", "3", "-t", "1"]) == 0
     assert "\n[length]\n" in capsys.readouterr().err
+
+
+def test_a_text_about_gguf_files_is_a_text(tmp_path):
+    """The magic alone refused any prompt that starts with the word (a review)."""
+    path = tmp_path / "p.txt"
+    path.write_text("GGUF is the file format llama.cpp reads.\n")
+    assert read_text_file(str(path), "prompt file").startswith("GGUF is")

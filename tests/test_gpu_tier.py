@@ -90,3 +90,20 @@ def test_vram_experts_lru_never_evicts_a_slot_in_use():
     assert len(copy) == 1 and sorted(copy + cpu) == [5, 6, 7]  # one free slot's worth
     v.forget(0, 1)
     assert v.lookup(0, [1]) == [None]
+
+
+def test_the_gpu_attention_scratch_is_sized_by_the_ring_not_the_files_window(tmp_path):
+    """A window past the context runs as the context (llama.cpp runs such files); the GPU tier
+    sized its attention scratch by the file's window (a review: 4 GB at a 256K window whatever
+    -c said), where the CPU cache sizes its rings by min(window, n_ctx)."""
+    from runtime.base.gguf_schema import Key
+    from tests.helpers.gguf_edit import rewrite
+
+    wide = tmp_path / "wide.gguf"
+    rewrite(SHIPPED, wide, change={Key.CONTEXT_LENGTH: 4096, Key.SLIDING_WINDOW: 1_000_000})
+    m = runtime.load(wide, n_ctx=64, gpu_budget="64MiB")
+    try:
+        assert m.cfg.window == 4096 and m.gpu.cache.window == 64
+        assert m.gpu.att_slots <= 64 + 64 + 64  # the first chunk's keys, the ring, a margin
+    finally:
+        m.close()

@@ -208,3 +208,35 @@ def test_json_mode_through_the_server(files):
         with pytest.raises(openai.BadRequestError, match="json_schema"):
             client.chat.completions.create(model="m", messages=MSGS, max_tokens=4, response_format={
                 "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+
+
+class _OnlyOne:
+    """A constraint that allows one token, as JSON mode allows only EOG once the object closed."""
+
+    def __init__(self, tok: int, n: int):
+        self.tok, self.n = tok, n
+
+    def allows(self, t):
+        return t == self.tok
+
+    def candidates(self):
+        m = np.zeros(self.n, bool)
+        m[self.tok] = True
+        return m
+
+    def take(self, t):
+        pass
+
+
+@pytest.mark.parametrize("penalty", [1e300, 1e-300, 1.3])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_the_constrained_draw_ends_whatever_the_penalty_did(penalty, temperature):
+    """A repetition penalty that took every allowed token's logit to -inf made the redraw loop
+    pick a refused token for ever (a review: greedy hung with the model's lock held)."""
+    from runtime.generation.sampling import Sampler, SamplingParams
+
+    logits = np.linspace(1.0, -1.0, 10).astype(np.float32)  # the allowed token's logit is negative
+    s = Sampler(SamplingParams(temperature=temperature, repeat_penalty=penalty, seed=1), _OnlyOne(5, 10))
+    assert s(logits, history=[5, 0]) == 5
+    free = Sampler(SamplingParams(temperature=temperature, repeat_penalty=penalty, seed=1))
+    assert 0 <= free(logits, history=[5, 0, 1]) < 10  # (no NaN probabilities from +-inf either)

@@ -351,8 +351,9 @@ def run(args) -> int:
             raise StepstreamError(f"{flag} goes with --sweep-ram (a plain bench writes no sweep and runs no child)")
     # Room for the prompt and the decoded tokens (the warm-up's one at least), and without -c no
     # more (the KV cache, and a default budget's share of memory, sized for them), as llama-bench.
-    if args.mtp is not None and args.n_gen == 0:
-        raise StepstreamError("--mtp times generation with the MTP heads, which -n 0 leaves out; give -n N")
+    if args.mtp is not None and args.n_gen < 2:  # its rate is over the tokens after the first
+        raise StepstreamError(f"--mtp times generation with the MTP heads over the tokens after the first, which "
+                              f"-n {args.n_gen} leaves none of; give -n 2 or more")
     args.threads_note = "; both engines use {limit}" if args.llama_cpp else ""  # (load_model's note on -t)
     needed = args.n_prompt + max(args.n_gen, 1)
     context_size(args, needed, f"-p {args.n_prompt} and -n {args.n_gen}")

@@ -128,6 +128,7 @@ def existing_file(what: str):
 
 
 MAX_TEXT_FILE = 256 * 2**20  # -f texts are read whole: a perplexity corpus is a few MB
+_GGUF_VERSIONS = tuple(v.to_bytes(4, "little") for v in (1, 2, 3))  # after the magic, in a model file
 
 
 def read_text_file(path: str, what: str) -> str:
@@ -144,7 +145,7 @@ def read_text_file(path: str, what: str) -> str:
         try:
             while True:
                 chunk = f.read(4 * 2**20)
-                if done == 0 and chunk[:4] == b"GGUF":
+                if done == 0 and chunk[:4] == b"GGUF" and chunk[4:8] in _GGUF_VERSIONS:  # not a text about GGUF
                     raise StepstreamError(f"{name} is a GGUF model file; give a {what} (UTF-8 text)")
                 try:
                     parts.append(decoder.decode(chunk, final=not chunk))

@@ -17,6 +17,7 @@ import numpy as np
 from runtime.base.errors import StepstreamError
 
 NEG_INF = np.float32(-np.inf)
+_F32_MAX = np.finfo(np.float32).max
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ def repetition_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float
         return out
     ids = np.unique(np.asarray(recent, dtype=np.int64))
     v = out[ids]
-    out[ids] = np.where(v > 0, v / penalty, v * penalty)
+    with np.errstate(over="ignore", divide="ignore"):  # an extreme penalty stays in float32: no new +-inf
+        new = np.where(v > 0, v / penalty, v * penalty)
+    out[ids] = np.where(np.isfinite(v), np.clip(new, -_F32_MAX, _F32_MAX), v)
     return out
 
 
@@ -132,26 +135,41 @@ class Sampler:
         self.constraint = constraint
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        tok = self._chain(logits, history)
+        z = self._penalized(logits, history)
+        tok = self._pick(z)
         c = self.constraint
         if c is None:
             return tok
         if not c.allows(tok):
-            z = np.where(c.candidates(), np.asarray(logits, dtype=np.float32), NEG_INF)
-            while True:
-                if not np.isfinite(z).any():
-                    raise StepstreamError("no token of the vocabulary can continue the constrained reply")
-                tok = self._chain(z, history)
-                if c.allows(tok):
-                    break
-                z[tok] = NEG_INF  # candidates() may be a superset (see JsonObjectReply)
+            allowed = c.candidates()
+            # the penalized logits of the allowed tokens; when a penalty took them all to -inf,
+            # their raw logits (each pick is then a finite logit, so the loops end)
+            tok = self._pick_allowed(np.where(allowed, z, NEG_INF))
+            if tok is None:
+                tok = self._pick_allowed(np.where(allowed, np.asarray(logits, dtype=np.float32), NEG_INF))
+            if tok is None:
+                raise StepstreamError("no token of the vocabulary can continue the constrained reply")
         c.take(tok)
         return tok
 
-    def _chain(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def _pick_allowed(self, z: np.ndarray) -> int | None:
+        """A token the constraint allows, drawn from z (the allowed tokens' logits, -inf elsewhere),
+        or None when none of z's finite ones is (candidates() may be a superset)."""
+        while np.isfinite(z).any():
+            tok = self._pick(z)
+            if self.constraint.allows(tok):
+                return tok
+            z[tok] = NEG_INF
+        return None
+
+    def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.params
         recent = history[-p.repeat_last_n :] if p.repeat_last_n else ()
-        z = repetition_penalty(np.asarray(logits, dtype=np.float32), recent, p.repeat_penalty)
+        return repetition_penalty(np.asarray(logits, dtype=np.float32), recent, p.repeat_penalty)
+
+    def _pick(self, z: np.ndarray) -> int:
+        """The chain after the penalty: argmax, or top-k, top-p, min-p, temperature and a draw."""
+        p = self.params
         if p.temperature <= 0:
             return greedy(z)
         z = min_p(top_p(top_k(z, p.top_k), p.top_p), p.min_p)

@@ -141,7 +141,7 @@ class GPUExecutor:
         self.proj = {b.p: dev((T, b.p), np.float32) for b in self.blocks}
         self.att = {b.n_head: dev((T, b.n_head * D), np.float32) for b in self.blocks}
         self.n_head_max = max(b.n_head for b in self.blocks)
-        self.att_slots = min(n_ctx, START_CAPACITY) + cfg.window + 64
+        self.att_slots = min(n_ctx, START_CAPACITY) + self.cache.window + 64  # the ring's window: at most n_ctx
         self.att_scratch = ops.attention_scratch(T, self.n_head_max, self.att_slots)
         self.logits, self.ids, self.wts = dev((T, E), np.float32), dev((T, K), np.int32), dev((T, K), np.float32)
         self.ids_h, self.wts_h = pin((T, K), np.int32), pin((T, K), np.float32)
