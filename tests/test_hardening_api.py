@@ -229,8 +229,8 @@ def test_llama_cpp_python_calls_work_unchanged():
                         ("typical_p", 0.5), ("mirostat_mode", 2)):
         with pytest.raises(StepstreamError, match=f"{name}=.* is not supported by the Python API"):
             m.create_completion("def f(x):", max_tokens=2, **{name: value})
-    with pytest.raises(StepstreamError, match="response_format=.*json_schema.* is not supported"):
-        m.create_chat_completion(msgs, max_tokens=2, response_format={"type": "json_schema", "json_schema": {}})
+    with pytest.raises(StepstreamError, match="response_format=.*xml.* is not supported"):
+        m.create_chat_completion(msgs, max_tokens=2, response_format={"type": "xml"})
 
 
 def test_history_is_read_only():

@@ -159,10 +159,9 @@ def test_a_bad_max_body_is_one_line_and_exit_status_2(capsys, given, message):
     ("presence_penalty", 0.5, "'presence_penalty' is not supported (only 0)"),
     ("frequency_penalty", -1, "'frequency_penalty' is not supported (only 0)"),
     ("logit_bias", {"5": 10}, "'logit_bias' is not supported"),
-    # (json_object is honoured: tests/test_json_mode.py)
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
-     "'response_format' with \"json_schema\" is not supported (\"text\" and \"json_object\" are: there is no JSON "
-     "Schema constraint)"),
+    # (json_object and json_schema are honoured: tests/test_json_mode.py, tests/test_json_schema.py)
+    ("response_format", {"type": "xml"},
+     "'response_format' with \"xml\" is not supported (\"text\", \"json_object\" and \"json_schema\" are)"),
 ])
 def test_an_unhonoured_field_is_a_400(client, field, value, message):
     for call in (lambda **kw: client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw),

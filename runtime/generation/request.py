@@ -87,6 +87,7 @@ class Request:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's and k alternatives'
     ignore_eos: bool = False  # an end-of-text token does not end the reply (it adds no text), as in vLLM
     json_object: bool = False  # response_format json_object: the reply is one JSON object
+    grammar: object = None  # response_format json_schema: its compiled schema (runtime.text.json_schema)
     in_reasoning: bool = False  # the prompt opened <think>: with json_object, the JSON follows </think>
     mtp: int | str | None = None  # the draft length (None: the model's load option)
     cancelled: Callable[[], bool] = lambda: False
@@ -142,8 +143,8 @@ def run(model, req: Request) -> Iterator[Step]:
         return
     t0 = time.perf_counter()
     sampler = _Recording(req.params, model, req.logprobs)
-    if req.json_object:
-        sampler.constraint = JsonObjectReply(vocabulary(model.tokenizer), req.in_reasoning)
+    if req.json_object or req.grammar is not None:
+        sampler.constraint = JsonObjectReply(vocabulary(model.tokenizer), req.in_reasoning, req.grammar)
     stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)
     tokens = generate(model, req.prompt, sampler, req.max_tokens, stop_at_eog=not req.ignore_eos, stats=stats,
                       mtp=req.mtp, cancelled=req.cancelled)

@@ -785,18 +785,18 @@ class Model:
             ids = ids + self.tokenize(forced, add_bos=False, special=True)
         mtp = sampling.pop("mtp", None)
         k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
-        json_object = _json_mode(sampling.pop("response_format", None))
-        if json_object and offered is not None:
-            raise StepstreamError("response_format json_object goes without tools (or with tool_choice 'none'): the "
-                                  "reply must be one JSON object, with no room for a tool call's markup")
-        if k is not None or json_object:
-            return self._chat_as_request(ids, k, json_object, max_tokens, stop, stream, mtp, sampling,
+        json_object, grammar = _json_mode(sampling.pop("response_format", None))
+        if (json_object or grammar is not None) and offered is not None:
+            raise StepstreamError("response_format json_object or json_schema goes without tools (or with tool_choice "
+                                  "'none'): the reply must be JSON, with no room for a tool call's markup")
+        if k is not None or json_object or grammar is not None:
+            return self._chat_as_request(ids, k, (json_object, grammar), max_tokens, stop, stream, mtp, sampling,
                                          callable_tools(offered, tool_choice), in_reasoning, forced)
         pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return chat_response(self, ids, pieces, stream, tools=callable_tools(offered, tool_choice),
                              in_reasoning=in_reasoning, forced=forced)
 
-    def _chat_as_request(self, ids: list[int], k: int | None, json_object: bool, max_tokens, stop, stream: bool, mtp,
+    def _chat_as_request(self, ids: list[int], k: int | None, structured: tuple, max_tokens, stop, stream: bool, mtp,
                          sampling: dict, tools, in_reasoning: bool, forced: str):
         """create_chat_completion with `logprobs` (the reply's tokens' log-probabilities and the k
         likeliest alternatives', in OpenAI's chat shape) or JSON mode, run as a server request
@@ -805,7 +805,9 @@ class Model:
         limit = _no_limit(max_tokens)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
             raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
-        req = Request(ids, params, limit, _stops(stop), k, mtp=mtp, json_object=json_object, in_reasoning=in_reasoning)
+        json_object, grammar = structured  # JSON mode, or a compiled JSON Schema
+        req = Request(ids, params, limit, _stops(stop), k, mtp=mtp, json_object=json_object, grammar=grammar,
+                      in_reasoning=in_reasoning)
         reply = ChatReply(self.name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
         steps = run_request(self, req)
         want = k is not None
@@ -900,16 +902,23 @@ def _temp(sampling: dict) -> dict:
     return sampling
 
 
-def _json_mode(response_format) -> bool:
-    """llama-cpp-python's `response_format`: None or {"type": "text"} (off), {"type": "json_object"}
-    (JSON mode); a schema, which llama-cpp-python turns into a grammar, is refused by name."""
+def _json_mode(response_format) -> tuple[bool, object]:
+    """(JSON mode, a compiled schema) from `response_format`: None or {"type": "text"} (off),
+    {"type": "json_object"} (JSON mode), llama-cpp-python's {"type": "json_object", "schema": S}
+    and OpenAI's {"type": "json_schema", "json_schema": {"schema": S}} (the schema's grammar)."""
+    from runtime.text.json_schema import JsonSchemaGrammar, grammar_for
+
     if response_format is None:
-        return False
+        return False, None
     kind = response_format.get("type", "text") if isinstance(response_format, dict) else None
     if kind == "text" or (kind == "json_object" and response_format.get("schema") is None):
-        return kind == "json_object"
-    raise StepstreamError(f"response_format={response_format!r:.80} is not supported: {{'type': 'text'}} and "
-                          "{'type': 'json_object'} are (there is no JSON Schema constraint)")
+        return kind == "json_object", None
+    if kind == "json_object":
+        return False, JsonSchemaGrammar(response_format["schema"])
+    if kind == "json_schema":
+        return False, grammar_for(response_format)
+    raise StepstreamError(f"response_format={response_format!r:.80} is not supported: {{'type': 'text'}}, "
+                          "{'type': 'json_object'} and {'type': 'json_schema', ...} are")
 
 
 def _chat_logprobs_k(logprobs, top_logprobs, vocab: int) -> int | None:

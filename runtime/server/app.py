@@ -97,7 +97,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                            param=field, code="context_length_exceeded")
         room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
         return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs,
-                            ignore_eos=common.ignore_eos, json_object=common.json_object, in_reasoning=in_reasoning)
+                            ignore_eos=common.ignore_eos, json_object=common.json_object, grammar=common.grammar,
+                            in_reasoning=in_reasoning)
 
     def submit(req: ModelRequest, stream: bool) -> Job:
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from runtime.base.errors import StepstreamError
 from runtime.generation.sampling import SamplingParams
 from runtime.text.chat_template import ROLES
+from runtime.text.json_schema import grammar_for
 from runtime.text.tool_calls import ToolSpecError, check_tools
 
 MAX_STOPS = 4  # as OpenAI
@@ -48,6 +49,11 @@ class Common:
     include_usage: bool
     ignore_eos: bool = False  # vLLM's and llama-server's: generate on past the end of text
     json_object: bool = False  # response_format {"type": "json_object"}: the reply is one JSON object
+    grammar: object = None  # response_format {"type": "json_schema"}: the compiled schema
+
+    @property
+    def structured(self) -> bool:
+        return self.json_object or self.grammar is not None
 
 
 @dataclass(frozen=True)
@@ -175,10 +181,16 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
         raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported")
     fmt = _get(body, "response_format", (dict,))
     kind = "text" if fmt is None else fmt.get("type", "text")
-    if kind not in ("text", "json_object") or (fmt and kind == "json_object" and fmt.get("schema") is not None):
-        what = "a schema" if kind == "json_object" else json.dumps(kind)
-        raise ApiError(400, f"'response_format' with {what} is not supported (\"text\" and \"json_object\" are: "
-                            "there is no JSON Schema constraint)", param="response_format", code="unsupported")
+    grammar = None
+    if kind == "json_schema":
+        try:
+            grammar = grammar_for(fmt)
+        except StepstreamError as e:
+            raise ApiError(400, f"'response_format': {e}", param="response_format", code="unsupported") from None
+    elif kind not in ("text", "json_object") or (fmt and kind == "json_object" and fmt.get("schema") is not None):
+        what = "a schema (send type json_schema)" if kind == "json_object" else json.dumps(kind)
+        raise ApiError(400, f"'response_format' with {what} is not supported (\"text\", \"json_object\" and "
+                            "\"json_schema\" are)", param="response_format", code="unsupported")
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
@@ -217,7 +229,7 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed)
     return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
-                  json_object=kind == "json_object")
+                  json_object=kind == "json_object", grammar=grammar)
 
 
 def _is_ids(v) -> bool:
@@ -321,9 +333,9 @@ def chat_body(body: dict) -> ChatBody:
     continue_final = _get(body, "continue_final_message", (bool,), True)
     max_calls = None if _get(body, "parallel_tool_calls", (bool,), True) else 1
     common = _common(body, None)
-    if common.json_object and tools and tool_choice != "none":
-        raise ApiError(400, "'response_format' json_object goes without 'tools' (or with 'tool_choice': \"none\"): "
-                            "the reply must be one JSON object, with no room for a tool call's markup",
+    if common.structured and tools and tool_choice != "none":
+        raise ApiError(400, "'response_format' json_object or json_schema goes without 'tools' (or with 'tool_choice': "
+                            "\"none\"): the reply must be JSON, with no room for a tool call's markup",
                        param="response_format", code="unsupported")
     return ChatBody(messages, tools, tool_choice, common, logprobs, continue_final, max_calls)
 

@@ -186,35 +186,56 @@ class Vocabulary:
             node[1].append(tok)
         self._masks: OrderedDict = OrderedDict()
 
-    def mask(self, s: tuple) -> np.ndarray:
-        """bool [V]: the tokens whose bytes continue state `s`, and EOG once it is complete
-        (cached per state; in THINK, every token that prints, a superset: the sampler checks the
-        one it draws)."""
-        hit = self._masks.get(s)
+    def mask(self, s, grammar=None) -> np.ndarray:
+        """bool [V]: the tokens whose bytes continue state `s` of `grammar` (JSON_OBJECT unless
+        given), and EOG once it is complete (cached per grammar and state; while reasoning, every
+        token that prints, a superset: the sampler checks the one it draws)."""
+        grammar = grammar or JSON_OBJECT
+        key = (grammar, s)
+        hit = self._masks.get(key)
         if hit is not None:
-            self._masks.move_to_end(s)
+            self._masks.move_to_end(key)
             return hit
         out = np.zeros(len(self.pieces), bool)
-        if s[0] == THINK:
+        if grammar.thinking(s):
             out[:] = ~self.silent
         else:
+            step_ = grammar.step
             todo = [(self.trie, s)]
             while todo:
                 children, state = todo.pop()
                 for c, (grand, ids) in children.items():
-                    nxt = step(state, c)
+                    nxt = step_(state, c)
                     if nxt is None:
                         continue
                     if ids:
                         out[ids] = True
                     if grand:
                         todo.append((grand, nxt))
-        if complete(s):
+        if grammar.complete(s):
             out[list(self.eog)] = True
-        self._masks[s] = out
+        self._masks[key] = out
         if len(self._masks) > 64:
             self._masks.popitem(last=False)
         return out
+
+
+class JsonObject:
+    """This module's recognizer as a grammar (start, step, complete, thinking): any JSON object."""
+
+    @staticmethod
+    def start(in_reasoning: bool = False) -> tuple:
+        return start(in_reasoning)
+
+    step = staticmethod(step)
+    complete = staticmethod(complete)
+
+    @staticmethod
+    def thinking(s: tuple) -> bool:
+        return s[0] == THINK
+
+
+JSON_OBJECT = JsonObject()
 
 
 _VOCABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -232,26 +253,37 @@ def vocabulary(tokenizer) -> Vocabulary:
 
 
 class JsonObjectReply:
-    """The recognizer over one reply's tokens, as the sampler asks it: `allows(token)` for the
-    token it drew, `candidates()` when that was refused, `take(token)` for the one it kept."""
+    """A grammar's recognizer over one reply's tokens, as the sampler asks it: `allows(token)`
+    for the token it drew, `candidates()` when that was refused, `take(token)` for the one it
+    kept. The grammar is JSON_OBJECT (JSON mode) or a compiled JSON Schema
+    (runtime.text.json_schema)."""
 
-    def __init__(self, vocab: Vocabulary, in_reasoning: bool = False):
-        self.vocab, self.state = vocab, start(in_reasoning)
+    def __init__(self, vocab: Vocabulary, in_reasoning: bool = False, grammar=None):
+        self.vocab, self.grammar = vocab, grammar or JSON_OBJECT
+        self.state = self.grammar.start(in_reasoning)
+
+    def _feed(self, data: bytes):
+        s, step_ = self.state, self.grammar.step
+        for c in data:
+            s = step_(s, c)
+            if s is None:
+                return None
+        return s
 
     def allows(self, tok: int) -> bool:
         if tok in self.vocab.eog:
-            return complete(self.state)
+            return self.grammar.complete(self.state)
         if self.vocab.silent[tok]:
             return False
-        return feed(self.state, self.vocab.pieces[tok]) is not None
+        return self._feed(self.vocab.pieces[tok]) is not None
 
     def candidates(self) -> np.ndarray:
-        return self.vocab.mask(self.state)
+        return self.vocab.mask(self.state, self.grammar)
 
     def take(self, tok: int) -> None:
         if tok not in self.vocab.eog:
-            self.state = feed(self.state, self.vocab.pieces[tok])
+            self.state = self._feed(self.vocab.pieces[tok])
 
     @property
     def complete(self) -> bool:
-        return complete(self.state)
+        return self.grammar.complete(self.state)

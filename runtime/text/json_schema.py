@@ -1,0 +1,353 @@
+"""Structured outputs (`response_format: {"type": "json_schema", ...}`): the reply is a JSON
+value that the schema accepts.
+
+The schema is compiled into a byte-level recognizer of the same kind as JSON mode's
+(runtime.text.json_constraint, whose Vocabulary masks tokens by it): a state is a set of
+stacks (alternatives, for `anyOf` and optional keys), each frame one value being written.
+It covers what OpenAI's strict mode and pydantic models write: objects with `properties`
+(keys in the schema's order, `required` ones always, the others optional; no other keys),
+free-form objects, arrays of `items`, strings, numbers, integers, booleans, null, `enum`,
+`const`, `anyOf`/`oneOf`, a list of types, and `$ref` into `$defs`/`definitions` (recursion
+included). A keyword that would constrain values further (`pattern`, `minimum`, `format`,
+`minItems`, ...) is refused by name rather than ignored: what is generated always validates.
+
+Whitespace between tokens is bounded as in JSON mode (MAX_WS in a row); none may follow the
+value. A reply that starts in reasoning reasons freely until `</think>`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from runtime.base.errors import StepstreamError
+from runtime.text import json_constraint as J
+
+MAX_FRAMES = 128  # values nested in one another
+MAX_ALTERNATIVES = 256  # stacks followed at once
+
+# keywords that say nothing about which values are valid (or that this recognizer honours)
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment",
+                          "deprecated", "readOnly", "writeOnly", "strict", "$defs", "definitions"})
+_HONOURED = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum", "const",
+                       "anyOf", "oneOf", "$ref"})
+_STRING, _NUMBER, _INTEGER, _LITERAL, _OBJECT, _FREE_OBJECT, _ARRAY, _ANY, _ANYOF = range(9)
+
+
+class SchemaError(StepstreamError):
+    """A schema this recognizer cannot honour, named by the place in it."""
+
+
+class JsonSchemaGrammar:
+    """A compiled schema (start, step, complete, thinking), for json_constraint.JsonObjectReply."""
+
+    def __init__(self, schema):
+        self.nodes: list = []
+        self._refs: dict[str, int] = {}
+        self._root_schema = schema
+        self.root = self._build(schema, "#")
+
+    # ---------------------------------------------------------------- compiling
+
+    def _build(self, s, where: str) -> int:
+        if s is True or s == {}:
+            return self._add((_ANY,))
+        if not isinstance(s, dict):
+            raise SchemaError(f"the schema at {where} is not a JSON Schema object")
+        unknown = sorted(set(s) - _ANNOTATIONS - _HONOURED)
+        if unknown:
+            raise SchemaError(f"the schema at {where} uses {', '.join(repr(k) for k in unknown)}, which the JSON Schema "
+                              "constraint does not enforce (it enforces type, properties, required, items, enum, "
+                              "const, anyOf/oneOf and $ref)")
+        if "$ref" in s:
+            return self._ref(s["$ref"], where)
+        if "enum" in s or "const" in s:
+            values = s["enum"] if "enum" in s else [s["const"]]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f"the schema at {where}: enum must be a non-empty list")
+            return self._add((_LITERAL, tuple(sorted({form for v in values for form in _forms(v)}))))
+        for key in ("anyOf", "oneOf"):
+            if key in s:
+                branches = s[key]
+                if not isinstance(branches, list) or not branches:
+                    raise SchemaError(f"the schema at {where}: {key} must be a non-empty list")
+                rest = {k: v for k, v in s.items() if k != key}
+                if any(k in _HONOURED for k in rest):
+                    raise SchemaError(f"the schema at {where}: {key} beside other constraints is not supported")
+                return self._add((_ANYOF, tuple(self._build(b, f"{where}/{key}/{i}") for i, b in enumerate(branches))))
+        kind = s.get("type")
+        if isinstance(kind, list):
+            if not kind:
+                raise SchemaError(f"the schema at {where}: type is an empty list")
+            return self._add((_ANYOF, tuple(self._build({**s, "type": k}, f"{where}/type/{i}")
+                                            for i, k in enumerate(kind))))
+        if kind is None:
+            if any(k in s for k in ("properties", "items")):
+                raise SchemaError(f"the schema at {where} has properties or items but no type")
+            return self._add((_ANY,))
+        if kind == "string":
+            return self._add((_STRING,))
+        if kind in ("number", "integer"):
+            return self._add((_NUMBER if kind == "number" else _INTEGER,))
+        if kind == "boolean":
+            return self._add((_LITERAL, (b"false", b"true")))
+        if kind == "null":
+            return self._add((_LITERAL, (b"null",)))
+        if kind == "array":
+            at = self._add(None)
+            self.nodes[at] = (_ARRAY, self._build(s.get("items", {}), f"{where}/items"))
+            return at
+        if kind == "object":
+            return self._object(s, where)
+        raise SchemaError(f"the schema at {where}: type {kind!r} is no JSON Schema type")
+
+    def _object(self, s: dict, where: str) -> int:
+        props = s.get("properties")
+        if props is None:
+            if s.get("additionalProperties") is False:
+                return self._add((_LITERAL, (b"{}",)))
+            extra = s.get("additionalProperties", True)
+            if extra not in (True, {}):
+                raise SchemaError(f"the schema at {where}: additionalProperties as a schema is not supported")
+            return self._add((_FREE_OBJECT,))
+        if not isinstance(props, dict):
+            raise SchemaError(f"the schema at {where}: properties must be an object")
+        required = s.get("required", [])
+        if not isinstance(required, list) or any(r not in props for r in required):
+            missing = [r for r in required if r not in props] if isinstance(required, list) else required
+            raise SchemaError(f"the schema at {where}: required names {missing!r}, which properties does not hold")
+        at = self._add(None)
+        keys = tuple((_forms(k), self._build(v, f"{where}/properties/{k}"), k in required) for k, v in props.items())
+        self.nodes[at] = (_OBJECT, keys)
+        return at
+
+    def _ref(self, ref, where: str) -> int:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise SchemaError(f"the schema at {where}: $ref {ref!r} is not a reference inside the schema")
+        if ref in self._refs:
+            return self._refs[ref]
+        target = self._root_schema
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"the schema at {where}: $ref {ref!r} leads nowhere")
+            target = target[part]
+        at = self._add(None)  # a reference may lead back here: the slot exists before its schema is built
+        self._refs[ref] = at
+        self.nodes[at] = (_ANYOF, (self._build(target, ref),))
+        return at
+
+    def _add(self, node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    # ---------------------------------------------------------------- recognizing
+    #
+    # A state: ("think", tail) before `</think>`, or ("json", frozenset of stacks). A stack is a
+    # tuple of frames, the innermost last; the empty stack is a finished value. Frames:
+    #   (_OBJECT, node, i, phase, aux)  i: the next property; phase 0 "{", 1 a key or "}", 2 in a
+    #                                   key (aux: its bytes left), 3 ":", 4 the value, 5 "," or "}",
+    #                                   6 a key after ","; aux elsewhere: whitespace so far
+    #   (_ARRAY, node, phase, ws)       phase 0 "[", 1 an item or "]", 2 "," or "]", 3 an item
+    #   (_STRING, node, phase, aux)     phase 0 '"', 1 inside (aux: json_constraint's string aux)
+    #   (_NUMBER or _INTEGER, node, sub) sub None before the first byte
+    #   (_LITERAL, node, alternatives left)
+    #   (_FREE_OBJECT or _ANY, node, json_constraint state)
+
+    def start(self, in_reasoning: bool = False):
+        if in_reasoning:
+            return ("think", b"")
+        return ("json", frozenset(((("lead", 0),),)))
+
+    @staticmethod
+    def thinking(s) -> bool:
+        return s[0] == "think"
+
+    @staticmethod
+    def complete(s) -> bool:
+        return s[0] == "json" and () in s[1]
+
+    def step(self, s, c: int):
+        if s[0] == "think":
+            tail = (s[1] + bytes((c,)))[-len(J.END_THINK):]
+            return ("json", frozenset(((("lead", 0),),))) if tail == J.END_THINK else ("think", tail)
+        out = set()
+        for stack in s[1]:
+            out.update(self._advance(stack, c))
+        if not out:
+            return None
+        if len(out) > MAX_ALTERNATIVES:
+            raise StepstreamError(f"the JSON Schema constraint follows more than {MAX_ALTERNATIVES} readings of the "
+                                  "reply at once; simplify the schema's anyOf branches")
+        return ("json", frozenset(out))
+
+    def _advance(self, stack: tuple, c: int) -> list[tuple]:
+        """The stacks after byte c (none: it cannot come here)."""
+        if not stack:
+            return []  # the value is complete: nothing may follow it
+        top, rest = stack[-1], stack[:-1]
+        kind = top[0]
+        if kind == "lead":  # before the root value: a little whitespace, as JSON mode allows
+            if c in J._WS:
+                return [(("lead", top[1] + 1),)] if top[1] < J.MAX_LEADING_WS else []
+            return self._start((), self.root, c)
+        if kind == _OBJECT:
+            return self._object_step(top, rest, c)
+        if kind == _ARRAY:
+            return self._array_step(top, rest, c)
+        if kind == _STRING:
+            if top[2] == 0:
+                return [rest + ((_STRING, top[1], 1, (False, 0, 0, 0, 0, 0)),)] if c == 0x22 else []
+            nxt = J.step((J.STRING, "", top[3], 0), c)
+            if nxt is None:
+                return []
+            if nxt[0] == J.DONE:  # the closing quote
+                return [self._child_done(rest)]
+            return [rest + ((_STRING, top[1], 1, nxt[2]),)]
+        if kind in (_NUMBER, _INTEGER):
+            sub = top[2]
+            if sub is None:
+                nxt = J._SIGN if c == 0x2D else J._ZERO if c == 0x30 else J._INT if c in J._DIGITS else None
+            else:
+                nxt = J._number_step(sub, c)
+                if nxt in (J._DOT, J._EXP) and kind == _INTEGER:
+                    nxt = None
+            if nxt is not None:
+                return [rest + ((kind, top[1], nxt),)]
+            if sub in J._NUMBER_ENDS:  # the number ended before c: c belongs to what holds it
+                return self._advance(self._child_done(rest), c)
+            return []
+        if kind == _LITERAL:
+            alts = tuple(a[1:] for a in top[2] if a and a[0] == c)
+            out = []
+            if any(a for a in alts):
+                out.append(rest + ((_LITERAL, top[1], tuple(a for a in alts if a)),))
+            if b"" in alts:
+                out.append(self._child_done(rest))
+            return out
+        if kind in (_FREE_OBJECT, _ANY):
+            inner = top[2]
+            if inner[0] == J.NUMBER and inner[1] == "" and J._number_step(inner[2], c) is None:
+                if inner[2] in J._NUMBER_ENDS:
+                    return self._advance(self._child_done(rest), c)
+                return []
+            nxt = J.step(inner, c)
+            if nxt is None:
+                return []
+            if nxt[0] == J.DONE:
+                return [self._child_done(rest)]
+            return [rest + ((kind, top[1], nxt),)]
+        raise AssertionError(kind)
+
+    def _start(self, rest: tuple, node: int, c: int) -> list[tuple]:
+        """A value of `node` begins with byte c below the frames `rest`."""
+        if len(rest) >= MAX_FRAMES:
+            return []
+        n = self.nodes[node]
+        kind = n[0]
+        if kind == _ANYOF:
+            out = []
+            for branch in n[1]:
+                out.extend(self._start(rest, branch, c))
+            return out
+        if kind == _OBJECT:
+            frame = (_OBJECT, node, 0, 0, 0)
+        elif kind == _ARRAY:
+            frame = (_ARRAY, node, 0, 0)
+        elif kind == _STRING:
+            frame = (_STRING, node, 0, None)
+        elif kind in (_NUMBER, _INTEGER):
+            frame = (kind, node, None)
+        elif kind == _LITERAL:
+            frame = (_LITERAL, node, n[1])
+        elif kind == _FREE_OBJECT:
+            frame = (_FREE_OBJECT, node, (J.KEY_OR_END, "{", None, 0)) if c == 0x7B else None
+            return [rest + (frame,)] if frame else []
+        else:  # _ANY: json_constraint's recognizer, from this value's first byte
+            inner = J._value("", c)
+            return [rest + ((_ANY, node, inner),)] if inner is not None else []
+        return self._advance(rest + (frame,), c)
+
+    def _child_done(self, rest: tuple) -> tuple:
+        """The stack once the value on top of `rest` is complete."""
+        if not rest:
+            return ()
+        parent = rest[-1]
+        if parent[0] == _OBJECT:
+            return rest[:-1] + ((_OBJECT, parent[1], parent[2], 5, 0),)
+        if parent[0] == _ARRAY:
+            return rest[:-1] + ((_ARRAY, parent[1], 2, 0),)
+        raise AssertionError(parent)
+
+    def _keys_from(self, keys: tuple, i: int) -> list[int]:
+        """The properties that may come next from i on: each up to the first required one."""
+        out = []
+        for j in range(i, len(keys)):
+            out.append(j)
+            if keys[j][2]:
+                break
+        return out
+
+    def _object_step(self, top: tuple, rest: tuple, c: int) -> list[tuple]:
+        _, node, i, phase, aux = top
+        keys = self.nodes[node][1]
+        if phase == 0:
+            return [rest + ((_OBJECT, node, 0, 1, 0),)] if c == 0x7B else []
+        if phase == 2:  # inside a key's bytes
+            if c != aux[0]:
+                return []
+            return [rest + ((_OBJECT, node, i, 2, aux[1:]) if len(aux) > 1 else (_OBJECT, node, i, 3, 0),)]
+        if c in J._WS:
+            if aux >= J.MAX_WS:
+                return []
+            return [rest + ((_OBJECT, node, i, phase, aux + 1),)]
+        if phase in (1, 6):
+            out = []
+            if phase == 1 and all(not keys[j][2] for j in range(i, len(keys))) and c == 0x7D:  # }
+                out.append(self._child_done(rest))
+            for j in self._keys_from(keys, i):
+                for key in keys[j][0]:  # the key as written, or with its non-ASCII escaped
+                    if key[0] == c:
+                        out.append(rest + ((_OBJECT, node, j, 2, key[1:]),))
+            return out
+        if phase == 3:
+            return [rest + ((_OBJECT, node, i, 4, 0),)] if c == 0x3A else []
+        if phase == 4:
+            return self._start(rest + ((_OBJECT, node, i, 4, 0),), keys[i][1], c)
+        # phase 5: after a value
+        if c == 0x2C and i + 1 < len(keys):
+            return [rest + ((_OBJECT, node, i + 1, 6, 0),)]
+        if c == 0x7D and all(not keys[j][2] for j in range(i + 1, len(keys))):
+            return [self._child_done(rest)]
+        return []
+
+    def _array_step(self, top: tuple, rest: tuple, c: int) -> list[tuple]:
+        _, node, phase, ws = top
+        if phase == 0:
+            return [rest + ((_ARRAY, node, 1, 0),)] if c == 0x5B else []
+        if c in J._WS:
+            return [rest + ((_ARRAY, node, phase, ws + 1),)] if ws < J.MAX_WS else []
+        if phase == 1 and c == 0x5D:
+            return [self._child_done(rest)]
+        if phase in (1, 3):
+            return self._start(rest + ((_ARRAY, node, phase, 0),), self.nodes[node][1], c)
+        if c == 0x2C:
+            return [rest + ((_ARRAY, node, 3, 0),)]
+        return [self._child_done(rest)] if c == 0x5D else []
+
+
+def _forms(value) -> tuple[bytes, ...]:
+    """A JSON value's texts as literals the reply may hold: compact, with its non-ASCII characters
+    as they are or escaped (\\u00e9), as JSON writers do either."""
+    try:
+        return tuple(sorted({json.dumps(value, ensure_ascii=a, separators=(",", ":"), allow_nan=False).encode()
+                             for a in (False, True)}))
+    except (TypeError, ValueError):
+        raise SchemaError(f"{value!r:.60} in the schema is no JSON value") from None
+
+
+def grammar_for(response_format: dict) -> JsonSchemaGrammar:
+    """The grammar of OpenAI's `{"type": "json_schema", "json_schema": {"name": ..., "schema": ...}}`."""
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+        raise SchemaError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+    return JsonSchemaGrammar(spec.get("schema", {}))

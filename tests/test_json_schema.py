@@ -1,0 +1,276 @@
+"""Structured outputs (`response_format: json_schema`, pydantic models through the `openai`
+client's `.parse`), which were refused: the schema's recognizer (runtime.text.json_schema)
+against the `jsonschema` library on random schemas, their instances and edits of them; replies
+through the Python API and a live server, with models that write a chosen text
+(tests/helpers/scripted_model.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+import runtime
+from runtime.base.errors import StepstreamError
+from runtime.text import json_constraint as J
+from runtime.text.json_schema import JsonSchemaGrammar, SchemaError, grammar_for
+from tests.helpers.scripted_model import write_scripted_model
+
+SHIPPED = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+
+
+def _feed(g: JsonSchemaGrammar, data: bytes):
+    s = g.start()
+    for c in data:
+        s = g.step(s, c)
+        if s is None:
+            return None
+    return s
+
+
+def _accepts(g, data: bytes) -> bool:
+    s = _feed(g, data)
+    return s is not None and g.complete(s)
+
+
+# ------------------------------------------------------------------ random schemas and instances
+
+def _schema(rng: random.Random, depth: int, defs: dict):
+    kinds = ["string", "integer", "number", "boolean", "null", "enum", "optional"]
+    if depth < 3:
+        kinds += ["array", "object", "object", "free", "ref"]
+    kind = rng.choice(kinds)
+    if kind == "enum":
+        return {"enum": rng.sample(["a", "b c", "é", 1, 2.5, True, None, "1"], rng.randint(1, 3))}
+    if kind == "optional":
+        return {"anyOf": [_schema(rng, depth + 1, defs), {"type": "null"}]}
+    if kind == "array":
+        return {"type": "array", "items": _schema(rng, depth + 1, defs)}
+    if kind == "object":
+        props = {f"k{i}{rng.choice(['', ' x', 'é'])}": _schema(rng, depth + 1, defs) for i in range(rng.randint(0, 3))}
+        required = [k for k in props if rng.random() < 0.7]
+        return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    if kind == "free":
+        return {"type": "object"}
+    if kind == "ref":
+        name = f"D{len(defs)}"
+        defs[name] = None
+        defs[name] = _schema(rng, depth + 1, defs)
+        return {"$ref": f"#/$defs/{name}"}
+    return {"type": kind}
+
+
+def _resolve(schema, root):
+    while "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].split("/")[-1]]
+    return schema
+
+
+def _instance(rng: random.Random, schema, root):
+    schema = _resolve(schema, root)
+    if "enum" in schema:
+        return rng.choice(schema["enum"])
+    if "anyOf" in schema:
+        return _instance(rng, rng.choice(schema["anyOf"]), root)
+    kind = schema.get("type")
+    if kind == "string":
+        return rng.choice(["", "x", 'a "q" \\ /', "é中😀", "line\nbreak", "\t"])
+    if kind == "integer":
+        return rng.choice([0, -7, 12, 10**18])
+    if kind == "number":
+        return rng.choice([0, -1.5, 3e-7, 1e300, 42])
+    if kind == "boolean":
+        return rng.choice([True, False])
+    if kind == "null":
+        return None
+    if kind == "array":
+        return [_instance(rng, schema["items"], root) for _ in range(rng.randint(0, 3))]
+    if "properties" in schema:
+        return {k: _instance(rng, v, root) for k, v in schema["properties"].items()
+                if k in schema["required"] or rng.random() < 0.5}
+    return rng.choice([{}, {"a": 1}, {"b": [True, None, "x"], "c": {"d": -0.5}}])
+
+
+def _cases(n: int):
+    rng = random.Random(7)
+    for i in range(n):
+        defs: dict = {}
+        root = {"type": "object", "properties": {}, "required": [], "additionalProperties": False}
+        for k in range(rng.randint(1, 4)):
+            root["properties"][f"p{k}"] = _schema(rng, 1, defs)
+            if rng.random() < 0.8:
+                root["required"].append(f"p{k}")
+        if defs:
+            root["$defs"] = defs
+        yield root, [_instance(rng, root, root) for _ in range(4)]
+
+
+def _text(value, style: int) -> bytes:
+    return json.dumps(value, ensure_ascii=bool(style % 2), indent=2 if style == 2 else None,
+                      separators=(",", ":") if style == 1 else None).encode()
+
+
+def test_every_instance_of_a_random_schema_is_accepted_byte_by_byte():
+    for schema, instances in _cases(150):
+        g = JsonSchemaGrammar(schema)
+        for k, value in enumerate(instances):
+            jsonschema.validate(value, schema)  # the generator's own check
+            data = _text(value, k % 3)
+            s = g.start()
+            for i, c in enumerate(data):
+                assert not g.complete(s) or i == 0, data[:i]
+                s = g.step(s, c)
+                assert s is not None, (schema, data, i)
+            assert g.complete(s), (schema, data)
+
+
+def test_what_it_accepts_the_jsonschema_library_validates():
+    """Sound: every edited document it completes is valid JSON that `jsonschema` accepts."""
+    rng = random.Random(3)
+    pieces = [b"", b",", b":", b"{", b"}", b"[", b"]", b'"', b"null", b"1", b"1.5", b"-", b"true", b'"x"', b'"p0"',
+              b'"p1":', b" ", b"e3", b"\\u00e9", b'"k0":0,'] + [b" ", b"\n", b"0", b"a"] * 3  # (more edits that keep it valid)
+    accepted = rejected = 0
+    for schema, instances in _cases(300):
+        g = JsonSchemaGrammar(schema)
+        for value in instances:
+            doc = bytearray(_text(value, rng.randint(0, 2)))
+            for _ in range(rng.randint(1, 2)):
+                at = rng.randint(0, len(doc))
+                doc[at:at + rng.randint(0, 1)] = rng.choice(pieces)
+            doc = bytes(doc)
+            if _accepts(g, doc):
+                accepted += 1
+                parsed = json.loads(doc.decode("utf-8"), parse_constant=lambda c: 1 / 0)
+                jsonschema.validate(parsed, schema)
+            else:
+                rejected += 1
+    assert accepted > 100 and rejected > 300, (accepted, rejected)  # both kinds came up
+
+
+@pytest.mark.parametrize("doc", [b'{"a": 1}', b'{"name": "x", "extra": 1}', b'{"name": 3}', b'{}',
+                                 b'{"name": "x", "n": 1.5}', b'{"n": 2, "name": "x"}'])
+def test_what_a_strict_schema_refuses(doc):
+    """Missing, extra, mistyped and reordered keys (the order is the schema's, as OpenAI's strict
+    mode writes it); an integer with a fraction."""
+    g = JsonSchemaGrammar({"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+                           "required": ["name"], "additionalProperties": False})
+    assert not _accepts(g, doc)
+    assert _accepts(g, b'{"name": "x", "n": 2}') and _accepts(g, b'{"name":"x"}')
+
+
+def test_a_recursive_schema_nests():
+    tree = {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {
+        "type": "array", "items": {"$ref": "#/$defs/node"}}}, "required": ["v", "kids"], "additionalProperties": False}},
+        "$ref": "#/$defs/node"}
+    g = JsonSchemaGrammar(tree)
+    doc = {"v": 1, "kids": [{"v": 2, "kids": []}, {"v": 3, "kids": [{"v": 4, "kids": []}]}]}
+    assert _accepts(g, json.dumps(doc).encode()) and not _accepts(g, b'{"v": 1, "kids": [{"v": 2}]}')
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "string", "pattern": "^a"}, "'pattern'"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}, r"#/properties/n uses 'minimum'"),
+    ({"type": "object", "properties": {"d": {"type": "string", "format": "date-time"}}}, "'format'"),
+    ({"type": "object", "properties": {}, "required": ["x"]}, "required names"),
+    ({"$ref": "#/$defs/missing"}, "leads nowhere"),
+    ({"type": "decimal"}, "no JSON Schema type"),
+])
+def test_keywords_it_cannot_enforce_are_refused_by_name(schema, words):
+    with pytest.raises(SchemaError, match=words):
+        JsonSchemaGrammar(schema)
+
+
+def test_the_mask_is_the_set_of_tokens_that_continue():
+    m = runtime.load(SHIPPED, n_threads=1, n_ctx=64)
+    vocab = J.vocabulary(m.tokenizer)
+    g = JsonSchemaGrammar({"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "n": {"type": "number"}},
+                           "required": ["kind"], "additionalProperties": False})
+    for prefix in [b"", b"{", b'{"ki', b'{"kind": "', b'{"kind": "dog"', b'{"kind": "dog", "n": 1']:
+        s = _feed(g, prefix)
+        want = [(not vocab.silent[t] and _feed_from(g, s, vocab.pieces[t]) is not None) or
+                (t in vocab.eog and g.complete(s)) for t in range(len(vocab.pieces))]
+        assert list(vocab.mask(s, g)) == want, prefix
+
+
+def _feed_from(g, s, data: bytes):
+    for c in data:
+        s = g.step(s, c)
+        if s is None:
+            return None
+    return s
+
+
+# ------------------------------------------------------------------ through the model
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "kind": {"enum": ["cat", "dog"]}},
+          "required": ["name", "age", "kind"], "additionalProperties": False}
+REPLIES = {"valid": '{"name": "Tom", "age": 3, "kind": "cat"} Thanks',
+           "wrong": '{"name": "Tom", "age": 3.5, "kind": "cow"}'}
+MSGS = [{"role": "user", "content": "Describe the cat."}]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("json-schema")
+    return {name: write_scripted_model(SHIPPED, root / f"{name}.gguf", text) for name, text in REPLIES.items()}
+
+
+def _fmt(schema=SCHEMA):
+    return {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}}
+
+
+def test_a_valid_reply_passes_and_a_wrong_one_is_steered(files):
+    m = runtime.load(files["valid"], n_threads=1, n_ctx=512)
+    r = m.create_chat_completion(MSGS, max_tokens=60, temperature=0, response_format=_fmt())
+    assert r["choices"][0]["message"]["content"] == '{"name": "Tom", "age": 3, "kind": "cat"}'
+    assert r["choices"][0]["finish_reason"] == "stop"
+    # llama-cpp-python's spelling of the same
+    r = m.create_chat_completion(MSGS, max_tokens=60, temperature=0, response_format={"type": "json_object",
+                                                                                       "schema": SCHEMA})
+    assert r["choices"][0]["message"]["content"] == '{"name": "Tom", "age": 3, "kind": "cat"}'
+    m = runtime.load(files["wrong"], n_threads=1, n_ctx=512)
+    for temperature in (0, 0.7):
+        r = m.create_chat_completion(MSGS, max_tokens=60, temperature=temperature, seed=2, response_format=_fmt())
+        text = r["choices"][0]["message"]["content"]
+        assert _feed(JsonSchemaGrammar(SCHEMA), text.encode()) is not None, text
+        if r["choices"][0]["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_refusals_are_named(files):
+    m = runtime.load(files["valid"], n_threads=1, n_ctx=512)
+    with pytest.raises(StepstreamError, match="'pattern'"):
+        m.create_chat_completion(MSGS, max_tokens=4, response_format=_fmt({"type": "string", "pattern": "x"}))
+    with pytest.raises(SchemaError, match="needs"):
+        grammar_for({"type": "json_schema"})
+
+
+def test_pydantic_models_through_the_openai_clients_parse(files):
+    """The `openai` client's structured outputs: `.parse(response_format=Model)` sends the model's
+    strict schema and parses the reply into it."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    from tests.helpers.live_server import live_server
+
+    class Pet(BaseModel):
+        name: str
+        age: int
+        kind: Literal["cat", "dog"]
+
+    with live_server(files["valid"], "--alias", "m") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        parse = client.chat.completions.parse if hasattr(client.chat.completions, "parse") else \
+            client.beta.chat.completions.parse
+        r = parse(model="m", messages=MSGS, max_tokens=60, temperature=0, response_format=Pet)
+        assert r.choices[0].message.parsed == Pet(name="Tom", age=3, kind="cat")
+        with pytest.raises(openai.BadRequestError, match="minimum"):
+            client.chat.completions.create(model="m", messages=MSGS, max_tokens=4, response_format=_fmt(
+                {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}))
