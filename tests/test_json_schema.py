@@ -274,3 +274,19 @@ def test_pydantic_models_through_the_openai_clients_parse(files):
         with pytest.raises(openai.BadRequestError, match="minimum"):
             client.chat.completions.create(model="m", messages=MSGS, max_tokens=4, response_format=_fmt(
                 {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}))
+
+
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"type": "number"}, [b"12", b"-1.5e3", b"0"], [b"01", b"1.", b"-"]),
+    ({"type": "integer"}, [b"7", b"-0"], [b"7.5", b"1e3"]),
+    ({}, [b"3", b'"x"', b"[1, {}]", b"null"], [b"nul", b"[1,"]),
+    ({"enum": [1, 12]}, [b"1", b"12"], [b"2", b"123"]),
+])
+def test_a_root_that_is_no_object(schema, good, bad):
+    """A number at the root ends with the reply (nothing follows it to end it): complete there."""
+    g = JsonSchemaGrammar(schema)
+    for doc in good:
+        assert _accepts(g, doc), doc
+        jsonschema.validate(json.loads(doc), schema)
+    for doc in bad:
+        assert not _accepts(g, doc), doc

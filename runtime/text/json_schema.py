@@ -164,7 +164,8 @@ class JsonSchemaGrammar:
 
     @staticmethod
     def complete(s) -> bool:
-        return s[0] == "json" and () in s[1]
+        """Whether the reply so far is a whole value (a number at the root ends with the reply)."""
+        return s[0] == "json" and any(not st or (len(st) == 1 and _number_may_end(st[0])) for st in s[1])
 
     def step(self, s, c: int):
         if s[0] == "think":
@@ -333,6 +334,13 @@ class JsonSchemaGrammar:
         if c == 0x2C:
             return [rest + ((_ARRAY, node, 3, 0),)]
         return [self._child_done(rest)] if c == 0x5D else []
+
+
+def _number_may_end(frame: tuple) -> bool:
+    """Whether a number frame (or a free value holding a bare number) is a whole number now."""
+    if frame[0] in (_NUMBER, _INTEGER):
+        return frame[2] in J._NUMBER_ENDS
+    return frame[0] == _ANY and frame[2][0] == J.NUMBER and frame[2][1] == "" and frame[2][2] in J._NUMBER_ENDS
 
 
 def _forms(value) -> tuple[bytes, ...]:
