@@ -290,3 +290,25 @@ def test_a_root_that_is_no_object(schema, good, bad):
         jsonschema.validate(json.loads(doc), schema)
     for doc in bad:
         assert not _accepts(g, doc), doc
+
+
+def test_run_takes_a_schema_as_llama_cpp_takes_it(capsys, tmp_path):
+    """`stepstream run -j SCHEMA` / `-jf FILE`, llama.cpp's flags: the text is a value the schema
+    accepts, and a schema it cannot enforce is one line before the model loads."""
+    from runtime.cli import main
+
+    for temp in ("0", "1"):
+        assert main(["run", "-m", str(SHIPPED), "-p", "Answer: ", "-n", "20", "--temp", temp, "-t", "1",
+                     "--no-display-prompt", "-j", '{"enum": ["yes", "no"]}']) == 0
+        out, err = capsys.readouterr()
+        assert out.strip() in ('"yes"', '"no"') and "[stop]" in err, (out, err)  # (a blank or two may lead)
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                                  "additionalProperties": False}))
+    assert main(["run", "-m", str(SHIPPED), "-p", "x", "-n", "40", "--temp", "0.7", "-t", "1", "--no-display-prompt",
+                 "-jf", str(schema)]) == 0
+    out, err = capsys.readouterr()
+    if "[stop]" in err:
+        jsonschema.validate(json.loads(out), json.loads(schema.read_text()))
+    assert main(["run", "-m", str(SHIPPED), "-p", "x", "-j", '{"type": "string", "pattern": "a"}']) == 2
+    assert capsys.readouterr().err.startswith("error: -j/--json-schema: the schema at # uses 'pattern'")

@@ -17,6 +17,31 @@ def add_arguments(p) -> None:
     add_sampling_args(p)
     add_mtp_arg(p)
     p.add_argument("--no-display-prompt", action="store_true", help="do not echo the prompt before the generated text")
+    js = p.add_mutually_exclusive_group()
+    js.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
+                    help="constrain the text to a JSON value this JSON Schema accepts ('{}': any JSON), as llama.cpp's -j")
+    js.add_argument("-jf", "--json-schema-file", default=None, metavar="FILE",
+                    help="the same, the schema read from FILE")
+
+
+def json_grammar(args):
+    """The grammar of -j/-jf, compiled before the model loads (None without them)."""
+    import json
+
+    from runtime.text.json_schema import JsonSchemaGrammar
+
+    if args.json_schema is None and args.json_schema_file is None:
+        return None
+    where = "-j/--json-schema" if args.json_schema is not None else args.json_schema_file
+    text = args.json_schema if args.json_schema is not None else read_text_file(args.json_schema_file, "JSON Schema file")
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise StepstreamError(f"{where}: not JSON ({e})") from None
+    try:
+        return JsonSchemaGrammar(schema)
+    except StepstreamError as e:
+        raise StepstreamError(f"{where}: {e}") from None
 
 
 def prompt_ids(args, prompt: str) -> list[int]:
@@ -44,6 +69,7 @@ def run(args) -> int:
     check_text_args(args)
     prompt = args.prompt if args.file is None else read_text_file(args.file, "prompt file")
     params = sampling_params(**sampling_kwargs(args))  # checked before the model loads
+    grammar = json_grammar(args)
     ids = prompt_ids(args, prompt)  # and the prompt's length, before the kernels load (a first run compiles them)
     model = load_model(args)
     out = sys.stdout
@@ -53,7 +79,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     first = last = None
     try:
-        for piece in complete(model, ids, params, max_tokens(args), args.reverse_prompt):
+        for piece in complete(model, ids, params, max_tokens(args), args.reverse_prompt, grammar=grammar):
             if first is None:
                 first = (time.perf_counter(), piece.n_tokens)
             out.write(piece.text)

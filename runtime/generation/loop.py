@@ -131,9 +131,15 @@ class Piece:
 
 
 def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: int | None,
-             stop: Sequence[str] = (), mtp=None) -> Iterator[Piece]:
-    """Text pieces of the continuation of `prompt`; the last piece carries the finish reason."""
+             stop: Sequence[str] = (), mtp=None, grammar=None) -> Iterator[Piece]:
+    """Text pieces of the continuation of `prompt`; the last piece carries the finish reason.
+    `grammar` (runtime.text.json_constraint.JSON_OBJECT or a compiled JSON Schema) constrains
+    the continuation to its language."""
     sampler = Sampler(params)
+    if grammar is not None:
+        from runtime.text.json_constraint import JsonObjectReply, vocabulary
+
+        sampler.constraint = JsonObjectReply(vocabulary(model.tokenizer), grammar=grammar)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopStrings(stop)
     eog = model.tokenizer.eog_ids
