@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import json
 
+from urllib.parse import unquote
+
 from runtime.base.errors import StepstreamError
 from runtime.text import json_constraint as J
 
 MAX_FRAMES = 128  # values nested in one another
-MAX_ALTERNATIVES = 256  # stacks followed at once
+MAX_ALTERNATIVES = 256  # stacks followed at once: a byte that would need more is refused
 
 # keywords that say nothing about which values are valid (or that this recognizer honours)
-_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment",
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$comment",
                           "deprecated", "readOnly", "writeOnly", "strict", "$defs", "definitions"})
 _HONOURED = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum", "const",
                        "anyOf", "oneOf", "$ref"})
@@ -44,46 +46,68 @@ class JsonSchemaGrammar:
         self.nodes: list = []
         self._refs: dict[str, int] = {}
         self._root_schema = schema
-        self.root = self._build(schema, "#")
+        try:
+            self.root = self._build(schema, "#", root=True)
+        except RecursionError:
+            raise SchemaError("the schema nests too deeply") from None
+        self._check_cycles()
 
     # ---------------------------------------------------------------- compiling
+    #
+    # Every keyword that constrains values is honoured, alone or with the ones it is known to
+    # combine with here (enum or const with type; annotations anywhere); any other combination
+    # is refused, never partly applied: what the recognizer lets through always validates.
 
-    def _build(self, s, where: str) -> int:
+    def _build(self, s, where: str, root: bool = False) -> int:
         if s is True or s == {}:
             return self._add((_ANY,))
         if not isinstance(s, dict):
             raise SchemaError(f"the schema at {where} is not a JSON Schema object")
-        unknown = sorted(set(s) - _ANNOTATIONS - _HONOURED)
+        unknown = sorted(set(s) - _ANNOTATIONS - _HONOURED - ({"$id"} if root else set()))
         if unknown:
             raise SchemaError(f"the schema at {where} uses {', '.join(repr(k) for k in unknown)}, which the JSON Schema "
                               "constraint does not enforce (it enforces type, properties, required, items, enum, "
                               "const, anyOf/oneOf and $ref)")
+        given = set(s) & _HONOURED
         if "$ref" in s:
+            if given != {"$ref"}:
+                raise SchemaError(f"the schema at {where}: $ref beside {', '.join(sorted(given - {'$ref'}))} is not "
+                                  "supported")
             return self._ref(s["$ref"], where)
         if "enum" in s or "const" in s:
-            values = s["enum"] if "enum" in s else [s["const"]]
-            if not isinstance(values, list) or not values:
-                raise SchemaError(f"the schema at {where}: enum must be a non-empty list")
-            return self._add((_LITERAL, tuple(sorted({form for v in values for form in _forms(v)}))))
+            return self._literal(s, given, where)
         for key in ("anyOf", "oneOf"):
             if key in s:
                 branches = s[key]
                 if not isinstance(branches, list) or not branches:
                     raise SchemaError(f"the schema at {where}: {key} must be a non-empty list")
-                rest = {k: v for k, v in s.items() if k != key}
-                if any(k in _HONOURED for k in rest):
+                if given != {key}:
                     raise SchemaError(f"the schema at {where}: {key} beside other constraints is not supported")
-                return self._add((_ANYOF, tuple(self._build(b, f"{where}/{key}/{i}") for i, b in enumerate(branches))))
+                at = self._add(None)
+                built = tuple(self._build(b, f"{where}/{key}/{i}") for i, b in enumerate(branches))
+                if key == "oneOf" and not self._disjoint(built):  # exactly one must match
+                    raise SchemaError(f"the schema at {where}: oneOf with branches that may accept the same value is "
+                                      "not supported (anyOf is)")
+                # the branches that are literals read as one (an anyOf of many consts is one reading)
+                literals = [b for b in built if self.nodes[b] is not None and self.nodes[b][0] == _LITERAL]
+                if len(literals) > 1:
+                    merged = self._add((_LITERAL, tuple(sorted({t for b in literals for t in self.nodes[b][1]}))))
+                    built = tuple(b for b in built if b not in literals) + (merged,)
+                self.nodes[at] = (_ANYOF, built)
+                return at
         kind = s.get("type")
+        if kind is None:
+            if given:
+                raise SchemaError(f"the schema at {where} has {', '.join(sorted(given))} but no type")
+            return self._add((_ANY,))
         if isinstance(kind, list):
-            if not kind:
-                raise SchemaError(f"the schema at {where}: type is an empty list")
+            if not kind or not all(isinstance(k, str) for k in kind) or len(set(kind)) != len(kind):
+                raise SchemaError(f"the schema at {where}: type must be a type name or a list of distinct ones")
             return self._add((_ANYOF, tuple(self._build({**s, "type": k}, f"{where}/type/{i}")
                                             for i, k in enumerate(kind))))
-        if kind is None:
-            if any(k in s for k in ("properties", "items")):
-                raise SchemaError(f"the schema at {where} has properties or items but no type")
-            return self._add((_ANY,))
+        if kind != "object" and given & {"properties", "required", "additionalProperties"} or \
+                kind != "array" and "items" in given:
+            raise SchemaError(f"the schema at {where}: type {kind!r} beside object or array keywords is not supported")
         if kind == "string":
             return self._add((_STRING,))
         if kind in ("number", "integer"):
@@ -100,21 +124,45 @@ class JsonSchemaGrammar:
             return self._object(s, where)
         raise SchemaError(f"the schema at {where}: type {kind!r} is no JSON Schema type")
 
+    def _literal(self, s: dict, given: set, where: str) -> int:
+        """enum and/or const, with type: the values all of them allow."""
+        if given - {"enum", "const", "type"}:
+            raise SchemaError(f"the schema at {where}: enum or const beside "
+                              f"{', '.join(sorted(given - {'enum', 'const', 'type'}))} is not supported")
+        values = s["enum"] if "enum" in s else [s["const"]]
+        if not isinstance(values, list) or not values:
+            raise SchemaError(f"the schema at {where}: enum must be a non-empty list")
+        if "const" in s and "enum" in s:
+            values = [v for v in values if _same(v, s["const"])]
+        if "type" in s:
+            kinds = s["type"] if isinstance(s["type"], list) else [s["type"]]
+            if not all(isinstance(k, str) for k in kinds):
+                raise SchemaError(f"the schema at {where}: type must be a type name or a list of them")
+            values = [v for v in values if any(_is_type(v, k) for k in kinds)]
+        if not values:
+            raise SchemaError(f"the schema at {where}: no value satisfies its enum, const and type together")
+        return self._add((_LITERAL, tuple(sorted({form for v in values for form in _forms(v)}))))
+
     def _object(self, s: dict, where: str) -> int:
         props = s.get("properties")
+        required = s.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required) \
+                or len(set(required)) != len(required):
+            raise SchemaError(f"the schema at {where}: required must be a list of distinct property names")
         if props is None:
+            if required:
+                raise SchemaError(f"the schema at {where}: required without properties is not supported")
             if s.get("additionalProperties") is False:
                 return self._add((_LITERAL, (b"{}",)))
             extra = s.get("additionalProperties", True)
             if extra not in (True, {}):
                 raise SchemaError(f"the schema at {where}: additionalProperties as a schema is not supported")
             return self._add((_FREE_OBJECT,))
-        if not isinstance(props, dict):
+        if not isinstance(props, dict) or not all(isinstance(k, str) for k in props):
             raise SchemaError(f"the schema at {where}: properties must be an object")
-        required = s.get("required", [])
-        if not isinstance(required, list) or any(r not in props for r in required):
-            missing = [r for r in required if r not in props] if isinstance(required, list) else required
-            raise SchemaError(f"the schema at {where}: required names {missing!r}, which properties does not hold")
+        if any(r not in props for r in required):
+            raise SchemaError(f"the schema at {where}: required names {[r for r in required if r not in props]!r}, "
+                              "which properties does not hold")
         at = self._add(None)
         keys = tuple((_forms(k), self._build(v, f"{where}/properties/{k}"), k in required) for k, v in props.items())
         self.nodes[at] = (_OBJECT, keys)
@@ -126,15 +174,64 @@ class JsonSchemaGrammar:
         if ref in self._refs:
             return self._refs[ref]
         target = self._root_schema
-        for part in [p for p in ref[1:].split("/") if p]:
+        pointer = unquote(ref[1:])  # a URI fragment: percent-encoded, then RFC 6901
+        if pointer and not pointer.startswith("/"):
+            raise SchemaError(f"the schema at {where}: $ref {ref!r} is not a JSON Pointer")
+        for part in pointer.split("/")[1:] if pointer else []:
             part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            elif isinstance(target, dict) and part in target:
+                target = target[part]
+            else:
                 raise SchemaError(f"the schema at {where}: $ref {ref!r} leads nowhere")
-            target = target[part]
         at = self._add(None)  # a reference may lead back here: the slot exists before its schema is built
         self._refs[ref] = at
         self.nodes[at] = (_ANYOF, (self._build(target, ref),))
         return at
+
+    def _kinds(self, node: int, seen: frozenset = frozenset()) -> frozenset[str]:
+        """The JSON types a node's values may have (numbers and integers as one)."""
+        n = self.nodes[node]
+        if n is None or node in seen:
+            return frozenset({"any"})
+        kind = n[0]
+        if kind == _ANYOF:
+            return frozenset().union(*(self._kinds(b, seen | {node}) for b in n[1]))
+        if kind == _LITERAL:
+            return frozenset({_kind_of_text(t) for t in n[1]})
+        return frozenset({{_STRING: "string", _NUMBER: "number", _INTEGER: "number", _OBJECT: "object",
+                           _FREE_OBJECT: "object", _ARRAY: "array"}.get(kind, "any")})
+
+    def _disjoint(self, branches: tuple) -> bool:
+        """Whether no value could match two of the branches (told by their types; conservative)."""
+        seen: set = set()
+        for b in branches:
+            kinds = self._kinds(b)
+            if "any" in kinds or kinds & seen:
+                return False
+            seen |= kinds
+        return True
+
+    def _check_cycles(self) -> None:
+        """Refuse references that lead back to themselves before any value starts (a $ref to itself,
+        an anyOf holding the root): they would recurse for ever on the first byte."""
+        state: dict[int, int] = {}  # node -> 1 on the path, 2 done
+
+        def visit(node: int) -> None:
+            if state.get(node) == 2:
+                return
+            if state.get(node) == 1:
+                raise SchemaError("the schema has a $ref that leads back to itself before any value starts")
+            state[node] = 1
+            n = self.nodes[node]
+            if n[0] == _ANYOF:
+                for b in n[1]:
+                    visit(b)
+            state[node] = 2
+
+        for i in range(len(self.nodes)):
+            visit(i)
 
     def _add(self, node) -> int:
         self.nodes.append(node)
@@ -174,11 +271,8 @@ class JsonSchemaGrammar:
         out = set()
         for stack in s[1]:
             out.update(self._advance(stack, c))
-        if not out:
+        if not out or len(out) > MAX_ALTERNATIVES:  # (a byte that would need more readings is not taken)
             return None
-        if len(out) > MAX_ALTERNATIVES:
-            raise StepstreamError(f"the JSON Schema constraint follows more than {MAX_ALTERNATIVES} readings of the "
-                                  "reply at once; simplify the schema's anyOf branches")
         return ("json", frozenset(out))
 
     def _advance(self, stack: tuple, c: int) -> list[tuple]:
@@ -334,6 +428,31 @@ class JsonSchemaGrammar:
         if c == 0x2C:
             return [rest + ((_ARRAY, node, 3, 0),)]
         return [self._child_done(rest)] if c == 0x5D else []
+
+
+def _is_type(value, kind: str) -> bool:
+    """JSON Schema's type test (an integer is a number with no fraction: 1.0 is one)."""
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+    test = {"string": str, "object": dict, "array": list, "boolean": bool, "null": type(None)}.get(kind)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if test is None:
+        raise SchemaError(f"type {kind!r} is no JSON Schema type")
+    return isinstance(value, test)
+
+
+def _same(a, b) -> bool:
+    """JSON equality (1 == 1.0, True != 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b if type(a) in (int, float) and type(b) in (int, float) else \
+        json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _kind_of_text(text: bytes) -> str:
+    return {ord("{"): "object", ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
+            ord("n"): "null"}.get(text[0], "number")
 
 
 def _number_may_end(frame: tuple) -> bool:
