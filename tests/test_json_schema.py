@@ -371,3 +371,15 @@ def test_many_consts_are_one_reading_and_too_many_readings_refuse_the_byte():
         for _ in range(2000):
             nested = {"anyOf": [nested]}
         JsonSchemaGrammar(nested)
+
+
+def test_a_schema_reply_reasons_first_when_the_prompt_opened_it():
+    g = JsonSchemaGrammar(SCHEMA)
+    s = g.start(in_reasoning=True)
+    for c in b'Let me think. {"not": "this"} </thi':
+        s = g.step(s, c)
+    assert s is not None and g.thinking(s) and not g.complete(s)
+    for c in b'nk>\n\n{"name": "Tom", "age": 3, "kind": "dog"}':
+        s = g.step(s, c)
+        assert s is not None
+    assert g.complete(s)
