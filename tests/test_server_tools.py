@@ -136,10 +136,15 @@ def test_tool_choice(served):
         [("get_weather", {"city": "Tromso"})]
     streamed = _join_stream(_ask(client, stream=True, tool_choice="required"))
     assert [(c["name"], json.loads(c["arguments"])) for c in streamed[2]] == [("get_weather", {"city": "Tromso"})]
-    # "none": the tools are not offered and no call is parsed out of the reply; the model still
-    # wrote its markup, which comes back as content
-    none = _ask(client, tool_choice="none").choices[0]
+    # "none": no call is parsed out of the reply; the model still wrote its markup, which comes
+    # back as content. The template still shows the tools, as llama-server and vLLM render them
+    # (the prompt is the one "auto" gets, longer than one without tools)
+    r = _ask(client, tool_choice="none")
+    none = r.choices[0]
     assert none.finish_reason == "stop" and not none.message.tool_calls
+    bare = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=1)
+    auto = client.chat.completions.create(model="m", messages=USER, tools=TOOLS, temperature=0, max_tokens=1)
+    assert r.usage.prompt_tokens == auto.usage.prompt_tokens > bare.usage.prompt_tokens
     # (one "\n" after </think> is layout; the second, before the markup, is text here)
     assert none.message.content == "\n" + CALL and none.message.model_extra["reasoning_content"] == REASONING
     with pytest.raises(openai.BadRequestError):

@@ -110,3 +110,12 @@ def test_null_parameters_are_no_parameters_and_the_api_takes_them():
     assert r["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
     with pytest.raises(StepstreamError, match="both name the function"):
         m.create_chat_completion(msgs, tools=tools + tools[:1], max_tokens=1)
+
+
+def test_tool_choice_none_still_shows_the_tools_as_llama_server_and_vllm_do():
+    m = runtime.load(MODEL, n_threads=1, n_ctx=512)
+    msgs = [{"role": "user", "content": "What is 1 + 2?"}]
+    n = {choice: m.create_chat_completion(msgs, tools=TOOLS, tool_choice=choice, max_tokens=1,
+                                          temperature=0)["usage"]["prompt_tokens"] for choice in ("auto", "none")}
+    bare = m.create_chat_completion(msgs, max_tokens=1, temperature=0)["usage"]["prompt_tokens"]
+    assert n["none"] == n["auto"] > bare

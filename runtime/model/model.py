@@ -775,8 +775,8 @@ class Model:
         check_tools(tools, tool_choice)  # the server's rules: a forced call needs tools, and names one of them
         named = isinstance(tool_choice, dict)
         check_roles(messages)
-        offered = tools if tools and tool_choice != "none" else None
-        ids = self.chat_tokens(messages, tools=offered)
+        offered = tools if tools and tool_choice != "none" else None  # the ones a call may name
+        ids = self.chat_tokens(messages, tools=tools or None)  # shown even with "none", as the server shows them
         tail = self.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")
         in_reasoning, forced = starts_in_reasoning(tail), ""
         if offered is not None and tool_choice != "auto":  # the reply starts with the opening of a call

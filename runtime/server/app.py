@@ -249,10 +249,12 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         body = await read_json(request)
         check_model(body, model_name)
         b = chat_body(body)
-        tools = b.tools if b.tools and b.tool_choice != "none" else None
+        tools = b.tools if b.tools and b.tool_choice != "none" else None  # the ones a call may name
         try:
-            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=tools, continue_final=b.continue_final,
-                                          limit=model.n_ctx)
+            # the template shows the tools even with tool_choice "none", as llama-server and vLLM
+            # render them: the model knows them, and only no call of them is read from the reply
+            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=b.tools or None,
+                                          continue_final=b.continue_final, limit=model.n_ctx)
         except PromptTooLong as e:
             raise too_long(e, "messages") from None
         except StepstreamError as e:
