@@ -383,3 +383,12 @@ def test_a_schema_reply_reasons_first_when_the_prompt_opened_it():
         s = g.step(s, c)
         assert s is not None
     assert g.complete(s)
+
+
+@pytest.mark.parametrize("schema", [{"type": "object", "title": 3}, {"$id": ["x"], "type": "object"},
+                                    {"type": "object", "$defs": {"a": 1}}, {"type": "object", "description": None}])
+def test_malformed_annotations_are_refused_as_jsonschema_refuses_them(schema):
+    with pytest.raises(jsonschema.SchemaError):
+        jsonschema.Draft202012Validator.check_schema(schema)
+    with pytest.raises(SchemaError):
+        JsonSchemaGrammar(schema)

@@ -48,6 +48,9 @@ class JsonSchemaGrammar:
         self._root_schema = schema
         try:
             self.root = self._build(schema, "#", root=True)
+            for key in ("$defs", "definitions"):  # the ones no $ref uses are checked too, as jsonschema checks them
+                for name, sub in (schema.get(key) or {}).items() if isinstance(schema, dict) else ():
+                    self._build(sub, f"#/{key}/{name}")
         except RecursionError:
             raise SchemaError("the schema nests too deeply") from None
         self._check_cycles()
@@ -68,6 +71,16 @@ class JsonSchemaGrammar:
             raise SchemaError(f"the schema at {where} uses {', '.join(repr(k) for k in unknown)}, which the JSON Schema "
                               "constraint does not enforce (it enforces type, properties, required, items, enum, "
                               "const, anyOf/oneOf and $ref)")
+        for key in ("title", "description", "$comment", "$id", "$schema"):
+            if key in s and not isinstance(s[key], str):  # a malformed schema, which jsonschema refuses too
+                raise SchemaError(f"the schema at {where}: {key} must be a string")
+        if "$id" in s and "#" in s["$id"].rstrip("#"):
+            raise SchemaError(f"the schema at {where}: $id may not hold a fragment")
+        if "properties" in s and not isinstance(s["properties"], dict):
+            raise SchemaError(f"the schema at {where}: properties must be an object")
+        for key in ("$defs", "definitions"):
+            if key in s and (not isinstance(s[key], dict) or not all(isinstance(v, (dict, bool)) for v in s[key].values())):
+                raise SchemaError(f"the schema at {where}: {key} must be an object of schemas")
         given = set(s) & _HONOURED
         if "$ref" in s:
             if given != {"$ref"}:
