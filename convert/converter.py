@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from gguf.gguf_writer import WriterState
 
-from convert import layout, policy
+from convert import fp8_source, layout, policy
 from convert import resume as resume_record
 from convert.gguf_meta import add_hparams, llama3_rope_factors
 from convert.output_file import check_output, open_part, part_name, publish, remove_stale_parts
@@ -44,7 +44,9 @@ from runtime.base.gguf_schema import ARCH, ROPE_FREQS
 from runtime.base.system import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 
-REAL_CHECKPOINT_BYTES = 372e9  # the released Step-3.5-Flash checkpoint, bf16
+# Step-3.5-Flash's weights (196.81 B, the model card's count), 372 GB as the released bf16
+# checkpoint, about half that as its FP8 one: the ETA is in weights, which both hold the same.
+REAL_MODEL_WEIGHTS = 196.81e9
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,11 @@ class PlannedTensor:
     qtype: gguf.GGMLQuantizationType
     nbytes: int
     fallback: bool  # the wanted format did not fit the row length
+    scales: fp8_source.Scales | None = None  # an FP8 weight's block scales
+
+    def in_bytes(self, ckpt: Checkpoint) -> int:
+        """The checkpoint bytes it is read from: the weight, and an FP8 weight's scales."""
+        return ckpt.entry(self.spec.hf_name).nbytes + (ckpt.entry(self.scales.name).nbytes if self.scales else 0)
 
 
 @dataclass
@@ -65,6 +72,7 @@ class Summary:
     fallbacks: list[str] = field(default_factory=list)
     n_weights: int = 0
     in_bytes: int = 0
+    in_weights: int = 0  # weights read by this run (a resumed run's earlier tensors excluded)
     out_bytes: int = 0
     seconds: float = 0.0
     convert_seconds: float = 0.0  # reading, quantizing and writing tensors: what scales with size
@@ -82,6 +90,7 @@ class Summary:
         """Count a tensor written from in_bytes of checkpoint data (0: written by the interrupted
         run this one continued; it is in the file, its reading was not this run's)."""
         self.in_bytes += in_bytes
+        self.in_weights += t.spec.n_elements if in_bytes else 0
         self.n_tensors += 1
         self.n_weights += t.spec.n_elements
         entry = self.by_type.setdefault(t.qtype.name, [0, 0])
@@ -95,7 +104,7 @@ class Summary:
         d["bits_per_weight"] = self.bits_per_weight
         d["input_mb_per_s"] = self.in_bytes / 1e6 / max(self.seconds, 1e-9)
         d["convert_mb_per_s"] = self.convert_rate / 1e6
-        d["eta_real_model_seconds"] = self.eta_seconds(REAL_CHECKPOINT_BYTES)
+        d["eta_real_model_seconds"] = self.eta_seconds(REAL_MODEL_WEIGHTS)
         return d
 
     @property
@@ -103,8 +112,10 @@ class Summary:
         """Checkpoint bytes per second while converting tensors (setup excluded: it does not grow)."""
         return self.in_bytes / max(self.convert_seconds, 1e-9)
 
-    def eta_seconds(self, in_bytes: float) -> float:
-        return in_bytes / max(self.convert_rate, 1e-9)
+    def eta_seconds(self, weights: float) -> float:
+        """Seconds to convert `weights` at this run's rate in weights (bytes would count an FP8
+        checkpoint's weights at half a bf16 one's)."""
+        return weights * self.convert_seconds / max(self.in_weights, 1)
 
     def text(self) -> str:
         lines = [f"wrote {self.out_path}: {self.n_tensors} tensors, {self.out_bytes / 1e6:.1f} MB, "
@@ -119,9 +130,10 @@ class Summary:
             lines.append(f"  resumed: {self.resumed_tensors} tensors were complete in the interrupted conversion")
         lines.append(f"  {self.in_bytes / 1e6:.1f} MB read in {self.seconds:.1f} s ({self.in_bytes / 1e6 / max(self.seconds, 1e-9):.1f} MB/s), "
                      f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB (at start {self.start_rss_bytes / 2**20:.0f} MiB)")
-        eta = self.eta_seconds(REAL_CHECKPOINT_BYTES)
-        lines.append(f"  input {self.convert_rate / 1e6:.1f} MB/s while converting tensors; at this rate the "
-                     f"{REAL_CHECKPOINT_BYTES / 1e9:.0f} GB bf16 Step-3.5-Flash checkpoint takes {_duration(eta)} (ETA)")
+        eta = self.eta_seconds(REAL_MODEL_WEIGHTS)
+        lines.append(f"  input {self.convert_rate / 1e6:.1f} MB/s ({self.in_weights / max(self.convert_seconds, 1e-9) / 1e6:.1f} "
+                     f"M weights/s) while converting tensors; at this rate Step-3.5-Flash's "
+                     f"{REAL_MODEL_WEIGHTS / 1e9:.0f} B weights (372 GB in bf16) take {_duration(eta)} (ETA)")
         return "\n".join(lines)
 
 
@@ -130,18 +142,19 @@ def _duration(seconds: float) -> str:
     return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{max(seconds, 0) / 60:.1f} min"
 
 
-def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str) -> tuple[list[PlannedTensor], dict[str, str]]:
-    """Match checkpoint tensors to the layout; fail on anything missing, unknown or misshapen."""
+def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str,
+         fp8: fp8_source.Scheme | None = None) -> tuple[list[PlannedTensor], dict[str, str]]:
+    """Match checkpoint tensors to the layout; fail on anything missing, unknown or misshapen.
+    `fp8`: the checkpoint's FP8 scheme, when its config.json declares one."""
     specs = layout.checkpoint_layout(cfg)
     expected = {s.hf_name for s in specs}
     skipped: dict[str, str] = {}
     for name in ckpt.names():
         if name in expected:
             continue
+        if fp8_source.is_scale(name) and fp8_source.weight_of(name) in expected:
+            continue  # read with its weight, which scales_of below pairs it with
         reason = layout.skip_reason(cfg, name)
-        if reason is None and name.endswith(".weight_scale_inv"):
-            raise StepstreamError(f"{ckpt.file_of(name)}: tensor {name!r} is an FP8 block scale: FP8 checkpoints "
-                                  "are not supported; convert the bf16 checkpoint")
         if reason is None:
             raise StepstreamError(f"{ckpt.file_of(name)}: tensor {name!r} is not part of the Step-3.5 layout implied by config.json")
         skipped[name] = reason
@@ -158,9 +171,11 @@ def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str) -> tuple[list[PlannedTenso
             raise StepstreamError(f"{where}: tensor {s.hf_name!r} has dtype {entry.dtype}; supported dtypes are {', '.join(SUPPORTED_DTYPES)}")
         if entry.shape != s.shape:
             raise StepstreamError(f"{where}: tensor {s.hf_name!r} has shape {list(entry.shape)}, but config.json implies {list(s.shape)}")
+        scales = fp8_source.scales_of(ckpt, s.hf_name, s.shape, s.role == layout.EXPERTS, fp8)
         q = policy.choose(s, ftype, model)
         rows = s.n_elements // s.shape[-1]
-        planned.append(PlannedTensor(s, q, rows * row_bytes(q, s.shape[-1]), q != policy.wanted(s, ftype, model)))
+        planned.append(PlannedTensor(s, q, rows * row_bytes(q, s.shape[-1]), q != policy.wanted(s, ftype, model),
+                                     scales))
     return planned, skipped
 
 
@@ -311,8 +326,9 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     _check_paths(hf_dir, out, force)
     out = written_path(out)  # through a symlink: its target, beside which the .part is written
     cfg = HFConfig.load(hf_dir)
+    fp8 = fp8_source.scheme(cfg, str(hf_dir / "config.json"))
     ckpt = Checkpoint(hf_dir)
-    planned, skipped = plan(cfg, ckpt, ftype)
+    planned, skipped = plan(cfg, ckpt, ftype, fp8)
     tok = read_tokenizer(hf_dir, cfg.vocab_size, tokenizer_pre)
     rope_factors = llama3_rope_factors(cfg)
 
@@ -351,10 +367,10 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
                     continue
                 writer.write_padding(f, f.tell())
                 start = f.tell()
-                n = write_tensor(f, ckpt, t.spec, t.qtype, reader, bar.update if bar else None)
+                n = write_tensor(f, ckpt, t.spec, t.qtype, reader, bar.update if bar else None, t.scales)
                 if n != t.nbytes or f.tell() - start != t.nbytes:
                     raise AssertionError(f"{t.spec.gguf_name}: wrote {n} bytes, planned {t.nbytes}")
-                summary.add(t, ckpt.entry(t.spec.hf_name).nbytes)
+                summary.add(t, t.in_bytes(ckpt))
                 f.flush()
                 os.fsync(f.fileno())  # the record must never claim bytes that are not on disk
                 resume_record.save(tmp, resume_record.Progress(key, k + 1, f.tell()))

@@ -23,10 +23,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert import tensor_stream
+from convert import fp8_source, tensor_stream
 from convert.output_file import dead_parts, part_name
 from convert.safetensors_io import Checkpoint
-from quant import codec, kquant, kquant_q2q3, reference
+from quant import codec, fp8, kquant, kquant_q2q3, reference
 
 VERSION = 1
 
@@ -43,7 +43,7 @@ def record_path(part: Path) -> Path:
 
 
 # The modules whose code decides the bytes of a tensor: a .part written by other code is not continued.
-_WRITERS = (kquant, kquant_q2q3, codec, reference, tensor_stream)
+_WRITERS = (kquant, kquant_q2q3, codec, reference, tensor_stream, fp8, fp8_source)
 
 
 def _code_digest() -> bytes:

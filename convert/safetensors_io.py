@@ -1,8 +1,10 @@
-"""Lazy safetensors reading and streaming writing, with bf16 handled in plain numpy.
+"""Lazy safetensors reading and streaming writing, with bf16 and FP8 handled in plain numpy.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header mapping each
 tensor name to {dtype, shape, data_offsets}, then the raw little-endian data. numpy has
-no bfloat16, so bf16 is read as uint16 and widened to float32 by a 16-bit shift.
+no bfloat16, so bf16 is read as uint16 and widened to float32 by a 16-bit shift; nor FP8,
+read as uint8 codes and decoded by table (quant.fp8; their block scales are the converter's
+business, since they live in other tensors).
 
 Reads map only the byte range they need (np.memmap over that range) and drop the map
 before returning, so reading a 100 GB checkpoint tensor by tensor keeps RSS at the size
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quant import fp8
 from convert.safetensors_header import TensorEntry, parse
 from convert.safetensors_index import read_index
 from runtime.base.errors import StepstreamError
@@ -32,12 +35,23 @@ _STORAGE = {
     "F16": (np.dtype("<f2"), 2),
     "BF16": (np.dtype("<u2"), 2),
     "F64": (np.dtype("<f8"), 8),  # cast to float32 as read, as transformers and llama.cpp's converter cast it
+    "F8_E4M3": (np.dtype("u1"), 1),  # codes; an FP8 checkpoint's weights, scaled by their *_scale_inv tensors
+    "F8_E5M2": (np.dtype("u1"), 1),
 }
 SUPPORTED_DTYPES = tuple(_STORAGE)
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored elements (read_raw's) as float32: bf16 widened, FP8 codes decoded (unscaled)."""
+    if dtype == "BF16":
+        return bf16_bits_to_f32(raw)
+    if dtype in fp8.DTYPES:
+        return fp8.table(dtype)[raw]
+    return raw.astype(np.float32)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -66,11 +80,11 @@ class SafetensorsFile:
 
     def read_range(self, name: str, start: int, count: int) -> np.ndarray:
         """Elements start..start+count of the tensor (flat, row-major) as float32 [count]."""
-        raw = self.read_raw(name, start, count)
-        return bf16_bits_to_f32(raw) if self.entries[name].dtype == "BF16" else raw.astype(np.float32)
+        return to_f32(self.read_raw(name, start, count), self.entries[name].dtype)
 
     def read_raw(self, name: str, start: int, count: int) -> np.ndarray:
-        """Elements start..start+count as stored: float32, float16, float64, or bf16 bits as uint16."""
+        """Elements start..start+count as stored: float32, float16, float64, bf16 bits as uint16, or
+        FP8 codes as uint8."""
         entry = self.entries[name]
         storage, width = self._storage(entry)
         n = math.prod(entry.shape)
@@ -114,10 +128,7 @@ class SafetensorsFile:
         except (OSError, ValueError) as e:  # the file changed since its header was checked
             raise StepstreamError(f"{self.path}: tensor {name!r}: cannot map bytes {begin}..{begin + count * width} ({e})") from None
         try:
-            if entry.dtype == "BF16":
-                out = bf16_bits_to_f32(raw)
-            else:
-                out = raw.astype(np.float32)
+            out = to_f32(raw, entry.dtype)
         finally:
             del raw  # unmap now: the pages leave this process's RSS
         return out.reshape(shape)
@@ -217,6 +228,10 @@ class SafetensorsWriter:
             raise RuntimeError(f"SafetensorsWriter: expected {exp_name} {shape}, got {name} {array.shape}")
         if dtype == "BF16":
             data = array if array.dtype == np.uint16 else f32_to_bf16_bits(array)
+        elif dtype in fp8.DTYPES:
+            if array.dtype != np.uint8:
+                raise ValueError(f"SafetensorsWriter: {name} is {dtype}: give its codes as uint8, got {array.dtype}")
+            data = array
         else:
             data = np.ascontiguousarray(array, dtype=_STORAGE[dtype][0])
         self._fh.write(np.ascontiguousarray(data).tobytes())

@@ -26,7 +26,7 @@ import numpy as np
 import quant
 from gguf import GGMLQuantizationType as Q
 from quant.formats import get_format
-from convert import layout
+from convert import fp8_source, layout
 from convert.safetensors_io import Checkpoint
 from runtime.base import interrupts
 from runtime.base.errors import StepstreamError
@@ -119,10 +119,13 @@ def load_kernels() -> None:
     first_non_finite(np.zeros(1, np.uint32))
 
 
-def _load(ckpt: Checkpoint, name: str, where: Path, role: str, c: Chunk) -> np.ndarray:
-    """float32 [count] of one chunk, checked finite, norms given their +1."""
+def _load(ckpt: Checkpoint, name: str, where: Path, role: str, c: Chunk, cols: int,
+          scales: fp8_source.Scales | None) -> np.ndarray:
+    """float32 [count] of one chunk, checked finite, norms given their +1, FP8 codes scaled."""
     raw = ckpt.read_raw(name, c.start, c.count)
-    if raw.dtype == np.uint16:  # bf16 bits
+    if scales is not None:
+        x = fp8_source.dequantize_chunk(ckpt, scales, raw, c.index or 0, c.offset // cols, cols)
+    elif raw.dtype == np.uint16:  # bf16 bits
         x = np.empty(c.count, np.float32)
         widen_bf16(raw, x.view(np.uint32))
     else:
@@ -137,11 +140,11 @@ def _load(ckpt: Checkpoint, name: str, where: Path, role: str, c: Chunk) -> np.n
 
 
 def write_tensor(f, ckpt: Checkpoint, spec: layout.TensorSpec, qtype, reader: ThreadPoolExecutor,
-                 progress: Callable[[int], None] | None = None) -> int:
+                 progress: Callable[[int], None] | None = None, scales: fp8_source.Scales | None = None) -> int:
     """Write one tensor's GGUF bytes at f's position; returns the bytes written.
 
     `reader` (one thread) reads chunk k+1 while chunk k is quantized; `progress` is told the
-    checkpoint bytes of each chunk once it is written."""
+    checkpoint bytes of each chunk once it is written. `scales`: an FP8 weight's."""
     where = ckpt.file_of(spec.hf_name)
     width = ckpt.entry(spec.hf_name).nbytes // max(spec.n_elements, 1)
     cols = spec.shape[-1]
@@ -160,7 +163,7 @@ def write_tensor(f, ckpt: Checkpoint, spec: layout.TensorSpec, qtype, reader: Th
     pending = None
     for c in chunks(spec.shape, spec.role, CHUNK_WEIGHTS):
         interrupts.check()  # a Ctrl-C or SIGTERM held back meanwhile (see runtime.base.interrupts)
-        nxt = reader.submit(_load, ckpt, spec.hf_name, where, spec.role, c)
+        nxt = reader.submit(_load, ckpt, spec.hf_name, where, spec.role, c, cols, scales)
         if pending is not None:
             written += _encode(f, pending, cols, encode, width, progress)
         pending = nxt

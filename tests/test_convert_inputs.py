@@ -335,9 +335,10 @@ def test_tied_embeddings_write_the_output_head_llama_cpp_needs(ckpt, capsys):
         llm.close()
 
 
-def test_an_fp8_checkpoint_is_named_as_such(ckpt, capsys):
+def test_block_scales_of_a_weight_that_is_not_fp8_are_refused(ckpt, capsys):
     """The official FP8 repository's block scales (`*.weight_scale_inv`) were refused as 'not part of
-    the Step-3.5 layout'; the line now says what the checkpoint is and what to convert instead."""
+    the Step-3.5 layout'; FP8 checkpoints now convert (tests/test_convert_fp8.py), and scales beside a
+    bf16 weight are named as such."""
     import numpy as np
 
     shard = ckpt / "model-00002-of-00002.safetensors"
@@ -351,8 +352,8 @@ def test_an_fp8_checkpoint_is_named_as_such(ckpt, capsys):
     blob = json.dumps(header).encode()
     shard.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + header_len:][:end] + np.ones(1, np.float32).tobytes())
     edit_json(ckpt / "model.safetensors.index.json", lambda c: c["weight_map"].update({name: shard.name}))
-    assert refused(ckpt, capsys) == (f"error: {shard}: tensor {name!r} is an FP8 block scale: FP8 checkpoints are "
-                                     "not supported; convert the bf16 checkpoint")
+    assert refused(ckpt, capsys) == (f"error: {shard}: tensor {name!r} scales "
+                                     "'model.layers.1.self_attn.q_proj.weight', which is BF16, not FP8")
 
 
 def test_a_config_without_partial_rotary_factors_is_told_what_step_3_5_needs(ckpt, capsys):

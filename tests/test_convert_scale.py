@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -285,10 +286,14 @@ def test_summary_gives_input_rate_and_eta_for_the_real_checkpoint(tiny_ckpt, tmp
     assert s["in_bytes"] == sum(Checkpoint(tiny_ckpt).entry(n).nbytes for n in Checkpoint(tiny_ckpt).names())
     rate = s["in_bytes"] / s["convert_seconds"]
     assert s["convert_mb_per_s"] == pytest.approx(rate / 1e6)
-    assert s["eta_real_model_seconds"] == pytest.approx(372e9 / rate)
+    # in weights, which the bf16 checkpoint and the FP8 one hold alike (bytes would double an FP8 ETA)
+    weights = sum(math.prod(Checkpoint(tiny_ckpt).entry(n).shape) for n in Checkpoint(tiny_ckpt).names())
+    assert s["in_weights"] == weights
+    eta = 196.81e9 * s["convert_seconds"] / weights
+    assert s["eta_real_model_seconds"] == pytest.approx(eta)
     line = next(ln for ln in r.stdout.splitlines() if "ETA" in ln)
-    assert f"input {rate / 1e6:.1f} MB/s" in line and "372 GB" in line
-    minutes = 372e9 / rate / 60
+    assert f"input {rate / 1e6:.1f} MB/s" in line and "197 B weights (372 GB in bf16)" in line
+    minutes = eta / 60
     m = int(round(minutes))
     shown = f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{minutes:.1f} min"
     assert shown in line, (shown, line)

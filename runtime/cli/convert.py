@@ -14,7 +14,8 @@ from runtime.base.errors import raise_terminated
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("hf_dir", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json): "
+                                 "bf16, or FP8 with block scales (Step-3.5-Flash-FP8)")
     p.add_argument("out", help="output .gguf path (written atomically: a temporary file, then a rename); "
                               "an existing file is an error unless --force")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
