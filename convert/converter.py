@@ -154,7 +154,7 @@ def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str,
             continue
         if fp8_source.is_scale(name) and fp8_source.weight_of(name) in expected:
             continue  # read with its weight, which scales_of below pairs it with
-        reason = layout.skip_reason(cfg, name)
+        reason = layout.skip_reason(cfg, name) or fp8_source.skip_reason(name, fp8)
         if reason is None:
             raise StepstreamError(f"{ckpt.file_of(name)}: tensor {name!r} is not part of the Step-3.5 layout implied by config.json")
         skipped[name] = reason

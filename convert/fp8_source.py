@@ -67,6 +67,14 @@ def scheme(cfg: HFConfig, source: str = "config.json") -> Scheme | None:
     return Scheme(block, source)
 
 
+def skip_reason(name: str, plan: Scheme | None) -> str | None:
+    """Why an FP8 checkpoint's tensor is left out (None: it is not one it may leave out)."""
+    if plan is not None and name.endswith(".input_scale"):
+        return ("a static FP8 activation scale (activation_scheme \"static\"): stepstream's activations "
+                "stay float32, or int8 with scales of their own")
+    return None
+
+
 def is_scale(name: str) -> bool:
     return name.endswith(".weight" + SCALE_SUFFIX)
 

@@ -212,3 +212,15 @@ def test_nan_codes_and_nan_scales_are_named(tiny_ckpt, tmp_path):
     make_fp8(tiny_ckpt, tmp_path / "b", edit=nan_scale)
     with pytest.raises(StepstreamError, match="holds a scale that is NaN or Inf \\(first at flat index 14\\)"):
         convert(tmp_path / "b", tmp_path / "b.gguf", "f32", progress=False)
+
+
+def test_static_activation_scales_are_skipped_with_their_reason(tiny_ckpt, tmp_path):
+    """A checkpoint quantized with activation_scheme "static" also holds `*.input_scale`: accounted
+    for as skipped, and the weights are the same."""
+    ref = make_fp8(tiny_ckpt, tmp_path / "fp8", edit=lambda t: t.update({Q[:-len("weight")] + "input_scale":
+                                                                          ("F32", np.ones(1, np.float32))}))
+    s = convert(tmp_path / "fp8", tmp_path / "out.gguf", "f32", progress=False, threads=1)
+    (name, why), = [(n, w) for n, w in s.skipped.items() if "input_scale" in n]
+    assert name == "model.layers.1.self_attn.q_proj.input_scale" and "static FP8 activation scale" in why
+    got = gguf_tensors(tmp_path / "out.gguf")[hf_to_gguf(tiny_ckpt)[Q]]
+    np.testing.assert_array_equal(got.reshape(ref[Q].shape), ref[Q])
