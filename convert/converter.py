@@ -152,9 +152,10 @@ def plan(cfg: HFConfig, ckpt: Checkpoint, ftype: str,
     for name in ckpt.names():
         if name in expected:
             continue
-        if fp8_source.is_scale(name) and fp8_source.weight_of(name) in expected:
+        weight = fp8_source.weight_of(name)
+        if weight is not None and weight in expected:
             continue  # read with its weight, which scales_of below pairs it with
-        reason = layout.skip_reason(cfg, name) or fp8_source.skip_reason(name, fp8)
+        reason = layout.skip_reason(cfg, name) or fp8_source.skip_reason(name, fp8, expected, cfg)
         if reason is None:
             raise StepstreamError(f"{ckpt.file_of(name)}: tensor {name!r} is not part of the Step-3.5 layout implied by config.json")
         skipped[name] = reason
@@ -341,7 +342,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, ftype: str =
     if rope_factors is not None:
         writer.add_tensor_info(ROPE_FREQS, rope_factors.shape, rope_factors.dtype, rope_factors.nbytes)
     header = _header(writer)
-    key = resume_record.conversion_key(header, ckpt)
+    key = resume_record.conversion_key(header, ckpt, fp8_source.identity(cfg))
     total = _file_bytes(header, planned, rope_factors)
     # Before compiling the writers' kernels, not after (a review: a full disk was found only once
     # they had loaded); a .part left here is either continued or replaced, so its bytes count as free.

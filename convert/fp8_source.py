@@ -11,8 +11,11 @@ scale per 128 x 128 block, [..., ceil(R / 128), ceil(C / 128)] for a weight [...
 expert tensor [E, R, C] has a grid per expert). The weight is code value x scale, in float32
 (quant.fp8), which is what transformers, vLLM and llama.cpp's converter compute before anything
 else; the result is then quantized to the chosen GGUF type like a bf16 checkpoint's weights.
-Without `weight_block_size`, each matrix (each expert) has one scale. Norms, the router and
-whatever the checkpoint left unquantized stay bf16 and are read as such.
+Without `weight_block_size`, each matrix (each expert) has one scale, `X.weight_scale_inv` as
+transformers writes it or `X.weight_scale` as vLLM names it. Whatever the checkpoint left
+unquantized (Step-3.5-Flash-FP8 quantizes the routed experts only) stays bf16 and is read as such:
+a tensor's dtype, not `modules_to_not_convert`, says which it is, as in llama.cpp's converter.
+Every scale is read and checked when the conversion is planned, before any weight.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from convert import layout
 from convert.hf_config import HFConfig, JsonFields, shown
 from convert.safetensors_io import Checkpoint, to_f32
 from quant import fp8
 from runtime.base.errors import StepstreamError
 
-SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
+# X.weight -> X.weight_scale_inv, the block scales (and, without weight_block_size, one per
+# matrix, as transformers writes them); X.weight_scale, vLLM's name for a per-matrix scale
+BLOCK_SUFFIX = "_scale_inv"
+SCALE_SUFFIXES = (BLOCK_SUFFIX, "_scale")
 SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
@@ -67,40 +74,58 @@ def scheme(cfg: HFConfig, source: str = "config.json") -> Scheme | None:
     return Scheme(block, source)
 
 
-def skip_reason(name: str, plan: Scheme | None) -> str | None:
-    """Why an FP8 checkpoint's tensor is left out (None: it is not one it may leave out)."""
-    if plan is not None and name.endswith(".input_scale"):
-        return ("a static FP8 activation scale (activation_scheme \"static\"): stepstream's activations "
-                "stay float32, or int8 with scales of their own")
+def identity(cfg: HFConfig) -> str:
+    """What of config.json decides how the weights are read (for a resumed conversion's key)."""
+    import json
+
+    return json.dumps(cfg.raw.get("quantization_config"), sort_keys=True)
+
+
+def weight_of(name: str) -> str | None:
+    """The weight whose scales tensor `name` would be (X.weight_scale_inv, X.weight_scale), else None."""
+    for suffix in SCALE_SUFFIXES:
+        if name.endswith(".weight" + suffix):
+            return name[:-len(suffix)]
     return None
 
 
-def is_scale(name: str) -> bool:
-    return name.endswith(".weight" + SCALE_SUFFIX)
-
-
-def weight_of(scale_name: str) -> str:
-    return scale_name[:-len(SCALE_SUFFIX)]
+def skip_reason(name: str, plan: Scheme | None, expected: set[str], cfg: HFConfig) -> str | None:
+    """Why an FP8 checkpoint's tensor is left out (None: it is not one to leave out): the
+    activation scale of a weight in the layout, or the scales of a weight that is itself skipped."""
+    if plan is not None and name.endswith(".input_scale") and name[:-len("input_scale")] + "weight" in expected:
+        return ("an FP8 activation scale: stepstream's activations stay float32, or int8 with scales of "
+                "their own")
+    weight = weight_of(name)
+    if weight is not None and (why := layout.skip_reason(cfg, weight)) is not None:
+        return f"the scales of {weight!r}, which is not converted: {why}"
+    return None
 
 
 def scales_of(ckpt: Checkpoint, name: str, shape: tuple[int, ...], experts: bool,
               plan: Scheme | None) -> Scales | None:
     """The scales of checkpoint tensor `name` (None: it is not FP8), checked against its shape and
-    the scheme; a weight without its scales, or scales without an FP8 weight, is an error."""
+    the scheme, and their values read and checked; a weight without its scales, or scales without
+    an FP8 weight, is an error."""
     where = ckpt.file_of(name)
     dtype = ckpt.entry(name).dtype
-    scale_name = name + SCALE_SUFFIX
-    has_scales = scale_name in ckpt.weight_map
+    suffixes = (BLOCK_SUFFIX,) if plan is not None and plan.block is not None else SCALE_SUFFIXES
+    present = [name + suffix for suffix in SCALE_SUFFIXES if name + suffix in ckpt.weight_map]
     if dtype not in fp8.DTYPES:
-        if has_scales:
-            raise StepstreamError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} scales {name!r}, which is "
+        if present:
+            raise StepstreamError(f"{ckpt.file_of(present[0])}: tensor {present[0]!r} scales {name!r}, which is "
                                   f"{dtype}, not FP8")
         return None
     if plan is None:
         raise StepstreamError(f"{where}: tensor {name!r} is {dtype}, but config.json has no quantization_config "
                               "(quant_method \"fp8\") to say how it is scaled")
-    if not has_scales:
-        raise StepstreamError(f"{where}: tensor {name!r} is {dtype} without its scales {scale_name!r}")
+    found = [n for n in present if n[len(name):] in suffixes]
+    if not found:
+        raise StepstreamError(f"{where}: tensor {name!r} is {dtype} without its scales "
+                              f"{' or '.join(repr(name + x) for x in suffixes)}")
+    if len(present) > 1:
+        raise StepstreamError(f"{where}: tensor {name!r} has two tensors of scales, {present[0]!r} and "
+                              f"{present[1]!r}; which one applies is not clear")
+    scale_name = found[0]
     if len(shape) != (3 if experts else 2):
         raise StepstreamError(f"{where}: tensor {name!r} is {dtype}, but only matrices and fused expert tensors "
                               f"can be FP8 here; its shape is {list(shape)}")
@@ -115,26 +140,39 @@ def scales_of(ckpt: Checkpoint, name: str, shape: tuple[int, ...], experts: bool
         ok = entry.shape == (*lead, sr, sc)
         want = f"{list((*lead, sr, sc))} (weight_block_size {list(block)} over {list(shape)})"
     else:
-        ok = math.prod(entry.shape) == math.prod(lead)
-        want = f"one scale per {'expert' if experts else 'matrix'} ({math.prod(lead)})"
+        ok = entry.shape in ([(*lead,), (*lead, 1), (*lead, 1, 1)] if lead else [(), (1,)])
+        want = f"one scale per {'expert, ' + str([*lead]) if lead else 'matrix, [] or [1]'}"
     if not ok:
         raise StepstreamError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} has shape {list(entry.shape)}; "
                               f"expected {want}")
+    _check_values(ckpt, scale_name, dtype)
     return Scales(scale_name, dtype, block, (sr, sc))
+
+
+def _check_values(ckpt: Checkpoint, scale_name: str, codes: str) -> None:
+    """Every scale finite, not negative (a quantizer divides by a block's largest magnitude), and
+    small enough that no code times it overflows float32; checked before any weight is read (the
+    real model's scales are 46 MB, its weights 190 GB)."""
+    entry = ckpt.entry(scale_name)
+    values = to_f32(ckpt.read_raw(scale_name, 0, math.prod(entry.shape)), entry.dtype)
+    table = fp8.table(codes)
+    limit = np.finfo(np.float32).max / np.abs(table[np.isfinite(table)]).max()
+    bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0) & (values <= limit)))
+    if bad.size:
+        i = int(bad[0])
+        v = float(values[i])
+        why = ("is NaN or Inf" if not math.isfinite(v) else "is negative" if v < 0
+               else f"times the largest {codes} value overflows float32")
+        raise StepstreamError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} holds scale {v:g} at flat index "
+                              f"{i}, which {why}")
 
 
 def dequantize_chunk(ckpt: Checkpoint, s: Scales, codes: np.ndarray, matrix: int, row0: int, cols: int) -> np.ndarray:
     """float32 [n * cols] of FP8 codes uint8 [n * cols], rows row0.. of matrix `matrix` (the
-    expert, 0 for a plain matrix): reads the scale rows they need, checked finite."""
+    expert, 0 for a plain matrix): reads the scale rows they need (scales_of checked them)."""
     n = codes.size // cols
     sr, sc = s.grid
     lo = row0 // s.block[0]
     hi = (row0 + n - 1) // s.block[0] + 1 if n else lo
-    dtype = ckpt.entry(s.name).dtype
-    scales = to_f32(ckpt.read_raw(s.name, (matrix * sr + lo) * sc, (hi - lo) * sc), dtype)
-    bad = np.flatnonzero(~np.isfinite(scales))
-    if bad.size:
-        flat = (matrix * sr + lo) * sc + int(bad[0])
-        raise StepstreamError(f"{ckpt.file_of(s.name)}: tensor {s.name!r} holds a scale that is NaN or Inf "
-                              f"(first at flat index {flat})")
+    scales = to_f32(ckpt.read_raw(s.name, (matrix * sr + lo) * sc, (hi - lo) * sc), ckpt.entry(s.name).dtype)
     return fp8.dequantize(codes.reshape(n, cols), s.dtype, scales.reshape(hi - lo, sc), row0, s.block).reshape(-1)

@@ -53,12 +53,14 @@ def _code_digest() -> bytes:
     return h.digest()
 
 
-def conversion_key(header: bytes, ckpt: Checkpoint) -> str:
+def conversion_key(header: bytes, ckpt: Checkpoint, reading: str = "") -> str:
     """The identity of a conversion: its header, the code that quantizes, and each shard's
     name, size, times and inode (a copy of other weights keeps sizes and, with `cp -p`, the
-    modification time, but never the inode and change time)."""
+    modification time, but never the inode and change time). `reading`: what else decides how
+    the weights are read and is in neither (an FP8 checkpoint's quantization_config)."""
     h = hashlib.sha256(f"stepstream-convert-{VERSION}".encode())
     h.update(hashlib.sha256(header).digest())
+    h.update(hashlib.sha256(reading.encode()).digest())
     h.update(_code_digest())
     for shard in sorted(ckpt.shards):
         st = ckpt.shards[shard].path.stat()

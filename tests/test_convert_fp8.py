@@ -200,27 +200,95 @@ def test_a_quantization_config_it_cannot_read_is_refused(tiny_ckpt, tmp_path, ca
     assert message in line and "config.json" in line
 
 
-def test_nan_codes_and_nan_scales_are_named(tiny_ckpt, tmp_path):
+def test_nan_codes_are_named(tiny_ckpt, tmp_path):
     def nan_code(t):
         t[Q][1][3, 5] = 0x7F  # E4M3's NaN
     make_fp8(tiny_ckpt, tmp_path / "a", edit=nan_code)
     with pytest.raises(StepstreamError, match=f"tensor {Q!r} holds NaN or Inf \\(first at flat index {3 * 256 + 5}\\)"):
         convert(tmp_path / "a", tmp_path / "a.gguf", "f32", progress=False)
 
-    def nan_scale(t):
-        t[EXPERTS + "_scale_inv"][1][3, 1, 0] = np.nan
-    make_fp8(tiny_ckpt, tmp_path / "b", edit=nan_scale)
-    with pytest.raises(StepstreamError, match="holds a scale that is NaN or Inf \\(first at flat index 14\\)"):
-        convert(tmp_path / "b", tmp_path / "b.gguf", "f32", progress=False)
+
+@pytest.mark.parametrize("value, why", [(np.nan, "is NaN or Inf"), (-0.5, "is negative"),
+                                        (3e38, "times the largest F8_E4M3 value overflows float32")])
+def test_bad_scales_are_refused_before_any_weight_is_read(tiny_ckpt, tmp_path, capsys, value, why):
+    """A NaN scale was found only when its tensor's chunk was read (for the real model, possibly an
+    hour in); a negative one flipped the weights' signs without a word, and one whose product
+    overflowed was blamed on the weight. All three are refused by the plan, naming the scale."""
+    def edit(t):
+        t[EXPERTS + "_scale_inv"][1][3, 1, 0] = value
+    line = _refused(tmp_path, capsys, src=tiny_ckpt, edit=edit)
+    assert line.endswith(f"tensor {EXPERTS + '_scale_inv'!r} holds scale {value:g} at flat index 14, which {why}")
 
 
-def test_static_activation_scales_are_skipped_with_their_reason(tiny_ckpt, tmp_path):
-    """A checkpoint quantized with activation_scheme "static" also holds `*.input_scale`: accounted
-    for as skipped, and the weights are the same."""
+def test_zero_scales_are_read_as_zero_weights(tiny_ckpt, tmp_path):
+    """An all-zero block may be stored with scale 0 by a quantizer that does not guard it."""
+    def edit(t):
+        t[Q + "_scale_inv"][1][1, 0] = 0.0
+    ref = make_fp8(tiny_ckpt, tmp_path / "fp8", edit=edit)
+    convert(tmp_path / "fp8", tmp_path / "out.gguf", "f32", progress=False, threads=1)
+    got = gguf_tensors(tmp_path / "out.gguf")[hf_to_gguf(tiny_ckpt)[Q]].reshape(ref[Q].shape)
+    assert not got[128:256, :128].any() and got[:128].any()
+    np.testing.assert_array_equal(got[:128], ref[Q][:128])
+
+
+def test_a_changed_quantization_config_is_not_resumed(tiny_ckpt):
+    """The resume key holds quantization_config: a block size edited between runs could give the
+    same scale grids and header, and --resume mixed the two settings' tensors in one file."""
+    from convert import fp8_source, resume
+
+    cfg = HFConfig.load(tiny_ckpt)
+    a = dict(cfg.raw, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    b = dict(cfg.raw, quantization_config={"quant_method": "fp8", "weight_block_size": [136, 136]})
+    keys = {resume.conversion_key(b"h", Checkpoint(tiny_ckpt), fp8_source.identity(HFConfig.from_dict(r)))
+            for r in (a, b, cfg.raw)}
+    assert len(keys) == 3
+
+
+def test_per_matrix_scales_may_be_named_as_vllm_names_them(tiny_ckpt, tmp_path):
+    """Without weight_block_size, vLLM's FP8 checkpoints call the one scale X.weight_scale."""
+    def rename(t):
+        for name in [n for n in t if n.endswith("_scale_inv")]:
+            t[name[:-len("_inv")]] = t.pop(name)
+    ref = make_fp8(tiny_ckpt, tmp_path / "fp8", block=None, edit=rename)
+    convert(tmp_path / "fp8", tmp_path / "out.gguf", "f32", progress=False, threads=1)
+    got = gguf_tensors(tmp_path / "out.gguf")
+    for hf, g in hf_to_gguf(tiny_ckpt).items():
+        if hf in ref:
+            np.testing.assert_array_equal(got[g].reshape(ref[hf].shape), ref[hf], err_msg=hf)
+
+
+def test_block_scales_must_be_named_scale_inv(tiny_ckpt, tmp_path, capsys):
+    def rename(t):
+        t[Q + "_scale"] = t.pop(Q + "_scale_inv")
+    line = _refused(tmp_path, capsys, src=tiny_ckpt, edit=rename)
+    assert line.endswith(f"tensor {Q!r} is F8_E4M3 without its scales {Q + '_scale_inv'!r}")
+
+
+def test_scales_of_a_skipped_weight_are_skipped(tiny_ckpt, tmp_path):
+    """A tied checkpoint's FP8 lm_head is skipped; its scales were refused as outside the layout."""
+    def tie(t):
+        codes, scales, _ = to_fp8(np.ones((704, 256), np.float32), (128, 128))
+        t["lm_head.weight"] = ("F8_E4M3", codes)
+        t["lm_head.weight_scale_inv"] = ("F32", scales)
+    make_fp8(tiny_ckpt, tmp_path / "fp8", edit=tie)
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    s = convert(tmp_path / "fp8", tmp_path / "out.gguf", "f32", progress=False, threads=1)
+    assert "tie_word_embeddings" in s.skipped["lm_head.weight"]
+    assert s.skipped["lm_head.weight_scale_inv"].startswith("the scales of 'lm_head.weight', which is not converted")
+
+
+def test_activation_scales_are_skipped_with_their_reason(tiny_ckpt, tmp_path, capsys):
+    """A checkpoint quantized with static activation scales also holds `*.input_scale`: accounted
+    for as skipped, and the weights are the same; one of no weight in the layout is refused."""
     ref = make_fp8(tiny_ckpt, tmp_path / "fp8", edit=lambda t: t.update({Q[:-len("weight")] + "input_scale":
                                                                           ("F32", np.ones(1, np.float32))}))
     s = convert(tmp_path / "fp8", tmp_path / "out.gguf", "f32", progress=False, threads=1)
     (name, why), = [(n, w) for n, w in s.skipped.items() if "input_scale" in n]
-    assert name == "model.layers.1.self_attn.q_proj.input_scale" and "static FP8 activation scale" in why
+    assert name == "model.layers.1.self_attn.q_proj.input_scale" and why.startswith("an FP8 activation scale")
     got = gguf_tensors(tmp_path / "out.gguf")[hf_to_gguf(tiny_ckpt)[Q]]
     np.testing.assert_array_equal(got.reshape(ref[Q].shape), ref[Q])
+    stray = "model.layers.1.nonexistent.input_scale"
+    (tmp_path / "b").mkdir()
+    line = _refused(tmp_path / "b", capsys, src=tiny_ckpt, edit=lambda t: t.update({stray: ("F32", np.ones(1, np.float32))}))
+    assert line.endswith(f"tensor {stray!r} is not part of the Step-3.5 layout implied by config.json")
