@@ -7,8 +7,9 @@ that the ground layer (runtime.base) and the CLI stay cheap to import.
 __version__ = "0.1.0"
 
 
-def load(path, **options):
-    """Open a Step-3.5 GGUF for inference: `runtime.load("model.gguf", n_ctx=4096, n_threads=2)`.
+def load(path=None, **options):
+    """Open a Step-3.5 GGUF for inference: `runtime.load("model.gguf", n_ctx=4096, n_threads=2)`
+    (or `model_path=`, llama-cpp-python's name for the path).
 
     Options are the fields of `runtime.base.options.RuntimeOptions`.
     """

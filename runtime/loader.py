@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as Q
 from offload.placement import build_streaming, runtime_needs
 from runtime.base import system
 from runtime.base.config import ModelConfig
-from runtime.base.errors import StepstreamError
+from runtime.base.errors import StepstreamError, UnknownOption
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
 from runtime.model.experts import InMemoryExperts
@@ -36,8 +36,15 @@ def _streams(opts: RuntimeOptions, file_bytes: int, runtime_bytes: int, usable: 
     return (0 if in_memory else file_bytes) + runtime_bytes > usable
 
 
-def load(path: str | Path, **options) -> Model:
-    """Open a Step-3.5 GGUF (any part of a split file) for inference."""
+def load(path: str | Path | None = None, **options) -> Model:
+    """Open a Step-3.5 GGUF (any part of a split file) for inference; the path may also be given
+    as `model_path=`, llama-cpp-python's name."""
+    if "model_path" in options:
+        if path is not None:
+            raise UnknownOption("give the model's path once: as the first argument or as model_path=, not both")
+        path = options.pop("model_path")
+    if path is None:
+        raise UnknownOption("load() needs the model's path (the first argument, or model_path=)")
     opts = RuntimeOptions.from_kwargs(**options)
     f = GGUFModelFile(path)
     cfg = ModelConfig.from_gguf(f)

@@ -11,7 +11,16 @@ class StepstreamError(Exception):
     """
 
 
-class PromptTooLong(StepstreamError):
+class UnknownOption(StepstreamError, TypeError):
+    """A keyword a call does not take, or a required argument missing: also a TypeError, as
+    Python (and llama-cpp-python, whose code callers may have) raises it."""
+
+
+class ContextExceeded(StepstreamError, ValueError):
+    """More tokens than the context holds: also a ValueError, as llama-cpp-python raises it."""
+
+
+class PromptTooLong(ContextExceeded):
     """A prompt refused before it was tokenized: its bytes alone show it holds more tokens than
     the limit (no token is longer than the vocabulary's longest)."""
 

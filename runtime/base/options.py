@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, fields
 
-from runtime.base.errors import StepstreamError
+from runtime.base.errors import StepstreamError, UnknownOption
 from runtime.base.units import parse_bytes
 
 # The KV cache's element types, named as llama.cpp's --cache-type-k/-v name them, and the bytes
@@ -75,7 +75,7 @@ class RuntimeOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise StepstreamError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise UnknownOption(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         opts = cls(**kwargs)
         opts.validate()
         return opts
@@ -152,8 +152,19 @@ class RuntimeOptions:
 # switching over passes them: verbose=False above all); any other value is refused by name.
 _LLAMA_CPP_OFF = {"use_mmap": True, "use_mlock": False, "n_gpu_layers": 0, "logits_all": False, "embedding": False,
                   "vocab_only": False, "main_gpu": 0, "tensor_split": None, "numa": False, "lora_path": None,
-                  "chat_handler": None, "draft_model": None, "seed": 0xFFFFFFFF}
-_LLAMA_CPP_HINTS = {"n_gpu_layers": "; gpu_budget= places weights on a GPU", "seed": "; pass seed= to each call"}
+                  "chat_handler": None, "draft_model": None, "seed": 0xFFFFFFFF,
+                  # the rest of Llama.__init__'s keywords, at its defaults (llama-cpp-python 0.3.36)
+                  "split_mode": 1, "kv_overrides": None, "n_ubatch": 512, "n_threads_batch": None,
+                  "rope_scaling_type": -1, "pooling_type": -1, "attention_type": -1, "rope_freq_base": 0.0,
+                  "rope_freq_scale": 0.0, "yarn_ext_factor": -1.0, "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0,
+                  "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0, "offload_kqv": True, "flash_attn": False,
+                  "op_offload": None, "swa_full": None, "no_perf": False, "last_n_tokens_size": 64, "lora_base": None,
+                  "lora_scale": 1.0, "chat_format": None, "tokenizer": None, "type_k": None, "type_v": None,
+                  "spm_infill": False}
+_LLAMA_CPP_HINTS = {"n_gpu_layers": "; gpu_budget= places weights on a GPU", "seed": "; pass seed= to each call",
+                    "type_k": "; cache_type_k='q8_0' (llama.cpp's name) sets the KV cache's type",
+                    "type_v": "; cache_type_v='q8_0' sets the KV cache's type",
+                    "last_n_tokens_size": "; pass repeat_last_n= to each call"}
 
 
 def _llama_cpp_keywords(kwargs: dict) -> dict:
@@ -163,6 +174,8 @@ def _llama_cpp_keywords(kwargs: dict) -> dict:
     verbose = kwargs.pop("verbose", False)
     if not isinstance(verbose, bool):
         raise StepstreamError(f"verbose must be True or False, got {verbose!r}")
+    if kwargs.get("seed") == -1 and not isinstance(kwargs["seed"], bool):  # llama.cpp's "random", as the default
+        kwargs["seed"] = _LLAMA_CPP_OFF["seed"]
     for name, off in _LLAMA_CPP_OFF.items():
         if name in kwargs:
             value = kwargs.pop(name)

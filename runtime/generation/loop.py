@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from runtime.base.errors import StepstreamError
+from runtime.base.errors import StepstreamError, UnknownOption
 from runtime.generation import speculative
 from runtime.generation.sampling import Sampler, SamplingParams
 
@@ -128,6 +128,12 @@ class Piece:
     text: str
     n_tokens: int  # tokens generated so far
     finish_reason: str | None = None  # set on the last piece: "stop" or "length"
+    eog: bool = False  # the last piece, ended by an end-of-generation token (counted in n_tokens)
+
+    @property
+    def n_reply(self) -> int:
+        """Tokens of the reply: the end-of-generation token is not one (llama-cpp-python's count)."""
+        return self.n_tokens - self.eog
 
 
 def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: int | None,
@@ -147,7 +153,7 @@ def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: i
     for tok in generate(model, prompt, sampler, max_tokens, mtp=mtp):
         n += 1
         if tok in eog:
-            yield Piece(stops.push(utf8.decode(b"", final=True))[0] + stops.flush(), n, "stop")
+            yield Piece(stops.push(utf8.decode(b"", final=True))[0] + stops.flush(), n, "stop", eog=True)
             return
         text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
         if hit:
@@ -161,7 +167,7 @@ def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: i
 def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
                     repeat_last_n=64, seed=None, **unknown) -> SamplingParams:
     if unknown:  # a TypeError from deep inside, before
-        raise StepstreamError(f"unknown option(s) {', '.join(sorted(unknown))}; known: temperature (temp), top_k, "
+        raise UnknownOption(f"unknown option(s) {', '.join(sorted(unknown))}; known: temperature (temp), top_k, "
                               f"top_p, min_p, repeat_penalty, repeat_last_n, seed, and mtp for generation")
     return SamplingParams(_real("temperature", temperature), _whole("top_k", top_k), _real("top_p", top_p),
                           _real("min_p", min_p), _real("repeat_penalty", repeat_penalty),

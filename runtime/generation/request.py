@@ -60,7 +60,8 @@ class Timings:
     prompt_n: int = 0  # prompt tokens evaluated (not reused from the cache)
     cached_n: int = 0  # prompt tokens reused from the previous request's cache
     prompt_ms: float = 0.0
-    predicted_n: int = 0
+    predicted_n: int = 0  # tokens sampled, an end-of-generation one included (llama-server's count)
+    eog_n: int = 0  # 1 when an end-of-generation token ended the reply
     predicted_ms: float = 0.0
     first_token_ms: float = 0.0  # from the start of the prompt's evaluation to the first token
     draft_n: int = 0  # tokens the MTP heads drafted (--mtp)
@@ -162,7 +163,7 @@ def run(model, req: Request) -> Iterator[Step]:
                 t.first_token_ms = (time.perf_counter() - t0) * 1000
             lp = sampler.taken(tok)
             if tok in eog and not req.ignore_eos:  # not part of the reply: no text, no log-probability
-                finish = "stop"
+                finish, t.eog_n = "stop", 1
                 break
             if tok not in eog:  # with ignore_eos, an end-of-text token is passed over
                 if lp is not None:

@@ -27,17 +27,23 @@ def _usage(n_prompt: int, n_completion: int) -> dict:
 def completion_response(model, prompt_ids: list[int], pieces: Iterator[Piece], stream: bool):
     cid, created, name = f"cmpl-{uuid.uuid4()}", int(time.time()), model.name
 
+    def chunk(text: str, finish: str | None) -> dict:
+        return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
     def chunks():
         for p in pieces:
-            yield {"id": cid, "object": "text_completion", "created": created, "model": name,
-                   "choices": [{"text": p.text, "index": 0, "logprobs": None, "finish_reason": p.finish_reason}]}
+            if p.text or not p.finish_reason:
+                yield chunk(p.text, None)
+            if p.finish_reason:  # a chunk of its own, with no text, as llama-cpp-python ends a stream
+                yield chunk("", p.finish_reason)
 
     if stream:
         return chunks()
     text, last = _join(model, pieces)
     return {"id": cid, "object": "text_completion", "created": created, "model": name,
             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": last.finish_reason}],
-            "usage": _usage(len(prompt_ids), last.n_tokens)}
+            "usage": _usage(len(prompt_ids), last.n_reply)}
 
 
 def completion_from_steps(model, req: Request, prompt_text: str, steps: Iterator[Step], stream: bool,
@@ -59,9 +65,13 @@ def completion_from_steps(model, req: Request, prompt_text: str, steps: Iterator
         if echo:
             yield envelope(prompt_text, (), 0, None)
         for s in steps:
-            if s.text or s.logprobs or s.finish_reason:
-                yield envelope(s.text, s.logprobs, offset, s.finish_reason)
+            if s.text or s.logprobs:
+                yield envelope(s.text, s.logprobs, offset, None)
             offset += tokens_chars(s.logprobs)
+            if s.finish_reason:  # a chunk of its own, no text nor log-probabilities (llama-cpp-python's end)
+                out = envelope("", (), offset, s.finish_reason)
+                out["choices"][0]["logprobs"] = None
+                yield out
 
     if stream:
         return chunks()
@@ -70,7 +80,17 @@ def completion_from_steps(model, req: Request, prompt_text: str, steps: Iterator
     text = "".join(s.text for s in done)
     out = envelope((prompt_text if echo else "") + text, [lp for s in done for lp in s.logprobs], len(prompt_text),
                    done[-1].finish_reason if done else "length")
-    out["usage"] = _usage(len(req.prompt), req.timings.predicted_n)
+    out["usage"] = _usage(len(req.prompt), req.timings.predicted_n - req.timings.eog_n)
+    return out
+
+
+def api_shape(out: dict, timings) -> dict:
+    """A server reply builder's whole answer (runtime.generation.replies) in llama-cpp-python's
+    shape: no llama-server `timings` nor `prompt_tokens_details`, and the end-of-generation token
+    not counted as a completion token."""
+    out.pop("timings", None)
+    n_prompt = out["usage"]["prompt_tokens"]
+    out["usage"] = _usage(n_prompt, timings.predicted_n - timings.eog_n)
     return out
 
 
@@ -114,4 +134,4 @@ def chat_response(model, prompt_ids: list[int], pieces: Iterator[Piece], stream:
     finish = "tool_calls" if parsed.tool_calls and last.finish_reason == "stop" else last.finish_reason
     return {"id": cid, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": _usage(len(prompt_ids), last.n_tokens)}
+            "usage": _usage(len(prompt_ids), last.n_reply)}

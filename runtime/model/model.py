@@ -34,13 +34,13 @@ from quant.int8_kernels import format_set
 
 from runtime.base import system
 from runtime.base.config import ModelConfig
-from runtime.base.errors import StepstreamError
+from runtime.base.errors import ContextExceeded, StepstreamError, UnknownOption
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
 from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
 from runtime.generation.request import Request, run as run_request
 from runtime.generation.replies import ChatReply
-from runtime.generation.responses import completion_from_steps
+from runtime.generation.responses import api_shape, completion_from_steps
 from runtime.model.block import Block
 from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
@@ -646,7 +646,7 @@ class Model:
         positions evaluated so far, as a prefix a later prompt may reuse."""
         tokens = list(tokens)
         if len(tokens) > self.n_ctx:  # in the prompt's words, not a tail's after the reused positions
-            raise StepstreamError(f"the prompt is {len(tokens)} tokens, more than the context of {self.n_ctx} "
+            raise ContextExceeded(f"the prompt is {len(tokens)} tokens, more than the context of {self.n_ctx} "
                                   f"(load with a larger n_ctx, at most the model's {self.cfg.context_length})")
         limit = len(tokens)
         if mtp and self.weights.nextn:
@@ -702,13 +702,25 @@ class Model:
 
     def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         """Like llama-cpp-python: BOS first when the model wants one; `special` parses control tokens."""
-        for name, value in (("add_bos", add_bos), ("special", special)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise StepstreamError(f"{name} must be True or False, got {value!r}")
-        return self.tokenizer.encode(text, add_bos=add_bos and self.tokenizer.add_bos, special=special)
+        return self.tokenizer.encode(text, add_bos=_flag("add_bos", add_bos) and self.tokenizer.add_bos,
+                                     special=_flag("special", special))
 
-    def detokenize(self, tokens, special: bool = False) -> bytes:
-        return self.tokenizer.decode_bytes(tokens, special=special)
+    def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
+        """The bytes of `tokens`; with `prev_tokens` (llama-cpp-python's), those that `tokens` add
+        after them (a token's text may depend on the one before it: a leading space)."""
+        special = _flag("special", special)
+        if prev_tokens is None or len(prev_tokens) == 0:
+            return self.tokenizer.decode_bytes(tokens, special=special)
+        before = self.tokenizer.decode_bytes(prev_tokens, special=special)
+        both = self.tokenizer.decode_bytes(list(prev_tokens) + list(tokens), special=special)
+        return both[len(before):] if both.startswith(before) else self.tokenizer.decode_bytes(tokens, special=special)
+
+    def __getattr__(self, name: str):
+        """llama-cpp-python's methods that stepstream does not offer: a clear AttributeError."""
+        why = _NOT_OFFERED.get(name)
+        if why is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise NotOffered(f"{name}: {why}")
 
     def generate(self, tokens, max_tokens: int | None = None, mtp=None, **sampling):
         """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
@@ -813,14 +825,16 @@ class Model:
         want = k is not None
         if stream:
             def chunks():
-                yield reply.first_chunk()
+                first = reply.first_chunk()
+                first["choices"][0]["delta"] = {"role": "assistant"}  # llama-cpp-python's first delta
+                yield first
                 for step in steps:
                     yield from reply.chunks(step, want)
             return chunks()
         with self.lock:  # whole: never overtaken by another thread's generation
             for step in steps:
                 reply.collect(step)
-        return reply.whole(req.timings, want)
+        return api_shape(reply.whole(req.timings, want), req.timings)
 
     def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
                     continue_final: bool = True, limit: int | None = None) -> list[int]:
@@ -878,11 +892,42 @@ _OFF = {"logprobs": None, "suffix": None, "presence_penalty": 0.0, "frequency_pe
 _ANY = ("model", "mirostat_tau", "mirostat_eta", "user")  # a name, or settings of a sampler that is off
 
 
+class NotOffered(StepstreamError, AttributeError):
+    """A llama-cpp-python method stepstream does not have (hasattr() is False, as for any other)."""
+
+
+_NOT_OFFERED = {
+    "create_embedding": "stepstream does not compute embeddings (Step-3.5 is a generative model; "
+                        "llama-cpp-python too needs embedding=True, which runtime.load refuses)",
+    "embed": "stepstream does not compute embeddings",
+    "save_state": "saving the KV cache is not supported; the model keeps it between calls and reuses its "
+                  "longest shared prefix, as llama-cpp-python's cache does",
+    "load_state": "saving the KV cache is not supported; the model keeps it between calls and reuses its "
+                  "longest shared prefix",
+    "set_cache": "the model keeps its KV cache between calls and reuses its longest shared prefix",
+    "create_chat_completion_openai_v1": "create_chat_completion returns OpenAI's shape as a dict",
+}
+
+
+def _flag(name: str, value) -> bool:
+    """A boolean option, as llama-cpp-python takes it: True/False, or 0/1."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise StepstreamError(f"{name} must be True or False, got {value!r}")
+
+
 def _temp(sampling: dict) -> dict:
     """llama-cpp-python's `temp` is `temperature`; its other keywords are dropped where they are
     off (_OFF) and refused where they are not."""
     if "temp" in sampling:
+        if "temperature" in sampling:
+            raise UnknownOption("give temperature or temp (llama-cpp-python's name for it), not both")
         sampling["temperature"] = sampling.pop("temp")
+    t = sampling.get("temperature")
+    if isinstance(t, numbers.Real) and not isinstance(t, bool) and t < 0:
+        # llama-cpp-python's temp < 0: a draw from the model's whole distribution (softmax and
+        # dist, no filter), where 0 is greedy
+        sampling.update(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     for name in _ANY:
         sampling.pop(name, None)
     for name, off in _OFF.items():
