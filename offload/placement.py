@@ -313,7 +313,9 @@ def build_streaming(f: GGUFModelFile, cfg: ModelConfig, weights, budget: int | s
                               f"{budget_bytes // slot} experts of {slot / 2**20:.2f} MiB; at least {cfg.n_expert_used} "
                               f"are needed (one token's experts in one layer): "
                               f"{size_text(slot * cfg.n_expert_used)} or more")
-    weights, resident = make_resident(weights, cfg.n_layers)
+    with f.evaluating():  # a writer waits for the copy (a file cut short under it: SIGBUS)...
+        weights, resident = make_resident(weights, cfg.n_layers)
+    f.check_unchanged()  # ...and one that got the file meanwhile stops the load in one line
     f.release_pages()  # the copy read the file through its map
     if profile is not None and policy == "lru":
         policy = "pinned"

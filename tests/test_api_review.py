@@ -160,3 +160,10 @@ def test_minus_one_means_random_seed_and_whole_context_as_on_the_command_line():
     whole = list(m.generate(ids, max_tokens=16, temperature=0, repeat_penalty=1.5, repeat_last_n=10**6))
     assert list(m.generate(ids, max_tokens=16, temperature=0, repeat_penalty=1.5, repeat_last_n=-1)) == whole
     assert len(list(m.generate(ids, max_tokens=4, temperature=1.0, seed=-1))) == 4
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), float("-inf")])
+def test_a_budget_that_is_no_number_is_one_error(budget):
+    """ram_budget=nan raised numpy's ValueError, inf an OverflowError."""
+    with pytest.raises(StepstreamError, match="cannot read .* as a size"):
+        runtime.load(MODEL, ram_budget=budget)

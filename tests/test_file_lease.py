@@ -209,3 +209,67 @@ def test_an_unreadable_model_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_file, "open", denied, raising=False)
     with pytest.raises(StepstreamError, match=r"step35-mini-q4_k_m.gguf: cannot open for reading \(Permission denied\)"):
         gguf_file.GGUFModelFile(MODEL)
+
+
+_CUT_DURING_COPY = """
+import os, subprocess, sys, time
+import runtime
+from offload import placement
+from runtime.base.errors import StepstreamError
+path, copy = sys.argv[1], placement.make_resident
+cutters = []
+
+def copy_while_cut(*args, **kwargs):
+    # another process truncates the file as the streaming load copies the resident weights
+    cutters.append(subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({path!r}, 4096)"]))
+    time.sleep(1.5)  # its SIGIO has arrived: without a lease held, the truncation went through
+    return copy(*args, **kwargs)
+
+placement.make_resident = copy_while_cut
+try:
+    runtime.load(path, experts="stream")
+except StepstreamError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+finally:
+    for c in cutters:
+        c.wait(60)
+"""
+
+
+def test_a_truncation_while_a_streaming_load_copies_the_weights_is_one_line(tmp_path):
+    """The lease was let go while the streaming load copied the resident weights through the map
+    (no evaluation counted as in flight), and the copy died of SIGBUS (exit 135). It now waits,
+    and the load stops in one line."""
+    live = tmp_path / "live.gguf"
+    shutil.copy(MODEL, live)
+    p = subprocess.run([sys.executable, "-c", _CUT_DURING_COPY, str(live)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert f"error: {live}: the file changed on disk while the model was loaded" in p.stderr, p.stderr
+    assert live.stat().st_size == 4096  # the writer got the file once the copy was done
+
+
+def test_a_long_prompt_lets_a_held_writer_through_between_batches(tmp_path):
+    """A prompt was one evaluation, which held a writer back for as long as it lasted: past the
+    kernel's lease-break-time (45 s) the writer went through anyway and the process died of
+    SIGBUS mid-prompt. Batch by batch, the writer gets the file between two batches and the next
+    one is refused, before the prompt's end."""
+    live = tmp_path / "live.gguf"
+    shutil.copy(MODEL, live)
+    m = runtime.load(live, n_ctx=1024, n_batch=16, n_threads=1)
+    prompt = m.tokenize("def f(x):\n    return x + 1\n" * 40)[:600]
+    started = threading.Event()
+    original = m._prefill
+
+    def prefill_and_cut(chunk):  # inside the first batch's evaluation, another thread truncates
+        if not started.is_set():
+            started.set()
+            threading.Thread(target=os.truncate, args=(live, 4096), daemon=True).start()
+            time.sleep(0.5)  # the writer is now held back by the lease
+        return original(chunk)
+
+    m._prefill = prefill_and_cut
+    with pytest.raises(StepstreamError, match="the file changed on disk while the model was loaded"):
+        m.eval_prompt(prompt)
+    assert m.n_past == 16  # the first batch, and not the prompt's 599 positions before the writer's turn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from runtime.base.errors import StepstreamError
@@ -14,6 +15,8 @@ _UNITS.update({k[:-1]: v for k, v in _UNITS.items() if k.endswith("ib")})  # Kub
 def parse_bytes(text: str | int | float) -> int:
     """'6GiB' (or Kubernetes' '6Gi'), '512MiB', '1.5G', '800mb' or a plain number of bytes."""
     if isinstance(text, (int, float)):
+        if isinstance(text, float) and not math.isfinite(text):  # int() raised ValueError / OverflowError
+            raise StepstreamError(f"cannot read {text!r} as a size; give a number of bytes, or e.g. 6GiB")
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if m is None or m[2].lower() not in _UNITS:

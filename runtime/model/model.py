@@ -663,14 +663,20 @@ class Model:
         # draft, they follow the prompt a stretch at a time, so that only a stretch's hidden
         # states are held for them (a whole prompt's were: 16 KiB a token on the real model).
         heads = bool(mtp and self.weights.nextn)
-        stretch = 8 * self.options.n_batch if heads else len(tokens)
-        if cancelled is not None:  # a batch at a time (the same bits: the pass is batch-invariant)
-            stretch = min(stretch, self.options.n_batch)
+        batch = self.options.n_batch
+        stretch = 8 * batch if heads else len(tokens)
         for a in range(kept, len(tokens) - 1, stretch):
-            if cancelled is not None and cancelled():
-                return None, kept
-            self.eval(tokens[a : min(a + stretch, len(tokens) - 1)])
-            if heads and a + stretch < len(tokens) - 1:
+            end = min(a + stretch, len(tokens) - 1)
+            # An evaluation a batch at a time (the same bits: the pass is batch-invariant): a
+            # client gone is seen within a batch, and a writer the file's lease holds back gets
+            # the file between batches, where the next one's check stops cleanly. The kernel
+            # lets it through anyway after lease-break-time (45 s): a whole long prompt in one
+            # evaluation outlasted it, and the process died of SIGBUS reading the map.
+            for b in range(a, end, batch):
+                if cancelled is not None and cancelled():
+                    return None, kept
+                self.eval(tokens[b : min(b + batch, end)])
+            if heads and end < len(tokens) - 1:
                 with self._heads_pass():
                     self.drafter.fill()
         if cancelled is not None and cancelled():

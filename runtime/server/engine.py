@@ -161,10 +161,13 @@ class Engine:
                     job.emit("steps", list(completion.run(self.model, job.request)))
                 job.emit("done")
             except StepstreamError as e:  # the evaluation rolled back: the model is sound
-                if self.model.file.problem() is not None and not self._file_reported:  # not the request's fault
-                    self._file_reported = True
-                    print(f"error: {e} (every request fails now, and /health answers 503: restart the server)",
-                          file=sys.stderr, flush=True)
+                if self.model.file.problem() is not None:  # not the request's fault
+                    if not self._file_reported:
+                        self._file_reported = True
+                        print(f"error: {e} (every request fails now, and /health answers 503: restart the server)",
+                              file=sys.stderr, flush=True)
+                else:  # an expert read that failed (a disk error), say: whoever runs the server must see it
+                    print(f"error: request failed: {e}", file=sys.stderr, flush=True)
                 job.emit("error", (500, "generation_failed", str(e)))
             except Exception as e:  # a bug: the request fails, the server keeps serving
                 print(f"error: request failed: {type(e).__name__}: {e}", file=sys.stderr)
