@@ -131,3 +131,10 @@ def test_detokenize_takes_prev_tokens_and_tokenize_takes_0_or_1(ours, theirs):
     assert ours.detokenize(ids[1:], prev_tokens=ids[:1]) == whole[len(ours.detokenize(ids[:1])):] == b" two three"
     with pytest.raises(Exception, match="add_bos must be True or False"):
         ours.tokenize("x", add_bos="no")
+
+
+def test_n_ctx_is_a_number_and_a_method(ours, theirs):
+    """llama-cpp-python code calls `llm.n_ctx()`: 'int' object is not callable."""
+    assert ours.n_ctx() == theirs.n_ctx() == ours.n_ctx == 256 and ours.n_ctx + 0 == 256
+    with pytest.raises(ValueError):  # a continuation past the context, as a prompt past it
+        ours.eval(list(range(10, 300)))

@@ -81,7 +81,7 @@ class Model:
         self.provider = provider
         self.options = options
         self.placement = placement  # offload.placement.Placement when experts stream from disk
-        self.n_ctx = options.context(cfg.context_length)
+        self.n_ctx = CallableCount(options.context(cfg.context_length))
         # The formats of this file that take int8 activations: every int8 kernel is compiled for
         # exactly this set, once (quant.int8_kernels.dispatch). 0 keeps activations float32.
         self.int8 = format_set(t.qtype for t in file.tensors.values()) if options.activations == "q8" else 0
@@ -311,7 +311,7 @@ class Model:
         if bad.size:
             raise StepstreamError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.cfg.vocab - 1})")
         if self.n_past + ids.size > self.n_ctx:
-            raise StepstreamError(
+            raise ContextExceeded(
                 f"{ids.size} tokens after {self.n_past} cached positions exceed the context of {self.n_ctx} "
                 f"(load with a larger n_ctx, at most the model's {self.cfg.context_length})"
             )
@@ -896,6 +896,14 @@ _OFF = {"logprobs": None, "suffix": None, "presence_penalty": 0.0, "frequency_pe
         "logits_processor": None, "stopping_criteria": None, "top_logprobs": None, "functions": None,
         "function_call": None, "response_format": None}
 _ANY = ("model", "mirostat_tau", "mirostat_eta", "user")  # a name, or settings of a sampler that is off
+
+
+class CallableCount(int):
+    """An int that is also llama-cpp-python's method of the same name: `model.n_ctx` is the
+    context, and `model.n_ctx()`, as llama-cpp-python code calls it, too."""
+
+    def __call__(self) -> int:
+        return int(self)
 
 
 class NotOffered(StepstreamError, AttributeError):
