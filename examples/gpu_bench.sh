@@ -4,6 +4,16 @@
 # Run from the repository root. Results go to $OUT (default ./gpu_out).
 set -euo pipefail
 
+# The device image has numba, numba-cuda, numpy, psutil, tqdm, tokenizers and jinja2, but not
+# gguf: its wheel travels in .whl/, which git ignores, so the device call must carry it. Checked
+# first, before the machine's time goes into anything else. Prepare it here with
+#     bash examples/gpu_wheels.sh
+# and run on the device: command "bash examples/gpu_bench.sh", carry [".whl"], timeout_s 600.
+if ! python3 -c "import gguf" 2>/dev/null && ! ls .whl/gguf-*.whl >/dev/null 2>&1; then
+    echo "gpu_bench.sh: gguf is not installed and .whl/ holds no gguf wheel: run 'bash examples/gpu_wheels.sh' first, and carry .whl to the device" >&2
+    exit 2
+fi
+
 # Without a card every GPU test fails and the benchmark writes a 9 GB model for nothing: stop first,
 # before anything is written. numpy.row_stack is restored for the check as it is below.
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -22,8 +32,7 @@ fi
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 
-# The device image has numba, numpy, psutil, tqdm, tokenizers, jinja2, but not gguf nor this
-# package: install the wheels carried in .whl/ when gguf is missing.
+# gguf from the wheels carried in .whl/ when it is missing (checked above); this package from the tree.
 if python3 -c "import gguf" 2>/dev/null; then
     export PYTHONPATH="$PWD"
 else
@@ -39,9 +48,9 @@ if ! python3 -c "import numpy; numpy.row_stack" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 
-echo "== GPU tests on the card (a failure is reported; the benchmark still runs)"
-NUMBA_ENABLE_CUDASIM=0 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_gpu_ops.py \
-    tests/test_gpu_model.py 2>&1 | tee "$OUT/gpu_tests.log" || true
+echo "== GPU tests on the card (a failure is reported; the benchmark still runs; at most 150 s)"
+NUMBA_ENABLE_CUDASIM=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
+    tests/test_gpu_ops.py tests/test_gpu_model.py 2>&1 | tee "$OUT/gpu_tests.log" || true
 
 echo "== benchmark"
 NUMBA_ENABLE_CUDASIM=0 python3 -m runtime.bench.gpu --workdir /tmp/ssbench --json "$OUT/gpu_bench.json" "$@" \

@@ -228,3 +228,33 @@ def test_synth_writes_mtp_heads_llama_cpp_loads(tmp_path, capsys):
     assert all(np.isfinite(h).all() for h in heads)
     assert cli_main(["synth", str(tmp_path / "x.gguf"), "--mtp", "4"]) == 2
     assert "Step-3.5-Flash has 3 MTP heads" in capsys.readouterr().err
+
+
+def test_gpu_bench_compares_each_gpu_settings_logits_with_the_cpus(tmp_path):
+    """A wrong card kernel still timed well: the settings' prompt logits are now compared."""
+    from runtime.bench import gpu
+
+    rng = np.random.default_rng(0)
+    cpu = rng.standard_normal(100).astype(np.float32)
+    np.save(tmp_path / "logits_cpu.npy", cpu)
+    np.save(tmp_path / "logits_gpu.npy", cpu * 1.0001)
+    wrong = cpu.copy()
+    wrong[int(np.argmin(cpu))] = cpu.max() + 1
+    np.save(tmp_path / "logits_gpu25.npy", wrong)
+    a = gpu.agreement(tmp_path / "m.gguf", {"cpu": {}, "gpu": {}, "gpu25": {}})
+    assert a["gpu"]["same_top1"] and a["gpu"]["cos"] == pytest.approx(1.0)
+    assert not a["gpu25"]["same_top1"] and a["gpu25"]["cos"] < 0.99
+    lines = gpu.table({"settings": {}, "ratios": {}, "agreement": a}).splitlines()
+    assert lines[-1].startswith("  gpu25 logits against the CPU's: cos") and lines[-1].endswith("top-1 DIFFERENT")
+
+
+def test_gpu_bench_children_stop_at_its_budget(tmp_path):
+    """The four children had 150 s each: past the device's 600 s per command, and the JSON was
+    written only at the end. A child gets at most what --budget leaves."""
+    import time as _time
+
+    from runtime.bench import gpu
+
+    args = gpu.parse_args(["--workdir", str(tmp_path), "--budget", "30"])
+    r = gpu.run_child(args, "cpu", tmp_path / "m.gguf", deadline=_time.perf_counter() + 1)
+    assert r["error"] == "cpu: not run: the benchmark's --budget of 30 s is spent" and r["wall_s"] == 0.0

@@ -250,6 +250,7 @@ def test_bench_reports_positive_rates_on_valid_blocks():
 
     r = gemv_gbps(Q.Q6_K, 3, 256, repeats=1)
     assert r["bytes"] == 3 * 210 and r["gbps"] > 0
+    assert r["check_rows"] == 3 and r["check_ok"] and r["check_cos"] > 0.999  # what it timed is right
     assert copy_gbps(1024, repeats=1) > 0
     assert launch_us(repeats=2) > 0
     for qt in FORMATS:  # the random blocks decode to finite weights

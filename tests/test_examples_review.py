@@ -23,8 +23,8 @@ MODEL = ROOT / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _run(argv: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env or ENV, timeout=timeout)
+def _run(argv: list[str], env: dict | None = None, timeout: float = 120, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env or ENV, timeout=timeout)
 
 
 def _example(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -73,6 +73,19 @@ def test_gpu_bench_with_a_card_numba_cannot_use_stops_at_once(tmp_path):
     fake.chmod(0o755)
     _one_line(_gpu_bench(tmp_path, f"{bin_dir}{os.pathsep}{os.environ['PATH']}"),
               "numba cannot use the NVIDIA GPU", "needs a lent card")
+
+
+def test_gpu_bench_without_gguf_nor_its_wheel_stops_before_anything(tmp_path):
+    """The device image has no gguf: without the wheel carried in .whl/, pip failed after the
+    machine had started ("*.whl is not a valid wheel filename")."""
+    hidden = tmp_path / "hide" / "gguf"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    (tmp_path / "a-file").write_text("")
+    env = {**ENV, "OUT": str(tmp_path / "a-file" / "gpu_out"), "PYTHONPATH": str(tmp_path / "hide"),
+           "PATH": os.environ["PATH"]}
+    r = _run(["bash", str(EXAMPLES / "gpu_bench.sh")], env=env, timeout=60, cwd=tmp_path)  # no .whl/ there
+    _one_line(r, "gguf is not installed and .whl/ holds no gguf wheel", "examples/gpu_wheels.sh")
 
 
 # ---- run_with_ram_budget.py --------------------------------------------------------------------

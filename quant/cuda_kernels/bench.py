@@ -12,6 +12,7 @@ import time
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from quant.codec import dequantize
 from quant.formats import row_bytes
 
 from . import descriptor, matvec, quantize
@@ -72,8 +73,15 @@ def gemv_gbps(qtype, rows: int, cols: int, repeats: int = 20) -> dict:
     quantize(x, xq, xd)
     out = cuda.device_array((1, rows), np.float32)
     ms = _median_ms(lambda: matvec(arena, desc, starts, xq, xd, out), repeats)
+    # What was timed must be right: 512 of its rows against float64 products of the dequantized
+    # rows (the kernel rounds activations to int8: a cosine near 1, not equality)
+    pick = np.r_[0:min(256, rows), max(rows - 256, 256):rows]
+    ref = dequantize(raw[pick], qtype, (pick.size, cols)).astype(np.float64) @ x.copy_to_host()[0].astype(np.float64)
+    got = out.copy_to_host()[0][pick].astype(np.float64)
+    cos = float(got @ ref / max(np.linalg.norm(got) * np.linalg.norm(ref), 1e-300))
     return {"format": T(qtype).name, "rows": rows, "cols": cols, "bytes": int(raw.nbytes),
-            "seconds": ms / 1e3, "gbps": raw.nbytes / (ms / 1e3) / 1e9}
+            "seconds": ms / 1e3, "gbps": raw.nbytes / (ms / 1e3) / 1e9, "check_rows": int(pick.size),
+            "check_cos": cos, "check_ok": bool(cos >= 0.999)}
 
 
 def copy_gbps(nbytes: int, repeats: int = 10) -> float:

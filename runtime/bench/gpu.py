@@ -61,10 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-only", action="store_true", help="skip the kernels and the GPU settings")
     p.add_argument("--tiny", action="store_true", help="a tiny synth model instead of the real widths (tests)")
     p.add_argument("--child-timeout", type=int, default=150, help="seconds each setting may take (default: 150)")
+    p.add_argument("--budget", type=int, default=380,
+                   help="seconds the whole benchmark may take (default: 380): a child gets at most what is left, "
+                        "so a device command of 600 s ends with its results written")
     p.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)  # internal: run one part
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("moe_layers", "tokens", "cpu_tokens", "prompt", "child_timeout"):
+    for name in ("moe_layers", "tokens", "cpu_tokens", "prompt", "child_timeout", "budget"):
         v = getattr(args, name)
         if v < (0 if name == "moe_layers" else 1):
             p.error(f"--{name.replace('_', '-')}={v} must be {'>= 0' if name == 'moe_layers' else 'positive'}")
@@ -81,7 +84,8 @@ def kernel_bandwidth() -> dict:
     for q in KERNEL_QTYPES:
         r = gemv_gbps(q, *KERNEL_SHAPE)
         out["gemv"][q] = {"gbps": float(r["gbps"]), "seconds": float(r["seconds"]),
-                          "fraction_of_copy": float(r["gbps"]) / card}
+                          "fraction_of_copy": float(r["gbps"]) / card, "check_cos": r["check_cos"],
+                          "check_ok": r["check_ok"]}
     return out
 
 
@@ -117,6 +121,9 @@ def measure(path: Path, setting: str, prompt: int, tokens: int, seed: int) -> di
     t0 = time.perf_counter()
     logits = model.eval(ids[:prompt])
     prefill_s = time.perf_counter() - t0
+    # the prompt's last logits, which every setting computes from the same ids: compared with the
+    # CPU's by the parent (a wrong card kernel would still time well)
+    np.save(path.with_name(f"logits_{setting}.npy"), np.asarray(logits, np.float32).reshape(-1, model.cfg.vocab)[-1])
     steps, waits = [], []
     waited = _time_waits(model)
     for t in ids[prompt:]:
@@ -162,19 +169,24 @@ def gpu_report(model) -> dict:
     return {"gpu_placement": model.gpu_placement.as_dict(), "tier_counts": model.gpu.tier.counts.as_dict()}
 
 
-def run_child(args, part: str, path: Path | None = None) -> dict:
-    """Run one part (the kernels or a setting) in a child process; its JSON result, or {"error": ...}."""
+def run_child(args, part: str, path: Path | None = None, deadline: float | None = None) -> dict:
+    """Run one part (the kernels or a setting) in a child process; its JSON result, or {"error": ...}.
+    `deadline` (perf_counter): the child gets at most the time left before it."""
     tokens = args.cpu_tokens if part == "cpu" else args.tokens
     cmd = [sys.executable, "-m", "runtime.bench.gpu", "--workdir", str(args.workdir), "--child", part,
            "--prompt", str(args.prompt), "--tokens", str(tokens), "--seed", str(args.seed)]
     if path is not None:
         cmd += ["--model", str(path)]
     t0 = time.perf_counter()
+    limit = args.child_timeout if deadline is None else min(args.child_timeout, deadline - t0)
+    if limit < 5:
+        return {"setting": part, "error": f"{part}: not run: the benchmark's --budget of {args.budget} s is spent",
+                "wall_s": 0.0}
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout, env=child_env())
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=child_env())
     except subprocess.TimeoutExpired:
-        return {"setting": part, "error": f"{part}: timed out after {args.child_timeout} s "
-                                          f"(--child-timeout); the child was killed", "wall_s": args.child_timeout}
+        return {"setting": part, "error": f"{part}: timed out after {limit:.0f} s (--child-timeout, --budget); "
+                                          f"the child was killed", "wall_s": limit}
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines:
         tail = r.stderr.strip()[-2000:] or r.stdout.strip()[-2000:]
@@ -186,6 +198,23 @@ def run_child(args, part: str, path: Path | None = None) -> dict:
 
 
 # ---- report ------------------------------------------------------------------------------------
+
+def agreement(path: Path, settings: dict) -> dict:
+    """Each GPU setting's prompt logits against the CPU setting's: cosine and the same top-1."""
+    try:
+        cpu = np.load(path.with_name("logits_cpu.npy")).astype(np.float64)
+    except OSError:
+        return {}
+    out = {}
+    for s in settings:
+        f = path.with_name(f"logits_{s}.npy")
+        if s == "cpu" or not f.exists():
+            continue
+        g = np.load(f).astype(np.float64)
+        out[s] = {"cos": float(g @ cpu / max(np.linalg.norm(g) * np.linalg.norm(cpu), 1e-300)),
+                  "same_top1": bool(int(np.argmax(g)) == int(np.argmax(cpu)))}
+    return out
+
 
 def ratios(results: dict) -> dict:
     cpu = results.get("cpu", {})
@@ -205,7 +234,9 @@ def table(report: dict) -> str:
         lines.append(f"card copy bandwidth: {k['copy_gbps']:.0f} GB/s; one launch from the host: "
                      f"{k.get('launch_us', float('nan')):.1f} us; GEMV {k['shape'][0]} x {k['shape'][1]}:")
         for q, r in k["gemv"].items():
-            lines.append(f"  {q:6s} {r['gbps']:8.0f} GB/s  {100 * r['fraction_of_copy']:5.1f}% of copy")
+            check = "" if "check_cos" not in r else \
+                f"  rows {'right' if r['check_ok'] else 'WRONG'} (cos {r['check_cos']:.6f} against the CPU's float64)"
+            lines.append(f"  {q:6s} {r['gbps']:8.0f} GB/s  {100 * r['fraction_of_copy']:5.1f}% of copy{check}")
     elif k is not None:
         lines.append(f"kernels failed: {str(k).strip().splitlines()[-1] if str(k).strip() else k}")
     lines.append(f"{'setting':8s} {'prefill tok/s':>14s} {'decode med':>11s} {'decode mean':>12s} {'load s':>7s} "
@@ -226,6 +257,8 @@ def table(report: dict) -> str:
                          f"{r.get('decode_host_wait_share', float('nan')):.0%}")
     for name, v in report["ratios"].items():
         lines.append(f"  {name}: {v:.2f}x")
+    for s, a in report.get("agreement", {}).items():
+        lines.append(f"  {s} logits against the CPU's: cos {a['cos']:.6f}, top-1 {'same' if a['same_top1'] else 'DIFFERENT'}")
     return "\n".join(lines)
 
 
@@ -238,14 +271,21 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.model, args.child, args.prompt, args.tokens, args.seed)), flush=True)
         return 0
     start = time.perf_counter()
+    deadline = start + args.budget
     args.workdir.mkdir(parents=True, exist_ok=True)
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+
+    def save() -> None:  # after every part: a command killed at its limit still leaves what was measured
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+
     if not args.cpu_only:  # in a child too: the parent holds no CUDA context while the settings measure VRAM
-        k = run_child(args, "kernels")
+        k = run_child(args, "kernels", deadline=deadline)
         report["kernels_s"] = k.pop("wall_s")
         report["kernels"] = k.get("error", k)  # a failure is reported; the model settings still run
         print(table({"kernels": report["kernels"], "settings": {}, "ratios": {}}), flush=True)
         print(f"[kernels: {report['kernels_s']:.1f} s]", flush=True)
+        save()
     shape = TINY if args.tiny else {"moe_layers": args.moe_layers}
     name = "synth_tiny.gguf" if args.tiny else f"synth_{args.moe_layers}moe.gguf"
     path = args.workdir / name
@@ -255,17 +295,19 @@ def main(argv=None) -> int:
         report["synth_s"] = time.perf_counter() - t0
         print(f"wrote {path}: {path.stat().st_size / 1e9:.2f} GB in {report['synth_s']:.1f} s", flush=True)
     report["model"] = {"path": str(path), "bytes": path.stat().st_size, **shape}
+    for s in SETTINGS:  # an earlier run's logits, kept beside the reused model, are no reference
+        path.with_name(f"logits_{s}.npy").unlink(missing_ok=True)
     report["settings"] = {}
     for s in SETTINGS[:1] if args.cpu_only else SETTINGS:
-        report["settings"][s] = run_child(args, s, path)
+        report["settings"][s] = run_child(args, s, path, deadline)
         print(f"{s}: {json.dumps(report['settings'][s])}", flush=True)
         print(f"[{s}: {report['settings'][s]['wall_s']:.1f} s]", flush=True)
-    report["ratios"] = ratios(report["settings"])
+        report["ratios"], report["agreement"] = ratios(report["settings"]), agreement(path, report["settings"])
+        save()
     report["total_s"] = time.perf_counter() - start
     print(table(report), flush=True)
     print(f"[total: {report['total_s']:.1f} s]", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    save()
     return 0 if all("error" not in r for r in report["settings"].values()) else 1
 
 
