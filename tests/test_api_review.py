@@ -167,3 +167,12 @@ def test_a_budget_that_is_no_number_is_one_error(budget):
     """ram_budget=nan raised numpy's ValueError, inf an OverflowError."""
     with pytest.raises(StepstreamError, match="cannot read .* as a size"):
         runtime.load(MODEL, ram_budget=budget)
+
+
+def test_gpu_budget_reads_as_the_command_line_reads_it():
+    """The API took gpu_budget=True (1 byte) and refused 'AUTO', which --gpu-budget accepts."""
+    from runtime.base.options import RuntimeOptions
+
+    assert RuntimeOptions.from_kwargs(gpu_budget=" AUTO ").gpu_budget == "auto"
+    with pytest.raises(StepstreamError, match="gpu_budget=True must be a size"):
+        RuntimeOptions.from_kwargs(gpu_budget=True)

@@ -72,6 +72,9 @@ class RuntimeOptions:
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
         kwargs = _llama_cpp_keywords(kwargs)
+        budget = kwargs.get("gpu_budget")
+        if isinstance(budget, str) and budget.strip().lower() == "auto":  # as --gpu-budget reads it
+            kwargs["gpu_budget"] = "auto"
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -111,6 +114,8 @@ class RuntimeOptions:
         if self.cache_policy not in ("lru", "lfu", "pinned"):
             raise StepstreamError(f"cache_policy={self.cache_policy!r}: choose lru, lfu or pinned")
         if self.gpu_budget is not None:
+            if isinstance(self.gpu_budget, bool):  # True is 1 byte to parse_bytes
+                raise StepstreamError(f"gpu_budget={self.gpu_budget!r} must be a size (12GiB, 800MiB or bytes) or 'auto'")
             if self.gpu_budget != "auto" and parse_bytes(self.gpu_budget) <= 0:
                 raise StepstreamError(f"gpu_budget={self.gpu_budget!r} must be a positive size or 'auto'")
             if self.activations != "q8":
