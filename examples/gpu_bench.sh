@@ -3,13 +3,15 @@
 # (runtime/bench/gpu.py: kernel GB/s; cpu, gpu and gpu25 prefill/decode on a synth model).
 # Run from the repository root. Results go to $OUT (default ./gpu_out).
 set -euo pipefail
+cd "$(dirname "$0")/.."  # the repository root: .whl/, tests/ and the package are read from there
 
 # The device image has numba, numba-cuda, numpy, psutil, tqdm, tokenizers and jinja2, but not
 # gguf: its wheel travels in .whl/, which git ignores, so the device call must carry it. Checked
 # first, before the machine's time goes into anything else. Prepare it here with
 #     bash examples/gpu_wheels.sh
 # and run on the device: command "bash examples/gpu_bench.sh", carry [".whl"], timeout_s 600.
-if ! python3 -c "import gguf" 2>/dev/null && ! ls .whl/gguf-*.whl >/dev/null 2>&1; then
+WHEELS="${WHEELS:-.whl}"  # (another folder: for this script's own tests)
+if ! python3 -c "import gguf" 2>/dev/null && ! ls "$WHEELS"/gguf-*.whl >/dev/null 2>&1; then
     echo "gpu_bench.sh: gguf is not installed and .whl/ holds no gguf wheel: run 'bash examples/gpu_wheels.sh' first, and carry .whl to the device" >&2
     exit 2
 fi
@@ -36,7 +38,7 @@ mkdir -p "$OUT"
 if python3 -c "import gguf" 2>/dev/null; then
     export PYTHONPATH="$PWD"
 else
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl
     export PYTHONPATH="/tmp/site:$PWD"
 fi
 # The device image's numba-cuda still registers numpy.row_stack, which its numpy 2.5 removed: every

@@ -138,3 +138,16 @@ def test_n_ctx_is_a_number_and_a_method(ours, theirs):
     assert ours.n_ctx() == theirs.n_ctx() == ours.n_ctx == 256 and ours.n_ctx + 0 == 256
     with pytest.raises(ValueError):  # a continuation past the context, as a prompt past it
         ours.eval(list(range(10, 300)))
+
+
+def test_an_attribute_error_inside_a_property_is_not_hidden(ours, monkeypatch):
+    """A __getattr__ for the methods stepstream lacks turned a bug inside the tokenizer's loading
+    into "'Model' object has no attribute 'tokenizer'"."""
+    from runtime.text import tokenizer
+
+    saved = ours._tokenizer
+    monkeypatch.setattr(ours, "_tokenizer", None)
+    monkeypatch.setattr(tokenizer.Tokenizer, "from_gguf", staticmethod(lambda f: f.no_such_field))
+    with pytest.raises(AttributeError, match="no_such_field"):
+        ours.tokenizer
+    monkeypatch.setattr(ours, "_tokenizer", saved)

@@ -258,3 +258,17 @@ def test_gpu_bench_children_stop_at_its_budget(tmp_path):
     args = gpu.parse_args(["--workdir", str(tmp_path), "--budget", "30"])
     r = gpu.run_child(args, "cpu", tmp_path / "m.gguf", deadline=_time.perf_counter() + 1)
     assert r["error"] == "cpu: not run: the benchmark's --budget of 30 s is spent" and r["wall_s"] == 0.0
+
+
+def test_gpu_bench_child_timeout_and_failed_settings(tmp_path):
+    """A small --child-timeout ran nothing, blamed on --budget; a setting that failed after its
+    prefill still got a logits verdict."""
+    from runtime.bench import gpu
+
+    args = gpu.parse_args(["--workdir", str(tmp_path), "--child-timeout", "4"])
+    r = gpu.run_child(args, "cpu", tmp_path / "missing.gguf")
+    assert r["error"].startswith("cpu: exit status 1:")  # it ran
+    np.save(tmp_path / "logits_cpu.npy", np.ones(4, np.float32))
+    np.save(tmp_path / "logits_gpu.npy", np.ones(4, np.float32))
+    assert gpu.agreement(tmp_path / "m.gguf", {"cpu": {}, "gpu": {"error": "gpu: timed out"}}) == {}
+    assert gpu.agreement(tmp_path / "m.gguf", {"cpu": {}, "gpu": {}})["gpu"]["same_top1"]

@@ -83,8 +83,8 @@ def test_gpu_bench_without_gguf_nor_its_wheel_stops_before_anything(tmp_path):
     (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
     (tmp_path / "a-file").write_text("")
     env = {**ENV, "OUT": str(tmp_path / "a-file" / "gpu_out"), "PYTHONPATH": str(tmp_path / "hide"),
-           "PATH": os.environ["PATH"]}
-    r = _run(["bash", str(EXAMPLES / "gpu_bench.sh")], env=env, timeout=60, cwd=tmp_path)  # no .whl/ there
+           "PATH": os.environ["PATH"], "WHEELS": str(tmp_path / "no-wheels")}
+    r = _run(["bash", str(EXAMPLES / "gpu_bench.sh")], env=env, timeout=60, cwd=tmp_path)  # from elsewhere, too
     _one_line(r, "gguf is not installed and .whl/ holds no gguf wheel", "examples/gpu_wheels.sh")
 
 

@@ -179,7 +179,7 @@ def run_child(args, part: str, path: Path | None = None, deadline: float | None 
         cmd += ["--model", str(path)]
     t0 = time.perf_counter()
     limit = args.child_timeout if deadline is None else min(args.child_timeout, deadline - t0)
-    if limit < 5:
+    if deadline is not None and deadline - t0 < min(5, args.child_timeout):
         return {"setting": part, "error": f"{part}: not run: the benchmark's --budget of {args.budget} s is spent",
                 "wall_s": 0.0}
     try:
@@ -206,9 +206,11 @@ def agreement(path: Path, settings: dict) -> dict:
     except OSError:
         return {}
     out = {}
-    for s in settings:
+    if "error" in settings.get("cpu", {}):
+        return {}
+    for s, result in settings.items():
         f = path.with_name(f"logits_{s}.npy")
-        if s == "cpu" or not f.exists():
+        if s == "cpu" or "error" in result or not f.exists():  # a setting that failed after its prefill: no verdict
             continue
         g = np.load(f).astype(np.float64)
         out[s] = {"cos": float(g @ cpu / max(np.linalg.norm(g) * np.linalg.norm(cpu), 1e-300)),

@@ -721,12 +721,14 @@ class Model:
         both = self.tokenizer.decode_bytes(list(prev_tokens) + list(tokens), special=special)
         return both[len(before):] if both.startswith(before) else self.tokenizer.decode_bytes(tokens, special=special)
 
-    def __getattr__(self, name: str):
-        """llama-cpp-python's methods that stepstream does not offer: a clear AttributeError."""
-        why = _NOT_OFFERED.get(name)
-        if why is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        raise NotOffered(f"{name}: {why}")
+    # llama-cpp-python's methods that stepstream does not offer: an AttributeError that says why
+    # (hasattr() is False). Properties, not __getattr__: that would also catch an AttributeError
+    # raised inside a real property's getter and hide it behind "no attribute".
+    create_embedding = property(lambda self: _not_offered("create_embedding"))
+    embed = property(lambda self: _not_offered("embed"))
+    save_state = property(lambda self: _not_offered("save_state"))
+    load_state = property(lambda self: _not_offered("load_state"))
+    set_cache = property(lambda self: _not_offered("set_cache"))
 
     def generate(self, tokens, max_tokens: int | None = None, mtp=None, **sampling):
         """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
@@ -919,8 +921,11 @@ _NOT_OFFERED = {
     "load_state": "saving the KV cache is not supported; the model keeps it between calls and reuses its "
                   "longest shared prefix",
     "set_cache": "the model keeps its KV cache between calls and reuses its longest shared prefix",
-    "create_chat_completion_openai_v1": "create_chat_completion returns OpenAI's shape as a dict",
 }
+
+
+def _not_offered(name: str):
+    raise NotOffered(f"{name}: {_NOT_OFFERED[name]}")
 
 
 def _flag(name: str, value) -> bool:
