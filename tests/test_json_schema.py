@@ -172,7 +172,7 @@ def test_a_recursive_schema_nests():
 
 @pytest.mark.parametrize("schema, words", [
     ({"type": "string", "pattern": "^a"}, "'pattern'"),
-    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}, r"#/properties/n uses 'minimum'"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}, r"#/properties/n uses 'multipleOf'"),
     ({"type": "object", "properties": {"d": {"type": "string", "format": "date-time"}}}, "'format'"),
     ({"type": "object", "properties": {}, "required": ["x"]}, "required names"),
     ({"$ref": "#/$defs/missing"}, "leads nowhere"),
@@ -271,9 +271,9 @@ def test_pydantic_models_through_the_openai_clients_parse(files):
             client.beta.chat.completions.parse
         r = parse(model="m", messages=MSGS, max_tokens=60, temperature=0, response_format=Pet)
         assert r.choices[0].message.parsed == Pet(name="Tom", age=3, kind="cat")
-        with pytest.raises(openai.BadRequestError, match="minimum"):
+        with pytest.raises(openai.BadRequestError, match="multipleOf"):
             client.chat.completions.create(model="m", messages=MSGS, max_tokens=4, response_format=_fmt(
-                {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}))
+                {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}))
 
 
 @pytest.mark.parametrize("schema, good, bad", [

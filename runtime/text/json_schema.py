@@ -6,10 +6,13 @@ The schema is compiled into a byte-level recognizer of the same kind as JSON mod
 stacks (alternatives, for `anyOf` and optional keys), each frame one value being written.
 It covers what OpenAI's strict mode and pydantic models write: objects with `properties`
 (keys in the schema's order, `required` ones always, the others optional; no other keys),
-free-form objects, arrays of `items`, strings, numbers, integers, booleans, null, `enum`,
-`const`, `anyOf`/`oneOf`, a list of types, and `$ref` into `$defs`/`definitions` (recursion
-included). A keyword that would constrain values further (`pattern`, `minimum`, `format`,
-`minItems`, ...) is refused by name rather than ignored: what is generated always validates.
+free-form objects, maps (`additionalProperties` as a schema: pydantic's `dict[str, T]`), arrays
+of `items` (with `minItems`/`maxItems`), strings, numbers and integers (with `minimum`,
+`maximum` and the exclusive ones: runtime.text.json_number), booleans, null, `enum`, `const`,
+`anyOf`/`oneOf`, a single `allOf`, a list of types, and `$ref` into `$defs`/`definitions`
+(recursion included). A keyword that would constrain values further (`multipleOf`,
+`uniqueItems`, ...) is refused by name rather than ignored: what is generated always validates,
+and no constraint leaves the model a prefix it cannot finish.
 
 Whitespace between tokens is bounded as in JSON mode (MAX_WS in a row); none may follow the
 value. A reply that starts in reasoning reasons freely until `</think>`.
@@ -23,6 +26,7 @@ from urllib.parse import unquote
 
 from runtime.base.errors import StepstreamError
 from runtime.text import json_constraint as J
+from runtime.text.json_number import Bounds, BoundsError
 
 MAX_FRAMES = 128  # values nested in one another
 MAX_ALTERNATIVES = 256  # stacks followed at once: a byte that would need more is refused
@@ -30,9 +34,15 @@ MAX_ALTERNATIVES = 256  # stacks followed at once: a byte that would need more i
 # keywords that say nothing about which values are valid (or that this recognizer honours)
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$comment",
                           "deprecated", "readOnly", "writeOnly", "strict", "$defs", "definitions"})
-_HONOURED = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum", "const",
-                       "anyOf", "oneOf", "$ref"})
-_STRING, _NUMBER, _INTEGER, _LITERAL, _OBJECT, _FREE_OBJECT, _ARRAY, _ANY, _ANYOF = range(9)
+# the keywords that constrain values of one type only (JSON Schema ignores them for the others)
+_TYPED = {"object": frozenset({"properties", "required", "additionalProperties"}),
+          "array": frozenset({"items", "minItems", "maxItems"}),
+          "number": frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}),
+          "string": frozenset()}
+_TYPED["integer"] = _TYPED["number"]
+_ANY_TYPED = frozenset().union(*_TYPED.values())
+_HONOURED = frozenset({"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}) | _ANY_TYPED
+_STRING, _NUMBER, _INTEGER, _LITERAL, _OBJECT, _FREE_OBJECT, _ARRAY, _ANY, _ANYOF, _MAP = range(10)
 
 
 class SchemaError(StepstreamError):
@@ -69,8 +79,9 @@ class JsonSchemaGrammar:
         unknown = sorted(set(s) - _ANNOTATIONS - _HONOURED - ({"$id"} if root else set()))
         if unknown:
             raise SchemaError(f"the schema at {where} uses {', '.join(repr(k) for k in unknown)}, which the JSON Schema "
-                              "constraint does not enforce (it enforces type, properties, required, items, enum, "
-                              "const, anyOf/oneOf and $ref)")
+                              "constraint does not enforce (it enforces type, properties, required, "
+                              "additionalProperties, items, minItems, maxItems, minimum, maximum, exclusiveMinimum, "
+                              "exclusiveMaximum, enum, const, anyOf/oneOf, a single allOf and $ref)")
         for key in ("title", "description", "$comment", "$id", "$schema"):
             if key in s and not isinstance(s[key], str):  # a malformed schema, which jsonschema refuses too
                 raise SchemaError(f"the schema at {where}: {key} must be a string")
@@ -87,6 +98,13 @@ class JsonSchemaGrammar:
                 raise SchemaError(f"the schema at {where}: $ref beside {', '.join(sorted(given - {'$ref'}))} is not "
                                   "supported")
             return self._ref(s["$ref"], where)
+        if "allOf" in s:  # one schema (pydantic's way to annotate a $ref): that schema
+            branches = s["allOf"]
+            if not isinstance(branches, list) or not branches:
+                raise SchemaError(f"the schema at {where}: allOf must be a non-empty list")
+            if len(branches) > 1 or given != {"allOf"}:
+                raise SchemaError(f"the schema at {where}: allOf is supported with one schema and nothing beside it")
+            return self._build(branches[0], f"{where}/allOf/0")
         if "enum" in s or "const" in s:
             return self._literal(s, given, where)
         for key in ("anyOf", "oneOf"):
@@ -116,26 +134,60 @@ class JsonSchemaGrammar:
         if isinstance(kind, list):
             if not kind or not all(isinstance(k, str) for k in kind) or len(set(kind)) != len(kind):
                 raise SchemaError(f"the schema at {where}: type must be a type name or a list of distinct ones")
-            return self._add((_ANYOF, tuple(self._build({**s, "type": k}, f"{where}/type/{i}")
+            # each type with its own keywords: the others do not apply to it
+            return self._add((_ANYOF, tuple(self._build({key: v for key, v in s.items() if key not in _ANY_TYPED
+                                                         or key in _TYPED.get(k, ())} | {"type": k},
+                                                        f"{where}/type/{i}")
                                             for i, k in enumerate(kind))))
-        if kind != "object" and given & {"properties", "required", "additionalProperties"} or \
-                kind != "array" and "items" in given:
-            raise SchemaError(f"the schema at {where}: type {kind!r} beside object or array keywords is not supported")
+        foreign = given & (_ANY_TYPED - _TYPED.get(kind, frozenset()))
+        if foreign:
+            raise SchemaError(f"the schema at {where}: type {kind!r} beside {', '.join(sorted(foreign))} is not "
+                              "supported")
         if kind == "string":
             return self._add((_STRING,))
         if kind in ("number", "integer"):
-            return self._add((_NUMBER if kind == "number" else _INTEGER,))
+            return self._add((_NUMBER if kind == "number" else _INTEGER, self._bounds(s, kind, where)))
         if kind == "boolean":
             return self._add((_LITERAL, (b"false", b"true")))
         if kind == "null":
             return self._add((_LITERAL, (b"null",)))
         if kind == "array":
             at = self._add(None)
-            self.nodes[at] = (_ARRAY, self._build(s.get("items", {}), f"{where}/items"))
+            least, most = self._count(s, "minItems", where), self._count(s, "maxItems", where)
+            if most is not None and least > most:
+                raise SchemaError(f"the schema at {where}: minItems {least} is more than maxItems {most}")
+            self.nodes[at] = (_ARRAY, self._build(s.get("items", {}), f"{where}/items"), least, most)
             return at
         if kind == "object":
             return self._object(s, where)
         raise SchemaError(f"the schema at {where}: type {kind!r} is no JSON Schema type")
+
+    @staticmethod
+    def _count(s: dict, key: str, where: str) -> int | None:
+        """A count keyword (minItems, maxLength...): a non-negative integer; None when absent."""
+        if key not in s:
+            return 0 if key.startswith("min") else None
+        n = s[key]
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise SchemaError(f"the schema at {where}: {key} must be a non-negative integer, not {n!r}")
+        return n
+
+    @staticmethod
+    def _bounds(s: dict, kind: str, where: str) -> Bounds | None:
+        keys = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+        if not any(k in s for k in keys):
+            return None
+        for k in ("exclusiveMinimum", "exclusiveMaximum"):
+            if isinstance(s.get(k), bool):  # draft 4's form, which 2020-12 validators read as no number
+                raise SchemaError(f"the schema at {where}: {k} must be a number (the draft-4 boolean form is not "
+                                  "supported)")
+        try:
+            return Bounds(integer=kind == "integer", minimum=s.get("minimum"), maximum=s.get("maximum"),
+                          exclusive_minimum=s.get("exclusiveMinimum"), exclusive_maximum=s.get("exclusiveMaximum"))
+        except BoundsError as e:
+            raise SchemaError(f"the schema at {where}: {e}") from None
 
     def _literal(self, s: dict, given: set, where: str) -> int:
         """enum and/or const, with type: the values all of them allow."""
@@ -168,9 +220,11 @@ class JsonSchemaGrammar:
             if s.get("additionalProperties") is False:
                 return self._add((_LITERAL, (b"{}",)))
             extra = s.get("additionalProperties", True)
-            if extra not in (True, {}):
-                raise SchemaError(f"the schema at {where}: additionalProperties as a schema is not supported")
-            return self._add((_FREE_OBJECT,))
+            if extra in (True, {}):
+                return self._add((_FREE_OBJECT,))
+            at = self._add(None)  # a map (pydantic's dict[str, T]): any keys, each value of that schema
+            self.nodes[at] = (_MAP, self._build(extra, f"{where}/additionalProperties"))
+            return at
         if not isinstance(props, dict) or not all(isinstance(k, str) for k in props):
             raise SchemaError(f"the schema at {where}: properties must be an object")
         if any(r not in props for r in required):
@@ -214,7 +268,7 @@ class JsonSchemaGrammar:
         if kind == _LITERAL:
             return frozenset({_kind_of_text(t) for t in n[1]})
         return frozenset({{_STRING: "string", _NUMBER: "number", _INTEGER: "number", _OBJECT: "object",
-                           _FREE_OBJECT: "object", _ARRAY: "array"}.get(kind, "any")})
+                           _FREE_OBJECT: "object", _MAP: "object", _ARRAY: "array"}.get(kind, "any")})
 
     def _disjoint(self, branches: tuple) -> bool:
         """Whether no value could match two of the branches (told by their types; conservative)."""
@@ -257,9 +311,11 @@ class JsonSchemaGrammar:
     #   (_OBJECT, node, i, phase, aux)  i: the next property; phase 0 "{", 1 a key or "}", 2 in a
     #                                   key (aux: its bytes left), 3 ":", 4 the value, 5 "," or "}",
     #                                   6 a key after ","; aux elsewhere: whitespace so far
-    #   (_ARRAY, node, phase, ws)       phase 0 "[", 1 an item or "]", 2 "," or "]", 3 an item
+    #   (_ARRAY, node, phase, ws, n)    phase 0 "[", 1 an item or "]", 2 "," or "]", 3 an item; n items begun
+    #   (_MAP, node, phase, aux)        as _OBJECT's phases, any key (aux in a key: json_constraint's string aux)
     #   (_STRING, node, phase, aux)     phase 0 '"', 1 inside (aux: json_constraint's string aux)
-    #   (_NUMBER or _INTEGER, node, sub) sub None before the first byte
+    #   (_NUMBER or _INTEGER, node, sub, text)  sub None before the first byte; text: the bytes so far
+    #                                   when the number has bounds, else None
     #   (_LITERAL, node, alternatives left)
     #   (_FREE_OBJECT or _ANY, node, json_constraint state)
 
@@ -272,10 +328,16 @@ class JsonSchemaGrammar:
     def thinking(s) -> bool:
         return s[0] == "think"
 
-    @staticmethod
-    def complete(s) -> bool:
+    def complete(self, s) -> bool:
         """Whether the reply so far is a whole value (a number at the root ends with the reply)."""
-        return s[0] == "json" and any(not st or (len(st) == 1 and _number_may_end(st[0])) for st in s[1])
+        return s[0] == "json" and any(not st or (len(st) == 1 and self._number_may_end(st[0])) for st in s[1])
+
+    def _number_may_end(self, frame: tuple) -> bool:
+        """Whether a number frame (or a free value holding a bare number) is a whole number now."""
+        if frame[0] in (_NUMBER, _INTEGER):
+            bounds = self.nodes[frame[1]][1]
+            return frame[2] in J._NUMBER_ENDS and (bounds is None or bounds.accepts(frame[3]))
+        return frame[0] == _ANY and frame[2][0] == J.NUMBER and frame[2][1] == "" and frame[2][2] in J._NUMBER_ENDS
 
     def step(self, s, c: int):
         if s[0] == "think":
@@ -302,6 +364,8 @@ class JsonSchemaGrammar:
             return self._object_step(top, rest, c)
         if kind == _ARRAY:
             return self._array_step(top, rest, c)
+        if kind == _MAP:
+            return self._map_step(top, rest, c)
         if kind == _STRING:
             if top[2] == 0:
                 return [rest + ((_STRING, top[1], 1, (False, 0, 0, 0, 0, 0)),)] if c == 0x22 else []
@@ -312,17 +376,21 @@ class JsonSchemaGrammar:
                 return [self._child_done(rest)]
             return [rest + ((_STRING, top[1], 1, nxt[2]),)]
         if kind in (_NUMBER, _INTEGER):
-            sub = top[2]
+            _, node, sub, text = top
+            bounds = self.nodes[node][1]
             if sub is None:
                 nxt = J._SIGN if c == 0x2D else J._ZERO if c == 0x30 else J._INT if c in J._DIGITS else None
             else:
                 nxt = J._number_step(sub, c)
-                if nxt in (J._DOT, J._EXP) and kind == _INTEGER:
-                    nxt = None
+                if nxt == J._DOT and kind == _INTEGER or nxt == J._EXP and (kind == _INTEGER or bounds):
+                    nxt = None  # (a bounded number is written without an exponent)
             if nxt is not None:
-                return [rest + ((kind, top[1], nxt),)]
-            if sub in J._NUMBER_ENDS:  # the number ended before c: c belongs to what holds it
-                return self._advance(self._child_done(rest), c)
+                if bounds is None:
+                    return [rest + ((kind, node, nxt, None),)]
+                text = (text or b"") + bytes((c,))
+                return [rest + ((kind, node, nxt, text),)] if bounds.feasible(text) else []
+            if sub in J._NUMBER_ENDS and (bounds is None or bounds.accepts(text)):
+                return self._advance(self._child_done(rest), c)  # the number ended before c: c is its holder's
             return []
         if kind == _LITERAL:
             alts = tuple(a[1:] for a in top[2] if a and a[0] == c)
@@ -360,11 +428,13 @@ class JsonSchemaGrammar:
         if kind == _OBJECT:
             frame = (_OBJECT, node, 0, 0, 0)
         elif kind == _ARRAY:
-            frame = (_ARRAY, node, 0, 0)
+            frame = (_ARRAY, node, 0, 0, 0)
+        elif kind == _MAP:
+            frame = (_MAP, node, 0, 0)
         elif kind == _STRING:
             frame = (_STRING, node, 0, None)
         elif kind in (_NUMBER, _INTEGER):
-            frame = (kind, node, None)
+            frame = (kind, node, None, None)
         elif kind == _LITERAL:
             frame = (_LITERAL, node, n[1])
         elif kind == _FREE_OBJECT:
@@ -383,7 +453,9 @@ class JsonSchemaGrammar:
         if parent[0] == _OBJECT:
             return rest[:-1] + ((_OBJECT, parent[1], parent[2], 5, 0),)
         if parent[0] == _ARRAY:
-            return rest[:-1] + ((_ARRAY, parent[1], 2, 0),)
+            return rest[:-1] + ((_ARRAY, parent[1], 2, 0, parent[4]),)
+        if parent[0] == _MAP:
+            return rest[:-1] + ((_MAP, parent[1], 5, 0),)
         raise AssertionError(parent)
 
     def _keys_from(self, keys: tuple, i: int) -> list[int]:
@@ -429,18 +501,43 @@ class JsonSchemaGrammar:
         return []
 
     def _array_step(self, top: tuple, rest: tuple, c: int) -> list[tuple]:
-        _, node, phase, ws = top
+        _, node, phase, ws, n = top
+        _, items, least, most = self.nodes[node]
         if phase == 0:
-            return [rest + ((_ARRAY, node, 1, 0),)] if c == 0x5B else []
+            return [rest + ((_ARRAY, node, 1, 0, 0),)] if c == 0x5B else []
         if c in J._WS:
-            return [rest + ((_ARRAY, node, phase, ws + 1),)] if ws < J.MAX_WS else []
-        if phase == 1 and c == 0x5D:
+            return [rest + ((_ARRAY, node, phase, ws + 1, n),)] if ws < J.MAX_WS else []
+        if c == 0x5D and phase in (1, 2) and n >= least:
             return [self._child_done(rest)]
-        if phase in (1, 3):
-            return self._start(rest + ((_ARRAY, node, phase, 0),), self.nodes[node][1], c)
-        if c == 0x2C:
-            return [rest + ((_ARRAY, node, 3, 0),)]
-        return [self._child_done(rest)] if c == 0x5D else []
+        if phase == 1 and (most is None or most > 0) or phase == 3:
+            return self._start(rest + ((_ARRAY, node, phase, 0, n + 1),), items, c)
+        if phase == 2 and c == 0x2C and (most is None or n < most):
+            return [rest + ((_ARRAY, node, 3, 0, n),)]
+        return []
+
+    def _map_step(self, top: tuple, rest: tuple, c: int) -> list[tuple]:
+        """An object of any keys whose values all follow one schema: _OBJECT's phases, free keys."""
+        _, node, phase, aux = top
+        if phase == 0:
+            return [rest + ((_MAP, node, 1, 0),)] if c == 0x7B else []
+        if phase == 2:  # inside a key
+            nxt = J.step((J.STRING, "", aux, 0), c)
+            if nxt is None:
+                return []
+            return [rest + ((_MAP, node, 3, 0) if nxt[0] == J.COLON else (_MAP, node, 2, nxt[2]),)]
+        if c in J._WS:
+            return [rest + ((_MAP, node, phase, aux + 1),)] if aux < J.MAX_WS else []
+        if phase in (1, 6) and c == 0x22:
+            return [rest + ((_MAP, node, 2, (True, 0, 0, 0, 0, 0)),)]
+        if phase in (1, 5) and c == 0x7D:
+            return [self._child_done(rest)]
+        if phase == 3:
+            return [rest + ((_MAP, node, 4, 0),)] if c == 0x3A else []
+        if phase == 4:
+            return self._start(rest + ((_MAP, node, 4, 0),), self.nodes[node][1], c)
+        if phase == 5 and c == 0x2C:
+            return [rest + ((_MAP, node, 6, 0),)]
+        return []
 
 
 def _is_type(value, kind: str) -> bool:
@@ -466,13 +563,6 @@ def _same(a, b) -> bool:
 def _kind_of_text(text: bytes) -> str:
     return {ord("{"): "object", ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
             ord("n"): "null"}.get(text[0], "number")
-
-
-def _number_may_end(frame: tuple) -> bool:
-    """Whether a number frame (or a free value holding a bare number) is a whole number now."""
-    if frame[0] in (_NUMBER, _INTEGER):
-        return frame[2] in J._NUMBER_ENDS
-    return frame[0] == _ANY and frame[2][0] == J.NUMBER and frame[2][1] == "" and frame[2][2] in J._NUMBER_ENDS
 
 
 def _forms(value) -> tuple[bytes, ...]:
