@@ -45,7 +45,7 @@ from runtime.model.block import Block
 from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
-from runtime.model import few_kernels, kv_checkpoint, kv_types, mtp, precompile
+from runtime.model import few_kernels, kv_checkpoint, kv_state, kv_types, mtp, precompile
 from runtime.model.kv_cache import CacheStateError, KVCache
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
@@ -726,9 +726,36 @@ class Model:
     # raised inside a real property's getter and hide it behind "no attribute".
     create_embedding = property(lambda self: _not_offered("create_embedding"))
     embed = property(lambda self: _not_offered("embed"))
-    save_state = property(lambda self: _not_offered("save_state"))
-    load_state = property(lambda self: _not_offered("load_state"))
     set_cache = property(lambda self: _not_offered("set_cache"))
+
+    @_serialized
+    def save_state(self) -> kv_state.SavedState:
+        """A copy of the KV cache and the tokens it holds (llama-cpp-python's save_state), for
+        load_state to return to: a later prompt that starts with these tokens reuses them."""
+        self._check_open()
+        self._refuse_on_gpu("save_state")
+        return kv_state.take(self.cache, self._tokens, self._identity())
+
+    @_serialized
+    def load_state(self, state: kv_state.SavedState) -> None:
+        """Make the cache hold what it held at save_state (a state of this file and cache layout;
+        another is refused with the cache untouched)."""
+        self._check_open()
+        self._refuse_on_gpu("load_state")
+        kv_state.restore(self.cache, state, self._identity())
+        self.version += 1
+        self._tokens = list(state.tokens)
+        self._checkpoint = None
+        if self._drafter is not None:
+            self._drafter.reset()
+
+    def _identity(self) -> str:
+        return f"{self.file.path.name} ({self.file.path.stat().st_size} bytes)"
+
+    def _refuse_on_gpu(self, name: str) -> None:
+        if self.gpu is not None:
+            raise NotOffered(f"{name}: the GPU tier keeps its KV cache on the card, which a state does not copy yet; "
+                             "load without --gpu-budget to save states")
 
     def generate(self, tokens, max_tokens: int | None = None, mtp=None, **sampling):
         """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
@@ -916,10 +943,6 @@ _NOT_OFFERED = {
     "create_embedding": "stepstream does not compute embeddings (Step-3.5 is a generative model; "
                         "llama-cpp-python too needs embedding=True, which runtime.load refuses)",
     "embed": "stepstream does not compute embeddings",
-    "save_state": "saving the KV cache is not supported; the model keeps it between calls and reuses its "
-                  "longest shared prefix, as llama-cpp-python's cache does",
-    "load_state": "saving the KV cache is not supported; the model keeps it between calls and reuses its "
-                  "longest shared prefix",
     "set_cache": "the model keeps its KV cache between calls and reuses its longest shared prefix",
 }
 

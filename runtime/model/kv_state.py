@@ -1,0 +1,100 @@
+"""A whole copy of the KV cache and the tokens it holds, to return to later: llama-cpp-python's
+`save_state()` / `load_state(state)`.
+
+The model already reuses the longest prefix its cache shares with a new prompt; a saved state
+lets a caller keep several (a long system prompt, then each conversation) and go back to any of
+them without evaluating it again. A state holds every block's slots in use, in the cache's
+stored types, so it costs what the cache holds: `nbytes`. It pickles, and it loads only into a
+model of the same file and cache layout (the same n_ctx, rollback and cache types), which
+`restore` checks before it changes anything.
+
+Shape legend:  S slots in use   Nk KV heads   D head dim
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.base.errors import StepstreamError
+
+
+class StateMismatch(StepstreamError, ValueError):
+    """A saved state from another model or cache layout."""
+
+
+@dataclass(frozen=True)
+class SavedState:
+    model: str  # the GGUF file's name and size, as "name (bytes)"
+    layout: tuple  # per block: (ring, capacity of a ring or 0, Nk, D, key type, value type)
+    tokens: tuple[int, ...]  # what the cache holds, position by position
+    slots: tuple[tuple[np.ndarray, ...], ...]  # per block: (k [S, Nk, D], k scales, v, v scales, pos [S])
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        """The tokens as llama-cpp-python's LlamaState holds them."""
+        return np.array(self.tokens, np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for arrays in self.slots for a in arrays)
+
+    llama_state_size = nbytes
+
+
+def layout(cache) -> tuple:
+    return tuple((layer.ring, layer.capacity if layer.ring else 0, layer.k.shape[1], layer.k.shape[2], *layer.types)
+                 for layer in cache.layers)
+
+
+def take(cache, tokens: list[int], model: str) -> SavedState:
+    """Copy what `cache` (runtime.model.kv_cache.KVCache) holds now: its slots in use."""
+    if len(tokens) != cache.n_past:
+        raise AssertionError((len(tokens), cache.n_past))
+    return SavedState(model, layout(cache), tuple(tokens),
+                      tuple(tuple(a.copy() for a in layer.view()) for layer in cache.layers))
+
+
+def restore(cache, state: SavedState, model: str) -> None:
+    """Make `cache` hold exactly what it held when `state` was taken. Everything is checked
+    before the first array is written, so a refused state leaves the cache as it was."""
+    if not isinstance(state, SavedState):
+        raise StateMismatch(f"load_state: expected a state from save_state(), got {type(state).__name__}")
+    if state.model != model:
+        raise StateMismatch(f"load_state: the state was saved from {state.model}, this model is {model}")
+    mine = layout(cache)
+    if state.layout != mine:
+        raise StateMismatch(f"load_state: the state's cache layout (n_ctx, rollback or cache types) differs from "
+                            f"this model's: {_first_difference(state.layout, mine)}")
+    n = len(state.tokens)
+    limit = cache.layers[0].limit if cache.layers else None
+    if limit is not None and n > limit:
+        raise StateMismatch(f"load_state: the state holds {n} tokens, more than this model's context of {limit}")
+    for layer, arrays in zip(cache.layers, state.slots):
+        if layer.ring:
+            for dst, src in zip(layer.arrays(), arrays):
+                dst[...] = src
+        else:
+            if layer.capacity < n:
+                layer._grow(n)
+            for dst, src in zip(layer.arrays(), arrays):
+                dst[:n] = src
+            layer.pos[n:] = -1
+        layer.n = n
+    cache.n_past = n
+
+
+def _first_difference(theirs: tuple, mine: tuple) -> str:
+    if len(theirs) != len(mine):
+        return f"{len(theirs)} blocks against {len(mine)}"
+    names = ("sliding", "ring slots", "KV heads", "head dim", "key type", "value type")
+    for i, (a, b) in enumerate(zip(theirs, mine)):
+        for name, x, y in zip(names, a, b):
+            if x != y:
+                return f"block {i}'s {name} is {x} in the state, {y} here"
+    return "none found"
