@@ -176,3 +176,12 @@ def test_gpu_budget_reads_as_the_command_line_reads_it():
     assert RuntimeOptions.from_kwargs(gpu_budget=" AUTO ").gpu_budget == "auto"
     with pytest.raises(StepstreamError, match="gpu_budget=True must be a size"):
         RuntimeOptions.from_kwargs(gpu_budget=True)
+
+
+def test_a_q8_0_cache_with_the_gpu_tier_is_refused_not_ignored():
+    """-ctk q8_0 --gpu-budget ran with the card's float32 cache and said nothing."""
+    from runtime.base.options import RuntimeOptions
+
+    with pytest.raises(StepstreamError, match=r"cache_type_k='q8_0'.*GPU tier keeps its KV cache in float32"):
+        RuntimeOptions.from_kwargs(gpu_budget="auto", cache_type_k="q8_0")
+    assert RuntimeOptions.from_kwargs(gpu_budget="auto", cache_type_k="f32").kv_types == ("f32", "f16")

@@ -120,6 +120,11 @@ class RuntimeOptions:
                 raise StepstreamError(f"gpu_budget={self.gpu_budget!r} must be a positive size or 'auto'")
             if self.activations != "q8":
                 raise StepstreamError("the GPU tier runs on int8 activations: use activations='q8' with gpu_budget")
+            if "q8_0" in (self.cache_type_k, self.cache_type_v):
+                # (it was ignored in silence: the card's cache is float32 whatever was asked)
+                raise StepstreamError(f"cache_type_k={self.cache_type_k!r}, cache_type_v={self.cache_type_v!r} "
+                                      "(-ctk/-ctv): the GPU tier keeps its KV cache in float32 on the card; "
+                                      "cache types apply without gpu_budget (--gpu-budget)")
         if self.mtp != "auto" and not (isinstance(self.mtp, int) and not isinstance(self.mtp, bool) and 0 <= self.mtp <= 3):
             raise StepstreamError(f"mtp={self.mtp!r}: choose 'auto' or a draft length 0..3")
         check_kv_type(self.cache_type_k, "cache_type_k")
