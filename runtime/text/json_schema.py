@@ -10,9 +10,11 @@ free-form objects, maps (`additionalProperties` as a schema: pydantic's `dict[st
 of `items` (with `minItems`/`maxItems`), strings, numbers and integers (with `minimum`,
 `maximum` and the exclusive ones: runtime.text.json_number), booleans, null, `enum`, `const`,
 `anyOf`/`oneOf`, a single `allOf`, a list of types, and `$ref` into `$defs`/`definitions`
-(recursion included). A keyword that would constrain values further (`multipleOf`,
-`uniqueItems`, ...) is refused by name rather than ignored: what is generated always validates,
-and no constraint leaves the model a prefix it cannot finish.
+(recursion included), and strings with `pattern`, `format`, `minLength` and `maxLength`
+(runtime.text.json_string reads their bytes into characters for runtime.text.json_regex's
+rules). A keyword that would constrain values further (`multipleOf`, `uniqueItems`, ...) is
+refused by name rather than ignored: what is generated always validates, and no constraint
+leaves the model a prefix it cannot finish.
 
 Whitespace between tokens is bounded as in JSON mode (MAX_WS in a row); none may follow the
 value. A reply that starts in reasoning reasons freely until `</think>`.
@@ -27,6 +29,8 @@ from urllib.parse import unquote
 from runtime.base.errors import StepstreamError
 from runtime.text import json_constraint as J
 from runtime.text.json_number import Bounds, BoundsError
+from runtime.text.json_regex import FORMATS, PatternError, StringRule
+from runtime.text.json_string import CLOSED, ConstrainedString
 
 MAX_FRAMES = 128  # values nested in one another
 MAX_ALTERNATIVES = 256  # stacks followed at once: a byte that would need more is refused
@@ -38,7 +42,7 @@ _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schem
 _TYPED = {"object": frozenset({"properties", "required", "additionalProperties"}),
           "array": frozenset({"items", "minItems", "maxItems"}),
           "number": frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}),
-          "string": frozenset()}
+          "string": frozenset({"minLength", "maxLength", "pattern", "format"})}
 _TYPED["integer"] = _TYPED["number"]
 _ANY_TYPED = frozenset().union(*_TYPED.values())
 _HONOURED = frozenset({"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}) | _ANY_TYPED
@@ -81,7 +85,8 @@ class JsonSchemaGrammar:
             raise SchemaError(f"the schema at {where} uses {', '.join(repr(k) for k in unknown)}, which the JSON Schema "
                               "constraint does not enforce (it enforces type, properties, required, "
                               "additionalProperties, items, minItems, maxItems, minimum, maximum, exclusiveMinimum, "
-                              "exclusiveMaximum, enum, const, anyOf/oneOf, a single allOf and $ref)")
+                              "exclusiveMaximum, minLength, maxLength, pattern, format, enum, const, anyOf/oneOf, "
+                              "a single allOf and $ref)")
         for key in ("title", "description", "$comment", "$id", "$schema"):
             if key in s and not isinstance(s[key], str):  # a malformed schema, which jsonschema refuses too
                 raise SchemaError(f"the schema at {where}: {key} must be a string")
@@ -144,7 +149,7 @@ class JsonSchemaGrammar:
             raise SchemaError(f"the schema at {where}: type {kind!r} beside {', '.join(sorted(foreign))} is not "
                               "supported")
         if kind == "string":
-            return self._add((_STRING,))
+            return self._add((_STRING, self._string_rule(s, where)))
         if kind in ("number", "integer"):
             return self._add((_NUMBER if kind == "number" else _INTEGER, self._bounds(s, kind, where)))
         if kind == "boolean":
@@ -173,6 +178,23 @@ class JsonSchemaGrammar:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise SchemaError(f"the schema at {where}: {key} must be a non-negative integer, not {n!r}")
         return n
+
+    def _string_rule(self, s: dict, where: str) -> ConstrainedString | None:
+        least, most = self._count(s, "minLength", where), self._count(s, "maxLength", where)
+        if "pattern" not in s and "format" not in s and least == 0 and most is None:
+            return None
+        pattern, formats = s.get("pattern"), ()
+        if pattern is not None and not isinstance(pattern, str):
+            raise SchemaError(f"the schema at {where}: pattern must be a string")
+        if "format" in s:
+            if s["format"] not in FORMATS:
+                raise SchemaError(f"the schema at {where}: format {s['format']!r} is not enforced (these are: "
+                                  f"{', '.join(sorted(FORMATS))})")
+            formats = (s["format"],)
+        try:
+            return ConstrainedString(StringRule(pattern, least, most, anchored_formats=formats))
+        except PatternError as e:
+            raise SchemaError(f"the schema at {where}: {e}") from None
 
     @staticmethod
     def _bounds(s: dict, kind: str, where: str) -> Bounds | None:
@@ -313,7 +335,8 @@ class JsonSchemaGrammar:
     #                                   6 a key after ","; aux elsewhere: whitespace so far
     #   (_ARRAY, node, phase, ws, n)    phase 0 "[", 1 an item or "]", 2 "," or "]", 3 an item; n items begun
     #   (_MAP, node, phase, aux)        as _OBJECT's phases, any key (aux in a key: json_constraint's string aux)
-    #   (_STRING, node, phase, aux)     phase 0 '"', 1 inside (aux: json_constraint's string aux)
+    #   (_STRING, node, phase, aux)     phase 0 '"', 1 inside (aux: json_constraint's string aux, or the
+    #                                   ConstrainedString's when the string has a rule)
     #   (_NUMBER or _INTEGER, node, sub, text)  sub None before the first byte; text: the bytes so far
     #                                   when the number has bounds, else None
     #   (_LITERAL, node, alternatives left)
@@ -367,8 +390,16 @@ class JsonSchemaGrammar:
         if kind == _MAP:
             return self._map_step(top, rest, c)
         if kind == _STRING:
+            rule = self.nodes[top[1]][1]
             if top[2] == 0:
-                return [rest + ((_STRING, top[1], 1, (False, 0, 0, 0, 0, 0)),)] if c == 0x22 else []
+                if c != 0x22:
+                    return []
+                return [rest + ((_STRING, top[1], 1, rule.start() if rule else (False, 0, 0, 0, 0, 0)),)]
+            if rule is not None:
+                nxt = rule.step(top[3], c)
+                if nxt is None:
+                    return []
+                return [self._child_done(rest)] if nxt == CLOSED else [rest + ((_STRING, top[1], 1, nxt),)]
             nxt = J.step((J.STRING, "", top[3], 0), c)
             if nxt is None:
                 return []
