@@ -237,3 +237,54 @@ def test_pydantic_constrained_fields_compile_and_hold():
         assert doc is not None
         if doc:
             Outer.model_validate_json(doc)
+
+
+def test_a_number_stuck_on_digits_is_stopped_where_it_can_still_end():
+    """A model writing 0.000... for ever raised int()'s 4,300-digit ValueError (a review)."""
+    from runtime.text.json_number import MAX_CHARS
+
+    for schema, lead in [({"type": "number", "minimum": 0, "maximum": 1}, b"0."),
+                         ({"type": "integer", "minimum": 0}, b"1"),
+                         ({"type": "number", "exclusiveMinimum": 0, "maximum": 1}, b"0.")]:
+        g = JsonSchemaGrammar(schema)
+        s = g.start()
+        for c in lead:
+            s = g.step(s, c)
+        n = len(lead)
+        while g.step(s, ord("0")) is not None:
+            s = g.step(s, ord("0"))
+            n += 1
+        assert n <= MAX_CHARS
+        ways = [c for c in b"0123456789" if g.step(s, c) is not None]
+        assert g.complete(s) or ways, (schema, n)  # it ends here, or a digit still leads somewhere
+
+
+@pytest.mark.parametrize("schema", [
+    {"$defs": {"S": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/S"}}}, "$ref": "#/$defs/S"},
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"], "additionalProperties": False}])
+def test_a_schema_with_no_finite_value_is_refused(schema):
+    """They compiled, and the reply nested [[[[... until the frames ran out, then had no way on."""
+    with pytest.raises(SchemaError, match="no finite value"):
+        JsonSchemaGrammar(schema)
+
+
+def test_values_are_begun_only_where_they_can_end_within_the_frames():
+    """A recursive schema whose smallest value nests: past the frames a value that would have to
+    nest deeper is not begun (the reply closes instead), where it used to be left unfinishable."""
+    tree = {"$defs": {"T": {"anyOf": [{"type": "array", "minItems": 1, "maxItems": 1, "items": {"$ref": "#/$defs/T"}},
+                                      {"type": "object", "properties": {"k": {"$ref": "#/$defs/T"}},
+                                       "required": ["k"], "additionalProperties": False},
+                                      {"type": "integer"}]}}, "$ref": "#/$defs/T"}
+    g = JsonSchemaGrammar(tree)
+    rng = random.Random(1)
+    for _ in range(3):
+        s, out = g.start(), bytearray()
+        while not g.complete(s):  # open while anything opens, then whatever comes
+            allowed = [c for c in range(256) if g.step(s, c) is not None and c not in b" \t\n\r"]
+            assert allowed, (len(out), bytes(out[-40:]))
+            opening = [c for c in allowed if c in b'[{"k:']
+            c = rng.choice(opening or allowed)
+            s = g.step(s, c)
+            out.append(c)
+        assert out.count(b"[") + out.count(b"{") > 100
+        jsonschema.validate(json.loads(out), tree)

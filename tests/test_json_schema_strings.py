@@ -133,6 +133,7 @@ def test_string_keywords_it_cannot_enforce_are_refused_by_name():
                           ({"type": "string", "pattern": "^a{5}$", "maxLength": 3}, "no string"),
                           ({"type": "string", "minLength": 3, "maxLength": 2}, "no string"),
                           ({"type": "string", "pattern": 5}, "pattern must be a string"),
+                          ({"type": "string", "format": ["date"]}, "format must be a string"),
                           ({"type": "string", "pattern": "("}, "missing \\)")]:
         with pytest.raises(SchemaError, match=words):
             JsonSchemaGrammar(schema)
@@ -187,3 +188,10 @@ def test_a_model_that_writes_a_wrong_string_is_steered_to_a_valid_one(tmp_path):
                     assert s is not None, text
     finally:
         m.close()
+
+
+def test_formats_that_only_name_a_use_are_plain_strings():
+    """pydantic's SecretStr, bytes and Path write formats no validator checks: any string has them."""
+    for fmt in ("password", "binary", "path"):
+        g = JsonSchemaGrammar({"type": "string", "format": fmt, "maxLength": 4})
+        assert _accepts(g, b'"a b"') and not _accepts(g, b'"abcde"')

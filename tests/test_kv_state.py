@@ -97,3 +97,35 @@ def test_a_state_of_another_file_or_layout_is_refused_and_the_cache_kept(tmp_pat
     finally:
         small.close()
         big.close()
+
+
+def test_a_damaged_state_is_refused_before_anything_is_written(tmp_path):
+    """A truncated block was written partway (a raw ValueError), and the cache then reused
+    positions it no longer held (a review)."""
+    import dataclasses
+    import os
+
+    m = runtime.load(MODEL, n_ctx=512, n_threads=1)
+    try:
+        m.eval(_ids(m, 50, 1))
+        state = m.save_state()
+        m.reset()
+        m.eval(_ids(m, 30, 2))
+        slots = list(state.slots)
+        slots[-1] = tuple(a[:10] for a in slots[-1])
+        for bad in (dataclasses.replace(state, slots=tuple(slots)), dataclasses.replace(state, tokens=state.tokens[:-1])):
+            with pytest.raises(StateMismatch, match="damaged"):
+                m.load_state(bad)
+            assert m.n_past == 30 and all(layer.n == 30 for layer in m.cache.layers)
+    finally:
+        m.close()
+    copy = tmp_path / "moved.gguf"
+    shutil.copyfile(MODEL, copy)
+    m = runtime.load(copy, n_ctx=256, n_threads=1)
+    try:  # the file renamed after loading: a raw FileNotFoundError
+        m.eval(_ids(m, 8, 3))
+        os.rename(copy, tmp_path / "elsewhere.gguf")
+        m.load_state(m.save_state())
+        assert m.n_past == 8
+    finally:
+        m.close()

@@ -75,6 +75,7 @@ def restore(cache, state: SavedState, model: str) -> None:
     limit = cache.layers[0].limit if cache.layers else None
     if limit is not None and n > limit:
         raise StateMismatch(f"load_state: the state holds {n} tokens, more than this model's context of {limit}")
+    _check_slots(cache, state, n)
     for layer, arrays in zip(cache.layers, state.slots):
         if layer.ring:
             for dst, src in zip(layer.arrays(), arrays):
@@ -87,6 +88,23 @@ def restore(cache, state: SavedState, model: str) -> None:
             layer.pos[n:] = -1
         layer.n = n
     cache.n_past = n
+
+
+def _check_slots(cache, state: SavedState, n: int) -> None:
+    """Every block's arrays as this cache stores them: a growing block's n rows, a ring's all of
+    its slots (an edited or truncated state was written partway, then read as another cache)."""
+    if len(state.slots) != len(cache.layers) or not all(isinstance(t, int) for t in state.tokens):
+        raise StateMismatch("load_state: the state is damaged (its blocks or tokens do not match its layout)")
+    for i, (layer, arrays) in enumerate(zip(cache.layers, state.slots)):
+        mine = layer.arrays()
+        if len(arrays) != len(mine):
+            raise StateMismatch(f"load_state: the state is damaged (block {i} holds {len(arrays)} arrays)")
+        for name, a, ref in zip(("keys", "key scales", "values", "value scales", "positions"), arrays, mine):
+            rows = ref.shape[0] if layer.ring else n
+            if not isinstance(a, np.ndarray) or a.dtype != ref.dtype or a.shape != (rows,) + ref.shape[1:]:
+                raise StateMismatch(f"load_state: the state is damaged (block {i}'s {name} are "
+                                    f"{getattr(a, 'shape', type(a).__name__)}, expected {(rows,) + ref.shape[1:]} "
+                                    f"{ref.dtype})")
 
 
 def _first_difference(theirs: tuple, mine: tuple) -> str:

@@ -105,6 +105,8 @@ class Model:
         self._mtp_q8 = [(q8_group([nw.eh_proj], self.int8), q8_group([nw.head], self.int8)) for nw in weights.nextn]
         self._few_proj = few_kernels.build(self.int8) if self.int8 else None
         self._tokenizer = tokenizer  # None: built on first use
+        # What a saved state names its model by (read now: the file may be renamed or deleted later)
+        self._state_identity = f"{file.path.name} ({file.nbytes} bytes)"
         self._tokens: list[int] = []  # the ids the cache holds, position by position
         self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
         # One thread's call at a time (_serialized). A generation also holds it across each of
@@ -750,7 +752,7 @@ class Model:
             self._drafter.reset()
 
     def _identity(self) -> str:
-        return f"{self.file.path.name} ({self.file.path.stat().st_size} bytes)"
+        return self._state_identity
 
     def _refuse_on_gpu(self, name: str) -> None:
         if self.gpu is not None:

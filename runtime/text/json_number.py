@@ -22,6 +22,9 @@ import math
 from fractions import Fraction
 
 
+MAX_CHARS = 1000  # a bounded number's text (int() takes at most 4,300 digits)
+
+
 class BoundsError(ValueError):
     """Bounds no number (or integer) satisfies, or that are no numbers."""
 
@@ -80,42 +83,64 @@ class Bounds:
     # ---------------------------------------------------------------- prefixes
 
     def feasible(self, text: bytes) -> bool:
-        """Whether the number text written so far (no exponent) has a completion in [lo, hi]."""
+        """Whether the number text written so far (no exponent) has a completion in [lo, hi] of
+        at most MAX_CHARS characters."""
+        left = MAX_CHARS - len(text)  # characters a completion may add
+        if left < 0:
+            return False
         negative = text.startswith(b"-")
         body = text[1:] if negative else text
-        # the magnitudes reachable, as [start, end) intervals ruled by 10^k for k = 0, 1, ...
         lo, hi = self.lo, self.hi
         if negative:  # magnitudes m with -m in [lo, hi]
             lo, hi = (None if hi is None else -hi), (None if lo is None else -lo)
         lo = Fraction(0) if lo is None or lo < 0 else lo
         if hi is not None and hi < 0:
             return False
-        if not body:
-            return True  # "-": any magnitude
+        if not body:  # "-": anything of up to `left` characters
+            return self._reaches(lo, hi, left)
         if b"." in body:
             whole, frac = body.split(b".")
+            if not frac and left < 1:
+                return False  # a digit is owed after the "."
             start = Fraction(int(whole + frac), 10 ** len(frac))
-            return self._meets(start, start + Fraction(1, 10 ** len(frac)), lo, hi)
+            return self._in_grid(start, start + Fraction(1, 10 ** len(frac)), lo, hi, len(frac) + left)
         n = int(body)
-        if body == b"0":
-            return self._meets(Fraction(0), Fraction(1), lo, hi)
-        k = 0
-        while True:  # magnitudes n*10^k .. (n+1)*10^k: more digits, then perhaps a fraction
-            start = Fraction(n * 10 ** k)
+        if body == b"0":  # then only "." and a fraction
+            return self._in_grid(Fraction(0), Fraction(1), lo, hi, left - 1)
+        for k in range(left + 1):  # k more digits, then perhaps "." and a fraction in what is left
+            if self._meets(n * 10 ** k, (n + 1) * 10 ** k, lo, hi, left - k - 1):
+                return True
+            if hi is not None and n * 10 ** k > hi:
+                return False
+        return False
+
+    def _meets(self, start: int, end: int, lo: Fraction, hi: Fraction | None, places: int) -> bool:
+        """_in_grid for integer-bounded [start, end), without its arithmetic where it cannot hold
+        or plainly holds."""
+        if end <= lo or hi is not None and start > hi:
+            return False
+        if start >= lo and (hi is None or start <= hi):
+            return True  # start itself
+        return self._in_grid(Fraction(start), Fraction(end), lo, hi, places)
+
+    def _reaches(self, lo: Fraction, hi: Fraction | None, left: int) -> bool:
+        """Whether a magnitude written in at most `left` characters lies in [lo, hi]: k integer
+        digits ([0, 10) for one, [10^(k-1), 10^k) for more), then perhaps a fraction."""
+        for k in range(1, left + 1):
+            start = 10 ** (k - 1) if k > 1 else 0
+            if self._meets(start, 10 ** k, lo, hi, left - k - 1):
+                return True
             if hi is not None and start > hi:
                 return False
-            if self._meets(start, Fraction((n + 1) * 10 ** k), lo, hi):
-                return True
-            if hi is None:
-                return True  # enough digits always reach past lo
-            k += 1
+        return False
 
-    def _meets(self, start: Fraction, end: Fraction, lo: Fraction, hi: Fraction | None) -> bool:
-        """Whether [start, end) holds a magnitude in [lo, hi] that this kind of number can take."""
-        if self.integer:
-            start, end = math.ceil(start), math.ceil(end) - 1  # the integers in [start, end)
-            return start <= end and end >= lo and (hi is None or start <= hi)
-        return end > lo and (hi is None or start <= hi)
+    def _in_grid(self, start: Fraction, end: Fraction, lo: Fraction, hi: Fraction | None, places: int) -> bool:
+        """Whether [start, end) holds a magnitude in [lo, hi] written with at most `places`
+        fraction digits (none for an integer, or when places < 1)."""
+        places = 0 if self.integer or places < 1 else places
+        unit = Fraction(1, 10 ** places)
+        first = math.ceil(max(start, lo) / unit) * unit  # the grid's first point from there
+        return first < end and (hi is None or first <= hi)
 
     # ---------------------------------------------------------------- whole numbers
 

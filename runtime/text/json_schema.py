@@ -33,7 +33,7 @@ from runtime.text.json_regex import FORMATS, PatternError, StringRule
 from runtime.text.json_string import CLOSED, ConstrainedString
 
 MAX_FRAMES = 128  # values nested in one another
-MAX_ALTERNATIVES = 256  # stacks followed at once: a byte that would need more is refused
+MAX_ALTERNATIVES = 256  # stacks followed at once: past it, the first ones (in a fixed order) are kept
 
 # keywords that say nothing about which values are valid (or that this recognizer honours)
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$comment",
@@ -47,6 +47,10 @@ _TYPED["integer"] = _TYPED["number"]
 _ANY_TYPED = frozenset().union(*_TYPED.values())
 _HONOURED = frozenset({"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}) | _ANY_TYPED
 _STRING, _NUMBER, _INTEGER, _LITERAL, _OBJECT, _FREE_OBJECT, _ARRAY, _ANY, _ANYOF, _MAP = range(10)
+_INFINITE = 1 << 30  # the height of a node with no finite value
+# formats that name what a string is for, not a syntax (pydantic's SecretStr, bytes, Path): no
+# validator checks them, and any string has them
+_ANNOTATION_FORMATS = frozenset({"password", "binary", "path"})
 
 
 class SchemaError(StepstreamError):
@@ -68,6 +72,12 @@ class JsonSchemaGrammar:
         except RecursionError:
             raise SchemaError("the schema nests too deeply") from None
         self._check_cycles()
+        self.height = self._heights()
+        if self.height[self.root] > MAX_FRAMES:
+            raise SchemaError("the schema has no finite value: it requires itself (a required property, or minItems "
+                              "over a $ref back to it)" if self.height[self.root] == _INFINITE else
+                              f"the schema's smallest value nests {self.height[self.root]} values deep, more than "
+                              f"{MAX_FRAMES}")
 
     # ---------------------------------------------------------------- compiling
     #
@@ -181,18 +191,20 @@ class JsonSchemaGrammar:
 
     def _string_rule(self, s: dict, where: str) -> ConstrainedString | None:
         least, most = self._count(s, "minLength", where), self._count(s, "maxLength", where)
-        if "pattern" not in s and "format" not in s and least == 0 and most is None:
-            return None
-        pattern, formats = s.get("pattern"), ()
+        pattern, fmt = s.get("pattern"), s.get("format")
         if pattern is not None and not isinstance(pattern, str):
             raise SchemaError(f"the schema at {where}: pattern must be a string")
-        if "format" in s:
-            if s["format"] not in FORMATS:
-                raise SchemaError(f"the schema at {where}: format {s['format']!r} is not enforced (these are: "
-                                  f"{', '.join(sorted(FORMATS))})")
-            formats = (s["format"],)
+        if fmt is not None and not isinstance(fmt, str):
+            raise SchemaError(f"the schema at {where}: format must be a string")
+        if fmt in _ANNOTATION_FORMATS:
+            fmt = None
+        if fmt is not None and fmt not in FORMATS:
+            raise SchemaError(f"the schema at {where}: format {fmt!r} is not enforced (these are: "
+                              f"{', '.join(sorted(FORMATS))})")
+        if pattern is None and fmt is None and least == 0 and most is None:
+            return None
         try:
-            return ConstrainedString(StringRule(pattern, least, most, anchored_formats=formats))
+            return ConstrainedString(StringRule(pattern, least, most, anchored_formats=(fmt,) if fmt else ()))
         except PatternError as e:
             raise SchemaError(f"the schema at {where}: {e}") from None
 
@@ -322,6 +334,29 @@ class JsonSchemaGrammar:
         for i in range(len(self.nodes)):
             visit(i)
 
+    def _heights(self) -> list[int]:
+        """For each node, the frames its smallest value nests (_INFINITE: it has no finite value,
+        a cycle through required properties or minItems). A value is begun only where its
+        height fits, so no reading ever waits for a value that cannot end."""
+        h = [_INFINITE] * len(self.nodes)
+        changed = True
+        while changed:
+            changed = False
+            for i, n in enumerate(self.nodes):
+                kind = n[0]
+                if kind == _ANYOF:
+                    new = min(h[b] for b in n[1])
+                elif kind == _ARRAY:
+                    new = 1 if n[2] == 0 else 1 + h[n[1]]
+                elif kind == _OBJECT:
+                    new = 1 + max([h[value] for _, value, required in n[1] if required], default=0)
+                else:
+                    new = 1
+                new = min(new, _INFINITE)
+                if new < h[i]:
+                    h[i], changed = new, True
+        return h
+
     def _add(self, node) -> int:
         self.nodes.append(node)
         return len(self.nodes) - 1
@@ -369,8 +404,10 @@ class JsonSchemaGrammar:
         out = set()
         for stack in s[1]:
             out.update(self._advance(stack, c))
-        if not out or len(out) > MAX_ALTERNATIVES:  # (a byte that would need more readings is not taken)
+        if not out:
             return None
+        if len(out) > MAX_ALTERNATIVES:  # each reading can be finished alone: dropping some loses no way on
+            out = sorted(out, key=repr)[:MAX_ALTERNATIVES]
         return ("json", frozenset(out))
 
     def _advance(self, stack: tuple, c: int) -> list[tuple]:
@@ -447,8 +484,8 @@ class JsonSchemaGrammar:
 
     def _start(self, rest: tuple, node: int, c: int) -> list[tuple]:
         """A value of `node` begins with byte c below the frames `rest`."""
-        if len(rest) >= MAX_FRAMES:
-            return []
+        if len(rest) + self.height[node] > MAX_FRAMES:
+            return []  # (its smallest value would nest past the frames: never begun, so never a trap)
         n = self.nodes[node]
         kind = n[0]
         if kind == _ANYOF:
@@ -489,6 +526,10 @@ class JsonSchemaGrammar:
             return rest[:-1] + ((_MAP, parent[1], 5, 0),)
         raise AssertionError(parent)
 
+    def _fits(self, rest: tuple, node: int) -> bool:
+        """Whether a value of `node` can be begun and finished inside the container on top of `rest`."""
+        return len(rest) + 1 + self.height[node] <= MAX_FRAMES
+
     def _keys_from(self, keys: tuple, i: int) -> list[int]:
         """The properties that may come next from i on: each up to the first required one."""
         out = []
@@ -516,6 +557,8 @@ class JsonSchemaGrammar:
             if phase == 1 and all(not keys[j][2] for j in range(i, len(keys))) and c == 0x7D:  # }
                 out.append(self._child_done(rest))
             for j in self._keys_from(keys, i):
+                if not self._fits(rest, keys[j][1]):
+                    continue
                 for key in keys[j][0]:  # the key as written, or with its non-ASCII escaped
                     if key[0] == c:
                         out.append(rest + ((_OBJECT, node, j, 2, key[1:]),))
@@ -525,7 +568,7 @@ class JsonSchemaGrammar:
         if phase == 4:
             return self._start(rest + ((_OBJECT, node, i, 4, 0),), keys[i][1], c)
         # phase 5: after a value
-        if c == 0x2C and i + 1 < len(keys):
+        if c == 0x2C and any(self._fits(rest, keys[j][1]) for j in self._keys_from(keys, i + 1)):
             return [rest + ((_OBJECT, node, i + 1, 6, 0),)]
         if c == 0x7D and all(not keys[j][2] for j in range(i + 1, len(keys))):
             return [self._child_done(rest)]
@@ -542,7 +585,7 @@ class JsonSchemaGrammar:
             return [self._child_done(rest)]
         if phase == 1 and (most is None or most > 0) or phase == 3:
             return self._start(rest + ((_ARRAY, node, phase, 0, n + 1),), items, c)
-        if phase == 2 and c == 0x2C and (most is None or n < most):
+        if phase == 2 and c == 0x2C and (most is None or n < most) and self._fits(rest, items):
             return [rest + ((_ARRAY, node, 3, 0, n),)]
         return []
 
@@ -558,12 +601,14 @@ class JsonSchemaGrammar:
             return [rest + ((_MAP, node, 3, 0) if nxt[0] == J.COLON else (_MAP, node, 2, nxt[2]),)]
         if c in J._WS:
             return [rest + ((_MAP, node, phase, aux + 1),)] if aux < J.MAX_WS else []
-        if phase in (1, 6) and c == 0x22:
+        if phase in (1, 6) and c == 0x22 and self._fits(rest, self.nodes[node][1]):
             return [rest + ((_MAP, node, 2, (True, 0, 0, 0, 0, 0)),)]
         if phase in (1, 5) and c == 0x7D:
             return [self._child_done(rest)]
         if phase == 3:
             return [rest + ((_MAP, node, 4, 0),)] if c == 0x3A else []
+        if phase == 5 and c == 0x2C and not self._fits(rest, self.nodes[node][1]):
+            return []
         if phase == 4:
             return self._start(rest + ((_MAP, node, 4, 0),), self.nodes[node][1], c)
         if phase == 5 and c == 0x2C:
