@@ -54,6 +54,7 @@ from runtime.text.chat_prompt import chat_ids
 from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
 from runtime.text.tool_calls import END_THINK, callable_tools, check_tools, forced_call, starts_in_reasoning
+from runtime.text.tool_grammar import ToolCallGrammar
 
 
 
@@ -838,6 +839,9 @@ class Model:
         if (json_object or grammar is not None) and offered is not None:
             raise StepstreamError("response_format json_object or json_schema goes without tools (or with tool_choice "
                                   "'none'): the reply must be JSON, with no room for a tool call's markup")
+        if forced:  # the call the prompt opened is finished by its grammar (runtime.text.tool_grammar)
+            grammar = ToolCallGrammar(callable_tools(offered, tool_choice),
+                                      tool_choice["function"]["name"] if named else None)
         if k is not None or json_object or grammar is not None:
             return self._chat_as_request(ids, k, (json_object, grammar), max_tokens, stop, stream, mtp, sampling,
                                          callable_tools(offered, tool_choice), in_reasoning, forced)

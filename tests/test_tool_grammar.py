@@ -1,0 +1,121 @@
+"""A forced tool call (`tool_choice` "required" or named) is finished by a grammar, where the
+model could write a malformed one that came back as content: random walks over the bytes it
+allows always end in a call the reply parser reads, naming an offered function, whose
+arguments the function's `parameters` schema accepts (the `jsonschema` library and its format
+checker); and a model that writes a word for an integer is steered to a valid call."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+import runtime
+from runtime.text.tool_calls import forced_call, parse_reply
+from runtime.text.tool_grammar import ToolCallGrammar
+from tests.helpers.scripted_model import write_scripted_model
+
+SHIPPED = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1,
+                                                                              "maximum": 7},
+                                         "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"]}}},
+    {"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "$defs": {"Guest": {"type": "object", "properties": {"name": {"type": "string"},
+                                                                               "age": {"type": "integer"}},
+                                              "required": ["name"], "additionalProperties": False}},
+        "properties": {"guests": {"type": "array", "items": {"$ref": "#/$defs/Guest"}, "minItems": 1},
+                       "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                       "when": {"type": "string", "format": "date"},
+                       "confirm": {"type": "boolean"}},
+        "required": ["guests", "confirm"]}}},
+    {"type": "function", "function": {"name": "ping"}},
+]
+
+
+def _walk(g, rng: random.Random, bias: bytes) -> bytes | None:
+    """Random bytes among those allowed until the call is closed; None at a dead end."""
+    s, out = g.start(), bytearray()
+    while not g.complete(s):
+        allowed = [c for c in range(256) if g.step(s, c) is not None]
+        if not allowed:
+            return None
+        if s[0] == "text" and rng.random() < 0.1:  # a free text value ends where the model closes it
+            for c in b"\n</parameter>":
+                s = g.step(s, c)
+                out.append(c)
+            continue
+        favoured = [c for c in allowed if c in bias]
+        c = rng.choice(favoured if favoured and rng.random() < 0.6 else allowed)
+        s = g.step(s, c)
+        out.append(c)
+        if len(out) > 4000:
+            raise AssertionError(bytes(out[-200:]))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("name", [None, "get_weather", "book", "ping"])
+def test_every_walk_ends_in_a_call_the_parser_reads_and_the_schema_accepts(name):
+    g = ToolCallGrammar(TOOLS, name)
+    specs = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in TOOLS}
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(25):
+        body = _walk(g, rng, bias=b'<>/\n"{}[],:0123456789tf')
+        assert body is not None
+        text = forced_call(name) + body.decode("utf-8", "replace")  # (as replies are decoded)
+        reply = parse_reply(text, tools=TOOLS)
+        assert len(reply.tool_calls) == 1 and not reply.content, text
+        call = reply.tool_calls[0]
+        assert name is None or call.name == name
+        jsonschema.Draft202012Validator(specs[call.name], format_checker=jsonschema.FormatChecker()).validate(
+            json.loads(call.arguments))
+        seen.add(call.name)
+    assert name is not None or len(seen) > 1
+
+
+def test_what_it_refuses():
+    g = ToolCallGrammar(TOOLS, "get_weather")
+
+    def feed(text: str):
+        s = g.start()
+        for c in text.encode():
+            s = g.step(s, c)
+            if s is None:
+                return None
+        return s
+
+    assert feed("<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>") is not None
+    assert feed("<parameter=town>") is None  # not a parameter of the function
+    assert feed("</function>") is None  # city is required
+    assert feed("<parameter=days>\nthree") is None  # an integer
+    assert feed("<parameter=days>\n9") is None  # past its maximum
+    assert feed("<parameter=city>\nA\n</parameter>\n<parameter=city>") is None  # once each
+    assert feed("<parameter=unit>\nkelvin") is None
+    assert ToolCallGrammar(TOOLS, None).step(ToolCallGrammar(TOOLS, None).start(), ord("x")) is None  # no such name
+
+
+def test_a_model_that_writes_a_wrong_call_is_steered_to_a_valid_one(tmp_path):
+    # (a scripted model off its script writes one token for ever, so a free text value it did not
+    # close would never end: the name is right, the integer a word)
+    wrong = "<parameter=city>\nOslo\n</parameter>\n<parameter=days>\nthree\n</parameter>\n</function>\n</tool_call>"
+    path = write_scripted_model(SHIPPED, tmp_path / "wrong.gguf", "Sure.", after={forced_call("get_weather"): wrong})
+    m = runtime.load(path, n_threads=1, n_ctx=512)
+    try:
+        for temperature in (0, 0.9):
+            r = m.create_chat_completion([{"role": "user", "content": "Weather?"}], tools=TOOLS[:1],
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                         max_tokens=120, temperature=temperature, seed=5)
+            msg = r["choices"][0]["message"]
+            assert msg.get("tool_calls"), msg
+            call = msg["tool_calls"][0]["function"]
+            assert call["name"] == "get_weather"
+            jsonschema.validate(json.loads(call["arguments"]), TOOLS[0]["function"]["parameters"])
+    finally:
+        m.close()
