@@ -43,7 +43,7 @@ def _bounds(rng: random.Random, integer: bool) -> dict:
 def _schema(rng: random.Random, depth: int) -> dict:
     kinds = ["integer", "number", "string", "null"]
     if depth < 3:
-        kinds += ["array", "map", "object", "allof", "list"]
+        kinds += ["array", "map", "object", "allof", "list", "tuple"]
     kind = rng.choice(kinds)
     if kind in ("integer", "number"):
         return {"type": kind, **_bounds(rng, kind == "integer")}
@@ -60,6 +60,11 @@ def _schema(rng: random.Random, depth: int) -> dict:
         return out
     if kind == "map":
         return {"type": "object", "additionalProperties": _schema(rng, depth + 1)}
+    if kind == "tuple":
+        out = {"type": "array", "prefixItems": [_schema(rng, depth + 1) for _ in range(rng.randint(1, 2))]}
+        out["items"] = rng.choice([False, _schema(rng, depth + 1)])
+        out["minItems"] = rng.randint(0, len(out["prefixItems"]))
+        return out
     if kind == "object":
         props = {f"k{i}": _schema(rng, depth + 1) for i in range(rng.randint(1, 3))}
         return {"type": "object", "properties": props, "required": [k for k in props if rng.random() < 0.6],
@@ -84,6 +89,10 @@ def _instance(rng: random.Random, s: dict):
         return rng.choice(["", "a b", "é"])
     if kind == "null":
         return None
+    if kind == "array" and "prefixItems" in s:
+        prefix = s["prefixItems"]
+        n = rng.randint(s["minItems"], len(prefix) + (0 if s["items"] is False else 2))
+        return [_instance(rng, prefix[i] if i < len(prefix) else s["items"]) for i in range(n)]
     if kind == "array":
         n = rng.randint(s.get("minItems", 0), s.get("maxItems", 3))
         return [_instance(rng, s["items"]) for _ in range(n)]
@@ -187,7 +196,7 @@ def test_bounds_that_no_value_meets_and_malformed_counts_are_refused_by_name():
                           ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "no number lies within"),
                           ({"type": "number", "minimum": "1"}, "minimum must be a finite number"),
                           ({"type": "number", "exclusiveMinimum": True}, "draft-4 boolean form"),
-                          ({"type": "array", "minItems": 3, "maxItems": 2}, "minItems 3 is more than maxItems 2"),
+                          ({"type": "array", "minItems": 3, "maxItems": 2}, "minItems 3 is more than the 2 items it may hold"),
                           ({"type": "array", "maxItems": -1}, "maxItems must be a non-negative integer"),
                           ({"type": "string", "minimum": 1}, "type 'string' beside minimum"),
                           ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "allOf is supported with one schema"),
@@ -288,3 +297,31 @@ def test_values_are_begun_only_where_they_can_end_within_the_frames():
             out.append(c)
         assert out.count(b"[") + out.count(b"{") > 100
         jsonschema.validate(json.loads(out), tree)
+
+
+def test_tuples_follow_prefix_items():
+    """pydantic's tuple[int, str] (prefixItems, with min/maxItems) and a tuple with items: false."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Pair(pydantic.BaseModel):
+        pair: tuple[int, str]
+        rest: tuple[bool, ...]
+
+    schema = Pair.model_json_schema()
+    g = JsonSchemaGrammar(schema)
+    assert _accepts(g, b'{"pair": [1, "a"], "rest": [true, false]}')
+    for bad in (b'{"pair": [1], "rest": []}', b'{"pair": ["a", 1], "rest": []}', b'{"pair": [1, "a", 2], "rest": []}'):
+        assert not _accepts(g, bad), bad
+    rng = random.Random(6)
+    for _ in range(10):
+        doc = _walk(g, rng, 600)
+        assert doc
+        Pair.model_validate_json(doc)
+    closed = {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "null"}], "items": False}
+    g = JsonSchemaGrammar(closed)
+    assert _accepts(g, b"[1, null]") and _accepts(g, b"[1]") and not _accepts(g, b"[1, null, 2]")
+    for _ in range(10):
+        doc = _walk(g, rng, 100)
+        jsonschema.validate(json.loads(doc), closed)
+    with pytest.raises(SchemaError, match="minItems 3 is more than the 2 items"):
+        JsonSchemaGrammar({**closed, "minItems": 3})

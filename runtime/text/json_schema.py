@@ -7,7 +7,7 @@ stacks (alternatives, for `anyOf` and optional keys), each frame one value being
 It covers what OpenAI's strict mode and pydantic models write: objects with `properties`
 (keys in the schema's order, `required` ones always, the others optional; no other keys),
 free-form objects, maps (`additionalProperties` as a schema: pydantic's `dict[str, T]`), arrays
-of `items` (with `minItems`/`maxItems`), strings, numbers and integers (with `minimum`,
+of `items` (with `minItems`/`maxItems`) and tuples (`prefixItems`), strings, numbers and integers (with `minimum`,
 `maximum` and the exclusive ones: runtime.text.json_number), booleans, null, `enum`, `const`,
 `anyOf`/`oneOf`, a single `allOf`, a list of types, and `$ref` into `$defs`/`definitions`
 (recursion included), and strings with `pattern`, `format`, `minLength` and `maxLength`
@@ -40,7 +40,7 @@ _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schem
                           "deprecated", "readOnly", "writeOnly", "strict", "$defs", "definitions"})
 # the keywords that constrain values of one type only (JSON Schema ignores them for the others)
 _TYPED = {"object": frozenset({"properties", "required", "additionalProperties"}),
-          "array": frozenset({"items", "minItems", "maxItems"}),
+          "array": frozenset({"items", "prefixItems", "minItems", "maxItems"}),
           "number": frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}),
           "string": frozenset({"minLength", "maxLength", "pattern", "format"})}
 _TYPED["integer"] = _TYPED["number"]
@@ -94,7 +94,7 @@ class JsonSchemaGrammar:
         if unknown:
             raise SchemaError(f"the schema at {where} uses {', '.join(repr(k) for k in unknown)}, which the JSON Schema "
                               "constraint does not enforce (it enforces type, properties, required, "
-                              "additionalProperties, items, minItems, maxItems, minimum, maximum, exclusiveMinimum, "
+                              "additionalProperties, items, prefixItems, minItems, maxItems, minimum, maximum, exclusiveMinimum, "
                               "exclusiveMaximum, minLength, maxLength, pattern, format, enum, const, anyOf/oneOf, "
                               "a single allOf and $ref)")
         for key in ("title", "description", "$comment", "$id", "$schema"):
@@ -167,15 +167,33 @@ class JsonSchemaGrammar:
         if kind == "null":
             return self._add((_LITERAL, (b"null",)))
         if kind == "array":
-            at = self._add(None)
-            least, most = self._count(s, "minItems", where), self._count(s, "maxItems", where)
-            if most is not None and least > most:
-                raise SchemaError(f"the schema at {where}: minItems {least} is more than maxItems {most}")
-            self.nodes[at] = (_ARRAY, self._build(s.get("items", {}), f"{where}/items"), least, most)
-            return at
+            return self._array(s, where)
         if kind == "object":
             return self._object(s, where)
         raise SchemaError(f"the schema at {where}: type {kind!r} is no JSON Schema type")
+
+    def _array(self, s: dict, where: str) -> int:
+        """(_ARRAY, items or None, minItems, maxItems, prefixItems): item i follows prefixItems[i],
+        then `items` (None: `items: false`, no more)."""
+        at = self._add(None)
+        least, most = self._count(s, "minItems", where), self._count(s, "maxItems", where)
+        prefix = s.get("prefixItems", [])
+        if not isinstance(prefix, list):
+            raise SchemaError(f"the schema at {where}: prefixItems must be a list of schemas")
+        prefix = tuple(self._build(p, f"{where}/prefixItems/{i}") for i, p in enumerate(prefix))
+        items = None if s.get("items", {}) is False else self._build(s.get("items", {}), f"{where}/items")
+        if items is None:
+            most = len(prefix) if most is None else min(most, len(prefix))
+        if most is not None and least > most:
+            raise SchemaError(f"the schema at {where}: minItems {least} is more than the {most} items it may hold")
+        self.nodes[at] = (_ARRAY, items, least, most, prefix)
+        return at
+
+    @staticmethod
+    def _item(array: tuple, i: int) -> int | None:
+        """The node of an array's item i (None: it may hold no such item)."""
+        prefix = array[4]
+        return prefix[i] if i < len(prefix) else array[1]
 
     @staticmethod
     def _count(s: dict, key: str, where: str) -> int | None:
@@ -346,8 +364,8 @@ class JsonSchemaGrammar:
                 kind = n[0]
                 if kind == _ANYOF:
                     new = min(h[b] for b in n[1])
-                elif kind == _ARRAY:
-                    new = 1 if n[2] == 0 else 1 + h[n[1]]
+                elif kind == _ARRAY:  # its first minItems items must be written
+                    new = 1 + max((h[self._item(n, j)] for j in range(min(n[2], len(n[4]) + 1))), default=0)
                 elif kind == _OBJECT:
                     new = 1 + max([h[value] for _, value, required in n[1] if required], default=0)
                 else:
@@ -576,16 +594,18 @@ class JsonSchemaGrammar:
 
     def _array_step(self, top: tuple, rest: tuple, c: int) -> list[tuple]:
         _, node, phase, ws, n = top
-        _, items, least, most = self.nodes[node]
+        array = self.nodes[node]
+        least, most = array[2], array[3]
         if phase == 0:
             return [rest + ((_ARRAY, node, 1, 0, 0),)] if c == 0x5B else []
         if c in J._WS:
             return [rest + ((_ARRAY, node, phase, ws + 1, n),)] if ws < J.MAX_WS else []
         if c == 0x5D and phase in (1, 2) and n >= least:
             return [self._child_done(rest)]
-        if phase == 1 and (most is None or most > 0) or phase == 3:
-            return self._start(rest + ((_ARRAY, node, phase, 0, n + 1),), items, c)
-        if phase == 2 and c == 0x2C and (most is None or n < most) and self._fits(rest, items):
+        item = self._item(array, n)  # the next item's node
+        if phase == 1 and (most is None or most > 0) and item is not None or phase == 3:
+            return self._start(rest + ((_ARRAY, node, phase, 0, n + 1),), item, c)
+        if phase == 2 and c == 0x2C and (most is None or n < most) and item is not None and self._fits(rest, item):
             return [rest + ((_ARRAY, node, 3, 0, n),)]
         return []
 
