@@ -94,9 +94,9 @@ class JsonSchemaGrammar:
         if unknown:
             raise SchemaError(f"the schema at {where} uses {', '.join(repr(k) for k in unknown)}, which the JSON Schema "
                               "constraint does not enforce (it enforces type, properties, required, "
-                              "additionalProperties, items, prefixItems, minItems, maxItems, minimum, maximum, exclusiveMinimum, "
-                              "exclusiveMaximum, minLength, maxLength, pattern, format, enum, const, anyOf/oneOf, "
-                              "a single allOf and $ref)")
+                              "additionalProperties, items, prefixItems, minItems, maxItems, minimum, maximum, "
+                              "exclusiveMinimum, exclusiveMaximum, minLength, maxLength, pattern, format, enum, "
+                              "const, anyOf/oneOf, a single allOf and $ref)")
         for key in ("title", "description", "$comment", "$id", "$schema"):
             if key in s and not isinstance(s[key], str):  # a malformed schema, which jsonschema refuses too
                 raise SchemaError(f"the schema at {where}: {key} must be a string")
