@@ -119,3 +119,53 @@ def test_a_model_that_writes_a_wrong_call_is_steered_to_a_valid_one(tmp_path):
             jsonschema.validate(json.loads(call["arguments"]), TOOLS[0]["function"]["parameters"])
     finally:
         m.close()
+
+
+def _fn(parameters: dict) -> list[dict]:
+    return [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+
+
+def _feed(tools, body: str):
+    g = ToolCallGrammar(tools, "f")
+    s = g.start()
+    for c in body.encode():
+        s = g.step(s, c)
+        if s is None:
+            return None
+    return s
+
+
+def _call(tools, body: str) -> dict:
+    """The arguments of a whole call the grammar takes, checked against the function's schema."""
+    s = _feed(tools, body + "</function>\n</tool_call>")
+    assert s is not None and ToolCallGrammar.complete(s), body
+    reply = parse_reply(forced_call("f") + body + "</function>\n</tool_call>", tools=tools)
+    assert len(reply.tool_calls) == 1, reply
+    args = json.loads(reply.tool_calls[0].arguments)
+    jsonschema.validate(args, tools[0]["function"]["parameters"])
+    return args
+
+
+def test_what_a_review_found_the_parser_would_read_otherwise():
+    """Values holding what ends a value or the call, string schemas behind a $ref, required names
+    missing from properties, enums of '<' texts, patterns that need '<', newlines in a text."""
+    listing = _fn({"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "string"}}}})
+    assert _feed(listing, '<parameter=xs>\n["a</parameter>') is None
+    assert _call(listing, '<parameter=xs>\n["a\\u003c/parameter>"]\n</parameter>\n') == {"xs": ["a</parameter>"]}
+    free = _fn({"type": "object", "properties": {"x": {"description": "anything"}}})
+    assert _feed(free, "<parameter=x>\nhi </tool_call>") is None
+    color = _fn({"type": "object", "$defs": {"Color": {"enum": ["red", "green"], "type": "string"}},
+                 "properties": {"c": {"$ref": "#/$defs/Color"}}, "required": ["c"]})
+    assert _feed(color, "<parameter=c>\npurple") is None and _call(color, "<parameter=c>\nred\n</parameter>\n")
+    missing = _fn({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"]})
+    assert _feed(missing, "</function>") is None and _call(missing, "<parameter=b>\n1\n</parameter>\n") == {"b": 1}
+    tags = _fn({"type": "object", "properties": {"a": {"enum": ["<b>", "<i>"]}}, "required": ["a"]})
+    assert _call(tags, "<parameter=a>\n<i>\n</parameter>\n") == {"a": "<i>"}
+    angle = _fn({"type": "object", "properties": {"a": {"type": "string", "pattern": "^<"}}, "required": ["a"]})
+    assert _call(angle, "<parameter=a>\n<x\n</parameter>\n") == {"a": "<x"}
+    lines = _fn({"type": "object", "properties": {"t": {"type": "string", "maxLength": 40}}, "required": ["t"]})
+    assert _call(lines, "<parameter=t>\nline one\nline two\n</parameter>\n") == {"t": "line one\nline two"}
+    assert _call(_fn({"type": "object", "properties": {"t": {"type": "string"}}}),
+                 "<parameter=t>\n<b>hi</b>\n</parameter>\n") == {"t": "<b>hi</b>"}
+    nothing = _fn({"type": "object", "properties": {"z": {"enum": ["\0"]}, "no": False}})
+    assert _feed(nothing, "<parameter=no>") is None and _call(nothing, "") == {}

@@ -1,7 +1,8 @@
 """A forced tool call's grammar (`tool_choice` "required" or a named function): the reply
 continues the call the prompt opened into one the parser reads (runtime.text.tool_calls), with
 a function that was offered, only its parameters, each at most once, the required ones all,
-and each value one its schema accepts.
+and each value one its schema accepts; no value holds `</parameter>` or `</tool_call>`, which
+the parser would read as the value's end or the call's.
 
 The markup is the chat template's:
 
@@ -9,9 +10,10 @@ The markup is the chat template's:
 
 The prompt ends inside it: after `<function=` ("required": the model picks the function) or
 after `<function=NAME>\\n` (a named one). A value whose schema allows a string (or that has
-no schema) is text up to `</parameter>`, as the parser reads it; any other value is JSON that
-the parameter's schema accepts (runtime.text.json_schema), or text where that schema is one
-the recognizer cannot enforce. After `</tool_call>` the reply is free, as in any reply: more
+no schema) is text up to `</parameter>`, as the parser reads it, held to the schema's pattern,
+format, lengths or enum where it is a string's alone; any other value is JSON that the
+parameter's schema accepts (runtime.text.json_schema), or text where that schema is one the
+recognizer cannot enforce. After `</tool_call>` the reply is free, as in any reply: more
 text, or more calls, which the parser reads as it reads them without a grammar.
 
 A state is a tuple; free text is `thinking` (every printing token is a candidate, and the
@@ -22,78 +24,70 @@ sampler checks the one it draws), so only the call itself costs masks.
 
 from __future__ import annotations
 
+import json
 import re
 
-import json
-
 from runtime.text.json_constraint import _UTF8_LEADS
-from runtime.text.json_regex import StringRule
-from runtime.text.json_schema import _LITERAL, _STRING, JsonSchemaGrammar, SchemaError
+from runtime.text.json_regex import PatternError, StringRule
+from runtime.text.json_schema import _ANYOF, _LITERAL, _STRING, JsonSchemaGrammar, SchemaError
 from runtime.text.tool_calls import _allowed_types
 
 _END_VALUE = b"</parameter>"
 _END_CALL = b"</function>\n</tool_call>"
+# what the parser reads as the end of a value and of the call, wherever they come: never inside a
+# value (a free text value's own </parameter> ends it)
+_CUTS = (_END_VALUE, b"</tool_call>")
+_TAIL = max(map(len, _CUTS))
 _PARAM_NAME = re.compile(r"[^<>\n]+")  # what the parser reads as a parameter's name
 
 
 class _Function:
-    """One offered function: its parameters' value readers, by name, and the required ones."""
+    """One offered function: its parameters' value readers, by name, and the required ones. A
+    required name that `properties` lacks is a parameter of any value (free text)."""
 
     def __init__(self, spec: dict):
         self.name = spec["function"]["name"]
         schema = spec["function"].get("parameters") or {}
-        props = schema.get("properties") or {}
+        props = dict(schema.get("properties") or {})
+        required = [k for k in schema.get("required") or [] if isinstance(k, str)]
+        for key in required:
+            props.setdefault(key, {})
         defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
-        self.values: dict[str, JsonSchemaGrammar | None] = {}  # None: text up to </parameter>
+        self.values: dict = {}  # None: text up to </parameter>; else a StringRule or JsonSchemaGrammar
         for key, sub in props.items():
-            if not _PARAM_NAME.fullmatch(key) or key.strip() != key:
-                continue  # a name the parser cannot read back: never written
+            if not _PARAM_NAME.fullmatch(key) or key.strip() != key or sub is False:
+                continue  # a name the parser cannot read back, or a value no schema allows: never written
             self.values[key] = _value_reader(sub, defs, schema)
-        required = schema.get("required") or []
         self.required = frozenset(k for k in required if k in self.values)
 
 
 def _value_reader(sub, defs: dict, root: dict):
-    """None (text up to </parameter>), a StringRule over the text (a string with a pattern,
-    format, length or enum), or a JsonSchemaGrammar (a value of any other type)."""
+    """None (text up to </parameter>), a StringRule over the text itself (a string schema with a
+    pattern, format, length, enum or const), or a JsonSchemaGrammar (a value of another type).
+    A schema the recognizer cannot enforce leaves the value free text."""
     types = _allowed_types(sub, root, {})
     try:
         g = JsonSchemaGrammar({**sub, **defs} if isinstance(sub, dict) else sub)
-    except SchemaError:
-        return None  # (a schema the recognizer cannot enforce: its value is not checked)
-    if types is None or "string" in types:  # the parser keeps such a value as the text it was
-        return _text_rule(g) if types == {"string"} else None
+        if types is None or "string" in types:  # the parser keeps such a value as the text it was
+            return _text_rule(g) if types == {"string"} else None
+    except (SchemaError, PatternError):
+        return None
     return g
 
 
 def _text_rule(g: JsonSchemaGrammar) -> StringRule | None:
-    """A string schema's rule over the text itself (no JSON quotes or escapes), with no `<`, so
-    that the value cannot hold the </parameter> that would end it early."""
-    node = g.nodes[g.root]
+    """A string schema's rule over the text itself (no JSON quotes or escapes); None for any
+    string, or for a union of string schemas no one rule states."""
+    at = g.root
+    while g.nodes[at][0] == _ANYOF and len(g.nodes[at][1]) == 1:  # a $ref, allOf or type list
+        at = g.nodes[at][1][0]
+    node = g.nodes[at]
     if node[0] == _LITERAL:  # enum or const strings
-        values = [json.loads(form) for form in node[1]]
-        pattern = "^(?:" + "|".join(re.escape(v) for v in sorted(set(values)) if "<" not in v) + ")$"
-        return StringRule(pattern)
-    if node[0] != _STRING:
+        values = sorted({json.loads(form) for form in node[1]})
+        return StringRule("^(?:" + "|".join(re.escape(v) for v in values) + ")$")
+    if node[0] != _STRING or node[1] is None:
         return None
-    rule = node[1].rule if node[1] is not None else StringRule(None)
-    return _NoAngle(rule)
-
-
-class _NoAngle:
-    """A StringRule that also refuses `<`."""
-
-    def __init__(self, rule: StringRule):
-        self.rule, self.start = rule, rule.start
-
-    def step(self, state, cp: int, count: int):
-        return None if cp == 0x3C else self.rule.step(state, cp, count)
-
-    def accepts(self, state, count: int) -> bool:
-        return self.rule.accepts(state, count)
-
-    def may_take(self, state, lo: int, hi: int, count: int) -> bool:
-        return self.rule.may_take(state, lo, hi, count)  # (only for characters past ASCII)
+    return node[1].rule
 
 
 class ToolCallGrammar:
@@ -106,8 +100,9 @@ class ToolCallGrammar:
     # states:
     #   ("lit", alternatives)              fixed texts, each (bytes left, the state after it)
     #   ("params", function, written)      after a value: the next <parameter= or </function>
-    #   ("text", function, key, written, tail)   a text value; tail: its last bytes
-    #   ("json", function, key, written, inner)  a JSON value (inner: its recognizer's state)
+    #   ("text", function, key, written, tail)         a free text value; tail: its last bytes
+    #   ("json", function, key, written, inner, tail)  a JSON value (inner: its recognizer's state)
+    #   ("rule", function, key, written, (rule state, characters, pending UTF-8, newline held), tail)
     #   ("free", tail)                     after the call
 
     def start(self, in_reasoning: bool = False):
@@ -143,20 +138,20 @@ class ToolCallGrammar:
             if done:  # (the texts are distinct and none is another's start: one ends at a time)
                 return self._enter(done[0])
             return ("lit", alts)
-        if kind == "rule":
-            return self._rule_step(s, c)
+        _, fn, key, written = s[:4]
         if kind == "text":
-            _, fn, key, written, tail = s
-            tail = (tail + bytes((c,)))[-len(_END_VALUE):]
-            if tail == _END_VALUE:  # the parser ends the value at its first </parameter>
+            tail = _tail(s[4], c)
+            if tail.endswith(_END_VALUE):  # the parser ends the value at its first </parameter>
                 return ("lit", ((b"\n", ("params", fn, written | {key})),))
-            return ("text", fn, key, written, tail)
-        _, fn, key, written, inner = s  # "json"
-        g = self.functions[fn].values[key]
-        if c == 0x0A and g.complete(inner):  # the value is whole: nothing of it may follow
-            return ("lit", ((_END_VALUE + b"\n", ("params", fn, written | {key})),))
-        inner = g.step(inner, c)
-        return None if inner is None else ("json", fn, key, written, inner)
+            return None if _cut(tail) else ("text", fn, key, written, tail)
+        if kind == "json":
+            g, inner = self.functions[fn].values[key], s[4]
+            if c == 0x0A and g.complete(inner):  # the value is whole: nothing of it may follow
+                return ("lit", ((_END_VALUE + b"\n", ("params", fn, written | {key})),))
+            tail = _tail(s[5], c)
+            inner = None if _cut(tail) else g.step(inner, c)
+            return None if inner is None else ("json", fn, key, written, inner, tail)
+        return self._rule_step(s, c)
 
     def _enter(self, after: tuple):
         """The state a finished fixed text leads to."""
@@ -168,22 +163,35 @@ class ToolCallGrammar:
             if g is None:
                 return ("text", fn, key, written, b"")
             if isinstance(g, JsonSchemaGrammar):
-                return ("json", fn, key, written, g.start())
-            return ("rule", fn, key, written, (g.start, 0, None))
+                return ("json", fn, key, written, g.start(), b"")
+            return ("rule", fn, key, written, (g.start, 0, None, False), b"")
         return after  # ("free", b"")
 
     def _rule_step(self, s, c: int):
         """A text value under a StringRule: its UTF-8 read into characters (a byte is taken only
-        when some character it begins is); the value ends, with a newline and </parameter>,
-        where the rule accepts it."""
-        _, fn, key, written, (state, count, pending) = s
+        when some character it begins is). A newline is held: "\n<" where the rule accepts the
+        text ends the value, as the parser reads `\n</parameter>`; anything else makes it a
+        character of the value."""
+        _, fn, key, written, (state, count, pending, held), tail = s
         rule = self.functions[fn].values[key]
+        if held:
+            if c == 0x3C and rule.accepts(state, count):
+                return ("lit", ((b"/parameter>\n", ("params", fn, written | {key})),))
+            state = rule.step(state, 0x0A, count)  # the newline was the value's
+            if state is None:
+                return None
+            count += 1
+        if c == 0x0A and pending is None:
+            if rule.accepts(state, count) or rule.step(state, 0x0A, count) is not None:
+                return ("rule", fn, key, written, (state, count, None, True), _tail(tail, c))
+            return None
+        tail = _tail(tail, c)
+        if _cut(tail):
+            return None
         if pending is None:
-            if c == 0x0A and rule.accepts(state, count):
-                return ("lit", ((_END_VALUE + b"\n", ("params", fn, written | {key})),))
             if c < 0x80:
                 nxt = rule.step(state, c, count)
-                return None if nxt is None else ("rule", fn, key, written, (nxt, count + 1, None))
+                return None if nxt is None else ("rule", fn, key, written, (nxt, count + 1, None, False), tail)
             lead = _UTF8_LEADS.get(c)
             if lead is None:
                 return None
@@ -196,7 +204,7 @@ class ToolCallGrammar:
             value = value << 6 | (c & 0x3F)
             if left == 1:
                 nxt = rule.step(state, value, count)
-                return None if nxt is None else ("rule", fn, key, written, (nxt, count + 1, None))
+                return None if nxt is None else ("rule", fn, key, written, (nxt, count + 1, None, False), tail)
             pending = (left - 1, 0x80, 0xBF, value)
         left, lo, hi, value = pending
         shift = 6 * (left - 1)
@@ -204,4 +212,13 @@ class ToolCallGrammar:
         last = (((value << 6) | (hi & 0x3F)) << shift) | ((1 << shift) - 1)
         if not rule.may_take(state, first, last, count):
             return None
-        return ("rule", fn, key, written, (state, count, pending))
+        return ("rule", fn, key, written, (state, count, pending, False), tail)
+
+
+def _tail(tail: bytes, c: int) -> bytes:
+    return (tail + bytes((c,)))[-_TAIL:]
+
+
+def _cut(tail: bytes) -> bool:
+    """Whether a value's bytes end in what the parser would read as its end or the call's."""
+    return any(tail.endswith(cut) for cut in _CUTS)
