@@ -238,3 +238,14 @@ def test_a_missing_package_is_named_in_one_line(tmp_path, script, package, words
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     args = [str(MODEL)] if script == "compare_llama_cpp.py" else ["hi"]
     _one_line(_example(script, *args, env=env), words)
+
+
+def test_structured_output_prints_a_value_its_pydantic_model_accepts(tmp_path):
+    """examples/structured_output.py on the embedded model: the reply parses into the model (bounds,
+    pattern and date held); a file that is no GGUF is one line, exit status 2."""
+    r = _example("structured_output.py", "-t", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Trip(city=") and "country_code='" in r.stdout, r.stdout
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"nope")
+    _one_line(_example("structured_output.py", str(bad)), "not.gguf")
