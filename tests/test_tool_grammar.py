@@ -66,7 +66,7 @@ def test_every_walk_ends_in_a_call_the_parser_reads_and_the_schema_accepts(name)
     specs = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in TOOLS}
     rng = random.Random(3)
     seen = set()
-    for _ in range(25):
+    for _ in range(15):
         body = _walk(g, rng, bias=b'<>/\n"{}[],:0123456789tf')
         assert body is not None
         text = forced_call(name) + body.decode("utf-8", "replace")  # (as replies are decoded)
