@@ -136,8 +136,10 @@ def test_refused_in_one_line(case, files, refused):
 
 def test_minus_reads_the_prompt_from_standard_input(files):
     """`-f -` said "-: prompt file not found": the prompt of a pipeline is its standard input."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "runtime.cli", "run", "-m", MODEL, "-n", "6", "--temp", "0", "--no-stream"]
+    # (one thread, waiting passively: three processes spinning two threads each beside the suite's
+    # workers took 102 s of a 2-core CI run, 4.5 s alone)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+    args = [sys.executable, "-m", "runtime.cli", "run", "-m", MODEL, "-n", "6", "--temp", "0", "--no-stream", "-t", "1"]
     piped = subprocess.run(args + ["-f", "-"], cwd=files, env=env, capture_output=True, input=b"def f(x):", timeout=300)
     given = subprocess.run(args + ["-p", "def f(x):"], cwd=files, env=env, capture_output=True, timeout=300)
     assert piped.returncode == given.returncode == 0, (piped.stderr[-2000:], given.stderr[-2000:])
