@@ -20,6 +20,7 @@ the JSON comes after it, as the reply parser reads the content after it.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 
@@ -172,19 +173,25 @@ class Vocabulary:
     def __init__(self, pieces: list[bytes], eog: frozenset[int], silent: np.ndarray):
         self.pieces, self.eog = pieces, eog
         self.silent = silent  # bool [V]: prints nothing (a control token), EOG or not
-        self.trie: dict = {}  # byte -> (children, [token ids ending here])
-        for tok, piece in enumerate(pieces):
-            if silent[tok] or not piece:
+        self._masks: OrderedDict = OrderedDict()
+
+    @functools.cached_property
+    def trie(self) -> dict:
+        """byte -> (children, [token ids ending here]); built at the first mask (a second on the
+        real vocabulary), which a reply whose drawn tokens are all allowed never needs."""
+        trie: dict = {}
+        for tok, piece in enumerate(self.pieces):
+            if self.silent[tok] or not piece:
                 continue
             node = None
-            children = self.trie
+            children = trie
             for c in piece:
                 node = children.get(c)
                 if node is None:
                     node = children[c] = ({}, [])
                 children = node[0]
             node[1].append(tok)
-        self._masks: OrderedDict = OrderedDict()
+        return trie
 
     def mask(self, s, grammar=None) -> np.ndarray:
         """bool [V]: the tokens whose bytes continue state `s` of `grammar` (JSON_OBJECT unless
@@ -242,7 +249,8 @@ _VOCABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def vocabulary(tokenizer) -> Vocabulary:
-    """The tokenizer's Vocabulary, built once (the trie of a 128K vocabulary takes a second)."""
+    """The tokenizer's Vocabulary, built once (its trie, a second on a 128K vocabulary, at its
+    first mask)."""
     v = _VOCABS.get(tokenizer)
     if v is None:
         n = len(tokenizer.tokens)
