@@ -81,8 +81,18 @@ EXPECTED = {  # content, reasoning, [(name, arguments)], finish_reason
     "think_call": (None, REASONING, [("get_weather", {"city": "Oslo", "days": 3})], "tool_calls"),
     "two_json_calls": ("Checking both.", None, [("get_weather", {"city": "Rome"}),
                                                 ("get_weather", {"city": "Nice", "days": 2})], "tool_calls"),
-    "malformed": (REPLIES["malformed"][0], None, [], "stop"),
+    # under tool_choice "auto" a call the reply opens must be finished (runtime.text.tool_grammar):
+    # a model that stops inside one is kept writing its string until max_tokens, and the cut call
+    # comes back as the content it was (parse_reply's own tests give the other malformed blocks)
+    "malformed": (REPLIES["malformed"][0], None, [], "length"),
 }
+
+
+def _content_is(got: str | None, want: str | None, name: str) -> bool:
+    """The content a reply must have: the cut call's text, which the malformed reply begins with."""
+    if name == "malformed":
+        return (got or "").startswith(want) and len(got) > len(want)
+    return got == want
 
 
 def test_reply_parts_whole_and_streamed(served):
@@ -90,13 +100,13 @@ def test_reply_parts_whole_and_streamed(served):
     content, reasoning, calls, finish = EXPECTED[name]
     r = _ask(client)
     m = r.choices[0].message
-    assert m.content == (content if content is not None or calls else "")
+    assert _content_is(m.content, content if content is not None or calls else "", name)
     assert (m.model_extra or {}).get("reasoning_content") == reasoning
     assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls or []] == calls
     assert all(c.id.startswith("call_") and c.type == "function" for c in m.tool_calls or [])
     assert r.choices[0].finish_reason == finish
     s_content, s_reasoning, s_calls, s_finish = _join_stream(_ask(client, stream=True))
-    assert s_content == (content or "") and s_reasoning == (reasoning or "")
+    assert _content_is(s_content, content or "", name) and s_reasoning == (reasoning or "")
     assert [(c["name"], json.loads(c["arguments"])) for c in s_calls] == calls and s_finish == finish
 
 
@@ -149,8 +159,11 @@ def test_tool_choice(served):
     assert none.message.content == "\n" + CALL and none.message.model_extra["reasoning_content"] == REASONING
     with pytest.raises(openai.BadRequestError):
         _ask(client, tool_choice={"type": "function", "function": {"name": "nope"}})
-    # a call to a function the request did not offer is no tool call (llama-server's grammar
-    # allows only the offered names; an agent looks the name up in its tools): it is text
+    # a call to a function the request did not offer cannot be written: the grammar of "auto",
+    # as llama-server's, allows only the offered names, so the model's get_weather call becomes
+    # one of get_time, with get_time's (absent) parameters (the parser reads a call to another
+    # function as text: tests/test_tool_calls_review.py). The scripted model, off its script,
+    # goes on calling until max_tokens.
     other = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     for stream in (False, True):
         r = client.chat.completions.create(model="m", messages=USER, tools=other, temperature=0, max_tokens=200,
@@ -158,7 +171,10 @@ def test_tool_choice(served):
         content, reasoning, calls, finish = _join_stream(r) if stream else (
             r.choices[0].message.content, r.choices[0].message.model_extra["reasoning_content"],
             r.choices[0].message.tool_calls or [], r.choices[0].finish_reason)
-        assert (content, reasoning, calls, finish) == ("\n" + CALL, REASONING, [], "stop")
+        names = [c["name"] if stream else c.function.name for c in calls]
+        arguments = [c["arguments"] if stream else c.function.arguments for c in calls]
+        assert reasoning == REASONING and names and set(names) == {"get_time"} and set(arguments) == {"{}"}
+        assert "get_weather" not in (content or "")
 
 
 def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(served, files):
@@ -195,8 +211,9 @@ def test_ignore_eos_generates_on_past_the_end_of_text(served):
     name, client = served
     if name != "malformed":
         pytest.skip("one model without calls is enough")
-    plain = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=200).choices[0]
-    n = _ask(client).usage.completion_tokens
+    plain = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=200)
+    n = plain.usage.completion_tokens
+    plain = plain.choices[0]
     for stream in (False, True):
         r = client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=n + 7,
                                            stream=stream, extra_body={"ignore_eos": True},
@@ -232,13 +249,13 @@ def test_the_python_api_parses_replies_as_the_server_does(files, name):
     m = load(files[name])
     r = m.create_chat_completion(USER, tools=TOOLS, temperature=0, max_tokens=200)
     msg = r["choices"][0]["message"]
-    assert msg["content"] == (content if content is not None or calls else "")
+    assert _content_is(msg["content"], content if content is not None or calls else "", name)
     assert msg.get("reasoning_content") == reasoning
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg.get("tool_calls", [])] == calls
     assert r["choices"][0]["finish_reason"] == finish
     s_content, s_reasoning, s_calls, s_finish = _join_api_stream(
         m.create_chat_completion(USER, tools=TOOLS, temperature=0, max_tokens=200, stream=True))
-    assert s_content == (content or "") and s_reasoning == (reasoning or "")
+    assert _content_is(s_content, content or "", name) and s_reasoning == (reasoning or "")
     assert [(c["name"], json.loads(c["arguments"])) for c in s_calls] == calls and s_finish == finish
     if name == "think_call":  # tool_choice as the server takes it
         named = m.create_chat_completion(USER, tools=TOOLS, temperature=0, max_tokens=200,

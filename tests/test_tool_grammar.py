@@ -15,7 +15,7 @@ import pytest
 
 import runtime
 from runtime.text.tool_calls import forced_call, parse_reply
-from runtime.text.tool_grammar import ToolCallGrammar
+from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
 from tests.helpers.scripted_model import write_scripted_model
 
 SHIPPED = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
@@ -169,3 +169,142 @@ def test_what_a_review_found_the_parser_would_read_otherwise():
                  "<parameter=t>\n<b>hi</b>\n</parameter>\n") == {"t": "<b>hi</b>"}
     nothing = _fn({"type": "object", "properties": {"z": {"enum": ["\0"]}, "no": False}})
     assert _feed(nothing, "<parameter=no>") is None and _call(nothing, "") == {}
+
+
+# ------------------------------------------------------------ tool_choice "auto": a lazy grammar
+
+_CHUNKS = ["Let me check. ", "ok", "\n", " ", "a <b>tag</b> ", "<tool_c", "</thin", "{", "x"]
+
+
+def _auto_walk(g, rng: random.Random) -> tuple[bytes, int, int]:
+    """A random reply the auto grammar allows: text chunks, calls opened in content and finished
+    by random bytes among those allowed, reasoning sections where the parser reads them (at the
+    start, or after a call with only whitespace since). Returns the reply, the calls opened in
+    content, and the `<tool_call>` texts written inside reasoning."""
+    s, out, calls, mentioned = g.start(), bytearray(), 0, 0
+    fresh = True  # nothing but whitespace since the start or the last call: a <think> opens reasoning
+
+    def feed(text: bytes):
+        nonlocal s
+        for c in text:
+            s = g.step(s, c)
+            assert s is not None, bytes(out + text)
+        out.extend(text)
+
+    for _ in range(rng.randrange(2, 9)):
+        assert g.thinking(s) and g.complete(s)  # free text, and the reply may end here
+        pick = rng.random()
+        if pick < 0.35:
+            feed(b"<tool_call>")
+            calls += 1
+            while not g.complete(s):
+                allowed = [c for c in range(256) if g.step(s, c) is not None]
+                assert allowed, bytes(out)  # no dead end
+                if s[0] == "text" and rng.random() < 0.1:
+                    feed(b"\n</parameter>")
+                    continue
+                favoured = [c for c in allowed if c in b'<>/\n"{}[],:0123456789tf']
+                c = rng.choice(favoured if favoured and rng.random() < 0.6 else allowed)
+                feed(bytes((c,)))
+                assert len(out) < 20000
+            fresh = True
+        elif pick < 0.5 and fresh:
+            feed(b"<think>\nI could write <tool_call> here")
+            mentioned += 1
+            feed(b" and it stays text.\n</think>\n")
+        else:
+            chunk = rng.choice(_CHUNKS).encode()
+            feed(chunk)
+            fresh = fresh and not chunk.strip()
+    return bytes(out), calls, mentioned
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_auto_every_call_a_reply_opens_is_one_the_parser_reads_and_the_schema_accepts(seed):
+    g = AutoToolGrammar(TOOLS)
+    specs = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in TOOLS}
+    rng = random.Random(seed)
+    forms, total = set(), 0
+    for _ in range(8):
+        body, calls, mentioned = _auto_walk(g, rng)
+        text = body.decode("utf-8", "replace")
+        reply = parse_reply(text, tools=TOOLS)
+        assert len(reply.tool_calls) == calls, text
+        assert "<tool_call>" not in (reply.content or ""), text
+        assert (reply.reasoning or "").count("<tool_call>") == mentioned, text
+        for call in reply.tool_calls:
+            jsonschema.Draft202012Validator(specs[call.name], format_checker=jsonschema.FormatChecker()).validate(
+                json.loads(call.arguments))
+        forms |= {"json" if "<tool_call>\n{" in text else None, "markup" if "<tool_call>\n<f" in text else None}
+        total += calls
+    assert total and {"json", "markup"} <= forms
+
+
+def feed_all(g, s, data: bytes):
+    for c in data:
+        s = g.step(s, c)
+    return s
+
+
+def test_auto_what_it_refuses():
+    g = AutoToolGrammar(TOOLS)
+
+    def feed(text: str, in_reasoning: bool = False):
+        s = g.start(in_reasoning)
+        for c in text.encode():
+            s = g.step(s, c)
+            if s is None:
+                return None
+        return s
+
+    assert g.complete(feed("Any text at all, <b>even tags</b> and </tool_call>."))
+    assert feed("<tool_call>\nSure") is None  # a call, in either form
+    assert feed("<tool_call><function=get_weather>") is None  # the template's newline
+    assert feed("<tool_call>\n<function=nowcast>") is None  # an offered function
+    assert feed('<tool_call>\n{"name": "nowcast"') is None
+    assert feed('<tool_call>\n{"name": "get_weather", "arguments": {"days": 3}}') is None  # city is required
+    assert feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>') is None
+    assert feed("<tool_call>\n<function=get_weather>\n<parameter=days>\nthree") is None
+    inside = feed('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    assert inside is not None and not g.complete(inside)  # the end of text waits for the call's end
+    assert g.complete(feed('<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\nDone.'))
+    # markup in reasoning is text, whether the prompt opened it or the reply did
+    assert g.complete(feed("I may <tool_call>\nSure", in_reasoning=True))
+    assert g.complete(feed("<think>\n<tool_call>\nSure\n</think>\nOk"))
+    assert feed("<think>\nplan\n</think>\n<tool_call>\nSure") is None
+    # after a forced call, a further call is held too
+    forced = ToolCallGrammar(TOOLS[:1], "get_weather")
+    s = forced.start()
+    for c in b"<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>\nAnd <tool_call>\n":
+        s = forced.step(s, c)
+    assert forced.complete(forced.step(forced.step(s, ord("{")), ord(" "))) is False
+    assert forced.step(s, ord("S")) is None and forced.step(feed_all(forced, s, b"<function="), ord("p")) is None
+
+
+def test_auto_a_model_that_writes_a_wrong_call_is_steered_to_a_valid_one(tmp_path):
+    """A call whose integer is a word comes back as a valid call, in either form; a reply with no
+    call is left as it was."""
+    wrong = {"markup": "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+                       "<parameter=days>\nthree\n</parameter>\n</function>\n</tool_call>",
+             "json": 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": '
+                     '"three"}}\n</tool_call>',
+             "none": "It is sunny in Oslo <b>today</b>."}
+    for form, text in wrong.items():
+        path = write_scripted_model(SHIPPED, tmp_path / f"{form}.gguf", text)
+        m = runtime.load(path, n_threads=1, n_ctx=512)
+        try:
+            r = m.create_chat_completion([{"role": "user", "content": "Weather?"}], tools=TOOLS[:1],
+                                         max_tokens=120, temperature=0, seed=5)
+        finally:
+            m.close()
+        msg = r["choices"][0]["message"]
+        if form == "none":
+            assert msg["content"] == text and not msg.get("tool_calls")
+            continue
+        assert msg["content"] == "Checking." and len(msg["tool_calls"]) == 1, msg
+        call = msg["tool_calls"][0]["function"]
+        assert call["name"] == "get_weather"
+        args = json.loads(call["arguments"])
+        jsonschema.validate(args, TOOLS[0]["function"]["parameters"])
+        assert args["city"] == "Oslo" and isinstance(args["days"], int)
+

@@ -54,7 +54,7 @@ from runtime.text.chat_prompt import chat_ids
 from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
 from runtime.text.tool_calls import END_THINK, callable_tools, check_tools, forced_call, starts_in_reasoning
-from runtime.text.tool_grammar import ToolCallGrammar
+from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
 
 
 
@@ -842,6 +842,8 @@ class Model:
         if forced:  # the call the prompt opened is finished by its grammar (runtime.text.tool_grammar)
             grammar = ToolCallGrammar(callable_tools(offered, tool_choice),
                                       tool_choice["function"]["name"] if named else None)
+        elif offered is not None:  # "auto": a call the reply opens is finished by its grammar
+            grammar = AutoToolGrammar(offered)
         if k is not None or json_object or grammar is not None:
             return self._chat_as_request(ids, k, (json_object, grammar), max_tokens, stop, stream, mtp, sampling,
                                          callable_tools(offered, tool_choice), in_reasoning, forced)

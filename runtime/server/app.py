@@ -31,7 +31,7 @@ from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.generation.replies import ChatReply, TextReply
 from runtime.text.tool_calls import END_THINK, ReplyStream, callable_tools, forced_call, starts_in_reasoning
-from runtime.text.tool_grammar import ToolCallGrammar
+from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
 
 MAX_BODY = 8 * 2**20  # bytes: far more than any prompt the context can hold
 POLL_S = 0.25  # how often a whole-response handler checks that its client is still there
@@ -273,6 +273,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         if forced:  # the call the prompt opened is finished by its grammar (runtime.text.tool_grammar)
             req.grammar = ToolCallGrammar(callable_tools(tools, b.tool_choice),
                                           b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
+        elif tools is not None:  # "auto": a call the reply opens is finished by its grammar
+            req.grammar = AutoToolGrammar(tools)
         if tools is not None and b.max_calls is not None:  # generation ends with the last call it may make
             watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, b.tool_choice), calls=True,
                                 max_calls=b.max_calls)

@@ -143,8 +143,8 @@ def starts_in_reasoning(prompt_text: str) -> bool:
 def forced_call(name: str | None) -> str:
     """The start of a reply that must call a tool: `tool_choice` "required" (name None: the model
     still chooses which) or one named function. The server appends it to the prompt and feeds
-    it to the parser before the generated text, so the model can only continue a call; without
-    a grammar it may still write a malformed one, which comes back as content."""
+    it to the parser before the generated text, so the model can only continue a call, which
+    its grammar (runtime.text.tool_grammar) finishes."""
     return f"{CALL}\n<function={name}>\n" if name is not None else f"{CALL}\n<function="
 
 

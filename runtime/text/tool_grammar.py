@@ -1,20 +1,24 @@
-"""A forced tool call's grammar (`tool_choice` "required" or a named function): the reply
-continues the call the prompt opened into one the parser reads (runtime.text.tool_calls), with
-a function that was offered, only its parameters, each at most once, the required ones all,
-and each value one its schema accepts; no value holds `</parameter>` or `</tool_call>`, which
-the parser would read as the value's end or the call's.
+"""Tool calls' grammars: every call a reply writes is one the parser (runtime.text.tool_calls)
+reads, naming an offered function, with only its parameters, each at most once, the required
+ones all, and each value one its schema accepts; no value holds `</parameter>` or
+`</tool_call>`, which the parser would read as the value's end or the call's.
 
 The markup is the chat template's:
 
-    <tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n ... </function>\\n</tool_call>
+    <tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n ... </function>\n</tool_call>
 
-The prompt ends inside it: after `<function=` ("required": the model picks the function) or
-after `<function=NAME>\\n` (a named one). A value whose schema allows a string (or that has
-no schema) is text up to `</parameter>`, as the parser reads it, held to the schema's pattern,
-format, lengths or enum where it is a string's alone; any other value is JSON that the
-parameter's schema accepts (runtime.text.json_schema), or text where that schema is one the
-recognizer cannot enforce. After `</tool_call>` the reply is free, as in any reply: more
-text, or more calls, which the parser reads as it reads them without a grammar.
+A value whose schema allows a string (or that has no schema) is text up to `</parameter>`, as
+the parser reads it, held to the schema's pattern, format, lengths or enum where it is a
+string's alone; any other value is JSON that the parameter's schema accepts
+(runtime.text.json_schema), or text where that schema is one the recognizer cannot enforce.
+A call may instead be Hermes' JSON, `{"name": NAME, "arguments": {...}}`, which the parser reads
+too.
+
+ToolCallGrammar (`tool_choice` "required" or a named function): the prompt ends inside a call,
+after `<function=` ("required": the model picks the function) or after `<function=NAME>\n`
+(a named one), and the reply finishes it. AutoToolGrammar ("auto"): the reply is free until it
+writes `<tool_call>` outside reasoning, as under llama-server's lazy grammars. After a call,
+either way, the reply is free again, and any further call it opens is held as this one was.
 
 A state is a tuple; free text is `thinking` (every printing token is a candidate, and the
 sampler checks the one it draws), so only the call itself costs masks.
@@ -38,6 +42,8 @@ _END_CALL = b"</function>\n</tool_call>"
 # value (a free text value's own </parameter> ends it)
 _CUTS = (_END_VALUE, b"</tool_call>")
 _TAIL = max(map(len, _CUTS))
+_OPEN, _CALL_CLOSE = b"<tool_call>", b"</tool_call>"
+_THINK, _END_THINK = b"<think>", b"</think>"
 _PARAM_NAME = re.compile(r"[^<>\n]+")  # what the parser reads as a parameter's name
 
 
@@ -91,11 +97,12 @@ def _text_rule(g: JsonSchemaGrammar) -> StringRule | None:
 
 
 class ToolCallGrammar:
-    """The rest of a forced call, then free text (start, step, complete, thinking)."""
+    """The rest of a forced call, then the reply as under "auto" (start, step, complete, thinking)."""
 
     def __init__(self, tools: list[dict], name: str | None):
         self.functions = {t["function"]["name"]: _Function(t) for t in tools}
         self.name = name  # the named function; None: the model names one of them
+        self.hermes = {t["function"]["name"]: _hermes_grammar(t) for t in tools}
 
     # states:
     #   ("lit", alternatives)              fixed texts, each (bytes left, the state after it)
@@ -103,11 +110,18 @@ class ToolCallGrammar:
     #   ("text", function, key, written, tail)         a free text value; tail: its last bytes
     #   ("json", function, key, written, inner, tail)  a JSON value (inner: its recognizer's state)
     #   ("rule", function, key, written, (rule state, characters, pending UTF-8, newline held), tail)
-    #   ("free", tail)                     after the call
+    #   ("watch", in reasoning, tail)      free text; tail: its last bytes, which may open a tag
+    #   ("open",)                          after `<tool_call>\n`: the markup or the JSON
+    #   ("hermes", ((name, inner), ...), tail)  the JSON, one reading per function it may name
+
+    after_call = ("watch", False, b"")  # the state a finished call leads to
 
     def start(self, in_reasoning: bool = False):
         if self.name is not None:
             return self._params(self.name, frozenset())
+        return self._names()
+
+    def _names(self):
         return ("lit", tuple((f"{n}>\n".encode(), ("params", n, frozenset())) for n in self.functions))
 
     def _params(self, fn: str, written: frozenset):
@@ -115,21 +129,44 @@ class ToolCallGrammar:
         f = self.functions[fn]
         alts = [(f"<parameter={k}>\n".encode(), ("value", fn, k, written)) for k in f.values if k not in written]
         if f.required <= written:
-            alts.append((_END_CALL, ("free", b"")))
+            alts.append((_END_CALL, self.after_call))
         return ("lit", tuple(alts))
 
     @staticmethod
     def thinking(s) -> bool:
-        return s[0] == "free"
+        return s[0] == "watch"
 
     @staticmethod
     def complete(s) -> bool:
-        return s[0] == "free"
+        return s[0] == "watch"
 
     def step(self, s, c: int):
         kind = s[0]
-        if kind == "free":
-            return ("free", b"")
+        if kind == "watch":
+            tail = (s[2] + bytes((c,)))[-len(_OPEN):]
+            if s[1]:
+                return ("watch", False, b"") if tail.endswith(_END_THINK) else ("watch", True, tail)
+            if tail.endswith(_OPEN):
+                return ("lit", ((b"\n", ("open",)),))
+            if tail.endswith(_THINK):
+                return ("watch", True, b"")
+            return ("watch", False, tail)
+        if kind == "open":
+            if c == 0x3C:  # <function=
+                return ("lit", ((b"function=", ("names",)),))
+            if c != 0x7B:  # {
+                return None
+            alts = tuple((fn, g.step(g.start(), c)) for fn, g in self.hermes.items())
+            return ("hermes", tuple(a for a in alts if a[1] is not None), b"{")
+        if kind == "hermes":
+            if c == 0x0A and any(self.hermes[fn].complete(inner) for fn, inner in s[1]):
+                return ("lit", ((_CALL_CLOSE, self.after_call),))
+            tail = _tail(s[2], c)
+            if tail.endswith(_CALL_CLOSE):  # the parser would end the call inside the JSON
+                return None
+            alts = tuple((fn, self.hermes[fn].step(inner, c)) for fn, inner in s[1])
+            alts = tuple(a for a in alts if a[1] is not None)
+            return ("hermes", alts, tail) if alts else None
         if kind == "lit":
             alts = tuple((text[1:], after) for text, after in s[1] if text[0] == c)
             if not alts:
@@ -155,6 +192,8 @@ class ToolCallGrammar:
 
     def _enter(self, after: tuple):
         """The state a finished fixed text leads to."""
+        if after[0] == "names":
+            return self._names()
         if after[0] == "params":
             return self._params(after[1], after[2])
         if after[0] == "value":
@@ -165,7 +204,7 @@ class ToolCallGrammar:
             if isinstance(g, JsonSchemaGrammar):
                 return ("json", fn, key, written, g.start(), b"")
             return ("rule", fn, key, written, (g.start, 0, None, False), b"")
-        return after  # ("free", b"")
+        return after  # ("open",) or self.after_call
 
     def _rule_step(self, s, c: int):
         """A text value under a StringRule: its UTF-8 read into characters (a byte is taken only
@@ -213,6 +252,53 @@ class ToolCallGrammar:
         if not rule.may_take(state, first, last, count):
             return None
         return ("rule", fn, key, written, (state, count, pending, False), tail)
+
+
+class AutoToolGrammar(ToolCallGrammar):
+    """tool_choice "auto": the reply is free text (no masks) until it opens a call; the call is
+    then one that the parser reads, in either of its forms, and the reply is free again after
+    it. The opening is `<tool_call>` in content; in reasoning (the prompt left `<think>` open,
+    or the reply opened one) markup is text, as the parser reads it, until `</think>`.
+
+    After `<tool_call>` comes a newline, then the template's `<function=NAME>` markup (as a
+    forced call's, ToolCallGrammar) or Hermes' JSON, `{"name": NAME, "arguments": {...}}`, the
+    name an offered function's and the arguments an object its parameters' schema accepts (any
+    object where the recognizer cannot enforce that schema), then a newline and `</tool_call>`.
+
+    A reply that opens a call must finish it: the end of text is refused inside one. The
+    parser reads a `<think>` that follows text as text, and a call after it as a call, which
+    this grammar leaves free (it keeps to reasoning until `</think>`): it never constrains text
+    that the parser reads as reasoning."""
+
+    def __init__(self, tools: list[dict]):
+        super().__init__(tools, None)
+
+    def start(self, in_reasoning: bool = False):
+        return ("watch", in_reasoning, b"")
+
+
+def _hermes_grammar(spec: dict) -> JsonSchemaGrammar:
+    """`{"name": NAME, "arguments": ARGS}` for one function: ARGS its parameters, as the markup
+    form takes them (only the parameters it names, a required name missing from them of any
+    value), or any object where the recognizer refuses that schema."""
+    fn = spec["function"]
+    params = fn.get("parameters") or {}
+    props = dict(params.get("properties") or {})
+    required = [k for k in params.get("required") or [] if isinstance(k, str)]
+    for key in required:
+        props.setdefault(key, {})
+    defs = {k: params[k] for k in ("$defs", "definitions") if k in params}
+    args = {**{k: v for k, v in params.items() if k not in defs}, "type": "object", "properties": props,
+            "required": list(dict.fromkeys(required))}
+
+    def call(arguments):
+        return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": arguments},
+                "required": ["name", "arguments"], **defs}
+
+    try:
+        return JsonSchemaGrammar(call(args))
+    except (SchemaError, PatternError):
+        return JsonSchemaGrammar(call({"type": "object"}))
 
 
 def _tail(tail: bytes, c: int) -> bytes:
