@@ -308,3 +308,39 @@ def test_auto_a_model_that_writes_a_wrong_call_is_steered_to_a_valid_one(tmp_pat
         jsonschema.validate(args, TOOLS[0]["function"]["parameters"])
         assert args["city"] == "Oslo" and isinstance(args["days"], int)
 
+
+def test_drafting_under_a_grammar_gives_the_plain_tokens(tmp_path):
+    """A constrained reply decoded without drafts; now the MTP heads draft under it. A verify pass
+    samples its positions in order and stops at the first token that differs from its draft, so
+    the grammar takes exactly the tokens emitted: with the same seed, the tokens are the plain
+    ones, greedy or sampled, and the heads (which follow the scripted model's text) are accepted."""
+    from runtime.generation.request import Request, run
+    from runtime.generation.sampling import SamplingParams
+    from runtime.text.json_schema import JsonSchemaGrammar
+    from tests.test_server_tools import REPLIES, TOOLS as WEATHER, USER
+
+    text, after = REPLIES["think_call"]
+    scripted = runtime.load(write_scripted_model(SHIPPED, tmp_path / "call.gguf", text, after=after),
+                            n_threads=1, n_ctx=1024)
+    shipped = runtime.load(SHIPPED, n_threads=1, n_ctx=1024)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "size": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "size"]}
+    cases = [(scripted, scripted.chat_tokens(USER, tools=WEATHER), lambda: AutoToolGrammar(WEATHER), 0.0),
+             (shipped, shipped.chat_tokens([{"role": "user", "content": "A file as JSON."}]),
+              lambda: JsonSchemaGrammar(schema), 0.9)]
+    try:
+        for model, ids, grammar, temperature in cases:
+            replies = []
+            for mtp in (0, 3):
+                req = Request(ids, SamplingParams(temperature=temperature, seed=11), 160, grammar=grammar(), mtp=mtp)
+                replies.append(("".join(s.text for s in run(model, req)), req.timings))
+            (plain, _), (drafted, timings) = replies
+            assert drafted == plain and timings.draft_n > 0
+            if model is scripted:
+                assert parse_reply(drafted, tools=WEATHER).tool_calls and timings.draft_n_accepted > 0
+            else:
+                jsonschema.validate(json.loads(drafted), schema)
+    finally:
+        scripted.close()
+        shipped.close()

@@ -55,10 +55,11 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
         raise StepstreamError(f"max_tokens must be an integer, or None for no limit, got {max_tokens!r}")
     eog = model.tokenizer.eog_ids if stop_at_eog else frozenset()
     # No token wanted: the plain path evaluates the prompt and yields nothing (a draft pass would
-    # yield one before it checks the count).
-    # A constrained sampler (JSON mode) decodes without drafts: its recognizer advances with each
-    # token it keeps, and plain decoding emits every token it draws.
-    plain = getattr(sampler, "constraint", None) is not None or (max_tokens is not None and max_tokens <= 0)
+    # yield one before it checks the count). A constrained sampler (JSON mode, a schema, a tool
+    # call's grammar) drafts too: a verify pass calls it on each position in order and stops at
+    # the first token that differs from its draft, so its recognizer takes exactly the tokens
+    # emitted, as in plain decoding (a draft the grammar refuses is just not accepted).
+    plain = max_tokens is not None and max_tokens <= 0
     chooser = None if plain else draft_length(model, mtp)
     if chooser is not None:
         yield from speculative.generate(model, prompt, sampler, max_tokens, eog, chooser, stats, cancelled)
