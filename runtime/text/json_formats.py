@@ -24,6 +24,11 @@ _IPV6 = "|".join([rf"(?:{_H16}:){{6}}{_LS32}", rf"::(?:{_H16}:){{5}}{_LS32}"]
 _D = "[0-9]+"
 _DUR_TIME = rf"T(?:{_D}H(?:{_D}M(?:{_D}S)?)?|{_D}M(?:{_D}S)?|{_D}S)"
 _DUR_DATE = rf"(?:{_D}D|{_D}M(?:{_D}D)?|{_D}Y(?:{_D}M(?:{_D}D)?)?)(?:{_DUR_TIME})?"
+_PCT = r"%[0-9A-Fa-f]{2}"
+_PCHAR = rf"(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|{_PCT})"  # RFC 3986: unreserved, sub-delims, ":", "@"
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)"
+_URI = (rf"[A-Za-z][A-Za-z0-9+.-]*://(?:(?:{_LABEL}\.)*{_TOP_LABEL}|{_IPV4}|\[(?:{_IPV6})\])(?::{_PORT})?"
+        rf"(?:/{_PCHAR}*)*(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?")
 
 # format -> a regex (re.fullmatch semantics, ASCII only) whose every match is valid for the format
 # (with FORMAT_MAX_LEN's cap where one is given). Not every valid text matches: see each note.
@@ -37,5 +42,8 @@ FORMATS = {
     "ipv6": _IPV6,  # no zone (%eth0)
     "hostname": rf"(?:{_LABEL}\.)*{_TOP_LABEL}",  # RFC 1123; the last label starts with a letter
     "duration": rf"P(?:{_DUR_DATE}|{_DUR_TIME}|{_D}W)",  # RFC 3339 appendix A
+    # RFC 3986 URI with an authority (scheme://host), the host a hostname, an IPv4 address or a
+    # bracketed IPv6 one, no user info, a port up to 65535 (as URL parsers take it), ASCII only
+    "uri": _URI,
 }
 FORMAT_MAX_LEN = {"hostname": 253, "email": 254}  # lengths the regexes cannot count (RFC 1035, RFC 5321)
