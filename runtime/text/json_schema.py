@@ -130,7 +130,7 @@ class JsonSchemaGrammar:
                 if given != {key}:
                     raise SchemaError(f"the schema at {where}: {key} beside other constraints is not supported")
                 at = self._add(None)
-                built = tuple(self._build(b, f"{where}/{key}/{i}") for i, b in enumerate(branches))
+                built = tuple(self._branches(key, branches, where))
                 if key == "oneOf" and not self._disjoint(built):  # exactly one must match
                     raise SchemaError(f"the schema at {where}: oneOf with branches that may accept the same value is "
                                       "not supported (anyOf is)")
@@ -171,6 +171,25 @@ class JsonSchemaGrammar:
         if kind == "object":
             return self._object(s, where)
         raise SchemaError(f"the schema at {where}: type {kind!r} is no JSON Schema type")
+
+    def _branches(self, key: str, branches: list, where: str):
+        """The nodes of anyOf's or oneOf's branches. An anyOf branch the recognizer cannot enforce
+        is left out while another remains (pydantic's Decimal: a number, or a string whose
+        pattern has a lookahead): every value written matches a branch kept, so it validates.
+        Each branch of a oneOf is kept (leaving one out could let a value match two)."""
+        errors = []
+        for i, b in enumerate(branches):
+            mark, refs = len(self.nodes), dict(self._refs)
+            try:
+                yield self._build(b, f"{where}/{key}/{i}")
+            except SchemaError as e:
+                if key == "oneOf":
+                    raise
+                del self.nodes[mark:]  # what the branch began: nothing else refers to it
+                self._refs = refs
+                errors.append(e)
+        if len(errors) == len(branches):
+            raise errors[0]
 
     def _array(self, s: dict, where: str) -> int:
         """(_ARRAY, items or None, minItems, maxItems, prefixItems): item i follows prefixItems[i],
