@@ -439,3 +439,7 @@ def test_an_anyof_branch_it_cannot_enforce_is_left_out_while_another_remains():
         JsonSchemaGrammar({"anyOf": [{"type": "integer", "multipleOf": 2}, {"type": "string", "pattern": "(?=a)"}]})
     with pytest.raises(SchemaError, match="multipleOf"):
         JsonSchemaGrammar({"oneOf": [{"type": "integer", "multipleOf": 2}, {"type": "string"}]})
+    # under a oneOf, a branch left out deeper down would hide that "x" matches two of its branches
+    with pytest.raises(SchemaError, match="oneOf over an anyOf"):
+        JsonSchemaGrammar({"oneOf": [{"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "(?=x)"}]},
+                                     {"type": "string"}]})

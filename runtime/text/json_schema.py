@@ -63,6 +63,7 @@ class JsonSchemaGrammar:
     def __init__(self, schema):
         self.nodes: list = []
         self._refs: dict[str, int] = {}
+        self._dropped = 0  # anyOf branches left out (_branches)
         self._root_schema = schema
         try:
             self.root = self._build(schema, "#", root=True)
@@ -130,7 +131,11 @@ class JsonSchemaGrammar:
                 if given != {key}:
                     raise SchemaError(f"the schema at {where}: {key} beside other constraints is not supported")
                 at = self._add(None)
+                dropped = self._dropped
                 built = tuple(self._branches(key, branches, where))
+                if key == "oneOf" and self._dropped != dropped:  # its branches' types are no longer all told
+                    raise SchemaError(f"the schema at {where}: oneOf over an anyOf with a branch the recognizer "
+                                      "cannot enforce is not supported")
                 if key == "oneOf" and not self._disjoint(built):  # exactly one must match
                     raise SchemaError(f"the schema at {where}: oneOf with branches that may accept the same value is "
                                       "not supported (anyOf is)")
@@ -187,6 +192,7 @@ class JsonSchemaGrammar:
                     raise
                 del self.nodes[mark:]  # what the branch began: nothing else refers to it
                 self._refs = refs
+                self._dropped += 1
                 errors.append(e)
         if len(errors) == len(branches):
             raise errors[0]
