@@ -39,6 +39,7 @@ STRINGS = [  # (schema, texts it accepts, texts it refuses)
     ({"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083},
      ["https://example.com/a/b?x=1&y=%20#top", "http://[::1]:8080/", "ftp://10.0.0.1"],
      ["example.com", "https://ex ample.com", "https://a.b/%zz"]),
+
 ]
 
 
@@ -201,3 +202,18 @@ def test_formats_that_only_name_a_use_are_plain_strings():
     for fmt in ("password", "binary", "path"):
         g = JsonSchemaGrammar({"type": "string", "format": fmt, "maxLength": 4})
         assert _accepts(g, b'"a b"') and not _accepts(g, b'"abcde"')
+
+
+def test_uris_that_pydantic_refuses_are_not_written():
+    """RFC 3986 URIs that pydantic's AnyUrl refuses (a punycode label that does not decode, a port
+    in a file URL): the format leaves them out, and keeps their neighbours."""
+    pydantic = pytest.importorskip("pydantic")
+    url = pydantic.TypeAdapter(pydantic.AnyUrl)
+    g = JsonSchemaGrammar({"type": "string", "format": "uri"})
+    for text in ("http://xn--a.com", "HTTP://XN--A.com", "file://a:1", "file://[::1]:2"):
+        with pytest.raises(pydantic.ValidationError):
+            url.validate_python(text)
+        assert not _accepts(g, json.dumps(text).encode()), text
+    for text in ("file://a/b", "files://a:2", "fil://a:1", "http://x-n.com:80/"):
+        url.validate_python(text)
+        assert _accepts(g, json.dumps(text).encode()), text

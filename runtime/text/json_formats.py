@@ -27,7 +27,15 @@ _DUR_DATE = rf"(?:{_D}D|{_D}M(?:{_D}D)?|{_D}Y(?:{_D}M(?:{_D}D)?)?)(?:{_DUR_TIME}
 _PCT = r"%[0-9A-Fa-f]{2}"
 _PCHAR = rf"(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|{_PCT})"  # RFC 3986: unreserved, sub-delims, ":", "@"
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)"
-_URI = (rf"[A-Za-z][A-Za-z0-9+.-]*://(?:(?:{_LABEL}\.)*{_TOP_LABEL}|{_IPV4}|\[(?:{_IPV6})\])(?::{_PORT})?"
+# a URI's host labels hold no "--" (so no "xn--" punycode label, which URL parsers decode and may
+# refuse), at most 61 characters
+_URI_LABEL = r"[A-Za-z0-9](?:-?[A-Za-z0-9]){0,30}"
+_URI_HOST = rf"(?:(?:{_URI_LABEL}\.)*[A-Za-z](?:-?[A-Za-z0-9]){{0,30}}|{_IPV4}|\[(?:{_IPV6})\])"
+_SC = "[A-Za-z0-9+.-]"
+# any scheme but "file" (URL parsers refuse a port in a file URL), which is written without a port
+_NOT_FILE = (rf"[A-Za-z](?:{_SC}{{0,2}}|{_SC}{{4,}})|[A-EG-Za-eg-z]{_SC}{{3}}|[fF][A-HJ-Za-hj-z0-9+.-]{_SC}{{2}}"
+             rf"|[fF][iI][A-KM-Za-km-z0-9+.-]{_SC}|[fF][iI][lL][A-DF-Za-df-z0-9+.-]")
+_URI = (rf"(?:(?:{_NOT_FILE})://{_URI_HOST}(?::{_PORT})?|[fF][iI][lL][eE]://{_URI_HOST})"
         rf"(?:/{_PCHAR}*)*(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?")
 
 # format -> a regex (re.fullmatch semantics, ASCII only) whose every match is valid for the format
@@ -42,8 +50,9 @@ FORMATS = {
     "ipv6": _IPV6,  # no zone (%eth0)
     "hostname": rf"(?:{_LABEL}\.)*{_TOP_LABEL}",  # RFC 1123; the last label starts with a letter
     "duration": rf"P(?:{_DUR_DATE}|{_DUR_TIME}|{_D}W)",  # RFC 3339 appendix A
-    # RFC 3986 URI with an authority (scheme://host), the host a hostname, an IPv4 address or a
-    # bracketed IPv6 one, no user info, a port up to 65535 (as URL parsers take it), ASCII only
+    # RFC 3986 URI with an authority (scheme://host), the host a hostname (no "--" in a label), an
+    # IPv4 address or a bracketed IPv6 one, no user info, a port up to 65535 (none in a file URL),
+    # ASCII only: what pydantic's AnyUrl takes too
     "uri": _URI,
 }
 FORMAT_MAX_LEN = {"hostname": 253, "email": 254}  # lengths the regexes cannot count (RFC 1035, RFC 5321)
