@@ -119,3 +119,18 @@ def test_tool_choice_none_still_shows_the_tools_as_llama_server_and_vllm_do():
                                           temperature=0)["usage"]["prompt_tokens"] for choice in ("auto", "none")}
     bare = m.create_chat_completion(msgs, max_tokens=1, temperature=0)["usage"]["prompt_tokens"]
     assert n["none"] == n["auto"] > bare
+
+
+def test_a_lone_surrogate_in_arguments_is_escaped_so_the_reply_can_be_sent():
+    """JSON's `\\ud800` alone reads as a character no UTF-8 text holds: `arguments` kept it raw,
+    and encoding the response failed (a 500, or a broken stream). It is escaped now, with the
+    rest of the non-ASCII characters, and reads back the same."""
+    for body in ('{"name": "get_weather", "arguments": {"city": "\\ud800 é"}}',
+                 '<function=get_weather>\n<parameter=city>\n["\\udc00", "é"]\n</parameter>\n</function>'):
+        reply = parse_reply(f"<tool_call>\n{body}\n</tool_call>", tools=[_tool("get_weather", city={})])
+        (call,) = reply.tool_calls
+        json.dumps({"arguments": call.arguments}, ensure_ascii=False).encode("utf-8")
+        assert "\\u00e9" in call.arguments
+        assert json.loads(call.arguments)["city"] in ("\ud800 é", ["\udc00", "é"])
+    plain = parse_reply('<tool_call>\n{"name": "get_weather", "arguments": {"city": "é"}}\n</tool_call>', tools=TOOLS)
+    assert plain.tool_calls[0].arguments == '{"city": "é"}'  # characters as they are otherwise

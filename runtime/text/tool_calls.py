@@ -480,7 +480,19 @@ def _parse_call(body: str, param_types: dict[str, dict[str, frozenset[str] | Non
         at = p.end()
     if inner[at:].strip():
         return None
-    return name, json.dumps(args, ensure_ascii=False)
+    return name, _arguments_text(args)
+
+
+def _arguments_text(args: dict) -> str:
+    """`arguments` as JSON text: characters as they are, unless a value holds a lone surrogate
+    (JSON's `\ud800` read alone), which no UTF-8 response can carry: then every non-ASCII
+    character is escaped, as JSON allows."""
+    text = json.dumps(args, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(args)
+    return text
 
 
 def _json_or_text(value: str):
@@ -524,4 +536,4 @@ def _parse_json_call(body: str) -> tuple[str, str] | None:
             return None
     if not isinstance(args, dict) or not _finite(args):  # NaN or an infinity: no JSON `arguments`
         return None
-    return obj["name"].strip(), json.dumps(args, ensure_ascii=False)
+    return obj["name"].strip(), _arguments_text(args)
