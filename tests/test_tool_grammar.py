@@ -212,8 +212,8 @@ def _auto_walk(g, rng: random.Random) -> tuple[bytes, int, int]:
             feed(b"<think>\nI could write <tool_call> here")
             mentioned += 1
             feed(b" and it stays text.\n</think>\n")
-        else:
-            chunk = rng.choice(_CHUNKS).encode()
+        else:  # (a <think> after text is text, for the parser and the grammar alike)
+            chunk = rng.choice(_CHUNKS + ([] if fresh else ["<think>"])).encode()
             feed(chunk)
             fresh = fresh and not chunk.strip()
     return bytes(out), calls, mentioned
@@ -272,6 +272,10 @@ def test_auto_what_it_refuses():
     assert g.complete(feed("I may <tool_call>\nSure", in_reasoning=True))
     assert g.complete(feed("<think>\n<tool_call>\nSure\n</think>\nOk"))
     assert feed("<think>\nplan\n</think>\n<tool_call>\nSure") is None
+    # a <think> after text is text, as the parser reads it: a call after it is held (review 87)
+    assert feed("Hi <think><tool_call>\n<function=get_weather>\n<parameter=days>\nthree") is None
+    assert g.complete(feed(" \n<think>\n<tool_call>\nSure"))  # after blanks, reasoning
+    assert g.complete(feed('<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n<think><tool_call>x'))
     # after a forced call, a further call is held too
     forced = ToolCallGrammar(TOOLS[:1], "get_weather")
     s = forced.start()

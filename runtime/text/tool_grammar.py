@@ -110,11 +110,13 @@ class ToolCallGrammar:
     #   ("text", function, key, written, tail)         a free text value; tail: its last bytes
     #   ("json", function, key, written, inner, tail)  a JSON value (inner: its recognizer's state)
     #   ("rule", function, key, written, (rule state, characters, pending UTF-8, newline held), tail)
-    #   ("watch", in reasoning, tail)      free text; tail: its last bytes, which may open a tag
+    #   ("watch", in reasoning, tail, spoken)  free text; tail: its last bytes, which may open a tag;
+    #                                      spoken: text other than blanks before them (since the reply
+    #                                      began, reasoning ended or a call closed)
     #   ("open",)                          after `<tool_call>\n`: the markup or the JSON
     #   ("hermes", ((name, inner), ...), tail)  the JSON, one reading per function it may name
 
-    after_call = ("watch", False, b"")  # the state a finished call leads to
+    after_call = ("watch", False, b"", False)  # the state a finished call (or reasoning) leads to
 
     def start(self, in_reasoning: bool = False):
         if self.name is not None:
@@ -143,14 +145,18 @@ class ToolCallGrammar:
     def step(self, s, c: int):
         kind = s[0]
         if kind == "watch":
-            tail = (s[2] + bytes((c,)))[-len(_OPEN):]
-            if s[1]:
-                return ("watch", False, b"") if tail.endswith(_END_THINK) else ("watch", True, tail)
+            _, reasoning, tail, spoken = s
+            tail += bytes((c,))
+            if len(tail) > len(_OPEN):
+                spoken = spoken or _says(tail[:-len(_OPEN)])
+                tail = tail[-len(_OPEN):]
+            if reasoning:
+                return self.after_call if tail.endswith(_END_THINK) else ("watch", True, tail, False)
             if tail.endswith(_OPEN):
                 return ("lit", ((b"\n", ("open",)),))
-            if tail.endswith(_THINK):
-                return ("watch", True, b"")
-            return ("watch", False, tail)
+            if tail.endswith(_THINK) and not spoken and not _says(tail[:-len(_THINK)]):
+                return ("watch", True, b"", False)  # at the start, or after reasoning or a call: reasoning
+            return ("watch", False, tail, spoken)
         if kind == "open":
             if c == 0x3C:  # <function=
                 return ("lit", ((b"function=", ("names",)),))
@@ -265,16 +271,17 @@ class AutoToolGrammar(ToolCallGrammar):
     name an offered function's and the arguments an object its parameters' schema accepts (any
     object where the recognizer cannot enforce that schema), then a newline and `</tool_call>`.
 
-    A reply that opens a call must finish it: the end of text is refused inside one. The
-    parser reads a `<think>` that follows text as text, and a call after it as a call, which
-    this grammar leaves free (it keeps to reasoning until `</think>`): it never constrains text
-    that the parser reads as reasoning."""
+    A reply that opens a call must finish it: the end of text is refused inside one. A `<think>`
+    opens reasoning where the parser's does: at the start, or after reasoning or a call with only
+    blanks since; after other text it is text. (Non-ASCII characters count as blanks here, so a
+    `<think>` after text of them alone keeps to reasoning, and a call in it is left free: this
+    grammar never constrains what the parser reads as reasoning.)"""
 
     def __init__(self, tools: list[dict]):
         super().__init__(tools, None)
 
     def start(self, in_reasoning: bool = False):
-        return ("watch", in_reasoning, b"")
+        return ("watch", in_reasoning, b"", False)
 
 
 def _hermes_grammar(spec: dict) -> JsonSchemaGrammar:
@@ -299,6 +306,16 @@ def _hermes_grammar(spec: dict) -> JsonSchemaGrammar:
         return JsonSchemaGrammar(call(args))
     except (SchemaError, PatternError):
         return JsonSchemaGrammar(call({"type": "object"}))
+
+
+_BLANKS = frozenset(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")  # the ASCII characters str.strip() strips
+
+
+def _says(data: bytes) -> bool:
+    """Whether bytes hold text the parser reads as more than blanks (an ASCII character other than
+    whitespace; other characters, which may be blanks, are left out: a `<think>` after them opens
+    reasoning here, so a call after it is left free rather than reasoning constrained)."""
+    return any(b < 0x80 and b not in _BLANKS for b in data)
 
 
 def _tail(tail: bytes, c: int) -> bytes:
