@@ -243,6 +243,8 @@ def test_auto_every_call_a_reply_opens_is_one_the_parser_reads_and_the_schema_ac
 def feed_all(g, s, data: bytes):
     for c in data:
         s = g.step(s, c)
+        if s is None:
+            return None
     return s
 
 
@@ -348,3 +350,15 @@ def test_drafting_under_a_grammar_gives_the_plain_tokens(tmp_path):
     finally:
         scripted.close()
         shipped.close()
+
+
+def test_auto_json_calls_read_refs_inside_the_parameters():
+    """A $ref into the parameters (not into $defs) pointed into the Hermes call's own schema, so
+    `{"x": {}}` passed for an integer (review 87)."""
+    params = {"type": "object", "properties": {"arguments": {"type": "integer"},
+                                               "x": {"$ref": "#/properties/arguments"}}}
+    g = AutoToolGrammar([{"type": "function", "function": {"name": "f", "parameters": params}}])
+    assert feed_all(g, g.start(), b'<tool_call>\n{"name": "f", "arguments": {"x": {') is None
+    s = feed_all(g, g.start(), b'<tool_call>\n{"name": "f", "arguments": {"x": 5}}\n</tool_call>')
+    assert g.complete(s)
+    jsonschema.validate({"x": 5}, params)

@@ -299,8 +299,8 @@ def _hermes_grammar(spec: dict) -> JsonSchemaGrammar:
             "required": list(dict.fromkeys(required))}
 
     def call(arguments):
-        return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": arguments},
-                "required": ["name", "arguments"], **defs}
+        return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": _rebased(arguments)},
+                "required": ["name", "arguments"], **_rebased(defs)}
 
     try:
         return JsonSchemaGrammar(call(args))
@@ -316,6 +316,21 @@ def _says(data: bytes) -> bool:
     whitespace; other characters, which may be blanks, are left out: a `<think>` after them opens
     reasoning here, so a call after it is left free rather than reasoning constrained)."""
     return any(b < 0x80 and b not in _BLANKS for b in data)
+
+
+def _rebased(schema):
+    """A parameters schema's local $refs, pointing into it, made to point into the Hermes schema
+    that holds it at #/properties/arguments (those into $defs or definitions, which that schema
+    holds at its root, are kept)."""
+    if isinstance(schema, list):
+        return [_rebased(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _rebased(v) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#") and not ref.startswith(("#/$defs/", "#/definitions/")):
+        out["$ref"] = "#/properties/arguments" + ref[1:]
+    return out
 
 
 def _tail(tail: bytes, c: int) -> bytes:
