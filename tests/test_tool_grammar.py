@@ -362,3 +362,21 @@ def test_auto_json_calls_read_refs_inside_the_parameters():
     s = feed_all(g, g.start(), b'<tool_call>\n{"name": "f", "arguments": {"x": 5}}\n</tool_call>')
     assert g.complete(s)
     jsonschema.validate({"x": 5}, params)
+
+
+def test_numbers_in_calls_are_ones_python_reads_as_finite():
+    """`1e999` (or an integer past Python's 4,300 digits) passed the grammar, and the parser, which
+    cannot write it back as JSON `arguments`, made the whole call text (review 87): a call's
+    numbers are now held within +-10^300, written without an exponent."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "number"}, "n": {"type": "integer", "minimum": 1}}}}}]
+    g = AutoToolGrammar(tools)
+    for refused in ('<tool_call>\n{"name": "f", "arguments": {"x": 1e', "<tool_call>\n<function=f>\n<parameter=x>\n1e",
+                    "<tool_call>\n<function=f>\n<parameter=n>\n" + "9" * 301):
+        assert feed_all(g, g.start(), refused.encode()) is None, refused[-20:]
+    for body in ('{"name": "f", "arguments": {"x": -2.5, "n": ' + "9" * 299 + "}}",
+                 "<function=f>\n<parameter=x>\n0.001\n</parameter>\n</function>"):
+        text = f"<tool_call>\n{body}\n</tool_call>"
+        assert g.complete(feed_all(g, g.start(), text.encode()))
+        (call,) = parse_reply(text, tools=tools).tool_calls
+        jsonschema.validate(json.loads(call.arguments), tools[0]["function"]["parameters"])

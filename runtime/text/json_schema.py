@@ -60,7 +60,11 @@ class SchemaError(StepstreamError):
 class JsonSchemaGrammar:
     """A compiled schema (start, step, complete, thinking), for json_constraint.JsonObjectReply."""
 
-    def __init__(self, schema):
+    def __init__(self, schema, finite: bool = False):
+        """finite: every number and integer the schema types is held within +-10^300, as one with
+        bounds is (written without an exponent), so Python reads it as a finite float or an int
+        (a tool call's arguments must be JSON again: `1e999` reads as infinity)."""
+        self.finite = finite
         self.nodes: list = []
         self._refs: dict[str, int] = {}
         self._dropped = 0  # anyOf branches left out (_branches)
@@ -166,6 +170,12 @@ class JsonSchemaGrammar:
         if kind == "string":
             return self._add((_STRING, self._string_rule(s, where)))
         if kind in ("number", "integer"):
+            if self.finite:  # the sides the schema leaves open, closed at +-10^300
+                s = dict(s)
+                if not {"minimum", "exclusiveMinimum"} & s.keys():
+                    s["minimum"] = -10**300
+                if not {"maximum", "exclusiveMaximum"} & s.keys():
+                    s["maximum"] = 10**300
             return self._add((_NUMBER if kind == "number" else _INTEGER, self._bounds(s, kind, where)))
         if kind == "boolean":
             return self._add((_LITERAL, (b"false", b"true")))

@@ -73,7 +73,7 @@ def _value_reader(sub, defs: dict, root: dict):
     A schema the recognizer cannot enforce leaves the value free text."""
     types = _allowed_types(sub, root, {})
     try:
-        g = JsonSchemaGrammar({**sub, **defs} if isinstance(sub, dict) else sub)
+        g = JsonSchemaGrammar({**sub, **defs} if isinstance(sub, dict) else sub, finite=True)
         if types is None or "string" in types:  # the parser keeps such a value as the text it was
             return _text_rule(g) if types == {"string"} else None
     except (SchemaError, PatternError):
@@ -303,9 +303,9 @@ def _hermes_grammar(spec: dict) -> JsonSchemaGrammar:
                 "required": ["name", "arguments"], **_rebased(defs)}
 
     try:
-        return JsonSchemaGrammar(call(args))
+        return JsonSchemaGrammar(call(args), finite=True)
     except (SchemaError, PatternError):
-        return JsonSchemaGrammar(call({"type": "object"}))
+        return JsonSchemaGrammar(call({"type": "object"}), finite=True)
 
 
 _BLANKS = frozenset(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")  # the ASCII characters str.strip() strips
