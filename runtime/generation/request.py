@@ -43,14 +43,15 @@ class Step:
     text: str  # text safe to show now (stop strings never shown)
     logprobs: tuple[TokenLogprob, ...] = ()  # tokens generated since the previous step
     finish_reason: str | None = None  # on the last step: "stop" or "length"
+    tokens: int = 0  # tokens of the reply sampled since the previous step (an end-of-generation one not)
 
 
 def merge(steps: list[Step]) -> Step:
-    """Consecutive steps as one: their text and log-probabilities, the last one's finish."""
+    """Consecutive steps as one: their text, log-probabilities and tokens, the last one's finish."""
     if len(steps) == 1:
         return steps[0]
     return Step("".join(s.text for s in steps), tuple(lp for s in steps for lp in s.logprobs),
-                steps[-1].finish_reason)
+                steps[-1].finish_reason, sum(s.tokens for s in steps))
 
 
 @dataclass
@@ -153,6 +154,7 @@ def run(model, req: Request) -> Iterator[Step]:
     stops = StopStrings(req.stop)
     eog = model.tokenizer.eog_ids
     pending: list[TokenLogprob] = []
+    n = 0  # tokens since the last step
     finish = "length"
     try:
         for tok in tokens:
@@ -166,15 +168,16 @@ def run(model, req: Request) -> Iterator[Step]:
                 finish, t.eog_n = "stop", 1
                 break
             if tok not in eog:  # with ignore_eos, an end-of-text token is passed over
+                n += 1
                 if lp is not None:
                     pending.append(lp)
                 text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
                 if hit or (text and req.ends is not None and req.ends(text)):
-                    yield Step(text, tuple(pending), "stop")
+                    yield Step(text, tuple(pending), "stop", n)
                     return
                 if text or pending:
-                    yield Step(text, tuple(pending))
-                    pending = []
+                    yield Step(text, tuple(pending), tokens=n)
+                    pending, n = [], 0
             if req.cancelled():
                 break
     finally:
@@ -185,7 +188,7 @@ def run(model, req: Request) -> Iterator[Step]:
         t.draft_n_accepted = round(stats.get("tokens_per_draft_pass", 0) * stats.get("draft_passes", 0)) \
             - stats.get("draft_passes", 0)
     tail = stops.push(utf8.decode(b"", final=True))[0] + stops.flush()
-    yield Step(tail, tuple(pending), finish)
+    yield Step(tail, tuple(pending), finish, n)
 
 
 def token_text(b: bytes) -> str:

@@ -5,6 +5,8 @@
     GET  /v1/models/{id}         the served model; any other id is a 404
     POST /v1/completions         text in, text out (streaming or whole)
     POST /v1/chat/completions    messages in (chat template, tools), content / reasoning / tool calls out
+    POST /v1/responses           OpenAI's Responses API over the same chat turn (runtime.server.responses_api);
+    GET, DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items   the responses kept in memory
 
 Handlers check the body (runtime.server.requests), render and tokenize the prompt, queue a
 job on the engine, and turn its steps into OpenAI responses (runtime.generation.replies); they
@@ -18,6 +20,7 @@ import asyncio
 import hmac
 import json
 import time
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,7 +32,10 @@ from runtime.generation.request import Request as ModelRequest
 from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
+from runtime.server.response_store import CAPACITY, ResponseStore
+from runtime.server.responses_api import item_kind, responses_body, to_messages
 from runtime.generation.replies import ChatReply, TextReply
+from runtime.generation.response_events import ResponseReply, new_id
 from runtime.text.tool_calls import END_THINK, ReplyStream, callable_tools, forced_call, starts_in_reasoning
 from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
 
@@ -41,7 +47,32 @@ class ClientGone(Exception):
     pass
 
 
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+_DONE = "data: [DONE]\n\n"
+
+
+def _data(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def _named(event: dict) -> str:
+    """A Responses API event: named by its type, as OpenAI sends them."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class Turn:
+    """A chat turn ready to generate: the prompt's ids and the request, how the reply starts."""
+
+    ids: list[int]
+    req: ModelRequest
+    in_reasoning: bool
+    forced: str  # the start of a forced call the prompt ends with
+    tools: list[dict] | None  # the tools a call may name
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
+               stored_responses: int = CAPACITY) -> FastAPI:
+    """stored_responses: how many Responses API responses are kept for `previous_response_id`."""
     if api_key is not None and not api_key:  # a missing header's empty token would match it
         raise StepstreamError("an empty API key would admit every request; give a key, or None for no key")
 
@@ -51,6 +82,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     # the routes; a browser's preflight OPTIONS carries none and is answered here)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     created = int(time.time())
+    store = ResponseStore(stored_responses)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -90,6 +122,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         except RecursionError:
             raise ApiError(400, "the request body nests too deeply", code="invalid_json") from None
 
+    async def body_of(request: Request, parse):
+        """A completion route's body: the key checked, the JSON read, the model named, the fields parsed."""
+        authorize(request)
+        body = await read_json(request)
+        check_model(body, model_name)
+        return parse(body)
+
     def model_request(ids: list[int], common, logprobs, field: str, in_reasoning: bool = False) -> ModelRequest:
         """`field`: the body's field the prompt came from ("prompt" or "messages"), named by a refusal."""
         if len(ids) > model.n_ctx:  # a prompt that fills it still gets one token, as `run` and the library give
@@ -108,9 +147,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             raise ApiError(503, f"the server is busy: {engine.queue_size} requests are waiting; retry shortly",
                            kind="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
 
-    async def events(job: Job, request: Request | None):
-        """The job's steps, those that came together merged into one; with `request`, polls it
-        and cancels the job if its client left."""
+    async def events(job: Job, request: Request | None, merged: bool = True):
+        """The job's steps, those that came together merged into one (unless not `merged`); with
+        `request`, polls it and cancels the job if its client left."""
         while True:
             if request is None:
                 batch = await job.next_events()
@@ -124,8 +163,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                     continue
             steps = [step for kind, value in batch if kind in ("step", "steps")
                      for step in (value if kind == "steps" else (value,))]
-            if steps:
+            if steps and merged:
                 yield merge(steps)
+            elif steps:
+                for step in steps:
+                    yield step
             for kind, value in batch:
                 if kind == "error":
                     status, code, message = value
@@ -140,20 +182,22 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             if message["type"] == "http.disconnect":
                 job.cancel.set()
 
-    def sse(job: Job, request: Request, to_chunks, usage_chunk, include_usage: bool) -> StreamingResponse:
+    def sse(job: Job, request: Request, to_frames, end, failed, head: str = "", merged: bool = True) -> StreamingResponse:
+        """A job's steps as server-sent events: `head` at once, `to_frames(step)` for each step,
+        `end()` after the last, `failed(ApiError)` when the generation fails."""
         async def body():
             watcher = asyncio.create_task(watch(job, request))
             try:
+                if head:
+                    yield head
                 try:
-                    async for step in events(job, None):
-                        data = "".join(f"data: {json.dumps(c, ensure_ascii=False)}\n\n" for c in to_chunks(step))
-                        if data:
-                            yield data
-                    if include_usage:
-                        yield f"data: {json.dumps(usage_chunk(), ensure_ascii=False)}\n\n"
+                    async for step in events(job, None, merged):
+                        text = to_frames(step)
+                        if text:
+                            yield text
+                    yield end()
                 except ApiError as e:
-                    yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
-                yield "data: [DONE]\n\n"
+                    yield failed(e)
             finally:  # done, or the client went away: a running generation stops within one token
                 job.cancel.set()
                 watcher.cancel()
@@ -161,9 +205,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def whole(job: Job, request: Request, collect) -> None:
+    def chunks_sse(job: Job, request: Request, to_chunks, usage_chunk, include_usage: bool) -> StreamingResponse:
+        """The chat and completion streams: data-only events, ending in `data: [DONE]`."""
+        return sse(job, request, lambda step: "".join(map(_data, to_chunks(step))),
+                   lambda: (_data(usage_chunk()) if include_usage else "") + _DONE,
+                   lambda e: _data(e.body()) + _DONE)
+
+    async def whole(job: Job, request: Request, collect, merged: bool = True) -> None:
         try:
-            async for step in events(job, request):
+            async for step in events(job, request, merged):
                 collect(step)
         finally:
             job.cancel.set()
@@ -213,10 +263,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        body = await read_json(request)
-        check_model(body, model_name)
-        b = completion_body(body)
+        b = await body_of(request, completion_body)
         many = len(b.prompts) > 1
         parts = []  # every prompt is checked before the first is queued
         for i, p in enumerate(b.prompts):
@@ -237,47 +284,43 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 first.clear()
                 return out
 
-            return sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
+            return chunks_sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
         answers = []
         for req, reply in parts:  # one after another, each queued as its own job
             await whole(submit(req, False), request, lambda step, reply=reply: reply.chunk(step, want))
             answers.append(reply.whole(req.timings, want))
         return answers[0] if not many else TextReply.joined(answers)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        authorize(request)
-        body = await read_json(request)
-        check_model(body, model_name)
-        b = chat_body(body)
-        tools = b.tools if b.tools and b.tool_choice != "none" else None  # the ones a call may name
+    async def chat_turn(messages: list[dict], offered: list[dict] | None, tool_choice, common, logprobs, *,
+                        continue_final: bool, max_calls: int | None, field: str) -> Turn:
+        """The prompt and the request of a chat reply (both chat completions and responses)."""
+        tools = offered if offered and tool_choice != "none" else None  # the ones a call may name
         try:
             # the template shows the tools even with tool_choice "none", as llama-server and vLLM
             # render them: the model knows them, and only no call of them is read from the reply
-            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=b.tools or None,
-                                          continue_final=b.continue_final, limit=model.n_ctx)
+            ids = await asyncio.to_thread(model.chat_tokens, messages, tools=offered or None,
+                                          continue_final=continue_final, limit=model.n_ctx)
         except PromptTooLong as e:
-            raise too_long(e, "messages") from None
+            raise too_long(e, field) from None
         except StepstreamError as e:
-            raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+            raise ApiError(400, str(e), param=field, code="invalid_value") from None
         except RecursionError:
-            raise ApiError(400, "the messages or tools nest too deeply", param="messages", code="invalid_value") from None
+            raise ApiError(400, f"the {field} or tools nest too deeply", param=field, code="invalid_value") from None
         tail = model.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")
         in_reasoning, forced = starts_in_reasoning(tail), ""
-        if tools is not None and b.tool_choice != "auto":
+        named = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
+        if tools is not None and tool_choice != "auto":
             # the reply starts with the opening of a call (closing a reasoning section the prompt opened)
-            forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(
-                b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
+            forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(named)
             ids = ids + model.tokenize(forced, add_bos=False, special=True)
-        req = model_request(ids, b.common, b.logprobs, "messages", in_reasoning)
+        req = model_request(ids, common, logprobs, field, in_reasoning)
         if forced:  # the call the prompt opened is finished by its grammar (runtime.text.tool_grammar)
-            req.grammar = ToolCallGrammar(callable_tools(tools, b.tool_choice),
-                                          b.tool_choice["function"]["name"] if isinstance(b.tool_choice, dict) else None)
+            req.grammar = ToolCallGrammar(callable_tools(tools, tool_choice), named)
         elif tools is not None:  # "auto": a call the reply opens is finished by its grammar
             req.grammar = AutoToolGrammar(tools)
-        if tools is not None and b.max_calls is not None:  # generation ends with the last call it may make
-            watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, b.tool_choice), calls=True,
-                                max_calls=b.max_calls)
+        if tools is not None and max_calls is not None:  # generation ends with the last call it may make
+            watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, tool_choice), calls=True,
+                                max_calls=max_calls)
             watch.push(forced)
 
             def ends(text: str) -> bool:
@@ -285,9 +328,16 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 return watch.ended
 
             req.ends = ends
-        reply = ChatReply(model_name, len(ids), in_reasoning=in_reasoning, tools=callable_tools(tools, b.tool_choice),
-                          forced=forced,
-                          max_calls=b.max_calls)
+        return Turn(ids, req, in_reasoning, forced, callable_tools(tools, tool_choice))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        b = await body_of(request, chat_body)
+        turn = await chat_turn(b.messages, b.tools, b.tool_choice, b.common, b.logprobs,
+                               continue_final=b.continue_final, max_calls=b.max_calls, field="messages")
+        req = turn.req
+        reply = ChatReply(model_name, len(turn.ids), in_reasoning=turn.in_reasoning, tools=turn.tools,
+                          forced=turn.forced, max_calls=b.max_calls)
         want = b.logprobs is not None
         job = submit(req, b.common.stream)
         if b.common.stream:
@@ -298,8 +348,72 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 first.clear()
                 return out
 
-            return sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
+            return chunks_sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
         await whole(job, request, reply.collect)
         return reply.whole(req.timings, want)
+
+    # ------------------------------------------------------------ the Responses API
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        b = await body_of(request, responses_body)
+        history = store.get(b.previous_response_id, "previous_response_id").conversation \
+            if b.previous_response_id is not None else []
+        inputs = [store.item(item.get("id"), f"input[{i}]") if item_kind(item) == "item_reference" else item
+                  for i, item in enumerate(b.input)]
+        where = [f"previous_response_id's item {i}" for i in range(len(history))] + \
+                [f"input[{i}]" for i in range(len(inputs))]
+        messages = to_messages(history + inputs, where)
+        if b.instructions:  # not carried over from a previous response, as OpenAI does
+            messages = [{"role": "system", "content": b.instructions}] + messages
+        turn = await chat_turn(messages, b.tools, b.tool_choice, b.common, b.logprobs, continue_final=False,
+                               max_calls=b.max_calls, field="input")
+        reply = ResponseReply(new_id("resp"), model_name, len(turn.ids), b.echo, turn.req.timings,
+                              in_reasoning=turn.in_reasoning, tools=turn.tools, forced=turn.forced,
+                              max_calls=b.max_calls, want_logprobs=b.logprobs is not None)
+
+        def feed(step) -> list[dict]:
+            out = reply.feed(step)
+            if reply.status != "in_progress" and b.store:
+                store.put(reply.response(), inputs, history)
+            return out
+
+        job = submit(turn.req, b.common.stream)
+        if b.common.stream:
+            return sse(job, request, lambda step: "".join(map(_named, feed(step))), lambda: "",
+                       lambda e: "".join(map(_named, reply.failed(e.code or "server_error", e.message))),
+                       head="".join(map(_named, reply.start())), merged=False)
+        await whole(job, request, feed, merged=False)
+        return reply.response()
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request):
+        authorize(request)
+        return store.get(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request):
+        authorize(request)
+        store.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_items(response_id: str, request: Request, order: str = "desc", limit: int = 20,
+                          after: str | None = None):
+        authorize(request)
+        if order not in ("asc", "desc") or not 1 <= limit <= 100:
+            raise ApiError(400, f"'order' must be asc or desc and 'limit' 1 to 100, got {order!r} and {limit}",
+                           param="order" if order not in ("asc", "desc") else "limit", code="invalid_value")
+        items = store.get(response_id).input
+        items = items[::-1] if order == "desc" else items
+        if after is not None:
+            at = next((i for i, item in enumerate(items) if item["id"] == after), None)
+            if at is None:
+                raise ApiError(400, f"'after': the response has no input item '{after}'", param="after",
+                               code="invalid_value")
+            items = items[at + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
     return app

@@ -156,6 +156,21 @@ def _max_tokens(body: dict, default: int | None) -> int | None:
     return default
 
 
+def response_format(fmt: dict | None) -> tuple[bool, object]:
+    """`response_format` -> (json_object, the compiled schema or None)."""
+    kind = "text" if fmt is None else fmt.get("type", "text")
+    if kind == "json_schema":
+        try:
+            return False, grammar_for(fmt)
+        except StepstreamError as e:
+            raise ApiError(400, f"'response_format': {e}", param="response_format", code="unsupported") from None
+    if kind not in ("text", "json_object") or (fmt and kind == "json_object" and fmt.get("schema") is not None):
+        what = "a schema (send type json_schema)" if kind == "json_object" else json.dumps(kind)
+        raise ApiError(400, f"'response_format' with {what} is not supported (\"text\", \"json_object\" and "
+                            "\"json_schema\" are)", param="response_format", code="unsupported")
+    return kind == "json_object", None
+
+
 def _common(body: dict, default_max_tokens: int | None) -> Common:
     max_tokens = _max_tokens(body, default_max_tokens)
     for name in ("n", "best_of"):  # best_of: OpenAI's completions, best of n samples
@@ -179,18 +194,7 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
             raise ApiError(400, f"'{name}' is not supported (only {json.dumps(off)})", param=name, code="unsupported")
     if _get(body, "logit_bias", (dict,)):
         raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported")
-    fmt = _get(body, "response_format", (dict,))
-    kind = "text" if fmt is None else fmt.get("type", "text")
-    grammar = None
-    if kind == "json_schema":
-        try:
-            grammar = grammar_for(fmt)
-        except StepstreamError as e:
-            raise ApiError(400, f"'response_format': {e}", param="response_format", code="unsupported") from None
-    elif kind not in ("text", "json_object") or (fmt and kind == "json_object" and fmt.get("schema") is not None):
-        what = "a schema (send type json_schema)" if kind == "json_object" else json.dumps(kind)
-        raise ApiError(400, f"'response_format' with {what} is not supported (\"text\", \"json_object\" and "
-                            "\"json_schema\" are)", param="response_format", code="unsupported")
+    json_object, grammar = response_format(_get(body, "response_format", (dict,)))
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
@@ -229,7 +233,7 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed)
     return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
-                  json_object=kind == "json_object", grammar=grammar)
+                  json_object=json_object, grammar=grammar)
 
 
 def _is_ids(v) -> bool:

@@ -208,6 +208,11 @@ class ReplyStream:
         return out
 
     @property
+    def in_reasoning(self) -> bool:
+        """Whether text pushed now continues a reasoning section."""
+        return self._mode == "reasoning"
+
+    @property
     def ended(self) -> bool:
         """Whether the reply has all the calls it may have (max_calls): later text is dropped."""
         return self._max_calls is not None and self._n_calls >= self._max_calls

@@ -1,0 +1,209 @@
+"""OpenAI's Responses API (POST /v1/responses) on a live `stepstream serve`, through the official
+`openai` client: whole, streamed (raw events and the client's own accumulator), tool round
+trips by full input and by `previous_response_id`, the stored responses' routes, and
+refusals. The model is a copy of the shipped one scripted to write reasoning, text and a tool
+call (tests/helpers/scripted_model.py); each answer is checked against the chat completion of
+the same conversation on the same server, and against the template's own rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from runtime.loader import load  # noqa: E402
+from runtime.text.tool_calls import forced_call  # noqa: E402
+from tests.helpers.live_server import live_server  # noqa: E402
+from tests.helpers.scripted_model import write_scripted_model  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+REASONING = "The user wants the weather in Oslo, so I call the tool."
+CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+SCRIPT = f"<think>\n{REASONING}\n</think>\nLet me check.\n{CALL}"
+AFTER = {forced_call("get_weather"): "<parameter=city>\nBergen\n</parameter>\n</function>\n</tool_call>",
+         forced_call(None): "get_weather>\n<parameter=city>\nTromso\n</parameter>\n</function>\n</tool_call>"}
+PARAMS = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}
+FLAT = [{"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": PARAMS}]
+CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                                "parameters": PARAMS}}]
+SYSTEM = "You are a weather assistant."
+QUESTION = "What is the weather in Oslo?"
+MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return write_scripted_model(SHIPPED, tmp_path_factory.mktemp("responses") / "m.gguf", SCRIPT, after=AFTER)
+
+
+@pytest.fixture(scope="module")
+def url(model_file):
+    with live_server(model_file, "--alias", "m", "--ctx-size", "2048") as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def _ask(client, **kw):
+    kw = {"model": "m", "instructions": SYSTEM, "input": QUESTION, "tools": FLAT, "temperature": 0,
+          "max_output_tokens": 200, **kw}
+    return client.responses.create(**kw)
+
+
+def _parts(r):
+    return [(o.type, o.content[0].text if o.type in ("reasoning", "message") else (o.name, json.loads(o.arguments)))
+            for o in r.output]
+
+
+def test_a_response_holds_the_chat_replys_parts_whole_and_streamed(client):
+    chat = client.chat.completions.create(model="m", messages=MESSAGES, tools=CHAT_TOOLS, temperature=0,
+                                          max_tokens=200)
+    m = chat.choices[0].message
+    want = [("reasoning", m.model_extra["reasoning_content"]), ("message", m.content),
+            ("function_call", ("get_weather", json.loads(m.tool_calls[0].function.arguments)))]
+    assert want == [("reasoning", REASONING), ("message", "Let me check."),
+                    ("function_call", ("get_weather", {"city": "Oslo", "days": 3}))]
+    r = _ask(client)
+    assert r.status == "completed" and r.object == "response" and r.id.startswith("resp_") and r.error is None
+    assert _parts(r) == want and r.output_text == "Let me check."
+    assert r.output[2].call_id.startswith("call_") and all(o.status == "completed" for o in r.output)
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    # the reasoning's tokens: those the reply wrote before and with its </think> (the prompt opened <think>)
+    local = load(SHIPPED)  # the scripted copy shares the tokenizer
+    think = len(local.tokenize(SCRIPT[len("<think>\n"):SCRIPT.index("</think>") + len("</think>")], add_bos=False,
+                               special=True))
+    assert r.usage.output_tokens_details.reasoning_tokens == think
+    assert [t.name for t in r.tools] == ["get_weather"] and r.instructions == SYSTEM and r.tool_choice == "auto"
+    # streamed: the client's accumulator rebuilds the same output, and the raw events are in order
+    with client.responses.stream(model="m", instructions=SYSTEM, input=QUESTION, tools=FLAT, temperature=0,
+                                 max_output_tokens=200) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_response()
+    assert _parts(final) == want and final.usage.output_tokens == r.usage.output_tokens
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == 3
+    assert "response.reasoning_text.delta" in kinds and "response.function_call_arguments.done" in kinds
+    events = list(_ask(client, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_tool_results_by_full_input_and_by_previous_response(client):
+    first = _ask(client)
+    call = first.output[2]
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temp_c": 4})}
+    full = _ask(client, input=[{"role": "user", "content": QUESTION}] + [o.model_dump(exclude_none=True)
+                                                                        for o in first.output] + [output])
+    chained = _ask(client, input=[output], previous_response_id=first.id)
+    chat_call = {"id": call.call_id, "type": "function", "function": {"name": "get_weather", "arguments": call.arguments}}
+    turn2 = MESSAGES + [{"role": "assistant", "content": "Let me check.", "reasoning_content": REASONING,
+                         "tool_calls": [chat_call]},
+                        {"role": "tool", "tool_call_id": call.call_id, "content": json.dumps({"temp_c": 4})}]
+    chat = client.chat.completions.create(model="m", messages=turn2, tools=CHAT_TOOLS, temperature=0, max_tokens=1)
+    assert full.usage.input_tokens == chained.usage.input_tokens == chat.usage.prompt_tokens
+    text = load(SHIPPED).detokenize(load(SHIPPED).chat_tokens(turn2, tools=CHAT_TOOLS), special=True).decode()
+    assert '<tool_response>{"temp_c": 4}</tool_response>' in text
+    # the second turn starts with the first's prompt and reply: its prompt is reused from the cache
+    assert full.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 1
+    # what is stored: the response, and its own input items with ids, in either order
+    assert client.responses.retrieve(chained.id).output_text == chained.output_text
+    items = client.responses.input_items.list(chained.id).data
+    assert [i.type for i in items] == ["function_call_output"] and items[0].id.startswith("fco_")
+    page = client.responses.input_items.list(full.id, order="asc", limit=2)
+    assert [i.type for i in page.data] == ["message", "reasoning"] and page.has_more
+    ref = _ask(client, input=[{"type": "item_reference", "id": i.id} for i in
+                              client.responses.input_items.list(full.id, order="asc", limit=20).data])
+    assert ref.usage.input_tokens == full.usage.input_tokens
+
+
+def test_tool_choice_limits_and_a_cut_reply(client):
+    named = _ask(client, tool_choice={"type": "function", "name": "get_weather"})
+    assert [p for p in _parts(named) if p[0] == "function_call"] == [("function_call", ("get_weather", {"city": "Bergen"}))]
+    required = _ask(client, tool_choice="required")
+    assert _parts(required)[-1] == ("function_call", ("get_weather", {"city": "Tromso"}))
+    none = _ask(client, tool_choice="none")  # the markup is the message's text
+    assert [o.type for o in none.output] == ["reasoning", "message"] and none.output_text.endswith(CALL)
+    cut = _ask(client, max_output_tokens=12)  # (this vocabulary writes <think> in 5 tokens)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 12 and [(o.type, o.status) for o in cut.output] == [("reasoning", "incomplete")]
+    assert REASONING.startswith(cut.output[0].content[0].text) and cut.output[0].content[0].text
+    raw = httpx.post(str(client.base_url) + "responses", json={"model": "m", "input": QUESTION, "max_output_tokens": 12,
+                                                                "stream": True}, timeout=60)
+    names = [line[7:] for line in raw.text.splitlines() if line.startswith("event: ")]
+    assert names[-1] == "response.incomplete" and "data: [DONE]" not in raw.text
+
+
+def test_logprobs_are_the_chat_completions(client):
+    chat = client.chat.completions.create(model="m", messages=MESSAGES, temperature=0, max_tokens=200, logprobs=True,
+                                          top_logprobs=2)
+    r = _ask(client, tools=None, include=["message.output_text.logprobs"], top_logprobs=2)
+    part = r.output[1].content[0]
+    assert r.output[1].type == "message" and part.text == chat.choices[0].message.content
+    by_chat = [(t.token, t.logprob) for t in chat.choices[0].logprobs.content]
+    ours = [(t.token, t.logprob) for t in part.logprobs]
+    assert "".join(t for t, _ in ours) == part.text  # the content's tokens, in order
+    assert ours == by_chat[len(by_chat) - len(ours):]  # the last tokens of the chat reply
+    assert all(len(t.top_logprobs) == 2 for t in part.logprobs)
+
+
+def test_refusals_and_the_stores_routes(client, url):
+    for kw, status, param in [({"tools": [{"type": "web_search"}]}, 400, "tools[0]"),
+                              ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, 400,
+                               "input[0].call_id"),
+                              ({"previous_response_id": "resp_nope"}, 404, "previous_response_id"),
+                              ({"input": [{"type": "item_reference", "id": "msg_nope"}]}, 404, "input[0]"),
+                              ({"background": True}, 400, "background")]:
+        with pytest.raises(openai.APIStatusError) as e:
+            _ask(client, **kw)
+        assert e.value.status_code == status and e.value.body["param"] == param, (kw, e.value.body)
+    kept = _ask(client, store=False, max_output_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept.id)
+    stored = _ask(client, max_output_tokens=3)
+    client.responses.delete(stored.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(stored.id)
+    # the routes answer OpenAI's errors for other methods and paths too
+    assert httpx.get(url + "/v1/responses", timeout=10).status_code in (404, 405)
+
+
+def test_structured_output_through_the_clients_parse(client):
+    """`responses.parse(text_format=Model)` sends `text.format` json_schema: the scripted model,
+    whose script is not JSON, is held to the schema and the client reads the model back."""
+    pydantic = pytest.importorskip("pydantic")
+    from typing import Literal
+
+    class Answer(pydantic.BaseModel):
+        verdict: Literal["rain", "sun"]
+        days: int = pydantic.Field(ge=1, le=7)
+
+    r = client.responses.parse(model="m", input=QUESTION, text_format=Answer, temperature=0, max_output_tokens=100)
+    assert r.status == "completed" and isinstance(r.output_parsed, Answer)
+    assert Answer.model_validate_json(r.output_text) == r.output_parsed
+    with client.responses.stream(model="m", input=QUESTION, text_format=Answer, temperature=0,
+                                 max_output_tokens=100) as s:
+        assert s.get_final_response().output_parsed == r.output_parsed
+
+
+def test_the_agent_example_runs_its_tool_over_the_responses_api(url):
+    """examples/agent_tool_loop.py --api responses: the scripted model's call, held by the grammar
+    to the one tool the example offers, runs the tool each round; each round sends the tool's
+    result with the previous response's id, until the rounds run out."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "examples" / "agent_tool_loop.py"), "--api", "responses",
+                        "--steps", "2", "--base-url", url + "/v1", "How many lines?"],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert [line.split("(")[0] for line in r.stdout.splitlines()] == ["[tool] count_lines", "[tool] count_lines", ""]
+    assert r.stdout.endswith("(no answer after 2 tool rounds)\n")
