@@ -3,6 +3,7 @@ the result back, until it answers in plain text.
 
     stepstream serve -m MODEL.gguf            # in another terminal
     python examples/agent_tool_loop.py "How many lines does /etc/hosts have?"
+    python examples/agent_tool_loop.py --api responses "..."   # the same over /v1/responses
 
 Needs `pip install openai`. The embedded miniature was trained on Python sources, not on tool
 use, so it answers in text; a real Step-3.5-Flash GGUF calls the tool. No server at --base-url,
@@ -50,6 +51,9 @@ def main() -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     p.add_argument("--api-key", default="none")
     p.add_argument("--steps", type=positive_int, default=4, help="most tool rounds before giving up")
+    p.add_argument("--api", choices=("chat", "responses"), default="chat",
+                   help="chat completions (the whole conversation each round) or the Responses API (each round "
+                        "sends the tool results and the previous response's id)")
     args = p.parse_args()
     try:
         loop(args)
@@ -63,7 +67,17 @@ def loop(args) -> None:
     models = ask(args, lambda: client.models.list().data)
     if not models:
         raise StepstreamError(f"the server at {args.base_url} lists no model")
-    model = models[0].id
+    (chat_loop if args.api == "chat" else responses_loop)(args, client, models[0].id)
+
+
+def run_tool(name: str, arguments: str) -> str:
+    arguments = json.loads(arguments)
+    result = count_lines(str(arguments.get("path", ""))) if name == "count_lines" else "error: no such tool"
+    print(f"[tool] {name}({arguments}) -> {result}")
+    return result
+
+
+def chat_loop(args, client, model) -> None:
     messages = [{"role": "user", "content": args.question}]
     for _ in range(args.steps):
         reply = ask(args, lambda: client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
@@ -73,10 +87,25 @@ def loop(args) -> None:
             print(reply.content)
             return
         for call in reply.tool_calls:
-            arguments = json.loads(call.function.arguments)
-            result = count_lines(str(arguments.get("path", ""))) if call.function.name == "count_lines" else "error: no such tool"
-            print(f"[tool] {call.function.name}({arguments}) -> {result}")
-            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+            messages.append({"role": "tool", "tool_call_id": call.id,
+                             "content": run_tool(call.function.name, call.function.arguments)})
+    print("(no answer after", args.steps, "tool rounds)")
+
+
+def responses_loop(args, client, model) -> None:
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses API's flat tools
+    given, previous = args.question, None
+    for _ in range(args.steps):
+        response = ask(args, lambda: client.responses.create(model=model, input=given, tools=tools,
+                                                             previous_response_id=previous, max_output_tokens=256,
+                                                             temperature=0))
+        calls = [item for item in response.output if item.type == "function_call"]
+        if not calls:
+            print(response.output_text)
+            return
+        given = [{"type": "function_call_output", "call_id": c.call_id, "output": run_tool(c.name, c.arguments)}
+                 for c in calls]
+        previous = response.id
     print("(no answer after", args.steps, "tool rounds)")
 
 
