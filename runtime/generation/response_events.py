@@ -1,25 +1,19 @@
 """A Responses API response (POST /v1/responses) built from a request's steps: its output
 items, and the server-sent events that stream them.
 
-The reply parser (runtime.text.tool_calls.ReplyStream) cuts the text into reasoning, content
-and tool calls; here each run of one becomes an output item, in the order the model wrote
-them:
+The reply's blocks (runtime.generation.reply_blocks) become output items, in the order the
+model wrote them:
 
     reasoning   {"type": "reasoning", "content": [{"type": "reasoning_text", "text": ...}]}
-    content     {"type": "message", "role": "assistant", "content": [{"type": "output_text", ...}]}
+    text        {"type": "message", "role": "assistant", "content": [{"type": "output_text", ...}]}
     a call      {"type": "function_call", "call_id": ..., "name": ..., "arguments": ...}
 
 A stream announces each item (`response.output_item.added`), sends its text as deltas,
 closes it (`response.output_item.done`), and ends with `response.completed`, or
 `response.incomplete` when `max_output_tokens` cut the reply. A whole response is the same
 machine fed every step, so a stream's final response and the whole one are equal.
-
-Steps are fed one at a time, as the generation made them (not merged), so each token is told
-apart: those fed while the reply is in reasoning count as `reasoning_tokens`. Log-probabilities
-(`include: ["message.output_text.logprobs"]` or `top_logprobs`) go with the content's text: a
-step's tokens with the first content delta the step gives (tokens whose text the parser holds
-back go with the delta that releases it); tokens of reasoning and of tool calls have none, as
-OpenAI gives none.
+Log-probabilities (`include: ["message.output_text.logprobs"]` or `top_logprobs`) are those
+of the message's tokens.
 """
 
 from __future__ import annotations
@@ -28,8 +22,8 @@ import copy
 import secrets
 import time
 
+from runtime.generation.reply_blocks import ReplyBlocks
 from runtime.generation.request import Step, Timings, token_text
-from runtime.text.tool_calls import ReplyStream
 
 _PREFIX = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco"}
 
@@ -51,17 +45,13 @@ class ResponseReply:
                  want_logprobs: bool = False):
         """echo: the request's settings as the response reports them (instructions, tools, ...);
         timings: the request's, read for `usage` when it ends; forced: the start of a call the
-        prompt already holds (tool_choice), read by the parser before the generated text."""
+        prompt already holds (tool_choice)."""
         self.id, self.model, self.n_prompt, self.echo, self.timings = response_id, model_name, n_prompt, echo, timings
         self.created_at = int(time.time())
-        self.want_logprobs = want_logprobs
-        self.parser = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=tools is not None, max_calls=max_calls)
-        self._early = self.parser.push(forced) if forced else []
+        self.blocks = ReplyBlocks(in_reasoning=in_reasoning, tools=tools, forced=forced, max_calls=max_calls,
+                                  want_logprobs=want_logprobs)
         self.output: list[dict] = []
-        self._open: dict | None = None  # the reasoning or message item being written
         self._seq = 0
-        self._pending: list = []  # log-probabilities of tokens whose text has not yet come out as content
-        self.reasoning_tokens = 0
         self.status, self.incomplete, self.completed_at = "in_progress", None, None
 
     # ---------------------------------------------------------------- the response object
@@ -72,7 +62,8 @@ class ResponseReply:
         if self.status != "in_progress":
             usage = {"input_tokens": self.n_prompt,
                      "input_tokens_details": {"cached_tokens": t.cached_n, "cache_write_tokens": t.prompt_n},
-                     "output_tokens": t.predicted_n, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+                     "output_tokens": t.predicted_n,
+                     "output_tokens_details": {"reasoning_tokens": self.blocks.reasoning_tokens},
                      "total_tokens": self.n_prompt + t.predicted_n}
         return {"id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
                 "completed_at": self.completed_at, "error": None, "incomplete_details": self.incomplete,
@@ -92,63 +83,50 @@ class ResponseReply:
 
     def feed(self, step: Step) -> list[dict]:
         """The events of one step; the last step's end with the response's own end."""
-        if self.parser.in_reasoning:  # this step's tokens continue the reasoning: no log-probabilities
-            self.reasoning_tokens += step.tokens
-            self._pending.clear()
-        elif self.want_logprobs:
-            self._pending.extend(step.logprobs)
-        deltas = self._early + (self.parser.push(step.text) if step.text else [])
-        self._early = []
-        if step.finish_reason:
-            deltas += self.parser.finish()
         events: list[dict] = []
-        for d in deltas:
-            if "reasoning_content" in d:
-                events += self._text("reasoning", d["reasoning_content"])
-            elif "content" in d:
-                events += self._text("message", d["content"])
+        for op in self.blocks.feed(step):
+            if op[0] == "open":
+                events += self._open(op[1])
+            elif op[0] == "text":
+                events += self._text(*op[1:])
+            elif op[0] == "close":  # the block a max_output_tokens cut ends is incomplete
+                events += self._close("incomplete" if op[2] == "length" else "completed")
+            elif op[0] == "call":
+                events += self._call(op[1])
             else:
-                for call in d["tool_calls"]:
-                    events += self._call(call)
-        if step.finish_reason:
-            events += self._end(step.finish_reason)
+                events += self._end(op[1])
         return events
 
-    def _text(self, kind: str, text: str) -> list[dict]:
-        events: list[dict] = []
-        if self._open is None or self._open["type"] != kind:
-            events += self._close("completed")
-            if kind == "reasoning":
-                item = {"id": new_id(kind), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
-                part = {"type": "reasoning_text", "text": ""}
-            else:
-                item = {"id": new_id(kind), "type": "message", "status": "in_progress", "role": "assistant",
-                        "content": []}
-                part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            self.output.append(item)
-            self._open = item
-            events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
-                                      item=copy.deepcopy(item)))
-            item["content"].append(part)
-            events.append(self._event("response.content_part.added", item_id=item["id"],
-                                      output_index=len(self.output) - 1, content_index=0, part=copy.deepcopy(part)))
-        item, at = self._open, len(self.output) - 1
+    def _open(self, kind: str) -> list[dict]:
+        if kind == "reasoning":
+            item = {"id": new_id(kind), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {"id": new_id("message"), "type": "message", "status": "in_progress", "role": "assistant",
+                    "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        self.output.append(item)
+        events = [self._event("response.output_item.added", output_index=len(self.output) - 1,
+                              item=copy.deepcopy(item))]
+        item["content"].append(part)
+        return events + [self._event("response.content_part.added", item_id=item["id"],
+                                     output_index=len(self.output) - 1, content_index=0, part=copy.deepcopy(part))]
+
+    def _text(self, kind: str, text: str, lps) -> list[dict]:
+        item, at = self.output[-1], len(self.output) - 1
         part = item["content"][0]
         part["text"] += text
         if kind == "reasoning":
-            self._pending.clear()  # these tokens were reasoning: no log-probabilities
-            return events + [self._event("response.reasoning_text.delta", item_id=item["id"], output_index=at,
-                                         content_index=0, delta=text)]
-        lps, self._pending = _logprobs(self._pending), []
+            return [self._event("response.reasoning_text.delta", item_id=item["id"], output_index=at,
+                                content_index=0, delta=text)]
+        lps = _logprobs(lps)
         part["logprobs"] += lps
-        return events + [self._event("response.output_text.delta", item_id=item["id"], output_index=at,
-                                     content_index=0, delta=text, logprobs=lps)]
+        return [self._event("response.output_text.delta", item_id=item["id"], output_index=at, content_index=0,
+                            delta=text, logprobs=lps)]
 
     def _close(self, status: str) -> list[dict]:
-        item, self._open = self._open, None
-        if item is None:
-            return []
-        at, part = len(self.output) - 1, item["content"][0]
+        item, at = self.output[-1], len(self.output) - 1
+        part = item["content"][0]
         item["status"] = status
         if item["type"] == "reasoning":
             done = self._event("response.reasoning_text.done", item_id=item["id"], output_index=at, content_index=0,
@@ -162,14 +140,12 @@ class ResponseReply:
                 self._event("response.output_item.done", output_index=at, item=copy.deepcopy(item))]
 
     def _call(self, call: dict) -> list[dict]:
-        events = self._close("completed")
-        self._pending.clear()  # a call's tokens have no log-probabilities
         fn = call["function"]
         item = {"id": new_id("function_call"), "type": "function_call", "status": "in_progress",
                 "call_id": call["id"], "name": fn["name"], "arguments": ""}
         self.output.append(item)
         at = len(self.output) - 1
-        events.append(self._event("response.output_item.added", output_index=at, item=copy.deepcopy(item)))
+        events = [self._event("response.output_item.added", output_index=at, item=copy.deepcopy(item))]
         item["arguments"], item["status"] = fn["arguments"], "completed"
         return events + [
             self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=at,
@@ -180,15 +156,15 @@ class ResponseReply:
 
     def _end(self, finish_reason: str) -> list[dict]:
         cut = finish_reason == "length"
-        events = self._close("incomplete" if cut else "completed")
         self.status = "incomplete" if cut else "completed"
         self.incomplete = {"reason": "max_output_tokens"} if cut else None
         self.completed_at = int(time.time()) if not cut else None
-        return events + [self._event("response.incomplete" if cut else "response.completed", response=self.response())]
+        return [self._event("response.incomplete" if cut else "response.completed", response=self.response())]
 
     def failed(self, code: str, message: str) -> list[dict]:
         """A stream's last events after the generation failed."""
-        self._close("incomplete")
+        if self.blocks.open is not None:
+            self.output[-1]["status"] = "incomplete"
         self.status = "failed"
         out = self.response()
         out["error"] = {"code": code, "message": message}
