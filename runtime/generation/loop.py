@@ -101,13 +101,15 @@ class StopStrings:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.hit: str | None = None  # the stop string found (the earliest; of those, the first given)
 
     def push(self, text: str) -> tuple[str, bool]:
         """(text safe to emit now, whether a stop string was hit)."""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, k) for k, i in enumerate(self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, k = min(hits)
+            out, self.pending, self.hit = self.pending[:at], "", self.stops[k]
             return out, True
         hold = 0
         for s in self.stops:

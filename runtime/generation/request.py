@@ -44,6 +44,7 @@ class Step:
     logprobs: tuple[TokenLogprob, ...] = ()  # tokens generated since the previous step
     finish_reason: str | None = None  # on the last step: "stop" or "length"
     tokens: int = 0  # tokens of the reply sampled since the previous step (an end-of-generation one not)
+    stop_sequence: str | None = None  # on the last step: the stop string that ended the reply, if one did
 
 
 def merge(steps: list[Step]) -> Step:
@@ -51,7 +52,7 @@ def merge(steps: list[Step]) -> Step:
     if len(steps) == 1:
         return steps[0]
     return Step("".join(s.text for s in steps), tuple(lp for s in steps for lp in s.logprobs),
-                steps[-1].finish_reason, sum(s.tokens for s in steps))
+                steps[-1].finish_reason, sum(s.tokens for s in steps), steps[-1].stop_sequence)
 
 
 @dataclass
@@ -173,7 +174,7 @@ def run(model, req: Request) -> Iterator[Step]:
                     pending.append(lp)
                 text, hit = stops.push(utf8.decode(model.tokenizer.decode_bytes([tok])))
                 if hit or (text and req.ends is not None and req.ends(text)):
-                    yield Step(text, tuple(pending), "stop", n)
+                    yield Step(text, tuple(pending), "stop", n, stops.hit)
                     return
                 if text or pending:
                     yield Step(text, tuple(pending), tokens=n)

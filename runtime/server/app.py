@@ -7,6 +7,8 @@
     POST /v1/chat/completions    messages in (chat template, tools), content / reasoning / tool calls out
     POST /v1/responses           OpenAI's Responses API over the same chat turn (runtime.server.responses_api);
     GET, DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items   the responses kept in memory
+    POST /v1/messages            Anthropic's Messages API over the same chat turn (runtime.server.messages_api)
+    POST /v1/messages/count_tokens
 
 Handlers check the body (runtime.server.requests), render and tokenize the prompt, queue a
 job on the engine, and turn its steps into OpenAI responses (runtime.generation.replies); they
@@ -20,6 +22,7 @@ import asyncio
 import hmac
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -32,9 +35,11 @@ from runtime.generation.request import Request as ModelRequest
 from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
+from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
 from runtime.server.responses_api import item_kind, responses_body, to_messages
 from runtime.generation.replies import ChatReply, TextReply
+from runtime.generation.message_events import MessageReply
 from runtime.generation.response_events import ResponseReply, new_id
 from runtime.text.tool_calls import END_THINK, ReplyStream, callable_tools, forced_call, starts_in_reasoning
 from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
@@ -102,9 +107,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
-        token = given[7:] if given[:7].lower() == "bearer " else ""
+        # Anthropic's clients send the key as x-api-key
+        token = given[7:] if given[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
         if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
                            kind="authentication_error", code="invalid_api_key")
 
     async def read_json(request: Request) -> dict:
@@ -385,6 +391,45 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                        head="".join(map(_named, reply.start())), merged=False)
         await whole(job, request, feed, merged=False)
         return reply.response()
+
+    # ------------------------------------------------------------ Anthropic's Messages API
+
+    async def messages_turn(request: Request, count_only: bool = False):
+        """The body read and the chat turn built, every refusal in Anthropic's shape. The model
+        a request names is not checked: Claude Code names its own for its background requests."""
+        authorize(request)
+        b = messages_body(await read_json(request), count_only=count_only)
+        turn = await chat_turn(b.messages, b.tools, b.tool_choice, b.common, None, continue_final=True,
+                               max_calls=b.max_calls, field="messages")
+        return b, turn
+
+    @app.post("/v1/messages")
+    async def create_message(request: Request):
+        try:
+            b, turn = await messages_turn(request)
+            reply = MessageReply("msg_" + uuid.uuid4().hex, model_name, len(turn.ids), turn.req.timings,
+                                 in_reasoning=turn.in_reasoning, tools=turn.tools, forced=turn.forced,
+                                 max_calls=b.max_calls, thinking=b.thinking)
+            job = submit(turn.req, b.common.stream)
+        except ApiError as e:
+            raise AnthropicError.of(e) from None
+        if b.common.stream:
+            return sse(job, request, lambda step: "".join(map(_named, reply.feed(step))), lambda: "",
+                       lambda e: _named(AnthropicError.of(e).body()),
+                       head="".join(map(_named, reply.start())), merged=False)
+        try:
+            await whole(job, request, reply.feed, merged=False)
+        except ApiError as e:
+            raise AnthropicError.of(e) from None
+        return reply.message()
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(request: Request):
+        try:
+            _, turn = await messages_turn(request, count_only=True)
+        except ApiError as e:
+            raise AnthropicError.of(e) from None
+        return {"input_tokens": len(turn.ids)}
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):

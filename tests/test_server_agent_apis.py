@@ -1,9 +1,11 @@
-"""OpenAI's Responses API (POST /v1/responses) on a live `stepstream serve`, through the official
-`openai` client: whole, streamed (raw events and the client's own accumulator), tool round
-trips by full input and by `previous_response_id`, the stored responses' routes, and
-refusals. The model is a copy of the shipped one scripted to write reasoning, text and a tool
-call (tests/helpers/scripted_model.py); each answer is checked against the chat completion of
-the same conversation on the same server, and against the template's own rendering."""
+"""The agent-facing APIs on a live `stepstream serve`: OpenAI's Responses API (POST
+/v1/responses) through the official `openai` client, and Anthropic's Messages API (POST
+/v1/messages, Claude Code's protocol) through the official `anthropic` client. Whole and
+streamed replies (raw events, and each client's own accumulator), tool round trips, the stored
+responses' routes, and refusals. The model is a copy of the shipped one scripted to write
+reasoning, text and a tool call (tests/helpers/scripted_model.py); each answer is checked
+against the chat completion of the same conversation on the same server, and against the
+template's own rendering."""
 
 from __future__ import annotations
 
@@ -207,3 +209,97 @@ def test_the_agent_example_runs_its_tool_over_the_responses_api(url):
     assert r.returncode == 0, r.stderr
     assert [line.split("(")[0] for line in r.stdout.splitlines()] == ["[tool] count_lines", "[tool] count_lines", ""]
     assert r.stdout.endswith("(no answer after 2 tool rounds)\n")
+
+
+# ------------------------------------------------------------------ Anthropic's Messages API
+
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "The weather in a city.", "input_schema": PARAMS}]
+
+
+@pytest.fixture(scope="module")
+def claude(url):
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
+
+
+def _message(claude, **kw):
+    kw = {"model": "claude-anything", "max_tokens": 200, "system": SYSTEM, "tools": ANTHROPIC_TOOLS,
+          "messages": [{"role": "user", "content": QUESTION}], **kw}
+    return claude.messages.create(**kw)
+
+
+def _blocks(m):
+    return [(b.type, b.thinking if b.type == "thinking" else b.text if b.type == "text" else (b.name, b.input))
+            for b in m.content]
+
+
+def test_a_message_holds_the_chat_replys_parts_whole_and_streamed(client, claude):
+    chat = client.chat.completions.create(model="m", messages=MESSAGES, tools=CHAT_TOOLS, temperature=0,
+                                          max_tokens=200)
+    plain = _message(claude)  # thinking not enabled: no thinking blocks, as Anthropic answers
+    assert _blocks(plain) == [("text", "Let me check."), ("tool_use", ("get_weather", {"city": "Oslo", "days": 3}))]
+    assert plain.stop_reason == "tool_use" and plain.content[1].id.startswith("toolu_")
+    assert plain.usage.input_tokens + plain.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert plain.usage.output_tokens == chat.usage.completion_tokens and plain.model == "m"
+    thinking = _message(claude, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert _blocks(thinking) == [("thinking", REASONING)] + _blocks(plain)
+    assert 0 < thinking.usage.output_tokens_details.thinking_tokens < thinking.usage.output_tokens
+    omitted = _message(claude, thinking={"type": "adaptive", "display": "omitted"})
+    assert _blocks(omitted)[0] == ("thinking", "")
+    with claude.messages.stream(model="m", max_tokens=200, system=SYSTEM, tools=ANTHROPIC_TOOLS,
+                                messages=[{"role": "user", "content": QUESTION}],
+                                thinking={"type": "enabled", "budget_tokens": 1024}) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_message()
+    assert _blocks(final) == _blocks(thinking) and final.stop_reason == "tool_use"
+    assert final.usage.output_tokens == thinking.usage.output_tokens
+    assert final.usage.cache_read_input_tokens >= thinking.usage.input_tokens - 1  # the same prompt again
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 3
+
+
+def test_a_tool_round_trip_renders_the_chat_conversation(client, claude):
+    first = _message(claude, thinking={"type": "enabled", "budget_tokens": 1024})
+    use = first.content[-1]
+    second = _message(claude, max_tokens=1, messages=[
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                      "content": [{"type": "text", "text": json.dumps({"temp_c": 4})}]}]}])
+    turn2 = MESSAGES + [{"role": "assistant", "content": "Let me check.", "reasoning_content": REASONING,
+                         "tool_calls": [{"id": use.id, "type": "function", "function": {
+                             "name": "get_weather", "arguments": json.dumps(use.input)}}]},
+                        {"role": "tool", "tool_call_id": use.id, "content": json.dumps({"temp_c": 4})}]
+    chat = client.chat.completions.create(model="m", messages=turn2, tools=CHAT_TOOLS, temperature=0, max_tokens=1)
+    assert second.usage.input_tokens + second.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert claude.messages.count_tokens(model="m", system=SYSTEM, tools=ANTHROPIC_TOOLS, messages=[
+        {"role": "user", "content": QUESTION}]).input_tokens == first.usage.input_tokens + \
+        first.usage.cache_read_input_tokens
+
+
+def test_anthropic_limits_stops_and_refusals(claude, url):
+    anthropic = pytest.importorskip("anthropic")
+    named = _message(claude, tool_choice={"type": "tool", "name": "get_weather"})
+    assert _blocks(named)[-1] == ("tool_use", ("get_weather", {"city": "Bergen"}))
+    cut = _message(claude, max_tokens=20)
+    assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 20
+    stopped = _message(claude, stop_sequences=["check"])
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == "check"
+    assert _blocks(stopped) == [("text", "Let me ")]
+    for kw, words in [({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+                          "type": "url", "url": "http://example.com/a.png"}}]}]}, '"image" block'),
+                      ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tool"),
+                      ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x",
+                                                                   "content": "4"}]}]}, "no tool_use block"),
+                      ({"max_tokens": 0}, "max_tokens")]:
+        with pytest.raises(anthropic.BadRequestError) as e:
+            _message(claude, **kw)
+        assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+        assert words in e.value.body["error"]["message"], e.value.body
+    # a prompt over the context is refused in the words Claude Code reads to compact its conversation
+    with pytest.raises(anthropic.BadRequestError) as e:
+        _message(claude, messages=[{"role": "user", "content": "word " * 3000}])
+    assert e.value.body["error"]["message"].startswith("prompt is too long")
+    # the key goes as x-api-key (Anthropic's clients) or as a Bearer token
+    assert httpx.post(url + "/v1/messages", json={"max_tokens": 1, "messages": [{"role": "user", "content": "a"}]},
+                      timeout=60).status_code == 200
