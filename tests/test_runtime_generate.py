@@ -97,6 +97,18 @@ def test_stop_strings_hold_back_a_possible_start():
     assert s.push("OP and more") == ("", True)
 
 
+def test_stop_strings_name_the_one_that_ended_the_text():
+    """The earliest match wins; of two at one place, the first given (Anthropic's stop_sequence).
+    Pushed a character at a time, the shorter of two at one place completes first."""
+    for stops, text, cut, hit, streamed in [(["b", "ab"], "xxab", "xx", "ab", "ab"), (["ab", "a"], "xxab", "xx", "ab", "a"),
+                                            (["a", "ab"], "xxab", "xx", "a", "a"), (["", "zz", "c"], "abczz", "ab", "c", "c")]:
+        s = StopStrings(stops)
+        assert s.hit is None and s.push(text) == (cut, True) and s.hit == hit, (stops, text, s.hit)
+        s = StopStrings(stops)
+        out = [s.push(ch) for ch in text]
+        assert "".join(t for t, _ in out) == cut and any(h for _, h in out) and s.hit == streamed, (stops, s.hit)
+
+
 # ------------------------------------------------------------------ generation
 
 
