@@ -197,7 +197,7 @@ def test_an_agents_conversation_becomes_the_chat_messages():
     ]
     assert to_messages(items) == [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Oslo?"}]},
         {"role": "assistant", "reasoning_content": "Call it.", "content": "Checking.", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": "Oslo"}'}},
             {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
@@ -206,6 +206,9 @@ def test_an_agents_conversation_becomes_the_chat_messages():
         {"role": "assistant", "reasoning_content": "Got it.", "content": "It is 4 C."},
         {"role": "user", "content": "Thanks"},
     ]
+    # several parts go to the template as the chat endpoint's parts, which it joins with newlines,
+    # as chat completions join them (they were glued together: "Weather in Oslo?" above would
+    # have been "Hello" "World" -> "HelloWorld", review 88)
     # a turn of calls alone has empty text, as the template wants a string
     assert to_messages([{"role": "user", "content": "x"},
                         {"type": "function_call", "call_id": "c", "name": "g", "arguments": "{}"}])[1]["content"] == ""
@@ -218,7 +221,14 @@ def test_an_agents_conversation_becomes_the_chat_messages():
     ([{"role": "user", "content": "a"}, {"type": "web_search_call", "id": "ws_1"}], "input[1].type",
      "\"web_search_call\" item"),
     ([{"role": "critic", "content": "a"}], "input[0].role", "got \"critic\""),
-    ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0]", "string 'name', 'call_id'"),
+    ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0]", "string 'call_id'"),
+    # review 88: an unhashable call_id was a 500; arguments that are not an object's JSON were named
+    # as the chat endpoint's messages[1].tool_calls[0]...
+    ([{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+      {"type": "function_call_output", "call_id": {"a": 1}, "output": "x"}], "input[1].call_id", "call_id {\"a\": 1}"),
+    ([{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}], "input[0].arguments",
+     "JSON object"),
+    ([{"type": "function_call", "call_id": "c", "name": "", "arguments": "{}"}], "input[0]", "non-empty"),
     ([{"role": "user", "content": 5}], "input[0].content", "got integer"),
 ])
 def test_items_the_server_cannot_read_are_named(items, param, words):
@@ -251,6 +261,17 @@ FLAT = [{"type": "function", "name": "f", "parameters": {"type": "object", "prop
     ({"input": "x", "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
     ({"input": "x", "temperature": 3}, "temperature", "[0, 2]"),
     ({"input": "x", "max_tool_calls": 0}, "max_tool_calls", "at least 1"),
+    # review 88: these were accepted (or refused naming the chat endpoint's shape)
+    ({"input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0]", "chat completions' shape"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "description": 5}]}, "tools[0].description",
+     "a string"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "strict": "yes"}]}, "tools[0].strict", "a boolean"),
+    ({"input": "x", "include": ["message.everything"]}, "include", "message.everything"),
+    ({"input": "x", "text": {"verbosity": "loud"}}, "text.verbosity", "low, medium or high"),
+    ({"input": "x", "text": {"format": {}}}, "text.format", "with a 'type'"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}, "text.format", "needs a 'schema'"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}, "name": 5}}}, "text.format",
+     "string 'name'"),
 ])
 def test_bodies_the_server_refuses_are_named(body, param, words):
     with pytest.raises(ApiError) as e:
@@ -270,6 +291,10 @@ def test_a_body_in_the_chat_endpoints_terms():
                                 "parameters": FLAT[0]["parameters"], "strict": True}]
     assert b.echo["parallel_tool_calls"] is False and b.echo["metadata"] == {"k": "v"} and b.store
     assert responses_body({"input": "x", "max_tool_calls": 2}).max_calls == 2
+    one = responses_body({"input": "x", "parallel_tool_calls": False, "max_tool_calls": 1})
+    assert one.max_calls == 1 and one.echo["parallel_tool_calls"] is False  # echoed as sent (review 88)
+    assert responses_body({"input": "x", "text": {"verbosity": "low"}}).echo["text"] == {
+        "format": {"type": "text"}, "verbosity": "low"}
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     fmt = responses_body({"input": "x", "text": {"format": {"type": "json_schema", "name": "n", "schema": schema}}})
     assert fmt.common.grammar is not None and fmt.echo["text"]["format"]["schema"] == schema
@@ -282,10 +307,29 @@ def test_the_store_forgets_the_oldest_and_names_what_it_lacks():
                   [{"role": "user", "content": f"q{i}"}], [])
     with pytest.raises(ApiError) as e:
         store.get("resp_0", "previous_response_id")
-    assert e.value.status == 404 and e.value.param == "previous_response_id" and "last 2" in e.value.message
+    assert e.value.status == 404 and e.value.param == "previous_response_id" and "the 2 responses" in e.value.message
     assert store.get("resp_2").input[0]["content"] == [{"type": "input_text", "text": "q2"}]
     assert store.item("msg_1", "input[0]")["type"] == "message"
     store.delete("resp_1")
     with pytest.raises(ApiError):
         store.item("msg_1", "input[0]")
     assert json.dumps(store.get("resp_2").conversation)  # plain JSON, as the routes return it
+
+
+def test_the_store_is_bounded_in_bytes_and_keeps_what_a_listing_needs():
+    """Review 88: 30 reasoning items of 7 MiB of encrypted_content each took 240 MiB; an explicit
+    null id was stored as null, and the client's pagination stopped at it."""
+    store = ResponseStore(capacity=100, max_bytes=10_000)
+    for i in range(5):
+        store.put({"id": f"resp_{i}", "output": []}, [
+            {"type": "reasoning", "id": None, "summary": [], "encrypted_content": "x" * 50_000},
+            {"type": "message", "role": "user", "content": "y" * 3000, "id": None, "status": None}], [])
+    assert len(store) == 3 and store.bytes <= 10_000  # each about 3.1 kB: the encrypted content is not kept
+    reasoning, message = store.get("resp_4").input
+    assert "encrypted_content" not in reasoning and re.fullmatch(r"rs_[0-9a-f]{32}", reasoning["id"])
+    assert re.fullmatch(r"msg_[0-9a-f]{32}", message["id"]) and message["status"] == "completed"
+    for i in (2, 3, 4):
+        store.delete(f"resp_{i}")
+    assert store.bytes == 0
+    store.put({"id": "big", "output": []}, [{"role": "user", "content": "z" * 20_000}], [])
+    assert len(store) == 1  # the newest is kept, whatever its size

@@ -170,6 +170,11 @@ def test_refusals_and_the_stores_routes(client, url):
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(kept.id)
     stored = _ask(client, max_output_tokens=3)
+    # review 88: a limit that is not an integer was FastAPI's own 422; a streamed retrieve got JSON
+    bad = httpx.get(f"{url}/v1/responses/{stored.id}/input_items?limit=abc", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+    with pytest.raises(openai.BadRequestError):
+        client.responses.retrieve(stored.id, stream=True)
     client.responses.delete(stored.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.delete(stored.id)

@@ -94,6 +94,11 @@ def test_arguments_are_always_json(text, want):
     ([{"type": "function", "function": {"name": "a", "parameters": []}}],
      r"tools\[0\].function.parameters must be a JSON Schema object, got list"),
     ([_tool("a"), _tool("b"), _tool("a")], r'tools\[2\] and tools\[0\] both name the function "a"'),
+    # review 88: definitions that are not an object of schemas were a 500 when the grammar was built
+    ([{"type": "function", "function": {"name": "a", "parameters": {"type": "object", "$defs": 5}}}],
+     r"tools\[0\].function.parameters.\$defs must be an object of JSON Schemas, got 5"),
+    ([{"type": "function", "function": {"name": "a", "parameters": {"definitions": {"x": []}}}}],
+     r"parameters.definitions must be an object of JSON Schemas"),
 ])
 def test_schemas_openai_refuses_are_refused(tools, words):
     with pytest.raises(ToolSpecError, match=words):

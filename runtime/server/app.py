@@ -366,7 +366,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         history = store.get(b.previous_response_id, "previous_response_id").conversation \
             if b.previous_response_id is not None else []
         inputs = [store.item(item.get("id"), f"input[{i}]") if item_kind(item) == "item_reference" else item
-                  for i, item in enumerate(b.input)]
+                  for i, item in enumerate(b.input)]  # (an id that is not a string: a 400 naming the item)
         where = [f"previous_response_id's item {i}" for i in range(len(history))] + \
                 [f"input[{i}]" for i in range(len(inputs))]
         messages = to_messages(history + inputs, where)
@@ -387,7 +387,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         job = submit(turn.req, b.common.stream)
         if b.common.stream:
             return sse(job, request, lambda step: "".join(map(_named, feed(step))), lambda: "",
-                       lambda e: "".join(map(_named, reply.failed(e.code or "server_error", e.message))),
+                       lambda e: "".join(map(_named, reply.failed("server_error", e.message))),
                        head="".join(map(_named, reply.start())), merged=False)
         await whole(job, request, feed, merged=False)
         return reply.response()
@@ -434,21 +434,28 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):
         authorize(request)
+        if request.query_params.get("stream", "false").lower() not in ("false", "0"):
+            raise ApiError(400, "a stored response is sent whole: streaming it again is not supported",
+                           param="stream", code="unsupported")
         return store.get(response_id).response
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str, request: Request):
         authorize(request)
         store.delete(response_id)
-        return {"id": response_id, "object": "response.deleted", "deleted": True}
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.get("/v1/responses/{response_id}/input_items")
-    async def input_items(response_id: str, request: Request, order: str = "desc", limit: int = 20,
-                          after: str | None = None):
+    async def input_items(response_id: str, request: Request):
         authorize(request)
-        if order not in ("asc", "desc") or not 1 <= limit <= 100:
-            raise ApiError(400, f"'order' must be asc or desc and 'limit' 1 to 100, got {order!r} and {limit}",
-                           param="order" if order not in ("asc", "desc") else "limit", code="invalid_value")
+        query = request.query_params
+        order, limit, after = query.get("order", "desc"), query.get("limit", "20"), query.get("after")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"'order' must be asc or desc, got {order!r}", param="order", code="invalid_value")
+        if not limit.isdigit() or not 1 <= int(limit) <= 100:
+            raise ApiError(400, f"'limit' must be an integer from 1 to 100, got {limit!r}", param="limit",
+                           code="invalid_value")
+        limit = int(limit)
         items = store.get(response_id).input
         items = items[::-1] if order == "desc" else items
         if after is not None:

@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, replace
 
 from runtime.server.requests import MAX_STOPS, ApiError, Common, _common, _get, _range, _type_name, response_format
+from runtime.text.chat_template import text_content
 from runtime.text.tool_calls import ToolSpecError, check_tools
 
 # ApiError kinds -> Anthropic's error types (https://docs.anthropic.com/en/api/errors)
@@ -61,8 +62,9 @@ def _refuse(message: str) -> AnthropicError:
     return AnthropicError(400, message, code="invalid_value")
 
 
-def _text_blocks(content, where: str) -> str:
-    """A string, or text blocks joined."""
+def _text_blocks(content, where: str) -> str | list[dict]:
+    """A string, or text blocks: several go to the template as the chat endpoint's text parts
+    (joined with newlines, as chat completions join them)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -74,7 +76,7 @@ def _text_blocks(content, where: str) -> str:
             raise _refuse(f"{where}[{j}] must be a text block ({{'type': 'text', 'text': ...}}), got "
                           f"{json.dumps(kind)[:40] if kind else _type_name(b)}: this model reads text only")
         out.append(b["text"])
-    return "".join(out)
+    return text_content(out)
 
 
 def _tools(tools) -> list[dict] | None:
@@ -166,7 +168,8 @@ def to_messages(messages: list, system) -> list[dict]:
                                   f"{json.dumps(b.get('tool_use_id'))[:80]}")
                 result = _text_blocks(b.get("content", ""), f"{at}.content")
                 if b.get("is_error") is True:
-                    result = "Error: " + result
+                    result = "Error: " + result if isinstance(result, str) else \
+                        [{"type": "text", "text": "Error:"}] + result
                 out.append({"role": "tool", "tool_call_id": b["tool_use_id"], "content": result})
                 results += 1
             elif isinstance(kind, str) and kind not in ("text", "thinking", "tool_use", "tool_result"):
@@ -176,11 +179,11 @@ def to_messages(messages: list, system) -> list[dict]:
                 raise _refuse(f"{at} is not a well-formed content block for the {m['role']}'s message")
         if m["role"] == "user":
             if text or not results:  # tool results alone are the tool's turn, not the user's
-                out.append({"role": "user", "content": "".join(text)})
+                out.append({"role": "user", "content": text_content(text)})
         else:
-            turn: dict = {"role": "assistant", "content": "".join(text)}
+            turn: dict = {"role": "assistant", "content": text_content(text)}
             if reasoning:
-                turn["reasoning_content"] = "".join(reasoning)
+                turn["reasoning_content"] = "\n".join(reasoning)
             if tool_calls:
                 turn["tool_calls"] = tool_calls
             out.append(turn)

@@ -26,12 +26,18 @@ from dataclasses import dataclass, replace
 
 from runtime.server.requests import (MAX_TOP_LOGPROBS, ApiError, Common, _common, _get, _range, _type_name,
                                      response_format)
-from runtime.text.tool_calls import ToolSpecError, check_tools
+from runtime.text.chat_template import text_content
+from runtime.text.tool_calls import TOOL_SHAPE, ToolSpecError, check_tools
 
 # Responses fields that hint at a model's behaviour but change nothing a reply must hold: read,
 # echoed in the response, not applied (README: the Responses API)
 REASONING_EFFORTS = (None, "none", "minimal", "low", "medium", "high", "xhigh")
 REASONING_SUMMARIES = (None, "auto", "concise", "detailed")
+# what `include` may ask for, as OpenAI lists them: the log-probabilities are given; the rest are
+# outputs of tools or of encryption this server does not have, so there is nothing to add
+INCLUDABLE = ("message.output_text.logprobs", "reasoning.encrypted_content", "file_search_call.results",
+              "web_search_call.results", "web_search_call.action.sources", "message.input_image.image_url",
+              "computer_call_output.output.image_url", "code_interpreter_call.outputs")
 MAX_METADATA = 16  # key-value pairs, as OpenAI: keys up to 64 characters, values up to 512
 # fields of the chat endpoint a Responses body shares (the samplers, llama-server's extensions)
 _SHARED = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop", "ignore_eos",
@@ -72,10 +78,17 @@ def _tools(tools: list | None) -> list[dict] | None:
         if not isinstance(t, dict):
             raise _refuse(f"tools[{i}] must be an object, got {_type_name(t)}", f"tools[{i}]", "invalid_type")
         kind = t.get("type")
+        if kind == "function" and "name" not in t and isinstance(t.get("function"), dict):
+            raise _refuse(f"tools[{i}] is in the chat completions' shape ({{'type': 'function', 'function': {{...}}}}): "
+                          "the Responses API takes {'type': 'function', 'name': ..., 'parameters': ...}", f"tools[{i}]")
         if kind != "function":
             raise _refuse(f"tools[{i}] is a {json.dumps(kind)[:60]} tool: this server runs function tools only "
                           "({'type': 'function', 'name': ..., 'parameters': ...}); the client runs them", f"tools[{i}]",
                           "unsupported")
+        for key, kinds, what in (("description", str, "a string"), ("strict", bool, "a boolean")):
+            if t.get(key) is not None and not isinstance(t[key], kinds):
+                raise _refuse(f"tools[{i}].{key} must be {what}, got {_type_name(t[key])}", f"tools[{i}].{key}",
+                              "invalid_type")
         spec = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
         out.append({"type": "function", "function": spec})
     return out
@@ -92,8 +105,9 @@ def _tool_choice(choice) -> str | dict:
 
 def _flat(e: ToolSpecError) -> ApiError:
     """check_tools names the chat shape's fields (tools[0].function.name): these are tools[0].name."""
-    return _refuse(str(e).replace("].function.", "].").replace("{'type': 'function', 'function': {'name': ...}}",
-                                                                  "{'type': 'function', 'name': ...}"),
+    return _refuse(str(e).replace("].function.", "].").replace(TOOL_SHAPE, "{'type': 'function', 'name': ..., "
+                                                                            "'parameters': ...}")
+                   .replace("{'type': 'function', 'function': {'name': ...}}", "{'type': 'function', 'name': ...}"),
                    e.param.replace("].function.", "]."))
 
 
@@ -104,11 +118,20 @@ def _text_format(text) -> dict | None:
     if not isinstance(text, dict):
         raise _refuse(f"'text' must be an object, got {_type_name(text)}", "text", "invalid_type")
     fmt = text.get("format")
+    verbosity = text.get("verbosity")
+    if verbosity not in (None, "low", "medium", "high"):
+        raise _refuse(f"'text.verbosity' must be low, medium or high, got {json.dumps(verbosity)[:40]}",
+                      "text.verbosity")
     if fmt is None:
         return None
-    if not isinstance(fmt, dict):
-        raise _refuse(f"'text.format' must be an object, got {_type_name(fmt)}", "text.format", "invalid_type")
-    if fmt.get("type") == "json_schema":
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise _refuse("'text.format' must be an object with a 'type' (text, json_object or json_schema), got "
+                      f"{json.dumps(fmt)[:80]}", "text.format", "invalid_type")
+    if fmt["type"] == "json_schema":
+        if not isinstance(fmt.get("schema"), dict) or not isinstance(fmt.get("name", ""), str) or not isinstance(
+                fmt.get("strict", False), (bool, type(None))):
+            raise _refuse("'text.format' json_schema needs a 'schema' object (a string 'name', a boolean 'strict')",
+                          "text.format")
         return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
     return fmt
 
@@ -161,12 +184,14 @@ def responses_body(body: dict) -> ResponsesBody:
                       "unsupported")
     _get(body, "stream_options", (dict,))
     include = _get(body, "include", (list,), [])
-    if not all(isinstance(x, str) for x in include):
-        raise _refuse("'include' must be a list of strings", "include", "invalid_type")
+    unknown = [x for x in include if x not in INCLUDABLE]
+    if unknown:
+        raise _refuse(f"'include' may hold {', '.join(INCLUDABLE)}; got {json.dumps(unknown[0])[:60]}", "include")
     top = _get(body, "top_logprobs", (int,))
     _range("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
     logprobs = top if top is not None else (0 if "message.output_text.logprobs" in include else None)
-    max_calls = None if _get(body, "parallel_tool_calls", (bool,), True) else 1
+    parallel = _get(body, "parallel_tool_calls", (bool,), True)
+    max_calls = None if parallel else 1
     most = _get(body, "max_tool_calls", (int,))
     if most is not None:
         if most < 1:
@@ -189,7 +214,7 @@ def responses_body(body: dict) -> ResponsesBody:
         _get(body, name, (str,))
     echo = {"instructions": instructions, "max_output_tokens": max_output, "max_tool_calls": most,
             "metadata": _metadata(body.get("metadata")),
-            "parallel_tool_calls": max_calls != 1 or most == 1, "previous_response_id": previous,
+            "parallel_tool_calls": parallel, "previous_response_id": previous,
             "reasoning": {"effort": reasoning.get("effort"), "summary": summary}, "store": store,
             "temperature": common.params.temperature, "top_p": common.params.top_p,
             "text": {"format": body["text"]["format"] if fmt is not None else {"type": "text"},
@@ -208,10 +233,10 @@ def _echo_tool(t: dict) -> dict:
 
 # ------------------------------------------------------------------ input items -> chat messages
 
-def _text(content, where: str) -> str:
-    """A message's or an output's content: a string or a list of text parts, joined."""
+def _texts(content, where: str) -> list[str]:
+    """A message's or an output's content: a string or a list of text parts, each a text."""
     if isinstance(content, str):
-        return content
+        return [content]
     if not isinstance(content, list):
         raise _refuse(f"{where} must be a string or a list of text parts, got {_type_name(content)}", where,
                       "invalid_type")
@@ -227,7 +252,7 @@ def _text(content, where: str) -> str:
                           f"{where}[{j}]", "unsupported")
         else:
             raise _refuse(f"{where}[{j}] must be a text part ({{'type': 'input_text', 'text': ...}})", f"{where}[{j}]")
-    return "".join(out)
+    return out
 
 
 def _reasoning_text(item: dict, where: str) -> str:
@@ -235,22 +260,43 @@ def _reasoning_text(item: dict, where: str) -> str:
     for key in ("content", "summary"):
         parts = item.get(key)
         if parts:
-            return _text(parts, f"{where}.{key}")
+            return "\n".join(_texts(parts, f"{where}.{key}"))
     return ""
 
 
 def item_kind(item: dict) -> str:
-    """An input item's type: EasyInputMessage may leave out "type" when it has a role."""
-    return item.get("type") or ("message" if "role" in item else "")
+    """An input item's type: EasyInputMessage may leave out "type" when it has a role, and an item
+    reference when it has an id."""
+    return item.get("type") or ("message" if "role" in item else "item_reference" if "id" in item else "")
+
+
+def _call(item: dict, at: str) -> dict:
+    name, call_id, args = item.get("name"), item.get("call_id"), item.get("arguments", "{}")
+    if not isinstance(name, str) or not name or not isinstance(call_id, str) or not isinstance(args, str):
+        raise _refuse(f"{at} must be a function call with a non-empty string 'name' and string 'call_id' and "
+                      "'arguments'", at)
+    try:
+        ok = isinstance(json.loads(args), dict) if args.strip() else True
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _refuse(f"{at}.arguments must be the text of a JSON object, got {args[:80]!r}", f"{at}.arguments")
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
 
 
 def to_messages(items: list[dict], where: list[str] | None = None) -> list[dict]:
     """Chat messages of input items (this module's docstring). `where`: each item's name in a
-    refusal (default input[i])."""
+    refusal (default input[i]). Several text parts are given to the template as parts, as the
+    chat endpoint gives them (joined with newlines)."""
     where = where or [f"input[{i}]" for i in range(len(items))]
     messages: list[dict] = []
-    turn: dict | None = None  # the assistant turn being built
+    turn: dict | None = None  # the assistant turn being built; its texts under "_parts"
     calls: set[str] = set()
+
+    def new_turn() -> dict:
+        messages.append({"role": "assistant", "_parts": []})
+        return messages[-1]
+
     for item, at in zip(items, where):
         kind = item_kind(item)
         if kind == "message":
@@ -258,42 +304,37 @@ def to_messages(items: list[dict], where: list[str] | None = None) -> list[dict]
             if role not in ("user", "system", "developer", "assistant"):
                 raise _refuse(f"{at}.role must be user, system, developer or assistant, got "
                               f"{json.dumps(role)[:40]}", f"{at}.role")
-            text = _text(item.get("content", ""), f"{at}.content")
+            texts = _texts(item.get("content", ""), f"{at}.content")
             if role != "assistant":
-                messages.append({"role": "system" if role == "developer" else role, "content": text})
+                messages.append({"role": "system" if role == "developer" else role, "content": text_content(texts)})
                 turn = None
                 continue
-            if turn is None or turn.get("content") is not None or turn.get("tool_calls"):
-                turn = {"role": "assistant"}
-                messages.append(turn)
-            turn["content"] = (turn.get("content") or "") + text
+            if turn is None or turn["_parts"] or turn.get("tool_calls"):
+                turn = new_turn()
+            turn["_parts"] += texts
         elif kind == "reasoning":
-            if turn is None or turn.get("content") is not None or turn.get("tool_calls"):
-                turn = {"role": "assistant"}
-                messages.append(turn)
-            turn["reasoning_content"] = turn.get("reasoning_content", "") + _reasoning_text(item, at)
+            if turn is None or turn["_parts"] or turn.get("tool_calls"):
+                turn = new_turn()
+            text = _reasoning_text(item, at)
+            turn["reasoning_content"] = turn["reasoning_content"] + "\n" + text if "reasoning_content" in turn else text
         elif kind == "function_call":
-            name, call_id, args = item.get("name"), item.get("call_id"), item.get("arguments", "{}")
-            if not isinstance(name, str) or not isinstance(call_id, str) or not isinstance(args, str):
-                raise _refuse(f"{at} must be a function call with string 'name', 'call_id' and 'arguments'", at)
+            call = _call(item, at)
             if turn is None:
-                turn = {"role": "assistant"}
-                messages.append(turn)
-            turn.setdefault("tool_calls", []).append(
-                {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
-            calls.add(call_id)
+                turn = new_turn()
+            turn.setdefault("tool_calls", []).append(call)
+            calls.add(call["id"])
         elif kind == "function_call_output":
             call_id = item.get("call_id")
-            if call_id not in calls:
+            if not isinstance(call_id, str) or call_id not in calls:
                 raise _refuse(f"{at}: no function call before it has the call_id {json.dumps(call_id)[:80]}",
                               f"{at}.call_id")
-            messages.append({"role": "tool", "tool_call_id": call_id, "content": _text(item.get("output", ""),
-                                                                                       f"{at}.output")})
+            messages.append({"role": "tool", "tool_call_id": call_id,
+                             "content": text_content(_texts(item.get("output", ""), f"{at}.output"))})
             turn = None
         else:
             raise _refuse(f"{at} is a {json.dumps(kind)[:60]} item: this server reads messages, reasoning, function "
                           "calls and their outputs, and item references", f"{at}.type", "unsupported")
-    for m in messages:  # a turn of reasoning or calls alone has no text (the template wants a string)
-        if m["role"] == "assistant" and m.get("content") is None:
-            m["content"] = ""
+    for m in messages:  # a turn of reasoning or calls alone has empty text (the template wants a string)
+        if "_parts" in m:
+            m["content"] = text_content(m.pop("_parts"))
     return messages

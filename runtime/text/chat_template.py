@@ -117,6 +117,14 @@ def takes_string_content(template: str) -> bool:
         return False
 
 
+def text_content(parts: list[str]) -> str | list[dict]:
+    """A message's content from its texts: one is the string, several are text parts (joined
+    as join_text_parts joins them, or given to a template that takes parts)."""
+    if len(parts) == 1:
+        return parts[0]
+    return [{"type": "text", "text": t} for t in parts] if parts else ""
+
+
 def join_text_parts(messages: list[dict], template: str) -> list[dict]:
     """`messages` with each content that is a list of text parts made one string, the parts
     joined with "\n" (llama.cpp's server and vLLM do the same), where the template takes string

@@ -113,10 +113,11 @@ def _check_parameters(params, where: str) -> None:
     if "type" in params and params["type"] != "object":
         raise ToolSpecError(f"{where} must be a JSON Schema of type \"object\", got type "
                             f"{json.dumps(params['type'])[:80]}", where)
-    props = params.get("properties", {})
-    if not isinstance(props, dict) or not all(isinstance(v, (dict, bool)) for v in props.values()):
-        raise ToolSpecError(f"{where}.properties must be an object of JSON Schemas, got {json.dumps(props)[:80]}",
-                            f"{where}.properties")
+    for key in ("properties", "$defs", "definitions"):
+        schemas = params.get(key, {})
+        if not isinstance(schemas, dict) or not all(isinstance(v, (dict, bool)) for v in schemas.values()):
+            raise ToolSpecError(f"{where}.{key} must be an object of JSON Schemas, got {json.dumps(schemas)[:80]}",
+                                f"{where}.{key}")
 
 
 def callable_tools(tools: list[dict] | None, tool_choice) -> list[dict] | None:

@@ -298,14 +298,14 @@ def _hermes_grammar(spec: dict) -> JsonSchemaGrammar:
     args = {**{k: v for k, v in params.items() if k not in defs}, "type": "object", "properties": props,
             "required": list(dict.fromkeys(required))}
 
-    def call(arguments):
+    def call(arguments, defs):
         return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": _rebased(arguments)},
                 "required": ["name", "arguments"], **_rebased(defs)}
 
     try:
-        return JsonSchemaGrammar(call(args), finite=True)
-    except (SchemaError, PatternError):
-        return JsonSchemaGrammar(call({"type": "object"}), finite=True)
+        return JsonSchemaGrammar(call(args, defs), finite=True)
+    except (SchemaError, PatternError):  # (the fallback holds no definitions, which may be what failed)
+        return JsonSchemaGrammar(call({"type": "object"}, {}), finite=True)
 
 
 _BLANKS = frozenset(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")  # the ASCII characters str.strip() strips
