@@ -4,6 +4,7 @@ the result back, until it answers in plain text.
     stepstream serve -m MODEL.gguf            # in another terminal
     python examples/agent_tool_loop.py "How many lines does /etc/hosts have?"
     python examples/agent_tool_loop.py --api responses "..."   # the same over /v1/responses
+    python examples/agent_tool_loop.py --api messages "..."    # over Anthropic's /v1/messages (pip install anthropic)
 
 Needs `pip install openai`. The embedded miniature was trained on Python sources, not on tool
 use, so it answers in text; a real Step-3.5-Flash GGUF calls the tool. No server at --base-url,
@@ -51,9 +52,9 @@ def main() -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     p.add_argument("--api-key", default="none")
     p.add_argument("--steps", type=positive_int, default=4, help="most tool rounds before giving up")
-    p.add_argument("--api", choices=("chat", "responses"), default="chat",
-                   help="chat completions (the whole conversation each round) or the Responses API (each round "
-                        "sends the tool results and the previous response's id)")
+    p.add_argument("--api", choices=("chat", "responses", "messages"), default="chat",
+                   help="chat completions (the whole conversation each round), the Responses API (each round "
+                        "sends the tool results and the previous response's id) or Anthropic's Messages API")
     args = p.parse_args()
     try:
         loop(args)
@@ -67,7 +68,7 @@ def loop(args) -> None:
     models = ask(args, lambda: client.models.list().data)
     if not models:
         raise StepstreamError(f"the server at {args.base_url} lists no model")
-    (chat_loop if args.api == "chat" else responses_loop)(args, client, models[0].id)
+    {"chat": chat_loop, "responses": responses_loop, "messages": messages_loop}[args.api](args, client, models[0].id)
 
 
 def run_tool(name: str, arguments: str) -> str:
@@ -106,6 +107,32 @@ def responses_loop(args, client, model) -> None:
         given = [{"type": "function_call_output", "call_id": c.call_id, "output": run_tool(c.name, c.arguments)}
                  for c in calls]
         previous = response.id
+    print("(no answer after", args.steps, "tool rounds)")
+
+
+def messages_loop(args, client, model) -> None:
+    """Anthropic's protocol, as Claude Code speaks it: tool_use blocks out, tool_result blocks back."""
+    try:
+        import anthropic
+    except ImportError:
+        raise StepstreamError("--api messages needs the anthropic client: pip install anthropic") from None
+    claude = anthropic.Anthropic(base_url=args.base_url.removesuffix("/v1"), api_key=args.api_key)
+    tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
+              "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    messages = [{"role": "user", "content": args.question}]
+    for _ in range(args.steps):
+        try:
+            reply = claude.messages.create(model=model, max_tokens=256, tools=tools, messages=messages)
+        except anthropic.APIError as e:
+            raise StepstreamError(f"the server at --base-url {args.base_url} refused the request: {e}") from None
+        messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content]})
+        uses = [b for b in reply.content if b.type == "tool_use"]
+        if not uses:
+            print("".join(b.text for b in reply.content if b.type == "text"))
+            return
+        messages.append({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": u.id, "content": run_tool(u.name, json.dumps(u.input))}
+            for u in uses]})
     print("(no answer after", args.steps, "tool rounds)")
 
 

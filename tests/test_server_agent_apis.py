@@ -200,15 +200,19 @@ def test_structured_output_through_the_clients_parse(client):
         assert s.get_final_response().output_parsed == r.output_parsed
 
 
-def test_the_agent_example_runs_its_tool_over_the_responses_api(url):
-    """examples/agent_tool_loop.py --api responses: the scripted model's call, held by the grammar
-    to the one tool the example offers, runs the tool each round; each round sends the tool's
-    result with the previous response's id, until the rounds run out."""
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_the_agent_example_runs_its_tool_over_the_agent_apis(url, api):
+    """examples/agent_tool_loop.py --api responses / messages: the scripted model's call, held by
+    the grammar to the one tool the example offers, runs the tool each round; each round sends the
+    tool's result back (with the previous response's id, or in the conversation), until the
+    rounds run out."""
     import subprocess
     import sys
 
+    if api == "messages":
+        pytest.importorskip("anthropic")
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, str(root / "examples" / "agent_tool_loop.py"), "--api", "responses",
+    r = subprocess.run([sys.executable, str(root / "examples" / "agent_tool_loop.py"), "--api", api,
                         "--steps", "2", "--base-url", url + "/v1", "How many lines?"],
                        capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr
