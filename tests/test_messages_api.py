@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -128,7 +129,12 @@ BASE = {"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
     ({"max_tokens": None}, "'max_tokens' is required"),
     ({"max_tokens": 0}, "at least 1"),
     ({"messages": []}, "at least one message"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "role user or assistant"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "role user, assistant or system"),
+    # review 89: a list as tool_use_id was a 500; names past Anthropic's 128 characters
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": ["t"], "content": "x"}]}]},
+     "no tool_use block"),
+    ({"tools": [{"name": "m" * 129, "input_schema": {"type": "object"}}]}, "tools.0.name must be 1 to 128"),
+    ({"max_tokens": 0}, "warming the cache"),
     ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, '"document" block'),
     ({"messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}]}, "not a well-formed"),
     ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": 1, "name": "f", "input": {}}]}]},
@@ -167,6 +173,37 @@ def test_a_body_in_the_chat_endpoints_terms():
     assert messages_body({"messages": BASE["messages"]}, count_only=True).common.max_tokens is None
     fmt = messages_body({**BASE, "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}})
     assert fmt.common.grammar is not None
-    too_long = AnthropicError.of(ApiError(400, "the prompt is 9 tokens", code="context_length_exceeded"))
-    assert too_long.message.startswith("prompt is too long: ")
-    assert AnthropicError.of(ApiError(503, "busy")).body()["error"]["type"] == "overloaded_error"
+    # Anthropic's wording, which Claude Code parses to compact (review 89: "N tokens > M" was missing)
+    too_long = AnthropicError.of(ApiError(400, "the prompt is 9 tokens", code="context_length_exceeded",
+                                          detail={"tokens": 9, "limit": 8}))
+    assert re.match(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", too_long.message).groups() == ("9", "8")
+    busy = AnthropicError.of(ApiError(503, "busy"))
+    assert busy.status == 529 and busy.body()["error"]["type"] == "overloaded_error"
+    long_name = "mcp__claude_ai_Atlassian_workspace__getConfluencePageDescendantsWithChildrenAndAttachments"
+    assert messages_body({**BASE, "tools": [{**TOOL, "name": long_name}]}).tools[0]["function"]["name"] == long_name
+    assert messages_body({**BASE, "thinking": {"type": "between_tools"}}).thinking == "shown"
+
+
+def test_claude_codes_system_blocks_mid_conversation_system_and_combined_turns():
+    """Review 89: Claude Code's billing header (a nonce per request) in the first system block
+    made every prompt new; a system message among the messages was refused; consecutive messages
+    of one role are combined, as Anthropic combines them."""
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cch=1a2b;"},
+              {"type": "text", "text": "You are Claude Code."}]
+    assert to_messages([{"role": "user", "content": "hi"}], system)[0] == {"role": "system",
+                                                                           "content": "You are Claude Code."}
+    got = to_messages([{"role": "user", "content": "First"}, {"role": "user", "content": [
+        {"type": "text", "text": "<system-reminder>r</system-reminder>"}, {"type": "text", "text": "Second"}]},
+        {"role": "system", "content": "Be concise."},
+        {"role": "assistant", "content": "Reading."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "x"},
+                                     {"type": "text", "text": ""}]}], None)
+    assert got == [
+        {"role": "user", "content": [{"type": "text", "text": "First"},
+                                     {"type": "text", "text": "<system-reminder>r</system-reminder>"},
+                                     {"type": "text", "text": "Second"}]},
+        {"role": "system", "content": "Be concise."},
+        {"role": "assistant", "content": "Reading.", "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "Read", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "x"}]

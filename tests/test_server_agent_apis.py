@@ -10,6 +10,7 @@ template's own rendering."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -305,10 +306,77 @@ def test_anthropic_limits_stops_and_refusals(claude, url):
             _message(claude, **kw)
         assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
         assert words in e.value.body["error"]["message"], e.value.body
-    # a prompt over the context is refused in the words Claude Code reads to compact its conversation
+    # a prompt over the context is refused in the words Claude Code parses to compact its conversation
+    # (Anthropic's "prompt is too long: N tokens > M maximum"); count_tokens counts it all the same
+    long = [{"role": "user", "content": "word " * 3000}]
     with pytest.raises(anthropic.BadRequestError) as e:
-        _message(claude, messages=[{"role": "user", "content": "word " * 3000}])
-    assert e.value.body["error"]["message"].startswith("prompt is too long")
+        _message(claude, messages=long)
+    n = int(re.match(r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*2048\b", e.value.body["error"]["message"])[1])
+    assert n > 2048 and claude.messages.count_tokens(model="m", system=SYSTEM, tools=ANTHROPIC_TOOLS,
+                                                     messages=long).input_tokens >= n
+    # a reply that reaches the context's end before max_tokens (Claude Code asks for 32,000) ends
+    # with Anthropic's model_context_window_exceeded, not max_tokens
+
+    def count(k: int) -> int:
+        return claude.messages.count_tokens(model="m", system=SYSTEM, tools=ANTHROPIC_TOOLS, messages=[
+            {"role": "user", "content": QUESTION + " word" * k}]).input_tokens
+
+    base, per = count(0), (count(100) - count(0)) / 100
+    k = int((2048 - 30 - base) / per)
+    left = 2048 - count(k)
+    assert 0 < left < 60
+    cut = _message(claude, max_tokens=32000, messages=[{"role": "user", "content": QUESTION + " word" * k}])
+    assert cut.stop_reason == "model_context_window_exceeded" and cut.usage.output_tokens == left + 1
     # the key goes as x-api-key (Anthropic's clients) or as a Bearer token
     assert httpx.post(url + "/v1/messages", json={"max_tokens": 1, "messages": [{"role": "user", "content": "a"}]},
                       timeout=60).status_code == 200
+
+
+def test_a_stream_waiting_for_its_turn_sends_pings(model_file, monkeypatch):
+    """Review 89: nothing was sent between message_start and the first token, so a long prompt's
+    evaluation (or a wait in the queue) ran into Claude Code's stream idle timeout. In process: the
+    worker starts only after two pings came, then the reply streams as usual."""
+    from fastapi.testclient import TestClient
+
+    from runtime.server import app as app_module
+    from runtime.server.engine import Engine
+
+    monkeypatch.setattr(app_module, "PING_S", 0.05)
+    engine = Engine(load(model_file, n_ctx=1024))
+    app = app_module.create_app(engine, model_name="m")
+    events = []
+    try:
+        with TestClient(app) as http, http.stream("POST", "/v1/messages", json={
+                "max_tokens": 200, "stream": True, "system": SYSTEM, "tools": ANTHROPIC_TOOLS,
+                "messages": [{"role": "user", "content": QUESTION}]}) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events.count("ping") == 2:
+                        engine.start()
+    finally:
+        engine.close()
+    assert events[:3] == ["message_start", "ping", "ping"] and events[-1] == "message_stop"
+    assert events.count("content_block_start") == 2  # the text and the call (thinking not enabled)
+
+
+def test_claude_codes_billing_header_and_system_messages(client, claude):
+    """Review 89: Claude Code's first system block carries a nonce per request, which made every
+    prompt new (nothing reused from the cache); it is dropped. A system message among the
+    messages (the client's type has one; Claude Code sends them) is a system message there."""
+    def ask(nonce: str):
+        return claude.messages.create(model="m", max_tokens=5, tools=ANTHROPIC_TOOLS, messages=[
+            {"role": "user", "content": QUESTION}], system=[
+            {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.45; cc_entrypoint=cli; cch={nonce};"},
+            {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}])
+
+    first, second = ask("0a1b2"), ask("9f8e7")
+    total = first.usage.input_tokens + first.usage.cache_read_input_tokens
+    assert second.usage.cache_read_input_tokens >= total - 1
+    plain = _message(claude, max_tokens=5)
+    assert plain.usage.input_tokens + plain.usage.cache_read_input_tokens == total  # the header is not in the prompt
+    mid = _message(claude, max_tokens=1, messages=[{"role": "user", "content": QUESTION},
+                                                   {"role": "system", "content": "Answer in Norwegian."}])
+    chat = client.chat.completions.create(model="m", tools=CHAT_TOOLS, max_tokens=1, messages=MESSAGES + [
+        {"role": "system", "content": "Answer in Norwegian."}])
+    assert mid.usage.input_tokens + mid.usage.cache_read_input_tokens == chat.usage.prompt_tokens

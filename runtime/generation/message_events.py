@@ -8,7 +8,8 @@ whose `input` is the call's arguments. A stream sends `message_start`, then for 
 `content_block_start`, its deltas (`thinking_delta`, `text_delta`, `input_json_delta`) and
 `content_block_stop`, then `message_delta` (stop reason, usage) and `message_stop`.
 
-stop_reason: "tool_use" when the reply ended after calls, "max_tokens" when max_tokens cut it,
+stop_reason: "tool_use" when the reply ended after calls, "max_tokens" when max_tokens cut it
+("model_context_window_exceeded" when the context's end did),
 "stop_sequence" (with the one) when a stop sequence did, else "end_turn". Usage counts the
 prompt's tokens read from the cache (`cache_read_input_tokens`) apart from those evaluated
 (`input_tokens`), as Anthropic does.
@@ -30,11 +31,14 @@ def tool_use_id(call_id: str) -> str:
 
 class MessageReply:
     def __init__(self, message_id: str, model_name: str, n_prompt: int, timings: Timings, *, in_reasoning: bool,
-                 tools: list | None, forced: str = "", max_calls: int | None = None, thinking: str = "shown"):
-        """thinking: "shown", "omitted" (thinking blocks without their text) or "hidden" (none)."""
+                 tools: list | None, forced: str = "", max_calls: int | None = None, thinking: str = "shown",
+                 window: bool = False):
+        """thinking: "shown", "omitted" (thinking blocks without their text) or "hidden" (none);
+        window: the context's end, not max_tokens, limits the reply (a cut is then
+        "model_context_window_exceeded")."""
         self.id, self.model, self.n_prompt, self.timings = message_id, model_name, n_prompt, timings
         self.blocks = ReplyBlocks(in_reasoning=in_reasoning, tools=tools, forced=forced, max_calls=max_calls)
-        self.thinking = thinking
+        self.thinking, self.window = thinking, window
         self.content: list[dict] = []
         self._skipping = False  # inside a reasoning block that is not shown
         self.stop_reason: str | None = None
@@ -104,7 +108,7 @@ class MessageReply:
 
     def _end(self, finish_reason: str, stop_sequence: str | None) -> list[dict]:
         if finish_reason == "length":
-            self.stop_reason = "max_tokens"
+            self.stop_reason = "model_context_window_exceeded" if self.window else "max_tokens"
         elif self.blocks.n_calls:
             self.stop_reason = "tool_use"
         elif stop_sequence is not None:

@@ -46,6 +46,7 @@ from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
 
 MAX_BODY = 8 * 2**20  # bytes: far more than any prompt the context can hold
 POLL_S = 0.25  # how often a whole-response handler checks that its client is still there
+PING_S = 10.0  # a stream with nothing to send for this long sends a keep-alive (Anthropic's ping)
 
 
 class ClientGone(Exception):
@@ -100,16 +101,18 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind).body(),
-                            status_code=e.status_code)
+        error = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind)
+        if request.url.path.startswith("/v1/messages"):  # Anthropic's clients read Anthropic's shape
+            error = AnthropicError.of(error)
+        return JSONResponse(error.body(), status_code=e.status_code)
 
     def authorize(request: Request) -> None:
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
-        # Anthropic's clients send the key as x-api-key
-        token = given[7:] if given[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
+        # Anthropic's clients send the key as x-api-key (and may send a stale Bearer token beside it)
+        tokens = [given[7:] if given[:7].lower() == "bearer " else "", request.headers.get("x-api-key", "")]
+        if not any(hmac.compare_digest(t.encode(), api_key.encode()) for t in tokens):
             raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
                            kind="authentication_error", code="invalid_api_key")
 
@@ -140,7 +143,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         if len(ids) > model.n_ctx:  # a prompt that fills it still gets one token, as `run` and the library give
             raise ApiError(400, f"the prompt is {len(ids)} tokens, more than the context of {model.n_ctx} "
                                 "(start the server with a larger --ctx-size, or shorten the prompt)",
-                           param=field, code="context_length_exceeded")
+                           param=field, code="context_length_exceeded", detail={"tokens": len(ids), "limit": model.n_ctx})
         room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
         return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs,
                             ignore_eos=common.ignore_eos, json_object=common.json_object, grammar=common.grammar,
@@ -153,11 +156,18 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             raise ApiError(503, f"the server is busy: {engine.queue_size} requests are waiting; retry shortly",
                            kind="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
 
-    async def events(job: Job, request: Request | None, merged: bool = True):
+    async def events(job: Job, request: Request | None, merged: bool = True, idle_s: float | None = None):
         """The job's steps, those that came together merged into one (unless not `merged`); with
-        `request`, polls it and cancels the job if its client left."""
+        `request`, polls it and cancels the job if its client left; with `idle_s`, None after
+        each idle_s seconds without a step (a stream's keep-alive)."""
         while True:
-            if request is None:
+            if request is None and idle_s is not None:
+                try:
+                    batch = await asyncio.wait_for(job.next_events(), idle_s)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+            elif request is None:
                 batch = await job.next_events()
             else:
                 try:
@@ -188,17 +198,20 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             if message["type"] == "http.disconnect":
                 job.cancel.set()
 
-    def sse(job: Job, request: Request, to_frames, end, failed, head: str = "", merged: bool = True) -> StreamingResponse:
+    def sse(job: Job, request: Request, to_frames, end, failed, head: str = "", merged: bool = True,
+            ping: str = "") -> StreamingResponse:
         """A job's steps as server-sent events: `head` at once, `to_frames(step)` for each step,
-        `end()` after the last, `failed(ApiError)` when the generation fails."""
+        `end()` after the last, `failed(ApiError)` when the generation fails; `ping` every PING_S
+        seconds without a step (a long prompt's evaluation), so a client's idle timeout does
+        not give up on it."""
         async def body():
             watcher = asyncio.create_task(watch(job, request))
             try:
                 if head:
                     yield head
                 try:
-                    async for step in events(job, None, merged):
-                        text = to_frames(step)
+                    async for step in events(job, None, merged, PING_S if ping else None):
+                        text = to_frames(step) if step is not None else ping
                         if text:
                             yield text
                     yield end()
@@ -252,7 +265,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     def too_long(e: PromptTooLong, field: str) -> ApiError:
         return ApiError(400, f"the prompt is at least {e.at_least} tokens ({e.n_bytes} bytes of text), more than the "
                              f"context of {model.n_ctx} (start the server with a larger --ctx-size, or shorten the prompt)",
-                        param=field, code="context_length_exceeded")
+                        param=field, code="context_length_exceeded", detail={"tokens": e.at_least, "limit": model.n_ctx})
 
     async def prompt_ids(prompt: str | list[int], where: str) -> list[int]:
         if isinstance(prompt, str):  # on a thread: a long prompt must not stall other streams
@@ -394,11 +407,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     # ------------------------------------------------------------ Anthropic's Messages API
 
-    async def messages_turn(request: Request, count_only: bool = False):
-        """The body read and the chat turn built, every refusal in Anthropic's shape. The model
-        a request names is not checked: Claude Code names its own for its background requests."""
+    async def messages_turn(request: Request):
+        """The body read and the chat turn built. The model a request names is not checked: Claude
+        Code names its own for its background requests."""
         authorize(request)
-        b = messages_body(await read_json(request), count_only=count_only)
+        b = messages_body(await read_json(request))
         turn = await chat_turn(b.messages, b.tools, b.tool_choice, b.common, None, continue_final=True,
                                max_calls=b.max_calls, field="messages")
         return b, turn
@@ -409,14 +422,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             b, turn = await messages_turn(request)
             reply = MessageReply("msg_" + uuid.uuid4().hex, model_name, len(turn.ids), turn.req.timings,
                                  in_reasoning=turn.in_reasoning, tools=turn.tools, forced=turn.forced,
-                                 max_calls=b.max_calls, thinking=b.thinking)
+                                 max_calls=b.max_calls, thinking=b.thinking,
+                                 window=turn.req.max_tokens < b.common.max_tokens)
             job = submit(turn.req, b.common.stream)
         except ApiError as e:
             raise AnthropicError.of(e) from None
         if b.common.stream:
             return sse(job, request, lambda step: "".join(map(_named, reply.feed(step))), lambda: "",
                        lambda e: _named(AnthropicError.of(e).body()),
-                       head="".join(map(_named, reply.start())), merged=False)
+                       head="".join(map(_named, reply.start())), merged=False, ping=_named({"type": "ping"}))
         try:
             await whole(job, request, reply.feed, merged=False)
         except ApiError as e:
@@ -425,11 +439,18 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     @app.post("/v1/messages/count_tokens")
     async def count_message_tokens(request: Request):
+        """The prompt's tokens, however many: a prompt over the context is counted too (a client
+        counts to know whether it fits)."""
         try:
-            _, turn = await messages_turn(request, count_only=True)
+            authorize(request)
+            b = messages_body(await read_json(request), count_only=True)
+            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=b.tools or None, continue_final=True)
         except ApiError as e:
             raise AnthropicError.of(e) from None
-        return {"input_tokens": len(turn.ids)}
+        except (StepstreamError, RecursionError) as e:
+            raise AnthropicError(400, str(e) if isinstance(e, StepstreamError) else "the messages nest too deeply",
+                                 param="messages", code="invalid_value") from None
+        return {"input_tokens": len(ids)}
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):

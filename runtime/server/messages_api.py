@@ -20,6 +20,7 @@ longest cached prefix by itself). Errors come back in Anthropic's shape (`Anthro
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 
 from runtime.server.requests import MAX_STOPS, ApiError, Common, _common, _get, _range, _type_name, response_format
@@ -28,7 +29,11 @@ from runtime.text.tool_calls import ToolSpecError, check_tools
 
 # ApiError kinds -> Anthropic's error types (https://docs.anthropic.com/en/api/errors)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+          405: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+# the chat endpoint's names in the shared checks' messages -> this API's
+_NAMES = ((".function.parameters", ".input_schema"), (".function.name", ".name"), ("'tool_choice' \"required\"",
+          "tool_choice any"), ("response_format json_schema", "output_config.format"), ("'tool_choice'", "tool_choice"))
+BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's first system block, with a nonce per request
 _REFUSED = {"mcp_servers": "MCP servers are not supported: run the tools in the client",
             "container": "containers (code execution) are not supported"}
 
@@ -43,9 +48,13 @@ class AnthropicError(ApiError):
     def of(cls, e: ApiError) -> AnthropicError:
         if isinstance(e, AnthropicError):
             return e
-        # Anthropic's words for a prompt over the context, which Claude Code reads to compact the conversation
-        message = f"prompt is too long: {e.message}" if e.code == "context_length_exceeded" else e.message
-        return cls(e.status, message, e.param, e.code, e.kind, e.headers)
+        message, status = e.message, 529 if e.status == 503 else e.status  # 529: Anthropic's "overloaded"
+        if e.code == "context_length_exceeded" and e.detail:
+            # Anthropic's words, which Claude Code parses (N tokens > M) to compact its conversation
+            message = f"prompt is too long: {e.detail['tokens']} tokens > {e.detail['limit']} maximum ({e.message})"
+        for chat, ours in _NAMES:
+            message = message.replace(chat, ours)
+        return cls(status, message, e.param, e.code, e.kind, e.headers, e.detail)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,12 @@ def _text_blocks(content, where: str) -> str | list[dict]:
                           f"{json.dumps(kind)[:40] if kind else _type_name(b)}: this model reads text only")
         out.append(b["text"])
     return text_content(out)
+
+
+def _text_block(b, at: str) -> str:
+    if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
+        return b["text"]
+    raise _refuse(f"{at} must be a text block ({{'type': 'text', 'text': ...}}) in a system message")
 
 
 def _tools(tools) -> list[dict] | None:
@@ -118,8 +133,9 @@ def _tool_choice(choice) -> tuple[str | dict, bool]:
 def _thinking(value) -> str:
     if value is None:
         return "hidden"
-    if not isinstance(value, dict) or value.get("type") not in ("enabled", "disabled", "adaptive"):
-        raise _refuse(f"thinking must be {{'type': enabled, disabled or adaptive}}, got {json.dumps(value)[:80]}")
+    if not isinstance(value, dict) or value.get("type") not in ("enabled", "disabled", "adaptive", "between_tools"):
+        raise _refuse(f"thinking must be {{'type': enabled, disabled, adaptive or between_tools}}, got "
+                      f"{json.dumps(value)[:80]}")
     if value["type"] == "enabled":
         budget = value.get("budget_tokens")
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
@@ -129,32 +145,64 @@ def _thinking(value) -> str:
     return "omitted" if value.get("display") == "omitted" else "shown"
 
 
-def to_messages(messages: list, system) -> list[dict]:
-    """Chat messages of Anthropic's (this module's docstring)."""
-    out = [{"role": "system", "content": _text_blocks(system, "system")}] if system else []
-    calls: set[str] = set()
+def _system(system) -> list[dict]:
+    """The system prompt, less Claude Code's billing header: a block whose nonce changes with every
+    request would make every prompt differ from its first tokens, and no prefix be reused (as
+    llama.cpp drops it)."""
+    if isinstance(system, list):
+        system = [b for b in system if not (isinstance(b, dict) and isinstance(b.get("text"), str)
+                                            and b["text"].lstrip().startswith(BILLING_HEADER))]
+    elif isinstance(system, str) and system.lstrip().startswith(BILLING_HEADER):
+        system = system.split("\n", 1)[1] if "\n" in system else ""
+    return [{"role": "system", "content": _text_blocks(system, "system")}] if system else []
+
+
+def _blocks_of(m: dict, where: str) -> list:
+    content = m.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _refuse(f"{where}.content must be a string or a list of content blocks, got {_type_name(content)}")
+    return content
+
+
+def _combined(messages: list) -> list[tuple[str, str, list]]:
+    """(role, where, blocks) of the messages, consecutive ones of one role combined, as Anthropic
+    combines them."""
+    out: list[tuple[str, str, list]] = []
     for i, m in enumerate(messages):
         where = f"messages.{i}"
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise _refuse(f"{where} must be a message with role user or assistant, got "
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+            raise _refuse(f"{where} must be a message with role user, assistant or system, got "
                           f"{json.dumps(m.get('role') if isinstance(m, dict) else m)[:60]}")
-        content = m.get("content")
-        if isinstance(content, str):
-            out.append({"role": m["role"], "content": content})
+        blocks = [(b, f"{where}.content.{j}") for j, b in enumerate(_blocks_of(m, where))]
+        if out and out[-1][0] == m["role"] != "system":
+            out[-1][2].extend(blocks)
+        else:
+            out.append((m["role"], where, blocks))
+    return out
+
+
+def to_messages(messages: list, system) -> list[dict]:
+    """Chat messages of Anthropic's (this module's docstring). A system message among them (the
+    client's type allows one; Claude Code sends them) is one there too."""
+    out = _system(system)
+    calls: set[str] = set()
+    for role, where, blocks in _combined(messages):
+        if role == "system":
+            out.append({"role": "system", "content": text_content([_text_block(b, at) for b, at in blocks])})
             continue
-        if not isinstance(content, list):
-            raise _refuse(f"{where}.content must be a string or a list of content blocks, got {_type_name(content)}")
         text, reasoning, tool_calls, results = [], [], [], 0
-        for j, b in enumerate(content):
-            at = f"{where}.content.{j}"
+        for b, at in blocks:
             kind = b.get("type") if isinstance(b, dict) else None
             if kind == "text" and isinstance(b.get("text"), str):
-                text.append(b["text"])
-            elif kind == "thinking" and m["role"] == "assistant" and isinstance(b.get("thinking"), str):
+                if b["text"]:  # an empty block adds nothing (after tool results: no empty user turn)
+                    text.append(b["text"])
+            elif kind == "thinking" and role == "assistant" and isinstance(b.get("thinking"), str):
                 reasoning.append(b["thinking"])
-            elif kind == "redacted_thinking" and m["role"] == "assistant":
+            elif kind == "redacted_thinking" and role == "assistant":
                 continue  # opaque: another model's reasoning, which this one cannot read
-            elif kind == "tool_use" and m["role"] == "assistant":
+            elif kind == "tool_use" and role == "assistant":
                 if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str) or not isinstance(
                         b.get("input", {}), dict):
                     raise _refuse(f"{at} must be a tool_use block with string 'id' and 'name' and an object 'input'")
@@ -162,8 +210,8 @@ def to_messages(messages: list, system) -> list[dict]:
                                    "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}),
                                                                                            ensure_ascii=False)}})
                 calls.add(b["id"])
-            elif kind == "tool_result" and m["role"] == "user":
-                if b.get("tool_use_id") not in calls:
+            elif kind == "tool_result" and role == "user":
+                if not isinstance(b.get("tool_use_id"), str) or b["tool_use_id"] not in calls:
                     raise _refuse(f"{at}: no tool_use block before it has the id "
                                   f"{json.dumps(b.get('tool_use_id'))[:80]}")
                 result = _text_blocks(b.get("content", ""), f"{at}.content")
@@ -176,8 +224,8 @@ def to_messages(messages: list, system) -> list[dict]:
                 raise _refuse(f"{at} is a {json.dumps(kind)[:40]} block: this server reads text, thinking, tool_use "
                               "and tool_result blocks (this model reads text only)")
             else:
-                raise _refuse(f"{at} is not a well-formed content block for the {m['role']}'s message")
-        if m["role"] == "user":
+                raise _refuse(f"{at} is not a well-formed content block for the {role}'s message")
+        if role == "user":
             if text or not results:  # tool results alone are the tool's turn, not the user's
                 out.append({"role": "user", "content": text_content(text)})
         else:
@@ -197,7 +245,8 @@ def messages_body(body: dict, *, count_only: bool = False) -> MessagesBody:
             raise _refuse(f"{name}: {why}")
     max_tokens = _get(body, "max_tokens", (int,), required=not count_only)
     if max_tokens is not None and max_tokens < 1:
-        raise _refuse(f"max_tokens must be at least 1, got {max_tokens}")
+        raise _refuse(f"max_tokens must be at least 1, got {max_tokens}" + (
+            " (0, warming the cache without a reply, is not supported)" if max_tokens == 0 else ""))
     messages = _get(body, "messages", (list,), required=True)
     if not messages:
         raise _refuse("messages must hold at least one message")
@@ -205,9 +254,12 @@ def messages_body(body: dict, *, count_only: bool = False) -> MessagesBody:
     tools = _tools(_get(body, "tools", (list,)))
     tool_choice, single = _tool_choice(body.get("tool_choice"))
     try:
-        check_tools(tools, tool_choice)
+        check_tools(tools, tool_choice, name_limit=128)  # Anthropic's limit
     except ToolSpecError as e:
-        raise _refuse(str(e).replace("].function.", "].")) from None
+        message = str(e)
+        for chat, ours in _NAMES:
+            message = message.replace(chat, ours)
+        raise _refuse(re.sub(r"tools\[(\d+)\]", r"tools.\1", message)) from None
     stops = _get(body, "stop_sequences", (list,), [])
     if not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS:
         raise _refuse(f"stop_sequences must be a list of at most {MAX_STOPS} strings")

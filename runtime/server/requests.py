@@ -29,10 +29,11 @@ MAX_SEED = 2**63 - 1
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict | None = None):
+                 kind: str = "invalid_request_error", headers: dict | None = None, detail: dict | None = None):
+        """detail: figures another API's wording needs (a prompt over the context: its tokens, the context)."""
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers or {}
+        self.headers, self.detail = headers or {}, detail or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}

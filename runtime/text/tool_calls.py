@@ -38,7 +38,8 @@ from runtime.base.errors import StepstreamError
 
 THINK, END_THINK = "<think>", "</think>"
 CALL, END_CALL = "<tool_call>", "</tool_call>"
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]+")  # OpenAI's and Anthropic's rule for function names: 1 to 64 (128) of these
+NAME_LIMIT = 64  # OpenAI's; Anthropic's is 128 (Claude Code's MCP tools' names pass 64)
 TOOL_SHAPE = "{'type': 'function', 'function': {'name': ..., 'parameters': ...}}"  # a tool, for messages
 
 _FUNCTION = re.compile(r"\s*<function=([^<>\n]+)>(.*)</function>\s*", re.S)
@@ -67,18 +68,18 @@ class ToolSpecError(StepstreamError):
         self.param = param
 
 
-def check_tools(tools, tool_choice) -> None:
+def check_tools(tools, tool_choice, name_limit: int = NAME_LIMIT) -> None:
     """Refuse tool specs the chat template cannot render and a tool_choice that no reply could
     honour: "required" or a named function without `tools`, or a function not among them. The
-    server and the Python API apply the same rules."""
+    server and the Python API apply the same rules (name_limit: the longest name allowed)."""
     if tools is not None and not isinstance(tools, list):
         raise ToolSpecError(f"'tools' must be a list of {TOOL_SHAPE}, got {type(tools).__name__}", "tools")
     for i, t in enumerate(tools or []):
         if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
                 and isinstance(t["function"].get("name"), str)):
             raise ToolSpecError(f"tools[{i}] must be {TOOL_SHAPE}", f"tools[{i}]")
-        if not TOOL_NAME.fullmatch(t["function"]["name"]):
-            raise ToolSpecError(f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, got "
+        if not TOOL_NAME.fullmatch(t["function"]["name"]) or len(t["function"]["name"]) > name_limit:
+            raise ToolSpecError(f"tools[{i}].function.name must be 1 to {name_limit} letters, digits, _ or -, got "
                                 f"{json.dumps(t['function']['name'])[:80]}", f"tools[{i}].function.name")
         _check_parameters(t["function"].get("parameters"), f"tools[{i}].function.parameters")
         first = next(j for j, u in enumerate(tools) if u["function"]["name"] == t["function"]["name"])
