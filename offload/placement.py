@@ -121,11 +121,12 @@ def own_bytes(cfg: ModelConfig, n_batch: int, tokenizer_built: bool) -> int:
 
 def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimit,
                   kv_types: tuple[str, str] = ("f32", "f32"), n_batch: int = 64,
-                  tokenizer_built: bool = False, mtp_heads: int = 0) -> RuntimeNeeds:
+                  tokenizer_built: bool = False, mtp_heads: int = 0, kept: int = 0) -> RuntimeNeeds:
     """kv_types: the load options' (cache_type_k, cache_type_v) (RuntimeOptions.kv_types); n_batch:
     the prefill chunk; tokenizer_built: the process holds the tokenizer already (the loader's case);
     mtp_heads: the MTP heads that may draft (their KV caches count with the trunk's, and the hidden
-    states kept for them, runtime.model.mtp.held_state_bytes, beside)."""
+    states kept for them, runtime.model.mtp.held_state_bytes, beside); kept: a server's kept KV
+    caches (RuntimeOptions.prompt_cache), which grow as the KV cache does."""
     kv = kv_cache_bytes(cfg, n_ctx, rollback, kv_types=kv_types, mtp_heads=mtp_heads)
     own = own_bytes(cfg, n_batch, tokenizer_built)
     at_start = START_ANON + activation_bytes(cfg, n_batch) + (0 if tokenizer_built else cfg.vocab * TOKENIZER_BYTES_PER_TOKEN)
@@ -133,7 +134,7 @@ def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimi
     # can be many GiB (12 GiB for the real model at 256K in f16), which would leave the OS nothing.
     start = max(0, at_start - limit.reserve) + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY),
                                                               kv_types=kv_types)
-    full = max(0, own + LIBRARY_PAGES - limit.reserve) + kv + held_state_bytes(cfg, n_ctx, mtp_heads)
+    full = max(0, own + LIBRARY_PAGES - limit.reserve) + kv + held_state_bytes(cfg, n_ctx, mtp_heads) + kept
     return RuntimeNeeds(start, full, n_ctx, kv, tuple(kv_types))
 
 

@@ -65,9 +65,10 @@ def load(path: str | Path | None = None, **options) -> Model:
         # threads: measured here, one BLAS thread doubled prefill (90 -> 207 tok/s).
         system.set_blas_threads(1)
     limit, usable = system.memory_limit(), system.usable_memory()
+    opts = replace(opts, prompt_cache=opts.prompt_cache_bytes(usable))  # "auto" made bytes, for the server
     runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit, opts.kv_types,
                             opts.n_batch, tokenizer_built=tokenizer is not None,
-                            mtp_heads=len(weights.nextn) if opts.mtp != 0 else 0)
+                            mtp_heads=len(weights.nextn) if opts.mtp != 0 else 0, kept=opts.prompt_cache)
     placement = None
     # Under RLIMIT_AS the file is mapped already (its address space counted in the limit's use),
     # and streaming maps it too, beside a cache: it takes more address space, never less (a

@@ -47,7 +47,8 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(model_file):
-    with live_server(model_file, "--alias", "m", "--ctx-size", "2048") as u:
+    # --mtp 0: the prompt cache keeps conversations' caches only for requests that do not draft
+    with live_server(model_file, "--alias", "m", "--ctx-size", "2048", "--mtp", "0") as u:
         yield u
 
 
@@ -380,3 +381,19 @@ def test_claude_codes_billing_header_and_system_messages(client, claude):
     chat = client.chat.completions.create(model="m", tools=CHAT_TOOLS, max_tokens=1, messages=MESSAGES + [
         {"role": "system", "content": "Answer in Norwegian."}])
     assert mid.usage.input_tokens + mid.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+
+
+def test_a_background_request_between_turns_does_not_cost_the_next_turn_its_prompt(client, claude):
+    """Claude Code sends small requests of its own between a conversation's turns (a title, a
+    summary), with another system prompt: the server's one KV cache then held that request, and
+    the next turn evaluated its whole prompt again. The prompt cache keeps the conversation's."""
+    system = SYSTEM + " " + " ".join(f"Rule {i}: answer about the weather only." for i in range(60))
+    first = _message(claude, system=system)
+    claude.messages.create(model="claude-haiku", max_tokens=5, system="Write a title for this conversation.",
+                           messages=[{"role": "user", "content": QUESTION + " " + "word " * 300}])
+    second = _message(claude, system=system, max_tokens=1, messages=[
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": first.content[-1].id, "content": "4 C"}]}])
+    prompt = first.usage.input_tokens + first.usage.cache_read_input_tokens
+    assert prompt > 600 and second.usage.cache_read_input_tokens >= prompt - 1

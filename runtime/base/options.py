@@ -13,6 +13,7 @@ from runtime.base.units import parse_bytes
 # (34 bytes per 32). runtime.model.kv_types stores and reads them.
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 KV_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32}  # a head's dim must be a multiple of this
+PROMPT_CACHE_AUTO = 2 * 2**30  # the most prompt_cache="auto" takes
 
 
 def check_kv_type(value, what: str = "cache type") -> str:
@@ -68,6 +69,11 @@ class RuntimeOptions:
     # its cache in float32 in VRAM whatever these say (runtime.model.gpu.kv).
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    # Bytes a server may keep of conversations' KV caches beside the live one
+    # (runtime.server.prompt_cache; llama-server's --cache-ram), counted in the model's memory at
+    # load so the expert cache gives them up. "auto": an eighth of the usable memory, at most
+    # 2 GiB. 0: none (a library call keeps its one cache).
+    prompt_cache: int | str = 0
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
@@ -127,6 +133,8 @@ class RuntimeOptions:
                                       "cache types apply without gpu_budget (--gpu-budget)")
         if self.mtp != "auto" and not (isinstance(self.mtp, int) and not isinstance(self.mtp, bool) and 0 <= self.mtp <= 3):
             raise StepstreamError(f"mtp={self.mtp!r}: choose 'auto' or a draft length 0..3")
+        if self.prompt_cache != "auto" and (isinstance(self.prompt_cache, bool) or parse_bytes(self.prompt_cache) < 0):
+            raise StepstreamError(f"prompt_cache={self.prompt_cache!r} must be a size (2GiB, 0) or 'auto'")
         check_kv_type(self.cache_type_k, "cache_type_k")
         check_kv_type(self.cache_type_v, "cache_type_v")
         if self.profile is not None and self.experts == "ram":  # it streamed anyway, in silence
@@ -142,6 +150,12 @@ class RuntimeOptions:
         if self.n_ctx == 0:
             return model_context
         return self.n_ctx or min(model_context, 4096)
+
+    def prompt_cache_bytes(self, usable: int) -> int:
+        """prompt_cache in bytes; "auto" from the memory a limit leaves (`usable`)."""
+        if self.prompt_cache == "auto":
+            return min(PROMPT_CACHE_AUTO, max(0, usable) // 8)
+        return parse_bytes(self.prompt_cache)
 
     @property
     def kv_types(self) -> tuple[str, str]:

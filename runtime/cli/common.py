@@ -421,7 +421,7 @@ def load_model(args):
                  cache_policy=args.cache_policy, profile=args.profile, prefetch=not args.no_prefetch,
                  fill_cache=args.fill_cache, direct_io=not args.no_direct_io, activations=args.activations, gpu_budget=args.gpu_budget,
                  mtp=getattr(args, "mtp", None) or 0, cache_type_k=args.cache_type_k,
-                 cache_type_v=args.cache_type_v)
+                 cache_type_v=args.cache_type_v, prompt_cache=getattr(args, "cache_ram", 0))
     if model.gpu_placement is not None:
         print(f"tier 1, {model.gpu_placement.text()}", file=sys.stderr)
         ram = model.placement.text() if model.placement is not None else "every routed expert mapped from the file"

@@ -9,7 +9,8 @@ import sys
 import threading
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import add_model_args, add_mtp_arg, positive_int, size_arg
+from runtime.base.memory_limit import size_text
+from runtime.cli.common import add_model_args, add_mtp_arg, memory_arg, positive_int, size_arg
 
 
 def body_size(text: str) -> int:
@@ -34,6 +35,18 @@ def add_arguments(p) -> None:
                    help="requests that may wait while one runs; more get 503 (default: 8)")
     p.add_argument("--max-body", type=body_size, default="8MiB", metavar="SIZE",  # argparse parses a str default
                    help="largest request body accepted, e.g. 8MiB, 512KiB or plain bytes (default: 8MiB)")
+    p.add_argument("--cache-ram", type=cache_ram, default="auto", metavar="SIZE|auto",
+                   help="memory for other conversations' KV caches, kept so that a request in between (a second "
+                        "client, an agent's background request) does not cost the next turn its prompt; taken from "
+                        "the expert cache; 0 keeps only the live cache (default: auto, an eighth of the usable "
+                        "memory, at most 2GiB)")
+
+
+def cache_ram(text: str) -> int | str:
+    """--cache-ram: auto, 0, or a size with a unit (2GiB)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return 0 if text.strip() == "0" else memory_arg(text)
 
 
 def _api_key(text: str) -> str:
@@ -76,6 +89,7 @@ def run(args) -> int:
         from runtime.server.app import create_app
         from runtime.server.engine import Engine
         from runtime.server.loading import LoadingResponder
+        from runtime.server.prompt_cache import PromptCache
     except ImportError as e:
         raise StepstreamError(f"the server needs the [serve] extra ({e.name} is missing): "
                               "pip install 'stepstream[serve]'") from None
@@ -96,7 +110,13 @@ def run(args) -> int:
               file=sys.stderr)
     model.tokenizer  # noqa: B018 - built now, not by the first request's handler
     name = args.alias or model.name
-    engine = Engine(model, queue_size=args.queue_size)
+    kept = model.options.prompt_cache
+    prompts = PromptCache(kept) if kept and model.gpu is None else None
+    if prompts is not None:
+        print(f"prompt cache: up to {size_text(kept)} of other conversations' KV caches"
+              + (" (off while the MTP heads draft: --mtp 0 keeps it on)" if model.n_mtp and model.options.mtp != 0
+                 else ""), file=sys.stderr)
+    engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -177,6 +177,13 @@ def ring_window(window: int, n_ctx: int) -> int:
     return min(window, n_ctx)
 
 
+def trimmable(oldest: list[int], n_past: int, n: int, window: int) -> bool:
+    """Whether rings whose oldest kept positions are `oldest` can roll n_past back by n: each
+    must still hold the oldest key the next query can see (KVCache.trim's condition)."""
+    need = max(0, n_past - n - window + 1)
+    return all(o <= need for o in oldest)
+
+
 class KVCache:
     """The cache of every trunk block, and the number of positions it holds."""
 

@@ -30,6 +30,19 @@ class SavedState:
     layout: tuple  # per block: (ring, capacity of a ring or 0, Nk, D, key type, value type)
     tokens: tuple[int, ...]  # what the cache holds, position by position
     slots: tuple[tuple[np.ndarray, ...], ...]  # per block: (k [S, Nk, D], k scales, v, v scales, pos [S])
+    # the rings at the end of the last prompt (runtime.model.kv_checkpoint), when the state was
+    # taken with it: restored too, a later prompt that shares that prompt but not the reply after
+    # it reuses the prompt, as the live cache would (the server's prompt cache takes them so)
+    checkpoint: object = None
+
+    def oldest_kept(self) -> list[int]:
+        """Per sliding block holding positions, the oldest it keeps (KVCache.can_trim's input)."""
+        out = []
+        for (ring, *_), arrays in zip(self.layout, self.slots):
+            used = arrays[-1][arrays[-1] >= 0]
+            if ring and used.size:
+                out.append(int(used.min()))
+        return out
 
     @property
     def n_tokens(self) -> int:
@@ -42,7 +55,8 @@ class SavedState:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for arrays in self.slots for a in arrays)
+        return sum(a.nbytes for arrays in self.slots for a in arrays) + (
+            self.checkpoint.nbytes if self.checkpoint is not None else 0)
 
     llama_state_size = nbytes
 
@@ -52,12 +66,13 @@ def layout(cache) -> tuple:
                  for layer in cache.layers)
 
 
-def take(cache, tokens: list[int], model: str) -> SavedState:
-    """Copy what `cache` (runtime.model.kv_cache.KVCache) holds now: its slots in use."""
+def take(cache, tokens: list[int], model: str, checkpoint=None) -> SavedState:
+    """Copy what `cache` (runtime.model.kv_cache.KVCache) holds now: its slots in use (and, given,
+    the checkpoint of its rings, which is not copied: a checkpoint is never written to)."""
     if len(tokens) != cache.n_past:
         raise AssertionError((len(tokens), cache.n_past))
     return SavedState(model, layout(cache), tuple(tokens),
-                      tuple(tuple(a.copy() for a in layer.view()) for layer in cache.layers))
+                      tuple(tuple(a.copy() for a in layer.view()) for layer in cache.layers), checkpoint)
 
 
 def restore(cache, state: SavedState, model: str) -> None:

@@ -46,7 +46,7 @@ from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
 from runtime.model import few_kernels, kv_checkpoint, kv_state, kv_types, mtp, precompile
-from runtime.model.kv_cache import CacheStateError, KVCache
+from runtime.model.kv_cache import CacheStateError, KVCache, trimmable
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
 from runtime.model.ops import rms_norm
 from runtime.model.weights import ModelWeights
@@ -628,6 +628,23 @@ class Model:
         self.reset()
         return 0
 
+    def reusable(self, tokens, state: kv_state.SavedState | None = None) -> int:
+        """How many leading positions of `tokens` keep_prefix would keep: from the cache as it is,
+        or from `state` once loaded (the server's prompt cache chooses among its states by it)."""
+        tokens = list(tokens)
+        held, cp = (self._tokens, self._checkpoint) if state is None else (state.tokens, state.checkpoint)
+        oldest = ([layer.oldest_kept() for layer in self.cache.layers if layer.ring and layer.n] if state is None
+                  else state.oldest_kept())
+        common = 0
+        for a, b in zip(held, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)
+        if trimmable(oldest, len(held), len(held) - common, self.cfg.window):
+            return common
+        return cp.n_past if cp is not None and cp.n_past <= common else 0
+
     def _shared_prefix(self, tokens: list) -> int:
         """How many leading tokens the cache shares with `tokens`, leaving at least the last."""
         common = 0
@@ -732,12 +749,14 @@ class Model:
     set_cache = property(lambda self: _not_offered("set_cache"))
 
     @_serialized
-    def save_state(self) -> kv_state.SavedState:
+    def save_state(self, checkpoint: bool = False) -> kv_state.SavedState:
         """A copy of the KV cache and the tokens it holds (llama-cpp-python's save_state), for
-        load_state to return to: a later prompt that starts with these tokens reuses them."""
+        load_state to return to: a later prompt that starts with these tokens reuses them. With
+        `checkpoint`, the state keeps the rings' checkpoint at the last prompt's end too, so that
+        after load_state a prompt sharing that prompt but not the reply reuses the prompt."""
         self._check_open()
         self._refuse_on_gpu("save_state")
-        return kv_state.take(self.cache, self._tokens, self._identity())
+        return kv_state.take(self.cache, self._tokens, self._identity(), self._checkpoint if checkpoint else None)
 
     @_serialized
     def load_state(self, state: kv_state.SavedState) -> None:
@@ -748,7 +767,7 @@ class Model:
         kv_state.restore(self.cache, state, self._identity())
         self.version += 1
         self._tokens = list(state.tokens)
-        self._checkpoint = None
+        self._checkpoint = state.checkpoint
         if self._drafter is not None:
             self._drafter.reset()
 

@@ -99,8 +99,11 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, queue_size: int = 8):
+    def __init__(self, model, queue_size: int = 8, prompt_cache=None):
+        """prompt_cache: a runtime.server.prompt_cache.PromptCache, which keeps conversations'
+        KV caches between requests (None: only the live cache is reused)."""
         self.model = model
+        self.prompt_cache = prompt_cache
         self._file_reported = False  # the model file's change is said once in the server's log
         self.queue_size = queue_size
         self._waiting: collections.deque[Job] = collections.deque()
@@ -142,6 +145,12 @@ class Engine:
         for job in dropped:
             job.emit("error", (503, "server_shutting_down", reason))
 
+    def _drafts(self, request: completion.Request) -> bool:
+        """Whether the request may draft with the MTP heads: their state is not kept with a
+        cache's (a loaded state starts them over, and the prompt is evaluated again for them)."""
+        mtp = request.mtp if request.mtp is not None else self.model.options.mtp
+        return bool(getattr(self.model, "n_mtp", 0)) and mtp != 0
+
     def _next(self) -> Job | None:
         with self._cond:
             while not self._waiting and not self._closed:
@@ -154,6 +163,8 @@ class Engine:
                 continue
             self.busy = True
             try:
+                if self.prompt_cache is not None and not self._drafts(job.request):
+                    self.prompt_cache.prepare(self.model, job.request.prompt)
                 if job.stream:
                     for step in completion.run(self.model, job.request):
                         job.emit("step", step)

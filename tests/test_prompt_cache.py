@@ -1,0 +1,139 @@
+"""The server's prompt cache (runtime.server.prompt_cache) on the shipped model: a conversation
+that another request interrupted gets its prompt back from a kept state, with the same bits a
+fresh evaluation gives; the budget holds; the memory is counted at load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import runtime
+from offload.placement import runtime_needs
+from runtime.base.errors import StepstreamError
+from runtime.cli.demo import model_path
+from runtime.generation import request as completion
+from runtime.generation.sampling import SamplingParams
+from runtime.server.engine import Engine
+from runtime.server.prompt_cache import MIN_KEEP, PromptCache
+
+
+@pytest.fixture(scope="module")
+def model():
+    return runtime.load(model_path(), n_ctx=2048, prompt_cache="64MiB")
+
+
+def _ask(model, cache, prompt, n=12):
+    cache.prepare(model, prompt)
+    req = completion.Request(list(prompt), SamplingParams(temperature=0), n, logprobs=0)
+    steps = list(completion.run(model, req))
+    return req.timings.cached_n, [lp.token for s in steps for lp in s.logprobs], \
+        [lp.logprob for s in steps for lp in s.logprobs]
+
+
+def test_an_interrupted_conversation_gets_its_prompt_back_with_the_same_bits(model):
+    rng = np.random.default_rng(3)
+    a, b = (rng.integers(0, model.cfg.vocab, n).tolist() for n in (900, 400))
+    cache = PromptCache(model.options.prompt_cache)
+    model.reset()
+    _, reply, _ = _ask(model, cache, a)
+    assert _ask(model, cache, b)[0] == 0  # another conversation: the first one is kept first
+    assert len(cache.states) == 1 and cache.states[0].tokens[:900] == tuple(a)
+    turn2 = a + reply + [7, 8, 9]
+    cached, tokens, logprobs = _ask(model, cache, turn2)
+    assert cached >= len(a) - 1 and cache.loads == 1  # (the reply's positions reach past the rings' rollback)
+    model.reset()  # the reference: the same prompt evaluated from nothing
+    fresh = PromptCache(0)
+    assert _ask(model, fresh, turn2)[1:] == (tokens, logprobs)
+    # and without the prompt cache, the second conversation had cost the first its prompt
+    model.reset()
+    _ask(model, fresh, a)
+    _ask(model, fresh, b)
+    assert _ask(model, fresh, turn2)[0] == 0
+
+
+def test_the_budget_holds_and_newer_states_replace_their_prefixes(model):
+    rng = np.random.default_rng(4)
+    model.reset()
+    convs = [rng.integers(0, model.cfg.vocab, 300).tolist() for _ in range(4)]
+    probe = PromptCache(1 << 40)
+    _ask(model, probe, convs[0], 2)
+    one = model.save_state(checkpoint=True).nbytes
+    cache = PromptCache(int(2.5 * one))  # room for two
+    for c in convs:
+        _ask(model, cache, c, 2)
+    assert len(cache.states) == 2 and cache.nbytes <= cache.budget
+    assert [s.tokens[:300] for s in cache.states] == [tuple(convs[1]), tuple(convs[2])]  # the oldest went
+    _ask(model, cache, convs[2] + [1] * 40, 2)  # back to the third, then on past it
+    _ask(model, cache, convs[0], 2)
+    assert sum(s.tokens[:300] == tuple(convs[2]) for s in cache.states) == 1  # its longer state replaced it
+    small = PromptCache(one // 2)  # a state bigger than the budget is not kept
+    _ask(model, small, convs[1], 2)
+    _ask(model, small, convs[3], 2)
+    assert small.states == [] and small.keeps == 0
+    # a request that keeps most of the live cache keeps nothing
+    short = PromptCache(1 << 40)
+    _ask(model, short, convs[3] + [2] * (MIN_KEEP - 10), 2)
+    assert short.keeps == 0
+
+
+def test_requests_that_draft_leave_the_prompt_cache_alone(model):
+    """A loaded state starts the MTP heads over: a drafting request would evaluate its prompt
+    again for them, so the engine does not consult the cache for it."""
+    assert model.n_mtp > 0
+    engine = Engine(model, prompt_cache=PromptCache(1 << 30))
+    req = completion.Request([1, 2, 3], SamplingParams(), 4)
+    assert not engine._drafts(req)  # the load option: mtp 0
+    assert engine._drafts(completion.Request([1, 2, 3], SamplingParams(), 4, mtp="auto"))
+    assert not engine._drafts(completion.Request([1, 2, 3], SamplingParams(), 4, mtp=0))
+
+
+def test_the_memory_is_counted_at_load():
+    from runtime.base.config import ModelConfig
+    from runtime.base.gguf_file import GGUFModelFile
+    from runtime.base.memory_limit import MemoryLimit
+    from runtime.base.options import RuntimeOptions
+
+    cfg = ModelConfig.from_gguf(GGUFModelFile(model_path()))
+    limit = MemoryLimit("test", 8 << 30, 8 << 30, 0)
+    base, kept = (runtime_needs(cfg, 512, 16, limit, kept=k) for k in (0, 3 << 20))
+    assert kept.full - base.full == 3 << 20 and kept.start == base.start
+    opts = RuntimeOptions.from_kwargs(prompt_cache="auto")
+    assert opts.prompt_cache_bytes(8 << 30) == 1 << 30 and opts.prompt_cache_bytes(64 << 30) == 2 << 30
+    for bad in (-1, True, "lots"):
+        with pytest.raises(StepstreamError):
+            RuntimeOptions.from_kwargs(prompt_cache=bad)
+
+
+def test_the_servers_flag():
+    import argparse
+
+    from runtime.cli.serve import cache_ram
+
+    assert cache_ram("auto") == "auto" and cache_ram("0") == 0 and cache_ram("512MiB") == 512 << 20
+    with pytest.raises(argparse.ArgumentTypeError, match="give a unit"):
+        cache_ram("64")  # 64 bytes to the parser, 64 GB to whoever typed it
+
+
+def test_reusable_is_what_keep_prefix_keeps(model):
+    """Model.reusable (which the cache chooses by) against keep_prefix itself, which trims the
+    cache, falls back to the rings' checkpoint or to nothing: from the live cache and from a
+    state, for prompts that leave the history at every kind of place."""
+    rng = np.random.default_rng(9)
+    base = rng.integers(0, model.cfg.vocab, 200).tolist()
+    model.reset()
+    model.eval_prompt(base)
+    model.eval(rng.integers(0, model.cfg.vocab, 40).tolist())  # a "reply" past the rings' rollback
+    state = model.save_state(checkpoint=True)
+    held = list(model.history)
+    for cut in (0, 5, 120, 199, 200, 210, 225, 239, 240):
+        for tail in ([], [3, 4]):
+            prompt = held[:cut] + tail + ([1] if not tail and cut == len(held) else [])
+            if len(prompt) < 2:
+                continue
+            model.load_state(state)
+            want = model.reusable(prompt)
+            assert model.reusable(prompt, state) == want
+            model.reset()
+            assert model.reusable(prompt, state) == want
+            model.load_state(state)
+            assert model.keep_prefix(prompt) == want, (cut, tail)
