@@ -76,15 +76,33 @@ def test_the_budget_holds_and_newer_states_replace_their_prefixes(model):
     assert short.keeps == 0
 
 
-def test_requests_that_draft_leave_the_prompt_cache_alone(model):
-    """A loaded state starts the MTP heads over: a drafting request would evaluate its prompt
-    again for them, so the engine does not consult the cache for it."""
+@pytest.mark.parametrize("mtp", [2, 3])
+def test_drafting_after_a_loaded_state_gives_the_plain_tokens(model, mtp):
+    """A loaded state used to start the MTP heads over, so a drafting request evaluated its whole
+    prompt again for them (the cache was no use to a server that drafts); now the heads go on
+    from the state's end (Drafter.start_at). Conversations interleaved, each turn's tokens
+    against plain greedy decoding of the same prompt from nothing."""
     assert model.n_mtp > 0
-    engine = Engine(model, prompt_cache=PromptCache(1 << 30))
-    req = completion.Request([1, 2, 3], SamplingParams(), 4)
-    assert not engine._drafts(req)  # the load option: mtp 0
-    assert engine._drafts(completion.Request([1, 2, 3], SamplingParams(), 4, mtp="auto"))
-    assert not engine._drafts(completion.Request([1, 2, 3], SamplingParams(), 4, mtp=0))
+    rng = np.random.default_rng(mtp)
+    a, b = (rng.integers(0, model.cfg.vocab, n).tolist() for n in (700, 500))
+    cache = PromptCache(model.options.prompt_cache)
+    model.reset()
+    fresh = runtime.load(model_path(), n_ctx=2048)  # the reference: each prompt from nothing, plainly
+    history = {"a": a, "b": b}
+    for turn, name in enumerate(["a", "b", "a", "b", "a", "a"]):
+        prompt = history[name] + rng.integers(0, model.cfg.vocab, 1 + turn).tolist()
+        cache.prepare(model, prompt)
+        req = completion.Request(list(prompt), SamplingParams(temperature=0), 12, mtp=mtp)
+        steps = list(completion.run(model, req))
+        text = "".join(s.text for s in steps)
+        if turn >= 2:
+            assert req.timings.cached_n >= len(history[name]) - 1, (turn, name)
+        assert req.timings.draft_n > 0
+        fresh.reset()
+        want = list(completion.run(fresh, completion.Request(list(prompt), SamplingParams(temperature=0), 12)))
+        assert text == "".join(s.text for s in want), (turn, name)
+        history[name] = prompt + model.tokenize(text, add_bos=False)[:3]
+    assert cache.loads >= 3
 
 
 def test_the_memory_is_counted_at_load():

@@ -113,9 +113,7 @@ def run(args) -> int:
     kept = model.options.prompt_cache
     prompts = PromptCache(kept) if kept and model.gpu is None else None
     if prompts is not None:
-        print(f"prompt cache: up to {size_text(kept)} of other conversations' KV caches"
-              + (" (off while the MTP heads draft: --mtp 0 keeps it on)" if model.n_mtp and model.options.mtp != 0
-                 else ""), file=sys.stderr)
+        print(f"prompt cache: up to {size_text(kept)} of other conversations' KV caches", file=sys.stderr)
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body)
     host, port = sock.getsockname()[:2]

@@ -768,8 +768,8 @@ class Model:
         self.version += 1
         self._tokens = list(state.tokens)
         self._checkpoint = state.checkpoint
-        if self._drafter is not None:
-            self._drafter.reset()
+        if self._drafter is not None or self.n_mtp:  # the heads go on from the state's end (mtp.Drafter.start_at)
+            self.drafter.start_at(state.tokens)
 
     def _identity(self) -> str:
         return self._state_identity

@@ -149,6 +149,21 @@ class Drafter:
         self.last_seconds = 0.0  # how long the last draft took, catching up excluded
         self.last_logits: list[np.ndarray] = []  # each head's logits [V] behind the last drafts
         self.pin: int | None = None  # the last prompt's end: states just below it are never pruned
+        self.floor = 0  # the heads' streams hold nothing below this (start_at): they never go back past it
+
+    def start_at(self, tokens) -> None:
+        """Follow a trunk whose cache was loaded holding `tokens` (Model.load_state). Heads on a
+        sliding window go on from its end (the `floor`), their streams empty before it, as a
+        restart leaves them (exact again `keep` positions on), so the trunk evaluates nothing
+        again for them; heads with full attention start over (the trunk evaluates it all again)."""
+        self.reset()
+        if self.lag_max is None:
+            return
+        self.tokens = list(tokens)
+        self.floor = len(self.tokens)
+        for j in range(self.n_heads):
+            self.kv[j].skip_to(self.floor)
+            self.filled[j] = self.floor
 
     # ---------------------------------------------------------------- following the trunk
 
@@ -184,6 +199,7 @@ class Drafter:
         """Forget everything that read a token at position >= n (the trunk rolled back to n)."""
         if n >= len(self.tokens):
             return
+        self.floor = min(self.floor, n)
         del self.tokens[n:]
         self.pending = None  # the rows that read it go with the tokens before it
         for t in [t for t in self.trunk if t >= n]:
@@ -213,6 +229,7 @@ class Drafter:
         self.pending = None
 
     def _lower(self, j: int, n: int) -> None:
+        n = max(n, self.floor)  # (below it a head's stream is empty: it goes on from there)
         if n < self.filled[j]:
             self.filled[j] = n
             self.kv[j].trim_to(n)

@@ -145,12 +145,6 @@ class Engine:
         for job in dropped:
             job.emit("error", (503, "server_shutting_down", reason))
 
-    def _drafts(self, request: completion.Request) -> bool:
-        """Whether the request may draft with the MTP heads: their state is not kept with a
-        cache's (a loaded state starts them over, and the prompt is evaluated again for them)."""
-        mtp = request.mtp if request.mtp is not None else self.model.options.mtp
-        return bool(getattr(self.model, "n_mtp", 0)) and mtp != 0
-
     def _next(self) -> Job | None:
         with self._cond:
             while not self._waiting and not self._closed:
@@ -163,7 +157,7 @@ class Engine:
                 continue
             self.busy = True
             try:
-                if self.prompt_cache is not None and not self._drafts(job.request):
+                if self.prompt_cache is not None:
                     self.prompt_cache.prepare(self.model, job.request.prompt)
                 if job.stream:
                     for step in completion.run(self.model, job.request):

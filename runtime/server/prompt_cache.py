@@ -16,7 +16,9 @@ Before each request the engine asks `prepare(model, prompt)`:
 
 Keeping copies the cache's slots in use and its rings' checkpoint (Model.save_state with
 checkpoint), so a loaded state reuses exactly what the live cache would have; a loaded state
-gives the same bits as evaluating its tokens (the forward pass is batch-invariant). States are
+gives the same bits as evaluating its tokens (the forward pass is batch-invariant). The MTP
+heads go on from a loaded state's end with nothing before (runtime.model.mtp.Drafter.start_at):
+their first drafts after it may be accepted less often, the text is the same. States are
 kept most recently used first, within `budget` bytes (a state bigger than the budget is not
 kept), and one whose tokens begin another's is dropped for it. The budget is counted in the
 model's memory at load (RuntimeOptions.prompt_cache), so the expert cache gives it up.
