@@ -47,8 +47,7 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(model_file):
-    # --mtp 0: the prompt cache keeps conversations' caches only for requests that do not draft
-    with live_server(model_file, "--alias", "m", "--ctx-size", "2048", "--mtp", "0") as u:
+    with live_server(model_file, "--alias", "m", "--ctx-size", "2048") as u:
         yield u
 
 
