@@ -632,15 +632,14 @@ class Model:
         """How many leading positions of `tokens` keep_prefix would keep: from the cache as it is,
         or from `state` once loaded (the server's prompt cache chooses among its states by it)."""
         tokens = list(tokens)
+        if not tokens:
+            return 0
         held, cp = (self._tokens, self._checkpoint) if state is None else (state.tokens, state.checkpoint)
         oldest = ([layer.oldest_kept() for layer in self.cache.layers if layer.ring and layer.n] if state is None
                   else state.oldest_kept())
-        common = 0
-        for a, b in zip(held, tokens):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)
+        n = min(len(held), len(tokens))  # compared as arrays: a server scores every kept state by this
+        differ = np.flatnonzero(np.asarray(held[:n], np.int64) != np.asarray(tokens[:n], np.int64))
+        common = min(int(differ[0]) if differ.size else n, len(tokens) - 1)
         if trimmable(oldest, len(held), len(held) - common, self.cfg.window):
             return common
         return cp.n_past if cp is not None and cp.n_past <= common else 0
