@@ -107,6 +107,7 @@ class RuntimeNeeds:
     n_ctx: int
     kv_bytes: int = 0  # the KV cache at n_ctx
     kv_types: tuple[str, str] = ("f32", "f32")
+    kept: int = 0  # a server's kept KV caches (RuntimeOptions.prompt_cache), in `full`
 
 
 def activation_bytes(cfg: ModelConfig, n_batch: int) -> int:
@@ -135,7 +136,7 @@ def runtime_needs(cfg: ModelConfig, n_ctx: int, rollback: int, limit: MemoryLimi
     start = max(0, at_start - limit.reserve) + kv_cache_bytes(cfg, n_ctx, rollback, held=min(n_ctx, START_CAPACITY),
                                                               kv_types=kv_types)
     full = max(0, own + LIBRARY_PAGES - limit.reserve) + kv + held_state_bytes(cfg, n_ctx, mtp_heads) + kept
-    return RuntimeNeeds(start, full, n_ctx, kv, tuple(kv_types))
+    return RuntimeNeeds(start, full, n_ctx, kv, tuple(kv_types), kept)
 
 
 def _map_trunk(weights, n_trunk: int, skip: tuple[str, ...], on_matrix):
@@ -210,9 +211,11 @@ def choose_budget(src: str, asked: int | None, usable: int, limit: MemoryLimit, 
                 f"{size_text(resident + runtime.full + smallest)} ({size_text(resident)} of resident weights, "
                 f"{size_text(runtime.kv_bytes)} of KV cache ({kv_types_text(runtime.kv_types)}), "
                 f"{size_text(smallest)} for the smallest expert cache: {min_slots} experts"
-                + (f", {size_text(runtime.full - runtime.kv_bytes)} for the runtime" if runtime.full > runtime.kv_bytes
-                   else "") + f") but the {limit.text()} leaves "
-                f"{size_text(usable)}: use a smaller -c, a smaller KV type (-ctk/-ctv q8_0), or more memory")
+                + (f", {size_text(runtime.kept)} for other conversations' caches (--cache-ram)" if runtime.kept else "")
+                + (f", {size_text(runtime.full - runtime.kv_bytes - runtime.kept)} for the runtime"
+                   if runtime.full > runtime.kv_bytes + runtime.kept else "") + f") but the {limit.text()} leaves "
+                f"{size_text(usable)}: use a smaller -c, a smaller KV type (-ctk/-ctv q8_0)"
+                + (", a smaller --cache-ram" if runtime.kept else "") + ", or more memory")
         return min(room, all_experts), limit.text()
     need = resident + runtime.start + min(asked, all_experts)
     full_room = usable - resident - runtime.full

@@ -116,7 +116,8 @@ def test_the_memory_is_counted_at_load():
     base, kept = (runtime_needs(cfg, 512, 16, limit, kept=k) for k in (0, 3 << 20))
     assert kept.full - base.full == 3 << 20 and kept.start == base.start
     opts = RuntimeOptions.from_kwargs(prompt_cache="auto")
-    assert opts.prompt_cache_bytes(8 << 30) == 1 << 30 and opts.prompt_cache_bytes(64 << 30) == 2 << 30
+    assert opts.prompt_cache_bytes(8 << 30) == 1 << 30 and opts.prompt_cache_bytes(128 << 30) == 8 << 30
+    assert RuntimeOptions.from_kwargs(prompt_cache="AUTO").prompt_cache == "auto"  # as --cache-ram reads it
     for bad in (-1, True, "lots"):
         with pytest.raises(StepstreamError):
             RuntimeOptions.from_kwargs(prompt_cache=bad)
@@ -130,6 +131,9 @@ def test_the_servers_flag():
     assert cache_ram("auto") == "auto" and cache_ram("0") == 0 and cache_ram("512MiB") == 512 << 20
     with pytest.raises(argparse.ArgumentTypeError, match="give a unit"):
         cache_ram("64")  # 64 bytes to the parser, 64 GB to whoever typed it
+    with pytest.raises(argparse.ArgumentTypeError, match="0 bytes"):
+        cache_ram("0.5")  # was read as 0: the cache turned off in silence (review 90)
+    assert cache_ram("AUTO") == "auto"
 
 
 def test_reusable_is_what_keep_prefix_keeps(model):
@@ -155,3 +159,46 @@ def test_reusable_is_what_keep_prefix_keeps(model):
             assert model.reusable(prompt, state) == want
             model.load_state(state)
             assert model.keep_prefix(prompt) == want, (cut, tail)
+
+
+def test_review_90s_findings(model, capsys):
+    """A state bigger than the budget was copied whole before being dropped; the loaded state was
+    dropped, so a request that used part of it lost the rest; load_state built the MTP heads'
+    caches for a model loaded not to draft; a failing prepare failed the request; mtp_draft right
+    after load_state raised KeyError."""
+    rng = np.random.default_rng(90)
+    a, other = rng.integers(0, model.cfg.vocab, 700).tolist(), rng.integers(0, model.cfg.vocab, 400).tolist()
+    model.reset()
+    _ask(model, PromptCache(0), a)
+    size = model.state_nbytes(checkpoint=True)
+    assert size == model.save_state(checkpoint=True).nbytes
+    small, copies = PromptCache(size // 2), []
+    real = model.save_state
+    model.save_state = lambda *args, **kw: copies.append(1) or real(*args, **kw)
+    try:
+        small.prepare(model, other)
+    finally:
+        del model.save_state
+    assert copies == [] and small.states == [] and "not kept" in capsys.readouterr().err
+    # a prompt that shares a kept conversation's prompt but not its reply (a retry, a summary) loads
+    # it, and the conversation's next turn still finds all of it
+    cache = PromptCache(1 << 30)
+    model.reset()
+    _, reply, _ = _ask(model, cache, a, 60)
+    _ask(model, cache, other)
+    _ask(model, cache, a[:-5] + [1, 2])
+    assert _ask(model, cache, a + reply + [3])[0] >= len(a) + len(reply) - 16  # (the rings' rollback)
+    # the model is loaded with mtp 0 and has never drafted: no heads made by a load
+    model.reset()
+    model.forget_drafts()
+    model.load_state(cache.states[-1])
+    assert model._drafter is None
+    state = model.save_state(checkpoint=True)
+    model.drafter  # noqa: B018 - heads made (as a drafting request makes them)
+    model.load_state(state)  # they go on from the state's end, and draft nothing yet (a KeyError before)
+    assert model.mtp_draft(5, 2) == []
+    # a prepare that fails leaves the request to go on from a reset cache
+    engine = Engine(model, prompt_cache=PromptCache(1 << 30))
+    engine.prompt_cache.prepare = lambda *args: (_ for _ in ()).throw(MemoryError("no room for a copy"))
+    engine._prepare(a)
+    assert model.n_past == 0 and "no room for a copy" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from runtime.base.units import parse_bytes
 # (34 bytes per 32). runtime.model.kv_types stores and reads them.
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 KV_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32}  # a head's dim must be a multiple of this
-PROMPT_CACHE_AUTO = 2 * 2**30  # the most prompt_cache="auto" takes
+PROMPT_CACHE_AUTO = 8 * 2**30  # the most prompt_cache="auto" takes (llama-server's --cache-ram default)
 
 
 def check_kv_type(value, what: str = "cache type") -> str:
@@ -72,15 +72,17 @@ class RuntimeOptions:
     # Bytes a server may keep of conversations' KV caches beside the live one
     # (runtime.server.prompt_cache; llama-server's --cache-ram), counted in the model's memory at
     # load so the expert cache gives them up. "auto": an eighth of the usable memory, at most
-    # 2 GiB. 0: none (a library call keeps its one cache).
+    # 8 GiB (the real model's cache takes 48 KiB a position: 8 GiB keeps 170,000 positions,
+    # a 60,000-token agent conversation 2.9 GiB). 0: none (a library call keeps its one cache).
     prompt_cache: int | str = 0
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "RuntimeOptions":
         kwargs = _llama_cpp_keywords(kwargs)
-        budget = kwargs.get("gpu_budget")
-        if isinstance(budget, str) and budget.strip().lower() == "auto":  # as --gpu-budget reads it
-            kwargs["gpu_budget"] = "auto"
+        for name in ("gpu_budget", "prompt_cache"):  # as --gpu-budget and --cache-ram read them
+            value = kwargs.get(name)
+            if isinstance(value, str) and value.strip().lower() == "auto":
+                kwargs[name] = "auto"
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -39,14 +39,19 @@ def add_arguments(p) -> None:
                    help="memory for other conversations' KV caches, kept so that a request in between (a second "
                         "client, an agent's background request) does not cost the next turn its prompt; taken from "
                         "the expert cache; 0 keeps only the live cache (default: auto, an eighth of the usable "
-                        "memory, at most 2GiB)")
+                        "memory, at most 8GiB)")
 
 
 def cache_ram(text: str) -> int | str:
     """--cache-ram: auto, 0, or a size with a unit (2GiB)."""
     if text.strip().lower() == "auto":
         return "auto"
-    return 0 if text.strip() == "0" else memory_arg(text)
+    if text.strip() == "0":
+        return 0
+    value = memory_arg(text)
+    if value == 0:  # 0.5: half a byte, which would turn it off in silence
+        raise argparse.ArgumentTypeError(f"{text} is 0 bytes; give a size with a unit (512MiB), or 0 to turn it off")
+    return value
 
 
 def _api_key(text: str) -> str:

@@ -66,6 +66,12 @@ def layout(cache) -> tuple:
                  for layer in cache.layers)
 
 
+def size(cache, checkpoint=None) -> int:
+    """The bytes `take` would copy now (the checkpoint counted whole, as SavedState.nbytes counts it)."""
+    return sum(a.nbytes for layer in cache.layers for a in layer.view()) + (
+        checkpoint.nbytes if checkpoint is not None else 0)
+
+
 def take(cache, tokens: list[int], model: str, checkpoint=None) -> SavedState:
     """Copy what `cache` (runtime.model.kv_cache.KVCache) holds now: its slots in use (and, given,
     the checkpoint of its rings, which is not copied: a checkpoint is never written to)."""

@@ -757,6 +757,10 @@ class Model:
         self._refuse_on_gpu("save_state")
         return kv_state.take(self.cache, self._tokens, self._identity(), self._checkpoint if checkpoint else None)
 
+    def state_nbytes(self, checkpoint: bool = False) -> int:
+        """The bytes save_state(checkpoint) would copy now, without copying them."""
+        return kv_state.size(self.cache, self._checkpoint if checkpoint else None)
+
     @_serialized
     def load_state(self, state: kv_state.SavedState) -> None:
         """Make the cache hold what it held at save_state (a state of this file and cache layout;
@@ -767,7 +771,9 @@ class Model:
         self.version += 1
         self._tokens = list(state.tokens)
         self._checkpoint = state.checkpoint
-        if self._drafter is not None or self.n_mtp:  # the heads go on from the state's end (mtp.Drafter.start_at)
+        # the heads go on from the state's end (mtp.Drafter.start_at); none are made for a model
+        # loaded not to draft (their caches would take memory nothing counted)
+        if self._drafter is not None or (self.n_mtp and self.options.mtp != 0):
             self.drafter.start_at(state.tokens)
 
     def _identity(self) -> str:

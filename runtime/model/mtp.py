@@ -286,8 +286,8 @@ class Drafter:
                 lo = self.filled[j]
                 src = self.trunk if j == 0 else {**self.out[j - 1], **spec}
                 pos = range(lo, last + 1)
-                if any(t not in src for t in pos):
-                    break  # a head that cannot catch up (see truncate): draft fewer
+                if any(t not in src for t in pos) or (not len(pos) and last not in self.out[j]):
+                    break  # a head that cannot catch up (see truncate), or has not begun (start_at): draft fewer
                 # Head 0's draft row reads only known tokens: kept, so a second draft from the
                 # same position reads it back.
                 h = self._run(j, pos, seq, src) if len(pos) else self.out[j][last][None]

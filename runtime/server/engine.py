@@ -145,6 +145,16 @@ class Engine:
         for job in dropped:
             job.emit("error", (503, "server_shutting_down", reason))
 
+    def _prepare(self, prompt: list[int]) -> None:
+        """The prompt cache's turn: a saving, never a reason to fail the request. When it fails
+        (out of memory for a copy, say), the request goes on from a reset cache."""
+        try:
+            self.prompt_cache.prepare(self.model, prompt)
+        except Exception as e:  # (a BaseException, Ctrl-C, goes on up)
+            print(f"warning: prompt cache: {type(e).__name__}: {e}; the request goes on without it",
+                  file=sys.stderr, flush=True)
+            self.model.reset()
+
     def _next(self) -> Job | None:
         with self._cond:
             while not self._waiting and not self._closed:
@@ -158,7 +168,7 @@ class Engine:
             self.busy = True
             try:
                 if self.prompt_cache is not None:
-                    self.prompt_cache.prepare(self.model, job.request.prompt)
+                    self._prepare(job.request.prompt)
                 if job.stream:
                     for step in completion.run(self.model, job.request):
                         job.emit("step", step)

@@ -10,7 +10,8 @@ each time.
 Before each request the engine asks `prepare(model, prompt)`:
 
 - when a kept state would give the prompt more positions than the live cache (by MIN_GAIN at
-  least), the live cache is kept (below) and that state loaded in its place;
+  least), the live cache is kept (below) and that state loaded in its place (it stays kept: a
+  later prompt may want more of it than this one);
 - else, when the request would throw away at least MIN_KEEP positions of the live cache, they
   are kept first.
 
@@ -19,13 +20,17 @@ checkpoint), so a loaded state reuses exactly what the live cache would have; a 
 gives the same bits as evaluating its tokens (the forward pass is batch-invariant). The MTP
 heads go on from a loaded state's end with nothing before (runtime.model.mtp.Drafter.start_at):
 their first drafts after it may be accepted less often, the text is the same. States are
-kept most recently used first, within `budget` bytes (a state bigger than the budget is not
-kept), and one whose tokens begin another's is dropped for it. The budget is counted in the
+kept most recently used first, within `budget` bytes: room is made before a copy, and a state
+bigger than the whole budget is not copied at all (the server says so once). One whose tokens
+begin another's is dropped for it. The budget is counted in the
 model's memory at load (RuntimeOptions.prompt_cache), so the expert cache gives it up.
 """
 
 from __future__ import annotations
 
+import sys
+
+from runtime.base.memory_limit import size_text
 from runtime.model.kv_state import SavedState
 
 MIN_GAIN = 32  # positions a kept state must add to what the live cache gives
@@ -41,6 +46,7 @@ class PromptCache:
         self.budget = budget
         self.states: list[SavedState] = []  # most recently used last
         self.loads = self.keeps = 0
+        self.said_too_big = False
 
     @property
     def nbytes(self) -> int:
@@ -55,6 +61,7 @@ class PromptCache:
         best, at = max(scored, default=(0, -1))
         if best >= live + MIN_GAIN:
             state = self.states.pop(at)
+            self.states.append(state)  # kept (most recently used): a later prompt may want more of it
             self._keep(model)
             model.load_state(state)
             self.loads += 1
@@ -64,12 +71,20 @@ class PromptCache:
         return live
 
     def _keep(self, model) -> None:
-        if len(model.history) < MIN_KEEP:
+        """Copy the live cache, room made first: nothing is copied that the budget cannot hold."""
+        held = tuple(model.history)
+        if len(held) < MIN_KEEP:
             return
-        state = model.save_state(checkpoint=True)
-        if state.nbytes > self.budget:
+        size = model.state_nbytes(checkpoint=True)
+        if size > self.budget:
+            if not self.said_too_big:  # once: from here on, such conversations are evaluated again
+                self.said_too_big = True
+                print(f"prompt cache: a conversation of {len(held):,} tokens takes {size_text(size)}, more than "
+                      f"--cache-ram {size_text(self.budget)}: it is not kept (give a larger --cache-ram)",
+                      file=sys.stderr, flush=True)
             return
-        self.states = [s for s in self.states if not _begins(s.tokens, state.tokens)] + [state]
-        self.keeps += 1
-        while self.nbytes > self.budget:
+        self.states = [s for s in self.states if not _begins(s.tokens, held)]  # it extends them
+        while self.states and self.nbytes + size > self.budget:
             self.states.pop(0)
+        self.states.append(model.save_state(checkpoint=True))
+        self.keeps += 1
