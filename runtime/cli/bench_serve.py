@@ -62,8 +62,10 @@ def _common(args) -> list[str]:
 
 
 def serve_argv(model: str, *options: str) -> list[str]:
-    """The command line of `stepstream serve` on a free port (this interpreter, this checkout)."""
-    return [sys.executable, "-m", "runtime.cli", "serve", "-m", model, "--port", "0", *options]
+    """The command line of `stepstream serve` on a free port (this interpreter, this checkout),
+    without the prompt cache (--cache-ram 0): the prefix-reuse check compares a reused turn with
+    the same turn evaluated from a wiped cache, which a kept copy would serve instead."""
+    return [sys.executable, "-m", "runtime.cli", "serve", "-m", model, "--port", "0", "--cache-ram", "0", *options]
 
 
 def run_argv(model: str, prompt: str, n_tokens: int, *options: str) -> list[str]:
