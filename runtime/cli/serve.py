@@ -40,6 +40,22 @@ def add_arguments(p) -> None:
                         "client, an agent's background request) does not cost the next turn its prompt; taken from "
                         "the expert cache; 0 keeps only the live cache (default: auto, an eighth of the usable "
                         "memory, at most 8GiB)")
+    p.add_argument("--reasoning-budget", type=reasoning_budget, default=-1, metavar="N",
+                   help="reasoning tokens a chat reply may write before its </think> is forced, for requests that "
+                        "set no budget of their own (thinking_budget_tokens, reasoning_effort, Anthropic's "
+                        "thinking.budget_tokens); 0 ends reasoning at once; -1: no limit (default: -1)")
+    p.add_argument("--reasoning-budget-message", default="", metavar="TEXT",
+                   help="text written before the forced </think>, e.g. ' Time to answer.' (default: none)")
+
+
+def reasoning_budget(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens, or -1 for no limit, got {text!r}") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit, got {value}")
+    return value
 
 
 def cache_ram(text: str) -> int | str:
@@ -120,7 +136,8 @@ def run(args) -> int:
     if prompts is not None:
         print(f"prompt cache: up to {size_text(kept)} of other conversations' KV caches", file=sys.stderr)
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
-    app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body)
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
+                     reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} (context {model.n_ctx} tokens) at http://{shown}:{port}/v1"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.generation.loop import StopStrings, generate
+from runtime.generation.reasoning_budget import ReasoningBudget, closer_text
 from runtime.generation.sampling import Sampler, SamplingParams
 from runtime.text.json_constraint import JsonObjectReply, vocabulary
 
@@ -93,6 +94,8 @@ class Request:
     grammar: object = None  # response_format json_schema: its compiled schema (runtime.text.json_schema)
     in_reasoning: bool = False  # the prompt opened <think>: with json_object, the JSON follows </think>
     mtp: int | str | None = None  # the draft length (None: the model's load option)
+    reasoning_budget: int | None = None  # reasoning tokens before </think> is forced (None: no limit)
+    reasoning_message: str = ""  # written before the forced </think> (llama.cpp's --reasoning-budget-message)
     cancelled: Callable[[], bool] = lambda: False
     # Fed the reply's text, piece by piece as it is shown; True ends the reply after that piece
     # (finish "stop"): a chat reply that holds all the tool calls it may hold ends there.
@@ -148,6 +151,9 @@ def run(model, req: Request) -> Iterator[Step]:
     sampler = _Recording(req.params, model, req.logprobs)
     if req.json_object or req.grammar is not None:
         sampler.constraint = JsonObjectReply(vocabulary(model.tokenizer), req.in_reasoning, req.grammar)
+    if req.reasoning_budget is not None:
+        closer = model.tokenize(closer_text(req.reasoning_message), add_bos=False, special=True)
+        sampler.budget = ReasoningBudget(req.reasoning_budget, closer, model.tokenizer.token_bytes, req.in_reasoning)
     stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)
     tokens = generate(model, req.prompt, sampler, req.max_tokens, stop_at_eog=not req.ignore_eos, stats=stats,
                       mtp=req.mtp, cancelled=req.cancelled)

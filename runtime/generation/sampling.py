@@ -127,14 +127,34 @@ class Sampler:
     `constraint` (runtime.text.json_constraint.JsonObjectReply: allows, candidates, take), when
     set, decides which tokens may come: a drawn token it refuses is drawn again from the logits
     of the tokens it allows (llama.cpp's way with a grammar: the chain, then, only if needed,
-    the grammar over all logits and the chain again)."""
+    the grammar over all logits and the chain again).
 
-    def __init__(self, params: SamplingParams, constraint=None):
+    `budget` (runtime.generation.reasoning_budget.ReasoningBudget: forced, took, give_up), when
+    set, may force the next tokens (the end of a reasoning section whose budget is spent); a
+    forced token draws nothing from the random stream."""
+
+    def __init__(self, params: SamplingParams, constraint=None, budget=None):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.constraint = constraint
+        self.budget = budget
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        b = self.budget
+        if b is None:
+            return self._sampled(logits, history)
+        tok = b.forced()
+        if tok is not None and self.constraint is not None and not self.constraint.allows(tok):
+            b.give_up()  # the grammar has no room for the closer here: the reply goes on as sampled
+            tok = None
+        if tok is None:
+            tok = self._sampled(logits, history)
+        elif self.constraint is not None:
+            self.constraint.take(tok)
+        b.took(tok)
+        return tok
+
+    def _sampled(self, logits: np.ndarray, history: Sequence[int]) -> int:
         z = self._penalized(logits, history)
         tok = self._pick(z)
         c = self.constraint

@@ -38,6 +38,7 @@ from runtime.base.errors import ContextExceeded, StepstreamError, UnknownOption
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
 from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
+from runtime.generation.reasoning_budget import effort_budget
 from runtime.generation.request import Request, run as run_request
 from runtime.generation.replies import ChatReply
 from runtime.generation.responses import api_shape, completion_from_steps
@@ -842,7 +843,9 @@ class Model:
         (OpenAI function specs) are offered. tool_choice: "auto", "none", "required" or
         {"type": "function", "function": {"name": ...}} (the reply then starts a call).
         max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python.
-        tool_choice None is "auto"; the temperature is 0.2 unless given, llama-cpp-python's chat default."""
+        tool_choice None is "auto"; the temperature is 0.2 unless given, llama-cpp-python's chat default.
+        `reasoning_budget` (tokens) or `reasoning_effort` ("none", "minimal", "low", ...) bound the
+        reply's reasoning: its `</think>` is then forced, after `reasoning_message` if given."""
         tool_choice = "auto" if tool_choice is None else tool_choice
         if "temperature" not in sampling and "temp" not in sampling:
             sampling["temperature"] = 0.2
@@ -858,6 +861,8 @@ class Model:
                 tool_choice["function"]["name"] if named else None)
             ids = ids + self.tokenize(forced, add_bos=False, special=True)
         mtp = sampling.pop("mtp", None)
+        budget = _reasoning_budget(sampling.pop("reasoning_budget", None), sampling.pop("reasoning_effort", None))
+        message = sampling.pop("reasoning_message", "")
         k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
         json_object, grammar = _json_mode(sampling.pop("response_format", None))
         if (json_object or grammar is not None) and offered is not None:
@@ -868,15 +873,15 @@ class Model:
                                       tool_choice["function"]["name"] if named else None)
         elif offered is not None:  # "auto": a call the reply opens is finished by its grammar
             grammar = AutoToolGrammar(offered)
-        if k is not None or json_object or grammar is not None:
+        if k is not None or json_object or grammar is not None or budget is not None:
             return self._chat_as_request(ids, k, (json_object, grammar), max_tokens, stop, stream, mtp, sampling,
-                                         callable_tools(offered, tool_choice), in_reasoning, forced)
+                                         callable_tools(offered, tool_choice), in_reasoning, forced, (budget, message))
         pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return chat_response(self, ids, pieces, stream, tools=callable_tools(offered, tool_choice),
                              in_reasoning=in_reasoning, forced=forced)
 
     def _chat_as_request(self, ids: list[int], k: int | None, structured: tuple, max_tokens, stop, stream: bool, mtp,
-                         sampling: dict, tools, in_reasoning: bool, forced: str):
+                         sampling: dict, tools, in_reasoning: bool, forced: str, budget: tuple = (None, "")):
         """create_chat_completion with `logprobs` (the reply's tokens' log-probabilities and the k
         likeliest alternatives', in OpenAI's chat shape) or JSON mode, run as a server request
         runs (the same steps and the same reply builder, runtime.generation.replies)."""
@@ -886,7 +891,7 @@ class Model:
             raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
         json_object, grammar = structured  # JSON mode, or a compiled JSON Schema
         req = Request(ids, params, limit, _stops(stop), k, mtp=mtp, json_object=json_object, grammar=grammar,
-                      in_reasoning=in_reasoning)
+                      in_reasoning=in_reasoning, reasoning_budget=budget[0], reasoning_message=budget[1])
         reply = ChatReply(self.name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
         steps = run_request(self, req)
         want = k is not None
@@ -1054,6 +1059,17 @@ def _chat_logprobs_k(logprobs, top_logprobs, vocab: int) -> int | None:
             raise StepstreamError("top_logprobs needs logprobs=True")
         return None
     return int(top_logprobs or 0)
+
+
+def _reasoning_budget(budget, effort) -> int | None:
+    """create_chat_completion's `reasoning_budget` (tokens; None or -1 no limit) or, when that is
+    None, `reasoning_effort` ("none", "low", ...: runtime.generation.reasoning_budget)."""
+    if budget is None:
+        return effort_budget(effort)
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < -1:
+        raise StepstreamError(f"reasoning_budget must be an integer >= 0 (tokens), or None or -1 for no limit, "
+                              f"got {budget!r:.80}")
+    return None if budget == -1 else int(budget)
 
 
 def _no_limit(max_tokens):

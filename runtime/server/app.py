@@ -77,8 +77,10 @@ class Turn:
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
-               stored_responses: int = CAPACITY) -> FastAPI:
-    """stored_responses: how many Responses API responses are kept for `previous_response_id`."""
+               stored_responses: int = CAPACITY, reasoning_budget: int = -1, reasoning_message: str = "") -> FastAPI:
+    """stored_responses: how many Responses API responses are kept for `previous_response_id`.
+    reasoning_budget: the reasoning tokens of a chat reply before its `</think>` is forced, for
+    requests that set none (-1: no limit), with `reasoning_message` written before it."""
     if api_key is not None and not api_key:  # a missing header's empty token would match it
         raise StepstreamError("an empty API key would admit every request; give a key, or None for no key")
 
@@ -138,16 +140,20 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         check_model(body, model_name)
         return parse(body)
 
-    def model_request(ids: list[int], common, logprobs, field: str, in_reasoning: bool = False) -> ModelRequest:
-        """`field`: the body's field the prompt came from ("prompt" or "messages"), named by a refusal."""
+    def model_request(ids: list[int], common, logprobs, field: str, in_reasoning: bool = False,
+                      chat: bool = False) -> ModelRequest:
+        """`field`: the body's field the prompt came from ("prompt" or "messages"), named by a refusal.
+        `chat`: a chat turn, whose reasoning the budget bounds (a text completion's is its own)."""
         if len(ids) > model.n_ctx:  # a prompt that fills it still gets one token, as `run` and the library give
             raise ApiError(400, f"the prompt is {len(ids)} tokens, more than the context of {model.n_ctx} "
                                 "(start the server with a larger --ctx-size, or shorten the prompt)",
                            param=field, code="context_length_exceeded", detail={"tokens": len(ids), "limit": model.n_ctx})
         room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
+        budget = -1 if not chat else reasoning_budget if common.reasoning_budget is None else common.reasoning_budget
         return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs,
                             ignore_eos=common.ignore_eos, json_object=common.json_object, grammar=common.grammar,
-                            in_reasoning=in_reasoning)
+                            in_reasoning=in_reasoning, reasoning_budget=None if budget < 0 else budget,
+                            reasoning_message=reasoning_message)
 
     def submit(req: ModelRequest, stream: bool) -> Job:
         try:
@@ -332,7 +338,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             # the reply starts with the opening of a call (closing a reasoning section the prompt opened)
             forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(named)
             ids = ids + model.tokenize(forced, add_bos=False, special=True)
-        req = model_request(ids, common, logprobs, field, in_reasoning)
+        req = model_request(ids, common, logprobs, field, in_reasoning, chat=True)
         if forced:  # the call the prompt opened is finished by its grammar (runtime.text.tool_grammar)
             req.grammar = ToolCallGrammar(callable_tools(tools, tool_choice), named)
         elif tools is not None:  # "auto": a call the reply opens is finished by its grammar

@@ -9,6 +9,8 @@ client send), checked field by field, in the chat endpoint's terms.
                                  (required), tool (a named function), none;
                                  `disable_parallel_tool_use` ends the reply at its first call
     output_config.format         structured output (a JSON schema), as `response_format`
+    thinking.budget_tokens,      the reply's reasoning bounded (runtime.generation.reasoning_budget)
+    output_config.effort
     max_tokens, stop_sequences, temperature, top_p, top_k
 
 A last assistant message is continued (Anthropic's prefill), as the chat endpoint continues it.
@@ -23,7 +25,9 @@ import json
 import re
 from dataclasses import dataclass, replace
 
-from runtime.server.requests import MAX_STOPS, ApiError, Common, _common, _get, _range, _type_name, response_format
+from runtime.base.errors import StepstreamError
+from runtime.server.requests import (MAX_STOPS, ApiError, Common, _common, _get, _range, _type_name, effort_request,
+                                     response_format)
 from runtime.text.chat_template import text_content
 from runtime.text.tool_calls import ToolSpecError, check_tools
 
@@ -130,19 +134,34 @@ def _tool_choice(choice) -> tuple[str | dict, bool]:
     return chat, single
 
 
-def _thinking(value) -> str:
+def _thinking(value) -> tuple[str, int | None]:
+    """How thinking is shown, and the budget it sets (None: none set)."""
     if value is None:
-        return "hidden"
+        return "hidden", None
     if not isinstance(value, dict) or value.get("type") not in ("enabled", "disabled", "adaptive", "between_tools"):
         raise _refuse(f"thinking must be {{'type': enabled, disabled, adaptive or between_tools}}, got "
                       f"{json.dumps(value)[:80]}")
+    budget = None
     if value["type"] == "enabled":
         budget = value.get("budget_tokens")
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise _refuse(f"thinking.budget_tokens must be a positive integer, got {json.dumps(budget)[:40]}")
     if value["type"] == "disabled":
-        return "hidden"
-    return "omitted" if value.get("display") == "omitted" else "shown"
+        return "hidden", None
+    return "omitted" if value.get("display") == "omitted" else "shown", budget
+
+
+def _budget(thinking_budget: int | None, effort) -> int | None:
+    """Common.reasoning_budget from thinking.budget_tokens and output_config.effort: the smaller
+    limit of the two given (None: neither given)."""
+    try:
+        by_effort = effort_request(effort)
+    except StepstreamError as e:
+        raise _refuse(f"output_config.effort: {e}") from None
+    limits = [b for b in (thinking_budget, by_effort) if b is not None and b >= 0]
+    if limits:
+        return min(limits)
+    return -1 if by_effort is not None else None
 
 
 def _system(system) -> list[dict]:
@@ -281,4 +300,6 @@ def messages_body(body: dict, *, count_only: bool = False) -> MessagesBody:
         if tools and tool_choice != "none":
             raise _refuse("output_config.format goes without tools (or with tool_choice none): the reply must be "
                           "JSON, with no room for a tool call's markup")
-    return MessagesBody(chat, tools, tool_choice, common, 1 if single else None, _thinking(body.get("thinking")))
+    shown, budget = _thinking(body.get("thinking"))
+    common = replace(common, reasoning_budget=_budget(budget, config.get("effort")))
+    return MessagesBody(chat, tools, tool_choice, common, 1 if single else None, shown)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runtime.base.errors import StepstreamError
+from runtime.generation.reasoning_budget import effort_budget
 from runtime.generation.sampling import SamplingParams
 from runtime.text.chat_template import ROLES
 from runtime.text.json_schema import grammar_for
@@ -51,6 +52,8 @@ class Common:
     ignore_eos: bool = False  # vLLM's and llama-server's: generate on past the end of text
     json_object: bool = False  # response_format {"type": "json_object"}: the reply is one JSON object
     grammar: object = None  # response_format {"type": "json_schema"}: the compiled schema
+    # reasoning tokens before </think> is forced: -1 no limit, None the server's --reasoning-budget
+    reasoning_budget: int | None = None
 
     @property
     def structured(self) -> bool:
@@ -337,12 +340,41 @@ def chat_body(body: dict) -> ChatBody:
     # continue_final_message), unless the request says false
     continue_final = _get(body, "continue_final_message", (bool,), True)
     max_calls = None if _get(body, "parallel_tool_calls", (bool,), True) else 1
-    common = _common(body, None)
+    common = replace(_common(body, None), reasoning_budget=reasoning_budget(body))
     if common.structured and tools and tool_choice != "none":
         raise ApiError(400, "'response_format' json_object or json_schema goes without 'tools' (or with 'tool_choice': "
                             "\"none\"): the reply must be JSON, with no room for a tool call's markup",
                        param="response_format", code="unsupported")
     return ChatBody(messages, tools, tool_choice, common, logprobs, continue_final, max_calls)
+
+
+BUDGET_FIELDS = ("thinking_budget_tokens", "reasoning_budget_tokens")  # llama-server's names (trees differ)
+
+
+def reasoning_budget(body: dict) -> int | None:
+    """A chat request's reasoning budget: llama-server's `thinking_budget_tokens` (or
+    `reasoning_budget_tokens`; -1 no limit), else what an OpenAI `reasoning_effort` stands for
+    (runtime.generation.reasoning_budget), else None: the server's --reasoning-budget."""
+    effort_field = "reasoning_effort"
+    given = {name: _get(body, name, (int,)) for name in BUDGET_FIELDS}
+    given = {name: v for name, v in given.items() if v is not None}
+    for name, v in given.items():
+        _range(name, v, -1, 2**31 - 1)
+    if len(set(given.values())) > 1:
+        raise ApiError(400, f"'{BUDGET_FIELDS[0]}' and '{BUDGET_FIELDS[1]}' differ: send one", param=BUDGET_FIELDS[1],
+                       code="invalid_value")
+    if given:
+        return next(iter(given.values()))
+    try:
+        return effort_request(_get(body, effort_field, (str,)))
+    except StepstreamError as e:
+        raise ApiError(400, f"'{effort_field}': {e}", param=effort_field, code="invalid_value") from None
+
+
+def effort_request(effort: str | None) -> int | None:
+    """An effort level as Common.reasoning_budget: None (none given), -1 (no limit) or a budget."""
+    budget = effort_budget(effort)
+    return None if effort is None else (-1 if budget is None else budget)
 
 
 def sampling_error(e: StepstreamError) -> ApiError:

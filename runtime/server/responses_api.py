@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass, replace
 
 from runtime.server.requests import (MAX_TOP_LOGPROBS, ApiError, Common, _common, _get, _range, _type_name,
-                                     response_format)
+                                     effort_request, response_format)
 from runtime.text.chat_template import text_content
 from runtime.text.tool_calls import TOOL_SHAPE, ToolSpecError, check_tools
 
@@ -201,6 +201,7 @@ def responses_body(body: dict) -> ResponsesBody:
     if reasoning.get("effort") not in REASONING_EFFORTS:
         raise _refuse(f"'reasoning.effort' must be one of {', '.join(e for e in REASONING_EFFORTS if e)}, got "
                       f"{json.dumps(reasoning.get('effort'))[:40]}", "reasoning.effort")
+    common = replace(common, reasoning_budget=effort_request(reasoning.get("effort")))  # (a level checked above)
     summary = reasoning.get("summary", reasoning.get("generate_summary"))
     if summary not in REASONING_SUMMARIES:
         raise _refuse(f"'reasoning.summary' must be one of {', '.join(s for s in REASONING_SUMMARIES if s)}, got "

@@ -1,0 +1,179 @@
+"""The reasoning budget through the server's three chat APIs: llama-server's
+`thinking_budget_tokens` and OpenAI's `reasoning_effort` on /v1/chat/completions, the Responses
+API's `reasoning.effort`, Anthropic's `thinking.budget_tokens` and `output_config.effort`, and
+`serve --reasoning-budget` for requests that set none. The model is scripted to reason, then
+answer (tests/helpers/scripted_model.py). Each reply is checked against the reference: the
+model's greedy continuation of the text that holds the script's first N reasoning tokens and
+the closer, parsed as a reply is parsed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from runtime.base.errors import StepstreamError  # noqa: E402
+from runtime.generation import greedy_tokens  # noqa: E402
+from runtime.generation.reasoning_budget import closer_text  # noqa: E402
+from runtime.loader import load  # noqa: E402
+from runtime.text.tool_calls import parse_reply  # noqa: E402
+from tests.helpers.scripted_model import write_scripted_model  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+REASONING = "First I add two and two, then I check the sum twice."
+# The closer's last token (">" and a newline) comes once, at the script's own closing, so that
+# the bigram answers after a forced closer too.
+SCRIPT = f"<think>{REASONING}\n</think>\nThe answer is 4."
+MESSAGES = [{"role": "user", "content": "What is two and two?"}]
+N = 60  # max tokens
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return write_scripted_model(SHIPPED, tmp_path_factory.mktemp("budget") / "m.gguf", SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def local(model_file):
+    return load(model_file, n_ctx=1024)
+
+
+def expected(local, budget: int | None, message: str = "") -> tuple[str, str]:
+    """(reasoning, content) of the reply whose reasoning the budget cut: the script up to its
+    first `budget` reasoning tokens, the closer, then the model's own continuation."""
+    prompt = local.chat_tokens(MESSAGES)
+    free = greedy_tokens(local, prompt, N)
+    if budget is None:
+        head = []
+    else:
+        text, opened = b"", None
+        for i, t in enumerate(free):  # the reasoning starts after the token that completes <think>
+            text += local.tokenizer.token_bytes(t)
+            if b"<think>" in text:
+                opened = i + 1
+                break
+        head = free[:opened + budget] + local.tokenize(closer_text(message), add_bos=False, special=True)
+    tail = []
+    for t in greedy_tokens(local, prompt + head, N - len(head)):
+        if t in local.tokenizer.eog_ids:
+            break
+        tail.append(t)
+    parsed = parse_reply(local.detokenize(head + tail).decode(), tools=None, calls=False)
+    return parsed.reasoning or "", parsed.content or ""
+
+
+def _app(model_file, **options):
+    from fastapi.testclient import TestClient
+
+    from runtime.server.app import create_app
+    from runtime.server.engine import Engine
+
+    engine = Engine(load(model_file, n_ctx=1024))
+    engine.start()
+    return engine, TestClient(create_app(engine, model_name="m", **options))
+
+
+@pytest.fixture(scope="module")
+def http(model_file):
+    engine, client = _app(model_file)
+    with client:
+        yield client
+    engine.close()
+
+
+def _chat(http, **fields) -> tuple[str, str]:
+    r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": N, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    m = r.json()["choices"][0]["message"]
+    return m.get("reasoning_content") or "", m["content"] or ""
+
+
+def test_unbudgeted_reply_is_the_script(http, local):
+    assert _chat(http) == (REASONING, "The answer is 4.") == expected(local, None)
+
+
+@pytest.mark.parametrize("budget", [0, 1, 4])
+def test_thinking_budget_tokens_cuts_the_reasoning(http, local, budget):
+    want = expected(local, budget)
+    assert len(want[0]) < len(REASONING) and want[1] == "The answer is 4."
+    assert _chat(http, thinking_budget_tokens=budget) == want
+    assert _chat(http, reasoning_budget_tokens=budget) == want
+    assert _chat(http, thinking_budget_tokens=-1) == (REASONING, "The answer is 4.")
+
+
+def test_reasoning_effort_levels(http, local):
+    assert _chat(http, reasoning_effort="none") == expected(local, 0)
+    assert _chat(http, reasoning_effort="medium") == (REASONING, "The answer is 4.")
+    # an explicit budget goes before the effort
+    assert _chat(http, reasoning_effort="none", thinking_budget_tokens=4) == expected(local, 4)
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"thinking_budget_tokens": -2}, "thinking_budget_tokens"),
+    ({"thinking_budget_tokens": "4"}, "thinking_budget_tokens"),
+    ({"thinking_budget_tokens": 3, "reasoning_budget_tokens": 4}, "differ"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+])
+def test_bad_budgets_are_refused(http, fields, problem):
+    r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4, **fields})
+    assert r.status_code == 400 and problem in r.json()["error"]["message"]
+
+
+def test_the_responses_api_reads_reasoning_effort(http, local):
+    r = http.post("/v1/responses", json={"input": MESSAGES[0]["content"], "max_output_tokens": N, "temperature": 0,
+                                         "reasoning": {"effort": "none"}})
+    assert r.status_code == 200, r.text
+    out = r.json()["output"]
+    reasoning = [o["content"][0]["text"] for o in out if o["type"] == "reasoning"]
+    text = [o["content"][0]["text"] for o in out if o["type"] == "message"]
+    want = expected(local, 0)
+    assert ("".join(reasoning), "".join(text)) == want
+
+
+def test_anthropics_thinking_budget_and_effort(http, local):
+    def ask(**fields):
+        r = http.post("/v1/messages", json={"messages": MESSAGES, "max_tokens": N, "temperature": 0, **fields})
+        assert r.status_code == 200, r.text
+        blocks = r.json()["content"]
+        return ("".join(b["thinking"] for b in blocks if b["type"] == "thinking"),
+                "".join(b["text"] for b in blocks if b["type"] == "text"))
+
+    assert ask(thinking={"type": "enabled", "budget_tokens": 4}) == expected(local, 4)
+    assert ask(thinking={"type": "enabled", "budget_tokens": 1024}) == (REASONING, "The answer is 4.")
+    # the smaller of the two limits; "high" (Anthropic's default) sets none
+    assert ask(thinking={"type": "enabled", "budget_tokens": 4}, output_config={"effort": "high"}) == \
+        expected(local, 4)
+    assert ask(thinking={"type": "adaptive"}, output_config={"effort": "none"}) == expected(local, 0)
+    r = http.post("/v1/messages", json={"messages": MESSAGES, "max_tokens": 4, "output_config": {"effort": "huge"}})
+    assert r.status_code == 400 and "output_config.effort" in r.json()["error"]["message"]
+
+
+def test_the_servers_budget_and_message_apply_where_a_request_sets_none(model_file, local):
+    engine, client = _app(model_file, reasoning_budget=2, reasoning_message=" Done.")
+    with client:
+        try:
+            assert _chat(client) == expected(local, 2, " Done.")
+            assert _chat(client, thinking_budget_tokens=-1) == (REASONING, "The answer is 4.")
+            # a text completion's reasoning is its own
+            ids = local.chat_tokens(MESSAGES)
+            r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 12, "temperature": 0})
+            assert r.json()["choices"][0]["text"] == local.detokenize(greedy_tokens(local, ids, 12)).decode()
+        finally:
+            engine.close()
+
+
+def test_the_python_api_takes_a_budget_or_an_effort(local):
+    def ask(**kw):
+        m = local.create_chat_completion(MESSAGES, max_tokens=N, temperature=0, **kw)["choices"][0]["message"]
+        return m.get("reasoning_content") or "", m["content"] or ""
+
+    assert ask(reasoning_budget=4) == expected(local, 4)
+    assert ask(reasoning_budget=2, reasoning_message=" Done.") == expected(local, 2, " Done.")
+    assert ask(reasoning_effort="none") == expected(local, 0)
+    assert ask(reasoning_budget=-1) == ask() == (REASONING, "The answer is 4.")
+    with pytest.raises(StepstreamError, match="reasoning_budget"):
+        ask(reasoning_budget=-5)
+    with pytest.raises(StepstreamError, match="effort"):
+        ask(reasoning_effort="huge")
