@@ -52,7 +52,8 @@ def reasoning_budget(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of tokens, or -1 for no limit, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens, or -1 for no limit, got {text!r}") \
+            from None
     if value < -1:
         raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit, got {value}")
     return value
