@@ -226,6 +226,7 @@ class Plan:
     tok_s: float  # the roofline: compute and reads fully overlapped
     bound: str  # "compute" or "disk"
     expected_tok_s: float  # compute, then the misses' reads (see the module's docstring)
+    prompt_cache_bytes: int = 0  # a server's kept KV caches (serve --cache-ram), taken from the expert cache
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,6 +249,8 @@ class Plan:
             f"{size_text(self.runtime_bytes - self.kv_bytes)}"
             + (" (both inside the reserve)" if self.runtime_bytes <= self.reserve_bytes else
                f" ({size_text(self.reserve_bytes)} of the two inside the reserve)" if self.reserve_bytes else "")
+            + (f"; prompt cache {size_text(self.prompt_cache_bytes)} (serve --cache-ram)"
+               if self.prompt_cache_bytes else "")
             + f"; {where}",
             f"hit rate: {self.hit_rate:.1%} ({self.hit_source})",
             f"per token: {self.ram_read_per_token / gb:.3f} GB read from RAM, "
@@ -263,10 +266,12 @@ class Plan:
 
 def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, ram_gbps: float | None = None,
               n_ctx: int | None = None, profile: str | None = None, cache_type_k: str = "f16",
-              cache_type_v: str = "f16", n_batch: int = 64) -> Plan:
+              cache_type_v: str = "f16", n_batch: int = 64, prompt_cache: int | str = 0) -> Plan:
     """The plan for the GGUF at `path` on a machine with `ram` bytes (None: this machine), its
     KV cache in the given types (run's defaults unless given), prompts going `n_batch` tokens at
-    a time (run's -b; bench's is 512, whose larger activations leave a smaller expert cache)."""
+    a time (run's -b; bench's is 512, whose larger activations leave a smaller expert cache),
+    and `prompt_cache` bytes (or "auto") of a server's kept KV caches (serve --cache-ram; run
+    keeps none)."""
     lo, hi = GBPS_RANGE
     for flag, rate in (("--disk-gbps", disk_gbps), ("--ram-gbps", ram_gbps)):
         if rate is not None and not lo <= rate <= hi:
@@ -277,7 +282,7 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     if n_ctx is not None and n_ctx > cfg.context_length:
         raise StepstreamError(f"--ctx {n_ctx} exceeds the model's context length {cfg.context_length}")
     opts = RuntimeOptions.from_kwargs(n_ctx=n_ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                                      n_batch=n_batch)
+                                      n_batch=n_batch, prompt_cache=prompt_cache)
     ctx = opts.context(cfg.context_length)
     if opts.n_batch > ctx:  # as the loader clamps it
         opts = dataclasses.replace(opts, n_batch=ctx)
@@ -291,7 +296,8 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
     usable = limit.free
     # the tokenizer still to build; the MTP heads' caches when the file has heads (`run` drafts by default)
     heads = cfg.n_mtp if cfg.n_mtp and N.blk(cfg.n_layers, N.NEXTN_EH_PROJ) in f.tensors else 0
-    needs = runtime_needs(cfg, ctx, opts.rollback, limit, types, opts.n_batch, mtp_heads=heads)
+    kept = opts.prompt_cache_bytes(usable)  # as the loader makes "auto" bytes
+    needs = runtime_needs(cfg, ctx, opts.rollback, limit, types, opts.n_batch, mtp_heads=heads, kept=kept)
     kv = needs.kv_bytes
     streams = f.nbytes + needs.full > usable  # runtime.loader: stream when the mapped file would not fit
     K = cfg.n_expert_used
@@ -317,4 +323,5 @@ def make_plan(path: str | Path, ram: int | None = None, disk_gbps: float = 7.0, 
                 resident, kv, types, own_bytes(cfg, opts.n_batch, False) + LIBRARY_PAGES + kv, limit.reserve,
                 slots * slot if streams else 0, slots, n_experts, slots / len(table.layers), hit, source,
                 ram_gbps, ram_src, disk_gbps, ram_read, missed, compute_s, disk_s,
-                1.0 / max(compute_s, disk_s), "disk" if disk_s > compute_s else "compute", 1.0 / (compute_s + disk_s))
+                1.0 / max(compute_s, disk_s), "disk" if disk_s > compute_s else "compute", 1.0 / (compute_s + disk_s),
+                kept)

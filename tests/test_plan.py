@@ -347,3 +347,27 @@ def test_plan_takes_b_as_run_and_bench_size_their_activations(real_shapes, capsy
     assert bench_like.cache_slots <= run_like.cache_slots  # (on a 64 GiB machine the host's reserve covers the difference)
     assert main(["plan", "-m", str(real_shapes), "--ram", "64GiB", "--ram-gbps", "20", "-b", "512", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cache_slots"] == bench_like.cache_slots
+
+
+def test_plan_for_serve_counts_its_prompt_cache(real_shapes, capsys):
+    """`serve --cache-ram` keeps other conversations' KV caches, taken from the expert cache;
+    `plan --cache-ram` plans that placement (it planned run's alone)."""
+    from runtime.base.options import PROMPT_CACHE_AUTO
+
+    run_like = P.make_plan(real_shapes, ram=64 * 2**30, ram_gbps=20)
+    served = P.make_plan(real_shapes, ram=64 * 2**30, ram_gbps=20, prompt_cache=8 * 2**30)
+    assert run_like.prompt_cache_bytes == 0 and served.prompt_cache_bytes == 8 * 2**30
+    given_up = run_like.cache_bytes - served.cache_bytes
+    assert abs(given_up - 8 * 2**30) < served.expert_bytes  # whole slots
+    assert served.hit_rate < run_like.hit_rate
+    auto = P.make_plan(real_shapes, ram=64 * 2**30, ram_gbps=20, prompt_cache="auto")
+    assert auto.prompt_cache_bytes == min(PROMPT_CACHE_AUTO, auto.usable_bytes // 8) > 0
+    assert main(["plan", "-m", str(real_shapes), "--ram", "64GiB", "--ram-gbps", "20", "--cache-ram", "8GiB",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_cache_bytes"] == 8 * 2**30 and out["cache_slots"] == served.cache_slots
+    assert main(["plan", "-m", str(real_shapes), "--ram", "64GiB", "--ram-gbps", "20", "--cache-ram", "8GiB"]) == 0
+    assert "prompt cache 8192 MiB (serve --cache-ram)" in capsys.readouterr().out
+    # more than the machine holds: one line naming --cache-ram, status 2
+    assert main(["plan", "-m", str(real_shapes), "--ram", "64GiB", "--ram-gbps", "20", "--cache-ram", "80GiB"]) == 2
+    assert "--cache-ram" in capsys.readouterr().err

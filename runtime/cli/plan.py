@@ -1,5 +1,5 @@
 """`stepstream plan -m MODEL [--ram 64GiB] [--vram 0] [--disk-gbps 7] [--ram-gbps G] [--ctx N]
-[--cache-type-k T] [--cache-type-v T] [--profile P] [--json]`:
+[--cache-type-k T] [--cache-type-v T] [--cache-ram SIZE|auto] [--profile P] [--json]`:
 what `run` would place where, the hit rate to expect and the decode speed the roofline allows.
 
 Only the GGUF header is read (offload.plan), so it answers for a model before it is
@@ -13,6 +13,7 @@ import argparse
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
 from runtime.cli.common import add_cache_type_args, existing_file, gbps, memory_arg as size, positive_int
+from runtime.cli.serve import cache_ram
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cache_type_args(p)
     p.add_argument("--profile", default=None, metavar="P", type=existing_file("profile (.json) or routing trace (.npz)"),
                    help="expert profile (.json) or routing trace (.npz) from `stepstream profile` for the hit rate")
+    p.add_argument("--cache-ram", type=cache_ram, default=0, metavar="SIZE|auto",
+                   help="plan for `serve --cache-ram`: memory for other conversations' KV caches, taken from the "
+                        "expert cache (default: 0, as run keeps none; serve's default is auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -44,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         raise StepstreamError(f"--vram {size_text(args.vram)}: plan models RAM and disk only for now; leave --vram at 0")
     plan = make_plan(args.model, ram=args.ram, disk_gbps=args.disk_gbps, ram_gbps=args.ram_gbps, n_ctx=args.ctx,
                      profile=args.profile, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
-                     n_batch=args.batch_size)
+                     n_batch=args.batch_size, prompt_cache=args.cache_ram)
     print(plan.json() if args.json else plan.text())
     return 0
