@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
                    help="reasoning tokens a chat reply may write before its </think> is forced, for requests that "
                         "set no budget of their own (thinking_budget_tokens, reasoning_effort, Anthropic's "
                         "thinking.budget_tokens); 0 ends reasoning at once; -1: no limit (default: -1)")
+    p.add_argument("--metrics", action="store_true",
+                   help="serve GET /metrics: Prometheus counters under llama-server's names (default: off)")
     p.add_argument("--reasoning-budget-message", default="", metavar="TEXT",
                    help="text written before the forced </think>, e.g. ' Time to answer.' (default: none)")
 
@@ -138,7 +140,8 @@ def run(args) -> int:
         print(f"prompt cache: up to {size_text(kept)} of other conversations' KV caches", file=sys.stderr)
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
-                     reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message)
+                     reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message,
+                     metrics=args.metrics)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} (context {model.n_ctx} tokens) at http://{shown}:{port}/v1"

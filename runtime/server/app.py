@@ -9,6 +9,7 @@
     GET, DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items   the responses kept in memory
     POST /v1/messages            Anthropic's Messages API over the same chat turn (runtime.server.messages_api)
     POST /v1/messages/count_tokens
+    POST /tokenize, /detokenize, /apply-template; GET /props, /metrics   llama-server's (runtime.server.llama_routes)
 
 Handlers check the body (runtime.server.requests), render and tokenize the prompt, queue a
 job on the engine, and turn its steps into OpenAI responses (runtime.generation.replies); they
@@ -34,6 +35,7 @@ from runtime.base.errors import PromptTooLong, StepstreamError
 from runtime.generation.request import Request as ModelRequest
 from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
+from runtime.server.llama_routes import add_llama_routes
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
@@ -77,10 +79,12 @@ class Turn:
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
-               stored_responses: int = CAPACITY, reasoning_budget: int = -1, reasoning_message: str = "") -> FastAPI:
+               stored_responses: int = CAPACITY, reasoning_budget: int = -1, reasoning_message: str = "",
+               metrics: bool = False) -> FastAPI:
     """stored_responses: how many Responses API responses are kept for `previous_response_id`.
     reasoning_budget: the reasoning tokens of a chat reply before its `</think>` is forced, for
-    requests that set none (-1: no limit), with `reasoning_message` written before it."""
+    requests that set none (-1: no limit), with `reasoning_message` written before it.
+    metrics: serve GET /metrics (llama-server's --metrics)."""
     if api_key is not None and not api_key:  # a missing header's empty token would match it
         raise StepstreamError("an empty API key would admit every request; give a key, or None for no key")
 
@@ -495,4 +499,5 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
+    add_llama_routes(app, engine, authorize=authorize, read_json=read_json, metrics=metrics, model_name=model_name)
     return app

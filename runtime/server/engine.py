@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from runtime.base.errors import StepstreamError
 from runtime.generation import request as completion
+from runtime.server.metrics import Metrics
 
 
 GAP_S = 0.02  # the shortest time between two batches of a job's events
@@ -111,6 +112,7 @@ class Engine:
         self._closed = False
         self.busy = False  # the worker is running a job
         self.served = 0
+        self.metrics = Metrics()  # totals over the requests served (GET /metrics)
 
     @property
     def waiting(self) -> int:
@@ -192,5 +194,6 @@ class Engine:
                 job.emit("error", (503, "server_shutting_down", "the server is shutting down"))
                 raise
             finally:
+                self.metrics.record(job.request.timings, len(job.request.prompt))
                 self.busy = False
                 self.served += 1

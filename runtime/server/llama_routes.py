@@ -1,0 +1,99 @@
+"""llama-server's own routes beside the OpenAI and Anthropic ones, in its shapes, for the clients
+and tools written against it: POST /tokenize, /detokenize and /apply-template, GET /props and
+(with `serve --metrics`) GET /metrics.
+
+    /tokenize        {content, add_special=false, parse_special=true, with_pieces=false} -> {tokens}
+    /detokenize      {tokens} -> {content}
+    /apply-template  {messages, tools?} -> {prompt}: the chat template's rendering, as /v1/chat/completions renders it
+    /props           the context, the default sampling, the chat template, one slot
+    /metrics         Prometheus text (runtime.server.metrics)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
+
+import runtime
+from runtime.base.errors import PromptTooLong, StepstreamError
+from runtime.base.gguf_schema import Key
+from runtime.server.requests import ApiError, _get, chat_body
+
+
+def add_llama_routes(app: FastAPI, engine, *, authorize, read_json, metrics: bool, model_name: str) -> None:
+    """authorize(request) and read_json(request): the app's own (the key, the body's limits)."""
+    model = engine.model
+    vocab = model.cfg.vocab
+
+    async def body(request: Request) -> dict:
+        authorize(request)
+        return await read_json(request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        b = await body(request)
+        content = _get(b, "content", (str,), required=True)
+        add_special = _get(b, "add_special", (bool,), False)
+        parse_special = _get(b, "parse_special", (bool,), True)
+        with_pieces = _get(b, "with_pieces", (bool,), False)
+        ids = await asyncio.to_thread(model.tokenize, content, add_bos=add_special, special=parse_special)
+        if not with_pieces:
+            return {"tokens": ids}
+        out = []
+        for t in ids:
+            piece = model.tokenizer.decode_bytes([t], special=True)
+            try:
+                out.append({"id": t, "piece": piece.decode("utf-8")})
+            except UnicodeDecodeError:  # part of a character: its bytes, as llama-server sends them
+                out.append({"id": t, "piece": list(piece)})
+        return {"tokens": out}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        b = await body(request)
+        ids = _get(b, "tokens", (list,), required=True)
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ApiError(400, f"tokens[{i}] = {t!r:.40} is not a token id (0..{vocab - 1})", param="tokens",
+                               code="invalid_value")
+        return {"content": model.detokenize(ids, special=True).decode("utf-8", "replace")}
+
+    @app.post("/apply-template")
+    async def apply_template(request: Request):
+        b = chat_body(await body(request))
+        try:
+            ids = await asyncio.to_thread(model.chat_tokens, b.messages, tools=b.tools or None,
+                                          continue_final=b.continue_final)
+        except (StepstreamError, PromptTooLong) as e:
+            raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+        except RecursionError:
+            raise ApiError(400, "the messages or tools nest too deeply", param="messages", code="invalid_value") from None
+        return {"prompt": model.tokenizer.decode_bytes(ids, special=True).decode("utf-8", "replace")}
+
+    @app.get("/props")
+    async def props(request: Request):
+        authorize(request)
+        template = model.file.get(Key.CHAT_TEMPLATE, None)
+        return {
+            "default_generation_settings": {
+                "id": 0, "n_ctx": model.n_ctx, "speculative": model.n_mtp > 0 and model.options.mtp != 0,
+                "is_processing": engine.busy,
+                # the chat endpoints' defaults (OpenAI's: temperature 1, the other samplers off)
+                "params": {"n_predict": -1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                           "repeat_last_n": 64, "repeat_penalty": 1.0, "seed": -1, "stop": []}},
+            "total_slots": 1,
+            "model_alias": model_name,
+            "model_path": str(model.file.path),
+            "chat_template": template if isinstance(template, str) else "",
+            "modalities": {"vision": False, "audio": False},
+            "build_info": f"stepstream {runtime.__version__}",
+        }
+
+    if metrics:
+        @app.get("/metrics")
+        async def prometheus(request: Request):
+            authorize(request)
+            return PlainTextResponse(engine.metrics.text(int(engine.busy), engine.waiting),
+                                     media_type="text/plain; version=0.0.4")
