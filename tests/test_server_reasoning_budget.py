@@ -177,3 +177,26 @@ def test_the_python_api_takes_a_budget_or_an_effort(local):
         ask(reasoning_budget=-5)
     with pytest.raises(StepstreamError, match="effort"):
         ask(reasoning_effort="huge")
+
+
+def test_chat_cli_takes_a_budget(model_file):
+    """`stepstream chat --reasoning-budget N` (llama-cli's flag) bounds each reply's reasoning;
+    a value that is no budget is one line and status 2."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root, "NUMBA_NUM_THREADS": "1"}
+
+    def chat(*flags):
+        return subprocess.run([sys.executable, "-m", "runtime.cli", "chat", "-m", str(model_file), "-t", "1", "--temp",
+                               "0", "-n", str(N), *flags], input=MESSAGES[0]["content"].encode() + b"\n",
+                              capture_output=True, env=env, timeout=300)
+
+    r = chat("--reasoning-budget", "4", "--reasoning-budget-message", " Done.")
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert r.stdout.decode().strip() == "<think>First I add Done.\n</think>\nThe answer is 4."
+    assert chat().stdout.decode().strip() == SCRIPT
+    bad = chat("--reasoning-budget", "-2")
+    assert bad.returncode == 2 and "--reasoning-budget" in bad.stderr.decode() and b"Traceback" not in bad.stderr

@@ -15,8 +15,8 @@ import sys
 import threading
 
 from runtime.base.errors import StepstreamError, Terminated
-from runtime.cli.common import (add_model_args, add_mtp_arg, add_sampling_args, check_text_args, load_model, max_tokens,
-                                print_stats, sampling_kwargs)
+from runtime.cli.common import (add_model_args, add_mtp_arg, add_reasoning_args, add_sampling_args, check_text_args,
+                                load_model, max_tokens, print_stats, sampling_kwargs)
 from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import sampling_params
 
@@ -29,6 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("-sys", "--system-prompt", default=None, help="system message that opens the conversation")
     add_sampling_args(p)
     add_mtp_arg(p)
+    add_reasoning_args(p)
 
 
 def run(args, stdin=None, stdout=None) -> int:
@@ -45,7 +46,8 @@ def run(args, stdin=None, stdout=None) -> int:
                                   f"room for a message in a context of {model.n_ctx} (-c/--ctx-size): shorten it or "
                                   f"raise -c")
     conv = Conversation(model, args.system_prompt, sampling_params(**sampling_kwargs(args)), max_tokens(args),
-                        args.reverse_prompt)
+                        args.reverse_prompt, None if args.reasoning_budget < 0 else args.reasoning_budget,
+                        args.reasoning_budget_message)
     print(HOW_TO_LEAVE, file=sys.stderr, flush=True)
     interactive = stdin.isatty()
     while True:

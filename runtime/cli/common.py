@@ -346,6 +346,27 @@ def add_mtp_arg(p: argparse.ArgumentParser) -> None:
                         "1..3 forces it; the output is the same either way (default: auto)")
 
 
+def add_reasoning_args(p: argparse.ArgumentParser, who: str = "a chat reply") -> None:
+    """llama.cpp's --reasoning-budget and --reasoning-budget-message
+    (runtime.generation.reasoning_budget)."""
+    p.add_argument("--reasoning-budget", type=reasoning_budget, default=-1, metavar="N",
+                   help=f"reasoning tokens {who} may write before its </think> is forced; 0 ends reasoning at "
+                        "once; -1: no limit (default: -1)")
+    p.add_argument("--reasoning-budget-message", default="", metavar="TEXT",
+                   help="text written before the forced </think>, e.g. ' Time to answer.' (default: none)")
+
+
+def reasoning_budget(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens, or -1 for no limit, got {text!r}") \
+            from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit, got {value}")
+    return value
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n-predict", type=token_limit, default=-1,
                    help="tokens to generate; -1 = until end of text or context (default: -1)")

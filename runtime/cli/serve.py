@@ -10,7 +10,7 @@ import threading
 
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
-from runtime.cli.common import add_model_args, add_mtp_arg, memory_arg, positive_int, size_arg
+from runtime.cli.common import add_model_args, add_mtp_arg, add_reasoning_args, memory_arg, positive_int, size_arg
 
 
 def body_size(text: str) -> int:
@@ -40,25 +40,10 @@ def add_arguments(p) -> None:
                         "client, an agent's background request) does not cost the next turn its prompt; taken from "
                         "the expert cache; 0 keeps only the live cache (default: auto, an eighth of the usable "
                         "memory, at most 8GiB)")
-    p.add_argument("--reasoning-budget", type=reasoning_budget, default=-1, metavar="N",
-                   help="reasoning tokens a chat reply may write before its </think> is forced, for requests that "
-                        "set no budget of their own (thinking_budget_tokens, reasoning_effort, Anthropic's "
-                        "thinking.budget_tokens); 0 ends reasoning at once; -1: no limit (default: -1)")
     p.add_argument("--metrics", action="store_true",
                    help="serve GET /metrics: Prometheus counters under llama-server's names (default: off)")
-    p.add_argument("--reasoning-budget-message", default="", metavar="TEXT",
-                   help="text written before the forced </think>, e.g. ' Time to answer.' (default: none)")
-
-
-def reasoning_budget(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of tokens, or -1 for no limit, got {text!r}") \
-            from None
-    if value < -1:
-        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no limit, got {value}")
-    return value
+    add_reasoning_args(p, who="a chat reply of a request that sets no budget of its own (thinking_budget_tokens, "
+                              "reasoning_effort, Anthropic's thinking.budget_tokens)")
 
 
 def cache_ram(text: str) -> int | str:

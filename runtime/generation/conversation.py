@@ -26,8 +26,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from runtime.generation.loop import StopStrings, generate
+from runtime.generation.reasoning_budget import ReasoningBudget, closer_text
 from runtime.generation.sampling import Sampler, SamplingParams
 from runtime.text.tokenizer import utf8_problem
+from runtime.text.tool_calls import starts_in_reasoning
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,12 @@ class Notice:
 
 class Conversation:
     def __init__(self, model, system_prompt: str | None, params: SamplingParams, max_tokens: int | None = None,
-                 stops: Sequence[str] = ()):
+                 stops: Sequence[str] = (), reasoning_budget: int | None = None, reasoning_message: str = ""):
+        """reasoning_budget: tokens a reply may reason before its </think> is forced (None: no
+        limit; runtime.generation.reasoning_budget), with reasoning_message written before it."""
         self.model = model
         self.params = params
+        self.reasoning_budget, self.reasoning_message = reasoning_budget, reasoning_message
         self.max_tokens = max_tokens
         self.stops = list(stops)
         self.messages: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -79,7 +84,7 @@ class Conversation:
 
     def _generate(self, prompt: list[int], shown: list[str]) -> Iterator[str | Notice]:
         model, eog = self.model, self.model.tokenizer.eog_ids
-        sampler = Sampler(self.params)
+        sampler = Sampler(self.params, budget=self._budget(prompt))
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStrings(self.stops)
         reply: list[int] = []
@@ -106,6 +111,14 @@ class Conversation:
         if tail:
             shown.append(tail)
             yield tail
+
+    def _budget(self, prompt: list[int]) -> ReasoningBudget | None:
+        if self.reasoning_budget is None:
+            return None
+        model = self.model
+        tail = model.tokenizer.decode_bytes(prompt[-64:], special=True).decode("utf-8", "replace")
+        closer = model.tokenize(closer_text(self.reasoning_message), add_bos=False, special=True)
+        return ReasoningBudget(self.reasoning_budget, closer, model.tokenizer.token_bytes, starts_in_reasoning(tail))
 
     def _fit(self, room: int, reply: Sequence[int] = ()) -> Iterator[Notice]:
         """Drop the oldest exchanges until the prompt plus `reply` leaves `room` tokens of the
