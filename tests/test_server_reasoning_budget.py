@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 
 from runtime.base.errors import StepstreamError  # noqa: E402
 from runtime.generation import greedy_tokens  # noqa: E402
-from runtime.generation.reasoning_budget import closer_text  # noqa: E402
+from runtime.generation.reasoning_budget import closer_tokens  # noqa: E402
 from runtime.loader import load  # noqa: E402
 from runtime.text.tool_calls import parse_reply  # noqa: E402
 from tests.helpers.scripted_model import write_scripted_model  # noqa: E402
@@ -54,7 +54,7 @@ def expected(local, budget: int | None, message: str = "") -> tuple[str, str]:
             if b"<think>" in text:
                 opened = i + 1
                 break
-        head = free[:opened + budget] + local.tokenize(closer_text(message), add_bos=False, special=True)
+        head = free[:opened + budget] + closer_tokens(local.tokenize, message)
     tail = []
     for t in greedy_tokens(local, prompt + head, N - len(head)):
         if t in local.tokenizer.eog_ids:
@@ -115,6 +115,8 @@ def test_reasoning_effort_levels(http, local):
     ({"thinking_budget_tokens": "4"}, "thinking_budget_tokens"),
     ({"thinking_budget_tokens": 3, "reasoning_budget_tokens": 4}, "differ"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"reasoning_effort": "max"}, "reasoning_effort"),  # Anthropic's level, not OpenAI's
+    ({"thinking_budget_tokens": 5, "reasoning_effort": "bogus"}, "reasoning_effort"),
 ])
 def test_bad_budgets_are_refused(http, fields, problem):
     r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4, **fields})
@@ -146,8 +148,11 @@ def test_anthropics_thinking_budget_and_effort(http, local):
     assert ask(thinking={"type": "enabled", "budget_tokens": 4}, output_config={"effort": "high"}) == \
         expected(local, 4)
     assert ask(thinking={"type": "adaptive"}, output_config={"effort": "none"}) == expected(local, 0)
-    r = http.post("/v1/messages", json={"messages": MESSAGES, "max_tokens": 4, "output_config": {"effort": "huge"}})
-    assert r.status_code == 400 and "output_config.effort" in r.json()["error"]["message"]
+    for effort in ("huge", ["low"], {"level": "low"}):  # review 91: a list was a 500 in plain text
+        for route, extra in (("/v1/messages", {"max_tokens": 4}), ("/v1/messages/count_tokens", {})):
+            r = http.post(route, json={"messages": MESSAGES, "output_config": {"effort": effort}, **extra})
+            assert r.status_code == 400 and r.json()["type"] == "error", r.text
+            assert "output_config.effort" in r.json()["error"]["message"]
 
 
 def test_the_servers_budget_and_message_apply_where_a_request_sets_none(model_file, local):
@@ -200,3 +205,80 @@ def test_chat_cli_takes_a_budget(model_file):
     assert chat().stdout.decode().strip() == SCRIPT
     bad = chat("--reasoning-budget", "-2")
     assert bad.returncode == 2 and "--reasoning-budget" in bad.stderr.decode() and b"Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------ review 91: where a budget must not cut
+
+THINK_TEMPLATE = ("{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+                  "{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}")  # the published template's prompt
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def _scripted(root, name: str, text: str, after=None, think_prompt: bool = False) -> Path:
+    from runtime.base.gguf_schema import Key
+    from tests.helpers.gguf_edit import rewrite
+
+    src = SHIPPED
+    if think_prompt:
+        template = load(SHIPPED).tokenizer.chat_template
+        assert THINK_TEMPLATE[0] in template
+        src = root / f"{name}-template.gguf"
+        rewrite(SHIPPED, src, change={Key.CHAT_TEMPLATE: template.replace(*THINK_TEMPLATE)})
+    return write_scripted_model(src, root / f"{name}.gguf", text, after=after)
+
+
+def test_a_forced_call_after_a_prompt_that_opened_think_is_not_cut(tmp_path):
+    """tool_choice required or named after a prompt that opened <think>: the forced start closes
+    the section, so the call is no reasoning (review 91: the budget counted the call's tokens and
+    forced its closer into the city's value)."""
+    call = "get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+    path = _scripted(tmp_path, "required", "Need weather.\n</think>\nChecking.", after={"<function=": call},
+                     think_prompt=True)
+    engine, http = _app(path)
+    with http:
+        try:
+            for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+                # every budget up to past the call's end: some land inside the city's free-text value,
+                # where the grammar would let a closer in
+                for extra in ({}, {"reasoning_effort": "none"}, *({"thinking_budget_tokens": n} for n in range(16))):
+                    r = http.post("/v1/chat/completions", json={
+                        "messages": MESSAGES, "tools": TOOLS, "tool_choice": choice, "max_tokens": 60,
+                        "temperature": 0, **extra}).json()["choices"][0]
+                    assert r["finish_reason"] == "tool_calls", (choice, extra, r)
+                    assert r["message"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+            r = http.post("/v1/messages", json={"messages": MESSAGES, "max_tokens": 60, "tool_choice": {"type": "any"},
+                                                "thinking": {"type": "enabled", "budget_tokens": 8}, "tools": [
+                                                    {"name": "get_weather", "input_schema": TOOLS[0]["function"][
+                                                        "parameters"]}]}).json()
+            assert r["stop_reason"] == "tool_use" and r["content"][-1]["input"] == {"city": "Paris"}
+        finally:
+            engine.close()
+
+
+@pytest.mark.parametrize("script, fields", [
+    ("Wrap the reasoning in a <think> tag, then answer.", {}),
+    ('{"tag": "<think>", "n": [1, 2], "ok": true}', {"response_format": {"type": "json_object"}}),
+    ('<tool_call>\n<function=get_weather>\n<parameter=city>\nthe <think> town\n</parameter>\n</function>\n'
+     '</tool_call>', {"tools": TOOLS}),
+])
+def test_a_think_tag_in_text_json_or_a_call_is_no_reasoning(tmp_path, script, fields):
+    """Review 91: a literal <think> anywhere started the budget; with effort none its closer cut
+    the answer, broke the JSON and the call. The parser reads them as text: so does the budget."""
+    engine, http = _app(_scripted(tmp_path, "literal", script))
+    with http:
+        try:
+            def ask(**extra):
+                r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 80, "temperature": 0,
+                                                            **fields, **extra})
+                assert r.status_code == 200, r.text
+                choice = r.json()["choices"][0]
+                for call in choice["message"].get("tool_calls") or []:
+                    call.pop("id")  # random
+                return choice["finish_reason"], choice["message"]
+
+            plain = ask()
+            assert plain[0] in ("stop", "tool_calls")
+            assert ask(reasoning_effort="none") == ask(thinking_budget_tokens=0) == plain
+        finally:
+            engine.close()

@@ -37,6 +37,9 @@ def run(args, stdin=None, stdout=None) -> int:
     out = stdout or sys.stdout
     _stoppable_by_ctrl_c()
     check_text_args(args)
+    if args.reasoning_budget_message and args.reasoning_budget < 0:
+        raise StepstreamError("--reasoning-budget-message goes with --reasoning-budget N: without a budget nothing "
+                              "writes it")
     _has_a_chat_template(args.model)
     model = load_model(args)
     if args.system_prompt:  # checked once here, not reported again on every message

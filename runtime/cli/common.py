@@ -21,6 +21,7 @@ from pathlib import Path
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy, peak_rss_bytes
 from runtime.base.paths import written_path
+from runtime.generation.reasoning_budget import check_message
 
 
 # ---- argparse types: each returns the value or raises ArgumentTypeError naming it -------------
@@ -352,8 +353,15 @@ def add_reasoning_args(p: argparse.ArgumentParser, who: str = "a chat reply") ->
     p.add_argument("--reasoning-budget", type=reasoning_budget, default=-1, metavar="N",
                    help=f"reasoning tokens {who} may write before its </think> is forced; 0 ends reasoning at "
                         "once; -1: no limit (default: -1)")
-    p.add_argument("--reasoning-budget-message", default="", metavar="TEXT",
+    p.add_argument("--reasoning-budget-message", type=budget_message, default="", metavar="TEXT",
                    help="text written before the forced </think>, e.g. ' Time to answer.' (default: none)")
+
+
+def budget_message(text: str) -> str:
+    try:
+        return check_message(text)
+    except StepstreamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def reasoning_budget(text: str) -> int:

@@ -26,10 +26,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from runtime.generation.loop import StopStrings, generate
-from runtime.generation.reasoning_budget import ReasoningBudget, closer_text
+from runtime.generation.reasoning_budget import ReasoningBudget, closer_tokens
 from runtime.generation.sampling import Sampler, SamplingParams
 from runtime.text.tokenizer import utf8_problem
-from runtime.text.tool_calls import starts_in_reasoning
+from runtime.text.tool_calls import ReplyStream, starts_in_reasoning
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,9 @@ class Conversation:
             return None
         model = self.model
         tail = model.tokenizer.decode_bytes(prompt[-64:], special=True).decode("utf-8", "replace")
-        closer = model.tokenize(closer_text(self.reasoning_message), add_bos=False, special=True)
-        return ReasoningBudget(self.reasoning_budget, closer, model.tokenizer.token_bytes, starts_in_reasoning(tail))
+        return ReasoningBudget(self.reasoning_budget, closer_tokens(model.tokenize, self.reasoning_message),
+                               model.tokenizer.token_bytes,
+                               ReplyStream(in_reasoning=starts_in_reasoning(tail), calls=False))
 
     def _fit(self, room: int, reply: Sequence[int] = ()) -> Iterator[Notice]:
         """Drop the oldest exchanges until the prompt plus `reply` leaves `room` tokens of the

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.generation.loop import StopStrings, generate
-from runtime.generation.reasoning_budget import ReasoningBudget, closer_text
+from runtime.generation.reasoning_budget import ReasoningBudget, closer_tokens
 from runtime.generation.sampling import Sampler, SamplingParams
 from runtime.text.json_constraint import JsonObjectReply, vocabulary
+from runtime.text.tool_calls import ReplyStream
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ class Request:
     mtp: int | str | None = None  # the draft length (None: the model's load option)
     reasoning_budget: int | None = None  # reasoning tokens before </think> is forced (None: no limit)
     reasoning_message: str = ""  # written before the forced </think> (llama.cpp's --reasoning-budget-message)
+    # the reply's parser (runtime.text.tool_calls.ReplyStream, fed any forced start of the reply),
+    # whose reading of reasoning the budget follows; None: one for a reply without calls
+    reader: object = None
     cancelled: Callable[[], bool] = lambda: False
     # Fed the reply's text, piece by piece as it is shown; True ends the reply after that piece
     # (finish "stop"): a chat reply that holds all the tool calls it may hold ends there.
@@ -152,8 +156,9 @@ def run(model, req: Request) -> Iterator[Step]:
     if req.json_object or req.grammar is not None:
         sampler.constraint = JsonObjectReply(vocabulary(model.tokenizer), req.in_reasoning, req.grammar)
     if req.reasoning_budget is not None:
-        closer = model.tokenize(closer_text(req.reasoning_message), add_bos=False, special=True)
-        sampler.budget = ReasoningBudget(req.reasoning_budget, closer, model.tokenizer.token_bytes, req.in_reasoning)
+        reader = req.reader or ReplyStream(in_reasoning=req.in_reasoning, calls=False)
+        sampler.budget = ReasoningBudget(req.reasoning_budget, closer_tokens(model.tokenize, req.reasoning_message),
+                                         model.tokenizer.token_bytes, reader)
     stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)
     tokens = generate(model, req.prompt, sampler, req.max_tokens, stop_at_eog=not req.ignore_eos, stats=stats,
                       mtp=req.mtp, cancelled=req.cancelled)

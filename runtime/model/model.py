@@ -38,7 +38,7 @@ from runtime.base.errors import ContextExceeded, StepstreamError, UnknownOption
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
 from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
-from runtime.generation.reasoning_budget import effort_budget
+from runtime.generation.reasoning_budget import check_message, effort_budget
 from runtime.generation.request import Request, run as run_request
 from runtime.generation.replies import ChatReply
 from runtime.generation.responses import api_shape, completion_from_steps
@@ -54,7 +54,8 @@ from runtime.model.weights import ModelWeights
 from runtime.text.chat_prompt import chat_ids
 from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
-from runtime.text.tool_calls import END_THINK, callable_tools, check_tools, forced_call, starts_in_reasoning
+from runtime.text.tool_calls import (END_THINK, ReplyStream, callable_tools, check_tools, forced_call,
+                                     starts_in_reasoning)
 from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
 
 
@@ -862,7 +863,7 @@ class Model:
             ids = ids + self.tokenize(forced, add_bos=False, special=True)
         mtp = sampling.pop("mtp", None)
         budget = _reasoning_budget(sampling.pop("reasoning_budget", None), sampling.pop("reasoning_effort", None))
-        message = sampling.pop("reasoning_message", "")
+        message = check_message(sampling.pop("reasoning_message", ""))
         k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
         json_object, grammar = _json_mode(sampling.pop("response_format", None))
         if (json_object or grammar is not None) and offered is not None:
@@ -892,6 +893,9 @@ class Model:
         json_object, grammar = structured  # JSON mode, or a compiled JSON Schema
         req = Request(ids, params, limit, _stops(stop), k, mtp=mtp, json_object=json_object, grammar=grammar,
                       in_reasoning=in_reasoning, reasoning_budget=budget[0], reasoning_message=budget[1])
+        if req.reasoning_budget is not None:  # the budget reads reasoning as the reply's parser reads it
+            req.reader = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=tools is not None)
+            req.reader.push(forced)
         reply = ChatReply(self.name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
         steps = run_request(self, req)
         want = k is not None
@@ -1064,8 +1068,9 @@ def _chat_logprobs_k(logprobs, top_logprobs, vocab: int) -> int | None:
 def _reasoning_budget(budget, effort) -> int | None:
     """create_chat_completion's `reasoning_budget` (tokens; None or -1 no limit) or, when that is
     None, `reasoning_effort` ("none", "low", ...: runtime.generation.reasoning_budget)."""
+    by_effort = effort_budget(effort)  # checked even beside a budget
     if budget is None:
-        return effort_budget(effort)
+        return by_effort
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < -1:
         raise StepstreamError(f"reasoning_budget must be an integer >= 0 (tokens), or None or -1 for no limit, "
                               f"got {budget!r:.80}")

@@ -347,6 +347,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             req.grammar = ToolCallGrammar(callable_tools(tools, tool_choice), named)
         elif tools is not None:  # "auto": a call the reply opens is finished by its grammar
             req.grammar = AutoToolGrammar(tools)
+        if req.reasoning_budget is not None:  # the budget reads reasoning as the reply's parser reads it
+            req.reader = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, tool_choice),
+                                     calls=tools is not None, max_calls=max_calls)
+            req.reader.push(forced)
         if tools is not None and max_calls is not None:  # generation ends with the last call it may make
             watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, tool_choice), calls=True,
                                 max_calls=max_calls)

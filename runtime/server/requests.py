@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, replace
 
 from runtime.base.errors import StepstreamError
-from runtime.generation.reasoning_budget import effort_budget
+from runtime.generation.reasoning_budget import EFFORT_BUDGETS, OPENAI_EFFORTS, effort_budget
 from runtime.generation.sampling import SamplingParams
 from runtime.text.chat_template import ROLES
 from runtime.text.json_schema import grammar_for
@@ -363,17 +363,16 @@ def reasoning_budget(body: dict) -> int | None:
     if len(set(given.values())) > 1:
         raise ApiError(400, f"'{BUDGET_FIELDS[0]}' and '{BUDGET_FIELDS[1]}' differ: send one", param=BUDGET_FIELDS[1],
                        code="invalid_value")
-    if given:
-        return next(iter(given.values()))
-    try:
-        return effort_request(_get(body, effort_field, (str,)))
+    try:  # checked even beside a budget, which goes before it
+        by_effort = effort_request(_get(body, effort_field, (str,)), OPENAI_EFFORTS)
     except StepstreamError as e:
         raise ApiError(400, f"'{effort_field}': {e}", param=effort_field, code="invalid_value") from None
+    return next(iter(given.values())) if given else by_effort
 
 
-def effort_request(effort: str | None) -> int | None:
+def effort_request(effort, allowed=tuple(EFFORT_BUDGETS)) -> int | None:
     """An effort level as Common.reasoning_budget: None (none given), -1 (no limit) or a budget."""
-    budget = effort_budget(effort)
+    budget = effort_budget(effort, allowed)
     return None if effort is None else (-1 if budget is None else budget)
 
 

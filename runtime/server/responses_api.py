@@ -24,14 +24,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 
+from runtime.generation.reasoning_budget import OPENAI_EFFORTS
 from runtime.server.requests import (MAX_TOP_LOGPROBS, ApiError, Common, _common, _get, _range, _type_name,
                                      effort_request, response_format)
 from runtime.text.chat_template import text_content
 from runtime.text.tool_calls import TOOL_SHAPE, ToolSpecError, check_tools
 
-# Responses fields that hint at a model's behaviour but change nothing a reply must hold: read,
-# echoed in the response, not applied (README: the Responses API)
-REASONING_EFFORTS = (None, "none", "minimal", "low", "medium", "high", "xhigh")
+# reasoning.effort bounds the reasoning (runtime.generation.reasoning_budget); the summary hints at a
+# model's behaviour but changes nothing a reply must hold: read, echoed, not applied
+REASONING_EFFORTS = (None, *OPENAI_EFFORTS)
 REASONING_SUMMARIES = (None, "auto", "concise", "detailed")
 # what `include` may ask for, as OpenAI lists them: the log-probabilities are given; the rest are
 # outputs of tools or of encryption this server does not have, so there is nothing to add
@@ -201,7 +202,7 @@ def responses_body(body: dict) -> ResponsesBody:
     if reasoning.get("effort") not in REASONING_EFFORTS:
         raise _refuse(f"'reasoning.effort' must be one of {', '.join(e for e in REASONING_EFFORTS if e)}, got "
                       f"{json.dumps(reasoning.get('effort'))[:40]}", "reasoning.effort")
-    common = replace(common, reasoning_budget=effort_request(reasoning.get("effort")))  # (a level checked above)
+    common = replace(common, reasoning_budget=effort_request(reasoning.get("effort"), OPENAI_EFFORTS))  # checked above
     summary = reasoning.get("summary", reasoning.get("generate_summary"))
     if summary not in REASONING_SUMMARIES:
         raise _refuse(f"'reasoning.summary' must be one of {', '.join(s for s in REASONING_SUMMARIES if s)}, got "
