@@ -7,6 +7,7 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
@@ -40,6 +41,13 @@ def add_arguments(p) -> None:
                         "client, an agent's background request) does not cost the next turn its prompt; taken from "
                         "the expert cache; 0 keeps only the live cache (default: auto, an eighth of the usable "
                         "memory, at most 8GiB)")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="also keep conversations' KV caches as files in DIR, each one --cache-ram keeps and the "
+                        "live one when the server stops, so that a server started again answers a conversation's "
+                        "next turn without evaluating its prompt (default: none)")
+    p.add_argument("--cache-dir-size", type=memory_arg, default="32GiB", metavar="SIZE",
+                   help="the most the files in --cache-dir take, the least recently used removed first "
+                        "(default: 32GiB)")
     p.add_argument("--metrics", action="store_true",
                    help="serve GET /metrics: Prometheus counters under llama-server's names (default: off)")
     add_reasoning_args(p, who="a chat reply of a request that sets no budget of its own (thinking_budget_tokens, "
@@ -87,6 +95,19 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _persist(prompts, model) -> None:
+    """The live conversation to --cache-dir as the server stops; a failure is said, not raised."""
+    try:
+        n = len(model.history)
+        writes = prompts.disk.writes
+        prompts.persist(model)
+        if prompts.disk.writes > writes:
+            print(f"prompt cache: the live conversation ({n:,} tokens) written to {prompts.disk.dir}",
+                  file=sys.stderr, flush=True)
+    except Exception as e:  # (Ctrl-C again stops it)
+        print(f"warning: prompt cache: the live conversation was not written: {e}", file=sys.stderr, flush=True)
+
+
 def _stop(signum, frame):
     raise KeyboardInterrupt  # SIGTERM stops the server as Ctrl-C does
 
@@ -96,6 +117,7 @@ def run(args) -> int:
         import uvicorn
 
         from runtime.server.app import create_app
+        from runtime.server.disk_states import DiskStates
         from runtime.server.engine import Engine
         from runtime.server.loading import LoadingResponder
         from runtime.server.prompt_cache import PromptCache
@@ -104,7 +126,9 @@ def run(args) -> int:
                               "pip install 'stepstream[serve]'") from None
     from runtime.cli.common import load_model
 
-    sock = _listen(args.host, args.port)  # before the model loads: a taken port fails fast
+    # before the model loads: a directory it cannot use fails fast, as a taken port does
+    disk = DiskStates(args.cache_dir, args.cache_dir_size, Path(args.model)) if args.cache_dir is not None else None
+    sock = _listen(args.host, args.port)
     loading = LoadingResponder(sock)  # meanwhile every request gets 503 "loading" at once
     try:
         model = load_model(args)  # prints the placement when experts stream or a GPU holds some
@@ -120,9 +144,14 @@ def run(args) -> int:
     model.tokenizer  # noqa: B018 - built now, not by the first request's handler
     name = args.alias or model.name
     kept = model.options.prompt_cache
-    prompts = PromptCache(kept) if kept and model.gpu is None else None
-    if prompts is not None:
+    disk = disk if model.gpu is None else None
+    prompts = PromptCache(kept, disk) if (kept or disk) and model.gpu is None else None
+    if kept and prompts is not None:
         print(f"prompt cache: up to {size_text(kept)} of other conversations' KV caches", file=sys.stderr)
+    if disk is not None:
+        print(f"prompt cache: {disk.describe()}", file=sys.stderr)
+    elif args.cache_dir is not None:
+        print("prompt cache: --cache-dir is not used on the GPU tier (its KV cache is on the card)", file=sys.stderr)
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
                      reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message,
@@ -150,5 +179,7 @@ def run(args) -> int:
         engine.close()  # waiting requests end with a 503 (streams: an error chunk, then [DONE])
         server.should_exit = True
         http.join(5)
+        if disk is not None:
+            _persist(prompts, model)
         model.close()
     return 0

@@ -72,13 +72,15 @@ def size(cache, checkpoint=None) -> int:
         checkpoint.nbytes if checkpoint is not None else 0)
 
 
-def take(cache, tokens: list[int], model: str, checkpoint=None) -> SavedState:
+def take(cache, tokens: list[int], model: str, checkpoint=None, copy: bool = True) -> SavedState:
     """Copy what `cache` (runtime.model.kv_cache.KVCache) holds now: its slots in use (and, given,
-    the checkpoint of its rings, which is not copied: a checkpoint is never written to)."""
+    the checkpoint of its rings, which is not copied: a checkpoint is never written to). Without
+    `copy`, the state's arrays are views of the cache, valid until it changes (to write it out)."""
     if len(tokens) != cache.n_past:
         raise AssertionError((len(tokens), cache.n_past))
     return SavedState(model, layout(cache), tuple(tokens),
-                      tuple(tuple(a.copy() for a in layer.view()) for layer in cache.layers), checkpoint)
+                      tuple(tuple(a.copy() if copy else a for a in layer.view()) for layer in cache.layers),
+                      checkpoint)
 
 
 def restore(cache, state: SavedState, model: str) -> None:

@@ -750,14 +750,17 @@ class Model:
     set_cache = property(lambda self: _not_offered("set_cache"))
 
     @_serialized
-    def save_state(self, checkpoint: bool = False) -> kv_state.SavedState:
+    def save_state(self, checkpoint: bool = False, copy: bool = True) -> kv_state.SavedState:
         """A copy of the KV cache and the tokens it holds (llama-cpp-python's save_state), for
         load_state to return to: a later prompt that starts with these tokens reuses them. With
         `checkpoint`, the state keeps the rings' checkpoint at the last prompt's end too, so that
-        after load_state a prompt sharing that prompt but not the reply reuses the prompt."""
+        after load_state a prompt sharing that prompt but not the reply reuses the prompt.
+        Without `copy`, its arrays are views of the cache, valid until the next evaluation (to
+        write it to a file without holding a second copy)."""
         self._check_open()
         self._refuse_on_gpu("save_state")
-        return kv_state.take(self.cache, self._tokens, self._identity(), self._checkpoint if checkpoint else None)
+        return kv_state.take(self.cache, self._tokens, self._identity(), self._checkpoint if checkpoint else None,
+                             copy=copy)
 
     def state_nbytes(self, checkpoint: bool = False) -> int:
         """The bytes save_state(checkpoint) would copy now, without copying them."""

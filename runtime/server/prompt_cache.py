@@ -31,7 +31,9 @@ from __future__ import annotations
 import sys
 
 from runtime.base.memory_limit import size_text
+from runtime.model import kv_state
 from runtime.model.kv_state import SavedState
+from runtime.server.disk_states import DiskStates
 
 MIN_GAIN = 32  # positions a kept state must add to what the live cache gives
 MIN_KEEP = 256  # positions of the live cache a request must throw away for them to be kept
@@ -42,8 +44,10 @@ def _begins(a: tuple, b: tuple) -> bool:
 
 
 class PromptCache:
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, disk: DiskStates | None = None):
+        """budget: bytes of RAM for kept states; disk: the disk tier (serve --cache-dir), or None."""
         self.budget = budget
+        self.disk = disk
         self.states: list[SavedState] = []  # most recently used last
         self.loads = self.keeps = 0
         self.said_too_big = False
@@ -55,36 +59,57 @@ class PromptCache:
     def prepare(self, model, prompt: list[int]) -> int:
         """Make the model's cache the best start for `prompt`; returns the positions it will reuse."""
         live = model.reusable(prompt)
-        if self.budget <= 0 or model.gpu is not None:  # (the GPU tier's cache is on the card)
+        if (self.budget <= 0 and self.disk is None) or model.gpu is not None:  # (the GPU tier's cache is on the card)
             return live
-        scored = [(model.reusable(prompt, s), i) for i, s in enumerate(self.states)]
-        best, at = max(scored, default=(0, -1))
+        # (positions, in RAM, the state or file): RAM first where the two give as much
+        scored = [(model.reusable(prompt, s), 1, s) for s in self.states]
+        if self.disk is not None:
+            ram = {s.tokens for s in self.states}
+            scored += [(model.reusable(prompt, e), 0, e) for e in self.disk.usable(kv_state.layout(model.cache))
+                       if e.tokens not in ram]
+        best, in_ram, kept = max(scored, key=lambda x: x[:2], default=(0, 1, None))
         if best >= live + MIN_GAIN:
-            state = self.states.pop(at)
-            self.states.append(state)  # kept (most recently used): a later prompt may want more of it
-            self._keep(model)
-            model.load_state(state)
-            self.loads += 1
-            return best
+            state = kept if in_ram else self.disk.get(kept)
+            if state is not None:
+                self._remember(state)  # kept (most recently used): a later prompt may want more of it
+                self._keep(model)  # (the live cache, used later still)
+                model.load_state(state)
+                self.loads += 1
+                return best
         if len(model.history) - live >= MIN_KEEP:
             self._keep(model)
         return live
 
+    def persist(self, model) -> None:
+        """The live cache to the disk tier (the server is stopping)."""
+        if self.disk is not None and model.gpu is None and len(model.history) >= MIN_KEEP:
+            self.disk.put(model.save_state(checkpoint=True, copy=False))  # written before anything changes it
+
     def _keep(self, model) -> None:
-        """Copy the live cache, room made first: nothing is copied that the budget cannot hold."""
+        """Copy the live cache (room made first: nothing is copied that the budget cannot hold), and
+        write it to the disk tier."""
         held = tuple(model.history)
         if len(held) < MIN_KEEP:
             return
         size = model.state_nbytes(checkpoint=True)
-        if size > self.budget:
-            if not self.said_too_big:  # once: from here on, such conversations are evaluated again
-                self.said_too_big = True
-                print(f"prompt cache: a conversation of {len(held):,} tokens takes {size_text(size)}, more than "
-                      f"--cache-ram {size_text(self.budget)}: it is not kept (give a larger --cache-ram)",
-                      file=sys.stderr, flush=True)
+        state = None
+        if size <= self.budget:
+            state = model.save_state(checkpoint=True)
+            self._remember(state)
+            self.keeps += 1
+        if self.disk is not None:  # from the RAM copy, or straight from the cache
+            self.disk.put(state or model.save_state(checkpoint=True, copy=False))
+        elif state is None and not self.said_too_big:  # once: such conversations are evaluated again
+            self.said_too_big = True
+            print(f"prompt cache: a conversation of {len(held):,} tokens takes {size_text(size)}, more than "
+                  f"--cache-ram {size_text(self.budget)}: it is not kept (give a larger --cache-ram)",
+                  file=sys.stderr, flush=True)
+
+    def _remember(self, state: SavedState) -> None:
+        """`state` as the most recently used RAM state, if the budget holds it."""
+        if state.nbytes > self.budget:
             return
-        self.states = [s for s in self.states if not _begins(s.tokens, held)]  # it extends them
-        while self.states and self.nbytes + size > self.budget:
+        self.states = [s for s in self.states if s is not state and not _begins(s.tokens, state.tokens)]
+        while self.states and self.nbytes + state.nbytes > self.budget:
             self.states.pop(0)
-        self.states.append(model.save_state(checkpoint=True))
-        self.keeps += 1
+        self.states.append(state)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,7 @@ def write(path: Path, state: SavedState, identity: str) -> int:
                     arrays.append(a)
             rings.append(entry)
     header = {"identity": identity, "model": state.model, "layout": [list(x) for x in state.layout],
-              "tokens": list(state.tokens), "slots": slots,
+              "tokens": list(state.tokens), "oldest_kept": state.oldest_kept(), "slots": slots,
               "checkpoint": None if rings is None else {"n_past": state.checkpoint.n_past, "rings": rings}}
     head = json.dumps(header, separators=(",", ":")).encode()
     start = -(-(len(MAGIC) + 8 + len(head)) // ALIGN) * ALIGN
@@ -107,7 +109,8 @@ def read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError) as e:
         raise StateFileError(f"{path}: unreadable state file: {e}") from None
-    if not isinstance(header, dict) or not {"identity", "model", "layout", "tokens", "slots"} <= header.keys():
+    if not isinstance(header, dict) or not {"identity", "model", "layout", "tokens", "oldest_kept",
+                                            "slots"} <= header.keys():
         raise StateFileError(f"{path}: damaged state file (its header lacks fields)")
     header["start"] = -(-(len(MAGIC) + 8 + n) // ALIGN) * ALIGN
     return header
@@ -149,3 +152,37 @@ def read_state(path: Path, header: dict) -> SavedState:
         raise StateFileError(f"{path}: damaged state file ({e})") from None
     return SavedState(header["model"], tuple(tuple(x) for x in header["layout"]), tuple(header["tokens"]), slots,
                       checkpoint)
+
+
+@dataclass(frozen=True)
+class _Position:
+    n_past: int
+
+
+@dataclass(frozen=True)
+class StateOnDisk:
+    """A state file by its header: what Model.reusable needs to score it (its tokens, its
+    checkpoint's position, the oldest position each ring keeps) without reading its arrays."""
+
+    path: Path
+    header: dict
+    nbytes: int
+
+    @cached_property
+    def tokens(self) -> tuple:
+        return tuple(self.header["tokens"])
+
+    @property
+    def checkpoint(self) -> _Position | None:
+        cp = self.header.get("checkpoint")
+        return None if cp is None else _Position(int(cp["n_past"]))
+
+    def oldest_kept(self) -> list[int]:
+        return [int(x) for x in self.header["oldest_kept"]]
+
+    @property
+    def layout(self) -> tuple:
+        return tuple(tuple(x) for x in self.header["layout"])
+
+    def load(self) -> SavedState:
+        return read_state(self.path, self.header)

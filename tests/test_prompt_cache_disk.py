@@ -1,0 +1,176 @@
+"""The prompt cache's disk tier (serve --cache-dir: runtime/server/disk_states.py and
+state_file.py) on the shipped model: a state written and read back is bit for bit the one
+saved; a server started again (a new model, a new cache, the same directory) answers a
+conversation's next turn from the file with the bits a fresh evaluation gives; damaged files
+are refused by name and removed; the budget holds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.cli.demo import model_path
+from runtime.generation import request as completion
+from runtime.generation.sampling import SamplingParams
+from runtime.model import kv_state
+from runtime.server import state_file
+from runtime.server.disk_states import DiskStates
+from runtime.server.prompt_cache import PromptCache
+from runtime.server.state_file import StateFileError, read_header, read_state, write
+
+SHIPPED = Path(model_path())
+
+
+def _load(**kw):
+    return runtime.load(str(SHIPPED), n_ctx=2048, **kw)
+
+
+def _ask(model, cache, prompt, n=12):
+    cache.prepare(model, prompt)
+    req = completion.Request(list(prompt), SamplingParams(temperature=0), n, logprobs=0)
+    steps = list(completion.run(model, req))
+    return req.timings.cached_n, [lp.token for s in steps for lp in s.logprobs], \
+        [lp.logprob for s in steps for lp in s.logprobs]
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_a_written_state_reads_back_bit_for_bit(tmp_path, kv):
+    model = _load(cache_type_k=kv, cache_type_v=kv)
+    prompt = np.random.default_rng(1).integers(0, model.cfg.vocab, 700).tolist()
+    model.eval_prompt(prompt)
+    model.eval([5, 6])
+    state = model.save_state(checkpoint=True)
+    assert state.checkpoint is not None and state.checkpoint.rings
+    path = tmp_path / "s.kvstate"
+    size = write(path, state, "id")
+    assert size == path.stat().st_size and not list(tmp_path.glob(".*tmp"))
+    back = read_state(path, read_header(path))
+    assert (back.model, back.layout, back.tokens) == (state.model, state.layout, state.tokens)
+    assert all(_same(x, y) for a, b in zip(back.slots, state.slots) for x, y in zip(a, b))
+    assert back.checkpoint.n_past == state.checkpoint.n_past
+    for r, s in zip(back.checkpoint.rings, state.checkpoint.rings):
+        assert r.index == s.index and all(_same(getattr(r, f), getattr(s, f)) for f in ("k", "v", "pos", "ks", "vs"))
+    # and it loads: the cache then holds what it held
+    want = model.eval([7])
+    model.reset()
+    model.load_state(back)
+    assert np.array_equal(model.eval([7]), want)
+
+
+def test_a_restarted_server_answers_the_next_turn_from_the_file(tmp_path):
+    rng = np.random.default_rng(2)
+    conv, other = (rng.integers(0, 2000, n).tolist() for n in (900, 400))
+    model = _load()
+    cache = PromptCache(0, DiskStates(tmp_path, 1 << 30, SHIPPED))  # no RAM tier: straight to disk
+    _, reply, _ = _ask(model, cache, conv)
+    _ask(model, cache, other)  # it interrupts the conversation: the conversation is written
+    assert cache.disk.writes == 1 and len(list(tmp_path.glob("*.kvstate"))) == 1
+    cache.persist(model)  # the server stops: the live one too
+    assert cache.disk.writes == 2
+    model.close()
+
+    model = _load()  # started again
+    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)
+    assert len(disk.entries) == 2 and "2 conversations on disk" in disk.describe()
+    turn2 = conv + reply + [7, 8, 9]
+    cached, tokens, logprobs = _ask(model, PromptCache(0, disk), turn2)
+    assert cached >= len(conv) - 1 and disk.reads == 1
+    model.reset()
+    assert _ask(model, PromptCache(0), turn2) == (0, tokens, logprobs)  # the bits of a fresh evaluation
+
+
+def test_files_of_another_model_or_layout_are_not_offered(tmp_path):
+    model = _load()
+    prompt = list(range(10, 600))
+    model.eval_prompt(prompt)
+    write(tmp_path / "a.kvstate", model.save_state(checkpoint=True), state_file.model_identity(SHIPPED))
+    write(tmp_path / "b.kvstate", model.save_state(checkpoint=True), "another.gguf (5 bytes, modified 1)")
+    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)
+    assert [e.path.name for e in disk.entries] == ["a.kvstate"]  # b is left alone, not removed
+    assert (tmp_path / "b.kvstate").exists()
+    q8 = _load(cache_type_k="q8_0")
+    assert disk.usable(kv_state.layout(q8.cache)) == [] and len(disk.usable(kv_state.layout(model.cache))) == 1
+
+
+def test_damaged_files_are_refused_by_name_and_removed(tmp_path, capsys):
+    model = _load()
+    model.eval_prompt(list(range(10, 600)))
+    good = tmp_path / "good.kvstate"
+    write(good, model.save_state(checkpoint=True), state_file.model_identity(SHIPPED))
+    raw = good.read_bytes()
+    cases = {"magic": b"NOT" + raw[3:], "short": raw[:-100], "flipped": raw[:-50] + bytes([raw[-50] ^ 1]) + raw[-49:]}
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.kvstate"
+        path.write_bytes(data)
+        with pytest.raises(StateFileError, match=name):
+            read_state(path, read_header(path))
+    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)  # the one whose magic is wrong is skipped, said so
+    assert "magic.kvstate" in capsys.readouterr().err
+    assert sorted(e.path.name for e in disk.entries) == ["flipped.kvstate", "good.kvstate", "short.kvstate"]
+    for e in list(disk.entries):
+        if e.path.name != "good.kvstate":
+            assert disk.get(e) is None and not e.path.exists()
+    assert "damaged state file" in capsys.readouterr().err
+    assert disk.get(disk.entries[0]) is not None
+
+
+def test_the_disk_budget_holds_and_newer_files_replace_their_prefixes(tmp_path):
+    model = _load()
+    rng = np.random.default_rng(5)
+    convs = [rng.integers(0, 2000, 400).tolist() for _ in range(4)]
+    one = None
+    for c in convs[:1]:
+        model.reset()
+        model.eval_prompt(c)
+        one = model.state_nbytes(checkpoint=True)
+    disk = DiskStates(tmp_path, int(2.5 * one), SHIPPED)  # room for two
+    cache = PromptCache(0, disk)
+    model.reset()
+    for c in convs:
+        _ask(model, cache, c, 2)
+    assert len(disk.entries) == 2 and disk.nbytes <= disk.budget
+    assert [e.tokens[:400] for e in disk.entries] == [tuple(convs[1]), tuple(convs[2])]  # the oldest went
+    assert len(list(tmp_path.glob("*.kvstate"))) == 2
+    _ask(model, cache, convs[2] + [1] * 40, 2)  # back to the third (from its file), then on past it
+    assert disk.reads == 1
+    _ask(model, cache, convs[0], 2)
+    assert sum(e.tokens[:400] == tuple(convs[2]) for e in disk.entries) == 1  # its longer file replaced it
+
+
+def test_serve_writes_the_live_conversation_when_it_stops(tmp_path):
+    """`stepstream serve --cache-dir` end to end: a conversation, SIGTERM, the file; a second
+    server on the same directory says it holds one, and a bad directory is refused at once."""
+    pytest.importorskip("fastapi")
+    from tests.helpers.live_server import live_server
+
+    import httpx
+
+    cache_dir = tmp_path / "kv"
+    prompt = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 12
+    with live_server(SHIPPED, "--cache-dir", str(cache_dir), "--cache-ram", "0") as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0},
+                       timeout=120)
+        assert r.status_code == 200
+    assert len(list(cache_dir.glob("*.kvstate"))) == 1
+    with live_server(SHIPPED, "--cache-dir", str(cache_dir), "--cache-ram", "0") as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": prompt + "print(fib(10))", "max_tokens": 4,
+                                                      "temperature": 0}, timeout=120).json()
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= r["usage"]["prompt_tokens"] - 20
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    p = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "-m", str(SHIPPED), "--port", "0",
+                        "--cache-dir", str(blocked / "sub")], capture_output=True, env=env, timeout=120)
+    assert p.returncode == 2 and "--cache-dir" in p.stderr.decode() and b"Traceback" not in p.stderr
