@@ -50,7 +50,7 @@ def run(args, stdin=None, stdout=None) -> int:
                                   f"raise -c")
     conv = Conversation(model, args.system_prompt, sampling_params(**sampling_kwargs(args)), max_tokens(args),
                         args.reverse_prompt, None if args.reasoning_budget < 0 else args.reasoning_budget,
-                        args.reasoning_budget_message)
+                        args.reasoning_budget_message or "")
     print(HOW_TO_LEAVE, file=sys.stderr, flush=True)
     interactive = stdin.isatty()
     while True:

@@ -353,7 +353,7 @@ def add_reasoning_args(p: argparse.ArgumentParser, who: str = "a chat reply") ->
     p.add_argument("--reasoning-budget", type=reasoning_budget, default=-1, metavar="N",
                    help=f"reasoning tokens {who} may write before its </think> is forced; 0 ends reasoning at "
                         "once; -1: no limit (default: -1)")
-    p.add_argument("--reasoning-budget-message", type=budget_message, default="", metavar="TEXT",
+    p.add_argument("--reasoning-budget-message", type=budget_message, default=None, metavar="TEXT",
                    help="text written before the forced </think>, e.g. ' Time to answer.' (default: none)")
 
 

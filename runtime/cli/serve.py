@@ -154,7 +154,7 @@ def run(args) -> int:
         print("prompt cache: --cache-dir is not used on the GPU tier (its KV cache is on the card)", file=sys.stderr)
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
-                     reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message,
+                     reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message or "",
                      metrics=args.metrics)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
