@@ -104,26 +104,71 @@ def test_files_of_another_model_or_layout_are_not_offered(tmp_path):
     assert disk.usable(kv_state.layout(q8.cache)) == [] and len(disk.usable(kv_state.layout(model.cache))) == 1
 
 
+def _rewrite_header(path, edit) -> None:
+    """The file with its header edited by `edit(header)` and its CRC-32 made right again."""
+    import json
+    import zlib
+
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[16:24], "little")
+    header = json.loads(raw[28:28 + n])
+    edit(header)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    data_at = state_file._start(n)
+    path.write_bytes(raw[:16] + len(head).to_bytes(8, "little") + zlib.crc32(head).to_bytes(4, "little") + head
+                     + b"\0" * (state_file._start(len(head)) - 28 - len(head)) + raw[data_at:])
+
+
 def test_damaged_files_are_refused_by_name_and_removed(tmp_path, capsys):
     model = _load()
     model.eval_prompt(list(range(10, 600)))
     good = tmp_path / "good.kvstate"
     write(good, model.save_state(checkpoint=True), state_file.model_identity(SHIPPED))
     raw = good.read_bytes()
-    cases = {"magic": b"NOT" + raw[3:], "short": raw[:-100], "flipped": raw[:-50] + bytes([raw[-50] ^ 1]) + raw[-49:]}
+    cases = {"magic": b"NOT" + raw[3:], "short": raw[:-100], "flipped": raw[:-50] + bytes([raw[-50] ^ 1]) + raw[-49:],
+             "header": raw[:40] + bytes([raw[40] ^ 1]) + raw[41:]}  # a flipped bit in the header: its CRC-32
     for name, data in cases.items():
         path = tmp_path / f"{name}.kvstate"
         path.write_bytes(data)
         with pytest.raises(StateFileError, match=name):
             read_state(path, read_header(path))
-    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)  # the one whose magic is wrong is skipped, said so
-    assert "magic.kvstate" in capsys.readouterr().err
+    # headers that parse but say nonsense (review 92: one disabled the cache for every request)
+    edits = {"layout": lambda h: h.update(layout=[1]), "tokens": lambda h: h["tokens"].__setitem__(-1, "x"),
+             "huge": lambda h: h["tokens"].__setitem__(0, 10**30), "dtype": lambda h: h["slots"][0][0].update(dtype="|O"),
+             "offset": lambda h: h["slots"][0][0].update(offset=-5), "ring": lambda h: h["checkpoint"].update(n_past="3")}
+    for name, edit in edits.items():
+        path = tmp_path / f"{name}.kvstate"
+        path.write_bytes(raw)
+        _rewrite_header(path, edit)
+        with pytest.raises(StateFileError, match=name):
+            read_state(path, read_header(path))
+    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)  # the unreadable ones are named and removed at the start
+    err = capsys.readouterr().err
+    assert all(f"{name}.kvstate" in err for name in ["magic", "header", *edits])
     assert sorted(e.path.name for e in disk.entries) == ["flipped.kvstate", "good.kvstate", "short.kvstate"]
+    assert sorted(p.name for p in tmp_path.glob("*.kvstate")) == ["flipped.kvstate", "good.kvstate", "short.kvstate"]
     for e in list(disk.entries):
         if e.path.name != "good.kvstate":
             assert disk.get(e) is None and not e.path.exists()
     assert "damaged state file" in capsys.readouterr().err
-    assert disk.get(disk.entries[0]) is not None
+    state = disk.get(disk.entries[0])
+    assert state is not None and isinstance(state.slots[0][0].base, np.ndarray)  # mapped, not read into a copy
+
+
+def test_a_state_the_model_refuses_is_dropped_and_the_live_cache_kept(tmp_path, capsys):
+    """A file that reads but does not load (of another model under this one's name): dropped,
+    said, and the request goes on from the live cache (review 92: it reset it, every time)."""
+    model = _load()
+    conv = list(range(10, 700))
+    model.eval_prompt(conv)
+    path = tmp_path / "x.kvstate"
+    write(path, model.save_state(checkpoint=True), state_file.model_identity(SHIPPED))
+    _rewrite_header(path, lambda h: h.update(model="other.gguf (5 bytes)"))
+    model.reset()
+    model.eval_prompt(list(range(5, 400)))
+    cache = PromptCache(0, DiskStates(tmp_path, 1 << 30, SHIPPED))
+    assert cache.prepare(model, conv + [1]) == 0 and not path.exists()
+    assert "refused and dropped" in capsys.readouterr().err and model.n_past == 395
 
 
 def test_the_disk_budget_holds_and_newer_files_replace_their_prefixes(tmp_path):
@@ -174,3 +219,60 @@ def test_serve_writes_the_live_conversation_when_it_stops(tmp_path):
     p = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "-m", str(SHIPPED), "--port", "0",
                         "--cache-dir", str(blocked / "sub")], capture_output=True, env=env, timeout=120)
     assert p.returncode == 2 and "--cache-dir" in p.stderr.decode() and b"Traceback" not in p.stderr
+
+
+def test_files_are_the_models_run_the_same_way_and_every_file_counts(tmp_path, capsys):
+    """Review 92: a state written with float32 activations was loaded under int8 ones (its
+    log-probabilities off by 0.1); files of a replaced model were never counted nor removed; a
+    file of another cache layout suppressed a write or was replaced across layouts."""
+    model = _load()
+    conv = list(range(10, 700))
+    model.eval_prompt(conv)
+    q8 = DiskStates(tmp_path, 1 << 30, SHIPPED, "activations q8")
+    q8.put(model.save_state(checkpoint=True))
+    assert DiskStates(tmp_path, 1 << 30, SHIPPED, "activations f32").entries == []  # not offered to f32
+    assert "and 1 of another model or run" in DiskStates(tmp_path, 1 << 30, SHIPPED, "activations f32").describe()
+    # another cache layout's file neither stops a write nor is replaced by a longer state
+    kq8 = _load(cache_type_k="q8_0")
+    kq8.eval_prompt(conv + [3, 4])
+    q8.put(kq8.save_state(checkpoint=True))
+    model.eval_prompt(conv + [3])
+    q8.put(model.save_state(checkpoint=True))
+    # the q8_0-layout file was written beside the f16 one (it was not "held" by it), and the f16
+    # one was replaced by its own extension alone
+    assert q8.writes == 3 and [len(e.tokens) for e in q8.files] == [len(conv) + 2, len(conv) + 1]
+    assert [e.layout == kv_state.layout(kq8.cache) for e in q8.files] == [True, False]
+    assert len(q8.files) == len(list(tmp_path.glob("*.kvstate")))
+    # the budget counts every file, whoever wrote it, and evicts the oldest first
+    one = max(e.nbytes for e in q8.files)
+    small = DiskStates(tmp_path, int(2.5 * one), SHIPPED, "activations x")
+    model.reset()
+    model.eval_prompt(list(range(20, 700)))
+    small.put(model.save_state(checkpoint=True))
+    assert small.nbytes <= small.budget and len(list(tmp_path.glob("*.kvstate"))) == 2
+
+
+def test_a_failed_write_keeps_the_files_it_would_replace(tmp_path, capsys, monkeypatch):
+    model = _load()
+    conv = list(range(10, 700))
+    model.eval_prompt(conv)
+    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)
+    disk.put(model.save_state(checkpoint=True))
+    model.eval_prompt(conv + [5, 6])
+    from runtime.server import disk_states
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(disk_states, "write", full)
+    disk.put(model.save_state(checkpoint=True))
+    disk.put(model.save_state(checkpoint=True))
+    assert len(list(tmp_path.glob("*.kvstate"))) == 1 and disk.failures == 2  # the shorter one is kept
+    assert capsys.readouterr().err.count("No space left on device") == 1  # said once
+    monkeypatch.undo()
+    disk.put(model.save_state(checkpoint=True))  # room again: written, and it replaces the shorter one
+    assert [e.tokens for e in disk.entries] == [tuple(conv + [5, 6])]
+    tiny = DiskStates(tmp_path / "t", 1024, SHIPPED)
+    tiny.put(model.save_state(checkpoint=True))
+    tiny.put(model.save_state(checkpoint=True))
+    assert tiny.files == [] and capsys.readouterr().err.count("--cache-dir-size") == 1

@@ -142,3 +142,23 @@ def test_metrics_are_off_unless_asked(served):
     with TestClient(create_app(engine, model_name="m")) as http:
         assert http.get("/metrics").status_code == 404
         assert http.get("/props").status_code == 200
+
+
+def test_texts_no_prompt_could_hold_are_refused_before_tokenizing(served):
+    """Review 92: a 6.9 MiB /tokenize held the HTTP loop for 8.8 s; the content is bounded at
+    4 x the context (a document to count), refused without tokenizing, and the work runs off
+    the loop."""
+    engine, http = served
+    limit = 4 * engine.model.n_ctx
+    r = http.post("/tokenize", json={"content": "word " * (200 * limit)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_too_long"
+    r = http.post("/detokenize", json={"tokens": [1] * (limit + 1)})
+    assert r.status_code == 400 and str(limit) in r.json()["error"]["message"]
+    assert http.post("/detokenize", json={"tokens": [1] * limit}).status_code == 200
+
+
+def test_metrics_print_every_digit():
+    from runtime.server.metrics import Metrics
+
+    m = Metrics(prompt_seconds=1234567.891)
+    assert "llamacpp:prompt_seconds_total 1234567.891\n" in m.text(0, 0)

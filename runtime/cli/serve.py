@@ -127,7 +127,8 @@ def run(args) -> int:
     from runtime.cli.common import load_model
 
     # before the model loads: a directory it cannot use fails fast, as a taken port does
-    disk = DiskStates(args.cache_dir, args.cache_dir_size, Path(args.model)) if args.cache_dir is not None else None
+    disk = DiskStates(args.cache_dir, args.cache_dir_size, Path(args.model), f"activations {args.activations}") \
+        if args.cache_dir is not None else None
     sock = _listen(args.host, args.port)
     loading = LoadingResponder(sock)  # meanwhile every request gets 503 "loading" at once
     try:

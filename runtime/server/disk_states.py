@@ -7,12 +7,14 @@ prompt cache (runtime.server.prompt_cache) writes here every conversation it kee
 when the server stops, the live one; it offers the files to each request beside its RAM
 states, by the same score (Model.reusable).
 
-Files are this model's only (its file's name, size and modification time: state_file's
-identity) and within `budget` bytes, the least recently used removed first; a file whose
-tokens begin a newer one's is replaced by it. Files of another model or cache layout in the
-same directory are left alone. Writes go to a temporary name and are renamed, so a server
-killed while writing leaves no half file (its temporary is removed at the next start). One
-server per directory.
+Files are offered to this model only (its file's name, size and modification time and its
+activations' rounding: state_file's identity) and to its cache layout; within `budget` bytes
+for every state file in the directory, whoever wrote it (a model replaced by a new download
+leaves its files to age out), the least recently used removed first. A file whose tokens begin
+a newer one's (of the same model and layout) is replaced by it, once the newer one is written.
+A damaged file is named in the log and removed. Writes go to a temporary name and are renamed,
+so a server killed while writing leaves no half file (its temporary is removed at the next
+start). One server per directory.
 """
 
 from __future__ import annotations
@@ -29,75 +31,91 @@ from runtime.server.state_file import SUFFIX, StateFileError, StateOnDisk, model
 
 
 class DiskStates:
-    def __init__(self, directory: Path, budget: int, model_path: Path):
+    def __init__(self, directory: Path, budget: int, model_path: Path, variant: str = ""):
+        """variant: what besides the file changes the cache's values ("activations q8")."""
         self.dir, self.budget = Path(directory), budget
-        self.identity = model_identity(model_path)
+        self.identity = model_identity(model_path, variant)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StepstreamError(f"--cache-dir {self.dir}: cannot create it: {e.strerror}") from None
-        if not os.access(self.dir, os.W_OK | os.X_OK):
+        if not self.dir.is_dir() or not os.access(self.dir, os.W_OK | os.X_OK):
             raise StepstreamError(f"--cache-dir {self.dir}: not a writable directory")
         for tmp in self.dir.glob(f".*{SUFFIX}.*.tmp"):  # left by a server killed while writing
             tmp.unlink(missing_ok=True)
-        self.entries: list[StateOnDisk] = []  # least recently used first
+        self.files: list[StateOnDisk] = []  # every state file, least recently used first
         for path in self.dir.glob(f"*{SUFFIX}"):
-            try:
-                header = read_header(path)
-            except StateFileError as e:
-                self._say(f"skipped: {e}")
+            if not path.is_file():
                 continue
-            if header["identity"] == self.identity:
-                self.entries.append(StateOnDisk(path, header, path.stat().st_size))
-        self.entries.sort(key=lambda e: e.path.stat().st_mtime_ns)
-        self.broken = False  # a write failed (the disk is full, say): no more are tried
-        self.writes = self.reads = 0
+            try:
+                self.files.append(StateOnDisk(path, read_header(path), path.stat().st_size))
+            except StateFileError as e:
+                self._say(f"{e}: removed")
+                path.unlink(missing_ok=True)
+        self.files.sort(key=lambda e: e.path.stat().st_mtime_ns)
+        self.writes = self.reads = self.failures = 0
+        self.said_too_big = False
+
+    @property
+    def entries(self) -> list[StateOnDisk]:
+        """This model's files."""
+        return [e for e in self.files if e.header["identity"] == self.identity]
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries)
+        return sum(e.nbytes for e in self.files)
 
     def usable(self, layout: tuple) -> list[StateOnDisk]:
         """The files a model with this cache layout can load."""
         return [e for e in self.entries if e.layout == layout]
 
-    def holds(self, tokens: tuple) -> bool:
-        """Whether a file holds these tokens, or more that begin with them (a conversation loaded
-        from its file and not taken further is not written again)."""
-        return any(e.tokens[: len(tokens)] == tokens for e in self.entries)
+    def holds(self, state: SavedState) -> bool:
+        """Whether a file of this model and layout holds these tokens, or more that begin with
+        them (a conversation loaded from its file and not taken further is not written again)."""
+        return any(e.tokens[: len(state.tokens)] == state.tokens for e in self.usable(state.layout))
 
     def put(self, state: SavedState) -> None:
-        """Write `state` (room made first; nothing written that the budget cannot hold)."""
-        if self.broken or self.holds(state.tokens):
+        """Write `state` (room made first: nothing written that the budget cannot hold); the files
+        it extends are removed once it is written."""
+        if self.holds(state):
             return
-        size = state.nbytes + 64 * 1024  # and its header: ~6 bytes a token
+        size = state.nbytes + 64 * 1024 + 16 * len(state.tokens)  # and its header
         if size > self.budget:
+            if not self.said_too_big:
+                self.said_too_big = True
+                self._say(f"a conversation of {len(state.tokens):,} tokens takes {size_text(size)}, more than "
+                          f"--cache-dir-size {size_text(self.budget)}: it is not written (give a larger one)")
             return
-        for old in [e for e in self.entries if state.tokens[: len(e.tokens)] == e.tokens]:  # it extends them
-            self._remove(old)
-        while self.entries and self.nbytes + size > self.budget:
-            self._remove(self.entries[0])
+        extended = [e for e in self.usable(state.layout) if state.tokens[: len(e.tokens)] == e.tokens]
+        while self.files and self.nbytes - sum(e.nbytes for e in extended) + size > self.budget:
+            victim = next(e for e in self.files if e not in extended) if len(self.files) > len(extended) else None
+            if victim is None:
+                break
+            self._remove(victim)
         path = self.dir / f"{time.time_ns():x}-{len(state.tokens)}{SUFFIX}"
         try:
             nbytes = write(path, state, self.identity)
-            self.entries.append(StateOnDisk(path, read_header(path), nbytes))
+            self.files.append(StateOnDisk(path, read_header(path), nbytes))
         except (OSError, StateFileError) as e:
-            self.broken = True
-            self._say(f"writing {path} failed ({e}); conversations are no longer written to --cache-dir")
+            self.failures += 1
+            if self.failures == 1:  # said once; each conversation kept later tries again
+                self._say(f"writing {path} failed ({e}); the files already written are kept")
             return
+        for old in extended:
+            self._remove(old)
         self.writes += 1
 
     def get(self, entry: StateOnDisk) -> SavedState | None:
         """The state in `entry`'s file (and it becomes the most recently used), or None when the
-        file is gone or damaged (then it is forgotten, and said once per file)."""
+        file is gone or damaged (then it is removed, and said)."""
         try:
             state = entry.load()
         except StateFileError as e:
             self._say(f"{e}: removed")
-            self._remove(entry)
+            self.remove(entry)
             return None
-        self.entries.remove(entry)
-        self.entries.append(entry)
+        self.files.remove(entry)
+        self.files.append(entry)
         try:
             os.utime(entry.path)
         except OSError:
@@ -105,9 +123,13 @@ class DiskStates:
         self.reads += 1
         return state
 
+    def remove(self, entry: StateOnDisk) -> None:
+        """Forget a file (one whose state the model refused, say) and delete it."""
+        self._remove(entry)
+
     def _remove(self, entry: StateOnDisk) -> None:
-        if entry in self.entries:
-            self.entries.remove(entry)
+        if entry in self.files:
+            self.files.remove(entry)
         entry.path.unlink(missing_ok=True)
 
     @staticmethod
@@ -115,5 +137,7 @@ class DiskStates:
         print(f"prompt cache: {text}", file=sys.stderr, flush=True)
 
     def describe(self) -> str:
-        return (f"{len(self.entries)} conversation{'s' * (len(self.entries) != 1)} on disk in {self.dir} "
-                f"({size_text(self.nbytes)} of {size_text(self.budget)})")
+        mine, others = len(self.entries), len(self.files) - len(self.entries)
+        return (f"{mine} conversation{'s' * (mine != 1)} on disk in {self.dir}"
+                + (f" (and {others} of another model or run)" if others else "")
+                + f", {size_text(self.nbytes)} of {size_text(self.budget)}")

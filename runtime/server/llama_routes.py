@@ -26,6 +26,7 @@ def add_llama_routes(app: FastAPI, engine, *, authorize, read_json, metrics: boo
     """authorize(request) and read_json(request): the app's own (the key, the body's limits)."""
     model = engine.model
     vocab = model.cfg.vocab
+    limit = 4 * model.n_ctx  # tokens a request may tokenize or detokenize (a document to count, beside prompts)
 
     async def body(request: Request) -> dict:
         authorize(request)
@@ -38,27 +39,40 @@ def add_llama_routes(app: FastAPI, engine, *, authorize, read_json, metrics: boo
         add_special = _get(b, "add_special", (bool,), False)
         parse_special = _get(b, "parse_special", (bool,), True)
         with_pieces = _get(b, "with_pieces", (bool,), False)
-        ids = await asyncio.to_thread(model.tokenize, content, add_bos=add_special, special=parse_special)
-        if not with_pieces:
-            return {"tokens": ids}
-        out = []
-        for t in ids:
-            piece = model.tokenizer.decode_bytes([t], special=True)
-            try:
-                out.append({"id": t, "piece": piece.decode("utf-8")})
-            except UnicodeDecodeError:  # part of a character: its bytes, as llama-server sends them
-                out.append({"id": t, "piece": list(piece)})
-        return {"tokens": out}
+        try:  # a text no prompt could hold is refused before the seconds its tokenization would take
+            model.tokenizer.check_fits(content, limit)
+        except PromptTooLong as e:
+            raise ApiError(400, f"the content is at least {e.at_least} tokens ({e.n_bytes} bytes of text), more than "
+                                f"{limit} (4 x the context)", param="content", code="content_too_long") from None
+
+        def pieces() -> list:
+            ids = model.tokenize(content, add_bos=add_special, special=parse_special)
+            if not with_pieces:
+                return ids
+            out = []
+            for t in ids:
+                piece = model.tokenizer.decode_bytes([t], special=True)
+                try:
+                    out.append({"id": t, "piece": piece.decode("utf-8")})
+                except UnicodeDecodeError:  # part of a character: its bytes, as llama-server sends them
+                    out.append({"id": t, "piece": list(piece)})
+            return out
+
+        return {"tokens": await asyncio.to_thread(pieces)}  # (off the loop: other streams go on)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         b = await body(request)
         ids = _get(b, "tokens", (list,), required=True)
+        if len(ids) > limit:
+            raise ApiError(400, f"'tokens' holds {len(ids)} ids, more than {limit} (4 x the context)", param="tokens",
+                           code="invalid_value")
         for i, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ApiError(400, f"tokens[{i}] = {t!r:.40} is not a token id (0..{vocab - 1})", param="tokens",
                                code="invalid_value")
-        return {"content": model.detokenize(ids, special=True).decode("utf-8", "replace")}
+        text = await asyncio.to_thread(model.detokenize, ids, special=True)
+        return {"content": text.decode("utf-8", "replace")}
 
     @app.post("/apply-template")
     async def apply_template(request: Request):

@@ -58,7 +58,7 @@ class Metrics:
         lines = []
         for name, kind, help_text, value in rows:
             lines += [f"# HELP llamacpp:{name} {help_text}", f"# TYPE llamacpp:{name} {kind}",
-                      f"llamacpp:{name} {value:g}" if isinstance(value, float) else f"llamacpp:{name} {value}"]
+                      f"llamacpp:{name} {value!r}"]  # (repr: every digit, so a large counter still moves)
         return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ import sys
 
 from runtime.base.memory_limit import size_text
 from runtime.model import kv_state
-from runtime.model.kv_state import SavedState
+from runtime.model.kv_state import SavedState, StateMismatch
 from runtime.server.disk_states import DiskStates
 
 MIN_GAIN = 32  # positions a kept state must add to what the live cache gives
@@ -69,16 +69,32 @@ class PromptCache:
                        if e.tokens not in ram]
         best, in_ram, kept = max(scored, key=lambda x: x[:2], default=(0, 1, None))
         if best >= live + MIN_GAIN:
+            # a file's arrays are mapped, not held: it is loaded from the page cache, and is not
+            # copied into the RAM tier (its file serves it again)
             state = kept if in_ram else self.disk.get(kept)
             if state is not None:
-                self._remember(state)  # kept (most recently used): a later prompt may want more of it
+                if in_ram:
+                    self._remember(state)  # kept (most recently used): a later prompt may want more of it
                 self._keep(model)  # (the live cache, used later still)
-                model.load_state(state)
+                try:
+                    model.load_state(state)  # (a state it refuses leaves the cache as it was)
+                except StateMismatch as e:
+                    self._forget(state if in_ram else kept, e)
+                    return live
                 self.loads += 1
                 return best
         if len(model.history) - live >= MIN_KEEP:
             self._keep(model)
         return live
+
+    def _forget(self, kept, why: Exception) -> None:
+        """A kept state or file the model refused (damaged, or of another model under this one's
+        name): gone from its tier, said in the log."""
+        print(f"prompt cache: a kept conversation was refused and dropped: {why}", file=sys.stderr, flush=True)
+        if isinstance(kept, SavedState):
+            self.states = [s for s in self.states if s is not kept]
+        else:
+            self.disk.remove(kept)
 
     def persist(self, model) -> None:
         """The live cache to the disk tier (the server is stopping)."""
