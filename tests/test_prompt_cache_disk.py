@@ -16,27 +16,18 @@ import pytest
 
 import runtime
 from runtime.cli.demo import model_path
-from runtime.generation import request as completion
-from runtime.generation.sampling import SamplingParams
 from runtime.model import kv_state
 from runtime.server import state_file
 from runtime.server.disk_states import DiskStates
 from runtime.server.prompt_cache import PromptCache
 from runtime.server.state_file import StateFileError, read_header, read_state, write
+from tests.test_prompt_cache import _ask  # prepare, then one request: (cached, tokens, logprobs)
 
 SHIPPED = Path(model_path())
 
 
 def _load(**kw):
     return runtime.load(str(SHIPPED), n_ctx=2048, **kw)
-
-
-def _ask(model, cache, prompt, n=12):
-    cache.prepare(model, prompt)
-    req = completion.Request(list(prompt), SamplingParams(temperature=0), n, logprobs=0)
-    steps = list(completion.run(model, req))
-    return req.timings.cached_n, [lp.token for s in steps for lp in s.logprobs], \
-        [lp.logprob for s in steps for lp in s.logprobs]
 
 
 def _same(a, b) -> bool:
