@@ -160,6 +160,16 @@ def test_the_servers_budget_and_message_apply_where_a_request_sets_none(model_fi
     with client:
         try:
             assert _chat(client) == expected(local, 2, " Done.")
+            # Anthropic's requests: thinking absent or disabled takes the server's; enabled its own
+            # budget_tokens; adaptive none (the model decides)
+            def think(**fields):
+                r = client.post("/v1/messages", json={"messages": MESSAGES, "max_tokens": N, "temperature": 0,
+                                                      **fields}).json()
+                return r["usage"]["output_tokens_details"]["thinking_tokens"]
+
+            cut, whole = think(), think(thinking={"type": "adaptive"})
+            assert cut == think(thinking={"type": "disabled"}) < think(thinking={"type": "enabled",
+                                                                                 "budget_tokens": 6}) < whole
             assert _chat(client, thinking_budget_tokens=-1) == (REASONING, "The answer is 4.")
             # a text completion's reasoning is its own
             ids = local.chat_tokens(MESSAGES)

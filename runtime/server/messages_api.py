@@ -135,13 +135,14 @@ def _tool_choice(choice) -> tuple[str | dict, bool]:
 
 
 def _thinking(value) -> tuple[str, int | None]:
-    """How thinking is shown, and the budget it sets (None: none set)."""
+    """How thinking is shown, and the budget it sets (None: none set; -1: no limit, adaptive
+    thinking's: the model decides how long to think)."""
     if value is None:
         return "hidden", None
     if not isinstance(value, dict) or value.get("type") not in ("enabled", "disabled", "adaptive", "between_tools"):
         raise _refuse(f"thinking must be {{'type': enabled, disabled, adaptive or between_tools}}, got "
                       f"{json.dumps(value)[:80]}")
-    budget = None
+    budget = None if value["type"] in ("enabled", "disabled") else -1
     if value["type"] == "enabled":
         budget = value.get("budget_tokens")
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
@@ -161,7 +162,7 @@ def _budget(thinking_budget: int | None, effort) -> int | None:
     limits = [b for b in (thinking_budget, by_effort) if b is not None and b >= 0]
     if limits:
         return min(limits)
-    return -1 if by_effort is not None else None
+    return -1 if by_effort is not None or thinking_budget is not None else None
 
 
 def _system(system) -> list[dict]:
