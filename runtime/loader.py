@@ -65,8 +65,8 @@ def load(path: str | Path | None = None, **options) -> Model:
         # threads: measured here, one BLAS thread doubled prefill (90 -> 207 tok/s).
         system.set_blas_threads(1)
     limit, usable = system.memory_limit(), system.usable_memory()
-    # "auto" made bytes, for the server; none on the GPU tier, whose cache is on the card (serve keeps none there)
-    opts = replace(opts, prompt_cache=opts.prompt_cache_bytes(usable) if opts.gpu_budget is None else 0)
+    # "auto" made bytes, for the server (on the GPU tier too: kept states are copied back to RAM)
+    opts = replace(opts, prompt_cache=opts.prompt_cache_bytes(usable))
     runtime = runtime_needs(cfg, opts.context(cfg.context_length), opts.rollback, limit, opts.kv_types,
                             opts.n_batch, tokenizer_built=tokenizer is not None,
                             mtp_heads=len(weights.nextn) if opts.mtp != 0 else 0, kept=opts.prompt_cache)

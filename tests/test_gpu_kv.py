@@ -70,3 +70,31 @@ def test_device_cache_follows_the_host_cache_through_growth_wraps_trims_and_abor
     host.abort(); dev.abort()
     _same(host, dev)
     assert dev.nbytes == sum(2 * l.k.shape[0] * NK * D * 4 for l in dev.layers)
+
+
+def test_a_device_cache_saves_and_loads_states_as_the_host_cache_does():
+    """The prompt cache on the GPU tier: a state taken from the card holds what the host's float32
+    cache holds, driven the same way; it loads back into a fresh card cache and into a host cache
+    (and a host state into a card cache), after which both go on alike."""
+    from runtime.model import kv_state
+
+    host, dev = _pair()
+    rng = np.random.default_rng(5)
+    for p in range(15):  # the ring wraps, the growing layer grows past its 4 slots
+        _step(host, dev, p, rng)
+    tokens = list(range(100, 115))
+    hs, ds = kv_state.take(host, tokens, "m"), kv_state.take(dev, tokens, "m")
+    assert hs.layout == ds.layout and hs.nbytes == ds.nbytes == kv_state.size(dev) == kv_state.size(host)
+    for a, b in zip(hs.slots, ds.slots):
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+    host2, dev2 = _pair()
+    kv_state.restore(dev2, hs, "m")  # a host state onto a card
+    kv_state.restore(host2, ds, "m")  # and a card's onto the host
+    _same(host2, dev2)
+    _same(host, dev2)
+    for p in range(15, 19):
+        _step(host2, dev2, p, np.random.default_rng(p))
+    _same(host2, dev2)
+    with pytest.raises(kv_state.StateMismatch, match="layout"):
+        kv_state.restore(DeviceKVCache((NK,), D, (True,), W, 40, ROLLBACK, start_capacity=4), ds, "m")

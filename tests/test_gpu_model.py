@@ -95,3 +95,24 @@ def test_gpu_greedy_text_equals_the_cpu_path(cpu_model):
     want = list(cpu_model.generate(PROMPT, max_tokens=4, temperature=0.0))
     got = list(g.generate(PROMPT, max_tokens=4, temperature=0.0))
     assert got == want
+
+
+@pytest.mark.slow
+def test_gpu_prompt_cache_gives_an_interrupted_conversation_back(tmp_path):
+    """The server's prompt cache on the GPU tier: states copied back from the card (RAM tier and
+    disk tier) give the conversation its prompt back, with the tokens a fresh evaluation gives."""
+    from runtime.server.disk_states import DiskStates
+    from runtime.server.prompt_cache import PromptCache
+    from tests.test_prompt_cache import _ask
+
+    g = load(SHIPPED, n_ctx=1024, gpu_budget="auto")
+    rng = np.random.default_rng(3)
+    a, b = (rng.integers(0, 2000, n).tolist() for n in (400, 300))
+    for cache in (PromptCache(1 << 30), PromptCache(0, DiskStates(tmp_path, 1 << 30, SHIPPED))):
+        g.reset()
+        _, reply, _ = _ask(g, cache, a, 6)
+        _ask(g, cache, b, 2)
+        cached, tokens, _ = _ask(g, cache, a + reply + [7], 6)
+        assert cached >= len(a) - 1 and cache.loads == 1
+        g.reset()
+        assert _ask(g, PromptCache(0), a + reply + [7], 6)[1] == tokens

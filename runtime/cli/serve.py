@@ -145,14 +145,11 @@ def run(args) -> int:
     model.tokenizer  # noqa: B018 - built now, not by the first request's handler
     name = args.alias or model.name
     kept = model.options.prompt_cache
-    disk = disk if model.gpu is None else None
-    prompts = PromptCache(kept, disk) if (kept or disk) and model.gpu is None else None
+    prompts = PromptCache(kept, disk) if kept or disk else None
     if kept and prompts is not None:
         print(f"prompt cache: up to {size_text(kept)} of other conversations' KV caches", file=sys.stderr)
     if disk is not None:
         print(f"prompt cache: {disk.describe()}", file=sys.stderr)
-    elif args.cache_dir is not None:
-        print("prompt cache: --cache-dir is not used on the GPU tier (its KV cache is on the card)", file=sys.stderr)
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
                      reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message or "",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.base.errors import StepstreamError
+from runtime.model import kv_types
 
 
 class StateMismatch(StepstreamError, ValueError):
@@ -66,10 +67,44 @@ def layout(cache) -> tuple:
                  for layer in cache.layers)
 
 
+def _on_device(layer) -> bool:
+    """A layer of the GPU tier's cache (runtime.model.gpu.kv), whose keys and values are on the card."""
+    return hasattr(layer.k, "copy_to_host")
+
+
+def _in_use(layer) -> int:
+    return layer.capacity if layer.ring else layer.n
+
+
+def _host_arrays(layer, copy: bool = True) -> tuple[np.ndarray, ...]:
+    """(k, ks, v, vs, pos) of the slots in use, in host memory: a CPU layer's own (copied, or
+    views), a card's copied back (its float32 keys and values, with the zero-width scales a
+    float32 cache on the CPU has, so that the two load each other's states)."""
+    if not _on_device(layer):
+        return tuple(a.copy() if copy else a for a in layer.view())
+    n = _in_use(layer)
+    k, v = layer.k[:n].copy_to_host(), layer.v[:n].copy_to_host()
+    none = np.zeros(k.shape[:2] + (0,), kv_types.SCALE)
+    return k, none, v, none.copy(), layer.pos[:n].copy()
+
+
+def _shapes(layer, n: int) -> tuple[tuple[np.dtype, tuple], ...]:
+    """(dtype, shape) of each array a state holds for this layer at n positions."""
+    rows = layer.capacity if layer.ring else n
+    if _on_device(layer):
+        k = (np.dtype(np.float32), (rows,) + tuple(layer.k.shape[1:]))
+        none = (np.dtype(kv_types.SCALE), (rows,) + tuple(layer.k.shape[1:2]) + (0,))
+        return k, none, k, none, (layer.pos.dtype, (rows,))
+    return tuple((a.dtype, (rows,) + a.shape[1:]) for a in layer.arrays())
+
+
 def size(cache, checkpoint=None) -> int:
     """The bytes `take` would copy now (the checkpoint counted whole, as SavedState.nbytes counts it)."""
-    return sum(a.nbytes for layer in cache.layers for a in layer.view()) + (
-        checkpoint.nbytes if checkpoint is not None else 0)
+    total = 0
+    for layer in cache.layers:
+        for dtype, shape in _shapes(layer, layer.n):
+            total += int(np.prod(shape)) * dtype.itemsize
+    return total + (checkpoint.nbytes if checkpoint is not None else 0)
 
 
 def take(cache, tokens: list[int], model: str, checkpoint=None, copy: bool = True) -> SavedState:
@@ -78,8 +113,7 @@ def take(cache, tokens: list[int], model: str, checkpoint=None, copy: bool = Tru
     `copy`, the state's arrays are views of the cache, valid until it changes (to write it out)."""
     if len(tokens) != cache.n_past:
         raise AssertionError((len(tokens), cache.n_past))
-    return SavedState(model, layout(cache), tuple(tokens),
-                      tuple(tuple(a.copy() if copy else a for a in layer.view()) for layer in cache.layers),
+    return SavedState(model, layout(cache), tuple(tokens), tuple(_host_arrays(layer, copy) for layer in cache.layers),
                       checkpoint)
 
 
@@ -100,7 +134,9 @@ def restore(cache, state: SavedState, model: str) -> None:
         raise StateMismatch(f"load_state: the state holds {n} tokens, more than this model's context of {limit}")
     _check_slots(cache, state, n)
     for layer, arrays in zip(cache.layers, state.slots):
-        if layer.ring:
+        if _on_device(layer):
+            _to_device(layer, arrays, n)
+        elif layer.ring:
             for dst, src in zip(layer.arrays(), arrays):
                 dst[...] = src
         else:
@@ -113,21 +149,34 @@ def restore(cache, state: SavedState, model: str) -> None:
     cache.n_past = n
 
 
+def _to_device(layer, arrays: tuple, n: int) -> None:
+    """A state's arrays into a layer on the card: its keys and values copied up, its positions
+    the host's (the card's copy uploaded before the next attention)."""
+    k, _, v, _, pos = arrays
+    rows = layer.capacity if layer.ring else n
+    if not layer.ring and layer.capacity < n:
+        layer._grow(n)
+    if rows:
+        layer.k[:rows].copy_to_device(np.ascontiguousarray(k, np.float32))
+        layer.v[:rows].copy_to_device(np.ascontiguousarray(v, np.float32))
+    layer.pos[:rows] = pos
+    layer.pos[rows:] = -1
+    layer.stale = True
+
+
 def _check_slots(cache, state: SavedState, n: int) -> None:
     """Every block's arrays as this cache stores them: a growing block's n rows, a ring's all of
     its slots (an edited or truncated state was written partway, then read as another cache)."""
     if len(state.slots) != len(cache.layers) or not all(isinstance(t, int) for t in state.tokens):
         raise StateMismatch("load_state: the state is damaged (its blocks or tokens do not match its layout)")
     for i, (layer, arrays) in enumerate(zip(cache.layers, state.slots)):
-        mine = layer.arrays()
+        mine = _shapes(layer, n)
         if len(arrays) != len(mine):
             raise StateMismatch(f"load_state: the state is damaged (block {i} holds {len(arrays)} arrays)")
-        for name, a, ref in zip(("keys", "key scales", "values", "value scales", "positions"), arrays, mine):
-            rows = ref.shape[0] if layer.ring else n
-            if not isinstance(a, np.ndarray) or a.dtype != ref.dtype or a.shape != (rows,) + ref.shape[1:]:
+        for name, a, (dtype, shape) in zip(("keys", "key scales", "values", "value scales", "positions"), arrays, mine):
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape:
                 raise StateMismatch(f"load_state: the state is damaged (block {i}'s {name} are "
-                                    f"{getattr(a, 'shape', type(a).__name__)}, expected {(rows,) + ref.shape[1:]} "
-                                    f"{ref.dtype})")
+                                    f"{getattr(a, 'shape', type(a).__name__)}, expected {shape} {dtype})")
 
 
 def _first_difference(theirs: tuple, mine: tuple) -> str:

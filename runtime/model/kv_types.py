@@ -40,6 +40,7 @@ from runtime.model.ops import LANES, dot, dot4
 QK = 32  # q8_0's block: elements per scale
 DTYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}  # the data array's dtype: the type's tag
 _SCALE = np.uint16  # q8_0's f16 scale bits
+SCALE = _SCALE  # (the dtype a state holds for any cache's scales)
 
 
 def check_head_dim(kind: str, head_dim: int, what: str = "the model") -> None:

@@ -758,7 +758,6 @@ class Model:
         Without `copy`, its arrays are views of the cache, valid until the next evaluation (to
         write it to a file without holding a second copy)."""
         self._check_open()
-        self._refuse_on_gpu("save_state")
         return kv_state.take(self.cache, self._tokens, self._identity(), self._checkpoint if checkpoint else None,
                              copy=copy)
 
@@ -771,7 +770,6 @@ class Model:
         """Make the cache hold what it held at save_state (a state of this file and cache layout;
         another is refused with the cache untouched)."""
         self._check_open()
-        self._refuse_on_gpu("load_state")
         kv_state.restore(self.cache, state, self._identity())
         self.version += 1
         self._tokens = list(state.tokens)
@@ -783,11 +781,6 @@ class Model:
 
     def _identity(self) -> str:
         return self._state_identity
-
-    def _refuse_on_gpu(self, name: str) -> None:
-        if self.gpu is not None:
-            raise NotOffered(f"{name}: the GPU tier keeps its KV cache on the card, which a state does not copy yet; "
-                             "load without --gpu-budget to save states")
 
     def generate(self, tokens, max_tokens: int | None = None, mtp=None, **sampling):
         """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.

@@ -59,7 +59,7 @@ class PromptCache:
     def prepare(self, model, prompt: list[int]) -> int:
         """Make the model's cache the best start for `prompt`; returns the positions it will reuse."""
         live = model.reusable(prompt)
-        if (self.budget <= 0 and self.disk is None) or model.gpu is not None:  # (the GPU tier's cache is on the card)
+        if self.budget <= 0 and self.disk is None:
             return live
         # (positions, in RAM, the state or file): RAM first where the two give as much
         scored = [(model.reusable(prompt, s), 1, s) for s in self.states]
@@ -98,7 +98,7 @@ class PromptCache:
 
     def persist(self, model) -> None:
         """The live cache to the disk tier (the server is stopping)."""
-        if self.disk is not None and model.gpu is None and len(model.history) >= MIN_KEEP:
+        if self.disk is not None and len(model.history) >= MIN_KEEP:
             self.disk.put(model.save_state(checkpoint=True, copy=False))  # written before anything changes it
 
     def _keep(self, model) -> None:
