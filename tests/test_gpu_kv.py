@@ -98,3 +98,21 @@ def test_a_device_cache_saves_and_loads_states_as_the_host_cache_does():
     _same(host2, dev2)
     with pytest.raises(kv_state.StateMismatch, match="layout"):
         kv_state.restore(DeviceKVCache((NK,), D, (True,), W, 40, ROLLBACK, start_capacity=4), ds, "m")
+
+
+def test_a_device_checkpoint_restores_on_the_host_and_back():
+    """A state taken on the card carries its rings' checkpoint (no scales: the card's cache is
+    float32); it restores on a host float32 cache as the host's own checkpoint does."""
+    from runtime.model import kv_checkpoint
+
+    host, dev = _pair()
+    rng = np.random.default_rng(6)
+    for p in range(12):
+        _step(host, dev, p, rng)
+    hc, dc = kv_checkpoint.take(host), kv_checkpoint.take(dev)
+    for p in range(12, 16):
+        _step(host, dev, p, rng)
+    kv_checkpoint.restore(host, dc)  # the card's checkpoint on the host
+    kv_checkpoint.restore(dev, hc)  # and the host's on the card
+    _same(host, dev)
+    assert host.n_past == dev.n_past == 12

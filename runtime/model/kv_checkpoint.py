@@ -69,7 +69,9 @@ def restore(cache, cp: KVCheckpoint) -> None:
             layer.k.copy_to_device(r.k)
             layer.v.copy_to_device(r.v)
             layer.stale = True
-        else:
-            layer.k[...], layer.v[...], layer.ks[...], layer.vs[...] = r.k, r.v, r.ks, r.vs
+        else:  # (a card's copy has no scales: a float32 cache's are zero-wide)
+            layer.k[...], layer.v[...] = r.k, r.v
+            if r.ks is not None:
+                layer.ks[...], layer.vs[...] = r.ks, r.vs
         layer.pos[...] = r.pos
     cache.n_past = cp.n_past
