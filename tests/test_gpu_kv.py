@@ -116,3 +116,32 @@ def test_a_device_checkpoint_restores_on_the_host_and_back():
     kv_checkpoint.restore(dev, hc)  # and the host's on the card
     _same(host, dev)
     assert host.n_past == dev.n_past == 12
+
+
+def test_a_state_whose_checkpoint_does_not_fit_the_cache_is_refused_untouched():
+    """Review 93: a checkpoint of one row of uint16 keys passed, then its restore broadcast that
+    row over a whole ring."""
+    import dataclasses
+
+    from runtime.model import kv_checkpoint, kv_state
+
+    host, dev = _pair()
+    rng = np.random.default_rng(7)
+    for p in range(10):
+        _step(host, dev, p, rng)
+    good = kv_state.take(host, list(range(10)), "m", kv_checkpoint.take(host))
+    ring = good.checkpoint.rings[0]
+    bad_rings = [dataclasses.replace(ring, k=ring.k[:1].view(np.uint16)[..., :D]),
+                 dataclasses.replace(ring, index=1), dataclasses.replace(ring, pos=ring.pos[:2])]
+    for cache in (host, dev):
+        before = kv_state.take(host, list(range(10)), "m")
+        for bad in bad_rings:
+            state = dataclasses.replace(good, checkpoint=dataclasses.replace(good.checkpoint, rings=(bad,)))
+            with pytest.raises(kv_state.StateMismatch, match="checkpoint"):
+                kv_state.restore(cache, state, "m")
+        with pytest.raises(kv_state.StateMismatch, match="checkpoint"):
+            kv_state.restore(cache, dataclasses.replace(good, checkpoint=dataclasses.replace(good.checkpoint,
+                                                                                            n_past=11)), "m")
+        after = kv_state.take(host, list(range(10)), "m")
+        assert all(np.array_equal(a, b) for x, y in zip(before.slots, after.slots) for a, b in zip(x, y))
+        kv_state.restore(cache, good, "m")  # and the good one loads

@@ -202,3 +202,29 @@ def test_review_90s_findings(model, capsys):
     engine.prompt_cache.prepare = lambda *args: (_ for _ in ()).throw(MemoryError("no room for a copy"))
     engine._prepare(a)
     assert model.n_past == 0 and "no room for a copy" in capsys.readouterr().err
+
+
+def test_room_is_made_before_the_copy(model):
+    """Review 93: the live cache was copied before older states were dropped, so the kept
+    states reached twice the budget for a moment."""
+    rng = np.random.default_rng(8)
+    convs = [rng.integers(0, model.cfg.vocab, 300).tolist() for _ in range(4)]
+    model.reset()
+    model.eval_prompt(convs[0])
+    one = model.state_nbytes(checkpoint=True)
+    cache = PromptCache(int(1.5 * one))  # room for one
+    seen = []
+    real = model.save_state
+
+    def watched(*args, **kwargs):
+        seen.append(cache.nbytes)
+        return real(*args, **kwargs)
+
+    model.save_state = watched
+    try:
+        model.reset()
+        for c in convs:
+            _ask(model, cache, c, 2)
+    finally:
+        del model.save_state
+    assert len(seen) == 3 and all(n + one <= cache.budget for n in seen), (seen, one, cache.budget)

@@ -170,6 +170,9 @@ def test_the_servers_budget_and_message_apply_where_a_request_sets_none(model_fi
             cut, whole = think(), think(thinking={"type": "adaptive"})
             assert cut == think(thinking={"type": "disabled"}) < think(thinking={"type": "enabled",
                                                                                  "budget_tokens": 6}) < whole
+            # an effort only caps: without thinking, "high" leaves the server's budget (review 93)
+            assert think(output_config={"effort": "high"}) == cut
+            assert think(thinking={"type": "between_tools"}) == whole
             assert _chat(client, thinking_budget_tokens=-1) == (REASONING, "The answer is 4.")
             # a text completion's reasoning is its own
             ids = local.chat_tokens(MESSAGES)

@@ -127,7 +127,9 @@ def run(args) -> int:
     from runtime.cli.common import load_model
 
     # before the model loads: a directory it cannot use fails fast, as a taken port does
-    disk = DiskStates(args.cache_dir, args.cache_dir_size, Path(args.model), f"activations {args.activations}") \
+    # what besides the file changes a state's values: the activations' rounding, and the GPU tier's kernels
+    variant = f"activations {args.activations}" + ("; gpu tier" if args.gpu_budget is not None else "")
+    disk = DiskStates(args.cache_dir, args.cache_dir_size, Path(args.model), variant) \
         if args.cache_dir is not None else None
     sock = _listen(args.host, args.port)
     loading = LoadingResponder(sock)  # meanwhile every request gets 503 "loading" at once

@@ -176,7 +176,35 @@ def _check_slots(cache, state: SavedState, n: int) -> None:
         for name, a, (dtype, shape) in zip(("keys", "key scales", "values", "value scales", "positions"), arrays, mine):
             if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape:
                 raise StateMismatch(f"load_state: the state is damaged (block {i}'s {name} are "
-                                    f"{getattr(a, 'shape', type(a).__name__)}, expected {shape} {dtype})")
+                                    f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}, "
+                                    f"expected {shape} {dtype})")
+    _check_checkpoint(cache, state.checkpoint, n)
+
+
+def _check_checkpoint(cache, cp, n: int) -> None:
+    """A state's checkpoint as restoring it on this cache needs: one ring copy per sliding block,
+    each array its ring's shape and type (a card's copy has no scales, a float32 cache zero-wide
+    ones), at a position the state holds."""
+    if cp is None:
+        return
+    rings = [i for i, layer in enumerate(cache.layers) if layer.ring]
+    n_past = getattr(cp, "n_past", None)
+    copies = getattr(cp, "rings", None)
+    if not isinstance(n_past, int) or not 0 <= n_past <= n or not isinstance(copies, tuple) or \
+            sorted(getattr(r, "index", -1) for r in copies) != rings:
+        raise StateMismatch("load_state: the state is damaged (its checkpoint does not match its rings)")
+    for r in copies:
+        layer = cache.layers[r.index]
+        k, ks, v, vs, pos = _shapes(layer, layer.capacity)
+        want = {"k": k, "v": v, "pos": pos, "ks": ks, "vs": vs}
+        for name, (dtype, shape) in want.items():
+            a = getattr(r, name, None)
+            if a is None and name in ("ks", "vs") and shape[-1] == 0:
+                continue  # a card's copy: a float32 cache has no scales
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape:
+                raise StateMismatch(f"load_state: the state is damaged (block {r.index}'s checkpoint {name} are "
+                                    f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}, "
+                                    f"expected {shape} {dtype})")
 
 
 def _first_difference(theirs: tuple, mine: tuple) -> str:

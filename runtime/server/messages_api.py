@@ -135,8 +135,9 @@ def _tool_choice(choice) -> tuple[str | dict, bool]:
 
 
 def _thinking(value) -> tuple[str, int | None]:
-    """How thinking is shown, and the budget it sets (None: none set; -1: no limit, adaptive
-    thinking's: the model decides how long to think)."""
+    """How thinking is shown, and the budget it sets (None: none set, thinking disabled or absent;
+    -1: no limit, adaptive (or interleaved, between_tools) thinking's: the model decides how long
+    to think)."""
     if value is None:
         return "hidden", None
     if not isinstance(value, dict) or value.get("type") not in ("enabled", "disabled", "adaptive", "between_tools"):
@@ -153,8 +154,10 @@ def _thinking(value) -> tuple[str, int | None]:
 
 
 def _budget(thinking_budget: int | None, effort) -> int | None:
-    """Common.reasoning_budget from thinking.budget_tokens and output_config.effort: the smaller
-    limit of the two given (None: neither given)."""
+    """Common.reasoning_budget from thinking.budget_tokens (-1: adaptive, no limit; None: no
+    thinking asked for) and output_config.effort: the smaller limit of the two. An effort
+    only caps: without thinking its default levels leave the server's --reasoning-budget as it
+    is (review 93: `high` lifted a server's budget of 0 for requests without thinking)."""
     try:
         by_effort = effort_request(effort)
     except StepstreamError as e:
@@ -162,7 +165,7 @@ def _budget(thinking_budget: int | None, effort) -> int | None:
     limits = [b for b in (thinking_budget, by_effort) if b is not None and b >= 0]
     if limits:
         return min(limits)
-    return -1 if by_effort is not None or thinking_budget is not None else None
+    return thinking_budget
 
 
 def _system(system) -> list[dict]:

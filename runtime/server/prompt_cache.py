@@ -110,8 +110,9 @@ class PromptCache:
         size = model.state_nbytes(checkpoint=True)
         state = None
         if size <= self.budget:
+            self._make_room(held, size)  # before the copy: at no time more than the budget (review 93)
             state = model.save_state(checkpoint=True)
-            self._remember(state)
+            self.states.append(state)
             self.keeps += 1
         if self.disk is not None:  # from the RAM copy, or straight from the cache
             self.disk.put(state or model.save_state(checkpoint=True, copy=False))
@@ -125,7 +126,13 @@ class PromptCache:
         """`state` as the most recently used RAM state, if the budget holds it."""
         if state.nbytes > self.budget:
             return
-        self.states = [s for s in self.states if s is not state and not _begins(s.tokens, state.tokens)]
-        while self.states and self.nbytes + state.nbytes > self.budget:
-            self.states.pop(0)
+        self.states = [s for s in self.states if s is not state]
+        self._make_room(state.tokens, state.nbytes)
         self.states.append(state)
+
+    def _make_room(self, tokens: tuple, size: int) -> None:
+        """Drop the states these tokens extend, then the least recently used, until `size` more
+        bytes fit the budget."""
+        self.states = [s for s in self.states if not _begins(s.tokens, tokens)]
+        while self.states and self.nbytes + size > self.budget:
+            self.states.pop(0)
