@@ -115,6 +115,17 @@ def test_tool_calls_reasoning_and_results():
         "<|im_start|>assistant\n")
 
 
+def test_reasoning_under_vllms_name_is_rendered_as_reasoning_content():
+    """Clients of vLLM (0.11 and later) and OpenRouter send an assistant's reasoning back as
+    `reasoning`; the template reads `reasoning_content` (where both are given, that one)."""
+    said = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet."},
+            {"role": "user", "content": "Again?"}]
+    vllm = [said[0], {"role": "assistant", "content": "Hello.", "reasoning": "Greet."}, said[2]]
+    both = [said[0], {**said[1], "reasoning": "something else"}, said[2]]
+    assert render(vllm) == render(said) == render(both) != render([said[0], {"role": "assistant", "content": "Hello."},
+                                                                   said[2]])
+
+
 @pytest.mark.parametrize("arguments, error", [
     ('{"city": "Par', r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not valid JSON"),
     ('["Paris"]', r"messages\[1\]\.tool_calls\[0\]\.function\.arguments must be a JSON object, got list"),

@@ -78,6 +78,14 @@ def _chat_logprobs(lps) -> dict:
                         for lp in lps]}
 
 
+def _both_names(delta: dict) -> dict:
+    """A delta's reasoning under both names clients read: `reasoning_content` (llama.cpp's and
+    DeepSeek's) and `reasoning` (vLLM's since 0.11, OpenRouter's and StepFun's own API's)."""
+    if "reasoning_content" in delta:
+        return {**delta, "reasoning": delta["reasoning_content"]}
+    return delta
+
+
 class ChatReply:
     """/v1/chat/completions: content, `reasoning_content` and `tool_calls` parsed from the text
     (reasoning always, as llama-server does by default; tool calls only when the request offered
@@ -125,6 +133,7 @@ class ChatReply:
         if step.finish_reason:
             deltas += self.stream.finish()
         self.n_calls += sum(len(d.get("tool_calls", ())) for d in deltas)
+        deltas = [_both_names(d) for d in deltas]
         out = [self._envelope([{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]) for d in deltas]
         if want_logprobs and step.logprobs:
             if out:
@@ -145,7 +154,7 @@ class ChatReply:
         message: dict = {"role": "assistant",
                          "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
         if parsed.reasoning is not None:
-            message["reasoning_content"] = parsed.reasoning
+            message["reasoning_content"] = message["reasoning"] = parsed.reasoning
         if parsed.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}

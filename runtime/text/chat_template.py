@@ -64,7 +64,8 @@ def check_roles(messages: list[dict]) -> None:
 
 def normalize_messages(messages: list[dict]) -> list[dict]:
     """`messages` with every assistant tool call's `function.arguments` as a mapping (parsed
-    from JSON text where a client sent text). Messages without tool calls come back as they are."""
+    from JSON text where a client sent text), and a message's `reasoning` as its
+    `reasoning_content` where it has none. Other messages come back as they are."""
     if isinstance(messages, tuple):
         messages = list(messages)
     if not isinstance(messages, list):
@@ -73,6 +74,9 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise StepstreamError(f"each chat message needs a 'role' (and usually 'content'), got {m!r}")
+        if isinstance(m.get("reasoning"), str) and m.get("reasoning_content") is None:
+            # vLLM's and OpenRouter's name for it: the template reads reasoning_content
+            m = {**m, "reasoning_content": m["reasoning"]}
         calls = m.get("tool_calls")
         if calls is None:
             out.append(m)
