@@ -152,6 +152,8 @@ def run(args) -> int:
         print(f"prompt cache: up to {size_text(kept)} of other conversations' KV caches", file=sys.stderr)
     if disk is not None:
         print(f"prompt cache: {disk.describe()}", file=sys.stderr)
+    if args.reasoning_budget >= 0:
+        print(f"reasoning budget: {args.reasoning_budget} tokens for chat requests that set none", file=sys.stderr)
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
                      reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message or "",
