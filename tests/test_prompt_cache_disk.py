@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import runtime
+from runtime.base.errors import StepstreamError
 from runtime.cli.demo import model_path
 from runtime.model import kv_state
 from runtime.server import state_file
@@ -70,6 +71,9 @@ def test_a_restarted_server_answers_the_next_turn_from_the_file(tmp_path):
     assert cache.disk.writes == 1 and len(list(tmp_path.glob("*.kvstate"))) == 1
     cache.persist(model)  # the server stops: the live one too
     assert cache.disk.writes == 2
+    with pytest.raises(StepstreamError, match="another server uses it"):  # one server per directory
+        DiskStates(tmp_path, 1 << 30, SHIPPED)
+    cache.disk.close()
     model.close()
 
     model = _load()  # started again
@@ -221,8 +225,11 @@ def test_files_are_the_models_run_the_same_way_and_every_file_counts(tmp_path, c
     model.eval_prompt(conv)
     q8 = DiskStates(tmp_path, 1 << 30, SHIPPED, "activations q8")
     q8.put(model.save_state(checkpoint=True))
-    assert DiskStates(tmp_path, 1 << 30, SHIPPED, "activations f32").entries == []  # not offered to f32
-    assert "and 1 of another model or run" in DiskStates(tmp_path, 1 << 30, SHIPPED, "activations f32").describe()
+    q8.close()
+    f32 = DiskStates(tmp_path, 1 << 30, SHIPPED, "activations f32")
+    assert f32.entries == [] and "and 1 of another model or run" in f32.describe()  # not offered to f32
+    f32.close()
+    q8 = DiskStates(tmp_path, 1 << 30, SHIPPED, "activations q8")
     # another cache layout's file neither stops a write nor is replaced by a longer state
     kq8 = _load(cache_type_k="q8_0")
     kq8.eval_prompt(conv + [3, 4])
@@ -231,11 +238,12 @@ def test_files_are_the_models_run_the_same_way_and_every_file_counts(tmp_path, c
     q8.put(model.save_state(checkpoint=True))
     # the q8_0-layout file was written beside the f16 one (it was not "held" by it), and the f16
     # one was replaced by its own extension alone
-    assert q8.writes == 3 and [len(e.tokens) for e in q8.files] == [len(conv) + 2, len(conv) + 1]
+    assert q8.writes == 2 and [len(e.tokens) for e in q8.files] == [len(conv) + 2, len(conv) + 1]  # (reopened)
     assert [e.layout == kv_state.layout(kq8.cache) for e in q8.files] == [True, False]
     assert len(q8.files) == len(list(tmp_path.glob("*.kvstate")))
     # the budget counts every file, whoever wrote it, and evicts the oldest first
     one = max(e.nbytes for e in q8.files)
+    q8.close()
     small = DiskStates(tmp_path, int(2.5 * one), SHIPPED, "activations x")
     model.reset()
     model.eval_prompt(list(range(20, 700)))

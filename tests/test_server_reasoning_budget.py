@@ -295,3 +295,33 @@ def test_a_think_tag_in_text_json_or_a_call_is_no_reasoning(tmp_path, script, fi
             assert ask(reasoning_effort="none") == ask(thinking_budget_tokens=0) == plain
         finally:
             engine.close()
+
+
+def test_the_reasoning_field_is_the_servers_choice(model_file):
+    """reasoning_content by default (llama.cpp's name), reasoning (vLLM's) or both, whole and
+    streamed; a client that reads both shows it twice (Kimi Code's issue 3928), so both is asked for."""
+    import json
+
+    for field, names in (("reasoning_content", {"reasoning_content"}), ("reasoning", {"reasoning"}),
+                         ("both", {"reasoning_content", "reasoning"})):
+        engine, http = _app(model_file, reasoning_field=field)
+        with http:
+            try:
+                m = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": N,
+                                                             "temperature": 0}).json()["choices"][0]["message"]
+                assert {k for k in m if k.startswith("reasoning")} == names
+                assert all(m[k] == REASONING for k in names)
+                with http.stream("POST", "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": N,
+                                                                        "temperature": 0, "stream": True}) as r:
+                    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines()
+                              if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+                for k in names:
+                    assert "".join(d.get(k, "") for d in deltas) == REASONING
+                assert not any(k in d for d in deltas for k in {"reasoning_content", "reasoning"} - names)
+            finally:
+                engine.close()
+
+
+def test_a_message_without_a_budget_is_refused_in_the_python_api(local):
+    with pytest.raises(StepstreamError, match="reasoning_message goes with"):
+        local.create_chat_completion(MESSAGES, max_tokens=4, reasoning_message=" Done.")

@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: 8080)")
     p.add_argument("--api-key", type=_api_key, default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: no key)")
     p.add_argument("--alias", default=None, metavar="NAME",
                    help="the model's name in the API (default: the GGUF file's name)")
     p.add_argument("--queue-size", type=positive_int, default=8,
@@ -45,13 +45,27 @@ def add_arguments(p) -> None:
                    help="also keep conversations' KV caches as files in DIR, each one --cache-ram keeps and the "
                         "live one when the server stops, so that a server started again answers a conversation's "
                         "next turn without evaluating its prompt (default: none)")
-    p.add_argument("--cache-dir-size", type=memory_arg, default="32GiB", metavar="SIZE",
+    p.add_argument("--cache-dir-size", type=dir_size, default=None, metavar="SIZE",
                    help="the most the files in --cache-dir take, the least recently used removed first "
                         "(default: 32GiB)")
+    p.add_argument("--reasoning-field", choices=("reasoning_content", "reasoning", "both"),
+                   default="reasoning_content",
+                   help="a chat completion's reasoning as reasoning_content (llama.cpp's and DeepSeek's name), "
+                        "reasoning (vLLM's, OpenRouter's, StepFun's API's) or both (a client that reads both shows "
+                        "it twice) (default: reasoning_content)")
     p.add_argument("--metrics", action="store_true",
                    help="serve GET /metrics: Prometheus counters under llama-server's names (default: off)")
-    add_reasoning_args(p, who="a chat reply of a request that sets no budget of its own (thinking_budget_tokens, "
-                              "reasoning_effort, Anthropic's thinking.budget_tokens)")
+    add_reasoning_args(p, who="a chat reply of a request that sets no budget of its own (chat's "
+                              "thinking_budget_tokens or reasoning_effort, the Responses API's reasoning.effort, the "
+                              "Messages API's thinking.budget_tokens; there an output_config.effort only caps it)")
+
+
+def dir_size(text: str) -> int:
+    """--cache-dir-size: a size with a unit, more than 0 (0 would write nothing, in silence)."""
+    value = memory_arg(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is 0 bytes: give a size with a unit (32GiB), or leave --cache-dir out")
+    return value
 
 
 def cache_ram(text: str) -> int | str:
@@ -126,10 +140,12 @@ def run(args) -> int:
                               "pip install 'stepstream[serve]'") from None
     from runtime.cli.common import load_model
 
+    if args.cache_dir is None and args.cache_dir_size is not None:
+        raise StepstreamError("--cache-dir-size goes with --cache-dir DIR: without a directory nothing is written")
     # before the model loads: a directory it cannot use fails fast, as a taken port does
     # what besides the file changes a state's values: the activations' rounding, and the GPU tier's kernels
     variant = f"activations {args.activations}" + ("; gpu tier" if args.gpu_budget is not None else "")
-    disk = DiskStates(args.cache_dir, args.cache_dir_size, Path(args.model), variant) \
+    disk = DiskStates(args.cache_dir, args.cache_dir_size or 32 * 2**30, Path(args.model), variant) \
         if args.cache_dir is not None else None
     sock = _listen(args.host, args.port)
     loading = LoadingResponder(sock)  # meanwhile every request gets 503 "loading" at once
@@ -157,7 +173,7 @@ def run(args) -> int:
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
                      reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message or "",
-                     metrics=args.metrics)
+                     metrics=args.metrics, reasoning_field=args.reasoning_field)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} (context {model.n_ctx} tokens) at http://{shown}:{port}/v1"
@@ -183,5 +199,6 @@ def run(args) -> int:
         http.join(5)
         if disk is not None:
             _persist(prompts, model)
+            disk.close()
         model.close()
     return 0

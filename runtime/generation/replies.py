@@ -78,12 +78,18 @@ def _chat_logprobs(lps) -> dict:
                         for lp in lps]}
 
 
-def _both_names(delta: dict) -> dict:
-    """A delta's reasoning under both names clients read: `reasoning_content` (llama.cpp's and
-    DeepSeek's) and `reasoning` (vLLM's since 0.11, OpenRouter's and StepFun's own API's)."""
-    if "reasoning_content" in delta:
+REASONING_FIELDS = ("reasoning_content", "reasoning", "both")
+
+
+def _named(delta: dict, field: str) -> dict:
+    """A delta's reasoning under the name clients read: `reasoning_content` (llama.cpp's and
+    DeepSeek's), `reasoning` (vLLM's since 0.11, OpenRouter's, StepFun's API's), or both (which
+    a client reading both shows twice: Kimi Code's issue 3928)."""
+    if "reasoning_content" not in delta or field == "reasoning_content":
+        return delta
+    if field == "both":
         return {**delta, "reasoning": delta["reasoning_content"]}
-    return delta
+    return {("reasoning" if k == "reasoning_content" else k): v for k, v in delta.items()}
 
 
 class ChatReply:
@@ -92,8 +98,10 @@ class ChatReply:
     tools and did not say tool_choice "none": otherwise the markup is content, as written)."""
 
     def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, tools: list | None, forced: str = "",
-                 max_calls: int | None = None):
-        """max_calls: 1 for `parallel_tool_calls: false` (the reply ends at its first call)."""
+                 max_calls: int | None = None, reasoning_field: str = "reasoning_content"):
+        """max_calls: 1 for `parallel_tool_calls: false` (the reply ends at its first call);
+        reasoning_field: the reasoning's name in the reply (REASONING_FIELDS)."""
+        self.reasoning_field = reasoning_field
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
         self.n_prompt, self.in_reasoning, self.tools, self.max_calls = n_prompt, in_reasoning, tools, max_calls
         self.stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=tools is not None, max_calls=max_calls)
@@ -133,7 +141,7 @@ class ChatReply:
         if step.finish_reason:
             deltas += self.stream.finish()
         self.n_calls += sum(len(d.get("tool_calls", ())) for d in deltas)
-        deltas = [_both_names(d) for d in deltas]
+        deltas = [_named(d, self.reasoning_field) for d in deltas]
         out = [self._envelope([{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]) for d in deltas]
         if want_logprobs and step.logprobs:
             if out:
@@ -154,7 +162,7 @@ class ChatReply:
         message: dict = {"role": "assistant",
                          "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
         if parsed.reasoning is not None:
-            message["reasoning_content"] = message["reasoning"] = parsed.reasoning
+            message.update(_named({"reasoning_content": parsed.reasoning}, self.reasoning_field))
         if parsed.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}

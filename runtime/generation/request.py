@@ -97,9 +97,12 @@ class Request:
     mtp: int | str | None = None  # the draft length (None: the model's load option)
     reasoning_budget: int | None = None  # reasoning tokens before </think> is forced (None: no limit)
     reasoning_message: str = ""  # written before the forced </think> (llama.cpp's --reasoning-budget-message)
-    # the reply's parser (runtime.text.tool_calls.ReplyStream, fed any forced start of the reply),
-    # whose reading of reasoning the budget follows; None: one for a reply without calls
-    reader: object = None
+    # how the reply is parsed, whose reading of reasoning the budget follows: the tools a call may
+    # name (None: the reply makes no calls), the forced start of the reply (a call's opening), the
+    # calls it may make
+    tools: list | None = None
+    forced: str = ""
+    max_calls: int | None = None
     cancelled: Callable[[], bool] = lambda: False
     # Fed the reply's text, piece by piece as it is shown; True ends the reply after that piece
     # (finish "stop"): a chat reply that holds all the tool calls it may hold ends there.
@@ -156,7 +159,9 @@ def run(model, req: Request) -> Iterator[Step]:
     if req.json_object or req.grammar is not None:
         sampler.constraint = JsonObjectReply(vocabulary(model.tokenizer), req.in_reasoning, req.grammar)
     if req.reasoning_budget is not None:
-        reader = req.reader or ReplyStream(in_reasoning=req.in_reasoning, calls=False)
+        reader = ReplyStream(in_reasoning=req.in_reasoning, tools=req.tools, calls=req.tools is not None,
+                             max_calls=req.max_calls)
+        reader.push(req.forced)
         sampler.budget = ReasoningBudget(req.reasoning_budget, closer_tokens(model.tokenize, req.reasoning_message),
                                          model.tokenizer.token_bytes, reader)
     stats: dict = {}  # the prompt's reuse and timing, then the drafting's counts (loop.generate)

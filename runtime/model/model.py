@@ -54,8 +54,7 @@ from runtime.model.weights import ModelWeights
 from runtime.text.chat_prompt import chat_ids
 from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
-from runtime.text.tool_calls import (END_THINK, ReplyStream, callable_tools, check_tools, forced_call,
-                                     starts_in_reasoning)
+from runtime.text.tool_calls import END_THINK, callable_tools, check_tools, forced_call, starts_in_reasoning
 from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
 
 
@@ -860,6 +859,9 @@ class Model:
         mtp = sampling.pop("mtp", None)
         budget = _reasoning_budget(sampling.pop("reasoning_budget", None), sampling.pop("reasoning_effort", None))
         message = check_message(sampling.pop("reasoning_message", ""))
+        if message and budget is None:
+            raise StepstreamError("reasoning_message goes with a reasoning_budget (or a reasoning_effort below medium): "
+                                  "without a budget nothing writes it")
         k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
         json_object, grammar = _json_mode(sampling.pop("response_format", None))
         if (json_object or grammar is not None) and offered is not None:
@@ -889,9 +891,7 @@ class Model:
         json_object, grammar = structured  # JSON mode, or a compiled JSON Schema
         req = Request(ids, params, limit, _stops(stop), k, mtp=mtp, json_object=json_object, grammar=grammar,
                       in_reasoning=in_reasoning, reasoning_budget=budget[0], reasoning_message=budget[1])
-        if req.reasoning_budget is not None:  # the budget reads reasoning as the reply's parser reads it
-            req.reader = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=tools is not None)
-            req.reader.push(forced)
+        req.tools, req.forced = tools, forced  # the budget reads reasoning as the reply's parser reads it
         reply = ChatReply(self.name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
         steps = run_request(self, req)
         want = k is not None

@@ -80,8 +80,9 @@ class Turn:
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
                stored_responses: int = CAPACITY, reasoning_budget: int = -1, reasoning_message: str = "",
-               metrics: bool = False) -> FastAPI:
+               metrics: bool = False, reasoning_field: str = "reasoning_content") -> FastAPI:
     """stored_responses: how many Responses API responses are kept for `previous_response_id`.
+    reasoning_field: a chat completion's reasoning as `reasoning_content`, `reasoning` or both.
     reasoning_budget: the reasoning tokens of a chat reply before its `</think>` is forced, for
     requests that set none (-1: no limit), with `reasoning_message` written before it.
     metrics: serve GET /metrics (llama-server's --metrics)."""
@@ -347,10 +348,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             req.grammar = ToolCallGrammar(callable_tools(tools, tool_choice), named)
         elif tools is not None:  # "auto": a call the reply opens is finished by its grammar
             req.grammar = AutoToolGrammar(tools)
-        if req.reasoning_budget is not None:  # the budget reads reasoning as the reply's parser reads it
-            req.reader = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, tool_choice),
-                                     calls=tools is not None, max_calls=max_calls)
-            req.reader.push(forced)
+        # the budget reads reasoning as the reply's parser reads it
+        req.tools, req.forced, req.max_calls = callable_tools(tools, tool_choice), forced, max_calls
         if tools is not None and max_calls is not None:  # generation ends with the last call it may make
             watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, tool_choice), calls=True,
                                 max_calls=max_calls)
@@ -370,6 +369,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                                continue_final=b.continue_final, max_calls=b.max_calls, field="messages")
         req = turn.req
         reply = ChatReply(model_name, len(turn.ids), in_reasoning=turn.in_reasoning, tools=turn.tools,
+                          reasoning_field=reasoning_field,
                           forced=turn.forced, max_calls=b.max_calls)
         want = b.logprobs is not None
         job = submit(req, b.common.stream)

@@ -19,6 +19,7 @@ start). One server per directory.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import time
@@ -35,12 +36,22 @@ class DiskStates:
         """variant: what besides the file changes the cache's values ("activations q8")."""
         self.dir, self.budget = Path(directory), budget
         self.identity = model_identity(model_path, variant)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise StepstreamError(f"--cache-dir {self.dir}: not a directory")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StepstreamError(f"--cache-dir {self.dir}: cannot create it: {e.strerror}") from None
-        if not self.dir.is_dir() or not os.access(self.dir, os.W_OK | os.X_OK):
+        if not os.access(self.dir, os.W_OK | os.X_OK):
             raise StepstreamError(f"--cache-dir {self.dir}: not a writable directory")
+        # one server per directory: a second would count only its own files, and remove the
+        # first one's temporaries as leftovers
+        self._lock = open(self.dir / ".lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise StepstreamError(f"--cache-dir {self.dir}: another server uses it (one server per directory)") from None
         for tmp in self.dir.glob(f".*{SUFFIX}.*.tmp"):  # left by a server killed while writing
             tmp.unlink(missing_ok=True)
         self.files: list[StateOnDisk] = []  # every state file, least recently used first
@@ -55,6 +66,10 @@ class DiskStates:
         self.files.sort(key=lambda e: e.path.stat().st_mtime_ns)
         self.writes = self.reads = self.failures = 0
         self.said_too_big = False
+
+    def close(self) -> None:
+        """Let another server use the directory."""
+        self._lock.close()
 
     @property
     def entries(self) -> list[StateOnDisk]:

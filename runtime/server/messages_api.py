@@ -157,7 +157,7 @@ def _budget(thinking_budget: int | None, effort) -> int | None:
     """Common.reasoning_budget from thinking.budget_tokens (-1: adaptive, no limit; None: no
     thinking asked for) and output_config.effort: the smaller limit of the two. An effort
     only caps: without thinking its default levels leave the server's --reasoning-budget as it
-    is (review 93: `high` lifted a server's budget of 0 for requests without thinking)."""
+    is, so that a server's budget of 0 holds for every request that asks for no thinking."""
     try:
         by_effort = effort_request(effort)
     except StepstreamError as e:

@@ -110,7 +110,7 @@ class PromptCache:
         size = model.state_nbytes(checkpoint=True)
         state = None
         if size <= self.budget:
-            self._make_room(held, size)  # before the copy: at no time more than the budget (review 93)
+            self._make_room(held, size)  # before the copy: the states never take more than the budget
             state = model.save_state(checkpoint=True)
             self.states.append(state)
             self.keeps += 1
