@@ -194,6 +194,8 @@ class Engine:
                 job.emit("error", (503, "server_shutting_down", "the server is shutting down"))
                 raise
             finally:
-                self.metrics.record(job.request.timings, len(job.request.prompt))
+                timings = getattr(job.request, "timings", None)
+                if timings is not None:  # (a request that never reached the model has none)
+                    self.metrics.record(timings, len(job.request.prompt))
                 self.busy = False
                 self.served += 1
