@@ -15,17 +15,18 @@ first blocks a chunk ahead of the rest; instead the cache and the token history 
 where the evaluation began (runtime.model.kv_cache), and the next evaluation gives the same
 logits as a model that never saw the failed one.
 
+The model's other faces are mixins, one concern each: the MTP heads (runtime.model.mtp_heads),
+prompt reuse and saved states (runtime.model.prompt_reuse), and llama-cpp-python's methods
+(runtime.model.llama_api).
+
 Shape legend:  T tokens   H hidden   V vocab
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import replace
 
 import numba
@@ -34,46 +35,26 @@ from quant.int8_kernels import format_set
 
 from runtime.base import system
 from runtime.base.config import ModelConfig
-from runtime.base.errors import ContextExceeded, StepstreamError, UnknownOption
+from runtime.base.errors import ContextExceeded, StepstreamError
 from runtime.base.gguf_file import GGUFModelFile
 from runtime.base.options import RuntimeOptions
-from runtime.generation import Sampler, chat_response, complete, completion_response, generate, sampling_params
-from runtime.generation.reasoning_budget import check_message, effort_budget
-from runtime.generation.request import Request, run as run_request
-from runtime.generation.replies import ChatReply
-from runtime.generation.responses import api_shape, completion_from_steps
 from runtime.model.block import Block
 from runtime.model.decode_plan import FEW_TOKENS, DecodeBuffers
 from runtime.model.experts import ExpertProvider
 from runtime.model.ffn import guess_experts
-from runtime.model import few_kernels, kv_checkpoint, kv_state, kv_types, mtp, precompile
-from runtime.model.kv_cache import CacheStateError, KVCache, trimmable
+from runtime.model import few_kernels, kv_checkpoint, kv_types, mtp, precompile
+from runtime.model.kv_cache import CacheStateError, KVCache
+from runtime.model.llama_api import CallableCount, LlamaApi, TokenView
 from runtime.model.matrix import matmul, matvec_q8, q8_group, rows
+from runtime.model.mtp_heads import MtpHeads
 from runtime.model.ops import rms_norm
+from runtime.model.prompt_reuse import PromptReuse
+from runtime.model.serial import serialized
 from runtime.model.weights import ModelWeights
-from runtime.text.chat_prompt import chat_ids
-from runtime.text.chat_template import check_roles
 from runtime.text.tokenizer import Tokenizer
-from runtime.text.tool_calls import END_THINK, callable_tools, check_tools, forced_call, starts_in_reasoning
-from runtime.text.tool_grammar import AutoToolGrammar, ToolCallGrammar
 
 
-
-def _serialized(method):
-    """One call at a time on a model: a call from another thread waits for the running one to
-    end. The cache, the token history and the MTP heads' state are the model's, not a thread's:
-    two threads evaluating at once interleaved their steps, gave wrong logits without a word
-    and rolled back each other's work (a review's finding). A re-entrant lock: a method calls
-    others freely. A generation from one thread meeting another thread's evaluation between
-    its tokens is stale, as with any evaluation between them (loop.generate)."""
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock:
-            self._own_threads()
-            return method(self, *args, **kwargs)
-    return locked
-
-class Model:
+class Model(MtpHeads, PromptReuse, LlamaApi):
     def __init__(self, file: GGUFModelFile, cfg: ModelConfig, weights: ModelWeights,
                  provider: ExpertProvider, options: RuntimeOptions, placement=None, gpu=None, gpu_placement=None,
                  tokenizer: Tokenizer | None = None):
@@ -111,7 +92,7 @@ class Model:
         self._state_identity = f"{file.path.name} ({file.nbytes} bytes)"
         self._tokens: list[int] = []  # the ids the cache holds, position by position
         self._evaluating = False  # inside an all-or-nothing evaluation (see _atomically)
-        # One thread's call at a time (_serialized). A generation also holds it across each of
+        # One thread's call at a time (runtime.model.serial). A generation also holds it across each of
         # its steps (check that the cache is still its own, evaluate, sample): see `lock`.
         self._lock = threading.RLock()
         # Bumped by every change to what the cache holds (an evaluation, trim, reset): a generator
@@ -171,7 +152,7 @@ class Model:
     def name(self) -> str:
         return self.file.path.name
 
-    @_serialized
+    @serialized
     def reset(self) -> None:
         self.version += 1
         self.cache.reset()
@@ -188,7 +169,7 @@ class Model:
         both generations went on from each other's tokens without an error (a review's finding)."""
         return self._lock
 
-    @_serialized
+    @serialized
     def warm_up(self) -> float:
         """Evaluate a prefill chunk, a chunk of a few tokens and one token alone, then forget them,
         so that every kernel a run needs is loaded: from Numba's cache in a fraction of a second,
@@ -237,29 +218,7 @@ class Model:
                 refill()  # fill_cache: what the warm-up's passes evicted
         return time.perf_counter() - t0
 
-    @property
-    def _drafts(self) -> bool:
-        """Whether generation drafts with MTP heads by default (the load option mtp), so that
-        warm_up readies the heads' kernels and times the trunk passes a draft length needs."""
-        return bool(self.weights.nextn) and self.options.mtp != 0
-
-    def _time_steps(self, ids: list[int], rounds: int = 5) -> None:
-        """The seconds of a trunk pass over 1..n_mtp+1 tokens, which the MTP draft-length chooser
-        starts from: where a verify pass of k+1 costs k+1 decode steps, auto then never spends a
-        step finding out that drafting does not pay. The lengths take turns, `rounds` times, and
-        each keeps its fastest: on a shared machine a pass the scheduler preempted takes many
-        times as long, and a length measured only while the machine was busy would look dear."""
-        self.eval(ids)
-        best: dict[int, float] = {}
-        for _ in range(rounds):
-            for n in range(1, self.n_mtp + 2):
-                t0 = time.perf_counter()
-                self.eval(ids[:n], all_logits=True)
-                best[n] = min(best.get(n, float("inf")), time.perf_counter() - t0)
-                self.trim(n)
-        self.step_seconds.update(best)
-
-    @_serialized
+    @serialized
     def trim(self, n: int) -> None:
         """Forget the last n evaluated positions."""
         if not isinstance(n, numbers.Integral) or isinstance(n, bool):  # 2.5 left the cache and history apart
@@ -363,7 +322,7 @@ class Model:
         self.version += 1
         return out
 
-    @_serialized
+    @serialized
     def prefill(self, tokens) -> np.ndarray:
         """Evaluate a chunk of tokens at the current position, all at once; the last trunk
         block's hidden states [T, H] (pre-norm)."""
@@ -381,7 +340,7 @@ class Model:
         self._tokens.extend(ids.tolist())
         return h
 
-    @_serialized
+    @serialized
     def decode(self, token: int) -> np.ndarray:
         """Evaluate one token at the current position; the last trunk block's hidden state [1, H]."""
         return self._atomically(self._decode, self._check_tokens([token]))
@@ -416,7 +375,7 @@ class Model:
         self._tokens.extend(ids.tolist())
         return h
 
-    @_serialized
+    @serialized
     def hidden(self, tokens) -> np.ndarray:
         """Evaluate tokens after the cached ones, n_batch at a time; hidden states [T, H] (pre-norm)."""
         return self._hidden_states(tokens, last_only=False)
@@ -473,7 +432,7 @@ class Model:
                                     self.buffers.few, out)
         return out
 
-    @_serialized
+    @serialized
     def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens after the cached ones: logits of the last token [V], or of all [T, V]."""
         n = self.n_past
@@ -522,571 +481,8 @@ class Model:
                                       f"{where} non-finite")
             yield block
 
-    @_serialized
+    @serialized
     def logits(self, tokens) -> np.ndarray:
         """[T, V] float32 logits of every position, evaluated from an empty cache."""
         self.reset()
         return self.eval(tokens, all_logits=True)
-
-    @property
-    def n_mtp(self) -> int:
-        """MTP heads this file carries (0: no drafting)."""
-        return len(self.weights.nextn)
-
-    @_serialized
-    def mtp_logits(self, tokens) -> list[np.ndarray]:
-        """Teacher-forced drafts of the MTP heads over `tokens`, from an empty cache.
-
-        Entry j is [T-1-j, V]: row t is head j's prediction of token t+2+j, made from the
-        token t+1+j and a hidden state at t (the trunk's for j = 0, head j-1's otherwise).
-        Each head attends over its own stream of positions with a cache of its own
-        (runtime.model.mtp, whose incremental drafts reproduce these rows).
-        """
-        self._check_open()
-        if not self.weights.nextn:
-            raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
-        self.reset()
-        ids = self._check_tokens(tokens)
-        h = self.hidden(ids)  # [T, H]
-        out = []
-        self.file.check_unchanged()  # the heads read embedding rows from the map, as evaluations do
-        with self.file.evaluating(), self._heads_pass():
-            for j in range(self.n_mtp):
-                n = ids.size - 1 - j
-                if n <= 0:
-                    break
-                x = mtp.head_input(self, j, ids[1 + j : 1 + j + n], h[:n])  # [n, H]
-                kv = mtp.head_cache(self.cfg, j, n, self.options.kv_types)
-                h = np.concatenate([mtp.head_chunk(self, j, x[a : a + self.options.n_batch], a, kv)
-                                    for a in range(0, n, self.options.n_batch)])
-                out.append(mtp.head_logits(self, j, h))
-        return out
-
-    @_serialized
-    def mtp_draft(self, pending: int, k: int) -> list[int]:
-        """Up to k greedy drafts of the tokens after `pending` (sampled, not yet evaluated),
-        from the MTP heads kept in step with the cache (runtime.model.mtp)."""
-        self._check_open()
-        if not self.weights.nextn:
-            raise StepstreamError(f"{self.file.path}: this file has no MTP heads")
-        self.file.check_unchanged()  # the heads read embedding rows from the map, as evaluations do
-        with self.file.evaluating(), self._heads_pass():
-            return self.drafter.draft(int(pending), k)
-
-    @contextmanager
-    def _heads_pass(self):
-        """Around the MTP heads' own passes: a kernel compiled with fast-math meeting NaN or Inf
-        there (a head's weights; a review: a NaN in a head's norm ended the default `run` in a
-        ZeroDivisionError traceback) is one line, as in the trunk, and the heads start over."""
-        try:
-            yield
-        except ZeroDivisionError:
-            self._drafter = None
-            raise StepstreamError(f"{self.file.path}: NaN or Inf in the MTP heads' pass: their weights are not "
-                                  "finite; decode without them (--mtp 0, mtp=0)") from None
-
-    @property
-    def mtp_draft_seconds(self) -> float:
-        """How long the last `mtp_draft` took, not counting the positions the heads caught up
-        on after steps without drafting (the cost model wants a draft's steady cost)."""
-        return self._drafter.last_seconds if self._drafter is not None else 0.0
-
-    @_serialized
-    def forget_drafts(self) -> None:
-        """Drop the MTP heads' state, for a generation that does not draft: with it, every trunk
-        hidden state from then on was kept for heads that never ran (a review: 2,010 of them,
-        16 KiB each on the real model, after one drafting call). A later drafting generation
-        starts the heads over, evaluating its prompt again."""
-        self._drafter = None
-
-    @property
-    def drafter(self) -> mtp.Drafter:
-        """The MTP heads' state; made on first use, it follows every later evaluation and trim."""
-        if self._drafter is None:
-            self._drafter = mtp.Drafter(self)
-        return self._drafter
-
-    @_serialized
-    def keep_prefix(self, tokens) -> int:
-        """Roll the cache back to the longest prefix it shares with `tokens` that it can return
-        to, leaving at least the last token to evaluate (its logits are wanted). Returns the
-        positions kept: trim when the sliding rings allow it, else the checkpoint taken after
-        the last prompt (runtime.model.kv_checkpoint) when the two agree up to it, else 0."""
-        tokens = list(tokens)
-        common = self._shared_prefix(tokens)
-        try:
-            self.trim(self.n_past - common)
-            return common
-        except StepstreamError:  # the sliding rings cannot roll back that far
-            pass
-        cp = self._checkpoint
-        if cp is not None and cp.n_past <= common:
-            kv_checkpoint.restore(self.cache, cp)
-            del self._tokens[cp.n_past :]
-            if self._drafter is not None:
-                self._drafter.truncate(cp.n_past)
-            return cp.n_past
-        self.reset()
-        return 0
-
-    def reusable(self, tokens, state: kv_state.SavedState | None = None) -> int:
-        """How many leading positions of `tokens` keep_prefix would keep: from the cache as it is,
-        or from `state` once loaded (the server's prompt cache chooses among its states by it)."""
-        tokens = list(tokens)
-        if not tokens:
-            return 0
-        held, cp = (self._tokens, self._checkpoint) if state is None else (state.tokens, state.checkpoint)
-        oldest = ([layer.oldest_kept() for layer in self.cache.layers if layer.ring and layer.n] if state is None
-                  else state.oldest_kept())
-        n = min(len(held), len(tokens))  # compared as arrays: a server scores every kept state by this
-        differ = np.flatnonzero(np.asarray(held[:n], np.int64) != np.asarray(tokens[:n], np.int64))
-        common = min(int(differ[0]) if differ.size else n, len(tokens) - 1)
-        if trimmable(oldest, len(held), len(held) - common, self.cfg.window):
-            return common
-        return cp.n_past if cp is not None and cp.n_past <= common else 0
-
-    def _shared_prefix(self, tokens: list) -> int:
-        """How many leading tokens the cache shares with `tokens`, leaving at least the last."""
-        common = 0
-        for a, b in zip(self._tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        return min(common, len(tokens) - 1)
-
-    @_serialized
-    def eval_prompt(self, tokens, mtp: bool = False, cancelled=None) -> tuple[np.ndarray | None, int]:
-        """(logits [V] after `tokens`, positions reused): evaluates only what the cache does not
-        already hold. When the model has sliding-window blocks, their rings are copied afterwards
-        (a checkpoint), so that a later prompt sharing these tokens but not what was generated
-        after them still reuses them. With `mtp`, the MTP heads are brought in step too: the
-        cache keeps only positions whose hidden states the heads still have to read, or
-        have read. `cancelled()`, when given, is asked before each batch of n_batch positions:
-        when it says so the evaluation stops there (logits None), the cache holding the prompt's
-        positions evaluated so far, as a prefix a later prompt may reuse."""
-        tokens = list(tokens)
-        if len(tokens) > self.n_ctx:  # in the prompt's words, not a tail's after the reused positions
-            raise ContextExceeded(f"the prompt is {len(tokens)} tokens, more than the context of {self.n_ctx} "
-                                  f"(load with a larger n_ctx, at most the model's {self.cfg.context_length})")
-        limit = len(tokens)
-        if mtp and self.weights.nextn:
-            # The heads first forget what read tokens past the shared prefix: the hidden states
-            # they must then catch up from may be ones they had already read and let go, and the
-            # trunk has to evaluate those positions again (else no head could draft after them).
-            self.drafter.truncate(self._shared_prefix(tokens))
-            limit = min(limit, self.drafter.resume_point() + 1)
-        kept = self.keep_prefix(tokens[:limit])
-        # The rings are copied before the last token, not after it: a prompt that repeats this
-        # one (a retried or regenerated request) shares all but its last token, which is always
-        # evaluated again for its logits, so it can return here. The forward pass is
-        # batch-invariant: evaluating the last token apart gives the same bits. When the heads
-        # draft, they follow the prompt a stretch at a time, so that only a stretch's hidden
-        # states are held for them (a whole prompt's were: 16 KiB a token on the real model).
-        heads = bool(mtp and self.weights.nextn)
-        batch = self.options.n_batch
-        stretch = 8 * batch if heads else len(tokens)
-        for a in range(kept, len(tokens) - 1, stretch):
-            end = min(a + stretch, len(tokens) - 1)
-            # An evaluation a batch at a time (the same bits: the pass is batch-invariant): a
-            # client gone is seen within a batch, and a writer the file's lease holds back gets
-            # the file between batches, where the next one's check stops cleanly. The kernel
-            # lets it through anyway after lease-break-time (45 s): a whole long prompt in one
-            # evaluation outlasted it, and the process died of SIGBUS reading the map.
-            for b in range(a, end, batch):
-                if cancelled is not None and cancelled():
-                    return None, kept
-                self.eval(tokens[b : min(b + batch, end)])
-            if heads and end < len(tokens) - 1:
-                with self._heads_pass():
-                    self.drafter.fill()
-        if cancelled is not None and cancelled():
-            return None, kept
-        if any(layer.ring for layer in self.cache.layers) and (self._checkpoint is None
-                                                               or self._checkpoint.n_past != self.n_past):
-            self._checkpoint = kv_checkpoint.take(self.cache)
-        logits = self.eval(tokens[-1:])
-        if mtp and self.weights.nextn:
-            self.drafter.pin = len(tokens) - 1  # where the same prompt sent again rolls back to
-            with self._heads_pass():
-                self.drafter.fill()
-        return logits, kept
-
-    @_serialized
-    def eval_reusing_prefix(self, tokens) -> np.ndarray:
-        """Logits [V] after `tokens`, evaluating only what the cache does not already hold."""
-        return self.eval_prompt(tokens)[0]
-
-    # ------------------------------------------------------------------ text
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self.file.check_unchanged()  # its vocabulary is read from the mapped header
-            with self.file.evaluating():
-                self._tokenizer = Tokenizer.from_gguf(self.file)
-        return self._tokenizer
-
-    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        """Like llama-cpp-python: BOS first when the model wants one; `special` parses control tokens."""
-        return self.tokenizer.encode(text, add_bos=_flag("add_bos", add_bos) and self.tokenizer.add_bos,
-                                     special=_flag("special", special))
-
-    def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
-        """The bytes of `tokens`; with `prev_tokens` (llama-cpp-python's), those that `tokens` add
-        after them (a token's text may depend on the one before it: a leading space)."""
-        special = _flag("special", special)
-        if prev_tokens is None or len(prev_tokens) == 0:
-            return self.tokenizer.decode_bytes(tokens, special=special)
-        before = self.tokenizer.decode_bytes(prev_tokens, special=special)
-        both = self.tokenizer.decode_bytes(list(prev_tokens) + list(tokens), special=special)
-        return both[len(before):] if both.startswith(before) else self.tokenizer.decode_bytes(tokens, special=special)
-
-    # llama-cpp-python's methods that stepstream does not offer: an AttributeError that says why
-    # (hasattr() is False). Properties, not __getattr__: that would also catch an AttributeError
-    # raised inside a real property's getter and hide it behind "no attribute".
-    create_embedding = property(lambda self: _not_offered("create_embedding"))
-    embed = property(lambda self: _not_offered("embed"))
-    set_cache = property(lambda self: _not_offered("set_cache"))
-
-    @_serialized
-    def save_state(self, checkpoint: bool = False, copy: bool = True) -> kv_state.SavedState:
-        """A copy of the KV cache and the tokens it holds (llama-cpp-python's save_state), for
-        load_state to return to: a later prompt that starts with these tokens reuses them. With
-        `checkpoint`, the state keeps the rings' checkpoint at the last prompt's end too, so that
-        after load_state a prompt sharing that prompt but not the reply reuses the prompt.
-        Without `copy`, its arrays are views of the cache, valid until the next evaluation (to
-        write it to a file without holding a second copy)."""
-        self._check_open()
-        return kv_state.take(self.cache, self._tokens, self._identity(), self._checkpoint if checkpoint else None,
-                             copy=copy)
-
-    def state_nbytes(self, checkpoint: bool = False) -> int:
-        """The bytes save_state(checkpoint) would copy now, without copying them."""
-        return kv_state.size(self.cache, self._checkpoint if checkpoint else None)
-
-    @_serialized
-    def load_state(self, state: kv_state.SavedState) -> None:
-        """Make the cache hold what it held at save_state (a state of this file and cache layout;
-        another is refused with the cache untouched)."""
-        self._check_open()
-        kv_state.restore(self.cache, state, self._identity())
-        self.version += 1
-        self._tokens = list(state.tokens)
-        self._checkpoint = state.checkpoint
-        # the heads go on from the state's end (mtp.Drafter.start_at); none are made for a model
-        # loaded not to draft (their caches would take memory nothing counted)
-        if self._drafter is not None or (self.n_mtp and self.options.mtp != 0):
-            self.drafter.start_at(state.tokens)
-
-    def _identity(self) -> str:
-        return self._state_identity
-
-    def generate(self, tokens, max_tokens: int | None = None, mtp=None, **sampling):
-        """Yield sampled token ids after `tokens`, stopping at end-of-generation or max_tokens.
-
-        mtp: "auto" or a draft length 0..3 for speculative decoding with the MTP heads (None:
-        the load option `mtp`, 0 by default); the tokens are the same either way.
-        Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
-        repeat_penalty, repeat_last_n, seed.
-        """
-        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**_temp(sampling))), max_tokens,
-                        mtp=mtp)
-
-    def create_completion(self, prompt: str | list[int], max_tokens: int | None = 16, stop=None, stream: bool = False,
-                          **sampling):
-        """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming) of a
-        text or of token ids, as llama-cpp-python takes either.
-        max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python."""
-        if isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = self._check_tokens_only(prompt)
-        else:
-            ids = self.tokenize(prompt, add_bos=True, special=True)
-        mtp = sampling.pop("mtp", None)
-        logprobs, echo = sampling.pop("logprobs", None), sampling.pop("echo", False)
-        if logprobs is not None or echo is not False:  # llama-cpp-python's log-probabilities and echo
-            return self._completion_with_logprobs(prompt, ids, logprobs, echo, max_tokens, stop, stream, mtp, sampling)
-        pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
-        return completion_response(self, ids, pieces, stream)
-
-    def _completion_with_logprobs(self, prompt, ids: list[int], logprobs, echo, max_tokens, stop, stream: bool, mtp,
-                                  sampling: dict):
-        """create_completion with `logprobs` (the sampled token's and the `logprobs` likeliest
-        alternatives' log-probabilities, in llama-cpp-python's and OpenAI's legacy shape) or `echo`
-        (the prompt's text before the reply's), run as a server request runs."""
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral)
-                                     or not 0 <= logprobs <= self.cfg.vocab):
-            raise StepstreamError(f"logprobs must be None or an integer 0..{self.cfg.vocab}, got {logprobs!r}")
-        if not isinstance(echo, bool):
-            raise StepstreamError(f"echo must be True or False, got {echo!r}")
-        if echo and logprobs is not None:  # as the server: the prompt's own log-probabilities are not computed
-            raise StepstreamError("echo with logprobs (the prompt's log-probabilities) is not supported")
-        text = prompt if isinstance(prompt, str) else self.detokenize(ids).decode("utf-8", "replace")
-        params = sampling_params(**_temp(sampling))
-        limit = _no_limit(max_tokens)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
-            raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
-        req = Request(ids, params, limit, _stops(stop), None if logprobs is None else int(logprobs), mtp=mtp)
-        return completion_from_steps(self, req, text, run_request(self, req), stream, logprobs is not None, echo)
-
-    def __call__(self, prompt: str, **kwargs):
-        """`model(prompt, ...)` is `create_completion`, as in llama-cpp-python."""
-        return self.create_completion(prompt, **kwargs)
-
-    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, stop=None,
-                               stream: bool = False, tools: list | None = None, tool_choice=None, **sampling):
-        """OpenAI-shaped chat completion, the prompt rendered from the model's chat template, the
-        reply parsed as the server parses it: `reasoning_content`, and `tool_calls` when `tools`
-        (OpenAI function specs) are offered. tool_choice: "auto", "none", "required" or
-        {"type": "function", "function": {"name": ...}} (the reply then starts a call).
-        max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python.
-        tool_choice None is "auto"; the temperature is 0.2 unless given, llama-cpp-python's chat default.
-        `reasoning_budget` (tokens) or `reasoning_effort` ("none", "minimal", "low", ...) bound the
-        reply's reasoning: its `</think>` is then forced, after `reasoning_message` if given."""
-        tool_choice = "auto" if tool_choice is None else tool_choice
-        if "temperature" not in sampling and "temp" not in sampling:
-            sampling["temperature"] = 0.2
-        check_tools(tools, tool_choice)  # the server's rules: a forced call needs tools, and names one of them
-        named = isinstance(tool_choice, dict)
-        check_roles(messages)
-        offered = tools if tools and tool_choice != "none" else None  # the ones a call may name
-        ids = self.chat_tokens(messages, tools=tools or None)  # shown even with "none", as the server shows them
-        tail = self.tokenizer.decode_bytes(ids[-64:], special=True).decode("utf-8", "replace")
-        in_reasoning, forced = starts_in_reasoning(tail), ""
-        if offered is not None and tool_choice != "auto":  # the reply starts with the opening of a call
-            forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(
-                tool_choice["function"]["name"] if named else None)
-            ids = ids + self.tokenize(forced, add_bos=False, special=True)
-        mtp = sampling.pop("mtp", None)
-        budget = _reasoning_budget(sampling.pop("reasoning_budget", None), sampling.pop("reasoning_effort", None))
-        message = check_message(sampling.pop("reasoning_message", ""))
-        if message and budget is None:
-            raise StepstreamError("reasoning_message goes with a reasoning_budget (or a reasoning_effort below medium): "
-                                  "without a budget nothing writes it")
-        k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
-        json_object, grammar = _json_mode(sampling.pop("response_format", None))
-        if (json_object or grammar is not None) and offered is not None:
-            raise StepstreamError("response_format json_object or json_schema goes without tools (or with tool_choice "
-                                  "'none'): the reply must be JSON, with no room for a tool call's markup")
-        if forced:  # the call the prompt opened is finished by its grammar (runtime.text.tool_grammar)
-            grammar = ToolCallGrammar(callable_tools(offered, tool_choice),
-                                      tool_choice["function"]["name"] if named else None)
-        elif offered is not None:  # "auto": a call the reply opens is finished by its grammar
-            grammar = AutoToolGrammar(offered)
-        if k is not None or json_object or grammar is not None or budget is not None:
-            return self._chat_as_request(ids, k, (json_object, grammar), max_tokens, stop, stream, mtp, sampling,
-                                         callable_tools(offered, tool_choice), in_reasoning, forced, (budget, message))
-        pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
-        return chat_response(self, ids, pieces, stream, tools=callable_tools(offered, tool_choice),
-                             in_reasoning=in_reasoning, forced=forced)
-
-    def _chat_as_request(self, ids: list[int], k: int | None, structured: tuple, max_tokens, stop, stream: bool, mtp,
-                         sampling: dict, tools, in_reasoning: bool, forced: str, budget: tuple = (None, "")):
-        """create_chat_completion with `logprobs` (the reply's tokens' log-probabilities and the k
-        likeliest alternatives', in OpenAI's chat shape) or JSON mode, run as a server request
-        runs (the same steps and the same reply builder, runtime.generation.replies)."""
-        params = sampling_params(**_temp(sampling))
-        limit = _no_limit(max_tokens)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
-            raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
-        json_object, grammar = structured  # JSON mode, or a compiled JSON Schema
-        req = Request(ids, params, limit, _stops(stop), k, mtp=mtp, json_object=json_object, grammar=grammar,
-                      in_reasoning=in_reasoning, reasoning_budget=budget[0], reasoning_message=budget[1])
-        req.tools, req.forced = tools, forced  # the budget reads reasoning as the reply's parser reads it
-        reply = ChatReply(self.name, len(ids), in_reasoning=in_reasoning, tools=tools, forced=forced)
-        steps = run_request(self, req)
-        want = k is not None
-        if stream:
-            def chunks():
-                first = reply.first_chunk()
-                first["choices"][0]["delta"] = {"role": "assistant"}  # llama-cpp-python's first delta
-                yield first
-                for step in steps:
-                    yield from reply.chunks(step, want)
-            return chunks()
-        with self.lock:  # whole: never overtaken by another thread's generation
-            for step in steps:
-                reply.collect(step)
-        return api_shape(reply.whole(req.timings, want), req.timings)
-
-    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
-                    continue_final: bool = True, limit: int | None = None) -> list[int]:
-        """The prompt ids of a conversation, rendered with the model's chat template (with the
-        OpenAI function specs `tools`, when given). Control tokens come only from the template:
-        special-token text inside a message is tokenized as text. A last assistant message with
-        text is continued, as llama-server does (continue_final=False closes it and opens a new
-        turn). `limit`: a conversation that must render to more tokens is refused before it is
-        tokenized (runtime.base.errors.PromptTooLong)."""
-        return chat_ids(self.tokenizer, messages, add_generation_prompt, tools=tools, continue_final=continue_final,
-                        limit=limit)
-
-    def _check_tokens_only(self, tokens) -> list[int]:
-        ids = np.asarray(tokens)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise StepstreamError("tokens must be a 1-D sequence of integer ids")
-        return ids.astype(np.int64).tolist()
-
-
-class TokenView(Sequence):
-    """A list of token ids, read-only: indexing, slices (as lists), len, iteration, equality."""
-
-    __slots__ = ("_ids",)
-
-    def __init__(self, ids: list[int]):
-        self._ids = ids
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __getitem__(self, i):
-        return self._ids[i]  # a slice of a list is a new list
-
-    def __iter__(self):
-        return iter(self._ids)
-
-    def __eq__(self, other) -> bool:
-        if isinstance(other, (list, tuple, TokenView)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self._ids, other))
-        return NotImplemented
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return f"TokenView({self._ids!r})"
-
-
-# llama-cpp-python's keywords this API does not act on, with the value at which they change
-# nothing: code that passes its full argument list works; a value that would change the
-# output is refused by name rather than ignored.
-_OFF = {"logprobs": None, "suffix": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-        "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "logit_bias": None, "grammar": None,
-        "logits_processor": None, "stopping_criteria": None, "top_logprobs": None, "functions": None,
-        "function_call": None, "response_format": None}
-_ANY = ("model", "mirostat_tau", "mirostat_eta", "user")  # a name, or settings of a sampler that is off
-
-
-class CallableCount(int):
-    """An int that is also llama-cpp-python's method of the same name: `model.n_ctx` is the
-    context, and `model.n_ctx()`, as llama-cpp-python code calls it, too."""
-
-    def __call__(self) -> int:
-        return int(self)
-
-
-class NotOffered(StepstreamError, AttributeError):
-    """A llama-cpp-python method stepstream does not have (hasattr() is False, as for any other)."""
-
-
-_NOT_OFFERED = {
-    "create_embedding": "stepstream does not compute embeddings (Step-3.5 is a generative model; "
-                        "llama-cpp-python too needs embedding=True, which runtime.load refuses)",
-    "embed": "stepstream does not compute embeddings",
-    "set_cache": "the model keeps its KV cache between calls and reuses its longest shared prefix",
-}
-
-
-def _not_offered(name: str):
-    raise NotOffered(f"{name}: {_NOT_OFFERED[name]}")
-
-
-def _flag(name: str, value) -> bool:
-    """A boolean option, as llama-cpp-python takes it: True/False, or 0/1."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1)):
-        return bool(value)
-    raise StepstreamError(f"{name} must be True or False, got {value!r}")
-
-
-def _temp(sampling: dict) -> dict:
-    """llama-cpp-python's `temp` is `temperature`; its other keywords are dropped where they are
-    off (_OFF) and refused where they are not."""
-    if "temp" in sampling:
-        if "temperature" in sampling:
-            raise UnknownOption("give temperature or temp (llama-cpp-python's name for it), not both")
-        sampling["temperature"] = sampling.pop("temp")
-    t = sampling.get("temperature")
-    if isinstance(t, numbers.Real) and not isinstance(t, bool) and t < 0:
-        # llama-cpp-python's temp < 0: a draw from the model's whole distribution (softmax and
-        # dist, no filter), where 0 is greedy
-        sampling.update(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-    for name in _ANY:
-        sampling.pop(name, None)
-    for name, off in _OFF.items():
-        if name not in sampling:
-            continue
-        value = sampling.pop(name)
-        if name == "response_format" and value in ({"type": "text"},):
-            continue
-        if name == "logit_bias" and value == {}:
-            continue
-        if name in ("logprobs", "top_logprobs") and value is False:  # a chat's logprobs: a bool, False is off
-            continue
-        if value != off or type(value) is bool and type(off) is not bool:
-            raise StepstreamError(f"{name}={value!r:.80} is not supported by the Python API (only {off!r}, which "
-                                  "changes nothing)" + ("; `stepstream serve` returns log-probabilities"
-                                                        if name in ("logprobs", "top_logprobs") else ""))
-    return sampling
-
-
-def _json_mode(response_format) -> tuple[bool, object]:
-    """(JSON mode, a compiled schema) from `response_format`: None or {"type": "text"} (off),
-    {"type": "json_object"} (JSON mode), llama-cpp-python's {"type": "json_object", "schema": S}
-    and OpenAI's {"type": "json_schema", "json_schema": {"schema": S}} (the schema's grammar)."""
-    from runtime.text.json_schema import JsonSchemaGrammar, grammar_for
-
-    if response_format is None:
-        return False, None
-    kind = response_format.get("type", "text") if isinstance(response_format, dict) else None
-    if kind == "text" or (kind == "json_object" and response_format.get("schema") is None):
-        return kind == "json_object", None
-    if kind == "json_object":
-        return False, JsonSchemaGrammar(response_format["schema"])
-    if kind == "json_schema":
-        return False, grammar_for(response_format)
-    raise StepstreamError(f"response_format={response_format!r:.80} is not supported: {{'type': 'text'}}, "
-                          "{'type': 'json_object'} and {'type': 'json_schema', ...} are")
-
-
-def _chat_logprobs_k(logprobs, top_logprobs, vocab: int) -> int | None:
-    """A chat's `logprobs` (bool) and `top_logprobs` (alternatives, 0..vocab) as the request's k:
-    None when no log-probabilities are asked for. OpenAI's rules: top_logprobs needs logprobs
-    true; logprobs true alone reports the sampled tokens with no alternatives."""
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise StepstreamError(f"logprobs must be True, False or None in a chat completion, got {logprobs!r:.80}")
-    if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, numbers.Integral)
-                                     or not 0 <= top_logprobs <= vocab):
-        raise StepstreamError(f"top_logprobs must be None or an integer 0..{vocab}, got {top_logprobs!r:.80}")
-    if not logprobs:
-        if top_logprobs:
-            raise StepstreamError("top_logprobs needs logprobs=True")
-        return None
-    return int(top_logprobs or 0)
-
-
-def _reasoning_budget(budget, effort) -> int | None:
-    """create_chat_completion's `reasoning_budget` (tokens; None or -1 no limit) or, when that is
-    None, `reasoning_effort` ("none", "low", ...: runtime.generation.reasoning_budget)."""
-    by_effort = effort_budget(effort)  # checked even beside a budget
-    if budget is None:
-        return by_effort
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < -1:
-        raise StepstreamError(f"reasoning_budget must be an integer >= 0 (tokens), or None or -1 for no limit, "
-                              f"got {budget!r:.80}")
-    return None if budget == -1 else int(budget)
-
-
-def _no_limit(max_tokens):
-    """llama-cpp-python's completion calls: max_tokens <= 0 means no limit (None); other values,
-    wrong types included, go on to generate's checks."""
-    if isinstance(max_tokens, numbers.Integral) and not isinstance(max_tokens, bool) and max_tokens <= 0:
-        return None
-    return max_tokens
-
-
-def _stops(stop) -> list[str]:
-    """The stop strings: None, one string, or a list or tuple of strings (as llama-cpp-python)."""
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise StepstreamError(f"stop must be a string or a list of strings, got {stop!r:.80}")
-    return list(stop)
