@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +276,92 @@ def test_a_failed_write_keeps_the_files_it_would_replace(tmp_path, capsys, monke
     tiny.put(model.save_state(checkpoint=True))
     tiny.put(model.save_state(checkpoint=True))
     assert tiny.files == [] and capsys.readouterr().err.count("--cache-dir-size") == 1
+
+
+def _held_write(monkeypatch, gate: threading.Event, started: threading.Event):
+    """Writes that wait for `gate` (set `started` first): a slow disk, under the test's control."""
+    from runtime.server import disk_states
+
+    real = disk_states.write
+
+    def slow(*args):
+        started.set()
+        assert gate.wait(120), "the test never let the write go"
+        return real(*args)
+
+    monkeypatch.setattr(disk_states, "write", slow)
+
+
+def test_a_kept_conversation_is_written_while_the_model_goes_on(tmp_path, monkeypatch):
+    """With a RAM tier, the writer thread writes the conversation's copy: the request that
+    interrupted it does not wait for the file (on the real model, about 3 s each time)."""
+    gate, started = threading.Event(), threading.Event()
+    _held_write(monkeypatch, gate, started)
+    rng = np.random.default_rng(8)
+    conv, other = (rng.integers(0, 2000, n).tolist() for n in (900, 400))
+    model = _load()
+    cache = PromptCache(1 << 30, DiskStates(tmp_path, 1 << 30, SHIPPED))
+    _ask(model, cache, conv)
+    _ask(model, cache, other)  # it interrupts the conversation: kept in RAM, its file still being written
+    assert started.wait(60) and cache.keeps == 1 and cache.disk.writes == 0
+    assert cache.disk.pending_bytes() == cache.states[0].nbytes and cache._held() == cache.nbytes
+    cache.disk.put_later(cache.states[0])  # asked again while waiting: not queued twice
+    assert cache.disk.pending_bytes() == cache.states[0].nbytes
+    gate.set()
+    cache.disk.close()  # the server stops: the writes asked for are done first
+    assert cache.disk.writes == 1 and cache.disk.pending_bytes() == 0
+    [entry] = cache.disk.entries
+    back, ram = cache.disk.get(entry), cache.states[0]
+    assert back.tokens == ram.tokens
+    assert all(_same(x, y) for a, b in zip(back.slots, ram.slots) for x, y in zip(a, b))
+    model.close()
+
+
+def test_states_waiting_for_the_writer_count_in_the_ram_budget(tmp_path, monkeypatch):
+    """A state dropped from RAM while its file is being written holds its memory until then: a
+    budget with room for one state waits for the write before copying the next."""
+    gate, started = threading.Event(), threading.Event()
+    _held_write(monkeypatch, gate, started)
+    rng = np.random.default_rng(9)
+    a, b, c = (rng.integers(0, 2000, 700).tolist() for _ in range(3))
+    model = _load()
+    model.eval_prompt(a)
+    one = model.state_nbytes(checkpoint=True)
+    model.reset()
+    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)
+    cache = PromptCache(int(1.5 * one), disk)  # room for one
+    waited = []
+    real_flush = disk.flush
+
+    def flush():
+        waited.append(disk.pending_bytes())
+        gate.set()  # the disk catches up
+        real_flush()
+
+    monkeypatch.setattr(disk, "flush", flush)
+    _ask(model, cache, a, 2)
+    _ask(model, cache, b, 2)  # a kept, its write held
+    assert started.wait(60) and waited == [] and cache._held() <= cache.budget
+    _ask(model, cache, c, 2)  # b kept: first a's write is waited for, since a and b do not both fit
+    assert waited and waited[0] >= one * 0.9
+    assert [s.tokens[:700] for s in cache.states] == [tuple(b)] and cache._held() <= cache.budget
+    disk.close()
+    assert disk.writes == 2
+
+
+def test_a_file_removed_to_make_room_after_it_was_offered_is_passed_over(tmp_path, capsys):
+    model = _load()
+    rng = np.random.default_rng(10)
+    a, b = (rng.integers(0, 2000, 500).tolist() for _ in range(2))
+    model.eval_prompt(a)
+    disk = DiskStates(tmp_path, int(1.5 * (model.state_nbytes(checkpoint=True) + 64 * 1024)), SHIPPED)
+    disk.put(model.save_state(checkpoint=True))
+    [offered] = disk.usable(kv_state.layout(model.cache))
+    model.reset()
+    model.eval_prompt(b)
+    disk.put(model.save_state(checkpoint=True))  # room for one: a's file goes
+    assert [e.tokens[:500] for e in disk.entries] == [tuple(b)]
+    assert disk.get(offered) is None and disk.reads == 0
+    assert "removed" not in capsys.readouterr().err  # gone, not damaged: nothing to say
+    disk.close()
+    model.close()

@@ -15,6 +15,13 @@ a newer one's (of the same model and layout) is replaced by it, once the newer o
 A damaged file is named in the log and removed. Writes go to a temporary name and are renamed,
 so a server killed while writing leaves no half file (its temporary is removed at the next
 start). One server per directory.
+
+Files are written by a thread of their own, one at a time in the order asked: a state the prompt
+cache copied into RAM goes there without the model waiting (`put_later`; on the real model a
+30,000-token conversation's file took about 3 s, which every request that interrupted one used
+to wait for). `put` waits for its write: a state whose arrays are views of the live cache must
+be written before the next evaluation changes them. States waiting for the writer are held in
+RAM; the prompt cache counts them in its budget (`pending_bytes`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,10 +74,60 @@ class DiskStates:
         self.files.sort(key=lambda e: e.path.stat().st_mtime_ns)
         self.writes = self.reads = self.failures = 0
         self.said_too_big = False
+        # The writer thread and the model's worker share `files`: bookkeeping under `_mutex`.
+        # Only the writer writes files, and removes them to make room.
+        self._mutex = threading.Condition(threading.RLock())
+        self._queue: list[SavedState] = []  # waiting for the writer, the one it writes first
+        self._writer: threading.Thread | None = None  # running while the queue holds states
 
     def close(self) -> None:
-        """Let another server use the directory."""
+        """Finish the writes asked for, then let another server use the directory."""
+        self.flush()
         self._lock.close()
+
+    def put_later(self, state: SavedState) -> None:
+        """Write `state` on the writer thread (its arrays must be its own: a copy, not views of
+        the live cache); returns at once."""
+        with self._mutex:
+            if self._holds(state) or any(q.tokens == state.tokens and q.layout == state.layout for q in self._queue):
+                return
+            self._queue.append(state)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="stepstream-cache-dir", daemon=True)
+                self._writer.start()
+
+    def put(self, state: SavedState) -> None:
+        """Write `state` (after the writes already asked for), and wait until it is written."""
+        self.put_later(state)
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until every write asked for is done."""
+        with self._mutex:
+            while self._queue:
+                self._mutex.wait()
+
+    def pending_bytes(self, besides=()) -> int:
+        """The bytes of the states waiting to be written, not counting those in `besides`."""
+        with self._mutex:
+            return sum(q.nbytes for q in self._queue if not any(q is b for b in besides))
+
+    def _write_queued(self) -> None:
+        """The writer thread: writes the queue's states in turn, and ends when it is empty."""
+        while True:
+            with self._mutex:
+                if not self._queue:
+                    self._writer = None
+                    return
+                state = self._queue[0]
+            try:
+                self._write(state)
+            except Exception as e:  # (an OSError is said by _write) the next states are still written
+                self._say(f"writing a conversation failed ({type(e).__name__}: {e})")
+            finally:
+                with self._mutex:
+                    self._queue.pop(0)
+                    self._mutex.notify_all()
 
     @property
     def entries(self) -> list[StateOnDisk]:
@@ -82,55 +140,67 @@ class DiskStates:
 
     def usable(self, layout: tuple) -> list[StateOnDisk]:
         """The files a model with this cache layout can load."""
-        return [e for e in self.entries if e.layout == layout]
+        with self._mutex:
+            return [e for e in self.entries if e.layout == layout]
 
     def holds(self, state: SavedState) -> bool:
         """Whether a file of this model and layout holds these tokens, or more that begin with
         them (a conversation loaded from its file and not taken further is not written again)."""
+        return self._holds(state)
+
+    def _holds(self, state: SavedState) -> bool:
         return any(e.tokens[: len(state.tokens)] == state.tokens for e in self.usable(state.layout))
 
-    def put(self, state: SavedState) -> None:
+    def _write(self, state: SavedState) -> None:
         """Write `state` (room made first: nothing written that the budget cannot hold); the files
-        it extends are removed once it is written."""
-        if self.holds(state):
-            return
-        size = state.nbytes + 64 * 1024 + 16 * len(state.tokens)  # and its header
-        if size > self.budget:
-            if not self.said_too_big:
-                self.said_too_big = True
-                self._say(f"a conversation of {len(state.tokens):,} tokens takes {size_text(size)}, more than "
-                          f"--cache-dir-size {size_text(self.budget)}: it is not written (give a larger one)")
-            return
-        extended = [e for e in self.usable(state.layout) if state.tokens[: len(e.tokens)] == e.tokens]
-        while self.files and self.nbytes - sum(e.nbytes for e in extended) + size > self.budget:
-            victim = next(e for e in self.files if e not in extended) if len(self.files) > len(extended) else None
-            if victim is None:
-                break
-            self._remove(victim)
+        it extends are removed once it is written. On the writer thread only."""
+        with self._mutex:
+            if self._holds(state):
+                return
+            size = state.nbytes + 64 * 1024 + 16 * len(state.tokens)  # and its header
+            if size > self.budget:
+                if not self.said_too_big:
+                    self.said_too_big = True
+                    self._say(f"a conversation of {len(state.tokens):,} tokens takes {size_text(size)}, more than "
+                              f"--cache-dir-size {size_text(self.budget)}: it is not written (give a larger one)")
+                return
+            extended = [e for e in self.usable(state.layout) if state.tokens[: len(e.tokens)] == e.tokens]
+            while self.files and self.nbytes - sum(e.nbytes for e in extended) + size > self.budget:
+                victim = next(e for e in self.files if e not in extended) if len(self.files) > len(extended) else None
+                if victim is None:
+                    break
+                self._remove(victim)
         path = self.dir / f"{time.time_ns():x}-{len(state.tokens)}{SUFFIX}"
-        try:
+        try:  # outside the mutex: the worker goes on choosing and loading states meanwhile
             nbytes = write(path, state, self.identity)
-            self.files.append(StateOnDisk(path, read_header(path), nbytes))
+            written = StateOnDisk(path, read_header(path), nbytes)
         except (OSError, StateFileError) as e:
-            self.failures += 1
-            if self.failures == 1:  # said once; each conversation kept later tries again
-                self._say(f"writing {path} failed ({e}); the files already written are kept")
+            with self._mutex:
+                self.failures += 1
+                if self.failures == 1:  # said once; each conversation kept later tries again
+                    self._say(f"writing {path} failed ({e}); the files already written are kept")
             return
-        for old in extended:
-            self._remove(old)
-        self.writes += 1
+        with self._mutex:
+            self.files.append(written)
+            for old in extended:
+                self._remove(old)
+            self.writes += 1
 
     def get(self, entry: StateOnDisk) -> SavedState | None:
         """The state in `entry`'s file (and it becomes the most recently used), or None when the
-        file is gone or damaged (then it is removed, and said)."""
-        try:
-            state = entry.load()
-        except StateFileError as e:
-            self._say(f"{e}: removed")
-            self.remove(entry)
-            return None
-        self.files.remove(entry)
-        self.files.append(entry)
+        file is gone (the writer removed it to make room since it was offered) or damaged (then
+        it is removed, and said)."""
+        with self._mutex:  # (the writer removes no file while it is mapped)
+            if entry not in self.files:
+                return None
+            try:
+                state = entry.load()
+            except StateFileError as e:
+                self._say(f"{e}: removed")
+                self._remove(entry)
+                return None
+            self.files.remove(entry)
+            self.files.append(entry)
         try:
             os.utime(entry.path)
         except OSError:
@@ -140,7 +210,8 @@ class DiskStates:
 
     def remove(self, entry: StateOnDisk) -> None:
         """Forget a file (one whose state the model refused, say) and delete it."""
-        self._remove(entry)
+        with self._mutex:
+            self._remove(entry)
 
     def _remove(self, entry: StateOnDisk) -> None:
         if entry in self.files:
@@ -152,6 +223,10 @@ class DiskStates:
         print(f"prompt cache: {text}", file=sys.stderr, flush=True)
 
     def describe(self) -> str:
+        with self._mutex:
+            return self._describe()
+
+    def _describe(self) -> str:
         mine, others = len(self.entries), len(self.files) - len(self.entries)
         return (f"{mine} conversation{'s' * (mine != 1)} on disk in {self.dir}"
                 + (f" (and {others} of another model or run)" if others else "")

@@ -21,7 +21,8 @@ gives the same bits as evaluating its tokens (the forward pass is batch-invarian
 heads go on from a loaded state's end with nothing before (runtime.model.mtp.Drafter.start_at):
 their first drafts after it may be accepted less often, the text is the same. States are
 kept most recently used first, within `budget` bytes: room is made before a copy, and a state
-bigger than the whole budget is not copied at all (the server says so once). One whose tokens
+bigger than the whole budget is not copied at all (the server says so once). A state still
+waiting to be written to the disk tier counts in the budget until it is written. One whose tokens
 begin another's is dropped for it. The budget is counted in the
 model's memory at load (RuntimeOptions.prompt_cache), so the expert cache gives it up.
 """
@@ -114,8 +115,11 @@ class PromptCache:
             state = model.save_state(checkpoint=True)
             self.states.append(state)
             self.keeps += 1
-        if self.disk is not None:  # from the RAM copy, or straight from the cache
-            self.disk.put(state or model.save_state(checkpoint=True, copy=False))
+        if self.disk is not None:  # the RAM copy by the writer thread; views of the cache before they change
+            if state is not None:
+                self.disk.put_later(state)
+            else:
+                self.disk.put(model.save_state(checkpoint=True, copy=False))
         elif state is None and not self.said_too_big:  # once: such conversations are evaluated again
             self.said_too_big = True
             print(f"prompt cache: a conversation of {len(held):,} tokens takes {size_text(size)}, more than "
@@ -134,5 +138,14 @@ class PromptCache:
         """Drop the states these tokens extend, then the least recently used, until `size` more
         bytes fit the budget."""
         self.states = [s for s in self.states if not _begins(s.tokens, tokens)]
-        while self.states and self.nbytes + size > self.budget:
+        if self.disk is not None and self._held() + size > self.budget:
+            # states dropped from RAM but still waiting for the disk's writer hold their memory
+            # until written: a budget that tight waits for the writes (seldom: only when
+            # conversations are kept faster than they are written)
+            self.disk.flush()
+        while self.states and self._held() + size > self.budget:
             self.states.pop(0)
+
+    def _held(self) -> int:
+        """The bytes the RAM tier holds: its states, and those only the disk's writer still holds."""
+        return self.nbytes + (self.disk.pending_bytes(self.states) if self.disk is not None else 0)
