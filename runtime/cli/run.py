@@ -22,6 +22,11 @@ def add_arguments(p) -> None:
                     help="constrain the text to a JSON value this JSON Schema accepts ('{}': any JSON), as llama.cpp's -j")
     js.add_argument("-jf", "--json-schema-file", default=None, metavar="FILE",
                     help="the same, the schema read from FILE")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="keep the KV cache in FILE: a next run whose prompt begins the same evaluates only what "
+                        "is new (the file is written at the end, or at Ctrl-C)")
+    p.add_argument("--prompt-cache-ro", action="store_true",
+                   help="read --prompt-cache FILE but do not write it")
 
 
 def json_grammar(args):
@@ -61,6 +66,16 @@ def prompt_ids(args, prompt: str) -> list[int]:
     return ids
 
 
+def _prompt_cache(args):
+    from runtime.cli.prompt_cache_file import PromptCacheFile, state_variant
+
+    if args.prompt_cache is None:
+        if args.prompt_cache_ro:
+            raise StepstreamError("--prompt-cache-ro goes with --prompt-cache FILE")
+        return None
+    return PromptCacheFile(args.prompt_cache, args.model, state_variant(args), read_only=args.prompt_cache_ro)
+
+
 def run(args) -> int:
     from runtime.generation import complete, sampling_params
 
@@ -71,7 +86,13 @@ def run(args) -> int:
     params = sampling_params(**sampling_kwargs(args))  # checked before the model loads
     grammar = json_grammar(args)
     ids = prompt_ids(args, prompt)  # and the prompt's length, before the kernels load (a first run compiles them)
+    kept = _prompt_cache(args)  # before the model loads: a path it must not write fails fast
     model = load_model(args)
+    if kept is not None:
+        kept.load_into(model)
+        if kept.loaded:
+            print(f"prompt cache: {model.reusable(ids):,} of {len(ids):,} prompt tokens reused from {kept.path}",
+                  file=sys.stderr)
     out = sys.stdout
     if not args.no_display_prompt:
         out.write(prompt)
@@ -85,13 +106,15 @@ def run(args) -> int:
             out.write(piece.text)
             out.flush()
             last = piece
-    except BaseException:  # an error or Ctrl-C: its message on a line of its own, and the stats so far
+    except BaseException as e:  # an error or Ctrl-C: its message on a line of its own, and the stats so far
         try:
             out.write("\n")
             out.flush()
             print_stats(args, model)
         except OSError:  # a closed stdout: the error that stopped the run matters more
             pass
+        if kept is not None and isinstance(e, KeyboardInterrupt):  # what was evaluated is kept (a long prompt's batches)
+            kept.save(model)
         raise
     timing = GenerationTiming(len(ids), t0, first[0], first[1], time.perf_counter(), last.n_tokens)
     out.write("\n")
@@ -100,4 +123,6 @@ def run(args) -> int:
     print(f"[{last.finish_reason}] {len(ids)} prompt tokens, {last.n_tokens} generated; first token after "
           f"{timing.first_seconds:.2f} s" + (f", then {rate:.2f} tok/s" if rate is not None else ""), file=sys.stderr)
     print_stats(args, model, timing.speeds())
+    if kept is not None:
+        kept.save(model)
     return 0

@@ -139,13 +139,12 @@ def run(args) -> int:
         raise StepstreamError(f"the server needs the [serve] extra ({e.name} is missing): "
                               "pip install 'stepstream[serve]'") from None
     from runtime.cli.common import load_model
+    from runtime.cli.prompt_cache_file import state_variant
 
     if args.cache_dir is None and args.cache_dir_size is not None:
         raise StepstreamError("--cache-dir-size goes with --cache-dir DIR: without a directory nothing is written")
     # before the model loads: a directory it cannot use fails fast, as a taken port does
-    # what besides the file changes a state's values: the activations' rounding, and the GPU tier's kernels
-    variant = f"activations {args.activations}" + ("; gpu tier" if args.gpu_budget is not None else "")
-    disk = DiskStates(args.cache_dir, args.cache_dir_size or 32 * 2**30, Path(args.model), variant) \
+    disk = DiskStates(args.cache_dir, args.cache_dir_size or 32 * 2**30, Path(args.model), state_variant(args)) \
         if args.cache_dir is not None else None
     sock = _listen(args.host, args.port)
     loading = LoadingResponder(sock)  # meanwhile every request gets 503 "loading" at once

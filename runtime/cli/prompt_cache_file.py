@@ -1,0 +1,86 @@
+"""`run --prompt-cache FILE` (llama-cli's flag): the KV cache of a run kept in a file, so that the
+next run of the same prompt, or of one that begins with it, evaluates only what is new.
+
+On the real model a long prompt (a document, a code base, a long system prompt) takes minutes to
+evaluate on a CPU; its KV cache reads back from NVMe in seconds. The file is the server's state
+format (runtime.server.state_file: a checked JSON header, each array with its CRC-32, written to
+a temporary name and renamed). It holds the prompt and the text generated after it, with the
+sliding-window rings' checkpoint at the prompt's end, so a next prompt that shares the prompt
+but not the generated text reuses the prompt.
+
+A file of another model, or of this one run another way (the activations' rounding, the GPU
+tier, the cache's types), or a damaged one, is said in one line and replaced by this run's. A
+path that holds anything but a state file (the model itself, given by mistake) is refused
+before the model loads, and never written over.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from runtime.base.errors import StepstreamError
+from runtime.base.memory_limit import size_text
+from runtime.model.kv_state import StateMismatch
+from runtime.server.state_file import MAGIC, StateFileError, model_identity, read_header, read_state, write
+
+
+def state_variant(args) -> str:
+    """What besides the model file changes a saved state's values: the activations' rounding, and
+    the GPU tier's kernels (serve --cache-dir's files and run --prompt-cache's)."""
+    return f"activations {args.activations}" + ("; gpu tier" if args.gpu_budget is not None else "")
+
+
+class PromptCacheFile:
+    def __init__(self, path: str, model_path: str, variant: str, read_only: bool = False):
+        """Checks the path before the model loads: a state file or nothing, in a directory this
+        run can write to (unless read_only)."""
+        self.path, self.read_only = Path(path), read_only
+        self.identity = model_identity(Path(model_path), variant)
+        flag = "--prompt-cache"
+        if self.path.is_dir():
+            raise StepstreamError(f"{flag} {self.path}: a directory, not a file")
+        if self.path.exists():
+            try:
+                with open(self.path, "rb") as f:
+                    head = f.read(len(MAGIC))
+            except OSError as e:
+                raise StepstreamError(f"{flag} {self.path}: cannot read it: {e.strerror}") from None
+            if head != MAGIC[: len(head)]:  # (an empty file, or one cut short in its magic, is replaced)
+                raise StepstreamError(f"{flag} {self.path}: not a stepstream prompt-cache file; it is left as it is "
+                                      f"(give a new path, or remove the file)")
+        elif read_only:
+            raise StepstreamError(f"{flag} {self.path}: no such file (--prompt-cache-ro only reads one)")
+        where = self.path.parent if str(self.path.parent) else Path(".")
+        if not read_only and not (where.is_dir() and os.access(where, os.W_OK | os.X_OK)):
+            raise StepstreamError(f"{flag} {self.path}: cannot write in {where} (no such directory, or not writable)")
+        self.loaded = 0  # the tokens the file held
+
+    def load_into(self, model) -> None:
+        """Load the file's state into the model when it is this model's, run this way; else say why not."""
+        if not self.path.exists():
+            return
+        try:
+            header = read_header(self.path)
+            if header["identity"] != self.identity:
+                raise StateMismatch(f"saved by another model or run ({header['identity']}; this run is {self.identity})")
+            state = read_state(self.path, header)
+            model.load_state(state)  # (one it refuses, of another cache layout say, leaves the cache as it was)
+        except (StateFileError, StateMismatch) as e:
+            why = str(e) if isinstance(e, StateFileError) else f"{self.path}: {e}"  # (a StateFileError names it)
+            print(f"prompt cache: {why}; the prompt is evaluated from the start"
+                  + ("" if self.read_only else " and the file replaced"), file=sys.stderr, flush=True)
+            return
+        self.loaded = len(state.tokens)
+
+    def save(self, model) -> None:
+        """Write what the model's cache holds (atomically), unless read-only or empty."""
+        if self.read_only or model.n_past == 0:
+            return
+        try:
+            nbytes = write(self.path, model.save_state(checkpoint=True, copy=False), self.identity)
+        except OSError as e:
+            raise StepstreamError(f"--prompt-cache {self.path}: writing it failed: {e.strerror or e}; "
+                                  "the file as it was is kept") from None
+        print(f"prompt cache: {model.n_past:,} tokens saved to {self.path} ({size_text(nbytes)})", file=sys.stderr)
