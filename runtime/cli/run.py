@@ -8,6 +8,7 @@ import time
 from runtime.cli.common import (GenerationTiming, add_model_args, add_mtp_arg, add_sampling_args, check_text_args,
                                 context_size, load_model, max_tokens, print_stats, read_text_file, sampling_kwargs)
 from runtime.base.errors import StepstreamError
+from runtime.cli.prompt_progress import PromptProgress
 
 
 def add_arguments(p) -> None:
@@ -94,19 +95,24 @@ def run(args) -> int:
             print(f"prompt cache: {model.reusable(ids):,} of {len(ids):,} prompt tokens reused from {kept.path}",
                   file=sys.stderr)
     out = sys.stdout
-    if not args.no_display_prompt:
-        out.write(prompt)
-        out.flush()
+    # a long prompt's evaluation shows a bar on a terminal's stderr; the prompt is echoed after it
+    # is cleared (echoed before, its last line was what the bar's carriage returns wrote over)
+    progress = PromptProgress(model, len(ids))
     t0 = time.perf_counter()
     first = last = None
     try:
-        for piece in complete(model, ids, params, max_tokens(args), args.reverse_prompt, grammar=grammar):
+        for piece in complete(model, ids, params, max_tokens(args), args.reverse_prompt, grammar=grammar,
+                              between_batches=progress):
             if first is None:
                 first = (time.perf_counter(), piece.n_tokens)
+                progress.close()
+                if not args.no_display_prompt:
+                    out.write(prompt)
             out.write(piece.text)
             out.flush()
             last = piece
     except BaseException as e:  # an error or Ctrl-C: its message on a line of its own, and the stats so far
+        progress.close()
         try:
             out.write("\n")
             out.flush()

@@ -140,10 +140,11 @@ class Piece:
 
 
 def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: int | None,
-             stop: Sequence[str] = (), mtp=None, grammar=None) -> Iterator[Piece]:
+             stop: Sequence[str] = (), mtp=None, grammar=None, between_batches=None) -> Iterator[Piece]:
     """Text pieces of the continuation of `prompt`; the last piece carries the finish reason.
     `grammar` (runtime.text.json_constraint.JSON_OBJECT or a compiled JSON Schema) constrains
-    the continuation to its language."""
+    the continuation to its language. `between_batches()`, when given, is called between the
+    prompt's batches (a progress display reads model.n_past); it returns nothing."""
     sampler = Sampler(params)
     if grammar is not None:
         from runtime.text.json_constraint import JsonObjectReply, vocabulary
@@ -153,7 +154,13 @@ def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: i
     stops = StopStrings(stop)
     eog = model.tokenizer.eog_ids
     n = 0
-    for tok in generate(model, prompt, sampler, max_tokens, mtp=mtp):
+    def watch() -> bool:  # generate's `cancelled`: asked between the prompt's batches; never cancels
+        between_batches()
+        return False
+
+    watching = between_batches is not None
+    for tok in generate(model, prompt, sampler, max_tokens, mtp=mtp, stats={} if watching else None,
+                        cancelled=watch if watching else None):
         n += 1
         if tok in eog:
             yield Piece(stops.push(utf8.decode(b"", final=True))[0] + stops.flush(), n, "stop", eog=True)
