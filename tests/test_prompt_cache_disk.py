@@ -365,3 +365,122 @@ def test_a_file_removed_to_make_room_after_it_was_offered_is_passed_over(tmp_pat
     assert "removed" not in capsys.readouterr().err  # gone, not damaged: nothing to say
     disk.close()
     model.close()
+
+
+def _no_wait(monkeypatch, disk, waited: list, gate: threading.Event):
+    """Record each flush (and let the held writes go, or the test would hang on a regression)."""
+    real = disk.flush
+
+    def flush():
+        waited.append(disk.pending_bytes())
+        gate.set()
+        real()
+
+    monkeypatch.setattr(disk, "flush", flush)
+
+
+def test_the_worker_waits_for_no_write_where_memory_does_not_need_it(tmp_path, monkeypatch):
+    """(review 95) A full RAM tier whose oldest state is already written drops that one rather
+    than wait for the newest write; a conversation's next turn found in RAM while its own file is
+    being written waits for nothing."""
+    gate, started = threading.Event(), threading.Event()
+    _held_write(monkeypatch, gate, started)
+    rng = np.random.default_rng(11)
+    a, b, c, d = (rng.integers(0, 2000, 700).tolist() for _ in range(4))
+    model = _load()
+    model.eval_prompt(a)
+    one = model.state_nbytes(checkpoint=True)
+    model.reset()
+    disk = DiskStates(tmp_path / "1", 1 << 30, SHIPPED)
+    cache = PromptCache(int(2.5 * one), disk)
+    gate.set()
+    _ask(model, cache, a, 2)
+    _ask(model, cache, b, 2)
+    disk.flush()  # a kept and written
+    gate.clear()
+    waited = []
+    _no_wait(monkeypatch, disk, waited, gate)
+    _ask(model, cache, c, 2)  # b kept, its write held
+    _ask(model, cache, d, 2)  # c kept: dropping a (written) makes room
+    assert waited == [] and [s.tokens[:700] for s in cache.states] == [tuple(b), tuple(c)]
+    assert cache._held() <= cache.budget
+    gate.set()
+    disk.close()
+
+    model.reset()
+    gate.clear()
+    disk = DiskStates(tmp_path / "2", 1 << 30, SHIPPED)
+    cache = PromptCache(int(1.5 * one), disk)
+    waited = []
+    _no_wait(monkeypatch, disk, waited, gate)
+    _ask(model, cache, a, 2)
+    _ask(model, cache, a[:5] + b[:100], 2)  # a title request: a kept, its write held
+    assert disk.queued(cache.states[0])
+    _ask(model, cache, a + [7, 8, 9], 2)  # a's next turn, from RAM
+    assert waited == [] and cache.loads == 1
+    gate.set()
+    disk.close()
+    assert disk.writes == 1
+    model.close()
+
+
+def test_the_writer_goes_on_when_the_disk_and_the_log_are_full(tmp_path, monkeypatch):
+    """(review 95) A full disk often holds the log too: a write failing with ENOSPC while stderr
+    fails as well killed the writer thread, and every later flush (the server's shutdown) hung."""
+    from runtime.server import disk_states
+
+    class FullLog:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    model = _load()
+    model.eval_prompt(list(range(10, 400)))
+    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)
+    monkeypatch.setattr(disk_states, "write", full)
+    monkeypatch.setattr(sys, "stderr", FullLog())
+    assert disk.put(model.save_state(checkpoint=True)) is False  # returns: the writer did not die
+    monkeypatch.undo()
+    assert disk.put(model.save_state(checkpoint=True)) is True and disk.writes == 1
+    disk.close()
+    model.close()
+
+
+def test_a_loaded_states_checkpoint_does_not_hold_its_file(tmp_path):
+    """(review 95) The checkpoint stays with the model after a load; as a view of the file's map
+    it kept a removed file's blocks on disk, beyond --cache-dir-size."""
+    model = _load()
+    model.eval_prompt(np.random.default_rng(12).integers(0, 2000, 700).tolist())
+    disk = DiskStates(tmp_path, 1 << 30, SHIPPED)
+    disk.put(model.save_state(checkpoint=True))
+    model.reset()
+    [entry] = disk.entries
+    state = disk.get(entry)
+    assert state.checkpoint is not None
+    model.load_state(state)
+    del state
+    disk.remove(entry)
+    import gc
+
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    assert str(entry.path) not in maps
+    disk.close()
+    model.close()
+
+
+def test_persist_says_whether_the_live_conversation_is_on_disk(tmp_path):
+    model = _load()
+    model.eval_prompt(list(range(10, 400)))
+    small = DiskStates(tmp_path, 64 * 1024, SHIPPED)  # too small for it
+    assert PromptCache(0, small).persist(model) is False
+    small.close()
+    disk = DiskStates(tmp_path / "big", 1 << 30, SHIPPED)
+    assert PromptCache(0, disk).persist(model) is True
+    disk.close()
+    model.close()

@@ -124,3 +124,57 @@ def test_ctrl_c_keeps_what_was_evaluated(tmp_path, capsys, monkeypatch):
     code, out, err = _run(capsys, cache)
     assert code == 0 and _reused(err) == 1000  # all it held: the prompt goes on from there
     assert out == _run(capsys, None)[1]
+
+
+def test_paths_that_are_no_regular_file_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """(review 95) A FIFO hung the run before loading; a device was replaced by a regular file; a
+    name too long or a directory this user cannot search ended in a traceback."""
+    import os
+
+    import runtime.loader
+
+    monkeypatch.setattr(runtime.loader, "load", lambda *a, **k: pytest.fail("loaded"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = _run(capsys, fifo)
+    assert code == 2 and "not a regular file; it is left as it is" in err
+    code, _, err = _run(capsys, "/dev/null")
+    assert code == 2 and "/dev/null: not a regular file" in err and Path("/dev/null").is_char_device()
+    code, _, err = _run(capsys, tmp_path / ("x" * 300))
+    assert code == 2 and err.strip().splitlines()[-1].endswith("File name too long")
+
+
+def test_a_link_is_followed_and_another_format_version_replaced(tmp_path, capsys):
+    from runtime.server.state_file import MAGIC
+
+    target = tmp_path / "real.kvstate"
+    link = tmp_path / "link.kvstate"
+    link.symlink_to(target)
+    assert _run(capsys, link)[0] == 0
+    assert link.is_symlink() and read_header(target)["tokens"]  # the file it names was written
+    code, _, err = _run(capsys, link)
+    assert code == 0 and _reused(err) > 0
+    other = tmp_path / "v9.kvstate"
+    other.write_bytes(MAGIC[:14] + b"\x09\x00" + b"\x00" * 64)  # the format's name, another version
+    code, _, err = _run(capsys, other)
+    assert code == 0 and "another format version" in err and "file replaced" in err
+    assert read_header(other)["tokens"]
+
+
+def test_an_interrupted_run_that_cannot_save_still_ends_as_interrupted(tmp_path, capsys, monkeypatch):
+    import runtime.cli.prompt_cache_file as pcf
+    import runtime.generation
+
+    def interrupted(model, ids, *args, **kw):
+        model.eval_prompt(ids[:300])
+        raise KeyboardInterrupt
+        yield
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runtime.generation, "complete", interrupted)
+    monkeypatch.setattr(pcf, "write", full)
+    code, _, err = _run(capsys, tmp_path / "p.kvstate")
+    assert code == 130 and "warning: --prompt-cache" in err and "No space left on device" in err
+    assert not (tmp_path / "p.kvstate").exists()

@@ -17,6 +17,7 @@ before the model loads, and never written over.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
 from runtime.model.kv_state import StateMismatch
 from runtime.server.state_file import MAGIC, StateFileError, model_identity, read_header, read_state, write
+
+
+_NAME = MAGIC[:14]  # the format's name; the two bytes after it are its version
 
 
 def state_variant(args) -> str:
@@ -39,33 +43,46 @@ class PromptCacheFile:
         self.path, self.read_only = Path(path), read_only
         self.identity = model_identity(Path(model_path), variant)
         flag = "--prompt-cache"
-        if self.path.is_dir():
+        self.target = self.path
+        try:
+            # a link is followed: the file it names is the one read and replaced
+            self.target = Path(os.path.realpath(self.path))
+            st = os.stat(self.target)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:  # a name too long, a directory on the way this user cannot search
+            raise StepstreamError(f"{flag} {self.path}: {e.strerror}") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
             raise StepstreamError(f"{flag} {self.path}: a directory, not a file")
-        if self.path.exists():
+        if st is not None and not stat.S_ISREG(st.st_mode):  # a FIFO blocked the read; a device was replaced
+            raise StepstreamError(f"{flag} {self.path}: not a regular file; it is left as it is")
+        if st is not None:
             try:
-                with open(self.path, "rb") as f:
-                    head = f.read(len(MAGIC))
+                with open(self.target, "rb") as f:
+                    head = f.read(len(_NAME))
             except OSError as e:
                 raise StepstreamError(f"{flag} {self.path}: cannot read it: {e.strerror}") from None
-            if head != MAGIC[: len(head)]:  # (an empty file, or one cut short in its magic, is replaced)
+            # (an empty file, or one cut short in its magic, is replaced; one of another format
+            # version is said to be so by read_header, and replaced)
+            if head != _NAME[: len(head)]:
                 raise StepstreamError(f"{flag} {self.path}: not a stepstream prompt-cache file; it is left as it is "
                                       f"(give a new path, or remove the file)")
         elif read_only:
             raise StepstreamError(f"{flag} {self.path}: no such file (--prompt-cache-ro only reads one)")
-        where = self.path.parent if str(self.path.parent) else Path(".")
+        where = self.target.parent
         if not read_only and not (where.is_dir() and os.access(where, os.W_OK | os.X_OK)):
             raise StepstreamError(f"{flag} {self.path}: cannot write in {where} (no such directory, or not writable)")
         self.loaded = 0  # the tokens the file held
 
     def load_into(self, model) -> None:
         """Load the file's state into the model when it is this model's, run this way; else say why not."""
-        if not self.path.exists():
+        if not self.target.exists():
             return
         try:
-            header = read_header(self.path)
+            header = read_header(self.target)
             if header["identity"] != self.identity:
                 raise StateMismatch(f"saved by another model or run ({header['identity']}; this run is {self.identity})")
-            state = read_state(self.path, header)
+            state = read_state(self.target, header)
             model.load_state(state)  # (one it refuses, of another cache layout say, leaves the cache as it was)
         except (StateFileError, StateMismatch) as e:
             why = str(e) if isinstance(e, StateFileError) else f"{self.path}: {e}"  # (a StateFileError names it)
@@ -79,7 +96,7 @@ class PromptCacheFile:
         if self.read_only or model.n_past == 0:
             return
         try:
-            nbytes = write(self.path, model.save_state(checkpoint=True, copy=False), self.identity)
+            nbytes = write(self.target, model.save_state(checkpoint=True, copy=False), self.identity)
         except OSError as e:
             raise StepstreamError(f"--prompt-cache {self.path}: writing it failed: {e.strerror or e}; "
                                   "the file as it was is kept") from None

@@ -119,8 +119,11 @@ def run(args) -> int:
             print_stats(args, model)
         except OSError:  # a closed stdout: the error that stopped the run matters more
             pass
-        if kept is not None and isinstance(e, KeyboardInterrupt):  # what was evaluated is kept (a long prompt's batches)
-            kept.save(model)
+        if kept is not None and type(e) is KeyboardInterrupt:  # Ctrl-C (not SIGTERM or SIGHUP): what was evaluated is kept
+            try:
+                kept.save(model)
+            except StepstreamError as failed:  # said; the interrupt still ends the run (status 130)
+                print(f"warning: {failed}", file=sys.stderr)
         raise
     timing = GenerationTiming(len(ids), t0, first[0], first[1], time.perf_counter(), last.n_tokens)
     out.write("\n")

@@ -113,10 +113,8 @@ def _persist(prompts, model) -> None:
     """The live conversation to --cache-dir as the server stops; a failure is said, not raised."""
     try:
         n = len(model.history)
-        writes = prompts.disk.writes
-        prompts.persist(model)
-        if prompts.disk.writes > writes:
-            print(f"prompt cache: the live conversation ({n:,} tokens) written to {prompts.disk.dir}",
+        if prompts.persist(model):
+            print(f"prompt cache: the live conversation ({n:,} tokens) is on disk in {prompts.disk.dir}",
                   file=sys.stderr, flush=True)
     except Exception as e:  # (Ctrl-C again stops it)
         print(f"warning: prompt cache: the live conversation was not written: {e}", file=sys.stderr, flush=True)

@@ -92,14 +92,16 @@ class DiskStates:
             if self._holds(state) or any(q.tokens == state.tokens and q.layout == state.layout for q in self._queue):
                 return
             self._queue.append(state)
-            if self._writer is None:
+            if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(target=self._write_queued, name="stepstream-cache-dir", daemon=True)
                 self._writer.start()
 
-    def put(self, state: SavedState) -> None:
-        """Write `state` (after the writes already asked for), and wait until it is written."""
+    def put(self, state: SavedState) -> bool:
+        """Write `state` (after the writes already asked for), and wait until it is written.
+        Returns whether a file holds it now (False: too big for the budget, or the write failed)."""
         self.put_later(state)
         self.flush()
+        return self._holds(state)
 
     def flush(self) -> None:
         """Wait until every write asked for is done."""
@@ -114,20 +116,34 @@ class DiskStates:
 
     def _write_queued(self) -> None:
         """The writer thread: writes the queue's states in turn, and ends when it is empty."""
-        while True:
-            with self._mutex:
-                if not self._queue:
-                    self._writer = None
-                    return
-                state = self._queue[0]
-            try:
-                self._write(state)
-            except Exception as e:  # (an OSError is said by _write) the next states are still written
-                self._say(f"writing a conversation failed ({type(e).__name__}: {e})")
-            finally:
+        try:
+            while True:
                 with self._mutex:
-                    self._queue.pop(0)
+                    if not self._queue:
+                        self._writer = None  # (under the mutex: a state queued after this starts another)
+                        return
+                    state = self._queue[0]
+                try:
+                    self._write(state)
+                except Exception as e:  # (an OSError is said by _write) the next states are still written
+                    self._say(f"writing a conversation failed ({type(e).__name__}: {e})")
+                finally:
+                    with self._mutex:
+                        self._queue.pop(0)
+                        self._mutex.notify_all()
+        finally:  # stopped by something no handler takes: nothing may wait on it (flush)
+            with self._mutex:
+                if self._writer is threading.current_thread():
+                    self._writer = None
+                    if self._queue:
+                        self._queue.clear()
+                        self._say("the writer stopped; the conversations still waiting are not written")
                     self._mutex.notify_all()
+
+    def queued(self, state: SavedState) -> bool:
+        """Whether `state` waits for the writer (its memory is held until it is written)."""
+        with self._mutex:
+            return any(q is state for q in self._queue)
 
     @property
     def entries(self) -> list[StateOnDisk]:
@@ -190,7 +206,7 @@ class DiskStates:
         """The state in `entry`'s file (and it becomes the most recently used), or None when the
         file is gone (the writer removed it to make room since it was offered) or damaged (then
         it is removed, and said)."""
-        with self._mutex:  # (the writer removes no file while it is mapped)
+        with self._mutex:  # (not removed by the writer while its header and CRCs are read)
             if entry not in self.files:
                 return None
             try:
@@ -220,7 +236,10 @@ class DiskStates:
 
     @staticmethod
     def _say(text: str) -> None:
-        print(f"prompt cache: {text}", file=sys.stderr, flush=True)
+        try:
+            print(f"prompt cache: {text}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # a full disk often holds the log too: the writer must go on
+            pass
 
     def describe(self) -> str:
         with self._mutex:

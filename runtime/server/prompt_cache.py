@@ -97,10 +97,11 @@ class PromptCache:
         else:
             self.disk.remove(kept)
 
-    def persist(self, model) -> None:
-        """The live cache to the disk tier (the server is stopping)."""
+    def persist(self, model) -> bool:
+        """The live cache to the disk tier (the server is stopping); returns whether a file holds it."""
         if self.disk is not None and len(model.history) >= MIN_KEEP:
-            self.disk.put(model.save_state(checkpoint=True, copy=False))  # written before anything changes it
+            return self.disk.put(model.save_state(checkpoint=True, copy=False))  # written before anything changes it
+        return False
 
     def _keep(self, model) -> None:
         """Copy the live cache (room made first: nothing is copied that the budget cannot hold), and
@@ -127,24 +128,24 @@ class PromptCache:
                   file=sys.stderr, flush=True)
 
     def _remember(self, state: SavedState) -> None:
-        """`state` as the most recently used RAM state, if the budget holds it."""
-        if state.nbytes > self.budget:
-            return
-        self.states = [s for s in self.states if s is not state]
-        self._make_room(state.tokens, state.nbytes)
-        self.states.append(state)
+        """`state` (one of the RAM states) as the most recently used."""
+        self.states = [s for s in self.states if s is not state] + [state]
 
     def _make_room(self, tokens: tuple, size: int) -> None:
         """Drop the states these tokens extend, then the least recently used, until `size` more
-        bytes fit the budget."""
+        bytes fit the budget. A state still waiting for the disk's writer holds its memory until
+        it is written, so dropping it frees nothing yet: the states already written go first,
+        and only when they are not enough does the cache wait for the writes (seldom: only when
+        conversations are kept faster than they are written)."""
         self.states = [s for s in self.states if not _begins(s.tokens, tokens)]
-        if self.disk is not None and self._held() + size > self.budget:
-            # states dropped from RAM but still waiting for the disk's writer hold their memory
-            # until written: a budget that tight waits for the writes (seldom: only when
-            # conversations are kept faster than they are written)
-            self.disk.flush()
         while self.states and self._held() + size > self.budget:
-            self.states.pop(0)
+            written = next((s for s in self.states if self.disk is None or not self.disk.queued(s)), None)
+            if written is not None:
+                self.states.remove(written)
+            elif self.disk.pending_bytes():
+                self.disk.flush()
+        if self.disk is not None and self._held() + size > self.budget and self.disk.pending_bytes():
+            self.disk.flush()  # states dropped from RAM, their files still being written
 
     def _held(self) -> int:
         """The bytes the RAM tier holds: its states, and those only the disk's writer still holds."""

@@ -206,8 +206,13 @@ def _array(data: np.ndarray, path: Path, d: dict | None) -> np.ndarray | None:
     return raw.view(dtype).reshape(shape)
 
 
+def _copy(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.array(a)
+
+
 def read_state(path: Path, header: dict) -> SavedState:
-    """The state the file holds (its header from read_header), its arrays mapped read-only."""
+    """The state the file holds (its header from read_header): the slots' arrays mapped read-only,
+    the checkpoint's copied."""
     start = header["start"]
     try:
         size = Path(path).stat().st_size
@@ -219,7 +224,10 @@ def read_state(path: Path, header: dict) -> SavedState:
     cp = header.get("checkpoint")
     checkpoint = None
     if cp is not None:
-        rings = tuple(RingCopy(r["index"], *(_array(data, path, r.get(n)) for n in ("k", "v", "pos", "ks", "vs")))
+        # copied out of the map: a loaded state's checkpoint stays with the model (the next prompt
+        # may return to it), and a view kept the file's blocks on disk after the disk tier removed
+        # it, beyond --cache-dir-size (a review's finding). The rings are one window each: small.
+        rings = tuple(RingCopy(r["index"], *(_copy(_array(data, path, r.get(n))) for n in ("k", "v", "pos", "ks", "vs")))
                       for r in cp["rings"])
         checkpoint = KVCheckpoint(cp["n_past"], rings)
     return SavedState(header["model"], tuple(tuple(x) for x in header["layout"]), tuple(header["tokens"]), slots,
