@@ -62,3 +62,25 @@ def test_not_a_terminal_shows_nothing(model):
     _text(model, ids, progress)
     progress.close()
     assert out.getvalue() == ""
+
+
+def test_a_chat_shows_each_replys_prompt_and_replies_the_same(model):
+    from runtime.generation import SamplingParams
+    from runtime.generation.conversation import Conversation
+
+    long_message = " ".join(f"item {i}" for i in range(500))
+    replies = {}
+    for watched in (False, True):
+        model.reset()
+        progress = PromptProgress(model, file=io.StringIO(), delay=0, disable=False) if watched else None
+        conv = Conversation(model, "You are terse.", SamplingParams(temperature=0.0), max_tokens=8, progress=progress)
+        turns = []
+        for message in (long_message, "and again"):
+            turns.append("".join(p for p in conv.reply(message) if isinstance(p, str)))
+            if watched:
+                prompt = model.chat_tokens(conv.messages[:-1])  # the reply's prompt
+                assert progress.bar.total == len(prompt) and progress.bar.n == len(prompt) - 1
+                if message == "and again":  # the first turn's positions were reused
+                    assert progress.bar.initial > 1000
+        replies[watched] = turns
+    assert replies[True] == replies[False]

@@ -17,6 +17,7 @@ import threading
 from runtime.base.errors import StepstreamError, Terminated
 from runtime.cli.common import (add_model_args, add_mtp_arg, add_reasoning_args, add_sampling_args, check_text_args,
                                 load_model, max_tokens, print_stats, sampling_kwargs)
+from runtime.cli.prompt_progress import PromptProgress
 from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import sampling_params
 
@@ -50,7 +51,7 @@ def run(args, stdin=None, stdout=None) -> int:
                                   f"raise -c")
     conv = Conversation(model, args.system_prompt, sampling_params(**sampling_kwargs(args)), max_tokens(args),
                         args.reverse_prompt, None if args.reasoning_budget < 0 else args.reasoning_budget,
-                        args.reasoning_budget_message or "")
+                        args.reasoning_budget_message or "", progress=PromptProgress(model))
     print(HOW_TO_LEAVE, file=sys.stderr, flush=True)
     interactive = stdin.isatty()
     while True:

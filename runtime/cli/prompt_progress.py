@@ -1,4 +1,4 @@
-"""A progress bar for a prompt's evaluation (`run`): on the real model a long prompt takes minutes
+"""A progress bar for a prompt's evaluation (`run`, and each of `chat`'s replies): on the real model a long prompt takes minutes
 on a CPU, and the terminal stayed silent until the first token.
 
 Shown on stderr when it is a terminal, and only for a prompt still being evaluated after
@@ -14,12 +14,18 @@ from tqdm import tqdm
 
 
 class PromptProgress:
-    def __init__(self, model, n_prompt: int, file=None, delay: float = 2.0, disable: bool | None = None):
-        """disable None: shown only when `file` is a terminal (tqdm's rule)."""
+    def __init__(self, model, n_prompt: int = 0, file=None, delay: float = 2.0, disable: bool | None = None):
+        """disable None: shown only when `file` is a terminal (tqdm's rule). A chat calls `start`
+        before each prompt."""
         self.model, self.n_prompt = model, n_prompt
         self.file = sys.stderr if file is None else file
         self.delay, self.disable = delay, disable
         self.bar: tqdm | None = None
+
+    def start(self, n_prompt: int) -> None:
+        """A new prompt of n_prompt tokens (the last bar cleared)."""
+        self.close()
+        self.n_prompt, self.bar = n_prompt, None
 
     def __call__(self) -> None:
         """Between two of the prompt's batches."""
@@ -31,6 +37,6 @@ class PromptProgress:
             self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
-        """Clear the bar (before the text is written), once."""
+        """Clear the bar (before the text is written); again, nothing."""
         if self.bar is not None:
             self.bar.close()

@@ -41,10 +41,14 @@ class Notice:
 
 class Conversation:
     def __init__(self, model, system_prompt: str | None, params: SamplingParams, max_tokens: int | None = None,
-                 stops: Sequence[str] = (), reasoning_budget: int | None = None, reasoning_message: str = ""):
+                 stops: Sequence[str] = (), reasoning_budget: int | None = None, reasoning_message: str = "",
+                 progress=None):
         """reasoning_budget: tokens a reply may reason before its </think> is forced (None: no
-        limit; runtime.generation.reasoning_budget), with reasoning_message written before it."""
+        limit; runtime.generation.reasoning_budget), with reasoning_message written before it.
+        progress: a display of the prompt's evaluation (runtime.cli.prompt_progress): `start(n)`
+        before each reply's prompt, called between its batches, `close()` at its first token."""
         self.model = model
+        self.progress = progress
         self.params = params
         self.reasoning_budget, self.reasoning_message = reasoning_budget, reasoning_message
         self.max_tokens = max_tokens
@@ -81,6 +85,8 @@ class Conversation:
             yield from self._generate(prompt, shown)
         finally:  # also when stopped: what was shown (maybe nothing) stays in the conversation as the reply
             self.messages.append({"role": "assistant", "content": "".join(shown)})
+            if self.progress is not None:  # (stopped during its prompt: the bar goes too)
+                self.progress.close()
 
     def _generate(self, prompt: list[int], shown: list[str]) -> Iterator[str | Notice]:
         model, eog = self.model, self.model.tokenizer.eog_ids
@@ -88,9 +94,15 @@ class Conversation:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStrings(self.stops)
         reply: list[int] = []
+        watch = self._between_batches if self.progress is not None else None
         while True:
             left = None if self.max_tokens is None else self.max_tokens - len(reply)
-            for tok in generate(model, prompt + reply, sampler, left):
+            if watch is not None:
+                self.progress.start(len(prompt) + len(reply))
+            for tok in generate(model, prompt + reply, sampler, left, stats=None if watch is None else {},
+                                cancelled=watch):
+                if watch is not None:
+                    self.progress.close()
                 reply.append(tok)
                 if tok in eog:
                     break
@@ -111,6 +123,12 @@ class Conversation:
         if tail:
             shown.append(tail)
             yield tail
+
+    def _between_batches(self) -> bool:
+        """generate's `cancelled`, asked between the prompt's batches: the progress display's turn;
+        it never cancels."""
+        self.progress()
+        return False
 
     def _budget(self, prompt: list[int]) -> ReasoningBudget | None:
         if self.reasoning_budget is None:
