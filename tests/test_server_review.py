@@ -156,10 +156,8 @@ def test_a_bad_max_body_is_one_line_and_exit_status_2(capsys, given, message):
 # ---- fields the server does not honour are refused, not ignored --------------------------------------
 
 @pytest.mark.parametrize("field, value, message", [
-    ("presence_penalty", 0.5, "'presence_penalty' is not supported (only 0)"),
-    ("frequency_penalty", -1, "'frequency_penalty' is not supported (only 0)"),
-    ("logit_bias", {"5": 10}, "'logit_bias' is not supported"),
-    # (json_object and json_schema are honoured: tests/test_json_mode.py, tests/test_json_schema.py)
+    # (presence_penalty, frequency_penalty and logit_bias are honoured: test_penalties_and_logit_bias_are_honoured;
+    # json_object and json_schema are honoured: tests/test_json_mode.py, tests/test_json_schema.py)
     ("response_format", {"type": "xml"},
      "'response_format' with \"xml\" is not supported (\"text\", \"json_object\" and \"json_schema\" are)"),
 ])
@@ -170,6 +168,36 @@ def test_an_unhonoured_field_is_a_400(client, field, value, message):
             call(model=ALIAS, max_tokens=2, extra_body={field: value})  # completions has no response_format
         assert e.value.body == {"message": message, "type": "invalid_request_error", "param": field,
                                 "code": "unsupported"}
+
+
+def test_penalties_and_logit_bias_are_honoured(client):
+    """The server's greedy text under presence and frequency penalties and a logit bias is the
+    Python API's with the same settings (whose sampler is checked against llama.cpp's chain:
+    tests/test_sampling_penalties.py), and differs from the text without them."""
+    import runtime
+
+    prompt = "def fibonacci(n):\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\ndef"
+    settings = dict(presence_penalty=0.6, frequency_penalty=0.9, logit_bias={"25": -100, "3": 4.5})
+    got = client.completions.create(model=ALIAS, prompt=prompt, max_tokens=24, temperature=0, **settings)
+    plain = client.completions.create(model=ALIAS, prompt=prompt, max_tokens=24, temperature=0)
+    with runtime.load(str(MODEL), n_ctx=CTX) as m:
+        want = m.create_completion(prompt, max_tokens=24, temperature=0, **settings)["choices"][0]["text"]
+    assert got.choices[0].text == want != plain.choices[0].text
+    chat = client.chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, **settings)
+    assert chat.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("logit_bias", {"999999": 1}, "'logit_bias' names token 999999, outside the vocabulary (0..2047)"),
+    ("logit_bias", {"5": 101}, "'logit_bias' value for token 5 must be a number from -100 to 100, got 101"),
+    ("logit_bias", {"five": 1}, "'logit_bias' key \"five\" is not a token id (a decimal string)"),
+    ("presence_penalty", 2.5, "'presence_penalty' must be in [-2, 2], got 2.5"),
+])
+def test_bad_penalties_and_biases_are_a_400(client, field, value, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=ALIAS, prompt="def f():", max_tokens=2, extra_body={field: value})
+    assert e.value.body["message"] == message and e.value.body["param"] == field
 
 
 def test_the_defaults_of_those_fields_are_accepted(client):

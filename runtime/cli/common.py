@@ -58,6 +58,7 @@ unit_interval = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1]", "uni
 share = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]", "share")
 positive_float = _checked(float, lambda v: v > 0, "must be more than 0", "positive_float")
 non_negative_float = _checked(float, lambda v: v >= 0, "must be 0 or more", "non_negative_float")
+penalty = _checked(float, lambda v: math.isfinite(v), "must be a finite number", "penalty")
 chunk_count = _checked(int, lambda v: v == -1 or v >= 1, "must be a positive number of chunks, or -1 for all",
                        "chunk_count")
 
@@ -386,7 +387,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=positive_float, default=1.0,
                    help="penalize repeated tokens, 1.0 = off (default: 1.0)")
     p.add_argument("--repeat-last-n", type=repeat_window, default=64,
-                   help="tokens the repeat penalty looks back over, -1 = the whole context (default: 64)")
+                   help="tokens the penalties look back over, -1 = the whole context (default: 64)")
+    p.add_argument("--presence-penalty", type=penalty, default=0.0,
+                   help="subtract this from the logit of each token seen in those tokens, 0.0 = off (default: 0.0)")
+    p.add_argument("--frequency-penalty", type=penalty, default=0.0,
+                   help="subtract this times its count there from each token's logit, 0.0 = off (default: 0.0)")
     p.add_argument("-s", "--seed", type=seed, default=None, help="random seed, -1 = random (default: random)")
     p.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="STOP",
                    help="stop generating at this text (may be given several times)")
@@ -616,7 +621,8 @@ def print_stats(args, model, speeds: str | None = None, stats_text: str | None =
 
 def sampling_kwargs(args) -> dict:
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
 
 
 def max_tokens(args) -> int | None:

@@ -15,6 +15,7 @@ filling up.
 from __future__ import annotations
 
 import codecs
+import math
 import numbers
 import time
 from collections.abc import Iterator, Sequence
@@ -175,13 +176,36 @@ def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: i
 
 
 def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
-                    repeat_last_n=64, seed=None, **unknown) -> SamplingParams:
+                    repeat_last_n=64, seed=None, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None,
+                    **unknown) -> SamplingParams:
     if unknown:  # a TypeError from deep inside, before
         raise UnknownOption(f"unknown option(s) {', '.join(sorted(unknown))}; known: temperature (temp), top_k, "
-                              f"top_p, min_p, repeat_penalty, repeat_last_n, seed, and mtp for generation")
+                              f"top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, "
+                              f"logit_bias, seed, and mtp for generation")
     return SamplingParams(_real("temperature", temperature), _whole("top_k", top_k), _real("top_p", top_p),
                           _real("min_p", min_p), _real("repeat_penalty", repeat_penalty),
-                          _whole("repeat_last_n", repeat_last_n), seed)
+                          _whole("repeat_last_n", repeat_last_n), seed, _real("frequency_penalty", frequency_penalty),
+                          _real("presence_penalty", presence_penalty), logit_bias_pairs(logit_bias))
+
+
+def logit_bias_pairs(bias) -> tuple:
+    """llama-cpp-python's and OpenAI's logit_bias ({token id: bias}, ids as ints or decimal
+    strings; None or {}: none) as SamplingParams' sorted pairs."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise StepstreamError(f"logit_bias must be a mapping of token ids to biases, got {bias!r:.80}")
+    pairs = []
+    for key, value in bias.items():
+        tok = int(key) if isinstance(key, str) and key.isdecimal() else key
+        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or tok < 0:
+            raise StepstreamError(f"logit_bias: {key!r:.40} is not a token id")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise StepstreamError(f"logit_bias: token {tok}'s bias must be a finite number, got {value!r:.40}")
+        if any(t == tok for t, _ in pairs):
+            raise StepstreamError(f"logit_bias names token {tok} twice")
+        pairs.append((int(tok), float(value)))
+    return tuple(sorted(pairs))
 
 
 def _real(name: str, value) -> float:

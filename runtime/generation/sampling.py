@@ -1,8 +1,9 @@
 """Choosing the next token: small functions over a logit vector, composed into a sampler.
 
 Each filter takes logits [V] float32 and returns a copy with the tokens it rules out set
-to -inf. The order is llama.cpp's default chain: repetition penalty, top-k, top-p,
-min-p, temperature, then a draw (or argmax when temperature <= 0).
+to -inf. The order is llama.cpp's default chain: logit bias, penalties (repetition,
+frequency, presence), top-k, top-p, min-p, temperature, then a draw (or argmax when
+temperature <= 0).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # 1: off
     repeat_last_n: int = 64  # how many recent tokens the penalty looks at; -1: all of them
     seed: int | None = None  # None (or -1, llama.cpp's and llama-cpp-python's "random"): fresh entropy
+    # subtracted from a token's logit for each time it occurs in the last repeat_last_n tokens
+    # (frequency), and once if it occurs there at all (presence): OpenAI's and llama.cpp's; 0: off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple = ()  # ((token id, bias), ...): added to the logits before everything else
 
     def __post_init__(self):
         # -1 is "off" / "all" on the command line, in llama-server's and in llama-cpp-python's
@@ -37,7 +43,7 @@ class SamplingParams:
             object.__setattr__(self, "seed", None)
         if not isinstance(self.repeat_last_n, bool) and self.repeat_last_n == -1:
             object.__setattr__(self, "repeat_last_n", 2**31 - 1)  # more than any context holds
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise StepstreamError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
@@ -50,6 +56,12 @@ class SamplingParams:
             raise StepstreamError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise StepstreamError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        bias = self.logit_bias
+        if not isinstance(bias, tuple) or not all(
+                isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], numbers.Integral) and not isinstance(b[0], bool)
+                and b[0] >= 0 and isinstance(b[1], numbers.Real) and not isinstance(b[1], bool) and math.isfinite(b[1])
+                for b in bias):
+            raise StepstreamError(f"logit_bias must be pairs of a token id >= 0 and a finite bias, got {bias!r:.80}")
         if self.repeat_last_n < 0:
             raise StepstreamError(f"repeat_last_n must be >= 0, or -1 for the whole context, got {self.repeat_last_n}")
 
@@ -60,16 +72,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
-def repetition_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
-    """Seen tokens get less likely: positive logits divided by `penalty`, negative ones multiplied."""
+def repetition_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float, frequency: float = 0.0,
+                       presence: float = 0.0) -> np.ndarray:
+    """Seen tokens get less likely, as llama.cpp's penalties sampler makes them: positive logits
+    divided by `penalty`, negative ones multiplied; then `frequency` times the token's count in
+    `recent` subtracted, and `presence` once."""
     out = logits.copy()
-    if penalty == 1.0 or not len(recent):
+    if (penalty == 1.0 and frequency == 0.0 and presence == 0.0) or not len(recent):
         return out
-    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    ids, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
     v = out[ids]
-    with np.errstate(over="ignore", divide="ignore"):  # an extreme penalty stays in float32: no new +-inf
-        new = np.where(v > 0, v / penalty, v * penalty)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # extremes stay in float32: no new +-inf
+        new = np.where(v > 0, v / np.float32(penalty), v * np.float32(penalty))
+        new = new - (counts.astype(np.float32) * np.float32(frequency) + np.float32(presence))
     out[ids] = np.where(np.isfinite(v), np.clip(new, -_F32_MAX, _F32_MAX), v)
+    return out
+
+
+def biased(logits: np.ndarray, bias: tuple) -> np.ndarray:
+    """The logits with ((token id, bias), ...) added (OpenAI's logit_bias: -100 all but bans a token)."""
+    if not bias:
+        return logits
+    out = logits.copy()
+    for tok, b in bias:
+        if tok >= out.size:
+            raise StepstreamError(f"logit_bias names token {tok}, outside the vocabulary (0..{out.size - 1})")
+        out[tok] = np.clip(out[tok] + np.float32(b), -_F32_MAX, _F32_MAX) if np.isfinite(out[tok]) else out[tok]
     return out
 
 
@@ -185,7 +213,8 @@ class Sampler:
     def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.params
         recent = history[-p.repeat_last_n :] if p.repeat_last_n else ()
-        return repetition_penalty(np.asarray(logits, dtype=np.float32), recent, p.repeat_penalty)
+        z = biased(np.asarray(logits, dtype=np.float32), p.logit_bias)
+        return repetition_penalty(z, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
 
     def _pick(self, z: np.ndarray) -> int:
         """The chain after the penalty: argmax, or top-k, top-p, min-p, temperature and a draw."""

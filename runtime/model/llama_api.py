@@ -233,8 +233,8 @@ class TokenView(Sequence):
 # llama-cpp-python's keywords this API does not act on, with the value at which they change
 # nothing: code that passes its full argument list works; a value that would change the
 # output is refused by name rather than ignored.
-_OFF = {"logprobs": None, "suffix": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-        "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "logit_bias": None, "grammar": None,
+_OFF = {"logprobs": None, "suffix": None,
+        "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "grammar": None,
         "logits_processor": None, "stopping_criteria": None, "top_logprobs": None, "functions": None,
         "function_call": None, "response_format": None}
 _ANY = ("model", "mirostat_tau", "mirostat_eta", "user")  # a name, or settings of a sampler that is off
@@ -290,8 +290,6 @@ def _temp(sampling: dict) -> dict:
             continue
         value = sampling.pop(name)
         if name == "response_format" and value in ({"type": "text"},):
-            continue
-        if name == "logit_bias" and value == {}:
             continue
         if name in ("logprobs", "top_logprobs") and value is False:  # a chat's logprobs: a bool, False is off
             continue

@@ -153,6 +153,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             raise ApiError(400, f"the prompt is {len(ids)} tokens, more than the context of {model.n_ctx} "
                                 "(start the server with a larger --ctx-size, or shorten the prompt)",
                            param=field, code="context_length_exceeded", detail={"tokens": len(ids), "limit": model.n_ctx})
+        far = [t for t, _ in common.params.logit_bias if t >= model.cfg.vocab]
+        if far:
+            raise ApiError(400, f"'logit_bias' names token {far[0]}, outside the vocabulary (0..{model.cfg.vocab - 1})",
+                           param="logit_bias", code="invalid_value")
         room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
         budget = -1 if not chat else reasoning_budget if common.reasoning_budget is None else common.reasoning_budget
         return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs,

@@ -96,7 +96,8 @@ def add_llama_routes(app: FastAPI, engine, *, authorize, read_json, metrics: boo
                 "is_processing": engine.busy,
                 # the chat endpoints' defaults (OpenAI's: temperature 1, the other samplers off)
                 "params": {"n_predict": -1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                           "repeat_last_n": 64, "repeat_penalty": 1.0, "seed": -1, "stop": []}},
+                           "repeat_last_n": 64, "repeat_penalty": 1.0, "presence_penalty": 0.0,
+                           "frequency_penalty": 0.0, "seed": -1, "stop": []}},
             "total_slots": 1,
             "model_alias": model_name,
             "model_path": str(model.file.path),

@@ -175,6 +175,33 @@ def response_format(fmt: dict | None) -> tuple[bool, object]:
     return kind == "json_object", None
 
 
+def _logit_bias(body: dict) -> tuple:
+    """OpenAI's `logit_bias` ({"token id": bias}, biases -100..100), or llama-server's list of
+    [token id, bias] pairs, as SamplingParams' pairs (the ids are checked against the
+    vocabulary where the model is known: app.model_request)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if isinstance(bias, list) and all(isinstance(x, list) and len(x) == 2 for x in bias):
+        bias = {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in bias}
+    if not isinstance(bias, dict):
+        raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", param="logit_bias",
+                       code="invalid_type")
+    if len(bias) > 1024:  # OpenAI's limit: 300; each costs a step's work
+        raise ApiError(400, f"'logit_bias' holds {len(bias)} tokens, more than 1024", param="logit_bias",
+                       code="invalid_value")
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdecimal() and key.isascii()):
+            raise ApiError(400, f"'logit_bias' key {json.dumps(key)[:40]} is not a token id (a decimal string)",
+                           param="logit_bias", code="invalid_value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ApiError(400, f"'logit_bias' value for token {key} must be a number from -100 to 100, got "
+                                f"{json.dumps(value)[:40]}", param="logit_bias", code="invalid_value")
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
 def _common(body: dict, default_max_tokens: int | None) -> Common:
     max_tokens = _max_tokens(body, default_max_tokens)
     for name in ("n", "best_of"):  # best_of: OpenAI's completions, best of n samples
@@ -189,15 +216,14 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     seed = _get(body, "seed", (int,))
     _range("seed", seed, -MAX_SEED - 1, MAX_SEED)
     seed = None if seed is not None and seed < 0 else seed  # llama-server's -1 (its default): a random seed
-    for name in ("presence_penalty", "frequency_penalty"):
-        _range(name, _get(body, name, (int, float), 0), -2, 2)
-        if body.get(name):  # refused, not ignored: a client that asks for one must not get free text silently
-            raise ApiError(400, f"'{name}' is not supported (only 0)", param=name, code="unsupported")
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's range; over repeat_last_n tokens, as llama-server
+        penalties[name] = float(_get(body, name, (int, float), 0))
+        _range(name, penalties[name], -2, 2)
     for name, off in OFF_ONLY.items():  # llama-server's other samplers and constraints: refused unless off
         if body.get(name) not in (None, off):
             raise ApiError(400, f"'{name}' is not supported (only {json.dumps(off)})", param=name, code="unsupported")
-    if _get(body, "logit_bias", (dict,)):
-        raise ApiError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported")
+    bias = _logit_bias(body)
     json_object, grammar = response_format(_get(body, "response_format", (dict,)))
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
@@ -235,7 +261,8 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     if _get(body, "min_tokens", (int,), 0):  # vLLM's: refused, not ignored
         raise ApiError(400, "'min_tokens' is not supported (only 0)", param="min_tokens", code="unsupported")
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
-                            repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed)
+                            repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed,
+                            logit_bias=bias, **penalties)
     return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
                   json_object=json_object, grammar=grammar)
 
