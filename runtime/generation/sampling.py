@@ -94,10 +94,12 @@ def biased(logits: np.ndarray, bias: tuple) -> np.ndarray:
     if not bias:
         return logits
     out = logits.copy()
-    for tok, b in bias:
-        if tok >= out.size:
-            raise StepstreamError(f"logit_bias names token {tok}, outside the vocabulary (0..{out.size - 1})")
-        out[tok] = np.clip(out[tok] + np.float32(b), -_F32_MAX, _F32_MAX) if np.isfinite(out[tok]) else out[tok]
+    ids = np.fromiter((t for t, _ in bias), np.int64, len(bias))
+    if ids.max() >= out.size:
+        raise StepstreamError(f"logit_bias names token {int(ids.max())}, outside the vocabulary (0..{out.size - 1})")
+    v = out[ids]
+    new = np.clip(v + np.fromiter((b for _, b in bias), np.float32, len(bias)), -_F32_MAX, _F32_MAX)
+    out[ids] = np.where(np.isfinite(v), new, v)
     return out
 
 
