@@ -36,6 +36,7 @@ from runtime.generation.request import Request as ModelRequest
 from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.llama_routes import add_llama_routes
+from runtime.server.native_completion import add_native_completion
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
@@ -508,4 +509,6 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
     add_llama_routes(app, engine, authorize=authorize, read_json=read_json, metrics=metrics, model_name=model_name)
+    add_native_completion(app, model=model, model_name=model_name, body_of=body_of, prompt_ids=prompt_ids,
+                          model_request=model_request, submit=submit, whole=whole, sse=sse, data=_data)
     return app

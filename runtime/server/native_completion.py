@@ -1,0 +1,157 @@
+"""llama-server's own completion route, POST /completion (and /completions), in its shapes: the
+clients and front ends written against llama-server's native API (text-completion front ends,
+editor plugins, scripts) work unchanged.
+
+    {prompt, n_predict=-1, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty,
+     repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop, ignore_eos,
+     json_schema, n_probs=0, return_tokens=false, stream=false, cache_prompt, id_slot}
+    -> {content, tokens, stop, stop_type ("eos" | "word" | "limit"), stopping_word,
+        tokens_predicted, tokens_evaluated, tokens_cached, timings, generation_settings, ...}
+
+A stream sends `data: {content, tokens, stop: false, ...}` events, then one with `stop: true`
+and the whole summary, and no `[DONE]` (llama-server's native stream has none). The samplers'
+defaults are llama-server's, not OpenAI's. The prompt is always reused where the cache holds
+it (`cache_prompt: false` gives the same tokens: the forward pass is batch-invariant). Fields
+that would change the text and are not implemented are refused as on /v1/completions
+(runtime.server.requests.OFF_ONLY, less json_schema, which is honoured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fastapi import Request
+
+from runtime.base.errors import StepstreamError
+from runtime.generation.request import Step, TokenLogprob
+from runtime.server.requests import ApiError, Common, _common, _get, _range
+from runtime.text.json_schema import JsonSchemaGrammar
+
+# llama-server's sampling defaults (its `params` in /props), where OpenAI's routes default to off
+DEFAULTS = {"n_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+MAX_N_PROBS = 20
+
+
+@dataclass(frozen=True)
+class NativeBody:
+    prompt: str | list[int]
+    common: Common
+    n_probs: int
+    return_tokens: bool
+
+
+def native_body(body: dict) -> NativeBody:
+    prompt = _get(body, "prompt", (str, list), required=True)
+    if isinstance(prompt, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ApiError(400, "'prompt' must be a string or a list of token ids (mixed lists and several prompts "
+                            "are not supported here; /v1/completions takes several)", param="prompt",
+                       code="unsupported")
+    if isinstance(prompt, list) and not prompt:
+        raise ApiError(400, "'prompt' must hold at least one token", param="prompt", code="invalid_value")
+    n_probs = _get(body, "n_probs", (int,), 0)
+    _range("n_probs", n_probs, 0, MAX_N_PROBS)
+    slot = _get(body, "id_slot", (int,), -1)
+    if slot not in (-1, 0):
+        raise ApiError(400, f"'id_slot' {slot}: this server has one slot, 0 (or -1: any)", param="id_slot",
+                       code="invalid_value")
+    _get(body, "cache_prompt", (bool,))  # (checked: always true here, and the tokens are the same either way)
+    schema = body.get("json_schema")
+    grammar = None
+    if schema not in (None, {}):
+        if not isinstance(schema, dict):
+            raise ApiError(400, "'json_schema' must be a JSON Schema object", param="json_schema", code="invalid_type")
+        try:
+            grammar = JsonSchemaGrammar(schema)
+        except StepstreamError as e:
+            raise ApiError(400, f"'json_schema': {e}", param="json_schema", code="unsupported") from None
+    fields = {**DEFAULTS, **{k: v for k, v in body.items() if v is not None}}
+    fields.pop("json_schema", None)
+    fields.pop("max_tokens", None)  # llama-server's name is n_predict; an OpenAI field here would be a second one
+    fields.pop("max_completion_tokens", None)
+    common = _common(fields, None)
+    if grammar is not None:
+        common = replace(common, grammar=grammar)
+    return NativeBody(prompt, common, n_probs, _get(body, "return_tokens", (bool,), False))
+
+
+def _probability(lp: TokenLogprob) -> dict:
+    """One generated token's entry of llama-server's `completion_probabilities`."""
+    def entry(tok: int, raw: bytes, logprob: float) -> dict:
+        return {"id": tok, "token": raw.decode("utf-8", "replace"), "bytes": list(raw), "logprob": logprob}
+
+    return {**entry(lp.token, lp.text, lp.logprob), "top_logprobs": [entry(t, b, p) for t, b, p in lp.top]}
+
+
+class NativeReply:
+    """The events and the whole answer of one /completion request."""
+
+    def __init__(self, model_name: str, prompt_text: str, ids: list[int], body: NativeBody):
+        self.model_name, self.prompt_text, self.ids, self.body = model_name, prompt_text, ids, body
+        self.content: list[str] = []
+        self.tokens: list[int] = []
+        self.probs: list[dict] = []
+        self.n = 0
+        self.last: Step | None = None
+
+    def take(self, step: Step) -> dict:
+        """Collect a step; returns its stream event (stop false)."""
+        self.content.append(step.text)
+        self.n += step.tokens
+        self.last = step
+        ids = [lp.token for lp in step.logprobs][: step.tokens]  # (an end-of-generation token is not the reply's)
+        self.tokens += ids
+        event = {"index": 0, "content": step.text, "tokens": ids if self.body.return_tokens else [], "stop": False,
+                 "id_slot": 0, "tokens_predicted": self.n, "tokens_evaluated": len(self.ids)}
+        if self.body.n_probs:
+            probs = [_probability(lp) for lp in step.logprobs]
+            self.probs += probs
+            event["completion_probabilities"] = probs
+        return event
+
+    def whole(self, timings, streamed: bool = False) -> dict:
+        """The summary: the last stream event (content already sent) or the whole answer."""
+        last = self.last
+        eog = timings.eog_n > 0
+        kind = "eos" if eog else "word" if last is not None and last.stop_sequence else \
+            "limit" if last is not None and last.finish_reason == "length" else "none"
+        text = "".join(self.content)
+        p = self.body.common.params
+        out = {"index": 0, "content": "" if streamed else text,
+               "tokens": [] if streamed or not self.body.return_tokens else self.tokens,
+               "id_slot": 0, "stop": True, "model": self.model_name,
+               "tokens_predicted": self.n + eog, "tokens_evaluated": len(self.ids),
+               "generation_settings": {
+                   "n_predict": -1 if self.body.common.max_tokens is None else self.body.common.max_tokens,
+                   "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+                   "repeat_penalty": p.repeat_penalty, "repeat_last_n": p.repeat_last_n,
+                   "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
+                   "seed": -1 if p.seed is None else p.seed, "stop": list(self.body.common.stop),
+                   "n_probs": self.body.n_probs, "ignore_eos": self.body.common.ignore_eos, "stream": streamed},
+               "prompt": self.prompt_text, "has_new_line": "\n" in text, "truncated": False,
+               "stop_type": kind, "stopping_word": (last.stop_sequence or "") if last is not None else "",
+               "tokens_cached": len(self.ids) + max(0, self.n + eog - 1), "timings": timings.as_dict()}
+        if self.body.n_probs and not streamed:
+            out["completion_probabilities"] = self.probs
+        return out
+
+
+def add_native_completion(app, *, model, model_name: str, body_of, prompt_ids, model_request, submit, whole,
+                          sse, data) -> None:
+    """The route, with the app's own helpers (runtime.server.app): the key and body checks, the
+    prompt's ids, the model request, the queue, the stream."""
+    async def completion(request: Request):
+        b = await body_of(request, native_body)
+        ids = await prompt_ids(b.prompt, "prompt")
+        want = b.n_probs if b.n_probs else 0 if b.return_tokens else None  # the tokens come with their logprobs
+        req = model_request(ids, b.common, want, "prompt")
+        text = b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")
+        reply = NativeReply(model_name, text, ids, b)
+        if b.common.stream:
+            return sse(submit(req, True), request, lambda step: data(reply.take(step)),
+                       lambda: data(reply.whole(req.timings, streamed=True)),
+                       lambda e: data(e.body()))
+        await whole(submit(req, False), request, reply.take)
+        return reply.whole(req.timings)
+
+    for path in ("/completion", "/completions"):  # llama-server answers both
+        app.post(path)(completion)
