@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtime.base.errors import StepstreamError
 from runtime.cli import SubcommandParser
-from runtime.cli.common import positive_int
+from runtime.cli.arg_types import positive_int
 
 try:
     import openai

@@ -17,7 +17,7 @@ import numpy as np
 import runtime
 from runtime.base.errors import StepstreamError
 from runtime.cli import SubcommandParser
-from runtime.cli.common import positive_int
+from runtime.cli.arg_types import positive_int
 
 p = SubcommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("model")

@@ -18,7 +18,8 @@ import runtime
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy
 from runtime.cli import SubcommandParser
-from runtime.cli.common import GenerationTiming, budget_arg, token_limit
+from runtime.cli.common import GenerationTiming
+from runtime.cli.arg_types import budget_arg, token_limit
 
 p = SubcommandParser(description=__doc__.splitlines()[0])
 p.add_argument("model")

@@ -10,7 +10,7 @@ import pytest
 
 from runtime.base.errors import StepstreamError
 from runtime.cli import main
-from runtime.cli.common import MAX_TEXT_FILE, read_text_file
+from runtime.cli.text_args import MAX_TEXT_FILE, read_text_file
 
 MODEL = Path(__file__).resolve().parent.parent / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
 

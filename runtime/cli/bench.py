@@ -26,8 +26,8 @@ import numpy as np
 
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import (add_model_args, context_size, load_model, mtp_choice, non_negative_int, positive_int,
-                                print_stats)
+from runtime.cli.common import add_model_args, context_size, load_model, print_stats
+from runtime.cli.arg_types import mtp_choice, non_negative_int, positive_int
 from runtime.base.system import peak_rss_bytes
 
 
@@ -244,7 +244,7 @@ def run_sweep(args) -> int:
     from runtime.base.errors import raise_terminated
     from runtime.bench.sweep import (SweepOptions, output_paths, parse_caps, run_sweep as sweep, table_text, write_json,
                                      write_plot)
-    from runtime.cli.common import writable_output
+    from runtime.cli.text_args import writable_output
 
     caps = parse_caps(args.sweep_ram)
     for name, flag in SWEEP_EXCLUDES:

@@ -20,7 +20,9 @@ import sys
 
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy
-from runtime.cli.common import add_cache_type_args, existing_file, positive_float, positive_int
+from runtime.cli.common import add_cache_type_args
+from runtime.cli.arg_types import positive_float, positive_int
+from runtime.cli.text_args import existing_file
 
 DECODE_PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n"
 PARTS = ("reuse", "overhead", "load")  # what --skip leaves out

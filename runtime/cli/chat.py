@@ -15,8 +15,9 @@ import sys
 import threading
 
 from runtime.base.errors import StepstreamError, Terminated
-from runtime.cli.common import (add_model_args, add_mtp_arg, add_reasoning_args, add_sampling_args, check_text_args,
-                                load_model, max_tokens, print_stats, sampling_kwargs)
+from runtime.cli.common import (add_model_args, add_mtp_arg, add_reasoning_args, add_sampling_args, load_model,
+                                max_tokens, print_stats, sampling_kwargs)
+from runtime.cli.text_args import check_text_args
 from runtime.cli.prompt_progress import PromptProgress
 from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import sampling_params

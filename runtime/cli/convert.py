@@ -51,7 +51,7 @@ def check_summary_path(summary: Path, out: Path, hf_dir: Path, force: bool) -> N
 def run(args: argparse.Namespace) -> int:
     from convert.converter import convert
     from runtime.base.system import choose_wait_policy
-    from runtime.cli.common import writable_output, write_text_atomically
+    from runtime.cli.text_args import writable_output, write_text_atomically
 
     choose_wait_policy(args.threads)  # passive OpenMP waits when other processes hold the cores
     if args.summary_json:  # checked now, not after the conversion

@@ -15,8 +15,9 @@ import time
 from importlib import resources
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import (GenerationTiming, add_cache_type_args, add_escape_args, check_text_args, positive_int,
-                                share, temperature, token_limit)
+from runtime.cli.common import GenerationTiming, add_cache_type_args, add_escape_args
+from runtime.cli.arg_types import positive_int, share, temperature, token_limit
+from runtime.cli.text_args import check_text_args
 
 MODEL = "step35-mini-q4_k_m.gguf"
 PROMPT = "def read_config(path):\n    \"\"\"Read a JSON config file and return it as a dict.\"\"\"\n"

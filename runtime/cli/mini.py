@@ -12,7 +12,7 @@ from convert import layout
 from convert.hf_config import HFConfig
 from convert.mini import PRESETS, Preset, make_config
 from runtime.base.errors import raise_terminated
-from runtime.cli.common import non_negative_int
+from runtime.cli.arg_types import non_negative_int
 
 
 def checkpoint_bytes(p: Preset) -> int:

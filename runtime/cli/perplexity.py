@@ -6,7 +6,9 @@ import sys
 import time
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import add_model_args, chunk_count, context_size, load_model, print_stats, read_text_file
+from runtime.cli.common import add_model_args, context_size, load_model, print_stats
+from runtime.cli.arg_types import chunk_count
+from runtime.cli.text_args import read_text_file
 
 CTX = 512  # llama-perplexity's default
 

@@ -12,7 +12,9 @@ import argparse
 
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
-from runtime.cli.common import add_cache_type_args, existing_file, gbps, memory_arg as size, positive_int
+from runtime.cli.common import add_cache_type_args
+from runtime.cli.arg_types import gbps, memory_arg as size, positive_int
+from runtime.cli.text_args import existing_file
 from runtime.cli.serve import cache_ram
 
 

@@ -26,8 +26,9 @@ from offload.trace import is_trace
 from runtime.base.errors import StepstreamError
 from runtime.base.gguf_file import split_parts
 from runtime.base.system import choose_wait_policy
-from runtime.cli.common import (add_cache_type_args, context_size, existing_file, non_negative_int, positive_int,
-                                read_text_file, writable_output)
+from runtime.cli.common import add_cache_type_args, context_size
+from runtime.cli.arg_types import non_negative_int, positive_int
+from runtime.cli.text_args import existing_file, read_text_file, writable_output
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-from runtime.cli.common import (GenerationTiming, add_model_args, add_mtp_arg, add_sampling_args, check_text_args,
-                                context_size, load_model, max_tokens, print_stats, read_text_file, sampling_kwargs)
+from runtime.cli.common import (GenerationTiming, add_model_args, add_mtp_arg, add_sampling_args, context_size,
+                                load_model, max_tokens, print_stats, sampling_kwargs)
+from runtime.cli.text_args import check_text_args, read_text_file
 from runtime.base.errors import StepstreamError
 from runtime.cli.prompt_progress import PromptProgress
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
-from runtime.cli.common import add_model_args, add_mtp_arg, add_reasoning_args, memory_arg, positive_int, size_arg
+from runtime.cli.common import add_model_args, add_mtp_arg, add_reasoning_args
+from runtime.cli.arg_types import memory_arg, positive_int, size_arg
 
 
 def body_size(text: str) -> int:

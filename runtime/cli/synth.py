@@ -8,13 +8,13 @@ and removes the temporary file a killed run left behind.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import threading
 from pathlib import Path
 
 from runtime.base.errors import raise_terminated
-from runtime.cli.common import non_negative_float, non_negative_int, positive_float, positive_int, writable_output
+from runtime.cli.arg_types import non_negative_float, non_negative_int, positive_float, positive_int
+from runtime.cli.text_args import writable_output
 
 
 def add_arguments(p) -> None:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from runtime.base.errors import StepstreamError
-from runtime.cli.common import non_negative_int, positive_float, positive_int
+from runtime.cli.arg_types import non_negative_int, positive_float, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
