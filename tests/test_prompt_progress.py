@@ -84,3 +84,28 @@ def test_a_chat_shows_each_replys_prompt_and_replies_the_same(model):
                     assert progress.bar.initial > 1000
         replies[watched] = turns
     assert replies[True] == replies[False]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_run_echoes_the_prompt_even_when_stopped_before_its_first_token(capsys, monkeypatch, terminal):
+    """(review 96) With the echo moved after the bar, a run stopped during its prompt printed no
+    prompt. Without a terminal the prompt is echoed at once, as before the bar."""
+    import sys
+
+    import runtime.generation
+    from runtime.cli import main
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def interrupted(model, ids, *args, between_batches=None, **kw):
+        assert not terminal or capsys.readouterr().out == ""  # with a terminal: not yet echoed
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(runtime.generation, "complete", interrupted)
+    if terminal:
+        monkeypatch.setattr(sys, "stderr", Terminal())
+    assert main(["run", "-m", str(model_path()), "-p", "def hello(name):", "-n", "4"]) == 130
+    assert capsys.readouterr().out == "def hello(name):\n"

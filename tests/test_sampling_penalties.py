@@ -11,7 +11,7 @@ import runtime
 from runtime.base.errors import StepstreamError
 from runtime.generation import sampling_params
 from runtime.generation.loop import generate
-from runtime.generation.sampling import Sampler, SamplingParams, biased, repetition_penalty
+from runtime.generation.sampling import Sampler, SamplingParams, bias_arrays, biased, repetition_penalty
 
 
 def _reference(logits, recent, repeat, frequency, presence):
@@ -34,10 +34,10 @@ def test_the_penalties_are_llama_cpps():
         got = repetition_penalty(logits, recent, repeat, frequency, presence)
         np.testing.assert_allclose(got, _reference(logits, recent, repeat, frequency, presence), rtol=1e-6, atol=1e-5)
     assert np.array_equal(repetition_penalty(logits, [], 1.3, 1.0, 1.0), logits)
-    z = biased(logits, ((3, -100.0), (7, 2.5)))
+    z = biased(logits, bias_arrays(((3, -100.0), (7, 2.5))))
     assert z[3] == np.float32(logits[3] - 100) and z[7] == np.float32(logits[7] + 2.5)
     with pytest.raises(StepstreamError, match="outside the vocabulary"):
-        biased(logits, ((500, 1.0),))
+        biased(logits, bias_arrays(((500, 1.0),)))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,26 @@ def test_drafting_gives_the_same_tokens_under_penalties():
             assert list(generate(m, prompt, Sampler(params), 64, stop_at_eog=False, mtp=k)) == plain
         m.reset()
         assert plain != list(generate(m, prompt, Sampler(sampling_params(temperature=0)), 64, stop_at_eog=False))
+
+
+def test_a_token_is_biased_once_and_large_biases_are_checked_quickly():
+    """(review 96) A token named twice kept one of its biases; duplicate checks were quadratic
+    (16,000 entries took 4 s); a non-ASCII digit was read as a token id."""
+    import time
+
+    with pytest.raises(StepstreamError, match="names a token twice"):
+        SamplingParams(logit_bias=((5, 10.0), (5, 10.0)))
+    with pytest.raises(StepstreamError, match="is not a token id"):
+        sampling_params(logit_bias={"\u0665": 1.0})
+    t0 = time.perf_counter()
+    params = sampling_params(logit_bias={i: -1.0 for i in range(100_000)})
+    assert time.perf_counter() - t0 < 5 and len(params.logit_bias) == 100_000
+
+
+def test_the_python_api_refuses_a_bias_outside_the_vocabulary_before_evaluating(tiny_gguf):
+    """(review 96) It was refused at the first token, after the whole prompt's evaluation."""
+    model = runtime.load(str(tiny_gguf("f32")), n_ctx=256)
+    with pytest.raises(StepstreamError, match="logit_bias names token 99999, outside the vocabulary"):
+        model.create_completion("def f(x):", max_tokens=2, logit_bias={99999: 1.0})
+    assert model.n_past == 0
+    model.close()

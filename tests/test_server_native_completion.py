@@ -114,3 +114,18 @@ def test_bad_bodies_are_one_line_400s(served, body, param):
     _, http = served
     r = http.post("/completion", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 10**400),  # (review 96) float() of it overflowed: a 500
+    ("logit_bias", [[[1], 2]]),  # an unhashable id in the list form: a 500
+    ("logit_bias", [[{"a": 1}, 2]]),
+    ("logit_bias", {"5": 10, "05": 10}),  # one token twice: one of its biases was dropped
+    ("logit_bias", [[5, 1], [5, 2]]),
+])
+def test_penalty_and_bias_values_that_were_500s_or_lost_are_400s(served, field, value):
+    _, http = served
+    for path in ("/v1/completions", "/completion"):
+        r = http.post(path, json={"prompt": "a", "max_tokens" if path.startswith("/v1") else "n_predict": 2,
+                                  field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, r.text)

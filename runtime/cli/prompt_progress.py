@@ -22,6 +22,14 @@ class PromptProgress:
         self.delay, self.disable = delay, disable
         self.bar: tqdm | None = None
 
+    @property
+    def may_show(self) -> bool:
+        """Whether a bar can appear at all (tqdm's rule: disable None shows on a terminal only)."""
+        if self.disable is not None:
+            return not self.disable
+        isatty = getattr(self.file, "isatty", None)
+        return bool(isatty and isatty())
+
     def start(self, n_prompt: int) -> None:
         """A new prompt of n_prompt tokens (the last bar cleared)."""
         self.close()

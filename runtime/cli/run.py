@@ -96,9 +96,20 @@ def run(args) -> int:
             print(f"prompt cache: {model.reusable(ids):,} of {len(ids):,} prompt tokens reused from {kept.path}",
                   file=sys.stderr)
     out = sys.stdout
-    # a long prompt's evaluation shows a bar on a terminal's stderr; the prompt is echoed after it
-    # is cleared (echoed before, its last line was what the bar's carriage returns wrote over)
+    # A long prompt's evaluation shows a bar on a terminal's stderr; the prompt is then echoed once
+    # the bar is cleared (echoed before, its last line was what the bar's carriage returns wrote
+    # over). Where no bar can show (stderr is no terminal), it is echoed at once, as before.
     progress = PromptProgress(model, len(ids))
+    unshown = [not args.no_display_prompt]
+
+    def show_prompt() -> None:
+        if unshown[0]:
+            unshown[0] = False
+            out.write(prompt)
+            out.flush()
+
+    if not progress.may_show:
+        show_prompt()
     t0 = time.perf_counter()
     first = last = None
     try:
@@ -107,14 +118,14 @@ def run(args) -> int:
             if first is None:
                 first = (time.perf_counter(), piece.n_tokens)
                 progress.close()
-                if not args.no_display_prompt:
-                    out.write(prompt)
+                show_prompt()
             out.write(piece.text)
             out.flush()
             last = piece
     except BaseException as e:  # an error or Ctrl-C: its message on a line of its own, and the stats so far
         progress.close()
         try:
+            show_prompt()  # (stopped during the prompt: it is still echoed)
             out.write("\n")
             out.flush()
             print_stats(args, model)

@@ -195,17 +195,17 @@ def logit_bias_pairs(bias) -> tuple:
         return ()
     if not isinstance(bias, dict):
         raise StepstreamError(f"logit_bias must be a mapping of token ids to biases, got {bias!r:.80}")
-    pairs = []
+    pairs = {}
     for key, value in bias.items():
-        tok = int(key) if isinstance(key, str) and key.isdecimal() else key
+        tok = int(key) if isinstance(key, str) and key.isascii() and key.isdecimal() else key
         if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or tok < 0:
             raise StepstreamError(f"logit_bias: {key!r:.40} is not a token id")
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise StepstreamError(f"logit_bias: token {tok}'s bias must be a finite number, got {value!r:.40}")
-        if any(t == tok for t, _ in pairs):
+        if int(tok) in pairs:
             raise StepstreamError(f"logit_bias names token {tok} twice")
-        pairs.append((int(tok), float(value)))
-    return tuple(sorted(pairs))
+        pairs[int(tok)] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def _real(name: str, value) -> float:

@@ -62,6 +62,8 @@ class SamplingParams:
                 and b[0] >= 0 and isinstance(b[1], numbers.Real) and not isinstance(b[1], bool) and math.isfinite(b[1])
                 for b in bias):
             raise StepstreamError(f"logit_bias must be pairs of a token id >= 0 and a finite bias, got {bias!r:.80}")
+        if len({t for t, _ in bias}) != len(bias):
+            raise StepstreamError("logit_bias names a token twice")
         if self.repeat_last_n < 0:
             raise StepstreamError(f"repeat_last_n must be >= 0, or -1 for the whole context, got {self.repeat_last_n}")
 
@@ -89,17 +91,23 @@ def repetition_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float
     return out
 
 
-def biased(logits: np.ndarray, bias: tuple) -> np.ndarray:
-    """The logits with ((token id, bias), ...) added (OpenAI's logit_bias: -100 all but bans a token)."""
-    if not bias:
+def bias_arrays(bias: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """((token id, bias), ...) as (ids [n] int64, biases [n] float32), for `biased`."""
+    return (np.fromiter((t for t, _ in bias), np.int64, len(bias)),
+            np.fromiter((b for _, b in bias), np.float32, len(bias)))
+
+
+def biased(logits: np.ndarray, bias: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The logits with the biases added (OpenAI's logit_bias: -100 all but bans a token); `bias`:
+    bias_arrays' (ids, biases), each token at most once."""
+    ids, add = bias
+    if not ids.size:
         return logits
     out = logits.copy()
-    ids = np.fromiter((t for t, _ in bias), np.int64, len(bias))
     if ids.max() >= out.size:
         raise StepstreamError(f"logit_bias names token {int(ids.max())}, outside the vocabulary (0..{out.size - 1})")
     v = out[ids]
-    new = np.clip(v + np.fromiter((b for _, b in bias), np.float32, len(bias)), -_F32_MAX, _F32_MAX)
-    out[ids] = np.where(np.isfinite(v), new, v)
+    out[ids] = np.where(np.isfinite(v), np.clip(v + add, -_F32_MAX, _F32_MAX), v)
     return out
 
 
@@ -165,6 +173,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, constraint=None, budget=None):
         self.params = params
+        self._bias = bias_arrays(params.logit_bias)  # once, not at every token
         self.rng = np.random.default_rng(params.seed)
         self.constraint = constraint
         self.budget = budget
@@ -215,7 +224,7 @@ class Sampler:
     def _penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.params
         recent = history[-p.repeat_last_n :] if p.repeat_last_n else ()
-        z = biased(np.asarray(logits, dtype=np.float32), p.logit_bias)
+        z = biased(np.asarray(logits, dtype=np.float32), self._bias)
         return repetition_penalty(z, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
 
     def _pick(self, z: np.ndarray) -> int:

@@ -63,9 +63,10 @@ class LlamaApi:
         mtp: "auto" or a draft length 0..3 for speculative decoding with the MTP heads (None:
         the load option `mtp`, 0 by default); the tokens are the same either way.
         Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
-        repeat_penalty, repeat_last_n, seed.
+        repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias
+        ({token id: bias}), seed.
         """
-        return generate(self, self._check_tokens_only(tokens), Sampler(sampling_params(**_temp(sampling))), max_tokens,
+        return generate(self, self._check_tokens_only(tokens), Sampler(self._sampling(sampling)), max_tokens,
                         mtp=mtp)
 
     def create_completion(self, prompt: str | list[int], max_tokens: int | None = 16, stop=None, stream: bool = False,
@@ -81,7 +82,7 @@ class LlamaApi:
         logprobs, echo = sampling.pop("logprobs", None), sampling.pop("echo", False)
         if logprobs is not None or echo is not False:  # llama-cpp-python's log-probabilities and echo
             return self._completion_with_logprobs(prompt, ids, logprobs, echo, max_tokens, stop, stream, mtp, sampling)
-        pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
+        pieces = complete(self, ids, self._sampling(sampling), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return completion_response(self, ids, pieces, stream)
 
     def _completion_with_logprobs(self, prompt, ids: list[int], logprobs, echo, max_tokens, stop, stream: bool, mtp,
@@ -97,7 +98,7 @@ class LlamaApi:
         if echo and logprobs is not None:  # as the server: the prompt's own log-probabilities are not computed
             raise StepstreamError("echo with logprobs (the prompt's log-probabilities) is not supported")
         text = prompt if isinstance(prompt, str) else self.detokenize(ids).decode("utf-8", "replace")
-        params = sampling_params(**_temp(sampling))
+        params = self._sampling(sampling)
         limit = _no_limit(max_tokens)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
             raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
@@ -151,7 +152,7 @@ class LlamaApi:
         if k is not None or json_object or grammar is not None or budget is not None:
             return self._chat_as_request(ids, k, (json_object, grammar), max_tokens, stop, stream, mtp, sampling,
                                          callable_tools(offered, tool_choice), in_reasoning, forced, (budget, message))
-        pieces = complete(self, ids, sampling_params(**_temp(sampling)), _no_limit(max_tokens), _stops(stop), mtp=mtp)
+        pieces = complete(self, ids, self._sampling(sampling), _no_limit(max_tokens), _stops(stop), mtp=mtp)
         return chat_response(self, ids, pieces, stream, tools=callable_tools(offered, tool_choice),
                              in_reasoning=in_reasoning, forced=forced)
 
@@ -160,7 +161,7 @@ class LlamaApi:
         """create_chat_completion with `logprobs` (the reply's tokens' log-probabilities and the k
         likeliest alternatives', in OpenAI's chat shape) or JSON mode, run as a server request
         runs (the same steps and the same reply builder, runtime.generation.replies)."""
-        params = sampling_params(**_temp(sampling))
+        params = self._sampling(sampling)
         limit = _no_limit(max_tokens)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
             raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
@@ -194,6 +195,15 @@ class LlamaApi:
         tokenized (runtime.base.errors.PromptTooLong)."""
         return chat_ids(self.tokenizer, messages, add_generation_prompt, tools=tools, continue_final=continue_final,
                         limit=limit)
+
+    def _sampling(self, sampling: dict):
+        """The sampling keywords as SamplingParams; a logit bias outside the vocabulary is refused
+        before the prompt is evaluated (not at the first token, minutes later on the real model)."""
+        params = sampling_params(**_temp(sampling))
+        far = [t for t, _ in params.logit_bias if t >= self.cfg.vocab]
+        if far:
+            raise StepstreamError(f"logit_bias names token {far[0]}, outside the vocabulary (0..{self.cfg.vocab - 1})")
+        return params
 
     def _check_tokens_only(self, tokens) -> list[int]:
         ids = np.asarray(tokens)

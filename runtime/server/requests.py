@@ -182,24 +182,32 @@ def _logit_bias(body: dict) -> tuple:
     bias = body.get("logit_bias")
     if bias is None:
         return ()
-    if isinstance(bias, list) and all(isinstance(x, list) and len(x) == 2 for x in bias):
-        bias = {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v for k, v in bias}
-    if not isinstance(bias, dict):
+    if isinstance(bias, list):  # llama-server's [[id, bias], ...]
+        if not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], int) and not isinstance(x[0], bool)
+                   for x in bias):
+            raise ApiError(400, "'logit_bias' as a list must hold [token id, bias] pairs", param="logit_bias",
+                           code="invalid_value")
+        items = [(str(k), v) for k, v in bias]
+    elif isinstance(bias, dict):
+        items = list(bias.items())
+    else:
         raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", param="logit_bias",
                        code="invalid_type")
-    if len(bias) > 1024:  # OpenAI's limit: 300; each costs a step's work
-        raise ApiError(400, f"'logit_bias' holds {len(bias)} tokens, more than 1024", param="logit_bias",
+    if len(items) > 1024:  # OpenAI's limit: 300; each costs a step's work
+        raise ApiError(400, f"'logit_bias' holds {len(items)} tokens, more than 1024", param="logit_bias",
                        code="invalid_value")
-    pairs = []
-    for key, value in bias.items():
-        if not (isinstance(key, str) and key.isdecimal() and key.isascii()):
+    pairs = {}
+    for key, value in items:
+        if not (isinstance(key, str) and key.isascii() and key.isdecimal()):
             raise ApiError(400, f"'logit_bias' key {json.dumps(key)[:40]} is not a token id (a decimal string)",
                            param="logit_bias", code="invalid_value")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
             raise ApiError(400, f"'logit_bias' value for token {key} must be a number from -100 to 100, got "
                                 f"{json.dumps(value)[:40]}", param="logit_bias", code="invalid_value")
-        pairs.append((int(key), float(value)))
-    return tuple(sorted(pairs))
+        if int(key) in pairs:  # ("5" and "05"): one bias a token
+            raise ApiError(400, f"'logit_bias' names token {int(key)} twice", param="logit_bias", code="invalid_value")
+        pairs[int(key)] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def _common(body: dict, default_max_tokens: int | None) -> Common:
@@ -218,8 +226,9 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
     seed = None if seed is not None and seed < 0 else seed  # llama-server's -1 (its default): a random seed
     penalties = {}
     for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's range; over repeat_last_n tokens, as llama-server
-        penalties[name] = float(_get(body, name, (int, float), 0))
-        _range(name, penalties[name], -2, 2)
+        value = _get(body, name, (int, float), 0)
+        _range(name, value, -2, 2)  # (before float(): an integer of 400 digits overflows it)
+        penalties[name] = float(value)
     for name, off in OFF_ONLY.items():  # llama-server's other samplers and constraints: refused unless off
         if body.get(name) not in (None, off):
             raise ApiError(400, f"'{name}' is not supported (only {json.dumps(off)})", param=name, code="unsupported")
