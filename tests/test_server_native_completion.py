@@ -129,3 +129,25 @@ def test_penalty_and_bias_values_that_were_500s_or_lost_are_400s(served, field, 
         r = http.post(path, json={"prompt": "a", "max_tokens" if path.startswith("/v1") else "n_predict": 2,
                                   field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, r.text)
+
+
+def test_llama_servers_json_schema_field_is_honoured_on_the_openai_routes_too(served):
+    """llama-server takes `json_schema` on /v1/completions and /v1/chat/completions as well: the
+    reply is the one response_format json_schema gives (it was refused as unsupported)."""
+    _, http = served
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    messages = [{"role": "user", "content": "a number"}]
+    base = {"messages": messages, "max_tokens": 60, "temperature": 0}
+    got = http.post("/v1/chat/completions", json={**base, "json_schema": schema}).json()
+    want = http.post("/v1/chat/completions", json={
+        **base, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}).json()
+    assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+    got = http.post("/v1/completions", json={"prompt": "n = ", "max_tokens": 30, "temperature": 0,
+                                             "json_schema": {"type": "integer"}}).json()
+    assert isinstance(json.loads(got["choices"][0]["text"]), int)
+    both = http.post("/v1/chat/completions", json={**base, "json_schema": schema,
+                                                   "response_format": {"type": "json_object"}})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "json_schema"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert http.post("/v1/chat/completions", json={**base, "json_schema": schema, "tools": tools}).status_code == 400

@@ -13,19 +13,17 @@ and the whole summary, and no `[DONE]` (llama-server's native stream has none). 
 defaults are llama-server's, not OpenAI's. The prompt is always reused where the cache holds
 it (`cache_prompt: false` gives the same tokens: the forward pass is batch-invariant). Fields
 that would change the text and are not implemented are refused as on /v1/completions
-(runtime.server.requests.OFF_ONLY, less json_schema, which is honoured).
+(runtime.server.requests.OFF_ONLY).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fastapi import Request
 
-from runtime.base.errors import StepstreamError
 from runtime.generation.request import Step, TokenLogprob
 from runtime.server.requests import ApiError, Common, _common, _get, _range
-from runtime.text.json_schema import JsonSchemaGrammar
 
 # llama-server's sampling defaults (its `params` in /props), where OpenAI's routes default to off
 DEFAULTS = {"n_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
@@ -55,22 +53,10 @@ def native_body(body: dict) -> NativeBody:
         raise ApiError(400, f"'id_slot' {slot}: this server has one slot, 0 (or -1: any)", param="id_slot",
                        code="invalid_value")
     _get(body, "cache_prompt", (bool,))  # (checked: always true here, and the tokens are the same either way)
-    schema = body.get("json_schema")
-    grammar = None
-    if schema not in (None, {}):
-        if not isinstance(schema, dict):
-            raise ApiError(400, "'json_schema' must be a JSON Schema object", param="json_schema", code="invalid_type")
-        try:
-            grammar = JsonSchemaGrammar(schema)
-        except StepstreamError as e:
-            raise ApiError(400, f"'json_schema': {e}", param="json_schema", code="unsupported") from None
     fields = {**DEFAULTS, **{k: v for k, v in body.items() if v is not None}}
-    fields.pop("json_schema", None)
     fields.pop("max_tokens", None)  # llama-server's name is n_predict; an OpenAI field here would be a second one
     fields.pop("max_completion_tokens", None)
-    common = _common(fields, None)
-    if grammar is not None:
-        common = replace(common, grammar=grammar)
+    common = _common(fields, None)  # (json_schema included)
     return NativeBody(prompt, common, n_probs, _get(body, "return_tokens", (bool,), False))
 
 

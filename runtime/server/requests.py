@@ -16,13 +16,13 @@ from runtime.base.errors import StepstreamError
 from runtime.generation.reasoning_budget import EFFORT_BUDGETS, OPENAI_EFFORTS, effort_budget
 from runtime.generation.sampling import SamplingParams
 from runtime.text.chat_template import ROLES
-from runtime.text.json_schema import grammar_for
+from runtime.text.json_schema import JsonSchemaGrammar, grammar_for
 from runtime.text.tool_calls import ToolSpecError, check_tools
 
 MAX_STOPS = 4  # as OpenAI
 # llama-server request fields stepstream does not implement, with the value that turns each off
 OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
-            "top_n_sigma": -1.0, "grammar": "", "json_schema": {}}
+            "top_n_sigma": -1.0, "grammar": ""}
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
@@ -210,6 +210,20 @@ def _logit_bias(body: dict) -> tuple:
     return tuple(sorted(pairs.items()))
 
 
+def llama_json_schema(body: dict):
+    """llama-server's `json_schema` field (a JSON Schema the reply must match; {} or absent: none)
+    as a compiled grammar, or None."""
+    schema = body.get("json_schema")
+    if schema is None or schema == {}:
+        return None
+    if not isinstance(schema, dict):
+        raise ApiError(400, "'json_schema' must be a JSON Schema object", param="json_schema", code="invalid_type")
+    try:
+        return JsonSchemaGrammar(schema)
+    except StepstreamError as e:
+        raise ApiError(400, f"'json_schema': {e}", param="json_schema", code="unsupported") from None
+
+
 def _common(body: dict, default_max_tokens: int | None) -> Common:
     max_tokens = _max_tokens(body, default_max_tokens)
     for name in ("n", "best_of"):  # best_of: OpenAI's completions, best of n samples
@@ -234,6 +248,12 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
             raise ApiError(400, f"'{name}' is not supported (only {json.dumps(off)})", param=name, code="unsupported")
     bias = _logit_bias(body)
     json_object, grammar = response_format(_get(body, "response_format", (dict,)))
+    schema = llama_json_schema(body)
+    if schema is not None:
+        if json_object or grammar is not None:
+            raise ApiError(400, "give 'response_format' or llama-server's 'json_schema', not both", param="json_schema",
+                           code="invalid_value")
+        grammar = schema
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
