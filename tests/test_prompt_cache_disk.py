@@ -19,10 +19,10 @@ import runtime
 from runtime.base.errors import StepstreamError
 from runtime.cli.demo import model_path
 from runtime.model import kv_state
-from runtime.server import state_file
+from runtime.model import state_file
 from runtime.server.disk_states import DiskStates
 from runtime.server.prompt_cache import PromptCache
-from runtime.server.state_file import StateFileError, read_header, read_state, write
+from runtime.model.state_file import StateFileError, read_header, read_state, write
 from tests.test_prompt_cache import _ask  # prepare, then one request: (cached, tokens, logprobs)
 
 SHIPPED = Path(model_path())

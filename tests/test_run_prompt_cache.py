@@ -15,7 +15,7 @@ import pytest
 
 import runtime
 from runtime.cli import main
-from runtime.server.state_file import read_header
+from runtime.model.state_file import read_header
 
 MODEL = str(Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf")
 SOURCE = Path(runtime.__file__).parent / "model" / "prompt_reuse.py"  # about 3,200 tokens of Python
@@ -145,7 +145,7 @@ def test_paths_that_are_no_regular_file_are_refused_in_one_line(tmp_path, capsys
 
 
 def test_a_link_is_followed_and_another_format_version_replaced(tmp_path, capsys):
-    from runtime.server.state_file import MAGIC
+    from runtime.model.state_file import MAGIC
 
     target = tmp_path / "real.kvstate"
     link = tmp_path / "link.kvstate"
@@ -178,3 +178,45 @@ def test_an_interrupted_run_that_cannot_save_still_ends_as_interrupted(tmp_path,
     code, _, err = _run(capsys, tmp_path / "p.kvstate")
     assert code == 130 and "warning: --prompt-cache" in err and "No space left on device" in err
     assert not (tmp_path / "p.kvstate").exists()
+
+
+def test_the_python_api_saves_and_loads_state_files(tmp_path, capsys):
+    """Model.save_state_file / load_state_file (llama.cpp's llama_state_save_file / load_file): a
+    new model that loads the file continues with the bits a fresh evaluation gives; the files are
+    run --prompt-cache's, both ways; another run's file or a damaged one is refused, the cache
+    untouched."""
+    import numpy as np
+
+    from runtime.base.errors import StepstreamError
+    from runtime.model.kv_state import StateMismatch
+    from runtime.model.state_file import StateFileError
+
+    ids = None
+    path = tmp_path / "s.kvstate"
+    with runtime.load(MODEL, n_ctx=4096) as m:
+        ids = m.tokenize(SOURCE.read_text())
+        m.eval_prompt(ids)
+        size = m.save_state_file(path)
+        assert size == path.stat().st_size
+        want = m.eval([5, 6, 7])
+    with runtime.load(MODEL, n_ctx=4096) as m:
+        assert m.load_state_file(path) == len(ids)
+        assert m.reusable(ids + [1]) == len(ids)
+        assert np.array_equal(m.eval([5, 6, 7]), want)
+        # run --prompt-cache reads what the API wrote (and the other way round)
+        code, _, err = _run(capsys, path)
+        assert code == 0 and _reused(err) == len(ids) - 1
+        assert m.load_state_file(path) > len(ids)
+    with runtime.load(MODEL, n_ctx=4096, activations="f32") as m:
+        m.eval([1, 2, 3])
+        with pytest.raises(StateMismatch, match="saved by another model or run"):
+            m.load_state_file(path)
+        assert m.n_past == 3
+        data = bytearray(path.read_bytes())
+        data[-50] ^= 0xFF
+        path.write_bytes(bytes(data))
+        m.reset()
+        with pytest.raises(StateFileError, match="damaged state file"):
+            runtime.load(MODEL, n_ctx=4096).load_state_file(path)
+        with pytest.raises(StepstreamError, match="cannot write the state"):
+            m.save_state_file(tmp_path / "missing" / "x.kvstate")

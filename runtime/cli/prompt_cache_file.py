@@ -3,7 +3,7 @@ next run of the same prompt, or of one that begins with it, evaluates only what 
 
 On the real model a long prompt (a document, a code base, a long system prompt) takes minutes to
 evaluate on a CPU; its KV cache reads back from NVMe in seconds. The file is the server's state
-format (runtime.server.state_file: a checked JSON header, each array with its CRC-32, written to
+format (runtime.model.state_file: a checked JSON header, each array with its CRC-32, written to
 a temporary name and renamed). It holds the prompt and the text generated after it, with the
 sliding-window rings' checkpoint at the prompt's end, so a next prompt that shares the prompt
 but not the generated text reuses the prompt.
@@ -24,16 +24,17 @@ from pathlib import Path
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
 from runtime.model.kv_state import StateMismatch
-from runtime.server.state_file import MAGIC, StateFileError, model_identity, read_header, read_state, write
+from runtime.model.state_file import (MAGIC, StateFileError, model_identity, read_header, read_state, variant,
+                                      write)
 
 
 _NAME = MAGIC[:14]  # the format's name; the two bytes after it are its version
 
 
 def state_variant(args) -> str:
-    """What besides the model file changes a saved state's values: the activations' rounding, and
-    the GPU tier's kernels (serve --cache-dir's files and run --prompt-cache's)."""
-    return f"activations {args.activations}" + ("; gpu tier" if args.gpu_budget is not None else "")
+    """What besides the model file changes a saved state's values (serve --cache-dir's files and
+    run --prompt-cache's), from the flags: the same as the loaded model's (Model.state_variant)."""
+    return variant(args.activations, args.gpu_budget is not None)
 
 
 class PromptCacheFile:

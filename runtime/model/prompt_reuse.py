@@ -1,6 +1,7 @@
 """What the KV cache holds, kept and returned to: the longest prefix a new prompt shares with
 the cache (trimmed back to, or restored from the rings' checkpoint), a prompt evaluated past
-it, and saved states (the server's prompt cache, llama-cpp-python's save_state/load_state).
+it, and saved states (the server's prompt cache, llama-cpp-python's save_state/load_state, and as
+files: save_state_file/load_state_file, llama.cpp's llama_state_save_file/load_file).
 
 A mixin of runtime.model.model.Model: it reads the model's cache, token history, checkpoint
 and MTP drafter.
@@ -10,11 +11,14 @@ Shape legend:  V vocab
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from runtime.base.errors import ContextExceeded, StepstreamError
-from runtime.model import kv_checkpoint, kv_state
+from runtime.model import kv_checkpoint, kv_state, state_file
 from runtime.model.kv_cache import trimmable
+from runtime.model.kv_state import StateMismatch
 from runtime.model.serial import serialized
 
 
@@ -159,6 +163,38 @@ class PromptReuse:
         # loaded not to draft (their caches would take memory nothing counted)
         if self._drafter is not None or (self.n_mtp and self.options.mtp != 0):
             self.drafter.start_at(state.tokens)
+
+    @property
+    def state_variant(self) -> str:
+        """What besides the file changes this model's saved states (runtime.model.state_file.variant)."""
+        return state_file.variant(self.options.activations, self.gpu is not None)
+
+    @serialized
+    def save_state_file(self, path) -> int:
+        """Write what the cache holds (save_state with its checkpoint) to `path`, atomically: a
+        temporary name, then a rename. The format is the server's --cache-dir one; llama.cpp's
+        llama_state_save_file does the same for its own. Returns the file's size."""
+        self._check_open()
+        identity = state_file.model_identity(self.file.path, self.state_variant)
+        try:
+            return state_file.write(Path(path), self.save_state(checkpoint=True, copy=False), identity)
+        except OSError as e:
+            raise StepstreamError(f"{path}: cannot write the state: {e.strerror or e}") from None
+
+    @serialized
+    def load_state_file(self, path) -> int:
+        """Make the cache hold what a save_state_file of this model file (unchanged since), run the
+        same way, held; a later prompt that starts with those tokens reuses them. Another file, or
+        a damaged one, is refused with the cache untouched (runtime.model.kv_state.StateMismatch,
+        runtime.model.state_file.StateFileError). Returns the tokens it holds."""
+        self._check_open()
+        header = state_file.read_header(Path(path))
+        identity = state_file.model_identity(self.file.path, self.state_variant)
+        if header["identity"] != identity:
+            raise StateMismatch(f"{path}: saved by another model or run ({header['identity']}; this is {identity})")
+        state = state_file.read_state(Path(path), header)
+        self.load_state(state)
+        return len(state.tokens)
 
     def _identity(self) -> str:
         return self._state_identity

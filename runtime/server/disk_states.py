@@ -36,7 +36,7 @@ from pathlib import Path
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
 from runtime.model.kv_state import SavedState
-from runtime.server.state_file import SUFFIX, StateFileError, StateOnDisk, model_identity, read_header, write
+from runtime.model.state_file import SUFFIX, StateFileError, StateOnDisk, model_identity, read_header, write
 
 
 class DiskStates:

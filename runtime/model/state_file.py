@@ -1,6 +1,7 @@
-"""A saved KV-cache state (runtime.model.kv_state.SavedState) as a file, for the prompt cache's
-disk tier (serve --cache-dir): a conversation's cache outlives the server, and a restarted
-server answers its next turn without evaluating the prompt again.
+"""A saved KV-cache state (runtime.model.kv_state.SavedState) as a file: the prompt cache's disk
+tier (serve --cache-dir: a conversation's cache outlives the server, and a restarted server
+answers its next turn without evaluating the prompt again), `run --prompt-cache`, and the
+Python API's Model.save_state_file / load_state_file.
 
     write(path, state, identity)      to a temporary name, then renamed: never half a file
     header = read_header(path)        JSON only: whose state, which tokens, how big
@@ -45,6 +46,12 @@ def model_identity(path: Path, variant: str = "") -> str:
     KV cache's values: "activations q8")."""
     st = Path(path).stat()
     return f"{Path(path).name} ({st.st_size} bytes, modified {st.st_mtime_ns})" + (f"; {variant}" if variant else "")
+
+
+def variant(activations: str, gpu: bool) -> str:
+    """What besides the model file changes a saved state's values: the activations' rounding, and
+    the GPU tier's kernels."""
+    return f"activations {activations}" + ("; gpu tier" if gpu else "")
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:
