@@ -137,3 +137,12 @@ def test_the_python_api_refuses_a_bias_outside_the_vocabulary_before_evaluating(
         model.create_completion("def f(x):", max_tokens=2, logit_bias={99999: 1.0})
     assert model.n_past == 0
     model.close()
+
+
+def test_numbers_too_large_for_a_float_are_named():
+    """(review 97) An integer of 400 digits raised OverflowError from the Python API."""
+    for kw in (dict(presence_penalty=10**400), dict(temperature=10**400), dict(logit_bias={5: 10**400})):
+        with pytest.raises(StepstreamError):
+            sampling_params(**kw)
+    with pytest.raises(StepstreamError):
+        SamplingParams(logit_bias=((5, 10**400),))

@@ -105,7 +105,9 @@ def test_json_schema_is_honoured(served):
     ({"prompt": ["a", 5]}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": "a", "id_slot": 1}, "id_slot"),
-    ({"prompt": "a", "n_probs": 21}, "n_probs"),
+    ({"prompt": "a", "n_probs": 101}, "n_probs"),
+    ({"prompt": "a", "post_sampling_probs": True}, "post_sampling_probs"),
+    ({"prompt": "a", "response_fields": ["content"]}, "response_fields"),
     ({"prompt": "a", "json_schema": {"type": "integer", "multipleOf": 3}}, "json_schema"),
     ({"prompt": "a", "grammar": "root ::= \"x\""}, "grammar"),
     ({"prompt": "a", "cache_prompt": "yes"}, "cache_prompt"),
@@ -151,3 +153,45 @@ def test_llama_servers_json_schema_field_is_honoured_on_the_openai_routes_too(se
     assert both.status_code == 400 and both.json()["error"]["param"] == "json_schema"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     assert http.post("/v1/chat/completions", json={**base, "json_schema": schema, "tools": tools}).status_code == 400
+
+
+def test_llama_servers_own_values_are_taken(served):
+    """(review 97) max_tokens was dropped (the reply ran to the context's end); n_predict 0, five
+    stop strings and a negative temperature were refused; a stream's events had no token ids and
+    an empty event before the last; `json_schema: {}` constrained nothing."""
+    model, http = served
+    got = http.post("/completion", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0}).json()
+    assert got["tokens_predicted"] == 3 and got["generation_settings"]["n_predict"] == 3
+    got = http.post("/completion", json={"prompt": PROMPT, "n_predict": 2, "max_tokens": 9, "temperature": 0}).json()
+    assert got["tokens_predicted"] == 2  # n_predict first, as llama-server reads them
+    got = http.post("/completion", json={"prompt": PROMPT + "x = 1\n", "n_predict": 0}).json()
+    assert got["content"] == "" and got["tokens_predicted"] == 0 and got["timings"]["prompt_n"] > 0
+    again = http.post("/completion", json={"prompt": PROMPT + "x = 1\n", "n_predict": 1, "temperature": 0}).json()
+    assert again["timings"]["cache_n"] == got["tokens_evaluated"] - 1  # the prompt was left in the cache
+    stops = ["", "zz1", "zz2", "zz3", "zz4", "\n"]
+    got = http.post("/completion", json={"prompt": PROMPT, "n_predict": 30, "temperature": 0, "stop": stops}).json()
+    assert got["stop_type"] in ("word", "eos") and "\n" not in got["content"]
+    greedy = http.post("/completion", json={"prompt": PROMPT, "n_predict": 12, "temperature": 0}).json()["content"]
+    assert http.post("/completion", json={"prompt": PROMPT, "n_predict": 12, "temperature": -1}).json()["content"] \
+        == greedy
+    t = greedy and http.post("/completion", json={"prompt": PROMPT, "n_predict": 4}).json()["timings"]
+    assert {"prompt_per_second", "prompt_per_token_ms", "predicted_per_token_ms"} <= set(t)
+    with http.stream("POST", "/completion", json={"prompt": PROMPT, "n_predict": 6, "temperature": 0,
+                                                  "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line]
+    assert all(e["tokens"] and (e["content"] or e["tokens"]) for e in events[:-1]) and events[-1]["stop"] is True
+    assert sum(len(e["tokens"]) for e in events[:-1]) == 6
+    anything = http.post("/completion", json={"prompt": "value = ", "n_predict": 40, "temperature": 0,
+                                              "json_schema": {}}).json()
+    json.loads(anything["content"])  # any JSON value, as llama-server reads {}
+
+
+def test_the_responses_api_refuses_json_schema_beside_a_json_text_format(served):
+    _, http = served
+    base = {"input": "a number", "max_output_tokens": 40, "temperature": 0, "json_schema": {"type": "integer"}}
+    r = http.post("/v1/responses", json={**base, "text": {"format": {"type": "json_object"}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "json_schema"
+    r = http.post("/v1/responses", json={**base, "text": {"format": {"type": "text"}}})  # a client's default
+    assert r.status_code == 200, r.text
+    text = next(c["text"] for item in r.json()["output"] if item["type"] == "message" for c in item["content"])
+    assert isinstance(json.loads(text), int)

@@ -108,7 +108,7 @@ def test_n_predict_and_the_length_fields_are_named_as_sent(client, url):
     whole = client.completions.create(model="m", prompt="def f(x):\n", temperature=0, max_tokens=3)
     assert r.choices[0].text == whole.choices[0].text
     for extra, message in (({"max_completion_tokens": 0}, "'max_completion_tokens' must be at least 1, got 0"),
-                           ({"n_predict": -2}, "'n_predict' must be at least 1 (or -1), got -2"),
+                           ({"n_predict": -2}, "'n_predict' must be -1 (no limit), 0 (the prompt alone) or more, got -2"),
                            ({"best_of": 3}, "'best_of' must be 1 (one choice per request), got 3"),
                            ({"min_tokens": 4}, "'min_tokens' is not supported (only 0)")):
         resp = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "x", **extra}, timeout=30)

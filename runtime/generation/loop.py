@@ -200,7 +200,7 @@ def logit_bias_pairs(bias) -> tuple:
         tok = int(key) if isinstance(key, str) and key.isascii() and key.isdecimal() else key
         if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or tok < 0:
             raise StepstreamError(f"logit_bias: {key!r:.40} is not a token id")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
             raise StepstreamError(f"logit_bias: token {tok}'s bias must be a finite number, got {value!r:.40}")
         if int(tok) in pairs:
             raise StepstreamError(f"logit_bias names token {tok} twice")
@@ -211,7 +211,17 @@ def logit_bias_pairs(bias) -> tuple:
 def _real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise StepstreamError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise StepstreamError(f"{name} must be a finite number, got an integer of {len(str(value))} digits") from None
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _whole(name: str, value) -> int:

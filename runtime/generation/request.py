@@ -73,8 +73,12 @@ class Timings:
 
     def as_dict(self) -> dict:
         per_s = self.predicted_n / (self.predicted_ms / 1000) if self.predicted_ms > 0 else None
+        prompt_per_s = self.prompt_n / (self.prompt_ms / 1000) if self.prompt_ms > 0 else None
         out = {"prompt_n": self.prompt_n, "cache_n": self.cached_n, "prompt_ms": round(self.prompt_ms, 3),
+               "prompt_per_token_ms": round(self.prompt_ms / self.prompt_n, 3) if self.prompt_n else None,
+               "prompt_per_second": prompt_per_s,
                "predicted_n": self.predicted_n, "predicted_ms": round(self.predicted_ms, 3),
+               "predicted_per_token_ms": round(self.predicted_ms / self.predicted_n, 3) if self.predicted_n else None,
                "predicted_per_second": per_s, "first_token_ms": round(self.first_token_ms, 3)}
         if self.draft_n:  # as llama-server, only when a request drafted
             out.update(draft_n=self.draft_n, draft_n_accepted=self.draft_n_accepted)
@@ -199,6 +203,9 @@ def run(model, req: Request) -> Iterator[Step]:
                 break
     finally:
         tokens.close()  # drafting trims the drafts it accepted past the stop
+        if t.predicted_n == 0 and "cached" in stats:  # no token (max_tokens 0): the prompt's figures still
+            t.cached_n, t.prompt_n = stats["cached"], len(req.prompt) - stats["cached"]
+            t.prompt_ms = (stats["prompt_done"] - t0) * 1000
         t.predicted_ms = (time.perf_counter() - stats["prompt_done"]) * 1000 if "prompt_done" in stats else 0.0
         # a pass that drafted emits its accepted drafts and one token of its own
         t.draft_n = stats.get("drafted", 0)

@@ -59,13 +59,20 @@ class SamplingParams:
         bias = self.logit_bias
         if not isinstance(bias, tuple) or not all(
                 isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], numbers.Integral) and not isinstance(b[0], bool)
-                and b[0] >= 0 and isinstance(b[1], numbers.Real) and not isinstance(b[1], bool) and math.isfinite(b[1])
+                and b[0] >= 0 and isinstance(b[1], numbers.Real) and not isinstance(b[1], bool) and _finite(b[1])
                 for b in bias):
             raise StepstreamError(f"logit_bias must be pairs of a token id >= 0 and a finite bias, got {bias!r:.80}")
         if len({t for t, _ in bias}) != len(bias):
             raise StepstreamError("logit_bias names a token twice")
         if self.repeat_last_n < 0:
             raise StepstreamError(f"repeat_last_n must be >= 0, or -1 for the whole context, got {self.repeat_last_n}")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -160,7 +160,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                            param="logit_bias", code="invalid_value")
         room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
         budget = -1 if not chat else reasoning_budget if common.reasoning_budget is None else common.reasoning_budget
-        return ModelRequest(ids, common.params, min(common.max_tokens or room, room), common.stop, logprobs,
+        limit = room if common.max_tokens is None else min(common.max_tokens, room)  # (0: the prompt alone)
+        return ModelRequest(ids, common.params, limit, common.stop, logprobs,
                             ignore_eos=common.ignore_eos, json_object=common.json_object, grammar=common.grammar,
                             in_reasoning=in_reasoning, reasoning_budget=None if budget < 0 else budget,
                             reasoning_message=reasoning_message)

@@ -27,7 +27,8 @@ from runtime.server.requests import ApiError, Common, _common, _get, _range
 
 # llama-server's sampling defaults (its `params` in /props), where OpenAI's routes default to off
 DEFAULTS = {"n_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
-MAX_N_PROBS = 20
+MAX_N_PROBS = 100
+MAX_STOPS = 64  # llama-server sets no limit; OpenAI's routes take 4
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,24 @@ def native_body(body: dict) -> NativeBody:
         raise ApiError(400, "'prompt' must hold at least one token", param="prompt", code="invalid_value")
     n_probs = _get(body, "n_probs", (int,), 0)
     _range("n_probs", n_probs, 0, MAX_N_PROBS)
+    for name in ("post_sampling_probs", "response_fields"):  # refused, not ignored: the answer's shape would differ
+        if body.get(name):
+            raise ApiError(400, f"'{name}' is not supported on this route", param=name, code="unsupported")
     slot = _get(body, "id_slot", (int,), -1)
     if slot not in (-1, 0):
         raise ApiError(400, f"'id_slot' {slot}: this server has one slot, 0 (or -1: any)", param="id_slot",
                        code="invalid_value")
     _get(body, "cache_prompt", (bool,))  # (checked: always true here, and the tokens are the same either way)
     fields = {**DEFAULTS, **{k: v for k, v in body.items() if v is not None}}
-    fields.pop("max_tokens", None)  # llama-server's name is n_predict; an OpenAI field here would be a second one
-    fields.pop("max_completion_tokens", None)
-    common = _common(fields, None)  # (json_schema included)
+    if "n_predict" in body:  # llama-server reads n_predict first, then max_completion_tokens, then max_tokens
+        fields.pop("max_completion_tokens", None)
+        fields.pop("max_tokens", None)
+    elif "max_completion_tokens" in body or "max_tokens" in body:
+        del fields["n_predict"]
+    t = fields.get("temperature")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t < 0:
+        fields["temperature"] = 0  # llama-server's: a temperature below 0 is greedy
+    common = _common(fields, None, max_stops=MAX_STOPS)  # (json_schema included)
     return NativeBody(prompt, common, n_probs, _get(body, "return_tokens", (bool,), False))
 
 
@@ -79,14 +89,18 @@ class NativeReply:
         self.n = 0
         self.last: Step | None = None
 
-    def take(self, step: Step) -> dict:
-        """Collect a step; returns its stream event (stop false)."""
+    def take(self, step: Step) -> dict | None:
+        """Collect a step; returns its stream event (stop false), or None when it holds nothing."""
         self.content.append(step.text)
         self.n += step.tokens
         self.last = step
         ids = [lp.token for lp in step.logprobs][: step.tokens]  # (an end-of-generation token is not the reply's)
         self.tokens += ids
-        event = {"index": 0, "content": step.text, "tokens": ids if self.body.return_tokens else [], "stop": False,
+        if not step.text and not ids:  # (the tail after the last token: nothing to send)
+            return None
+        # a stream's events carry their token ids always, as llama-server's do; the whole answer's
+        # `tokens` only with return_tokens
+        event = {"index": 0, "content": step.text, "tokens": ids, "stop": False,
                  "id_slot": 0, "tokens_predicted": self.n, "tokens_evaluated": len(self.ids)}
         if self.body.n_probs:
             probs = [_probability(lp) for lp in step.logprobs]
@@ -128,12 +142,17 @@ def add_native_completion(app, *, model, model_name: str, body_of, prompt_ids, m
     async def completion(request: Request):
         b = await body_of(request, native_body)
         ids = await prompt_ids(b.prompt, "prompt")
-        want = b.n_probs if b.n_probs else 0 if b.return_tokens else None  # the tokens come with their logprobs
+        # the token ids come with their log-probabilities: a stream's events carry them always
+        want = b.n_probs if b.n_probs else 0 if b.return_tokens or b.common.stream else None
         req = model_request(ids, b.common, want, "prompt")
         text = b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")
         reply = NativeReply(model_name, text, ids, b)
         if b.common.stream:
-            return sse(submit(req, True), request, lambda step: data(reply.take(step)),
+            def event(step) -> str:
+                e = reply.take(step)
+                return data(e) if e is not None else ""
+
+            return sse(submit(req, True), request, event,
                        lambda: data(reply.whole(req.timings, streamed=True)),
                        lambda e: data(e.body()))
         await whole(submit(req, False), request, reply.take)

@@ -153,9 +153,11 @@ def _max_tokens(body: dict, default: int | None) -> int | None:
             continue
         if name == "n_predict" and v == -1:
             return None
+        if name == "n_predict" and v == 0:  # llama-server's: the prompt evaluated into the cache, no token
+            return 0
         if v < 1:
-            raise ApiError(400, f"'{name}' must be at least 1{' (or -1)' if name == 'n_predict' else ''}, got {v}",
-                           param=name, code="invalid_value")
+            need = "-1 (no limit), 0 (the prompt alone) or more" if name == "n_predict" else "at least 1"
+            raise ApiError(400, f"'{name}' must be {need}, got {v}", param=name, code="invalid_value")
         return v
     return default
 
@@ -214,8 +216,8 @@ def llama_json_schema(body: dict):
     """llama-server's `json_schema` field (a JSON Schema the reply must match; {} or absent: none)
     as a compiled grammar, or None."""
     schema = body.get("json_schema")
-    if schema is None or schema == {}:
-        return None
+    if schema is None:
+        return None  # ({}: any JSON value, as llama-server reads it)
     if not isinstance(schema, dict):
         raise ApiError(400, "'json_schema' must be a JSON Schema object", param="json_schema", code="invalid_type")
     try:
@@ -224,7 +226,7 @@ def llama_json_schema(body: dict):
         raise ApiError(400, f"'json_schema': {e}", param="json_schema", code="unsupported") from None
 
 
-def _common(body: dict, default_max_tokens: int | None) -> Common:
+def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STOPS) -> Common:
     max_tokens = _max_tokens(body, default_max_tokens)
     for name in ("n", "best_of"):  # best_of: OpenAI's completions, best of n samples
         v = _get(body, name, (int,), 1)
@@ -256,9 +258,10 @@ def _common(body: dict, default_max_tokens: int | None) -> Common:
         grammar = schema
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop",
+    if len(stop) > max_stops or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {max_stops} strings", param="stop",
                        code="invalid_value")
+    stop = [s for s in stop if s]  # an empty stop string would end every reply at once: llama-server skips it
     stream = _get(body, "stream", (bool,), False)
     if body.get("stream_options") is not None and not stream:  # as OpenAI and vLLM answer
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options",
@@ -398,9 +401,10 @@ def chat_body(body: dict) -> ChatBody:
     max_calls = None if _get(body, "parallel_tool_calls", (bool,), True) else 1
     common = replace(_common(body, None), reasoning_budget=reasoning_budget(body))
     if common.structured and tools and tool_choice != "none":
-        raise ApiError(400, "'response_format' json_object or json_schema goes without 'tools' (or with 'tool_choice': "
-                            "\"none\"): the reply must be JSON, with no room for a tool call's markup",
-                       param="response_format", code="unsupported")
+        field = "json_schema" if body.get("json_schema") is not None else "response_format"
+        what = "'json_schema'" if field == "json_schema" else "'response_format' json_object or json_schema"
+        raise ApiError(400, f"{what} goes without 'tools' (or with 'tool_choice': \"none\"): the reply must be JSON, "
+                            "with no room for a tool call's markup", param=field, code="unsupported")
     return ChatBody(messages, tools, tool_choice, common, logprobs, continue_final, max_calls)
 
 

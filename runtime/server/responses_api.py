@@ -172,17 +172,20 @@ def responses_body(body: dict) -> ResponsesBody:
     fmt = _text_format(body.get("text"))
     shared = {k: body[k] for k in _SHARED if k in body}
     shared.update(stream=_get(body, "stream", (bool,), False), max_completion_tokens=max_output)
-    common = _common(shared, None)
-    if fmt is not None:
+    common = _common(shared, None)  # (llama-server's json_schema field included)
+    from_field = common.grammar is not None
+    if fmt is not None and fmt.get("type") != "text":  # ({"type": "text"}, a client's default, constrains nothing)
+        if from_field:
+            raise _refuse("give 'text.format' or llama-server's 'json_schema', not both", "json_schema")
         try:
             json_object, grammar = response_format(fmt)
         except ApiError as e:
             raise _refuse(e.message.replace("'response_format'", "'text.format'"), "text.format", e.code) from None
         common = replace(common, json_object=json_object, grammar=grammar)
     if common.structured and tools and tool_choice != "none":
-        raise _refuse("'text.format' json_object or json_schema goes without 'tools' (or with 'tool_choice': "
-                      "\"none\"): the reply must be JSON, with no room for a tool call's markup", "text.format",
-                      "unsupported")
+        field = "json_schema" if from_field else "text.format"
+        raise _refuse(f"'{field}' goes without 'tools' (or with 'tool_choice': \"none\"): the reply must be JSON, "
+                      "with no room for a tool call's markup", field, "unsupported")
     _get(body, "stream_options", (dict,))
     include = _get(body, "include", (list,), [])
     unknown = [x for x in include if x not in INCLUDABLE]
