@@ -18,11 +18,21 @@ from runtime.cli import main
 from runtime.model.state_file import read_header
 
 MODEL = str(Path(runtime.__file__).parent / "data" / "step35-mini-q4_k_m.gguf")
-SOURCE = Path(runtime.__file__).parent / "model" / "prompt_reuse.py"  # about 3,200 tokens of Python
+SOURCE = Path()  # the prompt file: about 1,200 tokens of Python (the _source fixture writes it)
 
 
-def _run(capsys, cache, *extra, prompt_file=SOURCE):
-    argv = ["run", "-m", MODEL, "-f", str(prompt_file), "-n", "12", "--temp", "0", "-c", "4096",
+@pytest.fixture(autouse=True, scope="module")
+def _source(tmp_path_factory):
+    """Long enough to pass the miniature's sliding window (128) many times over and to be cut
+    after 1,000 tokens; short enough to keep the runs quick."""
+    global SOURCE
+    lines = (Path(runtime.__file__).parent / "model" / "prompt_reuse.py").read_text().splitlines(keepends=True)
+    SOURCE = tmp_path_factory.mktemp("prompt") / "source.py"
+    SOURCE.write_text("".join(lines[:70]))
+
+
+def _run(capsys, cache, *extra, prompt_file=None):
+    argv = ["run", "-m", MODEL, "-f", str(prompt_file or SOURCE), "-n", "12", "--temp", "0", "-c", "4096",
             "--no-display-prompt", *extra]
     if cache is not None:
         argv += ["--prompt-cache", str(cache)]
