@@ -55,9 +55,10 @@ def test_blocks_hold_the_chat_replys_parts_and_streams_rebuild_them(seed):
     rng = random.Random(seed)
     for _ in range(60):
         text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 20)))
-        p = parse_reply(text, tools=TOOLS)
+        finish = rng.choice(["stop", "length"])
+        p = parse_reply(text, tools=TOOLS, cut=finish == "length")  # (cut: an unfinished call's markup dropped)
         cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(1, min(6, len(text) + 1))))
-        reply, events = _feed(text, cuts, rng.choice(["stop", "length"]))
+        reply, events = _feed(text, cuts, finish)
         m = reply.message()
         content = m["content"]
         assert "".join(b["text"] for b in content if b["type"] == "text") == (p.content or "")

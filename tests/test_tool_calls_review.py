@@ -139,3 +139,55 @@ def test_a_lone_surrogate_in_arguments_is_escaped_so_the_reply_can_be_sent():
         assert json.loads(call.arguments)["city"] in ("\ud800 é", ["\udc00", "é"])
     plain = parse_reply('<tool_call>\n{"name": "get_weather", "arguments": {"city": "é"}}\n</tool_call>', tools=TOOLS)
     assert plain.tool_calls[0].arguments == '{"city": "é"}'  # characters as they are otherwise
+
+
+def _cut(text, tools=TOOLS):
+    """(content, reasoning, calls) of a reply cut short at `text`'s end, whole and streamed a
+    character at a time (which must agree)."""
+    whole = parse_reply(text, tools=tools, cut=True)
+    stream = ReplyStream(tools=tools)
+    deltas = [d for ch in text for d in stream.push(ch)] + stream.finish(cut=True)
+    assert "".join(d.get("content", "") for d in deltas) == (whole.content or "")
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == (whole.reasoning or "")
+    return whole.content, whole.reasoning, [(c.name, c.arguments) for c in whole.tool_calls]
+
+
+@pytest.mark.parametrize("cut_at", ["<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
+                                    "<tool_call>\n<function=get_we", "<tool_call>", "<tool_ca", "<", "\n<tool_c"])
+def test_a_reply_cut_inside_a_call_keeps_its_words_and_drops_the_markup(cut_at):
+    """A reply cut by max_tokens inside a call gave the call's markup as the reply's text, which
+    agent clients showed (or sent back as the assistant's words). Cut, the unfinished call and a
+    tag's start are dropped; the words before them stay, and a whole call before them too."""
+    assert _cut("Sure, let me check." + cut_at) == ("Sure, let me check.", None, [])
+    done = _call("add", a=1, b=2)
+    content, _, calls = _cut("Adding." + done + cut_at)
+    assert calls == [("add", '{"a": 1, "b": 2}')] and content == "Adding."
+    # not cut (an end-of-text token ended it): the unfinished markup is the reply's text, as before
+    assert parse_reply("Sure." + cut_at, tools=TOOLS).content == "Sure." + cut_at
+
+
+def test_a_reply_cut_elsewhere_is_unchanged():
+    for text in ("Plain words cut mid wo", "<think>reasoning cut", "Text with a < sign and more"):
+        assert _cut(text)[:2] == (parse_reply(text, tools=TOOLS).content, parse_reply(text, tools=TOOLS).reasoning)
+    assert _cut("<think>weighing it</thi") == (None, "weighing it", [])  # the closing tag's start goes
+
+
+def test_the_servers_chat_reply_cut_inside_a_call_streamed_and_whole():
+    """The chat endpoint's reply builder (runtime/generation/replies.py), streamed and whole, for a
+    reply that max_tokens cut inside a call: content without the markup, finish_reason length."""
+    from runtime.generation.replies import ChatReply
+    from runtime.generation.request import Step, Timings
+
+    pieces = ["Let me ", "check.", "\n<tool_call>\n<function=get_", "weather>\n<parameter=city>\nPa"]
+    steps = [Step(p, tokens=1) for p in pieces[:-1]] + [Step(pieces[-1], (), "length", 1)]
+    streamed = ChatReply("m", 5, in_reasoning=False, tools=TOOLS)
+    chunks = [c for s in steps for c in streamed.chunks(s, False)]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "Let me check." and not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    whole = ChatReply("m", 5, in_reasoning=False, tools=TOOLS)
+    for s in steps:
+        whole.collect(s)
+    msg = whole.whole(Timings(), False)["choices"][0]
+    assert msg["message"]["content"] == "Let me check." and "tool_calls" not in msg["message"]
+    assert msg["finish_reason"] == "length"

@@ -139,7 +139,7 @@ class ChatReply:
         deltas = self._early + (self.stream.push(step.text) if step.text else [])
         self._early = []
         if step.finish_reason:
-            deltas += self.stream.finish()
+            deltas += self.stream.finish(cut=step.finish_reason == "length")
         self.n_calls += sum(len(d.get("tool_calls", ())) for d in deltas)
         deltas = [_named(d, self.reasoning_field) for d in deltas]
         out = [self._envelope([{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]) for d in deltas]
@@ -158,7 +158,7 @@ class ChatReply:
     def whole(self, timings: Timings, want_logprobs: bool) -> dict:
         text = "".join(self.text)
         parsed = parse_reply(text, in_reasoning=self.in_reasoning, tools=self.tools, calls=self.tools is not None,
-                             max_calls=self.max_calls)
+                             max_calls=self.max_calls, cut=self.finish_reason == "length")
         message: dict = {"role": "assistant",
                          "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
         if parsed.reasoning is not None:

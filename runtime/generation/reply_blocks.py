@@ -47,7 +47,7 @@ class ReplyBlocks:
         deltas = self._early + (self.parser.push(step.text) if step.text else [])
         self._early = []
         if step.finish_reason:
-            deltas += self.parser.finish()
+            deltas += self.parser.finish(cut=step.finish_reason == "length")
         ops: list[tuple] = []
         for d in deltas:
             if "tool_calls" in d:

@@ -114,7 +114,7 @@ def chat_response(model, prompt_ids: list[int], pieces: Iterator[Piece], stream:
         for p in pieces:
             deltas, early = early + (reply.push(p.text) if p.text else []), []
             if p.finish_reason:
-                deltas += reply.finish()
+                deltas += reply.finish(cut=p.finish_reason == "length")
             called = called or any("tool_calls" in d for d in deltas)
             yield from (chunk(d, None) for d in deltas)
             if p.finish_reason:
@@ -123,7 +123,8 @@ def chat_response(model, prompt_ids: list[int], pieces: Iterator[Piece], stream:
     if stream:
         return chunks()
     text, last = _join(model, pieces)
-    parsed = parse_reply(forced + text, in_reasoning=in_reasoning, tools=tools, calls=calls)
+    parsed = parse_reply(forced + text, in_reasoning=in_reasoning, tools=tools, calls=calls,
+                         cut=last.finish_reason == "length")
     message: dict = {"role": "assistant",
                      "content": parsed.content if parsed.content is not None or parsed.tool_calls else ""}
     if parsed.reasoning is not None:

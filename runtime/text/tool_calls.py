@@ -151,11 +151,12 @@ def forced_call(name: str | None) -> str:
 
 
 def parse_reply(text: str, *, in_reasoning: bool = False, tools: list[dict] | None = None,
-                calls: bool = True, max_calls: int | None = None) -> ParsedReply:
+                calls: bool = True, max_calls: int | None = None, cut: bool = False) -> ParsedReply:
     """The parts of a whole reply. `tools` (the request's function specs) let a parameter
-    whose schema type is "string" stay text even where it reads as JSON (`42`, `[1, 2]`)."""
+    whose schema type is "string" stay text even where it reads as JSON (`42`, `[1, 2]`).
+    `cut`: the reply was cut short (ReplyStream.finish)."""
     stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=calls, max_calls=max_calls)
-    deltas = stream.push(text) + stream.finish()
+    deltas = stream.push(text) + stream.finish(cut)
     content = "".join(d.get("content", "") for d in deltas)
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
     calls = [ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
@@ -195,6 +196,7 @@ class ReplyStream:
         self._tags = (CALL, THINK) if calls else (THINK,)
         self._held_tags = ("\n" + CALL, CALL, THINK) if calls else (THINK,)
         self._done = False
+        self._cut = False  # finish(cut=True): the reply was cut short
 
     def push(self, text: str) -> list[dict]:
         if self._done:
@@ -202,9 +204,13 @@ class ReplyStream:
         self._buf += text
         return self._run(final=False)
 
-    def finish(self) -> list[dict]:
+    def finish(self, cut: bool = False) -> list[dict]:
+        """The rest of the reply. `cut`: it was cut short (max_tokens): an unfinished call, or the
+        start of a tag at its end, is markup no client can use, and is dropped rather than given as
+        text (clients showed it as the reply's words)."""
         if self._done:
             return []
+        self._cut = cut
         out = self._run(final=True)
         self._done = True
         return out
@@ -262,8 +268,10 @@ class ReplyStream:
             self._buf = self._buf[at + len(CALL):]
             self._mode = "call"
             return True
-        keep = 0 if final else _held_back(self._buf, held)
+        keep = 0 if final and not self._cut else _held_back(self._buf, held)
         text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+        if final:
+            self._buf = ""  # (cut: the start of a tag, dropped)
         if final and self._after_call and (self._held_space + text).isspace():
             self._held_space = ""  # whitespace after the last call is layout
             return False
@@ -297,9 +305,9 @@ class ReplyStream:
             self._buf = self._buf[at + len(END_THINK):]
             self._mode, self._drop_newline, self._spoken = "content", True, False
             return True
-        keep = 0 if final else _held_back(self._buf, ("\n" + END_THINK, END_THINK))
+        keep = 0 if final and not self._cut else _held_back(self._buf, ("\n" + END_THINK, END_THINK))
         _add(out, "reasoning_content", self._buf[:len(self._buf) - keep])
-        self._buf = self._buf[len(self._buf) - keep:]
+        self._buf = "" if final else self._buf[len(self._buf) - keep:]  # (cut: the start of a tag, dropped)
         return False
 
     def _call(self, out: list[dict], final: bool) -> bool:
@@ -308,7 +316,11 @@ class ReplyStream:
             if not final:
                 return False
             body, self._buf = self._buf, ""
-            self._resolve(out, body, closed=False)
+            if self._cut:  # an unfinished call where the reply was cut: the text before it stays
+                pre, self._pre = self._pre, ""
+                self._emit_content(out, pre[:-1] if pre.endswith("\n") else pre)
+            else:
+                self._resolve(out, body, closed=False)
             self._mode = "content"
             return True
         body, self._buf = self._buf[:at], self._buf[at + len(END_CALL):]
