@@ -152,16 +152,18 @@ def _cut(text, tools=TOOLS):
     return whole.content, whole.reasoning, [(c.name, c.arguments) for c in whole.tool_calls]
 
 
-@pytest.mark.parametrize("cut_at", ["<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
-                                    "<tool_call>\n<function=get_we", "<tool_call>", "<tool_ca", "<", "\n<tool_c"])
-def test_a_reply_cut_inside_a_call_keeps_its_words_and_drops_the_markup(cut_at):
+@pytest.mark.parametrize("cut_at, kept", [("<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", ""),
+                                          ("<tool_call>\n<function=get_we", ""), ("<tool_call>", ""),
+                                          ("<tool_ca", ""), ("\n<tool_c", "\n"),
+                                          ("<", "<")])  # (a lone "<" may be the text's: kept)
+def test_a_reply_cut_inside_a_call_keeps_its_words_and_drops_the_markup(cut_at, kept):
     """A reply cut by max_tokens inside a call gave the call's markup as the reply's text, which
     agent clients showed (or sent back as the assistant's words). Cut, the unfinished call and a
     tag's start are dropped; the words before them stay, and a whole call before them too."""
-    assert _cut("Sure, let me check." + cut_at) == ("Sure, let me check.", None, [])
+    assert _cut("Sure, let me check." + cut_at) == ("Sure, let me check." + kept, None, [])
     done = _call("add", a=1, b=2)
     content, _, calls = _cut("Adding." + done + cut_at)
-    assert calls == [("add", '{"a": 1, "b": 2}')] and content == "Adding."
+    assert calls == [("add", '{"a": 1, "b": 2}')] and content == "Adding." + (kept if kept.strip() else "")
     # not cut (an end-of-text token ended it): the unfinished markup is the reply's text, as before
     assert parse_reply("Sure." + cut_at, tools=TOOLS).content == "Sure." + cut_at
 
@@ -191,3 +193,36 @@ def test_the_servers_chat_reply_cut_inside_a_call_streamed_and_whole():
     msg = whole.whole(Timings(), False)["choices"][0]
     assert msg["message"]["content"] == "Let me check." and "tool_calls" not in msg["message"]
     assert msg["finish_reason"] == "length"
+
+
+def test_cut_replies_stream_as_they_parse_whole_and_keep_what_may_be_words():
+    """(review 98) Cut at the start of a `<think>` after words, the stream dropped it and the
+    whole parse kept it; a lone `<` or a closing newline was dropped though it may be the text's.
+    Random markup, random pushes, with and without calls and tools, cut or not: the stream and
+    the whole parse agree."""
+    import random
+
+    assert parse_reply("Write <think> then <th", tools=TOOLS, cut=True).content == "Write <think> then <th"
+    assert parse_reply("I like <th", tools=TOOLS, calls=False, cut=True).content == "I like <th"
+    assert parse_reply("if a <", tools=TOOLS, cut=True).content == "if a <"
+    assert parse_reply("Line one\n", tools=TOOLS, cut=True).content == "Line one\n"
+    assert parse_reply("<think>so x <", tools=TOOLS, cut=True).reasoning == "so x <"
+    pieces = ["<think>", "</think>", "<tool_call>", "</tool_call>", "\n", " ", "x", "<function=add>", "<parameter=a>",
+              "</parameter>", "</function>", '{"name": "add", "arguments": {}}', "1", "<", "<tool_c", "<th", "</thi",
+              "<t", "\n\n", _call("add", a=1, b=2)]
+    rng = random.Random(98)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10)))
+        kw = dict(in_reasoning=rng.random() < 0.3, tools=rng.choice([TOOLS, None]), calls=rng.random() < 0.85,
+                  max_calls=rng.choice([None, None, 1]))
+        cut = rng.random() < 0.7
+        whole = parse_reply(text, cut=cut, **kw)
+        stream, deltas, at = ReplyStream(**kw), [], 0
+        for c in sorted(rng.sample(range(len(text) + 1), rng.randint(0, min(6, len(text))))) + [len(text)]:
+            deltas += stream.push(text[at:c])
+            at = c
+        deltas += stream.finish(cut=cut)
+        got = ("".join(d.get("content", "") for d in deltas) or None,
+               "".join(d.get("reasoning_content", "") for d in deltas) or None,
+               [(c["function"]["name"], c["function"]["arguments"]) for d in deltas for c in d.get("tool_calls", ())])
+        assert got == (whole.content, whole.reasoning, [(c.name, c.arguments) for c in whole.tool_calls]), (text, kw, cut)

@@ -17,7 +17,9 @@ prompt left one open); an unclosed section runs to the end. Markup inside reason
 
 A block that is not a well-formed call (unterminated, JSON that does not parse, no name,
 arguments that are not an object, stray text between parameters) stays in the content as the
-text it was: a model's slip never becomes an error.
+text it was: a model's slip never becomes an error. Unless the reply was cut short (max_tokens,
+`finish(cut=True)`): then an unfinished call, and a tag's start of two characters or more at
+the end, are dropped; the words before them stay.
 
 `ReplyStream` gives the same parts as OpenAI streaming deltas. Text that may still become a
 tag (`<tool_c`, a `\\n` that a `<tool_call>` may follow) is held back until it cannot, and a
@@ -268,7 +270,15 @@ class ReplyStream:
             self._buf = self._buf[at + len(CALL):]
             self._mode = "call"
             return True
-        keep = 0 if final and not self._cut else _held_back(self._buf, held)
+        if not final:
+            keep = _held_back(self._buf, held)
+        elif self._cut:
+            keep = _held_back(self._buf, held)
+            if keep and THINK in held and (self._spoken or self._buf[:len(self._buf) - keep].strip()):
+                keep = _held_back(self._buf, tuple(t for t in held if t != THINK))  # mid-text, <think> is text
+            keep = _cut_tail(self._buf, keep)
+        else:
+            keep = 0
         text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
         if final:
             self._buf = ""  # (cut: the start of a tag, dropped)
@@ -305,7 +315,9 @@ class ReplyStream:
             self._buf = self._buf[at + len(END_THINK):]
             self._mode, self._drop_newline, self._spoken = "content", True, False
             return True
-        keep = 0 if final and not self._cut else _held_back(self._buf, ("\n" + END_THINK, END_THINK))
+        keep = _held_back(self._buf, ("\n" + END_THINK, END_THINK)) if not final or self._cut else 0
+        if final:
+            keep = _cut_tail(self._buf, keep)
         _add(out, "reasoning_content", self._buf[:len(self._buf) - keep])
         self._buf = "" if final else self._buf[len(self._buf) - keep:]  # (cut: the start of a tag, dropped)
         return False
@@ -372,6 +384,16 @@ def _first(text: str, tags: tuple[str, ...]) -> tuple[int, str | None]:
         if at >= 0 and (best[1] is None or at < best[0]):
             best = (at, tag)
     return best
+
+
+def _cut_tail(text: str, keep: int) -> int:
+    """Of a held-back tail at the end of a cut reply, what to drop as a tag's start: not its
+    leading newline (the text's own), and nothing shorter than two characters (a lone `<` may be
+    a word's)."""
+    tail = text[len(text) - keep:] if keep else ""
+    if tail.startswith("\n"):
+        keep -= 1
+    return keep if keep >= 2 else 0
 
 
 def _held_back(text: str, tags: tuple[str, ...]) -> int:
