@@ -16,3 +16,12 @@ def load(path=None, **options):
     from runtime.loader import load as _load
 
     return _load(path, **options)
+
+
+def __getattr__(name):
+    """`runtime.LlamaGrammar`: llama-cpp-python's grammar class, for `grammar=` (imported on first use)."""
+    if name == "LlamaGrammar":
+        from runtime.text.gbnf_grammar import LlamaGrammar
+
+        return LlamaGrammar
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

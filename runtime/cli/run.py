@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
                     help="constrain the text to a JSON value this JSON Schema accepts ('{}': any JSON), as llama.cpp's -j")
     js.add_argument("-jf", "--json-schema-file", default=None, metavar="FILE",
                     help="the same, the schema read from FILE")
+    js.add_argument("--grammar", default=None, metavar="GBNF",
+                    help="constrain the text to this GBNF grammar (llama.cpp's format; it starts at rule 'root')")
+    js.add_argument("--grammar-file", default=None, metavar="FILE", help="the same, the grammar read from FILE")
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="keep the KV cache in FILE: a next run whose prompt begins the same evaluates only what "
                         "is new (the file is written at the end, or at Ctrl-C)")
@@ -32,11 +35,14 @@ def add_arguments(p) -> None:
 
 
 def json_grammar(args):
-    """The grammar of -j/-jf, compiled before the model loads (None without them)."""
+    """The grammar of -j/-jf or --grammar/--grammar-file, compiled before the model loads (None
+    without them)."""
     import json
 
     from runtime.text.json_schema import JsonSchemaGrammar
 
+    if args.grammar is not None or args.grammar_file is not None:
+        return gbnf_grammar(args)
     if args.json_schema is None and args.json_schema_file is None:
         return None
     where = "-j/--json-schema" if args.json_schema is not None else args.json_schema_file
@@ -47,6 +53,17 @@ def json_grammar(args):
         raise StepstreamError(f"{where}: not JSON ({e})") from None
     try:
         return JsonSchemaGrammar(schema)
+    except StepstreamError as e:
+        raise StepstreamError(f"{where}: {e}") from None
+
+
+def gbnf_grammar(args):
+    from runtime.text.gbnf_grammar import GbnfGrammar
+
+    where = "--grammar" if args.grammar is not None else args.grammar_file
+    text = args.grammar if args.grammar is not None else read_text_file(args.grammar_file, "grammar file")
+    try:
+        return GbnfGrammar(text)
     except StepstreamError as e:
         raise StepstreamError(f"{where}: {e}") from None
 

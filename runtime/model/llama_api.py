@@ -64,29 +64,39 @@ class LlamaApi:
         the load option `mtp`, 0 by default); the tokens are the same either way.
         Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
         repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias
-        ({token id: bias}), seed.
+        ({token id: bias}), seed; grammar (GBNF text or a LlamaGrammar: the tokens follow it).
         """
-        return generate(self, self._check_tokens_only(tokens), Sampler(self._sampling(sampling)), max_tokens,
-                        mtp=mtp)
+        grammar = _grammar(sampling.pop("grammar", None))
+        sampler = Sampler(self._sampling(sampling))
+        if grammar is not None:
+            from runtime.text.json_constraint import JsonObjectReply, vocabulary
+
+            sampler.constraint = JsonObjectReply(vocabulary(self.tokenizer), grammar=grammar)
+        return generate(self, self._check_tokens_only(tokens), sampler, max_tokens, mtp=mtp)
 
     def create_completion(self, prompt: str | list[int], max_tokens: int | None = 16, stop=None, stream: bool = False,
                           **sampling):
         """OpenAI-shaped text completion (a dict, or an iterator of chunks when streaming) of a
         text or of token ids, as llama-cpp-python takes either.
-        max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python."""
+        max_tokens None or <= 0: until end of text or the end of the context, as llama-cpp-python.
+        grammar: GBNF text or a LlamaGrammar (runtime.LlamaGrammar, or llama-cpp-python's): the
+        text follows it."""
         if isinstance(prompt, (list, tuple, np.ndarray)):
             ids = self._check_tokens_only(prompt)
         else:
             ids = self.tokenize(prompt, add_bos=True, special=True)
         mtp = sampling.pop("mtp", None)
+        grammar = _grammar(sampling.pop("grammar", None))
         logprobs, echo = sampling.pop("logprobs", None), sampling.pop("echo", False)
         if logprobs is not None or echo is not False:  # llama-cpp-python's log-probabilities and echo
-            return self._completion_with_logprobs(prompt, ids, logprobs, echo, max_tokens, stop, stream, mtp, sampling)
-        pieces = complete(self, ids, self._sampling(sampling), _no_limit(max_tokens), _stops(stop), mtp=mtp)
+            return self._completion_with_logprobs(prompt, ids, logprobs, echo, max_tokens, stop, stream, mtp, sampling,
+                                                  grammar)
+        pieces = complete(self, ids, self._sampling(sampling), _no_limit(max_tokens), _stops(stop), mtp=mtp,
+                          grammar=grammar)
         return completion_response(self, ids, pieces, stream)
 
     def _completion_with_logprobs(self, prompt, ids: list[int], logprobs, echo, max_tokens, stop, stream: bool, mtp,
-                                  sampling: dict):
+                                  sampling: dict, grammar=None):
         """create_completion with `logprobs` (the sampled token's and the `logprobs` likeliest
         alternatives' log-probabilities, in llama-cpp-python's and OpenAI's legacy shape) or `echo`
         (the prompt's text before the reply's), run as a server request runs."""
@@ -102,7 +112,8 @@ class LlamaApi:
         limit = _no_limit(max_tokens)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)):
             raise StepstreamError(f"max_tokens must be an integer or None, got {max_tokens!r}")
-        req = Request(ids, params, limit, _stops(stop), None if logprobs is None else int(logprobs), mtp=mtp)
+        req = Request(ids, params, limit, _stops(stop), None if logprobs is None else int(logprobs), mtp=mtp,
+                      grammar=grammar)
         return completion_from_steps(self, req, text, run_request(self, req), stream, logprobs is not None, echo)
 
     def __call__(self, prompt: str, **kwargs):
@@ -141,6 +152,14 @@ class LlamaApi:
                                   "without a budget nothing writes it")
         k = _chat_logprobs_k(sampling.pop("logprobs", None), sampling.pop("top_logprobs", None), self.cfg.vocab)
         json_object, grammar = _json_mode(sampling.pop("response_format", None))
+        gbnf = _grammar(sampling.pop("grammar", None))
+        if gbnf is not None:
+            if json_object or grammar is not None:
+                raise StepstreamError("give response_format or grammar, not both")
+            if offered is not None:
+                raise StepstreamError("grammar goes without tools (or with tool_choice 'none'): the reply must match "
+                                      "the grammar, with no room for a tool call's markup")
+            grammar = gbnf
         if (json_object or grammar is not None) and offered is not None:
             raise StepstreamError("response_format json_object or json_schema goes without tools (or with tool_choice "
                                   "'none'): the reply must be JSON, with no room for a tool call's markup")
@@ -244,7 +263,7 @@ class TokenView(Sequence):
 # nothing: code that passes its full argument list works; a value that would change the
 # output is refused by name rather than ignored.
 _OFF = {"logprobs": None, "suffix": None,
-        "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "grammar": None,
+        "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0,
         "logits_processor": None, "stopping_criteria": None, "top_logprobs": None, "functions": None,
         "function_call": None, "response_format": None}
 _ANY = ("model", "mirostat_tau", "mirostat_eta", "user")  # a name, or settings of a sampler that is off
@@ -308,6 +327,15 @@ def _temp(sampling: dict) -> dict:
                                   "changes nothing)" + ("; `stepstream serve` returns log-probabilities"
                                                         if name in ("logprobs", "top_logprobs") else ""))
     return sampling
+
+
+def _grammar(grammar):
+    """The compiled grammar of a `grammar` keyword (GBNF text, or a LlamaGrammar), or None."""
+    if grammar is None:
+        return None
+    from runtime.text.gbnf_grammar import compile_grammar
+
+    return compile_grammar(grammar)
 
 
 def _json_mode(response_format) -> tuple[bool, object]:

@@ -4,7 +4,7 @@ editor plugins, scripts) work unchanged.
 
     {prompt, n_predict=-1, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty,
      repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop, ignore_eos,
-     json_schema, n_probs=0, return_tokens=false, stream=false, cache_prompt, id_slot}
+     json_schema, grammar (GBNF), n_probs=0, return_tokens=false, stream=false, cache_prompt, id_slot}
     -> {content, tokens, stop, stop_type ("eos" | "word" | "limit"), stopping_word,
         tokens_predicted, tokens_evaluated, tokens_cached, timings, generation_settings, ...}
 
@@ -126,7 +126,8 @@ class NativeReply:
                    "repeat_penalty": p.repeat_penalty, "repeat_last_n": p.repeat_last_n,
                    "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
                    "seed": -1 if p.seed is None else p.seed, "stop": list(self.body.common.stop),
-                   "n_probs": self.body.n_probs, "ignore_eos": self.body.common.ignore_eos, "stream": streamed},
+                   "n_probs": self.body.n_probs, "ignore_eos": self.body.common.ignore_eos, "stream": streamed,
+                   "grammar": getattr(self.body.common.grammar, "text", "")},  # (GBNF only, as llama-server)
                "prompt": self.prompt_text, "has_new_line": "\n" in text, "truncated": False,
                "stop_type": kind, "stopping_word": (last.stop_sequence or "") if last is not None else "",
                "tokens_cached": len(self.ids) + max(0, self.n + eog - 1), "timings": timings.as_dict()}

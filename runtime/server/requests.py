@@ -16,13 +16,14 @@ from runtime.base.errors import StepstreamError
 from runtime.generation.reasoning_budget import EFFORT_BUDGETS, OPENAI_EFFORTS, effort_budget
 from runtime.generation.sampling import SamplingParams
 from runtime.text.chat_template import ROLES
+from runtime.text.gbnf_grammar import GbnfGrammar
 from runtime.text.json_schema import JsonSchemaGrammar, grammar_for
 from runtime.text.tool_calls import ToolSpecError, check_tools
 
 MAX_STOPS = 4  # as OpenAI
 # llama-server request fields stepstream does not implement, with the value that turns each off
 OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
-            "top_n_sigma": -1.0, "grammar": ""}
+            "top_n_sigma": -1.0}
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
@@ -51,7 +52,7 @@ class Common:
     include_usage: bool
     ignore_eos: bool = False  # vLLM's and llama-server's: generate on past the end of text
     json_object: bool = False  # response_format {"type": "json_object"}: the reply is one JSON object
-    grammar: object = None  # response_format {"type": "json_schema"}: the compiled schema
+    grammar: object = None  # response_format {"type": "json_schema"}, `json_schema` or `grammar`: compiled
     # reasoning tokens before </think> is forced: -1 no limit, None the server's --reasoning-budget
     reasoning_budget: int | None = None
 
@@ -226,6 +227,20 @@ def llama_json_schema(body: dict):
         raise ApiError(400, f"'json_schema': {e}", param="json_schema", code="unsupported") from None
 
 
+def llama_grammar(body: dict):
+    """llama-server's `grammar` field (GBNF text the reply must match; "" or absent: none) as a
+    compiled grammar, or None."""
+    text = body.get("grammar")
+    if text is None or text == "":
+        return None
+    if not isinstance(text, str):
+        raise ApiError(400, "'grammar' must be GBNF text (a string)", param="grammar", code="invalid_type")
+    try:
+        return GbnfGrammar(text)
+    except StepstreamError as e:
+        raise ApiError(400, f"'grammar': {e}", param="grammar", code="invalid_value") from None
+
+
 def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STOPS) -> Common:
     max_tokens = _max_tokens(body, default_max_tokens)
     for name in ("n", "best_of"):  # best_of: OpenAI's completions, best of n samples
@@ -256,6 +271,13 @@ def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STO
             raise ApiError(400, "give 'response_format' or llama-server's 'json_schema', not both", param="json_schema",
                            code="invalid_value")
         grammar = schema
+    gbnf = llama_grammar(body)
+    if gbnf is not None:
+        if json_object or grammar is not None:
+            other = "'json_schema'" if schema is not None else "'response_format'"
+            raise ApiError(400, f"give {other} or llama-server's 'grammar', not both", param="grammar",
+                           code="invalid_value")
+        grammar = gbnf
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > max_stops or not all(isinstance(s, str) for s in stop):
@@ -401,6 +423,10 @@ def chat_body(body: dict) -> ChatBody:
     max_calls = None if _get(body, "parallel_tool_calls", (bool,), True) else 1
     common = replace(_common(body, None), reasoning_budget=reasoning_budget(body))
     if common.structured and tools and tool_choice != "none":
+        if body.get("grammar"):
+            raise ApiError(400, "'grammar' goes without 'tools' (or with 'tool_choice': \"none\"): the reply must "
+                                "match the grammar, with no room for a tool call's markup", param="grammar",
+                           code="unsupported")
         field = "json_schema" if body.get("json_schema") is not None else "response_format"
         what = "'json_schema'" if field == "json_schema" else "'response_format' json_object or json_schema"
         raise ApiError(400, f"{what} goes without 'tools' (or with 'tool_choice': \"none\"): the reply must be JSON, "

@@ -174,17 +174,19 @@ def responses_body(body: dict) -> ResponsesBody:
     shared.update(stream=_get(body, "stream", (bool,), False), max_completion_tokens=max_output)
     common = _common(shared, None)  # (llama-server's json_schema field included)
     from_field = common.grammar is not None
+    named = "grammar" if shared.get("grammar") else "json_schema"  # the llama-server field that set it
     if fmt is not None and fmt.get("type") != "text":  # ({"type": "text"}, a client's default, constrains nothing)
         if from_field:
-            raise _refuse("give 'text.format' or llama-server's 'json_schema', not both", "json_schema")
+            raise _refuse(f"give 'text.format' or llama-server's '{named}', not both", named)
         try:
             json_object, grammar = response_format(fmt)
         except ApiError as e:
             raise _refuse(e.message.replace("'response_format'", "'text.format'"), "text.format", e.code) from None
         common = replace(common, json_object=json_object, grammar=grammar)
     if common.structured and tools and tool_choice != "none":
-        field = "json_schema" if from_field else "text.format"
-        raise _refuse(f"'{field}' goes without 'tools' (or with 'tool_choice': \"none\"): the reply must be JSON, "
+        field = named if from_field else "text.format"
+        what = "match the grammar" if field == "grammar" else "be JSON"
+        raise _refuse(f"'{field}' goes without 'tools' (or with 'tool_choice': \"none\"): the reply must {what}, "
                       "with no room for a tool call's markup", field, "unsupported")
     _get(body, "stream_options", (dict,))
     include = _get(body, "include", (list,), [])
