@@ -56,6 +56,10 @@ def add_arguments(p) -> None:
                         "it twice) (default: reasoning_content)")
     p.add_argument("--metrics", action="store_true",
                    help="serve GET /metrics: Prometheus counters under llama-server's names (default: off)")
+    p.add_argument("--slot-save-path", type=Path, default=None, metavar="DIR",
+                   help="the directory of llama-server's POST /slots/0?action=save|restore {filename}: the live "
+                        "KV cache saved to a file and restored from it (default: none, the actions refused)")
+    p.add_argument("--no-slots", action="store_true", help="do not serve GET /slots (llama-server's flag)")
     add_reasoning_args(p, who="a chat reply of a request that sets no budget of its own (chat's "
                               "thinking_budget_tokens or reasoning_effort, the Responses API's reasoning.effort, the "
                               "Messages API's thinking.budget_tokens; there an output_config.effort only caps it)")
@@ -145,6 +149,8 @@ def run(args) -> int:
     # before the model loads: a directory it cannot use fails fast, as a taken port does
     disk = DiskStates(args.cache_dir, args.cache_dir_size or 32 * 2**30, Path(args.model), state_variant(args)) \
         if args.cache_dir is not None else None
+    if args.slot_save_path is not None and not args.slot_save_path.is_dir():  # before the model loads
+        raise StepstreamError(f"--slot-save-path {args.slot_save_path}: not a directory (create it first)")
     sock = _listen(args.host, args.port)
     loading = LoadingResponder(sock)  # meanwhile every request gets 503 "loading" at once
     try:
@@ -171,7 +177,8 @@ def run(args) -> int:
     engine = Engine(model, queue_size=args.queue_size, prompt_cache=prompts)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
                      reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message or "",
-                     metrics=args.metrics, reasoning_field=args.reasoning_field)
+                     metrics=args.metrics, reasoning_field=args.reasoning_field,
+                     slot_save_path=args.slot_save_path, slots=not args.no_slots)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} (context {model.n_ctx} tokens) at http://{shown}:{port}/v1"

@@ -1,7 +1,7 @@
 """The HTTP side of `stepstream serve`: OpenAI's routes over one Engine, as a FastAPI app.
 
     GET  /health                 no key needed: {"status": "ok", ...}
-    GET  /v1/models
+    GET  /v1/models              (also /models, and /chat/completions, /v1/health: llama-server's aliases)
     GET  /v1/models/{id}         the served model; any other id is a 404
     POST /v1/completions         text in, text out (streaming or whole)
     POST /v1/chat/completions    messages in (chat template, tools), content / reasoning / tool calls out
@@ -10,6 +10,8 @@
     POST /v1/messages            Anthropic's Messages API over the same chat turn (runtime.server.messages_api)
     POST /v1/messages/count_tokens
     POST /tokenize, /detokenize, /apply-template; GET /props, /metrics   llama-server's (runtime.server.llama_routes)
+    POST /completion, /completions                                       llama-server's (runtime.server.native_completion)
+    GET /slots, POST /slots/0?action=save|restore|erase                  llama-server's (runtime.server.slots)
 
 Handlers check the body (runtime.server.requests), render and tokenize the prompt, queue a
 job on the engine, and turn its steps into OpenAI responses (runtime.generation.replies); they
@@ -40,6 +42,7 @@ from runtime.server.native_completion import add_native_completion
 from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
+from runtime.server.slots import add_slot_routes
 from runtime.server.responses_api import item_kind, responses_body, to_messages
 from runtime.generation.replies import ChatReply, TextReply
 from runtime.generation.message_events import MessageReply
@@ -81,12 +84,14 @@ class Turn:
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
                stored_responses: int = CAPACITY, reasoning_budget: int = -1, reasoning_message: str = "",
-               metrics: bool = False, reasoning_field: str = "reasoning_content") -> FastAPI:
+               metrics: bool = False, reasoning_field: str = "reasoning_content", slot_save_path=None,
+               slots: bool = True) -> FastAPI:
     """stored_responses: how many Responses API responses are kept for `previous_response_id`.
     reasoning_field: a chat completion's reasoning as `reasoning_content`, `reasoning` or both.
     reasoning_budget: the reasoning tokens of a chat reply before its `</think>` is forced, for
     requests that set none (-1: no limit), with `reasoning_message` written before it.
-    metrics: serve GET /metrics (llama-server's --metrics)."""
+    metrics: serve GET /metrics (llama-server's --metrics). slot_save_path: the directory of
+    POST /slots/0?action=save|restore (None: refused); slots: serve GET /slots (runtime.server.slots)."""
     if api_key is not None and not api_key:  # a missing header's empty token would match it
         raise StepstreamError("an empty API key would admit every request; give a key, or None for no key")
 
@@ -255,6 +260,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             job.cancel.set()
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: uptime probes
+    @app.api_route("/v1/health", methods=["GET", "HEAD"])  # (llama-server serves both)
     async def health():
         broken = model.file.problem()  # the file changed under the map: every request would fail
         if broken is not None:
@@ -267,6 +273,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
               "meta": {"n_ctx": model.n_ctx, "n_vocab": model.cfg.vocab}}
 
     @app.get("/v1/models")
+    @app.get("/models")  # llama-server's routes without /v1, for a client given the bare address
     async def models(request: Request):
         authorize(request)
         return {"object": "list", "data": [served]}
@@ -369,6 +376,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         return Turn(ids, req, in_reasoning, forced, callable_tools(tools, tool_choice))
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat(request: Request):
         b = await body_of(request, chat_body)
         turn = await chat_turn(b.messages, b.tools, b.tool_choice, b.common, b.logprobs,
@@ -510,6 +518,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
     add_llama_routes(app, engine, authorize=authorize, read_json=read_json, metrics=metrics, model_name=model_name)
+    add_slot_routes(app, engine, authorize=authorize, read_json=read_json, save_dir=slot_save_path, enabled=slots)
     add_native_completion(app, model=model, model_name=model_name, body_of=body_of, prompt_ids=prompt_ids,
                           model_request=model_request, submit=submit, whole=whole, sse=sse, data=_data)
     return app

@@ -10,6 +10,9 @@ A handler submits a Job and reads its events, which the worker fills in:
 
     ("step", completion.Step) ...  then  ("done", None)  or  ("error", (status, code, message))
 
+A job may instead be an action, a call on the model between requests (llama-server's slot
+save, restore and erase: runtime.server.slots): ("result", its value) or ("error", ...).
+
 Waking the event loop costs the worker a thread switch and the GIL, so events go through a
 plain deque and the loop is woken at most once per GAP_S: after taking a batch it comes back
 by itself GAP_S later, and only an idle loop is woken by the worker. Tokens that arrive in
@@ -45,7 +48,7 @@ class Busy(Exception):
 
 @dataclass
 class Job:
-    request: completion.Request
+    request: completion.Request | None
     loop: asyncio.AbstractEventLoop
     stream: bool = True  # False: the steps are sent to the handler once, at the end
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -55,8 +58,9 @@ class Job:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _woken: bool = False  # the loop will look at the events without being woken
     _ended: asyncio.Event = field(default_factory=asyncio.Event)  # the job's last event is queued
+    action: object = None  # a job with no request: action(model), run between requests
 
-    ENDS = frozenset(("done", "error", "steps"))  # kinds after which the job sends nothing more
+    ENDS = frozenset(("done", "error", "steps", "result"))  # kinds after which the job sends nothing more
 
     def emit(self, kind: str, value=None) -> None:
         """Worker side: queue an event, waking the loop unless a wake-up is already pending."""
@@ -112,6 +116,7 @@ class Engine:
         self._closed = False
         self.busy = False  # the worker is running a job
         self.served = 0
+        self.decoded = 0  # steps of the running request so far (GET /slots)
         self.metrics = Metrics()  # totals over the requests served (GET /metrics)
 
     @property
@@ -137,6 +142,32 @@ class Engine:
             self._waiting.append(job)
             self._cond.notify()
         return job
+
+    def submit_action(self, action) -> Job:
+        """Queue `action(model)`, to run between requests (Busy as submit). Its job ends with
+        ("result", what it returned), or ("error", (400, "invalid_value", message)) when it raised
+        a StepstreamError (the action leaves the model sound)."""
+        job = Job(None, asyncio.get_running_loop(), stream=False, action=action)
+        with self._cond:
+            self._waiting = collections.deque(j for j in self._waiting if not j.cancel.is_set())
+            if self._closed or len(self._waiting) >= self.queue_size:
+                raise Busy
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def _act(self, job: Job) -> None:
+        self.busy = True
+        try:
+            job.emit("result", job.action(self.model))
+        except StepstreamError as e:
+            job.emit("error", (400, "invalid_value", str(e)))
+        except Exception as e:  # a bug: the model starts again from an empty cache
+            print(f"error: slot action failed: {type(e).__name__}: {e}", file=sys.stderr)
+            self.model.reset()
+            job.emit("error", (500, "internal_error", f"internal error: {type(e).__name__}"))
+        finally:
+            self.busy = False
 
     def close(self, reason: str = "the server is shutting down") -> None:
         """Make serve_forever return after the job it is running; waiting jobs end with an error."""
@@ -167,12 +198,17 @@ class Engine:
         while (job := self._next()) is not None:
             if job.cancel.is_set():
                 continue
+            if job.action is not None:
+                self._act(job)
+                continue
             self.busy = True
+            self.decoded = 0
             try:
                 if self.prompt_cache is not None:
                     self._prepare(job.request.prompt)
                 if job.stream:
                     for step in completion.run(self.model, job.request):
+                        self.decoded += 1
                         job.emit("step", step)
                 else:
                     job.emit("steps", list(completion.run(self.model, job.request)))

@@ -20,6 +20,7 @@ import runtime
 from runtime.base.errors import PromptTooLong, StepstreamError
 from runtime.base.gguf_schema import Key
 from runtime.server.requests import ApiError, _get, chat_body
+from runtime.server.slots import slot_settings
 
 
 def add_llama_routes(app: FastAPI, engine, *, authorize, read_json, metrics: bool, model_name: str) -> None:
@@ -91,13 +92,7 @@ def add_llama_routes(app: FastAPI, engine, *, authorize, read_json, metrics: boo
         authorize(request)
         template = model.file.get(Key.CHAT_TEMPLATE, None)
         return {
-            "default_generation_settings": {
-                "id": 0, "n_ctx": model.n_ctx, "speculative": model.n_mtp > 0 and model.options.mtp != 0,
-                "is_processing": engine.busy,
-                # the chat endpoints' defaults (OpenAI's: temperature 1, the other samplers off)
-                "params": {"n_predict": -1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                           "repeat_last_n": 64, "repeat_penalty": 1.0, "presence_penalty": 0.0,
-                           "frequency_penalty": 0.0, "seed": -1, "stop": []}},
+            "default_generation_settings": slot_settings(engine),
             "total_slots": 1,
             "model_alias": model_name,
             "model_path": str(model.file.path),
