@@ -139,6 +139,23 @@ def test_run_takes_a_grammar_as_llama_cpp_takes_it(capsys, tmp_path):
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
+def test_chat_holds_each_reply_to_the_grammar():
+    """`stepstream chat --grammar` (llama-cli's, in conversation): each reply follows the grammar
+    after its reasoning, and the conversation goes on."""
+    import argparse
+    import io
+
+    from runtime.cli import chat as chat_cli
+
+    p = argparse.ArgumentParser()
+    chat_cli.add_arguments(p)
+    args = p.parse_args(["-m", str(SHIPPED), "-t", "1", "-n", "200", "--reasoning-budget", "8", "--grammar", YES_NO])
+    out = io.StringIO()
+    assert chat_cli.run(args, stdin=io.StringIO("Is 7 prime?\nAnd 8?\n/exit\n"), stdout=out) == 0
+    replies = [line for line in out.getvalue().split("\n") if line.strip()]
+    assert len(replies) == 2 and all(r.endswith(("yes.", "no.")) for r in replies), out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def served(shipped):
     pytest.importorskip("fastapi")

@@ -17,7 +17,7 @@ import threading
 from runtime.base.errors import StepstreamError, Terminated
 from runtime.cli.common import (add_model_args, add_mtp_arg, add_reasoning_args, add_sampling_args, load_model,
                                 max_tokens, print_stats, sampling_kwargs)
-from runtime.cli.text_args import check_text_args
+from runtime.cli.text_args import add_grammar_args, check_text_args, gbnf_grammar
 from runtime.cli.prompt_progress import PromptProgress
 from runtime.generation.conversation import Conversation, Notice
 from runtime.generation.loop import sampling_params
@@ -32,6 +32,7 @@ def add_arguments(p) -> None:
     add_sampling_args(p)
     add_mtp_arg(p)
     add_reasoning_args(p)
+    add_grammar_args(p.add_mutually_exclusive_group())  # each reply follows it (after its reasoning)
 
 
 def run(args, stdin=None, stdout=None) -> int:
@@ -43,6 +44,7 @@ def run(args, stdin=None, stdout=None) -> int:
         raise StepstreamError("--reasoning-budget-message goes with --reasoning-budget N: without a budget nothing "
                               "writes it")
     _has_a_chat_template(args.model)
+    grammar = gbnf_grammar(args)  # before the model loads
     model = load_model(args)
     if args.system_prompt:  # checked once here, not reported again on every message
         n = len(model.chat_tokens([{"role": "system", "content": args.system_prompt}]))
@@ -52,7 +54,7 @@ def run(args, stdin=None, stdout=None) -> int:
                                   f"raise -c")
     conv = Conversation(model, args.system_prompt, sampling_params(**sampling_kwargs(args)), max_tokens(args),
                         args.reverse_prompt, None if args.reasoning_budget < 0 else args.reasoning_budget,
-                        args.reasoning_budget_message or "", progress=PromptProgress(model))
+                        args.reasoning_budget_message or "", progress=PromptProgress(model), grammar=grammar)
     print(HOW_TO_LEAVE, file=sys.stderr, flush=True)
     interactive = stdin.isatty()
     while True:

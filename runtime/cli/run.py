@@ -7,7 +7,7 @@ import time
 
 from runtime.cli.common import (GenerationTiming, add_model_args, add_mtp_arg, add_sampling_args, context_size,
                                 load_model, max_tokens, print_stats, sampling_kwargs)
-from runtime.cli.text_args import check_text_args, read_text_file
+from runtime.cli.text_args import add_grammar_args, check_text_args, gbnf_grammar, read_text_file
 from runtime.base.errors import StepstreamError
 from runtime.cli.prompt_progress import PromptProgress
 
@@ -24,9 +24,7 @@ def add_arguments(p) -> None:
                     help="constrain the text to a JSON value this JSON Schema accepts ('{}': any JSON), as llama.cpp's -j")
     js.add_argument("-jf", "--json-schema-file", default=None, metavar="FILE",
                     help="the same, the schema read from FILE")
-    js.add_argument("--grammar", default=None, metavar="GBNF",
-                    help="constrain the text to this GBNF grammar (llama.cpp's format; it starts at rule 'root')")
-    js.add_argument("--grammar-file", default=None, metavar="FILE", help="the same, the grammar read from FILE")
+    add_grammar_args(js)
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="keep the KV cache in FILE: a next run whose prompt begins the same evaluates only what "
                         "is new (the file is written at the end, or at Ctrl-C)")
@@ -53,17 +51,6 @@ def json_grammar(args):
         raise StepstreamError(f"{where}: not JSON ({e})") from None
     try:
         return JsonSchemaGrammar(schema)
-    except StepstreamError as e:
-        raise StepstreamError(f"{where}: {e}") from None
-
-
-def gbnf_grammar(args):
-    from runtime.text.gbnf_grammar import GbnfGrammar
-
-    where = "--grammar" if args.grammar is not None else args.grammar_file
-    text = args.grammar if args.grammar is not None else read_text_file(args.grammar_file, "grammar file")
-    try:
-        return GbnfGrammar(text)
     except StepstreamError as e:
         raise StepstreamError(f"{where}: {e}") from None
 

@@ -156,3 +156,24 @@ def write_text_atomically(path: Path, text: str, what: str) -> None:
         raise StepstreamError(f"{path}: cannot write the {what}: {e.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def add_grammar_args(group) -> None:
+    """llama.cpp's --grammar / --grammar-file (on a mutually exclusive group where -j shares it)."""
+    group.add_argument("--grammar", default=None, metavar="GBNF",
+                       help="constrain the text to this GBNF grammar (llama.cpp's format; it starts at rule 'root')")
+    group.add_argument("--grammar-file", default=None, metavar="FILE", help="the same, the grammar read from FILE")
+
+
+def gbnf_grammar(args):
+    """The grammar of --grammar/--grammar-file, compiled before the model loads (None without them)."""
+    from runtime.text.gbnf_grammar import GbnfGrammar
+
+    if args.grammar is None and args.grammar_file is None:
+        return None
+    where = "--grammar" if args.grammar is not None else args.grammar_file
+    text = args.grammar if args.grammar is not None else read_text_file(args.grammar_file, "grammar file")
+    try:
+        return GbnfGrammar(text)
+    except StepstreamError as e:
+        raise StepstreamError(f"{where}: {e}") from None

@@ -42,13 +42,16 @@ class Notice:
 class Conversation:
     def __init__(self, model, system_prompt: str | None, params: SamplingParams, max_tokens: int | None = None,
                  stops: Sequence[str] = (), reasoning_budget: int | None = None, reasoning_message: str = "",
-                 progress=None):
+                 progress=None, grammar=None):
         """reasoning_budget: tokens a reply may reason before its </think> is forced (None: no
         limit; runtime.generation.reasoning_budget), with reasoning_message written before it.
+        grammar: a compiled grammar (runtime.text.gbnf_grammar) each reply follows, after its
+        reasoning when the template opens one.
         progress: a display of the prompt's evaluation (runtime.cli.prompt_progress): `start(n)`
         before each reply's prompt, called between its batches, `close()` at its first token."""
         self.model = model
         self.progress = progress
+        self.grammar = grammar
         self.params = params
         self.reasoning_budget, self.reasoning_message = reasoning_budget, reasoning_message
         self.max_tokens = max_tokens
@@ -91,6 +94,11 @@ class Conversation:
     def _generate(self, prompt: list[int], shown: list[str]) -> Iterator[str | Notice]:
         model, eog = self.model, self.model.tokenizer.eog_ids
         sampler = Sampler(self.params, budget=self._budget(prompt))
+        if self.grammar is not None:
+            from runtime.text.json_constraint import JsonObjectReply, vocabulary
+
+            tail = model.tokenizer.decode_bytes(prompt[-64:], special=True).decode("utf-8", "replace")
+            sampler.constraint = JsonObjectReply(vocabulary(model.tokenizer), starts_in_reasoning(tail), self.grammar)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStrings(self.stops)
         reply: list[int] = []
