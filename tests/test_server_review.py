@@ -190,8 +190,12 @@ def test_penalties_and_logit_bias_are_honoured(client):
 
 @pytest.mark.parametrize("field, value, message", [
     ("logit_bias", {"999999": 1}, "'logit_bias' names token 999999, outside the vocabulary (0..2047)"),
-    ("logit_bias", {"5": 101}, "'logit_bias' value for token 5 must be a number from -100 to 100, got 101"),
-    ("logit_bias", {"five": 1}, "'logit_bias' key \"five\" is not a token id (a decimal string)"),
+    ("logit_bias", {"5": 101}, "'logit_bias' value for token 5 must be a number from -100 to 100, or false to ban "
+                               "it, got 101"),
+    # (a key that is no id is a text whose tokens are biased, as llama-server reads it: test_server_llama_bias.py)
+    ("logit_bias", {"": 1}, "'logit_bias' names an empty text"),
+    ("logit_bias", {"5": True}, "'logit_bias' value for token 5 must be a number from -100 to 100, or false to ban "
+                                "it, got true"),
     ("presence_penalty", 2.5, "'presence_penalty' must be in [-2, 2], got 2.5"),
 ])
 def test_bad_penalties_and_biases_are_a_400(client, field, value, message):

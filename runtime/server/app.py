@@ -26,7 +26,7 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -39,7 +39,7 @@ from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.llama_routes import add_llama_routes
 from runtime.server.native_completion import add_native_completion
-from runtime.server.requests import ApiError, chat_body, check_model, completion_body, parse_json
+from runtime.server.requests import BANNED, ApiError, chat_body, check_model, completion_body, parse_json
 from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
 from runtime.server.slots import add_slot_routes
@@ -159,6 +159,14 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             raise ApiError(400, f"the prompt is {len(ids)} tokens, more than the context of {model.n_ctx} "
                                 "(start the server with a larger --ctx-size, or shorten the prompt)",
                            param=field, code="context_length_exceeded", detail={"tokens": len(ids), "limit": model.n_ctx})
+        params = common.params
+        if common.bias_texts:  # llama-server's: each token of the text biased (added up, as llama.cpp adds them)
+            merged = dict(params.logit_bias)
+            for text, value in common.bias_texts:
+                for t in dict.fromkeys(model.tokenize(text, add_bos=False, special=False)):
+                    merged[t] = max(BANNED, merged.get(t, 0.0) + value)
+            params = replace(params, logit_bias=tuple(sorted(merged.items())))
+            common = replace(common, params=params)
         far = [t for t, _ in common.params.logit_bias if t >= model.cfg.vocab]
         if far:
             raise ApiError(400, f"'logit_bias' names token {far[0]}, outside the vocabulary (0..{model.cfg.vocab - 1})",

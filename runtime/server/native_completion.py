@@ -81,8 +81,10 @@ def _probability(lp: TokenLogprob) -> dict:
 class NativeReply:
     """The events and the whole answer of one /completion request."""
 
-    def __init__(self, model_name: str, prompt_text: str, ids: list[int], body: NativeBody):
+    def __init__(self, model_name: str, prompt_text: str, ids: list[int], body: NativeBody, params=None):
+        """params: the request's sampling (its logit_bias with the texts' tokens), else the body's."""
         self.model_name, self.prompt_text, self.ids, self.body = model_name, prompt_text, ids, body
+        self.params = params if params is not None else body.common.params
         self.content: list[str] = []
         self.tokens: list[int] = []
         self.probs: list[dict] = []
@@ -115,7 +117,7 @@ class NativeReply:
         kind = "eos" if eog else "word" if last is not None and last.stop_sequence else \
             "limit" if last is not None and last.finish_reason == "length" else "none"
         text = "".join(self.content)
-        p = self.body.common.params
+        p = self.params
         out = {"index": 0, "content": "" if streamed else text,
                "tokens": [] if streamed or not self.body.return_tokens else self.tokens,
                "id_slot": 0, "stop": True, "model": self.model_name,
@@ -127,7 +129,8 @@ class NativeReply:
                    "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
                    "seed": -1 if p.seed is None else p.seed, "stop": list(self.body.common.stop),
                    "n_probs": self.body.n_probs, "ignore_eos": self.body.common.ignore_eos, "stream": streamed,
-                   "grammar": getattr(self.body.common.grammar, "text", "")},  # (GBNF only, as llama-server)
+                   "grammar": getattr(self.body.common.grammar, "text", ""),  # (GBNF only, as llama-server)
+                   "logit_bias": [{"bias": b, "token": t} for t, b in p.logit_bias]},
                "prompt": self.prompt_text, "has_new_line": "\n" in text, "truncated": False,
                "stop_type": kind, "stopping_word": (last.stop_sequence or "") if last is not None else "",
                "tokens_cached": len(self.ids) + max(0, self.n + eog - 1), "timings": timings.as_dict()}
@@ -147,7 +150,7 @@ def add_native_completion(app, *, model, model_name: str, body_of, prompt_ids, m
         want = b.n_probs if b.n_probs else 0 if b.return_tokens or b.common.stream else None
         req = model_request(ids, b.common, want, "prompt")
         text = b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")
-        reply = NativeReply(model_name, text, ids, b)
+        reply = NativeReply(model_name, text, ids, b, req.params)
         if b.common.stream:
             def event(step) -> str:
                 e = reply.take(step)

@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from runtime.base.errors import StepstreamError
 from runtime.generation.reasoning_budget import EFFORT_BUDGETS, OPENAI_EFFORTS, effort_budget
 from runtime.generation.sampling import SamplingParams
@@ -55,6 +57,7 @@ class Common:
     grammar: object = None  # response_format {"type": "json_schema"}, `json_schema` or `grammar`: compiled
     # reasoning tokens before </think> is forced: -1 no limit, None the server's --reasoning-budget
     reasoning_budget: int | None = None
+    bias_texts: tuple = ()  # llama-server's logit_bias texts: (text, bias), for each of the text's tokens
 
     @property
     def structured(self) -> bool:
@@ -178,39 +181,55 @@ def response_format(fmt: dict | None) -> tuple[bool, object]:
     return kind == "json_object", None
 
 
-def _logit_bias(body: dict) -> tuple:
-    """OpenAI's `logit_bias` ({"token id": bias}, biases -100..100), or llama-server's list of
-    [token id, bias] pairs, as SamplingParams' pairs (the ids are checked against the
-    vocabulary where the model is known: app.model_request)."""
+BANNED = -float(np.finfo(np.float32).max)  # llama-server's `false` bias (-inf there): the token is never drawn
+
+
+def _logit_bias(body: dict) -> tuple[tuple, tuple]:
+    """OpenAI's `logit_bias` ({"token id": bias}, biases -100..100), or llama-server's forms: a
+    list of [token id or text, bias] pairs, text keys, and `false` for a bias (the token banned).
+    Returns SamplingParams' (id, bias) pairs and the (text, bias) pairs whose tokens the model
+    gives (app.model_request, where the ids are also checked against the vocabulary)."""
     bias = body.get("logit_bias")
     if bias is None:
-        return ()
-    if isinstance(bias, list):  # llama-server's [[id, bias], ...]
-        if not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], int) and not isinstance(x[0], bool)
+        return (), ()
+    if isinstance(bias, list):  # llama-server's [[id or text, bias], ...]
+        if not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], (int, str)) and not isinstance(x[0], bool)
                    for x in bias):
-            raise ApiError(400, "'logit_bias' as a list must hold [token id, bias] pairs", param="logit_bias",
+            raise ApiError(400, "'logit_bias' as a list must hold [token id or text, bias] pairs", param="logit_bias",
                            code="invalid_value")
-        items = [(str(k), v) for k, v in bias]
+        items = [(str(k) if isinstance(k, int) else k, v, k if isinstance(k, str) else None) for k, v in bias]
+        bound = None  # (llama-server's list takes any bias)
     elif isinstance(bias, dict):
-        items = list(bias.items())
+        items = [(k, v, None if k.isascii() and k.isdecimal() else k) for k, v in bias.items()]
+        bound = 100
     else:
         raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", param="logit_bias",
                        code="invalid_type")
     if len(items) > 1024:  # OpenAI's limit: 300; each costs a step's work
         raise ApiError(400, f"'logit_bias' holds {len(items)} tokens, more than 1024", param="logit_bias",
                        code="invalid_value")
-    pairs = {}
-    for key, value in items:
-        if not (isinstance(key, str) and key.isascii() and key.isdecimal()):
+    pairs, texts = {}, []
+    for key, value, text in items:
+        if value is False:
+            value = BANNED
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                bound is not None and text is None and not -bound <= value <= bound):
+            limits = "a number from -100 to 100" if bound is not None and text is None else "a finite number"
+            raise ApiError(400, f"'logit_bias' value for {'token ' + key if text is None else json.dumps(text)[:40]} "
+                                f"must be {limits}, or false to ban it, got {json.dumps(value)[:40]}",
+                           param="logit_bias", code="invalid_value")
+        if text is not None:  # llama-server's: the text's tokens, each biased
+            if not text:
+                raise ApiError(400, "'logit_bias' names an empty text", param="logit_bias", code="invalid_value")
+            texts.append((text, float(value)))
+            continue
+        if not (key.isascii() and key.isdecimal()):
             raise ApiError(400, f"'logit_bias' key {json.dumps(key)[:40]} is not a token id (a decimal string)",
                            param="logit_bias", code="invalid_value")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-            raise ApiError(400, f"'logit_bias' value for token {key} must be a number from -100 to 100, got "
-                                f"{json.dumps(value)[:40]}", param="logit_bias", code="invalid_value")
         if int(key) in pairs:  # ("5" and "05"): one bias a token
             raise ApiError(400, f"'logit_bias' names token {int(key)} twice", param="logit_bias", code="invalid_value")
         pairs[int(key)] = float(value)
-    return tuple(sorted(pairs.items()))
+    return tuple(sorted(pairs.items())), tuple(texts)
 
 
 def llama_json_schema(body: dict):
@@ -263,7 +282,7 @@ def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STO
     for name, off in OFF_ONLY.items():  # llama-server's other samplers and constraints: refused unless off
         if body.get(name) not in (None, off):
             raise ApiError(400, f"'{name}' is not supported (only {json.dumps(off)})", param=name, code="unsupported")
-    bias = _logit_bias(body)
+    bias, bias_texts = _logit_bias(body)
     json_object, grammar = response_format(_get(body, "response_format", (dict,)))
     schema = llama_json_schema(body)
     if schema is not None:
@@ -318,7 +337,7 @@ def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STO
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed,
                             logit_bias=bias, **penalties)
     return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
-                  json_object=json_object, grammar=grammar)
+                  json_object=json_object, grammar=grammar, bias_texts=bias_texts)
 
 
 def _is_ids(v) -> bool:
