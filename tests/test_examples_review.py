@@ -249,3 +249,17 @@ def test_structured_output_prints_a_value_its_pydantic_model_accepts(tmp_path):
     bad = tmp_path / "not.gguf"
     bad.write_bytes(b"nope")
     _one_line(_example("structured_output.py", str(bad)), "not.gguf")
+
+
+def test_grammar_output_prints_text_of_its_grammars_shape(tmp_path):
+    """examples/grammar_output.py on the embedded model: the reply is text the verdict grammar
+    accepts (checked by the recognizer: a verdict of the three, then three reasons); a grammar
+    file that cannot be used is one line naming its line and column, exit status 2."""
+    import re
+
+    r = _example("grammar_output.py", "-t", "1")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"Verdict: (positive|negative|mixed)\n(- [A-Za-z0-9][^\n]{0,60}\n){3}", r.stdout), r.stdout
+    bad = tmp_path / "bad.gbnf"
+    bad.write_text('root ::= "a" | \nb\n')
+    _one_line(_example("grammar_output.py", str(MODEL), "x", "--grammar-file", str(bad)), "bad.gbnf", "line 2")
