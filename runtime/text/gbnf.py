@@ -11,11 +11,15 @@ code points) or an int (another rule). Groups and repetitions become rules of th
 llama.cpp rewrites them: `x*` is `R ::= x R | ()`, `x{2,4}` is `x x R2` with `R2 ::= x R1 | ()`
 and `R1 ::= x | ()`. A rule ends at the end of its line; inside parentheses lines go on.
 
-Where llama.cpp reads a grammar the same way, so do we; where it would quietly do something
-else, the grammar is refused in one line naming the place (`GrammarError`): a rule defined
-twice (llama.cpp keeps the last), a count over MAX_REPEAT (llama.cpp makes an upper bound
-unbounded), token elements `<...>` (their ids depend on the model; not supported here), and
-left recursion (`expr ::= expr "+" term`), which llama.cpp refuses too.
+Where llama.cpp reads a grammar, so do we, its corners included: `[]` and `[^]` add no
+element (they match the empty text, and nothing may repeat them), a `\\U` escape past U+10FFFF
+matches no character, and a repetition whose body may match nothing (`("a"?)*`) is followed.
+Where it would quietly do something else, the grammar is refused in one line naming the place
+(`GrammarError`): a rule defined twice (llama.cpp keeps the last), a count over MAX_REPEAT
+(llama.cpp makes an upper bound unbounded), a NUL (llama.cpp stops reading there), token
+elements `<...>` (their ids depend on the model; not supported here), and groups nested past
+MAX_NESTING (llama.cpp takes them). Left recursion that would grow the stack without end
+(`expr ::= expr "+" term`) is refused, as llama.cpp refuses it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from runtime.base.errors import StepstreamError
 
 MAX_REPEAT = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
+MAX_NESTING = 100  # groups within groups (the parser recurses on each)
 MAX_ELEMENTS = 200_000  # a grammar whose repetitions expand past this is refused (nested counts multiply)
 MAX_CODE_POINT = 0x10FFFF
 _ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]": "]", "-": "-"}
@@ -81,6 +86,7 @@ class _Parser:
         self.used_at: dict[int, int] = {}  # rule id -> the offset of its first use
         self.parent: dict[int, int] = {}  # a group's or repetition's rule -> the rule it was written in
         self.size = 0
+        self.depth = 0  # groups open
 
     # ---------------------------------------------------------------- errors and positions
 
@@ -190,15 +196,20 @@ class _Parser:
                 self.pos += 1
                 items.append(tuple(chars))
             elif c == "[":
-                items.append((self.char_class(),))
+                chars = self.char_class()
+                items.append((chars,) if chars.ranges else ())  # [] and [^] match nothing: no element, as llama.cpp
             elif c == ".":
                 self.pos += 1
                 items.append((ANY,))
             elif c == "(":
+                self.depth += 1
+                if self.depth > MAX_NESTING:
+                    self.fail(f"groups nest more than {MAX_NESTING} deep")
                 self.pos += 1
                 self.skip(True)
                 group = self.new_rule(rid, None)
                 self.rules[group] = self.alternatives(group, nested=True)
+                self.depth -= 1
                 if self.peek() != ")":
                     self.fail("a group is not closed (expecting ')')", start)
                 self.pos += 1
@@ -212,7 +223,7 @@ class _Parser:
             elif c in "*+?{":
                 if not items or not items[-1]:
                     self.fail(f"{c!r} has nothing before it to repeat")
-                lo, hi = self.counts()
+                lo, hi = self.counts(nested)
                 items[-1] = self.repeat(rid, items[-1], lo, hi)
             else:
                 break
@@ -226,20 +237,20 @@ class _Parser:
     def _too_big(self):
         self.fail(f"the grammar expands to more than {MAX_ELEMENTS:,} elements (nested repetitions multiply)")
 
-    def counts(self) -> tuple[int, int | None]:
+    def counts(self, nested: bool) -> tuple[int, int | None]:
         c = self.text[self.pos]
         self.pos += 1
         if c != "{":
             return {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-        self.skip(False)
+        self.skip(nested)
         lo = self.integer()
         hi = lo
-        self.skip(False)
+        self.skip(nested)
         if self.peek() == ",":
             self.pos += 1
-            self.skip(False)
+            self.skip(nested)
             hi = self.integer() if self.peek().isdigit() else None
-            self.skip(False)
+            self.skip(nested)
         if self.peek() != "}":
             self.fail("expecting '}' to close the repetition count")
         self.pos += 1
@@ -288,11 +299,8 @@ class _Parser:
             digits = self.text[self.pos + 2:self.pos + 2 + n]
             if len(digits) != n or any(d not in "0123456789abcdefABCDEF" for d in digits):
                 self.fail(f"\\{e} takes {n} hex digits")
-            cp = int(digits, 16)
-            if cp > MAX_CODE_POINT:
-                self.fail(f"\\{e}{digits} is beyond the last code point U+10FFFF")
             self.pos += 2 + n
-            return cp
+            return int(digits, 16)  # (past U+10FFFF it matches no character, as in llama.cpp)
         self.fail(f"unknown escape \\{e}" if e else "the grammar ends inside an escape")
 
     def char_class(self) -> Chars:
@@ -327,60 +335,95 @@ def _nullable(grammar: Grammar) -> list[bool]:
     return null
 
 
+def _components(edges: list[list[int]]) -> list[int]:
+    """Each node's strongly connected component (Kosaraju's, without recursion)."""
+    n, order, seen = len(edges), [], [False] * len(edges)
+    for top in range(n):
+        if seen[top]:
+            continue
+        seen[top] = True
+        todo = [(top, iter(edges[top]))]
+        while todo:
+            node, it = todo[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                order.append(node)
+                todo.pop()
+            elif not seen[nxt]:
+                seen[nxt] = True
+                todo.append((nxt, iter(edges[nxt])))
+    back = [[] for _ in range(n)]
+    for u, vs in enumerate(edges):
+        for v in vs:
+            back[v].append(u)
+    comp = [-1] * n
+    for top in reversed(order):
+        if comp[top] >= 0:
+            continue
+        comp[top], todo = top, [top]
+        while todo:
+            for v in back[todo.pop()]:
+                if comp[v] < 0:
+                    comp[v] = top
+                    todo.append(v)
+    return comp
+
+
 def _refuse_left_recursion(grammar: Grammar, parent: dict[int, int]) -> None:
-    """A rule that can begin with itself (through rules that may match nothing first) would
-    expand forever: refused, as llama.cpp refuses it, naming the rule as written."""
+    """A rule that can begin with itself (through rules that may match nothing first) where the
+    way back leaves something to match after it (`expr ::= expr "+" term`) would grow its stack
+    without end: refused, as llama.cpp refuses it, naming the rules as written. A way back that
+    ends its alternatives (`R ::= G R | ()` with G empty: `("a"?)*`) leaves nothing behind, and
+    the recognizer follows it as llama.cpp does."""
     null = _nullable(grammar)
-    first = []  # rule -> the rules that can begin it
-    for alts in grammar.rules:
+    first: list[list[int]] = []  # rule -> the rules that can begin it
+    growing = []  # (rule, a rule that can begin it with something left after it)
+    for rid, alts in enumerate(grammar.rules):
         refs = set()
         for alt in alts:
-            for e in alt:
+            for k, e in enumerate(alt):
                 if type(e) is not int:
                     break
                 refs.add(e)
+                if k < len(alt) - 1:
+                    growing.append((rid, e))
                 if not null[e]:
                     break
         first.append(sorted(refs))
-    state = [0] * len(grammar.rules)  # 0 unseen, 1 on the path, 2 done
-    for top in range(len(grammar.rules)):
-        if state[top]:
+    comp = _components(first)
+    for u, v in growing:
+        if comp[u] != comp[v]:
             continue
-        path, todo = [], [(top, iter(first[top]))]
-        state[top] = 1
-        path.append(top)
-        while todo:
-            rid, refs = todo[-1]
-            nxt = next(refs, None)
-            if nxt is None:
-                state[rid] = 2
-                todo.pop()
-                path.pop()
-            elif state[nxt] == 1:
-                cycle = path[path.index(nxt):] + [nxt]
-                written = []  # the cycle by the names written in the grammar
-                for r in cycle[:-1]:
-                    while r in parent:
-                        r = parent[r]
-                    if not written or written[-1] != grammar.names[r]:
-                        written.append(grammar.names[r])
-                if len(written) > 1 and written[-1] == written[0]:
-                    written.pop()
-                how = " -> ".join(written + written[:1])
-                if any(r in parent for r in cycle):  # x* whose x may match nothing: R ::= x R, x empty
-                    raise GrammarError(f"left recursion: a rule can begin with itself ({how}, through a "
-                                       f"repeated part that may match nothing): make what repeats match at "
-                                       f"least one character")
-                raise GrammarError(f"left recursion: a rule can begin with itself ({how}); "
-                                   f"rewrite it with a repetition, e.g. expr ::= term (\"+\" term)*")
-            elif state[nxt] == 0:
-                state[nxt] = 1
-                path.append(nxt)
-                todo.append((nxt, iter(first[nxt])))
+        way = {v: None}  # the way back from v to u, for the message
+        todo = [v]
+        while u not in way:
+            node = todo.pop(0)
+            for w in first[node]:
+                if w not in way and comp[w] == comp[u]:
+                    way[w] = node
+                    todo.append(w)
+        cycle, node = [], u
+        while node is not None:
+            cycle.append(node)
+            node = way[node]
+        cycle = [u] + cycle[::-1]  # u -> v -> ... -> u
+        written = []  # the cycle by the names written in the grammar
+        for r in cycle[:-1]:
+            while r in parent:
+                r = parent[r]
+            if not written or written[-1] != grammar.names[r]:
+                written.append(grammar.names[r])
+        if len(written) > 1 and written[-1] == written[0]:
+            written.pop()
+        raise GrammarError(f"left recursion: a rule can begin with itself ({' -> '.join(written + written[:1])}); "
+                           f"rewrite it with a repetition, e.g. expr ::= term (\"+\" term)*")
 
 
 def parse(text: str) -> Grammar:
     """The grammar GBNF `text` describes (GrammarError, with its line and column, if it cannot be used)."""
     if not isinstance(text, str):
         raise GrammarError(f"a grammar is GBNF text, got {type(text).__name__}")
-    return _Parser(text).parse()
+    parser = _Parser(text)
+    if "\x00" in text:  # llama.cpp reads a C string: it would stop there, silently
+        parser.fail("the grammar holds a NUL character", text.index("\x00"))
+    return parser.parse()

@@ -22,7 +22,7 @@ from __future__ import annotations
 from runtime.text import json_constraint as J
 from runtime.text.gbnf import Grammar, GrammarError, parse
 
-MAX_STACKS = 1024  # stacks followed at once; an ambiguous grammar past it is refused at that byte
+MAX_STACKS = 1024  # stacks followed at once: a byte an ambiguous grammar would need more for is not taken
 _STEP_CACHE = 1 << 18  # (state, byte) -> next state entries kept
 
 
@@ -114,9 +114,8 @@ class GbnfGrammar:
                 out.update(dict.fromkeys(self._expand(st[:-1] + ((pos,) if elems[pos] is not None else ()))))
         if not out:
             return None
-        if len(out) > MAX_STACKS:
-            raise GrammarError(f"the grammar is too ambiguous: more than {MAX_STACKS} ways to read the text "
-                               f"so far (merge the alternatives that begin alike)")
+        if len(out) > MAX_STACKS:  # a byte that would need more readings is not taken (a mask tries
+            return None            # every token's bytes: one of many blanks must not fail the request)
         return ("text", frozenset(out), None)
 
     def _may_take(self, stacks: frozenset, lo: int, hi: int) -> bool:
@@ -170,6 +169,22 @@ class LlamaGrammar:
     @classmethod
     def from_string(cls, grammar: str, verbose: bool = True) -> "LlamaGrammar":
         return cls(_grammar=grammar)
+
+    @classmethod
+    def from_json_schema(cls, json_schema: str, verbose: bool = True) -> "LlamaGrammar":
+        """A JSON Schema (as JSON text, as llama-cpp-python takes it): the reply is a value it accepts,
+        by the structured-output recognizer (runtime.text.json_schema), not a GBNF translation."""
+        import json
+
+        from runtime.text.json_schema import JsonSchemaGrammar
+
+        try:
+            schema = json.loads(json_schema)
+        except (TypeError, ValueError) as e:
+            raise GrammarError(f"the JSON Schema is not JSON text ({e})") from None
+        out = cls.__new__(cls)
+        out._grammar, out.grammar = json_schema, JsonSchemaGrammar(schema)
+        return out
 
     @classmethod
     def from_file(cls, file, verbose: bool = True) -> "LlamaGrammar":
