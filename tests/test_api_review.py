@@ -106,8 +106,9 @@ def test_completions_take_mtp_and_name_unknown_options():
     # a llama-cpp-python keyword with a value that would change the output is named (it is taken
     # where it changes nothing: tests/test_hardening_api.py); log-probabilities are computed, chat
     # ones too (test_chat_logprobs_in_the_python_api)
-    with pytest.raises(StepstreamError, match="typical_p=0.5 is not supported by the Python API"):
-        m.create_chat_completion(msgs, max_tokens=2, typical_p=0.5)
+    # (typical_p is honoured since: tests/test_sampling_llama_samplers.py)
+    with pytest.raises(StepstreamError, match="tfs_z=0.5 is not supported by the Python API"):
+        m.create_chat_completion(msgs, max_tokens=2, tfs_z=0.5)
     with pytest.raises(StepstreamError, match="unknown option.s. nonsense"):
         m.create_completion("def f():", max_tokens=2, nonsense=2)
 

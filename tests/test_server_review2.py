@@ -202,7 +202,8 @@ def test_top_k_min_p_and_repeat_penalty_are_honoured_as_the_library_samples(plai
                            ({"min_p": 1.5}, "'min_p' must be in [0, 1], got 1.5"),
                            ({"repeat_penalty": 0}, "'repeat_penalty' must be in [0.01, 100], got 0"),
                            ({"top_k": 2.5}, "'top_k' must be integer, got number 2.5"),
-                           ({"typical_p": 0.5}, "'typical_p' is not supported (only 1.0)"),
+                           ({"dry_multiplier": 0.5}, "'dry_multiplier' is not supported (only 0.0)"),
+                           ({"xtc_probability": 2}, "'xtc_probability' must be in [0, 1], got 2"),
                            ({"mirostat": 2}, "'mirostat' is not supported (only 0)"),
                            ({"grammar": "root ::= \"a\" <t>"},  # (honoured since: tests/test_gbnf_generation.py)
                             "'grammar': line 1, column 14: token elements (<...>, !<...>) are not supported: write "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from runtime.base.errors import StepstreamError
 from runtime.base.system import choose_wait_policy, peak_rss_bytes
 from runtime.cli.arg_types import (budget_arg, budget_message, cache_type, gpu_budget_arg, mtp_choice,
-                                   non_negative_int, penalty, positive_float, positive_int, reasoning_budget,
+                                   non_negative_float, non_negative_int, penalty, positive_float, positive_int, reasoning_budget,
                                    repeat_window, seed, temperature, token_limit, top_k, top_p, unit_interval)
 from runtime.cli.text_args import existing_file
 
@@ -106,6 +106,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="subtract this from the logit of each token seen in those tokens, 0.0 = off (default: 0.0)")
     p.add_argument("--frequency-penalty", type=penalty, default=0.0,
                    help="subtract this times its count there from each token's logit, 0.0 = off (default: 0.0)")
+    p.add_argument("--typical", type=non_negative_float, default=1.0, metavar="P",
+                   help="locally typical sampling, 1.0 = off (default: 1.0)")
+    p.add_argument("--xtc-probability", type=unit_interval, default=0.0, metavar="P",
+                   help="exclude top choices (XTC) with this chance at each token, 0.0 = off (default: 0.0)")
+    p.add_argument("--xtc-threshold", type=unit_interval, default=0.1, metavar="T",
+                   help="XTC removes the tokens at least this likely but the least of them, > 0.5 = off (default: 0.1)")
+    p.add_argument("--top-nsigma", type=penalty, default=-1.0, metavar="N",
+                   help="keep the logits within N standard deviations of the largest, <= 0 = off (default: -1)")
     p.add_argument("-s", "--seed", type=seed, default=None, help="random seed, -1 = random (default: random)")
     p.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="STOP",
                    help="stop generating at this text (may be given several times)")
@@ -336,7 +344,9 @@ def print_stats(args, model, speeds: str | None = None, stats_text: str | None =
 def sampling_kwargs(args) -> dict:
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
-                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                typical_p=args.typical, xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
+                top_n_sigma=args.top_nsigma)
 
 
 def max_tokens(args) -> int | None:

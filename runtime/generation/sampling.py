@@ -2,8 +2,9 @@
 
 Each filter takes logits [V] float32 and returns a copy with the tokens it rules out set
 to -inf. The order is llama.cpp's default chain: logit bias, penalties (repetition,
-frequency, presence), top-k, top-p, min-p, temperature, then a draw (or argmax when
-temperature <= 0).
+frequency, presence), top-n-sigma, top-k, typical, top-p, min-p, XTC, temperature, then a
+draw (or, when temperature <= 0, the most likely token the filters left: top-k, top-p, min-p
+and top-n-sigma always leave it, so the chain runs then only where typical or XTC is on).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple = ()  # ((token id, bias), ...): added to the logits before everything else
+    # llama.cpp's other default samplers (llama-server's fields, llama-cpp-python's typical_p)
+    typical_p: float = 1.0  # locally typical sampling; >= 1: off
+    xtc_probability: float = 0.0  # exclude top choices, at each step with this chance; 0: off
+    xtc_threshold: float = 0.1  # ... the tokens at least this likely but the least of them; > 0.5: off
+    top_n_sigma: float = -1.0  # keep logits within n standard deviations of the largest; <= 0: off
 
     def __post_init__(self):
         # -1 is "off" / "all" on the command line, in llama-server's and in llama-cpp-python's
@@ -43,7 +49,8 @@ class SamplingParams:
             object.__setattr__(self, "seed", None)
         if not isinstance(self.repeat_last_n, bool) and self.repeat_last_n == -1:
             object.__setattr__(self, "repeat_last_n", 2**31 - 1)  # more than any context holds
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
+                     "typical_p", "xtc_probability", "xtc_threshold", "top_n_sigma"):
             if not math.isfinite(getattr(self, name)):
                 raise StepstreamError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
@@ -56,6 +63,9 @@ class SamplingParams:
             raise StepstreamError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise StepstreamError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        for name in ("xtc_probability", "xtc_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise StepstreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         bias = self.logit_bias
         if not isinstance(bias, tuple) or not all(
                 isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], numbers.Integral) and not isinstance(b[0], bool)
@@ -144,6 +154,56 @@ def min_p(logits: np.ndarray, p: float) -> np.ndarray:
         return logits.copy()
     keep = logits >= logits.max() + np.log(p)
     return np.where(keep, logits, NEG_INF)
+
+
+def top_n_sigma(logits: np.ndarray, n: float) -> np.ndarray:
+    """Keep the tokens whose logit is within n standard deviations of the largest, the mean and
+    deviation taken over the tokens still in (llama.cpp's top-n-sigma; n <= 0: off). A token a
+    bias banned (-inf in llama.cpp, float32's lowest here) is not one of them."""
+    live = np.isfinite(logits) & (logits > -_F32_MAX)
+    if n <= 0 or live.sum() <= 1:
+        return logits.copy()
+    v = logits[live].astype(np.float64)
+    spread = math.sqrt(float(np.mean((v - v.mean()) ** 2)))
+    return np.where(logits >= v.max() - n * spread, logits, NEG_INF)
+
+
+def typical(logits: np.ndarray, p: float) -> np.ndarray:
+    """Locally typical sampling (llama.cpp's typical sampler; p >= 1: off): the tokens whose
+    surprise -log p is closest to the distribution's entropy, in that order, until their
+    probabilities sum past p (at least one)."""
+    if p >= 1.0:
+        return logits.copy()
+    live = np.flatnonzero(np.isfinite(logits))
+    probs = softmax(logits[live])
+    with np.errstate(divide="ignore"):
+        surprise = -np.log(probs)
+    entropy = float(np.sum(np.where(probs > 0, probs * surprise, 0.0)))
+    order = np.argsort(np.abs(surprise - entropy), kind="stable")
+    past = np.flatnonzero(np.cumsum(probs[order]) > p)
+    n = int(past[0]) + 1 if past.size else order.size
+    out = np.full_like(logits, NEG_INF)
+    keep = live[order[:n]]
+    out[keep] = logits[keep]
+    return out
+
+
+def xtc(logits: np.ndarray, probability: float, threshold: float, rng: np.random.Generator) -> np.ndarray:
+    """Exclude top choices (llama.cpp's XTC): with chance `probability`, the tokens at least
+    `threshold` likely are removed but the least likely of them, so the reply leaves its most
+    predictable paths (probability 0 or threshold over 0.5: off; draws from rng only when on)."""
+    live = np.flatnonzero(np.isfinite(logits))
+    if probability <= 0 or threshold > 0.5 or live.size < 2:
+        return logits.copy()
+    if rng.random() > probability:
+        return logits.copy()
+    order = live[np.argsort(-logits[live], kind="stable")]
+    probs = softmax(logits[order])
+    above = int(np.sum(probs >= threshold))  # (sorted: they lead)
+    out = logits.copy()
+    if above > 1:
+        out[order[:above - 1]] = NEG_INF
+    return out
 
 
 def temperature(logits: np.ndarray, t: float) -> np.ndarray:
@@ -235,9 +295,13 @@ class Sampler:
         return repetition_penalty(z, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
 
     def _pick(self, z: np.ndarray) -> int:
-        """The chain after the penalty: argmax, or top-k, top-p, min-p, temperature and a draw."""
+        """The chain after the penalty: top-n-sigma, top-k, typical, top-p, min-p, XTC, then
+        temperature and a draw, or the argmax (where only typical and XTC can change it)."""
         p = self.params
+        if p.temperature <= 0 and p.typical_p >= 1.0 and p.xtc_probability <= 0:
+            return greedy(z)  # (the other filters always leave the most likely token)
+        z = typical(top_k(top_n_sigma(z, p.top_n_sigma), p.top_k), p.typical_p)
+        z = xtc(min_p(top_p(z, p.top_p), p.min_p), p.xtc_probability, p.xtc_threshold, self.rng)
         if p.temperature <= 0:
             return greedy(z)
-        z = min_p(top_p(top_k(z, p.top_k), p.top_p), p.min_p)
         return draw(temperature(z, p.temperature), self.rng)

@@ -64,7 +64,8 @@ class LlamaApi:
         the load option `mtp`, 0 by default); the tokens are the same either way.
         Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
         repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias
-        ({token id: bias}), seed; grammar (GBNF text or a LlamaGrammar: the tokens follow it).
+        ({token id: bias}), typical_p, xtc_probability, xtc_threshold, top_n_sigma (llama.cpp's
+        samplers), seed; grammar (GBNF text or a LlamaGrammar: the tokens follow it).
         """
         grammar = _grammar(sampling.pop("grammar", None))
         sampler = Sampler(self._sampling(sampling))
@@ -263,7 +264,7 @@ class TokenView(Sequence):
 # nothing: code that passes its full argument list works; a value that would change the
 # output is refused by name rather than ignored.
 _OFF = {"logprobs": None, "suffix": None,
-        "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0,
+        "tfs_z": 1.0, "mirostat_mode": 0,
         "logits_processor": None, "stopping_criteria": None, "top_logprobs": None, "functions": None,
         "function_call": None, "response_format": None}
 _ANY = ("model", "mirostat_tau", "mirostat_eta", "user")  # a name, or settings of a sampler that is off

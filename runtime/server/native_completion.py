@@ -127,6 +127,8 @@ class NativeReply:
                    "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
                    "repeat_penalty": p.repeat_penalty, "repeat_last_n": p.repeat_last_n,
                    "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
+                   "typical_p": p.typical_p, "xtc_probability": p.xtc_probability, "xtc_threshold": p.xtc_threshold,
+                   "top_n_sigma": p.top_n_sigma,
                    "seed": -1 if p.seed is None else p.seed, "stop": list(self.body.common.stop),
                    "n_probs": self.body.n_probs, "ignore_eos": self.body.common.ignore_eos, "stream": streamed,
                    "grammar": getattr(self.body.common.grammar, "text", ""),  # (GBNF only, as llama-server)

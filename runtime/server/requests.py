@@ -24,8 +24,7 @@ from runtime.text.tool_calls import ToolSpecError, check_tools
 
 MAX_STOPS = 4  # as OpenAI
 # llama-server request fields stepstream does not implement, with the value that turns each off
-OFF_ONLY = {"typical_p": 1.0, "mirostat": 0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
-            "top_n_sigma": -1.0}
+OFF_ONLY = {"mirostat": 0, "dynatemp_range": 0.0, "dry_multiplier": 0.0}
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
@@ -333,9 +332,18 @@ def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STO
     repeat_last_n = 2**31 - 1 if repeat_last_n == -1 else repeat_last_n  # llama-server's -1: the whole context
     if _get(body, "min_tokens", (int,), 0):  # vLLM's: refused, not ignored
         raise ApiError(400, "'min_tokens' is not supported (only 0)", param="min_tokens", code="unsupported")
+    # llama-server's other default samplers, off unless set (its defaults)
+    typical_p = _get(body, "typical_p", (int, float), 1.0)
+    _range("typical_p", typical_p, 0, 1e9)  # (>= 1: off)
+    xtc = {name: _get(body, name, (int, float), off) for name, off in (("xtc_probability", 0.0), ("xtc_threshold", 0.1))}
+    for name, value in xtc.items():
+        _range(name, value, 0, 1)
+    top_n_sigma = _get(body, "top_n_sigma", (int, float), -1.0)
+    _range("top_n_sigma", top_n_sigma, -1e9, 1e9)  # (<= 0: off)
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed,
-                            logit_bias=bias, **penalties)
+                            logit_bias=bias, typical_p=float(typical_p), top_n_sigma=float(top_n_sigma),
+                            **{k: float(v) for k, v in xtc.items()}, **penalties)
     return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
                   json_object=json_object, grammar=grammar, bias_texts=bias_texts)
 
