@@ -226,7 +226,7 @@ def test_llama_cpp_python_calls_work_unchanged():
     a = m.create_chat_completion(msgs, max_tokens=12, seed=5)["choices"][0]["message"]["content"]
     assert a == m.create_chat_completion(msgs, max_tokens=12, seed=5, temperature=0.2)["choices"][0]["message"]["content"]
     # (presence_penalty, frequency_penalty and logit_bias are honoured: tests/test_sampling_penalties.py)
-    for name, value in (("suffix", "x"), ("tfs_z", 0.5), ("mirostat_mode", 2)):  # (typical_p: honoured now)
+    for name, value in (("suffix", "x"), ("tfs_z", 0.5)):  # (typical_p and mirostat_mode: honoured now)
         with pytest.raises(StepstreamError, match=f"{name}=.* is not supported by the Python API"):
             m.create_completion("def f(x):", max_tokens=2, **{name: value})
     with pytest.raises(StepstreamError, match="response_format=.*xml.* is not supported"):

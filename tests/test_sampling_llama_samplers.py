@@ -1,8 +1,9 @@
-"""llama.cpp's other default samplers (runtime/generation/sampling.py): top-n-sigma, typical and
+"""llama.cpp's other samplers (runtime/generation/sampling.py): top-n-sigma, typical and
 XTC keep the tokens llama.cpp's own samplers keep (through llama-cpp-python's C API, on the same
 logits), alone and in llama.cpp's default order; each greedy token under them is the one
 llama.cpp's chain chooses from the same logits; the server, the CLI and the Python API take them
-by llama.cpp's names."""
+by llama.cpp's names. Mirostat 1 and 2 draw from the tokens llama.cpp's mirostat draws from, step
+after step as its target surprise moves."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import runtime
 from runtime.base.errors import StepstreamError
 from runtime.generation import sampling_params
 from runtime.generation.loop import generate
-from runtime.generation.sampling import (Sampler, SamplingParams, min_p, top_k, top_n_sigma, top_p, typical,
-                                         xtc)
+from runtime.generation.sampling import (Sampler, SamplingParams, min_p, mirostat_candidates, mirostat_update,
+                                         top_k, top_n_sigma, top_p, typical, xtc)
 
 lc = pytest.importorskip("llama_cpp")
 
@@ -160,3 +161,49 @@ def test_the_cli_and_the_server_take_them(capsys):
     finally:
         engine.close()
         model.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_mirostat_draws_from_llama_cpps_candidates_as_mu_moves(version):
+    """llama.cpp's mirostat sampler, kept across 25 steps of random logits, truncates and draws;
+    ours, told each of its draws, keeps the same tokens at each step: the truncation and the
+    update of the target surprise mu are llama.cpp's."""
+    tau, eta = 3.0, 0.3
+    n = 300
+    theirs = (lc.llama_sampler_init_mirostat(n, 7, tau, eta, 100) if version == 1
+              else lc.llama_sampler_init_mirostat_v2(7, tau, eta))
+    mu = 2 * tau
+    sizes = set()
+    try:
+        for step in range(25):
+            z = _logits(200 + step, n)
+            data = (lc.llama_token_data * n)(*[lc.llama_token_data(i, float(z[i]), 0.0) for i in range(n)])
+            arr = lc.llama_token_data_array(data, n, -1, False)
+            lc.llama_sampler_apply(theirs, ctypes.byref(arr))
+            kept = {data[i].id for i in range(arr.size)}
+            drawn = data[arr.selected].id
+            keep, probs = mirostat_candidates(z, mu, version)
+            assert set(keep.tolist()) == kept, step
+            assert drawn in kept
+            mu = mirostat_update(mu, float(probs[list(keep).index(drawn)]), tau, eta)
+            sizes.add(len(kept))
+    finally:
+        lc.llama_sampler_free(theirs)
+    assert len(sizes) > 3  # (mu moved the cut)
+
+
+def test_mirostat_is_taken_by_llama_cpps_names_and_draws_reproducibly():
+    from runtime.cli.demo import model_path
+
+    with runtime.load(model_path(), n_ctx=256, n_threads=1) as m:
+        a = m.create_completion("import os\n", max_tokens=24, temperature=0.8, seed=3, mirostat_mode=2,
+                                mirostat_tau=3.0)["choices"][0]["text"]
+        b = m.create_completion("import os\n", max_tokens=24, temperature=0.8, seed=3, mirostat=2,
+                                mirostat_tau=3.0)["choices"][0]["text"]
+        c = m.create_completion("import os\n", max_tokens=24, temperature=0.8, seed=3)["choices"][0]["text"]
+        assert a == b != c
+        for mtp in (3, "auto"):  # the heads draft; a verify pass samples as plain decoding does
+            assert m.create_completion("import os\n", max_tokens=24, temperature=0.8, seed=3, mirostat=2,
+                                       mirostat_tau=3.0, mtp=mtp)["choices"][0]["text"] == a
+    with pytest.raises(StepstreamError, match="mirostat must be 0 .off., 1 or 2, got 3"):
+        SamplingParams(mirostat=3)

@@ -204,7 +204,7 @@ def test_top_k_min_p_and_repeat_penalty_are_honoured_as_the_library_samples(plai
                            ({"top_k": 2.5}, "'top_k' must be integer, got number 2.5"),
                            ({"dry_multiplier": 0.5}, "'dry_multiplier' is not supported (only 0.0)"),
                            ({"xtc_probability": 2}, "'xtc_probability' must be in [0, 1], got 2"),
-                           ({"mirostat": 2}, "'mirostat' is not supported (only 0)"),
+                           ({"mirostat": 3}, "'mirostat' must be 0 (off), 1 or 2, got 3"),
                            ({"grammar": "root ::= \"a\" <t>"},  # (honoured since: tests/test_gbnf_generation.py)
                             "'grammar': line 1, column 14: token elements (<...>, !<...>) are not supported: write "
                             "the token's text as a literal")):

@@ -114,6 +114,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="XTC removes the tokens at least this likely but the least of them, > 0.5 = off (default: 0.1)")
     p.add_argument("--top-nsigma", type=penalty, default=-1.0, metavar="N",
                    help="keep the logits within N standard deviations of the largest, <= 0 = off (default: -1)")
+    p.add_argument("--mirostat", type=int, choices=(0, 1, 2), default=0,
+                   help="mirostat sampling (then only the temperature applies besides it), 0 = off (default: 0)")
+    p.add_argument("--mirostat-lr", type=non_negative_float, default=0.1, metavar="ETA",
+                   help="mirostat's learning rate (default: 0.1)")
+    p.add_argument("--mirostat-ent", type=non_negative_float, default=5.0, metavar="TAU",
+                   help="mirostat's target entropy, in bits of surprise per token (default: 5.0)")
     p.add_argument("-s", "--seed", type=seed, default=None, help="random seed, -1 = random (default: random)")
     p.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="STOP",
                    help="stop generating at this text (may be given several times)")
@@ -346,7 +352,8 @@ def sampling_kwargs(args) -> dict:
                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 typical_p=args.typical, xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
-                top_n_sigma=args.top_nsigma)
+                top_n_sigma=args.top_nsigma, mirostat=args.mirostat, mirostat_tau=args.mirostat_ent,
+                mirostat_eta=args.mirostat_lr)
 
 
 def max_tokens(args) -> int | None:

@@ -5,6 +5,7 @@ to -inf. The order is llama.cpp's default chain: logit bias, penalties (repetiti
 frequency, presence), top-n-sigma, top-k, typical, top-p, min-p, XTC, temperature, then a
 draw (or, when temperature <= 0, the most likely token the filters left: top-k, top-p, min-p
 and top-n-sigma always leave it, so the chain runs then only where typical or XTC is on).
+With mirostat on, the chain is llama.cpp's mirostat one: logit bias, temperature, mirostat.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class SamplingParams:
     xtc_probability: float = 0.0  # exclude top choices, at each step with this chance; 0: off
     xtc_threshold: float = 0.1  # ... the tokens at least this likely but the least of them; > 0.5: off
     top_n_sigma: float = -1.0  # keep logits within n standard deviations of the largest; <= 0: off
+    # mirostat 1 or 2 (llama.cpp's): the chain is then logit bias, temperature and mirostat alone,
+    # aiming at `mirostat_tau` bits of surprise per token, learning at `mirostat_eta`; 0: off
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
 
     def __post_init__(self):
         # -1 is "off" / "all" on the command line, in llama-server's and in llama-cpp-python's
@@ -50,7 +56,7 @@ class SamplingParams:
         if not isinstance(self.repeat_last_n, bool) and self.repeat_last_n == -1:
             object.__setattr__(self, "repeat_last_n", 2**31 - 1)  # more than any context holds
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
-                     "typical_p", "xtc_probability", "xtc_threshold", "top_n_sigma"):
+                     "typical_p", "xtc_probability", "xtc_threshold", "top_n_sigma", "mirostat_tau", "mirostat_eta"):
             if not math.isfinite(getattr(self, name)):
                 raise StepstreamError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
@@ -63,6 +69,8 @@ class SamplingParams:
             raise StepstreamError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise StepstreamError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if isinstance(self.mirostat, bool) or self.mirostat not in (0, 1, 2):
+            raise StepstreamError(f"mirostat must be 0 (off), 1 or 2, got {self.mirostat!r}")
         for name in ("xtc_probability", "xtc_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise StepstreamError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -206,6 +214,35 @@ def xtc(logits: np.ndarray, probability: float, threshold: float, rng: np.random
     return out
 
 
+def mirostat_candidates(logits: np.ndarray, mu: float, version: int, m: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens mirostat draws from at target surprise `mu` and their probabilities, most likely
+    first (llama.cpp's samplers). Version 2 keeps the tokens whose surprise -log2 p is at most mu
+    (at least one); version 1 estimates the distribution's Zipf exponent from its m most likely
+    tokens and keeps the top k that exponent and mu give."""
+    live = np.flatnonzero(np.isfinite(logits))
+    order = live[np.argsort(-logits[live], kind="stable")]
+    probs = softmax(logits[order])
+    if version == 2:
+        with np.errstate(divide="ignore"):
+            over = np.flatnonzero(-np.log2(probs) > mu)
+        n = max(int(over[0]), 1) if over.size else order.size
+    else:
+        i = np.arange(min(m - 1, order.size - 1))
+        t = np.log((i + 2) / (i + 1))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            s_hat = float(np.sum(t * np.log(probs[i] / probs[i + 1])) / np.sum(t * t)) if i.size else 1.0
+            eps = s_hat - 1
+            k = ((eps * 2.0 ** mu) / (1 - float(logits.size) ** (-eps))) ** (1 / s_hat)
+        n = min(max(int(k), 1), order.size) if math.isfinite(k) else order.size
+    keep = order[:n]
+    return keep, softmax(logits[keep])
+
+
+def mirostat_update(mu: float, prob: float, tau: float, eta: float) -> float:
+    """mu after drawing a token of probability `prob`: moved by eta toward the target surprise tau."""
+    return mu - eta * (-math.log2(prob) - tau)
+
+
 def temperature(logits: np.ndarray, t: float) -> np.ndarray:
     """Logits divided by t > 0. Where t is so small that the largest logit over t leaves float32's
     range (t below about 1e-38), the limit is taken instead: the most likely tokens share all
@@ -244,6 +281,7 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self.constraint = constraint
         self.budget = budget
+        self.mu = 2.0 * params.mirostat_tau  # mirostat's target surprise, as llama.cpp starts it
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         b = self.budget
@@ -292,13 +330,20 @@ class Sampler:
         p = self.params
         recent = history[-p.repeat_last_n :] if p.repeat_last_n else ()
         z = biased(np.asarray(logits, dtype=np.float32), self._bias)
+        if p.mirostat:  # (llama.cpp's mirostat chain has no penalties)
+            return z
         return repetition_penalty(z, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
 
     def _pick(self, z: np.ndarray) -> int:
         """The chain after the penalty: top-n-sigma, top-k, typical, top-p, min-p, XTC, then
         temperature and a draw, or the argmax (where only typical and XTC can change it)."""
         p = self.params
-        if p.temperature <= 0 and p.typical_p >= 1.0 and p.xtc_probability <= 0:
+        if p.mirostat and p.temperature > 0:
+            keep, probs = mirostat_candidates(temperature(z, p.temperature), self.mu, p.mirostat)
+            i = int(self.rng.choice(keep.size, p=probs))
+            self.mu = mirostat_update(self.mu, float(probs[i]), p.mirostat_tau, p.mirostat_eta)
+            return int(keep[i])
+        if p.temperature <= 0 and (p.mirostat or (p.typical_p >= 1.0 and p.xtc_probability <= 0)):
             return greedy(z)  # (the other filters always leave the most likely token)
         z = typical(top_k(top_n_sigma(z, p.top_n_sigma), p.top_k), p.typical_p)
         z = xtc(min_p(top_p(z, p.top_p), p.min_p), p.xtc_probability, p.xtc_threshold, self.rng)

@@ -64,8 +64,9 @@ class LlamaApi:
         the load option `mtp`, 0 by default); the tokens are the same either way.
         Sampling keywords: temperature (or llama-cpp-python's `temp`), top_k, top_p, min_p,
         repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, logit_bias
-        ({token id: bias}), typical_p, xtc_probability, xtc_threshold, top_n_sigma (llama.cpp's
-        samplers), seed; grammar (GBNF text or a LlamaGrammar: the tokens follow it).
+        ({token id: bias}), typical_p, xtc_probability, xtc_threshold, top_n_sigma, mirostat
+        (or mirostat_mode) with mirostat_tau and mirostat_eta (llama.cpp's samplers), seed;
+        grammar (GBNF text or a LlamaGrammar: the tokens follow it).
         """
         grammar = _grammar(sampling.pop("grammar", None))
         sampler = Sampler(self._sampling(sampling))
@@ -264,10 +265,10 @@ class TokenView(Sequence):
 # nothing: code that passes its full argument list works; a value that would change the
 # output is refused by name rather than ignored.
 _OFF = {"logprobs": None, "suffix": None,
-        "tfs_z": 1.0, "mirostat_mode": 0,
+        "tfs_z": 1.0,
         "logits_processor": None, "stopping_criteria": None, "top_logprobs": None, "functions": None,
         "function_call": None, "response_format": None}
-_ANY = ("model", "mirostat_tau", "mirostat_eta", "user")  # a name, or settings of a sampler that is off
+_ANY = ("model", "user")  # a name
 
 
 class CallableCount(int):
@@ -308,6 +309,10 @@ def _temp(sampling: dict) -> dict:
         if "temperature" in sampling:
             raise UnknownOption("give temperature or temp (llama-cpp-python's name for it), not both")
         sampling["temperature"] = sampling.pop("temp")
+    if "mirostat_mode" in sampling:  # llama-cpp-python's name
+        if "mirostat" in sampling:
+            raise UnknownOption("give mirostat or mirostat_mode (llama-cpp-python's name for it), not both")
+        sampling["mirostat"] = sampling.pop("mirostat_mode")
     t = sampling.get("temperature")
     if isinstance(t, numbers.Real) and not isinstance(t, bool) and t < 0:
         # llama-cpp-python's temp < 0: a draw from the model's whole distribution (softmax and
