@@ -16,8 +16,8 @@ import runtime
 from runtime.base.errors import StepstreamError
 from runtime.generation import sampling_params
 from runtime.generation.loop import generate
-from runtime.generation.sampling import (Sampler, SamplingParams, min_p, mirostat_candidates, mirostat_update,
-                                         top_k, top_n_sigma, top_p, typical, xtc)
+from runtime.generation.sampling import (Sampler, SamplingParams, dynamic_temperature, min_p, mirostat_candidates,
+                                         mirostat_update, temperature, top_k, top_n_sigma, top_p, typical, xtc)
 
 lc = pytest.importorskip("llama_cpp")
 
@@ -207,3 +207,31 @@ def test_mirostat_is_taken_by_llama_cpps_names_and_draws_reproducibly():
                                        mirostat_tau=3.0, mtp=mtp)["choices"][0]["text"] == a
     with pytest.raises(StepstreamError, match="mirostat must be 0 .off., 1 or 2, got 3"):
         SamplingParams(mirostat=3)
+
+
+def test_dynamic_temperature_scales_as_llama_cpps_temp_ext():
+    """llama.cpp's temp-ext sampler with a range: the logits it leaves are ours divided by the
+    dynamic temperature (after top-k, as in its chain), to float32's precision."""
+    for seed in range(8):
+        z = top_k(_logits(300 + seed), 50)
+        for t, spread, exponent in ((0.8, 0.5, 1.0), (1.2, 1.0, 2.0), (0.0, 0.7, 0.5)):
+            n = z.size
+            data = (lc.llama_token_data * n)(*[lc.llama_token_data(i, float(z[i]), 0.0) for i in range(n)])
+            arr = lc.llama_token_data_array(data, n, -1, False)
+            top = lc.llama_sampler_init_top_k(50)
+            ext = lc.llama_sampler_init_temp_ext(t, spread, exponent)
+            lc.llama_sampler_apply(top, ctypes.byref(arr))  # (its array then holds the 50 alone, as ours)
+            lc.llama_sampler_apply(ext, ctypes.byref(arr))
+            lc.llama_sampler_free(top)
+            lc.llama_sampler_free(ext)
+            theirs = {data[i].id: data[i].logit for i in range(arr.size)}
+            dyn = dynamic_temperature(z, t, spread, exponent)
+            ours = temperature(z, dyn)
+            assert set(theirs) == set(np.flatnonzero(np.isfinite(z)).tolist())
+            for tok, v in theirs.items():
+                assert ours[tok] == pytest.approx(v, rel=2e-5, abs=2e-5), (seed, t, tok)
+    # at temperature 0 with a range, tokens are drawn (as in llama.cpp), not the argmax
+    z = _logits(1)
+    picks = {Sampler(SamplingParams(temperature=0, dynatemp_range=1.5, top_k=0, top_p=1, min_p=0, seed=s))(z)
+             for s in range(20)}
+    assert len(picks) > 1

@@ -114,6 +114,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="XTC removes the tokens at least this likely but the least of them, > 0.5 = off (default: 0.1)")
     p.add_argument("--top-nsigma", type=penalty, default=-1.0, metavar="N",
                    help="keep the logits within N standard deviations of the largest, <= 0 = off (default: -1)")
+    p.add_argument("--dynatemp-range", type=non_negative_float, default=0.0, metavar="R",
+                   help="dynamic temperature: within --temp +- R by the candidates' entropy, 0.0 = off (default: 0.0)")
+    p.add_argument("--dynatemp-exp", type=non_negative_float, default=1.0, metavar="E",
+                   help="the dynamic temperature's exponent (default: 1.0)")
     p.add_argument("--mirostat", type=int, choices=(0, 1, 2), default=0,
                    help="mirostat sampling (then only the temperature applies besides it), 0 = off (default: 0)")
     p.add_argument("--mirostat-lr", type=non_negative_float, default=0.1, metavar="ETA",
@@ -353,7 +357,7 @@ def sampling_kwargs(args) -> dict:
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 typical_p=args.typical, xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
                 top_n_sigma=args.top_nsigma, mirostat=args.mirostat, mirostat_tau=args.mirostat_ent,
-                mirostat_eta=args.mirostat_lr)
+                mirostat_eta=args.mirostat_lr, dynatemp_range=args.dynatemp_range, dynatemp_exponent=args.dynatemp_exp)
 
 
 def max_tokens(args) -> int | None:

@@ -178,12 +178,14 @@ def complete(model, prompt: Sequence[int], params: SamplingParams, max_tokens: i
 def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
                     repeat_last_n=64, seed=None, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None,
                     typical_p=1.0, xtc_probability=0.0, xtc_threshold=0.1, top_n_sigma=-1.0,
-                    mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1, **unknown) -> SamplingParams:
+                    mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1, dynatemp_range=0.0, dynatemp_exponent=1.0,
+                    **unknown) -> SamplingParams:
     if unknown:  # a TypeError from deep inside, before
         raise UnknownOption(f"unknown option(s) {', '.join(sorted(unknown))}; known: temperature (temp), top_k, "
                               f"top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, "
                               f"logit_bias, typical_p, xtc_probability, xtc_threshold, top_n_sigma, mirostat "
-                              f"(mirostat_mode), mirostat_tau, mirostat_eta, seed, and mtp for generation")
+                              f"(mirostat_mode), mirostat_tau, mirostat_eta, dynatemp_range, dynatemp_exponent, seed, "
+                              f"and mtp for generation")
     return SamplingParams(_real("temperature", temperature), _whole("top_k", top_k), _real("top_p", top_p),
                           _real("min_p", min_p), _real("repeat_penalty", repeat_penalty),
                           _whole("repeat_last_n", repeat_last_n), seed, _real("frequency_penalty", frequency_penalty),
@@ -191,7 +193,8 @@ def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_pe
                           _real("typical_p", typical_p), _real("xtc_probability", xtc_probability),
                           _real("xtc_threshold", xtc_threshold), _real("top_n_sigma", top_n_sigma),
                           _whole("mirostat", mirostat), _real("mirostat_tau", mirostat_tau),
-                          _real("mirostat_eta", mirostat_eta))
+                          _real("mirostat_eta", mirostat_eta), _real("dynatemp_range", dynatemp_range),
+                          _real("dynatemp_exponent", dynatemp_exponent))
 
 
 def logit_bias_pairs(bias) -> tuple:

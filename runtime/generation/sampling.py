@@ -47,6 +47,10 @@ class SamplingParams:
     mirostat: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    # dynamic temperature (llama.cpp's temp-ext): the temperature moves within temperature +- range
+    # with the candidates' normalized entropy raised to `dynatemp_exponent`; 0: off
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
 
     def __post_init__(self):
         # -1 is "off" / "all" on the command line, in llama-server's and in llama-cpp-python's
@@ -56,7 +60,8 @@ class SamplingParams:
         if not isinstance(self.repeat_last_n, bool) and self.repeat_last_n == -1:
             object.__setattr__(self, "repeat_last_n", 2**31 - 1)  # more than any context holds
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
-                     "typical_p", "xtc_probability", "xtc_threshold", "top_n_sigma", "mirostat_tau", "mirostat_eta"):
+                     "typical_p", "xtc_probability", "xtc_threshold", "top_n_sigma", "mirostat_tau", "mirostat_eta",
+                     "dynatemp_range", "dynatemp_exponent"):
             if not math.isfinite(getattr(self, name)):
                 raise StepstreamError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
@@ -238,6 +243,18 @@ def mirostat_candidates(logits: np.ndarray, mu: float, version: int, m: int = 10
     return keep, softmax(logits[keep])
 
 
+def dynamic_temperature(logits: np.ndarray, t: float, spread: float, exponent: float) -> float:
+    """llama.cpp's dynamic temperature: between max(0, t - spread) and t + spread, by the
+    candidates' entropy over its largest possible value (all equally likely), to `exponent`."""
+    live = logits[np.isfinite(logits)]
+    if live.size <= 1:
+        return t
+    probs = softmax(live)
+    entropy = float(-np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0)))
+    low, high = max(0.0, t - spread), t + spread
+    return low + (high - low) * (entropy / math.log(live.size)) ** exponent
+
+
 def mirostat_update(mu: float, prob: float, tau: float, eta: float) -> float:
     """mu after drawing a token of probability `prob`: moved by eta toward the target surprise tau."""
     return mu - eta * (-math.log2(prob) - tau)
@@ -343,10 +360,12 @@ class Sampler:
             i = int(self.rng.choice(keep.size, p=probs))
             self.mu = mirostat_update(self.mu, float(probs[i]), p.mirostat_tau, p.mirostat_eta)
             return int(keep[i])
-        if p.temperature <= 0 and (p.mirostat or (p.typical_p >= 1.0 and p.xtc_probability <= 0)):
+        dynamic = p.dynatemp_range > 0 and not p.mirostat
+        if p.temperature <= 0 and not dynamic and (p.mirostat or (p.typical_p >= 1.0 and p.xtc_probability <= 0)):
             return greedy(z)  # (the other filters always leave the most likely token)
         z = typical(top_k(top_n_sigma(z, p.top_n_sigma), p.top_k), p.typical_p)
         z = xtc(min_p(top_p(z, p.top_p), p.min_p), p.xtc_probability, p.xtc_threshold, self.rng)
-        if p.temperature <= 0:
+        t = dynamic_temperature(z, p.temperature, p.dynatemp_range, p.dynatemp_exponent) if dynamic else p.temperature
+        if t <= 0:  # (a dynamic temperature may be above 0 where the set one is 0, as in llama.cpp)
             return greedy(z)
-        return draw(temperature(z, p.temperature), self.rng)
+        return draw(temperature(z, t), self.rng)

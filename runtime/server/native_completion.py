@@ -129,7 +129,8 @@ class NativeReply:
                    "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
                    "typical_p": p.typical_p, "xtc_probability": p.xtc_probability, "xtc_threshold": p.xtc_threshold,
                    "top_n_sigma": p.top_n_sigma, "mirostat": p.mirostat, "mirostat_tau": p.mirostat_tau,
-                   "mirostat_eta": p.mirostat_eta,
+                   "mirostat_eta": p.mirostat_eta, "dynatemp_range": p.dynatemp_range,
+                   "dynatemp_exponent": p.dynatemp_exponent,
                    "seed": -1 if p.seed is None else p.seed, "stop": list(self.body.common.stop),
                    "n_probs": self.body.n_probs, "ignore_eos": self.body.common.ignore_eos, "stream": streamed,
                    "grammar": getattr(self.body.common.grammar, "text", ""),  # (GBNF only, as llama-server)

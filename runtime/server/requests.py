@@ -24,7 +24,7 @@ from runtime.text.tool_calls import ToolSpecError, check_tools
 
 MAX_STOPS = 4  # as OpenAI
 # llama-server request fields stepstream does not implement, with the value that turns each off
-OFF_ONLY = {"dynatemp_range": 0.0, "dry_multiplier": 0.0}
+OFF_ONLY = {"dry_multiplier": 0.0}
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
@@ -347,10 +347,15 @@ def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STO
     tau, eta = _get(body, "mirostat_tau", (int, float), 5.0), _get(body, "mirostat_eta", (int, float), 0.1)
     _range("mirostat_tau", tau, 0, 1e4)
     _range("mirostat_eta", eta, 0, 1e4)
+    dynatemp = {name: _get(body, name, (int, float), off) for name, off in (("dynatemp_range", 0.0),
+                                                                             ("dynatemp_exponent", 1.0))}
+    _range("dynatemp_range", dynatemp["dynatemp_range"], 0, 100)
+    _range("dynatemp_exponent", dynatemp["dynatemp_exponent"], 0, 100)
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed,
                             logit_bias=bias, typical_p=float(typical_p), top_n_sigma=float(top_n_sigma),
                             mirostat=mirostat, mirostat_tau=float(tau), mirostat_eta=float(eta),
+                            **{k: float(v) for k, v in dynatemp.items()},
                             **{k: float(v) for k, v in xtc.items()}, **penalties)
     return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
                   json_object=json_object, grammar=grammar, bias_texts=bias_texts)
