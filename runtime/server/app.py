@@ -39,7 +39,9 @@ from runtime.generation.request import merge
 from runtime.server.engine import Busy, Engine, Job
 from runtime.server.llama_routes import add_llama_routes
 from runtime.server.native_completion import add_native_completion
-from runtime.server.requests import BANNED, ApiError, chat_body, check_model, completion_body, parse_json
+from runtime.server.body_fields import ApiError, parse_json
+from runtime.server.llama_fields import BANNED
+from runtime.server.requests import chat_body, check_model, completion_body
 from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
 from runtime.server.slots import add_slot_routes

@@ -9,17 +9,15 @@ refused before it is queued.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
-
-import numpy as np
 
 from runtime.base.errors import StepstreamError
 from runtime.generation.reasoning_budget import EFFORT_BUDGETS, OPENAI_EFFORTS, effort_budget
 from runtime.generation.sampling import SamplingParams
 from runtime.text.chat_template import ROLES
-from runtime.text.gbnf_grammar import GbnfGrammar
-from runtime.text.json_schema import JsonSchemaGrammar, grammar_for
+from runtime.server.body_fields import ApiError, _get, _range, _type_name
+from runtime.server.llama_fields import _logit_bias, llama_grammar, llama_json_schema, llama_samplers
+from runtime.text.json_schema import grammar_for
 from runtime.text.tool_calls import ToolSpecError, check_tools
 
 MAX_STOPS = 4  # as OpenAI
@@ -28,18 +26,6 @@ OFF_ONLY = {"dry_multiplier": 0.0}
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict | None = None, detail: dict | None = None):
-        """detail: figures another API's wording needs (a prompt over the context: its tokens, the context)."""
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers, self.detail = headers or {}, detail or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -82,62 +68,6 @@ class ChatBody:
     max_calls: int | None  # 1 for parallel_tool_calls false: the reply ends at its first call
 
 
-def parse_json(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
-    _check_strings(body)
-    return body
-
-
-def _check_strings(value, where: str = "body") -> None:
-    """Refuse text that is not Unicode: JSON may escape lone surrogates (\\udc00), which no
-    tokenizer can encode."""
-    stack = [(value, where)]
-    while stack:
-        v, at = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ApiError(400, f"{at} holds a lone surrogate (\\u{ord(v[e.start]):04x}) at character {e.start}: "
-                                    "not Unicode text", code="invalid_value") from None
-        elif isinstance(v, dict):
-            stack.extend((x, f"{at}.{k}") for k, x in v.items())
-            stack.extend((k, f"{at} key") for k in v)
-        elif isinstance(v, list):
-            stack.extend((x, f"{at}[{i}]") for i, x in enumerate(v))
-
-
-def _type_name(v) -> str:
-    return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
-                                      list: "array", dict: "object"}.get(type(v), type(v).__name__)
-
-
-def _get(body: dict, name: str, kinds: tuple, default=None, *, required: bool = False):
-    if name not in body or body[name] is None:
-        if required:
-            raise ApiError(400, f"'{name}' is required", param=name, code="missing_required_parameter")
-        return default
-    v = body[name]
-    ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
-    if not ok:
-        want = " or ".join(_type_name(k()) if k is not float else "number" for k in kinds)
-        raise ApiError(400, f"'{name}' must be {want}, got {_type_name(v)} {json.dumps(v)[:80]}", param=name,
-                       code="invalid_type")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise ApiError(400, f"'{name}' must be a finite number", param=name, code="invalid_value")
-    return v
-
-
-def _range(name: str, v, lo, hi) -> None:
-    if v is not None and not lo <= v <= hi:
-        raise ApiError(400, f"'{name}' must be in [{lo}, {hi}], got {v}", param=name, code="invalid_value")
-
-
 def check_model(body: dict, served: str) -> None:
     name = _get(body, "model", (str,))
     if name is not None and name != served:
@@ -178,85 +108,6 @@ def response_format(fmt: dict | None) -> tuple[bool, object]:
         raise ApiError(400, f"'response_format' with {what} is not supported (\"text\", \"json_object\" and "
                             "\"json_schema\" are)", param="response_format", code="unsupported")
     return kind == "json_object", None
-
-
-BANNED = -float(np.finfo(np.float32).max)  # llama-server's `false` bias (-inf there): the token is never drawn
-
-
-def _logit_bias(body: dict) -> tuple[tuple, tuple]:
-    """OpenAI's `logit_bias` ({"token id": bias}, biases -100..100), or llama-server's forms: a
-    list of [token id or text, bias] pairs, text keys, and `false` for a bias (the token banned).
-    Returns SamplingParams' (id, bias) pairs and the (text, bias) pairs whose tokens the model
-    gives (app.model_request, where the ids are also checked against the vocabulary)."""
-    bias = body.get("logit_bias")
-    if bias is None:
-        return (), ()
-    if isinstance(bias, list):  # llama-server's [[id or text, bias], ...]
-        if not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], (int, str)) and not isinstance(x[0], bool)
-                   for x in bias):
-            raise ApiError(400, "'logit_bias' as a list must hold [token id or text, bias] pairs", param="logit_bias",
-                           code="invalid_value")
-        items = [(str(k) if isinstance(k, int) else k, v, k if isinstance(k, str) else None) for k, v in bias]
-        bound = None  # (llama-server's list takes any bias)
-    elif isinstance(bias, dict):
-        items = [(k, v, None if k.isascii() and k.isdecimal() else k) for k, v in bias.items()]
-        bound = 100
-    else:
-        raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", param="logit_bias",
-                       code="invalid_type")
-    if len(items) > 1024:  # OpenAI's limit: 300; each costs a step's work
-        raise ApiError(400, f"'logit_bias' holds {len(items)} tokens, more than 1024", param="logit_bias",
-                       code="invalid_value")
-    pairs, texts = {}, []
-    for key, value, text in items:
-        if value is False:
-            value = BANNED
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                bound is not None and text is None and not -bound <= value <= bound):
-            limits = "a number from -100 to 100" if bound is not None and text is None else "a finite number"
-            raise ApiError(400, f"'logit_bias' value for {'token ' + key if text is None else json.dumps(text)[:40]} "
-                                f"must be {limits}, or false to ban it, got {json.dumps(value)[:40]}",
-                           param="logit_bias", code="invalid_value")
-        if text is not None:  # llama-server's: the text's tokens, each biased
-            if not text:
-                raise ApiError(400, "'logit_bias' names an empty text", param="logit_bias", code="invalid_value")
-            texts.append((text, float(value)))
-            continue
-        if not (key.isascii() and key.isdecimal()):
-            raise ApiError(400, f"'logit_bias' key {json.dumps(key)[:40]} is not a token id (a decimal string)",
-                           param="logit_bias", code="invalid_value")
-        if int(key) in pairs:  # ("5" and "05"): one bias a token
-            raise ApiError(400, f"'logit_bias' names token {int(key)} twice", param="logit_bias", code="invalid_value")
-        pairs[int(key)] = float(value)
-    return tuple(sorted(pairs.items())), tuple(texts)
-
-
-def llama_json_schema(body: dict):
-    """llama-server's `json_schema` field (a JSON Schema the reply must match; {} or absent: none)
-    as a compiled grammar, or None."""
-    schema = body.get("json_schema")
-    if schema is None:
-        return None  # ({}: any JSON value, as llama-server reads it)
-    if not isinstance(schema, dict):
-        raise ApiError(400, "'json_schema' must be a JSON Schema object", param="json_schema", code="invalid_type")
-    try:
-        return JsonSchemaGrammar(schema)
-    except StepstreamError as e:
-        raise ApiError(400, f"'json_schema': {e}", param="json_schema", code="unsupported") from None
-
-
-def llama_grammar(body: dict):
-    """llama-server's `grammar` field (GBNF text the reply must match; "" or absent: none) as a
-    compiled grammar, or None."""
-    text = body.get("grammar")
-    if text is None or text == "":
-        return None
-    if not isinstance(text, str):
-        raise ApiError(400, "'grammar' must be GBNF text (a string)", param="grammar", code="invalid_type")
-    try:
-        return GbnfGrammar(text)
-    except StepstreamError as e:
-        raise ApiError(400, f"'grammar': {e}", param="grammar", code="invalid_value") from None
 
 
 def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STOPS) -> Common:
@@ -332,31 +183,9 @@ def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STO
     repeat_last_n = 2**31 - 1 if repeat_last_n == -1 else repeat_last_n  # llama-server's -1: the whole context
     if _get(body, "min_tokens", (int,), 0):  # vLLM's: refused, not ignored
         raise ApiError(400, "'min_tokens' is not supported (only 0)", param="min_tokens", code="unsupported")
-    # llama-server's other default samplers, off unless set (its defaults)
-    typical_p = _get(body, "typical_p", (int, float), 1.0)
-    _range("typical_p", typical_p, 0, 1e9)  # (>= 1: off)
-    xtc = {name: _get(body, name, (int, float), off) for name, off in (("xtc_probability", 0.0), ("xtc_threshold", 0.1))}
-    for name, value in xtc.items():
-        _range(name, value, 0, 1)
-    top_n_sigma = _get(body, "top_n_sigma", (int, float), -1.0)
-    _range("top_n_sigma", top_n_sigma, -1e9, 1e9)  # (<= 0: off)
-    mirostat = _get(body, "mirostat", (int,), 0)
-    if mirostat not in (0, 1, 2):
-        raise ApiError(400, f"'mirostat' must be 0 (off), 1 or 2, got {mirostat}", param="mirostat",
-                       code="invalid_value")
-    tau, eta = _get(body, "mirostat_tau", (int, float), 5.0), _get(body, "mirostat_eta", (int, float), 0.1)
-    _range("mirostat_tau", tau, 0, 1e4)
-    _range("mirostat_eta", eta, 0, 1e4)
-    dynatemp = {name: _get(body, name, (int, float), off) for name, off in (("dynatemp_range", 0.0),
-                                                                             ("dynatemp_exponent", 1.0))}
-    _range("dynatemp_range", dynatemp["dynatemp_range"], 0, 100)
-    _range("dynatemp_exponent", dynatemp["dynatemp_exponent"], 0, 100)
     params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p), min_p=float(min_p),
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed,
-                            logit_bias=bias, typical_p=float(typical_p), top_n_sigma=float(top_n_sigma),
-                            mirostat=mirostat, mirostat_tau=float(tau), mirostat_eta=float(eta),
-                            **{k: float(v) for k, v in dynatemp.items()},
-                            **{k: float(v) for k, v in xtc.items()}, **penalties)
+                            logit_bias=bias, **llama_samplers(body), **penalties)
     return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
                   json_object=json_object, grammar=grammar, bias_texts=bias_texts)
 
