@@ -60,10 +60,12 @@ def test_a_text_biases_its_tokens_and_false_bans(served):
     x = model.tokenize(" x x x", add_bos=False)
     assert len(set(x)) < len(x)  # (a text whose tokens repeat)
     r = http.post("/completion", json={"prompt": PROMPT, "n_predict": 1, "logit_bias": [
-        [pair, -3], [first[1], -2.5], [" x x x", 1], [x[-1], False]]})
+        [pair, -3], [first[1], -2.5], [" x x x", 1], [x[0], False], [7, 1.5], [7, 1.5]]})
     got = {d["token"]: d["bias"] for d in r.json()["generation_settings"]["logit_bias"]}
-    want = {first[1]: -5.5, first[2]: -3.0, **{t: 1.0 for t in x}}
-    want[x[-1]] = -float(np.finfo(np.float32).max)  # (banned: no bias brings it back)
+    want = {first[1]: -5.5, first[2]: -3.0, 7: 3.0}  # (the list form adds a token named twice, as llama-server)
+    for t in x:  # each occurrence of a token in a text adds its bias, as llama.cpp pushes one per token
+        want[t] = want.get(t, 0.0) + 1.0
+    want[x[0]] = None  # banned (shown as llama-server shows its -inf: null); no bias brings it back
     assert got == want
 
 
@@ -75,3 +77,53 @@ def test_banned_tokens_are_never_drawn_when_sampling(served):
                                            "return_tokens": True, "logit_bias": [[" ", False], ["\n", False]]})
         assert r.status_code == 200, r.text
         assert not set(r.json()["tokens"]) & set(common)
+
+
+def test_llama_servers_key_and_value_corners(served):
+    """(review 100) Biases that add up past float32 stay in it (a 500 before); object keys are ids
+    where llama.cpp's strtol reads them whole (" 5" is token 5), else texts, held to OpenAI's
+    range like the ids; a negative id is named."""
+    model, http = served
+    r = http.post("/completion", json={"prompt": PROMPT, "n_predict": 2, "logit_bias": [["a", 1e308], ["a", 1e308]]})
+    assert r.status_code == 200, r.text
+    top = float(np.finfo(np.float32).max)
+    assert [d["bias"] for d in r.json()["generation_settings"]["logit_bias"]] == [top] * len(model.tokenize("a", add_bos=False))
+    got = http.post("/completion", json={"prompt": PROMPT, "n_predict": 1, "logit_bias": {" 5": 2, "+6": 1}}).json()
+    assert {d["token"]: d["bias"] for d in got["generation_settings"]["logit_bias"]} == {5: 2.0, 6: 1.0}
+    for bias, words in (({"-1": 5}, "names -1, which is not a token id"), ([[-3, 1]], "names -3"),
+                        ({"abc": 200}, 'value for "abc" must be a number from -100 to 100'),
+                        ({"5": 1, "05": 1}, "names token 5 twice")):
+        r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "logit_bias": bias})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (bias, r.text)
+
+
+def test_a_banned_token_stays_out_of_every_sampler():
+    """(review 100) A ban used to be float32's lowest logit, which a repeat penalty below 1
+    halved, XTC at threshold 0 kept as the least likely token, and a grammar's fallback drew:
+    it is -inf now, as llama.cpp's `false`."""
+    from runtime.base.errors import StepstreamError
+    from runtime.generation.sampling import Sampler, SamplingParams
+    from runtime.server.llama_fields import BANNED
+
+    z = np.linspace(0, 3, 16).astype(np.float32)
+    for kw in (dict(repeat_penalty=0.5), dict(xtc_probability=1.0, xtc_threshold=0.0),
+               dict(top_n_sigma=1.0, repeat_penalty=0.5), dict(temperature=0)):
+        for seed in range(8):
+            s = Sampler(SamplingParams(logit_bias=((15, BANNED), (3, BANNED)), seed=seed, **kw))
+            assert s(z, [15, 3, 15]) not in (15, 3), kw
+
+    class OnlyBanned:  # a constraint that allows the banned tokens alone
+        def allows(self, tok):
+            return tok in (3, 15)
+
+        def candidates(self):
+            m = np.zeros(16, bool)
+            m[[3, 15]] = True
+            return m
+
+        def take(self, tok):
+            pass
+
+    s = Sampler(SamplingParams(logit_bias=((15, BANNED), (3, BANNED)), seed=0), constraint=OnlyBanned())
+    with pytest.raises(StepstreamError, match="no token of the vocabulary can continue"):
+        s(z, [])

@@ -123,7 +123,7 @@ def test_bad_bodies_are_one_line_400s(served, body, param):
     ("logit_bias", [[[1], 2]]),  # an unhashable id in the list form: a 500
     ("logit_bias", [[{"a": 1}, 2]]),
     ("logit_bias", {"5": 10, "05": 10}),  # one token twice: one of its biases was dropped
-    ("logit_bias", [[5, 1], [5, 2]]),
+    ("logit_bias", [[-5, 1]]),  # (a token named twice in the list form gets both biases, as llama-server adds them)
 ])
 def test_penalty_and_bias_values_that_were_500s_or_lost_are_400s(served, field, value):
     _, http = served

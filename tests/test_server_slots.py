@@ -81,6 +81,9 @@ def test_bad_slot_requests_are_named_and_leave_the_cache(tmp_path):
                 ("/slots/0?action=load", {"filename": "a"}, 400, "'action' must be save, restore or erase"),
                 ("/slots/0?action=save", {"filename": "../a"}, 400, "holds '/'"),
                 ("/slots/0?action=save", {"filename": ".."}, 400, "is not a plain file name"),
+                ("/slots/0?action=save", {"filename": ".hidden"}, 400, "is not a plain file name"),
+                ("/slots/0?action=save", {"filename": "a\u0085b"}, 400, "holds"),
+                ("/slots/0?action=save", {"filename": "a" * 201}, 400, "1 to 200 bytes"),
                 ("/slots/0?action=save", {}, 400, "filename"),
                 ("/slots/0?action=restore", {"filename": "none.bin"}, 400, "no file 'none.bin' in --slot-save-path"),
                 ("/slots/0?action=restore", {"filename": "junk.bin"}, 400, "junk.bin")):
@@ -110,3 +113,46 @@ def test_serve_refuses_a_slot_save_path_that_is_no_directory(tmp_path, capsys):
 
     assert main(["serve", "-m", str(SHIPPED), "--slot-save-path", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.startswith(f"error: --slot-save-path {tmp_path / 'none'}: not a directory")
+
+
+def test_a_save_the_server_cannot_write_is_a_500_without_its_paths(tmp_path):
+    """(review 100) The save directory gone: a 500 (the server's side, not the request's) naming
+    the file as the client named it, not the server's own directory."""
+    d = tmp_path / "slots"
+    d.mkdir()
+    with _served(d) as http:
+        _complete(http)
+        d.rmdir()
+        r = http.post("/slots/0?action=save", json={"filename": "conv.bin"})
+        assert r.status_code == 500 and "'conv.bin'" in r.json()["error"]["message"], r.text
+        assert str(d) not in r.text
+        assert _complete(http)["timings"]["prompt_n"] == 1  # (the model is as it was)
+
+
+def test_a_restore_keeps_the_live_conversation_in_the_prompt_cache(tmp_path):
+    """(review 100) With --cache-ram, the conversation a restore replaces is kept, as before any
+    request that would replace it: asked again, it is not evaluated again."""
+    from fastapi.testclient import TestClient
+
+    from runtime.server.app import create_app
+    from runtime.server.engine import Engine
+    from runtime.server.prompt_cache import PromptCache
+
+    model = load(SHIPPED, n_ctx=1024, n_threads=1)
+    engine = Engine(model, prompt_cache=PromptCache(64 * 2**20))
+    engine.start()
+    try:
+        with TestClient(create_app(engine, model_name="m", slot_save_path=tmp_path)) as http:
+            other = "def main(argv):\n    parser = argparse.ArgumentParser()\n" * 12
+            r = http.post("/completion", json={"prompt": other, "n_predict": 4, "temperature": 0}).json()
+            http.post("/slots/0?action=save", json={"filename": "other.bin"})
+            long = {"prompt": PROMPT * 3, "n_predict": 4, "temperature": 0}  # (past the cache's 256-token floor)
+            live = http.post("/completion", json=long).json()  # the live conversation
+            assert http.post("/slots/0?action=restore", json={"filename": "other.bin"}).status_code == 200
+            again = http.post("/completion", json=long).json()
+            assert again["timings"]["prompt_n"] == 1 and live["timings"]["prompt_n"] > 256
+            assert again["content"] == live["content"]
+            assert r["timings"]["prompt_n"] > 1
+    finally:
+        engine.close()
+        model.close()

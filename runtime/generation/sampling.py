@@ -137,7 +137,9 @@ def biased(logits: np.ndarray, bias: tuple[np.ndarray, np.ndarray]) -> np.ndarra
     if ids.max() >= out.size:
         raise StepstreamError(f"logit_bias names token {int(ids.max())}, outside the vocabulary (0..{out.size - 1})")
     v = out[ids]
-    out[ids] = np.where(np.isfinite(v), np.clip(v + add, -_F32_MAX, _F32_MAX), v)
+    with np.errstate(over="ignore"):
+        new = np.where(np.isfinite(v), np.clip(v + add, -_F32_MAX, _F32_MAX), v)
+    out[ids] = np.where(add <= -_F32_MAX, NEG_INF, new)  # a ban (llama-server's `false`): never drawn
     return out
 
 
@@ -326,8 +328,9 @@ class Sampler:
             # the penalized logits of the allowed tokens; when a penalty took them all to -inf,
             # their raw logits (each pick is then a finite logit, so the loops end)
             tok = self._pick_allowed(np.where(allowed, z, NEG_INF))
-            if tok is None:
-                tok = self._pick_allowed(np.where(allowed, np.asarray(logits, dtype=np.float32), NEG_INF))
+            if tok is None:  # (the biased logits: a banned token stays out)
+                tok = self._pick_allowed(np.where(allowed, biased(np.asarray(logits, dtype=np.float32), self._bias),
+                                                  NEG_INF))
             if tok is None:
                 raise StepstreamError("no token of the vocabulary can continue the constrained reply")
         c.take(tok)

@@ -101,6 +101,8 @@ def write(path: Path, state: SavedState, identity: str) -> int:
             f.write(b"\0" * (start - f.tell()))
             for a in arrays:
                 f.write(_bytes(a))
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename: a crash leaves the old file or the new
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

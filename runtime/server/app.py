@@ -40,7 +40,7 @@ from runtime.server.engine import Busy, Engine, Job
 from runtime.server.llama_routes import add_llama_routes
 from runtime.server.native_completion import add_native_completion
 from runtime.server.body_fields import ApiError, parse_json
-from runtime.server.llama_fields import BANNED
+from runtime.server.llama_fields import add_bias
 from runtime.server.requests import chat_body, check_model, completion_body
 from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
@@ -165,8 +165,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         if common.bias_texts:  # llama-server's: each token of the text biased (added up, as llama.cpp adds them)
             merged = dict(params.logit_bias)
             for text, value in common.bias_texts:
-                for t in dict.fromkeys(model.tokenize(text, add_bos=False, special=False)):
-                    merged[t] = max(BANNED, merged.get(t, 0.0) + value)
+                for t in model.tokenize(text, add_bos=False, special=False):
+                    merged[t] = add_bias(merged.get(t, 0.0), value)
             params = replace(params, logit_bias=tuple(sorted(merged.items())))
             common = replace(common, params=params)
         far = [t for t, _ in common.params.logit_bias if t >= model.cfg.vocab]

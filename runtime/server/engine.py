@@ -158,10 +158,12 @@ class Engine:
 
     def _act(self, job: Job) -> None:
         self.busy = True
+        self.decoded = 0
         try:
             job.emit("result", job.action(self.model))
-        except StepstreamError as e:
-            job.emit("error", (400, "invalid_value", str(e)))
+        except StepstreamError as e:  # the request's (400), or the server's where the error says so
+            status = getattr(e, "status", 400)
+            job.emit("error", (status, "invalid_value" if status < 500 else "action_failed", str(e)))
         except Exception as e:  # a bug: the model starts again from an empty cache
             print(f"error: slot action failed: {type(e).__name__}: {e}", file=sys.stderr)
             self.model.reset()
@@ -211,7 +213,11 @@ class Engine:
                         self.decoded += 1
                         job.emit("step", step)
                 else:
-                    job.emit("steps", list(completion.run(self.model, job.request)))
+                    steps = []
+                    for step in completion.run(self.model, job.request):
+                        self.decoded += 1
+                        steps.append(step)
+                    job.emit("steps", steps)
                 job.emit("done")
             except StepstreamError as e:  # the evaluation rolled back: the model is sound
                 if self.model.file.problem() is not None:  # not the request's fault

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 
@@ -16,13 +17,23 @@ from runtime.text.json_schema import JsonSchemaGrammar
 
 
 BANNED = -float(np.finfo(np.float32).max)  # llama-server's `false` bias (-inf there): the token is never drawn
+_ID = re.compile(r"\s*([+-]?[0-9]+)")  # a key llama.cpp's strtol reads whole as a token id
+
+
+def add_bias(a: float, b: float) -> float:
+    """Two biases one token gets, added as llama.cpp adds them; a ban stays a ban, and the sum
+    stays within float32 (a sum at its lowest bans)."""
+    if a <= BANNED or b <= BANNED:
+        return BANNED
+    return max(BANNED, min(-BANNED, a + b))
 
 
 def _logit_bias(body: dict) -> tuple[tuple, tuple]:
     """OpenAI's `logit_bias` ({"token id": bias}, biases -100..100), or llama-server's forms: a
-    list of [token id or text, bias] pairs, text keys, and `false` for a bias (the token banned).
-    Returns SamplingParams' (id, bias) pairs and the (text, bias) pairs whose tokens the model
-    gives (app.model_request, where the ids are also checked against the vocabulary)."""
+    list of [token id or text, bias] pairs (any bias; a token named twice gets both, added), text
+    keys, and `false` for a bias (the token banned). Returns SamplingParams' (id, bias) pairs
+    and the (text, bias) pairs whose tokens the model gives (app.model_request, where the ids
+    are also checked against the vocabulary)."""
     bias = body.get("logit_bias")
     if bias is None:
         return (), ()
@@ -31,11 +42,14 @@ def _logit_bias(body: dict) -> tuple[tuple, tuple]:
                    for x in bias):
             raise ApiError(400, "'logit_bias' as a list must hold [token id or text, bias] pairs", param="logit_bias",
                            code="invalid_value")
-        items = [(str(k) if isinstance(k, int) else k, v, k if isinstance(k, str) else None) for k, v in bias]
-        bound = None  # (llama-server's list takes any bias)
-    elif isinstance(bias, dict):
-        items = [(k, v, None if k.isascii() and k.isdecimal() else k) for k, v in bias.items()]
-        bound = 100
+        items = [(k, v, None) if isinstance(k, int) else (None, v, k) for k, v in bias]
+        bound = None
+    elif isinstance(bias, dict):  # keys are ids as llama.cpp's strtol reads them whole, else texts
+        items = []
+        for k, v in bias.items():
+            m = _ID.fullmatch(k)
+            items.append((int(m.group(1)), v, None) if m else (None, v, k))
+        bound = 100  # (OpenAI's range)
     else:
         raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", param="logit_bias",
                        code="invalid_type")
@@ -43,26 +57,26 @@ def _logit_bias(body: dict) -> tuple[tuple, tuple]:
         raise ApiError(400, f"'logit_bias' holds {len(items)} tokens, more than 1024", param="logit_bias",
                        code="invalid_value")
     pairs, texts = {}, []
-    for key, value, text in items:
+    for tok, value, text in items:
+        what = f"token {tok}" if text is None else json.dumps(text)[:40]
         if value is False:
             value = BANNED
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                bound is not None and text is None and not -bound <= value <= bound):
-            limits = "a number from -100 to 100" if bound is not None and text is None else "a finite number"
-            raise ApiError(400, f"'logit_bias' value for {'token ' + key if text is None else json.dumps(text)[:40]} "
-                                f"must be {limits}, or false to ban it, got {json.dumps(value)[:40]}",
-                           param="logit_bias", code="invalid_value")
-        if text is not None:  # llama-server's: the text's tokens, each biased
+                bound is not None and not -bound <= value <= bound):
+            limits = "a number from -100 to 100" if bound is not None else "a finite number"
+            raise ApiError(400, f"'logit_bias' value for {what} must be {limits}, or false to ban it, got "
+                                f"{json.dumps(value)[:40]}", param="logit_bias", code="invalid_value")
+        if text is not None:  # llama-server's: each of the text's tokens biased
             if not text:
                 raise ApiError(400, "'logit_bias' names an empty text", param="logit_bias", code="invalid_value")
             texts.append((text, float(value)))
             continue
-        if not (key.isascii() and key.isdecimal()):
-            raise ApiError(400, f"'logit_bias' key {json.dumps(key)[:40]} is not a token id (a decimal string)",
-                           param="logit_bias", code="invalid_value")
-        if int(key) in pairs:  # ("5" and "05"): one bias a token
-            raise ApiError(400, f"'logit_bias' names token {int(key)} twice", param="logit_bias", code="invalid_value")
-        pairs[int(key)] = float(value)
+        if tok < 0:
+            raise ApiError(400, f"'logit_bias' names {tok}, which is not a token id", param="logit_bias",
+                           code="invalid_value")
+        if tok in pairs and bound is not None:  # OpenAI's object ("5" and "05"): one bias a token
+            raise ApiError(400, f"'logit_bias' names token {tok} twice", param="logit_bias", code="invalid_value")
+        pairs[tok] = add_bias(pairs.get(tok, 0.0), float(value))
     return tuple(sorted(pairs.items())), tuple(texts)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from runtime.generation.request import Step, TokenLogprob
+from runtime.server.llama_fields import BANNED
 from runtime.server.requests import ApiError, Common, _common, _get, _range
 
 # llama-server's sampling defaults (its `params` in /props), where OpenAI's routes default to off
@@ -134,7 +135,8 @@ class NativeReply:
                    "seed": -1 if p.seed is None else p.seed, "stop": list(self.body.common.stop),
                    "n_probs": self.body.n_probs, "ignore_eos": self.body.common.ignore_eos, "stream": streamed,
                    "grammar": getattr(self.body.common.grammar, "text", ""),  # (GBNF only, as llama-server)
-                   "logit_bias": [{"bias": b, "token": t} for t, b in p.logit_bias]},
+                   # (a ban as llama-server shows its -inf: null)
+                   "logit_bias": [{"bias": None if b <= BANNED else b, "token": t} for t, b in p.logit_bias]},
                "prompt": self.prompt_text, "has_new_line": "\n" in text, "truncated": False,
                "stop_type": kind, "stopping_word": (last.stop_sequence or "") if last is not None else "",
                "tokens_cached": len(self.ids) + max(0, self.n + eog - 1), "timings": timings.as_dict()}

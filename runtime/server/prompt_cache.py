@@ -103,6 +103,10 @@ class PromptCache:
             return self.disk.put(model.save_state(checkpoint=True, copy=False))  # written before anything changes it
         return False
 
+    def keep(self, model) -> None:
+        """Keep the live cache (a slot restore is about to replace it)."""
+        self._keep(model)
+
     def _keep(self, model) -> None:
         """Copy the live cache (room made first: nothing is copied that the budget cannot hold), and
         write it to the disk tier."""

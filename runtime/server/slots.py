@@ -23,10 +23,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 
+from runtime.base.errors import StepstreamError
 from runtime.server.engine import Busy
 from runtime.server.requests import ApiError, _get
 
-NAME_FORBIDDEN = set('/\\:*?"<>|')  # llama.cpp's fs_validate_filename refuses these, control characters too
+NAME_FORBIDDEN = set('/\\:*?"<>|\ufeff\u2215\uff0e\uff0f')  # and control characters (C0, C1), as llama.cpp's
+MAX_NAME = 200  # bytes: the temporary name a save writes first is the name and a few more
 
 
 def slot_settings(engine) -> dict:
@@ -42,10 +44,11 @@ def slot_settings(engine) -> dict:
 
 def check_filename(name: str) -> str:
     """A plain file name inside --slot-save-path (no directory, nothing a file system reads otherwise)."""
-    if not name or len(name.encode("utf-8", "replace")) > 255:
-        raise ApiError(400, "'filename' must be a file name of 1 to 255 bytes", param="filename", code="invalid_value")
-    bad = sorted({c for c in name if c in NAME_FORBIDDEN or ord(c) < 0x20 or ord(c) == 0x7F})
-    if bad or name in (".", "..") or name != name.strip(" ") or name.endswith("."):
+    if not name or len(name.encode("utf-8", "replace")) > MAX_NAME:
+        raise ApiError(400, f"'filename' must be a file name of 1 to {MAX_NAME} bytes", param="filename",
+                       code="invalid_value")
+    bad = sorted({c for c in name if c in NAME_FORBIDDEN or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F})
+    if bad or name.startswith(".") or name != name.strip(" ") or name.endswith("."):
         what = f"holds {''.join(bad)!r}" if bad else "is not a plain file name"
         raise ApiError(400, f"'filename' {name[:80]!r} {what}: give a name inside --slot-save-path, without "
                             "directories", param="filename", code="invalid_value")
@@ -92,7 +95,7 @@ def add_slot_routes(app: FastAPI, engine, *, authorize, read_json, save_dir: Pat
         if not path.is_file():
             raise ApiError(400, f"no file {name!r} in --slot-save-path to restore", param="filename",
                            code="invalid_value")
-        return await _run(lambda model: _restore(model, path, name))
+        return await _run(lambda model: _restore(model, path, name, engine.prompt_cache))
 
     async def _run(action) -> dict:
         try:
@@ -110,16 +113,32 @@ def add_slot_routes(app: FastAPI, engine, *, authorize, read_json, save_dir: Pat
                                    else "server_error")
 
 
+class SlotFileError(StepstreamError):
+    """The server could not write a slot's file (its directory gone, the disk full): a 500."""
+
+    status = 500
+
+
 def _save(model, path: Path, name: str) -> dict:
     t = time.perf_counter()
-    n_written = model.save_state_file(path)
+    try:
+        n_written = model.save_state_file(path)
+    except StepstreamError as e:  # the server's side: said without the server's own paths
+        raise SlotFileError(str(e).replace(str(path), repr(name))) from None
     return {"id_slot": 0, "filename": name, "n_saved": len(model.history), "n_written": n_written,
             "timings": {"save_ms": (time.perf_counter() - t) * 1e3}}
 
 
-def _restore(model, path: Path, name: str) -> dict:
+def _restore(model, path: Path, name: str, prompt_cache=None) -> dict:
+    """The file's state in place of the live one, which the prompt cache (when the server has
+    one) keeps first, as before any request that would replace it."""
     t = time.perf_counter()
-    n = model.load_state_file(path)
+    if prompt_cache is not None:
+        prompt_cache.keep(model)
+    try:
+        n = model.load_state_file(path)
+    except StepstreamError as e:  # (another model's file, a damaged one: the cache is untouched)
+        raise StepstreamError(str(e).replace(str(path), repr(name))) from None
     return {"id_slot": 0, "filename": name, "n_restored": n, "n_read": os.path.getsize(path),
             "timings": {"restore_ms": (time.perf_counter() - t) * 1e3}}
 
