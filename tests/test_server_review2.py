@@ -202,7 +202,7 @@ def test_top_k_min_p_and_repeat_penalty_are_honoured_as_the_library_samples(plai
                            ({"min_p": 1.5}, "'min_p' must be in [0, 1], got 1.5"),
                            ({"repeat_penalty": 0}, "'repeat_penalty' must be in [0.01, 100], got 0"),
                            ({"top_k": 2.5}, "'top_k' must be integer, got number 2.5"),
-                           ({"dry_multiplier": 0.5}, "'dry_multiplier' is not supported (only 0.0)"),
+                           ({"dry_allowed_length": -2}, "'dry_allowed_length' must be in [-1, 2147483647], got -2"),
                            ({"xtc_probability": 2}, "'xtc_probability' must be in [0, 1], got 2"),
                            ({"mirostat": 3}, "'mirostat' must be 0 (off), 1 or 2, got 3"),
                            ({"grammar": "root ::= \"a\" <t>"},  # (honoured since: tests/test_gbnf_generation.py)

@@ -19,7 +19,7 @@ from runtime.base.system import choose_wait_policy, peak_rss_bytes
 from runtime.cli.arg_types import (budget_arg, budget_message, cache_type, gpu_budget_arg, mtp_choice,
                                    non_negative_float, non_negative_int, penalty, positive_float, positive_int, reasoning_budget,
                                    repeat_window, seed, temperature, token_limit, top_k, top_p, unit_interval)
-from runtime.cli.text_args import existing_file
+from runtime.cli.text_args import existing_file, process_escapes
 
 
 # ---- shared flags -------------------------------------------------------------------------------
@@ -118,6 +118,17 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="dynamic temperature: within --temp +- R by the candidates' entropy, 0.0 = off (default: 0.0)")
     p.add_argument("--dynatemp-exp", type=non_negative_float, default=1.0, metavar="E",
                    help="the dynamic temperature's exponent (default: 1.0)")
+    p.add_argument("--dry-multiplier", type=non_negative_float, default=0.0, metavar="M",
+                   help="DRY: penalize tokens that extend a repetition, 0.0 = off (default: 0.0)")
+    p.add_argument("--dry-base", type=non_negative_float, default=1.75, metavar="B",
+                   help="DRY's growth with the repetition's length (default: 1.75)")
+    p.add_argument("--dry-allowed-length", type=non_negative_int, default=2, metavar="N",
+                   help="DRY: repetitions this long go unpenalized (default: 2)")
+    p.add_argument("--dry-penalty-last-n", type=repeat_window, default=-1, metavar="N",
+                   help="DRY looks back over this many tokens, -1 = the whole context (default: -1)")
+    p.add_argument("--dry-sequence-breaker", action="append", default=None, metavar="TEXT",
+                   help="a text that ends a repetition for DRY (may be given several times; replaces the "
+                        "default \\n : \" *; 'none' for none)")
     p.add_argument("--mirostat", type=int, choices=(0, 1, 2), default=0,
                    help="mirostat sampling (then only the temperature applies besides it), 0 = off (default: 0)")
     p.add_argument("--mirostat-lr", type=non_negative_float, default=0.1, metavar="ETA",
@@ -357,7 +368,11 @@ def sampling_kwargs(args) -> dict:
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 typical_p=args.typical, xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
                 top_n_sigma=args.top_nsigma, mirostat=args.mirostat, mirostat_tau=args.mirostat_ent,
-                mirostat_eta=args.mirostat_lr, dynatemp_range=args.dynatemp_range, dynatemp_exponent=args.dynatemp_exp)
+                mirostat_eta=args.mirostat_lr, dynatemp_range=args.dynatemp_range, dynatemp_exponent=args.dynatemp_exp,
+                dry_multiplier=args.dry_multiplier, dry_base=args.dry_base, dry_allowed_length=args.dry_allowed_length,
+                dry_penalty_last_n=args.dry_penalty_last_n,
+                **({} if args.dry_sequence_breaker is None else {"dry_sequence_breakers": tuple(
+                    process_escapes(b) if args.escape else b for b in args.dry_sequence_breaker if b != "none")}))
 
 
 def max_tokens(args) -> int | None:

@@ -55,6 +55,10 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
     if max_tokens is not None and (not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool)):
         raise StepstreamError(f"max_tokens must be an integer, or None for no limit, got {max_tokens!r}")
     eog = model.tokenizer.eog_ids if stop_at_eog else frozenset()
+    if sampler.params.dry_multiplier and not sampler.dry_heads:  # DRY's breakers, in this vocabulary's tokens
+        from runtime.generation.dry import heads_for
+
+        sampler.dry_heads = heads_for(model.tokenizer, sampler.params.dry_sequence_breakers)
     # No token wanted: the plain path evaluates the prompt and yields nothing (a draft pass would
     # yield one before it checks the count). A constrained sampler (JSON mode, a schema, a tool
     # call's grammar) drafts too: a verify pass calls it on each position in order and stops at
@@ -179,13 +183,15 @@ def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_pe
                     repeat_last_n=64, seed=None, frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None,
                     typical_p=1.0, xtc_probability=0.0, xtc_threshold=0.1, top_n_sigma=-1.0,
                     mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1, dynatemp_range=0.0, dynatemp_exponent=1.0,
-                    **unknown) -> SamplingParams:
+                    dry_multiplier=0.0, dry_base=1.75, dry_allowed_length=2, dry_penalty_last_n=-1,
+                    dry_sequence_breakers=("\n", ":", '"', "*"), **unknown) -> SamplingParams:
     if unknown:  # a TypeError from deep inside, before
         raise UnknownOption(f"unknown option(s) {', '.join(sorted(unknown))}; known: temperature (temp), top_k, "
                               f"top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, "
                               f"logit_bias, typical_p, xtc_probability, xtc_threshold, top_n_sigma, mirostat "
-                              f"(mirostat_mode), mirostat_tau, mirostat_eta, dynatemp_range, dynatemp_exponent, seed, "
-                              f"and mtp for generation")
+                              f"(mirostat_mode), mirostat_tau, mirostat_eta, dynatemp_range, dynatemp_exponent, "
+                              f"dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, "
+                              f"dry_sequence_breakers, seed, and mtp for generation")
     return SamplingParams(_real("temperature", temperature), _whole("top_k", top_k), _real("top_p", top_p),
                           _real("min_p", min_p), _real("repeat_penalty", repeat_penalty),
                           _whole("repeat_last_n", repeat_last_n), seed, _real("frequency_penalty", frequency_penalty),
@@ -194,7 +200,15 @@ def sampling_params(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_pe
                           _real("xtc_threshold", xtc_threshold), _real("top_n_sigma", top_n_sigma),
                           _whole("mirostat", mirostat), _real("mirostat_tau", mirostat_tau),
                           _real("mirostat_eta", mirostat_eta), _real("dynatemp_range", dynatemp_range),
-                          _real("dynatemp_exponent", dynatemp_exponent))
+                          _real("dynatemp_exponent", dynatemp_exponent), _real("dry_multiplier", dry_multiplier),
+                          _real("dry_base", dry_base), _whole("dry_allowed_length", dry_allowed_length),
+                          _whole("dry_penalty_last_n", dry_penalty_last_n), _breakers(dry_sequence_breakers))
+
+
+def _breakers(value) -> tuple:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(b, str) for b in value):
+        raise StepstreamError(f"dry_sequence_breakers must be a list of strings, got {value!r:.80}")
+    return tuple(value)
 
 
 def logit_bias_pairs(bias) -> tuple:

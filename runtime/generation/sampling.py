@@ -2,7 +2,7 @@
 
 Each filter takes logits [V] float32 and returns a copy with the tokens it rules out set
 to -inf. The order is llama.cpp's default chain: logit bias, penalties (repetition,
-frequency, presence), top-n-sigma, top-k, typical, top-p, min-p, XTC, temperature, then a
+frequency, presence), DRY, top-n-sigma, top-k, typical, top-p, min-p, XTC, temperature, then a
 draw (or, when temperature <= 0, the most likely token the filters left: top-k, top-p, min-p
 and top-n-sigma always leave it, so the chain runs then only where typical or XTC is on).
 With mirostat on, the chain is llama.cpp's mirostat one: logit bias, temperature, mirostat.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.base.errors import StepstreamError
+from runtime.generation.dry import dry
 
 NEG_INF = np.float32(-np.inf)
 _F32_MAX = np.finfo(np.float32).max
@@ -51,6 +52,12 @@ class SamplingParams:
     # with the candidates' normalized entropy raised to `dynatemp_exponent`; 0: off
     dynatemp_range: float = 0.0
     dynatemp_exponent: float = 1.0
+    # DRY (runtime.generation.dry), after the penalties: 0 multiplier: off; -1 last_n: every token
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple = ("\n", ":", '"', "*")
 
     def __post_init__(self):
         # -1 is "off" / "all" on the command line, in llama-server's and in llama-cpp-python's
@@ -61,7 +68,7 @@ class SamplingParams:
             object.__setattr__(self, "repeat_last_n", 2**31 - 1)  # more than any context holds
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
                      "typical_p", "xtc_probability", "xtc_threshold", "top_n_sigma", "mirostat_tau", "mirostat_eta",
-                     "dynatemp_range", "dynatemp_exponent"):
+                     "dynatemp_range", "dynatemp_exponent", "dry_multiplier", "dry_base"):
             if not math.isfinite(getattr(self, name)):
                 raise StepstreamError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.seed is not None and not (isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)):
@@ -74,6 +81,12 @@ class SamplingParams:
             raise StepstreamError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise StepstreamError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if not (isinstance(self.dry_sequence_breakers, tuple) and all(isinstance(b, str) for b in self.dry_sequence_breakers)):
+            raise StepstreamError(f"dry_sequence_breakers must be strings, got {self.dry_sequence_breakers!r:.80}")
+        for name in ("dry_allowed_length", "dry_penalty_last_n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < -1:
+                raise StepstreamError(f"{name} must be an integer >= -1, got {v!r}")
         if isinstance(self.mirostat, bool) or self.mirostat not in (0, 1, 2):
             raise StepstreamError(f"mirostat must be 0 (off), 1 or 2, got {self.mirostat!r}")
         for name in ("xtc_probability", "xtc_threshold"):
@@ -301,6 +314,7 @@ class Sampler:
         self.constraint = constraint
         self.budget = budget
         self.mu = 2.0 * params.mirostat_tau  # mirostat's target surprise, as llama.cpp starts it
+        self.dry_heads: dict = {}  # DRY's breakers in the vocabulary's tokens (runtime.generation.dry.heads_for)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         b = self.budget
@@ -352,7 +366,11 @@ class Sampler:
         z = biased(np.asarray(logits, dtype=np.float32), self._bias)
         if p.mirostat:  # (llama.cpp's mirostat chain has no penalties)
             return z
-        return repetition_penalty(z, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+        z = repetition_penalty(z, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+        if p.dry_multiplier:
+            z = dry(z, history, self.dry_heads, p.dry_multiplier, p.dry_base, p.dry_allowed_length,
+                    p.dry_penalty_last_n)
+        return z
 
     def _pick(self, z: np.ndarray) -> int:
         """The chain after the penalty: top-n-sigma, top-k, typical, top-p, min-p, XTC, then

@@ -111,7 +111,8 @@ def llama_grammar(body: dict):
 def llama_samplers(body: dict) -> dict:
     """llama.cpp's other samplers, off unless a request sets them (llama-server's defaults), as
     SamplingParams' keywords: typical_p, xtc_probability, xtc_threshold, top_n_sigma, mirostat
-    (with mirostat_tau and mirostat_eta), dynatemp_range and dynatemp_exponent."""
+    (with mirostat_tau and mirostat_eta), dynatemp_range and dynatemp_exponent, and DRY's
+    dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n and dry_sequence_breakers."""
     typical_p = _get(body, "typical_p", (int, float), 1.0)
     _range("typical_p", typical_p, 0, 1e9)  # (>= 1: off)
     xtc = {name: _get(body, name, (int, float), off) for name, off in (("xtc_probability", 0.0), ("xtc_threshold", 0.1))}
@@ -130,6 +131,19 @@ def llama_samplers(body: dict) -> dict:
                                                                              ("dynatemp_exponent", 1.0))}
     _range("dynatemp_range", dynatemp["dynatemp_range"], 0, 100)
     _range("dynatemp_exponent", dynatemp["dynatemp_exponent"], 0, 100)
-    return dict(typical_p=float(typical_p), top_n_sigma=float(top_n_sigma), mirostat=mirostat,
+    dry_fields = {name: _get(body, name, (int, float), off) for name, off in (("dry_multiplier", 0.0), ("dry_base", 1.75))}
+    _range("dry_multiplier", dry_fields["dry_multiplier"], 0, 1e4)
+    _range("dry_base", dry_fields["dry_base"], 0, 1e4)
+    dry_ints = {name: _get(body, name, (int,), off) for name, off in (("dry_allowed_length", 2), ("dry_penalty_last_n", -1))}
+    for name, value in dry_ints.items():
+        _range(name, value, -1, 2**31 - 1)
+    breakers = _get(body, "dry_sequence_breakers", (list,), None)
+    if breakers is not None and (not all(isinstance(b, str) and b for b in breakers) or len(breakers) > 64):
+        raise ApiError(400, "'dry_sequence_breakers' must be a list of at most 64 non-empty strings",
+                       param="dry_sequence_breakers", code="invalid_value")
+    dry = {**{k: float(v) for k, v in dry_fields.items()}, **dry_ints}
+    if breakers is not None:
+        dry["dry_sequence_breakers"] = tuple(breakers)
+    return dict(typical_p=float(typical_p), top_n_sigma=float(top_n_sigma), mirostat=mirostat, **dry,
                 mirostat_tau=float(tau), mirostat_eta=float(eta), **{k: float(v) for k, v in dynatemp.items()},
                 **{k: float(v) for k, v in xtc.items()})

@@ -11,9 +11,8 @@ editor plugins, scripts) work unchanged.
 A stream sends `data: {content, tokens, stop: false, ...}` events, then one with `stop: true`
 and the whole summary, and no `[DONE]` (llama-server's native stream has none). The samplers'
 defaults are llama-server's, not OpenAI's. The prompt is always reused where the cache holds
-it (`cache_prompt: false` gives the same tokens: the forward pass is batch-invariant). Fields
-that would change the text and are not implemented are refused as on /v1/completions
-(runtime.server.requests.OFF_ONLY).
+it (`cache_prompt: false` gives the same tokens: the forward pass is batch-invariant). Its
+samplers' fields are read as on /v1/completions (runtime.server.llama_fields).
 """
 
 from __future__ import annotations
@@ -131,7 +130,9 @@ class NativeReply:
                    "typical_p": p.typical_p, "xtc_probability": p.xtc_probability, "xtc_threshold": p.xtc_threshold,
                    "top_n_sigma": p.top_n_sigma, "mirostat": p.mirostat, "mirostat_tau": p.mirostat_tau,
                    "mirostat_eta": p.mirostat_eta, "dynatemp_range": p.dynatemp_range,
-                   "dynatemp_exponent": p.dynatemp_exponent,
+                   "dynatemp_exponent": p.dynatemp_exponent, "dry_multiplier": p.dry_multiplier,
+                   "dry_base": p.dry_base, "dry_allowed_length": p.dry_allowed_length,
+                   "dry_penalty_last_n": p.dry_penalty_last_n, "dry_sequence_breakers": list(p.dry_sequence_breakers),
                    "seed": -1 if p.seed is None else p.seed, "stop": list(self.body.common.stop),
                    "n_probs": self.body.n_probs, "ignore_eos": self.body.common.ignore_eos, "stream": streamed,
                    "grammar": getattr(self.body.common.grammar, "text", ""),  # (GBNF only, as llama-server)

@@ -21,8 +21,6 @@ from runtime.text.json_schema import grammar_for
 from runtime.text.tool_calls import ToolSpecError, check_tools
 
 MAX_STOPS = 4  # as OpenAI
-# llama-server request fields stepstream does not implement, with the value that turns each off
-OFF_ONLY = {"dry_multiplier": 0.0}
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
@@ -129,9 +127,6 @@ def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STO
         value = _get(body, name, (int, float), 0)
         _range(name, value, -2, 2)  # (before float(): an integer of 400 digits overflows it)
         penalties[name] = float(value)
-    for name, off in OFF_ONLY.items():  # llama-server's other samplers and constraints: refused unless off
-        if body.get(name) not in (None, off):
-            raise ApiError(400, f"'{name}' is not supported (only {json.dumps(off)})", param=name, code="unsupported")
     bias, bias_texts = _logit_bias(body)
     json_object, grammar = response_format(_get(body, "response_format", (dict,)))
     schema = llama_json_schema(body)

@@ -43,7 +43,8 @@ MAX_METADATA = 16  # key-value pairs, as OpenAI: keys up to 64 characters, value
 # fields of the chat endpoint a Responses body shares (the samplers, llama-server's extensions)
 _SHARED = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed", "stop", "ignore_eos",
            "typical_p", "mirostat", "mirostat_tau", "mirostat_eta", "dynatemp_range", "dynatemp_exponent", "xtc_probability",
-           "xtc_threshold", "dry_multiplier", "top_n_sigma", "grammar",
+           "xtc_threshold", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+           "dry_sequence_breakers", "top_n_sigma", "grammar",
            "json_schema", "logit_bias", "presence_penalty", "frequency_penalty", "min_tokens")
 # what a request may not ask for, with what this server offers instead
 _REFUSED = {"background": "background responses are not supported: send the request and wait for it (or stream it)",
