@@ -101,6 +101,16 @@ def test_the_server_and_the_cli_take_it(capsys):
     plain = capsys.readouterr().out
     assert main(args + ["--dry-multiplier", "2", "--dry-sequence-breaker", "\\n"]) == 0
     with_dry = capsys.readouterr().out
+    import argparse
+
+    from runtime.cli import run as run_cli
+    from runtime.cli.common import sampling_kwargs
+
+    p = argparse.ArgumentParser()
+    run_cli.add_arguments(p)
+    got = p.parse_args(["-m", str(model_path()), "--dry-sequence-breaker", ":", "--dry-sequence-breaker", "none",
+                        "--dry-sequence-breaker", "\\n"])
+    assert sampling_kwargs(got)["dry_sequence_breakers"] == ("\n",)  # ("none" drops those before it, as llama.cpp)
     assert with_dry != plain
     model = runtime.load(model_path(), n_ctx=256, n_threads=1)
     engine = Engine(model)
@@ -112,8 +122,55 @@ def test_the_server_and_the_cli_take_it(capsys):
             got = http.post("/completion", json=body).json()
             assert got["content"] + "\n" == with_dry
             assert got["generation_settings"]["dry_sequence_breakers"] == ["\n"]
-            r = http.post("/completion", json={**body, "dry_sequence_breakers": [""]})
-            assert r.status_code == 400 and r.json()["error"]["param"] == "dry_sequence_breakers"
+            for bad in ([""], []):  # (an empty list is refused, as llama-server refuses it)
+                r = http.post("/completion", json={**body, "dry_sequence_breakers": bad})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "dry_sequence_breakers"
+            low = http.post("/completion", json={**body, "n_predict": 1, "dry_base": 0.5}).json()
+            assert low["generation_settings"]["dry_base"] == 1.75  # (llama-server's reading of a base below 1)
     finally:
         engine.close()
         model.close()
+
+
+def test_long_loops_are_llama_cpps_and_multi_byte_breakers_are_found(vocabs):
+    """(review 101) A long loop (one token, or an 11-token cycle, 3,000 tokens) takes the linear
+    way and gives llama.cpp's penalties. A breaker whose character tokens split ("’" is the
+    tokens of its three bytes here) is found as the text's tokens hold it: the lead byte's token,
+    then its other bytes' (it was taken for a whole breaker; llama.cpp tokenizes the broken rest
+    as U+FFFD and never finds it)."""
+    tok, vocab, n = vocabs
+    rng = np.random.default_rng(1)
+    cycle = tok.encode("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda", add_bos=False)
+    for history in ([cycle[0]] * 3000, (cycle * (3000 // len(cycle) + 1))[:3000]):
+        z = rng.normal(0, 2, n).astype(np.float32)
+        np.testing.assert_allclose(dry(z, history, {}, 0.5, 1.1, 2, 3000),
+                                   _theirs(vocab, n, z, history, 0.5, 1.1, 2, 3000, ()), rtol=1e-4, atol=1e-4)
+        # (rtol 1e-4: the penalty reaches float32's top here, where llama.cpp's powf rounds in float32)
+    quote = tok.encode("’", add_bos=False)
+    assert len(quote) == 3  # (the miniature's vocabulary splits it into its bytes)
+    heads = heads_for(tok, ("’",))
+    assert heads[quote[0]] == (tuple(quote[1:]),) and () not in heads[quote[0]]
+    # a repetition is not counted across the quote: " one two" after it, so " three" gets
+    # base ** (its tokens - allowed length); without the breaker the repetition reaches back further
+    history = tok.encode("one two three\u2019 one two three\u2019 one two", add_bos=False)
+    after = len(tok.encode(" one two", add_bos=False))  # the tokens after the last quote
+    following = tok.encode(" three", add_bos=False)[0]
+    z = np.zeros(n, np.float32)
+    assert dry(z, history, heads, 1.0, 2.0, 2, 100)[following] == -(2.0 ** (after - 2))
+    assert dry(z, history, {}, 1.0, 2.0, 2, 100)[following] < -(2.0 ** (after - 2))
+
+
+def test_corners_that_used_to_fail():
+    """(review 101) An empty history with dry_allowed_length -1 (an error before); drafting under
+    DRY whose window is longer than repeat_last_n (verify passes saw only repeat_last_n tokens)."""
+    from runtime.cli.demo import model_path
+
+    z = np.linspace(0, 1, 50).astype(np.float32)
+    assert Sampler(SamplingParams(dry_multiplier=1, dry_allowed_length=-1, temperature=0))(z) == 49
+    with runtime.load(model_path(), n_ctx=512, n_threads=1) as m:
+        prompt = m.tokenize("import unittest\n\n\nclass T(unittest.TestCase):\n    def test_a(self):\n"
+                            "        self.assertEqual(1, 1)\n\n    def test_b(self):\n")
+        params = sampling_params(temperature=0, dry_multiplier=1.5, repeat_last_n=0)
+        plain = list(generate(m, prompt, Sampler(params), 60, stop_at_eog=False, mtp=0))
+        m.reset()
+        assert list(generate(m, prompt, Sampler(params), 60, stop_at_eog=False, mtp=3)) == plain

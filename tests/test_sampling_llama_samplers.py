@@ -235,3 +235,29 @@ def test_dynamic_temperature_scales_as_llama_cpps_temp_ext():
     picks = {Sampler(SamplingParams(temperature=0, dynatemp_range=1.5, top_k=0, top_p=1, min_p=0, seed=s))(z)
              for s in range(20)}
     assert len(picks) > 1
+
+
+def test_corners_review_101_found():
+    """Mirostat 1 whose target surprise grew past float range keeps one token (an OverflowError
+    before; llama.cpp's int(k) is then the lowest int, and it keeps one); dynamic temperature
+    after top-n-sigma divides by the size of llama.cpp's array, which keeps top-n-sigma's -inf
+    tokens (here the whole vocabulary: top-k, top-p and min-p off)."""
+    z = _logits(5)
+    keep, _ = mirostat_candidates(z, 2000.0, 1)
+    assert keep.size == 1
+    s = Sampler(SamplingParams(mirostat=1, mirostat_tau=600, temperature=1, seed=0))
+    assert 0 <= s(z, [1]) < z.size
+    n = z.size
+    ref = (lc.llama_token_data * n)(*[lc.llama_token_data(i, float(z[i]), 0.0) for i in range(n)])
+    arr = lc.llama_token_data_array(ref, n, -1, False)
+    for smpl in (lc.llama_sampler_init_top_n_sigma(1.0), lc.llama_sampler_init_temp_ext(1.0, 0.5, 1.0)):
+        lc.llama_sampler_apply(smpl, ctypes.byref(arr))
+        lc.llama_sampler_free(smpl)
+    theirs = {ref[i].id: ref[i].logit for i in range(arr.size) if np.isfinite(ref[i].logit)}
+    kept = top_n_sigma(z, 1.0)
+    t = dynamic_temperature(kept, 1.0, 0.5, 1.0, n)
+    for tok, v in theirs.items():
+        assert kept[tok] / t == pytest.approx(v, rel=2e-5, abs=2e-5)
+    picks = {Sampler(SamplingParams(top_n_sigma=1.0, top_k=0, top_p=1, min_p=0, dynatemp_range=0.5, seed=i))(z)
+             for i in range(3)}
+    assert picks <= set(theirs)

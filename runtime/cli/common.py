@@ -371,8 +371,16 @@ def sampling_kwargs(args) -> dict:
                 mirostat_eta=args.mirostat_lr, dynatemp_range=args.dynatemp_range, dynatemp_exponent=args.dynatemp_exp,
                 dry_multiplier=args.dry_multiplier, dry_base=args.dry_base, dry_allowed_length=args.dry_allowed_length,
                 dry_penalty_last_n=args.dry_penalty_last_n,
-                **({} if args.dry_sequence_breaker is None else {"dry_sequence_breakers": tuple(
-                    process_escapes(b) if args.escape else b for b in args.dry_sequence_breaker if b != "none")}))
+                **({} if args.dry_sequence_breaker is None else {"dry_sequence_breakers": _breakers(args)}))
+
+
+def _breakers(args) -> tuple:
+    """--dry-sequence-breaker's texts, as llama.cpp reads them: they replace the default ones, and
+    "none" drops every one given before it."""
+    out: list[str] = []
+    for b in args.dry_sequence_breaker:
+        out = [] if b == "none" else out + [process_escapes(b) if args.escape else b]
+    return tuple(out)
 
 
 def max_tokens(args) -> int | None:

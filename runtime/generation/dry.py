@@ -23,7 +23,9 @@ import numpy as np
 DEFAULT_BREAKERS = ("\n", ":", '"', "*")  # llama.cpp's and llama-server's
 MAX_BREAKER_BYTES = 40  # longer breakers are cut, as llama.cpp cuts them
 MAX_TAIL = 20  # tokens after a breaker's head token
+MAX_KEPT = 8  # breaker sets kept per vocabulary
 _LOG_F32_MAX = 88.7228391  # the largest exponent whose power of e float32 holds
+SHORT = 64  # match lengths followed a step at a time before the linear way takes over
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -31,8 +33,27 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def breaker_heads(pieces: Sequence[bytes], tokenize, breakers: Sequence[str]) -> dict[int, tuple[tuple, ...]]:
     """head token -> the token sequences that, after it, finish a breaker (() when the head token
     holds a whole breaker). pieces: each token's text as bytes; tokenize(text) -> ids (no BOS,
-    special tokens not parsed)."""
+    special tokens not parsed). The rest of a breaker that a token ends inside one of its
+    characters is not text: its bytes are the byte tokens of the vocabulary, as a byte-level
+    tokenizer gives them."""
     heads: dict[int, list] = {}
+    byte_token = {p[0]: t for t, p in enumerate(pieces) if len(p) == 1}
+
+    def tail_tokens(rest: bytes) -> tuple | None:
+        try:
+            return tuple(tokenize(rest.decode("utf-8"))[:MAX_TAIL])
+        except UnicodeDecodeError:  # (the breaker's next character begins before the head token ends)
+            cut = 0
+            while cut < len(rest) and 0x80 <= rest[cut] < 0xC0:
+                cut += 1
+            lead = [byte_token.get(b) for b in rest[:cut]]
+            if None in lead:
+                return None
+            try:
+                more = tokenize(rest[cut:].decode("utf-8")) if cut < len(rest) else []
+            except UnicodeDecodeError:
+                return None
+            return tuple((lead + list(more))[:MAX_TAIL])
 
     def add(tok: int, tail: tuple) -> None:
         tails = heads.setdefault(tok, [])
@@ -52,8 +73,9 @@ def breaker_heads(pieces: Sequence[bytes], tokenize, breakers: Sequence[str]) ->
             while pos != -1:
                 n = len(word) - pos  # the word's last n bytes begin the breaker?
                 if n < len(b) and word[pos:] == b[:n]:
-                    rest = b[n:].decode("utf-8", "ignore")
-                    add(tok, tuple(tokenize(rest)[:MAX_TAIL]))
+                    tail = tail_tokens(b[n:])
+                    if tail is not None:
+                        add(tok, tail)
                 pos = word.find(first, pos + 1)
     return {tok: tuple(tails) for tok, tails in heads.items()}
 
@@ -64,6 +86,8 @@ def heads_for(tokenizer, breakers: Sequence[str]) -> dict[int, tuple[tuple, ...]
     per = _CACHE.setdefault(tokenizer, {})
     key = tuple(breakers)
     if key not in per:
+        if len(per) >= MAX_KEPT:  # (each client may send its own breakers: the oldest set goes)
+            per.pop(next(iter(per)))
         pieces = [tokenizer.decode_bytes([t], special=True) for t in range(len(tokenizer.tokens))]
         per[key] = breaker_heads(pieces, lambda s: tokenizer.encode(s, add_bos=False, special=False), key)
     return per[key]
@@ -87,18 +111,39 @@ def _repeat_limit(w: list[int], heads: dict) -> int:
 
 def _repeat_counts(w: np.ndarray, limit: int) -> np.ndarray:
     """counts[e] for e < len(w) - 1: how many tokens ending at e equal the ones ending the window
-    (its longest common suffix), at most `limit`."""
+    (its longest common suffix), at most `limit`. A step per length, over the positions still
+    matching: cheap on text, and past SHORT steps (a loop the text is stuck in, where it would
+    take len(w) steps over len(w) positions) the Z-function of the reversed window, linear."""
     n = w.size
     counts = np.zeros(n - 1, np.int64)
     active = np.arange(n - 1)
     j = 0
     while active.size and j < limit:
+        if j == SHORT:
+            return np.minimum(_suffix_matches(w), limit)
         ok = active - j >= 0
         active = active[ok]
         active = active[w[active - j] == w[n - 1 - j]]
         counts[active] += 1
         j += 1
     return counts
+
+
+def _suffix_matches(w: np.ndarray) -> np.ndarray:
+    """For each e < len(w) - 1, the longest common suffix of w[:e + 1] and w: the Z-function of
+    the reversed window (z[k] pairs with e = len(w) - 1 - k)."""
+    r = w[::-1].tolist()
+    n = len(r)
+    z = [0] * n
+    lo = hi = 0
+    for k in range(1, n):
+        m = min(hi - k, z[k - lo]) if k < hi else 0
+        while k + m < n and r[m] == r[k + m]:
+            m += 1
+        z[k] = m
+        if k + m > hi:
+            lo, hi = k, k + m
+    return np.asarray(z[1:][::-1], np.int64)
 
 
 def dry(logits: np.ndarray, history: Sequence[int], heads: dict, multiplier: float, base: float,
@@ -108,7 +153,7 @@ def dry(logits: np.ndarray, history: Sequence[int], heads: dict, multiplier: flo
     if multiplier == 0 or base < 1 or last_n == 0:
         return logits
     w = list(history[-last_n:]) if last_n > 0 else list(history)
-    if len(w) <= allowed_length:
+    if len(w) <= allowed_length or len(w) < 2:
         return logits
     limit = _repeat_limit(w, heads)
     if limit < allowed_length:

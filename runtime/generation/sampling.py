@@ -252,22 +252,29 @@ def mirostat_candidates(logits: np.ndarray, mu: float, version: int, m: int = 10
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             s_hat = float(np.sum(t * np.log(probs[i] / probs[i + 1])) / np.sum(t * t)) if i.size else 1.0
             eps = s_hat - 1
-            k = ((eps * 2.0 ** mu) / (1 - float(logits.size) ** (-eps))) ** (1 / s_hat)
-        n = min(max(int(k), 1), order.size) if math.isfinite(k) else order.size
+            try:
+                k = ((eps * 2.0 ** mu) / (1 - float(logits.size) ** (-eps))) ** (1 / s_hat)
+            except (OverflowError, ZeroDivisionError):
+                k = math.inf
+        # (k past int's range: llama.cpp's int(k) is the lowest int, and max(that, 1) keeps one token)
+        n = min(max(int(k), 1), order.size) if isinstance(k, float) and math.isfinite(k) else 1
     keep = order[:n]
     return keep, softmax(logits[keep])
 
 
-def dynamic_temperature(logits: np.ndarray, t: float, spread: float, exponent: float) -> float:
+def dynamic_temperature(logits: np.ndarray, t: float, spread: float, exponent: float, size: int | None = None) -> float:
     """llama.cpp's dynamic temperature: between max(0, t - spread) and t + spread, by the
-    candidates' entropy over its largest possible value (all equally likely), to `exponent`."""
+    candidates' entropy over its largest possible value (`size` equally likely tokens), to
+    `exponent`. size: the candidates llama.cpp's array holds, -inf ones that top-n-sigma leaves
+    in it included (default: the finite logits)."""
     live = logits[np.isfinite(logits)]
-    if live.size <= 1:
+    size = live.size if size is None else size
+    if size <= 1 or live.size == 0:
         return t
     probs = softmax(live)
     entropy = float(-np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0)))
     low, high = max(0.0, t - spread), t + spread
-    return low + (high - low) * (entropy / math.log(live.size)) ** exponent
+    return low + (high - low) * (entropy / math.log(size)) ** exponent
 
 
 def mirostat_update(mu: float, prob: float, tau: float, eta: float) -> float:
@@ -297,6 +304,9 @@ def draw(logits: np.ndarray, rng: np.random.Generator) -> int:
 
 class Sampler:
     """The composed chain with its own random stream (reproducible for a given seed).
+
+    DRY's breakers are tokens of a vocabulary: runtime.generation.loop.generate sets `dry_heads`
+    from the model's (a Sampler called directly with DRY on has none unless its caller sets them).
 
     `constraint` (runtime.text.json_constraint.JsonObjectReply: allows, candidates, take), when
     set, decides which tokens may come: a drawn token it refuses is drawn again from the logits
@@ -384,9 +394,19 @@ class Sampler:
         dynamic = p.dynatemp_range > 0 and not p.mirostat
         if p.temperature <= 0 and not dynamic and (p.mirostat or (p.typical_p >= 1.0 and p.xtc_probability <= 0)):
             return greedy(z)  # (the other filters always leave the most likely token)
-        z = typical(top_k(top_n_sigma(z, p.top_n_sigma), p.top_k), p.typical_p)
-        z = xtc(min_p(top_p(z, p.top_p), p.min_p), p.xtc_probability, p.xtc_threshold, self.rng)
-        t = dynamic_temperature(z, p.temperature, p.dynatemp_range, p.dynatemp_exponent) if dynamic else p.temperature
+        z = top_k(top_n_sigma(z, p.top_n_sigma), p.top_k)
+        # the tokens llama.cpp's array holds: top-n-sigma leaves -inf ones in it, top-k cuts it to k,
+        # and the later filters to the tokens they keep (dynamic temperature divides by its size)
+        size = min(p.top_k, z.size) if p.top_k > 0 else z.size
+        z = typical(z, p.typical_p)
+        z = min_p(top_p(z, p.top_p), p.min_p)
+        if p.typical_p < 1.0 or p.top_p < 1.0 or p.min_p > 0:
+            size = int(np.isfinite(z).sum())
+        z, before = xtc(z, p.xtc_probability, p.xtc_threshold, self.rng), z
+        if z is not before and not np.array_equal(np.isfinite(z), np.isfinite(before)):
+            size -= int(np.isfinite(before).sum() - np.isfinite(z).sum())
+        t = (dynamic_temperature(z, p.temperature, p.dynatemp_range, p.dynatemp_exponent, size) if dynamic
+             else p.temperature)
         if t <= 0:  # (a dynamic temperature may be above 0 where the set one is 0, as in llama.cpp)
             return greedy(z)
         return draw(temperature(z, t), self.rng)

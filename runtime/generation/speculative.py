@@ -210,6 +210,8 @@ def generate(model, prompt: Sequence[int], sampler, max_tokens: int | None, eog:
         tok = sampler(logits, model.history)
     params = getattr(sampler, "params", None)  # a Sampler reads only its last repeat_last_n tokens
     recent = params.repeat_last_n if params is not None else model.n_ctx
+    if params is not None and params.dry_multiplier:  # and DRY its last dry_penalty_last_n (-1: all)
+        recent = model.n_ctx if params.dry_penalty_last_n < 0 else max(recent, params.dry_penalty_last_n)
     n, passes, emitted, drafting, by_drafting, drafted = 0, 0, 0, 0, 0, 0
     try:
         while True:

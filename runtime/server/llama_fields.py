@@ -137,9 +137,12 @@ def llama_samplers(body: dict) -> dict:
     dry_ints = {name: _get(body, name, (int,), off) for name, off in (("dry_allowed_length", 2), ("dry_penalty_last_n", -1))}
     for name, value in dry_ints.items():
         _range(name, value, -1, 2**31 - 1)
+    if dry_fields["dry_base"] < 1:  # llama-server's reading: the default base, DRY still on
+        dry_fields["dry_base"] = 1.75
     breakers = _get(body, "dry_sequence_breakers", (list,), None)
-    if breakers is not None and (not all(isinstance(b, str) and b for b in breakers) or len(breakers) > 64):
-        raise ApiError(400, "'dry_sequence_breakers' must be a list of at most 64 non-empty strings",
+    if breakers is not None and (not breakers or not all(isinstance(b, str) and b for b in breakers)
+                                 or len(breakers) > 16):
+        raise ApiError(400, "'dry_sequence_breakers' must be a non-empty list of at most 16 non-empty strings",
                        param="dry_sequence_breakers", code="invalid_value")
     dry = {**{k: float(v) for k, v in dry_fields.items()}, **dry_ints}
     if breakers is not None:
