@@ -55,10 +55,11 @@ def generate(model, prompt: Sequence[int], sampler: Sampler, max_tokens: int | N
     if max_tokens is not None and (not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool)):
         raise StepstreamError(f"max_tokens must be an integer, or None for no limit, got {max_tokens!r}")
     eog = model.tokenizer.eog_ids if stop_at_eog else frozenset()
-    if sampler.params.dry_multiplier and not sampler.dry_heads:  # DRY's breakers, in this vocabulary's tokens
+    params = getattr(sampler, "params", None)  # (a sampler may be any callable)
+    if params is not None and params.dry_multiplier and not sampler.dry_heads:  # DRY's breakers, in this vocabulary's tokens
         from runtime.generation.dry import heads_for
 
-        sampler.dry_heads = heads_for(model.tokenizer, sampler.params.dry_sequence_breakers)
+        sampler.dry_heads = heads_for(model.tokenizer, params.dry_sequence_breakers)
     # No token wanted: the plain path evaluates the prompt and yields nothing (a draft pass would
     # yield one before it checks the count). A constrained sampler (JSON mode, a schema, a tool
     # call's grammar) drafts too: a verify pass calls it on each position in order and stops at
