@@ -221,7 +221,7 @@ BAD = [  # (path, body or raw bytes, status, the field the message must name)
     ("/v1/chat/completions", {**CHAT, "seed": -2**63 - 1}, 400, "seed"),  # -1 is llama-server's "random"
     ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("/v1/chat/completions", {**CHAT, "n": 3}, 400, "'n'"),
+    ("/v1/chat/completions", {**CHAT, "n": 0}, 400, "'n'"),
     ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "content"),

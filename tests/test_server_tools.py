@@ -175,6 +175,20 @@ def test_tool_choice(served):
         assert "get_weather" not in (content or "")
 
 
+def test_each_of_n_choices_ends_at_its_own_first_call(served):
+    """With `n`, each choice's reply is read by a watcher of its own: one shared would have seen
+    the first choice's call and ended the second at its first piece."""
+    name, client = served
+    if name != "two_json_calls":
+        pytest.skip("one model with two calls is enough")
+    r = _ask(client, parallel_tool_calls=False, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        assert c.message.content == "Checking both." and c.finish_reason == "tool_calls"
+        assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == \
+            [("get_weather", {"city": "Rome"})]
+
+
 def test_parallel_tool_calls_false_ends_the_reply_at_its_first_call(served, files):
     """`parallel_tool_calls: false` was accepted and ignored: a reply with two calls returned both
     (OpenAI then returns at most one, as llama-server does)."""

@@ -16,19 +16,35 @@ from runtime.text.tool_calls import ReplyStream, parse_reply
 
 
 def usage(n_prompt: int, timings: Timings) -> dict:
-    n = timings.predicted_n
+    return usage_sum([(n_prompt, timings)])
+
+
+def usage_sum(parts: list[tuple[int, Timings]], per_prompt: int = 1) -> dict:
+    """The usage of a request's choices, (prompt tokens, timings) each, `per_prompt` choices for
+    each prompt in order (OpenAI's `n` or `best_of`): each prompt's tokens and cached tokens
+    counted once (its first choice's), every choice's generated tokens."""
+    firsts = parts[::per_prompt]
+    n_prompt = sum(n for n, _ in firsts)
+    n = sum(t.predicted_n for _, t in parts)
     return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n,
-            "prompt_tokens_details": {"cached_tokens": timings.cached_n}}
+            "prompt_tokens_details": {"cached_tokens": sum(t.cached_n for _, t in firsts)}}
+
+
+def timings_of(timings: list[Timings]):
+    """A response's `timings`: one choice's, or a list of every choice's."""
+    return timings[0].as_dict() if len(timings) == 1 else [t.as_dict() for t in timings]
 
 
 class TextReply:
     """/v1/completions."""
 
-    def __init__(self, model_name: str, n_prompt: int, prompt_chars: int, echo: str = "", index: int = 0):
+    def __init__(self, model_name: str, n_prompt: int, prompt_chars: int, echo: str = "", index: int = 0,
+                 id: str | None = None):
         """prompt_chars: the prompt's length in characters, where the reply's `text_offset`s start
         (OpenAI's and llama-cpp-python's convention: offsets into prompt + reply). index: the
-        prompt's place in a request that sent several."""
-        self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        choice's place in a request that asked for several (several prompts, `n`); id: the
+        request's, which all its choices share."""
+        self.id, self.created, self.model = id or f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name
         self.index = index
         self.n_prompt, self.prompt_chars = n_prompt, prompt_chars
         self.text: list[str] = [echo]
@@ -52,24 +68,38 @@ class TextReply:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
+    def choice(self, want_logprobs: bool, index: int | None = None) -> dict:
+        return {"text": "".join(self.text), "index": self.index if index is None else index,
+                "logprobs": legacy_logprobs(self.logprobs, self.prompt_chars) if want_logprobs else None,
+                "finish_reason": self.finish_reason}
+
     def whole(self, timings: Timings, want_logprobs: bool) -> dict:
-        choice = {"text": "".join(self.text), "index": self.index,
-                  "logprobs": legacy_logprobs(self.logprobs, self.prompt_chars) if want_logprobs else None,
-                  "finish_reason": self.finish_reason}
-        return self._envelope([choice], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
+        return self._envelope([self.choice(want_logprobs)], usage=usage(self.n_prompt, timings),
+                              timings=timings.as_dict())
 
     def usage_chunk(self, timings: Timings) -> dict:
         return self._envelope([], usage=usage(self.n_prompt, timings), timings=timings.as_dict())
 
+    def score(self, timings: Timings) -> float:
+        """best_of's measure of a choice: the mean log-probability of its tokens, the
+        end-of-text token that ended it included (OpenAI's "highest log probability per token")."""
+        lps = [lp.logprob for lp in self.logprobs] + ([] if timings.eog_logprob is None else [timings.eog_logprob])
+        return sum(lps) / len(lps) if lps else 0.0
+
     @staticmethod
-    def joined(answers: list[dict]) -> dict:
-        """The whole answers to a request's several prompts as one: their choices in order, the
-        usage summed (OpenAI's shape); `timings`, one per prompt, as a list."""
-        total = {k: sum(a["usage"][k] for a in answers) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        total["prompt_tokens_details"] = {"cached_tokens": sum(a["usage"]["prompt_tokens_details"]["cached_tokens"]
-                                                               for a in answers)}
-        return {**answers[0], "choices": [c for a in answers for c in a["choices"]], "usage": total,
-                "timings": [a["timings"] for a in answers]}
+    def joined(replies: list["TextReply"], timings: list[Timings], per_prompt: int, n: int,
+               want_logprobs: bool) -> dict:
+        """The whole answer to a request's choices, `per_prompt` generated for each prompt in order:
+        of each prompt's, the n likeliest (best_of; all of them when n is per_prompt, in order),
+        indexed from 0 in order (OpenAI's shape); the usage counts every generated token."""
+        choices = []
+        for first in range(0, len(replies), per_prompt):
+            group = list(range(first, first + per_prompt))
+            if n < per_prompt:  # best first; of equals, the earlier
+                group = sorted(group, key=lambda k: -replies[k].score(timings[k]))[:n]
+            choices += [replies[k].choice(want_logprobs, len(choices) + i) for i, k in enumerate(group)]
+        total = usage_sum([(r.n_prompt, t) for r, t in zip(replies, timings)], per_prompt)
+        return replies[0]._envelope(choices, usage=total, timings=timings_of(timings))
 
 
 def _chat_logprobs(lps) -> dict:
@@ -98,11 +128,13 @@ class ChatReply:
     tools and did not say tool_choice "none": otherwise the markup is content, as written)."""
 
     def __init__(self, model_name: str, n_prompt: int, *, in_reasoning: bool, tools: list | None, forced: str = "",
-                 max_calls: int | None = None, reasoning_field: str = "reasoning_content"):
+                 max_calls: int | None = None, reasoning_field: str = "reasoning_content", index: int = 0,
+                 id: str | None = None):
         """max_calls: 1 for `parallel_tool_calls: false` (the reply ends at its first call);
-        reasoning_field: the reasoning's name in the reply (REASONING_FIELDS)."""
-        self.reasoning_field = reasoning_field
-        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
+        reasoning_field: the reasoning's name in the reply (REASONING_FIELDS); index: the
+        choice's place among a request's `n`; id: the request's, which all its choices share."""
+        self.reasoning_field, self.index = reasoning_field, index
+        self.id, self.created, self.model = id or f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_name
         self.n_prompt, self.in_reasoning, self.tools, self.max_calls = n_prompt, in_reasoning, tools, max_calls
         self.stream = ReplyStream(in_reasoning=in_reasoning, tools=tools, calls=tools is not None, max_calls=max_calls)
         # the start of a forced tool call (tool_choice): part of the reply the parser reads, held
@@ -118,7 +150,7 @@ class ChatReply:
                 "choices": choices, **extra}
 
     def first_chunk(self) -> dict:
-        return self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        return self._envelope([{"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}])
 
     def collect(self, step: Step) -> None:
@@ -142,20 +174,21 @@ class ChatReply:
             deltas += self.stream.finish(cut=step.finish_reason == "length")
         self.n_calls += sum(len(d.get("tool_calls", ())) for d in deltas)
         deltas = [_named(d, self.reasoning_field) for d in deltas]
-        out = [self._envelope([{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]) for d in deltas]
+        out = [self._envelope([{"index": self.index, "delta": d, "logprobs": None, "finish_reason": None}])
+               for d in deltas]
         if want_logprobs and step.logprobs:
             if out:
                 out[0]["choices"][0]["logprobs"] = _chat_logprobs(step.logprobs)
             else:
-                out.append(self._envelope([{"index": 0, "delta": {}, "logprobs": _chat_logprobs(step.logprobs),
+                out.append(self._envelope([{"index": self.index, "delta": {}, "logprobs": _chat_logprobs(step.logprobs),
                                             "finish_reason": None}]))
         if step.finish_reason:
             self.finish_reason = self._finish(step.finish_reason, self.n_calls)
-            out.append(self._envelope([{"index": 0, "delta": {}, "logprobs": None,
+            out.append(self._envelope([{"index": self.index, "delta": {}, "logprobs": None,
                                         "finish_reason": self.finish_reason}]))
         return out
 
-    def whole(self, timings: Timings, want_logprobs: bool) -> dict:
+    def choice(self, want_logprobs: bool) -> dict:
         text = "".join(self.text)
         parsed = parse_reply(text, in_reasoning=self.in_reasoning, tools=self.tools, calls=self.tools is not None,
                              max_calls=self.max_calls, cut=self.finish_reason == "length")
@@ -167,11 +200,21 @@ class ChatReply:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}
                                      for c in parsed.tool_calls]
-        choice = {"index": 0, "message": message,
-                  "logprobs": _chat_logprobs(self.logprobs) if want_logprobs else None,
-                  "finish_reason": self._finish(self.finish_reason, len(parsed.tool_calls))}
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [choice], "usage": usage(self.n_prompt, timings), "timings": timings.as_dict()}
+        return {"index": self.index, "message": message,
+                "logprobs": _chat_logprobs(self.logprobs) if want_logprobs else None,
+                "finish_reason": self._finish(self.finish_reason, len(parsed.tool_calls))}
+
+    def whole(self, timings: Timings, want_logprobs: bool) -> dict:
+        return self.joined([self], [timings], want_logprobs)
+
+    @staticmethod
+    def joined(replies: list["ChatReply"], timings: list[Timings], want_logprobs: bool) -> dict:
+        """The whole answer to a request's `n` choices (one prompt: its tokens counted once)."""
+        first = replies[0]
+        return {"id": first.id, "object": "chat.completion", "created": first.created, "model": first.model,
+                "choices": [r.choice(want_logprobs) for r in replies],
+                "usage": usage_sum([(r.n_prompt, t) for r, t in zip(replies, timings)], len(replies)),
+                "timings": timings_of(timings)}
 
     def usage_chunk(self, timings: Timings) -> dict:
         return self._envelope([], usage=usage(self.n_prompt, timings), timings=timings.as_dict())

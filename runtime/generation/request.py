@@ -70,6 +70,9 @@ class Timings:
     first_token_ms: float = 0.0  # from the start of the prompt's evaluation to the first token
     draft_n: int = 0  # tokens the MTP heads drafted (--mtp)
     draft_n_accepted: int = 0  # of those, the ones the verifying pass accepted
+    # the log-probability of the end-of-generation token that ended the reply, when the request
+    # asked for log-probabilities (best_of weighs a reply by all its tokens')
+    eog_logprob: float | None = None
 
     def as_dict(self) -> dict:
         per_s = self.predicted_n / (self.predicted_ms / 1000) if self.predicted_ms > 0 else None
@@ -187,6 +190,7 @@ def run(model, req: Request) -> Iterator[Step]:
             lp = sampler.taken(tok)
             if tok in eog and not req.ignore_eos:  # not part of the reply: no text, no log-probability
                 finish, t.eog_n = "stop", 1
+                t.eog_logprob = None if lp is None else lp.logprob
                 break
             if tok not in eog:  # with ignore_eos, an end-of-text token is passed over
                 n += 1

@@ -41,12 +41,12 @@ from runtime.server.llama_routes import add_llama_routes
 from runtime.server.native_completion import add_native_completion
 from runtime.server.body_fields import ApiError, parse_json
 from runtime.server.llama_fields import add_bias
-from runtime.server.requests import chat_body, check_model, completion_body
+from runtime.server.requests import chat_body, check_model, choice_params, completion_body
 from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
 from runtime.server.slots import add_slot_routes
 from runtime.server.responses_api import item_kind, responses_body, to_messages
-from runtime.generation.replies import ChatReply, TextReply
+from runtime.generation.replies import ChatReply, TextReply, timings_of, usage_sum
 from runtime.generation.message_events import MessageReply
 from runtime.generation.response_events import ResponseReply, new_id
 from runtime.text.tool_calls import END_THINK, ReplyStream, callable_tools, forced_call, starts_in_reasoning
@@ -75,13 +75,18 @@ def _named(event: dict) -> str:
 
 @dataclass
 class Turn:
-    """A chat turn ready to generate: the prompt's ids and the request, how the reply starts."""
+    """A chat turn ready to generate: the prompt's ids and the requests of its choices (one each:
+    a request keeps its reply's state), how the reply starts."""
 
     ids: list[int]
-    req: ModelRequest
+    reqs: list[ModelRequest]
     in_reasoning: bool
     forced: str  # the start of a forced call the prompt ends with
     tools: list[dict] | None  # the tools a call may name
+
+    @property
+    def req(self) -> ModelRequest:
+        return self.reqs[0]
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
@@ -154,9 +159,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         return parse(body)
 
     def model_request(ids: list[int], common, logprobs, field: str, in_reasoning: bool = False,
-                      chat: bool = False) -> ModelRequest:
+                      chat: bool = False, choice: int = 0) -> ModelRequest:
         """`field`: the body's field the prompt came from ("prompt" or "messages"), named by a refusal.
-        `chat`: a chat turn, whose reasoning the budget bounds (a text completion's is its own)."""
+        `chat`: a chat turn, whose reasoning the budget bounds (a text completion's is its own).
+        `choice`: which of the request's choices (its seed: requests.choice_params)."""
         if len(ids) > model.n_ctx:  # a prompt that fills it still gets one token, as `run` and the library give
             raise ApiError(400, f"the prompt is {len(ids)} tokens, more than the context of {model.n_ctx} "
                                 "(start the server with a larger --ctx-size, or shorten the prompt)",
@@ -176,14 +182,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         room = model.n_ctx - len(ids) + 1  # the last token is sampled, never evaluated: it needs no position
         budget = -1 if not chat else reasoning_budget if common.reasoning_budget is None else common.reasoning_budget
         limit = room if common.max_tokens is None else min(common.max_tokens, room)  # (0: the prompt alone)
-        return ModelRequest(ids, common.params, limit, common.stop, logprobs,
+        return ModelRequest(ids, choice_params(common.params, choice), limit, common.stop, logprobs,
                             ignore_eos=common.ignore_eos, json_object=common.json_object, grammar=common.grammar,
                             in_reasoning=in_reasoning, reasoning_budget=None if budget < 0 else budget,
                             reasoning_message=reasoning_message)
 
-    def submit(req: ModelRequest, stream: bool) -> Job:
+    def submit(req: ModelRequest | list[ModelRequest], stream: bool) -> Job | list[Job]:
+        """A request's job; or, given a list (a request's choices), their jobs, queued as one."""
         try:
-            return engine.submit(req, stream)
+            return engine.submit_group(req, stream) if isinstance(req, list) else engine.submit(req, stream)
         except Busy:
             raise ApiError(503, f"the server is busy: {engine.queue_size} requests are waiting; retry shortly",
                            kind="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
@@ -223,51 +230,71 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 if kind == "done":
                     return
 
-    async def watch(job: Job, request: Request) -> None:
-        """Cancel the job the moment its client disconnects (not at the next write)."""
-        while not job.cancel.is_set():
+    async def watch(jobs: list[Job], request: Request) -> None:
+        """Cancel the jobs the moment their client disconnects (not at the next write)."""
+        while not jobs[-1].cancel.is_set():
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                job.cancel.set()
+                for job in jobs:
+                    job.cancel.set()
 
-    def sse(job: Job, request: Request, to_frames, end, failed, head: str = "", merged: bool = True,
+    def sse(jobs: Job | list[Job], request: Request, to_frames, end, failed, head: str = "", merged: bool = True,
             ping: str = "") -> StreamingResponse:
         """A job's steps as server-sent events: `head` at once, `to_frames(step)` for each step,
         `end()` after the last, `failed(ApiError)` when the generation fails; `ping` every PING_S
         seconds without a step (a long prompt's evaluation), so a client's idle timeout does
-        not give up on it."""
+        not give up on it. Given a list of jobs (a request's choices), `to_frames` is a list too,
+        one for each, and the jobs' steps follow one another."""
+        if isinstance(jobs, Job):
+            jobs, to_frames = [jobs], [to_frames]
+
         async def body():
-            watcher = asyncio.create_task(watch(job, request))
+            watcher = asyncio.create_task(watch(jobs, request))
             try:
                 if head:
                     yield head
                 try:
-                    async for step in events(job, None, merged, PING_S if ping else None):
-                        text = to_frames(step) if step is not None else ping
-                        if text:
-                            yield text
+                    for job, frames in zip(jobs, to_frames):
+                        async for step in events(job, None, merged, PING_S if ping else None):
+                            text = frames(step) if step is not None else ping
+                            if text:
+                                yield text
                     yield end()
                 except ApiError as e:
                     yield failed(e)
             finally:  # done, or the client went away: a running generation stops within one token
-                job.cancel.set()
+                for job in jobs:
+                    job.cancel.set()
                 watcher.cancel()
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def chunks_sse(job: Job, request: Request, to_chunks, usage_chunk, include_usage: bool) -> StreamingResponse:
-        """The chat and completion streams: data-only events, ending in `data: [DONE]`."""
-        return sse(job, request, lambda step: "".join(map(_data, to_chunks(step))),
+    def chunks_sse(jobs: list[Job], request: Request, to_chunks: list, usage_chunk, include_usage: bool):
+        """The chat and completion streams of a request's choices: data-only events, ending in
+        `data: [DONE]`."""
+        return sse(jobs, request, [lambda step, f=f: "".join(map(_data, f(step))) for f in to_chunks],
                    lambda: (_data(usage_chunk()) if include_usage else "") + _DONE,
                    lambda e: _data(e.body()) + _DONE)
 
-    async def whole(job: Job, request: Request, collect, merged: bool = True) -> None:
+    async def whole(jobs: Job | list[Job], request: Request, collect, merged: bool = True) -> None:
+        """Feed a job's steps to `collect`; given a list of jobs, `collect` is a list too."""
+        if isinstance(jobs, Job):
+            jobs, collect = [jobs], [collect]
         try:
-            async for step in events(job, request, merged):
-                collect(step)
+            for job, take in zip(jobs, collect):
+                async for step in events(job, request, merged):
+                    take(step)
         finally:
-            job.cancel.set()
+            for job in jobs:
+                job.cancel.set()
+
+    def usage_chunk(replies: list, reqs: list[ModelRequest], per_prompt: int):
+        """A stream's last chunk, the usage of all its choices."""
+        def chunk():
+            parts = [(r.n_prompt, q.timings) for r, q in zip(replies, reqs)]
+            return replies[0]._envelope([], usage=usage_sum(parts, per_prompt), timings=timings_of([q.timings for q in reqs]))
+        return chunk
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: uptime probes
     @app.api_route("/v1/health", methods=["GET", "HEAD"])  # (llama-server serves both)
@@ -317,36 +344,40 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     @app.post("/v1/completions")
     async def completions(request: Request):
         b = await body_of(request, completion_body)
-        many = len(b.prompts) > 1
-        parts = []  # every prompt is checked before the first is queued
-        for i, p in enumerate(b.prompts):
+        many, per = len(b.prompts) > 1, b.best_of  # best_of (n unless given) choices of each prompt
+        # best_of above n weighs each choice by its tokens' log-probabilities
+        k = 0 if b.logprobs is None and per > b.common.n else b.logprobs
+        reqs, replies, cid = [], [], f"cmpl-{uuid.uuid4().hex}"
+        for i, p in enumerate(b.prompts):  # every prompt is checked before the first is queued
             ids = await prompt_ids(p, f"prompt[{i}]" if many else "prompt")
-            req = model_request(ids, b.common, b.logprobs, "prompt")
             prompt = p if isinstance(p, str) else model.detokenize(ids).decode("utf-8", "replace")
-            parts.append((req, TextReply(model_name, len(ids), len(prompt), prompt if b.echo else "", index=i)))
+            for j in range(per):
+                reqs.append(model_request(ids, b.common, k, "prompt", choice=j))
+                replies.append(TextReply(model_name, len(ids), len(prompt), prompt if b.echo else "",
+                                         index=len(replies), id=cid))
         want = b.logprobs is not None
-        if b.common.stream:  # one prompt (requests.completion_body)
-            (req, reply), = parts
-            job = submit(req, True)
-            first = [reply._envelope([{"text": reply.text[0], "index": 0, "logprobs": None,
-                                       "finish_reason": None}])] if b.echo else []
+        jobs = submit(reqs, b.common.stream)  # one after another, with no other request between them
+        if b.common.stream:  # (best_of is n here: requests.completion_body)
+            def frames(reply):
+                first = [reply._envelope([{"text": reply.text[0], "index": reply.index, "logprobs": None,
+                                           "finish_reason": None}])] if b.echo else []
 
-            def to_chunks(step):
-                c = reply.chunk(step, want)
-                out = first + ([c] if c else [])
-                first.clear()
-                return out
+                def to_chunks(step):
+                    c = reply.chunk(step, want)
+                    out = first + ([c] if c else [])
+                    first.clear()
+                    return out
+                return to_chunks
 
-            return chunks_sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
-        answers = []
-        for req, reply in parts:  # one after another, each queued as its own job
-            await whole(submit(req, False), request, lambda step, reply=reply: reply.chunk(step, want))
-            answers.append(reply.whole(req.timings, want))
-        return answers[0] if not many else TextReply.joined(answers)
+            return chunks_sse(jobs, request, [frames(r) for r in replies], usage_chunk(replies, reqs, per),
+                              b.common.include_usage)
+        await whole(jobs, request, [lambda step, reply=reply: reply.chunk(step, want) for reply in replies])
+        return TextReply.joined(replies, [q.timings for q in reqs], per, b.common.n, want)
 
     async def chat_turn(messages: list[dict], offered: list[dict] | None, tool_choice, common, logprobs, *,
-                        continue_final: bool, max_calls: int | None, field: str) -> Turn:
-        """The prompt and the request of a chat reply (both chat completions and responses)."""
+                        continue_final: bool, max_calls: int | None, field: str, n: int = 1) -> Turn:
+        """The prompt and the requests of a chat reply's n choices (chat completions, responses,
+        messages)."""
         tools = offered if offered and tool_choice != "none" else None  # the ones a call may name
         try:
             # the template shows the tools even with tool_choice "none", as llama-server and vLLM
@@ -366,48 +397,58 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             # the reply starts with the opening of a call (closing a reasoning section the prompt opened)
             forced = ("\n" + END_THINK + "\n" if in_reasoning else "") + forced_call(named)
             ids = ids + model.tokenize(forced, add_bos=False, special=True)
-        req = model_request(ids, common, logprobs, field, in_reasoning, chat=True)
-        if forced:  # the call the prompt opened is finished by its grammar (runtime.text.tool_grammar)
-            req.grammar = ToolCallGrammar(callable_tools(tools, tool_choice), named)
-        elif tools is not None:  # "auto": a call the reply opens is finished by its grammar
-            req.grammar = AutoToolGrammar(tools)
-        # the budget reads reasoning as the reply's parser reads it
-        req.tools, req.forced, req.max_calls = callable_tools(tools, tool_choice), forced, max_calls
-        if tools is not None and max_calls is not None:  # generation ends with the last call it may make
-            watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, tool_choice), calls=True,
-                                max_calls=max_calls)
-            watch.push(forced)
+        grammar = ToolCallGrammar(callable_tools(tools, tool_choice), named) if forced else \
+            AutoToolGrammar(tools) if tools is not None else None
 
-            def ends(text: str) -> bool:
-                watch.push(text)
-                return watch.ended
+        def choice(j: int) -> ModelRequest:
+            req = model_request(ids, common, logprobs, field, in_reasoning, chat=True, choice=j)
+            # a forced call (the prompt opened it) or one the reply opens ("auto") is finished by
+            # its grammar (runtime.text.tool_grammar)
+            if grammar is not None:
+                req.grammar = grammar
+            # the budget reads reasoning as the reply's parser reads it
+            req.tools, req.forced, req.max_calls = callable_tools(tools, tool_choice), forced, max_calls
+            if tools is not None and max_calls is not None:  # generation ends with the last call it may make
+                watch = ReplyStream(in_reasoning=in_reasoning, tools=callable_tools(tools, tool_choice), calls=True,
+                                    max_calls=max_calls)
+                watch.push(forced)
 
-            req.ends = ends
-        return Turn(ids, req, in_reasoning, forced, callable_tools(tools, tool_choice))
+                def ends(text: str) -> bool:
+                    watch.push(text)
+                    return watch.ended
+
+                req.ends = ends
+            return req
+
+        return Turn(ids, [choice(j) for j in range(n)], in_reasoning, forced, callable_tools(tools, tool_choice))
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat(request: Request):
         b = await body_of(request, chat_body)
         turn = await chat_turn(b.messages, b.tools, b.tool_choice, b.common, b.logprobs,
-                               continue_final=b.continue_final, max_calls=b.max_calls, field="messages")
-        req = turn.req
-        reply = ChatReply(model_name, len(turn.ids), in_reasoning=turn.in_reasoning, tools=turn.tools,
-                          reasoning_field=reasoning_field,
-                          forced=turn.forced, max_calls=b.max_calls)
+                               continue_final=b.continue_final, max_calls=b.max_calls, field="messages", n=b.common.n)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        replies = [ChatReply(model_name, len(turn.ids), in_reasoning=turn.in_reasoning, tools=turn.tools,
+                             reasoning_field=reasoning_field, forced=turn.forced, max_calls=b.max_calls, index=j,
+                             id=cid)
+                   for j in range(len(turn.reqs))]
         want = b.logprobs is not None
-        job = submit(req, b.common.stream)
+        jobs = submit(turn.reqs, b.common.stream)  # one after another, with no other request between them
         if b.common.stream:
-            first = [reply.first_chunk()]
+            def frames(reply):
+                first = [reply.first_chunk()]
 
-            def to_chunks(step):
-                out = first + reply.chunks(step, want)
-                first.clear()
-                return out
+                def to_chunks(step):
+                    out = first + reply.chunks(step, want)
+                    first.clear()
+                    return out
+                return to_chunks
 
-            return chunks_sse(job, request, to_chunks, lambda: reply.usage_chunk(req.timings), b.common.include_usage)
-        await whole(job, request, reply.collect)
-        return reply.whole(req.timings, want)
+            return chunks_sse(jobs, request, [frames(r) for r in replies],
+                              usage_chunk(replies, turn.reqs, len(replies)), b.common.include_usage)
+        await whole(jobs, request, [r.collect for r in replies])
+        return ChatReply.joined(replies, [q.timings for q in turn.reqs], want)
 
     # ------------------------------------------------------------ the Responses API
 

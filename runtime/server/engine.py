@@ -59,6 +59,7 @@ class Job:
     _woken: bool = False  # the loop will look at the events without being woken
     _ended: asyncio.Event = field(default_factory=asyncio.Event)  # the job's last event is queued
     action: object = None  # a job with no request: action(model), run between requests
+    group: object = None  # the jobs of one request's choices share a group (Engine.submit_group)
 
     ENDS = frozenset(("done", "error", "steps", "result"))  # kinds after which the job sends nothing more
 
@@ -121,8 +122,13 @@ class Engine:
 
     @property
     def waiting(self) -> int:
+        """The requests waiting (a request's several choices count once)."""
         with self._cond:
-            return sum(not job.cancel.is_set() for job in self._waiting)
+            return self._requests(j for j in self._waiting if not j.cancel.is_set())
+
+    @staticmethod
+    def _requests(jobs) -> int:
+        return len({id(j) if j.group is None else id(j.group) for j in jobs})
 
     def start(self) -> threading.Thread:
         """Run the worker on a thread of its own (slower kernels: see the module's docstring)."""
@@ -133,27 +139,34 @@ class Engine:
     def submit(self, request: completion.Request, stream: bool = True) -> Job:
         """Queue a request, or raise Busy when queue_size requests are waiting (those whose client
         has left do not count: they are dropped here)."""
-        job = Job(request, asyncio.get_running_loop(), stream)
-        request.cancelled = job.cancel.is_set
+        return self.submit_group([request], stream)[0]
+
+    def submit_group(self, requests: list[completion.Request], stream: bool = True) -> list[Job]:
+        """Queue the requests of one HTTP request's choices (OpenAI's `n`, several prompts) as one:
+        they count once against queue_size, and run one after the other with no other request
+        between them, so each after the first finds the prompt it shares in the live cache."""
+        loop = asyncio.get_running_loop()
+        group = object() if len(requests) > 1 else None
+        jobs = [Job(r, loop, stream, group=group) for r in requests]
+        for job in jobs:
+            job.request.cancelled = job.cancel.is_set
+        self._queue(jobs)
+        return jobs
+
+    def _queue(self, jobs: list[Job]) -> None:
         with self._cond:
             self._waiting = collections.deque(j for j in self._waiting if not j.cancel.is_set())
-            if self._closed or len(self._waiting) >= self.queue_size:
+            if self._closed or self._requests(self._waiting) >= self.queue_size:
                 raise Busy
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._cond.notify()
-        return job
 
     def submit_action(self, action) -> Job:
         """Queue `action(model)`, to run between requests (Busy as submit). Its job ends with
         ("result", what it returned), or ("error", (400, "invalid_value", message)) when it raised
         a StepstreamError (the action leaves the model sound)."""
         job = Job(None, asyncio.get_running_loop(), stream=False, action=action)
-        with self._cond:
-            self._waiting = collections.deque(j for j in self._waiting if not j.cancel.is_set())
-            if self._closed or len(self._waiting) >= self.queue_size:
-                raise Busy
-            self._waiting.append(job)
-            self._cond.notify()
+        self._queue([job])
         return job
 
     def _act(self, job: Job) -> None:

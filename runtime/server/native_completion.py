@@ -4,9 +4,11 @@ editor plugins, scripts) work unchanged.
 
     {prompt, n_predict=-1, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty,
      repeat_last_n, presence_penalty, frequency_penalty, logit_bias, seed, stop, ignore_eos,
-     json_schema, grammar (GBNF), n_probs=0, return_tokens=false, stream=false, cache_prompt, id_slot}
+     json_schema, grammar (GBNF), n_probs=0, return_tokens=false, stream=false, cache_prompt, id_slot,
+     n_cmpl (or n)=1}
     -> {content, tokens, stop, stop_type ("eos" | "word" | "limit"), stopping_word,
         tokens_predicted, tokens_evaluated, tokens_cached, timings, generation_settings, ...}
+       (a list of them, one per choice, with n_cmpl above 1)
 
 A stream sends `data: {content, tokens, stop: false, ...}` events, then one with `stop: true`
 and the whole summary, and no `[DONE]` (llama-server's native stream has none). The samplers'
@@ -23,7 +25,7 @@ from fastapi import Request
 
 from runtime.generation.request import Step, TokenLogprob
 from runtime.server.llama_fields import BANNED
-from runtime.server.requests import ApiError, Common, _common, _get, _range
+from runtime.server.requests import MAX_CHOICES, ApiError, Common, _common, _get, _no_best_of, _range
 
 # llama-server's sampling defaults (its `params` in /props), where OpenAI's routes default to off
 DEFAULTS = {"n_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
@@ -66,6 +68,11 @@ def native_body(body: dict) -> NativeBody:
     t = fields.get("temperature")
     if isinstance(t, (int, float)) and not isinstance(t, bool) and t < 0:
         fields["temperature"] = 0  # llama-server's: a temperature below 0 is greedy
+    n_cmpl = _get(body, "n_cmpl", (int,))  # llama-server's name, read before OpenAI's `n`
+    if n_cmpl is not None:
+        _range("n_cmpl", n_cmpl, 1, MAX_CHOICES)
+        fields["n"] = n_cmpl
+    _no_best_of(body)
     common = _common(fields, None, max_stops=MAX_STOPS)  # (json_schema included)
     return NativeBody(prompt, common, n_probs, _get(body, "return_tokens", (bool,), False))
 
@@ -81,9 +88,12 @@ def _probability(lp: TokenLogprob) -> dict:
 class NativeReply:
     """The events and the whole answer of one /completion request."""
 
-    def __init__(self, model_name: str, prompt_text: str, ids: list[int], body: NativeBody, params=None):
-        """params: the request's sampling (its logit_bias with the texts' tokens), else the body's."""
+    def __init__(self, model_name: str, prompt_text: str, ids: list[int], body: NativeBody, params=None,
+                 index: int = 0):
+        """params: the request's sampling (its logit_bias with the texts' tokens), else the body's;
+        index: the choice's, of the request's n_cmpl."""
         self.model_name, self.prompt_text, self.ids, self.body = model_name, prompt_text, ids, body
+        self.index = index
         self.params = params if params is not None else body.common.params
         self.content: list[str] = []
         self.tokens: list[int] = []
@@ -102,7 +112,7 @@ class NativeReply:
             return None
         # a stream's events carry their token ids always, as llama-server's do; the whole answer's
         # `tokens` only with return_tokens
-        event = {"index": 0, "content": step.text, "tokens": ids, "stop": False,
+        event = {"index": self.index, "content": step.text, "tokens": ids, "stop": False,
                  "id_slot": 0, "tokens_predicted": self.n, "tokens_evaluated": len(self.ids)}
         if self.body.n_probs:
             probs = [_probability(lp) for lp in step.logprobs]
@@ -118,7 +128,7 @@ class NativeReply:
             "limit" if last is not None and last.finish_reason == "length" else "none"
         text = "".join(self.content)
         p = self.params
-        out = {"index": 0, "content": "" if streamed else text,
+        out = {"index": self.index, "content": "" if streamed else text,
                "tokens": [] if streamed or not self.body.return_tokens else self.tokens,
                "id_slot": 0, "stop": True, "model": self.model_name,
                "tokens_predicted": self.n + eog, "tokens_evaluated": len(self.ids),
@@ -155,19 +165,22 @@ def add_native_completion(app, *, model, model_name: str, body_of, prompt_ids, m
         ids = await prompt_ids(b.prompt, "prompt")
         # the token ids come with their log-probabilities: a stream's events carry them always
         want = b.n_probs if b.n_probs else 0 if b.return_tokens or b.common.stream else None
-        req = model_request(ids, b.common, want, "prompt")
+        reqs = [model_request(ids, b.common, want, "prompt", choice=j) for j in range(b.common.n)]
         text = b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")
-        reply = NativeReply(model_name, text, ids, b, req.params)
-        if b.common.stream:
-            def event(step) -> str:
-                e = reply.take(step)
-                return data(e) if e is not None else ""
+        replies = [NativeReply(model_name, text, ids, b, q.params, index=j) for j, q in enumerate(reqs)]
+        if b.common.stream:  # n_cmpl's choices one after the other, each summary at the end
+            def events(reply):
+                def event(step) -> str:
+                    e = reply.take(step)
+                    return data(e) if e is not None else ""
+                return event
 
-            return sse(submit(req, True), request, event,
-                       lambda: data(reply.whole(req.timings, streamed=True)),
+            return sse(submit(reqs, True), request, [events(r) for r in replies],
+                       lambda: "".join(data(r.whole(q.timings, streamed=True)) for r, q in zip(replies, reqs)),
                        lambda e: data(e.body()))
-        await whole(submit(req, False), request, reply.take)
-        return reply.whole(req.timings)
+        await whole(submit(reqs, False), request, [r.take for r in replies])
+        answers = [r.whole(q.timings) for r, q in zip(replies, reqs)]
+        return answers[0] if len(answers) == 1 else answers  # (llama-server's: a list of several)
 
     for path in ("/completion", "/completions"):  # llama-server answers both
         app.post(path)(completion)

@@ -24,6 +24,8 @@ MAX_STOPS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs 0..20, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs 0..5, as OpenAI
 MAX_SEED = 2**63 - 1
+MAX_CHOICES = 128  # n: OpenAI's limit
+MAX_BEST_OF = 20  # completions' best_of: OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Common:
     # reasoning tokens before </think> is forced: -1 no limit, None the server's --reasoning-budget
     reasoning_budget: int | None = None
     bias_texts: tuple = ()  # llama-server's logit_bias texts: (text, bias), for each of the text's tokens
+    n: int = 1  # choices per prompt (OpenAI's `n`, llama-server's `n_cmpl`), generated one after the other
 
     @property
     def structured(self) -> bool:
@@ -49,10 +52,11 @@ class Common:
 
 @dataclass(frozen=True)
 class CompletionBody:
-    prompts: list[str | list[int]]  # one choice each, in order
+    prompts: list[str | list[int]]  # common.n choices each, in order
     common: Common
     logprobs: int | None
     echo: bool
+    best_of: int = 1  # choices generated per prompt, of which the common.n likeliest are sent
 
 
 @dataclass(frozen=True)
@@ -110,11 +114,8 @@ def response_format(fmt: dict | None) -> tuple[bool, object]:
 
 def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STOPS) -> Common:
     max_tokens = _max_tokens(body, default_max_tokens)
-    for name in ("n", "best_of"):  # best_of: OpenAI's completions, best of n samples
-        v = _get(body, name, (int,), 1)
-        if v != 1:
-            raise ApiError(400, f"'{name}' must be 1 (one choice per request), got {v}", param=name,
-                           code="invalid_value")
+    n = _get(body, "n", (int,), 1)
+    _range("n", n, 1, MAX_CHOICES)
     temperature = _get(body, "temperature", (int, float), 1.0)
     _range("temperature", temperature, 0, 2)
     top_p = _get(body, "top_p", (int, float), 1.0)
@@ -182,7 +183,20 @@ def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STO
                             repeat_penalty=float(repeat_penalty), repeat_last_n=repeat_last_n, seed=seed,
                             logit_bias=bias, **llama_samplers(body), **penalties)
     return Common(max_tokens, params, tuple(stop), stream, include_usage, _get(body, "ignore_eos", (bool,), False),
-                  json_object=json_object, grammar=grammar, bias_texts=bias_texts)
+                  json_object=json_object, grammar=grammar, bias_texts=bias_texts, n=n)
+
+
+def choice_params(params: SamplingParams, j: int) -> SamplingParams:
+    """The sampling of a request's choice j: a seed given is the first choice's, and each later
+    choice's is the next one (choices that differ, each reproducible), wrapping within 0..MAX_SEED."""
+    return params if params.seed is None or j == 0 else replace(params, seed=(params.seed + j) % (MAX_SEED + 1))
+
+
+def _no_best_of(body: dict) -> None:
+    v = _get(body, "best_of", (int,), 1)
+    if v != 1:
+        raise ApiError(400, f"'best_of' is a field of /v1/completions; here it must be 1, got {v}", param="best_of",
+                       code="invalid_value")
 
 
 def _is_ids(v) -> bool:
@@ -218,10 +232,16 @@ def completion_body(body: dict) -> CompletionBody:
     if _get(body, "suffix", (str,)) is not None:
         raise ApiError(400, "'suffix' (fill in the middle) is not supported", param="suffix", code="unsupported")
     common = _common(body, 16)
-    if common.stream and len(prompts) > 1:
-        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts: a stream carries one (send them one per request, "
-                            "or without 'stream')", param="prompt", code="unsupported")
-    return CompletionBody(prompts, common, logprobs, _get(body, "echo", (bool,), False))
+    best_of = _get(body, "best_of", (int,))
+    _range("best_of", best_of, 1, MAX_BEST_OF)
+    best_of = common.n if best_of is None else best_of
+    if best_of < common.n:
+        raise ApiError(400, f"'best_of' ({best_of}) must be at least 'n' ({common.n}): it is how many choices are "
+                            "generated, of which the n likeliest are sent", param="best_of", code="invalid_value")
+    if best_of > common.n and common.stream:  # as OpenAI: the likeliest are known only at the end
+        raise ApiError(400, "'best_of' above 'n' cannot be streamed: the likeliest choices are known only once all "
+                            "are generated", param="best_of", code="unsupported")
+    return CompletionBody(prompts, common, logprobs, _get(body, "echo", (bool,), False), best_of)
 
 
 def _content_problem(content, where: str) -> tuple[str, str, str] | None:
@@ -285,6 +305,7 @@ def chat_body(body: dict) -> ChatBody:
     # continue_final_message), unless the request says false
     continue_final = _get(body, "continue_final_message", (bool,), True)
     max_calls = None if _get(body, "parallel_tool_calls", (bool,), True) else 1
+    _no_best_of(body)
     common = replace(_common(body, None), reasoning_budget=reasoning_budget(body))
     if common.structured and tools and tool_choice != "none":
         if body.get("grammar"):
