@@ -60,6 +60,8 @@ def add_arguments(p) -> None:
                    help="the directory of llama-server's POST /slots/0?action=save|restore {filename}: the live "
                         "KV cache saved to a file and restored from it (default: none, the actions refused)")
     p.add_argument("--no-slots", action="store_true", help="do not serve GET /slots (llama-server's flag)")
+    p.add_argument("--no-webui", action="store_true",
+                   help="do not serve the chat page at the server's address, GET / (llama-server's flag)")
     add_reasoning_args(p, who="a chat reply of a request that sets no budget of its own (chat's "
                               "thinking_budget_tokens or reasoning_effort, the Responses API's reasoning.effort, the "
                               "Messages API's thinking.budget_tokens; there an output_config.effort only caps it)")
@@ -178,11 +180,13 @@ def run(args) -> int:
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body=args.max_body,
                      reasoning_budget=args.reasoning_budget, reasoning_message=args.reasoning_budget_message or "",
                      metrics=args.metrics, reasoning_field=args.reasoning_field,
-                     slot_save_path=args.slot_save_path, slots=not args.no_slots)
+                     slot_save_path=args.slot_save_path, slots=not args.no_slots, webui=not args.no_webui)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {name} (context {model.n_ctx} tokens) at http://{shown}:{port}/v1"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
+    if not args.no_webui:
+        print(f"chat page: http://{shown}:{port}/", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     # HTTP on a thread, the model on this one (runtime.server.engine says why)

@@ -12,6 +12,7 @@
     POST /tokenize, /detokenize, /apply-template; GET /props, /metrics   llama-server's (runtime.server.llama_routes)
     POST /completion, /completions                                       llama-server's (runtime.server.native_completion)
     GET /slots, POST /slots/0?action=save|restore|erase                  llama-server's (runtime.server.slots)
+    GET /                        a chat page (runtime.server.webui_routes), unless webui is False
 
 Handlers check the body (runtime.server.requests), render and tokenize the prompt, queue a
 job on the engine, and turn its steps into OpenAI responses (runtime.generation.replies); they
@@ -45,6 +46,7 @@ from runtime.server.requests import chat_body, check_model, choice_params, compl
 from runtime.server.messages_api import AnthropicError, messages_body
 from runtime.server.response_store import CAPACITY, ResponseStore
 from runtime.server.slots import add_slot_routes
+from runtime.server.webui_routes import add_webui_routes
 from runtime.server.responses_api import item_kind, responses_body, to_messages
 from runtime.generation.replies import ChatReply, TextReply, timings_of, usage_sum
 from runtime.generation.message_events import MessageReply
@@ -92,13 +94,14 @@ class Turn:
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body: int = MAX_BODY,
                stored_responses: int = CAPACITY, reasoning_budget: int = -1, reasoning_message: str = "",
                metrics: bool = False, reasoning_field: str = "reasoning_content", slot_save_path=None,
-               slots: bool = True) -> FastAPI:
+               slots: bool = True, webui: bool = True) -> FastAPI:
     """stored_responses: how many Responses API responses are kept for `previous_response_id`.
     reasoning_field: a chat completion's reasoning as `reasoning_content`, `reasoning` or both.
     reasoning_budget: the reasoning tokens of a chat reply before its `</think>` is forced, for
     requests that set none (-1: no limit), with `reasoning_message` written before it.
     metrics: serve GET /metrics (llama-server's --metrics). slot_save_path: the directory of
-    POST /slots/0?action=save|restore (None: refused); slots: serve GET /slots (runtime.server.slots)."""
+    POST /slots/0?action=save|restore (None: refused); slots: serve GET /slots (runtime.server.slots);
+    webui: serve the chat page at GET /."""
     if api_key is not None and not api_key:  # a missing header's empty token would match it
         raise StepstreamError("an empty API key would admit every request; give a key, or None for no key")
 
@@ -570,6 +573,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     add_llama_routes(app, engine, authorize=authorize, read_json=read_json, metrics=metrics, model_name=model_name)
     add_slot_routes(app, engine, authorize=authorize, read_json=read_json, save_dir=slot_save_path, enabled=slots)
+    if webui:
+        add_webui_routes(app)
     add_native_completion(app, model=model, model_name=model_name, body_of=body_of, prompt_ids=prompt_ids,
                           model_request=model_request, submit=submit, whole=whole, sse=sse, data=_data)
     return app
