@@ -59,6 +59,16 @@ def _local(model, ids, params, max_tokens) -> tuple[str, int]:
     return "".join(p.text for p in pieces), pieces[-1].n_tokens
 
 
+def test_llama_servers_n_cmpl_is_read_on_the_openai_routes_too(client, url):
+    r = client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=4, temperature=1.0, seed=3,
+                                  extra_body={"n_cmpl": 2, "n": 5})  # (n_cmpl first, as llama-server reads it)
+    assert [c.index for c in r.choices] == [0, 1]
+    chat = client.chat.completions.create(model="m", messages=CHAT, max_tokens=4, extra_body={"n_cmpl": 2})
+    assert len(chat.choices) == 2
+    resp = httpx.post(url + "/v1/chat/completions", json={"messages": CHAT, "n_cmpl": 200}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["message"] == "'n_cmpl' must be in [1, 128], got 200"
+
+
 def test_n_completions_are_the_seeds_that_follow_the_one_given(client, ref):
     """Choice j is sampled with seed + j: the choices differ, and each is the one plain decoding
     gives with its seed. Several prompts give n choices each, prompt after prompt; a prompt's
@@ -137,6 +147,8 @@ def test_best_of_sends_the_choices_likeliest_per_token(client, ref):
     assert [(c.index, c.text) for c in r.choices] == [(0, candidates[ranked[0]][1]), (1, candidates[ranked[1]][1])]
     assert all(c.logprobs is None for c in r.choices)  # weighed by them, not sent unless asked for
     assert r.usage.completion_tokens == sum(c[2] for c in candidates)  # every generated choice counts
+    # the timings are the choices sent's, in their order
+    assert [t["predicted_n"] for t in r.model_extra["timings"]] == [candidates[k][2] for k in ranked[:2]]
     asked = client.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=1.0, seed=seed,
                                       best_of=k, logprobs=1)
     assert asked.choices[0].text == candidates[ranked[0]][1]
@@ -178,15 +190,16 @@ def test_n_cmpl_on_llama_servers_completion(url, ref):
     assert [a["content"] for a in alias] == want  # OpenAI's name, read when n_cmpl is not given
     one = httpx.post(url + "/completion", json={**body, "n_cmpl": 1}, timeout=120).json()
     assert isinstance(one, dict) and one["content"] == want[0]
-    texts, stops = ["", ""], []
+    texts, order = ["", ""], []
     with httpx.stream("POST", url + "/completion", json={**body, "stream": True}, timeout=120) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: "):
                 event = json.loads(line[6:])
                 texts[event["index"]] += event["content"]
-                if event["stop"]:
-                    stops.append(event["index"])
-    assert texts == want and stops == [0, 1]
+                order.append((event["index"], event["stop"]))
+    assert texts == want
+    # each choice's summary follows its own events, as llama-server sends it when the choice ends
+    assert order == sorted(order) and [o for o in order if o[1]] == [(0, True), (1, True)]
 
 
 @pytest.mark.parametrize("path,extra,message", [
@@ -227,7 +240,7 @@ def test_choice_seeds_wrap_and_no_seed_stays_none():
     assert choice_params(SamplingParams(), 3).seed is None
 
 
-def test_a_requests_choices_count_once_against_the_queue():
+def test_a_requests_choices_count_once_against_the_queue_and_not_once_one_runs():
     class Model:  # never run: the worker is not started
         pass
 
@@ -240,8 +253,41 @@ def test_a_requests_choices_count_once_against_the_queue():
         assert engine.waiting == 2
         with pytest.raises(Busy):
             engine.submit_group(reqs[:2], False)
+        assert engine._next() is jobs[0]  # the worker takes the first choice: the request runs
+        assert engine.waiting == 1  # (the other request; its own later choices are not waiting ones)
+        engine.submit(Request([3], SamplingParams(), 4), False)
+        assert engine.waiting == 2
         for job in jobs:
             job.cancel.set()
-        assert engine.waiting == 1
+        assert engine.waiting == 2
+
+    asyncio.run(main())
+
+
+def test_a_choice_is_not_kept_in_the_prompt_cache_for_the_next(ref):
+    """The prompt cache is prepared for a request's first choice only: preparing it for the
+    later ones kept each earlier choice (prompt and reply) as a conversation, pushing the
+    server's other conversations out."""
+    class Recorder:
+        def __init__(self):
+            self.prompts = []
+
+        def prepare(self, model, prompt):
+            self.prompts.append(list(prompt))
+            return 0
+
+    async def main():
+        cache = Recorder()
+        engine = Engine(ref, prompt_cache=cache)
+        engine.start()
+        try:
+            ids = ref.tokenize(PROMPTS[0], add_bos=True)
+            for reqs in ([Request(ids, _params(j), 3) for j in range(3)], [Request(ids[:-1], _params(9), 3)]):
+                for job in engine.submit_group(reqs, False):
+                    while not any(kind == "done" for kind, _ in await job.next_events()):
+                        pass
+            assert cache.prompts == [ids, ids[:-1]]
+        finally:
+            engine.close()
 
     asyncio.run(main())

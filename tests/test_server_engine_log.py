@@ -26,7 +26,7 @@ def test_a_failed_generation_is_in_the_servers_log(monkeypatch, capsys):
         events.append((kind, value))
         done.set()
 
-    job = types.SimpleNamespace(cancel=threading.Event(), stream=True, request=None, emit=emit, action=None)
+    job = types.SimpleNamespace(cancel=threading.Event(), stream=True, request=None, emit=emit, action=None, group=None)
     thread = worker.start()
     with worker._cond:
         worker._waiting.append(job)

@@ -84,22 +84,24 @@ class TextReply:
         """best_of's measure of a choice: the mean log-probability of its tokens, the
         end-of-text token that ended it included (OpenAI's "highest log probability per token")."""
         lps = [lp.logprob for lp in self.logprobs] + ([] if timings.eog_logprob is None else [timings.eog_logprob])
-        return sum(lps) / len(lps) if lps else 0.0
+        return sum(lps) / len(lps) if lps else float("-inf")  # (no token: ignore_eos's ends alone, max_tokens 0)
 
     @staticmethod
     def joined(replies: list["TextReply"], timings: list[Timings], per_prompt: int, n: int,
                want_logprobs: bool) -> dict:
         """The whole answer to a request's choices, `per_prompt` generated for each prompt in order:
         of each prompt's, the n likeliest (best_of; all of them when n is per_prompt, in order),
-        indexed from 0 in order (OpenAI's shape); the usage counts every generated token."""
-        choices = []
+        indexed from 0 in order (OpenAI's shape); the usage counts every generated token, `timings`
+        are the choices sent's."""
+        choices, kept = [], []
         for first in range(0, len(replies), per_prompt):
             group = list(range(first, first + per_prompt))
             if n < per_prompt:  # best first; of equals, the earlier
                 group = sorted(group, key=lambda k: -replies[k].score(timings[k]))[:n]
             choices += [replies[k].choice(want_logprobs, len(choices) + i) for i, k in enumerate(group)]
+            kept += [timings[k] for k in group]
         total = usage_sum([(r.n_prompt, t) for r, t in zip(replies, timings)], per_prompt)
-        return replies[0]._envelope(choices, usage=total, timings=timings_of(timings))
+        return replies[0]._envelope(choices, usage=total, timings=timings_of(kept))
 
 
 def _chat_logprobs(lps) -> dict:

@@ -242,12 +242,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                     job.cancel.set()
 
     def sse(jobs: Job | list[Job], request: Request, to_frames, end, failed, head: str = "", merged: bool = True,
-            ping: str = "") -> StreamingResponse:
+            ping: str = "", job_end: list | None = None) -> StreamingResponse:
         """A job's steps as server-sent events: `head` at once, `to_frames(step)` for each step,
         `end()` after the last, `failed(ApiError)` when the generation fails; `ping` every PING_S
         seconds without a step (a long prompt's evaluation), so a client's idle timeout does
         not give up on it. Given a list of jobs (a request's choices), `to_frames` is a list too,
-        one for each, and the jobs' steps follow one another."""
+        one for each, and the jobs' steps follow one another, each job's followed by its
+        `job_end[k]()` when given (what a choice's end says, once its timings are whole)."""
         if isinstance(jobs, Job):
             jobs, to_frames = [jobs], [to_frames]
 
@@ -257,11 +258,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 if head:
                     yield head
                 try:
-                    for job, frames in zip(jobs, to_frames):
+                    for k, (job, frames) in enumerate(zip(jobs, to_frames)):
                         async for step in events(job, None, merged, PING_S if ping else None):
                             text = frames(step) if step is not None else ping
                             if text:
                                 yield text
+                        if job_end is not None:
+                            yield job_end[k]()
                     yield end()
                 except ApiError as e:
                     yield failed(e)

@@ -116,19 +116,22 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self.busy = False  # the worker is running a job
+        self._group = None  # the group of the job it runs (its choices still waiting are that request's)
+        self._last_group = None  # the group of the last request the model ran
         self.served = 0
         self.decoded = 0  # steps of the running request so far (GET /slots)
         self.metrics = Metrics()  # totals over the requests served (GET /metrics)
 
     @property
     def waiting(self) -> int:
-        """The requests waiting (a request's several choices count once)."""
+        """The requests waiting (a request's several choices count once, and not at all while one
+        of them runs)."""
         with self._cond:
             return self._requests(j for j in self._waiting if not j.cancel.is_set())
 
-    @staticmethod
-    def _requests(jobs) -> int:
-        return len({id(j) if j.group is None else id(j.group) for j in jobs})
+    def _requests(self, jobs) -> int:
+        return len({id(j) if j.group is None else id(j.group) for j in jobs
+                    if j.group is None or j.group is not self._group})
 
     def start(self) -> threading.Thread:
         """Run the worker on a thread of its own (slower kernels: see the module's docstring)."""
@@ -207,7 +210,11 @@ class Engine:
         with self._cond:
             while not self._waiting and not self._closed:
                 self._cond.wait()
-            return None if self._closed else self._waiting.popleft()
+            if self._closed:
+                return None
+            job = self._waiting.popleft()
+            self._group = job.group
+            return job
 
     def serve_forever(self) -> None:
         while (job := self._next()) is not None:
@@ -219,8 +226,11 @@ class Engine:
             self.busy = True
             self.decoded = 0
             try:
-                if self.prompt_cache is not None:
+                # a request's later choices reuse their prompt from the live cache: the choice
+                # before them is not kept (it would push other conversations out)
+                if self.prompt_cache is not None and (job.group is None or job.group is not self._last_group):
                     self._prepare(job.request.prompt)
+                self._last_group = job.group
                 if job.stream:
                     for step in completion.run(self.model, job.request):
                         self.decoded += 1

@@ -25,7 +25,7 @@ from fastapi import Request
 
 from runtime.generation.request import Step, TokenLogprob
 from runtime.server.llama_fields import BANNED
-from runtime.server.requests import MAX_CHOICES, ApiError, Common, _common, _get, _no_best_of, _range
+from runtime.server.requests import ApiError, Common, _common, _get, _no_best_of, _range
 
 # llama-server's sampling defaults (its `params` in /props), where OpenAI's routes default to off
 DEFAULTS = {"n_predict": -1, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
@@ -68,10 +68,6 @@ def native_body(body: dict) -> NativeBody:
     t = fields.get("temperature")
     if isinstance(t, (int, float)) and not isinstance(t, bool) and t < 0:
         fields["temperature"] = 0  # llama-server's: a temperature below 0 is greedy
-    n_cmpl = _get(body, "n_cmpl", (int,))  # llama-server's name, read before OpenAI's `n`
-    if n_cmpl is not None:
-        _range("n_cmpl", n_cmpl, 1, MAX_CHOICES)
-        fields["n"] = n_cmpl
     _no_best_of(body)
     common = _common(fields, None, max_stops=MAX_STOPS)  # (json_schema included)
     return NativeBody(prompt, common, n_probs, _get(body, "return_tokens", (bool,), False))
@@ -168,16 +164,16 @@ def add_native_completion(app, *, model, model_name: str, body_of, prompt_ids, m
         reqs = [model_request(ids, b.common, want, "prompt", choice=j) for j in range(b.common.n)]
         text = b.prompt if isinstance(b.prompt, str) else model.detokenize(ids).decode("utf-8", "replace")
         replies = [NativeReply(model_name, text, ids, b, q.params, index=j) for j, q in enumerate(reqs)]
-        if b.common.stream:  # n_cmpl's choices one after the other, each summary at the end
+        if b.common.stream:  # n_cmpl's choices one after the other, each ending with its summary
             def events(reply):
                 def event(step) -> str:
                     e = reply.take(step)
                     return data(e) if e is not None else ""
                 return event
 
-            return sse(submit(reqs, True), request, [events(r) for r in replies],
-                       lambda: "".join(data(r.whole(q.timings, streamed=True)) for r, q in zip(replies, reqs)),
-                       lambda e: data(e.body()))
+            return sse(submit(reqs, True), request, [events(r) for r in replies], lambda: "",
+                       lambda e: data(e.body()),
+                       job_end=[lambda r=r, q=q: data(r.whole(q.timings, streamed=True)) for r, q in zip(replies, reqs)])
         await whole(submit(reqs, False), request, [r.take for r in replies])
         answers = [r.whole(q.timings) for r, q in zip(replies, reqs)]
         return answers[0] if len(answers) == 1 else answers  # (llama-server's: a list of several)

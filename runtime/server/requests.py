@@ -114,7 +114,9 @@ def response_format(fmt: dict | None) -> tuple[bool, object]:
 
 def _common(body: dict, default_max_tokens: int | None, max_stops: int = MAX_STOPS) -> Common:
     max_tokens = _max_tokens(body, default_max_tokens)
-    n = _get(body, "n", (int,), 1)
+    n_cmpl = _get(body, "n_cmpl", (int,))  # llama-server's name, read before OpenAI's `n`
+    _range("n_cmpl", n_cmpl, 1, MAX_CHOICES)
+    n = n_cmpl if n_cmpl is not None else _get(body, "n", (int,), 1)
     _range("n", n, 1, MAX_CHOICES)
     temperature = _get(body, "temperature", (int, float), 1.0)
     _range("temperature", temperature, 0, 2)
