@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-serve": ("runtime.cli.bench_serve",
                     "measure `stepstream serve`: prefix reuse, overhead against `stepstream run`, and a load test"),
     "perplexity": ("runtime.cli.perplexity", "perplexity of a text file, computed as llama.cpp's llama-perplexity does"),
+    "pull": ("runtime.cli.pull", "fetch a GGUF model from Hugging Face into its cache, and print its path"),
     "plan": ("runtime.cli.plan", "what run would place in RAM and on disk, the hit rate and the decode speed to expect"),
     "profile": ("runtime.cli.profile", "record per-layer expert activation counts over a prompts file"),
     "train-mini": ("runtime.cli.train_mini", "train the miniature Step-3.5 on the Python stdlib (needs torch)"),
@@ -189,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     if hup_before is signal.SIG_DFL:
         signal.signal(hup, raise_terminated)
     try:
+        if getattr(args, "hf_repo", None):  # -hf: the model fetched first (runtime.cli.common.add_model_source)
+            from runtime.hub import fetch
+
+            args.model = fetch(args.hf_repo, args.hf_file, say=lambda text: print(text, file=sys.stderr))
+        elif getattr(args, "hf_file", None):
+            raise StepstreamError("--hf-file names a file of the -hf repository: give -hf too")
         code = int(module.run(args) or 0)
         sys.stdout.flush()  # a full disk under stdout is found here, not in Python's flush at exit
         return code

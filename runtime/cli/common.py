@@ -32,13 +32,27 @@ def add_cache_type_args(p: argparse.ArgumentParser) -> None:
                             "(default: f16)")
 
 
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """-m FILE, or -hf REPO[:QUANT] (llama.cpp's flag): the model fetched from Hugging Face into
+    its cache first (runtime/cli/__init__.py does it before the command runs: runtime.hub)."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-m", "--model", type=existing_file("GGUF file"),
+                        help="GGUF file (for a split model, any of its parts)")
+    source.add_argument("-hf", "--hf-repo", metavar="USER/MODEL[:QUANT]",
+                        help="a model on Hugging Face, fetched into its cache first (HF_HOME) and used from there "
+                             "afterwards, offline too: the GGUF tagged QUANT (default Q4_K_M, or the repository's "
+                             "only model), a split one's parts together (llama.cpp's flag; a gated or private "
+                             "repository needs HF_TOKEN)")
+    p.add_argument("-hff", "--hf-file", metavar="FILE",
+                   help="with -hf: the GGUF file of the repository to use, by its path there")
+
+
 def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, batch_default: int = 64,
                    ctx_help: str | None = None) -> None:
     """The model and expert-streaming flags. A subcommand with other defaults passes them here,
     so that its --help quotes the defaults it really uses (ctx_help: how it sizes the context)."""
     ctx_help = ctx_help or (f"{ctx_default}" if ctx_default else "model's, at most 4096")
-    p.add_argument("-m", "--model", required=True, type=existing_file("GGUF file"),
-                   help="GGUF file (for a split model, any of its parts)")
+    add_model_source(p)
     p.add_argument("-t", "--threads", type=positive_int, default=None,
                    help="compute threads (default: the libraries' choice)")
     p.add_argument("-c", "--ctx-size", type=non_negative_int, default=ctx_default,

@@ -1,0 +1,187 @@
+"""Models from Hugging Face: `-hf USER/MODEL[:QUANT]` and `stepstream pull`, run by the real
+`huggingface_hub` against a Hub on 127.0.0.1 (tests/helpers/fake_hub.py, through HF_ENDPOINT),
+in a cache of the test's own (HF_HOME): the file a tag names among a repository's (its split
+parts together), the text `run -hf` gives against `run -m` on the same file, a fetch stopped
+midway that goes on from where it stopped, a cache used without a network, and the refusals
+(no such repository, tag or file, a split model missing a part, a disk too small), each one
+line and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime.hub import HubError, choose, models, parse_spec
+from tests.helpers.fake_hub import COMMIT, fake_hub
+from tests.helpers.gguf_edit import rewrite
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "runtime" / "data" / "step35-mini-q4_k_m.gguf"
+RUN = ["-p", "def parse(line):", "-n", "12", "--temp", "0", "-t", "1"]
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    """A repository as people publish them: several quantizations (the mini file under each
+    tag), one split in parts in a folder, a vision projector and an importance matrix beside them."""
+    d = tmp_path_factory.mktemp("hub")
+    rewrite(MODEL, d / "split.gguf", split_max_tensors=40)
+    parts = sorted(d.glob("split-*-of-*.gguf"))
+    assert len(parts) >= 2
+    mini = MODEL.read_bytes()
+    files = {"README.md": b"# Mini\n", "Mini-Q4_K_M.gguf": mini, "Mini-Q8_0.gguf": mini,
+             "mmproj-Mini-F16.gguf": b"not a model", "Mini.imatrix.gguf": b"not a model"}
+    n = len(parts)
+    files.update({f"Q4_K_S/Mini-Q4_K_S-{k:05d}-of-{n:05d}.gguf": p.read_bytes() for k, p in enumerate(parts, 1)})
+    broken = {"Mini-IQ2_XS-00001-of-00002.gguf": parts[0].read_bytes(), "Mini-BF16.gguf": mini}
+    return {"acme/Mini-GGUF": files, "acme/Broken-GGUF": broken}
+
+
+def cli(url: str, home: Path, *args: str, wrap: str = "") -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_ENDPOINT=url, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    code = f"import sys\n{wrap}\nfrom runtime.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+
+
+def test_specs_and_choices():
+    assert parse_spec("acme/Mini-GGUF:q4_k_s") == ("acme/Mini-GGUF", "q4_k_s")
+    assert parse_spec("acme/Mini-GGUF") == ("acme/Mini-GGUF", None)
+    for bad in ("Mini-GGUF", "acme/Mini/GGUF", "acme/../x", "acme/Mini-GGUF:Q4 K", "/Mini"):
+        with pytest.raises(HubError):
+            parse_spec(bad)
+    files = {"a/M-Q4_K-00002-of-00002.gguf": 5, "a/M-Q4_K-00001-of-00002.gguf": 7, "M-Q4_K_M.gguf": 3,
+             "M-UD-Q4_K_XL.gguf": 4, "M-IQ4_XS.gguf": 2, "mmproj-F16.gguf": 1, "notes.txt": 1}
+    found = {m.name: m for m in models(files)}
+    assert set(found) == {"a/M-Q4_K.gguf", "M-Q4_K_M.gguf", "M-UD-Q4_K_XL.gguf", "M-IQ4_XS.gguf"}
+    assert found["a/M-Q4_K.gguf"].parts == ("a/M-Q4_K-00001-of-00002.gguf", "a/M-Q4_K-00002-of-00002.gguf")
+    assert found["a/M-Q4_K.gguf"].size == 12
+    # a tag is matched whole and in any case: Q4_K is not Q4_K_M nor UD-Q4_K_XL, IQ4_XS is not Q4_XS
+    assert choose("r", files, "q4_k", None).name == "a/M-Q4_K.gguf"
+    assert choose("r", files, "Q4_K_M", None).name == "M-Q4_K_M.gguf"
+    assert choose("r", files, None, None).name == "M-Q4_K_M.gguf"  # llama.cpp's default
+    assert choose("r", files, "UD-Q4_K_XL", None).name == "M-UD-Q4_K_XL.gguf"
+    with pytest.raises(HubError, match="no model tagged Q4_XS"):
+        choose("r", files, "Q4_XS", None)
+    assert choose("r", files, None, "a/M-Q4_K-00002-of-00002.gguf").name == "a/M-Q4_K.gguf"  # a part: its model
+    assert choose("r", {"only.gguf": 9}, None, None).name == "only.gguf"
+    with pytest.raises(HubError, match="several models and none is Q4_K_M"):
+        choose("r", {"a-Q8_0.gguf": 1, "a-F16.gguf": 2}, None, None)
+    with pytest.raises(HubError, match="2 models match"):
+        choose("r", {"a-Q8_0.gguf": 1, "b/a-Q8_0.gguf": 2}, "Q8_0", None)
+
+
+def test_run_hf_is_run_m_on_the_file_it_fetches_then_the_cache(repos, tmp_path):
+    home = tmp_path / "hf"
+    want = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "-m", str(MODEL), *RUN], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert want.returncode == 0, want.stderr
+    with fake_hub(repos) as (hub, url):
+        got = cli(url, home, "run", "-hf", "acme/Mini-GGUF:q8_0", *RUN)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == want.stdout
+        assert "acme/Mini-GGUF: fetching Mini-Q8_0.gguf (13 MiB of 13 MiB)" in got.stderr
+        assert hub.sent == MODEL.stat().st_size
+        again = cli(url, home, "pull", "acme/Mini-GGUF:Q8_0")
+        assert again.returncode == 0, again.stderr
+        assert "Mini-Q8_0.gguf (13 MiB) from the cache" in again.stderr and hub.sent == MODEL.stat().st_size
+        path = Path(again.stdout.strip())
+        assert path == home / "hub" / "models--acme--Mini-GGUF" / "snapshots" / COMMIT / "Mini-Q8_0.gguf"
+        assert path.read_bytes() == MODEL.read_bytes()
+    # without the Hub (nothing listens there now), the cache is used as it is, at once
+    t = time.monotonic()
+    offline = cli(url, home, "run", "-hf", "acme/Mini-GGUF:Q8_0", *RUN)
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout == want.stdout and "(Hugging Face cannot be reached)" in offline.stderr
+    assert time.monotonic() - t < 15, offline.stderr
+    missing = cli(url, home, "pull", "acme/Mini-GGUF:Q4_K_M")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
+        "error: acme/Mini-GGUF: no model tagged Q4_K_M (its models: Mini-Q8_0.gguf (13 MiB))")
+
+
+def test_a_split_model_is_fetched_whole_and_loads(repos, tmp_path):
+    with fake_hub(repos) as (hub, url):
+        got = cli(url, tmp_path / "hf", "run", "-hf", "acme/Mini-GGUF:Q4_K_S", *RUN)
+        assert got.returncode == 0, got.stderr
+        n = sum(1 for p in repos["acme/Mini-GGUF"] if p.startswith("Q4_K_S/"))
+        assert "fetching Q4_K_S/Mini-Q4_K_S.gguf" in got.stderr
+        assert hub.sent == sum(len(b) for p, b in repos["acme/Mini-GGUF"].items() if p.startswith("Q4_K_S/"))
+        snapshot = tmp_path / "hf" / "hub" / "models--acme--Mini-GGUF" / "snapshots" / COMMIT / "Q4_K_S"
+        assert len(list(snapshot.glob(f"Mini-Q4_K_S-*-of-{n:05d}.gguf"))) == n
+    want = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "-m", str(MODEL), *RUN], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert got.stdout == want.stdout  # (the split copy holds the same tensors)
+
+
+def test_a_fetch_cut_midway_is_retried_and_one_stopped_leaves_nothing_behind(repos, tmp_path):
+    """A transfer the network cuts is taken up again in the same run, from the last 10 MiB the
+    library wrote; Ctrl-C stops a fetch at once, with exit status 130, and leaves no partial file
+    in the cache (huggingface_hub 2.x keeps none between runs): the next run fetches the file
+    whole, and it is the file."""
+    home = tmp_path / "hf"
+    size = MODEL.stat().st_size
+    with fake_hub(repos) as (hub, url):
+        hub.cut_after = 11 * 2**20  # the connection drops after 11 MiB
+        got = cli(url, home, "pull", "acme/Mini-GGUF:Q8_0")
+        assert got.returncode == 0, got.stderr
+        assert hub.starts == [0, 10 * 2**20] and hub.sent == 11 * 2**20 + size - 10 * 2**20
+        assert Path(got.stdout.strip()).read_bytes() == MODEL.read_bytes()
+    home = tmp_path / "hf2"
+    with fake_hub(repos) as (hub, url):
+        hub.stall_after = 12_000_000  # then the transfer hangs
+        env = dict(os.environ, HF_ENDPOINT=url, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "pull", "acme/Mini-GGUF:Q8_0"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        blobs = home / "hub" / "models--acme--Mini-GGUF" / "blobs"
+        deadline = time.monotonic() + 60
+        while not (blobs.exists() and any(p.stat().st_size >= 10 * 2**20 for p in blobs.glob("*.incomplete"))):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and err.strip().endswith("interrupted") and not out, err
+        assert list(blobs.iterdir()) == [] or all(p.suffix == ".lock" for p in blobs.iterdir())
+        hub.stall_after = None
+        hub.release.set()
+        again = cli(url, home, "pull", "acme/Mini-GGUF:Q8_0")
+        assert again.returncode == 0, again.stderr
+        assert Path(again.stdout.strip()).read_bytes() == MODEL.read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pull", "acme/Nothing"], "error: acme/Nothing: no such repository on Hugging Face (a private one needs a "
+                               "token: HF_TOKEN, or `hf auth login`)"),
+    (["pull", "acme/Mini-GGUF:Q2_K"], "error: acme/Mini-GGUF: no model tagged Q2_K (its models: "),
+    (["pull", "acme/Mini-GGUF", "--hf-file", "Mini-Q5_0.gguf"], "error: acme/Mini-GGUF: no GGUF file 'Mini-Q5_0.gguf'"),
+    (["pull", "acme/Broken-GGUF:IQ2_XS"], "error: acme/Broken-GGUF: Mini-IQ2_XS.gguf is split in parts and some are "
+                                          "missing from the repository (it has Mini-IQ2_XS-00001-of-00002.gguf)"),
+    (["pull", "acme/Broken-GGUF"], "error: acme/Broken-GGUF: holds several models and none is Q4_K_M; name one after "
+                                   "a colon (-hf acme/Broken-GGUF:TAG) or with --hf-file"),
+    (["pull", "Mini-GGUF"], "error: -hf 'Mini-GGUF': give a Hugging Face repository as user/model"),
+    (["run", "--hf-file", "Mini-Q8_0.gguf", "-m", str(MODEL)], "error: --hf-file names a file of the -hf repository: "
+                                                              "give -hf too"),
+    (["run", "-hf", "acme/Mini-GGUF", "-m", str(MODEL)], "argument -m/--model: not allowed with argument -hf/--hf-repo"),
+])
+def test_refusals_are_one_line(repos, tmp_path, args, message):
+    with fake_hub(repos) as (hub, url):
+        got = cli(url, tmp_path / "hf", *args)
+    assert got.returncode == 2 and message in got.stderr.strip().splitlines()[-1], got.stderr
+    assert hub.sent == 0 and "Traceback" not in got.stderr
+
+
+def test_a_disk_too_small_is_refused_before_a_byte_is_fetched(repos, tmp_path):
+    wrap = ("import shutil, collections; U = collections.namedtuple('U', 'total used free'); "
+            "shutil.disk_usage = lambda p: U(10**9, 10**9 - 5_000_000, 5_000_000)")
+    with fake_hub(repos) as (hub, url):
+        got = cli(url, tmp_path / "hf", "pull", "acme/Mini-GGUF:Q8_0", wrap=wrap)
+    assert got.returncode == 2, got.stderr
+    assert got.stderr.strip().splitlines()[-1].startswith(
+        "error: acme/Mini-GGUF: Mini-Q8_0.gguf needs 13 MiB more on disk, and ")
+    assert "free (point HF_HOME at a larger disk)" in got.stderr and hub.sent == 0
