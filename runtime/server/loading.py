@@ -15,18 +15,27 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 
+# what a browser opening the chat page meanwhile shows: it asks again each second
+LOADING_PAGE = (b'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="1">'
+                b"<title>stepstream: loading</title></head><body><p>The model is loading (the first run compiles its "
+                b"kernels, up to a minute); this page opens by itself when it is ready.</p></body></html>")
+
+
 class _Loading(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _answer(self) -> None:
-        if self.path.split("?")[0] == "/health":
-            body = {"status": "loading"}
+        path = self.path.split("?")[0]
+        kind = "application/json"
+        if path == "/health":
+            data = json.dumps({"status": "loading"}).encode()
+        elif path == "/" and self.command in ("GET", "HEAD"):  # the chat page's address: a page that waits
+            data, kind = LOADING_PAGE, "text/html; charset=utf-8"
         else:
-            body = {"error": {"message": "the model is loading; try again shortly", "type": "unavailable_error",
-                              "param": None, "code": "model_loading"}}
-        data = json.dumps(body).encode()
+            data = json.dumps({"error": {"message": "the model is loading; try again shortly",
+                                         "type": "unavailable_error", "param": None, "code": "model_loading"}}).encode()
         self.send_response(503)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Retry-After", "1")
         self.send_header("Access-Control-Allow-Origin", "*")  # as the real server: a web page may see it load

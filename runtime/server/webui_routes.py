@@ -1,8 +1,9 @@
 """The chat page `stepstream serve` answers at its address, as llama-server serves its web UI:
-GET / (the page, runtime/server/webui/index.html) and GET /webui/chat.js (its logic). The page
-talks to the server's own /v1/chat/completions, streaming, with the key its user enters (the
-page itself needs none, as llama-server's); the conversation stays in the browser. `--no-webui`
-turns it off (llama-server's flag)."""
+GET / (runtime/server/webui/index.html), and its style, its script and the script's logic
+(page.css, page.js, chat.js) under /webui/. The page talks to the server's own
+/v1/chat/completions, streaming, with the key its user enters (the page itself needs none, as
+llama-server's); the conversation stays in the browser. `--no-webui` turns it off
+(llama-server's flag)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from pathlib import Path
 from fastapi.responses import Response
 
 WEBUI = Path(__file__).with_name("webui")
-# the page loads nothing from elsewhere and may not be framed by another site
+# the page runs its own files alone (no inline script or style: an injected one would not run),
+# talks to its own address alone, and may not be framed by another site
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
-           "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-                                      "style-src 'unsafe-inline'; frame-ancestors 'none'"}
+           "Content-Security-Policy": CSP}
 FILES = {"/": ("index.html", "text/html; charset=utf-8"),
+         "/webui/page.css": ("page.css", "text/css; charset=utf-8"),
+         "/webui/page.js": ("page.js", "text/javascript; charset=utf-8"),
          "/webui/chat.js": ("chat.js", "text/javascript; charset=utf-8")}
 
 
@@ -27,4 +32,4 @@ def add_webui_routes(app) -> None:
         async def serve(content=content, media=media):
             return Response(content, media_type=media, headers=HEADERS)
 
-        app.get(path, include_in_schema=False)(serve)
+        app.api_route(path, methods=["GET", "HEAD"], include_in_schema=False)(serve)

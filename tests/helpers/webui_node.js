@@ -2,7 +2,7 @@
 // `node webui_node.js CHAT_JS TASK_JSON` prints one JSON line with what the task gave.
 "use strict";
 const [chatJs, taskJson] = process.argv.slice(2);
-const { takeEvents, streamChat, Reply, renderText } = require(chatJs);
+const { takeEvents, streamChat, Reply, renderText, keptMessages } = require(chatJs);
 const task = JSON.parse(taskJson);
 
 async function main() {
@@ -33,6 +33,7 @@ async function main() {
     return { events, rest: buffer };
   }
   if (task.kind === "render") return { html: task.texts.map(renderText) };
+  if (task.kind === "kept") return { messages: keptMessages(task.raw) };
   if (task.kind === "compile") {  // the page's own script parses (it runs only in a browser)
     new (require("vm").Script)(task.code, { filename: "index.html" });
     return { ok: true };

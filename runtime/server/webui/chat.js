@@ -33,8 +33,9 @@ async function responseError(resp) {
 }
 
 // Stream a chat completion: yields each chunk object in order; throws an Error (with `status`)
-// when the server refuses the request or the stream reports an error. `base` is the server's
-// address ("" on the page itself), `body` the request without `stream`.
+// when the server refuses the request, the stream reports an error, or it ends before its
+// `[DONE]` (a connection cut). `base` is the server's address ("." on the page itself), `body`
+// the request without `stream`.
 async function* streamChat(base, body, { apiKey = "", signal = undefined, fetchImpl = fetch } = {}) {
   const headers = { "Content-Type": "application/json" };
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
@@ -61,8 +62,22 @@ async function* streamChat(base, body, { apiKey = "", signal = undefined, fetchI
       }
       yield chunk;
     }
-    if (done) return;
+    if (done) {
+      const err = new Error("the connection closed before the reply ended");
+      err.status = 0;
+      throw err;
+    }
   }
+}
+
+// The messages of a stored conversation that can be sent again: user and assistant turns
+// whose content is text (anything else, written by another page of the same address, say, is
+// left out rather than breaking every later request).
+function keptMessages(raw) {
+  if (!Array.isArray(raw)) return [];
+  return raw.filter((m) => m && typeof m === "object" && (m.role === "user" || m.role === "assistant")
+    && typeof m.content === "string")
+    .map((m) => ({ role: m.role, content: m.content, reasoning: typeof m.reasoning === "string" ? m.reasoning : "" }));
 }
 
 // One reply as its chunks build it.
@@ -106,23 +121,37 @@ function escapeHtml(text) {
     .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
 }
 
-// A reply's text as HTML: everything escaped; fenced code blocks (``` ... ```, an unclosed one
-// running to the end, as it streams) in <pre><code>, `inline code` in <code>, **bold** in
+function inline(text) {
+  return escapeHtml(text).replace(/`([^`\n]+)`/g, "<code>$1</code>").replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
+}
+
+// A reply's text as HTML, every character of it shown and escaped: fenced code blocks (a line
+// of ``` and an info word opens one, indented or not; a line of ``` alone closes it; one still
+// open runs to the end, as it streams) in <pre><code>, `inline code` in <code>, **bold** in
 // <strong>. Line breaks are kept by the page's CSS (white-space: pre-wrap).
 function renderText(text) {
   const out = [];
-  const parts = text.split(/^```[^\n]*\n?/m);
-  parts.forEach((part, i) => {
-    if (i % 2 === 1) {
-      out.push(`<pre><code>${escapeHtml(part.replace(/\n$/, ""))}</code></pre>`);
-      return;
+  let prose = [], code = null;
+  const flushProse = () => { if (prose.length) out.push(inline(prose.join("\n"))); prose = []; };
+  const lines = text.split("\n");
+  lines.forEach((line, i) => {
+    const last = i === lines.length - 1;
+    if (code === null && /^\s*```[^`]*$/.test(line)) {
+      flushProse();
+      code = [];
+    } else if (code !== null && /^\s*```\s*$/.test(line)) {
+      out.push(`<pre><code>${escapeHtml(code.join("\n"))}</code></pre>`);
+      code = null;
+    } else if (code !== null) {
+      code.push(line);
+    } else {
+      prose.push(line);
+      if (last) flushProse();
     }
-    let html = escapeHtml(part);
-    html = html.replace(/`([^`\n]+)`/g, "<code>$1</code>");
-    html = html.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
-    out.push(html);
   });
+  if (code !== null) out.push(`<pre><code>${escapeHtml(code.join("\n"))}</code></pre>`);
+  flushProse();
   return out.join("");
 }
 
-if (typeof module !== "undefined") module.exports = { takeEvents, streamChat, Reply, renderText, escapeHtml };
+if (typeof module !== "undefined") module.exports = { takeEvents, streamChat, Reply, renderText, escapeHtml, keptMessages };
