@@ -18,6 +18,25 @@ def load(path=None, **options):
     return _load(path, **options)
 
 
+def from_pretrained(repo_id: str, filename: str | None = None, additional_files=None, local_dir=None,
+                    local_dir_use_symlinks="auto", cache_dir=None, **options):
+    """llama-cpp-python's `Llama.from_pretrained`: the GGUF `filename` (a path in the Hugging
+    Face repository `repo_id` or a glob, in any case; None: Q4_K_M, else Q8_0, else the first
+    model) fetched into the Hugging Face cache (`cache_dir`, default HF_HUB_CACHE) as `-hf` does
+    (runtime.hub), then loaded with `options` as `load` takes them. A split model's parts come
+    together (`additional_files` need not name them); `local_dir` is refused: the files stay in
+    the cache, where the next call finds them, offline too."""
+    from runtime.base.errors import UnknownOption
+    from runtime.hub import fetch
+
+    if local_dir is not None:
+        raise UnknownOption("from_pretrained(local_dir=...) is not supported: the files go to the Hugging Face cache "
+                            "(cache_dir= chooses it), where a later call finds them")
+    del additional_files, local_dir_use_symlinks  # (a split model's parts are fetched with it)
+    path = fetch(repo_id, filename, say=lambda text: None, token=options.pop("token", None), cache_dir=cache_dir)
+    return load(path, **options)
+
+
 def __getattr__(name):
     """`runtime.LlamaGrammar`: llama-cpp-python's grammar class, for `grammar=` (imported on first use)."""
     if name == "LlamaGrammar":

@@ -1,21 +1,26 @@
 """Models from the Hugging Face Hub: `-hf REPO[:QUANT]` (llama.cpp's flag) on run, chat, serve,
-bench and perplexity, and `stepstream pull`.
+bench and perplexity, `stepstream pull`, and `runtime.from_pretrained` (llama-cpp-python's).
 
 The repository's GGUF files are listed, the model asked for is chosen (a quantization tag such
 as Q4_K_S, a split model's parts together), the disk's free space is checked against what is
-still to fetch, and the files are fetched into Hugging Face's own cache (HF_HOME, shared with
-every tool that uses it) by `huggingface_hub` (a dependency of `tokenizers`): a transfer the
-network cuts is taken up again within the run, and a file is renamed into place only once
-whole (an interrupted run leaves no partial file: the next one fetches that file again). A
-model already in the cache is used without a network (or with HF_HUB_OFFLINE=1). A private or
-gated repository needs a token: HF_TOKEN, or `hf auth login`.
+still to fetch, and the files are fetched into Hugging Face's own cache (HF_HUB_CACHE, shared
+with every tool that uses it) by `huggingface_hub`, every part from the one commit: a transfer
+the network cuts is taken up again within the run, and a file is renamed into place only once
+whole (a run stopped by Ctrl-C leaves no partial file: the next one fetches that file again).
+When the Hub cannot list the repository (no network, no answer, HF_HUB_OFFLINE, a refusal) a
+model already in the cache is used as it is. A private or gated repository needs a token:
+HF_TOKEN, `hf auth login`, or `-hft`.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import queue
 import re
 import shutil
 import socket
+import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -23,10 +28,14 @@ from urllib.parse import urlparse
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
 
-DEFAULT_QUANT = "Q4_K_M"  # llama.cpp's, when -hf names none
-_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+DEFAULTS = ("Q4_K_M", "Q8_0")  # llama.cpp's choice when no tag is given, then its first model
+LIST_TIMEOUT_S = 20.0  # the listing's answer (the library sets none: a Hub that never answers hung -hf)
+PROBE_TIMEOUT_S = 3.0  # a connection to the Hub's host (without a network the library retries ~20 s)
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"  # the Hub's names: no edge - or ., at most 96
+_REPO = re.compile(rf"{_PART}/{_PART}")
+_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _NOT_MODELS = ("mmproj", "imatrix")  # vision projectors and importance matrices, also .gguf
+_SIDECARS = ("mtp-", "eagle3-", "dflash-", "dspark-")  # draft models published beside a model (llama.cpp's list)
 
 
 class HubError(StepstreamError):
@@ -45,12 +54,12 @@ class HubModel:
 
 def parse_spec(text: str) -> tuple[str, str | None]:
     """`user/model[:quant]` -> (repository, quantization tag or None)."""
-    repo, _, quant = text.partition(":")
-    if not _REPO.fullmatch(repo) or ".." in repo:
-        raise HubError(f"-hf {text!r}: give a Hugging Face repository as user/model, with a quantization after a "
-                       "colon if you like (user/model:Q4_K_S)")
-    if _ and not re.fullmatch(r"[A-Za-z0-9._-]+", quant):
-        raise HubError(f"-hf {text!r}: the quantization after the colon must be a tag such as Q4_K_S")
+    repo, colon, quant = text.partition(":")
+    if not _REPO.fullmatch(repo) or "--" in repo or ".." in repo:
+        raise HubError(f"{text!r}: give a Hugging Face repository as user/model (letters, digits, - _ and ., at "
+                       "most 96 each), with a quantization after a colon if you like (user/model:Q4_K_S)")
+    if colon and not re.fullmatch(r"[A-Za-z0-9._-]+", quant):
+        raise HubError(f"{text!r}: the quantization after the colon must be a tag such as Q4_K_S")
     return repo, quant or None
 
 
@@ -59,13 +68,14 @@ def models(files: dict[str, int]) -> list[HubModel]:
     singles, splits = [], {}
     for path, size in files.items():
         base = PurePosixPath(path).name
-        if not base.lower().endswith(".gguf") or any(w in base.lower() for w in _NOT_MODELS):
+        low = base.lower()
+        if not low.endswith(".gguf") or any(w in low for w in _NOT_MODELS) or low.startswith(_SIDECARS):
             continue
         m = _SPLIT.match(base)
         if m is None:
             singles.append(HubModel(path, (path,), size))
         else:
-            key = (str(PurePosixPath(path).with_name(m["stem"] + ".gguf")), int(m["count"]))
+            key = (str(PurePosixPath(path).with_name(m["stem"] + base[-5:])), int(m["count"]))
             splits.setdefault(key, {})[int(m["no"])] = (path, size)
     for (name, count), parts in splits.items():
         ordered = tuple(parts[k][0] for k in sorted(parts))
@@ -79,14 +89,24 @@ def _tagged(name: str, quant: str) -> bool:
     return re.search(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", name, re.IGNORECASE) is not None
 
 
+def _named(m: HubModel, pattern: str) -> bool:
+    """--hf-file / from_pretrained's filename: a path or a glob (llama-cpp-python's), in any case,
+    matching the model's name, one of its parts, or their file names."""
+    pattern = pattern.lower()
+    return any(fnmatch.fnmatchcase(x.lower(), pattern) or fnmatch.fnmatchcase(PurePosixPath(x).name.lower(), pattern)
+               for x in (m.name, *m.parts))
+
+
 def choose(repo: str, files: dict[str, int], quant: str | None, file: str | None = None) -> HubModel:
-    """The model that -hf REPO[:QUANT] (or --hf-file FILE) names among the repository's files."""
+    """The model that -hf REPO[:QUANT] (or --hf-file FILE) names among the repository's files.
+    Without either: the Q4_K_M model, else the Q8_0 one, else the first (llama.cpp's choice).
+    Of several a tag names, the one of the shortest name (Model-Q4_K_M over Model-UD-Q4_K_M)."""
     found = models(files)
     listed = ", ".join(f"{m.name} ({size_text(m.size)})" for m in found[:12]) + (" ..." if len(found) > 12 else "")
     if not found:
         raise HubError(f"{repo}: the repository holds no GGUF model file")
     if file is not None:
-        picked = [m for m in found if file == m.name or file in m.parts]
+        picked = [m for m in found if _named(m, file)]
         if not picked:
             raise HubError(f"{repo}: no GGUF file {file!r} (its models: {listed})")
     elif quant is not None:
@@ -94,58 +114,44 @@ def choose(repo: str, files: dict[str, int], quant: str | None, file: str | None
         if not picked:
             raise HubError(f"{repo}: no model tagged {quant} (its models: {listed})")
     else:
-        picked = [m for m in found if _tagged(m.name, DEFAULT_QUANT)] or (found if len(found) == 1 else [])
-        if not picked:
-            raise HubError(f"{repo}: holds several models and none is {DEFAULT_QUANT}; name one after a colon "
-                           f"(-hf {repo}:TAG) or with --hf-file (its models: {listed})")
-    if len(picked) > 1:
+        picked = next(([m for m in found if _tagged(m.name, q)] for q in DEFAULTS
+                       if any(_tagged(m.name, q) for m in found)), found[:1])
+    shortest = min(len(m.name) for m in picked)
+    if sum(len(m.name) == shortest for m in picked) > 1:
         names = ", ".join(m.name for m in picked)
         raise HubError(f"{repo}: {len(picked)} models match ({names}); name one with --hf-file")
-    model = picked[0]
+    model = next(m for m in picked if len(m.name) == shortest)
     if not model.complete:
         raise HubError(f"{repo}: {model.name} is split in parts and some are missing from the repository "
                        f"(it has {', '.join(model.parts)})")
     return model
 
 
-def _listing(repo: str) -> dict[str, int] | None:
-    """The repository's files and sizes, or None without a network (or offline)."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.hf_api import RepoFile
+def _within(fn, seconds: float):
+    """fn() on a thread of its own: ("ok", value), ("error", exception) or ("timeout", None)."""
+    out: queue.Queue = queue.Queue()
 
-    if constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT):
-        return None
+    def call():
+        try:
+            out.put(("ok", fn()))
+        except BaseException as e:  # (handed over: the caller decides)
+            out.put(("error", e))
+
+    threading.Thread(target=call, daemon=True, name="stepstream-hub").start()
     try:
-        return {f.path: f.size for f in HfApi().list_repo_tree(repo, recursive=True) if isinstance(f, RepoFile)}
-    except GatedRepoError:
-        raise HubError(f"{repo}: a gated repository; accept its terms on huggingface.co and give a token "
-                       "(HF_TOKEN, or `hf auth login`)") from None
-    except RepositoryNotFoundError:
-        raise HubError(f"{repo}: no such repository on Hugging Face (a private one needs a token: HF_TOKEN, or "
-                       "`hf auth login`)") from None
-    except RevisionNotFoundError:
-        raise HubError(f"{repo}: the repository has no main branch") from None
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status is not None and status < 500:
-            raise HubError(f"{repo}: Hugging Face refused the listing ({status})") from None
-        return None  # the Hub is down: what the cache holds may do
-    except Exception as e:
-        if _unreachable(e):
-            return None
-        raise
+        return out.get(timeout=seconds)
+    except queue.Empty:
+        return "timeout", None
 
 
-def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """Whether the Hub's host takes a connection: without a network, the library would retry
-    for some 20 s before the cache is used."""
+def _reachable(endpoint: str) -> bool:
+    """Whether the Hub's host takes a connection (through a proxy, the listing alone can say)."""
     url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
-        return False
-    return True
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    if urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+        return True
+    kind, _ = _within(lambda: socket.create_connection((host, port), PROBE_TIMEOUT_S).close(), PROBE_TIMEOUT_S + 2)
+    return kind == "ok"
 
 
 def _unreachable(e: BaseException) -> bool:
@@ -156,62 +162,146 @@ def _unreachable(e: BaseException) -> bool:
                                                    "OfflineModeIsEnabled"})
 
 
-def _cached(repo: str) -> dict[str, int]:
-    """The files of the repository's newest snapshot in the cache, whole ones only."""
+def _token_hint(repo: str, what: str) -> HubError:
+    return HubError(f"{repo}: {what}; accept its terms on huggingface.co if it is gated, and give a token (HF_TOKEN, "
+                    "`hf auth login`, or -hft TOKEN)")
+
+
+def _listing(repo: str, token: str | None) -> tuple[dict | None, HubError | None, str]:
+    """(path -> (size, sha256 or None), None, "") from the Hub; or (None, the error to give when
+    the cache cannot stand in, or None, why the Hub was not used)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    if constants.HF_HUB_OFFLINE:
+        return None, None, "HF_HUB_OFFLINE is set"
+    if not _reachable(constants.ENDPOINT):
+        return None, None, f"{constants.ENDPOINT} cannot be reached"
+
+    def tree():
+        return {f.path: (f.size, getattr(f.lfs, "sha256", None)) for f in HfApi(token=token).list_repo_tree(
+            repo, recursive=True) if isinstance(f, RepoFile)}
+
+    kind, value = _within(tree, LIST_TIMEOUT_S)
+    if kind == "ok":
+        return value, None, ""
+    if kind == "timeout":
+        return None, None, f"{constants.ENDPOINT} did not list the repository within {LIST_TIMEOUT_S:.0f} s"
+    e = value
+    if isinstance(e, KeyboardInterrupt):
+        raise e
+    if isinstance(e, GatedRepoError):
+        return None, _token_hint(repo, "a gated repository"), "the Hub refused the listing"
+    if isinstance(e, RepositoryNotFoundError):
+        return None, HubError(f"{repo}: no such repository on Hugging Face (a private one needs a token: HF_TOKEN, "
+                              "`hf auth login`, or -hft TOKEN)"), "the Hub knows no such repository"
+    if isinstance(e, RevisionNotFoundError):
+        return None, HubError(f"{repo}: the repository has no main branch"), "the repository has no main branch"
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return None, _token_hint(repo, f"the Hub refused the listing ({status})"), f"the Hub answered {status}"
+        return None, HubError(f"{repo}: the Hub refused the listing ({status})"), f"the Hub answered {status}"
+    if isinstance(e, ValueError):  # (JSON that is not there: a captive portal's or a proxy's login page)
+        return None, HubError(f"{repo}: {constants.ENDPOINT} answered with something other than a listing (a "
+                              "network's login page?)"), "the Hub's answer was no listing"
+    if _unreachable(e):
+        return None, None, f"{constants.ENDPOINT} cannot be reached"
+    return None, HubError(f"{repo}: listing the repository failed: {type(e).__name__}: {_first_line(e)}"), \
+        "the listing failed"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _repo_dir(repo: str, cache_dir) -> Path:
     from huggingface_hub import constants
 
-    root = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    return Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+
+
+def _snapshots(repo: str, cache_dir) -> list[Path]:
+    """The repository's snapshots in the cache: main's first, then the newest."""
+    root = _repo_dir(repo, cache_dir)
     try:
-        commit = (root / "refs" / "main").read_text().strip()
+        main = (root / "refs" / "main").read_text().strip()
     except OSError:
-        return {}
-    snapshot = root / "snapshots" / commit
-    return {p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if p.is_file()}
+        main = ""
+    try:
+        snaps = [p for p in (root / "snapshots").iterdir() if p.is_dir()]
+    except OSError:
+        return []
+    return sorted(snaps, key=lambda p: (p.name != main, -p.stat().st_mtime))
 
 
-def fetch(spec: str, file: str | None = None, say=print) -> Path:
+def _from_cache(repo: str, quant, file, cache_dir) -> tuple[HubModel, Path] | None:
+    """The model as a snapshot in the cache holds it whole (all its parts in the one snapshot)."""
+    for snap in _snapshots(repo, cache_dir):
+        files = {p.relative_to(snap).as_posix(): p.stat().st_size for p in snap.rglob("*") if p.is_file()}
+        try:
+            model = choose(repo, files, quant, file)
+        except HubError:
+            continue
+        return model, snap / model.parts[0]
+    return None
+
+
+def fetch(spec: str, file: str | None = None, say=print, token: str | None = None, cache_dir=None) -> Path:
     """The local path of the model `spec` (user/model[:quant]) names, fetched into the cache as
     needed (a split model: its first part, beside the others). `say` reports what happens."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-
     repo, quant = parse_spec(spec)
-    listed = _listing(repo)
-    offline = listed is None
-    files = _cached(repo) if offline else listed
-    if offline and not files:
-        raise HubError(f"{repo}: Hugging Face cannot be reached and the cache ({constants.HF_HUB_CACHE}) holds "
-                       "nothing of it")
-    model = choose(repo, files, quant, file)
-    local = {p: try_to_load_from_cache(repo, p) for p in model.parts}
-    missing = [p for p, at in local.items() if not isinstance(at, str)]
-    if offline:
-        if missing:
-            raise HubError(f"{repo}: Hugging Face cannot be reached and the cache holds only part of {model.name}")
-        say(f"{repo}: {model.name} ({size_text(model.size)}) from the cache (Hugging Face cannot be reached)")
-        return Path(local[model.parts[0]])
-    need = sum(files[p] for p in missing)
-    if missing:
-        cache = Path(constants.HF_HUB_CACHE)
+    listed, error, why = _listing(repo, token)
+    if listed is None:
+        cached = _from_cache(repo, quant, file, cache_dir)
+        if cached is None:
+            if error is not None:
+                raise error
+            raise HubError(f"{repo}: {why}, and the cache ({_repo_dir(repo, cache_dir).parent}) holds no such model "
+                           "of it")
+        model, path = cached
+        say(f"{repo}: {model.name} ({size_text(model.size)}) from the cache ({why})")
+        return path
+    model = choose(repo, {p: size for p, (size, _) in listed.items()}, quant, file)
+    blobs = _repo_dir(repo, cache_dir) / "blobs"
+    missing = [p for p in model.parts if listed[p][1] is None or not (blobs / listed[p][1]).is_file()]
+    need = sum(listed[p][0] for p in missing)
+    if need:
+        cache = _repo_dir(repo, cache_dir).parent
         cache.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(cache).free
         if need > free:
             raise HubError(f"{repo}: {model.name} needs {size_text(need)} more on disk, and {cache} has "
-                           f"{size_text(free)} free (point HF_HOME at a larger disk)")
+                           f"{size_text(free)} free (set HF_HUB_CACHE to a directory on a larger disk)")
         say(f"{repo}: fetching {model.name} ({size_text(need)} of {size_text(model.size)}) into {cache}")
     else:
         say(f"{repo}: {model.name} ({size_text(model.size)}) from the cache")
-    from huggingface_hub.errors import HfHubHTTPError
-
-    paths = []
-    for p in model.parts:  # each checked against the Hub (a file changed there is fetched again)
-        try:
-            paths.append(Path(hf_hub_download(repo, p)))
-        except HfHubHTTPError as e:
-            raise HubError(f"{repo}: fetching {p} failed: {str(e).splitlines()[0]} (the files already fetched "
-                           "stay in the cache: run it again)") from None
-        except Exception as e:
-            if not _unreachable(e):
-                raise
-            raise HubError(f"{repo}: fetching {p} failed: {getattr(e, 'strerror', None) or e} (the files already "
-                           "fetched stay in the cache: run it again)") from None
+    paths, revision = [], "main"
+    for p in model.parts:  # each checked against the Hub: a file changed there is fetched again
+        path = _download(repo, p, revision, token, cache_dir)
+        # the later parts from the first one's commit: one that lands meanwhile does not split them
+        revision = path.parents[len(PurePosixPath(p).parts) - 1].name
+        paths.append(path)
     return paths[0]
+
+
+def _download(repo: str, path: str, revision: str, token, cache_dir) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    try:
+        return Path(hf_hub_download(repo, path, revision=revision, token=token, cache_dir=cache_dir))
+    except GatedRepoError:
+        raise _token_hint(repo, f"the Hub refused {path} (a gated repository)") from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise _token_hint(repo, f"the Hub refused {path} ({status})") from None
+        raise HubError(f"{repo}: fetching {path} failed: {_first_line(e)} (the files already fetched stay in the "
+                       "cache: run it again)") from None
+    except Exception as e:  # the network, the disk, Xet's transfers (RuntimeError): one line, never a traceback
+        why = getattr(e, "strerror", None) or _first_line(e)
+        raise HubError(f"{repo}: fetching {path} failed: {why} (the files already fetched stay in the cache: run it "
+                       "again)") from None
+

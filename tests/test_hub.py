@@ -54,7 +54,8 @@ def cli(url: str, home: Path, *args: str, wrap: str = "") -> subprocess.Complete
 def test_specs_and_choices():
     assert parse_spec("acme/Mini-GGUF:q4_k_s") == ("acme/Mini-GGUF", "q4_k_s")
     assert parse_spec("acme/Mini-GGUF") == ("acme/Mini-GGUF", None)
-    for bad in ("Mini-GGUF", "acme/Mini/GGUF", "acme/../x", "acme/Mini-GGUF:Q4 K", "/Mini"):
+    for bad in ("Mini-GGUF", "acme/Mini/GGUF", "acme/../x", "acme/Mini-GGUF:Q4 K", "/Mini", "acme/m--x", "acme/m-",
+                "acme/m.", "acme/" + "m" * 97):  # (the Hub's own rules: huggingface_hub raised on the last four)
         with pytest.raises(HubError):
             parse_spec(bad)
     files = {"a/M-Q4_K-00002-of-00002.gguf": 5, "a/M-Q4_K-00001-of-00002.gguf": 7, "M-Q4_K_M.gguf": 3,
@@ -71,11 +72,20 @@ def test_specs_and_choices():
     with pytest.raises(HubError, match="no model tagged Q4_XS"):
         choose("r", files, "Q4_XS", None)
     assert choose("r", files, None, "a/M-Q4_K-00002-of-00002.gguf").name == "a/M-Q4_K.gguf"  # a part: its model
+    assert choose("r", files, None, "*q4_k_m.GGUF").name == "M-Q4_K_M.gguf"  # a glob, in any case (llama-cpp-python's)
+    assert choose("r", files, None, "m-iq4_xs.gguf").name == "M-IQ4_XS.gguf"
+    # without a tag, llama.cpp's choice: Q4_K_M, else Q8_0, else the first model
     assert choose("r", {"only.gguf": 9}, None, None).name == "only.gguf"
-    with pytest.raises(HubError, match="several models and none is Q4_K_M"):
-        choose("r", {"a-Q8_0.gguf": 1, "a-F16.gguf": 2}, None, None)
+    assert choose("r", {"a-F16.gguf": 2, "a-Q8_0.gguf": 1}, None, None).name == "a-Q8_0.gguf"
+    assert choose("r", {"b-F16.gguf": 2, "a-BF16.gguf": 1}, None, None).name == "a-BF16.gguf"
+    # of several models a tag names, the one of the shortest name; of equals, none
+    assert choose("r", {"M-UD-Q4_K_M.gguf": 1, "M-Q4_K_M.gguf": 2}, None, None).name == "M-Q4_K_M.gguf"
+    assert choose("r", {"m-q4_k_m-imat.gguf": 1, "m-q4_k_m.gguf": 2}, "Q4_K_M", None).name == "m-q4_k_m.gguf"
     with pytest.raises(HubError, match="2 models match"):
-        choose("r", {"a-Q8_0.gguf": 1, "b/a-Q8_0.gguf": 2}, "Q8_0", None)
+        choose("r", {"a-Q8_0.gguf": 1, "b-Q8_0.gguf": 2}, "Q8_0", None)
+    # draft models published beside one are no models of it; an upper-case split is one model
+    assert [m.name for m in models({"mtp-M.gguf": 1, "eagle3-M.gguf": 1, "M-00001-OF-00002.GGUF": 1,
+                                    "M-00002-OF-00002.GGUF": 1})] == ["M.GGUF"]
 
 
 def test_run_hf_is_run_m_on_the_file_it_fetches_then_the_cache(repos, tmp_path):
@@ -99,11 +109,11 @@ def test_run_hf_is_run_m_on_the_file_it_fetches_then_the_cache(repos, tmp_path):
     t = time.monotonic()
     offline = cli(url, home, "run", "-hf", "acme/Mini-GGUF:Q8_0", *RUN)
     assert offline.returncode == 0, offline.stderr
-    assert offline.stdout == want.stdout and "(Hugging Face cannot be reached)" in offline.stderr
+    assert offline.stdout == want.stdout and f"from the cache ({url} cannot be reached)" in offline.stderr
     assert time.monotonic() - t < 15, offline.stderr
     missing = cli(url, home, "pull", "acme/Mini-GGUF:Q4_K_M")
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
-        "error: acme/Mini-GGUF: no model tagged Q4_K_M (its models: Mini-Q8_0.gguf (13 MiB))")
+        f"error: acme/Mini-GGUF: {url} cannot be reached, and the cache ({home / 'hub'}) holds no such model of it")
 
 
 def test_a_split_model_is_fetched_whole_and_loads(repos, tmp_path):
@@ -157,23 +167,77 @@ def test_a_fetch_cut_midway_is_retried_and_one_stopped_leaves_nothing_behind(rep
 
 @pytest.mark.parametrize("args,message", [
     (["pull", "acme/Nothing"], "error: acme/Nothing: no such repository on Hugging Face (a private one needs a "
-                               "token: HF_TOKEN, or `hf auth login`)"),
+                               "token: HF_TOKEN, `hf auth login`, or -hft TOKEN)"),
     (["pull", "acme/Mini-GGUF:Q2_K"], "error: acme/Mini-GGUF: no model tagged Q2_K (its models: "),
     (["pull", "acme/Mini-GGUF", "--hf-file", "Mini-Q5_0.gguf"], "error: acme/Mini-GGUF: no GGUF file 'Mini-Q5_0.gguf'"),
     (["pull", "acme/Broken-GGUF:IQ2_XS"], "error: acme/Broken-GGUF: Mini-IQ2_XS.gguf is split in parts and some are "
                                           "missing from the repository (it has Mini-IQ2_XS-00001-of-00002.gguf)"),
-    (["pull", "acme/Broken-GGUF"], "error: acme/Broken-GGUF: holds several models and none is Q4_K_M; name one after "
-                                   "a colon (-hf acme/Broken-GGUF:TAG) or with --hf-file"),
-    (["pull", "Mini-GGUF"], "error: -hf 'Mini-GGUF': give a Hugging Face repository as user/model"),
-    (["run", "--hf-file", "Mini-Q8_0.gguf", "-m", str(MODEL)], "error: --hf-file names a file of the -hf repository: "
-                                                              "give -hf too"),
-    (["run", "-hf", "acme/Mini-GGUF", "-m", str(MODEL)], "argument -m/--model: not allowed with argument -hf/--hf-repo"),
+    (["pull", "Mini-GGUF"], "error: 'Mini-GGUF': give a Hugging Face repository as user/model"),
+    (["run", "--hf-file", "Mini-Q8_0.gguf", "-m", str(MODEL)], "error: --hf-file goes with -hf (a model on Hugging "
+                                                              "Face): give -hf too"),
+    (["run", "-hft", "secret", "-m", str(MODEL)], "error: --hf-token goes with -hf"),
+    (["run", "-hf", "acme/Mini-GGUF", "-m", str(MODEL)], "argument -m/--model: not allowed with argument -hf/-hfr/--hf-repo"),
 ])
 def test_refusals_are_one_line(repos, tmp_path, args, message):
     with fake_hub(repos) as (hub, url):
         got = cli(url, tmp_path / "hf", *args)
     assert got.returncode == 2 and message in got.stderr.strip().splitlines()[-1], got.stderr
     assert hub.sent == 0 and "Traceback" not in got.stderr
+
+
+def test_when_the_hub_cannot_list_a_cached_model_is_used(repos, tmp_path):
+    """A refused listing (429, an expired token's 401), one that never comes, a network's login
+    page: the model in the cache is used, and why is said; without it, the Hub's refusal is the
+    error. A model cached under an older commit than main's is found too."""
+    home = tmp_path / "hf"
+    fast = "import runtime.hub\nruntime.hub.LIST_TIMEOUT_S = 2"
+    with fake_hub(repos) as (hub, url):
+        assert cli(url, home, "pull", "acme/Mini-GGUF:Q8_0").returncode == 0
+        hub.commit = "a" * 40  # main moves on (a README edited); a later pull caches under the new commit
+        assert cli(url, home, "pull", "acme/Mini-GGUF:Q4_K_M").returncode == 0
+        # (a 429 the library retries, for longer than the listing may take)
+        for answer, why in (((429, {}, b"{}"), "did not list the repository within 2 s"),
+                            ((401, {}, b"{}"), "the Hub answered 401"),
+                            ((200, {"Content-Type": "text/html"}, b"<html>log in</html>"),
+                             "the Hub's answer was no listing")):
+            hub.listing = answer
+            sent = hub.sent
+            got = cli(url, home, "pull", "acme/Mini-GGUF:Q8_0", wrap=fast)
+            assert got.returncode == 0, got.stderr
+            assert f"Mini-Q8_0.gguf (13 MiB) from the cache (" in got.stderr and why in got.stderr and hub.sent == sent
+            assert COMMIT in got.stdout  # the older snapshot's file
+            refused = cli(url, home, "pull", "acme/Mini-GGUF:BF16", wrap=fast)
+            assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert "answered with something other than a listing (a network's login page?)" in refused.stderr
+        hub.listing = None
+        hub.hang_listing = True
+        t = time.monotonic()
+        got = cli(url, home, "pull", "acme/Mini-GGUF:Q4_K_M", wrap=fast)
+        assert got.returncode == 0 and "did not list the repository within 2 s" in got.stderr, got.stderr
+        assert time.monotonic() - t < 30
+        hub.release.set()
+    offline = cli(url, home, "pull", "acme/Mini-GGUF:Q8_0", wrap="import os\nos.environ['HF_HUB_OFFLINE'] = '1'")
+    assert offline.returncode == 0 and "(HF_HUB_OFFLINE is set)" in offline.stderr, offline.stderr
+
+
+def test_a_split_models_parts_come_from_one_commit(repos, tmp_path):
+    """A commit that lands while the parts are fetched (main moves after the first): the rest
+    are fetched at the first one's commit, so that they lie beside it and the model loads."""
+    with fake_hub(repos) as (hub, url):
+        hub.move_after = 1
+        got = cli(url, tmp_path / "hf", "run", "-hf", "acme/Mini-GGUF:Q4_K_S", *RUN)
+        assert got.returncode == 0, got.stderr
+        assert {commit for commit, _ in hub.files_served} == {COMMIT} and len(hub.files_served) > 1
+
+
+def test_a_gated_repository_asks_for_a_token(repos, tmp_path):
+    with fake_hub(repos) as (hub, url):
+        hub.gated = True
+        got = cli(url, tmp_path / "hf", "pull", "acme/Mini-GGUF:Q8_0")
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+    assert got.stderr.strip().splitlines()[-1] == (
+        "error: acme/Mini-GGUF: the Hub refused Mini-Q8_0.gguf (a gated repository); accept its terms on "
+        "huggingface.co if it is gated, and give a token (HF_TOKEN, `hf auth login`, or -hft TOKEN)")
 
 
 def test_a_disk_too_small_is_refused_before_a_byte_is_fetched(repos, tmp_path):
@@ -184,4 +248,28 @@ def test_a_disk_too_small_is_refused_before_a_byte_is_fetched(repos, tmp_path):
     assert got.returncode == 2, got.stderr
     assert got.stderr.strip().splitlines()[-1].startswith(
         "error: acme/Mini-GGUF: Mini-Q8_0.gguf needs 13 MiB more on disk, and ")
-    assert "free (point HF_HOME at a larger disk)" in got.stderr and hub.sent == 0
+    assert "free (set HF_HUB_CACHE to a directory on a larger disk)" in got.stderr and hub.sent == 0
+
+
+def test_from_pretrained_is_llama_cpp_pythons(repos, tmp_path):
+    """runtime.from_pretrained(repo_id, filename) as llama-cpp-python's Llama.from_pretrained:
+    a glob names the file; the model gives load()'s text on the same file."""
+    script = ("import runtime, sys\n"
+              "m = runtime.from_pretrained('acme/Mini-GGUF', filename='*q8_0.gguf', n_ctx=128, n_threads=1)\n"
+              "ref = runtime.load(sys.argv[1], n_ctx=128, n_threads=1)\n"
+              "kw = dict(max_tokens=12, temperature=0)\n"
+              "a, b = m('def parse(line):', **kw), ref('def parse(line):', **kw)\n"
+              "print(a['choices'][0]['text'] == b['choices'][0]['text'], m.file.path.name)\n"
+              "try:\n"
+              "    runtime.from_pretrained('acme/Mini-GGUF', 'x.gguf', local_dir='d')\n"
+              "except TypeError as e:\n"
+              "    print(e)\n")
+    with fake_hub(repos) as (hub, url):
+        env = dict(os.environ, HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+        got = subprocess.run([sys.executable, "-c", script, str(MODEL)], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=300)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.splitlines() == [
+        "True Mini-Q8_0.gguf",
+        "from_pretrained(local_dir=...) is not supported: the files go to the Hugging Face cache (cache_dir= chooses "
+        "it), where a later call finds them"]

@@ -193,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "hf_repo", None):  # -hf: the model fetched first (runtime.cli.common.add_model_source)
             from runtime.hub import fetch
 
-            args.model = fetch(args.hf_repo, args.hf_file, say=lambda text: print(text, file=sys.stderr))
-        elif getattr(args, "hf_file", None):
-            raise StepstreamError("--hf-file names a file of the -hf repository: give -hf too")
+            args.model = str(fetch(args.hf_repo, args.hf_file, say=lambda text: print(text, file=sys.stderr),
+                                   token=args.hf_token))
+        elif getattr(args, "hf_file", None) or getattr(args, "hf_token", None) and hasattr(args, "hf_repo"):
+            flag = "--hf-file" if getattr(args, "hf_file", None) else "--hf-token"
+            raise StepstreamError(f"{flag} goes with -hf (a model on Hugging Face): give -hf too")
         code = int(module.run(args) or 0)
         sys.stdout.flush()  # a full disk under stdout is found here, not in Python's flush at exit
         return code

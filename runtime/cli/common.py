@@ -38,13 +38,19 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("-m", "--model", type=existing_file("GGUF file"),
                         help="GGUF file (for a split model, any of its parts)")
-    source.add_argument("-hf", "--hf-repo", metavar="USER/MODEL[:QUANT]",
-                        help="a model on Hugging Face, fetched into its cache first (HF_HOME) and used from there "
-                             "afterwards, offline too: the GGUF tagged QUANT (default Q4_K_M, or the repository's "
-                             "only model), a split one's parts together (llama.cpp's flag; a gated or private "
-                             "repository needs HF_TOKEN)")
-    p.add_argument("-hff", "--hf-file", metavar="FILE",
-                   help="with -hf: the GGUF file of the repository to use, by its path there")
+    source.add_argument("-hf", "-hfr", "--hf-repo", metavar="USER/MODEL[:QUANT]",
+                        help="a model on Hugging Face, fetched into its cache first (HF_HUB_CACHE) and used from "
+                             "there afterwards, offline too: the GGUF tagged QUANT (default Q4_K_M, else Q8_0, else "
+                             "the first), a split one's parts together (llama.cpp's flag)")
+    add_hub_args(p)
+
+
+def add_hub_args(p: argparse.ArgumentParser, dest: str = "hf_file") -> None:
+    p.add_argument("-hff", "--hf-file", dest=dest, metavar="FILE",
+                   help="the GGUF file of the repository to use, by its path there or a glob, in any case")
+    p.add_argument("-hft", "--hf-token", metavar="TOKEN",
+                   help="a Hugging Face token, for a private or gated repository (default: HF_TOKEN, or the one "
+                        "`hf auth login` saved)")
 
 
 def add_model_args(p: argparse.ArgumentParser, ctx_default: int | None = None, batch_default: int = 64,

@@ -11,17 +11,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.cli.common import add_hub_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("repo", metavar="USER/MODEL[:QUANT]",
-                   help="a Hugging Face repository, with the quantization to fetch after a colon (default Q4_K_M, or "
-                        "the repository's only model)")
-    p.add_argument("-hff", "--hf-file", dest="file", metavar="FILE",
-                   help="the GGUF file of the repository to fetch, by its path there")
+                   help="a Hugging Face repository, with the quantization to fetch after a colon (default Q4_K_M, else "
+                        "Q8_0, else the first model)")
+    add_hub_args(p, dest="file")
 
 
 def run(args) -> int:
     from runtime.hub import fetch
 
-    print(fetch(args.repo, args.file, say=lambda text: print(text, file=sys.stderr)))
+    print(fetch(args.repo, args.file, say=lambda text: print(text, file=sys.stderr), token=args.hf_token))
     return 0
