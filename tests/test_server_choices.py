@@ -291,3 +291,25 @@ def test_a_choice_is_not_kept_in_the_prompt_cache_for_the_next(ref):
             engine.close()
 
     asyncio.run(main())
+
+
+def test_the_self_consistency_example_votes_over_its_choices(url):
+    """examples/self_consistency.py: one request of n=7 choices held to a schema of the answers;
+    the tally counts every finished choice and the answer is its most frequent; the same seed
+    gives the same vote."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, str(root / "examples" / "self_consistency.py"), "Is 91 a prime number?",
+            "--base-url", url + "/v1"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=root)
+    assert first.returncode == 0, first.stderr
+    *tally, last = first.stdout.splitlines()
+    counts = {k: int(v) for k, v in (line.split(": ") for line in tally)}
+    assert set(counts) <= {"yes", "no"} and sorted(counts.values(), reverse=True) == list(counts.values())
+    m = re.fullmatch(r"answer: (\w+) \((\d+) of (\d+); \d+ prompt tokens, \d+ generated\)", last)
+    assert m and m[1] == tally[0].split(":")[0] and int(m[2]) == max(counts.values())
+    assert int(m[3]) == sum(counts.values()) <= 7
+    assert subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=root).stdout == first.stdout
