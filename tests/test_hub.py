@@ -165,7 +165,7 @@ def test_a_fetch_cut_midway_is_retried_and_one_stopped_leaves_nothing_behind(rep
         assert Path(again.stdout.strip()).read_bytes() == MODEL.read_bytes()
 
 
-@pytest.mark.parametrize("args,message", [
+REFUSALS = [
     (["pull", "acme/Nothing"], "error: acme/Nothing: no such repository on Hugging Face (a private one needs a "
                                "token: HF_TOKEN, `hf auth login`, or -hft TOKEN)"),
     (["pull", "acme/Mini-GGUF:Q2_K"], "error: acme/Mini-GGUF: no model tagged Q2_K (its models: "),
@@ -177,12 +177,34 @@ def test_a_fetch_cut_midway_is_retried_and_one_stopped_leaves_nothing_behind(rep
                                                               "Face): give -hf too"),
     (["run", "-hft", "secret", "-m", str(MODEL)], "error: --hf-token goes with -hf"),
     (["run", "-hf", "acme/Mini-GGUF", "-m", str(MODEL)], "argument -m/--model: not allowed with argument -hf/-hfr/--hf-repo"),
-])
-def test_refusals_are_one_line(repos, tmp_path, args, message):
+]
+
+
+def test_refusals_are_one_line(repos, tmp_path):
+    """Each refusal is one line on stderr and exit status 2, before a byte is fetched (the
+    commands run in one process, one after another, as `main` runs them)."""
+    import json
+
+    runner = ("import contextlib, io, json\n"
+              "out = []\n"
+              "for argv in json.loads(sys.argv[1]):\n"
+              "    err = io.StringIO()\n"
+              "    with contextlib.redirect_stderr(err):\n"
+              "        try:\n"
+              "            code = main(argv)\n"
+              "        except SystemExit as e:\n"
+              "            code = e.code\n"
+              "    out.append((code, err.getvalue()))\n"
+              "print(json.dumps(out))\n"
+              "sys.exit(0)\n")
     with fake_hub(repos) as (hub, url):
-        got = cli(url, tmp_path / "hf", *args)
-    assert got.returncode == 2 and message in got.stderr.strip().splitlines()[-1], got.stderr
-    assert hub.sent == 0 and "Traceback" not in got.stderr
+        got = cli(url, tmp_path / "hf", json.dumps([argv for argv, _ in REFUSALS]), wrap="from runtime.cli import main\n"
+                  + runner)
+    assert got.returncode == 0, got.stderr
+    for (code, err), (argv, message) in zip(json.loads(got.stdout), REFUSALS):
+        assert code == 2 and message in err.strip().splitlines()[-1], (argv, err)
+        assert "Traceback" not in err
+    assert hub.sent == 0
 
 
 def test_when_the_hub_cannot_list_a_cached_model_is_used(repos, tmp_path):
@@ -204,7 +226,7 @@ def test_when_the_hub_cannot_list_a_cached_model_is_used(repos, tmp_path):
             sent = hub.sent
             got = cli(url, home, "pull", "acme/Mini-GGUF:Q8_0", wrap=fast)
             assert got.returncode == 0, got.stderr
-            assert f"Mini-Q8_0.gguf (13 MiB) from the cache (" in got.stderr and why in got.stderr and hub.sent == sent
+            assert "Mini-Q8_0.gguf (13 MiB) from the cache (" in got.stderr and why in got.stderr and hub.sent == sent
             assert COMMIT in got.stdout  # the older snapshot's file
             refused = cli(url, home, "pull", "acme/Mini-GGUF:BF16", wrap=fast)
             assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
