@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from runtime.base.errors import StepstreamError
+from runtime.base.gguf_header import Truncated, header_end
 from runtime.base.memory_limit import size_text
 
 DEFAULTS = ("Q4_K_M", "Q8_0")  # llama.cpp's choice when no tag is given, then its first model
@@ -284,6 +285,75 @@ def fetch(spec: str, file: str | None = None, say=print, token: str | None = Non
         revision = path.parents[len(PurePosixPath(p).parts) - 1].name
         paths.append(path)
     return paths[0]
+
+
+HEADER_READ = 1 << 20  # the first read of a header; each further one four times as much (the real model's: ~6 MB)
+
+
+def fetch_header(spec: str, file: str | None, into: Path, say=print, token: str | None = None) -> Path:
+    """The model `spec` names as `plan` reads it, without fetching it: in directory `into`, each
+    part's file of its real size holding its header as the Hub has it and a hole for the rest
+    (sparse: no disk taken), its first part's path returned. A model whole in the cache is used
+    as it is, and so it is when the Hub cannot list the repository."""
+    repo, quant = parse_spec(spec)
+    listed, error, why = _listing(repo, token)
+    if listed is None:
+        cached = _from_cache(repo, quant, file, None)
+        if cached is None:
+            if error is not None:
+                raise error
+            raise HubError(f"{repo}: {why}, and the cache holds no such model of it to plan for")
+        say(f"{repo}: {cached[0].name} from the cache ({why})")
+        return cached[1]
+    model = choose(repo, {p: size for p, (size, _) in listed.items()}, quant, file)
+    revision, read = "main", 0
+    for p in model.parts:
+        size, n = listed[p][0], min(listed[p][0], HEADER_READ)
+        while True:
+            prefix, revision = _read_start(repo, p, revision, n, token)
+            try:
+                end = header_end(prefix, Path(p), size)
+                break
+            except Truncated:
+                if n >= size:
+                    raise HubError(f"{repo}: {p} ends inside its GGUF header") from None
+                n = min(size, 4 * n)
+        read += len(prefix)
+        with open(into / PurePosixPath(p).name, "wb") as f:
+            f.write(prefix[:end])
+            f.truncate(size)
+    say(f"{repo}: {model.name} ({size_text(model.size)}), read {size_text(read)} of it: its header"
+        + ("s" if len(model.parts) > 1 else ""))
+    return into / PurePosixPath(model.parts[0]).name
+
+
+def _read_start(repo: str, path: str, revision: str, n: int, token) -> tuple[bytes, str]:
+    """The first n bytes of the file at that revision, and the commit they are from."""
+    from huggingface_hub import get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    headers = build_hf_headers(token=token)
+    headers["Range"] = f"bytes=0-{n - 1}"
+    got = bytearray()
+    try:
+        with get_session().stream("GET", hf_hub_url(repo, path, revision=revision), headers=headers,
+                                  follow_redirects=True, timeout=LIST_TIMEOUT_S) as r:
+            if r.status_code in (401, 403):
+                raise _token_hint(repo, f"the Hub refused {path} ({r.status_code})")
+            if r.status_code not in (200, 206):
+                raise HubError(f"{repo}: reading the header of {path} failed: the Hub answered {r.status_code}")
+            first = r.history[0] if r.history else r  # (the Hub's answer; a redirect's target is a CDN's)
+            commit = first.headers.get("X-Repo-Commit") or revision
+            for chunk in r.iter_bytes():  # (a server that sends the whole file is read no further)
+                got += chunk
+                if len(got) >= n:
+                    break
+    except HubError:
+        raise
+    except Exception as e:
+        raise HubError(f"{repo}: reading the header of {path} failed: {getattr(e, 'strerror', None) or _first_line(e)}"
+                       ) from None
+    return bytes(got[:n]), commit
 
 
 def _download(repo: str, path: str, revision: str, token, cache_dir) -> Path:

@@ -295,3 +295,30 @@ def test_from_pretrained_is_llama_cpp_pythons(repos, tmp_path):
         "True Mini-Q8_0.gguf",
         "from_pretrained(local_dir=...) is not supported: the files go to the Hugging Face cache (cache_dir= chooses "
         "it), where a later call finds them"]
+
+
+def test_plan_reads_the_headers_alone(repos, tmp_path):
+    """plan -hf: the placement and speeds of a model on the Hub before it is fetched, from its
+    parts' headers (read in growing ranges, here from 4 KiB), the same plan as the file's own."""
+    import json
+
+    args = ["--ram", "4GiB", "--ram-gbps", "20", "--disk-gbps", "2", "--json"]
+    local = subprocess.run([sys.executable, "-m", "runtime.cli", "plan", "-m", str(MODEL), *args],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    want = json.loads(local.stdout)
+    small = "import runtime.hub\nruntime.hub.HEADER_READ = 4096"
+    with fake_hub(repos) as (hub, url):
+        got = cli(url, tmp_path / "hf", "plan", "-hf", "acme/Mini-GGUF:Q8_0", *args, wrap=small)
+        assert got.returncode == 0, got.stderr
+        plan = json.loads(got.stdout)
+        assert plan.pop("model") == "Mini-Q8_0.gguf" and {**want, "model": None} == {**plan, "model": None}
+        assert hub.sent < 2**20 and hub.starts == [0] * len(hub.starts) and len(hub.starts) > 1  # grown by 4x
+        sent = hub.sent
+        split = cli(url, tmp_path / "hf", "plan", "-hf", "acme/Mini-GGUF:Q4_K_S", *args)
+        assert split.returncode == 0, split.stderr
+        n = sum(1 for p in repos["acme/Mini-GGUF"] if p.startswith("Q4_K_S/"))
+        assert hub.sent - sent <= n * 2**20 < MODEL.stat().st_size and "read 4.0 MiB of it: its headers" in split.stderr
+        split_plan = json.loads(split.stdout)
+        assert {k: split_plan[k] for k in ("n_experts", "resident_bytes", "expert_bytes", "tok_s")} == \
+            {k: want[k] for k in ("n_experts", "resident_bytes", "expert_bytes", "tok_s")}
+    assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").rglob("*.gguf"))  # nothing kept

@@ -68,18 +68,32 @@ class Header:
     data_start: int
 
 
-class _Cursor:
-    """Reads forward through `buf`; any read past its end is the file's fault, worded so."""
+class Truncated(StepstreamError):
+    """The bytes given end inside the header, and the file goes on (`header_end` on a prefix)."""
 
-    def __init__(self, buf, path: Path):
+
+class _Cursor:
+    """Reads forward through `buf`; any read past its end is the file's fault, worded so, unless
+    `buf` is a prefix of a file of `size` bytes: then it is Truncated (more bytes are needed)."""
+
+    def __init__(self, buf, path: Path, size: int | None = None):
         self.buf, self.path, self.pos = buf, path, 0
+        self.size = len(buf) if size is None else size
 
     def fail(self, what: str):
         raise StepstreamError(f"{self.path}: {what}; the file is truncated or corrupt")
 
+    def short(self, what: str):
+        """Past the end of `buf`: a prefix needs more bytes; a whole file is truncated or corrupt."""
+        if self.size > len(self.buf):
+            raise Truncated(f"{self.path}: {what}: the header goes on past the first {len(self.buf)} bytes")
+        self.fail(what)
+
     def need(self, n: int, what: str) -> None:
-        if n < 0 or self.pos + n > len(self.buf):
-            self.fail(f"{what} at byte {self.pos} needs {n} bytes, the file has {len(self.buf) - self.pos} left")
+        if n < 0 or self.pos + n > self.size:
+            self.fail(f"{what} at byte {self.pos} needs {n} bytes, the file has {self.size - self.pos} left")
+        if self.pos + n > len(self.buf):
+            self.short(f"{what} at byte {self.pos} needs {n} bytes")
 
     def unpack(self, fmt: str, what: str):
         size = struct.calcsize("<" + fmt)
@@ -106,8 +120,8 @@ class _Cursor:
             n = u64(buf, pos)[0] if pos + 8 <= end else None
             if n is None or pos + 8 + n > end:
                 self.pos = pos
-                self.fail(f"{what}: string {k + 1} of {count} at byte {pos} "
-                          f"({'its length' if n is None else f'{n} bytes'}) runs past the end of the file")
+                self.short(f"{what}: string {k + 1} of {count} at byte {pos} "
+                           f"({'its length' if n is None else f'{n} bytes'}) runs past the end of the file")
             pos += 8 + n
         self.pos = pos
 
@@ -194,17 +208,29 @@ def _alignment(c: _Cursor, buf, fields: dict[str, Field]) -> int:
 def read_header(buf, path: Path) -> Header:
     """Parse the header in `buf` (the whole file: bytes, mmap or memoryview) and check that every
     tensor lies inside the file, aligned, with no two tensors sharing a byte."""
-    c = _Cursor(buf, path)
+    version, fields, infos, alignment, data_start = _parse(_Cursor(buf, path), buf)
+    tensors = _place(path, len(buf), infos, data_start, alignment)
+    return Header(version, fields, tensors, alignment, data_start)
+
+
+def header_end(prefix, path: Path, size: int) -> int:
+    """Where the tensor data begins in a GGUF of `size` bytes that starts with `prefix` (its
+    header read from another machine, runtime.hub); Truncated when the header goes on past it."""
+    return _parse(_Cursor(prefix, path, size), prefix)[4]
+
+
+def _parse(c: _Cursor, buf) -> tuple:
+    """(version, fields, tensor infos, alignment, data_start) of the header `c` reads."""
     if c.unpack("4s", "magic") != b"GGUF":
         c.fail("not a GGUF file")
     version = c.unpack("I", "version")
     if version & 0xFFFF == 0 and version:
-        raise StepstreamError(f"{path}: a big-endian GGUF; stepstream reads little-endian files only")
+        raise StepstreamError(f"{c.path}: a big-endian GGUF; stepstream reads little-endian files only")
     if version not in (2, 3):
-        raise StepstreamError(f"{path}: GGUF version {version}; stepstream reads versions 2 and 3")
+        raise StepstreamError(f"{c.path}: GGUF version {version}; stepstream reads versions 2 and 3")
     n_tensors = c.unpack("Q", "tensor count")
     n_kv = c.unpack("Q", "metadata count")
-    room = len(buf) - c.pos
+    room = c.size - c.pos
     if n_kv * _MIN_KV + n_tensors * _MIN_TENSOR > room:
         c.fail(f"the header declares {n_kv} metadata keys and {n_tensors} tensors, more than its "
                f"{room} bytes can hold")
@@ -216,9 +242,7 @@ def read_header(buf, path: Path) -> Header:
         fields[key] = _value(c, key)
     infos = [_tensor_info(c, i) for i in range(n_tensors)]
     alignment = _alignment(c, buf, fields)
-    data_start = -(-c.pos // alignment) * alignment
-    tensors = _place(path, len(buf), infos, data_start, alignment)
-    return Header(version, fields, tensors, alignment, data_start)
+    return version, fields, infos, alignment, -(-c.pos // alignment) * alignment
 
 
 def _place(path: Path, size: int, infos, data_start: int, alignment: int) -> list[TensorInfo]:

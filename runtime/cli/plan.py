@@ -9,17 +9,25 @@ downloaded in full, or on a machine that could not hold it: --ram describes the 
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
+from pathlib import Path
 
 from runtime.base.errors import StepstreamError
 from runtime.base.memory_limit import size_text
-from runtime.cli.common import add_cache_type_args
+from runtime.cli.common import add_cache_type_args, add_hub_args
 from runtime.cli.arg_types import gbps, memory_arg as size, positive_int
 from runtime.cli.text_args import existing_file
 from runtime.cli.serve import cache_ram
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, type=existing_file("GGUF file"), help="GGUF model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-m", "--model", type=existing_file("GGUF file"), help="GGUF model")
+    source.add_argument("-hf", "-hfr", "--hf-repo", dest="plan_repo", metavar="USER/MODEL[:QUANT]",
+                        help="a model on Hugging Face, planned from its headers alone (a few MB read; the model is "
+                             "not fetched): the GGUF -hf would fetch")
+    add_hub_args(p, dest="plan_file")
     p.add_argument("--ram", type=size, default=None, metavar="SIZE",
                    help="the machine's memory, e.g. 64GiB (default: what this machine leaves now)")
     p.add_argument("--vram", type=size, default=0, metavar="SIZE",
@@ -48,8 +56,18 @@ def run(args: argparse.Namespace) -> int:
         raise StepstreamError("--ram 0: give the machine's memory, e.g. 64GiB (or leave --ram out for this machine's)")
     if args.vram:
         raise StepstreamError(f"--vram {size_text(args.vram)}: plan models RAM and disk only for now; leave --vram at 0")
-    plan = make_plan(args.model, ram=args.ram, disk_gbps=args.disk_gbps, ram_gbps=args.ram_gbps, n_ctx=args.ctx,
-                     profile=args.profile, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
-                     n_batch=args.batch_size, prompt_cache=args.cache_ram)
+    with tempfile.TemporaryDirectory(prefix="stepstream-plan-") as headers:
+        model = args.model
+        if args.plan_repo:  # the model's headers alone, in files whose data is a hole (runtime.hub)
+            from runtime.hub import fetch_header
+
+            model = fetch_header(args.plan_repo, args.plan_file, Path(headers), token=args.hf_token,
+                                 say=lambda text: print(text, file=sys.stderr))
+        elif args.plan_file or args.hf_token:
+            flag = "--hf-file" if args.plan_file else "--hf-token"
+            raise StepstreamError(f"{flag} goes with -hf (a model on Hugging Face): give -hf too")
+        plan = make_plan(model, ram=args.ram, disk_gbps=args.disk_gbps, ram_gbps=args.ram_gbps, n_ctx=args.ctx,
+                         profile=args.profile, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+                         n_batch=args.batch_size, prompt_cache=args.cache_ram)
     print(plan.json() if args.json else plan.text())
     return 0

@@ -100,14 +100,14 @@ def _handler(hub: FakeHub):
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
             if m:
                 start = int(m.group(1))
-            body = data[start:]
+            body = data[start:int(m.group(2)) + 1] if m and m.group(2) else data[start:]
             self.send_response(206 if m else 200)
             self.send_header("X-Repo-Commit", commit)
             self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(len(body)))
             if m:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
             self.end_headers()
             if self.command == "HEAD":
                 return
