@@ -330,7 +330,8 @@ def test_sigterm_ends_streams_with_an_error_and_the_server_exits(ref):
     ctx = 4096
     s = start_server(MODEL, "--ctx-size", str(ctx))
     try:
-        body = {"prompt": "def f():\n", "max_tokens": ctx - 20, "temperature": 1.0, "stream": True}
+        # (ignore_eos: a stream that met its end of text early ended before the signal)
+        body = {"prompt": "def f():\n", "max_tokens": ctx - 20, "temperature": 1.0, "stream": True, "ignore_eos": True}
         got: dict[int, list[str]] = {0: [], 1: []}
 
         def read(i):
