@@ -24,16 +24,26 @@ def from_pretrained(repo_id: str, filename: str | None = None, additional_files=
     Face repository `repo_id` or a glob, in any case; None: Q4_K_M, else Q8_0, else the first
     model) fetched into the Hugging Face cache (`cache_dir`, default HF_HUB_CACHE) as `-hf` does
     (runtime.hub), then loaded with `options` as `load` takes them. A split model's parts come
-    together (`additional_files` need not name them); `local_dir` is refused: the files stay in
-    the cache, where the next call finds them, offline too."""
+    together: `additional_files` may name them (globs), and a pattern that names none of them
+    (an mmproj, which nothing here reads) is a ValueError, as one that matches nothing is in
+    llama-cpp-python; `local_dir` is refused: the files stay in the cache, where the next call
+    finds them, offline too."""
+    import fnmatch
+
     from runtime.base.errors import UnknownOption
-    from runtime.hub import fetch
+    from runtime.base.gguf_file import split_parts
+    from runtime.hub import HubError, fetch
 
     if local_dir is not None:
         raise UnknownOption("from_pretrained(local_dir=...) is not supported: the files go to the Hugging Face cache "
                             "(cache_dir= chooses it), where a later call finds them")
-    del additional_files, local_dir_use_symlinks  # (a split model's parts are fetched with it)
+    del local_dir_use_symlinks  # (it concerns local_dir alone)
     path = fetch(repo_id, filename, say=lambda text: None, token=options.pop("token", None), cache_dir=cache_dir)
+    names = [p.name.lower() for p in split_parts(path)]
+    for pattern in additional_files or ():
+        if not any(fnmatch.fnmatchcase(n, str(pattern).lower().rsplit("/", 1)[-1]) for n in names):
+            raise HubError(f"additional_files {pattern!r} names no part of {path.name}: a split model's parts are "
+                           "fetched with it, and other files (an mmproj) are not read here")
     return load(path, **options)
 
 

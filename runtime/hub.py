@@ -39,8 +39,9 @@ _NOT_MODELS = ("mmproj", "imatrix")  # vision projectors and importance matrices
 _SIDECARS = ("mtp-", "eagle3-", "dflash-", "dspark-")  # draft models published beside a model (llama.cpp's list)
 
 
-class HubError(StepstreamError):
-    """A repository, a file or a download that cannot give the model asked for."""
+class HubError(StepstreamError, ValueError):
+    """A repository, a file or a download that cannot give the model asked for (a ValueError
+    too, as llama-cpp-python's from_pretrained raises)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class HubModel:
     parts: tuple[str, ...]  # paths in the repository, in order
     size: int  # bytes, all parts
     complete: bool = True  # every part of a split model is in the repository
+    problem: str = ""  # why the loader could not read it, when it could not
 
 
 def parse_spec(text: str) -> tuple[str, str | None]:
@@ -73,7 +75,11 @@ def models(files: dict[str, int]) -> list[HubModel]:
         if not low.endswith(".gguf") or any(w in low for w in _NOT_MODELS) or low.startswith(_SIDECARS):
             continue
         m = _SPLIT.match(base)
-        if m is None:
+        if m is not None and not base.endswith(f"-{m['no']}-of-{m['count']}.gguf"):  # (-OF-, .GGUF)
+            singles.append(HubModel(path, (path,), size, problem=f"{base} is a part of a split model named otherwise "
+                                    "than llama.cpp names its parts (-00001-of-00003.gguf), which is how they are "
+                                    "found: rename them"))
+        elif m is None:
             singles.append(HubModel(path, (path,), size))
         else:
             key = (str(PurePosixPath(path).with_name(m["stem"] + base[-5:])), int(m["count"]))
@@ -107,9 +113,13 @@ def choose(repo: str, files: dict[str, int], quant: str | None, file: str | None
     if not found:
         raise HubError(f"{repo}: the repository holds no GGUF model file")
     if file is not None:
-        picked = [m for m in found if _named(m, file)]
+        exact = [m for m in found if file in (m.name, *m.parts)]
+        picked = exact or [m for m in found if _named(m, file)]
         if not picked:
             raise HubError(f"{repo}: no GGUF file {file!r} (its models: {listed})")
+        if len(picked) > 1:  # (a glob of several: named, as llama-cpp-python refuses it)
+            raise HubError(f"{repo}: {file!r} matches {len(picked)} models ({', '.join(m.name for m in picked)}); "
+                           "name one")
     elif quant is not None:
         picked = [m for m in found if _tagged(m.name, quant)]
         if not picked:
@@ -117,6 +127,9 @@ def choose(repo: str, files: dict[str, int], quant: str | None, file: str | None
     else:
         picked = next(([m for m in found if _tagged(m.name, q)] for q in DEFAULTS
                        if any(_tagged(m.name, q) for m in found)), found[:1])
+    bad = [m for m in picked if m.problem]
+    if bad:
+        raise HubError(f"{repo}: {bad[0].problem}")
     shortest = min(len(m.name) for m in picked)
     if sum(len(m.name) == shortest for m in picked) > 1:
         names = ", ".join(m.name for m in picked)
@@ -270,8 +283,11 @@ def fetch(spec: str, file: str | None = None, say=print, token: str | None = Non
     need = sum(listed[p][0] for p in missing)
     if need:
         cache = _repo_dir(repo, cache_dir).parent
-        cache.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(cache).free
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(cache).free
+        except OSError as e:
+            raise HubError(f"{repo}: the cache directory {cache} cannot be used: {e.strerror or e}") from None
         if need > free:
             raise HubError(f"{repo}: {model.name} needs {size_text(need)} more on disk, and {cache} has "
                            f"{size_text(free)} free (set HF_HUB_CACHE to a directory on a larger disk)")
@@ -287,17 +303,29 @@ def fetch(spec: str, file: str | None = None, say=print, token: str | None = Non
     return paths[0]
 
 
-HEADER_READ = 1 << 20  # the first read of a header; each further one four times as much (the real model's: ~6 MB)
+HEADER_READ = 1 << 20  # the first read of a header; each further one three times what came (the real model's: ~6 MB)
+MAX_HEADER = 256 << 20  # a header past this is no model's (the real model's is ~6 MB): refused, not read on
+HEADER_DEADLINE_S = 120.0  # all of a model's header reads (a server that trickles bytes does not hang plan)
 
 
 def fetch_header(spec: str, file: str | None, into: Path, say=print, token: str | None = None) -> Path:
     """The model `spec` names as `plan` reads it, without fetching it: in directory `into`, each
-    part's file of its real size holding its header as the Hub has it and a hole for the rest
-    (sparse: no disk taken), its first part's path returned. A model whole in the cache is used
-    as it is, and so it is when the Hub cannot list the repository."""
+    part's stand-in of its real size holding its header as the Hub has it and a hole for the rest
+    (sparse: no disk taken), named as the Hub cache names its files (a file named by its sha256,
+    which a profile records, under a link of the part's name); its first part's path returned.
+    A model whole in the cache is read from there, and so it is when the Hub cannot list the
+    repository."""
     repo, quant = parse_spec(spec)
     listed, error, why = _listing(repo, token)
-    if listed is None:
+    if listed is not None:
+        model = choose(repo, {p: size for p, (size, _) in listed.items()}, quant, file)
+        blobs = _repo_dir(repo, None) / "blobs"
+        whole = all(listed[p][1] and (blobs / listed[p][1]).is_file() for p in model.parts)
+        cached = _from_cache(repo, None, model.name, None) if whole else None
+        if cached is not None and cached[0].parts == model.parts:
+            say(f"{repo}: {model.name} ({size_text(model.size)}) from the cache")
+            return cached[1]
+    else:
         cached = _from_cache(repo, quant, file, None)
         if cached is None:
             if error is not None:
@@ -305,55 +333,86 @@ def fetch_header(spec: str, file: str | None, into: Path, say=print, token: str 
             raise HubError(f"{repo}: {why}, and the cache holds no such model of it to plan for")
         say(f"{repo}: {cached[0].name} from the cache ({why})")
         return cached[1]
-    model = choose(repo, {p: size for p, (size, _) in listed.items()}, quant, file)
+    import time
+
+    deadline = time.monotonic() + HEADER_DEADLINE_S
     revision, read = "main", 0
     for p in model.parts:
-        size, n = listed[p][0], min(listed[p][0], HEADER_READ)
+        got, size, want = bytearray(), listed[p][0], min(listed[p][0], HEADER_READ)
         while True:
-            prefix, revision = _read_start(repo, p, revision, n, token)
+            size, revision = _read_range(repo, p, revision, want, token, got, deadline, size)
             try:
-                end = header_end(prefix, Path(p), size)
+                end = header_end(got, Path(p), size)
                 break
             except Truncated:
-                if n >= size:
-                    raise HubError(f"{repo}: {p} ends inside its GGUF header") from None
-                n = min(size, 4 * n)
-        read += len(prefix)
-        with open(into / PurePosixPath(p).name, "wb") as f:
-            f.write(prefix[:end])
-            f.truncate(size)
+                if len(got) >= min(size, MAX_HEADER):
+                    raise HubError(f"{repo}: {p}'s GGUF header goes on past "
+                                   f"{size_text(len(got))}" + (" (no model's is that long)" if len(got) < size else
+                                                               ", to the end of the file")) from None
+                want = min(size, MAX_HEADER, len(got) + 3 * len(got))
+        read += len(got)
+        _stand_in(into, PurePosixPath(p).name, listed[p][1], bytes(got[:end]), size)
     say(f"{repo}: {model.name} ({size_text(model.size)}), read {size_text(read)} of it: its header"
         + ("s" if len(model.parts) > 1 else ""))
     return into / PurePosixPath(model.parts[0]).name
 
 
-def _read_start(repo: str, path: str, revision: str, n: int, token) -> tuple[bytes, str]:
-    """The first n bytes of the file at that revision, and the commit they are from."""
+def _stand_in(into: Path, name: str, sha256: str | None, header: bytes, size: int) -> None:
+    target = into / (sha256 or name)
+    try:
+        with open(target, "wb") as f:
+            f.write(header)
+            f.truncate(size)
+        if sha256:
+            (into / name).symlink_to(target.name)
+    except OSError as e:
+        raise HubError(f"the header of {name} cannot be kept in {into} for the plan: {e.strerror or e}") from None
+
+
+def _read_range(repo: str, path: str, revision: str, stop: int, token, into: bytearray, deadline: float,
+                size: int) -> tuple[int, str]:
+    """Append the file's bytes from len(into) to stop - 1, at that revision, to `into` (a server
+    may send fewer: the rest is asked for again); returns the file's size (as the answer's
+    Content-Range says it, else `size`) and the commit the bytes are from."""
+    import time
+
     from huggingface_hub import get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    headers = build_hf_headers(token=token)
-    headers["Range"] = f"bytes=0-{n - 1}"
-    got = bytearray()
-    try:
-        with get_session().stream("GET", hf_hub_url(repo, path, revision=revision), headers=headers,
-                                  follow_redirects=True, timeout=LIST_TIMEOUT_S) as r:
-            if r.status_code in (401, 403):
-                raise _token_hint(repo, f"the Hub refused {path} ({r.status_code})")
-            if r.status_code not in (200, 206):
-                raise HubError(f"{repo}: reading the header of {path} failed: the Hub answered {r.status_code}")
-            first = r.history[0] if r.history else r  # (the Hub's answer; a redirect's target is a CDN's)
-            commit = first.headers.get("X-Repo-Commit") or revision
-            for chunk in r.iter_bytes():  # (a server that sends the whole file is read no further)
-                got += chunk
-                if len(got) >= n:
-                    break
-    except HubError:
-        raise
-    except Exception as e:
-        raise HubError(f"{repo}: reading the header of {path} failed: {getattr(e, 'strerror', None) or _first_line(e)}"
-                       ) from None
-    return bytes(got[:n]), commit
+    commit = revision
+    while len(into) < stop:
+        if time.monotonic() > deadline:
+            raise HubError(f"{repo}: reading the header of {path} took over {HEADER_DEADLINE_S:.0f} s")
+        headers = build_hf_headers(token=token)
+        headers["Range"] = f"bytes={len(into)}-{stop - 1}"
+        before = len(into)
+        try:
+            with get_session().stream("GET", hf_hub_url(repo, path, revision=revision), headers=headers,
+                                      follow_redirects=True, timeout=LIST_TIMEOUT_S) as r:
+                if r.status_code in (401, 403):
+                    raise _token_hint(repo, f"the Hub refused {path} ({r.status_code})")
+                if r.status_code not in (200, 206):
+                    raise HubError(f"{repo}: reading the header of {path} failed: the Hub answered {r.status_code}")
+                first = r.history[0] if r.history else r  # (the Hub's answer; a redirect's target is a CDN's)
+                commit = first.headers.get("X-Repo-Commit") or commit
+                total = re.fullmatch(r"bytes \d+-\d+/(\d+)", r.headers.get("Content-Range", ""))
+                if total:
+                    size = int(total[1])
+                if r.status_code == 200 and before:  # (a server that ignores Range: from byte 0 again)
+                    raise HubError(f"{repo}: the Hub sent {path} whole where a range was asked for")
+                for chunk in r.iter_bytes():
+                    into += chunk[: stop - len(into)]
+                    if len(into) >= stop or time.monotonic() > deadline:
+                        break
+        except HubError:
+            raise
+        except Exception as e:
+            raise HubError(f"{repo}: reading the header of {path} failed: "
+                           f"{getattr(e, 'strerror', None) or _first_line(e)}") from None
+        if len(into) == before:
+            raise HubError(f"{repo}: reading the header of {path} failed: the Hub sent no bytes of it")
+        revision = commit
+    return size, commit
 
 
 def _download(repo: str, path: str, revision: str, token, cache_dir) -> Path:

@@ -92,9 +92,14 @@ def test_specs_and_choices():
     assert choose("r", {"m-q4_k_m-imat.gguf": 1, "m-q4_k_m.gguf": 2}, "Q4_K_M", None).name == "m-q4_k_m.gguf"
     with pytest.raises(HubError, match="2 models match"):
         choose("r", {"a-Q8_0.gguf": 1, "b-Q8_0.gguf": 2}, "Q8_0", None)
-    # draft models published beside one are no models of it; an upper-case split is one model
-    assert [m.name for m in models({"mtp-M.gguf": 1, "eagle3-M.gguf": 1, "M-00001-OF-00002.GGUF": 1,
-                                    "M-00002-OF-00002.GGUF": 1})] == ["M.GGUF"]
+    # draft models published beside one are no models of it; a split whose parts the loader cannot
+    # find by their names (-OF-, .GGUF) is refused before a byte is fetched
+    assert [m.name for m in models({"mtp-M.gguf": 1, "eagle3-M.gguf": 1, "M.gguf": 1})] == ["M.gguf"]
+    with pytest.raises(HubError, match="named otherwise than llama.cpp names its parts"):
+        choose("r", {"M-Q4_K-00001-OF-00002.GGUF": 1, "M-Q4_K-00002-OF-00002.GGUF": 1}, "Q4_K", None)
+    # a glob of several models is refused (llama-cpp-python's from_pretrained refuses it)
+    with pytest.raises(HubError, match="matches 2 models"):
+        choose("r", {"a-Q8_0.gguf": 1, "a-F16.gguf": 2}, None, "*.gguf")
 
 
 def test_run_hf_is_run_m_on_the_file_it_fetches_then_the_cache(repos, tmp_path, want):
@@ -287,7 +292,14 @@ def test_from_pretrained_is_llama_cpp_pythons(repos, tmp_path):
               "try:\n"
               "    runtime.from_pretrained('acme/Mini-GGUF', 'x.gguf', local_dir='d')\n"
               "except TypeError as e:\n"
-              "    print(e)\n")
+              "    print(e)\n"
+              "try:\n"
+              "    runtime.from_pretrained('acme/Mini-GGUF', '*q8_0*', additional_files=['mmproj-*.gguf'])\n"
+              "except ValueError as e:\n"
+              "    print(e)\n"
+              "s = runtime.from_pretrained('acme/Mini-GGUF', 'q4_k_s/*-00001-of-*', n_ctx=128, n_threads=1,\n"
+              "                           additional_files=['*-00002-of-*.gguf'])\n"
+              "print(s.file.path.name)\n")
     with fake_hub(repos) as (hub, url):
         env = dict(os.environ, HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
         got = subprocess.run([sys.executable, "-c", script, str(MODEL)], capture_output=True, text=True, env=env,
@@ -296,7 +308,10 @@ def test_from_pretrained_is_llama_cpp_pythons(repos, tmp_path):
     assert got.stdout.splitlines() == [
         "True Mini-Q8_0.gguf",
         "from_pretrained(local_dir=...) is not supported: the files go to the Hugging Face cache (cache_dir= chooses "
-        "it), where a later call finds them"]
+        "it), where a later call finds them",
+        "additional_files 'mmproj-*.gguf' names no part of Mini-Q8_0.gguf: a split model's parts are fetched with it, "
+        "and other files (an mmproj) are not read here",
+        "Mini-Q4_K_S-00001-of-00004.gguf"]
 
 
 def test_plan_reads_the_headers_alone(repos, tmp_path):
@@ -314,7 +329,8 @@ def test_plan_reads_the_headers_alone(repos, tmp_path):
         assert got.returncode == 0, got.stderr
         plan = json.loads(got.stdout)
         assert plan.pop("model") == "Mini-Q8_0.gguf" and {**want, "model": None} == {**plan, "model": None}
-        assert hub.sent < 2**20 and hub.starts == [0] * len(hub.starts) and len(hub.starts) > 1  # grown by 4x
+        # each read goes on from where the last stopped, four times as far
+        assert hub.starts == [0, 4096, 16384, 65536] and hub.sent == 262144
         sent = hub.sent
         split = cli(url, tmp_path / "hf", "plan", "-hf", "acme/Mini-GGUF:Q4_K_S", *args)
         assert split.returncode == 0, split.stderr
@@ -323,4 +339,28 @@ def test_plan_reads_the_headers_alone(repos, tmp_path):
         split_plan = json.loads(split.stdout)
         assert {k: split_plan[k] for k in ("n_experts", "resident_bytes", "expert_bytes", "tok_s")} == \
             {k: want[k] for k in ("n_experts", "resident_bytes", "expert_bytes", "tok_s")}
-    assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").rglob("*.gguf"))  # nothing kept
+        assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").rglob("*.gguf"))  # nothing kept
+        # a model whole in the cache is planned from there, with no read
+        assert cli(url, tmp_path / "hf", "pull", "acme/Mini-GGUF:Q8_0").returncode == 0
+        sent = hub.sent
+        cached = cli(url, tmp_path / "hf", "plan", "-hf", "acme/Mini-GGUF:Q8_0", *args)
+        assert cached.returncode == 0 and "Mini-Q8_0.gguf (13 MiB) from the cache" in cached.stderr, cached.stderr
+        assert hub.sent == sent and json.loads(cached.stdout)["tok_s"] == want["tok_s"]
+
+
+def test_a_header_whose_string_runs_past_the_file_is_corrupt_not_short():
+    """A string length past the file's end is corrupt at once: taken for a short read, plan -hf
+    read on toward the whole file."""
+    import struct
+
+    from runtime.base.errors import StepstreamError
+    from runtime.base.gguf_header import Truncated, header_end
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 6) + b"tokens" + struct.pack("<IIQ", 9, 8, 2)
+    huge = head + struct.pack("<Q", 2**40) + b"x" * 64
+    with pytest.raises(StepstreamError) as e:
+        header_end(huge, Path("m.gguf"), 10**11)
+    assert not isinstance(e.value, Truncated) and "runs past the end of the file" in str(e.value)
+    short = head + struct.pack("<Q", 100) + b"x" * 64  # a string that goes on past the bytes given: more needed
+    with pytest.raises(Truncated):
+        header_end(short, Path("m.gguf"), 10**11)

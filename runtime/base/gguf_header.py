@@ -120,8 +120,11 @@ class _Cursor:
             n = u64(buf, pos)[0] if pos + 8 <= end else None
             if n is None or pos + 8 + n > end:
                 self.pos = pos
-                self.short(f"{what}: string {k + 1} of {count} at byte {pos} "
-                           f"({'its length' if n is None else f'{n} bytes'}) runs past the end of the file")
+                text = (f"{what}: string {k + 1} of {count} at byte {pos} "
+                        f"({'its length' if n is None else f'{n} bytes'}) runs past the end of the file")
+                if n is not None and pos + 8 + n > self.size:  # past the file itself: corrupt, not short
+                    self.fail(text)
+                self.short(text)
             pos += 8 + n
         self.pos = pos
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from runtime.base.errors import StepstreamError
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise StepstreamError("--ram 0: give the machine's memory, e.g. 64GiB (or leave --ram out for this machine's)")
     if args.vram:
         raise StepstreamError(f"--vram {size_text(args.vram)}: plan models RAM and disk only for now; leave --vram at 0")
-    with tempfile.TemporaryDirectory(prefix="stepstream-plan-") as headers:
+    with tempfile.TemporaryDirectory(prefix="stepstream-plan-") if args.plan_repo else nullcontext() as headers:
         model = args.model
         if args.plan_repo:  # the model's headers alone, in files whose data is a hole (runtime.hub)
             from runtime.hub import fetch_header
